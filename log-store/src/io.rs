@@ -1,0 +1,99 @@
+//! The append I/O backends: how appended bytes reach a segment file and how
+//! they are made durable. Reads never come here (they go through the mapping).
+//!
+//! Both backends write the same bytes at the same positions; they differ only
+//! in the system calls. A backend must write all bytes or return an error, and
+//! `sync_data` must not return before the file's data is durable.
+
+use std::fmt::Debug;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::IoBackend;
+
+/// An open segment file, as the append backends see it.
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentFile {
+    /// Unique in this process, so a backend can cache per-file state.
+    pub(crate) id: u64,
+    pub(crate) file: Arc<File>,
+    pub(crate) path: PathBuf,
+}
+
+impl SegmentFile {
+    pub(crate) fn new(file: File, path: PathBuf) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        SegmentFile {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            file: Arc::new(file),
+            path,
+        }
+    }
+}
+
+/// Writes appended bytes and makes them durable.
+pub(crate) trait AppendIo: Send + Sync + Debug {
+    /// Writes all of `data` at `position`; gives the buffer back for reuse.
+    fn write_all_at(&self, file: &SegmentFile, position: u64, data: Vec<u8>)
+        -> io::Result<Vec<u8>>;
+    /// fdatasync: returns once the file's data is durable.
+    fn sync_data(&self, file: &SegmentFile) -> io::Result<()>;
+    /// The file will not be appended to again (sealed or deleted).
+    fn release(&self, _file: &SegmentFile) {}
+    /// Which backend this is, for logs and benchmarks.
+    fn kind(&self) -> IoBackend;
+}
+
+/// pwrite + fdatasync on the calling thread.
+#[derive(Debug, Default)]
+pub(crate) struct PortableIo;
+
+impl AppendIo for PortableIo {
+    fn write_all_at(
+        &self,
+        file: &SegmentFile,
+        position: u64,
+        data: Vec<u8>,
+    ) -> io::Result<Vec<u8>> {
+        file.file.write_all_at(&data, position)?;
+        Ok(data)
+    }
+
+    fn sync_data(&self, file: &SegmentFile) -> io::Result<()> {
+        file.file.sync_data()
+    }
+
+    fn kind(&self) -> IoBackend {
+        IoBackend::Portable
+    }
+}
+
+/// The backend for `requested`, falling back to the portable one (with a
+/// warning) where io_uring is not compiled in or not permitted here.
+pub(crate) fn select_backend(requested: IoBackend) -> Arc<dyn AppendIo> {
+    match requested {
+        IoBackend::Portable => Arc::new(PortableIo),
+        IoBackend::IoUring => uring_or_fallback(),
+    }
+}
+
+#[cfg(feature = "io-uring")]
+fn uring_or_fallback() -> Arc<dyn AppendIo> {
+    match crate::uring::UringIo::start() {
+        Ok(uring) => Arc::new(uring),
+        Err(error) => {
+            tracing::warn!(%error, "io_uring is unavailable; appends use the portable pwrite path");
+            Arc::new(PortableIo)
+        }
+    }
+}
+
+#[cfg(not(feature = "io-uring"))]
+fn uring_or_fallback() -> Arc<dyn AppendIo> {
+    tracing::warn!("built without the io-uring feature; appends use the portable pwrite path");
+    Arc::new(PortableIo)
+}

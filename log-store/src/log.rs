@@ -1,0 +1,975 @@
+//! The partition log: a directory of segments with one writer and many
+//! readers, group commit, recovery, lookups and retention.
+//!
+//! # Concurrency
+//! - `writer` (a mutex) serialises appends: offset assignment, the write into
+//!   the active segment, index updates and rolls.
+//! - `sync` (a mutex + condvar) runs group commit: one appender at a time
+//!   becomes the leader, fdatasyncs everything written so far and wakes every
+//!   appender the fsync covered. Appends that arrive during an fsync share the
+//!   next one. Lock order: `writer` before `sync`; never the reverse.
+//! - Readers take no mutex: they clone an `Arc<Segment>` out of `segments`
+//!   (a short read lock) and read the mapping below its visible length.
+//!
+//! # Invariants
+//! - `visible_end` (the high watermark) only grows, and every offset below it
+//!   is readable; under `FsyncPolicy::Always` every offset below it is durable.
+//! - After an fsync error the log is failed: appends return
+//!   [`LogError::Failed`] until it is reopened (the fsync is never retried).
+//! - Offsets are dense: each batch's base offset is the previous batch's next
+//!   offset, across segments.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::batch::{decode_header, encode_batch, validate_input, BatchInput, Record, RecordBatch};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{FsyncPolicy, LogConfig};
+use crate::error::{is_disk_full, LogError, Result};
+use crate::io::{select_backend, AppendIo, SegmentFile};
+use crate::message_id::{MessageId, MessageIdGenerator};
+use crate::mmap::SegmentMap;
+use crate::scan::{scan_segment, CorruptRegion};
+use crate::segment::{index_paths, log_file_name, remove_if_exists, Segment, SegmentIndexes};
+
+/// What [`Log::append`] assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// Offset of the batch's last record.
+    pub last_offset: u64,
+    /// The broker timestamp every record got.
+    pub timestamp_ms: i64,
+    /// One id per record, in order.
+    pub ids: Vec<MessageId>,
+}
+
+/// What opening the log found and repaired. Recovery depends only on the
+/// bytes on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments opened.
+    pub segments: usize,
+    /// Bytes of a torn or corrupt tail cut from the active segment.
+    pub bytes_truncated: u64,
+    /// Base offsets of the segments whose indexes were rebuilt from the log.
+    pub indexes_rebuilt: Vec<u64>,
+    /// Damage that valid data follows; reads of it return
+    /// [`LogError::Corrupt`].
+    pub corrupt_regions: Vec<CorruptRegion>,
+    /// Index files without a segment, deleted.
+    pub orphan_files_removed: usize,
+    /// Bytes of the active segment scanned.
+    pub active_bytes_scanned: u64,
+    /// Wall time the recovery took.
+    pub elapsed: Duration,
+}
+
+/// What retention or a deletion removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeletedSegments {
+    /// Segments removed.
+    pub segments: usize,
+    /// Bytes of log removed.
+    pub bytes: u64,
+    /// The log's first offset afterwards.
+    pub log_start_offset: u64,
+}
+
+#[derive(Debug)]
+struct Writer {
+    active: Arc<Segment>,
+    /// Next write position in the active segment.
+    position: u64,
+    next_offset: u64,
+    last_timestamp_ms: i64,
+    /// Timestamp of the active segment's first batch (age-based rolls).
+    segment_first_timestamp_ms: Option<i64>,
+    ids: MessageIdGenerator,
+    buffer: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct SyncState {
+    synced_end_offset: u64,
+    syncing: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    config: LogConfig,
+    clock: Arc<dyn Clock>,
+    io: Arc<dyn AppendIo>,
+    _dir_lock: File,
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    writer: Mutex<Writer>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    visible_end: AtomicU64,
+    failed: OnceLock<String>,
+}
+
+/// A partition's commit log. `Send + Sync`: share it with `Arc`.
+#[derive(Debug)]
+pub struct Log {
+    shared: Arc<Shared>,
+    recovery: RecoveryReport,
+    flusher: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn fallocate(file: &File, len: u64, path: &Path) -> Result<()> {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)
+        .map_err(|errno| LogError::io("preallocating a segment", path, errno.into()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io("syncing the log directory", dir, e))
+}
+
+fn parse_segment_name(name: &str) -> Option<(u64, &str)> {
+    let (stem, extension) = name.split_once('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((stem.parse().ok()?, extension))
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir`, recovering from whatever
+    /// the disk holds.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
+        Log::open_with_clock(dir, config, Arc::new(SystemClock))
+    }
+
+    /// [`Log::open`] with an injected clock.
+    pub fn open_with_clock(
+        dir: impl AsRef<Path>,
+        config: LogConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Log> {
+        config.validate()?;
+        let started = Instant::now();
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| LogError::io("creating the log directory", &dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let dir_lock = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| LogError::io("opening the lock file", &lock_path, e))?;
+        rustix::fs::flock(
+            &dir_lock,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .map_err(|_| {
+            LogError::InvalidConfig(format!("{} is in use by another log", dir.display()))
+        })?;
+
+        let mut report = RecoveryReport::default();
+        let mut bases = Vec::new();
+        let mut index_files = Vec::new();
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| LogError::io("listing the log directory", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| LogError::io("listing the log directory", &dir, e))?;
+            let name = entry.file_name();
+            let Some((base, extension)) = name.to_str().and_then(parse_segment_name) else {
+                continue;
+            };
+            match extension {
+                "log" => bases.push(base),
+                "index" | "timeindex" | "idindex" | "keyindex" => {
+                    index_files.push((base, entry.path()))
+                }
+                _ => {}
+            }
+        }
+        bases.sort_unstable();
+        for (base, path) in index_files {
+            if bases.binary_search(&base).is_err() {
+                remove_if_exists(&path)?;
+                report.orphan_files_removed += 1;
+            }
+        }
+
+        let io = select_backend(config.io_backend);
+        let mut segments = BTreeMap::new();
+        let mut last_timestamp_ms = i64::MIN;
+        if bases.is_empty() {
+            bases.push(0);
+            let segment = create_segment(&dir, &config, 0)?;
+            segments.insert(0, Arc::new(segment));
+        }
+        let active_base = bases[bases.len() - 1];
+        for window in bases.windows(2) {
+            let segment = open_sealed_segment(&dir, &config, window[0], window[1], &mut report)?;
+            last_timestamp_ms = last_timestamp_ms.max(segment.max_timestamp_ms());
+            segments.insert(window[0], Arc::new(segment));
+        }
+        let active = match segments.get(&active_base) {
+            Some(segment) => {
+                let segment = Arc::clone(segment);
+                ActiveState {
+                    position: 0,
+                    next_offset: active_base,
+                    first_timestamp_ms: None,
+                    segment,
+                }
+            }
+            None => {
+                let state = open_active_segment(&dir, &config, active_base, &mut report)?;
+                segments.insert(active_base, Arc::clone(&state.segment));
+                state
+            }
+        };
+        last_timestamp_ms = last_timestamp_ms.max(active.segment.max_timestamp_ms());
+        report.segments = segments.len();
+        report.elapsed = started.elapsed();
+        if report.bytes_truncated > 0
+            || !report.indexes_rebuilt.is_empty()
+            || !report.corrupt_regions.is_empty()
+        {
+            tracing::warn!(dir = %dir.display(), ?report, "log recovered from damage");
+        }
+
+        let next_offset = active.next_offset;
+        let shared = Arc::new(Shared {
+            dir,
+            clock,
+            io,
+            _dir_lock: dir_lock,
+            segments: RwLock::new(segments),
+            writer: Mutex::new(Writer {
+                active: active.segment,
+                position: active.position,
+                next_offset,
+                last_timestamp_ms,
+                segment_first_timestamp_ms: active.first_timestamp_ms,
+                ids: MessageIdGenerator::new(),
+                buffer: Vec::new(),
+            }),
+            sync: Mutex::new(SyncState {
+                synced_end_offset: next_offset,
+                syncing: false,
+            }),
+            synced: Condvar::new(),
+            visible_end: AtomicU64::new(next_offset),
+            failed: OnceLock::new(),
+            config,
+        });
+        let flusher = match shared.config.fsync {
+            FsyncPolicy::Interval(interval) => Some(start_flusher(&shared, interval)),
+            _ => None,
+        };
+        Ok(Log {
+            shared,
+            recovery: report,
+            flusher,
+        })
+    }
+
+    /// What recovery found when this log was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The log's configuration.
+    pub fn config(&self) -> &LogConfig {
+        &self.shared.config
+    }
+
+    /// The append backend in use (the configured one, or `Portable` after a
+    /// fallback).
+    pub fn io_backend(&self) -> crate::config::IoBackend {
+        self.shared.io.kind()
+    }
+
+    /// The first offset still stored.
+    pub fn start_offset(&self) -> u64 {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        segments.keys().next().copied().unwrap_or(0)
+    }
+
+    /// The offset after the last readable record (the high watermark). Under
+    /// `FsyncPolicy::Always` everything below it is durable.
+    pub fn end_offset(&self) -> u64 {
+        self.shared.visible_end.load(Ordering::Acquire)
+    }
+
+    /// Bytes of log stored (visible data of every segment).
+    pub fn size_bytes(&self) -> u64 {
+        self.segments().iter().map(|s| s.visible_len()).sum()
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.shared
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Appends one batch as one record batch. Returns once the fsync policy is
+    /// met: under `Always`, after an fdatasync that covers the batch.
+    pub fn append(&self, batch: &BatchInput) -> Result<AppendInfo> {
+        self.shared.append(batch)
+    }
+
+    /// fdatasyncs everything appended so far (any policy).
+    pub fn flush(&self) -> Result<()> {
+        let target = lock(&self.shared.writer).next_offset;
+        self.shared.sync_until(target)
+    }
+
+    /// Whole verified batches from the one holding `offset`, about `max_bytes`
+    /// in all (at least one batch if any is readable). Payloads are not
+    /// copied: they share the segment's mapping. Empty at the end of the log.
+    pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<RecordBatch>> {
+        let log_start_offset = self.start_offset();
+        if offset < log_start_offset {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                log_start_offset,
+            });
+        }
+        if offset >= self.end_offset() {
+            return Ok(Vec::new());
+        }
+        match self.segment_for(offset) {
+            Some(segment) => segment.read(offset, max_bytes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The record at `offset`, if it is readable.
+    pub fn read_record(&self, offset: u64) -> Result<Option<Record>> {
+        if offset < self.start_offset() || offset >= self.end_offset() {
+            return Ok(None);
+        }
+        match self.segment_for(offset) {
+            Some(segment) => segment.read_record(offset),
+            None => Ok(None),
+        }
+    }
+
+    /// The first readable offset whose timestamp is at least `timestamp_ms`,
+    /// or `None` if every record is older.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        let segments = self.segments();
+        // Broker timestamps never decrease, so segments are sorted by time.
+        let first = segments.partition_point(|s| s.max_timestamp_ms() < timestamp_ms);
+        for segment in &segments[first..] {
+            if let Some(offset) = segment.offset_for_timestamp(timestamp_ms)? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The readable record with this message id.
+    pub fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>> {
+        let segments = self.segments();
+        // A record is stored no earlier than its id's time.
+        let first = segments.partition_point(|s| s.max_timestamp_ms() < id.timestamp_ms());
+        for segment in &segments[first..] {
+            if let Some(record) = segment.find_by_id(id)? {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Readable records with this key, oldest first, at most `limit`.
+    pub fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>> {
+        let mut found = Vec::new();
+        for segment in self.segments() {
+            if found.len() >= limit {
+                break;
+            }
+            found.extend(segment.find_by_key(key, limit - found.len())?);
+        }
+        Ok(found)
+    }
+
+    /// Deletes every sealed segment all of whose offsets are below `offset`.
+    /// The active segment is never deleted.
+    pub fn delete_segments_before(&self, offset: u64) -> Result<DeletedSegments> {
+        self.shared.delete_segments(|segment, next_base| {
+            let _ = segment;
+            next_base <= offset
+        })
+    }
+
+    /// Applies size and age retention: deletes the oldest sealed segments
+    /// while the log is over `retention_bytes`, and sealed segments whose
+    /// newest record is older than `retention_age`.
+    pub fn apply_retention(&self) -> Result<DeletedSegments> {
+        let config = &self.shared.config;
+        let now_ms = self.shared.clock.now_ms();
+        let mut excess = config
+            .retention_bytes
+            .map_or(0, |max| self.size_bytes().saturating_sub(max));
+        let age_cutoff_ms = config
+            .retention_age
+            .map(|age| now_ms.saturating_sub(age.as_millis() as i64));
+        self.shared.delete_segments(|segment, _| {
+            let too_old = age_cutoff_ms.is_some_and(|cutoff| segment.max_timestamp_ms() < cutoff);
+            if excess > 0 || too_old {
+                excess = excess.saturating_sub(segment.visible_len());
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    fn segments(&self) -> Vec<Arc<Segment>> {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        segments.values().cloned().collect()
+    }
+
+    fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        segments
+            .range(..=offset)
+            .next_back()
+            .map(|(_, s)| Arc::clone(s))
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.flusher.take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        if self.shared.config.fsync != FsyncPolicy::Never && self.shared.failed.get().is_none() {
+            if let Err(error) = self.flush() {
+                tracing::error!(%error, "final flush of the log failed");
+            }
+        }
+    }
+}
+
+fn start_flusher(shared: &Arc<Shared>, interval: Duration) -> (mpsc::Sender<()>, JoinHandle<()>) {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let weak = Arc::downgrade(shared);
+    let handle = std::thread::Builder::new()
+        .name("dmq-log-flusher".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                let Some(shared) = weak.upgrade() else { return };
+                let target = lock(&shared.writer).next_offset;
+                if let Err(error) = shared.sync_until(target) {
+                    tracing::error!(%error, "interval fsync failed");
+                    return;
+                }
+            }
+        })
+        .expect("spawning the flusher thread");
+    (stop, handle)
+}
+
+impl Shared {
+    fn fail(&self, reason: String) -> LogError {
+        tracing::error!(dir = %self.dir.display(), %reason, "log failed; reopen to recover");
+        let _ = self.failed.set(reason);
+        self.failed_error()
+    }
+
+    fn failed_error(&self) -> LogError {
+        LogError::Failed {
+            reason: self.failed.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    fn append(&self, batch: &BatchInput) -> Result<AppendInfo> {
+        validate_input(batch).map_err(|e| LogError::InvalidBatch(e.into()))?;
+        let batch_len = batch.encoded_len() as u64;
+        if batch_len > u64::from(self.config.segment_bytes_max) {
+            return Err(LogError::InvalidBatch(format!(
+                "batch of {batch_len} bytes is larger than a segment ({} bytes)",
+                self.config.segment_bytes_max
+            )));
+        }
+        let mut writer = lock(&self.writer);
+        if self.failed.get().is_some() {
+            return Err(self.failed_error());
+        }
+        let timestamp_ms = self.clock.now_ms().max(writer.last_timestamp_ms);
+        if let Some(record) = batch
+            .records
+            .iter()
+            .find(|r| r.id.is_some_and(|id| id.timestamp_ms() > timestamp_ms))
+        {
+            return Err(LogError::InvalidBatch(format!(
+                "message id {:?} is from the future",
+                record.id
+            )));
+        }
+        let too_old = match (
+            self.config.segment_age_max,
+            writer.segment_first_timestamp_ms,
+        ) {
+            (Some(age), Some(first)) => {
+                timestamp_ms.saturating_sub(first) >= age.as_millis() as i64
+            }
+            _ => false,
+        };
+        if writer.active.is_sealed()
+            || writer.position + batch_len > writer.active.capacity()
+            || too_old
+        {
+            self.roll(&mut writer)?;
+        }
+
+        let Writer {
+            active,
+            position,
+            next_offset,
+            ids,
+            buffer,
+            ..
+        } = &mut *writer;
+        let base_offset = *next_offset;
+        let record_ids: Vec<MessageId> = batch
+            .records
+            .iter()
+            .map(|r| r.id.unwrap_or_else(|| ids.next(timestamp_ms)))
+            .collect();
+        let mut bytes = std::mem::take(buffer);
+        bytes.clear();
+        encode_batch(&mut bytes, base_offset, timestamp_ms, batch, &record_ids);
+        let header = decode_header(&bytes).map_err(|e| LogError::InvalidBatch(e.to_string()))?;
+        match self.io.write_all_at(&active.file, *position, bytes) {
+            Ok(returned) => *buffer = returned,
+            Err(error) if is_disk_full(&error) => {
+                // Nothing is published; the next append overwrites these bytes.
+                return Err(LogError::DiskFull {
+                    context: "writing a batch",
+                });
+            }
+            Err(error) => return Err(self.fail(format!("write failed: {error}"))),
+        }
+        let written = active.data_view(*position, batch_len);
+        let record_batch = RecordBatch::decode(written)
+            .map_err(|e| self.fail(format!("batch does not read back: {e}")))?;
+        if let Err(error) =
+            active
+                .indexes_mut()
+                .observe(active.base_offset, *position, &header, &record_batch)
+        {
+            return Err(self.fail(format!("index update failed: {error}")));
+        }
+        active.note_timestamp(timestamp_ms);
+        *position += batch_len;
+        *next_offset = header.next_offset();
+        writer.last_timestamp_ms = timestamp_ms;
+        writer
+            .segment_first_timestamp_ms
+            .get_or_insert(timestamp_ms);
+        let info = AppendInfo {
+            base_offset,
+            last_offset: header.last_offset(),
+            timestamp_ms,
+            ids: record_ids,
+        };
+        match self.config.fsync {
+            FsyncPolicy::Always => {
+                let end = writer.next_offset;
+                drop(writer);
+                self.sync_until(end)?;
+            }
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                writer.active.publish(writer.position, writer.next_offset);
+                self.visible_end
+                    .fetch_max(writer.next_offset, Ordering::AcqRel);
+            }
+        }
+        Ok(info)
+    }
+
+    /// Group commit: returns once everything below `end_offset` is durable.
+    fn sync_until(&self, end_offset: u64) -> Result<()> {
+        let mut state = lock(&self.sync);
+        loop {
+            if self.failed.get().is_some() {
+                return Err(self.failed_error());
+            }
+            if state.synced_end_offset >= end_offset {
+                return Ok(());
+            }
+            if state.syncing {
+                state = self.synced.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            state.syncing = true;
+            drop(state);
+            let (segment, len, next_offset) = {
+                let writer = lock(&self.writer);
+                (
+                    Arc::clone(&writer.active),
+                    writer.position,
+                    writer.next_offset,
+                )
+            };
+            let result = self.io.sync_data(&segment.file);
+            if result.is_ok() {
+                segment.publish(len, next_offset);
+                self.visible_end.fetch_max(next_offset, Ordering::AcqRel);
+            }
+            state = lock(&self.sync);
+            state.syncing = false;
+            match result {
+                Ok(()) => state.synced_end_offset = state.synced_end_offset.max(next_offset),
+                Err(error) => {
+                    self.fail(format!("fdatasync failed: {error}"));
+                }
+            }
+            self.synced.notify_all();
+        }
+    }
+
+    /// Seals the active segment (unless a failed roll already did) and starts
+    /// a new one at the writer's next offset.
+    fn roll(&self, writer: &mut Writer) -> Result<()> {
+        let old = Arc::clone(&writer.active);
+        if !old.is_sealed() {
+            self.seal(&old, writer.position, writer.next_offset)?;
+        }
+        let segment = Arc::new(create_segment(&self.dir, &self.config, writer.next_offset)?);
+        self.segments
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(segment.base_offset, Arc::clone(&segment));
+        writer.active = segment;
+        writer.position = 0;
+        writer.segment_first_timestamp_ms = None;
+        Ok(())
+    }
+
+    /// Makes the active segment immutable: data durable, indexes sealed, file
+    /// trimmed to its data length. A full disk while writing the sealed
+    /// indexes leaves the segment active and unchanged.
+    fn seal(&self, segment: &Segment, len: u64, next_offset: u64) -> Result<()> {
+        let base = segment.base_offset;
+        if let Err(error) = self.io.sync_data(&segment.file) {
+            return Err(self.fail(format!("fdatasync before sealing failed: {error}")));
+        }
+        segment.indexes_mut().seal(&self.dir, base, len)?;
+        segment.mark_sealed();
+        segment.publish(len, next_offset);
+        self.visible_end.fetch_max(next_offset, Ordering::AcqRel);
+        {
+            let mut state = lock(&self.sync);
+            state.synced_end_offset = state.synced_end_offset.max(next_offset);
+            self.synced.notify_all();
+        }
+        self.io.release(&segment.file);
+        let trimmed = segment
+            .file
+            .file
+            .set_len(len)
+            .and_then(|()| segment.file.file.sync_all());
+        if let Err(error) = trimmed {
+            return Err(self.fail(format!("trimming a sealed segment failed: {error}")));
+        }
+        Ok(())
+    }
+
+    fn delete_segments(
+        &self,
+        mut condemn: impl FnMut(&Segment, u64) -> bool,
+    ) -> Result<DeletedSegments> {
+        let mut removed = Vec::new();
+        let log_start_offset = {
+            let mut segments = self.segments.write().unwrap_or_else(|p| p.into_inner());
+            let bases: Vec<u64> = segments.keys().copied().collect();
+            for window in bases.windows(2) {
+                let Some(segment) = segments.get(&window[0]) else {
+                    break;
+                };
+                if !segment.is_sealed() || !condemn(segment, window[1]) {
+                    break;
+                }
+                if let Some(segment) = segments.remove(&window[0]) {
+                    removed.push(segment);
+                }
+            }
+            segments.keys().next().copied().unwrap_or(0)
+        };
+        let mut deleted = DeletedSegments {
+            log_start_offset,
+            ..DeletedSegments::default()
+        };
+        for segment in &removed {
+            let base = segment.base_offset;
+            remove_if_exists(&segment.file.path)?;
+            for path in index_paths(&self.dir, base) {
+                remove_if_exists(&path)?;
+            }
+            deleted.segments += 1;
+            deleted.bytes += segment.visible_len();
+        }
+        if !removed.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(deleted)
+    }
+}
+
+struct ActiveState {
+    segment: Arc<Segment>,
+    position: u64,
+    next_offset: u64,
+    first_timestamp_ms: Option<i64>,
+}
+
+fn open_segment_file(path: &Path, write: bool) -> Result<File> {
+    File::options()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| LogError::io("opening a segment", path, e))
+}
+
+/// A new, empty, preallocated active segment at `base_offset`.
+fn create_segment(dir: &Path, config: &LogConfig, base_offset: u64) -> Result<Segment> {
+    let path = dir.join(log_file_name(base_offset));
+    let capacity = u64::from(config.segment_bytes_max);
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| LogError::io("creating a segment", &path, e))?;
+    let created = fallocate(&file, capacity, &path).and_then(|()| {
+        SegmentIndexes::create_active(
+            dir,
+            base_offset,
+            config.index_capacity(capacity),
+            config.index_interval_bytes,
+        )
+    });
+    let indexes = match created {
+        Ok(indexes) => indexes,
+        Err(error) => {
+            // Leave nothing behind: the log must look as before the attempt.
+            let _ = std::fs::remove_file(&path);
+            for index in index_paths(dir, base_offset) {
+                let _ = std::fs::remove_file(index);
+            }
+            return Err(error);
+        }
+    };
+    sync_dir(dir)?;
+    let map = SegmentMap::new(&file, capacity)
+        .map_err(|e| LogError::io("mapping a segment", &path, e))?;
+    Ok(Segment::new(
+        base_offset,
+        SegmentFile::new(file, path),
+        map,
+        indexes,
+        0,
+        base_offset,
+        false,
+    ))
+}
+
+/// Opens a segment that is not the last one. Its indexes are used when they
+/// pass their checks and rebuilt from the log otherwise.
+fn open_sealed_segment(
+    dir: &Path,
+    config: &LogConfig,
+    base_offset: u64,
+    next_base_offset: u64,
+    report: &mut RecoveryReport,
+) -> Result<Segment> {
+    let path = dir.join(log_file_name(base_offset));
+    let file = open_segment_file(&path, false)?;
+    let len = file
+        .metadata()
+        .map_err(|e| LogError::io("reading a segment's size", &path, e))?
+        .len();
+    if len > u64::from(u32::MAX) {
+        return Err(LogError::InvalidConfig(format!(
+            "{} is larger than 4 GiB",
+            path.display()
+        )));
+    }
+    let map =
+        SegmentMap::new(&file, len).map_err(|e| LogError::io("mapping a segment", &path, e))?;
+    let interval = config.index_interval_bytes;
+    let indexes = match SegmentIndexes::open_sealed(dir, base_offset, len, interval) {
+        Ok(indexes) => indexes,
+        Err(reason) => {
+            tracing::warn!(segment = base_offset, %reason, "rebuilding a sealed segment's indexes");
+            report.indexes_rebuilt.push(base_offset);
+            let mut indexes = SegmentIndexes::create_active(
+                dir,
+                base_offset,
+                config.index_capacity(len),
+                interval,
+            )?;
+            let outcome = rebuild_indexes(&map, base_offset, len, &mut indexes)?;
+            report.corrupt_regions.extend(outcome.corrupt);
+            if outcome.torn_end > outcome.valid_end || outcome.next_offset < next_base_offset {
+                report.corrupt_regions.push(CorruptRegion {
+                    segment_base_offset: base_offset,
+                    position: outcome.valid_end,
+                    len: len - outcome.valid_end,
+                    first_lost_offset: outcome.next_offset,
+                    next_readable_offset: next_base_offset,
+                    error: crate::batch::BatchError::Malformed("sealed segment ends early"),
+                });
+            }
+            indexes.seal(dir, base_offset, len)?;
+            indexes
+        }
+    };
+    Ok(Segment::new(
+        base_offset,
+        SegmentFile::new(file, path),
+        map,
+        indexes,
+        len,
+        next_base_offset,
+        true,
+    ))
+}
+
+/// Scans a segment's mapping and feeds every valid batch to `indexes`.
+fn rebuild_indexes(
+    map: &SegmentMap,
+    base_offset: u64,
+    len: u64,
+    indexes: &mut SegmentIndexes,
+) -> Result<crate::scan::ScanOutcome> {
+    let mut first_error = None;
+    let data = &map.as_slice()[..len as usize];
+    let outcome = scan_segment(data, base_offset, 0, base_offset, |position, header| {
+        if first_error.is_some() {
+            return;
+        }
+        let end = position + u64::from(header.batch_len);
+        let observed = RecordBatch::decode(map.bytes(position as usize, end as usize))
+            .map_err(|e| LogError::InvalidBatch(e.to_string()))
+            .and_then(|batch| indexes.observe(base_offset, position, header, &batch));
+        if let Err(error) = observed {
+            first_error = Some(error);
+        }
+    });
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(outcome),
+    }
+}
+
+/// Opens the last segment for appends: preallocates it back to its capacity,
+/// rebuilds its indexes from a full scan and cuts a torn tail.
+fn open_active_segment(
+    dir: &Path,
+    config: &LogConfig,
+    base_offset: u64,
+    report: &mut RecoveryReport,
+) -> Result<ActiveState> {
+    let path = dir.join(log_file_name(base_offset));
+    let file = open_segment_file(&path, true)?;
+    let len = file
+        .metadata()
+        .map_err(|e| LogError::io("reading a segment's size", &path, e))?
+        .len();
+    let capacity = len.max(u64::from(config.segment_bytes_max));
+    if capacity >= u64::from(u32::MAX) {
+        return Err(LogError::InvalidConfig(format!(
+            "{} is larger than 4 GiB",
+            path.display()
+        )));
+    }
+    if len < capacity {
+        fallocate(&file, capacity, &path)?;
+    }
+    let mut map = SegmentMap::new(&file, capacity)
+        .map_err(|e| LogError::io("mapping a segment", &path, e))?;
+    let mut indexes = SegmentIndexes::create_active(
+        dir,
+        base_offset,
+        config.index_capacity(capacity),
+        config.index_interval_bytes,
+    )?;
+    let outcome = rebuild_indexes(&map, base_offset, capacity, &mut indexes)?;
+    report.active_bytes_scanned = outcome.torn_end;
+    report
+        .corrupt_regions
+        .extend(outcome.corrupt.iter().cloned());
+    if outcome.torn_end > outcome.valid_end {
+        report.bytes_truncated = outcome.torn_end - outcome.valid_end;
+        tracing::warn!(
+            segment = base_offset,
+            at = outcome.valid_end,
+            bytes = report.bytes_truncated,
+            "truncating a torn tail"
+        );
+        drop(map);
+        file.set_len(outcome.valid_end)
+            .map_err(|e| LogError::io("truncating a torn tail", &path, e))?;
+        fallocate(&file, capacity, &path)?;
+        file.sync_all()
+            .map_err(|e| LogError::io("syncing a truncated segment", &path, e))?;
+        map = SegmentMap::new(&file, capacity)
+            .map_err(|e| LogError::io("mapping a segment", &path, e))?;
+    }
+    let first_timestamp_ms = (outcome.valid_end > 0)
+        .then(|| {
+            decode_header(map.as_slice())
+                .ok()
+                .map(|h| h.first_timestamp_ms)
+        })
+        .flatten();
+    let segment = Segment::new(
+        base_offset,
+        SegmentFile::new(file, path),
+        map,
+        indexes,
+        outcome.valid_end,
+        outcome.next_offset,
+        false,
+    );
+    Ok(ActiveState {
+        segment: Arc::new(segment),
+        position: outcome.valid_end,
+        next_offset: outcome.next_offset,
+        first_timestamp_ms,
+    })
+}

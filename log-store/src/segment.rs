@@ -1,0 +1,511 @@
+//! One segment: a data file named by its base offset, its mapping, its four
+//! indexes, and how much of it readers may see.
+//!
+//! Files of the segment with base offset B (20 decimal digits):
+//! `B.log` (batches), `B.index` (offset index), `B.timeindex`, `B.idindex`,
+//! `B.keyindex`. The active segment's offset and time indexes are preallocated
+//! mapped files; its id and key indexes live in memory and are written out,
+//! sorted, when the segment is sealed. Sealed index files carry a CRC and are
+//! rebuilt from the log whenever they are missing or fail their checks.
+//!
+//! Invariants:
+//! - Readers never look past `visible_len`, and every batch below it is
+//!   complete (written, and durable under `FsyncPolicy::Always`).
+//! - `visible_len` and `visible_next_offset` only grow.
+//! - A sealed segment's file length equals its data length.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use dmq_index::{
+    IdIndexBuilder, KeyIndexBuilder, OffsetIndex, SealedIdIndex, SealedKeyIndex, TimeIndex,
+};
+
+use crate::batch::{verify_batch, BatchError, BatchHeader, Record, RecordBatch};
+use crate::error::{LogError, Result};
+use crate::io::SegmentFile;
+use crate::message_id::MessageId;
+use crate::mmap::SegmentMap;
+use crate::scan::find_next_valid_batch;
+
+/// File name of the segment data file with this base offset.
+pub(crate) fn log_file_name(base_offset: u64) -> String {
+    format!("{base_offset:020}.log")
+}
+
+/// The index files of a segment, in the order they are created.
+pub(crate) fn index_paths(dir: &Path, base_offset: u64) -> [PathBuf; 4] {
+    [
+        dir.join(format!("{base_offset:020}.index")),
+        dir.join(format!("{base_offset:020}.timeindex")),
+        dir.join(format!("{base_offset:020}.idindex")),
+        dir.join(format!("{base_offset:020}.keyindex")),
+    ]
+}
+
+/// Message-id lookup of a segment: in memory while active, a file once sealed.
+#[derive(Debug)]
+pub(crate) enum IdLookup {
+    Active(IdIndexBuilder),
+    Sealed(SealedIdIndex),
+}
+
+/// Key lookup of a segment: in memory while active, a file once sealed.
+#[derive(Debug)]
+pub(crate) enum KeyLookup {
+    Active(KeyIndexBuilder),
+    Sealed(SealedKeyIndex),
+}
+
+/// The four indexes of a segment plus the state that decides when the sparse
+/// ones get their next entry.
+#[derive(Debug)]
+pub(crate) struct SegmentIndexes {
+    pub(crate) offset: OffsetIndex,
+    pub(crate) time: TimeIndex,
+    pub(crate) ids: IdLookup,
+    pub(crate) keys: KeyLookup,
+    interval_bytes: u32,
+    /// Position of the last offset-index entry (0: the segment start).
+    last_offset_entry_position: u64,
+    /// End position of the batch that produced the last time-index entry.
+    last_time_entry_end: u64,
+    /// Largest timestamp seen so far, and the last offset seen.
+    max_timestamp_ms: i64,
+    last_rel_offset: Option<u32>,
+}
+
+impl SegmentIndexes {
+    /// Fresh, empty indexes for an active segment.
+    pub(crate) fn create_active(
+        dir: &Path,
+        base_offset: u64,
+        capacity_entries: u32,
+        interval_bytes: u32,
+    ) -> Result<Self> {
+        let [offset_path, time_path, id_path, key_path] = index_paths(dir, base_offset);
+        for stale in [&id_path, &key_path] {
+            remove_if_exists(stale)?;
+        }
+        let offset = OffsetIndex::create(&offset_path, base_offset, capacity_entries)
+            .map_err(|e| LogError::index(base_offset, e))?;
+        let time = TimeIndex::create(&time_path, base_offset, capacity_entries)
+            .map_err(|e| LogError::index(base_offset, e))?;
+        Ok(SegmentIndexes {
+            offset,
+            time,
+            ids: IdLookup::Active(IdIndexBuilder::new()),
+            keys: KeyLookup::Active(KeyIndexBuilder::new()),
+            interval_bytes,
+            last_offset_entry_position: 0,
+            last_time_entry_end: 0,
+            max_timestamp_ms: i64::MIN,
+            last_rel_offset: None,
+        })
+    }
+
+    /// Opens a sealed segment's index files, checking each against the
+    /// segment (base offset, data length). Any failure means "rebuild".
+    pub(crate) fn open_sealed(
+        dir: &Path,
+        base_offset: u64,
+        segment_bytes: u64,
+        interval_bytes: u32,
+    ) -> std::result::Result<Self, String> {
+        let [offset_path, time_path, id_path, key_path] = index_paths(dir, base_offset);
+        let offset =
+            OffsetIndex::open_sealed(&offset_path, base_offset).map_err(|e| e.to_string())?;
+        let time = TimeIndex::open_sealed(&time_path, base_offset).map_err(|e| e.to_string())?;
+        let ids = SealedIdIndex::open(&id_path, base_offset).map_err(|e| e.to_string())?;
+        let keys = SealedKeyIndex::open(&key_path, base_offset).map_err(|e| e.to_string())?;
+        let lengths = [
+            offset.segment_bytes(),
+            time.segment_bytes(),
+            ids.segment_bytes(),
+            keys.segment_bytes(),
+        ];
+        if lengths.iter().any(|&len| len != segment_bytes) {
+            return Err(format!(
+                "index describes {lengths:?} bytes, segment has {segment_bytes}"
+            ));
+        }
+        if offset
+            .last()
+            .is_some_and(|e| u64::from(e.position) >= segment_bytes)
+        {
+            return Err("offset index points past the segment".into());
+        }
+        let max_timestamp_ms = time.last().map_or(i64::MIN, |e| e.timestamp_ms);
+        let last_rel_offset = time.last().map(|e| e.rel_offset);
+        Ok(SegmentIndexes {
+            offset,
+            time,
+            ids: IdLookup::Sealed(ids),
+            keys: KeyLookup::Sealed(keys),
+            interval_bytes,
+            last_offset_entry_position: 0,
+            last_time_entry_end: 0,
+            max_timestamp_ms,
+            last_rel_offset,
+        })
+    }
+
+    /// Records one batch (already written at `position`) in every index.
+    pub(crate) fn observe(
+        &mut self,
+        base_offset: u64,
+        position: u64,
+        header: &BatchHeader,
+        batch: &RecordBatch,
+    ) -> Result<()> {
+        let rel = rel_offset(base_offset, header.base_offset)?;
+        let last_rel = rel_offset(base_offset, header.last_offset())?;
+        let position_u32 = u32::try_from(position)
+            .map_err(|_| LogError::InvalidBatch("segment position past 4 GiB".into()))?;
+        let interval = u64::from(self.interval_bytes);
+        if position >= self.last_offset_entry_position + interval {
+            self.offset
+                .push(rel, position_u32)
+                .map_err(|e| LogError::index(base_offset, e))?;
+            self.last_offset_entry_position = position;
+        }
+        self.max_timestamp_ms = self.max_timestamp_ms.max(header.max_timestamp_ms);
+        self.last_rel_offset = Some(last_rel);
+        let end = position + u64::from(header.batch_len);
+        let time_grew = self
+            .time
+            .last()
+            .is_none_or(|e| self.max_timestamp_ms > e.timestamp_ms);
+        if end >= self.last_time_entry_end + interval && time_grew {
+            self.time
+                .push(self.max_timestamp_ms, last_rel)
+                .map_err(|e| LogError::index(base_offset, e))?;
+            self.last_time_entry_end = end;
+        }
+        for record in batch.records() {
+            let record = record.map_err(|e| LogError::InvalidBatch(e.to_string()))?;
+            let record_rel = rel_offset(base_offset, record.offset)?;
+            if let IdLookup::Active(ids) = &mut self.ids {
+                ids.insert(record.id.0, record_rel);
+            }
+            if let (KeyLookup::Active(keys), Some(key)) = (&mut self.keys, &record.key) {
+                keys.insert(key, record_rel);
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals every index for a segment of `segment_bytes` bytes: the time
+    /// index gets a last entry holding the segment's max timestamp, and the id
+    /// and key indexes are written out sorted.
+    pub(crate) fn seal(&mut self, dir: &Path, base_offset: u64, segment_bytes: u64) -> Result<()> {
+        let index_error = |e| LogError::index(base_offset, e);
+        if let Some(last_rel) = self.last_rel_offset {
+            if self.time.last().is_none_or(|e| e.rel_offset < last_rel) {
+                let timestamp = self.time.last().map_or(self.max_timestamp_ms, |e| {
+                    e.timestamp_ms.max(self.max_timestamp_ms)
+                });
+                self.time.push(timestamp, last_rel).map_err(index_error)?;
+            }
+        }
+        self.offset.seal(segment_bytes).map_err(index_error)?;
+        self.time.seal(segment_bytes).map_err(index_error)?;
+        let [_, _, id_path, key_path] = index_paths(dir, base_offset);
+        if let IdLookup::Active(ids) = &self.ids {
+            let sealed = ids
+                .write_sealed(&id_path, base_offset, segment_bytes)
+                .map_err(index_error)?;
+            self.ids = IdLookup::Sealed(sealed);
+        }
+        if let KeyLookup::Active(keys) = &self.keys {
+            let sealed = keys
+                .write_sealed(&key_path, base_offset, segment_bytes)
+                .map_err(index_error)?;
+            self.keys = KeyLookup::Sealed(sealed);
+        }
+        Ok(())
+    }
+
+    fn id_rel_offset(&self, id: &MessageId) -> Option<u32> {
+        match &self.ids {
+            IdLookup::Active(ids) => ids.get(&id.0),
+            IdLookup::Sealed(ids) => ids.get(&id.0),
+        }
+    }
+
+    fn key_rel_offsets(&self, key: &[u8]) -> Vec<u32> {
+        match &self.keys {
+            KeyLookup::Active(keys) => keys.get(key),
+            KeyLookup::Sealed(keys) => keys.get(key),
+        }
+    }
+}
+
+fn rel_offset(base_offset: u64, offset: u64) -> Result<u32> {
+    offset
+        .checked_sub(base_offset)
+        .and_then(|rel| u32::try_from(rel).ok())
+        .ok_or_else(|| LogError::InvalidBatch("more than 4 billion offsets in one segment".into()))
+}
+
+pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LogError::io("removing a file", path, e)),
+    }
+}
+
+/// One segment of a partition log.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub(crate) base_offset: u64,
+    pub(crate) file: SegmentFile,
+    map: SegmentMap,
+    visible_len: AtomicU64,
+    visible_next_offset: AtomicU64,
+    max_timestamp_ms: AtomicI64,
+    sealed: AtomicBool,
+    indexes: RwLock<SegmentIndexes>,
+}
+
+impl Segment {
+    pub(crate) fn new(
+        base_offset: u64,
+        file: SegmentFile,
+        map: SegmentMap,
+        indexes: SegmentIndexes,
+        visible_len: u64,
+        visible_next_offset: u64,
+        sealed: bool,
+    ) -> Self {
+        assert!(visible_len <= map.len() as u64);
+        assert!(visible_next_offset >= base_offset);
+        Segment {
+            base_offset,
+            file,
+            map,
+            visible_len: AtomicU64::new(visible_len),
+            visible_next_offset: AtomicU64::new(visible_next_offset),
+            max_timestamp_ms: AtomicI64::new(indexes.max_timestamp_ms),
+            sealed: AtomicBool::new(sealed),
+            indexes: RwLock::new(indexes),
+        }
+    }
+
+    /// Bytes the mapping covers (the active segment's capacity).
+    pub(crate) fn capacity(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub(crate) fn visible_len(&self) -> u64 {
+        self.visible_len.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn visible_next_offset(&self) -> u64 {
+        self.visible_next_offset.load(Ordering::Acquire)
+    }
+
+    /// Lets readers see everything up to `len` bytes / `next_offset`.
+    /// Callers publish only complete (and, if required, durable) batches.
+    pub(crate) fn publish(&self, len: u64, next_offset: u64) {
+        assert!(len <= self.capacity());
+        self.visible_len.fetch_max(len, Ordering::AcqRel);
+        self.visible_next_offset
+            .fetch_max(next_offset, Ordering::AcqRel);
+    }
+
+    pub(crate) fn max_timestamp_ms(&self) -> i64 {
+        self.max_timestamp_ms.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_sealed(&self) {
+        self.sealed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn indexes(&self) -> RwLockReadGuard<'_, SegmentIndexes> {
+        self.indexes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn indexes_mut(&self) -> RwLockWriteGuard<'_, SegmentIndexes> {
+        self.indexes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Updates the segment's max timestamp after an append.
+    pub(crate) fn note_timestamp(&self, timestamp_ms: i64) {
+        self.max_timestamp_ms
+            .fetch_max(timestamp_ms, Ordering::AcqRel);
+    }
+
+    fn corrupt(&self, position: u64, next: Option<u64>, error: BatchError) -> LogError {
+        LogError::Corrupt {
+            segment_base_offset: self.base_offset,
+            position,
+            next_readable_offset: next,
+            error,
+        }
+    }
+
+    /// Position to start scanning for `offset`: the greatest indexed batch at
+    /// or before it, else the segment start.
+    fn start_position(&self, offset: u64) -> u64 {
+        let rel = u32::try_from(offset - self.base_offset).unwrap_or(u32::MAX);
+        self.indexes()
+            .offset
+            .lookup(rel)
+            .map_or(0, |entry| u64::from(entry.position))
+    }
+
+    /// The verified batch containing `offset` and its position, found by
+    /// walking forward from `position`. Damage on the way is stepped over when
+    /// a later valid batch still lies at or before `offset`.
+    fn locate(&self, offset: u64, mut position: u64) -> Result<Option<(u64, BatchHeader)>> {
+        let visible = self.visible_len() as usize;
+        let data = &self.map.as_slice()[..visible];
+        loop {
+            let at = position as usize;
+            if at >= visible {
+                return Ok(None);
+            }
+            let error = match verify_batch(&data[at..]) {
+                Ok(header) if header.next_offset() <= offset => {
+                    position += u64::from(header.batch_len);
+                    continue;
+                }
+                Ok(header) if header.base_offset <= offset => return Ok(Some((position, header))),
+                Ok(header) => {
+                    let error = BatchError::Malformed("the batch holding the offset is missing");
+                    return Err(self.corrupt(position, Some(header.base_offset), error));
+                }
+                Err(error) => error,
+            };
+            match find_next_valid_batch(data, at + 1, visible, self.base_offset) {
+                Some((next, header)) if header.base_offset <= offset => position = next as u64,
+                Some((_, header)) => {
+                    return Err(self.corrupt(position, Some(header.base_offset), error))
+                }
+                None => return Err(self.corrupt(position, None, error)),
+            }
+        }
+    }
+
+    /// Reads whole batches from the one holding `offset`, up to `max_bytes`
+    /// (at least one batch), stopping early at damage after the first batch.
+    pub(crate) fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<RecordBatch>> {
+        if offset < self.base_offset || offset >= self.visible_next_offset() {
+            return Ok(Vec::new());
+        }
+        let Some((mut position, mut header)) = self.locate(offset, self.start_position(offset))?
+        else {
+            return Ok(Vec::new());
+        };
+        let visible = self.visible_len();
+        let mut batches = Vec::new();
+        let mut total = 0usize;
+        loop {
+            let end = position + u64::from(header.batch_len);
+            let bytes = self.map.bytes(position as usize, end as usize);
+            let batch =
+                RecordBatch::decode(bytes).map_err(|error| self.corrupt(position, None, error))?;
+            total += batch.as_bytes().len();
+            let next_offset = header.next_offset();
+            batches.push(batch);
+            if total >= max_bytes || end >= visible {
+                break;
+            }
+            match verify_batch(&self.map.as_slice()[end as usize..visible as usize]) {
+                Ok(next) if next.base_offset == next_offset => {
+                    position = end;
+                    header = next;
+                }
+                // Damage: return what we have; the next read reports it.
+                _ => break,
+            }
+        }
+        Ok(batches)
+    }
+
+    /// The record at `offset`, if visible.
+    pub(crate) fn read_record(&self, offset: u64) -> Result<Option<Record>> {
+        let batches = self.read(offset, 1)?;
+        let Some(batch) = batches.first() else {
+            return Ok(None);
+        };
+        for record in batch.records() {
+            let record = record.map_err(|e| self.corrupt(0, None, e))?;
+            if record.offset == offset {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first visible offset whose timestamp is at least `timestamp_ms`.
+    pub(crate) fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        let start_rel = self
+            .indexes()
+            .time
+            .last_before(timestamp_ms)
+            .map_or(0, |entry| entry.rel_offset.saturating_add(1));
+        let mut offset = self.base_offset + u64::from(start_rel);
+        let end = self.visible_next_offset();
+        while offset < end {
+            let batches = self.read(offset, 64 * 1024)?;
+            if batches.is_empty() {
+                return Ok(None);
+            }
+            for batch in &batches {
+                if batch.header().max_timestamp_ms < timestamp_ms {
+                    continue;
+                }
+                for record in batch.records() {
+                    let record = record.map_err(|e| self.corrupt(0, None, e))?;
+                    if record.offset >= offset && record.timestamp_ms >= timestamp_ms {
+                        return Ok(Some(record.offset));
+                    }
+                }
+            }
+            offset = batches
+                .last()
+                .map_or(end, |batch| batch.header().next_offset());
+        }
+        Ok(None)
+    }
+
+    /// The visible record with this id, checked against the record itself.
+    pub(crate) fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>> {
+        let Some(rel) = self.indexes().id_rel_offset(id) else {
+            return Ok(None);
+        };
+        let record = self.read_record(self.base_offset + u64::from(rel))?;
+        Ok(record.filter(|record| record.id == *id))
+    }
+
+    /// Visible records whose key is `key`, in offset order, at most `limit`.
+    pub(crate) fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>> {
+        let candidates = self.indexes().key_rel_offsets(key);
+        let mut found = Vec::new();
+        for rel in candidates {
+            if found.len() >= limit {
+                break;
+            }
+            if let Some(record) = self.read_record(self.base_offset + u64::from(rel))? {
+                if record.key.as_deref() == Some(key) {
+                    found.push(record);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// A zero-copy view of `len` bytes at `position` (just written by the
+    /// appender, which may read past the visible length).
+    pub(crate) fn data_view(&self, position: u64, len: u64) -> bytes::Bytes {
+        self.map.bytes(position as usize, (position + len) as usize)
+    }
+}

@@ -1,0 +1,1 @@
+//! io_uring append backend (being written).
