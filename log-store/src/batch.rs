@@ -425,6 +425,13 @@ impl RecordBatch {
         Ok(batch)
     }
 
+    /// Wraps bytes whose header and CRC the caller has just verified with
+    /// [`verify_batch`] (avoids computing the CRC twice on the read path).
+    pub(crate) fn from_verified(header: BatchHeader, bytes: Bytes) -> Self {
+        debug_assert_eq!(header.batch_len as usize, bytes.len());
+        RecordBatch { header, bytes }
+    }
+
     /// The batch header.
     pub fn header(&self) -> &BatchHeader {
         &self.header
@@ -681,6 +688,31 @@ mod tests {
             let result = verify_batch(&bytes[..len]);
             assert!(result.is_err(), "truncation to {len} accepted");
         }
+    }
+
+    /// The example in docs/storage.md §3, byte for byte (CRC and id aside).
+    #[test]
+    fn documented_example_layout() {
+        let input = BatchInput::new(vec![RecordInput::new("hi")]);
+        let id = MessageId([0xab; 16]);
+        let mut out = Vec::new();
+        encode_batch(&mut out, 500, 1000, &input, &[id]);
+        let mut expected: Vec<u8> = Vec::new();
+        expected.extend_from_slice(b"DMB1");
+        expected.extend_from_slice(&[0x69, 0, 0, 0]);
+        expected.extend_from_slice(&out[8..12]); // CRC
+        expected.extend_from_slice(&[1, 0, 0, 0, 0xf4, 1, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0xe8, 3, 0, 0, 0, 0, 0, 0, 0xe8, 3, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0; 16]);
+        expected.extend_from_slice(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0xe8, 3, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0xab; 16]);
+        expected.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, b'h', b'i']);
+        assert_eq!(out, expected);
+        assert_eq!(
+            u32::from_le_bytes([out[8], out[9], out[10], out[11]]),
+            crc32fast::hash(&out[12..])
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::config::IoBackend;
 #[derive(Debug, Clone)]
 pub(crate) struct SegmentFile {
     /// Unique in this process, so a backend can cache per-file state.
+    #[cfg_attr(not(feature = "io-uring"), allow(dead_code))]
     pub(crate) id: u64,
     pub(crate) file: Arc<File>,
     pub(crate) path: PathBuf,

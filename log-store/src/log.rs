@@ -161,9 +161,21 @@ impl Log {
         config: LogConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Log> {
+        let io = select_backend(config.io_backend);
+        Log::open_with_io(dir.as_ref(), config, clock, io)
+    }
+
+    /// [`Log::open`] with an injected clock and append backend (tests inject
+    /// failing backends here).
+    pub(crate) fn open_with_io(
+        dir: &Path,
+        config: LogConfig,
+        clock: Arc<dyn Clock>,
+        io: Arc<dyn AppendIo>,
+    ) -> Result<Log> {
         config.validate()?;
         let started = Instant::now();
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)
             .map_err(|e| LogError::io("creating the log directory", &dir, e))?;
         let lock_path = dir.join("LOCK");
@@ -209,7 +221,6 @@ impl Log {
             }
         }
 
-        let io = select_backend(config.io_backend);
         let mut segments = BTreeMap::new();
         let mut last_timestamp_ms = i64::MIN;
         if bases.is_empty() {
@@ -547,6 +558,7 @@ impl Shared {
             _ => false,
         };
         if writer.active.is_sealed()
+            || writer.active.indexes().seal_started()
             || writer.position + batch_len > writer.active.capacity()
             || too_old
         {
@@ -581,14 +593,17 @@ impl Shared {
             }
             Err(error) => return Err(self.fail(format!("write failed: {error}"))),
         }
-        let written = active.data_view(*position, batch_len);
-        let record_batch = RecordBatch::decode(written)
-            .map_err(|e| self.fail(format!("batch does not read back: {e}")))?;
-        if let Err(error) =
+        let records = batch
+            .records
+            .iter()
+            .zip(&record_ids)
+            .enumerate()
+            .map(|(delta, (record, id))| (base_offset + delta as u64, *id, record.key.as_deref()));
+        let observed =
             active
                 .indexes_mut()
-                .observe(active.base_offset, *position, &header, &record_batch)
-        {
+                .observe(active.base_offset, *position, &header, records);
+        if let Err(error) = observed {
             return Err(self.fail(format!("index update failed: {error}")));
         }
         active.note_timestamp(timestamp_ms);
@@ -680,7 +695,8 @@ impl Shared {
 
     /// Makes the active segment immutable: data durable, indexes sealed, file
     /// trimmed to its data length. A full disk while writing the sealed
-    /// indexes leaves the segment active and unchanged.
+    /// indexes leaves the segment unsealed and closed to new batches: the
+    /// next append retries the roll, resuming the seal where it stopped.
     fn seal(&self, segment: &Segment, len: u64, next_offset: u64) -> Result<()> {
         let base = segment.base_offset;
         if let Err(error) = self.io.sync_data(&segment.file) {
@@ -883,9 +899,15 @@ fn rebuild_indexes(
             return;
         }
         let end = position + u64::from(header.batch_len);
-        let observed = RecordBatch::decode(map.bytes(position as usize, end as usize))
+        let batch = RecordBatch::from_verified(*header, map.bytes(position as usize, end as usize));
+        let observed = batch
+            .records()
+            .collect::<std::result::Result<Vec<Record>, _>>()
             .map_err(|e| LogError::InvalidBatch(e.to_string()))
-            .and_then(|batch| indexes.observe(base_offset, position, header, &batch));
+            .and_then(|records| {
+                let entries = records.iter().map(|r| (r.offset, r.id, r.key.as_deref()));
+                indexes.observe(base_offset, position, header, entries)
+            });
         if let Err(error) = observed {
             first_error = Some(error);
         }
@@ -972,4 +994,134 @@ fn open_active_segment(
         next_offset: outcome.next_offset,
         first_timestamp_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::RecordInput;
+    use crate::io::PortableIo;
+    use std::io;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Portable I/O that counts fdatasyncs and fails the ones after a budget.
+    #[derive(Debug)]
+    struct FaultyIo {
+        syncs: AtomicUsize,
+        fail_syncs_after: usize,
+        delay: Duration,
+    }
+
+    impl AppendIo for FaultyIo {
+        fn write_all_at(
+            &self,
+            file: &SegmentFile,
+            position: u64,
+            data: Vec<u8>,
+        ) -> io::Result<Vec<u8>> {
+            PortableIo.write_all_at(file, position, data)
+        }
+
+        fn sync_data(&self, file: &SegmentFile) -> io::Result<()> {
+            std::thread::sleep(self.delay);
+            if self.syncs.fetch_add(1, Ordering::SeqCst) >= self.fail_syncs_after {
+                return Err(io::Error::from_raw_os_error(
+                    rustix::io::Errno::IO.raw_os_error(),
+                ));
+            }
+            PortableIo.sync_data(file)
+        }
+
+        fn kind(&self) -> crate::config::IoBackend {
+            crate::config::IoBackend::Portable
+        }
+    }
+
+    fn open(dir: &Path, io: Arc<FaultyIo>) -> Result<Log> {
+        Log::open_with_io(
+            dir,
+            LogConfig {
+                segment_bytes_max: 1 << 20,
+                ..LogConfig::default()
+            },
+            Arc::new(SystemClock),
+            io,
+        )
+    }
+
+    fn one(value: &str) -> BatchInput {
+        BatchInput::new(vec![RecordInput::new(value.to_string())])
+    }
+
+    #[test]
+    fn a_failed_fsync_fails_the_log_until_reopened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let io = Arc::new(FaultyIo {
+            syncs: AtomicUsize::new(0),
+            fail_syncs_after: 3,
+            delay: Duration::ZERO,
+        });
+        let log = open(dir.path(), Arc::clone(&io)).expect("open");
+        for i in 0..3 {
+            log.append(&one(&format!("ok {i}")))
+                .expect("durable append");
+        }
+        let failed = log.append(&one("lost"));
+        assert!(matches!(failed, Err(LogError::Failed { .. })), "{failed:?}");
+        // Never retried: later appends fail at once, without another fsync.
+        let syncs = io.syncs.load(Ordering::SeqCst);
+        assert!(matches!(
+            log.append(&one("refused")),
+            Err(LogError::Failed { .. })
+        ));
+        assert_eq!(io.syncs.load(Ordering::SeqCst), syncs);
+        // The unacknowledged batch never became visible.
+        assert_eq!(log.end_offset(), 3);
+        drop(log);
+        let healthy = Arc::new(FaultyIo {
+            syncs: AtomicUsize::new(0),
+            fail_syncs_after: usize::MAX,
+            delay: Duration::ZERO,
+        });
+        let log = open(dir.path(), healthy).expect("reopen");
+        for offset in 0..3 {
+            let record = log
+                .read_record(offset)
+                .expect("read")
+                .expect("acknowledged record");
+            assert_eq!(record.value, format!("ok {offset}").as_bytes());
+        }
+        log.append(&one("after reopen"))
+            .expect("append after reopen");
+    }
+
+    #[test]
+    fn concurrent_appends_share_fsyncs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A slow fsync makes appends pile up behind it, as on a real disk.
+        let io = Arc::new(FaultyIo {
+            syncs: AtomicUsize::new(0),
+            fail_syncs_after: usize::MAX,
+            delay: Duration::from_millis(2),
+        });
+        let log = Arc::new(open(dir.path(), Arc::clone(&io)).expect("open"));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let info = log.append(&one(&format!("{t}-{i}"))).expect("append");
+                        // Acknowledged means readable (and durable).
+                        assert!(log.end_offset() > info.last_offset);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("appender");
+        }
+        let syncs = io.syncs.load(Ordering::SeqCst);
+        assert_eq!(log.end_offset(), 200);
+        assert!(syncs < 200, "group commit: {syncs} fsyncs for 200 appends");
+    }
 }

@@ -151,13 +151,14 @@ impl SegmentIndexes {
         })
     }
 
-    /// Records one batch (already written at `position`) in every index.
-    pub(crate) fn observe(
+    /// Records one batch (already written at `position`) in every index;
+    /// `records` yields each record's offset, id and key.
+    pub(crate) fn observe<'k>(
         &mut self,
         base_offset: u64,
         position: u64,
         header: &BatchHeader,
-        batch: &RecordBatch,
+        records: impl IntoIterator<Item = (u64, MessageId, Option<&'k [u8]>)>,
     ) -> Result<()> {
         let rel = rel_offset(base_offset, header.base_offset)?;
         let last_rel = rel_offset(base_offset, header.last_offset())?;
@@ -183,13 +184,12 @@ impl SegmentIndexes {
                 .map_err(|e| LogError::index(base_offset, e))?;
             self.last_time_entry_end = end;
         }
-        for record in batch.records() {
-            let record = record.map_err(|e| LogError::InvalidBatch(e.to_string()))?;
-            let record_rel = rel_offset(base_offset, record.offset)?;
+        for (offset, id, key) in records {
+            let record_rel = rel_offset(base_offset, offset)?;
             if let IdLookup::Active(ids) = &mut self.ids {
-                ids.insert(record.id.0, record_rel);
+                ids.insert(id.0, record_rel);
             }
-            if let (KeyLookup::Active(keys), Some(key)) = (&mut self.keys, &record.key) {
+            if let (KeyLookup::Active(keys), Some(key)) = (&mut self.keys, key) {
                 keys.insert(key, record_rel);
             }
         }
@@ -201,16 +201,23 @@ impl SegmentIndexes {
     /// and key indexes are written out sorted.
     pub(crate) fn seal(&mut self, dir: &Path, base_offset: u64, segment_bytes: u64) -> Result<()> {
         let index_error = |e| LogError::index(base_offset, e);
+        // A seal that failed (disk full) is retried: every step below is
+        // skipped once done, and a table whose seal was attempted is never
+        // pushed to or sealed again (the index crate asserts against both).
         if let Some(last_rel) = self.last_rel_offset {
-            if self.time.last().is_none_or(|e| e.rel_offset < last_rel) {
+            if !self.time.is_sealed() && self.time.last().is_none_or(|e| e.rel_offset < last_rel) {
                 let timestamp = self.time.last().map_or(self.max_timestamp_ms, |e| {
                     e.timestamp_ms.max(self.max_timestamp_ms)
                 });
                 self.time.push(timestamp, last_rel).map_err(index_error)?;
             }
         }
-        self.offset.seal(segment_bytes).map_err(index_error)?;
-        self.time.seal(segment_bytes).map_err(index_error)?;
+        if !self.offset.is_sealed() {
+            self.offset.seal(segment_bytes).map_err(index_error)?;
+        }
+        if !self.time.is_sealed() {
+            self.time.seal(segment_bytes).map_err(index_error)?;
+        }
         let [_, _, id_path, key_path] = index_paths(dir, base_offset);
         if let IdLookup::Active(ids) = &self.ids {
             let sealed = ids
@@ -225,6 +232,12 @@ impl SegmentIndexes {
             self.keys = KeyLookup::Sealed(sealed);
         }
         Ok(())
+    }
+
+    /// Whether sealing began (it may have failed half-way): no batch may be
+    /// added to this segment any more.
+    pub(crate) fn seal_started(&self) -> bool {
+        self.offset.is_sealed() || self.time.is_sealed()
     }
 
     fn id_rel_offset(&self, id: &MessageId) -> Option<u32> {
@@ -370,7 +383,9 @@ impl Segment {
         loop {
             let at = position as usize;
             if at >= visible {
-                return Ok(None);
+                let error = BatchError::Malformed("offsets missing from the segment");
+                let next = Some(self.visible_next_offset());
+                return Err(self.corrupt(position, next, error));
             }
             let error = match verify_batch(&data[at..]) {
                 Ok(header) if header.next_offset() <= offset => {
@@ -410,8 +425,7 @@ impl Segment {
         loop {
             let end = position + u64::from(header.batch_len);
             let bytes = self.map.bytes(position as usize, end as usize);
-            let batch =
-                RecordBatch::decode(bytes).map_err(|error| self.corrupt(position, None, error))?;
+            let batch = RecordBatch::from_verified(header, bytes);
             total += batch.as_bytes().len();
             let next_offset = header.next_offset();
             batches.push(batch);
@@ -501,11 +515,5 @@ impl Segment {
             }
         }
         Ok(found)
-    }
-
-    /// A zero-copy view of `len` bytes at `position` (just written by the
-    /// appender, which may read past the visible length).
-    pub(crate) fn data_view(&self, position: u64, len: u64) -> bytes::Bytes {
-        self.map.bytes(position as usize, (position + len) as usize)
     }
 }
