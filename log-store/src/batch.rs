@@ -452,6 +452,34 @@ impl RecordBatch {
         self.header.last_offset()
     }
 
+    /// The record at `offset`, reached by skipping the records before it by
+    /// their lengths (no decoding); `None` if the batch does not hold it.
+    pub fn record(&self, offset: u64) -> Option<Result<Record, BatchError>> {
+        if offset < self.header.base_offset || offset > self.header.last_offset() {
+            return None;
+        }
+        let skip = offset - self.header.base_offset;
+        let mut position = BATCH_HEADER_LEN;
+        for _ in 0..skip {
+            let next = self
+                .bytes
+                .get(position..position + 4)
+                .map(|len| u32_at(len, 0) as usize)
+                .and_then(|len| (position + 4).checked_add(len))
+                .filter(|next| *next <= self.bytes.len());
+            match next {
+                Some(next) => position = next,
+                None => return Some(Err(BatchError::Malformed("record runs past the batch"))),
+            }
+        }
+        let mut records = RecordIter {
+            batch: self,
+            position,
+            delta: skip as u32,
+        };
+        records.next()
+    }
+
     /// Iterates the records; each item is a `Result` only because the walk
     /// re-checks bounds (a verified batch never yields an error).
     pub fn records(&self) -> RecordIter<'_> {
@@ -666,6 +694,25 @@ mod tests {
             assert_eq!(record.deliver_at_ms, input.deliver_at_ms);
             assert_eq!(record.expire_at_ms, input.expire_at_ms);
         }
+    }
+
+    #[test]
+    fn record_by_offset_matches_iteration() {
+        let input = sample();
+        let (bytes, _) = encode(&input);
+        let batch = RecordBatch::decode(Bytes::from(bytes)).expect("valid");
+        let all: Vec<Record> = batch.records().map(|r| r.expect("record")).collect();
+        for record in &all {
+            assert_eq!(
+                batch
+                    .record(record.offset)
+                    .expect("in batch")
+                    .expect("valid"),
+                *record
+            );
+        }
+        assert!(batch.record(499).is_none());
+        assert!(batch.record(503).is_none());
     }
 
     #[test]

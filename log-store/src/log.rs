@@ -345,7 +345,26 @@ impl Log {
     /// Appends one batch as one record batch. Returns once the fsync policy is
     /// met: under `Always`, after an fdatasync that covers the batch.
     pub fn append(&self, batch: &BatchInput) -> Result<AppendInfo> {
+        let info = self.append_deferred(batch)?;
+        self.wait_durable(&info)?;
+        Ok(info)
+    }
+
+    /// Writes one batch and returns at once, without waiting for the fsync
+    /// policy: the batch is **not acknowledged** until [`Log::wait_durable`]
+    /// returns for it. Lets one caller pipeline several batches (kept in
+    /// order) into one group commit. Readers see the batch only once durable
+    /// (under `Always`).
+    pub fn append_deferred(&self, batch: &BatchInput) -> Result<AppendInfo> {
         self.shared.append(batch)
+    }
+
+    /// Returns once the batch `info` describes meets the fsync policy.
+    pub fn wait_durable(&self, info: &AppendInfo) -> Result<()> {
+        match self.shared.config.fsync {
+            FsyncPolicy::Always => self.shared.sync_until(info.last_offset + 1),
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
+        }
     }
 
     /// fdatasyncs everything appended so far (any policy).
@@ -620,11 +639,8 @@ impl Shared {
             ids: record_ids,
         };
         match self.config.fsync {
-            FsyncPolicy::Always => {
-                let end = writer.next_offset;
-                drop(writer);
-                self.sync_until(end)?;
-            }
+            // The caller waits with `wait_durable`.
+            FsyncPolicy::Always => {}
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
                 writer.active.publish(writer.position, writer.next_offset);
                 self.visible_end

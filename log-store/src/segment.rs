@@ -450,13 +450,10 @@ impl Segment {
         let Some(batch) = batches.first() else {
             return Ok(None);
         };
-        for record in batch.records() {
-            let record = record.map_err(|e| self.corrupt(0, None, e))?;
-            if record.offset == offset {
-                return Ok(Some(record));
-            }
-        }
-        Ok(None)
+        batch
+            .record(offset)
+            .transpose()
+            .map_err(|e| self.corrupt(0, None, e))
     }
 
     /// The first visible offset whose timestamp is at least `timestamp_ms`.

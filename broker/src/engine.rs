@@ -1,0 +1,256 @@
+//! The engine: the dispatcher on its own thread, and the produce path.
+//!
+//! The [`Dispatcher`] is a single-threaded state machine; it lives on one OS
+//! thread (`dmq-dispatcher`) and every session talks to it with closures sent
+//! over a channel ([`Engine::call`]). After every batch of calls, and at the
+//! dispatcher's next wake-up time, the thread polls the dispatcher and routes
+//! the deliveries to the sessions' channels.
+//!
+//! Produce does **not** go through that thread: a session appends to the
+//! partition log itself (`append_deferred` in request order, then
+//! `wait_durable` on the blocking pool), so appends from every connection
+//! share group commits, and only then wakes the dispatcher. Delayed records
+//! go to the dispatcher's delay store.
+//!
+//! Invariant: a delivery is routed only to the session that joined its
+//! member; if that session is gone or its queue is full, the message is
+//! handed back to the group at once (member left / nack without delay).
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dmq_dispatcher::{
+    Delivery, DispatchError, Dispatcher, DispatcherConfig, FileStorage, MemberId, NullEventSink,
+    PartitionLog, TopicConfig,
+};
+use dmq_log_store::{Clock, SystemClock};
+use tokio::sync::{mpsc as async_mpsc, oneshot};
+
+use crate::config::BrokerConfig;
+
+type Job = Box<dyn FnOnce(&mut Dispatcher, &mut Routes) + Send>;
+
+enum Command {
+    Call(Job),
+    Wake,
+    Shutdown,
+}
+
+/// Where each member's deliveries go.
+#[derive(Default)]
+pub struct Routes {
+    sinks: HashMap<MemberId, async_mpsc::Sender<Delivery>>,
+}
+
+impl Routes {
+    /// Sends `member`'s deliveries to `sink`.
+    pub fn insert(&mut self, member: MemberId, sink: async_mpsc::Sender<Delivery>) {
+        self.sinks.insert(member, sink);
+    }
+
+    /// Stops routing to `member`.
+    pub fn remove(&mut self, member: MemberId) {
+        self.sinks.remove(&member);
+    }
+}
+
+/// Errors of engine calls.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The dispatcher refused or failed.
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    /// The engine is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory could not be opened.
+    #[error(transparent)]
+    Store(#[from] dmq_dispatcher::StoreError),
+    /// The dispatcher state could not be restored.
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    /// The dispatcher thread could not start.
+    #[error("starting the dispatcher thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// The topics' partition logs, shared with every session for produce.
+pub type PartitionMap = HashMap<String, (TopicConfig, Vec<Arc<dyn PartitionLog>>)>;
+
+/// Handle to the dispatcher thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    commands: mpsc::Sender<Command>,
+    partitions: Arc<RwLock<PartitionMap>>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    round_robin: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Engine {
+    /// Opens the data directory and starts the dispatcher thread.
+    pub fn start(config: &BrokerConfig) -> Result<Engine, StartError> {
+        let log_config = config.log_config()?;
+        let storage = Arc::new(FileStorage::new(&config.data_dir, log_config)?);
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let dispatcher = Dispatcher::open(
+            storage,
+            clock.clone(),
+            Arc::new(NullEventSink),
+            DispatcherConfig::default(),
+        )?;
+        let mut map = PartitionMap::new();
+        for (name, topic_config) in dispatcher.topics() {
+            let logs = dispatcher.partitions(&name)?;
+            map.insert(name, (topic_config, logs));
+        }
+        let partitions = Arc::new(RwLock::new(map));
+        let (commands, receiver) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("dmq-dispatcher".into())
+            .spawn(move || run(dispatcher, clock, receiver))?;
+        Ok(Engine {
+            commands,
+            partitions,
+            thread: Arc::new(Mutex::new(Some(thread))),
+            round_robin: Arc::default(),
+        })
+    }
+
+    /// Runs `job` on the dispatcher thread and returns its result.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Dispatcher, &mut Routes) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (reply, result) = oneshot::channel();
+        let job: Job = Box::new(move |dispatcher, routes| {
+            let _ = reply.send(job(dispatcher, routes));
+        });
+        self.commands
+            .send(Command::Call(job))
+            .map_err(|_| EngineError::ShuttingDown)?;
+        result.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// Tells the dispatcher that something changed (new records).
+    pub fn wake(&self) {
+        let _ = self.commands.send(Command::Wake);
+    }
+
+    /// The partition logs of `topic` and its configuration.
+    pub fn topic(&self, topic: &str) -> Option<(TopicConfig, Vec<Arc<dyn PartitionLog>>)> {
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .cloned()
+    }
+
+    /// Records a topic's logs after it was created on the dispatcher thread.
+    pub fn register_topic(
+        &self,
+        name: String,
+        config: TopicConfig,
+        logs: Vec<Arc<dyn PartitionLog>>,
+    ) {
+        self.partitions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, (config, logs));
+    }
+
+    /// Forgets a deleted topic.
+    pub fn unregister_topic(&self, name: &str) {
+        self.partitions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// Next partition for round-robin produce.
+    pub fn next_round_robin(&self) -> u32 {
+        self.round_robin
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the dispatcher thread after it made every ack durable.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn run(mut dispatcher: Dispatcher, clock: Arc<dyn Clock>, commands: mpsc::Receiver<Command>) {
+    let mut routes = Routes::default();
+    loop {
+        let now = clock.now_ms();
+        let wait_ms = dispatcher
+            .next_wakeup_ms()
+            .map_or(100, |due| (due - now).clamp(0, 100)) as u64;
+        let first = match commands.recv_timeout(Duration::from_millis(wait_ms)) {
+            Ok(command) => Some(command),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut shutdown = false;
+        for command in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| commands.try_recv().ok()).take(1024))
+        {
+            match command {
+                Command::Call(job) => job(&mut dispatcher, &mut routes),
+                Command::Wake => {}
+                Command::Shutdown => shutdown = true,
+            }
+        }
+        if shutdown {
+            break;
+        }
+        match dispatcher.poll() {
+            Ok(deliveries) => route(&mut dispatcher, &mut routes, deliveries),
+            Err(error) => tracing::error!(%error, "dispatcher poll failed"),
+        }
+    }
+    if let Err(error) = dispatcher.checkpoint() {
+        tracing::error!(%error, "final checkpoint failed");
+    }
+    tracing::info!("dispatcher stopped");
+}
+
+fn route(dispatcher: &mut Dispatcher, routes: &mut Routes, deliveries: Vec<Delivery>) {
+    for delivery in deliveries {
+        let member = delivery.member;
+        let (partition, offset) = (delivery.partition, delivery.record.offset);
+        let sent = match routes.sinks.get(&member) {
+            Some(sink) => sink.try_send(delivery),
+            None => {
+                let _ = dispatcher.leave(member);
+                continue;
+            }
+        };
+        match sent {
+            Ok(()) => {}
+            Err(async_mpsc::error::TrySendError::Full(_)) => {
+                // More deliveries than the session can queue: give it back.
+                let _ = dispatcher.nack(member, partition, offset, Some(0));
+            }
+            Err(async_mpsc::error::TrySendError::Closed(_)) => {
+                routes.sinks.remove(&member);
+                let _ = dispatcher.leave(member);
+            }
+        }
+    }
+}

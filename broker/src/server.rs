@@ -1,0 +1,80 @@
+//! The accept loop: bounded connections, one task per session, graceful
+//! shutdown (stop accepting, tell sessions, let appends in flight finish,
+//! then make every ack durable).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmq_protocol::{encode_frame, ErrorCode, Frame};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::BrokerConfig;
+use crate::engine::Engine;
+use crate::session::{self, Shared};
+
+/// Serves `listener` until `shutdown` completes, then drains and stops.
+pub async fn run(
+    listener: TcpListener,
+    engine: Engine,
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = Arc::new(config);
+    let shared = Shared {
+        engine: engine.clone(),
+        config: Arc::clone(&config),
+        producers: Arc::default(),
+    };
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let (stop, stopped) = watch::channel(false);
+    let mut sessions = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!(%peer, "connection refused: too many connections");
+            let mut buffer = bytes::BytesMut::new();
+            let frame = Frame::error(0, ErrorCode::Overloaded, "too many connections");
+            if encode_frame(&frame, &mut buffer).is_ok() {
+                let _ = stream.write_all(&buffer).await;
+            }
+            continue;
+        };
+        let shared = shared.clone();
+        let stopped = stopped.clone();
+        sessions.spawn(async move {
+            session::serve(stream, peer, shared, stopped).await;
+            drop(permit);
+        });
+        while sessions.try_join_next().is_some() {}
+    }
+    tracing::info!("shutting down: no new connections");
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("sessions did not finish in 10 s; stopping anyway");
+        sessions.abort_all();
+    }
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .unwrap_or_else(|_| tracing::error!("engine shutdown panicked"));
+    tracing::info!("stopped");
+}

@@ -1,0 +1,439 @@
+//! A real broker on 127.0.0.1 (random port, temp data dir) driven with raw
+//! protocol frames: the flows a client relies on, and every kind of bad
+//! input (garbage, truncated and oversize frames, wrong version, requests
+//! before HELLO, wrong credentials).
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dmq_broker::{server, BrokerConfig, Engine};
+use dmq_protocol::{
+    decode_frame, encode_frame, Body, ErrorCode, Frame, Push, Request, Response,
+    DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+struct Broker {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    async fn start(configure: impl FnOnce(&mut BrokerConfig)) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            handshake_timeout_ms: 500,
+            ..BrokerConfig::default()
+        };
+        configure(&mut config);
+        let engine = Engine::start(&config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, engine, config, async {
+            let _ = stopped.await;
+        }));
+        Broker {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    buffer: BytesMut,
+    next_id: u32,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> Connection {
+        Connection {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buffer: BytesMut::new(),
+            next_id: 1,
+        }
+    }
+
+    async fn hello(addr: SocketAddr) -> Connection {
+        let mut connection = Connection::open(addr).await;
+        let response = connection
+            .request(Request::Hello(dmq_protocol::Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                client_id: "test".into(),
+                secret: Bytes::new(),
+            }))
+            .await;
+        assert!(matches!(response, Response::HelloOk(_)), "{response:?}");
+        connection
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    async fn send(&mut self, request: Request) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut buffer = BytesMut::new();
+        encode_frame(&Frame::request(id, request), &mut buffer).unwrap();
+        self.send_raw(&buffer).await;
+        id
+    }
+
+    /// The next frame, or None when the broker closed the connection.
+    async fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some((frame, used)) =
+                decode_frame(&self.buffer, DEFAULT_MAX_FRAME_BYTES).unwrap()
+            {
+                let _ = self.buffer.split_to(used);
+                return Some(frame);
+            }
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.stream.read_buf(&mut self.buffer),
+            )
+            .await
+            .expect("broker answered in time")
+            .unwrap_or(0);
+            if read == 0 {
+                return None;
+            }
+        }
+    }
+
+    async fn request(&mut self, request: Request) -> Response {
+        let id = self.send(request).await;
+        loop {
+            let frame = self.frame().await.expect("a response");
+            if let Body::Response(response) = frame.body {
+                assert_eq!(frame.correlation_id, id);
+                return response;
+            }
+        }
+    }
+
+    async fn push(&mut self) -> dmq_protocol::Delivery {
+        loop {
+            let frame = self.frame().await.expect("a push");
+            if let Body::Push(Push::Deliver(delivery)) = frame.body {
+                return delivery;
+            }
+        }
+    }
+
+    async fn expect_error_and_close(&mut self, code: ErrorCode) {
+        let frame = self.frame().await.expect("an ERROR frame");
+        match frame.body {
+            Body::Response(Response::Error(error)) => assert_eq!(error.code, code, "{error:?}"),
+            other => panic!("expected ERROR {code}, got {other:?}"),
+        }
+        assert!(self.frame().await.is_none(), "connection should be closed");
+    }
+}
+
+fn error_code(response: &Response) -> Option<ErrorCode> {
+    match response {
+        Response::Error(error) => Some(error.code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_subscribe_push_ack() {
+    let broker = Broker::start(|_| {}).await;
+    let mut admin = Connection::hello(broker.addr).await;
+    let created = admin
+        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+            name: "orders".into(),
+            partitions: 2,
+            ordered: false,
+        }))
+        .await;
+    assert_eq!(created, Response::Ok);
+    let mut consumer = Connection::hello(broker.addr).await;
+    let subscribed = consumer
+        .request(Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "orders".into(),
+            group: "billing".into(),
+            member_name: "c1".into(),
+            credit: 100,
+            ..Default::default()
+        }))
+        .await;
+    let Response::Subscribed(subscribed) = subscribed else {
+        panic!("{subscribed:?}")
+    };
+    assert_eq!(subscribed.partitions, vec![0, 1]);
+    let produced = admin
+        .request(Request::Produce(dmq_protocol::Produce {
+            topic: "orders".into(),
+            partition: Some(1),
+            idempotence: None,
+            records: (0..3)
+                .map(|i| dmq_protocol::ProduceRecord {
+                    value: Bytes::from(format!("order-{i}")),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+        .await;
+    let Response::ProduceOk(produced) = produced else {
+        panic!("{produced:?}")
+    };
+    assert_eq!(
+        produced
+            .records
+            .iter()
+            .map(|r| (r.partition, r.offset))
+            .collect::<Vec<_>>(),
+        vec![(1, Some(0)), (1, Some(1)), (1, Some(2))]
+    );
+    let mut values = Vec::new();
+    let mut deliveries = Vec::new();
+    for _ in 0..3 {
+        deliveries.push(consumer.push().await);
+    }
+    for delivery in deliveries {
+        assert_eq!(delivery.subscription_id, subscribed.subscription_id);
+        assert_eq!(delivery.attempt, 1);
+        values.push(String::from_utf8(delivery.value.to_vec()).unwrap());
+        let acked = consumer
+            .request(Request::Ack(dmq_protocol::Ack {
+                subscription_id: subscribed.subscription_id,
+                messages: vec![dmq_protocol::MessagePosition {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }],
+            }))
+            .await;
+        assert_eq!(acked, Response::Ok);
+        assert_eq!(
+            delivery.message_id,
+            produced.records[delivery.offset as usize].message_id
+        );
+    }
+    assert_eq!(values, vec!["order-0", "order-1", "order-2"]);
+    let described = admin
+        .request(Request::DescribeGroup(dmq_protocol::DescribeGroup {
+            topic: "orders".into(),
+            group: "billing".into(),
+        }))
+        .await;
+    let Response::GroupDescription(described) = described else {
+        panic!("{described:?}")
+    };
+    assert_eq!(described.partitions[1].ack_floor, 3);
+    assert_eq!(described.partitions[1].lag, 0);
+    // Unknown topic: its own error code, and the connection stays usable.
+    let unknown = admin
+        .request(Request::Produce(dmq_protocol::Produce {
+            topic: "nope".into(),
+            records: vec![dmq_protocol::ProduceRecord::default()],
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(error_code(&unknown), Some(ErrorCode::UnknownTopic));
+    assert_eq!(admin.request(Request::Ping).await, Response::Pong);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_disconnects_has_its_messages_redelivered_to_another() {
+    let broker = Broker::start(|_| {}).await;
+    let mut admin = Connection::hello(broker.addr).await;
+    admin
+        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+            name: "t".into(),
+            partitions: 1,
+            ordered: false,
+        }))
+        .await;
+    let subscribe = |name: &str| {
+        Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "t".into(),
+            group: "g".into(),
+            member_name: name.into(),
+            credit: 10,
+            ..Default::default()
+        })
+    };
+    let mut first = Connection::hello(broker.addr).await;
+    first.request(subscribe("one")).await;
+    admin
+        .request(Request::Produce(dmq_protocol::Produce {
+            topic: "t".into(),
+            partition: Some(0),
+            records: vec![dmq_protocol::ProduceRecord {
+                value: Bytes::from_static(b"work"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
+        .await;
+    let delivery = first.push().await;
+    assert_eq!(delivery.attempt, 1);
+    let mut second = Connection::hello(broker.addr).await;
+    second.request(subscribe("two")).await;
+    drop(first); // dies mid-processing, without acking
+    let again = second.push().await;
+    assert_eq!(again.message_id, delivery.message_id);
+    assert_eq!(again.attempt, 2);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_an_error_and_a_closed_connection() {
+    let broker = Broker::start(|config| config.max_frame_bytes = 64 * 1024).await;
+
+    // A request before HELLO.
+    let mut connection = Connection::open(broker.addr).await;
+    connection.send(Request::Ping).await;
+    connection
+        .expect_error_and_close(ErrorCode::NotAuthenticated)
+        .await;
+
+    // Garbage bytes: a length that is too short to be a frame.
+    let mut connection = Connection::open(broker.addr).await;
+    connection.send_raw(&[3, 0, 0, 0, 0xde, 0xad, 0xbe]).await;
+    connection
+        .expect_error_and_close(ErrorCode::MalformedFrame)
+        .await;
+
+    // An unknown opcode.
+    let mut connection = Connection::hello(broker.addr).await;
+    connection
+        .send_raw(&[7, 0, 0, 0, 0xff, 0xfe, 1, 0, 0, 0, 0])
+        .await;
+    let frame = connection.frame().await.expect("error");
+    assert!(
+        matches!(frame.body, Body::Response(Response::Error(_))),
+        "{frame:?}"
+    );
+
+    // An oversize length is refused from its 4-byte prefix alone.
+    let mut connection = Connection::hello(broker.addr).await;
+    connection.send_raw(&(10u32 << 20).to_le_bytes()).await;
+    connection
+        .expect_error_and_close(ErrorCode::FrameTooLarge)
+        .await;
+
+    // A wrong protocol version.
+    let mut connection = Connection::open(broker.addr).await;
+    connection
+        .send(Request::Hello(dmq_protocol::Hello {
+            min_version: 900,
+            max_version: 901,
+            client_id: "x".into(),
+            secret: Bytes::new(),
+        }))
+        .await;
+    connection
+        .expect_error_and_close(ErrorCode::UnsupportedVersion)
+        .await;
+
+    // A truncated frame, then silence: the handshake timeout closes it.
+    let mut connection = Connection::open(broker.addr).await;
+    connection.send_raw(&[20, 0, 0, 0, 1, 0]).await;
+    connection.expect_error_and_close(ErrorCode::Timeout).await;
+
+    // The broker is still fine.
+    let mut connection = Connection::hello(broker.addr).await;
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_refused() {
+    let broker = Broker::start(|config| {
+        config.clients.insert("orders".into(), "s3cret".into());
+    })
+    .await;
+    for (client, secret) in [("orders", "wrong"), ("nobody", "s3cret")] {
+        let mut connection = Connection::open(broker.addr).await;
+        connection
+            .send(Request::Hello(dmq_protocol::Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                client_id: client.into(),
+                secret: Bytes::from(secret),
+            }))
+            .await;
+        connection
+            .expect_error_and_close(ErrorCode::AuthenticationFailed)
+            .await;
+    }
+    let mut connection = Connection::open(broker.addr).await;
+    let response = connection
+        .request(Request::Hello(dmq_protocol::Hello {
+            min_version: 1,
+            max_version: PROTOCOL_VERSION,
+            client_id: "orders".into(),
+            secret: Bytes::from("s3cret"),
+        }))
+        .await;
+    assert!(matches!(response, Response::HelloOk(_)));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_idempotent_batch_gets_its_original_offsets() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    connection
+        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+            name: "t".into(),
+            partitions: 1,
+            ordered: false,
+        }))
+        .await;
+    let produce = |sequence: u64| {
+        Request::Produce(dmq_protocol::Produce {
+            topic: "t".into(),
+            partition: Some(0),
+            idempotence: Some(dmq_protocol::ProducerSequence {
+                producer_id: 42,
+                sequence,
+            }),
+            records: vec![dmq_protocol::ProduceRecord {
+                value: Bytes::from(format!("seq {sequence}")),
+                ..Default::default()
+            }],
+        })
+    };
+    let first = connection.request(produce(1)).await;
+    let retry = connection.request(produce(1)).await;
+    assert_eq!(first, retry);
+    let next = connection.request(produce(2)).await;
+    let Response::ProduceOk(next) = next else {
+        panic!("{next:?}")
+    };
+    assert_eq!(next.records[0].offset, Some(1));
+    let old = connection.request(produce(0)).await;
+    assert_eq!(error_code(&old), Some(ErrorCode::OutOfOrderSequence));
+    broker.stop().await;
+}

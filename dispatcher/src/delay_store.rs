@@ -1,0 +1,1712 @@
+//! The durable delayed-message store: messages whose deliver-at time is in
+//! the future wait here, not in their topic (where they would pin every
+//! group's ack floor), and are handed back when due.
+//!
+//! # Layout
+//!
+//! - **Timer log**: the internal partition `__dmq_delay/0` (a real commit log
+//!   under [`crate::storage::FileStorage`]). [`DelayStore::schedule`] appends
+//!   the whole call's messages as one batch (group commit). Each record is the
+//!   caller's record plus two headers appended at the end:
+//!   - `dmq.delay.topic`: the destination topic, UTF-8 bytes;
+//!   - `dmq.delay.partition`: the destination partition, `u32` little-endian
+//!     (4 bytes).
+//!
+//!   `deliver_at_ms` holds the due time (`None` on input means "now"). The id
+//!   that append assigns (or the caller's id, for a message moved in with one)
+//!   is the message's id for life.
+//! - **Bucket journals** `delay.bucket.<start>` (`<start>`: the bucket's first
+//!   millisecond, 20 decimal digits, zero-padded, so names sort by time;
+//!   due times before the epoch go to bucket 0). A bucket covers
+//!   `[start, start + bucket_width_ms)`. Each journal payload (CRC-framed by
+//!   the [`crate::storage::Journal`]) is little-endian:
+//!   - byte 0: format version, `1`;
+//!   - byte 1: kind: `1` schedule entries, `2` cancel tombstones, `3` fired
+//!     tombstones;
+//!   - bytes 2..6: `u32` entry count `n`;
+//!   - then `n` entries. A schedule entry is 33 bytes: `i64` due ms, `u64`
+//!     timer-log offset, 16 bytes message id, `u8` flags (bit 0: the id came
+//!     from the caller, not from the timer log; other bits zero). A tombstone
+//!     is 8 bytes: the `u64` timer-log offset it kills.
+//!
+//!   Entries are keyed by timer-log offset (unique forever). A tombstone wins
+//!   over a schedule entry whatever their order, and a schedule entry may
+//!   appear twice (re-indexing); the live set of a bucket is
+//!   `{schedule offsets} - {tombstone offsets}`.
+//! - **Meta journal** `delay.meta`: one payload, rewritten atomically:
+//!   byte 0 version `1`, byte 1 kind `1`, bytes 2..10 `u64` watermark,
+//!   bytes 10..18 `u64` bucket width in ms (the width the buckets on disk were
+//!   written with; it wins over the configuration).
+//!
+//! # Crash argument (WAL + index)
+//!
+//! `schedule` returns once the timer-log append returned (durable under the
+//! log's fsync policy). Bucket entries are written lazily: they are buffered
+//! in memory (or in an open journal's unsynced tail) and synced by
+//! [`DelayStore::checkpoint`] or when `buffered_entries_max` is reached
+//! (a "flush"). A flush syncs every dirty bucket journal, then rewrites the
+//! meta journal with watermark `W` = the timer log's end offset. Invariant:
+//! every timer-log record below `W` has its schedule entry durable in its
+//! bucket journal, or its bucket was removed because all its entries were
+//! tombstoned (removal happens only after a flush covered them). Opening
+//! re-indexes the timer log from `W` to its end, so a crash anywhere loses no
+//! schedule: records above `W` are indexed again (a duplicate schedule entry
+//! is harmless: offsets dedupe).
+//!
+//! - Cancels are synced before `cancel` returns (the bucket journal is synced;
+//!   tombstones are sticky, so a re-indexed schedule entry stays dead).
+//! - Fired marks ([`DelayStore::mark_fired`]) are lazy: a crash between the
+//!   caller's append to the topic and the next flush fires the message again
+//!   after restart (at-least-once; the id is the same, so consumers can
+//!   dedupe). A crash between `poll_due` and the append loses nothing either.
+//! - A fully fired (or cancelled) bucket's journal is removed at a flush,
+//!   after the watermark passed all its entries.
+//! - The store must be the only writer of `__dmq_delay`.
+//!
+//! # Memory
+//!
+//! In memory: one small summary per bucket (count, earliest due), the
+//! entries of the near window (buckets starting before `now + window_ms`) in
+//! a [`TimingWheel`], the unflushed index entries (at most
+//! `buffered_entries_max`), polled-but-unmarked ids, and the ids of pending
+//! delays whose id came from the caller (for cancellation, see below).
+//! Loading from disk stops at `loaded_entries_max` entries (after a long
+//! downtime the overdue backlog is loaded bucket by bucket as it drains, so
+//! due order holds).
+//!
+//! # Cancellation of an unloaded delay
+//!
+//! Ids assigned by the timer log carry the append time, so the record is found
+//! with `offset_for_timestamp(id time)` and a short forward scan (at most
+//! `cancel_scan_records_max` records); its due time names the bucket, whose
+//! journal is read to see whether the delay is still live. Ids that came from
+//! the caller are kept in a map id -> (bucket, offset), bounded by the number
+//! of such pending delays.
+//!
+//! # Firing
+//!
+//! A fired message is handed back as a [`RecordInput`] with the same id, the
+//! two delay headers removed, `deliver_at_ms` kept (it is now in the past, so
+//! dispatch delivers it at once, and consumers can see when it was due), the
+//! key, value, other headers and `expire_at_ms` unchanged.
+//!
+//! # Limitations
+//!
+//! - No retention of the timer log: [`crate::storage::PartitionLog`] has no
+//!   delete; segments whose delays all fired stay until the log's own
+//!   retention removes them. Re-indexing starts at the log's start offset if
+//!   the watermark is below it.
+//! - Bucket journals are not compacted: a bucket is removed when all of its
+//!   entries are dead; a far bucket with many cancels keeps its tombstones.
+//! - `next_due_ms` may be early (never late) after far cancels.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dmq_log_store::{MessageId, Record, RecordInput};
+
+use crate::storage::{Journal, PartitionLog, Storage, StoreError};
+use crate::timing_wheel::{TimerId, TimingWheel};
+
+/// Topic of the timer log.
+pub const TIMER_TOPIC: &str = "__dmq_delay";
+/// Header naming the destination topic in the timer log.
+pub const TOPIC_HEADER: &str = "dmq.delay.topic";
+/// Header naming the destination partition (`u32` LE) in the timer log.
+pub const PARTITION_HEADER: &str = "dmq.delay.partition";
+/// Prefix of the bucket journals.
+pub const BUCKET_PREFIX: &str = "delay.bucket.";
+/// Name of the meta journal.
+pub const META_JOURNAL: &str = "delay.meta";
+
+const FORMAT_VERSION: u8 = 1;
+const KIND_SCHEDULE: u8 = 1;
+const KIND_CANCEL: u8 = 2;
+const KIND_FIRED: u8 = 3;
+const KIND_WATERMARK: u8 = 1;
+const PAYLOAD_HEADER_LEN: usize = 6;
+const SCHEDULE_ENTRY_LEN: usize = 33;
+const TOMBSTONE_ENTRY_LEN: usize = 8;
+const META_LEN: usize = 18;
+const FLAG_FOREIGN_ID: u8 = 1;
+/// Entries per journal payload (keeps payloads a few hundred KiB at most).
+const ENTRIES_PER_PAYLOAD_MAX: usize = 8192;
+/// Due entries whose records are read in one sweep of the timer log (and
+/// held in memory until polled).
+const FETCH_RECORDS_MAX: usize = 65_536;
+/// Records per timer-log read.
+const READ_CHUNK_RECORDS: usize = 4096;
+/// Needed offsets closer than this share one timer-log read when firing.
+const FETCH_GAP_RECORDS: u64 = 1024;
+const TOPIC_LEN_MAX: usize = 255;
+
+/// Errors of the delay store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DelayError {
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A journal payload passed its CRC but does not decode.
+    #[error("corrupt delay journal {journal}: {reason}")]
+    CorruptJournal {
+        /// The journal.
+        journal: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A caller's input was refused; nothing was written.
+    #[error("invalid delay input: {0}")]
+    InvalidInput(String),
+    /// The configuration is unusable.
+    #[error("invalid delay configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// Result of the delay store.
+pub type Result<T, E = DelayError> = std::result::Result<T, E>;
+
+/// Tuning of the delay store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayConfig {
+    /// Width of an on-disk bucket (default 60 s). Fixed once buckets exist.
+    pub bucket_width_ms: u64,
+    /// Buckets starting before `now + window_ms` are in memory (default 5 min).
+    pub window_ms: u64,
+    /// Tick of the in-memory timing wheel (default 10 ms).
+    pub tick_ms: u64,
+    /// Loading buckets from disk stops at this many in-memory entries
+    /// (default 1 Mi); the near window may exceed it through live schedules.
+    pub loaded_entries_max: usize,
+    /// Unflushed index entries that trigger a flush (default 256 Ki).
+    pub buffered_entries_max: usize,
+    /// Timer-log records scanned to find an unloaded delay by id (default 64 Ki).
+    pub cancel_scan_records_max: usize,
+}
+
+impl Default for DelayConfig {
+    fn default() -> Self {
+        DelayConfig {
+            bucket_width_ms: 60_000,
+            window_ms: 300_000,
+            tick_ms: 10,
+            loaded_entries_max: 1 << 20,
+            buffered_entries_max: 1 << 18,
+            cancel_scan_records_max: 1 << 16,
+        }
+    }
+}
+
+impl DelayConfig {
+    fn validate(&self) -> Result<()> {
+        let fail = |reason: &str| Err(DelayError::InvalidConfig(reason.to_string()));
+        if self.bucket_width_ms == 0 || self.bucket_width_ms > i64::MAX as u64 / 4 {
+            return fail("bucket_width_ms must be positive and reasonable");
+        }
+        if self.window_ms > i64::MAX as u64 / 4 {
+            return fail("window_ms too large");
+        }
+        if self.tick_ms == 0 {
+            return fail("tick_ms must be positive");
+        }
+        if self.loaded_entries_max == 0 || self.buffered_entries_max == 0 {
+            return fail("entry limits must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// A message that is due: append `record` to `topic`/`partition`, then call
+/// [`DelayStore::mark_fired`] with its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueMessage {
+    /// The message's id (also set in `record.id`).
+    pub id: MessageId,
+    /// Destination topic.
+    pub topic: String,
+    /// Destination partition.
+    pub partition: u32,
+    /// When it was due.
+    pub due_ms: i64,
+    /// Ready to append: same id, delay headers removed, `deliver_at_ms` kept.
+    pub record: RecordInput,
+}
+
+/// What [`DelayStore::open`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DelayRecovery {
+    /// Pending delays (loaded or not).
+    pub pending: u64,
+    /// Bucket journals (and re-indexed buckets) found.
+    pub buckets: usize,
+    /// Buckets loaded into memory.
+    pub loaded_buckets: usize,
+    /// Timer-log records re-indexed from the watermark.
+    pub reindexed_records: u64,
+    /// Timer-log records without valid delay headers (skipped).
+    pub skipped_records: u64,
+    /// The watermark found in the meta journal.
+    pub watermark: u64,
+    /// Wall time of the open.
+    pub elapsed: Duration,
+}
+
+/// A schedule entry of a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    due_ms: i64,
+    offset: u64,
+    id: MessageId,
+    flags: u8,
+}
+
+/// What the wheel holds per timer.
+#[derive(Debug, Clone, Copy)]
+struct WheelItem {
+    offset: u64,
+    id: MessageId,
+    seq: u64,
+}
+
+/// A loaded pending entry: in the wheel (`timer` set) or fired into `ready`.
+#[derive(Debug, Clone, Copy)]
+struct LoadedSlot {
+    offset: u64,
+    due_ms: i64,
+    timer: Option<TimerId>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Pending (not polled, not cancelled) entries, loaded or not.
+    pending: u64,
+    /// Polled, not yet marked fired.
+    inflight: u64,
+    /// Lower bound of the pending due times.
+    min_due_ms: i64,
+    loaded: bool,
+    /// Open while loaded (or briefly while written).
+    journal: Option<Box<dyn Journal>>,
+    /// The open journal has appends not yet synced.
+    unsynced: bool,
+    /// Schedule entries not yet in the journal (unloaded buckets only).
+    buffered: Vec<Entry>,
+}
+
+impl Bucket {
+    fn new(loaded: bool) -> Bucket {
+        Bucket {
+            pending: 0,
+            inflight: 0,
+            min_due_ms: i64::MAX,
+            loaded,
+            journal: None,
+            unsynced: false,
+            buffered: Vec::new(),
+        }
+    }
+}
+
+/// The live contents of one bucket journal.
+#[derive(Debug, Default)]
+struct BucketContents {
+    scheduled: HashMap<u64, Entry>,
+    dead: HashSet<u64>,
+}
+
+impl BucketContents {
+    fn is_live(&self, offset: u64) -> bool {
+        self.scheduled.contains_key(&offset) && !self.dead.contains(&offset)
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Entry> {
+        self.scheduled
+            .values()
+            .filter(|entry| !self.dead.contains(&entry.offset))
+    }
+}
+
+/// The durable delayed-message store. See the module documentation.
+#[derive(Debug)]
+pub struct DelayStore {
+    storage: Arc<dyn Storage>,
+    config: DelayConfig,
+    timer: Arc<dyn PartitionLog>,
+    meta: Box<dyn Journal>,
+    buckets: BTreeMap<i64, Bucket>,
+    /// Every bucket starting below is loaded; every one at or above is not.
+    /// A multiple of the bucket width.
+    horizon_ms: i64,
+    wheel: TimingWheel<WheelItem>,
+    ready: BinaryHeap<Reverse<(i64, u64, u64, MessageId)>>,
+    /// Due entries with their records read, in due order: (offset, message).
+    staged: VecDeque<(u64, DueMessage)>,
+    cancelled_ready: HashSet<u64>,
+    loaded: HashMap<MessageId, LoadedSlot>,
+    inflight: HashMap<MessageId, (i64, u64)>,
+    foreign: HashMap<MessageId, (i64, u64)>,
+    pending_total: u64,
+    buffered_total: usize,
+    next_seq: u64,
+    fired_lost: u64,
+}
+
+fn bucket_name(start: i64) -> String {
+    format!("{BUCKET_PREFIX}{start:020}")
+}
+
+fn corrupt(journal: &str, reason: impl Into<String>) -> DelayError {
+    DelayError::CorruptJournal {
+        journal: journal.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    let slice = bytes.get(at..at + 8)?;
+    let mut array = [0u8; 8];
+    array.copy_from_slice(slice);
+    Some(u64::from_le_bytes(array))
+}
+
+fn encode_payloads(
+    kind: u8,
+    count: usize,
+    mut entry: impl FnMut(usize, &mut Vec<u8>),
+) -> Vec<Vec<u8>> {
+    let entry_len = if kind == KIND_SCHEDULE {
+        SCHEDULE_ENTRY_LEN
+    } else {
+        TOMBSTONE_ENTRY_LEN
+    };
+    let mut payloads = Vec::new();
+    let mut first = 0;
+    while first < count {
+        let n = (count - first).min(ENTRIES_PER_PAYLOAD_MAX);
+        let mut payload = Vec::with_capacity(PAYLOAD_HEADER_LEN + n * entry_len);
+        payload.push(FORMAT_VERSION);
+        payload.push(kind);
+        payload.extend_from_slice(&(n as u32).to_le_bytes());
+        for i in first..first + n {
+            entry(i, &mut payload);
+        }
+        payloads.push(payload);
+        first += n;
+    }
+    payloads
+}
+
+fn encode_schedule(entries: &[Entry]) -> Vec<Vec<u8>> {
+    encode_payloads(KIND_SCHEDULE, entries.len(), |i, out| {
+        let entry = &entries[i];
+        out.extend_from_slice(&entry.due_ms.to_le_bytes());
+        out.extend_from_slice(&entry.offset.to_le_bytes());
+        out.extend_from_slice(entry.id.as_bytes());
+        out.push(entry.flags);
+    })
+}
+
+fn encode_tombstones(kind: u8, offsets: &[u64]) -> Vec<Vec<u8>> {
+    encode_payloads(kind, offsets.len(), |i, out| {
+        out.extend_from_slice(&offsets[i].to_le_bytes());
+    })
+}
+
+/// Decodes one bucket journal's payloads. Never panics on any bytes.
+fn decode_bucket(journal: &str, payloads: &[Vec<u8>]) -> Result<BucketContents> {
+    let mut contents = BucketContents::default();
+    for payload in payloads {
+        let (Some(&version), Some(&kind), Some(count)) = (
+            payload.first(),
+            payload.get(1),
+            payload.get(2..PAYLOAD_HEADER_LEN),
+        ) else {
+            return Err(corrupt(journal, "payload shorter than its header"));
+        };
+        if version != FORMAT_VERSION {
+            return Err(corrupt(
+                journal,
+                format!("unknown format version {version}"),
+            ));
+        }
+        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+        let entry_len = match kind {
+            KIND_SCHEDULE => SCHEDULE_ENTRY_LEN,
+            KIND_CANCEL | KIND_FIRED => TOMBSTONE_ENTRY_LEN,
+            other => return Err(corrupt(journal, format!("unknown entry kind {other}"))),
+        };
+        let body = &payload[PAYLOAD_HEADER_LEN..];
+        if Some(body.len()) != count.checked_mul(entry_len) {
+            return Err(corrupt(
+                journal,
+                format!("{count} entries of kind {kind} in {} bytes", body.len()),
+            ));
+        }
+        for raw in body.chunks_exact(entry_len) {
+            if kind == KIND_SCHEDULE {
+                let (Some(due), Some(offset), Some(id), Some(&flags)) =
+                    (u64_at(raw, 0), u64_at(raw, 8), raw.get(16..32), raw.get(32))
+                else {
+                    return Err(corrupt(journal, "short schedule entry"));
+                };
+                if flags & !FLAG_FOREIGN_ID != 0 {
+                    return Err(corrupt(journal, format!("unknown entry flags {flags:#x}")));
+                }
+                let mut id_bytes = [0u8; 16];
+                id_bytes.copy_from_slice(id);
+                contents.scheduled.insert(
+                    offset,
+                    Entry {
+                        due_ms: due as i64,
+                        offset,
+                        id: MessageId(id_bytes),
+                        flags,
+                    },
+                );
+            } else {
+                let Some(offset) = u64_at(raw, 0) else {
+                    return Err(corrupt(journal, "short tombstone"));
+                };
+                contents.dead.insert(offset);
+            }
+        }
+    }
+    Ok(contents)
+}
+
+fn encode_meta(watermark: u64, bucket_width_ms: u64) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(META_LEN);
+    payload.push(FORMAT_VERSION);
+    payload.push(KIND_WATERMARK);
+    payload.extend_from_slice(&watermark.to_le_bytes());
+    payload.extend_from_slice(&bucket_width_ms.to_le_bytes());
+    payload
+}
+
+fn decode_meta(payload: &[u8]) -> Result<(u64, u64)> {
+    if payload.len() != META_LEN || payload[0] != FORMAT_VERSION || payload[1] != KIND_WATERMARK {
+        return Err(corrupt(META_JOURNAL, "bad watermark payload"));
+    }
+    let (Some(watermark), Some(width)) = (u64_at(payload, 2), u64_at(payload, 10)) else {
+        return Err(corrupt(META_JOURNAL, "short watermark payload"));
+    };
+    if width == 0 || width > i64::MAX as u64 / 4 {
+        return Err(corrupt(META_JOURNAL, format!("bucket width {width}")));
+    }
+    Ok((watermark, width))
+}
+
+/// The destination named by a timer-log record, if its headers are valid.
+fn destination(record: &Record) -> Option<(String, u32)> {
+    let mut topic = None;
+    let mut partition = None;
+    for (name, value) in &record.headers {
+        if name.as_ref() == TOPIC_HEADER.as_bytes() {
+            topic = std::str::from_utf8(value).ok().map(str::to_string);
+        } else if name.as_ref() == PARTITION_HEADER.as_bytes() {
+            let bytes: [u8; 4] = value.as_ref().try_into().ok()?;
+            partition = Some(u32::from_le_bytes(bytes));
+        }
+    }
+    Some((topic?, partition?))
+}
+
+fn is_delay_header(name: &[u8]) -> bool {
+    name == TOPIC_HEADER.as_bytes() || name == PARTITION_HEADER.as_bytes()
+}
+
+impl DelayStore {
+    /// Opens the store, restoring every pending delay from `storage`.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        config: DelayConfig,
+        now_ms: i64,
+    ) -> Result<(DelayStore, DelayRecovery)> {
+        let started = Instant::now();
+        config.validate()?;
+        let mut config = config;
+        let timer = storage.partition(TIMER_TOPIC, 0)?;
+        let (meta, meta_payloads) = storage.open_journal(META_JOURNAL)?;
+        let mut watermark = 0;
+        if let Some(last) = meta_payloads.last() {
+            let (stored_watermark, width) = decode_meta(last)?;
+            if width != config.bucket_width_ms {
+                tracing::warn!(
+                    configured = config.bucket_width_ms,
+                    on_disk = width,
+                    "delay buckets keep the width they were written with"
+                );
+                config.bucket_width_ms = width;
+            }
+            watermark = stored_watermark;
+        }
+        let mut store = DelayStore {
+            storage,
+            wheel: TimingWheel::new(config.tick_ms, now_ms),
+            config,
+            timer,
+            meta,
+            buckets: BTreeMap::new(),
+            horizon_ms: 0,
+            ready: BinaryHeap::new(),
+            staged: VecDeque::new(),
+            cancelled_ready: HashSet::new(),
+            loaded: HashMap::new(),
+            inflight: HashMap::new(),
+            foreign: HashMap::new(),
+            pending_total: 0,
+            buffered_total: 0,
+            next_seq: 0,
+            fired_lost: 0,
+        };
+        let mut recovery = DelayRecovery {
+            watermark,
+            ..DelayRecovery::default()
+        };
+
+        // 1. Re-index the timer log above the watermark.
+        let mut reindexed: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
+        let mut offset = watermark.max(store.timer.start_offset());
+        let end = store.timer.end_offset();
+        while offset < end {
+            let records = store.timer.read(offset, READ_CHUNK_RECORDS)?;
+            let Some(last) = records.last() else { break };
+            offset = last.offset + 1;
+            for record in &records {
+                if destination(record).is_none() {
+                    tracing::error!(
+                        offset = record.offset,
+                        "timer-log record without delay headers"
+                    );
+                    recovery.skipped_records += 1;
+                    continue;
+                }
+                let due_ms = record.deliver_at_ms.unwrap_or(record.timestamp_ms);
+                let flags = if record.id.timestamp_ms() == record.timestamp_ms {
+                    0
+                } else {
+                    FLAG_FOREIGN_ID
+                };
+                reindexed
+                    .entry(store.bucket_start(due_ms))
+                    .or_default()
+                    .push(Entry {
+                        due_ms,
+                        offset: record.offset,
+                        id: record.id,
+                        flags,
+                    });
+                recovery.reindexed_records += 1;
+            }
+        }
+
+        // 2. Read every bucket, in time order, merging the re-indexed tail.
+        let mut starts: BTreeSet<i64> = reindexed.keys().copied().collect();
+        for name in store.storage.list_journals(BUCKET_PREFIX)? {
+            match name
+                .strip_prefix(BUCKET_PREFIX)
+                .and_then(|start| start.parse::<i64>().ok())
+            {
+                Some(start) if start >= 0 => {
+                    starts.insert(start);
+                }
+                _ => tracing::warn!(journal = name, "ignoring a journal with a foreign name"),
+            }
+        }
+        let target = store.target_horizon(now_ms);
+        let mut loading = true;
+        store.horizon_ms = target;
+        for start in starts {
+            let name = bucket_name(start);
+            let (journal, payloads) = store.storage.open_journal(&name)?;
+            let contents = decode_bucket(&name, &payloads)?;
+            drop(payloads);
+            let mut fresh = reindexed.remove(&start).unwrap_or_default();
+            fresh.retain(|entry| {
+                !contents.scheduled.contains_key(&entry.offset)
+                    && !contents.dead.contains(&entry.offset)
+            });
+            let pending = contents.live().count() + fresh.len();
+            if pending == 0 && start >= target {
+                // Nothing live and not in the window: leave it for removal.
+                let mut bucket = Bucket::new(false);
+                bucket.journal = None;
+                store.buckets.insert(start, bucket);
+                continue;
+            }
+            let load = loading
+                && start < target
+                && (store.loaded_len() == 0
+                    || store.loaded_len() + pending <= store.config.loaded_entries_max);
+            if loading && start < target && !load {
+                loading = false;
+                store.horizon_ms = start;
+            }
+            let mut bucket = Bucket::new(load);
+            let live: Vec<Entry> = contents
+                .live()
+                .copied()
+                .chain(fresh.iter().copied())
+                .collect();
+            for entry in &live {
+                bucket.pending += 1;
+                bucket.min_due_ms = bucket.min_due_ms.min(entry.due_ms);
+                if entry.flags & FLAG_FOREIGN_ID != 0 {
+                    store.foreign.insert(entry.id, (start, entry.offset));
+                }
+            }
+            store.pending_total += bucket.pending;
+            store.buffered_total += fresh.len();
+            if load {
+                let mut journal = journal;
+                for payload in encode_schedule(&fresh) {
+                    journal.append(&payload);
+                }
+                bucket.unsynced = !fresh.is_empty();
+                bucket.journal = Some(journal);
+                recovery.loaded_buckets += 1;
+                for entry in &live {
+                    store.insert_loaded(entry);
+                }
+            } else {
+                bucket.buffered = fresh;
+            }
+            store.buckets.insert(start, bucket);
+        }
+        recovery.buckets = store.buckets.len();
+        recovery.pending = store.pending_total;
+        if store.buffered_total >= store.config.buffered_entries_max {
+            store.flush()?;
+        }
+        recovery.elapsed = started.elapsed();
+        tracing::info!(?recovery, "delay store opened");
+        Ok((store, recovery))
+    }
+
+    /// Schedules messages: `(topic, partition, record)`, due at
+    /// `record.deliver_at_ms` (`None`: now). Returns once the timer-log append
+    /// is durable, with the id of each message, in order.
+    pub fn schedule(
+        &mut self,
+        entries: Vec<(String, u32, RecordInput)>,
+        now_ms: i64,
+    ) -> Result<Vec<MessageId>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut records = Vec::with_capacity(entries.len());
+        let mut dues = Vec::with_capacity(entries.len());
+        for (topic, partition, mut record) in entries {
+            if topic.is_empty() || topic.len() > TOPIC_LEN_MAX {
+                return Err(DelayError::InvalidInput(format!("topic name {topic:?}")));
+            }
+            if record.headers.iter().any(|(name, _)| is_delay_header(name)) {
+                return Err(DelayError::InvalidInput(format!(
+                    "headers {TOPIC_HEADER} and {PARTITION_HEADER} are reserved"
+                )));
+            }
+            let due_ms = record.deliver_at_ms.unwrap_or(now_ms);
+            record.deliver_at_ms = Some(due_ms);
+            record.headers.push((
+                Bytes::from_static(TOPIC_HEADER.as_bytes()),
+                Bytes::from(topic),
+            ));
+            record.headers.push((
+                Bytes::from_static(PARTITION_HEADER.as_bytes()),
+                Bytes::copy_from_slice(&partition.to_le_bytes()),
+            ));
+            dues.push((due_ms, record.id.is_some()));
+            records.push(record);
+        }
+        let appended = self.timer.append(records)?;
+        if appended.len() != dues.len() {
+            return Err(DelayError::Store(StoreError::Log(
+                dmq_log_store::LogError::InvalidBatch(format!(
+                    "timer log returned {} ids for {} records",
+                    appended.len(),
+                    dues.len()
+                )),
+            )));
+        }
+        let mut ids = Vec::with_capacity(appended.len());
+        let mut by_bucket: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
+        for ((offset, id), (due_ms, foreign)) in appended.into_iter().zip(dues) {
+            ids.push(id);
+            let entry = Entry {
+                due_ms,
+                offset,
+                id,
+                flags: if foreign { FLAG_FOREIGN_ID } else { 0 },
+            };
+            by_bucket
+                .entry(self.bucket_start(due_ms))
+                .or_default()
+                .push(entry);
+        }
+        for (start, entries) in by_bucket {
+            self.add_entries(start, entries)?;
+        }
+        if self.buffered_total >= self.config.buffered_entries_max {
+            self.flush()?;
+        }
+        Ok(ids)
+    }
+
+    /// Up to `max` messages due at or before `now_ms`, in due order. Append
+    /// each to its topic, then call [`DelayStore::mark_fired`].
+    pub fn poll_due(&mut self, now_ms: i64, max: usize) -> Result<Vec<DueMessage>> {
+        self.load_window(now_ms)?;
+        let mut fired = Vec::new();
+        self.wheel.advance(now_ms, &mut fired);
+        for (due_ms, item) in fired {
+            if let Some(slot) = self.loaded.get_mut(&item.id) {
+                if slot.offset == item.offset {
+                    slot.timer = None;
+                }
+            }
+            self.ready
+                .push(Reverse((due_ms, item.seq, item.offset, item.id)));
+        }
+        let mut out = Vec::new();
+        while out.len() < max {
+            if self.staged.is_empty() && !self.stage(now_ms)? {
+                break;
+            }
+            let Some((offset, message)) = self.staged.pop_front() else {
+                continue;
+            };
+            if self.cancelled_ready.remove(&offset) {
+                continue;
+            }
+            if message.due_ms > now_ms {
+                // The caller's clock went backwards.
+                self.staged.push_front((offset, message));
+                break;
+            }
+            let start = self.bucket_start(message.due_ms);
+            if self
+                .loaded
+                .get(&message.id)
+                .is_some_and(|slot| slot.offset == offset)
+            {
+                self.loaded.remove(&message.id);
+            }
+            self.forget_pending(start, &message.id);
+            if let Some(bucket) = self.buckets.get_mut(&start) {
+                bucket.inflight += 1;
+            }
+            self.inflight.insert(message.id, (message.due_ms, offset));
+            out.push(message);
+        }
+        Ok(out)
+    }
+
+    /// Moves up to `FETCH_RECORDS_MAX` due entries from `ready` to `staged`,
+    /// reading their records in one sweep of the timer log. False if
+    /// nothing is due.
+    fn stage(&mut self, now_ms: i64) -> Result<bool> {
+        let mut selected = Vec::new();
+        while selected.len() < FETCH_RECORDS_MAX {
+            let Some(Reverse((due_ms, _, offset, id))) = self.ready.peek().copied() else {
+                break;
+            };
+            if due_ms > now_ms {
+                break;
+            }
+            self.ready.pop();
+            if self.cancelled_ready.remove(&offset) {
+                continue;
+            }
+            selected.push((due_ms, offset, id));
+        }
+        if selected.is_empty() {
+            return Ok(false);
+        }
+        let records = self.fetch(&selected)?;
+        let mut lost: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+        for (due_ms, offset, id) in selected {
+            let message = records
+                .get(&offset)
+                .filter(|record| record.id == id)
+                .and_then(|record| Some((record, destination(record)?)));
+            let Some((record, (topic, partition))) = message else {
+                tracing::error!(
+                    offset,
+                    %id,
+                    "a due delay's timer-log record is missing or damaged; dropping it"
+                );
+                self.fired_lost += 1;
+                if self
+                    .loaded
+                    .get(&id)
+                    .is_some_and(|slot| slot.offset == offset)
+                {
+                    self.loaded.remove(&id);
+                }
+                let start = self.bucket_start(due_ms);
+                self.forget_pending(start, &id);
+                lost.entry(start).or_default().push(offset);
+                continue;
+            };
+            let message = DueMessage {
+                id,
+                topic,
+                partition,
+                due_ms,
+                record: RecordInput {
+                    id: Some(id),
+                    key: record.key.clone(),
+                    headers: record
+                        .headers
+                        .iter()
+                        .filter(|(name, _)| !is_delay_header(name))
+                        .cloned()
+                        .collect(),
+                    value: record.value.clone(),
+                    deliver_at_ms: Some(due_ms),
+                    expire_at_ms: record.expire_at_ms,
+                },
+            };
+            self.staged.push_back((offset, message));
+        }
+        for (start, offsets) in lost {
+            self.append_tombstones(start, KIND_FIRED, &offsets, false)?;
+        }
+        Ok(true)
+    }
+
+    /// Records that these polled messages were appended to their topics.
+    /// Lazy: durable at the next flush (a crash before it refires them).
+    /// Unknown ids are ignored; returns how many were marked.
+    pub fn mark_fired(&mut self, ids: &[MessageId]) -> Result<usize> {
+        let mut by_bucket: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+        for id in ids {
+            if let Some((due_ms, offset)) = self.inflight.remove(id) {
+                by_bucket
+                    .entry(self.bucket_start(due_ms))
+                    .or_default()
+                    .push(offset);
+            }
+        }
+        let mut marked = 0;
+        for (start, offsets) in by_bucket {
+            marked += offsets.len();
+            if let Some(bucket) = self.buckets.get_mut(&start) {
+                bucket.inflight = bucket.inflight.saturating_sub(offsets.len() as u64);
+            }
+            self.append_tombstones(start, KIND_FIRED, &offsets, false)?;
+        }
+        if self.buffered_total >= self.config.buffered_entries_max {
+            self.flush()?;
+        }
+        Ok(marked)
+    }
+
+    /// Cancels a pending delay, durably. True if it was pending (not yet
+    /// polled); false if unknown, fired or already cancelled.
+    pub fn cancel(&mut self, id: &MessageId) -> Result<bool> {
+        if let Some(slot) = self.loaded.remove(id) {
+            match slot.timer {
+                Some(timer) => {
+                    self.wheel.cancel(timer);
+                }
+                None => {
+                    self.cancelled_ready.insert(slot.offset);
+                }
+            }
+            let start = self.bucket_start(slot.due_ms);
+            self.forget_pending(start, id);
+            self.append_tombstones(start, KIND_CANCEL, &[slot.offset], true)?;
+            return Ok(true);
+        }
+        if self.inflight.contains_key(id) {
+            return Ok(false);
+        }
+        let located = match self.foreign.get(id) {
+            Some(&(start, offset)) => Some((start, offset)),
+            None => self
+                .find_in_timer_log(id)?
+                .map(|(due_ms, offset)| (self.bucket_start(due_ms), offset)),
+        };
+        let Some((start, offset)) = located else {
+            return Ok(false);
+        };
+        let Some(bucket) = self.buckets.get_mut(&start) else {
+            return Ok(false);
+        };
+        if bucket.loaded {
+            // Every live entry of a loaded bucket is in `loaded`.
+            return Ok(false);
+        }
+        let live = if let Some(position) = bucket.buffered.iter().position(|e| e.offset == offset) {
+            bucket.buffered.swap_remove(position);
+            self.buffered_total = self.buffered_total.saturating_sub(1);
+            true
+        } else {
+            let name = bucket_name(start);
+            let (_, payloads) = self.storage.open_journal(&name)?;
+            decode_bucket(&name, &payloads)?.is_live(offset)
+        };
+        if !live {
+            return Ok(false);
+        }
+        self.forget_pending(start, id);
+        self.append_tombstones(start, KIND_CANCEL, &[offset], true)?;
+        Ok(true)
+    }
+
+    /// Pending delays, loaded or not (polled ones are no longer pending).
+    pub fn pending(&self) -> u64 {
+        self.pending_total
+    }
+
+    /// Earliest pending due time, on disk included (may be early after far
+    /// cancels, never late). `None` when nothing is pending.
+    pub fn next_due_ms(&self) -> Option<i64> {
+        let staged = self.staged.front().map(|(_, message)| message.due_ms);
+        let ready = self.ready.peek().map(|Reverse((due, ..))| *due);
+        let wheel = self.wheel.next_due_ms();
+        let disk = self
+            .buckets
+            .range(self.horizon_ms..)
+            .find(|(_, bucket)| bucket.pending > 0)
+            .map(|(_, bucket)| bucket.min_due_ms);
+        [staged, ready, wheel, disk].into_iter().flatten().min()
+    }
+
+    /// Makes every lazy write durable (index entries, fired marks), advances
+    /// the watermark and removes the journals of fully fired buckets.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.flush()
+    }
+
+    /// Polled messages not yet marked fired.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Entries held in memory (wheel and ready queue).
+    pub fn loaded_len(&self) -> usize {
+        self.wheel.len() + self.ready.len() + self.staged.len()
+    }
+
+    /// Buckets known (on disk or about to be).
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Due delays dropped because their timer-log record was unreadable.
+    pub fn lost_count(&self) -> u64 {
+        self.fired_lost
+    }
+
+    fn bucket_start(&self, due_ms: i64) -> i64 {
+        let width = self.config.bucket_width_ms as i64;
+        due_ms.max(0).div_euclid(width) * width
+    }
+
+    /// The horizon that loads every bucket starting before `now + window`.
+    fn target_horizon(&self, now_ms: i64) -> i64 {
+        let width = self.config.bucket_width_ms as i64;
+        let edge = now_ms.saturating_add(self.config.window_ms as i64).max(0);
+        self.bucket_start(edge.saturating_sub(1))
+            .saturating_add(width)
+    }
+
+    fn forget_pending(&mut self, start: i64, id: &MessageId) {
+        if let Some(bucket) = self.buckets.get_mut(&start) {
+            bucket.pending = bucket.pending.saturating_sub(1);
+        }
+        self.pending_total = self.pending_total.saturating_sub(1);
+        self.foreign.remove(id);
+    }
+
+    fn insert_loaded(&mut self, entry: &Entry) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if entry.due_ms <= self.wheel.now_ms() {
+            // Already due: straight to the ready queue.
+            self.ready
+                .push(Reverse((entry.due_ms, seq, entry.offset, entry.id)));
+            self.loaded.insert(
+                entry.id,
+                LoadedSlot {
+                    offset: entry.offset,
+                    due_ms: entry.due_ms,
+                    timer: None,
+                },
+            );
+            return;
+        }
+        let timer = self.wheel.insert(
+            entry.due_ms,
+            WheelItem {
+                offset: entry.offset,
+                id: entry.id,
+                seq,
+            },
+        );
+        self.loaded.insert(
+            entry.id,
+            LoadedSlot {
+                offset: entry.offset,
+                due_ms: entry.due_ms,
+                timer: Some(timer),
+            },
+        );
+    }
+
+    /// Adds freshly scheduled entries of one bucket.
+    fn add_entries(&mut self, start: i64, entries: Vec<Entry>) -> Result<()> {
+        if start < self.horizon_ms && !self.buckets.contains_key(&start) {
+            let (journal, payloads) = self.storage.open_journal(&bucket_name(start))?;
+            let mut bucket = Bucket::new(true);
+            if !payloads.is_empty() {
+                // A journal left over (all dead); keep its tombstones.
+                let contents = decode_bucket(&bucket_name(start), &payloads)?;
+                if contents.live().next().is_some() {
+                    return Err(corrupt(
+                        &bucket_name(start),
+                        "live entries in a bucket not loaded",
+                    ));
+                }
+            }
+            bucket.journal = Some(journal);
+            self.buckets.insert(start, bucket);
+        }
+        let bucket = self
+            .buckets
+            .entry(start)
+            .or_insert_with(|| Bucket::new(false));
+        bucket.pending += entries.len() as u64;
+        self.pending_total += entries.len() as u64;
+        self.buffered_total += entries.len();
+        for entry in &entries {
+            bucket.min_due_ms = bucket.min_due_ms.min(entry.due_ms);
+        }
+        for entry in &entries {
+            if entry.flags & FLAG_FOREIGN_ID != 0 {
+                self.foreign.insert(entry.id, (start, entry.offset));
+            }
+        }
+        let Some(bucket) = self.buckets.get_mut(&start) else {
+            return Ok(());
+        };
+        if bucket.loaded {
+            if let Some(journal) = bucket.journal.as_mut() {
+                for payload in encode_schedule(&entries) {
+                    journal.append(&payload);
+                }
+            }
+            bucket.unsynced = true;
+            for entry in &entries {
+                self.insert_loaded(entry);
+            }
+        } else {
+            bucket.buffered.extend(entries);
+        }
+        Ok(())
+    }
+
+    /// Appends tombstones to a bucket's journal (opening it if needed);
+    /// syncs if `durable`.
+    fn append_tombstones(
+        &mut self,
+        start: i64,
+        kind: u8,
+        offsets: &[u64],
+        durable: bool,
+    ) -> Result<()> {
+        let name = bucket_name(start);
+        let bucket = self
+            .buckets
+            .entry(start)
+            .or_insert_with(|| Bucket::new(false));
+        let was_open = bucket.journal.is_some();
+        let mut opened = None;
+        let journal = match bucket.journal.as_mut() {
+            Some(journal) => journal,
+            None => {
+                let (journal, _) = self.storage.open_journal(&name)?;
+                opened.insert(journal)
+            }
+        };
+        for payload in encode_tombstones(kind, offsets) {
+            journal.append(&payload);
+        }
+        if durable || !was_open {
+            journal.sync()?;
+            if was_open {
+                bucket.unsynced = false;
+            }
+        } else {
+            bucket.unsynced = true;
+            self.buffered_total += offsets.len();
+        }
+        Ok(())
+    }
+
+    /// Loads buckets that entered the window (bounded by `loaded_entries_max`).
+    fn load_window(&mut self, now_ms: i64) -> Result<()> {
+        let target = self.target_horizon(now_ms);
+        while self.horizon_ms < target {
+            let next = self
+                .buckets
+                .range(self.horizon_ms..target)
+                .next()
+                .map(|(start, bucket)| (*start, bucket.pending));
+            let Some((start, pending)) = next else {
+                self.horizon_ms = target;
+                break;
+            };
+            let in_memory = self.loaded_len();
+            if in_memory > 0 && in_memory + pending as usize > self.config.loaded_entries_max {
+                self.horizon_ms = start;
+                break;
+            }
+            self.load_bucket(start)?;
+            self.horizon_ms = start + self.config.bucket_width_ms as i64;
+        }
+        Ok(())
+    }
+
+    fn load_bucket(&mut self, start: i64) -> Result<()> {
+        let name = bucket_name(start);
+        let (mut journal, payloads) = self.storage.open_journal(&name)?;
+        let contents = decode_bucket(&name, &payloads)?;
+        drop(payloads);
+        let Some(bucket) = self.buckets.get_mut(&start) else {
+            return Ok(());
+        };
+        let fresh = std::mem::take(&mut bucket.buffered);
+        for payload in encode_schedule(&fresh) {
+            journal.append(&payload);
+        }
+        bucket.unsynced = !fresh.is_empty();
+        bucket.journal = Some(journal);
+        bucket.loaded = true;
+        let live: Vec<Entry> = contents
+            .live()
+            .copied()
+            .chain(
+                fresh
+                    .into_iter()
+                    .filter(|e| !contents.dead.contains(&e.offset)),
+            )
+            .collect();
+        for entry in &live {
+            self.insert_loaded(entry);
+        }
+        Ok(())
+    }
+
+    /// Reads the timer-log records at `selected` offsets, coalescing reads.
+    fn fetch(&self, selected: &[(i64, u64, MessageId)]) -> Result<HashMap<u64, Record>> {
+        let mut offsets: Vec<u64> = selected.iter().map(|(_, offset, _)| *offset).collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        let mut out = HashMap::with_capacity(offsets.len());
+        let mut i = 0;
+        while i < offsets.len() {
+            let first = offsets[i];
+            let mut j = i;
+            while j + 1 < offsets.len()
+                && offsets[j + 1] - offsets[j] <= FETCH_GAP_RECORDS
+                && offsets[j + 1] - first < READ_CHUNK_RECORDS as u64 * 4
+            {
+                j += 1;
+            }
+            let span = (offsets[j] - first + 1) as usize;
+            let records = self.timer.read(first, span)?;
+            let wanted = &offsets[i..=j];
+            for record in records {
+                if wanted.binary_search(&record.offset).is_ok() {
+                    out.insert(record.offset, record);
+                }
+            }
+            i = j + 1;
+        }
+        Ok(out)
+    }
+
+    /// Finds a record of the timer log by an id it assigned: (due, offset).
+    fn find_in_timer_log(&self, id: &MessageId) -> Result<Option<(i64, u64)>> {
+        let id_ms = id.timestamp_ms();
+        let Some(mut offset) = self.timer.offset_for_timestamp(id_ms)? else {
+            return Ok(None);
+        };
+        let mut scanned = 0;
+        while scanned < self.config.cancel_scan_records_max {
+            let records = self.timer.read(offset, READ_CHUNK_RECORDS)?;
+            let Some(last) = records.last() else {
+                return Ok(None);
+            };
+            offset = last.offset + 1;
+            for record in &records {
+                if record.timestamp_ms > id_ms {
+                    return Ok(None);
+                }
+                if record.id == *id {
+                    let due_ms = record.deliver_at_ms.unwrap_or(record.timestamp_ms);
+                    return Ok(Some((due_ms, record.offset)));
+                }
+            }
+            scanned += records.len();
+        }
+        tracing::warn!(%id, "gave up looking for a delay in the timer log");
+        Ok(None)
+    }
+
+    /// Syncs every dirty bucket, advances the watermark, removes dead buckets.
+    fn flush(&mut self) -> Result<()> {
+        let watermark = self.timer.end_offset();
+        for (&start, bucket) in self.buckets.iter_mut() {
+            if bucket.pending == 0 && bucket.inflight == 0 {
+                // Dead: removed below, after the watermark; no need to sync
+                // its last fired marks (a crash before the removal refires
+                // them at worst; its cancels were synced when made).
+                continue;
+            }
+            if !bucket.buffered.is_empty() {
+                let name = bucket_name(start);
+                let mut opened = None;
+                let journal = match bucket.journal.as_mut() {
+                    Some(journal) => journal,
+                    None => {
+                        let (journal, _) = self.storage.open_journal(&name)?;
+                        opened.insert(journal)
+                    }
+                };
+                for payload in encode_schedule(&bucket.buffered) {
+                    journal.append(&payload);
+                }
+                journal.sync()?;
+                bucket.buffered = Vec::new();
+                bucket.unsynced = false;
+            } else if bucket.unsynced {
+                if let Some(journal) = bucket.journal.as_mut() {
+                    journal.sync()?;
+                }
+                bucket.unsynced = false;
+            }
+        }
+        self.meta
+            .rewrite(&[encode_meta(watermark, self.config.bucket_width_ms)])?;
+        self.buffered_total = 0;
+        // Every entry is now covered by the watermark: dead buckets can go.
+        let dead: Vec<i64> = self
+            .buckets
+            .iter()
+            .filter(|(_, b)| b.pending == 0 && b.inflight == 0 && b.buffered.is_empty())
+            .map(|(start, _)| *start)
+            .collect();
+        for start in dead {
+            self.storage.remove_journal(&bucket_name(start))?;
+            self.buckets.remove(&start);
+        }
+        if self.ready.is_empty() && self.staged.is_empty() {
+            self.cancelled_ready.clear();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+    use dmq_log_store::{Clock, ManualClock};
+
+    fn config() -> DelayConfig {
+        DelayConfig {
+            bucket_width_ms: 1_000,
+            window_ms: 5_000,
+            tick_ms: 1,
+            ..DelayConfig::default()
+        }
+    }
+
+    struct Fixture {
+        clock: Arc<ManualClock>,
+        storage: MemoryStorage,
+    }
+
+    impl Fixture {
+        fn new(now_ms: i64) -> Fixture {
+            let clock = Arc::new(ManualClock::new(now_ms));
+            let storage = MemoryStorage::new(clock.clone());
+            Fixture { clock, storage }
+        }
+
+        fn open(&self, config: DelayConfig) -> (DelayStore, DelayRecovery) {
+            DelayStore::open(Arc::new(self.storage.clone()), config, self.clock.now_ms()).unwrap()
+        }
+
+        fn now(&self) -> i64 {
+            self.clock.now_ms()
+        }
+    }
+
+    fn delayed(value: &str, due_ms: i64) -> RecordInput {
+        RecordInput {
+            deliver_at_ms: Some(due_ms),
+            headers: vec![(Bytes::from_static(b"app"), Bytes::from_static(b"x"))],
+            ..RecordInput::new(value.to_string())
+        }
+    }
+
+    fn schedule(store: &mut DelayStore, now: i64, dues: &[i64]) -> Vec<MessageId> {
+        let entries = dues
+            .iter()
+            .map(|due| ("orders".to_string(), 3, delayed(&format!("v{due}"), *due)))
+            .collect();
+        store.schedule(entries, now).unwrap()
+    }
+
+    /// Polls everything due at `now`, marks it fired, returns (due, id).
+    fn drain(store: &mut DelayStore, now: i64) -> Vec<(i64, MessageId)> {
+        let mut out = Vec::new();
+        loop {
+            let due = store.poll_due(now, 7).unwrap();
+            if due.is_empty() {
+                return out;
+            }
+            let ids: Vec<MessageId> = due.iter().map(|m| m.id).collect();
+            assert_eq!(store.mark_fired(&ids).unwrap(), ids.len());
+            out.extend(due.iter().map(|m| (m.due_ms, m.id)));
+        }
+    }
+
+    #[test]
+    fn fires_in_due_order_and_not_before_due() {
+        let fixture = Fixture::new(100_000);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.pending, 0);
+        let now = fixture.now();
+        let dues = [
+            now + 2_500,
+            now + 10,
+            now + 9_000,
+            now + 10,
+            now + 700,
+            now + 60_000,
+        ];
+        let ids = schedule(&mut store, now, &dues);
+        assert_eq!(store.pending(), 6);
+        assert_eq!(store.next_due_ms(), Some(now + 10));
+        assert!(store.poll_due(now + 9, 100).unwrap().is_empty());
+        let first = store.poll_due(now + 10, 100).unwrap();
+        assert_eq!(
+            first.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![ids[1], ids[3]]
+        );
+        let message = &first[0];
+        assert_eq!((message.topic.as_str(), message.partition), ("orders", 3));
+        assert_eq!(message.record.id, Some(ids[1]));
+        assert_eq!(message.record.deliver_at_ms, Some(now + 10));
+        assert_eq!(
+            message.record.headers,
+            vec![(Bytes::from_static(b"app"), Bytes::from_static(b"x"))]
+        );
+        assert_eq!(message.record.value, Bytes::from(format!("v{}", now + 10)));
+        store.mark_fired(&[ids[1], ids[3]]).unwrap();
+        assert_eq!(store.pending(), 4);
+        assert_eq!(store.next_due_ms(), Some(now + 700));
+        let rest = drain(&mut store, now + 60_000);
+        let expected: Vec<i64> = vec![now + 700, now + 2_500, now + 9_000, now + 60_000];
+        assert_eq!(
+            rest.iter().map(|(due, _)| *due).collect::<Vec<_>>(),
+            expected
+        );
+        assert_eq!(store.pending(), 0);
+        assert_eq!(store.next_due_ms(), None);
+        // A due time in the past is accepted and fires at the next poll.
+        let late = schedule(&mut store, now + 60_000, &[now - 5]);
+        assert_eq!(drain(&mut store, now + 60_000), vec![(now - 5, late[0])]);
+        // `max` is honoured and order kept across polls.
+        schedule(
+            &mut store,
+            now + 60_000,
+            &[now + 61_000, now + 60_500, now + 60_900],
+        );
+        let one = store.poll_due(now + 61_000, 1).unwrap();
+        assert_eq!(one[0].due_ms, now + 60_500);
+        let two = store.poll_due(now + 61_000, 5).unwrap();
+        assert_eq!(
+            two.iter().map(|m| m.due_ms).collect::<Vec<_>>(),
+            vec![now + 60_900, now + 61_000]
+        );
+    }
+
+    #[test]
+    fn reserved_headers_and_empty_topics_are_refused() {
+        let fixture = Fixture::new(0);
+        let (mut store, _) = fixture.open(config());
+        let mut record = delayed("x", 10);
+        record
+            .headers
+            .push((Bytes::from_static(TOPIC_HEADER.as_bytes()), Bytes::new()));
+        assert!(matches!(
+            store.schedule(vec![("t".into(), 0, record)], 0),
+            Err(DelayError::InvalidInput(_))
+        ));
+        assert!(store
+            .schedule(vec![(String::new(), 0, delayed("x", 10))], 0)
+            .is_err());
+        assert_eq!(store.pending(), 0);
+        assert_eq!(
+            fixture
+                .storage
+                .memory_log(TIMER_TOPIC, 0)
+                .unwrap()
+                .end_offset(),
+            0
+        );
+    }
+
+    #[test]
+    fn cancel_near_far_and_after_restart() {
+        let fixture = Fixture::new(1_000_000);
+        let (mut store, _) = fixture.open(config());
+        let now = fixture.now();
+        let year_ms = 365 * 24 * 3_600_000;
+        let ids = schedule(
+            &mut store,
+            now,
+            &[now + 100, now + 200, now + year_ms, now + 2 * year_ms],
+        );
+        // Near (loaded) and far (on disk only) cancels.
+        assert!(store.cancel(&ids[0]).unwrap());
+        assert!(!store.cancel(&ids[0]).unwrap());
+        assert!(store.cancel(&ids[2]).unwrap());
+        assert!(!store.cancel(&ids[2]).unwrap());
+        assert!(!store.cancel(&MessageId::new(now, 42)).unwrap());
+        assert_eq!(store.pending(), 2);
+        // Cancels are durable without a checkpoint.
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.pending, 2);
+        assert!(!store.cancel(&ids[2]).unwrap());
+        // Far cancel after restart, through a flushed bucket journal.
+        store.checkpoint().unwrap();
+        assert!(store.cancel(&ids[3]).unwrap());
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.pending, 1);
+        assert_eq!(
+            drain(&mut store, now + 3 * year_ms),
+            vec![(now + 200, ids[1])]
+        );
+        // A polled (in-flight) message cannot be cancelled.
+        let late = schedule(&mut store, now + 3 * year_ms, &[now]);
+        assert_eq!(store.poll_due(now + 3 * year_ms, 10).unwrap().len(), 1);
+        assert!(!store.cancel(&late[0]).unwrap());
+    }
+
+    #[test]
+    fn cancel_far_delay_with_a_caller_id() {
+        let fixture = Fixture::new(500_000);
+        let (mut store, _) = fixture.open(config());
+        let now = fixture.now();
+        let id = MessageId::new(1_234, 99);
+        let record = RecordInput {
+            id: Some(id),
+            ..delayed("moved", now + 3_600_000)
+        };
+        assert_eq!(
+            store.schedule(vec![("t".into(), 0, record)], now).unwrap(),
+            vec![id]
+        );
+        store.checkpoint().unwrap();
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.pending, 1);
+        assert!(store.cancel(&id).unwrap());
+        assert_eq!(store.pending(), 0);
+        drop(store);
+        let (store, recovery) = fixture.open(config());
+        assert_eq!((recovery.pending, store.next_due_ms()), (0, None));
+    }
+
+    #[test]
+    fn crash_loses_nothing_and_marked_ones_do_not_refire() {
+        let fixture = Fixture::new(10_000);
+        let (mut store, _) = fixture.open(config());
+        let now = fixture.now();
+        let mut dues: Vec<i64> = (0..40).map(|i| now + 100 + (i * 7_919) % 20_000).collect();
+        let ids = schedule(&mut store, now, &dues);
+        let due_of: HashMap<MessageId, i64> =
+            ids.iter().copied().zip(dues.iter().copied()).collect();
+        // Fire and mark the first ones, checkpoint: they never come back.
+        let fired_early = drain(&mut store, now + 5_000);
+        assert!(!fired_early.is_empty());
+        store.checkpoint().unwrap();
+        // Fire and mark more without a checkpoint: they may come back.
+        let fired_late = drain(&mut store, now + 8_000);
+        // Polled but not marked: must come back.
+        let unmarked = store.poll_due(now + 9_000, 100).unwrap();
+        drop(store); // crash
+        let restart = now + 30_000;
+        fixture.clock.set_ms(restart);
+        let (mut store, recovery) = fixture.open(config());
+        let survivors = 40 - fired_early.len() as u64;
+        assert_eq!(recovery.pending, survivors);
+        // Everything overdue fires at once, in due order.
+        let refired = drain(&mut store, restart);
+        assert_eq!(refired.len() as u64, survivors);
+        assert!(refired.windows(2).all(|w| w[0].0 <= w[1].0));
+        let early: HashSet<MessageId> = fired_early.iter().map(|(_, id)| *id).collect();
+        assert!(refired.iter().all(|(_, id)| !early.contains(id)));
+        for pair in fired_late
+            .iter()
+            .copied()
+            .chain(unmarked.iter().map(|m| (m.due_ms, m.id)))
+        {
+            assert!(refired.contains(&pair));
+        }
+        for (due, id) in &refired {
+            assert_eq!(due_of[id], *due);
+        }
+        dues.sort_unstable();
+        store.checkpoint().unwrap();
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.pending, 0);
+        assert!(drain(&mut store, restart + 100_000).is_empty());
+        store.checkpoint().unwrap();
+        assert!(fixture
+            .storage
+            .list_journals(BUCKET_PREFIX)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn unflushed_index_is_rebuilt_from_the_timer_log() {
+        let fixture = Fixture::new(0);
+        let small = DelayConfig {
+            buffered_entries_max: 10,
+            ..config()
+        };
+        let (mut store, _) = fixture.open(small.clone());
+        let dues: Vec<i64> = (0..32).map(|i| 100_000 + i * 1_000).collect();
+        for chunk in dues.chunks(3) {
+            schedule(&mut store, 0, chunk);
+        }
+        drop(store);
+        let (mut store, recovery) = fixture.open(small);
+        assert_eq!(recovery.pending, 32);
+        // Flushes at 12 and 24 entries; the last 8 come from the timer log.
+        assert_eq!((recovery.watermark, recovery.reindexed_records), (24, 8));
+        let fired = drain(&mut store, 1_000_000);
+        assert_eq!(fired.iter().map(|(due, _)| *due).collect::<Vec<_>>(), dues);
+    }
+
+    #[test]
+    fn far_future_buckets_load_as_time_jumps() {
+        let fixture = Fixture::new(0);
+        let (mut store, _) = fixture.open(config());
+        // 2000 delays over 500 s (500 buckets), a few years away ones too.
+        let mut dues: Vec<i64> = (0..2_000).map(|i| 1 + (i * 104_729) % 500_000).collect();
+        dues.extend([5 * 365 * 86_400_000, 10 * 365 * 86_400_000]);
+        for chunk in dues.chunks(64) {
+            schedule(&mut store, 0, chunk);
+        }
+        assert!(store.loaded_len() < 50, "only the near window is in memory");
+        assert_eq!(store.next_due_ms(), dues.iter().min().copied());
+        let mut now = 0;
+        let mut fired = Vec::new();
+        while now < 500_000 {
+            now += 37_123;
+            fired.extend(drain(&mut store, now));
+            assert!(store.loaded_len() <= 2_000 * 50 / 500 + 50);
+            if now % 3 == 0 {
+                store.checkpoint().unwrap();
+            }
+        }
+        assert_eq!(fired.len(), 2_000);
+        assert!(fired.windows(2).all(|w| w[0].0 <= w[1].0));
+        assert_eq!(store.pending(), 2);
+        assert_eq!(store.next_due_ms(), Some(5 * 365 * 86_400_000));
+        let years = drain(&mut store, 20 * 365 * 86_400_000);
+        assert_eq!(years.len(), 2);
+        store.checkpoint().unwrap();
+        assert!(fixture
+            .storage
+            .list_journals(BUCKET_PREFIX)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn downtime_backlog_loads_in_order_under_the_memory_cap() {
+        let fixture = Fixture::new(0);
+        let capped = DelayConfig {
+            loaded_entries_max: 50,
+            ..config()
+        };
+        let (mut store, _) = fixture.open(capped.clone());
+        let dues: Vec<i64> = (0..1_000).map(|i| 10_000 + (i * 7_901) % 100_000).collect();
+        for chunk in dues.chunks(100) {
+            schedule(&mut store, 0, chunk);
+        }
+        store.checkpoint().unwrap();
+        drop(store);
+        let (mut store, recovery) = fixture.open(capped);
+        assert_eq!(recovery.pending, 1_000);
+        let later = 1_000_000;
+        let mut fired = Vec::new();
+        loop {
+            assert!(store.loaded_len() <= 60);
+            let due = store.poll_due(later, 10).unwrap();
+            if due.is_empty() {
+                break;
+            }
+            let ids: Vec<MessageId> = due.iter().map(|m| m.id).collect();
+            store.mark_fired(&ids).unwrap();
+            fired.extend(due.iter().map(|m| m.due_ms));
+        }
+        let mut sorted = dues.clone();
+        sorted.sort_unstable();
+        assert_eq!(fired, sorted);
+    }
+
+    #[test]
+    fn journal_bytes_never_panic() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..2_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 80) as usize;
+            let mut payload: Vec<u8> = (0..len).map(|i| (seed >> (i % 56)) as u8).collect();
+            if round % 2 == 0 && payload.len() > 2 {
+                payload[0] = FORMAT_VERSION;
+                payload[1] = (round % 4) as u8;
+            }
+            let _ = decode_bucket("fuzz", &[payload.clone()]);
+            let _ = decode_meta(&payload);
+        }
+        let good = encode_schedule(&[Entry {
+            due_ms: -5,
+            offset: 7,
+            id: MessageId::new(1, 2),
+            flags: 0,
+        }]);
+        let contents = decode_bucket("ok", &good).unwrap();
+        assert!(contents.is_live(7));
+        let mut bad = good[0].clone();
+        bad[0] = 9;
+        assert!(matches!(
+            decode_bucket("bad", &[bad]),
+            Err(DelayError::CorruptJournal { .. })
+        ));
+        let mut short = good[0].clone();
+        short.pop();
+        assert!(decode_bucket("short", &[short]).is_err());
+        assert_eq!(decode_meta(&encode_meta(5, 60_000)).unwrap(), (5, 60_000));
+    }
+}

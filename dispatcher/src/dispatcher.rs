@@ -1,0 +1,1641 @@
+//! The [`Dispatcher`]: topics, consumer groups and members, and the pump that
+//! turns log records into deliveries.
+//!
+//! The dispatcher is a single-threaded state machine: every call takes the
+//! time from the injected clock and changes state synchronously, so a seeded
+//! simulation reproduces any run. The broker owns it behind one lock (or one
+//! task) and calls [`Dispatcher::poll`] when something may have changed
+//! (a produce, a credit, an ack) or at [`Dispatcher::next_wakeup_ms`].
+//!
+//! # The life of a message, per group
+//! 1. The group's cursor reads it from the partition log. Acked ones (after a
+//!    restart) are skipped; deleted or expired ones are acked with an event;
+//!    one whose deliver-at is still ahead waits in the timing wheel; on an
+//!    ordered topic one whose key is busy is held.
+//! 2. It is delivered to a member with credit (round robin), with an ack
+//!    deadline in the timing wheel.
+//! 3. An ACK sets its bit in the group's [`crate::AckBitmap`]. A NACK, a
+//!    missed deadline or the member leaving schedules a redelivery after the
+//!    group's backoff (the member leaving: at once); after `max_attempts` it
+//!    goes to the dead-letter topic and is acked.
+//!
+//! Memory is bounded by configuration: per partition at most
+//! `max_unacked_per_partition` pending messages and one read batch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dmq_log_store::{Clock, MessageId, Record, RecordInput};
+use serde::{Deserialize, Serialize};
+
+use crate::ack_bitmap::AckBitmap;
+use crate::config::{DeliveryMode, DispatcherConfig, GroupConfig, StartPosition, TopicConfig};
+use crate::delay_store::{DelayConfig, DelayError, DelayStore};
+use crate::events::{Event, EventKind, EventSink};
+use crate::group::{
+    AckJournalError, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
+};
+use crate::storage::{Journal, PartitionLog, Storage, StoreError};
+use crate::timing_wheel::TimingWheel;
+
+/// Errors returned to the dispatcher's callers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    /// No such topic.
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    /// No such group on that topic.
+    #[error("unknown group {group:?} on topic {topic:?}")]
+    UnknownGroup {
+        /// The topic.
+        topic: String,
+        /// The group.
+        group: String,
+    },
+    /// No such member (never joined, or left).
+    #[error("unknown member {0}")]
+    UnknownMember(MemberId),
+    /// A partition number outside the topic.
+    #[error("topic {topic:?} has no partition {partition}")]
+    UnknownPartition {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+    },
+    /// A name with characters other than `A-Z a-z 0-9 . _ -`, or empty.
+    #[error("invalid name {0:?}: use 1 to 100 of A-Z a-z 0-9 . _ -")]
+    InvalidName(String),
+    /// A topic that exists with another configuration.
+    #[error("topic {0:?} already exists with another configuration")]
+    TopicConflict(String),
+    /// An ack or nack for an offset the group was never given.
+    #[error("offset {offset} of partition {partition} was not delivered to this group")]
+    NotDelivered {
+        /// Partition.
+        partition: u32,
+        /// Offset.
+        offset: u64,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The delay store failed.
+    #[error(transparent)]
+    Delay(#[from] DelayError),
+    /// A group's ack journal is damaged.
+    #[error(transparent)]
+    AckJournal(#[from] AckJournalError),
+    /// The metadata journal is damaged.
+    #[error("corrupt dispatcher metadata: {0}")]
+    CorruptMetadata(String),
+}
+
+/// Result alias.
+pub type Result<T, E = DispatchError> = std::result::Result<T, E>;
+
+/// A message handed to a member.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Who gets it.
+    pub member: MemberId,
+    /// Topic.
+    pub topic: String,
+    /// Group.
+    pub group: String,
+    /// Partition.
+    pub partition: u32,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The record (payload shared with the log's mapping).
+    pub record: Record,
+}
+
+/// What [`Dispatcher::produce`] did with one record, in input order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Produced {
+    /// Partition.
+    pub partition: u32,
+    /// Offset in the topic, or `None` while it waits in the delay store.
+    pub offset: Option<u64>,
+    /// The message id.
+    pub id: MessageId,
+    /// Deliver-at time when it was delayed.
+    pub delayed_until_ms: Option<i64>,
+}
+
+/// A deletion: records it covers are never delivered again to any group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Tombstone {
+    /// Offsets `start..end` of one partition.
+    OffsetRange {
+        /// Partition.
+        partition: u32,
+        /// First offset deleted.
+        start: u64,
+        /// First offset kept.
+        end: u64,
+    },
+    /// One message, wherever it is.
+    MessageId(String),
+    /// Records whose broker timestamp is in `start_ms..end_ms`.
+    TimeRange {
+        /// First millisecond deleted.
+        start_ms: i64,
+        /// First millisecond kept.
+        end_ms: i64,
+    },
+}
+
+/// Where a seek moves a group.
+pub type SeekTarget = StartPosition;
+
+/// What a seek did (or, in a dry run, would do) to one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeekPartition {
+    /// Partition.
+    pub partition: u32,
+    /// Ack floor before.
+    pub old_floor: u64,
+    /// Ack floor (and cursor) after.
+    pub new_floor: u64,
+    /// Messages that will be delivered again although acked.
+    pub redelivered: u64,
+    /// Unacked messages that will be skipped (treated as acked).
+    pub skipped: u64,
+}
+
+/// Per-partition state of a group, for `dmq group describe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// Partition.
+    pub partition: u32,
+    /// Every offset below is acked.
+    pub ack_floor: u64,
+    /// Next offset the group reads.
+    pub cursor: u64,
+    /// The partition's end offset.
+    pub end_offset: u64,
+    /// Messages not yet acked: `end_offset - ack_floor - acked above floor`.
+    pub lag: u64,
+    /// Unacked messages the group is tracking (in flight, retrying, held).
+    pub unacked: u64,
+    /// Delivered and waiting for an ack.
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum MetaEntry {
+    Topic {
+        name: String,
+        config: TopicConfig,
+    },
+    Group {
+        topic: String,
+        group: String,
+        config: GroupConfig,
+    },
+    GroupDeleted {
+        topic: String,
+        group: String,
+    },
+    Tombstone {
+        topic: String,
+        tombstone: Tombstone,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Tombstones {
+    ranges: Vec<(u32, u64, u64)>,
+    ids: std::collections::HashSet<MessageId>,
+    times: Vec<(i64, i64)>,
+}
+
+impl Tombstones {
+    fn add(&mut self, tombstone: &Tombstone) {
+        match tombstone {
+            Tombstone::OffsetRange {
+                partition,
+                start,
+                end,
+            } => self.ranges.push((*partition, *start, *end)),
+            Tombstone::MessageId(text) => {
+                if let Ok(id) = text.parse() {
+                    self.ids.insert(id);
+                }
+            }
+            Tombstone::TimeRange { start_ms, end_ms } => self.times.push((*start_ms, *end_ms)),
+        }
+    }
+
+    fn covers(&self, partition: u32, record: &Record) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(p, start, end)| p == partition && (start..end).contains(&record.offset))
+            || self.ids.contains(&record.id)
+            || self
+                .times
+                .iter()
+                .any(|&(start, end)| (start..end).contains(&record.timestamp_ms))
+    }
+}
+
+#[derive(Debug)]
+struct TopicState {
+    config: TopicConfig,
+    partitions: Vec<Arc<dyn PartitionLog>>,
+    tombstones: Tombstones,
+    next_partition: u32,
+}
+
+#[derive(Debug)]
+struct Member {
+    state: usize,
+    name: String,
+    credit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerKind {
+    AckDeadline,
+    Retry,
+}
+
+/// A timing-wheel entry: 24 bytes.
+#[derive(Debug, Clone, Copy)]
+struct TimerTask {
+    state: u32,
+    partition: u32,
+    offset: u64,
+    attempt: u32,
+    kind: TimerKind,
+}
+
+/// Where an event happened.
+struct Place<'a> {
+    topic: &'a str,
+    partition: Option<u32>,
+    offset: Option<u64>,
+    group: Option<&'a str>,
+}
+
+/// What the cursor found next in a partition.
+enum Next {
+    Deliver(Record),
+    Nothing,
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(DispatchError::InvalidName(name.to_string()))
+    }
+}
+
+/// Every delivery rule of DMQ over a [`Storage`].
+#[derive(Debug)]
+pub struct Dispatcher {
+    storage: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    events: Arc<dyn EventSink>,
+    config: DispatcherConfig,
+    meta: Box<dyn Journal>,
+    topics: BTreeMap<String, TopicState>,
+    group_configs: BTreeMap<(String, String), GroupConfig>,
+    states: Vec<GroupState>,
+    state_index: HashMap<StateKey, usize>,
+    members: BTreeMap<MemberId, Member>,
+    next_member_id: MemberId,
+    wheel: TimingWheel<TimerTask>,
+    delays: DelayStore,
+    outbox: Vec<Delivery>,
+}
+
+impl Dispatcher {
+    /// Opens the dispatcher over `storage`, restoring topics, groups, ack
+    /// state, tombstones and pending delays.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        events: Arc<dyn EventSink>,
+        config: DispatcherConfig,
+    ) -> Result<Dispatcher> {
+        let now = clock.now_ms();
+        let (meta, payloads) = storage.open_journal("meta")?;
+        let (delays, recovery) =
+            DelayStore::open(Arc::clone(&storage), DelayConfig::default(), now)?;
+        tracing::info!(?recovery, "delay store opened");
+        let mut dispatcher = Dispatcher {
+            wheel: TimingWheel::new(config.tick_ms, now),
+            storage,
+            clock,
+            events,
+            config,
+            meta,
+            topics: BTreeMap::new(),
+            group_configs: BTreeMap::new(),
+            states: Vec::new(),
+            state_index: HashMap::new(),
+            members: BTreeMap::new(),
+            next_member_id: 1,
+            delays,
+            outbox: Vec::new(),
+        };
+        for payload in payloads {
+            let entry: MetaEntry = serde_json::from_slice(&payload)
+                .map_err(|e| DispatchError::CorruptMetadata(e.to_string()))?;
+            dispatcher.apply_meta(entry)?;
+        }
+        let groups: Vec<(String, String)> = dispatcher.group_configs.keys().cloned().collect();
+        for (topic, group) in groups {
+            let clustering = dispatcher
+                .group_configs
+                .get(&(topic.clone(), group.clone()))
+                .is_some_and(|c| c.mode == DeliveryMode::Clustering);
+            if clustering {
+                dispatcher.load_state(StateKey {
+                    topic,
+                    group,
+                    member: None,
+                })?;
+            }
+        }
+        Ok(dispatcher)
+    }
+
+    fn apply_meta(&mut self, entry: MetaEntry) -> Result<()> {
+        match entry {
+            MetaEntry::Topic { name, config } => {
+                let partitions = (0..config.partitions)
+                    .map(|p| self.storage.partition(&name, p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.topics.insert(
+                    name,
+                    TopicState {
+                        config,
+                        partitions,
+                        tombstones: Tombstones::default(),
+                        next_partition: 0,
+                    },
+                );
+            }
+            MetaEntry::Group {
+                topic,
+                group,
+                config,
+            } => {
+                self.group_configs.insert((topic, group), config);
+            }
+            MetaEntry::GroupDeleted { topic, group } => {
+                self.group_configs.remove(&(topic, group));
+            }
+            MetaEntry::Tombstone { topic, tombstone } => {
+                if let Some(state) = self.topics.get_mut(&topic) {
+                    state.tombstones.add(&tombstone);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn persist_meta(&mut self, entry: &MetaEntry) -> Result<()> {
+        let payload =
+            serde_json::to_vec(entry).map_err(|e| DispatchError::CorruptMetadata(e.to_string()))?;
+        self.meta.append(&payload);
+        self.meta.sync()?;
+        Ok(())
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn emit(&self, message_id: MessageId, place: Place<'_>, kind: EventKind, reason: Option<&str>) {
+        self.events.emit(Event {
+            time_ms: self.now(),
+            message_id,
+            topic: place.topic.to_string(),
+            partition: place.partition,
+            offset: place.offset,
+            group: place.group.map(str::to_string),
+            kind,
+            reason: reason.map(str::to_string),
+        });
+    }
+
+    // ----- topics ---------------------------------------------------------
+
+    /// Creates a topic (idempotent for the same configuration).
+    pub fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<()> {
+        check_name(name)?;
+        if config.partitions == 0 {
+            return Err(DispatchError::InvalidName(format!(
+                "{name}: zero partitions"
+            )));
+        }
+        if let Some(existing) = self.topics.get(name) {
+            return if existing.config == config {
+                Ok(())
+            } else {
+                Err(DispatchError::TopicConflict(name.to_string()))
+            };
+        }
+        let entry = MetaEntry::Topic {
+            name: name.to_string(),
+            config,
+        };
+        self.persist_meta(&entry)?;
+        self.apply_meta(entry)
+    }
+
+    /// Topic names and configurations.
+    pub fn topics(&self) -> Vec<(String, TopicConfig)> {
+        self.topics
+            .iter()
+            .map(|(name, state)| (name.clone(), state.config.clone()))
+            .collect()
+    }
+
+    /// The partition logs of a topic, so that a caller can append to them
+    /// without going through the dispatcher (the broker appends from many
+    /// connections at once to share group commits, then calls `poll`).
+    pub fn partitions(&self, topic: &str) -> Result<Vec<Arc<dyn PartitionLog>>> {
+        Ok(self.topic(topic)?.partitions.clone())
+    }
+
+    fn topic(&self, name: &str) -> Result<&TopicState> {
+        self.topics
+            .get(name)
+            .ok_or_else(|| DispatchError::UnknownTopic(name.to_string()))
+    }
+
+    /// Stores records in `topic`: those whose deliver-at is in the future go
+    /// to the delay store, the rest are appended to the partition (one
+    /// durable append per partition). `partition: None` puts each keyed
+    /// record on its key's hash partition (so a key never spans two
+    /// partitions) and the keyless ones on one partition, round robin.
+    pub fn produce(
+        &mut self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<RecordInput>,
+    ) -> Result<Vec<Produced>> {
+        let now = self.now();
+        let state = self.topic(topic)?;
+        let partitions = state.config.partitions;
+        let explicit = partition;
+        let partition = match partition {
+            Some(p) if p < partitions => p,
+            Some(p) => {
+                return Err(DispatchError::UnknownPartition {
+                    topic: topic.to_string(),
+                    partition: p,
+                })
+            }
+            None => match records.first().and_then(|r| r.key.as_ref()) {
+                Some(key) => (dmq_log_store::key_hash(key) % u64::from(partitions)) as u32,
+                None => {
+                    let state = self
+                        .topics
+                        .get_mut(topic)
+                        .ok_or_else(|| DispatchError::UnknownTopic(topic.to_string()))?;
+                    let p = state.next_partition % partitions;
+                    state.next_partition = state.next_partition.wrapping_add(1);
+                    p
+                }
+            },
+        };
+        let by_key = explicit.is_none();
+        let mut immediate: BTreeMap<u32, Vec<RecordInput>> = BTreeMap::new();
+        let mut delayed = Vec::new();
+        let mut order = Vec::with_capacity(records.len());
+        for record in records {
+            let partition = match (&record.key, by_key) {
+                (Some(key), true) => (dmq_log_store::key_hash(key) % u64::from(partitions)) as u32,
+                _ => partition,
+            };
+            match record.deliver_at_ms {
+                Some(due) if due > now => {
+                    order.push((true, due, partition));
+                    delayed.push((topic.to_string(), partition, record));
+                }
+                _ => {
+                    order.push((false, 0, partition));
+                    immediate.entry(partition).or_default().push(record);
+                }
+            }
+        }
+        let mut appended = HashMap::new();
+        for (partition, records) in immediate {
+            let offsets = self.topic(topic)?.partitions[partition as usize].append(records)?;
+            appended.insert(partition, offsets.into_iter());
+        }
+        let delayed_ids = if delayed.is_empty() {
+            Vec::new()
+        } else {
+            self.delays.schedule(delayed, now)?
+        };
+        let mut delayed_ids = delayed_ids.into_iter();
+        let mut produced = Vec::with_capacity(order.len());
+        for (is_delayed, due, partition) in order {
+            if is_delayed {
+                let Some(id) = delayed_ids.next() else { break };
+                self.emit(
+                    id,
+                    Place {
+                        topic,
+                        partition: Some(partition),
+                        offset: None,
+                        group: None,
+                    },
+                    EventKind::DelayScheduled { due_ms: due },
+                    None,
+                );
+                produced.push(Produced {
+                    partition,
+                    offset: None,
+                    id,
+                    delayed_until_ms: Some(due),
+                });
+            } else {
+                let Some((offset, id)) = appended.get_mut(&partition).and_then(Iterator::next)
+                else {
+                    break;
+                };
+                produced.push(Produced {
+                    partition,
+                    offset: Some(offset),
+                    id,
+                    delayed_until_ms: None,
+                });
+            }
+        }
+        Ok(produced)
+    }
+
+    /// Cancels a pending delayed message; true if it was pending.
+    pub fn cancel_delay(&mut self, id: &MessageId) -> Result<bool> {
+        let cancelled = self.delays.cancel(id)?;
+        if cancelled {
+            self.emit(
+                *id,
+                Place {
+                    topic: "",
+                    partition: None,
+                    offset: None,
+                    group: None,
+                },
+                EventKind::DelayCancelled,
+                None,
+            );
+        }
+        Ok(cancelled)
+    }
+
+    /// Delayed messages not yet fired.
+    pub fn pending_delays(&self) -> u64 {
+        self.delays.pending()
+    }
+
+    /// Deletes messages: persisted at once and honoured by every later
+    /// delivery (messages already in flight may still be acked).
+    pub fn delete(&mut self, topic: &str, tombstone: Tombstone) -> Result<()> {
+        self.topic(topic)?;
+        if let Tombstone::MessageId(text) = &tombstone {
+            if text.parse::<MessageId>().is_err() {
+                return Err(DispatchError::InvalidName(text.clone()));
+            }
+        }
+        let entry = MetaEntry::Tombstone {
+            topic: topic.to_string(),
+            tombstone,
+        };
+        self.persist_meta(&entry)?;
+        self.apply_meta(entry)
+    }
+
+    // ----- groups and members --------------------------------------------
+
+    /// Subscribes a group to a topic (idempotent; a new configuration
+    /// replaces the old one but keeps the position).
+    pub fn subscribe(&mut self, topic: &str, group: &str, config: GroupConfig) -> Result<()> {
+        check_name(group)?;
+        self.topic(topic)?;
+        if let Some(dead_letter) = &config.dead_letter_topic {
+            check_name(dead_letter)?;
+        }
+        let key = (topic.to_string(), group.to_string());
+        if self.group_configs.get(&key) == Some(&config) {
+            return Ok(());
+        }
+        let entry = MetaEntry::Group {
+            topic: topic.to_string(),
+            group: group.to_string(),
+            config: config.clone(),
+        };
+        self.persist_meta(&entry)?;
+        self.apply_meta(entry)?;
+        for state in self
+            .states
+            .iter_mut()
+            .filter(|s| s.key.topic == topic && s.key.group == group)
+        {
+            state.config = config.clone();
+        }
+        if config.mode == DeliveryMode::Clustering {
+            self.load_state(StateKey {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                member: None,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Groups subscribed to `topic`.
+    pub fn groups(&self, topic: &str) -> Vec<(String, GroupConfig)> {
+        self.group_configs
+            .iter()
+            .filter(|((t, _), _)| t == topic)
+            .map(|((_, g), c)| (g.clone(), c.clone()))
+            .collect()
+    }
+
+    fn group_config(&self, topic: &str, group: &str) -> Result<GroupConfig> {
+        self.group_configs
+            .get(&(topic.to_string(), group.to_string()))
+            .cloned()
+            .ok_or_else(|| DispatchError::UnknownGroup {
+                topic: topic.to_string(),
+                group: group.to_string(),
+            })
+    }
+
+    fn load_state(&mut self, key: StateKey) -> Result<usize> {
+        if let Some(&index) = self.state_index.get(&key) {
+            return Ok(index);
+        }
+        let config = self.group_config(&key.topic, &key.group)?;
+        let now = self.now();
+        let topic = self.topic(&key.topic)?;
+        let partitions: Vec<Arc<dyn PartitionLog>> = topic.partitions.clone();
+        let (journal, payloads) = self.storage.open_journal(&key.journal_name())?;
+        let start = config.start;
+        let mut start_error = None;
+        let (mut state, new) = GroupState::restore(
+            key.clone(),
+            config,
+            partitions.len() as u32,
+            journal,
+            &payloads,
+            now,
+            |p| match resolve_start(partitions[p as usize].as_ref(), start) {
+                Ok(offset) => offset,
+                Err(error) => {
+                    start_error = Some(error);
+                    0
+                }
+            },
+        )?;
+        if let Some(error) = start_error {
+            return Err(error.into());
+        }
+        if new {
+            state.sync(now, self.config.ack_journal_compact_bytes)?;
+        }
+        let index = self.states.len();
+        self.states.push(state);
+        self.state_index.insert(key, index);
+        Ok(index)
+    }
+
+    /// A consumer joins a group; `member_name` identifies it across
+    /// reconnects (broadcast groups keep a cursor per name).
+    pub fn join(&mut self, topic: &str, group: &str, member_name: &str) -> Result<MemberId> {
+        let config = self.group_config(topic, group)?;
+        let member = match config.mode {
+            DeliveryMode::Clustering => None,
+            DeliveryMode::Broadcast => {
+                check_name(member_name)?;
+                Some(member_name.to_string())
+            }
+        };
+        let state = self.load_state(StateKey {
+            topic: topic.to_string(),
+            group: group.to_string(),
+            member,
+        })?;
+        let id = self.next_member_id;
+        self.next_member_id += 1;
+        self.states[state].members.push(id);
+        self.members.insert(
+            id,
+            Member {
+                state,
+                name: member_name.to_string(),
+                credit: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The member's name (as given to `join`).
+    pub fn member_name(&self, member: MemberId) -> Option<&str> {
+        self.members.get(&member).map(|m| m.name.as_str())
+    }
+
+    /// A member leaves (or its connection died): its in-flight messages are
+    /// redelivered to the other members at once.
+    pub fn leave(&mut self, member: MemberId) -> Result<()> {
+        let removed = self
+            .members
+            .remove(&member)
+            .ok_or(DispatchError::UnknownMember(member))?;
+        let state_index = removed.state;
+        self.states[state_index].members.retain(|&m| m != member);
+        let mut orphans = Vec::new();
+        for (partition, state) in self.states[state_index].partitions.iter().enumerate() {
+            for (&offset, pending) in &state.pending {
+                if let Stage::InFlight {
+                    member: holder,
+                    timer,
+                } = pending.stage
+                {
+                    if holder == member {
+                        orphans.push((partition as u32, offset, timer));
+                    }
+                }
+            }
+        }
+        for (partition, offset, timer) in orphans {
+            self.wheel.cancel(timer);
+            self.after_failed_attempt(state_index, partition, offset, Some(0), "member left")?;
+        }
+        Ok(())
+    }
+
+    /// Adds push credit: the member may receive `credit` more messages.
+    pub fn add_credit(&mut self, member: MemberId, credit: u32) -> Result<()> {
+        let member = self
+            .members
+            .get_mut(&member)
+            .ok_or(DispatchError::UnknownMember(member))?;
+        member.credit = member.credit.saturating_add(credit);
+        Ok(())
+    }
+
+    /// Pull: up to `max` deliveries for this member now.
+    pub fn fetch(&mut self, member: MemberId, max: u32) -> Result<Vec<Delivery>> {
+        let state = self
+            .members
+            .get(&member)
+            .ok_or(DispatchError::UnknownMember(member))?
+            .state;
+        let saved: Vec<(MemberId, u32)> = self.states[state]
+            .members
+            .iter()
+            .filter_map(|m| self.members.get(m).map(|x| (*m, x.credit)))
+            .collect();
+        for (other, _) in &saved {
+            if let Some(m) = self.members.get_mut(other) {
+                m.credit = if *other == member { max } else { 0 };
+            }
+        }
+        let now = self.now();
+        self.fire_timers(now)?;
+        self.fire_delays(now)?;
+        let result = self.fill(state, now);
+        // Pull does not consume push credit: everyone gets theirs back.
+        for (other, credit) in saved {
+            if let Some(m) = self.members.get_mut(&other) {
+                m.credit = credit;
+            }
+        }
+        result?;
+        let (mine, others): (Vec<Delivery>, Vec<Delivery>) = std::mem::take(&mut self.outbox)
+            .into_iter()
+            .partition(|d| d.member == member);
+        self.outbox = others;
+        Ok(mine)
+    }
+
+    // ----- acks -------------------------------------------------------------
+
+    fn member_state(&self, member: MemberId) -> Result<usize> {
+        self.members
+            .get(&member)
+            .map(|m| m.state)
+            .ok_or(DispatchError::UnknownMember(member))
+    }
+
+    /// Acknowledges one message for the member's group. Returns false if it
+    /// was already acked. The ack is durable within `ack_sync_interval_ms`.
+    pub fn ack(&mut self, member: MemberId, partition: u32, offset: u64) -> Result<bool> {
+        let state = self.member_state(member)?;
+        self.ack_in_state(state, partition, offset, None)
+    }
+
+    fn ack_in_state(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        silent_kind: Option<EventKind>,
+    ) -> Result<bool> {
+        let topic = self.states[state_index].key.topic.clone();
+        let group = self.states[state_index].key.group.clone();
+        let state = &mut self.states[state_index];
+        let Some(part) = state.partitions.get_mut(partition as usize) else {
+            return Err(DispatchError::UnknownPartition { topic, partition });
+        };
+        if part.acks.is_acked(offset) {
+            return Ok(false);
+        }
+        if offset >= part.cursor {
+            return Err(DispatchError::NotDelivered { partition, offset });
+        }
+        let pending = part.pending.remove(&offset);
+        part.ready.remove(&offset);
+        part.acks.ack(offset);
+        state.note_ack(partition, offset);
+        let mut released = None;
+        if let Some(pending) = &pending {
+            match pending.stage {
+                Stage::InFlight { timer, .. } | Stage::Waiting { timer } => {
+                    self.wheel.cancel(timer);
+                }
+                Stage::Ready | Stage::Held => {}
+            }
+            if let Some(key) = &pending.key {
+                released = Some(key.clone());
+            }
+        }
+        if let Some(key) = released {
+            release_key(
+                &mut self.states[state_index].partitions[partition as usize],
+                &key,
+                offset,
+            );
+        }
+        let id = pending.map(|p| p.id).unwrap_or_default();
+        self.emit(
+            id,
+            Place {
+                topic: &topic,
+                partition: Some(partition),
+                offset: Some(offset),
+                group: Some(&group),
+            },
+            silent_kind.unwrap_or(EventKind::Acked),
+            None,
+        );
+        Ok(true)
+    }
+
+    /// Negatively acknowledges: the message is redelivered after `delay_ms`
+    /// (default: the group's backoff), or dead-lettered after its last attempt.
+    pub fn nack(
+        &mut self,
+        member: MemberId,
+        partition: u32,
+        offset: u64,
+        delay_ms: Option<u64>,
+    ) -> Result<()> {
+        let state_index = self.member_state(member)?;
+        let state = &self.states[state_index];
+        let part = state.partitions.get(partition as usize).ok_or_else(|| {
+            DispatchError::UnknownPartition {
+                topic: state.key.topic.clone(),
+                partition,
+            }
+        })?;
+        let Some(pending) = part.pending.get(&offset) else {
+            return if part.acks.is_acked(offset) {
+                Ok(())
+            } else {
+                Err(DispatchError::NotDelivered { partition, offset })
+            };
+        };
+        let Stage::InFlight { timer, .. } = pending.stage else {
+            return Ok(()); // already waiting for a retry
+        };
+        let retry_in_ms =
+            delay_ms.unwrap_or_else(|| state.config.backoff.delay_ms(pending.attempt));
+        let (id, topic, group) = (pending.id, state.key.topic.clone(), state.key.group.clone());
+        self.wheel.cancel(timer);
+        self.emit(
+            id,
+            Place {
+                topic: &topic,
+                partition: Some(partition),
+                offset: Some(offset),
+                group: Some(&group),
+            },
+            EventKind::Nacked { retry_in_ms },
+            None,
+        );
+        self.after_failed_attempt(state_index, partition, offset, Some(retry_in_ms), "nack")
+    }
+
+    /// After a failed attempt (timeout, nack, member left): retry after
+    /// `retry_in_ms` (default: backoff), or dead-letter after the last attempt.
+    fn after_failed_attempt(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        retry_in_ms: Option<u64>,
+        reason: &str,
+    ) -> Result<()> {
+        let now = self.now();
+        let state = &mut self.states[state_index];
+        let max_attempts = state.config.max_attempts.max(1);
+        let backoff = state.config.backoff.clone();
+        let part = &mut state.partitions[partition as usize];
+        let Some(pending) = part.pending.get_mut(&offset) else {
+            return Ok(());
+        };
+        if pending.attempt >= max_attempts {
+            return self.dead_letter(state_index, partition, offset, reason);
+        }
+        let delay = retry_in_ms.unwrap_or_else(|| backoff.delay_ms(pending.attempt));
+        let next_attempt = pending.attempt + 1;
+        let id = pending.id;
+        if delay == 0 {
+            pending.stage = Stage::Ready;
+            part.ready.insert(offset);
+        } else {
+            let timer = self.wheel.insert(
+                now.saturating_add(delay as i64),
+                TimerTask {
+                    state: state_index as u32,
+                    partition,
+                    offset,
+                    attempt: pending.attempt,
+                    kind: TimerKind::Retry,
+                },
+            );
+            pending.stage = Stage::Waiting { timer };
+        }
+        let (topic, group) = (state.key.topic.clone(), state.key.group.clone());
+        self.emit(
+            id,
+            Place {
+                topic: &topic,
+                partition: Some(partition),
+                offset: Some(offset),
+                group: Some(&group),
+            },
+            EventKind::Redelivered { next_attempt },
+            Some(reason),
+        );
+        Ok(())
+    }
+
+    fn dead_letter(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        reason: &str,
+    ) -> Result<()> {
+        let (topic, group, dead_letter_topic) = {
+            let state = &self.states[state_index];
+            let dead_letter_topic = state
+                .config
+                .dead_letter_topic
+                .clone()
+                .unwrap_or_else(|| format!("{}.{}.dlq", state.key.topic, state.key.group));
+            (
+                state.key.topic.clone(),
+                state.key.group.clone(),
+                dead_letter_topic,
+            )
+        };
+        let attempts = pending_attempt(&self.states[state_index], partition, offset);
+        let log = Arc::clone(&self.topic(&topic)?.partitions[partition as usize]);
+        let Some(record) = log
+            .read(offset, 1)?
+            .into_iter()
+            .find(|r| r.offset == offset)
+        else {
+            // Gone from the log (retention): nothing to move; ack it.
+            self.ack_in_state(state_index, partition, offset, Some(EventKind::Expired))?;
+            return Ok(());
+        };
+        if !self.topics.contains_key(&dead_letter_topic) {
+            self.create_topic(
+                &dead_letter_topic,
+                TopicConfig {
+                    partitions: 1,
+                    ordered: false,
+                },
+            )?;
+        }
+        let mut headers = record.headers.clone();
+        for (name, value) in [
+            ("dmq.dlq.topic", topic.clone()),
+            ("dmq.dlq.partition", partition.to_string()),
+            ("dmq.dlq.offset", offset.to_string()),
+            ("dmq.dlq.group", group.clone()),
+            ("dmq.dlq.attempts", attempts.to_string()),
+            ("dmq.dlq.reason", reason.to_string()),
+        ] {
+            headers.push((Bytes::from_static(name.as_bytes()), Bytes::from(value)));
+        }
+        let input = RecordInput {
+            id: Some(record.id),
+            key: record.key.clone(),
+            headers,
+            value: record.value.clone(),
+            deliver_at_ms: None,
+            expire_at_ms: None,
+        };
+        self.topic(&dead_letter_topic)?.partitions[0].append(vec![input])?;
+        self.ack_in_state(
+            state_index,
+            partition,
+            offset,
+            Some(EventKind::DeadLettered { dead_letter_topic }),
+        )?;
+        Ok(())
+    }
+
+    // ----- seek ---------------------------------------------------------------
+
+    /// Moves a group (all partitions, or one) to `target`. With `dry_run` only
+    /// reports what would change.
+    pub fn seek(
+        &mut self,
+        topic: &str,
+        group: &str,
+        partition: Option<u32>,
+        target: SeekTarget,
+        dry_run: bool,
+    ) -> Result<Vec<SeekPartition>> {
+        let config = self.group_config(topic, group)?;
+        let topic_state = self.topic(topic)?;
+        let logs = topic_state.partitions.clone();
+        if let Some(p) = partition {
+            if p as usize >= logs.len() {
+                return Err(DispatchError::UnknownPartition {
+                    topic: topic.to_string(),
+                    partition: p,
+                });
+            }
+        }
+        let indexes: Vec<usize> = self
+            .states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.key.topic == topic && s.key.group == group)
+            .map(|(i, _)| i)
+            .collect();
+        let indexes = if indexes.is_empty() && config.mode == DeliveryMode::Clustering {
+            vec![self.load_state(StateKey {
+                topic: topic.to_string(),
+                group: group.to_string(),
+                member: None,
+            })?]
+        } else {
+            indexes
+        };
+        let now = self.now();
+        let mut report = Vec::new();
+        for state_index in indexes {
+            for (p, log) in logs.iter().enumerate() {
+                if partition.is_some_and(|only| only as usize != p) {
+                    continue;
+                }
+                let new_floor = resolve_start(log.as_ref(), target)?;
+                let part = &self.states[state_index].partitions[p];
+                let old_floor = part.acks.floor();
+                let acked_above = |from: u64, to: u64| -> u64 {
+                    let span = to.saturating_sub(from);
+                    span - part.acks.unacked_in(from, to, usize::MAX).len() as u64
+                };
+                let end = log.end_offset();
+                let (redelivered, skipped) = if new_floor < old_floor {
+                    (old_floor - new_floor + acked_above(old_floor, end), 0)
+                } else {
+                    (
+                        acked_above(new_floor, end),
+                        part.acks.unacked_in(old_floor, new_floor, usize::MAX).len() as u64,
+                    )
+                };
+                report.push(SeekPartition {
+                    partition: p as u32,
+                    old_floor,
+                    new_floor,
+                    redelivered,
+                    skipped,
+                });
+                if dry_run {
+                    continue;
+                }
+                let timers: Vec<_> = self.states[state_index].partitions[p]
+                    .pending
+                    .values()
+                    .filter_map(|pending| match pending.stage {
+                        Stage::InFlight { timer, .. } | Stage::Waiting { timer } => Some(timer),
+                        _ => None,
+                    })
+                    .collect();
+                for timer in timers {
+                    self.wheel.cancel(timer);
+                }
+                self.states[state_index].partitions[p].reset(new_floor);
+                self.states[state_index].note_reset();
+            }
+            if !dry_run {
+                self.states[state_index].sync(now, self.config.ack_journal_compact_bytes)?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Per-partition statistics of a group (for broadcast groups, summed over
+    /// members' cursors is not meaningful: the first member's are shown).
+    pub fn group_stats(&self, topic: &str, group: &str) -> Result<Vec<PartitionStats>> {
+        self.group_config(topic, group)?;
+        let logs = &self.topic(topic)?.partitions;
+        let Some(state) = self
+            .states
+            .iter()
+            .find(|s| s.key.topic == topic && s.key.group == group)
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(state
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(p, part)| {
+                let end_offset = logs[p].end_offset();
+                let floor = part.acks.floor();
+                let acked = part.acks.acked_above_floor();
+                PartitionStats {
+                    partition: p as u32,
+                    ack_floor: floor,
+                    cursor: part.cursor,
+                    end_offset,
+                    lag: end_offset.saturating_sub(floor).saturating_sub(acked),
+                    unacked: part.pending.len() as u64,
+                    in_flight: part
+                        .pending
+                        .values()
+                        .filter(|p| matches!(p.stage, Stage::InFlight { .. }))
+                        .count() as u64,
+                }
+            })
+            .collect())
+    }
+
+    // ----- the pump -------------------------------------------------------------
+
+    /// Does everything due by now: fires ack deadlines and retries, moves due
+    /// delayed messages to their topics, hands messages to members within
+    /// their credit and syncs acks. Returns the deliveries.
+    pub fn poll(&mut self) -> Result<Vec<Delivery>> {
+        let now = self.now();
+        self.fire_timers(now)?;
+        self.fire_delays(now)?;
+        for state_index in 0..self.states.len() {
+            self.fill(state_index, now)?;
+        }
+        self.sync_acks(now, false)?;
+        Ok(std::mem::take(&mut self.outbox))
+    }
+
+    /// Makes every ack durable now (shutdown, tests).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let now = self.now();
+        self.sync_acks(now, true)?;
+        self.delays.checkpoint()?;
+        Ok(())
+    }
+
+    /// When `poll` next has timed work to do (ack deadlines, retries, delays,
+    /// ack syncs, rate limits), if ever.
+    pub fn next_wakeup_ms(&self) -> Option<i64> {
+        let mut next = [self.wheel.next_due_ms(), self.delays.next_due_ms()]
+            .into_iter()
+            .flatten()
+            .min();
+        for state in &self.states {
+            if state.needs_sync() {
+                let due = state.last_sync_ms + self.config.ack_sync_interval_ms as i64;
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+            if let Some(rate) = &state.rate {
+                let due = rate.next_token_ms();
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        next
+    }
+
+    fn sync_acks(&mut self, now: i64, force: bool) -> Result<()> {
+        let interval = self.config.ack_sync_interval_ms as i64;
+        let compact = self.config.ack_journal_compact_bytes;
+        for state in &mut self.states {
+            if state.needs_sync() && (force || now - state.last_sync_ms >= interval) {
+                state.sync(now, compact)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fire_timers(&mut self, now: i64) -> Result<()> {
+        let mut fired = Vec::new();
+        self.wheel.advance(now, &mut fired);
+        for (_, task) in fired {
+            let state_index = task.state as usize;
+            let Some(state) = self.states.get_mut(state_index) else {
+                continue;
+            };
+            let Some(part) = state.partitions.get_mut(task.partition as usize) else {
+                continue;
+            };
+            let Some(pending) = part.pending.get_mut(&task.offset) else {
+                continue;
+            };
+            if pending.attempt != task.attempt {
+                continue;
+            }
+            match (task.kind, pending.stage) {
+                (TimerKind::AckDeadline, Stage::InFlight { .. }) => {
+                    self.after_failed_attempt(
+                        state_index,
+                        task.partition,
+                        task.offset,
+                        None,
+                        "ack timeout",
+                    )?;
+                }
+                (TimerKind::Retry, Stage::Waiting { .. }) => {
+                    pending.stage = Stage::Ready;
+                    part.ready.insert(task.offset);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn fire_delays(&mut self, now: i64) -> Result<()> {
+        loop {
+            let due = self.delays.poll_due(now, 1024)?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            let mut fired = Vec::with_capacity(due.len());
+            for message in due {
+                let Some(topic) = self.topics.get(&message.topic) else {
+                    tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
+                    fired.push(message.id);
+                    continue;
+                };
+                let partition = message.partition.min(topic.config.partitions - 1);
+                let log = Arc::clone(&topic.partitions[partition as usize]);
+                let appended = log.append(vec![message.record])?;
+                for (offset, id) in appended {
+                    self.emit(
+                        id,
+                        Place {
+                            topic: &message.topic,
+                            partition: Some(partition),
+                            offset: Some(offset),
+                            group: None,
+                        },
+                        EventKind::DelayFired,
+                        None,
+                    );
+                }
+                fired.push(message.id);
+            }
+            self.delays.mark_fired(&fired)?;
+        }
+    }
+
+    /// Hands messages of one state to its members within their credit.
+    fn fill(&mut self, state_index: usize, now: i64) -> Result<()> {
+        loop {
+            let Some(member) = self.next_member_with_credit(state_index) else {
+                return Ok(());
+            };
+            if let Some(rate) = &mut self.states[state_index].rate {
+                if !rate.try_take(now) {
+                    return Ok(());
+                }
+            }
+            let Some((partition, record, attempt)) = self.next_message(state_index, now)? else {
+                if let Some(rate) = &mut self.states[state_index].rate {
+                    rate.give_back();
+                }
+                return Ok(());
+            };
+            self.deliver(state_index, member, partition, record, attempt, now);
+        }
+    }
+
+    fn next_member_with_credit(&mut self, state_index: usize) -> Option<MemberId> {
+        let state = &mut self.states[state_index];
+        let count = state.members.len();
+        for i in 0..count {
+            let index = (state.next_member + i) % count;
+            let member = state.members[index];
+            if self.members.get(&member).is_some_and(|m| m.credit > 0) {
+                state.next_member = (index + 1) % count;
+                return Some(member);
+            }
+        }
+        None
+    }
+
+    fn deliver(
+        &mut self,
+        state_index: usize,
+        member: MemberId,
+        partition: u32,
+        record: Record,
+        attempt: u32,
+        now: i64,
+    ) {
+        let state = &mut self.states[state_index];
+        let deadline = now.saturating_add(state.config.ack_timeout_ms as i64);
+        let timer = self.wheel.insert(
+            deadline,
+            TimerTask {
+                state: state_index as u32,
+                partition,
+                offset: record.offset,
+                attempt,
+                kind: TimerKind::AckDeadline,
+            },
+        );
+        if let Some(pending) = state.partitions[partition as usize]
+            .pending
+            .get_mut(&record.offset)
+        {
+            pending.attempt = attempt;
+            pending.stage = Stage::InFlight { member, timer };
+        }
+        if let Some(m) = self.members.get_mut(&member) {
+            m.credit = m.credit.saturating_sub(1);
+        }
+        let (topic, group) = (state.key.topic.clone(), state.key.group.clone());
+        self.emit(
+            record.id,
+            Place {
+                topic: &topic,
+                partition: Some(partition),
+                offset: Some(record.offset),
+                group: Some(&group),
+            },
+            EventKind::Delivered { attempt, member },
+            None,
+        );
+        self.outbox.push(Delivery {
+            member,
+            topic,
+            group,
+            partition,
+            attempt,
+            record,
+        });
+    }
+
+    /// The next message to deliver from any partition (round robin):
+    /// redeliveries first, then the cursor. Returns (partition, record,
+    /// attempt number of this delivery).
+    fn next_message(&mut self, state_index: usize, now: i64) -> Result<Option<(u32, Record, u32)>> {
+        let partitions = self.states[state_index].partitions.len();
+        for i in 0..partitions {
+            let partition = (self.states[state_index].next_partition + i) % partitions;
+            if let Some((record, attempt)) =
+                self.next_in_partition(state_index, partition as u32, now)?
+            {
+                self.states[state_index].next_partition = (partition + 1) % partitions;
+                return Ok(Some((partition as u32, record, attempt)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn next_in_partition(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        now: i64,
+    ) -> Result<Option<(Record, u32)>> {
+        let topic_name = self.states[state_index].key.topic.clone();
+        let topic = self.topic(&topic_name)?;
+        let log = Arc::clone(&topic.partitions[partition as usize]);
+        let ordered = topic.config.ordered;
+        // Redeliveries (and released held messages) first.
+        while let Some(offset) = self.states[state_index].partitions[partition as usize]
+            .ready
+            .pop_first()
+        {
+            let Some(record) = log
+                .read(offset, 1)?
+                .into_iter()
+                .find(|r| r.offset == offset)
+            else {
+                self.ack_in_state(state_index, partition, offset, Some(EventKind::Expired))?;
+                continue;
+            };
+            if let Some(kind) = self.skip_reason(&topic_name, partition, &record, now) {
+                self.ack_in_state(state_index, partition, offset, Some(kind))?;
+                continue;
+            }
+            let attempt = pending_attempt(&self.states[state_index], partition, offset) + 1;
+            return Ok(Some((record, attempt)));
+        }
+        // Then the cursor.
+        match self.advance_cursor(state_index, partition, &log, ordered, now)? {
+            Next::Deliver(record) => Ok(Some((record, 1))),
+            Next::Nothing => Ok(None),
+        }
+    }
+
+    fn skip_reason(
+        &self,
+        topic: &str,
+        partition: u32,
+        record: &Record,
+        now: i64,
+    ) -> Option<EventKind> {
+        if self
+            .topics
+            .get(topic)
+            .is_some_and(|t| t.tombstones.covers(partition, record))
+        {
+            return Some(EventKind::Deleted);
+        }
+        if record.expire_at_ms.is_some_and(|expire| expire <= now) {
+            return Some(EventKind::Expired);
+        }
+        None
+    }
+
+    fn advance_cursor(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        log: &Arc<dyn PartitionLog>,
+        ordered: bool,
+        now: i64,
+    ) -> Result<Next> {
+        let batch = self.config.read_batch_records.max(1);
+        loop {
+            let state = &mut self.states[state_index];
+            let cap = state.config.max_unacked_per_partition.max(1) as usize;
+            let part = &mut state.partitions[partition as usize];
+            // The ack bitmap spans at most SPAN_OFFSETS_MAX offsets above the
+            // floor: a message stuck at the floor stops the cursor there.
+            // (The floor may be above the cursor: acks restored after a
+            // restart, not yet passed by the cursor.)
+            let span_full =
+                part.cursor.saturating_sub(part.acks.floor()) >= AckBitmap::SPAN_OFFSETS_MAX - 1;
+            if part.pending.len() >= cap || span_full {
+                return Ok(Next::Nothing);
+            }
+            if part.lookahead.is_empty() {
+                if part.cursor >= log.end_offset() {
+                    return Ok(Next::Nothing);
+                }
+                let cursor = part.cursor.max(log.start_offset());
+                part.lookahead.extend(log.read(cursor, batch)?);
+            }
+            let Some(record) = part.lookahead.pop_front() else {
+                return Ok(Next::Nothing);
+            };
+            let offset = record.offset;
+            if offset < part.cursor {
+                continue;
+            }
+            // Offsets skipped over were deleted by retention: nothing to deliver.
+            if part.cursor < offset {
+                part.acks.ack_below(offset);
+                state.note_reset();
+            }
+            let part = &mut state.partitions[partition as usize];
+            part.cursor = offset + 1;
+            if part.acks.is_acked(offset) {
+                continue;
+            }
+            let topic = state.key.topic.clone();
+            if let Some(kind) = self.skip_reason(&topic, partition, &record, now) {
+                let part = &mut self.states[state_index].partitions[partition as usize];
+                part.pending.insert(
+                    offset,
+                    Pending {
+                        id: record.id,
+                        key: None,
+                        attempt: 0,
+                        stage: Stage::Ready,
+                    },
+                );
+                self.ack_in_state(state_index, partition, offset, Some(kind))?;
+                continue;
+            }
+            let part = &mut self.states[state_index].partitions[partition as usize];
+            let key = if ordered { record.key.clone() } else { None };
+            let mut pending = Pending {
+                id: record.id,
+                key: key.clone(),
+                attempt: 0,
+                stage: Stage::Ready,
+            };
+            if let Some(key) = &key {
+                if part.key_owner.contains_key(key) {
+                    pending.stage = Stage::Held;
+                    part.held.entry(key.clone()).or_default().push_back(offset);
+                    part.pending.insert(offset, pending);
+                    continue;
+                }
+                part.key_owner.insert(key.clone(), offset);
+            }
+            if let Some(due) = record.deliver_at_ms.filter(|&due| due > now) {
+                let task = TimerTask {
+                    state: state_index as u32,
+                    partition,
+                    offset,
+                    attempt: 0,
+                    kind: TimerKind::Retry,
+                };
+                pending.stage = Stage::Waiting {
+                    timer: self.wheel.insert(due, task),
+                };
+                self.states[state_index].partitions[partition as usize]
+                    .pending
+                    .insert(offset, pending);
+                continue;
+            }
+            self.states[state_index].partitions[partition as usize]
+                .pending
+                .insert(offset, pending);
+            return Ok(Next::Deliver(record));
+        }
+    }
+}
+
+fn pending_attempt(state: &GroupState, partition: u32, offset: u64) -> u32 {
+    state.partitions[partition as usize]
+        .pending
+        .get(&offset)
+        .map_or(0, |p| p.attempt)
+}
+
+/// The key's owner `offset` is done: its next held message becomes the owner
+/// and is ready. A held `offset` acked out of turn (a consumer's ack from
+/// before a seek) leaves the hold queue: it must never become the owner.
+fn release_key(part: &mut PartitionState, key: &Bytes, offset: u64) {
+    if part.key_owner.get(key) != Some(&offset) {
+        if let Some(queue) = part.held.get_mut(key) {
+            queue.retain(|&held| held != offset);
+            if queue.is_empty() {
+                part.held.remove(key);
+            }
+        }
+        return;
+    }
+    let next = part.held.get_mut(key).and_then(|queue| queue.pop_front());
+    match next {
+        Some(next) => {
+            part.key_owner.insert(key.clone(), next);
+            if let Some(pending) = part.pending.get_mut(&next) {
+                pending.stage = Stage::Ready;
+                part.ready.insert(next);
+            }
+            if part.held.get(key).is_some_and(|q| q.is_empty()) {
+                part.held.remove(key);
+            }
+        }
+        None => {
+            part.key_owner.remove(key);
+        }
+    }
+}
+
+fn resolve_start(log: &dyn PartitionLog, start: StartPosition) -> Result<u64, StoreError> {
+    Ok(match start {
+        StartPosition::Earliest => log.start_offset(),
+        StartPosition::Latest => log.end_offset(),
+        StartPosition::Timestamp(t) => log
+            .offset_for_timestamp(t)?
+            .unwrap_or_else(|| log.end_offset()),
+        StartPosition::Offset(offset) => offset.clamp(log.start_offset(), log.end_offset()),
+    })
+}

@@ -1,0 +1,718 @@
+//! What the dispatcher needs from storage, behind traits so that the whole
+//! dispatcher also runs on simulated storage.
+//!
+//! - [`PartitionLog`]: one partition's commit log (append, read, ends, time
+//!   lookup). Implemented by [`dmq_log_store::Log`] and by [`MemoryLog`].
+//! - [`Journal`]: a small append-only, CRC-framed record file for the
+//!   dispatcher's own state (ack deltas, tombstones, delay buckets), with
+//!   atomic rewrite for compaction. Implemented by [`FileJournal`] and
+//!   [`MemoryJournal`].
+//! - [`Storage`]: opens partitions and journals by name. [`FileStorage`] lays
+//!   them out under a data directory; [`MemoryStorage`] keeps them in memory
+//!   and models a crash: whatever a journal had not synced is lost.
+//!
+//! Invariants: `Journal::sync` returns only when every appended payload is
+//! durable; replay returns exactly the synced payloads, in order (a torn tail
+//! is cut); `rewrite` replaces the contents atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dmq_log_store::{
+    AppendInfo, BatchInput, Log, LogConfig, LogError, MessageId, Record, RecordInput,
+};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The partition log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A journal file failed.
+    #[error("journal {name}: {source}")]
+    Journal {
+        /// The journal.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A name that cannot be a file name.
+    #[error("invalid name {0:?}")]
+    InvalidName(String),
+}
+
+/// One partition's log, as the dispatcher uses it.
+pub trait PartitionLog: Send + Sync + std::fmt::Debug {
+    /// Appends records durably; returns (offset, id) per record.
+    fn append(&self, records: Vec<RecordInput>) -> Result<Vec<(u64, MessageId)>, StoreError> {
+        let info = self.append_deferred(0, 0, records)?;
+        self.wait_durable(&info)?;
+        Ok(info.records())
+    }
+
+    /// Writes a batch (with the producer's id and sequence, 0 for none)
+    /// without waiting for durability: not acknowledged until
+    /// [`PartitionLog::wait_durable`] returns. Batches keep their call order.
+    fn append_deferred(
+        &self,
+        producer_id: u64,
+        producer_seq: u64,
+        records: Vec<RecordInput>,
+    ) -> Result<AppendInfo, StoreError>;
+
+    /// Returns once the batch is durable per the log's fsync policy.
+    fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError>;
+    /// Records from `from` (inclusive), at most `max_records`, in order.
+    /// Empty at the end of the log.
+    fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError>;
+    /// First offset still stored.
+    fn start_offset(&self) -> u64;
+    /// Offset after the last readable record.
+    fn end_offset(&self) -> u64;
+    /// First offset whose timestamp is at least `timestamp_ms`.
+    fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StoreError>;
+}
+
+/// (offset, id) of every record of an append.
+pub trait AppendedRecords {
+    /// One (offset, id) per record, in order.
+    fn records(&self) -> Vec<(u64, MessageId)>;
+}
+
+impl AppendedRecords for AppendInfo {
+    fn records(&self) -> Vec<(u64, MessageId)> {
+        self.ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (self.base_offset + i as u64, *id))
+            .collect()
+    }
+}
+
+impl PartitionLog for Log {
+    fn append_deferred(
+        &self,
+        producer_id: u64,
+        producer_seq: u64,
+        records: Vec<RecordInput>,
+    ) -> Result<AppendInfo, StoreError> {
+        let batch = BatchInput {
+            producer_id,
+            producer_seq,
+            records,
+        };
+        Ok(Log::append_deferred(self, &batch)?)
+    }
+
+    fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError> {
+        Ok(Log::wait_durable(self, info)?)
+    }
+
+    fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::new();
+        let mut offset = from.max(Log::start_offset(self));
+        let end = Log::end_offset(self);
+        while out.len() < max_records && offset < end {
+            let batches = match Log::read(self, offset, 256 * 1024) {
+                Ok(batches) => batches,
+                // Damaged bytes: the caller sees a gap; the log reported it.
+                Err(LogError::Corrupt {
+                    next_readable_offset: Some(next),
+                    ..
+                }) if next > offset => {
+                    tracing::error!(offset, next, "skipping a damaged region of a partition");
+                    offset = next;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if batches.is_empty() {
+                break;
+            }
+            for batch in &batches {
+                for record in batch.records() {
+                    let record = record
+                        .map_err(|e| StoreError::Log(LogError::InvalidBatch(e.to_string())))?;
+                    if record.offset >= offset && out.len() < max_records {
+                        out.push(record);
+                    }
+                }
+                offset = batch.header().next_offset();
+            }
+        }
+        Ok(out)
+    }
+
+    fn start_offset(&self) -> u64 {
+        Log::start_offset(self)
+    }
+
+    fn end_offset(&self) -> u64 {
+        Log::end_offset(self)
+    }
+
+    fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StoreError> {
+        Ok(Log::offset_for_timestamp(self, timestamp_ms)?)
+    }
+}
+
+/// An append-only record file for the dispatcher's own state.
+pub trait Journal: Send + std::fmt::Debug {
+    /// Buffers one payload; durable after the next [`Journal::sync`].
+    fn append(&mut self, payload: &[u8]);
+    /// Makes every appended payload durable.
+    fn sync(&mut self) -> Result<(), StoreError>;
+    /// Atomically replaces the whole journal with `payloads` (compaction),
+    /// durably. Pending appends are dropped.
+    fn rewrite(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError>;
+    /// Bytes of durable and pending payloads (framing included).
+    fn size_bytes(&self) -> u64;
+}
+
+/// A journal and the payloads it held when opened.
+pub type OpenedJournal = (Box<dyn Journal>, Vec<Vec<u8>>);
+
+/// Opens partitions and journals by name.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Opens (creating if needed) partition `partition` of `topic`.
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionLog>, StoreError>;
+    /// Opens (creating if needed) a journal; returns it and its durable
+    /// payloads, in order.
+    fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError>;
+    /// Deletes a journal (no error if absent).
+    fn remove_journal(&self, name: &str) -> Result<(), StoreError>;
+    /// Names of the journals starting with `prefix`, sorted.
+    fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+}
+
+fn check_name(name: &str) -> Result<(), StoreError> {
+    let valid = !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(name.to_string()))
+    }
+}
+
+/// Frame: `u32 payload length | u32 CRC-32 of the payload | payload`.
+const FRAME_HEADER_LEN: usize = 8;
+
+fn encode_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Decodes frames until the first invalid one; returns the payloads and the
+/// length of the valid prefix.
+fn decode_frames(bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
+    let mut payloads = Vec::new();
+    let mut at = 0;
+    while bytes.len() - at >= FRAME_HEADER_LEN {
+        let len =
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
+        let start = at + FRAME_HEADER_LEN;
+        let Some(end) = start.checked_add(len).filter(|end| *end <= bytes.len()) else {
+            break;
+        };
+        if crc32fast::hash(&bytes[start..end]) != crc {
+            break;
+        }
+        payloads.push(bytes[start..end].to_vec());
+        at = end;
+    }
+    (payloads, at)
+}
+
+/// A journal in one file: CRC-framed payloads; a torn tail is cut on open.
+#[derive(Debug)]
+pub struct FileJournal {
+    name: String,
+    path: PathBuf,
+    file: File,
+    pending: Vec<u8>,
+    durable_bytes: u64,
+}
+
+impl FileJournal {
+    fn error(&self, source: std::io::Error) -> StoreError {
+        StoreError::Journal {
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Opens or creates the journal at `path`, returning its payloads.
+    pub fn open(name: &str, path: &Path) -> Result<(FileJournal, Vec<Vec<u8>>), StoreError> {
+        let io_error = |source| StoreError::Journal {
+            name: name.to_string(),
+            source,
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_error(e)),
+        };
+        let (payloads, valid_len) = decode_frames(&bytes);
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_error)?;
+        if valid_len < bytes.len() {
+            tracing::warn!(
+                journal = name,
+                cut = bytes.len() - valid_len,
+                "cutting a torn journal tail"
+            );
+            file.set_len(valid_len as u64).map_err(io_error)?;
+            file.sync_all().map_err(io_error)?;
+        }
+        Ok((
+            FileJournal {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                file,
+                pending: Vec::new(),
+                durable_bytes: valid_len as u64,
+            },
+            payloads,
+        ))
+    }
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+impl Journal for FileJournal {
+    fn append(&mut self, payload: &[u8]) {
+        encode_frame(&mut self.pending, payload);
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(&self.pending)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| self.error(e))?;
+        self.durable_bytes += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn rewrite(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut bytes = Vec::new();
+        for payload in payloads {
+            encode_frame(&mut bytes, payload);
+        }
+        let temporary = self.path.with_extension("journal.tmp");
+        let write = || -> std::io::Result<File> {
+            let mut file = File::create(&temporary)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &self.path)?;
+            sync_parent(&self.path)?;
+            File::options().append(true).open(&self.path)
+        };
+        self.file = write().map_err(|e| self.error(e))?;
+        self.pending.clear();
+        self.durable_bytes = bytes.len() as u64;
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.durable_bytes + self.pending.len() as u64
+    }
+}
+
+/// Files under one data directory: `topics/<topic>/<partition>/` for
+/// partition logs, `dispatcher/<name>.journal` for journals.
+#[derive(Debug)]
+pub struct FileStorage {
+    root: PathBuf,
+    log_config: LogConfig,
+    partitions: Mutex<HashMap<(String, u32), Arc<Log>>>,
+}
+
+impl FileStorage {
+    /// Storage under `root`, opening partitions with `log_config`.
+    pub fn new(root: impl Into<PathBuf>, log_config: LogConfig) -> Result<FileStorage, StoreError> {
+        let root = root.into();
+        let journals = root.join("dispatcher");
+        std::fs::create_dir_all(&journals).map_err(|source| StoreError::Journal {
+            name: journals.display().to_string(),
+            source,
+        })?;
+        Ok(FileStorage {
+            root,
+            log_config,
+            partitions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn journal_path(&self, name: &str) -> PathBuf {
+        self.root.join("dispatcher").join(format!("{name}.journal"))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Storage for FileStorage {
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionLog>, StoreError> {
+        check_name(topic)?;
+        let mut partitions = lock(&self.partitions);
+        if let Some(log) = partitions.get(&(topic.to_string(), partition)) {
+            return Ok(Arc::clone(log) as Arc<dyn PartitionLog>);
+        }
+        let dir = self
+            .root
+            .join("topics")
+            .join(topic)
+            .join(partition.to_string());
+        let log = Arc::new(Log::open(dir, self.log_config.clone())?);
+        partitions.insert((topic.to_string(), partition), Arc::clone(&log));
+        Ok(log)
+    }
+
+    fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError> {
+        check_name(name)?;
+        let (journal, payloads) = FileJournal::open(name, &self.journal_path(name))?;
+        Ok((Box::new(journal), payloads))
+    }
+
+    fn remove_journal(&self, name: &str) -> Result<(), StoreError> {
+        check_name(name)?;
+        match std::fs::remove_file(self.journal_path(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Journal {
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join("dispatcher");
+        let entries = std::fs::read_dir(&dir).map_err(|source| StoreError::Journal {
+            name: dir.display().to_string(),
+            source,
+        })?;
+        let mut names = Vec::new();
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".journal")) {
+                if name.starts_with(prefix) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// An in-memory partition log: appends are durable at once (as after an
+/// fsync), timestamps come from the caller's clock.
+#[derive(Debug)]
+pub struct MemoryLog {
+    clock: Arc<dyn dmq_log_store::Clock>,
+    state: Mutex<MemoryLogState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryLogState {
+    records: Vec<Record>,
+    next_unique: u64,
+    last_timestamp_ms: i64,
+}
+
+impl MemoryLog {
+    /// An empty log stamped by `clock`.
+    pub fn new(clock: Arc<dyn dmq_log_store::Clock>, id_seed: u64) -> MemoryLog {
+        MemoryLog {
+            clock,
+            state: Mutex::new(MemoryLogState {
+                next_unique: id_seed,
+                ..MemoryLogState::default()
+            }),
+        }
+    }
+}
+
+impl PartitionLog for MemoryLog {
+    fn append_deferred(
+        &self,
+        _producer_id: u64,
+        _producer_seq: u64,
+        records: Vec<RecordInput>,
+    ) -> Result<AppendInfo, StoreError> {
+        if records.is_empty() {
+            return Err(StoreError::Log(LogError::InvalidBatch(
+                "a batch needs at least one record".into(),
+            )));
+        }
+        let mut state = lock(&self.state);
+        let timestamp_ms = self.clock.now_ms().max(state.last_timestamp_ms);
+        state.last_timestamp_ms = timestamp_ms;
+        let mut out = Vec::with_capacity(records.len());
+        for input in records {
+            let id = input.id.unwrap_or_else(|| {
+                state.next_unique += 1;
+                MessageId::new(timestamp_ms, state.next_unique)
+            });
+            let offset = state.records.len() as u64;
+            state.records.push(Record {
+                offset,
+                timestamp_ms,
+                id,
+                key: input.key,
+                headers: input.headers,
+                value: input.value,
+                deliver_at_ms: input.deliver_at_ms,
+                expire_at_ms: input.expire_at_ms,
+            });
+            out.push((offset, id));
+        }
+        let base_offset = out.first().map_or(0, |(offset, _)| *offset);
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: base_offset + out.len() as u64 - 1,
+            timestamp_ms,
+            ids: out.into_iter().map(|(_, id)| id).collect(),
+        })
+    }
+
+    fn wait_durable(&self, _info: &AppendInfo) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
+        let state = lock(&self.state);
+        let start = (from as usize).min(state.records.len());
+        Ok(state.records[start..]
+            .iter()
+            .take(max_records)
+            .cloned()
+            .collect())
+    }
+
+    fn start_offset(&self) -> u64 {
+        0
+    }
+
+    fn end_offset(&self) -> u64 {
+        lock(&self.state).records.len() as u64
+    }
+
+    fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StoreError> {
+        let state = lock(&self.state);
+        let index = state
+            .records
+            .partition_point(|r| r.timestamp_ms < timestamp_ms);
+        Ok((index < state.records.len()).then_some(index as u64))
+    }
+}
+
+/// A journal whose "disk" is shared with its [`MemoryStorage`].
+#[derive(Debug)]
+pub struct MemoryJournal {
+    disk: Arc<Mutex<Vec<Vec<u8>>>>,
+    pending: Vec<Vec<u8>>,
+}
+
+impl Journal for MemoryJournal {
+    fn append(&mut self, payload: &[u8]) {
+        self.pending.push(payload.to_vec());
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        lock(&self.disk).append(&mut self.pending);
+        Ok(())
+    }
+
+    fn rewrite(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
+        *lock(&self.disk) = payloads.to_vec();
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        let frame = |p: &Vec<u8>| (p.len() + FRAME_HEADER_LEN) as u64;
+        lock(&self.disk).iter().map(frame).sum::<u64>()
+            + self.pending.iter().map(frame).sum::<u64>()
+    }
+}
+
+type MemoryPartitions = BTreeMap<(String, u32), Arc<MemoryLog>>;
+type MemoryJournals = BTreeMap<String, Arc<Mutex<Vec<Vec<u8>>>>>;
+
+/// Simulated storage: partitions and synced journal contents survive a
+/// "crash" (dropping the dispatcher); unsynced journal appends do not.
+#[derive(Debug, Clone)]
+pub struct MemoryStorage {
+    clock: Arc<dyn dmq_log_store::Clock>,
+    partitions: Arc<Mutex<MemoryPartitions>>,
+    journals: Arc<Mutex<MemoryJournals>>,
+}
+
+impl MemoryStorage {
+    /// Empty storage whose logs are stamped by `clock`.
+    pub fn new(clock: Arc<dyn dmq_log_store::Clock>) -> MemoryStorage {
+        MemoryStorage {
+            clock,
+            partitions: Arc::default(),
+            journals: Arc::default(),
+        }
+    }
+
+    /// The in-memory log of a partition, if it was opened.
+    pub fn memory_log(&self, topic: &str, partition: u32) -> Option<Arc<MemoryLog>> {
+        lock(&self.partitions)
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionLog>, StoreError> {
+        check_name(topic)?;
+        let mut partitions = lock(&self.partitions);
+        let seed = (partitions.len() as u64 + 1) << 40;
+        let log = partitions
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Arc::new(MemoryLog::new(Arc::clone(&self.clock), seed)));
+        Ok(Arc::clone(log) as Arc<dyn PartitionLog>)
+    }
+
+    fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError> {
+        check_name(name)?;
+        let disk = Arc::clone(lock(&self.journals).entry(name.to_string()).or_default());
+        let payloads = lock(&disk).clone();
+        Ok((
+            Box::new(MemoryJournal {
+                disk,
+                pending: Vec::new(),
+            }),
+            payloads,
+        ))
+    }
+
+    fn remove_journal(&self, name: &str) -> Result<(), StoreError> {
+        lock(&self.journals).remove(name);
+        Ok(())
+    }
+
+    fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(lock(&self.journals)
+            .keys()
+            .filter(|name| name.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmq_log_store::{Clock, ManualClock};
+
+    #[test]
+    fn file_journal_round_trip_torn_tail_and_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FileStorage::new(dir.path(), LogConfig::default()).unwrap();
+        let (mut journal, payloads) = storage.open_journal("acks.g1").unwrap();
+        assert!(payloads.is_empty());
+        journal.append(b"one");
+        journal.append(b"two");
+        journal.sync().unwrap();
+        journal.append(b"never synced");
+        drop(journal);
+        // A torn frame at the end is cut.
+        let path = dir.path().join("dispatcher/acks.g1.journal");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[9, 0, 0, 0, 1, 2]);
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut journal, payloads) = storage.open_journal("acks.g1").unwrap();
+        assert_eq!(payloads, vec![b"one".to_vec(), b"two".to_vec()]);
+        journal.append(b"three");
+        journal.sync().unwrap();
+        let (_, payloads) = storage.open_journal("acks.g1").unwrap();
+        assert_eq!(payloads.len(), 3);
+        journal.rewrite(&[b"snapshot".to_vec()]).unwrap();
+        journal.append(b"after");
+        journal.sync().unwrap();
+        let (_, payloads) = storage.open_journal("acks.g1").unwrap();
+        assert_eq!(payloads, vec![b"snapshot".to_vec(), b"after".to_vec()]);
+        assert_eq!(
+            storage.list_journals("acks.").unwrap(),
+            vec!["acks.g1".to_string()]
+        );
+        storage.remove_journal("acks.g1").unwrap();
+        assert!(storage.list_journals("acks.").unwrap().is_empty());
+        assert!(storage.open_journal("../escape").is_err());
+    }
+
+    #[test]
+    fn memory_journal_loses_only_unsynced_payloads() {
+        let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
+        let (mut journal, _) = storage.open_journal("j").unwrap();
+        journal.append(b"a");
+        journal.sync().unwrap();
+        journal.append(b"b");
+        drop(journal); // crash
+        let (_, payloads) = storage.open_journal("j").unwrap();
+        assert_eq!(payloads, vec![b"a".to_vec()]);
+    }
+
+    #[test]
+    fn log_and_memory_log_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(1_000));
+        let log = Log::open_with_clock(dir.path(), LogConfig::default(), clock.clone()).unwrap();
+        let memory = MemoryLog::new(clock.clone(), 0);
+        for (i, partition) in [&log as &dyn PartitionLog, &memory].into_iter().enumerate() {
+            let appended = partition
+                .append(
+                    (0..10)
+                        .map(|n| RecordInput::new(format!("{i}-{n}")))
+                        .collect(),
+                )
+                .unwrap();
+            assert_eq!(appended.len(), 10);
+            clock.advance_ms(5);
+            partition.append(vec![RecordInput::new("late")]).unwrap();
+            let read = partition.read(3, 4).unwrap();
+            assert_eq!(
+                read.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                vec![3, 4, 5, 6]
+            );
+            assert_eq!(partition.end_offset(), 11);
+            assert_eq!(
+                partition.offset_for_timestamp(clock.now_ms()).unwrap(),
+                Some(10)
+            );
+            assert!(partition.read(11, 10).unwrap().is_empty());
+            clock.advance_ms(5);
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! Delivery rules, one scenario each, on simulated storage and a manual clock.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dmq_dispatcher::{
+    Backoff, DeliveryMode, Dispatcher, DispatcherConfig, EventKind, GroupConfig, MemoryEventSink,
+    MemoryStorage, StartPosition, Tombstone, TopicConfig,
+};
+use dmq_log_store::{Clock, ManualClock, RecordInput};
+
+struct World {
+    clock: Arc<ManualClock>,
+    storage: MemoryStorage,
+    events: MemoryEventSink,
+    dispatcher: Dispatcher,
+}
+
+impl World {
+    fn new() -> World {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let storage = MemoryStorage::new(clock.clone());
+        let events = MemoryEventSink::default();
+        let dispatcher = Dispatcher::open(
+            Arc::new(storage.clone()),
+            clock.clone(),
+            Arc::new(events.clone()),
+            DispatcherConfig::default(),
+        )
+        .unwrap();
+        World {
+            clock,
+            storage,
+            events,
+            dispatcher,
+        }
+    }
+
+    /// Drops the dispatcher without a checkpoint (a crash) and reopens it.
+    fn crash_and_reopen(&mut self) {
+        self.dispatcher = Dispatcher::open(
+            Arc::new(self.storage.clone()),
+            self.clock.clone(),
+            Arc::new(self.events.clone()),
+            DispatcherConfig::default(),
+        )
+        .unwrap();
+    }
+
+    fn produce(&mut self, topic: &str, values: &[&str]) -> Vec<u64> {
+        let records = values
+            .iter()
+            .map(|v| RecordInput::new(v.to_string()))
+            .collect();
+        self.dispatcher
+            .produce(topic, Some(0), records)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.offset.unwrap())
+            .collect()
+    }
+
+    fn values(deliveries: &[dmq_dispatcher::Delivery]) -> Vec<String> {
+        deliveries
+            .iter()
+            .map(|d| String::from_utf8(d.record.value.to_vec()).unwrap())
+            .collect()
+    }
+}
+
+fn config() -> GroupConfig {
+    GroupConfig {
+        ack_timeout_ms: 1_000,
+        max_attempts: 3,
+        backoff: Backoff::Fixed {
+            delays_ms: vec![100],
+        },
+        ..GroupConfig::default()
+    }
+}
+
+fn topic(world: &mut World, name: &str, ordered: bool) {
+    world
+        .dispatcher
+        .create_topic(
+            name,
+            TopicConfig {
+                partitions: 1,
+                ordered,
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn every_group_gets_every_message() {
+    let mut w = World::new();
+    topic(&mut w, "orders", false);
+    let mut members = Vec::new();
+    for group in ["billing", "shipping", "audit"] {
+        w.dispatcher.subscribe("orders", group, config()).unwrap();
+        let member = w.dispatcher.join("orders", group, "m").unwrap();
+        w.dispatcher.add_credit(member, 100).unwrap();
+        members.push(member);
+    }
+    w.produce("orders", &["a", "b", "c"]);
+    let deliveries = w.dispatcher.poll().unwrap();
+    for member in members {
+        let mine: Vec<_> = deliveries
+            .iter()
+            .filter(|d| d.member == member)
+            .cloned()
+            .collect();
+        assert_eq!(World::values(&mine), vec!["a", "b", "c"]);
+        assert!(mine.iter().all(|d| d.attempt == 1));
+    }
+    // A new group subscribes with no change to producers and gets history.
+    w.dispatcher.subscribe("orders", "late", config()).unwrap();
+    let late = w.dispatcher.join("orders", "late", "m").unwrap();
+    assert_eq!(
+        World::values(&w.dispatcher.fetch(late, 10).unwrap()),
+        vec!["a", "b", "c"]
+    );
+}
+
+#[test]
+fn acked_messages_are_not_redelivered_and_unacked_are() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.produce("t", &["a", "b"]);
+    let got = w.dispatcher.fetch(member, 10).unwrap();
+    assert_eq!(got.len(), 2);
+    assert!(w.dispatcher.ack(member, 0, got[0].record.offset).unwrap());
+    assert!(!w.dispatcher.ack(member, 0, got[0].record.offset).unwrap());
+    // Timeout + backoff: only "b" comes back, as attempt 2.
+    w.clock.advance_ms(1_000);
+    assert!(w.dispatcher.poll().unwrap().is_empty());
+    w.clock.advance_ms(100);
+    let again = w.dispatcher.fetch(member, 10).unwrap();
+    assert_eq!(World::values(&again), vec!["b"]);
+    assert_eq!(again[0].attempt, 2);
+    assert!(w.dispatcher.ack(member, 0, 5).is_err(), "never delivered");
+}
+
+#[test]
+fn max_attempts_moves_to_the_dead_letter_topic_with_the_same_id() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.produce("t", &["poison"]);
+    let mut id = None;
+    for attempt in 1..=3 {
+        let got = w.dispatcher.fetch(member, 1).unwrap();
+        assert_eq!(got.len(), 1, "attempt {attempt}");
+        assert_eq!(got[0].attempt, attempt);
+        id = Some(got[0].record.id);
+        w.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
+        w.clock.advance_ms(10);
+    }
+    assert!(w.dispatcher.fetch(member, 1).unwrap().is_empty());
+    let dead = w
+        .storage
+        .memory_log("t.g.dlq", 0)
+        .expect("dead-letter topic");
+    use dmq_dispatcher::PartitionLog;
+    let records = dead.read(0, 10).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].id, id.unwrap());
+    let header = |name: &str| {
+        records[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k.as_ref() == name.as_bytes())
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("dmq.dlq.topic"), Some(Bytes::from("t")));
+    assert_eq!(header("dmq.dlq.offset"), Some(Bytes::from("0")));
+    assert_eq!(header("dmq.dlq.attempts"), Some(Bytes::from("3")));
+    let events = w.events.take();
+    assert!(events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::DeadLettered { .. })));
+    assert_eq!(w.dispatcher.group_stats("t", "g").unwrap()[0].ack_floor, 1);
+}
+
+#[test]
+fn a_member_that_leaves_hands_its_messages_to_the_others_at_once() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let first = w.dispatcher.join("t", "g", "one").unwrap();
+    let second = w.dispatcher.join("t", "g", "two").unwrap();
+    w.produce("t", &["a", "b", "c", "d"]);
+    let got = w.dispatcher.fetch(first, 4).unwrap();
+    assert_eq!(got.len(), 4);
+    w.dispatcher.ack(first, 0, 0).unwrap();
+    w.dispatcher.leave(first).unwrap();
+    w.dispatcher.add_credit(second, 10).unwrap();
+    let moved = w.dispatcher.poll().unwrap();
+    assert_eq!(World::values(&moved), vec!["b", "c", "d"]);
+    assert!(moved.iter().all(|d| d.member == second && d.attempt == 2));
+}
+
+#[test]
+fn delayed_messages_arrive_at_their_time_not_before() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.dispatcher.add_credit(member, 100).unwrap();
+    let due = w.clock.now_ms() + 600_000;
+    let produced = w
+        .dispatcher
+        .produce(
+            "t",
+            Some(0),
+            vec![RecordInput {
+                deliver_at_ms: Some(due),
+                ..RecordInput::new("remind to pay")
+            }],
+        )
+        .unwrap();
+    assert_eq!(produced[0].offset, None);
+    assert_eq!(w.dispatcher.pending_delays(), 1);
+    w.clock.advance_ms(599_999);
+    assert!(w.dispatcher.poll().unwrap().is_empty());
+    w.crash_and_reopen(); // delays survive restarts
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.dispatcher.add_credit(member, 100).unwrap();
+    assert!(w.dispatcher.poll().unwrap().is_empty());
+    w.clock.advance_ms(1);
+    let got = w.dispatcher.poll().unwrap();
+    assert_eq!(World::values(&got), vec!["remind to pay"]);
+    assert_eq!(
+        got[0].record.id, produced[0].id,
+        "same id through the delay"
+    );
+}
+
+#[test]
+fn expired_and_deleted_messages_are_never_delivered() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let now = w.clock.now_ms();
+    w.dispatcher
+        .produce(
+            "t",
+            Some(0),
+            vec![
+                RecordInput {
+                    expire_at_ms: Some(now + 10),
+                    ..RecordInput::new("short-lived")
+                },
+                RecordInput::new("delete me"),
+                RecordInput::new("keep"),
+            ],
+        )
+        .unwrap();
+    w.dispatcher
+        .delete(
+            "t",
+            Tombstone::OffsetRange {
+                partition: 0,
+                start: 1,
+                end: 2,
+            },
+        )
+        .unwrap();
+    w.clock.advance_ms(10);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    assert_eq!(
+        World::values(&w.dispatcher.fetch(member, 10).unwrap()),
+        vec!["keep"]
+    );
+    let events = w.events.take();
+    assert!(events
+        .iter()
+        .any(|e| e.kind == EventKind::Expired && e.offset == Some(0)));
+    assert!(events
+        .iter()
+        .any(|e| e.kind == EventKind::Deleted && e.offset == Some(1)));
+    // Deletion by id and by time range, persisted across a restart.
+    let ids = w
+        .dispatcher
+        .produce("t", Some(0), vec![RecordInput::new("x")])
+        .unwrap();
+    w.dispatcher
+        .delete("t", Tombstone::MessageId(ids[0].id.to_string()))
+        .unwrap();
+    w.crash_and_reopen();
+    w.dispatcher.subscribe("t", "g2", config()).unwrap();
+    let member = w.dispatcher.join("t", "g2", "m").unwrap();
+    assert_eq!(
+        World::values(&w.dispatcher.fetch(member, 10).unwrap()),
+        vec!["keep"]
+    );
+}
+
+#[test]
+fn ordered_topics_deliver_one_message_per_key_at_a_time() {
+    let mut w = World::new();
+    topic(&mut w, "o", true);
+    w.dispatcher.subscribe("o", "g", config()).unwrap();
+    let a = w.dispatcher.join("o", "g", "a").unwrap();
+    let b = w.dispatcher.join("o", "g", "b").unwrap();
+    let records = ["k1:1", "k2:1", "k1:2", "k1:3", "k2:2"]
+        .iter()
+        .map(|v| RecordInput::new(v.to_string()).with_key(v.split(':').next().unwrap().to_string()))
+        .collect();
+    w.dispatcher.produce("o", Some(0), records).unwrap();
+    w.dispatcher.add_credit(a, 10).unwrap();
+    w.dispatcher.add_credit(b, 10).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let got = w.dispatcher.poll().unwrap();
+        // At most one message per key is in flight.
+        let mut keys: Vec<_> = got.iter().map(|d| d.record.key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), got.len(), "two messages of one key in flight");
+        for d in &got {
+            seen.push(String::from_utf8(d.record.value.to_vec()).unwrap());
+            w.dispatcher.ack(d.member, 0, d.record.offset).unwrap();
+        }
+    }
+    let order = |key: &str| {
+        seen.iter()
+            .filter(|v| v.starts_with(key))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order("k1"), vec!["k1:1", "k1:2", "k1:3"]);
+    assert_eq!(order("k2"), vec!["k2:1", "k2:2"]);
+}
+
+#[test]
+fn seek_to_a_timestamp_replays_with_a_dry_run_first() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.produce("t", &["old"]);
+    w.clock.advance_ms(1_000);
+    let since = w.clock.now_ms();
+    w.produce("t", &["new1", "new2"]);
+    for d in w.dispatcher.fetch(member, 10).unwrap() {
+        w.dispatcher.ack(member, 0, d.record.offset).unwrap();
+    }
+    let dry = w
+        .dispatcher
+        .seek("t", "g", None, StartPosition::Timestamp(since), true)
+        .unwrap();
+    assert_eq!(
+        (dry[0].old_floor, dry[0].new_floor, dry[0].redelivered),
+        (3, 1, 2)
+    );
+    assert!(
+        w.dispatcher.fetch(member, 10).unwrap().is_empty(),
+        "dry run changed nothing"
+    );
+    w.dispatcher
+        .seek("t", "g", None, StartPosition::Timestamp(since), false)
+        .unwrap();
+    assert_eq!(
+        World::values(&w.dispatcher.fetch(member, 10).unwrap()),
+        vec!["new1", "new2"]
+    );
+}
+
+#[test]
+fn acks_survive_a_restart_and_unacked_messages_come_back() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    let values: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    w.produce("t", &refs);
+    for d in w.dispatcher.fetch(member, 100).unwrap() {
+        if d.record.offset % 3 != 0 {
+            w.dispatcher.ack(member, 0, d.record.offset).unwrap();
+        }
+    }
+    w.dispatcher.checkpoint().unwrap();
+    w.crash_and_reopen();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    let again = w.dispatcher.fetch(member, 1_000).unwrap();
+    let offsets: Vec<u64> = again.iter().map(|d| d.record.offset).collect();
+    assert_eq!(
+        offsets,
+        (0..100).filter(|o| o % 3 == 0).collect::<Vec<u64>>()
+    );
+}
+
+#[test]
+fn broadcast_groups_give_every_member_every_message() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let config = GroupConfig {
+        mode: DeliveryMode::Broadcast,
+        ..config()
+    };
+    w.dispatcher.subscribe("t", "cache", config).unwrap();
+    let a = w.dispatcher.join("t", "cache", "node-a").unwrap();
+    let b = w.dispatcher.join("t", "cache", "node-b").unwrap();
+    w.produce("t", &["x", "y"]);
+    assert_eq!(
+        World::values(&w.dispatcher.fetch(a, 10).unwrap()),
+        vec!["x", "y"]
+    );
+    assert_eq!(
+        World::values(&w.dispatcher.fetch(b, 10).unwrap()),
+        vec!["x", "y"]
+    );
+}
+
+#[test]
+fn unacked_messages_are_capped_per_partition() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let config = GroupConfig {
+        max_unacked_per_partition: 5,
+        ..config()
+    };
+    w.dispatcher.subscribe("t", "g", config).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    let values: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    w.produce("t", &refs);
+    assert_eq!(w.dispatcher.fetch(member, 100).unwrap().len(), 5);
+    w.dispatcher.ack(member, 0, 2).unwrap();
+    assert_eq!(w.dispatcher.fetch(member, 100).unwrap().len(), 1);
+    assert_eq!(w.dispatcher.group_stats("t", "g").unwrap()[0].unacked, 5);
+}
+
+#[test]
+fn rate_limit_caps_deliveries_per_second() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let config = GroupConfig {
+        rate_limit_per_second: Some(10),
+        ..config()
+    };
+    w.dispatcher.subscribe("t", "g", config).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.dispatcher.add_credit(member, 1_000).unwrap();
+    let values: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    w.produce("t", &refs);
+    assert_eq!(w.dispatcher.poll().unwrap().len(), 10);
+    assert!(w.dispatcher.poll().unwrap().is_empty());
+    w.clock.advance_ms(500);
+    assert_eq!(w.dispatcher.poll().unwrap().len(), 5);
+}

@@ -1,0 +1,249 @@
+//! Errors: the numeric [`ErrorCode`]s carried by ERROR frames, the decoder's
+//! structured [`WireError`] and the encoder's [`EncodeError`].
+//!
+//! Error codes are part of the wire contract: every code has an explicit
+//! number that is **never renumbered and never reused**. New codes are only
+//! ever appended; a retired code keeps its number (and its row in
+//! PROTOCOL.md) forever. A peer that receives a number it does not know gets
+//! [`ErrorCode::Unknown`] from [`ErrorCode::from_u32`], never a panic.
+
+use thiserror::Error;
+
+macro_rules! error_codes {
+    ($( $(#[doc = $doc:literal])* $name:ident = $value:literal, )*) => {
+        /// A stable numeric error code, sent in ERROR frames.
+        ///
+        /// The numbers are explicit and permanent: codes are only ever added,
+        /// never renumbered or reused. `0` is not a code.
+        #[repr(u32)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $( $(#[doc = $doc])* $name = $value, )*
+            /// A code this build does not know (sent by a newer peer).
+            Unknown(u32) = u32::MAX,
+        }
+
+        impl ErrorCode {
+            /// Every known code, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name,)*];
+
+            /// The code for a number; unknown numbers give [`ErrorCode::Unknown`].
+            pub fn from_u32(value: u32) -> ErrorCode {
+                match value {
+                    $( $value => ErrorCode::$name, )*
+                    other => ErrorCode::Unknown(other),
+                }
+            }
+
+            /// The number sent on the wire.
+            pub fn as_u32(self) -> u32 {
+                match self {
+                    $( ErrorCode::$name => $value, )*
+                    ErrorCode::Unknown(value) => value,
+                }
+            }
+
+            /// The code's name as in PROTOCOL.md, e.g. `"UnknownTopic"`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( ErrorCode::$name => stringify!($name), )*
+                    ErrorCode::Unknown(_) => "Unknown",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The frame could not be decoded (bad length, bad field, trailing bytes).
+    /// The connection is closed after the ERROR.
+    MalformedFrame = 1,
+    /// The frame's declared length exceeds the maximum frame size. The body
+    /// is not read; the connection is closed after the ERROR.
+    FrameTooLarge = 2,
+    /// HELLO offered no version the broker supports.
+    UnsupportedVersion = 3,
+    /// A request other than HELLO (or PING) arrived before HELLO_OK.
+    NotAuthenticated = 4,
+    /// HELLO's client id and secret were rejected.
+    AuthenticationFailed = 5,
+    /// The client may not do this (ACL).
+    NotAuthorized = 6,
+    /// The topic does not exist.
+    UnknownTopic = 7,
+    /// The consumer group does not exist.
+    UnknownGroup = 8,
+    /// The subscription id is not open on this connection.
+    UnknownSubscription = 9,
+    /// The partition does not exist in the topic.
+    UnknownPartition = 10,
+    /// CREATE_TOPIC for a name that exists.
+    TopicExists = 11,
+    /// A well-formed request whose values are not acceptable (bad name,
+    /// zero partitions, HELLO sent twice, ...).
+    InvalidRequest = 12,
+    /// The broker's disk is full; nothing was written.
+    DiskFull = 13,
+    /// Any other storage failure; nothing was acknowledged.
+    StorageError = 14,
+    /// The broker is overloaded; retry later with backoff.
+    Overloaded = 15,
+    /// The broker is shutting down; reconnect elsewhere or later.
+    ShuttingDown = 16,
+    /// ACK or NACK of a message that is not delivered to this subscription.
+    NotDelivered = 17,
+    /// A bug in the broker. The request may or may not have taken effect.
+    InternalError = 18,
+    /// The opcode is unknown to this broker (a newer client). The connection
+    /// is closed after the ERROR.
+    UnknownOpcode = 19,
+    /// SUBSCRIBE with group settings that differ from the existing group's.
+    GroupConfigConflict = 20,
+    /// An idempotent PRODUCE whose sequence is out of order for its producer.
+    OutOfOrderSequence = 21,
+    /// The request timed out inside the broker.
+    Timeout = 22,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::Unknown(value) => write!(f, "Unknown({value})"),
+            known => write!(f, "{}({})", known.name(), known.as_u32()),
+        }
+    }
+}
+
+/// Why bytes are not a valid frame. Every variant is an error of the peer,
+/// never of this process; [`WireError::code`] gives the code to answer with.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The frame ends inside `field`: it needs `need` more bytes, `have` remain
+    /// in the frame. (The frame itself is complete; its content is short.)
+    #[error("frame ends inside field `{field}`: need {need} bytes, have {have}")]
+    UnexpectedEof {
+        /// Field being read.
+        field: &'static str,
+        /// Bytes the field needs.
+        need: usize,
+        /// Bytes left in the frame.
+        have: usize,
+    },
+    /// The frame (length prefix included) is larger than allowed.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    FrameTooLarge {
+        /// Total frame size declared: 4 + the length field.
+        len: u64,
+        /// The configured maximum.
+        max: u32,
+    },
+    /// The length field is smaller than the fixed header after it (7 bytes).
+    #[error("frame length {len} is shorter than the 7-byte header")]
+    FrameTooShort {
+        /// The declared length.
+        len: u32,
+    },
+    /// The opcode is not defined.
+    #[error("unknown opcode {0:#06x}")]
+    UnknownOpcode(u16),
+    /// The body is longer than its fields.
+    #[error("{extra} trailing bytes after the body of opcode {opcode:#06x}")]
+    TrailingBytes {
+        /// The frame's opcode.
+        opcode: u16,
+        /// Unread bytes.
+        extra: usize,
+    },
+    /// A string field is not UTF-8.
+    #[error("field `{field}` is not valid UTF-8")]
+    InvalidUtf8 {
+        /// The field.
+        field: &'static str,
+    },
+    /// A field holds a value outside its domain (an enum tag, a bool other
+    /// than 0/1, a push with a non-zero correlation id, ...).
+    #[error("field `{field}` has invalid value {value}")]
+    InvalidValue {
+        /// The field.
+        field: &'static str,
+        /// The value read.
+        value: u64,
+    },
+}
+
+impl WireError {
+    /// The error code a broker answers this with (then closes the connection).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WireError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            WireError::UnknownOpcode(_) => ErrorCode::UnknownOpcode,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Why a frame cannot be encoded. The output buffer is left as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// A string or byte string is longer than its length prefix can say.
+    #[error("field `{field}` is {len} bytes, more than the {max} its prefix allows")]
+    FieldTooLong {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The prefix's maximum.
+        max: usize,
+    },
+    /// The whole frame does not fit the u32 length field.
+    #[error("frame of {len} bytes does not fit the u32 length field")]
+    FrameTooLarge {
+        /// Bytes after the length prefix.
+        len: usize,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_stable() {
+        // Pinned numbers: changing one of these is a wire break.
+        let pinned = [
+            (ErrorCode::MalformedFrame, 1),
+            (ErrorCode::FrameTooLarge, 2),
+            (ErrorCode::UnsupportedVersion, 3),
+            (ErrorCode::NotAuthenticated, 4),
+            (ErrorCode::AuthenticationFailed, 5),
+            (ErrorCode::NotAuthorized, 6),
+            (ErrorCode::UnknownTopic, 7),
+            (ErrorCode::UnknownGroup, 8),
+            (ErrorCode::UnknownSubscription, 9),
+            (ErrorCode::UnknownPartition, 10),
+            (ErrorCode::TopicExists, 11),
+            (ErrorCode::InvalidRequest, 12),
+            (ErrorCode::DiskFull, 13),
+            (ErrorCode::StorageError, 14),
+            (ErrorCode::Overloaded, 15),
+            (ErrorCode::ShuttingDown, 16),
+            (ErrorCode::NotDelivered, 17),
+            (ErrorCode::InternalError, 18),
+            (ErrorCode::UnknownOpcode, 19),
+            (ErrorCode::GroupConfigConflict, 20),
+            (ErrorCode::OutOfOrderSequence, 21),
+            (ErrorCode::Timeout, 22),
+        ];
+        assert_eq!(pinned.len(), ErrorCode::ALL.len());
+        for (code, number) in pinned {
+            assert_eq!(code.as_u32(), number);
+            assert_eq!(ErrorCode::from_u32(number), code);
+        }
+        for number in [0, 23, 1000, u32::MAX] {
+            assert_eq!(ErrorCode::from_u32(number), ErrorCode::Unknown(number));
+            assert_eq!(ErrorCode::from_u32(number).as_u32(), number);
+        }
+    }
+}
