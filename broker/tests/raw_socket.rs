@@ -7,14 +7,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dmq_broker::{server, BrokerConfig, Engine};
-use dmq_protocol::{
-    decode_frame, encode_frame, Body, ErrorCode, Frame, Push, Request, Response,
-    DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use dmq_protocol::{Body, ErrorCode, Request, Response, PROTOCOL_VERSION};
+use tokio::net::TcpListener;
+
+mod common;
+use common::Connection;
 use tokio::sync::oneshot;
 
 struct Broker {
@@ -59,100 +58,6 @@ impl Broker {
                 .unwrap()
                 .unwrap();
         }
-    }
-}
-
-struct Connection {
-    stream: TcpStream,
-    buffer: BytesMut,
-    next_id: u32,
-}
-
-impl Connection {
-    async fn open(addr: SocketAddr) -> Connection {
-        Connection {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buffer: BytesMut::new(),
-            next_id: 1,
-        }
-    }
-
-    async fn hello(addr: SocketAddr) -> Connection {
-        let mut connection = Connection::open(addr).await;
-        let response = connection
-            .request(Request::Hello(dmq_protocol::Hello {
-                min_version: 1,
-                max_version: PROTOCOL_VERSION,
-                client_id: "test".into(),
-                secret: Bytes::new(),
-            }))
-            .await;
-        assert!(matches!(response, Response::HelloOk(_)), "{response:?}");
-        connection
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn send(&mut self, request: Request) -> u32 {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut buffer = BytesMut::new();
-        encode_frame(&Frame::request(id, request), &mut buffer).unwrap();
-        self.send_raw(&buffer).await;
-        id
-    }
-
-    /// The next frame, or None when the broker closed the connection.
-    async fn frame(&mut self) -> Option<Frame> {
-        loop {
-            if let Some((frame, used)) =
-                decode_frame(&self.buffer, DEFAULT_MAX_FRAME_BYTES).unwrap()
-            {
-                let _ = self.buffer.split_to(used);
-                return Some(frame);
-            }
-            let read = tokio::time::timeout(
-                Duration::from_secs(10),
-                self.stream.read_buf(&mut self.buffer),
-            )
-            .await
-            .expect("broker answered in time")
-            .unwrap_or(0);
-            if read == 0 {
-                return None;
-            }
-        }
-    }
-
-    async fn request(&mut self, request: Request) -> Response {
-        let id = self.send(request).await;
-        loop {
-            let frame = self.frame().await.expect("a response");
-            if let Body::Response(response) = frame.body {
-                assert_eq!(frame.correlation_id, id);
-                return response;
-            }
-        }
-    }
-
-    async fn push(&mut self) -> dmq_protocol::Delivery {
-        loop {
-            let frame = self.frame().await.expect("a push");
-            if let Body::Push(Push::Deliver(delivery)) = frame.body {
-                return delivery;
-            }
-        }
-    }
-
-    async fn expect_error_and_close(&mut self, code: ErrorCode) {
-        let frame = self.frame().await.expect("an ERROR frame");
-        match frame.body {
-            Body::Response(Response::Error(error)) => assert_eq!(error.code, code, "{error:?}"),
-            other => panic!("expected ERROR {code}, got {other:?}"),
-        }
-        assert!(self.frame().await.is_none(), "connection should be closed");
     }
 }
 

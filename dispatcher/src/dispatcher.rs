@@ -331,9 +331,9 @@ impl Dispatcher {
     ) -> Result<Dispatcher> {
         let now = clock.now_ms();
         let (meta, payloads) = storage.open_journal("meta")?;
-        let (delays, recovery) =
+        // The delay store logs what its recovery did.
+        let (delays, _recovery) =
             DelayStore::open(Arc::clone(&storage), DelayConfig::default(), now)?;
-        tracing::info!(?recovery, "delay store opened");
         let mut dispatcher = Dispatcher {
             wheel: TimingWheel::new(config.tick_ms, now),
             storage,

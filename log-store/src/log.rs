@@ -901,6 +901,29 @@ fn open_sealed_segment(
     ))
 }
 
+/// End of the last extent the file system reports as data (`SEEK_DATA` /
+/// `SEEK_HOLE`): an upper bound of the bytes ever written, since preallocated
+/// but unwritten blocks are holes. `len` when the file system cannot tell.
+fn data_end(file: &File, len: u64) -> u64 {
+    use rustix::fs::{seek, SeekFrom};
+    let mut end = 0;
+    let mut position = 0;
+    while position < len {
+        let start = match seek(file, SeekFrom::Data(position)) {
+            Ok(start) => start,
+            Err(rustix::io::Errno::NXIO) => break, // no data after `position`
+            Err(_) => return len,
+        };
+        if start >= len {
+            break;
+        }
+        let hole = seek(file, SeekFrom::Hole(start)).unwrap_or(len).min(len);
+        end = hole;
+        position = hole;
+    }
+    end
+}
+
 /// Scans a segment's mapping and feeds every valid batch to `indexes`.
 fn rebuild_indexes(
     map: &SegmentMap,
@@ -966,7 +989,10 @@ fn open_active_segment(
         config.index_capacity(capacity),
         config.index_interval_bytes,
     )?;
-    let outcome = rebuild_indexes(&map, base_offset, capacity, &mut indexes)?;
+    // Bytes past the file's last data extent are preallocated, never
+    // written: zeros that need no scan (1 GiB of them took seconds).
+    let scan_len = data_end(&file, capacity);
+    let outcome = rebuild_indexes(&map, base_offset, scan_len, &mut indexes)?;
     report.active_bytes_scanned = outcome.torn_end;
     report
         .corrupt_regions

@@ -1,0 +1,254 @@
+//! Crash test: a real `dmqd` process is killed with SIGKILL while a producer
+//! and a consumer run (20 cycles by default, `DMQ_BROKER_CRASH_CYCLES` for
+//! more), then restarted on the same data directory. At the end every
+//! acknowledged produce must have been delivered, and no message whose ack
+//! was confirmed well before a kill (outside the ack persistence window) may
+//! be delivered again.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dmq_protocol::{Body, MessageId, Push, Request, Response};
+
+mod common;
+use common::Connection;
+
+/// Acks confirmed less than this before a kill may be lost (the documented
+/// window is 50 ms plus the dispatcher's poll; the margin absorbs CI noise).
+const ACK_WINDOW: Duration = Duration::from_secs(2);
+
+fn free_port() -> SocketAddr {
+    let listener = StdListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+fn start(data_dir: &std::path::Path, addr: SocketAddr) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dmqd"))
+        .args([
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn connect(addr: SocketAddr) -> Connection {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Connection::hello(addr).await;
+        }
+        assert!(Instant::now() < deadline, "dmqd did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn subscribe() -> Request {
+    Request::Subscribe(dmq_protocol::Subscribe {
+        topic: "crash".into(),
+        group: "g".into(),
+        member_name: "c".into(),
+        credit: 1000,
+        settings: dmq_protocol::GroupSettings {
+            ack_timeout_ms: Some(60_000),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Produces the broker acknowledged: id → value.
+    produced: HashMap<MessageId, Bytes>,
+    /// Every message ever delivered.
+    delivered: HashSet<MessageId>,
+    /// Acks the broker confirmed, with when.
+    acked: HashMap<MessageId, Instant>,
+    /// Deliveries of a message after its ack was confirmed, with when.
+    redelivered_after_ack: Vec<(MessageId, Instant)>,
+}
+
+/// Produces and consumes until `until`, recording everything confirmed.
+async fn run_cycle(addr: SocketAddr, ledger: &mut Ledger, until: Instant, cycle: u64) {
+    let mut producer = connect(addr).await;
+    let mut consumer = connect(addr).await;
+    let Response::Subscribed(subscription) = consumer.request(subscribe()).await else {
+        panic!("subscribe failed")
+    };
+    let mut pending_acks: HashMap<u32, MessageId> = HashMap::new();
+    let mut sequence = 0u64;
+    while Instant::now() < until {
+        sequence += 1;
+        let values: Vec<Bytes> = (0..10)
+            .map(|i| Bytes::from(format!("cycle {cycle} batch {sequence} record {i}")))
+            .collect();
+        let produce = Request::Produce(dmq_protocol::Produce {
+            topic: "crash".into(),
+            partition: Some(0),
+            idempotence: None,
+            records: values
+                .iter()
+                .map(|value| dmq_protocol::ProduceRecord {
+                    value: value.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        });
+        let id = producer.send(produce).await;
+        let frame = producer
+            .frame_within(Duration::from_secs(10))
+            .await
+            .expect("PRODUCE_OK");
+        assert_eq!(frame.correlation_id, id);
+        let Body::Response(Response::ProduceOk(ok)) = frame.body else {
+            panic!("produce failed: {frame:?}")
+        };
+        for (record, value) in ok.records.iter().zip(values) {
+            ledger.produced.insert(record.message_id, value);
+        }
+        // Drain pushes (ack each) and ack confirmations.
+        while let Some(frame) = consumer.frame_within(Duration::from_millis(5)).await {
+            match frame.body {
+                Body::Push(Push::Deliver(delivery)) => {
+                    if ledger.acked.contains_key(&delivery.message_id) {
+                        ledger
+                            .redelivered_after_ack
+                            .push((delivery.message_id, Instant::now()));
+                    }
+                    ledger.delivered.insert(delivery.message_id);
+                    let ack = Request::Ack(dmq_protocol::Ack {
+                        subscription_id: subscription.subscription_id,
+                        messages: vec![dmq_protocol::MessagePosition {
+                            partition: delivery.partition,
+                            offset: delivery.offset,
+                        }],
+                    });
+                    let ack_id = consumer.send(ack).await;
+                    pending_acks.insert(ack_id, delivery.message_id);
+                }
+                Body::Response(Response::Ok) => {
+                    if let Some(id) = pending_acks.remove(&frame.correlation_id) {
+                        ledger.acked.entry(id).or_insert_with(Instant::now);
+                    }
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_produces_survive_sigkill_and_acks_stay_acked() {
+    let cycles: u64 = std::env::var("DMQ_BROKER_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = Ledger::default();
+    let mut kills = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for cycle in 0..cycles {
+        let addr = free_port();
+        let mut child = start(dir.path(), addr);
+        if cycle == 0 {
+            let mut admin = connect(addr).await;
+            let created = admin
+                .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+                    name: "crash".into(),
+                    partitions: 1,
+                    ordered: false,
+                }))
+                .await;
+            assert_eq!(created, Response::Ok);
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let run_for = Duration::from_millis(100 + seed % 300);
+        run_cycle(addr, &mut ledger, Instant::now() + run_for, cycle).await;
+        child.kill().unwrap(); // SIGKILL
+        kills.push(Instant::now());
+        child.wait().unwrap();
+    }
+    // Final run: drain everything.
+    let addr = free_port();
+    let mut child = start(dir.path(), addr);
+    let mut consumer = connect(addr).await;
+    let Response::Subscribed(subscription) = consumer.request(subscribe()).await else {
+        panic!("subscribe failed")
+    };
+    while let Some(frame) = consumer.frame_within(Duration::from_secs(2)).await {
+        let Body::Push(Push::Deliver(delivery)) = frame.body else {
+            continue;
+        };
+        if ledger.acked.contains_key(&delivery.message_id) {
+            ledger
+                .redelivered_after_ack
+                .push((delivery.message_id, Instant::now()));
+        }
+        ledger.delivered.insert(delivery.message_id);
+        if let Some(value) = ledger.produced.get(&delivery.message_id) {
+            assert_eq!(value, &delivery.value, "a delivered message changed");
+        }
+        consumer
+            .send(Request::Ack(dmq_protocol::Ack {
+                subscription_id: subscription.subscription_id,
+                messages: vec![dmq_protocol::MessagePosition {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }],
+            }))
+            .await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    assert!(
+        ledger.produced.len() > 100,
+        "the test produced too little: {}",
+        ledger.produced.len()
+    );
+    let lost: Vec<_> = ledger
+        .produced
+        .keys()
+        .filter(|id| !ledger.delivered.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged produces never delivered",
+        lost.len()
+    );
+    // A redelivery of an acked message is allowed only if its ack was
+    // confirmed within the window before the kill that preceded it.
+    for (id, when) in &ledger.redelivered_after_ack {
+        let acked_at = ledger.acked[id];
+        let kill = kills
+            .iter()
+            .find(|kill| **kill >= acked_at && **kill <= *when);
+        let allowed = kill.is_some_and(|kill| kill.duration_since(acked_at) <= ACK_WINDOW);
+        assert!(
+            allowed,
+            "message {id} redelivered after an ack confirmed outside the window: acked {:?} before the next kill, redelivered {:?} after the ack; kills at {:?} after the first",
+            kill.map(|k| k.duration_since(acked_at)),
+            when.duration_since(acked_at),
+            kills.iter().map(|k| k.duration_since(kills[0])).collect::<Vec<_>>()
+        );
+    }
+    eprintln!(
+        "{cycles} kills: {} produced, {} delivered, {} acked, {} redelivered after ack (all within the window)",
+        ledger.produced.len(),
+        ledger.delivered.len(),
+        ledger.acked.len(),
+        ledger.redelivered_after_ack.len()
+    );
+}
