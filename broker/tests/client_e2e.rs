@@ -1,0 +1,329 @@
+//! End to end: a real broker on 127.0.0.1 (random port, temp data dir) and
+//! the real Rust client. One test per delivery rule the broker promises.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use dmq_broker::{server, BrokerConfig, Engine};
+use dmq_client::{
+    Client, ClientOptions, GroupSettings, Message, ReceivedMessage, Start, StartPosition,
+    SubscribeOptions, Subscription,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+struct Broker {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            ..BrokerConfig::default()
+        };
+        let engine = Engine::start(&config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, engine, config, async {
+            let _ = stopped.await;
+        }));
+        Broker {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.addr.to_string(), ClientOptions::new("e2e"))
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+fn options(member: &str) -> SubscribeOptions {
+    SubscribeOptions {
+        member_name: member.into(),
+        start: Start::Earliest,
+        ..SubscribeOptions::default()
+    }
+}
+
+async fn next(subscription: &mut Subscription, within: Duration) -> Option<ReceivedMessage> {
+    match tokio::time::timeout(within, subscription.recv()).await {
+        Ok(Some(message)) => Some(message.unwrap()),
+        _ => None,
+    }
+}
+
+fn text(message: &ReceivedMessage) -> String {
+    String::from_utf8(message.value.to_vec()).unwrap()
+}
+
+async fn send_all(client: &Client, topic: &str, values: &[&str]) {
+    let producer = client.producer();
+    let sends: Vec<_> = values
+        .iter()
+        .map(|v| producer.send(Message::new(topic, v.to_string()).partition(0)))
+        .collect();
+    for send in sends {
+        send.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_consume_ack_and_every_group_gets_every_message() {
+    let broker = Broker::start().await;
+    let client = broker.client().await;
+    client.create_topic("orders", 1, false).await.unwrap();
+    send_all(&client, "orders", &["a", "b", "c"]).await;
+    for group in ["billing", "shipping", "audit"] {
+        let mut subscription = client
+            .consumer()
+            .subscribe("orders", group, options("m"))
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let message = next(&mut subscription, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert_eq!(message.attempt, 1);
+            seen.push(text(&message));
+            message.ack().await.unwrap();
+        }
+        assert_eq!(seen, vec!["a", "b", "c"], "group {group}");
+        assert!(next(&mut subscription, Duration::from_millis(200))
+            .await
+            .is_none());
+    }
+    let group = client.describe_group("orders", "billing").await.unwrap();
+    assert_eq!(
+        (group.partitions[0].ack_floor, group.partitions[0].lag),
+        (3, 0)
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_never_delivered() {
+    let broker = Broker::start().await;
+    let client = broker.client().await;
+    client.create_topic("t", 1, false).await.unwrap();
+    let producer = client.producer();
+    producer
+        .send(
+            Message::new("t", "stale")
+                .partition(0)
+                .ttl(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    producer
+        .send(Message::new("t", "fresh").partition(0))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut subscription = client
+        .consumer()
+        .subscribe("t", "g", options("m"))
+        .await
+        .unwrap();
+    let message = next(&mut subscription, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(text(&message), "fresh");
+    message.ack().await.unwrap();
+    assert!(next(&mut subscription, Duration::from_millis(300))
+        .await
+        .is_none());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_attempts_moves_a_message_to_the_dead_letter_topic() {
+    let broker = Broker::start().await;
+    let client = broker.client().await;
+    client.create_topic("t", 1, false).await.unwrap();
+    send_all(&client, "t", &["poison"]).await;
+    let subscribe = SubscribeOptions {
+        settings: GroupSettings {
+            max_attempts: Some(3),
+            backoff: Some(dmq_client::Backoff::Fixed {
+                delays_ms: vec![10],
+            }),
+            ..GroupSettings::default()
+        },
+        ..options("m")
+    };
+    let mut subscription = client
+        .consumer()
+        .subscribe("t", "g", subscribe)
+        .await
+        .unwrap();
+    let mut id = None;
+    for attempt in 1..=3 {
+        let message = next(&mut subscription, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(message.attempt, attempt);
+        id = Some(message.id);
+        message.nack(None).await.unwrap();
+    }
+    assert!(next(&mut subscription, Duration::from_millis(300))
+        .await
+        .is_none());
+    let mut dead = client
+        .consumer()
+        .subscribe("t.g.dlq", "inspect", options("m"))
+        .await
+        .unwrap();
+    let message = next(&mut dead, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        Some(message.id),
+        id,
+        "same message id in the dead-letter topic"
+    );
+    assert_eq!(
+        message.header(b"dmq.dlq.topic").map(|v| v.to_vec()),
+        Some(b"t".to_vec())
+    );
+    assert_eq!(
+        message.header(b"dmq.dlq.attempts").map(|v| v.to_vec()),
+        Some(b"3".to_vec())
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_topic_keeps_per_key_order_with_acks() {
+    let broker = Broker::start().await;
+    let client = broker.client().await;
+    client.create_topic("o", 2, true).await.unwrap();
+    let producer = client.producer();
+    let mut sends = Vec::new();
+    for i in 0..30 {
+        let key = format!("k{}", i % 3);
+        sends.push(producer.send(Message::new("o", format!("{key}:{i}")).key(key)));
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    let mut a = client
+        .consumer()
+        .subscribe("o", "g", options("a"))
+        .await
+        .unwrap();
+    let mut b = client
+        .consumer()
+        .subscribe("o", "g", options("b"))
+        .await
+        .unwrap();
+    let mut seen: Vec<(String, u32)> = Vec::new();
+    while seen.len() < 30 {
+        let (message, _) = tokio::select! {
+            Some(m) = next_some(&mut a) => (m, 'a'),
+            Some(m) = next_some(&mut b) => (m, 'b'),
+            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("stalled after {}", seen.len()),
+        };
+        let value = text(&message);
+        let (key, i) = value.split_once(':').unwrap();
+        seen.push((key.to_string(), i.parse().unwrap()));
+        message.ack().await.unwrap();
+    }
+    for key in ["k0", "k1", "k2"] {
+        let order: Vec<u32> = seen
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, i)| *i)
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "key {key} out of order");
+    }
+    broker.stop().await;
+}
+
+async fn next_some(subscription: &mut Subscription) -> Option<ReceivedMessage> {
+    subscription.recv().await.map(|m| m.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seek_to_a_timestamp_replays() {
+    let broker = Broker::start().await;
+    let client = broker.client().await;
+    client.create_topic("t", 1, false).await.unwrap();
+    send_all(&client, "t", &["old"]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_all(&client, "t", &["new1", "new2"]).await;
+    {
+        let mut subscription = client
+            .consumer()
+            .subscribe("t", "g", options("m"))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            next(&mut subscription, Duration::from_secs(10))
+                .await
+                .unwrap()
+                .ack()
+                .await
+                .unwrap();
+        }
+        subscription.unsubscribe().await.unwrap();
+    }
+    let millis = since
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let dry = client
+        .seek("t", "g", None, StartPosition::Timestamp(millis), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        (dry.partitions[0].new_floor, dry.partitions[0].redelivered),
+        (1, 2)
+    );
+    client
+        .seek("t", "g", None, StartPosition::Timestamp(millis), false)
+        .await
+        .unwrap();
+    let mut subscription = client
+        .consumer()
+        .subscribe("t", "g", options("m"))
+        .await
+        .unwrap();
+    let mut replayed = Vec::new();
+    for _ in 0..2 {
+        let message = next(&mut subscription, Duration::from_secs(10))
+            .await
+            .unwrap();
+        replayed.push(text(&message));
+        message.ack().await.unwrap();
+    }
+    assert_eq!(replayed, vec!["new1", "new2"]);
+    broker.stop().await;
+}

@@ -1,0 +1,109 @@
+//! A delayed message arrives no earlier than due and within 100 ms after,
+//! through a real broker and the real client. Alone in its own test binary
+//! so that no other test loads the broker while it is timed.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use dmq_broker::{server, BrokerConfig, Engine};
+use dmq_client::{
+    Client, ClientOptions, Message, ReceivedMessage, Start, SubscribeOptions, Subscription,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+struct Broker {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            ..BrokerConfig::default()
+        };
+        let engine = Engine::start(&config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, engine, config, async {
+            let _ = stopped.await;
+        }));
+        Broker {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.addr.to_string(), ClientOptions::new("e2e"))
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+fn options(member: &str) -> SubscribeOptions {
+    SubscribeOptions {
+        member_name: member.into(),
+        start: Start::Earliest,
+        ..SubscribeOptions::default()
+    }
+}
+
+async fn next(subscription: &mut Subscription, within: Duration) -> Option<ReceivedMessage> {
+    match tokio::time::timeout(within, subscription.recv()).await {
+        Ok(Some(message)) => Some(message.unwrap()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_arrives_on_time() {
+    let broker = Broker::start().await;
+    let client = broker.client().await;
+    client.create_topic("reminders", 1, false).await.unwrap();
+    let mut subscription = client
+        .consumer()
+        .subscribe("reminders", "g", options("m"))
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    let receipt = client
+        .producer()
+        .send(Message::new("reminders", "pay").delay(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert_eq!(receipt.offset, None, "waits in the delay store");
+    let message = next(&mut subscription, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let elapsed = sent.elapsed();
+    assert_eq!(message.id, receipt.id);
+    eprintln!(
+        "delayed message arrived {:?} after the send (due after 2 s)",
+        elapsed
+    );
+    assert!(elapsed >= Duration::from_millis(2000), "early: {elapsed:?}");
+    assert!(elapsed <= Duration::from_millis(2100), "late: {elapsed:?}");
+    broker.stop().await;
+}

@@ -1,0 +1,421 @@
+//! `dmq bench`: an end-to-end load generator. Producers (each on its own
+//! connection) send `--count` messages in total, or for `--duration`, at a
+//! target `--rate` (0 = as fast as possible), each carrying its send time
+//! in a header; consumers (each on its own connection, one fresh group)
+//! receive them and, with `--acks`, ack each one. Reports produce→ack and
+//! produce→deliver latency percentiles (hdrhistogram), msgs/s and MB/s.
+//!
+//! Every loop is bounded: producers stop at the count or the deadline;
+//! consumers stop when every acknowledged message arrived, or after
+//! `--drain-timeout` without progress once the producers are done.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Args;
+use dmq_client::{ClientError, ErrorCode, Message, ProducerOptions, Start, SubscribeOptions};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::output::Format;
+use crate::{parse_duration, Cli};
+
+/// Header carrying the send time (ns since the Unix epoch, u64 LE).
+const SEND_TIME_HEADER: &str = "dmq-bench-ts";
+/// Latencies above this (µs) are clamped into the histogram's top bucket.
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+/// `dmq bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Producer connections.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Consumer connections (0: produce only).
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Messages in total (default 100000 unless --duration).
+    #[arg(long, conflicts_with = "duration")]
+    pub count: Option<u64>,
+    /// Produce for this long instead of a count (e.g. 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Target messages per second over all producers; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Topic (created if missing).
+    #[arg(long, default_value = "dmq-bench")]
+    pub topic: String,
+    /// Partitions when the topic is created.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+    /// Consumers ack every message (per-message acks, batched in frames).
+    #[arg(long)]
+    pub acks: bool,
+    /// Producer batch size (messages).
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Producer linger (e.g. 1ms).
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    pub linger: Duration,
+    /// Unacknowledged sends per producer, at most.
+    #[arg(long, default_value_t = 20_000)]
+    pub window: usize,
+    /// Consumer credit window.
+    #[arg(long, default_value_t = 5000)]
+    pub credit: u32,
+    /// Consumers give up after this long without a message once producers are done.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+fn histogram() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("histogram bounds")
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_LATENCY_US)
+}
+
+struct Counters {
+    acked: AtomicU64,
+    delivered: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Runs `dmq bench`.
+pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
+    if args.producers == 0 {
+        bail!("--producers must be at least 1");
+    }
+    let admin = cli.connect().await?;
+    match admin
+        .create_topic(&args.topic, args.partitions.max(1), false)
+        .await
+    {
+        Err(error) if error.code() != Some(ErrorCode::TopicExists) => {
+            return Err(error).context("creating the bench topic")
+        }
+        _ => {}
+    }
+    let count = match (args.count, args.duration) {
+        (Some(count), _) => Some(count),
+        (None, Some(_)) => None,
+        (None, None) => Some(100_000),
+    };
+    let counters = Arc::new(Counters {
+        acked: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    // Consumers first, so that a group starting at "latest" sees everything.
+    let group = format!("bench-{}-{}", std::process::id(), now_ns() / 1_000_000);
+    let (done_sender, done) = watch::channel(None::<u64>);
+    let mut consumers = Vec::new();
+    for index in 0..args.consumers {
+        let client = cli.connect().await?;
+        let options = SubscribeOptions {
+            member_name: format!("bench-consumer-{index}"),
+            start: Start::Latest,
+            credit_window: args.credit.max(1),
+            ..SubscribeOptions::default()
+        };
+        let subscription = client
+            .consumer()
+            .subscribe(&args.topic, &group, options)
+            .await
+            .context("subscribing the bench consumer")?;
+        consumers.push(tokio::spawn(consume(
+            subscription,
+            args.acks,
+            Arc::clone(&counters),
+            done.clone(),
+            args.drain_timeout,
+        )));
+    }
+
+    let progress = if std::io::stderr().is_terminal() {
+        match count {
+            Some(total) => ProgressBar::new(total),
+            None => ProgressBar::new(args.duration.map_or(0, |d| d.as_secs())),
+        }
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
+    {
+        progress.set_style(style.progress_chars("=> "));
+    }
+
+    let payload = Bytes::from(vec![b'x'; args.size]);
+    let started = Instant::now();
+    let deadline = args.duration.map(|duration| started + duration);
+    let mut producers = Vec::new();
+    for index in 0..args.producers {
+        let share = count.map(|total| {
+            let base = total / args.producers as u64;
+            base + u64::from((index as u64) < total % args.producers as u64)
+        });
+        let client = cli.connect().await?;
+        let producer = client.producer_with(ProducerOptions {
+            linger: args.linger,
+            max_batch_messages: args.batch.max(1),
+            max_pending_messages: args.window.max(1),
+            ..ProducerOptions::default()
+        });
+        let interval = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.producers as f64 / args.rate as f64));
+        producers.push(tokio::spawn(produce(
+            producer,
+            args.topic.clone(),
+            payload.clone(),
+            share,
+            deadline,
+            interval,
+            args.window.max(1),
+            Arc::clone(&counters),
+        )));
+    }
+
+    // Progress until the producers are done.
+    let ticker = {
+        let progress = progress.clone();
+        let counters = Arc::clone(&counters);
+        let by_time = count.is_none();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let acked = counters.acked.load(Ordering::Relaxed);
+                let delivered = counters.delivered.load(Ordering::Relaxed);
+                if by_time {
+                    progress.set_position(started.elapsed().as_secs());
+                } else {
+                    progress.set_position(acked);
+                }
+                progress.set_message(format!("acked {acked} delivered {delivered}"));
+            }
+        })
+    };
+    let mut produce_latency = histogram()?;
+    for producer in producers {
+        let histogram = producer.await.context("producer task")??;
+        produce_latency
+            .add(&histogram)
+            .context("merging histograms")?;
+    }
+    let produce_elapsed = started.elapsed();
+    let produced = counters.acked.load(Ordering::Relaxed);
+    done_sender.send_replace(Some(produced));
+    let mut deliver_latency = histogram()?;
+    for consumer in consumers {
+        let histogram = consumer.await.context("consumer task")??;
+        deliver_latency
+            .add(&histogram)
+            .context("merging histograms")?;
+    }
+    let total_elapsed = started.elapsed();
+    ticker.abort();
+    progress.finish_and_clear();
+
+    let delivered = counters.delivered.load(Ordering::Relaxed);
+    let errors = counters.errors.load(Ordering::Relaxed);
+    let seconds = produce_elapsed.as_secs_f64().max(1e-9);
+    let produce_rate = produced as f64 / seconds;
+    let produce_mb = produce_rate * args.size as f64 / 1e6;
+    let end_to_end_rate = delivered as f64 / total_elapsed.as_secs_f64().max(1e-9);
+    let percentiles = |histogram: &Histogram<u64>| {
+        json!({
+            "count": histogram.len(),
+            "p50_us": histogram.value_at_quantile(0.50),
+            "p99_us": histogram.value_at_quantile(0.99),
+            "p999_us": histogram.value_at_quantile(0.999),
+            "max_us": histogram.max(),
+        })
+    };
+    match cli.format {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "topic": args.topic,
+                "producers": args.producers,
+                "consumers": args.consumers,
+                "size": args.size,
+                "acks": args.acks,
+                "rate_target": args.rate,
+                "produced": produced,
+                "delivered": delivered,
+                "errors": errors,
+                "produce_seconds": produce_elapsed.as_secs_f64(),
+                "total_seconds": total_elapsed.as_secs_f64(),
+                "produce_msgs_per_sec": produce_rate,
+                "produce_mb_per_sec": produce_mb,
+                "end_to_end_msgs_per_sec": end_to_end_rate,
+                "produce_to_ack": percentiles(&produce_latency),
+                "produce_to_deliver": percentiles(&deliver_latency),
+            })
+        ),
+        Format::Table => {
+            println!(
+                "produced {produced} messages of {} bytes in {:.2} s: {:.0} msgs/s, {:.1} MB/s ({errors} errors)",
+                args.size,
+                produce_elapsed.as_secs_f64(),
+                produce_rate,
+                produce_mb
+            );
+            if args.consumers > 0 {
+                println!(
+                    "delivered {delivered} messages in {:.2} s: {:.0} msgs/s end to end{}",
+                    total_elapsed.as_secs_f64(),
+                    end_to_end_rate,
+                    if args.acks { ", each acked" } else { "" }
+                );
+            }
+            let line = |name: &str, histogram: &Histogram<u64>| {
+                println!(
+                    "{name:<18} p50 {:>8} µs  p99 {:>8} µs  p99.9 {:>8} µs  max {:>8} µs",
+                    histogram.value_at_quantile(0.50),
+                    histogram.value_at_quantile(0.99),
+                    histogram.value_at_quantile(0.999),
+                    histogram.max()
+                );
+            };
+            line("produce→ack", &produce_latency);
+            if args.consumers > 0 {
+                line("produce→deliver", &deliver_latency);
+            }
+        }
+    }
+    if produced == 0 {
+        bail!("no message was acknowledged");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    producer: dmq_client::Producer,
+    topic: String,
+    payload: Bytes,
+    count: Option<u64>,
+    deadline: Option<Instant>,
+    interval: Option<Duration>,
+    window: usize,
+    counters: Arc<Counters>,
+) -> Result<Histogram<u64>> {
+    let mut latency = histogram()?;
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0u64;
+    let mut next_at = tokio::time::Instant::now();
+    let mut first_error: Option<ClientError> = None;
+    let mut record = |result: Result<Duration, ClientError>| match result {
+        Ok(elapsed) => {
+            let _ = latency.record(micros(elapsed));
+            counters.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(error) => {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            first_error.get_or_insert(error);
+        }
+    };
+    loop {
+        if count.is_some_and(|count| sent >= count)
+            || deadline.is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            break;
+        }
+        if let Some(interval) = interval {
+            next_at += interval;
+            tokio::time::sleep_until(next_at).await;
+        }
+        while in_flight.len() >= window {
+            if let Some(result) = in_flight.next().await {
+                record(result);
+            }
+        }
+        let message = Message::new(topic.clone(), payload.clone()).header(
+            SEND_TIME_HEADER,
+            Bytes::copy_from_slice(&now_ns().to_le_bytes()),
+        );
+        let started = Instant::now();
+        let send = producer.send(message);
+        in_flight.push(async move { send.await.map(|_| started.elapsed()) });
+        sent += 1;
+        if sent % 64 == 0 {
+            // Let completions be handled without waiting for the window.
+            while let Some(Some(result)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
+                record(result);
+            }
+        }
+    }
+    while let Some(result) = in_flight.next().await {
+        record(result);
+    }
+    if let Some(error) = first_error {
+        if counters.acked.load(Ordering::Relaxed) == 0 {
+            return Err(error).context("producing");
+        }
+        eprintln!("warning: some sends failed; the first error: {error}");
+    }
+    Ok(latency)
+}
+
+async fn consume(
+    mut subscription: dmq_client::Subscription,
+    acks: bool,
+    counters: Arc<Counters>,
+    mut done: watch::Receiver<Option<u64>>,
+    drain_timeout: Duration,
+) -> Result<Histogram<u64>> {
+    let mut latency = histogram()?;
+    loop {
+        let target = *done.borrow();
+        if let Some(target) = target {
+            if counters.delivered.load(Ordering::Relaxed) >= target {
+                break;
+            }
+        }
+        let message = tokio::select! {
+            message = subscription.recv() => message,
+            _ = done.changed(), if target.is_none() => continue,
+            _ = tokio::time::sleep(drain_timeout), if target.is_some() => break,
+        };
+        let Some(message) = message else {
+            break;
+        };
+        let message = message.context("bench subscription failed")?;
+        if let Some(sent) = message.header(SEND_TIME_HEADER.as_bytes()) {
+            if let Ok(bytes) = <[u8; 8]>::try_from(sent.as_ref()) {
+                let sent_ns = u64::from_le_bytes(bytes);
+                let elapsed = Duration::from_nanos(now_ns().saturating_sub(sent_ns));
+                let _ = latency.record(micros(elapsed));
+            }
+        }
+        counters.delivered.fetch_add(1, Ordering::Relaxed);
+        if acks {
+            // Queued at once and batched; confirmation is not awaited.
+            drop(message.ack());
+        }
+    }
+    Ok(latency)
+}

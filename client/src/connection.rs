@@ -1,0 +1,505 @@
+//! One TCP connection to the broker and the task that keeps one open.
+//!
+//! [`Conn`] is a live, handshaken connection: a writer task drains a bounded
+//! queue of encoded frames into the socket (coalescing them into large
+//! writes), a reader task decodes frames and completes the waiting request
+//! by correlation id (a map correlation id → oneshot) or routes a DELIVER
+//! push to its subscription's channel. Any number of requests may be in
+//! flight (pipelining).
+//!
+//! The supervisor task ([`supervise`]) owns the reconnect policy: when the
+//! connection drops, every request in flight fails with
+//! [`ClientError::ConnectionLost`], the supervisor reconnects with capped
+//! exponential backoff, re-sends SUBSCRIBE for every open subscription, and
+//! only then publishes the new connection to callers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dmq_protocol::{
+    decode_frame_bytes, encode_frame, frame_len, Body, Delivery, Frame, Hello, HelloOk, Push,
+    Request, Response, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::consumer::SubShared;
+use crate::error::{ClientError, Result};
+use crate::options::ClientOptions;
+
+/// Largest write the writer task assembles from queued frames.
+const WRITE_COALESCE_BYTES: usize = 256 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Locks a mutex, ignoring poisoning (the data stays consistent: every
+/// critical section here is a map insert or remove).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The answer to one request, as the reader task hands it over.
+pub(crate) type Reply = Result<Response>;
+
+/// A request waiting for its response.
+struct PendingRequest {
+    reply: oneshot::Sender<Reply>,
+    /// For SUBSCRIBE: the subscription to route DELIVERs to once SUBSCRIBED
+    /// arrives (the route is installed before any push can be read).
+    subscription: Option<Arc<SubShared>>,
+}
+
+struct PendingMap {
+    /// False once the connection is dead: no new request may wait.
+    open: bool,
+    map: HashMap<u32, PendingRequest>,
+}
+
+/// A live connection after a successful HELLO.
+pub(crate) struct Conn {
+    writer: mpsc::Sender<Bytes>,
+    pending: Mutex<PendingMap>,
+    routes: Mutex<HashMap<u64, Arc<SubShared>>>,
+    next_correlation: AtomicU32,
+    /// The broker's HELLO_OK.
+    pub(crate) hello: HelloOk,
+}
+
+impl Conn {
+    /// Encodes and queues `request`; the receiver yields its response.
+    /// Returns once the frame is queued for the socket, so requests started
+    /// one after the other go out in that order.
+    pub(crate) async fn start(
+        &self,
+        request: Request,
+        subscription: Option<Arc<SubShared>>,
+    ) -> Result<oneshot::Receiver<Reply>> {
+        let correlation_id = self.next_correlation_id();
+        let mut buf = BytesMut::new();
+        let bytes = encode_frame(&Frame::request(correlation_id, request), &mut buf)?;
+        if bytes > self.hello.max_frame_bytes as usize {
+            return Err(ClientError::TooLarge {
+                bytes,
+                max: self.hello.max_frame_bytes,
+            });
+        }
+        let (reply, receiver) = oneshot::channel();
+        {
+            let mut pending = lock(&self.pending);
+            if !pending.open {
+                return Err(ClientError::ConnectionLost("connection closed".into()));
+            }
+            pending.map.insert(
+                correlation_id,
+                PendingRequest {
+                    reply,
+                    subscription,
+                },
+            );
+        }
+        if self.writer.send(buf.freeze()).await.is_err() {
+            lock(&self.pending).map.remove(&correlation_id);
+            return Err(ClientError::ConnectionLost("writer stopped".into()));
+        }
+        Ok(receiver)
+    }
+
+    fn next_correlation_id(&self) -> u32 {
+        loop {
+            let id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Fails every waiting request and refuses new ones.
+    pub(crate) fn fail_all(&self, reason: &str) {
+        let drained: Vec<PendingRequest> = {
+            let mut pending = lock(&self.pending);
+            pending.open = false;
+            pending.map.drain().map(|(_, request)| request).collect()
+        };
+        for request in drained {
+            let _ = request
+                .reply
+                .send(Err(ClientError::ConnectionLost(reason.to_owned())));
+        }
+        lock(&self.routes).clear();
+    }
+
+    /// Stops routing DELIVERs of a subscription id.
+    pub(crate) fn remove_route(&self, subscription_id: u64) {
+        lock(&self.routes).remove(&subscription_id);
+    }
+
+    /// Handles one decoded frame from the broker.
+    fn dispatch(&self, frame: Frame) {
+        match frame.body {
+            Body::Response(response) => {
+                let Some(request) = lock(&self.pending).map.remove(&frame.correlation_id) else {
+                    return; // answer to a request whose waiter is gone
+                };
+                let reply = match response {
+                    Response::Error(error) => Err(ClientError::Broker {
+                        code: error.code,
+                        message: error.message,
+                    }),
+                    Response::Subscribed(subscribed) => {
+                        if let Some(subscription) = request.subscription {
+                            subscription.install(subscribed.subscription_id);
+                            lock(&self.routes).insert(subscribed.subscription_id, subscription);
+                        }
+                        Ok(Response::Subscribed(subscribed))
+                    }
+                    other => Ok(other),
+                };
+                let _ = request.reply.send(reply);
+            }
+            Body::Push(Push::Deliver(delivery)) => self.route(delivery),
+            // A request from the broker is not part of the protocol: ignore.
+            Body::Request(_) => {}
+        }
+    }
+
+    fn route(&self, delivery: Delivery) {
+        let subscription = lock(&self.routes).get(&delivery.subscription_id).cloned();
+        if let Some(subscription) = subscription {
+            if !subscription.push(delivery) {
+                // The consumer is gone: stop routing to it.
+                let id = subscription.server_id();
+                self.remove_route(id);
+            }
+        }
+    }
+}
+
+/// What callers see of the connection.
+#[derive(Clone)]
+pub(crate) enum ConnState {
+    /// Not connected; the supervisor is trying.
+    Connecting,
+    /// Connected.
+    Connected(Arc<Conn>),
+    /// The client is closed for good.
+    Closed,
+}
+
+/// State shared by every handle of one client and its supervisor.
+pub(crate) struct Shared {
+    pub(crate) addr: String,
+    pub(crate) options: ClientOptions,
+    pub(crate) state: watch::Sender<ConnState>,
+    /// Open subscriptions, re-established after a reconnect.
+    pub(crate) subscriptions: Mutex<Vec<Weak<SubShared>>>,
+}
+
+impl Shared {
+    /// The live connection, waiting for a reconnect at most the request
+    /// timeout.
+    pub(crate) async fn conn(&self) -> Result<Arc<Conn>> {
+        let mut receiver = self.state.subscribe();
+        let timeout = self.options.request_timeout;
+        let wait = async {
+            loop {
+                let state = receiver.borrow_and_update().clone();
+                match state {
+                    ConnState::Connected(conn) => return Ok(conn),
+                    ConnState::Closed => return Err(ClientError::Closed),
+                    ConnState::Connecting => {}
+                }
+                if receiver.changed().await.is_err() {
+                    return Err(ClientError::Closed);
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+}
+
+/// A connection with its reader and writer tasks.
+pub(crate) struct Session {
+    pub(crate) conn: Arc<Conn>,
+    reader: JoinHandle<String>,
+    writer: JoinHandle<String>,
+}
+
+impl Session {
+    /// Waits until the connection ends (or shutdown), stops both tasks and
+    /// fails every request in flight. Returns why it ended.
+    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> String {
+        let reason = tokio::select! {
+            reason = &mut self.reader => reason.unwrap_or_else(|e| format!("reader task failed: {e}")),
+            reason = &mut self.writer => reason.unwrap_or_else(|e| format!("writer task failed: {e}")),
+            _ = wait_shutdown(shutdown) => "client closed".to_owned(),
+        };
+        self.reader.abort();
+        self.writer.abort();
+        self.conn.fail_all(&reason);
+        reason
+    }
+}
+
+async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Opens a TCP connection, exchanges HELLO/HELLO_OK and starts the reader
+/// and writer tasks.
+pub(crate) async fn connect(addr: &str, options: &ClientOptions) -> Result<Session> {
+    let handshake = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr: addr.to_owned(),
+                source: Arc::new(e),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let hello = Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client_id: options.client_id.clone(),
+            secret: options.secret.clone(),
+        };
+        let mut out = BytesMut::new();
+        encode_frame(&Frame::request(1, hello), &mut out)?;
+        stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+        let frame = loop {
+            if let Some(frame) = next_frame(&mut buf, options.max_frame_bytes)? {
+                break frame;
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(ClientError::ConnectionLost(
+                    "broker closed the connection during HELLO".into(),
+                ));
+            }
+        };
+        let hello_ok = match frame.body {
+            Body::Response(Response::HelloOk(hello_ok)) => hello_ok,
+            Body::Response(Response::Error(error)) => {
+                return Err(ClientError::Broker {
+                    code: error.code,
+                    message: error.message,
+                })
+            }
+            other => {
+                return Err(ClientError::UnexpectedResponse {
+                    expected: "HELLO_OK",
+                    got: other.opcode(),
+                })
+            }
+        };
+        Ok((stream, buf, hello_ok))
+    };
+    let (stream, buf, hello) = match tokio::time::timeout(options.connect_timeout, handshake).await
+    {
+        Ok(result) => result?,
+        Err(_) => return Err(ClientError::Timeout(options.connect_timeout)),
+    };
+    let (read_half, write_half) = stream.into_split();
+    let (writer_tx, writer_rx) = mpsc::channel(options.write_queue_frames.max(1));
+    let conn = Arc::new(Conn {
+        writer: writer_tx,
+        pending: Mutex::new(PendingMap {
+            open: true,
+            map: HashMap::new(),
+        }),
+        routes: Mutex::new(HashMap::new()),
+        next_correlation: AtomicU32::new(2),
+        hello,
+    });
+    let reader = tokio::spawn(read_loop(
+        Arc::clone(&conn),
+        read_half,
+        buf,
+        options.max_frame_bytes,
+    ));
+    let writer = tokio::spawn(write_loop(writer_rx, write_half));
+    Ok(Session {
+        conn,
+        reader,
+        writer,
+    })
+}
+
+/// Cuts the next whole frame off `buf`, if there is one.
+fn next_frame(buf: &mut BytesMut, max_frame_bytes: u32) -> Result<Option<Frame>> {
+    let Some(total) = frame_len(buf, max_frame_bytes)? else {
+        return Ok(None);
+    };
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let bytes = buf.split_to(total).freeze();
+    match decode_frame_bytes(&bytes, max_frame_bytes)? {
+        Some((frame, _)) => Ok(Some(frame)),
+        None => Err(ClientError::ConnectionLost("short frame".into())),
+    }
+}
+
+async fn read_loop(
+    conn: Arc<Conn>,
+    mut read_half: OwnedReadHalf,
+    mut buf: BytesMut,
+    max_frame_bytes: u32,
+) -> String {
+    loop {
+        loop {
+            match next_frame(&mut buf, max_frame_bytes) {
+                Ok(Some(frame)) => conn.dispatch(frame),
+                Ok(None) => break,
+                Err(error) => return format!("invalid frame from broker: {error}"),
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(READ_CHUNK_BYTES);
+        }
+        match read_half.read_buf(&mut buf).await {
+            Ok(0) => return "broker closed the connection".to_owned(),
+            Ok(_) => {}
+            Err(error) => return format!("read failed: {error}"),
+        }
+    }
+}
+
+async fn write_loop(mut frames: mpsc::Receiver<Bytes>, mut write_half: OwnedWriteHalf) -> String {
+    let mut out = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
+    while let Some(first) = frames.recv().await {
+        if frames.is_empty() {
+            if let Err(error) = write_half.write_all(&first).await {
+                return format!("write failed: {error}");
+            }
+            continue;
+        }
+        out.clear();
+        out.extend_from_slice(&first);
+        while out.len() < WRITE_COALESCE_BYTES {
+            match frames.try_recv() {
+                Ok(frame) => out.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = write_half.write_all(&out).await {
+            return format!("write failed: {error}");
+        }
+    }
+    "client closed".to_owned()
+}
+
+/// Keeps the client connected until shutdown: runs `session`, then
+/// reconnects with capped exponential backoff and re-subscribes.
+pub(crate) async fn supervise(
+    shared: Arc<Shared>,
+    mut session: Session,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let _reason = session.run(&mut shutdown).await;
+        if *shutdown.borrow() {
+            break;
+        }
+        shared.state.send_replace(ConnState::Connecting);
+        let mut delay = shared.options.reconnect_backoff_initial;
+        session = loop {
+            let attempt = tokio::select! {
+                result = connect(&shared.addr, &shared.options) => Some(result),
+                _ = wait_shutdown(&mut shutdown) => None,
+            };
+            match attempt {
+                None => {
+                    shared.state.send_replace(ConnState::Closed);
+                    close_subscriptions(&shared);
+                    return;
+                }
+                Some(Ok(session)) => break session,
+                Some(Err(_)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = wait_shutdown(&mut shutdown) => {
+                            shared.state.send_replace(ConnState::Closed);
+                            close_subscriptions(&shared);
+                            return;
+                        }
+                    }
+                    delay = (delay * 2).min(shared.options.reconnect_backoff_max);
+                }
+            }
+        };
+        resubscribe(&shared, &session.conn).await;
+        shared
+            .state
+            .send_replace(ConnState::Connected(Arc::clone(&session.conn)));
+    }
+    shared.state.send_replace(ConnState::Closed);
+    close_subscriptions(&shared);
+}
+
+/// Re-sends SUBSCRIBE for every open subscription on a new connection. A
+/// subscription the broker now refuses gets the error in its stream.
+async fn resubscribe(shared: &Shared, conn: &Arc<Conn>) {
+    let subscriptions: Vec<Arc<SubShared>> = {
+        let mut list = lock(&shared.subscriptions);
+        list.retain(|weak| weak.strong_count() > 0);
+        list.iter().filter_map(Weak::upgrade).collect()
+    };
+    let timeout = shared.options.request_timeout;
+    for subscription in subscriptions {
+        if subscription.is_closed() {
+            continue;
+        }
+        let request = Request::Subscribe(subscription.request.clone());
+        let result = match conn.start(request, Some(Arc::clone(&subscription))).await {
+            Ok(receiver) => match tokio::time::timeout(timeout, receiver).await {
+                Ok(Ok(reply)) => reply.map(|_| ()),
+                Ok(Err(_)) => Err(ClientError::ConnectionLost("connection closed".into())),
+                Err(_) => Err(ClientError::Timeout(timeout)),
+            },
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(()) => {}
+            // The connection dropped again: the next round retries.
+            Err(error) if error.is_transient() => return,
+            Err(error) => subscription.fail(error),
+        }
+    }
+}
+
+fn close_subscriptions(shared: &Shared) {
+    let subscriptions: Vec<Arc<SubShared>> = lock(&shared.subscriptions)
+        .drain(..)
+        .filter_map(|weak| weak.upgrade())
+        .collect();
+    for subscription in subscriptions {
+        subscription.fail(ClientError::Closed);
+    }
+}
+
+/// Waits for a reply with a timeout.
+pub(crate) async fn await_reply(
+    receiver: oneshot::Receiver<Reply>,
+    timeout: Duration,
+) -> Result<Response> {
+    match tokio::time::timeout(timeout, receiver).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(_)) => Err(ClientError::ConnectionLost("connection closed".into())),
+        Err(_) => Err(ClientError::Timeout(timeout)),
+    }
+}

@@ -1,0 +1,104 @@
+//! Settings of a [`Client`](crate::Client) and of the [`Producer`](crate::Producer):
+//! identity, limits, timeouts, reconnect backoff, batching.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmq_protocol::DEFAULT_MAX_FRAME_BYTES;
+
+/// How a [`Client`](crate::Client) connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Sent in HELLO; names the client for auth, ACLs and logs.
+    pub client_id: String,
+    /// Sent in HELLO; empty when the broker runs without auth.
+    pub secret: Bytes,
+    /// Largest frame accepted from the broker (length prefix included).
+    pub max_frame_bytes: u32,
+    /// A request without an answer after this fails with
+    /// [`ClientError::Timeout`](crate::ClientError::Timeout). Also bounds the
+    /// wait for a connection while reconnecting.
+    pub request_timeout: Duration,
+    /// Bound on opening a TCP connection plus the HELLO exchange.
+    pub connect_timeout: Duration,
+    /// First delay before a reconnect attempt; doubled after each failure.
+    pub reconnect_backoff_initial: Duration,
+    /// Cap on the reconnect delay.
+    pub reconnect_backoff_max: Duration,
+    /// Frames queued for the socket writer at most (backpressure beyond).
+    pub write_queue_frames: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            client_id: "dmq-client".to_owned(),
+            secret: Bytes::new(),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            reconnect_backoff_initial: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(5),
+            write_queue_frames: 1024,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Default options with this client id.
+    pub fn new(client_id: impl Into<String>) -> Self {
+        ClientOptions {
+            client_id: client_id.into(),
+            ..ClientOptions::default()
+        }
+    }
+
+    /// Sets the secret.
+    pub fn secret(mut self, secret: impl Into<Bytes>) -> Self {
+        self.secret = secret.into();
+        self
+    }
+
+    /// Sets the request timeout.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+}
+
+/// How a [`Producer`](crate::Producer) batches and retries.
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    /// A batch is sent at most this long after its first message.
+    pub linger: Duration,
+    /// A batch is sent as soon as it holds this many messages.
+    pub max_batch_messages: usize,
+    /// A batch is sent before it would exceed this many (estimated) bytes;
+    /// also capped by the broker's maximum frame size.
+    pub max_batch_bytes: usize,
+    /// PRODUCE requests in flight at once (pipelining).
+    pub max_in_flight_batches: usize,
+    /// Messages accepted by `send` but not yet acknowledged, at most;
+    /// `send` waits beyond (backpressure).
+    pub max_pending_messages: usize,
+    /// Send a producer id and a sequence per batch, and retry batches that
+    /// failed on a lost connection: the broker returns the original offsets
+    /// of a batch it already stored.
+    pub idempotence: bool,
+    /// Retries of one batch after a transient failure (idempotence only).
+    pub max_retries: u32,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        ProducerOptions {
+            linger: Duration::from_millis(1),
+            max_batch_messages: 1000,
+            max_batch_bytes: 1024 * 1024,
+            max_in_flight_batches: 16,
+            max_pending_messages: 100_000,
+            idempotence: false,
+            max_retries: 5,
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The client against a tiny fake broker built on dmq-protocol: a tokio
+//! listener on 127.0.0.1:0 that answers HELLO by itself and lets each test
+//! script the rest (read the client's requests, send canned responses and
+//! DELIVER pushes, drop the connection).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dmq_client::protocol::{
+    decode_frame, encode_frame, Body, Delivery, Frame, HelloOk, MessageId, ProduceOk,
+    ProducedRecord, Request, Response, Subscribed, TopicDescription, TopicSummary, Topics,
+    DEFAULT_MAX_FRAME_BYTES,
+};
+use dmq_client::{
+    Client, ClientError, ClientOptions, ErrorCode, Message, ProducerOptions, SubscribeOptions,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct FakeServer {
+    addr: SocketAddr,
+    connections: mpsc::Receiver<FakeConn>,
+}
+
+struct FakeConn {
+    requests: mpsc::Receiver<Frame>,
+    writer: OwnedWriteHalf,
+}
+
+async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin), buf: &mut BytesMut) -> Option<Frame> {
+    loop {
+        if let Some((frame, used)) =
+            decode_frame(buf, DEFAULT_MAX_FRAME_BYTES).expect("valid frame")
+        {
+            let _ = buf.split_to(used);
+            return Some(frame);
+        }
+        if stream.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+impl FakeServer {
+    async fn start() -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (sender, connections) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if let Some(conn) = FakeConn::handshake(stream).await {
+                    if sender.send(conn).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        FakeServer { addr, connections }
+    }
+
+    async fn accept(&mut self) -> FakeConn {
+        tokio::time::timeout(WAIT, self.connections.recv())
+            .await
+            .expect("a connection in time")
+            .expect("listener alive")
+    }
+
+    fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl FakeConn {
+    async fn handshake(stream: TcpStream) -> Option<FakeConn> {
+        let (mut reader, mut writer) = stream.into_split();
+        let mut buf = BytesMut::new();
+        let hello = read_frame(&mut reader, &mut buf).await?;
+        assert!(matches!(hello.body, Body::Request(Request::Hello(_))));
+        let ok = HelloOk {
+            version: 1,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            broker_id: "fake".into(),
+        };
+        let mut out = BytesMut::new();
+        encode_frame(&Frame::response(hello.correlation_id, ok), &mut out).ok()?;
+        writer.write_all(&out).await.ok()?;
+        let (sender, requests) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(frame) = read_frame(&mut reader, &mut buf).await {
+                if sender.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Some(FakeConn { requests, writer })
+    }
+
+    async fn recv(&mut self) -> Frame {
+        tokio::time::timeout(WAIT, self.requests.recv())
+            .await
+            .expect("a request in time")
+            .expect("connection open")
+    }
+
+    /// The next request that is not a CREDIT (credits are answered OK).
+    async fn recv_skipping_credit(&mut self) -> Frame {
+        loop {
+            let frame = self.recv().await;
+            if matches!(frame.body, Body::Request(Request::Credit(_))) {
+                self.reply(frame.correlation_id, Response::Ok).await;
+                continue;
+            }
+            return frame;
+        }
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        let mut out = BytesMut::new();
+        encode_frame(&frame, &mut out).expect("encode");
+        self.writer.write_all(&out).await.expect("write");
+    }
+
+    async fn reply(&mut self, correlation_id: u32, response: impl Into<Response>) {
+        self.send(Frame::response(correlation_id, response)).await;
+    }
+}
+
+fn request(frame: &Frame) -> &Request {
+    match &frame.body {
+        Body::Request(request) => request,
+        other => panic!("expected a request, got {other:?}"),
+    }
+}
+
+fn options() -> ClientOptions {
+    let mut options = ClientOptions::new("test");
+    options.request_timeout = Duration::from_secs(5);
+    options.reconnect_backoff_initial = Duration::from_millis(10);
+    options
+}
+
+fn delivery(subscription_id: u64, offset: u64) -> Delivery {
+    Delivery {
+        subscription_id,
+        topic: "t".into(),
+        partition: 0,
+        offset,
+        attempt: 1,
+        message_id: MessageId([offset as u8; 16]),
+        timestamp_ms: 1_700_000_000_000,
+        key: None,
+        headers: Vec::new(),
+        value: Bytes::from(format!("m{offset}")),
+        deliver_at_ms: None,
+        expire_at_ms: None,
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_match_correlation_ids() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+
+    let (a, b, c) = (client.clone(), client.clone(), client.clone());
+    let first = tokio::spawn(async move { a.describe_topic("alpha").await });
+    let second = tokio::spawn(async move { b.describe_topic("beta").await });
+    let third = tokio::spawn(async move { c.list_topics().await });
+
+    // All three are in flight before any answer: pipelining.
+    let mut frames = vec![conn.recv().await, conn.recv().await, conn.recv().await];
+    let mut ids: Vec<u32> = frames.iter().map(|frame| frame.correlation_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "distinct correlation ids");
+    frames.reverse(); // answer in reverse order
+    for frame in frames {
+        let response: Response = match request(&frame) {
+            Request::DescribeTopic(describe) => TopicDescription {
+                name: describe.name.clone(),
+                ..TopicDescription::default()
+            }
+            .into(),
+            Request::ListTopics => Topics {
+                topics: vec![TopicSummary {
+                    name: "listed".into(),
+                    partitions: 3,
+                    ordered: false,
+                }],
+            }
+            .into(),
+            other => panic!("unexpected {other:?}"),
+        };
+        conn.reply(frame.correlation_id, response).await;
+    }
+    assert_eq!(first.await.expect("join").expect("alpha").name, "alpha");
+    assert_eq!(second.await.expect("join").expect("beta").name, "beta");
+    assert_eq!(third.await.expect("join").expect("list")[0].name, "listed");
+}
+
+#[tokio::test]
+async fn producer_batches_and_returns_receipts_in_order() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let producer = client.producer_with(ProducerOptions {
+        linger: Duration::from_millis(20),
+        ..ProducerOptions::default()
+    });
+    let sends: Vec<_> = (0..10)
+        .map(|i| producer.send(Message::new("t", format!("v{i}")).header("h", "x")))
+        .collect();
+    let mut next_offset = 100;
+    let mut produced = 0;
+    let mut frames = 0;
+    while produced < 10 {
+        let frame = conn.recv().await;
+        let Request::Produce(produce) = request(&frame) else {
+            panic!("expected PRODUCE");
+        };
+        assert_eq!(produce.topic, "t");
+        frames += 1;
+        let records = produce
+            .records
+            .iter()
+            .map(|_| {
+                next_offset += 1;
+                ProducedRecord {
+                    partition: 2,
+                    offset: Some(next_offset - 1),
+                    message_id: MessageId([7; 16]),
+                    deliver_at_ms: None,
+                }
+            })
+            .collect::<Vec<_>>();
+        produced += records.len();
+        conn.reply(frame.correlation_id, ProduceOk { records })
+            .await;
+    }
+    assert!(frames < 10, "messages were batched ({frames} frames)");
+    for (i, send) in sends.into_iter().enumerate() {
+        let receipt = send.await.expect("receipt");
+        assert_eq!(receipt.partition, 2);
+        assert_eq!(receipt.offset, Some(100 + i as u64));
+    }
+}
+
+#[tokio::test]
+async fn broker_errors_map_to_client_error() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let call = tokio::spawn(async move { client.create_topic("t", 1, false).await });
+    let frame = conn.recv().await;
+    assert!(matches!(request(&frame), Request::CreateTopic(_)));
+    conn.send(Frame::error(
+        frame.correlation_id,
+        ErrorCode::TopicExists,
+        "t exists",
+    ))
+    .await;
+    match call.await.expect("join") {
+        Err(ClientError::Broker { code, message }) => {
+            assert_eq!(code, ErrorCode::TopicExists);
+            assert_eq!(message, "t exists");
+        }
+        other => panic!("expected a broker error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pushes_reach_the_stream_and_acks_are_batched() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let consumer = client.consumer();
+    let subscribing = tokio::spawn(async move {
+        consumer
+            .subscribe("t", "g", SubscribeOptions::default())
+            .await
+    });
+    let frame = conn.recv().await;
+    let Request::Subscribe(subscribe) = request(&frame) else {
+        panic!("expected SUBSCRIBE");
+    };
+    assert_eq!(
+        (subscribe.topic.as_str(), subscribe.group.as_str()),
+        ("t", "g")
+    );
+    assert_eq!(subscribe.credit, 1000);
+    conn.reply(
+        frame.correlation_id,
+        Subscribed {
+            subscription_id: 7,
+            partitions: vec![0],
+        },
+    )
+    .await;
+    // Pushes sent right behind SUBSCRIBED are routed, not lost.
+    for offset in 0..3 {
+        conn.send(Frame::push(delivery(7, offset))).await;
+    }
+    let mut subscription = subscribing.await.expect("join").expect("subscribed");
+    let mut acks = Vec::new();
+    for offset in 0..3 {
+        let message = subscription.recv().await.expect("open").expect("message");
+        assert_eq!(message.offset, offset);
+        assert_eq!(message.value, Bytes::from(format!("m{offset}")));
+        acks.push(message.ack());
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 3 {
+        let frame = conn.recv_skipping_credit().await;
+        let Request::Ack(ack) = request(&frame) else {
+            panic!("expected ACK, got {frame:?}");
+        };
+        assert_eq!(ack.subscription_id, 7);
+        acked.extend(ack.messages.iter().map(|position| position.offset));
+        conn.reply(frame.correlation_id, Response::Ok).await;
+    }
+    assert_eq!(acked, vec![0, 1, 2]);
+    for ack in acks {
+        ack.await.expect("ack confirmed");
+    }
+}
+
+#[tokio::test]
+async fn dropped_connection_fails_in_flight_then_reconnects_and_resubscribes() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+
+    let consumer = client.consumer();
+    let subscribing = tokio::spawn(async move {
+        let options = SubscribeOptions {
+            member_name: "m1".into(),
+            ..SubscribeOptions::default()
+        };
+        consumer.subscribe("t", "g", options).await
+    });
+    let frame = conn.recv().await;
+    conn.reply(
+        frame.correlation_id,
+        Subscribed {
+            subscription_id: 1,
+            partitions: vec![0],
+        },
+    )
+    .await;
+    let mut subscription = subscribing.await.expect("join").expect("subscribed");
+
+    // A request in flight when the connection drops fails clearly.
+    let pinger = client.clone();
+    let ping = tokio::spawn(async move { pinger.ping().await });
+    let frame = conn.recv_skipping_credit().await;
+    assert!(matches!(request(&frame), Request::Ping));
+    drop(conn);
+    match ping.await.expect("join") {
+        Err(ClientError::ConnectionLost(_)) => {}
+        other => panic!("expected ConnectionLost, got {other:?}"),
+    }
+
+    // The client reconnects and re-subscribes with the same group/member.
+    let mut conn = server.accept().await;
+    let frame = conn.recv().await;
+    let Request::Subscribe(subscribe) = request(&frame) else {
+        panic!("expected re-SUBSCRIBE, got {frame:?}");
+    };
+    assert_eq!(subscribe.group, "g");
+    assert_eq!(subscribe.member_name, "m1");
+    conn.reply(
+        frame.correlation_id,
+        Subscribed {
+            subscription_id: 9,
+            partitions: vec![0],
+        },
+    )
+    .await;
+    conn.send(Frame::push(delivery(9, 42))).await;
+    let message = tokio::time::timeout(WAIT, subscription.recv())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("message");
+    assert_eq!(message.offset, 42);
+
+    let pinger = client.clone();
+    let ping = tokio::spawn(async move { pinger.ping().await });
+    let frame = conn.recv_skipping_credit().await;
+    assert!(matches!(request(&frame), Request::Ping));
+    conn.reply(frame.correlation_id, Response::Pong).await;
+    ping.await.expect("join").expect("pong after reconnect");
+}
+
+#[tokio::test]
+async fn unanswered_request_times_out() {
+    let mut server = FakeServer::start().await;
+    let mut options = options();
+    options.request_timeout = Duration::from_millis(200);
+    let client = Client::connect(server.addr(), options)
+        .await
+        .expect("connect");
+    let _conn = server.accept().await;
+    match client.ping().await {
+        Err(ClientError::Timeout(_)) => {}
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connect_refused_is_a_connect_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    match Client::connect(addr, options()).await {
+        Err(ClientError::Connect { .. }) => {}
+        other => panic!("expected Connect error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn fetch_pulls_and_nack_carries_delay() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let consumer = client.consumer();
+    let subscribing = tokio::spawn(async move {
+        let options = SubscribeOptions {
+            credit_window: 0,
+            ..SubscribeOptions::default()
+        };
+        consumer.subscribe("t", "g", options).await
+    });
+    let frame = conn.recv().await;
+    conn.reply(
+        frame.correlation_id,
+        Subscribed {
+            subscription_id: 3,
+            partitions: vec![0],
+        },
+    )
+    .await;
+    let subscription = subscribing.await.expect("join").expect("subscribed");
+    let fetching = tokio::spawn(async move {
+        let messages = subscription.fetch(10, Duration::from_millis(100)).await;
+        (subscription, messages)
+    });
+    let frame = conn.recv().await;
+    let Request::Fetch(fetch) = request(&frame) else {
+        panic!("expected FETCH");
+    };
+    assert_eq!(
+        (fetch.subscription_id, fetch.max_messages, fetch.max_wait_ms),
+        (3, 10, 100)
+    );
+    let deliveries = dmq_client::protocol::Deliveries {
+        deliveries: vec![delivery(3, 5)],
+    };
+    conn.reply(frame.correlation_id, deliveries).await;
+    let (_subscription, messages) = fetching.await.expect("join");
+    let messages = messages.expect("fetched");
+    assert_eq!(messages.len(), 1);
+    let nack = messages[0].nack(Some(Duration::from_secs(2)));
+    let frame = conn.recv().await;
+    let Request::Nack(nack_request) = request(&frame) else {
+        panic!("expected NACK, got {frame:?}");
+    };
+    assert_eq!(nack_request.delay_ms, Some(2000));
+    assert_eq!(nack_request.messages[0].offset, 5);
+    conn.reply(frame.correlation_id, Response::Ok).await;
+    nack.await.expect("nack confirmed");
+}
