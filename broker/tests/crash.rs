@@ -252,3 +252,73 @@ async fn acknowledged_produces_survive_sigkill_and_acks_stay_acked() {
         ledger.redelivered_after_ack.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully_and_keeps_every_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let mut child = start(dir.path(), addr);
+    let mut admin = connect(addr).await;
+    admin
+        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+            name: "crash".into(),
+            partitions: 1,
+            ordered: false,
+        }))
+        .await;
+    let records = (0..50)
+        .map(|i| dmq_protocol::ProduceRecord {
+            value: Bytes::from(format!("m{i}")),
+            ..Default::default()
+        })
+        .collect();
+    let produced = admin
+        .request(Request::Produce(dmq_protocol::Produce {
+            topic: "crash".into(),
+            partition: Some(0),
+            idempotence: None,
+            records,
+        }))
+        .await;
+    assert!(matches!(produced, Response::ProduceOk(_)));
+    let mut consumer = connect(addr).await;
+    let Response::Subscribed(subscription) = consumer.request(subscribe()).await else {
+        panic!("subscribe failed")
+    };
+    let mut positions = Vec::new();
+    for _ in 0..50 {
+        let delivery = consumer.push().await;
+        positions.push(dmq_protocol::MessagePosition {
+            partition: delivery.partition,
+            offset: delivery.offset,
+        });
+    }
+    let acked = consumer
+        .request(Request::Ack(dmq_protocol::Ack {
+            subscription_id: subscription.subscription_id,
+            messages: positions,
+        }))
+        .await;
+    assert_eq!(acked, Response::Ok);
+    // SIGTERM right after the last ack: a graceful shutdown makes it durable.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "dmqd exited with {exit:?}");
+    let addr = free_port();
+    let mut child = start(dir.path(), addr);
+    let mut consumer = connect(addr).await;
+    consumer.request(subscribe()).await;
+    let redelivered = consumer.frame_within(Duration::from_secs(1)).await;
+    assert!(
+        redelivered.is_none(),
+        "acked before SIGTERM, delivered again: {redelivered:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

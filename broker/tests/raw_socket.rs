@@ -342,3 +342,37 @@ async fn a_retried_idempotent_batch_gets_its_original_offsets() {
     assert_eq!(error_code(&old), Some(ErrorCode::OutOfOrderSequence));
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused() {
+    let broker = Broker::start(|config| config.max_connections = 1).await;
+    let mut first = Connection::hello(broker.addr).await;
+    let mut second = Connection::open(broker.addr).await;
+    second.expect_error_and_close(ErrorCode::Overloaded).await;
+    assert_eq!(first.request(Request::Ping).await, Response::Pong);
+    drop(first);
+    // The slot frees up once the first connection is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut third = Connection::open(broker.addr).await;
+        third
+            .send(Request::Hello(dmq_protocol::Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                client_id: "test".into(),
+                secret: Bytes::new(),
+            }))
+            .await;
+        match third.frame().await.map(|frame| frame.body) {
+            Some(Body::Response(Response::HelloOk(_))) => break,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "slot never freed: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    broker.stop().await;
+}
