@@ -27,6 +27,7 @@ use dmq_dispatcher::{
     PartitionLog, TopicConfig,
 };
 use dmq_log_store::{Clock, SystemClock};
+use dmq_protocol::{ProduceOk, ProducedRecord};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::config::BrokerConfig;
@@ -95,6 +96,45 @@ pub struct Engine {
     partitions: Arc<RwLock<PartitionMap>>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     round_robin: Arc<std::sync::atomic::AtomicU32>,
+    producers: ProducerWindow,
+}
+
+/// Dedup window of idempotent producers: (topic, partition, producer id) →
+/// (last sequence, its response). Rebuilt from the logs at start.
+pub type ProducerWindow = Arc<Mutex<HashMap<(String, u32, u64), (u64, ProduceOk)>>>;
+
+/// How many offsets at the end of each partition are searched for producer
+/// sequences when the broker starts: a producer that retries a batch after a
+/// restart gets its original offsets back if the batch is in this window.
+pub const PRODUCER_WINDOW_OFFSETS: u64 = 100_000;
+
+fn rebuild_producer_window(
+    partitions: &PartitionMap,
+) -> Result<HashMap<(String, u32, u64), (u64, ProduceOk)>, StartError> {
+    let mut window = HashMap::new();
+    for (topic, (_, logs)) in partitions {
+        for (partition, log) in logs.iter().enumerate() {
+            let from = log.end_offset().saturating_sub(PRODUCER_WINDOW_OFFSETS);
+            for batch in log.producer_batches(from)? {
+                let response = ProduceOk {
+                    records: batch
+                        .ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| ProducedRecord {
+                            partition: partition as u32,
+                            offset: Some(batch.base_offset + i as u64),
+                            message_id: dmq_protocol::MessageId(id.0),
+                            deliver_at_ms: None,
+                        })
+                        .collect(),
+                };
+                let key = (topic.clone(), partition as u32, batch.producer_id);
+                window.insert(key, (batch.producer_seq, response));
+            }
+        }
+    }
+    Ok(window)
 }
 
 impl Engine {
@@ -114,6 +154,7 @@ impl Engine {
             let logs = dispatcher.partitions(&name)?;
             map.insert(name, (topic_config, logs));
         }
+        let producers = rebuild_producer_window(&map)?;
         let partitions = Arc::new(RwLock::new(map));
         let (commands, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -122,6 +163,7 @@ impl Engine {
         Ok(Engine {
             commands,
             partitions,
+            producers: Arc::new(Mutex::new(producers)),
             thread: Arc::new(Mutex::new(Some(thread))),
             round_robin: Arc::default(),
         })
@@ -175,6 +217,11 @@ impl Engine {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
+    }
+
+    /// The idempotent producers' dedup window.
+    pub fn producers(&self) -> &ProducerWindow {
+        &self.producers
     }
 
     /// Next partition for round-robin produce.

@@ -27,7 +27,7 @@ pub async fn run(
     let shared = Shared {
         engine: engine.clone(),
         config: Arc::clone(&config),
-        producers: Arc::default(),
+        producers: Arc::clone(engine.producers()),
     };
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (stop, stopped) = watch::channel(false);

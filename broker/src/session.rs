@@ -13,9 +13,9 @@
 //! appended in request order). On disconnect the connection's members leave
 //! their groups, so their in-flight messages go to other members at once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -31,11 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::BrokerConfig;
 use crate::convert;
-use crate::engine::Engine;
-
-/// Dedup window of idempotent producers: (topic, partition, producer id) →
-/// (last sequence, its response).
-pub type ProducerWindow = Arc<Mutex<HashMap<(String, u32, u64), (u64, wire::ProduceOk)>>>;
+use crate::engine::{Engine, ProducerWindow};
 
 /// What every session shares.
 #[derive(Clone)]

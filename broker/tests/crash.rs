@@ -322,3 +322,55 @@ async fn sigterm_shuts_down_gracefully_and_keeps_every_ack() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_after_a_crash_gets_its_original_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let produce = |sequence: u64| {
+        Request::Produce(dmq_protocol::Produce {
+            topic: "crash".into(),
+            partition: Some(0),
+            idempotence: Some(dmq_protocol::ProducerSequence {
+                producer_id: 7,
+                sequence,
+            }),
+            records: vec![dmq_protocol::ProduceRecord {
+                value: Bytes::from(format!("batch {sequence}")),
+                ..Default::default()
+            }],
+        })
+    };
+    let addr = free_port();
+    let mut child = start(dir.path(), addr);
+    let mut connection = connect(addr).await;
+    connection
+        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+            name: "crash".into(),
+            partitions: 1,
+            ordered: false,
+        }))
+        .await;
+    let first = connection.request(produce(1)).await;
+    let second = connection.request(produce(2)).await;
+    child.kill().unwrap(); // the producer never saw... or did: it retries anyway
+    child.wait().unwrap();
+    let addr = free_port();
+    let mut child = start(dir.path(), addr);
+    let mut connection = connect(addr).await;
+    assert_eq!(
+        connection.request(produce(2)).await,
+        second,
+        "retry after restart"
+    );
+    let Response::ProduceOk(next) = connection.request(produce(3)).await else {
+        panic!("produce failed")
+    };
+    assert_eq!(
+        next.records[0].offset,
+        Some(2),
+        "nothing was appended twice"
+    );
+    assert!(matches!(first, Response::ProduceOk(_)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -40,5 +40,5 @@ pub use dispatcher::{
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;
-pub use storage::{FileStorage, MemoryStorage, PartitionLog, Storage, StoreError};
+pub use storage::{FileStorage, MemoryStorage, PartitionLog, ProducerBatch, Storage, StoreError};
 pub use timing_wheel::{TimerId, TimingWheel};

@@ -75,6 +75,26 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
     fn end_offset(&self) -> u64;
     /// First offset whose timestamp is at least `timestamp_ms`.
     fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StoreError>;
+
+    /// Batches from `from` to the end that carry a producer id, oldest
+    /// first: what an idempotent-producer window is rebuilt from after a
+    /// restart. Logs that do not store producer ids return none.
+    fn producer_batches(&self, _from: u64) -> Result<Vec<ProducerBatch>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// One stored batch of an idempotent producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerBatch {
+    /// The producer.
+    pub producer_id: u64,
+    /// Its sequence number for this batch.
+    pub producer_seq: u64,
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// The records' ids, in order.
+    pub ids: Vec<MessageId>,
 }
 
 /// (offset, id) of every record of an append.
@@ -157,6 +177,44 @@ impl PartitionLog for Log {
 
     fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StoreError> {
         Ok(Log::offset_for_timestamp(self, timestamp_ms)?)
+    }
+
+    fn producer_batches(&self, from: u64) -> Result<Vec<ProducerBatch>, StoreError> {
+        let mut found = Vec::new();
+        let mut offset = from.max(Log::start_offset(self));
+        while offset < Log::end_offset(self) {
+            let batches = match Log::read(self, offset, 1 << 20) {
+                Ok(batches) => batches,
+                Err(LogError::Corrupt {
+                    next_readable_offset: Some(next),
+                    ..
+                }) if next > offset => {
+                    offset = next;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let Some(last) = batches.last() else { break };
+            offset = last.header().next_offset();
+            for batch in batches {
+                let header = *batch.header();
+                if header.producer_id == 0 {
+                    continue;
+                }
+                let ids = batch
+                    .records()
+                    .map(|record| record.map(|r| r.id))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Log(LogError::InvalidBatch(e.to_string())))?;
+                found.push(ProducerBatch {
+                    producer_id: header.producer_id,
+                    producer_seq: header.producer_seq,
+                    base_offset: header.base_offset,
+                    ids,
+                });
+            }
+        }
+        Ok(found)
     }
 }
 
