@@ -432,6 +432,26 @@ impl Dispatcher {
         });
     }
 
+    /// Emits an event about a message of a group's partition.
+    fn emit_in_group(
+        &self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        message_id: MessageId,
+        kind: EventKind,
+        reason: Option<&str>,
+    ) {
+        let key = &self.states[state_index].key;
+        let place = Place {
+            topic: &key.topic,
+            partition: Some(partition),
+            offset: Some(offset),
+            group: Some(&key.group),
+        };
+        self.emit(message_id, place, kind, reason);
+    }
+
     // ----- topics ---------------------------------------------------------
 
     /// Creates a topic (idempotent for the same configuration).
@@ -851,10 +871,9 @@ impl Dispatcher {
         offset: u64,
         silent_kind: Option<EventKind>,
     ) -> Result<bool> {
-        let topic = self.states[state_index].key.topic.clone();
-        let group = self.states[state_index].key.group.clone();
         let state = &mut self.states[state_index];
         let Some(part) = state.partitions.get_mut(partition as usize) else {
+            let topic = state.key.topic.clone();
             return Err(DispatchError::UnknownPartition { topic, partition });
         };
         if part.acks.is_acked(offset) {
@@ -887,14 +906,11 @@ impl Dispatcher {
             );
         }
         let id = pending.map(|p| p.id).unwrap_or_default();
-        self.emit(
+        self.emit_in_group(
+            state_index,
+            partition,
+            offset,
             id,
-            Place {
-                topic: &topic,
-                partition: Some(partition),
-                offset: Some(offset),
-                group: Some(&group),
-            },
             silent_kind.unwrap_or(EventKind::Acked),
             None,
         );
@@ -930,16 +946,13 @@ impl Dispatcher {
         };
         let retry_in_ms =
             delay_ms.unwrap_or_else(|| state.config.backoff.delay_ms(pending.attempt));
-        let (id, topic, group) = (pending.id, state.key.topic.clone(), state.key.group.clone());
+        let id = pending.id;
         self.wheel.cancel(timer);
-        self.emit(
+        self.emit_in_group(
+            state_index,
+            partition,
+            offset,
             id,
-            Place {
-                topic: &topic,
-                partition: Some(partition),
-                offset: Some(offset),
-                group: Some(&group),
-            },
             EventKind::Nacked { retry_in_ms },
             None,
         );
@@ -986,15 +999,11 @@ impl Dispatcher {
             );
             pending.stage = Stage::Waiting { timer };
         }
-        let (topic, group) = (state.key.topic.clone(), state.key.group.clone());
-        self.emit(
+        self.emit_in_group(
+            state_index,
+            partition,
+            offset,
             id,
-            Place {
-                topic: &topic,
-                partition: Some(partition),
-                offset: Some(offset),
-                group: Some(&group),
-            },
             EventKind::Redelivered { next_attempt },
             Some(reason),
         );
