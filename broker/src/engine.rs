@@ -101,16 +101,17 @@ pub struct Engine {
 
 /// Dedup window of idempotent producers: (topic, partition, producer id) →
 /// (last sequence, its response). Rebuilt from the logs at start.
-pub type ProducerWindow = Arc<Mutex<HashMap<(String, u32, u64), (u64, ProduceOk)>>>;
+pub type ProducerWindow = Arc<Mutex<ProducerEntries>>;
+
+/// The entries of a [`ProducerWindow`].
+pub type ProducerEntries = HashMap<(String, u32, u64), (u64, ProduceOk)>;
 
 /// How many offsets at the end of each partition are searched for producer
 /// sequences when the broker starts: a producer that retries a batch after a
 /// restart gets its original offsets back if the batch is in this window.
 pub const PRODUCER_WINDOW_OFFSETS: u64 = 100_000;
 
-fn rebuild_producer_window(
-    partitions: &PartitionMap,
-) -> Result<HashMap<(String, u32, u64), (u64, ProduceOk)>, StartError> {
+fn rebuild_producer_window(partitions: &PartitionMap) -> Result<ProducerEntries, StartError> {
     let mut window = HashMap::new();
     for (topic, (_, logs)) in partitions {
         for (partition, log) in logs.iter().enumerate() {

@@ -2,64 +2,20 @@
 //! the real Rust client. One test per delivery rule the broker promises.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use dmq_broker::{server, BrokerConfig, Engine};
 use dmq_client::{
     Client, ClientOptions, GroupSettings, Message, ReceivedMessage, Start, StartPosition,
     SubscribeOptions, Subscription,
 };
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
-struct Broker {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::Broker;
 
-impl Broker {
-    async fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let config = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            segment_bytes: 1 << 20,
-            ..BrokerConfig::default()
-        };
-        let engine = Engine::start(&config).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, engine, config, async {
-            let _ = stopped.await;
-        }));
-        Broker {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(self.addr.to_string(), ClientOptions::new("e2e"))
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
+async fn client(broker: &Broker) -> Client {
+    Client::connect(broker.addr.to_string(), ClientOptions::new("e2e"))
+        .await
+        .unwrap()
 }
 
 fn options(member: &str) -> SubscribeOptions {
@@ -94,8 +50,8 @@ async fn send_all(client: &Client, topic: &str, values: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_consume_ack_and_every_group_gets_every_message() {
-    let broker = Broker::start().await;
-    let client = broker.client().await;
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
     client.create_topic("orders", 1, false).await.unwrap();
     send_all(&client, "orders", &["a", "b", "c"]).await;
     for group in ["billing", "shipping", "audit"] {
@@ -128,8 +84,8 @@ async fn produce_consume_ack_and_every_group_gets_every_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_never_delivered() {
-    let broker = Broker::start().await;
-    let client = broker.client().await;
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
     client.create_topic("t", 1, false).await.unwrap();
     let producer = client.producer();
     producer
@@ -163,8 +119,8 @@ async fn expired_messages_are_never_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_attempts_moves_a_message_to_the_dead_letter_topic() {
-    let broker = Broker::start().await;
-    let client = broker.client().await;
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
     client.create_topic("t", 1, false).await.unwrap();
     send_all(&client, "t", &["poison"]).await;
     let subscribe = SubscribeOptions {
@@ -218,8 +174,8 @@ async fn max_attempts_moves_a_message_to_the_dead_letter_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_topic_keeps_per_key_order_with_acks() {
-    let broker = Broker::start().await;
-    let client = broker.client().await;
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
     client.create_topic("o", 2, true).await.unwrap();
     let producer = client.producer();
     let mut sends = Vec::new();
@@ -271,8 +227,8 @@ async fn next_some(subscription: &mut Subscription) -> Option<ReceivedMessage> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seek_to_a_timestamp_replays() {
-    let broker = Broker::start().await;
-    let client = broker.client().await;
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
     client.create_topic("t", 1, false).await.unwrap();
     send_all(&client, "t", &["old"]).await;
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -3,63 +3,19 @@
 //! so that no other test loads the broker while it is timed.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use dmq_broker::{server, BrokerConfig, Engine};
 use dmq_client::{
     Client, ClientOptions, Message, ReceivedMessage, Start, SubscribeOptions, Subscription,
 };
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
-struct Broker {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
+mod common;
+use common::Broker;
 
-impl Broker {
-    async fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let config = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            segment_bytes: 1 << 20,
-            ..BrokerConfig::default()
-        };
-        let engine = Engine::start(&config).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, engine, config, async {
-            let _ = stopped.await;
-        }));
-        Broker {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(self.addr.to_string(), ClientOptions::new("e2e"))
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
+async fn client(broker: &Broker) -> Client {
+    Client::connect(broker.addr.to_string(), ClientOptions::new("e2e"))
+        .await
+        .unwrap()
 }
 
 fn options(member: &str) -> SubscribeOptions {
@@ -79,8 +35,8 @@ async fn next(subscription: &mut Subscription, within: Duration) -> Option<Recei
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_message_arrives_on_time() {
-    let broker = Broker::start().await;
-    let client = broker.client().await;
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
     client.create_topic("reminders", 1, false).await.unwrap();
     let mut subscription = client
         .consumer()

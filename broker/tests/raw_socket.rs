@@ -4,62 +4,13 @@
 //! before HELLO, wrong credentials).
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dmq_broker::{server, BrokerConfig, Engine};
 use dmq_protocol::{Body, ErrorCode, Request, Response, PROTOCOL_VERSION};
-use tokio::net::TcpListener;
 
 mod common;
-use common::Connection;
-use tokio::sync::oneshot;
-
-struct Broker {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    async fn start(configure: impl FnOnce(&mut BrokerConfig)) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            segment_bytes: 1 << 20,
-            handshake_timeout_ms: 500,
-            ..BrokerConfig::default()
-        };
-        configure(&mut config);
-        let engine = Engine::start(&config).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, engine, config, async {
-            let _ = stopped.await;
-        }));
-        Broker {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
-}
+use common::{Broker, Connection};
 
 fn error_code(response: &Response) -> Option<ErrorCode> {
     match response {

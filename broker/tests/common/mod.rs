@@ -5,12 +5,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use dmq_broker::{server, BrokerConfig, Engine};
 use dmq_protocol::{
     decode_frame, encode_frame, Body, ErrorCode, Frame, Push, Request, Response,
     DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 
 /// One connection speaking raw frames.
 pub struct Connection {
@@ -121,5 +123,52 @@ impl Connection {
             other => panic!("expected ERROR {code}, got {other:?}"),
         }
         assert!(self.frame().await.is_none(), "connection should be closed");
+    }
+}
+
+/// A broker served in this test process on a random 127.0.0.1 port with a
+/// temp data dir.
+pub struct Broker {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub async fn start(configure: impl FnOnce(&mut BrokerConfig)) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            handshake_timeout_ms: 500,
+            ..BrokerConfig::default()
+        };
+        configure(&mut config);
+        let engine = Engine::start(&config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, engine, config, async {
+            let _ = stopped.await;
+        }));
+        Broker {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
     }
 }
