@@ -679,8 +679,8 @@ impl Session {
                             lag: s.lag,
                             unacked: s.unacked,
                             in_flight: s.in_flight,
-                            oldest_unacked_age_ms: None,
-                            delayed: 0,
+                            oldest_unacked_age_ms: s.oldest_unacked_age_ms,
+                            delayed: s.delayed,
                         })
                         .collect(),
                 }))

@@ -184,6 +184,13 @@ pub struct PartitionStats {
     pub unacked: u64,
     /// Delivered and waiting for an ack.
     pub in_flight: u64,
+    /// Age of the oldest unacked message (the one at the ack floor), from
+    /// its broker timestamp; `None` when everything is acked.
+    pub oldest_unacked_age_ms: Option<u64>,
+    /// Messages read by the group that wait for their deliver-at time.
+    /// (Messages still in the delay store are counted by
+    /// `Dispatcher::pending_delays`, for all topics.)
+    pub delayed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1184,29 +1191,36 @@ impl Dispatcher {
         else {
             return Ok(Vec::new());
         };
-        Ok(state
-            .partitions
-            .iter()
-            .enumerate()
-            .map(|(p, part)| {
-                let end_offset = logs[p].end_offset();
-                let floor = part.acks.floor();
-                let acked = part.acks.acked_above_floor();
-                PartitionStats {
-                    partition: p as u32,
-                    ack_floor: floor,
-                    cursor: part.cursor,
-                    end_offset,
-                    lag: end_offset.saturating_sub(floor).saturating_sub(acked),
-                    unacked: part.pending.len() as u64,
-                    in_flight: part
-                        .pending
-                        .values()
-                        .filter(|p| matches!(p.stage, Stage::InFlight { .. }))
-                        .count() as u64,
-                }
-            })
-            .collect())
+        let now = self.now();
+        let mut stats = Vec::with_capacity(state.partitions.len());
+        for (p, part) in state.partitions.iter().enumerate() {
+            let end_offset = logs[p].end_offset();
+            let floor = part.acks.floor();
+            let acked = part.acks.acked_above_floor();
+            let oldest_unacked_age_ms = if floor < end_offset {
+                logs[p]
+                    .read(floor, 1)?
+                    .first()
+                    .map(|record| now.saturating_sub(record.timestamp_ms).max(0) as u64)
+            } else {
+                None
+            };
+            let count = |wanted: fn(&Pending) -> bool| {
+                part.pending.values().filter(|p| wanted(p)).count() as u64
+            };
+            stats.push(PartitionStats {
+                partition: p as u32,
+                ack_floor: floor,
+                cursor: part.cursor,
+                end_offset,
+                lag: end_offset.saturating_sub(floor).saturating_sub(acked),
+                unacked: part.pending.len() as u64,
+                in_flight: count(|p| matches!(p.stage, Stage::InFlight { .. })),
+                oldest_unacked_age_ms,
+                delayed: count(|p| p.attempt == 0 && matches!(p.stage, Stage::Waiting { .. })),
+            });
+        }
+        Ok(stats)
     }
 
     // ----- the pump -------------------------------------------------------------

@@ -457,3 +457,35 @@ fn rate_limit_caps_deliveries_per_second() {
     w.clock.advance_ms(500);
     assert_eq!(w.dispatcher.poll().unwrap().len(), 5);
 }
+
+#[test]
+fn group_stats_report_lag_age_and_delayed_messages() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.produce("t", &["a", "b"]);
+    let due = w.clock.now_ms() + 60_000;
+    w.dispatcher
+        .produce(
+            "t",
+            Some(0),
+            vec![RecordInput {
+                deliver_at_ms: Some(due),
+                ..RecordInput::new("in the delay store")
+            }],
+        )
+        .unwrap();
+    w.clock.advance_ms(5_000);
+    let stats = &w.dispatcher.group_stats("t", "g").unwrap()[0];
+    assert_eq!((stats.lag, stats.oldest_unacked_age_ms), (2, Some(5_000)));
+    assert_eq!(w.dispatcher.pending_delays(), 1);
+    for d in w.dispatcher.fetch(member, 10).unwrap() {
+        w.dispatcher.ack(member, 0, d.record.offset).unwrap();
+    }
+    let stats = &w.dispatcher.group_stats("t", "g").unwrap()[0];
+    assert_eq!(
+        (stats.lag, stats.oldest_unacked_age_ms, stats.in_flight),
+        (0, None, 0)
+    );
+}
