@@ -22,8 +22,8 @@ use bytes::BytesMut;
 use dmq_dispatcher::{MemberId, TopicConfig};
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{
-    self as wire, decode_frame, encode_frame, Body, ErrorCode, ErrorResponse, Frame, Request,
-    Response,
+    self as wire, decode_frame_bytes, encode_frame, frame_len, Body, ErrorCode, ErrorResponse,
+    Frame, Request, Response,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,6 +32,12 @@ use tokio::sync::{mpsc, watch};
 use crate::config::BrokerConfig;
 use crate::convert;
 use crate::engine::{Engine, ProducerWindow};
+
+/// Read buffer growth step.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Below this much free room the read buffer grows by a chunk first (a
+/// full buffer would otherwise be read into 64 bytes at a time).
+const READ_MIN_SPARE_BYTES: usize = 4096;
 
 /// What every session shares.
 #[derive(Clone)]
@@ -91,14 +97,28 @@ pub(crate) async fn serve(
         members: BTreeSet::new(),
         clock: SystemClock,
     };
-    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let max_frame = session.shared.config.max_frame_bytes;
     'connection: loop {
-        // Decode every whole frame in the buffer.
+        // Decode every whole frame in the buffer. A whole frame is cut off
+        // the buffer and decoded without copying: record keys, values and
+        // headers are slices of it all the way to the log append.
         loop {
-            match decode_frame(&buffer, max_frame) {
-                Ok(Some((frame, consumed))) => {
-                    let _ = buffer.split_to(consumed);
+            let decoded = match frame_len(&buffer, max_frame) {
+                Ok(Some(total)) if buffer.len() >= total => {
+                    let bytes = buffer.split_to(total).freeze();
+                    decode_frame_bytes(&bytes, max_frame)
+                }
+                Ok(Some(total)) => {
+                    // Room for the rest of this frame, read in large chunks.
+                    buffer.reserve(total - buffer.len());
+                    Ok(None)
+                }
+                Ok(None) => Ok(None),
+                Err(error) => Err(error),
+            };
+            match decoded {
+                Ok(Some((frame, _))) => {
                     if !session.handle(frame).await {
                         break 'connection;
                     }
@@ -112,6 +132,9 @@ pub(crate) async fn serve(
                     break 'connection;
                 }
             }
+        }
+        if buffer.capacity() - buffer.len() < READ_MIN_SPARE_BYTES {
+            buffer.reserve(READ_CHUNK_BYTES);
         }
         let timeout = if session.authenticated {
             session.shared.config.idle_timeout_ms

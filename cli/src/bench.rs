@@ -9,6 +9,7 @@
 //! consumers stop when every acknowledged message arrived, or after
 //! `--drain-timeout` without progress once the producers are done.
 
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::Args;
 use dmq_client::{ClientError, ErrorCode, Message, ProducerOptions, Start, SubscribeOptions};
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -324,7 +324,11 @@ async fn produce(
     counters: Arc<Counters>,
 ) -> Result<Histogram<u64>> {
     let mut latency = histogram()?;
-    let mut in_flight = FuturesUnordered::new();
+    // Sends in the order they were made, with their start times. One
+    // producer's sends complete in order (its batches are answered in
+    // order), so the oldest is the one to wait for: a queue needs no
+    // allocation or wakeup per message, unlike a `FuturesUnordered`.
+    let mut in_flight = VecDeque::with_capacity(window);
     let mut sent = 0u64;
     let mut next_at = tokio::time::Instant::now();
     let mut first_error: Option<ClientError> = None;
@@ -346,30 +350,40 @@ async fn produce(
         }
         if let Some(interval) = interval {
             next_at += interval;
-            tokio::time::sleep_until(next_at).await;
-        }
-        while in_flight.len() >= window {
-            if let Some(result) = in_flight.next().await {
-                record(result);
+            if next_at > tokio::time::Instant::now() {
+                tokio::time::sleep_until(next_at).await;
             }
         }
-        let message = Message::new(topic.clone(), payload.clone()).header(
+        let message = Message::new(topic.as_str(), payload.clone()).header(
             SEND_TIME_HEADER,
             Bytes::copy_from_slice(&now_ns().to_le_bytes()),
         );
-        let started = Instant::now();
-        let send = producer.send(message);
-        in_flight.push(async move { send.await.map(|_| started.elapsed()) });
+        in_flight.push_back((Instant::now(), producer.send(message)));
         sent += 1;
-        if sent % 64 == 0 {
-            // Let completions be handled without waiting for the window.
-            while let Some(Some(result)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
-                record(result);
+        // Wait for room before the next send: with fewer than `window`
+        // (= the producer's `max_pending_messages`) sends outstanding, a
+        // send always finds room and is queued at once, instead of waiting
+        // to be polled.
+        while in_flight.len() >= window {
+            let Some((started, send)) = in_flight.pop_front() else {
+                break;
+            };
+            record(send.await.map(|_| elapsed_since(started)));
+        }
+        // Record the completions that arrived, without waiting.
+        while let Some((started, send)) = in_flight.front_mut() {
+            let started = *started;
+            match futures_util::FutureExt::now_or_never(send) {
+                Some(result) => {
+                    in_flight.pop_front();
+                    record(result.map(|_| elapsed_since(started)));
+                }
+                None => break,
             }
         }
     }
-    while let Some(result) = in_flight.next().await {
-        record(result);
+    while let Some((started, send)) = in_flight.pop_front() {
+        record(send.await.map(|_| elapsed_since(started)));
     }
     if let Some(error) = first_error {
         if counters.acked.load(Ordering::Relaxed) == 0 {
@@ -378,6 +392,10 @@ async fn produce(
         eprintln!("warning: some sends failed; the first error: {error}");
     }
     Ok(latency)
+}
+
+fn elapsed_since(started: Instant) -> Duration {
+    started.elapsed()
 }
 
 async fn consume(

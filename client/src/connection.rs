@@ -35,6 +35,9 @@ use crate::options::ClientOptions;
 
 /// Largest write the writer task assembles from queued frames.
 const WRITE_COALESCE_BYTES: usize = 256 * 1024;
+/// Frames at least this large are written without copying them into the
+/// coalescing buffer.
+const DIRECT_WRITE_BYTES: usize = 64 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -82,8 +85,19 @@ impl Conn {
         request: Request,
         subscription: Option<Arc<SubShared>>,
     ) -> Result<oneshot::Receiver<Reply>> {
+        self.start_with_capacity(request, subscription, 0).await
+    }
+
+    /// [`Conn::start`], encoding into a buffer of `capacity` bytes (an
+    /// estimate of the frame's size saves regrowing a large one).
+    pub(crate) async fn start_with_capacity(
+        &self,
+        request: Request,
+        subscription: Option<Arc<SubShared>>,
+        capacity: usize,
+    ) -> Result<oneshot::Receiver<Reply>> {
         let correlation_id = self.next_correlation_id();
-        let mut buf = BytesMut::new();
+        let mut buf = BytesMut::with_capacity(capacity);
         let bytes = encode_frame(&Frame::request(correlation_id, request), &mut buf)?;
         if bytes > self.hello.max_frame_bytes as usize {
             return Err(ClientError::TooLarge {
@@ -382,22 +396,35 @@ async fn read_loop(
 async fn write_loop(mut frames: mpsc::Receiver<Bytes>, mut write_half: OwnedWriteHalf) -> String {
     let mut out = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
     while let Some(first) = frames.recv().await {
-        if frames.is_empty() {
-            if let Err(error) = write_half.write_all(&first).await {
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            // A large frame (a PRODUCE batch) goes out as it is; small ones
+            // are coalesced into one write.
+            if frame.len() >= DIRECT_WRITE_BYTES || frames.is_empty() {
+                if let Err(error) = write_half.write_all(&frame).await {
+                    return format!("write failed: {error}");
+                }
+                next = frames.try_recv().ok();
+                continue;
+            }
+            out.clear();
+            out.extend_from_slice(&frame);
+            while out.len() < WRITE_COALESCE_BYTES {
+                match frames.try_recv() {
+                    Ok(frame) if frame.len() >= DIRECT_WRITE_BYTES => {
+                        next = Some(frame);
+                        break;
+                    }
+                    Ok(frame) => out.extend_from_slice(&frame),
+                    Err(_) => break,
+                }
+            }
+            if let Err(error) = write_half.write_all(&out).await {
                 return format!("write failed: {error}");
             }
-            continue;
-        }
-        out.clear();
-        out.extend_from_slice(&first);
-        while out.len() < WRITE_COALESCE_BYTES {
-            match frames.try_recv() {
-                Ok(frame) => out.extend_from_slice(&frame),
-                Err(_) => break,
+            if next.is_none() {
+                next = frames.try_recv().ok();
             }
-        }
-        if let Err(error) = write_half.write_all(&out).await {
-            return format!("write failed: {error}");
         }
     }
     "client closed".to_owned()

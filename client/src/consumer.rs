@@ -545,11 +545,26 @@ async fn ack_loop(
 ) {
     while let Some(first) = commands.recv().await {
         let mut batch = vec![first];
-        let deadline = Instant::now() + linger;
+        // One timer per batch, not one per command: what is queued already
+        // is taken without waiting, the timer only bounds the wait for more.
+        let linger_end = tokio::time::sleep_until(Instant::now() + linger);
+        tokio::pin!(linger_end);
         while batch.len() < max_batch {
-            match tokio::time::timeout_at(deadline, commands.recv()).await {
-                Ok(Some(command)) => batch.push(command),
-                Ok(None) | Err(_) => break,
+            match commands.try_recv() {
+                Ok(command) => {
+                    batch.push(command);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(command) => batch.push(command),
+                    None => break,
+                },
+                _ = &mut linger_end => break,
             }
         }
         flush_acks(&client, &shared, batch, credit_enabled).await;

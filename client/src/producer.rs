@@ -13,21 +13,24 @@
 //! same sequence after the reconnect, and the broker answers a batch it
 //! already stored with the original offsets.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dmq_protocol::{
-    DeliveryTime, ErrorCode, Header, MessageId, Produce, ProduceRecord, ProducerSequence, Request,
-    Response,
+    DeliveryTime, ErrorCode, Header, MessageId, Produce, ProduceRecord, ProducedRecord,
+    ProducerSequence, Request, Response,
 };
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::client::Client;
-use crate::connection::await_reply;
+use crate::connection::{await_reply, lock, ConnState};
 use crate::error::{ClientError, Result};
 use crate::options::ProducerOptions;
 use crate::time::{duration_to_ms, ms_to_system_time, system_time_to_ms};
@@ -35,9 +38,6 @@ use crate::time::{duration_to_ms, ms_to_system_time, system_time_to_ms};
 /// Bytes a record costs in a PRODUCE body beyond its key, value and
 /// header bytes (lengths, tags, times), rounded up.
 const RECORD_OVERHEAD_BYTES: usize = 48;
-/// Commands handled per wakeup of the batching task before it checks
-/// its linger timers again.
-const MAX_COMMANDS_PER_WAKEUP: usize = 4096;
 /// Room kept in a frame for the PRODUCE header fields.
 const FRAME_HEADROOM_BYTES: usize = 4096;
 
@@ -134,36 +134,64 @@ pub struct SendReceipt {
 }
 
 /// Batches and sends messages; cheap to clone (clones share the batches).
+///
+/// `send` appends the message to its open batch under a short lock (no
+/// channel hop, no task wakeup per message); a background task sends full
+/// batches and batches whose linger expired. Every message of a batch
+/// shares one completion slot, so a send costs no allocation of its own.
 #[derive(Clone)]
 pub struct Producer {
-    commands: mpsc::UnboundedSender<Command>,
-    permits: Arc<Semaphore>,
-    max_pending: u32,
+    inner: Arc<ProducerHandle>,
 }
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
-            .field("max_pending", &self.max_pending)
+            .field("max_pending", &self.inner.shared.max_pending)
             .finish()
     }
 }
 
-enum Command {
-    Send(Queued),
-    /// Send every open batch now.
-    Flush,
+/// Closes the producer (its open batches are sent) when the last clone
+/// of the [`Producer`] is dropped.
+struct ProducerHandle {
+    shared: Arc<ProducerShared>,
 }
 
-struct Queued {
-    message: Message,
-    bytes: usize,
-    waiter: Waiter,
+impl Drop for ProducerHandle {
+    fn drop(&mut self) {
+        lock(&self.shared.state).closed = true;
+        self.shared.wake.notify_one();
+    }
 }
 
-struct Waiter {
-    reply: oneshot::Sender<Result<SendReceipt>>,
-    _permit: OwnedSemaphorePermit,
+/// State shared by the producer handles and the batching task.
+struct ProducerShared {
+    state: Mutex<BatchState>,
+    /// Wakes the batching task: a batch is full, the first batch opened
+    /// (its linger timer must start), a flush, or the producer closed.
+    wake: Notify,
+    /// Messages accepted but not yet acknowledged. A send takes one permit
+    /// and forgets it; a batch's permits come back when it completes.
+    permits: Semaphore,
+    max_pending: u32,
+    max_batch_messages: usize,
+    linger: Duration,
+}
+
+struct BatchState {
+    /// At most one open batch per key. Few keys are open at once (topics
+    /// × explicit partitions in use): a linear scan over a small vector
+    /// beats hashing a cloned topic name per message.
+    open: Vec<(BatchKey, Batch)>,
+    /// Closed batches in the order they must go out. Bounded: every
+    /// message in it holds one of `max_pending` permits.
+    ready: VecDeque<(BatchKey, Batch)>,
+    /// The batching task sleeps until an open batch's linger deadline.
+    timer_armed: bool,
+    /// No more sends: send what is open, then stop.
+    closed: bool,
+    max_batch_bytes: usize,
 }
 
 impl Producer {
@@ -172,12 +200,31 @@ impl Producer {
         let max_pending = u32::try_from(options.max_pending_messages.max(1))
             .unwrap_or(u32::MAX)
             .min(Semaphore::MAX_PERMITS as u32);
-        let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(batch_loop(client.clone(), options, receiver));
-        Producer {
-            commands,
-            permits: Arc::new(Semaphore::new(max_pending as usize)),
+        // The broker's frame limit, if the connection is up already; the
+        // batching task checks again once it is.
+        let frame_limit = match &*client.shared().state.borrow() {
+            ConnState::Connected(conn) => {
+                (conn.hello.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM_BYTES)
+            }
+            _ => options.max_batch_bytes,
+        };
+        let shared = Arc::new(ProducerShared {
+            state: Mutex::new(BatchState {
+                open: Vec::new(),
+                ready: VecDeque::new(),
+                timer_armed: false,
+                closed: false,
+                max_batch_bytes: options.max_batch_bytes.min(frame_limit).max(1),
+            }),
+            wake: Notify::new(),
+            permits: Semaphore::new(max_pending as usize),
             max_pending,
+            max_batch_messages: options.max_batch_messages.max(1),
+            linger: options.linger,
+        });
+        tokio::spawn(batch_loop(client.clone(), options, Arc::clone(&shared)));
+        Producer {
+            inner: Arc::new(ProducerHandle { shared }),
         }
     }
 
@@ -188,70 +235,280 @@ impl Producer {
     pub fn send(
         &self,
         message: Message,
-    ) -> impl Future<Output = Result<SendReceipt>> + Send + 'static {
-        let (reply, receiver) = oneshot::channel();
-        let invalid = message.topic.is_empty();
-        let bytes = message.estimated_bytes();
-        let commands = self.commands.clone();
-        let permits = Arc::clone(&self.permits);
-        let mut waiting = None;
-        let mut queued = false;
-        if !invalid {
-            match Arc::clone(&permits).try_acquire_owned() {
-                Ok(permit) => {
-                    let waiter = Waiter {
-                        reply,
-                        _permit: permit,
-                    };
-                    let command = Command::Send(Queued {
-                        message,
-                        bytes,
-                        waiter,
-                    });
-                    queued = commands.send(command).is_ok();
-                }
-                Err(_) => waiting = Some((message, reply)),
-            }
+    ) -> impl Future<Output = Result<SendReceipt>> + Send + Unpin + 'static {
+        if message.topic.is_empty() {
+            return SendFuture::failed(ClientError::InvalidArgument("empty topic".into()));
         }
-        async move {
-            if invalid {
-                return Err(ClientError::InvalidArgument("empty topic".into()));
+        let shared = &self.inner.shared;
+        match shared.permits.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                match shared.enqueue(message) {
+                    Ok((outcome, index)) => SendFuture::queued(outcome, index),
+                    Err(error) => SendFuture::failed(error),
+                }
             }
-            if let Some((message, reply)) = waiting {
-                let permit = permits
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ClientError::Closed)?;
-                let waiter = Waiter {
-                    reply,
-                    _permit: permit,
-                };
-                let command = Command::Send(Queued {
-                    message,
-                    bytes,
-                    waiter,
-                });
-                commands.send(command).map_err(|_| ClientError::Closed)?;
-            } else if !queued {
-                return Err(ClientError::Closed);
+            Err(TryAcquireError::Closed) => SendFuture::failed(ClientError::Closed),
+            Err(TryAcquireError::NoPermits) => {
+                let shared = Arc::clone(shared);
+                SendFuture {
+                    state: SendState::Waiting(Box::pin(async move {
+                        let permit = shared
+                            .permits
+                            .acquire()
+                            .await
+                            .map_err(|_| ClientError::Closed)?;
+                        permit.forget();
+                        shared.enqueue(message)
+                    })),
+                }
             }
-            receiver.await.unwrap_or(Err(ClientError::Closed))
         }
     }
 
     /// Sends every open batch now and waits until every message sent so
     /// far is acknowledged (or failed).
     pub async fn flush(&self) -> Result<()> {
-        self.commands
-            .send(Command::Flush)
-            .map_err(|_| ClientError::Closed)?;
-        let all = self
+        let shared = &self.inner.shared;
+        {
+            let mut state = lock(&shared.state);
+            let open = std::mem::take(&mut state.open);
+            state.ready.extend(open);
+        }
+        shared.wake.notify_one();
+        let all = shared
             .permits
-            .acquire_many(self.max_pending)
+            .acquire_many(shared.max_pending)
             .await
             .map_err(|_| ClientError::Closed)?;
         drop(all);
         Ok(())
+    }
+}
+
+impl ProducerShared {
+    /// Appends `message` (whose permit the caller holds) to its batch;
+    /// returns the batch's completion slot and the message's index in it.
+    fn enqueue(&self, message: Message) -> Result<(Arc<Outcome>, usize)> {
+        let bytes = message.estimated_bytes();
+        // Whether the batching task must look: a batch closed, or the
+        // first batch opened and its linger timer must start.
+        let mut wake = false;
+        let result = {
+            let mut state = lock(&self.state);
+            if state.closed {
+                None
+            } else {
+                Some(state.append(message, bytes, self, &mut wake))
+            }
+        };
+        if wake {
+            self.wake.notify_one();
+        }
+        match result {
+            Some(slot) => Ok(slot),
+            None => {
+                self.permits.add_permits(1);
+                Err(ClientError::Closed)
+            }
+        }
+    }
+}
+
+impl BatchState {
+    fn append(
+        &mut self,
+        message: Message,
+        bytes: usize,
+        shared: &ProducerShared,
+        wake: &mut bool,
+    ) -> (Arc<Outcome>, usize) {
+        let Message {
+            topic,
+            partition,
+            record,
+        } = message;
+        let position = self
+            .open
+            .iter()
+            .position(|((batch_topic, batch_partition), _)| {
+                *batch_topic == topic && *batch_partition == partition
+            });
+        let position = match position {
+            Some(index)
+                if self.open[index].1.bytes + bytes > self.max_batch_bytes
+                    && !self.open[index].1.records.is_empty() =>
+            {
+                let closed = self.open.swap_remove(index);
+                self.ready.push_back(closed);
+                *wake = true;
+                None
+            }
+            other => other,
+        };
+        let index = match position {
+            Some(index) => index,
+            None => {
+                if !self.timer_armed {
+                    // The task sleeps without a deadline: start the timer.
+                    self.timer_armed = true;
+                    *wake = true;
+                }
+                let capacity = shared.max_batch_messages.min(1024);
+                self.open.push((
+                    (topic, partition),
+                    Batch {
+                        records: Vec::with_capacity(capacity),
+                        bytes: 0,
+                        deadline: Instant::now() + shared.linger,
+                        outcome: Arc::new(Outcome::new()),
+                    },
+                ));
+                self.open.len() - 1
+            }
+        };
+        let batch = &mut self.open[index].1;
+        batch.records.push(record);
+        batch.bytes += bytes;
+        let slot = (Arc::clone(&batch.outcome), batch.records.len() - 1);
+        if batch.records.len() >= shared.max_batch_messages || batch.bytes >= self.max_batch_bytes {
+            let full = self.open.swap_remove(index);
+            self.ready.push_back(full);
+            *wake = true;
+        }
+        slot
+    }
+}
+
+/// The completion of one batch, shared by the futures of its messages.
+struct Outcome {
+    state: Mutex<OutcomeState>,
+}
+
+enum OutcomeState {
+    /// Not answered yet: the wakers of the futures that polled.
+    Waiting(Vec<Waker>),
+    /// The broker's records, in batch order, or why the batch failed.
+    Done(std::result::Result<Vec<ProducedRecord>, ClientError>),
+}
+
+impl Outcome {
+    fn new() -> Self {
+        Outcome {
+            state: Mutex::new(OutcomeState::Waiting(Vec::new())),
+        }
+    }
+
+    /// Records the batch's result and wakes every waiting future.
+    fn complete(&self, result: std::result::Result<Vec<ProducedRecord>, ClientError>) {
+        let previous = std::mem::replace(&mut *lock(&self.state), OutcomeState::Done(result));
+        if let OutcomeState::Waiting(wakers) = previous {
+            for waker in wakers {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// The future [`Producer::send`] returns.
+struct SendFuture {
+    state: SendState,
+}
+
+type Enqueue = Pin<Box<dyn Future<Output = Result<(Arc<Outcome>, usize)>> + Send>>;
+
+enum SendState {
+    /// Waiting for room (backpressure); queues the message once there is.
+    Waiting(Enqueue),
+    /// In a batch; `waker` is this future's slot in the outcome's wakers.
+    Queued {
+        outcome: Arc<Outcome>,
+        index: usize,
+        waker: Option<usize>,
+    },
+    Failed(Option<ClientError>),
+}
+
+impl SendFuture {
+    fn queued(outcome: Arc<Outcome>, index: usize) -> Self {
+        SendFuture {
+            state: SendState::Queued {
+                outcome,
+                index,
+                waker: None,
+            },
+        }
+    }
+
+    fn failed(error: ClientError) -> Self {
+        SendFuture {
+            state: SendState::Failed(Some(error)),
+        }
+    }
+}
+
+impl Future for SendFuture {
+    type Output = Result<SendReceipt>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut self.state;
+        if let SendState::Waiting(enqueue) = this {
+            match enqueue.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok((outcome, index))) => {
+                    *this = SendState::Queued {
+                        outcome,
+                        index,
+                        waker: None,
+                    }
+                }
+                Poll::Ready(Err(error)) => *this = SendState::Failed(Some(error)),
+            }
+        }
+        match this {
+            SendState::Waiting(_) => Poll::Pending,
+            SendState::Failed(error) => {
+                Poll::Ready(Err(error.take().unwrap_or(ClientError::Closed)))
+            }
+            SendState::Queued {
+                outcome,
+                index,
+                waker,
+            } => {
+                let mut state = lock(&outcome.state);
+                match &mut *state {
+                    OutcomeState::Done(Ok(records)) => {
+                        Poll::Ready(records.get(*index).map(receipt).ok_or_else(|| {
+                            ClientError::InvalidArgument("broker result missing".into())
+                        }))
+                    }
+                    OutcomeState::Done(Err(error)) => Poll::Ready(Err(error.clone())),
+                    OutcomeState::Waiting(wakers) => {
+                        match waker.and_then(|slot| wakers.get_mut(slot)) {
+                            Some(registered) => {
+                                if !registered.will_wake(cx.waker()) {
+                                    registered.clone_from(cx.waker());
+                                }
+                            }
+                            None => {
+                                *waker = Some(wakers.len());
+                                wakers.push(cx.waker().clone());
+                            }
+                        }
+                        Poll::Pending
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn receipt(record: &ProducedRecord) -> SendReceipt {
+    SendReceipt {
+        partition: record.partition,
+        offset: record.offset,
+        id: record.message_id,
+        deliver_at: record.deliver_at_ms.map(ms_to_system_time),
     }
 }
 
@@ -270,9 +527,9 @@ fn random_producer_id() -> u64 {
 
 struct Batch {
     records: Vec<ProduceRecord>,
-    waiters: Vec<Waiter>,
     bytes: usize,
     deadline: Instant,
+    outcome: Arc<Outcome>,
 }
 
 type BatchKey = (String, Option<u32>);
@@ -280,7 +537,7 @@ type BatchKey = (String, Option<u32>);
 struct Batcher {
     client: Client,
     options: ProducerOptions,
-    max_batch_bytes: usize,
+    shared: Arc<ProducerShared>,
     in_flight: Arc<Semaphore>,
     producer_id: u64,
     next_sequence: u64,
@@ -288,74 +545,57 @@ struct Batcher {
     retry_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
-async fn batch_loop(
-    client: Client,
-    options: ProducerOptions,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-) {
-    let frame_limit = match client.shared().conn().await {
-        Ok(conn) => (conn.hello.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM_BYTES),
-        Err(_) => options.max_batch_bytes,
-    };
+async fn batch_loop(client: Client, options: ProducerOptions, shared: Arc<ProducerShared>) {
+    if let Ok(conn) = client.shared().conn().await {
+        let frame_limit =
+            (conn.hello.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM_BYTES);
+        let mut state = lock(&shared.state);
+        state.max_batch_bytes = state.max_batch_bytes.min(frame_limit).max(1);
+    }
     let mut batcher = Batcher {
-        max_batch_bytes: options.max_batch_bytes.min(frame_limit).max(1),
         in_flight: Arc::new(Semaphore::new(options.max_in_flight_batches.max(1))),
         producer_id: random_producer_id(),
         next_sequence: 0,
         retry_gate: Arc::new(tokio::sync::Mutex::new(())),
+        shared: Arc::clone(&shared),
         client,
         options,
     };
-    // Few keys are open at once (topics × explicit partitions in use): a
-    // linear scan over a small vector beats hashing a cloned topic name
-    // per message.
-    let mut batches: Vec<(BatchKey, Batch)> = Vec::new();
+    let mut to_send = VecDeque::new();
     loop {
-        let deadline = batches.iter().map(|(_, batch)| batch.deadline).min();
-        let command = tokio::select! {
-            command = commands.recv() => command,
-            _ = sleep_until(deadline), if deadline.is_some() => {
-                let now = Instant::now();
-                let mut index = 0;
-                while index < batches.len() {
-                    if batches[index].1.deadline <= now {
-                        let (key, batch) = batches.swap_remove(index);
-                        batcher.send(key, batch).await;
-                    } else {
-                        index += 1;
-                    }
+        let (deadline, closed) = {
+            let mut state = lock(&shared.state);
+            let now = Instant::now();
+            let mut index = 0;
+            while index < state.open.len() {
+                if state.closed || state.open[index].1.deadline <= now {
+                    // Linger expired: it goes out after the batches that
+                    // closed before it (order within a key is kept, as a
+                    // key has one open batch at a time).
+                    let expired = state.open.remove(index);
+                    state.ready.push_back(expired);
+                } else {
+                    index += 1;
                 }
-                continue;
             }
+            std::mem::swap(&mut to_send, &mut state.ready);
+            let deadline = state.open.iter().map(|(_, batch)| batch.deadline).min();
+            state.timer_armed = deadline.is_some();
+            (deadline, state.closed)
         };
-        let mut command = command;
-        // Handle what is already queued (a bounded number) before waiting
-        // on the timers again.
-        let mut handled = 0;
-        loop {
-            match command {
-                Some(Command::Send(queued)) => batcher.add(&mut batches, queued).await,
-                Some(Command::Flush) => {
-                    for (key, batch) in std::mem::take(&mut batches) {
-                        batcher.send(key, batch).await;
-                    }
-                }
-                None => {
-                    for (key, batch) in std::mem::take(&mut batches) {
-                        batcher.send(key, batch).await;
-                    }
-                    return;
-                }
+        if !to_send.is_empty() {
+            while let Some((key, batch)) = to_send.pop_front() {
+                batcher.send(key, batch).await;
             }
-            handled += 1;
-            if handled >= MAX_COMMANDS_PER_WAKEUP {
-                break;
-            }
-            command = match commands.try_recv() {
-                Ok(next) => Some(next),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-            };
+            // More may have closed while these went out.
+            continue;
+        }
+        if closed {
+            return;
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = sleep_until(deadline), if deadline.is_some() => {}
         }
     }
 }
@@ -368,57 +608,15 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl Batcher {
-    /// Adds a message to its batch, sending batches that are full.
-    async fn add(&mut self, batches: &mut Vec<(BatchKey, Batch)>, queued: Queued) {
-        let topic = queued.message.topic.as_str();
-        let partition = queued.message.partition;
-        let position = batches
-            .iter()
-            .position(|((batch_topic, batch_partition), _)| {
-                batch_topic == topic && *batch_partition == partition
-            });
-        let index = match position {
-            Some(index)
-                if batches[index].1.bytes + queued.bytes > self.max_batch_bytes
-                    && !batches[index].1.records.is_empty() =>
-            {
-                let (key, batch) = batches.swap_remove(index);
-                self.send(key, batch).await;
-                None
-            }
-            other => other,
-        };
-        let index = match index {
-            Some(index) => index,
-            None => {
-                batches.push((
-                    (queued.message.topic.clone(), partition),
-                    Batch {
-                        records: Vec::with_capacity(self.options.max_batch_messages.min(1024)),
-                        waiters: Vec::with_capacity(self.options.max_batch_messages.min(1024)),
-                        bytes: 0,
-                        deadline: Instant::now() + self.options.linger,
-                    },
-                ));
-                batches.len() - 1
-            }
-        };
-        let batch = &mut batches[index].1;
-        batch.records.push(queued.message.record);
-        batch.waiters.push(queued.waiter);
-        batch.bytes += queued.bytes;
-        if batch.records.len() >= self.options.max_batch_messages.max(1)
-            || batch.bytes >= self.max_batch_bytes
-        {
-            let (key, batch) = batches.swap_remove(index);
-            self.send(key, batch).await;
-        }
-    }
-
     /// Queues one PRODUCE on the connection (in call order) and hands the
     /// wait for its answer to a task.
     async fn send(&mut self, key: BatchKey, batch: Batch) {
+        let count = batch.records.len();
+        let outcome = batch.outcome;
+        let permits = Arc::clone(&self.shared);
         let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
+            permits.permits.add_permits(count);
+            outcome.complete(Err(ClientError::Closed));
             return;
         };
         let (topic, partition) = key;
@@ -438,15 +636,18 @@ impl Batcher {
         };
         let shared = Arc::clone(self.client.shared());
         let timeout = shared.options.request_timeout;
+        let size_hint = batch.bytes + FRAME_HEADROOM_BYTES;
         let retry = idempotence.is_some().then(|| request.clone());
         let first = match shared.conn().await {
-            Ok(conn) => conn.start(Request::Produce(request), None).await,
+            Ok(conn) => {
+                conn.start_with_capacity(Request::Produce(request), None, size_hint)
+                    .await
+            }
             Err(error) => Err(error),
         };
         let max_retries = self.options.max_retries;
         let backoff = shared.options.reconnect_backoff_initial;
         let gate = Arc::clone(&self.retry_gate);
-        let waiters = batch.waiters;
         tokio::spawn(async move {
             let mut result = match first {
                 Ok(receiver) => await_reply(receiver, timeout).await,
@@ -459,7 +660,9 @@ impl Batcher {
                     let _order = gate.lock().await;
                     tokio::time::sleep(backoff * attempt).await;
                     result = match shared.conn().await {
-                        Ok(conn) => match conn.start(Request::Produce(request.clone()), None).await
+                        Ok(conn) => match conn
+                            .start_with_capacity(Request::Produce(request.clone()), None, size_hint)
+                            .await
                         {
                             Ok(receiver) => await_reply(receiver, timeout).await,
                             Err(error) => Err(error),
@@ -468,8 +671,11 @@ impl Batcher {
                     };
                 }
             }
-            complete(result, waiters);
             drop(permit);
+            // Room first: a caller that saw its send complete finds the
+            // room it freed (and its next send is queued at once).
+            permits.permits.add_permits(count);
+            outcome.complete(check(result, count));
         });
     }
 }
@@ -478,39 +684,21 @@ fn retryable(error: &ClientError) -> bool {
     error.is_transient() || error.code() == Some(ErrorCode::OutOfOrderSequence)
 }
 
-fn complete(result: Result<Response>, waiters: Vec<Waiter>) {
-    let records = match result {
-        Ok(Response::ProduceOk(ok)) if ok.records.len() == waiters.len() => ok.records,
-        Ok(Response::ProduceOk(ok)) => {
-            let error = ClientError::InvalidArgument(format!(
-                "broker returned {} results for {} records",
-                ok.records.len(),
-                waiters.len()
-            ));
-            return fail(waiters, &error);
-        }
-        Ok(other) => {
-            let error = ClientError::UnexpectedResponse {
-                expected: "PRODUCE_OK",
-                got: other.opcode(),
-            };
-            return fail(waiters, &error);
-        }
-        Err(error) => return fail(waiters, &error),
-    };
-    for (waiter, record) in waiters.into_iter().zip(records) {
-        let receipt = SendReceipt {
-            partition: record.partition,
-            offset: record.offset,
-            id: record.message_id,
-            deliver_at: record.deliver_at_ms.map(ms_to_system_time),
-        };
-        let _ = waiter.reply.send(Ok(receipt));
-    }
-}
-
-fn fail(waiters: Vec<Waiter>, error: &ClientError) {
-    for waiter in waiters {
-        let _ = waiter.reply.send(Err(error.clone()));
+/// The per-record results of a PRODUCE of `count` records, or why it failed.
+fn check(
+    result: Result<Response>,
+    count: usize,
+) -> std::result::Result<Vec<ProducedRecord>, ClientError> {
+    match result {
+        Ok(Response::ProduceOk(ok)) if ok.records.len() == count => Ok(ok.records),
+        Ok(Response::ProduceOk(ok)) => Err(ClientError::InvalidArgument(format!(
+            "broker returned {} results for {count} records",
+            ok.records.len(),
+        ))),
+        Ok(other) => Err(ClientError::UnexpectedResponse {
+            expected: "PRODUCE_OK",
+            got: other.opcode(),
+        }),
+        Err(error) => Err(error),
     }
 }
