@@ -1,0 +1,201 @@
+//! DMQ through `dmq-client`, with the settings of `dmq bench`: each
+//! producer batches up to `batch` messages (1 ms linger) with up to
+//! `window` unacknowledged sends; the consumer subscribes (push, credit
+//! 5000) before the producers start and acks each message (the client
+//! batches acks into ACK frames; the last ack's confirmation is awaited).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use dmq_client::{Client, ClientOptions, Message, ProducerOptions, Start, SubscribeOptions};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+
+use crate::server::{free_port, Server};
+use crate::workload::{
+    histogram, record_delivery, stamped, Outcome, Shared, Tasks, Workload, DRAIN_TIMEOUT,
+    READY_TIMEOUT,
+};
+
+const TOPIC: &str = "compare";
+const CREDIT: u32 = 5000;
+
+async fn connect(addr: &str) -> Result<Client> {
+    Client::connect(addr.to_owned(), ClientOptions::new("dmq-compare"))
+        .await
+        .with_context(|| format!("connecting to dmqd at {addr}"))
+}
+
+pub async fn run(dmqd: &str, fsync: &str, partitions: u32, workload: &Workload) -> Result<Outcome> {
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Server::start("dmqd", dmqd, |dir| {
+        Ok(vec![
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--fsync".into(),
+            fsync.into(),
+        ])
+    })?;
+    server.wait_for_port(port).await?;
+    let ready = Instant::now();
+    let admin = loop {
+        match connect(&addr).await {
+            Ok(client) => break client,
+            Err(error) if ready.elapsed() > READY_TIMEOUT => return Err(error),
+            Err(_) => {
+                server.check_running()?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    admin
+        .create_topic(TOPIC, partitions.max(1), false)
+        .await
+        .context("creating the topic")?;
+
+    let shared = Shared::new(workload.producers);
+    let consumer_client = connect(&addr).await?;
+    let subscription = consumer_client
+        .consumer()
+        .subscribe(
+            TOPIC,
+            "compare",
+            SubscribeOptions {
+                member_name: "compare-consumer".into(),
+                start: Start::Earliest,
+                credit_window: CREDIT,
+                ..SubscribeOptions::default()
+            },
+        )
+        .await
+        .context("subscribing")?;
+
+    let mut producer_clients = Vec::new();
+    for _ in 0..workload.producers {
+        producer_clients.push(connect(&addr).await?);
+    }
+
+    let started = Instant::now();
+    let consumer = Tasks(vec![tokio::spawn(consume(
+        subscription,
+        workload.messages,
+        Arc::clone(&shared),
+    ))]);
+    let template = workload.template();
+    let producers = Tasks(
+        producer_clients
+            .iter()
+            .enumerate()
+            .map(|(index, client)| {
+                let producer = client.producer_with(ProducerOptions {
+                    linger: Duration::from_millis(1),
+                    max_batch_messages: workload.batch,
+                    max_pending_messages: workload.window,
+                    ..ProducerOptions::default()
+                });
+                tokio::spawn(produce(
+                    producer,
+                    template.clone(),
+                    workload.share(index),
+                    workload.window,
+                    Arc::clone(&shared),
+                ))
+            })
+            .collect(),
+    );
+    for result in producers.join().await? {
+        result?;
+    }
+    let produce_elapsed = started.elapsed();
+    let (consumed, latency) = consumer
+        .join()
+        .await?
+        .pop()
+        .context("no consumer result")??;
+    let total_elapsed = started.elapsed();
+    drop(server);
+    Outcome::new(&shared, consumed, produce_elapsed, total_elapsed, &latency)
+}
+
+async fn produce(
+    producer: dmq_client::Producer,
+    template: Bytes,
+    count: u64,
+    window: usize,
+    shared: Arc<Shared>,
+) -> Result<()> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut first_error = None;
+    let mut record = |result: dmq_client::Result<dmq_client::SendReceipt>| match result {
+        Ok(_) => {
+            shared.produced.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(error) => {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            first_error.get_or_insert(error);
+        }
+    };
+    for sent in 0..count {
+        while in_flight.len() >= window {
+            if let Some(result) = in_flight.next().await {
+                record(result);
+            }
+        }
+        in_flight.push(producer.send(Message::new(TOPIC, stamped(&template))));
+        if sent % 64 == 63 {
+            while let Some(Some(result)) = in_flight.next().now_or_never() {
+                record(result);
+            }
+        }
+    }
+    while let Some(result) = in_flight.next().await {
+        record(result);
+    }
+    shared.producer_done();
+    match first_error {
+        Some(error) => Err(error).context("producing to DMQ"),
+        None => Ok(()),
+    }
+}
+
+async fn consume(
+    mut subscription: dmq_client::Subscription,
+    messages: u64,
+    shared: Arc<Shared>,
+) -> Result<(u64, hdrhistogram::Histogram<u64>)> {
+    let mut latency = histogram()?;
+    let mut consumed = 0u64;
+    let mut last_ack = None;
+    let mut idle_since = Instant::now();
+    while !shared.consumer_finished(consumed, messages) {
+        let message =
+            match tokio::time::timeout(Duration::from_millis(100), subscription.recv()).await {
+                Ok(Some(message)) => message.context("DMQ subscription failed")?,
+                Ok(None) => break,
+                Err(_) => {
+                    if shared.producers_done.load(Ordering::SeqCst)
+                        && idle_since.elapsed() > DRAIN_TIMEOUT
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            };
+        idle_since = Instant::now();
+        record_delivery(&mut latency, &message.value);
+        consumed += 1;
+        // Queued at once and batched into ACK frames; only the last
+        // confirmation is awaited (acks are confirmed in order).
+        last_ack = Some(message.ack());
+    }
+    if let Some(ack) = last_ack {
+        ack.await.context("the last ack")?;
+    }
+    Ok((consumed, latency))
+}
