@@ -78,7 +78,7 @@ pub(crate) fn delivery(delivery: dispatcher::Delivery) -> wire::Delivery {
     let record = delivery.record;
     wire::Delivery {
         subscription_id: delivery.member,
-        topic: delivery.topic,
+        topic: delivery.topic.to_string(),
         partition: delivery.partition,
         offset: record.offset,
         attempt: delivery.attempt,

@@ -12,11 +12,18 @@
 //! share group commits, and only then wakes the dispatcher. Delayed records
 //! go to the dispatcher's delay store.
 //!
+//! Deliveries leave the thread in batches: one `Vec` per member per poll,
+//! so a burst costs one channel send and one task wake-up, not one per
+//! message.
+//!
 //! Invariant: a delivery is routed only to the session that joined its
-//! member; if that session is gone or its queue is full, the message is
-//! handed back to the group at once (member left / nack without delay).
+//! member; if that session is gone or its queue is full (more than
+//! [`DeliverySink`]'s bound of deliveries not yet written to the socket),
+//! the message is handed back to the group at once (member left / nack
+//! without delay).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -40,15 +47,58 @@ enum Command {
     Shutdown,
 }
 
+/// Where one member's deliveries go: batches on a channel, with a bound on
+/// the deliveries queued in total (sent, not yet written to the socket).
+pub struct DeliverySink {
+    sender: async_mpsc::Sender<Vec<Delivery>>,
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+}
+
+impl DeliverySink {
+    /// A sink of at most `max_queued` queued deliveries; the receiver
+    /// releases them with [`Queued::release`] once they are written.
+    pub fn new(max_queued: usize) -> (DeliverySink, async_mpsc::Receiver<Vec<Delivery>>, Queued) {
+        let max_queued = max_queued.max(1);
+        // Every batch holds at least one delivery: the channel is never the
+        // tighter bound.
+        let (sender, receiver) = async_mpsc::channel(max_queued);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let sink = DeliverySink {
+            sender,
+            queued: Arc::clone(&queued),
+            max_queued,
+        };
+        (sink, receiver, Queued(queued))
+    }
+}
+
+/// The count of a [`DeliverySink`]'s queued deliveries, held by the side
+/// that writes them out.
+#[derive(Debug, Clone)]
+pub struct Queued(Arc<AtomicUsize>);
+
+impl Queued {
+    /// `count` deliveries left the queue (written, or dropped with the
+    /// connection).
+    pub fn release(&self, count: usize) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                Some(queued.saturating_sub(count))
+            });
+    }
+}
+
 /// Where each member's deliveries go.
 #[derive(Default)]
 pub struct Routes {
-    sinks: HashMap<MemberId, async_mpsc::Sender<Delivery>>,
+    sinks: HashMap<MemberId, DeliverySink>,
 }
 
 impl Routes {
     /// Sends `member`'s deliveries to `sink`.
-    pub fn insert(&mut self, member: MemberId, sink: async_mpsc::Sender<Delivery>) {
+    pub fn insert(&mut self, member: MemberId, sink: DeliverySink) {
         self.sinks.insert(member, sink);
     }
 
@@ -279,26 +329,51 @@ fn run(mut dispatcher: Dispatcher, clock: Arc<dyn Clock>, commands: mpsc::Receiv
 }
 
 fn route(dispatcher: &mut Dispatcher, routes: &mut Routes, deliveries: Vec<Delivery>) {
+    // One batch per member, in delivery order (few members per poll: a
+    // linear search beats a map).
+    let mut batches: Vec<(MemberId, Vec<Delivery>)> = Vec::new();
     for delivery in deliveries {
-        let member = delivery.member;
-        let (partition, offset) = (delivery.partition, delivery.record.offset);
-        let sent = match routes.sinks.get(&member) {
-            Some(sink) => sink.try_send(delivery),
-            None => {
-                let _ = dispatcher.leave(member);
-                continue;
-            }
+        match batches
+            .iter_mut()
+            .find(|(member, _)| *member == delivery.member)
+        {
+            Some((_, batch)) => batch.push(delivery),
+            None => batches.push((delivery.member, vec![delivery])),
+        }
+    }
+    for (member, mut batch) in batches {
+        let Some(sink) = routes.sinks.get(&member) else {
+            let _ = dispatcher.leave(member);
+            continue;
         };
-        match sent {
-            Ok(()) => {}
-            Err(async_mpsc::error::TrySendError::Full(_)) => {
-                // More deliveries than the session can queue: give it back.
-                let _ = dispatcher.nack(member, partition, offset, Some(0));
+        // Reserve room for the batch; what does not fit goes back.
+        let queued = sink.queued.load(Ordering::Acquire);
+        let room = sink.max_queued.saturating_sub(queued);
+        let overflow = if batch.len() > room {
+            batch.split_off(room)
+        } else {
+            Vec::new()
+        };
+        let mut refused = overflow;
+        if !batch.is_empty() {
+            let count = batch.len();
+            sink.queued.fetch_add(count, Ordering::AcqRel);
+            match sink.sender.try_send(batch) {
+                Ok(()) => {}
+                Err(async_mpsc::error::TrySendError::Full(batch)) => {
+                    sink.queued.fetch_sub(count, Ordering::AcqRel);
+                    refused.extend(batch);
+                }
+                Err(async_mpsc::error::TrySendError::Closed(_)) => {
+                    routes.sinks.remove(&member);
+                    let _ = dispatcher.leave(member);
+                    continue;
+                }
             }
-            Err(async_mpsc::error::TrySendError::Closed(_)) => {
-                routes.sinks.remove(&member);
-                let _ = dispatcher.leave(member);
-            }
+        }
+        // More deliveries than the session can queue: give them back.
+        for delivery in refused {
+            let _ = dispatcher.nack(member, delivery.partition, delivery.record.offset, Some(0));
         }
     }
 }

@@ -5,7 +5,8 @@
 //! 4-byte prefix arrives, before the body is read); a writer task encodes the
 //! frames queued for the connection (a bounded queue: a slow client stops
 //! the reader, it does not grow the heap). Each subscription has a forwarder
-//! task turning the dispatcher's deliveries into DELIVER pushes.
+//! task passing the dispatcher's batches of deliveries to that queue whole;
+//! the writer encodes them as DELIVER pushes straight into its buffer.
 //!
 //! Rules: the first frame must be HELLO; a malformed frame gets an ERROR and
 //! the connection is closed; requests may be pipelined and responses carry
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dmq_dispatcher::{MemberId, TopicConfig};
+use dmq_dispatcher::{Delivery, MemberId, TopicConfig};
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{
     self as wire, decode_frame_bytes, encode_frame, frame_len, Body, ErrorCode, ErrorResponse,
@@ -31,13 +32,28 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::BrokerConfig;
 use crate::convert;
-use crate::engine::{Engine, ProducerWindow};
+use crate::engine::{DeliverySink, Engine, ProducerWindow, Queued};
 
 /// Read buffer growth step.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Below this much free room the read buffer grows by a chunk first (a
 /// full buffer would otherwise be read into 64 bytes at a time).
 const READ_MIN_SPARE_BYTES: usize = 4096;
+/// The writer writes out once its buffer holds this much.
+const WRITE_COALESCE_BYTES: usize = 256 * 1024;
+
+/// What the writer task sends: a frame, or a batch of one subscription's
+/// deliveries (one DELIVER push each).
+pub(crate) enum Outbound {
+    Frame(Frame),
+    Deliveries(Vec<Delivery>, Queued),
+}
+
+impl From<Frame> for Outbound {
+    fn from(frame: Frame) -> Self {
+        Outbound::Frame(frame)
+    }
+}
 
 /// What every session shares.
 #[derive(Clone)]
@@ -50,7 +66,7 @@ pub(crate) struct Shared {
 struct Session {
     shared: Shared,
     peer: SocketAddr,
-    outbound: mpsc::Sender<Frame>,
+    outbound: mpsc::Sender<Outbound>,
     authenticated: bool,
     members: BTreeSet<MemberId>,
     clock: SystemClock,
@@ -66,21 +82,44 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
     let (outbound, mut queue) =
-        mpsc::channel::<Frame>(shared.config.connection_queue_frames.max(16));
+        mpsc::channel::<Outbound>(shared.config.connection_queue_frames.max(16));
     let writer_task = tokio::spawn(async move {
         let mut buffer = BytesMut::with_capacity(64 * 1024);
-        while let Some(frame) = queue.recv().await {
-            let mut frames = vec![frame];
-            while frames.len() < 256 {
-                match queue.try_recv() {
-                    Ok(frame) => frames.push(frame),
-                    Err(_) => break,
-                }
-            }
+        while let Some(item) = queue.recv().await {
+            let mut next = Some(item);
+            let mut items = 0;
             buffer.clear();
-            for frame in &frames {
-                if let Err(error) = encode_frame(frame, &mut buffer) {
-                    tracing::error!(%error, "cannot encode a frame");
+            while let Some(item) = next.take() {
+                items += 1;
+                match item {
+                    Outbound::Frame(frame) => encode_into(&frame, &mut buffer),
+                    Outbound::Deliveries(deliveries, queued) => {
+                        let count = deliveries.len();
+                        let mut failed = false;
+                        for delivery in deliveries {
+                            let push =
+                                Frame::push(wire::Push::Deliver(convert::delivery(delivery)));
+                            encode_into(&push, &mut buffer);
+                            // A big batch goes out in pieces: the buffer
+                            // stays about WRITE_COALESCE_BYTES.
+                            if buffer.len() >= WRITE_COALESCE_BYTES {
+                                failed = writer.write_all(&buffer).await.is_err();
+                                buffer.clear();
+                                if failed {
+                                    break;
+                                }
+                            }
+                        }
+                        // Encoded: the batch no longer counts against the
+                        // subscription's queue bound.
+                        queued.release(count);
+                        if failed {
+                            return;
+                        }
+                    }
+                }
+                if items < 256 && buffer.len() < WRITE_COALESCE_BYTES {
+                    next = queue.try_recv().ok();
                 }
             }
             if writer.write_all(&buffer).await.is_err() {
@@ -169,13 +208,19 @@ pub(crate) async fn serve(
     let _ = writer_task.await;
 }
 
+fn encode_into(frame: &Frame, buffer: &mut BytesMut) {
+    if let Err(error) = encode_frame(frame, buffer) {
+        tracing::error!(%error, "cannot encode a frame");
+    }
+}
+
 fn error_frame(correlation_id: u32, error: ErrorResponse) -> Frame {
     Frame::response(correlation_id, Response::Error(error))
 }
 
 impl Session {
     async fn send(&self, frame: Frame) {
-        let _ = self.outbound.send(frame).await;
+        let _ = self.outbound.send(frame.into()).await;
     }
 
     async fn reply(&self, correlation_id: u32, response: Result<Response, ErrorResponse>) {
@@ -406,8 +451,13 @@ impl Session {
         tokio::spawn(async move {
             let log_for_wait = log.clone();
             let info = appended.clone();
-            let durable =
-                tokio::task::spawn_blocking(move || log_for_wait.wait_durable(&info)).await;
+            // No fsync to wait for (policy `Never` or `Interval`): no hop
+            // to the blocking pool.
+            let durable = if log_for_wait.durable_on_append() {
+                Ok(log_for_wait.wait_durable(&info))
+            } else {
+                tokio::task::spawn_blocking(move || log_for_wait.wait_durable(&info)).await
+            };
             let response = match durable {
                 Ok(Ok(())) => {
                     engine.wake();
@@ -448,7 +498,7 @@ impl Session {
         let config = convert::group_config(&subscribe);
         let max_credit = self.shared.config.max_credit;
         let credit = subscribe.credit.min(max_credit);
-        let (sink, mut deliveries) = mpsc::channel(max_credit as usize + 16);
+        let (sink, mut deliveries, queued) = DeliverySink::new(max_credit as usize + 16);
         let wire::Subscribe {
             topic,
             group,
@@ -487,9 +537,11 @@ impl Session {
         self.members.insert(member);
         let outbound = self.outbound.clone();
         tokio::spawn(async move {
-            while let Some(delivery) = deliveries.recv().await {
-                let push = Frame::push(wire::Push::Deliver(convert::delivery(delivery)));
-                if outbound.send(push).await.is_err() {
+            while let Some(batch) = deliveries.recv().await {
+                let count = batch.len();
+                let item = Outbound::Deliveries(batch, queued.clone());
+                if outbound.send(item).await.is_err() {
+                    queued.release(count);
                     return;
                 }
             }
@@ -758,7 +810,7 @@ impl Session {
 async fn finish_produce(
     correlation_id: u32,
     response: Result<wire::ProduceOk, ErrorResponse>,
-    outbound: &mpsc::Sender<Frame>,
+    outbound: &mpsc::Sender<Outbound>,
     producers: &ProducerWindow,
     dedup_key: Option<(String, u32, u64)>,
     sequence: Option<(u64, u64)>,
@@ -773,7 +825,7 @@ async fn finish_produce(
         Ok(ok) => Frame::response(correlation_id, Response::ProduceOk(ok)),
         Err(error) => error_frame(correlation_id, error),
     };
-    let _ = outbound.send(frame).await;
+    let _ = outbound.send(frame.into()).await;
 }
 
 fn pick_partition(

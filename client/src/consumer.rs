@@ -8,7 +8,9 @@
 //! (acked, nacked or dropped), so at most `credit_window` messages are ever
 //! buffered or being processed. Acks, nacks and credits are batched by a
 //! per-subscription task over a short linger into ACK, NACK and CREDIT
-//! frames.
+//! frames. An ack costs a push onto the subscription's queue under a short
+//! lock: the acks of one batch share one completion (the broker's answer to
+//! their ACK frame), no channel message or oneshot per ack.
 //!
 //! After a reconnect the subscription is re-established with the same
 //! group and member; messages delivered on the old connection can no longer
@@ -28,7 +30,7 @@ use dmq_protocol::{
     Request, Response, StartPosition, Subscribe, Unsubscribe,
 };
 use futures_core::Stream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::client::Client;
@@ -165,20 +167,23 @@ impl Consumer {
                 return Err(error);
             }
         };
-        let (ack_sender, ack_receiver) = mpsc::unbounded_channel();
+        let acks = Arc::new(AckInner {
+            queue: Mutex::new(AckQueue::default()),
+            wake: Notify::new(),
+            max_batch: options.max_ack_batch.max(1),
+        });
         tokio::spawn(ack_loop(
             self.client.clone(),
             Arc::clone(&shared),
-            ack_receiver,
+            Arc::clone(&acks),
             options.ack_linger,
-            options.max_ack_batch.max(1),
             options.credit_window > 0,
         ));
         Ok(Subscription {
             client: self.client.clone(),
             shared,
             receiver,
-            acker: Arc::new(AckHandle { sender: ack_sender }),
+            acker: Arc::new(AckHandle { inner: acks }),
             partitions,
             done: false,
         })
@@ -471,33 +476,33 @@ impl ReceivedMessage {
         nack: Option<Option<u64>>,
     ) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         let already = self.settle.handled.swap(true, Ordering::AcqRel);
-        let (reply, receiver) = oneshot::channel();
-        let queued = !already
-            && self
-                .settle
+        let position = MessagePosition {
+            partition: self.partition,
+            offset: self.offset,
+        };
+        let (generation, credit) = (self.settle.generation, self.settle.pushed);
+        let waiting = if already {
+            None
+        } else {
+            self.settle
                 .acker
-                .sender
-                .send(AckCommand::Settle {
-                    position: MessagePosition {
-                        partition: self.partition,
-                        offset: self.offset,
-                    },
-                    generation: self.settle.generation,
-                    credit: self.settle.pushed,
-                    nack,
-                    reply,
-                })
-                .is_ok();
+                .inner
+                .settle(position, generation, credit, nack)
+        };
         async move {
             if already {
                 return Err(ClientError::InvalidArgument(
                     "message already acked or nacked".into(),
                 ));
             }
-            if !queued {
-                return Err(ClientError::Closed);
+            match waiting {
+                Some(Waiting::Batch(mut done)) => match done.wait_for(Option::is_some).await {
+                    Ok(result) => result.clone().unwrap_or(Err(ClientError::Closed)),
+                    Err(_) => Err(ClientError::Closed),
+                },
+                Some(Waiting::One(receiver)) => receiver.await.unwrap_or(Err(ClientError::Closed)),
+                None => Err(ClientError::Closed),
             }
-            receiver.await.unwrap_or(Err(ClientError::Closed))
         }
     }
 }
@@ -505,120 +510,264 @@ impl ReceivedMessage {
 impl Drop for ReceivedMessage {
     fn drop(&mut self) {
         if self.settle.pushed && !self.settle.handled.swap(true, Ordering::AcqRel) {
-            let _ = self.settle.acker.sender.send(AckCommand::Credit {
-                generation: self.settle.generation,
-            });
+            self.settle.acker.inner.credit(self.settle.generation);
         }
     }
 }
 
+/// The subscription's side of the ack queue; the last one dropped (by
+/// the subscription and its messages) ends the ack task.
 #[derive(Debug)]
 struct AckHandle {
-    sender: mpsc::UnboundedSender<AckCommand>,
+    inner: Arc<AckInner>,
+}
+
+impl Drop for AckHandle {
+    fn drop(&mut self) {
+        lock(&self.inner.queue).closed = true;
+        self.inner.wake.notify_one();
+    }
+}
+
+/// The queue of settlements waiting for the ack task.
+#[derive(Debug)]
+struct AckInner {
+    queue: Mutex<AckQueue>,
+    /// Wakes the ack task: the queue became non-empty, full, or closed.
+    wake: Notify,
+    /// Positions per ACK or NACK frame, at most.
+    max_batch: usize,
+}
+
+/// The result of a batch of acks, shared by their futures.
+type BatchResult = Option<Result<()>>;
+
+#[derive(Debug, Default)]
+struct AckQueue {
+    /// Acks in runs of one generation, each run with one completion.
+    acks: Vec<AckRun>,
+    /// Nacks (rare): one reply each.
+    nacks: Vec<NackCommand>,
+    /// Credits to give back, per generation.
+    credits: Vec<(u64, u32)>,
+    /// Settlements queued (acks and nacks).
+    len: usize,
+    closed: bool,
 }
 
 #[derive(Debug)]
-enum AckCommand {
-    Settle {
-        position: MessagePosition,
-        generation: u64,
-        /// Give a credit back (pushed message).
-        credit: bool,
-        /// `None`: ack; `Some(delay)`: nack.
-        nack: Option<Option<u64>>,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    /// A pushed message dropped unsettled: its credit only.
-    Credit { generation: u64 },
+struct AckRun {
+    generation: u64,
+    positions: Vec<MessagePosition>,
+    done: watch::Sender<BatchResult>,
 }
 
-type Replies = Vec<oneshot::Sender<Result<()>>>;
+#[derive(Debug)]
+struct NackCommand {
+    position: MessagePosition,
+    generation: u64,
+    delay_ms: Option<u64>,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+/// What a settlement's future waits for.
+enum Waiting {
+    Batch(watch::Receiver<BatchResult>),
+    One(oneshot::Receiver<Result<()>>),
+}
+
+impl AckQueue {
+    fn is_empty(&self) -> bool {
+        self.len == 0 && self.credits.is_empty()
+    }
+
+    fn add_credit(&mut self, generation: u64) {
+        match self.credits.last_mut() {
+            Some((last, count)) if *last == generation => *count = count.saturating_add(1),
+            _ => self.credits.push((generation, 1)),
+        }
+    }
+}
+
+impl AckInner {
+    /// Queues an ack (`nack` None) or a nack; None if the subscription is
+    /// closed.
+    fn settle(
+        &self,
+        position: MessagePosition,
+        generation: u64,
+        credit: bool,
+        nack: Option<Option<u64>>,
+    ) -> Option<Waiting> {
+        let mut queue = lock(&self.queue);
+        if queue.closed {
+            return None;
+        }
+        let was_empty = queue.is_empty();
+        let waiting = match nack {
+            None => {
+                // A run is one ACK frame: at most `max_batch` positions.
+                let max_batch = self.max_batch;
+                let run = match queue.acks.last_mut() {
+                    Some(run)
+                        if run.generation == generation && run.positions.len() < max_batch =>
+                    {
+                        run
+                    }
+                    _ => {
+                        queue.acks.push(AckRun {
+                            generation,
+                            positions: Vec::new(),
+                            done: watch::Sender::new(None),
+                        });
+                        queue.acks.last_mut()?
+                    }
+                };
+                run.positions.push(position);
+                Waiting::Batch(run.done.subscribe())
+            }
+            Some(delay_ms) => {
+                let (reply, receiver) = oneshot::channel();
+                queue.nacks.push(NackCommand {
+                    position,
+                    generation,
+                    delay_ms,
+                    reply,
+                });
+                Waiting::One(receiver)
+            }
+        };
+        if credit {
+            queue.add_credit(generation);
+        }
+        queue.len += 1;
+        let full = queue.len >= self.max_batch;
+        drop(queue);
+        if was_empty || full {
+            self.wake.notify_one();
+        }
+        Some(waiting)
+    }
+
+    /// A pushed message dropped unsettled: its credit only.
+    fn credit(&self, generation: u64) {
+        let mut queue = lock(&self.queue);
+        let was_empty = queue.is_empty();
+        queue.add_credit(generation);
+        drop(queue);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes up to `max_batch` settlements and the credits queued so far.
+    fn take(&self) -> AckQueue {
+        let mut queue = lock(&self.queue);
+        let closed = queue.closed;
+        let mut taken = std::mem::take(&mut *queue);
+        queue.closed = closed;
+        taken.closed = closed;
+        taken
+    }
+}
 
 /// Batches acks, nacks and credits of one subscription into frames.
 async fn ack_loop(
     client: Client,
     shared: Arc<SubShared>,
-    mut commands: mpsc::UnboundedReceiver<AckCommand>,
+    acks: Arc<AckInner>,
     linger: Duration,
-    max_batch: usize,
     credit_enabled: bool,
 ) {
-    while let Some(first) = commands.recv().await {
-        let mut batch = vec![first];
-        // One timer per batch, not one per command: what is queued already
-        // is taken without waiting, the timer only bounds the wait for more.
+    loop {
+        acks.wake.notified().await;
+        {
+            let queue = lock(&acks.queue);
+            if queue.is_empty() {
+                if queue.closed {
+                    return;
+                }
+                continue;
+            }
+        }
+        // One timer per batch: it bounds the wait for more settlements; a
+        // full batch or the last handle dropped ends the wait early.
         let linger_end = tokio::time::sleep_until(Instant::now() + linger);
         tokio::pin!(linger_end);
-        while batch.len() < max_batch {
-            match commands.try_recv() {
-                Ok(command) => {
-                    batch.push(command);
-                    continue;
+        loop {
+            {
+                let queue = lock(&acks.queue);
+                if queue.len >= acks.max_batch || queue.closed {
+                    break;
                 }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {}
             }
             tokio::select! {
                 biased;
-                command = commands.recv() => match command {
-                    Some(command) => batch.push(command),
-                    None => break,
-                },
+                _ = acks.wake.notified() => {}
                 _ = &mut linger_end => break,
             }
         }
+        let batch = acks.take();
+        let closed = batch.closed;
         flush_acks(&client, &shared, batch, credit_enabled).await;
+        if closed {
+            return;
+        }
     }
 }
 
-async fn flush_acks(
-    client: &Client,
-    shared: &SubShared,
-    batch: Vec<AckCommand>,
-    credit_enabled: bool,
-) {
-    let route = shared.current();
-    let mut acks: (Vec<MessagePosition>, Replies) = (Vec::new(), Vec::new());
-    let mut nacks: HashMap<Option<u64>, (Vec<MessagePosition>, Replies)> = HashMap::new();
-    let mut credit: u32 = 0;
-    for command in batch {
-        match command {
-            AckCommand::Settle {
-                position,
-                generation,
-                credit: give_credit,
-                nack,
-                reply,
-            } => {
-                if generation != route.generation {
-                    let _ = reply.send(Err(ClientError::StaleDelivery));
-                    continue;
-                }
-                if give_credit {
-                    credit = credit.saturating_add(1);
-                }
-                let (positions, replies) = match nack {
-                    None => &mut acks,
-                    Some(delay) => nacks.entry(delay).or_default(),
-                };
-                positions.push(position);
-                replies.push(reply);
+type Replies = Vec<oneshot::Sender<Result<()>>>;
+
+/// Who hears how a request went.
+enum Completion {
+    /// The acks of one run.
+    Batch(watch::Sender<BatchResult>),
+    /// One reply per nacked message.
+    Each(Replies),
+    /// Nobody (CREDIT).
+    Nobody,
+}
+
+impl Completion {
+    fn complete(self, result: &Result<()>) {
+        match self {
+            Completion::Batch(done) => {
+                done.send_replace(Some(result.clone()));
             }
-            AckCommand::Credit { generation } => {
-                if generation == route.generation {
-                    credit = credit.saturating_add(1);
+            Completion::Each(replies) => {
+                for reply in replies {
+                    let _ = reply.send(result.clone());
                 }
             }
+            Completion::Nobody => {}
         }
     }
+}
+
+async fn flush_acks(client: &Client, shared: &SubShared, batch: AckQueue, credit_enabled: bool) {
+    let route = shared.current();
     let subscription_id = route.server_id;
-    let mut requests: Vec<(Request, Replies)> = Vec::new();
-    if !acks.0.is_empty() {
+    let mut requests: Vec<(Request, Completion)> = Vec::new();
+    for run in batch.acks {
+        if run.generation != route.generation {
+            Completion::Batch(run.done).complete(&Err(ClientError::StaleDelivery));
+            continue;
+        }
         let ack = Ack {
             subscription_id,
-            messages: acks.0,
+            messages: run.positions,
         };
-        requests.push((Request::Ack(ack), acks.1));
+        requests.push((Request::Ack(ack), Completion::Batch(run.done)));
+    }
+    let mut nacks: HashMap<Option<u64>, (Vec<MessagePosition>, Replies)> = HashMap::new();
+    for nack in batch.nacks {
+        if nack.generation != route.generation {
+            let _ = nack.reply.send(Err(ClientError::StaleDelivery));
+            continue;
+        }
+        let (positions, replies) = nacks.entry(nack.delay_ms).or_default();
+        positions.push(nack.position);
+        replies.push(nack.reply);
     }
     for (delay_ms, (messages, replies)) in nacks {
         let nack = Nack {
@@ -626,14 +775,19 @@ async fn flush_acks(
             messages,
             delay_ms,
         };
-        requests.push((Request::Nack(nack), replies));
+        requests.push((Request::Nack(nack), Completion::Each(replies)));
     }
+    let credit: u32 = batch
+        .credits
+        .iter()
+        .filter(|(generation, _)| *generation == route.generation)
+        .fold(0u32, |sum, (_, count)| sum.saturating_add(*count));
     if credit_enabled && credit > 0 && !shared.is_closed() {
         let request = Request::Credit(Credit {
             subscription_id,
             credit,
         });
-        requests.push((request, Vec::new()));
+        requests.push((request, Completion::Nobody));
     }
     if requests.is_empty() {
         return;
@@ -651,29 +805,21 @@ async fn flush_acks(
         }
     };
     let timeout = client_shared.options.request_timeout;
-    for (request, replies) in requests {
+    for (request, completion) in requests {
         match conn.start(request, None).await {
             Ok(receiver) => {
                 tokio::spawn(async move {
                     let result = await_reply(receiver, timeout).await.map(|_| ());
-                    for reply in replies {
-                        let _ = reply.send(result.clone());
-                    }
+                    completion.complete(&result);
                 });
             }
-            Err(error) => {
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
+            Err(error) => completion.complete(&Err(error)),
         }
     }
 }
 
-fn fail_all(requests: Vec<(Request, Replies)>, error: &ClientError) {
-    for (_, replies) in requests {
-        for reply in replies {
-            let _ = reply.send(Err(error.clone()));
-        }
+fn fail_all(requests: Vec<(Request, Completion)>, error: &ClientError) {
+    for (_, completion) in requests {
+        completion.complete(&Err(error.clone()));
     }
 }

@@ -69,7 +69,8 @@ impl ClientOptions {
 /// How a [`Producer`](crate::Producer) batches and retries.
 #[derive(Debug, Clone)]
 pub struct ProducerOptions {
-    /// A batch is sent at most this long after its first message.
+    /// A batch is sent at most this long after its first message; at once
+    /// if no PRODUCE of the producer is in flight.
     pub linger: Duration,
     /// A batch is sent as soon as it holds this many messages.
     pub max_batch_messages: usize,

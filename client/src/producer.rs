@@ -3,7 +3,10 @@
 //!
 //! A producer task collects messages into one batch per (topic, partition
 //! or broker-routed): a batch is sent when it reaches `max_batch_messages`
-//! or `max_batch_bytes`, or `linger` after its first message. Up to
+//! or `max_batch_bytes`, or `linger` after its first message, or at once
+//! when no PRODUCE of this producer is in flight (so a lone message does
+//! not wait for the linger, and under load batches grow with the round
+//! trip; the last answered PRODUCE also sends the open batches). Up to
 //! `max_in_flight_batches` PRODUCE requests are in flight at once on the
 //! client's connection (pipelining); `max_pending_messages` bounds the
 //! messages accepted but not yet acknowledged, beyond which `send` waits.
@@ -17,6 +20,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
@@ -177,6 +181,10 @@ struct ProducerShared {
     max_pending: u32,
     max_batch_messages: usize,
     linger: Duration,
+    /// PRODUCE requests sent and not yet answered. While none is, a new
+    /// batch goes out at once instead of lingering (Nagle's rule: batches
+    /// grow with the round trip, and a lone message does not wait).
+    in_flight: AtomicUsize,
 }
 
 struct BatchState {
@@ -221,6 +229,7 @@ impl Producer {
             max_pending,
             max_batch_messages: options.max_batch_messages.max(1),
             linger: options.linger,
+            in_flight: AtomicUsize::new(0),
         });
         tokio::spawn(batch_loop(client.clone(), options, Arc::clone(&shared)));
         Producer {
@@ -349,6 +358,15 @@ impl BatchState {
         let index = match position {
             Some(index) => index,
             None => {
+                let now = Instant::now();
+                let deadline = if shared.in_flight.load(Ordering::Acquire) == 0 {
+                    // Nothing in flight: no reason to wait. Messages
+                    // appended before the task takes it still join it.
+                    *wake = true;
+                    now
+                } else {
+                    now + shared.linger
+                };
                 if !self.timer_armed {
                     // The task sleeps without a deadline: start the timer.
                     self.timer_armed = true;
@@ -360,7 +378,7 @@ impl BatchState {
                     Batch {
                         records: Vec::with_capacity(capacity),
                         bytes: 0,
-                        deadline: Instant::now() + shared.linger,
+                        deadline,
                         outcome: Arc::new(Outcome::new()),
                     },
                 ));
@@ -620,6 +638,7 @@ impl Batcher {
             return;
         };
         let (topic, partition) = key;
+        let in_flight = InFlight::start(Arc::clone(&self.shared));
         let idempotence = self.options.idempotence.then(|| {
             let sequence = self.next_sequence;
             self.next_sequence += 1;
@@ -672,11 +691,43 @@ impl Batcher {
                 }
             }
             drop(permit);
+            drop(in_flight);
             // Room first: a caller that saw its send complete finds the
             // room it freed (and its next send is queued at once).
             permits.permits.add_permits(count);
             outcome.complete(check(result, count));
         });
+    }
+}
+
+/// One PRODUCE in flight, counted in [`ProducerShared::in_flight`]. The
+/// last one to finish sends the open batches at once.
+struct InFlight(Arc<ProducerShared>);
+
+impl InFlight {
+    fn start(shared: Arc<ProducerShared>) -> InFlight {
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let shared = &self.0;
+        if shared.in_flight.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let flush = {
+            let mut state = lock(&shared.state);
+            let now = Instant::now();
+            for (_, batch) in &mut state.open {
+                batch.deadline = batch.deadline.min(now);
+            }
+            !state.open.is_empty()
+        };
+        if flush {
+            shared.wake.notify_one();
+        }
     }
 }
 

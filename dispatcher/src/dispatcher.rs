@@ -101,10 +101,10 @@ pub type Result<T, E = DispatchError> = std::result::Result<T, E>;
 pub struct Delivery {
     /// Who gets it.
     pub member: MemberId,
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
+    /// Topic (shared by every delivery of the group).
+    pub topic: Arc<str>,
+    /// Group (shared by every delivery of the group).
+    pub group: Arc<str>,
     /// Partition.
     pub partition: u32,
     /// Attempt number, from 1.
@@ -370,8 +370,8 @@ impl Dispatcher {
                 .is_some_and(|c| c.mode == DeliveryMode::Clustering);
             if clustering {
                 dispatcher.load_state(StateKey {
-                    topic,
-                    group,
+                    topic: topic.into(),
+                    group: group.into(),
                     member: None,
                 })?;
             }
@@ -427,6 +427,9 @@ impl Dispatcher {
     }
 
     fn emit(&self, message_id: MessageId, place: Place<'_>, kind: EventKind, reason: Option<&str>) {
+        if !self.events.enabled() {
+            return;
+        }
         self.events.emit(Event {
             time_ms: self.now(),
             message_id,
@@ -674,14 +677,14 @@ impl Dispatcher {
         for state in self
             .states
             .iter_mut()
-            .filter(|s| s.key.topic == topic && s.key.group == group)
+            .filter(|s| *s.key.topic == *topic && *s.key.group == *group)
         {
             state.config = config.clone();
         }
         if config.mode == DeliveryMode::Clustering {
             self.load_state(StateKey {
-                topic: topic.to_string(),
-                group: group.to_string(),
+                topic: topic.into(),
+                group: group.into(),
                 member: None,
             })?;
         }
@@ -702,8 +705,8 @@ impl Dispatcher {
             .get(&(topic.to_string(), group.to_string()))
             .cloned()
             .ok_or_else(|| DispatchError::UnknownGroup {
-                topic: topic.to_string(),
-                group: group.to_string(),
+                topic: topic.into(),
+                group: group.into(),
             })
     }
 
@@ -757,8 +760,8 @@ impl Dispatcher {
             }
         };
         let state = self.load_state(StateKey {
-            topic: topic.to_string(),
-            group: group.to_string(),
+            topic: topic.into(),
+            group: group.into(),
             member,
         })?;
         let id = self.next_member_id;
@@ -880,7 +883,7 @@ impl Dispatcher {
     ) -> Result<bool> {
         let state = &mut self.states[state_index];
         let Some(part) = state.partitions.get_mut(partition as usize) else {
-            let topic = state.key.topic.clone();
+            let topic = state.key.topic.to_string();
             return Err(DispatchError::UnknownPartition { topic, partition });
         };
         if part.acks.is_acked(offset) {
@@ -937,7 +940,7 @@ impl Dispatcher {
         let state = &self.states[state_index];
         let part = state.partitions.get(partition as usize).ok_or_else(|| {
             DispatchError::UnknownPartition {
-                topic: state.key.topic.clone(),
+                topic: state.key.topic.to_string(),
                 partition,
             }
         })?;
@@ -1032,8 +1035,8 @@ impl Dispatcher {
                 .clone()
                 .unwrap_or_else(|| format!("{}.{}.dlq", state.key.topic, state.key.group));
             (
-                state.key.topic.clone(),
-                state.key.group.clone(),
+                state.key.topic.to_string(),
+                state.key.group.to_string(),
                 dead_letter_topic,
             )
         };
@@ -1113,13 +1116,13 @@ impl Dispatcher {
             .states
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.key.topic == topic && s.key.group == group)
+            .filter(|(_, s)| *s.key.topic == *topic && *s.key.group == *group)
             .map(|(i, _)| i)
             .collect();
         let indexes = if indexes.is_empty() && config.mode == DeliveryMode::Clustering {
             vec![self.load_state(StateKey {
-                topic: topic.to_string(),
-                group: group.to_string(),
+                topic: topic.into(),
+                group: group.into(),
                 member: None,
             })?]
         } else {
@@ -1187,7 +1190,7 @@ impl Dispatcher {
         let Some(state) = self
             .states
             .iter()
-            .find(|s| s.key.topic == topic && s.key.group == group)
+            .find(|s| *s.key.topic == *topic && *s.key.group == *group)
         else {
             return Ok(Vec::new());
         };
@@ -1539,7 +1542,8 @@ impl Dispatcher {
                     return Ok(Next::Nothing);
                 }
                 let cursor = part.cursor.max(log.start_offset());
-                part.lookahead.extend(log.read(cursor, batch)?);
+                part.lookahead
+                    .extend(log.read_whole_batches(cursor, batch)?);
             }
             let Some(record) = part.lookahead.pop_front() else {
                 return Ok(Next::Nothing);

@@ -74,6 +74,12 @@ pub struct Event {
 pub trait EventSink: Send + Sync + std::fmt::Debug {
     /// Records one event.
     fn emit(&self, event: Event);
+
+    /// False if every event is dropped: the dispatcher then does not build
+    /// them (an event costs a few allocations per message).
+    fn enabled(&self) -> bool {
+        true
+    }
 }
 
 /// Drops every event.
@@ -82,6 +88,10 @@ pub struct NullEventSink;
 
 impl EventSink for NullEventSink {
     fn emit(&self, _event: Event) {}
+
+    fn enabled(&self) -> bool {
+        false
+    }
 }
 
 /// Keeps every event in memory (tests, simulation).

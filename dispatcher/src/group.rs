@@ -19,6 +19,7 @@
 //! grows past `ack_journal_compact_bytes`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dmq_log_store::MessageId;
@@ -98,8 +99,9 @@ impl PartitionState {
 /// Identity of a delivery state: a group, or one member of a broadcast group.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct StateKey {
-    pub(crate) topic: String,
-    pub(crate) group: String,
+    /// Shared with every [`crate::Delivery`] of the state: no copy per message.
+    pub(crate) topic: Arc<str>,
+    pub(crate) group: Arc<str>,
     pub(crate) member: Option<String>,
 }
 

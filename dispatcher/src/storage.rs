@@ -66,9 +66,23 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
 
     /// Returns once the batch is durable per the log's fsync policy.
     fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError>;
+    /// True if [`wait_durable`](Self::wait_durable) returns at once for
+    /// every batch (the policy does not wait for an fsync): callers may
+    /// skip handing the wait to a blocking thread.
+    fn durable_on_append(&self) -> bool {
+        false
+    }
     /// Records from `from` (inclusive), at most `max_records`, in order.
     /// Empty at the end of the log.
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError>;
+    /// Like [`read`](Self::read), but may return more than `max_records`:
+    /// the rest of the stored batch that holds the last of them. A log that
+    /// checks and decodes whole batches returns what it decoded anyway,
+    /// instead of doing it again on the next read. The extra is bounded by
+    /// one batch (a producer's batch, at most a frame).
+    fn read_whole_batches(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
+        self.read(from, max_records)
+    }
     /// First offset still stored.
     fn start_offset(&self) -> u64;
     /// Offset after the last readable record.
@@ -132,39 +146,17 @@ impl PartitionLog for Log {
         Ok(Log::wait_durable(self, info)?)
     }
 
+    fn durable_on_append(&self) -> bool {
+        // Mirrors `Log::wait_durable`: only `Always` waits.
+        !matches!(self.config().fsync, dmq_log_store::FsyncPolicy::Always)
+    }
+
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
-        let mut out = Vec::new();
-        let mut offset = from.max(Log::start_offset(self));
-        let end = Log::end_offset(self);
-        while out.len() < max_records && offset < end {
-            let batches = match Log::read(self, offset, 256 * 1024) {
-                Ok(batches) => batches,
-                // Damaged bytes: the caller sees a gap; the log reported it.
-                Err(LogError::Corrupt {
-                    next_readable_offset: Some(next),
-                    ..
-                }) if next > offset => {
-                    tracing::error!(offset, next, "skipping a damaged region of a partition");
-                    offset = next;
-                    continue;
-                }
-                Err(error) => return Err(error.into()),
-            };
-            if batches.is_empty() {
-                break;
-            }
-            for batch in &batches {
-                for record in batch.records() {
-                    let record = record
-                        .map_err(|e| StoreError::Log(LogError::InvalidBatch(e.to_string())))?;
-                    if record.offset >= offset && out.len() < max_records {
-                        out.push(record);
-                    }
-                }
-                offset = batch.header().next_offset();
-            }
-        }
-        Ok(out)
+        read_log(self, from, max_records, false)
+    }
+
+    fn read_whole_batches(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
+        read_log(self, from, max_records, true)
     }
 
     fn start_offset(&self) -> u64 {
@@ -243,6 +235,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError>;
     /// Deletes a journal (no error if absent).
     fn remove_journal(&self, name: &str) -> Result<(), StoreError>;
+    /// Deletes every partition of `topic` and its files. Handles already
+    /// open keep reading what they had until dropped (the files are
+    /// unlinked, not truncated); a later `partition` call starts empty.
+    fn remove_topic(&self, topic: &str) -> Result<(), StoreError>;
     /// Names of the journals starting with `prefix`, sorted.
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 }
@@ -469,6 +465,26 @@ impl Storage for FileStorage {
         }
     }
 
+    fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
+        check_name(topic)?;
+        lock(&self.partitions).retain(|(name, _), _| name != topic);
+        let dir = self.root.join("topics").join(topic);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Journal {
+                    name: dir.display().to_string(),
+                    source,
+                })
+            }
+        }
+        sync_parent(&dir).map_err(|source| StoreError::Journal {
+            name: dir.display().to_string(),
+            source,
+        })
+    }
+
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join("dispatcher");
         let entries = std::fs::read_dir(&dir).map_err(|source| StoreError::Journal {
@@ -680,6 +696,11 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
+        lock(&self.partitions).retain(|(name, _), _| name != topic);
+        Ok(())
+    }
+
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         Ok(lock(&self.journals)
             .keys()
@@ -687,6 +708,55 @@ impl Storage for MemoryStorage {
             .cloned()
             .collect())
     }
+}
+
+/// Records of `log` from `from`, at most `max_records` (or, with
+/// `whole_batches`, up to the end of the batch that holds the last one).
+fn read_log(
+    log: &Log,
+    from: u64,
+    max_records: usize,
+    whole_batches: bool,
+) -> Result<Vec<Record>, StoreError> {
+    let mut out = Vec::new();
+    let mut offset = from.max(Log::start_offset(log));
+    let end = Log::end_offset(log);
+    while out.len() < max_records && offset < end {
+        let batches = match Log::read(log, offset, 256 * 1024) {
+            Ok(batches) => batches,
+            // Damaged bytes: the caller sees a gap; the log reported it.
+            Err(LogError::Corrupt {
+                next_readable_offset: Some(next),
+                ..
+            }) if next > offset => {
+                tracing::error!(offset, next, "skipping a damaged region of a partition");
+                offset = next;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if batches.is_empty() {
+            break;
+        }
+        for batch in &batches {
+            if out.len() >= max_records {
+                break;
+            }
+            for record in batch.records() {
+                let record =
+                    record.map_err(|e| StoreError::Log(LogError::InvalidBatch(e.to_string())))?;
+                if record.offset < offset {
+                    continue;
+                }
+                if out.len() >= max_records && !whole_batches {
+                    break;
+                }
+                out.push(record);
+            }
+            offset = batch.header().next_offset();
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

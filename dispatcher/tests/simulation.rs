@@ -977,7 +977,7 @@ impl Sim {
         });
         self.members[member_index].credit -= 1;
         check(
-            state_name.0 == delivery.topic && state_name.1 == delivery.group,
+            *state_name.0 == *delivery.topic && *state_name.1 == *delivery.group,
             || format!("delivery to a member of another group: {delivery:?}"),
         );
         let config = self
@@ -1016,7 +1016,7 @@ impl Sim {
         );
         let known = self.messages.get(&record.id);
         check(
-            known.is_some_and(|m| m.topic == delivery.topic && m.partition == partition),
+            known.is_some_and(|m| *m.topic == *delivery.topic && m.partition == partition),
             || format!("delivered a message that was never produced there: {record:?}"),
         );
         let state = self.states.get_mut(&state_name).unwrap();

@@ -446,10 +446,8 @@ impl Log {
     /// Deletes every sealed segment all of whose offsets are below `offset`.
     /// The active segment is never deleted.
     pub fn delete_segments_before(&self, offset: u64) -> Result<DeletedSegments> {
-        self.shared.delete_segments(|segment, next_base| {
-            let _ = segment;
-            next_base <= offset
-        })
+        self.shared
+            .delete_segments(|_segment, next_base| next_base <= offset)
     }
 
     /// Applies size and age retention: deletes the oldest sealed segments
