@@ -795,10 +795,30 @@ impl Session {
                     .await?;
                 Ok(Response::Ok)
             }
-            Request::DeleteTopic(_) | Request::DeleteGroup(_) => Err(ErrorResponse::new(
-                ErrorCode::InvalidRequest,
-                "deleting topics and groups is not supported yet",
-            )),
+            Request::DeleteTopic(delete) => {
+                let name = delete.name.clone();
+                self.run(move |dispatcher, routes| {
+                    let dropped = dispatcher.delete_topic(&delete.name)?;
+                    for member in dropped {
+                        routes.remove(member);
+                    }
+                    Ok(())
+                })
+                .await?;
+                self.shared.engine.unregister_topic(&name);
+                Ok(Response::Ok)
+            }
+            Request::DeleteGroup(delete) => {
+                self.run(move |dispatcher, routes| {
+                    let dropped = dispatcher.delete_group(&delete.topic, &delete.group)?;
+                    for member in dropped {
+                        routes.remove(member);
+                    }
+                    Ok(())
+                })
+                .await?;
+                Ok(Response::Ok)
+            }
             other => Err(ErrorResponse::new(
                 ErrorCode::InvalidRequest,
                 format!("unexpected request {:?}", other.opcode()),

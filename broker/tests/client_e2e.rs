@@ -283,3 +283,41 @@ async fn seek_to_a_timestamp_replays() {
     assert_eq!(replayed, vec!["new1", "new2"]);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_group_and_a_topic() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("gone", 2, false).await.unwrap();
+    send_all(&client, "gone", &["a", "b"]).await;
+    {
+        let mut subscription = client
+            .consumer()
+            .subscribe("gone", "g", options("m"))
+            .await
+            .unwrap();
+        next(&mut subscription, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    client.delete_group("gone", "g").await.unwrap();
+    assert!(client.list_groups("gone").await.unwrap().is_empty());
+    client.delete_topic("gone").await.unwrap();
+    assert!(client
+        .list_topics()
+        .await
+        .unwrap()
+        .iter()
+        .all(|t| t.name != "gone"));
+    let error = client
+        .producer()
+        .send(Message::new("gone", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(dmq_client::ErrorCode::UnknownTopic));
+    // Re-created, it starts empty.
+    client.create_topic("gone", 1, false).await.unwrap();
+    let described = client.describe_topic("gone").await.unwrap();
+    assert_eq!(described.partitions[0].end_offset, 0);
+    broker.stop().await;
+}

@@ -212,6 +212,9 @@ enum MetaEntry {
         topic: String,
         tombstone: Tombstone,
     },
+    TopicDeleted {
+        name: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -357,10 +360,29 @@ impl Dispatcher {
             delays,
             outbox: Vec::new(),
         };
-        for payload in payloads {
-            let entry: MetaEntry = serde_json::from_slice(&payload)
-                .map_err(|e| DispatchError::CorruptMetadata(e.to_string()))?;
-            dispatcher.apply_meta(entry)?;
+        let entries = payloads
+            .iter()
+            .map(|payload| serde_json::from_slice::<MetaEntry>(payload))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DispatchError::CorruptMetadata(e.to_string()))?;
+        // A topic created and later deleted is not opened at all (opening
+        // would create its files again).
+        let mut last_deleted: HashMap<&str, usize> = HashMap::new();
+        for (index, entry) in entries.iter().enumerate() {
+            if let MetaEntry::TopicDeleted { name } = entry {
+                last_deleted.insert(name, index);
+            }
+        }
+        for (index, entry) in entries.iter().enumerate() {
+            if let MetaEntry::Topic { name, .. } = entry {
+                if last_deleted
+                    .get(name.as_str())
+                    .is_some_and(|&deleted| deleted > index)
+                {
+                    continue;
+                }
+            }
+            dispatcher.apply_meta(entry.clone())?;
         }
         let groups: Vec<(String, String)> = dispatcher.group_configs.keys().cloned().collect();
         for (topic, group) in groups {
@@ -409,6 +431,10 @@ impl Dispatcher {
                 if let Some(state) = self.topics.get_mut(&topic) {
                     state.tombstones.add(&tombstone);
                 }
+            }
+            MetaEntry::TopicDeleted { name } => {
+                self.topics.remove(&name);
+                self.group_configs.retain(|(topic, _), _| *topic != name);
             }
         }
         Ok(())
@@ -677,7 +703,7 @@ impl Dispatcher {
         for state in self
             .states
             .iter_mut()
-            .filter(|s| *s.key.topic == *topic && *s.key.group == *group)
+            .filter(|s| !s.retired && *s.key.topic == *topic && *s.key.group == *group)
         {
             state.config = config.clone();
         }
@@ -689,6 +715,59 @@ impl Dispatcher {
             })?;
         }
         Ok(())
+    }
+
+    /// Deletes a consumer group: its members are dropped (returned, so the
+    /// caller can stop routing to them), its in-flight messages forgotten,
+    /// its ack journals removed. A group of that name created later starts
+    /// afresh. (Journals of broadcast members not connected since the
+    /// broker started stay on disk.)
+    pub fn delete_group(&mut self, topic: &str, group: &str) -> Result<Vec<MemberId>> {
+        self.group_config(topic, group)?;
+        let entry = MetaEntry::GroupDeleted {
+            topic: topic.to_string(),
+            group: group.to_string(),
+        };
+        self.persist_meta(&entry)?;
+        self.apply_meta(entry)?;
+        self.retire_states(|key| *key.topic == *topic && *key.group == *group)
+    }
+
+    /// Deletes a topic: its groups, its partitions' files, its tombstones.
+    /// Returns the members that were dropped. Pending delayed messages for
+    /// it are dropped when they fall due.
+    pub fn delete_topic(&mut self, name: &str) -> Result<Vec<MemberId>> {
+        self.topic(name)?;
+        let entry = MetaEntry::TopicDeleted {
+            name: name.to_string(),
+        };
+        self.persist_meta(&entry)?;
+        self.apply_meta(entry)?;
+        let members = self.retire_states(|key| *key.topic == *name)?;
+        self.storage.remove_topic(name)?;
+        Ok(members)
+    }
+
+    fn retire_states(&mut self, matches: impl Fn(&StateKey) -> bool) -> Result<Vec<MemberId>> {
+        let mut dropped = Vec::new();
+        for index in 0..self.states.len() {
+            let state = &mut self.states[index];
+            if state.retired || !matches(&state.key) {
+                continue;
+            }
+            let (timers, members) = state.retire();
+            let key = state.key.clone();
+            for timer in timers {
+                self.wheel.cancel(timer);
+            }
+            for member in members {
+                self.members.remove(&member);
+                dropped.push(member);
+            }
+            self.state_index.remove(&key);
+            self.storage.remove_journal(&key.journal_name())?;
+        }
+        Ok(dropped)
     }
 
     /// Groups subscribed to `topic`.
@@ -1116,7 +1195,7 @@ impl Dispatcher {
             .states
             .iter()
             .enumerate()
-            .filter(|(_, s)| *s.key.topic == *topic && *s.key.group == *group)
+            .filter(|(_, s)| !s.retired && *s.key.topic == *topic && *s.key.group == *group)
             .map(|(i, _)| i)
             .collect();
         let indexes = if indexes.is_empty() && config.mode == DeliveryMode::Clustering {
@@ -1190,7 +1269,7 @@ impl Dispatcher {
         let Some(state) = self
             .states
             .iter()
-            .find(|s| *s.key.topic == *topic && *s.key.group == *group)
+            .find(|s| !s.retired && *s.key.topic == *topic && *s.key.group == *group)
         else {
             return Ok(Vec::new());
         };

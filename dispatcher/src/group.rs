@@ -184,6 +184,9 @@ pub(crate) struct GroupState {
     /// A seek or snapshot must be written before the next sync.
     journal_dirty: bool,
     pub(crate) last_sync_ms: i64,
+    /// The group was deleted. The slot stays (timers may still name its
+    /// index) but holds nothing and matches no lookup.
+    pub(crate) retired: bool,
 }
 
 /// Why a journal payload could not be replayed.
@@ -292,8 +295,29 @@ impl GroupState {
             pending_acks: Vec::new(),
             journal_dirty: new_partitions,
             last_sync_ms: now_ms,
+            retired: false,
         };
         Ok((group, new_partitions))
+    }
+
+    /// Empties a deleted group's slot; returns the timers to cancel and the
+    /// members to drop.
+    pub(crate) fn retire(&mut self) -> (Vec<TimerId>, Vec<MemberId>) {
+        let timers = self
+            .partitions
+            .iter()
+            .flat_map(|part| part.pending.values())
+            .filter_map(|pending| match pending.stage {
+                Stage::InFlight { timer, .. } | Stage::Waiting { timer } => Some(timer),
+                Stage::Ready | Stage::Held => None,
+            })
+            .collect();
+        self.partitions.clear();
+        self.pending_acks.clear();
+        self.journal_dirty = false;
+        self.rate = None;
+        self.retired = true;
+        (timers, std::mem::take(&mut self.members))
     }
 
     /// Records an ack for the journal (durable at the next sync).

@@ -489,3 +489,45 @@ fn group_stats_report_lag_age_and_delayed_messages() {
         (0, None, 0)
     );
 }
+
+#[test]
+fn deleted_groups_and_topics_start_afresh_and_stay_deleted_after_a_restart() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.produce("t", &["a", "b"]);
+    for d in w.dispatcher.fetch(member, 10).unwrap() {
+        w.dispatcher.ack(member, 0, d.record.offset).unwrap();
+    }
+    assert_eq!(w.dispatcher.delete_group("t", "g").unwrap(), vec![member]);
+    assert!(
+        w.dispatcher.ack(member, 0, 0).is_err(),
+        "its members are gone"
+    );
+    assert!(w.dispatcher.group_stats("t", "g").is_err());
+    // A group of the same name starts again from its start position.
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    assert_eq!(
+        World::values(&w.dispatcher.fetch(member, 10).unwrap()),
+        vec!["a", "b"]
+    );
+
+    w.dispatcher.delete_topic("t").unwrap();
+    assert!(w
+        .dispatcher
+        .produce("t", Some(0), vec![RecordInput::new("x")])
+        .is_err());
+    w.crash_and_reopen();
+    assert!(
+        w.dispatcher.topics().is_empty(),
+        "deleted topics stay deleted"
+    );
+    assert!(w.dispatcher.groups("t").is_empty());
+    // Re-created, it is empty.
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    assert!(w.dispatcher.fetch(member, 10).unwrap().is_empty());
+}
