@@ -290,6 +290,12 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
                     end_to_end_rate,
                     if args.acks { ", each acked" } else { "" }
                 );
+                if !args.acks && delivered < produced {
+                    eprintln!(
+                        "note: without --acks the group stops at its cap of unacked messages \
+                         per partition (10,000 by default); add --acks to consume everything"
+                    );
+                }
             }
             let line = |name: &str, histogram: &Histogram<u64>| {
                 println!(
