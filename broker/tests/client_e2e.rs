@@ -5,33 +5,11 @@
 use std::time::{Duration, SystemTime};
 
 use dmq_client::{
-    Client, ClientOptions, GroupSettings, Message, ReceivedMessage, Start, StartPosition,
-    SubscribeOptions, Subscription,
+    Client, GroupSettings, Message, ReceivedMessage, StartPosition, SubscribeOptions, Subscription,
 };
 
 mod common;
-use common::Broker;
-
-async fn client(broker: &Broker) -> Client {
-    Client::connect(broker.addr.to_string(), ClientOptions::new("e2e"))
-        .await
-        .unwrap()
-}
-
-fn options(member: &str) -> SubscribeOptions {
-    SubscribeOptions {
-        member_name: member.into(),
-        start: Start::Earliest,
-        ..SubscribeOptions::default()
-    }
-}
-
-async fn next(subscription: &mut Subscription, within: Duration) -> Option<ReceivedMessage> {
-    match tokio::time::timeout(within, subscription.recv()).await {
-        Ok(Some(message)) => Some(message.unwrap()),
-        _ => None,
-    }
-}
+use common::{client, next, options, Broker};
 
 fn text(message: &ReceivedMessage) -> String {
     String::from_utf8(message.value.to_vec()).unwrap()

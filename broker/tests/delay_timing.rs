@@ -5,33 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use dmq_client::{
-    Client, ClientOptions, Message, ReceivedMessage, Start, SubscribeOptions, Subscription,
-};
+use dmq_client::Message;
 
 mod common;
-use common::Broker;
-
-async fn client(broker: &Broker) -> Client {
-    Client::connect(broker.addr.to_string(), ClientOptions::new("e2e"))
-        .await
-        .unwrap()
-}
-
-fn options(member: &str) -> SubscribeOptions {
-    SubscribeOptions {
-        member_name: member.into(),
-        start: Start::Earliest,
-        ..SubscribeOptions::default()
-    }
-}
-
-async fn next(subscription: &mut Subscription, within: Duration) -> Option<ReceivedMessage> {
-    match tokio::time::timeout(within, subscription.recv()).await {
-        Ok(Some(message)) => Some(message.unwrap()),
-        _ => None,
-    }
-}
+use common::{client, next, options, Broker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_message_arrives_on_time() {

@@ -172,3 +172,33 @@ impl Broker {
         }
     }
 }
+
+/// A real client connected to `broker`.
+pub async fn client(broker: &Broker) -> dmq_client::Client {
+    dmq_client::Client::connect(
+        broker.addr.to_string(),
+        dmq_client::ClientOptions::new("e2e"),
+    )
+    .await
+    .unwrap()
+}
+
+/// Subscription options for member `member`, from the earliest message.
+pub fn options(member: &str) -> dmq_client::SubscribeOptions {
+    dmq_client::SubscribeOptions {
+        member_name: member.into(),
+        start: dmq_client::Start::Earliest,
+        ..dmq_client::SubscribeOptions::default()
+    }
+}
+
+/// The next message within `within`, or None.
+pub async fn next(
+    subscription: &mut dmq_client::Subscription,
+    within: Duration,
+) -> Option<dmq_client::ReceivedMessage> {
+    match tokio::time::timeout(within, subscription.recv()).await {
+        Ok(Some(message)) => Some(message.unwrap()),
+        _ => None,
+    }
+}
