@@ -65,16 +65,21 @@ pub mod fuzzing {
 
     use crate::{key_hash, OffsetIndex, SealedIdIndex, SealedKeyIndex, TimeIndex};
 
-    /// A scratch directory for one call, removed on drop.
-    struct ScratchDir {
-        path: PathBuf,
+    /// A scratch directory for one fuzz call, removed on drop. Also used by
+    /// `dmq-log-store`'s fuzz entry points.
+    #[derive(Debug)]
+    pub struct ScratchDir {
+        /// The directory.
+        pub path: PathBuf,
     }
 
     impl ScratchDir {
-        fn new() -> Self {
+        /// Creates a fresh, empty directory under the system temp dir.
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
             static NEXT: AtomicU64 = AtomicU64::new(0);
             let path = std::env::temp_dir().join(format!(
-                "dmq-index-fuzz-{}-{}",
+                "dmq-fuzz-{}-{}",
                 std::process::id(),
                 NEXT.fetch_add(1, Ordering::Relaxed)
             ));

@@ -46,11 +46,9 @@ pub use scan::CorruptRegion;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus replay
 /// tests. Each must never panic, whatever the input.
 pub mod fuzzing {
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     use crate::batch::RecordBatch;
     use crate::{FsyncPolicy, Log, LogConfig, RecoveryReport};
+    use dmq_index::fuzzing::ScratchDir;
 
     /// Decodes arbitrary bytes as one record batch and walks its records.
     pub fn decode_batch(data: &[u8]) {
@@ -67,31 +65,6 @@ pub mod fuzzing {
         let outcome = crate::scan::scan_segment(data, 0, 0, 0, |_, _| {});
         assert!(outcome.valid_end <= data.len() as u64);
         assert!(outcome.torn_end >= outcome.valid_end);
-    }
-
-    /// A scratch directory for one call, removed on drop.
-    struct ScratchDir {
-        path: PathBuf,
-    }
-
-    impl ScratchDir {
-        fn new() -> Self {
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "dmq-log-fuzz-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).expect("creating a fuzz scratch directory");
-            ScratchDir { path }
-        }
-    }
-
-    impl Drop for ScratchDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
     }
 
     fn fuzz_config() -> LogConfig {
