@@ -111,6 +111,7 @@ impl SealedIdIndex {
             }
             previous = Some(id);
         }
+        index.table.release_resident();
         Ok(index)
     }
 

@@ -190,6 +190,7 @@ impl SealedKeyIndex {
             }
             previous = Some(entry);
         }
+        index.table.release_resident();
         Ok(index)
     }
 

@@ -86,6 +86,7 @@ impl OffsetIndex {
             }
             previous = Some(entry);
         }
+        index.table.release_resident();
         Ok(index)
     }
 

@@ -87,6 +87,14 @@ impl IndexTable {
         })
     }
 
+    /// Releases the resident pages of a sealed table's mapping (its
+    /// verification at open touches every page; lookups touch only a few).
+    pub fn release_resident(&self) {
+        if let Mapping::Sealed(map) = &self.mapping {
+            map.release_resident();
+        }
+    }
+
     /// Opens a sealed table read-only, verifying magic, version, kind,
     /// sealed flag, base offset, exact file length and CRC. Entry ordering
     /// is the caller's to verify (see [`IndexTable::corrupt`]).

@@ -89,6 +89,7 @@ impl TimeIndex {
             }
             previous = Some(entry);
         }
+        index.table.release_resident();
         Ok(index)
     }
 

@@ -929,11 +929,19 @@ fn rebuild_indexes(
     len: u64,
     indexes: &mut SegmentIndexes,
 ) -> Result<crate::scan::ScanOutcome> {
+    /// Pages this far behind the scan are released from the resident set.
+    const RELEASE_BEHIND_BYTES: u64 = 32 << 20;
     let mut first_error = None;
+    let mut released_to = 0u64;
     let data = &map.as_slice()[..len as usize];
     let outcome = scan_segment(data, base_offset, 0, base_offset, |position, header| {
         if first_error.is_some() {
             return;
+        }
+        if position >= released_to + 2 * RELEASE_BEHIND_BYTES {
+            let until = position - RELEASE_BEHIND_BYTES;
+            map.release_pages(released_to as usize, until as usize);
+            released_to = until;
         }
         let end = position + u64::from(header.batch_len);
         let batch = RecordBatch::from_verified(*header, map.bytes(position as usize, end as usize));

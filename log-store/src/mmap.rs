@@ -23,7 +23,7 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use memmap2::{Mmap, MmapOptions};
+use memmap2::{Mmap, MmapOptions, UncheckedAdvice};
 
 /// A read-only shared mapping of the first `len` bytes of a segment file.
 #[derive(Debug, Clone)]
@@ -85,6 +85,32 @@ impl SegmentMap {
         self.map.as_ref().map_or(&[], |map| &map[..])
     }
 
+    /// Drops this process's pages of `start..end` (rounded inward to whole
+    /// pages) from its resident set; the bytes stay in the file and the page
+    /// cache and read back the same. Recovery calls it behind its scan, so
+    /// that scanning a large segment does not grow the resident set by the
+    /// segment's size.
+    pub(crate) fn release_pages(&self, start: usize, end: usize) {
+        let Some(map) = &self.map else { return };
+        let page = rustix::param::page_size();
+        let start = start.div_ceil(page) * page;
+        let end = end.min(map.len()) / page * page;
+        if start >= end {
+            return;
+        }
+        // SAFETY: MADV_DONTNEED on a shared, file-backed, read-only mapping
+        // only unmaps the pages from this process: a later access faults the
+        // file's current contents back in (from the page cache or the disk),
+        // so no data changes and no reference into the range is invalidated
+        // (the `Bytes` views read through the same mapping and see the same
+        // bytes). The range lies inside the mapping (clamped above).
+        let advised =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+        if let Err(error) = advised {
+            tracing::debug!(%error, "madvise(DONTNEED) failed; pages stay resident");
+        }
+    }
+
     /// A zero-copy view of `start..end`, which must lie inside the mapping.
     pub(crate) fn bytes(&self, start: usize, end: usize) -> Bytes {
         assert!(
@@ -125,6 +151,28 @@ mod tests {
         drop(map);
         assert_eq!(&view[..], b"hello");
         assert_eq!(view.slice(1..3), Bytes::from_static(b"el"));
+    }
+
+    #[test]
+    fn released_pages_read_back_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("segment"))
+            .expect("open");
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        file.write_all_at(&data, 0).expect("write");
+        let map = SegmentMap::new(&file, data.len() as u64).expect("map");
+        let view = map.bytes(100, 5000);
+        assert_eq!(map.as_slice(), &data[..]);
+        map.release_pages(0, data.len());
+        map.release_pages(10, 20); // less than a page: nothing
+        map.release_pages(60 * 1024, 1 << 20); // clamped to the mapping
+        assert_eq!(map.as_slice(), &data[..]);
+        assert_eq!(&view[..], &data[100..5000]);
     }
 
     #[test]
