@@ -134,6 +134,36 @@ fn fallocate(file: &File, len: u64, path: &Path) -> Result<()> {
         .map_err(|errno| LogError::io("preallocating a segment", path, errno.into()))
 }
 
+/// Takes the directory's exclusive lock. A lock that is busy is retried
+/// for up to a second: a forked child (any `Command` spawned by the process
+/// between fork and exec) briefly shares the descriptor of a log that was
+/// just closed, and holds its lock until it execs.
+fn lock_directory(lock: &File, dir: &Path, lock_path: &Path) -> Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match flock(lock, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(LogError::InvalidConfig(format!(
+                    "{} is in use by another log",
+                    dir.display()
+                )))
+            }
+            Err(errno) => {
+                return Err(LogError::io(
+                    "locking the log directory",
+                    lock_path,
+                    errno.into(),
+                ))
+            }
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -186,13 +216,7 @@ impl Log {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| LogError::io("opening the lock file", &lock_path, e))?;
-        rustix::fs::flock(
-            &dir_lock,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .map_err(|_| {
-            LogError::InvalidConfig(format!("{} is in use by another log", dir.display()))
-        })?;
+        lock_directory(&dir_lock, &dir, &lock_path)?;
 
         let mut report = RecoveryReport::default();
         let mut bases = Vec::new();

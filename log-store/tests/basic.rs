@@ -131,3 +131,16 @@ fn retention_deletes_whole_sealed_segments() {
     assert_eq!(log.start_offset(), deleted.log_start_offset);
     assert_eq!(log.end_offset(), 2500);
 }
+
+#[test]
+fn a_log_directory_is_opened_by_one_log_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Log::open(dir.path(), small_config()).expect("open");
+    let second = Log::open(dir.path(), small_config());
+    assert!(
+        matches!(second, Err(dmq_log_store::LogError::InvalidConfig(ref m)) if m.contains("in use")),
+        "{second:?}"
+    );
+    drop(first);
+    Log::open(dir.path(), small_config()).expect("open after the first closed");
+}
