@@ -21,6 +21,17 @@
 //!
 //! Memory is bounded by configuration: per partition at most
 //! `max_unacked_per_partition` pending messages and one read batch.
+//!
+//! # Queries and deletion (for the admin API)
+//! [`Dispatcher::find_message`], [`Dispatcher::message_states`],
+//! [`Dispatcher::is_deleted`] and [`Dispatcher::dead_letter_topics`] read
+//! state without changing it. [`Dispatcher::delete`] records a
+//! [`Tombstone`] durably before it returns; [`Dispatcher::count_covered`]
+//! (a dry run) and [`Dispatcher::delete_counted`] count exactly the stored
+//! records it covers that no earlier deletion did. A deletion covers only
+//! records stored when it is made (offset ranges, time ranges and keys are
+//! bounded by every partition's end offset at that time), except a message
+//! id, which also covers a delayed message with that id appended later.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -38,6 +49,7 @@ use crate::group::{
 };
 use crate::storage::{Journal, PartitionLog, Storage, StoreError};
 use crate::timing_wheel::TimingWheel;
+use crate::tombstones::{CountPlan, Tombstones};
 
 /// Errors returned to the dispatcher's callers.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +103,11 @@ pub enum DispatchError {
     /// The metadata journal is damaged.
     #[error("corrupt dispatcher metadata: {0}")]
     CorruptMetadata(String),
+    /// Writing the metadata journal failed earlier: whether that change is
+    /// durable is unknown, so no metadata change (topics, groups,
+    /// deletions) is accepted until the dispatcher is reopened.
+    #[error("the dispatcher metadata journal failed ({0}); reopen the dispatcher")]
+    MetadataFailed(String),
 }
 
 /// Result alias.
@@ -127,6 +144,12 @@ pub struct Produced {
 }
 
 /// A deletion: records it covers are never delivered again to any group.
+///
+/// [`Dispatcher::delete`] bounds every kind except `MessageId` by each
+/// partition's end offset at the time of the deletion: records produced
+/// later are not covered, even with the same key, in the same time range or
+/// at an offset of the range. A `MessageId` deletion has no bound: it also
+/// covers a delayed message with that id that is appended later.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Tombstone {
     /// Offsets `start..end` of one partition.
@@ -147,6 +170,52 @@ pub enum Tombstone {
         /// First millisecond kept.
         end_ms: i64,
     },
+    /// Every stored record whose key is exactly these bytes, in any
+    /// partition.
+    Key(Vec<u8>),
+}
+
+/// A message's state in one group (or one member of a broadcast group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMessageState {
+    /// The group.
+    pub group: String,
+    /// The member whose cursor this is, for a broadcast group (whose
+    /// members each have their own); `None` for a clustering group.
+    pub member: Option<String>,
+    /// Below the ack floor or its ack bit set: consumer-acked, or passed
+    /// by the group as deleted, expired or dead-lettered.
+    pub acked: bool,
+    /// Deliveries so far of a message still unacked, since the dispatcher
+    /// started (attempt counts are not persisted); 0 when unknown, e.g.
+    /// once acked.
+    pub attempts: u32,
+    /// Delivered and waiting for its ack.
+    pub in_flight: bool,
+    /// When the message is delivered next: a pending retry, or its
+    /// deliver-at time while it is ahead. `None` when no such time is known
+    /// (acked, in flight, ready now, held behind its key).
+    pub next_delivery_ms: Option<i64>,
+}
+
+/// A group's dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeadLetterTopic {
+    /// The dead-letter topic (it may not exist yet: it is created with the
+    /// first dead letter).
+    pub topic: String,
+    /// The topic the group consumes.
+    pub source_topic: String,
+    /// The group.
+    pub group: String,
+}
+
+/// A group's dead-letter topic: configured, or `<topic>.<group>.dlq`.
+fn dead_letter_topic_name(topic: &str, group: &str, config: &GroupConfig) -> String {
+    config
+        .dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| format!("{topic}.{group}.dlq"))
 }
 
 /// Where a seek moves a group.
@@ -211,46 +280,15 @@ enum MetaEntry {
     Tombstone {
         topic: String,
         tombstone: Tombstone,
+        /// Every partition's end offset when the deletion was made: only
+        /// records below are covered. Absent for message ids and in entries
+        /// written before bounds existed (then unbounded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        below: Option<Vec<u64>>,
     },
     TopicDeleted {
         name: String,
     },
-}
-
-#[derive(Debug, Default)]
-struct Tombstones {
-    ranges: Vec<(u32, u64, u64)>,
-    ids: std::collections::HashSet<MessageId>,
-    times: Vec<(i64, i64)>,
-}
-
-impl Tombstones {
-    fn add(&mut self, tombstone: &Tombstone) {
-        match tombstone {
-            Tombstone::OffsetRange {
-                partition,
-                start,
-                end,
-            } => self.ranges.push((*partition, *start, *end)),
-            Tombstone::MessageId(text) => {
-                if let Ok(id) = text.parse() {
-                    self.ids.insert(id);
-                }
-            }
-            Tombstone::TimeRange { start_ms, end_ms } => self.times.push((*start_ms, *end_ms)),
-        }
-    }
-
-    fn covers(&self, partition: u32, record: &Record) -> bool {
-        self.ranges
-            .iter()
-            .any(|&(p, start, end)| p == partition && (start..end).contains(&record.offset))
-            || self.ids.contains(&record.id)
-            || self
-                .times
-                .iter()
-                .any(|&(start, end)| (start..end).contains(&record.timestamp_ms))
-    }
 }
 
 #[derive(Debug)]
@@ -328,6 +366,8 @@ pub struct Dispatcher {
     wheel: TimingWheel<TimerTask>,
     delays: DelayStore,
     outbox: Vec<Delivery>,
+    /// Set when a metadata write failed: later ones are refused.
+    meta_failed: Option<String>,
 }
 
 impl Dispatcher {
@@ -359,6 +399,7 @@ impl Dispatcher {
             next_member_id: 1,
             delays,
             outbox: Vec::new(),
+            meta_failed: None,
         };
         let entries = payloads
             .iter()
@@ -427,9 +468,16 @@ impl Dispatcher {
             MetaEntry::GroupDeleted { topic, group } => {
                 self.group_configs.remove(&(topic, group));
             }
-            MetaEntry::Tombstone { topic, tombstone } => {
+            MetaEntry::Tombstone {
+                topic,
+                tombstone,
+                below,
+            } => {
                 if let Some(state) = self.topics.get_mut(&topic) {
-                    state.tombstones.add(&tombstone);
+                    let partitions = state.config.partitions;
+                    state
+                        .tombstones
+                        .add(&tombstone, below.as_deref(), partitions);
                 }
             }
             MetaEntry::TopicDeleted { name } => {
@@ -440,11 +488,23 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Makes `entry` durable: one CRC-framed payload, fsynced before this
+    /// returns. A crash before the fsync completes leaves the entry whole
+    /// or cut on replay (never half-applied). After a failed write every
+    /// later one is refused ([`DispatchError::MetadataFailed`]): the failed
+    /// entry could otherwise become durable with a later sync although its
+    /// caller was told it failed.
     fn persist_meta(&mut self, entry: &MetaEntry) -> Result<()> {
+        if let Some(reason) = &self.meta_failed {
+            return Err(DispatchError::MetadataFailed(reason.clone()));
+        }
         let payload =
             serde_json::to_vec(entry).map_err(|e| DispatchError::CorruptMetadata(e.to_string()))?;
         self.meta.append(&payload);
-        self.meta.sync()?;
+        if let Err(error) = self.meta.sync() {
+            self.meta_failed = Some(error.to_string());
+            return Err(error.into());
+        }
         Ok(())
     }
 
@@ -662,21 +722,251 @@ impl Dispatcher {
         self.delays.pending()
     }
 
-    /// Deletes messages: persisted at once and honoured by every later
-    /// delivery (messages already in flight may still be acked).
+    /// Deletes messages: honoured by every later delivery (messages already
+    /// in flight may still be acked). The deletion is one metadata journal
+    /// entry, fsynced before this returns `Ok`: a crash after the return
+    /// never loses it, a crash before leaves it whole or absent.
+    ///
+    /// Offset ranges, time ranges and keys cover only records stored now
+    /// (below each partition's current end offset; see [`Tombstone`]); a
+    /// message id also covers a delayed message with that id appended
+    /// later. Errors: unknown topic, an offset range's partition outside
+    /// the topic, a message id that does not parse
+    /// ([`DispatchError::InvalidName`]).
     pub fn delete(&mut self, topic: &str, tombstone: Tombstone) -> Result<()> {
-        self.topic(topic)?;
-        if let Tombstone::MessageId(text) = &tombstone {
-            if text.parse::<MessageId>().is_err() {
-                return Err(DispatchError::InvalidName(text.clone()));
+        let below = self.deletion_bound(topic, &tombstone)?;
+        self.persist_tombstone(topic, tombstone, below)
+    }
+
+    /// [`Dispatcher::delete`], returning what [`Dispatcher::count_covered`]
+    /// would have returned just before: the stored records the deletion
+    /// covers that no earlier one did. Exact even while other threads
+    /// append to the partitions: the count and the deletion use the same
+    /// end offsets. Costs what `count_covered` costs.
+    pub fn delete_counted(&mut self, topic: &str, tombstone: Tombstone) -> Result<u64> {
+        let below = self.deletion_bound(topic, &tombstone)?;
+        let state = self.topic(topic)?;
+        let ends = match &below {
+            Some(ends) => ends.clone(),
+            None => state
+                .partitions
+                .iter()
+                .map(|log| log.end_offset())
+                .collect(),
+        };
+        let count = state.tombstones.count_new(
+            &state.partitions,
+            &tombstone,
+            &ends,
+            CountPlan::default(),
+        )?;
+        self.persist_tombstone(topic, tombstone, below)?;
+        Ok(count)
+    }
+
+    /// How many stored records (from each partition's start offset to its
+    /// end offset now) `tombstone` would cover that no earlier deletion of
+    /// the topic covers: the dry run of a deletion. Exact (one caveat:
+    /// the id index finds one record per id and partition, so a `MessageId`
+    /// stored more than once in a partition, which only a dead-letter topic
+    /// can hold, counts once).
+    ///
+    /// Cost: offset and time ranges are counted by interval arithmetic on
+    /// offsets (a time range becomes an offset interval through two
+    /// timestamp lookups per partition, as broker timestamps never decrease
+    /// within a partition) without reading records, unless earlier `Key` or
+    /// `MessageId` deletions exist: then the records of the range no
+    /// earlier range covers are either looked up through the key and id
+    /// indexes (one lookup per earlier deletion and partition, reading only
+    /// the records those keys and ids have in the range) or, when that part
+    /// of the range holds at most 65 536 records or there are more than
+    /// 1 024 earlier key and id deletions, read in batches of 1 024 records
+    /// (memory stays bounded; time grows with the range). A `Key` reads the
+    /// key's records through the key index, a page at a time; a
+    /// `MessageId` is one id lookup per partition. A log without indexes
+    /// ([`crate::storage::MemoryLog`]) scans instead.
+    pub fn count_covered(&self, topic: &str, tombstone: &Tombstone) -> Result<u64> {
+        self.check_tombstone(topic, tombstone)?;
+        let state = self.topic(topic)?;
+        let ends: Vec<u64> = state
+            .partitions
+            .iter()
+            .map(|log| log.end_offset())
+            .collect();
+        Ok(state
+            .tombstones
+            .count_new(&state.partitions, tombstone, &ends, CountPlan::default())?)
+    }
+
+    /// True if a deletion of `topic` covers `record` of `partition` (false
+    /// for an unknown topic).
+    pub fn is_deleted(&self, topic: &str, partition: u32, record: &Record) -> bool {
+        self.topics
+            .get(topic)
+            .is_some_and(|state| state.tombstones.covers(partition, record))
+    }
+
+    /// Checks a tombstone against its topic.
+    fn check_tombstone(&self, topic: &str, tombstone: &Tombstone) -> Result<()> {
+        let state = self.topic(topic)?;
+        match tombstone {
+            Tombstone::OffsetRange { partition, .. } if *partition >= state.config.partitions => {
+                Err(DispatchError::UnknownPartition {
+                    topic: topic.to_string(),
+                    partition: *partition,
+                })
             }
+            Tombstone::MessageId(text) if text.parse::<MessageId>().is_err() => {
+                Err(DispatchError::InvalidName(text.clone()))
+            }
+            _ => Ok(()),
         }
+    }
+
+    /// Checks a tombstone and returns the bound it is stored with: every
+    /// partition's end offset now (`None` for a message id: unbounded).
+    fn deletion_bound(&self, topic: &str, tombstone: &Tombstone) -> Result<Option<Vec<u64>>> {
+        self.check_tombstone(topic, tombstone)?;
+        if let Tombstone::MessageId(_) = tombstone {
+            return Ok(None);
+        }
+        let state = self.topic(topic)?;
+        Ok(Some(
+            state
+                .partitions
+                .iter()
+                .map(|log| log.end_offset())
+                .collect(),
+        ))
+    }
+
+    fn persist_tombstone(
+        &mut self,
+        topic: &str,
+        tombstone: Tombstone,
+        below: Option<Vec<u64>>,
+    ) -> Result<()> {
         let entry = MetaEntry::Tombstone {
             topic: topic.to_string(),
             tombstone,
+            below,
         };
         self.persist_meta(&entry)?;
         self.apply_meta(entry)
+    }
+
+    /// The stored record with message id `id` in `topic`, and its
+    /// partition: one id-index lookup per partition, in partition order.
+    /// Deleted records are found too (see [`Dispatcher::is_deleted`]).
+    pub fn find_message(&self, topic: &str, id: &MessageId) -> Result<Option<(u32, Record)>> {
+        for (partition, log) in self.topic(topic)?.partitions.iter().enumerate() {
+            if let Some(record) = log.find_by_id(id)? {
+                return Ok(Some((partition as u32, record)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The state of `record` (stored at `partition` of `topic`) in every
+    /// group subscribed to the topic, sorted by group: one entry per
+    /// clustering group; for a broadcast group one per member name whose
+    /// state is loaded (members that joined since the dispatcher opened),
+    /// sorted by name, or a single entry with `member: None` that reports
+    /// nothing acked when there is none. What the group's state says is
+    /// reported as is: a deleted, expired or dead-lettered record is acked
+    /// once the group's cursor has passed it.
+    pub fn message_states(
+        &self,
+        topic: &str,
+        partition: u32,
+        record: &Record,
+    ) -> Result<Vec<GroupMessageState>> {
+        let topic_state = self.topic(topic)?;
+        if partition >= topic_state.config.partitions {
+            return Err(DispatchError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            });
+        }
+        let now = self.now();
+        let mut found = Vec::new();
+        for ((_, group), config) in self
+            .group_configs
+            .range((topic.to_string(), String::new())..)
+            .take_while(|((t, _), _)| t == topic)
+        {
+            let mut states: Vec<&GroupState> = self
+                .states
+                .iter()
+                .filter(|s| {
+                    !s.retired
+                        && *s.key.topic == *topic
+                        && *s.key.group == **group
+                        && (s.key.member.is_some() == (config.mode == DeliveryMode::Broadcast))
+                })
+                .collect();
+            states.sort_by(|a, b| a.key.member.cmp(&b.key.member));
+            if states.is_empty() {
+                found.push(GroupMessageState {
+                    group: group.clone(),
+                    member: None,
+                    acked: false,
+                    attempts: 0,
+                    in_flight: false,
+                    next_delivery_ms: record.deliver_at_ms.filter(|&due| due > now),
+                });
+            }
+            for state in states {
+                found.push(self.message_state(state, partition, record, now));
+            }
+        }
+        Ok(found)
+    }
+
+    fn message_state(
+        &self,
+        state: &GroupState,
+        partition: u32,
+        record: &Record,
+        now: i64,
+    ) -> GroupMessageState {
+        let offset = record.offset;
+        let part = state.partitions.get(partition as usize);
+        let acked = part.is_some_and(|part| part.acks.is_acked(offset));
+        let pending = part.and_then(|part| part.pending.get(&offset));
+        let not_read = part.is_none_or(|part| offset >= part.cursor);
+        let next_delivery_ms = match pending.map(|p| p.stage) {
+            Some(Stage::Waiting { timer }) => self.wheel.due_ms(timer),
+            None if !acked && not_read => record.deliver_at_ms.filter(|&due| due > now),
+            _ => None,
+        };
+        GroupMessageState {
+            group: state.key.group.to_string(),
+            member: state.key.member.clone(),
+            acked,
+            attempts: pending.map_or(0, |p| p.attempt),
+            in_flight: matches!(pending.map(|p| p.stage), Some(Stage::InFlight { .. })),
+            next_delivery_ms,
+        }
+    }
+
+    /// Every group's dead-letter topic (configured, or
+    /// `<topic>.<group>.dlq`), whether or not it exists yet (it is created
+    /// with the first dead letter), sorted by source topic and group.
+    pub fn dead_letter_topics(&self) -> Vec<DeadLetterTopic> {
+        self.group_configs
+            .iter()
+            .map(|((topic, group), config)| DeadLetterTopic {
+                topic: dead_letter_topic_name(topic, group, config),
+                source_topic: topic.clone(),
+                group: group.clone(),
+            })
+            .collect()
+    }
+
+    /// True if the topic exists.
+    pub fn topic_exists(&self, name: &str) -> bool {
+        self.topics.contains_key(name)
     }
 
     // ----- groups and members --------------------------------------------
@@ -1108,11 +1398,8 @@ impl Dispatcher {
     ) -> Result<()> {
         let (topic, group, dead_letter_topic) = {
             let state = &self.states[state_index];
-            let dead_letter_topic = state
-                .config
-                .dead_letter_topic
-                .clone()
-                .unwrap_or_else(|| format!("{}.{}.dlq", state.key.topic, state.key.group));
+            let dead_letter_topic =
+                dead_letter_topic_name(&state.key.topic, &state.key.group, &state.config);
             (
                 state.key.topic.to_string(),
                 state.key.group.to_string(),

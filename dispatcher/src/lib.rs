@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`dispatcher`]: [`Dispatcher`], the state machine: topics, groups,
 //!   members, credit, acks, redelivery, dead letters, TTL, deletion,
-//!   ordering, seek, rate limits, and the pump ([`Dispatcher::poll`]).
+//!   ordering, seek, rate limits, the pump ([`Dispatcher::poll`]), and the
+//!   queries of the admin API (find a message, its state per group, the
+//!   dead-letter topics, exact deletion counts).
+//! - `tombstones`: a topic's deletions: coverage and exact counting.
 //! - `group`: one group's per-partition state (ack bitmap, cursor, pending
 //!   messages) and its ack journal.
 //! - [`ack_bitmap`]: [`AckBitmap`], the ack floor plus a bitmap above it.
@@ -28,6 +31,7 @@ pub mod events;
 mod group;
 pub mod storage;
 pub mod timing_wheel;
+mod tombstones;
 
 pub use ack_bitmap::AckBitmap;
 pub use config::{
@@ -35,10 +39,12 @@ pub use config::{
 };
 pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage};
 pub use dispatcher::{
-    Delivery, DispatchError, Dispatcher, PartitionStats, Produced, SeekPartition, SeekTarget,
-    Tombstone,
+    DeadLetterTopic, Delivery, DispatchError, Dispatcher, GroupMessageState, PartitionStats,
+    Produced, SeekPartition, SeekTarget, Tombstone,
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;
-pub use storage::{FileStorage, MemoryStorage, PartitionLog, ProducerBatch, Storage, StoreError};
+pub use storage::{
+    FileStorage, MemoryStorage, PartitionLog, ProducerBatch, Storage, StoreError, LOOKUP_SCAN_BATCH,
+};
 pub use timing_wheel::{TimerId, TimingWheel};

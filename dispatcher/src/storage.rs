@@ -1,8 +1,10 @@
 //! What the dispatcher needs from storage, behind traits so that the whole
 //! dispatcher also runs on simulated storage.
 //!
-//! - [`PartitionLog`]: one partition's commit log (append, read, ends, time
-//!   lookup). Implemented by [`dmq_log_store::Log`] and by [`MemoryLog`].
+//! - [`PartitionLog`]: one partition's commit log (append, read, ends, time,
+//!   id and key lookups, size and retention). Implemented by
+//!   [`dmq_log_store::Log`] (lookups through its indexes) and by
+//!   [`MemoryLog`] (the default methods: linear scans through `read`).
 //! - [`Journal`]: a small append-only, CRC-framed record file for the
 //!   dispatcher's own state (ack deltas, tombstones, delay buckets), with
 //!   atomic rewrite for compaction. Implemented by [`FileJournal`] and
@@ -96,6 +98,94 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
     fn producer_batches(&self, _from: u64) -> Result<Vec<ProducerBatch>, StoreError> {
         Ok(Vec::new())
     }
+
+    /// The oldest stored record with this message id. The default reads
+    /// the whole log ([`LOOKUP_SCAN_BATCH`] records at a time); an indexed
+    /// log overrides it.
+    fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>, StoreError> {
+        let mut found = None;
+        scan(self, self.start_offset(), |record| {
+            if record.id == *id {
+                found = Some(record);
+                false
+            } else {
+                true
+            }
+        })?;
+        Ok(found)
+    }
+
+    /// Stored records whose key is `key`, oldest first, at most `limit`.
+    fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>, StoreError> {
+        self.find_by_key_from(key, 0, limit)
+    }
+
+    /// Stored records whose key is `key` at offset `from` or later, oldest
+    /// first, at most `limit`: pages through a key (pass the last offset + 1
+    /// as the next `from`). The default reads the log from `from`; an
+    /// indexed log overrides it.
+    fn find_by_key_from(
+        &self,
+        key: &[u8],
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let mut found = Vec::new();
+        if limit == 0 {
+            return Ok(found);
+        }
+        scan(self, from.max(self.start_offset()), |record| {
+            if record.key.as_deref() == Some(key) {
+                found.push(record);
+            }
+            found.len() < limit
+        })?;
+        Ok(found)
+    }
+
+    /// Bytes the log stores; 0 if the log does not know.
+    fn size_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Retention: deletes whole sealed segments, oldest first, while the
+    /// log is over `max_bytes` or while the segment's newest record is
+    /// older than `now_ms - max_age_ms` (`None` disables a limit). Returns
+    /// the number of segments deleted. Logs without segments delete nothing.
+    fn apply_retention(
+        &self,
+        _max_age_ms: Option<u64>,
+        _max_bytes: Option<u64>,
+        _now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+/// Records the default lookups of [`PartitionLog`] read at a time.
+pub const LOOKUP_SCAN_BATCH: usize = 1024;
+
+/// Feeds `visit` every record from `from` to the end, in order, reading
+/// [`LOOKUP_SCAN_BATCH`] at a time, until it returns false.
+fn scan<L: PartitionLog + ?Sized>(
+    log: &L,
+    from: u64,
+    mut visit: impl FnMut(Record) -> bool,
+) -> Result<(), StoreError> {
+    let mut from = from;
+    loop {
+        let records = log.read(from, LOOKUP_SCAN_BATCH)?;
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        let next = last.offset + 1;
+        for record in records {
+            if record.offset >= from && !visit(record) {
+                return Ok(());
+            }
+        }
+        from = next;
+    }
 }
 
 /// One stored batch of an idempotent producer.
@@ -169,6 +259,37 @@ impl PartitionLog for Log {
 
     fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StoreError> {
         Ok(Log::offset_for_timestamp(self, timestamp_ms)?)
+    }
+
+    fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>, StoreError> {
+        Ok(Log::find_by_id(self, id)?)
+    }
+
+    fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>, StoreError> {
+        Ok(Log::find_by_key(self, key, limit)?)
+    }
+
+    fn find_by_key_from(
+        &self,
+        key: &[u8],
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        Ok(Log::find_by_key_from(self, key, from, limit)?)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        Log::size_bytes(self)
+    }
+
+    fn apply_retention(
+        &self,
+        max_age_ms: Option<u64>,
+        max_bytes: Option<u64>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let deleted = Log::apply_retention_limits(self, max_age_ms, max_bytes, now_ms)?;
+        Ok(deleted.segments as u64)
     }
 
     fn producer_batches(&self, from: u64) -> Result<Vec<ProducerBatch>, StoreError> {
@@ -290,6 +411,12 @@ fn decode_frames(bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
 }
 
 /// A journal in one file: CRC-framed payloads; a torn tail is cut on open.
+///
+/// A failed [`Journal::sync`] keeps the pending payloads (the next sync
+/// writes them again) and cuts whatever part of them reached the file, so
+/// that a later frame never follows a torn one (replay stops at the first
+/// invalid frame: everything after it would be lost). If even that cut
+/// fails, the journal refuses every later sync until it is reopened.
 #[derive(Debug)]
 pub struct FileJournal {
     name: String,
@@ -297,6 +424,8 @@ pub struct FileJournal {
     file: File,
     pending: Vec<u8>,
     durable_bytes: u64,
+    /// Why the journal refuses syncs (a failed cut after a failed write).
+    failed: Option<String>,
 }
 
 impl FileJournal {
@@ -340,9 +469,18 @@ impl FileJournal {
                 file,
                 pending: Vec::new(),
                 durable_bytes: valid_len as u64,
+                failed: None,
             },
             payloads,
         ))
+    }
+
+    /// Cuts the file back to its durable frames (after a failed write or
+    /// fsync, part of the pending frames may be in it) and makes the cut
+    /// durable.
+    fn cut_to_durable(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.durable_bytes)?;
+        self.file.sync_all()
     }
 }
 
@@ -359,13 +497,25 @@ impl Journal for FileJournal {
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
+        if let Some(reason) = &self.failed {
+            let reason = reason.clone();
+            return Err(self.error(std::io::Error::other(reason)));
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.file
+        let written = self
+            .file
             .write_all(&self.pending)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| self.error(e))?;
+            .and_then(|()| self.file.sync_data());
+        if let Err(error) = written {
+            if let Err(cut) = self.cut_to_durable() {
+                self.failed = Some(format!(
+                    "cutting a failed write failed ({cut}) after: {error}; reopen the journal"
+                ));
+            }
+            return Err(self.error(error));
+        }
         self.durable_bytes += self.pending.len() as u64;
         self.pending.clear();
         Ok(())
@@ -388,6 +538,7 @@ impl Journal for FileJournal {
         self.file = write().map_err(|e| self.error(e))?;
         self.pending.clear();
         self.durable_bytes = bytes.len() as u64;
+        self.failed = None;
         Ok(())
     }
 
@@ -801,6 +952,39 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_sync_is_cut_so_that_later_frames_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.journal");
+        let (mut journal, _) = FileJournal::open("meta", &path).unwrap();
+        journal.append(b"one");
+        journal.sync().unwrap();
+        // A write that failed half way: part of a frame reached the file.
+        journal.append(b"failed");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&journal.pending[..5])
+            .unwrap();
+        journal.cut_to_durable().unwrap();
+        // The retry writes the pending frame whole, then the next one.
+        journal.append(b"two");
+        journal.sync().unwrap();
+        let (_, payloads) = FileJournal::open("meta", &path).unwrap();
+        assert_eq!(
+            payloads,
+            vec![b"one".to_vec(), b"failed".to_vec(), b"two".to_vec()]
+        );
+        // A journal whose cut failed refuses syncs until reopened.
+        let (mut journal, _) = FileJournal::open("meta", &path).unwrap();
+        journal.failed = Some("cut failed".into());
+        journal.append(b"three");
+        assert!(journal.sync().is_err());
+        let (_, payloads) = FileJournal::open("meta", &path).unwrap();
+        assert_eq!(payloads.len(), 3);
+    }
+
+    #[test]
     fn memory_journal_loses_only_unsynced_payloads() {
         let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
         let (mut journal, _) = storage.open_journal("j").unwrap();
@@ -842,5 +1026,103 @@ mod tests {
             assert!(partition.read(11, 10).unwrap().is_empty());
             clock.advance_ms(5);
         }
+    }
+
+    #[test]
+    fn indexed_lookups_agree_with_the_default_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(1_000));
+        let config = LogConfig {
+            segment_bytes_max: 16 * 1024,
+            index_interval_bytes: 256,
+            fsync: dmq_log_store::FsyncPolicy::Never,
+            ..LogConfig::default()
+        };
+        let log = Log::open_with_clock(dir.path(), config, clock.clone()).unwrap();
+        let memory = MemoryLog::new(clock.clone(), 0);
+        let logs = [&log as &dyn PartitionLog, &memory];
+        // The same records in both (same ids), several segments in `log`.
+        for i in 0..3_000u64 {
+            let key = ["hot", "warm", "cold"][(i % 7).min(2) as usize];
+            let input = RecordInput::new(format!("{i}-{}", "x".repeat(40))).with_key(key);
+            let appended = PartitionLog::append(&log, vec![input.clone()]).unwrap();
+            let same_id = RecordInput {
+                id: Some(appended[0].1),
+                ..input
+            };
+            memory.append(vec![same_id]).unwrap();
+            if i % 10 == 0 {
+                clock.advance_ms(1);
+            }
+        }
+        assert!(Log::segment_count(&log) > 3);
+        let records = memory.read(0, usize::MAX).unwrap();
+        for index in [0, 1, 1_500, 2_999] {
+            let wanted = &records[index];
+            for partition in logs {
+                let found = partition.find_by_id(&wanted.id).unwrap().unwrap();
+                assert_eq!(found.offset, wanted.offset);
+            }
+        }
+        for partition in logs {
+            assert!(partition
+                .find_by_id(&MessageId::new(1_000, 99))
+                .unwrap()
+                .is_none());
+        }
+        let offsets = |found: Vec<Record>| found.iter().map(|r| r.offset).collect::<Vec<_>>();
+        for key in [&b"hot"[..], b"warm", b"cold", b"none"] {
+            let expected: Vec<u64> = records
+                .iter()
+                .filter(|r| r.key.as_deref() == Some(key))
+                .map(|r| r.offset)
+                .collect();
+            for partition in logs {
+                assert_eq!(
+                    offsets(partition.find_by_key(key, usize::MAX).unwrap()),
+                    expected
+                );
+                assert_eq!(
+                    offsets(partition.find_by_key(key, 3).unwrap()),
+                    expected.iter().copied().take(3).collect::<Vec<_>>()
+                );
+                let from = 1_234;
+                assert_eq!(
+                    offsets(partition.find_by_key_from(key, from, 5).unwrap()),
+                    expected
+                        .iter()
+                        .copied()
+                        .filter(|&o| o >= from)
+                        .take(5)
+                        .collect::<Vec<_>>()
+                );
+                assert!(partition.find_by_key_from(key, 0, 0).unwrap().is_empty());
+            }
+        }
+        // Size and retention: the file log knows them; the memory log keeps all.
+        let size = PartitionLog::size_bytes(&log);
+        assert!(size > 100_000, "{size}");
+        assert_eq!(PartitionLog::size_bytes(&memory), 0);
+        assert_eq!(
+            PartitionLog::apply_retention(&memory, Some(0), Some(0), i64::MAX).unwrap(),
+            0
+        );
+        assert_eq!(
+            PartitionLog::apply_retention(&log, None, None, i64::MAX).unwrap(),
+            0
+        );
+        let deleted = PartitionLog::apply_retention(&log, None, Some(size / 2), 0).unwrap();
+        assert!(deleted > 0);
+        assert!(PartitionLog::size_bytes(&log) < size);
+        let start = PartitionLog::start_offset(&log);
+        assert!(start > 0);
+        // Age: everything is older than a day after the last record.
+        let deleted =
+            PartitionLog::apply_retention(&log, Some(1), None, 1_000 + 86_400_000).unwrap();
+        assert!(deleted > 0);
+        assert_eq!(Log::segment_count(&log), 1);
+        assert_eq!(PartitionLog::end_offset(&log), 3_000);
+        // Lookups skip what retention deleted.
+        assert!(log.find_by_id(&records[0].id).unwrap().is_none());
     }
 }

@@ -194,6 +194,13 @@ impl<T> TimingWheel<T> {
         self.release(id.index).map(|(_, item)| item)
     }
 
+    /// Due time of a pending timer; `None` if it already fired or was
+    /// cancelled. O(1).
+    pub fn due_ms(&self, id: TimerId) -> Option<i64> {
+        let entry = self.entries.get(id.index as usize)?;
+        (entry.generation == id.generation && entry.item.is_some()).then_some(entry.due_ms)
+    }
+
     /// Moves time to `now_ms` and appends every item with `due_ms <=
     /// now_ms` to `fired` as `(due_ms, item)`, sorted by `(due_ms,
     /// insertion order)`. Time never goes backwards: a smaller `now_ms`
@@ -540,6 +547,24 @@ mod tests {
         let bytes = TimingWheel::<[u64; 2]>::entry_bytes();
         println!("timing wheel: {bytes} bytes per pending timer (slab entry) for a 16-byte item");
         assert!(bytes <= 64);
+    }
+
+    #[test]
+    fn due_ms_of_pending_fired_and_cancelled_timers() {
+        let mut wheel = TimingWheel::new(1, 1000);
+        let a = wheel.insert(1500, 'a');
+        let b = wheel.insert(90_000, 'b');
+        assert_eq!(wheel.due_ms(a), Some(1500));
+        assert_eq!(wheel.due_ms(b), Some(90_000));
+        assert_eq!(wheel.cancel(b), Some('b'));
+        assert_eq!(wheel.due_ms(b), None);
+        // The slot is reused by a new timer: the old id stays stale.
+        let c = wheel.insert(2000, 'c');
+        assert_eq!(wheel.due_ms(b), None);
+        assert_eq!(wheel.due_ms(c), Some(2000));
+        assert_eq!(advance(&mut wheel, 1500), vec![(1500, 'a')]);
+        assert_eq!(wheel.due_ms(a), None);
+        assert_eq!(wheel.due_ms(c), Some(2000));
     }
 
     #[test]

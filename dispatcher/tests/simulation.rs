@@ -26,7 +26,11 @@
 //!    dead-letter topic with the same id; every produced, not cancelled
 //!    message reached its topic's log; after a final clean restart nothing is
 //!    delivered again;
-//! 6. `group_stats(..)[p].unacked <= max_unacked_per_partition`.
+//! 6. `group_stats(..)[p].unacked <= max_unacked_per_partition`;
+//! 7. deletions (offset range, id, time range, key) cover exactly what the
+//!    model says (a bounded deletion only records stored when it was made):
+//!    `count_covered` and `delete_counted` match the model's count and
+//!    `is_deleted` matches it for every stored record.
 //!
 //! Plus two restart tests on a real disk ([`FileStorage`]): scattered acks
 //! across a clean restart, and across a crash after a timed ack sync.
@@ -86,7 +90,9 @@ struct TopicModel {
     name: String,
     partitions: u32,
     ordered: bool,
-    tombstones: Vec<Tombstone>,
+    /// Each deletion with its bound (the partitions' ends when it was made;
+    /// `None` for a message id).
+    tombstones: Vec<(Tombstone, Option<Vec<u64>>)>,
 }
 
 struct GroupModel {
@@ -699,7 +705,7 @@ impl Sim {
         };
         let partitions = self.topic_model(&topic).partitions;
         let now = self.now();
-        let tombstone = match self.rng.range(0, 2) {
+        let tombstone = match self.rng.range(0, 3) {
             0 => {
                 let partition = self.rng.range(0, u64::from(partitions) - 1) as u32;
                 let end = self
@@ -725,18 +731,89 @@ impl Sim {
                 };
                 Tombstone::MessageId(id.to_string())
             }
-            _ => {
+            2 => {
                 let start_ms = now - self.rng.range(0, 20_000) as i64;
                 Tombstone::TimeRange {
                     start_ms,
-                    end_ms: start_ms + self.rng.range(1, 500) as i64,
+                    // Now and then reaching into the future.
+                    end_ms: start_ms + self.rng.range(1, 25_000) as i64,
                 }
             }
+            _ => Tombstone::Key(self.rng.pick(&KEYS).unwrap().as_bytes().to_vec()),
         };
         self.log(format!("delete {topic} {tombstone:?}"));
-        self.dispatcher.delete(&topic, tombstone.clone()).unwrap();
+        let ends: Vec<u64> = (0..partitions)
+            .map(|p| {
+                self.storage
+                    .memory_log(&topic, p)
+                    .map_or(0, |log| log.end_offset())
+            })
+            .collect();
+        let below = match tombstone {
+            Tombstone::MessageId(_) => None,
+            _ => Some(ends),
+        };
+        // 7. The count of newly covered records, per the model.
+        let records = self.topic_records(&topic, partitions);
+        let old = &self.topic_model(&topic).tombstones;
+        let newly = |(p, r): &&(u32, Record)| {
+            covers(&tombstone, below.as_deref(), *p, r)
+                && !old.iter().any(|(t, b)| covers(t, b.as_deref(), *p, r))
+        };
+        let expected = match &tombstone {
+            // Ids count messages, not copies (a delayed message may fire
+            // twice around a crash): per partition, its first copy.
+            Tombstone::MessageId(_) => (0..partitions)
+                .filter(|&p| {
+                    records
+                        .iter()
+                        .find(|(q, r)| *q == p && covers(&tombstone, None, p, r))
+                        .is_some_and(|first| newly(&first))
+                })
+                .count() as u64,
+            _ => records.iter().filter(newly).count() as u64,
+        };
+        let counted = self.dispatcher.count_covered(&topic, &tombstone).unwrap();
+        check(counted == expected, || {
+            format!("count_covered {tombstone:?}: {counted}, the model says {expected}")
+        });
+        if self.rng.chance(50) {
+            let counted = self
+                .dispatcher
+                .delete_counted(&topic, tombstone.clone())
+                .unwrap();
+            check(counted == expected, || {
+                format!("delete_counted {tombstone:?}: {counted}, the model says {expected}")
+            });
+        } else {
+            self.dispatcher.delete(&topic, tombstone.clone()).unwrap();
+        }
         let index = self.topics.iter().position(|t| t.name == topic).unwrap();
-        self.topics[index].tombstones.push(tombstone);
+        self.topics[index].tombstones.push((tombstone, below));
+        let model = &self.topic_model(&topic).tombstones;
+        for (partition, record) in &records {
+            let deleted = model
+                .iter()
+                .any(|(t, b)| covers(t, b.as_deref(), *partition, record));
+            check(
+                self.dispatcher.is_deleted(&topic, *partition, record) == deleted,
+                || format!("is_deleted p{partition} {record:?}: the model says {deleted}"),
+            );
+        }
+    }
+
+    /// Every record stored in the topic's partitions, with its partition.
+    fn topic_records(&self, topic: &str, partitions: u32) -> Vec<(u32, Record)> {
+        (0..partitions)
+            .flat_map(|p| {
+                let records = self
+                    .storage
+                    .memory_log(topic, p)
+                    .map(|log| log.read(0, usize::MAX).unwrap())
+                    .unwrap_or_default();
+                records.into_iter().map(move |r| (p, r))
+            })
+            .collect()
     }
 
     fn cancel_delay(&mut self) {
@@ -1006,7 +1083,7 @@ impl Sim {
             !topic
                 .tombstones
                 .iter()
-                .any(|t| covers(t, partition, record)),
+                .any(|(t, below)| covers(t, below.as_deref(), partition, record)),
             || {
                 format!(
                     "{state_name:?} got deleted message {}: {record:?}",
@@ -1327,7 +1404,9 @@ impl Sim {
                             || format!("{group}: Expired event for a live record {record:?}"),
                         ),
                         Skip::Deleted => check(
-                            tombstones.iter().any(|t| covers(t, partition, record)),
+                            tombstones
+                                .iter()
+                                .any(|(t, below)| covers(t, below.as_deref(), partition, record)),
                             || format!("{group}: Deleted event for an undeleted record {record:?}"),
                         ),
                         Skip::DeadLettered(dead_letter_topic) => {
@@ -1380,18 +1459,23 @@ impl Sim {
     }
 }
 
-fn covers(tombstone: &Tombstone, partition: u32, record: &Record) -> bool {
-    match tombstone {
-        Tombstone::OffsetRange {
-            partition: p,
-            start,
-            end,
-        } => *p == partition && (*start..*end).contains(&record.offset),
-        Tombstone::MessageId(text) => text.parse::<MessageId>().is_ok_and(|id| id == record.id),
-        Tombstone::TimeRange { start_ms, end_ms } => {
-            (*start_ms..*end_ms).contains(&record.timestamp_ms)
+/// The model of a deletion: `below` bounds offsets per partition (the
+/// partitions' ends when it was made).
+fn covers(tombstone: &Tombstone, below: Option<&[u64]>, partition: u32, record: &Record) -> bool {
+    let stored_then = below.is_none_or(|below| record.offset < below[partition as usize]);
+    stored_then
+        && match tombstone {
+            Tombstone::OffsetRange {
+                partition: p,
+                start,
+                end,
+            } => *p == partition && (*start..*end).contains(&record.offset),
+            Tombstone::MessageId(text) => text.parse::<MessageId>().is_ok_and(|id| id == record.id),
+            Tombstone::TimeRange { start_ms, end_ms } => {
+                (*start_ms..*end_ms).contains(&record.timestamp_ms)
+            }
+            Tombstone::Key(key) => record.key.as_deref() == Some(key.as_slice()),
         }
-    }
 }
 
 // ----- the test ------------------------------------------------------------------

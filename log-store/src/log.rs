@@ -457,12 +457,25 @@ impl Log {
 
     /// Readable records with this key, oldest first, at most `limit`.
     pub fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>> {
+        self.find_by_key_from(key, 0, limit)
+    }
+
+    /// Readable records with this key at offset `from` or later, oldest
+    /// first, at most `limit`: pages through a key's records (pass the last
+    /// offset + 1 as the next `from`). Segments below `from` are skipped and
+    /// records below it are never read.
+    pub fn find_by_key_from(&self, key: &[u8], from: u64, limit: usize) -> Result<Vec<Record>> {
+        let segments = self.segments();
+        // The segment holding `from` is the last one whose base is at or below it.
+        let first = segments
+            .partition_point(|s| s.base_offset <= from)
+            .saturating_sub(1);
         let mut found = Vec::new();
-        for segment in self.segments() {
+        for segment in &segments[first..] {
             if found.len() >= limit {
                 break;
             }
-            found.extend(segment.find_by_key(key, limit - found.len())?);
+            found.extend(segment.find_by_key(key, from, limit - found.len())?);
         }
         Ok(found)
     }
@@ -479,13 +492,28 @@ impl Log {
     /// newest record is older than `retention_age`.
     pub fn apply_retention(&self) -> Result<DeletedSegments> {
         let config = &self.shared.config;
-        let now_ms = self.shared.clock.now_ms();
-        let mut excess = config
-            .retention_bytes
-            .map_or(0, |max| self.size_bytes().saturating_sub(max));
-        let age_cutoff_ms = config
+        let max_age_ms = config
             .retention_age
-            .map(|age| now_ms.saturating_sub(age.as_millis() as i64));
+            .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+        let max_bytes = config.retention_bytes;
+        self.apply_retention_limits(max_age_ms, max_bytes, self.shared.clock.now_ms())
+    }
+
+    /// [`Log::apply_retention`] with limits given by the caller instead of
+    /// the configuration (a broker whose retention is a per-topic setting
+    /// that can change): deletes the oldest sealed segments while the log is
+    /// over `max_bytes`, and sealed segments whose newest record is older
+    /// than `now_ms - max_age_ms`. `None` disables a limit. The active
+    /// segment is never deleted.
+    pub fn apply_retention_limits(
+        &self,
+        max_age_ms: Option<u64>,
+        max_bytes: Option<u64>,
+        now_ms: i64,
+    ) -> Result<DeletedSegments> {
+        let mut excess = max_bytes.map_or(0, |max| self.size_bytes().saturating_sub(max));
+        let age_cutoff_ms =
+            max_age_ms.map(|age| now_ms.saturating_sub(i64::try_from(age).unwrap_or(i64::MAX)));
         self.shared.delete_segments(|segment, _| {
             let too_old = age_cutoff_ms.is_some_and(|cutoff| segment.max_timestamp_ms() < cutoff);
             if excess > 0 || too_old {
@@ -1165,6 +1193,96 @@ mod tests {
         }
         log.append(&one("after reopen"))
             .expect("append after reopen");
+    }
+
+    fn small_log(dir: &Path, clock: Arc<crate::clock::ManualClock>) -> Log {
+        let config = LogConfig {
+            segment_bytes_max: 16 * 1024,
+            index_interval_bytes: 256,
+            fsync: FsyncPolicy::Never,
+            ..LogConfig::default()
+        };
+        Log::open_with_clock(dir, config, clock).expect("open")
+    }
+
+    #[test]
+    fn find_by_key_from_pages_through_a_key_across_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000));
+        let log = small_log(dir.path(), clock);
+        for i in 0..600u64 {
+            let key = if i % 3 == 0 { "hot" } else { "cold" };
+            let record = RecordInput::new(format!("{i}-{}", "x".repeat(100))).with_key(key);
+            log.append(&BatchInput::new(vec![record])).expect("append");
+        }
+        assert!(log.segment_count() > 3, "{}", log.segment_count());
+        let all: Vec<u64> = log
+            .find_by_key(b"hot", usize::MAX)
+            .expect("find")
+            .iter()
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(all, (0..600).step_by(3).collect::<Vec<u64>>());
+        // Paging from any offset, 7 at a time, gives the same records.
+        for start in [0, 1, 299, 300, 301, 598, 600, 10_000] {
+            let mut paged = Vec::new();
+            let mut from = start;
+            loop {
+                let page = log.find_by_key_from(b"hot", from, 7).expect("page");
+                assert!(page.len() <= 7);
+                let Some(last) = page.last() else { break };
+                from = last.offset + 1;
+                paged.extend(page.iter().map(|r| r.offset));
+            }
+            let expected: Vec<u64> = all.iter().copied().filter(|&o| o >= start).collect();
+            assert_eq!(paged, expected, "from {start}");
+        }
+        assert!(log
+            .find_by_key_from(b"absent", 0, 10)
+            .expect("find")
+            .is_empty());
+    }
+
+    #[test]
+    fn retention_limits_given_by_the_caller() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000));
+        let log = small_log(dir.path(), Arc::clone(&clock));
+        for i in 0..600u64 {
+            clock.advance_ms(10);
+            let record = RecordInput::new(format!("{i}-{}", "x".repeat(100)));
+            log.append(&BatchInput::new(vec![record])).expect("append");
+        }
+        let segments = log.segment_count();
+        assert!(segments > 3, "{segments}");
+        // No limits: nothing to delete; the configuration has none either.
+        let none = log
+            .apply_retention_limits(None, None, 1_000_000)
+            .expect("none");
+        assert_eq!(none.segments, 0);
+        assert_eq!(log.apply_retention().expect("configured").segments, 0);
+        // Age: records are stamped 1_010..=7_000; keep the last second.
+        let by_age = log
+            .apply_retention_limits(Some(1_000), None, 7_000)
+            .expect("age");
+        assert!(by_age.segments > 0);
+        let start = log.start_offset();
+        assert_eq!(start, by_age.log_start_offset);
+        // Every deleted record was older than the cutoff (6_000), and whole
+        // segments went: the first kept one starts below the cutoff's offset.
+        let cutoff_offset = log.offset_for_timestamp(6_000).expect("ts").expect("kept");
+        assert!(
+            start > 0 && start <= cutoff_offset,
+            "{start} {cutoff_offset}"
+        );
+        assert!(cutoff_offset - start < 200, "{start} {cutoff_offset}");
+        // Size: down to at most one segment over the limit, active kept.
+        let by_size = log
+            .apply_retention_limits(None, Some(1), 7_000)
+            .expect("size");
+        assert!(by_size.segments > 0);
+        assert_eq!(log.segment_count(), 1);
+        assert_eq!(log.end_offset(), 600);
     }
 
     #[test]

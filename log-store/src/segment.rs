@@ -497,13 +497,17 @@ impl Segment {
         Ok(record.filter(|record| record.id == *id))
     }
 
-    /// Visible records whose key is `key`, in offset order, at most `limit`.
-    pub(crate) fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>> {
+    /// Visible records whose key is `key`, at offset `from` or later, in
+    /// offset order, at most `limit`. Candidates below `from` are not read.
+    pub(crate) fn find_by_key(&self, key: &[u8], from: u64, limit: usize) -> Result<Vec<Record>> {
         let candidates = self.indexes().key_rel_offsets(key);
         let mut found = Vec::new();
         for rel in candidates {
             if found.len() >= limit {
                 break;
+            }
+            if self.base_offset + u64::from(rel) < from {
+                continue;
             }
             if let Some(record) = self.read_record(self.base_offset + u64::from(rel))? {
                 if record.key.as_deref() == Some(key) {
