@@ -4,6 +4,10 @@
 //! Both backends write the same bytes at the same positions; they differ only
 //! in the system calls. A backend must write all bytes or return an error, and
 //! `sync_data` must not return before the file's data is durable.
+//!
+//! [`select_backend`] wraps the chosen backend in [`TimedIo`], which records
+//! the duration of every `sync_data` in the process-wide fsync histogram
+//! (`crate::fsync_stats`), whichever backend runs it.
 
 use std::fmt::Debug;
 use std::fs::File;
@@ -73,13 +77,43 @@ impl AppendIo for PortableIo {
     }
 }
 
-/// The backend for `requested`, falling back to the portable one (with a
-/// warning) where io_uring is not compiled in or not permitted here.
-pub(crate) fn select_backend(requested: IoBackend) -> Arc<dyn AppendIo> {
-    match requested {
-        IoBackend::Portable => Arc::new(PortableIo),
-        IoBackend::IoUring => uring_or_fallback(),
+/// A backend whose `sync_data` calls are timed into the process-wide fsync
+/// histogram; everything else is passed through unchanged.
+#[derive(Debug)]
+pub(crate) struct TimedIo(Arc<dyn AppendIo>);
+
+impl AppendIo for TimedIo {
+    fn write_all_at(
+        &self,
+        file: &SegmentFile,
+        position: u64,
+        data: Vec<u8>,
+    ) -> io::Result<Vec<u8>> {
+        self.0.write_all_at(file, position, data)
     }
+
+    fn sync_data(&self, file: &SegmentFile) -> io::Result<()> {
+        crate::fsync_stats::timed(|| self.0.sync_data(file))
+    }
+
+    fn release(&self, file: &SegmentFile) {
+        self.0.release(file);
+    }
+
+    fn kind(&self) -> IoBackend {
+        self.0.kind()
+    }
+}
+
+/// The backend for `requested`, falling back to the portable one (with a
+/// warning) where io_uring is not compiled in or not permitted here; its
+/// fdatasyncs are timed (see [`TimedIo`]).
+pub(crate) fn select_backend(requested: IoBackend) -> Arc<dyn AppendIo> {
+    let backend = match requested {
+        IoBackend::Portable => Arc::new(PortableIo) as Arc<dyn AppendIo>,
+        IoBackend::IoUring => uring_or_fallback(),
+    };
+    Arc::new(TimedIo(backend))
 }
 
 #[cfg(feature = "io-uring")]

@@ -10,6 +10,7 @@
 //! - [`batch`]: the on-disk record-batch format (`docs/storage.md`).
 //! - `mmap`: the only module with `unsafe`: the read-only segment mapping.
 //! - `io`: the append backends (portable pwrite, io_uring behind a feature).
+//! - [`fsync_stats`]: the process-wide histogram of fdatasync durations.
 //! - [`config`], [`clock`], [`error`], [`message_id`].
 //!
 //! # Guarantees
@@ -24,6 +25,7 @@ pub mod batch;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod fsync_stats;
 mod io;
 pub mod log;
 pub mod message_id;
@@ -39,6 +41,7 @@ pub use config::{FsyncPolicy, IoBackend, LogConfig};
 /// The stable key hash the key index uses; also picks partitions by key.
 pub use dmq_index::key_hash;
 pub use error::{LogError, Result};
+pub use fsync_stats::{fsync_histogram, FsyncHistogram};
 pub use log::{AppendInfo, DeletedSegments, Log, RecoveryReport};
 pub use message_id::{MessageId, ParseMessageIdError};
 pub use scan::CorruptRegion;
