@@ -11,9 +11,22 @@
 //! handshake_timeout_ms = 5000
 //! idle_timeout_ms = 300000
 //!
-//! [clients]                   # no table: development mode, anyone may connect
-//! orders-service = "secret"
+//! admin_listen = "127.0.0.1:7080"
+//! # argon2id hashes of admin tokens (`dmq hash-secret` prints one)
+//! admin_tokens = ["$argon2id$v=19$m=19456,t=2,p=1$..."]
+//! trace = true
+//! trace_retention_hours = 72
+//! stats_retention_hours = 48
+//!
+//! [clients]                   # client id = argon2id hash of its secret
+//! orders-service = "$argon2id$v=19$m=19456,t=2,p=1$..."
 //! ```
+//!
+//! **Development mode** is on when neither `[clients]` nor `admin_tokens`
+//! is configured (or `mode = "development"`): any client may connect
+//! anonymously, topics are approved at once, the admin API needs no token.
+//! Otherwise (or with `mode = "production"`) every client and every admin
+//! call must present a configured credential.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,8 +61,31 @@ pub struct BrokerConfig {
     pub connection_queue_frames: usize,
     /// Largest credit one subscription may hold.
     pub max_credit: u32,
-    /// Client id → secret. Empty: development mode (anyone may connect).
+    /// Client id → argon2id hash of its secret.
     pub clients: BTreeMap<String, String>,
+    /// Address of the admin HTTP API, the console and `/metrics`.
+    pub admin_listen: SocketAddr,
+    /// Argon2id hashes of the admin tokens.
+    pub admin_tokens: Vec<String>,
+    /// `"development"` or `"production"`; unset: development exactly when
+    /// no clients and no admin tokens are configured.
+    pub mode: Option<Mode>,
+    /// Record the message trace.
+    pub trace: bool,
+    /// Trace records are kept this long.
+    pub trace_retention_hours: u64,
+    /// Per-minute statistics are kept this long (at least 24).
+    pub stats_retention_hours: u64,
+}
+
+/// Whether credentials are required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Anonymous clients, auto-approved topics, an open admin API.
+    Development,
+    /// Every client and admin call is authenticated.
+    Production,
 }
 
 impl Default for BrokerConfig {
@@ -66,6 +102,12 @@ impl Default for BrokerConfig {
             connection_queue_frames: 4096,
             max_credit: 100_000,
             clients: BTreeMap::new(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            admin_tokens: Vec::new(),
+            mode: None,
+            trace: true,
+            trace_retention_hours: 72,
+            stats_retention_hours: 48,
         }
     }
 }
@@ -79,8 +121,39 @@ impl BrokerConfig {
     /// Parses a TOML document.
     pub fn from_toml(text: &str) -> Result<BrokerConfig, ConfigError> {
         let config: BrokerConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        config.fsync_policy()?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks what TOML alone cannot: the fsync policy, that credentials
+    /// are argon2id hashes, the statistics window.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.log_config()?;
+        for (client, hash) in &self.clients {
+            crate::auth::check_hash(hash).map_err(|e| {
+                ConfigError(format!(
+                    "client {client:?}: {e} (generate one with `dmq hash-secret`)"
+                ))
+            })?;
+        }
+        for hash in &self.admin_tokens {
+            crate::auth::check_hash(hash).map_err(|e| {
+                ConfigError(format!(
+                    "admin token: {e} (generate one with `dmq hash-secret`)"
+                ))
+            })?;
+        }
+        if self.stats_retention_hours < 24 {
+            return Err(ConfigError(
+                "stats_retention_hours must be at least 24".to_string(),
+            ));
+        }
+        if self.trace_retention_hours == 0 {
+            return Err(ConfigError(
+                "trace_retention_hours must be at least 1".to_string(),
+            ));
+        }
+        Ok(())
     }
 
     /// The fsync setting as a policy.
@@ -115,9 +188,22 @@ impl BrokerConfig {
         Ok(config)
     }
 
-    /// Whether anonymous clients are admitted.
+    /// Whether anonymous clients are admitted, topics approved at once and
+    /// the admin API open.
     pub fn development_mode(&self) -> bool {
-        self.clients.is_empty()
+        match self.mode {
+            Some(mode) => mode == Mode::Development,
+            None => self.clients.is_empty() && self.admin_tokens.is_empty(),
+        }
+    }
+
+    /// Settings of the trace and statistics.
+    pub fn telemetry_config(&self) -> crate::telemetry::TelemetryConfig {
+        crate::telemetry::TelemetryConfig {
+            trace_enabled: self.trace,
+            trace_retention_hours: self.trace_retention_hours,
+            stats_retention_hours: self.stats_retention_hours,
+        }
     }
 }
 
@@ -129,11 +215,13 @@ mod tests {
     fn defaults_and_toml() {
         let config = BrokerConfig::default();
         assert_eq!(config.listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:7080");
         assert_eq!(config.fsync_policy().ok(), Some(FsyncPolicy::Always));
         assert!(config.development_mode());
-        let parsed = BrokerConfig::from_toml(
-            "listen = \"127.0.0.1:9000\"\nfsync = \"interval:10ms\"\n[clients]\na = \"s\"\n",
-        )
+        let hash = crate::auth::hash_secret("s").unwrap();
+        let parsed = BrokerConfig::from_toml(&format!(
+            "listen = \"127.0.0.1:9000\"\nfsync = \"interval:10ms\"\n[clients]\na = \"{hash}\"\n"
+        ))
         .expect("valid");
         assert_eq!(parsed.listen.port(), 9000);
         assert_eq!(
@@ -143,5 +231,31 @@ mod tests {
         assert!(!parsed.development_mode());
         assert!(BrokerConfig::from_toml("fsync = \"sometimes\"").is_err());
         assert!(BrokerConfig::from_toml("unknown = 1").is_err());
+        assert!(BrokerConfig::from_toml("stats_retention_hours = 2").is_err());
+    }
+
+    #[test]
+    fn credentials_must_be_hashes_and_decide_the_mode() {
+        let error = BrokerConfig::from_toml("[clients]\norders = \"plain-secret\"\n")
+            .expect_err("plaintext secrets are refused");
+        assert!(error.to_string().contains("orders"), "{error}");
+        assert!(BrokerConfig::from_toml("admin_tokens = [\"token\"]").is_err());
+        let hash = crate::auth::hash_secret("t").unwrap();
+        let admin_only =
+            BrokerConfig::from_toml(&format!("admin_tokens = [\"{hash}\"]")).expect("valid");
+        assert!(
+            !admin_only.development_mode(),
+            "any credential means production"
+        );
+        let forced = BrokerConfig::from_toml("mode = \"production\"").expect("valid");
+        assert!(
+            !forced.development_mode(),
+            "production with nothing configured"
+        );
+        let dev = BrokerConfig::from_toml(&format!(
+            "mode = \"development\"\nadmin_tokens = [\"{hash}\"]"
+        ))
+        .expect("valid");
+        assert!(dev.development_mode());
     }
 }

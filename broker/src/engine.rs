@@ -12,6 +12,12 @@
 //! share group commits, and only then wakes the dispatcher. Delayed records
 //! go to the dispatcher's delay store.
 //!
+//! Every message event of the dispatcher goes to the [`Telemetry`] sink,
+//! which only buffers it; the thread calls [`Telemetry::flush`] after each
+//! loop iteration, handing the iteration's events to the telemetry thread
+//! (trace, statistics, metrics) in one batch. The telemetry stops after the
+//! dispatcher, so the final checkpoint's events are counted too.
+//!
 //! Deliveries leave the thread in batches: one `Vec` per member per poll,
 //! so a burst costs one channel send and one task wake-up, not one per
 //! message.
@@ -30,14 +36,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dmq_dispatcher::{
-    Delivery, DispatchError, Dispatcher, DispatcherConfig, FileStorage, MemberId, NullEventSink,
-    PartitionLog, TopicConfig,
+    Delivery, DispatchError, Dispatcher, DispatcherConfig, FileStorage, MemberId, PartitionLog,
+    TopicConfig,
 };
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{ProduceOk, ProducedRecord};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::config::BrokerConfig;
+use crate::telemetry::{Telemetry, TelemetryError};
 
 type Job = Box<dyn FnOnce(&mut Dispatcher, &mut Routes) + Send>;
 
@@ -134,6 +141,9 @@ pub enum StartError {
     /// The dispatcher thread could not start.
     #[error("starting the dispatcher thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The trace log or the statistics could not be opened.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// The topics' partition logs, shared with every session for produce.
@@ -147,6 +157,7 @@ pub struct Engine {
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     round_robin: Arc<std::sync::atomic::AtomicU32>,
     producers: ProducerWindow,
+    telemetry: Telemetry,
 }
 
 /// Dedup window of idempotent producers: (topic, partition, producer id) →
@@ -163,6 +174,7 @@ pub const PRODUCER_WINDOW_OFFSETS: u64 = 100_000;
 
 fn rebuild_producer_window(partitions: &PartitionMap) -> Result<ProducerEntries, StartError> {
     let mut window = HashMap::new();
+    let mut parts: HashMap<(String, u64, u64), usize> = HashMap::new();
     for (topic, (_, logs)) in partitions {
         for (partition, log) in logs.iter().enumerate() {
             let from = log.end_offset().saturating_sub(PRODUCER_WINDOW_OFFSETS);
@@ -181,10 +193,20 @@ fn rebuild_producer_window(partitions: &PartitionMap) -> Result<ProducerEntries,
                         .collect(),
                 };
                 let key = (topic.clone(), partition as u32, batch.producer_id);
+                *parts
+                    .entry((topic.clone(), batch.producer_id, batch.producer_seq))
+                    .or_insert(0usize) += 1;
                 window.insert(key, (batch.producer_seq, response));
             }
         }
     }
+    // A batch whose keys spread it over several partitions was stored in
+    // parts; the window cannot rebuild its whole answer in request order, so
+    // it forgets it: a retry of such a batch after a restart is stored again
+    // (at least once), never answered with a partial result.
+    window.retain(|(topic, _, producer), (sequence, _)| {
+        parts.get(&(topic.clone(), *producer, *sequence)) == Some(&1)
+    });
     Ok(window)
 }
 
@@ -194,10 +216,11 @@ impl Engine {
         let log_config = config.log_config()?;
         let storage = Arc::new(FileStorage::new(&config.data_dir, log_config)?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let telemetry = Telemetry::open(&config.data_dir, config.telemetry_config())?;
         let dispatcher = Dispatcher::open(
             storage,
             clock.clone(),
-            Arc::new(NullEventSink),
+            telemetry.event_sink(),
             DispatcherConfig::default(),
         )?;
         let mut map = PartitionMap::new();
@@ -208,16 +231,23 @@ impl Engine {
         let producers = rebuild_producer_window(&map)?;
         let partitions = Arc::new(RwLock::new(map));
         let (commands, receiver) = mpsc::channel();
+        let thread_telemetry = telemetry.clone();
         let thread = std::thread::Builder::new()
             .name("dmq-dispatcher".into())
-            .spawn(move || run(dispatcher, clock, receiver))?;
+            .spawn(move || run(dispatcher, clock, receiver, thread_telemetry))?;
         Ok(Engine {
             commands,
             partitions,
             producers: Arc::new(Mutex::new(producers)),
             thread: Arc::new(Mutex::new(Some(thread))),
             round_robin: Arc::default(),
+            telemetry,
         })
+    }
+
+    /// The trace, statistics and metrics.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     /// Runs `job` on the dispatcher thread and returns its result.
@@ -281,17 +311,24 @@ impl Engine {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stops the dispatcher thread after it made every ack durable.
+    /// Stops the dispatcher thread after it made every ack durable, then
+    /// the telemetry (trace written, statistics persisted).
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
+        self.telemetry.shutdown();
     }
 }
 
-fn run(mut dispatcher: Dispatcher, clock: Arc<dyn Clock>, commands: mpsc::Receiver<Command>) {
+fn run(
+    mut dispatcher: Dispatcher,
+    clock: Arc<dyn Clock>,
+    commands: mpsc::Receiver<Command>,
+    telemetry: Telemetry,
+) {
     let mut routes = Routes::default();
     loop {
         let now = clock.now_ms();
@@ -321,10 +358,12 @@ fn run(mut dispatcher: Dispatcher, clock: Arc<dyn Clock>, commands: mpsc::Receiv
             Ok(deliveries) => route(&mut dispatcher, &mut routes, deliveries),
             Err(error) => tracing::error!(%error, "dispatcher poll failed"),
         }
+        telemetry.flush();
     }
     if let Err(error) = dispatcher.checkpoint() {
         tracing::error!(%error, "final checkpoint failed");
     }
+    telemetry.flush();
     tracing::info!("dispatcher stopped");
 }
 

@@ -1,22 +1,38 @@
 //! `dmq-broker`: the DMQ server.
 //!
 //! # Layout
+//! - [`broker`]: [`Broker`], the whole server started and stopped as one
+//!   (engine, registry, both listeners); reconciles registry and topics.
 //! - [`server`]: [`server::run`], the accept loop (bounded connections,
 //!   graceful shutdown).
 //! - `session`: one connection: framing, HELLO, one handler per request.
 //! - [`engine`]: the dispatcher on its own thread, and the produce path
 //!   (appends from every connection share group commits).
 //! - `convert`: wire types ↔ dispatcher and log types, errors → wire codes.
-//! - [`config`]: [`BrokerConfig`], defaults, TOML, flags.
+//! - [`config`]: [`BrokerConfig`], defaults, TOML, flags, development mode.
+//! - [`auth`]: argon2id credentials, the failed-attempt rate limit.
+//! - [`registry`]: the topic registry (status, owner, rights), crash-safe.
+//! - [`admin`]: the admin HTTP API (axum) and `/metrics`.
+//! - `console`: the web console's embedded assets.
+//! - [`telemetry`]: the message trace, per-minute statistics, metrics.
 //!
-//! The binary `dmqd` (src/bin/dmqd.rs) is thin: it parses flags, starts the
-//! engine, binds the listener and calls [`server::run`].
+//! The binary `dmqd` (src/bin/dmqd.rs) is thin: it parses flags, calls
+//! [`Broker::start`] and waits for a signal.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod admin;
+pub mod auth;
+pub mod broker;
 pub mod config;
+mod console;
 mod convert;
 pub mod engine;
+pub mod registry;
 pub mod server;
 mod session;
+pub mod telemetry;
 
+pub use broker::{Broker, Services, StartError};
 pub use config::BrokerConfig;
 pub use engine::Engine;

@@ -1,6 +1,12 @@
 //! The accept loop: bounded connections, one task per session, graceful
 //! shutdown (stop accepting, tell sessions, let appends in flight finish,
 //! then make every ack durable).
+//!
+//! Connection metrics: every accepted connection is counted opened when its
+//! session starts and closed when it ends (`dmq_connections` is the
+//! difference); a connection refused for want of a permit is counted as
+//! rejected with reason `too_many_connections`. Sessions count their own
+//! handshake rejections.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,23 +18,24 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::config::BrokerConfig;
-use crate::engine::Engine;
+use crate::broker::Services;
 use crate::session::{self, Shared};
+use crate::telemetry::Telemetry;
+
+/// Counts its connection closed when dropped.
+struct OpenConnection(Telemetry);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
 
 /// Serves `listener` until `shutdown` completes, then drains and stops.
-pub async fn run(
-    listener: TcpListener,
-    engine: Engine,
-    config: BrokerConfig,
-    shutdown: impl Future<Output = ()>,
-) {
-    let config = Arc::new(config);
-    let shared = Shared {
-        engine: engine.clone(),
-        config: Arc::clone(&config),
-        producers: Arc::clone(engine.producers()),
-    };
+pub async fn run(listener: TcpListener, services: Services, shutdown: impl Future<Output = ()>) {
+    let engine = services.engine.clone();
+    let config = Arc::clone(&services.config);
+    let shared = Shared::new(services);
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (stop, stopped) = watch::channel(false);
     let mut sessions = JoinSet::new();
@@ -48,6 +55,9 @@ pub async fn run(
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tracing::warn!(%peer, "connection refused: too many connections");
+            engine
+                .telemetry()
+                .connection_rejected("too_many_connections");
             let mut buffer = bytes::BytesMut::new();
             let frame = Frame::error(0, ErrorCode::Overloaded, "too many connections");
             if encode_frame(&frame, &mut buffer).is_ok() {
@@ -57,7 +67,11 @@ pub async fn run(
         };
         let shared = shared.clone();
         let stopped = stopped.clone();
+        let telemetry = engine.telemetry().clone();
+        telemetry.connection_opened();
         sessions.spawn(async move {
+            // Counted closed even if the session task is aborted.
+            let _open = OpenConnection(telemetry);
             session::serve(stream, peer, shared, stopped).await;
             drop(permit);
         });

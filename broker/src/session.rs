@@ -30,9 +30,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::{Credentials, Verdict};
+use crate::broker::{Services, SharedRegistry};
 use crate::config::BrokerConfig;
 use crate::convert;
 use crate::engine::{DeliverySink, Engine, ProducerWindow, Queued};
+use crate::registry::{Right, TopicStatus};
+use crate::telemetry::ProducedBatch;
 
 /// Read buffer growth step.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -61,13 +65,34 @@ pub(crate) struct Shared {
     pub(crate) engine: Engine,
     pub(crate) config: Arc<BrokerConfig>,
     pub(crate) producers: ProducerWindow,
+    pub(crate) registry: SharedRegistry,
+    pub(crate) credentials: Arc<Credentials>,
+    pub(crate) development: bool,
 }
+
+impl Shared {
+    pub(crate) fn new(services: Services) -> Shared {
+        Shared {
+            producers: Arc::clone(services.engine.producers()),
+            development: services.config.development_mode(),
+            engine: services.engine,
+            config: services.config,
+            registry: services.registry,
+            credentials: services.credentials,
+        }
+    }
+}
+
+/// The client id used in development mode when HELLO names none.
+pub(crate) const ANONYMOUS_CLIENT: &str = "anonymous";
 
 struct Session {
     shared: Shared,
     peer: SocketAddr,
     outbound: mpsc::Sender<Outbound>,
     authenticated: bool,
+    /// The client id HELLO authenticated (rights are checked against it).
+    client_id: String,
     members: BTreeSet<MemberId>,
     clock: SystemClock,
 }
@@ -133,6 +158,7 @@ pub(crate) async fn serve(
         peer,
         outbound,
         authenticated: false,
+        client_id: String::new(),
         members: BTreeSet::new(),
         clock: SystemClock,
     };
@@ -166,6 +192,11 @@ pub(crate) async fn serve(
                 Err(error) => {
                     tracing::debug!(peer = %session.peer, %error, "bad frame; closing");
                     session
+                        .shared
+                        .engine
+                        .telemetry()
+                        .connection_rejected("bad_frame");
+                    session
                         .send(Frame::error(0, error.code(), error.to_string()))
                         .await;
                     break 'connection;
@@ -194,6 +225,11 @@ pub(crate) async fn serve(
                 let what = if session.authenticated {
                     "idle timeout"
                 } else {
+                    session
+                        .shared
+                        .engine
+                        .telemetry()
+                        .connection_rejected("handshake_timeout");
                     "no HELLO in time"
                 };
                 session
@@ -298,6 +334,10 @@ impl Session {
             return false;
         };
         let Some(version) = wire::negotiate_version(hello.min_version, hello.max_version) else {
+            self.shared
+                .engine
+                .telemetry()
+                .connection_rejected("unsupported_version");
             let error = ErrorResponse::new(
                 ErrorCode::UnsupportedVersion,
                 format!(
@@ -309,23 +349,42 @@ impl Session {
             self.send(error_frame(correlation_id, error)).await;
             return false;
         };
-        let config = &self.shared.config;
-        if !config.development_mode() {
-            let admitted = config
-                .clients
-                .get(&hello.client_id)
-                .is_some_and(|secret| constant_time_eq(secret.as_bytes(), &hello.secret));
-            if !admitted {
-                tracing::warn!(peer = %self.peer, client = hello.client_id, "authentication failed");
-                let error = ErrorResponse::new(
-                    ErrorCode::AuthenticationFailed,
-                    "unknown client id or wrong secret",
-                );
+        if !self.shared.development {
+            let credentials = Arc::clone(&self.shared.credentials);
+            let address = self.peer.ip();
+            let client_id = hello.client_id.clone();
+            let secret = hello.secret.clone();
+            // argon2 takes tens of milliseconds: not on an async thread.
+            let verdict = tokio::task::spawn_blocking(move || {
+                credentials.verify_client(address, &client_id, &secret)
+            })
+            .await
+            .unwrap_or(Verdict::Refused);
+            let message = match verdict {
+                Verdict::Admitted => None,
+                Verdict::Refused => Some("unknown client id or wrong secret"),
+                Verdict::RateLimited => {
+                    Some("too many failed attempts from this address; try again in a minute")
+                }
+            };
+            if let Some(message) = message {
+                tracing::warn!(peer = %self.peer, client = hello.client_id, ?verdict, "authentication failed");
+                self.shared
+                    .engine
+                    .telemetry()
+                    .connection_rejected("authentication_failed");
+                let error = ErrorResponse::new(ErrorCode::AuthenticationFailed, message);
                 self.send(error_frame(correlation_id, error)).await;
                 return false;
             }
         }
+        self.client_id = if hello.client_id.is_empty() {
+            ANONYMOUS_CLIENT.to_string()
+        } else {
+            hello.client_id.clone()
+        };
         self.authenticated = true;
+        let config = &self.shared.config;
         let response = Response::HelloOk(wire::HelloOk {
             version,
             max_frame_bytes: config.max_frame_bytes,
@@ -348,6 +407,11 @@ impl Session {
         correlation_id: u32,
         produce: wire::Produce,
     ) -> Result<(), ErrorResponse> {
+        // Rights first: a client without them learns nothing of the topic.
+        let default_ttl_ms = match self.authorize(&produce.topic, Right::Produce).await? {
+            Access::Granted { default_ttl_ms, .. } => default_ttl_ms,
+            Access::Unregistered => None,
+        };
         let engine = self.shared.engine.clone();
         let Some((topic_config, logs)) = engine.topic(&produce.topic) else {
             return Err(ErrorResponse::new(
@@ -361,7 +425,12 @@ impl Session {
                 "a produce needs at least one record",
             ));
         }
-        let partition = pick_partition(&engine, &topic_config, &produce)?;
+        // One partition per record: keyed records by their key's hash (so a
+        // key always lands in one partition, whatever else shares its
+        // batch), the others together in one partition.
+        let routes = route_records(&engine, &topic_config, &produce)?;
+        let partition = routes[0];
+        let explicit_partition = produce.partition;
         let dedup_key = produce
             .idempotence
             .map(|sequence| (produce.topic.clone(), partition, sequence.producer_id));
@@ -392,11 +461,24 @@ impl Session {
             }
         }
         let now = self.clock.now_ms();
-        let records: Vec<_> = produce
+        let mut records: Vec<_> = produce
             .records
             .into_iter()
             .map(|record| convert::record_input(record, now))
             .collect();
+        if let Some(ttl) = default_ttl_ms {
+            for record in &mut records {
+                if record.expire_at_ms.is_none() {
+                    let from = record.deliver_at_ms.unwrap_or(now).max(now);
+                    record.expire_at_ms = Some(from.saturating_add(ttl as i64));
+                }
+            }
+        }
+        let trace = TraceContext {
+            client_id: self.client_id.clone(),
+            peer: self.peer,
+            received_ms: now,
+        };
         let topic = produce.topic;
         let outbound = self.outbound.clone();
         let producers = self.shared.producers.clone();
@@ -407,13 +489,18 @@ impl Session {
         {
             // Delayed records go to the delay store, on the dispatcher thread.
             let topic_for_job = topic.clone();
+            let topic_for_trace = topic.clone();
             let engine = engine.clone();
             tokio::spawn(async move {
                 let result = engine
                     .call(move |dispatcher, _| {
-                        dispatcher.produce(&topic_for_job, Some(partition), records)
+                        dispatcher.produce(&topic_for_job, explicit_partition, records)
                     })
                     .await;
+                if let Ok(Ok(produced)) = &result {
+                    let ids = produced.iter().map(|p| p.id).collect();
+                    trace.record(&engine, &topic_for_trace, partition, None, ids);
+                }
                 let response = match result {
                     Ok(Ok(produced)) => Ok(wire::ProduceOk {
                         records: produced
@@ -441,38 +528,76 @@ impl Session {
             });
             return Ok(());
         }
-        let log = logs[partition as usize].clone();
         let (producer_id, producer_seq) = sequence.unwrap_or((0, 0));
-        // The write itself is short (the writer lock and a pwrite); doing it
-        // here keeps a connection's appends in request order.
-        let appended =
-            tokio::task::block_in_place(|| log.append_deferred(producer_id, producer_seq, records))
-                .map_err(|error| convert::store_error(&error))?;
+        // Records split by partition, each part in its records' order.
+        let mut parts: Vec<(u32, Vec<usize>, Vec<dmq_log_store::RecordInput>)> = Vec::new();
+        for (index, (record, route)) in records.into_iter().zip(&routes).enumerate() {
+            match parts.iter_mut().find(|(p, _, _)| p == route) {
+                Some((_, indexes, part)) => {
+                    indexes.push(index);
+                    part.push(record);
+                }
+                None => parts.push((*route, vec![index], vec![record])),
+            }
+        }
+        let total = routes.len();
+        // The writes themselves are short (the writer lock and a pwrite);
+        // doing them here keeps a connection's appends in request order.
+        let appended = tokio::task::block_in_place(|| {
+            parts
+                .into_iter()
+                .map(|(partition, indexes, part)| {
+                    let log = logs[partition as usize].clone();
+                    log.append_deferred(producer_id, producer_seq, part)
+                        .map(|info| (partition, indexes, log, info))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|error| convert::store_error(&error))?;
         tokio::spawn(async move {
-            let log_for_wait = log.clone();
-            let info = appended.clone();
             // No fsync to wait for (policy `Never` or `Interval`): no hop
             // to the blocking pool.
-            let durable = if log_for_wait.durable_on_append() {
-                Ok(log_for_wait.wait_durable(&info))
+            let waits: Vec<_> = appended
+                .iter()
+                .map(|(_, _, log, info)| (log.clone(), info.clone()))
+                .collect();
+            let durable = if waits.iter().all(|(log, _)| log.durable_on_append()) {
+                Ok(waits
+                    .iter()
+                    .try_for_each(|(log, info)| log.wait_durable(info)))
             } else {
-                tokio::task::spawn_blocking(move || log_for_wait.wait_durable(&info)).await
+                tokio::task::spawn_blocking(move || {
+                    waits
+                        .iter()
+                        .try_for_each(|(log, info)| log.wait_durable(info))
+                })
+                .await
             };
             let response = match durable {
                 Ok(Ok(())) => {
-                    engine.wake();
-                    Ok(wire::ProduceOk {
-                        records: appended
-                            .ids
-                            .iter()
-                            .enumerate()
-                            .map(|(i, id)| wire::ProducedRecord {
-                                partition,
-                                offset: Some(appended.base_offset + i as u64),
+                    let mut produced = vec![None; total];
+                    for (partition, indexes, _, info) in &appended {
+                        // Traced before the dispatcher hears of it: `stored`
+                        // precedes `delivered`.
+                        trace.record(
+                            &engine,
+                            &topic,
+                            *partition,
+                            Some(info.base_offset),
+                            info.ids.clone(),
+                        );
+                        for (i, (index, id)) in indexes.iter().zip(&info.ids).enumerate() {
+                            produced[*index] = Some(wire::ProducedRecord {
+                                partition: *partition,
+                                offset: Some(info.base_offset + i as u64),
                                 message_id: convert::message_id(*id),
                                 deliver_at_ms: None,
-                            })
-                            .collect(),
+                            });
+                        }
+                    }
+                    engine.wake();
+                    Ok(wire::ProduceOk {
+                        records: produced.into_iter().flatten().collect(),
                     })
                 }
                 Ok(Err(error)) => Err(convert::store_error(&error)),
@@ -495,7 +620,21 @@ impl Session {
     }
 
     async fn subscribe(&mut self, subscribe: wire::Subscribe) -> Result<Response, ErrorResponse> {
-        let config = convert::group_config(&subscribe);
+        let mut config = convert::group_config(&subscribe);
+        if let Access::Granted {
+            max_attempts,
+            ack_timeout_ms,
+            ..
+        } = self.authorize(&subscribe.topic, Right::Consume).await?
+        {
+            // The topic's defaults, unless the subscription sets its own.
+            if subscribe.settings.max_attempts.is_none() {
+                config.max_attempts = max_attempts.unwrap_or(config.max_attempts);
+            }
+            if subscribe.settings.ack_timeout_ms.is_none() {
+                config.ack_timeout_ms = ack_timeout_ms.unwrap_or(config.ack_timeout_ms);
+            }
+        }
         let max_credit = self.shared.config.max_credit;
         let credit = subscribe.credit.min(max_credit);
         let (sink, mut deliveries, queued) = DeliverySink::new(max_credit as usize + 16);
@@ -629,6 +768,95 @@ impl Session {
         Ok(Response::Ok)
     }
 
+    /// What the registry says of `right` on `topic` for this client. In
+    /// development mode only the topic's status counts; in production the
+    /// client must also be listed.
+    fn registry_access(&self, topic: &str, right: Right) -> Result<Access, ErrorResponse> {
+        let registry = self
+            .shared
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(record) = registry.get(topic) else {
+            return Ok(if self.shared.development {
+                Access::Granted {
+                    default_ttl_ms: None,
+                    max_attempts: None,
+                    ack_timeout_ms: None,
+                }
+            } else {
+                Access::Unregistered
+            });
+        };
+        // In development mode every client holds every right; the status
+        // still counts.
+        let allowed = if self.shared.development {
+            match record.status {
+                TopicStatus::Approved => Ok(()),
+                TopicStatus::Pending => Err(format!("topic {topic:?} is not approved yet")),
+                TopicStatus::Disabled => Err(format!("topic {topic:?} is disabled")),
+            }
+        } else {
+            registry.allows(topic, &self.client_id, right)
+        };
+        allowed.map_err(|message| ErrorResponse::new(ErrorCode::NotAuthorized, message))?;
+        Ok(Access::Granted {
+            default_ttl_ms: record.default_ttl_ms,
+            max_attempts: Some(record.max_attempts),
+            ack_timeout_ms: Some(record.ack_timeout_ms),
+        })
+    }
+
+    /// Checks `right` on `topic`. A dead-letter topic is not registered:
+    /// whoever may consume its source topic may consume it.
+    async fn authorize(&self, topic: &str, right: Right) -> Result<Access, ErrorResponse> {
+        match self.registry_access(topic, right)? {
+            granted @ Access::Granted { .. } => Ok(granted),
+            Access::Unregistered => {
+                let refused = || {
+                    ErrorResponse::new(
+                        ErrorCode::NotAuthorized,
+                        format!("topic {topic:?} is not registered"),
+                    )
+                };
+                if right != Right::Consume {
+                    return Err(refused());
+                }
+                let name = topic.to_string();
+                let source = self
+                    .shared
+                    .engine
+                    .call(move |dispatcher, _| dead_letter_source(dispatcher, &name))
+                    .await
+                    .map_err(|error| convert::engine_error(&error))?;
+                match source {
+                    Some(source) => match self.registry_access(&source, Right::Consume)? {
+                        Access::Granted { .. } => Ok(Access::Granted {
+                            default_ttl_ms: None,
+                            max_attempts: None,
+                            ack_timeout_ms: None,
+                        }),
+                        Access::Unregistered => Err(refused()),
+                    },
+                    None => Err(refused()),
+                }
+            }
+        }
+    }
+
+    /// Refuses `what` outside development mode: it is done through the
+    /// admin API there.
+    fn development_only(&self, what: &str) -> Result<(), ErrorResponse> {
+        if self.shared.development {
+            Ok(())
+        } else {
+            Err(ErrorResponse::new(
+                ErrorCode::NotAuthorized,
+                format!("{what} is done through the admin API (clients may not)"),
+            ))
+        }
+    }
+
     /// Runs a fallible dispatcher call and maps its errors to the wire.
     async fn run<T: Send + 'static>(
         &self,
@@ -649,6 +877,7 @@ impl Session {
     async fn admin(&mut self, request: Request) -> Result<Response, ErrorResponse> {
         match request {
             Request::CreateTopic(create) => {
+                self.development_only("registering a topic")?;
                 let config = TopicConfig {
                     partitions: create.partitions.max(1),
                     ordered: create.ordered,
@@ -660,20 +889,47 @@ impl Session {
                         dispatcher.partitions(&create.name)
                     })
                     .await?;
-                self.shared.engine.register_topic(
-                    name,
-                    TopicConfig {
-                        partitions: logs.len() as u32,
-                        ordered: create.ordered,
-                    },
-                    logs,
-                );
+                let topic_config = TopicConfig {
+                    partitions: logs.len() as u32,
+                    ordered: create.ordered,
+                };
+                {
+                    // Development mode: registered and approved at once.
+                    let mut registry = self
+                        .shared
+                        .registry
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if registry.get(&name).is_none() {
+                        let record = crate::broker::adopted_record(
+                            &name,
+                            &topic_config,
+                            TopicStatus::Approved,
+                        );
+                        registry.insert(record).map_err(|error| {
+                            ErrorResponse::new(ErrorCode::StorageError, error.to_string())
+                        })?;
+                    }
+                }
+                self.shared.engine.register_topic(name, topic_config, logs);
                 Ok(Response::Ok)
             }
             Request::ListTopics => {
                 let topics = self.run(|dispatcher, _| Ok(dispatcher.topics())).await?;
+                let visible: Vec<_> = topics
+                    .into_iter()
+                    .filter(|(name, _)| {
+                        self.shared.development
+                            || [Right::Produce, Right::Consume].iter().any(|right| {
+                                matches!(
+                                    self.registry_access(name, *right),
+                                    Ok(Access::Granted { .. })
+                                )
+                            })
+                    })
+                    .collect();
                 Ok(Response::Topics(wire::Topics {
-                    topics: topics
+                    topics: visible
                         .into_iter()
                         .map(|(name, config)| wire::TopicSummary {
                             name,
@@ -684,6 +940,13 @@ impl Session {
                 }))
             }
             Request::DescribeTopic(describe) => {
+                if self
+                    .authorize(&describe.name, Right::Consume)
+                    .await
+                    .is_err()
+                {
+                    self.authorize(&describe.name, Right::Produce).await?;
+                }
                 let (config, logs) = self.shared.engine.topic(&describe.name).ok_or_else(|| {
                     ErrorResponse::new(
                         ErrorCode::UnknownTopic,
@@ -710,6 +973,7 @@ impl Session {
                 }))
             }
             Request::ListGroups(list) => {
+                self.authorize(&list.topic, Right::Consume).await?;
                 let topic = list.topic.clone();
                 let groups = self
                     .run(move |dispatcher, _| {
@@ -725,6 +989,7 @@ impl Session {
                 }))
             }
             Request::DescribeGroup(describe) => {
+                self.authorize(&describe.topic, Right::Consume).await?;
                 let (topic, group) = (describe.topic.clone(), describe.group.clone());
                 let (stats, mode) = self
                     .run(move |dispatcher, _| {
@@ -761,6 +1026,7 @@ impl Session {
                 }))
             }
             Request::Seek(seek) => {
+                self.authorize(&seek.topic, Right::Consume).await?;
                 let target = convert::start_position(seek.target);
                 let dry_run = seek.dry_run;
                 let report = self
@@ -784,18 +1050,46 @@ impl Session {
             }
             Request::CancelDelay(cancel) => {
                 let id = dmq_log_store::MessageId(cancel.message_id.0);
+                if !self.shared.development {
+                    // Whoever may produce to the message's topic may cancel
+                    // it; the topic comes from the message's trace.
+                    let telemetry = self.shared.engine.telemetry().clone();
+                    let topic = tokio::task::spawn_blocking(move || telemetry.trace(&id))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .and_then(|events| {
+                            events
+                                .into_iter()
+                                .find(|event| event.kind == "produced")
+                                .map(|event| event.topic)
+                        });
+                    match topic {
+                        Some(topic) => {
+                            self.authorize(&topic, Right::Produce).await?;
+                        }
+                        None => {
+                            return Err(ErrorResponse::new(
+                                ErrorCode::NotAuthorized,
+                                "no trace of this message: cannot tell its topic",
+                            ))
+                        }
+                    }
+                }
                 let cancelled = self
                     .run(move |dispatcher, _| dispatcher.cancel_delay(&id))
                     .await?;
                 Ok(Response::CancelDelayOk(wire::CancelDelayOk { cancelled }))
             }
             Request::DeleteMessages(delete) => {
+                self.development_only("deleting messages")?;
                 let tombstone = convert::tombstone(delete.tombstone);
                 self.run(move |dispatcher, _| dispatcher.delete(&delete.topic, tombstone))
                     .await?;
                 Ok(Response::Ok)
             }
             Request::DeleteTopic(delete) => {
+                self.development_only("deleting a topic")?;
                 let name = delete.name.clone();
                 self.run(move |dispatcher, routes| {
                     let dropped = dispatcher.delete_topic(&delete.name)?;
@@ -806,9 +1100,18 @@ impl Session {
                 })
                 .await?;
                 self.shared.engine.unregister_topic(&name);
+                self.shared
+                    .registry
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name)
+                    .map_err(|error| {
+                        ErrorResponse::new(ErrorCode::StorageError, error.to_string())
+                    })?;
                 Ok(Response::Ok)
             }
             Request::DeleteGroup(delete) => {
+                self.authorize(&delete.topic, Right::Consume).await?;
                 self.run(move |dispatcher, routes| {
                     let dropped = dispatcher.delete_group(&delete.topic, &delete.group)?;
                     for member in dropped {
@@ -824,6 +1127,35 @@ impl Session {
                 format!("unexpected request {:?}", other.opcode()),
             )),
         }
+    }
+}
+
+/// Who produced a batch, for its trace.
+struct TraceContext {
+    client_id: String,
+    peer: SocketAddr,
+    received_ms: i64,
+}
+
+impl TraceContext {
+    fn record(
+        &self,
+        engine: &Engine,
+        topic: &str,
+        partition: u32,
+        base_offset: Option<u64>,
+        ids: Vec<dmq_log_store::MessageId>,
+    ) {
+        engine.telemetry().produced(ProducedBatch {
+            topic: topic.to_string(),
+            partition,
+            base_offset,
+            ids,
+            client_id: self.client_id.clone(),
+            peer: self.peer,
+            received_ms: self.received_ms,
+            stored_ms: SystemClock.now_ms(),
+        });
     }
 }
 
@@ -848,43 +1180,59 @@ async fn finish_produce(
     let _ = outbound.send(frame.into()).await;
 }
 
-fn pick_partition(
+/// The partition of each record of `produce`: the explicit one; else a
+/// keyed record's key hash; else one round-robin partition for every
+/// unkeyed record of the batch.
+fn route_records(
     engine: &Engine,
     config: &TopicConfig,
     produce: &wire::Produce,
-) -> Result<u32, ErrorResponse> {
-    match produce.partition {
-        Some(partition) if partition < config.partitions => Ok(partition),
-        Some(partition) => Err(ErrorResponse::new(
-            ErrorCode::UnknownPartition,
-            format!(
-                "topic {:?} has {} partitions, not {partition}",
-                produce.topic, config.partitions
-            ),
-        )),
-        None => match produce.records.first().and_then(|r| r.key.as_ref()) {
-            Some(key) => Ok((dmq_log_store::key_hash(key) % u64::from(config.partitions)) as u32),
-            None => Ok(engine.next_round_robin() % config.partitions),
-        },
+) -> Result<Vec<u32>, ErrorResponse> {
+    if let Some(partition) = produce.partition {
+        if partition >= config.partitions {
+            return Err(ErrorResponse::new(
+                ErrorCode::UnknownPartition,
+                format!(
+                    "topic {:?} has {} partitions, not {partition}",
+                    produce.topic, config.partitions
+                ),
+            ));
+        }
+        return Ok(vec![partition; produce.records.len()]);
     }
+    let partitions = u64::from(config.partitions.max(1));
+    let mut unkeyed = None;
+    Ok(produce
+        .records
+        .iter()
+        .map(|record| match &record.key {
+            Some(key) => (dmq_log_store::key_hash(key) % partitions) as u32,
+            None => *unkeyed
+                .get_or_insert_with(|| (u64::from(engine.next_round_robin()) % partitions) as u32),
+        })
+        .collect())
 }
 
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// What a client may do with a topic, and the topic's defaults.
+enum Access {
+    Granted {
+        default_ttl_ms: Option<u64>,
+        max_attempts: Option<u32>,
+        ack_timeout_ms: Option<u64>,
+    },
+    /// Not in the registry (production mode).
+    Unregistered,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn secrets_compare_exactly() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-    }
+/// The topic whose group dead-letters into `topic`, if any.
+fn dead_letter_source(dispatcher: &dmq_dispatcher::Dispatcher, topic: &str) -> Option<String> {
+    dispatcher.topics().into_iter().find_map(|(source, _)| {
+        dispatcher
+            .groups(&source)
+            .into_iter()
+            .any(|(group, config)| {
+                crate::broker::dead_letter_topic(&source, &group, config.dead_letter_topic) == topic
+            })
+            .then_some(source)
+    })
 }

@@ -33,6 +33,8 @@ fn start(data_dir: &std::path::Path, addr: SocketAddr) -> Child {
             data_dir.to_str().unwrap(),
             "--listen",
             &addr.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

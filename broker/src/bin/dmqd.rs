@@ -1,12 +1,13 @@
 //! `dmqd`: the DMQ broker. With no arguments: data in ./data, the binary
-//! protocol on 127.0.0.1:7070, durable produces (fsync always).
+//! protocol on 127.0.0.1:7070, the admin API and console on
+//! 127.0.0.1:7080, durable produces (fsync always), development mode.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use dmq_broker::{server, BrokerConfig, Engine};
+use dmq_broker::{Broker, BrokerConfig};
 
 /// DMQ broker.
 #[derive(Debug, Parser)]
@@ -21,6 +22,9 @@ struct Args {
     /// Address of the binary protocol.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Address of the admin HTTP API, the console and /metrics.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// "always" (default), "never" or "interval:<n>ms".
     #[arg(long)]
     fsync: Option<String>,
@@ -48,29 +52,29 @@ fn main() -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(admin_listen) = args.admin_listen {
+        config.admin_listen = admin_listen;
+    }
     if let Some(fsync) = args.fsync {
         config.fsync = fsync;
     }
-    config.log_config()?;
-    if config.development_mode() {
-        tracing::warn!("development mode: no [clients] configured, any client may connect");
-    }
+    config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("dmqd")
         .build()?;
     runtime.block_on(async move {
-        let engine = Engine::start(&config).context("opening the data directory")?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("listening on {}", config.listen))?;
+        let data_dir = config.data_dir.clone();
+        let fsync = config.fsync.clone();
+        let broker = Broker::start(config).await.context("starting dmqd")?;
         tracing::info!(
-            listen = %listener.local_addr()?,
-            data_dir = %config.data_dir.display(),
-            fsync = config.fsync,
+            listen = %broker.protocol_addr(),
+            admin = %format!("http://{}", broker.admin_addr()),
+            data_dir = %data_dir.display(),
+            fsync,
             "dmqd ready"
         );
-        server::run(listener, engine, config, shutdown_signal()).await;
+        broker.run_until(shutdown_signal()).await;
         Ok(())
     })
 }

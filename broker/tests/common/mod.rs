@@ -5,14 +5,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use dmq_broker::{server, BrokerConfig, Engine};
+use dmq_broker::BrokerConfig;
 use dmq_protocol::{
     decode_frame, encode_frame, Body, ErrorCode, Frame, Push, Request, Response,
     DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
 
 /// One connection speaking raw frames.
 pub struct Connection {
@@ -42,6 +41,25 @@ impl Connection {
             .await;
         assert!(matches!(response, Response::HelloOk(_)), "{response:?}");
         connection
+    }
+
+    /// A connection that said HELLO as `client_id` with `secret`; returns
+    /// the connection and the answer.
+    pub async fn hello_as(
+        addr: SocketAddr,
+        client_id: &str,
+        secret: &str,
+    ) -> (Connection, Response) {
+        let mut connection = Connection::open(addr).await;
+        let response = connection
+            .request(Request::Hello(dmq_protocol::Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                client_id: client_id.into(),
+                secret: Bytes::from(secret.to_string()),
+            }))
+            .await;
+        (connection, response)
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
@@ -130,8 +148,8 @@ impl Connection {
 /// temp data dir.
 pub struct Broker {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    pub admin: SocketAddr,
+    running: Option<dmq_broker::Broker>,
     _dir: tempfile::TempDir,
 }
 
@@ -140,34 +158,26 @@ impl Broker {
         let dir = tempfile::tempdir().unwrap();
         let mut config = BrokerConfig {
             data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
             segment_bytes: 1 << 20,
             handshake_timeout_ms: 500,
             ..BrokerConfig::default()
         };
         configure(&mut config);
-        let engine = Engine::start(&config).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, engine, config, async {
-            let _ = stopped.await;
-        }));
+        let running = dmq_broker::Broker::start(config).await.unwrap();
         Broker {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
+            addr: running.protocol_addr(),
+            admin: running.admin_addr(),
+            running: Some(running),
             _dir: dir,
         }
     }
 
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
+        if let Some(running) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(20), running.shutdown())
                 .await
-                .unwrap()
                 .unwrap();
         }
     }
@@ -201,4 +211,98 @@ pub async fn next(
         Ok(Some(message)) => Some(message.unwrap()),
         _ => None,
     }
+}
+
+/// A small blocking client of the admin HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(admin: SocketAddr, token: Option<&str>) -> Api {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Api {
+            base: format!("http://{admin}"),
+            token: token.map(str::to_string),
+            agent,
+        }
+    }
+
+    pub fn with_token(&self, token: Option<&str>) -> Api {
+        Api {
+            token: token.map(str::to_string),
+            ..self.clone()
+        }
+    }
+
+    /// (status, JSON body or Null) of a call with an optional raw body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        self.try_call(method, path, body).unwrap()
+    }
+
+    /// Like [`call`](Self::call); `None` if the broker could not be reached
+    /// or the connection broke.
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Option<(u16, serde_json::Value)> {
+        let url = format!("{}{path}", self.base);
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let response = match body {
+            Some(body) => self.agent.run(
+                request
+                    .header("Content-Type", "application/json")
+                    .body(body.to_string())
+                    .unwrap(),
+            ),
+            None => self.agent.run(request.body(()).unwrap()),
+        };
+        let mut response = response.ok()?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().ok()?;
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Some((status, json))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call("POST", path, Some(&body.to_string()))
+    }
+
+    /// GET that must answer 200.
+    pub fn ok(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// POST that must answer 2xx.
+    pub fn ok_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, answer) = self.post(path, body);
+        assert!(
+            (200..300).contains(&status),
+            "POST {path}: {status} {answer}"
+        );
+        answer
+    }
+}
+
+/// Runs blocking HTTP calls off the test's async threads.
+pub async fn http<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.unwrap()
 }

@@ -1,0 +1,340 @@
+//! The admin HTTP API (docs/admin-api.md): JSON over axum, on its own
+//! listener, beside the console and `/metrics`.
+//!
+//! # Layout
+//! - this module: the router, the token check, the JSON error type, the
+//!   server loop, and the retention task;
+//! - `topics`: the registry and groups;
+//! - `messages`: query, per-group state, deletion, test messages, dead
+//!   letters;
+//! - `observe`: broker info, trace, statistics, metrics.
+//!
+//! Rules: every `/api/*` route but `POST /api/login`, and `/metrics`, pass
+//! the token check (none in development mode); every error is a JSON
+//! [`ApiError`] with a 4xx/5xx status, never a bare text or a panic; bodies
+//! are parsed by [`parse_json`] so malformed JSON gets the same shape.
+
+mod messages;
+mod observe;
+mod topics;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::auth::Verdict;
+use crate::broker::Services;
+use crate::engine::EngineError;
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// An error answer: status plus `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// 400: the request is wrong.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404: no such thing.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 409: conflicts with the current state.
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, message)
+    }
+
+    /// 500: the broker failed.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            _ => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": {"code": self.code(), "message": self.message}
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        dispatch_error(error.to_string(), &error)
+    }
+}
+
+impl From<dmq_dispatcher::DispatchError> for ApiError {
+    fn from(error: dmq_dispatcher::DispatchError) -> ApiError {
+        ApiError::from(EngineError::Dispatch(error))
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(error: crate::registry::RegistryError) -> ApiError {
+        use crate::registry::RegistryError;
+        match error {
+            RegistryError::Exists(_) => ApiError::conflict(error.to_string()),
+            RegistryError::Unknown(_) => ApiError::not_found(error.to_string()),
+            _ => ApiError::internal(error.to_string()),
+        }
+    }
+}
+
+fn dispatch_error(message: String, error: &EngineError) -> ApiError {
+    use dmq_dispatcher::DispatchError as D;
+    match error {
+        EngineError::Dispatch(D::UnknownTopic(_) | D::UnknownGroup { .. }) => {
+            ApiError::not_found(message)
+        }
+        EngineError::Dispatch(
+            D::UnknownPartition { .. } | D::InvalidName(_) | D::NotDelivered { .. },
+        ) => ApiError::bad_request(message),
+        EngineError::Dispatch(D::TopicConflict(_)) => ApiError::conflict(message),
+        _ => ApiError::internal(message),
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body into `T`; any failure is a 400 that says why.
+pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The query string as a map; a malformed one is a 400.
+pub fn query_map(uri: &Uri) -> ApiResult<HashMap<String, String>> {
+    axum::extract::Query::<HashMap<String, String>>::try_from_uri(uri)
+        .map(|query| query.0)
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+}
+
+/// An optional query parameter parsed as `T`.
+pub fn query_param<T: std::str::FromStr>(
+    query: &HashMap<String, String>,
+    name: &str,
+) -> ApiResult<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    query
+        .get(name)
+        .map(|text| {
+            text.parse::<T>()
+                .map_err(|e| ApiError::bad_request(format!("{name}={text:?}: {e}")))
+        })
+        .transpose()
+}
+
+/// Runs blocking work (log reads, argon2, the trace) off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("a worker task failed: {e}")))?
+}
+
+/// The whole HTTP surface: API, metrics, console.
+pub fn router(services: Services) -> Router {
+    let protected = Router::new()
+        .route("/api/info", get(observe::info))
+        .merge(topics::routes())
+        .merge(messages::routes())
+        .route("/api/trace/{id}", get(observe::trace))
+        .route("/api/stats", get(observe::stats))
+        .route("/metrics", get(observe::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            services.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/api/login", post(login))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(services)
+        .merge(crate::console::router())
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route {}", uri.path()))
+}
+
+fn bearer(request: &Request) -> Option<&[u8]> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+}
+
+async fn check_token(services: &Services, address: SocketAddr, token: Vec<u8>) -> Verdict {
+    let credentials = std::sync::Arc::clone(&services.credentials);
+    tokio::task::spawn_blocking(move || credentials.verify_admin(address.ip(), &token))
+        .await
+        .unwrap_or(Verdict::Refused)
+}
+
+fn refusal(verdict: Verdict) -> Option<ApiError> {
+    match verdict {
+        Verdict::Admitted => None,
+        Verdict::Refused => Some(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid admin token is needed (Authorization: Bearer <token>)",
+        )),
+        Verdict::RateLimited => Some(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts from this address; try again in a minute",
+        )),
+    }
+}
+
+async fn require_token(
+    State(services): State<Services>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if services.config.development_mode() {
+        return next.run(request).await;
+    }
+    let Some(token) = bearer(&request).map(<[u8]>::to_vec) else {
+        // No token at all is not a guess: not counted as a failure.
+        return refusal(Verdict::Refused)
+            .map(IntoResponse::into_response)
+            .unwrap_or_default();
+    };
+    match refusal(check_token(&services, peer, token).await) {
+        None => next.run(request).await,
+        Some(error) => {
+            tracing::warn!(%peer, path = %request.uri().path(), "admin API: token refused");
+            error.into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    token: String,
+}
+
+async fn login(
+    State(services): State<Services>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mode = observe::mode_name(&services);
+    if services.config.development_mode() {
+        return Ok(Json(serde_json::json!({ "mode": mode })));
+    }
+    let login: Login = parse_json(&body)?;
+    match refusal(check_token(&services, peer, login.token.into_bytes()).await) {
+        None => Ok(Json(serde_json::json!({ "mode": mode }))),
+        Some(error) => Err(error),
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    services: Services,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = router(services).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(%error, "admin HTTP server failed");
+    }
+}
+
+/// How often per-topic retention is applied.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Applies each registered topic's `retention_hours` every minute, until
+/// `stop` turns true.
+pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let topics: Vec<(String, u64)> = services
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .list()
+            .into_iter()
+            .filter_map(|topic| topic.retention_hours.map(|hours| (topic.name, hours)))
+            .collect();
+        for (name, hours) in topics {
+            let Some((_, logs)) = services.engine.topic(&name) else {
+                continue;
+            };
+            let max_age_ms = hours.saturating_mul(3_600_000);
+            let now = crate::broker::now_ms();
+            let result = tokio::task::spawn_blocking(move || {
+                let mut deleted = 0;
+                for log in logs {
+                    deleted += log.apply_retention(Some(max_age_ms), None, now)?;
+                }
+                Ok::<u64, dmq_dispatcher::StoreError>(deleted)
+            })
+            .await;
+            match result {
+                Ok(Ok(0)) => {}
+                Ok(Ok(deleted)) => {
+                    tracing::info!(topic = name, deleted, "retention deleted segments")
+                }
+                Ok(Err(error)) => tracing::warn!(topic = name, %error, "retention failed"),
+                Err(error) => tracing::warn!(topic = name, %error, "retention task failed"),
+            }
+        }
+    }
+}

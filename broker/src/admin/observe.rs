@@ -1,0 +1,164 @@
+//! Looking at the broker: its info, a message's trace, per-minute
+//! statistics, and the Prometheus exposition (counters from telemetry,
+//! gauges read from the dispatcher at scrape time).
+
+use axum::extract::{Path, State};
+use axum::http::{header, Uri};
+use axum::response::IntoResponse;
+use axum::Json;
+use dmq_log_store::MessageId;
+use serde::Serialize;
+
+use super::{blocking, query_map, query_param, ApiError, ApiResult};
+use crate::broker::{now_ms, Services};
+use crate::telemetry::{GaugeSnapshot, MinuteCounts, TraceEvent};
+
+/// `development` or `production`.
+pub(super) fn mode_name(services: &Services) -> &'static str {
+    if services.config.development_mode() {
+        "development"
+    } else {
+        "production"
+    }
+}
+
+pub(super) async fn info(State(services): State<Services>) -> ApiResult<Json<serde_json::Value>> {
+    let pending_delays = services
+        .engine
+        .call(|dispatcher, _| dispatcher.pending_delays())
+        .await?;
+    Ok(Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "mode": mode_name(&services),
+        "listen": services.protocol_addr.to_string(),
+        "admin_listen": services.admin_addr.to_string(),
+        "uptime_ms": services.started.elapsed().as_millis() as u64,
+        "pending_delays": pending_delays,
+        "trace": services.config.trace,
+    })))
+}
+
+/// Parses a message id from a path or query.
+pub(super) fn parse_id(text: &str) -> ApiResult<MessageId> {
+    text.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "{text:?} is not a message id (32 hexadecimal digits)"
+        ))
+    })
+}
+
+#[derive(Serialize)]
+struct Trace {
+    message_id: String,
+    events: Vec<TraceEvent>,
+}
+
+pub(super) async fn trace(
+    State(services): State<Services>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = parse_id(&id)?;
+    let telemetry = services.engine.telemetry().clone();
+    let events = blocking(move || {
+        telemetry
+            .trace(&id)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    })
+    .await?;
+    if events.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no trace of message {id} (unknown, or older than the trace retention)"
+        )));
+    }
+    Ok(Json(serde_json::json!(Trace {
+        message_id: id.to_string(),
+        events,
+    })))
+}
+
+/// Longest statistics window.
+const MAX_STATS_MINUTES: u32 = 2880;
+
+pub(super) async fn stats(
+    State(services): State<Services>,
+    uri: Uri,
+) -> ApiResult<Json<serde_json::Value>> {
+    let query = query_map(&uri)?;
+    let minutes: u32 = query_param(&query, "minutes")?.unwrap_or(60);
+    if !(1..=MAX_STATS_MINUTES).contains(&minutes) {
+        return Err(ApiError::bad_request(format!(
+            "minutes must be 1 to {MAX_STATS_MINUTES}"
+        )));
+    }
+    let topic = query.get("topic").filter(|t| !t.is_empty()).cloned();
+    let group = query.get("group").filter(|g| !g.is_empty()).cloned();
+    if let Some(topic) = &topic {
+        if crate::broker::topic_logs(&services.engine, topic)
+            .await
+            .is_none()
+        {
+            return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+        }
+    }
+    let telemetry = services.engine.telemetry().clone();
+    // It may wait (briefly) for the telemetry thread: not on an async thread.
+    let series = blocking(move || {
+        Ok(telemetry.stats(topic.as_deref(), group.as_deref(), minutes, now_ms()))
+    })
+    .await?;
+    let totals = series
+        .iter()
+        .fold(MinuteCounts::default(), |sum, m| MinuteCounts {
+            minute_ms: 0,
+            produced: sum.produced + m.produced,
+            delivered: sum.delivered + m.delivered,
+            acked: sum.acked + m.acked,
+            retried: sum.retried + m.retried,
+            expired: sum.expired + m.expired,
+            dead_lettered: sum.dead_lettered + m.dead_lettered,
+        });
+    let mut totals = serde_json::to_value(totals).map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(map) = totals.as_object_mut() {
+        map.remove("minute_ms");
+    }
+    Ok(Json(
+        serde_json::json!({ "minutes": series, "totals": totals }),
+    ))
+}
+
+pub(super) async fn metrics(State(services): State<Services>) -> ApiResult<impl IntoResponse> {
+    let gauges = services
+        .engine
+        .call(|dispatcher, _| {
+            let mut snapshot = GaugeSnapshot {
+                pending_delays: dispatcher.pending_delays(),
+                ..GaugeSnapshot::default()
+            };
+            for (topic, _) in dispatcher.topics() {
+                for (group, _) in dispatcher.groups(&topic) {
+                    let Ok(stats) = dispatcher.group_stats(&topic, &group) else {
+                        continue;
+                    };
+                    let lag: u64 = stats.iter().map(|s| s.lag).sum();
+                    let oldest_ms = stats
+                        .iter()
+                        .filter_map(|s| s.oldest_unacked_age_ms)
+                        .max()
+                        .unwrap_or(0);
+                    snapshot
+                        .group_lag
+                        .push((topic.clone(), group, lag, oldest_ms as f64 / 1000.0));
+                }
+            }
+            snapshot
+        })
+        .await?;
+    let text = services.engine.telemetry().render_metrics(&gauges);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
+}

@@ -1,0 +1,527 @@
+//! Topics and groups: the registry (create, approve, update, disable,
+//! delete) and each group's per-partition state and seek.
+//!
+//! A topic is registered first and created on the dispatcher second; a
+//! crash between the two is repaired at start (see `crate::broker`).
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dmq_dispatcher::{DeliveryMode, GroupConfig, PartitionStats, StartPosition};
+use serde::{Deserialize, Serialize};
+
+use super::{parse_json, ApiError, ApiResult};
+use crate::broker::{create_topic, dead_letter_topic, now_ms, Services};
+use crate::registry::{check_name_part, TopicRecord, TopicStatus};
+
+pub(super) fn routes() -> Router<Services> {
+    Router::new()
+        .route("/api/topics", get(list).post(create))
+        .route(
+            "/api/topics/{topic}",
+            get(describe).patch(update).delete(delete),
+        )
+        .route("/api/topics/{topic}/approve", post(approve))
+        .route("/api/topics/{topic}/disable", post(disable))
+        .route("/api/topics/{topic}/groups", get(groups))
+        .route("/api/topics/{topic}/groups/{group}/seek", post(seek))
+}
+
+/// Partitions a topic may have at most.
+const MAX_PARTITIONS: u32 = 1024;
+
+async fn list(State(services): State<Services>) -> Json<Vec<TopicRecord>> {
+    Json(
+        services
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .list(),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTopic {
+    environment: String,
+    department: String,
+    name: String,
+    owner: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    business_use: String,
+    partitions: Option<u32>,
+    #[serde(default)]
+    ordered: bool,
+    retention_hours: Option<u64>,
+    default_ttl_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    ack_timeout_ms: Option<u64>,
+    #[serde(default)]
+    producers: Vec<String>,
+    #[serde(default)]
+    consumers: Vec<String>,
+}
+
+fn check_settings(
+    retention_hours: Option<u64>,
+    default_ttl_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    ack_timeout_ms: Option<u64>,
+    clients: &[&[String]],
+) -> ApiResult<()> {
+    if retention_hours == Some(0) {
+        return Err(ApiError::bad_request(
+            "retention_hours must be at least 1 (or null: keep forever)",
+        ));
+    }
+    if default_ttl_ms == Some(0) {
+        return Err(ApiError::bad_request(
+            "default_ttl_ms must be at least 1 (or null: no TTL)",
+        ));
+    }
+    if max_attempts == Some(0) {
+        return Err(ApiError::bad_request("max_attempts must be at least 1"));
+    }
+    if ack_timeout_ms.is_some_and(|ms| ms < 100) {
+        return Err(ApiError::bad_request("ack_timeout_ms must be at least 100"));
+    }
+    for id in clients.iter().flat_map(|list| list.iter()) {
+        if id.is_empty() || id.len() > 100 || id.chars().any(char::is_whitespace) {
+            return Err(ApiError::bad_request(format!(
+                "client id {id:?} must be 1 to 100 characters without spaces"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn create(
+    State(services): State<Services>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<TopicRecord>)> {
+    let request: CreateTopic = parse_json(&body)?;
+    check_name_part("environment", &request.environment).map_err(ApiError::bad_request)?;
+    check_name_part("department", &request.department).map_err(ApiError::bad_request)?;
+    check_name_part("name", &request.name).map_err(ApiError::bad_request)?;
+    if request.owner.trim().is_empty() {
+        return Err(ApiError::bad_request("owner is required"));
+    }
+    let partitions = request.partitions.unwrap_or(1);
+    if !(1..=MAX_PARTITIONS).contains(&partitions) {
+        return Err(ApiError::bad_request(format!(
+            "partitions must be 1 to {MAX_PARTITIONS}"
+        )));
+    }
+    check_settings(
+        request.retention_hours,
+        request.default_ttl_ms,
+        request.max_attempts,
+        request.ack_timeout_ms,
+        &[&request.producers, &request.consumers],
+    )?;
+    let name = format!(
+        "{}.{}.{}",
+        request.environment, request.department, request.name
+    );
+    if services.engine.topic(&name).is_some() {
+        return Err(ApiError::conflict(format!("topic {name:?} exists")));
+    }
+    let defaults = GroupConfig::default();
+    let now = now_ms();
+    let record = TopicRecord {
+        name: name.clone(),
+        environment: request.environment,
+        department: request.department,
+        short_name: request.name,
+        owner: request.owner,
+        description: request.description,
+        business_use: request.business_use,
+        status: if services.config.development_mode() {
+            TopicStatus::Approved
+        } else {
+            TopicStatus::Pending
+        },
+        partitions,
+        ordered: request.ordered,
+        retention_hours: request.retention_hours,
+        default_ttl_ms: request.default_ttl_ms,
+        max_attempts: request.max_attempts.unwrap_or(defaults.max_attempts),
+        ack_timeout_ms: request.ack_timeout_ms.unwrap_or(defaults.ack_timeout_ms),
+        producers: request.producers,
+        consumers: request.consumers,
+        created_ms: now,
+        updated_ms: now,
+    };
+    services
+        .registry
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(record.clone())?;
+    if let Err(error) = create_topic(&services.engine, &name, partitions, record.ordered).await {
+        // Undo the registration; if even that fails, the start-up
+        // reconciliation creates the topic.
+        let _ = services
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        return Err(ApiError::internal(format!("creating {name:?}: {error}")));
+    }
+    tracing::info!(topic = name, status = ?record.status, "topic registered");
+    Ok((StatusCode::CREATED, Json(record)))
+}
+
+#[derive(Serialize)]
+struct PartitionInfo {
+    partition: u32,
+    start_offset: u64,
+    end_offset: u64,
+    size_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct GroupPartition {
+    partition: u32,
+    ack_floor: u64,
+    cursor: u64,
+    end_offset: u64,
+    lag: u64,
+    unacked: u64,
+    in_flight: u64,
+    oldest_unacked_age_ms: Option<u64>,
+    delayed: u64,
+}
+
+impl From<PartitionStats> for GroupPartition {
+    fn from(stats: PartitionStats) -> Self {
+        GroupPartition {
+            partition: stats.partition,
+            ack_floor: stats.ack_floor,
+            cursor: stats.cursor,
+            end_offset: stats.end_offset,
+            lag: stats.lag,
+            unacked: stats.unacked,
+            in_flight: stats.in_flight,
+            oldest_unacked_age_ms: stats.oldest_unacked_age_ms,
+            delayed: stats.delayed,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct GroupInfo {
+    name: String,
+    mode: &'static str,
+    dead_letter_topic: String,
+    partitions: Vec<GroupPartition>,
+}
+
+#[derive(Serialize)]
+struct TopicDetail {
+    topic: Option<TopicRecord>,
+    partitions: Vec<PartitionInfo>,
+    groups: Vec<GroupInfo>,
+}
+
+/// Every group of `topic` with its per-partition state.
+async fn group_infos(services: &Services, topic: &str) -> ApiResult<Vec<GroupInfo>> {
+    let topic = topic.to_string();
+    let infos = services
+        .engine
+        .call(move |dispatcher, _| {
+            dispatcher.partitions(&topic)?;
+            dispatcher
+                .groups(&topic)
+                .into_iter()
+                .map(|(group, config)| {
+                    let stats = dispatcher.group_stats(&topic, &group)?;
+                    Ok(GroupInfo {
+                        mode: match config.mode {
+                            DeliveryMode::Clustering => "clustering",
+                            DeliveryMode::Broadcast => "broadcast",
+                        },
+                        dead_letter_topic: dead_letter_topic(
+                            &topic,
+                            &group,
+                            config.dead_letter_topic,
+                        ),
+                        partitions: stats.into_iter().map(GroupPartition::from).collect(),
+                        name: group,
+                    })
+                })
+                .collect::<Result<Vec<_>, dmq_dispatcher::DispatchError>>()
+        })
+        .await??;
+    Ok(infos)
+}
+
+async fn describe(
+    State(services): State<Services>,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<TopicDetail>> {
+    let record = services
+        .registry
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&topic)
+        .cloned();
+    let Some((_, logs)) = crate::broker::topic_logs(&services.engine, &topic).await else {
+        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+    };
+    let partitions = logs
+        .iter()
+        .enumerate()
+        .map(|(partition, log)| PartitionInfo {
+            partition: partition as u32,
+            start_offset: log.start_offset(),
+            end_offset: log.end_offset(),
+            size_bytes: log.size_bytes(),
+        })
+        .collect();
+    let groups = group_infos(&services, &topic).await?;
+    Ok(Json(TopicDetail {
+        topic: record,
+        partitions,
+        groups,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateTopic {
+    owner: Option<String>,
+    description: Option<String>,
+    business_use: Option<String>,
+    #[serde(default, deserialize_with = "some")]
+    retention_hours: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "some")]
+    default_ttl_ms: Option<Option<u64>>,
+    max_attempts: Option<u32>,
+    ack_timeout_ms: Option<u64>,
+    producers: Option<Vec<String>>,
+    consumers: Option<Vec<String>>,
+}
+
+/// A present field (even `null`) is `Some`: distinguishes "set to null"
+/// from "not given".
+fn some<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+fn registered(services: &Services, topic: &str) -> ApiResult<TopicRecord> {
+    services
+        .registry
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(topic)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("topic {topic:?} is not registered")))
+}
+
+async fn update(
+    State(services): State<Services>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<TopicRecord>> {
+    registered(&services, &topic)?;
+    let change: UpdateTopic = parse_json(&body)?;
+    if change.owner.as_deref().is_some_and(|o| o.trim().is_empty()) {
+        return Err(ApiError::bad_request("owner cannot be empty"));
+    }
+    check_settings(
+        change.retention_hours.flatten(),
+        change.default_ttl_ms.flatten(),
+        change.max_attempts,
+        change.ack_timeout_ms,
+        &[
+            change.producers.as_deref().unwrap_or_default(),
+            change.consumers.as_deref().unwrap_or_default(),
+        ],
+    )?;
+    let record = services
+        .registry
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .update(&topic, |record| {
+            if let Some(owner) = change.owner {
+                record.owner = owner;
+            }
+            if let Some(description) = change.description {
+                record.description = description;
+            }
+            if let Some(business_use) = change.business_use {
+                record.business_use = business_use;
+            }
+            if let Some(retention_hours) = change.retention_hours {
+                record.retention_hours = retention_hours;
+            }
+            if let Some(default_ttl_ms) = change.default_ttl_ms {
+                record.default_ttl_ms = default_ttl_ms;
+            }
+            if let Some(max_attempts) = change.max_attempts {
+                record.max_attempts = max_attempts;
+            }
+            if let Some(ack_timeout_ms) = change.ack_timeout_ms {
+                record.ack_timeout_ms = ack_timeout_ms;
+            }
+            if let Some(producers) = change.producers {
+                record.producers = producers;
+            }
+            if let Some(consumers) = change.consumers {
+                record.consumers = consumers;
+            }
+            record.updated_ms = now_ms();
+        })?;
+    Ok(Json(record))
+}
+
+fn set_status(services: &Services, topic: &str, status: TopicStatus) -> ApiResult<TopicRecord> {
+    let record = services
+        .registry
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .update(topic, |record| {
+            if record.status != status {
+                record.status = status;
+                record.updated_ms = now_ms();
+            }
+        })?;
+    tracing::info!(topic, ?status, "topic status changed");
+    Ok(record)
+}
+
+async fn approve(
+    State(services): State<Services>,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<TopicRecord>> {
+    set_status(&services, &topic, TopicStatus::Approved).map(Json)
+}
+
+async fn disable(
+    State(services): State<Services>,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<TopicRecord>> {
+    set_status(&services, &topic, TopicStatus::Disabled).map(Json)
+}
+
+async fn delete(
+    State(services): State<Services>,
+    Path(topic): Path<String>,
+) -> ApiResult<StatusCode> {
+    let registered = services
+        .registry
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&topic)
+        .is_some();
+    let exists = crate::broker::topic_logs(&services.engine, &topic)
+        .await
+        .is_some();
+    if !registered && !exists {
+        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+    }
+    if exists {
+        let name = topic.clone();
+        services
+            .engine
+            .call(move |dispatcher, routes| {
+                for member in dispatcher.delete_topic(&name)? {
+                    routes.remove(member);
+                }
+                Ok::<(), dmq_dispatcher::DispatchError>(())
+            })
+            .await??;
+        services.engine.unregister_topic(&topic);
+    }
+    services
+        .registry
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&topic)?;
+    tracing::info!(topic, "topic deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn groups(
+    State(services): State<Services>,
+    Path(topic): Path<String>,
+) -> ApiResult<Json<Vec<GroupInfo>>> {
+    if crate::broker::topic_logs(&services.engine, &topic)
+        .await
+        .is_none()
+    {
+        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+    }
+    group_infos(&services, &topic).await.map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Seek {
+    to: String,
+    value: Option<i64>,
+    partition: Option<u32>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Serialize)]
+struct SeekPartition {
+    partition: u32,
+    old_floor: u64,
+    new_floor: u64,
+    redelivered: u64,
+    skipped: u64,
+}
+
+async fn seek(
+    State(services): State<Services>,
+    Path((topic, group)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let seek: Seek = parse_json(&body)?;
+    let value = || {
+        seek.value
+            .ok_or_else(|| ApiError::bad_request(format!("\"to\": {:?} needs a value", seek.to)))
+    };
+    let target = match seek.to.as_str() {
+        "earliest" => StartPosition::Earliest,
+        "latest" => StartPosition::Latest,
+        "timestamp" => StartPosition::Timestamp(value()?),
+        "offset" => StartPosition::Offset(
+            u64::try_from(value()?).map_err(|_| ApiError::bad_request("offset must be >= 0"))?,
+        ),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "\"to\" must be earliest, latest, timestamp or offset, not {other:?}"
+            )))
+        }
+    };
+    let dry_run = seek.dry_run;
+    let partition = seek.partition;
+    let report = services
+        .engine
+        .call(move |dispatcher, _| dispatcher.seek(&topic, &group, partition, target, dry_run))
+        .await??;
+    let partitions: Vec<SeekPartition> = report
+        .into_iter()
+        .map(|p| SeekPartition {
+            partition: p.partition,
+            old_floor: p.old_floor,
+            new_floor: p.new_floor,
+            redelivered: p.redelivered,
+            skipped: p.skipped,
+        })
+        .collect();
+    Ok(Json(
+        serde_json::json!({ "dry_run": dry_run, "partitions": partitions }),
+    ))
+}

@@ -1,0 +1,381 @@
+//! The topic registry: who owns each topic, what it is for, whether it is
+//! approved, and which client ids may produce to and consume from it.
+//!
+//! The registry is one JSON file, `<data_dir>/registry.json`, rewritten
+//! whole on every change: written to a temporary file, fsynced, renamed
+//! over the old one, and the directory fsynced. A crash leaves either the
+//! old or the new file, never a mix. Changes are rare (people approve
+//! topics), so the whole-file rewrite costs nothing that matters.
+//!
+//! The registry holds the broker's view of a topic (metadata, status,
+//! rights, defaults); the dispatcher holds its delivery state. At start the
+//! broker reconciles the two (see `crate::broker`).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The registry file inside the data directory.
+pub const REGISTRY_FILE: &str = "registry.json";
+/// Version of the file format.
+const FORMAT_VERSION: u32 = 1;
+
+/// A topic's approval status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicStatus {
+    /// Registered, waiting for approval: no produce, no consume.
+    Pending,
+    /// In use.
+    Approved,
+    /// Stopped by an administrator: no produce, no consume; data kept.
+    Disabled,
+}
+
+/// One registered topic (docs/admin-api.md, Topic).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    /// Full name, `<environment>.<department>.<short_name>` for topics
+    /// registered through the admin API.
+    pub name: String,
+    /// Environment (e.g. `prod`).
+    pub environment: String,
+    /// Owning department.
+    pub department: String,
+    /// The last part of the name.
+    pub short_name: String,
+    /// Owner (a person or team).
+    pub owner: String,
+    /// What the topic carries.
+    pub description: String,
+    /// What the business uses it for.
+    pub business_use: String,
+    /// Approval status.
+    pub status: TopicStatus,
+    /// Partitions.
+    pub partitions: u32,
+    /// Per-key ordering.
+    pub ordered: bool,
+    /// Sealed segments older than this are deleted; `None`: kept.
+    pub retention_hours: Option<u64>,
+    /// Records produced without an expiry expire after this.
+    pub default_ttl_ms: Option<u64>,
+    /// Default attempts of groups that do not set theirs.
+    pub max_attempts: u32,
+    /// Default ack timeout of groups that do not set theirs.
+    pub ack_timeout_ms: u64,
+    /// Client ids allowed to produce.
+    pub producers: Vec<String>,
+    /// Client ids allowed to consume.
+    pub consumers: Vec<String>,
+    /// Registered at (ms since the epoch).
+    pub created_ms: i64,
+    /// Last changed at (ms since the epoch).
+    pub updated_ms: i64,
+}
+
+/// What a client wants to do with a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Right {
+    /// Produce to it.
+    Produce,
+    /// Consume from it (subscribe, fetch, seek, describe its groups).
+    Consume,
+}
+
+/// Registry failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The file could not be read or written.
+    #[error("registry file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a registry.
+    #[error("registry file {path} is damaged: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A topic of that name is registered.
+    #[error("topic {0:?} is already registered")]
+    Exists(String),
+    /// No topic of that name is registered.
+    #[error("topic {0:?} is not registered")]
+    Unknown(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RegistryFile {
+    version: u32,
+    topics: Vec<TopicRecord>,
+}
+
+/// The registry: in memory, persisted on every change.
+#[derive(Debug)]
+pub struct Registry {
+    path: PathBuf,
+    topics: BTreeMap<String, TopicRecord>,
+}
+
+impl Registry {
+    /// Opens `<data_dir>/registry.json` (an absent file is an empty
+    /// registry).
+    pub fn open(data_dir: &Path) -> Result<Registry, RegistryError> {
+        let path = data_dir.join(REGISTRY_FILE);
+        let io = |source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(data_dir).map_err(io)?;
+        let topics = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: RegistryFile =
+                    serde_json::from_slice(&bytes).map_err(|e| RegistryError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if file.version != FORMAT_VERSION {
+                    return Err(RegistryError::Corrupt {
+                        path,
+                        reason: format!("unknown format version {}", file.version),
+                    });
+                }
+                file.topics
+                    .into_iter()
+                    .map(|topic| (topic.name.clone(), topic))
+                    .collect()
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(error) => return Err(io(error)),
+        };
+        Ok(Registry { path, topics })
+    }
+
+    /// One topic.
+    pub fn get(&self, name: &str) -> Option<&TopicRecord> {
+        self.topics.get(name)
+    }
+
+    /// Every topic, by name.
+    pub fn list(&self) -> Vec<TopicRecord> {
+        self.topics.values().cloned().collect()
+    }
+
+    /// Registers a new topic, durably.
+    pub fn insert(&mut self, record: TopicRecord) -> Result<(), RegistryError> {
+        if self.topics.contains_key(&record.name) {
+            return Err(RegistryError::Exists(record.name));
+        }
+        let name = record.name.clone();
+        self.topics.insert(name.clone(), record);
+        if let Err(error) = self.save() {
+            self.topics.remove(&name);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Changes a topic with `change`, durably; returns the new record.
+    pub fn update(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&mut TopicRecord),
+    ) -> Result<TopicRecord, RegistryError> {
+        let record = self
+            .topics
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::Unknown(name.to_string()))?;
+        let before = record.clone();
+        change(record);
+        record.name = before.name.clone();
+        let after = record.clone();
+        if let Err(error) = self.save() {
+            self.topics.insert(name.to_string(), before);
+            return Err(error);
+        }
+        Ok(after)
+    }
+
+    /// Forgets a topic, durably; false if it was not registered.
+    pub fn remove(&mut self, name: &str) -> Result<bool, RegistryError> {
+        let Some(before) = self.topics.remove(name) else {
+            return Ok(false);
+        };
+        if let Err(error) = self.save() {
+            self.topics.insert(name.to_string(), before);
+            return Err(error);
+        }
+        Ok(true)
+    }
+
+    /// Whether `client_id` may use `topic` for `right`: the topic must be
+    /// registered and approved, and the client listed. Dead-letter topics
+    /// are not registered: pass their source topic.
+    pub fn allows(&self, topic: &str, client_id: &str, right: Right) -> Result<(), String> {
+        let record = self
+            .topics
+            .get(topic)
+            .ok_or_else(|| format!("topic {topic:?} is not registered"))?;
+        match record.status {
+            TopicStatus::Approved => {}
+            TopicStatus::Pending => return Err(format!("topic {topic:?} is not approved yet")),
+            TopicStatus::Disabled => return Err(format!("topic {topic:?} is disabled")),
+        }
+        let (list, verb) = match right {
+            Right::Produce => (&record.producers, "produce to"),
+            Right::Consume => (&record.consumers, "consume from"),
+        };
+        if list.iter().any(|id| id == client_id) {
+            Ok(())
+        } else {
+            Err(format!(
+                "client {client_id:?} may not {verb} topic {topic:?}"
+            ))
+        }
+    }
+
+    /// Writes the whole registry: temp file, fsync, rename, fsync dir.
+    fn save(&self) -> Result<(), RegistryError> {
+        let io = |source| RegistryError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let file = RegistryFile {
+            version: FORMAT_VERSION,
+            topics: self.topics.values().cloned().collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let temp = self.path.with_extension("json.tmp");
+        {
+            let mut out = std::fs::File::create(&temp).map_err(io)?;
+            out.write_all(&bytes).map_err(io)?;
+            out.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&temp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one part of a generated topic name: 1 to 40 of `a-z 0-9 _ -`.
+pub fn check_name_part(what: &str, part: &str) -> Result<(), String> {
+    let valid = !part.is_empty()
+        && part.len() <= 40
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} must be 1 to 40 of a-z 0-9 _ -, not {part:?}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> TopicRecord {
+        TopicRecord {
+            name: name.to_string(),
+            environment: "prod".into(),
+            department: "payments".into(),
+            short_name: "paid".into(),
+            owner: "alice".into(),
+            description: String::new(),
+            business_use: String::new(),
+            status: TopicStatus::Pending,
+            partitions: 2,
+            ordered: false,
+            retention_hours: Some(24),
+            default_ttl_ms: None,
+            max_attempts: 16,
+            ack_timeout_ms: 30_000,
+            producers: vec!["orders".into()],
+            consumers: vec!["shipping".into()],
+            created_ms: 1,
+            updated_ms: 1,
+        }
+    }
+
+    #[test]
+    fn changes_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = Registry::open(dir.path()).unwrap();
+        registry.insert(record("prod.payments.paid")).unwrap();
+        assert!(matches!(
+            registry.insert(record("prod.payments.paid")),
+            Err(RegistryError::Exists(_))
+        ));
+        registry.insert(record("prod.payments.refunded")).unwrap();
+        registry
+            .update("prod.payments.paid", |t| t.status = TopicStatus::Approved)
+            .unwrap();
+        assert!(registry.remove("prod.payments.refunded").unwrap());
+        assert!(!registry.remove("prod.payments.refunded").unwrap());
+        drop(registry);
+        let registry = Registry::open(dir.path()).unwrap();
+        let names: Vec<_> = registry.list().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["prod.payments.paid"]);
+        assert_eq!(
+            registry.get("prod.payments.paid").unwrap().status,
+            TopicStatus::Approved
+        );
+        assert!(!dir.path().join("registry.json.tmp").exists());
+    }
+
+    #[test]
+    fn rights_need_approval_and_a_listed_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = Registry::open(dir.path()).unwrap();
+        registry.insert(record("t")).unwrap();
+        assert!(registry.allows("t", "orders", Right::Produce).is_err());
+        registry
+            .update("t", |t| t.status = TopicStatus::Approved)
+            .unwrap();
+        assert!(registry.allows("t", "orders", Right::Produce).is_ok());
+        assert!(registry.allows("t", "orders", Right::Consume).is_err());
+        assert!(registry.allows("t", "shipping", Right::Consume).is_ok());
+        assert!(registry.allows("t", "shipping", Right::Produce).is_err());
+        assert!(registry.allows("other", "orders", Right::Produce).is_err());
+        registry
+            .update("t", |t| t.status = TopicStatus::Disabled)
+            .unwrap();
+        assert!(registry.allows("t", "orders", Right::Produce).is_err());
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_not_an_empty_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(REGISTRY_FILE), b"{\"version\":1,\"top").unwrap();
+        assert!(matches!(
+            Registry::open(dir.path()),
+            Err(RegistryError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn name_parts() {
+        assert!(check_name_part("department", "payments").is_ok());
+        assert!(check_name_part("department", "Pay").is_err());
+        assert!(check_name_part("department", "").is_err());
+        assert!(check_name_part("department", "a.b").is_err());
+    }
+}
