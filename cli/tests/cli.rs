@@ -1,6 +1,6 @@
-//! `dmq` without a broker: argument parsing, `--help` of every command, and
-//! the "cannot connect" error path (non-zero exit, message on stderr, no
-//! panic).
+//! `dmq` without a broker: argument parsing, `--help` of every command,
+//! the "cannot connect" and "cannot reach the admin API" error paths
+//! (non-zero exit, message on stderr, no panic), and `dmq hash-secret`.
 
 use assert_cmd::Command;
 use predicates::prelude::*;
@@ -34,6 +34,16 @@ fn help_of_every_command() {
         &["group", "seek"],
         &["group", "delete"],
         &["bench"],
+        &["message"],
+        &["message", "get"],
+        &["message", "query"],
+        &["message", "delete"],
+        &["trace"],
+        &["stats"],
+        &["dlq"],
+        &["dlq", "list"],
+        &["dlq", "resend"],
+        &["hash-secret"],
     ];
     for command in commands {
         dmq()
@@ -68,7 +78,42 @@ fn help_mentions_the_documented_options() {
     dmq().arg("--help").assert().success().stdout(
         predicate::str::contains("--addr")
             .and(predicate::str::contains("--format"))
-            .and(predicate::str::contains("--client-id")),
+            .and(predicate::str::contains("--client-id"))
+            .and(predicate::str::contains("--admin"))
+            .and(predicate::str::contains("DMQ_ADMIN"))
+            .and(predicate::str::contains("--token"))
+            .and(predicate::str::contains("DMQ_ADMIN_TOKEN")),
+    );
+    for verb in ["query", "delete"] {
+        dmq()
+            .args(["message", verb, "--help"])
+            .assert()
+            .success()
+            .stdout(
+                predicate::str::contains("--topic")
+                    .and(predicate::str::contains("--id"))
+                    .and(predicate::str::contains("--key"))
+                    .and(predicate::str::contains("--from"))
+                    .and(predicate::str::contains("--to"))
+                    .and(predicate::str::contains("--partition"))
+                    .and(predicate::str::contains("--from-offset"))
+                    .and(predicate::str::contains("--to-offset")),
+            );
+    }
+    dmq()
+        .args(["message", "query", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--limit").and(predicate::str::contains("--all")));
+    dmq()
+        .args(["message", "delete", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--dry-run").and(predicate::str::contains("--yes")));
+    dmq().args(["stats", "--help"]).assert().success().stdout(
+        predicate::str::contains("--topic")
+            .and(predicate::str::contains("--group"))
+            .and(predicate::str::contains("--minutes")),
     );
 }
 
@@ -86,6 +131,83 @@ fn bad_arguments_are_rejected() {
         &["bench", "--count", "10", "--duration", "1s"],
         &["--format", "yaml", "topic", "list"],
         &["frobnicate"],
+        &["message", "get"],                   // missing id
+        &["message", "query", "--id", "x"],    // missing --topic
+        &["message", "query", "--topic", "t"], // no selector
+        &[
+            "message", "query", "--topic", "t", "--id", "x", "--key", "k",
+        ], // two
+        &[
+            "message",
+            "query",
+            "--topic",
+            "t",
+            "--from",
+            "2016-01-01T00:00:00Z",
+        ], // no --to
+        &[
+            "message",
+            "query",
+            "--topic",
+            "t",
+            "--to",
+            "2016-01-01T00:00:00Z",
+        ],
+        &[
+            "message",
+            "query",
+            "--topic",
+            "t",
+            "--from",
+            "yesterday",
+            "--to",
+            "0",
+        ],
+        &["message", "query", "--topic", "t", "--partition", "0"], // no offsets
+        &[
+            "message",
+            "query",
+            "--topic",
+            "t",
+            "--from-offset",
+            "0",
+            "--to-offset",
+            "5",
+        ],
+        &[
+            "message",
+            "query",
+            "--topic",
+            "t",
+            "--key",
+            "k",
+            "--from-offset",
+            "1",
+        ],
+        &[
+            "message", "query", "--topic", "t", "--key", "k", "--limit", "0",
+        ],
+        &[
+            "message", "query", "--topic", "t", "--key", "k", "--limit", "1001",
+        ],
+        &[
+            "message", "query", "--topic", "t", "--key", "k", "--all", "--cursor", "c",
+        ],
+        &["message", "delete", "--topic", "t"],
+        &[
+            "message",
+            "delete",
+            "--topic",
+            "t",
+            "--key",
+            "k",
+            "--dry-run",
+            "--yes",
+        ],
+        &["trace"],
+        &["stats", "--minutes", "0"],
+        &["stats", "--minutes", "2881"],
+        &["dlq", "resend"],
     ];
     for case in cases {
         dmq()
@@ -127,4 +249,151 @@ fn cannot_connect_is_a_clear_error() {
         .assert()
         .failure()
         .stdout(predicate::str::is_empty());
+}
+
+#[test]
+fn unreachable_admin_api_is_a_clear_error() {
+    let url = format!("http://{}", dead_addr());
+    let cases: &[&[&str]] = &[
+        &["message", "get", "0000019ac3d1e2f0000000000000002a"],
+        &["message", "query", "--topic", "t", "--key", "k"],
+        &["message", "query", "--topic", "t", "--key", "k", "--all"],
+        &["message", "delete", "--topic", "t", "--key", "k", "--yes"],
+        &[
+            "message",
+            "delete",
+            "--topic",
+            "t",
+            "--key",
+            "k",
+            "--dry-run",
+        ],
+        &["message", "delete", "--topic", "t", "--key", "k"],
+        &["trace", "0000019ac3d1e2f0000000000000002a"],
+        &["stats"],
+        &["dlq", "list"],
+        &["dlq", "resend", "t.g.dlq"],
+    ];
+    for case in cases {
+        dmq()
+            .args(["--admin", url.as_str(), "--timeout", "2s"])
+            .args(*case)
+            .assert()
+            .failure()
+            .code(1)
+            .stdout(predicate::str::is_empty())
+            .stderr(
+                predicate::str::contains(format!("cannot reach the admin API at {url}"))
+                    .and(predicate::str::contains("panicked").not()),
+            );
+    }
+    // DMQ_ADMIN, and a bare host:port.
+    let bare = dead_addr();
+    dmq()
+        .env("DMQ_ADMIN", bare.as_str())
+        .args(["--format", "json", "stats"])
+        .assert()
+        .failure()
+        .code(1)
+        .stdout(predicate::str::is_empty())
+        .stderr(predicate::str::contains(format!(
+            "cannot reach the admin API at http://{bare}"
+        )));
+}
+
+#[test]
+fn inverted_ranges_are_refused_before_any_request() {
+    for case in [
+        &[
+            "--from",
+            "2017-01-01T00:00:00Z",
+            "--to",
+            "2016-01-01T00:00:00Z",
+        ][..],
+        &["--partition", "0", "--from-offset", "5", "--to-offset", "5"][..],
+    ] {
+        dmq()
+            .args([
+                "--admin",
+                "http://127.0.0.1:1",
+                "message",
+                "query",
+                "--topic",
+                "t",
+            ])
+            .args(case)
+            .assert()
+            .failure()
+            .code(1)
+            .stderr(
+                predicate::str::contains("must be")
+                    .and(predicate::str::contains("cannot reach").not()),
+            );
+    }
+}
+
+#[test]
+fn hash_secret_prints_a_verifiable_argon2id_hash() {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    use argon2::Argon2;
+
+    let hash_of = |stdin: &str, args: &[&str]| -> String {
+        let output = dmq()
+            .arg("hash-secret")
+            .args(args)
+            .write_stdin(stdin)
+            .output()
+            .expect("dmq ran");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).expect("utf-8");
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        stdout.trim_end().to_string()
+    };
+    let verifies = |hash: &str, secret: &str| {
+        let parsed = PasswordHash::new(hash).expect("a PHC string");
+        Argon2::default()
+            .verify_password(secret.as_bytes(), &parsed)
+            .is_ok()
+    };
+    let first = hash_of("s3cret value\nsecond line ignored\n", &[]);
+    let second = hash_of("s3cret value\r\n", &[]);
+    let third = hash_of("", &["--secret", "s3cret value"]);
+    assert!(first.starts_with("$argon2id$"), "{first}");
+    assert_ne!(first, second, "a new salt each run");
+    assert_ne!(second, third);
+    for hash in [&first, &second, &third] {
+        assert!(verifies(hash, "s3cret value"), "{hash}");
+        assert!(!verifies(hash, "s3cret value\n"), "{hash}");
+        assert!(!verifies(hash, "other"), "{hash}");
+    }
+    // JSON.
+    let output = dmq()
+        .args(["--format", "json", "hash-secret"])
+        .write_stdin("token-1\n")
+        .output()
+        .expect("dmq ran");
+    assert!(output.status.success());
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).expect("valid JSON");
+    assert!(verifies(value["hash"].as_str().expect("hash"), "token-1"));
+    // Empty secrets are refused.
+    for (stdin, args) in [
+        ("", &[][..]),
+        ("\n", &[][..]),
+        ("\r\nx\n", &[][..]),
+        ("", &["--secret", ""][..]),
+    ] {
+        dmq()
+            .arg("hash-secret")
+            .args(args)
+            .write_stdin(stdin)
+            .assert()
+            .failure()
+            .code(1)
+            .stdout(predicate::str::is_empty())
+            .stderr(predicate::str::contains("empty secret"));
+    }
 }

@@ -1,95 +1,12 @@
 //! `dmq` against a real broker (started in this test process on a random
-//! 127.0.0.1 port with a temp data dir): every command, in table and JSON
-//! form, as a person or a script would use it.
+//! 127.0.0.1 port with a temp data dir): every command over the binary
+//! protocol, in table and JSON form, as a person or a script would use it.
+//! The admin API commands are in `admin_e2e.rs`.
 
-use std::net::SocketAddr;
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
-use assert_cmd::Command;
-use dmq_broker::{server, BrokerConfig, Engine};
+use common::{json, TestBroker as Broker};
 use predicates::prelude::*;
-
-struct Broker {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            segment_bytes: 1 << 20,
-            ..BrokerConfig::default()
-        };
-        let (ready, address) = mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let engine = Engine::start(&config).expect("engine");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                ready
-                    .send(listener.local_addr().expect("addr"))
-                    .expect("report the address");
-                server::run(listener, engine, config, async {
-                    let _ = stopped.await;
-                })
-                .await;
-            });
-        });
-        let addr = address
-            .recv_timeout(Duration::from_secs(30))
-            .expect("broker started");
-        Broker {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-            _dir: dir,
-        }
-    }
-
-    fn dmq(&self) -> Command {
-        let mut command = Command::cargo_bin("dmq").expect("the dmq binary is built");
-        command.arg("--addr").arg(self.addr.to_string());
-        command.timeout(Duration::from_secs(60));
-        command
-    }
-
-    fn stdout(&self, args: &[&str]) -> String {
-        let output = self.dmq().args(args).output().expect("dmq ran");
-        assert!(
-            output.status.success(),
-            "dmq {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("utf-8 output")
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text.trim()).expect("valid JSON")
-}
 
 #[test]
 fn topics_produce_consume_groups_and_seek() {
