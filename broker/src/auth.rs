@@ -2,6 +2,8 @@
 //! verification, and the rate limit on failed attempts.
 //!
 //! Invariants:
+//! - Development mode admits anonymous peers on loopback addresses only
+//!   ([`admits_anonymous`]).
 //! - Only argon2id PHC strings are accepted as stored credentials; a
 //!   plaintext secret in the configuration is a start-up error.
 //! - A presented secret is compared with argon2 (whose output comparison is
@@ -72,6 +74,17 @@ pub fn check_hash(hash: &str) -> Result<(), String> {
 fn verify(hash: &str, secret: &[u8]) -> bool {
     PasswordHash::new(hash)
         .is_ok_and(|parsed| Argon2::default().verify_password(secret, &parsed).is_ok())
+}
+
+/// Whether development mode admits an anonymous peer at `address`: only a
+/// local one (loopback), even if the broker listens on a public address.
+pub fn admits_anonymous(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -232,6 +245,22 @@ const ADMIN: &str = "\0admin";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn development_mode_admits_local_peers_only() {
+        for local in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            assert!(admits_anonymous(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "10.0.0.1",
+            "192.168.1.5",
+            "::ffff:10.0.0.1",
+            "2001:db8::1",
+            "0.0.0.0",
+        ] {
+            assert!(!admits_anonymous(remote.parse().unwrap()), "{remote}");
+        }
+    }
 
     #[test]
     fn secrets_compare_exactly() {

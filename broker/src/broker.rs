@@ -115,9 +115,10 @@ impl Broker {
         let admin_addr = bound(&admin_listener, config.admin_listen)?;
         if config.development_mode() {
             tracing::warn!(
-                "development mode: anonymous clients are admitted, topics are approved at \
-                 once and the admin API needs no token; configure [clients] and \
-                 admin_tokens (or mode = \"production\") for production"
+                "development mode: anonymous local clients are admitted, topics are \
+                 approved at once and the admin API needs no token (from 127.0.0.1 \
+                 only); configure [clients] and admin_tokens (or mode = \"production\") \
+                 for production"
             );
         }
         let services = Services {

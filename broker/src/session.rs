@@ -349,6 +349,19 @@ impl Session {
             self.send(error_frame(correlation_id, error)).await;
             return false;
         };
+        if self.shared.development && !crate::auth::admits_anonymous(self.peer.ip()) {
+            tracing::warn!(peer = %self.peer, "development mode: remote client refused");
+            self.shared
+                .engine
+                .telemetry()
+                .connection_rejected("authentication_failed");
+            let error = ErrorResponse::new(
+                ErrorCode::AuthenticationFailed,
+                "development mode admits local clients only; configure [clients]",
+            );
+            self.send(error_frame(correlation_id, error)).await;
+            return false;
+        }
         if !self.shared.development {
             let credentials = Arc::clone(&self.shared.credentials);
             let address = self.peer.ip();

@@ -265,6 +265,46 @@ async fn protocol_requests_need_credentials_and_rights() {
             "{what}: {response:?}"
         );
     }
+    // Another connection's subscription cannot be driven from here.
+    let Response::Subscribed(subscribed) = shipping.request(subscribe(TOPIC)).await else {
+        panic!("shipping may subscribe")
+    };
+    let theirs = subscribed.subscription_id;
+    let position = dmq_protocol::MessagePosition {
+        partition: 0,
+        offset: 0,
+    };
+    let requests = vec![
+        Request::Credit(dmq_protocol::Credit {
+            subscription_id: theirs,
+            credit: 10,
+        }),
+        Request::Fetch(dmq_protocol::Fetch {
+            subscription_id: theirs,
+            max_messages: 10,
+            max_wait_ms: 0,
+        }),
+        Request::Ack(dmq_protocol::Ack {
+            subscription_id: theirs,
+            messages: vec![position],
+        }),
+        Request::Nack(dmq_protocol::Nack {
+            subscription_id: theirs,
+            messages: vec![position],
+            delay_ms: None,
+        }),
+        Request::Unsubscribe(dmq_protocol::Unsubscribe {
+            subscription_id: theirs,
+        }),
+    ];
+    for request in requests {
+        let what = format!("{request:?}");
+        let response = intruder.request(request).await;
+        assert!(
+            refused(&response, ErrorCode::UnknownSubscription),
+            "{what}: {response:?}"
+        );
+    }
     let response = intruder.request(Request::ListTopics).await;
     match response {
         Response::Topics(topics) => assert!(topics.topics.is_empty(), "{topics:?}"),
