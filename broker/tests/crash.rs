@@ -7,40 +7,22 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dmq_protocol::{Body, MessageId, Push, Request, Response};
 
 mod common;
-use common::Connection;
+use common::{free_port, spawn_dmqd, Connection};
 
 /// Acks confirmed less than this before a kill may be lost (the documented
 /// window is 50 ms plus the dispatcher's poll; the margin absorbs CI noise).
 const ACK_WINDOW: Duration = Duration::from_secs(2);
 
-fn free_port() -> SocketAddr {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
 fn start(data_dir: &std::path::Path, addr: SocketAddr) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dmqd"))
-        .args([
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    spawn_dmqd(data_dir, addr, None)
 }
 
 async fn connect(addr: SocketAddr) -> Connection {

@@ -6,8 +6,8 @@
 //! 12 cycles by default, `DMQ_DELETE_CRASH_CYCLES` for more.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,31 +15,13 @@ use dmq_protocol::{ProduceRecord, Request, Response};
 use serde_json::json;
 
 mod common;
-use common::{Api, Connection};
+use common::{free_port, spawn_dmqd, Api, Connection};
 
 const RANGE: u64 = 50;
 const TOPIC: &str = "dev.crash.deletes";
 
-fn free_port() -> SocketAddr {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
 fn start(data_dir: &std::path::Path, addr: SocketAddr, admin: SocketAddr) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dmqd"))
-        .args([
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    spawn_dmqd(data_dir, addr, Some(admin))
 }
 
 fn wait_ready(api: &Api) {

@@ -393,6 +393,22 @@ fn scan(
     }
 }
 
+/// The first `max` stored records of `logs`, partition by partition.
+fn first_records(logs: &[Arc<dyn PartitionLog>], max: usize) -> ApiResult<Vec<(u32, Record)>> {
+    let mut records = Vec::new();
+    for (partition, log) in logs.iter().enumerate() {
+        let mut next = log.start_offset();
+        while next < log.end_offset() && records.len() < max {
+            let batch = log.read(next, 512).map_err(store_error)?;
+            let Some(last) = batch.last() else { break };
+            next = last.offset + 1;
+            records.extend(batch.into_iter().map(|r| (partition as u32, r)));
+        }
+    }
+    records.truncate(max);
+    Ok(records)
+}
+
 /// The "deleted?" flag of each record, from the dispatcher's tombstones.
 async fn deleted_flags(
     services: &Services,
@@ -700,21 +716,7 @@ async fn live_messages(
         .iter()
         .map(|log| log.end_offset() - log.start_offset())
         .sum();
-    let records = blocking(move || {
-        let mut records = Vec::new();
-        for (partition, log) in logs.iter().enumerate() {
-            let mut next = log.start_offset();
-            while next < log.end_offset() && records.len() < MAX_COUNTED {
-                let batch = log.read(next, 512).map_err(store_error)?;
-                let Some(last) = batch.last() else { break };
-                next = last.offset + 1;
-                records.extend(batch.into_iter().map(|r| (partition as u32, r)));
-            }
-        }
-        records.truncate(MAX_COUNTED);
-        Ok(records)
-    })
-    .await?;
+    let records = blocking(move || first_records(&logs, MAX_COUNTED)).await?;
     let deleted = deleted_flags(services, topic, &records)
         .await?
         .into_iter()
@@ -776,18 +778,7 @@ async fn resend(
                     records.extend(hits);
                 }
             }
-            None => {
-                for (partition, log) in logs.iter().enumerate() {
-                    let mut next = log.start_offset();
-                    while next < log.end_offset() && records.len() < MAX_RESEND {
-                        let batch = log.read(next, 512).map_err(store_error)?;
-                        let Some(last) = batch.last() else { break };
-                        next = last.offset + 1;
-                        records.extend(batch.into_iter().map(|r| (partition as u32, r)));
-                    }
-                }
-                records.truncate(MAX_RESEND);
-            }
+            None => records = first_records(&logs, MAX_RESEND)?,
         }
         Ok(records)
     })

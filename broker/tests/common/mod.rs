@@ -306,3 +306,33 @@ impl Api {
 pub async fn http<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(work).await.unwrap()
 }
+
+/// A free 127.0.0.1 port (bound, then released).
+pub fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Starts the real `dmqd` binary on `data_dir`, the protocol on `addr` and
+/// the admin API on `admin` (a free port if `None`), logs silenced.
+pub fn spawn_dmqd(
+    data_dir: &std::path::Path,
+    addr: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> std::process::Child {
+    let admin = admin.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
+    std::process::Command::new(env!("CARGO_BIN_EXE_dmqd"))
+        .args([
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
