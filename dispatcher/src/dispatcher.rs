@@ -324,10 +324,27 @@ struct TimerTask {
 
 /// Where an event happened.
 struct Place<'a> {
-    topic: &'a str,
+    topic: Name<'a>,
     partition: Option<u32>,
     offset: Option<u64>,
-    group: Option<&'a str>,
+    group: Option<Name<'a>>,
+}
+
+/// A topic or group name for an event: the shared one of a group's state
+/// on the hot path (delivered, acked: a reference count, no copy), or a
+/// plain one elsewhere (copied once).
+enum Name<'a> {
+    Shared(&'a Arc<str>),
+    Plain(&'a str),
+}
+
+impl Name<'_> {
+    fn to_arc(&self) -> Arc<str> {
+        match self {
+            Name::Shared(name) => Arc::clone(name),
+            Name::Plain(name) => Arc::from(*name),
+        }
+    }
 }
 
 /// What the cursor found next in a partition.
@@ -519,10 +536,10 @@ impl Dispatcher {
         self.events.emit(Event {
             time_ms: self.now(),
             message_id,
-            topic: place.topic.to_string(),
+            topic: place.topic.to_arc(),
             partition: place.partition,
             offset: place.offset,
-            group: place.group.map(str::to_string),
+            group: place.group.as_ref().map(Name::to_arc),
             kind,
             reason: reason.map(str::to_string),
         });
@@ -540,10 +557,10 @@ impl Dispatcher {
     ) {
         let key = &self.states[state_index].key;
         let place = Place {
-            topic: &key.topic,
+            topic: Name::Shared(&key.topic),
             partition: Some(partition),
             offset: Some(offset),
-            group: Some(&key.group),
+            group: Some(Name::Shared(&key.group)),
         };
         self.emit(message_id, place, kind, reason);
     }
@@ -668,7 +685,7 @@ impl Dispatcher {
                 self.emit(
                     id,
                     Place {
-                        topic,
+                        topic: Name::Plain(topic),
                         partition: Some(partition),
                         offset: None,
                         group: None,
@@ -705,7 +722,7 @@ impl Dispatcher {
             self.emit(
                 *id,
                 Place {
-                    topic: "",
+                    topic: Name::Plain(""),
                     partition: None,
                     offset: None,
                     group: None,
@@ -1704,7 +1721,7 @@ impl Dispatcher {
                     self.emit(
                         id,
                         Place {
-                            topic: &message.topic,
+                            topic: Name::Plain(&message.topic),
                             partition: Some(partition),
                             offset: Some(offset),
                             group: None,
@@ -1789,10 +1806,10 @@ impl Dispatcher {
         self.emit(
             record.id,
             Place {
-                topic: &topic,
+                topic: Name::Shared(&topic),
                 partition: Some(partition),
                 offset: Some(record.offset),
-                group: Some(&group),
+                group: Some(Name::Shared(&group)),
             },
             EventKind::Delivered { attempt, member },
             None,

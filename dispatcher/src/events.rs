@@ -56,14 +56,14 @@ pub struct Event {
     pub time_ms: i64,
     /// The message.
     pub message_id: MessageId,
-    /// Its topic.
-    pub topic: String,
+    /// Its topic (shared with the group's state: no copy per event).
+    pub topic: Arc<str>,
     /// Its partition, if known.
     pub partition: Option<u32>,
     /// Its offset, if it is in the topic's log.
     pub offset: Option<u64>,
     /// The consumer group, for group events.
-    pub group: Option<String>,
+    pub group: Option<Arc<str>>,
     /// What happened.
     pub kind: EventKind,
     /// Why, in words (e.g. "ack timeout", "member left", "max attempts").

@@ -964,17 +964,19 @@ impl Sim {
                 _ => continue,
             };
             let (Some(group), Some(partition), Some(offset)) =
-                (&event.group, event.partition, event.offset)
+                (event.group.as_deref(), event.partition, event.offset)
             else {
                 check(false, || format!("skip event without a place: {event:?}"));
                 continue;
             };
+            let group = &group.to_string();
+            let event_topic = event.topic.to_string();
             self.log(format!(
                 "event {skip:?} {} {group} p{partition} o{offset} {}",
                 event.topic, event.message_id
             ));
             self.skips
-                .entry((event.topic.clone(), group.clone()))
+                .entry((event_topic.clone(), group.clone()))
                 .or_default()
                 .entry((partition, offset))
                 .or_default()
@@ -986,18 +988,18 @@ impl Sim {
             let Some(group_model) = self
                 .groups
                 .iter()
-                .find(|g| g.topic == event.topic && &g.name == group)
+                .find(|g| g.topic == event_topic && &g.name == group)
             else {
                 check(false, || format!("event for an unknown group: {event:?}"));
                 continue;
             };
             let (mode, max_attempts) = (group_model.config.mode, group_model.config.max_attempts);
             let names: Vec<StateName> = match mode {
-                DeliveryMode::Clustering => vec![(event.topic.clone(), group.clone(), None)],
+                DeliveryMode::Clustering => vec![(event_topic.clone(), group.clone(), None)],
                 DeliveryMode::Broadcast => self
                     .loaded_broadcast
                     .iter()
-                    .filter(|s| s.0 == event.topic && &s.1 == group)
+                    .filter(|s| s.0 == event_topic && &s.1 == group)
                     .cloned()
                     .collect(),
             };

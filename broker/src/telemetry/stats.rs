@@ -160,7 +160,7 @@ impl Ledger {
                 Some((topic, pending_group, pending_column, pending_minute, n))
                     if *pending_column == column
                         && *pending_minute == minute
-                        && *topic == event.topic
+                        && *topic == &*event.topic
                         && *pending_group == group =>
                 {
                     *n += 1;
@@ -520,10 +520,10 @@ mod tests {
         Event {
             time_ms,
             message_id: MessageId::new(time_ms, 1),
-            topic: "t".to_string(),
+            topic: "t".into(),
             partition: Some(0),
             offset: Some(0),
-            group: Some(group.to_string()),
+            group: Some(group.into()),
             kind,
             reason: None,
         }

@@ -56,10 +56,10 @@ fn event(id: MessageId, kind: EventKind, time_ms: i64) -> Event {
     Event {
         time_ms,
         message_id: id,
-        topic: "t".to_string(),
+        topic: "t".into(),
         partition: Some(0),
         offset: Some(10),
-        group: Some("g".to_string()),
+        group: Some("g".into()),
         kind,
         reason: None,
     }
