@@ -455,3 +455,79 @@ async fn the_registry_survives_a_restart() {
     .await;
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topics_defaults_apply_to_its_messages_and_groups() {
+    let broker = Broker::start(|_| {}).await;
+    let api = Api::new(broker.admin, None);
+    http(move || {
+        let mut body = create_body("short");
+        body["default_ttl_ms"] = json!(300);
+        body["max_attempts"] = json!(1);
+        api.ok_post("/api/topics", body);
+    })
+    .await;
+    let topic = "dev.orders.short";
+    let client = client(&broker).await;
+    let producer = client.producer();
+    // No TTL of its own: the topic's 300 ms apply.
+    let stale = producer
+        .send(Message::new(topic, "stale").key("a"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Its own TTL wins over the default.
+    let fresh = producer
+        .send(
+            Message::new(topic, "fresh")
+                .key("a")
+                .ttl(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let mut subscription = client
+        .consumer()
+        .subscribe(topic, "g", options("m"))
+        .await
+        .unwrap();
+    let message = next(&mut subscription, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(message.id, fresh.id, "the expired one is skipped");
+    assert!(next(&mut subscription, Duration::from_millis(500))
+        .await
+        .is_none());
+    // No max_attempts of its own: the topic's 1 applies, so one nack
+    // dead-letters the message.
+    message.nack(None).await.unwrap();
+    let api = Api::new(broker.admin, None);
+    let (stale, fresh) = (stale.id.to_string(), fresh.id.to_string());
+    http(move || {
+        let expired = api.ok(&format!("/api/trace/{stale}"));
+        assert!(
+            expired["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "expired"),
+            "{expired}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let trace = api.ok(&format!("/api/trace/{fresh}"));
+            let kinds: Vec<&str> = trace["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["kind"].as_str().unwrap())
+                .collect();
+            if kinds.contains(&"dead_lettered") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{kinds:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+    broker.stop().await;
+}
