@@ -781,6 +781,38 @@ impl Dispatcher {
         Ok(count)
     }
 
+    /// Frees the disk of deleted messages: unlinks the sealed segments of
+    /// `topic` all of whose records are covered by offset- or time-range
+    /// deletions and are below the ack floor of every group state loaded
+    /// for the topic (so each group has passed them, recording their
+    /// `Deleted` events). Returns the number of segments unlinked. The
+    /// active segment is never unlinked; a member of a broadcast group that
+    /// has not joined since the dispatcher opened is not waited for (it
+    /// would skip those records anyway, without their events).
+    pub fn reclaim_deleted(&mut self, topic: &str) -> Result<u64> {
+        let state = self.topic(topic)?;
+        let mut unlinked = 0;
+        for (p, log) in state.partitions.iter().enumerate() {
+            let partition = p as u32;
+            let mut upto = state
+                .tombstones
+                .covered_prefix_end(partition, log.as_ref())?;
+            for group in self
+                .states
+                .iter()
+                .filter(|s| !s.retired && *s.key.topic == *topic)
+            {
+                if let Some(part) = group.partitions.get(p) {
+                    upto = upto.min(part.acks.floor());
+                }
+            }
+            if upto > log.start_offset() {
+                unlinked += log.delete_before(upto)?;
+            }
+        }
+        Ok(unlinked)
+    }
+
     /// How many stored records (from each partition's start offset to its
     /// end offset now) `tombstone` would cover that no earlier deletion of
     /// the topic covers: the dry run of a deletion. Exact (one caveat:

@@ -160,6 +160,14 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
     ) -> Result<u64, StoreError> {
         Ok(0)
     }
+
+    /// Deletes every sealed segment all of whose offsets are below
+    /// `offset` (never the active one); returns how many. The caller
+    /// guarantees nothing below `offset` is needed any more. Logs without
+    /// segments delete nothing.
+    fn delete_before(&self, _offset: u64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 /// Records the default lookups of [`PartitionLog`] read at a time.
@@ -290,6 +298,10 @@ impl PartitionLog for Log {
     ) -> Result<u64, StoreError> {
         let deleted = Log::apply_retention_limits(self, max_age_ms, max_bytes, now_ms)?;
         Ok(deleted.segments as u64)
+    }
+
+    fn delete_before(&self, offset: u64) -> Result<u64, StoreError> {
+        Ok(Log::delete_segments_before(self, offset)?.segments as u64)
     }
 
     fn producer_batches(&self, from: u64) -> Result<Vec<ProducerBatch>, StoreError> {

@@ -118,6 +118,39 @@ impl Tombstones {
         }
     }
 
+    /// The end of the run of offsets, from `log`'s start offset, that
+    /// offset-range and time-range deletions cover without a gap: every
+    /// stored record of `partition` below it is deleted. (Key and id
+    /// deletions are not counted: they rarely cover whole runs.)
+    pub(crate) fn covered_prefix_end(
+        &self,
+        partition: u32,
+        log: &dyn PartitionLog,
+    ) -> Result<u64, StoreError> {
+        let (start, end) = (log.start_offset(), log.end_offset());
+        let mut intervals: Vec<(u64, u64)> = self
+            .ranges
+            .iter()
+            .filter(|(p, _, _)| *p == partition)
+            .map(|&(_, from, to)| (from, to.min(end)))
+            .collect();
+        for time in &self.times {
+            let to = bound(time.below.as_deref(), partition).min(end);
+            if start < to {
+                intervals.push(time_interval(log, time.start_ms, time.end_ms, start, to)?);
+            }
+        }
+        intervals.sort_unstable();
+        let mut covered = start;
+        for (from, to) in intervals {
+            if from > covered {
+                break;
+            }
+            covered = covered.max(to);
+        }
+        Ok(covered)
+    }
+
     /// True if a deletion covers `record` of `partition`.
     pub(crate) fn covers(&self, partition: u32, record: &Record) -> bool {
         self.ranges

@@ -574,3 +574,99 @@ fn deletions_of_every_kind_survive_a_restart_on_disk() {
             .collect()
     );
 }
+
+#[test]
+fn deleted_prefixes_are_unlinked_once_every_group_passed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let storage = || -> Arc<dyn Storage> {
+        let config = LogConfig {
+            segment_bytes_max: 64 * 1024,
+            fsync: FsyncPolicy::Never,
+            ..LogConfig::default()
+        };
+        Arc::new(FileStorage::new(dir.path(), config).unwrap())
+    };
+    let value = "x".repeat(1000);
+    let segments_before;
+    {
+        let mut d = open(storage(), &clock);
+        topic(&mut d, "t", 1);
+        d.subscribe("t", "lazy", config()).unwrap();
+        d.subscribe("t", "busy", config()).unwrap();
+        for _ in 0..30 {
+            let batch: Vec<&str> = vec![value.as_str(); 10];
+            produce(&mut d, 0, &batch);
+        }
+        let log = d.partitions("t").unwrap()[0].clone();
+        assert_eq!(log.end_offset(), 300);
+        segments_before = log.size_bytes();
+        // "busy" reads and acks 200 messages; "lazy" reads nothing.
+        let busy = d.join("t", "busy", "m").unwrap();
+        let mut acked = 0;
+        while acked < 200 {
+            for delivery in d.fetch(busy, 200 - acked).unwrap() {
+                d.ack(busy, 0, delivery.record.offset).unwrap();
+                acked += 1;
+            }
+        }
+        d.delete(
+            "t",
+            Tombstone::OffsetRange {
+                partition: 0,
+                start: 0,
+                end: 250,
+            },
+        )
+        .unwrap();
+        // "lazy" has not passed them: nothing is unlinked.
+        assert_eq!(d.reclaim_deleted("t").unwrap(), 0);
+        assert_eq!(log.start_offset(), 0);
+        d.delete_group("t", "lazy").unwrap();
+        // Now up to busy's floor (200): whole sealed segments only.
+        let unlinked = d.reclaim_deleted("t").unwrap();
+        assert!(unlinked > 0);
+        let start = log.start_offset();
+        assert!(start > 0 && start <= 200, "start {start}");
+        assert!(log.size_bytes() < segments_before);
+        // busy gets what is left past the deletion, then everything up to
+        // 250 can go.
+        let rest: Vec<u64> = d
+            .fetch(busy, 1_000)
+            .unwrap()
+            .iter()
+            .map(|delivery| delivery.record.offset)
+            .collect();
+        assert_eq!(rest, (250..300).collect::<Vec<_>>());
+        for offset in rest {
+            d.ack(busy, 0, offset).unwrap();
+        }
+        d.reclaim_deleted("t").unwrap();
+        let start = log.start_offset();
+        assert!(start <= 250, "never past the deletion: {start}");
+        assert!(
+            d.count_covered(
+                "t",
+                &Tombstone::OffsetRange {
+                    partition: 0,
+                    start: 0,
+                    end: 300,
+                }
+            )
+            .unwrap()
+                == 50
+        );
+        d.checkpoint().unwrap();
+    }
+    // After a restart: a new group gets exactly what was not deleted.
+    let mut d = open(storage(), &clock);
+    d.subscribe("t", "after", config()).unwrap();
+    let member = d.join("t", "after", "m").unwrap();
+    let offsets: Vec<u64> = d
+        .fetch(member, 1_000)
+        .unwrap()
+        .iter()
+        .map(|delivery| delivery.record.offset)
+        .collect();
+    assert_eq!(offsets, (250..300).collect::<Vec<_>>());
+}

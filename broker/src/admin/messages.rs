@@ -593,22 +593,36 @@ async fn delete(
     // Counted against the same end offsets the tombstone is bounded by.
     // Written even when nothing stored matches: an id may name a delayed
     // message that is not in the topic yet.
-    let matched = services
+    let (matched, segments_freed) = services
         .engine
         .call(move |dispatcher, _| {
             if dry_run {
-                dispatcher.count_covered(&name, &tombstone)
-            } else {
-                dispatcher.delete_counted(&name, tombstone)
+                return dispatcher.count_covered(&name, &tombstone).map(|n| (n, 0));
             }
+            let matched = dispatcher.delete_counted(&name, tombstone)?;
+            // Durable already: freeing disk is a bonus, retried every
+            // minute by the retention task if it fails now.
+            let freed = dispatcher.reclaim_deleted(&name).unwrap_or_else(|error| {
+                tracing::warn!(topic = name, %error, "unlinking deleted segments failed");
+                0
+            });
+            Ok::<(u64, u64), dmq_dispatcher::DispatchError>((matched, freed))
         })
         .await??;
     if !dry_run {
-        tracing::info!(topic, ?selector, matched, "messages deleted");
+        tracing::info!(
+            topic,
+            ?selector,
+            matched,
+            segments_freed,
+            "messages deleted"
+        );
     }
-    Ok(Json(
-        serde_json::json!({ "dry_run": dry_run, "matched": matched }),
-    ))
+    Ok(Json(serde_json::json!({
+        "dry_run": dry_run,
+        "matched": matched,
+        "segments_freed": segments_freed,
+    })))
 }
 
 #[derive(Deserialize)]

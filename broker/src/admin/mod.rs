@@ -304,13 +304,32 @@ pub async fn serve(
 /// How often per-topic retention is applied.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Applies each registered topic's `retention_hours` every minute, until
-/// `stop` turns true.
+/// Applies each registered topic's `retention_hours` every minute, and
+/// unlinks segments whose messages are all deleted and passed by every
+/// group, until `stop` turns true.
 pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
             _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let reclaimed = services
+            .engine
+            .call(|dispatcher, _| {
+                let mut freed = 0;
+                for (topic, _) in dispatcher.topics() {
+                    match dispatcher.reclaim_deleted(&topic) {
+                        Ok(n) => freed += n,
+                        Err(error) => {
+                            tracing::warn!(topic, %error, "unlinking deleted segments failed")
+                        }
+                    }
+                }
+                freed
+            })
+            .await;
+        if let Ok(freed @ 1..) = reclaimed {
+            tracing::info!(segments = freed, "unlinked segments of deleted messages");
         }
         let topics: Vec<(String, u64)> = services
             .registry
