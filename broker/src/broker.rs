@@ -208,21 +208,16 @@ impl Broker {
 
 /// Dead-letter topics of every group, and internal topics: never registered.
 pub(crate) fn unregistered_topics(dispatcher: &Dispatcher) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for (topic, _) in dispatcher.topics() {
-        if topic.starts_with("__") {
-            names.insert(topic.clone());
-        }
-        for (group, config) in dispatcher.groups(&topic) {
-            names.insert(dead_letter_topic(&topic, &group, config.dead_letter_topic));
-        }
-    }
-    names
-}
-
-/// The dead-letter topic of `group` on `topic`.
-pub(crate) fn dead_letter_topic(topic: &str, group: &str, configured: Option<String>) -> String {
-    configured.unwrap_or_else(|| format!("{topic}.{group}.dlq"))
+    let internal = dispatcher
+        .topics()
+        .into_iter()
+        .map(|(topic, _)| topic)
+        .filter(|topic| topic.starts_with("__"));
+    let dead_letters = dispatcher
+        .dead_letter_topics()
+        .into_iter()
+        .map(|dead_letter| dead_letter.topic);
+    internal.chain(dead_letters).collect()
 }
 
 /// A registry entry for a topic that exists without one.

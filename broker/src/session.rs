@@ -1239,13 +1239,9 @@ enum Access {
 
 /// The topic whose group dead-letters into `topic`, if any.
 fn dead_letter_source(dispatcher: &dmq_dispatcher::Dispatcher, topic: &str) -> Option<String> {
-    dispatcher.topics().into_iter().find_map(|(source, _)| {
-        dispatcher
-            .groups(&source)
-            .into_iter()
-            .any(|(group, config)| {
-                crate::broker::dead_letter_topic(&source, &group, config.dead_letter_topic) == topic
-            })
-            .then_some(source)
-    })
+    dispatcher
+        .dead_letter_topics()
+        .into_iter()
+        .find(|dead_letter| dead_letter.topic == topic)
+        .map(|dead_letter| dead_letter.source_topic)
 }

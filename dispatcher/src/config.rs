@@ -89,6 +89,16 @@ pub struct GroupConfig {
     pub dead_letter_topic: Option<String>,
 }
 
+impl GroupConfig {
+    /// The group's dead-letter topic: the configured one, or
+    /// `<topic>.<group>.dlq`.
+    pub fn dead_letter_topic_for(&self, topic: &str, group: &str) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{topic}.{group}.dlq"))
+    }
+}
+
 impl Default for GroupConfig {
     fn default() -> Self {
         GroupConfig {

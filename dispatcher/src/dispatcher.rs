@@ -210,14 +210,6 @@ pub struct DeadLetterTopic {
     pub group: String,
 }
 
-/// A group's dead-letter topic: configured, or `<topic>.<group>.dlq`.
-fn dead_letter_topic_name(topic: &str, group: &str, config: &GroupConfig) -> String {
-    config
-        .dead_letter_topic
-        .clone()
-        .unwrap_or_else(|| format!("{topic}.{group}.dlq"))
-}
-
 /// Where a seek moves a group.
 pub type SeekTarget = StartPosition;
 
@@ -1006,7 +998,7 @@ impl Dispatcher {
         self.group_configs
             .iter()
             .map(|((topic, group), config)| DeadLetterTopic {
-                topic: dead_letter_topic_name(topic, group, config),
+                topic: config.dead_letter_topic_for(topic, group),
                 source_topic: topic.clone(),
                 group: group.clone(),
             })
@@ -1447,8 +1439,9 @@ impl Dispatcher {
     ) -> Result<()> {
         let (topic, group, dead_letter_topic) = {
             let state = &self.states[state_index];
-            let dead_letter_topic =
-                dead_letter_topic_name(&state.key.topic, &state.key.group, &state.config);
+            let dead_letter_topic = state
+                .config
+                .dead_letter_topic_for(&state.key.topic, &state.key.group);
             (
                 state.key.topic.to_string(),
                 state.key.group.to_string(),

@@ -13,7 +13,7 @@ use dmq_dispatcher::{DeliveryMode, GroupConfig, PartitionStats, StartPosition};
 use serde::{Deserialize, Serialize};
 
 use super::{parse_json, ApiError, ApiResult};
-use crate::broker::{create_topic, dead_letter_topic, now_ms, Services};
+use crate::broker::{create_topic, now_ms, Services};
 use crate::registry::{check_name_part, TopicRecord, TopicStatus};
 
 pub(super) fn routes() -> Router<Services> {
@@ -244,11 +244,7 @@ async fn group_infos(services: &Services, topic: &str) -> ApiResult<Vec<GroupInf
                             DeliveryMode::Clustering => "clustering",
                             DeliveryMode::Broadcast => "broadcast",
                         },
-                        dead_letter_topic: dead_letter_topic(
-                            &topic,
-                            &group,
-                            config.dead_letter_topic,
-                        ),
+                        dead_letter_topic: config.dead_letter_topic_for(&topic, &group),
                         partitions: stats.into_iter().map(GroupPartition::from).collect(),
                         name: group,
                     })
