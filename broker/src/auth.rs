@@ -197,43 +197,57 @@ impl Credentials {
     /// Checks a client's HELLO. Runs argon2 (tens of ms) unless this secret
     /// was verified before: call it off the async threads.
     pub fn verify_client(&self, address: IpAddr, client_id: &str, secret: &[u8]) -> Verdict {
-        let now = Instant::now();
-        if !self.failures.allowed(address, client_id, now) {
-            return Verdict::RateLimited;
-        }
-        if self.remembered_clients.contains(client_id, secret) {
-            return Verdict::Admitted;
-        }
-        let admitted = self
-            .clients
-            .get(client_id)
-            .is_some_and(|hash| verify(hash, secret));
-        if admitted {
-            self.remembered_clients.insert(client_id, secret);
-            Verdict::Admitted
-        } else {
-            self.failures.record_failure(address, client_id, now);
-            Verdict::Refused
-        }
+        let hashes = self.clients.get(client_id).into_iter();
+        check(
+            &self.failures,
+            &self.remembered_clients,
+            address,
+            client_id,
+            secret,
+            hashes,
+        )
     }
 
     /// Checks an admin token. Same cost and rules as
     /// [`verify_client`](Self::verify_client).
     pub fn verify_admin(&self, address: IpAddr, token: &[u8]) -> Verdict {
-        let now = Instant::now();
-        if !self.failures.allowed(address, ADMIN, now) {
-            return Verdict::RateLimited;
-        }
-        if self.remembered_tokens.contains("", token) {
-            return Verdict::Admitted;
-        }
-        if self.admin_tokens.iter().any(|hash| verify(hash, token)) {
-            self.remembered_tokens.insert("", token);
-            Verdict::Admitted
-        } else {
-            self.failures.record_failure(address, ADMIN, now);
-            Verdict::Refused
-        }
+        let hashes = self.admin_tokens.iter();
+        check(
+            &self.failures,
+            &self.remembered_tokens,
+            address,
+            ADMIN,
+            token,
+            hashes,
+        )
+    }
+}
+
+/// The rules of every credential check: the rate limit first, then a
+/// secret verified before, then argon2 against `hashes` (remembered on
+/// success, counted as a failure otherwise). `remembered` is per kind of
+/// credential, so a secret of one kind never admits as the other.
+fn check<'a>(
+    failures: &FailedAttempts,
+    remembered: &Remembered,
+    address: IpAddr,
+    who: &str,
+    secret: &[u8],
+    mut hashes: impl Iterator<Item = &'a String>,
+) -> Verdict {
+    let now = Instant::now();
+    if !failures.allowed(address, who, now) {
+        return Verdict::RateLimited;
+    }
+    if remembered.contains(who, secret) {
+        return Verdict::Admitted;
+    }
+    if hashes.any(|hash| verify(hash, secret)) {
+        remembered.insert(who, secret);
+        Verdict::Admitted
+    } else {
+        failures.record_failure(address, who, now);
+        Verdict::Refused
     }
 }
 
