@@ -76,6 +76,17 @@ pub struct TopicRecord {
     pub updated_ms: i64,
 }
 
+impl TopicRecord {
+    /// Ok if the topic may be used at all (approved), whoever asks.
+    pub fn check_in_use(&self) -> Result<(), String> {
+        match self.status {
+            TopicStatus::Approved => Ok(()),
+            TopicStatus::Pending => Err(format!("topic {:?} is not approved yet", self.name)),
+            TopicStatus::Disabled => Err(format!("topic {:?} is disabled", self.name)),
+        }
+    }
+}
+
 /// What a client wants to do with a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Right {
@@ -224,11 +235,7 @@ impl Registry {
             .topics
             .get(topic)
             .ok_or_else(|| format!("topic {topic:?} is not registered"))?;
-        match record.status {
-            TopicStatus::Approved => {}
-            TopicStatus::Pending => return Err(format!("topic {topic:?} is not approved yet")),
-            TopicStatus::Disabled => return Err(format!("topic {topic:?} is disabled")),
-        }
+        record.check_in_use()?;
         let (list, verb) = match right {
             Right::Produce => (&record.producers, "produce to"),
             Right::Consume => (&record.consumers, "consume from"),

@@ -792,11 +792,7 @@ impl Session {
             .unwrap_or_else(|p| p.into_inner());
         let Some(record) = registry.get(topic) else {
             return Ok(if self.shared.development {
-                Access::Granted {
-                    default_ttl_ms: None,
-                    max_attempts: None,
-                    ack_timeout_ms: None,
-                }
+                Access::WITHOUT_DEFAULTS
             } else {
                 Access::Unregistered
             });
@@ -804,11 +800,7 @@ impl Session {
         // In development mode every client holds every right; the status
         // still counts.
         let allowed = if self.shared.development {
-            match record.status {
-                TopicStatus::Approved => Ok(()),
-                TopicStatus::Pending => Err(format!("topic {topic:?} is not approved yet")),
-                TopicStatus::Disabled => Err(format!("topic {topic:?} is disabled")),
-            }
+            record.check_in_use()
         } else {
             registry.allows(topic, &self.client_id, right)
         };
@@ -844,11 +836,7 @@ impl Session {
                     .map_err(|error| convert::engine_error(&error))?;
                 match source {
                     Some(source) => match self.registry_access(&source, Right::Consume)? {
-                        Access::Granted { .. } => Ok(Access::Granted {
-                            default_ttl_ms: None,
-                            max_attempts: None,
-                            ack_timeout_ms: None,
-                        }),
+                        Access::Granted { .. } => Ok(Access::WITHOUT_DEFAULTS),
                         Access::Unregistered => Err(refused()),
                     },
                     None => Err(refused()),
@@ -1235,6 +1223,16 @@ enum Access {
     },
     /// Not in the registry (production mode).
     Unregistered,
+}
+
+impl Access {
+    /// Granted on a topic with no registry defaults (development mode's
+    /// unregistered topics, dead-letter topics).
+    const WITHOUT_DEFAULTS: Access = Access::Granted {
+        default_ttl_ms: None,
+        max_attempts: None,
+        ack_timeout_ms: None,
+    };
 }
 
 /// The topic whose group dead-letters into `topic`, if any.
