@@ -293,19 +293,19 @@ async fn reconcile(
         );
         create_topic(engine, &record.name, record.partitions, record.ordered)
             .await
-            .map_err(StartError::Reconcile)?;
+            .map_err(|error| StartError::Reconcile(error.to_string()))?;
     }
     Ok(())
 }
 
 /// Creates a topic on the dispatcher (idempotent for the same settings) and
-/// opens its logs for produce.
+/// opens its logs for produce; returns its configuration.
 pub(crate) async fn create_topic(
     engine: &Engine,
     name: &str,
     partitions: u32,
     ordered: bool,
-) -> Result<(), String> {
+) -> Result<TopicConfig, EngineError> {
     let config = TopicConfig {
         partitions: partitions.max(1),
         ordered,
@@ -316,18 +316,13 @@ pub(crate) async fn create_topic(
             dispatcher.create_topic(&topic, config)?;
             dispatcher.partitions(&topic)
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    engine.register_topic(
-        name.to_string(),
-        TopicConfig {
-            partitions: logs.len() as u32,
-            ordered,
-        },
-        logs,
-    );
-    Ok(())
+        .await??;
+    let config = TopicConfig {
+        partitions: logs.len() as u32,
+        ordered,
+    };
+    engine.register_topic(name.to_string(), config.clone(), logs);
+    Ok(config)
 }
 
 /// The partition logs of `name`. Topics the dispatcher created itself

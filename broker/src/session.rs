@@ -879,21 +879,15 @@ impl Session {
         match request {
             Request::CreateTopic(create) => {
                 self.development_only("registering a topic")?;
-                let config = TopicConfig {
-                    partitions: create.partitions.max(1),
-                    ordered: create.ordered,
-                };
-                let name = create.name.clone();
-                let logs = self
-                    .run(move |dispatcher, _| {
-                        dispatcher.create_topic(&create.name, config.clone())?;
-                        dispatcher.partitions(&create.name)
-                    })
-                    .await?;
-                let topic_config = TopicConfig {
-                    partitions: logs.len() as u32,
-                    ordered: create.ordered,
-                };
+                let name = create.name;
+                let topic_config = crate::broker::create_topic(
+                    &self.shared.engine,
+                    &name,
+                    create.partitions,
+                    create.ordered,
+                )
+                .await
+                .map_err(|error| convert::engine_error(&error))?;
                 {
                     // Development mode: registered and approved at once.
                     let mut registry = self
@@ -912,7 +906,6 @@ impl Session {
                         })?;
                     }
                 }
-                self.shared.engine.register_topic(name, topic_config, logs);
                 Ok(Response::Ok)
             }
             Request::ListTopics => {
