@@ -16,7 +16,7 @@ use futures_util::FutureExt;
 
 use crate::server::{free_port, Server};
 use crate::workload::{
-    histogram, record_delivery, stamped, Outcome, Shared, Tasks, Workload, DRAIN_TIMEOUT,
+    histogram, measure, record_delivery, stamped, Outcome, Shared, Workload, DRAIN_TIMEOUT,
     READY_TIMEOUT,
 };
 
@@ -81,46 +81,30 @@ pub async fn run(dmqd: &str, fsync: &str, partitions: u32, workload: &Workload) 
         producer_clients.push(connect(&addr).await?);
     }
 
-    let started = Instant::now();
-    let consumer = Tasks(vec![tokio::spawn(consume(
-        subscription,
-        workload.messages,
-        Arc::clone(&shared),
-    ))]);
+    let consumer = consume(subscription, workload.messages, Arc::clone(&shared));
     let template = workload.template();
-    let producers = Tasks(
-        producer_clients
-            .iter()
-            .enumerate()
-            .map(|(index, client)| {
-                let producer = client.producer_with(ProducerOptions {
-                    linger: Duration::from_millis(1),
-                    max_batch_messages: workload.batch,
-                    max_pending_messages: workload.window,
-                    ..ProducerOptions::default()
-                });
-                tokio::spawn(produce(
-                    producer,
-                    template.clone(),
-                    workload.share(index),
-                    workload.window,
-                    Arc::clone(&shared),
-                ))
-            })
-            .collect(),
-    );
-    for result in producers.join().await? {
-        result?;
-    }
-    let produce_elapsed = started.elapsed();
-    let (consumed, latency) = consumer
-        .join()
-        .await?
-        .pop()
-        .context("no consumer result")??;
-    let total_elapsed = started.elapsed();
+    let producers = producer_clients
+        .iter()
+        .enumerate()
+        .map(|(index, client)| {
+            let producer = client.producer_with(ProducerOptions {
+                linger: Duration::from_millis(1),
+                max_batch_messages: workload.batch,
+                max_pending_messages: workload.window,
+                ..ProducerOptions::default()
+            });
+            produce(
+                producer,
+                template.clone(),
+                workload.share(index),
+                workload.window,
+                Arc::clone(&shared),
+            )
+        })
+        .collect();
+    let outcome = measure(&shared, consumer, producers).await;
     drop(server);
-    Outcome::new(&shared, consumed, produce_elapsed, total_elapsed, &latency)
+    outcome
 }
 
 async fn produce(

@@ -17,7 +17,7 @@ use futures_util::FutureExt;
 
 use crate::server::{free_port, Server};
 use crate::workload::{
-    histogram, record_delivery, stamped, Outcome, Shared, Tasks, Workload, DRAIN_TIMEOUT,
+    histogram, measure, record_delivery, stamped, Outcome, Shared, Workload, DRAIN_TIMEOUT,
 };
 
 const STREAM: &str = "COMPARE";
@@ -105,41 +105,29 @@ pub async fn run(nats_server: &str, sync_always: bool, workload: &Workload) -> R
         );
     }
 
-    let started = Instant::now();
-    let consumer = Tasks(vec![tokio::spawn(consume(
+    let consumer = consume(
         messages,
         consumer_client,
         workload.messages,
         Arc::clone(&shared),
-    ))]);
-    let template = workload.template();
-    let producers = Tasks(
-        producer_contexts
-            .into_iter()
-            .enumerate()
-            .map(|(index, context)| {
-                tokio::spawn(produce(
-                    context,
-                    template.clone(),
-                    workload.share(index),
-                    workload.window,
-                    Arc::clone(&shared),
-                ))
-            })
-            .collect(),
     );
-    for result in producers.join().await? {
-        result?;
-    }
-    let produce_elapsed = started.elapsed();
-    let (consumed, latency) = consumer
-        .join()
-        .await?
-        .pop()
-        .context("no consumer result")??;
-    let total_elapsed = started.elapsed();
+    let template = workload.template();
+    let producers = producer_contexts
+        .into_iter()
+        .enumerate()
+        .map(|(index, context)| {
+            produce(
+                context,
+                template.clone(),
+                workload.share(index),
+                workload.window,
+                Arc::clone(&shared),
+            )
+        })
+        .collect();
+    let outcome = measure(&shared, consumer, producers).await;
     drop(server);
-    Outcome::new(&shared, consumed, produce_elapsed, total_elapsed, &latency)
+    outcome
 }
 
 async fn produce(

@@ -18,7 +18,7 @@ use redis::Value;
 
 use crate::server::{free_port, Server};
 use crate::workload::{
-    histogram, record_delivery, stamped, Outcome, Shared, Tasks, Workload, DRAIN_TIMEOUT,
+    histogram, measure, record_delivery, stamped, Outcome, Shared, Workload, DRAIN_TIMEOUT,
     READY_TIMEOUT,
 };
 
@@ -98,43 +98,31 @@ pub async fn run(redis_server: &str, workload: &Workload) -> Result<Outcome> {
         producer_cons.push(connect(&client).await?);
     }
 
-    let started = Instant::now();
-    let consumer = Tasks(vec![tokio::spawn(consume(
+    let consumer = consume(
         consumer_con,
         workload.batch,
         workload.messages,
         Arc::clone(&shared),
-    ))]);
+    );
     let template = workload.template();
     let pipelines = (workload.window / workload.batch).max(1);
-    let producers = Tasks(
-        producer_cons
-            .into_iter()
-            .enumerate()
-            .map(|(index, con)| {
-                tokio::spawn(produce(
-                    con,
-                    template.clone(),
-                    workload.share(index),
-                    workload.batch,
-                    pipelines,
-                    Arc::clone(&shared),
-                ))
-            })
-            .collect(),
-    );
-    for result in producers.join().await? {
-        result?;
-    }
-    let produce_elapsed = started.elapsed();
-    let (consumed, latency) = consumer
-        .join()
-        .await?
-        .pop()
-        .context("no consumer result")??;
-    let total_elapsed = started.elapsed();
+    let producers = producer_cons
+        .into_iter()
+        .enumerate()
+        .map(|(index, con)| {
+            produce(
+                con,
+                template.clone(),
+                workload.share(index),
+                workload.batch,
+                pipelines,
+                Arc::clone(&shared),
+            )
+        })
+        .collect();
+    let outcome = measure(&shared, consumer, producers).await;
     drop(server);
-    Outcome::new(&shared, consumed, produce_elapsed, total_elapsed, &latency)
+    outcome
 }
 
 async fn produce(

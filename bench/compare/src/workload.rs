@@ -1,9 +1,10 @@
 //! What every system's driver shares: the workload, the timestamped
 //! payload, latency recording, the outcome and the stop conditions.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
@@ -130,6 +131,31 @@ impl<T> Tasks<T> {
         }
         Ok(results)
     }
+}
+
+/// Runs one measurement: starts the clock, spawns `consumer` and one task
+/// per future of `producers`, waits for the producers (the produce time),
+/// then for the consumer (the total time). Every system's runner connects
+/// and subscribes first, then hands its tasks here, so all are timed alike.
+pub async fn measure<C, P>(shared: &Shared, consumer: C, producers: Vec<P>) -> Result<Outcome>
+where
+    C: Future<Output = Result<(u64, Histogram<u64>)>> + Send + 'static,
+    P: Future<Output = Result<()>> + Send + 'static,
+{
+    let started = Instant::now();
+    let consumer = Tasks(vec![tokio::spawn(consumer)]);
+    let producers = Tasks(producers.into_iter().map(tokio::spawn).collect());
+    for result in producers.join().await? {
+        result?;
+    }
+    let produce_elapsed = started.elapsed();
+    let (consumed, latency) = consumer
+        .join()
+        .await?
+        .pop()
+        .context("no consumer result")??;
+    let total_elapsed = started.elapsed();
+    Outcome::new(shared, consumed, produce_elapsed, total_elapsed, &latency)
 }
 
 /// The result of one measurement.
