@@ -498,17 +498,23 @@ async fn get_message(
         let registry = services.registry.read().unwrap_or_else(|p| p.into_inner());
         topics.sort_by_key(|name| registry.get(name).is_none());
     }
-    let mut found = None;
+    let mut searched = Vec::with_capacity(topics.len());
     for topic in topics {
-        let Ok(logs) = topic_logs(&services, &topic).await else {
-            continue;
-        };
-        let hit = blocking(move || scan(&logs, &Selector::Id(id), (0, 0), 1)).await?;
-        if let Some((partition, record)) = hit.0.into_iter().next() {
-            found = Some((topic, partition, record));
-            break;
+        if let Ok(logs) = topic_logs(&services, &topic).await {
+            searched.push((topic, logs));
         }
     }
+    // One trip to the blocking pool for every topic's id lookups.
+    let found = blocking(move || {
+        for (topic, logs) in searched {
+            let (hits, _) = scan(&logs, &Selector::Id(id), (0, 0), 1)?;
+            if let Some((partition, record)) = hits.into_iter().next() {
+                return Ok(Some((topic, partition, record)));
+            }
+        }
+        Ok(None)
+    })
+    .await?;
     let Some((topic, partition, record)) = found else {
         return Err(ApiError::not_found(format!(
             "no stored message has id {id}"
