@@ -324,28 +324,3 @@ pub(crate) async fn create_topic(
     engine.register_topic(name.to_string(), config.clone(), logs);
     Ok(config)
 }
-
-/// The partition logs of `name`. Topics the dispatcher created itself
-/// (dead-letter topics) are opened for the engine on first use.
-pub(crate) async fn topic_logs(
-    engine: &Engine,
-    name: &str,
-) -> Option<(TopicConfig, Vec<Arc<dyn dmq_dispatcher::PartitionLog>>)> {
-    if let Some(found) = engine.topic(name) {
-        return Some(found);
-    }
-    let topic = name.to_string();
-    let (config, logs) = engine
-        .call(move |dispatcher, _| {
-            let config = dispatcher
-                .topics()
-                .into_iter()
-                .find(|(existing, _)| *existing == topic)?
-                .1;
-            Some((config, dispatcher.partitions(&topic).ok()?))
-        })
-        .await
-        .ok()??;
-    engine.register_topic(name.to_string(), config.clone(), logs.clone());
-    Some((config, logs))
-}

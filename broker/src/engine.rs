@@ -279,6 +279,33 @@ impl Engine {
             .cloned()
     }
 
+    /// Like [`topic`](Self::topic), but a topic the dispatcher created by
+    /// itself (a dead-letter topic, on its first dead letter) and the
+    /// engine has not seen yet is looked up on the dispatcher thread and
+    /// remembered. `None` only if the topic does not exist.
+    pub async fn find_topic(
+        &self,
+        name: &str,
+    ) -> Option<(TopicConfig, Vec<Arc<dyn PartitionLog>>)> {
+        if let Some(found) = self.topic(name) {
+            return Some(found);
+        }
+        let topic = name.to_string();
+        let (config, logs) = self
+            .call(move |dispatcher, _| {
+                let config = dispatcher
+                    .topics()
+                    .into_iter()
+                    .find(|(existing, _)| *existing == topic)?
+                    .1;
+                Some((config, dispatcher.partitions(&topic).ok()?))
+            })
+            .await
+            .ok()??;
+        self.register_topic(name.to_string(), config.clone(), logs.clone());
+        Some((config, logs))
+    }
+
     /// Records a topic's logs after it was created on the dispatcher thread.
     pub fn register_topic(
         &self,

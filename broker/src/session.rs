@@ -426,7 +426,7 @@ impl Session {
             Access::Unregistered => None,
         };
         let engine = self.shared.engine.clone();
-        let Some((topic_config, logs)) = engine.topic(&produce.topic) else {
+        let Some((topic_config, logs)) = engine.find_topic(&produce.topic).await else {
             return Err(ErrorResponse::new(
                 ErrorCode::UnknownTopic,
                 format!("unknown topic {:?}", produce.topic),
@@ -941,7 +941,8 @@ impl Session {
                 {
                     self.authorize(&describe.name, Right::Produce).await?;
                 }
-                let (config, logs) = self.shared.engine.topic(&describe.name).ok_or_else(|| {
+                let found = self.shared.engine.find_topic(&describe.name).await;
+                let (config, logs) = found.ok_or_else(|| {
                     ErrorResponse::new(
                         ErrorCode::UnknownTopic,
                         format!("unknown topic {:?}", describe.name),

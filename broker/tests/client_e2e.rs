@@ -147,6 +147,15 @@ async fn max_attempts_moves_a_message_to_the_dead_letter_topic() {
         message.header(b"dmq.dlq.attempts").map(|v| v.to_vec()),
         Some(b"3".to_vec())
     );
+    // The dispatcher created the dead-letter topic by itself; the broker
+    // still knows it for DESCRIBE_TOPIC (it used to say "unknown topic").
+    let description = client.describe_topic("t.g.dlq").await.unwrap();
+    let stored: u64 = description
+        .partitions
+        .iter()
+        .map(|p| p.end_offset - p.start_offset)
+        .sum();
+    assert_eq!(stored, 1);
     broker.stop().await;
 }
 

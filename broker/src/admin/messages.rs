@@ -173,7 +173,9 @@ fn preview_format(query: &std::collections::HashMap<String, String>) -> ApiResul
 }
 
 async fn topic_logs(services: &Services, topic: &str) -> ApiResult<Vec<Arc<dyn PartitionLog>>> {
-    crate::broker::topic_logs(&services.engine, topic)
+    services
+        .engine
+        .find_topic(topic)
         .await
         .map(|(_, logs)| logs)
         .ok_or_else(|| ApiError::not_found(format!("unknown topic {topic:?}")))
@@ -708,7 +710,7 @@ async fn dead_letters(State(services): State<Services>) -> ApiResult<Json<Vec<De
         .await?;
     let mut views = Vec::with_capacity(topics.len());
     for dlq in topics {
-        let messages = match crate::broker::topic_logs(&services.engine, &dlq.topic).await {
+        let messages = match services.engine.find_topic(&dlq.topic).await {
             Some((_, logs)) => live_messages(&services, &dlq.topic, logs).await?,
             None => 0,
         };

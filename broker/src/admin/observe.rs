@@ -93,10 +93,7 @@ pub(super) async fn stats(
     let topic = query.get("topic").filter(|t| !t.is_empty()).cloned();
     let group = query.get("group").filter(|g| !g.is_empty()).cloned();
     if let Some(topic) = &topic {
-        if crate::broker::topic_logs(&services.engine, topic)
-            .await
-            .is_none()
-        {
+        if services.engine.find_topic(topic).await.is_none() {
             return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
         }
     }

@@ -265,7 +265,7 @@ async fn describe(
         .unwrap_or_else(|p| p.into_inner())
         .get(&topic)
         .cloned();
-    let Some((_, logs)) = crate::broker::topic_logs(&services.engine, &topic).await else {
+    let Some((_, logs)) = services.engine.find_topic(&topic).await else {
         return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
     };
     let partitions = logs
@@ -418,9 +418,7 @@ async fn delete(
         .unwrap_or_else(|p| p.into_inner())
         .get(&topic)
         .is_some();
-    let exists = crate::broker::topic_logs(&services.engine, &topic)
-        .await
-        .is_some();
+    let exists = services.engine.find_topic(&topic).await.is_some();
     if !registered && !exists {
         return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
     }
@@ -450,10 +448,7 @@ async fn groups(
     State(services): State<Services>,
     Path(topic): Path<String>,
 ) -> ApiResult<Json<Vec<GroupInfo>>> {
-    if crate::broker::topic_logs(&services.engine, &topic)
-        .await
-        .is_none()
-    {
+    if services.engine.find_topic(&topic).await.is_none() {
         return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
     }
     group_infos(&services, &topic).await.map(Json)
