@@ -341,6 +341,28 @@ impl AckBitmap {
         *self = AckBitmap::new(floor);
     }
 
+    /// Forgets every ack at or above `end` (the log was cut back to `end` at
+    /// recovery, so those offsets will be used again by new messages): the
+    /// floor drops to `end` if it was above, acks below `end` stay. Returns
+    /// true if anything changed.
+    pub fn forget_from(&mut self, end: u64) -> bool {
+        if self.end() <= end {
+            return false;
+        }
+        if self.floor >= end {
+            self.reset(end);
+            return true;
+        }
+        let mut kept = AckBitmap::new(self.floor);
+        for offset in self.floor..end {
+            if self.is_acked(offset) {
+                kept.ack(offset);
+            }
+        }
+        *self = kept;
+        true
+    }
+
     /// Marks every offset below `offset` acked: moves the floor up (then on
     /// over contiguous acks) and keeps the acks above. No-op when `offset`
     /// is at or below the floor.
@@ -912,6 +934,7 @@ mod tests {
         Ack(u64),
         AckBelow(u64),
         Reset(u64),
+        ForgetFrom(u64),
         Query {
             from: u64,
             length: u64,
@@ -926,6 +949,7 @@ mod tests {
             20 => (0..64u64).prop_map(|offset| Operation::Ack(u64::MAX - offset)),
             2 => (0..window).prop_map(Operation::AckBelow),
             1 => (0..window).prop_map(Operation::Reset),
+            1 => (0..window).prop_map(Operation::ForgetFrom),
             3 => (0..window, 0..300u64, 0..50usize)
                 .prop_map(|(from, length, limit)| Operation::Query { from, length, limit }),
         ]
@@ -987,6 +1011,16 @@ mod tests {
                         oracle.floor = floor;
                         oracle.acked.clear();
                         bitmap.reset(floor);
+                    }
+                    Operation::ForgetFrom(relative) => {
+                        let end = start + relative % window;
+                        let changed = oracle.floor > end
+                            || oracle.acked.range(end..).next().is_some();
+                        oracle.acked.retain(|offset| *offset < end);
+                        if oracle.floor > end {
+                            oracle.floor = end;
+                        }
+                        prop_assert_eq!(bitmap.forget_from(end), changed);
                     }
                     Operation::Query { from, length, limit } => {
                         let from = start + from;

@@ -95,7 +95,7 @@ impl GroupConfig {
     pub fn dead_letter_topic_for(&self, topic: &str, group: &str) -> String {
         self.dead_letter_topic
             .clone()
-            .unwrap_or_else(|| format!("{topic}.{group}.dlq"))
+            .unwrap_or_else(|| crate::names::default_dead_letter_topic(topic, group))
     }
 }
 
@@ -129,6 +129,11 @@ pub struct DispatcherConfig {
     pub read_batch_records: usize,
     /// Compact a group's ack journal once it is this large.
     pub ack_journal_compact_bytes: u64,
+    /// A new topic has at most this many partitions.
+    pub max_partitions_per_topic: u32,
+    /// All topics together have at most this many partitions (each costs
+    /// open files and, today, a preallocated segment).
+    pub max_partitions_total: u32,
 }
 
 impl Default for DispatcherConfig {
@@ -138,6 +143,8 @@ impl Default for DispatcherConfig {
             ack_sync_interval_ms: 50,
             read_batch_records: 256,
             ack_journal_compact_bytes: 4 << 20,
+            max_partitions_per_topic: 256,
+            max_partitions_total: 4096,
         }
     }
 }

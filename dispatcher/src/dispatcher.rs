@@ -47,6 +47,7 @@ use crate::events::{Event, EventKind, EventSink};
 use crate::group::{
     AckJournalError, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
 };
+use crate::names::{self, NameError};
 use crate::storage::{Journal, PartitionLog, Storage, StoreError};
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
@@ -77,9 +78,23 @@ pub enum DispatchError {
         /// The partition asked for.
         partition: u32,
     },
-    /// A name with characters other than `A-Z a-z 0-9 . _ -`, or empty.
-    #[error("invalid name {0:?}: use 1 to 100 of A-Z a-z 0-9 . _ -")]
-    InvalidName(String),
+    /// A topic, group or member name (or a name derived from them) that
+    /// [`crate::names`] refuses.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// An argument outside its limits (partition count, message id text).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A topic or group that the metadata replay could not restore: it is
+    /// set aside until an operator deletes it (or fixes its cause and
+    /// restarts).
+    #[error("{what} is quarantined: {reason}")]
+    Quarantined {
+        /// `topic "x"` or `group "g" of topic "x"`.
+        what: String,
+        /// Why it could not be restored.
+        reason: String,
+    },
     /// A topic that exists with another configuration.
     #[error("topic {0:?} already exists with another configuration")]
     TopicConflict(String),
@@ -345,16 +360,32 @@ enum Next {
     Nothing,
 }
 
-fn check_name(name: &str) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 100
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(DispatchError::InvalidName(name.to_string()))
+/// A topic or group the metadata replay set aside (see
+/// [`Dispatcher::quarantined`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Quarantined {
+    /// The topic (of the group).
+    pub topic: String,
+    /// The group, for a quarantined group.
+    pub group: Option<String>,
+    /// Why it could not be restored.
+    pub reason: String,
+}
+
+impl Quarantined {
+    fn error(&self) -> DispatchError {
+        let what = match &self.group {
+            Some(group) => format!(
+                "group {} of topic {}",
+                names::shown(group),
+                names::shown(&self.topic)
+            ),
+            None => format!("topic {}", names::shown(&self.topic)),
+        };
+        DispatchError::Quarantined {
+            what,
+            reason: self.reason.clone(),
+        }
     }
 }
 
@@ -377,6 +408,8 @@ pub struct Dispatcher {
     outbox: Vec<Delivery>,
     /// Set when a metadata write failed: later ones are refused.
     meta_failed: Option<String>,
+    /// Topics and groups the replay could not restore, by (topic, group).
+    quarantined: BTreeMap<(String, Option<String>), Quarantined>,
 }
 
 impl Dispatcher {
@@ -409,6 +442,7 @@ impl Dispatcher {
             delays,
             outbox: Vec::new(),
             meta_failed: None,
+            quarantined: BTreeMap::new(),
         };
         let entries = payloads
             .iter()
@@ -432,7 +466,7 @@ impl Dispatcher {
                     continue;
                 }
             }
-            dispatcher.apply_meta(entry.clone())?;
+            dispatcher.replay(entry.clone());
         }
         let groups: Vec<(String, String)> = dispatcher.group_configs.keys().cloned().collect();
         for (topic, group) in groups {
@@ -441,14 +475,117 @@ impl Dispatcher {
                 .get(&(topic.clone(), group.clone()))
                 .is_some_and(|c| c.mode == DeliveryMode::Clustering);
             if clustering {
-                dispatcher.load_state(StateKey {
-                    topic: topic.into(),
-                    group: group.into(),
+                let key = StateKey {
+                    topic: topic.as_str().into(),
+                    group: group.as_str().into(),
                     member: None,
-                })?;
+                };
+                if let Err(error) = dispatcher.load_state(key) {
+                    dispatcher.quarantine(&topic, Some(&group), error.to_string());
+                }
             }
         }
         Ok(dispatcher)
+    }
+
+    /// Applies one journaled entry at open. An entry that cannot be applied
+    /// (a name today's rules refuse, a partition that does not open) never
+    /// stops the broker: its topic or group is quarantined.
+    fn replay(&mut self, entry: MetaEntry) {
+        let (topic, group) = match &entry {
+            MetaEntry::Topic { name, config } => {
+                let valid = names::check_topic(name)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| check_partition_count(config.partitions));
+                if let Err(reason) = valid {
+                    self.quarantine(name, None, reason);
+                    return;
+                }
+                // A topic created again after its quarantine was deleted.
+                self.quarantined.remove(&(name.clone(), None));
+                (name.clone(), None)
+            }
+            MetaEntry::Group {
+                topic,
+                group,
+                config,
+            } => {
+                if let Err(error) =
+                    names::check_group(topic, group, config.dead_letter_topic.as_deref())
+                {
+                    self.quarantine(topic, Some(group), error.to_string());
+                    return;
+                }
+                self.quarantined
+                    .remove(&(topic.clone(), Some(group.clone())));
+                (topic.clone(), Some(group.clone()))
+            }
+            MetaEntry::GroupDeleted { topic, group } => {
+                self.quarantined
+                    .remove(&(topic.clone(), Some(group.clone())));
+                (topic.clone(), Some(group.clone()))
+            }
+            MetaEntry::TopicDeleted { name } => {
+                self.quarantined.retain(|(topic, _), _| topic != name);
+                (name.clone(), None)
+            }
+            MetaEntry::Tombstone { topic, .. } => (topic.clone(), None),
+        };
+        if self.quarantined.contains_key(&(topic.clone(), None))
+            && !matches!(entry, MetaEntry::TopicDeleted { .. })
+        {
+            return;
+        }
+        if let Err(error) = self.apply_meta(entry) {
+            self.quarantine(&topic, group.as_deref(), error.to_string());
+        }
+    }
+
+    /// Sets a topic (`group: None`) or a group aside, loudly.
+    fn quarantine(&mut self, topic: &str, group: Option<&str>, reason: String) {
+        tracing::error!(
+            topic = %names::shown(topic),
+            group = group.map(names::shown),
+            %reason,
+            "quarantined: the broker starts without it; delete it or fix the cause and restart"
+        );
+        if let Some(group) = group {
+            self.group_configs
+                .remove(&(topic.to_string(), group.to_string()));
+        } else {
+            self.topics.remove(topic);
+        }
+        self.quarantined.insert(
+            (topic.to_string(), group.map(str::to_string)),
+            Quarantined {
+                topic: topic.to_string(),
+                group: group.map(str::to_string),
+                reason,
+            },
+        );
+    }
+
+    /// Topics and groups that the metadata replay could not restore at
+    /// open: they are not served, and are reported (log, metrics, admin
+    /// API) until they are deleted or their cause fixed.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        self.quarantined.values().cloned().collect()
+    }
+
+    fn check_not_quarantined(&self, topic: &str, group: Option<&str>) -> Result<()> {
+        let topic_key = (topic.to_string(), None);
+        if let Some(q) = self.quarantined.get(&topic_key) {
+            return Err(q.error());
+        }
+        if let Some(group) = group {
+            if let Some(q) = self
+                .quarantined
+                .get(&(topic.to_string(), Some(group.to_string())))
+            {
+                return Err(q.error());
+            }
+        }
+        Ok(())
     }
 
     fn apply_meta(&mut self, entry: MetaEntry) -> Result<()> {
@@ -560,13 +697,16 @@ impl Dispatcher {
     // ----- topics ---------------------------------------------------------
 
     /// Creates a topic (idempotent for the same configuration).
+    ///
+    /// Validate, then create, then journal: the name and partition count
+    /// are checked ([`crate::names`], [`DispatcherConfig`]'s caps), the
+    /// disk must have room for every partition's preallocated segment, the
+    /// partitions are opened, and only then is the topic journaled. A
+    /// failure at any step leaves no files and no journal entry behind.
     pub fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<()> {
-        check_name(name)?;
-        if config.partitions == 0 {
-            return Err(DispatchError::InvalidName(format!(
-                "{name}: zero partitions"
-            )));
-        }
+        names::check_topic(name)?;
+        check_partition_count(config.partitions).map_err(DispatchError::InvalidArgument)?;
+        self.check_not_quarantined(name, None)?;
         if let Some(existing) = self.topics.get(name) {
             return if existing.config == config {
                 Ok(())
@@ -574,12 +714,60 @@ impl Dispatcher {
                 Err(DispatchError::TopicConflict(name.to_string()))
             };
         }
+        if config.partitions > self.config.max_partitions_per_topic {
+            return Err(DispatchError::InvalidArgument(format!(
+                "{} partitions: at most {} per topic",
+                config.partitions, self.config.max_partitions_per_topic
+            )));
+        }
+        let total: u64 = self
+            .topics
+            .values()
+            .map(|t| u64::from(t.config.partitions))
+            .sum();
+        if total + u64::from(config.partitions) > u64::from(self.config.max_partitions_total) {
+            return Err(DispatchError::InvalidArgument(format!(
+                "{} more partitions would make {} in total: at most {} (max_partitions_total)",
+                config.partitions,
+                total + u64::from(config.partitions),
+                self.config.max_partitions_total
+            )));
+        }
+        if let Some(reason) = &self.meta_failed {
+            return Err(DispatchError::MetadataFailed(reason.clone()));
+        }
+        self.storage.check_room(config.partitions)?;
+        let opened = (0..config.partitions)
+            .map(|p| self.storage.partition(name, p))
+            .collect::<Result<Vec<_>, _>>();
         let entry = MetaEntry::Topic {
             name: name.to_string(),
-            config,
+            config: config.clone(),
         };
-        self.persist_meta(&entry)?;
-        self.apply_meta(entry)
+        let created = match opened {
+            Ok(partitions) => self.persist_meta(&entry).map(|()| partitions),
+            Err(error) => Err(error.into()),
+        };
+        match created {
+            Ok(partitions) => {
+                self.topics.insert(
+                    name.to_string(),
+                    TopicState {
+                        config,
+                        partitions,
+                        tombstones: Tombstones::default(),
+                        next_partition: 0,
+                    },
+                );
+                Ok(())
+            }
+            Err(error) => {
+                if let Err(cleanup) = self.storage.remove_topic(name) {
+                    tracing::error!(topic = name, %cleanup, "removing a failed topic's files failed");
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Topic names and configurations.
@@ -858,7 +1046,10 @@ impl Dispatcher {
                 })
             }
             Tombstone::MessageId(text) if text.parse::<MessageId>().is_err() => {
-                Err(DispatchError::InvalidName(text.clone()))
+                Err(DispatchError::InvalidArgument(format!(
+                    "message id {}: 32 hex digits expected",
+                    names::shown(text)
+                )))
             }
             _ => Ok(()),
         }
@@ -1015,11 +1206,9 @@ impl Dispatcher {
     /// Subscribes a group to a topic (idempotent; a new configuration
     /// replaces the old one but keeps the position).
     pub fn subscribe(&mut self, topic: &str, group: &str, config: GroupConfig) -> Result<()> {
-        check_name(group)?;
+        self.check_not_quarantined(topic, Some(group))?;
         self.topic(topic)?;
-        if let Some(dead_letter) = &config.dead_letter_topic {
-            check_name(dead_letter)?;
-        }
+        names::check_group(topic, group, config.dead_letter_topic.as_deref())?;
         let key = (topic.to_string(), group.to_string());
         if self.group_configs.get(&key) == Some(&config) {
             return Ok(());
@@ -1053,29 +1242,56 @@ impl Dispatcher {
     /// its ack journals removed. A group of that name created later starts
     /// afresh. (Journals of broadcast members not connected since the
     /// broker started stay on disk.)
+    /// A quarantined group may be deleted too (that clears it).
     pub fn delete_group(&mut self, topic: &str, group: &str) -> Result<Vec<MemberId>> {
-        self.group_config(topic, group)?;
+        let quarantine_key = (topic.to_string(), Some(group.to_string()));
+        let quarantined = self.quarantined.contains_key(&quarantine_key);
+        if !quarantined {
+            self.group_config(topic, group)?;
+        }
         let entry = MetaEntry::GroupDeleted {
             topic: topic.to_string(),
             group: group.to_string(),
         };
         self.persist_meta(&entry)?;
         self.apply_meta(entry)?;
-        self.retire_states(|key| *key.topic == *topic && *key.group == *group)
+        self.quarantined.remove(&quarantine_key);
+        let dropped = self.retire_states(|key| *key.topic == *topic && *key.group == *group)?;
+        if quarantined {
+            // Never loaded, so not retired: its journal goes here (if its
+            // name can be a file at all).
+            let journal = names::group_journal(topic, group, None);
+            match self.storage.remove_journal(&journal) {
+                Err(StoreError::InvalidName(_)) | Ok(()) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(dropped)
     }
 
     /// Deletes a topic: its groups, its partitions' files, its tombstones.
     /// Returns the members that were dropped. Pending delayed messages for
     /// it are dropped when they fall due.
+    ///
+    /// A quarantined topic may be deleted too: that is how an operator
+    /// clears it. Its files are removed only if its name is a valid file
+    /// name (a `..` topic never names a directory).
     pub fn delete_topic(&mut self, name: &str) -> Result<Vec<MemberId>> {
-        self.topic(name)?;
+        let quarantined = self.quarantined.contains_key(&(name.to_string(), None));
+        if !quarantined {
+            self.topic(name)?;
+        }
         let entry = MetaEntry::TopicDeleted {
             name: name.to_string(),
         };
         self.persist_meta(&entry)?;
         self.apply_meta(entry)?;
+        self.quarantined.retain(|(topic, _), _| topic != name);
         let members = self.retire_states(|key| *key.topic == *name)?;
-        self.storage.remove_topic(name)?;
+        match self.storage.remove_topic(name) {
+            Err(StoreError::InvalidName(_)) if quarantined => {}
+            other => other?,
+        }
         Ok(members)
     }
 
@@ -1149,7 +1365,32 @@ impl Dispatcher {
         if let Some(error) = start_error {
             return Err(error.into());
         }
-        if new {
+        // Offsets are used again after recovery cut a log back (a torn or
+        // damaged tail, or a power loss under a lazy fsync policy): acks at
+        // or above the log's end belong to records that are gone, and new
+        // records will take those offsets. Forget them, durably, so that no
+        // new record is skipped as "already acked".
+        let mut clamped = false;
+        for (partition, part) in state.partitions.iter_mut().enumerate() {
+            let end = partitions[partition].end_offset();
+            let floor = part.acks.floor();
+            if part.acks.forget_from(end) {
+                tracing::warn!(
+                    journal = %key.journal_name(),
+                    partition,
+                    floor,
+                    log_end = end,
+                    "the group had acked past the end of the log (cut at recovery): \
+                     acks at or above the end are forgotten"
+                );
+                part.cursor = part.acks.floor();
+                clamped = true;
+            }
+        }
+        if clamped {
+            state.note_reset();
+        }
+        if new || clamped {
             state.sync(now, self.config.ack_journal_compact_bytes)?;
         }
         let index = self.states.len();
@@ -1161,11 +1402,12 @@ impl Dispatcher {
     /// A consumer joins a group; `member_name` identifies it across
     /// reconnects (broadcast groups keep a cursor per name).
     pub fn join(&mut self, topic: &str, group: &str, member_name: &str) -> Result<MemberId> {
+        self.check_not_quarantined(topic, Some(group))?;
         let config = self.group_config(topic, group)?;
         let member = match config.mode {
             DeliveryMode::Clustering => None,
             DeliveryMode::Broadcast => {
-                check_name(member_name)?;
+                names::check_member(topic, group, member_name)?;
                 Some(member_name.to_string())
             }
         };
@@ -2061,6 +2303,16 @@ fn release_key(part: &mut PartitionState, key: &Bytes, offset: u64) {
         None => {
             part.key_owner.remove(key);
         }
+    }
+}
+
+/// A partition count any topic may have (the configured caps come on top
+/// for new topics).
+fn check_partition_count(partitions: u32) -> Result<(), String> {
+    if partitions == 0 {
+        Err("a topic needs at least one partition".to_string())
+    } else {
+        Ok(())
     }
 }
 

@@ -107,10 +107,7 @@ pub(crate) struct StateKey {
 
 impl StateKey {
     pub(crate) fn journal_name(&self) -> String {
-        match &self.member {
-            Some(member) => format!("group.{}.{}.{}", self.topic, self.group, member),
-            None => format!("group.{}.{}", self.topic, self.group),
-        }
+        crate::names::group_journal(&self.topic, &self.group, self.member.as_deref())
     }
 }
 

@@ -17,6 +17,8 @@
 //!   file-backed and simulated implementations.
 //! - [`events`]: [`EventSink`], every state change of a message.
 //! - [`config`]: topic, group and dispatcher settings.
+//! - [`names`]: valid topic, group and member names, the names derived from
+//!   them, the internal prefix and the reserved header names.
 //!
 //! The dispatcher takes time only from an injected [`dmq_log_store::Clock`]
 //! and touches storage only through [`Storage`], so it runs unchanged in a
@@ -29,6 +31,7 @@ pub mod delay_store;
 pub mod dispatcher;
 pub mod events;
 mod group;
+pub mod names;
 pub mod storage;
 pub mod timing_wheel;
 mod tombstones;
@@ -40,7 +43,7 @@ pub use config::{
 pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage};
 pub use dispatcher::{
     DeadLetterTopic, Delivery, DispatchError, Dispatcher, GroupMessageState, PartitionStats,
-    Produced, SeekPartition, SeekTarget, Tombstone,
+    Produced, Quarantined, SeekPartition, SeekTarget, Tombstone,
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;

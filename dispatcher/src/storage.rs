@@ -43,8 +43,32 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A name that cannot be a file name.
-    #[error("invalid name {0:?}")]
+    #[error("invalid name {}", crate::names::shown(.0))]
     InvalidName(String),
+    /// A journal holds damaged bytes followed by valid entries: not a torn
+    /// tail (which is cut) but corruption. Nothing is cut or skipped
+    /// silently; `dmqd repair` sets the damaged bytes aside.
+    #[error(
+        "journal {name} is damaged at byte {at} and has valid entries after it (from byte \
+         {resumes_at}); nothing was changed. Stop the broker and run `dmqd repair \
+         --data-dir <dir>` (it keeps a copy) or restore the file"
+    )]
+    CorruptJournal {
+        /// The journal.
+        name: String,
+        /// First damaged byte.
+        at: u64,
+        /// Where the next valid entry starts.
+        resumes_at: u64,
+    },
+    /// Not enough free disk for what a call would preallocate.
+    #[error("not enough free disk: {need} bytes needed, {free} free")]
+    NoRoom {
+        /// Bytes the call would reserve.
+        need: u64,
+        /// Bytes free for this process.
+        free: u64,
+    },
 }
 
 /// One partition's log, as the dispatcher uses it.
@@ -374,11 +398,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn remove_topic(&self, topic: &str) -> Result<(), StoreError>;
     /// Names of the journals starting with `prefix`, sorted.
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Refuses ([`StoreError::NoRoom`]) when the disk cannot hold
+    /// `partitions` new partitions (their preallocated first segments).
+    fn check_room(&self, _partitions: u32) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 fn check_name(name: &str) -> Result<(), StoreError> {
     let valid = !name.is_empty()
-        && name.len() <= 200
+        && name.len() <= crate::names::JOURNAL_NAME_LEN_MAX
         && name != "."
         && name != ".."
         && name
@@ -400,29 +429,123 @@ fn encode_frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// Decodes frames until the first invalid one; returns the payloads and the
-/// length of the valid prefix.
-fn decode_frames(bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
-    let mut payloads = Vec::new();
+/// The frame starting at `at`, if it is a whole, valid one: its payload's
+/// range.
+fn frame_at(bytes: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let header = bytes.get(at..at.checked_add(FRAME_HEADER_LEN)?)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let start = at + FRAME_HEADER_LEN;
+    let end = start.checked_add(len)?;
+    let payload = bytes.get(start..end)?;
+    (crc32fast::hash(payload) == crc).then_some(start..end)
+}
+
+/// What [`decode_frames`] found.
+#[derive(Debug, Default)]
+struct Decoded {
+    /// The payloads of the valid prefix.
+    payloads: Vec<Vec<u8>>,
+    /// Length of the valid prefix.
+    valid_len: usize,
+    /// The first later valid, non-empty frame after an invalid one: the
+    /// bytes between are damage, not a torn tail.
+    resumes_at: Option<usize>,
+}
+
+/// Decodes frames until the first invalid one, then looks for any valid
+/// non-empty frame after it (an empty one is 8 zero bytes: what a torn,
+/// zero-filled tail looks like).
+fn decode_frames(bytes: &[u8]) -> Decoded {
+    let mut decoded = Decoded::default();
     let mut at = 0;
-    while bytes.len() - at >= FRAME_HEADER_LEN {
-        let len =
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
-        let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
-        let start = at + FRAME_HEADER_LEN;
-        let Some(end) = start.checked_add(len).filter(|end| *end <= bytes.len()) else {
+    while let Some(range) = frame_at(bytes, at) {
+        decoded.payloads.push(bytes[range.clone()].to_vec());
+        at = range.end;
+    }
+    decoded.valid_len = at;
+    if at < bytes.len() {
+        decoded.resumes_at = (at + 1..bytes.len())
+            .find(|&candidate| frame_at(bytes, candidate).is_some_and(|r| !r.is_empty()));
+    }
+    decoded
+}
+
+/// What [`repair_journal`] did to one journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRepair {
+    /// The journal file.
+    pub path: PathBuf,
+    /// Valid entries kept.
+    pub kept_entries: usize,
+    /// Damaged byte ranges set aside (`start..end` in the old file).
+    pub damaged: Vec<std::ops::Range<u64>>,
+    /// Where the original file was copied.
+    pub copy: PathBuf,
+}
+
+/// Repairs a journal holding damage followed by valid entries: copies the
+/// file to `<file>.damaged`, then rewrites it atomically with every valid
+/// entry, before and after each damaged region. A journal without such
+/// damage is left alone (`None`). What the dropped entries held is lost:
+/// the caller reports it.
+pub fn repair_journal(path: &Path) -> std::io::Result<Option<JournalRepair>> {
+    let bytes = std::fs::read(path)?;
+    let mut kept = Vec::new();
+    let mut damaged = Vec::new();
+    let mut at = 0;
+    loop {
+        let decoded = decode_frames(&bytes[at..]);
+        kept.extend(decoded.payloads);
+        let Some(resumes_at) = decoded.resumes_at else {
             break;
         };
-        if crc32fast::hash(&bytes[start..end]) != crc {
-            break;
-        }
-        payloads.push(bytes[start..end].to_vec());
-        at = end;
+        damaged.push((at + decoded.valid_len) as u64..(at + resumes_at) as u64);
+        at += resumes_at;
     }
-    (payloads, at)
+    if damaged.is_empty() {
+        return Ok(None);
+    }
+    let copy = path.with_extension("journal.damaged");
+    std::fs::copy(path, &copy)?;
+    File::open(&copy)?.sync_all()?;
+    let mut framed = Vec::new();
+    for payload in &kept {
+        encode_frame(&mut framed, payload);
+    }
+    let temporary = path.with_extension("journal.tmp");
+    let mut file = File::create(&temporary)?;
+    file.write_all(&framed)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    sync_parent(path)?;
+    Ok(Some(JournalRepair {
+        path: path.to_path_buf(),
+        kept_entries: kept.len(),
+        damaged,
+        copy,
+    }))
+}
+
+/// Repairs every journal under `data_dir/dispatcher` (see
+/// [`repair_journal`]).
+pub fn repair_journals(data_dir: &Path) -> std::io::Result<Vec<JournalRepair>> {
+    let mut repairs = Vec::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(data_dir.join("dispatcher"))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "journal"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        repairs.extend(repair_journal(&path)?);
+    }
+    Ok(repairs)
 }
 
 /// A journal in one file: CRC-framed payloads; a torn tail is cut on open.
+/// An invalid frame followed by a valid one is corruption, not a torn tail:
+/// the open fails with [`StoreError::CorruptJournal`] and changes nothing.
 ///
 /// A failed [`Journal::sync`] keeps the pending payloads (the next sync
 /// writes them again) and cuts whatever part of them reached the file, so
@@ -459,7 +582,18 @@ impl FileJournal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io_error(e)),
         };
-        let (payloads, valid_len) = decode_frames(&bytes);
+        let Decoded {
+            payloads,
+            valid_len,
+            resumes_at,
+        } = decode_frames(&bytes);
+        if let Some(resumes_at) = resumes_at {
+            return Err(StoreError::CorruptJournal {
+                name: name.to_string(),
+                at: valid_len as u64,
+                resumes_at: resumes_at as u64,
+            });
+        }
         let file = File::options()
             .create(true)
             .append(true)
@@ -646,6 +780,19 @@ impl Storage for FileStorage {
             name: dir.display().to_string(),
             source,
         })
+    }
+
+    fn check_room(&self, partitions: u32) -> Result<(), StoreError> {
+        let need = u64::from(partitions) * u64::from(self.log_config.segment_bytes_max);
+        let free =
+            dmq_log_store::available_bytes(&self.root).map_err(|source| StoreError::Journal {
+                name: self.root.display().to_string(),
+                source,
+            })?;
+        if need > free {
+            return Err(StoreError::NoRoom { need, free });
+        }
+        Ok(())
     }
 
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {

@@ -360,7 +360,7 @@ fn ranges_cover_only_what_is_stored_when_they_are_made() {
     let garbage = Tombstone::MessageId("not an id".into());
     assert!(matches!(
         d.count_covered("t", &garbage),
-        Err(DispatchError::InvalidName(_))
+        Err(DispatchError::InvalidArgument(_))
     ));
     assert!(matches!(
         d.count_covered("nope", &Tombstone::Key(vec![])),

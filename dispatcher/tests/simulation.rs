@@ -246,6 +246,7 @@ impl Sim {
             ack_sync_interval_ms: rng.range(5, 300),
             read_batch_records: rng.range(1, 16) as usize,
             ack_journal_compact_bytes: rng.range(64, 4096),
+            ..DispatcherConfig::default()
         };
         let dispatcher = open(&storage, &clock, &events, &config);
         Sim {

@@ -129,6 +129,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
+/// Bytes an unprivileged writer may still allocate on the file system
+/// holding `path` (`statvfs`: available blocks times the fragment size).
+pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 fn fallocate(file: &File, len: u64, path: &Path) -> Result<()> {
     rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)
         .map_err(|errno| LogError::io("preallocating a segment", path, errno.into()))

@@ -1,0 +1,229 @@
+//! One home for the names of topics, groups and members: what a valid name
+//! is, the names derived from them (dead-letter topics, ack journals), the
+//! internal prefix, and the header names the dispatcher reserves.
+//!
+//! Every entry point (the protocol, the admin API, the dispatcher) checks
+//! names here, **before** anything is journaled: a name accepted once is
+//! never refused when the metadata journal is replayed.
+//!
+//! Rules:
+//! - a name is 1 to [`NAME_LEN_MAX`] bytes of `A-Z a-z 0-9 . _ -`, and is
+//!   neither `.` nor `..` (both would be directories on disk);
+//! - names starting with [`INTERNAL_PREFIX`] belong to the broker (the
+//!   delay store's timer log `__dmq_delay`): no client creates, produces
+//!   to or subscribes to them;
+//! - a group's derived names must be valid too: its default dead-letter
+//!   topic `<topic>.<group>.dlq` (unless the group names its own) and its
+//!   ack journal `group.<topic>.<group>[.<member>]`, at most
+//!   [`JOURNAL_NAME_LEN_MAX`] bytes.
+
+/// Longest topic, group or member name, in bytes.
+pub const NAME_LEN_MAX: usize = 100;
+/// Longest journal name (the file name adds `.journal.tmp`: 252 of the
+/// 255 bytes a file name may have).
+pub const JOURNAL_NAME_LEN_MAX: usize = 240;
+/// Topics whose name starts with this are the broker's own.
+pub const INTERNAL_PREFIX: &str = "__";
+/// Headers of a dead-lettered copy start with this.
+pub const DEAD_LETTER_HEADER_PREFIX: &str = "dmq.dlq.";
+/// Headers of the delay store's timer log start with this; clients may not
+/// set them.
+pub const DELAY_HEADER_PREFIX: &str = "dmq.delay.";
+/// Prefix of a group's ack journal name.
+const GROUP_JOURNAL_PREFIX: &str = "group.";
+
+/// Why a name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Empty, too long, `.`/`..`, or a byte outside `A-Z a-z 0-9 . _ -`.
+    #[error("invalid {what} name {shown}: use 1 to {NAME_LEN_MAX} of A-Z a-z 0-9 . _ - (not \".\" or \"..\")")]
+    Invalid {
+        /// "topic", "group", "member".
+        what: &'static str,
+        /// The name, shortened for messages.
+        shown: String,
+    },
+    /// A topic name with the internal prefix.
+    #[error("topic name {shown} is reserved: names starting with \"__\" belong to the broker")]
+    Internal {
+        /// The name, shortened for messages.
+        shown: String,
+    },
+    /// A derived name (dead-letter topic, journal) would be invalid.
+    #[error("{what} {shown} would be {len} bytes (max {max}): {advice}")]
+    DerivedTooLong {
+        /// What is derived.
+        what: &'static str,
+        /// The derived name, shortened.
+        shown: String,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+        /// What to do.
+        advice: &'static str,
+    },
+}
+
+/// `name` quoted for an error message, at most 64 bytes of it.
+pub fn shown(name: &str) -> String {
+    const SHOWN_MAX: usize = 64;
+    if name.len() <= SHOWN_MAX {
+        return format!("{name:?}");
+    }
+    let mut end = SHOWN_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &name[..end], name.len())
+}
+
+fn check_part(what: &'static str, name: &str) -> Result<(), NameError> {
+    let valid = !name.is_empty()
+        && name.len() <= NAME_LEN_MAX
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(NameError::Invalid {
+            what,
+            shown: shown(name),
+        })
+    }
+}
+
+/// True for the broker's own topics.
+pub fn is_internal(topic: &str) -> bool {
+    topic.starts_with(INTERNAL_PREFIX)
+}
+
+/// A topic name a client or an operator may create or use.
+pub fn check_topic(name: &str) -> Result<(), NameError> {
+    check_part("topic", name)?;
+    if is_internal(name) {
+        return Err(NameError::Internal { shown: shown(name) });
+    }
+    Ok(())
+}
+
+/// `<topic>.<group>.dlq`: a group's dead-letter topic unless it names one.
+pub fn default_dead_letter_topic(topic: &str, group: &str) -> String {
+    format!("{topic}.{group}.dlq")
+}
+
+/// The ack journal of a group (`member`: a broadcast member's own).
+pub fn group_journal(topic: &str, group: &str, member: Option<&str>) -> String {
+    match member {
+        Some(member) => format!("{GROUP_JOURNAL_PREFIX}{topic}.{group}.{member}"),
+        None => format!("{GROUP_JOURNAL_PREFIX}{topic}.{group}"),
+    }
+}
+
+/// A group of `topic` with an optional dead-letter topic of its own: the
+/// group name, the dead-letter topic (configured or derived) and the ack
+/// journal name are all valid.
+pub fn check_group(topic: &str, group: &str, dead_letter: Option<&str>) -> Result<(), NameError> {
+    check_part("group", group)?;
+    match dead_letter {
+        Some(dead_letter) => check_topic(dead_letter)?,
+        None => {
+            let derived = default_dead_letter_topic(topic, group);
+            if derived.len() > NAME_LEN_MAX {
+                return Err(NameError::DerivedTooLong {
+                    what: "the dead-letter topic",
+                    shown: shown(&derived),
+                    len: derived.len(),
+                    max: NAME_LEN_MAX,
+                    advice: "use a shorter group name or set the group's dead-letter topic",
+                });
+            }
+        }
+    }
+    check_journal(&group_journal(topic, group, None))
+}
+
+/// A broadcast member's name, and its ack journal's.
+pub fn check_member(topic: &str, group: &str, member: &str) -> Result<(), NameError> {
+    check_part("member", member)?;
+    check_journal(&group_journal(topic, group, Some(member)))
+}
+
+fn check_journal(journal: &str) -> Result<(), NameError> {
+    if journal.len() > JOURNAL_NAME_LEN_MAX {
+        return Err(NameError::DerivedTooLong {
+            what: "the ack journal",
+            shown: shown(journal),
+            len: journal.len(),
+            max: JOURNAL_NAME_LEN_MAX,
+            advice: "use shorter topic, group or member names",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_at_and_past_every_limit() {
+        assert!(check_topic("orders").is_ok());
+        assert!(check_topic(&"a".repeat(NAME_LEN_MAX)).is_ok());
+        for bad in [
+            String::new(),
+            ".".into(),
+            "..".into(),
+            "a/b".into(),
+            "a b".into(),
+            "é".into(),
+            "a".repeat(NAME_LEN_MAX + 1),
+            "__dmq_delay".into(),
+            "__x".into(),
+        ] {
+            assert!(check_topic(&bad).is_err(), "{bad:?}");
+        }
+        // `...` and names with dots inside are fine (not a directory alias).
+        assert!(check_topic("...").is_ok());
+        assert!(check_topic("_single").is_ok());
+    }
+
+    #[test]
+    fn group_names_are_checked_with_what_they_derive() {
+        let topic = "t".repeat(94);
+        // `<94>.g.dlq` is 100 bytes: fine.
+        assert!(check_group(&topic, "g", None).is_ok());
+        // One byte more is not, unless the group names its dead-letter topic.
+        let error = check_group(&topic, "gg", None).unwrap_err();
+        assert!(matches!(error, NameError::DerivedTooLong { .. }), "{error}");
+        assert!(check_group(&topic, "gg", Some("orders-dlq")).is_ok());
+        assert!(check_group(&topic, "gg", Some("..")).is_err());
+        assert!(check_group(&topic, "gg", Some("__dmq_delay")).is_err());
+        assert!(check_group("t", "..", None).is_err());
+        // The longest names still make a journal name a file can have.
+        let long = "x".repeat(NAME_LEN_MAX);
+        assert!(check_group(&long, &long, Some("d")).is_ok());
+        assert!(check_member(&long, &long, "m").is_ok());
+        assert!(check_member(&long, &long, &long).is_err());
+        assert!(check_member("t", "g", ".").is_err());
+    }
+
+    #[test]
+    fn shown_names_are_short() {
+        let huge = "a".repeat(65_536);
+        let message = check_topic(&huge).unwrap_err().to_string();
+        assert!(message.len() < 300, "{message}");
+        assert!(message.contains("65536 bytes"), "{message}");
+        assert_eq!(
+            shown("é".repeat(40).as_str())
+                .chars()
+                .filter(|c| *c == 'é')
+                .count(),
+            32
+        );
+    }
+}
