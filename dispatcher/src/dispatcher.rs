@@ -48,7 +48,7 @@ use crate::group::{
     AckJournalError, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
 };
 use crate::names::{self, NameError};
-use crate::storage::{Journal, PartitionLog, Storage, StoreError};
+use crate::storage::{Journal, PartitionLog, RecoveryDamage, Storage, StoreError};
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
 
@@ -570,6 +570,21 @@ impl Dispatcher {
     /// API) until they are deleted or their cause fixed.
     pub fn quarantined(&self) -> Vec<Quarantined> {
         self.quarantined.values().cloned().collect()
+    }
+
+    /// Every partition whose log recovery found damage (regions its
+    /// readers skip) or cut a torn tail, with what it found.
+    pub fn recovery_damage(&self) -> Vec<(String, u32, RecoveryDamage)> {
+        let mut damaged = Vec::new();
+        for (name, topic) in &self.topics {
+            for (partition, log) in topic.partitions.iter().enumerate() {
+                let damage = log.recovery_damage();
+                if damage != RecoveryDamage::default() {
+                    damaged.push((name.clone(), partition as u32, damage));
+                }
+            }
+        }
+        damaged
     }
 
     fn check_not_quarantined(&self, topic: &str, group: Option<&str>) -> Result<()> {

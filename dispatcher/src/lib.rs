@@ -48,6 +48,7 @@ pub use dispatcher::{
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;
 pub use storage::{
-    FileStorage, MemoryStorage, PartitionLog, ProducerBatch, Storage, StoreError, LOOKUP_SCAN_BATCH,
+    FileStorage, MemoryStorage, PartitionLog, ProducerBatch, RecoveryDamage, Storage, StoreError,
+    LOOKUP_SCAN_BATCH,
 };
 pub use timing_wheel::{TimerId, TimingWheel};

@@ -185,6 +185,12 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
         Ok(0)
     }
 
+    /// What is known to be damaged: what recovery found when the log was
+    /// opened (damaged regions that reads skip, the bytes of a torn tail it
+    /// cut) and damaged batches reads met since. Empty for a sound log.
+    fn recovery_damage(&self) -> RecoveryDamage {
+        RecoveryDamage::default()
+    }
     /// Deletes every sealed segment all of whose offsets are below
     /// `offset` (never the active one); returns how many. The caller
     /// guarantees nothing below `offset` is needed any more. Logs without
@@ -218,6 +224,20 @@ fn scan<L: PartitionLog + ?Sized>(
         }
         from = next;
     }
+}
+
+/// What recovery found wrong in one partition log (see
+/// [`PartitionLog::recovery_damage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryDamage {
+    /// Damaged regions of sealed segments: their records are unreadable
+    /// and skipped by every reader.
+    pub corrupt_regions: Vec<dmq_log_store::CorruptRegion>,
+    /// Bytes cut from the end of the log as a torn tail.
+    pub tail_bytes_cut: u64,
+    /// Damaged batches that reads met and skipped since the log opened
+    /// (in sealed segments recovery did not scan).
+    pub read_damage: Vec<dmq_log_store::ReadDamage>,
 }
 
 /// One stored batch of an idempotent producer.
@@ -326,6 +346,15 @@ impl PartitionLog for Log {
 
     fn delete_before(&self, offset: u64) -> Result<u64, StoreError> {
         Ok(Log::delete_segments_before(self, offset)?.segments as u64)
+    }
+
+    fn recovery_damage(&self) -> RecoveryDamage {
+        let report = Log::recovery_report(self);
+        RecoveryDamage {
+            corrupt_regions: report.corrupt_regions.clone(),
+            tail_bytes_cut: report.bytes_truncated,
+            read_damage: Log::read_damage(self),
+        }
     }
 
     fn producer_batches(&self, from: u64) -> Result<Vec<ProducerBatch>, StoreError> {

@@ -28,7 +28,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::batch::{decode_header, encode_batch, validate_input, BatchInput, Record, RecordBatch};
+use crate::batch::{
+    decode_header, encode_batch, validate_input, BatchError, BatchInput, Record, RecordBatch,
+};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{FsyncPolicy, LogConfig};
 use crate::error::{is_disk_full, LogError, Result};
@@ -117,11 +119,33 @@ struct Shared {
     failed: OnceLock<String>,
 }
 
+/// Damage a read met in a sealed segment that recovery did not scan (its
+/// indexes were intact): reported so that it is counted and listed, not
+/// only logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadDamage {
+    /// The segment holding the damage.
+    pub segment_base_offset: u64,
+    /// Byte position of the damaged batch in that segment.
+    pub position: u64,
+    /// The offset the read asked for (at or after the damage's start).
+    pub offset: u64,
+    /// The first offset readable after the damage, if one is known.
+    pub next_readable_offset: Option<u64>,
+    /// What was wrong.
+    pub error: BatchError,
+}
+
+/// Distinct damaged batches remembered from reads, at most.
+const READ_DAMAGE_MAX: usize = 1024;
+
 /// A partition's commit log. `Send + Sync`: share it with `Arc`.
 #[derive(Debug)]
 pub struct Log {
     shared: Arc<Shared>,
     recovery: RecoveryReport,
+    /// Damaged batches met by reads since open (bounded, deduplicated).
+    read_damage: Mutex<Vec<ReadDamage>>,
     flusher: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -323,6 +347,7 @@ impl Log {
         Ok(Log {
             shared,
             recovery: report,
+            read_damage: Mutex::new(Vec::new()),
             flusher,
         })
     }
@@ -418,10 +443,47 @@ impl Log {
         if offset >= self.end_offset() {
             return Ok(Vec::new());
         }
-        match self.segment_for(offset) {
+        let read = match self.segment_for(offset) {
             Some(segment) => segment.read(offset, max_bytes),
             None => Ok(Vec::new()),
+        };
+        if let Err(error) = &read {
+            self.note_read_damage(offset, error);
         }
+        read
+    }
+
+    /// Remembers damage a read met (see [`Log::read_damage`]).
+    fn note_read_damage(&self, offset: u64, error: &LogError) {
+        let LogError::Corrupt {
+            segment_base_offset,
+            position,
+            next_readable_offset,
+            error,
+        } = error
+        else {
+            return;
+        };
+        let mut found = lock(&self.read_damage);
+        let known = found
+            .iter()
+            .any(|d| d.segment_base_offset == *segment_base_offset && d.position == *position);
+        if !known && found.len() < READ_DAMAGE_MAX {
+            found.push(ReadDamage {
+                segment_base_offset: *segment_base_offset,
+                position: *position,
+                offset,
+                next_readable_offset: *next_readable_offset,
+                error: error.clone(),
+            });
+        }
+    }
+
+    /// Distinct damaged batches that reads met since the log was opened
+    /// (at most 1,024), beside the ones recovery found
+    /// ([`Log::recovery_report`]).
+    pub fn read_damage(&self) -> Vec<ReadDamage> {
+        lock(&self.read_damage).clone()
     }
 
     /// The record at `offset`, if it is readable.
