@@ -291,9 +291,18 @@ async fn reconcile(
             topic = record.name,
             "creating the topic of a registry entry"
         );
-        create_topic(engine, &record.name, record.partitions, record.ordered)
-            .await
-            .map_err(|error| StartError::Reconcile(error.to_string()))?;
+        // A registry entry whose topic cannot be made (quarantined, no room
+        // on the disk) must not keep the broker from starting: it is
+        // reported and retried at the next start.
+        if let Err(error) =
+            create_topic(engine, &record.name, record.partitions, record.ordered).await
+        {
+            tracing::error!(
+                topic = record.name,
+                %error,
+                "the registry's topic could not be created; starting without it"
+            );
+        }
     }
     Ok(())
 }
@@ -307,7 +316,7 @@ pub(crate) async fn create_topic(
     ordered: bool,
 ) -> Result<TopicConfig, EngineError> {
     let config = TopicConfig {
-        partitions: partitions.max(1),
+        partitions,
         ordered,
     };
     let topic = name.to_string();

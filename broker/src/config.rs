@@ -8,8 +8,14 @@
 //! segment_bytes = 1073741824
 //! max_connections = 1024
 //! max_frame_bytes = 16777216
-//! handshake_timeout_ms = 5000
+//! handshake_timeout_ms = 5000        # the whole HELLO exchange, from connect
 //! idle_timeout_ms = 300000
+//! max_connections_per_address = 256
+//! max_frame_bytes_before_hello = 65536
+//! max_inflight_requests_per_connection = 1024
+//! producer_window_max = 100000        # idempotent producers remembered
+//! producer_window_bytes_max = 67108864
+//! allow_remote_development = false   # dev mode (no credentials) off loopback
 //!
 //! admin_listen = "127.0.0.1:7080"
 //! # argon2id hashes of admin tokens (`dmq hash-secret` prints one)
@@ -61,6 +67,23 @@ pub struct BrokerConfig {
     pub connection_queue_frames: usize,
     /// Largest credit one subscription may hold.
     pub max_credit: u32,
+    /// Connections from one IP address beyond this are refused.
+    pub max_connections_per_address: usize,
+    /// Frames before HELLO larger than this are refused (HELLO is small;
+    /// an unauthenticated peer may not make the broker buffer more).
+    pub max_frame_bytes_before_hello: u32,
+    /// Produces of one connection whose answers are not yet queued; past
+    /// this the connection is not read until answers drain (backpressure
+    /// for a client that does not read its answers).
+    pub max_inflight_requests_per_connection: usize,
+    /// Idempotent producers remembered by the dedup window.
+    pub producer_window_max: usize,
+    /// Bytes of answers the dedup window keeps at most.
+    pub producer_window_bytes_max: usize,
+    /// Development mode listening on a non-loopback address: refused at
+    /// start unless this is set (anyone who reaches the port could use the
+    /// broker with no credentials).
+    pub allow_remote_development: bool,
     /// Client id → argon2id hash of its secret.
     pub clients: BTreeMap<String, String>,
     /// Address of the admin HTTP API, the console and `/metrics`.
@@ -101,6 +124,12 @@ impl Default for BrokerConfig {
             idle_timeout_ms: 300_000,
             connection_queue_frames: 4096,
             max_credit: 100_000,
+            max_connections_per_address: 256,
+            max_frame_bytes_before_hello: 64 * 1024,
+            max_inflight_requests_per_connection: 1024,
+            producer_window_max: 100_000,
+            producer_window_bytes_max: 64 << 20,
+            allow_remote_development: false,
             clients: BTreeMap::new(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
             admin_tokens: Vec::new(),
@@ -147,6 +176,18 @@ impl BrokerConfig {
             return Err(ConfigError(
                 "stats_retention_hours must be at least 24".to_string(),
             ));
+        }
+        if self.development_mode() && !self.allow_remote_development {
+            for (what, address) in [("listen", self.listen), ("admin_listen", self.admin_listen)] {
+                if !address.ip().is_loopback() {
+                    return Err(ConfigError(format!(
+                        "development mode (no credentials) on {what} = {address}: anyone who \
+                         reaches it could use the broker. Listen on 127.0.0.1, configure \
+                         [clients] and admin_tokens, or set allow_remote_development = true \
+                         (--allow-remote-development)"
+                    )));
+                }
+            }
         }
         if self.trace_retention_hours == 0 {
             return Err(ConfigError(
@@ -232,6 +273,26 @@ mod tests {
         assert!(BrokerConfig::from_toml("fsync = \"sometimes\"").is_err());
         assert!(BrokerConfig::from_toml("unknown = 1").is_err());
         assert!(BrokerConfig::from_toml("stats_retention_hours = 2").is_err());
+    }
+
+    #[test]
+    fn development_mode_stays_on_loopback_unless_told() {
+        let error = BrokerConfig::from_toml("listen = \"0.0.0.0:7070\"")
+            .expect_err("dev mode on every interface");
+        assert!(
+            error.to_string().contains("allow_remote_development"),
+            "{error}"
+        );
+        assert!(BrokerConfig::from_toml("admin_listen = \"0.0.0.0:7080\"").is_err());
+        assert!(BrokerConfig::from_toml(
+            "listen = \"0.0.0.0:7070\"\nallow_remote_development = true"
+        )
+        .is_ok());
+        let hash = crate::auth::hash_secret("t").unwrap();
+        assert!(BrokerConfig::from_toml(&format!(
+            "listen = \"0.0.0.0:7070\"\nadmin_tokens = [\"{hash}\"]"
+        ))
+        .is_ok());
     }
 
     #[test]

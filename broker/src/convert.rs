@@ -23,7 +23,9 @@ pub(crate) fn dispatch_error(error: &DispatchError) -> ErrorResponse {
         DispatchError::UnknownGroup { .. } => ErrorCode::UnknownGroup,
         DispatchError::UnknownMember(_) => ErrorCode::UnknownSubscription,
         DispatchError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
-        DispatchError::InvalidName(_) => ErrorCode::InvalidRequest,
+        DispatchError::InvalidName(_) | DispatchError::InvalidArgument(_) => {
+            ErrorCode::InvalidRequest
+        }
         DispatchError::TopicConflict(_) => ErrorCode::TopicExists,
         DispatchError::NotDelivered { .. } => ErrorCode::NotDelivered,
         DispatchError::Store(store) => return store_error(store),
@@ -35,7 +37,9 @@ pub(crate) fn dispatch_error(error: &DispatchError) -> ErrorResponse {
 /// The wire error for a storage error.
 pub(crate) fn store_error(error: &StoreError) -> ErrorResponse {
     let code = match error {
-        StoreError::Log(LogError::DiskFull { .. }) => ErrorCode::DiskFull,
+        StoreError::Log(LogError::DiskFull { .. }) | StoreError::NoRoom { .. } => {
+            ErrorCode::DiskFull
+        }
         StoreError::Log(LogError::InvalidBatch(_)) => ErrorCode::InvalidRequest,
         _ => ErrorCode::StorageError,
     };

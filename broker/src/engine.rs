@@ -44,6 +44,7 @@ use dmq_protocol::{ProduceOk, ProducedRecord};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::config::BrokerConfig;
+use crate::dedup::{DedupKey, DedupWindow};
 use crate::telemetry::{Telemetry, TelemetryError};
 
 type Job = Box<dyn FnOnce(&mut Dispatcher, &mut Routes) + Send>;
@@ -160,20 +161,20 @@ pub struct Engine {
     telemetry: Telemetry,
 }
 
-/// Dedup window of idempotent producers: (topic, partition, producer id) →
-/// (last sequence, its response). Rebuilt from the logs at start.
-pub type ProducerWindow = Arc<Mutex<ProducerEntries>>;
-
-/// The entries of a [`ProducerWindow`].
-pub type ProducerEntries = HashMap<(String, u32, u64), (u64, ProduceOk)>;
+/// Dedup window of idempotent producers (bounded, see [`DedupWindow`]).
+/// Rebuilt from the logs at start.
+pub type ProducerWindow = Arc<Mutex<DedupWindow>>;
 
 /// How many offsets at the end of each partition are searched for producer
 /// sequences when the broker starts: a producer that retries a batch after a
 /// restart gets its original offsets back if the batch is in this window.
 pub const PRODUCER_WINDOW_OFFSETS: u64 = 100_000;
 
-fn rebuild_producer_window(partitions: &PartitionMap) -> Result<ProducerEntries, StartError> {
-    let mut window = HashMap::new();
+fn rebuild_producer_window(
+    partitions: &PartitionMap,
+    config: &BrokerConfig,
+) -> Result<DedupWindow, StartError> {
+    let mut window: HashMap<DedupKey, (u64, ProduceOk)> = HashMap::new();
     let mut parts: HashMap<(String, u64, u64), usize> = HashMap::new();
     for (topic, (_, logs)) in partitions {
         for (partition, log) in logs.iter().enumerate() {
@@ -207,7 +208,12 @@ fn rebuild_producer_window(partitions: &PartitionMap) -> Result<ProducerEntries,
     window.retain(|(topic, _, producer), (sequence, _)| {
         parts.get(&(topic.clone(), *producer, *sequence)) == Some(&1)
     });
-    Ok(window)
+    let mut bounded =
+        DedupWindow::new(config.producer_window_max, config.producer_window_bytes_max);
+    for (key, (sequence, response)) in window {
+        bounded.insert(key, sequence, response);
+    }
+    Ok(bounded)
 }
 
 impl Engine {
@@ -228,7 +234,7 @@ impl Engine {
             let logs = dispatcher.partitions(&name)?;
             map.insert(name, (topic_config, logs));
         }
-        let producers = rebuild_producer_window(&map)?;
+        let producers = rebuild_producer_window(&map, config)?;
         let partitions = Arc::new(RwLock::new(map));
         let (commands, receiver) = mpsc::channel();
         let thread_telemetry = telemetry.clone();

@@ -9,6 +9,7 @@
 //! - [`engine`]: the dispatcher on its own thread, and the produce path
 //!   (appends from every connection share group commits).
 //! - `convert`: wire types ↔ dispatcher and log types, errors → wire codes.
+//! - [`dedup`]: the idempotent producers' bounded dedup window.
 //! - [`config`]: [`BrokerConfig`], defaults, TOML, flags, development mode.
 //! - [`auth`]: argon2id credentials, the failed-attempt rate limit.
 //! - [`registry`]: the topic registry (status, owner, rights), crash-safe.
@@ -27,6 +28,7 @@ pub mod broker;
 pub mod config;
 mod console;
 mod convert;
+pub mod dedup;
 pub mod engine;
 pub mod registry;
 pub mod server;

@@ -28,7 +28,7 @@ use dmq_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Credentials, Verdict};
 use crate::broker::{Services, SharedRegistry};
@@ -95,6 +95,8 @@ struct Session {
     client_id: String,
     members: BTreeSet<MemberId>,
     clock: SystemClock,
+    /// Produces whose answer is not yet queued (see [`Session::produce`]).
+    inflight: Arc<Semaphore>,
 }
 
 /// Serves one connection until it closes, fails or the broker shuts down.
@@ -153,6 +155,9 @@ pub(crate) async fn serve(
         }
         let _ = writer.shutdown().await;
     });
+    let inflight = Arc::new(Semaphore::new(
+        shared.config.max_inflight_requests_per_connection.max(1),
+    ));
     let mut session = Session {
         shared,
         peer,
@@ -161,10 +166,23 @@ pub(crate) async fn serve(
         client_id: String::new(),
         members: BTreeSet::new(),
         clock: SystemClock,
+        inflight,
     };
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let max_frame = session.shared.config.max_frame_bytes;
+    // Before HELLO a peer is unknown: its frames are small and its whole
+    // handshake must fit one deadline that bytes do not extend.
+    let handshake_deadline = tokio::time::Instant::now()
+        + Duration::from_millis(session.shared.config.handshake_timeout_ms);
     'connection: loop {
+        let max_frame = if session.authenticated {
+            session.shared.config.max_frame_bytes
+        } else {
+            session
+                .shared
+                .config
+                .max_frame_bytes_before_hello
+                .min(session.shared.config.max_frame_bytes)
+        };
         // Decode every whole frame in the buffer. A whole frame is cut off
         // the buffer and decoded without copying: record keys, values and
         // headers are slices of it all the way to the log append.
@@ -206,13 +224,14 @@ pub(crate) async fn serve(
         if buffer.capacity() - buffer.len() < READ_MIN_SPARE_BYTES {
             buffer.reserve(READ_CHUNK_BYTES);
         }
-        let timeout = if session.authenticated {
-            session.shared.config.idle_timeout_ms
+        let deadline = if session.authenticated {
+            tokio::time::Instant::now()
+                + Duration::from_millis(session.shared.config.idle_timeout_ms)
         } else {
-            session.shared.config.handshake_timeout_ms
+            handshake_deadline
         };
         let read = tokio::select! {
-            read = tokio::time::timeout(Duration::from_millis(timeout), reader.read_buf(&mut buffer)) => read,
+            read = tokio::time::timeout_at(deadline, reader.read_buf(&mut buffer)) => read,
             _ = shutdown.changed() => {
                 session.send(Frame::error(0, ErrorCode::ShuttingDown, "the broker is shutting down")).await;
                 break;
@@ -408,8 +427,17 @@ impl Session {
     }
 
     /// Appends in request order now; answers once durable, from a task.
+    ///
+    /// Each produce holds one of the connection's in-flight permits until
+    /// its answer is queued for the writer: a client that sends produces
+    /// but never reads the answers stops being read once
+    /// `max_inflight_requests_per_connection` are waiting, so its memory
+    /// is bounded by configuration, not by how much it sends.
     async fn produce(&mut self, correlation_id: u32, produce: wire::Produce) {
-        match self.start_produce(correlation_id, produce).await {
+        let Ok(permit) = Arc::clone(&self.inflight).acquire_owned().await else {
+            return;
+        };
+        match self.start_produce(correlation_id, produce, permit).await {
             Ok(()) => {}
             Err(error) => self.send(error_frame(correlation_id, error)).await,
         }
@@ -419,6 +447,7 @@ impl Session {
         &mut self,
         correlation_id: u32,
         produce: wire::Produce,
+        permit: OwnedSemaphorePermit,
     ) -> Result<(), ErrorResponse> {
         // Rights first: a client without them learns nothing of the topic.
         let default_ttl_ms = match self.authorize(&produce.topic, Right::Produce).await? {
@@ -438,6 +467,17 @@ impl Session {
                 "a produce needs at least one record",
             ));
         }
+        let reserved = dmq_dispatcher::names::DELAY_HEADER_PREFIX.as_bytes();
+        if produce
+            .records
+            .iter()
+            .any(|record| record.headers.iter().any(|h| h.name.starts_with(reserved)))
+        {
+            return Err(ErrorResponse::new(
+                ErrorCode::InvalidRequest,
+                "headers starting with \"dmq.delay.\" are reserved for the broker",
+            ));
+        }
         // One partition per record: keyed records by their key's hash (so a
         // key always lands in one partition, whatever else shares its
         // batch), the others together in one partition.
@@ -454,7 +494,9 @@ impl Session {
                     .producers
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                window.get(key).cloned()
+                window
+                    .get(key)
+                    .map(|(sequence, response)| (sequence, response.clone()))
             };
             if let Some((last, response)) = previous {
                 if sequence.sequence == last {
@@ -538,6 +580,7 @@ impl Session {
                     sequence,
                 )
                 .await;
+                drop(permit);
             });
             return Ok(());
         }
@@ -628,6 +671,7 @@ impl Session {
                 sequence,
             )
             .await;
+            drop(permit);
         });
         Ok(())
     }
@@ -646,6 +690,30 @@ impl Session {
             }
             if subscribe.settings.ack_timeout_ms.is_none() {
                 config.ack_timeout_ms = ack_timeout_ms.unwrap_or(config.ack_timeout_ms);
+            }
+        }
+        // A group writes its dead letters: a client may name a dead-letter
+        // topic only where it may produce, and a derived one that is a
+        // registered topic needs that right too (internal names are refused
+        // by the dispatcher's name rules).
+        let dead_letter = config.dead_letter_topic_for(&subscribe.topic, &subscribe.group);
+        let registered = self
+            .shared
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&dead_letter)
+            .is_some();
+        if config.dead_letter_topic.is_some() || registered {
+            if let Err(refused) = self.authorize(&dead_letter, Right::Produce).await {
+                return Err(ErrorResponse::new(
+                    refused.code,
+                    format!(
+                        "the group's dead-letter topic {}: {}",
+                        dmq_dispatcher::names::shown(&dead_letter),
+                        refused.message
+                    ),
+                ));
             }
         }
         let max_credit = self.shared.config.max_credit;
@@ -1166,7 +1234,7 @@ async fn finish_produce(
         producers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (sequence, ok.clone()));
+            .insert(key, sequence, ok.clone());
     }
     let frame = match response {
         Ok(ok) => Frame::response(correlation_id, Response::ProduceOk(ok)),

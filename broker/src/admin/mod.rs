@@ -85,6 +85,7 @@ impl ApiError {
             StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
             StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::INSUFFICIENT_STORAGE => "disk_full",
             _ => "internal",
         }
     }
@@ -129,9 +130,18 @@ fn dispatch_error(message: String, error: &EngineError) -> ApiError {
             ApiError::not_found(message)
         }
         EngineError::Dispatch(
-            D::UnknownPartition { .. } | D::InvalidName(_) | D::NotDelivered { .. },
+            D::UnknownPartition { .. }
+            | D::InvalidName(_)
+            | D::InvalidArgument(_)
+            | D::NotDelivered { .. },
         ) => ApiError::bad_request(message),
-        EngineError::Dispatch(D::TopicConflict(_)) => ApiError::conflict(message),
+        EngineError::Dispatch(D::TopicConflict(_) | D::Quarantined { .. }) => {
+            ApiError::conflict(message)
+        }
+        EngineError::Dispatch(D::Store(
+            dmq_dispatcher::StoreError::NoRoom { .. }
+            | dmq_dispatcher::StoreError::Log(dmq_log_store::LogError::DiskFull { .. }),
+        )) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message),
         _ => ApiError::internal(message),
     }
 }
@@ -182,6 +192,7 @@ pub async fn blocking<T: Send + 'static>(
 pub fn router(services: Services) -> Router {
     let protected = Router::new()
         .route("/api/info", get(observe::info))
+        .route("/api/health", get(observe::health))
         .merge(topics::routes())
         .merge(messages::routes())
         .route("/api/trace/{id}", get(observe::trace))

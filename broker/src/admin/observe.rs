@@ -39,6 +39,47 @@ pub(super) async fn info(State(services): State<Services>) -> ApiResult<Json<ser
 }
 
 /// Parses a message id from a path or query.
+/// What the broker set aside or found damaged when it started: topics and
+/// groups the metadata replay quarantined, and partitions whose recovery
+/// skipped damaged regions or cut a torn tail, or whose reads met damage
+/// since. Empty lists mean healthy.
+pub(super) async fn health(State(services): State<Services>) -> ApiResult<Json<serde_json::Value>> {
+    let (quarantined, damaged) = services
+        .engine
+        .call(|dispatcher, _| (dispatcher.quarantined(), dispatcher.recovery_damage()))
+        .await?;
+    let damaged: Vec<serde_json::Value> = damaged
+        .into_iter()
+        .map(|(topic, partition, damage)| {
+            serde_json::json!({
+                "topic": topic,
+                "partition": partition,
+                "tail_bytes_cut": damage.tail_bytes_cut,
+                "corrupt_regions": damage.corrupt_regions.iter().map(|region| serde_json::json!({
+                    "segment_base_offset": region.segment_base_offset,
+                    "position": region.position,
+                    "len": region.len,
+                    "first_lost_offset": region.first_lost_offset,
+                    "next_readable_offset": region.next_readable_offset,
+                    "error": region.error.to_string(),
+                })).collect::<Vec<_>>(),
+                "read_damage": damage.read_damage.iter().map(|found| serde_json::json!({
+                    "segment_base_offset": found.segment_base_offset,
+                    "position": found.position,
+                    "offset": found.offset,
+                    "next_readable_offset": found.next_readable_offset,
+                    "error": found.error.to_string(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "healthy": quarantined.is_empty() && damaged.is_empty(),
+        "quarantined": quarantined,
+        "damaged_partitions": damaged,
+    })))
+}
+
 pub(super) fn parse_id(text: &str) -> ApiResult<MessageId> {
     text.parse().map_err(|_| {
         ApiError::bad_request(format!(
@@ -129,8 +170,17 @@ pub(super) async fn metrics(State(services): State<Services>) -> ApiResult<impl 
         .call(|dispatcher, _| {
             let mut snapshot = GaugeSnapshot {
                 pending_delays: dispatcher.pending_delays(),
+                quarantined: dispatcher.quarantined().len() as u64,
                 ..GaugeSnapshot::default()
             };
+            for (topic, partition, damage) in dispatcher.recovery_damage() {
+                snapshot.damage.push((
+                    topic,
+                    partition,
+                    (damage.corrupt_regions.len() + damage.read_damage.len()) as u64,
+                    damage.tail_bytes_cut,
+                ));
+            }
             for (topic, _) in dispatcher.topics() {
                 for (group, _) in dispatcher.groups(&topic) {
                     let Ok(stats) = dispatcher.group_stats(&topic, &group) else {

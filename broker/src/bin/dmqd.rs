@@ -1,12 +1,13 @@
 //! `dmqd`: the DMQ broker. With no arguments: data in ./data, the binary
 //! protocol on 127.0.0.1:7070, the admin API and console on
 //! 127.0.0.1:7080, durable produces (fsync always), development mode.
+//! `dmqd repair` sets damaged journal bytes aside (see docs/storage.md).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use dmq_broker::{Broker, BrokerConfig};
 
 /// DMQ broker.
@@ -28,6 +29,43 @@ struct Args {
     /// "always" (default), "never" or "interval:<n>ms".
     #[arg(long)]
     fsync: Option<String>,
+    /// Allow development mode (no credentials) on a non-loopback address.
+    #[arg(long)]
+    allow_remote_development: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Repairs the dispatcher's journals after `dmqd` refused to start
+    /// because one is damaged: each damaged journal is copied to
+    /// `<name>.journal.damaged`, then rewritten with every valid entry
+    /// (what the damaged bytes held is lost, and listed). Run it with the
+    /// broker stopped.
+    Repair {
+        /// Data directory (default: the configuration's, or ./data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn repair(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let repairs = dmq_dispatcher::storage::repair_journals(data_dir)
+        .with_context(|| format!("repairing the journals under {}", data_dir.display()))?;
+    if repairs.is_empty() {
+        println!("no damaged journal under {}", data_dir.display());
+    }
+    for repair in repairs {
+        println!(
+            "{}: kept {} entries, set aside damaged bytes {:?}; original copied to {}",
+            repair.path.display(),
+            repair.kept_entries,
+            repair.damaged,
+            repair.copy.display()
+        );
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,7 +96,23 @@ fn main() -> anyhow::Result<()> {
     if let Some(fsync) = args.fsync {
         config.fsync = fsync;
     }
+    if let Some(Command::Repair { data_dir }) = &args.command {
+        return repair(data_dir.as_ref().unwrap_or(&config.data_dir));
+    }
+    if args.allow_remote_development {
+        config.allow_remote_development = true;
+    }
     config.validate()?;
+    if config.development_mode()
+        && !(config.listen.ip().is_loopback() && config.admin_listen.ip().is_loopback())
+    {
+        tracing::warn!(
+            listen = %config.listen,
+            admin_listen = %config.admin_listen,
+            "DEVELOPMENT MODE ON A NON-LOOPBACK ADDRESS: no credentials are checked; \
+             anyone who reaches these ports can produce, consume and delete"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("dmqd")

@@ -16,6 +16,10 @@
 //!   `dmq_connections_rejected_total{reason}`
 //! - `dmq_group_lag_messages{topic,group}`, `dmq_group_lag_seconds{topic,group}`,
 //!   `dmq_delays_pending`
+//! - `dmq_quarantined_objects` (topics and groups set aside at start),
+//!   `dmq_recovery_damaged_regions{topic,partition}`,
+//!   `dmq_recovery_truncated_bytes{topic,partition}` (what recovery skipped
+//!   and cut; see `GET /api/health`)
 //! - `dmq_trace_events_dropped_total`
 //! - `dmq_build_info{version}` (always 1)
 
@@ -34,6 +38,12 @@ use super::GaugeSnapshot;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicLabels {
     topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    topic: String,
+    partition: u32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -279,6 +289,38 @@ impl Metrics {
             "delays_pending",
             "Delayed messages waiting in the delay store",
             pending,
+        );
+        let quarantined = Gauge::<i64>::default();
+        quarantined.set(i64::try_from(gauges.quarantined).unwrap_or(i64::MAX));
+        scrape.register(
+            "quarantined_objects",
+            "Topics and groups the metadata replay set aside at start",
+            quarantined,
+        );
+        let damaged_regions = Family::<PartitionLabels, Gauge>::default();
+        let truncated = Family::<PartitionLabels, Gauge>::default();
+        for (topic, partition, regions, bytes) in &gauges.damage {
+            let labels = PartitionLabels {
+                topic: topic.clone(),
+                partition: *partition,
+            };
+            damaged_regions
+                .get_or_create(&labels)
+                .set(i64::try_from(*regions).unwrap_or(i64::MAX));
+            truncated
+                .get_or_create(&labels)
+                .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+        }
+        scrape.register(
+            "recovery_damaged_regions",
+            "Damaged regions of a partition's log that readers skip",
+            damaged_regions,
+        );
+        scrape.register_with_unit(
+            "recovery_truncated",
+            "Torn-tail bytes recovery cut from a partition's log",
+            Unit::Bytes,
+            truncated,
         );
         let mut text = String::new();
         let encoded = prometheus_client::encoding::text::encode_registry(&mut text, &self.registry)

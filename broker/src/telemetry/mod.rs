@@ -188,6 +188,11 @@ pub struct GaugeSnapshot {
     pub group_lag: Vec<(String, String, u64, f64)>,
     /// Delays waiting in the delay store.
     pub pending_delays: u64,
+    /// Topics and groups quarantined at start.
+    pub quarantined: u64,
+    /// (topic, partition, damaged regions skipped, torn-tail bytes cut) of
+    /// the partitions whose recovery found anything.
+    pub damage: Vec<(String, u32, u64, u64)>,
 }
 
 /// Trace, statistics and metrics. Cheap to clone.

@@ -379,9 +379,14 @@ fn the_metrics_text_names_every_series() {
     let text = telemetry.render_metrics(&GaugeSnapshot {
         group_lag: vec![("t".to_string(), "g".to_string(), 5, 1.5)],
         pending_delays: 3,
+        quarantined: 2,
+        damage: vec![("t".to_string(), 1, 4, 100)],
     });
     for line in [
         "dmq_messages_produced_total{topic=\"t\"} 2",
+        "dmq_quarantined_objects 2",
+        "dmq_recovery_damaged_regions{topic=\"t\",partition=\"1\"} 4",
+        "dmq_recovery_truncated_bytes{topic=\"t\",partition=\"1\"} 100",
         "dmq_messages_delivered_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_acked_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_redelivered_total{topic=\"t\",group=\"g\"} 1",

@@ -181,6 +181,50 @@ impl Broker {
                 .unwrap();
         }
     }
+
+    /// Stops the broker; its data directory lives as long as the result.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        if let Some(running) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+                .await
+                .unwrap();
+        }
+        self._dir
+    }
+
+    /// The broker's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// Stops the broker and starts it again on the same data dir (new
+    /// ports), configured by `configure` as at its first start. Panics if
+    /// it does not start: that is what the hostile tests check.
+    pub async fn restart(mut self, configure: impl FnOnce(&mut BrokerConfig)) -> Broker {
+        if let Some(running) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+                .await
+                .unwrap();
+        }
+        let mut config = BrokerConfig {
+            data_dir: self._dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            segment_bytes: 1 << 20,
+            handshake_timeout_ms: 500,
+            ..BrokerConfig::default()
+        };
+        configure(&mut config);
+        let running = dmq_broker::Broker::start(config)
+            .await
+            .expect("the broker starts again after a hostile request");
+        Broker {
+            addr: running.protocol_addr(),
+            admin: running.admin_addr(),
+            running: Some(running),
+            _dir: self._dir,
+        }
+    }
 }
 
 /// A real client connected to `broker`.
