@@ -296,6 +296,15 @@ enum MetaEntry {
     TopicDeleted {
         name: String,
     },
+    /// Recovery cut a partition's log back to `end` (a torn or damaged
+    /// tail, or a power loss under a lazy fsync policy): every earlier
+    /// bounded deletion of that partition stops at `end`, so that records
+    /// which later take the lost offsets are not deleted with them.
+    LogCut {
+        topic: String,
+        partition: u32,
+        end: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -410,6 +419,9 @@ pub struct Dispatcher {
     meta_failed: Option<String>,
     /// Topics and groups the replay could not restore, by (topic, group).
     quarantined: BTreeMap<(String, Option<String>), Quarantined>,
+    /// When this dispatcher opened: a delayed message due before may have
+    /// fired before a crash already (its fired mark is lazy).
+    opened_at_ms: i64,
 }
 
 impl Dispatcher {
@@ -443,6 +455,7 @@ impl Dispatcher {
             outbox: Vec::new(),
             meta_failed: None,
             quarantined: BTreeMap::new(),
+            opened_at_ms: now,
         };
         let entries = payloads
             .iter()
@@ -468,6 +481,7 @@ impl Dispatcher {
             }
             dispatcher.replay(entry.clone());
         }
+        dispatcher.journal_log_cuts()?;
         let groups: Vec<(String, String)> = dispatcher.group_configs.keys().cloned().collect();
         for (topic, group) in groups {
             let clustering = dispatcher
@@ -529,7 +543,9 @@ impl Dispatcher {
                 self.quarantined.retain(|(topic, _), _| topic != name);
                 (name.clone(), None)
             }
-            MetaEntry::Tombstone { topic, .. } => (topic.clone(), None),
+            MetaEntry::Tombstone { topic, .. } | MetaEntry::LogCut { topic, .. } => {
+                (topic.clone(), None)
+            }
         };
         if self.quarantined.contains_key(&(topic.clone(), None))
             && !matches!(entry, MetaEntry::TopicDeleted { .. })
@@ -645,6 +661,44 @@ impl Dispatcher {
                 self.topics.remove(&name);
                 self.group_configs.retain(|(topic, _), _| *topic != name);
             }
+            MetaEntry::LogCut {
+                topic,
+                partition,
+                end,
+            } => {
+                if let Some(state) = self.topics.get_mut(&topic) {
+                    state.tombstones.cut(partition, end);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After replay: a partition whose log ends below a deletion's bound
+    /// was cut back by recovery; the cut is journaled (see
+    /// [`MetaEntry::LogCut`]) before any new record can take those offsets.
+    fn journal_log_cuts(&mut self) -> Result<()> {
+        let mut cuts = Vec::new();
+        for (name, topic) in &self.topics {
+            for (partition, log) in topic.partitions.iter().enumerate() {
+                let end = log.end_offset();
+                if topic.tombstones.bounded_past(partition as u32, end) {
+                    cuts.push(MetaEntry::LogCut {
+                        topic: name.clone(),
+                        partition: partition as u32,
+                        end,
+                    });
+                }
+            }
+        }
+        for cut in cuts {
+            tracing::warn!(
+                entry = ?cut,
+                "a partition's log ends below an earlier deletion's bound (cut at \
+                 recovery): the deletion now stops at the log's end"
+            );
+            self.persist_meta(&cut)?;
+            self.apply_meta(cut)?;
         }
         Ok(())
     }
@@ -1998,6 +2052,14 @@ impl Dispatcher {
                 };
                 let partition = message.partition.min(topic.config.partitions - 1);
                 let log = Arc::clone(&topic.partitions[partition as usize]);
+                // Due before this dispatcher opened: it may have fired
+                // before a crash that lost its fired mark. A copy already in
+                // the log is not appended again (a second copy would escape
+                // a deletion that covered the first).
+                if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
+                    fired.push(message.id);
+                    continue;
+                }
                 let appended = log.append(vec![message.record])?;
                 for (offset, id) in appended {
                     self.emit(

@@ -844,17 +844,26 @@ impl Storage for FileStorage {
     }
 }
 
-/// An in-memory partition log: appends are durable at once (as after an
-/// fsync), timestamps come from the caller's clock.
+/// An in-memory partition log, timestamps from the caller's clock.
+///
+/// Durability models the fsync policies: an eager log (`Always`) makes a
+/// batch durable in [`PartitionLog::wait_durable`]; a lazy one (`Never`,
+/// `Interval`) only when [`MemoryStorage::sync_logs`] says so (the OS
+/// writing back). [`MemoryStorage::power_loss`] cuts each log to some
+/// length between its durable end and its end, as recovery after a power
+/// loss would.
 #[derive(Debug)]
 pub struct MemoryLog {
     clock: Arc<dyn dmq_log_store::Clock>,
+    lazy: bool,
     state: Mutex<MemoryLogState>,
 }
 
 #[derive(Debug, Default)]
 struct MemoryLogState {
     records: Vec<Record>,
+    /// Records below this survive a power loss.
+    durable_len: usize,
     next_unique: u64,
     last_timestamp_ms: i64,
 }
@@ -862,8 +871,17 @@ struct MemoryLogState {
 impl MemoryLog {
     /// An empty log stamped by `clock`.
     pub fn new(clock: Arc<dyn dmq_log_store::Clock>, id_seed: u64) -> MemoryLog {
+        MemoryLog::with_durability(clock, id_seed, false)
+    }
+
+    fn with_durability(
+        clock: Arc<dyn dmq_log_store::Clock>,
+        id_seed: u64,
+        lazy: bool,
+    ) -> MemoryLog {
         MemoryLog {
             clock,
+            lazy,
             state: Mutex::new(MemoryLogState {
                 next_unique: id_seed,
                 ..MemoryLogState::default()
@@ -915,8 +933,17 @@ impl PartitionLog for MemoryLog {
         })
     }
 
-    fn wait_durable(&self, _info: &AppendInfo) -> Result<(), StoreError> {
+    fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError> {
+        if !self.lazy {
+            let mut state = lock(&self.state);
+            let end = (info.last_offset + 1) as usize;
+            state.durable_len = state.durable_len.max(end.min(state.records.len()));
+        }
         Ok(())
+    }
+
+    fn durable_on_append(&self) -> bool {
+        self.lazy
     }
 
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
@@ -980,22 +1007,63 @@ type MemoryPartitions = BTreeMap<(String, u32), Arc<MemoryLog>>;
 type MemoryJournals = BTreeMap<String, Arc<Mutex<Vec<Vec<u8>>>>>;
 
 /// Simulated storage: partitions and synced journal contents survive a
-/// "crash" (dropping the dispatcher); unsynced journal appends do not.
+/// "crash" (dropping the dispatcher); unsynced journal appends do not. With
+/// lazy logs, [`MemoryStorage::power_loss`] also cuts what the logs had
+/// not made durable.
 #[derive(Debug, Clone)]
 pub struct MemoryStorage {
     clock: Arc<dyn dmq_log_store::Clock>,
     partitions: Arc<Mutex<MemoryPartitions>>,
     journals: Arc<Mutex<MemoryJournals>>,
+    lazy_logs: bool,
 }
 
 impl MemoryStorage {
-    /// Empty storage whose logs are stamped by `clock`.
+    /// Empty storage whose logs are stamped by `clock`; appends are
+    /// durable once acknowledged (fsync `Always`).
     pub fn new(clock: Arc<dyn dmq_log_store::Clock>) -> MemoryStorage {
         MemoryStorage {
             clock,
             partitions: Arc::default(),
             journals: Arc::default(),
+            lazy_logs: false,
         }
+    }
+
+    /// Like [`MemoryStorage::new`], but appends are durable only at
+    /// [`MemoryStorage::sync_logs`] (fsync `Never` or `Interval`).
+    pub fn with_lazy_logs(clock: Arc<dyn dmq_log_store::Clock>) -> MemoryStorage {
+        MemoryStorage {
+            lazy_logs: true,
+            ..MemoryStorage::new(clock)
+        }
+    }
+
+    /// Every log's appends so far become durable (a background writeback).
+    pub fn sync_logs(&self) {
+        for log in lock(&self.partitions).values() {
+            let mut state = lock(&log.state);
+            state.durable_len = state.records.len();
+        }
+    }
+
+    /// A power loss, as recovery finds it: each log keeps its durable
+    /// records and `keep(topic, partition, lost)` of the `lost` ones that
+    /// were not durable (the OS may have written some back). Returns the
+    /// records cut, in all. The dispatcher must be dropped first (journal
+    /// appends not synced are lost with it).
+    pub fn power_loss(&self, mut keep: impl FnMut(&str, u32, usize) -> usize) -> usize {
+        let mut cut = 0;
+        for ((topic, partition), log) in lock(&self.partitions).iter() {
+            let mut state = lock(&log.state);
+            let lost = state.records.len() - state.durable_len;
+            let kept = keep(topic, *partition, lost).min(lost);
+            let len = state.durable_len + kept;
+            cut += state.records.len() - len;
+            state.records.truncate(len);
+            state.durable_len = len;
+        }
+        cut
     }
 
     /// The in-memory log of a partition, if it was opened.
@@ -1013,7 +1081,13 @@ impl Storage for MemoryStorage {
         let seed = (partitions.len() as u64 + 1) << 40;
         let log = partitions
             .entry((topic.to_string(), partition))
-            .or_insert_with(|| Arc::new(MemoryLog::new(Arc::clone(&self.clock), seed)));
+            .or_insert_with(|| {
+                Arc::new(MemoryLog::with_durability(
+                    Arc::clone(&self.clock),
+                    seed,
+                    self.lazy_logs,
+                ))
+            });
         Ok(Arc::clone(log) as Arc<dyn PartitionLog>)
     }
 

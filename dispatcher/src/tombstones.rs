@@ -61,8 +61,10 @@ struct TimeRange {
 /// The deletions of one topic, in the form the delivery path checks.
 #[derive(Debug, Default)]
 pub(crate) struct Tombstones {
-    /// (partition, start, end); `end` is already cut at the deletion's bound.
-    ranges: Vec<(u32, u64, u64)>,
+    /// (partition, start, end, bounded); `end` is already cut at the
+    /// deletion's bound (`bounded`: it had one; entries from before bounds
+    /// existed did not, and recovery cuts never change them).
+    ranges: Vec<(u32, u64, u64, bool)>,
     ids: HashSet<MessageId>,
     times: Vec<TimeRange>,
     /// Per key, per partition: records with the key below this offset are
@@ -89,7 +91,7 @@ impl Tombstones {
             } => {
                 let end = (*end).min(bound(below, *partition));
                 if *start < end {
-                    self.ranges.push((*partition, *start, end));
+                    self.ranges.push((*partition, *start, end, below.is_some()));
                 }
             }
             Tombstone::MessageId(text) => {
@@ -118,6 +120,51 @@ impl Tombstones {
         }
     }
 
+    /// True if a bounded deletion reaches at or past `end` in `partition`:
+    /// after recovery cut the log back to `end`, new records will take
+    /// those offsets and such a deletion would cover them.
+    pub(crate) fn bounded_past(&self, partition: u32, end: u64) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(p, _, to, bounded)| bounded && p == partition && to > end)
+            || self.times.iter().any(|t| {
+                t.below
+                    .as_deref()
+                    .is_some_and(|below| bound(Some(below), partition) > end)
+            })
+            || self
+                .keys
+                .values()
+                .any(|bounds| bound(Some(bounds), partition) > end)
+    }
+
+    /// The log of `partition` was cut back to `end` at recovery: every
+    /// bounded deletion now stops at `end`, so records that later take the
+    /// lost offsets are not covered. (Unbounded ones, message ids and
+    /// entries from before bounds existed, stay as they are.)
+    pub(crate) fn cut(&mut self, partition: u32, end: u64) {
+        for range in &mut self.ranges {
+            if range.0 == partition && range.3 {
+                range.2 = range.2.min(end);
+            }
+        }
+        self.ranges.retain(|&(_, from, to, _)| from < to);
+        for time in &mut self.times {
+            if let Some(slot) = time
+                .below
+                .as_mut()
+                .and_then(|below| below.get_mut(partition as usize))
+            {
+                *slot = (*slot).min(end);
+            }
+        }
+        for bounds in self.keys.values_mut() {
+            if let Some(slot) = bounds.get_mut(partition as usize) {
+                *slot = (*slot).min(end);
+            }
+        }
+    }
+
     /// The end of the run of offsets, from `log`'s start offset, that
     /// offset-range and time-range deletions cover without a gap: every
     /// stored record of `partition` below it is deleted. (Key and id
@@ -131,8 +178,8 @@ impl Tombstones {
         let mut intervals: Vec<(u64, u64)> = self
             .ranges
             .iter()
-            .filter(|(p, _, _)| *p == partition)
-            .map(|&(_, from, to)| (from, to.min(end)))
+            .filter(|(p, _, _, _)| *p == partition)
+            .map(|&(_, from, to, _)| (from, to.min(end)))
             .collect();
         for time in &self.times {
             let to = bound(time.below.as_deref(), partition).min(end);
@@ -155,7 +202,7 @@ impl Tombstones {
     pub(crate) fn covers(&self, partition: u32, record: &Record) -> bool {
         self.ranges
             .iter()
-            .any(|&(p, start, end)| p == partition && (start..end).contains(&record.offset))
+            .any(|&(p, start, end, _)| p == partition && (start..end).contains(&record.offset))
             || self.covers_by_id_or_key(partition, record)
             || self.times.iter().any(|t| {
                 (t.start_ms..t.end_ms).contains(&record.timestamp_ms)
@@ -291,8 +338,8 @@ impl Tombstones {
         let mut intervals: Vec<(u64, u64)> = self
             .ranges
             .iter()
-            .filter(|&&(p, _, _)| p == partition)
-            .map(|&(_, start, end)| (start.max(from), end.min(to)))
+            .filter(|&&(p, _, _, _)| p == partition)
+            .map(|&(_, start, end, _)| (start.max(from), end.min(to)))
             .filter(|(start, end)| start < end)
             .collect();
         for time in &self.times {
