@@ -95,7 +95,7 @@ fn group_config() -> GroupConfig {
 
 impl Run {
     fn new(seed: u64) -> Run {
-        let mut rng = Rng(seed ^ 0x5EED_0F_F00D);
+        let mut rng = Rng(seed ^ 0x5EED_0FF0_0D00);
         let clock = Arc::new(ManualClock::new(1_700_000_000_000));
         let lazy = rng.chance(60);
         let storage = if lazy {
