@@ -86,6 +86,9 @@ impl Broker {
     /// and serves both until [`shutdown`](Self::shutdown).
     pub async fn start(config: BrokerConfig) -> Result<Broker, StartError> {
         config.validate()?;
+        crate::disk_reserve::prepare(&config.data_dir, config.disk_reserve_bytes).map_err(
+            |source| StartError::Reconcile(format!("preparing the disk reserve: {source}")),
+        )?;
         let engine_config = config.clone();
         let engine = tokio::task::spawn_blocking(move || Engine::start(&engine_config))
             .await

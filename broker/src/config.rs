@@ -6,6 +6,7 @@
 //! listen = "127.0.0.1:7070"
 //! fsync = "always"            # "always" | "never" | "interval:10ms"
 //! segment_bytes = 1073741824
+//! disk_reserve_bytes = 67108864     # kept free for acks, deletions, metadata
 //! max_connections = 1024
 //! max_frame_bytes = 16777216
 //! handshake_timeout_ms = 5000        # the whole HELLO exchange, from connect
@@ -22,6 +23,8 @@
 //! admin_tokens = ["$argon2id$v=19$m=19456,t=2,p=1$..."]
 //! trace = true
 //! trace_retention_hours = 72
+//! # trace_segment_bytes = 67108864  # default: min(64 MiB, segment_bytes)
+//! # trace_max_bytes = 1073741824     # default: bounded by age only
 //! stats_retention_hours = 48
 //!
 //! [clients]                   # client id = argon2id hash of its secret
@@ -55,6 +58,11 @@ pub struct BrokerConfig {
     pub fsync: String,
     /// Segment size of partition logs.
     pub segment_bytes: u32,
+    /// Room kept on the data disk for acks, deletions and metadata: no
+    /// segment is created that would leave less free, and a reserve file
+    /// of this size is released at start when the disk is full (see
+    /// `disk_reserve`). 0 turns both off.
+    pub disk_reserve_bytes: u64,
     /// Connections beyond this are refused.
     pub max_connections: usize,
     /// Frames larger than this are rejected before their body is read.
@@ -97,6 +105,13 @@ pub struct BrokerConfig {
     pub trace: bool,
     /// Trace records are kept this long.
     pub trace_retention_hours: u64,
+    /// Size of a trace log segment; default: the smaller of 64 MiB and
+    /// `segment_bytes` (a broker configured for a small disk gets a small
+    /// trace).
+    pub trace_segment_bytes: Option<u32>,
+    /// The trace keeps at most about this many bytes (oldest segments go
+    /// first); default: no bound but its age.
+    pub trace_max_bytes: Option<u64>,
     /// Per-minute statistics are kept this long (at least 24).
     pub stats_retention_hours: u64,
 }
@@ -118,6 +133,7 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             fsync: "always".to_string(),
             segment_bytes: 1 << 30,
+            disk_reserve_bytes: 64 << 20,
             max_connections: 1024,
             max_frame_bytes: dmq_protocol::DEFAULT_MAX_FRAME_BYTES,
             handshake_timeout_ms: 5_000,
@@ -136,6 +152,8 @@ impl Default for BrokerConfig {
             mode: None,
             trace: true,
             trace_retention_hours: 72,
+            trace_segment_bytes: None,
+            trace_max_bytes: None,
             stats_retention_hours: 48,
         }
     }
@@ -223,6 +241,7 @@ impl BrokerConfig {
         let config = LogConfig {
             segment_bytes_max: self.segment_bytes,
             fsync: self.fsync_policy()?,
+            min_free_bytes: self.disk_reserve_bytes,
             ..LogConfig::default()
         };
         config.validate().map_err(|e| ConfigError(e.to_string()))?;
@@ -243,6 +262,11 @@ impl BrokerConfig {
         crate::telemetry::TelemetryConfig {
             trace_enabled: self.trace,
             trace_retention_hours: self.trace_retention_hours,
+            trace_segment_bytes: self
+                .trace_segment_bytes
+                .unwrap_or(crate::telemetry::TRACE_SEGMENT_BYTES.min(self.segment_bytes)),
+            trace_max_bytes: self.trace_max_bytes,
+            min_free_bytes: self.disk_reserve_bytes,
             stats_retention_hours: self.stats_retention_hours,
         }
     }

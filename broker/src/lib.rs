@@ -10,6 +10,8 @@
 //!   (appends from every connection share group commits).
 //! - `convert`: wire types ↔ dispatcher and log types, errors → wire codes.
 //! - [`dedup`]: the idempotent producers' bounded dedup window.
+//! - [`disk_reserve`]: room kept for acks, deletions and metadata when the
+//!   disk is full.
 //! - [`config`]: [`BrokerConfig`], defaults, TOML, flags, development mode.
 //! - [`auth`]: argon2id credentials, the failed-attempt rate limit.
 //! - [`registry`]: the topic registry (status, owner, rights), crash-safe.
@@ -29,6 +31,7 @@ pub mod config;
 mod console;
 mod convert;
 pub mod dedup;
+pub mod disk_reserve;
 pub mod engine;
 pub mod registry;
 pub mod server;

@@ -812,7 +812,8 @@ impl Storage for FileStorage {
     }
 
     fn check_room(&self, partitions: u32) -> Result<(), StoreError> {
-        let need = u64::from(partitions) * u64::from(self.log_config.segment_bytes_max);
+        let need = (u64::from(partitions) * u64::from(self.log_config.segment_bytes_max))
+            .saturating_add(self.log_config.min_free_bytes);
         let free =
             dmq_log_store::available_bytes(&self.root).map_err(|source| StoreError::Journal {
                 name: self.root.display().to_string(),

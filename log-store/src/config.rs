@@ -47,6 +47,11 @@ pub struct LogConfig {
     pub retention_age: Option<Duration>,
     /// The append path.
     pub io_backend: IoBackend,
+    /// A new segment is created only if the disk keeps at least this many
+    /// bytes free after its preallocation: what the rest of the broker
+    /// needs to write (acks, deletions, metadata) when produces have filled
+    /// the disk. 0: no check.
+    pub min_free_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -59,6 +64,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_age: None,
             io_backend: IoBackend::Portable,
+            min_free_bytes: 0,
         }
     }
 }

@@ -42,7 +42,9 @@ pub use config::{FsyncPolicy, IoBackend, LogConfig};
 pub use dmq_index::key_hash;
 pub use error::{LogError, Result};
 pub use fsync_stats::{fsync_histogram, FsyncHistogram};
-pub use log::{available_bytes, AppendInfo, DeletedSegments, Log, ReadDamage, RecoveryReport};
+pub use log::{
+    allocate_file, available_bytes, AppendInfo, DeletedSegments, Log, ReadDamage, RecoveryReport,
+};
 pub use message_id::{MessageId, ParseMessageIdError};
 pub use scan::CorruptRegion;
 

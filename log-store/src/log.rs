@@ -160,6 +160,14 @@ pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// Creates `path` with `len` bytes really allocated (not a sparse file):
+/// room held back that deleting the file gives back at once.
+pub fn allocate_file(path: &Path, len: u64) -> std::io::Result<()> {
+    let file = File::create(path)?;
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len)?;
+    file.sync_all()
+}
+
 fn fallocate(file: &File, len: u64, path: &Path) -> Result<()> {
     rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)
         .map_err(|errno| LogError::io("preallocating a segment", path, errno.into()))
@@ -918,6 +926,14 @@ fn open_segment_file(path: &Path, write: bool) -> Result<File> {
 fn create_segment(dir: &Path, config: &LogConfig, base_offset: u64) -> Result<Segment> {
     let path = dir.join(log_file_name(base_offset));
     let capacity = u64::from(config.segment_bytes_max);
+    if config.min_free_bytes > 0 {
+        let free = available_bytes(dir).map_err(|e| LogError::io("reading free space", dir, e))?;
+        if free < capacity.saturating_add(config.min_free_bytes) {
+            return Err(LogError::DiskFull {
+                context: "creating a segment (it would leave less than min_free_bytes free)",
+            });
+        }
+    }
     let file = File::options()
         .read(true)
         .write(true)
@@ -1084,6 +1100,26 @@ fn rebuild_indexes(
     }
 }
 
+/// Preallocates `file` from `len` to `capacity`; on a full disk keeps its
+/// length instead (when it has data: an empty file cannot be mapped) and
+/// returns that as the capacity, so that the log opens on a full disk and
+/// its first append finds the segment full and reports `DiskFull` when it
+/// cannot roll.
+fn preallocate_or_keep(file: &File, len: u64, capacity: u64, path: &Path) -> Result<u64> {
+    match fallocate(file, capacity, path) {
+        Ok(()) => Ok(capacity),
+        Err(LogError::DiskFull { .. }) if len > 0 => {
+            tracing::warn!(
+                segment = %path.display(),
+                len,
+                "disk full: the active segment opens at its data's size; appends need room"
+            );
+            Ok(len)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Opens the last segment for appends: preallocates it back to its capacity,
 /// rebuilds its indexes from a full scan and cuts a torn tail.
 fn open_active_segment(
@@ -1098,7 +1134,7 @@ fn open_active_segment(
         .metadata()
         .map_err(|e| LogError::io("reading a segment's size", &path, e))?
         .len();
-    let capacity = len.max(u64::from(config.segment_bytes_max));
+    let mut capacity = len.max(u64::from(config.segment_bytes_max));
     if capacity >= u64::from(u32::MAX) {
         return Err(LogError::InvalidConfig(format!(
             "{} is larger than 4 GiB",
@@ -1106,7 +1142,7 @@ fn open_active_segment(
         )));
     }
     if len < capacity {
-        fallocate(&file, capacity, &path)?;
+        capacity = preallocate_or_keep(&file, len, capacity, &path)?;
     }
     let mut map = SegmentMap::new(&file, capacity)
         .map_err(|e| LogError::io("mapping a segment", &path, e))?;
@@ -1135,7 +1171,9 @@ fn open_active_segment(
         drop(map);
         file.set_len(outcome.valid_end)
             .map_err(|e| LogError::io("truncating a torn tail", &path, e))?;
-        fallocate(&file, capacity, &path)?;
+        // No room to preallocate again: the segment ends at its data (its
+        // indexes, sized for more, keep their room).
+        capacity = preallocate_or_keep(&file, outcome.valid_end, capacity, &path)?;
         file.sync_all()
             .map_err(|e| LogError::io("syncing a truncated segment", &path, e))?;
         map = SegmentMap::new(&file, capacity)

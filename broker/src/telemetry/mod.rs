@@ -97,6 +97,12 @@ pub struct TelemetryConfig {
     pub trace_retention_hours: u64,
     /// Per-minute counts older than this are dropped.
     pub stats_retention_hours: u64,
+    /// Size of a trace log segment (preallocated when created).
+    pub trace_segment_bytes: u32,
+    /// The oldest trace segments are deleted while the trace is larger.
+    pub trace_max_bytes: Option<u64>,
+    /// The trace creates no segment that would leave less free.
+    pub min_free_bytes: u64,
 }
 
 /// Why telemetry could not start or answer.
@@ -252,12 +258,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn trace_log_config(config: &TelemetryConfig) -> LogConfig {
     let retention = Duration::from_secs(config.trace_retention_hours.max(1).saturating_mul(3600));
     LogConfig {
-        segment_bytes_max: TRACE_SEGMENT_BYTES,
+        segment_bytes_max: config.trace_segment_bytes,
         // Roll at least hourly, so that age retention can delete old
         // records even when the trace is quiet.
         segment_age_max: Some(retention.min(Duration::from_secs(3600))),
         fsync: FsyncPolicy::Never,
         retention_age: Some(retention),
+        retention_bytes: config.trace_max_bytes,
+        min_free_bytes: config.min_free_bytes,
         ..LogConfig::default()
     }
 }

@@ -19,6 +19,9 @@ const HOUR_MS: i64 = 3_600_000;
 
 fn config(trace_enabled: bool) -> TelemetryConfig {
     TelemetryConfig {
+        trace_segment_bytes: TRACE_SEGMENT_BYTES,
+        trace_max_bytes: None,
+        min_free_bytes: 0,
         trace_enabled,
         trace_retention_hours: 72,
         stats_retention_hours: 24,

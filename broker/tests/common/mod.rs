@@ -161,6 +161,7 @@ impl Broker {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             segment_bytes: 1 << 20,
+            disk_reserve_bytes: 1 << 20,
             handshake_timeout_ms: 500,
             ..BrokerConfig::default()
         };
@@ -211,6 +212,7 @@ impl Broker {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             segment_bytes: 1 << 20,
+            disk_reserve_bytes: 1 << 20,
             handshake_timeout_ms: 500,
             ..BrokerConfig::default()
         };
