@@ -126,7 +126,17 @@ pub enum RegistryError {
 #[derive(Debug, Serialize, Deserialize)]
 struct RegistryFile {
     version: u32,
+    /// CRC-32 of `topics` serialized compactly: a damaged value is refused
+    /// even where the JSON still parses (a flipped digit). Absent in files
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crc32: Option<u32>,
     topics: Vec<TopicRecord>,
+}
+
+/// The checksum of `topics` that [`RegistryFile::crc32`] holds.
+fn topics_crc(topics: &[TopicRecord]) -> Result<u32, serde_json::Error> {
+    Ok(crc32fast::hash(&serde_json::to_vec(topics)?))
 }
 
 /// The registry: in memory, persisted on every change.
@@ -158,6 +168,22 @@ impl Registry {
                         path,
                         reason: format!("unknown format version {}", file.version),
                     });
+                }
+                if let Some(expected) = file.crc32 {
+                    let actual = topics_crc(&file.topics).map_err(|e| RegistryError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    if actual != expected {
+                        return Err(RegistryError::Corrupt {
+                            path,
+                            reason: format!(
+                                "checksum mismatch (stored {expected:08x}, computed \
+                                 {actual:08x}): restore the file from a backup, or fix the \
+                                 damaged value and remove the \"crc32\" line"
+                            ),
+                        });
+                    }
                 }
                 file.topics
                     .into_iter()
@@ -255,9 +281,15 @@ impl Registry {
             path: self.path.clone(),
             source,
         };
+        let topics: Vec<TopicRecord> = self.topics.values().cloned().collect();
+        let crc32 = topics_crc(&topics).map_err(|e| RegistryError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
         let file = RegistryFile {
             version: FORMAT_VERSION,
-            topics: self.topics.values().cloned().collect(),
+            crc32: Some(crc32),
+            topics,
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Corrupt {
             path: self.path.clone(),
@@ -376,6 +408,41 @@ mod tests {
             Registry::open(dir.path()),
             Err(RegistryError::Corrupt { .. })
         ));
+    }
+
+    /// A byte flipped anywhere in the file: refused, or (whitespace, a
+    /// key's case that serde still reads the same) the same registry.
+    #[test]
+    fn a_flipped_byte_anywhere_is_refused_or_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = Registry::open(dir.path()).unwrap();
+        registry.insert(record("prod.payments.paid")).unwrap();
+        registry.insert(record("prod.payments.refunded")).unwrap();
+        let expected = registry.list();
+        drop(registry);
+        let path = dir.path().join(REGISTRY_FILE);
+        let good = std::fs::read(&path).unwrap();
+        let (mut refused, mut same) = (0, 0);
+        for position in 0..good.len() {
+            for flip in [0x01u8, 0x20] {
+                let mut bytes = good.clone();
+                bytes[position] ^= flip;
+                std::fs::write(&path, &bytes).unwrap();
+                match Registry::open(dir.path()) {
+                    Err(RegistryError::Corrupt { .. }) => refused += 1,
+                    Err(other) => panic!("flip at {position}: {other}"),
+                    Ok(registry) => {
+                        assert_eq!(
+                            registry.list(),
+                            expected,
+                            "a flip at {position} changed the registry silently"
+                        );
+                        same += 1;
+                    }
+                }
+            }
+        }
+        assert!(refused > good.len(), "{refused} refused, {same} harmless");
     }
 
     #[test]

@@ -359,3 +359,351 @@ async fn broker_is_healthy(broker: &Broker, healthy: bool) -> serde_json::Value 
     assert_eq!(health["healthy"], healthy, "{health}");
     health
 }
+
+/// Boundary and wrapping values for every request type: each gets an
+/// answer (an error is fine), the connection stays usable unless the spec
+/// says it closes, and the broker restarts on the same data and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boundary_values_of_every_request_never_stop_the_broker() {
+    use dmq_protocol::{Backoff, DeliveryTime, StartPosition, Tombstone};
+    let mut broker = Broker::start(|_| {}).await;
+    let long = "x".repeat(100);
+    let with_settings = |settings: GroupSettings| {
+        Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "b".into(),
+            group: "edge".into(),
+            member_name: "m".into(),
+            credit: u32::MAX,
+            settings,
+            ..Default::default()
+        })
+    };
+    let timed = |delivery_time: DeliveryTime, ttl_ms: Option<u64>| {
+        Request::Produce(dmq_protocol::Produce {
+            topic: "b".into(),
+            partition: None,
+            idempotence: Some(dmq_protocol::ProducerSequence {
+                producer_id: u64::MAX,
+                sequence: u64::MAX,
+            }),
+            records: vec![ProduceRecord {
+                value: Bytes::from_static(b"v"),
+                delivery_time,
+                ttl_ms,
+                ..Default::default()
+            }],
+        })
+    };
+    // Each case: a request that needs (or not) a subscription first.
+    type Case = (&'static str, Box<dyn Fn(u64) -> Request + Send>);
+    let seek =
+        |partition: Option<u32>, target: StartPosition| -> Box<dyn Fn(u64) -> Request + Send> {
+            Box::new(move |_| {
+                Request::Seek(dmq_protocol::Seek {
+                    topic: "b".into(),
+                    group: "probe-b".into(),
+                    partition,
+                    target,
+                    dry_run: false,
+                })
+            })
+        };
+    let cases: Vec<Case> = vec![
+        (
+            "delay u64::MAX",
+            Box::new(move |_| timed(DeliveryTime::DelayMs(u64::MAX), None)),
+        ),
+        (
+            "at i64::MAX",
+            Box::new(move |_| timed(DeliveryTime::AtMs(i64::MAX), None)),
+        ),
+        (
+            "at i64::MIN",
+            Box::new(move |_| timed(DeliveryTime::AtMs(i64::MIN), None)),
+        ),
+        (
+            "ttl u64::MAX",
+            Box::new(move |_| timed(DeliveryTime::Immediate, Some(u64::MAX))),
+        ),
+        (
+            "ttl 0",
+            Box::new(move |_| timed(DeliveryTime::DelayMs(10), Some(0))),
+        ),
+        (
+            "partition u32::MAX",
+            Box::new(|_| {
+                Request::Produce(dmq_protocol::Produce {
+                    topic: "b".into(),
+                    partition: Some(u32::MAX),
+                    idempotence: None,
+                    records: vec![ProduceRecord::default()],
+                })
+            }),
+        ),
+        (
+            "no records",
+            Box::new(|_| {
+                Request::Produce(dmq_protocol::Produce {
+                    topic: "b".into(),
+                    partition: None,
+                    idempotence: None,
+                    records: vec![],
+                })
+            }),
+        ),
+        (
+            "settings at their maximum",
+            Box::new(move |_| {
+                with_settings(GroupSettings {
+                    ack_timeout_ms: Some(u64::MAX),
+                    max_attempts: Some(u32::MAX),
+                    backoff: Some(Backoff::Exponential {
+                        initial_ms: u64::MAX,
+                        max_ms: u64::MAX,
+                    }),
+                    max_unacked_per_partition: Some(u32::MAX),
+                    rate_limit_per_second: Some(u32::MAX),
+                    dead_letter_topic: None,
+                })
+            }),
+        ),
+        (
+            "settings at zero",
+            Box::new(move |_| {
+                with_settings(GroupSettings {
+                    ack_timeout_ms: Some(0),
+                    max_attempts: Some(0),
+                    backoff: Some(Backoff::Fixed { delays_ms: vec![] }),
+                    max_unacked_per_partition: Some(0),
+                    rate_limit_per_second: Some(0),
+                    dead_letter_topic: None,
+                })
+            }),
+        ),
+        (
+            "broadcast member `..`",
+            Box::new(|_| {
+                Request::Subscribe(dmq_protocol::Subscribe {
+                    topic: "b".into(),
+                    group: "bc".into(),
+                    member_name: "..".into(),
+                    mode: dmq_protocol::DeliveryMode::Broadcast,
+                    credit: 1,
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "broadcast member too long for its journal",
+            Box::new(move |_| {
+                Request::Subscribe(dmq_protocol::Subscribe {
+                    topic: "b".into(),
+                    group: long.clone(),
+                    member_name: "m".repeat(100),
+                    mode: dmq_protocol::DeliveryMode::Broadcast,
+                    credit: 1,
+                    settings: GroupSettings {
+                        dead_letter_topic: Some("dead".into()),
+                        ..GroupSettings::default()
+                    },
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "seek offset u64::MAX",
+            seek(None, StartPosition::Offset(u64::MAX)),
+        ),
+        (
+            "seek time i64::MIN",
+            seek(None, StartPosition::Timestamp(i64::MIN)),
+        ),
+        (
+            "seek time i64::MAX",
+            seek(Some(0), StartPosition::Timestamp(i64::MAX)),
+        ),
+        (
+            "seek partition u32::MAX",
+            seek(Some(u32::MAX), StartPosition::Earliest),
+        ),
+        (
+            "credit u32::MAX",
+            Box::new(|id| {
+                Request::Credit(dmq_protocol::Credit {
+                    subscription_id: id,
+                    credit: u32::MAX,
+                })
+            }),
+        ),
+        (
+            "fetch u32::MAX",
+            Box::new(|id| {
+                Request::Fetch(dmq_protocol::Fetch {
+                    subscription_id: id,
+                    max_messages: u32::MAX,
+                    max_wait_ms: 10,
+                })
+            }),
+        ),
+        (
+            "ack far positions",
+            Box::new(|id| {
+                Request::Ack(dmq_protocol::Ack {
+                    subscription_id: id,
+                    messages: vec![
+                        dmq_protocol::MessagePosition {
+                            partition: u32::MAX,
+                            offset: u64::MAX,
+                        },
+                        dmq_protocol::MessagePosition {
+                            partition: 0,
+                            offset: u64::MAX,
+                        },
+                    ],
+                })
+            }),
+        ),
+        (
+            "nack u64::MAX delay",
+            Box::new(|id| {
+                Request::Nack(dmq_protocol::Nack {
+                    subscription_id: id,
+                    messages: vec![dmq_protocol::MessagePosition {
+                        partition: 0,
+                        offset: 0,
+                    }],
+                    delay_ms: Some(u64::MAX),
+                })
+            }),
+        ),
+        (
+            "delete a reversed range",
+            Box::new(|_| {
+                Request::DeleteMessages(dmq_protocol::DeleteMessages {
+                    topic: "b".into(),
+                    tombstone: Tombstone::OffsetRange {
+                        partition: 1,
+                        start: u64::MAX,
+                        end: 0,
+                    },
+                })
+            }),
+        ),
+        (
+            "delete partition u32::MAX",
+            Box::new(|_| {
+                Request::DeleteMessages(dmq_protocol::DeleteMessages {
+                    topic: "b".into(),
+                    tombstone: Tombstone::OffsetRange {
+                        partition: u32::MAX,
+                        start: 0,
+                        end: u64::MAX,
+                    },
+                })
+            }),
+        ),
+        (
+            "delete all time",
+            Box::new(|_| {
+                Request::DeleteMessages(dmq_protocol::DeleteMessages {
+                    topic: "b".into(),
+                    tombstone: Tombstone::TimeRange {
+                        start_ms: i64::MIN,
+                        end_ms: i64::MAX,
+                    },
+                })
+            }),
+        ),
+        (
+            "cancel an unknown delay",
+            Box::new(|_| {
+                Request::CancelDelay(dmq_protocol::CancelDelay {
+                    message_id: dmq_protocol::MessageId([0xff; 16]),
+                })
+            }),
+        ),
+        (
+            "describe `..`",
+            Box::new(|_| Request::DescribeTopic(dmq_protocol::DescribeTopic { name: "..".into() })),
+        ),
+        (
+            "list groups of `__dmq_delay`",
+            Box::new(|_| {
+                Request::ListGroups(dmq_protocol::ListGroups {
+                    topic: "__dmq_delay".into(),
+                })
+            }),
+        ),
+        (
+            "describe group `..`",
+            Box::new(|_| {
+                Request::DescribeGroup(dmq_protocol::DescribeGroup {
+                    topic: "b".into(),
+                    group: "..".into(),
+                })
+            }),
+        ),
+        (
+            "delete group `..`",
+            Box::new(|_| {
+                Request::DeleteGroup(dmq_protocol::DeleteGroup {
+                    topic: "..".into(),
+                    group: "..".into(),
+                })
+            }),
+        ),
+        (
+            "delete topic `__dmq_delay`",
+            Box::new(|_| {
+                Request::DeleteTopic(dmq_protocol::DeleteTopic {
+                    name: "__dmq_delay".into(),
+                })
+            }),
+        ),
+        (
+            "unsubscribe u64::MAX",
+            Box::new(|_| {
+                Request::Unsubscribe(dmq_protocol::Unsubscribe {
+                    subscription_id: u64::MAX,
+                })
+            }),
+        ),
+    ];
+    {
+        let mut connection = Connection::hello(broker.addr).await;
+        assert_eq!(connection.request(create("b", 2)).await, Response::Ok);
+        for _ in 0..3 {
+            let response = connection.request(produce("b", vec![])).await;
+            assert!(matches!(response, Response::ProduceOk(_)), "{response:?}");
+        }
+    }
+    for (index, (what, request)) in cases.iter().enumerate() {
+        let mut connection = Connection::hello(broker.addr).await;
+        let group = format!("probe-{}", index % 3);
+        let Response::Subscribed(subscribed) =
+            connection.request(subscribe("b", &group, None)).await
+        else {
+            panic!("{what}: subscribe")
+        };
+        let response = connection
+            .request(request(subscribed.subscription_id))
+            .await;
+        if let Response::Error(error) = &response {
+            assert!(error.code != ErrorCode::InternalError, "{what}: {error:?}");
+        }
+        // Still usable: a PING is answered (pushes may come first).
+        connection.send(Request::Ping).await;
+        let mut ponged = false;
+        while let Some(frame) = connection.frame().await {
+            if matches!(frame.body, dmq_protocol::Body::Response(Response::Pong)) {
+                ponged = true;
+                break;
+            }
+        }
+        assert!(ponged, "{what}: the connection closed after {response:?}");
+        drop(connection);
+        broker = broker.restart(|_| {}).await;
+        serves(&broker, &format!("after-boundary-{index}")).await;
+    }
+    broker.stop().await;
+}
