@@ -63,6 +63,16 @@
 //!   after the watermark passed all its entries.
 //! - The store must be the only writer of `__dmq_delay`.
 //!
+//! # Timer log cut
+//!
+//! Entries are keyed by timer-log offset, "unique forever" only while the
+//! timer log never loses an appended record. Under a lazy fsync policy a
+//! power loss can cut it (below the watermark, or below a cancel tombstone,
+//! which is synced at once), and new records then take the lost offsets.
+//! Opening drops every bucket entry and tombstone at or above the timer
+//! log's end (rewriting those buckets), then writes a watermark past the
+//! end down to it. A crash in between finds the same cut again.
+//!
 //! # Memory
 //!
 //! In memory: one small summary per bucket (count, earliest due), the
@@ -250,6 +260,9 @@ pub struct DelayRecovery {
     pub skipped_records: u64,
     /// The watermark found in the meta journal.
     pub watermark: u64,
+    /// Bucket entries (schedules and tombstones) dropped because they
+    /// name timer-log offsets that recovery cut (see "Timer log cut").
+    pub stale_entries_dropped: u64,
     /// Wall time of the open.
     pub elapsed: Duration,
 }
@@ -567,10 +580,27 @@ impl DelayStore {
             ..DelayRecovery::default()
         };
 
+        // 0. Recovery may have cut the timer log (a power loss under a lazy
+        //    fsync policy): bucket entries and tombstones at or above its end
+        //    name lost records, and new records will take those offsets.
+        //    They are dropped from the buckets (step 2; cancel tombstones are
+        //    synced without a watermark, so any bucket may hold some), and a
+        //    watermark past the end moves down to it (durably, after the
+        //    buckets).
+        let end = store.timer.end_offset();
+        let timer_cut = watermark > end;
+        if timer_cut {
+            tracing::warn!(
+                watermark,
+                timer_log_end = end,
+                "the delay timer log was cut at recovery: entries past its end are dropped"
+            );
+            watermark = end;
+        }
+
         // 1. Re-index the timer log above the watermark.
         let mut reindexed: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
         let mut offset = watermark.max(store.timer.start_offset());
-        let end = store.timer.end_offset();
         while offset < end {
             let records = store.timer.read(offset, READ_CHUNK_RECORDS)?;
             let Some(last) = records.last() else { break };
@@ -621,9 +651,23 @@ impl DelayStore {
         store.horizon_ms = target;
         for start in starts {
             let name = bucket_name(start);
-            let (journal, payloads) = store.storage.open_journal(&name)?;
-            let contents = decode_bucket(&name, &payloads)?;
+            let (mut journal, payloads) = store.storage.open_journal(&name)?;
+            let mut contents = decode_bucket(&name, &payloads)?;
             drop(payloads);
+            {
+                let before = contents.scheduled.len() + contents.dead.len();
+                contents.scheduled.retain(|offset, _| *offset < end);
+                contents.dead.retain(|offset| *offset < end);
+                let dropped = before - contents.scheduled.len() - contents.dead.len();
+                if dropped > 0 {
+                    let scheduled: Vec<Entry> = contents.scheduled.values().copied().collect();
+                    let dead: Vec<u64> = contents.dead.iter().copied().collect();
+                    let mut payloads = encode_schedule(&scheduled);
+                    payloads.extend(encode_tombstones(KIND_FIRED, &dead));
+                    journal.rewrite(&payloads)?;
+                    recovery.stale_entries_dropped += dropped as u64;
+                }
+            }
             let mut fresh = reindexed.remove(&start).unwrap_or_default();
             fresh.retain(|entry| {
                 !contents.scheduled.contains_key(&entry.offset)
@@ -675,6 +719,11 @@ impl DelayStore {
                 bucket.buffered = fresh;
             }
             store.buckets.insert(start, bucket);
+        }
+        if timer_cut {
+            store
+                .meta
+                .rewrite(&[encode_meta(watermark, store.config.bucket_width_ms)])?;
         }
         recovery.buckets = store.buckets.len();
         recovery.pending = store.pending_total;

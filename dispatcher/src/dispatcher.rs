@@ -966,6 +966,11 @@ impl Dispatcher {
 
     /// Cancels a pending delayed message; true if it was pending.
     pub fn cancel_delay(&mut self, id: &MessageId) -> Result<bool> {
+        // A message due before this dispatcher opened may have fired before
+        // a crash that lost its fired mark: its copy is already in its
+        // topic. Those are handled first (appended, or found there), so a
+        // cancel never returns true for a message that was delivered.
+        self.fire_delays(self.opened_at_ms)?;
         let cancelled = self.delays.cancel(id)?;
         if cancelled {
             self.emit(
@@ -1798,7 +1803,13 @@ impl Dispatcher {
             deliver_at_ms: None,
             expire_at_ms: None,
         };
-        self.topic(&dead_letter_topic)?.partitions[0].append(vec![input])?;
+        let dead_letters = Arc::clone(&self.topic(&dead_letter_topic)?.partitions[0]);
+        dead_letters.append(vec![input])?;
+        if dead_letters.durable_on_append() {
+            // The ack below may become durable before a lazy log writes
+            // the copy back: the copy must not be the one a crash loses.
+            dead_letters.flush()?;
+        }
         self.ack_in_state(
             state_index,
             partition,
@@ -2044,6 +2055,11 @@ impl Dispatcher {
                 return Ok(());
             }
             let mut fired = Vec::with_capacity(due.len());
+            // Logs with a lazy fsync policy that got fired copies: flushed
+            // before the fired marks, which may become durable at once (a
+            // message durable in the timer log must not become a copy a
+            // power loss can take back).
+            let mut lazy_logs: Vec<Arc<dyn PartitionLog>> = Vec::new();
             for message in due {
                 let Some(topic) = self.topics.get(&message.topic) else {
                     tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
@@ -2061,6 +2077,9 @@ impl Dispatcher {
                     continue;
                 }
                 let appended = log.append(vec![message.record])?;
+                if log.durable_on_append() && !lazy_logs.iter().any(|l| Arc::ptr_eq(l, &log)) {
+                    lazy_logs.push(Arc::clone(&log));
+                }
                 for (offset, id) in appended {
                     self.emit(
                         id,
@@ -2075,6 +2094,9 @@ impl Dispatcher {
                     );
                 }
                 fired.push(message.id);
+            }
+            for log in lazy_logs {
+                log.flush()?;
             }
             self.delays.mark_fired(&fired)?;
         }

@@ -92,6 +92,10 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
 
     /// Returns once the batch is durable per the log's fsync policy.
     fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError>;
+    /// Makes everything appended so far durable, whatever the policy (an
+    /// fdatasync): for a write that must not be lost although the policy is
+    /// lazy, such as a delayed message moved from the durable timer log.
+    fn flush(&self) -> Result<(), StoreError>;
     /// True if [`wait_durable`](Self::wait_durable) returns at once for
     /// every batch (the policy does not wait for an fsync): callers may
     /// skip handing the wait to a blocking thread.
@@ -286,6 +290,10 @@ impl PartitionLog for Log {
 
     fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError> {
         Ok(Log::wait_durable(self, info)?)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(Log::flush(self)?)
     }
 
     fn durable_on_append(&self) -> bool {
@@ -945,6 +953,12 @@ impl PartitionLog for MemoryLog {
 
     fn durable_on_append(&self) -> bool {
         self.lazy
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        state.durable_len = state.records.len();
+        Ok(())
     }
 
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {

@@ -7,13 +7,15 @@
 //! power losses, then a final drain.
 //!
 //! Checked at the end of every run:
-//! 1. with eager logs (fsync `always`) every acknowledged produce is in the
-//!    log (a delayed one once it fired);
+//! 1. every durable produce is in the log (a delayed one once it fired):
+//!    with eager logs (fsync `always`) every acknowledged one, with lazy
+//!    logs every one a writeback covered;
 //! 2. no group skips a message: every record in the logs that no deletion
 //!    covers was delivered to every group (by id: ids are never reused, so
 //!    a record at a reused offset is a new message);
 //! 3. every message produced after the last power loss, delayed ones
-//!    included, reaches its log;
+//!    included, reaches its log, and no delayed message is delivered after
+//!    its cancel returned true;
 //! 4. deletions are exact across power losses: a record is deleted if and
 //!    only if a deletion that returned `Ok` covered it when it was made — a
 //!    deletion is never undone, and never covers a record stored after it.
@@ -74,6 +76,15 @@ struct Run {
     members: HashMap<&'static str, MemberId>,
     /// Ids whose produce returned Ok.
     acknowledged: Vec<MessageId>,
+    /// Ids acknowledged and durable (eager logs: all; lazy: those a
+    /// writeback covered): each must reach its log.
+    durable: Vec<MessageId>,
+    /// How many of `acknowledged` a writeback covered.
+    written_back: usize,
+    /// Delayed ids produced (cancel candidates).
+    delayed: Vec<MessageId>,
+    /// Ids whose cancel returned true: never delivered after it.
+    cancelled: HashSet<MessageId>,
     /// Ids produced after the last power loss: all must reach the log.
     final_phase: Vec<MessageId>,
     /// Per group, every id delivered to it.
@@ -112,6 +123,10 @@ impl Run {
             dispatcher: None,
             members: HashMap::new(),
             acknowledged: Vec::new(),
+            durable: Vec::new(),
+            written_back: 0,
+            delayed: Vec::new(),
+            cancelled: HashSet::new(),
             final_phase: Vec::new(),
             delivered: GROUPS.iter().map(|g| (*g, HashSet::new())).collect(),
             deleted: HashSet::new(),
@@ -182,7 +197,30 @@ impl Run {
             .collect();
         let produced = self.d().produce(TOPIC, Some(partition), records).unwrap();
         let ids: Vec<MessageId> = produced.iter().map(|p| p.id).collect();
-        self.log(|| format!("produced {} to {partition}", ids.len()));
+        let shown: Vec<String> = produced
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}{}",
+                    p.id,
+                    if p.delayed_until_ms.is_some() {
+                        "(d)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        self.log(|| format!("produced to {partition}: {shown:?}"));
+        if !self.lazy {
+            self.durable.extend(ids.iter().copied());
+        }
+        self.delayed.extend(
+            produced
+                .iter()
+                .filter(|p| p.delayed_until_ms.is_some())
+                .map(|p| p.id),
+        );
         self.acknowledged.extend(ids);
     }
 
@@ -209,6 +247,22 @@ impl Run {
         let max = 1 + self.rng.below(8) as u32;
         let deliveries = self.d().fetch(member, max).unwrap();
         for delivery in deliveries {
+            let due = delivery.record.deliver_at_ms.unwrap_or(i64::MIN);
+            assert!(
+                due <= self.clock.now_ms(),
+                "seed {} (lazy {}): {} delivered at {} before it was due at {due}",
+                self.seed,
+                self.lazy,
+                delivery.record.id,
+                self.clock.now_ms()
+            );
+            assert!(
+                !self.cancelled.contains(&delivery.record.id),
+                "seed {} (lazy {}): {} delivered after its cancel returned true",
+                self.seed,
+                self.lazy,
+                delivery.record.id
+            );
             self.delivered
                 .get_mut(group)
                 .unwrap()
@@ -270,6 +324,8 @@ impl Run {
             .storage
             .power_loss(|_, _, lost| rng.below(lost as u64 + 1) as usize);
         self.records_cut += cut;
+        // What no writeback covered may be gone.
+        self.written_back = self.acknowledged.len();
         self.power_losses += 1;
         self.log(|| format!("power loss: {cut} records cut"));
         self.open();
@@ -292,8 +348,21 @@ impl Run {
             }
             60..=64 => self.d().checkpoint().unwrap(),
             65..=69 => self.delete(),
-            70..=74 if self.lazy => self.storage.sync_logs(),
+            70..=74 if self.lazy => {
+                self.log(|| "writeback".to_string());
+                self.storage.sync_logs();
+                let newly = self.acknowledged[self.written_back..].to_vec();
+                self.durable.extend(newly);
+                self.written_back = self.acknowledged.len();
+            }
             75..=79 => self.power_loss(),
+            80..=82 if !self.delayed.is_empty() => {
+                let id = self.delayed[self.rng.below(self.delayed.len() as u64) as usize];
+                if self.d().cancel_delay(&id).unwrap() {
+                    self.log(|| format!("cancelled {id}"));
+                    self.cancelled.insert(id);
+                }
+            }
             _ => {
                 let ms = self.rng.below(400) as i64;
                 self.clock.advance_ms(ms);
@@ -367,7 +436,11 @@ impl Run {
                 }
             }
         }
-        for id in &self.final_phase {
+        for id in self
+            .final_phase
+            .iter()
+            .filter(|id| !self.cancelled.contains(id))
+        {
             assert!(
                 stored.contains(id),
                 "seed {} (lazy {}): {id}, produced after the last power loss, never \
@@ -376,14 +449,17 @@ impl Run {
                 self.lazy
             );
         }
-        if !self.lazy {
-            for id in &self.acknowledged {
-                assert!(
-                    stored.contains(id),
-                    "seed {}: acknowledged produce {id} lost",
-                    self.seed
-                );
-            }
+        for id in self
+            .durable
+            .iter()
+            .filter(|id| !self.cancelled.contains(id))
+        {
+            assert!(
+                stored.contains(id),
+                "seed {} (lazy {}): durable produce {id} lost",
+                self.seed,
+                self.lazy
+            );
         }
     }
 }
