@@ -249,3 +249,99 @@ async fn a_client_that_never_reads_its_answers_is_stopped_not_buffered() {
         dmq_protocol::Response::Pong
     );
 }
+
+/// Regression: every idempotent producer id stayed in the dedup window
+/// until restart (200,000 ids held 235 MB). The window is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_idempotent_producers_hold_bounded_memory() {
+    let dmqd = Dmqd::start("producer_window_max = 1000");
+    let mut connection = Connection::hello(dmqd.addr).await;
+    let response = connection
+        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+            name: "flood".into(),
+            partitions: 1,
+            ordered: false,
+        }))
+        .await;
+    assert_eq!(response, dmq_protocol::Response::Ok);
+    let rss_before = dmqd.rss_kib();
+    const PRODUCERS: u64 = 40_000;
+    const PIPELINE: u64 = 1_000;
+    // Answers of 50 records each: the window would hold ~2 KB per producer.
+    let records: Vec<ProduceRecord> = (0..50)
+        .map(|_| ProduceRecord {
+            value: Bytes::from_static(b"x"),
+            ..Default::default()
+        })
+        .collect();
+    for chunk in 0..PRODUCERS / PIPELINE {
+        let mut bytes = Vec::new();
+        for i in 0..PIPELINE {
+            let producer_id = chunk * PIPELINE + i + 1;
+            let frame = Frame::request(
+                producer_id as u32,
+                Request::Produce(dmq_protocol::Produce {
+                    topic: "flood".into(),
+                    partition: Some(0),
+                    idempotence: Some(dmq_protocol::ProducerSequence {
+                        producer_id,
+                        sequence: 1,
+                    }),
+                    records: records.clone(),
+                }),
+            );
+            bytes.extend(encode_frame_to_vec(&frame).unwrap());
+        }
+        connection.stream.write_all(&bytes).await.unwrap();
+        for _ in 0..PIPELINE {
+            let frame = connection.frame().await.expect("an answer");
+            assert!(
+                matches!(
+                    frame.body,
+                    dmq_protocol::Body::Response(dmq_protocol::Response::ProduceOk(_))
+                ),
+                "{frame:?}"
+            );
+        }
+    }
+    let rss_after = dmqd.rss_kib();
+    assert!(
+        rss_after < rss_before + 48 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB over {PRODUCERS} producers"
+    );
+    // The newest producers are still remembered: a retry gets its offsets.
+    let retry = Request::Produce(dmq_protocol::Produce {
+        topic: "flood".into(),
+        partition: Some(0),
+        idempotence: Some(dmq_protocol::ProducerSequence {
+            producer_id: PRODUCERS,
+            sequence: 1,
+        }),
+        records: records.clone(),
+    });
+    let end_before = {
+        let response = connection
+            .request(Request::DescribeTopic(dmq_protocol::DescribeTopic {
+                name: "flood".into(),
+            }))
+            .await;
+        let dmq_protocol::Response::TopicDescription(description) = response else {
+            panic!("{response:?}")
+        };
+        description.partitions[0].end_offset
+    };
+    let response = connection.request(retry).await;
+    assert!(matches!(response, dmq_protocol::Response::ProduceOk(_)));
+    let response = connection
+        .request(Request::DescribeTopic(dmq_protocol::DescribeTopic {
+            name: "flood".into(),
+        }))
+        .await;
+    let dmq_protocol::Response::TopicDescription(description) = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(
+        description.partitions[0].end_offset, end_before,
+        "stored twice"
+    );
+}
