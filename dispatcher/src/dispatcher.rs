@@ -494,7 +494,7 @@ impl Dispatcher {
                     group: group.as_str().into(),
                     member: None,
                 };
-                if let Err(error) = dispatcher.load_state(key) {
+                if let Err(error) = dispatcher.load_existing_state(key) {
                     dispatcher.quarantine(&topic, Some(&group), error.to_string());
                 }
             }
@@ -1411,6 +1411,19 @@ impl Dispatcher {
     }
 
     fn load_state(&mut self, key: StateKey) -> Result<usize> {
+        self.load_state_from(key, None)
+    }
+
+    /// Loads the state of a group journaled before this open. Its ack
+    /// journal holds a snapshot of every partition (written when the group
+    /// was made); a partition missing from it lost its frames (a damaged
+    /// last frame is cut like a torn tail) and starts at the log's start,
+    /// not at the group's start position: redelivery, never a skip.
+    fn load_existing_state(&mut self, key: StateKey) -> Result<usize> {
+        self.load_state_from(key, Some(StartPosition::Earliest))
+    }
+
+    fn load_state_from(&mut self, key: StateKey, missing: Option<StartPosition>) -> Result<usize> {
         if let Some(&index) = self.state_index.get(&key) {
             return Ok(index);
         }
@@ -1419,7 +1432,13 @@ impl Dispatcher {
         let topic = self.topic(&key.topic)?;
         let partitions: Vec<Arc<dyn PartitionLog>> = topic.partitions.clone();
         let (journal, payloads) = self.storage.open_journal(&key.journal_name())?;
-        let start = config.start;
+        let start = missing.unwrap_or(config.start);
+        if missing.is_some() && payloads.is_empty() {
+            tracing::warn!(
+                journal = %key.journal_name(),
+                "an existing group's ack journal is empty: it restarts at the log's start"
+            );
+        }
         let mut start_error = None;
         let (mut state, new) = GroupState::restore(
             key.clone(),

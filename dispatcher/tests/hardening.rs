@@ -434,3 +434,66 @@ fn a_damaged_ack_journal_quarantines_its_group_only() {
     assert!(quarantined[0].reason.contains("damaged"));
     assert_eq!(drain(&mut d, "t", "h", true).len(), 6);
 }
+
+/// A byte flipped anywhere in a group's ack journal: the group is
+/// quarantined (damage before the last frame) or loses acks (a cut last
+/// frame: redelivery), but never skips an unacked message — also when the
+/// cut takes its only snapshot and the group started at `Latest`.
+#[test]
+fn a_byte_flipped_anywhere_in_an_ack_journal_never_skips_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let latest = GroupConfig {
+        start: dmq_dispatcher::StartPosition::Latest,
+        ..GroupConfig::default()
+    };
+    // Every sync compacts: the journal is one snapshot frame.
+    let compacting = || DispatcherConfig {
+        ack_journal_compact_bytes: 1,
+        ..DispatcherConfig::default()
+    };
+    let open = |dir: &Path| open_config(dir, log_config(), compacting()).unwrap();
+    {
+        let mut d = open(dir.path());
+        d.create_topic("t", topic(1)).unwrap();
+        d.subscribe("t", "g", latest.clone()).unwrap();
+        produce(&mut d, "t", 10);
+        // Deliver all ten, ack the first five.
+        let member = d.join("t", "g", "m").unwrap();
+        for delivery in d.fetch(member, 100).unwrap() {
+            if delivery.record.offset < 5 {
+                d.ack(member, 0, delivery.record.offset).unwrap();
+            }
+        }
+        d.checkpoint().unwrap();
+    }
+    let path = dir.path().join("dispatcher/group.t.g.journal");
+    let good = std::fs::read(&path).unwrap();
+    let frame_len = 8 + u32::from_le_bytes(good[0..4].try_into().unwrap()) as usize;
+    assert_eq!(frame_len, good.len(), "one snapshot frame");
+    let (mut quarantined, mut served) = (0, 0);
+    for position in 0..good.len() {
+        let mut bytes = good.clone();
+        bytes[position] ^= 0x41;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut d = open(dir.path());
+        if d.quarantined()
+            .iter()
+            .any(|q| q.group.as_deref() == Some("g"))
+        {
+            quarantined += 1;
+        } else {
+            let delivered = drain(&mut d, "t", "g", false);
+            for unacked in 5..10 {
+                assert!(
+                    delivered.contains(&unacked),
+                    "flip at {position}: offset {unacked} skipped ({delivered:?})"
+                );
+            }
+            served += 1;
+        }
+        drop(d);
+        std::fs::write(&path, &good).unwrap();
+    }
+    // One frame: every flip is a cut (never damage followed by a frame).
+    assert_eq!((quarantined, served), (0, good.len()));
+}
