@@ -9,23 +9,29 @@
 //!   letters;
 //! - `observe`: broker info, trace, statistics, metrics.
 //!
-//! Rules: every `/api/*` route but `POST /api/login`, and `/metrics`, pass
-//! the token check (none in development mode); every error is a JSON
+//! Rules: every request passes `guard` first (allowed `Host`, same-origin
+//! `Origin`, `nosniff`, JSON errors); every `/api/*` route but
+//! `POST /api/login`, and `/metrics`, pass the token check (none in
+//! development mode), then the JSON body check; every error is a JSON
 //! [`ApiError`] with a 4xx/5xx status, never a bare text or a panic; bodies
 //! are parsed by [`parse_json`] so malformed JSON gets the same shape.
 
+mod guard;
 mod messages;
 mod observe;
 mod topics;
 
+pub use guard::AllowedHost;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -78,6 +84,9 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self.status {
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             StatusCode::BAD_REQUEST => "bad_request",
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::NOT_FOUND => "not_found",
@@ -92,8 +101,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let code = match self.code() {
+            // A 4xx without a code of its own (axum's 422, a 431): the
+            // request is wrong, not the broker.
+            "internal" if self.status.is_client_error() => "bad_request",
+            code => code,
+        };
         let body = serde_json::json!({
-            "error": {"code": self.code(), "message": self.message}
+            "error": {"code": code, "message": self.message}
         });
         (self.status, Json(body)).into_response()
     }
@@ -178,8 +193,27 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("a worker task failed: {e}")))?
 }
 
+/// Most characters of user input an error message repeats.
+pub const MAX_ECHO_CHARS: usize = 120;
+
+/// `text` quoted, cut after [`MAX_ECHO_CHARS`] characters with an
+/// ellipsis: how an error message repeats user input.
+pub(crate) fn shown(text: &str) -> String {
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(MAX_ECHO_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{head:?}…")
+    } else {
+        format!("{head:?}")
+    }
+}
+
 /// The whole HTTP surface: API, metrics, console.
 pub fn router(services: Services) -> Router {
+    let hosts = Arc::new(guard::HostPolicy::new(
+        services.admin_addr,
+        &services.config.admin_allowed_hosts,
+    ));
     let protected = Router::new()
         .route("/api/info", get(observe::info))
         .merge(topics::routes())
@@ -189,19 +223,35 @@ pub fn router(services: Services) -> Router {
         .route("/metrics", get(observe::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             services.clone(),
+            guard::json_body,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            services.clone(),
             require_token,
         ));
+    let login = Router::new().route("/api/login", post(login)).route_layer(
+        axum::middleware::from_fn_with_state(services.clone(), guard::json_body),
+    );
     Router::new()
-        .route("/api/login", post(login))
+        .merge(login)
         .merge(protected)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(services)
         .merge(crate::console::router())
+        .layer(axum::middleware::from_fn_with_state(hosts, guard::guard))
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found(format!("no route {}", uri.path()))
+    ApiError::not_found(format!("no route {}", shown(uri.path())))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", shown(uri.path())),
+    )
 }
 
 fn bearer(request: &Request) -> Option<&[u8]> {
