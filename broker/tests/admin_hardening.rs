@@ -3,12 +3,14 @@
 //! 127.0.0.1:
 //! - a web page cannot drive the development-mode API (foreign `Origin`,
 //!   non-JSON bodies) nor read it through DNS rebinding (foreign `Host`);
+//! - half-sent requests and connection floods cannot exhaust the broker's
+//!   descriptors, and are closed after the header timeout;
 //! - cheap failed HELLOs cannot reset an admin-token lockout.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -350,6 +352,247 @@ async fn every_answer_says_nosniff() {
     })
     .await;
     broker.stop().await;
+}
+
+/// Number of open descriptors of process `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// `dmqd` started with a configuration file, stopped on drop.
+struct Dmqd {
+    child: std::process::Child,
+    admin: SocketAddr,
+    /// Its log lines so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Dmqd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dmqd {
+    /// Log lines that contain `text`.
+    fn log_lines(&self, text: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(text)).cloned().collect()
+    }
+}
+
+/// Starts `dmqd` on ports it picks itself (a port picked here could be
+/// taken by another test's client connections before dmqd binds it), and
+/// learns the admin address from its "dmqd ready" log line.
+fn spawn_configured(extra: &str) -> Dmqd {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n",
+        dir.path().join("data").to_str().unwrap(),
+    );
+    let path = dir.path().join("dmqd.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dmqd"))
+        .args(["--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (ready, admin) = std::sync::mpsc::channel();
+    // dmqd logs to its standard output.
+    let output = child.stdout.take().unwrap();
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            for line in std::io::BufReader::new(output).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("dmqd ready") {
+                    let address = line
+                        .split("http://")
+                        .nth(1)
+                        .and_then(|rest| {
+                            rest.split(|c: char| c.is_whitespace() || c == '\u{1b}')
+                                .next()
+                        })
+                        .and_then(|address| address.parse::<SocketAddr>().ok());
+                    let _ = ready.send(address);
+                }
+                log.lock().unwrap().push(line);
+            }
+        }
+    });
+    let admin = admin
+        .recv_timeout(Duration::from_secs(30))
+        .expect("dmqd said it is ready")
+        .expect("the ready line names the admin address");
+    Dmqd {
+        child,
+        admin,
+        log,
+        _dir: dir,
+    }
+}
+
+/// Opens `count` connections from local address `from` that each send
+/// half a request and wait.
+async fn half_sent(admin: SocketAddr, from: &str, count: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut streams = Vec::new();
+    for _ in 0..count {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let Ok(mut stream) = socket.connect(admin).await else {
+            continue;
+        };
+        let half = format!("GET /api/info HTTP/1.1\r\nHost: {admin}\r\nX-Slow: ");
+        if stream.write_all(half.as_bytes()).await.is_ok() {
+            streams.push(stream);
+        }
+    }
+    streams
+}
+
+/// How many of `streams` the broker has closed within `within`.
+async fn closed(streams: &mut [tokio::net::TcpStream], within: Duration) -> usize {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut count = 0;
+    for stream in streams.iter_mut() {
+        let mut buffer = [0u8; 512];
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => count += 1,
+            Err(_) => {}
+        }
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_cannot_exhaust_the_admin_listener() {
+    let dmqd = tokio::task::spawn_blocking(|| {
+        spawn_configured(
+            "admin_max_connections = 48\nadmin_max_connections_per_address = 16\n\
+             admin_header_timeout_ms = 1500\nadmin_body_timeout_ms = 1500",
+        )
+    })
+    .await
+    .unwrap();
+    let admin = dmqd.admin;
+    let pid = dmqd.child.id();
+    let baseline = descriptors(pid);
+
+    // 300 half-sent requests from one address: 16 are held, the rest are
+    // closed at once, and a request from another address is answered.
+    let mut flood = half_sent(admin, "127.0.0.2", 300).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = descriptors(pid) - baseline;
+    assert!(held <= 16 + 4, "{held} descriptors for one address");
+    let api = Api::new(admin, None);
+    let answered = http({
+        let api = api.clone();
+        move || api.get("/api/info").0
+    })
+    .await;
+    assert_eq!(answered, 200, "others are still served");
+    let refused = closed(&mut flood, Duration::from_secs(1)).await;
+    assert!(refused >= 300 - 16, "only {refused} of 300 were closed");
+
+    // From many addresses: the total limit holds.
+    let mut floods = Vec::new();
+    for last in 3..12 {
+        floods.push(half_sent(admin, &format!("127.0.0.{last}"), 16).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = descriptors(pid) - baseline;
+    assert!(held <= 48 + 4, "{held} descriptors in all");
+
+    // The header timeout closes every half-sent request.
+    let started = Instant::now();
+    for streams in floods.iter_mut().chain(std::iter::once(&mut flood)) {
+        let count = streams.len();
+        let gone = closed(streams, Duration::from_secs(10)).await;
+        assert_eq!(
+            gone, count,
+            "a half-sent request outlived the header timeout"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(floods);
+    drop(flood);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(descriptors(pid) <= baseline + 4, "descriptors come back");
+
+    // Refusals are counted.
+    let metrics = http({
+        let api = api.clone();
+        move || api.ok_metrics()
+    })
+    .await;
+    let refused = |reason: &str| -> u64 {
+        let line = format!("dmq_admin_connections_rejected_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or_else(|| panic!("{line} missing from {metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(refused("too_many_from_address") >= 284, "{metrics}");
+    assert!(refused("too_many_connections") >= 1, "{metrics}");
+
+    // An idle keep-alive connection is closed after the header timeout.
+    let idle = http(move || {
+        let mut stream = TcpStream::connect(admin).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let request = format!("GET /api/info HTTP/1.1\r\nHost: {admin}\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let started = Instant::now();
+        let reply = read_reply(&mut stream);
+        (reply.status, started.elapsed())
+    })
+    .await;
+    assert_eq!(idle.0, 200);
+    assert!(idle.1 < Duration::from_secs(5), "closed after {:?}", idle.1);
+
+    // A body that never arrives is answered 408 after the body timeout.
+    let reply = http(move || {
+        let mut stream = TcpStream::connect(admin).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let head = format!(
+            "POST /api/topics HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n\r\n{{\"environment\""
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        let reply = read_reply(&mut stream);
+        (reply, started.elapsed())
+    })
+    .await;
+    reply.0.error(408);
+    assert!(reply.1 < Duration::from_secs(5), "{:?}", reply.1);
+    let answered = http(move || api.get("/api/info").0).await;
+    assert_eq!(answered, 200);
+    // Hundreds of refusals, at most a line or two of log.
+    let warnings = dmqd.log_lines("connections refused");
+    assert!(
+        (1..=2).contains(&warnings.len()),
+        "{} refusal warnings: {warnings:#?}",
+        warnings.len()
+    );
+    drop(dmqd);
 }
 
 const TOKEN: &str = "root-token-0123456789";

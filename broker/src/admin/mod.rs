@@ -2,8 +2,10 @@
 //! listener, beside the console and `/metrics`.
 //!
 //! # Layout
-//! - this module: the router, the token check, the JSON error type, the
-//!   server loop, and the retention task;
+//! - this module: the router, the token check, the JSON error type, and
+//!   the retention task;
+//! - `guard`: Host, Origin and JSON-body checks, `nosniff`, JSON errors;
+//! - `listener`: the accept loop, its connection limits and timeouts;
 //! - `topics`: the registry and groups;
 //! - `messages`: query, per-group state, deletion, test messages, dead
 //!   letters;
@@ -17,11 +19,13 @@
 //! are parsed by [`parse_json`] so malformed JSON gets the same shape.
 
 mod guard;
+mod listener;
 mod messages;
 mod observe;
 mod topics;
 
 pub use guard::AllowedHost;
+pub use listener::{AdminConnections, Refusal};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -336,19 +340,23 @@ async fn login(
     }
 }
 
-/// Serves the admin API on `listener` until `shutdown` completes.
+/// Serves the admin API on `listener` until `shutdown` completes, within
+/// the configured connection limits and timeouts.
 pub async fn serve(
     listener: TcpListener,
     services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = router(services).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(%error, "admin HTTP server failed");
-    }
+    let config = Arc::clone(&services.config);
+    let connections = Arc::new(AdminConnections::new(
+        config.admin_max_connections,
+        config.admin_max_connections_per_address,
+    ));
+    let timeouts = listener::ConnectionTimeouts {
+        header: Duration::from_millis(config.admin_header_timeout_ms),
+    };
+    let app = router(services).layer(axum::Extension(Arc::clone(&connections)));
+    listener::serve(listener, app, connections, timeouts, shutdown).await;
 }
 
 /// How often per-topic retention is applied.
