@@ -5,7 +5,8 @@
 //!   non-JSON bodies) nor read it through DNS rebinding (foreign `Host`);
 //! - half-sent requests and connection floods cannot exhaust the broker's
 //!   descriptors, and are closed after the header timeout;
-//! - cheap failed HELLOs cannot reset an admin-token lockout.
+//! - cheap failed HELLOs cannot reset an admin-token lockout;
+//! - deletions default to a dry run, delays that overflow are refused.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -644,4 +645,86 @@ async fn cheap_failed_hellos_do_not_reset_an_admin_lockout() {
     let after = http(move || api.get("/api/topics").0).await;
     assert_eq!(after, 429, "still locked out within the minute");
     broker.stop().await;
+}
+
+/// A development broker with topic `dev.web.rules` holding one message
+/// with key `k`; runs `check` on it.
+async fn with_rules_topic(check: impl FnOnce(SocketAddr, Api, &'static str) + Send + 'static) {
+    let broker = Broker::start(|_| {}).await;
+    let admin = broker.admin;
+    let api = Api::new(admin, None);
+    http(move || {
+        let topic = "dev.web.rules";
+        api.ok_post(
+            "/api/topics",
+            serde_json::from_str(&create_body("rules")).unwrap(),
+        );
+        api.ok_post(
+            &format!("/api/topics/{topic}/test-message"),
+            json!({"value": "v", "key": "k"}),
+        );
+        check(admin, api, topic);
+    })
+    .await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_without_dry_run_is_a_dry_run() {
+    with_rules_topic(|_, api, topic| {
+        let answer = api.ok_post(
+            &format!("/api/topics/{topic}/messages/delete"),
+            json!({"key": "k"}),
+        );
+        assert_eq!(answer["dry_run"], true, "{answer}");
+        assert_eq!(answer["matched"], 1);
+        let page = api.ok(&format!("/api/topics/{topic}/messages?key=k"));
+        assert_eq!(page["messages"][0]["deleted"], false, "nothing deleted");
+        let answer = api.ok_post(
+            &format!("/api/topics/{topic}/messages/delete"),
+            json!({"key": "k", "dry_run": false}),
+        );
+        assert_eq!(
+            (answer["dry_run"].as_bool(), answer["matched"].as_u64()),
+            (Some(false), Some(1))
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_whose_deliver_time_overflows_are_refused() {
+    with_rules_topic(|_, api, topic| {
+        for delay in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "9223372036854775807",
+            "9223372036854000000",
+        ] {
+            let (status, answer) = api.call(
+                "POST",
+                &format!("/api/topics/{topic}/test-message"),
+                Some(&format!("{{\"value\": \"late\", \"delay_ms\": {delay}}}")),
+            );
+            assert_eq!(status, 400, "delay_ms {delay}: {answer}");
+            assert!(answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("delay_ms"));
+        }
+        let page = api.ok(&format!(
+            "/api/topics/{topic}/messages?partition=0&from_offset=0&to_offset=100"
+        ));
+        assert_eq!(
+            page["messages"].as_array().unwrap().len(),
+            1,
+            "nothing produced"
+        );
+        let sent = api.ok_post(
+            &format!("/api/topics/{topic}/test-message"),
+            json!({"value": "later", "delay_ms": 3_600_000}),
+        );
+        assert!(sent["deliver_at_ms"].as_i64().unwrap() > 0, "{sent}");
+    })
+    .await;
 }

@@ -567,8 +567,13 @@ struct DeleteRequest {
     partition: Option<u32>,
     from_offset: Option<u64>,
     to_offset: Option<u64>,
-    #[serde(default)]
+    /// Absent: a dry run. Deleting takes `"dry_run": false`.
+    #[serde(default = "dry_run_unless_told")]
     dry_run: bool,
+}
+
+fn dry_run_unless_told() -> bool {
+    true
 }
 
 async fn delete(
@@ -666,7 +671,8 @@ async fn test_message(
         .collect();
     record.deliver_at_ms = request
         .delay_ms
-        .map(|delay| now.saturating_add(delay as i64));
+        .map(|delay| deliver_at(now, delay))
+        .transpose()?;
     let name = topic.clone();
     let produced = services
         .engine
@@ -693,6 +699,21 @@ async fn test_message(
         "message_id": produced.id.to_string(),
         "deliver_at_ms": produced.delayed_until_ms,
     })))
+}
+
+/// When a message delayed by `delay_ms` from `now` is due; a time that
+/// does not fit an i64 of milliseconds is refused (it must not wrap into
+/// the past and deliver at once).
+fn deliver_at(now: i64, delay_ms: u64) -> ApiResult<i64> {
+    i64::try_from(delay_ms)
+        .ok()
+        .and_then(|delay| now.checked_add(delay))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "delay_ms {delay_ms} is too large: the delivery time would be past the \
+                 largest timestamp (i64 milliseconds)"
+            ))
+        })
 }
 
 #[derive(Serialize)]
@@ -902,6 +923,30 @@ mod tests {
         assert!(
             Selector::from_parts(Some("nope".into()), None, None, None, None, None, None).is_err()
         );
+    }
+
+    #[test]
+    fn delays_that_overflow_are_refused() {
+        let now = 1_764_246_000_000;
+        assert_eq!(deliver_at(now, 1000).unwrap(), now + 1000);
+        assert_eq!(deliver_at(0, i64::MAX as u64).unwrap(), i64::MAX);
+        for delay in [
+            1u64 << 63,
+            u64::MAX,
+            i64::MAX as u64,
+            (i64::MAX - now + 1) as u64,
+        ] {
+            assert!(deliver_at(now, delay).is_err(), "{delay}");
+        }
+    }
+
+    #[test]
+    fn deletions_default_to_a_dry_run() {
+        let request: DeleteRequest = serde_json::from_str("{\"key\": \"k\"}").unwrap();
+        assert!(request.dry_run);
+        let request: DeleteRequest =
+            serde_json::from_str("{\"key\": \"k\", \"dry_run\": false}").unwrap();
+        assert!(!request.dry_run);
     }
 
     #[test]
