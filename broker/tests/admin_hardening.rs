@@ -6,7 +6,8 @@
 //! - half-sent requests and connection floods cannot exhaust the broker's
 //!   descriptors, and are closed after the header timeout;
 //! - cheap failed HELLOs cannot reset an admin-token lockout;
-//! - deletions default to a dry run, delays that overflow are refused.
+//! - the small rules: deletions default to a dry run, delays that overflow
+//!   are refused, echoed input is cut short, every error is JSON.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -727,4 +728,88 @@ async fn delays_whose_deliver_time_overflows_are_refused() {
         assert!(sent["deliver_at_ms"].as_i64().unwrap() > 0, "{sent}");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoed_input_is_cut_short() {
+    with_rules_topic(|_, api, topic| {
+        let huge = "a".repeat(20_000);
+        let echoes: Vec<(&str, String, Option<String>, u16)> = vec![
+            ("GET", format!("/api/topics/{huge}"), None, 404),
+            ("GET", format!("/api/messages/{huge}"), None, 400),
+            (
+                "GET",
+                format!("/api/topics/{topic}/messages?key=k&cursor={huge}"),
+                None,
+                400,
+            ),
+            (
+                "POST",
+                "/api/topics".into(),
+                Some(
+                    json!({"environment": huge, "department": "d", "name": "n", "owner": "o"})
+                        .to_string(),
+                ),
+                400,
+            ),
+            (
+                "POST",
+                "/api/topics".into(),
+                Some(format!("{{\"{huge}\": 1}}")),
+                400,
+            ),
+            (
+                "POST",
+                format!("/api/topics/{topic}/groups/g/seek"),
+                Some(json!({"to": huge}).to_string()),
+                400,
+            ),
+        ];
+        for (method, path, body, status) in echoes {
+            let (got, answer) = api.call(method, &path, body.as_deref());
+            assert_eq!(
+                got,
+                status,
+                "{method} {}: {answer}",
+                &path[..40.min(path.len())]
+            );
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(
+                message.len() < 600,
+                "{} bytes: {}",
+                message.len(),
+                &message[..200]
+            );
+            assert!(message.contains('…'), "{message}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_and_unknown_methods_get_json_errors() {
+    with_rules_topic(|admin, _, _| {
+        // Refused from its Content-Length, before it is read.
+        let reply = http_head_only(admin, "POST", "/api/topics", 2 << 20);
+        reply.error(413);
+        let reply = send(admin, "PUT", "/api/topics", &[JSON], Some("{}"));
+        reply.error(405);
+        let reply = send(admin, "DELETE", "/api/info", &[], None);
+        reply.error(405);
+    })
+    .await;
+}
+
+/// Sends only the head of a request announcing `length` body bytes.
+fn http_head_only(admin: SocketAddr, method: &str, path: &str, length: usize) -> Reply {
+    let mut stream = TcpStream::connect(admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    read_reply(&mut stream)
 }

@@ -23,7 +23,7 @@ use dmq_log_store::{MessageId, Record, RecordInput};
 use serde::{Deserialize, Serialize};
 
 use super::observe::parse_id;
-use super::{blocking, parse_json, query_map, query_param, ApiError, ApiResult};
+use super::{blocking, parse_json, query_map, query_param, shown, ApiError, ApiResult};
 use crate::broker::{now_ms, Services};
 use crate::telemetry::ProducedBatch;
 
@@ -167,7 +167,8 @@ fn preview_format(query: &std::collections::HashMap<String, String>) -> ApiResul
         Some("text") => Ok(PreviewFormat::Text),
         Some("hex") => Ok(PreviewFormat::Hex),
         Some(other) => Err(ApiError::bad_request(format!(
-            "format must be json, text or hex, not {other:?}"
+            "format must be json, text or hex, not {}",
+            shown(other)
         ))),
     }
 }
@@ -178,7 +179,7 @@ async fn topic_logs(services: &Services, topic: &str) -> ApiResult<Vec<Arc<dyn P
         .find_topic(topic)
         .await
         .map(|(_, logs)| logs)
-        .ok_or_else(|| ApiError::not_found(format!("unknown topic {topic:?}")))
+        .ok_or_else(|| ApiError::not_found(format!("unknown topic {}", shown(topic))))
 }
 
 fn store_error(error: dmq_dispatcher::StoreError) -> ApiError {
@@ -279,7 +280,7 @@ fn parse_cursor(text: Option<&String>) -> ApiResult<(u32, u64)> {
     };
     text.split_once(':')
         .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
-        .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {text:?}")))
+        .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {}", shown(text))))
 }
 
 /// One page of records (with their partitions) and where the next starts.
@@ -801,7 +802,9 @@ async fn resend(
             }
         })
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("{dlq:?} is not a dead-letter topic")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!("{} is not a dead-letter topic", shown(&dlq)))
+        })?;
     let logs = topic_logs(&services, &dlq).await?;
     let wanted: Option<Vec<MessageId>> = request
         .message_ids

@@ -82,7 +82,7 @@ impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            message: message.into(),
+            message: bounded(message.into()),
         }
     }
 
@@ -183,7 +183,7 @@ where
         .get(name)
         .map(|text| {
             text.parse::<T>()
-                .map_err(|e| ApiError::bad_request(format!("{name}={text:?}: {e}")))
+                .map_err(|e| ApiError::bad_request(format!("{name}={}: {e}", shown(text))))
         })
         .transpose()
 }
@@ -210,6 +210,39 @@ pub(crate) fn shown(text: &str) -> String {
     } else {
         format!("{head:?}")
     }
+}
+
+/// Longest error message.
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// An error message safe to send back, whatever input it repeats (a serde
+/// error names an unknown field, an engine error a topic): any word longer
+/// than [`MAX_ECHO_CHARS`] (with room for the quotes and ellipsis of
+/// [`shown`]) is cut with an ellipsis, and so is the whole message past
+/// [`MAX_MESSAGE_CHARS`].
+fn bounded(message: String) -> String {
+    let long_word = |word: &str| word.chars().count() > MAX_ECHO_CHARS + 8;
+    if message.chars().count() <= MAX_MESSAGE_CHARS && !message.split(' ').any(long_word) {
+        return message;
+    }
+    let mut out = String::new();
+    for (index, word) in message.split(' ').enumerate() {
+        if index > 0 {
+            out.push(' ');
+        }
+        if long_word(word) {
+            out.extend(word.chars().take(MAX_ECHO_CHARS));
+            out.push('…');
+        } else {
+            out.push_str(word);
+        }
+        if out.chars().count() > MAX_MESSAGE_CHARS {
+            out = out.chars().take(MAX_MESSAGE_CHARS).collect();
+            out.push('…');
+            break;
+        }
+    }
+    out
 }
 
 /// The whole HTTP surface: API, metrics, console.
@@ -420,5 +453,32 @@ pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch:
                 Err(error) => tracing::warn!(topic = name, %error, "retention task failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_input_is_cut() {
+        assert_eq!(shown("abc"), "\"abc\"");
+        let long = "x".repeat(5000);
+        let cut = shown(&long);
+        assert_eq!(cut.chars().count(), MAX_ECHO_CHARS + 3);
+        assert!(cut.ends_with("\"…"));
+        let message = format!("unknown topic {cut}");
+        assert_eq!(bounded(message.clone()), message, "shown() is left alone");
+        let raw = bounded(format!("unknown field `{long}`, expected one of `a`"));
+        assert!(raw.chars().count() < 200, "{raw}");
+        assert!(
+            raw.contains('…') && raw.ends_with("expected one of `a`"),
+            "{raw}"
+        );
+        let many = bounded("word ".repeat(1000));
+        assert!(many.chars().count() <= MAX_MESSAGE_CHARS + 1);
+        let multibyte = bounded("é".repeat(3000));
+        assert!(multibyte.ends_with('…'));
+        assert_eq!(bounded("short".into()), "short");
     }
 }

@@ -11,7 +11,9 @@ use axum::{Extension, Json};
 use dmq_log_store::MessageId;
 use serde::Serialize;
 
-use super::{blocking, query_map, query_param, AdminConnections, ApiError, ApiResult, Refusal};
+use super::{
+    blocking, query_map, query_param, shown, AdminConnections, ApiError, ApiResult, Refusal,
+};
 use crate::broker::{now_ms, Services};
 use crate::telemetry::{GaugeSnapshot, MinuteCounts, TraceEvent};
 
@@ -44,7 +46,8 @@ pub(super) async fn info(State(services): State<Services>) -> ApiResult<Json<ser
 pub(super) fn parse_id(text: &str) -> ApiResult<MessageId> {
     text.parse().map_err(|_| {
         ApiError::bad_request(format!(
-            "{text:?} is not a message id (32 hexadecimal digits)"
+            "{} is not a message id (32 hexadecimal digits)",
+            shown(text)
         ))
     })
 }
@@ -96,7 +99,10 @@ pub(super) async fn stats(
     let group = query.get("group").filter(|g| !g.is_empty()).cloned();
     if let Some(topic) = &topic {
         if services.engine.find_topic(topic).await.is_none() {
-            return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+            return Err(ApiError::not_found(format!(
+                "unknown topic {}",
+                shown(topic)
+            )));
         }
     }
     let telemetry = services.engine.telemetry().clone();

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use dmq_dispatcher::{DeliveryMode, GroupConfig, PartitionStats, StartPosition};
 use serde::{Deserialize, Serialize};
 
-use super::{parse_json, ApiError, ApiResult};
+use super::{parse_json, shown, ApiError, ApiResult};
 use crate::broker::{create_topic, now_ms, Services};
 use crate::registry::{check_name_part, TopicRecord, TopicStatus};
 
@@ -92,7 +92,8 @@ fn check_settings(
     for id in clients.iter().flat_map(|list| list.iter()) {
         if id.is_empty() || id.len() > 100 || id.chars().any(char::is_whitespace) {
             return Err(ApiError::bad_request(format!(
-                "client id {id:?} must be 1 to 100 characters without spaces"
+                "client id {} must be 1 to 100 characters without spaces",
+                shown(id)
             )));
         }
     }
@@ -169,7 +170,10 @@ async fn create(
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
-        return Err(ApiError::internal(format!("creating {name:?}: {error}")));
+        return Err(ApiError::internal(format!(
+            "creating {}: {error}",
+            shown(&name)
+        )));
     }
     tracing::info!(topic = name, status = ?record.status, "topic registered");
     Ok((StatusCode::CREATED, Json(record)))
@@ -266,7 +270,10 @@ async fn describe(
         .get(&topic)
         .cloned();
     let Some((_, logs)) = services.engine.find_topic(&topic).await else {
-        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+        return Err(ApiError::not_found(format!(
+            "unknown topic {}",
+            shown(&topic)
+        )));
     };
     let partitions = logs
         .iter()
@@ -319,7 +326,7 @@ fn registered(services: &Services, topic: &str) -> ApiResult<TopicRecord> {
         .unwrap_or_else(|p| p.into_inner())
         .get(topic)
         .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("topic {topic:?} is not registered")))
+        .ok_or_else(|| ApiError::not_found(format!("topic {} is not registered", shown(topic))))
 }
 
 async fn update(
@@ -420,7 +427,10 @@ async fn delete(
         .is_some();
     let exists = services.engine.find_topic(&topic).await.is_some();
     if !registered && !exists {
-        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+        return Err(ApiError::not_found(format!(
+            "unknown topic {}",
+            shown(&topic)
+        )));
     }
     if exists {
         let name = topic.clone();
@@ -449,7 +459,10 @@ async fn groups(
     Path(topic): Path<String>,
 ) -> ApiResult<Json<Vec<GroupInfo>>> {
     if services.engine.find_topic(&topic).await.is_none() {
-        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+        return Err(ApiError::not_found(format!(
+            "unknown topic {}",
+            shown(&topic)
+        )));
     }
     group_infos(&services, &topic).await.map(Json)
 }
@@ -480,8 +493,9 @@ async fn seek(
 ) -> ApiResult<Json<serde_json::Value>> {
     let seek: Seek = parse_json(&body)?;
     let value = || {
-        seek.value
-            .ok_or_else(|| ApiError::bad_request(format!("\"to\": {:?} needs a value", seek.to)))
+        seek.value.ok_or_else(|| {
+            ApiError::bad_request(format!("\"to\": {} needs a value", shown(&seek.to)))
+        })
     };
     let target = match seek.to.as_str() {
         "earliest" => StartPosition::Earliest,
@@ -492,7 +506,8 @@ async fn seek(
         ),
         other => {
             return Err(ApiError::bad_request(format!(
-                "\"to\" must be earliest, latest, timestamp or offset, not {other:?}"
+                "\"to\" must be earliest, latest, timestamp or offset, not {}",
+                shown(other)
             )))
         }
     };
