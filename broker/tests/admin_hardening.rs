@@ -7,7 +7,8 @@
 //!   descriptors, and are closed after the header timeout;
 //! - cheap failed HELLOs cannot reset an admin-token lockout;
 //! - the small rules: deletions default to a dry run, delays that overflow
-//!   are refused, echoed input is cut short, every error is JSON.
+//!   are refused, echoed input is cut short, every error is JSON, topic
+//!   names fit the dispatcher's rules.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -796,6 +797,35 @@ async fn oversized_bodies_and_unknown_methods_get_json_errors() {
         reply.error(405);
         let reply = send(admin, "DELETE", "/api/info", &[], None);
         reply.error(405);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_topic_names_follow_the_dispatcher_rules() {
+    with_rules_topic(|_, api, topic| {
+        let long = "n".repeat(40);
+        let (status, answer) = api.post(
+            "/api/topics",
+            json!({"environment": long, "department": long, "name": long, "owner": "o"}),
+        );
+        assert_eq!(status, 400, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("100"), "{message}");
+        let (status, answer) = api.post(
+            "/api/topics",
+            json!({"environment": "__sys", "department": "d", "name": "n", "owner": "o"}),
+        );
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains("__"));
+        assert_eq!(topic_names(&api), vec![topic.to_string()]);
+        // 100 characters exactly is fine.
+        let name = "m".repeat(100 - 2 * 40 - 2);
+        let created = api.ok_post(
+            "/api/topics",
+            json!({"environment": long, "department": long, "name": name, "owner": "o"}),
+        );
+        assert_eq!(created["name"].as_str().unwrap().len(), 100);
     })
     .await;
 }

@@ -32,6 +32,42 @@ pub(super) fn routes() -> Router<Services> {
 /// Partitions a topic may have at most.
 const MAX_PARTITIONS: u32 = 1024;
 
+/// Longest topic name the dispatcher takes (1 to 100 of A-Z a-z 0-9 . _ -).
+pub const MAX_TOPIC_NAME: usize = 100;
+
+/// The topic name `<environment>.<department>.<name>`, checked part by
+/// part and whole against the dispatcher's rules before anything is
+/// registered, so that a bad name is a 400, never a failed creation.
+fn topic_name(environment: &str, department: &str, name: &str) -> ApiResult<String> {
+    for (what, part) in [
+        ("environment", environment),
+        ("department", department),
+        ("name", name),
+    ] {
+        check_name_part(what, part).map_err(|_| {
+            ApiError::bad_request(format!(
+                "{what} must be 1 to 40 of a-z 0-9 _ -, not {}",
+                shown(part)
+            ))
+        })?;
+    }
+    let full = format!("{environment}.{department}.{name}");
+    if full.len() > MAX_TOPIC_NAME {
+        return Err(ApiError::bad_request(format!(
+            "the topic name {} would be {} characters: environment, department and name \
+             with their two dots may have at most {MAX_TOPIC_NAME}",
+            shown(&full),
+            full.len()
+        )));
+    }
+    if full.starts_with("__") {
+        return Err(ApiError::bad_request(
+            "topic names starting with \"__\" are reserved for the broker's internal topics",
+        ));
+    }
+    Ok(full)
+}
+
 async fn list(State(services): State<Services>) -> Json<Vec<TopicRecord>> {
     Json(
         services
@@ -105,9 +141,7 @@ async fn create(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<TopicRecord>)> {
     let request: CreateTopic = parse_json(&body)?;
-    check_name_part("environment", &request.environment).map_err(ApiError::bad_request)?;
-    check_name_part("department", &request.department).map_err(ApiError::bad_request)?;
-    check_name_part("name", &request.name).map_err(ApiError::bad_request)?;
+    let name = topic_name(&request.environment, &request.department, &request.name)?;
     if request.owner.trim().is_empty() {
         return Err(ApiError::bad_request("owner is required"));
     }
@@ -124,12 +158,8 @@ async fn create(
         request.ack_timeout_ms,
         &[&request.producers, &request.consumers],
     )?;
-    let name = format!(
-        "{}.{}.{}",
-        request.environment, request.department, request.name
-    );
     if services.engine.topic(&name).is_some() {
-        return Err(ApiError::conflict(format!("topic {name:?} exists")));
+        return Err(ApiError::conflict(format!("topic {} exists", shown(&name))));
     }
     let defaults = GroupConfig::default();
     let now = now_ms();
@@ -530,4 +560,27 @@ async fn seek(
     Ok(Json(
         serde_json::json!({ "dry_run": dry_run, "partitions": partitions }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_names_fit_the_dispatcher() {
+        assert_eq!(topic_name("prod", "pay", "paid").unwrap(), "prod.pay.paid");
+        let forty = "a".repeat(40);
+        let error = topic_name(&forty, &forty, &forty).unwrap_err();
+        assert!(
+            error.message.contains("122 characters"),
+            "{}",
+            error.message
+        );
+        let eighteen = "b".repeat(18);
+        assert_eq!(topic_name(&forty, &forty, &eighteen).unwrap().len(), 100);
+        assert!(topic_name("__x", "d", "n").is_err(), "reserved");
+        assert!(topic_name("_x", "d", "n").is_ok());
+        let error = topic_name(&"E".repeat(1000), "d", "n").unwrap_err();
+        assert!(error.message.len() < 250, "{}", error.message);
+    }
 }
