@@ -13,10 +13,16 @@
 //! - An address with [`MAX_FAILURES_PER_WINDOW`] failures in the current
 //!   [`FAILURE_WINDOW`] is refused before any check, until the window ends:
 //!   per address for admin tokens, per (address, client id) for HELLO, so
-//!   one misconfigured client does not lock out the others on its host.
-//!   The table is bounded ([`MAX_TRACKED_ADDRESSES`]).
+//!   one misconfigured client does not lock out the others on its host;
+//!   and an address with [`MAX_FAILURES_PER_ADDRESS`] failures of any
+//!   names is refused for all. IPv6 addresses count per /64.
+//! - The table is bounded ([`MAX_TRACKED_ADDRESSES`]) without ever
+//!   forgetting a live window: cheap failures (unknown client ids cost no
+//!   argon2) from anywhere cannot reset a lockout. While it is full of
+//!   live windows, addresses it does not hold are refused.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -29,7 +35,10 @@ use argon2::Argon2;
 pub const MAX_FAILURES_PER_WINDOW: u32 = 10;
 /// The window of the failure count.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses tracked at most; beyond it the oldest windows are dropped.
+/// Failures allowed per address per window, whatever names they try.
+pub const MAX_FAILURES_PER_ADDRESS: u32 = 50;
+/// Addresses tracked at most. One is dropped only once its window is over;
+/// while every tracked one is live, other addresses are refused.
 pub const MAX_TRACKED_ADDRESSES: usize = 10_000;
 /// Verified secrets remembered per credential set.
 const MAX_REMEMBERED: usize = 1024;
@@ -106,46 +115,180 @@ pub enum Verdict {
     RateLimited,
 }
 
-/// Failed attempts per address.
+/// Where failures are counted: an IPv4 address (IPv4-mapped IPv6 ones
+/// included), or an IPv6 /64 network — one host is commonly given a whole
+/// /64, so counting single IPv6 addresses would let it try forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl Source {
+    fn of(address: IpAddr) -> Source {
+        match address {
+            IpAddr::V4(v4) => Source::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4.octets()),
+                None => {
+                    let octets = v6.octets();
+                    let mut network = [0u8; 8];
+                    network.copy_from_slice(&octets[..8]);
+                    Source::V6(network)
+                }
+            },
+        }
+    }
+}
+
+/// Failures counted since `start`; over once [`FAILURE_WINDOW`] has passed.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    failures: u32,
+}
+
+impl Window {
+    fn new(now: Instant) -> Window {
+        Window {
+            start: now,
+            failures: 0,
+        }
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.start) < FAILURE_WINDOW
+    }
+
+    fn failures(&self, now: Instant) -> u32 {
+        if self.live(now) {
+            self.failures
+        } else {
+            0
+        }
+    }
+
+    fn record(&mut self, now: Instant) {
+        if !self.live(now) {
+            *self = Window::new(now);
+        }
+        self.failures = self.failures.saturating_add(1);
+    }
+}
+
+/// The failures of one address: all of them, and per credential name
+/// (client id, or the admin token), the names hashed.
+#[derive(Debug)]
+struct AddressFailures {
+    all: Window,
+    /// At most [`MAX_FAILURES_PER_ADDRESS`] live entries (each needs a
+    /// failure, and the address stops at that many).
+    by_name: Vec<(u64, Window)>,
+}
+
+impl AddressFailures {
+    fn live(&self, now: Instant) -> bool {
+        self.all.live(now) || self.by_name.iter().any(|(_, window)| window.live(now))
+    }
+
+    fn locked(&self, name: u64, now: Instant) -> bool {
+        self.all.failures(now) >= MAX_FAILURES_PER_ADDRESS
+            || self.by_name.iter().any(|(known, window)| {
+                *known == name && window.failures(now) >= MAX_FAILURES_PER_WINDOW
+            })
+    }
+
+    fn record(&mut self, name: u64, now: Instant) {
+        self.all.record(now);
+        self.by_name.retain(|(_, window)| window.live(now));
+        if let Some((_, window)) = self.by_name.iter_mut().find(|(known, _)| *known == name) {
+            window.record(now);
+        } else if self.by_name.len() < MAX_FAILURES_PER_ADDRESS as usize {
+            let mut window = Window::new(now);
+            window.record(now);
+            self.by_name.push((name, window));
+        }
+        // Else: only the address's total counts, and it is at its limit.
+    }
+}
+
+#[derive(Debug, Default)]
+struct FailureTable {
+    addresses: HashMap<Source, AddressFailures>,
+    /// Keyed per process: names are hashed so that an entry stays small
+    /// whatever the client id's length.
+    names: std::collections::hash_map::RandomState,
+}
+
+impl FailureTable {
+    /// Whether a new address can be tracked: the table has room, or gets
+    /// it by dropping addresses whose windows are all over. An address
+    /// with a live window is never dropped, so no number of failures from
+    /// elsewhere can reset a lockout.
+    fn has_room(&mut self, now: Instant) -> bool {
+        if self.addresses.len() < MAX_TRACKED_ADDRESSES {
+            return true;
+        }
+        self.addresses.retain(|_, failures| failures.live(now));
+        self.addresses.len() < MAX_TRACKED_ADDRESSES
+    }
+}
+
+/// Failed attempts per address and per (address, credential name).
+///
+/// Rules, all within one [`FAILURE_WINDOW`]:
+/// - a name (client id, or the admin token) with
+///   [`MAX_FAILURES_PER_WINDOW`] failures from an address is refused from
+///   it;
+/// - an address with [`MAX_FAILURES_PER_ADDRESS`] failures, whatever the
+///   names, is refused for every name (so spraying client ids buys no
+///   more guesses);
+/// - at most [`MAX_TRACKED_ADDRESSES`] addresses are tracked, and one is
+///   forgotten only once its windows are over; while the table is full of
+///   live ones, an address it does not hold is refused.
 #[derive(Debug, Default)]
 pub struct FailedAttempts {
-    windows: Mutex<HashMap<(IpAddr, String), (Instant, u32)>>,
+    table: Mutex<FailureTable>,
 }
 
 impl FailedAttempts {
     /// True if `address` may try now as `who`.
     pub fn allowed(&self, address: IpAddr, who: &str, now: Instant) -> bool {
-        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        match windows.get(&(address, who.to_string())) {
-            Some((start, failures)) => {
-                now.duration_since(*start) >= FAILURE_WINDOW || *failures < MAX_FAILURES_PER_WINDOW
-            }
-            None => true,
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let name = table.names.hash_one(who);
+        match table.addresses.get(&Source::of(address)) {
+            Some(failures) => !failures.locked(name, now),
+            None => table.has_room(now),
         }
     }
 
     /// Counts a failure of `address` as `who`.
     pub fn record_failure(&self, address: IpAddr, who: &str, now: Instant) {
-        let key = (address, who.to_string());
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if windows.len() >= MAX_TRACKED_ADDRESSES && !windows.contains_key(&key) {
-            windows.retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
-            if windows.len() >= MAX_TRACKED_ADDRESSES {
-                // Still full of live windows: forget the oldest.
-                if let Some(oldest) = windows
-                    .iter()
-                    .min_by_key(|(_, (start, _))| *start)
-                    .map(|(key, _)| key.clone())
-                {
-                    windows.remove(&oldest);
-                }
-            }
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let name = table.names.hash_one(who);
+        let source = Source::of(address);
+        if !table.addresses.contains_key(&source) && !table.has_room(now) {
+            // Not trackable: `allowed` refuses this address until there is
+            // room.
+            return;
         }
-        let entry = windows.entry(key).or_insert((now, 0));
-        if now.duration_since(entry.0) >= FAILURE_WINDOW {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
+        table
+            .addresses
+            .entry(source)
+            .or_insert_with(|| AddressFailures {
+                all: Window::new(now),
+                by_name: Vec::new(),
+            })
+            .record(name, now);
+    }
+
+    /// Addresses tracked now.
+    pub fn tracked(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .addresses
+            .len()
     }
 }
 
@@ -353,7 +496,126 @@ mod tests {
         for i in 0..(MAX_TRACKED_ADDRESSES as u32 + 10) {
             failures.record_failure(IpAddr::from(i.to_be_bytes()), "c", now);
         }
-        let tracked = failures.windows.lock().unwrap().len();
-        assert!(tracked <= MAX_TRACKED_ADDRESSES);
+        assert!(failures.tracked() <= MAX_TRACKED_ADDRESSES);
+        // Full of live windows: an address it does not hold is refused...
+        let newcomer: IpAddr = [192, 0, 2, 1].into();
+        assert!(!failures.allowed(newcomer, "c", now));
+        // ...until they are over.
+        let later = now + FAILURE_WINDOW;
+        assert!(failures.allowed(newcomer, "c", later));
+        failures.record_failure(newcomer, "c", later);
+        assert_eq!(failures.tracked(), 1, "over windows are dropped");
+    }
+
+    #[test]
+    fn spraying_names_from_one_address_is_limited_as_a_whole() {
+        let failures = FailedAttempts::default();
+        let now = Instant::now();
+        let sprayer: IpAddr = [10, 0, 0, 9].into();
+        for i in 0..MAX_FAILURES_PER_ADDRESS {
+            let name = format!("client-{i}");
+            assert!(failures.allowed(sprayer, &name, now), "{name}");
+            failures.record_failure(sprayer, &name, now);
+        }
+        assert!(!failures.allowed(sprayer, "never-tried", now));
+        assert!(!failures.allowed(sprayer, ADMIN, now));
+        assert!(failures.allowed([10, 0, 0, 10].into(), "client-1", now));
+        assert!(failures.allowed(sprayer, "x", now + FAILURE_WINDOW));
+    }
+
+    #[test]
+    fn ipv6_addresses_count_per_64_network() {
+        let failures = FailedAttempts::default();
+        let now = Instant::now();
+        for i in 0..MAX_FAILURES_PER_WINDOW {
+            let address: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            failures.record_failure(address, ADMIN, now);
+        }
+        let same_network: IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        assert!(!failures.allowed(same_network, ADMIN, now));
+        let other_network: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(failures.allowed(other_network, ADMIN, now));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        failures.record_failure(mapped, "c", now);
+        assert_eq!(
+            Source::of(mapped),
+            Source::of(IpAddr::from([10, 0, 0, 1])),
+            "an IPv4-mapped address is its IPv4 address"
+        );
+    }
+
+    /// The old attack: a table evicting its oldest entries let 10,050
+    /// cheap failures from other (address, client) keys push an admin
+    /// lockout out within the minute.
+    #[test]
+    fn cheap_failures_elsewhere_never_reset_a_lockout() {
+        let failures = FailedAttempts::default();
+        let start = Instant::now();
+        let attacker: IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..MAX_FAILURES_PER_WINDOW {
+            failures.record_failure(attacker, ADMIN, start);
+        }
+        assert!(!failures.allowed(attacker, ADMIN, start));
+        let later = start + Duration::from_secs(1);
+        // From other addresses (one failure each, more than the table holds)...
+        for i in 0..(MAX_TRACKED_ADDRESSES as u32 + 50) {
+            let other = IpAddr::from((0x0b00_0000 + i).to_be_bytes());
+            if failures.allowed(other, &format!("c{i}"), later) {
+                failures.record_failure(other, &format!("c{i}"), later);
+            }
+        }
+        assert!(!failures.allowed(attacker, ADMIN, later), "still locked");
+        // ...and from the attacker's own address under other client ids.
+        for i in 0..(MAX_TRACKED_ADDRESSES as u32 + 50) {
+            let name = format!("c{i}");
+            if failures.allowed(attacker, &name, later) {
+                failures.record_failure(attacker, &name, later);
+            }
+        }
+        assert!(!failures.allowed(attacker, ADMIN, later), "still locked");
+        assert!(failures.tracked() <= MAX_TRACKED_ADDRESSES);
+        // The minute over, it may try again.
+        assert!(failures.allowed(attacker, ADMIN, start + FAILURE_WINDOW));
+    }
+
+    #[test]
+    fn credentials_keep_an_admin_lockout_through_a_hello_flood() {
+        let token = hash_secret("the-token").unwrap();
+        let credentials = Credentials::new(BTreeMap::new(), vec![token]);
+        let attacker: IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..MAX_FAILURES_PER_WINDOW {
+            assert_eq!(
+                credentials.verify_admin(attacker, b"guess"),
+                Verdict::Refused
+            );
+        }
+        assert_eq!(
+            credentials.verify_admin(attacker, b"the-token"),
+            Verdict::RateLimited
+        );
+        for i in 0..(MAX_TRACKED_ADDRESSES as u32 + 50) {
+            let (address, client) = if i % 2 == 0 {
+                (attacker, format!("c{i}"))
+            } else {
+                (
+                    IpAddr::from((0x0b00_0000 + i).to_be_bytes()),
+                    format!("c{i}"),
+                )
+            };
+            assert_ne!(
+                credentials.verify_client(address, &client, b"x"),
+                Verdict::Admitted
+            );
+        }
+        assert_eq!(
+            credentials.verify_admin(attacker, b"the-token"),
+            Verdict::RateLimited,
+            "the lockout outlives the flood"
+        );
+        assert_eq!(
+            credentials.verify_admin([10, 0, 0, 2].into(), b"the-token"),
+            Verdict::Admitted,
+            "an address with room left is still served"
+        );
     }
 }

@@ -26,6 +26,12 @@
 //! # trace_segment_bytes = 67108864  # default: min(64 MiB, segment_bytes)
 //! # trace_max_bytes = 1073741824     # default: bounded by age only
 //! stats_retention_hours = 48
+//! # the admin listener: extra Host names it answers to (a proxy's), limits
+//! admin_allowed_hosts = ["dmq.example.com"]
+//! admin_max_connections = 256
+//! admin_max_connections_per_address = 32
+//! admin_header_timeout_ms = 10000
+//! admin_body_timeout_ms = 30000
 //!
 //! [clients]                   # client id = argon2id hash of its secret
 //! orders-service = "$argon2id$v=19$m=19456,t=2,p=1$..."
@@ -114,6 +120,23 @@ pub struct BrokerConfig {
     pub trace_max_bytes: Option<u64>,
     /// Per-minute statistics are kept this long (at least 24).
     pub stats_retention_hours: u64,
+
+    // ----- Admin listener hardening (docs/admin-api.md, "Who may call"
+    // and "Limits"). Kept together, after everything else.
+    /// Host names (`name` or `name:port`) the admin listener answers to
+    /// besides its own address, `localhost`, `127.0.0.1` and `[::1]`: the
+    /// names a reverse proxy or a remote browser uses. Any other `Host`
+    /// is refused (DNS rebinding).
+    pub admin_allowed_hosts: Vec<String>,
+    /// Admin connections open at once; more are closed at once.
+    pub admin_max_connections: usize,
+    /// Admin connections open at once from one IP address.
+    pub admin_max_connections_per_address: usize,
+    /// A request's head (line and headers) must arrive within this; an
+    /// idle keep-alive connection is closed after it too.
+    pub admin_header_timeout_ms: u64,
+    /// A request's body must arrive within this after its head.
+    pub admin_body_timeout_ms: u64,
 }
 
 /// Whether credentials are required.
@@ -155,6 +178,13 @@ impl Default for BrokerConfig {
             trace_segment_bytes: None,
             trace_max_bytes: None,
             stats_retention_hours: 48,
+
+            // Admin listener hardening.
+            admin_allowed_hosts: Vec::new(),
+            admin_max_connections: 256,
+            admin_max_connections_per_address: 32,
+            admin_header_timeout_ms: 10_000,
+            admin_body_timeout_ms: 30_000,
         }
     }
 }
@@ -211,6 +241,29 @@ impl BrokerConfig {
             return Err(ConfigError(
                 "trace_retention_hours must be at least 1".to_string(),
             ));
+        }
+        self.validate_admin_listener()
+    }
+
+    /// Checks the admin listener's hardening settings.
+    fn validate_admin_listener(&self) -> Result<(), ConfigError> {
+        for host in &self.admin_allowed_hosts {
+            crate::admin::AllowedHost::parse(host)
+                .map_err(|e| ConfigError(format!("admin_allowed_hosts: {host:?}: {e}")))?;
+        }
+        let positive = [
+            ("admin_max_connections", self.admin_max_connections as u64),
+            (
+                "admin_max_connections_per_address",
+                self.admin_max_connections_per_address as u64,
+            ),
+            ("admin_header_timeout_ms", self.admin_header_timeout_ms),
+            ("admin_body_timeout_ms", self.admin_body_timeout_ms),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError(format!("{name} must be at least 1")));
+            }
         }
         Ok(())
     }
@@ -342,5 +395,31 @@ mod tests {
         ))
         .expect("valid");
         assert!(dev.development_mode());
+    }
+
+    #[test]
+    fn admin_listener_settings_are_checked() {
+        let config = BrokerConfig::from_toml(
+            "admin_allowed_hosts = [\"dmq.example.com\", \"proxy:8443\", \"[::1]\"]\n\
+             admin_max_connections = 10\nadmin_max_connections_per_address = 2\n\
+             admin_header_timeout_ms = 500\nadmin_body_timeout_ms = 700\n",
+        )
+        .expect("valid");
+        assert_eq!(config.admin_allowed_hosts.len(), 3);
+        assert_eq!(config.admin_max_connections_per_address, 2);
+        for bad in [
+            "admin_allowed_hosts = [\"http://dmq.example.com\"]",
+            "admin_allowed_hosts = [\"a/b\"]",
+            "admin_allowed_hosts = [\"\"]",
+            "admin_max_connections = 0",
+            "admin_max_connections_per_address = 0",
+            "admin_header_timeout_ms = 0",
+            "admin_body_timeout_ms = 0",
+        ] {
+            assert!(BrokerConfig::from_toml(bad).is_err(), "{bad}");
+        }
+        let defaults = BrokerConfig::default();
+        assert!(defaults.admin_allowed_hosts.is_empty());
+        assert!(defaults.admin_max_connections_per_address <= defaults.admin_max_connections);
     }
 }

@@ -153,7 +153,7 @@ async fn registry_query_trace_delete_and_stats() {
             .all(|m| m["deleted"] == false));
         let done = api.ok_post(
             &format!("/api/topics/{topic}/messages/delete"),
-            json!({"key": "order-7"}),
+            json!({"key": "order-7", "dry_run": false}),
         );
         assert_eq!(done["matched"], 20);
         let again = api.ok_post(
@@ -175,7 +175,8 @@ async fn registry_query_trace_delete_and_stats() {
         // "Delete the 2016 messages": one call, nothing of now matches.
         let year = api.ok_post(
             &format!("/api/topics/{topic}/messages/delete"),
-            json!({"from_ms": 1_451_606_400_000i64, "to_ms": 1_483_228_800_000i64}),
+            json!({"from_ms": 1_451_606_400_000i64, "to_ms": 1_483_228_800_000i64,
+                   "dry_run": false}),
         );
         assert_eq!(year["matched"], 0);
 

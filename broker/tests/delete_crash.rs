@@ -95,7 +95,7 @@ fn a_range_deletion_killed_midway_is_whole_or_absent() {
         let request_api = api.clone();
         let request = std::thread::spawn(move || {
             let body = json!({"partition": 0, "from_offset": range * RANGE,
-                              "to_offset": (range + 1) * RANGE});
+                              "to_offset": (range + 1) * RANGE, "dry_run": false});
             request_api.try_call(
                 "POST",
                 &format!("/api/topics/{TOPIC}/messages/delete"),

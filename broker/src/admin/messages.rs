@@ -23,7 +23,7 @@ use dmq_log_store::{MessageId, Record, RecordInput};
 use serde::{Deserialize, Serialize};
 
 use super::observe::parse_id;
-use super::{blocking, parse_json, query_map, query_param, ApiError, ApiResult};
+use super::{blocking, parse_json, query_map, query_param, shown, ApiError, ApiResult};
 use crate::broker::{now_ms, Services};
 use crate::telemetry::ProducedBatch;
 
@@ -167,7 +167,8 @@ fn preview_format(query: &std::collections::HashMap<String, String>) -> ApiResul
         Some("text") => Ok(PreviewFormat::Text),
         Some("hex") => Ok(PreviewFormat::Hex),
         Some(other) => Err(ApiError::bad_request(format!(
-            "format must be json, text or hex, not {other:?}"
+            "format must be json, text or hex, not {}",
+            shown(other)
         ))),
     }
 }
@@ -178,7 +179,7 @@ async fn topic_logs(services: &Services, topic: &str) -> ApiResult<Vec<Arc<dyn P
         .find_topic(topic)
         .await
         .map(|(_, logs)| logs)
-        .ok_or_else(|| ApiError::not_found(format!("unknown topic {topic:?}")))
+        .ok_or_else(|| ApiError::not_found(format!("unknown topic {}", shown(topic))))
 }
 
 fn store_error(error: dmq_dispatcher::StoreError) -> ApiError {
@@ -279,7 +280,7 @@ fn parse_cursor(text: Option<&String>) -> ApiResult<(u32, u64)> {
     };
     text.split_once(':')
         .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
-        .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {text:?}")))
+        .ok_or_else(|| ApiError::bad_request(format!("invalid cursor {}", shown(text))))
 }
 
 /// One page of records (with their partitions) and where the next starts.
@@ -567,8 +568,13 @@ struct DeleteRequest {
     partition: Option<u32>,
     from_offset: Option<u64>,
     to_offset: Option<u64>,
-    #[serde(default)]
+    /// Absent: a dry run. Deleting takes `"dry_run": false`.
+    #[serde(default = "dry_run_unless_told")]
     dry_run: bool,
+}
+
+fn dry_run_unless_told() -> bool {
+    true
 }
 
 async fn delete(
@@ -666,7 +672,8 @@ async fn test_message(
         .collect();
     record.deliver_at_ms = request
         .delay_ms
-        .map(|delay| now.saturating_add(delay as i64));
+        .map(|delay| deliver_at(now, delay))
+        .transpose()?;
     let name = topic.clone();
     let produced = services
         .engine
@@ -693,6 +700,21 @@ async fn test_message(
         "message_id": produced.id.to_string(),
         "deliver_at_ms": produced.delayed_until_ms,
     })))
+}
+
+/// When a message delayed by `delay_ms` from `now` is due; a time that
+/// does not fit an i64 of milliseconds is refused (it must not wrap into
+/// the past and deliver at once).
+fn deliver_at(now: i64, delay_ms: u64) -> ApiResult<i64> {
+    i64::try_from(delay_ms)
+        .ok()
+        .and_then(|delay| now.checked_add(delay))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "delay_ms {delay_ms} is too large: the delivery time would be past the \
+                 largest timestamp (i64 milliseconds)"
+            ))
+        })
 }
 
 #[derive(Serialize)]
@@ -780,7 +802,9 @@ async fn resend(
             }
         })
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("{dlq:?} is not a dead-letter topic")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!("{} is not a dead-letter topic", shown(&dlq)))
+        })?;
     let logs = topic_logs(&services, &dlq).await?;
     let wanted: Option<Vec<MessageId>> = request
         .message_ids
@@ -902,6 +926,30 @@ mod tests {
         assert!(
             Selector::from_parts(Some("nope".into()), None, None, None, None, None, None).is_err()
         );
+    }
+
+    #[test]
+    fn delays_that_overflow_are_refused() {
+        let now = 1_764_246_000_000;
+        assert_eq!(deliver_at(now, 1000).unwrap(), now + 1000);
+        assert_eq!(deliver_at(0, i64::MAX as u64).unwrap(), i64::MAX);
+        for delay in [
+            1u64 << 63,
+            u64::MAX,
+            i64::MAX as u64,
+            (i64::MAX - now + 1) as u64,
+        ] {
+            assert!(deliver_at(now, delay).is_err(), "{delay}");
+        }
+    }
+
+    #[test]
+    fn deletions_default_to_a_dry_run() {
+        let request: DeleteRequest = serde_json::from_str("{\"key\": \"k\"}").unwrap();
+        assert!(request.dry_run);
+        let request: DeleteRequest =
+            serde_json::from_str("{\"key\": \"k\", \"dry_run\": false}").unwrap();
+        assert!(!request.dry_run);
     }
 
     #[test]

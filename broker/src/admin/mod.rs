@@ -2,30 +2,40 @@
 //! listener, beside the console and `/metrics`.
 //!
 //! # Layout
-//! - this module: the router, the token check, the JSON error type, the
-//!   server loop, and the retention task;
+//! - this module: the router, the token check, the JSON error type, and
+//!   the retention task;
+//! - `guard`: Host, Origin and JSON-body checks, `nosniff`, JSON errors;
+//! - `listener`: the accept loop, its connection limits and timeouts;
 //! - `topics`: the registry and groups;
 //! - `messages`: query, per-group state, deletion, test messages, dead
 //!   letters;
 //! - `observe`: broker info, trace, statistics, metrics.
 //!
-//! Rules: every `/api/*` route but `POST /api/login`, and `/metrics`, pass
-//! the token check (none in development mode); every error is a JSON
+//! Rules: every request passes `guard` first (allowed `Host`, same-origin
+//! `Origin`, `nosniff`, JSON errors); every `/api/*` route but
+//! `POST /api/login`, and `/metrics`, pass the token check (none in
+//! development mode), then the JSON body check; every error is a JSON
 //! [`ApiError`] with a 4xx/5xx status, never a bare text or a panic; bodies
 //! are parsed by [`parse_json`] so malformed JSON gets the same shape.
 
+mod guard;
+mod listener;
 mod messages;
 mod observe;
 mod topics;
 
+pub use guard::AllowedHost;
+pub use listener::{AdminConnections, Refusal};
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -72,12 +82,15 @@ impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            message: message.into(),
+            message: bounded(message.into()),
         }
     }
 
     fn code(&self) -> &'static str {
         match self.status {
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             StatusCode::BAD_REQUEST => "bad_request",
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::NOT_FOUND => "not_found",
@@ -93,8 +106,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let code = match self.code() {
+            // A 4xx without a code of its own (axum's 422, a 431): the
+            // request is wrong, not the broker.
+            "internal" if self.status.is_client_error() => "bad_request",
+            code => code,
+        };
         let body = serde_json::json!({
-            "error": {"code": self.code(), "message": self.message}
+            "error": {"code": code, "message": self.message}
         });
         (self.status, Json(body)).into_response()
     }
@@ -174,7 +193,7 @@ where
         .get(name)
         .map(|text| {
             text.parse::<T>()
-                .map_err(|e| ApiError::bad_request(format!("{name}={text:?}: {e}")))
+                .map_err(|e| ApiError::bad_request(format!("{name}={}: {e}", shown(text))))
         })
         .transpose()
 }
@@ -188,8 +207,60 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("a worker task failed: {e}")))?
 }
 
+/// Most characters of user input an error message repeats.
+pub const MAX_ECHO_CHARS: usize = 120;
+
+/// `text` quoted, cut after [`MAX_ECHO_CHARS`] characters with an
+/// ellipsis: how an error message repeats user input.
+pub(crate) fn shown(text: &str) -> String {
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(MAX_ECHO_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{head:?}…")
+    } else {
+        format!("{head:?}")
+    }
+}
+
+/// Longest error message.
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// An error message safe to send back, whatever input it repeats (a serde
+/// error names an unknown field, an engine error a topic): any word longer
+/// than [`MAX_ECHO_CHARS`] (with room for the quotes and ellipsis of
+/// [`shown`]) is cut with an ellipsis, and so is the whole message past
+/// [`MAX_MESSAGE_CHARS`].
+fn bounded(message: String) -> String {
+    let long_word = |word: &str| word.chars().count() > MAX_ECHO_CHARS + 8;
+    if message.chars().count() <= MAX_MESSAGE_CHARS && !message.split(' ').any(long_word) {
+        return message;
+    }
+    let mut out = String::new();
+    for (index, word) in message.split(' ').enumerate() {
+        if index > 0 {
+            out.push(' ');
+        }
+        if long_word(word) {
+            out.extend(word.chars().take(MAX_ECHO_CHARS));
+            out.push('…');
+        } else {
+            out.push_str(word);
+        }
+        if out.chars().count() > MAX_MESSAGE_CHARS {
+            out = out.chars().take(MAX_MESSAGE_CHARS).collect();
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
 /// The whole HTTP surface: API, metrics, console.
 pub fn router(services: Services) -> Router {
+    let hosts = Arc::new(guard::HostPolicy::new(
+        services.admin_addr,
+        &services.config.admin_allowed_hosts,
+    ));
     let protected = Router::new()
         .route("/api/info", get(observe::info))
         .route("/api/health", get(observe::health))
@@ -200,19 +271,35 @@ pub fn router(services: Services) -> Router {
         .route("/metrics", get(observe::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             services.clone(),
+            guard::json_body,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            services.clone(),
             require_token,
         ));
+    let login = Router::new().route("/api/login", post(login)).route_layer(
+        axum::middleware::from_fn_with_state(services.clone(), guard::json_body),
+    );
     Router::new()
-        .route("/api/login", post(login))
+        .merge(login)
         .merge(protected)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(services)
         .merge(crate::console::router())
+        .layer(axum::middleware::from_fn_with_state(hosts, guard::guard))
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found(format!("no route {}", uri.path()))
+    ApiError::not_found(format!("no route {}", shown(uri.path())))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", shown(uri.path())),
+    )
 }
 
 fn bearer(request: &Request) -> Option<&[u8]> {
@@ -297,19 +384,23 @@ async fn login(
     }
 }
 
-/// Serves the admin API on `listener` until `shutdown` completes.
+/// Serves the admin API on `listener` until `shutdown` completes, within
+/// the configured connection limits and timeouts.
 pub async fn serve(
     listener: TcpListener,
     services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = router(services).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(%error, "admin HTTP server failed");
-    }
+    let config = Arc::clone(&services.config);
+    let connections = Arc::new(AdminConnections::new(
+        config.admin_max_connections,
+        config.admin_max_connections_per_address,
+    ));
+    let timeouts = listener::ConnectionTimeouts {
+        header: Duration::from_millis(config.admin_header_timeout_ms),
+    };
+    let app = router(services).layer(axum::Extension(Arc::clone(&connections)));
+    listener::serve(listener, app, connections, timeouts, shutdown).await;
 }
 
 /// How often per-topic retention is applied.
@@ -373,5 +464,32 @@ pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch:
                 Err(error) => tracing::warn!(topic = name, %error, "retention task failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_input_is_cut() {
+        assert_eq!(shown("abc"), "\"abc\"");
+        let long = "x".repeat(5000);
+        let cut = shown(&long);
+        assert_eq!(cut.chars().count(), MAX_ECHO_CHARS + 3);
+        assert!(cut.ends_with("\"…"));
+        let message = format!("unknown topic {cut}");
+        assert_eq!(bounded(message.clone()), message, "shown() is left alone");
+        let raw = bounded(format!("unknown field `{long}`, expected one of `a`"));
+        assert!(raw.chars().count() < 200, "{raw}");
+        assert!(
+            raw.contains('…') && raw.ends_with("expected one of `a`"),
+            "{raw}"
+        );
+        let many = bounded("word ".repeat(1000));
+        assert!(many.chars().count() <= MAX_MESSAGE_CHARS + 1);
+        let multibyte = bounded("é".repeat(3000));
+        assert!(multibyte.ends_with('…'));
+        assert_eq!(bounded("short".into()), "short");
     }
 }

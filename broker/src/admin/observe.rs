@@ -2,14 +2,18 @@
 //! statistics, and the Prometheus exposition (counters from telemetry,
 //! gauges read from the dispatcher at scrape time).
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::{header, Uri};
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use dmq_log_store::MessageId;
 use serde::Serialize;
 
-use super::{blocking, query_map, query_param, ApiError, ApiResult};
+use super::{
+    blocking, query_map, query_param, shown, AdminConnections, ApiError, ApiResult, Refusal,
+};
 use crate::broker::{now_ms, Services};
 use crate::telemetry::{GaugeSnapshot, MinuteCounts, TraceEvent};
 
@@ -83,7 +87,8 @@ pub(super) async fn health(State(services): State<Services>) -> ApiResult<Json<s
 pub(super) fn parse_id(text: &str) -> ApiResult<MessageId> {
     text.parse().map_err(|_| {
         ApiError::bad_request(format!(
-            "{text:?} is not a message id (32 hexadecimal digits)"
+            "{} is not a message id (32 hexadecimal digits)",
+            shown(text)
         ))
     })
 }
@@ -135,7 +140,10 @@ pub(super) async fn stats(
     let group = query.get("group").filter(|g| !g.is_empty()).cloned();
     if let Some(topic) = &topic {
         if services.engine.find_topic(topic).await.is_none() {
-            return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+            return Err(ApiError::not_found(format!(
+                "unknown topic {}",
+                shown(topic)
+            )));
         }
     }
     let telemetry = services.engine.telemetry().clone();
@@ -164,7 +172,10 @@ pub(super) async fn stats(
     ))
 }
 
-pub(super) async fn metrics(State(services): State<Services>) -> ApiResult<impl IntoResponse> {
+pub(super) async fn metrics(
+    State(services): State<Services>,
+    connections: Option<Extension<Arc<AdminConnections>>>,
+) -> ApiResult<impl IntoResponse> {
     let gauges = services
         .engine
         .call(|dispatcher, _| {
@@ -200,7 +211,10 @@ pub(super) async fn metrics(State(services): State<Services>) -> ApiResult<impl 
             snapshot
         })
         .await?;
-    let text = services.engine.telemetry().render_metrics(&gauges);
+    let mut text = services.engine.telemetry().render_metrics(&gauges);
+    if let Some(Extension(connections)) = connections {
+        insert_before_eof(&mut text, &admin_listener_metrics(&connections));
+    }
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -208,4 +222,44 @@ pub(super) async fn metrics(State(services): State<Services>) -> ApiResult<impl 
         )],
         text,
     ))
+}
+
+/// The admin listener's own metrics: open connections, and connections
+/// refused by a limit (per reason).
+fn admin_listener_metrics(connections: &AdminConnections) -> String {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("dmq");
+    let open = Gauge::<i64>::default();
+    open.set(i64::try_from(connections.open()).unwrap_or(i64::MAX));
+    registry.register(
+        "admin_connections",
+        "Open connections to the admin listener",
+        open,
+    );
+    let refused = Family::<Vec<(String, String)>, Counter>::default();
+    for refusal in [Refusal::TooManyConnections, Refusal::TooManyFromAddress] {
+        refused
+            .get_or_create(&vec![("reason".to_string(), refusal.reason().to_string())])
+            .inc_by(connections.refused(refusal));
+    }
+    registry.register(
+        "admin_connections_rejected",
+        "Admin connections closed at once because a connection limit was reached",
+        refused,
+    );
+    let mut text = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode_registry(&mut text, &registry) {
+        tracing::error!(%error, "rendering the admin listener metrics failed");
+    }
+    text
+}
+
+/// Inserts `more` before the exposition's closing `# EOF` line.
+fn insert_before_eof(text: &mut String, more: &str) {
+    match text.rfind("# EOF") {
+        Some(at) => text.insert_str(at, more),
+        None => text.push_str(more),
+    }
 }

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use dmq_dispatcher::{DeliveryMode, GroupConfig, PartitionStats, StartPosition};
 use serde::{Deserialize, Serialize};
 
-use super::{parse_json, ApiError, ApiResult};
+use super::{parse_json, shown, ApiError, ApiResult};
 use crate::broker::{create_topic, now_ms, Services};
 use crate::registry::{check_name_part, TopicRecord, TopicStatus};
 
@@ -31,6 +31,42 @@ pub(super) fn routes() -> Router<Services> {
 
 /// Partitions a topic may have at most.
 const MAX_PARTITIONS: u32 = 1024;
+
+/// Longest topic name the dispatcher takes (1 to 100 of A-Z a-z 0-9 . _ -).
+pub const MAX_TOPIC_NAME: usize = 100;
+
+/// The topic name `<environment>.<department>.<name>`, checked part by
+/// part and whole against the dispatcher's rules before anything is
+/// registered, so that a bad name is a 400, never a failed creation.
+fn topic_name(environment: &str, department: &str, name: &str) -> ApiResult<String> {
+    for (what, part) in [
+        ("environment", environment),
+        ("department", department),
+        ("name", name),
+    ] {
+        check_name_part(what, part).map_err(|_| {
+            ApiError::bad_request(format!(
+                "{what} must be 1 to 40 of a-z 0-9 _ -, not {}",
+                shown(part)
+            ))
+        })?;
+    }
+    let full = format!("{environment}.{department}.{name}");
+    if full.len() > MAX_TOPIC_NAME {
+        return Err(ApiError::bad_request(format!(
+            "the topic name {} would be {} characters: environment, department and name \
+             with their two dots may have at most {MAX_TOPIC_NAME}",
+            shown(&full),
+            full.len()
+        )));
+    }
+    if full.starts_with("__") {
+        return Err(ApiError::bad_request(
+            "topic names starting with \"__\" are reserved for the broker's internal topics",
+        ));
+    }
+    Ok(full)
+}
 
 async fn list(State(services): State<Services>) -> Json<Vec<TopicRecord>> {
     Json(
@@ -92,7 +128,8 @@ fn check_settings(
     for id in clients.iter().flat_map(|list| list.iter()) {
         if id.is_empty() || id.len() > 100 || id.chars().any(char::is_whitespace) {
             return Err(ApiError::bad_request(format!(
-                "client id {id:?} must be 1 to 100 characters without spaces"
+                "client id {} must be 1 to 100 characters without spaces",
+                shown(id)
             )));
         }
     }
@@ -104,9 +141,7 @@ async fn create(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<TopicRecord>)> {
     let request: CreateTopic = parse_json(&body)?;
-    check_name_part("environment", &request.environment).map_err(ApiError::bad_request)?;
-    check_name_part("department", &request.department).map_err(ApiError::bad_request)?;
-    check_name_part("name", &request.name).map_err(ApiError::bad_request)?;
+    let name = topic_name(&request.environment, &request.department, &request.name)?;
     if request.owner.trim().is_empty() {
         return Err(ApiError::bad_request("owner is required"));
     }
@@ -123,12 +158,8 @@ async fn create(
         request.ack_timeout_ms,
         &[&request.producers, &request.consumers],
     )?;
-    let name = format!(
-        "{}.{}.{}",
-        request.environment, request.department, request.name
-    );
     if services.engine.topic(&name).is_some() {
-        return Err(ApiError::conflict(format!("topic {name:?} exists")));
+        return Err(ApiError::conflict(format!("topic {} exists", shown(&name))));
     }
     let defaults = GroupConfig::default();
     let now = now_ms();
@@ -169,7 +200,10 @@ async fn create(
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
-        return Err(ApiError::internal(format!("creating {name:?}: {error}")));
+        return Err(ApiError::internal(format!(
+            "creating {}: {error}",
+            shown(&name)
+        )));
     }
     tracing::info!(topic = name, status = ?record.status, "topic registered");
     Ok((StatusCode::CREATED, Json(record)))
@@ -266,7 +300,10 @@ async fn describe(
         .get(&topic)
         .cloned();
     let Some((_, logs)) = services.engine.find_topic(&topic).await else {
-        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+        return Err(ApiError::not_found(format!(
+            "unknown topic {}",
+            shown(&topic)
+        )));
     };
     let partitions = logs
         .iter()
@@ -319,7 +356,7 @@ fn registered(services: &Services, topic: &str) -> ApiResult<TopicRecord> {
         .unwrap_or_else(|p| p.into_inner())
         .get(topic)
         .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("topic {topic:?} is not registered")))
+        .ok_or_else(|| ApiError::not_found(format!("topic {} is not registered", shown(topic))))
 }
 
 async fn update(
@@ -420,7 +457,10 @@ async fn delete(
         .is_some();
     let exists = services.engine.find_topic(&topic).await.is_some();
     if !registered && !exists {
-        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+        return Err(ApiError::not_found(format!(
+            "unknown topic {}",
+            shown(&topic)
+        )));
     }
     if exists {
         let name = topic.clone();
@@ -449,7 +489,10 @@ async fn groups(
     Path(topic): Path<String>,
 ) -> ApiResult<Json<Vec<GroupInfo>>> {
     if services.engine.find_topic(&topic).await.is_none() {
-        return Err(ApiError::not_found(format!("unknown topic {topic:?}")));
+        return Err(ApiError::not_found(format!(
+            "unknown topic {}",
+            shown(&topic)
+        )));
     }
     group_infos(&services, &topic).await.map(Json)
 }
@@ -480,8 +523,9 @@ async fn seek(
 ) -> ApiResult<Json<serde_json::Value>> {
     let seek: Seek = parse_json(&body)?;
     let value = || {
-        seek.value
-            .ok_or_else(|| ApiError::bad_request(format!("\"to\": {:?} needs a value", seek.to)))
+        seek.value.ok_or_else(|| {
+            ApiError::bad_request(format!("\"to\": {} needs a value", shown(&seek.to)))
+        })
     };
     let target = match seek.to.as_str() {
         "earliest" => StartPosition::Earliest,
@@ -492,7 +536,8 @@ async fn seek(
         ),
         other => {
             return Err(ApiError::bad_request(format!(
-                "\"to\" must be earliest, latest, timestamp or offset, not {other:?}"
+                "\"to\" must be earliest, latest, timestamp or offset, not {}",
+                shown(other)
             )))
         }
     };
@@ -515,4 +560,27 @@ async fn seek(
     Ok(Json(
         serde_json::json!({ "dry_run": dry_run, "partitions": partitions }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_names_fit_the_dispatcher() {
+        assert_eq!(topic_name("prod", "pay", "paid").unwrap(), "prod.pay.paid");
+        let forty = "a".repeat(40);
+        let error = topic_name(&forty, &forty, &forty).unwrap_err();
+        assert!(
+            error.message.contains("122 characters"),
+            "{}",
+            error.message
+        );
+        let eighteen = "b".repeat(18);
+        assert_eq!(topic_name(&forty, &forty, &eighteen).unwrap().len(), 100);
+        assert!(topic_name("__x", "d", "n").is_err(), "reserved");
+        assert!(topic_name("_x", "d", "n").is_ok());
+        let error = topic_name(&"E".repeat(1000), "d", "n").unwrap_err();
+        assert!(error.message.len() < 250, "{}", error.message);
+    }
 }

@@ -382,3 +382,12 @@ pub fn spawn_dmqd(
         .spawn()
         .unwrap()
 }
+
+impl Api {
+    /// `GET /metrics`, which must answer 200: the exposition's text.
+    pub fn ok_metrics(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        body.as_str().unwrap().to_string()
+    }
+}
