@@ -12,6 +12,8 @@
 //! handshake_timeout_ms = 5000        # the whole HELLO exchange, from connect
 //! idle_timeout_ms = 300000
 //! max_connections_per_address = 256
+//! max_partitions_per_topic = 256
+//! max_partitions_total = 4096
 //! max_frame_bytes_before_hello = 65536
 //! max_inflight_requests_per_connection = 1024
 //! producer_window_max = 100000        # idempotent producers remembered
@@ -83,6 +85,11 @@ pub struct BrokerConfig {
     pub max_credit: u32,
     /// Connections from one IP address beyond this are refused.
     pub max_connections_per_address: usize,
+    /// A new topic has at most this many partitions.
+    pub max_partitions_per_topic: u32,
+    /// All topics together have at most this many partitions (each costs
+    /// open files and a preallocated segment).
+    pub max_partitions_total: u32,
     /// Frames before HELLO larger than this are refused (HELLO is small;
     /// an unauthenticated peer may not make the broker buffer more).
     pub max_frame_bytes_before_hello: u32,
@@ -164,6 +171,8 @@ impl Default for BrokerConfig {
             connection_queue_frames: 4096,
             max_credit: 100_000,
             max_connections_per_address: 256,
+            max_partitions_per_topic: 256,
+            max_partitions_total: 4096,
             max_frame_bytes_before_hello: 64 * 1024,
             max_inflight_requests_per_connection: 1024,
             producer_window_max: 100_000,
@@ -307,6 +316,15 @@ impl BrokerConfig {
         match self.mode {
             Some(mode) => mode == Mode::Development,
             None => self.clients.is_empty() && self.admin_tokens.is_empty(),
+        }
+    }
+
+    /// The dispatcher's settings.
+    pub fn dispatcher_config(&self) -> dmq_dispatcher::DispatcherConfig {
+        dmq_dispatcher::DispatcherConfig {
+            max_partitions_per_topic: self.max_partitions_per_topic,
+            max_partitions_total: self.max_partitions_total,
+            ..dmq_dispatcher::DispatcherConfig::default()
         }
     }
 

@@ -36,8 +36,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dmq_dispatcher::{
-    Delivery, DispatchError, Dispatcher, DispatcherConfig, FileStorage, MemberId, PartitionLog,
-    TopicConfig,
+    Delivery, DispatchError, Dispatcher, FileStorage, MemberId, PartitionLog, TopicConfig,
 };
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{ProduceOk, ProducedRecord};
@@ -227,7 +226,7 @@ impl Engine {
             storage,
             clock.clone(),
             telemetry.event_sink(),
-            DispatcherConfig::default(),
+            config.dispatcher_config(),
         )?;
         let mut map = PartitionMap::new();
         for (name, topic_config) in dispatcher.topics() {

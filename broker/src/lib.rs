@@ -13,6 +13,8 @@
 //! - [`disk_reserve`]: room kept for acks, deletions and metadata when the
 //!   disk is full.
 //! - [`config`]: [`BrokerConfig`], defaults, TOML, flags, development mode.
+//! - [`connection_limits`]: per-listener and per-address connection caps,
+//!   refusals logged once per interval (both listeners).
 //! - [`auth`]: argon2id credentials, the failed-attempt rate limit.
 //! - [`registry`]: the topic registry (status, owner, rights), crash-safe.
 //! - [`admin`]: the admin HTTP API (axum) and `/metrics`.
@@ -28,6 +30,7 @@ pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod connection_limits;
 mod console;
 mod convert;
 pub mod dedup;

@@ -60,6 +60,17 @@ fn chromium_or_skip(test: &str) -> Option<PathBuf> {
 }
 
 fn launch(chromium: PathBuf) -> anyhow::Result<Browser> {
+    launch_with(chromium, &[])
+}
+
+/// [`launch`] with more chromium flags.
+fn launch_with(chromium: PathBuf, extra: &[&OsStr]) -> anyhow::Result<Browser> {
+    let mut args = vec![
+        OsStr::new("--no-proxy-server"),
+        OsStr::new("--disable-gpu"),
+        OsStr::new("--lang=en-US"),
+    ];
+    args.extend_from_slice(extra);
     let options = LaunchOptions::default_builder()
         .path(Some(chromium))
         .headless(true)
@@ -67,11 +78,7 @@ fn launch(chromium: PathBuf) -> anyhow::Result<Browser> {
         .sandbox(false)
         .window_size(Some(WINDOW))
         .idle_browser_timeout(Duration::from_secs(120))
-        .args(vec![
-            OsStr::new("--no-proxy-server"),
-            OsStr::new("--disable-gpu"),
-            OsStr::new("--lang=en-US"),
-        ])
+        .args(args)
         .build()
         .map_err(|e| anyhow!("launch options: {e}"))?;
     Browser::new(options).context("starting chromium")
@@ -889,5 +896,139 @@ fn production_flow(tab: &Tab, problems: &Problems, url: &str, token: &str) -> an
     if eval(tab, "sessionStorage.length")? != 0 {
         bail!("the token is still stored after logging out");
     }
+    Ok(())
+}
+
+/// Serves `page` as text/html to every request on a new 127.0.0.1 port (a
+/// web site of another origin); returns its port.
+fn serve_page(page: String) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    port
+}
+
+/// What the foreign page tries: the writes a web page can send without a
+/// CORS preflight (text/plain bodies, no-cors), and a read.
+fn hostile_page(admin: &str) -> String {
+    format!(
+        r#"<!doctype html><title>evil</title><script>
+window.results = [];
+const admin = {admin:?};
+const topic = JSON.stringify({{environment: "x", department: "evil", name: "pwn", owner: "o"}});
+(async () => {{
+  const writes = [
+    ["POST", "/api/topics", topic],
+    ["POST", "/api/topics/dev.web.orders/test-message", JSON.stringify({{value: "injected"}})],
+    ["POST", "/api/topics/dev.web.orders/messages/delete", JSON.stringify({{partition: 0, from_offset: 0, to_offset: 100, dry_run: false}})],
+    ["POST", "/api/topics/dev.web.orders/disable", ""],
+  ];
+  for (const [method, path, body] of writes) {{
+    try {{
+      await fetch(admin + path, {{method, body: body || undefined, mode: "no-cors",
+        headers: {{"Content-Type": "text/plain"}}}});
+      results.push("sent");
+    }} catch (e) {{ results.push("blocked"); }}
+  }}
+  try {{
+    const r = await fetch(admin + "/api/topics");
+    results.push("read " + r.status);
+  }} catch (e) {{ results.push("read blocked"); }}
+  window.done = true;
+}})();
+</script>"#
+    )
+}
+
+/// A web page of another origin (and one reached through a DNS name that
+/// rebinds to 127.0.0.1) cannot create, inject, delete or disable anything
+/// on a development-mode broker, nor read its answers.
+#[test]
+fn a_foreign_web_page_cannot_drive_a_development_broker() -> anyhow::Result<()> {
+    let Some(chromium) = chromium_or_skip("a_foreign_web_page_cannot_drive_a_development_broker")
+    else {
+        return Ok(());
+    };
+    let running = Running::start(Vec::new());
+    let admin: SocketAddr = running.broker.as_ref().unwrap().admin_addr();
+    // A real topic the page goes after.
+    let created = ureq::post(&format!("http://{admin}/api/topics"))
+        .header("Content-Type", "application/json")
+        .send(r#"{"environment":"dev","department":"web","name":"orders","owner":"o"}"#)
+        .map_err(|e| anyhow!("creating the target topic: {e}"))?;
+    assert_eq!(created.status().as_u16(), 201);
+    // "evil.test" resolves to 127.0.0.1, as a rebinding DNS name would.
+    let browser = launch_with(
+        chromium,
+        &[OsStr::new("--host-resolver-rules=MAP evil.test 127.0.0.1")],
+    )?;
+    let tab = browser.new_tab()?;
+    for (site, target) in [
+        ("127.0.0.1", format!("http://{admin}")),
+        ("evil.test", format!("http://evil.test:{}", admin.port())),
+    ] {
+        let port = serve_page(hostile_page(&target));
+        tab.navigate_to(&format!("http://{site}:{port}/"))?;
+        tab.wait_until_navigated()?;
+        wait_until(&tab, "the page's attempts", "window.done === true")?;
+        let results = eval(&tab, "JSON.stringify(window.results)")?;
+        let results = results.as_str().unwrap_or_default().to_string();
+        // The read is refused: blocked by CORS from another origin, a 403
+        // for a foreign Host reached through the rebinding name.
+        assert!(
+            results.contains("read blocked") || results.contains("read 403"),
+            "{site}: {results}"
+        );
+    }
+    // Nothing happened.
+    let topics: serde_json::Value = ureq::get(&format!("http://{admin}/api/topics"))
+        .call()
+        .map_err(|e| anyhow!("{e}"))?
+        .body_mut()
+        .read_json()
+        .map_err(|e| anyhow!("{e}"))?;
+    let names: Vec<&str> = topics
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dev.web.orders"], "a foreign page created a topic");
+    assert_eq!(topics[0]["status"], "approved", "a foreign page disabled it");
+    let end: u64 = ureq::get(&format!("http://{admin}/api/topics/dev.web.orders"))
+        .call()
+        .map_err(|e| anyhow!("{e}"))?
+        .body_mut()
+        .read_json::<serde_json::Value>()
+        .map_err(|e| anyhow!("{e}"))?["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["end_offset"].as_u64().unwrap())
+        .sum();
+    assert_eq!(end, 0, "a foreign page injected a test message");
+    // The same requests from the same origin, as the console sends them,
+    // work: the refusals above are the origin's, not the requests'.
+    let same_origin = ureq::post(&format!("http://{admin}/api/topics/dev.web.orders/test-message"))
+        .header("Content-Type", "application/json")
+        .send(r#"{"value":"from the console"}"#)
+        .map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(same_origin.status().as_u16(), 200);
+    drop(tab);
+    drop(browser);
+    running.stop();
     Ok(())
 }

@@ -6,7 +6,9 @@
 //!   `admin_max_connections_per_address` from one IP address; a connection
 //!   over either is closed as soon as it is accepted, counted in
 //!   `dmq_admin_connections_rejected_total{reason}`, and logged at most
-//!   once per [`REFUSAL_LOG_INTERVAL`] (with how many were refused since);
+//!   once per `REFUSAL_LOG_INTERVAL` (with how many were refused since);
+//!   the limits are `crate::connection_limits`, shared with the protocol
+//!   listener;
 //! - a request's head must arrive within `admin_header_timeout_ms`, and an
 //!   idle keep-alive connection is closed after it too (hyper's header
 //!   read timeout), so half-sent requests cannot hold descriptors;
@@ -18,12 +20,10 @@
 //! At shutdown the listener stops accepting and asks every connection to
 //! finish its request in flight; the caller bounds how long that takes.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
@@ -35,8 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// Refusals and accept errors are logged at most once per this.
-pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+use crate::connection_limits::{ConnectionLimits, QuietWarning, Slot, REFUSAL_LOG_INTERVAL};
 
 /// How long the loop pauses after an accept error (e.g. out of
 /// descriptors) before accepting again.
@@ -44,152 +43,6 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Connections still finishing their request at shutdown get this long.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
-
-/// Why a connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// `admin_max_connections` are open.
-    TooManyConnections,
-    /// `admin_max_connections_per_address` are open from its address.
-    TooManyFromAddress,
-}
-
-impl Refusal {
-    /// The `reason` label of the refusal counter.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Refusal::TooManyConnections => "too_many_connections",
-            Refusal::TooManyFromAddress => "too_many_from_address",
-        }
-    }
-}
-
-/// The admin listener's open connections and refusals.
-#[derive(Debug)]
-pub struct AdminConnections {
-    max_total: usize,
-    max_per_address: usize,
-    open: Mutex<OpenConnections>,
-    refused_total: AtomicU64,
-    refused_per_address: AtomicU64,
-}
-
-#[derive(Debug, Default)]
-struct OpenConnections {
-    total: usize,
-    by_address: HashMap<IpAddr, usize>,
-}
-
-/// One admitted connection; frees its place when dropped.
-#[derive(Debug)]
-pub struct Slot {
-    connections: Arc<AdminConnections>,
-    address: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.connections.lock_open();
-        open.total = open.total.saturating_sub(1);
-        if let Some(count) = open.by_address.get_mut(&self.address) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.by_address.remove(&self.address);
-            }
-        }
-    }
-}
-
-impl AdminConnections {
-    /// Limits of `max_total` connections, `max_per_address` per address.
-    pub fn new(max_total: usize, max_per_address: usize) -> AdminConnections {
-        AdminConnections {
-            max_total,
-            max_per_address,
-            open: Mutex::new(OpenConnections::default()),
-            refused_total: AtomicU64::new(0),
-            refused_per_address: AtomicU64::new(0),
-        }
-    }
-
-    fn lock_open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes a place for a connection from `address`, or says which limit
-    /// refuses it (and counts the refusal).
-    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Result<Slot, Refusal> {
-        let mut open = self.lock_open();
-        let from_address = open.by_address.get(&address).copied().unwrap_or(0);
-        let refusal = if open.total >= self.max_total {
-            Some((Refusal::TooManyConnections, &self.refused_total))
-        } else if from_address >= self.max_per_address {
-            Some((Refusal::TooManyFromAddress, &self.refused_per_address))
-        } else {
-            None
-        };
-        if let Some((refusal, counter)) = refusal {
-            counter.fetch_add(1, Ordering::Relaxed);
-            return Err(refusal);
-        }
-        open.total += 1;
-        *open.by_address.entry(address).or_insert(0) += 1;
-        Ok(Slot {
-            connections: Arc::clone(self),
-            address,
-        })
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.lock_open().total
-    }
-
-    /// Connections refused so far because of `refusal`'s limit.
-    pub fn refused(&self, refusal: Refusal) -> u64 {
-        match refusal {
-            Refusal::TooManyConnections => self.refused_total.load(Ordering::Relaxed),
-            Refusal::TooManyFromAddress => self.refused_per_address.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// A warning that is logged at most once per interval, with the number of
-/// occurrences it stands for.
-#[derive(Debug)]
-struct QuietWarning {
-    interval: Duration,
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl QuietWarning {
-    fn new(interval: Duration) -> QuietWarning {
-        QuietWarning {
-            interval,
-            last: None,
-            unlogged: 0,
-        }
-    }
-
-    /// Counts one occurrence; true when it is time to log (the count is
-    /// then in [`take`](Self::take)).
-    fn note(&mut self, now: Instant) -> bool {
-        self.unlogged += 1;
-        let due = self
-            .last
-            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
-        if due {
-            self.last = Some(now);
-        }
-        due
-    }
-
-    /// Occurrences since the last log line.
-    fn take(&mut self) -> u64 {
-        std::mem::take(&mut self.unlogged)
-    }
-}
 
 /// Timeouts of each connection.
 #[derive(Debug, Clone, Copy)]
@@ -204,7 +57,7 @@ pub struct ConnectionTimeouts {
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    connections: Arc<AdminConnections>,
+    connections: Arc<ConnectionLimits>,
     timeouts: ConnectionTimeouts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -311,46 +164,4 @@ async fn serve_connection(
         }
     }
     drop(slot);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn limits_hold_per_address_and_in_all() {
-        let connections = Arc::new(AdminConnections::new(3, 2));
-        let a: IpAddr = [10, 0, 0, 1].into();
-        let b: IpAddr = [10, 0, 0, 2].into();
-        let first = connections.admit(a).unwrap();
-        let _second = connections.admit(a).unwrap();
-        assert_eq!(
-            connections.admit(a).unwrap_err(),
-            Refusal::TooManyFromAddress
-        );
-        let _third = connections.admit(b).unwrap();
-        assert_eq!(
-            connections.admit(b).unwrap_err(),
-            Refusal::TooManyConnections
-        );
-        assert_eq!(connections.open(), 3);
-        drop(first);
-        assert_eq!(connections.open(), 2);
-        let _again = connections.admit(a).unwrap();
-        assert_eq!(connections.refused(Refusal::TooManyFromAddress), 1);
-        assert_eq!(connections.refused(Refusal::TooManyConnections), 1);
-    }
-
-    #[test]
-    fn warnings_are_logged_once_per_interval_with_their_count() {
-        let mut warning = QuietWarning::new(Duration::from_secs(10));
-        let start = Instant::now();
-        assert!(warning.note(start));
-        assert_eq!(warning.take(), 1);
-        for i in 1..1000 {
-            assert!(!warning.note(start + Duration::from_millis(i)));
-        }
-        assert!(warning.note(start + Duration::from_secs(10)));
-        assert_eq!(warning.take(), 1000);
-    }
 }

@@ -24,8 +24,8 @@ mod messages;
 mod observe;
 mod topics;
 
+pub use crate::connection_limits::{ConnectionLimits, Refusal};
 pub use guard::AllowedHost;
-pub use listener::{AdminConnections, Refusal};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -208,19 +208,11 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// Most characters of user input an error message repeats.
-pub const MAX_ECHO_CHARS: usize = 120;
+pub const MAX_ECHO_CHARS: usize = dmq_dispatcher::names::SHOWN_CHARS_MAX;
 
 /// `text` quoted, cut after [`MAX_ECHO_CHARS`] characters with an
-/// ellipsis: how an error message repeats user input.
-pub(crate) fn shown(text: &str) -> String {
-    let mut chars = text.chars();
-    let head: String = chars.by_ref().take(MAX_ECHO_CHARS).collect();
-    if chars.next().is_some() {
-        format!("{head:?}…")
-    } else {
-        format!("{head:?}")
-    }
-}
+/// ellipsis: the dispatcher's rule, so both listeners echo alike.
+pub(crate) use dmq_dispatcher::names::shown;
 
 /// Longest error message.
 const MAX_MESSAGE_CHARS: usize = 1000;
@@ -392,7 +384,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let config = Arc::clone(&services.config);
-    let connections = Arc::new(AdminConnections::new(
+    let connections = Arc::new(ConnectionLimits::new(
         config.admin_max_connections,
         config.admin_max_connections_per_address,
     ));

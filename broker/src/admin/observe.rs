@@ -12,7 +12,7 @@ use dmq_log_store::MessageId;
 use serde::Serialize;
 
 use super::{
-    blocking, query_map, query_param, shown, AdminConnections, ApiError, ApiResult, Refusal,
+    blocking, query_map, query_param, shown, ApiError, ApiResult, ConnectionLimits, Refusal,
 };
 use crate::broker::{now_ms, Services};
 use crate::telemetry::{GaugeSnapshot, MinuteCounts, TraceEvent};
@@ -174,7 +174,7 @@ pub(super) async fn stats(
 
 pub(super) async fn metrics(
     State(services): State<Services>,
-    connections: Option<Extension<Arc<AdminConnections>>>,
+    connections: Option<Extension<Arc<ConnectionLimits>>>,
 ) -> ApiResult<impl IntoResponse> {
     let gauges = services
         .engine
@@ -226,7 +226,7 @@ pub(super) async fn metrics(
 
 /// The admin listener's own metrics: open connections, and connections
 /// refused by a limit (per reason).
-fn admin_listener_metrics(connections: &AdminConnections) -> String {
+fn admin_listener_metrics(connections: &ConnectionLimits) -> String {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;

@@ -29,12 +29,6 @@ pub(super) fn routes() -> Router<Services> {
         .route("/api/topics/{topic}/groups/{group}/seek", post(seek))
 }
 
-/// Partitions a topic may have at most.
-const MAX_PARTITIONS: u32 = 1024;
-
-/// Longest topic name the dispatcher takes (1 to 100 of A-Z a-z 0-9 . _ -).
-pub const MAX_TOPIC_NAME: usize = 100;
-
 /// The topic name `<environment>.<department>.<name>`, checked part by
 /// part and whole against the dispatcher's rules before anything is
 /// registered, so that a bad name is a 400, never a failed creation.
@@ -52,19 +46,12 @@ fn topic_name(environment: &str, department: &str, name: &str) -> ApiResult<Stri
         })?;
     }
     let full = format!("{environment}.{department}.{name}");
-    if full.len() > MAX_TOPIC_NAME {
-        return Err(ApiError::bad_request(format!(
-            "the topic name {} would be {} characters: environment, department and name \
-             with their two dots may have at most {MAX_TOPIC_NAME}",
-            shown(&full),
+    dmq_dispatcher::names::check_topic(&full).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the topic name would be {} characters: {error}",
             full.len()
-        )));
-    }
-    if full.starts_with("__") {
-        return Err(ApiError::bad_request(
-            "topic names starting with \"__\" are reserved for the broker's internal topics",
-        ));
-    }
+        ))
+    })?;
     Ok(full)
 }
 
@@ -145,12 +132,9 @@ async fn create(
     if request.owner.trim().is_empty() {
         return Err(ApiError::bad_request("owner is required"));
     }
+    // Its limits (1 to max_partitions_per_topic, the total, the disk) are
+    // the dispatcher's: checked when the topic is created below.
     let partitions = request.partitions.unwrap_or(1);
-    if !(1..=MAX_PARTITIONS).contains(&partitions) {
-        return Err(ApiError::bad_request(format!(
-            "partitions must be 1 to {MAX_PARTITIONS}"
-        )));
-    }
     check_settings(
         request.retention_hours,
         request.default_ttl_ms,
@@ -200,10 +184,7 @@ async fn create(
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
-        return Err(ApiError::internal(format!(
-            "creating {}: {error}",
-            shown(&name)
-        )));
+        return Err(ApiError::from(error));
     }
     tracing::info!(topic = name, status = ?record.status, "topic registered");
     Ok((StatusCode::CREATED, Json(record)))
