@@ -136,6 +136,26 @@ pub(crate) struct QuietWarning {
     unlogged: u64,
 }
 
+/// Notes a refused connection of `listener` ("protocol", "admin") and logs
+/// it if `warning` says it is time, with how many it stands for.
+pub(crate) fn log_refusal(
+    warning: &mut QuietWarning,
+    listener: &'static str,
+    peer: std::net::SocketAddr,
+    refusal: Refusal,
+) {
+    if warning.note(Instant::now()) {
+        tracing::warn!(
+            listener,
+            %peer,
+            reason = refusal.reason(),
+            refused = warning.take(),
+            "connections refused (a connection limit is reached); logged at most every {} s",
+            REFUSAL_LOG_INTERVAL.as_secs()
+        );
+    }
+}
+
 impl QuietWarning {
     pub(crate) fn new(interval: Duration) -> QuietWarning {
         QuietWarning {

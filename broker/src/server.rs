@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dmq_protocol::{encode_frame, ErrorCode, Frame};
 use tokio::io::AsyncWriteExt;
@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::broker::Services;
-use crate::connection_limits::{ConnectionLimits, QuietWarning, REFUSAL_LOG_INTERVAL};
+use crate::connection_limits::{log_refusal, ConnectionLimits, QuietWarning, REFUSAL_LOG_INTERVAL};
 use crate::session::{self, Shared};
 use crate::telemetry::Telemetry;
 
@@ -67,16 +67,7 @@ pub async fn run(listener: TcpListener, services: Services, shutdown: impl Futur
         let slot = match limits.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(refusal) => {
-                if refusals.note(Instant::now()) {
-                    tracing::warn!(
-                        %peer,
-                        reason = refusal.reason(),
-                        refused = refusals.take(),
-                        "protocol listener: connections refused (a connection limit is \
-                         reached); logged at most every {} s",
-                        REFUSAL_LOG_INTERVAL.as_secs()
-                    );
-                }
+                log_refusal(&mut refusals, "protocol", peer, refusal);
                 engine.telemetry().connection_rejected(refusal.reason());
                 let mut buffer = bytes::BytesMut::new();
                 let frame = Frame::error(0, ErrorCode::Overloaded, "too many connections");

@@ -1007,7 +1007,10 @@ fn a_foreign_web_page_cannot_drive_a_development_broker() -> anyhow::Result<()> 
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["dev.web.orders"], "a foreign page created a topic");
-    assert_eq!(topics[0]["status"], "approved", "a foreign page disabled it");
+    assert_eq!(
+        topics[0]["status"], "approved",
+        "a foreign page disabled it"
+    );
     let end: u64 = ureq::get(&format!("http://{admin}/api/topics/dev.web.orders"))
         .call()
         .map_err(|e| anyhow!("{e}"))?
@@ -1022,10 +1025,12 @@ fn a_foreign_web_page_cannot_drive_a_development_broker() -> anyhow::Result<()> 
     assert_eq!(end, 0, "a foreign page injected a test message");
     // The same requests from the same origin, as the console sends them,
     // work: the refusals above are the origin's, not the requests'.
-    let same_origin = ureq::post(&format!("http://{admin}/api/topics/dev.web.orders/test-message"))
-        .header("Content-Type", "application/json")
-        .send(r#"{"value":"from the console"}"#)
-        .map_err(|e| anyhow!("{e}"))?;
+    let same_origin = ureq::post(&format!(
+        "http://{admin}/api/topics/dev.web.orders/test-message"
+    ))
+    .header("Content-Type", "application/json")
+    .send(r#"{"value":"from the console"}"#)
+    .map_err(|e| anyhow!("{e}"))?;
     assert_eq!(same_origin.status().as_u16(), 200);
     drop(tab);
     drop(browser);

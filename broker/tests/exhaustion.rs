@@ -182,6 +182,20 @@ async fn unauthenticated_peers_cannot_exhaust_the_broker() {
     );
 }
 
+/// A connection to `dmqd` that made the one-partition topic "flood".
+async fn flood_topic(dmqd: &Dmqd) -> Connection {
+    let mut connection = Connection::hello(dmqd.addr).await;
+    let response = connection
+        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+            name: "flood".into(),
+            partitions: 1,
+            ordered: false,
+        }))
+        .await;
+    assert_eq!(response, dmq_protocol::Response::Ok);
+    connection
+}
+
 fn produce_frame(correlation_id: u32) -> Vec<u8> {
     let frame = Frame::request(
         correlation_id,
@@ -204,15 +218,7 @@ fn produce_frame(correlation_id: u32) -> Vec<u8> {
 async fn a_client_that_never_reads_its_answers_is_stopped_not_buffered() {
     let dmqd =
         Dmqd::start("max_inflight_requests_per_connection = 256\nconnection_queue_frames = 64");
-    let mut connection = Connection::hello(dmqd.addr).await;
-    let response = connection
-        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
-            name: "flood".into(),
-            partitions: 1,
-            ordered: false,
-        }))
-        .await;
-    assert_eq!(response, dmq_protocol::Response::Ok);
+    let mut connection = flood_topic(&dmqd).await;
     let rss_before = dmqd.rss_kib();
     // Write produces in chunks and never read: the broker must stop
     // reading (the write stalls) long before 400,000 requests.
@@ -255,15 +261,7 @@ async fn a_client_that_never_reads_its_answers_is_stopped_not_buffered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_idempotent_producers_hold_bounded_memory() {
     let dmqd = Dmqd::start("producer_window_max = 1000");
-    let mut connection = Connection::hello(dmqd.addr).await;
-    let response = connection
-        .request(Request::CreateTopic(dmq_protocol::CreateTopic {
-            name: "flood".into(),
-            partitions: 1,
-            ordered: false,
-        }))
-        .await;
-    assert_eq!(response, dmq_protocol::Response::Ok);
+    let mut connection = flood_topic(&dmqd).await;
     let rss_before = dmqd.rss_kib();
     const PRODUCERS: u64 = 40_000;
     const PIPELINE: u64 = 1_000;

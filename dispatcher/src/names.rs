@@ -82,15 +82,20 @@ pub fn shown(text: &str) -> String {
     }
 }
 
-fn check_part(what: &'static str, name: &str) -> Result<(), NameError> {
-    let valid = !name.is_empty()
-        && name.len() <= NAME_LEN_MAX
+/// 1 to `len_max` bytes of `A-Z a-z 0-9 . _ -`, neither `.` nor `..`:
+/// a name that is also a safe file name (storage uses it for files).
+pub(crate) fn is_plain(name: &str, len_max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= len_max
         && name != "."
         && name != ".."
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if valid {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn check_part(what: &'static str, name: &str) -> Result<(), NameError> {
+    if is_plain(name, NAME_LEN_MAX) {
         Ok(())
     } else {
         Err(NameError::Invalid {

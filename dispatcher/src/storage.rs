@@ -443,14 +443,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 }
 
 fn check_name(name: &str) -> Result<(), StoreError> {
-    let valid = !name.is_empty()
-        && name.len() <= crate::names::JOURNAL_NAME_LEN_MAX
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if valid {
+    if crate::names::is_plain(name, crate::names::JOURNAL_NAME_LEN_MAX) {
         Ok(())
     } else {
         Err(StoreError::InvalidName(name.to_string()))

@@ -37,34 +37,13 @@ use dmq_dispatcher::{
 };
 use dmq_log_store::{Clock, ManualClock, MessageId, Record, RecordInput};
 
+mod common;
+use common::Rng;
+
 const TOPIC: &str = "t";
 const PARTITIONS: u32 = 2;
 const GROUPS: [&str; 2] = ["g1", "g2"];
 const KEYS: [&str; 3] = ["a", "b", "c"];
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 struct Run {
     seed: u64,

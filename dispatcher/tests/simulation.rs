@@ -51,35 +51,8 @@ use dmq_log_store::{Clock, FsyncPolicy, LogConfig, ManualClock, MessageId, Recor
 
 // ----- seeded randomness ------------------------------------------------------
 
-/// splitmix64: tiny, seedable, good enough for workloads.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            None
-        } else {
-            items.get((self.next() % items.len() as u64) as usize)
-        }
-    }
-}
+mod common;
+use common::Rng;
 
 // ----- the reference model ----------------------------------------------------
 

@@ -35,7 +35,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::connection_limits::{ConnectionLimits, QuietWarning, Slot, REFUSAL_LOG_INTERVAL};
+use crate::connection_limits::{
+    log_refusal, ConnectionLimits, QuietWarning, Slot, REFUSAL_LOG_INTERVAL,
+};
 
 /// How long the loop pauses after an accept error (e.g. out of
 /// descriptors) before accepting again.
@@ -85,16 +87,7 @@ pub async fn serve(
                     Err(refusal) => {
                         // Closed at once: the kernel drops whatever it sent.
                         drop(stream);
-                        if refusals.note(Instant::now()) {
-                            tracing::warn!(
-                                %peer,
-                                reason = refusal.reason(),
-                                refused = refusals.take(),
-                                "admin listener: connections refused (a connection limit is \
-                                 reached); logged at most every {} s",
-                                REFUSAL_LOG_INTERVAL.as_secs()
-                            );
-                        }
+                        log_refusal(&mut refusals, "admin", peer, refusal);
                     }
                 },
                 Err(error) => {

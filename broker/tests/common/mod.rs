@@ -155,7 +155,16 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start(configure: impl FnOnce(&mut BrokerConfig)) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
+        Broker::start_in(tempfile::tempdir().unwrap(), configure)
+            .await
+            .unwrap()
+    }
+
+    /// A broker on `dir`, with the tests' small settings under `configure`.
+    async fn start_in(
+        dir: tempfile::TempDir,
+        configure: impl FnOnce(&mut BrokerConfig),
+    ) -> Result<Broker, dmq_broker::StartError> {
         let mut config = BrokerConfig {
             data_dir: dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -166,13 +175,13 @@ impl Broker {
             ..BrokerConfig::default()
         };
         configure(&mut config);
-        let running = dmq_broker::Broker::start(config).await.unwrap();
-        Broker {
+        let running = dmq_broker::Broker::start(config).await?;
+        Ok(Broker {
             addr: running.protocol_addr(),
             admin: running.admin_addr(),
             running: Some(running),
             _dir: dir,
-        }
+        })
     }
 
     pub async fn stop(mut self) {
@@ -207,25 +216,9 @@ impl Broker {
                 .await
                 .unwrap();
         }
-        let mut config = BrokerConfig {
-            data_dir: self._dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            segment_bytes: 1 << 20,
-            disk_reserve_bytes: 1 << 20,
-            handshake_timeout_ms: 500,
-            ..BrokerConfig::default()
-        };
-        configure(&mut config);
-        let running = dmq_broker::Broker::start(config)
+        Broker::start_in(self._dir, configure)
             .await
-            .expect("the broker starts again after a hostile request");
-        Broker {
-            addr: running.protocol_addr(),
-            admin: running.admin_addr(),
-            running: Some(running),
-            _dir: self._dir,
-        }
+            .expect("the broker starts again after a hostile request")
     }
 }
 
