@@ -467,12 +467,12 @@ impl Session {
                 "a produce needs at least one record",
             ));
         }
-        let reserved = dmq_dispatcher::names::DELAY_HEADER_PREFIX.as_bytes();
-        if produce
-            .records
-            .iter()
-            .any(|record| record.headers.iter().any(|h| h.name.starts_with(reserved)))
-        {
+        if produce.records.iter().any(|record| {
+            record
+                .headers
+                .iter()
+                .any(|h| dmq_dispatcher::names::is_reserved_header(&h.name))
+        }) {
             return Err(ErrorResponse::new(
                 ErrorCode::InvalidRequest,
                 "headers starting with \"dmq.delay.\" are reserved for the broker",

@@ -707,3 +707,139 @@ async fn boundary_values_of_every_request_never_stop_the_broker() {
     }
     broker.stop().await;
 }
+
+/// Boundary and invalid values for every admin endpoint (development
+/// mode): each gets an answer that is not a 500, and the broker restarts
+/// on the same data and serves, over the protocol and the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boundary_values_of_every_admin_endpoint_never_stop_the_broker() {
+    let mut broker = Broker::start(|_| {}).await;
+    let topic = "dev.web.orders";
+    let api = Api::new(broker.admin, None);
+    http(move || {
+        api.ok_post(
+            "/api/topics",
+            json!({"environment": "dev", "department": "web", "name": "orders", "owner": "o"}),
+        );
+        api.ok_post(
+            &format!("/api/topics/{topic}/test-message"),
+            json!({"value": "v", "key": "k"}),
+        );
+    })
+    .await;
+    let part = |n: usize| "p".repeat(n);
+    let topic_body = |extra: serde_json::Value| {
+        let mut body =
+            json!({"environment": "dev", "department": "web", "name": "edge", "owner": "o"});
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        body.to_string()
+    };
+    let max = u64::MAX;
+    let cases: Vec<(&str, String, Option<String>)> = vec![
+        ("POST", "/api/topics".into(), Some(topic_body(json!({"partitions": 0})))),
+        ("POST", "/api/topics".into(), Some(topic_body(json!({"partitions": 257})))),
+        ("POST", "/api/topics".into(), Some(topic_body(json!({"partitions": u32::MAX})))),
+        ("POST", "/api/topics".into(), Some(topic_body(json!({"partitions": -1})))),
+        ("POST", "/api/topics".into(), Some(topic_body(json!({"name": ".."})))),
+        ("POST", "/api/topics".into(), Some(topic_body(json!({"environment": "__x"})))),
+        (
+            "POST",
+            "/api/topics".into(),
+            Some(topic_body(json!({"environment": part(40), "department": part(40), "name": part(40)}))),
+        ),
+        (
+            "POST",
+            "/api/topics".into(),
+            Some(topic_body(json!({"retention_hours": max, "default_ttl_ms": max,
+                                   "max_attempts": u32::MAX, "ack_timeout_ms": max}))),
+        ),
+        (
+            "POST",
+            "/api/topics".into(),
+            Some(topic_body(json!({"name": "zeroes", "max_attempts": 0, "ack_timeout_ms": 0,
+                                   "retention_hours": 0, "default_ttl_ms": 0}))),
+        ),
+        (
+            "PATCH",
+            format!("/api/topics/{topic}"),
+            Some(json!({"retention_hours": max, "max_attempts": 0, "ack_timeout_ms": max}).to_string()),
+        ),
+        ("PATCH", "/api/topics/..".into(), Some("{}".into())),
+        ("DELETE", "/api/topics/__dmq_delay".into(), None),
+        ("POST", "/api/topics/__dmq_delay/approve".into(), None),
+        ("GET", format!("/api/topics/{topic}/messages?limit={max}"), None),
+        ("GET", format!("/api/topics/{topic}/messages?partition=0&from_offset={max}&to_offset=0"), None),
+        ("GET", format!("/api/topics/{topic}/messages?from_ms={}&to_ms={}", i64::MIN, i64::MAX), None),
+        ("GET", format!("/api/topics/{topic}/messages?key=k&cursor=%FF%FF&format=binary"), None),
+        (
+            "POST",
+            format!("/api/topics/{topic}/messages/delete"),
+            Some(json!({"partition": u32::MAX, "from_offset": 0, "to_offset": max, "dry_run": false}).to_string()),
+        ),
+        (
+            "POST",
+            format!("/api/topics/{topic}/messages/delete"),
+            Some(json!({"partition": 0, "from_offset": max, "to_offset": 0, "dry_run": false}).to_string()),
+        ),
+        (
+            "POST",
+            format!("/api/topics/{topic}/messages/delete"),
+            Some(json!({"from_ms": i64::MIN, "to_ms": i64::MAX, "dry_run": true}).to_string()),
+        ),
+        (
+            "POST",
+            format!("/api/topics/{topic}/messages/delete"),
+            Some(json!({"id": "zz", "dry_run": false}).to_string()),
+        ),
+        (
+            "POST",
+            format!("/api/topics/{topic}/test-message"),
+            Some(json!({"value": "v", "delay_ms": max}).to_string()),
+        ),
+        (
+            "POST",
+            format!("/api/topics/{topic}/test-message"),
+            Some(json!({"value": "v", "headers": {"dmq.delay.topic": "victim"}}).to_string()),
+        ),
+        (
+            "POST",
+            format!("/api/topics/{topic}/groups/g/seek"),
+            Some(json!({"to": "offset", "value": i64::MAX, "partition": u32::MAX, "dry_run": false}).to_string()),
+        ),
+        (
+            "POST",
+            format!("/api/topics/{topic}/groups/g/seek"),
+            Some(json!({"to": "time", "value": i64::MIN, "dry_run": false}).to_string()),
+        ),
+        (
+            "POST",
+            "/api/dlq/__dmq_delay/resend".into(),
+            Some(json!({"message_ids": ["zz", ""]}).to_string()),
+        ),
+        ("GET", "/api/messages/ffffffffffffffffffffffffffffffff".into(), None),
+        ("GET", "/api/trace/zz".into(), None),
+        ("GET", format!("/api/stats?minutes={max}"), None),
+        ("GET", format!("/api/topics/{topic}/groups"), None),
+    ];
+    for (index, (method, path, body)) in cases.into_iter().enumerate() {
+        let api = Api::new(broker.admin, None);
+        let (method_shown, path_shown) = (method, path.clone());
+        let forged = body.as_deref().is_some_and(|b| b.contains("dmq.delay."));
+        let (status, answer) = http(move || api.call(method, &path, body.as_deref())).await;
+        if forged {
+            assert_eq!(status, 400, "reserved headers: {answer}");
+        }
+        assert!(
+            status != 500 && status < 600,
+            "{method_shown} {path_shown}: {status} {answer}"
+        );
+        broker = broker.restart(|_| {}).await;
+        let api = Api::new(broker.admin, None);
+        let info = http(move || api.call("GET", "/api/info", None)).await;
+        assert_eq!(info.0, 200, "after {method_shown} {path_shown}");
+        serves(&broker, &format!("after-admin-{index}")).await;
+    }
+    broker.stop().await;
+}

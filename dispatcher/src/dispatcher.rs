@@ -871,6 +871,16 @@ impl Dispatcher {
         partition: Option<u32>,
         records: Vec<RecordInput>,
     ) -> Result<Vec<Produced>> {
+        if records.iter().any(|r| {
+            r.headers
+                .iter()
+                .any(|(name, _)| names::is_reserved_header(name))
+        }) {
+            return Err(DispatchError::InvalidArgument(format!(
+                "headers starting with {:?} are reserved for the broker",
+                names::DELAY_HEADER_PREFIX
+            )));
+        }
         let now = self.now();
         let state = self.topic(topic)?;
         let partitions = state.config.partitions;

@@ -105,6 +105,12 @@ fn check_part(what: &'static str, name: &str) -> Result<(), NameError> {
     }
 }
 
+/// True if a header of this name is reserved for the broker: clients and
+/// operators may not set it (the delay store's `dmq.delay.*`).
+pub fn is_reserved_header(name: &[u8]) -> bool {
+    name.starts_with(DELAY_HEADER_PREFIX.as_bytes())
+}
+
 /// True for the broker's own topics.
 pub fn is_internal(topic: &str) -> bool {
     topic.starts_with(INTERNAL_PREFIX)
