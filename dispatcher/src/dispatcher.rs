@@ -603,6 +603,12 @@ impl Dispatcher {
         damaged
     }
 
+    /// Journals whose torn tail was cut when they were opened (see
+    /// [`Storage::journal_tail_cuts`]), with the bytes cut.
+    pub fn journal_tail_cuts(&self) -> Vec<(String, u64)> {
+        self.storage.journal_tail_cuts()
+    }
+
     fn check_not_quarantined(&self, topic: &str, group: Option<&str>) -> Result<()> {
         let topic_key = (topic.to_string(), None);
         if let Some(q) = self.quarantined.get(&topic_key) {

@@ -435,6 +435,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn remove_topic(&self, topic: &str) -> Result<(), StoreError>;
     /// Names of the journals starting with `prefix`, sorted.
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Journals whose tail was cut as torn when they were opened, and how
+    /// many bytes: a write a crash interrupted, or (indistinguishable) a
+    /// damaged last frame. Reported so that no cut is silent.
+    fn journal_tail_cuts(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
     /// Refuses ([`StoreError::NoRoom`]) when the disk cannot hold
     /// `partitions` new partitions (their preallocated first segments).
     fn check_room(&self, _partitions: u32) -> Result<(), StoreError> {
@@ -591,6 +597,8 @@ pub struct FileJournal {
     durable_bytes: u64,
     /// Why the journal refuses syncs (a failed cut after a failed write).
     failed: Option<String>,
+    /// Bytes of a torn tail cut when it was opened.
+    cut_at_open: u64,
 }
 
 impl FileJournal {
@@ -646,6 +654,7 @@ impl FileJournal {
                 pending: Vec::new(),
                 durable_bytes: valid_len as u64,
                 failed: None,
+                cut_at_open: (bytes.len() - valid_len) as u64,
             },
             payloads,
         ))
@@ -730,6 +739,8 @@ pub struct FileStorage {
     root: PathBuf,
     log_config: LogConfig,
     partitions: Mutex<HashMap<(String, u32), Arc<Log>>>,
+    /// Journals whose torn tail was cut at open, with the bytes cut.
+    tail_cuts: Mutex<Vec<(String, u64)>>,
 }
 
 impl FileStorage {
@@ -745,6 +756,7 @@ impl FileStorage {
             root,
             log_config,
             partitions: Mutex::new(HashMap::new()),
+            tail_cuts: Mutex::new(Vec::new()),
         })
     }
 
@@ -777,7 +789,14 @@ impl Storage for FileStorage {
     fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError> {
         check_name(name)?;
         let (journal, payloads) = FileJournal::open(name, &self.journal_path(name))?;
+        if journal.cut_at_open > 0 {
+            lock(&self.tail_cuts).push((name.to_string(), journal.cut_at_open));
+        }
         Ok((Box::new(journal), payloads))
+    }
+
+    fn journal_tail_cuts(&self) -> Vec<(String, u64)> {
+        lock(&self.tail_cuts).clone()
     }
 
     fn remove_journal(&self, name: &str) -> Result<(), StoreError> {

@@ -313,8 +313,11 @@ fn meta_with_entries(dir: &Path) -> std::path::PathBuf {
     dir.join("dispatcher/meta.journal")
 }
 
-/// What a restart restored, to compare with the undamaged journal's.
-fn restored(dir: &Path) -> Result<(Vec<String>, usize, usize), DispatchError> {
+/// What a restart restored, to compare with the undamaged journal's, and
+/// the journals whose tail it cut.
+type Restored = (Vec<String>, usize, usize, Vec<(String, u64)>);
+
+fn restored(dir: &Path) -> Result<Restored, DispatchError> {
     let mut d = open_with(dir, log_config())?;
     let topics = d.topics().into_iter().map(|(name, _)| name).collect();
     let groups = d.groups("a").len();
@@ -329,7 +332,7 @@ fn restored(dir: &Path) -> Result<(Vec<String>, usize, usize), DispatchError> {
     // 10 stored, 5 deleted: 5 still to delete if the deletion survived.
     let left = deleted.unwrap_or(10) as usize;
     d.checkpoint().unwrap();
-    Ok((topics, groups, left))
+    Ok((topics, groups, left, d.journal_tail_cuts()))
 }
 
 #[test]
@@ -367,6 +370,15 @@ fn a_byte_flipped_anywhere_in_the_meta_journal_is_refused_or_reported_never_undo
                 assert!(position >= last_frame, "flip at {position} accepted");
                 assert_eq!(state.0, vec!["a".to_string(), "b".to_string()]);
                 assert_eq!((state.1, state.2), (expected.1, expected.2));
+                // Not silent: the cut is reported.
+                assert!(
+                    state
+                        .3
+                        .iter()
+                        .any(|(journal, bytes)| journal == "meta" && *bytes > 0),
+                    "flip at {position}: the cut was not reported ({:?})",
+                    state.3
+                );
                 cut += 1;
             }
         }
@@ -399,7 +411,7 @@ fn repair_sets_damage_aside_and_keeps_every_valid_entry() {
     assert_eq!(repairs.len(), 1);
     assert_eq!(repairs[0].damaged.len(), 1);
     assert_eq!(std::fs::read(&repairs[0].copy).unwrap(), bytes);
-    let (topics, groups, left) = restored(dir.path()).unwrap();
+    let (topics, groups, left, _) = restored(dir.path()).unwrap();
     // Topic "b" is lost (its entry was the damage), everything else kept.
     assert_eq!(topics, vec!["a".to_string(), "c".to_string()]);
     assert_eq!((groups, left), (1, 5));

@@ -46,12 +46,26 @@ pub(super) async fn info(State(services): State<Services>) -> ApiResult<Json<ser
 /// What the broker set aside or found damaged when it started: topics and
 /// groups the metadata replay quarantined, and partitions whose recovery
 /// skipped damaged regions or cut a torn tail, or whose reads met damage
-/// since. Empty lists mean healthy.
+/// since. Empty lists mean healthy. `journal_tails_cut` (journals whose
+/// last frame was cut at start: a write a crash interrupted, or a damaged
+/// last frame, which cannot be told apart) is listed for information and
+/// does not make the broker unhealthy: every crash during a write leaves
+/// one.
 pub(super) async fn health(State(services): State<Services>) -> ApiResult<Json<serde_json::Value>> {
-    let (quarantined, damaged) = services
+    let (quarantined, damaged, tails_cut) = services
         .engine
-        .call(|dispatcher, _| (dispatcher.quarantined(), dispatcher.recovery_damage()))
+        .call(|dispatcher, _| {
+            (
+                dispatcher.quarantined(),
+                dispatcher.recovery_damage(),
+                dispatcher.journal_tail_cuts(),
+            )
+        })
         .await?;
+    let tails_cut: Vec<serde_json::Value> = tails_cut
+        .into_iter()
+        .map(|(journal, bytes)| serde_json::json!({"journal": journal, "bytes": bytes}))
+        .collect();
     let damaged: Vec<serde_json::Value> = damaged
         .into_iter()
         .map(|(topic, partition, damage)| {
@@ -81,6 +95,7 @@ pub(super) async fn health(State(services): State<Services>) -> ApiResult<Json<s
         "healthy": quarantined.is_empty() && damaged.is_empty(),
         "quarantined": quarantined,
         "damaged_partitions": damaged,
+        "journal_tails_cut": tails_cut,
     })))
 }
 
@@ -182,6 +197,7 @@ pub(super) async fn metrics(
             let mut snapshot = GaugeSnapshot {
                 pending_delays: dispatcher.pending_delays(),
                 quarantined: dispatcher.quarantined().len() as u64,
+                journal_tails_cut: dispatcher.journal_tail_cuts(),
                 ..GaugeSnapshot::default()
             };
             for (topic, partition, damage) in dispatcher.recovery_damage() {

@@ -19,7 +19,8 @@
 //! - `dmq_quarantined_objects` (topics and groups set aside at start),
 //!   `dmq_recovery_damaged_regions{topic,partition}`,
 //!   `dmq_recovery_truncated_bytes{topic,partition}` (what recovery skipped
-//!   and cut; see `GET /api/health`)
+//!   and cut; see `GET /api/health`), `dmq_journal_tail_cut_bytes{journal}`
+//!   (journals whose last frame was cut as torn at start)
 //! - `dmq_trace_events_dropped_total`
 //! - `dmq_build_info{version}` (always 1)
 
@@ -44,6 +45,11 @@ struct TopicLabels {
 struct PartitionLabels {
     topic: String,
     partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JournalLabels {
+    journal: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -321,6 +327,20 @@ impl Metrics {
             "Torn-tail bytes recovery cut from a partition's log",
             Unit::Bytes,
             truncated,
+        );
+        let tails_cut = Family::<JournalLabels, Gauge>::default();
+        for (journal, bytes) in &gauges.journal_tails_cut {
+            tails_cut
+                .get_or_create(&JournalLabels {
+                    journal: journal.clone(),
+                })
+                .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+        }
+        scrape.register_with_unit(
+            "journal_tail_cut",
+            "Bytes of a journal's torn tail cut at start",
+            Unit::Bytes,
+            tails_cut,
         );
         let mut text = String::new();
         let encoded = prometheus_client::encoding::text::encode_registry(&mut text, &self.registry)

@@ -199,6 +199,8 @@ pub struct GaugeSnapshot {
     /// (topic, partition, damaged regions skipped, torn-tail bytes cut) of
     /// the partitions whose recovery found anything.
     pub damage: Vec<(String, u32, u64, u64)>,
+    /// (journal, bytes) of the journals whose torn tail was cut at start.
+    pub journal_tails_cut: Vec<(String, u64)>,
 }
 
 /// Trace, statistics and metrics. Cheap to clone.

@@ -384,12 +384,14 @@ fn the_metrics_text_names_every_series() {
         pending_delays: 3,
         quarantined: 2,
         damage: vec![("t".to_string(), 1, 4, 100)],
+        journal_tails_cut: vec![("meta".to_string(), 12)],
     });
     for line in [
         "dmq_messages_produced_total{topic=\"t\"} 2",
         "dmq_quarantined_objects 2",
         "dmq_recovery_damaged_regions{topic=\"t\",partition=\"1\"} 4",
         "dmq_recovery_truncated_bytes{topic=\"t\",partition=\"1\"} 100",
+        "dmq_journal_tail_cut_bytes{journal=\"meta\"} 12",
         "dmq_messages_delivered_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_acked_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_redelivered_total{topic=\"t\",group=\"g\"} 1",
