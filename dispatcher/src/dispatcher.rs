@@ -2064,14 +2064,39 @@ impl Dispatcher {
                 continue;
             }
             match (task.kind, pending.stage) {
-                (TimerKind::AckDeadline, Stage::InFlight { .. }) => {
-                    self.after_failed_attempt(
+                (TimerKind::AckDeadline, Stage::InFlight { member, .. }) => {
+                    let handled = self.after_failed_attempt(
                         state_index,
                         task.partition,
                         task.offset,
                         None,
                         "ack timeout",
-                    )?;
+                    );
+                    if let Err(error) = handled {
+                        // A dead-letter move that failed (no room, a
+                        // partition cap): the message stays in flight and is
+                        // tried again later; the other timers of this tick
+                        // are still handled.
+                        tracing::error!(
+                            %error,
+                            partition = task.partition,
+                            offset = task.offset,
+                            retry_in_ms = TIMER_RETRY_AFTER_ERROR_MS,
+                            "handling an ack timeout failed"
+                        );
+                        let timer = self
+                            .wheel
+                            .insert(now.saturating_add(TIMER_RETRY_AFTER_ERROR_MS), task);
+                        let pending = self.states[state_index].partitions[task.partition as usize]
+                            .pending
+                            .get_mut(&task.offset);
+                        match pending {
+                            Some(pending) => pending.stage = Stage::InFlight { member, timer },
+                            None => {
+                                self.wheel.cancel(timer);
+                            }
+                        }
+                    }
                 }
                 (TimerKind::Retry, Stage::Waiting { .. }) => {
                     pending.stage = Stage::Ready;
@@ -2442,6 +2467,10 @@ fn release_key(part: &mut PartitionState, key: &Bytes, offset: u64) {
 
 /// A partition count any topic may have (the configured caps come on top
 /// for new topics).
+/// An ack timeout whose handling failed (a dead-letter move without room)
+/// is tried again after this.
+const TIMER_RETRY_AFTER_ERROR_MS: i64 = 1_000;
+
 fn check_partition_count(partitions: u32) -> Result<(), String> {
     if partitions == 0 {
         Err("a topic needs at least one partition".to_string())

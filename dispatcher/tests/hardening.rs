@@ -509,3 +509,52 @@ fn a_byte_flipped_anywhere_in_an_ack_journal_never_skips_a_message() {
     // One frame: every flip is a cut (never damage followed by a frame).
     assert_eq!((quarantined, served), (0, good.len()));
 }
+
+/// Regression: a dead-letter move that failed (here: the dead-letter topic
+/// cannot be created, the partition cap is reached) made `poll` return
+/// early, stranding every other ack timeout of that tick, and left its own
+/// message in flight with no timer: stuck until a restart.
+#[test]
+fn a_failed_dead_letter_move_is_retried_and_strands_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let capped = DispatcherConfig {
+        max_partitions_total: 3,
+        ..DispatcherConfig::default()
+    };
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.path(), log_config()).unwrap());
+    let mut d = Dispatcher::open(storage, clock.clone(), Arc::new(NullEventSink), capped).unwrap();
+    d.create_topic("t", topic(1)).unwrap();
+    d.create_topic("dead-ok", topic(1)).unwrap();
+    d.create_topic("filler", topic(1)).unwrap();
+    let one_attempt = |dead_letter: &str| GroupConfig {
+        ack_timeout_ms: 100,
+        max_attempts: 1,
+        dead_letter_topic: Some(dead_letter.to_string()),
+        ..GroupConfig::default()
+    };
+    // Group "a" dead-letters into a topic that cannot be created (cap);
+    // group "b" into one that exists.
+    d.subscribe("t", "a", one_attempt("dead-new")).unwrap();
+    d.subscribe("t", "b", one_attempt("dead-ok")).unwrap();
+    produce(&mut d, "t", 20);
+    let a = d.join("t", "a", "m").unwrap();
+    let b = d.join("t", "b", "m").unwrap();
+    assert_eq!(d.fetch(a, 100).unwrap().len(), 20);
+    assert_eq!(d.fetch(b, 100).unwrap().len(), 20);
+    clock.advance_ms(200);
+    d.poll()
+        .expect("a failed dead-letter move does not fail the poll");
+    let dead_ok = d.partitions("dead-ok").unwrap()[0].end_offset();
+    assert_eq!(dead_ok, 20, "group b's timeouts were stranded");
+    assert!(!d.topic_exists("dead-new"));
+    // Room again (a topic deleted): group a's messages get there, retried.
+    d.delete_topic("filler").unwrap();
+    for _ in 0..5 {
+        clock.advance_ms(1_000);
+        d.poll().unwrap();
+    }
+    assert_eq!(d.partitions("dead-new").unwrap()[0].end_offset(), 20);
+    let stats = d.group_stats("t", "a").unwrap();
+    assert_eq!(stats[0].unacked, 0, "{stats:?}");
+}
