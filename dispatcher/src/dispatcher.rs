@@ -33,7 +33,7 @@
 //! bounded by every partition's end offset at that time), except a message
 //! id, which also covers a delayed message with that id appended later.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ack_bitmap::AckBitmap;
 use crate::config::{DeliveryMode, DispatcherConfig, GroupConfig, StartPosition, TopicConfig};
-use crate::delay_store::{DelayConfig, DelayError, DelayStore};
+use crate::delay_store::{DelayConfig, DelayError, DelayStore, DueMessage};
 use crate::events::{Event, EventKind, EventSink};
 use crate::group::{
     AckJournalError, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
@@ -422,6 +422,9 @@ pub struct Dispatcher {
     /// When this dispatcher opened: a delayed message due before may have
     /// fired before a crash already (its fired mark is lazy).
     opened_at_ms: i64,
+    /// Due messages whose append failed (at most one poll's batch): fired
+    /// first at the next poll.
+    unfired: VecDeque<DueMessage>,
 }
 
 impl Dispatcher {
@@ -456,6 +459,7 @@ impl Dispatcher {
             meta_failed: None,
             quarantined: BTreeMap::new(),
             opened_at_ms: now,
+            unfired: VecDeque::new(),
         };
         let entries = payloads
             .iter()
@@ -2110,7 +2114,13 @@ impl Dispatcher {
 
     fn fire_delays(&mut self, now: i64) -> Result<()> {
         loop {
-            let due = self.delays.poll_due(now, 1024)?;
+            // Messages whose append failed last time (a full disk) go
+            // first, in due order, before any new one is polled.
+            let due: Vec<DueMessage> = if self.unfired.is_empty() {
+                self.delays.poll_due(now, 1024)?
+            } else {
+                self.unfired.drain(..).collect()
+            };
             if due.is_empty() {
                 return Ok(());
             }
@@ -2120,46 +2130,73 @@ impl Dispatcher {
             // message durable in the timer log must not become a copy a
             // power loss can take back).
             let mut lazy_logs: Vec<Arc<dyn PartitionLog>> = Vec::new();
-            for message in due {
-                let Some(topic) = self.topics.get(&message.topic) else {
-                    tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
-                    fired.push(message.id);
-                    continue;
-                };
-                let partition = message.partition.min(topic.config.partitions - 1);
-                let log = Arc::clone(&topic.partitions[partition as usize]);
-                // Due before this dispatcher opened: it may have fired
-                // before a crash that lost its fired mark. A copy already in
-                // the log is not appended again (a second copy would escape
-                // a deletion that covered the first).
-                if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
-                    fired.push(message.id);
-                    continue;
+            let mut due = due.into_iter();
+            let mut failure = None;
+            while let Some(message) = due.next() {
+                match self.fire_one(&message, &mut lazy_logs) {
+                    Ok(()) => fired.push(message.id),
+                    Err(error) => {
+                        // Kept, with the rest of the batch, for the next
+                        // poll: a delay never waits for a restart to fire.
+                        self.unfired.push_back(message);
+                        self.unfired.extend(due.by_ref());
+                        failure = Some(error);
+                    }
                 }
-                let appended = log.append(vec![message.record])?;
-                if log.durable_on_append() && !lazy_logs.iter().any(|l| Arc::ptr_eq(l, &log)) {
-                    lazy_logs.push(Arc::clone(&log));
-                }
-                for (offset, id) in appended {
-                    self.emit(
-                        id,
-                        Place {
-                            topic: Name::Plain(&message.topic),
-                            partition: Some(partition),
-                            offset: Some(offset),
-                            group: None,
-                        },
-                        EventKind::DelayFired,
-                        None,
-                    );
-                }
-                fired.push(message.id);
             }
             for log in lazy_logs {
                 log.flush()?;
             }
             self.delays.mark_fired(&fired)?;
+            if let Some(error) = failure {
+                tracing::error!(
+                    %error,
+                    waiting = self.unfired.len(),
+                    "firing delayed messages failed; they are tried again at the next poll"
+                );
+                return Ok(());
+            }
         }
+    }
+
+    /// Appends one due message to its topic (or drops it, its topic gone;
+    /// or skips it, its copy already there) and emits `DelayFired`.
+    fn fire_one(
+        &mut self,
+        message: &DueMessage,
+        lazy_logs: &mut Vec<Arc<dyn PartitionLog>>,
+    ) -> Result<()> {
+        let Some(topic) = self.topics.get(&message.topic) else {
+            tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
+            return Ok(());
+        };
+        let partition = message.partition.min(topic.config.partitions - 1);
+        let log = Arc::clone(&topic.partitions[partition as usize]);
+        // Due before this dispatcher opened: it may have fired before a
+        // crash that lost its fired mark. A copy already in the log is not
+        // appended again (a second copy would escape a deletion that
+        // covered the first).
+        if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
+            return Ok(());
+        }
+        let appended = log.append(vec![message.record.clone()])?;
+        if log.durable_on_append() && !lazy_logs.iter().any(|l| Arc::ptr_eq(l, &log)) {
+            lazy_logs.push(Arc::clone(&log));
+        }
+        for (offset, id) in appended {
+            self.emit(
+                id,
+                Place {
+                    topic: Name::Plain(&message.topic),
+                    partition: Some(partition),
+                    offset: Some(offset),
+                    group: None,
+                },
+                EventKind::DelayFired,
+                None,
+            );
+        }
+        Ok(())
     }
 
     /// Hands messages of one state to its members within their credit.

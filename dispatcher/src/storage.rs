@@ -877,6 +877,8 @@ impl Storage for FileStorage {
 pub struct MemoryLog {
     clock: Arc<dyn dmq_log_store::Clock>,
     lazy: bool,
+    /// Shared with its storage: appends fail with `DiskFull` while set.
+    full: Arc<std::sync::atomic::AtomicBool>,
     state: Mutex<MemoryLogState>,
 }
 
@@ -892,17 +894,19 @@ struct MemoryLogState {
 impl MemoryLog {
     /// An empty log stamped by `clock`.
     pub fn new(clock: Arc<dyn dmq_log_store::Clock>, id_seed: u64) -> MemoryLog {
-        MemoryLog::with_durability(clock, id_seed, false)
+        MemoryLog::with_durability(clock, id_seed, false, Arc::default())
     }
 
     fn with_durability(
         clock: Arc<dyn dmq_log_store::Clock>,
         id_seed: u64,
         lazy: bool,
+        full: Arc<std::sync::atomic::AtomicBool>,
     ) -> MemoryLog {
         MemoryLog {
             clock,
             lazy,
+            full,
             state: Mutex::new(MemoryLogState {
                 next_unique: id_seed,
                 ..MemoryLogState::default()
@@ -922,6 +926,11 @@ impl PartitionLog for MemoryLog {
             return Err(StoreError::Log(LogError::InvalidBatch(
                 "a batch needs at least one record".into(),
             )));
+        }
+        if self.full.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Log(LogError::DiskFull {
+                context: "appending (simulated full disk)",
+            }));
         }
         let mut state = lock(&self.state);
         let timestamp_ms = self.clock.now_ms().max(state.last_timestamp_ms);
@@ -1043,6 +1052,8 @@ pub struct MemoryStorage {
     partitions: Arc<Mutex<MemoryPartitions>>,
     journals: Arc<Mutex<MemoryJournals>>,
     lazy_logs: bool,
+    /// While set, every log append fails with `DiskFull`.
+    full: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MemoryStorage {
@@ -1054,6 +1065,7 @@ impl MemoryStorage {
             partitions: Arc::default(),
             journals: Arc::default(),
             lazy_logs: false,
+            full: Arc::default(),
         }
     }
 
@@ -1064,6 +1076,13 @@ impl MemoryStorage {
             lazy_logs: true,
             ..MemoryStorage::new(clock)
         }
+    }
+
+    /// Simulates a full disk: while `full`, every log append fails with
+    /// `LogError::DiskFull` (journals keep working, as on a disk with the
+    /// broker's reserve).
+    pub fn set_logs_full(&self, full: bool) {
+        self.full.store(full, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every log's appends so far become durable (a background writeback).
@@ -1113,6 +1132,7 @@ impl Storage for MemoryStorage {
                     Arc::clone(&self.clock),
                     seed,
                     self.lazy_logs,
+                    Arc::clone(&self.full),
                 ))
             });
         Ok(Arc::clone(log) as Arc<dyn PartitionLog>)

@@ -558,3 +558,38 @@ fn a_failed_dead_letter_move_is_retried_and_strands_nothing() {
     let stats = d.group_stats("t", "a").unwrap();
     assert_eq!(stats[0].unacked, 0, "{stats:?}");
 }
+
+/// Regression: a delayed message whose append to its topic failed (a full
+/// disk) was dropped from the batch and stayed "in flight" in the delay
+/// store, never fired until a restart; the rest of its batch too.
+#[test]
+fn delays_due_on_a_full_disk_fire_once_there_is_room() {
+    use dmq_dispatcher::MemoryStorage;
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let storage = MemoryStorage::new(clock.clone());
+    let mut d = Dispatcher::open(
+        Arc::new(storage.clone()),
+        clock.clone(),
+        Arc::new(NullEventSink),
+        DispatcherConfig::default(),
+    )
+    .unwrap();
+    d.create_topic("t", topic(1)).unwrap();
+    d.subscribe("t", "g", GroupConfig::default()).unwrap();
+    let records = (0..10)
+        .map(|i| {
+            let mut record = RecordInput::new(format!("d{i}"));
+            record.deliver_at_ms = Some(1_000_500);
+            record
+        })
+        .collect();
+    d.produce("t", Some(0), records).unwrap();
+    storage.set_logs_full(true);
+    clock.advance_ms(1_000);
+    d.poll().expect("a full disk does not fail the poll");
+    assert_eq!(d.partitions("t").unwrap()[0].end_offset(), 0);
+    storage.set_logs_full(false);
+    d.poll().unwrap();
+    assert_eq!(d.partitions("t").unwrap()[0].end_offset(), 10);
+    assert_eq!(drain(&mut d, "t", "g", true).len(), 10);
+}
