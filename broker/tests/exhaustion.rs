@@ -317,19 +317,14 @@ async fn many_idempotent_producers_hold_bounded_memory() {
         }),
         records: records.clone(),
     });
-    let end_before = {
-        let response = connection
-            .request(Request::DescribeTopic(dmq_protocol::DescribeTopic {
-                name: "flood".into(),
-            }))
-            .await;
-        let dmq_protocol::Response::TopicDescription(description) = response else {
-            panic!("{response:?}")
-        };
-        description.partitions[0].end_offset
-    };
+    let end_before = flood_end(&mut connection).await;
     let response = connection.request(retry).await;
     assert!(matches!(response, dmq_protocol::Response::ProduceOk(_)));
+    assert_eq!(flood_end(&mut connection).await, end_before, "stored twice");
+}
+
+/// The end offset of "flood"'s partition 0.
+async fn flood_end(connection: &mut Connection) -> u64 {
     let response = connection
         .request(Request::DescribeTopic(dmq_protocol::DescribeTopic {
             name: "flood".into(),
@@ -338,8 +333,5 @@ async fn many_idempotent_producers_hold_bounded_memory() {
     let dmq_protocol::Response::TopicDescription(description) = response else {
         panic!("{response:?}")
     };
-    assert_eq!(
-        description.partitions[0].end_offset, end_before,
-        "stored twice"
-    );
+    description.partitions[0].end_offset
 }
