@@ -256,23 +256,38 @@ impl Registry {
     /// Whether `client_id` may use `topic` for `right`: the topic must be
     /// registered and approved, and the client listed. Dead-letter topics
     /// are not registered: pass their source topic.
+    ///
+    /// A client that is not listed gets [`Registry::refusal`], the same
+    /// words whether the topic exists or not and whatever its status: it
+    /// learns nothing of topics it may not use. A listed client learns why
+    /// (not approved yet, disabled).
     pub fn allows(&self, topic: &str, client_id: &str, right: Right) -> Result<(), String> {
         let record = self
             .topics
             .get(topic)
-            .ok_or_else(|| format!("topic {topic:?} is not registered"))?;
-        record.check_in_use()?;
-        let (list, verb) = match right {
-            Right::Produce => (&record.producers, "produce to"),
-            Right::Consume => (&record.consumers, "consume from"),
+            .ok_or_else(|| Registry::refusal(topic, client_id, right))?;
+        let list = match right {
+            Right::Produce => &record.producers,
+            Right::Consume => &record.consumers,
         };
-        if list.iter().any(|id| id == client_id) {
-            Ok(())
-        } else {
-            Err(format!(
-                "client {client_id:?} may not {verb} topic {topic:?}"
-            ))
+        if !list.iter().any(|id| id == client_id) {
+            return Err(Registry::refusal(topic, client_id, right));
         }
+        record.check_in_use()
+    }
+
+    /// The refusal a client gets for a topic it may not use, existing or
+    /// not.
+    pub fn refusal(topic: &str, client_id: &str, right: Right) -> String {
+        let verb = match right {
+            Right::Produce => "produce to",
+            Right::Consume => "consume from",
+        };
+        format!(
+            "client {} may not {verb} topic {}",
+            dmq_dispatcher::names::shown(client_id),
+            dmq_dispatcher::names::shown(topic)
+        )
     }
 
     /// Writes the whole registry: temp file, fsync, rename, fsync dir.

@@ -344,6 +344,12 @@ impl Session {
     }
 
     async fn hello(&mut self, correlation_id: u32, request: Request) -> bool {
+        if let Request::Ping = request {
+            // Allowed before HELLO (PROTOCOL.md §4): a liveness probe.
+            self.send(Frame::response(correlation_id, Response::Pong))
+                .await;
+            return true;
+        }
         let Request::Hello(hello) = request else {
             let error = ErrorResponse::new(
                 ErrorCode::NotAuthenticated,
@@ -889,7 +895,7 @@ impl Session {
                 let refused = || {
                     ErrorResponse::new(
                         ErrorCode::NotAuthorized,
-                        format!("topic {topic:?} is not registered"),
+                        crate::registry::Registry::refusal(topic, &self.client_id, right),
                     )
                 };
                 if right != Right::Consume {

@@ -166,9 +166,11 @@ async fn a_consumer_that_disconnects_has_its_messages_redelivered_to_another() {
 async fn bad_input_gets_an_error_and_a_closed_connection() {
     let broker = Broker::start(|config| config.max_frame_bytes = 64 * 1024).await;
 
-    // A request before HELLO.
+    // PING is allowed before HELLO (PROTOCOL.md §4); any other request is
+    // NotAuthenticated and closes.
     let mut connection = Connection::open(broker.addr).await;
-    connection.send(Request::Ping).await;
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    connection.send(Request::ListTopics).await;
     connection
         .expect_error_and_close(ErrorCode::NotAuthenticated)
         .await;

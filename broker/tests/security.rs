@@ -305,6 +305,31 @@ async fn protocol_requests_need_credentials_and_rights() {
             "{what}: {response:?}"
         );
     }
+    // The refusal says the same whether the topic exists, is pending, or
+    // not: only the topic name differs.
+    http({
+        let api = api.clone();
+        move || {
+            api.ok_post(
+                "/api/topics",
+                json!({"environment": "prod", "department": "pay", "name": "waiting",
+                       "owner": "o", "producers": ["orders"]}),
+            )
+        }
+    })
+    .await;
+    let mut messages = Vec::new();
+    for topic in [TOPIC, "prod.pay.waiting", "prod.pay.nowhere"] {
+        let Response::Error(error) = intruder.request(produce(topic)).await else {
+            panic!("{topic}: refused expected")
+        };
+        assert_eq!(error.code, ErrorCode::NotAuthorized);
+        messages.push(error.message.replace(topic, "T"));
+    }
+    assert!(
+        messages.iter().all(|m| *m == messages[0]),
+        "the refusals tell topics apart: {messages:?}"
+    );
     let response = intruder.request(Request::ListTopics).await;
     match response {
         Response::Topics(topics) => assert!(topics.topics.is_empty(), "{topics:?}"),
