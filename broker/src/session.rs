@@ -729,35 +729,52 @@ impl Session {
             topic,
             group,
             member_name,
+            settings,
             ..
         } = subscribe;
         let result = self
             .shared
             .engine
             .call(
-                move |dispatcher,
-                      routes|
-                      -> Result<(MemberId, u32), dmq_dispatcher::DispatchError> {
+                move |dispatcher, routes| -> Result<(MemberId, u32), ErrorResponse> {
+                    let dispatch = |error| convert::dispatch_error(&error);
                     let existing = dispatcher
                         .groups(&topic)
                         .into_iter()
                         .find(|(name, _)| *name == group);
                     match existing {
-                        // Joining an existing group keeps its settings and position.
-                        Some(_) => {}
-                        None => dispatcher.subscribe(&topic, &group, config)?,
+                        // Joining an existing group keeps its settings and
+                        // position; a setting given that differs is refused.
+                        Some((_, existing)) => {
+                            if let Some(field) = conflicting_setting(&settings, &config, &existing)
+                            {
+                                return Err(ErrorResponse::new(
+                                    ErrorCode::GroupConfigConflict,
+                                    format!(
+                                        "group {} exists with another {field}; leave it unset \
+                                         to join with the group's settings",
+                                        dmq_dispatcher::names::shown(&group)
+                                    ),
+                                ));
+                            }
+                        }
+                        None => dispatcher
+                            .subscribe(&topic, &group, config)
+                            .map_err(dispatch)?,
                     }
-                    let member = dispatcher.join(&topic, &group, &member_name)?;
-                    dispatcher.add_credit(member, credit)?;
+                    let member = dispatcher
+                        .join(&topic, &group, &member_name)
+                        .map_err(dispatch)?;
+                    dispatcher.add_credit(member, credit).map_err(dispatch)?;
                     routes.insert(member, sink);
-                    let partitions = dispatcher.partitions(&topic)?.len() as u32;
+                    let partitions = dispatcher.partitions(&topic).map_err(dispatch)?.len() as u32;
                     Ok((member, partitions))
                 },
             )
             .await;
         let (member, partitions) = match result {
             Ok(Ok(ok)) => ok,
-            Ok(Err(error)) => return Err(convert::dispatch_error(&error)),
+            Ok(Err(error)) => return Err(error),
             Err(error) => return Err(convert::engine_error(&error)),
         };
         self.members.insert(member);
@@ -1280,6 +1297,49 @@ fn route_records(
                 .get_or_insert_with(|| (u64::from(engine.next_round_robin()) % partitions) as u32),
         })
         .collect())
+}
+
+/// The first group setting SUBSCRIBE gives (`settings`, converted into
+/// `requested`) that differs from the existing group's (PROTOCOL.md §6.5:
+/// absent settings mean "unchanged").
+fn conflicting_setting(
+    settings: &wire::GroupSettings,
+    requested: &dmq_dispatcher::GroupConfig,
+    existing: &dmq_dispatcher::GroupConfig,
+) -> Option<&'static str> {
+    let differs = [
+        (
+            settings.ack_timeout_ms.is_some()
+                && requested.ack_timeout_ms != existing.ack_timeout_ms,
+            "ack_timeout_ms",
+        ),
+        (
+            settings.max_attempts.is_some() && requested.max_attempts != existing.max_attempts,
+            "max_attempts",
+        ),
+        (
+            settings.backoff.is_some() && requested.backoff != existing.backoff,
+            "backoff",
+        ),
+        (
+            settings.max_unacked_per_partition.is_some()
+                && requested.max_unacked_per_partition != existing.max_unacked_per_partition,
+            "max_unacked_per_partition",
+        ),
+        (
+            settings.rate_limit_per_second.is_some()
+                && requested.rate_limit_per_second != existing.rate_limit_per_second,
+            "rate_limit_per_second",
+        ),
+        (
+            settings.dead_letter_topic.is_some()
+                && requested.dead_letter_topic != existing.dead_letter_topic,
+            "dead_letter_topic",
+        ),
+    ];
+    differs
+        .into_iter()
+        .find_map(|(differs, field)| differs.then_some(field))
 }
 
 /// What a client may do with a topic, and the topic's defaults.

@@ -393,3 +393,76 @@ async fn each_key_of_a_mixed_batch_goes_to_its_own_partition() {
     }
     broker.stop().await;
 }
+
+/// PROTOCOL.md §6.5: settings that differ from an existing group's give
+/// GroupConfigConflict; absent or equal ones join it. (They were silently
+/// ignored.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_with_other_settings_than_the_group_is_a_conflict() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    let create = Request::CreateTopic(dmq_protocol::CreateTopic {
+        name: "t".into(),
+        partitions: 1,
+        ordered: false,
+    });
+    assert_eq!(connection.request(create).await, Response::Ok);
+    let subscribe = |settings: dmq_protocol::GroupSettings| {
+        Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "t".into(),
+            group: "g".into(),
+            member_name: "m".into(),
+            credit: 1,
+            settings,
+            ..Default::default()
+        })
+    };
+    let three = dmq_protocol::GroupSettings {
+        max_attempts: Some(3),
+        dead_letter_topic: Some("t.dead".into()),
+        ..Default::default()
+    };
+    let response = connection.request(subscribe(three.clone())).await;
+    assert!(matches!(response, Response::Subscribed(_)), "{response:?}");
+    for joins in [three.clone(), dmq_protocol::GroupSettings::default()] {
+        let response = connection.request(subscribe(joins)).await;
+        assert!(matches!(response, Response::Subscribed(_)), "{response:?}");
+    }
+    for (field, conflicting) in [
+        (
+            "max_attempts",
+            dmq_protocol::GroupSettings {
+                max_attempts: Some(5),
+                ..Default::default()
+            },
+        ),
+        (
+            "dead_letter_topic",
+            dmq_protocol::GroupSettings {
+                dead_letter_topic: Some("elsewhere".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "ack_timeout_ms",
+            dmq_protocol::GroupSettings {
+                ack_timeout_ms: Some(1),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let response = connection.request(subscribe(conflicting)).await;
+        assert_eq!(
+            error_code(&response),
+            Some(ErrorCode::GroupConfigConflict),
+            "{field}: {response:?}"
+        );
+        let Response::Error(error) = response else {
+            unreachable!()
+        };
+        assert!(error.message.contains(field), "{}", error.message);
+    }
+    // The connection stays usable.
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    broker.stop().await;
+}
