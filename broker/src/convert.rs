@@ -145,7 +145,11 @@ pub(crate) fn group_config(subscribe: &wire::Subscribe) -> GroupConfig {
 }
 
 /// The wire form of a group's mode and settings.
-pub(crate) fn group_summary(name: String, config: &GroupConfig) -> wire::GroupSummary {
+/// A group of `topic` as GROUPS lists it: every setting present (the
+/// dead-letter topic as the group uses it, named or derived), except a rate
+/// limit the group does not have.
+pub(crate) fn group_summary(topic: &str, name: String, config: &GroupConfig) -> wire::GroupSummary {
+    let dead_letter_topic = config.dead_letter_topic_for(topic, &name);
     wire::GroupSummary {
         name,
         mode: match config.mode {
@@ -168,7 +172,7 @@ pub(crate) fn group_summary(name: String, config: &GroupConfig) -> wire::GroupSu
             }),
             max_unacked_per_partition: Some(config.max_unacked_per_partition),
             rate_limit_per_second: config.rate_limit_per_second,
-            dead_letter_topic: config.dead_letter_topic.clone(),
+            dead_letter_topic: Some(dead_letter_topic),
         },
     }
 }

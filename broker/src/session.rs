@@ -1070,7 +1070,7 @@ impl Session {
                 Ok(Response::Groups(wire::Groups {
                     groups: groups
                         .into_iter()
-                        .map(|(name, config)| convert::group_summary(name, &config))
+                        .map(|(name, config)| convert::group_summary(&list.topic, name, &config))
                         .collect(),
                 }))
             }

@@ -462,6 +462,34 @@ async fn subscribe_with_other_settings_than_the_group_is_a_conflict() {
         };
         assert!(error.message.contains(field), "{}", error.message);
     }
+    // GROUPS fills every setting as the group uses it (§6.24): the named
+    // dead-letter topic, or the derived one.
+    let plain = Request::Subscribe(dmq_protocol::Subscribe {
+        topic: "t".into(),
+        group: "h".into(),
+        member_name: "m".into(),
+        ..Default::default()
+    });
+    assert!(matches!(
+        connection.request(plain).await,
+        Response::Subscribed(_)
+    ));
+    let list = Request::ListGroups(dmq_protocol::ListGroups { topic: "t".into() });
+    let Response::Groups(groups) = connection.request(list).await else {
+        panic!("GROUPS expected")
+    };
+    let dead_letters: Vec<(String, Option<String>)> = groups
+        .groups
+        .iter()
+        .map(|g| (g.name.clone(), g.settings.dead_letter_topic.clone()))
+        .collect();
+    assert_eq!(
+        dead_letters,
+        [
+            ("g".to_string(), Some("t.dead".to_string())),
+            ("h".to_string(), Some("t.h.dlq".to_string()))
+        ]
+    );
     // The connection stays usable.
     assert_eq!(connection.request(Request::Ping).await, Response::Pong);
     broker.stop().await;
