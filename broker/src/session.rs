@@ -481,7 +481,10 @@ impl Session {
         }) {
             return Err(ErrorResponse::new(
                 ErrorCode::InvalidRequest,
-                "headers starting with \"dmq.delay.\" are reserved for the broker",
+                format!(
+                    "headers starting with {:?} are reserved for the broker",
+                    dmq_dispatcher::names::DELAY_HEADER_PREFIX
+                ),
             ));
         }
         // One partition per record: keyed records by their key's hash (so a
