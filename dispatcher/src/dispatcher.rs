@@ -48,6 +48,7 @@ use crate::group::{
     AckJournalError, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
 };
 use crate::names::{self, NameError};
+use crate::routing::Router;
 use crate::storage::{Journal, PartitionLog, RecoveryDamage, Storage, StoreError};
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
@@ -312,7 +313,7 @@ struct TopicState {
     config: TopicConfig,
     partitions: Vec<Arc<dyn PartitionLog>>,
     tombstones: Tombstones,
-    next_partition: u32,
+    router: Arc<Router>,
 }
 
 #[derive(Debug)]
@@ -638,10 +639,10 @@ impl Dispatcher {
                 self.topics.insert(
                     name,
                     TopicState {
+                        router: Arc::new(Router::new(config.partitions)),
                         config,
                         partitions,
                         tombstones: Tombstones::default(),
-                        next_partition: 0,
                     },
                 );
             }
@@ -832,10 +833,10 @@ impl Dispatcher {
                 self.topics.insert(
                     name.to_string(),
                     TopicState {
+                        router: Arc::new(Router::new(config.partitions)),
                         config,
                         partitions,
                         tombstones: Tombstones::default(),
-                        next_partition: 0,
                     },
                 );
                 Ok(())
@@ -870,18 +871,45 @@ impl Dispatcher {
             .ok_or_else(|| DispatchError::UnknownTopic(name.to_string()))
     }
 
-    /// Stores records in `topic`: those whose deliver-at is in the future go
-    /// to the delay store, the rest are appended to the partition (one
-    /// durable append per partition). `partition: None` puts each keyed
-    /// record on its key's hash partition (so a key never spans two
-    /// partitions) and the keyless ones on one partition, round robin.
+    /// The partition router of a topic: shared with whoever appends to it
+    /// without going through the dispatcher, so that every produce path
+    /// follows one rule and one round-robin counter.
+    pub fn router(&self, topic: &str) -> Result<Arc<Router>> {
+        Ok(Arc::clone(&self.topic(topic)?.router))
+    }
+
+    /// Stores records in `topic`, routed by the topic's [`Router`]: an
+    /// explicit partition takes them all; else each keyed record goes to
+    /// its key's hash partition (so a key never spans two partitions) and
+    /// the keyless ones to one partition, round robin. See
+    /// [`produce_routed`](Self::produce_routed).
     pub fn produce(
         &mut self,
         topic: &str,
         partition: Option<u32>,
         records: Vec<RecordInput>,
     ) -> Result<Vec<Produced>> {
-        if records.iter().any(|r| {
+        let routes = self
+            .topic(topic)?
+            .router
+            .route(partition, records.iter().map(|r| r.key.as_deref()))
+            .map_err(|e| DispatchError::UnknownPartition {
+                topic: topic.to_string(),
+                partition: e.partition,
+            })?;
+        self.produce_routed(topic, routes.into_iter().zip(records).collect())
+    }
+
+    /// Stores records already routed to their partitions: those whose
+    /// deliver-at is in the future go to the delay store, the rest are
+    /// appended to their partition (one durable append per partition).
+    /// The answer is in the records' order.
+    pub fn produce_routed(
+        &mut self,
+        topic: &str,
+        records: Vec<(u32, RecordInput)>,
+    ) -> Result<Vec<Produced>> {
+        if records.iter().any(|(_, r)| {
             r.headers
                 .iter()
                 .any(|(name, _)| names::is_reserved_header(name))
@@ -892,39 +920,17 @@ impl Dispatcher {
             )));
         }
         let now = self.now();
-        let state = self.topic(topic)?;
-        let partitions = state.config.partitions;
-        let explicit = partition;
-        let partition = match partition {
-            Some(p) if p < partitions => p,
-            Some(p) => {
-                return Err(DispatchError::UnknownPartition {
-                    topic: topic.to_string(),
-                    partition: p,
-                })
-            }
-            None => match records.first().and_then(|r| r.key.as_ref()) {
-                Some(key) => (dmq_log_store::key_hash(key) % u64::from(partitions)) as u32,
-                None => {
-                    let state = self
-                        .topics
-                        .get_mut(topic)
-                        .ok_or_else(|| DispatchError::UnknownTopic(topic.to_string()))?;
-                    let p = state.next_partition % partitions;
-                    state.next_partition = state.next_partition.wrapping_add(1);
-                    p
-                }
-            },
-        };
-        let by_key = explicit.is_none();
+        let partitions = self.topic(topic)?.config.partitions;
+        if let Some((partition, _)) = records.iter().find(|(p, _)| *p >= partitions) {
+            return Err(DispatchError::UnknownPartition {
+                topic: topic.to_string(),
+                partition: *partition,
+            });
+        }
         let mut immediate: BTreeMap<u32, Vec<RecordInput>> = BTreeMap::new();
         let mut delayed = Vec::new();
         let mut order = Vec::with_capacity(records.len());
-        for record in records {
-            let partition = match (&record.key, by_key) {
-                (Some(key), true) => (dmq_log_store::key_hash(key) % u64::from(partitions)) as u32,
-                _ => partition,
-            };
+        for (partition, record) in records {
             match record.deliver_at_ms {
                 Some(due) if due > now => {
                     order.push((true, due, partition));
@@ -990,7 +996,7 @@ impl Dispatcher {
         // a crash that lost its fired mark: its copy is already in its
         // topic. Those are handled first (appended, or found there), so a
         // cancel never returns true for a message that was delivered.
-        self.fire_delays(self.opened_at_ms)?;
+        self.fire_delays(self.opened_at_ms, usize::MAX)?;
         let cancelled = self.delays.cancel(id)?;
         if cancelled {
             self.emit(
@@ -1607,7 +1613,7 @@ impl Dispatcher {
         }
         let now = self.now();
         self.fire_timers(now)?;
-        self.fire_delays(now)?;
+        self.fire_delays(now, FIRE_PER_POLL_MAX)?;
         let result = self.fill(state, now);
         // Pull does not consume push credit: everyone gets theirs back.
         for (other, credit) in saved {
@@ -1792,6 +1798,89 @@ impl Dispatcher {
         offset: u64,
         reason: &str,
     ) -> Result<()> {
+        self.dead_letter_many(&[(state_index, partition, offset)], reason)
+            .map_err(|(_, error)| error)
+    }
+
+    /// Moves messages `(state, partition, offset)` to their groups'
+    /// dead-letter topics, then acks them in their groups: one append (one
+    /// durability wait) per dead-letter topic for the whole list. A message
+    /// gone from its log (retention) is acked as expired instead. On
+    /// failure returns the indexes (into `moves`) of the messages not moved,
+    /// which stay pending, with the first error.
+    fn dead_letter_many(
+        &mut self,
+        moves: &[(usize, u32, u64)],
+        reason: &str,
+    ) -> std::result::Result<(), (Vec<usize>, DispatchError)> {
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        let mut fail = |index: usize, error: DispatchError, failed: &mut Vec<usize>| {
+            failed.push(index);
+            if first_error.is_none() {
+                first_error = Some(error);
+            } else {
+                tracing::error!(%error, "a dead-letter move failed");
+            }
+        };
+        // (dead-letter topic, [(index into moves, copy)]), in first-move order.
+        let mut copies: Vec<(String, Vec<(usize, RecordInput)>)> = Vec::new();
+        for (index, &(state_index, partition, offset)) in moves.iter().enumerate() {
+            match self.dead_letter_copy(state_index, partition, offset, reason) {
+                Ok(Some((topic, copy))) => match copies.iter_mut().find(|(t, _)| *t == topic) {
+                    Some((_, list)) => list.push((index, copy)),
+                    None => copies.push((topic, vec![(index, copy)])),
+                },
+                Ok(None) => {}
+                Err(error) => fail(index, error, &mut failed),
+            }
+        }
+        for (dead_letter_topic, list) in copies {
+            let (indexes, records): (Vec<usize>, Vec<RecordInput>) = list.into_iter().unzip();
+            let written = self.topic(&dead_letter_topic).and_then(|state| {
+                let log = Arc::clone(&state.partitions[0]);
+                log.append(records)?;
+                if log.durable_on_append() {
+                    // The acks below may become durable before a lazy log
+                    // writes the copies back: the copies must not be what a
+                    // crash loses.
+                    log.flush()?;
+                }
+                Ok(())
+            });
+            if let Err(error) = written {
+                for index in indexes.iter().skip(1) {
+                    failed.push(*index);
+                }
+                fail(indexes[0], error, &mut failed);
+                continue;
+            }
+            for index in indexes {
+                let (state_index, partition, offset) = moves[index];
+                let kind = EventKind::DeadLettered {
+                    dead_letter_topic: dead_letter_topic.clone(),
+                };
+                if let Err(error) = self.ack_in_state(state_index, partition, offset, Some(kind)) {
+                    fail(index, error, &mut failed);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(error) => Err((failed, error)),
+        }
+    }
+
+    /// The dead-letter copy of one pending message and the topic it goes
+    /// to (created on first use), or `None` if the message is gone from its
+    /// log (then acked as expired: nothing to move).
+    fn dead_letter_copy(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        reason: &str,
+    ) -> Result<Option<(String, RecordInput)>> {
         let (topic, group, dead_letter_topic) = {
             let state = &self.states[state_index];
             let dead_letter_topic = state
@@ -1812,7 +1901,7 @@ impl Dispatcher {
         else {
             // Gone from the log (retention): nothing to move; ack it.
             self.ack_in_state(state_index, partition, offset, Some(EventKind::Expired))?;
-            return Ok(());
+            return Ok(None);
         };
         if !self.topics.contains_key(&dead_letter_topic) {
             self.create_topic(
@@ -1834,7 +1923,7 @@ impl Dispatcher {
         ] {
             headers.push((Bytes::from_static(name.as_bytes()), Bytes::from(value)));
         }
-        let input = RecordInput {
+        let copy = RecordInput {
             id: Some(record.id),
             key: record.key.clone(),
             headers,
@@ -1842,20 +1931,7 @@ impl Dispatcher {
             deliver_at_ms: None,
             expire_at_ms: None,
         };
-        let dead_letters = Arc::clone(&self.topic(&dead_letter_topic)?.partitions[0]);
-        dead_letters.append(vec![input])?;
-        if dead_letters.durable_on_append() {
-            // The ack below may become durable before a lazy log writes
-            // the copy back: the copy must not be the one a crash loses.
-            dead_letters.flush()?;
-        }
-        self.ack_in_state(
-            state_index,
-            partition,
-            offset,
-            Some(EventKind::DeadLettered { dead_letter_topic }),
-        )?;
-        Ok(())
+        Ok(Some((dead_letter_topic, copy)))
     }
 
     // ----- seek ---------------------------------------------------------------
@@ -2003,7 +2079,7 @@ impl Dispatcher {
     pub fn poll(&mut self) -> Result<Vec<Delivery>> {
         let now = self.now();
         self.fire_timers(now)?;
-        self.fire_delays(now)?;
+        self.fire_delays(now, FIRE_PER_POLL_MAX)?;
         for state_index in 0..self.states.len() {
             self.fill(state_index, now)?;
         }
@@ -2053,11 +2129,15 @@ impl Dispatcher {
     fn fire_timers(&mut self, now: i64) -> Result<()> {
         let mut fired = Vec::new();
         self.wheel.advance(now, &mut fired);
+        // Ack deadlines of messages on their last attempt: moved to their
+        // dead-letter topics together, one append per topic, after the loop.
+        let mut exhausted: Vec<(TimerTask, MemberId)> = Vec::new();
         for (_, task) in fired {
             let state_index = task.state as usize;
             let Some(state) = self.states.get_mut(state_index) else {
                 continue;
             };
+            let max_attempts = state.config.max_attempts.max(1);
             let Some(part) = state.partitions.get_mut(task.partition as usize) else {
                 continue;
             };
@@ -2069,38 +2149,17 @@ impl Dispatcher {
             }
             match (task.kind, pending.stage) {
                 (TimerKind::AckDeadline, Stage::InFlight { member, .. }) => {
-                    let handled = self.after_failed_attempt(
+                    if pending.attempt >= max_attempts {
+                        exhausted.push((task, member));
+                        continue;
+                    }
+                    self.after_failed_attempt(
                         state_index,
                         task.partition,
                         task.offset,
                         None,
                         "ack timeout",
-                    );
-                    if let Err(error) = handled {
-                        // A dead-letter move that failed (no room, a
-                        // partition cap): the message stays in flight and is
-                        // tried again later; the other timers of this tick
-                        // are still handled.
-                        tracing::error!(
-                            %error,
-                            partition = task.partition,
-                            offset = task.offset,
-                            retry_in_ms = TIMER_RETRY_AFTER_ERROR_MS,
-                            "handling an ack timeout failed"
-                        );
-                        let timer = self
-                            .wheel
-                            .insert(now.saturating_add(TIMER_RETRY_AFTER_ERROR_MS), task);
-                        let pending = self.states[state_index].partitions[task.partition as usize]
-                            .pending
-                            .get_mut(&task.offset);
-                        match pending {
-                            Some(pending) => pending.stage = Stage::InFlight { member, timer },
-                            None => {
-                                self.wheel.cancel(timer);
-                            }
-                        }
-                    }
+                    )?;
                 }
                 (TimerKind::Retry, Stage::Waiting { .. }) => {
                     pending.stage = Stage::Ready;
@@ -2109,44 +2168,58 @@ impl Dispatcher {
                 _ => {}
             }
         }
+        if exhausted.is_empty() {
+            return Ok(());
+        }
+        let moves: Vec<(usize, u32, u64)> = exhausted
+            .iter()
+            .map(|(task, _)| (task.state as usize, task.partition, task.offset))
+            .collect();
+        if let Err((failed, error)) = self.dead_letter_many(&moves, "ack timeout") {
+            // A dead-letter move that failed (no room, a partition cap): the
+            // messages stay in flight and are tried again later.
+            tracing::error!(
+                %error,
+                messages = failed.len(),
+                retry_in_ms = TIMER_RETRY_AFTER_ERROR_MS,
+                "moving timed-out messages to their dead-letter topics failed"
+            );
+            for index in failed {
+                let (task, member) = exhausted[index];
+                let timer = self
+                    .wheel
+                    .insert(now.saturating_add(TIMER_RETRY_AFTER_ERROR_MS), task);
+                let pending = self.states[task.state as usize].partitions[task.partition as usize]
+                    .pending
+                    .get_mut(&task.offset);
+                match pending {
+                    Some(pending) => pending.stage = Stage::InFlight { member, timer },
+                    None => {
+                        self.wheel.cancel(timer);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
-    fn fire_delays(&mut self, now: i64) -> Result<()> {
-        loop {
+    /// Fires due delayed messages, at most about `limit` of them (whole
+    /// batches).
+    fn fire_delays(&mut self, now: i64, limit: usize) -> Result<()> {
+        let mut fired_this_poll = 0;
+        while fired_this_poll < limit {
             // Messages whose append failed last time (a full disk) go
             // first, in due order, before any new one is polled.
             let due: Vec<DueMessage> = if self.unfired.is_empty() {
-                self.delays.poll_due(now, 1024)?
+                self.delays.poll_due(now, FIRE_BATCH_MAX)?
             } else {
                 self.unfired.drain(..).collect()
             };
             if due.is_empty() {
                 return Ok(());
             }
-            let mut fired = Vec::with_capacity(due.len());
-            // Logs with a lazy fsync policy that got fired copies: flushed
-            // before the fired marks, which may become durable at once (a
-            // message durable in the timer log must not become a copy a
-            // power loss can take back).
-            let mut lazy_logs: Vec<Arc<dyn PartitionLog>> = Vec::new();
-            let mut due = due.into_iter();
-            let mut failure = None;
-            while let Some(message) = due.next() {
-                match self.fire_one(&message, &mut lazy_logs) {
-                    Ok(()) => fired.push(message.id),
-                    Err(error) => {
-                        // Kept, with the rest of the batch, for the next
-                        // poll: a delay never waits for a restart to fire.
-                        self.unfired.push_back(message);
-                        self.unfired.extend(due.by_ref());
-                        failure = Some(error);
-                    }
-                }
-            }
-            for log in lazy_logs {
-                log.flush()?;
-            }
+            fired_this_poll += due.len();
+            let (fired, failure) = self.fire_batch(due)?;
             self.delays.mark_fired(&fired)?;
             if let Some(error) = failure {
                 tracing::error!(
@@ -2157,46 +2230,91 @@ impl Dispatcher {
                 return Ok(());
             }
         }
+        // More are due: `next_wakeup_ms` is already past, so the next poll
+        // comes at once, after the groups had their turn.
+        Ok(())
     }
 
-    /// Appends one due message to its topic (or drops it, its topic gone;
-    /// or skips it, its copy already there) and emits `DelayFired`.
-    fn fire_one(
+    /// Appends due messages to their topics: one append (one durability
+    /// wait) per partition, each partition's messages in due order. A
+    /// message whose topic is gone is dropped; one whose copy is already in
+    /// its log (fired before a crash lost its fired mark) is skipped.
+    /// Returns the ids to mark fired, and the first append error: that
+    /// partition's messages and every later partition's wait in `unfired`
+    /// for the next poll (a delay never waits for a restart to fire).
+    fn fire_batch(
         &mut self,
-        message: &DueMessage,
-        lazy_logs: &mut Vec<Arc<dyn PartitionLog>>,
-    ) -> Result<()> {
-        let Some(topic) = self.topics.get(&message.topic) else {
-            tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
-            return Ok(());
-        };
-        let partition = message.partition.min(topic.config.partitions - 1);
-        let log = Arc::clone(&topic.partitions[partition as usize]);
-        // Due before this dispatcher opened: it may have fired before a
-        // crash that lost its fired mark. A copy already in the log is not
-        // appended again (a second copy would escape a deletion that
-        // covered the first).
-        if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
-            return Ok(());
+        due: Vec<DueMessage>,
+    ) -> Result<(Vec<MessageId>, Option<DispatchError>)> {
+        let mut fired = Vec::with_capacity(due.len());
+        // (log, topic, partition, messages), in first-due order.
+        let mut batches: Vec<(Arc<dyn PartitionLog>, u32, Vec<DueMessage>)> = Vec::new();
+        for message in due {
+            let Some(topic) = self.topics.get(&message.topic) else {
+                tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
+                fired.push(message.id);
+                continue;
+            };
+            let partition = message.partition.min(topic.config.partitions - 1);
+            let log = &topic.partitions[partition as usize];
+            // Due before this dispatcher opened: it may have fired before a
+            // crash that lost its fired mark. A copy already in the log is
+            // not appended again (a second copy would escape a deletion
+            // that covered the first).
+            if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
+                fired.push(message.id);
+                continue;
+            }
+            match batches
+                .iter_mut()
+                .find(|(l, _, m)| Arc::ptr_eq(l, log) && m[0].topic == message.topic)
+            {
+                Some((_, _, messages)) => messages.push(message),
+                None => batches.push((Arc::clone(log), partition, vec![message])),
+            }
         }
-        let appended = log.append(vec![message.record.clone()])?;
-        if log.durable_on_append() && !lazy_logs.iter().any(|l| Arc::ptr_eq(l, &log)) {
-            lazy_logs.push(Arc::clone(&log));
+        let mut batches = batches.into_iter();
+        // Logs with a lazy fsync policy that got fired copies: flushed
+        // before the fired marks, which may become durable at once (a
+        // message durable in the timer log must not become a copy a power
+        // loss can take back).
+        let mut lazy_logs: Vec<Arc<dyn PartitionLog>> = Vec::new();
+        let mut failure = None;
+        while let Some((log, partition, messages)) = batches.next() {
+            let records = messages.iter().map(|m| m.record.clone()).collect();
+            match log.append(records) {
+                Ok(appended) => {
+                    if log.durable_on_append() {
+                        lazy_logs.push(Arc::clone(&log));
+                    }
+                    for (message, (offset, id)) in messages.iter().zip(appended) {
+                        self.emit(
+                            id,
+                            Place {
+                                topic: Name::Plain(&message.topic),
+                                partition: Some(partition),
+                                offset: Some(offset),
+                                group: None,
+                            },
+                            EventKind::DelayFired,
+                            None,
+                        );
+                        fired.push(message.id);
+                    }
+                }
+                Err(error) => {
+                    self.unfired.extend(messages);
+                    for (_, _, messages) in batches.by_ref() {
+                        self.unfired.extend(messages);
+                    }
+                    failure = Some(error.into());
+                }
+            }
         }
-        for (offset, id) in appended {
-            self.emit(
-                id,
-                Place {
-                    topic: Name::Plain(&message.topic),
-                    partition: Some(partition),
-                    offset: Some(offset),
-                    group: None,
-                },
-                EventKind::DelayFired,
-                None,
-            );
+        for log in lazy_logs {
+            log.flush()?;
         }
-        Ok(())
+        Ok((fired, failure))
     }
 
     /// Hands messages of one state to its members within their credit.
@@ -2507,6 +2625,14 @@ fn release_key(part: &mut PartitionState, key: &Bytes, offset: u64) {
 /// An ack timeout whose handling failed (a dead-letter move without room)
 /// is tried again after this.
 const TIMER_RETRY_AFTER_ERROR_MS: i64 = 1_000;
+
+/// Most due delayed messages one batch of [`Dispatcher::poll`] appends
+/// (one append per partition for the whole batch).
+const FIRE_BATCH_MAX: usize = 4_096;
+
+/// Most due delayed messages one [`Dispatcher::poll`] fires: a burst of
+/// millions fires over several polls, and the groups are served between.
+const FIRE_PER_POLL_MAX: usize = 32_768;
 
 fn check_partition_count(partitions: u32) -> Result<(), String> {
     if partitions == 0 {

@@ -19,6 +19,8 @@
 //! - [`config`]: topic, group and dispatcher settings.
 //! - [`names`]: valid topic, group and member names, the names derived from
 //!   them, the internal prefix and the reserved header names.
+//! - [`routing`]: [`Router`], the one rule that picks a produced record's
+//!   partition, with one round-robin counter per topic.
 //!
 //! The dispatcher takes time only from an injected [`dmq_log_store::Clock`]
 //! and touches storage only through [`Storage`], so it runs unchanged in a
@@ -32,6 +34,7 @@ pub mod dispatcher;
 pub mod events;
 mod group;
 pub mod names;
+pub mod routing;
 pub mod storage;
 pub mod timing_wheel;
 mod tombstones;
@@ -47,6 +50,7 @@ pub use dispatcher::{
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;
+pub use routing::{Router, UnknownPartition};
 pub use storage::{
     FileStorage, MemoryStorage, PartitionLog, ProducerBatch, RecoveryDamage, Storage, StoreError,
     LOOKUP_SCAN_BATCH,

@@ -879,6 +879,8 @@ pub struct MemoryLog {
     lazy: bool,
     /// Shared with its storage: appends fail with `DiskFull` while set.
     full: Arc<std::sync::atomic::AtomicBool>,
+    /// Appends (record batches) so far: tests count durable writes.
+    appends: std::sync::atomic::AtomicU64,
     state: Mutex<MemoryLogState>,
 }
 
@@ -907,11 +909,18 @@ impl MemoryLog {
             clock,
             lazy,
             full,
+            appends: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(MemoryLogState {
                 next_unique: id_seed,
                 ..MemoryLogState::default()
             }),
         }
+    }
+
+    /// How many batches were appended (each one durability wait under an
+    /// eager policy).
+    pub fn appends(&self) -> u64 {
+        self.appends.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -932,6 +941,8 @@ impl PartitionLog for MemoryLog {
                 context: "appending (simulated full disk)",
             }));
         }
+        self.appends
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut state = lock(&self.state);
         let timestamp_ms = self.clock.now_ms().max(state.last_timestamp_ms);
         state.last_timestamp_ms = timestamp_ms;

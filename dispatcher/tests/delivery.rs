@@ -531,3 +531,123 @@ fn deleted_groups_and_topics_start_afresh_and_stay_deleted_after_a_restart() {
     let member = w.dispatcher.join("t", "g", "m").unwrap();
     assert!(w.dispatcher.fetch(member, 10).unwrap().is_empty());
 }
+
+#[test]
+fn delays_due_together_fire_in_one_append_per_partition() {
+    let mut w = World::new();
+    w.dispatcher
+        .create_topic(
+            "t",
+            TopicConfig {
+                partitions: 2,
+                ordered: false,
+            },
+        )
+        .unwrap();
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let due = w.clock.now_ms() + 60_000;
+    for partition in 0..2 {
+        let records = (0..3_000)
+            .map(|i| RecordInput {
+                deliver_at_ms: Some(due),
+                ..RecordInput::new(format!("{partition}-{i}"))
+            })
+            .collect();
+        w.dispatcher.produce("t", Some(partition), records).unwrap();
+    }
+    assert_eq!(w.dispatcher.pending_delays(), 6_000);
+    w.clock.advance_ms(60_000);
+    w.dispatcher.poll().unwrap();
+    assert_eq!(w.dispatcher.pending_delays(), 0);
+    for partition in 0..2 {
+        let log = w.storage.memory_log("t", partition).unwrap();
+        use dmq_dispatcher::PartitionLog;
+        assert_eq!(log.end_offset(), 3_000, "partition {partition}");
+        // Before batching, every fired message was its own append (its
+        // own fdatasync under fsync `always`): 3,000 here.
+        assert!(
+            log.appends() <= 2,
+            "partition {partition}: {} appends for 3,000 fired messages",
+            log.appends()
+        );
+        // Due order is kept within the partition.
+        let values: Vec<String> = log
+            .read(0, 3_000)
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
+            .collect();
+        let expected: Vec<String> = (0..3_000).map(|i| format!("{partition}-{i}")).collect();
+        assert_eq!(values, expected);
+    }
+}
+
+#[test]
+fn a_burst_of_due_delays_is_fired_over_several_polls_and_none_is_lost() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let due = w.clock.now_ms() + 1_000;
+    let total = 70_000;
+    for chunk in 0..(total / 10_000) {
+        let records = (0..10_000)
+            .map(|i| RecordInput {
+                deliver_at_ms: Some(due),
+                ..RecordInput::new(format!("{}", chunk * 10_000 + i))
+            })
+            .collect();
+        w.dispatcher.produce("t", Some(0), records).unwrap();
+    }
+    w.clock.advance_ms(1_000);
+    // One poll fires a bounded share; the dispatcher asks to be polled
+    // again at once while more are due.
+    w.dispatcher.poll().unwrap();
+    let left = w.dispatcher.pending_delays();
+    assert!(left > 0, "one poll fired all {total}: it is not bounded");
+    assert!(w.dispatcher.next_wakeup_ms().unwrap() <= w.clock.now_ms());
+    let mut polls = 1;
+    while w.dispatcher.pending_delays() > 0 {
+        w.dispatcher.poll().unwrap();
+        polls += 1;
+        assert!(polls < 100, "the burst never drains");
+    }
+    use dmq_dispatcher::PartitionLog;
+    let log = w.storage.memory_log("t", 0).unwrap();
+    assert_eq!(log.end_offset(), total as u64);
+}
+
+#[test]
+fn ack_timeouts_of_last_attempts_move_to_the_dead_letter_topic_in_one_append() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let group = GroupConfig {
+        max_attempts: 1,
+        ..config()
+    };
+    w.dispatcher.subscribe("t", "g", group).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    let values: Vec<String> = (0..500).map(|i| i.to_string()).collect();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    w.produce("t", &values);
+    assert_eq!(w.dispatcher.fetch(member, 500).unwrap().len(), 500);
+    w.clock.advance_ms(1_000);
+    w.dispatcher.poll().unwrap();
+    let dead = w
+        .storage
+        .memory_log("t.g.dlq", 0)
+        .expect("dead-letter topic");
+    use dmq_dispatcher::PartitionLog;
+    assert_eq!(dead.end_offset(), 500);
+    // Before batching: one append (one fdatasync) per message.
+    assert_eq!(dead.appends(), 1);
+    let moved: Vec<String> = dead
+        .read(0, 500)
+        .unwrap()
+        .iter()
+        .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
+        .collect();
+    assert_eq!(moved, values);
+    assert_eq!(
+        w.dispatcher.group_stats("t", "g").unwrap()[0].ack_floor,
+        500
+    );
+}
