@@ -323,16 +323,13 @@ pub(crate) async fn create_topic(
         ordered,
     };
     let topic = name.to_string();
-    let logs = engine
+    let handle = engine
         .call(move |dispatcher, _| {
             dispatcher.create_topic(&topic, config)?;
-            dispatcher.partitions(&topic)
+            crate::engine::TopicHandle::of(dispatcher, &topic)
         })
         .await??;
-    let config = TopicConfig {
-        partitions: logs.len() as u32,
-        ordered,
-    };
-    engine.register_topic(name.to_string(), config.clone(), logs);
+    let config = handle.config.clone();
+    engine.register_topic(name.to_string(), handle);
     Ok(config)
 }

@@ -46,6 +46,38 @@ pub(crate) fn store_error(error: &StoreError) -> ErrorResponse {
     ErrorResponse::new(code, error.to_string())
 }
 
+/// The HTTP status the admin API answers for a wire error code. Every
+/// internal error is mapped once, to a wire code ([`dispatch_error`],
+/// [`store_error`], [`engine_error`]); the admin API derives its status from
+/// that code, so the two listeners never disagree on what an error is (a
+/// full disk is 507 on one and `DiskFull` on the other, never a 500).
+pub(crate) fn http_status(code: ErrorCode) -> axum::http::StatusCode {
+    use axum::http::StatusCode as S;
+    match code {
+        ErrorCode::UnknownTopic | ErrorCode::UnknownGroup | ErrorCode::UnknownSubscription => {
+            S::NOT_FOUND
+        }
+        ErrorCode::MalformedFrame
+        | ErrorCode::UnsupportedVersion
+        | ErrorCode::UnknownPartition
+        | ErrorCode::InvalidRequest
+        | ErrorCode::NotDelivered
+        | ErrorCode::UnknownOpcode
+        | ErrorCode::OutOfOrderSequence => S::BAD_REQUEST,
+        ErrorCode::FrameTooLarge => S::PAYLOAD_TOO_LARGE,
+        ErrorCode::NotAuthenticated | ErrorCode::AuthenticationFailed => S::UNAUTHORIZED,
+        ErrorCode::NotAuthorized => S::FORBIDDEN,
+        ErrorCode::TopicExists | ErrorCode::GroupConfigConflict => S::CONFLICT,
+        ErrorCode::DiskFull => S::INSUFFICIENT_STORAGE,
+        ErrorCode::Overloaded => S::TOO_MANY_REQUESTS,
+        ErrorCode::ShuttingDown => S::SERVICE_UNAVAILABLE,
+        ErrorCode::Timeout => S::GATEWAY_TIMEOUT,
+        ErrorCode::StorageError | ErrorCode::InternalError | ErrorCode::Unknown(_) => {
+            S::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
 /// A produce record as a log record, with times resolved against `now_ms`.
 pub(crate) fn record_input(record: wire::ProduceRecord, now_ms: i64) -> RecordInput {
     let deliver_at_ms = match record.delivery_time {

@@ -1,6 +1,8 @@
-//! The idempotent producers' dedup window: per (topic, partition, producer
-//! id), the last sequence stored and the answer it got, so that a retried
-//! PRODUCE gets its original offsets instead of being stored twice.
+//! The idempotent producers' dedup window: per (topic, producer id), the
+//! last sequence stored and the answer it got, so that a retried PRODUCE
+//! gets its original offsets instead of being stored twice. The key has no
+//! partition: a retried batch of unkeyed records may be routed to another
+//! partition (round robin), and must still be found.
 //!
 //! Invariants: the window holds at most `max_entries` producers and about
 //! `max_bytes` of answers (an answer is counted at 32 bytes per record plus
@@ -14,8 +16,8 @@ use std::collections::{HashMap, VecDeque};
 
 use dmq_protocol::ProduceOk;
 
-/// (topic, partition, producer id).
-pub type DedupKey = (String, u32, u64);
+/// (topic, producer id).
+pub type DedupKey = (String, u64);
 
 /// Bytes counted per record of a remembered answer.
 const RECORD_BYTES: usize = 32;
@@ -147,29 +149,29 @@ mod tests {
     fn the_window_is_bounded_by_producers_and_oldest_go_first() {
         let mut window = DedupWindow::new(1_000, usize::MAX);
         for producer in 0..100_000u64 {
-            window.insert(("t".into(), 0, producer), 1, answer(1));
+            window.insert(("t".into(), producer), 1, answer(1));
             assert!(window.len() <= 1_000);
             assert!(window.order_len() <= 2 * 1_000 + 64);
         }
         assert_eq!(window.evicted(), 99_000);
-        assert!(window.get(&("t".into(), 0, 98_999)).is_none());
-        assert_eq!(window.get(&("t".into(), 0, 99_999)).map(|e| e.0), Some(1));
+        assert!(window.get(&("t".into(), 98_999)).is_none());
+        assert_eq!(window.get(&("t".into(), 99_999)).map(|e| e.0), Some(1));
     }
 
     #[test]
     fn a_producer_that_stores_again_is_kept_as_the_newest() {
         let mut window = DedupWindow::new(3, usize::MAX);
         for producer in 0..3u64 {
-            window.insert(("t".into(), 0, producer), 1, answer(1));
+            window.insert(("t".into(), producer), 1, answer(1));
         }
         // Producer 0 stores again: it is now the newest, 1 goes first.
-        window.insert(("t".into(), 0, 0), 2, answer(1));
-        window.insert(("t".into(), 0, 9), 1, answer(1));
-        assert!(window.get(&("t".into(), 0, 1)).is_none());
-        assert_eq!(window.get(&("t".into(), 0, 0)).map(|e| e.0), Some(2));
+        window.insert(("t".into(), 0), 2, answer(1));
+        window.insert(("t".into(), 9), 1, answer(1));
+        assert!(window.get(&("t".into(), 1)).is_none());
+        assert_eq!(window.get(&("t".into(), 0)).map(|e| e.0), Some(2));
         // Many re-stores of one producer leave few stale slots.
         for sequence in 3..10_000 {
-            window.insert(("t".into(), 0, 0), sequence, answer(1));
+            window.insert(("t".into(), 0), sequence, answer(1));
         }
         assert!(window.order_len() <= 2 * 3 + 64);
         assert_eq!(window.len(), 3);
@@ -179,7 +181,7 @@ mod tests {
     fn the_window_is_bounded_by_bytes() {
         let mut window = DedupWindow::new(usize::MAX, 1 << 20);
         for producer in 0..1_000u64 {
-            window.insert(("t".into(), 0, producer), 1, answer(1_000));
+            window.insert(("t".into(), producer), 1, answer(1_000));
         }
         // 32 KB per answer: about 32 fit in 1 MiB.
         assert!(window.len() <= 33, "{}", window.len());

@@ -1,16 +1,18 @@
-//! The engine: the dispatcher on its own thread, and the produce path.
+//! The engine: the dispatcher on its own thread, and the topics' handles.
 //!
 //! The [`Dispatcher`] is a single-threaded state machine; it lives on one OS
 //! thread (`dmq-dispatcher`) and every session talks to it with closures sent
 //! over a channel ([`Engine::call`]). After every batch of calls, and at the
-//! dispatcher's next wake-up time, the thread polls the dispatcher and routes
-//! the deliveries to the sessions' channels.
+//! dispatcher's next wake-up time, the thread polls the dispatcher, routes
+//! the deliveries to the sessions' channels, and answers the FETCHes parked
+//! on it ([`Routes::wait_fetch`]) whose members now have deliveries: a FETCH
+//! is woken by what woke the dispatcher, never by polling.
 //!
-//! Produce does **not** go through that thread: a session appends to the
-//! partition log itself (`append_deferred` in request order, then
-//! `wait_durable` on the blocking pool), so appends from every connection
-//! share group commits, and only then wakes the dispatcher. Delayed records
-//! go to the dispatcher's delay store.
+//! Produce does **not** go through that thread: the produce pipeline
+//! (`crate::produce`) appends to the partition logs through each topic's
+//! [`TopicHandle`] (router and logs shared with the dispatcher), so appends
+//! from every connection share group commits, and only then wakes the
+//! dispatcher. Delayed records go to the dispatcher's delay store.
 //!
 //! Every message event of the dispatcher goes to the [`Telemetry`] sink,
 //! which only buffers it; the thread calls [`Telemetry::flush`] after each
@@ -36,7 +38,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dmq_dispatcher::{
-    Delivery, DispatchError, Dispatcher, FileStorage, MemberId, PartitionLog, TopicConfig,
+    Delivery, DispatchError, Dispatcher, FileStorage, MemberId, PartitionLog, Router, TopicConfig,
 };
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{ProduceOk, ProducedRecord};
@@ -97,10 +99,20 @@ impl Queued {
     }
 }
 
-/// Where each member's deliveries go.
+/// Where each member's deliveries go, and the FETCHes waiting for one.
 #[derive(Default)]
 pub struct Routes {
     sinks: HashMap<MemberId, DeliverySink>,
+    fetches: HashMap<MemberId, WaitingFetch>,
+}
+
+/// A FETCH that found nothing and waits: answered by the dispatcher
+/// thread after the first poll that has something for its member.
+pub struct WaitingFetch {
+    /// Most deliveries the FETCH takes.
+    pub max: u32,
+    /// Where its deliveries go.
+    pub reply: oneshot::Sender<Vec<Delivery>>,
 }
 
 impl Routes {
@@ -109,9 +121,21 @@ impl Routes {
         self.sinks.insert(member, sink);
     }
 
-    /// Stops routing to `member`.
+    /// Stops routing to `member` (its waiting FETCH ends empty).
     pub fn remove(&mut self, member: MemberId) {
         self.sinks.remove(&member);
+        self.fetches.remove(&member);
+    }
+
+    /// Parks a FETCH of `member` until it has deliveries; a FETCH already
+    /// waiting for the member ends empty.
+    pub fn wait_fetch(&mut self, member: MemberId, fetch: WaitingFetch) {
+        self.fetches.insert(member, fetch);
+    }
+
+    /// Ends `member`'s waiting FETCH (its deadline passed).
+    pub fn cancel_fetch(&mut self, member: MemberId) {
+        self.fetches.remove(&member);
     }
 }
 
@@ -147,7 +171,38 @@ pub enum StartError {
 }
 
 /// The topics' partition logs, shared with every session for produce.
-pub type PartitionMap = HashMap<String, (TopicConfig, Vec<Arc<dyn PartitionLog>>)>;
+pub type PartitionMap = HashMap<String, TopicHandle>;
+
+/// What a producer needs of a topic without a hop to the dispatcher thread:
+/// its configuration, its router (shared with the dispatcher: one
+/// round-robin counter per topic) and its partition logs.
+#[derive(Clone)]
+pub struct TopicHandle {
+    /// The topic's settings.
+    pub config: TopicConfig,
+    /// The topic's one partition router.
+    pub router: Arc<Router>,
+    /// The partition logs, by partition number.
+    pub logs: Vec<Arc<dyn PartitionLog>>,
+}
+
+impl TopicHandle {
+    /// The handle of an existing topic of `dispatcher`.
+    pub fn of(dispatcher: &Dispatcher, name: &str) -> Result<TopicHandle, DispatchError> {
+        let logs = dispatcher.partitions(name)?;
+        let config = dispatcher
+            .topics()
+            .into_iter()
+            .find(|(existing, _)| existing == name)
+            .map(|(_, config)| config)
+            .ok_or_else(|| DispatchError::UnknownTopic(name.to_string()))?;
+        Ok(TopicHandle {
+            config,
+            router: dispatcher.router(name)?,
+            logs,
+        })
+    }
+}
 
 /// Handle to the dispatcher thread. Cheap to clone.
 #[derive(Clone)]
@@ -155,7 +210,6 @@ pub struct Engine {
     commands: mpsc::Sender<Command>,
     partitions: Arc<RwLock<PartitionMap>>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
-    round_robin: Arc<std::sync::atomic::AtomicU32>,
     producers: ProducerWindow,
     telemetry: Telemetry,
 }
@@ -173,10 +227,11 @@ fn rebuild_producer_window(
     partitions: &PartitionMap,
     config: &BrokerConfig,
 ) -> Result<DedupWindow, StartError> {
-    let mut window: HashMap<DedupKey, (u64, ProduceOk)> = HashMap::new();
-    let mut parts: HashMap<(String, u64, u64), usize> = HashMap::new();
-    for (topic, (_, logs)) in partitions {
-        for (partition, log) in logs.iter().enumerate() {
+    // Per (topic, producer): its newest batch's sequence and answer parts
+    // (partition, answer), one per partition the batch was stored in.
+    let mut newest: HashMap<DedupKey, (u64, Vec<ProduceOk>)> = HashMap::new();
+    for (topic, handle) in partitions {
+        for (partition, log) in handle.logs.iter().enumerate() {
             let from = log.end_offset().saturating_sub(PRODUCER_WINDOW_OFFSETS);
             for batch in log.producer_batches(from)? {
                 let response = ProduceOk {
@@ -192,11 +247,15 @@ fn rebuild_producer_window(
                         })
                         .collect(),
                 };
-                let key = (topic.clone(), partition as u32, batch.producer_id);
-                *parts
-                    .entry((topic.clone(), batch.producer_id, batch.producer_seq))
-                    .or_insert(0usize) += 1;
-                window.insert(key, (batch.producer_seq, response));
+                let entry = newest
+                    .entry((topic.clone(), batch.producer_id))
+                    .or_insert((batch.producer_seq, Vec::new()));
+                if batch.producer_seq > entry.0 {
+                    *entry = (batch.producer_seq, Vec::new());
+                }
+                if batch.producer_seq == entry.0 {
+                    entry.1.push(response);
+                }
             }
         }
     }
@@ -204,9 +263,11 @@ fn rebuild_producer_window(
     // parts; the window cannot rebuild its whole answer in request order, so
     // it forgets it: a retry of such a batch after a restart is stored again
     // (at least once), never answered with a partial result.
-    window.retain(|(topic, _, producer), (sequence, _)| {
-        parts.get(&(topic.clone(), *producer, *sequence)) == Some(&1)
-    });
+    let window = newest
+        .into_iter()
+        .filter_map(|(key, (sequence, mut parts))| {
+            (parts.len() == 1).then(|| (key, (sequence, parts.remove(0))))
+        });
     let mut bounded =
         DedupWindow::new(config.producer_window_max, config.producer_window_bytes_max);
     for (key, (sequence, response)) in window {
@@ -229,9 +290,9 @@ impl Engine {
             config.dispatcher_config(),
         )?;
         let mut map = PartitionMap::new();
-        for (name, topic_config) in dispatcher.topics() {
-            let logs = dispatcher.partitions(&name)?;
-            map.insert(name, (topic_config, logs));
+        for (name, _) in dispatcher.topics() {
+            let handle = TopicHandle::of(&dispatcher, &name)?;
+            map.insert(name, handle);
         }
         let producers = rebuild_producer_window(&map, config)?;
         let partitions = Arc::new(RwLock::new(map));
@@ -245,7 +306,6 @@ impl Engine {
             partitions,
             producers: Arc::new(Mutex::new(producers)),
             thread: Arc::new(Mutex::new(Some(thread))),
-            round_robin: Arc::default(),
             telemetry,
         })
     }
@@ -275,8 +335,8 @@ impl Engine {
         let _ = self.commands.send(Command::Wake);
     }
 
-    /// The partition logs of `topic` and its configuration.
-    pub fn topic(&self, topic: &str) -> Option<(TopicConfig, Vec<Arc<dyn PartitionLog>>)> {
+    /// The partition logs of `topic`, its router and its configuration.
+    pub fn topic(&self, topic: &str) -> Option<TopicHandle> {
         self.partitions
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -288,40 +348,25 @@ impl Engine {
     /// itself (a dead-letter topic, on its first dead letter) and the
     /// engine has not seen yet is looked up on the dispatcher thread and
     /// remembered. `None` only if the topic does not exist.
-    pub async fn find_topic(
-        &self,
-        name: &str,
-    ) -> Option<(TopicConfig, Vec<Arc<dyn PartitionLog>>)> {
+    pub async fn find_topic(&self, name: &str) -> Option<TopicHandle> {
         if let Some(found) = self.topic(name) {
             return Some(found);
         }
         let topic = name.to_string();
-        let (config, logs) = self
-            .call(move |dispatcher, _| {
-                let config = dispatcher
-                    .topics()
-                    .into_iter()
-                    .find(|(existing, _)| *existing == topic)?
-                    .1;
-                Some((config, dispatcher.partitions(&topic).ok()?))
-            })
+        let handle = self
+            .call(move |dispatcher, _| TopicHandle::of(dispatcher, &topic).ok())
             .await
             .ok()??;
-        self.register_topic(name.to_string(), config.clone(), logs.clone());
-        Some((config, logs))
+        self.register_topic(name.to_string(), handle.clone());
+        Some(handle)
     }
 
     /// Records a topic's logs after it was created on the dispatcher thread.
-    pub fn register_topic(
-        &self,
-        name: String,
-        config: TopicConfig,
-        logs: Vec<Arc<dyn PartitionLog>>,
-    ) {
+    pub fn register_topic(&self, name: String, handle: TopicHandle) {
         self.partitions
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name, (config, logs));
+            .insert(name, handle);
     }
 
     /// Forgets a deleted topic.
@@ -335,12 +380,6 @@ impl Engine {
     /// The idempotent producers' dedup window.
     pub fn producers(&self) -> &ProducerWindow {
         &self.producers
-    }
-
-    /// Next partition for round-robin produce.
-    pub fn next_round_robin(&self) -> u32 {
-        self.round_robin
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the dispatcher thread after it made every ack durable, then
@@ -390,6 +429,7 @@ fn run(
             Ok(deliveries) => route(&mut dispatcher, &mut routes, deliveries),
             Err(error) => tracing::error!(%error, "dispatcher poll failed"),
         }
+        answer_fetches(&mut dispatcher, &mut routes);
         telemetry.flush();
     }
     if let Err(error) = dispatcher.checkpoint() {
@@ -397,6 +437,40 @@ fn run(
     }
     telemetry.flush();
     tracing::info!("dispatcher stopped");
+}
+
+/// Answers every waiting FETCH whose member has deliveries now. Runs after
+/// each poll, so a FETCH is woken by what woke the dispatcher (a produce, a
+/// nack, a timer), not by polling.
+fn answer_fetches(dispatcher: &mut Dispatcher, routes: &mut Routes) {
+    if routes.fetches.is_empty() {
+        return;
+    }
+    let members: Vec<MemberId> = routes.fetches.keys().copied().collect();
+    for member in members {
+        let Some(max) = routes.fetches.get(&member).map(|f| f.max) else {
+            continue;
+        };
+        let deliveries = match dispatcher.fetch(member, max) {
+            Ok(deliveries) if deliveries.is_empty() => continue,
+            Ok(deliveries) => deliveries,
+            Err(_) => {
+                // The member is gone: its FETCH ends empty.
+                routes.fetches.remove(&member);
+                continue;
+            }
+        };
+        let Some(fetch) = routes.fetches.remove(&member) else {
+            continue;
+        };
+        if let Err(deliveries) = fetch.reply.send(deliveries) {
+            // The FETCH gave up meanwhile: the messages go back at once.
+            for delivery in deliveries {
+                let _ =
+                    dispatcher.nack(member, delivery.partition, delivery.record.offset, Some(0));
+            }
+        }
+    }
 }
 
 fn route(dispatcher: &mut Dispatcher, routes: &mut Routes, deliveries: Vec<Delivery>) {

@@ -6,8 +6,10 @@
 //! - [`server`]: [`server::run`], the accept loop (bounded connections,
 //!   graceful shutdown).
 //! - `session`: one connection: framing, HELLO, one handler per request.
-//! - [`engine`]: the dispatcher on its own thread, and the produce path
-//!   (appends from every connection share group commits).
+//! - [`engine`]: the dispatcher on its own thread, the topics' handles
+//!   (router and logs), parked FETCHes.
+//! - `produce`: the produce pipeline (route, dedup, append, wait for
+//!   durability, trace, wake), shared by PRODUCE, test messages and resend.
 //! - `convert`: wire types ↔ dispatcher and log types, errors → wire codes.
 //! - [`dedup`]: the idempotent producers' bounded dedup window.
 //! - [`disk_reserve`]: room kept for acks, deletions and metadata when the
@@ -36,6 +38,7 @@ mod convert;
 pub mod dedup;
 pub mod disk_reserve;
 pub mod engine;
+mod produce;
 pub mod registry;
 pub mod server;
 mod session;

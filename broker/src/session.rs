@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dmq_dispatcher::{Delivery, MemberId, TopicConfig};
+use dmq_dispatcher::{Delivery, MemberId};
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{
     self as wire, decode_frame_bytes, encode_frame, frame_len, Body, ErrorCode, ErrorResponse,
@@ -28,15 +28,15 @@ use dmq_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Credentials, Verdict};
 use crate::broker::{Services, SharedRegistry};
 use crate::config::BrokerConfig;
 use crate::convert;
-use crate::engine::{DeliverySink, Engine, ProducerWindow, Queued};
+use crate::engine::{DeliverySink, Engine, Queued, WaitingFetch};
+use crate::produce::{self, Admitted, Origin, ProduceRequest};
 use crate::registry::{Right, TopicStatus};
-use crate::telemetry::ProducedBatch;
 
 /// Read buffer growth step.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -64,7 +64,6 @@ impl From<Frame> for Outbound {
 pub(crate) struct Shared {
     pub(crate) engine: Engine,
     pub(crate) config: Arc<BrokerConfig>,
-    pub(crate) producers: ProducerWindow,
     pub(crate) registry: SharedRegistry,
     pub(crate) credentials: Arc<Credentials>,
     pub(crate) development: bool,
@@ -73,7 +72,6 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(services: Services) -> Shared {
         Shared {
-            producers: Arc::clone(services.engine.producers()),
             development: services.config.development_mode(),
             engine: services.engine,
             config: services.config,
@@ -460,70 +458,6 @@ impl Session {
             Access::Granted { default_ttl_ms, .. } => default_ttl_ms,
             Access::Unregistered => None,
         };
-        let engine = self.shared.engine.clone();
-        let Some((topic_config, logs)) = engine.find_topic(&produce.topic).await else {
-            return Err(ErrorResponse::new(
-                ErrorCode::UnknownTopic,
-                format!("unknown topic {:?}", produce.topic),
-            ));
-        };
-        if produce.records.is_empty() {
-            return Err(ErrorResponse::new(
-                ErrorCode::InvalidRequest,
-                "a produce needs at least one record",
-            ));
-        }
-        if produce.records.iter().any(|record| {
-            record
-                .headers
-                .iter()
-                .any(|h| dmq_dispatcher::names::is_reserved_header(&h.name))
-        }) {
-            return Err(ErrorResponse::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "headers starting with {:?} are reserved for the broker",
-                    dmq_dispatcher::names::DELAY_HEADER_PREFIX
-                ),
-            ));
-        }
-        // One partition per record: keyed records by their key's hash (so a
-        // key always lands in one partition, whatever else shares its
-        // batch), the others together in one partition.
-        let routes = route_records(&engine, &topic_config, &produce)?;
-        let partition = routes[0];
-        let explicit_partition = produce.partition;
-        let dedup_key = produce
-            .idempotence
-            .map(|sequence| (produce.topic.clone(), partition, sequence.producer_id));
-        if let (Some(key), Some(sequence)) = (&dedup_key, produce.idempotence) {
-            let previous = {
-                let window = self
-                    .shared
-                    .producers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                window
-                    .get(key)
-                    .map(|(sequence, response)| (sequence, response.clone()))
-            };
-            if let Some((last, response)) = previous {
-                if sequence.sequence == last {
-                    let response = Response::ProduceOk(response);
-                    self.send(Frame::response(correlation_id, response)).await;
-                    return Ok(());
-                }
-                if sequence.sequence < last {
-                    return Err(ErrorResponse::new(
-                        ErrorCode::OutOfOrderSequence,
-                        format!(
-                            "sequence {} is older than the last one ({last})",
-                            sequence.sequence
-                        ),
-                    ));
-                }
-            }
-        }
         let now = self.clock.now_ms();
         let mut records: Vec<_> = produce
             .records
@@ -538,150 +472,34 @@ impl Session {
                 }
             }
         }
-        let trace = TraceContext {
-            client_id: self.client_id.clone(),
-            peer: self.peer,
-            received_ms: now,
+        let request = ProduceRequest {
+            topic: produce.topic,
+            partition: produce.partition,
+            records,
+            sequence: produce.idempotence.map(|s| (s.producer_id, s.sequence)),
+            origin: Origin {
+                client_id: self.client_id.clone(),
+                peer: self.peer,
+                received_ms: now,
+            },
         };
-        let topic = produce.topic;
-        let outbound = self.outbound.clone();
-        let producers = self.shared.producers.clone();
-        let sequence = produce.idempotence.map(|s| (s.producer_id, s.sequence));
-        if records
-            .iter()
-            .any(|r| r.deliver_at_ms.is_some_and(|due| due > now))
-        {
-            // Delayed records go to the delay store, on the dispatcher thread.
-            let topic_for_job = topic.clone();
-            let topic_for_trace = topic.clone();
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let result = engine
-                    .call(move |dispatcher, _| {
-                        dispatcher.produce(&topic_for_job, explicit_partition, records)
-                    })
+        match produce::admit(&self.shared.engine, request).await? {
+            Admitted::Answered(answer) => {
+                self.send(Frame::response(correlation_id, Response::ProduceOk(answer)))
                     .await;
-                if let Ok(Ok(produced)) = &result {
-                    let ids = produced.iter().map(|p| p.id).collect();
-                    trace.record(&engine, &topic_for_trace, partition, None, ids);
-                }
-                let response = match result {
-                    Ok(Ok(produced)) => Ok(wire::ProduceOk {
-                        records: produced
-                            .into_iter()
-                            .map(|p| wire::ProducedRecord {
-                                partition: p.partition,
-                                offset: p.offset,
-                                message_id: convert::message_id(p.id),
-                                deliver_at_ms: p.delayed_until_ms,
-                            })
-                            .collect(),
-                    }),
-                    Ok(Err(error)) => Err(convert::dispatch_error(&error)),
-                    Err(error) => Err(convert::engine_error(&error)),
-                };
-                finish_produce(
-                    correlation_id,
-                    response,
-                    &outbound,
-                    &producers,
-                    dedup_key,
-                    sequence,
-                )
-                .await;
-                drop(permit);
-            });
-            return Ok(());
-        }
-        let (producer_id, producer_seq) = sequence.unwrap_or((0, 0));
-        // Records split by partition, each part in its records' order.
-        let mut parts: Vec<(u32, Vec<usize>, Vec<dmq_log_store::RecordInput>)> = Vec::new();
-        for (index, (record, route)) in records.into_iter().zip(&routes).enumerate() {
-            match parts.iter_mut().find(|(p, _, _)| p == route) {
-                Some((_, indexes, part)) => {
-                    indexes.push(index);
-                    part.push(record);
-                }
-                None => parts.push((*route, vec![index], vec![record])),
+            }
+            Admitted::Pending(pending) => {
+                let outbound = self.outbound.clone();
+                tokio::spawn(async move {
+                    let frame = match pending.answer().await {
+                        Ok(answer) => Frame::response(correlation_id, Response::ProduceOk(answer)),
+                        Err(error) => error_frame(correlation_id, error),
+                    };
+                    let _ = outbound.send(frame.into()).await;
+                    drop(permit);
+                });
             }
         }
-        let total = routes.len();
-        // The writes themselves are short (the writer lock and a pwrite);
-        // doing them here keeps a connection's appends in request order.
-        let appended = tokio::task::block_in_place(|| {
-            parts
-                .into_iter()
-                .map(|(partition, indexes, part)| {
-                    let log = logs[partition as usize].clone();
-                    log.append_deferred(producer_id, producer_seq, part)
-                        .map(|info| (partition, indexes, log, info))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .map_err(|error| convert::store_error(&error))?;
-        tokio::spawn(async move {
-            // No fsync to wait for (policy `Never` or `Interval`): no hop
-            // to the blocking pool.
-            let waits: Vec<_> = appended
-                .iter()
-                .map(|(_, _, log, info)| (log.clone(), info.clone()))
-                .collect();
-            let durable = if waits.iter().all(|(log, _)| log.durable_on_append()) {
-                Ok(waits
-                    .iter()
-                    .try_for_each(|(log, info)| log.wait_durable(info)))
-            } else {
-                tokio::task::spawn_blocking(move || {
-                    waits
-                        .iter()
-                        .try_for_each(|(log, info)| log.wait_durable(info))
-                })
-                .await
-            };
-            let response = match durable {
-                Ok(Ok(())) => {
-                    let mut produced = vec![None; total];
-                    for (partition, indexes, _, info) in &appended {
-                        // Traced before the dispatcher hears of it: `stored`
-                        // precedes `delivered`.
-                        trace.record(
-                            &engine,
-                            &topic,
-                            *partition,
-                            Some(info.base_offset),
-                            info.ids.clone(),
-                        );
-                        for (i, (index, id)) in indexes.iter().zip(&info.ids).enumerate() {
-                            produced[*index] = Some(wire::ProducedRecord {
-                                partition: *partition,
-                                offset: Some(info.base_offset + i as u64),
-                                message_id: convert::message_id(*id),
-                                deliver_at_ms: None,
-                            });
-                        }
-                    }
-                    engine.wake();
-                    Ok(wire::ProduceOk {
-                        records: produced.into_iter().flatten().collect(),
-                    })
-                }
-                Ok(Err(error)) => Err(convert::store_error(&error)),
-                Err(_) => Err(ErrorResponse::new(
-                    ErrorCode::InternalError,
-                    "the append task failed",
-                )),
-            };
-            finish_produce(
-                correlation_id,
-                response,
-                &outbound,
-                &producers,
-                dedup_key,
-                sequence,
-            )
-            .await;
-            drop(permit);
-        });
         Ok(())
     }
 
@@ -830,20 +648,42 @@ impl Session {
 
     async fn fetch(&mut self, fetch: wire::Fetch) -> Result<Response, ErrorResponse> {
         self.owned(fetch.subscription_id)?;
+        let member = fetch.subscription_id;
         let max = fetch.max_messages.min(self.shared.config.max_credit);
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(u64::from(fetch.max_wait_ms.min(60_000)));
-        loop {
-            let deliveries = self
-                .run(move |dispatcher, _| dispatcher.fetch(fetch.subscription_id, max))
-                .await?;
-            if !deliveries.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(Response::Deliveries(wire::Deliveries {
-                    deliveries: deliveries.into_iter().map(convert::delivery).collect(),
-                }));
+        let wait = Duration::from_millis(u64::from(fetch.max_wait_ms.min(60_000)));
+        let (reply, mut answer) = oneshot::channel();
+        // Fetched now, or parked on the dispatcher thread until the member
+        // has something (woken by whatever woke the dispatcher).
+        let now = self
+            .run(move |dispatcher, routes| {
+                let deliveries = dispatcher.fetch(member, max)?;
+                if deliveries.is_empty() && !wait.is_zero() {
+                    routes.wait_fetch(member, WaitingFetch { max, reply });
+                }
+                Ok(deliveries)
+            })
+            .await?;
+        let deliveries = if !now.is_empty() || wait.is_zero() {
+            now
+        } else {
+            match tokio::time::timeout(wait, &mut answer).await {
+                Ok(Ok(deliveries)) => deliveries,
+                // Replaced or the member left: nothing for this FETCH.
+                Ok(Err(_)) => Vec::new(),
+                Err(_) => {
+                    let _ = self
+                        .shared
+                        .engine
+                        .call(move |_, routes| routes.cancel_fetch(member))
+                        .await;
+                    // Answered just before the cancel: those are ours.
+                    answer.try_recv().unwrap_or_default()
+                }
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        };
+        Ok(Response::Deliveries(wire::Deliveries {
+            deliveries: deliveries.into_iter().map(convert::delivery).collect(),
+        }))
     }
 
     async fn ack(&mut self, ack: wire::Ack) -> Result<Response, ErrorResponse> {
@@ -1036,7 +876,7 @@ impl Session {
                     self.authorize(&describe.name, Right::Produce).await?;
                 }
                 let found = self.shared.engine.find_topic(&describe.name).await;
-                let (config, logs) = found.ok_or_else(|| {
+                let crate::engine::TopicHandle { config, logs, .. } = found.ok_or_else(|| {
                     ErrorResponse::new(
                         ErrorCode::UnknownTopic,
                         format!("unknown topic {:?}", describe.name),
@@ -1217,89 +1057,6 @@ impl Session {
             )),
         }
     }
-}
-
-/// Who produced a batch, for its trace.
-struct TraceContext {
-    client_id: String,
-    peer: SocketAddr,
-    received_ms: i64,
-}
-
-impl TraceContext {
-    fn record(
-        &self,
-        engine: &Engine,
-        topic: &str,
-        partition: u32,
-        base_offset: Option<u64>,
-        ids: Vec<dmq_log_store::MessageId>,
-    ) {
-        engine.telemetry().produced(ProducedBatch {
-            topic: topic.to_string(),
-            partition,
-            base_offset,
-            ids,
-            client_id: self.client_id.clone(),
-            peer: self.peer,
-            received_ms: self.received_ms,
-            stored_ms: SystemClock.now_ms(),
-        });
-    }
-}
-
-async fn finish_produce(
-    correlation_id: u32,
-    response: Result<wire::ProduceOk, ErrorResponse>,
-    outbound: &mpsc::Sender<Outbound>,
-    producers: &ProducerWindow,
-    dedup_key: Option<(String, u32, u64)>,
-    sequence: Option<(u64, u64)>,
-) {
-    if let (Ok(ok), Some(key), Some((_, sequence))) = (&response, dedup_key, sequence) {
-        producers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, sequence, ok.clone());
-    }
-    let frame = match response {
-        Ok(ok) => Frame::response(correlation_id, Response::ProduceOk(ok)),
-        Err(error) => error_frame(correlation_id, error),
-    };
-    let _ = outbound.send(frame.into()).await;
-}
-
-/// The partition of each record of `produce`: the explicit one; else a
-/// keyed record's key hash; else one round-robin partition for every
-/// unkeyed record of the batch.
-fn route_records(
-    engine: &Engine,
-    config: &TopicConfig,
-    produce: &wire::Produce,
-) -> Result<Vec<u32>, ErrorResponse> {
-    if let Some(partition) = produce.partition {
-        if partition >= config.partitions {
-            return Err(ErrorResponse::new(
-                ErrorCode::UnknownPartition,
-                format!(
-                    "topic {:?} has {} partitions, not {partition}",
-                    produce.topic, config.partitions
-                ),
-            ));
-        }
-        return Ok(vec![partition; produce.records.len()]);
-    }
-    let partitions = u64::from(config.partitions.max(1));
-    let mut unkeyed = None;
-    Ok(produce
-        .records
-        .iter()
-        .map(|record| match &record.key {
-            Some(key) => (dmq_log_store::key_hash(key) % partitions) as u32,
-            None => *unkeyed
-                .get_or_insert_with(|| (u64::from(engine.next_round_robin()) % partitions) as u32),
-        })
-        .collect())
 }
 
 /// The first group setting SUBSCRIBE gives (`settings`, converted into

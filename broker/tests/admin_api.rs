@@ -295,6 +295,30 @@ async fn test_message_dead_letters_resend_and_metrics() {
         );
         let list = api.ok("/api/dlq");
         assert_eq!(list[0]["messages"], 0, "{list}");
+        // A resend is a produce like any other: traced (who, where) and
+        // counted. It used to bypass the produce path and leave no trace.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let trace = api.ok(&format!("/api/trace/{id2}"));
+            let produced: Vec<&serde_json::Value> = trace["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["kind"] == "produced")
+                .collect();
+            if produced.len() == 2 {
+                assert!(
+                    produced.iter().all(|e| e["topic"] == topic),
+                    "the test message and its resent copy, both on the source topic: {trace}"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resend left no `produced` trace: {trace}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let metrics = api.get("/metrics");
         assert_eq!(metrics.0, 200);
         let text = metrics.1.as_str().unwrap().to_string();

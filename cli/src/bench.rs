@@ -74,6 +74,11 @@ pub struct BenchArgs {
     /// Consumer credit window.
     #[arg(long, default_value_t = 5000)]
     pub credit: u32,
+    /// Every message is delayed to one instant this long after the bench
+    /// starts (e.g. 60s): a burst of delays falling due together. The
+    /// produce→deliver latency is then measured from that instant.
+    #[arg(long, value_parser = parse_duration)]
+    pub due_in: Option<Duration>,
     /// Consumers give up after this long without a message once producers are done.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -170,6 +175,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
 
     let payload = Bytes::from(vec![b'x'; args.size]);
     let started = Instant::now();
+    let due = args.due_in.map(|due_in| SystemTime::now() + due_in);
     let deadline = args.duration.map(|duration| started + duration);
     let mut producers = Vec::new();
     for index in 0..args.producers {
@@ -194,6 +200,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
             deadline,
             interval,
             args.window.max(1),
+            due,
             Arc::clone(&counters),
         )));
     }
@@ -327,8 +334,14 @@ async fn produce(
     deadline: Option<Instant>,
     interval: Option<Duration>,
     window: usize,
+    due: Option<SystemTime>,
     counters: Arc<Counters>,
 ) -> Result<Histogram<u64>> {
+    // Delayed to `due`: latency to delivery counts from the due time.
+    let due_ns = due.map(|due| {
+        due.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    });
     let mut latency = histogram()?;
     // Sends in the order they were made, with their start times. One
     // producer's sends complete in order (its batches are answered in
@@ -360,10 +373,13 @@ async fn produce(
                 tokio::time::sleep_until(next_at).await;
             }
         }
-        let message = Message::new(topic.as_str(), payload.clone()).header(
+        let mut message = Message::new(topic.as_str(), payload.clone()).header(
             SEND_TIME_HEADER,
-            Bytes::copy_from_slice(&now_ns().to_le_bytes()),
+            Bytes::copy_from_slice(&due_ns.unwrap_or_else(now_ns).to_le_bytes()),
         );
+        if let Some(due) = due {
+            message = message.deliver_at(due);
+        }
         in_flight.push_back((Instant::now(), producer.send(message)));
         sent += 1;
         // Wait for room before the next send: with fewer than `window`

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use super::observe::parse_id;
 use super::{blocking, parse_json, query_map, query_param, shown, ApiError, ApiResult};
 use crate::broker::{now_ms, Services};
-use crate::telemetry::ProducedBatch;
 
 pub(super) fn routes() -> Router<Services> {
     Router::new()
@@ -178,7 +177,7 @@ async fn topic_logs(services: &Services, topic: &str) -> ApiResult<Vec<Arc<dyn P
         .engine
         .find_topic(topic)
         .await
-        .map(|(_, logs)| logs)
+        .map(|handle| handle.logs)
         .ok_or_else(|| ApiError::not_found(format!("unknown topic {}", shown(topic))))
 }
 
@@ -674,31 +673,31 @@ async fn test_message(
         .delay_ms
         .map(|delay| deliver_at(now, delay))
         .transpose()?;
-    let name = topic.clone();
-    let produced = services
-        .engine
-        .call(move |dispatcher, _| dispatcher.produce(&name, None, vec![record]))
-        .await??;
-    services.engine.wake();
-    let produced = produced
+    let answer = crate::produce::produce(
+        &services.engine,
+        crate::produce::ProduceRequest {
+            topic: topic.clone(),
+            partition: None,
+            records: vec![record],
+            sequence: None,
+            origin: crate::produce::Origin {
+                client_id: "admin".to_string(),
+                peer,
+                received_ms: now,
+            },
+        },
+    )
+    .await?;
+    let produced = answer
+        .records
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::internal("the produce returned no record"))?;
-    services.engine.telemetry().produced(ProducedBatch {
-        topic: topic.clone(),
-        partition: produced.partition,
-        base_offset: produced.offset,
-        ids: vec![produced.id],
-        client_id: "admin".to_string(),
-        peer,
-        received_ms: now,
-        stored_ms: now_ms(),
-    });
     Ok(Json(serde_json::json!({
         "partition": produced.partition,
         "offset": produced.offset,
-        "message_id": produced.id.to_string(),
-        "deliver_at_ms": produced.delayed_until_ms,
+        "message_id": MessageId(produced.message_id.0).to_string(),
+        "deliver_at_ms": produced.deliver_at_ms,
     })))
 }
 
@@ -733,7 +732,7 @@ async fn dead_letters(State(services): State<Services>) -> ApiResult<Json<Vec<De
     let mut views = Vec::with_capacity(topics.len());
     for dlq in topics {
         let messages = match services.engine.find_topic(&dlq.topic).await {
-            Some((_, logs)) => live_messages(&services, &dlq.topic, logs).await?,
+            Some(handle) => live_messages(&services, &dlq.topic, handle.logs).await?,
             None => 0,
         };
         views.push(DeadLetterView {
@@ -776,11 +775,15 @@ struct Resend {
     message_ids: Option<Vec<String>>,
 }
 
+/// Dead letters resent in one produce (one append per partition).
+const RESEND_BATCH: usize = 1_000;
+
 /// Headers the dispatcher adds when it dead-letters a message.
 const DEAD_LETTER_HEADER_PREFIX: &[u8] = b"dmq.dlq.";
 
 async fn resend(
     State(services): State<Services>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path(dlq): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
@@ -829,46 +832,79 @@ async fn resend(
         Ok(records)
     })
     .await?;
-    let resent = services
+    // Dead letters already deleted (resent before) are skipped.
+    let records = services
         .engine
-        .call(move |dispatcher, _| {
-            let mut resent = 0u64;
-            for (partition, record) in records {
-                if dispatcher.is_deleted(&dlq, partition, &record) {
-                    continue;
-                }
-                let input = RecordInput {
-                    id: Some(record.id),
-                    key: record.key.clone(),
-                    headers: record
-                        .headers
-                        .iter()
-                        .filter(|(name, _)| !name.starts_with(DEAD_LETTER_HEADER_PREFIX))
-                        .cloned()
-                        .collect(),
-                    value: record.value.clone(),
-                    deliver_at_ms: None,
-                    expire_at_ms: None,
-                };
-                // Produced durably first, then deleted from the dead-letter
-                // topic: a crash between resends it twice, never loses it.
-                dispatcher.produce(&source, None, vec![input])?;
-                // By offset, not by id: if the message fails again, its
-                // new dead letter (same id) must stay visible.
-                dispatcher.delete(
-                    &dlq,
-                    Tombstone::OffsetRange {
-                        partition,
-                        start: record.offset,
-                        end: record.offset + 1,
-                    },
-                )?;
-                resent += 1;
+        .call({
+            let dlq = dlq.clone();
+            move |dispatcher, _| {
+                records
+                    .into_iter()
+                    .filter(|(partition, record)| !dispatcher.is_deleted(&dlq, *partition, record))
+                    .collect::<Vec<_>>()
             }
-            Ok::<u64, dmq_dispatcher::DispatchError>(resent)
         })
-        .await??;
-    services.engine.wake();
+        .await?;
+    let mut resent = 0u64;
+    for chunk in records.chunks(RESEND_BATCH) {
+        let inputs = chunk
+            .iter()
+            .map(|(_, record)| RecordInput {
+                // The same id: a message keeps its id for its whole life,
+                // so a consumer that deduplicates by id still can.
+                id: Some(record.id),
+                key: record.key.clone(),
+                headers: record
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| !name.starts_with(DEAD_LETTER_HEADER_PREFIX))
+                    .cloned()
+                    .collect(),
+                value: record.value.clone(),
+                deliver_at_ms: None,
+                expire_at_ms: None,
+            })
+            .collect();
+        // Produced durably first (the produce pipeline: routed, traced,
+        // counted), then deleted from the dead-letter topic: a crash
+        // between resends them twice, never loses one.
+        crate::produce::produce(
+            &services.engine,
+            crate::produce::ProduceRequest {
+                topic: source.clone(),
+                partition: None,
+                records: inputs,
+                sequence: None,
+                origin: crate::produce::Origin {
+                    client_id: "admin".to_string(),
+                    peer,
+                    received_ms: now_ms(),
+                },
+            },
+        )
+        .await?;
+        let offsets: Vec<(u32, u64)> = chunk.iter().map(|(p, r)| (*p, r.offset)).collect();
+        let dlq = dlq.clone();
+        services
+            .engine
+            .call(move |dispatcher, _| {
+                for (partition, offset) in offsets {
+                    // By offset, not by id: if the message fails again,
+                    // its new dead letter (same id) must stay visible.
+                    dispatcher.delete(
+                        &dlq,
+                        Tombstone::OffsetRange {
+                            partition,
+                            start: offset,
+                            end: offset + 1,
+                        },
+                    )?;
+                }
+                Ok::<(), dmq_dispatcher::DispatchError>(())
+            })
+            .await??;
+        resent += chunk.len() as u64;
+    }
     Ok(Json(serde_json::json!({ "resent": resent })))
 }
 

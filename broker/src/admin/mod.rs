@@ -99,6 +99,8 @@ impl ApiError {
             StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
             StatusCode::INSUFFICIENT_STORAGE => "disk_full",
+            StatusCode::SERVICE_UNAVAILABLE => "shutting_down",
+            StatusCode::GATEWAY_TIMEOUT => "timeout",
             _ => "internal",
         }
     }
@@ -119,9 +121,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<dmq_protocol::ErrorResponse> for ApiError {
+    fn from(error: dmq_protocol::ErrorResponse) -> ApiError {
+        ApiError::new(crate::convert::http_status(error.code), error.message)
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> ApiError {
-        dispatch_error(error.to_string(), &error)
+        match &error {
+            // Not a wire condition of its own: the topic or group exists
+            // but cannot be used until it is deleted.
+            EngineError::Dispatch(dmq_dispatcher::DispatchError::Quarantined { .. }) => {
+                ApiError::conflict(error.to_string())
+            }
+            _ => ApiError::new(
+                crate::convert::http_status(crate::convert::engine_error(&error).code),
+                error.to_string(),
+            ),
+        }
     }
 }
 
@@ -139,29 +157,6 @@ impl From<crate::registry::RegistryError> for ApiError {
             RegistryError::Unknown(_) => ApiError::not_found(error.to_string()),
             _ => ApiError::internal(error.to_string()),
         }
-    }
-}
-
-fn dispatch_error(message: String, error: &EngineError) -> ApiError {
-    use dmq_dispatcher::DispatchError as D;
-    match error {
-        EngineError::Dispatch(D::UnknownTopic(_) | D::UnknownGroup { .. }) => {
-            ApiError::not_found(message)
-        }
-        EngineError::Dispatch(
-            D::UnknownPartition { .. }
-            | D::InvalidName(_)
-            | D::InvalidArgument(_)
-            | D::NotDelivered { .. },
-        ) => ApiError::bad_request(message),
-        EngineError::Dispatch(D::TopicConflict(_) | D::Quarantined { .. }) => {
-            ApiError::conflict(message)
-        }
-        EngineError::Dispatch(D::Store(
-            dmq_dispatcher::StoreError::NoRoom { .. }
-            | dmq_dispatcher::StoreError::Log(dmq_log_store::LogError::DiskFull { .. }),
-        )) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message),
-        _ => ApiError::internal(message),
     }
 }
 
@@ -434,7 +429,7 @@ pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch:
             .filter_map(|topic| topic.retention_hours.map(|hours| (topic.name, hours)))
             .collect();
         for (name, hours) in topics {
-            let Some((_, logs)) = services.engine.topic(&name) else {
+            let Some(crate::engine::TopicHandle { logs, .. }) = services.engine.topic(&name) else {
                 continue;
             };
             let max_age_ms = hours.saturating_mul(3_600_000);

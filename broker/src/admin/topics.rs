@@ -280,7 +280,8 @@ async fn describe(
         .unwrap_or_else(|p| p.into_inner())
         .get(&topic)
         .cloned();
-    let Some((_, logs)) = services.engine.find_topic(&topic).await else {
+    let Some(crate::engine::TopicHandle { logs, .. }) = services.engine.find_topic(&topic).await
+    else {
         return Err(ApiError::not_found(format!(
             "unknown topic {}",
             shown(&topic)

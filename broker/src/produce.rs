@@ -1,0 +1,312 @@
+//! The produce pipeline: the one way records from outside the dispatcher
+//! enter a topic (a client's PRODUCE, the admin test message, a dead-letter
+//! resend).
+//!
+//! route (the topic's [`Router`](dmq_dispatcher::Router)) → dedup (the
+//! idempotent producers' window) → append in request order → wait for
+//! durability → trace, wake the dispatcher, answer.
+//!
+//! [`admit`] does the steps that must follow request order (route, dedup,
+//! append) in the caller's task; the returned [`Pending`] does the rest, so
+//! a connection may pipeline PRODUCEs while earlier ones wait for their
+//! fsync, and appends from every connection share group commits. Immediate
+//! records are appended here; delayed ones (deliver-at in the future) go to
+//! the dispatcher's delay store.
+//!
+//! Invariants:
+//! - nothing is answered before the fsync policy is met for every record of
+//!   the batch;
+//! - every path routes by the topic's one router (one round-robin counter
+//!   per topic);
+//! - a batch's `produced`/`stored` trace is recorded before the dispatcher
+//!   is woken, so a trace never shows `delivered` before `stored`;
+//! - the answer lists the records in request order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use dmq_dispatcher::{names, PartitionLog};
+use dmq_log_store::{AppendInfo, Clock, MessageId, RecordInput, SystemClock};
+use dmq_protocol::{ErrorCode, ErrorResponse, ProduceOk, ProducedRecord};
+use std::sync::Arc;
+
+use crate::convert;
+use crate::engine::Engine;
+use crate::telemetry::ProducedBatch;
+
+/// One batch of records for one topic.
+pub(crate) struct ProduceRequest {
+    pub(crate) topic: String,
+    /// An explicit partition for every record, or `None` to route.
+    pub(crate) partition: Option<u32>,
+    pub(crate) records: Vec<RecordInput>,
+    /// An idempotent producer's (producer id, sequence).
+    pub(crate) sequence: Option<(u64, u64)>,
+    pub(crate) origin: Origin,
+}
+
+/// Who produced a batch, for its trace.
+#[derive(Clone)]
+pub(crate) struct Origin {
+    pub(crate) client_id: String,
+    pub(crate) peer: SocketAddr,
+    pub(crate) received_ms: i64,
+}
+
+/// A batch past the ordered steps.
+pub(crate) enum Admitted {
+    /// A retried batch of an idempotent producer: its original answer.
+    Answered(ProduceOk),
+    /// Appended (delayed records not yet scheduled): await the answer.
+    Pending(Pending),
+}
+
+type Answer = Result<ProduceOk, ErrorResponse>;
+
+/// The rest of a batch's way: durability, the delay store, trace, answer.
+pub(crate) struct Pending(Pin<Box<dyn Future<Output = Answer> + Send>>);
+
+impl Pending {
+    /// The batch's answer, once every record is durable (or scheduled).
+    pub(crate) async fn answer(self) -> Answer {
+        self.0.await
+    }
+}
+
+/// Routes, deduplicates and appends `request` (see the module doc).
+pub(crate) async fn admit(
+    engine: &Engine,
+    request: ProduceRequest,
+) -> Result<Admitted, ErrorResponse> {
+    let ProduceRequest {
+        topic,
+        partition,
+        records,
+        sequence,
+        origin,
+    } = request;
+    let Some(handle) = engine.find_topic(&topic).await else {
+        return Err(ErrorResponse::new(
+            ErrorCode::UnknownTopic,
+            format!("unknown topic {}", names::shown(&topic)),
+        ));
+    };
+    if records.is_empty() {
+        return Err(ErrorResponse::new(
+            ErrorCode::InvalidRequest,
+            "a produce needs at least one record",
+        ));
+    }
+    if records.iter().any(|record| {
+        record
+            .headers
+            .iter()
+            .any(|(name, _)| names::is_reserved_header(name))
+    }) {
+        return Err(ErrorResponse::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "headers starting with {:?} are reserved for the broker",
+                names::DELAY_HEADER_PREFIX
+            ),
+        ));
+    }
+    let routes = handle
+        .router
+        .route(partition, records.iter().map(|r| r.key.as_deref()))
+        .map_err(|e| {
+            ErrorResponse::new(
+                ErrorCode::UnknownPartition,
+                format!("topic {}: {e}", names::shown(&topic)),
+            )
+        })?;
+    if let Some((producer, sequence)) = sequence {
+        let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((last, answer)) = window.get(&(topic.clone(), producer)) {
+            if sequence == last {
+                return Ok(Admitted::Answered(answer.clone()));
+            }
+            if sequence < last {
+                return Err(ErrorResponse::new(
+                    ErrorCode::OutOfOrderSequence,
+                    format!("sequence {sequence} is older than the last one ({last})"),
+                ));
+            }
+        }
+    }
+    let now = SystemClock.now_ms();
+    let total = records.len();
+    // Immediate records split by partition, each part in request order;
+    // delayed ones with their place in the answer.
+    let mut parts: Vec<(u32, Vec<usize>, Vec<RecordInput>)> = Vec::new();
+    let mut delayed: Vec<(usize, u32, RecordInput)> = Vec::new();
+    for (index, (record, route)) in records.into_iter().zip(routes).enumerate() {
+        if record.deliver_at_ms.is_some_and(|due| due > now) {
+            delayed.push((index, route, record));
+            continue;
+        }
+        match parts.iter_mut().find(|(p, _, _)| *p == route) {
+            Some((_, indexes, part)) => {
+                indexes.push(index);
+                part.push(record);
+            }
+            None => parts.push((route, vec![index], vec![record])),
+        }
+    }
+    let (producer_id, producer_seq) = sequence.unwrap_or((0, 0));
+    // The writes themselves are short (the writer lock and a pwrite);
+    // doing them in the caller's task keeps its appends in request order.
+    let appended = blocking_in_place(|| {
+        parts
+            .into_iter()
+            .map(|(partition, indexes, part)| {
+                let log = Arc::clone(&handle.logs[partition as usize]);
+                log.append_deferred(producer_id, producer_seq, part)
+                    .map(|info| (partition, indexes, log, info))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(|error| convert::store_error(&error))?;
+    let engine = engine.clone();
+    Ok(Admitted::Pending(Pending(Box::pin(async move {
+        let answer = finish(&engine, &topic, total, appended, delayed, &origin).await;
+        if let (Ok(answer), Some((producer, sequence))) = (&answer, sequence) {
+            engine
+                .producers()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((topic, producer), sequence, answer.clone());
+        }
+        answer
+    }))))
+}
+
+/// Routes, deduplicates, appends and waits: [`admit`] and
+/// [`Pending::answer`] in one call, for callers that produce one batch at
+/// a time (the admin API).
+pub(crate) async fn produce(engine: &Engine, request: ProduceRequest) -> Answer {
+    match admit(engine, request).await? {
+        Admitted::Answered(answer) => Ok(answer),
+        Admitted::Pending(pending) => pending.answer().await,
+    }
+}
+
+type Appended = Vec<(u32, Vec<usize>, Arc<dyn PartitionLog>, AppendInfo)>;
+
+async fn finish(
+    engine: &Engine,
+    topic: &str,
+    total: usize,
+    appended: Appended,
+    delayed: Vec<(usize, u32, RecordInput)>,
+    origin: &Origin,
+) -> Answer {
+    let waits: Vec<_> = appended
+        .iter()
+        .map(|(_, _, log, info)| (Arc::clone(log), info.clone()))
+        .collect();
+    // No fsync to wait for (policy `Never` or `Interval`): no hop to the
+    // blocking pool.
+    let durable = if waits.iter().all(|(log, _)| log.durable_on_append()) {
+        waits
+            .iter()
+            .try_for_each(|(log, info)| log.wait_durable(info))
+    } else {
+        tokio::task::spawn_blocking(move || {
+            waits
+                .iter()
+                .try_for_each(|(log, info)| log.wait_durable(info))
+        })
+        .await
+        .map_err(|_| ErrorResponse::new(ErrorCode::InternalError, "the durability wait failed"))?
+    };
+    durable.map_err(|error| convert::store_error(&error))?;
+    let mut answer: Vec<Option<ProducedRecord>> = vec![None; total];
+    for (partition, indexes, _, info) in &appended {
+        // Traced before the dispatcher hears of it: `stored` precedes
+        // `delivered`.
+        trace(
+            engine,
+            topic,
+            *partition,
+            Some(info.base_offset),
+            info.ids.clone(),
+            origin,
+        );
+        for (i, (index, id)) in indexes.iter().zip(&info.ids).enumerate() {
+            answer[*index] = Some(ProducedRecord {
+                partition: *partition,
+                offset: Some(info.base_offset + i as u64),
+                message_id: convert::message_id(*id),
+                deliver_at_ms: None,
+            });
+        }
+    }
+    if !appended.is_empty() {
+        engine.wake();
+    }
+    if !delayed.is_empty() {
+        let (indexes, routed): (Vec<usize>, Vec<(u32, RecordInput)>) = delayed
+            .into_iter()
+            .map(|(index, partition, record)| (index, (partition, record)))
+            .unzip();
+        let name = topic.to_string();
+        let scheduled = engine
+            .call(move |dispatcher, _| dispatcher.produce_routed(&name, routed))
+            .await
+            .map_err(|error| convert::engine_error(&error))?
+            .map_err(|error| convert::dispatch_error(&error))?;
+        let mut by_partition: Vec<(u32, Vec<MessageId>)> = Vec::new();
+        for (index, produced) in indexes.into_iter().zip(scheduled) {
+            match by_partition
+                .iter_mut()
+                .find(|(p, _)| *p == produced.partition)
+            {
+                Some((_, ids)) => ids.push(produced.id),
+                None => by_partition.push((produced.partition, vec![produced.id])),
+            }
+            answer[index] = Some(ProducedRecord {
+                partition: produced.partition,
+                offset: produced.offset,
+                message_id: convert::message_id(produced.id),
+                deliver_at_ms: produced.delayed_until_ms,
+            });
+        }
+        for (partition, ids) in by_partition {
+            trace(engine, topic, partition, None, ids, origin);
+        }
+    }
+    Ok(ProduceOk {
+        records: answer.into_iter().flatten().collect(),
+    })
+}
+
+fn trace(
+    engine: &Engine,
+    topic: &str,
+    partition: u32,
+    base_offset: Option<u64>,
+    ids: Vec<MessageId>,
+    origin: &Origin,
+) {
+    engine.telemetry().produced(ProducedBatch {
+        topic: topic.to_string(),
+        partition,
+        base_offset,
+        ids,
+        client_id: origin.client_id.clone(),
+        peer: origin.peer,
+        received_ms: origin.received_ms,
+        stored_ms: SystemClock.now_ms(),
+    });
+}
+
+/// Runs a short blocking step on this task's thread, telling a
+/// multi-threaded runtime to move its other tasks away meanwhile.
+fn blocking_in_place<T>(step: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(step),
+        _ => step(),
+    }
+}
