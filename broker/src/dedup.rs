@@ -4,30 +4,116 @@
 //! partition: a retried batch of unkeyed records may be routed to another
 //! partition (round robin), and must still be found.
 //!
-//! Invariants: the window holds at most `max_entries` producers and about
-//! `max_bytes` of answers (an answer is counted at 32 bytes per record plus
-//! its key); past either bound the producer that was stored longest ago is
-//! forgotten first. A producer forgotten by the window (or by a restart
+//! Answers are stored compactly ([`CompactAnswer`]): a run of records with
+//! consecutive offsets and ids in one partition (what one append of a batch
+//! gives) is one run (56 bytes), whatever its length.
+//!
+//! Invariants: the window holds at most `max_entries` producers and at most
+//! `max_bytes` of entries, each counted at its real size (its runs, its key
+//! and a fixed overhead for the map and order slots); past either bound the
+//! producer that was stored longest ago is forgotten first. A producer forgotten by the window (or by a restart
 //! beyond the rebuild range) that retries its last batch gets it stored
 //! again: at least once, never lost. Producer ids are random per client
 //! producer, so without a bound the window would grow with uptime.
 
 use std::collections::{HashMap, VecDeque};
 
-use dmq_protocol::ProduceOk;
+use dmq_protocol::{MessageId, ProduceOk, ProducedRecord};
 
 /// (topic, producer id).
 pub type DedupKey = (String, u64);
 
-/// Bytes counted per record of a remembered answer.
-const RECORD_BYTES: usize = 32;
-/// Bytes counted per entry besides its records and topic name.
-const ENTRY_BYTES: usize = 96;
+/// Bytes counted per entry besides its runs and topic name: the entry, its
+/// map slot, its order slot and the key's string header.
+const ENTRY_BYTES: usize = std::mem::size_of::<Entry>()
+    + std::mem::size_of::<DedupKey>() * 2
+    + std::mem::size_of::<u64>() * 2;
+
+/// Records of an answer that follow each other: partition `partition`,
+/// offsets `first_offset + k` (or all delayed), ids `first_id + k` (same
+/// time prefix, unique part counting up), one deliver-at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    partition: u32,
+    count: u32,
+    first_offset: Option<u64>,
+    deliver_at_ms: Option<i64>,
+    first_id: [u8; 16],
+}
+
+/// A PRODUCE answer as runs of consecutive records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactAnswer(Box<[Run]>);
+
+fn id_plus(id: &[u8; 16], k: u32) -> Option<[u8; 16]> {
+    let mut unique = [0u8; 8];
+    unique.copy_from_slice(&id[8..]);
+    let unique = u64::from_be_bytes(unique).checked_add(u64::from(k))?;
+    let mut next = *id;
+    next[8..].copy_from_slice(&unique.to_be_bytes());
+    Some(next)
+}
+
+impl CompactAnswer {
+    /// The runs of `answer`.
+    pub fn of(answer: &ProduceOk) -> CompactAnswer {
+        let mut runs: Vec<Run> = Vec::new();
+        for record in &answer.records {
+            if let Some(run) = runs.last_mut() {
+                let follows = run.partition == record.partition
+                    && run.deliver_at_ms == record.deliver_at_ms
+                    && run.count < u32::MAX
+                    && match (run.first_offset, record.offset) {
+                        (Some(first), Some(offset)) => {
+                            first.checked_add(u64::from(run.count)) == Some(offset)
+                        }
+                        (None, None) => true,
+                        _ => false,
+                    }
+                    && id_plus(&run.first_id, run.count) == Some(record.message_id.0);
+                if follows {
+                    run.count += 1;
+                    continue;
+                }
+            }
+            runs.push(Run {
+                partition: record.partition,
+                count: 1,
+                first_offset: record.offset,
+                deliver_at_ms: record.deliver_at_ms,
+                first_id: record.message_id.0,
+            });
+        }
+        CompactAnswer(runs.into_boxed_slice())
+    }
+
+    /// The answer again, record by record.
+    pub fn expand(&self) -> ProduceOk {
+        let mut records = Vec::with_capacity(self.0.iter().map(|r| r.count as usize).sum());
+        for run in self.0.iter() {
+            for k in 0..run.count {
+                records.push(ProducedRecord {
+                    partition: run.partition,
+                    offset: run.first_offset.map(|first| first + u64::from(k)),
+                    // `of` only extends a run while the ids count up.
+                    message_id: MessageId(id_plus(&run.first_id, k).unwrap_or(run.first_id)),
+                    deliver_at_ms: run.deliver_at_ms,
+                });
+            }
+        }
+        ProduceOk { records }
+    }
+
+    /// Heap bytes of the runs.
+    fn bytes(&self) -> usize {
+        self.0.len() * std::mem::size_of::<Run>()
+    }
+}
 
 #[derive(Debug)]
 struct Entry {
     sequence: u64,
-    response: ProduceOk,
+    response: CompactAnswer,
     /// Matches the entry's newest slot in `order`.
     stamp: u64,
     bytes: usize,
@@ -62,15 +148,16 @@ impl DedupWindow {
     }
 
     /// The last sequence of `key` and its answer.
-    pub fn get(&self, key: &DedupKey) -> Option<(u64, &ProduceOk)> {
+    pub fn get(&self, key: &DedupKey) -> Option<(u64, ProduceOk)> {
         self.entries
             .get(key)
-            .map(|entry| (entry.sequence, &entry.response))
+            .map(|entry| (entry.sequence, entry.response.expand()))
     }
 
     /// Remembers `sequence` and its answer as `key`'s last.
     pub fn insert(&mut self, key: DedupKey, sequence: u64, response: ProduceOk) {
-        let bytes = ENTRY_BYTES + key.0.len() + response.records.len() * RECORD_BYTES;
+        let response = CompactAnswer::of(&response);
+        let bytes = ENTRY_BYTES + key.0.len() + response.bytes();
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         self.order.push_back((key.clone(), stamp));
@@ -145,6 +232,60 @@ mod tests {
         }
     }
 
+    /// An answer as one append gives it: consecutive offsets and ids.
+    fn appended(partition: u32, base: u64, records: u64) -> Vec<ProducedRecord> {
+        (0..records)
+            .map(|i| {
+                let mut id = [7u8; 16];
+                id[8..].copy_from_slice(&(1_000 + i).to_be_bytes());
+                ProducedRecord {
+                    partition,
+                    offset: Some(base + i),
+                    message_id: dmq_protocol::MessageId(id),
+                    deliver_at_ms: None,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_append_is_one_run_and_every_answer_expands_back() {
+        let batch = ProduceOk {
+            records: appended(2, 40, 1_000),
+        };
+        let compact = CompactAnswer::of(&batch);
+        assert_eq!(compact.0.len(), 1);
+        assert_eq!(compact.expand(), batch);
+        // Keyed records spread over partitions, a delayed one, ids that do
+        // not count up: several runs, the same answer back.
+        let mut mixed = appended(0, 5, 3);
+        mixed.extend(appended(1, 9, 2));
+        mixed.push(ProducedRecord {
+            partition: 1,
+            offset: None,
+            message_id: dmq_protocol::MessageId([9; 16]),
+            deliver_at_ms: Some(77),
+        });
+        mixed.push(ProducedRecord {
+            partition: 1,
+            offset: None,
+            message_id: dmq_protocol::MessageId([1; 16]),
+            deliver_at_ms: Some(77),
+        });
+        mixed.extend(appended(0, 8, 1));
+        let mixed = ProduceOk { records: mixed };
+        let compact = CompactAnswer::of(&mixed);
+        assert_eq!(compact.0.len(), 5);
+        assert_eq!(compact.expand(), mixed);
+        // An id at the top of its counter does not wrap into a run.
+        let mut top = appended(0, 0, 2);
+        top[0].message_id.0[8..].copy_from_slice(&u64::MAX.to_be_bytes());
+        top[1].message_id.0[8..].copy_from_slice(&0u64.to_be_bytes());
+        let top = ProduceOk { records: top };
+        assert_eq!(CompactAnswer::of(&top).0.len(), 2);
+        assert_eq!(CompactAnswer::of(&top).expand(), top);
+    }
+
     #[test]
     fn the_window_is_bounded_by_producers_and_oldest_go_first() {
         let mut window = DedupWindow::new(1_000, usize::MAX);
@@ -183,8 +324,25 @@ mod tests {
         for producer in 0..1_000u64 {
             window.insert(("t".into(), producer), 1, answer(1_000));
         }
-        // 32 KB per answer: about 32 fit in 1 MiB.
-        assert!(window.len() <= 33, "{}", window.len());
-        assert!(window.len() >= 30, "{}", window.len());
+        // Ids that do not count up: one run per record.
+        let per_answer = 1_000 * std::mem::size_of::<Run>();
+        assert!(window.len() <= (1 << 20) / per_answer, "{}", window.len());
+        assert!(
+            window.len() + 2 >= (1 << 20) / per_answer,
+            "{}",
+            window.len()
+        );
+        // Answers as appends give them are one run each: thousands fit.
+        let mut window = DedupWindow::new(usize::MAX, 1 << 20);
+        for producer in 0..10_000u64 {
+            window.insert(
+                ("t".into(), producer),
+                1,
+                ProduceOk {
+                    records: appended(0, producer * 1_000, 1_000),
+                },
+            );
+        }
+        assert!(window.len() >= 3_000, "{}", window.len());
     }
 }

@@ -125,7 +125,7 @@ pub(crate) async fn admit(
         let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
         if let Some((last, answer)) = window.get(&(topic.clone(), producer)) {
             if sequence == last {
-                return Ok(Admitted::Answered(answer.clone()));
+                return Ok(Admitted::Answered(answer));
             }
             if sequence < last {
                 return Err(ErrorResponse::new(

@@ -79,6 +79,14 @@ pub struct BenchArgs {
     /// produce→deliver latency is then measured from that instant.
     #[arg(long, value_parser = parse_duration)]
     pub due_in: Option<Duration>,
+    /// Producers are idempotent (producer id and sequence on every batch).
+    #[arg(long)]
+    pub idempotent: bool,
+    /// Each producer task starts a new producer (a new random producer id)
+    /// after this many messages: with --idempotent, many distinct producer
+    /// ids, to watch the broker's dedup window stay bounded.
+    #[arg(long)]
+    pub new_producer_every: Option<u64>,
     /// Consumers give up after this long without a message once producers are done.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -184,16 +192,17 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
             base + u64::from((index as u64) < total % args.producers as u64)
         });
         let client = cli.connect().await?;
-        let producer = client.producer_with(ProducerOptions {
+        let options = ProducerOptions {
             linger: args.linger,
             max_batch_messages: args.batch.max(1),
             max_pending_messages: args.window.max(1),
+            idempotence: args.idempotent,
             ..ProducerOptions::default()
-        });
+        };
         let interval = (args.rate > 0)
             .then(|| Duration::from_secs_f64(args.producers as f64 / args.rate as f64));
         producers.push(tokio::spawn(produce(
-            producer,
+            (client, options, args.new_producer_every),
             args.topic.clone(),
             payload.clone(),
             share,
@@ -327,7 +336,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 async fn produce(
-    producer: dmq_client::Producer,
+    (client, options, new_producer_every): (dmq_client::Client, ProducerOptions, Option<u64>),
     topic: String,
     payload: Bytes,
     count: Option<u64>,
@@ -342,6 +351,7 @@ async fn produce(
         due.duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
     });
+    let mut producer = client.producer_with(options.clone());
     let mut latency = histogram()?;
     // Sends in the order they were made, with their start times. One
     // producer's sends complete in order (its batches are answered in
@@ -382,6 +392,14 @@ async fn produce(
         }
         in_flight.push_back((Instant::now(), producer.send(message)));
         sent += 1;
+        if new_producer_every.is_some_and(|every| sent % every.max(1) == 0) {
+            // Every send of the old producer answered, then a new producer
+            // (a new producer id) takes over.
+            while let Some((started, send)) = in_flight.pop_front() {
+                record(send.await.map(|_| elapsed_since(started)));
+            }
+            producer = client.producer_with(options.clone());
+        }
         // Wait for room before the next send: with fewer than `window`
         // (= the producer's `max_pending_messages`) sends outstanding, a
         // send always finds room and is queued at once, instead of waiting
