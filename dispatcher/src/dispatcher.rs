@@ -1573,7 +1573,13 @@ impl Dispatcher {
         }
         for (partition, offset, timer) in orphans {
             self.wheel.cancel(timer);
-            self.after_failed_attempt(state_index, partition, offset, Some(0), "member left")?;
+            self.after_failed_attempt(
+                state_index,
+                partition,
+                offset,
+                Some(0),
+                names::REASON_MEMBER_LEFT,
+            )?;
         }
         Ok(())
     }
@@ -1621,6 +1627,46 @@ impl Dispatcher {
             .partition(|d| d.member == member);
         self.outbox = others;
         Ok(mine)
+    }
+
+    /// Gives back a message that [`fetch`](Self::fetch) handed to `member`
+    /// and the caller did not send (it did not fit the answer frame): it is
+    /// ready again at once, its ack deadline is dropped, and its next
+    /// delivery carries the same attempt number (a delivery nobody
+    /// received is not an attempt). Unlike a NACK, it never moves the
+    /// message to the dead-letter topic. Returns false, changing nothing,
+    /// if the message is not in flight to `member`.
+    ///
+    /// The `Delivered` event already emitted stays: the trace shows the
+    /// same attempt delivered again.
+    pub fn return_unsent(&mut self, member: MemberId, partition: u32, offset: u64) -> Result<bool> {
+        let state_index = self.member_state(member)?;
+        let state = &mut self.states[state_index];
+        let Some(part) = state.partitions.get_mut(partition as usize) else {
+            let topic = state.key.topic.to_string();
+            return Err(DispatchError::UnknownPartition { topic, partition });
+        };
+        let Some(pending) = part.pending.get_mut(&offset) else {
+            return Ok(false);
+        };
+        let Stage::InFlight {
+            member: holder,
+            timer,
+        } = pending.stage
+        else {
+            return Ok(false);
+        };
+        if holder != member {
+            return Ok(false);
+        }
+        self.wheel.cancel(timer);
+        pending.attempt = pending.attempt.saturating_sub(1);
+        pending.stage = Stage::Ready;
+        part.ready.insert(offset);
+        if let Some(rate) = &mut state.rate {
+            rate.give_back();
+        }
+        Ok(true)
     }
 
     // ----- acks -------------------------------------------------------------
@@ -1731,7 +1777,13 @@ impl Dispatcher {
             EventKind::Nacked { retry_in_ms },
             None,
         );
-        self.after_failed_attempt(state_index, partition, offset, Some(retry_in_ms), "nack")
+        self.after_failed_attempt(
+            state_index,
+            partition,
+            offset,
+            Some(retry_in_ms),
+            names::REASON_NACK,
+        )
     }
 
     /// After a failed attempt (timeout, nack, member left): retry after
@@ -2074,7 +2126,7 @@ impl Dispatcher {
                         task.partition,
                         task.offset,
                         None,
-                        "ack timeout",
+                        names::REASON_ACK_TIMEOUT,
                     );
                     if let Err(error) = handled {
                         // A dead-letter move that failed (no room, a

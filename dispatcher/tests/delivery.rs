@@ -206,6 +206,54 @@ fn a_member_that_leaves_hands_its_messages_to_the_others_at_once() {
 }
 
 #[test]
+fn a_fetched_message_returned_unsent_keeps_its_attempt_and_is_never_dead_lettered() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    // One attempt only: a NACK here would dead-letter at once.
+    let once = GroupConfig {
+        max_attempts: 1,
+        ..config()
+    };
+    w.dispatcher.subscribe("t", "g", once).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    let other = w.dispatcher.join("t", "g", "other").unwrap();
+    w.produce("t", &["a", "b", "c"]);
+    let got = w.dispatcher.fetch(member, 3).unwrap();
+    assert_eq!(World::values(&got), vec!["a", "b", "c"]);
+    w.dispatcher.ack(member, 0, 0).unwrap();
+    // "b" and "c" did not fit the caller's frame: handed back.
+    for d in &got[1..] {
+        assert!(w
+            .dispatcher
+            .return_unsent(member, 0, d.record.offset)
+            .unwrap());
+    }
+    // Not twice, not by another member, not a message never delivered.
+    assert!(!w.dispatcher.return_unsent(member, 0, 1).unwrap());
+    assert!(!w.dispatcher.return_unsent(member, 0, 0).unwrap(), "acked");
+    assert!(!w.dispatcher.return_unsent(other, 0, 1).unwrap());
+    assert!(!w.dispatcher.return_unsent(member, 0, 9).unwrap());
+    assert!(w.dispatcher.return_unsent(member, 3, 0).is_err());
+    // Their ack deadline is gone: long after it, nothing was dead-lettered
+    // and they come back first, as attempt 1 still.
+    w.clock.advance_ms(5_000);
+    let again = w.dispatcher.fetch(member, 10).unwrap();
+    assert_eq!(World::values(&again), vec!["b", "c"]);
+    assert!(again.iter().all(|d| d.attempt == 1));
+    assert!(w.storage.memory_log("t.g.dlq", 0).is_none());
+    assert!(!w
+        .events
+        .take()
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::DeadLettered { .. })));
+    // Sent this time and not acked: the one attempt counts as usual.
+    w.clock.advance_ms(1_000);
+    assert!(w.dispatcher.fetch(member, 10).unwrap().is_empty());
+    assert_eq!(w.dispatcher.group_stats("t", "g").unwrap()[0].ack_floor, 3);
+    assert!(w.storage.memory_log("t.g.dlq", 0).is_some());
+}
+
+#[test]
 fn delayed_messages_arrive_at_their_time_not_before() {
     let mut w = World::new();
     topic(&mut w, "t", false);
