@@ -9,6 +9,8 @@
 //! - [`engine`]: the dispatcher on its own thread, and the produce path
 //!   (appends from every connection share group commits).
 //! - `convert`: wire types ↔ dispatcher and log types, errors → wire codes.
+//! - `frame_limits`: no frame over `max_frame_bytes` is sent: records over
+//!   the maximum record size refused, FETCH answers filled to the limit.
 //! - [`dedup`]: the idempotent producers' bounded dedup window.
 //! - [`disk_reserve`]: room kept for acks, deletions and metadata when the
 //!   disk is full.
@@ -36,6 +38,7 @@ mod convert;
 pub mod dedup;
 pub mod disk_reserve;
 pub mod engine;
+mod frame_limits;
 pub mod registry;
 pub mod server;
 mod session;

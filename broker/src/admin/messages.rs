@@ -674,6 +674,12 @@ async fn test_message(
         .delay_ms
         .map(|delay| deliver_at(now, delay))
         .transpose()?;
+    // The same maximum record size as a PRODUCE: its deliveries must fit.
+    crate::frame_limits::check_record_inputs(
+        std::slice::from_ref(&record),
+        services.config.max_frame_bytes,
+    )
+    .map_err(ApiError::record_too_large)?;
     let name = topic.clone();
     let produced = services
         .engine

@@ -74,6 +74,11 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, message)
     }
 
+    /// 413: a record over the maximum record size (PROTOCOL.md §8).
+    pub fn record_too_large(error: dmq_protocol::RecordTooLarge) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error.to_string())
+    }
+
     /// 500: the broker failed.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
