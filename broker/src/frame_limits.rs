@@ -348,6 +348,24 @@ mod tests {
     }
 
     #[test]
+    fn the_headroom_counts_the_dispatchers_names_and_reasons() {
+        use dmq_dispatcher::names;
+        use dmq_protocol::limits;
+        assert_eq!(names::NAME_LEN_MAX, limits::NAME_BYTES_MAX);
+        assert_eq!(names::REASON_LEN_MAX, limits::DEAD_LETTER_REASON_BYTES_MAX);
+        for reason in [
+            names::REASON_ACK_TIMEOUT,
+            names::REASON_NACK,
+            names::REASON_MEMBER_LEFT,
+        ] {
+            assert!(reason.len() <= limits::DEAD_LETTER_REASON_BYTES_MAX);
+        }
+        for (name, _) in limits::DEAD_LETTER_HEADERS {
+            assert!(name.starts_with(names::DEAD_LETTER_HEADER_PREFIX), "{name}");
+        }
+    }
+
+    #[test]
     fn admin_records_are_measured_like_produce_records() {
         let max = wire::max_record_bytes(MAX_FRAME) as usize;
         let mut record = RecordInput::new(Bytes::from(vec![b'x'; max - 9 - 8 - 2]));
