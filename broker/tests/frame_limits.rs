@@ -2,8 +2,9 @@
 //! real broker with `max_frame_bytes` = 1 MiB: a record exactly at the
 //! maximum record size reaches its consumers by push, by FETCH and, once
 //! dead-lettered, from the dead-letter topic, every frame within the limit
-//! (read with the broker's limit: a larger frame fails the test); one byte
-//! more is refused and nothing is stored; FETCH answers over records of a
+//! (read with the broker's limit: a larger frame fails the test), and so
+//! does a delayed one, without the delay store's headers; one byte more is
+//! refused and nothing is stored; FETCH answers over records of a
 //! third of the frame stay within it and lose no record and no attempt.
 #![allow(clippy::unwrap_used)]
 
@@ -258,6 +259,28 @@ async fn a_record_at_the_maximum_is_delivered_by_push_fetch_and_dead_letter() {
         assert!(header.value.len() <= *value_max, "{header:?}");
     }
     ack(&mut reader, id, &copy).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_record_at_the_maximum_arrives_without_its_delay_headers() {
+    let broker = Broker::start(configure).await;
+    let mut admin = Connection::hello(broker.addr).await;
+    let topic = "t".repeat(NAME_BYTES_MAX);
+    create(&mut admin, &topic).await;
+    // Delayed and with a TTL: the delivery's two optional times present.
+    let mut record = record_of(max_record_bytes(MAX_FRAME) as usize);
+    record.delivery_time = dmq_protocol::DeliveryTime::DelayMs(200);
+    record.ttl_ms = Some(60_000);
+    let produced = admin.request(produce(&topic, vec![record.clone()])).await;
+    assert!(matches!(produced, Response::ProduceOk(_)), "{produced:?}");
+    let mut consumer = Connection::hello(broker.addr).await;
+    subscription_id(request(&mut consumer, subscribe(&topic, "g", 1, elsewhere())).await);
+    let (delivery, bytes) = push(&mut consumer).await;
+    assert!(bytes <= MAX_FRAME as usize, "{bytes}");
+    assert!(delivery.deliver_at_ms.is_some() && delivery.expire_at_ms.is_some());
+    // The delay store's own headers stayed in the delay store.
+    assert_eq!(delivery.headers, record.headers);
     broker.stop().await;
 }
 
