@@ -8,7 +8,7 @@
 //! segment_bytes = 1073741824
 //! disk_reserve_bytes = 67108864     # kept free for acks, deletions, metadata
 //! max_connections = 1024
-//! max_frame_bytes = 16777216
+//! max_frame_bytes = 16777216      # at least 65536; records up to this - 1024
 //! handshake_timeout_ms = 5000        # the whole HELLO exchange, from connect
 //! idle_timeout_ms = 300000
 //! max_connections_per_address = 256
@@ -53,6 +53,11 @@ use std::time::Duration;
 use dmq_log_store::{FsyncPolicy, LogConfig};
 use serde::Deserialize;
 
+/// The smallest `max_frame_bytes` a broker runs with: room for every
+/// answer's fixed part and for records of 63 KiB (a record may be
+/// `max_frame_bytes - 1024`, PROTOCOL.md §8).
+pub const MAX_FRAME_BYTES_MIN: u32 = 64 * 1024;
+
 /// Everything `dmqd` can be told.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -73,7 +78,9 @@ pub struct BrokerConfig {
     pub disk_reserve_bytes: u64,
     /// Connections beyond this are refused.
     pub max_connections: usize,
-    /// Frames larger than this are rejected before their body is read.
+    /// Frames larger than this are rejected before their body is read, and
+    /// none is sent; records larger than this minus 1,024 bytes are refused
+    /// (PROTOCOL.md §8). At least [`MAX_FRAME_BYTES_MIN`].
     pub max_frame_bytes: u32,
     /// A connection must send HELLO within this.
     pub handshake_timeout_ms: u64,
@@ -229,6 +236,13 @@ impl BrokerConfig {
                 ))
             })?;
         }
+        if self.max_frame_bytes < MAX_FRAME_BYTES_MIN {
+            return Err(ConfigError(format!(
+                "max_frame_bytes must be at least {MAX_FRAME_BYTES_MIN} (the largest record is \
+                 max_frame_bytes - {}, see PROTOCOL.md §8)",
+                dmq_protocol::RECORD_HEADROOM_BYTES
+            )));
+        }
         if self.stats_retention_hours < 24 {
             return Err(ConfigError(
                 "stats_retention_hours must be at least 24".to_string(),
@@ -368,6 +382,9 @@ mod tests {
         assert!(BrokerConfig::from_toml("fsync = \"sometimes\"").is_err());
         assert!(BrokerConfig::from_toml("unknown = 1").is_err());
         assert!(BrokerConfig::from_toml("stats_retention_hours = 2").is_err());
+        assert!(BrokerConfig::from_toml("max_frame_bytes = 65536").is_ok());
+        let error = BrokerConfig::from_toml("max_frame_bytes = 65535").expect_err("too small");
+        assert!(error.to_string().contains("65536"), "{error}");
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub(crate) fn http_status(code: ErrorCode) -> axum::http::StatusCode {
         | ErrorCode::NotDelivered
         | ErrorCode::UnknownOpcode
         | ErrorCode::OutOfOrderSequence => S::BAD_REQUEST,
-        ErrorCode::FrameTooLarge => S::PAYLOAD_TOO_LARGE,
+        ErrorCode::FrameTooLarge | ErrorCode::RecordTooLarge => S::PAYLOAD_TOO_LARGE,
         ErrorCode::NotAuthenticated | ErrorCode::AuthenticationFailed => S::UNAUTHORIZED,
         ErrorCode::NotAuthorized => S::FORBIDDEN,
         ErrorCode::TopicExists | ErrorCode::GroupConfigConflict => S::CONFLICT,

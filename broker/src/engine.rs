@@ -111,8 +111,10 @@ pub struct Routes {
 pub struct WaitingFetch {
     /// Most deliveries the FETCH takes.
     pub max: u32,
+    /// The answer's frame limit.
+    pub max_frame_bytes: u32,
     /// Where its deliveries go.
-    pub reply: oneshot::Sender<Vec<Delivery>>,
+    pub reply: oneshot::Sender<Vec<dmq_protocol::Delivery>>,
 }
 
 impl Routes {
@@ -448,26 +450,31 @@ fn answer_fetches(dispatcher: &mut Dispatcher, routes: &mut Routes) {
     }
     let members: Vec<MemberId> = routes.fetches.keys().copied().collect();
     for member in members {
-        let Some(max) = routes.fetches.get(&member).map(|f| f.max) else {
+        let Some((max, max_frame_bytes)) = routes
+            .fetches
+            .get(&member)
+            .map(|f| (f.max, f.max_frame_bytes))
+        else {
             continue;
         };
-        let deliveries = match dispatcher.fetch(member, max) {
-            Ok(deliveries) if deliveries.is_empty() => continue,
-            Ok(deliveries) => deliveries,
-            Err(_) => {
-                // The member is gone: its FETCH ends empty.
-                routes.fetches.remove(&member);
-                continue;
-            }
-        };
+        let deliveries =
+            match crate::frame_limits::fetch_within(dispatcher, member, max, max_frame_bytes) {
+                Ok(deliveries) if deliveries.is_empty() => continue,
+                Ok(deliveries) => deliveries,
+                Err(_) => {
+                    // The member is gone: its FETCH ends empty.
+                    routes.fetches.remove(&member);
+                    continue;
+                }
+            };
         let Some(fetch) = routes.fetches.remove(&member) else {
             continue;
         };
         if let Err(deliveries) = fetch.reply.send(deliveries) {
-            // The FETCH gave up meanwhile: the messages go back at once.
+            // The FETCH gave up meanwhile: the messages go back at once,
+            // as the same attempt (nobody received them).
             for delivery in deliveries {
-                let _ =
-                    dispatcher.nack(member, delivery.partition, delivery.record.offset, Some(0));
+                let _ = dispatcher.return_unsent(member, delivery.partition, delivery.offset);
             }
         }
     }

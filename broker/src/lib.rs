@@ -11,6 +11,8 @@
 //! - `produce`: the produce pipeline (route, dedup, append, wait for
 //!   durability, trace, wake), shared by PRODUCE, test messages and resend.
 //! - `convert`: wire types ↔ dispatcher and log types, errors → wire codes.
+//! - `frame_limits`: no frame over `max_frame_bytes` is sent: records over
+//!   the maximum record size refused, FETCH answers filled to the limit.
 //! - [`dedup`]: the idempotent producers' bounded dedup window.
 //! - [`disk_reserve`]: room kept for acks, deletions and metadata when the
 //!   disk is full.
@@ -38,6 +40,7 @@ mod convert;
 pub mod dedup;
 pub mod disk_reserve;
 pub mod engine;
+mod frame_limits;
 mod produce;
 pub mod registry;
 pub mod server;

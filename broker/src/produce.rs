@@ -2,7 +2,8 @@
 //! enter a topic (a client's PRODUCE, the admin test message, a dead-letter
 //! resend).
 //!
-//! route (the topic's [`Router`](dmq_dispatcher::Router)) → dedup (the
+//! size check (every record fits the frames that will carry it) → route
+//! (the topic's [`Router`](dmq_dispatcher::Router)) → dedup (the
 //! idempotent producers' window) → append in request order → wait for
 //! durability → trace, wake the dispatcher, answer.
 //!
@@ -44,6 +45,8 @@ pub(crate) struct ProduceRequest {
     /// An idempotent producer's (producer id, sequence).
     pub(crate) sequence: Option<(u64, u64)>,
     pub(crate) origin: Origin,
+    /// The broker's frame limit, which bounds a record's size.
+    pub(crate) max_frame_bytes: u32,
 }
 
 /// Who produced a batch, for its trace.
@@ -85,7 +88,11 @@ pub(crate) async fn admit(
         records,
         sequence,
         origin,
+        max_frame_bytes,
     } = request;
+    // Every record fits the frames that will carry it (PROTOCOL.md §8; the
+    // limit is no secret of the topic's).
+    crate::frame_limits::check_record_inputs(&records, max_frame_bytes)?;
     let Some(handle) = engine.find_topic(&topic).await else {
         return Err(ErrorResponse::new(
             ErrorCode::UnknownTopic,

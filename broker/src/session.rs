@@ -7,6 +7,10 @@
 //! the reader, it does not grow the heap). Each subscription has a forwarder
 //! task passing the dispatcher's batches of deliveries to that queue whole;
 //! the writer encodes them as DELIVER pushes straight into its buffer.
+//! No frame over `max_frame_bytes` leaves the writer (`frame_limits`): a
+//! record too large is refused at PRODUCE, a FETCH answer stops before the
+//! limit, and anything still over it is replaced by an ERROR (an answer) or
+//! withheld (a DELIVER).
 //!
 //! Rules: the first frame must be HELLO; a malformed frame gets an ERROR and
 //! the connection is closed; requests may be pipelined and responses carry
@@ -23,8 +27,8 @@ use bytes::BytesMut;
 use dmq_dispatcher::{Delivery, MemberId};
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{
-    self as wire, decode_frame_bytes, encode_frame, frame_len, Body, ErrorCode, ErrorResponse,
-    Frame, Request, Response,
+    self as wire, decode_frame_bytes, frame_len, Body, ErrorCode, ErrorResponse, Frame, Request,
+    Response,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,6 +39,7 @@ use crate::broker::{Services, SharedRegistry};
 use crate::config::BrokerConfig;
 use crate::convert;
 use crate::engine::{DeliverySink, Engine, Queued, WaitingFetch};
+use crate::frame_limits;
 use crate::produce::{self, Admitted, Origin, ProduceRequest};
 use crate::registry::{Right, TopicStatus};
 
@@ -108,6 +113,8 @@ pub(crate) async fn serve(
     let (mut reader, mut writer) = stream.into_split();
     let (outbound, mut queue) =
         mpsc::channel::<Outbound>(shared.config.connection_queue_frames.max(16));
+    let max_frame_bytes = shared.config.max_frame_bytes;
+    let engine = shared.engine.clone();
     let writer_task = tokio::spawn(async move {
         let mut buffer = BytesMut::with_capacity(64 * 1024);
         while let Some(item) = queue.recv().await {
@@ -117,14 +124,20 @@ pub(crate) async fn serve(
             while let Some(item) = next.take() {
                 items += 1;
                 match item {
-                    Outbound::Frame(frame) => encode_into(&frame, &mut buffer),
+                    Outbound::Frame(frame) => {
+                        frame_limits::encode_within(&frame, &mut buffer, max_frame_bytes);
+                    }
                     Outbound::Deliveries(deliveries, queued) => {
                         let count = deliveries.len();
                         let mut failed = false;
+                        let mut withheld = Vec::new();
                         for delivery in deliveries {
+                            let member = delivery.member;
                             let push =
                                 Frame::push(wire::Push::Deliver(convert::delivery(delivery)));
-                            encode_into(&push, &mut buffer);
+                            if !frame_limits::encode_within(&push, &mut buffer, max_frame_bytes) {
+                                withheld.push(member);
+                            }
                             // A big batch goes out in pieces: the buffer
                             // stays about WRITE_COALESCE_BYTES.
                             if buffer.len() >= WRITE_COALESCE_BYTES {
@@ -141,6 +154,7 @@ pub(crate) async fn serve(
                         if failed {
                             return;
                         }
+                        frame_limits::give_back_credit(&engine, withheld);
                     }
                 }
                 if items < 256 && buffer.len() < WRITE_COALESCE_BYTES {
@@ -259,12 +273,6 @@ pub(crate) async fn serve(
     session.close().await;
     drop(session);
     let _ = writer_task.await;
-}
-
-fn encode_into(frame: &Frame, buffer: &mut BytesMut) {
-    if let Err(error) = encode_frame(frame, buffer) {
-        tracing::error!(%error, "cannot encode a frame");
-    }
 }
 
 fn error_frame(correlation_id: u32, error: ErrorResponse) -> Frame {
@@ -482,6 +490,7 @@ impl Session {
                 peer: self.peer,
                 received_ms: now,
             },
+            max_frame_bytes: self.shared.config.max_frame_bytes,
         };
         match produce::admit(&self.shared.engine, request).await? {
             Admitted::Answered(answer) => {
@@ -650,15 +659,23 @@ impl Session {
         self.owned(fetch.subscription_id)?;
         let member = fetch.subscription_id;
         let max = fetch.max_messages.min(self.shared.config.max_credit);
+        let max_frame_bytes = self.shared.config.max_frame_bytes;
         let wait = Duration::from_millis(u64::from(fetch.max_wait_ms.min(60_000)));
         let (reply, mut answer) = oneshot::channel();
         // Fetched now, or parked on the dispatcher thread until the member
-        // has something (woken by whatever woke the dispatcher).
+        // has something (woken by whatever woke the dispatcher). Either way
+        // the answer stops before max_frame_bytes (PROTOCOL.md §6.8).
         let now = self
             .run(move |dispatcher, routes| {
-                let deliveries = dispatcher.fetch(member, max)?;
+                let deliveries =
+                    frame_limits::fetch_within(dispatcher, member, max, max_frame_bytes)?;
                 if deliveries.is_empty() && !wait.is_zero() {
-                    routes.wait_fetch(member, WaitingFetch { max, reply });
+                    let waiting = WaitingFetch {
+                        max,
+                        max_frame_bytes,
+                        reply,
+                    };
+                    routes.wait_fetch(member, waiting);
                 }
                 Ok(deliveries)
             })
@@ -681,9 +698,7 @@ impl Session {
                 }
             }
         };
-        Ok(Response::Deliveries(wire::Deliveries {
-            deliveries: deliveries.into_iter().map(convert::delivery).collect(),
-        }))
+        Ok(Response::Deliveries(wire::Deliveries { deliveries }))
     }
 
     async fn ack(&mut self, ack: wire::Ack) -> Result<Response, ErrorResponse> {

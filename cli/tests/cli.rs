@@ -1,6 +1,8 @@
 //! `dmq` without a broker: argument parsing, `--help` of every command,
 //! the "cannot connect" and "cannot reach the admin API" error paths
-//! (non-zero exit, message on stderr, no panic), and `dmq hash-secret`.
+//! (non-zero exit, message on stderr, no panic), `dmq hash-secret`, and
+//! `dmq consume` against a scripted broker that pushes a frame over its own
+//! limit (issue 9: an error and a non-zero exit, not a hang).
 
 use assert_cmd::Command;
 use predicates::prelude::*;
@@ -249,6 +251,96 @@ fn cannot_connect_is_a_clear_error() {
         .assert()
         .failure()
         .stdout(predicate::str::is_empty());
+}
+
+/// Reads one frame from `stream` (blocking), or None when it closes.
+fn read_frame(
+    stream: &mut std::net::TcpStream,
+    buffer: &mut Vec<u8>,
+) -> Option<dmq_client::protocol::Frame> {
+    use std::io::Read;
+    loop {
+        let max = dmq_client::protocol::DEFAULT_MAX_FRAME_BYTES;
+        if let Ok(Some((frame, used))) = dmq_client::protocol::decode_frame(buffer, max) {
+            buffer.drain(..used);
+            return Some(frame);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+        }
+    }
+}
+
+/// A scripted broker: it answers HELLO on every connection (16 MiB
+/// frames), SUBSCRIBED to the first SUBSCRIBE, then starts a DELIVER 42
+/// bytes over its own limit, as in issue 9 (only the length prefix and the
+/// header: a client refuses it from its length). Returns its address.
+fn broker_pushing_an_oversize_frame() -> String {
+    use dmq_client::protocol::{
+        encode_frame_to_vec, Body, Frame, HelloOk, Opcode, Request, Subscribed,
+        DEFAULT_MAX_FRAME_BYTES,
+    };
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        let mut subscribed = false;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buffer = Vec::new();
+            while let Some(frame) = read_frame(&mut stream, &mut buffer) {
+                let mut out = Vec::new();
+                match frame.body {
+                    Body::Request(Request::Hello(_)) => {
+                        let hello_ok = HelloOk {
+                            version: 1,
+                            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+                            broker_id: "scripted".into(),
+                        };
+                        let answer = Frame::response(frame.correlation_id, hello_ok);
+                        out = encode_frame_to_vec(&answer).expect("encodes");
+                    }
+                    Body::Request(Request::Subscribe(_)) if !subscribed => {
+                        subscribed = true;
+                        let ok = Subscribed {
+                            subscription_id: 1,
+                            partitions: vec![0],
+                        };
+                        let answer = Frame::response(frame.correlation_id, ok);
+                        out = encode_frame_to_vec(&answer).expect("encodes");
+                        let length = DEFAULT_MAX_FRAME_BYTES + 42 - 4;
+                        out.extend_from_slice(&length.to_le_bytes());
+                        out.extend_from_slice(&Opcode::Deliver.as_u16().to_le_bytes());
+                        out.extend_from_slice(&[0, 0, 0, 0, 0]);
+                    }
+                    _ => {}
+                }
+                let _ = stream.write_all(&out);
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn consume_reports_a_frame_it_cannot_read_and_exits() {
+    let addr = broker_pushing_an_oversize_frame();
+    dmq()
+        .args(["--addr", addr.as_str(), "--timeout", "5s"])
+        .args(["consume", "t", "--group", "g"])
+        .timeout(std::time::Duration::from_secs(30))
+        .assert()
+        .failure()
+        .code(1)
+        .stderr(
+            predicate::str::contains("subscription failed")
+                .and(predicate::str::contains(
+                    "frame of 16777258 bytes exceeds the maximum of 16777216",
+                ))
+                .and(predicate::str::contains("panicked").not()),
+        );
 }
 
 #[test]

@@ -11,7 +11,18 @@
 //! connection drops, every request in flight fails with
 //! [`ClientError::ConnectionLost`], the supervisor reconnects with capped
 //! exponential backoff, re-sends SUBSCRIBE for every open subscription, and
-//! only then publishes the new connection to callers.
+//! only then publishes the new connection to callers. A connection that
+//! ends before it lived `reconnect_backoff_max` counts as a failed attempt
+//! (the backoff keeps growing), so a broker that accepts and drops at once
+//! is never retried in a tight loop.
+//!
+//! The reader accepts every frame up to the larger of
+//! `ClientOptions::max_frame_bytes` and the `max_frame_bytes` the broker
+//! announced in HELLO_OK (it sends nothing larger). A frame it still cannot
+//! decode ends the connection **and every subscription**, whose stream
+//! yields [`ClientError::Protocol`]: the broker would send the same frame
+//! again after a reconnect (a redelivery), so retrying would only spin and
+//! spend the message's delivery attempts.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,7 +32,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use dmq_protocol::{
     decode_frame_bytes, encode_frame, frame_len, Body, Delivery, Frame, Hello, HelloOk, Push,
-    Request, Response, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Request, Response, WireError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -242,26 +253,51 @@ impl Shared {
     }
 }
 
+/// Why a connection ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// It broke, the broker closed it, or the client is closing: reconnect
+    /// (unless closing).
+    Lost(String),
+    /// The broker sent bytes this client cannot decode as a frame (one over
+    /// the size limit, a malformed one): reconnecting would bring them
+    /// again.
+    Invalid(WireError),
+}
+
+impl Ended {
+    fn reason(&self) -> String {
+        match self {
+            Ended::Lost(reason) => reason.clone(),
+            Ended::Invalid(error) => format!("invalid frame from broker: {error}"),
+        }
+    }
+}
+
 /// A connection with its reader and writer tasks.
 pub(crate) struct Session {
     pub(crate) conn: Arc<Conn>,
-    reader: JoinHandle<String>,
+    reader: JoinHandle<Ended>,
     writer: JoinHandle<String>,
 }
 
 impl Session {
     /// Waits until the connection ends (or shutdown), stops both tasks and
     /// fails every request in flight. Returns why it ended.
-    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> String {
-        let reason = tokio::select! {
-            reason = &mut self.reader => reason.unwrap_or_else(|e| format!("reader task failed: {e}")),
-            reason = &mut self.writer => reason.unwrap_or_else(|e| format!("writer task failed: {e}")),
-            _ = wait_shutdown(shutdown) => "client closed".to_owned(),
+    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Ended {
+        let ended = tokio::select! {
+            ended = &mut self.reader => {
+                ended.unwrap_or_else(|e| Ended::Lost(format!("reader task failed: {e}")))
+            }
+            reason = &mut self.writer => {
+                Ended::Lost(reason.unwrap_or_else(|e| format!("writer task failed: {e}")))
+            }
+            _ = wait_shutdown(shutdown) => Ended::Lost("client closed".to_owned()),
         };
         self.reader.abort();
         self.writer.abort();
-        self.conn.fail_all(&reason);
-        reason
+        self.conn.fail_all(&ended.reason());
+        ended
     }
 }
 
@@ -338,11 +374,13 @@ pub(crate) async fn connect(addr: &str, options: &ClientOptions) -> Result<Sessi
         next_correlation: AtomicU32::new(2),
         hello,
     });
+    // Every frame the broker may send: it announced its maximum.
+    let max_frame_bytes = options.max_frame_bytes.max(conn.hello.max_frame_bytes);
     let reader = tokio::spawn(read_loop(
         Arc::clone(&conn),
         read_half,
         buf,
-        options.max_frame_bytes,
+        max_frame_bytes,
     ));
     let writer = tokio::spawn(write_loop(writer_rx, write_half));
     Ok(Session {
@@ -373,22 +411,23 @@ async fn read_loop(
     mut read_half: OwnedReadHalf,
     mut buf: BytesMut,
     max_frame_bytes: u32,
-) -> String {
+) -> Ended {
     loop {
         loop {
             match next_frame(&mut buf, max_frame_bytes) {
                 Ok(Some(frame)) => conn.dispatch(frame),
                 Ok(None) => break,
-                Err(error) => return format!("invalid frame from broker: {error}"),
+                Err(ClientError::Protocol(error)) => return Ended::Invalid(error),
+                Err(error) => return Ended::Lost(format!("invalid frame from broker: {error}")),
             }
         }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(READ_CHUNK_BYTES);
         }
         match read_half.read_buf(&mut buf).await {
-            Ok(0) => return "broker closed the connection".to_owned(),
+            Ok(0) => return Ended::Lost("broker closed the connection".to_owned()),
             Ok(_) => {}
-            Err(error) => return format!("read failed: {error}"),
+            Err(error) => return Ended::Lost(format!("read failed: {error}")),
         }
     }
 }
@@ -432,19 +471,47 @@ async fn write_loop(mut frames: mpsc::Receiver<Bytes>, mut write_half: OwnedWrit
 
 /// Keeps the client connected until shutdown: runs `session`, then
 /// reconnects with capped exponential backoff and re-subscribes.
+///
+/// The backoff is reset only by a connection that lived at least
+/// `reconnect_backoff_max`; one that ended sooner waits the current delay
+/// before the next attempt, like a failed connect. A connection ended by a
+/// frame the client cannot decode ends every subscription with that error.
 pub(crate) async fn supervise(
     shared: Arc<Shared>,
     mut session: Session,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let initial = shared.options.reconnect_backoff_initial;
+    let max = shared.options.reconnect_backoff_max;
+    let mut delay = initial;
     loop {
-        let _reason = session.run(&mut shutdown).await;
+        let started = tokio::time::Instant::now();
+        let ended = session.run(&mut shutdown).await;
         if *shutdown.borrow() {
             break;
         }
         shared.state.send_replace(ConnState::Connecting);
-        let mut delay = shared.options.reconnect_backoff_initial;
+        if let Ended::Invalid(error) = ended {
+            fail_subscriptions(&shared, &ClientError::Protocol(error));
+        }
+        // A connection that did not last is a failed attempt: wait first.
+        let mut wait_first = started.elapsed() < max;
+        if !wait_first {
+            delay = initial;
+        }
         session = loop {
+            if wait_first {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = wait_shutdown(&mut shutdown) => {
+                        shared.state.send_replace(ConnState::Closed);
+                        close_subscriptions(&shared);
+                        return;
+                    }
+                }
+                delay = (delay * 2).min(max);
+            }
+            wait_first = true;
             let attempt = tokio::select! {
                 result = connect(&shared.addr, &shared.options) => Some(result),
                 _ = wait_shutdown(&mut shutdown) => None,
@@ -456,17 +523,7 @@ pub(crate) async fn supervise(
                     return;
                 }
                 Some(Ok(session)) => break session,
-                Some(Err(_)) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = wait_shutdown(&mut shutdown) => {
-                            shared.state.send_replace(ConnState::Closed);
-                            close_subscriptions(&shared);
-                            return;
-                        }
-                    }
-                    delay = (delay * 2).min(shared.options.reconnect_backoff_max);
-                }
+                Some(Err(_)) => {}
             }
         };
         resubscribe(&shared, &session.conn).await;
@@ -510,12 +567,18 @@ async fn resubscribe(shared: &Shared, conn: &Arc<Conn>) {
 }
 
 fn close_subscriptions(shared: &Shared) {
+    fail_subscriptions(shared, &ClientError::Closed);
+}
+
+/// Ends every open subscription with `error` (shown in its stream); they
+/// are not re-established.
+fn fail_subscriptions(shared: &Shared, error: &ClientError) {
     let subscriptions: Vec<Arc<SubShared>> = lock(&shared.subscriptions)
         .drain(..)
         .filter_map(|weak| weak.upgrade())
         .collect();
     for subscription in subscriptions {
-        subscription.fail(ClientError::Closed);
+        subscription.fail(error.clone());
     }
 }
 

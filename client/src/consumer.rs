@@ -15,7 +15,10 @@
 //! After a reconnect the subscription is re-established with the same
 //! group and member; messages delivered on the old connection can no longer
 //! be acked (the broker redelivers them): their `ack` returns
-//! [`ClientError::StaleDelivery`].
+//! [`ClientError::StaleDelivery`]. A frame the client cannot decode is not
+//! a reason to reconnect (the broker would send it again, spending the
+//! message's attempts): the stream yields [`ClientError::Protocol`], after
+//! the messages already queued, and ends.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -140,6 +143,7 @@ impl Consumer {
             route: Mutex::new(Route::default()),
             deliveries: sender,
             closed: AtomicBool::new(false),
+            failure: Mutex::new(None),
         });
         let client_shared = self.client.shared();
         lock(&client_shared.subscriptions).push(Arc::downgrade(&shared));
@@ -207,6 +211,9 @@ pub(crate) struct SubShared {
     route: Mutex<Route>,
     deliveries: mpsc::Sender<Item>,
     closed: AtomicBool,
+    /// Why the subscription ended, when its queue was full at the time:
+    /// the stream yields it once the queued messages are taken.
+    failure: Mutex<Option<ClientError>>,
 }
 
 impl SubShared {
@@ -248,10 +255,15 @@ impl SubShared {
         }
     }
 
-    /// Ends the subscription with `error` (shown in its stream).
+    /// Ends the subscription with `error` (shown in its stream, after the
+    /// messages already queued).
     pub(crate) fn fail(&self, error: ClientError) {
         self.closed.store(true, Ordering::Release);
-        let _ = self.deliveries.try_send(Err(error));
+        if let Err(mpsc::error::TrySendError::Full(Err(error))) =
+            self.deliveries.try_send(Err(error))
+        {
+            lock(&self.failure).get_or_insert(error);
+        }
     }
 }
 
@@ -381,7 +393,16 @@ impl Stream for Subscription {
                 self.done = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let failure = lock(&self.shared.failure).take();
+                match failure {
+                    Some(error) => {
+                        self.done = true;
+                        Poll::Ready(Some(Err(error)))
+                    }
+                    None => Poll::Pending,
+                }
+            }
         }
     }
 }

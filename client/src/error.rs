@@ -34,7 +34,8 @@ pub enum ClientError {
     /// A socket error.
     #[error("i/o error: {0}")]
     Io(#[source] Arc<std::io::Error>),
-    /// The broker sent bytes that are not a valid frame.
+    /// The broker sent bytes that are not a valid frame (or a frame over
+    /// the size limit). Ends the connection and every subscription.
     #[error("protocol error: {0}")]
     Protocol(#[from] WireError),
     /// A request could not be encoded (a field too long for its prefix).
@@ -61,6 +62,18 @@ pub enum ClientError {
         /// Encoded size.
         bytes: usize,
         /// The broker's maximum (HELLO_OK).
+        max: u32,
+    },
+    /// A message larger than the broker's maximum record size
+    /// (`max_frame_bytes − 1024`, PROTOCOL.md §8), refused before sending.
+    #[error(
+        "record of {bytes} bytes (key, headers and value as encoded) exceeds the broker's \
+         maximum record size of {max} bytes"
+    )]
+    RecordTooLarge {
+        /// The record's size as PROTOCOL.md §8 measures it.
+        bytes: u64,
+        /// The maximum.
         max: u32,
     },
     /// An ack or nack of a message delivered before a reconnect: the

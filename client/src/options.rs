@@ -13,7 +13,9 @@ pub struct ClientOptions {
     pub client_id: String,
     /// Sent in HELLO; empty when the broker runs without auth.
     pub secret: Bytes,
-    /// Largest frame accepted from the broker (length prefix included).
+    /// Largest frame accepted from the broker (length prefix included)
+    /// during HELLO; after it, frames up to the larger of this and the
+    /// broker's announced `max_frame_bytes` (HELLO_OK) are accepted.
     pub max_frame_bytes: u32,
     /// A request without an answer after this fails with
     /// [`ClientError::Timeout`](crate::ClientError::Timeout). Also bounds the
@@ -21,9 +23,12 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// Bound on opening a TCP connection plus the HELLO exchange.
     pub connect_timeout: Duration,
-    /// First delay before a reconnect attempt; doubled after each failure.
+    /// First delay before a reconnect attempt; doubled after each failure
+    /// (a connection that dropped before it lived `reconnect_backoff_max`
+    /// counts as one).
     pub reconnect_backoff_initial: Duration,
-    /// Cap on the reconnect delay.
+    /// Cap on the reconnect delay; also how long a connection must live for
+    /// the delay to start again from `reconnect_backoff_initial`.
     pub reconnect_backoff_max: Duration,
     /// Frames queued for the socket writer at most (backpressure beyond).
     pub write_queue_frames: usize,

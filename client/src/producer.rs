@@ -20,15 +20,15 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dmq_protocol::{
-    DeliveryTime, ErrorCode, Header, MessageId, Produce, ProduceRecord, ProducedRecord,
-    ProducerSequence, Request, Response,
+    max_record_bytes, produce_record_size, DeliveryTime, ErrorCode, Header, MessageId, Produce,
+    ProduceRecord, ProducedRecord, ProducerSequence, Request, Response,
 };
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio::time::Instant;
@@ -185,6 +185,9 @@ struct ProducerShared {
     /// batch goes out at once instead of lingering (Nagle's rule: batches
     /// grow with the round trip, and a lone message does not wait).
     in_flight: AtomicUsize,
+    /// The broker's maximum record size (PROTOCOL.md §8), once known: a
+    /// larger message fails alone at `send` instead of failing its batch.
+    max_record_bytes: AtomicU32,
 }
 
 struct BatchState {
@@ -210,11 +213,12 @@ impl Producer {
             .min(Semaphore::MAX_PERMITS as u32);
         // The broker's frame limit, if the connection is up already; the
         // batching task checks again once it is.
-        let frame_limit = match &*client.shared().state.borrow() {
-            ConnState::Connected(conn) => {
-                (conn.hello.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM_BYTES)
-            }
-            _ => options.max_batch_bytes,
+        let (frame_limit, max_record_bytes) = match &*client.shared().state.borrow() {
+            ConnState::Connected(conn) => (
+                (conn.hello.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM_BYTES),
+                max_record_bytes(conn.hello.max_frame_bytes),
+            ),
+            _ => (options.max_batch_bytes, u32::MAX),
         };
         let shared = Arc::new(ProducerShared {
             state: Mutex::new(BatchState {
@@ -230,6 +234,7 @@ impl Producer {
             max_batch_messages: options.max_batch_messages.max(1),
             linger: options.linger,
             in_flight: AtomicUsize::new(0),
+            max_record_bytes: AtomicU32::new(max_record_bytes),
         });
         tokio::spawn(batch_loop(client.clone(), options, Arc::clone(&shared)));
         Producer {
@@ -249,6 +254,11 @@ impl Producer {
             return SendFuture::failed(ClientError::InvalidArgument("empty topic".into()));
         }
         let shared = &self.inner.shared;
+        let max = shared.max_record_bytes.load(Ordering::Relaxed);
+        let bytes = produce_record_size(&message.record);
+        if bytes > u64::from(max) {
+            return SendFuture::failed(ClientError::RecordTooLarge { bytes, max });
+        }
         match shared.permits.try_acquire() {
             Ok(permit) => {
                 permit.forget();
@@ -567,6 +577,10 @@ async fn batch_loop(client: Client, options: ProducerOptions, shared: Arc<Produc
     if let Ok(conn) = client.shared().conn().await {
         let frame_limit =
             (conn.hello.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM_BYTES);
+        shared.max_record_bytes.store(
+            max_record_bytes(conn.hello.max_frame_bytes),
+            Ordering::Relaxed,
+        );
         let mut state = lock(&shared.state);
         state.max_batch_bytes = state.max_batch_bytes.min(frame_limit).max(1);
     }

@@ -48,12 +48,17 @@ async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin), buf: &mut BytesMut
 
 impl FakeServer {
     async fn start() -> FakeServer {
+        FakeServer::announcing(DEFAULT_MAX_FRAME_BYTES).await
+    }
+
+    /// A server whose HELLO_OK announces `max_frame_bytes`.
+    async fn announcing(max_frame_bytes: u32) -> FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (sender, connections) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                if let Some(conn) = FakeConn::handshake(stream).await {
+                if let Some(conn) = FakeConn::handshake(stream, max_frame_bytes).await {
                     if sender.send(conn).await.is_err() {
                         return;
                     }
@@ -70,20 +75,25 @@ impl FakeServer {
             .expect("listener alive")
     }
 
+    /// Connections (past HELLO) accepted so far and not yet taken.
+    fn accepted(&mut self) -> Vec<FakeConn> {
+        std::iter::from_fn(|| self.connections.try_recv().ok()).collect()
+    }
+
     fn addr(&self) -> String {
         self.addr.to_string()
     }
 }
 
 impl FakeConn {
-    async fn handshake(stream: TcpStream) -> Option<FakeConn> {
+    async fn handshake(stream: TcpStream, max_frame_bytes: u32) -> Option<FakeConn> {
         let (mut reader, mut writer) = stream.into_split();
         let mut buf = BytesMut::new();
         let hello = read_frame(&mut reader, &mut buf).await?;
         assert!(matches!(hello.body, Body::Request(Request::Hello(_))));
         let ok = HelloOk {
             version: 1,
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_frame_bytes,
             broker_id: "fake".into(),
         };
         let mut out = BytesMut::new();
@@ -486,4 +496,170 @@ async fn fetch_pulls_and_nack_carries_delay() {
     assert_eq!(nack_request.messages[0].offset, 5);
     conn.reply(frame.correlation_id, Response::Ok).await;
     nack.await.expect("nack confirmed");
+}
+
+/// Subscribes `client` to t/g through `conn`, which answers SUBSCRIBED with
+/// subscription id 1.
+async fn subscribed(client: &Client, conn: &mut FakeConn) -> dmq_client::Subscription {
+    let consumer = client.consumer();
+    let subscribing = tokio::spawn(async move {
+        consumer
+            .subscribe("t", "g", SubscribeOptions::default())
+            .await
+    });
+    let frame = conn.recv().await;
+    assert!(matches!(request(&frame), Request::Subscribe(_)));
+    conn.reply(
+        frame.correlation_id,
+        Subscribed {
+            subscription_id: 1,
+            partitions: vec![0],
+        },
+    )
+    .await;
+    subscribing.await.expect("join").expect("subscribed")
+}
+
+#[tokio::test]
+async fn frames_up_to_the_brokers_announced_maximum_are_accepted() {
+    // The client's own limit is smaller than what the broker announces:
+    // the broker's is the one that counts once HELLO_OK says it.
+    let mut server = FakeServer::announcing(1 << 20).await;
+    let mut options = options();
+    options.max_frame_bytes = 64 * 1024;
+    let client = Client::connect(server.addr(), options)
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let mut subscription = subscribed(&client, &mut conn).await;
+    let mut big = delivery(1, 0);
+    big.value = Bytes::from(vec![b'x'; 512 * 1024]);
+    conn.send(Frame::push(big)).await;
+    let message = tokio::time::timeout(WAIT, subscription.recv())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("a message, not an error");
+    assert_eq!(message.value.len(), 512 * 1024);
+}
+
+#[tokio::test]
+async fn an_undecodable_frame_ends_the_subscription_instead_of_a_reconnect_loop() {
+    let max = 64 * 1024;
+    let mut server = FakeServer::announcing(max).await;
+    let mut options = options();
+    options.max_frame_bytes = max;
+    let client = Client::connect(server.addr(), options)
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let mut subscription = subscribed(&client, &mut conn).await;
+    // A message the client already has, then a DELIVER over every limit
+    // (a broker bug, or a record stored under a larger limit).
+    conn.send(Frame::push(delivery(1, 0))).await;
+    let mut big = delivery(1, 1);
+    big.value = Bytes::from(vec![b'x'; max as usize]);
+    conn.send(Frame::push(big)).await;
+    // The stream yields the message, then the error, then ends.
+    let first = tokio::time::timeout(WAIT, subscription.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(first.expect("the first message").offset, 0);
+    let error = tokio::time::timeout(WAIT, subscription.recv())
+        .await
+        .expect("in time")
+        .expect("an error");
+    match error {
+        Err(ClientError::Protocol(dmq_client::protocol::WireError::FrameTooLarge {
+            max: limit,
+            ..
+        })) => assert_eq!(limit, max),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    let end = tokio::time::timeout(WAIT, subscription.recv())
+        .await
+        .expect("in time");
+    assert!(end.is_none(), "the stream ends: {end:?}");
+    // No reconnect loop: within a second, at most one new connection (the
+    // client stays usable), and nothing re-subscribes there.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut again = server.accepted();
+    assert!(again.len() <= 1, "{} reconnects in a second", again.len());
+    for conn in &mut again {
+        let frame = tokio::time::timeout(Duration::from_millis(100), conn.requests.recv()).await;
+        assert!(frame.is_err(), "nothing sent after a reconnect: {frame:?}");
+    }
+    // The client itself still works.
+    let pinger = client.clone();
+    let ping = tokio::spawn(async move { pinger.ping().await });
+    let mut conn = match again.pop() {
+        Some(conn) => conn,
+        None => server.accept().await,
+    };
+    let frame = conn.recv().await;
+    assert!(matches!(request(&frame), Request::Ping));
+    conn.reply(frame.correlation_id, Response::Pong).await;
+    ping.await.expect("join").expect("pong");
+}
+
+#[tokio::test]
+async fn a_connection_dropped_at_once_is_retried_with_growing_backoff() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    // Every connection is dropped as soon as it is made: the reconnects
+    // wait 10, 20, 40, 80, 160, ... ms, not nothing.
+    drop(server.accept().await);
+    let started = tokio::time::Instant::now();
+    let mut connections = 0;
+    while started.elapsed() < Duration::from_secs(1) {
+        if let Ok(Some(conn)) =
+            tokio::time::timeout(Duration::from_millis(50), server.connections.recv()).await
+        {
+            connections += 1;
+            drop(conn);
+        }
+    }
+    assert!(
+        (2..=8).contains(&connections),
+        "{connections} connections in a second"
+    );
+    drop(client);
+}
+
+#[tokio::test]
+async fn a_record_over_the_brokers_maximum_fails_alone_before_sending() {
+    let max = 64 * 1024;
+    let mut server = FakeServer::announcing(max).await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let producer = client.producer();
+    let limit = dmq_client::protocol::max_record_bytes(max) as usize;
+    // No key, no header: 9 bytes besides the value.
+    let over = producer.send(Message::new("t", vec![b'x'; limit - 9 + 1]));
+    match over.await {
+        Err(ClientError::RecordTooLarge { bytes, max }) => {
+            assert_eq!((bytes, max as usize), (limit as u64 + 1, limit));
+        }
+        other => panic!("expected RecordTooLarge, got {other:?}"),
+    }
+    let at_limit = producer.send(Message::new("t", vec![b'x'; limit - 9]));
+    let frame = conn.recv().await;
+    let Request::Produce(produce) = request(&frame) else {
+        panic!("expected PRODUCE, got {frame:?}");
+    };
+    assert_eq!(produce.records.len(), 1, "only the one within the limit");
+    let records = vec![ProducedRecord {
+        partition: 0,
+        offset: Some(0),
+        message_id: MessageId([1; 16]),
+        deliver_at_ms: None,
+    }];
+    conn.reply(frame.correlation_id, ProduceOk { records })
+        .await;
+    at_limit.await.expect("stored");
 }

@@ -1579,7 +1579,13 @@ impl Dispatcher {
         }
         for (partition, offset, timer) in orphans {
             self.wheel.cancel(timer);
-            self.after_failed_attempt(state_index, partition, offset, Some(0), "member left")?;
+            self.after_failed_attempt(
+                state_index,
+                partition,
+                offset,
+                Some(0),
+                names::REASON_MEMBER_LEFT,
+            )?;
         }
         Ok(())
     }
@@ -1627,6 +1633,46 @@ impl Dispatcher {
             .partition(|d| d.member == member);
         self.outbox = others;
         Ok(mine)
+    }
+
+    /// Gives back a message that [`fetch`](Self::fetch) handed to `member`
+    /// and the caller did not send (it did not fit the answer frame): it is
+    /// ready again at once, its ack deadline is dropped, and its next
+    /// delivery carries the same attempt number (a delivery nobody
+    /// received is not an attempt). Unlike a NACK, it never moves the
+    /// message to the dead-letter topic. Returns false, changing nothing,
+    /// if the message is not in flight to `member`.
+    ///
+    /// The `Delivered` event already emitted stays: the trace shows the
+    /// same attempt delivered again.
+    pub fn return_unsent(&mut self, member: MemberId, partition: u32, offset: u64) -> Result<bool> {
+        let state_index = self.member_state(member)?;
+        let state = &mut self.states[state_index];
+        let Some(part) = state.partitions.get_mut(partition as usize) else {
+            let topic = state.key.topic.to_string();
+            return Err(DispatchError::UnknownPartition { topic, partition });
+        };
+        let Some(pending) = part.pending.get_mut(&offset) else {
+            return Ok(false);
+        };
+        let Stage::InFlight {
+            member: holder,
+            timer,
+        } = pending.stage
+        else {
+            return Ok(false);
+        };
+        if holder != member {
+            return Ok(false);
+        }
+        self.wheel.cancel(timer);
+        pending.attempt = pending.attempt.saturating_sub(1);
+        pending.stage = Stage::Ready;
+        part.ready.insert(offset);
+        if let Some(rate) = &mut state.rate {
+            rate.give_back();
+        }
+        Ok(true)
     }
 
     // ----- acks -------------------------------------------------------------
@@ -1737,7 +1783,13 @@ impl Dispatcher {
             EventKind::Nacked { retry_in_ms },
             None,
         );
-        self.after_failed_attempt(state_index, partition, offset, Some(retry_in_ms), "nack")
+        self.after_failed_attempt(
+            state_index,
+            partition,
+            offset,
+            Some(retry_in_ms),
+            names::REASON_NACK,
+        )
     }
 
     /// After a failed attempt (timeout, nack, member left): retry after
@@ -1912,7 +1964,15 @@ impl Dispatcher {
                 },
             )?;
         }
-        let mut headers = record.headers.clone();
+        // A dead letter of a dead letter replaces the earlier move's
+        // headers: a copy never grows past the frame headroom that the
+        // six headers are counted in (PROTOCOL.md §8).
+        let mut headers: Vec<(Bytes, Bytes)> = record
+            .headers
+            .iter()
+            .filter(|(name, _)| !name.starts_with(names::DEAD_LETTER_HEADER_PREFIX.as_bytes()))
+            .cloned()
+            .collect();
         for (name, value) in [
             ("dmq.dlq.topic", topic.clone()),
             ("dmq.dlq.partition", partition.to_string()),
@@ -2158,7 +2218,7 @@ impl Dispatcher {
                         task.partition,
                         task.offset,
                         None,
-                        "ack timeout",
+                        names::REASON_ACK_TIMEOUT,
                     )?;
                 }
                 (TimerKind::Retry, Stage::Waiting { .. }) => {
@@ -2175,7 +2235,7 @@ impl Dispatcher {
             .iter()
             .map(|(task, _)| (task.state as usize, task.partition, task.offset))
             .collect();
-        if let Err((failed, error)) = self.dead_letter_many(&moves, "ack timeout") {
+        if let Err((failed, error)) = self.dead_letter_many(&moves, names::REASON_ACK_TIMEOUT) {
             // A dead-letter move that failed (no room, a partition cap): the
             // messages stay in flight and are tried again later.
             tracing::error!(

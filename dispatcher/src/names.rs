@@ -1,6 +1,7 @@
 //! One home for the names of topics, groups and members: what a valid name
 //! is, the names derived from them (dead-letter topics, ack journals), the
-//! internal prefix, and the header names the dispatcher reserves.
+//! internal prefix, the header names the dispatcher reserves, and the
+//! reasons a dead-letter copy names.
 //!
 //! Every entry point (the protocol, the admin API, the dispatcher) checks
 //! names here, **before** anything is journaled: a name accepted once is
@@ -15,7 +16,9 @@
 //! - a group's derived names must be valid too: its default dead-letter
 //!   topic `<topic>.<group>.dlq` (unless the group names its own) and its
 //!   ack journal `group.<topic>.<group>[.<member>]`, at most
-//!   [`JOURNAL_NAME_LEN_MAX`] bytes.
+//!   [`JOURNAL_NAME_LEN_MAX`] bytes;
+//! - a failed attempt's reason (also the `dmq.dlq.reason` header) is one of
+//!   the `REASON_*` constants, at most [`REASON_LEN_MAX`] bytes.
 
 /// Longest topic, group or member name, in bytes.
 pub const NAME_LEN_MAX: usize = 100;
@@ -31,6 +34,25 @@ pub const DEAD_LETTER_HEADER_PREFIX: &str = "dmq.dlq.";
 pub const DELAY_HEADER_PREFIX: &str = "dmq.delay.";
 /// Prefix of a group's ack journal name.
 const GROUP_JOURNAL_PREFIX: &str = "group.";
+
+/// Why an attempt failed (the reason of a `Redelivered` event, and the
+/// `dmq.dlq.reason` header of a dead-letter copy): the ack deadline passed.
+pub const REASON_ACK_TIMEOUT: &str = "ack timeout";
+/// Why an attempt failed: the consumer sent NACK.
+pub const REASON_NACK: &str = "nack";
+/// Why an attempt failed: the member holding it left its group.
+pub const REASON_MEMBER_LEFT: &str = "member left";
+/// Longest reason, in bytes. The protocol's maximum record size reserves
+/// room for a dead-letter copy's headers with a reason this long
+/// (`dmq_protocol::limits::DEAD_LETTER_REASON_BYTES_MAX`, the same
+/// number): a new reason must stay within it.
+pub const REASON_LEN_MAX: usize = 32;
+
+const _: () = assert!(
+    REASON_ACK_TIMEOUT.len() <= REASON_LEN_MAX
+        && REASON_NACK.len() <= REASON_LEN_MAX
+        && REASON_MEMBER_LEFT.len() <= REASON_LEN_MAX
+);
 
 /// Why a name is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

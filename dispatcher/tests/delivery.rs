@@ -206,6 +206,54 @@ fn a_member_that_leaves_hands_its_messages_to_the_others_at_once() {
 }
 
 #[test]
+fn a_fetched_message_returned_unsent_keeps_its_attempt_and_is_never_dead_lettered() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    // One attempt only: a NACK here would dead-letter at once.
+    let once = GroupConfig {
+        max_attempts: 1,
+        ..config()
+    };
+    w.dispatcher.subscribe("t", "g", once).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    let other = w.dispatcher.join("t", "g", "other").unwrap();
+    w.produce("t", &["a", "b", "c"]);
+    let got = w.dispatcher.fetch(member, 3).unwrap();
+    assert_eq!(World::values(&got), vec!["a", "b", "c"]);
+    w.dispatcher.ack(member, 0, 0).unwrap();
+    // "b" and "c" did not fit the caller's frame: handed back.
+    for d in &got[1..] {
+        assert!(w
+            .dispatcher
+            .return_unsent(member, 0, d.record.offset)
+            .unwrap());
+    }
+    // Not twice, not by another member, not a message never delivered.
+    assert!(!w.dispatcher.return_unsent(member, 0, 1).unwrap());
+    assert!(!w.dispatcher.return_unsent(member, 0, 0).unwrap(), "acked");
+    assert!(!w.dispatcher.return_unsent(other, 0, 1).unwrap());
+    assert!(!w.dispatcher.return_unsent(member, 0, 9).unwrap());
+    assert!(w.dispatcher.return_unsent(member, 3, 0).is_err());
+    // Their ack deadline is gone: long after it, nothing was dead-lettered
+    // and they come back first, as attempt 1 still.
+    w.clock.advance_ms(5_000);
+    let again = w.dispatcher.fetch(member, 10).unwrap();
+    assert_eq!(World::values(&again), vec!["b", "c"]);
+    assert!(again.iter().all(|d| d.attempt == 1));
+    assert!(w.storage.memory_log("t.g.dlq", 0).is_none());
+    assert!(!w
+        .events
+        .take()
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::DeadLettered { .. })));
+    // Sent this time and not acked: the one attempt counts as usual.
+    w.clock.advance_ms(1_000);
+    assert!(w.dispatcher.fetch(member, 10).unwrap().is_empty());
+    assert_eq!(w.dispatcher.group_stats("t", "g").unwrap()[0].ack_floor, 3);
+    assert!(w.storage.memory_log("t.g.dlq", 0).is_some());
+}
+
+#[test]
 fn delayed_messages_arrive_at_their_time_not_before() {
     let mut w = World::new();
     topic(&mut w, "t", false);
@@ -650,4 +698,47 @@ fn ack_timeouts_of_last_attempts_move_to_the_dead_letter_topic_in_one_append() {
         w.dispatcher.group_stats("t", "g").unwrap()[0].ack_floor,
         500
     );
+}
+
+#[test]
+fn a_dead_letter_of_a_dead_letter_carries_one_set_of_dlq_headers() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let once = GroupConfig {
+        max_attempts: 1,
+        ..config()
+    };
+    w.dispatcher.subscribe("t", "g", once.clone()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.produce("t", &["poison"]);
+    w.dispatcher.fetch(member, 1).unwrap();
+    w.dispatcher.nack(member, 0, 0, None).unwrap();
+    // The dead-letter topic's own consumer fails it too.
+    w.dispatcher.subscribe("t.g.dlq", "h", once).unwrap();
+    let second = w.dispatcher.join("t.g.dlq", "h", "m").unwrap();
+    assert_eq!(w.dispatcher.fetch(second, 1).unwrap().len(), 1);
+    w.dispatcher.nack(second, 0, 0, None).unwrap();
+    use dmq_dispatcher::PartitionLog;
+    let copy = w
+        .storage
+        .memory_log("t.g.dlq.h.dlq", 0)
+        .expect("second dead-letter topic")
+        .read(0, 1)
+        .unwrap();
+    let dlq_headers: Vec<String> = copy[0]
+        .headers
+        .iter()
+        .filter(|(name, _)| name.starts_with(b"dmq.dlq."))
+        .map(|(name, value)| {
+            format!(
+                "{}={}",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(value)
+            )
+        })
+        .collect();
+    // Six headers (the frame headroom counts six), the latest move's.
+    assert_eq!(dlq_headers.len(), 6, "{dlq_headers:?}");
+    assert!(dlq_headers.contains(&"dmq.dlq.topic=t.g.dlq".to_string()));
+    assert!(dlq_headers.contains(&"dmq.dlq.group=h".to_string()));
 }

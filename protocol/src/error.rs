@@ -103,6 +103,9 @@ error_codes! {
     OutOfOrderSequence = 21,
     /// The request timed out inside the broker.
     Timeout = 22,
+    /// A PRODUCE (or admin test message) holding a record larger than the
+    /// maximum record size (PROTOCOL.md §8); nothing was stored.
+    RecordTooLarge = 23,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -235,13 +238,14 @@ mod tests {
             (ErrorCode::GroupConfigConflict, 20),
             (ErrorCode::OutOfOrderSequence, 21),
             (ErrorCode::Timeout, 22),
+            (ErrorCode::RecordTooLarge, 23),
         ];
         assert_eq!(pinned.len(), ErrorCode::ALL.len());
         for (code, number) in pinned {
             assert_eq!(code.as_u32(), number);
             assert_eq!(ErrorCode::from_u32(number), code);
         }
-        for number in [0, 23, 1000, u32::MAX] {
+        for number in [0, 24, 1000, u32::MAX] {
             assert_eq!(ErrorCode::from_u32(number), ErrorCode::Unknown(number));
             assert_eq!(ErrorCode::from_u32(number).as_u32(), number);
         }

@@ -18,6 +18,9 @@
 //! - [`encode`]: [`encode_frame`], [`encode_frame_to_vec`].
 //! - [`error`]: [`ErrorCode`] (stable numbers, never renumbered),
 //!   [`WireError`] (structured decode errors), [`EncodeError`].
+//! - [`limits`]: the maximum record size ([`max_record_bytes`]), how a
+//!   record is measured ([`record_wire_size`]) and the refusal of a
+//!   PRODUCE over it ([`check_record_sizes`]).
 //! - [`version`]: [`PROTOCOL_VERSION`] and [`negotiate_version`].
 //! - [`fuzzing`]: the fuzz target's entry point.
 //!
@@ -41,6 +44,7 @@ pub mod encode;
 pub mod error;
 pub mod frame;
 pub mod fuzzing;
+pub mod limits;
 pub mod types;
 pub mod version;
 
@@ -51,6 +55,10 @@ pub use decode::{
 pub use encode::{encode_frame, encode_frame_to_vec};
 pub use error::{EncodeError, ErrorCode, WireError};
 pub use frame::*;
+pub use limits::{
+    check_record_sizes, delivery_wire_size, max_record_bytes, produce_record_size,
+    record_wire_size, RecordTooLarge, RECORD_HEADROOM_BYTES,
+};
 pub use types::*;
 pub use version::{
     negotiate_between, negotiate_version, DEFAULT_MAX_FRAME_BYTES, MIN_PROTOCOL_VERSION,

@@ -1,7 +1,8 @@
 //! Properties of the codec: encode → decode is the identity for every
 //! opcode, decoding never panics, every strict prefix of a frame is
 //! "incomplete", oversize lengths are rejected from the 4-byte prefix alone,
-//! and trailing bytes are rejected.
+//! trailing bytes are rejected, and the record and delivery sizes of
+//! `limits` are the encoder's.
 
 mod common;
 
@@ -128,6 +129,32 @@ proptest! {
         prop_assert_eq!(
             decode_frame(&bytes, MAX),
             Err(WireError::TrailingBytes { opcode: frame.opcode().as_u16(), extra: extra.len() })
+        );
+    }
+
+    #[test]
+    fn record_and_delivery_sizes_are_their_encoded_sizes(delivery in delivery()) {
+        // A DELIVER push is the frame header plus the delivery.
+        let push = encode(&Frame::push(delivery.clone()));
+        prop_assert_eq!(push.len() as u64, MIN_FRAME_BYTES as u64 + delivery_wire_size(&delivery));
+        // The record's part: what a PRODUCE record with the same key,
+        // headers and value measures, and what a clean DELIVER needs
+        // beyond the smallest delivery.
+        let record = ProduceRecord {
+            key: delivery.key.clone(),
+            headers: delivery.headers.clone(),
+            value: delivery.value.clone(),
+            ..ProduceRecord::default()
+        };
+        let bare = Delivery {
+            key: None,
+            headers: Vec::new(),
+            value: Bytes::new(),
+            ..delivery.clone()
+        };
+        prop_assert_eq!(
+            delivery_wire_size(&delivery) - delivery_wire_size(&bare),
+            produce_record_size(&record) - 9
         );
     }
 

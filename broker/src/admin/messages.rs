@@ -685,6 +685,7 @@ async fn test_message(
                 peer,
                 received_ms: now,
             },
+            max_frame_bytes: services.config.max_frame_bytes,
         },
     )
     .await?;
@@ -778,9 +779,6 @@ struct Resend {
 /// Dead letters resent in one produce (one append per partition).
 const RESEND_BATCH: usize = 1_000;
 
-/// Headers the dispatcher adds when it dead-letters a message.
-const DEAD_LETTER_HEADER_PREFIX: &[u8] = b"dmq.dlq.";
-
 async fn resend(
     State(services): State<Services>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
@@ -857,7 +855,11 @@ async fn resend(
                 headers: record
                     .headers
                     .iter()
-                    .filter(|(name, _)| !name.starts_with(DEAD_LETTER_HEADER_PREFIX))
+                    .filter(|(name, _)| {
+                        !name.starts_with(
+                            dmq_dispatcher::names::DEAD_LETTER_HEADER_PREFIX.as_bytes(),
+                        )
+                    })
                     .cloned()
                     .collect(),
                 value: record.value.clone(),
@@ -880,6 +882,7 @@ async fn resend(
                     peer,
                     received_ms: now_ms(),
                 },
+                max_frame_bytes: services.config.max_frame_bytes,
             },
         )
         .await?;

@@ -114,6 +114,32 @@ impl Connection {
         }
     }
 
+    /// The next frame and its size in bytes, decoded with the broker's
+    /// `max_frame_bytes`: a frame over it fails the test. None when the
+    /// broker closed the connection or sent nothing within 10 s.
+    pub async fn sized_frame(&mut self, max_frame_bytes: u32) -> Option<(Frame, usize)> {
+        loop {
+            match decode_frame(&self.buffer, max_frame_bytes) {
+                Ok(Some((frame, used))) => {
+                    let _ = self.buffer.split_to(used);
+                    return Some((frame, used));
+                }
+                Ok(None) => {}
+                Err(error) => panic!("the broker sent a frame over {max_frame_bytes}: {error}"),
+            }
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.stream.read_buf(&mut self.buffer),
+            )
+            .await
+            .ok()?
+            .unwrap_or(0);
+            if read == 0 {
+                return None;
+            }
+        }
+    }
+
     pub async fn request(&mut self, request: Request) -> Response {
         let id = self.send(request).await;
         loop {
