@@ -532,3 +532,82 @@ async fn a_topics_defaults_apply_to_its_messages_and_groups() {
     .await;
     broker.stop().await;
 }
+
+/// docs/admin-api.md, `POST /api/topics`: 409 for a topic that exists,
+/// registered or not. A dead-letter topic (`dev.web.dlq`: topic `dev`,
+/// group `web`) is not registered; creating its name was 201 and adopted
+/// it into the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_topic_that_exists_unregistered_is_409() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("dev", 1, false).await.unwrap();
+    let sent = client
+        .producer()
+        .send(Message::new("dev", "poison"))
+        .await
+        .unwrap();
+    let mut subscription = client
+        .consumer()
+        .subscribe(
+            "dev",
+            "web",
+            SubscribeOptions {
+                settings: dmq_protocol::GroupSettings {
+                    max_attempts: Some(1),
+                    ..Default::default()
+                },
+                ..options("m")
+            },
+        )
+        .await
+        .unwrap();
+    let message = next(&mut subscription, Duration::from_secs(10))
+        .await
+        .unwrap();
+    message.nack(None).await.unwrap();
+    let api = Api::new(broker.admin, None);
+    let id = sent.id.to_string();
+    http(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let trace = api.ok(&format!("/api/trace/{id}"));
+            let dead = trace["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "dead_lettered");
+            if dead {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{trace}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let body = json!({"environment": "dev", "department": "web", "name": "dlq",
+                          "owner": "alice"});
+        let (status, answer) = api.post("/api/topics", body);
+        assert_eq!(status, 409, "{answer}");
+        assert_eq!(answer["error"]["code"], "conflict");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("already exists"),
+            "{answer}"
+        );
+        let registered: Vec<String> = api
+            .ok("/api/topics")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            registered,
+            ["dev"],
+            "the dead-letter topic stays unregistered"
+        );
+    })
+    .await;
+    broker.stop().await;
+}

@@ -494,3 +494,114 @@ async fn subscribe_with_other_settings_than_the_group_is_a_conflict() {
     assert_eq!(connection.request(Request::Ping).await, Response::Pong);
     broker.stop().await;
 }
+
+fn create_topic(name: &str, partitions: u32, ordered: bool) -> Request {
+    Request::CreateTopic(dmq_protocol::CreateTopic {
+        name: name.into(),
+        partitions,
+        ordered,
+    })
+}
+
+/// PROTOCOL.md §6.12 and §7: CREATE_TOPIC of a name that exists is
+/// TopicExists, with the same settings too (that answered OK), and with a
+/// dead-letter topic's name once the broker made it (that answered OK and
+/// registered it); nothing changes and the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_an_existing_topic_is_topic_exists_whatever_its_settings() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    assert_eq!(
+        connection.request(create_topic("t", 1, false)).await,
+        Response::Ok
+    );
+    for (partitions, ordered) in [(1, false), (2, false), (1, true)] {
+        let again = connection
+            .request(create_topic("t", partitions, ordered))
+            .await;
+        assert_eq!(
+            error_code(&again),
+            Some(ErrorCode::TopicExists),
+            "{partitions} partitions, ordered {ordered}: {again:?}"
+        );
+    }
+    let described = connection
+        .request(Request::DescribeTopic(dmq_protocol::DescribeTopic {
+            name: "t".into(),
+        }))
+        .await;
+    let Response::TopicDescription(described) = described else {
+        panic!("{described:?}")
+    };
+    assert_eq!((described.partitions.len(), described.ordered), (1, false));
+
+    // A dead-letter topic exists once its first message is dead-lettered.
+    let subscribed = connection
+        .request(Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "t".into(),
+            group: "g".into(),
+            member_name: "m".into(),
+            credit: 1,
+            settings: dmq_protocol::GroupSettings {
+                max_attempts: Some(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        }))
+        .await;
+    let Response::Subscribed(subscribed) = subscribed else {
+        panic!("{subscribed:?}")
+    };
+    let produce = connection
+        .send(Request::Produce(dmq_protocol::Produce {
+            topic: "t".into(),
+            partition: Some(0),
+            records: vec![dmq_protocol::ProduceRecord::default()],
+            ..Default::default()
+        }))
+        .await;
+    // PRODUCE_OK and the DELIVER push come in either order.
+    let (mut produced, mut delivery) = (false, None);
+    while !produced || delivery.is_none() {
+        let frame = connection.frame().await.expect("PRODUCE_OK and DELIVER");
+        match frame.body {
+            Body::Push(dmq_protocol::Push::Deliver(pushed)) => delivery = Some(pushed),
+            Body::Response(Response::ProduceOk(_)) if frame.correlation_id == produce => {
+                produced = true;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let delivery = delivery.unwrap();
+    let nacked = connection
+        .request(Request::Nack(dmq_protocol::Nack {
+            subscription_id: subscribed.subscription_id,
+            messages: vec![dmq_protocol::MessagePosition {
+                partition: 0,
+                offset: delivery.offset,
+            }],
+            delay_ms: None,
+        }))
+        .await;
+    assert_eq!(nacked, Response::Ok);
+    let list = || Request::ListTopics;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let Response::Topics(topics) = connection.request(list()).await else {
+            panic!("TOPICS expected")
+        };
+        if topics.topics.iter().any(|topic| topic.name == "t.g.dlq") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = connection.request(create_topic("t.g.dlq", 1, false)).await;
+    assert_eq!(
+        error_code(&again),
+        Some(ErrorCode::TopicExists),
+        "{again:?}"
+    );
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    broker.stop().await;
+}

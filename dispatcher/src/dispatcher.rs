@@ -95,9 +95,9 @@ pub enum DispatchError {
         /// Why it could not be restored.
         reason: String,
     },
-    /// A topic that exists with another configuration.
-    #[error("topic {0:?} already exists with another configuration")]
-    TopicConflict(String),
+    /// `create_topic` of a name that exists, whatever its configuration.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
     /// An ack or nack for an offset the group was never given.
     #[error("offset {offset} of partition {partition} was not delivered to this group")]
     NotDelivered {
@@ -775,7 +775,10 @@ impl Dispatcher {
 
     // ----- topics ---------------------------------------------------------
 
-    /// Creates a topic (idempotent for the same configuration).
+    /// Creates a topic. A name that exists is [`DispatchError::TopicExists`],
+    /// even with the same configuration: creation is not idempotent, so a
+    /// caller learns that the topic (and its messages and groups) was there
+    /// before it.
     ///
     /// Validate, then create, then journal: the name and partition count
     /// are checked ([`crate::names`], [`DispatcherConfig`]'s caps), the
@@ -786,12 +789,8 @@ impl Dispatcher {
         names::check_topic(name)?;
         check_partition_count(config.partitions).map_err(DispatchError::InvalidArgument)?;
         self.check_not_quarantined(name, None)?;
-        if let Some(existing) = self.topics.get(name) {
-            return if existing.config == config {
-                Ok(())
-            } else {
-                Err(DispatchError::TopicConflict(name.to_string()))
-            };
+        if self.topics.contains_key(name) {
+            return Err(DispatchError::TopicExists(name.to_string()));
         }
         if config.partitions > self.config.max_partitions_per_topic {
             return Err(DispatchError::InvalidArgument(format!(

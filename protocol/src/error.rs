@@ -77,7 +77,7 @@ error_codes! {
     UnknownSubscription = 9,
     /// The partition does not exist in the topic.
     UnknownPartition = 10,
-    /// CREATE_TOPIC for a name that exists.
+    /// CREATE_TOPIC for a name that exists, whatever its settings.
     TopicExists = 11,
     /// A well-formed request whose values are not acceptable (bad name,
     /// zero partitions, HELLO sent twice, ...).

@@ -154,7 +154,7 @@ fn dispatch_error(message: String, error: &EngineError) -> ApiError {
             | D::InvalidArgument(_)
             | D::NotDelivered { .. },
         ) => ApiError::bad_request(message),
-        EngineError::Dispatch(D::TopicConflict(_) | D::Quarantined { .. }) => {
+        EngineError::Dispatch(D::TopicExists(_) | D::Quarantined { .. }) => {
             ApiError::conflict(message)
         }
         EngineError::Dispatch(D::Store(
