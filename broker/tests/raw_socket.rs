@@ -605,3 +605,77 @@ async fn creating_an_existing_topic_is_topic_exists_whatever_its_settings() {
     assert_eq!(connection.request(Request::Ping).await, Response::Pong);
     broker.stop().await;
 }
+
+/// Sends `frame` as it is (a client is not supposed to send responses or
+/// pushes).
+async fn send_frame(connection: &mut Connection, frame: &dmq_protocol::Frame) {
+    let bytes = dmq_protocol::encode_frame_to_vec(frame).unwrap();
+    connection.send_raw(&bytes).await;
+}
+
+/// PROTOCOL.md §4 and §7: InvalidRequest answers one frame that was
+/// decoded whole, and the connection stays open (a response or push opcode
+/// from a client closed it). Before HELLO_OK such a frame is refused like
+/// any request but HELLO and PING: NotAuthenticated, closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_request_keeps_the_connection_open() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    let next_error =
+        |frame: Option<dmq_protocol::Frame>| match frame.map(|f| (f.correlation_id, f.body)) {
+            Some((id, Body::Response(Response::Error(error)))) => (id, error.code),
+            other => panic!("ERROR expected, got {other:?}"),
+        };
+    // A response opcode, then a push (correlation id 0, as pushes must).
+    send_frame(
+        &mut connection,
+        &dmq_protocol::Frame::response(77, Response::Pong),
+    )
+    .await;
+    assert_eq!(
+        next_error(connection.frame().await),
+        (77, ErrorCode::InvalidRequest)
+    );
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    send_frame(
+        &mut connection,
+        &dmq_protocol::Frame::push(dmq_protocol::Push::Deliver(Default::default())),
+    )
+    .await;
+    assert_eq!(
+        next_error(connection.frame().await),
+        (0, ErrorCode::InvalidRequest)
+    );
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    // Requests with unacceptable values.
+    let second_hello = Request::Hello(dmq_protocol::Hello {
+        min_version: 1,
+        max_version: PROTOCOL_VERSION,
+        client_id: "test".into(),
+        secret: Bytes::new(),
+    });
+    let empty_produce = Request::Produce(dmq_protocol::Produce {
+        topic: "t".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        connection.request(create_topic("t", 1, false)).await,
+        Response::Ok
+    );
+    for request in [second_hello, empty_produce, create_topic("..", 1, false)] {
+        let answer = connection.request(request).await;
+        assert_eq!(
+            error_code(&answer),
+            Some(ErrorCode::InvalidRequest),
+            "{answer:?}"
+        );
+        assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    }
+
+    let mut early = Connection::open(broker.addr).await;
+    send_frame(&mut early, &dmq_protocol::Frame::response(3, Response::Ok)).await;
+    early
+        .expect_error_and_close(ErrorCode::NotAuthenticated)
+        .await;
+    broker.stop().await;
+}
