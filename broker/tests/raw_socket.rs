@@ -606,6 +606,116 @@ async fn creating_an_existing_topic_is_topic_exists_whatever_its_settings() {
     broker.stop().await;
 }
 
+fn describe_group(topic: &str, group: &str) -> Request {
+    Request::DescribeGroup(dmq_protocol::DescribeGroup {
+        topic: topic.into(),
+        group: group.into(),
+    })
+}
+
+/// DESCRIBE_GROUP's `delayed` per partition (PROTOCOL.md §6.25).
+async fn delayed(connection: &mut Connection, topic: &str, group: &str) -> Vec<u64> {
+    let described = connection.request(describe_group(topic, group)).await;
+    let Response::GroupDescription(described) = described else {
+        panic!("{described:?}")
+    };
+    described.partitions.iter().map(|p| p.delayed).collect()
+}
+
+/// PRODUCE of `delays` (ms) to one partition; the message ids.
+async fn produce_delayed(
+    connection: &mut Connection,
+    topic: &str,
+    partition: u32,
+    delays: &[u64],
+) -> Vec<dmq_protocol::MessageId> {
+    let produced = connection
+        .request(Request::Produce(dmq_protocol::Produce {
+            topic: topic.into(),
+            partition: Some(partition),
+            idempotence: None,
+            records: delays
+                .iter()
+                .map(|delay| dmq_protocol::ProduceRecord {
+                    delivery_time: dmq_protocol::DeliveryTime::DelayMs(*delay),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+        .await;
+    let Response::ProduceOk(produced) = produced else {
+        panic!("{produced:?}")
+    };
+    produced.records.iter().map(|r| r.message_id).collect()
+}
+
+/// DESCRIBE_GROUP's `delayed` counts the partition's pending delayed
+/// messages (it read 0): per partition, for every group, down on CANCEL_DELAY
+/// and when they fire, and the same after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_group_counts_each_partitions_pending_delays() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    assert_eq!(
+        connection.request(create_topic("d", 2, false)).await,
+        Response::Ok
+    );
+    let subscribe = |group: &str| {
+        Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "d".into(),
+            group: group.into(),
+            member_name: "m".into(),
+            ..Default::default()
+        })
+    };
+    for group in ["g", "h"] {
+        let subscribed = connection.request(subscribe(group)).await;
+        assert!(
+            matches!(subscribed, Response::Subscribed(_)),
+            "{subscribed:?}"
+        );
+    }
+    let hour = 3_600_000;
+    let ids = produce_delayed(&mut connection, "d", 1, &[hour, hour, 2 * hour]).await;
+    produce_delayed(&mut connection, "d", 0, &[0, hour]).await;
+    assert_eq!(delayed(&mut connection, "d", "g").await, [1, 3]);
+    assert_eq!(delayed(&mut connection, "d", "h").await, [1, 3]);
+    let cancelled = connection
+        .request(Request::CancelDelay(dmq_protocol::CancelDelay {
+            message_id: ids[2],
+        }))
+        .await;
+    assert_eq!(
+        cancelled,
+        Response::CancelDelayOk(dmq_protocol::CancelDelayOk { cancelled: true })
+    );
+    assert_eq!(delayed(&mut connection, "d", "g").await, [1, 2]);
+
+    // One that fires leaves the count.
+    produce_delayed(&mut connection, "d", 0, &[200]).await;
+    assert_eq!(delayed(&mut connection, "d", "g").await, [2, 2]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while delayed(&mut connection, "d", "g").await != [1, 2] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delay never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(connection);
+
+    // A restart counts them again.
+    let broker = broker.restart(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    let subscribed = connection.request(subscribe("g")).await;
+    assert!(
+        matches!(subscribed, Response::Subscribed(_)),
+        "{subscribed:?}"
+    );
+    assert_eq!(delayed(&mut connection, "d", "g").await, [1, 2]);
+    broker.stop().await;
+}
+
 /// Sends `frame` as it is (a client is not supposed to send responses or
 /// pushes).
 async fn send_frame(connection: &mut Connection, frame: &dmq_protocol::Frame) {

@@ -480,6 +480,8 @@ fn group_stats_report_lag_age_and_delayed_messages() {
     let stats = &w.dispatcher.group_stats("t", "g").unwrap()[0];
     assert_eq!((stats.lag, stats.oldest_unacked_age_ms), (2, Some(5_000)));
     assert_eq!(w.dispatcher.pending_delays(), 1);
+    // `delayed` counts the partition's delays still in the delay store.
+    assert_eq!(stats.delayed, 1);
     for d in w.dispatcher.fetch(member, 10).unwrap() {
         w.dispatcher.ack(member, 0, d.record.offset).unwrap();
     }
@@ -488,6 +490,78 @@ fn group_stats_report_lag_age_and_delayed_messages() {
         (stats.lag, stats.oldest_unacked_age_ms, stats.in_flight),
         (0, None, 0)
     );
+    assert_eq!(stats.delayed, 1);
+}
+
+/// `PartitionStats::delayed` (DESCRIBE_GROUP's `delayed`, PROTOCOL.md
+/// §6.25): the delays pending for that partition of the topic, whichever
+/// group asks, exact across a cancel, a crash and the delays firing.
+#[test]
+fn group_stats_count_each_partitions_pending_delays() {
+    let mut w = World::new();
+    w.dispatcher
+        .create_topic(
+            "t",
+            TopicConfig {
+                partitions: 2,
+                ordered: false,
+            },
+        )
+        .unwrap();
+    topic(&mut w, "other", false);
+    for group in ["g", "h"] {
+        w.dispatcher.subscribe("t", group, config()).unwrap();
+    }
+    w.dispatcher.subscribe("other", "g", config()).unwrap();
+    let now = w.clock.now_ms();
+    let delayed = |partition, due_in_ms: i64| {
+        (
+            partition,
+            RecordInput {
+                deliver_at_ms: Some(now + due_in_ms),
+                ..RecordInput::new("later")
+            },
+        )
+    };
+    let mut ids = Vec::new();
+    for (partition, record) in [
+        delayed(0, 60_000),
+        delayed(1, 60_000),
+        delayed(1, 120_000),
+        delayed(1, 400 * 86_400_000),
+    ] {
+        let produced = w.dispatcher.produce("t", Some(partition), vec![record]);
+        ids.push(produced.unwrap()[0].id);
+    }
+    w.dispatcher
+        .produce("other", Some(0), vec![delayed(0, 60_000).1])
+        .unwrap();
+    let delayed_of = |w: &World, topic: &str, group: &str| -> Vec<u64> {
+        w.dispatcher
+            .group_stats(topic, group)
+            .unwrap()
+            .iter()
+            .map(|stats| stats.delayed)
+            .collect()
+    };
+    assert_eq!(delayed_of(&w, "t", "g"), [1, 3]);
+    assert_eq!(delayed_of(&w, "t", "h"), [1, 3], "the same for every group");
+    assert_eq!(delayed_of(&w, "other", "g"), [1]);
+    assert!(w.dispatcher.cancel_delay(&ids[3]).unwrap());
+    assert_eq!(delayed_of(&w, "t", "g"), [1, 2]);
+    w.crash_and_reopen();
+    for group in ["g", "h"] {
+        w.dispatcher.join("t", group, "m").unwrap();
+    }
+    w.dispatcher.join("other", "g", "m").unwrap();
+    assert_eq!(delayed_of(&w, "t", "g"), [1, 2], "counted again at open");
+    w.clock.advance_ms(60_000);
+    w.dispatcher.poll().unwrap();
+    assert_eq!(delayed_of(&w, "t", "g"), [0, 1], "fired ones are stored");
+    assert_eq!(delayed_of(&w, "other", "g"), [0]);
+    w.clock.advance_ms(60_000);
+    w.dispatcher.poll().unwrap();
+    assert_eq!(delayed_of(&w, "t", "h"), [0, 0]);
 }
 
 #[test]
