@@ -310,8 +310,11 @@ async fn reconcile(
     Ok(())
 }
 
-/// Creates a topic on the dispatcher (idempotent for the same settings) and
-/// opens its logs for produce; returns its configuration.
+/// Creates a topic on the dispatcher and opens its logs for produce;
+/// returns its configuration. A name that exists (whatever its settings)
+/// is `DispatchError::TopicExists`: every caller (CREATE_TOPIC, the admin
+/// API, the start-up reconciliation, which creates only missing topics)
+/// learns that the topic was there.
 pub(crate) async fn create_topic(
     engine: &Engine,
     name: &str,

@@ -26,7 +26,7 @@ pub(crate) fn dispatch_error(error: &DispatchError) -> ErrorResponse {
         DispatchError::InvalidName(_) | DispatchError::InvalidArgument(_) => {
             ErrorCode::InvalidRequest
         }
-        DispatchError::TopicConflict(_) => ErrorCode::TopicExists,
+        DispatchError::TopicExists(_) => ErrorCode::TopicExists,
         DispatchError::NotDelivered { .. } => ErrorCode::NotDelivered,
         DispatchError::Store(store) => return store_error(store),
         _ => ErrorCode::StorageError,

@@ -34,6 +34,52 @@ pub enum TopicStatus {
     Disabled,
 }
 
+/// What an administrator asks of a topic's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAction {
+    /// `POST /api/topics/{topic}/approve`: put the topic in use.
+    Approve,
+    /// `POST /api/topics/{topic}/disable`: stop its produce and consume.
+    Disable,
+}
+
+impl StatusAction {
+    /// The action's name in the admin API's paths.
+    pub fn name(self) -> &'static str {
+        match self {
+            StatusAction::Approve => "approve",
+            StatusAction::Disable => "disable",
+        }
+    }
+}
+
+impl TopicStatus {
+    /// The status `action` leads to from this one, or `None` if this status
+    /// forbids it. The one transition table (docs/admin-api.md, "Status
+    /// transitions"): approve from pending or disabled, disable from
+    /// approved; anything else, repeating an action included, is refused.
+    pub fn after(self, action: StatusAction) -> Option<TopicStatus> {
+        match (self, action) {
+            (TopicStatus::Pending | TopicStatus::Disabled, StatusAction::Approve) => {
+                Some(TopicStatus::Approved)
+            }
+            (TopicStatus::Approved, StatusAction::Disable) => Some(TopicStatus::Disabled),
+            (TopicStatus::Approved, StatusAction::Approve)
+            | (TopicStatus::Pending | TopicStatus::Disabled, StatusAction::Disable) => None,
+        }
+    }
+
+    /// The status's name in the admin API (`pending`, `approved`,
+    /// `disabled`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TopicStatus::Pending => "pending",
+            TopicStatus::Approved => "approved",
+            TopicStatus::Disabled => "disabled",
+        }
+    }
+}
+
 /// One registered topic (docs/admin-api.md, Topic).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicRecord {
@@ -121,6 +167,36 @@ pub enum RegistryError {
     /// No topic of that name is registered.
     #[error("topic {0:?} is not registered")]
     Unknown(String),
+    /// The topic's status forbids the action (see [`TopicStatus::after`]).
+    #[error(
+        "topic {} is {}: {} is allowed only from {}",
+        dmq_dispatcher::names::shown(topic),
+        status.name(),
+        action.name(),
+        allowed_from(*action)
+    )]
+    StatusForbids {
+        /// The topic.
+        topic: String,
+        /// Its status.
+        status: TopicStatus,
+        /// What was asked.
+        action: StatusAction,
+    },
+}
+
+/// The statuses `action` is allowed from, for messages.
+fn allowed_from(action: StatusAction) -> String {
+    let from: Vec<&str> = [
+        TopicStatus::Pending,
+        TopicStatus::Approved,
+        TopicStatus::Disabled,
+    ]
+    .into_iter()
+    .filter(|status| status.after(action).is_some())
+    .map(TopicStatus::name)
+    .collect();
+    from.join(" or ")
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -239,6 +315,34 @@ impl Registry {
             return Err(error);
         }
         Ok(after)
+    }
+
+    /// Applies `action` to a topic's status, durably, if its status allows
+    /// it ([`TopicStatus::after`]); `updated_ms` becomes `now_ms`. Returns
+    /// the new record. A forbidden action is [`RegistryError::StatusForbids`]
+    /// and changes nothing.
+    pub fn change_status(
+        &mut self,
+        name: &str,
+        action: StatusAction,
+        now_ms: i64,
+    ) -> Result<TopicRecord, RegistryError> {
+        let status = self
+            .topics
+            .get(name)
+            .ok_or_else(|| RegistryError::Unknown(name.to_string()))?
+            .status;
+        let Some(next) = status.after(action) else {
+            return Err(RegistryError::StatusForbids {
+                topic: name.to_string(),
+                status,
+                action,
+            });
+        };
+        self.update(name, |record| {
+            record.status = next;
+            record.updated_ms = now_ms;
+        })
     }
 
     /// Forgets a topic, durably; false if it was not registered.
@@ -413,6 +517,61 @@ mod tests {
             .update("t", |t| t.status = TopicStatus::Disabled)
             .unwrap();
         assert!(registry.allows("t", "orders", Right::Produce).is_err());
+    }
+
+    /// docs/admin-api.md, "Status transitions": approve from pending or
+    /// disabled, disable from approved; every other action is refused and
+    /// changes nothing, not even `updated_ms`.
+    #[test]
+    fn status_changes_follow_the_transition_table() {
+        use StatusAction::{Approve, Disable};
+        use TopicStatus::{Approved, Disabled, Pending};
+        let table = [
+            (Pending, Approve, Some(Approved)),
+            (Pending, Disable, None),
+            (Approved, Approve, None),
+            (Approved, Disable, Some(Disabled)),
+            (Disabled, Approve, Some(Approved)),
+            (Disabled, Disable, None),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = Registry::open(dir.path()).unwrap();
+        for (from, action, to) in table {
+            assert_eq!(from.after(action), to, "{from:?} {action:?}");
+            let name = format!("t-{}-{}", from.name(), action.name());
+            registry
+                .insert(TopicRecord {
+                    status: from,
+                    ..record(&name)
+                })
+                .unwrap();
+            match (registry.change_status(&name, action, 7), to) {
+                (Ok(changed), Some(to)) => {
+                    assert_eq!((changed.status, changed.updated_ms), (to, 7));
+                }
+                (Err(RegistryError::StatusForbids { status, .. }), None) => {
+                    assert_eq!(status, from);
+                    let kept = registry.get(&name).unwrap();
+                    assert_eq!((kept.status, kept.updated_ms), (from, 1));
+                }
+                (other, _) => panic!("{from:?} {action:?}: {other:?}"),
+            }
+        }
+        let error = registry
+            .change_status("t-approved-approve", Approve, 8)
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "topic \"t-approved-approve\" is approved: approve is allowed only from \
+             pending or disabled"
+        );
+        assert!(matches!(
+            registry.change_status("nope", Approve, 8),
+            Err(RegistryError::Unknown(_))
+        ));
+        drop(registry);
+        let reopened = Registry::open(dir.path()).unwrap();
+        assert_eq!(reopened.get("t-pending-approve").unwrap().status, Approved);
     }
 
     #[test]

@@ -12,8 +12,11 @@
 //! limit, and anything still over it is replaced by an ERROR (an answer) or
 //! withheld (a DELIVER).
 //!
-//! Rules: the first frame must be HELLO; a malformed frame gets an ERROR and
-//! the connection is closed; requests may be pipelined and responses carry
+//! Rules: the first frame must be HELLO; a frame that cannot be decoded
+//! (malformed, oversize, unknown opcode) gets an ERROR with correlation id 0
+//! and the connection is closed, and so do the handshake's refusals; every
+//! other ERROR (InvalidRequest included) answers one frame and the
+//! connection stays open; requests may be pipelined and responses carry
 //! their request's correlation id (produces complete in any order, but are
 //! appended in request order). On disconnect the connection's members leave
 //! their groups, so their in-flight messages go to other members at once.
@@ -311,15 +314,30 @@ impl Session {
     }
 
     /// Handles one frame; false closes the connection.
+    ///
+    /// Only the handshake refusals close it (PROTOCOL.md §4, §7): an
+    /// InvalidRequest answers a frame that was decoded and read whole, so
+    /// the stream is still in step and the connection stays open.
     async fn handle(&mut self, frame: Frame) -> bool {
         let correlation_id = frame.correlation_id;
         let request = match frame.body {
             Body::Request(request) => request,
+            // A response or push opcode from a client: before HELLO_OK
+            // like any request but HELLO and PING (refused, closed), after
+            // it refused alone.
+            _ if !self.authenticated => {
+                let error = ErrorResponse::new(
+                    ErrorCode::NotAuthenticated,
+                    "the first request must be HELLO",
+                );
+                self.send(error_frame(correlation_id, error)).await;
+                return false;
+            }
             _ => {
                 let error =
                     ErrorResponse::new(ErrorCode::InvalidRequest, "clients send requests only");
                 self.send(error_frame(correlation_id, error)).await;
-                return false;
+                return true;
             }
         };
         if !self.authenticated {

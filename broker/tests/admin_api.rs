@@ -556,3 +556,137 @@ async fn a_topics_defaults_apply_to_its_messages_and_groups() {
     .await;
     broker.stop().await;
 }
+
+/// docs/admin-api.md, "Status transitions": approve from pending or
+/// disabled, disable from approved; anything else, repeating an action
+/// included, is 409 `conflict` with the documented body and changes
+/// nothing (both were always 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_changes_the_status_forbids_are_409() {
+    const TOKEN: &str = "admin-token-0123456789";
+    let broker = Broker::start(|config| {
+        config.admin_tokens = vec![dmq_broker::auth::hash_secret(TOKEN).unwrap()];
+    })
+    .await;
+    let api = Api::new(broker.admin, Some(TOKEN));
+    http(move || {
+        let created = api.ok_post("/api/topics", create_body("flow"));
+        assert_eq!(created["status"], "pending", "production registers pending");
+        let topic = "/api/topics/dev.orders.flow";
+        let status = |api: &Api| api.ok(topic)["topic"]["status"].clone();
+        let refused = |action: &str, from: &str, allowed: &str| {
+            let before = api.ok(topic)["topic"].clone();
+            let (code, body) = api.post(&format!("{topic}/{action}"), json!({}));
+            assert_eq!(code, 409, "{action} from {from}: {body}");
+            let error = body.as_object().unwrap();
+            assert_eq!(error.len(), 1, "{body}");
+            assert_eq!(body["error"].as_object().unwrap().len(), 2, "{body}");
+            assert_eq!(body["error"]["code"], "conflict");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert_eq!(
+                message,
+                format!(
+                    "topic \"dev.orders.flow\" is {from}: {action} is allowed only from {allowed}"
+                )
+            );
+            assert_eq!(api.ok(topic)["topic"], before, "nothing changed");
+        };
+        let allowed = |action: &str, to: &str| {
+            let changed = api.ok_post(&format!("{topic}/{action}"), json!({}));
+            assert_eq!(changed["status"], to, "{action}");
+            assert_eq!(status(&api), to);
+        };
+        refused("disable", "pending", "approved");
+        allowed("approve", "approved");
+        refused("approve", "approved", "pending or disabled");
+        allowed("disable", "disabled");
+        refused("disable", "disabled", "approved");
+        allowed("approve", "approved");
+        let (code, body) = api.post("/api/topics/dev.orders.none/disable", json!({}));
+        assert_eq!(
+            (code, body["error"]["code"].as_str()),
+            (404, Some("not_found"))
+        );
+    })
+    .await;
+    broker.stop().await;
+}
+
+/// docs/admin-api.md, `POST /api/topics`: 409 for a topic that exists,
+/// registered or not. A dead-letter topic (`dev.web.dlq`: topic `dev`,
+/// group `web`) is not registered; creating its name was 201 and adopted
+/// it into the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_topic_that_exists_unregistered_is_409() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("dev", 1, false).await.unwrap();
+    let sent = client
+        .producer()
+        .send(Message::new("dev", "poison"))
+        .await
+        .unwrap();
+    let mut subscription = client
+        .consumer()
+        .subscribe(
+            "dev",
+            "web",
+            SubscribeOptions {
+                settings: dmq_protocol::GroupSettings {
+                    max_attempts: Some(1),
+                    ..Default::default()
+                },
+                ..options("m")
+            },
+        )
+        .await
+        .unwrap();
+    let message = next(&mut subscription, Duration::from_secs(10))
+        .await
+        .unwrap();
+    message.nack(None).await.unwrap();
+    let api = Api::new(broker.admin, None);
+    let id = sent.id.to_string();
+    http(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let trace = api.ok(&format!("/api/trace/{id}"));
+            let dead = trace["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "dead_lettered");
+            if dead {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{trace}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let body = json!({"environment": "dev", "department": "web", "name": "dlq",
+                          "owner": "alice"});
+        let (status, answer) = api.post("/api/topics", body);
+        assert_eq!(status, 409, "{answer}");
+        assert_eq!(answer["error"]["code"], "conflict");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("already exists"),
+            "{answer}"
+        );
+        let registered: Vec<String> = api
+            .ok("/api/topics")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            registered,
+            ["dev"],
+            "the dead-letter topic stays unregistered"
+        );
+    })
+    .await;
+    broker.stop().await;
+}

@@ -240,11 +240,12 @@ async fn development_mode_refuses_requests_a_web_page_could_send() {
         assert_eq!(reply.status, 201, "{reply:?}");
         let reply = send(admin, "GET", "/api/topics", &[("Origin", &own)], None);
         assert_eq!(reply.status, 200, "{reply:?}");
-        // JSON with a charset parameter is JSON.
+        // JSON with a charset parameter is JSON. (The topic is approved:
+        // disable is the status change it allows.)
         let reply = send(
             admin,
             "POST",
-            &format!("/api/topics/{topic}/approve"),
+            &format!("/api/topics/{topic}/disable"),
             &[("Content-Type", "application/json; charset=utf-8")],
             Some("{}"),
         );

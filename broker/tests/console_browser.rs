@@ -538,10 +538,16 @@ fn development_flow(tab: &Tab, problems: &Problems, running: &Running) -> anyhow
     type_into(tab, "#topic-consumers", "shipping")?;
     click(tab, "#topic-create")?;
     wait_text(tab, "[data-testid=\"topic-created\"]", TOPIC)?;
-    // Development mode approves at once; disable, then approve again.
+    // Development mode approves at once; disable, then approve again. Only
+    // the transitions the status allows are offered (docs/admin-api.md,
+    // "Status transitions"): no Approve on an approved topic, no Disable on
+    // a disabled one.
+    let absent = |prefix: &str| format!("!document.querySelector({})", js(&row(prefix)));
     wait_text(tab, &row("topic-status"), "approved")?;
+    wait_until(tab, "no approve button", &absent("approve"))?;
     click(tab, &row("disable"))?;
     wait_text(tab, &row("topic-status"), "disabled")?;
+    wait_until(tab, "no disable button", &absent("disable"))?;
     click(tab, &row("approve"))?;
     wait_text(tab, &row("topic-status"), "approved")?;
     // A bad name is refused in the page, with a visible message.
@@ -878,6 +884,13 @@ fn production_flow(tab: &Tab, problems: &Problems, url: &str, token: &str) -> an
     click(tab, "#topic-create")?;
     let status = format!("[data-testid=\"topic-status-{TOPIC}\"]");
     wait_text(tab, &status, "pending")?;
+    // A pending topic can be approved, not disabled.
+    let disable = format!("[data-testid=\"disable-{TOPIC}\"]");
+    wait_until(
+        tab,
+        "no disable button on a pending topic",
+        &format!("!document.querySelector({})", js(&disable)),
+    )?;
     click(tab, &format!("[data-testid=\"approve-{TOPIC}\"]"))?;
     wait_text(tab, &status, "approved")?;
     // The token survives a reload of the tab (sessionStorage).

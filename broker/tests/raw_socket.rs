@@ -494,3 +494,298 @@ async fn subscribe_with_other_settings_than_the_group_is_a_conflict() {
     assert_eq!(connection.request(Request::Ping).await, Response::Pong);
     broker.stop().await;
 }
+
+fn create_topic(name: &str, partitions: u32, ordered: bool) -> Request {
+    Request::CreateTopic(dmq_protocol::CreateTopic {
+        name: name.into(),
+        partitions,
+        ordered,
+    })
+}
+
+/// PROTOCOL.md §6.12 and §7: CREATE_TOPIC of a name that exists is
+/// TopicExists, with the same settings too (that answered OK), and with a
+/// dead-letter topic's name once the broker made it (that answered OK and
+/// registered it); nothing changes and the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_an_existing_topic_is_topic_exists_whatever_its_settings() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    assert_eq!(
+        connection.request(create_topic("t", 1, false)).await,
+        Response::Ok
+    );
+    for (partitions, ordered) in [(1, false), (2, false), (1, true)] {
+        let again = connection
+            .request(create_topic("t", partitions, ordered))
+            .await;
+        assert_eq!(
+            error_code(&again),
+            Some(ErrorCode::TopicExists),
+            "{partitions} partitions, ordered {ordered}: {again:?}"
+        );
+    }
+    let described = connection
+        .request(Request::DescribeTopic(dmq_protocol::DescribeTopic {
+            name: "t".into(),
+        }))
+        .await;
+    let Response::TopicDescription(described) = described else {
+        panic!("{described:?}")
+    };
+    assert_eq!((described.partitions.len(), described.ordered), (1, false));
+
+    // A dead-letter topic exists once its first message is dead-lettered.
+    let subscribed = connection
+        .request(Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "t".into(),
+            group: "g".into(),
+            member_name: "m".into(),
+            credit: 1,
+            settings: dmq_protocol::GroupSettings {
+                max_attempts: Some(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        }))
+        .await;
+    let Response::Subscribed(subscribed) = subscribed else {
+        panic!("{subscribed:?}")
+    };
+    let produce = connection
+        .send(Request::Produce(dmq_protocol::Produce {
+            topic: "t".into(),
+            partition: Some(0),
+            records: vec![dmq_protocol::ProduceRecord::default()],
+            ..Default::default()
+        }))
+        .await;
+    // PRODUCE_OK and the DELIVER push come in either order.
+    let (mut produced, mut delivery) = (false, None);
+    while !produced || delivery.is_none() {
+        let frame = connection.frame().await.expect("PRODUCE_OK and DELIVER");
+        match frame.body {
+            Body::Push(dmq_protocol::Push::Deliver(pushed)) => delivery = Some(pushed),
+            Body::Response(Response::ProduceOk(_)) if frame.correlation_id == produce => {
+                produced = true;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let delivery = delivery.unwrap();
+    let nacked = connection
+        .request(Request::Nack(dmq_protocol::Nack {
+            subscription_id: subscribed.subscription_id,
+            messages: vec![dmq_protocol::MessagePosition {
+                partition: 0,
+                offset: delivery.offset,
+            }],
+            delay_ms: None,
+        }))
+        .await;
+    assert_eq!(nacked, Response::Ok);
+    let list = || Request::ListTopics;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let Response::Topics(topics) = connection.request(list()).await else {
+            panic!("TOPICS expected")
+        };
+        if topics.topics.iter().any(|topic| topic.name == "t.g.dlq") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = connection.request(create_topic("t.g.dlq", 1, false)).await;
+    assert_eq!(
+        error_code(&again),
+        Some(ErrorCode::TopicExists),
+        "{again:?}"
+    );
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    broker.stop().await;
+}
+
+fn describe_group(topic: &str, group: &str) -> Request {
+    Request::DescribeGroup(dmq_protocol::DescribeGroup {
+        topic: topic.into(),
+        group: group.into(),
+    })
+}
+
+/// DESCRIBE_GROUP's `delayed` per partition (PROTOCOL.md §6.25).
+async fn delayed(connection: &mut Connection, topic: &str, group: &str) -> Vec<u64> {
+    let described = connection.request(describe_group(topic, group)).await;
+    let Response::GroupDescription(described) = described else {
+        panic!("{described:?}")
+    };
+    described.partitions.iter().map(|p| p.delayed).collect()
+}
+
+/// PRODUCE of `delays` (ms) to one partition; the message ids.
+async fn produce_delayed(
+    connection: &mut Connection,
+    topic: &str,
+    partition: u32,
+    delays: &[u64],
+) -> Vec<dmq_protocol::MessageId> {
+    let produced = connection
+        .request(Request::Produce(dmq_protocol::Produce {
+            topic: topic.into(),
+            partition: Some(partition),
+            idempotence: None,
+            records: delays
+                .iter()
+                .map(|delay| dmq_protocol::ProduceRecord {
+                    delivery_time: dmq_protocol::DeliveryTime::DelayMs(*delay),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+        .await;
+    let Response::ProduceOk(produced) = produced else {
+        panic!("{produced:?}")
+    };
+    produced.records.iter().map(|r| r.message_id).collect()
+}
+
+/// DESCRIBE_GROUP's `delayed` counts the partition's pending delayed
+/// messages (it read 0): per partition, for every group, down on CANCEL_DELAY
+/// and when they fire, and the same after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_group_counts_each_partitions_pending_delays() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    assert_eq!(
+        connection.request(create_topic("d", 2, false)).await,
+        Response::Ok
+    );
+    let subscribe = |group: &str| {
+        Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "d".into(),
+            group: group.into(),
+            member_name: "m".into(),
+            ..Default::default()
+        })
+    };
+    for group in ["g", "h"] {
+        let subscribed = connection.request(subscribe(group)).await;
+        assert!(
+            matches!(subscribed, Response::Subscribed(_)),
+            "{subscribed:?}"
+        );
+    }
+    let hour = 3_600_000;
+    let ids = produce_delayed(&mut connection, "d", 1, &[hour, hour, 2 * hour]).await;
+    produce_delayed(&mut connection, "d", 0, &[0, hour]).await;
+    assert_eq!(delayed(&mut connection, "d", "g").await, [1, 3]);
+    assert_eq!(delayed(&mut connection, "d", "h").await, [1, 3]);
+    let cancelled = connection
+        .request(Request::CancelDelay(dmq_protocol::CancelDelay {
+            message_id: ids[2],
+        }))
+        .await;
+    assert_eq!(
+        cancelled,
+        Response::CancelDelayOk(dmq_protocol::CancelDelayOk { cancelled: true })
+    );
+    assert_eq!(delayed(&mut connection, "d", "g").await, [1, 2]);
+
+    // One that fires leaves the count.
+    produce_delayed(&mut connection, "d", 0, &[200]).await;
+    assert_eq!(delayed(&mut connection, "d", "g").await, [2, 2]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while delayed(&mut connection, "d", "g").await != [1, 2] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delay never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(connection);
+
+    // A restart counts them again.
+    let broker = broker.restart(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    let subscribed = connection.request(subscribe("g")).await;
+    assert!(
+        matches!(subscribed, Response::Subscribed(_)),
+        "{subscribed:?}"
+    );
+    assert_eq!(delayed(&mut connection, "d", "g").await, [1, 2]);
+    broker.stop().await;
+}
+
+/// Sends `frame` as it is (a client is not supposed to send responses or
+/// pushes).
+async fn send_frame(connection: &mut Connection, frame: &dmq_protocol::Frame) {
+    let bytes = dmq_protocol::encode_frame_to_vec(frame).unwrap();
+    connection.send_raw(&bytes).await;
+}
+
+/// PROTOCOL.md §4 and §7: InvalidRequest answers one frame that was
+/// decoded whole, and the connection stays open (a response or push opcode
+/// from a client closed it). Before HELLO_OK such a frame is refused like
+/// any request but HELLO and PING: NotAuthenticated, closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_request_keeps_the_connection_open() {
+    let broker = Broker::start(|_| {}).await;
+    let mut connection = Connection::hello(broker.addr).await;
+    let next_error =
+        |frame: Option<dmq_protocol::Frame>| match frame.map(|f| (f.correlation_id, f.body)) {
+            Some((id, Body::Response(Response::Error(error)))) => (id, error.code),
+            other => panic!("ERROR expected, got {other:?}"),
+        };
+    // A response opcode, then a push (correlation id 0, as pushes must).
+    send_frame(
+        &mut connection,
+        &dmq_protocol::Frame::response(77, Response::Pong),
+    )
+    .await;
+    assert_eq!(
+        next_error(connection.frame().await),
+        (77, ErrorCode::InvalidRequest)
+    );
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    send_frame(
+        &mut connection,
+        &dmq_protocol::Frame::push(dmq_protocol::Push::Deliver(Default::default())),
+    )
+    .await;
+    assert_eq!(
+        next_error(connection.frame().await),
+        (0, ErrorCode::InvalidRequest)
+    );
+    assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    // Requests with unacceptable values.
+    let second_hello = Request::Hello(dmq_protocol::Hello {
+        min_version: 1,
+        max_version: PROTOCOL_VERSION,
+        client_id: "test".into(),
+        secret: Bytes::new(),
+    });
+    let empty_produce = Request::Produce(dmq_protocol::Produce {
+        topic: "t".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        connection.request(create_topic("t", 1, false)).await,
+        Response::Ok
+    );
+    for request in [second_hello, empty_produce, create_topic("..", 1, false)] {
+        let answer = connection.request(request).await;
+        assert_eq!(
+            error_code(&answer),
+            Some(ErrorCode::InvalidRequest),
+            "{answer:?}"
+        );
+        assert_eq!(connection.request(Request::Ping).await, Response::Pong);
+    }
+
+    let mut early = Connection::open(broker.addr).await;
+    send_frame(&mut early, &dmq_protocol::Frame::response(3, Response::Ok)).await;
+    early
+        .expect_error_and_close(ErrorCode::NotAuthenticated)
+        .await;
+    broker.stop().await;
+}

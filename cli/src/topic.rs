@@ -1,7 +1,13 @@
 //! `dmq topic create|list|describe|delete`.
+//!
+//! `create` of a name that exists fails (the broker answers TopicExists,
+//! PROTOCOL.md §6.12) unless `--if-not-exists` is given: then a topic of
+//! that name with the same partitions and ordering is fine, and one with
+//! other settings is an error.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Subcommand;
+use dmq_client::ErrorCode;
 use serde_json::json;
 
 use crate::output::{print_json, print_table, Format};
@@ -20,6 +26,10 @@ pub enum TopicCommand {
         /// Same-key messages are delivered to a group one at a time, in order.
         #[arg(long)]
         ordered: bool,
+        /// Succeed if the topic exists with these partitions and ordering
+        /// (without it, an existing topic is an error).
+        #[arg(long)]
+        if_not_exists: bool,
     },
     /// List topics.
     List,
@@ -35,6 +45,33 @@ pub enum TopicCommand {
     },
 }
 
+/// `create --if-not-exists` of a topic that exists: fine if its settings
+/// are the ones asked for.
+async fn existing(
+    cli: &Cli,
+    client: &dmq_client::Client,
+    name: &str,
+    partitions: u32,
+    ordered: bool,
+) -> Result<()> {
+    let topic = client.describe_topic(name).await?;
+    let found = topic.partitions.len() as u32;
+    if found != partitions || topic.ordered != ordered {
+        bail!(
+            "topic {name:?} exists with {found} partition(s), ordered: {}; \
+             asked for {partitions}, ordered: {ordered}",
+            topic.ordered
+        );
+    }
+    match cli.format {
+        Format::Json => print_json(&json!({
+            "exists": name, "partitions": partitions, "ordered": ordered
+        })),
+        Format::Table => println!("topic {name} already exists with these settings"),
+    }
+    Ok(())
+}
+
 /// Runs a topic command.
 pub async fn run(cli: &Cli, command: &TopicCommand) -> Result<()> {
     let client = cli.connect().await?;
@@ -43,8 +80,22 @@ pub async fn run(cli: &Cli, command: &TopicCommand) -> Result<()> {
             name,
             partitions,
             ordered,
+            if_not_exists,
         } => {
-            client.create_topic(name, *partitions, *ordered).await?;
+            match client.create_topic(name, *partitions, *ordered).await {
+                Ok(()) => {}
+                Err(error) if error.code() == Some(ErrorCode::TopicExists) => {
+                    if !*if_not_exists {
+                        bail!(
+                            "topic {name:?} already exists (TopicExists); \
+                             `dmq topic describe {name}` shows it, and \
+                             --if-not-exists accepts it if its settings match"
+                        );
+                    }
+                    return existing(cli, &client, name, *partitions, *ordered).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
             match cli.format {
                 Format::Json => print_json(&json!({
                     "created": name, "partitions": partitions, "ordered": ordered

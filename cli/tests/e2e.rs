@@ -148,6 +148,51 @@ fn errors_are_clear_and_exit_non_zero() {
         .stderr(predicate::str::contains("error"));
 }
 
+/// `topic create` of a name that exists fails with a clear message (the
+/// broker answers TopicExists); `--if-not-exists` accepts it when its
+/// settings match, and only then.
+#[test]
+fn creating_an_existing_topic_fails_unless_asked_to_accept_it() {
+    let broker = Broker::start();
+    broker.stdout(&["topic", "create", "orders", "--partitions", "2"]);
+    broker
+        .dmq()
+        .args(["topic", "create", "orders", "--partitions", "2"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("already exists")
+                .and(predicate::str::contains("--if-not-exists")),
+        );
+    let accepted = json(&broker.stdout(&[
+        "--format",
+        "json",
+        "topic",
+        "create",
+        "orders",
+        "--partitions",
+        "2",
+        "--if-not-exists",
+    ]));
+    assert_eq!(accepted["exists"], "orders");
+    broker
+        .dmq()
+        .args(["topic", "create", "orders", "--if-not-exists"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("exists with 2 partition"));
+    // A new name is simply created, with or without the flag.
+    let created = json(&broker.stdout(&[
+        "--format",
+        "json",
+        "topic",
+        "create",
+        "jobs",
+        "--if-not-exists",
+    ]));
+    assert_eq!(created["created"], "jobs");
+}
+
 #[test]
 fn bench_reports_throughput_and_percentiles() {
     let broker = Broker::start();

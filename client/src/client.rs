@@ -148,7 +148,10 @@ impl Client {
         }
     }
 
-    /// Creates a topic.
+    /// Creates a topic. A name that exists, whatever its settings, is an
+    /// error whose [`code`](crate::ClientError::code) is
+    /// [`ErrorCode::TopicExists`](crate::ErrorCode::TopicExists): match it
+    /// to accept an existing topic.
     pub async fn create_topic(&self, name: &str, partitions: u32, ordered: bool) -> Result<()> {
         let request = CreateTopic {
             name: name.to_owned(),

@@ -22,12 +22,21 @@
 //!   the [`crate::storage::Journal`]) is little-endian:
 //!   - byte 0: format version, `1`;
 //!   - byte 1: kind: `1` schedule entries, `2` cancel tombstones, `3` fired
-//!     tombstones;
+//!     tombstones, `4` schedule entries of one destination;
 //!   - bytes 2..6: `u32` entry count `n`;
+//!   - kind `4` only: the destination, `u32` partition, `u8` topic length
+//!     `L` (1 to 255), `L` bytes of topic (UTF-8);
 //!   - then `n` entries. A schedule entry is 33 bytes: `i64` due ms, `u64`
 //!     timer-log offset, 16 bytes message id, `u8` flags (bit 0: the id came
 //!     from the caller, not from the timer log; other bits zero). A tombstone
 //!     is 8 bytes: the `u64` timer-log offset it kills.
+//!
+//!   Schedule entries are written as kind `4`, so the journals alone say
+//!   how many delays are pending per destination (see "Counts per
+//!   destination"). Kind `1` (no destination) is what versions before it
+//!   wrote; opening resolves such live entries from their timer-log records
+//!   once and rewrites their bucket as kind `4`. A journal holding kind `4`
+//!   cannot be read by those older versions.
 //!
 //!   Entries are keyed by timer-log offset (unique forever). A tombstone wins
 //!   over a schedule entry whatever their order, and a schedule entry may
@@ -78,11 +87,24 @@
 //! In memory: one small summary per bucket (count, earliest due), the
 //! entries of the near window (buckets starting before `now + window_ms`) in
 //! a [`TimingWheel`], the unflushed index entries (at most
-//! `buffered_entries_max`), polled-but-unmarked ids, and the ids of pending
-//! delays whose id came from the caller (for cancellation, see below).
+//! `buffered_entries_max`), polled-but-unmarked ids, the ids of pending
+//! delays whose id came from the caller (for cancellation, see below), and
+//! one count per destination partition that had a delay in this process
+//! (see "Counts per destination").
 //! Loading from disk stops at `loaded_entries_max` entries (after a long
 //! downtime the overdue backlog is loaded bucket by bucket as it drains, so
 //! due order holds).
+//!
+//! # Counts per destination
+//!
+//! [`DelayStore::pending_in_topic`] says how many pending delays each
+//! partition of a topic has, without reading anything: the store keeps a
+//! count per destination (topic, partition), interned once per process
+//! (memory grows with the destinations that ever had a delay, not with the
+//! delays). The counts follow `pending` exactly: up at `schedule`, down when
+//! an entry is polled (fired or found lost) or cancelled, and rebuilt at open
+//! from the bucket journals (each schedule entry names its destination) and
+//! the re-indexed timer-log tail.
 //!
 //! # Cancellation of an unloaded delay
 //!
@@ -136,10 +158,14 @@ const FORMAT_VERSION: u8 = 1;
 const KIND_SCHEDULE: u8 = 1;
 const KIND_CANCEL: u8 = 2;
 const KIND_FIRED: u8 = 3;
+const KIND_SCHEDULE_TO: u8 = 4;
 const KIND_WATERMARK: u8 = 1;
 const PAYLOAD_HEADER_LEN: usize = 6;
 const SCHEDULE_ENTRY_LEN: usize = 33;
 const TOMBSTONE_ENTRY_LEN: usize = 8;
+/// A kind-4 payload's destination before its topic bytes: `u32` partition,
+/// `u8` topic length.
+const DESTINATION_HEADER_LEN: usize = 5;
 const META_LEN: usize = 18;
 const FLAG_FOREIGN_ID: u8 = 1;
 /// Entries per journal payload (keeps payloads a few hundred KiB at most).
@@ -263,9 +289,85 @@ pub struct DelayRecovery {
     /// Bucket entries (schedules and tombstones) dropped because they
     /// name timer-log offsets that recovery cut (see "Timer log cut").
     pub stale_entries_dropped: u64,
+    /// Live schedule entries written without their destination (kind `1`,
+    /// by an older version) whose destination was read from the timer log
+    /// (their buckets are rewritten with it).
+    pub destinations_resolved: u64,
     /// Wall time of the open.
     pub elapsed: Duration,
 }
+
+/// A destination (topic, partition), interned in [`Destinations`].
+type Dest = u32;
+
+/// Every destination a delay of this process named, interned, with how
+/// many delays are pending for it (see "Counts per destination").
+#[derive(Debug, Default)]
+struct Destinations {
+    /// topic -> partition -> its [`Dest`].
+    index: HashMap<Arc<str>, HashMap<u32, Dest>>,
+    /// Indexed by [`Dest`]: the destination.
+    names: Vec<(Arc<str>, u32)>,
+    /// Indexed by [`Dest`]: pending delays.
+    pending: Vec<u64>,
+}
+
+impl Destinations {
+    fn intern(&mut self, topic: &str, partition: u32) -> Dest {
+        if let Some(&dest) = self.index.get(topic).and_then(|p| p.get(&partition)) {
+            return dest;
+        }
+        let topic: Arc<str> = match self.index.get_key_value(topic) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(topic),
+        };
+        let dest = self.names.len() as Dest;
+        self.names.push((Arc::clone(&topic), partition));
+        self.pending.push(0);
+        self.index.entry(topic).or_default().insert(partition, dest);
+        dest
+    }
+
+    fn name(&self, dest: Dest) -> Option<(&str, u32)> {
+        self.names
+            .get(dest as usize)
+            .map(|(topic, partition)| (&**topic, *partition))
+    }
+
+    /// One more pending delay for `dest` (`None`: a destination unknown).
+    fn add(&mut self, dest: Option<Dest>) {
+        if let Some(count) = dest.and_then(|dest| self.pending.get_mut(dest as usize)) {
+            *count += 1;
+        }
+    }
+
+    /// One pending delay less for `dest`.
+    fn remove(&mut self, dest: Option<Dest>) {
+        if let Some(count) = dest.and_then(|dest| self.pending.get_mut(dest as usize)) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    /// (partition, pending delays) of every partition of `topic` with any.
+    fn pending_in_topic(&self, topic: &str) -> Vec<(u32, u64)> {
+        let mut counts: Vec<(u32, u64)> = self
+            .index
+            .get(topic)
+            .into_iter()
+            .flatten()
+            .filter_map(|(&partition, &dest)| {
+                let count = self.pending.get(dest as usize).copied().unwrap_or(0);
+                (count > 0).then_some((partition, count))
+            })
+            .collect();
+        counts.sort_unstable();
+        counts
+    }
+}
+
+/// A due entry waiting to be staged: (due, seq, offset, id, destination);
+/// ordered by due time, then by when it became ready.
+type ReadyEntry = (i64, u64, u64, MessageId, Option<Dest>);
 
 /// A schedule entry of a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,6 +376,9 @@ struct Entry {
     offset: u64,
     id: MessageId,
     flags: u8,
+    /// Where it goes; `None` for an entry written without it (kind `1`)
+    /// whose timer-log record could not be read.
+    dest: Option<Dest>,
 }
 
 /// What the wheel holds per timer.
@@ -282,6 +387,7 @@ struct WheelItem {
     offset: u64,
     id: MessageId,
     seq: u64,
+    dest: Option<Dest>,
 }
 
 /// A loaded pending entry: in the wheel (`timer` set) or fired into `ready`.
@@ -290,6 +396,7 @@ struct LoadedSlot {
     offset: u64,
     due_ms: i64,
     timer: Option<TimerId>,
+    dest: Option<Dest>,
 }
 
 #[derive(Debug)]
@@ -354,14 +461,18 @@ pub struct DelayStore {
     /// A multiple of the bucket width.
     horizon_ms: i64,
     wheel: TimingWheel<WheelItem>,
-    ready: BinaryHeap<Reverse<(i64, u64, u64, MessageId)>>,
-    /// Due entries with their records read, in due order: (offset, message).
-    staged: VecDeque<(u64, DueMessage)>,
+    ready: BinaryHeap<Reverse<ReadyEntry>>,
+    /// Due entries with their records read, in due order: (offset,
+    /// destination, message).
+    staged: VecDeque<(u64, Option<Dest>, DueMessage)>,
     cancelled_ready: HashSet<u64>,
     loaded: HashMap<MessageId, LoadedSlot>,
     inflight: HashMap<MessageId, (i64, u64)>,
     foreign: HashMap<MessageId, (i64, u64)>,
     pending_total: u64,
+    /// Pending delays per destination (their sum is `pending_total` less
+    /// the entries whose destination is unknown).
+    destinations: Destinations,
     buffered_total: usize,
     next_seq: u64,
     fired_lost: u64,
@@ -385,12 +496,15 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(array))
 }
 
+/// Payloads of `kind` holding `count` entries, each payload's header
+/// followed by `prefix` (a kind-4 destination; empty otherwise).
 fn encode_payloads(
     kind: u8,
     count: usize,
+    prefix: &[u8],
     mut entry: impl FnMut(usize, &mut Vec<u8>),
 ) -> Vec<Vec<u8>> {
-    let entry_len = if kind == KIND_SCHEDULE {
+    let entry_len = if matches!(kind, KIND_SCHEDULE | KIND_SCHEDULE_TO) {
         SCHEDULE_ENTRY_LEN
     } else {
         TOMBSTONE_ENTRY_LEN
@@ -399,10 +513,11 @@ fn encode_payloads(
     let mut first = 0;
     while first < count {
         let n = (count - first).min(ENTRIES_PER_PAYLOAD_MAX);
-        let mut payload = Vec::with_capacity(PAYLOAD_HEADER_LEN + n * entry_len);
+        let mut payload = Vec::with_capacity(PAYLOAD_HEADER_LEN + prefix.len() + n * entry_len);
         payload.push(FORMAT_VERSION);
         payload.push(kind);
         payload.extend_from_slice(&(n as u32).to_le_bytes());
+        payload.extend_from_slice(prefix);
         for i in first..first + n {
             entry(i, &mut payload);
         }
@@ -412,24 +527,83 @@ fn encode_payloads(
     payloads
 }
 
-fn encode_schedule(entries: &[Entry]) -> Vec<Vec<u8>> {
-    encode_payloads(KIND_SCHEDULE, entries.len(), |i, out| {
-        let entry = &entries[i];
-        out.extend_from_slice(&entry.due_ms.to_le_bytes());
-        out.extend_from_slice(&entry.offset.to_le_bytes());
-        out.extend_from_slice(entry.id.as_bytes());
-        out.push(entry.flags);
-    })
+/// Schedule payloads for `entries`: one kind-4 run per destination, and
+/// kind 1 for entries whose destination is unknown (or a topic name that
+/// does not fit the format: resolved again at the next open).
+fn encode_schedule(entries: &[Entry], destinations: &Destinations) -> Vec<Vec<u8>> {
+    let mut runs: Vec<(Option<Dest>, Vec<&Entry>)> = Vec::new();
+    let mut run_of: HashMap<Option<Dest>, usize> = HashMap::new();
+    for entry in entries {
+        let run = *run_of.entry(entry.dest).or_insert_with(|| {
+            runs.push((entry.dest, Vec::new()));
+            runs.len() - 1
+        });
+        runs[run].1.push(entry);
+    }
+    let mut payloads = Vec::new();
+    for (dest, entries) in runs {
+        let prefix = dest
+            .and_then(|dest| destinations.name(dest))
+            .filter(|(topic, _)| (1..=TOPIC_LEN_MAX).contains(&topic.len()))
+            .map(|(topic, partition)| {
+                let mut prefix = Vec::with_capacity(DESTINATION_HEADER_LEN + topic.len());
+                prefix.extend_from_slice(&partition.to_le_bytes());
+                prefix.push(topic.len() as u8);
+                prefix.extend_from_slice(topic.as_bytes());
+                prefix
+            });
+        let kind = if prefix.is_some() {
+            KIND_SCHEDULE_TO
+        } else {
+            KIND_SCHEDULE
+        };
+        let prefix = prefix.unwrap_or_default();
+        payloads.extend(encode_payloads(kind, entries.len(), &prefix, |i, out| {
+            let entry = entries[i];
+            out.extend_from_slice(&entry.due_ms.to_le_bytes());
+            out.extend_from_slice(&entry.offset.to_le_bytes());
+            out.extend_from_slice(entry.id.as_bytes());
+            out.push(entry.flags);
+        }));
+    }
+    payloads
 }
 
 fn encode_tombstones(kind: u8, offsets: &[u64]) -> Vec<Vec<u8>> {
-    encode_payloads(kind, offsets.len(), |i, out| {
+    encode_payloads(kind, offsets.len(), &[], |i, out| {
         out.extend_from_slice(&offsets[i].to_le_bytes());
     })
 }
 
-/// Decodes one bucket journal's payloads. Never panics on any bytes.
-fn decode_bucket(journal: &str, payloads: &[Vec<u8>]) -> Result<BucketContents> {
+/// The destination at the start of a kind-4 payload's body, interned, and
+/// the entries after it.
+fn decode_destination<'a>(
+    journal: &str,
+    body: &'a [u8],
+    destinations: &mut Destinations,
+) -> Result<(Dest, &'a [u8])> {
+    let (Some(partition), Some(&len)) = (body.get(0..4), body.get(4)) else {
+        return Err(corrupt(journal, "payload shorter than its destination"));
+    };
+    let partition = u32::from_le_bytes([partition[0], partition[1], partition[2], partition[3]]);
+    let end = DESTINATION_HEADER_LEN + usize::from(len);
+    let (Some(topic), Some(rest)) = (body.get(DESTINATION_HEADER_LEN..end), body.get(end..)) else {
+        return Err(corrupt(journal, "destination topic past the payload"));
+    };
+    let topic = std::str::from_utf8(topic)
+        .ok()
+        .filter(|topic| !topic.is_empty())
+        .ok_or_else(|| corrupt(journal, "destination topic empty or not UTF-8"))?;
+    Ok((destinations.intern(topic, partition), rest))
+}
+
+/// Decodes one bucket journal's payloads, interning the destinations they
+/// name. Never panics on any bytes.
+fn decode_bucket(
+    journal: &str,
+    payloads: &[Vec<u8>],
+    destinations: &mut Destinations,
+) -> Result<BucketContents> {
     let mut contents = BucketContents::default();
     for payload in payloads {
         let (Some(&version), Some(&kind), Some(count)) = (
@@ -447,11 +621,17 @@ fn decode_bucket(journal: &str, payloads: &[Vec<u8>]) -> Result<BucketContents> 
         }
         let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
         let entry_len = match kind {
-            KIND_SCHEDULE => SCHEDULE_ENTRY_LEN,
+            KIND_SCHEDULE | KIND_SCHEDULE_TO => SCHEDULE_ENTRY_LEN,
             KIND_CANCEL | KIND_FIRED => TOMBSTONE_ENTRY_LEN,
             other => return Err(corrupt(journal, format!("unknown entry kind {other}"))),
         };
-        let body = &payload[PAYLOAD_HEADER_LEN..];
+        let mut body = &payload[PAYLOAD_HEADER_LEN..];
+        let mut dest = None;
+        if kind == KIND_SCHEDULE_TO {
+            let (found, rest) = decode_destination(journal, body, destinations)?;
+            dest = Some(found);
+            body = rest;
+        }
         if Some(body.len()) != count.checked_mul(entry_len) {
             return Err(corrupt(
                 journal,
@@ -459,7 +639,7 @@ fn decode_bucket(journal: &str, payloads: &[Vec<u8>]) -> Result<BucketContents> 
             ));
         }
         for raw in body.chunks_exact(entry_len) {
-            if kind == KIND_SCHEDULE {
+            if matches!(kind, KIND_SCHEDULE | KIND_SCHEDULE_TO) {
                 let (Some(due), Some(offset), Some(id), Some(&flags)) =
                     (u64_at(raw, 0), u64_at(raw, 8), raw.get(16..32), raw.get(32))
                 else {
@@ -470,6 +650,9 @@ fn decode_bucket(journal: &str, payloads: &[Vec<u8>]) -> Result<BucketContents> 
                 }
                 let mut id_bytes = [0u8; 16];
                 id_bytes.copy_from_slice(id);
+                // A duplicate entry (re-indexing) never forgets a known
+                // destination.
+                let dest = dest.or_else(|| contents.scheduled.get(&offset).and_then(|e| e.dest));
                 contents.scheduled.insert(
                     offset,
                     Entry {
@@ -477,6 +660,7 @@ fn decode_bucket(journal: &str, payloads: &[Vec<u8>]) -> Result<BucketContents> 
                         offset,
                         id: MessageId(id_bytes),
                         flags,
+                        dest,
                     },
                 );
             } else {
@@ -571,6 +755,7 @@ impl DelayStore {
             inflight: HashMap::new(),
             foreign: HashMap::new(),
             pending_total: 0,
+            destinations: Destinations::default(),
             buffered_total: 0,
             next_seq: 0,
             fired_lost: 0,
@@ -606,14 +791,15 @@ impl DelayStore {
             let Some(last) = records.last() else { break };
             offset = last.offset + 1;
             for record in &records {
-                if destination(record).is_none() {
+                let Some((topic, partition)) = destination(record) else {
                     tracing::error!(
                         offset = record.offset,
                         "timer-log record without delay headers"
                     );
                     recovery.skipped_records += 1;
                     continue;
-                }
+                };
+                let dest = store.destinations.intern(&topic, partition);
                 let due_ms = record.deliver_at_ms.unwrap_or(record.timestamp_ms);
                 let flags = if record.id.timestamp_ms() == record.timestamp_ms {
                     0
@@ -628,6 +814,7 @@ impl DelayStore {
                         offset: record.offset,
                         id: record.id,
                         flags,
+                        dest: Some(dest),
                     });
                 recovery.reindexed_records += 1;
             }
@@ -652,20 +839,22 @@ impl DelayStore {
         for start in starts {
             let name = bucket_name(start);
             let (mut journal, payloads) = store.storage.open_journal(&name)?;
-            let mut contents = decode_bucket(&name, &payloads)?;
+            let mut contents = decode_bucket(&name, &payloads, &mut store.destinations)?;
             drop(payloads);
             {
                 let before = contents.scheduled.len() + contents.dead.len();
                 contents.scheduled.retain(|offset, _| *offset < end);
                 contents.dead.retain(|offset| *offset < end);
                 let dropped = before - contents.scheduled.len() - contents.dead.len();
-                if dropped > 0 {
+                let resolved = store.resolve_destinations(&mut contents)?;
+                if dropped > 0 || resolved > 0 {
                     let scheduled: Vec<Entry> = contents.scheduled.values().copied().collect();
                     let dead: Vec<u64> = contents.dead.iter().copied().collect();
-                    let mut payloads = encode_schedule(&scheduled);
+                    let mut payloads = encode_schedule(&scheduled, &store.destinations);
                     payloads.extend(encode_tombstones(KIND_FIRED, &dead));
                     journal.rewrite(&payloads)?;
                     recovery.stale_entries_dropped += dropped as u64;
+                    recovery.destinations_resolved += resolved;
                 }
             }
             let mut fresh = reindexed.remove(&start).unwrap_or_default();
@@ -698,6 +887,7 @@ impl DelayStore {
             for entry in &live {
                 bucket.pending += 1;
                 bucket.min_due_ms = bucket.min_due_ms.min(entry.due_ms);
+                store.destinations.add(entry.dest);
                 if entry.flags & FLAG_FOREIGN_ID != 0 {
                     store.foreign.insert(entry.id, (start, entry.offset));
                 }
@@ -706,7 +896,7 @@ impl DelayStore {
             store.buffered_total += fresh.len();
             if load {
                 let mut journal = journal;
-                for payload in encode_schedule(&fresh) {
+                for payload in encode_schedule(&fresh, &store.destinations) {
                     journal.append(&payload);
                 }
                 bucket.unsynced = !fresh.is_empty();
@@ -759,6 +949,7 @@ impl DelayStore {
             }
             let due_ms = record.deliver_at_ms.unwrap_or(now_ms);
             record.deliver_at_ms = Some(due_ms);
+            let dest = self.destinations.intern(&topic, partition);
             record.headers.push((
                 Bytes::from_static(TOPIC_HEADER.as_bytes()),
                 Bytes::from(topic),
@@ -767,7 +958,7 @@ impl DelayStore {
                 Bytes::from_static(PARTITION_HEADER.as_bytes()),
                 Bytes::copy_from_slice(&partition.to_le_bytes()),
             ));
-            dues.push((due_ms, record.id.is_some()));
+            dues.push((due_ms, record.id.is_some(), dest));
             records.push(record);
         }
         let appended = self.timer.append(records)?;
@@ -782,13 +973,14 @@ impl DelayStore {
         }
         let mut ids = Vec::with_capacity(appended.len());
         let mut by_bucket: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
-        for ((offset, id), (due_ms, foreign)) in appended.into_iter().zip(dues) {
+        for ((offset, id), (due_ms, foreign, dest)) in appended.into_iter().zip(dues) {
             ids.push(id);
             let entry = Entry {
                 due_ms,
                 offset,
                 id,
                 flags: if foreign { FLAG_FOREIGN_ID } else { 0 },
+                dest: Some(dest),
             };
             by_bucket
                 .entry(self.bucket_start(due_ms))
@@ -817,14 +1009,14 @@ impl DelayStore {
                 }
             }
             self.ready
-                .push(Reverse((due_ms, item.seq, item.offset, item.id)));
+                .push(Reverse((due_ms, item.seq, item.offset, item.id, item.dest)));
         }
         let mut out = Vec::new();
         while out.len() < max {
             if self.staged.is_empty() && !self.stage(now_ms)? {
                 break;
             }
-            let Some((offset, message)) = self.staged.pop_front() else {
+            let Some((offset, dest, message)) = self.staged.pop_front() else {
                 continue;
             };
             if self.cancelled_ready.remove(&offset) {
@@ -832,7 +1024,7 @@ impl DelayStore {
             }
             if message.due_ms > now_ms {
                 // The caller's clock went backwards.
-                self.staged.push_front((offset, message));
+                self.staged.push_front((offset, dest, message));
                 break;
             }
             let start = self.bucket_start(message.due_ms);
@@ -843,7 +1035,7 @@ impl DelayStore {
             {
                 self.loaded.remove(&message.id);
             }
-            self.forget_pending(start, &message.id);
+            self.forget_pending(start, &message.id, dest);
             if let Some(bucket) = self.buckets.get_mut(&start) {
                 bucket.inflight += 1;
             }
@@ -858,8 +1050,9 @@ impl DelayStore {
     /// nothing is due.
     fn stage(&mut self, now_ms: i64) -> Result<bool> {
         let mut selected = Vec::new();
+        let mut dests = Vec::new();
         while selected.len() < FETCH_RECORDS_MAX {
-            let Some(Reverse((due_ms, _, offset, id))) = self.ready.peek().copied() else {
+            let Some(Reverse((due_ms, _, offset, id, dest))) = self.ready.peek().copied() else {
                 break;
             };
             if due_ms > now_ms {
@@ -870,13 +1063,14 @@ impl DelayStore {
                 continue;
             }
             selected.push((due_ms, offset, id));
+            dests.push(dest);
         }
         if selected.is_empty() {
             return Ok(false);
         }
         let records = self.fetch(&selected)?;
         let mut lost: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
-        for (due_ms, offset, id) in selected {
+        for ((due_ms, offset, id), dest) in selected.into_iter().zip(dests) {
             let message = records
                 .get(&offset)
                 .filter(|record| record.id == id)
@@ -896,7 +1090,7 @@ impl DelayStore {
                     self.loaded.remove(&id);
                 }
                 let start = self.bucket_start(due_ms);
-                self.forget_pending(start, &id);
+                self.forget_pending(start, &id, dest);
                 lost.entry(start).or_default().push(offset);
                 continue;
             };
@@ -919,7 +1113,7 @@ impl DelayStore {
                     expire_at_ms: record.expire_at_ms,
                 },
             };
-            self.staged.push_back((offset, message));
+            self.staged.push_back((offset, dest, message));
         }
         for (start, offsets) in lost {
             self.append_tombstones(start, KIND_FIRED, &offsets, false)?;
@@ -967,7 +1161,7 @@ impl DelayStore {
                 }
             }
             let start = self.bucket_start(slot.due_ms);
-            self.forget_pending(start, id);
+            self.forget_pending(start, id, slot.dest);
             self.append_tombstones(start, KIND_CANCEL, &[slot.offset], true)?;
             return Ok(true);
         }
@@ -990,19 +1184,23 @@ impl DelayStore {
             // Every live entry of a loaded bucket is in `loaded`.
             return Ok(false);
         }
+        // Live: Some(its destination).
         let live = if let Some(position) = bucket.buffered.iter().position(|e| e.offset == offset) {
-            bucket.buffered.swap_remove(position);
+            let entry = bucket.buffered.swap_remove(position);
             self.buffered_total = self.buffered_total.saturating_sub(1);
-            true
+            Some(entry.dest)
         } else {
             let name = bucket_name(start);
             let (_, payloads) = self.storage.open_journal(&name)?;
-            decode_bucket(&name, &payloads)?.is_live(offset)
+            let contents = decode_bucket(&name, &payloads, &mut self.destinations)?;
+            contents
+                .is_live(offset)
+                .then(|| contents.scheduled.get(&offset).and_then(|entry| entry.dest))
         };
-        if !live {
+        let Some(dest) = live else {
             return Ok(false);
-        }
-        self.forget_pending(start, id);
+        };
+        self.forget_pending(start, id, dest);
         self.append_tombstones(start, KIND_CANCEL, &[offset], true)?;
         Ok(true)
     }
@@ -1012,10 +1210,19 @@ impl DelayStore {
         self.pending_total
     }
 
+    /// Pending delays of `topic` per partition (those with any), by
+    /// partition: counted as delays are scheduled, polled and cancelled,
+    /// nothing read (see "Counts per destination"). A delay whose
+    /// destination could not be learnt (an unreadable record of an older
+    /// version's bucket) is in [`pending`](Self::pending) only.
+    pub fn pending_in_topic(&self, topic: &str) -> Vec<(u32, u64)> {
+        self.destinations.pending_in_topic(topic)
+    }
+
     /// Earliest pending due time, on disk included (may be early after far
     /// cancels, never late). `None` when nothing is pending.
     pub fn next_due_ms(&self) -> Option<i64> {
-        let staged = self.staged.front().map(|(_, message)| message.due_ms);
+        let staged = self.staged.front().map(|(_, _, message)| message.due_ms);
         let ready = self.ready.peek().map(|Reverse((due, ..))| *due);
         let wheel = self.wheel.next_due_ms();
         let disk = self
@@ -1065,12 +1272,47 @@ impl DelayStore {
             .saturating_add(width)
     }
 
-    fn forget_pending(&mut self, start: i64, id: &MessageId) {
+    /// A pending entry of bucket `start` is pending no more (polled or
+    /// cancelled).
+    fn forget_pending(&mut self, start: i64, id: &MessageId, dest: Option<Dest>) {
         if let Some(bucket) = self.buckets.get_mut(&start) {
             bucket.pending = bucket.pending.saturating_sub(1);
         }
         self.pending_total = self.pending_total.saturating_sub(1);
+        self.destinations.remove(dest);
         self.foreign.remove(id);
+    }
+
+    /// Gives the live entries of `contents` written without a destination
+    /// (kind `1`, an older version) the one their timer-log record names,
+    /// reading the records in batches; returns how many were resolved. An
+    /// unreadable record leaves its entry without one (it is counted in
+    /// `pending` only, and dropped as lost when due).
+    fn resolve_destinations(&mut self, contents: &mut BucketContents) -> Result<u64> {
+        let unknown: Vec<(i64, u64, MessageId)> = contents
+            .live()
+            .filter(|entry| entry.dest.is_none())
+            .map(|entry| (entry.due_ms, entry.offset, entry.id))
+            .collect();
+        let mut resolved = 0;
+        for batch in unknown.chunks(FETCH_RECORDS_MAX) {
+            let records = self.fetch(batch)?;
+            for (_, offset, id) in batch {
+                let Some((topic, partition)) = records
+                    .get(offset)
+                    .filter(|record| record.id == *id)
+                    .and_then(destination)
+                else {
+                    continue;
+                };
+                let dest = self.destinations.intern(&topic, partition);
+                if let Some(entry) = contents.scheduled.get_mut(offset) {
+                    entry.dest = Some(dest);
+                    resolved += 1;
+                }
+            }
+        }
+        Ok(resolved)
     }
 
     fn insert_loaded(&mut self, entry: &Entry) {
@@ -1078,14 +1320,20 @@ impl DelayStore {
         self.next_seq += 1;
         if entry.due_ms <= self.wheel.now_ms() {
             // Already due: straight to the ready queue.
-            self.ready
-                .push(Reverse((entry.due_ms, seq, entry.offset, entry.id)));
+            self.ready.push(Reverse((
+                entry.due_ms,
+                seq,
+                entry.offset,
+                entry.id,
+                entry.dest,
+            )));
             self.loaded.insert(
                 entry.id,
                 LoadedSlot {
                     offset: entry.offset,
                     due_ms: entry.due_ms,
                     timer: None,
+                    dest: entry.dest,
                 },
             );
             return;
@@ -1096,6 +1344,7 @@ impl DelayStore {
                 offset: entry.offset,
                 id: entry.id,
                 seq,
+                dest: entry.dest,
             },
         );
         self.loaded.insert(
@@ -1104,6 +1353,7 @@ impl DelayStore {
                 offset: entry.offset,
                 due_ms: entry.due_ms,
                 timer: Some(timer),
+                dest: entry.dest,
             },
         );
     }
@@ -1115,7 +1365,8 @@ impl DelayStore {
             let mut bucket = Bucket::new(true);
             if !payloads.is_empty() {
                 // A journal left over (all dead); keep its tombstones.
-                let contents = decode_bucket(&bucket_name(start), &payloads)?;
+                let contents =
+                    decode_bucket(&bucket_name(start), &payloads, &mut self.destinations)?;
                 if contents.live().next().is_some() {
                     return Err(corrupt(
                         &bucket_name(start),
@@ -1135,6 +1386,7 @@ impl DelayStore {
         self.buffered_total += entries.len();
         for entry in &entries {
             bucket.min_due_ms = bucket.min_due_ms.min(entry.due_ms);
+            self.destinations.add(entry.dest);
         }
         for entry in &entries {
             if entry.flags & FLAG_FOREIGN_ID != 0 {
@@ -1146,7 +1398,7 @@ impl DelayStore {
         };
         if bucket.loaded {
             if let Some(journal) = bucket.journal.as_mut() {
-                for payload in encode_schedule(&entries) {
+                for payload in encode_schedule(&entries, &self.destinations) {
                     journal.append(&payload);
                 }
             }
@@ -1225,13 +1477,13 @@ impl DelayStore {
     fn load_bucket(&mut self, start: i64) -> Result<()> {
         let name = bucket_name(start);
         let (mut journal, payloads) = self.storage.open_journal(&name)?;
-        let contents = decode_bucket(&name, &payloads)?;
+        let contents = decode_bucket(&name, &payloads, &mut self.destinations)?;
         drop(payloads);
         let Some(bucket) = self.buckets.get_mut(&start) else {
             return Ok(());
         };
         let fresh = std::mem::take(&mut bucket.buffered);
-        for payload in encode_schedule(&fresh) {
+        for payload in encode_schedule(&fresh, &self.destinations) {
             journal.append(&payload);
         }
         bucket.unsynced = !fresh.is_empty();
@@ -1329,7 +1581,7 @@ impl DelayStore {
                         opened.insert(journal)
                     }
                 };
-                for payload in encode_schedule(&bucket.buffered) {
+                for payload in encode_schedule(&bucket.buffered, &self.destinations) {
                     journal.append(&payload);
                 }
                 journal.sync()?;
@@ -1723,6 +1975,111 @@ mod tests {
         assert_eq!(fired, sorted);
     }
 
+    /// "Counts per destination": exact through schedule, cancel (near and
+    /// far), fire, a crash before any flush (the timer-log tail re-indexed)
+    /// and a clean restart; nothing read to answer.
+    #[test]
+    fn pending_counts_per_destination_survive_fire_cancel_and_restart() {
+        let fixture = Fixture::new(1_000_000);
+        let (mut store, _) = fixture.open(config());
+        let now = fixture.now();
+        let year_ms = 365 * 24 * 3_600_000;
+        let to = |topic: &str, partition: u32, due: i64| {
+            (topic.to_string(), partition, delayed("v", due))
+        };
+        let ids = store
+            .schedule(
+                vec![
+                    to("a", 0, now + 100),
+                    to("a", 0, now + 200),
+                    to("a", 0, now + year_ms),
+                    to("a", 1, now + 300),
+                    to("a", 1, now + 2 * year_ms),
+                    to("b", 0, now + 100),
+                ],
+                now,
+            )
+            .unwrap();
+        assert_eq!(store.pending_in_topic("a"), [(0, 3), (1, 2)]);
+        assert_eq!(store.pending_in_topic("b"), [(0, 1)]);
+        assert!(store.pending_in_topic("c").is_empty());
+        // A near (loaded) and a far (on disk only) cancel.
+        assert!(store.cancel(&ids[1]).unwrap());
+        assert!(store.cancel(&ids[4]).unwrap());
+        assert!(!store.cancel(&ids[4]).unwrap());
+        assert_eq!(store.pending_in_topic("a"), [(0, 2), (1, 1)]);
+        // A crash before any flush: the counts come back from the timer log.
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert!(recovery.reindexed_records > 0);
+        assert_eq!(store.pending_in_topic("a"), [(0, 2), (1, 1)]);
+        assert_eq!(store.pending_in_topic("b"), [(0, 1)]);
+        // Firing takes them off when they are polled.
+        let fired = drain(&mut store, now + 300);
+        assert_eq!(fired.len(), 3);
+        assert_eq!(store.pending_in_topic("a"), [(0, 1)]);
+        assert!(store.pending_in_topic("b").is_empty());
+        // After a checkpoint, from the bucket journals alone.
+        store.checkpoint().unwrap();
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.reindexed_records, 0);
+        assert_eq!(store.pending_in_topic("a"), [(0, 1)]);
+        assert!(store.cancel(&ids[2]).unwrap());
+        assert!(store.pending_in_topic("a").is_empty());
+        assert_eq!(store.pending(), 0);
+    }
+
+    /// Buckets written by a version without destinations (kind 1): the
+    /// open reads each live entry's destination from the timer log once and
+    /// rewrites the bucket, so the counts are exact and the next open reads
+    /// nothing.
+    #[test]
+    fn entries_without_a_destination_are_resolved_once_at_open() {
+        let fixture = Fixture::new(0);
+        let (mut store, _) = fixture.open(config());
+        let mut entries: Vec<_> = (0..5)
+            .map(|i| ("old".to_string(), 2, delayed("v", 100_000 + i * 100)))
+            .collect();
+        entries.push(("old".to_string(), 0, delayed("v", 50_000_000)));
+        let ids = store.schedule(entries, 0).unwrap();
+        assert!(store.cancel(&ids[0]).unwrap());
+        store.checkpoint().unwrap();
+        drop(store);
+        // What an older version wrote: the same entries, as kind 1.
+        let storage = fixture.storage.clone();
+        let mut rewritten = 0;
+        for name in storage.list_journals(BUCKET_PREFIX).unwrap() {
+            let (mut journal, payloads) = storage.open_journal(&name).unwrap();
+            let contents = decode_bucket(&name, &payloads, &mut Destinations::default()).unwrap();
+            let legacy: Vec<Entry> = contents
+                .scheduled
+                .values()
+                .map(|entry| Entry {
+                    dest: None,
+                    ..*entry
+                })
+                .collect();
+            let dead: Vec<u64> = contents.dead.iter().copied().collect();
+            let mut payloads = encode_schedule(&legacy, &Destinations::default());
+            payloads.extend(encode_tombstones(KIND_CANCEL, &dead));
+            assert!(payloads.iter().all(|p| p[1] != KIND_SCHEDULE_TO));
+            journal.rewrite(&payloads).unwrap();
+            rewritten += legacy.len();
+        }
+        // The cancelled one was never written (cancelled while buffered).
+        assert_eq!(rewritten, 5);
+        let (store, recovery) = fixture.open(config());
+        assert_eq!(recovery.destinations_resolved, 5);
+        assert_eq!(store.pending_in_topic("old"), [(0, 1), (2, 4)]);
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.destinations_resolved, 0, "rewritten with them");
+        assert_eq!(store.pending_in_topic("old"), [(0, 1), (2, 4)]);
+        assert_eq!(drain(&mut store, 200_000).len(), 4);
+        assert_eq!(store.pending_in_topic("old"), [(0, 1)]);
+    }
+
     #[test]
     fn journal_bytes_never_panic() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -1734,28 +2091,60 @@ mod tests {
             let mut payload: Vec<u8> = (0..len).map(|i| (seed >> (i % 56)) as u8).collect();
             if round % 2 == 0 && payload.len() > 2 {
                 payload[0] = FORMAT_VERSION;
-                payload[1] = (round % 4) as u8;
+                payload[1] = (round % 5) as u8;
             }
-            let _ = decode_bucket("fuzz", &[payload.clone()]);
+            let _ = decode_bucket("fuzz", &[payload.clone()], &mut Destinations::default());
             let _ = decode_meta(&payload);
         }
-        let good = encode_schedule(&[Entry {
+        let mut destinations = Destinations::default();
+        let orders = destinations.intern("orders", 3);
+        let entry = Entry {
             due_ms: -5,
             offset: 7,
             id: MessageId::new(1, 2),
             flags: 0,
-        }]);
-        let contents = decode_bucket("ok", &good).unwrap();
-        assert!(contents.is_live(7));
-        let mut bad = good[0].clone();
-        bad[0] = 9;
-        assert!(matches!(
-            decode_bucket("bad", &[bad]),
-            Err(DelayError::CorruptJournal { .. })
-        ));
-        let mut short = good[0].clone();
-        short.pop();
-        assert!(decode_bucket("short", &[short]).is_err());
+            dest: Some(orders),
+        };
+        let legacy = Entry {
+            offset: 8,
+            dest: None,
+            ..entry
+        };
+        let good = encode_schedule(&[entry, legacy], &destinations);
+        assert_eq!(
+            good.iter().map(|payload| payload[1]).collect::<Vec<_>>(),
+            [KIND_SCHEDULE_TO, KIND_SCHEDULE]
+        );
+        // Read back by another process: the same destination, interned anew.
+        let mut fresh = Destinations::default();
+        let contents = decode_bucket("ok", &good, &mut fresh).unwrap();
+        assert!(contents.is_live(7) && contents.is_live(8));
+        let dest = contents.scheduled[&7].dest.unwrap();
+        assert_eq!(fresh.name(dest), Some(("orders", 3)));
+        assert_eq!(contents.scheduled[&8].dest, None);
+        for (what, mut bad) in [
+            ("version", good[0].clone()),
+            ("short", good[0].clone()),
+            ("topic length", good[0].clone()),
+            ("topic UTF-8", good[0].clone()),
+            ("legacy short", good[1].clone()),
+        ] {
+            match what {
+                "version" => bad[0] = 9,
+                "short" | "legacy short" => {
+                    bad.pop();
+                }
+                "topic length" => bad[PAYLOAD_HEADER_LEN + 4] = 200,
+                _ => bad[PAYLOAD_HEADER_LEN + DESTINATION_HEADER_LEN] = 0xff,
+            }
+            assert!(
+                matches!(
+                    decode_bucket("bad", &[bad], &mut fresh),
+                    Err(DelayError::CorruptJournal { .. })
+                ),
+                "{what}"
+            );
+        }
         assert_eq!(decode_meta(&encode_meta(5, 60_000)).unwrap(), (5, 60_000));
     }
 }

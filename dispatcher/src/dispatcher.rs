@@ -96,9 +96,9 @@ pub enum DispatchError {
         /// Why it could not be restored.
         reason: String,
     },
-    /// A topic that exists with another configuration.
-    #[error("topic {0:?} already exists with another configuration")]
-    TopicConflict(String),
+    /// `create_topic` of a name that exists, whatever its configuration.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
     /// An ack or nack for an offset the group was never given.
     #[error("offset {offset} of partition {partition} was not delivered to this group")]
     NotDelivered {
@@ -264,9 +264,12 @@ pub struct PartitionStats {
     /// Age of the oldest unacked message (the one at the ack floor), from
     /// its broker timestamp; `None` when everything is acked.
     pub oldest_unacked_age_ms: Option<u64>,
-    /// Messages read by the group that wait for their deliver-at time.
-    /// (Messages still in the delay store are counted by
-    /// `Dispatcher::pending_delays`, for all topics.)
+    /// Delayed messages of this partition whose delivery time is still
+    /// ahead: those waiting in the delay store (not yet fired or cancelled;
+    /// the same for every group of the topic), plus records already in the
+    /// partition that this group holds until their deliver-at (only after
+    /// the clock stepped back). Counted, not scanned: see
+    /// [`DelayStore::pending_in_topic`](crate::DelayStore::pending_in_topic).
     pub delayed: u64,
 }
 
@@ -776,7 +779,10 @@ impl Dispatcher {
 
     // ----- topics ---------------------------------------------------------
 
-    /// Creates a topic (idempotent for the same configuration).
+    /// Creates a topic. A name that exists is [`DispatchError::TopicExists`],
+    /// even with the same configuration: creation is not idempotent, so a
+    /// caller learns that the topic (and its messages and groups) was there
+    /// before it.
     ///
     /// Validate, then create, then journal: the name and partition count
     /// are checked ([`crate::names`], [`DispatcherConfig`]'s caps), the
@@ -787,12 +793,8 @@ impl Dispatcher {
         names::check_topic(name)?;
         check_partition_count(config.partitions).map_err(DispatchError::InvalidArgument)?;
         self.check_not_quarantined(name, None)?;
-        if let Some(existing) = self.topics.get(name) {
-            return if existing.config == config {
-                Ok(())
-            } else {
-                Err(DispatchError::TopicConflict(name.to_string()))
-            };
+        if self.topics.contains_key(name) {
+            return Err(DispatchError::TopicExists(name.to_string()));
         }
         if config.partitions > self.config.max_partitions_per_topic {
             return Err(DispatchError::InvalidArgument(format!(
@@ -2100,6 +2102,26 @@ impl Dispatcher {
             return Ok(Vec::new());
         };
         let now = self.now();
+        // Pending delays by the partition they will be appended to (a
+        // partition past the topic's end goes to its last one, as when it
+        // fires), and those whose append failed and waits for the next poll.
+        let last = logs.len().saturating_sub(1);
+        let mut waiting = vec![0u64; logs.len()];
+        let unfired = self
+            .unfired
+            .iter()
+            .filter(|message| message.topic == topic)
+            .map(|message| (message.partition, 1));
+        for (partition, count) in self
+            .delays
+            .pending_in_topic(topic)
+            .into_iter()
+            .chain(unfired)
+        {
+            if let Some(slot) = waiting.get_mut((partition as usize).min(last)) {
+                *slot += count;
+            }
+        }
         let mut stats = Vec::with_capacity(state.partitions.len());
         for (p, part) in state.partitions.iter().enumerate() {
             let end_offset = logs[p].end_offset();
@@ -2125,7 +2147,8 @@ impl Dispatcher {
                 unacked: part.pending.len() as u64,
                 in_flight: count(|p| matches!(p.stage, Stage::InFlight { .. })),
                 oldest_unacked_age_ms,
-                delayed: count(|p| p.attempt == 0 && matches!(p.stage, Stage::Waiting { .. })),
+                delayed: count(|p| p.attempt == 0 && matches!(p.stage, Stage::Waiting { .. }))
+                    + waiting.get(p).copied().unwrap_or(0),
             });
         }
         Ok(stats)

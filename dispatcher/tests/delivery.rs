@@ -145,6 +145,89 @@ fn acked_messages_are_not_redelivered_and_unacked_are() {
     assert!(w.dispatcher.ack(member, 0, 5).is_err(), "never delivered");
 }
 
+/// PROTOCOL.md §4 "Redelivery": after failed attempt n the message comes
+/// back no earlier than, and (with credit) exactly at: delivery +
+/// ack timeout + backoff(n) for a timeout; NACK + its delay; NACK +
+/// backoff(n) without one; and the last attempt's failure dead-letters at
+/// once, whatever the NACK's delay. Time is the injected (wall) clock.
+#[test]
+fn redelivery_waits_exactly_the_documented_delay() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    let config = GroupConfig {
+        ack_timeout_ms: 1_000,
+        max_attempts: 4,
+        backoff: Backoff::Exponential {
+            initial_ms: 100,
+            max_ms: 10_000,
+        },
+        ..GroupConfig::default()
+    };
+    w.dispatcher.subscribe("t", "g", config).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.produce("t", &["work"]);
+    // Nothing comes back before `at`; then it does, as attempt `attempt`.
+    let redelivered_at = |w: &mut World, at: i64, attempt: u32| {
+        let early = at - 1 - w.clock.now_ms();
+        w.clock.advance_ms(early);
+        assert!(
+            w.dispatcher.fetch(member, 1).unwrap().is_empty(),
+            "attempt {attempt} came before its time"
+        );
+        w.clock.advance_ms(1);
+        let got = w.dispatcher.fetch(member, 1).unwrap();
+        assert_eq!(got.len(), 1, "attempt {attempt} not back at its time");
+        assert_eq!(got[0].attempt, attempt);
+    };
+
+    let first = w.clock.now_ms();
+    assert_eq!(w.dispatcher.fetch(member, 1).unwrap()[0].attempt, 1);
+    // Attempt 1 times out (the broker polls at its deadline, as the
+    // engine does at `next_wakeup_ms`): then backoff(1) = 100 ms.
+    assert_eq!(w.dispatcher.next_wakeup_ms(), Some(first + 1_000));
+    w.clock.advance_ms(1_000);
+    assert!(w.dispatcher.poll().unwrap().is_empty());
+    redelivered_at(&mut w, first + 1_000 + 100, 2);
+    // Attempt 2 is NACKed without a delay 10 ms later: backoff(2) = 200 ms.
+    w.clock.advance_ms(10);
+    let nacked = w.clock.now_ms();
+    w.dispatcher.nack(member, 0, 0, None).unwrap();
+    redelivered_at(&mut w, nacked + 200, 3);
+    // Attempt 3 is NACKed with 50 ms: exactly that, no backoff.
+    let nacked = w.clock.now_ms();
+    w.dispatcher.nack(member, 0, 0, Some(50)).unwrap();
+    redelivered_at(&mut w, nacked + 50, 4);
+    // Attempt 4 is the last: its NACK dead-letters at once, delay ignored.
+    w.dispatcher.nack(member, 0, 0, Some(60_000)).unwrap();
+    use dmq_dispatcher::PartitionLog;
+    let dead = w
+        .storage
+        .memory_log("t.g.dlq", 0)
+        .expect("dead-letter topic");
+    assert_eq!(dead.end_offset(), 1, "dead-lettered at once");
+    w.clock.advance_ms(120_000);
+    assert!(w.dispatcher.fetch(member, 1).unwrap().is_empty());
+
+    // A NACK with delay 0 comes back at once; a last attempt that times
+    // out is dead-lettered at its ack deadline, without a backoff.
+    w.produce("t", &["again"]);
+    let got = w.dispatcher.fetch(member, 1).unwrap();
+    assert_eq!(got[0].attempt, 1);
+    let offset = got[0].record.offset;
+    w.dispatcher.nack(member, 0, offset, Some(0)).unwrap();
+    assert_eq!(w.dispatcher.fetch(member, 1).unwrap()[0].attempt, 2);
+    w.dispatcher.nack(member, 0, offset, Some(0)).unwrap();
+    assert_eq!(w.dispatcher.fetch(member, 1).unwrap()[0].attempt, 3);
+    w.dispatcher.nack(member, 0, offset, Some(0)).unwrap();
+    assert_eq!(w.dispatcher.fetch(member, 1).unwrap()[0].attempt, 4);
+    w.clock.advance_ms(999);
+    assert!(w.dispatcher.poll().unwrap().is_empty());
+    assert_eq!(dead.end_offset(), 1);
+    w.clock.advance_ms(1);
+    assert!(w.dispatcher.poll().unwrap().is_empty());
+    assert_eq!(dead.end_offset(), 2, "dead-lettered at the deadline");
+}
+
 #[test]
 fn max_attempts_moves_to_the_dead_letter_topic_with_the_same_id() {
     let mut w = World::new();
@@ -528,6 +611,8 @@ fn group_stats_report_lag_age_and_delayed_messages() {
     let stats = &w.dispatcher.group_stats("t", "g").unwrap()[0];
     assert_eq!((stats.lag, stats.oldest_unacked_age_ms), (2, Some(5_000)));
     assert_eq!(w.dispatcher.pending_delays(), 1);
+    // `delayed` counts the partition's delays still in the delay store.
+    assert_eq!(stats.delayed, 1);
     for d in w.dispatcher.fetch(member, 10).unwrap() {
         w.dispatcher.ack(member, 0, d.record.offset).unwrap();
     }
@@ -536,6 +621,78 @@ fn group_stats_report_lag_age_and_delayed_messages() {
         (stats.lag, stats.oldest_unacked_age_ms, stats.in_flight),
         (0, None, 0)
     );
+    assert_eq!(stats.delayed, 1);
+}
+
+/// `PartitionStats::delayed` (DESCRIBE_GROUP's `delayed`, PROTOCOL.md
+/// §6.25): the delays pending for that partition of the topic, whichever
+/// group asks, exact across a cancel, a crash and the delays firing.
+#[test]
+fn group_stats_count_each_partitions_pending_delays() {
+    let mut w = World::new();
+    w.dispatcher
+        .create_topic(
+            "t",
+            TopicConfig {
+                partitions: 2,
+                ordered: false,
+            },
+        )
+        .unwrap();
+    topic(&mut w, "other", false);
+    for group in ["g", "h"] {
+        w.dispatcher.subscribe("t", group, config()).unwrap();
+    }
+    w.dispatcher.subscribe("other", "g", config()).unwrap();
+    let now = w.clock.now_ms();
+    let delayed = |partition, due_in_ms: i64| {
+        (
+            partition,
+            RecordInput {
+                deliver_at_ms: Some(now + due_in_ms),
+                ..RecordInput::new("later")
+            },
+        )
+    };
+    let mut ids = Vec::new();
+    for (partition, record) in [
+        delayed(0, 60_000),
+        delayed(1, 60_000),
+        delayed(1, 120_000),
+        delayed(1, 400 * 86_400_000),
+    ] {
+        let produced = w.dispatcher.produce("t", Some(partition), vec![record]);
+        ids.push(produced.unwrap()[0].id);
+    }
+    w.dispatcher
+        .produce("other", Some(0), vec![delayed(0, 60_000).1])
+        .unwrap();
+    let delayed_of = |w: &World, topic: &str, group: &str| -> Vec<u64> {
+        w.dispatcher
+            .group_stats(topic, group)
+            .unwrap()
+            .iter()
+            .map(|stats| stats.delayed)
+            .collect()
+    };
+    assert_eq!(delayed_of(&w, "t", "g"), [1, 3]);
+    assert_eq!(delayed_of(&w, "t", "h"), [1, 3], "the same for every group");
+    assert_eq!(delayed_of(&w, "other", "g"), [1]);
+    assert!(w.dispatcher.cancel_delay(&ids[3]).unwrap());
+    assert_eq!(delayed_of(&w, "t", "g"), [1, 2]);
+    w.crash_and_reopen();
+    for group in ["g", "h"] {
+        w.dispatcher.join("t", group, "m").unwrap();
+    }
+    w.dispatcher.join("other", "g", "m").unwrap();
+    assert_eq!(delayed_of(&w, "t", "g"), [1, 2], "counted again at open");
+    w.clock.advance_ms(60_000);
+    w.dispatcher.poll().unwrap();
+    assert_eq!(delayed_of(&w, "t", "g"), [0, 1], "fired ones are stored");
+    assert_eq!(delayed_of(&w, "other", "g"), [0]);
+    w.clock.advance_ms(60_000);
+    w.dispatcher.poll().unwrap();
+    assert_eq!(delayed_of(&w, "t", "h"), [0, 0]);
 }
 
 #[test]

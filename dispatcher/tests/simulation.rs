@@ -26,7 +26,10 @@
 //!    dead-letter topic with the same id; every produced, not cancelled
 //!    message reached its topic's log; after a final clean restart nothing is
 //!    delivered again;
-//! 6. `group_stats(..)[p].unacked <= max_unacked_per_partition`;
+//! 6. `group_stats(..)[p].unacked <= max_unacked_per_partition`; the
+//!    `delayed` counts of every topic's groups agree with each other and,
+//!    summed over the topics, equal `pending_delays` (the clock never goes
+//!    back here, so `delayed` is the delay store's count);
 //! 7. deletions (offset range, id, time range, key) cover exactly what the
 //!    model says (a bounded deletion only records stored when it was made):
 //!    `count_covered` and `delete_counted` match the model's count and
@@ -1155,11 +1158,26 @@ impl Sim {
 
     /// 6. Memory bound per partition.
     fn check_stats(&mut self) {
+        // topic -> `delayed` per partition, from the first group whose state
+        // is loaded (every group of a topic must report the same).
+        let mut delayed: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         for group in &self.groups {
             let stats = self
                 .dispatcher
                 .group_stats(&group.topic, &group.name)
                 .unwrap();
+            if !stats.is_empty() {
+                let counts: Vec<u64> = stats.iter().map(|s| s.delayed).collect();
+                let first = delayed
+                    .entry(&group.topic)
+                    .or_insert_with(|| counts.clone());
+                check(*first == counts, || {
+                    format!(
+                        "{} {}: delayed {counts:?}, another group says {first:?}",
+                        group.topic, group.name
+                    )
+                });
+            }
             for s in stats {
                 check(
                     s.unacked <= u64::from(group.config.max_unacked_per_partition),
@@ -1176,6 +1194,17 @@ impl Sim {
                 );
                 check(s.in_flight <= s.unacked, || format!("stats {s:?}"));
             }
+        }
+        if self
+            .topics
+            .iter()
+            .all(|t| delayed.contains_key(t.name.as_str()))
+        {
+            let total: u64 = delayed.values().flatten().sum();
+            let pending = self.dispatcher.pending_delays();
+            check(total == pending, || {
+                format!("delayed per partition {delayed:?} sum to {total}, {pending} pending")
+            });
         }
     }
 

@@ -63,7 +63,8 @@ error_codes! {
     FrameTooLarge = 2,
     /// HELLO offered no version the broker supports.
     UnsupportedVersion = 3,
-    /// A request other than HELLO (or PING) arrived before HELLO_OK.
+    /// A frame other than HELLO (or PING) arrived before HELLO_OK. The
+    /// connection is closed after the ERROR.
     NotAuthenticated = 4,
     /// HELLO's client id and secret were rejected.
     AuthenticationFailed = 5,
@@ -77,16 +78,18 @@ error_codes! {
     UnknownSubscription = 9,
     /// The partition does not exist in the topic.
     UnknownPartition = 10,
-    /// CREATE_TOPIC for a name that exists.
+    /// CREATE_TOPIC for a name that exists, whatever its settings.
     TopicExists = 11,
-    /// A well-formed request whose values are not acceptable (bad name,
-    /// zero partitions, HELLO sent twice, ...).
+    /// A frame decoded whole whose content is not acceptable (bad name,
+    /// zero partitions, HELLO sent twice, a response or push opcode sent by
+    /// a client, ...). The connection stays open.
     InvalidRequest = 12,
     /// The broker's disk is full; nothing was written.
     DiskFull = 13,
     /// Any other storage failure; nothing was acknowledged.
     StorageError = 14,
-    /// The broker is overloaded; retry later with backoff.
+    /// The broker is overloaded (today: too many connections, sent with
+    /// correlation id 0 before closing); retry later with backoff.
     Overloaded = 15,
     /// The broker is shutting down; reconnect elsewhere or later.
     ShuttingDown = 16,
@@ -101,7 +104,8 @@ error_codes! {
     GroupConfigConflict = 20,
     /// An idempotent PRODUCE whose sequence is out of order for its producer.
     OutOfOrderSequence = 21,
-    /// The request timed out inside the broker.
+    /// The handshake did not complete in time, or the connection was idle
+    /// too long; sent with correlation id 0, then the connection is closed.
     Timeout = 22,
     /// A PRODUCE (or admin test message) holding a record larger than the
     /// maximum record size (PROTOCOL.md §8); nothing was stored.

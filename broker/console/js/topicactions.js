@@ -6,7 +6,9 @@ import { busy, h } from "./dom.js";
 
 /**
  * Buttons that move `topic` (a Topic) between statuses; `onChange(topic)`
- * gets the updated Topic, errors go to `slot`.
+ * gets the updated Topic, errors go to `slot`. Only the transitions the
+ * admin API allows are offered (docs/admin-api.md, "Status transitions"):
+ * Approve for a pending or disabled topic, Disable for an approved one.
  */
 export function topicActions(topic, slot, onChange) {
   const action = (verb, label, cls) => {
@@ -27,7 +29,9 @@ export function topicActions(topic, slot, onChange) {
   return h(
     "span",
     { class: "actions" },
-    topic.status !== "approved" ? action("approve", "Approve", null) : null,
-    topic.status !== "disabled" ? action("disable", "Disable", "secondary") : null,
+    topic.status === "pending" || topic.status === "disabled"
+      ? action("approve", "Approve", null)
+      : null,
+    topic.status === "approved" ? action("disable", "Disable", "secondary") : null,
   );
 }

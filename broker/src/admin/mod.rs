@@ -153,7 +153,9 @@ impl From<crate::registry::RegistryError> for ApiError {
     fn from(error: crate::registry::RegistryError) -> ApiError {
         use crate::registry::RegistryError;
         match error {
-            RegistryError::Exists(_) => ApiError::conflict(error.to_string()),
+            RegistryError::Exists(_) | RegistryError::StatusForbids { .. } => {
+                ApiError::conflict(error.to_string())
+            }
             RegistryError::Unknown(_) => ApiError::not_found(error.to_string()),
             _ => ApiError::internal(error.to_string()),
         }

@@ -1,5 +1,7 @@
 //! Topics and groups: the registry (create, approve, update, disable,
-//! delete) and each group's per-partition state and seek.
+//! delete) and each group's per-partition state and seek. Approve and
+//! disable follow the registry's status transitions
+//! ([`TopicStatus::after`]); a forbidden one is a `409`.
 //!
 //! A topic is registered first and created on the dispatcher second; a
 //! crash between the two is repaired at start (see `crate::broker`).
@@ -14,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{parse_json, shown, ApiError, ApiResult};
 use crate::broker::{create_topic, now_ms, Services};
-use crate::registry::{check_name_part, TopicRecord, TopicStatus};
+use crate::registry::{check_name_part, StatusAction, TopicRecord, TopicStatus};
 
 pub(super) fn routes() -> Router<Services> {
     Router::new()
@@ -398,18 +400,15 @@ async fn update(
     Ok(Json(record))
 }
 
-fn set_status(services: &Services, topic: &str, status: TopicStatus) -> ApiResult<TopicRecord> {
+/// Approve or disable: `404` for an unregistered topic, `409` when its
+/// status forbids the action (the table of [`TopicStatus::after`]).
+fn change_status(services: &Services, topic: &str, action: StatusAction) -> ApiResult<TopicRecord> {
     let record = services
         .registry
         .write()
         .unwrap_or_else(|p| p.into_inner())
-        .update(topic, |record| {
-            if record.status != status {
-                record.status = status;
-                record.updated_ms = now_ms();
-            }
-        })?;
-    tracing::info!(topic, ?status, "topic status changed");
+        .change_status(topic, action, now_ms())?;
+    tracing::info!(topic, status = ?record.status, "topic status changed");
     Ok(record)
 }
 
@@ -417,14 +416,14 @@ async fn approve(
     State(services): State<Services>,
     Path(topic): Path<String>,
 ) -> ApiResult<Json<TopicRecord>> {
-    set_status(&services, &topic, TopicStatus::Approved).map(Json)
+    change_status(&services, &topic, StatusAction::Approve).map(Json)
 }
 
 async fn disable(
     State(services): State<Services>,
     Path(topic): Path<String>,
 ) -> ApiResult<Json<TopicRecord>> {
-    set_status(&services, &topic, TopicStatus::Disabled).map(Json)
+    change_status(&services, &topic, StatusAction::Disable).map(Json)
 }
 
 async fn delete(
