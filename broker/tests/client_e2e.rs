@@ -308,3 +308,56 @@ async fn deleting_a_group_and_a_topic() {
     assert_eq!(described.partitions[0].end_offset, 0);
     broker.stop().await;
 }
+
+/// `dmq_connections_accepted_total` from the broker's /metrics.
+fn accepted(api: &common::Api) -> u64 {
+    let (status, body) = api.get("/metrics");
+    assert_eq!(status, 200);
+    body.as_str()
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("dmq_connections_accepted_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .expect("dmq_connections_accepted_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_only_receives_keeps_its_connection() {
+    let broker = Broker::start(|config| config.idle_timeout_ms = 300).await;
+    let api = common::Api::new(broker.admin, None);
+    let client_options = dmq_client::ClientOptions {
+        keepalive: Some(Duration::from_millis(50)),
+        ..dmq_client::ClientOptions::new("idle-consumer")
+    };
+    let client = Client::connect(broker.addr.to_string(), client_options)
+        .await
+        .unwrap();
+    client.create_topic("quiet", 1, false).await.unwrap();
+    let mut subscription = client
+        .consumer()
+        .subscribe("quiet", "g", options("m"))
+        .await
+        .unwrap();
+    let before = common::http({
+        let api = api.clone();
+        move || accepted(&api)
+    })
+    .await;
+    // Six idle timeouts with nothing to send but keepalives: the broker
+    // used to close the connection (the client then reconnected and
+    // subscribed again, each time).
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let after = common::http({
+        let api = api.clone();
+        move || accepted(&api)
+    })
+    .await;
+    assert_eq!(after, before, "the connection was closed and reopened");
+    send_all(&client, "quiet", &["still here"]).await;
+    let message = next(&mut subscription, Duration::from_secs(5))
+        .await
+        .expect("a message");
+    assert_eq!(message.value.as_ref(), b"still here");
+    broker.stop().await;
+}

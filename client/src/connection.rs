@@ -140,7 +140,7 @@ impl Conn {
     fn next_correlation_id(&self) -> u32 {
         loop {
             let id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
-            if id != 0 {
+            if id != 0 && id != KEEPALIVE_CORRELATION_ID {
                 return id;
             }
         }
@@ -382,7 +382,7 @@ pub(crate) async fn connect(addr: &str, options: &ClientOptions) -> Result<Sessi
         buf,
         max_frame_bytes,
     ));
-    let writer = tokio::spawn(write_loop(writer_rx, write_half));
+    let writer = tokio::spawn(write_loop(writer_rx, write_half, options.keepalive));
     Ok(Session {
         conn,
         reader,
@@ -432,9 +432,43 @@ async fn read_loop(
     }
 }
 
-async fn write_loop(mut frames: mpsc::Receiver<Bytes>, mut write_half: OwnedWriteHalf) -> String {
+/// The correlation id of the keepalive PING: never given to a request, so
+/// its PONG, waited for by nobody, is dropped.
+const KEEPALIVE_CORRELATION_ID: u32 = u32::MAX;
+
+async fn write_loop(
+    mut frames: mpsc::Receiver<Bytes>,
+    mut write_half: OwnedWriteHalf,
+    keepalive: Option<Duration>,
+) -> String {
     let mut out = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
-    while let Some(first) = frames.recv().await {
+    loop {
+        let first = match keepalive {
+            None => frames.recv().await,
+            Some(every) => match tokio::time::timeout(every, frames.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    // Nothing sent for `every`: a PING keeps the broker from
+                    // closing an idle connection (PROTOCOL.md section 4), e.g.
+                    // a consumer that only receives pushes.
+                    let mut ping = BytesMut::new();
+                    if encode_frame(
+                        &Frame::request(KEEPALIVE_CORRELATION_ID, Request::Ping),
+                        &mut ping,
+                    )
+                    .is_ok()
+                    {
+                        if let Err(error) = write_half.write_all(&ping).await {
+                            return format!("write failed: {error}");
+                        }
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(first) = first else {
+            break;
+        };
         let mut next = Some(first);
         while let Some(frame) = next.take() {
             // A large frame (a PRODUCE batch) goes out as it is; small ones

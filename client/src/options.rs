@@ -32,6 +32,10 @@ pub struct ClientOptions {
     pub reconnect_backoff_max: Duration,
     /// Frames queued for the socket writer at most (backpressure beyond).
     pub write_queue_frames: usize,
+    /// A connection that sent nothing for this long sends a PING, so that
+    /// the broker's idle timeout (`idle_timeout_ms`, 300 s by default) never
+    /// closes a consumer that only receives pushes. `None`: never.
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -45,6 +49,7 @@ impl Default for ClientOptions {
             reconnect_backoff_initial: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
             write_queue_frames: 1024,
+            keepalive: Some(Duration::from_secs(60)),
         }
     }
 }
