@@ -1,0 +1,316 @@
+//! Acknowledgements and failed attempts: ack, nack, redelivery after backoff,
+//! and dead-letter moves (batched per dead-letter topic).
+
+use super::*;
+
+impl Dispatcher {
+    /// Acknowledges one message for the member's group. Returns false if it
+    /// was already acked. The ack is durable within `ack_sync_interval_ms`.
+    pub fn ack(&mut self, member: MemberId, partition: u32, offset: u64) -> Result<bool> {
+        let state = self.member_state(member)?;
+        self.ack_in_state(state, partition, offset, None)
+    }
+
+    pub(super) fn ack_in_state(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        silent_kind: Option<EventKind>,
+    ) -> Result<bool> {
+        let state = &mut self.states[state_index];
+        let Some(part) = state.partitions.get_mut(partition as usize) else {
+            let topic = state.key.topic.to_string();
+            return Err(DispatchError::UnknownPartition { topic, partition });
+        };
+        if part.acks.is_acked(offset) {
+            return Ok(false);
+        }
+        if offset >= part.cursor {
+            return Err(DispatchError::NotDelivered { partition, offset });
+        }
+        let pending = part.pending.remove(&offset);
+        part.ready.remove(&offset);
+        part.acks.ack(offset);
+        state.note_ack(partition, offset);
+        let mut released = None;
+        if let Some(pending) = &pending {
+            match pending.stage {
+                Stage::InFlight { timer, .. } | Stage::Waiting { timer } => {
+                    self.wheel.cancel(timer);
+                }
+                Stage::Ready | Stage::Held => {}
+            }
+            if let Some(key) = &pending.key {
+                released = Some(key.clone());
+            }
+        }
+        if let Some(key) = released {
+            release_key(
+                &mut self.states[state_index].partitions[partition as usize],
+                &key,
+                offset,
+            );
+        }
+        let id = pending.map(|p| p.id).unwrap_or_default();
+        self.emit_in_group(
+            state_index,
+            partition,
+            offset,
+            id,
+            silent_kind.unwrap_or(EventKind::Acked),
+            None,
+        );
+        Ok(true)
+    }
+
+    /// Negatively acknowledges: the message is redelivered after `delay_ms`
+    /// (default: the group's backoff), or dead-lettered after its last attempt.
+    pub fn nack(
+        &mut self,
+        member: MemberId,
+        partition: u32,
+        offset: u64,
+        delay_ms: Option<u64>,
+    ) -> Result<()> {
+        let state_index = self.member_state(member)?;
+        let state = &self.states[state_index];
+        let part = state.partitions.get(partition as usize).ok_or_else(|| {
+            DispatchError::UnknownPartition {
+                topic: state.key.topic.to_string(),
+                partition,
+            }
+        })?;
+        let Some(pending) = part.pending.get(&offset) else {
+            return if part.acks.is_acked(offset) {
+                Ok(())
+            } else {
+                Err(DispatchError::NotDelivered { partition, offset })
+            };
+        };
+        let Stage::InFlight { timer, .. } = pending.stage else {
+            return Ok(()); // already waiting for a retry
+        };
+        let retry_in_ms =
+            delay_ms.unwrap_or_else(|| state.config.backoff.delay_ms(pending.attempt));
+        let id = pending.id;
+        self.wheel.cancel(timer);
+        self.emit_in_group(
+            state_index,
+            partition,
+            offset,
+            id,
+            EventKind::Nacked { retry_in_ms },
+            None,
+        );
+        self.after_failed_attempt(
+            state_index,
+            partition,
+            offset,
+            Some(retry_in_ms),
+            names::REASON_NACK,
+        )
+    }
+
+    /// After a failed attempt (timeout, nack, member left): retry after
+    /// `retry_in_ms` (default: backoff), or dead-letter after the last attempt.
+    pub(super) fn after_failed_attempt(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        retry_in_ms: Option<u64>,
+        reason: &str,
+    ) -> Result<()> {
+        let now = self.now();
+        let state = &mut self.states[state_index];
+        let max_attempts = state.config.max_attempts.max(1);
+        let backoff = state.config.backoff.clone();
+        let part = &mut state.partitions[partition as usize];
+        let Some(pending) = part.pending.get_mut(&offset) else {
+            return Ok(());
+        };
+        if pending.attempt >= max_attempts {
+            return self.dead_letter(state_index, partition, offset, reason);
+        }
+        let delay = retry_in_ms.unwrap_or_else(|| backoff.delay_ms(pending.attempt));
+        let next_attempt = pending.attempt + 1;
+        let id = pending.id;
+        if delay == 0 {
+            pending.stage = Stage::Ready;
+            part.ready.insert(offset);
+        } else {
+            let timer = self.wheel.insert(
+                now.saturating_add(delay as i64),
+                TimerTask {
+                    state: state_index as u32,
+                    partition,
+                    offset,
+                    attempt: pending.attempt,
+                    kind: TimerKind::Retry,
+                },
+            );
+            pending.stage = Stage::Waiting { timer };
+        }
+        self.emit_in_group(
+            state_index,
+            partition,
+            offset,
+            id,
+            EventKind::Redelivered { next_attempt },
+            Some(reason),
+        );
+        Ok(())
+    }
+
+    pub(super) fn dead_letter(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        reason: &str,
+    ) -> Result<()> {
+        self.dead_letter_many(&[(state_index, partition, offset)], reason)
+            .map_err(|(_, error)| error)
+    }
+
+    /// Moves messages `(state, partition, offset)` to their groups'
+    /// dead-letter topics, then acks them in their groups: one append (one
+    /// durability wait) per dead-letter topic for the whole list. A message
+    /// gone from its log (retention) is acked as expired instead. On
+    /// failure returns the indexes (into `moves`) of the messages not moved,
+    /// which stay pending, with the first error.
+    pub(super) fn dead_letter_many(
+        &mut self,
+        moves: &[(usize, u32, u64)],
+        reason: &str,
+    ) -> std::result::Result<(), (Vec<usize>, DispatchError)> {
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        let mut fail = |index: usize, error: DispatchError, failed: &mut Vec<usize>| {
+            failed.push(index);
+            if first_error.is_none() {
+                first_error = Some(error);
+            } else {
+                tracing::error!(%error, "a dead-letter move failed");
+            }
+        };
+        // (dead-letter topic, [(index into moves, copy)]), in first-move order.
+        let mut copies: Vec<(String, Vec<(usize, RecordInput)>)> = Vec::new();
+        for (index, &(state_index, partition, offset)) in moves.iter().enumerate() {
+            match self.dead_letter_copy(state_index, partition, offset, reason) {
+                Ok(Some((topic, copy))) => match copies.iter_mut().find(|(t, _)| *t == topic) {
+                    Some((_, list)) => list.push((index, copy)),
+                    None => copies.push((topic, vec![(index, copy)])),
+                },
+                Ok(None) => {}
+                Err(error) => fail(index, error, &mut failed),
+            }
+        }
+        for (dead_letter_topic, list) in copies {
+            let (indexes, records): (Vec<usize>, Vec<RecordInput>) = list.into_iter().unzip();
+            let written = self.topic(&dead_letter_topic).and_then(|state| {
+                let log = Arc::clone(&state.partitions[0]);
+                log.append(records)?;
+                if log.durable_on_append() {
+                    // The acks below may become durable before a lazy log
+                    // writes the copies back: the copies must not be what a
+                    // crash loses.
+                    log.flush()?;
+                }
+                Ok(())
+            });
+            if let Err(error) = written {
+                for index in indexes.iter().skip(1) {
+                    failed.push(*index);
+                }
+                fail(indexes[0], error, &mut failed);
+                continue;
+            }
+            for index in indexes {
+                let (state_index, partition, offset) = moves[index];
+                let kind = EventKind::DeadLettered {
+                    dead_letter_topic: dead_letter_topic.clone(),
+                };
+                if let Err(error) = self.ack_in_state(state_index, partition, offset, Some(kind)) {
+                    fail(index, error, &mut failed);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(error) => Err((failed, error)),
+        }
+    }
+
+    /// The dead-letter copy of one pending message and the topic it goes
+    /// to (created on first use), or `None` if the message is gone from its
+    /// log (then acked as expired: nothing to move).
+    pub(super) fn dead_letter_copy(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+        reason: &str,
+    ) -> Result<Option<(String, RecordInput)>> {
+        let (topic, group, dead_letter_topic) = {
+            let state = &self.states[state_index];
+            let dead_letter_topic = state
+                .config
+                .dead_letter_topic_for(&state.key.topic, &state.key.group);
+            (
+                state.key.topic.to_string(),
+                state.key.group.to_string(),
+                dead_letter_topic,
+            )
+        };
+        let attempts = pending_attempt(&self.states[state_index], partition, offset);
+        let log = Arc::clone(&self.topic(&topic)?.partitions[partition as usize]);
+        let Some(record) = log
+            .read(offset, 1)?
+            .into_iter()
+            .find(|r| r.offset == offset)
+        else {
+            // Gone from the log (retention): nothing to move; ack it.
+            self.ack_in_state(state_index, partition, offset, Some(EventKind::Expired))?;
+            return Ok(None);
+        };
+        if !self.topics.contains_key(&dead_letter_topic) {
+            self.create_topic(
+                &dead_letter_topic,
+                TopicConfig {
+                    partitions: 1,
+                    ordered: false,
+                },
+            )?;
+        }
+        // A dead letter of a dead letter replaces the earlier move's
+        // headers: a copy never grows past the frame headroom that the
+        // six headers are counted in (PROTOCOL.md §8).
+        let mut headers: Vec<(Bytes, Bytes)> = record
+            .headers
+            .iter()
+            .filter(|(name, _)| !name.starts_with(names::DEAD_LETTER_HEADER_PREFIX.as_bytes()))
+            .cloned()
+            .collect();
+        for (name, value) in [
+            ("dmq.dlq.topic", topic.clone()),
+            ("dmq.dlq.partition", partition.to_string()),
+            ("dmq.dlq.offset", offset.to_string()),
+            ("dmq.dlq.group", group.clone()),
+            ("dmq.dlq.attempts", attempts.to_string()),
+            ("dmq.dlq.reason", reason.to_string()),
+        ] {
+            headers.push((Bytes::from_static(name.as_bytes()), Bytes::from(value)));
+        }
+        let copy = RecordInput {
+            id: Some(record.id),
+            key: record.key.clone(),
+            headers,
+            value: record.value.clone(),
+            deliver_at_ms: None,
+            expire_at_ms: None,
+        };
+        Ok(Some((dead_letter_topic, copy)))
+    }
+}

@@ -1,0 +1,515 @@
+//! The pump: timers (ack deadlines, retries), due delays fired in batches,
+//! filling members within their credit, and the ack syncs; `poll` runs them
+//! in that order.
+
+use super::*;
+
+impl Dispatcher {
+    /// Does everything due by now: fires ack deadlines and retries, moves due
+    /// delayed messages to their topics, hands messages to members within
+    /// their credit and syncs acks. Returns the deliveries.
+    pub fn poll(&mut self) -> Result<Vec<Delivery>> {
+        let now = self.now();
+        self.fire_timers(now)?;
+        self.fire_delays(now, FIRE_PER_POLL_MAX)?;
+        for state_index in 0..self.states.len() {
+            self.fill(state_index, now)?;
+        }
+        self.sync_acks(now, false)?;
+        Ok(std::mem::take(&mut self.outbox))
+    }
+
+    /// Makes every ack durable now (shutdown, tests).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let now = self.now();
+        self.sync_acks(now, true)?;
+        self.delays.checkpoint()?;
+        Ok(())
+    }
+
+    /// When `poll` next has timed work to do (ack deadlines, retries, delays,
+    /// ack syncs, rate limits), if ever.
+    pub fn next_wakeup_ms(&self) -> Option<i64> {
+        let mut next = [self.wheel.next_due_ms(), self.delays.next_due_ms()]
+            .into_iter()
+            .flatten()
+            .min();
+        for state in &self.states {
+            if state.needs_sync() {
+                let due = state.last_sync_ms + self.config.ack_sync_interval_ms as i64;
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+            if let Some(rate) = &state.rate {
+                let due = rate.next_token_ms();
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        next
+    }
+
+    pub(super) fn sync_acks(&mut self, now: i64, force: bool) -> Result<()> {
+        let interval = self.config.ack_sync_interval_ms as i64;
+        let compact = self.config.ack_journal_compact_bytes;
+        for state in &mut self.states {
+            if state.needs_sync() && (force || now - state.last_sync_ms >= interval) {
+                state.sync(now, compact)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn fire_timers(&mut self, now: i64) -> Result<()> {
+        let mut fired = Vec::new();
+        self.wheel.advance(now, &mut fired);
+        // Ack deadlines of messages on their last attempt: moved to their
+        // dead-letter topics together, one append per topic, after the loop.
+        let mut exhausted: Vec<(TimerTask, MemberId)> = Vec::new();
+        for (_, task) in fired {
+            let state_index = task.state as usize;
+            let Some(state) = self.states.get_mut(state_index) else {
+                continue;
+            };
+            let max_attempts = state.config.max_attempts.max(1);
+            let Some(part) = state.partitions.get_mut(task.partition as usize) else {
+                continue;
+            };
+            let Some(pending) = part.pending.get_mut(&task.offset) else {
+                continue;
+            };
+            if pending.attempt != task.attempt {
+                continue;
+            }
+            match (task.kind, pending.stage) {
+                (TimerKind::AckDeadline, Stage::InFlight { member, .. }) => {
+                    if pending.attempt >= max_attempts {
+                        exhausted.push((task, member));
+                        continue;
+                    }
+                    self.after_failed_attempt(
+                        state_index,
+                        task.partition,
+                        task.offset,
+                        None,
+                        names::REASON_ACK_TIMEOUT,
+                    )?;
+                }
+                (TimerKind::Retry, Stage::Waiting { .. }) => {
+                    pending.stage = Stage::Ready;
+                    part.ready.insert(task.offset);
+                }
+                _ => {}
+            }
+        }
+        if exhausted.is_empty() {
+            return Ok(());
+        }
+        let moves: Vec<(usize, u32, u64)> = exhausted
+            .iter()
+            .map(|(task, _)| (task.state as usize, task.partition, task.offset))
+            .collect();
+        if let Err((failed, error)) = self.dead_letter_many(&moves, names::REASON_ACK_TIMEOUT) {
+            // A dead-letter move that failed (no room, a partition cap): the
+            // messages stay in flight and are tried again later.
+            tracing::error!(
+                %error,
+                messages = failed.len(),
+                retry_in_ms = TIMER_RETRY_AFTER_ERROR_MS,
+                "moving timed-out messages to their dead-letter topics failed"
+            );
+            for index in failed {
+                let (task, member) = exhausted[index];
+                let timer = self
+                    .wheel
+                    .insert(now.saturating_add(TIMER_RETRY_AFTER_ERROR_MS), task);
+                let pending = self.states[task.state as usize].partitions[task.partition as usize]
+                    .pending
+                    .get_mut(&task.offset);
+                match pending {
+                    Some(pending) => pending.stage = Stage::InFlight { member, timer },
+                    None => {
+                        self.wheel.cancel(timer);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fires due delayed messages, at most about `limit` of them (whole
+    /// batches).
+    pub(super) fn fire_delays(&mut self, now: i64, limit: usize) -> Result<()> {
+        let mut fired_this_poll = 0;
+        while fired_this_poll < limit {
+            // Messages whose append failed last time (a full disk) go
+            // first, in due order, before any new one is polled.
+            let due: Vec<DueMessage> = if self.unfired.is_empty() {
+                self.delays.poll_due(now, FIRE_BATCH_MAX)?
+            } else {
+                self.unfired.drain(..).collect()
+            };
+            if due.is_empty() {
+                return Ok(());
+            }
+            fired_this_poll += due.len();
+            let (fired, failure) = self.fire_batch(due)?;
+            self.delays.mark_fired(&fired)?;
+            if let Some(error) = failure {
+                tracing::error!(
+                    %error,
+                    waiting = self.unfired.len(),
+                    "firing delayed messages failed; they are tried again at the next poll"
+                );
+                return Ok(());
+            }
+        }
+        // More are due: `next_wakeup_ms` is already past, so the next poll
+        // comes at once, after the groups had their turn.
+        Ok(())
+    }
+
+    /// Appends due messages to their topics: one append (one durability
+    /// wait) per partition, each partition's messages in due order. A
+    /// message whose topic is gone is dropped; one whose copy is already in
+    /// its log (fired before a crash lost its fired mark) is skipped.
+    /// Returns the ids to mark fired, and the first append error: that
+    /// partition's messages and every later partition's wait in `unfired`
+    /// for the next poll (a delay never waits for a restart to fire).
+    pub(super) fn fire_batch(
+        &mut self,
+        due: Vec<DueMessage>,
+    ) -> Result<(Vec<MessageId>, Option<DispatchError>)> {
+        let mut fired = Vec::with_capacity(due.len());
+        // (log, topic, partition, messages), in first-due order.
+        let mut batches: Vec<(Arc<dyn PartitionLog>, u32, Vec<DueMessage>)> = Vec::new();
+        for message in due {
+            let Some(topic) = self.topics.get(&message.topic) else {
+                tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
+                fired.push(message.id);
+                continue;
+            };
+            let partition = message.partition.min(topic.config.partitions - 1);
+            let log = &topic.partitions[partition as usize];
+            // Due before this dispatcher opened: it may have fired before a
+            // crash that lost its fired mark. A copy already in the log is
+            // not appended again (a second copy would escape a deletion
+            // that covered the first).
+            if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
+                fired.push(message.id);
+                continue;
+            }
+            match batches
+                .iter_mut()
+                .find(|(l, _, m)| Arc::ptr_eq(l, log) && m[0].topic == message.topic)
+            {
+                Some((_, _, messages)) => messages.push(message),
+                None => batches.push((Arc::clone(log), partition, vec![message])),
+            }
+        }
+        let mut batches = batches.into_iter();
+        // Logs with a lazy fsync policy that got fired copies: flushed
+        // before the fired marks, which may become durable at once (a
+        // message durable in the timer log must not become a copy a power
+        // loss can take back).
+        let mut lazy_logs: Vec<Arc<dyn PartitionLog>> = Vec::new();
+        let mut failure = None;
+        while let Some((log, partition, messages)) = batches.next() {
+            let records = messages.iter().map(|m| m.record.clone()).collect();
+            match log.append(records) {
+                Ok(appended) => {
+                    if log.durable_on_append() {
+                        lazy_logs.push(Arc::clone(&log));
+                    }
+                    for (message, (offset, id)) in messages.iter().zip(appended) {
+                        self.emit(
+                            id,
+                            Place {
+                                topic: Name::Plain(&message.topic),
+                                partition: Some(partition),
+                                offset: Some(offset),
+                                group: None,
+                            },
+                            EventKind::DelayFired,
+                            None,
+                        );
+                        fired.push(message.id);
+                    }
+                }
+                Err(error) => {
+                    self.unfired.extend(messages);
+                    for (_, _, messages) in batches.by_ref() {
+                        self.unfired.extend(messages);
+                    }
+                    failure = Some(error.into());
+                }
+            }
+        }
+        for log in lazy_logs {
+            log.flush()?;
+        }
+        Ok((fired, failure))
+    }
+
+    /// Hands messages of one state to its members within their credit.
+    pub(super) fn fill(&mut self, state_index: usize, now: i64) -> Result<()> {
+        loop {
+            let Some(member) = self.next_member_with_credit(state_index) else {
+                return Ok(());
+            };
+            if let Some(rate) = &mut self.states[state_index].rate {
+                if !rate.try_take(now) {
+                    return Ok(());
+                }
+            }
+            let Some((partition, record, attempt)) = self.next_message(state_index, now)? else {
+                if let Some(rate) = &mut self.states[state_index].rate {
+                    rate.give_back();
+                }
+                return Ok(());
+            };
+            self.deliver(state_index, member, partition, record, attempt, now);
+        }
+    }
+
+    pub(super) fn next_member_with_credit(&mut self, state_index: usize) -> Option<MemberId> {
+        let state = &mut self.states[state_index];
+        let count = state.members.len();
+        for i in 0..count {
+            let index = (state.next_member + i) % count;
+            let member = state.members[index];
+            if self.members.get(&member).is_some_and(|m| m.credit > 0) {
+                state.next_member = (index + 1) % count;
+                return Some(member);
+            }
+        }
+        None
+    }
+
+    pub(super) fn deliver(
+        &mut self,
+        state_index: usize,
+        member: MemberId,
+        partition: u32,
+        record: Record,
+        attempt: u32,
+        now: i64,
+    ) {
+        let state = &mut self.states[state_index];
+        let deadline = now.saturating_add(state.config.ack_timeout_ms as i64);
+        let timer = self.wheel.insert(
+            deadline,
+            TimerTask {
+                state: state_index as u32,
+                partition,
+                offset: record.offset,
+                attempt,
+                kind: TimerKind::AckDeadline,
+            },
+        );
+        if let Some(pending) = state.partitions[partition as usize]
+            .pending
+            .get_mut(&record.offset)
+        {
+            pending.attempt = attempt;
+            pending.stage = Stage::InFlight { member, timer };
+        }
+        if let Some(m) = self.members.get_mut(&member) {
+            m.credit = m.credit.saturating_sub(1);
+        }
+        let (topic, group) = (state.key.topic.clone(), state.key.group.clone());
+        self.emit(
+            record.id,
+            Place {
+                topic: Name::Shared(&topic),
+                partition: Some(partition),
+                offset: Some(record.offset),
+                group: Some(Name::Shared(&group)),
+            },
+            EventKind::Delivered { attempt, member },
+            None,
+        );
+        self.outbox.push(Delivery {
+            member,
+            topic,
+            group,
+            partition,
+            attempt,
+            record,
+        });
+    }
+
+    /// The next message to deliver from any partition (round robin):
+    /// redeliveries first, then the cursor. Returns (partition, record,
+    /// attempt number of this delivery).
+    pub(super) fn next_message(&mut self, state_index: usize, now: i64) -> Result<Option<(u32, Record, u32)>> {
+        let partitions = self.states[state_index].partitions.len();
+        for i in 0..partitions {
+            let partition = (self.states[state_index].next_partition + i) % partitions;
+            if let Some((record, attempt)) =
+                self.next_in_partition(state_index, partition as u32, now)?
+            {
+                self.states[state_index].next_partition = (partition + 1) % partitions;
+                return Ok(Some((partition as u32, record, attempt)));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(super) fn next_in_partition(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        now: i64,
+    ) -> Result<Option<(Record, u32)>> {
+        let topic_name = self.states[state_index].key.topic.clone();
+        let topic = self.topic(&topic_name)?;
+        let log = Arc::clone(&topic.partitions[partition as usize]);
+        let ordered = topic.config.ordered;
+        // Redeliveries (and released held messages) first.
+        while let Some(offset) = self.states[state_index].partitions[partition as usize]
+            .ready
+            .pop_first()
+        {
+            let Some(record) = log
+                .read(offset, 1)?
+                .into_iter()
+                .find(|r| r.offset == offset)
+            else {
+                self.ack_in_state(state_index, partition, offset, Some(EventKind::Expired))?;
+                continue;
+            };
+            if let Some(kind) = self.skip_reason(&topic_name, partition, &record, now) {
+                self.ack_in_state(state_index, partition, offset, Some(kind))?;
+                continue;
+            }
+            let attempt = pending_attempt(&self.states[state_index], partition, offset) + 1;
+            return Ok(Some((record, attempt)));
+        }
+        // Then the cursor.
+        match self.advance_cursor(state_index, partition, &log, ordered, now)? {
+            Next::Deliver(record) => Ok(Some((record, 1))),
+            Next::Nothing => Ok(None),
+        }
+    }
+
+    pub(super) fn skip_reason(
+        &self,
+        topic: &str,
+        partition: u32,
+        record: &Record,
+        now: i64,
+    ) -> Option<EventKind> {
+        if self
+            .topics
+            .get(topic)
+            .is_some_and(|t| t.tombstones.covers(partition, record))
+        {
+            return Some(EventKind::Deleted);
+        }
+        if record.expire_at_ms.is_some_and(|expire| expire <= now) {
+            return Some(EventKind::Expired);
+        }
+        None
+    }
+
+    pub(super) fn advance_cursor(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        log: &Arc<dyn PartitionLog>,
+        ordered: bool,
+        now: i64,
+    ) -> Result<Next> {
+        let batch = self.config.read_batch_records.max(1);
+        loop {
+            let state = &mut self.states[state_index];
+            let cap = state.config.max_unacked_per_partition.max(1) as usize;
+            let part = &mut state.partitions[partition as usize];
+            // The ack bitmap spans at most SPAN_OFFSETS_MAX offsets above the
+            // floor: a message stuck at the floor stops the cursor there.
+            // (The floor may be above the cursor: acks restored after a
+            // restart, not yet passed by the cursor.)
+            let span_full =
+                part.cursor.saturating_sub(part.acks.floor()) >= AckBitmap::SPAN_OFFSETS_MAX - 1;
+            if part.pending.len() >= cap || span_full {
+                return Ok(Next::Nothing);
+            }
+            if part.lookahead.is_empty() {
+                if part.cursor >= log.end_offset() {
+                    return Ok(Next::Nothing);
+                }
+                let cursor = part.cursor.max(log.start_offset());
+                part.lookahead
+                    .extend(log.read_whole_batches(cursor, batch)?);
+            }
+            let Some(record) = part.lookahead.pop_front() else {
+                return Ok(Next::Nothing);
+            };
+            let offset = record.offset;
+            if offset < part.cursor {
+                continue;
+            }
+            // Offsets skipped over were deleted by retention: nothing to deliver.
+            if part.cursor < offset {
+                part.acks.ack_below(offset);
+                state.note_reset();
+            }
+            let part = &mut state.partitions[partition as usize];
+            part.cursor = offset + 1;
+            if part.acks.is_acked(offset) {
+                continue;
+            }
+            let topic = state.key.topic.clone();
+            if let Some(kind) = self.skip_reason(&topic, partition, &record, now) {
+                let part = &mut self.states[state_index].partitions[partition as usize];
+                part.pending.insert(
+                    offset,
+                    Pending {
+                        id: record.id,
+                        key: None,
+                        attempt: 0,
+                        stage: Stage::Ready,
+                    },
+                );
+                self.ack_in_state(state_index, partition, offset, Some(kind))?;
+                continue;
+            }
+            let part = &mut self.states[state_index].partitions[partition as usize];
+            let key = if ordered { record.key.clone() } else { None };
+            let mut pending = Pending {
+                id: record.id,
+                key: key.clone(),
+                attempt: 0,
+                stage: Stage::Ready,
+            };
+            if let Some(key) = &key {
+                if part.key_owner.contains_key(key) {
+                    pending.stage = Stage::Held;
+                    part.held.entry(key.clone()).or_default().push_back(offset);
+                    part.pending.insert(offset, pending);
+                    continue;
+                }
+                part.key_owner.insert(key.clone(), offset);
+            }
+            if let Some(due) = record.deliver_at_ms.filter(|&due| due > now) {
+                let task = TimerTask {
+                    state: state_index as u32,
+                    partition,
+                    offset,
+                    attempt: 0,
+                    kind: TimerKind::Retry,
+                };
+                pending.stage = Stage::Waiting {
+                    timer: self.wheel.insert(due, task),
+                };
+                self.states[state_index].partitions[partition as usize]
+                    .pending
+                    .insert(offset, pending);
+                continue;
+            }
+            self.states[state_index].partitions[partition as usize]
+                .pending
+                .insert(offset, pending);
+            return Ok(Next::Deliver(record));
+        }
+    }
+}
