@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`broker`]: [`Broker`], the whole server started and stopped as one
-//!   (engine, registry, both listeners); reconciles registry and topics.
+//!   (engine, registry, both listeners).
+//! - [`services`]: [`Services`], what every connection and admin request
+//!   shares; the broker's wall clock.
+//! - [`topics`]: creating a topic, the topics the registry never lists, the
+//!   start-up reconciliation of registry and dispatcher.
 //! - [`server`]: [`server::run`], the accept loop (bounded connections,
 //!   graceful shutdown).
 //! - `session`: one connection: framing, HELLO, one handler per request.
@@ -44,9 +48,12 @@ mod frame_limits;
 mod produce;
 pub mod registry;
 pub mod server;
+pub mod services;
 mod session;
 pub mod telemetry;
+pub mod topics;
 
-pub use broker::{Broker, Services, StartError};
+pub use broker::{Broker, StartError};
 pub use config::BrokerConfig;
 pub use engine::Engine;
+pub use services::Services;

@@ -9,7 +9,7 @@
 //!
 //! The registry holds the broker's view of a topic (metadata, status,
 //! rights, defaults); the dispatcher holds its delivery state. At start the
-//! broker reconciles the two (see `crate::broker`).
+//! broker reconciles the two (see `crate::topics`).
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -24,8 +24,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::broker::Services;
 use crate::connection_limits::{log_refusal, ConnectionLimits, QuietWarning, REFUSAL_LOG_INTERVAL};
+use crate::services::Services;
 use crate::session::{self, Shared};
 use crate::telemetry::Telemetry;
 

@@ -32,7 +32,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, MAX_BODY_BYTES};
-use crate::broker::Services;
+use crate::services::Services;
 
 /// One allowed `Host`: a lowercase name (an IPv6 address in brackets) and
 /// maybe a port.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::observe::parse_id;
 use super::{blocking, parse_json, query_map, query_param, shown, ApiError, ApiResult};
-use crate::broker::{now_ms, Services};
+use crate::services::{now_ms, Services};
 
 pub(super) fn routes() -> Router<Services> {
     Router::new()

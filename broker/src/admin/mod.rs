@@ -45,8 +45,8 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 
 use crate::auth::Verdict;
-use crate::broker::Services;
 use crate::engine::EngineError;
+use crate::services::Services;
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -435,7 +435,7 @@ pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch:
                 continue;
             };
             let max_age_ms = hours.saturating_mul(3_600_000);
-            let now = crate::broker::now_ms();
+            let now = crate::services::now_ms();
             let result = tokio::task::spawn_blocking(move || {
                 let mut deleted = 0;
                 for log in logs {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::{
     blocking, query_map, query_param, shown, ApiError, ApiResult, ConnectionLimits, Refusal,
 };
-use crate::broker::{now_ms, Services};
+use crate::services::{now_ms, Services};
 use crate::telemetry::{GaugeSnapshot, MinuteCounts, TraceEvent};
 
 /// `development` or `production`.

@@ -4,7 +4,7 @@
 //! ([`TopicStatus::after`]); a forbidden one is a `409`.
 //!
 //! A topic is registered first and created on the dispatcher second; a
-//! crash between the two is repaired at start (see `crate::broker`).
+//! crash between the two is repaired at start (see `crate::topics`).
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -15,8 +15,9 @@ use dmq_dispatcher::{DeliveryMode, GroupConfig, PartitionStats, StartPosition};
 use serde::{Deserialize, Serialize};
 
 use super::{parse_json, shown, ApiError, ApiResult};
-use crate::broker::{create_topic, now_ms, Services};
 use crate::registry::{check_name_part, StatusAction, TopicRecord, TopicStatus};
+use crate::services::{now_ms, Services};
+use crate::topics::create_topic;
 
 pub(super) fn routes() -> Router<Services> {
     Router::new()

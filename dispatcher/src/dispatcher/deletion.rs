@@ -143,7 +143,11 @@ impl Dispatcher {
 
     /// Checks a tombstone and returns the bound it is stored with: every
     /// partition's end offset now (`None` for a message id: unbounded).
-    pub(super) fn deletion_bound(&self, topic: &str, tombstone: &Tombstone) -> Result<Option<Vec<u64>>> {
+    pub(super) fn deletion_bound(
+        &self,
+        topic: &str,
+        tombstone: &Tombstone,
+    ) -> Result<Option<Vec<u64>>> {
         self.check_tombstone(topic, tombstone)?;
         if let Tombstone::MessageId(_) = tombstone {
             return Ok(None);

@@ -70,7 +70,10 @@ impl Dispatcher {
         Ok(dropped)
     }
 
-    pub(super) fn retire_states(&mut self, matches: impl Fn(&StateKey) -> bool) -> Result<Vec<MemberId>> {
+    pub(super) fn retire_states(
+        &mut self,
+        matches: impl Fn(&StateKey) -> bool,
+    ) -> Result<Vec<MemberId>> {
         let mut dropped = Vec::new();
         for index in 0..self.states.len() {
             let state = &mut self.states[index];
@@ -124,7 +127,11 @@ impl Dispatcher {
         self.load_state_from(key, Some(StartPosition::Earliest))
     }
 
-    pub(super) fn load_state_from(&mut self, key: StateKey, missing: Option<StartPosition>) -> Result<usize> {
+    pub(super) fn load_state_from(
+        &mut self,
+        key: StateKey,
+        missing: Option<StartPosition>,
+    ) -> Result<usize> {
         if let Some(&index) = self.state_index.get(&key) {
             return Ok(index);
         }

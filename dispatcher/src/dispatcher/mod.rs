@@ -857,7 +857,10 @@ pub(super) fn check_partition_count(partitions: u32) -> Result<(), String> {
     }
 }
 
-pub(super) fn resolve_start(log: &dyn PartitionLog, start: StartPosition) -> Result<u64, StoreError> {
+pub(super) fn resolve_start(
+    log: &dyn PartitionLog,
+    start: StartPosition,
+) -> Result<u64, StoreError> {
     Ok(match start {
         StartPosition::Earliest => log.start_offset(),
         StartPosition::Latest => log.end_offset(),

@@ -340,7 +340,11 @@ impl Dispatcher {
     /// The next message to deliver from any partition (round robin):
     /// redeliveries first, then the cursor. Returns (partition, record,
     /// attempt number of this delivery).
-    pub(super) fn next_message(&mut self, state_index: usize, now: i64) -> Result<Option<(u32, Record, u32)>> {
+    pub(super) fn next_message(
+        &mut self,
+        state_index: usize,
+        now: i64,
+    ) -> Result<Option<(u32, Record, u32)>> {
         let partitions = self.states[state_index].partitions.len();
         for i in 0..partitions {
             let partition = (self.states[state_index].next_partition + i) % partitions;

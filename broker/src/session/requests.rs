@@ -1,0 +1,256 @@
+//! Topic and group requests: create, describe, list and delete topics and
+//! groups, seek, cancel a delay, and the other administrative requests of the
+//! binary protocol.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn admin(&mut self, request: Request) -> Result<Response, ErrorResponse> {
+        match request {
+            Request::CreateTopic(create) => {
+                self.development_only("registering a topic")?;
+                let name = create.name;
+                let topic_config = crate::topics::create_topic(
+                    &self.shared.engine,
+                    &name,
+                    create.partitions,
+                    create.ordered,
+                )
+                .await
+                .map_err(|error| convert::engine_error(&error))?;
+                {
+                    // Development mode: registered and approved at once.
+                    let mut registry = self
+                        .shared
+                        .registry
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if registry.get(&name).is_none() {
+                        let record = crate::topics::adopted_record(
+                            &name,
+                            &topic_config,
+                            TopicStatus::Approved,
+                        );
+                        registry.insert(record).map_err(|error| {
+                            ErrorResponse::new(ErrorCode::StorageError, error.to_string())
+                        })?;
+                    }
+                }
+                Ok(Response::Ok)
+            }
+            Request::ListTopics => {
+                let topics = self.run(|dispatcher, _| Ok(dispatcher.topics())).await?;
+                let visible: Vec<_> = topics
+                    .into_iter()
+                    .filter(|(name, _)| {
+                        self.shared.development
+                            || [Right::Produce, Right::Consume].iter().any(|right| {
+                                matches!(
+                                    self.registry_access(name, *right),
+                                    Ok(Access::Granted { .. })
+                                )
+                            })
+                    })
+                    .collect();
+                Ok(Response::Topics(wire::Topics {
+                    topics: visible
+                        .into_iter()
+                        .map(|(name, config)| wire::TopicSummary {
+                            name,
+                            partitions: config.partitions,
+                            ordered: config.ordered,
+                        })
+                        .collect(),
+                }))
+            }
+            Request::DescribeTopic(describe) => {
+                if self
+                    .authorize(&describe.name, Right::Consume)
+                    .await
+                    .is_err()
+                {
+                    self.authorize(&describe.name, Right::Produce).await?;
+                }
+                let found = self.shared.engine.find_topic(&describe.name).await;
+                let crate::engine::TopicHandle { config, logs, .. } = found.ok_or_else(|| {
+                    ErrorResponse::new(
+                        ErrorCode::UnknownTopic,
+                        format!("unknown topic {:?}", describe.name),
+                    )
+                })?;
+                let name = describe.name.clone();
+                let groups = self
+                    .run(move |dispatcher, _| Ok(dispatcher.groups(&name)))
+                    .await?;
+                Ok(Response::TopicDescription(wire::TopicDescription {
+                    name: describe.name,
+                    ordered: config.ordered,
+                    partitions: logs
+                        .iter()
+                        .enumerate()
+                        .map(|(p, log)| wire::PartitionInfo {
+                            partition: p as u32,
+                            start_offset: log.start_offset(),
+                            end_offset: log.end_offset(),
+                        })
+                        .collect(),
+                    groups: groups.into_iter().map(|(name, _)| name).collect(),
+                }))
+            }
+            Request::ListGroups(list) => {
+                self.authorize(&list.topic, Right::Consume).await?;
+                let topic = list.topic.clone();
+                let groups = self
+                    .run(move |dispatcher, _| {
+                        dispatcher.partitions(&topic)?;
+                        Ok(dispatcher.groups(&topic))
+                    })
+                    .await?;
+                Ok(Response::Groups(wire::Groups {
+                    groups: groups
+                        .into_iter()
+                        .map(|(name, config)| convert::group_summary(&list.topic, name, &config))
+                        .collect(),
+                }))
+            }
+            Request::DescribeGroup(describe) => {
+                self.authorize(&describe.topic, Right::Consume).await?;
+                let (topic, group) = (describe.topic.clone(), describe.group.clone());
+                let (stats, mode) = self
+                    .run(move |dispatcher, _| {
+                        let mode = dispatcher
+                            .groups(&topic)
+                            .into_iter()
+                            .find(|(name, _)| *name == group)
+                            .map(|(_, config)| config.mode);
+                        Ok((dispatcher.group_stats(&topic, &group)?, mode))
+                    })
+                    .await?;
+                Ok(Response::GroupDescription(wire::GroupDescription {
+                    topic: describe.topic,
+                    group: describe.group,
+                    mode: match mode {
+                        Some(dmq_dispatcher::DeliveryMode::Broadcast) => {
+                            wire::DeliveryMode::Broadcast
+                        }
+                        _ => wire::DeliveryMode::Clustering,
+                    },
+                    partitions: stats
+                        .into_iter()
+                        .map(|s| wire::GroupPartition {
+                            partition: s.partition,
+                            ack_floor: s.ack_floor,
+                            end_offset: s.end_offset,
+                            lag: s.lag,
+                            unacked: s.unacked,
+                            in_flight: s.in_flight,
+                            oldest_unacked_age_ms: s.oldest_unacked_age_ms,
+                            delayed: s.delayed,
+                        })
+                        .collect(),
+                }))
+            }
+            Request::Seek(seek) => {
+                self.authorize(&seek.topic, Right::Consume).await?;
+                let target = convert::start_position(seek.target);
+                let dry_run = seek.dry_run;
+                let report = self
+                    .run(move |dispatcher, _| {
+                        dispatcher.seek(&seek.topic, &seek.group, seek.partition, target, dry_run)
+                    })
+                    .await?;
+                Ok(Response::SeekReport(wire::SeekReport {
+                    dry_run,
+                    partitions: report
+                        .into_iter()
+                        .map(|p| wire::SeekPartition {
+                            partition: p.partition,
+                            old_floor: p.old_floor,
+                            new_floor: p.new_floor,
+                            redelivered: p.redelivered,
+                            skipped: p.skipped,
+                        })
+                        .collect(),
+                }))
+            }
+            Request::CancelDelay(cancel) => {
+                let id = dmq_log_store::MessageId(cancel.message_id.0);
+                if !self.shared.development {
+                    // Whoever may produce to the message's topic may cancel
+                    // it; the topic comes from the message's trace.
+                    let telemetry = self.shared.engine.telemetry().clone();
+                    let topic = tokio::task::spawn_blocking(move || telemetry.trace(&id))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .and_then(|events| {
+                            events
+                                .into_iter()
+                                .find(|event| event.kind == "produced")
+                                .map(|event| event.topic)
+                        });
+                    match topic {
+                        Some(topic) => {
+                            self.authorize(&topic, Right::Produce).await?;
+                        }
+                        None => {
+                            return Err(ErrorResponse::new(
+                                ErrorCode::NotAuthorized,
+                                "no trace of this message: cannot tell its topic",
+                            ))
+                        }
+                    }
+                }
+                let cancelled = self
+                    .run(move |dispatcher, _| dispatcher.cancel_delay(&id))
+                    .await?;
+                Ok(Response::CancelDelayOk(wire::CancelDelayOk { cancelled }))
+            }
+            Request::DeleteMessages(delete) => {
+                self.development_only("deleting messages")?;
+                let tombstone = convert::tombstone(delete.tombstone);
+                self.run(move |dispatcher, _| dispatcher.delete(&delete.topic, tombstone))
+                    .await?;
+                Ok(Response::Ok)
+            }
+            Request::DeleteTopic(delete) => {
+                self.development_only("deleting a topic")?;
+                let name = delete.name.clone();
+                self.run(move |dispatcher, routes| {
+                    let dropped = dispatcher.delete_topic(&delete.name)?;
+                    for member in dropped {
+                        routes.remove(member);
+                    }
+                    Ok(())
+                })
+                .await?;
+                self.shared.engine.unregister_topic(&name);
+                self.shared
+                    .registry
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name)
+                    .map_err(|error| {
+                        ErrorResponse::new(ErrorCode::StorageError, error.to_string())
+                    })?;
+                Ok(Response::Ok)
+            }
+            Request::DeleteGroup(delete) => {
+                self.authorize(&delete.topic, Right::Consume).await?;
+                self.run(move |dispatcher, routes| {
+                    let dropped = dispatcher.delete_group(&delete.topic, &delete.group)?;
+                    for member in dropped {
+                        routes.remove(member);
+                    }
+                    Ok(())
+                })
+                .await?;
+                Ok(Response::Ok)
+            }
+            other => Err(ErrorResponse::new(
+                ErrorCode::InvalidRequest,
+                format!("unexpected request {:?}", other.opcode()),
+            )),
+        }
+    }
+}
