@@ -266,11 +266,7 @@ impl Dispatcher {
         };
         let attempts = pending_attempt(&self.states[state_index], partition, offset);
         let log = Arc::clone(&self.topic(&topic)?.partitions[partition as usize]);
-        let Some(record) = log
-            .read(offset, 1)?
-            .into_iter()
-            .find(|r| r.offset == offset)
-        else {
+        let Some(record) = record_at(log.as_ref(), offset)? else {
             // Gone from the log (retention): nothing to move; ack it.
             self.ack_in_state(state_index, partition, offset, Some(EventKind::Expired))?;
             return Ok(None);

@@ -797,6 +797,15 @@ impl Dispatcher {
     }
 }
 
+/// The record at `offset`, or `None` if it is gone from the log
+/// (retention, a deletion reclaimed, a cut).
+pub(super) fn record_at(log: &dyn PartitionLog, offset: u64) -> Result<Option<Record>, StoreError> {
+    Ok(log
+        .read(offset, 1)?
+        .into_iter()
+        .find(|r| r.offset == offset))
+}
+
 pub(super) fn pending_attempt(state: &GroupState, partition: u32, offset: u64) -> u32 {
     state.partitions[partition as usize]
         .pending

@@ -373,11 +373,7 @@ impl Dispatcher {
             .ready
             .pop_first()
         {
-            let Some(record) = log
-                .read(offset, 1)?
-                .into_iter()
-                .find(|r| r.offset == offset)
-            else {
+            let Some(record) = record_at(log.as_ref(), offset)? else {
                 self.ack_in_state(state_index, partition, offset, Some(EventKind::Expired))?;
                 continue;
             };
