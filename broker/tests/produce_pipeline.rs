@@ -121,3 +121,84 @@ async fn every_produce_path_shares_the_topics_round_robin() {
     assert_eq!(partitions, vec![0, 1, 2, 0, 1, 2]);
     broker.stop().await;
 }
+
+async fn fetch(
+    connection: &mut Connection,
+    id: u64,
+    max_wait_ms: u32,
+) -> Vec<dmq_protocol::Delivery> {
+    match connection
+        .request(Request::Fetch(dmq_protocol::Fetch {
+            subscription_id: id,
+            max_messages: 10,
+            max_wait_ms,
+        }))
+        .await
+    {
+        Response::Deliveries(answer) => answer.deliveries,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_fetch_is_woken_by_a_produce_and_a_timed_out_one_loses_nothing() {
+    let broker = Broker::start(|_| {}).await;
+    let mut producer = Connection::hello(broker.addr).await;
+    create(&mut producer, "orders", 1).await;
+    let mut consumer = Connection::hello(broker.addr).await;
+    let subscribed = consumer
+        .request(Request::Subscribe(dmq_protocol::Subscribe {
+            topic: "orders".into(),
+            group: "pull".into(),
+            member_name: "m".into(),
+            credit: 0,
+            ..Default::default()
+        }))
+        .await;
+    let Response::Subscribed(subscribed) = subscribed else {
+        panic!("{subscribed:?}")
+    };
+    let id = subscribed.subscription_id;
+    // Nothing yet: a short FETCH times out empty.
+    let started = std::time::Instant::now();
+    assert!(fetch(&mut consumer, id, 200).await.is_empty());
+    assert!(started.elapsed() >= std::time::Duration::from_millis(190));
+    // A produce after the timed-out FETCH is not lost to it.
+    produce(
+        &mut producer,
+        Produce {
+            topic: "orders".into(),
+            records: unkeyed(&["first"]),
+            ..Default::default()
+        },
+    )
+    .await;
+    let got = fetch(&mut consumer, id, 5_000).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].value.as_ref(), b"first");
+    assert_eq!(got[0].attempt, 1);
+    // A FETCH parked for 10 s answers as soon as a record arrives.
+    let waiting = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let got = fetch(&mut consumer, id, 10_000).await;
+        (got, started.elapsed())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    produce(
+        &mut producer,
+        Produce {
+            topic: "orders".into(),
+            records: unkeyed(&["second"]),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (got, waited) = waiting.await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].value.as_ref(), b"second");
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "woken {waited:?} after the FETCH, not at its deadline"
+    );
+    broker.stop().await;
+}
