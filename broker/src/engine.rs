@@ -191,17 +191,10 @@ pub struct TopicHandle {
 impl TopicHandle {
     /// The handle of an existing topic of `dispatcher`.
     pub fn of(dispatcher: &Dispatcher, name: &str) -> Result<TopicHandle, DispatchError> {
-        let logs = dispatcher.partitions(name)?;
-        let config = dispatcher
-            .topics()
-            .into_iter()
-            .find(|(existing, _)| existing == name)
-            .map(|(_, config)| config)
-            .ok_or_else(|| DispatchError::UnknownTopic(name.to_string()))?;
         Ok(TopicHandle {
-            config,
+            config: dispatcher.topic_config(name)?,
             router: dispatcher.router(name)?,
-            logs,
+            logs: dispatcher.partitions(name)?,
         })
     }
 }

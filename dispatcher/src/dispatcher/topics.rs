@@ -92,6 +92,11 @@ impl Dispatcher {
         Ok(self.topic(topic)?.partitions.clone())
     }
 
+    /// One topic's configuration.
+    pub fn topic_config(&self, topic: &str) -> Result<TopicConfig> {
+        Ok(self.topic(topic)?.config.clone())
+    }
+
     pub(super) fn topic(&self, name: &str) -> Result<&TopicState> {
         self.topics
             .get(name)
