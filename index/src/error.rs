@@ -17,8 +17,8 @@ pub enum IndexError {
     #[error("index I/O error: {0}")]
     Io(#[from] std::io::Error),
 
-    /// The file system has no room for the preallocated index file.
-    #[error("disk full while preallocating an index file")]
+    /// The file system has no room for the sealed index file.
+    #[error("disk full while writing an index file")]
     DiskFull,
 
     /// The file's bytes do not form a valid index of the expected kind and

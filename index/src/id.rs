@@ -63,8 +63,8 @@ impl IdIndexBuilder {
         self.offsets.clear();
     }
 
-    /// Writes the sealed file at `path` (entries sorted by id, preallocated
-    /// to the exact size, written through a mapping, flushed and fsynced)
+    /// Writes the sealed file at `path` (entries sorted by id, written and
+    /// fsynced)
     /// and returns it reopened read-only and verified. Fsyncing the
     /// directory entry is the caller's job.
     pub fn write_sealed(

@@ -132,8 +132,7 @@ impl KeyIndexBuilder {
     }
 
     /// Writes the sealed file at `path` (entries sorted by (hash, offset),
-    /// preallocated to the exact size, written through a mapping, flushed
-    /// and fsynced) and returns it reopened read-only and verified.
+    /// written and fsynced) and returns it reopened read-only and verified.
     /// Fsyncing the directory entry is the caller's job.
     pub fn write_sealed(
         &self,

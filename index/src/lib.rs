@@ -9,11 +9,11 @@
 //! - `header` — the 64-byte header shared by every index file (magic
 //!   "DMDX", version, kind, base offset, segment bytes, count, sealed flag,
 //!   CRC-32 over header and entries). [`INDEX_HEADER_LEN`].
-//! - `mmap` — the only module with `unsafe`: read-only and read-write
-//!   file mappings and `fallocate` preallocation, with their contract.
-//! - `table` — a file of fixed-width entries behind the header: create,
-//!   append through the mapping, seal (msync, truncate, fsync, remap
-//!   read-only) and verified open. Shared by all four kinds.
+//! - `mmap` — the only module with `unsafe`: the read-only mapping of a
+//!   sealed index file, with its contract.
+//! - `table` — fixed-width entries behind the header: in memory while
+//!   active, written and fsynced in one go at seal, then mapped read-only;
+//!   verified open. Shared by all four kinds.
 //! - `offset` — [`OffsetIndex`]: sparse relative offset -> byte position.
 //! - `time` — [`TimeIndex`]: maximum timestamp so far -> relative offset.
 //! - `id` — [`IdIndexBuilder`] (in memory, active segment) and
@@ -24,9 +24,9 @@
 //!
 //! # Life cycle
 //!
-//! While a segment is active its offset and time indexes are preallocated
-//! files written through a mapping, and its id and key indexes live in
-//! memory. At roll-over the caller seals all four; sealed files are
+//! While a segment is active all four of its indexes live in memory: an
+//! active segment has no index file, so an empty or quiet partition costs
+//! nothing here. At roll-over the caller seals all four; sealed files are
 //! read-only, exactly sized and CRC-protected. Any index file that fails
 //! verification on open is reported as [`IndexError::Corrupt`] and the
 //! caller rebuilds it from the log. An unsealed file (crash while active)

@@ -48,9 +48,9 @@ pub struct OffsetIndex {
 }
 
 impl OffsetIndex {
-    /// New active (writable) index: creates/truncates the file, preallocates
-    /// header + `capacity_entries` entries, maps it read-write and writes the
-    /// (unsealed) header.
+    /// New active (writable) index with room for `capacity_entries`
+    /// entries, kept in memory: nothing is written to `path` until
+    /// [`Self::seal`].
     pub fn create(
         path: &Path,
         base_offset: u64,
@@ -157,9 +157,8 @@ impl OffsetIndex {
         self.table.capacity()
     }
 
-    /// Seals: writes count, `segment_bytes`, sealed flag and CRC into the
-    /// header, flushes the mapping, unmaps, truncates the file to its exact
-    /// length, fsyncs it and maps it read-only. Afterwards `push` panics.
+    /// Seals: writes the header (count, `segment_bytes`, sealed flag, CRC)
+    /// and the entries to the file, fsyncs it and maps it read-only. Afterwards `push` panics.
     /// On error the index reads as empty and its file should be rebuilt.
     /// Fsyncing the directory entry is the caller's job.
     pub fn seal(&mut self, segment_bytes: u64) -> Result<(), IndexError> {
@@ -311,6 +310,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("i");
         let mut index = sample(&path);
+        // An active index has no file; an older version's active file (an
+        // unsealed header) is corrupt.
+        assert!(!path.exists());
+        let unsealed = crate::header::IndexHeader::active(IndexKind::Offset, 1000).encode();
+        std::fs::write(&path, unsealed).unwrap();
         assert!(matches!(
             OffsetIndex::open_sealed(&path, 1000),
             Err(IndexError::Corrupt { .. })

@@ -1,30 +1,30 @@
 //! A file of fixed-width entries behind the common header.
 //!
 //! Owns [`IndexTable`], the storage engine shared by all four index kinds:
-//! create + preallocate + map read-write, append entries through the
-//! mapping, seal (header, msync, truncate, fsync, remap read-only) and open
-//! a sealed file with full header/length/CRC verification. It knows
-//! nothing about what an entry means; each kind decodes and orders entries
-//! itself.
+//! an active table is entries in memory (no file, no mapping: an empty or
+//! quiet segment costs nothing on disk); sealing writes header and entries
+//! to the file in one go, fsyncs it and maps it read-only; a sealed file
+//! opens with full header/length/CRC verification. It knows nothing about
+//! what an entry means; each kind decodes and orders entries itself.
 //!
 //! Invariants:
-//! - `len <= capacity`, and the mapping is at least
-//!   `INDEX_HEADER_LEN + capacity * entry_bytes` long while active.
+//! - `len <= capacity`; an active table has no file on disk (a file at its
+//!   path is a leftover of a crash and is overwritten at seal).
 //! - A sealed table's file is exactly `INDEX_HEADER_LEN + len * entry_bytes`
 //!   bytes, its header says sealed, and its CRC matches.
-//! - The mapping is dropped before the file is truncated (see `mmap`).
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::header::{crc32, IndexHeader, IndexKind, INDEX_HEADER_LEN};
-use crate::mmap::{preallocate, MappedFile, MappedFileMut};
+use crate::mmap::MappedFile;
 use crate::IndexError;
 
 #[derive(Debug)]
 enum Mapping {
-    /// Active: read-write over the preallocated capacity.
-    Writable(MappedFileMut),
+    /// Active: the entries, in memory.
+    Memory(Vec<u8>),
     /// Sealed: read-only over the exact file.
     Sealed(MappedFile),
     /// A seal failed midway; the table reads as empty.
@@ -35,7 +35,6 @@ enum Mapping {
 #[derive(Debug)]
 pub(crate) struct IndexTable {
     path: PathBuf,
-    file: File,
     kind: IndexKind,
     entry_bytes: usize,
     base_offset: u64,
@@ -47,8 +46,8 @@ pub(crate) struct IndexTable {
 }
 
 impl IndexTable {
-    /// Creates (or truncates) `path` as an active table with room for
-    /// `capacity` entries, preallocated and mapped read-write.
+    /// An active table for `path` with room for `capacity` entries. Nothing
+    /// is written until [`IndexTable::seal`]: entries are kept in memory.
     pub fn create(
         path: &Path,
         kind: IndexKind,
@@ -57,25 +56,8 @@ impl IndexTable {
         capacity: u32,
     ) -> Result<Self, IndexError> {
         assert!(entry_bytes > 0, "entry_bytes must be positive");
-        let file_bytes = file_bytes(entry_bytes, capacity);
-        let map_len = usize::try_from(file_bytes).map_err(|_| {
-            IndexError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "index capacity too large for the address space",
-            ))
-        })?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
-        preallocate(&file, file_bytes)?;
-        let mut map = MappedFileMut::map(&file, map_len)?;
-        map.write_at(0, &IndexHeader::active(kind, base_offset).encode());
         Ok(IndexTable {
             path: path.to_path_buf(),
-            file,
             kind,
             entry_bytes,
             base_offset,
@@ -83,7 +65,7 @@ impl IndexTable {
             len: 0,
             capacity,
             sealed: false,
-            mapping: Mapping::Writable(map),
+            mapping: Mapping::Memory(Vec::new()),
         })
     }
 
@@ -143,7 +125,6 @@ impl IndexTable {
         }
         Ok(IndexTable {
             path: path.to_path_buf(),
-            file,
             kind,
             entry_bytes,
             base_offset: header.base_offset,
@@ -173,21 +154,21 @@ impl IndexTable {
                 capacity: self.capacity,
             });
         }
-        let position = INDEX_HEADER_LEN + self.len as usize * self.entry_bytes;
         match &mut self.mapping {
-            Mapping::Writable(map) => map.write_at(position, entry),
+            Mapping::Memory(entries) => entries.extend_from_slice(entry),
             Mapping::Sealed(_) | Mapping::Unmapped => {
-                unreachable!("an unsealed table is always mapped read-write")
+                unreachable!("an unsealed table is always in memory")
             }
         }
         self.len += 1;
         Ok(())
     }
 
-    /// Seals: writes count, `segment_bytes`, the sealed flag and the CRC into
-    /// the header, msyncs, unmaps, truncates to the exact length, fsyncs and
-    /// maps read-only. If any step fails the table is left sealed and empty
-    /// (its file should be discarded and rebuilt).
+    /// Seals: writes the header (count, `segment_bytes`, the sealed flag,
+    /// the CRC) and the entries to the file, replacing whatever was there,
+    /// fsyncs it and maps it read-only. If any step fails the table is left
+    /// sealed and empty (its file should be discarded and rebuilt); a full
+    /// disk is [`IndexError::DiskFull`].
     pub fn seal(&mut self, segment_bytes: u64) -> Result<(), IndexError> {
         assert!(
             !self.sealed,
@@ -204,12 +185,10 @@ impl IndexTable {
     }
 
     fn seal_inner(&mut self, segment_bytes: u64) -> Result<(), IndexError> {
-        let Mapping::Writable(mut map) = std::mem::replace(&mut self.mapping, Mapping::Unmapped)
+        let Mapping::Memory(entries) = std::mem::replace(&mut self.mapping, Mapping::Unmapped)
         else {
-            unreachable!("an unsealed table is always mapped read-write");
+            unreachable!("an unsealed table is always in memory");
         };
-        let exact_bytes = file_bytes(self.entry_bytes, self.len);
-        let entries_end = INDEX_HEADER_LEN + self.len as usize * self.entry_bytes;
         let mut header = IndexHeader {
             kind: self.kind,
             base_offset: self.base_offset,
@@ -218,15 +197,25 @@ impl IndexTable {
             sealed: true,
             crc: 0,
         };
-        let entries = &map.as_slice()[INDEX_HEADER_LEN..entries_end];
-        header.crc = crc32(&header.encode(), entries);
-        map.write_at(0, &header.encode());
-        map.flush()?;
-        drop(map);
-        self.file.set_len(exact_bytes)?;
-        self.file.sync_all()?;
-        let map = MappedFile::map(&self.file)?;
-        assert_eq!(map.as_slice().len() as u64, exact_bytes);
+        header.crc = crc32(&header.encode(), &entries);
+        let disk_full = |error: std::io::Error| match error.kind() {
+            std::io::ErrorKind::StorageFull => IndexError::DiskFull,
+            _ => IndexError::Io(error),
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)?;
+        file.write_all(&header.encode()).map_err(disk_full)?;
+        file.write_all(&entries).map_err(disk_full)?;
+        file.sync_all().map_err(disk_full)?;
+        let map = MappedFile::map(&file)?;
+        assert_eq!(
+            map.as_slice().len() as u64,
+            file_bytes(self.entry_bytes, self.len)
+        );
         self.mapping = Mapping::Sealed(map);
         self.segment_bytes = segment_bytes;
         Ok(())
@@ -234,13 +223,14 @@ impl IndexTable {
 
     /// The entry region `[INDEX_HEADER_LEN, INDEX_HEADER_LEN + len * entry_bytes)`.
     pub fn entries(&self) -> &[u8] {
-        let bytes = match &self.mapping {
-            Mapping::Writable(map) => map.as_slice(),
-            Mapping::Sealed(map) => map.as_slice(),
-            Mapping::Unmapped => return &[],
-        };
-        let end = INDEX_HEADER_LEN + self.len as usize * self.entry_bytes;
-        &bytes[INDEX_HEADER_LEN..end]
+        match &self.mapping {
+            Mapping::Memory(entries) => entries,
+            Mapping::Sealed(map) => {
+                let end = INDEX_HEADER_LEN + self.len as usize * self.entry_bytes;
+                &map.as_slice()[INDEX_HEADER_LEN..end]
+            }
+            Mapping::Unmapped => &[],
+        }
     }
 
     /// Bytes of entry `index`, or `None` past the end.
@@ -305,7 +295,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
         let mut table = IndexTable::create(&path, IndexKind::Offset, 3, 42, 4).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 + 12);
+        assert!(!path.exists(), "an active table writes nothing");
         table.push(b"abc").unwrap();
         table.push(b"def").unwrap();
         assert_eq!(table.entry(1), Some(&b"def"[..]));
@@ -331,6 +321,8 @@ mod tests {
             table.push(b"ab"),
             Err(IndexError::Full { capacity: 0 })
         ));
+        // An active file of an older version (or a crash's leftover) on disk.
+        std::fs::write(&path, IndexHeader::active(IndexKind::Id, 0).encode()).unwrap();
         let error = IndexTable::open_sealed(&path, IndexKind::Id, 2, 0).unwrap_err();
         assert!(matches!(error, IndexError::Corrupt { .. }), "{error}");
     }

@@ -50,9 +50,9 @@ pub struct TimeIndex {
 }
 
 impl TimeIndex {
-    /// New active (writable) index: creates/truncates the file, preallocates
-    /// header + `capacity_entries` entries, maps it read-write and writes the
-    /// (unsealed) header.
+    /// New active (writable) index with room for `capacity_entries`
+    /// entries, kept in memory: nothing is written to `path` until
+    /// [`Self::seal`].
     pub fn create(
         path: &Path,
         base_offset: u64,
