@@ -9,7 +9,10 @@
 //! already written once (pre-zeroed), so neither pays for extent conversion.
 //! `pwrite_fdatasync_fresh` repeats the pwrite case into freshly fallocated
 //! (unwritten) blocks, where every fdatasync must also commit the metadata
-//! that marks the extent written.
+//! that marks the extent written: what the log's stepwise growth costs
+//! (docs/storage.md §2). `pwrite_fdatasync_extend` writes past the end of
+//! an unallocated file, as a log without any preallocation would: every
+//! fdatasync commits the new size and block allocation.
 //!
 //! Run: `cargo bench -p dmq-bench --bench durable_write`.
 #![allow(unsafe_code)]
@@ -135,10 +138,51 @@ fn durable_write(c: &mut Criterion) {
                 });
             },
         );
+
+        // No preallocation: each write extends the file, so every
+        // fdatasync also commits the new size and a block allocation.
+        let extend_path = dir.path().join("extend.dat");
+        group.bench_with_input(
+            BenchmarkId::new("pwrite_fdatasync_extend", label),
+            &size,
+            |b, _| {
+                let mut file = empty_file(&extend_path);
+                let mut slot = 0u64;
+                b.iter_custom(|iters| {
+                    let mut elapsed = Duration::ZERO;
+                    for _ in 0..iters {
+                        if slot == slots {
+                            drop(std::mem::replace(&mut file, empty_file(&extend_path)));
+                            slot = 0;
+                        }
+                        let started = Instant::now();
+                        file.write_all_at(black_box(&data), slot * size as u64)
+                            .expect("pwrite");
+                        file.sync_data().expect("fdatasync");
+                        elapsed += started.elapsed();
+                        slot += 1;
+                    }
+                    elapsed
+                });
+            },
+        );
     }
     group.finish();
     drop(map);
     drop(written);
+}
+
+/// A new, empty, durable file.
+fn empty_file(path: &Path) -> File {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("creating the bench file");
+    file.sync_all().expect("syncing the empty file");
+    file
 }
 
 criterion_group!(benches, durable_write);

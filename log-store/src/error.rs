@@ -87,7 +87,7 @@ impl LogError {
     pub(crate) fn index(segment_base_offset: u64, source: dmq_index::IndexError) -> Self {
         if matches!(source, dmq_index::IndexError::DiskFull) {
             LogError::DiskFull {
-                context: "preallocating an index",
+                context: "writing an index",
             }
         } else {
             LogError::Index {

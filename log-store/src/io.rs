@@ -14,29 +14,42 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::config::IoBackend;
+use crate::open_files::{CachedFile, OpenMode};
 
-/// An open segment file, as the append backends see it.
+/// A segment file, as the append backends see it. It holds a descriptor
+/// only while in use ([`crate::open_files`]): [`SegmentFile::file`] opens it
+/// again when the process-wide budget closed it.
 #[derive(Debug, Clone)]
 pub(crate) struct SegmentFile {
     /// Unique in this process, so a backend can cache per-file state.
     #[cfg_attr(not(feature = "io-uring"), allow(dead_code))]
     pub(crate) id: u64,
-    pub(crate) file: Arc<File>,
     pub(crate) path: PathBuf,
+    handle: CachedFile,
 }
 
 impl SegmentFile {
+    /// Takes over `file`, open read-write at `path`.
     pub(crate) fn new(file: File, path: PathBuf) -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let handle = CachedFile::new(file, path.clone(), OpenMode::ReadWrite);
         SegmentFile {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            file: Arc::new(file),
+            id: handle.id(),
             path,
+            handle,
         }
+    }
+
+    /// The open descriptor (opened again if it was closed).
+    pub(crate) fn file(&self) -> io::Result<Arc<File>> {
+        self.handle.get()
+    }
+
+    /// Closes the descriptor: the segment is sealed, reads use its mapping.
+    pub(crate) fn close(&self) {
+        self.handle.close();
     }
 }
 
@@ -64,12 +77,12 @@ impl AppendIo for PortableIo {
         position: u64,
         data: Vec<u8>,
     ) -> io::Result<Vec<u8>> {
-        file.file.write_all_at(&data, position)?;
+        file.file()?.write_all_at(&data, position)?;
         Ok(data)
     }
 
     fn sync_data(&self, file: &SegmentFile) -> io::Result<()> {
-        file.file.sync_data()
+        file.file()?.sync_data()
     }
 
     fn kind(&self) -> IoBackend {

@@ -11,6 +11,8 @@
 //! - `mmap`: the only module with `unsafe`: the read-only segment mapping.
 //! - `io`: the append backends (portable pwrite, io_uring behind a feature).
 //! - [`fsync_stats`]: the process-wide histogram of fdatasync durations.
+//! - [`open_files`]: the process-wide budget of open descriptors (segment
+//!   files being appended to, and the dispatcher's journals).
 //! - [`config`], [`clock`], [`error`], [`message_id`].
 //!
 //! # Guarantees
@@ -30,6 +32,7 @@ mod io;
 pub mod log;
 pub mod message_id;
 mod mmap;
+pub mod open_files;
 mod scan;
 mod segment;
 #[cfg(feature = "io-uring")]
@@ -43,7 +46,8 @@ pub use dmq_index::key_hash;
 pub use error::{LogError, Result};
 pub use fsync_stats::{fsync_histogram, FsyncHistogram};
 pub use log::{
-    allocate_file, available_bytes, AppendInfo, DeletedSegments, Log, ReadDamage, RecoveryReport,
+    allocate_file, available_bytes, lock_exclusive, AppendInfo, DeletedSegments, Log, ReadDamage,
+    RecoveryReport,
 };
 pub use message_id::{MessageId, ParseMessageIdError};
 pub use scan::CorruptRegion;

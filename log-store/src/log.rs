@@ -110,7 +110,8 @@ struct Shared {
     config: LogConfig,
     clock: Arc<dyn Clock>,
     io: Arc<dyn AppendIo>,
-    _dir_lock: File,
+    /// Held while the log is open (`None`: the caller locks a parent).
+    _dir_lock: Option<File>,
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     writer: Mutex<Writer>,
     sync: Mutex<SyncState>,
@@ -168,15 +169,26 @@ pub fn allocate_file(path: &Path, len: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn fallocate(file: &File, len: u64, path: &Path) -> Result<()> {
-    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)
-        .map_err(|errno| LogError::io("preallocating a segment", path, errno.into()))
-}
-
 /// Takes the directory's exclusive lock. A lock that is busy is retried
 /// for up to a second: a forked child (any `Command` spawned by the process
 /// between fork and exec) briefly shares the descriptor of a log that was
 /// just closed, and holds its lock until it execs.
+/// Takes the exclusive lock of `dir` (its `LOCK` file, created if need be)
+/// for as long as the returned file is open: another process (or another
+/// open in this one) gets an error naming the directory.
+pub fn lock_exclusive(dir: &Path) -> Result<File> {
+    let lock_path = dir.join("LOCK");
+    let lock = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| LogError::io("opening the lock file", &lock_path, e))?;
+    lock_directory(&lock, dir, &lock_path)?;
+    Ok(lock)
+}
+
 fn lock_directory(lock: &File, dir: &Path, lock_path: &Path) -> Result<()> {
     use rustix::fs::{flock, FlockOperation};
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -247,15 +259,11 @@ impl Log {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)
             .map_err(|e| LogError::io("creating the log directory", &dir, e))?;
-        let lock_path = dir.join("LOCK");
-        let dir_lock = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| LogError::io("opening the lock file", &lock_path, e))?;
-        lock_directory(&dir_lock, &dir, &lock_path)?;
+        let dir_lock = if config.lock_directory {
+            Some(lock_exclusive(&dir)?)
+        } else {
+            None
+        };
 
         let mut report = RecoveryReport::default();
         let mut bases = Vec::new();
@@ -395,6 +403,14 @@ impl Log {
     /// Bytes of log stored (visible data of every segment).
     pub fn size_bytes(&self) -> u64 {
         self.segments().iter().map(|s| s.visible_len()).sum()
+    }
+
+    /// Bytes the log takes on disk: every segment file's allocated length
+    /// (data plus the active segment's unused room) and the sealed index
+    /// files. What a quiet partition costs, as opposed to
+    /// [`Log::size_bytes`], what it holds.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments().iter().map(|s| s.disk_bytes()).sum()
     }
 
     /// Number of segments.
@@ -703,12 +719,18 @@ impl Shared {
             }
             _ => false,
         };
+        // A segment file may be longer than `segment_bytes_max` (the
+        // configuration was lowered since it was written): it is filled.
+        let segment_limit = u64::from(self.config.segment_bytes_max).max(writer.active.capacity());
         if writer.active.is_sealed()
             || writer.active.indexes().seal_started()
-            || writer.position + batch_len > writer.active.capacity()
+            || writer.position + batch_len > segment_limit
             || too_old
         {
             self.roll(&mut writer)?;
+        }
+        if writer.position + batch_len > writer.active.capacity() {
+            self.grow(&writer.active, writer.position + batch_len)?;
         }
 
         let Writer {
@@ -818,6 +840,42 @@ impl Shared {
         }
     }
 
+    /// Allocates room in the active segment's file for at least `needed`
+    /// bytes (one growth step, see `LogConfig::grown_capacity`) and maps it.
+    /// A full disk, or a growth that would leave less than `min_free_bytes`
+    /// free, is `DiskFull` and changes nothing a reader or the next append
+    /// relies on: the next append tries again.
+    fn grow(&self, segment: &Segment, needed: u64) -> Result<()> {
+        let capacity = segment.capacity();
+        let limit = u64::from(self.config.segment_bytes_max).max(capacity);
+        let grown = self.config.grown_capacity(capacity, needed, limit);
+        let path = &segment.file.path;
+        if self.config.min_free_bytes > 0 {
+            let free = available_bytes(&self.dir)
+                .map_err(|e| LogError::io("reading free space", &self.dir, e))?;
+            if free < (grown - capacity).saturating_add(self.config.min_free_bytes) {
+                return Err(LogError::DiskFull {
+                    context: "growing a segment (it would leave less than min_free_bytes free)",
+                });
+            }
+        }
+        let file = segment
+            .file
+            .file()
+            .map_err(|e| LogError::io("opening a segment", path, e))?;
+        rustix::fs::fallocate(
+            &*file,
+            rustix::fs::FallocateFlags::empty(),
+            capacity,
+            grown - capacity,
+        )
+        .map_err(|e| LogError::io("growing a segment", path, e.into()))?;
+        let map = SegmentMap::new(&file, grown)
+            .map_err(|e| LogError::io("mapping a grown segment", path, e))?;
+        segment.grow(map);
+        Ok(())
+    }
+
     /// Seals the active segment (unless a failed roll already did) and starts
     /// a new one at the writer's next offset.
     fn roll(&self, writer: &mut Writer) -> Result<()> {
@@ -857,12 +915,14 @@ impl Shared {
         self.io.release(&segment.file);
         let trimmed = segment
             .file
-            .file
-            .set_len(len)
-            .and_then(|()| segment.file.file.sync_all());
+            .file()
+            .and_then(|file| file.set_len(len).and_then(|()| file.sync_all()));
         if let Err(error) = trimmed {
             return Err(self.fail(format!("trimming a sealed segment failed: {error}")));
         }
+        // Reads go through the mapping: a sealed segment holds no descriptor.
+        segment.file.close();
+        segment.note_sealed_disk_bytes(&self.dir);
         Ok(())
     }
 
@@ -922,18 +982,10 @@ fn open_segment_file(path: &Path, write: bool) -> Result<File> {
         .map_err(|e| LogError::io("opening a segment", path, e))
 }
 
-/// A new, empty, preallocated active segment at `base_offset`.
+/// A new, empty active segment at `base_offset`. Its file holds no blocks
+/// until the first append grows it.
 fn create_segment(dir: &Path, config: &LogConfig, base_offset: u64) -> Result<Segment> {
     let path = dir.join(log_file_name(base_offset));
-    let capacity = u64::from(config.segment_bytes_max);
-    if config.min_free_bytes > 0 {
-        let free = available_bytes(dir).map_err(|e| LogError::io("reading free space", dir, e))?;
-        if free < capacity.saturating_add(config.min_free_bytes) {
-            return Err(LogError::DiskFull {
-                context: "creating a segment (it would leave less than min_free_bytes free)",
-            });
-        }
-    }
     let file = File::options()
         .read(true)
         .write(true)
@@ -941,28 +993,22 @@ fn create_segment(dir: &Path, config: &LogConfig, base_offset: u64) -> Result<Se
         .truncate(true)
         .open(&path)
         .map_err(|e| LogError::io("creating a segment", &path, e))?;
-    let created = fallocate(&file, capacity, &path).and_then(|()| {
-        SegmentIndexes::create_active(
-            dir,
-            base_offset,
-            config.index_capacity(capacity),
-            config.index_interval_bytes,
-        )
-    });
+    let created = SegmentIndexes::create_active(
+        dir,
+        base_offset,
+        config.index_capacity(u64::from(config.segment_bytes_max)),
+        config.index_interval_bytes,
+    )
+    .and_then(|indexes| sync_dir(dir).map(|()| indexes));
     let indexes = match created {
         Ok(indexes) => indexes,
         Err(error) => {
             // Leave nothing behind: the log must look as before the attempt.
             let _ = std::fs::remove_file(&path);
-            for index in index_paths(dir, base_offset) {
-                let _ = std::fs::remove_file(index);
-            }
             return Err(error);
         }
     };
-    sync_dir(dir)?;
-    let map = SegmentMap::new(&file, capacity)
-        .map_err(|e| LogError::io("mapping a segment", &path, e))?;
+    let map = SegmentMap::new(&file, 0).map_err(|e| LogError::io("mapping a segment", &path, e))?;
     Ok(Segment::new(
         base_offset,
         SegmentFile::new(file, path),
@@ -1025,7 +1071,7 @@ fn open_sealed_segment(
             indexes
         }
     };
-    Ok(Segment::new(
+    let segment = Segment::new(
         base_offset,
         SegmentFile::new(file, path),
         map,
@@ -1033,11 +1079,15 @@ fn open_sealed_segment(
         len,
         next_base_offset,
         true,
-    ))
+    );
+    // Reads go through the mapping: a sealed segment holds no descriptor.
+    segment.file.close();
+    segment.note_sealed_disk_bytes(dir);
+    Ok(segment)
 }
 
 /// End of the last extent the file system reports as data (`SEEK_DATA` /
-/// `SEEK_HOLE`): an upper bound of the bytes ever written, since preallocated
+/// `SEEK_HOLE`): an upper bound of the bytes ever written, since allocated
 /// but unwritten blocks are holes. `len` when the file system cannot tell.
 fn data_end(file: &File, len: u64) -> u64 {
     use rustix::fs::{seek, SeekFrom};
@@ -1100,28 +1150,9 @@ fn rebuild_indexes(
     }
 }
 
-/// Preallocates `file` from `len` to `capacity`; on a full disk keeps its
-/// length instead (when it has data: an empty file cannot be mapped) and
-/// returns that as the capacity, so that the log opens on a full disk and
-/// its first append finds the segment full and reports `DiskFull` when it
-/// cannot roll.
-fn preallocate_or_keep(file: &File, len: u64, capacity: u64, path: &Path) -> Result<u64> {
-    match fallocate(file, capacity, path) {
-        Ok(()) => Ok(capacity),
-        Err(LogError::DiskFull { .. }) if len > 0 => {
-            tracing::warn!(
-                segment = %path.display(),
-                len,
-                "disk full: the active segment opens at its data's size; appends need room"
-            );
-            Ok(len)
-        }
-        Err(error) => Err(error),
-    }
-}
-
-/// Opens the last segment for appends: preallocates it back to its capacity,
-/// rebuilds its indexes from a full scan and cuts a torn tail.
+/// Opens the last segment for appends at its file's length (allocated room
+/// is kept; nothing is allocated: a log opens on a full disk), rebuilds its
+/// indexes from a scan of the written part and cuts a torn tail.
 fn open_active_segment(
     dir: &Path,
     config: &LogConfig,
@@ -1130,29 +1161,25 @@ fn open_active_segment(
 ) -> Result<ActiveState> {
     let path = dir.join(log_file_name(base_offset));
     let file = open_segment_file(&path, true)?;
-    let len = file
+    let capacity = file
         .metadata()
         .map_err(|e| LogError::io("reading a segment's size", &path, e))?
         .len();
-    let mut capacity = len.max(u64::from(config.segment_bytes_max));
     if capacity >= u64::from(u32::MAX) {
         return Err(LogError::InvalidConfig(format!(
             "{} is larger than 4 GiB",
             path.display()
         )));
     }
-    if len < capacity {
-        capacity = preallocate_or_keep(&file, len, capacity, &path)?;
-    }
     let mut map = SegmentMap::new(&file, capacity)
         .map_err(|e| LogError::io("mapping a segment", &path, e))?;
     let mut indexes = SegmentIndexes::create_active(
         dir,
         base_offset,
-        config.index_capacity(capacity),
+        config.index_capacity(capacity.max(u64::from(config.segment_bytes_max))),
         config.index_interval_bytes,
     )?;
-    // Bytes past the file's last data extent are preallocated, never
+    // Bytes past the file's last data extent are allocated, never
     // written: zeros that need no scan (1 GiB of them took seconds).
     let scan_len = data_end(&file, capacity);
     let outcome = rebuild_indexes(&map, base_offset, scan_len, &mut indexes)?;
@@ -1169,14 +1196,11 @@ fn open_active_segment(
             "truncating a torn tail"
         );
         drop(map);
+        // The cut bytes go; the next append allocates room again.
         file.set_len(outcome.valid_end)
+            .and_then(|()| file.sync_all())
             .map_err(|e| LogError::io("truncating a torn tail", &path, e))?;
-        // No room to preallocate again: the segment ends at its data (its
-        // indexes, sized for more, keep their room).
-        capacity = preallocate_or_keep(&file, outcome.valid_end, capacity, &path)?;
-        file.sync_all()
-            .map_err(|e| LogError::io("syncing a truncated segment", &path, e))?;
-        map = SegmentMap::new(&file, capacity)
+        map = SegmentMap::new(&file, outcome.valid_end)
             .map_err(|e| LogError::io("mapping a segment", &path, e))?;
     }
     let first_timestamp_ms = (outcome.valid_end > 0)

@@ -2,7 +2,7 @@
 //!
 //! [`SegmentMap`] is a read-only, shared mapping of a segment file, and hands
 //! out zero-copy [`Bytes`] views of it. Appends never write through the
-//! mapping: they `pwrite` into the preallocated file (measured faster for
+//! mapping: they `pwrite` into the allocated file (measured faster for
 //! durable appends than writing the mapping and msync-ing it; see
 //! BENCHMARKS.md), and the kernel's page cache makes those bytes visible
 //! through every shared mapping of the file.
@@ -11,9 +11,10 @@
 //! Touching a mapped page that lies wholly past the end of the file raises
 //! SIGBUS. The log therefore keeps one invariant: **nobody reads a mapping
 //! past the segment's visible length, and a segment file is never shrunk
-//! below its visible length.** Segment files are preallocated to their
-//! capacity before they are mapped, the only shrink is the trim of a sealed
-//! segment to exactly its data length, and recovery truncates before it maps.
+//! below its visible length.** A segment file is allocated (`fallocate`) to
+//! a length before it is mapped at that length (a growth maps it again,
+//! longer), the only shrink is the trim of a sealed segment to exactly its
+//! data length, and recovery truncates before it maps.
 //! The data directory is locked against other processes (see `Log::open`), so
 //! no one else shrinks our files either.
 #![allow(unsafe_code)]
@@ -62,7 +63,7 @@ impl SegmentMap {
         let len = usize::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mapping too large"))?;
         // SAFETY: the file is at least `len` bytes long (checked above) and is
-        // preallocated, so every page of the mapping is backed by the file now.
+        // allocated, so every page of the mapping is backed by the file now.
         // The log only shrinks a segment file to its data length, and reads
         // stay below the visible length (module contract), so no page that is
         // read can fall past the end of the file later. The data directory is

@@ -3,20 +3,26 @@
 //!
 //! Files of the segment with base offset B (20 decimal digits):
 //! `B.log` (batches), `B.index` (offset index), `B.timeindex`, `B.idindex`,
-//! `B.keyindex`. The active segment's offset and time indexes are preallocated
-//! mapped files; its id and key indexes live in memory and are written out,
-//! sorted, when the segment is sealed. Sealed index files carry a CRC and are
-//! rebuilt from the log whenever they are missing or fail their checks.
+//! `B.keyindex`. The active segment's four indexes live in memory and are
+//! written out (the id and key indexes sorted) when the segment is sealed:
+//! an active segment has only its `.log` file. Sealed index files carry a
+//! CRC and are rebuilt from the log whenever they are missing or fail their
+//! checks.
+//!
+//! The active segment's file grows in steps (`LogConfig::grown_capacity`);
+//! each growth maps the file again at its new length and later readers use
+//! the new mapping, while views of the old one stay valid.
 //!
 //! Invariants:
 //! - Readers never look past `visible_len`, and every batch below it is
 //!   complete (written, and durable under `FsyncPolicy::Always`).
-//! - `visible_len` and `visible_next_offset` only grow.
+//! - `visible_len` and `visible_next_offset` only grow; so does `capacity`
+//!   (the mapped, allocated length) while the segment is active.
 //! - A sealed segment's file length equals its data length.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use dmq_index::{
     IdIndexBuilder, KeyIndexBuilder, OffsetIndex, SealedIdIndex, SealedKeyIndex, TimeIndex,
@@ -85,7 +91,10 @@ impl SegmentIndexes {
         interval_bytes: u32,
     ) -> Result<Self> {
         let [offset_path, time_path, id_path, key_path] = index_paths(dir, base_offset);
-        for stale in [&id_path, &key_path] {
+        // Files of an interrupted seal, or an older version's preallocated
+        // active indexes: the indexes are rebuilt from the log, and written
+        // again when the segment is sealed.
+        for stale in [&offset_path, &time_path, &id_path, &key_path] {
             remove_if_exists(stale)?;
         }
         let offset = OffsetIndex::create(&offset_path, base_offset, capacity_entries)
@@ -275,7 +284,13 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
 pub(crate) struct Segment {
     pub(crate) base_offset: u64,
     pub(crate) file: SegmentFile,
-    map: SegmentMap,
+    /// The current mapping (replaced when the active segment grows).
+    map: Mutex<SegmentMap>,
+    /// Bytes allocated and mapped: the length of `map`.
+    capacity: AtomicU64,
+    /// Blocks of the sealed segment's files (data and indexes), in bytes;
+    /// 0 while active.
+    sealed_disk_bytes: AtomicU64,
     visible_len: AtomicU64,
     visible_next_offset: AtomicU64,
     max_timestamp_ms: AtomicI64,
@@ -298,7 +313,9 @@ impl Segment {
         Segment {
             base_offset,
             file,
-            map,
+            capacity: AtomicU64::new(map.len() as u64),
+            sealed_disk_bytes: AtomicU64::new(0),
+            map: Mutex::new(map),
             visible_len: AtomicU64::new(visible_len),
             visible_next_offset: AtomicU64::new(visible_next_offset),
             max_timestamp_ms: AtomicI64::new(indexes.max_timestamp_ms),
@@ -307,9 +324,50 @@ impl Segment {
         }
     }
 
-    /// Bytes the mapping covers (the active segment's capacity).
+    /// Bytes the mapping covers (the active segment's allocated room).
     pub(crate) fn capacity(&self) -> u64 {
-        self.map.len() as u64
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Bytes the segment takes on disk: its allocated room while active;
+    /// once sealed, the blocks of its data and index files.
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        match self.sealed_disk_bytes.load(Ordering::Acquire) {
+            0 => self.capacity(),
+            sealed => sealed,
+        }
+    }
+
+    /// Reads the blocks the sealed segment's files hold (called once it is
+    /// sealed; a file that cannot be read counts as its length or 0).
+    pub(crate) fn note_sealed_disk_bytes(&self, dir: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let blocks = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.blocks() * 512);
+        let data = blocks(&self.file.path).max(self.visible_len());
+        let indexes: u64 = index_paths(dir, self.base_offset)
+            .iter()
+            .map(|path| blocks(path))
+            .sum();
+        self.sealed_disk_bytes
+            .store((data + indexes).max(1), Ordering::Release);
+    }
+
+    /// The current mapping. A clone is an `Arc` clone: the views it hands
+    /// out stay valid after a growth replaces it.
+    pub(crate) fn map(&self) -> SegmentMap {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Installs the mapping of the grown file. Only the writer calls it,
+    /// after allocating the file to `map.len()` bytes.
+    pub(crate) fn grow(&self, map: SegmentMap) {
+        let mut current = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(
+            map.len() >= current.len(),
+            "a segment's mapping never shrinks"
+        );
+        self.capacity.store(map.len() as u64, Ordering::Release);
+        *current = map;
     }
 
     pub(crate) fn visible_len(&self) -> u64 {
@@ -379,7 +437,8 @@ impl Segment {
     /// a later valid batch still lies at or before `offset`.
     fn locate(&self, offset: u64, mut position: u64) -> Result<Option<(u64, BatchHeader)>> {
         let visible = self.visible_len() as usize;
-        let data = &self.map.as_slice()[..visible];
+        let map = self.map();
+        let data = &map.as_slice()[..visible];
         loop {
             let at = position as usize;
             if at >= visible {
@@ -420,11 +479,12 @@ impl Segment {
             return Ok(Vec::new());
         };
         let visible = self.visible_len();
+        let map = self.map();
         let mut batches = Vec::new();
         let mut total = 0usize;
         loop {
             let end = position + u64::from(header.batch_len);
-            let bytes = self.map.bytes(position as usize, end as usize);
+            let bytes = map.bytes(position as usize, end as usize);
             let batch = RecordBatch::from_verified(header, bytes);
             total += batch.as_bytes().len();
             let next_offset = header.next_offset();
@@ -432,7 +492,7 @@ impl Segment {
             if total >= max_bytes || end >= visible {
                 break;
             }
-            match verify_batch(&self.map.as_slice()[end as usize..visible as usize]) {
+            match verify_batch(&map.as_slice()[end as usize..visible as usize]) {
                 Ok(next) if next.base_offset == next_offset => {
                     position = end;
                     header = next;

@@ -105,7 +105,7 @@ impl AppendIo for UringIo {
         let (reply, replied) = std_mpsc::sync_channel(1);
         self.ring.send(Request::Write {
             id: file.id,
-            file: Arc::clone(&file.file),
+            file: file.file()?,
             position,
             data,
             reply,
@@ -117,7 +117,7 @@ impl AppendIo for UringIo {
         let (reply, replied) = std_mpsc::sync_channel(1);
         self.ring.send(Request::Sync {
             id: file.id,
-            file: Arc::clone(&file.file),
+            file: file.file()?,
             reply,
         })?;
         replied.recv().map_err(|_| ring_stopped())?
@@ -390,7 +390,10 @@ mod tests {
 
     fn read_all(file: &SegmentFile, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
-        file.file.read_exact_at(&mut buf, 0).expect("read back");
+        file.file()
+            .expect("open")
+            .read_exact_at(&mut buf, 0)
+            .expect("read back");
         buf
     }
 

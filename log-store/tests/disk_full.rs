@@ -225,6 +225,17 @@ fn squeeze(filler: &Path, left: u64) {
     use std::io::Write;
     let dir = filler.parent().expect("parent");
     let _ = std::fs::remove_file(filler);
+    // Space of files just removed can come back a moment later: wait until
+    // the free space stops moving (at most a second).
+    let mut settled = free_bytes(dir);
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = free_bytes(dir);
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
     let mut file = std::fs::File::create(filler).expect("create squeeze filler");
     let mut now = free_bytes(dir);
     for _ in 0..20 {
@@ -323,6 +334,89 @@ fn disk_full_at_every_step_of_a_roll() {
             }
             drop(log);
             std::fs::remove_dir_all(&dir).expect("remove log dir");
+        }
+    }
+}
+
+/// A crash can leave the last segment sealed (a roll that sealed it and
+/// died before the next segment was created) or empty (created, never
+/// grown). Either way the log opens on a full disk, because opening
+/// allocates nothing; its appends are `DiskFull` while the disk is full
+/// and succeed, on the same open log, as soon as space is freed. (When
+/// the active segment was preallocated at open, the empty case could not
+/// open on a full disk.)
+#[test]
+fn a_log_opens_on_a_full_disk_after_a_crash_mid_roll_and_resumes_without_restart() {
+    let mut rng = Rng::new(common::seed("disk_full_mid_roll", 5));
+    for backend in common::backends() {
+        for last_segment in ["sealed", "empty"] {
+            let root = tempfile::tempdir().expect("tempdir");
+            let _mount = match TmpfsMount::mount(root.path()) {
+                Ok(mount) => mount,
+                Err(reason) if !is_root() => {
+                    eprintln!("disk_full: skipped: needs root to mount tmpfs ({reason})");
+                    return;
+                }
+                Err(reason) => panic!("disk_full: running as root but {reason}"),
+            };
+            let what = format!("{backend:?}, last segment {last_segment}");
+            let dir = root.path().join("log");
+            let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+            let config = LogConfig {
+                segment_age_max: Some(std::time::Duration::from_secs(60)),
+                ..config()
+            };
+            let mut expected = Vec::new();
+            {
+                let log = common::open(&dir, config.clone(), backend, clock.clone()).expect("open");
+                for _ in 0..20 {
+                    let batch = random_batch(&mut rng);
+                    let info = log.append(&batch).expect("append");
+                    expected.extend(Expected::from_append(&batch, &info));
+                }
+                // An age roll: seal segment 0, start the next one.
+                clock.advance_ms(61_000);
+                let batch = random_batch(&mut rng);
+                let info = log.append(&batch).expect("append after the roll");
+                expected.extend(Expected::from_append(&batch, &info));
+                assert_eq!(log.segment_count(), 2, "{what}");
+            }
+            let bases = common::segment_bases(&dir);
+            let last = *bases.last().expect("segments");
+            // What the crash left: the last segment never written to, or
+            // never created at all (then segment 0, sealed, is the last).
+            expected.truncate(usize::try_from(last).expect("offset"));
+            match last_segment {
+                "empty" => std::fs::File::create(common::log_path(&dir, last))
+                    .map(drop)
+                    .expect("emptying the last segment"),
+                _ => std::fs::remove_file(common::log_path(&dir, last))
+                    .expect("removing the last segment"),
+            }
+            let squeeze_path = root.path().join("squeeze");
+            squeeze(&squeeze_path, 0);
+
+            let log = common::open(&dir, config.clone(), backend, clock.clone())
+                .unwrap_or_else(|e| panic!("{what}: the log must open on a full disk: {e:?}"));
+            common::check_log(&log, &expected);
+            for _ in 0..3 {
+                match log.append(&random_batch(&mut rng)) {
+                    Err(LogError::DiskFull { .. }) => {}
+                    other => panic!("{what}: an append on a full disk gave {other:?}"),
+                }
+            }
+            std::fs::remove_file(&squeeze_path).expect("freeing space");
+            for _ in 0..5 {
+                let batch = random_batch(&mut rng);
+                let info = log
+                    .append(&batch)
+                    .unwrap_or_else(|e| panic!("{what}: append after freeing space: {e:?}"));
+                expected.extend(Expected::from_append(&batch, &info));
+            }
+            common::check_log(&log, &expected);
+            drop(log);
+            let log = common::open(&dir, config, backend, clock).expect("reopen");
+            common::check_log(&log, &expected);
         }
     }
 }
