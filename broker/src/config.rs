@@ -5,7 +5,10 @@
 //! data_dir = "./data"
 //! listen = "127.0.0.1:7070"
 //! fsync = "always"            # "always" | "never" | "interval:10ms"
-//! segment_bytes = 1073741824
+//! segment_bytes = 1073741824       # a segment rolls at this size
+//! segment_preallocate_min_bytes = 65536         # its file grows from this,
+//! segment_preallocate_step_max_bytes = 67108864 # doubling, by at most this
+//! max_open_files = 4096        # segment files and journals held open (LRU)
 //! disk_reserve_bytes = 67108864     # kept free for acks, deletions, metadata
 //! max_connections = 1024
 //! max_frame_bytes = 16777216      # at least 65536; records up to this - 1024
@@ -69,10 +72,23 @@ pub struct BrokerConfig {
     /// Durability of produces: "always" (default: fdatasync before the ack,
     /// group commit), "interval:<n>ms", or "never".
     pub fsync: String,
-    /// Segment size of partition logs.
+    /// Segment size of partition logs: a segment is rolled before it would
+    /// grow past this. Its file is not reserved at this size: it grows in
+    /// steps (the two settings below), so a quiet partition costs little.
     pub segment_bytes: u32,
+    /// First allocation of a segment file, made by its first append; each
+    /// later growth doubles the file (docs/storage.md §2).
+    pub segment_preallocate_min_bytes: u32,
+    /// Largest single growth of a segment file.
+    pub segment_preallocate_step_max_bytes: u32,
+    /// Segment files being appended to and group and delay journals held
+    /// open at most: the least recently used are closed and opened again
+    /// when next used, so quiet partitions and groups cost no descriptor.
+    /// Busy files beyond this are reopened for their writes (slower).
+    /// Sealed segments hold none (they are read through their mapping).
+    pub max_open_files: usize,
     /// Room kept on the data disk for acks, deletions and metadata: no
-    /// segment is created that would leave less free, and a reserve file
+    /// segment grows if that would leave less free, and a reserve file
     /// of this size is released at start when the disk is full (see
     /// `disk_reserve`). 0 turns both off.
     pub disk_reserve_bytes: u64,
@@ -95,7 +111,7 @@ pub struct BrokerConfig {
     /// A new topic has at most this many partitions.
     pub max_partitions_per_topic: u32,
     /// All topics together have at most this many partitions (each costs
-    /// open files and a preallocated segment).
+    /// a directory, open files and a mapping; docs/storage.md).
     pub max_partitions_total: u32,
     /// Frames before HELLO larger than this are refused (HELLO is small;
     /// an unauthenticated peer may not make the broker buffer more).
@@ -170,6 +186,9 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             fsync: "always".to_string(),
             segment_bytes: 1 << 30,
+            segment_preallocate_min_bytes: 64 << 10,
+            segment_preallocate_step_max_bytes: 64 << 20,
+            max_open_files: dmq_log_store::open_files::DEFAULT_MAX_OPEN_FILES,
             disk_reserve_bytes: 64 << 20,
             max_connections: 1024,
             max_frame_bytes: dmq_protocol::DEFAULT_MAX_FRAME_BYTES,
@@ -316,6 +335,8 @@ impl BrokerConfig {
     pub fn log_config(&self) -> Result<LogConfig, ConfigError> {
         let config = LogConfig {
             segment_bytes_max: self.segment_bytes,
+            preallocate_min_bytes: self.segment_preallocate_min_bytes,
+            preallocate_step_max_bytes: self.segment_preallocate_step_max_bytes,
             fsync: self.fsync_policy()?,
             min_free_bytes: self.disk_reserve_bytes,
             ..LogConfig::default()

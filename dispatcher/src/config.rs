@@ -132,7 +132,7 @@ pub struct DispatcherConfig {
     /// A new topic has at most this many partitions.
     pub max_partitions_per_topic: u32,
     /// All topics together have at most this many partitions (each costs
-    /// open files and, today, a preallocated segment).
+    /// a directory, open files and a mapping).
     pub max_partitions_total: u32,
 }
 

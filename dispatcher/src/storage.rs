@@ -23,6 +23,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use dmq_log_store::open_files::{CachedFile, OpenMode};
 use dmq_log_store::{
     AppendInfo, BatchInput, Log, LogConfig, LogError, MessageId, Record, RecordInput,
 };
@@ -61,7 +62,7 @@ pub enum StoreError {
         /// Where the next valid entry starts.
         resumes_at: u64,
     },
-    /// Not enough free disk for what a call would preallocate.
+    /// Not enough free disk for what a call would allocate.
     #[error("not enough free disk: {need} bytes needed, {free} free")]
     NoRoom {
         /// Bytes the call would reserve.
@@ -174,6 +175,12 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
     /// Bytes the log stores; 0 if the log does not know.
     fn size_bytes(&self) -> u64 {
         0
+    }
+
+    /// Bytes the log takes on disk (allocated room and index files
+    /// included); what it stores if the log does not know better.
+    fn disk_bytes(&self) -> u64 {
+        self.size_bytes()
     }
 
     /// Retention: deletes whole sealed segments, oldest first, while the
@@ -342,6 +349,10 @@ impl PartitionLog for Log {
         Log::size_bytes(self)
     }
 
+    fn disk_bytes(&self) -> u64 {
+        Log::disk_bytes(self)
+    }
+
     fn apply_retention(
         &self,
         max_age_ms: Option<u64>,
@@ -442,7 +453,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
     /// Refuses ([`StoreError::NoRoom`]) when the disk cannot hold
-    /// `partitions` new partitions (their preallocated first segments).
+    /// `partitions` new partitions (the first allocation of each one's
+    /// segment, plus the reserve).
     fn check_room(&self, _partitions: u32) -> Result<(), StoreError> {
         Ok(())
     }
@@ -592,7 +604,9 @@ pub fn repair_journals(data_dir: &Path) -> std::io::Result<Vec<JournalRepair>> {
 pub struct FileJournal {
     name: String,
     path: PathBuf,
-    file: File,
+    /// Holds a descriptor only while in use (`dmq_log_store::open_files`):
+    /// a quiet group's journal costs none.
+    file: CachedFile,
     pending: Vec<u8>,
     durable_bytes: u64,
     /// Why the journal refuses syncs (a failed cut after a failed write).
@@ -650,7 +664,7 @@ impl FileJournal {
             FileJournal {
                 name: name.to_string(),
                 path: path.to_path_buf(),
-                file,
+                file: CachedFile::new(file, path.to_path_buf(), OpenMode::Append),
                 pending: Vec::new(),
                 durable_bytes: valid_len as u64,
                 failed: None,
@@ -664,8 +678,9 @@ impl FileJournal {
     /// fsync, part of the pending frames may be in it) and makes the cut
     /// durable.
     fn cut_to_durable(&mut self) -> std::io::Result<()> {
-        self.file.set_len(self.durable_bytes)?;
-        self.file.sync_all()
+        let file = self.file.get()?;
+        file.set_len(self.durable_bytes)?;
+        file.sync_all()
     }
 }
 
@@ -689,10 +704,10 @@ impl Journal for FileJournal {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let written = self
-            .file
-            .write_all(&self.pending)
-            .and_then(|()| self.file.sync_data());
+        let written = self.file.get().and_then(|file| {
+            (&*file).write_all(&self.pending)?;
+            file.sync_data()
+        });
         if let Err(error) = written {
             if let Err(cut) = self.cut_to_durable() {
                 self.failed = Some(format!(
@@ -720,7 +735,8 @@ impl Journal for FileJournal {
             sync_parent(&self.path)?;
             File::options().append(true).open(&self.path)
         };
-        self.file = write().map_err(|e| self.error(e))?;
+        let file = write().map_err(|e| self.error(e))?;
+        self.file.replace(file);
         self.pending.clear();
         self.durable_bytes = bytes.len() as u64;
         self.failed = None;
@@ -741,6 +757,9 @@ pub struct FileStorage {
     partitions: Mutex<HashMap<(String, u32), Arc<Log>>>,
     /// Journals whose torn tail was cut at open, with the bytes cut.
     tail_cuts: Mutex<Vec<(String, u64)>>,
+    /// The lock of the whole data directory, held while open: its logs do
+    /// not each hold their own (one descriptor per partition saved).
+    _lock: File,
 }
 
 impl FileStorage {
@@ -752,11 +771,16 @@ impl FileStorage {
             name: journals.display().to_string(),
             source,
         })?;
+        let lock = dmq_log_store::lock_exclusive(&root)?;
         Ok(FileStorage {
             root,
-            log_config,
+            log_config: LogConfig {
+                lock_directory: false,
+                ..log_config
+            },
             partitions: Mutex::new(HashMap::new()),
             tail_cuts: Mutex::new(Vec::new()),
+            _lock: lock,
         })
     }
 
@@ -832,7 +856,7 @@ impl Storage for FileStorage {
     }
 
     fn check_room(&self, partitions: u32) -> Result<(), StoreError> {
-        let need = (u64::from(partitions) * u64::from(self.log_config.segment_bytes_max))
+        let need = (u64::from(partitions) * self.log_config.initial_allocation_bytes())
             .saturating_add(self.log_config.min_free_bytes);
         let free =
             dmq_log_store::available_bytes(&self.root).map_err(|source| StoreError::Journal {

@@ -160,10 +160,13 @@ fn partition_counts_are_capped_and_a_failed_create_leaves_nothing() {
     }
     assert_eq!(DispatcherConfig::default().max_partitions_per_topic, 256);
 
-    // A topic wider than the disk: refused before any file is made.
+    // A topic wider than the disk (each partition's first allocation is
+    // 64 MiB here): refused before any file is made.
     let dir = tempfile::tempdir().unwrap();
     let big = LogConfig {
         segment_bytes_max: 64 << 20,
+        preallocate_min_bytes: 64 << 20,
+        preallocate_step_max_bytes: 64 << 20,
         ..log_config()
     };
     let uncapped = DispatcherConfig {

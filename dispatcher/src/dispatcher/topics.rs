@@ -11,7 +11,7 @@ impl Dispatcher {
     ///
     /// Validate, then create, then journal: the name and partition count
     /// are checked ([`crate::names`], [`DispatcherConfig`]'s caps), the
-    /// disk must have room for every partition's preallocated segment, the
+    /// disk must have room for every partition's first allocation, the
     /// partitions are opened, and only then is the topic journaled. A
     /// failure at any step leaves no files and no journal entry behind.
     pub fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<()> {
