@@ -566,6 +566,7 @@ fn development_flow(tab: &Tab, problems: &Problems, running: &Running) -> anyhow
         "two partitions",
         "document.querySelectorAll('#partitions-table tbody tr').length === 2",
     )?;
+    wait_text(tab, "#topic-disk", "Disk use:")?;
     wait_until(
         tab,
         "the groups table",

@@ -141,7 +141,11 @@ pub async fn run(cli: &Cli, command: &TopicCommand) -> Result<()> {
                         "partition": partition.partition,
                         "start_offset": partition.start_offset,
                         "end_offset": partition.end_offset,
+                        "size_bytes": partition.size_bytes,
+                        "disk_bytes": partition.disk_bytes,
                     })).collect::<Vec<_>>(),
+                    "size_bytes": topic.partitions.iter().map(|p| p.size_bytes).sum::<u64>(),
+                    "disk_bytes": topic.partitions.iter().map(|p| p.disk_bytes).sum::<u64>(),
                     "groups": topic.groups,
                 })),
                 Format::Table => {
@@ -162,13 +166,24 @@ pub async fn run(cli: &Cli, command: &TopicCommand) -> Result<()> {
                                     .end_offset
                                     .saturating_sub(partition.start_offset)
                                     .to_string(),
+                                partition.size_bytes.to_string(),
+                                partition.disk_bytes.to_string(),
                             ]
                         })
                         .collect();
                     print_table(
-                        &["PARTITION", "START_OFFSET", "END_OFFSET", "MESSAGES"],
+                        &[
+                            "PARTITION",
+                            "START_OFFSET",
+                            "END_OFFSET",
+                            "MESSAGES",
+                            "STORED_BYTES",
+                            "DISK_BYTES",
+                        ],
                         &rows,
                     );
+                    let disk: u64 = topic.partitions.iter().map(|p| p.disk_bytes).sum();
+                    println!("disk use: {disk} bytes");
                     if topic.groups.is_empty() {
                         println!("groups: (none)");
                     } else {

@@ -1184,23 +1184,29 @@ impl Wire for Topics {
 }
 
 impl Wire for PartitionInfo {
-    const MIN_BYTES: usize = 20;
+    const MIN_BYTES: usize = 36;
     fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
         w.u32(self.partition);
         w.u64(self.start_offset);
         w.u64(self.end_offset);
+        w.u64(self.size_bytes);
+        w.u64(self.disk_bytes);
         Ok(())
     }
     fn get<'a>(_: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
         let (input, partition) = get_u32(input, "partition")?;
         let (input, start_offset) = get_u64(input, "start_offset")?;
         let (input, end_offset) = get_u64(input, "end_offset")?;
+        let (input, size_bytes) = get_u64(input, "size_bytes")?;
+        let (input, disk_bytes) = get_u64(input, "disk_bytes")?;
         Ok((
             input,
             PartitionInfo {
                 partition,
                 start_offset,
                 end_offset,
+                size_bytes,
+                disk_bytes,
             },
         ))
     }

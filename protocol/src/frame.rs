@@ -744,6 +744,12 @@ pub struct PartitionInfo {
     pub start_offset: u64,
     /// Next offset to be written.
     pub end_offset: u64,
+    /// Bytes of records the partition stores.
+    pub size_bytes: u64,
+    /// Bytes the partition takes on disk: its segment files as allocated
+    /// (stored records plus the active segment's unused room) and its
+    /// index files.
+    pub disk_bytes: u64,
 }
 
 /// GROUPS: a topic's groups.

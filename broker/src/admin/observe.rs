@@ -198,6 +198,7 @@ pub(super) async fn metrics(
                 pending_delays: dispatcher.pending_delays(),
                 quarantined: dispatcher.quarantined().len() as u64,
                 journal_tails_cut: dispatcher.journal_tail_cuts(),
+                open_files: dmq_log_store::open_files::open_files() as u64,
                 ..GaugeSnapshot::default()
             };
             for (topic, partition, damage) in dispatcher.recovery_damage() {
@@ -209,6 +210,11 @@ pub(super) async fn metrics(
                 ));
             }
             for (topic, _) in dispatcher.topics() {
+                if let Ok(logs) = dispatcher.partitions(&topic) {
+                    let stored = logs.iter().map(|log| log.size_bytes()).sum();
+                    let disk = logs.iter().map(|log| log.disk_bytes()).sum();
+                    snapshot.topic_bytes.push((topic.clone(), stored, disk));
+                }
                 for (group, _) in dispatcher.groups(&topic) {
                     let Ok(stats) = dispatcher.group_stats(&topic, &group) else {
                         continue;

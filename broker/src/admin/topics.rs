@@ -199,6 +199,7 @@ struct PartitionInfo {
     start_offset: u64,
     end_offset: u64,
     size_bytes: u64,
+    disk_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -298,6 +299,7 @@ async fn describe(
             start_offset: log.start_offset(),
             end_offset: log.end_offset(),
             size_bytes: log.size_bytes(),
+            disk_bytes: log.disk_bytes(),
         })
         .collect();
     let groups = group_infos(&services, &topic).await?;

@@ -92,6 +92,8 @@ impl Session {
                             partition: p as u32,
                             start_offset: log.start_offset(),
                             end_offset: log.end_offset(),
+                            size_bytes: log.size_bytes(),
+                            disk_bytes: log.disk_bytes(),
                         })
                         .collect(),
                     groups: groups.into_iter().map(|(name, _)| name).collect(),

@@ -20,6 +20,8 @@
 //!   `dmq_recovery_damaged_regions{topic,partition}`,
 //!   `dmq_recovery_truncated_bytes{topic,partition}` (what recovery skipped
 //!   and cut; see `GET /api/health`), `dmq_journal_tail_cut_bytes{journal}`
+//! - `dmq_topic_stored_bytes{topic}`, `dmq_topic_disk_bytes{topic}` (what a
+//!   topic holds and what it takes on disk), `dmq_open_files`
 //!   (journals whose last frame was cut as torn at start)
 //! - `dmq_trace_events_dropped_total`
 //! - `dmq_build_info{version}` (always 1)
@@ -327,6 +329,38 @@ impl Metrics {
             "Torn-tail bytes recovery cut from a partition's log",
             Unit::Bytes,
             truncated,
+        );
+        let stored = Family::<TopicLabels, Gauge>::default();
+        let disk = Family::<TopicLabels, Gauge>::default();
+        for (topic, stored_bytes, disk_bytes) in &gauges.topic_bytes {
+            let labels = TopicLabels {
+                topic: topic.clone(),
+            };
+            stored
+                .get_or_create(&labels)
+                .set(i64::try_from(*stored_bytes).unwrap_or(i64::MAX));
+            disk.get_or_create(&labels)
+                .set(i64::try_from(*disk_bytes).unwrap_or(i64::MAX));
+        }
+        scrape.register_with_unit(
+            "topic_stored",
+            "Bytes of records a topic's partitions store",
+            Unit::Bytes,
+            stored,
+        );
+        scrape.register_with_unit(
+            "topic_disk",
+            "Bytes a topic's partitions take on disk: segment files as allocated (unused room \
+             of active segments included) and index files",
+            Unit::Bytes,
+            disk,
+        );
+        let open_files = Gauge::<i64>::default();
+        open_files.set(i64::try_from(gauges.open_files).unwrap_or(i64::MAX));
+        scrape.register(
+            "open_files",
+            "Segment files and journals held open (at most max_open_files)",
+            open_files,
         );
         let tails_cut = Family::<JournalLabels, Gauge>::default();
         for (journal, bytes) in &gauges.journal_tails_cut {

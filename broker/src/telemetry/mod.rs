@@ -201,6 +201,10 @@ pub struct GaugeSnapshot {
     pub damage: Vec<(String, u32, u64, u64)>,
     /// (journal, bytes) of the journals whose torn tail was cut at start.
     pub journal_tails_cut: Vec<(String, u64)>,
+    /// (topic, bytes of records stored, bytes on disk) of every topic.
+    pub topic_bytes: Vec<(String, u64, u64)>,
+    /// Segment files and journals held open (`max_open_files` at most).
+    pub open_files: u64,
 }
 
 /// Trace, statistics and metrics. Cheap to clone.

@@ -385,6 +385,8 @@ fn the_metrics_text_names_every_series() {
         quarantined: 2,
         damage: vec![("t".to_string(), 1, 4, 100)],
         journal_tails_cut: vec![("meta".to_string(), 12)],
+        topic_bytes: vec![("t".to_string(), 1000, 65536)],
+        open_files: 7,
     });
     for line in [
         "dmq_messages_produced_total{topic=\"t\"} 2",
@@ -392,6 +394,9 @@ fn the_metrics_text_names_every_series() {
         "dmq_recovery_damaged_regions{topic=\"t\",partition=\"1\"} 4",
         "dmq_recovery_truncated_bytes{topic=\"t\",partition=\"1\"} 100",
         "dmq_journal_tail_cut_bytes{journal=\"meta\"} 12",
+        "dmq_topic_stored_bytes{topic=\"t\"} 1000",
+        "dmq_topic_disk_bytes{topic=\"t\"} 65536",
+        "dmq_open_files 7",
         "dmq_messages_delivered_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_acked_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_redelivered_total{topic=\"t\",group=\"g\"} 1",

@@ -482,13 +482,17 @@ pub fn responses() -> Vec<(Opcode, BoxedStrategy<Response>)> {
                 short_string(),
                 any::<bool>(),
                 vec(
-                    any::<(u32, u64, u64)>().prop_map(|(partition, start_offset, end_offset)| {
-                        PartitionInfo {
-                            partition,
-                            start_offset,
-                            end_offset,
-                        }
-                    }),
+                    any::<(u32, u64, u64, u64, u64)>().prop_map(
+                        |(partition, start_offset, end_offset, size_bytes, disk_bytes)| {
+                            PartitionInfo {
+                                partition,
+                                start_offset,
+                                end_offset,
+                                size_bytes,
+                                disk_bytes,
+                            }
+                        },
+                    ),
                     0..4,
                 ),
                 vec(short_string(), 0..4),

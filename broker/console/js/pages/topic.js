@@ -4,7 +4,7 @@
 // message.
 
 import { get, post, query, seg } from "../api.js";
-import { badge, busy, field, fill, formatDuration, formatTime, h, show, showError, table } from "../dom.js";
+import { badge, busy, field, fill, formatBytes, formatDuration, formatTime, h, show, showError, table } from "../dom.js";
 import { minuteChart } from "../chart.js";
 import { link } from "../router.js";
 import { topicActions } from "../topicactions.js";
@@ -56,9 +56,28 @@ export async function render(root, ctx) {
       h("h2", { text: "Partitions" }),
       table(
         "partitions-table",
-        [["Partition", "num"], ["Start offset", "num"], ["End offset", "num"], ["Stored", "num"]],
-        detail.partitions.map((p) => [p.partition, p.start_offset, p.end_offset, p.end_offset - p.start_offset]),
+        [
+          ["Partition", "num"],
+          ["Start offset", "num"],
+          ["End offset", "num"],
+          ["Messages", "num"],
+          ["Stored", "num"],
+          ["Disk", "num"],
+        ],
+        detail.partitions.map((p) => [
+          p.partition,
+          p.start_offset,
+          p.end_offset,
+          p.end_offset - p.start_offset,
+          formatBytes(p.size_bytes),
+          formatBytes(p.disk_bytes),
+        ]),
       ),
+      h("p", {
+        id: "topic-disk",
+        class: "muted",
+        text: `Disk use: ${formatBytes(detail.partitions.reduce((sum, p) => sum + p.disk_bytes, 0))}`,
+      }),
       h("h2", { text: "Consumer groups" }),
       groupTable(detail.groups),
     );
