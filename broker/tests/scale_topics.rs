@@ -179,6 +179,21 @@ fn cost(dmqd: &Dmqd, data: &Path) -> Cost {
     }
 }
 
+/// The broker's budget of open segment files and journals.
+const MAX_OPEN_FILES: usize = 256;
+/// Descriptors the broker holds besides that budget: standard streams,
+/// listeners, connections, the trace log, the runtime's.
+const OTHER_DESCRIPTORS_MAX: usize = 64;
+
+/// Open descriptors stay within the configured budget, however many
+/// partitions and groups there are.
+fn check_descriptors(cost: &Cost, when: &str) {
+    assert!(
+        cost.open_fds <= MAX_OPEN_FILES + OTHER_DESCRIPTORS_MAX,
+        "{when}: {cost} (max_open_files = {MAX_OPEN_FILES})"
+    );
+}
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
@@ -210,7 +225,7 @@ async fn thousands_of_quiet_topics_cost_what_they_hold() {
         &config,
         format!(
             "data_dir = {data:?}\nlisten = \"{listen}\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             max_partitions_total = {}\n",
+             max_partitions_total = {}\nmax_open_files = {MAX_OPEN_FILES}\n",
             2 * topics + 16
         ),
     )
@@ -258,6 +273,7 @@ async fn thousands_of_quiet_topics_cost_what_they_hold() {
     // (issue 10), scaled; the broker's own files (trace, statistics,
     // journals) get 8 MiB on top. Preallocating 1 GiB segments would need
     // 2,000 GiB for N = 1,000.
+    check_descriptors(&empty, "quiet topics");
     let budget = 8 * (1 << 20) + topics as u64 * 200 * (1 << 20) / 10_000;
     assert!(
         empty.disk_bytes - fresh.disk_bytes.min(empty.disk_bytes) <= budget,
@@ -285,6 +301,7 @@ async fn thousands_of_quiet_topics_cost_what_they_hold() {
         "one 1 KiB record per topic (produced in {:?}): {one_each}",
         produced.elapsed()
     );
+    check_descriptors(&one_each, "one record per topic");
     // One first allocation (64 KiB by default) per topic that holds a
     // record, not one segment.
     let per_topic =
@@ -299,6 +316,7 @@ async fn thousands_of_quiet_topics_cost_what_they_hold() {
     let (mut connection, restarted_in) = dmqd.ready().await;
     let restarted = cost(&dmqd, &data);
     eprintln!("restart to ready in {restarted_in:?}: {restarted}");
+    check_descriptors(&restarted, "after a restart");
 
     // Every record is still there: the first, a middle and the last topic's
     // group gets its message after the restart.
