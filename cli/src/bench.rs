@@ -56,6 +56,11 @@ pub struct BenchArgs {
     /// Topic (created if missing).
     #[arg(long, default_value = "dmq-bench")]
     pub topic: String,
+    /// Spread the produce over this many topics (`<topic>-00000`, ...,
+    /// created if missing, `--partitions` each): each batch goes to a
+    /// topic chosen at random. Produce only (`--consumers 0`).
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
     /// Partitions when the topic is created.
     #[arg(long, default_value_t = 4)]
     pub partitions: u32,
@@ -121,15 +126,24 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
     if args.producers == 0 {
         bail!("--producers must be at least 1");
     }
+    if args.topics == 0 || (args.topics > 1 && args.consumers > 0) {
+        bail!("--topics must be at least 1, and more than 1 only with --consumers 0");
+    }
+    let topics: Arc<[String]> = match args.topics {
+        1 => vec![args.topic.clone()].into(),
+        n => (0..n).map(|i| format!("{}-{i:05}", args.topic)).collect(),
+    };
     let admin = cli.connect().await?;
-    match admin
-        .create_topic(&args.topic, args.partitions.max(1), false)
-        .await
-    {
-        Err(error) if error.code() != Some(ErrorCode::TopicExists) => {
-            return Err(error).context("creating the bench topic")
+    for topic in topics.iter() {
+        match admin
+            .create_topic(topic, args.partitions.max(1), false)
+            .await
+        {
+            Err(error) if error.code() != Some(ErrorCode::TopicExists) => {
+                return Err(error).context("creating the bench topic")
+            }
+            _ => {}
         }
-        _ => {}
     }
     let count = match (args.count, args.duration) {
         (Some(count), _) => Some(count),
@@ -203,7 +217,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
             .then(|| Duration::from_secs_f64(args.producers as f64 / args.rate as f64));
         producers.push(tokio::spawn(produce(
             (client, options, args.new_producer_every),
-            args.topic.clone(),
+            (Arc::clone(&topics), args.batch.max(1), index as u64),
             payload.clone(),
             share,
             deadline,
@@ -274,6 +288,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
             "{}",
             json!({
                 "topic": args.topic,
+                "topics": args.topics,
                 "producers": args.producers,
                 "consumers": args.consumers,
                 "size": args.size,
@@ -337,7 +352,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 async fn produce(
     (client, options, new_producer_every): (dmq_client::Client, ProducerOptions, Option<u64>),
-    topic: String,
+    (topics, run, seed): (Arc<[String]>, usize, u64),
     payload: Bytes,
     count: Option<u64>,
     deadline: Option<Instant>,
@@ -359,6 +374,9 @@ async fn produce(
     // allocation or wakeup per message, unlike a `FuturesUnordered`.
     let mut in_flight = VecDeque::with_capacity(window);
     let mut sent = 0u64;
+    // A topic chosen at random for each run of `run` messages (one batch).
+    let mut random = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut topic = &topics[0];
     let mut next_at = tokio::time::Instant::now();
     let mut first_error: Option<ClientError> = None;
     let mut record = |result: Result<Duration, ClientError>| match result {
@@ -382,6 +400,12 @@ async fn produce(
             if next_at > tokio::time::Instant::now() {
                 tokio::time::sleep_until(next_at).await;
             }
+        }
+        if topics.len() > 1 && sent % run as u64 == 0 {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            topic = &topics[(random % topics.len() as u64) as usize];
         }
         let mut message = Message::new(topic.as_str(), payload.clone()).header(
             SEND_TIME_HEADER,
