@@ -9,6 +9,7 @@
 //! segment_preallocate_min_bytes = 65536         # its file grows from this,
 //! segment_preallocate_step_max_bytes = 67108864 # doubling, by at most this
 //! max_open_files = 4096        # segment files and journals held open (LRU)
+//! max_mapped_segments = 8192   # sealed segments kept mapped (LRU)
 //! disk_reserve_bytes = 67108864     # kept free for acks, deletions, metadata
 //! max_connections = 1024
 //! max_frame_bytes = 16777216      # at least 65536; records up to this - 1024
@@ -87,6 +88,11 @@ pub struct BrokerConfig {
     /// Busy files beyond this are reopened for their writes (slower).
     /// Sealed segments hold none (they are read through their mapping).
     pub max_open_files: usize,
+    /// Sealed segments kept mapped at most (each maps its data and up to
+    /// four index files): the least recently read are unmapped and mapped
+    /// again by their next read. Keeps the process under Linux's
+    /// `vm.max_map_count` (65,530 by default) with many partitions.
+    pub max_mapped_segments: usize,
     /// Room kept on the data disk for acks, deletions and metadata: no
     /// segment grows if that would leave less free, and a reserve file
     /// of this size is released at start when the disk is full (see
@@ -188,7 +194,8 @@ impl Default for BrokerConfig {
             segment_bytes: 1 << 30,
             segment_preallocate_min_bytes: 64 << 10,
             segment_preallocate_step_max_bytes: 64 << 20,
-            max_open_files: dmq_log_store::open_files::DEFAULT_MAX_OPEN_FILES,
+            max_open_files: dmq_log_store::resources::DEFAULT_MAX_OPEN_FILES,
+            max_mapped_segments: dmq_log_store::resources::DEFAULT_MAX_MAPPED_SEGMENTS,
             disk_reserve_bytes: 64 << 20,
             max_connections: 1024,
             max_frame_bytes: dmq_protocol::DEFAULT_MAX_FRAME_BYTES,

@@ -275,7 +275,8 @@ impl Engine {
     /// Opens the data directory and starts the dispatcher thread.
     pub fn start(config: &BrokerConfig) -> Result<Engine, StartError> {
         let log_config = config.log_config()?;
-        dmq_log_store::open_files::set_max_open_files(config.max_open_files);
+        dmq_log_store::resources::set_max_open_files(config.max_open_files);
+        dmq_log_store::resources::set_max_mapped_segments(config.max_mapped_segments);
         let storage = Arc::new(FileStorage::new(&config.data_dir, log_config)?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let telemetry = Telemetry::open(&config.data_dir, config.telemetry_config())?;

@@ -23,7 +23,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use dmq_log_store::open_files::{CachedFile, OpenMode};
+use dmq_log_store::resources::{CachedFile, OpenMode};
 use dmq_log_store::{
     AppendInfo, BatchInput, Log, LogConfig, LogError, MessageId, Record, RecordInput,
 };
@@ -604,7 +604,7 @@ pub fn repair_journals(data_dir: &Path) -> std::io::Result<Vec<JournalRepair>> {
 pub struct FileJournal {
     name: String,
     path: PathBuf,
-    /// Holds a descriptor only while in use (`dmq_log_store::open_files`):
+    /// Holds a descriptor only while in use (`dmq_log_store::resources`):
     /// a quiet group's journal costs none.
     file: CachedFile,
     pending: Vec<u8>,

@@ -17,10 +17,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::IoBackend;
-use crate::open_files::{CachedFile, OpenMode};
+use crate::resources::{CachedFile, OpenMode};
 
 /// A segment file, as the append backends see it. It holds a descriptor
-/// only while in use ([`crate::open_files`]): [`SegmentFile::file`] opens it
+/// only while in use ([`crate::resources`]): [`SegmentFile::file`] opens it
 /// again when the process-wide budget closed it.
 #[derive(Debug, Clone)]
 pub(crate) struct SegmentFile {

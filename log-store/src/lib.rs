@@ -11,8 +11,9 @@
 //! - `mmap`: the only module with `unsafe`: the read-only segment mapping.
 //! - `io`: the append backends (portable pwrite, io_uring behind a feature).
 //! - [`fsync_stats`]: the process-wide histogram of fdatasync durations.
-//! - [`open_files`]: the process-wide budget of open descriptors (segment
-//!   files being appended to, and the dispatcher's journals).
+//! - [`resources`]: the process-wide budgets of open descriptors (segment
+//!   files being appended to, and the dispatcher's journals) and of mapped
+//!   sealed segments.
 //! - [`config`], [`clock`], [`error`], [`message_id`].
 //!
 //! # Guarantees
@@ -32,7 +33,7 @@ mod io;
 pub mod log;
 pub mod message_id;
 mod mmap;
-pub mod open_files;
+pub mod resources;
 mod scan;
 mod segment;
 #[cfg(feature = "io-uring")]

@@ -37,8 +37,10 @@ use crate::error::{is_disk_full, LogError, Result};
 use crate::io::{select_backend, AppendIo, SegmentFile};
 use crate::message_id::{MessageId, MessageIdGenerator};
 use crate::mmap::SegmentMap;
-use crate::scan::{scan_segment, CorruptRegion};
-use crate::segment::{index_paths, log_file_name, remove_if_exists, Segment, SegmentIndexes};
+use crate::scan::CorruptRegion;
+use crate::segment::{
+    index_paths, log_file_name, rebuild_indexes, remove_if_exists, Segment, SegmentIndexes,
+};
 
 /// What [`Log::append`] assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -723,7 +725,7 @@ impl Shared {
         // configuration was lowered since it was written): it is filled.
         let segment_limit = u64::from(self.config.segment_bytes_max).max(writer.active.capacity());
         if writer.active.is_sealed()
-            || writer.active.indexes().seal_started()
+            || writer.active.seal_started()
             || writer.position + batch_len > segment_limit
             || too_old
         {
@@ -923,6 +925,8 @@ impl Shared {
         // Reads go through the mapping: a sealed segment holds no descriptor.
         segment.file.close();
         segment.note_sealed_disk_bytes(&self.dir);
+        // Now evictable: the mapped-segments budget may unmap it when idle.
+        segment.note_used();
         Ok(())
     }
 
@@ -1083,6 +1087,9 @@ fn open_sealed_segment(
     // Reads go through the mapping: a sealed segment holds no descriptor.
     segment.file.close();
     segment.note_sealed_disk_bytes(dir);
+    // In the mapped-segments budget: unmapped if beyond it (a log with
+    // many sealed segments opens with at most the budget mapped).
+    segment.note_used();
     Ok(segment)
 }
 
@@ -1107,47 +1114,6 @@ fn data_end(file: &File, len: u64) -> u64 {
         position = hole;
     }
     end
-}
-
-/// Scans a segment's mapping and feeds every valid batch to `indexes`.
-fn rebuild_indexes(
-    map: &SegmentMap,
-    base_offset: u64,
-    len: u64,
-    indexes: &mut SegmentIndexes,
-) -> Result<crate::scan::ScanOutcome> {
-    /// Pages this far behind the scan are released from the resident set.
-    const RELEASE_BEHIND_BYTES: u64 = 32 << 20;
-    let mut first_error = None;
-    let mut released_to = 0u64;
-    let data = &map.as_slice()[..len as usize];
-    let outcome = scan_segment(data, base_offset, 0, base_offset, |position, header| {
-        if first_error.is_some() {
-            return;
-        }
-        if position >= released_to + 2 * RELEASE_BEHIND_BYTES {
-            let until = position - RELEASE_BEHIND_BYTES;
-            map.release_pages(released_to as usize, until as usize);
-            released_to = until;
-        }
-        let end = position + u64::from(header.batch_len);
-        let batch = RecordBatch::from_verified(*header, map.bytes(position as usize, end as usize));
-        let observed = batch
-            .records()
-            .collect::<std::result::Result<Vec<Record>, _>>()
-            .map_err(|e| LogError::InvalidBatch(e.to_string()))
-            .and_then(|records| {
-                let entries = records.iter().map(|r| (r.offset, r.id, r.key.as_deref()));
-                indexes.observe(base_offset, position, header, entries)
-            });
-        if let Err(error) = observed {
-            first_error = Some(error);
-        }
-    });
-    match first_error {
-        Some(error) => Err(error),
-        None => Ok(outcome),
-    }
 }
 
 /// Opens the last segment for appends at its file's length (allocated room

@@ -76,6 +76,11 @@ impl SegmentMap {
         })
     }
 
+    /// No mapping (an unmapped sealed segment, an empty active one).
+    pub(crate) fn empty() -> Self {
+        SegmentMap { map: None }
+    }
+
     /// Length of the mapping.
     pub(crate) fn len(&self) -> usize {
         self.map.as_ref().map_or(0, |map| map.len())

@@ -22,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use dmq_index::{
     IdIndexBuilder, KeyIndexBuilder, OffsetIndex, SealedIdIndex, SealedKeyIndex, TimeIndex,
@@ -33,7 +33,8 @@ use crate::error::{LogError, Result};
 use crate::io::SegmentFile;
 use crate::message_id::MessageId;
 use crate::mmap::SegmentMap;
-use crate::scan::find_next_valid_batch;
+use crate::resources::{mapped_segments_budget, Evict};
+use crate::scan::{find_next_valid_batch, scan_segment, ScanOutcome};
 
 /// File name of the segment data file with this base offset.
 pub(crate) fn log_file_name(base_offset: u64) -> String {
@@ -72,6 +73,10 @@ pub(crate) struct SegmentIndexes {
     pub(crate) time: TimeIndex,
     pub(crate) ids: IdLookup,
     pub(crate) keys: KeyLookup,
+    /// False once a sealed segment's indexes were unloaded (evicted by the
+    /// mapped-segments budget): the tables are empty stand-ins until
+    /// reloaded. Always true for the active segment.
+    resident: bool,
     interval_bytes: u32,
     /// Position of the last offset-index entry (0: the segment start).
     last_offset_entry_position: u64,
@@ -106,6 +111,27 @@ impl SegmentIndexes {
             time,
             ids: IdLookup::Active(IdIndexBuilder::new()),
             keys: KeyLookup::Active(KeyIndexBuilder::new()),
+            resident: true,
+            interval_bytes,
+            last_offset_entry_position: 0,
+            last_time_entry_end: 0,
+            max_timestamp_ms: i64::MIN,
+            last_rel_offset: None,
+        })
+    }
+
+    /// Empty stand-ins for a sealed segment's unloaded indexes (nothing on
+    /// disk is touched; `resident` is false).
+    fn unloaded(dir: &Path, base_offset: u64, interval_bytes: u32) -> Result<Self> {
+        let [offset_path, time_path, _, _] = index_paths(dir, base_offset);
+        Ok(SegmentIndexes {
+            offset: OffsetIndex::create(&offset_path, base_offset, 0)
+                .map_err(|e| LogError::index(base_offset, e))?,
+            time: TimeIndex::create(&time_path, base_offset, 0)
+                .map_err(|e| LogError::index(base_offset, e))?,
+            ids: IdLookup::Active(IdIndexBuilder::new()),
+            keys: KeyLookup::Active(KeyIndexBuilder::new()),
+            resident: false,
             interval_bytes,
             last_offset_entry_position: 0,
             last_time_entry_end: 0,
@@ -152,6 +178,7 @@ impl SegmentIndexes {
             time,
             ids: IdLookup::Sealed(ids),
             keys: KeyLookup::Sealed(keys),
+            resident: true,
             interval_bytes,
             last_offset_entry_position: 0,
             last_time_entry_end: 0,
@@ -271,6 +298,47 @@ fn rel_offset(base_offset: u64, offset: u64) -> Result<u32> {
         .ok_or_else(|| LogError::InvalidBatch("more than 4 billion offsets in one segment".into()))
 }
 
+/// Scans a segment's mapping and feeds every valid batch to `indexes`.
+pub(crate) fn rebuild_indexes(
+    map: &SegmentMap,
+    base_offset: u64,
+    len: u64,
+    indexes: &mut SegmentIndexes,
+) -> Result<ScanOutcome> {
+    /// Pages this far behind the scan are released from the resident set.
+    const RELEASE_BEHIND_BYTES: u64 = 32 << 20;
+    let mut first_error = None;
+    let mut released_to = 0u64;
+    let data = &map.as_slice()[..len as usize];
+    let outcome = scan_segment(data, base_offset, 0, base_offset, |position, header| {
+        if first_error.is_some() {
+            return;
+        }
+        if position >= released_to + 2 * RELEASE_BEHIND_BYTES {
+            let until = position - RELEASE_BEHIND_BYTES;
+            map.release_pages(released_to as usize, until as usize);
+            released_to = until;
+        }
+        let end = position + u64::from(header.batch_len);
+        let batch = RecordBatch::from_verified(*header, map.bytes(position as usize, end as usize));
+        let observed = batch
+            .records()
+            .collect::<std::result::Result<Vec<Record>, _>>()
+            .map_err(|e| LogError::InvalidBatch(e.to_string()))
+            .and_then(|records| {
+                let entries = records.iter().map(|r| (r.offset, r.id, r.key.as_deref()));
+                indexes.observe(base_offset, position, header, entries)
+            });
+        if let Err(error) = observed {
+            first_error = Some(error);
+        }
+    });
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(outcome),
+    }
+}
+
 pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -279,14 +347,46 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// What a segment maps: its data and its indexes. A sealed segment's is
+/// released when the mapped-segments budget evicts it, and loaded again
+/// (mapped, verified) by its next read.
+#[derive(Debug)]
+struct Resident {
+    /// The current mapping (replaced when the active segment grows; empty
+    /// while a sealed segment is unloaded).
+    map: Mutex<SegmentMap>,
+    indexes: RwLock<SegmentIndexes>,
+}
+
+impl Evict for Resident {
+    fn evict(&self) {
+        // Never blocks: a segment being read keeps what it maps.
+        let Ok(mut indexes) = self.indexes.try_write() else {
+            return;
+        };
+        if !indexes.resident {
+            return;
+        }
+        let (dir, base_offset) = match &indexes.offset.path().parent() {
+            Some(dir) => (dir.to_path_buf(), indexes.offset.base_offset()),
+            None => return,
+        };
+        match SegmentIndexes::unloaded(&dir, base_offset, indexes.interval_bytes) {
+            Ok(unloaded) => *indexes = unloaded,
+            Err(_) => return,
+        }
+        drop(indexes);
+        *self.map.lock().unwrap_or_else(|p| p.into_inner()) = SegmentMap::empty();
+    }
+}
+
 /// One segment of a partition log.
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub(crate) base_offset: u64,
     pub(crate) file: SegmentFile,
-    /// The current mapping (replaced when the active segment grows).
-    map: Mutex<SegmentMap>,
-    /// Bytes allocated and mapped: the length of `map`.
+    resident: Arc<Resident>,
+    /// Bytes allocated and mapped while active: the length of the mapping.
     capacity: AtomicU64,
     /// Blocks of the sealed segment's files (data and indexes), in bytes;
     /// 0 while active.
@@ -295,7 +395,12 @@ pub(crate) struct Segment {
     visible_next_offset: AtomicU64,
     max_timestamp_ms: AtomicI64,
     sealed: AtomicBool,
-    indexes: RwLock<SegmentIndexes>,
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        mapped_segments_budget().forget(self.file.id);
+    }
 }
 
 impl Segment {
@@ -315,12 +420,14 @@ impl Segment {
             file,
             capacity: AtomicU64::new(map.len() as u64),
             sealed_disk_bytes: AtomicU64::new(0),
-            map: Mutex::new(map),
             visible_len: AtomicU64::new(visible_len),
             visible_next_offset: AtomicU64::new(visible_next_offset),
             max_timestamp_ms: AtomicI64::new(indexes.max_timestamp_ms),
             sealed: AtomicBool::new(sealed),
-            indexes: RwLock::new(indexes),
+            resident: Arc::new(Resident {
+                map: Mutex::new(map),
+                indexes: RwLock::new(indexes),
+            }),
         }
     }
 
@@ -352,16 +459,39 @@ impl Segment {
             .store((data + indexes).max(1), Ordering::Release);
     }
 
-    /// The current mapping. A clone is an `Arc` clone: the views it hands
-    /// out stay valid after a growth replaces it.
-    pub(crate) fn map(&self) -> SegmentMap {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The current mapping, mapped again if the budget unmapped this sealed
+    /// segment. A clone is an `Arc` clone: the views it hands out stay
+    /// valid after a growth replaces it or an eviction drops it.
+    pub(crate) fn map(&self) -> Result<SegmentMap> {
+        let map = {
+            let mut current = self.resident.map.lock().unwrap_or_else(|p| p.into_inner());
+            let len = self.visible_len();
+            if self.is_sealed() && current.len() == 0 && len > 0 {
+                let path = &self.file.path;
+                let file = std::fs::File::open(path)
+                    .map_err(|e| LogError::io("opening a sealed segment", path, e))?;
+                *current = SegmentMap::new(&file, len)
+                    .map_err(|e| LogError::io("mapping a sealed segment", path, e))?;
+            }
+            current.clone()
+        };
+        self.note_used();
+        Ok(map)
+    }
+
+    /// Marks a sealed segment as just used in the mapped-segments budget
+    /// (which may unmap the least recently used others).
+    pub(crate) fn note_used(&self) {
+        if self.is_sealed() {
+            let resident: Arc<dyn Evict> = self.resident.clone();
+            mapped_segments_budget().touch(self.file.id, Arc::downgrade(&resident));
+        }
     }
 
     /// Installs the mapping of the grown file. Only the writer calls it,
     /// after allocating the file to `map.len()` bytes.
     pub(crate) fn grow(&self, map: SegmentMap) {
-        let mut current = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.resident.map.lock().unwrap_or_else(|p| p.into_inner());
         assert!(
             map.len() >= current.len(),
             "a segment's mapping never shrinks"
@@ -399,12 +529,67 @@ impl Segment {
         self.sealed.store(true, Ordering::Release);
     }
 
-    pub(crate) fn indexes(&self) -> RwLockReadGuard<'_, SegmentIndexes> {
-        self.indexes.read().unwrap_or_else(|p| p.into_inner())
+    /// The segment's indexes, loaded (mapped and verified) again if the
+    /// budget unloaded this sealed segment; the guard keeps them loaded.
+    pub(crate) fn indexes(&self) -> Result<RwLockReadGuard<'_, SegmentIndexes>> {
+        loop {
+            let indexes = self
+                .resident
+                .indexes
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            if indexes.resident {
+                self.note_used();
+                return Ok(indexes);
+            }
+            drop(indexes);
+            let mut indexes = self.indexes_mut();
+            if !indexes.resident {
+                *indexes = self.reload_indexes(indexes.interval_bytes)?;
+            }
+        }
     }
 
+    /// Whether sealing this (active) segment began: no batch may be added.
+    pub(crate) fn seal_started(&self) -> bool {
+        self.resident
+            .indexes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .seal_started()
+    }
+
+    /// The writer's access to the active segment's indexes.
     pub(crate) fn indexes_mut(&self) -> RwLockWriteGuard<'_, SegmentIndexes> {
-        self.indexes.write().unwrap_or_else(|p| p.into_inner())
+        self.resident
+            .indexes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A sealed segment's indexes from its files, or rebuilt from its data
+    /// (and written again) if they fail their checks.
+    fn reload_indexes(&self, interval_bytes: u32) -> Result<SegmentIndexes> {
+        let dir = self.file.path.parent().unwrap_or(Path::new("."));
+        let len = self.visible_len();
+        match SegmentIndexes::open_sealed(dir, self.base_offset, len, interval_bytes) {
+            Ok(indexes) => Ok(indexes),
+            Err(reason) => {
+                tracing::warn!(
+                    segment = self.base_offset,
+                    %reason,
+                    "rebuilding a sealed segment's indexes"
+                );
+                let capacity =
+                    u32::try_from(len / u64::from(interval_bytes) + 2).unwrap_or(u32::MAX);
+                let mut indexes =
+                    SegmentIndexes::create_active(dir, self.base_offset, capacity, interval_bytes)?;
+                let map = self.map()?;
+                rebuild_indexes(&map, self.base_offset, len, &mut indexes)?;
+                indexes.seal(dir, self.base_offset, len)?;
+                Ok(indexes)
+            }
+        }
     }
 
     /// Updates the segment's max timestamp after an append.
@@ -424,12 +609,13 @@ impl Segment {
 
     /// Position to start scanning for `offset`: the greatest indexed batch at
     /// or before it, else the segment start.
-    fn start_position(&self, offset: u64) -> u64 {
+    fn start_position(&self, offset: u64) -> Result<u64> {
         let rel = u32::try_from(offset - self.base_offset).unwrap_or(u32::MAX);
-        self.indexes()
+        Ok(self
+            .indexes()?
             .offset
             .lookup(rel)
-            .map_or(0, |entry| u64::from(entry.position))
+            .map_or(0, |entry| u64::from(entry.position)))
     }
 
     /// The verified batch containing `offset` and its position, found by
@@ -437,7 +623,7 @@ impl Segment {
     /// a later valid batch still lies at or before `offset`.
     fn locate(&self, offset: u64, mut position: u64) -> Result<Option<(u64, BatchHeader)>> {
         let visible = self.visible_len() as usize;
-        let map = self.map();
+        let map = self.map()?;
         let data = &map.as_slice()[..visible];
         loop {
             let at = position as usize;
@@ -474,12 +660,12 @@ impl Segment {
         if offset < self.base_offset || offset >= self.visible_next_offset() {
             return Ok(Vec::new());
         }
-        let Some((mut position, mut header)) = self.locate(offset, self.start_position(offset))?
+        let Some((mut position, mut header)) = self.locate(offset, self.start_position(offset)?)?
         else {
             return Ok(Vec::new());
         };
         let visible = self.visible_len();
-        let map = self.map();
+        let map = self.map()?;
         let mut batches = Vec::new();
         let mut total = 0usize;
         loop {
@@ -519,7 +705,7 @@ impl Segment {
     /// The first visible offset whose timestamp is at least `timestamp_ms`.
     pub(crate) fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
         let start_rel = self
-            .indexes()
+            .indexes()?
             .time
             .last_before(timestamp_ms)
             .map_or(0, |entry| entry.rel_offset.saturating_add(1));
@@ -550,7 +736,7 @@ impl Segment {
 
     /// The visible record with this id, checked against the record itself.
     pub(crate) fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>> {
-        let Some(rel) = self.indexes().id_rel_offset(id) else {
+        let Some(rel) = self.indexes()?.id_rel_offset(id) else {
             return Ok(None);
         };
         let record = self.read_record(self.base_offset + u64::from(rel))?;
@@ -560,7 +746,7 @@ impl Segment {
     /// Visible records whose key is `key`, at offset `from` or later, in
     /// offset order, at most `limit`. Candidates below `from` are not read.
     pub(crate) fn find_by_key(&self, key: &[u8], from: u64, limit: usize) -> Result<Vec<Record>> {
-        let candidates = self.indexes().key_rel_offsets(key);
+        let candidates = self.indexes()?.key_rel_offsets(key);
         let mut found = Vec::new();
         for rel in candidates {
             if found.len() >= limit {

@@ -198,7 +198,8 @@ pub(super) async fn metrics(
                 pending_delays: dispatcher.pending_delays(),
                 quarantined: dispatcher.quarantined().len() as u64,
                 journal_tails_cut: dispatcher.journal_tail_cuts(),
-                open_files: dmq_log_store::open_files::open_files() as u64,
+                open_files: dmq_log_store::resources::open_files() as u64,
+                mapped_segments: dmq_log_store::resources::mapped_segments() as u64,
                 ..GaugeSnapshot::default()
             };
             for (topic, partition, damage) in dispatcher.recovery_damage() {

@@ -21,7 +21,8 @@
 //!   `dmq_recovery_truncated_bytes{topic,partition}` (what recovery skipped
 //!   and cut; see `GET /api/health`), `dmq_journal_tail_cut_bytes{journal}`
 //! - `dmq_topic_stored_bytes{topic}`, `dmq_topic_disk_bytes{topic}` (what a
-//!   topic holds and what it takes on disk), `dmq_open_files`
+//!   topic holds and what it takes on disk), `dmq_open_files`,
+//!   `dmq_mapped_segments`
 //!   (journals whose last frame was cut as torn at start)
 //! - `dmq_trace_events_dropped_total`
 //! - `dmq_build_info{version}` (always 1)
@@ -361,6 +362,13 @@ impl Metrics {
             "open_files",
             "Segment files and journals held open (at most max_open_files)",
             open_files,
+        );
+        let mapped = Gauge::<i64>::default();
+        mapped.set(i64::try_from(gauges.mapped_segments).unwrap_or(i64::MAX));
+        scrape.register(
+            "mapped_segments",
+            "Sealed segments mapped (at most max_mapped_segments)",
+            mapped,
         );
         let tails_cut = Family::<JournalLabels, Gauge>::default();
         for (journal, bytes) in &gauges.journal_tails_cut {

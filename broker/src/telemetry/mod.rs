@@ -205,6 +205,8 @@ pub struct GaugeSnapshot {
     pub topic_bytes: Vec<(String, u64, u64)>,
     /// Segment files and journals held open (`max_open_files` at most).
     pub open_files: u64,
+    /// Sealed segments mapped (`max_mapped_segments` at most).
+    pub mapped_segments: u64,
 }
 
 /// Trace, statistics and metrics. Cheap to clone.

@@ -387,6 +387,7 @@ fn the_metrics_text_names_every_series() {
         journal_tails_cut: vec![("meta".to_string(), 12)],
         topic_bytes: vec![("t".to_string(), 1000, 65536)],
         open_files: 7,
+        mapped_segments: 3,
     });
     for line in [
         "dmq_messages_produced_total{topic=\"t\"} 2",
@@ -397,6 +398,7 @@ fn the_metrics_text_names_every_series() {
         "dmq_topic_stored_bytes{topic=\"t\"} 1000",
         "dmq_topic_disk_bytes{topic=\"t\"} 65536",
         "dmq_open_files 7",
+        "dmq_mapped_segments 3",
         "dmq_messages_delivered_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_acked_total{topic=\"t\",group=\"g\"} 1",
         "dmq_messages_redelivered_total{topic=\"t\",group=\"g\"} 1",

@@ -1,33 +1,55 @@
-//! The process-wide budget of open files: segment files being appended to
-//! and the dispatcher's journals hold a descriptor only while they are in
-//! use, at most [`set_max_open_files`] of them at once.
+//! The process-wide budgets of open files and of mapped sealed segments:
+//! what many quiet partitions would otherwise hold for nothing.
 //!
-//! A [`CachedFile`] is a path plus, maybe, an open descriptor. [`CachedFile::get`]
-//! returns the descriptor, opening the file again if it was closed, and
-//! marks it as the most recently used; when more than the maximum are open,
-//! the least recently used ones are closed. A thousand quiet partitions
-//! therefore cost no descriptors, and a busy one keeps its descriptor.
+//! **Open files.** Segment files being appended to and the dispatcher's
+//! journals hold a descriptor only while they are in use, at most
+//! [`set_max_open_files`] of them at once. A [`CachedFile`] is a path plus,
+//! maybe, an open descriptor: [`CachedFile::get`] returns the descriptor,
+//! opening the file again if it was closed, and marks it as the most
+//! recently used; when more than the maximum are open, the least recently
+//! used ones are closed. A thousand quiet partitions cost no descriptors,
+//! and a busy one keeps its descriptor.
+//!
+//! **Mapped sealed segments.** A sealed segment's data and index files are
+//! mapped while it is read and unmapped when it is among the least recently
+//! used beyond [`set_max_mapped_segments`] (`crate::segment`); the next read
+//! maps and verifies them again. The active segment is always mapped.
 //!
 //! Invariants:
-//! - At most the maximum descriptors are held by the cache; an operation in
-//!   flight keeps its own `Arc<File>` until it ends, so a descriptor closed
-//!   by the cache is never closed under a running write or fsync.
+//! - Each budget tracks at most its maximum entries. Eviction never blocks:
+//!   a segment in use when it is chosen stays mapped (and untracked until
+//!   its next use), so the maximum can be passed briefly under contention.
+//! - An operation in flight keeps its own `Arc<File>` or mapping until it
+//!   ends, so nothing is closed or unmapped under a running write, fsync or
+//!   read.
 //! - Closing a descriptor loses nothing: written bytes are in the page
 //!   cache, and an `fdatasync` through a descriptor opened later flushes
 //!   them (Linux tracks writeback errors per file and reports an error no
 //!   descriptor has seen to the next opener).
-//! - Lock order: a file's slot lock is never held while the cache's lock is
-//!   taken, and the cache's lock is never held while a slot's is taken.
+//! - Lock order: an entry's own locks are never held while a budget's lock
+//!   is taken, except a segment's index read guard, and eviction only
+//!   try-locks indexes; the budget's lock is released before evicting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Files held open at most, unless [`set_max_open_files`] says otherwise.
 pub const DEFAULT_MAX_OPEN_FILES: usize = 4096;
+/// Sealed segments mapped at most, unless [`set_max_mapped_segments`] says
+/// otherwise. A mapped sealed segment takes up to five mappings (data and
+/// four indexes); Linux allows 65,530 per process by default
+/// (`vm.max_map_count`).
+pub const DEFAULT_MAX_MAPPED_SEGMENTS: usize = 8192;
+
+/// Something a budget can release when it is among the least recently used.
+pub(crate) trait Evict: Send + Sync {
+    /// Releases what the entry holds, unless it is in use (never blocks).
+    fn evict(&self);
+}
 
 /// How a [`CachedFile`] is opened again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +61,12 @@ pub enum OpenMode {
 }
 
 type Slot = Mutex<Option<Arc<File>>>;
+
+impl Evict for Slot {
+    fn evict(&self) {
+        lock(self).take();
+    }
+}
 
 /// A file that holds a descriptor only while it is in use (see the module
 /// documentation). Clones share the descriptor.
@@ -113,16 +141,12 @@ impl CachedFile {
     /// while, or ever); a later `get` opens it again.
     pub fn close(&self) {
         lock(&self.slot).take();
-        lock(&cache().lru).forget(self.id);
+        files().forget(self.id);
     }
 
     fn touch(&self) {
-        let evicted = lock(&cache().lru).touch(self.id, Arc::downgrade(&self.slot), cache().max());
-        for slot in evicted {
-            if let Some(slot) = slot.upgrade() {
-                lock(&slot).take();
-            }
-        }
+        let slot: Arc<dyn Evict> = self.slot.clone();
+        files().touch(self.id, Arc::downgrade(&slot));
     }
 }
 
@@ -130,82 +154,133 @@ impl Drop for CachedFile {
     fn drop(&mut self) {
         // The last clone: the descriptor closes with the slot.
         if Arc::strong_count(&self.slot) == 1 {
-            lock(&cache().lru).forget(self.id);
+            files().forget(self.id);
         }
     }
 }
 
-#[derive(Debug)]
-struct Cache {
+/// One budget: a maximum and the entries by last use.
+pub(crate) struct Budget {
     max: AtomicUsize,
     lru: Mutex<Lru>,
 }
 
-impl Cache {
+impl Budget {
+    const fn new(max: usize) -> Budget {
+        Budget {
+            max: AtomicUsize::new(max),
+            lru: Mutex::new(Lru {
+                next_tick: 0,
+                by_tick: BTreeMap::new(),
+                by_id: None,
+            }),
+        }
+    }
+
     fn max(&self) -> usize {
         self.max.load(Ordering::Relaxed)
     }
+
+    /// Marks `id` as just used, and evicts the least recently used entries
+    /// beyond the maximum (never `id`).
+    pub(crate) fn touch(&self, id: u64, entry: Weak<dyn Evict>) {
+        let evicted = lock(&self.lru).touch(id, entry, self.max());
+        for entry in evicted {
+            if let Some(entry) = entry.upgrade() {
+                entry.evict();
+            }
+        }
+    }
+
+    /// Stops tracking `id` (released or gone).
+    pub(crate) fn forget(&self, id: u64) {
+        lock(&self.lru).forget(id);
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.lru).by_id.as_ref().map_or(0, HashMap::len)
+    }
 }
 
-/// Open files by last use.
-#[derive(Debug, Default)]
+/// An entry's last use and what to evict.
+type Tracked = (u64, Weak<dyn Evict>);
+
+/// Entries by last use.
+#[derive(Default)]
 struct Lru {
     next_tick: u64,
     by_tick: BTreeMap<u64, u64>,
-    by_id: HashMap<u64, (u64, Weak<Slot>)>,
+    /// `None` until first used (lets the budgets be `static`).
+    by_id: Option<HashMap<u64, Tracked>>,
 }
 
 impl Lru {
-    /// Marks `id` as just used; returns the slots to close to stay within
+    /// Marks `id` as just used; returns the entries to evict to stay within
     /// `max` (never `id`'s own).
-    fn touch(&mut self, id: u64, slot: Weak<Slot>, max: usize) -> Vec<Weak<Slot>> {
+    fn touch(&mut self, id: u64, entry: Weak<dyn Evict>, max: usize) -> Vec<Weak<dyn Evict>> {
         self.next_tick += 1;
         let tick = self.next_tick;
-        if let Some((old, _)) = self.by_id.insert(id, (tick, slot)) {
+        let by_id = self.by_id.get_or_insert_with(HashMap::new);
+        if let Some((old, _)) = by_id.insert(id, (tick, entry)) {
             self.by_tick.remove(&old);
         }
         self.by_tick.insert(tick, id);
         let mut evicted = Vec::new();
-        while self.by_id.len() > max.max(1) {
+        while by_id.len() > max.max(1) {
             let Some((_, oldest)) = self.by_tick.pop_first() else {
                 break;
             };
-            if let Some((_, slot)) = self.by_id.remove(&oldest) {
-                evicted.push(slot);
+            if let Some((_, entry)) = by_id.remove(&oldest) {
+                evicted.push(entry);
             }
         }
         evicted
     }
 
     fn forget(&mut self, id: u64) {
-        if let Some((tick, _)) = self.by_id.remove(&id) {
+        if let Some((tick, _)) = self.by_id.as_mut().and_then(|by_id| by_id.remove(&id)) {
             self.by_tick.remove(&tick);
         }
     }
 }
 
-fn cache() -> &'static Cache {
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    CACHE.get_or_init(|| Cache {
-        max: AtomicUsize::new(DEFAULT_MAX_OPEN_FILES),
-        lru: Mutex::new(Lru::default()),
-    })
+static FILES: Budget = Budget::new(DEFAULT_MAX_OPEN_FILES);
+static MAPPED_SEGMENTS: Budget = Budget::new(DEFAULT_MAX_MAPPED_SEGMENTS);
+
+fn files() -> &'static Budget {
+    &FILES
 }
 
-/// Sets how many files the cache keeps open at most (at least 1). Takes
-/// effect at the next use of a file.
+/// The budget of mapped sealed segments (`crate::segment`).
+pub(crate) fn mapped_segments_budget() -> &'static Budget {
+    &MAPPED_SEGMENTS
+}
+
+/// Sets how many files are kept open at most (at least 1). Takes effect at
+/// the next use of a file.
 pub fn set_max_open_files(max: usize) {
-    cache().max.store(max.max(1), Ordering::Relaxed);
+    FILES.max.store(max.max(1), Ordering::Relaxed);
 }
 
-/// The current maximum.
+/// The current maximum of open files.
 pub fn max_open_files() -> usize {
-    cache().max()
+    FILES.max()
 }
 
-/// Files the cache holds open now.
+/// Files held open now.
 pub fn open_files() -> usize {
-    lock(&cache().lru).by_id.len()
+    FILES.len()
+}
+
+/// Sets how many sealed segments are kept mapped at most (at least 1).
+/// Takes effect at the next read of a sealed segment.
+pub fn set_max_mapped_segments(max: usize) {
+    MAPPED_SEGMENTS.max.store(max.max(1), Ordering::Relaxed);
+}
+
+/// Sealed segments mapped now.
+pub fn mapped_segments() -> usize {
+    MAPPED_SEGMENTS.len()
 }
 
 #[cfg(test)]
@@ -214,21 +289,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn least_recently_used_files_are_closed_and_reopened_on_use() {
+    fn least_recently_used_entries_are_evicted() {
         let mut lru = Lru::default();
-        let slots: Vec<Arc<Slot>> = (0..4).map(|_| Arc::new(Mutex::new(None))).collect();
+        let slots: Vec<Arc<dyn Evict>> = (0..4)
+            .map(|_| Arc::new(Mutex::new(None::<Arc<File>>)) as Arc<dyn Evict>)
+            .collect();
         for (id, slot) in slots.iter().enumerate() {
             let evicted = lru.touch(id as u64, Arc::downgrade(slot), 3);
             assert_eq!(evicted.len(), usize::from(id == 3), "at {id}");
         }
+        let by_id = |lru: &Lru| lru.by_id.as_ref().map_or(0, HashMap::len);
         // 0 was the oldest; touching 1 makes 2 the oldest.
-        assert!(!lru.by_id.contains_key(&0));
+        assert!(!lru.by_id.as_ref().is_some_and(|m| m.contains_key(&0)));
         lru.touch(1, Arc::downgrade(&slots[1]), 3);
         let evicted = lru.touch(0, Arc::downgrade(&slots[0]), 3);
         assert_eq!(evicted.len(), 1);
         assert!(Weak::ptr_eq(&evicted[0], &Arc::downgrade(&slots[2])));
         lru.forget(1);
-        assert_eq!(lru.by_id.len(), 2);
+        assert_eq!(by_id(&lru), 2);
         assert_eq!(lru.by_tick.len(), 2);
     }
 
