@@ -129,6 +129,15 @@ impl SealedIdIndex {
         self.table.len()
     }
 
+    /// Every (id, relative offset), in id order.
+    pub fn iter(&self) -> impl Iterator<Item = (MessageIdBytes, u32)> + '_ {
+        self.table.entries().chunks_exact(ENTRY_BYTES).map(|entry| {
+            let mut id = [0u8; ID_BYTES];
+            id.copy_from_slice(&entry[..ID_BYTES]);
+            (id, read_u32(entry, ID_BYTES))
+        })
+    }
+
     /// True if the index holds no id.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -216,6 +216,14 @@ impl SealedKeyIndex {
         self.table.len()
     }
 
+    /// Every (key hash, relative offset), in (hash, offset) order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.table
+            .entries()
+            .chunks_exact(ENTRY_BYTES)
+            .map(decode_entry)
+    }
+
     /// True if the index holds no entry.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -39,7 +39,8 @@ use crate::message_id::{MessageId, MessageIdGenerator};
 use crate::mmap::SegmentMap;
 use crate::scan::CorruptRegion;
 use crate::segment::{
-    index_paths, log_file_name, rebuild_indexes, remove_if_exists, Segment, SegmentIndexes,
+    index_paths, log_file_name, rebuild_indexes, rebuild_indexes_from, remove_if_exists, Segment,
+    SegmentIndexes,
 };
 
 /// What [`Log::append`] assigned.
@@ -72,6 +73,9 @@ pub struct RecoveryReport {
     pub orphan_files_removed: usize,
     /// Bytes of the active segment scanned.
     pub active_bytes_scanned: u64,
+    /// Bytes of the active segment whose indexes came from the checkpoint a
+    /// clean close wrote (not scanned).
+    pub active_bytes_from_checkpoint: u64,
     /// Wall time the recovery took.
     pub elapsed: Duration,
 }
@@ -270,6 +274,7 @@ impl Log {
         let mut report = RecoveryReport::default();
         let mut bases = Vec::new();
         let mut index_files = Vec::new();
+        let mut checkpoint_files = Vec::new();
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| LogError::io("listing the log directory", &dir, e))?;
         for entry in entries {
@@ -282,6 +287,9 @@ impl Log {
                 "log" => bases.push(base),
                 "index" | "timeindex" | "idindex" | "keyindex" => {
                     index_files.push((base, entry.path()))
+                }
+                "ckpt-index" | "ckpt-timeindex" | "ckpt-idindex" | "ckpt-keyindex" => {
+                    checkpoint_files.push((base, entry.path()))
                 }
                 _ => {}
             }
@@ -324,6 +332,11 @@ impl Log {
             }
         };
         last_timestamp_ms = last_timestamp_ms.max(active.segment.max_timestamp_ms());
+        // A checkpoint is used once: the active segment's was loaded above
+        // (or found unusable); any other is stale.
+        for (_, path) in &checkpoint_files {
+            remove_if_exists(path)?;
+        }
         report.segments = segments.len();
         report.elapsed = started.elapsed();
         if report.bytes_truncated > 0
@@ -649,8 +662,9 @@ impl Drop for Log {
             let _ = handle.join();
         }
         if self.shared.config.fsync != FsyncPolicy::Never && self.shared.failed.get().is_none() {
-            if let Err(error) = self.flush() {
-                tracing::error!(%error, "final flush of the log failed");
+            match self.flush() {
+                Ok(()) => self.shared.checkpoint_active(),
+                Err(error) => tracing::error!(%error, "final flush of the log failed"),
             }
         }
     }
@@ -676,6 +690,25 @@ fn start_flusher(shared: &Arc<Shared>, interval: Duration) -> (mpsc::Sender<()>,
 }
 
 impl Shared {
+    /// At a clean close, after the final flush: writes the active segment's
+    /// indexes as a checkpoint, so that the next open scans only what is
+    /// appended after it (docs/storage.md §7). Best effort: without a
+    /// checkpoint the next open scans the whole active segment.
+    fn checkpoint_active(&self) {
+        let writer = lock(&self.writer);
+        let active = &writer.active;
+        if active.is_sealed() || writer.position == 0 {
+            return;
+        }
+        let written =
+            active
+                .indexes_mut()
+                .write_checkpoint(&self.dir, active.base_offset, writer.position);
+        if let Err(error) = written {
+            tracing::warn!(%error, dir = %self.dir.display(), "checkpointing the active segment's indexes failed");
+        }
+    }
+
     fn fail(&self, reason: String) -> LogError {
         tracing::error!(dir = %self.dir.display(), %reason, "log failed; reopen to recover");
         let _ = self.failed.set(reason);
@@ -1116,6 +1149,34 @@ fn data_end(file: &File, len: u64) -> u64 {
     end
 }
 
+/// Whether a checkpoint covering `covered` bytes fits the segment's data:
+/// the batches from the last indexed position are intact and end exactly at
+/// `covered`, with the offset the checkpoint expects next.
+fn checkpoint_matches(
+    map: &SegmentMap,
+    base_offset: u64,
+    indexes: &SegmentIndexes,
+    covered: u64,
+    scan_len: u64,
+) -> bool {
+    if covered > scan_len || covered > map.len() as u64 {
+        return false;
+    }
+    let data = &map.as_slice()[..covered as usize];
+    let mut position = indexes.last_indexed_position() as usize;
+    let mut next = None;
+    while position < data.len() {
+        match crate::batch::verify_batch(&data[position..]) {
+            Ok(header) => {
+                position += header.batch_len as usize;
+                next = Some(header.next_offset());
+            }
+            Err(_) => return false,
+        }
+    }
+    position == data.len() && next == Some(indexes.next_offset(base_offset))
+}
+
 /// Opens the last segment for appends at its file's length (allocated room
 /// is kept; nothing is allocated: a log opens on a full disk), rebuilds its
 /// indexes from a scan of the written part and cuts a torn tail.
@@ -1139,17 +1200,39 @@ fn open_active_segment(
     }
     let mut map = SegmentMap::new(&file, capacity)
         .map_err(|e| LogError::io("mapping a segment", &path, e))?;
-    let mut indexes = SegmentIndexes::create_active(
-        dir,
-        base_offset,
-        config.index_capacity(capacity.max(u64::from(config.segment_bytes_max))),
-        config.index_interval_bytes,
-    )?;
+    let index_capacity = config.index_capacity(capacity.max(u64::from(config.segment_bytes_max)));
     // Bytes past the file's last data extent are allocated, never
     // written: zeros that need no scan (1 GiB of them took seconds).
     let scan_len = data_end(&file, capacity);
-    let outcome = rebuild_indexes(&map, base_offset, scan_len, &mut indexes)?;
-    report.active_bytes_scanned = outcome.torn_end;
+    // After a clean close, the indexes of the first `covered` bytes come
+    // from the checkpoint and only what follows is scanned.
+    let checkpoint = SegmentIndexes::open_checkpoint(
+        dir,
+        base_offset,
+        index_capacity,
+        config.index_interval_bytes,
+    )
+    .filter(|(indexes, covered)| {
+        checkpoint_matches(&map, base_offset, indexes, *covered, scan_len)
+    });
+    let (mut indexes, start) = match checkpoint {
+        Some((indexes, covered)) => {
+            let next = indexes.next_offset(base_offset);
+            report.active_bytes_from_checkpoint = covered;
+            (indexes, (covered, next))
+        }
+        None => {
+            let indexes = SegmentIndexes::create_active(
+                dir,
+                base_offset,
+                index_capacity,
+                config.index_interval_bytes,
+            )?;
+            (indexes, (0, base_offset))
+        }
+    };
+    let outcome = rebuild_indexes_from(&map, base_offset, start, scan_len, &mut indexes)?;
+    report.active_bytes_scanned = outcome.torn_end.saturating_sub(start.0);
     report
         .corrupt_regions
         .extend(outcome.corrupt.iter().cloned());

@@ -41,6 +41,17 @@ pub(crate) fn log_file_name(base_offset: u64) -> String {
     format!("{base_offset:020}.log")
 }
 
+/// The checkpoint files of an active segment's indexes, written at a clean
+/// close (same order and formats as [`index_paths`]).
+pub(crate) fn checkpoint_paths(dir: &Path, base_offset: u64) -> [PathBuf; 4] {
+    [
+        dir.join(format!("{base_offset:020}.ckpt-index")),
+        dir.join(format!("{base_offset:020}.ckpt-timeindex")),
+        dir.join(format!("{base_offset:020}.ckpt-idindex")),
+        dir.join(format!("{base_offset:020}.ckpt-keyindex")),
+    ]
+}
+
 /// The index files of a segment, in the order they are created.
 pub(crate) fn index_paths(dir: &Path, base_offset: u64) -> [PathBuf; 4] {
     [
@@ -187,6 +198,125 @@ impl SegmentIndexes {
         })
     }
 
+    /// Writes the active indexes as a checkpoint covering the segment's
+    /// first `covered_len` bytes (all durable): four files in the sealed
+    /// formats, with `segment_bytes = covered_len`. The next open loads
+    /// them and scans only what follows (see `Log`'s drop). The indexes
+    /// themselves are not changed.
+    pub(crate) fn write_checkpoint(
+        &self,
+        dir: &Path,
+        base_offset: u64,
+        covered_len: u64,
+    ) -> Result<()> {
+        let index_error = |e| LogError::index(base_offset, e);
+        let [offset_path, time_path, id_path, key_path] = checkpoint_paths(dir, base_offset);
+        let (IdLookup::Active(ids), KeyLookup::Active(keys)) = (&self.ids, &self.keys) else {
+            return Ok(());
+        };
+        if !self.resident || self.seal_started() {
+            return Ok(());
+        }
+        let mut offset =
+            OffsetIndex::create(&offset_path, base_offset, u32::MAX).map_err(index_error)?;
+        for entry in (0..self.offset.len()).filter_map(|i| self.offset.get(i)) {
+            offset
+                .push(entry.rel_offset, entry.position)
+                .map_err(index_error)?;
+        }
+        offset.seal(covered_len).map_err(index_error)?;
+        let mut time = TimeIndex::create(&time_path, base_offset, u32::MAX).map_err(index_error)?;
+        for entry in (0..self.time.len()).filter_map(|i| self.time.get(i)) {
+            time.push(entry.timestamp_ms, entry.rel_offset)
+                .map_err(index_error)?;
+        }
+        // As at seal: a last entry holds the max timestamp and last offset.
+        if let Some(last_rel) = self.last_rel_offset {
+            if self.time.last().is_none_or(|e| e.rel_offset < last_rel) {
+                let timestamp = self.time.last().map_or(self.max_timestamp_ms, |e| {
+                    e.timestamp_ms.max(self.max_timestamp_ms)
+                });
+                time.push(timestamp, last_rel).map_err(index_error)?;
+            }
+        }
+        time.seal(covered_len).map_err(index_error)?;
+        ids.write_sealed(&id_path, base_offset, covered_len)
+            .map_err(index_error)?;
+        keys.write_sealed(&key_path, base_offset, covered_len)
+            .map_err(index_error)?;
+        Ok(())
+    }
+
+    /// Loads a checkpoint written by [`SegmentIndexes::write_checkpoint`]
+    /// as active indexes, with the length it covers; `None` if there is
+    /// none or any of its files fails its checks (then the caller scans the
+    /// whole segment).
+    pub(crate) fn open_checkpoint(
+        dir: &Path,
+        base_offset: u64,
+        capacity_entries: u32,
+        interval_bytes: u32,
+    ) -> Option<(Self, u64)> {
+        let [offset_path, time_path, id_path, key_path] = checkpoint_paths(dir, base_offset);
+        let offset = OffsetIndex::open_sealed(&offset_path, base_offset).ok()?;
+        let time = TimeIndex::open_sealed(&time_path, base_offset).ok()?;
+        let ids = SealedIdIndex::open(&id_path, base_offset).ok()?;
+        let keys = SealedKeyIndex::open(&key_path, base_offset).ok()?;
+        let covered = offset.segment_bytes();
+        let lengths = [
+            time.segment_bytes(),
+            ids.segment_bytes(),
+            keys.segment_bytes(),
+        ];
+        if covered == 0 || lengths.iter().any(|&len| len != covered) {
+            return None;
+        }
+        let [active_offset_path, active_time_path, _, _] = index_paths(dir, base_offset);
+        let mut active = SegmentIndexes {
+            offset: OffsetIndex::create(&active_offset_path, base_offset, capacity_entries).ok()?,
+            time: TimeIndex::create(&active_time_path, base_offset, capacity_entries).ok()?,
+            ids: IdLookup::Active(IdIndexBuilder::new()),
+            keys: KeyLookup::Active(KeyIndexBuilder::new()),
+            resident: true,
+            interval_bytes,
+            last_offset_entry_position: offset.last().map_or(0, |e| u64::from(e.position)),
+            last_time_entry_end: covered,
+            max_timestamp_ms: time.last().map_or(i64::MIN, |e| e.timestamp_ms),
+            last_rel_offset: time.last().map(|e| e.rel_offset),
+        };
+        for entry in (0..offset.len()).filter_map(|i| offset.get(i)) {
+            active.offset.push(entry.rel_offset, entry.position).ok()?;
+        }
+        for entry in (0..time.len()).filter_map(|i| time.get(i)) {
+            active
+                .time
+                .push(entry.timestamp_ms, entry.rel_offset)
+                .ok()?;
+        }
+        if let IdLookup::Active(builder) = &mut active.ids {
+            for (id, rel) in ids.iter() {
+                builder.insert(id, rel);
+            }
+        }
+        if let KeyLookup::Active(builder) = &mut active.keys {
+            for (hash, rel) in keys.iter() {
+                builder.insert_hash(hash, rel);
+            }
+        }
+        Some((active, covered))
+    }
+
+    /// The offset after the last record the indexes hold.
+    pub(crate) fn next_offset(&self, base_offset: u64) -> u64 {
+        self.last_rel_offset
+            .map_or(base_offset, |rel| base_offset + u64::from(rel) + 1)
+    }
+
+    /// Position of the last offset-index entry (0: the segment start).
+    pub(crate) fn last_indexed_position(&self) -> u64 {
+        self.last_offset_entry_position
+    }
+
     /// Records one batch (already written at `position`) in every index;
     /// `records` yields each record's offset, id and key.
     pub(crate) fn observe<'k>(
@@ -305,34 +435,55 @@ pub(crate) fn rebuild_indexes(
     len: u64,
     indexes: &mut SegmentIndexes,
 ) -> Result<ScanOutcome> {
+    rebuild_indexes_from(map, base_offset, (0, base_offset), len, indexes)
+}
+
+/// [`rebuild_indexes`] from `start` = (position, offset of the batch that
+/// starts there) instead of the segment's start: `indexes` already hold
+/// everything before it.
+pub(crate) fn rebuild_indexes_from(
+    map: &SegmentMap,
+    base_offset: u64,
+    (start_position, start_offset): (u64, u64),
+    len: u64,
+    indexes: &mut SegmentIndexes,
+) -> Result<ScanOutcome> {
     /// Pages this far behind the scan are released from the resident set.
     const RELEASE_BEHIND_BYTES: u64 = 32 << 20;
     let mut first_error = None;
-    let mut released_to = 0u64;
+    let mut released_to = start_position;
     let data = &map.as_slice()[..len as usize];
-    let outcome = scan_segment(data, base_offset, 0, base_offset, |position, header| {
-        if first_error.is_some() {
-            return;
-        }
-        if position >= released_to + 2 * RELEASE_BEHIND_BYTES {
-            let until = position - RELEASE_BEHIND_BYTES;
-            map.release_pages(released_to as usize, until as usize);
-            released_to = until;
-        }
-        let end = position + u64::from(header.batch_len);
-        let batch = RecordBatch::from_verified(*header, map.bytes(position as usize, end as usize));
-        let observed = batch
-            .records()
-            .collect::<std::result::Result<Vec<Record>, _>>()
-            .map_err(|e| LogError::InvalidBatch(e.to_string()))
-            .and_then(|records| {
-                let entries = records.iter().map(|r| (r.offset, r.id, r.key.as_deref()));
-                indexes.observe(base_offset, position, header, entries)
-            });
-        if let Err(error) = observed {
-            first_error = Some(error);
-        }
-    });
+    let start = start_position as usize;
+    let outcome = scan_segment(
+        data,
+        base_offset,
+        start,
+        start_offset,
+        |position, header| {
+            if first_error.is_some() {
+                return;
+            }
+            if position >= released_to + 2 * RELEASE_BEHIND_BYTES {
+                let until = position - RELEASE_BEHIND_BYTES;
+                map.release_pages(released_to as usize, until as usize);
+                released_to = until;
+            }
+            let end = position + u64::from(header.batch_len);
+            let batch =
+                RecordBatch::from_verified(*header, map.bytes(position as usize, end as usize));
+            let observed = batch
+                .records()
+                .collect::<std::result::Result<Vec<Record>, _>>()
+                .map_err(|e| LogError::InvalidBatch(e.to_string()))
+                .and_then(|records| {
+                    let entries = records.iter().map(|r| (r.offset, r.id, r.key.as_deref()));
+                    indexes.observe(base_offset, position, header, entries)
+                });
+            if let Err(error) = observed {
+                first_error = Some(error);
+            }
+        },
+    );
     match first_error {
         Some(error) => Err(error),
         None => Ok(outcome),
