@@ -361,3 +361,52 @@ async fn a_consumer_that_only_receives_keeps_its_connection() {
     assert_eq!(message.value.as_ref(), b"still here");
     broker.stop().await;
 }
+
+/// Acks made before a member leaves are sent before it leaves: a message
+/// acked and then unsubscribed (or dropped) from is never delivered to the
+/// group again. Before the fix, UNSUBSCRIBE overtook acks still lingering
+/// in the client's batch, and the group got those messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_made_before_leaving_are_not_redelivered() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("leave", 1, false).await.unwrap();
+    let values: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    send_all(&client, "leave", &values).await;
+    for (round, by_drop) in [(0, false), (1, true)] {
+        let lingering = SubscribeOptions {
+            // A long linger: acks wait in the client's batch.
+            ack_linger: Duration::from_millis(300),
+            ..options(&format!("first-{round}"))
+        };
+        let group = format!("g{round}");
+        let mut first = client
+            .consumer()
+            .subscribe("leave", &group, lingering)
+            .await
+            .unwrap();
+        for _ in 0..values.len() {
+            let message = next(&mut first, Duration::from_secs(10)).await.unwrap();
+            // Queued, not awaited: the member leaves right after.
+            drop(message.ack());
+        }
+        if by_drop {
+            drop(first);
+        } else {
+            first.unsubscribe().await.unwrap();
+        }
+        let mut second = client
+            .consumer()
+            .subscribe("leave", &group, options(&format!("second-{round}")))
+            .await
+            .unwrap();
+        let again = next(&mut second, Duration::from_millis(800)).await;
+        assert!(
+            again.is_none(),
+            "round {round} (drop: {by_drop}): an acked message was delivered again: {:?}",
+            again.map(|m| text(&m))
+        );
+    }
+    broker.stop().await;
+}

@@ -175,6 +175,7 @@ impl Consumer {
             queue: Mutex::new(AckQueue::default()),
             wake: Notify::new(),
             max_batch: options.max_ack_batch.max(1),
+            sending: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(ack_loop(
             self.client.clone(),
@@ -333,16 +334,12 @@ impl Subscription {
     }
 
     /// Leaves the group; this member's unacked messages are redelivered.
+    /// Acks and nacks already made are sent first: a message acked before
+    /// `unsubscribe` is never redelivered.
     pub async fn unsubscribe(self) -> Result<()> {
         self.shared.closed.store(true, Ordering::Release);
-        let shared = self.client.shared();
-        let conn = shared.conn().await?;
-        let subscription_id = self.shared.server_id();
-        conn.remove_route(subscription_id);
-        let reply = conn
-            .start(Request::Unsubscribe(Unsubscribe { subscription_id }), None)
-            .await?;
-        await_reply(reply, shared.options.request_timeout).await?;
+        let reply = flush_then_unsubscribe(&self.client, &self.shared, &self.acker.inner).await?;
+        await_reply(reply, self.client.shared().options.request_timeout).await?;
         Ok(())
     }
 
@@ -412,17 +409,14 @@ impl Drop for Subscription {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        // Best effort: tell the broker at once rather than at disconnect.
+        // Best effort: tell the broker at once rather than at disconnect,
+        // after the acks already made (they are not redelivered).
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let client = self.client.clone();
-            let subscription_id = self.shared.server_id();
+            let shared = Arc::clone(&self.shared);
+            let acks = Arc::clone(&self.acker.inner);
             runtime.spawn(async move {
-                if let Ok(conn) = client.shared().conn().await {
-                    conn.remove_route(subscription_id);
-                    let _ = conn
-                        .start(Request::Unsubscribe(Unsubscribe { subscription_id }), None)
-                        .await;
-                }
+                let _ = flush_then_unsubscribe(&client, &shared, &acks).await;
             });
         }
     }
@@ -558,6 +552,10 @@ struct AckInner {
     wake: Notify,
     /// Positions per ACK or NACK frame, at most.
     max_batch: usize,
+    /// Held while a batch is taken and its frames queued on the
+    /// connection, so that an UNSUBSCRIBE queued after a flush follows
+    /// every ack made before it.
+    sending: tokio::sync::Mutex<()>,
 }
 
 /// The result of a batch of acks, shared by their futures.
@@ -728,13 +726,34 @@ async fn ack_loop(
                 _ = &mut linger_end => break,
             }
         }
-        let batch = acks.take();
-        let closed = batch.closed;
-        flush_acks(&client, &shared, batch, credit_enabled).await;
+        let closed = {
+            let _sending = acks.sending.lock().await;
+            let batch = acks.take();
+            let closed = batch.closed;
+            flush_acks(&client, &shared, batch, credit_enabled).await;
+            closed
+        };
         if closed {
             return;
         }
     }
+}
+
+/// Queues this subscription's pending acks and nacks, then UNSUBSCRIBE,
+/// on the connection, in that order; returns the UNSUBSCRIBE's reply.
+async fn flush_then_unsubscribe(
+    client: &Client,
+    shared: &SubShared,
+    acks: &AckInner,
+) -> Result<oneshot::Receiver<Result<Response>>> {
+    let _sending = acks.sending.lock().await;
+    let batch = acks.take();
+    flush_acks(client, shared, batch, false).await;
+    let conn = client.shared().conn().await?;
+    let subscription_id = shared.server_id();
+    conn.remove_route(subscription_id);
+    conn.start(Request::Unsubscribe(Unsubscribe { subscription_id }), None)
+        .await
 }
 
 type Replies = Vec<oneshot::Sender<Result<()>>>;
