@@ -119,6 +119,9 @@ struct Counters {
     acked: AtomicU64,
     delivered: AtomicU64,
     errors: AtomicU64,
+    /// Set once every produced message was delivered: every consumer stops
+    /// at once (not after its drain timeout, which would count as time).
+    all_delivered: watch::Sender<bool>,
 }
 
 /// Runs `dmq bench`.
@@ -151,6 +154,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
         (None, None) => Some(100_000),
     };
     let counters = Arc::new(Counters {
+        all_delivered: watch::Sender::new(false),
         acked: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         errors: AtomicU64::new(0),
@@ -470,16 +474,22 @@ async fn consume(
     drain_timeout: Duration,
 ) -> Result<Histogram<u64>> {
     let mut latency = histogram()?;
+    let mut all_delivered = counters.all_delivered.subscribe();
     loop {
         let target = *done.borrow();
         if let Some(target) = target {
             if counters.delivered.load(Ordering::Relaxed) >= target {
+                counters.all_delivered.send_replace(true);
                 break;
             }
+        }
+        if *all_delivered.borrow_and_update() {
+            break;
         }
         let message = tokio::select! {
             message = subscription.recv() => message,
             _ = done.changed(), if target.is_none() => continue,
+            _ = all_delivered.changed() => continue,
             _ = tokio::time::sleep(drain_timeout), if target.is_some() => break,
         };
         let Some(message) = message else {
@@ -493,11 +503,20 @@ async fn consume(
                 let _ = latency.record(micros(elapsed));
             }
         }
-        counters.delivered.fetch_add(1, Ordering::Relaxed);
+        let delivered = counters.delivered.fetch_add(1, Ordering::Relaxed) + 1;
         if acks {
             // Queued at once and batched; confirmation is not awaited.
             drop(message.ack());
         }
+        if done.borrow().is_some_and(|target| delivered >= target) {
+            counters.all_delivered.send_replace(true);
+        }
     }
+    // Acks made are sent before leaving (nothing acked is redelivered to
+    // the others, which would count twice).
+    subscription
+        .unsubscribe()
+        .await
+        .context("leaving the bench group")?;
     Ok(latency)
 }
