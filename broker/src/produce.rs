@@ -105,20 +105,8 @@ pub(crate) async fn admit(
             "a produce needs at least one record",
         ));
     }
-    if records.iter().any(|record| {
-        record
-            .headers
-            .iter()
-            .any(|(name, _)| names::is_reserved_header(name))
-    }) {
-        return Err(ErrorResponse::new(
-            ErrorCode::InvalidRequest,
-            format!(
-                "headers starting with {:?} are reserved for the broker",
-                names::DELAY_HEADER_PREFIX
-            ),
-        ));
-    }
+    names::check_headers(records.iter().map(|r| r.headers.as_slice()))
+        .map_err(|refusal| ErrorResponse::new(ErrorCode::InvalidRequest, refusal))?;
     let routes = handle
         .router
         .route(partition, records.iter().map(|r| r.key.as_deref()))

@@ -133,6 +133,23 @@ pub fn is_reserved_header(name: &[u8]) -> bool {
     name.starts_with(DELAY_HEADER_PREFIX.as_bytes())
 }
 
+/// Refuses records that set a reserved header: the one check (and the one
+/// wording) of every produce path, the broker's pipeline and
+/// `Dispatcher::produce_routed` alike.
+pub fn check_headers<'a>(
+    records: impl IntoIterator<Item = &'a [(bytes::Bytes, bytes::Bytes)]>,
+) -> Result<(), String> {
+    let reserved = records
+        .into_iter()
+        .any(|headers| headers.iter().any(|(name, _)| is_reserved_header(name)));
+    if reserved {
+        return Err(format!(
+            "headers starting with {DELAY_HEADER_PREFIX:?} are reserved for the broker"
+        ));
+    }
+    Ok(())
+}
+
 /// True for the broker's own topics.
 pub fn is_internal(topic: &str) -> bool {
     topic.starts_with(INTERNAL_PREFIX)

@@ -36,16 +36,8 @@ impl Dispatcher {
         topic: &str,
         records: Vec<(u32, RecordInput)>,
     ) -> Result<Vec<Produced>> {
-        if records.iter().any(|(_, r)| {
-            r.headers
-                .iter()
-                .any(|(name, _)| names::is_reserved_header(name))
-        }) {
-            return Err(DispatchError::InvalidArgument(format!(
-                "headers starting with {:?} are reserved for the broker",
-                names::DELAY_HEADER_PREFIX
-            )));
-        }
+        names::check_headers(records.iter().map(|(_, r)| r.headers.as_slice()))
+            .map_err(DispatchError::InvalidArgument)?;
         let now = self.now();
         let partitions = self.topic(topic)?.config.partitions;
         if let Some((partition, _)) = records.iter().find(|(p, _)| *p >= partitions) {
