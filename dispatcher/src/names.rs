@@ -224,6 +224,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reserved_headers_are_refused_in_any_record() {
+        use bytes::Bytes;
+        let plain = vec![(Bytes::from_static(b"trace-id"), Bytes::from_static(b"1"))];
+        let reserved = vec![(Bytes::from_static(b"dmq.delay.topic"), Bytes::new())];
+        assert!(check_headers([plain.as_slice(), plain.as_slice()]).is_ok());
+        let refusal = check_headers([plain.as_slice(), reserved.as_slice()]).unwrap_err();
+        assert!(refusal.contains("dmq.delay."), "{refusal}");
+        assert!(check_headers(std::iter::empty()).is_ok());
+    }
+
+    #[test]
     fn topic_names_at_and_past_every_limit() {
         assert!(check_topic("orders").is_ok());
         assert!(check_topic(&"a".repeat(NAME_LEN_MAX)).is_ok());
