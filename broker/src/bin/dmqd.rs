@@ -10,6 +10,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dmq_broker::{Broker, BrokerConfig};
 
+/// jemalloc returns freed memory to the system; glibc's per-thread arenas
+/// kept it (see broker/Cargo.toml).
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// DMQ broker.
 #[derive(Debug, Parser)]
 #[command(version, about)]
