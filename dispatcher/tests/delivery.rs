@@ -289,6 +289,52 @@ fn a_member_that_leaves_hands_its_messages_to_the_others_at_once() {
 }
 
 #[test]
+fn members_take_consecutive_messages_of_a_partition_in_chunks() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let first = w.dispatcher.join("t", "g", "one").unwrap();
+    let second = w.dispatcher.join("t", "g", "two").unwrap();
+    w.dispatcher.add_credit(first, 1_000).unwrap();
+    w.dispatcher.add_credit(second, 1_000).unwrap();
+    let values: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    w.produce("t", &values);
+    let deliveries = w.dispatcher.poll().unwrap();
+    assert_eq!(deliveries.len(), 100);
+    // One turn of a member is a run of consecutive offsets (one DELIVER
+    // batch, one trace record), not every other message.
+    let offsets = |member| -> Vec<u64> {
+        deliveries
+            .iter()
+            .filter(|d| d.member == member)
+            .map(|d| d.record.offset)
+            .collect()
+    };
+    assert_eq!(offsets(first), (0..64).collect::<Vec<_>>());
+    assert_eq!(offsets(second), (64..100).collect::<Vec<_>>());
+    // Credit still bounds a turn.
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let first = w.dispatcher.join("t", "g", "one").unwrap();
+    let second = w.dispatcher.join("t", "g", "two").unwrap();
+    w.dispatcher.add_credit(first, 3).unwrap();
+    w.dispatcher.add_credit(second, 3).unwrap();
+    w.produce("t", &values[..10]);
+    let deliveries = w.dispatcher.poll().unwrap();
+    let by = |member| -> Vec<u64> {
+        deliveries
+            .iter()
+            .filter(|d| d.member == member)
+            .map(|d| d.record.offset)
+            .collect()
+    };
+    assert_eq!(by(first), vec![0, 1, 2]);
+    assert_eq!(by(second), vec![3, 4, 5]);
+}
+
+#[test]
 fn a_fetched_message_returned_unsent_keeps_its_attempt_and_is_never_dead_lettered() {
     let mut w = World::new();
     topic(&mut w, "t", false);

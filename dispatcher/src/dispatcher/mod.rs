@@ -12,8 +12,9 @@
 //!    restart) are skipped; deleted or expired ones are acked with an event;
 //!    one whose deliver-at is still ahead waits in the timing wheel; on an
 //!    ordered topic one whose key is busy is held.
-//! 2. It is delivered to a member with credit (round robin), with an ack
-//!    deadline in the timing wheel.
+//! 2. It is delivered to a member with credit (round robin, a turn being a
+//!    chunk of one partition's consecutive messages), with an ack deadline
+//!    in the timing wheel.
 //! 3. An ACK sets its bit in the group's [`crate::AckBitmap`]. A NACK, a
 //!    missed deadline or the member leaving schedules a redelivery after the
 //!    group's backoff (the member leaving: at once); after `max_attempts` it
@@ -855,6 +856,8 @@ pub(super) const FIRE_BATCH_MAX: usize = 4_096;
 /// Most due delayed messages one [`Dispatcher::poll`] fires: a burst of
 /// millions fires over several polls, and the groups are served between.
 pub(super) const FIRE_PER_POLL_MAX: usize = 32_768;
+/// Messages of one partition a member takes in one turn of a fill.
+pub(super) const FILL_CHUNK: usize = 64;
 
 /// A partition count any topic may have (the configured caps come on top
 /// for new topics).
