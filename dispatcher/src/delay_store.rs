@@ -133,6 +133,7 @@
 //! - `next_due_ms` may be early (never late) after far cancels.
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1002,12 +1003,10 @@ impl DelayStore {
         self.load_window(now_ms)?;
         let mut fired = Vec::new();
         self.wheel.advance(now_ms, &mut fired);
+        // The fired entries' `loaded` slots keep their (now stale) timer
+        // ids: `cancel` tells a fired timer by its generation, so a burst
+        // of a million costs no probe of that map here.
         for (due_ms, item) in fired {
-            if let Some(slot) = self.loaded.get_mut(&item.id) {
-                if slot.offset == item.offset {
-                    slot.timer = None;
-                }
-            }
             self.ready
                 .push(Reverse((due_ms, item.seq, item.offset, item.id, item.dest)));
         }
@@ -1028,12 +1027,10 @@ impl DelayStore {
                 break;
             }
             let start = self.bucket_start(message.due_ms);
-            if self
-                .loaded
-                .get(&message.id)
-                .is_some_and(|slot| slot.offset == offset)
-            {
-                self.loaded.remove(&message.id);
+            if let MapEntry::Occupied(slot) = self.loaded.entry(message.id) {
+                if slot.get().offset == offset {
+                    slot.remove();
+                }
             }
             self.forget_pending(start, &message.id, dest);
             if let Some(bucket) = self.buckets.get_mut(&start) {
@@ -1152,10 +1149,10 @@ impl DelayStore {
     /// polled); false if unknown, fired or already cancelled.
     pub fn cancel(&mut self, id: &MessageId) -> Result<bool> {
         if let Some(slot) = self.loaded.remove(id) {
-            match slot.timer {
-                Some(timer) => {
-                    self.wheel.cancel(timer);
-                }
+            // No timer, or one that already fired (the slot keeps its
+            // stale id): the entry waits in `ready`.
+            match slot.timer.and_then(|timer| self.wheel.cancel(timer)) {
+                Some(_) => {}
                 None => {
                     self.cancelled_ready.insert(slot.offset);
                 }
@@ -1805,6 +1802,35 @@ mod tests {
         let late = schedule(&mut store, now + 3 * year_ms, &[now]);
         assert_eq!(store.poll_due(now + 3 * year_ms, 10).unwrap().len(), 1);
         assert!(!store.cancel(&late[0]).unwrap());
+    }
+
+    #[test]
+    fn cancel_after_the_timer_fired_but_before_the_poll_handed_it_out() {
+        let fixture = Fixture::new(1_000_000);
+        let (mut store, _) = fixture.open(config());
+        let now = fixture.now();
+        let ids = schedule(&mut store, now, &[now + 100, now + 100, now + 100]);
+        // The poll fires all three timers but hands out one: the others
+        // wait, due, with their timers spent.
+        let first = store.poll_due(now + 200, 1).unwrap();
+        assert_eq!(first.len(), 1);
+        let waiting: Vec<MessageId> = ids
+            .iter()
+            .copied()
+            .filter(|id| *id != first[0].id)
+            .collect();
+        // New timers may take the fired ones' slab entries: cancelling a
+        // waiting message must not cancel them.
+        let later = schedule(&mut store, now + 200, &[now + 300, now + 300]);
+        assert!(store.cancel(&waiting[0]).unwrap());
+        assert!(!store.cancel(&waiting[0]).unwrap());
+        assert_eq!(store.pending(), 3);
+        let rest: Vec<MessageId> = drain(&mut store, now + 400)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        assert_eq!(rest, vec![waiting[1], later[0], later[1]]);
+        assert_eq!(store.pending(), 0);
     }
 
     #[test]
