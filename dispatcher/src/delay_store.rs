@@ -106,14 +106,17 @@
 //! from the bucket journals (each schedule entry names its destination) and
 //! the re-indexed timer-log tail.
 //!
-//! # Cancellation of an unloaded delay
+//! # Cancellation
 //!
-//! Ids assigned by the timer log carry the append time, so the record is found
-//! with `offset_for_timestamp(id time)` and a short forward scan (at most
-//! `cancel_scan_records_max` records); its due time names the bucket, whose
-//! journal is read to see whether the delay is still live. Ids that came from
-//! the caller are kept in a map id -> (bucket, offset), bounded by the number
-//! of such pending delays.
+//! Loaded entries are keyed by timer-log offset (a burst fires in offset
+//! order, which keeps the map's removals cache-friendly), so a cancel first
+//! finds the offset, loaded or not. Ids assigned by the timer log carry the
+//! append time, so the record is found with `offset_for_timestamp(id time)`
+//! and a short forward scan (at most `cancel_scan_records_max` records); a
+//! loaded entry at that offset is cancelled in memory, otherwise its due
+//! time names the bucket, whose journal is read to see whether the delay is
+//! still live. Ids that came from the caller are kept in a map id ->
+//! (bucket, offset), bounded by the number of such pending delays.
 //!
 //! # Firing
 //!
@@ -133,7 +136,7 @@
 //! - `next_due_ms` may be early (never late) after far cancels.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::Entry as MapEntry;
+use std::collections::btree_map::Entry as BTreeEntry;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -392,9 +395,10 @@ struct WheelItem {
 }
 
 /// A loaded pending entry: in the wheel (`timer` set) or fired into `ready`.
+/// Keyed by its timer-log offset in `DelayStore::loaded`.
 #[derive(Debug, Clone, Copy)]
 struct LoadedSlot {
-    offset: u64,
+    id: MessageId,
     due_ms: i64,
     timer: Option<TimerId>,
     dest: Option<Dest>,
@@ -467,7 +471,11 @@ pub struct DelayStore {
     /// destination, message).
     staged: VecDeque<(u64, Option<Dest>, DueMessage)>,
     cancelled_ready: HashSet<u64>,
-    loaded: HashMap<MessageId, LoadedSlot>,
+    /// Loaded pending entries by timer-log offset: a burst fires in
+    /// nearly offset order, so its removals walk the tree's nodes in
+    /// order instead of missing the cache once per message (as probes of
+    /// a million-entry map keyed by id did).
+    loaded: BTreeMap<u64, LoadedSlot>,
     inflight: HashMap<MessageId, (i64, u64)>,
     foreign: HashMap<MessageId, (i64, u64)>,
     pending_total: u64,
@@ -752,7 +760,7 @@ impl DelayStore {
             ready: BinaryHeap::new(),
             staged: VecDeque::new(),
             cancelled_ready: HashSet::new(),
-            loaded: HashMap::new(),
+            loaded: BTreeMap::new(),
             inflight: HashMap::new(),
             foreign: HashMap::new(),
             pending_total: 0,
@@ -1027,8 +1035,8 @@ impl DelayStore {
                 break;
             }
             let start = self.bucket_start(message.due_ms);
-            if let MapEntry::Occupied(slot) = self.loaded.entry(message.id) {
-                if slot.get().offset == offset {
+            if let BTreeEntry::Occupied(slot) = self.loaded.entry(offset) {
+                if slot.get().id == message.id {
                     slot.remove();
                 }
             }
@@ -1079,12 +1087,8 @@ impl DelayStore {
                     "a due delay's timer-log record is missing or damaged; dropping it"
                 );
                 self.fired_lost += 1;
-                if self
-                    .loaded
-                    .get(&id)
-                    .is_some_and(|slot| slot.offset == offset)
-                {
-                    self.loaded.remove(&id);
+                if self.loaded.get(&offset).is_some_and(|slot| slot.id == id) {
+                    self.loaded.remove(&offset);
                 }
                 let start = self.bucket_start(due_ms);
                 self.forget_pending(start, &id, dest);
@@ -1148,20 +1152,6 @@ impl DelayStore {
     /// Cancels a pending delay, durably. True if it was pending (not yet
     /// polled); false if unknown, fired or already cancelled.
     pub fn cancel(&mut self, id: &MessageId) -> Result<bool> {
-        if let Some(slot) = self.loaded.remove(id) {
-            // No timer, or one that already fired (the slot keeps its
-            // stale id): the entry waits in `ready`.
-            match slot.timer.and_then(|timer| self.wheel.cancel(timer)) {
-                Some(_) => {}
-                None => {
-                    self.cancelled_ready.insert(slot.offset);
-                }
-            }
-            let start = self.bucket_start(slot.due_ms);
-            self.forget_pending(start, id, slot.dest);
-            self.append_tombstones(start, KIND_CANCEL, &[slot.offset], true)?;
-            return Ok(true);
-        }
         if self.inflight.contains_key(id) {
             return Ok(false);
         }
@@ -1174,6 +1164,24 @@ impl DelayStore {
         let Some((start, offset)) = located else {
             return Ok(false);
         };
+        if let BTreeEntry::Occupied(entry) = self.loaded.entry(offset) {
+            if entry.get().id != *id {
+                return Ok(false);
+            }
+            let slot = entry.remove();
+            // No timer, or one that already fired (the slot keeps its
+            // stale id): the entry waits in `ready`.
+            match slot.timer.and_then(|timer| self.wheel.cancel(timer)) {
+                Some(_) => {}
+                None => {
+                    self.cancelled_ready.insert(offset);
+                }
+            }
+            let start = self.bucket_start(slot.due_ms);
+            self.forget_pending(start, id, slot.dest);
+            self.append_tombstones(start, KIND_CANCEL, &[offset], true)?;
+            return Ok(true);
+        }
         let Some(bucket) = self.buckets.get_mut(&start) else {
             return Ok(false);
         };
@@ -1325,9 +1333,9 @@ impl DelayStore {
                 entry.dest,
             )));
             self.loaded.insert(
-                entry.id,
+                entry.offset,
                 LoadedSlot {
-                    offset: entry.offset,
+                    id: entry.id,
                     due_ms: entry.due_ms,
                     timer: None,
                     dest: entry.dest,
@@ -1345,9 +1353,9 @@ impl DelayStore {
             },
         );
         self.loaded.insert(
-            entry.id,
+            entry.offset,
             LoadedSlot {
-                offset: entry.offset,
+                id: entry.id,
                 due_ms: entry.due_ms,
                 timer: Some(timer),
                 dest: entry.dest,
@@ -1830,6 +1838,26 @@ mod tests {
             .map(|(_, id)| id)
             .collect();
         assert_eq!(rest, vec![waiting[1], later[0], later[1]]);
+        assert_eq!(store.pending(), 0);
+    }
+
+    #[test]
+    fn cancel_near_delays_with_a_caller_id_and_a_timer_log_id() {
+        let fixture = Fixture::new(500_000);
+        let (mut store, _) = fixture.open(config());
+        let now = fixture.now();
+        let caller = MessageId::new(1_234, 99);
+        let record = RecordInput {
+            id: Some(caller),
+            ..delayed("moved", now + 100)
+        };
+        store.schedule(vec![("t".into(), 0, record)], now).unwrap();
+        let own = schedule(&mut store, now, &[now + 100, now + 100]);
+        // Loaded (near) entries are found by offset, whoever chose the id.
+        assert!(store.cancel(&caller).unwrap());
+        assert!(store.cancel(&own[1]).unwrap());
+        assert!(!store.cancel(&own[1]).unwrap());
+        assert_eq!(drain(&mut store, now + 200), vec![(now + 100, own[0])]);
         assert_eq!(store.pending(), 0);
     }
 
