@@ -1073,13 +1073,18 @@ impl DelayStore {
         if selected.is_empty() {
             return Ok(false);
         }
-        let records = self.fetch(&selected)?;
+        let mut records = self.fetch(&selected)?;
         let mut lost: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
         for ((due_ms, offset, id), dest) in selected.into_iter().zip(dests) {
+            // Taken, not cloned: the fields move into the message (an offset
+            // is in `ready` once, see `insert_loaded`).
             let message = records
-                .get(&offset)
+                .remove(&offset)
                 .filter(|record| record.id == id)
-                .and_then(|record| Some((record, destination(record)?)));
+                .and_then(|record| {
+                    let destination = destination(&record)?;
+                    Some((record, destination))
+                });
             let Some((record, (topic, partition))) = message else {
                 tracing::error!(
                     offset,
@@ -1095,6 +1100,8 @@ impl DelayStore {
                 lost.entry(start).or_default().push(offset);
                 continue;
             };
+            let mut headers = record.headers;
+            headers.retain(|(name, _)| !is_delay_header(name));
             let message = DueMessage {
                 id,
                 topic,
@@ -1102,14 +1109,9 @@ impl DelayStore {
                 due_ms,
                 record: RecordInput {
                     id: Some(id),
-                    key: record.key.clone(),
-                    headers: record
-                        .headers
-                        .iter()
-                        .filter(|(name, _)| !is_delay_header(name))
-                        .cloned()
-                        .collect(),
-                    value: record.value.clone(),
+                    key: record.key,
+                    headers,
+                    value: record.value,
                     deliver_at_ms: Some(due_ms),
                     expire_at_ms: record.expire_at_ms,
                 },
@@ -1321,6 +1323,10 @@ impl DelayStore {
     }
 
     fn insert_loaded(&mut self, entry: &Entry) {
+        if self.loaded.contains_key(&entry.offset) {
+            // Loaded already: one wheel or ready entry per offset.
+            return;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         if entry.due_ms <= self.wheel.now_ms() {
