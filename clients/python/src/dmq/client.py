@@ -1,0 +1,218 @@
+"""The client: one connection to a broker, re-established with backoff.
+
+Owns: :class:`Client` (address, client id and secret, timeouts, reconnect
+backoff, keepalive), getting a live :class:`~dmq.connection.Connection`
+(reconnecting when the last one was lost: the delay starts at
+``reconnect_backoff_initial`` and doubles up to ``reconnect_backoff_max``;
+refusals that cannot heal, such as AuthenticationFailed, are raised at
+once), routing DELIVER pushes to the consumer that owns the subscription,
+and the request/answer call that the admin calls, producer and consumer
+use. Admin calls come from :class:`~dmq.admin.AdminCalls`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from .admin import AdminCalls
+from .codec import DEFAULT_MAX_FRAME_BYTES, Body, Delivery, Opcode
+from .connection import Connection
+from .errors import BrokerError, ClientClosedError, ConnectionClosedError, DmqError, RequestTimeoutError
+
+if TYPE_CHECKING:
+    from .consumer import Consumer
+    from .producer import Producer
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Client(AdminCalls):
+    """A connection to one broker, shared by producers, consumers and the
+    admin calls. Use ``async with Client(...) as client`` or
+    :meth:`connect` / :meth:`close`."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:7070",
+        *,
+        client_id: str = "dmq-python",
+        secret: Union[bytes, str] = b"",
+        request_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        reconnect_backoff_initial: float = 0.05,
+        reconnect_backoff_max: float = 5.0,
+        keepalive: Optional[float] = 60.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.host, self.port = _split_address(address)
+        self.client_id = client_id
+        self.secret = secret.encode() if isinstance(secret, str) else bytes(secret)
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect_backoff_initial = reconnect_backoff_initial
+        self.reconnect_backoff_max = reconnect_backoff_max
+        self.keepalive = keepalive
+        self.max_frame_bytes = max_frame_bytes
+        self._conn: Optional[Connection] = None
+        self._connecting: Optional[asyncio.Task[Connection]] = None
+        self._backoff = 0.0
+        self._connected_at = 0.0
+        self._closed = False
+        #: Increases with every new connection; deliveries remember theirs.
+        self.generation = 0
+        self._subscriptions: dict[tuple[int, int], Callable[[Delivery], None]] = {}
+        self._lost_listeners: list[Callable[[int], None]] = []
+        # Pushes that arrive in the same read as their SUBSCRIBED, before
+        # the consumer has registered (bounded by the subscription's credit).
+        self._early: dict[tuple[int, int], list[Delivery]] = {}
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        await self.close()
+
+    async def connect(self) -> Client:
+        """Connects now (the first request would otherwise)."""
+        await self.connection()
+        return self
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record the broker accepts (HELLO_OK's limit − 1024)."""
+        limit = self._conn.hello.max_frame_bytes if self._conn and self._conn.hello else DEFAULT_MAX_FRAME_BYTES
+        return max(limit - 1024, 0)
+
+    @property
+    def frame_limit(self) -> int:
+        """Largest frame the broker accepts from us (HELLO_OK)."""
+        if self._conn and self._conn.hello:
+            return self._conn.hello.max_frame_bytes
+        return DEFAULT_MAX_FRAME_BYTES
+
+    async def connection(self) -> Connection:
+        """A live connection, reconnecting with backoff if needed; waits at
+        most ``request_timeout`` for one."""
+        if self._closed:
+            raise ClientClosedError("client closed")
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._reconnect())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._connecting), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"no connection to {self.host}:{self.port} within {self.request_timeout} s") from None
+
+    async def _reconnect(self) -> Connection:
+        while True:
+            if self._closed:
+                raise ClientClosedError("client closed")
+            if self._backoff:
+                await asyncio.sleep(self._backoff)
+            try:
+                conn = await Connection.open(
+                    self.host,
+                    self.port,
+                    client_id=self.client_id,
+                    secret=self.secret,
+                    connect_timeout=self.connect_timeout,
+                    max_frame_bytes=self.max_frame_bytes,
+                    keepalive=self.keepalive,
+                    on_push=self._on_push,
+                    on_lost=self._on_lost,
+                )
+            except DmqError as error:
+                if isinstance(error, BrokerError) and not error.transient:
+                    raise  # AuthenticationFailed and friends do not heal
+                self._backoff = min(max(self._backoff * 2, self.reconnect_backoff_initial), self.reconnect_backoff_max)
+                continue
+            self.generation += 1
+            self._conn = conn
+            self._connected_at = time.monotonic()
+            return conn
+
+    def _on_lost(self, conn: Connection, error: BaseException) -> None:
+        if conn is not self._conn:
+            return
+        # A connection that lived long enough resets the backoff.
+        lived = time.monotonic() - self._connected_at
+        if lived >= self.reconnect_backoff_max:
+            self._backoff = 0.0
+        else:
+            self._backoff = min(max(self._backoff * 2, self.reconnect_backoff_initial), self.reconnect_backoff_max)
+        generation = self.generation
+        for key in [k for k in self._subscriptions if k[0] == generation]:
+            del self._subscriptions[key]
+        self._early.clear()
+        for listener in list(self._lost_listeners):
+            listener(generation)
+
+    def _on_push(self, delivery: Delivery) -> None:
+        key = (self.generation, delivery.subscription_id)
+        handler = self._subscriptions.get(key)
+        if handler is not None:
+            handler(delivery)
+        else:
+            self._early.setdefault(key, []).append(delivery)
+
+    def register_subscription(self, generation: int, subscription_id: int, handler: Callable[[Delivery], None]) -> None:
+        self._subscriptions[(generation, subscription_id)] = handler
+        for delivery in self._early.pop((generation, subscription_id), []):
+            handler(delivery)
+
+    def unregister_subscription(self, generation: int, subscription_id: int) -> None:
+        self._subscriptions.pop((generation, subscription_id), None)
+
+    def add_lost_listener(self, listener: Callable[[int], None]) -> None:
+        self._lost_listeners.append(listener)
+
+    def remove_lost_listener(self, listener: Callable[[int], None]) -> None:
+        if listener in self._lost_listeners:
+            self._lost_listeners.remove(listener)
+
+    async def request(self, body: Body, opcode: Optional[Opcode] = None, timeout: Optional[float] = None) -> Any:
+        """Sends one request on a live connection and returns the answer's
+        body; raises the broker's ERROR as a :class:`BrokerError`."""
+        conn = await self.connection()
+        return await conn.call(body, self.request_timeout if timeout is None else timeout, opcode)
+
+    def producer(self, **options: Any) -> Producer:
+        """A :class:`~dmq.producer.Producer` on this client."""
+        from .producer import Producer
+
+        return Producer(self, **options)
+
+    def consumer(self, topic: str, group: str, **options: Any) -> Consumer:
+        """A :class:`~dmq.consumer.Consumer`; ``await consumer.start()``
+        (or ``async with``) subscribes."""
+        from .consumer import Consumer
+
+        return Consumer(self, topic, group, **options)
+
+    def drop_connection(self) -> None:
+        """Closes the current connection (tests; the next call reconnects)."""
+        if self._conn is not None:
+            self._conn.abort(ConnectionClosedError("connection dropped by the client"))
+
+    async def close(self) -> None:
+        """Closes the connection; pending requests fail."""
+        self._closed = True
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+        if self._conn is not None:
+            self._conn.close()
