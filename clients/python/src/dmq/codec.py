@@ -1024,6 +1024,10 @@ class PartitionInfo:
     partition: int
     start_offset: int
     end_offset: int
+    size_bytes: int
+    """Bytes of records stored."""
+    disk_bytes: int
+    """Bytes the partition's files take on disk (allocated blocks)."""
 
 
 @dataclass
@@ -1039,7 +1043,9 @@ class TopicDescription(Body):
         _w_bool(out, self.ordered)
         out += _U32.pack(len(self.partitions))
         for p in self.partitions:
-            out += struct.pack("<IQQ", p.partition, p.start_offset, p.end_offset)
+            out += struct.pack(
+                "<IQQQQ", p.partition, p.start_offset, p.end_offset, p.size_bytes, p.disk_bytes
+            )
         out += _U32.pack(len(self.groups))
         for g in self.groups:
             _w_string(out, g)
@@ -1047,7 +1053,9 @@ class TopicDescription(Body):
     @classmethod
     def decode(cls, r: Reader) -> TopicDescription:
         name, ordered = r.string(), r.boolean()
-        partitions = [PartitionInfo(r.u32(), r.u64(), r.u64()) for _ in range(r.count(20))]
+        partitions = [
+            PartitionInfo(r.u32(), r.u64(), r.u64(), r.u64(), r.u64()) for _ in range(r.count(36))
+        ]
         return cls(name, ordered, partitions, [r.string() for _ in range(r.count(2))])
 
 
