@@ -69,3 +69,30 @@ fn protocol_md_examples_decode_to_their_frames() {
     }
     eprintln!("{} examples checked", examples.len());
 }
+
+/// `tests/vectors.json` holds the same examples, machine-readable, for the
+/// Python client's tests: the spec, this codec and that one read the same
+/// bytes, and this test keeps the file equal to PROTOCOL.md.
+#[test]
+fn vectors_json_holds_exactly_the_protocol_md_examples() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let markdown =
+        std::fs::read_to_string(root.join("../PROTOCOL.md")).expect("reading PROTOCOL.md");
+    let json =
+        std::fs::read_to_string(root.join("tests/vectors.json")).expect("reading vectors.json");
+    let vectors: serde_json::Value = serde_json::from_str(&json).expect("vectors.json is JSON");
+    let in_json: BTreeMap<String, String> = vectors["examples"]
+        .as_object()
+        .expect("an \"examples\" object")
+        .iter()
+        .map(|(name, hex)| (name.clone(), hex.as_str().expect("hex string").to_string()))
+        .collect();
+    let in_markdown: BTreeMap<String, String> = examples(&markdown)
+        .into_iter()
+        .map(|(name, bytes)| (name, bytes.iter().map(|b| format!("{b:02x}")).collect()))
+        .collect();
+    assert_eq!(
+        in_json, in_markdown,
+        "protocol/tests/vectors.json differs from PROTOCOL.md section 10: regenerate it"
+    );
+}
