@@ -1,0 +1,217 @@
+"""The client against a real dmqd (started by conftest.py on free
+127.0.0.1 ports with a temporary data directory): business acks,
+redelivery, nack with delay, delayed messages, TTL, broadcast to several
+groups, the idempotent producer, and production-mode credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import Broker, run, unique
+
+import dmq
+from dmq import BrokerError, ErrorCode, GroupSettings, Position
+
+
+async def drain(consumer: dmq.Consumer, count: int, timeout: float = 20.0) -> list[dmq.Message]:
+    """``count`` messages, each acked; fails if they do not come in time."""
+    got: list[dmq.Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        message = await consumer.receive(max(0.0, deadline - time.monotonic()))
+        assert message is not None, f"only {len(got)} of {count} messages arrived"
+        await message.ack()
+        got.append(message)
+    return got
+
+
+def test_produce_consume_ack(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("orders")
+        async with dmq.Client(broker.address, client_id="py-test") as client:
+            await client.create_topic(topic, 2)
+            producer = client.producer()
+            futures = [
+                producer.send(topic, f"order {i}", key=f"k{i % 5}", headers={"source": "test"})
+                for i in range(200)
+            ]
+            receipts = [await f for f in futures]
+            assert all(r.offset is not None for r in receipts)
+            assert len({r.message_id for r in receipts}) == 200
+            async with client.consumer(topic, "billing") as consumer:
+                got = await drain(consumer, 200)
+            assert sorted(m.value for m in got) == sorted(f"order {i}".encode() for i in range(200))
+            assert all(m.attempt == 1 and m.header("source") == b"test" for m in got)
+            # Per key, partition order holds.
+            by_key: dict[bytes, list[int]] = {}
+            for m in got:
+                assert m.key is not None
+                by_key.setdefault(m.key, []).append(m.offset)
+            assert all(offsets == sorted(offsets) for offsets in by_key.values())
+            # Every ack reached the broker: nothing is left for the group.
+            deadline = time.monotonic() + 10
+            while True:
+                group = await client.describe_group(topic, "billing")
+                if sum(p.lag for p in group.partitions) == 0:
+                    break
+                assert time.monotonic() < deadline, group
+                await asyncio.sleep(0.05)
+
+    run(main())
+
+
+def test_a_message_not_acked_by_a_consumer_that_dies_is_redelivered(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("payments")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            await client.producer().produce(topic, b"pay 1")
+        # The first member takes the message and dies without acking.
+        dying = dmq.Client(broker.address)
+        await dying.connect()
+        consumer = await dying.consumer(topic, "ledger", member="first").start()
+        first = await consumer.receive(10)
+        assert first is not None and first.attempt == 1
+        dying.drop_connection()
+        await dying.close()
+        async with dmq.Client(broker.address) as client:
+            async with client.consumer(topic, "ledger", member="second") as survivor:
+                again = await survivor.receive(10)
+                assert again is not None
+                assert (again.value, again.message_id, again.attempt) == (b"pay 1", first.message_id, 2)
+                await again.ack()
+
+    run(main())
+
+
+def test_nack_with_a_delay_redelivers_after_it(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("retry")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            await client.producer().produce(topic, b"flaky")
+            async with client.consumer(topic, "g") as consumer:
+                first = await consumer.receive(10)
+                assert first is not None
+                nacked_at = time.monotonic()
+                await first.nack(0.5)
+                again = await consumer.receive(10)
+                waited = time.monotonic() - nacked_at
+                assert again is not None and again.attempt == 2 and again.value == b"flaky"
+                assert waited >= 0.45, f"redelivered after {waited:.3f} s"
+                await again.ack()
+
+    run(main())
+
+
+def test_a_delayed_message_arrives_at_its_time(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("remind")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            async with client.consumer(topic, "g") as consumer:
+                sent_at = time.time()
+                receipt = await client.producer().send(topic, b"remind to pay", delay=1.0)
+                assert receipt.offset is None and receipt.deliver_at_ms is not None
+                assert await consumer.receive(0.5) is None, "delivered before its time"
+                message = await consumer.receive(10)
+                assert message is not None and message.value == b"remind to pay"
+                assert message.message_id == receipt.message_id
+                assert time.time() - sent_at >= 0.95
+                assert message.deliver_at_ms == receipt.deliver_at_ms
+                await message.ack()
+
+    run(main())
+
+
+def test_an_expired_message_is_never_delivered(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("ttl")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            producer = client.producer()
+            await producer.send(topic, b"stale", ttl=0.2)
+            await producer.send(topic, b"fresh", ttl=600)
+            await asyncio.sleep(0.5)
+            async with client.consumer(topic, "late") as consumer:
+                message = await consumer.receive(10)
+                assert message is not None and message.value == b"fresh"
+                await message.ack()
+                assert await consumer.receive(0.5) is None
+
+    run(main())
+
+
+def test_every_group_gets_every_message(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("events")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 3)
+            producer = client.producer()
+            for i in range(30):
+                producer.send(topic, f"e{i}")
+            await producer.flush()
+            for group in ("billing", "shipping", "audit"):
+                async with client.consumer(topic, group, start=Position.earliest()) as consumer:
+                    got = await drain(consumer, 30)
+                    assert sorted(m.value for m in got) == sorted(f"e{i}".encode() for i in range(30))
+
+    run(main())
+
+
+def test_an_idempotent_retry_after_a_reconnect_is_not_stored_twice(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("idem")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            first = await client.producer(producer_id=4242).send(topic, b"once", partition=0)
+        # The same producer id and sequence on a new connection: a retry.
+        async with dmq.Client(broker.address) as client:
+            retry = await client.producer(producer_id=4242).send(topic, b"once", partition=0)
+            assert retry == first
+            description = await client.describe_topic(topic)
+            assert [p.end_offset for p in description.partitions] == [1]
+
+    run(main())
+
+
+def test_a_group_setting_conflict_is_a_clear_error(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("conflict")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            async with client.consumer(topic, "g", settings=GroupSettings(max_attempts=3)):
+                with pytest.raises(BrokerError) as refused:
+                    await client.consumer(topic, "g", settings=GroupSettings(max_attempts=5)).start()
+            assert refused.value.code == ErrorCode.GROUP_CONFIG_CONFLICT
+            with pytest.raises(BrokerError) as unknown:
+                await client.producer().send(unique("missing"), b"x")
+            assert unknown.value.code == ErrorCode.UNKNOWN_TOPIC
+
+    run(main())
+
+
+# `dmq hash-secret` of "py-secret" and of "admin-token".
+CLIENT_HASH = "$argon2id$v=19$m=19456,t=2,p=1$s8R6cVgCWOL8shXeIIijFA$bD6T7OnUR/jCO8ZYpe5zCLJt/IGfEeoj86LH2RNrpe0"
+ADMIN_HASH = "$argon2id$v=19$m=19456,t=2,p=1$joVEQ728cd9x760z10nZxg$RnoMNncGRPPojNvhvME7qH35UMXg2SzKnXY+U763Ekk"
+
+
+def test_production_mode_refuses_a_wrong_secret_and_admits_the_right_one() -> None:
+    config = f'admin_tokens = ["{ADMIN_HASH}"]\n[clients]\norders-service = "{CLIENT_HASH}"\n'
+    production = Broker(config=config).start()
+    try:
+
+        async def main() -> None:
+            wrong = dmq.Client(production.address, client_id="orders-service", secret="nope")
+            with pytest.raises(BrokerError) as refused:
+                await wrong.connect()
+            assert refused.value.code == ErrorCode.AUTHENTICATION_FAILED
+            await wrong.close()
+            async with dmq.Client(production.address, client_id="orders-service", secret="py-secret") as right:
+                await right.ping()
+
+        run(main())
+    finally:
+        production.cleanup()
