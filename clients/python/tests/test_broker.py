@@ -215,3 +215,28 @@ def test_production_mode_refuses_a_wrong_secret_and_admits_the_right_one() -> No
         run(main())
     finally:
         production.cleanup()
+
+
+def test_pipelined_idempotent_batches_are_all_stored_in_order(broker: Broker) -> None:
+    """Many batches in flight at once: each is sent in the order of its
+    sequence, so none is refused as OutOfOrderSequence (they were, when
+    the connection's write buffer filled and woke senders out of order)."""
+
+    async def main() -> None:
+        topic = unique("pipeline")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 4)
+            producer = client.producer()
+            payload = b"x" * 1024
+            futures = []
+            for i in range(200_000):
+                futures.append(producer.send(topic, payload))
+                if i % 1000 == 999 and producer.pending > 50_000:
+                    await producer.drain(25_000)
+            await producer.flush()
+            failures = [f.exception() for f in futures if f.exception() is not None]
+            assert failures == [], f"{len(failures)} failed, first: {failures[0]!r}"
+            description = await client.describe_topic(topic)
+            assert sum(p.end_offset for p in description.partitions) == 200_000
+
+    run(main())

@@ -169,6 +169,7 @@ class Producer:
         self._pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry_gate = asyncio.Lock()
+        self._send_order = asyncio.Lock()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -317,11 +318,16 @@ class Producer:
     async def _attempt(self, frame: bytearray, count: int) -> Union[list[Any], BaseException]:
         """One try: the decoded results, or the error (not raised)."""
         try:
-            conn = await self._client.connection()
-            correlation_id = conn.next_correlation_id()
-            set_correlation_id(frame, correlation_id)
-            await conn.drain()
-            future = conn.send_raw(frame, correlation_id)
+            # Frames go out in the order their sequences were given (FIFO
+            # lock): a sender woken late from drain() must not be overtaken
+            # by a later batch, or the broker refuses the earlier one as
+            # OutOfOrderSequence.
+            async with self._send_order:
+                conn = await self._client.connection()
+                correlation_id = conn.next_correlation_id()
+                set_correlation_id(frame, correlation_id)
+                await conn.drain()
+                future = conn.send_raw(frame, correlation_id)
         except DmqError as error:
             return error
         try:
