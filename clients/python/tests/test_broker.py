@@ -240,3 +240,22 @@ def test_pipelined_idempotent_batches_are_all_stored_in_order(broker: Broker) ->
             assert sum(p.end_offset for p in description.partitions) == 200_000
 
     run(main())
+
+
+def test_the_sync_client_produces_consumes_and_acks(broker: Broker) -> None:
+    topic = unique("sync")
+    client = dmq.SyncClient(broker.address, client_id="sync-test")
+    try:
+        client.create_topic(topic, 1)
+        producer = client.producer()
+        receipt = producer.produce(topic, b"blocking hello", key="k")
+        assert receipt.offset == 0
+        consumer = client.consumer(topic, "g")
+        message = consumer.receive(10)
+        assert message is not None and message.value == b"blocking hello"
+        consumer.ack(message)
+        consumer.close()
+        group = client.describe_group(topic, "g")
+        assert [p.ack_floor for p in group.partitions] == [1]
+    finally:
+        client.close()

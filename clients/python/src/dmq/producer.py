@@ -9,7 +9,9 @@ limit), ``linger`` seconds after its first record, or at the next turn of
 the event loop when none of this producer's PRODUCEs is in flight (a lone
 message does not wait; under load batches grow with the round trip). Up to
 ``max_in_flight`` PRODUCEs are in flight at once; closed batches wait in
-order beyond that.
+order beyond that. Frames are written in the order their sequences were
+given (a FIFO lock around the write), whatever order their senders wake
+from the connection's backpressure in.
 
 Idempotence (on by default): every batch carries the producer id (random,
 63 bits) and a sequence number. A batch that failed because the connection
