@@ -259,3 +259,57 @@ def test_the_sync_client_produces_consumes_and_acks(broker: Broker) -> None:
         assert [p.ack_floor for p in group.partitions] == [1]
     finally:
         client.close()
+
+
+def test_fetch_pulls_and_seek_replays(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("pull")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            producer = client.producer()
+            for i in range(5):
+                producer.send(topic, f"m{i}")
+            await producer.flush()
+            async with client.consumer(topic, "puller", credit=0) as consumer:
+                got = await consumer.fetch(3, wait=5)
+                assert [m.value for m in got] == [b"m0", b"m1", b"m2"]
+                for message in got:
+                    await message.ack()
+                rest = await consumer.fetch(10, wait=5)
+                assert [m.value for m in rest] == [b"m3", b"m4"]
+                for message in rest:
+                    await message.ack()
+                assert await consumer.fetch(10, wait=0.2) == []
+            # Seek back to offset 1: a dry run reports, then it replays.
+            report = await client.seek(topic, "puller", Position.at_offset(1), dry_run=True)
+            assert report.dry_run and [(p.partition, p.new_floor) for p in report.partitions] == [(0, 1)]
+            await client.seek(topic, "puller", Position.at_offset(1), dry_run=False)
+            async with client.consumer(topic, "puller", credit=0) as consumer:
+                replayed = await consumer.fetch(10, wait=5)
+                assert [m.value for m in replayed] == [b"m1", b"m2", b"m3", b"m4"]
+
+    run(main())
+
+
+def test_a_dropped_connection_loses_and_duplicates_nothing(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("reconnect")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 2)
+            producer = client.producer(max_batch_messages=50)
+            futures = []
+            for i in range(5_000):
+                futures.append(producer.send(topic, f"r{i}"))
+                if i in (1_000, 2_500, 4_000):
+                    client.drop_connection()
+                    await asyncio.sleep(0)
+            await producer.flush()
+            failed = [f.exception() for f in futures if f.exception() is not None]
+            # A batch retried after a newer one was stored is reported as
+            # OutOfOrderSequence (stored, offsets unknown); nothing else fails.
+            assert all(isinstance(e, dmq.errors.OutOfOrderSequence) for e in failed), failed[:3]
+            description = await client.describe_topic(topic)
+            stored = sum(p.end_offset for p in description.partitions)
+            assert stored == 5_000, f"{stored} stored for 5,000 sends"
+
+    run(main())
