@@ -313,3 +313,43 @@ def test_a_dropped_connection_loses_and_duplicates_nothing(broker: Broker) -> No
             assert stored == 5_000, f"{stored} stored for 5,000 sends"
 
     run(main())
+
+
+def test_a_record_over_the_limit_is_refused_before_sending_and_the_largest_one_arrives(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("large")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 1)
+            producer = client.producer()
+            limit = client.max_record_bytes
+            # A record's size counts its value plus 9 bytes of framing
+            # (PROTOCOL.md section 8) when it has no key and no headers.
+            with pytest.raises(dmq.errors.RecordTooLarge):
+                producer.send(topic, b"x" * (limit - 8))
+            receipt = await producer.send(topic, b"y" * (limit - 9))
+            assert receipt.offset == 0
+            async with client.consumer(topic, "g") as consumer:
+                message = await consumer.receive(10)
+                assert message is not None and len(message.value) == limit - 9
+                await message.ack()
+
+    run(main())
+
+
+def test_broadcast_mode_gives_every_member_every_message(broker: Broker) -> None:
+    async def main() -> None:
+        topic = unique("broadcast")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 2)
+            one = await client.consumer(topic, "all", member="one", mode=dmq.DeliveryMode.BROADCAST).start()
+            two = await client.consumer(topic, "all", member="two", mode=dmq.DeliveryMode.BROADCAST).start()
+            producer = client.producer()
+            for i in range(10):
+                producer.send(topic, f"b{i}")
+            await producer.flush()
+            for member in (one, two):
+                got = await drain(member, 10)
+                assert sorted(m.value for m in got) == sorted(f"b{i}".encode() for i in range(10))
+                await member.close()
+
+    run(main())
