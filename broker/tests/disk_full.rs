@@ -7,43 +7,14 @@
 //! the mount fails. Elsewhere it says why it skipped and passes.
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use dmq_protocol::{ErrorCode, ProduceRecord, Request, Response};
 
 mod common;
-use common::Connection;
-
-struct TmpfsMount(PathBuf);
-
-impl TmpfsMount {
-    fn mount(path: &Path, size: &str) -> Result<TmpfsMount, String> {
-        let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-        if !is_root {
-            return Err("not root".into());
-        }
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if output.status.success() {
-            Ok(TmpfsMount(path.to_path_buf()))
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
-        }
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use common::{Connection, TmpfsMount};
 
 fn config(data_dir: &Path) -> dmq_broker::BrokerConfig {
     dmq_broker::BrokerConfig {

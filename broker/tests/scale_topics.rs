@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -22,34 +22,7 @@ use bytes::Bytes;
 use dmq_protocol::{GroupSettings, ProduceRecord, Request, Response};
 
 mod common;
-use common::Connection;
-
-struct TmpfsMount(PathBuf);
-
-impl TmpfsMount {
-    fn mount(path: &Path, size: &str) -> Result<TmpfsMount, String> {
-        let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-        if !is_root {
-            return Err("not root".into());
-        }
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if output.status.success() {
-            Ok(TmpfsMount(path.to_path_buf()))
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
-        }
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use common::{Connection, TmpfsMount};
 
 /// A `dmqd` process; killed on drop.
 struct Dmqd {

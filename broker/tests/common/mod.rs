@@ -410,3 +410,37 @@ impl Api {
         body.as_str().unwrap().to_string()
     }
 }
+
+/// A tmpfs mounted for a test (needs root), unmounted (lazily) on drop.
+pub struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` reads it) on `path`;
+    /// the error says why not (not root, or what mount printed).
+    pub fn mount(path: &std::path::Path, size: &str) -> Result<TmpfsMount, String> {
+        use std::os::unix::fs::MetadataExt;
+        let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if !is_root {
+            return Err("not root".into());
+        }
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if output.status.success() {
+            Ok(TmpfsMount(path.to_path_buf()))
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
