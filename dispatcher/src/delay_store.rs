@@ -1035,11 +1035,7 @@ impl DelayStore {
                 break;
             }
             let start = self.bucket_start(message.due_ms);
-            if let BTreeEntry::Occupied(slot) = self.loaded.entry(offset) {
-                if slot.get().id == message.id {
-                    slot.remove();
-                }
-            }
+            self.unload(offset, &message.id);
             self.forget_pending(start, &message.id, dest);
             if let Some(bucket) = self.buckets.get_mut(&start) {
                 bucket.inflight += 1;
@@ -1092,9 +1088,7 @@ impl DelayStore {
                     "a due delay's timer-log record is missing or damaged; dropping it"
                 );
                 self.fired_lost += 1;
-                if self.loaded.get(&offset).is_some_and(|slot| slot.id == id) {
-                    self.loaded.remove(&offset);
-                }
+                self.unload(offset, &id);
                 let start = self.bucket_start(due_ms);
                 self.forget_pending(start, &id, dest);
                 lost.entry(start).or_default().push(offset);
@@ -1320,6 +1314,16 @@ impl DelayStore {
             }
         }
         Ok(resolved)
+    }
+
+    /// Drops the loaded entry at `offset` if it is message `id`'s (one
+    /// lookup).
+    fn unload(&mut self, offset: u64, id: &MessageId) {
+        if let BTreeEntry::Occupied(slot) = self.loaded.entry(offset) {
+            if slot.get().id == *id {
+                slot.remove();
+            }
+        }
     }
 
     fn insert_loaded(&mut self, entry: &Entry) {
