@@ -14,6 +14,13 @@
 //! from every connection share group commits, and only then wakes the
 //! dispatcher. Delayed records go to the dispatcher's delay store.
 //!
+//! Nor do fired delays: the dispatcher hands each partition's batch of due
+//! messages to its background writer (`dmq-writer`, see
+//! [`dmq_dispatcher::writer`]), which appends and waits for durability off
+//! this thread and then wakes it ([`Command::Wake`]) so that the next poll
+//! records the outcome. The writer holds only a `Weak` of the command
+//! sender: dropping every [`Engine`] still ends the thread.
+//!
 //! Every message event of the dispatcher goes to the [`Telemetry`] sink,
 //! which only buffers it; the thread calls [`Telemetry::flush`] after each
 //! loop iteration, handing the iteration's events to the telemetry thread
@@ -202,7 +209,10 @@ impl TopicHandle {
 /// Handle to the dispatcher thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    commands: mpsc::Sender<Command>,
+    /// Shared so that the dispatcher's writer can wake the thread without
+    /// keeping it alive (it holds a `Weak`): dropping every `Engine` still
+    /// ends the thread.
+    commands: Arc<mpsc::Sender<Command>>,
     partitions: Arc<RwLock<PartitionMap>>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     producers: ProducerWindow,
@@ -280,7 +290,7 @@ impl Engine {
         let storage = Arc::new(FileStorage::new(&config.data_dir, log_config)?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let telemetry = Telemetry::open(&config.data_dir, config.telemetry_config())?;
-        let dispatcher = Dispatcher::open(
+        let mut dispatcher = Dispatcher::open(
             storage,
             clock.clone(),
             telemetry.event_sink(),
@@ -294,6 +304,15 @@ impl Engine {
         let producers = rebuild_producer_window(&map, config)?;
         let partitions = Arc::new(RwLock::new(map));
         let (commands, receiver) = mpsc::channel();
+        let commands = Arc::new(commands);
+        let wake_commands = Arc::downgrade(&commands);
+        // Fired delays are written on the `dmq-writer` thread; its outcomes
+        // wake this one.
+        dispatcher.write_in_background(Box::new(move || {
+            if let Some(commands) = wake_commands.upgrade() {
+                let _ = commands.send(Command::Wake);
+            }
+        }))?;
         let thread_telemetry = telemetry.clone();
         let thread = std::thread::Builder::new()
             .name("dmq-dispatcher".into())

@@ -43,6 +43,10 @@ pub(crate) enum Stage {
     Ready,
     /// Held back behind an earlier message with the same key.
     Held,
+    /// On its last attempt, its dead-letter copy is with the writer: not
+    /// delivered, no timer; acked when the copy is durable, back in flight
+    /// (its deadline re-armed) if the copy could not be written.
+    DeadLettering,
 }
 
 /// An unacked message known to the group.
@@ -306,7 +310,7 @@ impl GroupState {
             .flat_map(|part| part.pending.values())
             .filter_map(|pending| match pending.stage {
                 Stage::InFlight { timer, .. } | Stage::Waiting { timer } => Some(timer),
-                Stage::Ready | Stage::Held => None,
+                Stage::Ready | Stage::Held | Stage::DeadLettering => None,
             })
             .collect();
         self.partitions.clear();

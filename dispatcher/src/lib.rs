@@ -21,10 +21,14 @@
 //!   them, the internal prefix and the reserved header names.
 //! - [`routing`]: [`Router`], the one rule that picks a produced record's
 //!   partition, with one round-robin counter per topic.
+//! - [`writer`]: [`DurableWriter`], the appends the dispatcher decides on
+//!   (fired delays, dead-letter copies), written inline or on a background
+//!   thread ([`BackgroundWriter`]).
 //!
 //! The dispatcher takes time only from an injected [`dmq_log_store::Clock`]
 //! and touches storage only through [`Storage`], so it runs unchanged in a
-//! deterministic simulation (`tests/simulation.rs`).
+//! deterministic simulation (`tests/simulation.rs`, with the inline
+//! writer).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod ack_bitmap;
@@ -38,6 +42,7 @@ pub mod routing;
 pub mod storage;
 pub mod timing_wheel;
 mod tombstones;
+pub mod writer;
 
 pub use ack_bitmap::AckBitmap;
 pub use config::{
@@ -56,3 +61,4 @@ pub use storage::{
     LOOKUP_SCAN_BATCH,
 };
 pub use timing_wheel::{TimerId, TimingWheel};
+pub use writer::{BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob};

@@ -89,7 +89,18 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
         producer_id: u64,
         producer_seq: u64,
         records: Vec<RecordInput>,
-    ) -> Result<AppendInfo, StoreError>;
+    ) -> Result<AppendInfo, StoreError> {
+        self.append_batch_deferred(&BatchInput {
+            producer_id,
+            producer_seq,
+            records,
+        })
+    }
+
+    /// [`append_deferred`](Self::append_deferred) of a batch the caller
+    /// keeps: a writer that must retry the records after a failed append
+    /// (a full disk) needs no copy of them.
+    fn append_batch_deferred(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError>;
 
     /// Returns once the batch is durable per the log's fsync policy.
     fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError>;
@@ -281,18 +292,8 @@ impl AppendedRecords for AppendInfo {
 }
 
 impl PartitionLog for Log {
-    fn append_deferred(
-        &self,
-        producer_id: u64,
-        producer_seq: u64,
-        records: Vec<RecordInput>,
-    ) -> Result<AppendInfo, StoreError> {
-        let batch = BatchInput {
-            producer_id,
-            producer_seq,
-            records,
-        };
-        Ok(Log::append_deferred(self, &batch)?)
+    fn append_batch_deferred(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError> {
+        Ok(Log::append_deferred(self, batch)?)
     }
 
     fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError> {
@@ -949,6 +950,10 @@ impl MemoryLog {
 }
 
 impl PartitionLog for MemoryLog {
+    fn append_batch_deferred(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError> {
+        self.append_deferred(batch.producer_id, batch.producer_seq, batch.records.clone())
+    }
+
     fn append_deferred(
         &self,
         _producer_id: u64,

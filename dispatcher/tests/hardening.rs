@@ -596,3 +596,49 @@ fn delays_due_on_a_full_disk_fire_once_there_is_room() {
     assert_eq!(d.partitions("t").unwrap()[0].end_offset(), 10);
     assert_eq!(drain(&mut d, "t", "g", true).len(), 10);
 }
+
+/// Regression: a NACK of a message on its last attempt whose dead-letter
+/// copy could not be written (a full disk) returned an error and left the
+/// message in flight with no deadline: never moved, never redelivered,
+/// until its member left. Now the move is retried a second later, and the
+/// message is moved once there is room.
+#[test]
+fn a_dead_letter_move_on_a_full_disk_is_retried_until_there_is_room() {
+    use dmq_dispatcher::MemoryStorage;
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let storage = MemoryStorage::new(clock.clone());
+    let mut d = Dispatcher::open(
+        Arc::new(storage.clone()),
+        clock.clone(),
+        Arc::new(NullEventSink),
+        DispatcherConfig::default(),
+    )
+    .unwrap();
+    d.create_topic("t", topic(1)).unwrap();
+    let config = GroupConfig {
+        max_attempts: 1,
+        dead_letter_topic: Some("t-dead".into()),
+        ..GroupConfig::default()
+    };
+    d.subscribe("t", "g", config).unwrap();
+    produce(&mut d, "t", 1);
+    let member = d.join("t", "g", "m").unwrap();
+    let delivered = d.fetch(member, 10).unwrap();
+    assert_eq!(delivered.len(), 1);
+    storage.set_logs_full(true);
+    d.nack(member, 0, 0, None)
+        .expect("the nack is taken; the move is the broker's to retry");
+    assert_eq!(d.partitions("t-dead").unwrap()[0].end_offset(), 0);
+    // Still full a second later: tried again, not redelivered.
+    clock.advance_ms(1_000);
+    d.poll().unwrap();
+    assert!(d.fetch(member, 10).unwrap().is_empty());
+    assert_eq!(d.partitions("t-dead").unwrap()[0].end_offset(), 0);
+    storage.set_logs_full(false);
+    clock.advance_ms(1_000);
+    d.poll().unwrap();
+    assert_eq!(d.partitions("t-dead").unwrap()[0].end_offset(), 1);
+    let stats = d.group_stats("t", "g").unwrap();
+    assert_eq!(stats[0].unacked, 0, "{stats:?}");
+    assert!(d.fetch(member, 10).unwrap().is_empty());
+}

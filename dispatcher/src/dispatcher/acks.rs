@@ -39,7 +39,7 @@ impl Dispatcher {
                 Stage::InFlight { timer, .. } | Stage::Waiting { timer } => {
                     self.wheel.cancel(timer);
                 }
-                Stage::Ready | Stage::Held => {}
+                Stage::Ready | Stage::Held | Stage::DeadLettering => {}
             }
             if let Some(key) = &pending.key {
                 released = Some(key.clone());
@@ -175,11 +175,15 @@ impl Dispatcher {
     }
 
     /// Moves messages `(state, partition, offset)` to their groups'
-    /// dead-letter topics, then acks them in their groups: one append (one
-    /// durability wait) per dead-letter topic for the whole list. A message
-    /// gone from its log (retention) is acked as expired instead. On
-    /// failure returns the indexes (into `moves`) of the messages not moved,
-    /// which stay pending, with the first error.
+    /// dead-letter topics, then acks them in their groups: one write (one
+    /// durability wait) per dead-letter topic for the whole list, handed to
+    /// the durable writer. Until the copies are durable the messages wait
+    /// in [`Stage::DeadLettering`]; then they are acked (see
+    /// [`record_dead_letters`](Self::record_dead_letters)). A message gone
+    /// from its log (retention) is acked as expired instead. On failure to
+    /// make a copy (its dead-letter topic cannot be created) returns the
+    /// indexes (into `moves`) of the messages not moved, which stay pending
+    /// as they were, with the first error.
     pub(super) fn dead_letter_many(
         &mut self,
         moves: &[(usize, u32, u64)],
@@ -208,39 +212,152 @@ impl Dispatcher {
             }
         }
         for (dead_letter_topic, list) in copies {
-            let (indexes, records): (Vec<usize>, Vec<RecordInput>) = list.into_iter().unzip();
-            let written = self.topic(&dead_letter_topic).and_then(|state| {
-                let log = Arc::clone(&state.partitions[0]);
-                log.append(records)?;
-                if log.durable_on_append() {
-                    // The acks below may become durable before a lazy log
-                    // writes the copies back: the copies must not be what a
-                    // crash loses.
-                    log.flush()?;
+            let log = match self.topic(&dead_letter_topic) {
+                Ok(state) => Arc::clone(&state.partitions[0]),
+                Err(error) => {
+                    let mut indexes = list.iter().map(|(index, _)| *index);
+                    if let Some(first) = indexes.next() {
+                        failed.extend(indexes);
+                        fail(first, error, &mut failed);
+                    }
+                    continue;
                 }
-                Ok(())
-            });
-            if let Err(error) = written {
-                for index in indexes.iter().skip(1) {
-                    failed.push(*index);
-                }
-                fail(indexes[0], error, &mut failed);
+            };
+            let mut records = Vec::with_capacity(list.len());
+            let mut batch = Vec::with_capacity(list.len());
+            for (index, copy) in list {
+                let (state_index, partition, offset) = moves[index];
+                let Some(pending) = self.states[state_index].partitions[partition as usize]
+                    .pending
+                    .get_mut(&offset)
+                else {
+                    continue;
+                };
+                let member = match pending.stage {
+                    Stage::InFlight { member, timer } => {
+                        self.wheel.cancel(timer);
+                        Some(member)
+                    }
+                    Stage::Waiting { timer } => {
+                        self.wheel.cancel(timer);
+                        None
+                    }
+                    Stage::Ready | Stage::Held => None,
+                    // Already on its way.
+                    Stage::DeadLettering => continue,
+                };
+                pending.stage = Stage::DeadLettering;
+                let id = pending.id;
+                self.states[state_index].partitions[partition as usize]
+                    .ready
+                    .remove(&offset);
+                records.push(copy);
+                batch.push(DeadLetterMove {
+                    state: state_index,
+                    partition,
+                    offset,
+                    id,
+                    member,
+                });
+            }
+            if records.is_empty() {
                 continue;
             }
-            for index in indexes {
-                let (state_index, partition, offset) = moves[index];
-                let kind = EventKind::DeadLettered {
-                    dead_letter_topic: dead_letter_topic.clone(),
-                };
-                if let Err(error) = self.ack_in_state(state_index, partition, offset, Some(kind)) {
-                    fail(index, error, &mut failed);
-                }
-            }
+            let ticket = self.next_write_ticket;
+            self.next_write_ticket += 1;
+            // Under a lazy policy the copies are flushed before the acks,
+            // which may become durable first: the copies must not be what
+            // a crash loses.
+            let flush = log.durable_on_append();
+            self.dead_lettering.insert(
+                ticket,
+                DeadLetterBatch {
+                    topic: dead_letter_topic,
+                    moves: batch,
+                },
+            );
+            self.writer.submit(WriteJob {
+                ticket,
+                log,
+                batch: BatchInput::new(records),
+                flush,
+                // Dead letters keep no order of their own to protect: a
+                // failed move is retried on its own timer.
+                retry: true,
+            });
+        }
+        // The inline writer has written them already: ack them now.
+        if let Err(error) = self.collect_written() {
+            tracing::error!(%error, "recording written dead letters failed");
         }
         match first_error {
             None => Ok(()),
             Some(error) => Err((failed, error)),
         }
+    }
+
+    /// Records a dead-letter write: each message still waiting for it is
+    /// acked in its group (event `DeadLettered`); if the write failed, each
+    /// goes back in flight with its deadline re-armed
+    /// [`TIMER_RETRY_AFTER_ERROR_MS`] from now, so that the move is tried
+    /// again. A message acked, seeked past or deleted with its group
+    /// meanwhile is left alone.
+    pub(super) fn record_dead_letters(
+        &mut self,
+        batch: DeadLetterBatch,
+        result: std::result::Result<Vec<(u64, MessageId)>, crate::writer::WriteFailure>,
+    ) -> Result<()> {
+        let failure = match result {
+            Ok(_) => None,
+            Err((error, _)) => {
+                tracing::error!(
+                    %error,
+                    dead_letter_topic = batch.topic,
+                    messages = batch.moves.len(),
+                    retry_in_ms = TIMER_RETRY_AFTER_ERROR_MS,
+                    "writing dead letters failed"
+                );
+                Some(())
+            }
+        };
+        let now = self.now();
+        for moved in batch.moves {
+            let Some(pending) = self
+                .states
+                .get_mut(moved.state)
+                .and_then(|state| state.partitions.get_mut(moved.partition as usize))
+                .and_then(|part| part.pending.get_mut(&moved.offset))
+            else {
+                continue;
+            };
+            if pending.stage != Stage::DeadLettering || pending.id != moved.id {
+                continue;
+            }
+            if failure.is_some() {
+                let timer = self.wheel.insert(
+                    now.saturating_add(TIMER_RETRY_AFTER_ERROR_MS),
+                    TimerTask {
+                        state: moved.state as u32,
+                        partition: moved.partition,
+                        offset: moved.offset,
+                        attempt: pending.attempt,
+                        kind: TimerKind::AckDeadline,
+                    },
+                );
+                // No member holds it: the re-armed deadline only retries
+                // the move (member 0 is never given out).
+                pending.stage = Stage::InFlight {
+                    member: moved.member.unwrap_or(0),
+                    timer,
+                };
+                continue;
+            }
+            let kind = EventKind::DeadLettered {
+                dead_letter_topic: batch.topic.clone(),
+            };
+            self.ack_in_state(moved.state, moved.partition, moved.offset, Some(kind))?;
+        }
+        Ok(())
     }
 
     /// The dead-letter copy of one pending message and the topic it goes

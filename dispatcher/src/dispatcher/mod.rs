@@ -45,10 +45,10 @@
 //! id, which also covers a delayed message with that id appended later.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use bytes::Bytes;
-use dmq_log_store::{Clock, MessageId, Record, RecordInput};
+use dmq_log_store::{BatchInput, Clock, MessageId, Record, RecordInput};
 use serde::{Deserialize, Serialize};
 
 use crate::ack_bitmap::AckBitmap;
@@ -63,6 +63,9 @@ use crate::routing::Router;
 use crate::storage::{Journal, PartitionLog, RecoveryDamage, Storage, StoreError};
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
+use crate::writer::{
+    BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob,
+};
 
 mod acks;
 mod deletion;
@@ -446,9 +449,56 @@ pub struct Dispatcher {
     /// When this dispatcher opened: a delayed message due before may have
     /// fired before a crash already (its fired mark is lazy).
     opened_at_ms: i64,
-    /// Due messages whose append failed (at most one poll's batch): fired
-    /// first at the next poll.
+    /// Due messages whose append failed: fired first at a later poll,
+    /// once nothing else is being written.
     unfired: VecDeque<DueMessage>,
+    /// Appends the dispatcher decided on (fired delays); see
+    /// [`crate::writer`]. Inline unless [`Dispatcher::write_in_background`].
+    writer: Box<dyn DurableWriter>,
+    /// The writer's outcomes, and the sender a new writer gets.
+    written: mpsc::Receiver<WriteDone>,
+    written_tx: mpsc::Sender<WriteDone>,
+    /// Fired batches handed to the writer, by ticket, and their messages.
+    firing: HashMap<u64, FiringBatch>,
+    firing_messages: usize,
+    /// Dead-letter copies handed to the writer, by ticket.
+    dead_lettering: HashMap<u64, DeadLetterBatch>,
+    next_write_ticket: u64,
+}
+
+/// Dead-letter copies being written to one dead-letter topic.
+#[derive(Debug)]
+struct DeadLetterBatch {
+    topic: String,
+    moves: Vec<DeadLetterMove>,
+}
+
+/// A message in [`Stage::DeadLettering`], and who held it before.
+#[derive(Debug)]
+struct DeadLetterMove {
+    state: usize,
+    partition: u32,
+    offset: u64,
+    id: MessageId,
+    member: Option<MemberId>,
+}
+
+/// A batch of fired delayed messages being written to one partition.
+#[derive(Debug)]
+struct FiringBatch {
+    topic: String,
+    partition: u32,
+    messages: Vec<FiredMessage>,
+}
+
+/// What the dispatcher keeps of a fired message while the writer has its
+/// record.
+#[derive(Debug)]
+struct FiredMessage {
+    id: MessageId,
+    /// The partition the delay store named (before clamping to the topic).
+    partition: u32,
+    due_ms: i64,
 }
 
 impl Dispatcher {
@@ -465,6 +515,7 @@ impl Dispatcher {
         // The delay store logs what its recovery did.
         let (delays, _recovery) =
             DelayStore::open(Arc::clone(&storage), DelayConfig::default(), now)?;
+        let (written_tx, written) = mpsc::channel();
         let mut dispatcher = Dispatcher {
             wheel: TimingWheel::new(config.tick_ms, now),
             storage,
@@ -484,6 +535,13 @@ impl Dispatcher {
             quarantined: BTreeMap::new(),
             opened_at_ms: now,
             unfired: VecDeque::new(),
+            writer: Box::new(InlineWriter::new(written_tx.clone())),
+            written,
+            written_tx,
+            firing: HashMap::new(),
+            firing_messages: 0,
+            dead_lettering: HashMap::new(),
+            next_write_ticket: 0,
         };
         let entries = payloads
             .iter()
@@ -856,6 +914,11 @@ pub(super) const FIRE_BATCH_MAX: usize = 4_096;
 /// Most due delayed messages one [`Dispatcher::poll`] fires: a burst of
 /// millions fires over several polls, and the groups are served between.
 pub(super) const FIRE_PER_POLL_MAX: usize = 32_768;
+
+/// At most this many fired messages are being written by the background
+/// writer at once: the memory a burst of due delays holds outside the
+/// delay store, and how far firing runs ahead of the disk.
+pub(super) const FIRE_IN_FLIGHT_MAX: usize = 4 * FIRE_BATCH_MAX;
 /// Messages of one partition a member takes in one turn of a fill.
 pub(super) const FILL_CHUNK: usize = 64;
 

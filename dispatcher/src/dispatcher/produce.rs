@@ -115,7 +115,7 @@ impl Dispatcher {
         // a crash that lost its fired mark: its copy is already in its
         // topic. Those are handled first (appended, or found there), so a
         // cancel never returns true for a message that was delivered.
-        self.fire_delays(self.opened_at_ms, usize::MAX)?;
+        self.fire_overdue_at_open()?;
         let cancelled = self.delays.cancel(id)?;
         if cancelled {
             self.emit(
@@ -133,8 +133,10 @@ impl Dispatcher {
         Ok(cancelled)
     }
 
-    /// Delayed messages not yet fired.
+    /// Delayed messages not yet fired: waiting in the delay store, being
+    /// written to their topic, or waiting to be written again after a
+    /// failed append.
     pub fn pending_delays(&self) -> u64 {
-        self.delays.pending()
+        self.delays.pending() + self.firing_messages as u64 + self.unfired.len() as u64
     }
 }

@@ -1,4 +1,5 @@
-//! The pump: timers (ack deadlines, retries), due delays fired in batches,
+//! The pump: timers (ack deadlines, retries), due delays fired in batches
+//! through the durable writer (and its outcomes recorded),
 //! filling members within their credit, and the ack syncs; `poll` runs them
 //! in that order.
 
@@ -24,11 +25,25 @@ impl Dispatcher {
         Ok(std::mem::take(&mut self.outbox))
     }
 
-    /// Makes every ack durable now (shutdown, tests).
+    /// Makes every ack durable now (shutdown, tests), after the writer
+    /// finished what it was given.
     pub fn checkpoint(&mut self) -> Result<()> {
+        self.wait_written()?;
         let now = self.now();
         self.sync_acks(now, true)?;
         self.delays.checkpoint()?;
+        Ok(())
+    }
+
+    /// Hands the appends the dispatcher decides on (fired delays) to a
+    /// [`BackgroundWriter`] thread instead of doing them inline: `wake` is
+    /// called when outcomes are ready, and the owner then calls
+    /// [`poll`](Self::poll), which records them. Without it (simulations,
+    /// tests) every append is done and recorded inside the call that
+    /// decided it.
+    pub fn write_in_background(&mut self, wake: Box<dyn Fn() + Send>) -> std::io::Result<()> {
+        let writer = BackgroundWriter::start(self.written_tx.clone(), wake)?;
+        self.writer = Box::new(writer);
         Ok(())
     }
 
@@ -141,29 +156,37 @@ impl Dispatcher {
     }
 
     /// Fires due delayed messages, at most about `limit` of them (whole
-    /// batches).
+    /// batches): hands each partition's batch to the durable writer and
+    /// records the outcomes of earlier batches. With the background writer
+    /// at most [`FIRE_IN_FLIGHT_MAX`] messages are being written at once.
     pub(super) fn fire_delays(&mut self, now: i64, limit: usize) -> Result<()> {
+        if self.collect_written()? {
+            return Ok(());
+        }
         let mut fired_this_poll = 0;
         while fired_this_poll < limit {
-            // Messages whose append failed last time (a full disk) go
-            // first, in due order, before any new one is polled.
-            let due: Vec<DueMessage> = if self.unfired.is_empty() {
-                self.delays.poll_due(now, FIRE_BATCH_MAX)?
-            } else {
+            // Messages whose append failed (a full disk) go first, in due
+            // order, before any new one is polled, and only once nothing
+            // submitted before them is still being written (see
+            // `crate::writer`: a retry lifts the log's failed state).
+            let retry = !self.unfired.is_empty();
+            let due: Vec<DueMessage> = if retry {
+                if !self.firing.is_empty() {
+                    return Ok(());
+                }
                 self.unfired.drain(..).collect()
+            } else {
+                if self.firing_messages >= FIRE_IN_FLIGHT_MAX {
+                    return Ok(());
+                }
+                self.delays.poll_due(now, FIRE_BATCH_MAX)?
             };
             if due.is_empty() {
                 return Ok(());
             }
             fired_this_poll += due.len();
-            let (fired, failure) = self.fire_batch(due)?;
-            self.delays.mark_fired(&fired)?;
-            if let Some(error) = failure {
-                tracing::error!(
-                    %error,
-                    waiting = self.unfired.len(),
-                    "firing delayed messages failed; they are tried again at the next poll"
-                );
+            self.submit_fired(due, retry)?;
+            if self.collect_written()? {
                 return Ok(());
             }
         }
@@ -172,24 +195,73 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Appends due messages to their topics: one append (one durability
-    /// wait) per partition, each partition's messages in due order. A
-    /// message whose topic is gone is dropped; one whose copy is already in
-    /// its log (fired before a crash lost its fired mark) is skipped.
-    /// Returns the ids to mark fired, and the first append error: that
-    /// partition's messages and every later partition's wait in `unfired`
-    /// for the next poll (a delay never waits for a restart to fire).
-    pub(super) fn fire_batch(
-        &mut self,
-        due: Vec<DueMessage>,
-    ) -> Result<(Vec<MessageId>, Option<DispatchError>)> {
-        let mut fired = Vec::with_capacity(due.len());
+    /// Fires every delay due before this dispatcher opened and waits until
+    /// each is in its topic (or its append failed): afterwards no message
+    /// that may have fired before a crash is still pending in the delay
+    /// store.
+    pub(super) fn fire_overdue_at_open(&mut self) -> Result<()> {
+        loop {
+            self.fire_delays(self.opened_at_ms, usize::MAX)?;
+            self.wait_written()?;
+            let more_due = self
+                .delays
+                .next_due_ms()
+                .is_some_and(|due| due <= self.opened_at_ms);
+            if !more_due || !self.unfired.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Blocks until every batch handed to the writer is written (or
+    /// failed) and recorded (shutdown, checkpoints).
+    pub(super) fn wait_written(&mut self) -> Result<()> {
+        while !self.firing.is_empty() || !self.dead_lettering.is_empty() {
+            match self.written.recv() {
+                Ok(done) => {
+                    self.record_written(done)?;
+                }
+                // The writer is gone with its queue: what it had not
+                // written fires again after a restart (and a dead letter
+                // is moved again).
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records every outcome the writer has sent so far. True if a batch
+    /// of fired delays failed (its messages wait in `unfired`).
+    pub(super) fn collect_written(&mut self) -> Result<bool> {
+        let mut failed = false;
+        while let Ok(done) = self.written.try_recv() {
+            failed |= self.record_written(done)?;
+        }
+        Ok(failed)
+    }
+
+    /// Records one outcome of the writer. True if it was a batch of fired
+    /// delays that failed.
+    fn record_written(&mut self, done: WriteDone) -> Result<bool> {
+        if let Some(batch) = self.dead_lettering.remove(&done.ticket) {
+            self.record_dead_letters(batch, done.result)?;
+            return Ok(false);
+        }
+        self.record_fired(done)
+    }
+
+    /// Groups due messages by partition, in first-due order, and submits
+    /// one write per partition. A message whose topic is gone is dropped;
+    /// one whose copy is already in its log (fired before a crash lost its
+    /// fired mark) is skipped. Both are marked fired at once.
+    pub(super) fn submit_fired(&mut self, due: Vec<DueMessage>, retry: bool) -> Result<()> {
+        let mut done_already = Vec::new();
         // (log, topic, partition, messages), in first-due order.
         let mut batches: Vec<(Arc<dyn PartitionLog>, u32, Vec<DueMessage>)> = Vec::new();
         for message in due {
             let Some(topic) = self.topics.get(&message.topic) else {
                 tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
-                fired.push(message.id);
+                done_already.push(message.id);
                 continue;
             };
             let partition = message.partition.min(topic.config.partitions - 1);
@@ -199,7 +271,7 @@ impl Dispatcher {
             // not appended again (a second copy would escape a deletion
             // that covered the first).
             if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
-                fired.push(message.id);
+                done_already.push(message.id);
                 continue;
             }
             match batches
@@ -210,48 +282,98 @@ impl Dispatcher {
                 None => batches.push((Arc::clone(log), partition, vec![message])),
             }
         }
-        let mut batches = batches.into_iter();
-        // Logs with a lazy fsync policy that got fired copies: flushed
-        // before the fired marks, which may become durable at once (a
-        // message durable in the timer log must not become a copy a power
-        // loss can take back).
-        let mut lazy_logs: Vec<Arc<dyn PartitionLog>> = Vec::new();
-        let mut failure = None;
-        while let Some((log, partition, messages)) = batches.next() {
-            let records = messages.iter().map(|m| m.record.clone()).collect();
-            match log.append(records) {
-                Ok(appended) => {
-                    if log.durable_on_append() {
-                        lazy_logs.push(Arc::clone(&log));
-                    }
-                    for (message, (offset, id)) in messages.iter().zip(appended) {
-                        self.emit(
-                            id,
-                            Place {
-                                topic: Name::Plain(&message.topic),
-                                partition: Some(partition),
-                                offset: Some(offset),
-                                group: None,
-                            },
-                            EventKind::DelayFired,
-                            None,
-                        );
-                        fired.push(message.id);
-                    }
+        if !done_already.is_empty() {
+            self.delays.mark_fired(&done_already)?;
+        }
+        for (log, partition, messages) in batches {
+            let topic = messages[0].topic.clone();
+            let mut records = Vec::with_capacity(messages.len());
+            let mut fired = Vec::with_capacity(messages.len());
+            for message in messages {
+                records.push(message.record);
+                fired.push(FiredMessage {
+                    id: message.id,
+                    partition: message.partition,
+                    due_ms: message.due_ms,
+                });
+            }
+            let ticket = self.next_write_ticket;
+            self.next_write_ticket += 1;
+            self.firing_messages += fired.len();
+            // A log with a lazy fsync policy is flushed before the fired
+            // marks are recorded: they may become durable at once, and a
+            // message durable in the timer log must not become a copy a
+            // power loss can take back.
+            let flush = log.durable_on_append();
+            self.firing.insert(
+                ticket,
+                FiringBatch {
+                    topic,
+                    partition,
+                    messages: fired,
+                },
+            );
+            self.writer.submit(WriteJob {
+                ticket,
+                log,
+                batch: BatchInput::new(records),
+                flush,
+                retry,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records one outcome of the writer: the fired marks and trace events
+    /// of a written batch, or its messages back in `unfired`. True if it
+    /// failed.
+    fn record_fired(&mut self, done: WriteDone) -> Result<bool> {
+        let Some(batch) = self.firing.remove(&done.ticket) else {
+            return Ok(false);
+        };
+        self.firing_messages -= batch.messages.len();
+        match done.result {
+            Ok(appended) => {
+                let mut ids = Vec::with_capacity(batch.messages.len());
+                for (message, (offset, id)) in batch.messages.iter().zip(appended) {
+                    self.emit(
+                        id,
+                        Place {
+                            topic: Name::Plain(&batch.topic),
+                            partition: Some(batch.partition),
+                            offset: Some(offset),
+                            group: None,
+                        },
+                        EventKind::DelayFired,
+                        None,
+                    );
+                    ids.push(message.id);
                 }
-                Err(error) => {
-                    self.unfired.extend(messages);
-                    for (_, _, messages) in batches.by_ref() {
-                        self.unfired.extend(messages);
-                    }
-                    failure = Some(error.into());
+                self.delays.mark_fired(&ids)?;
+                Ok(false)
+            }
+            Err((error, records)) => {
+                if !matches!(error, WriteError::EarlierFailed) {
+                    tracing::error!(
+                        %error,
+                        topic = batch.topic,
+                        partition = batch.partition,
+                        messages = records.len(),
+                        "firing delayed messages failed; they are tried again at the next poll"
+                    );
                 }
+                for (message, record) in batch.messages.into_iter().zip(records) {
+                    self.unfired.push_back(DueMessage {
+                        id: message.id,
+                        topic: batch.topic.clone(),
+                        partition: message.partition,
+                        due_ms: message.due_ms,
+                        record,
+                    });
+                }
+                Ok(true)
             }
         }
-        for log in lazy_logs {
-            log.flush()?;
-        }
-        Ok((fired, failure))
     }
 
     /// Hands messages of one state to its members within their credit.

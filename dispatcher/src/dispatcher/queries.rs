@@ -114,7 +114,8 @@ impl Dispatcher {
         let now = self.now();
         // Pending delays by the partition they will be appended to (a
         // partition past the topic's end goes to its last one, as when it
-        // fires), and those whose append failed and waits for the next poll.
+        // fires), those being written to it, and those whose append failed
+        // and waits for a later poll.
         let last = logs.len().saturating_sub(1);
         let mut waiting = vec![0u64; logs.len()];
         let unfired = self
@@ -122,11 +123,17 @@ impl Dispatcher {
             .iter()
             .filter(|message| message.topic == topic)
             .map(|message| (message.partition, 1));
+        let firing = self
+            .firing
+            .values()
+            .filter(|batch| batch.topic == topic)
+            .map(|batch| (batch.partition, batch.messages.len() as u64));
         for (partition, count) in self
             .delays
             .pending_in_topic(topic)
             .into_iter()
             .chain(unfired)
+            .chain(firing)
         {
             if let Some(slot) = waiting.get_mut((partition as usize).min(last)) {
                 *slot += count;
