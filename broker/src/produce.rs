@@ -247,10 +247,25 @@ async fn finish(
             .map(|(index, partition, record)| (index, (partition, record)))
             .unzip();
         let name = topic.to_string();
-        let scheduled = engine
-            .call(move |dispatcher, _| dispatcher.produce_routed(&name, routed))
+        // The dispatcher appends to the timer log in call order and answers
+        // once the append is durable, waited for by its writer thread: the
+        // dispatcher's thread never waits for this fdatasync.
+        let (reply, scheduled) = tokio::sync::oneshot::channel();
+        engine
+            .call(move |dispatcher, _| {
+                dispatcher.schedule_delayed(
+                    &name,
+                    routed,
+                    Box::new(move |result| {
+                        let _ = reply.send(result);
+                    }),
+                )
+            })
             .await
-            .map_err(|error| convert::engine_error(&error))?
+            .map_err(|error| convert::engine_error(&error))?;
+        let scheduled = scheduled
+            .await
+            .map_err(|_| convert::engine_error(&crate::engine::EngineError::ShuttingDown))?
             .map_err(|error| convert::dispatch_error(&error))?;
         let mut by_partition: Vec<(u32, Vec<MessageId>)> = Vec::new();
         for (index, produced) in indexes.into_iter().zip(scheduled) {

@@ -62,6 +62,12 @@
 //! schedule: records above `W` are indexed again (a duplicate schedule entry
 //! is harmless: offsets dedupe).
 //!
+//! - A schedule may be split ([`DelayStore::schedule_append`], the
+//!   durability wait on another thread, [`DelayStore::schedule_commit`]):
+//!   while appended records wait for their commit, a flush sets `W` no
+//!   higher than the first of them, so the invariant holds for them too
+//!   once they are committed. An aborted schedule gets synced cancel
+//!   tombstones, so re-indexing never revives it.
 //! - Cancels are synced before `cancel` returns (the bucket journal is synced;
 //!   tombstones are sticky, so a re-indexed schedule entry stays dead).
 //! - Fired marks ([`DelayStore::mark_fired`]) are lazy: a crash between the
@@ -142,9 +148,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dmq_log_store::{MessageId, Record, RecordInput};
+use dmq_log_store::{AppendInfo, MessageId, Record, RecordInput};
 
-use crate::storage::{Journal, PartitionLog, Storage, StoreError};
+use crate::storage::{AppendedRecords, Journal, PartitionLog, Storage, StoreError};
 use crate::timing_wheel::{TimerId, TimingWheel};
 
 /// Topic of the timer log.
@@ -485,6 +491,36 @@ pub struct DelayStore {
     buffered_total: usize,
     next_seq: u64,
     fired_lost: u64,
+    /// Timer-log batches appended by `schedule_append` and not yet
+    /// committed or aborted, by base offset (a count: offsets are unique,
+    /// but a cut log could reuse one).
+    uncommitted: BTreeMap<u64, u32>,
+}
+
+/// Delayed messages appended to the timer log, not yet pending: see
+/// [`DelayStore::schedule_append`].
+#[derive(Debug)]
+pub struct PendingSchedule {
+    info: AppendInfo,
+    /// (due, id given by the caller, destination) per record.
+    dues: Vec<(i64, bool, Dest)>,
+}
+
+impl PendingSchedule {
+    /// The timer-log append to wait for.
+    pub fn append_info(&self) -> &AppendInfo {
+        &self.info
+    }
+
+    /// How many messages.
+    pub fn len(&self) -> usize {
+        self.dues.len()
+    }
+
+    /// True if it holds no message (never: `schedule_append` refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.dues.is_empty()
+    }
 }
 
 fn bucket_name(start: i64) -> String {
@@ -768,6 +804,7 @@ impl DelayStore {
             buffered_total: 0,
             next_seq: 0,
             fired_lost: 0,
+            uncommitted: BTreeMap::new(),
         };
         let mut recovery = DelayRecovery {
             watermark,
@@ -936,7 +973,9 @@ impl DelayStore {
 
     /// Schedules messages: `(topic, partition, record)`, due at
     /// `record.deliver_at_ms` (`None`: now). Returns once the timer-log append
-    /// is durable, with the id of each message, in order.
+    /// is durable, with the id of each message, in order:
+    /// [`schedule_append`](Self::schedule_append), the durability wait and
+    /// [`schedule_commit`](Self::schedule_commit) in one call.
     pub fn schedule(
         &mut self,
         entries: Vec<(String, u32, RecordInput)>,
@@ -944,6 +983,31 @@ impl DelayStore {
     ) -> Result<Vec<MessageId>> {
         if entries.is_empty() {
             return Ok(Vec::new());
+        }
+        let pending = self.schedule_append(entries, now_ms)?;
+        if let Err(error) = self.timer.wait_durable(&pending.info) {
+            self.schedule_abort(pending);
+            return Err(error.into());
+        }
+        self.schedule_commit(pending)
+    }
+
+    /// The first half of [`schedule`](Self::schedule): checks the entries
+    /// and appends them to the timer log without waiting for durability.
+    /// The messages are not pending yet: the caller waits for
+    /// [`PendingSchedule::append_info`]'s durability on the
+    /// [`timer_log`](Self::timer_log) (on any thread), then calls
+    /// [`schedule_commit`](Self::schedule_commit), or
+    /// [`schedule_abort`](Self::schedule_abort) if the wait failed. Until
+    /// then the watermark stays below them, so that a crash after the
+    /// commit and before the next flush still finds them by re-indexing.
+    pub fn schedule_append(
+        &mut self,
+        entries: Vec<(String, u32, RecordInput)>,
+        now_ms: i64,
+    ) -> Result<PendingSchedule> {
+        if entries.is_empty() {
+            return Err(DelayError::InvalidInput("nothing to schedule".into()));
         }
         let mut records = Vec::with_capacity(entries.len());
         let mut dues = Vec::with_capacity(entries.len());
@@ -970,19 +1034,36 @@ impl DelayStore {
             dues.push((due_ms, record.id.is_some(), dest));
             records.push(record);
         }
-        let appended = self.timer.append(records)?;
-        if appended.len() != dues.len() {
+        let info = self.timer.append_deferred(0, 0, records)?;
+        if info.ids.len() != dues.len() {
             return Err(DelayError::Store(StoreError::Log(
                 dmq_log_store::LogError::InvalidBatch(format!(
                     "timer log returned {} ids for {} records",
-                    appended.len(),
+                    info.ids.len(),
                     dues.len()
                 )),
             )));
         }
-        let mut ids = Vec::with_capacity(appended.len());
+        *self.uncommitted.entry(info.base_offset).or_default() += 1;
+        Ok(PendingSchedule { info, dues })
+    }
+
+    /// The timer log, for the durability wait between
+    /// [`schedule_append`](Self::schedule_append) and
+    /// [`schedule_commit`](Self::schedule_commit).
+    pub fn timer_log(&self) -> Arc<dyn PartitionLog> {
+        Arc::clone(&self.timer)
+    }
+
+    /// Makes appended messages pending, once their timer-log append is
+    /// durable; returns their ids, in order.
+    pub fn schedule_commit(&mut self, pending: PendingSchedule) -> Result<Vec<MessageId>> {
+        self.forget_uncommitted(pending.info.base_offset);
+        let mut ids = Vec::with_capacity(pending.dues.len());
         let mut by_bucket: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
-        for ((offset, id), (due_ms, foreign, dest)) in appended.into_iter().zip(dues) {
+        for ((offset, id), (due_ms, foreign, dest)) in
+            pending.info.records().into_iter().zip(pending.dues)
+        {
             ids.push(id);
             let entry = Entry {
                 due_ms,
@@ -1003,6 +1084,34 @@ impl DelayStore {
             self.flush()?;
         }
         Ok(ids)
+    }
+
+    /// Gives up appended messages whose durability wait failed: they never
+    /// fire in this process, and a cancel tombstone (synced, best effort)
+    /// keeps a restart that re-indexes the timer log from firing them.
+    pub fn schedule_abort(&mut self, pending: PendingSchedule) {
+        self.forget_uncommitted(pending.info.base_offset);
+        let mut by_bucket: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+        for ((offset, _), (due_ms, _, _)) in pending.info.records().into_iter().zip(pending.dues) {
+            by_bucket
+                .entry(self.bucket_start(due_ms))
+                .or_default()
+                .push(offset);
+        }
+        for (start, offsets) in by_bucket {
+            if let Err(error) = self.append_tombstones(start, KIND_CANCEL, &offsets, true) {
+                tracing::error!(%error, "cancelling delayed messages whose append failed");
+            }
+        }
+    }
+
+    fn forget_uncommitted(&mut self, base_offset: u64) {
+        if let Some(count) = self.uncommitted.get_mut(&base_offset) {
+            *count -= 1;
+            if *count == 0 {
+                self.uncommitted.remove(&base_offset);
+            }
+        }
     }
 
     /// Up to `max` messages due at or before `now_ms`, in due order. Append
@@ -1578,7 +1687,12 @@ impl DelayStore {
 
     /// Syncs every dirty bucket, advances the watermark, removes dead buckets.
     fn flush(&mut self) -> Result<()> {
-        let watermark = self.timer.end_offset();
+        // Not past a record whose schedule is not committed yet: its entry
+        // is in no bucket, and only re-indexing would find it again.
+        let watermark = match self.uncommitted.keys().next() {
+            Some(&first) => self.timer.end_offset().min(first),
+            None => self.timer.end_offset(),
+        };
         for (&start, bucket) in self.buckets.iter_mut() {
             if bucket.pending == 0 && bucket.inflight == 0 {
                 // Dead: removed below, after the watermark; no need to sync
@@ -1947,6 +2061,39 @@ mod tests {
             .list_journals(BUCKET_PREFIX)
             .unwrap()
             .is_empty());
+    }
+
+    /// A schedule split in two (append, then commit after the durability
+    /// wait elsewhere) must not let a flush in between move the watermark
+    /// past its records: the commit's entries are unflushed, and a crash
+    /// before the next flush finds them only by re-indexing from the
+    /// watermark. Aborted ones never fire, even after a restart.
+    #[test]
+    fn a_flush_between_append_and_commit_keeps_the_schedule_across_a_crash() {
+        let fixture = Fixture::new(0);
+        let (mut store, _) = fixture.open(config());
+        let entry = |value: &str, due: i64| ("orders".to_string(), 3, delayed(value, due));
+        let kept = store
+            .schedule_append(vec![entry("kept", 50_000)], 0)
+            .unwrap();
+        let dropped = store
+            .schedule_append(vec![entry("dropped", 60_000)], 0)
+            .unwrap();
+        assert_eq!(store.pending(), 0, "not pending before the commit");
+        // Another producer's schedule and a flush (a checkpoint) meanwhile.
+        schedule(&mut store, 0, &[70_000]);
+        store.checkpoint().unwrap();
+        let ids = store.schedule_commit(kept).unwrap();
+        store.schedule_abort(dropped);
+        assert_eq!(store.pending(), 2);
+        // A crash before any further flush.
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.pending, 2, "{recovery:?}");
+        let fired = drain(&mut store, 1_000_000);
+        assert_eq!(fired.len(), 2);
+        assert_eq!(fired[0], (50_000, ids[0]));
+        assert_eq!(fired[1].0, 70_000);
     }
 
     #[test]

@@ -48,10 +48,10 @@ pub use ack_bitmap::AckBitmap;
 pub use config::{
     Backoff, DeliveryMode, DispatcherConfig, GroupConfig, StartPosition, TopicConfig,
 };
-pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage};
+pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage, PendingSchedule};
 pub use dispatcher::{
     DeadLetterTopic, Delivery, DispatchError, Dispatcher, GroupMessageState, PartitionStats,
-    Produced, Quarantined, SeekPartition, SeekTarget, Tombstone,
+    Produced, Quarantined, ScheduleReply, SeekPartition, SeekTarget, Tombstone,
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;
@@ -61,4 +61,6 @@ pub use storage::{
     LOOKUP_SCAN_BATCH,
 };
 pub use timing_wheel::{TimerId, TimingWheel};
-pub use writer::{BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob};
+pub use writer::{
+    BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob, WriteWork,
+};

@@ -38,13 +38,24 @@
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use dmq_log_store::{BatchInput, MessageId, RecordInput};
+use dmq_log_store::{AppendInfo, BatchInput, MessageId, RecordInput};
 
 use crate::storage::{AppendedRecords, PartitionLog, StoreError};
 
 /// At most this many queued jobs are written in one round of the
 /// background writer (one durability wait per log per round).
 const JOBS_PER_ROUND: usize = 64;
+
+/// What a [`WriteJob`] does to its log.
+#[derive(Debug)]
+pub enum WriteWork {
+    /// Append these records (ids set), then wait for their durability.
+    Append(BatchInput),
+    /// The submitter appended already (`append_deferred`, on its own
+    /// thread, to keep its order with other appends): only wait for that
+    /// batch's durability.
+    Wait(AppendInfo),
+}
 
 /// One batch for one partition log.
 #[derive(Debug)]
@@ -53,8 +64,8 @@ pub struct WriteJob {
     pub ticket: u64,
     /// Where the batch goes.
     pub log: Arc<dyn PartitionLog>,
-    /// The records, with their ids set.
-    pub batch: BatchInput,
+    /// Append and wait, or only wait.
+    pub work: WriteWork,
     /// fdatasync after the append whatever the log's policy (the records
     /// were durable elsewhere and must not become a copy a power loss can
     /// take back).
@@ -214,13 +225,13 @@ impl Round {
         if job.retry {
             failed.remove(&job.log);
         }
-        let appended = if failed.contains(&job.log) {
-            Err(WriteError::EarlierFailed)
-        } else {
-            job.log.append_batch_deferred(&job.batch).map_err(|error| {
+        let appended = match &job.work {
+            WriteWork::Wait(info) => Ok(info.clone()),
+            WriteWork::Append(_) if failed.contains(&job.log) => Err(WriteError::EarlierFailed),
+            WriteWork::Append(batch) => job.log.append_batch_deferred(batch).map_err(|error| {
                 failed.insert(&job.log);
                 WriteError::Store(error)
-            })
+            }),
         };
         self.written.push((job, appended));
     }
@@ -241,7 +252,13 @@ impl Round {
             });
             outcomes.push(WriteDone {
                 ticket: job.ticket,
-                result: durable.map_err(|error| (error, job.batch.records)),
+                result: durable.map_err(|error| {
+                    let records = match job.work {
+                        WriteWork::Append(batch) => batch.records,
+                        WriteWork::Wait(_) => Vec::new(),
+                    };
+                    (error, records)
+                }),
             });
         }
         outcomes
@@ -265,12 +282,12 @@ mod tests {
         WriteJob {
             ticket,
             log: Arc::clone(log),
-            batch: BatchInput::new(
+            work: WriteWork::Append(BatchInput::new(
                 values
                     .iter()
                     .map(|v| RecordInput::new(Bytes::from_static(v.as_bytes())))
                     .collect(),
-            ),
+            )),
             flush: false,
             retry,
         }

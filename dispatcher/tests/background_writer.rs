@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use dmq_dispatcher::delay_store::TIMER_TOPIC;
 use dmq_dispatcher::storage::{OpenedJournal, Storage};
 use dmq_dispatcher::{
     Delivery, Dispatcher, DispatcherConfig, EventKind, GroupConfig, MemoryEventSink, MemoryStorage,
@@ -95,22 +96,22 @@ impl PartitionLog for GatedLog {
     }
 }
 
-/// Memory storage whose topic `slow` is gated.
+/// Memory storage whose topic `slow` and timer log are gated.
 #[derive(Debug)]
 struct GatedStorage {
     inner: MemoryStorage,
     gate: Arc<Gate>,
-    logs: Mutex<Vec<(u32, Arc<GatedLog>)>>,
+    logs: Mutex<Vec<(String, u32, Arc<GatedLog>)>>,
 }
 
 impl Storage for GatedStorage {
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionLog>, StoreError> {
         let inner = self.inner.partition(topic, partition)?;
-        if topic != "slow" {
+        if topic != "slow" && topic != TIMER_TOPIC {
             return Ok(inner);
         }
         let mut logs = self.logs.lock().unwrap();
-        if let Some((_, log)) = logs.iter().find(|(p, _)| *p == partition) {
+        if let Some((_, _, log)) = logs.iter().find(|(t, p, _)| t == topic && *p == partition) {
             return Ok(Arc::clone(log) as Arc<dyn PartitionLog>);
         }
         let log = Arc::new(GatedLog {
@@ -118,7 +119,7 @@ impl Storage for GatedStorage {
             inner,
             gate: Arc::clone(&self.gate),
         });
-        logs.push((partition, Arc::clone(&log)));
+        logs.push((topic.to_string(), partition, Arc::clone(&log)));
         Ok(log)
     }
 
@@ -401,4 +402,71 @@ fn a_dead_letter_move_waits_for_its_copy_without_stopping_the_group() {
         .unwrap();
     assert_eq!(copy.len(), 1, "{copy:?}");
     assert_eq!(&copy[0].value[..], b"poison");
+}
+
+#[test]
+fn a_delayed_produce_is_answered_once_durable_without_stopping_the_dispatcher() {
+    let mut w = World::new();
+    let member = w.dispatcher.join("fast", "g", "m").unwrap();
+    w.dispatcher.add_credit(member, 1_000).unwrap();
+    let due = w.clock.now_ms() + 10_000;
+    w.gate.set(false);
+    let (reply, answer) = mpsc::channel();
+    let record = RecordInput {
+        deliver_at_ms: Some(due),
+        ..RecordInput::new("later")
+    };
+    w.dispatcher.schedule_delayed(
+        "slow",
+        vec![(1, record)],
+        Box::new(move |result| {
+            let _ = reply.send(result);
+        }),
+    );
+    // The timer-log append waits at the gate on the writer's thread: no
+    // answer yet, and the dispatcher goes on.
+    w.gate.wait_for_a_writer();
+    assert!(answer.try_recv().is_err(), "answered before durable");
+    w.dispatcher
+        .produce("fast", Some(0), vec![RecordInput::new("now")])
+        .unwrap();
+    assert_eq!(
+        values_of(&w.dispatcher.poll().unwrap(), "fast", 0),
+        vec!["now"]
+    );
+    assert_eq!(
+        w.dispatcher.pending_delays(),
+        0,
+        "not pending before durable"
+    );
+    w.gate.set(true);
+    w.woken.recv_timeout(Duration::from_secs(10)).unwrap();
+    w.dispatcher.poll().unwrap();
+    let produced = answer
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
+    assert_eq!(produced.len(), 1);
+    assert_eq!(
+        (
+            produced[0].partition,
+            produced[0].offset,
+            produced[0].delayed_until_ms
+        ),
+        (1, None, Some(due))
+    );
+    assert_eq!(w.dispatcher.pending_delays(), 1);
+    // And it fires at its time, into its partition.
+    w.clock.advance_ms(10_000);
+    for _ in 0..100 {
+        w.dispatcher.poll().unwrap();
+        if w.dispatcher.pending_delays() == 0 {
+            break;
+        }
+        let _ = w.woken.recv_timeout(Duration::from_millis(100));
+    }
+    let log = w.storage.memory_log("slow", 1).unwrap();
+    let records = log.read(0, 10).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].id, produced[0].id);
 }

@@ -279,7 +279,7 @@ impl Dispatcher {
             self.writer.submit(WriteJob {
                 ticket,
                 log,
-                batch: BatchInput::new(records),
+                work: WriteWork::Append(BatchInput::new(records)),
                 flush,
                 // Dead letters keep no order of their own to protect: a
                 // failed move is retried on its own timer.

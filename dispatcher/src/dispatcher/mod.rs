@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ack_bitmap::AckBitmap;
 use crate::config::{DeliveryMode, DispatcherConfig, GroupConfig, StartPosition, TopicConfig};
-use crate::delay_store::{DelayConfig, DelayError, DelayStore, DueMessage};
+use crate::delay_store::{DelayConfig, DelayError, DelayStore, DueMessage, PendingSchedule};
 use crate::events::{Event, EventKind, EventSink};
 use crate::group::{
     AckJournalError, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
@@ -64,7 +64,7 @@ use crate::storage::{Journal, PartitionLog, RecoveryDamage, Storage, StoreError}
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
 use crate::writer::{
-    BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob,
+    BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob, WriteWork,
 };
 
 mod acks;
@@ -463,7 +463,33 @@ pub struct Dispatcher {
     firing_messages: usize,
     /// Dead-letter copies handed to the writer, by ticket.
     dead_lettering: HashMap<u64, DeadLetterBatch>,
+    /// Delayed produces whose timer-log append the writer waits for, by
+    /// ticket.
+    scheduling: HashMap<u64, Scheduling>,
     next_write_ticket: u64,
+}
+
+/// Where the answer to [`Dispatcher::schedule_delayed`] goes, called on
+/// the dispatcher's thread once the messages are pending (or failed).
+pub type ScheduleReply = Box<dyn FnOnce(Result<Vec<Produced>>) + Send>;
+
+/// A delayed produce appended to the timer log, waiting for its
+/// durability.
+struct Scheduling {
+    topic: String,
+    /// (partition, due) per record, in request order.
+    records: Vec<(u32, i64)>,
+    pending: PendingSchedule,
+    reply: ScheduleReply,
+}
+
+impl std::fmt::Debug for Scheduling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduling")
+            .field("topic", &self.topic)
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Dead-letter copies being written to one dead-letter topic.
@@ -541,6 +567,7 @@ impl Dispatcher {
             firing: HashMap::new(),
             firing_messages: 0,
             dead_lettering: HashMap::new(),
+            scheduling: HashMap::new(),
             next_write_ticket: 0,
         };
         let entries = payloads

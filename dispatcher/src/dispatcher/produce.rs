@@ -53,7 +53,7 @@ impl Dispatcher {
             match record.deliver_at_ms {
                 Some(due) if due > now => {
                     order.push((true, due, partition));
-                    delayed.push((topic.to_string(), partition, record));
+                    delayed.push((partition, record));
                 }
                 _ => {
                     order.push((false, 0, partition));
@@ -66,33 +66,19 @@ impl Dispatcher {
             let offsets = self.topic(topic)?.partitions[partition as usize].append(records)?;
             appended.insert(partition, offsets.into_iter());
         }
-        let delayed_ids = if delayed.is_empty() {
+        let mut delayed_produced = if delayed.is_empty() {
             Vec::new()
         } else {
-            self.delays.schedule(delayed, now)?
-        };
-        let mut delayed_ids = delayed_ids.into_iter();
+            self.schedule_and_wait(topic, delayed)?
+        }
+        .into_iter();
         let mut produced = Vec::with_capacity(order.len());
-        for (is_delayed, due, partition) in order {
+        for (is_delayed, _, partition) in order {
             if is_delayed {
-                let Some(id) = delayed_ids.next() else { break };
-                self.emit(
-                    id,
-                    Place {
-                        topic: Name::Plain(topic),
-                        partition: Some(partition),
-                        offset: None,
-                        group: None,
-                    },
-                    EventKind::DelayScheduled { due_ms: due },
-                    None,
-                );
-                produced.push(Produced {
-                    partition,
-                    offset: None,
-                    id,
-                    delayed_until_ms: Some(due),
-                });
+                let Some(scheduled) = delayed_produced.next() else {
+                    break;
+                };
+                produced.push(scheduled);
             } else {
                 let Some((offset, id)) = appended.get_mut(&partition).and_then(Iterator::next)
                 else {
@@ -107,6 +93,170 @@ impl Dispatcher {
             }
         }
         Ok(produced)
+    }
+
+    /// [`schedule_delayed`](Self::schedule_delayed), waiting for the
+    /// answer (the inline writer has it at once; the background writer
+    /// within its durability wait).
+    fn schedule_and_wait(
+        &mut self,
+        topic: &str,
+        records: Vec<(u32, RecordInput)>,
+    ) -> Result<Vec<Produced>> {
+        let slot: Arc<std::sync::Mutex<Option<Result<Vec<Produced>>>>> = Arc::default();
+        let answer = Arc::clone(&slot);
+        self.schedule_delayed(
+            topic,
+            records,
+            Box::new(move |result| {
+                *answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            }),
+        );
+        loop {
+            if let Some(result) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return result;
+            }
+            match self.written.recv() {
+                Ok(done) => {
+                    self.record_written(done)?;
+                }
+                Err(_) => {
+                    return Err(DispatchError::InvalidArgument(
+                        "the durable writer stopped".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Stores delayed records (already routed, every one checked against
+    /// the topic) in the delay store without waiting on this thread: the
+    /// timer-log append is made here, in call order, and the durable writer
+    /// waits for its durability (sharing one fdatasync with every other
+    /// batch of the round); then the next poll makes the messages pending
+    /// and calls `reply` with one [`Produced`] per record, in order. A
+    /// record whose deliver-at has passed meanwhile is scheduled anyway
+    /// (it fires at the next poll). Nothing is answered before the append
+    /// is durable; a failure is answered too.
+    pub fn schedule_delayed(
+        &mut self,
+        topic: &str,
+        records: Vec<(u32, RecordInput)>,
+        reply: ScheduleReply,
+    ) {
+        let appended = self.schedule_append(topic, records);
+        match appended {
+            Err(error) => reply(Err(error)),
+            Ok((pending, records)) => {
+                let ticket = self.next_write_ticket;
+                self.next_write_ticket += 1;
+                let log = self.delays.timer_log();
+                let info = pending.append_info().clone();
+                self.scheduling.insert(
+                    ticket,
+                    Scheduling {
+                        topic: topic.to_string(),
+                        records,
+                        pending,
+                        reply,
+                    },
+                );
+                self.writer.submit(WriteJob {
+                    ticket,
+                    log,
+                    work: WriteWork::Wait(info),
+                    flush: false,
+                    // A wait has no order of its own to protect.
+                    retry: true,
+                });
+                if let Err(error) = self.collect_written() {
+                    tracing::error!(%error, "recording written batches failed");
+                }
+            }
+        }
+    }
+
+    /// Checks delayed records and appends them to the timer log; returns
+    /// the append and (partition, due) per record.
+    fn schedule_append(
+        &mut self,
+        topic: &str,
+        records: Vec<(u32, RecordInput)>,
+    ) -> Result<(PendingSchedule, Vec<(u32, i64)>)> {
+        names::check_headers(records.iter().map(|(_, r)| r.headers.as_slice()))
+            .map_err(DispatchError::InvalidArgument)?;
+        let now = self.now();
+        let partitions = self.topic(topic)?.config.partitions;
+        if let Some((partition, _)) = records.iter().find(|(p, _)| *p >= partitions) {
+            return Err(DispatchError::UnknownPartition {
+                topic: topic.to_string(),
+                partition: *partition,
+            });
+        }
+        let shape: Vec<(u32, i64)> = records
+            .iter()
+            .map(|(partition, record)| (*partition, record.deliver_at_ms.unwrap_or(now)))
+            .collect();
+        let entries = records
+            .into_iter()
+            .map(|(partition, record)| (topic.to_string(), partition, record))
+            .collect();
+        let pending = self.delays.schedule_append(entries, now)?;
+        Ok((pending, shape))
+    }
+
+    /// Records the outcome of a delayed produce's durability wait: the
+    /// messages become pending (event `DelayScheduled`) and the producer
+    /// is answered; or the append is given up and the error answered.
+    pub(super) fn record_scheduled(
+        &mut self,
+        scheduling: Scheduling,
+        result: std::result::Result<Vec<(u64, MessageId)>, crate::writer::WriteFailure>,
+    ) {
+        let Scheduling {
+            topic,
+            records,
+            pending,
+            reply,
+        } = scheduling;
+        if let Err((error, _)) = result {
+            self.delays.schedule_abort(pending);
+            reply(Err(match error {
+                WriteError::Store(error) => DispatchError::Store(error),
+                WriteError::EarlierFailed => {
+                    DispatchError::InvalidArgument(WriteError::EarlierFailed.to_string())
+                }
+            }));
+            return;
+        }
+        let ids = match self.delays.schedule_commit(pending) {
+            Ok(ids) => ids,
+            Err(error) => {
+                reply(Err(error.into()));
+                return;
+            }
+        };
+        let mut produced = Vec::with_capacity(ids.len());
+        for (id, (partition, due)) in ids.into_iter().zip(records) {
+            self.emit(
+                id,
+                Place {
+                    topic: Name::Plain(&topic),
+                    partition: Some(partition),
+                    offset: None,
+                    group: None,
+                },
+                EventKind::DelayScheduled { due_ms: due },
+                None,
+            );
+            produced.push(Produced {
+                partition,
+                offset: None,
+                id,
+                delayed_until_ms: Some(due),
+            });
+        }
+        reply(Ok(produced));
     }
 
     /// Cancels a pending delayed message; true if it was pending.

@@ -216,7 +216,10 @@ impl Dispatcher {
     /// Blocks until every batch handed to the writer is written (or
     /// failed) and recorded (shutdown, checkpoints).
     pub(super) fn wait_written(&mut self) -> Result<()> {
-        while !self.firing.is_empty() || !self.dead_lettering.is_empty() {
+        while !self.firing.is_empty()
+            || !self.dead_lettering.is_empty()
+            || !self.scheduling.is_empty()
+        {
             match self.written.recv() {
                 Ok(done) => {
                     self.record_written(done)?;
@@ -242,9 +245,13 @@ impl Dispatcher {
 
     /// Records one outcome of the writer. True if it was a batch of fired
     /// delays that failed.
-    fn record_written(&mut self, done: WriteDone) -> Result<bool> {
+    pub(super) fn record_written(&mut self, done: WriteDone) -> Result<bool> {
         if let Some(batch) = self.dead_lettering.remove(&done.ticket) {
             self.record_dead_letters(batch, done.result)?;
+            return Ok(false);
+        }
+        if let Some(scheduling) = self.scheduling.remove(&done.ticket) {
+            self.record_scheduled(scheduling, done.result);
             return Ok(false);
         }
         self.record_fired(done)
@@ -316,7 +323,7 @@ impl Dispatcher {
             self.writer.submit(WriteJob {
                 ticket,
                 log,
-                batch: BatchInput::new(records),
+                work: WriteWork::Append(BatchInput::new(records)),
                 flush,
                 retry,
             });
