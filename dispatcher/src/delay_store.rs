@@ -379,6 +379,90 @@ impl Destinations {
 /// ordered by due time, then by when it became ready.
 type ReadyEntry = (i64, u64, u64, MessageId, Option<Dest>);
 
+/// Timer-log records read by one `fetch`, in offset order: taken by
+/// offset (a binary search, no hashing of each of a burst's records).
+#[derive(Debug, Default)]
+struct FetchedRecords {
+    offsets: Vec<u64>,
+    records: Vec<Option<Record>>,
+}
+
+impl FetchedRecords {
+    /// Adds a record past every earlier one.
+    fn push(&mut self, record: Record) {
+        if self
+            .offsets
+            .last()
+            .is_some_and(|last| *last >= record.offset)
+        {
+            // Out of order (never, from one sweep): keep the first.
+            return;
+        }
+        self.offsets.push(record.offset);
+        self.records.push(Some(record));
+    }
+
+    /// The record at `offset`, unless taken.
+    fn get(&self, offset: &u64) -> Option<&Record> {
+        let index = self.offsets.binary_search(offset).ok()?;
+        self.records[index].as_ref()
+    }
+
+    /// The record at `offset`, once.
+    fn take(&mut self, offset: u64) -> Option<Record> {
+        let index = self.offsets.binary_search(&offset).ok()?;
+        self.records[index].take()
+    }
+}
+
+/// Due entries in (due, seq) order. The wheel fires its entries already
+/// in that order, so most pushes land at the back of a plain queue (O(1));
+/// only an entry that sorts before the back (an overdue one loaded from
+/// disk) goes to a heap. A burst of a million due together thus costs no
+/// heap sift per entry (it used to: 8 % of the dispatcher's thread).
+#[derive(Debug, Default)]
+struct ReadyQueue {
+    in_order: VecDeque<ReadyEntry>,
+    out_of_order: BinaryHeap<Reverse<ReadyEntry>>,
+}
+
+impl ReadyQueue {
+    fn push(&mut self, entry: ReadyEntry) {
+        match self.in_order.back() {
+            Some(back) if entry < *back => self.out_of_order.push(Reverse(entry)),
+            _ => self.in_order.push_back(entry),
+        }
+    }
+
+    fn peek(&self) -> Option<&ReadyEntry> {
+        match (self.in_order.front(), self.out_of_order.peek()) {
+            (Some(a), Some(Reverse(b))) => Some(if b < a { b } else { a }),
+            (a, b) => a.or(b.map(|Reverse(b)| b)),
+        }
+    }
+
+    fn pop(&mut self) -> Option<ReadyEntry> {
+        let from_heap = match (self.in_order.front(), self.out_of_order.peek()) {
+            (Some(a), Some(Reverse(b))) => b < a,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if from_heap {
+            self.out_of_order.pop().map(|Reverse(entry)| entry)
+        } else {
+            self.in_order.pop_front()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.in_order.len() + self.out_of_order.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A schedule entry of a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
@@ -472,7 +556,7 @@ pub struct DelayStore {
     /// A multiple of the bucket width.
     horizon_ms: i64,
     wheel: TimingWheel<WheelItem>,
-    ready: BinaryHeap<Reverse<ReadyEntry>>,
+    ready: ReadyQueue,
     /// Due entries with their records read, in due order: (offset,
     /// destination, message).
     staged: VecDeque<(u64, Option<Dest>, DueMessage)>,
@@ -793,7 +877,7 @@ impl DelayStore {
             meta,
             buckets: BTreeMap::new(),
             horizon_ms: 0,
-            ready: BinaryHeap::new(),
+            ready: ReadyQueue::default(),
             staged: VecDeque::new(),
             cancelled_ready: HashSet::new(),
             loaded: BTreeMap::new(),
@@ -1125,7 +1209,7 @@ impl DelayStore {
         // of a million costs no probe of that map here.
         for (due_ms, item) in fired {
             self.ready
-                .push(Reverse((due_ms, item.seq, item.offset, item.id, item.dest)));
+                .push((due_ms, item.seq, item.offset, item.id, item.dest));
         }
         let mut out = Vec::new();
         while out.len() < max {
@@ -1162,7 +1246,7 @@ impl DelayStore {
         let mut selected = Vec::new();
         let mut dests = Vec::new();
         while selected.len() < FETCH_RECORDS_MAX {
-            let Some(Reverse((due_ms, _, offset, id, dest))) = self.ready.peek().copied() else {
+            let Some((due_ms, _, offset, id, dest)) = self.ready.peek().copied() else {
                 break;
             };
             if due_ms > now_ms {
@@ -1184,7 +1268,7 @@ impl DelayStore {
             // Taken, not cloned: the fields move into the message (an offset
             // is in `ready` once, see `insert_loaded`).
             let message = records
-                .remove(&offset)
+                .take(offset)
                 .filter(|record| record.id == id)
                 .and_then(|record| {
                     let destination = destination(&record)?;
@@ -1333,7 +1417,7 @@ impl DelayStore {
     /// cancels, never late). `None` when nothing is pending.
     pub fn next_due_ms(&self) -> Option<i64> {
         let staged = self.staged.front().map(|(_, _, message)| message.due_ms);
-        let ready = self.ready.peek().map(|Reverse((due, ..))| *due);
+        let ready = self.ready.peek().map(|(due, ..)| *due);
         let wheel = self.wheel.next_due_ms();
         let disk = self
             .buckets
@@ -1444,13 +1528,8 @@ impl DelayStore {
         self.next_seq += 1;
         if entry.due_ms <= self.wheel.now_ms() {
             // Already due: straight to the ready queue.
-            self.ready.push(Reverse((
-                entry.due_ms,
-                seq,
-                entry.offset,
-                entry.id,
-                entry.dest,
-            )));
+            self.ready
+                .push((entry.due_ms, seq, entry.offset, entry.id, entry.dest));
             self.loaded.insert(
                 entry.offset,
                 LoadedSlot {
@@ -1629,11 +1708,11 @@ impl DelayStore {
     }
 
     /// Reads the timer-log records at `selected` offsets, coalescing reads.
-    fn fetch(&self, selected: &[(i64, u64, MessageId)]) -> Result<HashMap<u64, Record>> {
+    fn fetch(&self, selected: &[(i64, u64, MessageId)]) -> Result<FetchedRecords> {
         let mut offsets: Vec<u64> = selected.iter().map(|(_, offset, _)| *offset).collect();
         offsets.sort_unstable();
         offsets.dedup();
-        let mut out = HashMap::with_capacity(offsets.len());
+        let mut out = FetchedRecords::default();
         let mut i = 0;
         while i < offsets.len() {
             let first = offsets[i];
@@ -1649,7 +1728,7 @@ impl DelayStore {
             let wanted = &offsets[i..=j];
             for record in records {
                 if wanted.binary_search(&record.offset).is_ok() {
-                    out.insert(record.offset, record);
+                    out.push(record);
                 }
             }
             i = j + 1;
@@ -2061,6 +2140,31 @@ mod tests {
             .list_journals(BUCKET_PREFIX)
             .unwrap()
             .is_empty());
+    }
+
+    proptest::proptest! {
+        /// The ready queue pops in exactly the order a binary heap would,
+        /// whatever mix of in-order and out-of-order pushes and pops.
+        #[test]
+        fn ready_queue_pops_like_a_heap(ops in proptest::collection::vec((0u8..4, 0i64..50), 0..300)) {
+            let mut queue = ReadyQueue::default();
+            let mut heap = BinaryHeap::new();
+            for (seq, (op, due)) in ops.into_iter().enumerate() {
+                if op == 0 {
+                    proptest::prop_assert_eq!(queue.pop(), heap.pop().map(|Reverse(e)| e));
+                } else {
+                    let entry = (due, seq as u64, seq as u64, MessageId::default(), None);
+                    queue.push(entry);
+                    heap.push(Reverse(entry));
+                }
+                proptest::prop_assert_eq!(queue.peek().copied(), heap.peek().map(|Reverse(e)| *e));
+                proptest::prop_assert_eq!(queue.len(), heap.len());
+            }
+            while let Some(Reverse(entry)) = heap.pop() {
+                proptest::prop_assert_eq!(queue.pop(), Some(entry));
+            }
+            proptest::prop_assert!(queue.is_empty());
+        }
     }
 
     /// A schedule split in two (append, then commit after the durability
