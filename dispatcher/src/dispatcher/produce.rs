@@ -36,16 +36,8 @@ impl Dispatcher {
         topic: &str,
         records: Vec<(u32, RecordInput)>,
     ) -> Result<Vec<Produced>> {
-        names::check_headers(records.iter().map(|(_, r)| r.headers.as_slice()))
-            .map_err(DispatchError::InvalidArgument)?;
+        self.check_routed(topic, &records)?;
         let now = self.now();
-        let partitions = self.topic(topic)?.config.partitions;
-        if let Some((partition, _)) = records.iter().find(|(p, _)| *p >= partitions) {
-            return Err(DispatchError::UnknownPartition {
-                topic: topic.to_string(),
-                partition: *partition,
-            });
-        }
         let mut immediate: BTreeMap<u32, Vec<RecordInput>> = BTreeMap::new();
         let mut delayed = Vec::new();
         let mut order = Vec::with_capacity(records.len());
@@ -176,6 +168,21 @@ impl Dispatcher {
         }
     }
 
+    /// Refuses routed records with a reserved header or a partition past
+    /// the topic's end, before anything is stored.
+    fn check_routed(&self, topic: &str, records: &[(u32, RecordInput)]) -> Result<()> {
+        names::check_headers(records.iter().map(|(_, r)| r.headers.as_slice()))
+            .map_err(DispatchError::InvalidArgument)?;
+        let partitions = self.topic(topic)?.config.partitions;
+        match records.iter().find(|(p, _)| *p >= partitions) {
+            Some((partition, _)) => Err(DispatchError::UnknownPartition {
+                topic: topic.to_string(),
+                partition: *partition,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks delayed records and appends them to the timer log; returns
     /// the append and (partition, due) per record.
     fn schedule_append(
@@ -183,16 +190,8 @@ impl Dispatcher {
         topic: &str,
         records: Vec<(u32, RecordInput)>,
     ) -> Result<(PendingSchedule, Vec<(u32, i64)>)> {
-        names::check_headers(records.iter().map(|(_, r)| r.headers.as_slice()))
-            .map_err(DispatchError::InvalidArgument)?;
+        self.check_routed(topic, &records)?;
         let now = self.now();
-        let partitions = self.topic(topic)?.config.partitions;
-        if let Some((partition, _)) = records.iter().find(|(p, _)| *p >= partitions) {
-            return Err(DispatchError::UnknownPartition {
-                topic: topic.to_string(),
-                partition: *partition,
-            });
-        }
         let shape: Vec<(u32, i64)> = records
             .iter()
             .map(|(partition, record)| (*partition, record.deliver_at_ms.unwrap_or(now)))
