@@ -263,28 +263,22 @@ impl Dispatcher {
             if records.is_empty() {
                 continue;
             }
-            let ticket = self.next_write_ticket;
-            self.next_write_ticket += 1;
             // Under a lazy policy the copies are flushed before the acks,
             // which may become durable first: the copies must not be what
             // a crash loses.
             let flush = log.durable_on_append();
-            self.dead_lettering.insert(
-                ticket,
-                DeadLetterBatch {
-                    topic: dead_letter_topic,
-                    moves: batch,
-                },
-            );
-            self.writer.submit(WriteJob {
-                ticket,
+            self.submit_write(
                 log,
-                work: WriteWork::Append(BatchInput::new(records)),
+                WriteWork::Append(BatchInput::new(records)),
                 flush,
                 // Dead letters keep no order of their own to protect: a
                 // failed move is retried on its own timer.
-                retry: true,
-            });
+                true,
+                InFlightWrite::DeadLetters(DeadLetterBatch {
+                    topic: dead_letter_topic,
+                    moves: batch,
+                }),
+            );
         }
         // The inline writer has written them already: ack them now.
         if let Err(error) = self.collect_written() {

@@ -458,15 +458,21 @@ pub struct Dispatcher {
     /// The writer's outcomes, and the sender a new writer gets.
     written: mpsc::Receiver<WriteDone>,
     written_tx: mpsc::Sender<WriteDone>,
-    /// Fired batches handed to the writer, by ticket, and their messages.
-    firing: HashMap<u64, FiringBatch>,
-    firing_messages: usize,
-    /// Dead-letter copies handed to the writer, by ticket.
-    dead_lettering: HashMap<u64, DeadLetterBatch>,
-    /// Delayed produces whose timer-log append the writer waits for, by
-    /// ticket.
-    scheduling: HashMap<u64, Scheduling>,
+    /// What each write handed to the writer is for, by ticket.
+    writes: HashMap<u64, InFlightWrite>,
     next_write_ticket: u64,
+}
+
+/// What a write handed to the writer was for (see
+/// [`Dispatcher::submit_write`]).
+#[derive(Debug)]
+enum InFlightWrite {
+    /// Fired delayed messages, to one partition.
+    Fire(FiringBatch),
+    /// Dead-letter copies, to one dead-letter topic.
+    DeadLetters(DeadLetterBatch),
+    /// A delayed produce's timer-log append, waited for.
+    Schedule(Scheduling),
 }
 
 /// Where the answer to [`Dispatcher::schedule_delayed`] goes, called on
@@ -564,10 +570,7 @@ impl Dispatcher {
             writer: Box::new(InlineWriter::new(written_tx.clone())),
             written,
             written_tx,
-            firing: HashMap::new(),
-            firing_messages: 0,
-            dead_lettering: HashMap::new(),
-            scheduling: HashMap::new(),
+            writes: HashMap::new(),
             next_write_ticket: 0,
         };
         let entries = payloads

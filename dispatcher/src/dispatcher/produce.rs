@@ -44,11 +44,11 @@ impl Dispatcher {
         for (partition, record) in records {
             match record.deliver_at_ms {
                 Some(due) if due > now => {
-                    order.push((true, due, partition));
+                    order.push((true, partition));
                     delayed.push((partition, record));
                 }
                 _ => {
-                    order.push((false, 0, partition));
+                    order.push((false, partition));
                     immediate.entry(partition).or_default().push(record);
                 }
             }
@@ -65,7 +65,7 @@ impl Dispatcher {
         }
         .into_iter();
         let mut produced = Vec::with_capacity(order.len());
-        for (is_delayed, _, partition) in order {
+        for (is_delayed, partition) in order {
             if is_delayed {
                 let Some(scheduled) = delayed_produced.next() else {
                     break;
@@ -140,27 +140,21 @@ impl Dispatcher {
         match appended {
             Err(error) => reply(Err(error)),
             Ok((pending, records)) => {
-                let ticket = self.next_write_ticket;
-                self.next_write_ticket += 1;
                 let log = self.delays.timer_log();
                 let info = pending.append_info().clone();
-                self.scheduling.insert(
-                    ticket,
-                    Scheduling {
+                self.submit_write(
+                    log,
+                    WriteWork::Wait(info),
+                    false,
+                    // A wait has no order of its own to protect.
+                    true,
+                    InFlightWrite::Schedule(Scheduling {
                         topic: topic.to_string(),
                         records,
                         pending,
                         reply,
-                    },
+                    }),
                 );
-                self.writer.submit(WriteJob {
-                    ticket,
-                    log,
-                    work: WriteWork::Wait(info),
-                    flush: false,
-                    // A wait has no order of its own to protect.
-                    retry: true,
-                });
                 if let Err(error) = self.collect_written() {
                     tracing::error!(%error, "recording written batches failed");
                 }
@@ -286,6 +280,6 @@ impl Dispatcher {
     /// written to their topic, or waiting to be written again after a
     /// failed append.
     pub fn pending_delays(&self) -> u64 {
-        self.delays.pending() + self.firing_messages as u64 + self.unfired.len() as u64
+        self.delays.pending() + self.firing_messages() as u64 + self.unfired.len() as u64
     }
 }

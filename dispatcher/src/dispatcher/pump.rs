@@ -171,12 +171,12 @@ impl Dispatcher {
             // `crate::writer`: a retry lifts the log's failed state).
             let retry = !self.unfired.is_empty();
             let due: Vec<DueMessage> = if retry {
-                if !self.firing.is_empty() {
+                if self.firing_messages() > 0 {
                     return Ok(());
                 }
                 self.unfired.drain(..).collect()
             } else {
-                if self.firing_messages >= FIRE_IN_FLIGHT_MAX {
+                if self.firing_messages() >= FIRE_IN_FLIGHT_MAX {
                     return Ok(());
                 }
                 self.delays.poll_due(now, FIRE_BATCH_MAX)?
@@ -216,10 +216,7 @@ impl Dispatcher {
     /// Blocks until every batch handed to the writer is written (or
     /// failed) and recorded (shutdown, checkpoints).
     pub(super) fn wait_written(&mut self) -> Result<()> {
-        while !self.firing.is_empty()
-            || !self.dead_lettering.is_empty()
-            || !self.scheduling.is_empty()
-        {
+        while !self.writes.is_empty() {
             match self.written.recv() {
                 Ok(done) => {
                     self.record_written(done)?;
@@ -246,15 +243,51 @@ impl Dispatcher {
     /// Records one outcome of the writer. True if it was a batch of fired
     /// delays that failed.
     pub(super) fn record_written(&mut self, done: WriteDone) -> Result<bool> {
-        if let Some(batch) = self.dead_lettering.remove(&done.ticket) {
-            self.record_dead_letters(batch, done.result)?;
-            return Ok(false);
+        match self.writes.remove(&done.ticket) {
+            Some(InFlightWrite::Fire(batch)) => self.record_fired(batch, done.result),
+            Some(InFlightWrite::DeadLetters(batch)) => {
+                self.record_dead_letters(batch, done.result)?;
+                Ok(false)
+            }
+            Some(InFlightWrite::Schedule(scheduling)) => {
+                self.record_scheduled(scheduling, done.result);
+                Ok(false)
+            }
+            None => Ok(false),
         }
-        if let Some(scheduling) = self.scheduling.remove(&done.ticket) {
-            self.record_scheduled(scheduling, done.result);
-            return Ok(false);
-        }
-        self.record_fired(done)
+    }
+
+    /// Hands one write to the writer under a new ticket, remembering what
+    /// it is for until its outcome comes back.
+    pub(super) fn submit_write(
+        &mut self,
+        log: Arc<dyn PartitionLog>,
+        work: WriteWork,
+        flush: bool,
+        retry: bool,
+        what: InFlightWrite,
+    ) {
+        let ticket = self.next_write_ticket;
+        self.next_write_ticket += 1;
+        self.writes.insert(ticket, what);
+        self.writer.submit(WriteJob {
+            ticket,
+            log,
+            work,
+            flush,
+            retry,
+        });
+    }
+
+    /// Fired messages with the writer now.
+    pub(super) fn firing_messages(&self) -> usize {
+        self.writes
+            .values()
+            .map(|write| match write {
+                InFlightWrite::Fire(batch) => batch.messages.len(),
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Groups due messages by partition, in first-due order, and submits
@@ -304,29 +337,22 @@ impl Dispatcher {
                     due_ms: message.due_ms,
                 });
             }
-            let ticket = self.next_write_ticket;
-            self.next_write_ticket += 1;
-            self.firing_messages += fired.len();
             // A log with a lazy fsync policy is flushed before the fired
             // marks are recorded: they may become durable at once, and a
             // message durable in the timer log must not become a copy a
             // power loss can take back.
             let flush = log.durable_on_append();
-            self.firing.insert(
-                ticket,
-                FiringBatch {
+            self.submit_write(
+                log,
+                WriteWork::Append(BatchInput::new(records)),
+                flush,
+                retry,
+                InFlightWrite::Fire(FiringBatch {
                     topic,
                     partition,
                     messages: fired,
-                },
+                }),
             );
-            self.writer.submit(WriteJob {
-                ticket,
-                log,
-                work: WriteWork::Append(BatchInput::new(records)),
-                flush,
-                retry,
-            });
         }
         Ok(())
     }
@@ -334,12 +360,12 @@ impl Dispatcher {
     /// Records one outcome of the writer: the fired marks and trace events
     /// of a written batch, or its messages back in `unfired`. True if it
     /// failed.
-    fn record_fired(&mut self, done: WriteDone) -> Result<bool> {
-        let Some(batch) = self.firing.remove(&done.ticket) else {
-            return Ok(false);
-        };
-        self.firing_messages -= batch.messages.len();
-        match done.result {
+    fn record_fired(
+        &mut self,
+        batch: FiringBatch,
+        result: std::result::Result<Vec<(u64, MessageId)>, crate::writer::WriteFailure>,
+    ) -> Result<bool> {
+        match result {
             Ok(appended) => {
                 let mut ids = Vec::with_capacity(batch.messages.len());
                 for (message, (offset, id)) in batch.messages.iter().zip(appended) {

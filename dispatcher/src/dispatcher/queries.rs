@@ -123,11 +123,12 @@ impl Dispatcher {
             .iter()
             .filter(|message| message.topic == topic)
             .map(|message| (message.partition, 1));
-        let firing = self
-            .firing
-            .values()
-            .filter(|batch| batch.topic == topic)
-            .map(|batch| (batch.partition, batch.messages.len() as u64));
+        let firing = self.writes.values().filter_map(|write| match write {
+            InFlightWrite::Fire(batch) if batch.topic == topic => {
+                Some((batch.partition, batch.messages.len() as u64))
+            }
+            _ => None,
+        });
         for (partition, count) in self
             .delays
             .pending_in_topic(topic)
