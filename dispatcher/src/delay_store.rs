@@ -404,14 +404,18 @@ impl FetchedRecords {
 
     /// The record at `offset`, unless taken.
     fn get(&self, offset: &u64) -> Option<&Record> {
-        let index = self.offsets.binary_search(offset).ok()?;
-        self.records[index].as_ref()
+        self.slot(offset)
+            .and_then(|index| self.records[index].as_ref())
     }
 
     /// The record at `offset`, once.
     fn take(&mut self, offset: u64) -> Option<Record> {
-        let index = self.offsets.binary_search(&offset).ok()?;
-        self.records[index].take()
+        self.slot(&offset)
+            .and_then(|index| self.records[index].take())
+    }
+
+    fn slot(&self, offset: &u64) -> Option<usize> {
+        self.offsets.binary_search(offset).ok()
     }
 }
 
