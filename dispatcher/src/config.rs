@@ -134,6 +134,8 @@ pub struct DispatcherConfig {
     /// All topics together have at most this many partitions (each costs
     /// a directory, open files and a mapping).
     pub max_partitions_total: u32,
+    /// Caps and timeout of transactions.
+    pub transactions: crate::transactions::TransactionLimits,
 }
 
 impl Default for DispatcherConfig {
@@ -145,6 +147,7 @@ impl Default for DispatcherConfig {
             ack_journal_compact_bytes: 4 << 20,
             max_partitions_per_topic: 256,
             max_partitions_total: 4096,
+            transactions: crate::transactions::TransactionLimits::default(),
         }
     }
 }

@@ -1403,6 +1403,14 @@ impl DelayStore {
         Ok(true)
     }
 
+    /// True if a delay scheduled with the caller's id `id` (a message
+    /// moved in, such as a committed transaction's) is pending or being
+    /// fired. A caller id that happens to carry the timer-log append's own
+    /// millisecond is not told from a timer-log id and reads false.
+    pub fn holds_caller_id(&self, id: &MessageId) -> bool {
+        self.foreign.contains_key(id) || self.inflight.contains_key(id)
+    }
+
     /// Pending delays, loaded or not (polled ones are no longer pending).
     pub fn pending(&self) -> u64 {
         self.pending_total

@@ -47,6 +47,23 @@ pub enum EventKind {
     DelayFired,
     /// A pending delay was cancelled.
     DelayCancelled,
+    /// Stored as a half message of a transaction: delivered to no group
+    /// until the transaction commits.
+    TxnHalfStored {
+        /// The transaction's handle.
+        handle: u64,
+    },
+    /// Its transaction committed and it entered its topic (or, delayed,
+    /// the delay store).
+    TxnCommitted {
+        /// The transaction's handle.
+        handle: u64,
+    },
+    /// Its transaction rolled back: it is never delivered.
+    TxnRolledBack {
+        /// The transaction's handle.
+        handle: u64,
+    },
 }
 
 /// One event.

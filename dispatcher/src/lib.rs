@@ -21,6 +21,8 @@
 //!   them, the internal prefix and the reserved header names.
 //! - [`routing`]: [`Router`], the one rule that picks a produced record's
 //!   partition, with one round-robin counter per topic.
+//! - [`transactions`]: [`TransactionLog`], half messages and outcomes of
+//!   transactions (the half log), durable until commit or rollback.
 //! - [`writer`]: [`DurableWriter`], the appends the dispatcher decides on
 //!   (fired delays, dead-letter copies), written inline or on a background
 //!   thread ([`BackgroundWriter`]).
@@ -42,6 +44,7 @@ pub mod routing;
 pub mod storage;
 pub mod timing_wheel;
 mod tombstones;
+pub mod transactions;
 pub mod writer;
 
 pub use ack_bitmap::AckBitmap;
@@ -51,7 +54,8 @@ pub use config::{
 pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage, PendingSchedule};
 pub use dispatcher::{
     DeadLetterTopic, Delivery, DispatchError, Dispatcher, GroupMessageState, PartitionStats,
-    Produced, Quarantined, ScheduleReply, SeekPartition, SeekTarget, Tombstone,
+    Produced, Quarantined, ScheduleReply, SeekPartition, SeekTarget, Tombstone, TransactionInfo,
+    TxnEndReply, TxnProduceReply, TxnProduced,
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;
@@ -61,6 +65,10 @@ pub use storage::{
     LOOKUP_SCAN_BATCH,
 };
 pub use timing_wheel::{TimerId, TimingWheel};
+pub use transactions::{
+    HalfInput, TransactionLimits, TransactionLog, TxnError, TxnKey, TxnOutcome, TxnRecovery,
+    TxnStage,
+};
 pub use writer::{
     BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob, WriteWork,
 };

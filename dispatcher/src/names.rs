@@ -32,6 +32,9 @@ pub const DEAD_LETTER_HEADER_PREFIX: &str = "dmq.dlq.";
 /// Headers of the delay store's timer log start with this; clients may not
 /// set them.
 pub const DELAY_HEADER_PREFIX: &str = "dmq.delay.";
+/// Headers of the transaction store's half log start with this; clients
+/// may not set them.
+pub const TXN_HEADER_PREFIX: &str = "dmq.txn.";
 /// Prefix of a group's ack journal name.
 const GROUP_JOURNAL_PREFIX: &str = "group.";
 
@@ -128,9 +131,11 @@ fn check_part(what: &'static str, name: &str) -> Result<(), NameError> {
 }
 
 /// True if a header of this name is reserved for the broker: clients and
-/// operators may not set it (the delay store's `dmq.delay.*`).
+/// operators may not set it (the delay store's `dmq.delay.*`, the
+/// transaction store's `dmq.txn.*`).
 pub fn is_reserved_header(name: &[u8]) -> bool {
     name.starts_with(DELAY_HEADER_PREFIX.as_bytes())
+        || name.starts_with(TXN_HEADER_PREFIX.as_bytes())
 }
 
 /// Refuses records that set a reserved header: the one check (and the one
@@ -144,7 +149,7 @@ pub fn check_headers<'a>(
         .any(|headers| headers.iter().any(|(name, _)| is_reserved_header(name)));
     if reserved {
         return Err(format!(
-            "headers starting with {DELAY_HEADER_PREFIX:?} are reserved for the broker"
+            "headers starting with {DELAY_HEADER_PREFIX:?} or {TXN_HEADER_PREFIX:?} are reserved for the broker"
         ));
     }
     Ok(())

@@ -63,6 +63,7 @@ use crate::routing::Router;
 use crate::storage::{Journal, PartitionLog, RecoveryDamage, Storage, StoreError};
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
+use crate::transactions::{TransactionLog, TxnError, TxnOutcome};
 use crate::writer::{
     BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob, WriteWork,
 };
@@ -75,6 +76,10 @@ mod pump;
 mod queries;
 mod seek;
 mod topics;
+mod transactions;
+
+use transactions::{CommitMove, Ending, HalfWrite, Moving};
+pub use transactions::{TransactionInfo, TxnEndReply, TxnProduceReply, TxnProduced};
 
 /// Errors returned to the dispatcher's callers.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +141,9 @@ pub enum DispatchError {
     /// The delay store failed.
     #[error(transparent)]
     Delay(#[from] DelayError),
+    /// A transaction request was refused, or the transaction store failed.
+    #[error(transparent)]
+    Transaction(#[from] TxnError),
     /// A group's ack journal is damaged.
     #[error(transparent)]
     AckJournal(#[from] AckJournalError),
@@ -461,6 +469,18 @@ pub struct Dispatcher {
     /// What each write handed to the writer is for, by ticket.
     writes: HashMap<u64, InFlightWrite>,
     next_write_ticket: u64,
+    /// Transactions: half records and outcomes (see
+    /// [`crate::transactions`]).
+    txns: TransactionLog,
+    /// COMMITs and ROLLBACKs asked for and not yet durable, by handle.
+    endings: HashMap<u64, Ending>,
+    /// Committed transactions whose records are with the writer.
+    moving: HashMap<u64, Moving>,
+    /// Committed transactions whose move failed: moved again later.
+    unmoved: VecDeque<u64>,
+    /// A transaction settled since the watermark was last made durable.
+    txn_settled: bool,
+    txn_flushed_ms: i64,
 }
 
 /// What a write handed to the writer was for (see
@@ -473,6 +493,12 @@ enum InFlightWrite {
     DeadLetters(DeadLetterBatch),
     /// A delayed produce's timer-log append, waited for.
     Schedule(Scheduling),
+    /// A transaction's half append, waited for.
+    Half(HalfWrite),
+    /// A transaction's outcome record, waited for.
+    Outcome { handle: u64, outcome: TxnOutcome },
+    /// A committed transaction's records entering a topic.
+    Commit(CommitMove),
 }
 
 /// Where the answer to [`Dispatcher::schedule_delayed`] goes, called on
@@ -481,7 +507,7 @@ pub type ScheduleReply = Box<dyn FnOnce(Result<Vec<Produced>>) + Send>;
 
 /// A delayed produce appended to the timer log, waiting for its
 /// durability.
-struct Scheduling {
+pub(super) struct Scheduling {
     topic: String,
     /// (partition, due) per record, in request order.
     records: Vec<(u32, i64)>,
@@ -547,6 +573,11 @@ impl Dispatcher {
         // The delay store logs what its recovery did.
         let (delays, _recovery) =
             DelayStore::open(Arc::clone(&storage), DelayConfig::default(), now)?;
+        let (txns, txn_recovery) =
+            TransactionLog::open(Arc::clone(&storage), config.transactions.clone())?;
+        if txn_recovery.records_read > 0 {
+            tracing::info!(?txn_recovery, "transactions recovered");
+        }
         let (written_tx, written) = mpsc::channel();
         let mut dispatcher = Dispatcher {
             wheel: TimingWheel::new(config.tick_ms, now),
@@ -572,6 +603,12 @@ impl Dispatcher {
             written_tx,
             writes: HashMap::new(),
             next_write_ticket: 0,
+            txns,
+            endings: HashMap::new(),
+            moving: HashMap::new(),
+            unmoved: VecDeque::new(),
+            txn_settled: false,
+            txn_flushed_ms: now,
         };
         let entries = payloads
             .iter()
@@ -615,6 +652,9 @@ impl Dispatcher {
                 }
             }
         }
+        // Transactions that committed before the restart enter their
+        // topics before anything else happens.
+        dispatcher.move_committed_at_open()?;
         Ok(dispatcher)
     }
 

@@ -164,7 +164,7 @@ impl Dispatcher {
 
     /// Refuses routed records with a reserved header or a partition past
     /// the topic's end, before anything is stored.
-    fn check_routed(&self, topic: &str, records: &[(u32, RecordInput)]) -> Result<()> {
+    pub(super) fn check_routed(&self, topic: &str, records: &[(u32, RecordInput)]) -> Result<()> {
         names::check_headers(records.iter().map(|(_, r)| r.headers.as_slice()))
             .map_err(DispatchError::InvalidArgument)?;
         let partitions = self.topic(topic)?.config.partitions;
@@ -179,7 +179,7 @@ impl Dispatcher {
 
     /// Checks delayed records and appends them to the timer log; returns
     /// the append and (partition, due) per record.
-    fn schedule_append(
+    pub(super) fn schedule_append(
         &mut self,
         topic: &str,
         records: Vec<(u32, RecordInput)>,

@@ -22,6 +22,7 @@ impl Dispatcher {
             self.fill(state_index, now)?;
         }
         self.sync_acks(now, false)?;
+        self.pump_transactions(now, false)?;
         Ok(std::mem::take(&mut self.outbox))
     }
 
@@ -32,6 +33,7 @@ impl Dispatcher {
         let now = self.now();
         self.sync_acks(now, true)?;
         self.delays.checkpoint()?;
+        self.pump_transactions(now, true)?;
         Ok(())
     }
 
@@ -251,6 +253,18 @@ impl Dispatcher {
             }
             Some(InFlightWrite::Schedule(scheduling)) => {
                 self.record_scheduled(scheduling, done.result);
+                Ok(false)
+            }
+            Some(InFlightWrite::Half(write)) => {
+                self.record_half(write, done.result);
+                Ok(false)
+            }
+            Some(InFlightWrite::Outcome { handle, outcome }) => {
+                self.record_outcome(handle, outcome, done.result)?;
+                Ok(false)
+            }
+            Some(InFlightWrite::Commit(commit_move)) => {
+                self.record_commit_move(commit_move, done.result)?;
                 Ok(false)
             }
             None => Ok(false),

@@ -1,0 +1,691 @@
+//! Transactions through the dispatcher: half records stored and answered
+//! once durable, COMMIT and ROLLBACK answered once their outcome record is
+//! durable, and a commit's records moved into their topics (immediate ones
+//! appended, delayed ones scheduled, all with their ids) through the
+//! durable writer, like fired delays.
+//!
+//! Invariants:
+//! - nothing of a transaction reaches a topic before its commit record is
+//!   durable;
+//! - an outcome record is appended only once every half append of the
+//!   transaction is durable (a COMMIT that arrives earlier waits), so a
+//!   commit never covers a half record that failed;
+//! - a committed record is moved at most once per topic: after a restart
+//!   (or a failed move) each is first looked up by id in its topic and the
+//!   delay store;
+//! - a transaction settles (and the watermark may pass it) only once every
+//!   moved record is durable.
+
+use super::*;
+use crate::transactions::{CommittedRecord, HalfInput, TxnError, TxnKey, TxnOutcome, TxnStage};
+
+/// Where the answer to [`Dispatcher::txn_produce`] goes, called on the
+/// dispatcher's thread once the half records are durable (or failed).
+pub type TxnProduceReply = Box<dyn FnOnce(Result<TxnProduced>) + Send>;
+
+/// Where the answer to [`Dispatcher::txn_end`] goes, called once the
+/// outcome is durable (or failed).
+pub type TxnEndReply = Box<dyn FnOnce(Result<TxnOutcome>) + Send>;
+
+/// What [`Dispatcher::txn_produce`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnProduced {
+    /// The transaction's handle: every later produce, the COMMIT and the
+    /// ROLLBACK of this transaction name it.
+    pub handle: u64,
+    /// One per record, in order (no offset: a half record is in no topic
+    /// yet).
+    pub records: Vec<Produced>,
+}
+
+/// An unsettled transaction, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionInfo {
+    /// Producer group.
+    pub group: String,
+    /// Transaction id.
+    pub id: String,
+    /// Handle.
+    pub handle: u64,
+    /// When its first record was stored.
+    pub opened_ms: i64,
+    /// `open`, `committing`, `rolling back` or `committed` (being moved
+    /// into its topics).
+    pub stage: &'static str,
+    /// Half records.
+    pub records: usize,
+    /// Open past the transaction timeout.
+    pub overdue: bool,
+}
+
+/// A transaction's end, asked for and not yet durable.
+pub(super) struct Ending {
+    outcome: TxnOutcome,
+    replies: Vec<TxnEndReply>,
+}
+
+impl std::fmt::Debug for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ending")
+            .field("outcome", &self.outcome)
+            .field("replies", &self.replies.len())
+            .finish()
+    }
+}
+
+/// A half append waiting for durability.
+pub(super) struct HalfWrite {
+    handle: u64,
+    records: Vec<Produced>,
+    reply: TxnProduceReply,
+}
+
+impl std::fmt::Debug for HalfWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HalfWrite")
+            .field("handle", &self.handle)
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One piece of a commit's move into the topics.
+#[derive(Debug)]
+pub(super) enum CommitMove {
+    /// Immediate records appended to one partition.
+    Append {
+        handle: u64,
+        topic: String,
+        partition: u32,
+    },
+    /// Delayed records scheduled in the delay store.
+    Schedule { handle: u64, scheduling: Scheduling },
+}
+
+/// Moves of one committed transaction still with the writer.
+#[derive(Debug, Default)]
+pub(super) struct Moving {
+    outstanding: usize,
+    failed: bool,
+}
+
+impl Dispatcher {
+    /// Stores half records of the transaction `key` (`handle` 0 begins
+    /// one; any other value must be the handle the first answer gave).
+    /// Every record is routed already and checked against its topic. The
+    /// half-log append happens here, in call order; the writer waits for
+    /// its durability, and `reply` gets the answer on a later poll.
+    /// `records` holds (partition, record, relative-time flags).
+    pub fn txn_produce(
+        &mut self,
+        key: TxnKey,
+        handle: u64,
+        topic: &str,
+        records: Vec<(u32, RecordInput, u8)>,
+        reply: TxnProduceReply,
+    ) {
+        let routed: Vec<(u32, RecordInput)> = records
+            .iter()
+            .map(|(partition, record, _)| (*partition, record.clone()))
+            .collect();
+        if let Err(error) = self.check_routed(topic, &routed) {
+            reply(Err(error));
+            return;
+        }
+        drop(routed);
+        if records.is_empty() {
+            reply(Err(DispatchError::InvalidArgument(
+                "a transactional produce needs at least one record".into(),
+            )));
+            return;
+        }
+        let now = self.now();
+        let halves: Vec<HalfInput> = records
+            .into_iter()
+            .map(|(partition, record, relative)| HalfInput {
+                topic: topic.to_string(),
+                partition,
+                record,
+                relative,
+            })
+            .collect();
+        let placed: Vec<(u32, Option<i64>)> = halves
+            .iter()
+            .map(|h| (h.partition, h.record.deliver_at_ms))
+            .collect();
+        let (handle, info) = match self.txns.append_half(&key, handle, halves, now) {
+            Ok(appended) => appended,
+            Err(error) => {
+                reply(Err(error.into()));
+                return;
+            }
+        };
+        let produced = placed
+            .into_iter()
+            .zip(&info.ids)
+            .map(|((partition, due), id)| Produced {
+                partition,
+                offset: None,
+                id: *id,
+                delayed_until_ms: due.filter(|&due| due > now),
+            })
+            .collect();
+        let log = self.txns.log();
+        self.submit_write(
+            log,
+            WriteWork::Wait(info),
+            false,
+            // A wait has no order of its own to protect.
+            true,
+            InFlightWrite::Half(HalfWrite {
+                handle,
+                records: produced,
+                reply,
+            }),
+        );
+        if let Err(error) = self.collect_written() {
+            tracing::error!(%error, "recording written batches failed");
+        }
+    }
+
+    /// Commits or rolls back the transaction `key` with `handle`; `reply`
+    /// gets the outcome once it is durable. Repeating an end that
+    /// happened (or is under way) gets the same answer; the other outcome
+    /// gets a conflict.
+    pub fn txn_end(&mut self, key: TxnKey, handle: u64, outcome: TxnOutcome, reply: TxnEndReply) {
+        match self.check_end(&key, handle, outcome) {
+            Err(error) => reply(Err(error)),
+            Ok(EndCheck::Done) => reply(Ok(outcome)),
+            Ok(EndCheck::Join) => {
+                if let Some(ending) = self.endings.get_mut(&handle) {
+                    ending.replies.push(reply);
+                }
+            }
+            Ok(EndCheck::Start { writing }) => {
+                self.endings.insert(
+                    handle,
+                    Ending {
+                        outcome,
+                        replies: vec![reply],
+                    },
+                );
+                if !writing {
+                    self.append_outcome(handle);
+                }
+            }
+        }
+        if let Err(error) = self.collect_written() {
+            tracing::error!(%error, "recording written batches failed");
+        }
+    }
+
+    fn check_end(&self, key: &TxnKey, handle: u64, outcome: TxnOutcome) -> Result<EndCheck> {
+        if let Some((settled, ended)) = self.txns.settled(key) {
+            if settled == handle {
+                return if ended == outcome {
+                    Ok(EndCheck::Done)
+                } else {
+                    Err(conflict(key, format!("it ended ({})", ended.name())))
+                };
+            }
+        }
+        let unknown = || TxnError::Unknown(format!("{key} (handle {handle})"));
+        if self.txns.handle_of(key) != Some(handle) {
+            return Err(unknown().into());
+        }
+        let txn = self.txns.get(handle).ok_or_else(unknown)?;
+        let asked = self.endings.get(&handle).map(|e| e.outcome);
+        match (txn.stage, asked) {
+            (TxnStage::Committed, _) if outcome == TxnOutcome::Commit => Ok(EndCheck::Done),
+            (TxnStage::Committed, _) => Err(conflict(key, "it committed".into())),
+            (_, Some(asked)) if asked == outcome => Ok(EndCheck::Join),
+            (_, Some(asked)) => Err(conflict(key, format!("it is ending ({})", asked.name()))),
+            (TxnStage::Open, None) if outcome == TxnOutcome::Commit && txn.failed => Err(conflict(
+                key,
+                "a produce of it failed, so it may only roll back".into(),
+            )),
+            (_, None) => Ok(EndCheck::Start {
+                writing: txn.writing > 0,
+            }),
+        }
+    }
+
+    /// Appends the outcome record asked for in `endings[handle]`.
+    fn append_outcome(&mut self, handle: u64) {
+        let Some(outcome) = self.endings.get(&handle).map(|e| e.outcome) else {
+            return;
+        };
+        if outcome == TxnOutcome::Commit && self.txns.get(handle).is_some_and(|t| t.failed) {
+            let key = self.txns.get(handle).map(|t| t.key.clone());
+            self.answer_end(
+                handle,
+                Err(conflict(
+                    &key.unwrap_or_else(|| TxnKey {
+                        group: String::new(),
+                        id: String::new(),
+                    }),
+                    "a produce of it failed, so it may only roll back".into(),
+                )),
+            );
+            return;
+        }
+        match self.txns.append_outcome(handle, outcome) {
+            Ok(info) => {
+                let log = self.txns.log();
+                self.submit_write(
+                    log,
+                    WriteWork::Wait(info),
+                    false,
+                    true,
+                    InFlightWrite::Outcome { handle, outcome },
+                );
+            }
+            Err(error) => self.answer_end(handle, Err(error.into())),
+        }
+    }
+
+    fn answer_end(&mut self, handle: u64, result: Result<TxnOutcome>) {
+        let Some(ending) = self.endings.remove(&handle) else {
+            return;
+        };
+        let mut replies = ending.replies.into_iter();
+        let Some(first) = replies.next() else { return };
+        match result {
+            Ok(outcome) => {
+                first(Ok(outcome));
+                for reply in replies {
+                    reply(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                let text = error.to_string();
+                first(Err(error));
+                for reply in replies {
+                    reply(Err(DispatchError::InvalidArgument(text.clone())));
+                }
+            }
+        }
+    }
+
+    /// Records a half append's durability wait.
+    pub(super) fn record_half(
+        &mut self,
+        write: HalfWrite,
+        result: std::result::Result<Vec<(u64, MessageId)>, crate::writer::WriteFailure>,
+    ) {
+        let HalfWrite {
+            handle,
+            records,
+            reply,
+        } = write;
+        let ok = result.is_ok();
+        self.txns.half_written(handle, ok);
+        match result {
+            Ok(_) => {
+                let topic = self
+                    .txns
+                    .get(handle)
+                    .and_then(|t| t.records.last().map(|r| t.destination(r).0.clone()));
+                if let Some(topic) = topic {
+                    for record in &records {
+                        self.emit(
+                            record.id,
+                            Place {
+                                topic: Name::Shared(&topic),
+                                partition: Some(record.partition),
+                                offset: None,
+                                group: None,
+                            },
+                            EventKind::TxnHalfStored { handle },
+                            None,
+                        );
+                    }
+                }
+                reply(Ok(TxnProduced { handle, records }));
+            }
+            Err((error, _)) => reply(Err(write_error(error))),
+        }
+        // A COMMIT or ROLLBACK that came while this append was being
+        // written goes on once none is.
+        if self.txns.get(handle).is_some_and(|t| t.writing == 0)
+            && self
+                .txns
+                .get(handle)
+                .is_some_and(|t| t.stage == TxnStage::Open)
+            && self.endings.contains_key(&handle)
+        {
+            self.append_outcome(handle);
+        }
+    }
+
+    /// Records an outcome record's durability wait: the answer, then a
+    /// commit's move into the topics.
+    pub(super) fn record_outcome(
+        &mut self,
+        handle: u64,
+        outcome: TxnOutcome,
+        result: std::result::Result<Vec<(u64, MessageId)>, crate::writer::WriteFailure>,
+    ) -> Result<()> {
+        let ok = result.is_ok();
+        let rolled_back = match (outcome, ok) {
+            (TxnOutcome::Rollback, true) => self.txns.get(handle).map(|txn| {
+                txn.records
+                    .iter()
+                    .map(|r| {
+                        let (topic, partition) = txn.destination(r);
+                        (r.id, Arc::clone(topic), partition)
+                    })
+                    .collect::<Vec<_>>()
+            }),
+            _ => None,
+        };
+        self.txns.outcome_written(handle, outcome, ok);
+        match result {
+            Ok(_) => {
+                self.answer_end(handle, Ok(outcome));
+                for (id, topic, partition) in rolled_back.unwrap_or_default() {
+                    self.emit(
+                        id,
+                        Place {
+                            topic: Name::Shared(&topic),
+                            partition: Some(partition),
+                            offset: None,
+                            group: None,
+                        },
+                        EventKind::TxnRolledBack { handle },
+                        None,
+                    );
+                }
+                if outcome == TxnOutcome::Rollback {
+                    self.txn_settled = true;
+                } else {
+                    self.move_committed(handle, false)?;
+                }
+            }
+            Err((error, _)) => self.answer_end(handle, Err(write_error(error))),
+        }
+        Ok(())
+    }
+
+    /// Moves a committed transaction's records into their topics: one
+    /// append per partition for immediate records, one schedule per topic
+    /// for delayed ones. `recheck`: some may be there already (a restart,
+    /// a failed move), so each is looked up by id first.
+    pub(super) fn move_committed(&mut self, handle: u64, recheck: bool) -> Result<()> {
+        let now = self.now();
+        let records = match self.txns.read_records(handle, now) {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::error!(%error, handle, "reading a committed transaction back failed; tried again later");
+                self.unmoved.push_back(handle);
+                return Ok(());
+            }
+        };
+        // (topic, partition, delayed) -> records, in first-seen order.
+        let mut groups: Vec<((String, u32, bool), Vec<RecordInput>)> = Vec::new();
+        for CommittedRecord {
+            topic,
+            partition,
+            record,
+        } in records
+        {
+            let Some(state) = self.topics.get(&topic) else {
+                tracing::warn!(
+                    topic = %names::shown(&topic),
+                    handle,
+                    "a committed record's topic was deleted: dropped"
+                );
+                continue;
+            };
+            let partition = partition.min(state.config.partitions - 1);
+            let delayed = record.deliver_at_ms.is_some_and(|due| due > now);
+            if recheck {
+                let id = record.id.unwrap_or_default();
+                let present = state.partitions[partition as usize]
+                    .find_by_id(&id)?
+                    .is_some()
+                    || self.delays.holds_caller_id(&id);
+                if present {
+                    continue;
+                }
+            }
+            let group = (topic, partition, delayed);
+            match groups.iter_mut().find(|(g, _)| *g == group) {
+                Some((_, records)) => records.push(record),
+                None => groups.push((group, vec![record])),
+            }
+        }
+        let mut submitted = 0;
+        for ((topic, partition, delayed), records) in groups {
+            if delayed {
+                let routed = records.into_iter().map(|r| (partition, r)).collect();
+                match self.schedule_append(&topic, routed) {
+                    Ok((pending, shape)) => {
+                        let info = pending.append_info().clone();
+                        let log = self.delays.timer_log();
+                        self.submit_write(
+                            log,
+                            WriteWork::Wait(info),
+                            false,
+                            true,
+                            InFlightWrite::Commit(CommitMove::Schedule {
+                                handle,
+                                scheduling: Scheduling {
+                                    topic,
+                                    records: shape,
+                                    pending,
+                                    reply: Box::new(|_| {}),
+                                },
+                            }),
+                        );
+                        submitted += 1;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, handle, "scheduling a committed transaction's delayed records failed; tried again later");
+                        self.moving.entry(handle).or_default().failed = true;
+                    }
+                }
+            } else {
+                let Some(log) = self
+                    .topics
+                    .get(&topic)
+                    .map(|t| Arc::clone(&t.partitions[partition as usize]))
+                else {
+                    continue;
+                };
+                // As for fired delays: under a lazy policy the copy is
+                // flushed before the transaction may settle and its half
+                // records be deleted.
+                let flush = log.durable_on_append();
+                self.submit_write(
+                    log,
+                    WriteWork::Append(BatchInput::new(records)),
+                    flush,
+                    recheck,
+                    InFlightWrite::Commit(CommitMove::Append {
+                        handle,
+                        topic,
+                        partition,
+                    }),
+                );
+                submitted += 1;
+            }
+        }
+        let moving = self.moving.entry(handle).or_default();
+        moving.outstanding += submitted;
+        self.finish_move_if_done(handle);
+        Ok(())
+    }
+
+    /// Records one move of a committed transaction.
+    pub(super) fn record_commit_move(
+        &mut self,
+        commit_move: CommitMove,
+        result: std::result::Result<Vec<(u64, MessageId)>, crate::writer::WriteFailure>,
+    ) -> Result<()> {
+        let (handle, ok) = match commit_move {
+            CommitMove::Append {
+                handle,
+                topic,
+                partition,
+            } => match result {
+                Ok(appended) => {
+                    for (offset, id) in appended {
+                        self.emit(
+                            id,
+                            Place {
+                                topic: Name::Plain(&topic),
+                                partition: Some(partition),
+                                offset: Some(offset),
+                                group: None,
+                            },
+                            EventKind::TxnCommitted { handle },
+                            None,
+                        );
+                    }
+                    (handle, true)
+                }
+                Err((error, _)) => {
+                    tracing::error!(%error, handle, topic = %names::shown(&topic), partition, "moving committed records failed; tried again later");
+                    (handle, false)
+                }
+            },
+            CommitMove::Schedule { handle, scheduling } => {
+                let Scheduling {
+                    topic,
+                    records,
+                    pending,
+                    ..
+                } = scheduling;
+                match result {
+                    Ok(_) => {
+                        let ids = self.delays.schedule_commit(pending)?;
+                        for (id, (partition, due)) in ids.into_iter().zip(records) {
+                            let place = || Place {
+                                topic: Name::Plain(&topic),
+                                partition: Some(partition),
+                                offset: None,
+                                group: None,
+                            };
+                            self.emit(id, place(), EventKind::TxnCommitted { handle }, None);
+                            self.emit(id, place(), EventKind::DelayScheduled { due_ms: due }, None);
+                        }
+                        (handle, true)
+                    }
+                    Err((error, _)) => {
+                        tracing::error!(%error, handle, "scheduling committed delayed records failed; tried again later");
+                        self.delays.schedule_abort(pending);
+                        (handle, false)
+                    }
+                }
+            }
+        };
+        let moving = self.moving.entry(handle).or_default();
+        moving.outstanding = moving.outstanding.saturating_sub(1);
+        moving.failed |= !ok;
+        self.finish_move_if_done(handle);
+        Ok(())
+    }
+
+    fn finish_move_if_done(&mut self, handle: u64) {
+        let Some(moving) = self.moving.get(&handle) else {
+            return;
+        };
+        if moving.outstanding > 0 {
+            return;
+        }
+        let failed = moving.failed;
+        self.moving.remove(&handle);
+        if failed {
+            self.unmoved.push_back(handle);
+        } else {
+            self.txns.settle(handle, TxnOutcome::Commit);
+            self.txn_settled = true;
+        }
+    }
+
+    /// Moves again the committed transactions whose move failed, once no
+    /// move is with the writer (so a retry never lands behind later
+    /// appends of the same partition), and makes the watermark durable
+    /// when a transaction settled (at most once per ack-sync interval).
+    pub(super) fn pump_transactions(&mut self, now: i64, force: bool) -> Result<()> {
+        if !self.unmoved.is_empty() && self.moving.is_empty() {
+            let handles: Vec<u64> = self.unmoved.drain(..).collect();
+            for handle in handles {
+                self.move_committed(handle, true)?;
+            }
+        }
+        let due = now - self.txn_flushed_ms >= self.config.ack_sync_interval_ms as i64;
+        if self.txn_settled && (force || due) {
+            self.txns.flush_watermark().map_err(DispatchError::from)?;
+            self.txn_settled = false;
+            self.txn_flushed_ms = now;
+        }
+        Ok(())
+    }
+
+    /// At open: moves every transaction that committed before the restart
+    /// (some of its records may be in their topics already) and waits.
+    pub(super) fn move_committed_at_open(&mut self) -> Result<()> {
+        for handle in self.txns.committed() {
+            self.move_committed(handle, true)?;
+        }
+        self.wait_written()
+    }
+
+    /// Every unsettled transaction, oldest first.
+    pub fn transactions(&self) -> Vec<TransactionInfo> {
+        let now = self.now();
+        let timeout = self.txns.limits().timeout_ms as i64;
+        self.txns
+            .transactions()
+            .map(|txn| TransactionInfo {
+                group: txn.key.group.clone(),
+                id: txn.key.id.clone(),
+                handle: txn.handle,
+                opened_ms: txn.opened_ms,
+                stage: match (txn.stage, self.endings.get(&txn.handle).map(|e| e.outcome)) {
+                    (TxnStage::Committed, _) => "committed",
+                    (TxnStage::Ending(TxnOutcome::Commit), _)
+                    | (TxnStage::Open, Some(TxnOutcome::Commit)) => "committing",
+                    (TxnStage::Ending(TxnOutcome::Rollback), _)
+                    | (TxnStage::Open, Some(TxnOutcome::Rollback)) => "rolling back",
+                    (TxnStage::Open, None) => "open",
+                },
+                records: txn.records.len(),
+                overdue: txn.stage == TxnStage::Open && now - txn.opened_ms > timeout,
+            })
+            .collect()
+    }
+
+    /// Half records held by unsettled transactions.
+    pub fn transaction_half_records(&self) -> u64 {
+        self.txns.half_records()
+    }
+}
+
+enum EndCheck {
+    /// Ended that way already: answer at once.
+    Done,
+    /// The same end is under way: wait with it.
+    Join,
+    /// Start it (after the half appends still being written).
+    Start { writing: bool },
+}
+
+fn conflict(key: &TxnKey, reason: String) -> DispatchError {
+    TxnError::Conflict {
+        key: key.to_string(),
+        reason,
+    }
+    .into()
+}
+
+fn write_error(error: WriteError) -> DispatchError {
+    match error {
+        WriteError::Store(error) => DispatchError::Store(error),
+        WriteError::EarlierFailed => {
+            DispatchError::InvalidArgument(WriteError::EarlierFailed.to_string())
+        }
+    }
+}

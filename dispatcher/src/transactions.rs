@@ -1,0 +1,1124 @@
+//! Transactions: half messages, stored durably but delivered to no group
+//! until their transaction commits (they then enter their topics with their
+//! ids), and never once it rolls back.
+//!
+//! The [`TransactionLog`] owns what is durable and what is open; the
+//! dispatcher (`dispatcher/transactions.rs`) decides when to append, waits
+//! through the durable writer, and moves committed records into their
+//! topics.
+//!
+//! # Layout
+//!
+//! - **Half log**: the internal partition `__dmq_txn/0`, appended to only by
+//!   this store, on the dispatcher's thread. Two kinds of records, told apart
+//!   by their headers (names start with `dmq.txn.`, reserved for the broker):
+//!   - a *half record*: the producer's record (key, headers, value, times)
+//!     plus `dmq.txn.group` (producer group, UTF-8), `dmq.txn.id`
+//!     (transaction id, UTF-8), `dmq.txn.handle` (`u64` LE),
+//!     `dmq.txn.topic` (destination topic, UTF-8), `dmq.txn.partition`
+//!     (`u32` LE) and `dmq.txn.times` (`u8`: bit 0, the deliver-at time was
+//!     given as a delay; bit 1, the expire-at time as a TTL: both are moved
+//!     by the time between the produce and the commit, so that a delay
+//!     starts at the commit);
+//!   - an *outcome record*: an empty value and `dmq.txn.group`,
+//!     `dmq.txn.id`, `dmq.txn.handle` and `dmq.txn.outcome` (`u8`: 1
+//!     commit, 2 rollback).
+//! - **Meta journal** `txn.meta`: one payload, rewritten atomically: byte 0
+//!   version `1`, bytes 1..9 the `u64` LE watermark.
+//!
+//! # Handles
+//!
+//! A transaction's handle is one more than the half-log offset of its first
+//! record (the log's end offset when it begins: this store is the log's
+//! only writer), so it is never 0 (0 asks for a new transaction).
+//! Every record of the transaction carries it, and COMMIT and ROLLBACK must
+//! name it: a late or repeated COMMIT of an earlier transaction with the same
+//! producer group and id never applies to a later one.
+//!
+//! # Crash argument
+//!
+//! - A half record is answered only once durable (the caller waits through
+//!   the durable writer); an outcome record too.
+//! - A commit's records are moved into their topics only after its outcome
+//!   record is durable, so a crash never leaves a moved record of a
+//!   transaction that recovery would find open or rolled back.
+//! - Watermark `W`: every half-log record below `W` belongs to a settled
+//!   transaction: rolled back, or committed with every record durable in its
+//!   topic (or the delay store). `W` is the handle of the oldest transaction
+//!   not settled (the log's end if none), written lazily by
+//!   [`TransactionLog::flush_watermark`]; the half log below it is deleted
+//!   segment by segment.
+//! - Opening replays the half log from `W` to its end: half records whose
+//!   handle is below `W` and outcome records of unknown handles are
+//!   skipped; a transaction with a commit record is *committed* (its
+//!   records may or may not be in their topics: the dispatcher looks each up
+//!   by id before moving it, so none is stored twice); one with a rollback
+//!   record is settled; the rest are open again, with the age of their first
+//!   record.
+//! - A half append whose durability wait failed may still be in the log:
+//!   the transaction is marked failed, so it can only be rolled back.
+//!
+//! # Memory
+//!
+//! Per unsettled transaction: its key, handle and times, and 24 bytes per
+//! half record (offset and id), not the records: a commit reads them back
+//! from the half log. Settled outcomes are remembered for the last
+//! `settled_window` transactions, to answer a repeated COMMIT or ROLLBACK.
+//! The number of records and bytes per transaction is capped
+//! ([`TransactionLimits`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dmq_log_store::{AppendInfo, BatchInput, MessageId, Record, RecordInput};
+
+use crate::storage::{Journal, PartitionLog, Storage, StoreError};
+
+/// The half log's internal topic.
+pub const TXN_TOPIC: &str = "__dmq_txn";
+/// The producer group of a half or outcome record.
+pub const GROUP_HEADER: &str = "dmq.txn.group";
+/// The transaction id of a half or outcome record.
+pub const ID_HEADER: &str = "dmq.txn.id";
+/// The transaction's handle, `u64` LE.
+pub const HANDLE_HEADER: &str = "dmq.txn.handle";
+/// A half record's destination topic.
+pub const TOPIC_HEADER: &str = "dmq.txn.topic";
+/// A half record's destination partition, `u32` LE.
+pub const PARTITION_HEADER: &str = "dmq.txn.partition";
+/// A half record's relative times, `u8` flags ([`RELATIVE_DELIVER_AT`],
+/// [`RELATIVE_EXPIRE_AT`]).
+pub const TIMES_HEADER: &str = "dmq.txn.times";
+/// An outcome record's outcome, `u8`: 1 commit, 2 rollback.
+pub const OUTCOME_HEADER: &str = "dmq.txn.outcome";
+/// The meta journal.
+pub const META_JOURNAL: &str = "txn.meta";
+
+/// `dmq.txn.times` bit: the deliver-at time was a delay from the produce.
+pub const RELATIVE_DELIVER_AT: u8 = 1;
+/// `dmq.txn.times` bit: the expire-at time was a TTL from the produce.
+pub const RELATIVE_EXPIRE_AT: u8 = 2;
+
+const META_VERSION: u8 = 1;
+const META_LEN: usize = 9;
+const READ_CHUNK_RECORDS: usize = 4096;
+/// Longest producer group or transaction id, in bytes.
+pub const TXN_NAME_LEN_MAX: usize = 255;
+
+/// Errors of the transaction store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TxnError {
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No open transaction has this producer group, id and handle, and none
+    /// ended recently.
+    #[error("unknown transaction {0}")]
+    Unknown(String),
+    /// The request contradicts the transaction's state: a second begin of
+    /// an open id, a produce into an ending transaction, a commit after a
+    /// rollback (or the reverse), a commit of a failed transaction.
+    #[error("transaction {key}: {reason}")]
+    Conflict {
+        /// `group/id`.
+        key: String,
+        /// What contradicts it.
+        reason: String,
+    },
+    /// The transaction would exceed a configured limit (records, bytes,
+    /// age): nothing of this request was stored.
+    #[error("transaction {key}: {reason}")]
+    Limit {
+        /// `group/id`.
+        key: String,
+        /// Which limit.
+        reason: String,
+    },
+    /// A producer group or transaction id that is empty or too long.
+    #[error("invalid transaction name: {0}")]
+    InvalidName(String),
+    /// The meta journal holds a payload that does not decode.
+    #[error("corrupt transaction metadata: {0}")]
+    Corrupt(String),
+}
+
+/// Result alias.
+pub type Result<T, E = TxnError> = std::result::Result<T, E>;
+
+/// Caps per transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionLimits {
+    /// Most half records in one transaction.
+    pub max_records: usize,
+    /// Most bytes (keys, headers, values) in one transaction.
+    pub max_bytes: u64,
+    /// A transaction older than this takes no more records, and is listed
+    /// as overdue.
+    pub timeout_ms: u64,
+    /// Outcomes remembered after a transaction settled, to answer a
+    /// repeated COMMIT or ROLLBACK.
+    pub settled_window: usize,
+}
+
+impl Default for TransactionLimits {
+    fn default() -> Self {
+        TransactionLimits {
+            max_records: 100_000,
+            max_bytes: 64 << 20,
+            timeout_ms: 60_000,
+            settled_window: 100_000,
+        }
+    }
+}
+
+/// A transaction's name: the producer group and the id the producer chose.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TxnKey {
+    /// The producer group.
+    pub group: String,
+    /// The transaction id, unique among the group's open transactions.
+    pub id: String,
+}
+
+impl TxnKey {
+    /// A key, checked: both parts 1 to [`TXN_NAME_LEN_MAX`] bytes.
+    pub fn new(group: impl Into<String>, id: impl Into<String>) -> Result<TxnKey> {
+        let key = TxnKey {
+            group: group.into(),
+            id: id.into(),
+        };
+        for (what, name) in [("producer group", &key.group), ("transaction id", &key.id)] {
+            if name.is_empty() || name.len() > TXN_NAME_LEN_MAX {
+                return Err(TxnError::InvalidName(format!(
+                    "a {what} has 1 to {TXN_NAME_LEN_MAX} bytes, not {}",
+                    name.len()
+                )));
+            }
+        }
+        Ok(key)
+    }
+}
+
+impl std::fmt::Display for TxnKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            crate::names::shown(&self.group),
+            crate::names::shown(&self.id)
+        )
+    }
+}
+
+/// How a transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TxnOutcome {
+    /// Its records enter their topics.
+    Commit,
+    /// Its records are discarded.
+    Rollback,
+}
+
+impl TxnOutcome {
+    fn byte(self) -> u8 {
+        match self {
+            TxnOutcome::Commit => 1,
+            TxnOutcome::Rollback => 2,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<TxnOutcome> {
+        match byte {
+            1 => Some(TxnOutcome::Commit),
+            2 => Some(TxnOutcome::Rollback),
+            _ => None,
+        }
+    }
+
+    /// `"commit"` or `"rollback"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TxnOutcome::Commit => "commit",
+            TxnOutcome::Rollback => "rollback",
+        }
+    }
+}
+
+/// Where a transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnStage {
+    /// Takes records; may commit or roll back.
+    Open,
+    /// Its outcome record is appended, not yet durable.
+    Ending(TxnOutcome),
+    /// The commit is durable; its records are being moved into their
+    /// topics.
+    Committed,
+}
+
+/// One unsettled transaction.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// Its name.
+    pub key: TxnKey,
+    /// One more than the half-log offset of its first record.
+    pub handle: u64,
+    /// When its first record was stored.
+    pub opened_ms: i64,
+    /// Where it stands.
+    pub stage: TxnStage,
+    /// Each record, in produce order.
+    pub records: Vec<HalfRef>,
+    /// The (topic, partition) destinations its records name.
+    pub destinations: Vec<(Arc<str>, u32)>,
+    /// Bytes of its records (keys, headers, values).
+    pub bytes: u64,
+    /// Half appends not yet durable.
+    pub writing: u32,
+    /// A half append failed: it may or may not be stored, so the
+    /// transaction can only roll back.
+    pub failed: bool,
+}
+
+/// What a transaction keeps of one of its records (the record itself
+/// stays in the half log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HalfRef {
+    /// Offset in the half log.
+    pub offset: u64,
+    /// The message id, for life.
+    pub id: MessageId,
+    /// Index of its destination in [`Transaction::destinations`].
+    pub destination: u32,
+}
+
+impl Transaction {
+    fn new(key: TxnKey, handle: u64, opened_ms: i64) -> Transaction {
+        Transaction {
+            key,
+            handle,
+            opened_ms,
+            stage: TxnStage::Open,
+            records: Vec::new(),
+            destinations: Vec::new(),
+            bytes: 0,
+            writing: 0,
+            failed: false,
+        }
+    }
+
+    fn add(&mut self, offset: u64, id: MessageId, topic: &str, partition: u32) {
+        let destination = match self
+            .destinations
+            .iter()
+            .position(|(t, p)| **t == *topic && *p == partition)
+        {
+            Some(index) => index,
+            None => {
+                self.destinations.push((Arc::from(topic), partition));
+                self.destinations.len() - 1
+            }
+        };
+        self.records.push(HalfRef {
+            offset,
+            id,
+            destination: destination as u32,
+        });
+    }
+
+    /// The (topic, partition) of a record.
+    pub fn destination(&self, record: &HalfRef) -> (&Arc<str>, u32) {
+        let (topic, partition) = &self.destinations[record.destination as usize];
+        (topic, *partition)
+    }
+}
+
+/// A half record to store: its destination and relative times.
+#[derive(Debug, Clone)]
+pub struct HalfInput {
+    /// Destination topic.
+    pub topic: String,
+    /// Destination partition.
+    pub partition: u32,
+    /// The record, times resolved at the produce.
+    pub record: RecordInput,
+    /// [`RELATIVE_DELIVER_AT`] | [`RELATIVE_EXPIRE_AT`].
+    pub relative: u8,
+}
+
+/// A committed record, ready for its topic: headers of the half log
+/// removed, its id kept, relative times moved to the commit.
+#[derive(Debug, Clone)]
+pub struct CommittedRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Destination partition.
+    pub partition: u32,
+    /// The record, with `id` set.
+    pub record: RecordInput,
+}
+
+/// What opening found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TxnRecovery {
+    /// The watermark replay started from.
+    pub watermark: u64,
+    /// Half-log records read.
+    pub records_read: u64,
+    /// Transactions open again.
+    pub open: usize,
+    /// Transactions committed whose records may not all be in their
+    /// topics yet.
+    pub committed: usize,
+    /// Records without the headers of either kind (skipped).
+    pub skipped: u64,
+}
+
+/// The durable store of half messages and outcomes (see the module doc).
+#[derive(Debug)]
+pub struct TransactionLog {
+    log: Arc<dyn PartitionLog>,
+    meta: Box<dyn Journal>,
+    limits: TransactionLimits,
+    /// Unsettled transactions by handle (the first is the watermark's).
+    txns: BTreeMap<u64, Transaction>,
+    by_key: HashMap<TxnKey, u64>,
+    /// Recently settled: key -> (handle, outcome), oldest first in `order`.
+    settled: HashMap<TxnKey, (u64, TxnOutcome)>,
+    settled_order: VecDeque<(TxnKey, u64)>,
+    watermark: u64,
+}
+
+impl TransactionLog {
+    /// Opens the half log and replays it from the watermark.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        limits: TransactionLimits,
+    ) -> Result<(TransactionLog, TxnRecovery)> {
+        let log = storage.partition(TXN_TOPIC, 0)?;
+        let (meta, payloads) = storage.open_journal(META_JOURNAL)?;
+        let mut watermark = match payloads.last() {
+            Some(payload) => decode_meta(payload)?,
+            None => 0,
+        };
+        let end = log.end_offset();
+        if watermark > end {
+            // A power loss under a lazy fsync policy cut the half log: what
+            // was past its end is gone, and new records take its offsets.
+            tracing::warn!(
+                watermark,
+                half_log_end = end,
+                "the transaction half log was cut at recovery"
+            );
+            watermark = end;
+        }
+        let mut store = TransactionLog {
+            log,
+            meta,
+            limits,
+            txns: BTreeMap::new(),
+            by_key: HashMap::new(),
+            settled: HashMap::new(),
+            settled_order: VecDeque::new(),
+            watermark,
+        };
+        let mut recovery = TxnRecovery {
+            watermark,
+            ..TxnRecovery::default()
+        };
+        let mut offset = watermark.max(store.log.start_offset());
+        while offset < end {
+            let records = store.log.read(offset, READ_CHUNK_RECORDS)?;
+            let Some(last) = records.last() else { break };
+            offset = last.offset + 1;
+            for record in records {
+                recovery.records_read += 1;
+                if !store.replay(record) {
+                    recovery.skipped += 1;
+                }
+            }
+        }
+        recovery.open = store
+            .txns
+            .values()
+            .filter(|t| t.stage == TxnStage::Open)
+            .count();
+        recovery.committed = store.txns.len() - recovery.open;
+        Ok((store, recovery))
+    }
+
+    /// Applies one half-log record at open; false if it is neither kind.
+    fn replay(&mut self, record: Record) -> bool {
+        let Some(parsed) = parse(&record) else {
+            tracing::error!(
+                offset = record.offset,
+                "half-log record without transaction headers"
+            );
+            return false;
+        };
+        // Handle h starts at offset h - 1.
+        if parsed.handle <= self.watermark {
+            return true;
+        }
+        match parsed.kind {
+            Kind::Half { topic, partition } => {
+                let bytes = record_bytes(&record);
+                if let Some(&handle) = self.by_key.get(&parsed.key) {
+                    if handle != parsed.handle {
+                        tracing::warn!(
+                            key = %parsed.key,
+                            open = handle,
+                            found = parsed.handle,
+                            "half record of a second open transaction with one id: the later one wins"
+                        );
+                        self.txns.remove(&handle);
+                    }
+                }
+                let txn = self.txns.entry(parsed.handle).or_insert_with(|| {
+                    Transaction::new(parsed.key.clone(), parsed.handle, record.timestamp_ms)
+                });
+                txn.add(record.offset, record.id, &topic, partition);
+                txn.bytes += bytes;
+                self.by_key.insert(parsed.key, parsed.handle);
+            }
+            Kind::Outcome(outcome) => {
+                let known = self
+                    .txns
+                    .get(&parsed.handle)
+                    .is_some_and(|t| t.key == parsed.key && t.stage == TxnStage::Open);
+                if !known {
+                    return true;
+                }
+                match outcome {
+                    TxnOutcome::Commit => {
+                        if let Some(txn) = self.txns.get_mut(&parsed.handle) {
+                            txn.stage = TxnStage::Committed;
+                        }
+                    }
+                    TxnOutcome::Rollback => self.settle(parsed.handle, TxnOutcome::Rollback),
+                }
+            }
+        }
+        true
+    }
+
+    /// The half log (the durable writer waits on it).
+    pub fn log(&self) -> Arc<dyn PartitionLog> {
+        Arc::clone(&self.log)
+    }
+
+    /// The configured caps.
+    pub fn limits(&self) -> &TransactionLimits {
+        &self.limits
+    }
+
+    /// The unsettled transaction with this handle.
+    pub fn get(&self, handle: u64) -> Option<&Transaction> {
+        self.txns.get(&handle)
+    }
+
+    /// The handle of the unsettled transaction with this key.
+    pub fn handle_of(&self, key: &TxnKey) -> Option<u64> {
+        self.by_key.get(key).copied()
+    }
+
+    /// How a recently settled transaction with this key ended.
+    pub fn settled(&self, key: &TxnKey) -> Option<(u64, TxnOutcome)> {
+        self.settled.get(key).copied()
+    }
+
+    /// Every unsettled transaction, oldest first.
+    pub fn transactions(&self) -> impl Iterator<Item = &Transaction> {
+        self.txns.values()
+    }
+
+    /// Committed transactions whose records are not all in their topics
+    /// yet (after opening: those to move).
+    pub fn committed(&self) -> Vec<u64> {
+        self.txns
+            .values()
+            .filter(|t| t.stage == TxnStage::Committed)
+            .map(|t| t.handle)
+            .collect()
+    }
+
+    /// Half records held by unsettled transactions.
+    pub fn half_records(&self) -> u64 {
+        self.txns.values().map(|t| t.records.len() as u64).sum()
+    }
+
+    /// Appends half records to the transaction `key` (without waiting for
+    /// durability: the caller waits for the returned append, then calls
+    /// [`half_written`](Self::half_written)). `handle` 0 begins a
+    /// transaction (refused while one with this key is unsettled); any
+    /// other value must be the open transaction's handle. Returns the
+    /// transaction's handle and the append.
+    pub fn append_half(
+        &mut self,
+        key: &TxnKey,
+        handle: u64,
+        records: Vec<HalfInput>,
+        now_ms: i64,
+    ) -> Result<(u64, AppendInfo)> {
+        let bytes: u64 = records.iter().map(|h| input_bytes(&h.record)).sum();
+        let handle = match (handle, self.by_key.get(key)) {
+            (0, Some(_)) => {
+                return Err(conflict(key, "a transaction with this id is still open"));
+            }
+            (0, None) => {
+                if records.len() > self.limits.max_records || bytes > self.limits.max_bytes {
+                    return Err(self.too_large(key, records.len(), bytes));
+                }
+                self.log.end_offset() + 1
+            }
+            (given, Some(&open)) if given == open => {
+                let Some(txn) = self.txns.get(&open) else {
+                    return Err(TxnError::Unknown(key.to_string()));
+                };
+                match txn.stage {
+                    TxnStage::Open => {}
+                    TxnStage::Ending(outcome) => {
+                        return Err(conflict(key, &format!("it is ending ({})", outcome.name())))
+                    }
+                    TxnStage::Committed => return Err(conflict(key, "it committed")),
+                }
+                if txn.failed {
+                    return Err(conflict(
+                        key,
+                        "an earlier produce of it failed: roll it back",
+                    ));
+                }
+                let age = now_ms.saturating_sub(txn.opened_ms);
+                if age > self.limits.timeout_ms as i64 {
+                    return Err(TxnError::Limit {
+                        key: key.to_string(),
+                        reason: format!(
+                            "open for {age} ms, past the {} ms timeout: it takes no more records",
+                            self.limits.timeout_ms
+                        ),
+                    });
+                }
+                let count = txn.records.len() + records.len();
+                if count > self.limits.max_records || txn.bytes + bytes > self.limits.max_bytes {
+                    return Err(self.too_large(key, count, txn.bytes + bytes));
+                }
+                open
+            }
+            (given, _) => {
+                return Err(match self.settled.get(key) {
+                    Some((h, outcome)) if *h == given => {
+                        conflict(key, &format!("it ended ({})", outcome.name()))
+                    }
+                    _ => TxnError::Unknown(format!("{key} (handle {given})")),
+                })
+            }
+        };
+        let destinations: Vec<(String, u32)> = records
+            .iter()
+            .map(|h| (h.topic.clone(), h.partition))
+            .collect();
+        let inputs: Vec<RecordInput> = records
+            .into_iter()
+            .map(|half| encode_half(key, handle, half))
+            .collect();
+        let info = self.log.append_batch_deferred(&BatchInput::new(inputs))?;
+        let txn = self
+            .txns
+            .entry(handle)
+            .or_insert_with(|| Transaction::new(key.clone(), handle, info.timestamp_ms));
+        for ((offset, id), (topic, partition)) in (info.base_offset..=info.last_offset)
+            .zip(info.ids.iter().copied())
+            .zip(destinations)
+        {
+            txn.add(offset, id, &topic, partition);
+        }
+        txn.bytes += bytes;
+        txn.writing += 1;
+        self.by_key.insert(key.clone(), handle);
+        Ok((handle, info))
+    }
+
+    fn too_large(&self, key: &TxnKey, records: usize, bytes: u64) -> TxnError {
+        TxnError::Limit {
+            key: key.to_string(),
+            reason: format!(
+                "{records} records of {bytes} bytes would pass the limit of {} records or {} bytes",
+                self.limits.max_records, self.limits.max_bytes
+            ),
+        }
+    }
+
+    /// A half append of `handle` is durable (`ok`) or failed.
+    pub fn half_written(&mut self, handle: u64, ok: bool) {
+        if let Some(txn) = self.txns.get_mut(&handle) {
+            txn.writing = txn.writing.saturating_sub(1);
+            if !ok {
+                txn.failed = true;
+            }
+        }
+    }
+
+    /// Appends the outcome record of the open transaction `handle` (the
+    /// caller checked key and stage) without waiting; it is `Ending` until
+    /// [`outcome_written`](Self::outcome_written).
+    pub fn append_outcome(&mut self, handle: u64, outcome: TxnOutcome) -> Result<AppendInfo> {
+        let Some(txn) = self.txns.get(&handle) else {
+            return Err(TxnError::Unknown(format!("handle {handle}")));
+        };
+        let record = encode_outcome(&txn.key, handle, outcome);
+        let info = self
+            .log
+            .append_batch_deferred(&BatchInput::new(vec![record]))?;
+        if let Some(txn) = self.txns.get_mut(&handle) {
+            txn.stage = TxnStage::Ending(outcome);
+        }
+        Ok(info)
+    }
+
+    /// The outcome record of `handle` is durable (`ok`): a rollback
+    /// settles, a commit becomes `Committed` (the caller moves its
+    /// records, then calls [`settle`](Self::settle)). Not durable: the
+    /// transaction is open again (the record may still be in the log; a
+    /// later outcome record of the same handle is then ignored at replay).
+    pub fn outcome_written(&mut self, handle: u64, outcome: TxnOutcome, ok: bool) {
+        let Some(txn) = self.txns.get_mut(&handle) else {
+            return;
+        };
+        if !ok {
+            txn.stage = TxnStage::Open;
+            return;
+        }
+        match outcome {
+            TxnOutcome::Commit => txn.stage = TxnStage::Committed,
+            TxnOutcome::Rollback => self.settle(handle, TxnOutcome::Rollback),
+        }
+    }
+
+    /// Reads a committed (or any unsettled) transaction's records back, in
+    /// produce order, ready for their topics: half-log headers removed, ids
+    /// kept, relative times moved by the time from the produce to `now_ms`.
+    pub fn read_records(&self, handle: u64, now_ms: i64) -> Result<Vec<CommittedRecord>> {
+        let Some(txn) = self.txns.get(&handle) else {
+            return Err(TxnError::Unknown(format!("handle {handle}")));
+        };
+        let mut out = Vec::with_capacity(txn.records.len());
+        let mut index = 0;
+        while index < txn.records.len() {
+            let first = txn.records[index].offset;
+            // Records of one transaction are mostly contiguous: one read
+            // serves a run of them.
+            let mut run = 1;
+            while index + run < txn.records.len()
+                && txn.records[index + run].offset == first + run as u64
+                && run < READ_CHUNK_RECORDS
+            {
+                run += 1;
+            }
+            let records = self.log.read(first, run)?;
+            let wanted = &txn.records[index..index + run];
+            for HalfRef { offset, id, .. } in wanted {
+                let Some(record) = records.iter().find(|r| r.offset == *offset) else {
+                    // Gone from the log (damage skipped at recovery).
+                    tracing::error!(
+                        key = %txn.key,
+                        offset,
+                        %id,
+                        "a committed half record is missing from the half log"
+                    );
+                    continue;
+                };
+                if let Some(committed) = decode_half(record, now_ms) {
+                    out.push(committed);
+                }
+            }
+            index += run;
+        }
+        Ok(out)
+    }
+
+    /// Forgets the transaction `handle`: rolled back, or committed with
+    /// every record in its topic. Its outcome is remembered for the last
+    /// `settled_window` transactions.
+    pub fn settle(&mut self, handle: u64, outcome: TxnOutcome) {
+        let Some(txn) = self.txns.remove(&handle) else {
+            return;
+        };
+        if self.by_key.get(&txn.key) == Some(&handle) {
+            self.by_key.remove(&txn.key);
+        }
+        self.settled.insert(txn.key.clone(), (handle, outcome));
+        self.settled_order.push_back((txn.key, handle));
+        while self.settled_order.len() > self.limits.settled_window {
+            if let Some((key, handle)) = self.settled_order.pop_front() {
+                if self.settled.get(&key).is_some_and(|(h, _)| *h == handle) {
+                    self.settled.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Makes the watermark durable if it moved (the handle of the oldest
+    /// unsettled transaction, or the half log's end) and deletes the half
+    /// log's segments wholly below it. The caller makes sure every settled
+    /// commit's records are durable in their topics first.
+    pub fn flush_watermark(&mut self) -> Result<()> {
+        let watermark = match self.txns.keys().next() {
+            Some(&oldest) => oldest - 1,
+            None => self.log.end_offset(),
+        };
+        if watermark <= self.watermark {
+            return Ok(());
+        }
+        // Every half record below the new watermark must be durable
+        // before a watermark past it is: the half log is flushed first
+        // (nothing to do under the `always` policy).
+        self.log.flush()?;
+        self.meta.rewrite(&[encode_meta(watermark)])?;
+        self.watermark = watermark;
+        self.log.delete_before(watermark)?;
+        Ok(())
+    }
+
+    /// The durable watermark.
+    pub fn watermark(&self) -> u64 {
+        self.watermark
+    }
+}
+
+fn conflict(key: &TxnKey, reason: &str) -> TxnError {
+    TxnError::Conflict {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn input_bytes(record: &RecordInput) -> u64 {
+    let headers: usize = record.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    (record.key.as_ref().map_or(0, Bytes::len) + headers + record.value.len()) as u64
+}
+
+fn record_bytes(record: &Record) -> u64 {
+    let headers: usize = record
+        .headers
+        .iter()
+        .filter(|(n, _)| !n.starts_with(crate::names::TXN_HEADER_PREFIX.as_bytes()))
+        .map(|(n, v)| n.len() + v.len())
+        .sum();
+    (record.key.as_ref().map_or(0, Bytes::len) + headers + record.value.len()) as u64
+}
+
+fn header(name: &'static str, value: impl Into<Bytes>) -> (Bytes, Bytes) {
+    (Bytes::from_static(name.as_bytes()), value.into())
+}
+
+fn key_headers(key: &TxnKey, handle: u64) -> [(Bytes, Bytes); 3] {
+    [
+        header(GROUP_HEADER, Bytes::copy_from_slice(key.group.as_bytes())),
+        header(ID_HEADER, Bytes::copy_from_slice(key.id.as_bytes())),
+        header(HANDLE_HEADER, Bytes::copy_from_slice(&handle.to_le_bytes())),
+    ]
+}
+
+fn encode_half(key: &TxnKey, handle: u64, half: HalfInput) -> RecordInput {
+    let mut record = half.record;
+    record.headers.extend(key_headers(key, handle));
+    record.headers.push(header(
+        TOPIC_HEADER,
+        Bytes::copy_from_slice(half.topic.as_bytes()),
+    ));
+    record.headers.push(header(
+        PARTITION_HEADER,
+        Bytes::copy_from_slice(&half.partition.to_le_bytes()),
+    ));
+    record.headers.push(header(
+        TIMES_HEADER,
+        Bytes::copy_from_slice(&[half.relative]),
+    ));
+    record
+}
+
+fn encode_outcome(key: &TxnKey, handle: u64, outcome: TxnOutcome) -> RecordInput {
+    let mut record = RecordInput::default();
+    record.headers.extend(key_headers(key, handle));
+    record.headers.push(header(
+        OUTCOME_HEADER,
+        Bytes::copy_from_slice(&[outcome.byte()]),
+    ));
+    record
+}
+
+enum Kind {
+    Half { topic: String, partition: u32 },
+    Outcome(TxnOutcome),
+}
+
+struct Parsed {
+    key: TxnKey,
+    handle: u64,
+    kind: Kind,
+}
+
+fn find<'a>(record: &'a Record, name: &str) -> Option<&'a Bytes> {
+    record
+        .headers
+        .iter()
+        .rev()
+        .find(|(n, _)| n.as_ref() == name.as_bytes())
+        .map(|(_, v)| v)
+}
+
+fn text(record: &Record, name: &str) -> Option<String> {
+    find(record, name).and_then(|v| String::from_utf8(v.to_vec()).ok())
+}
+
+fn parse(record: &Record) -> Option<Parsed> {
+    let key = TxnKey::new(text(record, GROUP_HEADER)?, text(record, ID_HEADER)?).ok()?;
+    let handle = u64::from_le_bytes(find(record, HANDLE_HEADER)?.as_ref().try_into().ok()?);
+    let kind = match find(record, OUTCOME_HEADER) {
+        Some(outcome) => match outcome.as_ref() {
+            [byte] => Kind::Outcome(TxnOutcome::from_byte(*byte)?),
+            _ => return None,
+        },
+        None => Kind::Half {
+            topic: text(record, TOPIC_HEADER)?,
+            partition: u32::from_le_bytes(
+                find(record, PARTITION_HEADER)?.as_ref().try_into().ok()?,
+            ),
+        },
+    };
+    Some(Parsed { key, handle, kind })
+}
+
+/// A half record as its committed record, or `None` if its headers are
+/// damaged.
+fn decode_half(record: &Record, now_ms: i64) -> Option<CommittedRecord> {
+    let topic = text(record, TOPIC_HEADER)?;
+    let partition = u32::from_le_bytes(find(record, PARTITION_HEADER)?.as_ref().try_into().ok()?);
+    let relative = find(record, TIMES_HEADER)
+        .and_then(|v| v.first().copied())
+        .unwrap_or(0);
+    let shift = now_ms.saturating_sub(record.timestamp_ms).max(0);
+    let moved = |time: Option<i64>, bit: u8| {
+        time.map(|t| {
+            if relative & bit != 0 {
+                t.saturating_add(shift)
+            } else {
+                t
+            }
+        })
+    };
+    Some(CommittedRecord {
+        topic,
+        partition,
+        record: RecordInput {
+            id: Some(record.id),
+            key: record.key.clone(),
+            headers: record
+                .headers
+                .iter()
+                .filter(|(n, _)| !n.starts_with(crate::names::TXN_HEADER_PREFIX.as_bytes()))
+                .cloned()
+                .collect(),
+            value: record.value.clone(),
+            deliver_at_ms: moved(record.deliver_at_ms, RELATIVE_DELIVER_AT),
+            expire_at_ms: moved(record.expire_at_ms, RELATIVE_EXPIRE_AT),
+        },
+    })
+}
+
+fn encode_meta(watermark: u64) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(META_LEN);
+    payload.push(META_VERSION);
+    payload.extend_from_slice(&watermark.to_le_bytes());
+    payload
+}
+
+fn decode_meta(payload: &[u8]) -> Result<u64> {
+    match payload {
+        [META_VERSION, rest @ ..] if rest.len() == 8 => {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(rest);
+            Ok(u64::from_le_bytes(bytes))
+        }
+        _ => Err(TxnError::Corrupt(format!(
+            "{META_JOURNAL}: a watermark payload of {} bytes",
+            payload.len()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+    use dmq_log_store::ManualClock;
+
+    fn key(id: &str) -> TxnKey {
+        TxnKey::new("orders", id).unwrap()
+    }
+
+    fn half(topic: &str, value: &str) -> HalfInput {
+        HalfInput {
+            topic: topic.to_string(),
+            partition: 0,
+            record: RecordInput::new(value.to_string()),
+            relative: 0,
+        }
+    }
+
+    fn open(storage: &Arc<MemoryStorage>) -> TransactionLog {
+        TransactionLog::open(
+            Arc::clone(storage) as Arc<dyn Storage>,
+            TransactionLimits::default(),
+        )
+        .unwrap()
+        .0
+    }
+
+    fn storage() -> Arc<MemoryStorage> {
+        Arc::new(MemoryStorage::new(Arc::new(ManualClock::new(1_000))))
+    }
+
+    #[test]
+    fn a_transaction_survives_reopening_in_its_stage() {
+        let storage = storage();
+        let mut store = open(&storage);
+        let (a, _) = store
+            .append_half(&key("a"), 0, vec![half("t", "1"), half("u", "2")], 1_000)
+            .unwrap();
+        store.half_written(a, true);
+        let (b, _) = store
+            .append_half(&key("b"), 0, vec![half("t", "3")], 1_000)
+            .unwrap();
+        let (c, _) = store
+            .append_half(&key("c"), 0, vec![half("t", "4")], 1_000)
+            .unwrap();
+        assert_eq!((a, b, c), (1, 3, 4));
+        // `a` takes a second record later, after `b` and `c` began.
+        assert_eq!(
+            store
+                .append_half(&key("a"), a, vec![half("t", "5")], 1_000)
+                .unwrap()
+                .0,
+            a
+        );
+        store.append_outcome(b, TxnOutcome::Commit).unwrap();
+        store.outcome_written(b, TxnOutcome::Commit, true);
+        store.append_outcome(c, TxnOutcome::Rollback).unwrap();
+        store.outcome_written(c, TxnOutcome::Rollback, true);
+        assert_eq!(store.settled(&key("c")), Some((c, TxnOutcome::Rollback)));
+
+        let reopened = open(&storage);
+        let a_txn = reopened.get(a).unwrap();
+        assert_eq!(a_txn.stage, TxnStage::Open);
+        assert_eq!(a_txn.records.len(), 3);
+        assert_eq!(reopened.get(b).unwrap().stage, TxnStage::Committed);
+        assert!(reopened.get(c).is_none());
+        assert_eq!(reopened.committed(), vec![b]);
+        let records = reopened.read_records(a, 1_000).unwrap();
+        let values: Vec<_> = records.iter().map(|r| r.record.value.clone()).collect();
+        assert_eq!(values, vec!["1", "2", "5"]);
+        assert_eq!(records[1].topic, "u");
+        assert!(records.iter().all(|r| r.record.headers.is_empty()));
+        assert!(records.iter().all(|r| r.record.id.is_some()));
+    }
+
+    #[test]
+    fn a_handle_names_one_transaction_only() {
+        let storage = storage();
+        let mut store = open(&storage);
+        let (first, _) = store
+            .append_half(&key("a"), 0, vec![half("t", "1")], 1_000)
+            .unwrap();
+        // A second begin of an open id is refused.
+        assert!(matches!(
+            store.append_half(&key("a"), 0, vec![half("t", "x")], 1_000),
+            Err(TxnError::Conflict { .. })
+        ));
+        store.append_outcome(first, TxnOutcome::Rollback).unwrap();
+        store.outcome_written(first, TxnOutcome::Rollback, true);
+        // The id is free again; the new transaction has another handle, and
+        // the old handle reaches it no more.
+        let (second, _) = store
+            .append_half(&key("a"), 0, vec![half("t", "2")], 1_000)
+            .unwrap();
+        assert_ne!(first, second);
+        assert!(store
+            .append_half(&key("a"), first, vec![half("t", "3")], 1_000)
+            .is_err());
+    }
+
+    #[test]
+    fn the_watermark_skips_settled_transactions_and_frees_the_log() {
+        let storage = storage();
+        let mut store = open(&storage);
+        let (a, _) = store
+            .append_half(&key("a"), 0, vec![half("t", "1")], 1_000)
+            .unwrap();
+        let (b, _) = store
+            .append_half(&key("b"), 0, vec![half("t", "2")], 1_000)
+            .unwrap();
+        store.append_outcome(a, TxnOutcome::Commit).unwrap();
+        store.outcome_written(a, TxnOutcome::Commit, true);
+        store.settle(a, TxnOutcome::Commit);
+        store.flush_watermark().unwrap();
+        assert_eq!(store.watermark(), b - 1);
+        // `b` gets a record after `a`'s outcome; `a` stays settled.
+        store
+            .append_half(&key("b"), b, vec![half("t", "3")], 1_000)
+            .unwrap();
+        let reopened = open(&storage);
+        assert!(reopened.get(a).is_none());
+        assert_eq!(reopened.get(b).unwrap().records.len(), 2);
+    }
+
+    #[test]
+    fn relative_times_move_to_the_commit() {
+        let storage = storage();
+        let mut store = open(&storage);
+        let mut delayed = half("t", "1");
+        delayed.record.deliver_at_ms = Some(1_000 + 600_000);
+        delayed.record.expire_at_ms = Some(1_000 + 60_000);
+        delayed.relative = RELATIVE_DELIVER_AT;
+        let mut absolute = half("t", "2");
+        absolute.record.deliver_at_ms = Some(5_000);
+        let (a, _) = store
+            .append_half(&key("a"), 0, vec![delayed, absolute], 1_000)
+            .unwrap();
+        let records = store.read_records(a, 31_000).unwrap();
+        assert_eq!(records[0].record.deliver_at_ms, Some(631_000));
+        assert_eq!(records[0].record.expire_at_ms, Some(61_000));
+        assert_eq!(records[1].record.deliver_at_ms, Some(5_000));
+    }
+
+    #[test]
+    fn limits_refuse_a_request_whole() {
+        let storage = storage();
+        let (mut store, _) = TransactionLog::open(
+            Arc::clone(&storage) as Arc<dyn Storage>,
+            TransactionLimits {
+                max_records: 2,
+                timeout_ms: 10,
+                ..TransactionLimits::default()
+            },
+        )
+        .unwrap();
+        let (a, _) = store
+            .append_half(&key("a"), 0, vec![half("t", "1")], 1_000)
+            .unwrap();
+        let end = store.log().end_offset();
+        assert!(matches!(
+            store.append_half(&key("a"), a, vec![half("t", "2"), half("t", "3")], 1_000),
+            Err(TxnError::Limit { .. })
+        ));
+        assert!(matches!(
+            store.append_half(&key("a"), a, vec![half("t", "2")], 1_011),
+            Err(TxnError::Limit { .. })
+        ));
+        assert_eq!(store.log().end_offset(), end, "nothing was stored");
+        assert!(TxnKey::new("", "x").is_err());
+        assert!(TxnKey::new("g", "x".repeat(256)).is_err());
+    }
+}
