@@ -29,6 +29,14 @@ pub(crate) fn dispatch_error(error: &DispatchError) -> ErrorResponse {
         DispatchError::TopicExists(_) => ErrorCode::TopicExists,
         DispatchError::NotDelivered { .. } => ErrorCode::NotDelivered,
         DispatchError::Store(store) => return store_error(store),
+        DispatchError::Transaction(txn) => match txn {
+            dispatcher::TxnError::Unknown(_) => ErrorCode::UnknownTransaction,
+            dispatcher::TxnError::Conflict { .. } => ErrorCode::TransactionConflict,
+            dispatcher::TxnError::Limit { .. } => ErrorCode::TransactionLimit,
+            dispatcher::TxnError::InvalidName(_) => ErrorCode::InvalidRequest,
+            dispatcher::TxnError::Store(store) => return store_error(store),
+            _ => ErrorCode::StorageError,
+        },
         _ => ErrorCode::StorageError,
     };
     ErrorResponse::new(code, error.to_string())
@@ -54,9 +62,10 @@ pub(crate) fn store_error(error: &StoreError) -> ErrorResponse {
 pub(crate) fn http_status(code: ErrorCode) -> axum::http::StatusCode {
     use axum::http::StatusCode as S;
     match code {
-        ErrorCode::UnknownTopic | ErrorCode::UnknownGroup | ErrorCode::UnknownSubscription => {
-            S::NOT_FOUND
-        }
+        ErrorCode::UnknownTopic
+        | ErrorCode::UnknownGroup
+        | ErrorCode::UnknownSubscription
+        | ErrorCode::UnknownTransaction => S::NOT_FOUND,
         ErrorCode::MalformedFrame
         | ErrorCode::UnsupportedVersion
         | ErrorCode::UnknownPartition
@@ -67,7 +76,10 @@ pub(crate) fn http_status(code: ErrorCode) -> axum::http::StatusCode {
         ErrorCode::FrameTooLarge | ErrorCode::RecordTooLarge => S::PAYLOAD_TOO_LARGE,
         ErrorCode::NotAuthenticated | ErrorCode::AuthenticationFailed => S::UNAUTHORIZED,
         ErrorCode::NotAuthorized => S::FORBIDDEN,
-        ErrorCode::TopicExists | ErrorCode::GroupConfigConflict => S::CONFLICT,
+        ErrorCode::TopicExists
+        | ErrorCode::GroupConfigConflict
+        | ErrorCode::TransactionConflict => S::CONFLICT,
+        ErrorCode::TransactionLimit => S::UNPROCESSABLE_ENTITY,
         ErrorCode::DiskFull => S::INSUFFICIENT_STORAGE,
         ErrorCode::Overloaded => S::TOO_MANY_REQUESTS,
         ErrorCode::ShuttingDown => S::SERVICE_UNAVAILABLE,

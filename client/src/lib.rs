@@ -30,6 +30,8 @@
 //!   linger and size, pipelining, idempotence.
 //! - [`consumer`]: [`Consumer`], [`Subscription`] (a `Stream`),
 //!   [`ReceivedMessage`] with `ack`/`nack`; credit flow control, batched acks.
+//! - [`transaction`]: [`Transaction`], half messages committed or rolled
+//!   back together.
 //! - [`options`]: [`ClientOptions`], [`ProducerOptions`].
 //! - [`error`]: the [`ClientError`] type.
 //! - [`time`]: `SystemTime` ↔ wire milliseconds.
@@ -46,6 +48,7 @@ pub mod error;
 pub mod options;
 pub mod producer;
 pub mod time;
+pub mod transaction;
 
 pub use client::Client;
 pub use consumer::{Consumer, ReceivedMessage, Start, SubscribeOptions, Subscription};
@@ -58,3 +61,4 @@ pub use dmq_protocol::{
 pub use error::{ClientError, Result};
 pub use options::{ClientOptions, ProducerOptions};
 pub use producer::{Message, Producer, SendReceipt};
+pub use transaction::Transaction;

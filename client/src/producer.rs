@@ -66,6 +66,16 @@ impl Message {
         }
     }
 
+    /// Its topic, partition choice and wire record.
+    pub(crate) fn into_parts(self) -> (String, Option<u32>, ProduceRecord) {
+        (self.topic, self.partition, self.record)
+    }
+
+    /// The partition it was sent to explicitly, if any.
+    pub(crate) fn partition_choice(&self) -> Option<u32> {
+        self.partition
+    }
+
     /// Sets the key (same key → same partition for ordered topics).
     pub fn key(mut self, key: impl Into<Bytes>) -> Self {
         self.record.key = Some(key.into());
@@ -531,7 +541,7 @@ impl Future for SendFuture {
     }
 }
 
-fn receipt(record: &ProducedRecord) -> SendReceipt {
+pub(crate) fn receipt(record: &ProducedRecord) -> SendReceipt {
     SendReceipt {
         partition: record.partition,
         offset: record.offset,

@@ -1008,6 +1008,109 @@ impl Wire for ProduceOk {
     }
 }
 
+impl TxnOutcome {
+    fn byte(self) -> u8 {
+        match self {
+            TxnOutcome::Commit => 1,
+            TxnOutcome::Rollback => 2,
+        }
+    }
+}
+
+fn get_outcome(input: &[u8]) -> PResult<'_, TxnOutcome> {
+    let (rest, byte) = get_u8(input, "outcome")?;
+    match byte {
+        1 => Ok((rest, TxnOutcome::Commit)),
+        2 => Ok((rest, TxnOutcome::Rollback)),
+        other => fail(WireError::InvalidValue {
+            field: "outcome",
+            value: u64::from(other),
+        }),
+    }
+}
+
+impl Wire for TxnProduce {
+    const MIN_BYTES: usize = 2 + 2 + 8 + 2 + 1 + 4;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.str("producer_group", &self.producer_group)?;
+        w.str("transaction_id", &self.transaction_id)?;
+        w.u64(self.handle);
+        w.str("topic", &self.topic)?;
+        w.opt_u32(self.partition);
+        w.list("records", &self.records)
+    }
+    fn get<'a>(cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, producer_group) = get_str(input, "producer_group")?;
+        let (input, transaction_id) = get_str(input, "transaction_id")?;
+        let (input, handle) = get_u64(input, "handle")?;
+        let (input, topic) = get_str(input, "topic")?;
+        let (input, partition) = get_opt(input, "partition", |i| get_u32(i, "partition"))?;
+        let (input, records) = get_list(cx, input, "records")?;
+        Ok((
+            input,
+            TxnProduce {
+                producer_group,
+                transaction_id,
+                handle,
+                topic,
+                partition,
+                records,
+            },
+        ))
+    }
+}
+
+impl Wire for TxnEnd {
+    const MIN_BYTES: usize = 2 + 2 + 8 + 1;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.str("producer_group", &self.producer_group)?;
+        w.str("transaction_id", &self.transaction_id)?;
+        w.u64(self.handle);
+        w.u8(self.outcome.byte());
+        Ok(())
+    }
+    fn get<'a>(_cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, producer_group) = get_str(input, "producer_group")?;
+        let (input, transaction_id) = get_str(input, "transaction_id")?;
+        let (input, handle) = get_u64(input, "handle")?;
+        let (input, outcome) = get_outcome(input)?;
+        Ok((
+            input,
+            TxnEnd {
+                producer_group,
+                transaction_id,
+                handle,
+                outcome,
+            },
+        ))
+    }
+}
+
+impl Wire for TxnProduceOk {
+    const MIN_BYTES: usize = 8 + 4;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.u64(self.handle);
+        w.list("records", &self.records)
+    }
+    fn get<'a>(cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, handle) = get_u64(input, "handle")?;
+        let (input, records) = get_list(cx, input, "records")?;
+        Ok((input, TxnProduceOk { handle, records }))
+    }
+}
+
+impl Wire for TxnEnded {
+    const MIN_BYTES: usize = 1;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.u8(self.outcome.byte());
+        Ok(())
+    }
+    fn get<'a>(_cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, outcome) = get_outcome(input)?;
+        Ok((input, TxnEnded { outcome }))
+    }
+}
+
 impl Wire for CancelDelayOk {
     const MIN_BYTES: usize = 1;
     fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -1364,6 +1467,8 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Request::Ping | Request::ListTopics => Ok(()),
             Request::Produce(b) => b.put(w),
             Request::CancelDelay(b) => b.put(w),
+            Request::TxnProduce(b) => b.put(w),
+            Request::TxnEnd(b) => b.put(w),
             Request::DeleteMessages(b) => b.put(w),
             Request::Subscribe(b) => b.put(w),
             Request::Unsubscribe(b) => b.put(w),
@@ -1384,6 +1489,8 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Response::HelloOk(b) => b.put(w),
             Response::ProduceOk(b) => b.put(w),
             Response::CancelDelayOk(b) => b.put(w),
+            Response::TxnProduceOk(b) => b.put(w),
+            Response::TxnEnded(b) => b.put(w),
             Response::Subscribed(b) => b.put(w),
             Response::Deliveries(b) => b.put(w),
             Response::SeekReport(b) => b.put(w),
@@ -1414,6 +1521,8 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::Ping => Ok((input, Q(Request::Ping))),
         Opcode::Produce => get_into(cx, input, |b| Q(Request::Produce(b))),
         Opcode::CancelDelay => get_into(cx, input, |b| Q(Request::CancelDelay(b))),
+        Opcode::TxnProduce => get_into(cx, input, |b| Q(Request::TxnProduce(b))),
+        Opcode::TxnEnd => get_into(cx, input, |b| Q(Request::TxnEnd(b))),
         Opcode::DeleteMessages => get_into(cx, input, |b| Q(Request::DeleteMessages(b))),
         Opcode::Subscribe => get_into(cx, input, |b| Q(Request::Subscribe(b))),
         Opcode::Unsubscribe => get_into(cx, input, |b| Q(Request::Unsubscribe(b))),
@@ -1434,6 +1543,8 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::Pong => Ok((input, R(Response::Pong))),
         Opcode::ProduceOk => get_into(cx, input, |b| R(Response::ProduceOk(b))),
         Opcode::CancelDelayOk => get_into(cx, input, |b| R(Response::CancelDelayOk(b))),
+        Opcode::TxnProduceOk => get_into(cx, input, |b| R(Response::TxnProduceOk(b))),
+        Opcode::TxnEnded => get_into(cx, input, |b| R(Response::TxnEnded(b))),
         Opcode::Subscribed => get_into(cx, input, |b| R(Response::Subscribed(b))),
         Opcode::Deliveries => get_into(cx, input, |b| R(Response::Deliveries(b))),
         Opcode::SeekReport => get_into(cx, input, |b| R(Response::SeekReport(b))),

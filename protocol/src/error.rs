@@ -110,6 +110,16 @@ error_codes! {
     /// A PRODUCE (or admin test message) holding a record larger than the
     /// maximum record size (PROTOCOL.md §8); nothing was stored.
     RecordTooLarge = 23,
+    /// TXN_PRODUCE or TXN_END naming no open transaction with that producer
+    /// group, id and handle (and none that ended recently).
+    UnknownTransaction = 24,
+    /// A transaction request that contradicts its state: a begin of an id
+    /// still open, a produce into an ending transaction, a COMMIT after a
+    /// ROLLBACK or the reverse, a COMMIT after a failed produce of it.
+    TransactionConflict = 25,
+    /// A transaction over its configured size, or past its timeout for a
+    /// produce; nothing of the request was stored.
+    TransactionLimit = 26,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -243,13 +253,16 @@ mod tests {
             (ErrorCode::OutOfOrderSequence, 21),
             (ErrorCode::Timeout, 22),
             (ErrorCode::RecordTooLarge, 23),
+            (ErrorCode::UnknownTransaction, 24),
+            (ErrorCode::TransactionConflict, 25),
+            (ErrorCode::TransactionLimit, 26),
         ];
         assert_eq!(pinned.len(), ErrorCode::ALL.len());
         for (code, number) in pinned {
             assert_eq!(code.as_u32(), number);
             assert_eq!(ErrorCode::from_u32(number), code);
         }
-        for number in [0, 24, 1000, u32::MAX] {
+        for number in [0, 27, 1000, u32::MAX] {
             assert_eq!(ErrorCode::from_u32(number), ErrorCode::Unknown(number));
             assert_eq!(ErrorCode::from_u32(number).as_u32(), number);
         }

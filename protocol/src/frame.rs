@@ -62,6 +62,10 @@ opcodes! {
     CancelDelay = 0x0011 => "CANCEL_DELAY",
     /// Request: delete messages (tombstone).
     DeleteMessages = 0x0012 => "DELETE_MESSAGES",
+    /// Store half records of a transaction.
+    TxnProduce = 0x0013 => "TXN_PRODUCE",
+    /// Commit or roll back a transaction.
+    TxnEnd = 0x0014 => "TXN_END",
     /// Request: join a consumer group.
     Subscribe = 0x0020 => "SUBSCRIBE",
     /// Request: leave a consumer group.
@@ -100,6 +104,10 @@ opcodes! {
     ProduceOk = 0x8010 => "PRODUCE_OK",
     /// Response to CANCEL_DELAY.
     CancelDelayOk = 0x8011 => "CANCEL_DELAY_OK",
+    /// Response to TXN_PRODUCE.
+    TxnProduceOk = 0x8013 => "TXN_PRODUCE_OK",
+    /// Response to TXN_END.
+    TxnEnded = 0x8014 => "TXN_ENDED",
     /// Response to SUBSCRIBE.
     Subscribed = 0x8020 => "SUBSCRIBED",
     /// Response to FETCH.
@@ -246,6 +254,10 @@ pub enum Request {
     CancelDelay(CancelDelay),
     /// DELETE_MESSAGES → OK.
     DeleteMessages(DeleteMessages),
+    /// TXN_PRODUCE → TXN_PRODUCE_OK.
+    TxnProduce(TxnProduce),
+    /// TXN_END → TXN_ENDED.
+    TxnEnd(TxnEnd),
     /// SUBSCRIBE → SUBSCRIBED.
     Subscribe(Subscribe),
     /// UNSUBSCRIBE → OK.
@@ -276,7 +288,7 @@ pub enum Request {
     DeleteGroup(DeleteGroup),
 }
 
-from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, Subscribe, Unsubscribe,
+from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, Subscribe, Unsubscribe,
     Credit, Fetch, Ack, Nack, Seek, CreateTopic, DeleteTopic, DescribeTopic, ListGroups,
     DescribeGroup, DeleteGroup);
 
@@ -289,6 +301,8 @@ impl Request {
             Request::Produce(_) => Opcode::Produce,
             Request::CancelDelay(_) => Opcode::CancelDelay,
             Request::DeleteMessages(_) => Opcode::DeleteMessages,
+            Request::TxnProduce(_) => Opcode::TxnProduce,
+            Request::TxnEnd(_) => Opcode::TxnEnd,
             Request::Subscribe(_) => Opcode::Subscribe,
             Request::Unsubscribe(_) => Opcode::Unsubscribe,
             Request::Credit(_) => Opcode::Credit,
@@ -320,6 +334,10 @@ pub enum Response {
     ProduceOk(ProduceOk),
     /// CANCEL_DELAY done.
     CancelDelayOk(CancelDelayOk),
+    /// Half records stored (durably).
+    TxnProduceOk(TxnProduceOk),
+    /// A transaction's outcome is durable.
+    TxnEnded(TxnEnded),
     /// Subscription open.
     Subscribed(Subscribed),
     /// Pulled messages.
@@ -338,7 +356,7 @@ pub enum Response {
     Error(ErrorResponse),
 }
 
-from_structs!(Response: HelloOk, ProduceOk, CancelDelayOk, Subscribed, Deliveries, SeekReport,
+from_structs!(Response: HelloOk, ProduceOk, CancelDelayOk, TxnProduceOk, TxnEnded, Subscribed, Deliveries, SeekReport,
     Topics, TopicDescription, Groups, GroupDescription);
 
 impl From<ErrorResponse> for Response {
@@ -356,6 +374,8 @@ impl Response {
             Response::Pong => Opcode::Pong,
             Response::ProduceOk(_) => Opcode::ProduceOk,
             Response::CancelDelayOk(_) => Opcode::CancelDelayOk,
+            Response::TxnProduceOk(_) => Opcode::TxnProduceOk,
+            Response::TxnEnded(_) => Opcode::TxnEnded,
             Response::Subscribed(_) => Opcode::Subscribed,
             Response::Deliveries(_) => Opcode::Deliveries,
             Response::SeekReport(_) => Opcode::SeekReport,
@@ -450,6 +470,49 @@ pub struct ProduceRecord {
 pub struct CancelDelay {
     /// The id PRODUCE_OK returned.
     pub message_id: MessageId,
+}
+
+/// How a transaction ends (TXN_END, TXN_ENDED): `1` commit, `2` rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TxnOutcome {
+    /// The records enter their topics.
+    #[default]
+    Commit,
+    /// The records are discarded.
+    Rollback,
+}
+
+/// TXN_PRODUCE: half records of a transaction for one topic, stored
+/// durably and delivered to no group until the transaction commits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnProduce {
+    /// The producer group (1 to 255 bytes).
+    pub producer_group: String,
+    /// The transaction id the producer chose (1 to 255 bytes), unique
+    /// among the group's open transactions.
+    pub transaction_id: String,
+    /// `0` begins the transaction; later produces name the handle
+    /// TXN_PRODUCE_OK returned.
+    pub handle: u64,
+    /// Topic.
+    pub topic: String,
+    /// As in PRODUCE.
+    pub partition: Option<u32>,
+    /// The records, in order.
+    pub records: Vec<ProduceRecord>,
+}
+
+/// TXN_END: commit or roll back a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnEnd {
+    /// The producer group.
+    pub producer_group: String,
+    /// The transaction id.
+    pub transaction_id: String,
+    /// The handle TXN_PRODUCE_OK returned.
+    pub handle: u64,
+    /// Commit or rollback.
+    pub outcome: TxnOutcome,
 }
 
 /// DELETE_MESSAGES: tombstone messages of a topic for every group.
@@ -624,6 +687,23 @@ pub struct ProducedRecord {
     pub message_id: MessageId,
     /// For a delayed record: when it becomes deliverable (ms since epoch).
     pub deliver_at_ms: Option<i64>,
+}
+
+/// TXN_PRODUCE_OK: the transaction's handle and one result per record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnProduceOk {
+    /// Names the transaction in later TXN_PRODUCEs and in TXN_END.
+    pub handle: u64,
+    /// Results, in request order; `offset` is absent (a half record is in
+    /// no topic yet).
+    pub records: Vec<ProducedRecord>,
+}
+
+/// TXN_ENDED: the transaction's outcome is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TxnEnded {
+    /// How it ended.
+    pub outcome: TxnOutcome,
 }
 
 /// CANCEL_DELAY_OK.

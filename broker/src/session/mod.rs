@@ -57,6 +57,7 @@ mod consume;
 mod hello;
 mod produce;
 mod requests;
+mod transactions;
 
 /// Read buffer growth step.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -363,6 +364,10 @@ impl Session {
             Request::Ping => Ok(Response::Pong),
             Request::Produce(produce) => {
                 self.produce(correlation_id, produce).await;
+                return true;
+            }
+            request @ (Request::TxnProduce(_) | Request::TxnEnd(_)) => {
+                self.transaction(correlation_id, request).await;
                 return true;
             }
             Request::Subscribe(subscribe) => self.subscribe(subscribe).await,

@@ -62,6 +62,9 @@
 //! | 10 | delay_scheduled | due_ms `zz` |
 //! | 11 | delay_fired | — |
 //! | 12 | delay_cancelled | — |
+//! | 13 | txn_half_stored | transaction handle |
+//! | 14 | txn_committed | transaction handle |
+//! | 15 | txn_rolled_back | transaction handle |
 //!
 //! `addr` is `4` + 4 address bytes + port `u16` LE, or `6` + 16 address
 //! bytes + port `u16` LE. The produce of a batch with a 20-byte topic and
@@ -140,6 +143,21 @@ pub(crate) enum What<S> {
     DelayFired,
     /// A pending delay was cancelled.
     DelayCancelled,
+    /// Stored as a half message of a transaction.
+    TxnHalfStored {
+        /// The transaction's handle.
+        handle: u64,
+    },
+    /// Its transaction committed: in its topic (or the delay store).
+    TxnCommitted {
+        /// The transaction's handle.
+        handle: u64,
+    },
+    /// Its transaction rolled back: never delivered.
+    TxnRolledBack {
+        /// The transaction's handle.
+        handle: u64,
+    },
 }
 
 /// One event of a record (the message id and the topic are the record's).
@@ -182,6 +200,9 @@ pub(crate) fn entry_of(event: &Event) -> Option<Entry<&str>> {
         EventKind::DelayScheduled { due_ms } => What::DelayScheduled { due_ms: *due_ms },
         EventKind::DelayFired => What::DelayFired,
         EventKind::DelayCancelled => What::DelayCancelled,
+        EventKind::TxnHalfStored { handle } => What::TxnHalfStored { handle: *handle },
+        EventKind::TxnCommitted { handle } => What::TxnCommitted { handle: *handle },
+        EventKind::TxnRolledBack { handle } => What::TxnRolledBack { handle: *handle },
         _ => return None,
     };
     Some(Entry {
@@ -315,6 +336,9 @@ impl<'b> RecordWriter<'b> {
             What::Redelivered { next_attempt } => put_varint(buf, u64::from(*next_attempt)),
             What::DeadLettered { dead_letter_topic } => put_str(buf, dead_letter_topic.as_ref()),
             What::DelayScheduled { due_ms } => put_signed(buf, *due_ms),
+            What::TxnHalfStored { handle }
+            | What::TxnCommitted { handle }
+            | What::TxnRolledBack { handle } => put_varint(buf, *handle),
             What::Stored
             | What::Acked
             | What::Expired
@@ -342,6 +366,9 @@ fn kind_code<S>(what: &What<S>) -> u8 {
         What::DelayScheduled { .. } => 10,
         What::DelayFired => 11,
         What::DelayCancelled => 12,
+        What::TxnHalfStored { .. } => 13,
+        What::TxnCommitted { .. } => 14,
+        What::TxnRolledBack { .. } => 15,
     }
 }
 
@@ -442,6 +469,15 @@ pub(crate) fn decode(value: &[u8]) -> Result<Decoded, DecodeError> {
             },
             11 => What::DelayFired,
             12 => What::DelayCancelled,
+            13 => What::TxnHalfStored {
+                handle: input.varint()?,
+            },
+            14 => What::TxnCommitted {
+                handle: input.varint()?,
+            },
+            15 => What::TxnRolledBack {
+                handle: input.varint()?,
+            },
             other => return Err(DecodeError::Kind(other)),
         };
         let reason = if flags & HAS_REASON != 0 {
@@ -555,6 +591,13 @@ pub(crate) fn trace_event(topic: &str, entry: Entry<String>) -> TraceEvent {
         What::DelayScheduled { due_ms } => ("delay_scheduled", Some(format!("due at {due_ms}"))),
         What::DelayFired => ("delay_fired", None),
         What::DelayCancelled => ("delay_cancelled", None),
+        What::TxnHalfStored { handle } => {
+            ("txn_half_stored", Some(format!("in transaction {handle}")))
+        }
+        What::TxnCommitted { handle } => ("txn_committed", Some(format!("transaction {handle}"))),
+        What::TxnRolledBack { handle } => {
+            ("txn_rolled_back", Some(format!("transaction {handle}")))
+        }
     };
     if let Some(reason) = &entry.reason {
         detail = Some(match detail {
@@ -706,6 +749,9 @@ mod tests {
             any::<i64>().prop_map(|due_ms| What::DelayScheduled { due_ms }),
             Just(What::DelayFired),
             Just(What::DelayCancelled),
+            any::<u64>().prop_map(|handle| What::TxnHalfStored { handle }),
+            any::<u64>().prop_map(|handle| What::TxnCommitted { handle }),
+            any::<u64>().prop_map(|handle| What::TxnRolledBack { handle }),
         ]
     }
 

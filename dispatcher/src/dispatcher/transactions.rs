@@ -658,6 +658,27 @@ impl Dispatcher {
             .collect()
     }
 
+    /// The topics the unsettled transaction `key` with `handle` holds
+    /// records for (empty if there is no such transaction).
+    pub fn transaction_topics(&self, key: &TxnKey, handle: u64) -> Vec<String> {
+        if self.txns.handle_of(key) != Some(handle) {
+            return Vec::new();
+        }
+        let mut topics: Vec<String> = self
+            .txns
+            .get(handle)
+            .map(|txn| {
+                txn.destinations
+                    .iter()
+                    .map(|(topic, _)| topic.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
     /// Half records held by unsettled transactions.
     pub fn transaction_half_records(&self) -> u64 {
         self.txns.half_records()

@@ -254,12 +254,70 @@ pub fn seek() -> impl Strategy<Value = Request> {
         })
 }
 
+pub fn txn_outcome() -> impl Strategy<Value = TxnOutcome> {
+    prop_oneof![Just(TxnOutcome::Commit), Just(TxnOutcome::Rollback)]
+}
+
+pub fn produced_record() -> impl Strategy<Value = ProducedRecord> {
+    (
+        any::<u32>(),
+        option::of(any::<u64>()),
+        message_id(),
+        option::of(any::<i64>()),
+    )
+        .prop_map(
+            |(partition, offset, message_id, deliver_at_ms)| ProducedRecord {
+                partition,
+                offset,
+                message_id,
+                deliver_at_ms,
+            },
+        )
+}
+
 /// One strategy per request opcode.
 pub fn requests() -> Vec<(Opcode, BoxedStrategy<Request>)> {
     vec![
         (Opcode::Hello, hello().boxed()),
         (Opcode::Ping, Just(Request::Ping).boxed()),
         (Opcode::Produce, produce().boxed()),
+        (
+            Opcode::TxnProduce,
+            (
+                short_string(),
+                short_string(),
+                any::<u64>(),
+                short_string(),
+                option::of(any::<u32>()),
+                vec(produce_record(), 0..4),
+            )
+                .prop_map(
+                    |(producer_group, transaction_id, handle, topic, partition, records)| {
+                        Request::TxnProduce(TxnProduce {
+                            producer_group,
+                            transaction_id,
+                            handle,
+                            topic,
+                            partition,
+                            records,
+                        })
+                    },
+                )
+                .boxed(),
+        ),
+        (
+            Opcode::TxnEnd,
+            (short_string(), short_string(), any::<u64>(), txn_outcome())
+                .prop_map(|(producer_group, transaction_id, handle, outcome)| {
+                    Request::TxnEnd(TxnEnd {
+                        producer_group,
+                        transaction_id,
+                        handle,
+                        outcome,
+                    })
+                })
+                .boxed(),
+        ),
         (
             Opcode::CancelDelay,
             message_id()
@@ -412,6 +470,20 @@ pub fn responses() -> Vec<(Opcode, BoxedStrategy<Response>)> {
             )
             .prop_map(|records| Response::ProduceOk(ProduceOk { records }))
             .boxed(),
+        ),
+        (
+            Opcode::TxnProduceOk,
+            (any::<u64>(), vec(produced_record(), 0..5))
+                .prop_map(|(handle, records)| {
+                    Response::TxnProduceOk(TxnProduceOk { handle, records })
+                })
+                .boxed(),
+        ),
+        (
+            Opcode::TxnEnded,
+            txn_outcome()
+                .prop_map(|outcome| Response::TxnEnded(TxnEnded { outcome }))
+                .boxed(),
         ),
         (
             Opcode::CancelDelayOk,
@@ -781,6 +853,62 @@ pub fn sample_frames() -> Vec<(&'static str, Frame)> {
                     name: "orders".into(),
                     partitions: 4,
                     ordered: false,
+                },
+            ),
+        ),
+        (
+            "txn_produce",
+            Frame::request(
+                7,
+                TxnProduce {
+                    producer_group: "shop".into(),
+                    transaction_id: "o17".into(),
+                    handle: 0,
+                    topic: "orders".into(),
+                    partition: None,
+                    records: vec![ProduceRecord {
+                        key: None,
+                        headers: vec![],
+                        value: Bytes::from_static(b"paid"),
+                        delivery_time: DeliveryTime::Immediate,
+                        ttl_ms: None,
+                    }],
+                },
+            ),
+        ),
+        (
+            "txn_produce_ok",
+            Frame::response(
+                7,
+                TxnProduceOk {
+                    handle: 42,
+                    records: vec![ProducedRecord {
+                        partition: 0,
+                        offset: None,
+                        message_id: MessageId([0x11; 16]),
+                        deliver_at_ms: None,
+                    }],
+                },
+            ),
+        ),
+        (
+            "txn_end",
+            Frame::request(
+                8,
+                TxnEnd {
+                    producer_group: "shop".into(),
+                    transaction_id: "o17".into(),
+                    handle: 42,
+                    outcome: TxnOutcome::Commit,
+                },
+            ),
+        ),
+        (
+            "txn_ended",
+            Frame::response(
+                8,
+                TxnEnded {
+                    outcome: TxnOutcome::Commit,
                 },
             ),
         ),

@@ -53,6 +53,8 @@ class Opcode(enum.IntEnum):
     PRODUCE = 0x0010
     CANCEL_DELAY = 0x0011
     DELETE_MESSAGES = 0x0012
+    TXN_PRODUCE = 0x0013
+    TXN_END = 0x0014
     SUBSCRIBE = 0x0020
     UNSUBSCRIBE = 0x0021
     CREDIT = 0x0022
@@ -72,6 +74,8 @@ class Opcode(enum.IntEnum):
     PONG = 0x8002
     PRODUCE_OK = 0x8010
     CANCEL_DELAY_OK = 0x8011
+    TXN_PRODUCE_OK = 0x8013
+    TXN_ENDED = 0x8014
     SUBSCRIBED = 0x8020
     DELIVERIES = 0x8023
     SEEK_REPORT = 0x8026
@@ -637,6 +641,71 @@ def _produce_prefix(out: bytearray, topic: str, partition: Optional[int], idempo
 
 
 @dataclass
+class TxnProduce(Body):
+    """6.27: half messages of a transaction (``handle`` 0 begins one)."""
+
+    OPCODE = Opcode.TXN_PRODUCE
+    producer_group: str
+    transaction_id: str
+    handle: int
+    topic: str
+    partition: Optional[int]
+    records: list[Record]
+
+    def encode(self, out: bytearray) -> None:
+        _w_string(out, self.producer_group)
+        _w_string(out, self.transaction_id)
+        out += _U64.pack(self.handle)
+        _w_string(out, self.topic)
+        _w_opt(out, self.partition, _U32)
+        out += _U32.pack(len(self.records))
+        for record in self.records:
+            record.encode(out)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnProduce:
+        group = r.string()
+        txn = r.string()
+        handle = r.u64()
+        topic = r.string()
+        partition = r.opt_u32()
+        return cls(group, txn, handle, topic, partition, [Record.decode(r) for _ in range(r.count(11))])
+
+
+#: TXN_END / TXN_ENDED outcomes.
+TXN_COMMIT = 1
+TXN_ROLLBACK = 2
+
+
+def _txn_outcome(r: Reader) -> int:
+    outcome = r.u8()
+    if outcome not in (TXN_COMMIT, TXN_ROLLBACK):
+        raise ProtocolError(f"outcome: invalid value {outcome}")
+    return outcome
+
+
+@dataclass
+class TxnEnd(Body):
+    """6.28: commit (1) or roll back (2) a transaction."""
+
+    OPCODE = Opcode.TXN_END
+    producer_group: str
+    transaction_id: str
+    handle: int
+    outcome: int
+
+    def encode(self, out: bytearray) -> None:
+        _w_string(out, self.producer_group)
+        _w_string(out, self.transaction_id)
+        out += _U64.pack(self.handle)
+        out.append(self.outcome)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnEnd:
+        return cls(r.string(), r.string(), r.u64(), _txn_outcome(r))
+
+
+@dataclass
 class CancelDelay(Body):
     OPCODE = Opcode.CANCEL_DELAY
     message_id: bytes
@@ -923,6 +992,39 @@ class ProduceOk(Body):
 
 
 @dataclass
+class TxnProduceOk(Body):
+    """6.29: the transaction's handle and one result per record."""
+
+    OPCODE = Opcode.TXN_PRODUCE_OK
+    handle: int
+    records: list[Produced]
+
+    def encode(self, out: bytearray) -> None:
+        out += _U64.pack(self.handle)
+        ProduceOk(self.records).encode(out)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnProduceOk:
+        handle = r.u64()
+        return cls(handle, ProduceOk.decode(r).records)
+
+
+@dataclass
+class TxnEnded(Body):
+    """6.30: the outcome is durable."""
+
+    OPCODE = Opcode.TXN_ENDED
+    outcome: int
+
+    def encode(self, out: bytearray) -> None:
+        out.append(self.outcome)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnEnded:
+        return cls(_txn_outcome(r))
+
+
+@dataclass
 class CancelDelayOk(Body):
     OPCODE = Opcode.CANCEL_DELAY_OK
     cancelled: bool
@@ -1146,6 +1248,8 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.PING: Empty.decode,
     Opcode.PRODUCE: Produce.decode,
     Opcode.CANCEL_DELAY: CancelDelay.decode,
+    Opcode.TXN_PRODUCE: TxnProduce.decode,
+    Opcode.TXN_END: TxnEnd.decode,
     Opcode.DELETE_MESSAGES: DeleteMessages.decode,
     Opcode.SUBSCRIBE: Subscribe.decode,
     Opcode.UNSUBSCRIBE: Unsubscribe.decode,
@@ -1166,6 +1270,8 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.PONG: Empty.decode,
     Opcode.PRODUCE_OK: ProduceOk.decode,
     Opcode.CANCEL_DELAY_OK: CancelDelayOk.decode,
+    Opcode.TXN_PRODUCE_OK: TxnProduceOk.decode,
+    Opcode.TXN_ENDED: TxnEnded.decode,
     Opcode.SUBSCRIBED: Subscribed.decode,
     Opcode.DELIVERIES: Deliveries.decode,
     Opcode.SEEK_REPORT: SeekReport.decode,

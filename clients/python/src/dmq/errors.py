@@ -66,6 +66,9 @@ _NAMES = {
     21: "OutOfOrderSequence",
     22: "Timeout",
     23: "RecordTooLarge",
+    24: "UnknownTransaction",
+    25: "TransactionConflict",
+    26: "TransactionLimit",
 }
 
 #: Codes after which the broker closes the connection (section 7, last column).
@@ -202,6 +205,18 @@ class RecordTooLarge(BrokerError):
     before sending too."""
 
 
+class UnknownTransaction(BrokerError):
+    """Code 24: no open transaction with that group, id and handle."""
+
+
+class TransactionConflict(BrokerError):
+    """Code 25: the request contradicts the transaction's state."""
+
+
+class TransactionLimit(BrokerError):
+    """Code 26: the transaction is over its size or past its timeout."""
+
+
 _CLASSES: dict[int, type[BrokerError]] = {
     1: MalformedFrame,
     2: FrameTooLarge,
@@ -226,6 +241,9 @@ _CLASSES: dict[int, type[BrokerError]] = {
     21: OutOfOrderSequence,
     22: Timeout,
     23: RecordTooLarge,
+    24: UnknownTransaction,
+    25: TransactionConflict,
+    26: TransactionLimit,
 }
 
 

@@ -1,0 +1,196 @@
+//! TXN_PRODUCE and TXN_END: decoding, rights, routing and replying; the
+//! transaction itself is the dispatcher's (`dmq_dispatcher::transactions`).
+//!
+//! Each request is handed to the dispatcher in request order (its half-log
+//! append happens there, in call order); the answer waits for durability
+//! in a task, holding one of the connection's in-flight permits like a
+//! PRODUCE, so a connection may pipeline transactions.
+
+use dmq_dispatcher::transactions::{RELATIVE_DELIVER_AT, RELATIVE_EXPIRE_AT};
+use dmq_dispatcher::{names, TxnKey, TxnOutcome};
+
+use super::*;
+
+type Answer = oneshot::Receiver<Result<Response, ErrorResponse>>;
+
+impl Session {
+    /// Starts a TXN_PRODUCE or TXN_END; answers from a task once durable.
+    pub(super) async fn transaction(&mut self, correlation_id: u32, request: Request) {
+        let Ok(permit) = Arc::clone(&self.inflight).acquire_owned().await else {
+            return;
+        };
+        let started = match request {
+            Request::TxnProduce(produce) => self.start_txn_produce(produce).await,
+            Request::TxnEnd(end) => self.start_txn_end(end).await,
+            _ => return,
+        };
+        match started {
+            Err(error) => self.send(error_frame(correlation_id, error)).await,
+            Ok(answer) => {
+                let outbound = self.outbound.clone();
+                tokio::spawn(async move {
+                    let frame = match answer.await {
+                        Ok(Ok(response)) => Frame::response(correlation_id, response),
+                        Ok(Err(error)) => error_frame(correlation_id, error),
+                        Err(_) => error_frame(
+                            correlation_id,
+                            ErrorResponse::new(ErrorCode::ShuttingDown, "the broker is stopping"),
+                        ),
+                    };
+                    let _ = outbound.send(frame.into()).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    async fn start_txn_produce(
+        &mut self,
+        produce: wire::TxnProduce,
+    ) -> Result<Answer, ErrorResponse> {
+        // Rights first: a client without them learns nothing of the topic.
+        let default_ttl_ms = match self.authorize(&produce.topic, Right::Produce).await? {
+            Access::Granted { default_ttl_ms, .. } => default_ttl_ms,
+            Access::Unregistered => None,
+        };
+        let key = txn_key(&produce.producer_group, &produce.transaction_id)?;
+        if produce.records.is_empty() {
+            return Err(ErrorResponse::new(
+                ErrorCode::InvalidRequest,
+                "a transactional produce needs at least one record",
+            ));
+        }
+        let now = self.clock.now_ms();
+        let mut records = Vec::with_capacity(produce.records.len());
+        for record in produce.records {
+            let mut relative = 0;
+            if matches!(record.delivery_time, wire::DeliveryTime::DelayMs(_)) {
+                relative |= RELATIVE_DELIVER_AT;
+            }
+            let mut input = convert::record_input(record, now);
+            if input.expire_at_ms.is_some() {
+                relative |= RELATIVE_EXPIRE_AT;
+            } else if let Some(ttl) = default_ttl_ms {
+                let from = input.deliver_at_ms.unwrap_or(now).max(now);
+                input.expire_at_ms = Some(from.saturating_add(ttl as i64));
+                relative |= RELATIVE_EXPIRE_AT;
+            }
+            records.push((input, relative));
+        }
+        frame_limits::check_record_inputs(
+            &records.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(),
+            self.shared.config.max_frame_bytes,
+        )?;
+        let Some(handle) = self.shared.engine.find_topic(&produce.topic).await else {
+            return Err(ErrorResponse::new(
+                ErrorCode::UnknownTopic,
+                format!("unknown topic {}", names::shown(&produce.topic)),
+            ));
+        };
+        let routes = handle
+            .router
+            .route(
+                produce.partition,
+                records.iter().map(|(r, _)| r.key.as_deref()),
+            )
+            .map_err(|e| {
+                ErrorResponse::new(
+                    ErrorCode::UnknownPartition,
+                    format!("topic {}: {e}", names::shown(&produce.topic)),
+                )
+            })?;
+        let routed: Vec<(u32, dmq_log_store::RecordInput, u8)> = routes
+            .into_iter()
+            .zip(records)
+            .map(|(partition, (record, relative))| (partition, record, relative))
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        let topic = produce.topic;
+        let txn_handle = produce.handle;
+        self.shared
+            .engine
+            .call(move |dispatcher, _| {
+                dispatcher.txn_produce(
+                    key,
+                    txn_handle,
+                    &topic,
+                    routed,
+                    Box::new(move |result| {
+                        let _ = reply.send(
+                            result
+                                .map(|produced| {
+                                    Response::TxnProduceOk(wire::TxnProduceOk {
+                                        handle: produced.handle,
+                                        records: produced
+                                            .records
+                                            .into_iter()
+                                            .map(|p| wire::ProducedRecord {
+                                                partition: p.partition,
+                                                offset: None,
+                                                message_id: convert::message_id(p.id),
+                                                deliver_at_ms: p.delayed_until_ms,
+                                            })
+                                            .collect(),
+                                    })
+                                })
+                                .map_err(|error| convert::dispatch_error(&error)),
+                        );
+                    }),
+                )
+            })
+            .await
+            .map_err(|error| convert::engine_error(&error))?;
+        Ok(answer)
+    }
+
+    async fn start_txn_end(&mut self, end: wire::TxnEnd) -> Result<Answer, ErrorResponse> {
+        let key = txn_key(&end.producer_group, &end.transaction_id)?;
+        let outcome = match end.outcome {
+            wire::TxnOutcome::Commit => TxnOutcome::Commit,
+            wire::TxnOutcome::Rollback => TxnOutcome::Rollback,
+        };
+        let handle = end.handle;
+        // The right to produce to every topic the transaction holds
+        // records for (an unknown transaction is answered by the
+        // dispatcher).
+        let lookup = key.clone();
+        let topics = self
+            .run(move |dispatcher, _| Ok(dispatcher.transaction_topics(&lookup, handle)))
+            .await?;
+        for topic in &topics {
+            self.authorize(topic, Right::Produce).await?;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .engine
+            .call(move |dispatcher, _| {
+                dispatcher.txn_end(
+                    key,
+                    handle,
+                    outcome,
+                    Box::new(move |result| {
+                        let _ = reply.send(
+                            result
+                                .map(|outcome| {
+                                    Response::TxnEnded(wire::TxnEnded {
+                                        outcome: match outcome {
+                                            TxnOutcome::Commit => wire::TxnOutcome::Commit,
+                                            TxnOutcome::Rollback => wire::TxnOutcome::Rollback,
+                                        },
+                                    })
+                                })
+                                .map_err(|error| convert::dispatch_error(&error)),
+                        );
+                    }),
+                )
+            })
+            .await
+            .map_err(|error| convert::engine_error(&error))?;
+        Ok(answer)
+    }
+}
+
+fn txn_key(group: &str, id: &str) -> Result<TxnKey, ErrorResponse> {
+    TxnKey::new(group, id)
+        .map_err(|error| ErrorResponse::new(ErrorCode::InvalidRequest, error.to_string()))
+}

@@ -1,0 +1,283 @@
+//! Transactions end to end: a real broker on 127.0.0.1 (random port, temp
+//! data dir) and the real Rust client: half messages reach no group until
+//! the commit, never after a rollback, survive a restart in between, and
+//! bad requests get clear errors that change nothing.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmq_client::{ClientError, ErrorCode, Message, ReceivedMessage, Subscription};
+use dmq_protocol::{ProduceRecord, Request, Response, TxnEnd, TxnOutcome, TxnProduce};
+use serde_json::json;
+
+mod common;
+use common::{client, http, next, options, Api, Broker, Connection};
+
+fn text(message: &ReceivedMessage) -> String {
+    String::from_utf8(message.value.to_vec()).unwrap()
+}
+
+/// Every message within `within` (acked), as text, sorted.
+async fn drain(subscription: &mut Subscription, within: Duration) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Some(message) = next(subscription, within).await {
+        seen.push(text(&message));
+        message.ack().await.unwrap();
+    }
+    seen.sort();
+    seen
+}
+
+fn code(error: &ClientError) -> Option<ErrorCode> {
+    match error {
+        ClientError::Broker { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_delivers_to_every_group_and_rollback_to_none() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("orders", 2, false).await.unwrap();
+    client.create_topic("audit", 1, false).await.unwrap();
+    let mut billing = client
+        .consumer()
+        .subscribe("orders", "billing", options("m"))
+        .await
+        .unwrap();
+    let mut shipping = client
+        .consumer()
+        .subscribe("orders", "shipping", options("m"))
+        .await
+        .unwrap();
+    let mut audit = client
+        .consumer()
+        .subscribe("audit", "log", options("m"))
+        .await
+        .unwrap();
+
+    let mut committed = client.transaction("order-service", "order-17");
+    let receipts = committed
+        .send(vec![
+            Message::new("orders", "created").key("17"),
+            Message::new("orders", "paid").key("17"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(receipts.len(), 2);
+    assert!(receipts.iter().all(|r| r.offset.is_none()));
+    committed
+        .send(vec![Message::new("audit", "order 17")])
+        .await
+        .unwrap();
+    let mut rolled_back = client.transaction("order-service", "order-18");
+    rolled_back
+        .send(vec![Message::new("orders", "never")])
+        .await
+        .unwrap();
+    // A plain message of the same topic is not held back.
+    client
+        .producer()
+        .send(Message::new("orders", "plain"))
+        .await
+        .unwrap();
+    assert_eq!(
+        drain(&mut billing, Duration::from_millis(500)).await,
+        vec!["plain"]
+    );
+
+    committed.commit().await.unwrap();
+    rolled_back.rollback().await.unwrap();
+    // A commit retried after a lost answer is answered the same.
+    committed.commit().await.unwrap();
+    assert_eq!(
+        drain(&mut billing, Duration::from_millis(800)).await,
+        vec!["created", "paid"]
+    );
+    assert_eq!(
+        drain(&mut shipping, Duration::from_millis(800)).await,
+        vec!["created", "paid", "plain"]
+    );
+    assert_eq!(
+        drain(&mut audit, Duration::from_millis(800)).await,
+        vec!["order 17"]
+    );
+    // The receipt's id is the delivered message's id, and its trace tells
+    // the story.
+    let api = Api::new(broker.admin, None);
+    let id = receipts[0].id.to_string();
+    let trace = http(move || api.ok(&format!("/api/trace/{id}"))).await;
+    let kinds: Vec<String> = trace["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    for kind in ["txn_half_stored", "txn_committed", "delivered", "acked"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
+
+    // A rollback after the commit is a conflict; an unknown handle is
+    // unknown; both change nothing.
+    let error = committed.rollback().await.unwrap_err();
+    assert_eq!(
+        code(&error),
+        Some(ErrorCode::TransactionConflict),
+        "{error}"
+    );
+    let mut connection = Connection::hello(broker.addr).await;
+    let response = connection
+        .request(Request::TxnEnd(TxnEnd {
+            producer_group: "order-service".into(),
+            transaction_id: "order-99".into(),
+            handle: 12345,
+            outcome: TxnOutcome::Commit,
+        }))
+        .await;
+    assert!(
+        matches!(&response, Response::Error(e) if e.code == ErrorCode::UnknownTransaction),
+        "{response:?}"
+    );
+    // A reserved header is refused, and the connection stays open.
+    let response = connection
+        .request(Request::TxnProduce(TxnProduce {
+            producer_group: "order-service".into(),
+            transaction_id: "order-100".into(),
+            handle: 0,
+            topic: "orders".into(),
+            partition: None,
+            records: vec![ProduceRecord {
+                headers: vec![dmq_protocol::Header::new("dmq.txn.id", "x")],
+                value: Bytes::from_static(b"v"),
+                ..Default::default()
+            }],
+        }))
+        .await;
+    assert!(
+        matches!(&response, Response::Error(e) if e.code == ErrorCode::InvalidRequest),
+        "{response:?}"
+    );
+    assert!(matches!(
+        connection.request(Request::Ping).await,
+        Response::Pong
+    ));
+    assert!(drain(&mut billing, Duration::from_millis(300))
+        .await
+        .is_empty());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_survives_a_restart_and_commits_after_it() {
+    let broker = Broker::start(|_| {}).await;
+    let first = client(&broker).await;
+    first.create_topic("orders", 1, false).await.unwrap();
+    let mut txn = first.transaction("shop", "t1");
+    txn.send(vec![
+        Message::new("orders", "one"),
+        Message::new("orders", "two"),
+    ])
+    .await
+    .unwrap();
+    let handle = txn.handle();
+    drop(first);
+    let broker = broker.restart(|_| {}).await;
+    let client = client(&broker).await;
+    let mut billing = client
+        .consumer()
+        .subscribe("orders", "billing", options("m"))
+        .await
+        .unwrap();
+    assert!(drain(&mut billing, Duration::from_millis(400))
+        .await
+        .is_empty());
+    // The same transaction, from a new connection: its handle names it.
+    let mut connection = Connection::hello(broker.addr).await;
+    let response = connection
+        .request(Request::TxnEnd(TxnEnd {
+            producer_group: "shop".into(),
+            transaction_id: "t1".into(),
+            handle,
+            outcome: TxnOutcome::Commit,
+        }))
+        .await;
+    assert!(matches!(response, Response::TxnEnded(_)), "{response:?}");
+    assert_eq!(
+        drain(&mut billing, Duration::from_millis(800)).await,
+        vec!["one", "two"]
+    );
+    broker.stop().await;
+}
+
+/// In production mode a transaction needs the producer right on its
+/// topics, for TXN_PRODUCE and for TXN_END alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_need_the_producer_right() {
+    const TOKEN: &str = "root-token-0123456789";
+    let hash = |secret: &str| dmq_broker::auth::hash_secret(secret).unwrap();
+    let broker = Broker::start(|config| {
+        config
+            .clients
+            .insert("orders".into(), hash("orders-secret"));
+        config
+            .clients
+            .insert("intruder".into(), hash("intruder-secret"));
+        config.admin_tokens = vec![hash(TOKEN)];
+    })
+    .await;
+    let api = Api::new(broker.admin, Some(TOKEN));
+    http(move || {
+        api.ok_post(
+            "/api/topics",
+            json!({"environment": "prod", "department": "pay", "name": "paid", "owner": "o",
+                   "producers": ["orders"], "consumers": ["orders"]}),
+        );
+        api.ok_post("/api/topics/prod.pay.paid/approve", json!({}));
+    })
+    .await;
+    let produce = |client: &str| {
+        Request::TxnProduce(TxnProduce {
+            producer_group: "pay".into(),
+            transaction_id: format!("t-{client}"),
+            handle: 0,
+            topic: "prod.pay.paid".into(),
+            partition: None,
+            records: vec![ProduceRecord {
+                value: Bytes::from_static(b"paid"),
+                ..Default::default()
+            }],
+        })
+    };
+    let (mut intruder, hello) =
+        Connection::hello_as(broker.addr, "intruder", "intruder-secret").await;
+    assert!(matches!(hello, Response::HelloOk(_)));
+    let response = intruder.request(produce("intruder")).await;
+    assert!(
+        matches!(&response, Response::Error(e) if e.code == ErrorCode::NotAuthorized),
+        "{response:?}"
+    );
+    let (mut orders, hello) = Connection::hello_as(broker.addr, "orders", "orders-secret").await;
+    assert!(matches!(hello, Response::HelloOk(_)));
+    let Response::TxnProduceOk(ok) = orders.request(produce("orders")).await else {
+        panic!("the producer may produce in a transaction");
+    };
+    let end = |outcome| {
+        Request::TxnEnd(TxnEnd {
+            producer_group: "pay".into(),
+            transaction_id: "t-orders".into(),
+            handle: ok.handle,
+            outcome,
+        })
+    };
+    // Another client may not end it.
+    let response = intruder.request(end(TxnOutcome::Commit)).await;
+    assert!(
+        matches!(&response, Response::Error(e) if e.code == ErrorCode::NotAuthorized),
+        "{response:?}"
+    );
+    let response = orders.request(end(TxnOutcome::Rollback)).await;
+    assert!(matches!(response, Response::TxnEnded(_)), "{response:?}");
+    broker.stop().await;
+}

@@ -1,0 +1,135 @@
+//! Transactions: [`Transaction`] stores messages as half messages (durable,
+//! delivered to no group) and then commits them all or rolls them all back
+//! (PROTOCOL.md §6.27 to §6.30, docs/transactions.md).
+//!
+//! ```no_run
+//! use dmq_client::{Client, ClientOptions, Message};
+//!
+//! # async fn demo(client: Client) -> dmq_client::Result<()> {
+//! let mut txn = client.transaction("order-service", "order-17");
+//! txn.send(vec![Message::new("orders", "created")]).await?;
+//! txn.send(vec![Message::new("audit", "order 17 created")]).await?;
+//! // ... the order service commits its database transaction ...
+//! txn.commit().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A transaction is one producer group's transaction id; its handle (from
+//! the first answer) names it in every later request, so a late COMMIT
+//! never reaches a later transaction that reuses the id. Sends of one
+//! transaction go one request at a time, in order.
+
+use dmq_protocol::{Request, Response, TxnEnd, TxnOutcome, TxnProduce};
+
+use crate::client::Client;
+use crate::error::{ClientError, Result};
+use crate::producer::{Message, SendReceipt};
+
+/// One transaction of a producer group; see the module doc.
+#[derive(Debug)]
+pub struct Transaction {
+    client: Client,
+    producer_group: String,
+    transaction_id: String,
+    /// 0 until the first send is answered.
+    handle: u64,
+}
+
+impl Client {
+    /// A new transaction `transaction_id` of `producer_group` (nothing is
+    /// sent until the first [`Transaction::send`]).
+    pub fn transaction(
+        &self,
+        producer_group: impl Into<String>,
+        transaction_id: impl Into<String>,
+    ) -> Transaction {
+        Transaction {
+            client: self.clone(),
+            producer_group: producer_group.into(),
+            transaction_id: transaction_id.into(),
+            handle: 0,
+        }
+    }
+}
+
+impl Transaction {
+    /// Stores `messages` in the transaction (one TXN_PRODUCE per topic and
+    /// partition choice, in order) and returns a receipt per message, in
+    /// order: their ids, and no offset (they are in no topic yet).
+    pub async fn send(&mut self, messages: Vec<Message>) -> Result<Vec<SendReceipt>> {
+        let mut receipts = Vec::with_capacity(messages.len());
+        let mut pending = messages.into_iter().peekable();
+        while let Some(first) = pending.next() {
+            let (topic, partition, record) = first.into_parts();
+            let mut records = vec![record];
+            while let Some(next) = pending.peek() {
+                if next.topic() != topic || next.partition_choice() != partition {
+                    break;
+                }
+                if let Some(next) = pending.next() {
+                    records.push(next.into_parts().2);
+                }
+            }
+            let request = TxnProduce {
+                producer_group: self.producer_group.clone(),
+                transaction_id: self.transaction_id.clone(),
+                handle: self.handle,
+                topic,
+                partition,
+                records,
+            };
+            let response = self.client.request(Request::TxnProduce(request)).await?;
+            let ok = match response {
+                Response::TxnProduceOk(ok) => ok,
+                other => {
+                    return Err(ClientError::UnexpectedResponse {
+                        expected: "TXN_PRODUCE_OK",
+                        got: other.opcode(),
+                    })
+                }
+            };
+            self.handle = ok.handle;
+            receipts.extend(ok.records.iter().map(crate::producer::receipt));
+        }
+        Ok(receipts)
+    }
+
+    /// The handle the broker gave this transaction (0 before the first
+    /// send).
+    pub fn handle(&self) -> u64 {
+        self.handle
+    }
+
+    /// Commits: once this returns, every message sent in the transaction
+    /// is delivered to every group of its topic. Retrying a commit whose
+    /// answer was lost is safe.
+    pub async fn commit(&self) -> Result<()> {
+        self.end(TxnOutcome::Commit).await
+    }
+
+    /// Rolls back: no message sent in the transaction is ever delivered.
+    pub async fn rollback(&self) -> Result<()> {
+        self.end(TxnOutcome::Rollback).await
+    }
+
+    async fn end(&self, outcome: TxnOutcome) -> Result<()> {
+        if self.handle == 0 {
+            // Nothing was stored: there is nothing to end.
+            return Ok(());
+        }
+        let request = TxnEnd {
+            producer_group: self.producer_group.clone(),
+            transaction_id: self.transaction_id.clone(),
+            handle: self.handle,
+            outcome,
+        };
+        match self.client.request(Request::TxnEnd(request)).await? {
+            Response::TxnEnded(_) => Ok(()),
+            other => Err(ClientError::UnexpectedResponse {
+                expected: "TXN_ENDED",
+                got: other.opcode(),
+            }),
+        }
+    }
+}
