@@ -904,6 +904,8 @@ pub struct MemoryLog {
     lazy: bool,
     /// Shared with its storage: appends fail with `DiskFull` while set.
     full: Arc<std::sync::atomic::AtomicBool>,
+    /// This log's own full disk (see [`MemoryStorage::set_topic_full`]).
+    own_full: std::sync::atomic::AtomicBool,
     /// Appends (record batches) so far: tests count durable writes.
     appends: std::sync::atomic::AtomicU64,
     state: Mutex<MemoryLogState>,
@@ -934,6 +936,7 @@ impl MemoryLog {
             clock,
             lazy,
             full,
+            own_full: std::sync::atomic::AtomicBool::new(false),
             appends: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(MemoryLogState {
                 next_unique: id_seed,
@@ -965,7 +968,9 @@ impl PartitionLog for MemoryLog {
                 "a batch needs at least one record".into(),
             )));
         }
-        if self.full.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.full.load(std::sync::atomic::Ordering::Relaxed)
+            || self.own_full.load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Err(StoreError::Log(LogError::DiskFull {
                 context: "appending (simulated full disk)",
             }));
@@ -1123,6 +1128,17 @@ impl MemoryStorage {
     /// broker's reserve).
     pub fn set_logs_full(&self, full: bool) {
         self.full.store(full, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Simulates a full disk for one topic's logs only (those opened so
+    /// far): while `full`, their appends fail with `LogError::DiskFull`.
+    pub fn set_topic_full(&self, topic: &str, full: bool) {
+        for ((name, _), log) in lock(&self.partitions).iter() {
+            if name == topic {
+                log.own_full
+                    .store(full, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 
     /// Every log's appends so far become durable (a background writeback).

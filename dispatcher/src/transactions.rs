@@ -492,11 +492,7 @@ impl TransactionLog {
                     return true;
                 }
                 match outcome {
-                    TxnOutcome::Commit => {
-                        if let Some(txn) = self.txns.get_mut(&parsed.handle) {
-                            txn.stage = TxnStage::Committed;
-                        }
-                    }
+                    TxnOutcome::Commit => self.committed_durably(parsed.handle),
                     TxnOutcome::Rollback => self.settle(parsed.handle, TxnOutcome::Rollback),
                 }
             }
@@ -691,8 +687,38 @@ impl TransactionLog {
             return;
         }
         match outcome {
-            TxnOutcome::Commit => txn.stage = TxnStage::Committed,
+            TxnOutcome::Commit => self.committed_durably(handle),
             TxnOutcome::Rollback => self.settle(handle, TxnOutcome::Rollback),
+        }
+    }
+
+    /// The commit of `handle` is durable: its outcome is answerable at
+    /// once, and its id free for a new transaction, while its records
+    /// are still being moved.
+    fn committed_durably(&mut self, handle: u64) {
+        let Some(txn) = self.txns.get_mut(&handle) else {
+            return;
+        };
+        txn.stage = TxnStage::Committed;
+        let key = txn.key.clone();
+        if self.by_key.get(&key) == Some(&handle) {
+            self.by_key.remove(&key);
+        }
+        self.remember(key, handle, TxnOutcome::Commit);
+    }
+
+    fn remember(&mut self, key: TxnKey, handle: u64, outcome: TxnOutcome) {
+        if self.settled.get(&key) == Some(&(handle, outcome)) {
+            return;
+        }
+        self.settled.insert(key.clone(), (handle, outcome));
+        self.settled_order.push_back((key, handle));
+        while self.settled_order.len() > self.limits.settled_window {
+            if let Some((key, handle)) = self.settled_order.pop_front() {
+                if self.settled.get(&key).is_some_and(|(h, _)| *h == handle) {
+                    self.settled.remove(&key);
+                }
+            }
         }
     }
 
@@ -748,15 +774,7 @@ impl TransactionLog {
         if self.by_key.get(&txn.key) == Some(&handle) {
             self.by_key.remove(&txn.key);
         }
-        self.settled.insert(txn.key.clone(), (handle, outcome));
-        self.settled_order.push_back((txn.key, handle));
-        while self.settled_order.len() > self.limits.settled_window {
-            if let Some((key, handle)) = self.settled_order.pop_front() {
-                if self.settled.get(&key).is_some_and(|(h, _)| *h == handle) {
-                    self.settled.remove(&key);
-                }
-            }
-        }
+        self.remember(txn.key, handle, outcome);
     }
 
     /// Makes the watermark durable if it moved (the handle of the oldest

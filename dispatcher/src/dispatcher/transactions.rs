@@ -661,12 +661,10 @@ impl Dispatcher {
     /// The topics the unsettled transaction `key` with `handle` holds
     /// records for (empty if there is no such transaction).
     pub fn transaction_topics(&self, key: &TxnKey, handle: u64) -> Vec<String> {
-        if self.txns.handle_of(key) != Some(handle) {
-            return Vec::new();
-        }
         let mut topics: Vec<String> = self
             .txns
             .get(handle)
+            .filter(|txn| txn.key == *key)
             .map(|txn| {
                 txn.destinations
                     .iter()
