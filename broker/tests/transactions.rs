@@ -281,3 +281,83 @@ async fn transactions_need_the_producer_right() {
     assert!(matches!(response, Response::TxnEnded(_)), "{response:?}");
     broker.stop().await;
 }
+
+/// An operator lists unsettled transactions and resolves one whose
+/// producer is gone; `/metrics` counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_lists_and_resolves_transactions() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("orders", 1, false).await.unwrap();
+    let mut txn = client.transaction("shop", "abandoned");
+    txn.send(vec![
+        Message::new("orders", "a"),
+        Message::new("orders", "b"),
+    ])
+    .await
+    .unwrap();
+    let handle = txn.handle();
+    drop(txn);
+    let mut billing = client
+        .consumer()
+        .subscribe("orders", "billing", options("m"))
+        .await
+        .unwrap();
+    let api = Api::new(broker.admin, None);
+    let listed = {
+        let api = api.clone();
+        http(move || api.ok("/api/transactions")).await
+    };
+    let transactions = listed["transactions"].as_array().unwrap();
+    assert_eq!(transactions.len(), 1, "{listed}");
+    assert_eq!(transactions[0]["transaction_id"], "abandoned");
+    assert_eq!(transactions[0]["handle"], handle);
+    assert_eq!(transactions[0]["stage"], "open");
+    assert_eq!(transactions[0]["records"], 2);
+    let metrics = {
+        let api = api.clone();
+        http(move || api.ok_metrics()).await
+    };
+    assert!(metrics.contains("dmq_transactions_open 1"), "{metrics}");
+    assert!(
+        metrics.contains("dmq_transaction_half_messages 2"),
+        "{metrics}"
+    );
+
+    let (wrong, right, again, bad) = {
+        let api = api.clone();
+        http(move || {
+            (
+                api.post(
+                    "/api/transactions/shop/abandoned/commit",
+                    json!({"handle": handle + 1}),
+                ),
+                api.post(
+                    "/api/transactions/shop/abandoned/commit",
+                    json!({"handle": handle}),
+                ),
+                api.post(
+                    "/api/transactions/shop/abandoned/rollback",
+                    json!({"handle": handle}),
+                ),
+                api.post(
+                    "/api/transactions/shop/abandoned/maybe",
+                    json!({"handle": handle}),
+                ),
+            )
+        })
+        .await
+    };
+    assert_eq!(wrong.0, 404, "{}", wrong.1);
+    assert_eq!(right.0, 200, "{}", right.1);
+    assert_eq!(right.1["outcome"], "commit");
+    assert_eq!(again.0, 409, "a rollback after the commit: {}", again.1);
+    assert_eq!(bad.0, 404, "{}", bad.1);
+    assert_eq!(
+        drain(&mut billing, Duration::from_millis(800)).await,
+        vec!["a", "b"]
+    );
+    let listed = http(move || api.ok("/api/transactions")).await;
+    assert!(listed["transactions"].as_array().unwrap().is_empty());
+    broker.stop().await;
+}

@@ -33,6 +33,7 @@ mod produce;
 mod stats;
 mod topic;
 mod trace;
+mod tx;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -125,6 +126,9 @@ pub enum Command {
     /// List dead-letter topics and resend their messages (admin API).
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// List unsettled transactions and resolve them (admin API).
+    #[command(subcommand)]
+    Tx(tx::TxCommand),
     /// Print the argon2id hash of a secret (--secret, or the first line of
     /// stdin) for dmqd's config: `[clients]` or `admin_tokens`.
     HashSecret,
@@ -159,6 +163,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Trace(args) => trace::run(cli, args),
         Command::Stats(args) => stats::run(cli, args),
         Command::Dlq(command) => dlq::run(cli, command),
+        Command::Tx(command) => tx::run(cli, command),
         Command::HashSecret => hash_secret::run(cli),
     }
 }

@@ -584,3 +584,60 @@ fn production_mode_needs_the_admin_token() {
         .success()
         .stdout("no dead-letter topics\n");
 }
+
+/// `dmq tx list` shows an abandoned transaction; `dmq tx resolve` ends it.
+#[test]
+fn transactions_are_listed_and_resolved() {
+    let broker = TestBroker::start();
+    broker.stdout(&["topic", "create", "orders"]);
+    assert_eq!(broker.stdout(&["tx", "list"]), "no open transactions\n");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let handle = runtime.block_on(async {
+        let client = dmq_client::Client::connect(
+            broker.addr.to_string(),
+            dmq_client::ClientOptions::new("shop"),
+        )
+        .await
+        .expect("connect");
+        let mut txn = client.transaction("shop", "order-17");
+        txn.send(vec![dmq_client::Message::new("orders", "created")])
+            .await
+            .expect("send");
+        txn.handle()
+    });
+    let listed = broker.json(&["tx", "list"]);
+    assert_eq!(listed["transactions"][0]["handle"], handle, "{listed}");
+    let table = broker.stdout(&["tx", "list"]);
+    assert!(
+        table.contains("order-17") && table.contains("open"),
+        "{table}"
+    );
+    // A wrong handle is refused with the API's message; the right one
+    // rolls the transaction back.
+    broker
+        .dmq()
+        .args([
+            "tx",
+            "resolve",
+            "shop",
+            "order-17",
+            &(handle + 1).to_string(),
+            "rollback",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("404"));
+    let done = broker.stdout(&[
+        "tx",
+        "resolve",
+        "shop",
+        "order-17",
+        &handle.to_string(),
+        "rollback",
+    ]);
+    assert!(done.contains("rollback"), "{done}");
+    assert_eq!(broker.stdout(&["tx", "list"]), "no open transactions\n");
+}

@@ -540,11 +540,6 @@ impl TransactionLog {
             .collect()
     }
 
-    /// Half records held by unsettled transactions.
-    pub fn half_records(&self) -> u64 {
-        self.txns.values().map(|t| t.records.len() as u64).sum()
-    }
-
     /// Appends half records to the transaction `key` (without waiting for
     /// durability: the caller waits for the returned append, then calls
     /// [`half_written`](Self::half_written)). `handle` 0 begins a

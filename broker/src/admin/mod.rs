@@ -23,6 +23,7 @@ mod listener;
 mod messages;
 mod observe;
 mod topics;
+mod transactions;
 
 pub use crate::connection_limits::{ConnectionLimits, Refusal};
 pub use guard::AllowedHost;
@@ -255,6 +256,7 @@ pub fn router(services: Services) -> Router {
         .route("/api/health", get(observe::health))
         .merge(topics::routes())
         .merge(messages::routes())
+        .merge(transactions::routes())
         .route("/api/trace/{id}", get(observe::trace))
         .route("/api/stats", get(observe::stats))
         .route("/metrics", get(observe::metrics))

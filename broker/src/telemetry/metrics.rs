@@ -16,6 +16,8 @@
 //!   `dmq_connections_rejected_total{reason}`
 //! - `dmq_group_lag_messages{topic,group}`, `dmq_group_lag_seconds{topic,group}`,
 //!   `dmq_delays_pending`
+//! - `dmq_transactions_open`, `dmq_transactions_overdue`,
+//!   `dmq_transaction_half_messages`
 //! - `dmq_quarantined_objects` (topics and groups set aside at start),
 //!   `dmq_recovery_damaged_regions{topic,partition}`,
 //!   `dmq_recovery_truncated_bytes{topic,partition}` (what recovery skipped
@@ -299,6 +301,27 @@ impl Metrics {
             "Delayed messages waiting in the delay store",
             pending,
         );
+        for (name, help, value) in [
+            (
+                "transactions_open",
+                "Unsettled transactions (open, ending, or committed and being moved)",
+                gauges.transactions_open,
+            ),
+            (
+                "transactions_overdue",
+                "Open transactions past their timeout",
+                gauges.transactions_overdue,
+            ),
+            (
+                "transaction_half_messages",
+                "Half messages held by unsettled transactions",
+                gauges.transaction_half_messages,
+            ),
+        ] {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            scrape.register(name, help, gauge);
+        }
         let quarantined = Gauge::<i64>::default();
         quarantined.set(i64::try_from(gauges.quarantined).unwrap_or(i64::MAX));
         scrape.register(

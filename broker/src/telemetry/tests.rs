@@ -382,6 +382,9 @@ fn the_metrics_text_names_every_series() {
     let text = telemetry.render_metrics(&GaugeSnapshot {
         group_lag: vec![("t".to_string(), "g".to_string(), 5, 1.5)],
         pending_delays: 3,
+        transactions_open: 4,
+        transactions_overdue: 1,
+        transaction_half_messages: 9,
         quarantined: 2,
         damage: vec![("t".to_string(), 1, 4, 100)],
         journal_tails_cut: vec![("meta".to_string(), 12)],
@@ -413,6 +416,9 @@ fn the_metrics_text_names_every_series() {
         "dmq_group_lag_messages{topic=\"t\",group=\"g\"} 5",
         "dmq_group_lag_seconds{topic=\"t\",group=\"g\"} 1.5",
         "dmq_delays_pending 3",
+        "dmq_transactions_open 4",
+        "dmq_transactions_overdue 1",
+        "dmq_transaction_half_messages 9",
         "dmq_trace_events_dropped_total 0",
         &format!(
             "dmq_build_info{{version=\"{}\"}} 1",

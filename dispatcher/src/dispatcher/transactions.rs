@@ -677,9 +677,20 @@ impl Dispatcher {
         topics
     }
 
-    /// Half records held by unsettled transactions.
-    pub fn transaction_half_records(&self) -> u64 {
-        self.txns.half_records()
+    /// (unsettled transactions, open ones past their timeout, half
+    /// records they hold): counted, nothing copied.
+    pub fn transaction_counts(&self) -> (u64, u64, u64) {
+        let now = self.now();
+        let timeout = self.txns.limits().timeout_ms as i64;
+        let (mut unsettled, mut overdue, mut records) = (0, 0, 0);
+        for txn in self.txns.transactions() {
+            unsettled += 1;
+            records += txn.records.len() as u64;
+            if txn.stage == TxnStage::Open && now - txn.opened_ms > timeout {
+                overdue += 1;
+            }
+        }
+        (unsettled, overdue, records)
     }
 }
 
