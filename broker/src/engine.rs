@@ -346,6 +346,19 @@ impl Engine {
         result.await.map_err(|_| EngineError::ShuttingDown)
     }
 
+    /// Queues `job` for the dispatcher thread without waiting for it: jobs
+    /// run in the order they were queued, so a caller that answers through
+    /// the job (a reply channel) keeps its requests in order without a
+    /// round trip per request.
+    pub fn submit(
+        &self,
+        job: impl FnOnce(&mut Dispatcher, &mut Routes) + Send + 'static,
+    ) -> Result<(), EngineError> {
+        self.commands
+            .send(Command::Call(Box::new(job)))
+            .map_err(|_| EngineError::ShuttingDown)
+    }
+
     /// Tells the dispatcher that something changed (new records).
     pub fn wake(&self) {
         let _ = self.commands.send(Command::Wake);

@@ -92,6 +92,15 @@ pub struct BenchArgs {
     /// ids, to watch the broker's dedup window stay bounded.
     #[arg(long)]
     pub new_producer_every: Option<u64>,
+    /// Produce in transactions of this many messages each (begin, send,
+    /// commit; 0: no transactions). The produce→ack latency of a message
+    /// is then its transaction's, from its begin to the commit's answer.
+    #[arg(long, default_value_t = 0)]
+    pub transaction_size: usize,
+    /// With --transaction-size: transactions each producer runs at once
+    /// (pipelined on its connection).
+    #[arg(long, default_value_t = 64)]
+    pub transactions_in_flight: usize,
     /// Consumers give up after this long without a message once producers are done.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -219,6 +228,21 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
         };
         let interval = (args.rate > 0)
             .then(|| Duration::from_secs_f64(args.producers as f64 / args.rate as f64));
+        if args.transaction_size > 0 {
+            if args.topics > 1 || args.due_in.is_some() || args.rate > 0 {
+                bail!("--transaction-size goes with one topic, no --due-in and no --rate");
+            }
+            producers.push(tokio::spawn(produce_transactions(
+                client,
+                args.topic.clone(),
+                (args.transaction_size, args.transactions_in_flight.max(1)),
+                payload.clone(),
+                (share, deadline),
+                index,
+                Arc::clone(&counters),
+            )));
+            continue;
+        }
         producers.push(tokio::spawn(produce(
             (client, options, args.new_producer_every),
             (Arc::clone(&topics), args.batch.max(1), index as u64),
@@ -297,6 +321,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
                 "consumers": args.consumers,
                 "size": args.size,
                 "acks": args.acks,
+                "transaction_size": args.transaction_size,
                 "rate_target": args.rate,
                 "produced": produced,
                 "delivered": delivered,
@@ -458,6 +483,81 @@ async fn produce(
             return Err(error).context("producing");
         }
         eprintln!("warning: some sends failed; the first error: {error}");
+    }
+    Ok(latency)
+}
+
+/// One producer's transactions: `in_flight` loops on one connection, each
+/// beginning a transaction of `size` messages (one TXN_PRODUCE), committing
+/// it, and starting the next, until the producer's share is sent or the
+/// deadline passes.
+async fn produce_transactions(
+    client: dmq_client::Client,
+    topic: String,
+    (size, in_flight): (usize, usize),
+    payload: Bytes,
+    (count, deadline): (Option<u64>, Option<Instant>),
+    producer: usize,
+    counters: Arc<Counters>,
+) -> Result<Histogram<u64>> {
+    let transactions = count.map(|count| count.div_ceil(size as u64));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..in_flight {
+        let (client, topic, payload) = (client.clone(), topic.clone(), payload.clone());
+        let (next, counters) = (Arc::clone(&next), Arc::clone(&counters));
+        loops.spawn(async move {
+            let mut latency = histogram()?;
+            loop {
+                let number = next.fetch_add(1, Ordering::Relaxed);
+                if transactions.is_some_and(|total| number >= total)
+                    || deadline.is_some_and(|deadline| Instant::now() >= deadline)
+                {
+                    return Ok::<_, anyhow::Error>(latency);
+                }
+                let messages = match count {
+                    Some(count) => (count - number * size as u64).min(size as u64) as usize,
+                    None => size,
+                };
+                let started = Instant::now();
+                let mut txn = client.transaction(format!("bench-{producer}"), format!("t{number}"));
+                let batch = (0..messages)
+                    .map(|_| {
+                        Message::new(topic.as_str(), payload.clone()).header(
+                            SEND_TIME_HEADER,
+                            Bytes::copy_from_slice(&now_ns().to_le_bytes()),
+                        )
+                    })
+                    .collect();
+                let result = match txn.send(batch).await {
+                    Ok(_) => txn.commit().await,
+                    Err(error) => Err(error),
+                };
+                match result {
+                    Ok(()) => {
+                        let elapsed = micros(started.elapsed());
+                        for _ in 0..messages {
+                            let _ = latency.record(elapsed);
+                        }
+                        counters.acked.fetch_add(messages as u64, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        if counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("warning: a transaction failed: {error}");
+                        }
+                        if counters.acked.load(Ordering::Relaxed) == 0 {
+                            return Err(error).context("producing in a transaction");
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let mut latency = histogram()?;
+    while let Some(done) = loops.join_next().await {
+        latency
+            .add(&done.context("transaction loop")??)
+            .context("merging histograms")?;
     }
     Ok(latency)
 }

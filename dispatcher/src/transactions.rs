@@ -160,6 +160,10 @@ pub struct TransactionLimits {
     /// Outcomes remembered after a transaction settled, to answer a
     /// repeated COMMIT or ROLLBACK.
     pub settled_window: usize,
+    /// Bytes of half records kept in memory (all unsettled transactions
+    /// together) so that a commit need not read them back; a transaction
+    /// whose records do not fit is read back from the half log.
+    pub cache_bytes: u64,
 }
 
 impl Default for TransactionLimits {
@@ -169,6 +173,7 @@ impl Default for TransactionLimits {
             max_bytes: 64 << 20,
             timeout_ms: 60_000,
             settled_window: 100_000,
+            cache_bytes: 32 << 20,
         }
     }
 }
@@ -280,6 +285,26 @@ pub struct Transaction {
     /// A half append failed: it may or may not be stored, so the
     /// transaction can only roll back.
     pub failed: bool,
+    /// Copies of its records while they fit the store's cache budget
+    /// (`None` once they do not, and after a restart): a commit then moves
+    /// them without reading the half log back.
+    cache: Option<Vec<CachedRecord>>,
+    /// Bytes `cache` counts against the budget.
+    cache_bytes: u64,
+}
+
+/// A copy of a half record, as the producer gave it (bytes owned, not
+/// slices of a connection's read buffer).
+#[derive(Debug, Clone)]
+struct CachedRecord {
+    /// The record, its id set.
+    record: RecordInput,
+    /// Index in [`Transaction::destinations`].
+    destination: u32,
+    /// [`RELATIVE_DELIVER_AT`] | [`RELATIVE_EXPIRE_AT`].
+    relative: u8,
+    /// When it was stored in the half log.
+    stored_ms: i64,
 }
 
 /// What a transaction keeps of one of its records (the record itself
@@ -306,10 +331,12 @@ impl Transaction {
             bytes: 0,
             writing: 0,
             failed: false,
+            cache: None,
+            cache_bytes: 0,
         }
     }
 
-    fn add(&mut self, offset: u64, id: MessageId, topic: &str, partition: u32) {
+    fn add(&mut self, offset: u64, id: MessageId, topic: &str, partition: u32) -> u32 {
         let destination = match self
             .destinations
             .iter()
@@ -326,6 +353,7 @@ impl Transaction {
             id,
             destination: destination as u32,
         });
+        destination as u32
     }
 
     /// The (topic, partition) of a record.
@@ -389,6 +417,13 @@ pub struct TransactionLog {
     settled: HashMap<TxnKey, (u64, TxnOutcome)>,
     settled_order: VecDeque<(TxnKey, u64)>,
     watermark: u64,
+    /// Bytes of every transaction's `cache`.
+    cached_bytes: u64,
+    /// The offset the next append gets. Not the log's `end_offset`, which
+    /// is the *visible* end and lags appends still waiting for their
+    /// fsync: two transactions begun within one group commit would
+    /// otherwise get the same handle.
+    appended_end: u64,
 }
 
 impl TransactionLog {
@@ -423,6 +458,8 @@ impl TransactionLog {
             settled: HashMap::new(),
             settled_order: VecDeque::new(),
             watermark,
+            appended_end: end,
+            cached_bytes: 0,
         };
         let mut recovery = TxnRecovery {
             watermark,
@@ -562,7 +599,7 @@ impl TransactionLog {
                 if records.len() > self.limits.max_records || bytes > self.limits.max_bytes {
                     return Err(self.too_large(key, records.len(), bytes));
                 }
-                self.log.end_offset() + 1
+                self.appended_end + 1
             }
             (given, Some(&open)) if given == open => {
                 let Some(txn) = self.txns.get(&open) else {
@@ -610,25 +647,77 @@ impl TransactionLog {
             .iter()
             .map(|h| (h.topic.clone(), h.partition))
             .collect();
+        // Copies for the cache, if this transaction's records all fit.
+        let caching =
+            handle > self.appended_end || self.txns.get(&handle).is_some_and(|t| t.cache.is_some());
+        let copies: Option<Vec<(RecordInput, u8)>> =
+            (caching && self.cached_bytes + bytes <= self.limits.cache_bytes).then(|| {
+                records
+                    .iter()
+                    .map(|h| (owned_copy(&h.record), h.relative))
+                    .collect()
+            });
         let inputs: Vec<RecordInput> = records
             .into_iter()
             .map(|half| encode_half(key, handle, half))
             .collect();
-        let info = self.log.append_batch_deferred(&BatchInput::new(inputs))?;
-        let txn = self
-            .txns
-            .entry(handle)
-            .or_insert_with(|| Transaction::new(key.clone(), handle, info.timestamp_ms));
+        let info = self.append(inputs)?;
+        let txn = self.txns.entry(handle).or_insert_with(|| {
+            let mut txn = Transaction::new(key.clone(), handle, info.timestamp_ms);
+            txn.cache = Some(Vec::new());
+            txn
+        });
+        let mut placed = Vec::with_capacity(destinations.len());
         for ((offset, id), (topic, partition)) in (info.base_offset..=info.last_offset)
             .zip(info.ids.iter().copied())
             .zip(destinations)
         {
-            txn.add(offset, id, &topic, partition);
+            placed.push((id, txn.add(offset, id, &topic, partition)));
+        }
+        match (copies, txn.cache.as_mut()) {
+            (Some(copies), Some(cache)) => {
+                for ((mut record, relative), (id, destination)) in copies.into_iter().zip(placed) {
+                    record.id = Some(id);
+                    cache.push(CachedRecord {
+                        record,
+                        destination,
+                        relative,
+                        stored_ms: info.timestamp_ms,
+                    });
+                }
+                txn.cache_bytes += bytes;
+                self.cached_bytes += bytes;
+            }
+            _ => {
+                // Over the budget: this transaction is read back at its
+                // commit.
+                self.cached_bytes -= txn.cache_bytes;
+                txn.cache = None;
+                txn.cache_bytes = 0;
+            }
         }
         txn.bytes += bytes;
         txn.writing += 1;
         self.by_key.insert(key.clone(), handle);
         Ok((handle, info))
+    }
+
+    /// Appends one batch (not waiting for durability) and moves
+    /// `appended_end` past it.
+    fn append(&mut self, records: Vec<RecordInput>) -> Result<AppendInfo> {
+        let info = self.log.append_batch_deferred(&BatchInput::new(records))?;
+        if info.base_offset != self.appended_end {
+            // Only this store appends to the half log: a gap means the
+            // handle written into the batch may be wrong. Loud, not fatal:
+            // replay groups records by the handle they carry.
+            tracing::error!(
+                expected = self.appended_end,
+                got = info.base_offset,
+                "the half log's offsets moved under the transaction store"
+            );
+        }
+        self.appended_end = info.last_offset + 1;
+        Ok(info)
     }
 
     fn too_large(&self, key: &TxnKey, records: usize, bytes: u64) -> TxnError {
@@ -659,9 +748,7 @@ impl TransactionLog {
             return Err(TxnError::Unknown(format!("handle {handle}")));
         };
         let record = encode_outcome(&txn.key, handle, outcome);
-        let info = self
-            .log
-            .append_batch_deferred(&BatchInput::new(vec![record]))?;
+        let info = self.append(vec![record])?;
         if let Some(txn) = self.txns.get_mut(&handle) {
             txn.stage = TxnStage::Ending(outcome);
         }
@@ -724,6 +811,21 @@ impl TransactionLog {
         let Some(txn) = self.txns.get(&handle) else {
             return Err(TxnError::Unknown(format!("handle {handle}")));
         };
+        if let Some(cache) = &txn.cache {
+            return Ok(cache
+                .iter()
+                .map(|cached| {
+                    let (topic, partition) = &txn.destinations[cached.destination as usize];
+                    let mut record = cached.record.clone();
+                    move_times(&mut record, cached.relative, cached.stored_ms, now_ms);
+                    CommittedRecord {
+                        topic: topic.to_string(),
+                        partition: *partition,
+                        record,
+                    }
+                })
+                .collect());
+        }
         let mut out = Vec::with_capacity(txn.records.len());
         let mut index = 0;
         while index < txn.records.len() {
@@ -766,6 +868,7 @@ impl TransactionLog {
         let Some(txn) = self.txns.remove(&handle) else {
             return;
         };
+        self.cached_bytes -= txn.cache_bytes;
         if self.by_key.get(&txn.key) == Some(&handle) {
             self.by_key.remove(&txn.key);
         }
@@ -779,7 +882,7 @@ impl TransactionLog {
     pub fn flush_watermark(&mut self) -> Result<()> {
         let watermark = match self.txns.keys().next() {
             Some(&oldest) => oldest - 1,
-            None => self.log.end_offset(),
+            None => self.appended_end,
         };
         if watermark <= self.watermark {
             return Ok(());
@@ -912,33 +1015,55 @@ fn decode_half(record: &Record, now_ms: i64) -> Option<CommittedRecord> {
     let relative = find(record, TIMES_HEADER)
         .and_then(|v| v.first().copied())
         .unwrap_or(0);
-    let shift = now_ms.saturating_sub(record.timestamp_ms).max(0);
-    let moved = |time: Option<i64>, bit: u8| {
-        time.map(|t| {
-            if relative & bit != 0 {
-                t.saturating_add(shift)
-            } else {
-                t
-            }
-        })
+    let mut input = RecordInput {
+        id: Some(record.id),
+        key: record.key.clone(),
+        headers: record
+            .headers
+            .iter()
+            .filter(|(n, _)| !n.starts_with(crate::names::TXN_HEADER_PREFIX.as_bytes()))
+            .cloned()
+            .collect(),
+        value: record.value.clone(),
+        deliver_at_ms: record.deliver_at_ms,
+        expire_at_ms: record.expire_at_ms,
     };
+    move_times(&mut input, relative, record.timestamp_ms, now_ms);
     Some(CommittedRecord {
         topic,
         partition,
-        record: RecordInput {
-            id: Some(record.id),
-            key: record.key.clone(),
-            headers: record
-                .headers
-                .iter()
-                .filter(|(n, _)| !n.starts_with(crate::names::TXN_HEADER_PREFIX.as_bytes()))
-                .cloned()
-                .collect(),
-            value: record.value.clone(),
-            deliver_at_ms: moved(record.deliver_at_ms, RELATIVE_DELIVER_AT),
-            expire_at_ms: moved(record.expire_at_ms, RELATIVE_EXPIRE_AT),
-        },
+        record: input,
     })
+}
+
+/// Moves a record's relative times (`relative` bits) by the time from its
+/// store (`stored_ms`) to the commit (`now_ms`).
+fn move_times(record: &mut RecordInput, relative: u8, stored_ms: i64, now_ms: i64) {
+    let shift = now_ms.saturating_sub(stored_ms).max(0);
+    if relative & RELATIVE_DELIVER_AT != 0 {
+        record.deliver_at_ms = record.deliver_at_ms.map(|t| t.saturating_add(shift));
+    }
+    if relative & RELATIVE_EXPIRE_AT != 0 {
+        record.expire_at_ms = record.expire_at_ms.map(|t| t.saturating_add(shift));
+    }
+}
+
+/// A copy of `record` whose bytes own their memory: a cached record must
+/// not keep a connection's whole read buffer alive.
+fn owned_copy(record: &RecordInput) -> RecordInput {
+    let own = |bytes: &Bytes| Bytes::copy_from_slice(bytes);
+    RecordInput {
+        id: record.id,
+        key: record.key.as_ref().map(own),
+        headers: record
+            .headers
+            .iter()
+            .map(|(n, v)| (own(n), own(v)))
+            .collect(),
+        value: own(&record.value),
+        deliver_at_ms: record.deliver_at_ms,
+        expire_at_ms: record.expire_at_ms,
+    }
 }
 
 fn encode_meta(watermark: u64) -> Vec<u8> {
@@ -1038,6 +1163,34 @@ mod tests {
         assert!(records.iter().all(|r| r.record.id.is_some()));
     }
 
+    /// Regression: handles came from the log's visible end, which lags
+    /// appends waiting for their fsync, so two transactions begun within
+    /// one group commit (on a real log) shared a handle, and the second's
+    /// COMMIT settled the first.
+    #[test]
+    fn transactions_begun_before_a_group_commit_get_their_own_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(
+            crate::storage::FileStorage::new(dir.path(), dmq_log_store::LogConfig::default())
+                .unwrap(),
+        );
+        let (mut store, _) =
+            TransactionLog::open(Arc::clone(&storage), TransactionLimits::default()).unwrap();
+        let (a, info_a) = store
+            .append_half(&key("a"), 0, vec![half("t", "1")], 1_000)
+            .unwrap();
+        let (b, info_b) = store
+            .append_half(&key("b"), 0, vec![half("t", "2")], 1_000)
+            .unwrap();
+        assert_ne!(a, b);
+        assert_eq!((a, b), (info_a.base_offset + 1, info_b.base_offset + 1));
+        store.log().wait_durable(&info_b).unwrap();
+        drop(store);
+        let (reopened, _) = TransactionLog::open(storage, TransactionLimits::default()).unwrap();
+        assert_eq!(reopened.get(a).unwrap().key, key("a"));
+        assert_eq!(reopened.get(b).unwrap().key, key("b"));
+    }
+
     #[test]
     fn a_handle_names_one_transaction_only() {
         let storage = storage();
@@ -1104,6 +1257,55 @@ mod tests {
         assert_eq!(records[0].record.deliver_at_ms, Some(631_000));
         assert_eq!(records[0].record.expire_at_ms, Some(61_000));
         assert_eq!(records[1].record.deliver_at_ms, Some(5_000));
+    }
+
+    /// A commit reads its records from the cache while they fit the
+    /// budget, else back from the half log: both give the same records.
+    #[test]
+    fn cached_and_read_back_records_are_the_same() {
+        let storage = storage();
+        let open_with = |cache_bytes| {
+            TransactionLog::open(
+                Arc::clone(&storage) as Arc<dyn Storage>,
+                TransactionLimits {
+                    cache_bytes,
+                    ..TransactionLimits::default()
+                },
+            )
+            .unwrap()
+            .0
+        };
+        let mut store = open_with(1 << 20);
+        let mut delayed = half("t", "late");
+        delayed.record.deliver_at_ms = Some(61_000);
+        delayed.record.expire_at_ms = Some(90_000);
+        delayed.record.key = Some(Bytes::from_static(b"k"));
+        delayed.record.headers.push(("h".into(), "v".into()));
+        delayed.relative = RELATIVE_DELIVER_AT | RELATIVE_EXPIRE_AT;
+        let (a, _) = store
+            .append_half(&key("a"), 0, vec![delayed, half("u", "now")], 1_000)
+            .unwrap();
+        assert!(store.cached_bytes > 0);
+        let cached = store.read_records(a, 5_000).unwrap();
+        let read_back = open_with(1 << 20).read_records(a, 5_000).unwrap();
+        let shape = |records: &[CommittedRecord]| {
+            records
+                .iter()
+                .map(|r| (r.topic.clone(), r.partition, format!("{:?}", r.record)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shape(&cached), shape(&read_back));
+        assert_eq!(cached[0].record.deliver_at_ms, Some(61_000 + 4_000));
+        // Over the budget: nothing cached, and the same records.
+        let mut small = open_with(2);
+        let (b, _) = small
+            .append_half(&key("b"), 0, vec![half("t", "big")], 1_000)
+            .unwrap();
+        assert_eq!(small.cached_bytes, 0);
+        assert_eq!(small.read_records(b, 1_000).unwrap()[0].record.value, "big");
+        small.settle(b, TxnOutcome::Rollback);
+        store.settle(a, TxnOutcome::Rollback);
+        assert_eq!(store.cached_bytes, 0);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use dmq_dispatcher::{
     DispatchError, Dispatcher, DispatcherConfig, GroupConfig, MemoryStorage, NullEventSink,
-    PartitionLog, Storage, TopicConfig, TxnError, TxnKey, TxnOutcome,
+    PartitionLog, Storage, TopicConfig, TransactionLimits, TxnError, TxnKey, TxnOutcome,
 };
 use dmq_log_store::{ManualClock, MessageId, RecordInput};
 
@@ -71,6 +71,9 @@ struct Sim {
     members: Vec<(String, String, u64)>,
     txns: Vec<Txn>,
     crashes: u64,
+    /// The transaction cache budget of this seed: none, a few records, or
+    /// all (commits read the half log back, some of the time, or never).
+    cache_bytes: u64,
     /// (group) -> ids delivered.
     delivered: HashMap<String, HashSet<MessageId>>,
     full: Option<&'static str>,
@@ -91,6 +94,7 @@ impl Sim {
             members: Vec::new(),
             txns: Vec::new(),
             crashes: 0,
+            cache_bytes: [0, 64, 1 << 20][(seed % 3) as usize],
             delivered: HashMap::new(),
             full: None,
             next_id: 0,
@@ -127,7 +131,13 @@ impl Sim {
             Arc::new(self.storage.clone()),
             self.clock.clone(),
             Arc::new(NullEventSink),
-            DispatcherConfig::default(),
+            DispatcherConfig {
+                transactions: TransactionLimits {
+                    cache_bytes: self.cache_bytes,
+                    ..TransactionLimits::default()
+                },
+                ..DispatcherConfig::default()
+            },
         )
         .unwrap_or_else(|e| panic!("seed {}: open failed: {e}", self.seed));
         self.dispatcher = Some(dispatcher);

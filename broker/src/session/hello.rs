@@ -101,31 +101,13 @@ impl Session {
         topic: &str,
         right: Right,
     ) -> Result<Access, ErrorResponse> {
-        let registry = self
-            .shared
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        let Some(record) = registry.get(topic) else {
-            return Ok(if self.shared.development {
-                Access::WITHOUT_DEFAULTS
-            } else {
-                Access::Unregistered
-            });
-        };
-        // In development mode every client holds every right; the status
-        // still counts.
-        let allowed = if self.shared.development {
-            record.check_in_use()
-        } else {
-            registry.allows(topic, &self.client_id, right)
-        };
-        allowed.map_err(|message| ErrorResponse::new(ErrorCode::NotAuthorized, message))?;
-        Ok(Access::Granted {
-            default_ttl_ms: record.default_ttl_ms,
-            max_attempts: Some(record.max_attempts),
-            ack_timeout_ms: Some(record.ack_timeout_ms),
-        })
+        registry_access(
+            &self.shared.registry,
+            self.shared.development,
+            &self.client_id,
+            topic,
+            right,
+        )
     }
 
     /// Checks `right` on `topic`. A dead-letter topic is not registered:
@@ -177,4 +159,37 @@ impl Session {
             ))
         }
     }
+}
+
+/// What the registry says of `right` on `topic` for `client_id` (see
+/// [`Session::registry_access`]); a free function so that a check can run
+/// where no session is, such as inside a dispatcher job.
+pub(super) fn registry_access(
+    registry: &SharedRegistry,
+    development: bool,
+    client_id: &str,
+    topic: &str,
+    right: Right,
+) -> Result<Access, ErrorResponse> {
+    let registry = registry.read().unwrap_or_else(|p| p.into_inner());
+    let Some(record) = registry.get(topic) else {
+        return Ok(if development {
+            Access::WITHOUT_DEFAULTS
+        } else {
+            Access::Unregistered
+        });
+    };
+    // In development mode every client holds every right; the status
+    // still counts.
+    let allowed = if development {
+        record.check_in_use()
+    } else {
+        registry.allows(topic, client_id, right)
+    };
+    allowed.map_err(|message| ErrorResponse::new(ErrorCode::NotAuthorized, message))?;
+    Ok(Access::Granted {
+        default_ttl_ms: record.default_ttl_ms,
+        max_attempts: Some(record.max_attempts),
+        ack_timeout_ms: Some(record.ack_timeout_ms),
+    })
 }

@@ -1,10 +1,12 @@
 //! TXN_PRODUCE and TXN_END: decoding, rights, routing and replying; the
 //! transaction itself is the dispatcher's (`dmq_dispatcher::transactions`).
 //!
-//! Each request is handed to the dispatcher in request order (its half-log
-//! append happens there, in call order); the answer waits for durability
-//! in a task, holding one of the connection's in-flight permits like a
-//! PRODUCE, so a connection may pipeline transactions.
+//! Each request is queued for the dispatcher in request order without
+//! waiting for it (its half-log append happens there, in queue order); the
+//! answer comes through a channel once durable and is sent from a task
+//! that holds one of the connection's in-flight permits, like a PRODUCE.
+//! So a connection pipelines transactions with no dispatcher round trip
+//! per request, and the dispatcher takes many requests per wake-up.
 
 use dmq_dispatcher::transactions::{RELATIVE_DELIVER_AT, RELATIVE_EXPIRE_AT};
 use dmq_dispatcher::{names, TxnKey, TxnOutcome};
@@ -109,7 +111,7 @@ impl Session {
         let txn_handle = produce.handle;
         self.shared
             .engine
-            .call(move |dispatcher, _| {
+            .submit(move |dispatcher, _| {
                 dispatcher.txn_produce(
                     key,
                     txn_handle,
@@ -138,7 +140,6 @@ impl Session {
                     }),
                 )
             })
-            .await
             .map_err(|error| convert::engine_error(&error))?;
         Ok(answer)
     }
@@ -150,20 +151,39 @@ impl Session {
             wire::TxnOutcome::Rollback => TxnOutcome::Rollback,
         };
         let handle = end.handle;
-        // The right to produce to every topic the transaction holds
-        // records for (an unknown transaction is answered by the
-        // dispatcher).
-        let lookup = key.clone();
-        let topics = self
-            .run(move |dispatcher, _| Ok(dispatcher.transaction_topics(&lookup, handle)))
-            .await?;
-        for topic in &topics {
-            self.authorize(topic, Right::Produce).await?;
-        }
         let (reply, answer) = oneshot::channel();
+        let (registry, development, client_id) = (
+            Arc::clone(&self.shared.registry),
+            self.shared.development,
+            self.client_id.clone(),
+        );
         self.shared
             .engine
-            .call(move |dispatcher, _| {
+            .submit(move |dispatcher, _| {
+                // The right to produce to every topic the transaction
+                // holds records for, checked where the transaction is (an
+                // unknown transaction is answered by `txn_end`).
+                for topic in dispatcher.transaction_topics(&key, handle) {
+                    let access = hello::registry_access(
+                        &registry,
+                        development,
+                        &client_id,
+                        &topic,
+                        Right::Produce,
+                    );
+                    let refusal = match access {
+                        Ok(Access::Granted { .. }) => None,
+                        Ok(Access::Unregistered) => Some(ErrorResponse::new(
+                            ErrorCode::NotAuthorized,
+                            crate::registry::Registry::refusal(&topic, &client_id, Right::Produce),
+                        )),
+                        Err(error) => Some(error),
+                    };
+                    if let Some(error) = refusal {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
+                }
                 dispatcher.txn_end(
                     key,
                     handle,
@@ -184,7 +204,6 @@ impl Session {
                     }),
                 )
             })
-            .await
             .map_err(|error| convert::engine_error(&error))?;
         Ok(answer)
     }
