@@ -44,7 +44,7 @@ use crate::storage::{AppendedRecords, PartitionLog, StoreError};
 
 /// At most this many queued jobs are written in one round of the
 /// background writer (one durability wait per log per round).
-const JOBS_PER_ROUND: usize = 64;
+const JOBS_PER_ROUND: usize = 1024;
 
 /// What a [`WriteJob`] does to its log.
 #[derive(Debug)]
