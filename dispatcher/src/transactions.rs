@@ -789,8 +789,15 @@ impl TransactionLog {
         self.remember(key, handle, TxnOutcome::Commit);
     }
 
+    /// Remembers how the transaction `handle` of `key` ended, unless a
+    /// later transaction of the key is remembered already (an older
+    /// commit whose move finished late must not hide it: handles grow).
     fn remember(&mut self, key: TxnKey, handle: u64, outcome: TxnOutcome) {
-        if self.settled.get(&key) == Some(&(handle, outcome)) {
+        if self
+            .settled
+            .get(&key)
+            .is_some_and(|&(known, _)| known >= handle)
+        {
             return;
         }
         self.settled.insert(key.clone(), (handle, outcome));
