@@ -405,6 +405,8 @@ fn a_delayed_record_starts_its_delay_at_the_commit() {
     // after the commit, not after the produce.
     w.clock.advance_ms(300_000);
     w.end(&k, handle, TxnOutcome::Commit).unwrap();
+    // The next poll moves it into the delay store.
+    assert!(w.deliver().is_empty());
     assert_eq!(w.dispatcher.pending_delays(), 1);
     w.clock.advance_ms(599_000);
     assert!(w.deliver().is_empty());

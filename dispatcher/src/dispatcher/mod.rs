@@ -478,6 +478,9 @@ pub struct Dispatcher {
     moving: HashMap<u64, Moving>,
     /// Committed transactions whose move failed: moved again later.
     unmoved: VecDeque<u64>,
+    /// Transactions whose commit became durable since the last poll:
+    /// moved together at the next.
+    to_move: Vec<u64>,
     /// A transaction settled since the watermark was last made durable.
     txn_settled: bool,
     txn_flushed_ms: i64,
@@ -607,6 +610,7 @@ impl Dispatcher {
             endings: HashMap::new(),
             moving: HashMap::new(),
             unmoved: VecDeque::new(),
+            to_move: Vec::new(),
             txn_settled: false,
             txn_flushed_ms: now,
         };

@@ -13,6 +13,7 @@ impl Dispatcher {
         let now = self.now();
         self.fire_timers(now)?;
         self.fire_delays(now, FIRE_PER_POLL_MAX)?;
+        self.move_new_commits()?;
         for state_index in 0..self.states.len() {
             // Most groups of a large registry have no member connected:
             // they cost one check per poll, not a fill.

@@ -89,17 +89,29 @@ impl std::fmt::Debug for HalfWrite {
     }
 }
 
-/// One piece of a commit's move into the topics.
+/// One piece of committed transactions' move into the topics: the
+/// records of one partition (or, delayed, of one topic), with the handle of
+/// each record's transaction (`owners`, in record order).
 #[derive(Debug)]
 pub(super) enum CommitMove {
     /// Immediate records appended to one partition.
     Append {
-        handle: u64,
         topic: String,
         partition: u32,
+        owners: Vec<u64>,
     },
     /// Delayed records scheduled in the delay store.
-    Schedule { handle: u64, scheduling: Scheduling },
+    Schedule {
+        owners: Vec<u64>,
+        scheduling: Scheduling,
+    },
+}
+
+/// Records bound for one (topic, partition, delayed) place.
+struct MoveGroup {
+    place: (String, u32, bool),
+    records: Vec<RecordInput>,
+    owners: Vec<u64>,
 }
 
 /// Moves of one committed transaction still with the writer.
@@ -399,7 +411,9 @@ impl Dispatcher {
                 if outcome == TxnOutcome::Rollback {
                     self.txn_settled = true;
                 } else {
-                    self.move_committed(handle, false)?;
+                    // Moved at the next poll, with every other commit of
+                    // this round.
+                    self.to_move.push(handle);
                 }
             }
             Err((error, _)) => self.answer_end(handle, Err(write_error(error))),
@@ -407,56 +421,75 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Moves a committed transaction's records into their topics: one
-    /// append per partition for immediate records, one schedule per topic
-    /// for delayed ones. `recheck`: some may be there already (a restart,
-    /// a failed move), so each is looked up by id first.
-    pub(super) fn move_committed(&mut self, handle: u64, recheck: bool) -> Result<()> {
+    /// Moves committed transactions' records into their topics: one
+    /// append per partition for the immediate records of all of them, one
+    /// schedule per topic for delayed ones. `recheck`: some may be there
+    /// already (a restart, a failed move), so each is looked up by id
+    /// first.
+    pub(super) fn move_committed(&mut self, handles: Vec<u64>, recheck: bool) -> Result<()> {
         let now = self.now();
-        let records = match self.txns.read_records(handle, now) {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::error!(%error, handle, "reading a committed transaction back failed; tried again later");
-                self.unmoved.push_back(handle);
-                return Ok(());
-            }
-        };
-        // (topic, partition, delayed) -> records, in first-seen order.
-        let mut groups: Vec<((String, u32, bool), Vec<RecordInput>)> = Vec::new();
-        for CommittedRecord {
-            topic,
-            partition,
-            record,
-        } in records
-        {
-            let Some(state) = self.topics.get(&topic) else {
-                tracing::warn!(
-                    topic = %names::shown(&topic),
-                    handle,
-                    "a committed record's topic was deleted: dropped"
-                );
-                continue;
-            };
-            let partition = partition.min(state.config.partitions - 1);
-            let delayed = record.deliver_at_ms.is_some_and(|due| due > now);
-            if recheck {
-                let id = record.id.unwrap_or_default();
-                let present = state.partitions[partition as usize]
-                    .find_by_id(&id)?
-                    .is_some()
-                    || self.delays.holds_caller_id(&id);
-                if present {
+        // (topic, partition, delayed) -> records and their transactions,
+        // in first-seen order.
+        let mut groups: Vec<MoveGroup> = Vec::new();
+        let mut moved = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let records = match self.txns.read_records(handle, now) {
+                Ok(records) => records,
+                Err(error) => {
+                    tracing::error!(%error, handle, "reading a committed transaction back failed; tried again later");
+                    self.unmoved.push_back(handle);
                     continue;
                 }
-            }
-            let group = (topic, partition, delayed);
-            match groups.iter_mut().find(|(g, _)| *g == group) {
-                Some((_, records)) => records.push(record),
-                None => groups.push((group, vec![record])),
+            };
+            moved.push(handle);
+            for CommittedRecord {
+                topic,
+                partition,
+                record,
+            } in records
+            {
+                let Some(state) = self.topics.get(&topic) else {
+                    tracing::warn!(
+                        topic = %names::shown(&topic),
+                        handle,
+                        "a committed record's topic was deleted: dropped"
+                    );
+                    continue;
+                };
+                let partition = partition.min(state.config.partitions - 1);
+                let delayed = record.deliver_at_ms.is_some_and(|due| due > now);
+                if recheck {
+                    let id = record.id.unwrap_or_default();
+                    let present = state.partitions[partition as usize]
+                        .find_by_id(&id)?
+                        .is_some()
+                        || self.delays.holds_caller_id(&id);
+                    if present {
+                        continue;
+                    }
+                }
+                let place = (topic, partition, delayed);
+                match groups.iter_mut().find(|g| g.place == place) {
+                    Some(group) => {
+                        group.records.push(record);
+                        group.owners.push(handle);
+                    }
+                    None => groups.push(MoveGroup {
+                        place,
+                        records: vec![record],
+                        owners: vec![handle],
+                    }),
+                }
             }
         }
-        let mut submitted = 0;
-        for ((topic, partition, delayed), records) in groups {
+        for MoveGroup {
+            place: (topic, partition, delayed),
+            records,
+            owners,
+        } in groups
+        {
+            let mut involved = owners.clone();
+            involved.dedup();
             if delayed {
                 let routed = records.into_iter().map(|r| (partition, r)).collect();
                 match self.schedule_append(&topic, routed) {
@@ -469,7 +502,7 @@ impl Dispatcher {
                             false,
                             true,
                             InFlightWrite::Commit(CommitMove::Schedule {
-                                handle,
+                                owners,
                                 scheduling: Scheduling {
                                     topic,
                                     records: shape,
@@ -478,11 +511,13 @@ impl Dispatcher {
                                 },
                             }),
                         );
-                        submitted += 1;
                     }
                     Err(error) => {
-                        tracing::error!(%error, handle, "scheduling a committed transaction's delayed records failed; tried again later");
-                        self.moving.entry(handle).or_default().failed = true;
+                        tracing::error!(%error, "scheduling committed transactions' delayed records failed; tried again later");
+                        for handle in involved {
+                            self.moving.entry(handle).or_default().failed = true;
+                        }
+                        continue;
                     }
                 }
             } else {
@@ -503,34 +538,50 @@ impl Dispatcher {
                     flush,
                     recheck,
                     InFlightWrite::Commit(CommitMove::Append {
-                        handle,
                         topic,
                         partition,
+                        owners,
                     }),
                 );
-                submitted += 1;
+            }
+            for handle in involved {
+                self.moving.entry(handle).or_default().outstanding += 1;
             }
         }
-        let moving = self.moving.entry(handle).or_default();
-        moving.outstanding += submitted;
-        self.finish_move_if_done(handle);
+        for handle in moved {
+            self.moving.entry(handle).or_default();
+            self.finish_move_if_done(handle);
+        }
         Ok(())
     }
 
-    /// Records one move of a committed transaction.
+    /// Moves the transactions whose commit became durable since the last
+    /// poll, all together (one append per partition).
+    pub(super) fn move_new_commits(&mut self) -> Result<()> {
+        if self.to_move.is_empty() {
+            return Ok(());
+        }
+        let handles = std::mem::take(&mut self.to_move);
+        self.move_committed(handles, false)?;
+        // The inline writer has written them already: record it now.
+        self.collect_written()?;
+        Ok(())
+    }
+
+    /// Records one move of committed transactions' records.
     pub(super) fn record_commit_move(
         &mut self,
         commit_move: CommitMove,
         result: std::result::Result<Vec<(u64, MessageId)>, crate::writer::WriteFailure>,
     ) -> Result<()> {
-        let (handle, ok) = match commit_move {
+        let (mut owners, ok) = match commit_move {
             CommitMove::Append {
-                handle,
                 topic,
                 partition,
+                owners,
             } => match result {
                 Ok(appended) => {
-                    for (offset, id) in appended {
+                    for ((offset, id), handle) in appended.into_iter().zip(&owners) {
                         self.emit(
                             id,
                             Place {
@@ -539,18 +590,18 @@ impl Dispatcher {
                                 offset: Some(offset),
                                 group: None,
                             },
-                            EventKind::TxnCommitted { handle },
+                            EventKind::TxnCommitted { handle: *handle },
                             None,
                         );
                     }
-                    (handle, true)
+                    (owners, true)
                 }
                 Err((error, _)) => {
-                    tracing::error!(%error, handle, topic = %names::shown(&topic), partition, "moving committed records failed; tried again later");
-                    (handle, false)
+                    tracing::error!(%error, topic = %names::shown(&topic), partition, "moving committed records failed; tried again later");
+                    (owners, false)
                 }
             },
-            CommitMove::Schedule { handle, scheduling } => {
+            CommitMove::Schedule { owners, scheduling } => {
                 let Scheduling {
                     topic,
                     records,
@@ -560,30 +611,40 @@ impl Dispatcher {
                 match result {
                     Ok(_) => {
                         let ids = self.delays.schedule_commit(pending)?;
-                        for (id, (partition, due)) in ids.into_iter().zip(records) {
+                        for ((id, (partition, due)), handle) in
+                            ids.into_iter().zip(records).zip(&owners)
+                        {
                             let place = || Place {
                                 topic: Name::Plain(&topic),
                                 partition: Some(partition),
                                 offset: None,
                                 group: None,
                             };
-                            self.emit(id, place(), EventKind::TxnCommitted { handle }, None);
+                            self.emit(
+                                id,
+                                place(),
+                                EventKind::TxnCommitted { handle: *handle },
+                                None,
+                            );
                             self.emit(id, place(), EventKind::DelayScheduled { due_ms: due }, None);
                         }
-                        (handle, true)
+                        (owners, true)
                     }
                     Err((error, _)) => {
-                        tracing::error!(%error, handle, "scheduling committed delayed records failed; tried again later");
+                        tracing::error!(%error, "scheduling committed delayed records failed; tried again later");
                         self.delays.schedule_abort(pending);
-                        (handle, false)
+                        (owners, false)
                     }
                 }
             }
         };
-        let moving = self.moving.entry(handle).or_default();
-        moving.outstanding = moving.outstanding.saturating_sub(1);
-        moving.failed |= !ok;
-        self.finish_move_if_done(handle);
+        owners.dedup();
+        for handle in owners {
+            let moving = self.moving.entry(handle).or_default();
+            moving.outstanding = moving.outstanding.saturating_sub(1);
+            moving.failed |= !ok;
+            self.finish_move_if_done(handle);
+        }
         Ok(())
     }
 
@@ -611,9 +672,7 @@ impl Dispatcher {
     pub(super) fn pump_transactions(&mut self, now: i64, force: bool) -> Result<()> {
         if !self.unmoved.is_empty() && self.moving.is_empty() {
             let handles: Vec<u64> = self.unmoved.drain(..).collect();
-            for handle in handles {
-                self.move_committed(handle, true)?;
-            }
+            self.move_committed(handles, true)?;
         }
         let due = now - self.txn_flushed_ms >= self.config.ack_sync_interval_ms as i64;
         if self.txn_settled && (force || due) {
@@ -627,9 +686,8 @@ impl Dispatcher {
     /// At open: moves every transaction that committed before the restart
     /// (some of its records may be in their topics already) and waits.
     pub(super) fn move_committed_at_open(&mut self) -> Result<()> {
-        for handle in self.txns.committed() {
-            self.move_committed(handle, true)?;
-        }
+        let handles = self.txns.committed();
+        self.move_committed(handles, true)?;
         self.wait_written()
     }
 
