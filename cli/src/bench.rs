@@ -101,6 +101,11 @@ pub struct BenchArgs {
     /// (pipelined on its connection).
     #[arg(long, default_value_t = 64)]
     pub transactions_in_flight: usize,
+    /// With --transaction-size: leave every transaction open (no commit),
+    /// to measure what open transactions cost the broker. Nothing is
+    /// delivered: use --consumers 0.
+    #[arg(long)]
+    pub leave_open: bool,
     /// Consumers give up after this long without a message once producers are done.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -235,7 +240,11 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<()> {
             producers.push(tokio::spawn(produce_transactions(
                 client,
                 args.topic.clone(),
-                (args.transaction_size, args.transactions_in_flight.max(1)),
+                (
+                    args.transaction_size,
+                    args.transactions_in_flight.max(1),
+                    args.leave_open,
+                ),
                 payload.clone(),
                 (share, deadline),
                 index,
@@ -494,7 +503,7 @@ async fn produce(
 async fn produce_transactions(
     client: dmq_client::Client,
     topic: String,
-    (size, in_flight): (usize, usize),
+    (size, in_flight, leave_open): (usize, usize, bool),
     payload: Bytes,
     (count, deadline): (Option<u64>, Option<Instant>),
     producer: usize,
@@ -530,6 +539,7 @@ async fn produce_transactions(
                     })
                     .collect();
                 let result = match txn.send(batch).await {
+                    Ok(_) if leave_open => Ok(()),
                     Ok(_) => txn.commit().await,
                     Err(error) => Err(error),
                 };
