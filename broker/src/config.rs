@@ -22,6 +22,10 @@
 //! max_inflight_requests_per_connection = 1024
 //! producer_window_max = 100000        # idempotent producers remembered
 //! producer_window_bytes_max = 67108864
+//! transaction_timeout_ms = 60000   # then no more records, and checked back
+//! transaction_max_checks = 15       # then left unresolved (dmq tx resolve)
+//! transaction_check_backoff_max_ms = 300000
+//! transaction_checks_per_second = 100   # per producer group
 //! allow_remote_development = false   # dev mode (no credentials) off loopback
 //!
 //! admin_listen = "127.0.0.1:7080"
@@ -116,6 +120,15 @@ pub struct BrokerConfig {
     pub max_connections_per_address: usize,
     /// A new topic has at most this many partitions.
     pub max_partitions_per_topic: u32,
+    /// A transaction open this long takes no more records and is checked
+    /// back (docs/transactions.md).
+    pub transaction_timeout_ms: u64,
+    /// Check-backs of a transaction before it is left unresolved.
+    pub transaction_max_checks: u32,
+    /// The longest wait between two check-backs of a transaction.
+    pub transaction_check_backoff_max_ms: u64,
+    /// Check-backs per second of one producer group, at most.
+    pub transaction_checks_per_second: u32,
     /// All topics together have at most this many partitions (each costs
     /// a directory, open files and a mapping; docs/storage.md).
     pub max_partitions_total: u32,
@@ -205,6 +218,10 @@ impl Default for BrokerConfig {
             max_credit: 100_000,
             max_connections_per_address: 256,
             max_partitions_per_topic: 256,
+            transaction_timeout_ms: 60_000,
+            transaction_max_checks: 15,
+            transaction_check_backoff_max_ms: 300_000,
+            transaction_checks_per_second: 100,
             max_partitions_total: 4096,
             max_frame_bytes_before_hello: 64 * 1024,
             max_inflight_requests_per_connection: 1024,
@@ -268,6 +285,12 @@ impl BrokerConfig {
                  max_frame_bytes - {}, see PROTOCOL.md §8)",
                 dmq_protocol::RECORD_HEADROOM_BYTES
             )));
+        }
+        if self.transaction_timeout_ms == 0 || self.transaction_checks_per_second == 0 {
+            return Err(ConfigError(
+                "transaction_timeout_ms and transaction_checks_per_second must be positive"
+                    .to_string(),
+            ));
         }
         if self.stats_retention_hours < 24 {
             return Err(ConfigError(
@@ -365,6 +388,13 @@ impl BrokerConfig {
     pub fn dispatcher_config(&self) -> dmq_dispatcher::DispatcherConfig {
         dmq_dispatcher::DispatcherConfig {
             max_partitions_per_topic: self.max_partitions_per_topic,
+            transactions: dmq_dispatcher::TransactionLimits {
+                timeout_ms: self.transaction_timeout_ms,
+                max_checks: self.transaction_max_checks,
+                check_backoff_max_ms: self.transaction_check_backoff_max_ms,
+                checks_per_second: self.transaction_checks_per_second,
+                ..dmq_dispatcher::TransactionLimits::default()
+            },
             max_partitions_total: self.max_partitions_total,
             ..dmq_dispatcher::DispatcherConfig::default()
         }

@@ -111,7 +111,14 @@ impl Queued {
 pub struct Routes {
     sinks: HashMap<MemberId, DeliverySink>,
     fetches: HashMap<MemberId, WaitingFetch>,
+    /// Connections that answer check-backs, by producer group, each with
+    /// its listener id; the next check of a group goes to the next one.
+    listeners: HashMap<String, (usize, Vec<(u64, CheckSink)>)>,
 }
+
+/// Where a check-back goes: a connection's push queue. False if the
+/// connection is gone or its queue is full (the check is then "unknown").
+pub type CheckSink = Box<dyn Fn(&dmq_dispatcher::TxnCheck) -> bool + Send>;
 
 /// A FETCH that found nothing and waits: answered by the dispatcher
 /// thread after the first poll that has something for its member.
@@ -145,6 +152,39 @@ impl Routes {
     /// Ends `member`'s waiting FETCH (its deadline passed).
     pub fn cancel_fetch(&mut self, member: MemberId) {
         self.fetches.remove(&member);
+    }
+
+    /// Listener `id` answers the check-backs of `group` (TXN_LISTEN).
+    pub fn listen(&mut self, group: String, id: u64, sink: CheckSink) {
+        let (_, listeners) = self.listeners.entry(group).or_default();
+        listeners.retain(|(listener, _)| *listener != id);
+        listeners.push((id, sink));
+    }
+
+    /// Listener `id` is gone (its connection closed).
+    pub fn unlisten(&mut self, id: u64) {
+        for (_, listeners) in self.listeners.values_mut() {
+            listeners.retain(|(listener, _)| *listener != id);
+        }
+        self.listeners
+            .retain(|_, (_, listeners)| !listeners.is_empty());
+    }
+
+    /// Sends `check` to one listener of its group, round robin; a listener
+    /// whose connection is gone is dropped and the next one tried. False
+    /// if no listener took it.
+    fn send_check(&mut self, check: &dmq_dispatcher::TxnCheck) -> bool {
+        let Some((next, listeners)) = self.listeners.get_mut(&check.group) else {
+            return false;
+        };
+        for _ in 0..listeners.len() {
+            let index = *next % listeners.len();
+            *next = next.wrapping_add(1);
+            if (listeners[index].1)(check) {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -457,6 +497,16 @@ fn run(
         match dispatcher.poll() {
             Ok(deliveries) => route(&mut dispatcher, &mut routes, deliveries),
             Err(error) => tracing::error!(%error, "dispatcher poll failed"),
+        }
+        for check in dispatcher.take_txn_checks() {
+            if !routes.send_check(&check) {
+                tracing::debug!(
+                    group = %dmq_dispatcher::names::shown(&check.group),
+                    handle = check.handle,
+                    checks = check.checks,
+                    "no live member of the producer group took a check-back"
+                );
+            }
         }
         answer_fetches(&mut dispatcher, &mut routes);
         telemetry.flush();

@@ -361,3 +361,84 @@ async fn an_operator_lists_and_resolves_transactions() {
     assert!(listed["transactions"].as_array().unwrap().is_empty());
     broker.stop().await;
 }
+
+/// Check-back end to end: a producer that began a transaction and went
+/// away; a live member of its producer group, listening with the real
+/// client, is asked how it ended and answers commit: delivered. Another
+/// transaction nobody answers for is checked until it is unresolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_answers_check_backs() {
+    let broker = Broker::start(|config| {
+        config.transaction_timeout_ms = 300;
+        config.transaction_max_checks = 2;
+        config.transaction_check_backoff_max_ms = 300;
+    })
+    .await;
+    let producer = client(&broker).await;
+    producer.create_topic("orders", 1, false).await.unwrap();
+    let mut committed_in_db = producer.transaction("shop", "order-42");
+    committed_in_db
+        .send(vec![Message::new("orders", "order 42 created")])
+        .await
+        .unwrap();
+    let mut orphan = producer.transaction("other-shop", "order-43");
+    orphan
+        .send(vec![Message::new("orders", "order 43 created")])
+        .await
+        .unwrap();
+    drop(producer);
+
+    let member = client(&broker).await;
+    let mut billing = member
+        .consumer()
+        .subscribe("orders", "billing", options("m"))
+        .await
+        .unwrap();
+    let mut checks = member.transaction_checks("shop").await.unwrap();
+    let check = tokio::time::timeout(Duration::from_secs(10), checks.recv())
+        .await
+        .expect("a check-back within 10 s")
+        .unwrap();
+    assert_eq!(check.producer_group, "shop");
+    assert_eq!(check.transaction_id, "order-42");
+    assert_eq!(check.handle, committed_in_db.handle());
+    assert_eq!(check.checks, 1);
+    // "Did order 42 commit in our database?" Yes.
+    check.commit().await.unwrap();
+    assert_eq!(
+        drain(&mut billing, Duration::from_millis(800)).await,
+        vec!["order 42 created"]
+    );
+    // Nobody listens for "other-shop": after its two checks it is
+    // unresolved, still open, and nothing of it is delivered.
+    let api = Api::new(broker.admin, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = {
+            let api = api.clone();
+            http(move || api.ok("/api/transactions")).await
+        };
+        let orphan_row = listed["transactions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["producer_group"] == "other-shop")
+            .cloned()
+            .unwrap();
+        if orphan_row["unresolved"] == true {
+            assert_eq!(orphan_row["checks"], 2);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = http(move || api.ok_metrics()).await;
+    assert!(
+        metrics.contains("dmq_transactions_unresolved 1"),
+        "{metrics}"
+    );
+    assert!(drain(&mut billing, Duration::from_millis(300))
+        .await
+        .is_empty());
+    broker.stop().await;
+}

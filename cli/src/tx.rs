@@ -94,7 +94,9 @@ pub fn render_tx_list(answer: &Value) -> String {
         .iter()
         .map(|t| {
             let mut stage = cell(&t["stage"]);
-            if t["overdue"].as_bool() == Some(true) {
+            if t["unresolved"].as_bool() == Some(true) {
+                stage.push_str(" (unresolved)");
+            } else if t["overdue"].as_bool() == Some(true) {
                 stage.push_str(" (overdue)");
             }
             vec![
@@ -103,12 +105,21 @@ pub fn render_tx_list(answer: &Value) -> String {
                 cell(&t["handle"]),
                 stage,
                 cell(&t["records"]),
+                cell(&t["checks"]),
                 cell(&t["opened_ms"]),
             ]
         })
         .collect();
     render_table(
-        &["GROUP", "ID", "HANDLE", "STAGE", "RECORDS", "OPENED_MS"],
+        &[
+            "GROUP",
+            "ID",
+            "HANDLE",
+            "STAGE",
+            "RECORDS",
+            "CHECKS",
+            "OPENED_MS",
+        ],
         &rows,
     )
 }

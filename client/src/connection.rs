@@ -82,6 +82,9 @@ pub(crate) struct Conn {
     writer: mpsc::Sender<Bytes>,
     pending: Mutex<PendingMap>,
     routes: Mutex<HashMap<u64, Arc<SubShared>>>,
+    /// Where TXN_CHECK pushes go, by producer group (see
+    /// [`crate::transaction::TransactionChecks`]).
+    checks: Mutex<Vec<CheckListener>>,
     next_correlation: AtomicU32,
     /// The broker's HELLO_OK.
     pub(crate) hello: HelloOk,
@@ -161,6 +164,11 @@ impl Conn {
         lock(&self.routes).clear();
     }
 
+    /// Routes the TXN_CHECK pushes of `group` to `sender`.
+    pub(crate) fn add_check_listener(&self, listener: CheckListener) {
+        lock(&self.checks).push(listener);
+    }
+
     /// Stops routing DELIVERs of a subscription id.
     pub(crate) fn remove_route(&self, subscription_id: u64) {
         lock(&self.routes).remove(&subscription_id);
@@ -190,6 +198,16 @@ impl Conn {
                 let _ = request.reply.send(reply);
             }
             Body::Push(Push::Deliver(delivery)) => self.route(delivery),
+            Body::Push(Push::TxnCheck(check)) => {
+                let mut listeners = lock(&self.checks);
+                listeners.retain(|(_, sender)| !sender.is_closed());
+                if let Some((_, sender)) = listeners
+                    .iter()
+                    .find(|(group, _)| *group == check.producer_group)
+                {
+                    let _ = sender.send(check);
+                }
+            }
             // A request from the broker is not part of the protocol: ignore.
             Body::Request(_) => {}
         }
@@ -225,7 +243,12 @@ pub(crate) struct Shared {
     pub(crate) state: watch::Sender<ConnState>,
     /// Open subscriptions, re-established after a reconnect.
     pub(crate) subscriptions: Mutex<Vec<Weak<SubShared>>>,
+    /// Check-back listeners (TXN_LISTEN), re-established after a reconnect.
+    pub(crate) check_listeners: Mutex<Vec<CheckListener>>,
 }
+
+/// A producer group and where its TXN_CHECK pushes go.
+pub(crate) type CheckListener = (String, mpsc::UnboundedSender<dmq_protocol::TxnCheck>);
 
 impl Shared {
     /// The live connection, waiting for a reconnect at most the request
@@ -371,6 +394,7 @@ pub(crate) async fn connect(addr: &str, options: &ClientOptions) -> Result<Sessi
             map: HashMap::new(),
         }),
         routes: Mutex::new(HashMap::new()),
+        checks: Mutex::new(Vec::new()),
         next_correlation: AtomicU32::new(2),
         hello,
     });
@@ -561,6 +585,7 @@ pub(crate) async fn supervise(
             }
         };
         resubscribe(&shared, &session.conn).await;
+        relisten(&shared, &session.conn).await;
         shared
             .state
             .send_replace(ConnState::Connected(Arc::clone(&session.conn)));
@@ -596,6 +621,25 @@ async fn resubscribe(shared: &Shared, conn: &Arc<Conn>) {
             // The connection dropped again: the next round retries.
             Err(error) if error.is_transient() => return,
             Err(error) => subscription.fail(error),
+        }
+    }
+}
+
+/// Sends TXN_LISTEN again for every check-back listener on a new
+/// connection (one whose receiver is gone is dropped).
+async fn relisten(shared: &Shared, conn: &Arc<Conn>) {
+    let listeners: Vec<CheckListener> = {
+        let mut list = lock(&shared.check_listeners);
+        list.retain(|(_, sender)| !sender.is_closed());
+        list.clone()
+    };
+    for (group, sender) in listeners {
+        conn.add_check_listener((group.clone(), sender));
+        let request = Request::TxnListen(dmq_protocol::TxnListen {
+            producer_group: group,
+        });
+        if let Ok(receiver) = conn.start(request, None).await {
+            let _ = tokio::time::timeout(shared.options.request_timeout, receiver).await;
         }
     }
 }

@@ -20,7 +20,10 @@
 //! never reaches a later transaction that reuses the id. Sends of one
 //! transaction go one request at a time, in order.
 
-use dmq_protocol::{Request, Response, TxnEnd, TxnOutcome, TxnProduce};
+use std::time::SystemTime;
+
+use dmq_protocol::{Request, Response, TxnEnd, TxnListen, TxnOutcome, TxnProduce};
+use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::error::{ClientError, Result};
@@ -118,18 +121,131 @@ impl Transaction {
             // Nothing was stored: there is nothing to end.
             return Ok(());
         }
-        let request = TxnEnd {
-            producer_group: self.producer_group.clone(),
-            transaction_id: self.transaction_id.clone(),
-            handle: self.handle,
+        end(
+            &self.client,
+            &self.producer_group,
+            &self.transaction_id,
+            self.handle,
             outcome,
-        };
-        match self.client.request(Request::TxnEnd(request)).await? {
-            Response::TxnEnded(_) => Ok(()),
+        )
+        .await
+    }
+}
+
+async fn end(
+    client: &Client,
+    producer_group: &str,
+    transaction_id: &str,
+    handle: u64,
+    outcome: TxnOutcome,
+) -> Result<()> {
+    let request = TxnEnd {
+        producer_group: producer_group.to_string(),
+        transaction_id: transaction_id.to_string(),
+        handle,
+        outcome,
+    };
+    match client.request(Request::TxnEnd(request)).await? {
+        Response::TxnEnded(_) => Ok(()),
+        other => Err(ClientError::UnexpectedResponse {
+            expected: "TXN_ENDED",
+            got: other.opcode(),
+        }),
+    }
+}
+
+/// The check-backs of a producer group (see [`Client::transaction_checks`]).
+#[derive(Debug)]
+pub struct TransactionChecks {
+    client: Client,
+    receiver: mpsc::UnboundedReceiver<dmq_protocol::TxnCheck>,
+}
+
+/// The broker asks how a transaction left open ended: answer with
+/// [`commit`](Self::commit) or [`rollback`](Self::rollback), or drop it
+/// when the answer is not known yet (the broker asks again later, with
+/// backoff, until its checks run out and the transaction is left
+/// unresolved for an operator).
+#[derive(Debug, Clone)]
+pub struct TransactionCheck {
+    client: Client,
+    /// The producer group.
+    pub producer_group: String,
+    /// The transaction id (the producer's own, e.g. a database
+    /// transaction's).
+    pub transaction_id: String,
+    /// The transaction's handle.
+    pub handle: u64,
+    /// When the transaction began.
+    pub opened_at: SystemTime,
+    /// This is the transaction's check number `checks` (from 1).
+    pub checks: u32,
+}
+
+impl Client {
+    /// Answers the check-backs of `producer_group` on this client's
+    /// connection (TXN_LISTEN; sent again after a reconnect). With several
+    /// listeners of one group, each check goes to one of them.
+    pub async fn transaction_checks(
+        &self,
+        producer_group: impl Into<String>,
+    ) -> Result<TransactionChecks> {
+        let producer_group = producer_group.into();
+        let (sender, receiver) = mpsc::unbounded_channel();
+        crate::connection::lock(&self.shared().check_listeners)
+            .push((producer_group.clone(), sender.clone()));
+        let conn = self.shared().conn().await?;
+        conn.add_check_listener((producer_group.clone(), sender));
+        match self
+            .request(Request::TxnListen(TxnListen { producer_group }))
+            .await?
+        {
+            Response::Ok => Ok(TransactionChecks {
+                client: self.clone(),
+                receiver,
+            }),
             other => Err(ClientError::UnexpectedResponse {
-                expected: "TXN_ENDED",
+                expected: "OK",
                 got: other.opcode(),
             }),
         }
+    }
+}
+
+impl TransactionChecks {
+    /// The next check-back; `None` once the client is closed.
+    pub async fn recv(&mut self) -> Option<TransactionCheck> {
+        let check = self.receiver.recv().await?;
+        Some(TransactionCheck {
+            client: self.client.clone(),
+            producer_group: check.producer_group,
+            transaction_id: check.transaction_id,
+            handle: check.handle,
+            opened_at: crate::time::ms_to_system_time(check.opened_ms),
+            checks: check.checks,
+        })
+    }
+}
+
+impl TransactionCheck {
+    /// The transaction committed on the producer's side: commit it.
+    pub async fn commit(&self) -> Result<()> {
+        self.end(TxnOutcome::Commit).await
+    }
+
+    /// The transaction did not happen: roll it back.
+    pub async fn rollback(&self) -> Result<()> {
+        self.end(TxnOutcome::Rollback).await
+    }
+
+    async fn end(&self, outcome: TxnOutcome) -> Result<()> {
+        end(
+            &self.client,
+            &self.producer_group,
+            &self.transaction_id,
+            self.handle,
+            outcome,
+        )
+        .await
     }
 }

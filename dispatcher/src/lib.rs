@@ -23,6 +23,8 @@
 //!   partition, with one round-robin counter per topic.
 //! - [`transactions`]: [`TransactionLog`], half messages and outcomes of
 //!   transactions (the half log), durable until commit or rollback.
+//! - [`txn_checks`]: [`CheckSchedule`], when to ask a producer group
+//!   about a transaction left open (check-back).
 //! - [`writer`]: [`DurableWriter`], the appends the dispatcher decides on
 //!   (fired delays, dead-letter copies), written inline or on a background
 //!   thread ([`BackgroundWriter`]).
@@ -45,6 +47,7 @@ pub mod storage;
 pub mod timing_wheel;
 mod tombstones;
 pub mod transactions;
+pub mod txn_checks;
 pub mod writer;
 
 pub use ack_bitmap::AckBitmap;
@@ -54,8 +57,8 @@ pub use config::{
 pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage, PendingSchedule};
 pub use dispatcher::{
     DeadLetterTopic, Delivery, DispatchError, Dispatcher, GroupMessageState, PartitionStats,
-    Produced, Quarantined, ScheduleReply, SeekPartition, SeekTarget, Tombstone, TransactionInfo,
-    TxnEndReply, TxnProduceReply, TxnProduced,
+    Produced, Quarantined, ScheduleReply, SeekPartition, SeekTarget, Tombstone, TransactionCounts,
+    TransactionInfo, TxnEndReply, TxnProduceReply, TxnProduced,
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;
@@ -69,6 +72,7 @@ pub use transactions::{
     HalfInput, TransactionLimits, TransactionLog, TxnError, TxnKey, TxnOutcome, TxnRecovery,
     TxnStage,
 };
+pub use txn_checks::{CheckSchedule, TxnCheck};
 pub use writer::{
     BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob, WriteWork,
 };

@@ -154,9 +154,16 @@ pub struct TransactionLimits {
     pub max_records: usize,
     /// Most bytes (keys, headers, values) in one transaction.
     pub max_bytes: u64,
-    /// A transaction older than this takes no more records, and is listed
-    /// as overdue.
+    /// A transaction older than this takes no more records, is listed as
+    /// overdue, and is checked back (its producer group is asked how it
+    /// ended; see [`crate::txn_checks`]).
     pub timeout_ms: u64,
+    /// The longest wait between two checks of one transaction.
+    pub check_backoff_max_ms: u64,
+    /// Checks of a transaction before it is left unresolved.
+    pub max_checks: u32,
+    /// Checks per second of one producer group, at most.
+    pub checks_per_second: u32,
     /// Outcomes remembered after a transaction settled, to answer a
     /// repeated COMMIT or ROLLBACK.
     pub settled_window: usize,
@@ -172,6 +179,9 @@ impl Default for TransactionLimits {
             max_records: 100_000,
             max_bytes: 64 << 20,
             timeout_ms: 60_000,
+            check_backoff_max_ms: 300_000,
+            max_checks: 15,
+            checks_per_second: 100,
             settled_window: 100_000,
             cache_bytes: 16 << 20,
         }

@@ -430,3 +430,136 @@ fn a_failed_half_append_leaves_only_rollback() {
     w.end(&k, handle, TxnOutcome::Commit).unwrap();
     assert_eq!(w.deliver(), pairs(&[("billing", "a"), ("shipping", "a")]));
 }
+
+/// Check-back: an open transaction past its timeout is checked, with
+/// backoff; a late COMMIT (after checks began) is honoured and stops them;
+/// one nobody answers runs out of checks and is left unresolved, still
+/// open, still committable; a restart checks the open ones again.
+#[test]
+fn transactions_left_open_are_checked_back_until_unresolved() {
+    let limits = TransactionLimits {
+        timeout_ms: 1_000,
+        check_backoff_max_ms: 4_000,
+        max_checks: 3,
+        // One check per millisecond and group: checks due together are
+        // spread 1 ms apart.
+        checks_per_second: 1_000,
+        ..TransactionLimits::default()
+    };
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let storage = MemoryStorage::new(clock.clone());
+    let config = DispatcherConfig {
+        transactions: limits,
+        ..DispatcherConfig::default()
+    };
+    let open_dispatcher = |config: &DispatcherConfig| {
+        Dispatcher::open(
+            Arc::new(storage.clone()),
+            clock.clone(),
+            Arc::new(MemoryEventSink::default()),
+            config.clone(),
+        )
+        .unwrap()
+    };
+    let mut d = open_dispatcher(&config);
+    d.create_topic(
+        "orders",
+        TopicConfig {
+            partitions: 1,
+            ordered: false,
+        },
+    )
+    .unwrap();
+    let begin = |d: &mut Dispatcher, id: &str| {
+        let slot = Arc::new(Mutex::new(None));
+        let answer = Arc::clone(&slot);
+        d.txn_produce(
+            key(id),
+            0,
+            "orders",
+            vec![(0, RecordInput::new(id.to_string()), 0)],
+            Box::new(move |r| *answer.lock().unwrap() = Some(r)),
+        );
+        let handle = slot.lock().unwrap().take().unwrap().unwrap().handle;
+        handle
+    };
+    let quiet = begin(&mut d, "quiet");
+    let late = begin(&mut d, "late");
+    // Nothing before the timeout.
+    clock.advance_ms(999);
+    d.poll().unwrap();
+    assert!(d.take_txn_checks().is_empty());
+    assert_eq!(d.next_wakeup_ms(), Some(clock.now_ms() + 1));
+    clock.advance_ms(1);
+    d.poll().unwrap();
+    let mut checks = d.take_txn_checks();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    clock.advance_ms(1);
+    d.poll().unwrap();
+    checks.extend(d.take_txn_checks());
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert!(checks
+        .iter()
+        .all(|c| c.checks == 1 && c.group == "order-service"));
+    // The second check comes after the backoff (1 s + jitter ≤ 250 ms).
+    clock.advance_ms(998);
+    d.poll().unwrap();
+    assert!(d.take_txn_checks().is_empty());
+    let mut second = Vec::new();
+    for _ in 0..260 {
+        clock.advance_ms(1);
+        d.poll().unwrap();
+        second.extend(d.take_txn_checks());
+    }
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second.iter().all(|c| c.checks == 2));
+    // A late COMMIT of one: honoured, and no more checks of it.
+    let slot = Arc::new(Mutex::new(None));
+    let answer = Arc::clone(&slot);
+    d.txn_end(
+        key("late"),
+        late,
+        TxnOutcome::Commit,
+        Box::new(move |r| *answer.lock().unwrap() = Some(r)),
+    );
+    assert_eq!(
+        slot.lock().unwrap().take().unwrap().unwrap(),
+        TxnOutcome::Commit
+    );
+    // The other: a third check (2 s later), then unresolved.
+    let mut sent = Vec::new();
+    for _ in 0..20 {
+        clock.advance_ms(500);
+        d.poll().unwrap();
+        sent.extend(d.take_txn_checks());
+    }
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!((sent[0].handle, sent[0].checks), (quiet, 3));
+    let listed = d.transactions();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].unresolved && listed[0].overdue && listed[0].checks == 3);
+    assert_eq!(d.transaction_counts().unresolved, 1);
+    assert_eq!(d.transaction_counts().checks_sent, 5);
+    // A restart checks it again from its timeout (counts are not kept).
+    drop(d);
+    let mut d = open_dispatcher(&config);
+    d.poll().unwrap();
+    let again = d.take_txn_checks();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].handle, again[0].checks), (quiet, 1));
+    // Still committable.
+    let slot = Arc::new(Mutex::new(None));
+    let answer = Arc::clone(&slot);
+    d.txn_end(
+        key("quiet"),
+        quiet,
+        TxnOutcome::Rollback,
+        Box::new(move |r| *answer.lock().unwrap() = Some(r)),
+    );
+    assert!(slot.lock().unwrap().take().unwrap().is_ok());
+    for _ in 0..20 {
+        clock.advance_ms(1_000);
+        d.poll().unwrap();
+        assert!(d.take_txn_checks().is_empty());
+    }
+}

@@ -19,9 +19,12 @@
 //! 4. every answer matches the model: repeated ends get the first answer,
 //!    contradicting ones a conflict, unknown handles "unknown";
 //! 5. after every crash the open transactions are listed again with their
-//!    records.
+//!    records;
+//! 6. check-backs (timeout 1 s, at most 3) only ever ask about a
+//!    transaction that may still be open; some are answered with an end.
 //!
-//! `DMQ_TXN_SIM_SEEDS=N` (default 1000), `DMQ_TXN_SIM_SEED=n` (one seed).
+//! `DMQ_TXN_SIM_SEEDS=N` (default 1000), `DMQ_TXN_SIM_SEED=n` (one seed);
+//! `DMQ_TXN_SIM_SHOW=1` prints the steps of a seed that passes.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -134,6 +137,10 @@ impl Sim {
             DispatcherConfig {
                 transactions: TransactionLimits {
                     cache_bytes: self.cache_bytes,
+                    // Check-backs within a run's simulated time.
+                    timeout_ms: 1_000,
+                    check_backoff_max_ms: 2_000,
+                    max_checks: 3,
                     ..TransactionLimits::default()
                 },
                 ..DispatcherConfig::default()
@@ -238,6 +245,11 @@ impl Sim {
                         self.txns[i]
                             .records
                             .extend(ids.into_iter().map(|id| (topic.clone(), id)));
+                    }
+                    // Past the timeout: refused whole.
+                    Err(DispatchError::Transaction(TxnError::Limit { .. })) => {
+                        self.log
+                            .push(format!("produce {key} {handle} -> past timeout"));
                     }
                     Err(error) => {
                         self.log.push(format!("produce {key} {handle} -> {error}"));
@@ -399,6 +411,31 @@ impl Sim {
             Ok(deliveries) => deliveries,
             Err(error) => self.fail(format!("poll: {error}")),
         };
+        // Check-backs: only of transactions that may still be open; some
+        // are answered (a commit or a rollback, like a listener's).
+        for check in self.d().take_txn_checks() {
+            let Some(i) = self.txns.iter().position(|t| t.handle == check.handle) else {
+                self.fail(format!("a check of unknown handle {}", check.handle));
+            };
+            if !matches!(self.txns[i].state, State::Open | State::Unsure) {
+                self.fail(format!(
+                    "{} {} checked although {:?}",
+                    self.txns[i].key, check.handle, self.txns[i].state
+                ));
+            }
+            self.log.push(format!(
+                "check {} {} #{}",
+                check.id, check.handle, check.checks
+            ));
+            if self.txns[i].state == State::Open && self.rng.chance(40) {
+                let outcome = if self.rng.chance(50) {
+                    TxnOutcome::Commit
+                } else {
+                    TxnOutcome::Rollback
+                };
+                self.end_txn(i, outcome);
+            }
+        }
         for delivery in deliveries {
             self.delivered
                 .entry(delivery.group.to_string())
@@ -552,6 +589,9 @@ fn transaction_simulation() {
                     sim.step();
                 }
                 sim.finish();
+                if std::env::var_os("DMQ_TXN_SIM_SHOW").is_some() {
+                    sim.fail("shown on request".into());
+                }
             });
         }
     });

@@ -1086,6 +1086,46 @@ impl Wire for TxnEnd {
     }
 }
 
+impl Wire for TxnListen {
+    const MIN_BYTES: usize = 2;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.str("producer_group", &self.producer_group)
+    }
+    fn get<'a>(_cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, producer_group) = get_str(input, "producer_group")?;
+        Ok((input, TxnListen { producer_group }))
+    }
+}
+
+impl Wire for TxnCheck {
+    const MIN_BYTES: usize = 2 + 2 + 8 + 8 + 4;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.str("producer_group", &self.producer_group)?;
+        w.str("transaction_id", &self.transaction_id)?;
+        w.u64(self.handle);
+        w.i64(self.opened_ms);
+        w.u32(self.checks);
+        Ok(())
+    }
+    fn get<'a>(_cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, producer_group) = get_str(input, "producer_group")?;
+        let (input, transaction_id) = get_str(input, "transaction_id")?;
+        let (input, handle) = get_u64(input, "handle")?;
+        let (input, opened_ms) = get_i64(input, "opened_ms")?;
+        let (input, checks) = get_u32(input, "checks")?;
+        Ok((
+            input,
+            TxnCheck {
+                producer_group,
+                transaction_id,
+                handle,
+                opened_ms,
+                checks,
+            },
+        ))
+    }
+}
+
 impl Wire for TxnProduceOk {
     const MIN_BYTES: usize = 8 + 4;
     fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -1469,6 +1509,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Request::CancelDelay(b) => b.put(w),
             Request::TxnProduce(b) => b.put(w),
             Request::TxnEnd(b) => b.put(w),
+            Request::TxnListen(b) => b.put(w),
             Request::DeleteMessages(b) => b.put(w),
             Request::Subscribe(b) => b.put(w),
             Request::Unsubscribe(b) => b.put(w),
@@ -1501,6 +1542,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Response::Error(b) => b.put(w),
         },
         Body::Push(Push::Deliver(b)) => b.put(w),
+        Body::Push(Push::TxnCheck(b)) => b.put(w),
     }
 }
 
@@ -1523,6 +1565,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::CancelDelay => get_into(cx, input, |b| Q(Request::CancelDelay(b))),
         Opcode::TxnProduce => get_into(cx, input, |b| Q(Request::TxnProduce(b))),
         Opcode::TxnEnd => get_into(cx, input, |b| Q(Request::TxnEnd(b))),
+        Opcode::TxnListen => get_into(cx, input, |b| Q(Request::TxnListen(b))),
         Opcode::DeleteMessages => get_into(cx, input, |b| Q(Request::DeleteMessages(b))),
         Opcode::Subscribe => get_into(cx, input, |b| Q(Request::Subscribe(b))),
         Opcode::Unsubscribe => get_into(cx, input, |b| Q(Request::Unsubscribe(b))),
@@ -1554,6 +1597,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::GroupDescription => get_into(cx, input, |b| R(Response::GroupDescription(b))),
         Opcode::Error => get_into(cx, input, |b| R(Response::Error(b))),
         Opcode::Deliver => get_into(cx, input, |b| P(Push::Deliver(b))),
+        Opcode::TxnCheck => get_into(cx, input, |b| P(Push::TxnCheck(b))),
     }
 }
 

@@ -66,6 +66,8 @@ opcodes! {
     TxnProduce = 0x0013 => "TXN_PRODUCE",
     /// Commit or roll back a transaction.
     TxnEnd = 0x0014 => "TXN_END",
+    /// Receive the check-backs of a producer group on this connection.
+    TxnListen = 0x0015 => "TXN_LISTEN",
     /// Request: join a consumer group.
     Subscribe = 0x0020 => "SUBSCRIBE",
     /// Request: leave a consumer group.
@@ -126,6 +128,8 @@ opcodes! {
     Error = 0xBFFF => "ERROR",
     /// Push: one message for a subscription.
     Deliver = 0xC001 => "DELIVER",
+    /// The broker asks how a transaction left open ended (check-back).
+    TxnCheck = 0xC002 => "TXN_CHECK",
 }
 
 /// Bits of the header's flags byte. Version 1 defines none: senders send 0,
@@ -258,6 +262,8 @@ pub enum Request {
     TxnProduce(TxnProduce),
     /// TXN_END → TXN_ENDED.
     TxnEnd(TxnEnd),
+    /// TXN_LISTEN → OK.
+    TxnListen(TxnListen),
     /// SUBSCRIBE → SUBSCRIBED.
     Subscribe(Subscribe),
     /// UNSUBSCRIBE → OK.
@@ -288,7 +294,7 @@ pub enum Request {
     DeleteGroup(DeleteGroup),
 }
 
-from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, Subscribe, Unsubscribe,
+from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, Subscribe, Unsubscribe,
     Credit, Fetch, Ack, Nack, Seek, CreateTopic, DeleteTopic, DescribeTopic, ListGroups,
     DescribeGroup, DeleteGroup);
 
@@ -303,6 +309,7 @@ impl Request {
             Request::DeleteMessages(_) => Opcode::DeleteMessages,
             Request::TxnProduce(_) => Opcode::TxnProduce,
             Request::TxnEnd(_) => Opcode::TxnEnd,
+            Request::TxnListen(_) => Opcode::TxnListen,
             Request::Subscribe(_) => Opcode::Subscribe,
             Request::Unsubscribe(_) => Opcode::Unsubscribe,
             Request::Credit(_) => Opcode::Credit,
@@ -393,6 +400,8 @@ impl Response {
 pub enum Push {
     /// One message for a subscription, sent while it has credit.
     Deliver(Delivery),
+    /// A check-back: how did this transaction end?
+    TxnCheck(TxnCheck),
 }
 
 impl From<Delivery> for Push {
@@ -406,6 +415,7 @@ impl Push {
     pub fn opcode(&self) -> Opcode {
         match self {
             Push::Deliver(_) => Opcode::Deliver,
+            Push::TxnCheck(_) => Opcode::TxnCheck,
         }
     }
 }
@@ -513,6 +523,32 @@ pub struct TxnEnd {
     pub handle: u64,
     /// Commit or rollback.
     pub outcome: TxnOutcome,
+}
+
+/// TXN_LISTEN: this connection answers the check-backs of a producer
+/// group (until it closes).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnListen {
+    /// The producer group.
+    pub producer_group: String,
+}
+
+/// TXN_CHECK (push): the broker asks a live member of a producer group how
+/// a transaction it left open ended. The member answers with TXN_END
+/// (commit or rollback), or not at all when it does not know (the broker
+/// asks again later).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnCheck {
+    /// The producer group.
+    pub producer_group: String,
+    /// The transaction id.
+    pub transaction_id: String,
+    /// The transaction's handle (for TXN_END).
+    pub handle: u64,
+    /// When it began (ms since the epoch).
+    pub opened_ms: i64,
+    /// This is check number `checks` of the transaction (from 1).
+    pub checks: u32,
 }
 
 /// DELETE_MESSAGES: tombstone messages of a topic for every group.

@@ -194,13 +194,10 @@ pub(super) async fn metrics(
     let gauges = services
         .engine
         .call(|dispatcher, _| {
-            let (transactions_open, transactions_overdue, transaction_half_messages) =
-                dispatcher.transaction_counts();
+            let transactions = dispatcher.transaction_counts();
             let mut snapshot = GaugeSnapshot {
                 pending_delays: dispatcher.pending_delays(),
-                transactions_open,
-                transactions_overdue,
-                transaction_half_messages,
+                transactions,
                 quarantined: dispatcher.quarantined().len() as u64,
                 journal_tails_cut: dispatcher.journal_tail_cuts(),
                 open_files: dmq_log_store::resources::open_files() as u64,

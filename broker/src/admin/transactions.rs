@@ -39,6 +39,8 @@ async fn list(State(services): State<Services>) -> ApiResult<Json<serde_json::Va
                 "stage": t.stage,
                 "records": t.records,
                 "overdue": t.overdue,
+                "checks": t.checks,
+                "unresolved": t.unresolved,
             })
         })
         .collect();

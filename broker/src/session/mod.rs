@@ -116,6 +116,8 @@ struct Session {
     clock: SystemClock,
     /// Produces whose answer is not yet queued (see [`Session::produce`]).
     inflight: Arc<Semaphore>,
+    /// Set once TXN_LISTEN made this connection a check-back listener.
+    listener: Option<u64>,
 }
 
 /// Serves one connection until it closes, fails or the broker shuts down.
@@ -195,6 +197,7 @@ pub(crate) async fn serve(
         members: BTreeSet::new(),
         clock: SystemClock,
         inflight,
+        listener: None,
     };
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     // Before HELLO a peer is unknown: its frames are small and its whole
@@ -311,7 +314,8 @@ impl Session {
     /// The members of this connection leave their groups.
     async fn close(&mut self) {
         let members: Vec<MemberId> = std::mem::take(&mut self.members).into_iter().collect();
-        if members.is_empty() {
+        let listener = self.listener.take();
+        if members.is_empty() && listener.is_none() {
             return;
         }
         let _ = self
@@ -321,6 +325,9 @@ impl Session {
                 for member in members {
                     routes.remove(member);
                     let _ = dispatcher.leave(member);
+                }
+                if let Some(listener) = listener {
+                    routes.unlisten(listener);
                 }
             })
             .await;
@@ -366,6 +373,7 @@ impl Session {
                 self.produce(correlation_id, produce).await;
                 return true;
             }
+            Request::TxnListen(listen) => self.txn_listen(listen).await,
             request @ (Request::TxnProduce(_) | Request::TxnEnd(_)) => {
                 self.transaction(correlation_id, request).await;
                 return true;

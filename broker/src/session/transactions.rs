@@ -209,6 +209,44 @@ impl Session {
     }
 }
 
+/// Ids of check-back listeners (one per connection that sent TXN_LISTEN).
+static NEXT_LISTENER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl Session {
+    /// TXN_LISTEN: this connection gets the TXN_CHECK pushes of a producer
+    /// group (round robin among its listeners) until it closes. Any
+    /// authenticated client may listen: a check names a transaction, and
+    /// ending it still needs the producer right on its topics.
+    pub(super) async fn txn_listen(
+        &mut self,
+        listen: wire::TxnListen,
+    ) -> Result<Response, ErrorResponse> {
+        // The same name rules as the transactions it hears about.
+        txn_key(&listen.producer_group, "-")?;
+        let id = *self.listener.get_or_insert_with(|| {
+            NEXT_LISTENER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        });
+        let outbound = self.outbound.clone();
+        let sink: crate::engine::CheckSink = Box::new(move |check| {
+            let push = Frame::push(wire::Push::TxnCheck(wire::TxnCheck {
+                producer_group: check.group.clone(),
+                transaction_id: check.id.clone(),
+                handle: check.handle,
+                opened_ms: check.opened_ms,
+                checks: check.checks,
+            }));
+            outbound.try_send(push.into()).is_ok()
+        });
+        let group = listen.producer_group;
+        self.shared
+            .engine
+            .call(move |_, routes| routes.listen(group, id, sink))
+            .await
+            .map_err(|error| convert::engine_error(&error))?;
+        Ok(Response::Ok)
+    }
+}
+
 fn txn_key(group: &str, id: &str) -> Result<TxnKey, ErrorResponse> {
     TxnKey::new(group, id)
         .map_err(|error| ErrorResponse::new(ErrorCode::InvalidRequest, error.to_string()))

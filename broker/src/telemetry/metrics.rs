@@ -17,7 +17,8 @@
 //! - `dmq_group_lag_messages{topic,group}`, `dmq_group_lag_seconds{topic,group}`,
 //!   `dmq_delays_pending`
 //! - `dmq_transactions_open`, `dmq_transactions_overdue`,
-//!   `dmq_transaction_half_messages`
+//!   `dmq_transactions_unresolved`, `dmq_transaction_half_messages`,
+//!   `dmq_transaction_checks_total`
 //! - `dmq_quarantined_objects` (topics and groups set aside at start),
 //!   `dmq_recovery_damaged_regions{topic,partition}`,
 //!   `dmq_recovery_truncated_bytes{topic,partition}` (what recovery skipped
@@ -301,27 +302,40 @@ impl Metrics {
             "Delayed messages waiting in the delay store",
             pending,
         );
+        let transactions = &gauges.transactions;
         for (name, help, value) in [
             (
                 "transactions_open",
                 "Unsettled transactions (open, ending, or committed and being moved)",
-                gauges.transactions_open,
+                transactions.unsettled,
             ),
             (
                 "transactions_overdue",
                 "Open transactions past their timeout",
-                gauges.transactions_overdue,
+                transactions.overdue,
+            ),
+            (
+                "transactions_unresolved",
+                "Open transactions whose check-backs ran out",
+                transactions.unresolved,
             ),
             (
                 "transaction_half_messages",
                 "Half messages held by unsettled transactions",
-                gauges.transaction_half_messages,
+                transactions.half_records,
             ),
         ] {
             let gauge = Gauge::<i64>::default();
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
             scrape.register(name, help, gauge);
         }
+        let checks = Counter::<u64>::default();
+        checks.inc_by(transactions.checks_sent);
+        scrape.register(
+            "transaction_checks",
+            "Check-backs sent to producer groups about open transactions",
+            checks,
+        );
         let quarantined = Gauge::<i64>::default();
         quarantined.set(i64::try_from(gauges.quarantined).unwrap_or(i64::MAX));
         scrape.register(

@@ -194,12 +194,9 @@ pub struct GaugeSnapshot {
     pub group_lag: Vec<(String, String, u64, f64)>,
     /// Delays waiting in the delay store.
     pub pending_delays: u64,
-    /// Unsettled transactions (open, ending, or committed and being moved).
-    pub transactions_open: u64,
-    /// Open transactions past their timeout.
-    pub transactions_overdue: u64,
-    /// Half messages held by unsettled transactions.
-    pub transaction_half_messages: u64,
+    /// Transactions: unsettled, overdue, unresolved, half messages,
+    /// check-backs sent.
+    pub transactions: dmq_dispatcher::TransactionCounts,
     /// Topics and groups quarantined at start.
     pub quarantined: u64,
     /// (topic, partition, damaged regions skipped, torn-tail bytes cut) of

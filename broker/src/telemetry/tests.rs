@@ -382,9 +382,13 @@ fn the_metrics_text_names_every_series() {
     let text = telemetry.render_metrics(&GaugeSnapshot {
         group_lag: vec![("t".to_string(), "g".to_string(), 5, 1.5)],
         pending_delays: 3,
-        transactions_open: 4,
-        transactions_overdue: 1,
-        transaction_half_messages: 9,
+        transactions: dmq_dispatcher::TransactionCounts {
+            unsettled: 4,
+            overdue: 1,
+            unresolved: 1,
+            half_records: 9,
+            checks_sent: 12,
+        },
         quarantined: 2,
         damage: vec![("t".to_string(), 1, 4, 100)],
         journal_tails_cut: vec![("meta".to_string(), 12)],
@@ -419,6 +423,8 @@ fn the_metrics_text_names_every_series() {
         "dmq_transactions_open 4",
         "dmq_transactions_overdue 1",
         "dmq_transaction_half_messages 9",
+        "dmq_transactions_unresolved 1",
+        "dmq_transaction_checks_total 12",
         "dmq_trace_events_dropped_total 0",
         &format!(
             "dmq_build_info{{version=\"{}\"}} 1",

@@ -64,6 +64,7 @@ use crate::storage::{Journal, PartitionLog, RecoveryDamage, Storage, StoreError}
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
 use crate::transactions::{TransactionLog, TxnError, TxnOutcome};
+use crate::txn_checks::{CheckLimits, CheckSchedule, TxnCheck};
 use crate::writer::{
     BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob, WriteWork,
 };
@@ -79,7 +80,9 @@ mod topics;
 mod transactions;
 
 use transactions::{CommitMove, Ending, HalfWrite, Moving};
-pub use transactions::{TransactionInfo, TxnEndReply, TxnProduceReply, TxnProduced};
+pub use transactions::{
+    TransactionCounts, TransactionInfo, TxnEndReply, TxnProduceReply, TxnProduced,
+};
 
 /// Errors returned to the dispatcher's callers.
 #[derive(Debug, thiserror::Error)]
@@ -481,6 +484,11 @@ pub struct Dispatcher {
     /// Transactions whose commit became durable since the last poll:
     /// moved together at the next.
     to_move: Vec<u64>,
+    /// When to check back on open transactions.
+    checks: CheckSchedule,
+    /// Checks decided and not yet taken by the owner
+    /// ([`Dispatcher::take_txn_checks`]).
+    txn_checks: Vec<TxnCheck>,
     /// A transaction settled since the watermark was last made durable.
     txn_settled: bool,
     txn_flushed_ms: i64,
@@ -582,6 +590,12 @@ impl Dispatcher {
             tracing::info!(?txn_recovery, "transactions recovered");
         }
         let (written_tx, written) = mpsc::channel();
+        let check_limits = CheckLimits {
+            timeout_ms: config.transactions.timeout_ms,
+            backoff_max_ms: config.transactions.check_backoff_max_ms,
+            max_checks: config.transactions.max_checks,
+            per_second: config.transactions.checks_per_second,
+        };
         let mut dispatcher = Dispatcher {
             wheel: TimingWheel::new(config.tick_ms, now),
             storage,
@@ -613,6 +627,8 @@ impl Dispatcher {
             to_move: Vec::new(),
             txn_settled: false,
             txn_flushed_ms: now,
+            checks: CheckSchedule::new(check_limits),
+            txn_checks: Vec::new(),
         };
         let entries = payloads
             .iter()
@@ -657,8 +673,10 @@ impl Dispatcher {
             }
         }
         // Transactions that committed before the restart enter their
-        // topics before anything else happens.
+        // topics before anything else happens; the open ones are checked
+        // back again from their timeout.
         dispatcher.move_committed_at_open()?;
+        dispatcher.schedule_checks_at_open();
         Ok(dispatcher)
     }
 

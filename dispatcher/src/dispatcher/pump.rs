@@ -14,6 +14,7 @@ impl Dispatcher {
         self.fire_timers(now)?;
         self.fire_delays(now, FIRE_PER_POLL_MAX)?;
         self.move_new_commits()?;
+        self.check_transactions(now);
         for state_index in 0..self.states.len() {
             // Most groups of a large registry have no member connected:
             // they cost one check per poll, not a fill.
@@ -53,10 +54,14 @@ impl Dispatcher {
     /// When `poll` next has timed work to do (ack deadlines, retries, delays,
     /// ack syncs, rate limits), if ever.
     pub fn next_wakeup_ms(&self) -> Option<i64> {
-        let mut next = [self.wheel.next_due_ms(), self.delays.next_due_ms()]
-            .into_iter()
-            .flatten()
-            .min();
+        let mut next = [
+            self.wheel.next_due_ms(),
+            self.delays.next_due_ms(),
+            self.checks.next_due_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         for state in &self.states {
             if state.needs_sync() {
                 let due = state.last_sync_ms + self.config.ack_sync_interval_ms as i64;

@@ -18,6 +18,10 @@
 
 use super::*;
 use crate::transactions::{CommittedRecord, HalfInput, TxnError, TxnKey, TxnOutcome, TxnStage};
+use crate::txn_checks::{CheckDecision, TxnCheck};
+
+/// Most check-back decisions one poll makes.
+const CHECKS_PER_POLL_MAX: usize = 1_024;
 
 /// Where the answer to [`Dispatcher::txn_produce`] goes, called on the
 /// dispatcher's thread once the half records are durable (or failed).
@@ -56,6 +60,25 @@ pub struct TransactionInfo {
     pub records: usize,
     /// Open past the transaction timeout.
     pub overdue: bool,
+    /// Check-backs sent so far (in this process).
+    pub checks: u32,
+    /// Its check-backs ran out: it waits for its producer or an operator.
+    pub unresolved: bool,
+}
+
+/// Counts of the transactions (for metrics), read without copying.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransactionCounts {
+    /// Unsettled transactions (open, ending, committed and being moved).
+    pub unsettled: u64,
+    /// Open ones past their timeout.
+    pub overdue: u64,
+    /// Open ones whose check-backs ran out.
+    pub unresolved: u64,
+    /// Half records the unsettled ones hold.
+    pub half_records: u64,
+    /// Check-backs sent since the dispatcher opened.
+    pub checks_sent: u64,
 }
 
 /// A transaction's end, asked for and not yet durable.
@@ -165,6 +188,7 @@ impl Dispatcher {
             .iter()
             .map(|h| (h.partition, h.record.deliver_at_ms))
             .collect();
+        let begins = handle == 0;
         let (handle, info) = match self.txns.append_half(&key, handle, halves, now) {
             Ok(appended) => appended,
             Err(error) => {
@@ -172,6 +196,9 @@ impl Dispatcher {
                 return;
             }
         };
+        if begins {
+            self.checks.begin(handle, info.timestamp_ms);
+        }
         let produced = placed
             .into_iter()
             .zip(&info.ids)
@@ -392,6 +419,14 @@ impl Dispatcher {
             _ => None,
         };
         self.txns.outcome_written(handle, outcome, ok);
+        if ok {
+            self.checks.forget(handle);
+        } else {
+            // Open again: checked back after another timeout.
+            let timeout = self.txns.limits().timeout_ms as i64;
+            self.checks
+                .again(handle, self.now().saturating_add(timeout));
+        }
         match result {
             Ok(_) => {
                 self.answer_end(handle, Ok(outcome));
@@ -683,6 +718,60 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Decides the check-backs due by `now` (at most
+    /// [`CHECKS_PER_POLL_MAX`] per poll): each open transaction past its
+    /// timeout is checked, with backoff, rate limited per producer group,
+    /// until its checks run out and it is left unresolved. A transaction
+    /// ending (or ended) meanwhile is not checked.
+    pub(super) fn check_transactions(&mut self, now: i64) {
+        for handle in self.checks.due(now, CHECKS_PER_POLL_MAX) {
+            let Some(txn) = self.txns.get(handle) else {
+                self.checks.forget(handle);
+                continue;
+            };
+            if txn.stage != TxnStage::Open || self.endings.contains_key(&handle) {
+                continue;
+            }
+            let (group, id, opened_ms) = (txn.key.group.clone(), txn.key.id.clone(), txn.opened_ms);
+            match self.checks.decide(handle, &group, now) {
+                CheckDecision::Send { checks } => self.txn_checks.push(TxnCheck {
+                    group,
+                    id,
+                    handle,
+                    opened_ms,
+                    checks,
+                }),
+                CheckDecision::Throttled => {}
+                CheckDecision::Unresolved => tracing::warn!(
+                    key = %txn.key,
+                    handle,
+                    "transaction unresolved: its check-backs ran out; it stays open until its \
+                     producer or an operator ends it (dmq tx resolve)"
+                ),
+            }
+        }
+    }
+
+    /// The check-backs decided since the last call, for the owner to send
+    /// to a live member of each producer group (the broker's TXN_CHECK).
+    /// The member answers with TXN_END; no answer counts as "unknown".
+    pub fn take_txn_checks(&mut self) -> Vec<TxnCheck> {
+        std::mem::take(&mut self.txn_checks)
+    }
+
+    /// At open: every open transaction is checked back from its timeout.
+    pub(super) fn schedule_checks_at_open(&mut self) {
+        let open: Vec<(u64, i64)> = self
+            .txns
+            .transactions()
+            .filter(|t| t.stage == TxnStage::Open)
+            .map(|t| (t.handle, t.opened_ms))
+            .collect();
+        for (handle, opened_ms) in open {
+            self.checks.begin(handle, opened_ms);
+        }
+    }
+
     /// At open: moves every transaction that committed before the restart
     /// (some of its records may be in their topics already) and waits.
     pub(super) fn move_committed_at_open(&mut self) -> Result<()> {
@@ -712,6 +801,8 @@ impl Dispatcher {
                 },
                 records: txn.records.len(),
                 overdue: txn.stage == TxnStage::Open && now - txn.opened_ms > timeout,
+                checks: self.checks.sent(txn.handle),
+                unresolved: self.checks.is_unresolved(txn.handle),
             })
             .collect()
     }
@@ -735,20 +826,25 @@ impl Dispatcher {
         topics
     }
 
-    /// (unsettled transactions, open ones past their timeout, half
-    /// records they hold): counted, nothing copied.
-    pub fn transaction_counts(&self) -> (u64, u64, u64) {
+    /// The transactions counted, nothing copied.
+    pub fn transaction_counts(&self) -> TransactionCounts {
         let now = self.now();
         let timeout = self.txns.limits().timeout_ms as i64;
-        let (mut unsettled, mut overdue, mut records) = (0, 0, 0);
+        let mut counts = TransactionCounts {
+            checks_sent: self.checks.sent_total(),
+            ..TransactionCounts::default()
+        };
         for txn in self.txns.transactions() {
-            unsettled += 1;
-            records += txn.records.len() as u64;
+            counts.unsettled += 1;
+            counts.half_records += txn.records.len() as u64;
             if txn.stage == TxnStage::Open && now - txn.opened_ms > timeout {
-                overdue += 1;
+                counts.overdue += 1;
+            }
+            if self.checks.is_unresolved(txn.handle) {
+                counts.unresolved += 1;
             }
         }
-        (unsettled, overdue, records)
+        counts
     }
 }
 

@@ -306,6 +306,12 @@ pub fn requests() -> Vec<(Opcode, BoxedStrategy<Request>)> {
                 .boxed(),
         ),
         (
+            Opcode::TxnListen,
+            short_string()
+                .prop_map(|producer_group| Request::TxnListen(TxnListen { producer_group }))
+                .boxed(),
+        ),
+        (
             Opcode::TxnEnd,
             (short_string(), short_string(), any::<u64>(), txn_outcome())
                 .prop_map(|(producer_group, transaction_id, handle, outcome)| {
@@ -651,7 +657,31 @@ pub fn responses() -> Vec<(Opcode, BoxedStrategy<Response>)> {
 
 /// One strategy per push opcode.
 pub fn pushes() -> Vec<(Opcode, BoxedStrategy<Push>)> {
-    vec![(Opcode::Deliver, delivery().prop_map(Push::Deliver).boxed())]
+    vec![
+        (Opcode::Deliver, delivery().prop_map(Push::Deliver).boxed()),
+        (
+            Opcode::TxnCheck,
+            (
+                short_string(),
+                short_string(),
+                any::<u64>(),
+                any::<i64>(),
+                any::<u32>(),
+            )
+                .prop_map(
+                    |(producer_group, transaction_id, handle, opened_ms, checks)| {
+                        Push::TxnCheck(TxnCheck {
+                            producer_group,
+                            transaction_id,
+                            handle,
+                            opened_ms,
+                            checks,
+                        })
+                    },
+                )
+                .boxed(),
+        ),
+    ]
 }
 
 /// A frame of any opcode.

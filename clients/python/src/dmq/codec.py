@@ -55,6 +55,7 @@ class Opcode(enum.IntEnum):
     DELETE_MESSAGES = 0x0012
     TXN_PRODUCE = 0x0013
     TXN_END = 0x0014
+    TXN_LISTEN = 0x0015
     SUBSCRIBE = 0x0020
     UNSUBSCRIBE = 0x0021
     CREDIT = 0x0022
@@ -85,6 +86,7 @@ class Opcode(enum.IntEnum):
     GROUP_DESCRIPTION = 0x8041
     ERROR = 0xBFFF
     DELIVER = 0xC001
+    TXN_CHECK = 0xC002
 
     @property
     def is_request(self) -> bool:
@@ -706,6 +708,44 @@ class TxnEnd(Body):
 
 
 @dataclass
+class TxnListen(Body):
+    """6.31: receive the check-backs of a producer group."""
+
+    OPCODE = Opcode.TXN_LISTEN
+    producer_group: str
+
+    def encode(self, out: bytearray) -> None:
+        _w_string(out, self.producer_group)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnListen:
+        return cls(r.string())
+
+
+@dataclass
+class TxnCheck(Body):
+    """6.32 (push): how did this transaction end? Answer with TxnEnd."""
+
+    OPCODE = Opcode.TXN_CHECK
+    producer_group: str
+    transaction_id: str
+    handle: int
+    opened_ms: int
+    checks: int
+
+    def encode(self, out: bytearray) -> None:
+        _w_string(out, self.producer_group)
+        _w_string(out, self.transaction_id)
+        out += _U64.pack(self.handle)
+        out += _I64.pack(self.opened_ms)
+        out += _U32.pack(self.checks)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnCheck:
+        return cls(r.string(), r.string(), r.u64(), r.i64(), r.u32())
+
+
+@dataclass
 class CancelDelay(Body):
     OPCODE = Opcode.CANCEL_DELAY
     message_id: bytes
@@ -1250,6 +1290,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.CANCEL_DELAY: CancelDelay.decode,
     Opcode.TXN_PRODUCE: TxnProduce.decode,
     Opcode.TXN_END: TxnEnd.decode,
+    Opcode.TXN_LISTEN: TxnListen.decode,
     Opcode.DELETE_MESSAGES: DeleteMessages.decode,
     Opcode.SUBSCRIBE: Subscribe.decode,
     Opcode.UNSUBSCRIBE: Unsubscribe.decode,
@@ -1281,6 +1322,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.GROUP_DESCRIPTION: GroupDescription.decode,
     Opcode.ERROR: Error.decode,
     Opcode.DELIVER: Delivery.decode,  # type: ignore[dict-item]
+    Opcode.TXN_CHECK: TxnCheck.decode,
 }
 
 
