@@ -78,6 +78,7 @@ const ASSETS: &[Asset] = &[
     asset!("js/deletepanel.js"),
     asset!("js/topicactions.js"),
     asset!("js/pages/login.js"),
+    asset!("js/pages/transactions.js"),
     asset!("js/pages/topics.js"),
     asset!("js/pages/topic.js"),
     asset!("js/pages/messages.js"),

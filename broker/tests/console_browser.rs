@@ -175,6 +175,23 @@ impl Running {
         });
     }
 
+    /// Begins a transaction of one message on `topic` and leaves it open
+    /// (its producer "went away"); returns its handle.
+    fn open_transaction(&self, topic: &str) -> u64 {
+        let addr = self.broker.as_ref().unwrap().protocol_addr();
+        let topic = topic.to_string();
+        self.runtime.block_on(async move {
+            let client = Client::connect(addr.to_string(), ClientOptions::new("console-test"))
+                .await
+                .unwrap();
+            let mut txn = client.transaction("console-shop", "order-1");
+            txn.send(vec![dmq_client::Message::new(topic, "in a transaction")])
+                .await
+                .unwrap();
+            txn.handle()
+        })
+    }
+
     fn stop(mut self) {
         if let Some(broker) = self.broker.take() {
             self.runtime.block_on(broker.shutdown());
@@ -787,6 +804,20 @@ fn development_flow(tab: &Tab, problems: &Problems, running: &Running) -> anyhow
     click(tab, "#dlq-resend-selected")?;
     wait_text(tab, "[data-testid=\"dlq-resent\"]", "Resent 1 message")?;
     assert_clean(problems, "dead letters")?;
+
+    // Transactions: an abandoned one is listed and committed by hand.
+    let handle = running.open_transaction(TOPIC);
+    click(tab, "#nav-transactions")?;
+    wait_text(tab, &format!("[data-testid=\"tx-state-{handle}\"]"), "open")?;
+    screenshot(tab, "transactions")?;
+    click(tab, &format!("[data-testid=\"tx-commit-{handle}\"]"))?;
+    click(
+        tab,
+        &format!("[data-testid=\"tx-confirm-commit-{handle}\"]"),
+    )?;
+    wait_text(tab, "[data-testid=\"tx-ended\"]", "committed")?;
+    wait_text(tab, "#tx-list", "No open transactions.")?;
+    assert_clean(problems, "transactions")?;
 
     // Statistics, the trace form.
     click(tab, "#nav-stats")?;

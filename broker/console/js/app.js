@@ -11,6 +11,7 @@ import * as topic from "./pages/topic.js";
 import * as messages from "./pages/messages.js";
 import * as message from "./pages/message.js";
 import * as dlq from "./pages/dlq.js";
+import * as transactions from "./pages/transactions.js";
 import * as trace from "./pages/trace.js";
 import * as stats from "./pages/stats.js";
 
@@ -85,6 +86,7 @@ const routes = {
   messages: messages.render,
   message: message.render,
   dlq: dlq.render,
+  transactions: transactions.render,
   trace: trace.render,
   stats: stats.render,
 };
