@@ -33,6 +33,7 @@ pub(crate) fn dispatch_error(error: &DispatchError) -> ErrorResponse {
             dispatcher::TxnError::Unknown(_) => ErrorCode::UnknownTransaction,
             dispatcher::TxnError::Conflict { .. } => ErrorCode::TransactionConflict,
             dispatcher::TxnError::Limit { .. } => ErrorCode::TransactionLimit,
+            dispatcher::TxnError::Fenced { .. } => ErrorCode::ProducerFenced,
             dispatcher::TxnError::InvalidName(_) => ErrorCode::InvalidRequest,
             dispatcher::TxnError::Store(store) => return store_error(store),
             _ => ErrorCode::StorageError,
@@ -78,7 +79,8 @@ pub(crate) fn http_status(code: ErrorCode) -> axum::http::StatusCode {
         ErrorCode::NotAuthorized => S::FORBIDDEN,
         ErrorCode::TopicExists
         | ErrorCode::GroupConfigConflict
-        | ErrorCode::TransactionConflict => S::CONFLICT,
+        | ErrorCode::TransactionConflict
+        | ErrorCode::ProducerFenced => S::CONFLICT,
         ErrorCode::TransactionLimit => S::UNPROCESSABLE_ENTITY,
         ErrorCode::DiskFull => S::INSUFFICIENT_STORAGE,
         ErrorCode::Overloaded => S::TOO_MANY_REQUESTS,

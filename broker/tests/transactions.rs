@@ -442,3 +442,99 @@ async fn a_listener_answers_check_backs() {
         .is_empty());
     broker.stop().await;
 }
+
+/// Fencing: a second instance of a transactional producer (TXN_INIT)
+/// fences the first: its COMMIT and its new transactions are refused with
+/// ProducerFenced, also when it tries to resume its epoch on a new
+/// connection; the current instance ends the transaction; epochs survive a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_instance_fences_a_zombie_producer() {
+    let broker = Broker::start(|_| {}).await;
+    let zombie = client(&broker).await;
+    zombie.create_topic("payments", 1, false).await.unwrap();
+    assert_eq!(zombie.init_transactions("pay", "p1").await.unwrap(), 1);
+    let mut txn = zombie.transaction("pay", "pay-7");
+    txn.send(vec![Message::new("payments", "paid 7")])
+        .await
+        .unwrap();
+    let handle = txn.handle();
+
+    let current = client(&broker).await;
+    assert_eq!(current.init_transactions("pay", "p1").await.unwrap(), 2);
+    let fenced = |result: Result<_, ClientError>| {
+        matches!(
+            result,
+            Err(ClientError::Broker {
+                code: ErrorCode::ProducerFenced,
+                ..
+            })
+        )
+    };
+    assert!(fenced(txn.commit().await));
+    let mut late = zombie.transaction("pay", "pay-8");
+    assert!(fenced(
+        late.send(vec![Message::new("payments", "x")])
+            .await
+            .map(|_| ())
+    ));
+    // Resuming the old epoch on a new connection does not unfence it.
+    let mut raw = Connection::hello(broker.addr).await;
+    let response = raw
+        .request(Request::TxnInit(dmq_protocol::TxnInit {
+            producer_group: "pay".into(),
+            producer_id: "p1".into(),
+            epoch: 1,
+        }))
+        .await;
+    assert!(
+        matches!(&response, Response::Error(e) if e.code == ErrorCode::ProducerFenced),
+        "{response:?}"
+    );
+    let response = raw
+        .request(Request::TxnEnd(TxnEnd {
+            producer_group: "pay".into(),
+            transaction_id: "pay-7".into(),
+            handle,
+            outcome: TxnOutcome::Commit,
+        }))
+        .await;
+    assert!(
+        matches!(&response, Response::Error(e) if e.code == ErrorCode::ProducerFenced),
+        "{response:?}"
+    );
+    // The current instance decides.
+    let mut billing = current
+        .consumer()
+        .subscribe("payments", "billing", options("m"))
+        .await
+        .unwrap();
+    let response = {
+        let mut own = Connection::hello(broker.addr).await;
+        let resumed = own
+            .request(Request::TxnInit(dmq_protocol::TxnInit {
+                producer_group: "pay".into(),
+                producer_id: "p1".into(),
+                epoch: 2,
+            }))
+            .await;
+        assert!(matches!(resumed, Response::TxnInitOk(ok) if ok.epoch == 2));
+        own.request(Request::TxnEnd(TxnEnd {
+            producer_group: "pay".into(),
+            transaction_id: "pay-7".into(),
+            handle,
+            outcome: TxnOutcome::Commit,
+        }))
+        .await
+    };
+    assert!(matches!(response, Response::TxnEnded(_)), "{response:?}");
+    assert_eq!(
+        drain(&mut billing, Duration::from_millis(800)).await,
+        vec!["paid 7"]
+    );
+    drop((zombie, current, billing));
+    let broker = broker.restart(|_| {}).await;
+    let next = client(&broker).await;
+    assert_eq!(next.init_transactions("pay", "p1").await.unwrap(), 3);
+    broker.stop().await;
+}

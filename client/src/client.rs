@@ -74,6 +74,7 @@ impl Client {
             state,
             subscriptions: std::sync::Mutex::new(Vec::new()),
             check_listeners: std::sync::Mutex::new(Vec::new()),
+            txn_producers: std::sync::Mutex::new(Vec::new()),
         });
         let (shutdown, shutdown_receiver) = watch::channel(false);
         tokio::spawn(supervise(Arc::clone(&shared), session, shutdown_receiver));

@@ -245,6 +245,9 @@ pub(crate) struct Shared {
     pub(crate) subscriptions: Mutex<Vec<Weak<SubShared>>>,
     /// Check-back listeners (TXN_LISTEN), re-established after a reconnect.
     pub(crate) check_listeners: Mutex<Vec<CheckListener>>,
+    /// Transactional producer instances (TXN_INIT): (group, producer id,
+    /// epoch), resumed after a reconnect.
+    pub(crate) txn_producers: Mutex<Vec<(String, String, u32)>>,
 }
 
 /// A producer group and where its TXN_CHECK pushes go.
@@ -625,14 +628,27 @@ async fn resubscribe(shared: &Shared, conn: &Arc<Conn>) {
     }
 }
 
-/// Sends TXN_LISTEN again for every check-back listener on a new
-/// connection (one whose receiver is gone is dropped).
+/// Resumes every transactional producer instance (TXN_INIT with its
+/// epoch: a fenced one stays fenced) and sends TXN_LISTEN again for every
+/// check-back listener on a new connection (one whose receiver is gone is
+/// dropped).
 async fn relisten(shared: &Shared, conn: &Arc<Conn>) {
     let listeners: Vec<CheckListener> = {
         let mut list = lock(&shared.check_listeners);
         list.retain(|(_, sender)| !sender.is_closed());
         list.clone()
     };
+    let producers = lock(&shared.txn_producers).clone();
+    for (producer_group, producer_id, epoch) in producers {
+        let request = Request::TxnInit(dmq_protocol::TxnInit {
+            producer_group,
+            producer_id,
+            epoch,
+        });
+        if let Ok(receiver) = conn.start(request, None).await {
+            let _ = tokio::time::timeout(shared.options.request_timeout, receiver).await;
+        }
+    }
     for (group, sender) in listeners {
         conn.add_check_listener((group.clone(), sender));
         let request = Request::TxnListen(dmq_protocol::TxnListen {

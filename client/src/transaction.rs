@@ -212,6 +212,38 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Registers this client as the current instance of the transactional
+    /// producer `producer_id` of `producer_group` (TXN_INIT) and returns its
+    /// epoch: from now on an older instance's transactions of the group
+    /// are refused (`ProducerFenced`), and so are this one's once a newer
+    /// instance registers. The epoch is resumed after a reconnect.
+    pub async fn init_transactions(
+        &self,
+        producer_group: impl Into<String>,
+        producer_id: impl Into<String>,
+    ) -> Result<u32> {
+        let (producer_group, producer_id) = (producer_group.into(), producer_id.into());
+        let request = Request::TxnInit(dmq_protocol::TxnInit {
+            producer_group: producer_group.clone(),
+            producer_id: producer_id.clone(),
+            epoch: 0,
+        });
+        match self.request(request).await? {
+            Response::TxnInitOk(ok) => {
+                let mut producers = crate::connection::lock(&self.shared().txn_producers);
+                producers.retain(|(g, p, _)| *g != producer_group || *p != producer_id);
+                producers.push((producer_group, producer_id, ok.epoch));
+                Ok(ok.epoch)
+            }
+            other => Err(ClientError::UnexpectedResponse {
+                expected: "TXN_INIT_OK",
+                got: other.opcode(),
+            }),
+        }
+    }
+}
+
 impl TransactionChecks {
     /// The next check-back; `None` once the client is closed.
     pub async fn recv(&mut self) -> Option<TransactionCheck> {

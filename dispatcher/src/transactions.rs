@@ -94,6 +94,8 @@ pub const TIMES_HEADER: &str = "dmq.txn.times";
 pub const OUTCOME_HEADER: &str = "dmq.txn.outcome";
 /// The meta journal.
 pub const META_JOURNAL: &str = "txn.meta";
+/// The producer epochs journal (see [`ProducerEpochs`]).
+pub const EPOCHS_JOURNAL: &str = "txn.epochs";
 
 /// `dmq.txn.times` bit: the deliver-at time was a delay from the produce.
 pub const RELATIVE_DELIVER_AT: u8 = 1;
@@ -142,6 +144,22 @@ pub enum TxnError {
     /// The meta journal holds a payload that does not decode.
     #[error("corrupt transaction metadata: {0}")]
     Corrupt(String),
+    /// A transactional producer whose epoch is older than its producer
+    /// id's current one: another instance registered since (TXN_INIT).
+    #[error(
+        "producer {producer} of group {group} is fenced: epoch {epoch} is older than {current} \
+         (another instance registered since)"
+    )]
+    Fenced {
+        /// The producer group.
+        group: String,
+        /// The producer id.
+        producer: String,
+        /// The epoch the request carried.
+        epoch: u32,
+        /// The current epoch.
+        current: u32,
+    },
 }
 
 /// Result alias.
@@ -921,6 +939,118 @@ impl TransactionLog {
     }
 }
 
+/// The epochs of transactional producers: each TXN_INIT of a (producer
+/// group, producer id) makes the next epoch current, durably, so that an
+/// older instance still using the id (a zombie) is refused
+/// ([`TxnError::Fenced`]).
+///
+/// Journal `txn.epochs`: one payload per registration, version `1`, then
+/// `u8` group length, the group, `u8` producer length, the producer, `u32`
+/// LE epoch; the last payload of a pair wins. Rewritten (one payload per
+/// pair) when it holds four times as many payloads as pairs.
+#[derive(Debug)]
+pub struct ProducerEpochs {
+    journal: Box<dyn Journal>,
+    current: HashMap<(String, String), u32>,
+    payloads: usize,
+}
+
+impl ProducerEpochs {
+    /// Opens the journal and replays it.
+    pub fn open(storage: &dyn Storage) -> Result<ProducerEpochs> {
+        let (journal, payloads) = storage.open_journal(EPOCHS_JOURNAL)?;
+        let mut current = HashMap::new();
+        for payload in &payloads {
+            let (group, producer, epoch) = decode_epoch(payload)?;
+            current.insert((group, producer), epoch);
+        }
+        Ok(ProducerEpochs {
+            journal,
+            current,
+            payloads: payloads.len(),
+        })
+    }
+
+    /// Registers a new instance of `producer` in `group`: its epoch is one
+    /// more than the last, durable before this returns.
+    pub fn bump(&mut self, group: &str, producer: &str) -> Result<u32> {
+        TxnKey::new(group, producer)?;
+        let key = (group.to_string(), producer.to_string());
+        let epoch = self.current.get(&key).map_or(1, |e| e.saturating_add(1));
+        self.journal.append(&encode_epoch(group, producer, epoch));
+        self.journal.sync()?;
+        self.current.insert(key, epoch);
+        self.payloads += 1;
+        if self.payloads > 4 * self.current.len().max(64) {
+            let all: Vec<Vec<u8>> = self
+                .current
+                .iter()
+                .map(|((g, p), e)| encode_epoch(g, p, *e))
+                .collect();
+            self.journal.rewrite(&all)?;
+            self.payloads = all.len();
+        }
+        Ok(epoch)
+    }
+
+    /// Refuses `epoch` if it is not the current one of `producer` in
+    /// `group`.
+    pub fn check(&self, group: &str, producer: &str, epoch: u32) -> Result<()> {
+        let current = self
+            .current
+            .get(&(group.to_string(), producer.to_string()))
+            .copied()
+            .unwrap_or(0);
+        if epoch == current {
+            return Ok(());
+        }
+        Err(TxnError::Fenced {
+            group: crate::names::shown(group),
+            producer: crate::names::shown(producer),
+            epoch,
+            current,
+        })
+    }
+}
+
+fn encode_epoch(group: &str, producer: &str, epoch: u32) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(6 + group.len() + producer.len());
+    payload.push(META_VERSION);
+    for name in [group, producer] {
+        payload.push(name.len() as u8);
+        payload.extend_from_slice(name.as_bytes());
+    }
+    payload.extend_from_slice(&epoch.to_le_bytes());
+    payload
+}
+
+fn decode_epoch(payload: &[u8]) -> Result<(String, String, u32)> {
+    let corrupt = || {
+        TxnError::Corrupt(format!(
+            "{EPOCHS_JOURNAL}: a payload of {} bytes",
+            payload.len()
+        ))
+    };
+    let [META_VERSION, rest @ ..] = payload else {
+        return Err(corrupt());
+    };
+    let mut rest = rest;
+    let mut names = Vec::with_capacity(2);
+    for _ in 0..2 {
+        let (&len, tail) = rest.split_first().ok_or_else(corrupt)?;
+        let len = usize::from(len);
+        if tail.len() < len {
+            return Err(corrupt());
+        }
+        names.push(String::from_utf8(tail[..len].to_vec()).map_err(|_| corrupt())?);
+        rest = &tail[len..];
+    }
+    let epoch: [u8; 4] = rest.try_into().map_err(|_| corrupt())?;
+    let producer = names.pop().ok_or_else(corrupt)?;
+    let group = names.pop().ok_or_else(corrupt)?;
+    Ok((group, producer, u32::from_le_bytes(epoch)))
+}
+
 fn conflict(key: &TxnKey, reason: &str) -> TxnError {
     TxnError::Conflict {
         key: key.to_string(),
@@ -1344,6 +1474,34 @@ mod tests {
         small.settle(b, TxnOutcome::Rollback);
         store.settle(a, TxnOutcome::Rollback);
         assert_eq!(store.cached_bytes, 0);
+    }
+
+    #[test]
+    fn epochs_fence_older_instances_across_a_reopen() {
+        let storage = storage();
+        let mut epochs = ProducerEpochs::open(storage.as_ref()).unwrap();
+        assert!(epochs.check("shop", "p1", 0).is_ok(), "never registered");
+        assert_eq!(epochs.bump("shop", "p1").unwrap(), 1);
+        assert_eq!(epochs.bump("shop", "p1").unwrap(), 2);
+        assert_eq!(epochs.bump("shop", "p2").unwrap(), 1);
+        assert!(matches!(
+            epochs.check("shop", "p1", 1),
+            Err(TxnError::Fenced { current: 2, .. })
+        ));
+        for _ in 0..300 {
+            epochs.bump("other", "p").unwrap();
+        }
+        drop(epochs);
+        let epochs = ProducerEpochs::open(storage.as_ref()).unwrap();
+        assert!(epochs.check("shop", "p1", 2).is_ok());
+        assert!(epochs.check("shop", "p2", 1).is_ok());
+        assert!(epochs.check("other", "p", 300).is_ok());
+        assert!(
+            epochs.payloads <= 4 * 64 + 1,
+            "compacted: {}",
+            epochs.payloads
+        );
+        assert!(decode_epoch(&[1, 3, b'a']).is_err());
     }
 
     #[test]

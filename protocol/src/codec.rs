@@ -1097,6 +1097,41 @@ impl Wire for TxnListen {
     }
 }
 
+impl Wire for TxnInit {
+    const MIN_BYTES: usize = 8;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.str("producer_group", &self.producer_group)?;
+        w.str("producer_id", &self.producer_id)?;
+        w.u32(self.epoch);
+        Ok(())
+    }
+    fn get<'a>(_cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, producer_group) = get_str(input, "producer_group")?;
+        let (input, producer_id) = get_str(input, "producer_id")?;
+        let (input, epoch) = get_u32(input, "epoch")?;
+        Ok((
+            input,
+            TxnInit {
+                producer_group,
+                producer_id,
+                epoch,
+            },
+        ))
+    }
+}
+
+impl Wire for TxnInitOk {
+    const MIN_BYTES: usize = 4;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.u32(self.epoch);
+        Ok(())
+    }
+    fn get<'a>(_cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, epoch) = get_u32(input, "epoch")?;
+        Ok((input, TxnInitOk { epoch }))
+    }
+}
+
 impl Wire for TxnCheck {
     const MIN_BYTES: usize = 2 + 2 + 8 + 8 + 4;
     fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -1510,6 +1545,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Request::TxnProduce(b) => b.put(w),
             Request::TxnEnd(b) => b.put(w),
             Request::TxnListen(b) => b.put(w),
+            Request::TxnInit(b) => b.put(w),
             Request::DeleteMessages(b) => b.put(w),
             Request::Subscribe(b) => b.put(w),
             Request::Unsubscribe(b) => b.put(w),
@@ -1532,6 +1568,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Response::CancelDelayOk(b) => b.put(w),
             Response::TxnProduceOk(b) => b.put(w),
             Response::TxnEnded(b) => b.put(w),
+            Response::TxnInitOk(b) => b.put(w),
             Response::Subscribed(b) => b.put(w),
             Response::Deliveries(b) => b.put(w),
             Response::SeekReport(b) => b.put(w),
@@ -1566,6 +1603,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::TxnProduce => get_into(cx, input, |b| Q(Request::TxnProduce(b))),
         Opcode::TxnEnd => get_into(cx, input, |b| Q(Request::TxnEnd(b))),
         Opcode::TxnListen => get_into(cx, input, |b| Q(Request::TxnListen(b))),
+        Opcode::TxnInit => get_into(cx, input, |b| Q(Request::TxnInit(b))),
         Opcode::DeleteMessages => get_into(cx, input, |b| Q(Request::DeleteMessages(b))),
         Opcode::Subscribe => get_into(cx, input, |b| Q(Request::Subscribe(b))),
         Opcode::Unsubscribe => get_into(cx, input, |b| Q(Request::Unsubscribe(b))),
@@ -1588,6 +1626,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::CancelDelayOk => get_into(cx, input, |b| R(Response::CancelDelayOk(b))),
         Opcode::TxnProduceOk => get_into(cx, input, |b| R(Response::TxnProduceOk(b))),
         Opcode::TxnEnded => get_into(cx, input, |b| R(Response::TxnEnded(b))),
+        Opcode::TxnInitOk => get_into(cx, input, |b| R(Response::TxnInitOk(b))),
         Opcode::Subscribed => get_into(cx, input, |b| R(Response::Subscribed(b))),
         Opcode::Deliveries => get_into(cx, input, |b| R(Response::Deliveries(b))),
         Opcode::SeekReport => get_into(cx, input, |b| R(Response::SeekReport(b))),

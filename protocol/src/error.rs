@@ -120,6 +120,9 @@ error_codes! {
     /// A transaction over its configured size, or past its timeout for a
     /// produce; nothing of the request was stored.
     TransactionLimit = 26,
+    /// A transactional producer fenced by a newer instance of its producer
+    /// id (TXN_INIT); nothing was changed.
+    ProducerFenced = 27,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -256,13 +259,14 @@ mod tests {
             (ErrorCode::UnknownTransaction, 24),
             (ErrorCode::TransactionConflict, 25),
             (ErrorCode::TransactionLimit, 26),
+            (ErrorCode::ProducerFenced, 27),
         ];
         assert_eq!(pinned.len(), ErrorCode::ALL.len());
         for (code, number) in pinned {
             assert_eq!(code.as_u32(), number);
             assert_eq!(ErrorCode::from_u32(number), code);
         }
-        for number in [0, 27, 1000, u32::MAX] {
+        for number in [0, 28, 1000, u32::MAX] {
             assert_eq!(ErrorCode::from_u32(number), ErrorCode::Unknown(number));
             assert_eq!(ErrorCode::from_u32(number).as_u32(), number);
         }

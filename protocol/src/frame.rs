@@ -68,6 +68,8 @@ opcodes! {
     TxnEnd = 0x0014 => "TXN_END",
     /// Receive the check-backs of a producer group on this connection.
     TxnListen = 0x0015 => "TXN_LISTEN",
+    /// Register a transactional producer instance: its epoch.
+    TxnInit = 0x0016 => "TXN_INIT",
     /// Request: join a consumer group.
     Subscribe = 0x0020 => "SUBSCRIBE",
     /// Request: leave a consumer group.
@@ -110,6 +112,8 @@ opcodes! {
     TxnProduceOk = 0x8013 => "TXN_PRODUCE_OK",
     /// Response to TXN_END.
     TxnEnded = 0x8014 => "TXN_ENDED",
+    /// Response to TXN_INIT.
+    TxnInitOk = 0x8016 => "TXN_INIT_OK",
     /// Response to SUBSCRIBE.
     Subscribed = 0x8020 => "SUBSCRIBED",
     /// Response to FETCH.
@@ -264,6 +268,8 @@ pub enum Request {
     TxnEnd(TxnEnd),
     /// TXN_LISTEN → OK.
     TxnListen(TxnListen),
+    /// TXN_INIT → TXN_INIT_OK.
+    TxnInit(TxnInit),
     /// SUBSCRIBE → SUBSCRIBED.
     Subscribe(Subscribe),
     /// UNSUBSCRIBE → OK.
@@ -294,7 +300,7 @@ pub enum Request {
     DeleteGroup(DeleteGroup),
 }
 
-from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, Subscribe, Unsubscribe,
+from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, TxnInit, Subscribe, Unsubscribe,
     Credit, Fetch, Ack, Nack, Seek, CreateTopic, DeleteTopic, DescribeTopic, ListGroups,
     DescribeGroup, DeleteGroup);
 
@@ -310,6 +316,7 @@ impl Request {
             Request::TxnProduce(_) => Opcode::TxnProduce,
             Request::TxnEnd(_) => Opcode::TxnEnd,
             Request::TxnListen(_) => Opcode::TxnListen,
+            Request::TxnInit(_) => Opcode::TxnInit,
             Request::Subscribe(_) => Opcode::Subscribe,
             Request::Unsubscribe(_) => Opcode::Unsubscribe,
             Request::Credit(_) => Opcode::Credit,
@@ -345,6 +352,8 @@ pub enum Response {
     TxnProduceOk(TxnProduceOk),
     /// A transaction's outcome is durable.
     TxnEnded(TxnEnded),
+    /// A transactional producer's epoch.
+    TxnInitOk(TxnInitOk),
     /// Subscription open.
     Subscribed(Subscribed),
     /// Pulled messages.
@@ -363,7 +372,7 @@ pub enum Response {
     Error(ErrorResponse),
 }
 
-from_structs!(Response: HelloOk, ProduceOk, CancelDelayOk, TxnProduceOk, TxnEnded, Subscribed, Deliveries, SeekReport,
+from_structs!(Response: HelloOk, ProduceOk, CancelDelayOk, TxnProduceOk, TxnEnded, TxnInitOk, Subscribed, Deliveries, SeekReport,
     Topics, TopicDescription, Groups, GroupDescription);
 
 impl From<ErrorResponse> for Response {
@@ -383,6 +392,7 @@ impl Response {
             Response::CancelDelayOk(_) => Opcode::CancelDelayOk,
             Response::TxnProduceOk(_) => Opcode::TxnProduceOk,
             Response::TxnEnded(_) => Opcode::TxnEnded,
+            Response::TxnInitOk(_) => Opcode::TxnInitOk,
             Response::Subscribed(_) => Opcode::Subscribed,
             Response::Deliveries(_) => Opcode::Deliveries,
             Response::SeekReport(_) => Opcode::SeekReport,
@@ -531,6 +541,28 @@ pub struct TxnEnd {
 pub struct TxnListen {
     /// The producer group.
     pub producer_group: String,
+}
+
+/// TXN_INIT: this connection is now the current instance of a
+/// transactional producer; an older instance's transaction requests are
+/// refused (ProducerFenced).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnInit {
+    /// The producer group.
+    pub producer_group: String,
+    /// The producer's stable id (the same for every instance).
+    pub producer_id: String,
+    /// 0: a new instance (the next epoch); otherwise the epoch this
+    /// instance was given, to resume it on a new connection (refused with
+    /// ProducerFenced if a newer instance registered since).
+    pub epoch: u32,
+}
+
+/// TXN_INIT_OK: the new instance's epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TxnInitOk {
+    /// One more than the previous instance's.
+    pub epoch: u32,
 }
 
 /// TXN_CHECK (push): the broker asks a live member of a producer group how

@@ -118,6 +118,10 @@ struct Session {
     inflight: Arc<Semaphore>,
     /// Set once TXN_LISTEN made this connection a check-back listener.
     listener: Option<u64>,
+    /// The transactional producers this connection registered (TXN_INIT):
+    /// producer group → (producer id, epoch). Its transaction requests of
+    /// those groups are refused once a newer instance registered.
+    fences: std::collections::HashMap<String, (String, u32)>,
 }
 
 /// Serves one connection until it closes, fails or the broker shuts down.
@@ -198,6 +202,7 @@ pub(crate) async fn serve(
         clock: SystemClock,
         inflight,
         listener: None,
+        fences: std::collections::HashMap::new(),
     };
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     // Before HELLO a peer is unknown: its frames are small and its whole
@@ -374,6 +379,7 @@ impl Session {
                 return true;
             }
             Request::TxnListen(listen) => self.txn_listen(listen).await,
+            Request::TxnInit(init) => self.txn_init(init).await,
             request @ (Request::TxnProduce(_) | Request::TxnEnd(_)) => {
                 self.transaction(correlation_id, request).await;
                 return true;

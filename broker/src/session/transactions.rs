@@ -109,9 +109,14 @@ impl Session {
         let (reply, answer) = oneshot::channel();
         let topic = produce.topic;
         let txn_handle = produce.handle;
+        let fence = self.fence(&produce.producer_group);
         self.shared
             .engine
             .submit(move |dispatcher, _| {
+                if let Err(error) = check_fence(dispatcher, fence) {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
                 dispatcher.txn_produce(
                     key,
                     txn_handle,
@@ -157,9 +162,14 @@ impl Session {
             self.shared.development,
             self.client_id.clone(),
         );
+        let fence = self.fence(&end.producer_group);
         self.shared
             .engine
             .submit(move |dispatcher, _| {
+                if let Err(error) = check_fence(dispatcher, fence) {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
                 // The right to produce to every topic the transaction
                 // holds records for, checked where the transaction is (an
                 // unknown transaction is answered by `txn_end`).
@@ -244,6 +254,71 @@ impl Session {
             .await
             .map_err(|error| convert::engine_error(&error))?;
         Ok(Response::Ok)
+    }
+}
+
+impl Session {
+    /// TXN_INIT: with epoch 0 this connection becomes the current instance
+    /// of the transactional producer `producer_id` of the group (the next
+    /// epoch, durable); with the epoch an instance was given, it resumes
+    /// it on this connection (ProducerFenced if a newer one registered).
+    /// The connection remembers the epoch, and its TXN_PRODUCE and TXN_END
+    /// of the group are refused with ProducerFenced once a newer instance
+    /// registered.
+    pub(super) async fn txn_init(
+        &mut self,
+        init: wire::TxnInit,
+    ) -> Result<Response, ErrorResponse> {
+        txn_key(&init.producer_group, &init.producer_id)?;
+        let (group, producer) = (init.producer_group.clone(), init.producer_id.clone());
+        let resume = init.epoch;
+        let result = self
+            .run(move |dispatcher, _| {
+                if resume == 0 {
+                    dispatcher.txn_init(&group, &producer)
+                } else {
+                    dispatcher
+                        .check_producer_epoch(&group, &producer, resume)
+                        .map(|()| resume)
+                }
+            })
+            .await;
+        match result {
+            Ok(epoch) => {
+                self.fences
+                    .insert(init.producer_group, (init.producer_id, epoch));
+                Ok(Response::TxnInitOk(wire::TxnInitOk { epoch }))
+            }
+            Err(error) => {
+                // A fenced instance that tries to resume stays fenced on
+                // this connection too.
+                if error.code == ErrorCode::ProducerFenced {
+                    self.fences
+                        .insert(init.producer_group, (init.producer_id, resume));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The producer id and epoch this connection registered for `group`.
+    fn fence(&self, group: &str) -> Option<(String, String, u32)> {
+        self.fences
+            .get(group)
+            .map(|(producer, epoch)| (group.to_string(), producer.clone(), *epoch))
+    }
+}
+
+/// Refuses a request of a fenced producer instance.
+fn check_fence(
+    dispatcher: &dmq_dispatcher::Dispatcher,
+    fence: Option<(String, String, u32)>,
+) -> Result<(), ErrorResponse> {
+    match fence {
+        Some((group, producer, epoch)) => dispatcher
+            .check_producer_epoch(&group, &producer, epoch)
+            .map_err(|error| convert::dispatch_error(&error)),
+        None => Ok(()),
     }
 }
 

@@ -63,7 +63,7 @@ use crate::routing::Router;
 use crate::storage::{Journal, PartitionLog, RecoveryDamage, Storage, StoreError};
 use crate::timing_wheel::TimingWheel;
 use crate::tombstones::{CountPlan, Tombstones};
-use crate::transactions::{TransactionLog, TxnError, TxnOutcome};
+use crate::transactions::{ProducerEpochs, TransactionLog, TxnError, TxnOutcome};
 use crate::txn_checks::{CheckLimits, CheckSchedule, TxnCheck};
 use crate::writer::{
     BackgroundWriter, DurableWriter, InlineWriter, WriteDone, WriteError, WriteJob, WriteWork,
@@ -486,6 +486,8 @@ pub struct Dispatcher {
     to_move: Vec<u64>,
     /// When to check back on open transactions.
     checks: CheckSchedule,
+    /// Transactional producers' epochs (fencing).
+    epochs: ProducerEpochs,
     /// Checks decided and not yet taken by the owner
     /// ([`Dispatcher::take_txn_checks`]).
     txn_checks: Vec<TxnCheck>,
@@ -590,6 +592,7 @@ impl Dispatcher {
             tracing::info!(?txn_recovery, "transactions recovered");
         }
         let (written_tx, written) = mpsc::channel();
+        let epochs = ProducerEpochs::open(storage.as_ref())?;
         let check_limits = CheckLimits {
             timeout_ms: config.transactions.timeout_ms,
             backoff_max_ms: config.transactions.check_backoff_max_ms,
@@ -628,6 +631,7 @@ impl Dispatcher {
             txn_settled: false,
             txn_flushed_ms: now,
             checks: CheckSchedule::new(check_limits),
+            epochs,
             txn_checks: Vec::new(),
         };
         let entries = payloads

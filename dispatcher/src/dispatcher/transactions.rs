@@ -780,6 +780,20 @@ impl Dispatcher {
         self.wait_written()
     }
 
+    /// Registers a new instance of the transactional producer `producer`
+    /// of `group` (TXN_INIT): its epoch, one more than the last, durable
+    /// before this returns. Requests of an older instance are refused from
+    /// now on ([`check_producer_epoch`](Self::check_producer_epoch)).
+    pub fn txn_init(&mut self, group: &str, producer: &str) -> Result<u32> {
+        Ok(self.epochs.bump(group, producer)?)
+    }
+
+    /// Refuses a request of `producer` of `group` at `epoch` if a newer
+    /// instance registered since.
+    pub fn check_producer_epoch(&self, group: &str, producer: &str, epoch: u32) -> Result<()> {
+        Ok(self.epochs.check(group, producer, epoch)?)
+    }
+
     /// Every unsettled transaction, oldest first.
     pub fn transactions(&self) -> Vec<TransactionInfo> {
         let now = self.now();

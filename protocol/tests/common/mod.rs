@@ -306,6 +306,18 @@ pub fn requests() -> Vec<(Opcode, BoxedStrategy<Request>)> {
                 .boxed(),
         ),
         (
+            Opcode::TxnInit,
+            (short_string(), short_string(), any::<u32>())
+                .prop_map(|(producer_group, producer_id, epoch)| {
+                    Request::TxnInit(TxnInit {
+                        producer_group,
+                        producer_id,
+                        epoch,
+                    })
+                })
+                .boxed(),
+        ),
+        (
             Opcode::TxnListen,
             short_string()
                 .prop_map(|producer_group| Request::TxnListen(TxnListen { producer_group }))
@@ -483,6 +495,12 @@ pub fn responses() -> Vec<(Opcode, BoxedStrategy<Response>)> {
                 .prop_map(|(handle, records)| {
                     Response::TxnProduceOk(TxnProduceOk { handle, records })
                 })
+                .boxed(),
+        ),
+        (
+            Opcode::TxnInitOk,
+            any::<u32>()
+                .prop_map(|epoch| Response::TxnInitOk(TxnInitOk { epoch }))
                 .boxed(),
         ),
         (

@@ -56,6 +56,7 @@ class Opcode(enum.IntEnum):
     TXN_PRODUCE = 0x0013
     TXN_END = 0x0014
     TXN_LISTEN = 0x0015
+    TXN_INIT = 0x0016
     SUBSCRIBE = 0x0020
     UNSUBSCRIBE = 0x0021
     CREDIT = 0x0022
@@ -77,6 +78,7 @@ class Opcode(enum.IntEnum):
     CANCEL_DELAY_OK = 0x8011
     TXN_PRODUCE_OK = 0x8013
     TXN_ENDED = 0x8014
+    TXN_INIT_OK = 0x8016
     SUBSCRIBED = 0x8020
     DELIVERIES = 0x8023
     SEEK_REPORT = 0x8026
@@ -723,6 +725,40 @@ class TxnListen(Body):
 
 
 @dataclass
+class TxnInit(Body):
+    """6.33: register (epoch 0) or resume a transactional producer instance."""
+
+    OPCODE = Opcode.TXN_INIT
+    producer_group: str
+    producer_id: str
+    epoch: int
+
+    def encode(self, out: bytearray) -> None:
+        _w_string(out, self.producer_group)
+        _w_string(out, self.producer_id)
+        out += _U32.pack(self.epoch)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnInit:
+        return cls(r.string(), r.string(), r.u32())
+
+
+@dataclass
+class TxnInitOk(Body):
+    """6.34: the instance's epoch."""
+
+    OPCODE = Opcode.TXN_INIT_OK
+    epoch: int
+
+    def encode(self, out: bytearray) -> None:
+        out += _U32.pack(self.epoch)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnInitOk:
+        return cls(r.u32())
+
+
+@dataclass
 class TxnCheck(Body):
     """6.32 (push): how did this transaction end? Answer with TxnEnd."""
 
@@ -1291,6 +1327,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.TXN_PRODUCE: TxnProduce.decode,
     Opcode.TXN_END: TxnEnd.decode,
     Opcode.TXN_LISTEN: TxnListen.decode,
+    Opcode.TXN_INIT: TxnInit.decode,
     Opcode.DELETE_MESSAGES: DeleteMessages.decode,
     Opcode.SUBSCRIBE: Subscribe.decode,
     Opcode.UNSUBSCRIBE: Unsubscribe.decode,
@@ -1313,6 +1350,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.CANCEL_DELAY_OK: CancelDelayOk.decode,
     Opcode.TXN_PRODUCE_OK: TxnProduceOk.decode,
     Opcode.TXN_ENDED: TxnEnded.decode,
+    Opcode.TXN_INIT_OK: TxnInitOk.decode,
     Opcode.SUBSCRIBED: Subscribed.decode,
     Opcode.DELIVERIES: Deliveries.decode,
     Opcode.SEEK_REPORT: SeekReport.decode,

@@ -69,6 +69,7 @@ _NAMES = {
     24: "UnknownTransaction",
     25: "TransactionConflict",
     26: "TransactionLimit",
+    27: "ProducerFenced",
 }
 
 #: Codes after which the broker closes the connection (section 7, last column).
@@ -217,6 +218,10 @@ class TransactionLimit(BrokerError):
     """Code 26: the transaction is over its size or past its timeout."""
 
 
+class ProducerFenced(BrokerError):
+    """Code 27: a newer instance of this transactional producer registered."""
+
+
 _CLASSES: dict[int, type[BrokerError]] = {
     1: MalformedFrame,
     2: FrameTooLarge,
@@ -244,6 +249,7 @@ _CLASSES: dict[int, type[BrokerError]] = {
     24: UnknownTransaction,
     25: TransactionConflict,
     26: TransactionLimit,
+    27: ProducerFenced,
 }
 
 
