@@ -4,7 +4,7 @@
 //! between the durable steps keeps that.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use dmq_dispatcher::{
     Backoff, DispatchError, Dispatcher, DispatcherConfig, EventKind, GroupConfig, HalfInput,
@@ -12,6 +12,8 @@ use dmq_dispatcher::{
     TxnError, TxnKey, TxnOutcome, TxnProduced,
 };
 use dmq_log_store::{Clock, ManualClock, MessageId, RecordInput};
+
+mod common;
 
 struct World {
     clock: Arc<ManualClock>,
@@ -129,17 +131,11 @@ impl World {
             .enumerate()
             .map(|(i, v)| (i as u32 % 2, RecordInput::new(v.to_string()), 0))
             .collect();
-        let slot = Arc::new(Mutex::new(None));
-        let answer = Arc::clone(&slot);
-        self.dispatcher.txn_produce(
-            key.clone(),
-            handle,
-            topic,
-            records,
-            Box::new(move |result| *answer.lock().unwrap() = Some(result)),
-        );
-        let result = slot.lock().unwrap().take();
-        result.expect("the inline writer answers at once")
+        let answered = common::answered(|reply| {
+            self.dispatcher
+                .txn_produce(key.clone(), handle, topic, records, reply)
+        });
+        answered.expect("the inline writer answers at once")
     }
 
     fn end(
@@ -148,16 +144,9 @@ impl World {
         handle: u64,
         outcome: TxnOutcome,
     ) -> Result<TxnOutcome, DispatchError> {
-        let slot = Arc::new(Mutex::new(None));
-        let answer = Arc::clone(&slot);
-        self.dispatcher.txn_end(
-            key.clone(),
-            handle,
-            outcome,
-            Box::new(move |result| *answer.lock().unwrap() = Some(result)),
-        );
-        let result = slot.lock().unwrap().take();
-        result.expect("the inline writer answers at once")
+        let answered =
+            common::answered(|reply| self.dispatcher.txn_end(key.clone(), handle, outcome, reply));
+        answered.expect("the inline writer answers at once")
     }
 }
 
@@ -292,17 +281,12 @@ fn reserved_headers_and_unknown_topics_store_nothing() {
     ));
     let mut record = RecordInput::new("x");
     record.headers.push(("dmq.txn.group".into(), "g".into()));
-    let slot = Arc::new(Mutex::new(None));
-    let answer = Arc::clone(&slot);
-    w.dispatcher.txn_produce(
-        k.clone(),
-        0,
-        "orders",
-        vec![(0, record, 0)],
-        Box::new(move |r| *answer.lock().unwrap() = Some(r)),
-    );
+    let answered = common::answered(|reply| {
+        w.dispatcher
+            .txn_produce(k.clone(), 0, "orders", vec![(0, record, 0)], reply)
+    });
     assert!(matches!(
-        slot.lock().unwrap().take(),
+        answered,
         Some(Err(DispatchError::InvalidArgument(_)))
     ));
     assert!(w.dispatcher.transactions().is_empty());
@@ -391,16 +375,16 @@ fn a_delayed_record_starts_its_delay_at_the_commit() {
     let now = w.clock.now_ms();
     let mut record = RecordInput::new("pay now");
     record.deliver_at_ms = Some(now + 600_000);
-    let slot = Arc::new(Mutex::new(None));
-    let answer = Arc::clone(&slot);
-    w.dispatcher.txn_produce(
-        k.clone(),
-        0,
-        "orders",
-        vec![(0, record, dmq_dispatcher::transactions::RELATIVE_DELIVER_AT)],
-        Box::new(move |r| *answer.lock().unwrap() = Some(r)),
-    );
-    let handle = slot.lock().unwrap().take().unwrap().unwrap().handle;
+    let answered = common::answered(|reply| {
+        w.dispatcher.txn_produce(
+            k.clone(),
+            0,
+            "orders",
+            vec![(0, record, dmq_dispatcher::transactions::RELATIVE_DELIVER_AT)],
+            reply,
+        )
+    });
+    let handle = answered.unwrap().unwrap().handle;
     // The commit comes 5 minutes later: the message is due 10 minutes
     // after the commit, not after the produce.
     w.clock.advance_ms(300_000);
@@ -471,17 +455,16 @@ fn transactions_left_open_are_checked_back_until_unresolved() {
     )
     .unwrap();
     let begin = |d: &mut Dispatcher, id: &str| {
-        let slot = Arc::new(Mutex::new(None));
-        let answer = Arc::clone(&slot);
-        d.txn_produce(
-            key(id),
-            0,
-            "orders",
-            vec![(0, RecordInput::new(id.to_string()), 0)],
-            Box::new(move |r| *answer.lock().unwrap() = Some(r)),
-        );
-        let handle = slot.lock().unwrap().take().unwrap().unwrap().handle;
-        handle
+        let answered = common::answered(|reply| {
+            d.txn_produce(
+                key(id),
+                0,
+                "orders",
+                vec![(0, RecordInput::new(id.to_string()), 0)],
+                reply,
+            )
+        });
+        answered.unwrap().unwrap().handle
     };
     let quiet = begin(&mut d, "quiet");
     let late = begin(&mut d, "late");
@@ -514,18 +497,9 @@ fn transactions_left_open_are_checked_back_until_unresolved() {
     assert_eq!(second.len(), 2, "{second:?}");
     assert!(second.iter().all(|c| c.checks == 2));
     // A late COMMIT of one: honoured, and no more checks of it.
-    let slot = Arc::new(Mutex::new(None));
-    let answer = Arc::clone(&slot);
-    d.txn_end(
-        key("late"),
-        late,
-        TxnOutcome::Commit,
-        Box::new(move |r| *answer.lock().unwrap() = Some(r)),
-    );
-    assert_eq!(
-        slot.lock().unwrap().take().unwrap().unwrap(),
-        TxnOutcome::Commit
-    );
+    let answered =
+        common::answered(|reply| d.txn_end(key("late"), late, TxnOutcome::Commit, reply));
+    assert_eq!(answered.unwrap().unwrap(), TxnOutcome::Commit);
     // The other: a third check (2 s later), then unresolved.
     let mut sent = Vec::new();
     for _ in 0..20 {
@@ -548,15 +522,9 @@ fn transactions_left_open_are_checked_back_until_unresolved() {
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].handle, again[0].checks), (quiet, 1));
     // Still committable.
-    let slot = Arc::new(Mutex::new(None));
-    let answer = Arc::clone(&slot);
-    d.txn_end(
-        key("quiet"),
-        quiet,
-        TxnOutcome::Rollback,
-        Box::new(move |r| *answer.lock().unwrap() = Some(r)),
-    );
-    assert!(slot.lock().unwrap().take().unwrap().is_ok());
+    let answered =
+        common::answered(|reply| d.txn_end(key("quiet"), quiet, TxnOutcome::Rollback, reply));
+    assert!(answered.unwrap().is_ok());
     for _ in 0..20 {
         clock.advance_ms(1_000);
         d.poll().unwrap();

@@ -28,7 +28,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use dmq_dispatcher::{
     DispatchError, Dispatcher, DispatcherConfig, GroupConfig, MemoryStorage, NullEventSink,
@@ -192,16 +192,11 @@ impl Sim {
                 (partition, RecordInput::new(format!("r{}", self.next_id)), 0)
             })
             .collect();
-        let slot = Arc::new(Mutex::new(None));
-        let answer = Arc::clone(&slot);
-        self.d().txn_produce(
-            key.clone(),
-            handle,
-            topic,
-            records,
-            Box::new(move |r| *answer.lock().unwrap() = Some(r)),
-        );
-        let result = slot.lock().unwrap().take();
+        let answered = common::answered(|reply| {
+            self.d()
+                .txn_produce(key.clone(), handle, topic, records, reply)
+        });
+        let result = answered;
         let result = result.unwrap_or_else(|| self.fail("txn_produce did not answer".into()));
         result.map(|p| (p.handle, p.records.into_iter().map(|r| r.id).collect()))
     }
@@ -212,16 +207,9 @@ impl Sim {
         handle: u64,
         outcome: TxnOutcome,
     ) -> Result<TxnOutcome, DispatchError> {
-        let slot = Arc::new(Mutex::new(None));
-        let answer = Arc::clone(&slot);
-        self.d().txn_end(
-            key.clone(),
-            handle,
-            outcome,
-            Box::new(move |r| *answer.lock().unwrap() = Some(r)),
-        );
-        let result = slot.lock().unwrap().take();
-        result.unwrap_or_else(|| self.fail("txn_end did not answer".into()))
+        let answered =
+            common::answered(|reply| self.d().txn_end(key.clone(), handle, outcome, reply));
+        answered.unwrap_or_else(|| self.fail("txn_end did not answer".into()))
     }
 
     fn step(&mut self) {

@@ -48,7 +48,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{mpsc, Arc};
 
 use bytes::Bytes;
-use dmq_log_store::{BatchInput, Clock, MessageId, Record, RecordInput};
+use dmq_log_store::{AppendInfo, BatchInput, Clock, MessageId, Record, RecordInput};
 use serde::{Deserialize, Serialize};
 
 use crate::ack_bitmap::AckBitmap;

@@ -142,12 +142,9 @@ impl Dispatcher {
             Ok((pending, records)) => {
                 let log = self.delays.timer_log();
                 let info = pending.append_info().clone();
-                self.submit_write(
+                self.submit_wait(
                     log,
-                    WriteWork::Wait(info),
-                    false,
-                    // A wait has no order of its own to protect.
-                    true,
+                    info,
                     InFlightWrite::Schedule(Scheduling {
                         topic: topic.to_string(),
                         records,

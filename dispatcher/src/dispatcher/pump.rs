@@ -299,6 +299,19 @@ impl Dispatcher {
         });
     }
 
+    /// Hands the durability wait of an append the dispatcher made itself
+    /// (`append_deferred`, in call order) to the writer. A wait has no
+    /// order of its own to protect, so it is never held behind a failed
+    /// append of its log.
+    pub(super) fn submit_wait(
+        &mut self,
+        log: Arc<dyn PartitionLog>,
+        info: AppendInfo,
+        what: InFlightWrite,
+    ) {
+        self.submit_write(log, WriteWork::Wait(info), false, true, what);
+    }
+
     /// Fired messages with the writer now.
     pub(super) fn firing_messages(&self) -> usize {
         self.writes

@@ -210,12 +210,9 @@ impl Dispatcher {
             })
             .collect();
         let log = self.txns.log();
-        self.submit_write(
+        self.submit_wait(
             log,
-            WriteWork::Wait(info),
-            false,
-            // A wait has no order of its own to protect.
-            true,
+            info,
             InFlightWrite::Half(HalfWrite {
                 handle,
                 records: produced,
@@ -294,30 +291,24 @@ impl Dispatcher {
         let Some(outcome) = self.endings.get(&handle).map(|e| e.outcome) else {
             return;
         };
-        if outcome == TxnOutcome::Commit && self.txns.get(handle).is_some_and(|t| t.failed) {
-            let key = self.txns.get(handle).map(|t| t.key.clone());
-            self.answer_end(
-                handle,
-                Err(conflict(
-                    &key.unwrap_or_else(|| TxnKey {
-                        group: String::new(),
-                        id: String::new(),
-                    }),
-                    "a produce of it failed, so it may only roll back".into(),
-                )),
+        // A half append that failed while this COMMIT waited for it.
+        let failed_key = self
+            .txns
+            .get(handle)
+            .filter(|t| t.failed && outcome == TxnOutcome::Commit)
+            .map(|t| t.key.clone());
+        if let Some(key) = failed_key {
+            let refusal = conflict(
+                &key,
+                "a produce of it failed, so it may only roll back".into(),
             );
+            self.answer_end(handle, Err(refusal));
             return;
         }
         match self.txns.append_outcome(handle, outcome) {
             Ok(info) => {
                 let log = self.txns.log();
-                self.submit_write(
-                    log,
-                    WriteWork::Wait(info),
-                    false,
-                    true,
-                    InFlightWrite::Outcome { handle, outcome },
-                );
+                self.submit_wait(log, info, InFlightWrite::Outcome { handle, outcome });
             }
             Err(error) => self.answer_end(handle, Err(error.into())),
         }
@@ -531,11 +522,9 @@ impl Dispatcher {
                     Ok((pending, shape)) => {
                         let info = pending.append_info().clone();
                         let log = self.delays.timer_log();
-                        self.submit_write(
+                        self.submit_wait(
                             log,
-                            WriteWork::Wait(info),
-                            false,
-                            true,
+                            info,
                             InFlightWrite::Commit(CommitMove::Schedule {
                                 owners,
                                 scheduling: Scheduling {

@@ -41,3 +41,15 @@ impl Rng {
         }
     }
 }
+
+/// What a dispatcher call answers through its reply closure (with the
+/// inline writer, within the call); `None` if it did not answer.
+pub fn answered<T: Send + 'static>(call: impl FnOnce(Box<dyn FnOnce(T) + Send>)) -> Option<T> {
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let answer = std::sync::Arc::clone(&slot);
+    call(Box::new(move |value| {
+        *answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    }));
+    let value = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    value
+}
