@@ -7,10 +7,13 @@
 //! - **Timer log**: the internal partition `__dmq_delay/0` (a real commit log
 //!   under [`crate::storage::FileStorage`]). [`DelayStore::schedule`] appends
 //!   the whole call's messages as one batch (group commit). Each record is the
-//!   caller's record plus two headers appended at the end:
+//!   caller's record plus two or three headers appended at the end:
 //!   - `dmq.delay.topic`: the destination topic, UTF-8 bytes;
 //!   - `dmq.delay.partition`: the destination partition, `u32` little-endian
-//!     (4 bytes).
+//!     (4 bytes);
+//!   - `dmq.delay.caller-id` (empty), when the id came from the caller (a
+//!     message moved in with its id). Records written before this header
+//!     existed are told by their id's time, which is not the record's.
 //!
 //!   `deliver_at_ms` holds the due time (`None` on input means "now"). The id
 //!   that append assigns (or the caller's id, for a message moved in with one)
@@ -159,6 +162,10 @@ pub const TIMER_TOPIC: &str = "__dmq_delay";
 pub const TOPIC_HEADER: &str = "dmq.delay.topic";
 /// Header naming the destination partition (`u32` LE) in the timer log.
 pub const PARTITION_HEADER: &str = "dmq.delay.partition";
+/// Header (empty value) marking a timer-log record whose id came from the
+/// caller (a message moved in with its id), so that re-indexing knows it
+/// without guessing from the id's time.
+pub const CALLER_ID_HEADER: &str = "dmq.delay.caller-id";
 /// Prefix of the bucket journals.
 pub const BUCKET_PREFIX: &str = "delay.bucket.";
 /// Name of the meta journal.
@@ -845,7 +852,9 @@ fn destination(record: &Record) -> Option<(String, u32)> {
 }
 
 fn is_delay_header(name: &[u8]) -> bool {
-    name == TOPIC_HEADER.as_bytes() || name == PARTITION_HEADER.as_bytes()
+    name == TOPIC_HEADER.as_bytes()
+        || name == PARTITION_HEADER.as_bytes()
+        || name == CALLER_ID_HEADER.as_bytes()
 }
 
 impl DelayStore {
@@ -935,10 +944,17 @@ impl DelayStore {
                 };
                 let dest = store.destinations.intern(&topic, partition);
                 let due_ms = record.deliver_at_ms.unwrap_or(record.timestamp_ms);
-                let flags = if record.id.timestamp_ms() == record.timestamp_ms {
-                    0
-                } else {
+                // Records written before the caller-id header: an id whose
+                // time is not the record's came from the caller (one that
+                // happens to share the millisecond is taken for the log's).
+                let marked = record
+                    .headers
+                    .iter()
+                    .any(|(name, _)| name.as_ref() == CALLER_ID_HEADER.as_bytes());
+                let flags = if marked || record.id.timestamp_ms() != record.timestamp_ms {
                     FLAG_FOREIGN_ID
+                } else {
+                    0
                 };
                 reindexed
                     .entry(store.bucket_start(due_ms))
@@ -1105,7 +1121,7 @@ impl DelayStore {
             }
             if record.headers.iter().any(|(name, _)| is_delay_header(name)) {
                 return Err(DelayError::InvalidInput(format!(
-                    "headers {TOPIC_HEADER} and {PARTITION_HEADER} are reserved"
+                    "headers {TOPIC_HEADER}, {PARTITION_HEADER} and {CALLER_ID_HEADER} are reserved"
                 )));
             }
             let due_ms = record.deliver_at_ms.unwrap_or(now_ms);
@@ -1119,6 +1135,12 @@ impl DelayStore {
                 Bytes::from_static(PARTITION_HEADER.as_bytes()),
                 Bytes::copy_from_slice(&partition.to_le_bytes()),
             ));
+            if record.id.is_some() {
+                record.headers.push((
+                    Bytes::from_static(CALLER_ID_HEADER.as_bytes()),
+                    Bytes::new(),
+                ));
+            }
             dues.push((due_ms, record.id.is_some(), dest));
             records.push(record);
         }
@@ -1405,8 +1427,9 @@ impl DelayStore {
 
     /// True if a delay scheduled with the caller's id `id` (a message
     /// moved in, such as a committed transaction's) is pending or being
-    /// fired. A caller id that happens to carry the timer-log append's own
-    /// millisecond is not told from a timer-log id and reads false.
+    /// fired. (After a restart, a record written before the
+    /// `dmq.delay.caller-id` header existed whose id carries the append's
+    /// own millisecond is taken for a timer-log id and reads false.)
     pub fn holds_caller_id(&self, id: &MessageId) -> bool {
         self.foreign.contains_key(id) || self.inflight.contains_key(id)
     }
@@ -2231,6 +2254,43 @@ mod tests {
         assert_eq!((recovery.watermark, recovery.reindexed_records), (24, 8));
         let fired = drain(&mut store, 1_000_000);
         assert_eq!(fired.iter().map(|(due, _)| *due).collect::<Vec<_>>(), dues);
+    }
+
+    /// Regression: re-indexing told a caller's id by its time differing
+    /// from the record's, so a caller id minted in the same millisecond as
+    /// the timer-log append (a transaction committed in the millisecond it
+    /// was produced) was taken for the log's own, and after a crash the
+    /// store no longer knew it held it (a committed transaction's delayed
+    /// record would be scheduled a second time).
+    #[test]
+    fn a_caller_id_of_the_appends_own_millisecond_is_known_after_a_crash() {
+        let fixture = Fixture::new(5_000);
+        let (mut store, _) = fixture.open(config());
+        let id = MessageId::new(fixture.now(), 42);
+        let mut record = delayed("moved", 60_000);
+        record.id = Some(id);
+        store
+            .schedule(vec![("orders".to_string(), 0, record)], fixture.now())
+            .unwrap();
+        assert!(store.holds_caller_id(&id));
+        // A crash before any flush: the entry comes back from the timer log.
+        drop(store);
+        let (mut store, recovery) = fixture.open(config());
+        assert_eq!(recovery.reindexed_records, 1);
+        assert!(store.holds_caller_id(&id));
+        assert!(store.cancel(&id).unwrap(), "found by its caller id");
+        // The header never reaches the destination.
+        let mut record = delayed("again", 6_000);
+        record.id = Some(MessageId::new(fixture.now(), 43));
+        store
+            .schedule(vec![("orders".to_string(), 0, record)], fixture.now())
+            .unwrap();
+        let due = store.poll_due(6_000, 10).unwrap();
+        assert!(due[0]
+            .record
+            .headers
+            .iter()
+            .all(|(name, _)| !name.starts_with(b"dmq.delay.")));
     }
 
     #[test]
