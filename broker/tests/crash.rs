@@ -25,17 +25,6 @@ fn start(data_dir: &std::path::Path, addr: SocketAddr) -> Child {
     spawn_dmqd(data_dir, addr, None)
 }
 
-async fn connect(addr: SocketAddr) -> Connection {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Connection::hello(addr).await;
-        }
-        assert!(Instant::now() < deadline, "dmqd did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn subscribe() -> Request {
     Request::Subscribe(dmq_protocol::Subscribe {
         topic: "crash".into(),
@@ -64,8 +53,8 @@ struct Ledger {
 
 /// Produces and consumes until `until`, recording everything confirmed.
 async fn run_cycle(addr: SocketAddr, ledger: &mut Ledger, until: Instant, cycle: u64) {
-    let mut producer = connect(addr).await;
-    let mut consumer = connect(addr).await;
+    let mut producer = Connection::hello_when_up(addr).await;
+    let mut consumer = Connection::hello_when_up(addr).await;
     let Response::Subscribed(subscription) = consumer.request(subscribe()).await else {
         panic!("subscribe failed")
     };
@@ -110,14 +99,13 @@ async fn run_cycle(addr: SocketAddr, ledger: &mut Ledger, until: Instant, cycle:
                             .push((delivery.message_id, Instant::now()));
                     }
                     ledger.delivered.insert(delivery.message_id);
-                    let ack = Request::Ack(dmq_protocol::Ack {
-                        subscription_id: subscription.subscription_id,
-                        messages: vec![dmq_protocol::MessagePosition {
-                            partition: delivery.partition,
-                            offset: delivery.offset,
-                        }],
-                    });
-                    let ack_id = consumer.send(ack).await;
+                    let ack_id = consumer
+                        .send_ack(
+                            subscription.subscription_id,
+                            delivery.partition,
+                            delivery.offset,
+                        )
+                        .await;
                     pending_acks.insert(ack_id, delivery.message_id);
                 }
                 Body::Response(Response::Ok) => {
@@ -145,7 +133,7 @@ async fn acknowledged_produces_survive_sigkill_and_acks_stay_acked() {
         let addr = free_port();
         let mut child = start(dir.path(), addr);
         if cycle == 0 {
-            let mut admin = connect(addr).await;
+            let mut admin = Connection::hello_when_up(addr).await;
             let created = admin
                 .request(Request::CreateTopic(dmq_protocol::CreateTopic {
                     name: "crash".into(),
@@ -167,7 +155,7 @@ async fn acknowledged_produces_survive_sigkill_and_acks_stay_acked() {
     // Final run: drain everything.
     let addr = free_port();
     let mut child = start(dir.path(), addr);
-    let mut consumer = connect(addr).await;
+    let mut consumer = Connection::hello_when_up(addr).await;
     let Response::Subscribed(subscription) = consumer.request(subscribe()).await else {
         panic!("subscribe failed")
     };
@@ -185,13 +173,11 @@ async fn acknowledged_produces_survive_sigkill_and_acks_stay_acked() {
             assert_eq!(value, &delivery.value, "a delivered message changed");
         }
         consumer
-            .send(Request::Ack(dmq_protocol::Ack {
-                subscription_id: subscription.subscription_id,
-                messages: vec![dmq_protocol::MessagePosition {
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                }],
-            }))
+            .send_ack(
+                subscription.subscription_id,
+                delivery.partition,
+                delivery.offset,
+            )
             .await;
     }
     child.kill().unwrap();
@@ -242,7 +228,7 @@ async fn sigterm_shuts_down_gracefully_and_keeps_every_ack() {
     let dir = tempfile::tempdir().unwrap();
     let addr = free_port();
     let mut child = start(dir.path(), addr);
-    let mut admin = connect(addr).await;
+    let mut admin = Connection::hello_when_up(addr).await;
     admin
         .request(Request::CreateTopic(dmq_protocol::CreateTopic {
             name: "crash".into(),
@@ -265,7 +251,7 @@ async fn sigterm_shuts_down_gracefully_and_keeps_every_ack() {
         }))
         .await;
     assert!(matches!(produced, Response::ProduceOk(_)));
-    let mut consumer = connect(addr).await;
+    let mut consumer = Connection::hello_when_up(addr).await;
     let Response::Subscribed(subscription) = consumer.request(subscribe()).await else {
         panic!("subscribe failed")
     };
@@ -296,7 +282,7 @@ async fn sigterm_shuts_down_gracefully_and_keeps_every_ack() {
     assert!(exit.success(), "dmqd exited with {exit:?}");
     let addr = free_port();
     let mut child = start(dir.path(), addr);
-    let mut consumer = connect(addr).await;
+    let mut consumer = Connection::hello_when_up(addr).await;
     consumer.request(subscribe()).await;
     let redelivered = consumer.frame_within(Duration::from_secs(1)).await;
     assert!(
@@ -326,7 +312,7 @@ async fn an_idempotent_retry_after_a_crash_gets_its_original_offsets() {
     };
     let addr = free_port();
     let mut child = start(dir.path(), addr);
-    let mut connection = connect(addr).await;
+    let mut connection = Connection::hello_when_up(addr).await;
     connection
         .request(Request::CreateTopic(dmq_protocol::CreateTopic {
             name: "crash".into(),
@@ -340,7 +326,7 @@ async fn an_idempotent_retry_after_a_crash_gets_its_original_offsets() {
     child.wait().unwrap();
     let addr = free_port();
     let mut child = start(dir.path(), addr);
-    let mut connection = connect(addr).await;
+    let mut connection = Connection::hello_when_up(addr).await;
     assert_eq!(
         connection.request(produce(2)).await,
         second,
@@ -373,7 +359,7 @@ async fn delays_fired_when_killed_are_in_their_topic_once_after_restart() {
     for (cycle, kill_after_due_ms) in [-200i64, 0, 40, 150].into_iter().enumerate() {
         let addr = free_port();
         let mut child = start(dir.path(), addr);
-        let mut producer = connect(addr).await;
+        let mut producer = Connection::hello_when_up(addr).await;
         if cycle == 0 {
             producer
                 .request(Request::CreateTopic(dmq_protocol::CreateTopic {
@@ -424,7 +410,7 @@ async fn delays_fired_when_killed_are_in_their_topic_once_after_restart() {
     // from its start.
     let addr = free_port();
     let mut child = start(dir.path(), addr);
-    let mut consumer = connect(addr).await;
+    let mut consumer = Connection::hello_when_up(addr).await;
     let Response::Subscribed(subscription) = consumer
         .request(Request::Subscribe(dmq_protocol::Subscribe {
             topic: "burst".into(),
@@ -455,13 +441,11 @@ async fn delays_fired_when_killed_are_in_their_topic_once_after_restart() {
         if let Body::Push(Push::Deliver(delivery)) = frame.body {
             *seen.entry(delivery.message_id).or_default() += 1;
             consumer
-                .send(Request::Ack(dmq_protocol::Ack {
-                    subscription_id: subscription.subscription_id,
-                    messages: vec![dmq_protocol::MessagePosition {
-                        partition: delivery.partition,
-                        offset: delivery.offset,
-                    }],
-                }))
+                .send_ack(
+                    subscription.subscription_id,
+                    delivery.partition,
+                    delivery.offset,
+                )
                 .await;
         }
     }

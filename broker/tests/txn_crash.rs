@@ -61,17 +61,6 @@ impl Rng {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Connection {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Connection::hello(addr).await;
-        }
-        assert!(Instant::now() < deadline, "dmqd did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Sends `request` and waits for its answer; `None` if the broker died.
 async fn ask(connection: &mut Connection, request: Request) -> Option<Response> {
     let id = connection.send(request).await;
@@ -112,7 +101,7 @@ fn end(id: &str, handle: u64, outcome: TxnOutcome) -> Request {
 
 /// One cycle's client: works on transactions until the broker dies.
 async fn run_cycle(addr: SocketAddr, txns: &mut Vec<Txn>, rng: &mut Rng, cycle: u64) {
-    let mut connection = connect(addr).await;
+    let mut connection = Connection::hello_when_up(addr).await;
     let mut counter = 0usize;
     loop {
         counter += 1;
@@ -211,7 +200,7 @@ async fn transactions_stay_atomic_across_sigkill() {
         let addr = free_port();
         let mut child = spawn_dmqd(dir.path(), addr, None);
         if cycle == 0 {
-            let mut admin = connect(addr).await;
+            let mut admin = Connection::hello_when_up(addr).await;
             let created = admin
                 .request(Request::CreateTopic(dmq_protocol::CreateTopic {
                     name: TOPIC.into(),
@@ -223,7 +212,7 @@ async fn transactions_stay_atomic_across_sigkill() {
         }
         // The kill comes a random time after the broker is up (recovery
         // may take longer than the run).
-        drop(connect(addr).await);
+        drop(Connection::hello_when_up(addr).await);
         let run_for = Duration::from_millis(50 + rng.below(400));
         let kill_at = Instant::now() + run_for;
         let killer = tokio::spawn(async move {
@@ -238,7 +227,7 @@ async fn transactions_stay_atomic_across_sigkill() {
     // Final run: a new group reads everything.
     let addr = free_port();
     let mut child = spawn_dmqd(dir.path(), addr, None);
-    let mut consumer = connect(addr).await;
+    let mut consumer = Connection::hello_when_up(addr).await;
     let Response::Subscribed(subscription) = consumer
         .request(Request::Subscribe(dmq_protocol::Subscribe {
             topic: TOPIC.into(),
@@ -264,13 +253,11 @@ async fn transactions_stay_atomic_across_sigkill() {
             *delivered_txns.entry(txn).or_default() += 1;
         }
         consumer
-            .send(Request::Ack(dmq_protocol::Ack {
-                subscription_id: subscription.subscription_id,
-                messages: vec![dmq_protocol::MessagePosition {
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                }],
-            }))
+            .send_ack(
+                subscription.subscription_id,
+                delivery.partition,
+                delivery.offset,
+            )
             .await;
     }
     let Response::TopicDescription(topic) = consumer

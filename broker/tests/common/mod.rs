@@ -62,6 +62,29 @@ impl Connection {
         (connection, response)
     }
 
+    /// HELLO to a broker that may still be starting (a `dmqd` just
+    /// spawned): waits up to 20 s for its port.
+    pub async fn hello_when_up(addr: SocketAddr) -> Connection {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Connection::hello(addr).await;
+            }
+            assert!(std::time::Instant::now() < deadline, "dmqd did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends ACK of one message of `subscription_id` without waiting for
+    /// the answer; returns its correlation id.
+    pub async fn send_ack(&mut self, subscription_id: u64, partition: u32, offset: u64) -> u32 {
+        self.send(Request::Ack(dmq_protocol::Ack {
+            subscription_id,
+            messages: vec![dmq_protocol::MessagePosition { partition, offset }],
+        }))
+        .await
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }
