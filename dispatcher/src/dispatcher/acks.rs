@@ -263,14 +263,9 @@ impl Dispatcher {
             if records.is_empty() {
                 continue;
             }
-            // Under a lazy policy the copies are flushed before the acks,
-            // which may become durable first: the copies must not be what
-            // a crash loses.
-            let flush = log.durable_on_append();
-            self.submit_write(
+            self.submit_copies(
                 log,
-                WriteWork::Append(BatchInput::new(records)),
-                flush,
+                records,
                 // Dead letters keep no order of their own to protect: a
                 // failed move is retried on its own timer.
                 true,

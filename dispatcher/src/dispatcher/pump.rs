@@ -312,6 +312,31 @@ impl Dispatcher {
         self.submit_write(log, WriteWork::Wait(info), false, true, what);
     }
 
+    /// Hands records that are durable elsewhere (fired delays from the
+    /// timer log, dead-letter copies, a committed transaction's records
+    /// from the half log) to the writer for `log`. Under a lazy fsync
+    /// policy the copy is flushed before its outcome is recorded: what
+    /// depends on it (a fired mark, an ack, a settled transaction whose half
+    /// records may then be deleted) may become durable at once, and a
+    /// record durable elsewhere must not become a copy a power loss can
+    /// take back.
+    pub(super) fn submit_copies(
+        &mut self,
+        log: Arc<dyn PartitionLog>,
+        records: Vec<RecordInput>,
+        retry: bool,
+        what: InFlightWrite,
+    ) {
+        let flush = log.durable_on_append();
+        self.submit_write(
+            log,
+            WriteWork::Append(BatchInput::new(records)),
+            flush,
+            retry,
+            what,
+        );
+    }
+
     /// Fired messages with the writer now.
     pub(super) fn firing_messages(&self) -> usize {
         self.writes
@@ -370,15 +395,9 @@ impl Dispatcher {
                     due_ms: message.due_ms,
                 });
             }
-            // A log with a lazy fsync policy is flushed before the fired
-            // marks are recorded: they may become durable at once, and a
-            // message durable in the timer log must not become a copy a
-            // power loss can take back.
-            let flush = log.durable_on_append();
-            self.submit_write(
+            self.submit_copies(
                 log,
-                WriteWork::Append(BatchInput::new(records)),
-                flush,
+                records,
                 retry,
                 InFlightWrite::Fire(FiringBatch {
                     topic,

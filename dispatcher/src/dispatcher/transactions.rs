@@ -552,14 +552,9 @@ impl Dispatcher {
                 else {
                     continue;
                 };
-                // As for fired delays: under a lazy policy the copy is
-                // flushed before the transaction may settle and its half
-                // records be deleted.
-                let flush = log.durable_on_append();
-                self.submit_write(
+                self.submit_copies(
                     log,
-                    WriteWork::Append(BatchInput::new(records)),
-                    flush,
+                    records,
                     recheck,
                     InFlightWrite::Commit(CommitMove::Append {
                         topic,
