@@ -121,10 +121,7 @@ async fn run_cycle(addr: SocketAddr, ledger: &mut Ledger, until: Instant, cycle:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_produces_survive_sigkill_and_acks_stay_acked() {
-    let cycles: u64 = std::env::var("DMQ_BROKER_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let cycles = common::env_count("DMQ_BROKER_CRASH_CYCLES", 20);
     let dir = tempfile::tempdir().unwrap();
     let mut ledger = Ledger::default();
     let mut kills = Vec::new();

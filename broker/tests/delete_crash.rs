@@ -49,10 +49,7 @@ fn matched(api: &Api, range: u64) -> u64 {
 
 #[test]
 fn a_range_deletion_killed_midway_is_whole_or_absent() {
-    let cycles: u64 = std::env::var("DMQ_DELETE_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+    let cycles = common::env_count("DMQ_DELETE_CRASH_CYCLES", 12);
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (addr, admin) = (free_port(), free_port());

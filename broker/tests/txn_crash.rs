@@ -189,10 +189,7 @@ async fn run_cycle(addr: SocketAddr, txns: &mut Vec<Txn>, rng: &mut Rng, cycle: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_stay_atomic_across_sigkill() {
-    let cycles: u64 = std::env::var("DMQ_TXN_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let cycles = common::env_count("DMQ_TXN_CRASH_CYCLES", 20);
     let dir = tempfile::tempdir().unwrap();
     let mut txns: Vec<Txn> = Vec::new();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);

@@ -467,3 +467,11 @@ impl Drop for TmpfsMount {
             .status();
     }
 }
+
+/// A count from the environment (a campaign run by hand), or `default`.
+pub fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
