@@ -20,6 +20,12 @@
 //!     given as a delay; bit 1, the expire-at time as a TTL: both are moved
 //!     by the time between the produce and the commit, so that a delay
 //!     starts at the commit);
+//!   - an *ack record* (TXN_ACK): `dmq.txn.group`, `dmq.txn.id`,
+//!     `dmq.txn.handle`, `dmq.txn.topic` (the consumed topic),
+//!     `dmq.txn.ack-group` (the consumer group, UTF-8) and, for a member of
+//!     a broadcast group, `dmq.txn.ack-member`; its value is the acked
+//!     messages, `count × (u32 partition, u64 offset)` LE. Applied to the
+//!     group when the transaction commits;
 //!   - an *outcome record*: an empty value and `dmq.txn.group`,
 //!     `dmq.txn.id`, `dmq.txn.handle` and `dmq.txn.outcome` (`u8`: 1
 //!     commit, 2 rollback).
@@ -90,6 +96,10 @@ pub const PARTITION_HEADER: &str = "dmq.txn.partition";
 /// A half record's relative times, `u8` flags ([`RELATIVE_DELIVER_AT`],
 /// [`RELATIVE_EXPIRE_AT`]).
 pub const TIMES_HEADER: &str = "dmq.txn.times";
+/// An ack record's consumer group.
+pub const ACK_GROUP_HEADER: &str = "dmq.txn.ack-group";
+/// An ack record's broadcast member (absent for a clustering group).
+pub const ACK_MEMBER_HEADER: &str = "dmq.txn.ack-member";
 /// An outcome record's outcome, `u8`: 1 commit, 2 rollback.
 pub const OUTCOME_HEADER: &str = "dmq.txn.outcome";
 /// The meta journal.
@@ -306,9 +316,12 @@ pub struct Transaction {
     pub records: Vec<HalfRef>,
     /// The (topic, partition) destinations its records name.
     pub destinations: Vec<(Arc<str>, u32)>,
-    /// Bytes of its records (keys, headers, values).
+    /// Messages it acks for their consumer groups (TXN_ACK), one entry
+    /// per request, applied at its commit.
+    pub acks: Vec<TxnAcks>,
+    /// Bytes of its records (keys, headers, values) and acks.
     pub bytes: u64,
-    /// Half appends not yet durable.
+    /// Half and ack appends not yet durable.
     pub writing: u32,
     /// A half append failed: it may or may not be stored, so the
     /// transaction can only roll back.
@@ -356,6 +369,7 @@ impl Transaction {
             stage: TxnStage::Open,
             records: Vec::new(),
             destinations: Vec::new(),
+            acks: Vec::new(),
             bytes: 0,
             writing: 0,
             failed: false,
@@ -389,6 +403,37 @@ impl Transaction {
         let (topic, partition) = &self.destinations[record.destination as usize];
         (topic, *partition)
     }
+
+    /// Records and acked messages: what the `max_records` cap counts.
+    pub fn entries(&self) -> usize {
+        self.records.len() + self.acked_messages()
+    }
+
+    /// Messages it acks.
+    pub fn acked_messages(&self) -> usize {
+        self.acks.iter().map(|a| a.positions.len()).sum()
+    }
+}
+
+/// The delivery state a transactional ack is for: a consumer group of a
+/// topic, or one member of a broadcast group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AckTarget {
+    /// The consumed topic.
+    pub topic: Arc<str>,
+    /// The consumer group.
+    pub group: Arc<str>,
+    /// The member, for a broadcast group (each member has its own state).
+    pub member: Option<String>,
+}
+
+/// The messages one TXN_ACK acks for one delivery state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnAcks {
+    /// Whose messages.
+    pub target: AckTarget,
+    /// (partition, offset) of each.
+    pub positions: Vec<(u32, u64)>,
 }
 
 /// A half record to store: its destination and relative times.
@@ -527,26 +572,32 @@ impl TransactionLog {
         if parsed.handle <= self.watermark {
             return true;
         }
+        if !matches!(parsed.kind, Kind::Outcome(_)) {
+            if let Some(&handle) = self.by_key.get(&parsed.key) {
+                if handle != parsed.handle {
+                    tracing::warn!(
+                        key = %parsed.key,
+                        open = handle,
+                        found = parsed.handle,
+                        "record of a second open transaction with one id: the later one wins"
+                    );
+                    self.txns.remove(&handle);
+                }
+            }
+            self.by_key.insert(parsed.key.clone(), parsed.handle);
+        }
+        let opened_ms = record.timestamp_ms;
         match parsed.kind {
             Kind::Half { topic, partition } => {
                 let bytes = record_bytes(&record);
-                if let Some(&handle) = self.by_key.get(&parsed.key) {
-                    if handle != parsed.handle {
-                        tracing::warn!(
-                            key = %parsed.key,
-                            open = handle,
-                            found = parsed.handle,
-                            "half record of a second open transaction with one id: the later one wins"
-                        );
-                        self.txns.remove(&handle);
-                    }
-                }
-                let txn = self.txns.entry(parsed.handle).or_insert_with(|| {
-                    Transaction::new(parsed.key.clone(), parsed.handle, record.timestamp_ms)
-                });
+                let txn = self.replayed(&parsed.key, parsed.handle, opened_ms);
                 txn.add(record.offset, record.id, &topic, partition);
                 txn.bytes += bytes;
-                self.by_key.insert(parsed.key, parsed.handle);
+            }
+            Kind::Acks(acks) => {
+                let txn = self.replayed(&parsed.key, parsed.handle, opened_ms);
+                txn.bytes += ack_bytes(acks.positions.len());
+                txn.acks.push(acks);
             }
             Kind::Outcome(outcome) => {
                 let known = self
@@ -563,6 +614,13 @@ impl TransactionLog {
             }
         }
         true
+    }
+
+    /// The transaction a replayed record of `handle` belongs to.
+    fn replayed(&mut self, key: &TxnKey, handle: u64, opened_ms: i64) -> &mut Transaction {
+        self.txns
+            .entry(handle)
+            .or_insert_with(|| Transaction::new(key.clone(), handle, opened_ms))
     }
 
     /// The half log (the durable writer waits on it).
@@ -619,58 +677,7 @@ impl TransactionLog {
         now_ms: i64,
     ) -> Result<(u64, AppendInfo)> {
         let bytes: u64 = records.iter().map(|h| input_bytes(&h.record)).sum();
-        let handle = match (handle, self.by_key.get(key)) {
-            (0, Some(_)) => {
-                return Err(conflict(key, "a transaction with this id is still open"));
-            }
-            (0, None) => {
-                if records.len() > self.limits.max_records || bytes > self.limits.max_bytes {
-                    return Err(self.too_large(key, records.len(), bytes));
-                }
-                self.appended_end + 1
-            }
-            (given, Some(&open)) if given == open => {
-                let Some(txn) = self.txns.get(&open) else {
-                    return Err(TxnError::Unknown(key.to_string()));
-                };
-                match txn.stage {
-                    TxnStage::Open => {}
-                    TxnStage::Ending(outcome) => {
-                        return Err(conflict(key, &format!("it is ending ({})", outcome.name())))
-                    }
-                    TxnStage::Committed => return Err(conflict(key, "it committed")),
-                }
-                if txn.failed {
-                    return Err(conflict(
-                        key,
-                        "an earlier produce of it failed: roll it back",
-                    ));
-                }
-                let age = now_ms.saturating_sub(txn.opened_ms);
-                if age > self.limits.timeout_ms as i64 {
-                    return Err(TxnError::Limit {
-                        key: key.to_string(),
-                        reason: format!(
-                            "open for {age} ms, past the {} ms timeout: it takes no more records",
-                            self.limits.timeout_ms
-                        ),
-                    });
-                }
-                let count = txn.records.len() + records.len();
-                if count > self.limits.max_records || txn.bytes + bytes > self.limits.max_bytes {
-                    return Err(self.too_large(key, count, txn.bytes + bytes));
-                }
-                open
-            }
-            (given, _) => {
-                return Err(match self.settled.get(key) {
-                    Some((h, outcome)) if *h == given => {
-                        conflict(key, &format!("it ended ({})", outcome.name()))
-                    }
-                    _ => TxnError::Unknown(format!("{key} (handle {given})")),
-                })
-            }
-        };
+        let handle = self.admit(key, handle, records.len(), bytes, now_ms)?;
         let destinations: Vec<(String, u32)> = records
             .iter()
             .map(|h| (h.topic.clone(), h.partition))
@@ -729,6 +736,94 @@ impl TransactionLog {
         txn.writing += 1;
         self.by_key.insert(key.clone(), handle);
         Ok((handle, info))
+    }
+
+    /// Appends an ack record to the transaction `key` (`handle` as in
+    /// [`append_half`](Self::append_half)): `positions` of `target` are
+    /// acked when it commits. The caller checked that they are delivered
+    /// and unacked, waits for the returned append, then calls
+    /// [`half_written`](Self::half_written).
+    pub fn append_acks(
+        &mut self,
+        key: &TxnKey,
+        handle: u64,
+        acks: TxnAcks,
+        now_ms: i64,
+    ) -> Result<(u64, AppendInfo)> {
+        let bytes = ack_bytes(acks.positions.len());
+        let handle = self.admit(key, handle, acks.positions.len(), bytes, now_ms)?;
+        let info = self.append(vec![encode_acks(key, handle, &acks)])?;
+        let txn = self.txns.entry(handle).or_insert_with(|| {
+            let mut txn = Transaction::new(key.clone(), handle, info.timestamp_ms);
+            txn.cache = Some(Vec::new());
+            txn
+        });
+        txn.acks.push(acks);
+        txn.bytes += bytes;
+        txn.writing += 1;
+        self.by_key.insert(key.clone(), handle);
+        Ok((handle, info))
+    }
+
+    /// The handle a request adding `count` entries of `bytes` to the
+    /// transaction `key` goes to: a new one for `handle` 0, else `handle`
+    /// if it names the open transaction of `key` and the limits allow.
+    fn admit(
+        &self,
+        key: &TxnKey,
+        handle: u64,
+        count: usize,
+        bytes: u64,
+        now_ms: i64,
+    ) -> Result<u64> {
+        match (handle, self.by_key.get(key)) {
+            (0, Some(_)) => Err(conflict(key, "a transaction with this id is still open")),
+            (0, None) => {
+                if count > self.limits.max_records || bytes > self.limits.max_bytes {
+                    return Err(self.too_large(key, count, bytes));
+                }
+                Ok(self.appended_end + 1)
+            }
+            (given, Some(&open)) if given == open => {
+                let Some(txn) = self.txns.get(&open) else {
+                    return Err(TxnError::Unknown(key.to_string()));
+                };
+                match txn.stage {
+                    TxnStage::Open => {}
+                    TxnStage::Ending(outcome) => {
+                        return Err(conflict(key, &format!("it is ending ({})", outcome.name())))
+                    }
+                    TxnStage::Committed => return Err(conflict(key, "it committed")),
+                }
+                if txn.failed {
+                    return Err(conflict(
+                        key,
+                        "an earlier produce of it failed: roll it back",
+                    ));
+                }
+                let age = now_ms.saturating_sub(txn.opened_ms);
+                if age > self.limits.timeout_ms as i64 {
+                    return Err(TxnError::Limit {
+                        key: key.to_string(),
+                        reason: format!(
+                            "open for {age} ms, past the {} ms timeout: it takes no more records",
+                            self.limits.timeout_ms
+                        ),
+                    });
+                }
+                let count = txn.entries() + count;
+                if count > self.limits.max_records || txn.bytes + bytes > self.limits.max_bytes {
+                    return Err(self.too_large(key, count, txn.bytes + bytes));
+                }
+                Ok(open)
+            }
+            (given, _) => Err(match self.settled.get(key) {
+                Some((h, outcome)) if *h == given => {
+                    conflict(key, &format!("it ended ({})", outcome.name()))
+                }
+                _ => TxnError::Unknown(format!("{key} (handle {given})")),
+            }),
+        }
     }
 
     /// Appends one batch (not waiting for durability) and moves
@@ -1115,7 +1210,69 @@ fn encode_outcome(key: &TxnKey, handle: u64, outcome: TxnOutcome) -> RecordInput
 
 enum Kind {
     Half { topic: String, partition: u32 },
+    Acks(TxnAcks),
     Outcome(TxnOutcome),
+}
+
+/// Bytes an ack record's positions count against `max_bytes`.
+fn ack_bytes(positions: usize) -> u64 {
+    (positions * ACK_POSITION_LEN) as u64
+}
+
+const ACK_POSITION_LEN: usize = 12;
+
+fn encode_acks(key: &TxnKey, handle: u64, acks: &TxnAcks) -> RecordInput {
+    let mut value = Vec::with_capacity(acks.positions.len() * ACK_POSITION_LEN);
+    for (partition, offset) in &acks.positions {
+        value.extend_from_slice(&partition.to_le_bytes());
+        value.extend_from_slice(&offset.to_le_bytes());
+    }
+    let mut record = RecordInput {
+        value: Bytes::from(value),
+        ..RecordInput::default()
+    };
+    record.headers.extend(key_headers(key, handle));
+    record.headers.push(header(
+        TOPIC_HEADER,
+        Bytes::copy_from_slice(acks.target.topic.as_bytes()),
+    ));
+    record.headers.push(header(
+        ACK_GROUP_HEADER,
+        Bytes::copy_from_slice(acks.target.group.as_bytes()),
+    ));
+    if let Some(member) = &acks.target.member {
+        record.headers.push(header(
+            ACK_MEMBER_HEADER,
+            Bytes::copy_from_slice(member.as_bytes()),
+        ));
+    }
+    record
+}
+
+fn decode_acks(record: &Record) -> Option<TxnAcks> {
+    let target = AckTarget {
+        topic: Arc::from(text(record, TOPIC_HEADER)?),
+        group: Arc::from(text(record, ACK_GROUP_HEADER)?),
+        member: match find(record, ACK_MEMBER_HEADER) {
+            Some(_) => Some(text(record, ACK_MEMBER_HEADER)?),
+            None => None,
+        },
+    };
+    let value = record.value.as_ref();
+    if value.len() % ACK_POSITION_LEN != 0 {
+        return None;
+    }
+    let positions = value
+        .chunks_exact(ACK_POSITION_LEN)
+        .map(|chunk| {
+            let (partition, offset) = chunk.split_at(4);
+            Some((
+                u32::from_le_bytes(partition.try_into().ok()?),
+                u64::from_le_bytes(offset.try_into().ok()?),
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(TxnAcks { target, positions })
 }
 
 struct Parsed {
@@ -1145,6 +1302,7 @@ fn parse(record: &Record) -> Option<Parsed> {
             [byte] => Kind::Outcome(TxnOutcome::from_byte(*byte)?),
             _ => return None,
         },
+        None if find(record, ACK_GROUP_HEADER).is_some() => Kind::Acks(decode_acks(record)?),
         None => Kind::Half {
             topic: text(record, TOPIC_HEADER)?,
             partition: u32::from_le_bytes(

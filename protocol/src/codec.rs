@@ -1120,6 +1120,46 @@ impl Wire for TxnInit {
     }
 }
 
+impl Wire for TxnAck {
+    const MIN_BYTES: usize = 2 + 2 + 8 + 8 + 4;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.str("producer_group", &self.producer_group)?;
+        w.str("transaction_id", &self.transaction_id)?;
+        w.u64(self.handle);
+        w.u64(self.subscription_id);
+        w.list("messages", &self.messages)
+    }
+    fn get<'a>(cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, producer_group) = get_str(input, "producer_group")?;
+        let (input, transaction_id) = get_str(input, "transaction_id")?;
+        let (input, handle) = get_u64(input, "handle")?;
+        let (input, subscription_id) = get_u64(input, "subscription_id")?;
+        let (input, messages) = get_list(cx, input, "messages")?;
+        Ok((
+            input,
+            TxnAck {
+                producer_group,
+                transaction_id,
+                handle,
+                subscription_id,
+                messages,
+            },
+        ))
+    }
+}
+
+impl Wire for TxnAcked {
+    const MIN_BYTES: usize = 8;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.u64(self.handle);
+        Ok(())
+    }
+    fn get<'a>(_cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, handle) = get_u64(input, "handle")?;
+        Ok((input, TxnAcked { handle }))
+    }
+}
+
 impl Wire for TxnInitOk {
     const MIN_BYTES: usize = 4;
     fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -1546,6 +1586,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Request::TxnEnd(b) => b.put(w),
             Request::TxnListen(b) => b.put(w),
             Request::TxnInit(b) => b.put(w),
+            Request::TxnAck(b) => b.put(w),
             Request::DeleteMessages(b) => b.put(w),
             Request::Subscribe(b) => b.put(w),
             Request::Unsubscribe(b) => b.put(w),
@@ -1569,6 +1610,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Response::TxnProduceOk(b) => b.put(w),
             Response::TxnEnded(b) => b.put(w),
             Response::TxnInitOk(b) => b.put(w),
+            Response::TxnAcked(b) => b.put(w),
             Response::Subscribed(b) => b.put(w),
             Response::Deliveries(b) => b.put(w),
             Response::SeekReport(b) => b.put(w),
@@ -1604,6 +1646,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::TxnEnd => get_into(cx, input, |b| Q(Request::TxnEnd(b))),
         Opcode::TxnListen => get_into(cx, input, |b| Q(Request::TxnListen(b))),
         Opcode::TxnInit => get_into(cx, input, |b| Q(Request::TxnInit(b))),
+        Opcode::TxnAck => get_into(cx, input, |b| Q(Request::TxnAck(b))),
         Opcode::DeleteMessages => get_into(cx, input, |b| Q(Request::DeleteMessages(b))),
         Opcode::Subscribe => get_into(cx, input, |b| Q(Request::Subscribe(b))),
         Opcode::Unsubscribe => get_into(cx, input, |b| Q(Request::Unsubscribe(b))),
@@ -1627,6 +1670,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::TxnProduceOk => get_into(cx, input, |b| R(Response::TxnProduceOk(b))),
         Opcode::TxnEnded => get_into(cx, input, |b| R(Response::TxnEnded(b))),
         Opcode::TxnInitOk => get_into(cx, input, |b| R(Response::TxnInitOk(b))),
+        Opcode::TxnAcked => get_into(cx, input, |b| R(Response::TxnAcked(b))),
         Opcode::Subscribed => get_into(cx, input, |b| R(Response::Subscribed(b))),
         Opcode::Deliveries => get_into(cx, input, |b| R(Response::Deliveries(b))),
         Opcode::SeekReport => get_into(cx, input, |b| R(Response::SeekReport(b))),
@@ -1679,6 +1723,8 @@ mod tests {
         assert_eq!(min_size::<SeekReport>(), SeekReport::MIN_BYTES);
         assert_eq!(min_size::<Subscribed>(), Subscribed::MIN_BYTES);
         assert_eq!(min_size::<HelloOk>(), HelloOk::MIN_BYTES);
+        assert_eq!(min_size::<TxnAck>(), TxnAck::MIN_BYTES);
+        assert_eq!(min_size::<TxnAcked>(), TxnAcked::MIN_BYTES);
     }
 
     #[test]

@@ -70,6 +70,8 @@ opcodes! {
     TxnListen = 0x0015 => "TXN_LISTEN",
     /// Register a transactional producer instance: its epoch.
     TxnInit = 0x0016 => "TXN_INIT",
+    /// Ack consumed messages inside a transaction (applied at its commit).
+    TxnAck = 0x0017 => "TXN_ACK",
     /// Request: join a consumer group.
     Subscribe = 0x0020 => "SUBSCRIBE",
     /// Request: leave a consumer group.
@@ -114,6 +116,8 @@ opcodes! {
     TxnEnded = 0x8014 => "TXN_ENDED",
     /// Response to TXN_INIT.
     TxnInitOk = 0x8016 => "TXN_INIT_OK",
+    /// Response to TXN_ACK.
+    TxnAcked = 0x8017 => "TXN_ACKED",
     /// Response to SUBSCRIBE.
     Subscribed = 0x8020 => "SUBSCRIBED",
     /// Response to FETCH.
@@ -270,6 +274,8 @@ pub enum Request {
     TxnListen(TxnListen),
     /// TXN_INIT → TXN_INIT_OK.
     TxnInit(TxnInit),
+    /// TXN_ACK → TXN_ACKED.
+    TxnAck(TxnAck),
     /// SUBSCRIBE → SUBSCRIBED.
     Subscribe(Subscribe),
     /// UNSUBSCRIBE → OK.
@@ -300,7 +306,7 @@ pub enum Request {
     DeleteGroup(DeleteGroup),
 }
 
-from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, TxnInit, Subscribe, Unsubscribe,
+from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, TxnInit, TxnAck, Subscribe, Unsubscribe,
     Credit, Fetch, Ack, Nack, Seek, CreateTopic, DeleteTopic, DescribeTopic, ListGroups,
     DescribeGroup, DeleteGroup);
 
@@ -317,6 +323,7 @@ impl Request {
             Request::TxnEnd(_) => Opcode::TxnEnd,
             Request::TxnListen(_) => Opcode::TxnListen,
             Request::TxnInit(_) => Opcode::TxnInit,
+            Request::TxnAck(_) => Opcode::TxnAck,
             Request::Subscribe(_) => Opcode::Subscribe,
             Request::Unsubscribe(_) => Opcode::Unsubscribe,
             Request::Credit(_) => Opcode::Credit,
@@ -354,6 +361,8 @@ pub enum Response {
     TxnEnded(TxnEnded),
     /// A transactional producer's epoch.
     TxnInitOk(TxnInitOk),
+    /// Transactional acks stored (durably).
+    TxnAcked(TxnAcked),
     /// Subscription open.
     Subscribed(Subscribed),
     /// Pulled messages.
@@ -372,7 +381,7 @@ pub enum Response {
     Error(ErrorResponse),
 }
 
-from_structs!(Response: HelloOk, ProduceOk, CancelDelayOk, TxnProduceOk, TxnEnded, TxnInitOk, Subscribed, Deliveries, SeekReport,
+from_structs!(Response: HelloOk, ProduceOk, CancelDelayOk, TxnProduceOk, TxnEnded, TxnInitOk, TxnAcked, Subscribed, Deliveries, SeekReport,
     Topics, TopicDescription, Groups, GroupDescription);
 
 impl From<ErrorResponse> for Response {
@@ -393,6 +402,7 @@ impl Response {
             Response::TxnProduceOk(_) => Opcode::TxnProduceOk,
             Response::TxnEnded(_) => Opcode::TxnEnded,
             Response::TxnInitOk(_) => Opcode::TxnInitOk,
+            Response::TxnAcked(_) => Opcode::TxnAcked,
             Response::Subscribed(_) => Opcode::Subscribed,
             Response::Deliveries(_) => Opcode::Deliveries,
             Response::SeekReport(_) => Opcode::SeekReport,
@@ -563,6 +573,32 @@ pub struct TxnInit {
 pub struct TxnInitOk {
     /// One more than the previous instance's.
     pub epoch: u32,
+}
+
+/// TXN_ACK: acks of messages a subscription of this connection consumed,
+/// made part of a transaction: applied to the subscription's group when
+/// the transaction commits, dropped when it rolls back (atomic
+/// consume-and-produce).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnAck {
+    /// The producer group.
+    pub producer_group: String,
+    /// The transaction id.
+    pub transaction_id: String,
+    /// `0` begins the transaction; otherwise the handle an earlier answer
+    /// returned.
+    pub handle: u64,
+    /// The subscription (of this connection) that received the messages.
+    pub subscription_id: u64,
+    /// The messages, as in ACK.
+    pub messages: Vec<MessagePosition>,
+}
+
+/// TXN_ACKED: the transactional acks are stored (durably).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TxnAcked {
+    /// The transaction's handle.
+    pub handle: u64,
 }
 
 /// TXN_CHECK (push): the broker asks a live member of a producer group how

@@ -491,6 +491,14 @@ pub struct Dispatcher {
     /// Checks decided and not yet taken by the owner
     /// ([`Dispatcher::take_txn_checks`]).
     txn_checks: Vec<TxnCheck>,
+    /// Messages acked by an unsettled transaction (TXN_ACK), by delivery
+    /// state and position: the handle that claims each. A second
+    /// transaction acking one of them is refused.
+    claims: HashMap<(StateKey, u32, u64), u64>,
+    /// A committed transaction's acks were applied since the group
+    /// journals were last synced: they are synced before the watermark
+    /// passes it.
+    txn_acks_unsynced: bool,
     /// A transaction settled since the watermark was last made durable.
     txn_settled: bool,
     txn_flushed_ms: i64,
@@ -628,6 +636,8 @@ impl Dispatcher {
             moving: HashMap::new(),
             unmoved: VecDeque::new(),
             to_move: Vec::new(),
+            claims: HashMap::new(),
+            txn_acks_unsynced: false,
             txn_settled: false,
             txn_flushed_ms: now,
             checks: CheckSchedule::new(check_limits),
@@ -679,6 +689,7 @@ impl Dispatcher {
         // Transactions that committed before the restart enter their
         // topics before anything else happens; the open ones are checked
         // back again from their timeout.
+        dispatcher.claim_acks_at_open();
         dispatcher.move_committed_at_open()?;
         dispatcher.schedule_checks_at_open();
         Ok(dispatcher)

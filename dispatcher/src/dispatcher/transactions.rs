@@ -14,10 +14,17 @@
 //!   (or a failed move) each is first looked up by id in its topic and the
 //!   delay store;
 //! - a transaction settles (and the watermark may pass it) only once every
-//!   moved record is durable.
+//!   moved record is durable, and its acks are synced to their groups'
+//!   journals before the watermark passes it;
+//! - a message is acked by at most one unsettled transaction (its
+//!   *claim*); a COMMIT is refused while a message it acks was acked
+//!   otherwise meanwhile (a plain ACK, a dead-letter move, a seek), so a
+//!   committed transaction's acks are the acks that took effect.
 
 use super::*;
-use crate::transactions::{CommittedRecord, HalfInput, TxnError, TxnKey, TxnOutcome, TxnStage};
+use crate::transactions::{
+    AckTarget, CommittedRecord, HalfInput, TxnAcks, TxnError, TxnKey, TxnOutcome, TxnStage,
+};
 use crate::txn_checks::{CheckDecision, TxnCheck};
 
 /// Most check-back decisions one poll makes.
@@ -58,6 +65,8 @@ pub struct TransactionInfo {
     pub stage: &'static str,
     /// Half records.
     pub records: usize,
+    /// Messages it acks for their consumer groups (TXN_ACK).
+    pub acks: usize,
     /// Open past the transaction timeout.
     pub overdue: bool,
     /// Check-backs sent so far (in this process).
@@ -224,6 +233,266 @@ impl Dispatcher {
         }
     }
 
+    /// Acks, in the transaction `key` (`handle` as in
+    /// [`txn_produce`](Self::txn_produce)), messages delivered to the
+    /// group of `member`: the acks take effect when the transaction
+    /// commits, and not at all if it rolls back. Each message must be
+    /// delivered and unacked, and acked by no other unsettled transaction
+    /// (TransactionConflict otherwise, nothing stored). Meanwhile the
+    /// message stays in flight as before (its ack timeout still runs).
+    /// `reply` gets the handle (and no records) once the ack record is
+    /// durable.
+    pub fn txn_ack(
+        &mut self,
+        key: TxnKey,
+        handle: u64,
+        member: MemberId,
+        positions: Vec<(u32, u64)>,
+        reply: TxnProduceReply,
+    ) {
+        let acks = match self.check_txn_acks(&key, handle, member, positions) {
+            Ok(Some(acks)) => acks,
+            Ok(None) => {
+                // Every message is acked by this transaction already.
+                reply(Ok(TxnProduced {
+                    handle,
+                    records: Vec::new(),
+                }));
+                return;
+            }
+            Err(error) => {
+                reply(Err(error));
+                return;
+            }
+        };
+        let now = self.now();
+        let claimed: Vec<(StateKey, u32, u64)> = acks
+            .positions
+            .iter()
+            .map(|&(partition, offset)| (state_key(&acks.target), partition, offset))
+            .collect();
+        let begins = handle == 0;
+        let (handle, info) = match self.txns.append_acks(&key, handle, acks, now) {
+            Ok(appended) => appended,
+            Err(error) => {
+                reply(Err(error.into()));
+                return;
+            }
+        };
+        if begins {
+            self.checks.begin(handle, info.timestamp_ms);
+        }
+        for claim in claimed {
+            self.claims.insert(claim, handle);
+        }
+        let log = self.txns.log();
+        self.submit_wait(
+            log,
+            info,
+            InFlightWrite::Half(HalfWrite {
+                handle,
+                records: Vec::new(),
+                reply,
+            }),
+        );
+        if let Err(error) = self.collect_written() {
+            tracing::error!(%error, "recording written batches failed");
+        }
+    }
+
+    /// The acks a TXN_ACK adds (`None`: none, the transaction has them
+    /// all), or why it is refused.
+    fn check_txn_acks(
+        &self,
+        key: &TxnKey,
+        handle: u64,
+        member: MemberId,
+        mut positions: Vec<(u32, u64)>,
+    ) -> Result<Option<TxnAcks>> {
+        if positions.is_empty() {
+            return Err(DispatchError::InvalidArgument(
+                "a transactional ack needs at least one message".into(),
+            ));
+        }
+        let state_index = self.member_state(member)?;
+        let state = &self.states[state_index];
+        positions.sort_unstable();
+        positions.dedup();
+        let mut fresh = Vec::with_capacity(positions.len());
+        for (partition, offset) in positions {
+            let Some(part) = state.partitions.get(partition as usize) else {
+                let topic = state.key.topic.to_string();
+                return Err(DispatchError::UnknownPartition { topic, partition });
+            };
+            let shown = || {
+                format!(
+                    "message {}/{partition}@{offset} of group {}",
+                    names::shown(&state.key.topic),
+                    names::shown(&state.key.group)
+                )
+            };
+            if part.acks.is_acked(offset) {
+                return Err(conflict(key, format!("{} is acked already", shown())));
+            }
+            if offset >= part.cursor {
+                return Err(DispatchError::NotDelivered { partition, offset });
+            }
+            match self.claims.get(&(state.key.clone(), partition, offset)) {
+                Some(&owner) if owner == handle => {}
+                Some(_) => {
+                    return Err(conflict(
+                        key,
+                        format!("{} is acked by another open transaction", shown()),
+                    ))
+                }
+                None => fresh.push((partition, offset)),
+            }
+        }
+        if fresh.is_empty() && handle != 0 {
+            return Ok(None);
+        }
+        Ok(Some(TxnAcks {
+            target: AckTarget {
+                topic: Arc::clone(&state.key.topic),
+                group: Arc::clone(&state.key.group),
+                member: state.key.member.clone(),
+            },
+            positions: fresh,
+        }))
+    }
+
+    /// Applies the acks of the committed transaction `handle` to their
+    /// groups (idempotent: a restart applies them again) and drops its
+    /// claims.
+    fn apply_txn_acks(&mut self, handle: u64) {
+        let Some(acks) = self.txns.get(handle).map(|t| t.acks.clone()) else {
+            return;
+        };
+        for TxnAcks { target, positions } in acks {
+            let key = state_key(&target);
+            for &(partition, offset) in &positions {
+                self.claims.remove(&(key.clone(), partition, offset));
+            }
+            let state_index = match self.load_state(key) {
+                Ok(index) => index,
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        handle,
+                        "a committed transaction acks messages of a group that is gone: skipped"
+                    );
+                    continue;
+                }
+            };
+            for (partition, offset) in positions {
+                match self.ack_in_state(state_index, partition, offset, None) {
+                    Ok(_) => {}
+                    // After a restart the group reads its log again from
+                    // its ack floor: the ack goes into the bitmap, and the
+                    // message is skipped when the cursor reaches it.
+                    Err(DispatchError::NotDelivered { .. }) => {
+                        self.ack_ahead_of_cursor(state_index, partition, offset)
+                    }
+                    Err(error) => tracing::warn!(
+                        %error,
+                        handle,
+                        partition,
+                        offset,
+                        "a committed transaction's ack could not be applied"
+                    ),
+                }
+            }
+            self.txn_acks_unsynced = true;
+        }
+    }
+
+    /// Acks a message the group has not read since its restart (within
+    /// the log, and within the bitmap's span: a damaged record could name
+    /// any offset).
+    fn ack_ahead_of_cursor(&mut self, state_index: usize, partition: u32, offset: u64) {
+        let state = &self.states[state_index];
+        let end = self
+            .topics
+            .get(&*state.key.topic)
+            .and_then(|t| t.partitions.get(partition as usize))
+            .map_or(0, |log| log.end_offset());
+        let state = &mut self.states[state_index];
+        let Some(part) = state.partitions.get_mut(partition as usize) else {
+            return;
+        };
+        let span = offset.saturating_sub(part.acks.floor());
+        if offset >= end || span >= AckBitmap::SPAN_OFFSETS_MAX {
+            tracing::warn!(
+                partition,
+                offset,
+                "a committed transaction acks a message past its log's end: skipped"
+            );
+            return;
+        }
+        if part.acks.ack(offset) {
+            state.note_ack(partition, offset);
+        }
+    }
+
+    /// Drops the claims of the transaction `handle` (it rolled back).
+    fn release_claims(&mut self, handle: u64) {
+        let Some(txn) = self.txns.get(handle) else {
+            return;
+        };
+        for TxnAcks { target, positions } in &txn.acks {
+            let key = state_key(target);
+            for &(partition, offset) in positions {
+                if self.claims.get(&(key.clone(), partition, offset)) == Some(&handle) {
+                    self.claims.remove(&(key.clone(), partition, offset));
+                }
+            }
+        }
+    }
+
+    /// Why the transaction `handle` may not commit: a message it acks was
+    /// acked otherwise since (a plain ACK, a dead-letter move, a seek).
+    fn acked_elsewhere(&self, handle: u64) -> Option<String> {
+        let txn = self.txns.get(handle)?;
+        for TxnAcks { target, positions } in &txn.acks {
+            let Some(&index) = self.state_index.get(&state_key(target)) else {
+                continue;
+            };
+            let state = &self.states[index];
+            for &(partition, offset) in positions {
+                let acked = state
+                    .partitions
+                    .get(partition as usize)
+                    .is_some_and(|part| part.acks.is_acked(offset));
+                if acked {
+                    return Some(format!(
+                        "message {}/{partition}@{offset} of group {} was acked outside the \
+                         transaction (an ACK, a dead-letter move or a seek) since: roll it back",
+                        names::shown(&target.topic),
+                        names::shown(&target.group)
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// At open: the acks of unsettled transactions claim their messages
+    /// again.
+    pub(super) fn claim_acks_at_open(&mut self) {
+        let claims: Vec<((StateKey, u32, u64), u64)> = self
+            .txns
+            .transactions()
+            .flat_map(|txn| {
+                txn.acks.iter().flat_map(move |acks| {
+                    acks.positions.iter().map(move |&(partition, offset)| {
+                        ((state_key(&acks.target), partition, offset), txn.handle)
+                    })
+                })
+            })
+            .collect();
+        self.claims.extend(claims);
+    }
+
     /// Commits or rolls back the transaction `key` with `handle`; `reply`
     /// gets the outcome once it is durable. Repeating an end that
     /// happened (or is under way) gets the same answer; the other outcome
@@ -304,6 +573,15 @@ impl Dispatcher {
             );
             self.answer_end(handle, Err(refusal));
             return;
+        }
+        if outcome == TxnOutcome::Commit {
+            if let Some(reason) = self.acked_elsewhere(handle) {
+                let key = self.txns.get(handle).map(|t| t.key.clone());
+                if let Some(key) = key {
+                    self.answer_end(handle, Err(conflict(&key, reason)));
+                    return;
+                }
+            }
         }
         match self.txns.append_outcome(handle, outcome) {
             Ok(info) => {
@@ -409,6 +687,9 @@ impl Dispatcher {
             }),
             _ => None,
         };
+        if ok && outcome == TxnOutcome::Rollback {
+            self.release_claims(handle);
+        }
         self.txns.outcome_written(handle, outcome, ok);
         if ok {
             self.checks.forget(handle);
@@ -468,6 +749,7 @@ impl Dispatcher {
                 }
             };
             moved.push(handle);
+            self.apply_txn_acks(handle);
             for CommittedRecord {
                 topic,
                 partition,
@@ -695,6 +977,12 @@ impl Dispatcher {
         }
         let due = now - self.txn_flushed_ms >= self.config.ack_sync_interval_ms as i64;
         if self.txn_settled && (force || due) {
+            if self.txn_acks_unsynced {
+                // Settled transactions' acks are durable before the
+                // watermark passes their ack records.
+                self.sync_acks(now, true)?;
+                self.txn_acks_unsynced = false;
+            }
             self.txns.flush_watermark().map_err(DispatchError::from)?;
             self.txn_settled = false;
             self.txn_flushed_ms = now;
@@ -798,6 +1086,7 @@ impl Dispatcher {
                     (TxnStage::Open, None) => "open",
                 },
                 records: txn.records.len(),
+                acks: txn.acked_messages(),
                 overdue: txn.stage == TxnStage::Open && now - txn.opened_ms > timeout,
                 checks: self.checks.sent(txn.handle),
                 unresolved: self.checks.is_unresolved(txn.handle),
@@ -853,6 +1142,14 @@ enum EndCheck {
     Join,
     /// Start it (after the half appends still being written).
     Start { writing: bool },
+}
+
+fn state_key(target: &AckTarget) -> StateKey {
+    StateKey {
+        topic: Arc::clone(&target.topic),
+        group: Arc::clone(&target.group),
+        member: target.member.clone(),
+    }
 }
 
 fn conflict(key: &TxnKey, reason: String) -> DispatchError {

@@ -318,6 +318,28 @@ pub fn requests() -> Vec<(Opcode, BoxedStrategy<Request>)> {
                 .boxed(),
         ),
         (
+            Opcode::TxnAck,
+            (
+                short_string(),
+                short_string(),
+                any::<u64>(),
+                any::<u64>(),
+                positions(),
+            )
+                .prop_map(
+                    |(producer_group, transaction_id, handle, subscription_id, messages)| {
+                        Request::TxnAck(TxnAck {
+                            producer_group,
+                            transaction_id,
+                            handle,
+                            subscription_id,
+                            messages,
+                        })
+                    },
+                )
+                .boxed(),
+        ),
+        (
             Opcode::TxnListen,
             short_string()
                 .prop_map(|producer_group| Request::TxnListen(TxnListen { producer_group }))
@@ -495,6 +517,12 @@ pub fn responses() -> Vec<(Opcode, BoxedStrategy<Response>)> {
                 .prop_map(|(handle, records)| {
                     Response::TxnProduceOk(TxnProduceOk { handle, records })
                 })
+                .boxed(),
+        ),
+        (
+            Opcode::TxnAcked,
+            any::<u64>()
+                .prop_map(|handle| Response::TxnAcked(TxnAcked { handle }))
                 .boxed(),
         ),
         (
