@@ -538,3 +538,112 @@ async fn a_newer_instance_fences_a_zombie_producer() {
     assert_eq!(next.init_transactions("pay", "p1").await.unwrap(), 3);
     broker.stop().await;
 }
+
+/// Atomic consume-and-produce between two topics with TXN_ACK: each
+/// payment becomes exactly one shipment, across a rolled-back attempt, a
+/// second transaction racing for the same message, and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_and_produce_in_one_transaction_is_exactly_once() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("payments", 1, false).await.unwrap();
+    client.create_topic("shipments", 1, false).await.unwrap();
+    for n in 0..10 {
+        client
+            .producer()
+            .send(Message::new("payments", format!("paid {n}")))
+            .await
+            .unwrap();
+    }
+    let fast_retry = dmq_client::SubscribeOptions {
+        settings: dmq_client::GroupSettings {
+            ack_timeout_ms: Some(300),
+            backoff: Some(dmq_client::Backoff::Fixed {
+                delays_ms: vec![10],
+            }),
+            ..dmq_client::GroupSettings::default()
+        },
+        ..options("m")
+    };
+    let mut payments = client
+        .consumer()
+        .subscribe("payments", "shipper", fast_retry)
+        .await
+        .unwrap();
+    let mut rolled_back_once = false;
+    let mut shipped = 0;
+    while shipped < 10 {
+        let paid = next(&mut payments, Duration::from_secs(5))
+            .await
+            .expect("a payment within 5 s");
+        let n = text(&paid).trim_start_matches("paid ").to_string();
+        let mut txn = client.transaction("shipper", format!("ship-{n}-{}", paid.attempt));
+        txn.send(vec![Message::new("shipments", format!("ship {n}"))])
+            .await
+            .unwrap();
+        txn.ack(&[&paid]).await.unwrap();
+        // Settled by the transaction: a plain ack now is refused locally.
+        assert!(paid.ack().await.is_err());
+        if n == "3" && !rolled_back_once {
+            // A second transaction cannot ack the same message meanwhile.
+            let mut rival = client.transaction("shipper", "rival");
+            let error = rival.ack(&[&paid]).await.unwrap_err();
+            assert!(matches!(error, ClientError::InvalidArgument(_)), "{error}");
+            let mut raw = Connection::hello(broker.addr).await;
+            let response = raw
+                .request(Request::TxnAck(dmq_protocol::TxnAck {
+                    producer_group: "shipper".into(),
+                    transaction_id: "rival".into(),
+                    handle: 0,
+                    subscription_id: 1,
+                    messages: vec![dmq_protocol::MessagePosition {
+                        partition: paid.partition,
+                        offset: paid.offset,
+                    }],
+                }))
+                .await;
+            assert!(
+                matches!(&response, Response::Error(e) if e.code == ErrorCode::UnknownSubscription),
+                "{response:?}"
+            );
+            // Rolled back: no shipment, and the payment comes back.
+            txn.rollback().await.unwrap();
+            rolled_back_once = true;
+            continue;
+        }
+        txn.commit().await.unwrap();
+        shipped += 1;
+    }
+    assert!(rolled_back_once);
+    // Nothing is delivered again: every payment was acked by its commit.
+    assert!(next(&mut payments, Duration::from_millis(800))
+        .await
+        .is_none());
+    let mut audit = client
+        .consumer()
+        .subscribe("shipments", "audit", options("m"))
+        .await
+        .unwrap();
+    let expected: Vec<String> = {
+        let mut all: Vec<String> = (0..10).map(|n| format!("ship {n}")).collect();
+        all.sort();
+        all
+    };
+    assert_eq!(
+        drain(&mut audit, Duration::from_millis(800)).await,
+        expected
+    );
+    // The acks are durable: after a restart no payment comes back.
+    drop((payments, audit, client));
+    let broker = broker.restart(|_| {}).await;
+    let again = common::client(&broker).await;
+    let mut payments = again
+        .consumer()
+        .subscribe("payments", "shipper", options("m"))
+        .await
+        .unwrap();
+    assert!(next(&mut payments, Duration::from_millis(800))
+        .await
+        .is_none());
+    broker.stop().await;
+}

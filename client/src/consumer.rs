@@ -363,6 +363,7 @@ impl Subscription {
             expire_at: delivery.expire_at_ms.map(ms_to_system_time),
             settle: Settle {
                 acker: Arc::clone(&self.acker),
+                route: Arc::clone(&self.shared),
                 generation,
                 pushed,
                 handled: AtomicBool::new(false),
@@ -452,15 +453,53 @@ pub struct ReceivedMessage {
     settle: Settle,
 }
 
-#[derive(Debug)]
 struct Settle {
     acker: Arc<AckHandle>,
+    /// The subscription (its id on the live connection, for TXN_ACK).
+    route: Arc<SubShared>,
     generation: u64,
     pushed: bool,
     handled: AtomicBool,
 }
 
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settle")
+            .field("generation", &self.generation)
+            .field("pushed", &self.pushed)
+            .field("handled", &self.handled)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ReceivedMessage {
+    /// The subscription id (on the live connection) and position to ack
+    /// this message with in a transaction (TXN_ACK), if it is not settled
+    /// yet and its subscription was not re-made since it was delivered.
+    pub(crate) fn transaction_position(&self) -> Result<(u64, MessagePosition)> {
+        if self.settle.handled.load(Ordering::Acquire) {
+            return Err(ClientError::InvalidArgument(
+                "message already acked or nacked".into(),
+            ));
+        }
+        let route = self.settle.route.current();
+        if route.generation != self.settle.generation {
+            return Err(ClientError::StaleDelivery);
+        }
+        let position = MessagePosition {
+            partition: self.partition,
+            offset: self.offset,
+        };
+        Ok((route.server_id, position))
+    }
+
+    /// Acked in a transaction: settled here (its push credit given back).
+    pub(crate) fn settled_in_transaction(&self) {
+        if !self.settle.handled.swap(true, Ordering::AcqRel) && self.settle.pushed {
+            self.settle.acker.inner.credit(self.settle.generation);
+        }
+    }
+
     /// The first header with this name.
     pub fn header(&self, name: &[u8]) -> Option<&Bytes> {
         self.headers

@@ -15,6 +15,29 @@
 //! # }
 //! ```
 //!
+//! Atomic consume-and-produce: [`Transaction::ack`] acks messages a
+//! [`Subscription`](crate::Subscription) of the same client received, as
+//! part of the transaction: they count as acked when it commits, and are
+//! delivered again (after their ack timeout) if it rolls back.
+//!
+//! ```no_run
+//! use dmq_client::{Client, Consumer, Message, SubscribeOptions};
+//!
+//! # async fn demo(client: Client) -> dmq_client::Result<()> {
+//! let mut payments = Consumer::new(&client)
+//!     .subscribe("payments", "shipping", SubscribeOptions::default())
+//!     .await?;
+//! while let Some(paid) = payments.recv().await {
+//!     let paid = paid?;
+//!     let mut txn = client.transaction("shipping", format!("ship-{}", paid.id));
+//!     txn.send(vec![Message::new("shipments", paid.value.clone())]).await?;
+//!     txn.ack(&[&paid]).await?;
+//!     txn.commit().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! A transaction is one producer group's transaction id; its handle (from
 //! the first answer) names it in every later request, so a late COMMIT
 //! never reaches a later transaction that reuses the id. Sends of one
@@ -22,10 +45,13 @@
 
 use std::time::SystemTime;
 
-use dmq_protocol::{Request, Response, TxnEnd, TxnListen, TxnOutcome, TxnProduce};
+use dmq_protocol::{
+    MessagePosition, Request, Response, TxnAck, TxnEnd, TxnListen, TxnOutcome, TxnProduce,
+};
 use tokio::sync::mpsc;
 
 use crate::client::Client;
+use crate::consumer::ReceivedMessage;
 use crate::error::{ClientError, Result};
 use crate::producer::{Message, SendReceipt};
 
@@ -96,6 +122,52 @@ impl Transaction {
             receipts.extend(ok.records.iter().map(crate::producer::receipt));
         }
         Ok(receipts)
+    }
+
+    /// Acks `messages` in this transaction (TXN_ACK, one request per
+    /// subscription): each counts as acked for its group when the
+    /// transaction commits, and not at all if it rolls back (it is then
+    /// delivered again after its ack timeout). They must have been
+    /// received by subscriptions of this transaction's client, since its
+    /// last reconnect ([`ClientError::StaleDelivery`] otherwise), and not
+    /// acked or nacked. A message another open transaction acks, or one
+    /// acked already, gets a conflict (`TransactionConflict`): roll back.
+    /// Once this returns, the messages are settled here (their credit is
+    /// given back); do not ack them again.
+    pub async fn ack(&mut self, messages: &[&ReceivedMessage]) -> Result<()> {
+        let mut by_subscription: Vec<(u64, Vec<MessagePosition>)> = Vec::new();
+        for message in messages {
+            let (subscription_id, position) = message.transaction_position()?;
+            match by_subscription
+                .iter_mut()
+                .find(|(id, _)| *id == subscription_id)
+            {
+                Some((_, positions)) => positions.push(position),
+                None => by_subscription.push((subscription_id, vec![position])),
+            }
+        }
+        for (subscription_id, positions) in by_subscription {
+            let request = TxnAck {
+                producer_group: self.producer_group.clone(),
+                transaction_id: self.transaction_id.clone(),
+                handle: self.handle,
+                subscription_id,
+                messages: positions,
+            };
+            match self.client.request(Request::TxnAck(request)).await? {
+                Response::TxnAcked(acked) => self.handle = acked.handle,
+                other => {
+                    return Err(ClientError::UnexpectedResponse {
+                        expected: "TXN_ACKED",
+                        got: other.opcode(),
+                    })
+                }
+            }
+        }
+        for message in messages {
+            message.settled_in_transaction();
+        }
+        Ok(())
     }
 
     /// The handle the broker gave this transaction (0 before the first

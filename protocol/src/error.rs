@@ -110,12 +110,14 @@ error_codes! {
     /// A PRODUCE (or admin test message) holding a record larger than the
     /// maximum record size (PROTOCOL.md §8); nothing was stored.
     RecordTooLarge = 23,
-    /// TXN_PRODUCE or TXN_END naming no open transaction with that producer
+    /// TXN_PRODUCE, TXN_ACK or TXN_END naming no open transaction with that producer
     /// group, id and handle (and none that ended recently).
     UnknownTransaction = 24,
     /// A transaction request that contradicts its state: a begin of an id
     /// still open, a produce into an ending transaction, a COMMIT after a
-    /// ROLLBACK or the reverse, a COMMIT after a failed produce of it.
+    /// ROLLBACK or the reverse, a COMMIT after a failed produce of it, a
+    /// TXN_ACK of a message acked already or by another open transaction,
+    /// a COMMIT whose acked message was acked otherwise since.
     TransactionConflict = 25,
     /// A transaction over its configured size, or past its timeout for a
     /// produce; nothing of the request was stored.

@@ -38,6 +38,7 @@ async fn list(State(services): State<Services>) -> ApiResult<Json<serde_json::Va
                 "opened_ms": t.opened_ms,
                 "stage": t.stage,
                 "records": t.records,
+                "acks": t.acks,
                 "overdue": t.overdue,
                 "checks": t.checks,
                 "unresolved": t.unresolved,

@@ -1,4 +1,4 @@
-//! TXN_PRODUCE and TXN_END: decoding, rights, routing and replying; the
+//! TXN_PRODUCE, TXN_ACK and TXN_END: decoding, rights, routing and replying; the
 //! transaction itself is the dispatcher's (`dmq_dispatcher::transactions`).
 //!
 //! Each request is queued for the dispatcher in request order without
@@ -16,7 +16,8 @@ use super::*;
 type Answer = oneshot::Receiver<Result<Response, ErrorResponse>>;
 
 impl Session {
-    /// Starts a TXN_PRODUCE or TXN_END; answers from a task once durable.
+    /// Starts a TXN_PRODUCE, TXN_ACK or TXN_END; answers from a task once
+    /// durable.
     pub(super) async fn transaction(&mut self, correlation_id: u32, request: Request) {
         let Ok(permit) = Arc::clone(&self.inflight).acquire_owned().await else {
             return;
@@ -24,6 +25,7 @@ impl Session {
         let started = match request {
             Request::TxnProduce(produce) => self.start_txn_produce(produce).await,
             Request::TxnEnd(end) => self.start_txn_end(end).await,
+            Request::TxnAck(ack) => self.start_txn_ack(ack),
             _ => return,
         };
         match started {
@@ -149,6 +151,48 @@ impl Session {
         Ok(answer)
     }
 
+    /// TXN_ACK: the subscription must be this connection's (its right to
+    /// consume was checked when it subscribed).
+    fn start_txn_ack(&mut self, ack: wire::TxnAck) -> Result<Answer, ErrorResponse> {
+        self.owned(ack.subscription_id)?;
+        let key = txn_key(&ack.producer_group, &ack.transaction_id)?;
+        let positions: Vec<(u32, u64)> = ack
+            .messages
+            .iter()
+            .map(|position| (position.partition, position.offset))
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        let (handle, member) = (ack.handle, ack.subscription_id);
+        let fence = self.fence(&ack.producer_group);
+        self.shared
+            .engine
+            .submit(move |dispatcher, _| {
+                if let Err(error) = check_fence(dispatcher, fence) {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+                dispatcher.txn_ack(
+                    key,
+                    handle,
+                    member,
+                    positions,
+                    Box::new(move |result| {
+                        let _ = reply.send(
+                            result
+                                .map(|acked| {
+                                    Response::TxnAcked(wire::TxnAcked {
+                                        handle: acked.handle,
+                                    })
+                                })
+                                .map_err(|error| convert::dispatch_error(&error)),
+                        );
+                    }),
+                )
+            })
+            .map_err(|error| convert::engine_error(&error))?;
+        Ok(answer)
+    }
+
     async fn start_txn_end(&mut self, end: wire::TxnEnd) -> Result<Answer, ErrorResponse> {
         let key = txn_key(&end.producer_group, &end.transaction_id)?;
         let outcome = match end.outcome {
@@ -171,21 +215,25 @@ impl Session {
                     return;
                 }
                 // The right to produce to every topic the transaction
-                // holds records for, checked where the transaction is (an
+                // holds records for, and to consume from every topic it
+                // acks messages of, checked where the transaction is (an
                 // unknown transaction is answered by `txn_end`).
-                for topic in dispatcher.transaction_topics(&key, handle) {
-                    let access = hello::registry_access(
-                        &registry,
-                        development,
-                        &client_id,
-                        &topic,
-                        Right::Produce,
-                    );
+                let produced = dispatcher
+                    .transaction_topics(&key, handle)
+                    .into_iter()
+                    .map(|topic| (topic, Right::Produce));
+                let acked = dispatcher
+                    .transaction_ack_topics(&key, handle)
+                    .into_iter()
+                    .map(|topic| (topic, Right::Consume));
+                for (topic, right) in produced.chain(acked) {
+                    let access =
+                        hello::registry_access(&registry, development, &client_id, &topic, right);
                     let refusal = match access {
                         Ok(Access::Granted { .. }) => None,
                         Ok(Access::Unregistered) => Some(ErrorResponse::new(
                             ErrorCode::NotAuthorized,
-                            crate::registry::Registry::refusal(&topic, &client_id, Right::Produce),
+                            crate::registry::Registry::refusal(&topic, &client_id, right),
                         )),
                         Err(error) => Some(error),
                     };

@@ -1113,6 +1113,25 @@ impl Dispatcher {
         topics
     }
 
+    /// The topics whose messages the unsettled transaction `key` with
+    /// `handle` acks (TXN_ACK), sorted.
+    pub fn transaction_ack_topics(&self, key: &TxnKey, handle: u64) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .txns
+            .get(handle)
+            .filter(|txn| txn.key == *key)
+            .map(|txn| {
+                txn.acks
+                    .iter()
+                    .map(|a| a.target.topic.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
     /// The transactions counted, nothing copied.
     pub fn transaction_counts(&self) -> TransactionCounts {
         let now = self.now();

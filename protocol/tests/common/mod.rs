@@ -988,5 +988,22 @@ pub fn sample_frames() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        (
+            "txn_ack",
+            Frame::request(
+                9,
+                TxnAck {
+                    producer_group: "shop".into(),
+                    transaction_id: "o17".into(),
+                    handle: 42,
+                    subscription_id: 1,
+                    messages: vec![MessagePosition {
+                        partition: 0,
+                        offset: 7,
+                    }],
+                },
+            ),
+        ),
+        ("txn_acked", Frame::response(9, TxnAcked { handle: 42 })),
     ]
 }

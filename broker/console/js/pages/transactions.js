@@ -84,13 +84,14 @@ export async function render(root) {
         h("td", { class: "num", text: txn.handle }),
         h("td", { testid: `tx-state-${txn.handle}`, text: state }),
         h("td", { class: "num", text: txn.records }),
+        h("td", { class: "num", text: txn.acks ?? 0 }),
         h("td", { class: "num", text: txn.checks }),
         h("td", { text: formatTime(txn.opened_ms) }),
         h("td", {}, actions));
     });
     fill(list, table(
       "tx-table",
-      ["Producer group", "Transaction id", ["Handle", "num"], "State", ["Records", "num"], ["Checks", "num"], "Began", ""],
+      ["Producer group", "Transaction id", ["Handle", "num"], "State", ["Records", "num"], ["Acks", "num"], ["Checks", "num"], "Began", ""],
       rows,
       "No open transactions.",
     ));

@@ -57,6 +57,7 @@ class Opcode(enum.IntEnum):
     TXN_END = 0x0014
     TXN_LISTEN = 0x0015
     TXN_INIT = 0x0016
+    TXN_ACK = 0x0017
     SUBSCRIBE = 0x0020
     UNSUBSCRIBE = 0x0021
     CREDIT = 0x0022
@@ -79,6 +80,7 @@ class Opcode(enum.IntEnum):
     TXN_PRODUCE_OK = 0x8013
     TXN_ENDED = 0x8014
     TXN_INIT_OK = 0x8016
+    TXN_ACKED = 0x8017
     SUBSCRIBED = 0x8020
     DELIVERIES = 0x8023
     SEEK_REPORT = 0x8026
@@ -759,6 +761,44 @@ class TxnInitOk(Body):
 
 
 @dataclass
+class TxnAck(Body):
+    """6.35: ack a subscription's messages as part of a transaction."""
+
+    OPCODE = Opcode.TXN_ACK
+    producer_group: str
+    transaction_id: str
+    handle: int
+    subscription_id: int
+    messages: list[MessagePosition]
+
+    def encode(self, out: bytearray) -> None:
+        _w_string(out, self.producer_group)
+        _w_string(out, self.transaction_id)
+        out += _U64.pack(self.handle)
+        out += _U64.pack(self.subscription_id)
+        _encode_positions(out, self.messages)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnAck:
+        return cls(r.string(), r.string(), r.u64(), r.u64(), _decode_positions(r))
+
+
+@dataclass
+class TxnAcked(Body):
+    """6.36: the transactional acks are durable."""
+
+    OPCODE = Opcode.TXN_ACKED
+    handle: int
+
+    def encode(self, out: bytearray) -> None:
+        out += _U64.pack(self.handle)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnAcked:
+        return cls(r.u64())
+
+
+@dataclass
 class TxnCheck(Body):
     """6.32 (push): how did this transaction end? Answer with TxnEnd."""
 
@@ -1328,6 +1368,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.TXN_END: TxnEnd.decode,
     Opcode.TXN_LISTEN: TxnListen.decode,
     Opcode.TXN_INIT: TxnInit.decode,
+    Opcode.TXN_ACK: TxnAck.decode,
     Opcode.DELETE_MESSAGES: DeleteMessages.decode,
     Opcode.SUBSCRIBE: Subscribe.decode,
     Opcode.UNSUBSCRIBE: Unsubscribe.decode,
@@ -1351,6 +1392,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.TXN_PRODUCE_OK: TxnProduceOk.decode,
     Opcode.TXN_ENDED: TxnEnded.decode,
     Opcode.TXN_INIT_OK: TxnInitOk.decode,
+    Opcode.TXN_ACKED: TxnAcked.decode,
     Opcode.SUBSCRIBED: Subscribed.decode,
     Opcode.DELIVERIES: Deliveries.decode,
     Opcode.SEEK_REPORT: SeekReport.decode,
