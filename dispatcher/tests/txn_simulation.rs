@@ -21,7 +21,14 @@
 //! 5. after every crash the open transactions are listed again with their
 //!    records;
 //! 6. check-backs (timeout 1 s, at most 3) only ever ask about a
-//!    transaction that may still be open; some are answered with an end.
+//!    transaction that may still be open; some are answered with an end;
+//! 7. transactional acks (some deliveries are acked in a random open
+//!    transaction instead of plainly): a message is acked by at most one
+//!    open transaction and by at most one committed one per group; once a
+//!    COMMIT is answered `Ok`, its acked messages are never delivered to
+//!    their group again (also across crashes); a COMMIT is refused only
+//!    when one of its messages was acked plainly since; after a crash
+//!    open transactions are listed with their acks.
 //!
 //! `DMQ_TXN_SIM_SEEDS=N` (default 1000), `DMQ_TXN_SIM_SEED=n` (one seed);
 //! `DMQ_TXN_SIM_SHOW=1` prints the steps of a seed that passes.
@@ -60,6 +67,8 @@ struct Txn {
     state: State,
     /// (topic, id) of every record whose produce was answered Ok.
     records: Vec<(String, MessageId)>,
+    /// (group, id) of every message its TXN_ACKs acked (answered Ok).
+    acks: Vec<(String, MessageId)>,
     /// The crash count when it ended: a settled transaction's outcome is
     /// remembered (for repeated ends) until a restart.
     ended_at: Option<u64>,
@@ -79,6 +88,12 @@ struct Sim {
     cache_bytes: u64,
     /// (group) -> ids delivered.
     delivered: HashMap<String, HashSet<MessageId>>,
+    /// (group, id) acked by a transaction whose COMMIT was answered Ok:
+    /// never delivered to the group again.
+    committed_acks: HashSet<(String, MessageId)>,
+    /// (group, id) acked plainly (newly), with the crash count then: a
+    /// crash may lose a plain ack that was not synced yet.
+    plain_acks: HashMap<(String, MessageId), u64>,
     full: Option<&'static str>,
     next_id: u64,
     log: Vec<String>,
@@ -99,6 +114,8 @@ impl Sim {
             crashes: 0,
             cache_bytes: [0, 64, 1 << 20][(seed % 3) as usize],
             delivered: HashMap::new(),
+            committed_acks: HashSet::new(),
+            plain_acks: HashMap::new(),
             full: None,
             next_id: 0,
             log: Vec::new(),
@@ -328,6 +345,7 @@ impl Sim {
                     handle,
                     state: State::Open,
                     records: ids.into_iter().map(|id| (topic.clone(), id)).collect(),
+                    acks: Vec::new(),
                     ended_at: None,
                 });
             }
@@ -347,15 +365,45 @@ impl Sim {
         self.log
             .push(format!("end {key} {handle} {outcome:?} -> {result:?}"));
         self.txns[i].ended_at = Some(self.crashes);
-        self.txns[i].state = match result {
+        let state = match result {
             Ok(o) if o == outcome => match outcome {
                 TxnOutcome::Commit => State::Committed,
                 TxnOutcome::Rollback => State::RolledBack,
             },
             Ok(other) => self.fail(format!("end {outcome:?} answered {other:?}")),
             Err(error) if is_store(&error) => State::Unsure,
+            Err(DispatchError::Transaction(TxnError::Conflict { .. }))
+                if outcome == TxnOutcome::Commit && !self.txns[i].acks.is_empty() =>
+            {
+                // One of its messages was acked plainly since: it stays
+                // open, for a rollback.
+                self.txns[i].ended_at = None;
+                State::Open
+            }
             Err(error) => self.fail(format!("end of an open transaction: {error}")),
         };
+        self.set_state(i, state);
+    }
+
+    /// Records a transaction's new state; a commit's acks take effect.
+    fn set_state(&mut self, i: usize, state: State) {
+        if state == State::Committed && self.txns[i].state != State::Committed {
+            for ack in self.txns[i].acks.clone() {
+                if self.plain_acks.get(&ack) == Some(&self.crashes) {
+                    self.fail(format!(
+                        "{} {}: committed although {ack:?} was acked plainly since its TXN_ACK",
+                        self.txns[i].key, self.txns[i].handle
+                    ));
+                }
+                if !self.committed_acks.insert(ack.clone()) {
+                    self.fail(format!(
+                        "{} {}: {ack:?} acked by two committed transactions",
+                        self.txns[i].key, self.txns[i].handle
+                    ));
+                }
+            }
+        }
+        self.txns[i].state = state;
     }
 
     fn repeat_end(&mut self, i: usize, outcome: TxnOutcome) {
@@ -379,14 +427,24 @@ impl Sim {
             TxnOutcome::Commit => State::Committed,
             TxnOutcome::Rollback => State::RolledBack,
         };
+        let acks = !self.txns[i].acks.is_empty();
         match (state, &result) {
-            (State::Open, Ok(_)) => self.txns[i].state = ended,
+            (State::Open, Ok(_)) => self.set_state(i, ended),
             (State::Open, Err(e)) if is_store(e) => self.txns[i].state = State::Unsure,
+            (
+                State::Open | State::Unsure,
+                Err(DispatchError::Transaction(TxnError::Conflict { .. })),
+            ) if outcome == TxnOutcome::Commit && acks => {
+                // Acked plainly since: refused, still open.
+                if state == State::Open {
+                    self.txns[i].ended_at = None;
+                }
+            }
             (State::Open, Err(e)) => self.fail(format!("end of an open transaction: {e}")),
             (s, Ok(o)) if s == ended && *o == outcome => {}
             (s, Err(DispatchError::Transaction(TxnError::Conflict { .. })))
                 if s != ended && s != State::Unsure => {}
-            (State::Unsure, Ok(_)) => self.txns[i].state = ended,
+            (State::Unsure, Ok(_)) => self.set_state(i, ended),
             (State::Unsure, Err(_)) => {}
             (_, Err(DispatchError::Transaction(TxnError::Unknown(_)))) if !remembered => {}
             (_, Err(e)) if is_store(e) => {}
@@ -399,6 +457,10 @@ impl Sim {
             Ok(deliveries) => deliveries,
             Err(error) => self.fail(format!("poll: {error}")),
         };
+        // What committed before this poll's deliveries were made (a
+        // check-back answered below may commit a transaction acking one of
+        // them: delivered before that commit, which is fine).
+        let committed_before = self.committed_acks.clone();
         // Check-backs: only of transactions that may still be open; some
         // are answered (a commit or a rollback, like a listener's).
         for check in self.d().take_txn_checks() {
@@ -425,34 +487,90 @@ impl Sim {
             }
         }
         for delivery in deliveries {
-            self.delivered
-                .entry(delivery.group.to_string())
-                .or_default()
-                .insert(delivery.record.id);
-            if self.rng.chance(90) {
-                let _ = self
-                    .d()
-                    .ack(delivery.member, delivery.partition, delivery.record.offset);
+            let group = delivery.group.to_string();
+            let id = delivery.record.id;
+            if committed_before.contains(&(group.clone(), id)) {
+                self.fail(format!(
+                    "{id} delivered to {group} again after a committed transaction acked it"
+                ));
+            }
+            self.delivered.entry(group.clone()).or_default().insert(id);
+            let open: Vec<usize> = (0..self.txns.len())
+                .filter(|&i| self.txns[i].state == State::Open)
+                .collect();
+            let roll = self.rng.below(100);
+            if roll < 15 && !open.is_empty() {
+                let i = *self.rng.pick(&open).unwrap();
+                let position = (delivery.partition, delivery.record.offset);
+                self.txn_ack(i, delivery.member, &group, id, position);
+            } else if roll < 90 {
+                let acked =
+                    self.d()
+                        .ack(delivery.member, delivery.partition, delivery.record.offset);
+                if let Ok(true) = acked {
+                    self.plain_acks.insert((group, id), self.crashes);
+                }
             }
         }
     }
 
+    /// Acks a delivered message in the open transaction `i`.
+    fn txn_ack(&mut self, i: usize, member: u64, group: &str, id: MessageId, position: (u32, u64)) {
+        let (key, handle) = (self.txns[i].key.clone(), self.txns[i].handle);
+        let answered = common::answered(|reply| {
+            self.d()
+                .txn_ack(key.clone(), handle, member, vec![position], reply)
+        });
+        let result = answered.unwrap_or_else(|| self.fail("txn_ack did not answer".into()));
+        self.log
+            .push(format!("txn ack {key} {handle} {group} {id} -> {result:?}"));
+        let ack = (group.to_string(), id);
+        match result {
+            Ok(produced) => {
+                if produced.handle != handle {
+                    self.fail(format!("ack into {handle} answered {}", produced.handle));
+                }
+                let holder = self.txns.iter().position(|t| {
+                    t.handle != handle && t.state == State::Open && t.acks.contains(&ack)
+                });
+                if let Some(j) = holder {
+                    self.fail(format!(
+                        "{ack:?} acked by {handle} while open {} acks it",
+                        self.txns[j].handle
+                    ));
+                }
+                if self.committed_acks.contains(&ack) {
+                    self.fail(format!("{ack:?} acked by {handle} after a committed ack"));
+                }
+                if !self.txns[i].acks.contains(&ack) {
+                    self.txns[i].acks.push(ack);
+                }
+            }
+            // Acked already or by another transaction; past the timeout; a
+            // failed earlier produce; a full disk.
+            Err(DispatchError::Transaction(TxnError::Conflict { .. } | TxnError::Limit { .. })) => {
+            }
+            Err(error) if is_store(&error) => {}
+            Err(error) => self.fail(format!("txn ack: {error}")),
+        }
+    }
+
     fn crash(&mut self) {
-        let open: BTreeMap<u64, usize> = self
+        let open: BTreeMap<u64, (usize, usize)> = self
             .txns
             .iter()
             .filter(|t| t.state == State::Open)
-            .map(|t| (t.handle, t.records.len()))
+            .map(|t| (t.handle, (t.records.len(), t.acks.len())))
             .collect();
         self.log.push("crash".into());
         self.crashes += 1;
         self.open();
         self.join();
-        let listed: BTreeMap<u64, usize> = self
+        let listed: BTreeMap<u64, (usize, usize)> = self
             .d()
             .transactions()
             .into_iter()
-            .map(|t| (t.handle, t.records))
+            .map(|t| (t.handle, (t.records, t.acks)))
             .collect();
         for (handle, records) in &open {
             match listed.get(handle) {
@@ -461,7 +579,7 @@ impl Sim {
                 // nothing).
                 Some(n) if n == records => {}
                 other => self.fail(format!(
-                    "open transaction {handle} with {records} records is {other:?} after a crash"
+                    "open transaction {handle} with (records, acks) {records:?} is {other:?} after a crash"
                 )),
             }
         }

@@ -718,8 +718,10 @@ impl Dispatcher {
                 if outcome == TxnOutcome::Rollback {
                     self.txn_settled = true;
                 } else {
-                    // Moved at the next poll, with every other commit of
-                    // this round.
+                    // Its acks take effect now; its records are moved at
+                    // the next poll, with every other commit of this
+                    // round.
+                    self.apply_txn_acks(handle);
                     self.to_move.push(handle);
                 }
             }
