@@ -11,6 +11,10 @@
 //! - a transaction whose end got no answer is all delivered or none;
 //! - no record is stored twice (the topic holds exactly the distinct
 //!   records delivered).
+//!
+//! A second test kills the broker while a worker moves payments from one
+//! topic to another exactly once (TXN_ACK, TXN_PRODUCE and a commit per
+//! payment): every payment ends with exactly one shipment.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
@@ -321,5 +325,332 @@ async fn transactions_stay_atomic_across_sigkill() {
     eprintln!(
         "{cycles} kills: transactions by final state {counts:?}, {} records delivered",
         delivered.len()
+    );
+}
+
+// ----- consume-and-produce across SIGKILL ---------------------------------
+
+const INPUT: &str = "pipeline-in";
+const OUTPUT: &str = "pipeline-out";
+const WORKERS: &str = "workers";
+/// Payments produced at the start of each cycle (so that every kill lands
+/// amid the work).
+const PAYMENTS_PER_CYCLE: usize = 200;
+
+/// A worker connection that keeps the pushes (deliveries, check-backs)
+/// that arrive while it waits for an answer.
+struct Worker {
+    connection: Connection,
+    pushes: std::collections::VecDeque<Push>,
+    subscription: u64,
+}
+
+impl Worker {
+    /// Subscribes group `worker` to the input and listens for the
+    /// workers' check-backs; None if the broker died meanwhile.
+    async fn start(addr: SocketAddr) -> Option<Worker> {
+        let connection = Connection::hello_when_up(addr).await;
+        let mut worker = Worker {
+            connection,
+            pushes: std::collections::VecDeque::new(),
+            subscription: 0,
+        };
+        let listen = Request::TxnListen(dmq_protocol::TxnListen {
+            producer_group: WORKERS.into(),
+        });
+        assert_eq!(worker.ask(listen).await?, Response::Ok);
+        let subscribe = Request::Subscribe(dmq_protocol::Subscribe {
+            topic: INPUT.into(),
+            group: "worker".into(),
+            member_name: "w".into(),
+            credit: 8,
+            start: dmq_protocol::StartPosition::Earliest,
+            settings: dmq_protocol::GroupSettings {
+                ack_timeout_ms: Some(1_500),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        match worker.ask(subscribe).await? {
+            Response::Subscribed(subscribed) => worker.subscription = subscribed.subscription_id,
+            other => panic!("subscribe: {other:?}"),
+        }
+        Some(worker)
+    }
+
+    /// Sends `request` and waits for its answer; None if the broker died.
+    async fn ask(&mut self, request: Request) -> Option<Response> {
+        let id = self.connection.try_send(request).await?;
+        loop {
+            let frame = self
+                .connection
+                .frame_within(Duration::from_secs(10))
+                .await?;
+            match frame.body {
+                Body::Response(response) if frame.correlation_id == id => return Some(response),
+                Body::Push(push) => self.pushes.push_back(push),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next push within `idle`; None when idle that long or dead.
+    async fn push(&mut self, idle: Duration) -> Option<Push> {
+        if let Some(push) = self.pushes.pop_front() {
+            return Some(push);
+        }
+        loop {
+            let frame = self.connection.frame_within(idle).await?;
+            if let Body::Push(push) = frame.body {
+                return Some(push);
+            }
+        }
+    }
+}
+
+/// Works on payments until the broker dies (or nothing arrives for
+/// `idle`): each delivery is acked in a transaction that produces its
+/// shipment, then committed; every check-back is answered with a rollback
+/// (a transaction is left open only by a kill). Returns the commits
+/// answered and the check-backs answered.
+async fn work(addr: SocketAddr, cycle: u64, idle: Duration) -> (usize, usize) {
+    let Some(mut worker) = Worker::start(addr).await else {
+        return (0, 0);
+    };
+    let (mut committed, mut checks) = (0, 0);
+    let mut counter = 0;
+    while let Some(push) = worker.push(idle).await {
+        let delivery = match push {
+            Push::Deliver(delivery) => delivery,
+            Push::TxnCheck(check) => {
+                let rollback = end(&check.transaction_id, check.handle, TxnOutcome::Rollback);
+                let rollback = match rollback {
+                    Request::TxnEnd(end) => Request::TxnEnd(TxnEnd {
+                        producer_group: WORKERS.into(),
+                        ..end
+                    }),
+                    other => other,
+                };
+                // Ended (or it committed, or it is forgotten): all fine.
+                checks += 1;
+                if worker.ask(rollback).await.is_none() {
+                    return (committed, checks);
+                }
+                continue;
+            }
+        };
+        counter += 1;
+        // The push credit back (its OK is skipped like any answer not
+        // waited for).
+        let credit = Request::Credit(dmq_protocol::Credit {
+            subscription_id: worker.subscription,
+            credit: 1,
+        });
+        if worker.connection.try_send(credit).await.is_none() {
+            return (committed, checks);
+        }
+        let payment = String::from_utf8(delivery.value.to_vec()).unwrap();
+        let id = format!("{payment}-{cycle}-{counter}");
+        let ack = Request::TxnAck(dmq_protocol::TxnAck {
+            producer_group: WORKERS.into(),
+            transaction_id: id.clone(),
+            handle: 0,
+            subscription_id: worker.subscription,
+            messages: vec![dmq_protocol::MessagePosition {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }],
+        });
+        let handle = match worker.ask(ack).await {
+            Some(Response::TxnAcked(acked)) => acked.handle,
+            // Claimed by a transaction a kill left open: its check-back
+            // rolls it back, and the payment comes again after its ack
+            // timeout.
+            Some(Response::Error(e)) if e.code == ErrorCode::TransactionConflict => continue,
+            Some(other) => panic!("txn ack of {payment}: {other:?}"),
+            None => return (committed, checks),
+        };
+        let produce = Request::TxnProduce(TxnProduce {
+            producer_group: WORKERS.into(),
+            transaction_id: id.clone(),
+            handle,
+            topic: OUTPUT.into(),
+            partition: None,
+            records: vec![ProduceRecord {
+                value: Bytes::from(payment.replace("paid", "ship")),
+                ..Default::default()
+            }],
+        });
+        match worker.ask(produce).await {
+            Some(Response::TxnProduceOk(_)) => {}
+            // Rolled back by a check-back meanwhile (a slow machine).
+            Some(Response::Error(e)) if e.code == ErrorCode::TransactionConflict => continue,
+            Some(other) => panic!("txn produce of {payment}: {other:?}"),
+            None => return (committed, checks),
+        }
+        let commit = Request::TxnEnd(TxnEnd {
+            producer_group: WORKERS.into(),
+            transaction_id: id,
+            handle,
+            outcome: TxnOutcome::Commit,
+        });
+        match worker.ask(commit).await {
+            Some(Response::TxnEnded(_)) => committed += 1,
+            Some(Response::Error(e)) if e.code == ErrorCode::TransactionConflict => {}
+            Some(other) => panic!("commit of {payment}: {other:?}"),
+            None => return (committed, checks),
+        }
+    }
+    (committed, checks)
+}
+
+/// Exactly once between two topics across SIGKILL: a worker moves 200
+/// payments per cycle to shipments, each in one transaction that acks the payment
+/// (TXN_ACK) and produces its shipment, while the broker is killed at
+/// random moments; transactions a kill leaves open are rolled back by the
+/// worker's check-back answers. At the end every payment has exactly one
+/// shipment, and no payment is left to the worker's group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_and_produce_stays_exactly_once_across_sigkill() {
+    let cycles = common::env_count("DMQ_TXN_CRASH_CYCLES", 20);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dmqd.toml");
+    // Check-backs within the test's time.
+    std::fs::write(
+        &config,
+        "transaction_timeout_ms = 1000\ntransaction_check_backoff_max_ms = 1000\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let spawn = |addr: SocketAddr| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dmqd"))
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &addr.to_string(),
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut committed, mut checks) = (0, 0);
+    for cycle in 0..cycles {
+        let addr = free_port();
+        let mut child = spawn(addr);
+        let mut admin = Connection::hello_when_up(addr).await;
+        if cycle == 0 {
+            for topic in [INPUT, OUTPUT] {
+                let created = admin
+                    .request(Request::CreateTopic(dmq_protocol::CreateTopic {
+                        name: topic.into(),
+                        partitions: 1,
+                        ordered: false,
+                    }))
+                    .await;
+                assert_eq!(created, Response::Ok);
+            }
+        }
+        let first = cycle as usize * PAYMENTS_PER_CYCLE;
+        for n in first..first + PAYMENTS_PER_CYCLE {
+            let produced = admin
+                .request(Request::Produce(dmq_protocol::Produce {
+                    topic: INPUT.into(),
+                    records: vec![ProduceRecord {
+                        value: Bytes::from(format!("paid {n}")),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }))
+                .await;
+            assert!(matches!(produced, Response::ProduceOk(_)), "{produced:?}");
+        }
+        drop(admin);
+        let kill_at = Instant::now() + Duration::from_millis(20 + rng.below(300));
+        let killer = tokio::spawn(async move {
+            tokio::time::sleep_until(kill_at.into()).await;
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        });
+        let (done, answered) = work(addr, cycle, Duration::from_secs(10)).await;
+        committed += done;
+        checks += answered;
+        killer.await.unwrap();
+    }
+
+    // No more kills: the worker finishes (check-backs roll back what the
+    // kills left open; those payments come again after their ack timeout).
+    let addr = free_port();
+    let mut child = spawn(addr);
+    let (done, answered) = work(addr, cycles, Duration::from_secs(6)).await;
+    committed += done;
+    checks += answered;
+
+    // A new group reads every shipment.
+    let mut reader = Connection::hello_when_up(addr).await;
+    let Response::Subscribed(subscription) = reader
+        .request(Request::Subscribe(dmq_protocol::Subscribe {
+            topic: OUTPUT.into(),
+            group: "audit".into(),
+            member_name: "a".into(),
+            credit: 100_000,
+            start: dmq_protocol::StartPosition::Earliest,
+            ..Default::default()
+        }))
+        .await
+    else {
+        panic!("subscribe failed")
+    };
+    let mut shipments: HashMap<String, usize> = HashMap::new();
+    while let Some(frame) = reader.frame_within(Duration::from_secs(2)).await {
+        let Body::Push(Push::Deliver(delivery)) = frame.body else {
+            continue;
+        };
+        let value = String::from_utf8(delivery.value.to_vec()).unwrap();
+        *shipments.entry(value).or_default() += 1;
+        reader
+            .send_ack(
+                subscription.subscription_id,
+                delivery.partition,
+                delivery.offset,
+            )
+            .await;
+    }
+    let Response::GroupDescription(worker_group) = reader
+        .request(Request::DescribeGroup(dmq_protocol::DescribeGroup {
+            topic: INPUT.into(),
+            group: "worker".into(),
+        }))
+        .await
+    else {
+        panic!("describe group failed")
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let twice: Vec<_> = shipments.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "payments shipped twice: {twice:?}");
+    let payments = cycles as usize * PAYMENTS_PER_CYCLE;
+    let missing: Vec<usize> = (0..payments)
+        .filter(|n| !shipments.contains_key(&format!("ship {n}")))
+        .collect();
+    assert!(missing.is_empty(), "payments never shipped: {missing:?}");
+    for partition in &worker_group.partitions {
+        assert_eq!(
+            (partition.ack_floor, partition.unacked),
+            (partition.end_offset, 0),
+            "payments left to the worker's group: {partition:?}"
+        );
+    }
+    eprintln!(
+        "{cycles} kills: {payments} payments shipped exactly once ({committed} commits \
+         answered, {checks} check-backs of transactions left open rolled back)"
     );
 }

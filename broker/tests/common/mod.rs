@@ -98,6 +98,16 @@ impl Connection {
         id
     }
 
+    /// Sends `request`; None if the connection is gone (a killed broker).
+    pub async fn try_send(&mut self, request: Request) -> Option<u32> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut buffer = BytesMut::new();
+        encode_frame(&Frame::request(id, request), &mut buffer).unwrap();
+        self.stream.write_all(&buffer).await.ok()?;
+        Some(id)
+    }
+
     /// The next frame within `timeout`, or None (timeout or closed).
     pub async fn frame_within(&mut self, timeout: Duration) -> Option<Frame> {
         let deadline = tokio::time::Instant::now() + timeout;
