@@ -44,6 +44,7 @@ from .errors import (
 )
 from .producer import Producer, Receipt, SendFuture
 from .sync import SyncClient
+from .transaction import Transaction
 
 __version__ = "0.1.0"
 
@@ -69,4 +70,5 @@ __all__ = [
     "StaleDeliveryError",
     "SyncClient",
     "Tombstone",
+    "Transaction",
 ]

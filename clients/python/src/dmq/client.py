@@ -25,6 +25,7 @@ from .errors import BrokerError, ClientClosedError, ConnectionClosedError, DmqEr
 if TYPE_CHECKING:
     from .consumer import Consumer
     from .producer import Producer
+    from .transaction import Transaction
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -203,6 +204,13 @@ class Client(AdminCalls):
         from .consumer import Consumer
 
         return Consumer(self, topic, group, **options)
+
+    def transaction(self, producer_group: str, transaction_id: str) -> Transaction:
+        """A :class:`~dmq.transaction.Transaction` (nothing is sent until
+        its first send or ack)."""
+        from .transaction import Transaction
+
+        return Transaction(self, producer_group, transaction_id)
 
     def drop_connection(self) -> None:
         """Closes the current connection (tests; the next call reconnects)."""

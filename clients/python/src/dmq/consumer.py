@@ -289,6 +289,18 @@ class Consumer:
             self._flush()
         return SettleFuture(future)
 
+    def _settled_in_transaction(self, message: Message) -> None:
+        """``message`` was acked in a transaction (TXN_ACK): settled here,
+        its push credit given back with the next flush."""
+        message._settled = True
+        if message._pushed and self.credit > 0:
+            s = self._settlements
+            if s is None:
+                s = self._settlements = _Settlements(self._loop)
+                self._flush_handle = self._loop.call_later(self.ack_linger, self._flush)
+            s.credit += 1
+            s.count += 1
+
     def _flush(self) -> None:
         s, self._settlements = self._settlements, None
         if self._flush_handle is not None:
