@@ -31,6 +31,12 @@
 //!     commit, 2 rollback).
 //! - **Meta journal** `txn.meta`: one payload, rewritten atomically: byte 0
 //!   version `1`, bytes 1..9 the `u64` LE watermark.
+//! - **Check journal** `txn.checks`: one payload per check-back sent,
+//!   version `1`, `u64` LE handle, `u32` LE the check's number; the last
+//!   payload of a handle wins. Synced before the checks are handed out, so
+//!   a restart resumes each transaction's count (an unresolved one stays
+//!   unresolved). Rewritten with the unsettled transactions' counts when
+//!   it holds four times as many payloads (and at least 1,024).
 //!
 //! # Handles
 //!
@@ -104,6 +110,8 @@ pub const ACK_MEMBER_HEADER: &str = "dmq.txn.ack-member";
 pub const OUTCOME_HEADER: &str = "dmq.txn.outcome";
 /// The meta journal.
 pub const META_JOURNAL: &str = "txn.meta";
+/// The check-back counts journal.
+pub const CHECKS_JOURNAL: &str = "txn.checks";
 /// The producer epochs journal (see [`ProducerEpochs`]).
 pub const EPOCHS_JOURNAL: &str = "txn.epochs";
 
@@ -482,6 +490,11 @@ pub struct TxnRecovery {
 pub struct TransactionLog {
     log: Arc<dyn PartitionLog>,
     meta: Box<dyn Journal>,
+    /// Check-backs sent per unsettled transaction (see the module doc).
+    checks: Box<dyn Journal>,
+    check_counts: HashMap<u64, u32>,
+    check_payloads: usize,
+    checks_dirty: bool,
     limits: TransactionLimits,
     /// Unsettled transactions by handle (the first is the watermark's).
     txns: BTreeMap<u64, Transaction>,
@@ -507,6 +520,12 @@ impl TransactionLog {
     ) -> Result<(TransactionLog, TxnRecovery)> {
         let log = storage.partition(TXN_TOPIC, 0)?;
         let (meta, payloads) = storage.open_journal(META_JOURNAL)?;
+        let (checks, check_payloads) = storage.open_journal(CHECKS_JOURNAL)?;
+        let mut check_counts = HashMap::new();
+        for payload in &check_payloads {
+            let (handle, count) = decode_check(payload)?;
+            check_counts.insert(handle, count);
+        }
         let mut watermark = match payloads.last() {
             Some(payload) => decode_meta(payload)?,
             None => 0,
@@ -525,6 +544,10 @@ impl TransactionLog {
         let mut store = TransactionLog {
             log,
             meta,
+            checks,
+            check_counts,
+            check_payloads: check_payloads.len(),
+            checks_dirty: false,
             limits,
             txns: BTreeMap::new(),
             by_key: HashMap::new(),
@@ -556,6 +579,10 @@ impl TransactionLog {
             .filter(|t| t.stage == TxnStage::Open)
             .count();
         recovery.committed = store.txns.len() - recovery.open;
+        let txns = &store.txns;
+        store
+            .check_counts
+            .retain(|handle, _| txns.get(handle).is_some_and(|t| t.stage == TxnStage::Open));
         Ok((store, recovery))
     }
 
@@ -1031,6 +1058,68 @@ impl TransactionLog {
     /// The durable watermark.
     pub fn watermark(&self) -> u64 {
         self.watermark
+    }
+
+    /// Check-backs sent for the open transaction `handle` before this
+    /// process (or since), as recorded.
+    pub fn checks_sent(&self, handle: u64) -> u32 {
+        self.check_counts.get(&handle).copied().unwrap_or(0)
+    }
+
+    /// Records that check number `checks` of `handle` was decided (durable
+    /// at the next [`sync_checks`](Self::sync_checks)).
+    pub fn note_check(&mut self, handle: u64, checks: u32) {
+        self.checks.append(&encode_check(handle, checks));
+        self.check_counts.insert(handle, checks);
+        self.check_payloads += 1;
+        self.checks_dirty = true;
+    }
+
+    /// Makes the recorded check counts durable (before the checks are
+    /// sent); compacts the journal when it holds mostly dead payloads.
+    pub fn sync_checks(&mut self) -> Result<()> {
+        if !self.checks_dirty {
+            return Ok(());
+        }
+        let txns = &self.txns;
+        self.check_counts
+            .retain(|handle, _| txns.contains_key(handle));
+        if self.check_payloads > (4 * self.check_counts.len()).max(1_024) {
+            let live: Vec<Vec<u8>> = self
+                .check_counts
+                .iter()
+                .map(|(&handle, &checks)| encode_check(handle, checks))
+                .collect();
+            self.checks.rewrite(&live)?;
+            self.check_payloads = live.len();
+        } else {
+            self.checks.sync()?;
+        }
+        self.checks_dirty = false;
+        Ok(())
+    }
+}
+
+fn encode_check(handle: u64, checks: u32) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(13);
+    payload.push(META_VERSION);
+    payload.extend_from_slice(&handle.to_le_bytes());
+    payload.extend_from_slice(&checks.to_le_bytes());
+    payload
+}
+
+fn decode_check(payload: &[u8]) -> Result<(u64, u32)> {
+    match payload {
+        [META_VERSION, rest @ ..] if rest.len() == 12 => {
+            let (handle, checks) = rest.split_at(8);
+            let handle = u64::from_le_bytes(handle.try_into().unwrap_or_default());
+            let checks = u32::from_le_bytes(checks.try_into().unwrap_or_default());
+            Ok((handle, checks))
+        }
+        _ => Err(TxnError::Corrupt(format!(
+            "{CHECKS_JOURNAL}: a payload of {} bytes",
+            payload.len()
+        ))),
     }
 }
 
@@ -1632,6 +1721,36 @@ mod tests {
         small.settle(b, TxnOutcome::Rollback);
         store.settle(a, TxnOutcome::Rollback);
         assert_eq!(store.cached_bytes, 0);
+    }
+
+    #[test]
+    fn check_counts_survive_a_reopen_for_open_transactions_only() {
+        let storage = storage();
+        let mut store = open(&storage);
+        let now = 1_000;
+        let (open_handle, _) = store
+            .append_half(&key("open"), 0, vec![half("t", "a")], now)
+            .unwrap();
+        store.half_written(open_handle, true);
+        let (ended, _) = store
+            .append_half(&key("ended"), 0, vec![half("t", "b")], now)
+            .unwrap();
+        store.half_written(ended, true);
+        for n in 1..=2_000 {
+            store.note_check(open_handle, n % 7 + 1);
+        }
+        store.note_check(open_handle, 3);
+        store.note_check(ended, 2);
+        store.append_outcome(ended, TxnOutcome::Rollback).unwrap();
+        store.outcome_written(ended, TxnOutcome::Rollback, true);
+        // Compacted: only the open transaction's count is kept.
+        store.sync_checks().unwrap();
+        drop(store);
+        let store = open(&storage);
+        assert_eq!(store.checks_sent(open_handle), 3);
+        assert_eq!(store.checks_sent(ended), 0);
+        let (_, payloads) = storage.open_journal(CHECKS_JOURNAL).unwrap();
+        assert_eq!(payloads.len(), 1);
     }
 
     #[test]

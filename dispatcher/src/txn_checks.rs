@@ -21,9 +21,10 @@
 //! transaction ended (or is ending) is discarded when it comes up, and the
 //! caller schedules again a transaction whose end failed.
 //!
-//! Counts are kept in memory: after a restart every open transaction starts
-//! again with its first check due `timeout_ms` after it began (so an
-//! unresolved one is checked `max_checks` times again).
+//! Counts survive a restart (the transaction store journals them): an open
+//! transaction resumes with its count ([`CheckSchedule::resume`]), its next
+//! check one backoff after the restart, and an unresolved one stays
+//! unresolved.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -107,6 +108,30 @@ impl CheckSchedule {
         self.states.entry(handle).or_default();
         let due = opened_ms.saturating_add(self.limits.timeout_ms as i64);
         self.due.insert((due, handle));
+    }
+
+    /// A transaction found open at a restart with `sent` checks sent
+    /// before it: unresolved if they ran out, else its next check is due
+    /// one backoff after `now_ms` (or `timeout_ms` after it began, if none
+    /// was sent).
+    pub fn resume(&mut self, handle: u64, opened_ms: i64, sent: u32, now_ms: i64) {
+        if sent == 0 {
+            self.begin(handle, opened_ms);
+            return;
+        }
+        let unresolved = sent >= self.limits.max_checks;
+        self.states.insert(
+            handle,
+            CheckState {
+                sent,
+                unresolved,
+                reserved: false,
+            },
+        );
+        if !unresolved {
+            let due = now_ms.saturating_add(self.backoff_ms(handle, sent));
+            self.due.insert((due, handle));
+        }
     }
 
     /// A transaction whose end failed is open again: checked at `due_ms`.
@@ -202,7 +227,7 @@ impl CheckSchedule {
         self.states.get(&handle).is_some_and(|s| s.unresolved)
     }
 
-    /// Checks sent for the transaction so far (in this process).
+    /// Checks sent for the transaction so far.
     pub fn sent(&self, handle: u64) -> u32 {
         self.states.get(&handle).map_or(0, |s| s.sent)
     }
@@ -238,6 +263,27 @@ mod tests {
             max_checks: 5,
             per_second: 1_000,
         }
+    }
+
+    #[test]
+    fn a_resumed_count_goes_on_where_it_stopped() {
+        let mut schedule = CheckSchedule::new(limits());
+        // Two checks were sent before the restart at 50,000.
+        schedule.resume(7, 10_000, 2, 50_000);
+        let next = schedule.next_due_ms().unwrap();
+        assert!((52_000..=52_500).contains(&next), "{next}");
+        assert_eq!(schedule.due(next, 10), vec![7]);
+        assert_eq!(
+            schedule.decide(7, "g", next),
+            CheckDecision::Send { checks: 3 }
+        );
+        // Ran out before the restart: unresolved at once, nothing due.
+        schedule.resume(8, 10_000, 5, 50_000);
+        assert!(schedule.is_unresolved(8));
+        assert_eq!(schedule.sent(8), 5);
+        // None sent: from its timeout, as a new one.
+        schedule.resume(9, 10_000, 0, 50_000);
+        assert_eq!(schedule.due(11_000, 10), vec![9]);
     }
 
     #[test]

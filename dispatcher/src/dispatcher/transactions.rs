@@ -1008,13 +1008,16 @@ impl Dispatcher {
             }
             let (group, id, opened_ms) = (txn.key.group.clone(), txn.key.id.clone(), txn.opened_ms);
             match self.checks.decide(handle, &group, now) {
-                CheckDecision::Send { checks } => self.txn_checks.push(TxnCheck {
-                    group,
-                    id,
-                    handle,
-                    opened_ms,
-                    checks,
-                }),
+                CheckDecision::Send { checks } => {
+                    self.txns.note_check(handle, checks);
+                    self.txn_checks.push(TxnCheck {
+                        group,
+                        id,
+                        handle,
+                        opened_ms,
+                        checks,
+                    });
+                }
                 CheckDecision::Throttled => {}
                 CheckDecision::Unresolved => tracing::warn!(
                     key = %txn.key,
@@ -1026,23 +1029,37 @@ impl Dispatcher {
         }
     }
 
+    /// Makes the counts of the checks decided this poll durable before
+    /// they are handed out; a failure is logged (the counts are then lower
+    /// after a restart: more checks, never fewer).
+    fn sync_check_counts(&mut self) {
+        if let Err(error) = self.txns.sync_checks() {
+            tracing::error!(%error, "recording check-back counts failed");
+        }
+    }
+
     /// The check-backs decided since the last call, for the owner to send
     /// to a live member of each producer group (the broker's TXN_CHECK).
     /// The member answers with TXN_END; no answer counts as "unknown".
     pub fn take_txn_checks(&mut self) -> Vec<TxnCheck> {
+        if !self.txn_checks.is_empty() {
+            self.sync_check_counts();
+        }
         std::mem::take(&mut self.txn_checks)
     }
 
-    /// At open: every open transaction is checked back from its timeout.
+    /// At open: every open transaction is checked back again, resuming
+    /// its count of checks.
     pub(super) fn schedule_checks_at_open(&mut self) {
-        let open: Vec<(u64, i64)> = self
+        let now = self.now();
+        let open: Vec<(u64, i64, u32)> = self
             .txns
             .transactions()
             .filter(|t| t.stage == TxnStage::Open)
-            .map(|t| (t.handle, t.opened_ms))
+            .map(|t| (t.handle, t.opened_ms, self.txns.checks_sent(t.handle)))
             .collect();
-        for (handle, opened_ms) in open {
-            self.checks.begin(handle, opened_ms);
+        for (handle, opened_ms, sent) in open {
+            self.checks.resume(handle, opened_ms, sent, now);
         }
     }
 
