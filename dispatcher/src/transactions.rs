@@ -60,15 +60,34 @@
 //!   not settled (the log's end if none), written lazily by
 //!   [`TransactionLog::flush_watermark`]; the half log below it is deleted
 //!   segment by segment.
-//! - Opening replays the half log from `W` to its end: half records whose
-//!   handle is below `W` and outcome records of unknown handles are
-//!   skipped; a transaction with a commit record is *committed* (its
+//! - Opening replays the half log from `W` to its end: records whose handle
+//!   is below `W` (of settled transactions) are skipped, unless their
+//!   transaction was relocated (below); outcome records of unknown handles
+//!   are skipped; a transaction with a commit record is *committed* (its
 //!   records may or may not be in their topics: the dispatcher looks each up
 //!   by id before moving it, so none is stored twice); one with a rollback
 //!   record is settled; the rest are open again, with the age of their first
 //!   record.
 //! - A half append whose durability wait failed may still be in the log:
 //!   the transaction is marked failed, so it can only be rolled back.
+//!
+//! # Relocation
+//!
+//! `W` is the first offset of the oldest unsettled transaction, so one
+//! transaction left open (a crashed producer, an unresolved one) would keep
+//! every later record of the half log on disk and make every restart replay
+//! (and move again, with a by-id lookup per record) every transaction since:
+//! the hanging-transaction failure of other brokers, in another form. So an
+//! open transaction whose first record is `relocate_after_records` behind
+//! the log's end is *relocated* when the watermark is flushed: all its
+//! records (half records and ack records, with their ids, its opened time
+//! and each record's stored time in headers) are appended again as one
+//! batch, made durable, and the transaction's first offset moves to that
+//! batch; `W` can then pass its old records. At replay the first record of a
+//! relocation batch (`dmq.txn.relocated`) starts the transaction afresh
+//! (dropping copies seen before it), and later records of a transaction
+//! known from a relocation batch are kept although their handle is below
+//! `W`.
 //!
 //! # Memory
 //!
@@ -106,6 +125,13 @@ pub const TIMES_HEADER: &str = "dmq.txn.times";
 pub const ACK_GROUP_HEADER: &str = "dmq.txn.ack-group";
 /// An ack record's broadcast member (absent for a clustering group).
 pub const ACK_MEMBER_HEADER: &str = "dmq.txn.ack-member";
+/// On the first record of a relocation batch: the transaction's opened
+/// time, `i64` LE; the batch replaces every record of the transaction
+/// before it.
+pub const RELOCATED_HEADER: &str = "dmq.txn.relocated";
+/// On a relocated half record: when the original was stored, `i64` LE
+/// (relative times are moved from then).
+pub const STORED_HEADER: &str = "dmq.txn.stored";
 /// An outcome record's outcome, `u8`: 1 commit, 2 rollback.
 pub const OUTCOME_HEADER: &str = "dmq.txn.outcome";
 /// The meta journal.
@@ -207,6 +233,12 @@ pub struct TransactionLimits {
     /// together) so that a commit need not read them back; a transaction
     /// whose records do not fit is read back from the half log.
     pub cache_bytes: u64,
+    /// An open transaction whose first record is this many half-log
+    /// records behind the log's end (or 4 × its own records, if more) is
+    /// *relocated*: its records are copied to the end, so that it no
+    /// longer pins the watermark (the half log's deletion and the replay
+    /// at a restart).
+    pub relocate_after_records: u64,
 }
 
 impl Default for TransactionLimits {
@@ -220,6 +252,7 @@ impl Default for TransactionLimits {
             checks_per_second: 100,
             settled_window: 100_000,
             cache_bytes: 16 << 20,
+            relocate_after_records: 262_144,
         }
     }
 }
@@ -316,6 +349,9 @@ pub struct Transaction {
     pub key: TxnKey,
     /// One more than the half-log offset of its first record.
     pub handle: u64,
+    /// Offset of its first record now: `handle - 1`, or where it was
+    /// relocated to.
+    pub first_offset: u64,
     /// When its first record was stored.
     pub opened_ms: i64,
     /// Where it stands.
@@ -373,6 +409,7 @@ impl Transaction {
         Transaction {
             key,
             handle,
+            first_offset: handle.saturating_sub(1),
             opened_ms,
             stage: TxnStage::Open,
             records: Vec::new(),
@@ -595,9 +632,22 @@ impl TransactionLog {
             );
             return false;
         };
-        // Handle h starts at offset h - 1.
-        if parsed.handle <= self.watermark {
+        let relocated = find(&record, RELOCATED_HEADER)
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(i64::from_le_bytes);
+        // Handle h starts at offset h - 1: below the watermark it settled,
+        // unless it was relocated past it.
+        if parsed.handle <= self.watermark
+            && relocated.is_none()
+            && !self.txns.contains_key(&parsed.handle)
+        {
             return true;
+        }
+        if let Some(opened_ms) = relocated {
+            // A relocation batch: the transaction starts afresh here.
+            let mut txn = Transaction::new(parsed.key.clone(), parsed.handle, opened_ms);
+            txn.first_offset = record.offset;
+            self.txns.insert(parsed.handle, txn);
         }
         if !matches!(parsed.kind, Kind::Outcome(_)) {
             if let Some(&handle) = self.by_key.get(&parsed.key) {
@@ -1038,10 +1088,17 @@ impl TransactionLog {
     /// log's segments wholly below it. The caller makes sure every settled
     /// commit's records are durable in their topics first.
     pub fn flush_watermark(&mut self) -> Result<()> {
-        let watermark = match self.txns.keys().next() {
-            Some(&oldest) => oldest - 1,
-            None => self.appended_end,
-        };
+        if let Err(error) = self.relocate_oldest() {
+            // Tried again at the next flush; meanwhile the transaction
+            // pins the log as before.
+            tracing::warn!(%error, "relocating an open transaction failed");
+        }
+        let watermark = self
+            .txns
+            .values()
+            .map(|t| t.first_offset)
+            .min()
+            .unwrap_or(self.appended_end);
         if watermark <= self.watermark {
             return Ok(());
         }
@@ -1052,6 +1109,80 @@ impl TransactionLog {
         self.meta.rewrite(&[encode_meta(watermark)])?;
         self.watermark = watermark;
         self.log.delete_before(watermark)?;
+        Ok(())
+    }
+
+    /// Relocates the unsettled transaction with the oldest first record if
+    /// it is open, idle (no append in flight, not failed) and far enough
+    /// behind the log's end (see the module doc). The copies are durable
+    /// when this returns.
+    fn relocate_oldest(&mut self) -> Result<()> {
+        let Some(txn) = self.txns.values().min_by_key(|t| t.first_offset) else {
+            return Ok(());
+        };
+        let threshold = self
+            .limits
+            .relocate_after_records
+            .max(4 * txn.entries() as u64);
+        let behind = self.appended_end.saturating_sub(txn.first_offset);
+        if txn.stage != TxnStage::Open || txn.writing > 0 || txn.failed || behind < threshold {
+            return Ok(());
+        }
+        let handle = txn.handle;
+        let mut copies = Vec::with_capacity(txn.entries());
+        let mut index = 0;
+        while index < txn.records.len() {
+            let first = txn.records[index].offset;
+            let mut run = 1;
+            while index + run < txn.records.len()
+                && txn.records[index + run].offset == first + run as u64
+                && run < READ_CHUNK_RECORDS
+            {
+                run += 1;
+            }
+            let records = self.log.read(first, run)?;
+            for half in &txn.records[index..index + run] {
+                let Some(record) = records.iter().find(|r| r.offset == half.offset) else {
+                    tracing::error!(
+                        key = %txn.key,
+                        offset = half.offset,
+                        "a half record of an open transaction is missing: it is not relocated"
+                    );
+                    return Ok(());
+                };
+                copies.push(relocated_copy(record));
+            }
+            index += run;
+        }
+        let records = copies.len();
+        copies.extend(
+            txn.acks
+                .iter()
+                .map(|acks| encode_acks(&txn.key, handle, acks)),
+        );
+        if let Some(first) = copies.first_mut() {
+            first.headers.push(header(
+                RELOCATED_HEADER,
+                Bytes::copy_from_slice(&txn.opened_ms.to_le_bytes()),
+            ));
+        }
+        let (key, from) = (txn.key.clone(), txn.first_offset);
+        let info = self.append(copies)?;
+        self.log.flush()?;
+        if let Some(txn) = self.txns.get_mut(&handle) {
+            txn.first_offset = info.base_offset;
+            for (half, offset) in txn.records.iter_mut().zip(info.base_offset..) {
+                half.offset = offset;
+            }
+        }
+        tracing::info!(
+            %key,
+            handle,
+            from,
+            to = info.base_offset,
+            records,
+            "an open transaction was relocated to the half log's end (it pinned the log)"
+        );
         Ok(())
     }
 
@@ -1423,12 +1554,41 @@ fn decode_half(record: &Record, now_ms: i64) -> Option<CommittedRecord> {
         deliver_at_ms: record.deliver_at_ms,
         expire_at_ms: record.expire_at_ms,
     };
-    move_times(&mut input, relative, record.timestamp_ms, now_ms);
+    let stored_ms = find(record, STORED_HEADER)
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(record.timestamp_ms, i64::from_le_bytes);
+    move_times(&mut input, relative, stored_ms, now_ms);
     Some(CommittedRecord {
         topic,
         partition,
         record: input,
     })
+}
+
+/// A half record copied for relocation: the same id, key, value, times
+/// and headers, plus its original stored time (kept from an earlier
+/// relocation).
+fn relocated_copy(record: &Record) -> RecordInput {
+    let mut headers: Vec<(Bytes, Bytes)> = record
+        .headers
+        .iter()
+        .filter(|(n, _)| n.as_ref() != RELOCATED_HEADER.as_bytes())
+        .cloned()
+        .collect();
+    if find(record, STORED_HEADER).is_none() {
+        headers.push(header(
+            STORED_HEADER,
+            Bytes::copy_from_slice(&record.timestamp_ms.to_le_bytes()),
+        ));
+    }
+    RecordInput {
+        id: Some(record.id),
+        key: record.key.clone(),
+        headers,
+        value: record.value.clone(),
+        deliver_at_ms: record.deliver_at_ms,
+        expire_at_ms: record.expire_at_ms,
+    }
 }
 
 /// Moves a record's relative times (`relative` bits) by the time from its
@@ -1751,6 +1911,107 @@ mod tests {
         assert_eq!(store.checks_sent(ended), 0);
         let (_, payloads) = storage.open_journal(CHECKS_JOURNAL).unwrap();
         assert_eq!(payloads.len(), 1);
+    }
+
+    /// One transaction left open does not pin the half log: past the
+    /// threshold it is relocated to the log's end, the watermark passes its
+    /// old records, and a reopen finds it whole (records, ids, acks, times).
+    #[test]
+    fn an_open_transaction_is_relocated_instead_of_pinning_the_log() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let storage = Arc::new(MemoryStorage::new(clock.clone()));
+        let limits = TransactionLimits {
+            relocate_after_records: 10,
+            ..TransactionLimits::default()
+        };
+        let reopen = || {
+            TransactionLog::open(Arc::clone(&storage) as Arc<dyn Storage>, limits.clone())
+                .unwrap()
+                .0
+        };
+        let mut store = reopen();
+        let stuck = key("stuck");
+        let mut delayed = half("t", "remind");
+        delayed.record.deliver_at_ms = Some(1_000 + 60_000);
+        delayed.relative = RELATIVE_DELIVER_AT;
+        let (handle, info) = store
+            .append_half(&stuck, 0, vec![half("t", "a"), delayed], 1_000)
+            .unwrap();
+        store.half_written(handle, true);
+        let ids = info.ids.clone();
+        let acks = TxnAcks {
+            target: AckTarget {
+                topic: Arc::from("in"),
+                group: Arc::from("g"),
+                member: None,
+            },
+            positions: vec![(0, 7)],
+        };
+        store
+            .append_acks(&stuck, handle, acks.clone(), 1_000)
+            .unwrap();
+        store.half_written(handle, true);
+        // Twenty other transactions come and settle.
+        for n in 0..20 {
+            let (other, _) = store
+                .append_half(&key(&format!("o{n}")), 0, vec![half("t", "x")], 2_000)
+                .unwrap();
+            store.half_written(other, true);
+            store.append_outcome(other, TxnOutcome::Commit).unwrap();
+            store.outcome_written(other, TxnOutcome::Commit, true);
+            store.settle(other, TxnOutcome::Commit);
+        }
+        // The relocation copies are stored 5 s later than the originals.
+        clock.advance_ms(5_000);
+        store.flush_watermark().unwrap();
+        let txn = store.get(handle).unwrap();
+        assert!(txn.first_offset > handle, "relocated: {}", txn.first_offset);
+        assert_eq!(store.watermark(), txn.first_offset);
+        assert!(store.log().start_offset() <= txn.first_offset);
+        // More records after the relocation, then a restart.
+        store
+            .append_half(&stuck, handle, vec![half("u", "b")], 3_000)
+            .unwrap();
+        store.half_written(handle, true);
+        drop(store);
+        let mut store = reopen();
+        let txn = store.get(handle).unwrap();
+        assert_eq!(txn.stage, TxnStage::Open);
+        assert_eq!(txn.opened_ms, 1_000, "the opened time survives");
+        assert_eq!(txn.records.len(), 3);
+        assert_eq!(txn.acks, vec![acks]);
+        assert_eq!(
+            &txn.records[..2].iter().map(|r| r.id).collect::<Vec<_>>(),
+            &ids
+        );
+        assert_eq!(store.handle_of(&stuck), Some(handle));
+        // Committed at 10,000: the delay runs from the commit, as if never
+        // relocated (stored at 1,000, due 60 s after that, so 60 s after
+        // the commit).
+        let records = store.read_records(handle, 10_000).unwrap();
+        let values: Vec<&[u8]> = records.iter().map(|r| r.record.value.as_ref()).collect();
+        assert_eq!(values, vec![&b"a"[..], b"remind", b"b"]);
+        assert_eq!(records[1].record.deliver_at_ms, Some(10_000 + 60_000));
+        assert!(records.iter().all(|r| r
+            .record
+            .headers
+            .iter()
+            .all(|(n, _)| !n.starts_with(b"dmq.txn."))));
+        // Relocated again later: still one copy of each record.
+        for n in 0..20 {
+            let (other, _) = store
+                .append_half(&key(&format!("p{n}")), 0, vec![half("t", "x")], 4_000)
+                .unwrap();
+            store.half_written(other, true);
+            store.append_outcome(other, TxnOutcome::Rollback).unwrap();
+            store.outcome_written(other, TxnOutcome::Rollback, true);
+        }
+        store.flush_watermark().unwrap();
+        drop(store);
+        let store = reopen();
+        let txn = store.get(handle).unwrap();
+        assert_eq!((txn.records.len(), txn.acks.len()), (3, 1));
+        assert_eq!(store.transactions().count(), 1);
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //!    records;
 //! 6. check-backs (timeout 1 s, at most 3) only ever ask about a
 //!    transaction that may still be open; some are answered with an end;
-//! 7. transactional acks (some deliveries are acked in a random open
+//! 7. (half the seeds relocate open transactions after 6 records of the
+//!    half log, so 1 to 6 hold across relocations and crashes after them)
+//! 8. transactional acks (some deliveries are acked in a random open
 //!    transaction instead of plainly): a message is acked by at most one
 //!    open transaction and by at most one committed one per group; once a
 //!    COMMIT is answered `Ok`, its acked messages are never delivered to
@@ -154,6 +156,8 @@ impl Sim {
             DispatcherConfig {
                 transactions: TransactionLimits {
                     cache_bytes: self.cache_bytes,
+                    // Half the seeds relocate open transactions often.
+                    relocate_after_records: if self.seed % 2 == 0 { 6 } else { 262_144 },
                     // Check-backs within a run's simulated time.
                     timeout_ms: 1_000,
                     check_backoff_max_ms: 2_000,
