@@ -149,6 +149,8 @@ pub const RELATIVE_EXPIRE_AT: u8 = 2;
 const META_VERSION: u8 = 1;
 const META_LEN: usize = 9;
 const READ_CHUNK_RECORDS: usize = 4096;
+/// Most records one watermark flush relocates (the rest wait for the next).
+const RELOCATE_PER_FLUSH_MAX: usize = 100_000;
 /// Longest producer group or transaction id, in bytes.
 pub const TXN_NAME_LEN_MAX: usize = 255;
 
@@ -252,7 +254,7 @@ impl Default for TransactionLimits {
             checks_per_second: 100,
             settled_window: 100_000,
             cache_bytes: 16 << 20,
-            relocate_after_records: 262_144,
+            relocate_after_records: 65_536,
         }
     }
 }
@@ -1088,7 +1090,7 @@ impl TransactionLog {
     /// log's segments wholly below it. The caller makes sure every settled
     /// commit's records are durable in their topics first.
     pub fn flush_watermark(&mut self) -> Result<()> {
-        if let Err(error) = self.relocate_oldest() {
+        if let Err(error) = self.relocate_stuck() {
             // Tried again at the next flush; meanwhile the transaction
             // pins the log as before.
             tracing::warn!(%error, "relocating an open transaction failed");
@@ -1112,23 +1114,83 @@ impl TransactionLog {
         Ok(())
     }
 
-    /// Relocates the unsettled transaction with the oldest first record if
-    /// it is open, idle (no append in flight, not failed) and far enough
-    /// behind the log's end (see the module doc). The copies are durable
+    /// Relocates every unsettled transaction that is open, idle (no
+    /// append in flight, not failed) and far enough behind the log's end
+    /// (see the module doc), at most [`RELOCATE_PER_FLUSH_MAX`] records per
+    /// call, oldest first: one append, one fsync. The copies are durable
     /// when this returns.
-    fn relocate_oldest(&mut self) -> Result<()> {
-        let Some(txn) = self.txns.values().min_by_key(|t| t.first_offset) else {
-            return Ok(());
-        };
-        let threshold = self
-            .limits
-            .relocate_after_records
-            .max(4 * txn.entries() as u64);
-        let behind = self.appended_end.saturating_sub(txn.first_offset);
-        if txn.stage != TxnStage::Open || txn.writing > 0 || txn.failed || behind < threshold {
+    fn relocate_stuck(&mut self) -> Result<()> {
+        let mut chosen: Vec<&Transaction> = self
+            .txns
+            .values()
+            .filter(|txn| {
+                let threshold = self
+                    .limits
+                    .relocate_after_records
+                    .max(4 * txn.entries() as u64);
+                txn.stage == TxnStage::Open
+                    && txn.writing == 0
+                    && !txn.failed
+                    && self.appended_end.saturating_sub(txn.first_offset) >= threshold
+            })
+            .collect();
+        if chosen.is_empty() {
             return Ok(());
         }
-        let handle = txn.handle;
+        chosen.sort_by_key(|txn| txn.first_offset);
+        let mut copies: Vec<RecordInput> = Vec::new();
+        // (handle, index of its first copy, half records copied)
+        let mut moved: Vec<(u64, usize, usize)> = Vec::new();
+        for txn in chosen {
+            if !copies.is_empty() && copies.len() + txn.entries() > RELOCATE_PER_FLUSH_MAX {
+                break;
+            }
+            let Some(mut own) = self.copies_of(txn)? else {
+                continue;
+            };
+            let halves = own.len();
+            own.extend(
+                txn.acks
+                    .iter()
+                    .map(|acks| encode_acks(&txn.key, txn.handle, acks)),
+            );
+            if let Some(first) = own.first_mut() {
+                first.headers.push(header(
+                    RELOCATED_HEADER,
+                    Bytes::copy_from_slice(&txn.opened_ms.to_le_bytes()),
+                ));
+            }
+            moved.push((txn.handle, copies.len(), halves));
+            copies.extend(own);
+        }
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let info = self.append(copies)?;
+        self.log.flush()?;
+        for (handle, at, halves) in moved {
+            let base = info.base_offset + at as u64;
+            if let Some(txn) = self.txns.get_mut(&handle) {
+                tracing::info!(
+                    key = %txn.key,
+                    handle,
+                    from = txn.first_offset,
+                    to = base,
+                    records = halves,
+                    "an open transaction was relocated to the half log's end (it pinned the log)"
+                );
+                txn.first_offset = base;
+                for (half, offset) in txn.records.iter_mut().zip(base..) {
+                    half.offset = offset;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies of a transaction's half records for relocation, in order
+    /// (`None` if one is missing from the log: it is not relocated).
+    fn copies_of(&self, txn: &Transaction) -> Result<Option<Vec<RecordInput>>> {
         let mut copies = Vec::with_capacity(txn.entries());
         let mut index = 0;
         while index < txn.records.len() {
@@ -1148,42 +1210,13 @@ impl TransactionLog {
                         offset = half.offset,
                         "a half record of an open transaction is missing: it is not relocated"
                     );
-                    return Ok(());
+                    return Ok(None);
                 };
                 copies.push(relocated_copy(record));
             }
             index += run;
         }
-        let records = copies.len();
-        copies.extend(
-            txn.acks
-                .iter()
-                .map(|acks| encode_acks(&txn.key, handle, acks)),
-        );
-        if let Some(first) = copies.first_mut() {
-            first.headers.push(header(
-                RELOCATED_HEADER,
-                Bytes::copy_from_slice(&txn.opened_ms.to_le_bytes()),
-            ));
-        }
-        let (key, from) = (txn.key.clone(), txn.first_offset);
-        let info = self.append(copies)?;
-        self.log.flush()?;
-        if let Some(txn) = self.txns.get_mut(&handle) {
-            txn.first_offset = info.base_offset;
-            for (half, offset) in txn.records.iter_mut().zip(info.base_offset..) {
-                half.offset = offset;
-            }
-        }
-        tracing::info!(
-            %key,
-            handle,
-            from,
-            to = info.base_offset,
-            records,
-            "an open transaction was relocated to the half log's end (it pinned the log)"
-        );
-        Ok(())
+        Ok(Some(copies))
     }
 
     /// The durable watermark.

@@ -110,13 +110,20 @@ impl CheckSchedule {
         self.due.insert((due, handle));
     }
 
-    /// A transaction found open at a restart with `sent` checks sent
-    /// before it: unresolved if they ran out, else its next check is due
-    /// one backoff after `now_ms` (or `timeout_ms` after it began, if none
-    /// was sent).
+    /// A transaction found open at a restart (`now_ms`) with `sent` checks
+    /// sent before it: unresolved if they ran out, else its next check is
+    /// due one backoff after `now_ms` (none sent: `timeout_ms` after it
+    /// began, but not before `timeout_ms` after the restart, so that the
+    /// producer groups' listeners can connect again first: a check nobody
+    /// hears counts as unanswered).
     pub fn resume(&mut self, handle: u64, opened_ms: i64, sent: u32, now_ms: i64) {
         if sent == 0 {
-            self.begin(handle, opened_ms);
+            self.states.entry(handle).or_default();
+            let timeout = self.limits.timeout_ms as i64;
+            let due = opened_ms
+                .saturating_add(timeout)
+                .max(now_ms.saturating_add(timeout));
+            self.due.insert((due, handle));
             return;
         }
         let unresolved = sent >= self.limits.max_checks;
@@ -281,9 +288,11 @@ mod tests {
         schedule.resume(8, 10_000, 5, 50_000);
         assert!(schedule.is_unresolved(8));
         assert_eq!(schedule.sent(8), 5);
-        // None sent: from its timeout, as a new one.
+        // None sent: from its timeout, but not before a timeout after the
+        // restart (listeners connect again first).
         schedule.resume(9, 10_000, 0, 50_000);
-        assert_eq!(schedule.due(11_000, 10), vec![9]);
+        assert!(schedule.due(50_999, 10).is_empty());
+        assert_eq!(schedule.due(51_000, 10), vec![9]);
     }
 
     #[test]
