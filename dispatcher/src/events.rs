@@ -64,6 +64,14 @@ pub enum EventKind {
         /// The transaction's handle.
         handle: u64,
     },
+    /// Its transaction, open past its timeout, was checked back (the
+    /// broker asked its producer group how it ended).
+    TxnChecked {
+        /// The transaction's handle.
+        handle: u64,
+        /// This was check number `checks` (from 1).
+        checks: u32,
+    },
 }
 
 /// One event.

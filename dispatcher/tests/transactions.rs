@@ -495,11 +495,12 @@ fn transactions_left_open_are_checked_back_until_unresolved() {
         transactions: limits,
         ..DispatcherConfig::default()
     };
+    let events = MemoryEventSink::default();
     let open_dispatcher = |config: &DispatcherConfig| {
         Dispatcher::open(
             Arc::new(storage.clone()),
             clock.clone(),
-            Arc::new(MemoryEventSink::default()),
+            Arc::new(events.clone()),
             config.clone(),
         )
         .unwrap()
@@ -573,6 +574,16 @@ fn transactions_left_open_are_checked_back_until_unresolved() {
     assert!(listed[0].unresolved && listed[0].overdue && listed[0].checks == 3);
     assert_eq!(d.transaction_counts().unresolved, 1);
     assert_eq!(d.transaction_counts().checks_sent, 5);
+    // Each check is in the trace of the transaction's records.
+    let checked: Vec<u32> = events
+        .take()
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::TxnChecked { handle, checks } if handle == quiet => Some(checks),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(checked, vec![1, 2, 3]);
     // A restart keeps its count: it stays unresolved, and is not checked
     // again (no check-back storm after every restart).
     drop(d);

@@ -158,6 +158,13 @@ pub(crate) enum What<S> {
         /// The transaction's handle.
         handle: u64,
     },
+    /// Its transaction was checked back.
+    TxnChecked {
+        /// The transaction's handle.
+        handle: u64,
+        /// Check number (from 1).
+        checks: u32,
+    },
 }
 
 /// One event of a record (the message id and the topic are the record's).
@@ -203,6 +210,10 @@ pub(crate) fn entry_of(event: &Event) -> Option<Entry<&str>> {
         EventKind::TxnHalfStored { handle } => What::TxnHalfStored { handle: *handle },
         EventKind::TxnCommitted { handle } => What::TxnCommitted { handle: *handle },
         EventKind::TxnRolledBack { handle } => What::TxnRolledBack { handle: *handle },
+        EventKind::TxnChecked { handle, checks } => What::TxnChecked {
+            handle: *handle,
+            checks: *checks,
+        },
         _ => return None,
     };
     Some(Entry {
@@ -339,6 +350,10 @@ impl<'b> RecordWriter<'b> {
             What::TxnHalfStored { handle }
             | What::TxnCommitted { handle }
             | What::TxnRolledBack { handle } => put_varint(buf, *handle),
+            What::TxnChecked { handle, checks } => {
+                put_varint(buf, *handle);
+                put_varint(buf, u64::from(*checks));
+            }
             What::Stored
             | What::Acked
             | What::Expired
@@ -369,6 +384,7 @@ fn kind_code<S>(what: &What<S>) -> u8 {
         What::TxnHalfStored { .. } => 13,
         What::TxnCommitted { .. } => 14,
         What::TxnRolledBack { .. } => 15,
+        What::TxnChecked { .. } => 16,
     }
 }
 
@@ -477,6 +493,10 @@ pub(crate) fn decode(value: &[u8]) -> Result<Decoded, DecodeError> {
             },
             15 => What::TxnRolledBack {
                 handle: input.varint()?,
+            },
+            16 => What::TxnChecked {
+                handle: input.varint()?,
+                checks: u32::try_from(input.varint()?).unwrap_or(u32::MAX),
             },
             other => return Err(DecodeError::Kind(other)),
         };
@@ -598,6 +618,10 @@ pub(crate) fn trace_event(topic: &str, entry: Entry<String>) -> TraceEvent {
         What::TxnRolledBack { handle } => {
             ("txn_rolled_back", Some(format!("transaction {handle}")))
         }
+        What::TxnChecked { handle, checks } => (
+            "txn_checked",
+            Some(format!("check {checks} of transaction {handle}")),
+        ),
     };
     if let Some(reason) = &entry.reason {
         detail = Some(match detail {
@@ -752,6 +776,8 @@ mod tests {
             any::<u64>().prop_map(|handle| What::TxnHalfStored { handle }),
             any::<u64>().prop_map(|handle| What::TxnCommitted { handle }),
             any::<u64>().prop_map(|handle| What::TxnRolledBack { handle }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(handle, checks)| What::TxnChecked { handle, checks }),
         ]
     }
 

@@ -361,6 +361,41 @@ impl Dispatcher {
         }))
     }
 
+    /// (id, topic, partition) of each half record of the transaction
+    /// `handle`, for its trace events.
+    fn half_records(&self, handle: u64) -> Vec<(MessageId, Arc<str>, u32)> {
+        self.txns
+            .get(handle)
+            .map(|txn| {
+                txn.records
+                    .iter()
+                    .map(|r| {
+                        let (topic, partition) = txn.destination(r);
+                        (r.id, Arc::clone(topic), partition)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Emits `kind` for each of `records` (from
+    /// [`half_records`](Self::half_records)).
+    fn emit_for(&mut self, records: Vec<(MessageId, Arc<str>, u32)>, kind: &EventKind) {
+        for (id, topic, partition) in records {
+            self.emit(
+                id,
+                Place {
+                    topic: Name::Shared(&topic),
+                    partition: Some(partition),
+                    offset: None,
+                    group: None,
+                },
+                kind.clone(),
+                None,
+            );
+        }
+    }
+
     /// Applies the acks of the committed transaction `handle` to their
     /// groups (idempotent: a restart applies them again) and drops its
     /// claims.
@@ -676,16 +711,8 @@ impl Dispatcher {
     ) -> Result<()> {
         let ok = result.is_ok();
         let rolled_back = match (outcome, ok) {
-            (TxnOutcome::Rollback, true) => self.txns.get(handle).map(|txn| {
-                txn.records
-                    .iter()
-                    .map(|r| {
-                        let (topic, partition) = txn.destination(r);
-                        (r.id, Arc::clone(topic), partition)
-                    })
-                    .collect::<Vec<_>>()
-            }),
-            _ => None,
+            (TxnOutcome::Rollback, true) => self.half_records(handle),
+            _ => Vec::new(),
         };
         if ok && outcome == TxnOutcome::Rollback {
             self.release_claims(handle);
@@ -702,19 +729,7 @@ impl Dispatcher {
         match result {
             Ok(_) => {
                 self.answer_end(handle, Ok(outcome));
-                for (id, topic, partition) in rolled_back.unwrap_or_default() {
-                    self.emit(
-                        id,
-                        Place {
-                            topic: Name::Shared(&topic),
-                            partition: Some(partition),
-                            offset: None,
-                            group: None,
-                        },
-                        EventKind::TxnRolledBack { handle },
-                        None,
-                    );
-                }
+                self.emit_for(rolled_back, &EventKind::TxnRolledBack { handle });
                 if outcome == TxnOutcome::Rollback {
                     self.txn_settled = true;
                 } else {
@@ -1010,6 +1025,8 @@ impl Dispatcher {
             match self.checks.decide(handle, &group, now) {
                 CheckDecision::Send { checks } => {
                     self.txns.note_check(handle, checks);
+                    let records = self.half_records(handle);
+                    self.emit_for(records, &EventKind::TxnChecked { handle, checks });
                     self.txn_checks.push(TxnCheck {
                         group,
                         id,
