@@ -94,6 +94,43 @@ fn produce(txn: usize, id: &str, handle: u64, first: usize, count: usize) -> Req
     })
 }
 
+/// Every message of `topic` for a new group `group` from the earliest
+/// offset (until none comes for 2 s), each acked.
+async fn read_everything(
+    connection: &mut Connection,
+    topic: &str,
+    group: &str,
+) -> Vec<dmq_protocol::Delivery> {
+    let Response::Subscribed(subscription) = connection
+        .request(Request::Subscribe(dmq_protocol::Subscribe {
+            topic: topic.into(),
+            group: group.into(),
+            member_name: "reader".into(),
+            credit: 100_000,
+            start: dmq_protocol::StartPosition::Earliest,
+            ..Default::default()
+        }))
+        .await
+    else {
+        panic!("subscribe failed")
+    };
+    let mut deliveries = Vec::new();
+    while let Some(frame) = connection.frame_within(Duration::from_secs(2)).await {
+        let Body::Push(Push::Deliver(delivery)) = frame.body else {
+            continue;
+        };
+        connection
+            .send_ack(
+                subscription.subscription_id,
+                delivery.partition,
+                delivery.offset,
+            )
+            .await;
+        deliveries.push(delivery);
+    }
+    deliveries
+}
+
 fn end(id: &str, handle: u64, outcome: TxnOutcome) -> Request {
     Request::TxnEnd(TxnEnd {
         producer_group: GROUP.into(),
@@ -229,37 +266,14 @@ async fn transactions_stay_atomic_across_sigkill() {
     let addr = free_port();
     let mut child = spawn_dmqd(dir.path(), addr, None);
     let mut consumer = Connection::hello_when_up(addr).await;
-    let Response::Subscribed(subscription) = consumer
-        .request(Request::Subscribe(dmq_protocol::Subscribe {
-            topic: TOPIC.into(),
-            group: "final".into(),
-            member_name: "c".into(),
-            credit: 100_000,
-            start: dmq_protocol::StartPosition::Earliest,
-            ..Default::default()
-        }))
-        .await
-    else {
-        panic!("subscribe failed")
-    };
     let mut delivered: HashSet<MessageId> = HashSet::new();
     let mut delivered_txns: HashMap<usize, usize> = HashMap::new();
-    while let Some(frame) = consumer.frame_within(Duration::from_secs(2)).await {
-        let Body::Push(Push::Deliver(delivery)) = frame.body else {
-            continue;
-        };
+    for delivery in read_everything(&mut consumer, TOPIC, "final").await {
         if delivered.insert(delivery.message_id) {
             let value = String::from_utf8(delivery.value.to_vec()).unwrap();
             let txn: usize = value.split('/').next().unwrap().parse().unwrap();
             *delivered_txns.entry(txn).or_default() += 1;
         }
-        consumer
-            .send_ack(
-                subscription.subscription_id,
-                delivery.partition,
-                delivery.offset,
-            )
-            .await;
     }
     let Response::TopicDescription(topic) = consumer
         .request(Request::DescribeTopic(dmq_protocol::DescribeTopic {
@@ -595,33 +609,10 @@ async fn consume_and_produce_stays_exactly_once_across_sigkill() {
 
     // A new group reads every shipment.
     let mut reader = Connection::hello_when_up(addr).await;
-    let Response::Subscribed(subscription) = reader
-        .request(Request::Subscribe(dmq_protocol::Subscribe {
-            topic: OUTPUT.into(),
-            group: "audit".into(),
-            member_name: "a".into(),
-            credit: 100_000,
-            start: dmq_protocol::StartPosition::Earliest,
-            ..Default::default()
-        }))
-        .await
-    else {
-        panic!("subscribe failed")
-    };
     let mut shipments: HashMap<String, usize> = HashMap::new();
-    while let Some(frame) = reader.frame_within(Duration::from_secs(2)).await {
-        let Body::Push(Push::Deliver(delivery)) = frame.body else {
-            continue;
-        };
+    for delivery in read_everything(&mut reader, OUTPUT, "audit").await {
         let value = String::from_utf8(delivery.value.to_vec()).unwrap();
         *shipments.entry(value).or_default() += 1;
-        reader
-            .send_ack(
-                subscription.subscription_id,
-                delivery.partition,
-                delivery.offset,
-            )
-            .await;
     }
     let Response::GroupDescription(worker_group) = reader
         .request(Request::DescribeGroup(dmq_protocol::DescribeGroup {

@@ -1037,38 +1037,49 @@ impl TransactionLog {
                 .collect());
         }
         let mut out = Vec::with_capacity(txn.records.len());
+        self.for_each_half(&txn.records, |HalfRef { offset, id, .. }, record| {
+            match record {
+                // Gone from the log (damage skipped at recovery).
+                None => tracing::error!(
+                    key = %txn.key,
+                    offset,
+                    %id,
+                    "a committed half record is missing from the half log"
+                ),
+                Some(record) => out.extend(decode_half(record, now_ms)),
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Reads the half records `refs` (in order) back from the log, one read
+    /// per run of contiguous offsets, and gives each to `each` with its
+    /// record (`None` if it is missing); stops when `each` returns false.
+    fn for_each_half(
+        &self,
+        refs: &[HalfRef],
+        mut each: impl FnMut(&HalfRef, Option<&Record>) -> bool,
+    ) -> Result<()> {
         let mut index = 0;
-        while index < txn.records.len() {
-            let first = txn.records[index].offset;
-            // Records of one transaction are mostly contiguous: one read
-            // serves a run of them.
+        while index < refs.len() {
+            let first = refs[index].offset;
             let mut run = 1;
-            while index + run < txn.records.len()
-                && txn.records[index + run].offset == first + run as u64
+            while index + run < refs.len()
+                && refs[index + run].offset == first + run as u64
                 && run < READ_CHUNK_RECORDS
             {
                 run += 1;
             }
             let records = self.log.read(first, run)?;
-            let wanted = &txn.records[index..index + run];
-            for HalfRef { offset, id, .. } in wanted {
-                let Some(record) = records.iter().find(|r| r.offset == *offset) else {
-                    // Gone from the log (damage skipped at recovery).
-                    tracing::error!(
-                        key = %txn.key,
-                        offset,
-                        %id,
-                        "a committed half record is missing from the half log"
-                    );
-                    continue;
-                };
-                if let Some(committed) = decode_half(record, now_ms) {
-                    out.push(committed);
+            for half in &refs[index..index + run] {
+                if !each(half, records.iter().find(|r| r.offset == half.offset)) {
+                    return Ok(());
                 }
             }
             index += run;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Forgets the transaction `handle`: rolled back, or committed with
@@ -1192,31 +1203,23 @@ impl TransactionLog {
     /// (`None` if one is missing from the log: it is not relocated).
     fn copies_of(&self, txn: &Transaction) -> Result<Option<Vec<RecordInput>>> {
         let mut copies = Vec::with_capacity(txn.entries());
-        let mut index = 0;
-        while index < txn.records.len() {
-            let first = txn.records[index].offset;
-            let mut run = 1;
-            while index + run < txn.records.len()
-                && txn.records[index + run].offset == first + run as u64
-                && run < READ_CHUNK_RECORDS
-            {
-                run += 1;
-            }
-            let records = self.log.read(first, run)?;
-            for half in &txn.records[index..index + run] {
-                let Some(record) = records.iter().find(|r| r.offset == half.offset) else {
-                    tracing::error!(
-                        key = %txn.key,
-                        offset = half.offset,
-                        "a half record of an open transaction is missing: it is not relocated"
-                    );
-                    return Ok(None);
-                };
+        let mut complete = true;
+        self.for_each_half(&txn.records, |half, record| match record {
+            Some(record) => {
                 copies.push(relocated_copy(record));
+                true
             }
-            index += run;
-        }
-        Ok(Some(copies))
+            None => {
+                tracing::error!(
+                    key = %txn.key,
+                    offset = half.offset,
+                    "a half record of an open transaction is missing: it is not relocated"
+                );
+                complete = false;
+                false
+            }
+        })?;
+        Ok(complete.then_some(copies))
     }
 
     /// The durable watermark.

@@ -108,47 +108,31 @@ impl Session {
             .zip(records)
             .map(|(partition, (record, relative))| (partition, record, relative))
             .collect();
-        let (reply, answer) = oneshot::channel();
         let topic = produce.topic;
         let txn_handle = produce.handle;
-        let fence = self.fence(&produce.producer_group);
-        self.shared
-            .engine
-            .submit(move |dispatcher, _| {
-                if let Err(error) = check_fence(dispatcher, fence) {
-                    let _ = reply.send(Err(error));
-                    return;
-                }
-                dispatcher.txn_produce(
-                    key,
-                    txn_handle,
-                    &topic,
-                    routed,
-                    Box::new(move |result| {
-                        let _ = reply.send(
-                            result
-                                .map(|produced| {
-                                    Response::TxnProduceOk(wire::TxnProduceOk {
-                                        handle: produced.handle,
-                                        records: produced
-                                            .records
-                                            .into_iter()
-                                            .map(|p| wire::ProducedRecord {
-                                                partition: p.partition,
-                                                offset: None,
-                                                message_id: convert::message_id(p.id),
-                                                deliver_at_ms: p.delayed_until_ms,
-                                            })
-                                            .collect(),
-                                    })
-                                })
-                                .map_err(|error| convert::dispatch_error(&error)),
-                        );
-                    }),
-                )
-            })
-            .map_err(|error| convert::engine_error(&error))?;
-        Ok(answer)
+        self.submit_fenced(&produce.producer_group, move |dispatcher, reply| {
+            dispatcher.txn_produce(
+                key,
+                txn_handle,
+                &topic,
+                routed,
+                answer_with(reply, |produced: dmq_dispatcher::TxnProduced| {
+                    Response::TxnProduceOk(wire::TxnProduceOk {
+                        handle: produced.handle,
+                        records: produced
+                            .records
+                            .into_iter()
+                            .map(|p| wire::ProducedRecord {
+                                partition: p.partition,
+                                offset: None,
+                                message_id: convert::message_id(p.id),
+                                deliver_at_ms: p.delayed_until_ms,
+                            })
+                            .collect(),
+                    })
+                }),
+            )
+        })
     }
 
     /// TXN_ACK: the subscription must be this connection's (its right to
@@ -161,36 +145,20 @@ impl Session {
             .iter()
             .map(|position| (position.partition, position.offset))
             .collect();
-        let (reply, answer) = oneshot::channel();
         let (handle, member) = (ack.handle, ack.subscription_id);
-        let fence = self.fence(&ack.producer_group);
-        self.shared
-            .engine
-            .submit(move |dispatcher, _| {
-                if let Err(error) = check_fence(dispatcher, fence) {
-                    let _ = reply.send(Err(error));
-                    return;
-                }
-                dispatcher.txn_ack(
-                    key,
-                    handle,
-                    member,
-                    positions,
-                    Box::new(move |result| {
-                        let _ = reply.send(
-                            result
-                                .map(|acked| {
-                                    Response::TxnAcked(wire::TxnAcked {
-                                        handle: acked.handle,
-                                    })
-                                })
-                                .map_err(|error| convert::dispatch_error(&error)),
-                        );
-                    }),
-                )
-            })
-            .map_err(|error| convert::engine_error(&error))?;
-        Ok(answer)
+        self.submit_fenced(&ack.producer_group, move |dispatcher, reply| {
+            dispatcher.txn_ack(
+                key,
+                handle,
+                member,
+                positions,
+                answer_with(reply, |acked: dmq_dispatcher::TxnProduced| {
+                    Response::TxnAcked(wire::TxnAcked {
+                        handle: acked.handle,
+                    })
+                }),
+            )
+        })
     }
 
     async fn start_txn_end(&mut self, end: wire::TxnEnd) -> Result<Answer, ErrorResponse> {
@@ -200,71 +168,95 @@ impl Session {
             wire::TxnOutcome::Rollback => TxnOutcome::Rollback,
         };
         let handle = end.handle;
-        let (reply, answer) = oneshot::channel();
         let (registry, development, client_id) = (
             Arc::clone(&self.shared.registry),
             self.shared.development,
             self.client_id.clone(),
         );
-        let fence = self.fence(&end.producer_group);
-        self.shared
-            .engine
-            .submit(move |dispatcher, _| {
-                if let Err(error) = check_fence(dispatcher, fence) {
+        self.submit_fenced(&end.producer_group, move |dispatcher, reply| {
+            // The right to produce to every topic the transaction holds
+            // records for, and to consume from every topic it acks messages
+            // of, checked where the transaction is (an unknown transaction
+            // is answered by `txn_end`).
+            let produced = dispatcher
+                .transaction_topics(&key, handle)
+                .into_iter()
+                .map(|topic| (topic, Right::Produce));
+            let acked = dispatcher
+                .transaction_ack_topics(&key, handle)
+                .into_iter()
+                .map(|topic| (topic, Right::Consume));
+            for (topic, right) in produced.chain(acked) {
+                let access =
+                    hello::registry_access(&registry, development, &client_id, &topic, right);
+                let refusal = match access {
+                    Ok(Access::Granted { .. }) => None,
+                    Ok(Access::Unregistered) => Some(ErrorResponse::new(
+                        ErrorCode::NotAuthorized,
+                        crate::registry::Registry::refusal(&topic, &client_id, right),
+                    )),
+                    Err(error) => Some(error),
+                };
+                if let Some(error) = refusal {
                     let _ = reply.send(Err(error));
                     return;
                 }
-                // The right to produce to every topic the transaction
-                // holds records for, and to consume from every topic it
-                // acks messages of, checked where the transaction is (an
-                // unknown transaction is answered by `txn_end`).
-                let produced = dispatcher
-                    .transaction_topics(&key, handle)
-                    .into_iter()
-                    .map(|topic| (topic, Right::Produce));
-                let acked = dispatcher
-                    .transaction_ack_topics(&key, handle)
-                    .into_iter()
-                    .map(|topic| (topic, Right::Consume));
-                for (topic, right) in produced.chain(acked) {
-                    let access =
-                        hello::registry_access(&registry, development, &client_id, &topic, right);
-                    let refusal = match access {
-                        Ok(Access::Granted { .. }) => None,
-                        Ok(Access::Unregistered) => Some(ErrorResponse::new(
-                            ErrorCode::NotAuthorized,
-                            crate::registry::Registry::refusal(&topic, &client_id, right),
-                        )),
-                        Err(error) => Some(error),
-                    };
-                    if let Some(error) = refusal {
-                        let _ = reply.send(Err(error));
-                        return;
-                    }
+            }
+            dispatcher.txn_end(
+                key,
+                handle,
+                outcome,
+                answer_with(reply, |outcome: TxnOutcome| {
+                    Response::TxnEnded(wire::TxnEnded {
+                        outcome: match outcome {
+                            TxnOutcome::Commit => wire::TxnOutcome::Commit,
+                            TxnOutcome::Rollback => wire::TxnOutcome::Rollback,
+                        },
+                    })
+                }),
+            )
+        })
+    }
+
+    /// Queues `work` for the dispatcher behind this connection's fence for
+    /// `group` (TXN_INIT): a fenced instance is answered ProducerFenced and
+    /// `work` does not run. `work` answers through the sender it gets.
+    fn submit_fenced(
+        &self,
+        group: &str,
+        work: impl FnOnce(&mut dmq_dispatcher::Dispatcher, Reply) + Send + 'static,
+    ) -> Result<Answer, ErrorResponse> {
+        let (reply, answer) = oneshot::channel();
+        let fence = self.fence(group);
+        self.shared
+            .engine
+            .submit(move |dispatcher, _| match check_fence(dispatcher, fence) {
+                Err(error) => {
+                    let _ = reply.send(Err(error));
                 }
-                dispatcher.txn_end(
-                    key,
-                    handle,
-                    outcome,
-                    Box::new(move |result| {
-                        let _ = reply.send(
-                            result
-                                .map(|outcome| {
-                                    Response::TxnEnded(wire::TxnEnded {
-                                        outcome: match outcome {
-                                            TxnOutcome::Commit => wire::TxnOutcome::Commit,
-                                            TxnOutcome::Rollback => wire::TxnOutcome::Rollback,
-                                        },
-                                    })
-                                })
-                                .map_err(|error| convert::dispatch_error(&error)),
-                        );
-                    }),
-                )
+                Ok(()) => work(dispatcher, reply),
             })
             .map_err(|error| convert::engine_error(&error))?;
         Ok(answer)
     }
+}
+
+/// Where a transaction request's answer goes.
+type Reply = oneshot::Sender<Result<Response, ErrorResponse>>;
+
+/// The dispatcher's answer callback for `reply`: `to_response` on
+/// success, the dispatcher's error as an ERROR otherwise.
+fn answer_with<T: 'static>(
+    reply: Reply,
+    to_response: impl FnOnce(T) -> Response + Send + 'static,
+) -> Box<dyn FnOnce(Result<T, dmq_dispatcher::DispatchError>) + Send> {
+    Box::new(move |result| {
+        let _ = reply.send(
+            result
+                .map(to_response)
+                .map_err(|error| convert::dispatch_error(&error)),
+        );
+    })
 }
 
 /// Ids of check-back listeners (one per connection that sent TXN_LISTEN).

@@ -205,9 +205,6 @@ impl Dispatcher {
                 return;
             }
         };
-        if begins {
-            self.checks.begin(handle, info.timestamp_ms);
-        }
         let produced = placed
             .into_iter()
             .zip(&info.ids)
@@ -218,13 +215,30 @@ impl Dispatcher {
                 delayed_until_ms: due.filter(|&due| due > now),
             })
             .collect();
+        self.wait_half(info, handle, begins, produced, reply);
+    }
+
+    /// Hands a half-log append (half or ack records) of `handle` to the
+    /// writer; `reply` gets `records` once it is durable. A transaction it
+    /// `begins` is checked back from its timeout.
+    fn wait_half(
+        &mut self,
+        info: AppendInfo,
+        handle: u64,
+        begins: bool,
+        records: Vec<Produced>,
+        reply: TxnProduceReply,
+    ) {
+        if begins {
+            self.checks.begin(handle, info.timestamp_ms);
+        }
         let log = self.txns.log();
         self.submit_wait(
             log,
             info,
             InFlightWrite::Half(HalfWrite {
                 handle,
-                records: produced,
+                records,
                 reply,
             }),
         );
@@ -279,25 +293,10 @@ impl Dispatcher {
                 return;
             }
         };
-        if begins {
-            self.checks.begin(handle, info.timestamp_ms);
-        }
         for claim in claimed {
             self.claims.insert(claim, handle);
         }
-        let log = self.txns.log();
-        self.submit_wait(
-            log,
-            info,
-            InFlightWrite::Half(HalfWrite {
-                handle,
-                records: Vec::new(),
-                reply,
-            }),
-        );
-        if let Err(error) = self.collect_written() {
-            tracing::error!(%error, "recording written batches failed");
-        }
+        self.wait_half(info, handle, begins, Vec::new(), reply);
     }
 
     /// The acks a TXN_ACK adds (`None`: none, the transaction has them

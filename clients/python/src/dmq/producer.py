@@ -108,6 +108,18 @@ def _epoch_ms(value: When) -> int:
     return int(float(value) * 1000)
 
 
+def _delivery_time(delay: Optional[Seconds], deliver_at: Optional[When]) -> tuple[int, int]:
+    """A record's ``delivery_time`` as (tag, value): 0 now, 1 after
+    ``delay`` (ms), 2 at ``deliver_at`` (ms since the epoch)."""
+    if delay is not None and deliver_at is not None:
+        raise ValueError("give delay or deliver_at, not both")
+    if delay is not None:
+        return 1, _ms(delay)
+    if deliver_at is not None:
+        return 2, _epoch_ms(deliver_at)
+    return 0, 0
+
+
 def _to_bytes(value: Union[bytes, bytearray, memoryview, str]) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
@@ -218,13 +230,7 @@ class Producer:
             size = record_size(key_bytes, header_list, value)
             if size > self._client.max_record_bytes:
                 self._too_large(size)
-            if delay is not None and deliver_at is not None:
-                raise ValueError("give delay or deliver_at, not both")
-            tag, when = 0, 0
-            if delay is not None:
-                tag, when = 1, _ms(delay)
-            elif deliver_at is not None:
-                tag, when = 2, _epoch_ms(deliver_at)
+            tag, when = _delivery_time(delay, deliver_at)
             record = encode_record(value, key_bytes, header_list, tag, when, None if ttl is None else _ms(ttl))
         batch_key = (topic, partition)
         batch = self._open.get(batch_key)

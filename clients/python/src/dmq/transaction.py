@@ -40,7 +40,7 @@ from .codec import (
 )
 from .consumer import Consumer, Message
 from .errors import DmqError, ProtocolError, StaleDeliveryError
-from .producer import HeadersArg, Receipt, Seconds, When, _epoch_ms, _headers, _ms, _to_bytes
+from .producer import HeadersArg, Receipt, Seconds, When, _delivery_time, _headers, _ms, _to_bytes
 
 
 class Transaction:
@@ -70,13 +70,7 @@ class Transaction:
         returns; delivered to every group of ``topic`` only after the
         commit. A ``delay`` and a ``ttl`` start at the commit. The receipt
         has the message id and no offset."""
-        if delay is not None and deliver_at is not None:
-            raise ValueError("give delay or deliver_at, not both")
-        when = DeliveryTime()
-        if delay is not None:
-            when = DeliveryTime(1, _ms(delay))
-        elif deliver_at is not None:
-            when = DeliveryTime(2, _epoch_ms(deliver_at))
+        when = DeliveryTime(*_delivery_time(delay, deliver_at))
         record = Record(
             _to_bytes(value),
             None if key is None else _to_bytes(key),
