@@ -58,7 +58,7 @@ pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage, Pendin
 pub use dispatcher::{
     DeadLetterTopic, Delivery, DispatchError, Dispatcher, GroupMessageState, PartitionStats,
     Produced, Quarantined, ScheduleReply, SeekPartition, SeekTarget, Tombstone, TransactionCounts,
-    TransactionInfo, TxnEndReply, TxnProduceReply, TxnProduced,
+    TransactionInfo, TransactionTopics, TxnEndReply, TxnProduceReply, TxnProduced,
 };
 pub use events::{Event, EventKind, EventSink, MemoryEventSink, NullEventSink};
 pub use group::MemberId;

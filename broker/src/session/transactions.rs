@@ -178,14 +178,9 @@ impl Session {
             // records for, and to consume from every topic it acks messages
             // of, checked where the transaction is (an unknown transaction
             // is answered by `txn_end`).
-            let produced = dispatcher
-                .transaction_topics(&key, handle)
-                .into_iter()
-                .map(|topic| (topic, Right::Produce));
-            let acked = dispatcher
-                .transaction_ack_topics(&key, handle)
-                .into_iter()
-                .map(|topic| (topic, Right::Consume));
+            let topics = dispatcher.transaction_topics(&key, handle);
+            let produced = topics.produced.into_iter().map(|t| (t, Right::Produce));
+            let acked = topics.acked.into_iter().map(|t| (t, Right::Consume));
             for (topic, right) in produced.chain(acked) {
                 let access =
                     hello::registry_access(&registry, development, &client_id, &topic, right);

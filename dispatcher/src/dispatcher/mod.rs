@@ -81,7 +81,8 @@ mod transactions;
 
 use transactions::{CommitMove, Ending, HalfWrite, Moving};
 pub use transactions::{
-    TransactionCounts, TransactionInfo, TxnEndReply, TxnProduceReply, TxnProduced,
+    TransactionCounts, TransactionInfo, TransactionTopics, TxnEndReply, TxnProduceReply,
+    TxnProduced,
 };
 
 /// Errors returned to the dispatcher's callers.

@@ -75,6 +75,15 @@ pub struct TransactionInfo {
     pub unresolved: bool,
 }
 
+/// The topics of an unsettled transaction (for the rights its end needs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransactionTopics {
+    /// Topics it holds records for.
+    pub produced: Vec<String>,
+    /// Topics it acks messages of (TXN_ACK).
+    pub acked: Vec<String>,
+}
+
 /// Counts of the transactions (for metrics), read without copying.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TransactionCounts {
@@ -399,15 +408,12 @@ impl Dispatcher {
     /// groups (idempotent: a restart applies them again) and drops its
     /// claims.
     fn apply_txn_acks(&mut self, handle: u64) {
+        self.release_claims(handle);
         let Some(acks) = self.txns.get(handle).map(|t| t.acks.clone()) else {
             return;
         };
         for TxnAcks { target, positions } in acks {
-            let key = state_key(&target);
-            for &(partition, offset) in &positions {
-                self.claims.remove(&(key.clone(), partition, offset));
-            }
-            let state_index = match self.load_state(key) {
+            let state_index = match self.load_state(state_key(&target)) {
                 Ok(index) => index,
                 Err(error) => {
                     tracing::warn!(
@@ -468,7 +474,7 @@ impl Dispatcher {
         }
     }
 
-    /// Drops the claims of the transaction `handle` (it rolled back).
+    /// Drops the claims of the transaction `handle` (it ended).
     fn release_claims(&mut self, handle: u64) {
         let Some(txn) = self.txns.get(handle) else {
             return;
@@ -476,8 +482,9 @@ impl Dispatcher {
         for TxnAcks { target, positions } in &txn.acks {
             let key = state_key(target);
             for &(partition, offset) in positions {
-                if self.claims.get(&(key.clone(), partition, offset)) == Some(&handle) {
-                    self.claims.remove(&(key.clone(), partition, offset));
+                let claim = (key.clone(), partition, offset);
+                if self.claims.get(&claim) == Some(&handle) {
+                    self.claims.remove(&claim);
                 }
             }
         }
@@ -765,7 +772,12 @@ impl Dispatcher {
                 }
             };
             moved.push(handle);
-            self.apply_txn_acks(handle);
+            if recheck {
+                // A restart or a retried move: its acks were applied when
+                // its commit became durable, maybe before a crash lost them
+                // from the groups' journals.
+                self.apply_txn_acks(handle);
+            }
             for CommittedRecord {
                 topic,
                 partition,
@@ -1130,41 +1142,22 @@ impl Dispatcher {
     }
 
     /// The topics the unsettled transaction `key` with `handle` holds
-    /// records for (empty if there is no such transaction).
-    pub fn transaction_topics(&self, key: &TxnKey, handle: u64) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .txns
-            .get(handle)
-            .filter(|txn| txn.key == *key)
-            .map(|txn| {
-                txn.destinations
-                    .iter()
-                    .map(|(topic, _)| topic.to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        topics.sort();
-        topics.dedup();
-        topics
-    }
-
-    /// The topics whose messages the unsettled transaction `key` with
-    /// `handle` acks (TXN_ACK), sorted.
-    pub fn transaction_ack_topics(&self, key: &TxnKey, handle: u64) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .txns
-            .get(handle)
-            .filter(|txn| txn.key == *key)
-            .map(|txn| {
-                txn.acks
-                    .iter()
-                    .map(|a| a.target.topic.to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        topics.sort();
-        topics.dedup();
-        topics
+    /// records for and acks messages of (both empty if there is no such
+    /// transaction), sorted.
+    pub fn transaction_topics(&self, key: &TxnKey, handle: u64) -> TransactionTopics {
+        let Some(txn) = self.txns.get(handle).filter(|txn| txn.key == *key) else {
+            return TransactionTopics::default();
+        };
+        let sorted = |topics: Vec<&Arc<str>>| {
+            let mut topics: Vec<String> = topics.into_iter().map(|t| t.to_string()).collect();
+            topics.sort();
+            topics.dedup();
+            topics
+        };
+        TransactionTopics {
+            produced: sorted(txn.destinations.iter().map(|(topic, _)| topic).collect()),
+            acked: sorted(txn.acks.iter().map(|a| &a.target.topic).collect()),
+        }
     }
 
     /// The transactions counted, nothing copied.
