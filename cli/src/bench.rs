@@ -585,6 +585,13 @@ async fn consume(
 ) -> Result<Histogram<u64>> {
     let mut latency = histogram()?;
     let mut all_delivered = counters.all_delivered.subscribe();
+    // The drain timeout runs from the last message. One timer, pushed
+    // back only when it fires early, rather than a timer per message
+    // (registering and clearing one per message cost the load tool
+    // several per cent of its time).
+    let drain = tokio::time::sleep(drain_timeout);
+    tokio::pin!(drain);
+    let mut last_message = tokio::time::Instant::now();
     loop {
         let target = *done.borrow();
         if let Some(target) = target {
@@ -598,10 +605,23 @@ async fn consume(
         }
         let message = tokio::select! {
             message = subscription.recv() => message,
-            _ = done.changed(), if target.is_none() => continue,
+            _ = done.changed(), if target.is_none() => {
+                // The producers are done: the drain timeout starts now.
+                last_message = tokio::time::Instant::now();
+                drain.as_mut().reset(last_message + drain_timeout);
+                continue;
+            }
             _ = all_delivered.changed() => continue,
-            _ = tokio::time::sleep(drain_timeout), if target.is_some() => break,
+            _ = &mut drain, if target.is_some() => {
+                let quiet_until = last_message + drain_timeout;
+                if tokio::time::Instant::now() >= quiet_until {
+                    break;
+                }
+                drain.as_mut().reset(quiet_until);
+                continue;
+            }
         };
+        last_message = tokio::time::Instant::now();
         let Some(message) = message else {
             break;
         };
