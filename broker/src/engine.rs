@@ -480,6 +480,7 @@ fn run(
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
+        dispatcher.begin_round();
         let mut shutdown = false;
         for command in first
             .into_iter()

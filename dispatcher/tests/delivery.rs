@@ -945,3 +945,38 @@ fn a_dead_letter_of_a_dead_letter_carries_one_set_of_dlq_headers() {
     assert!(dlq_headers.contains(&"dmq.dlq.topic=t.g.dlq".to_string()));
     assert!(dlq_headers.contains(&"dmq.dlq.group=h".to_string()));
 }
+
+#[test]
+fn a_rounds_events_carry_the_time_the_round_began() {
+    let mut w = World::new();
+    topic(&mut w, "t", false);
+    w.dispatcher.subscribe("t", "g", config()).unwrap();
+    let member = w.dispatcher.join("t", "g", "m").unwrap();
+    w.dispatcher.add_credit(member, 10).unwrap();
+    w.produce("t", &["a"]);
+    // Without a round each event reads the clock.
+    w.events.take();
+    w.clock.advance_ms(5);
+    let started = w.clock.now_ms();
+    assert_eq!(w.dispatcher.poll().unwrap().len(), 1);
+    let delivered = w.events.take();
+    assert!(!delivered.is_empty());
+    assert!(delivered.iter().all(|e| e.time_ms == started));
+    // In a round, the clock read when the round began, even if the clock
+    // moved on while the round ran.
+    w.dispatcher.begin_round();
+    let round = w.clock.now_ms();
+    w.clock.advance_ms(7);
+    assert!(w.dispatcher.ack(member, 0, 0).unwrap());
+    let acked = w.events.take();
+    assert!(acked.iter().any(|e| e.kind == EventKind::Acked));
+    assert!(acked.iter().all(|e| e.time_ms == round));
+    // The next round reads the clock again.
+    w.produce("t", &["b"]);
+    w.clock.advance_ms(3);
+    w.dispatcher.begin_round();
+    let next = w.clock.now_ms();
+    w.events.take();
+    assert_eq!(w.dispatcher.poll().unwrap().len(), 1);
+    assert!(w.events.take().iter().all(|e| e.time_ms == next));
+}

@@ -442,6 +442,9 @@ impl Quarantined {
 pub struct Dispatcher {
     storage: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
+    /// The clock read at the start of the caller's current round (see
+    /// [`Dispatcher::begin_round`]): the time of the round's trace events.
+    round_ms: Option<i64>,
     events: Arc<dyn EventSink>,
     config: DispatcherConfig,
     meta: Box<dyn Journal>,
@@ -612,6 +615,7 @@ impl Dispatcher {
             wheel: TimingWheel::new(config.tick_ms, now),
             storage,
             clock,
+            round_ms: None,
             events,
             config,
             meta,
@@ -927,12 +931,22 @@ impl Dispatcher {
         self.clock.now_ms()
     }
 
+    /// Starts a round of work (a batch of commands and a poll): the trace
+    /// events of the round are stamped with the clock read now, instead of
+    /// one clock read per event (two per delivered message, 7 % of the
+    /// dispatcher's time in a burst of fired delays). Decisions still read
+    /// the clock themselves. Without a round (tests, the simulation) each
+    /// event reads the clock.
+    pub fn begin_round(&mut self) {
+        self.round_ms = Some(self.clock.now_ms());
+    }
+
     fn emit(&self, message_id: MessageId, place: Place<'_>, kind: EventKind, reason: Option<&str>) {
         if !self.events.enabled() {
             return;
         }
         self.events.emit(Event {
-            time_ms: self.now(),
+            time_ms: self.round_ms.unwrap_or_else(|| self.now()),
             message_id,
             topic: place.topic.to_arc(),
             partition: place.partition,

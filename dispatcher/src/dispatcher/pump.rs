@@ -354,12 +354,18 @@ impl Dispatcher {
     /// fired mark) is skipped. Both are marked fired at once.
     pub(super) fn submit_fired(&mut self, due: Vec<DueMessage>, retry: bool) -> Result<()> {
         let mut done_already = Vec::new();
-        // (log, topic, partition, messages), in first-due order.
-        let mut batches: Vec<(Arc<dyn PartitionLog>, u32, Vec<DueMessage>)> = Vec::new();
-        for message in due {
+        // First pass: each message's batch (one per log, in first-due
+        // order) and each batch's size, so that the second pass moves every
+        // record once into a vector of its final size. Growing the batches
+        // by pushes copied a burst's records several times into freshly
+        // faulted pages (7 % of the dispatcher while a million delays fire).
+        let mut batches: Vec<(Arc<dyn PartitionLog>, u32, usize)> = Vec::new();
+        let mut batch_of: Vec<Option<usize>> = Vec::with_capacity(due.len());
+        for message in &due {
             let Some(topic) = self.topics.get(&message.topic) else {
                 tracing::warn!(topic = message.topic, id = %message.id, "delayed message for a deleted topic dropped");
                 done_already.push(message.id);
+                batch_of.push(None);
                 continue;
             };
             let partition = message.partition.min(topic.config.partitions - 1);
@@ -370,31 +376,40 @@ impl Dispatcher {
             // that covered the first).
             if message.due_ms <= self.opened_at_ms && log.find_by_id(&message.id)?.is_some() {
                 done_already.push(message.id);
+                batch_of.push(None);
                 continue;
             }
-            match batches
-                .iter_mut()
-                .find(|(l, _, m)| Arc::ptr_eq(l, log) && m[0].topic == message.topic)
-            {
-                Some((_, _, messages)) => messages.push(message),
-                None => batches.push((Arc::clone(log), partition, vec![message])),
-            }
+            // Logs are per topic partition: the same log is the same batch.
+            let index = match batches.iter().position(|(l, _, _)| Arc::ptr_eq(l, log)) {
+                Some(index) => index,
+                None => {
+                    batches.push((Arc::clone(log), partition, 0));
+                    batches.len() - 1
+                }
+            };
+            batches[index].2 += 1;
+            batch_of.push(Some(index));
         }
         if !done_already.is_empty() {
             self.delays.mark_fired(&done_already)?;
         }
-        for (log, partition, messages) in batches {
-            let topic = messages[0].topic.clone();
-            let mut records = Vec::with_capacity(messages.len());
-            let mut fired = Vec::with_capacity(messages.len());
-            for message in messages {
-                records.push(message.record);
-                fired.push(FiredMessage {
-                    id: message.id,
-                    partition: message.partition,
-                    due_ms: message.due_ms,
-                });
-            }
+        let mut filled: Vec<(Option<String>, Vec<RecordInput>, Vec<FiredMessage>)> = batches
+            .iter()
+            .map(|&(_, _, size)| (None, Vec::with_capacity(size), Vec::with_capacity(size)))
+            .collect();
+        for (message, index) in due.into_iter().zip(batch_of) {
+            let Some(index) = index else { continue };
+            let (topic, records, fired) = &mut filled[index];
+            topic.get_or_insert(message.topic);
+            records.push(message.record);
+            fired.push(FiredMessage {
+                id: message.id,
+                partition: message.partition,
+                due_ms: message.due_ms,
+            });
+        }
+        for ((log, partition, _), (topic, records, fired)) in batches.into_iter().zip(filled) {
+            let Some(topic) = topic else { continue };
             self.submit_copies(
                 log,
                 records,
