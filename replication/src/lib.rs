@@ -1,0 +1,62 @@
+//! # dmq-replication: DMQ on openraft
+//!
+//! The building blocks of a replicated DMQ (issue 12), on the `openraft`
+//! consensus engine; no consensus code of our own. This crate owns:
+//!
+//! - [`RaftLogJournal`]: a Raft log and vote kept in one CRC-framed,
+//!   fsynced journal (the dispatcher's [`FileJournal`]): an entry or a vote
+//!   is durable before openraft is told so, which is what makes "committed"
+//!   mean "fdatasync'd on a quorum".
+//! - [`MetadataStateMachine`]: the metadata group's state (topics and their
+//!   settings), its snapshots, and their file.
+//! - [`network`]: the Raft RPCs between nodes over TCP (length-prefixed
+//!   JSON frames), the server side and the client side.
+//! - [`MetadataNode`]: one member of the metadata group: storage, state
+//!   machine, transport and the `openraft::Raft` that drives them.
+//!
+//! What is not here yet (see issue 12's notes): partitions as Raft groups
+//! over the segment log, replicated dispatcher state, and dmqd wiring.
+//!
+//! # Invariants
+//!
+//! - A log entry, a truncation, a purge and a vote are in the journal and
+//!   fsynced before openraft learns they are done.
+//! - The state machine is a function of the snapshot file and the log:
+//!   on restart openraft re-applies the committed entries after the
+//!   snapshot (the journal keeps the committed log id).
+//! - Nothing read from a socket or a file panics: frames are bounded and
+//!   decoded into typed errors.
+//!
+//! [`FileJournal`]: dmq_dispatcher::storage::FileJournal
+
+use std::io::Cursor;
+
+pub mod log_store;
+pub mod metadata;
+pub mod network;
+pub mod node;
+
+pub use log_store::RaftLogJournal;
+pub use metadata::{MetaCommand, MetaResponse, MetadataStateMachine, TopicSpec};
+pub use node::{MetadataNode, NodeConfig, NodeError};
+
+/// A node's id in a cluster.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The metadata group's types: commands are [`MetaCommand`], nodes
+    /// are known by their Raft RPC address.
+    pub MetaTypes:
+        D = MetaCommand,
+        R = MetaResponse,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<MetaTypes>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A log entry of the metadata group.
+pub type MetaEntry = openraft::Entry<MetaTypes>;
+/// A storage error as openraft wants it.
+pub type StorageError = openraft::StorageError<NodeId>;

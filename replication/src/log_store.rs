@@ -1,0 +1,376 @@
+//! The Raft log and vote of one group in one journal.
+//!
+//! Every change is an operation appended to a CRC-framed journal and
+//! fsynced before openraft is told it is done: an entry, a truncation of
+//! the uncommitted tail, a purge of the applied head, the vote and the
+//! committed log id. Opening replays the operations; a torn tail (a crash
+//! in the middle of a write) is cut by the journal, and whatever was cut
+//! was never reported durable. When dead operations outnumber live ones
+//! the journal is rewritten (atomically: a temporary file, fsync, rename).
+//!
+//! The entries are also kept in memory: this store is for the metadata
+//! group, whose log is small and purged after each snapshot. (Partition
+//! groups will keep their entries in the segment log, issue 12.)
+//!
+//! The journal's fsync runs on the calling task's thread under a mutex:
+//! fine for metadata writes, not for a message path.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dmq_dispatcher::storage::{FileJournal, Journal};
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogId, LogState, RaftLogReader, StorageIOError, Vote};
+use serde::{Deserialize, Serialize};
+
+use crate::{MetaEntry, MetaTypes, NodeId, StorageError};
+
+/// One durable change to the log, as the journal stores it.
+#[derive(Debug, Serialize, Deserialize)]
+enum LogOp {
+    Vote(Vote<NodeId>),
+    Committed(Option<LogId<NodeId>>),
+    Entry(MetaEntry),
+    /// Entries at this index and after are gone (a conflicting tail).
+    Truncate(u64),
+    /// Entries up to this log id are gone (applied and in a snapshot).
+    Purge(LogId<NodeId>),
+}
+
+#[derive(Debug)]
+struct JournalState {
+    journal: Box<dyn Journal>,
+    entries: BTreeMap<u64, MetaEntry>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    last_purged: Option<LogId<NodeId>>,
+    /// Operations in the journal since it was last rewritten.
+    ops: usize,
+}
+
+/// A group's Raft log and vote, durable in one journal. Clones share the
+/// same log (openraft reads through a clone while it writes).
+#[derive(Debug, Clone)]
+pub struct RaftLogJournal {
+    state: Arc<Mutex<JournalState>>,
+}
+
+/// Rewrite the journal when it holds more than this many operations
+/// beyond twice the live entries.
+const REWRITE_SLACK: usize = 1_024;
+
+impl RaftLogJournal {
+    /// Opens (creating if needed) the log in the journal file at `path`.
+    pub fn open(path: &Path) -> Result<RaftLogJournal, Box<StorageError>> {
+        let (journal, payloads) = FileJournal::open("raft-log", path)
+            .map_err(|e| Box::new(StorageIOError::read_logs(&e).into()))?;
+        Self::from_journal(Box::new(journal), payloads)
+    }
+
+    /// Builds the log from a journal and the payloads it held when opened.
+    pub fn from_journal(
+        journal: Box<dyn Journal>,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<RaftLogJournal, Box<StorageError>> {
+        let mut state = JournalState {
+            journal,
+            entries: BTreeMap::new(),
+            vote: None,
+            committed: None,
+            last_purged: None,
+            ops: payloads.len(),
+        };
+        for payload in payloads {
+            let op: LogOp = serde_json::from_slice(&payload)
+                .map_err(|e| Box::new(StorageIOError::read_logs(&e).into()))?;
+            state.apply(op);
+        }
+        Ok(RaftLogJournal {
+            state: Arc::new(Mutex::new(state)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, JournalState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The number of entries held (after purges).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// True if the log holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl JournalState {
+    fn apply(&mut self, op: LogOp) {
+        match op {
+            LogOp::Vote(vote) => self.vote = Some(vote),
+            LogOp::Committed(committed) => self.committed = committed,
+            LogOp::Entry(entry) => {
+                self.entries.insert(entry.log_id.index, entry);
+            }
+            LogOp::Truncate(index) => {
+                self.entries.split_off(&index);
+            }
+            LogOp::Purge(log_id) => {
+                self.entries = self.entries.split_off(&(log_id.index + 1));
+                if self.last_purged.is_none_or(|last| last < log_id) {
+                    self.last_purged = Some(log_id);
+                }
+            }
+        }
+    }
+
+    /// Appends `ops` to the journal and makes them durable, then applies
+    /// them in memory.
+    fn write(&mut self, ops: Vec<LogOp>) -> Result<(), std::io::Error> {
+        for op in &ops {
+            let payload = serde_json::to_vec(op).map_err(std::io::Error::other)?;
+            self.journal.append(&payload);
+        }
+        self.journal.sync().map_err(std::io::Error::other)?;
+        self.ops += ops.len();
+        for op in ops {
+            self.apply(op);
+        }
+        Ok(())
+    }
+
+    /// Rewrites the journal with only the live state once dead operations
+    /// dominate it.
+    fn compact_if_worth_it(&mut self) -> Result<(), std::io::Error> {
+        if self.ops <= 2 * self.entries.len() + REWRITE_SLACK {
+            return Ok(());
+        }
+        let mut ops = Vec::with_capacity(self.entries.len() + 3);
+        let mut push = |op: &LogOp| serde_json::to_vec(op).map(|payload| ops.push(payload));
+        if let Some(vote) = self.vote {
+            push(&LogOp::Vote(vote)).map_err(std::io::Error::other)?;
+        }
+        push(&LogOp::Committed(self.committed)).map_err(std::io::Error::other)?;
+        if let Some(purged) = self.last_purged {
+            push(&LogOp::Purge(purged)).map_err(std::io::Error::other)?;
+        }
+        for entry in self.entries.values() {
+            push(&LogOp::Entry(entry.clone())).map_err(std::io::Error::other)?;
+        }
+        self.journal.rewrite(&ops).map_err(std::io::Error::other)?;
+        self.ops = ops.len();
+        Ok(())
+    }
+}
+
+impl RaftLogReader<MetaTypes> for RaftLogJournal {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<MetaEntry>, StorageError> {
+        Ok(self
+            .lock()
+            .entries
+            .range(range)
+            .map(|(_, entry)| entry.clone())
+            .collect())
+    }
+}
+
+impl RaftLogStorage<MetaTypes> for RaftLogJournal {
+    type LogReader = RaftLogJournal;
+
+    async fn get_log_state(&mut self) -> Result<LogState<MetaTypes>, StorageError> {
+        let state = self.lock();
+        let last = state.entries.values().next_back().map(|e| e.log_id);
+        Ok(LogState {
+            last_purged_log_id: state.last_purged,
+            last_log_id: last.or(state.last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.lock()
+            .write(vec![LogOp::Vote(*vote)])
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        Ok(self.lock().vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
+        self.lock()
+            .write(vec![LogOp::Committed(committed)])
+            .map_err(|e| StorageIOError::write(&e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
+        Ok(self.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<MetaTypes>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = MetaEntry> + Send,
+        I::IntoIter: Send,
+    {
+        let ops: Vec<LogOp> = entries.into_iter().map(LogOp::Entry).collect();
+        let written = self.lock().write(ops);
+        match written {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                let reported = StorageIOError::write_logs(&error).into();
+                callback.log_io_completed(Err(error));
+                Err(reported)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        self.lock()
+            .write(vec![LogOp::Truncate(log_id.index)])
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        let mut state = self.lock();
+        state
+            .write(vec![LogOp::Purge(log_id)])
+            .and_then(|()| state.compact_if_worth_it())
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(term: u64, index: u64) -> MetaEntry {
+        MetaEntry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn entries_vote_truncation_and_purge_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft.journal");
+        rt().block_on(async {
+            let mut log = RaftLogJournal::open(&path).expect("open");
+            {
+                let mut state = log.lock();
+                let ops = (1..=10).map(|i| LogOp::Entry(entry(1, i))).collect();
+                state.write(ops).expect("write");
+            }
+            log.save_vote(&Vote::new(3, 2)).await.expect("vote");
+            log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 8))
+                .await
+                .expect("truncate");
+            log.purge(LogId::new(CommittedLeaderId::new(1, 1), 3))
+                .await
+                .expect("purge");
+            drop(log);
+            let mut reopened = RaftLogJournal::open(&path).expect("reopen");
+            let entries = reopened.try_get_log_entries(0..100).await.expect("read");
+            let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+            assert_eq!(indexes, vec![4, 5, 6, 7]);
+            assert_eq!(
+                reopened.read_vote().await.expect("vote"),
+                Some(Vote::new(3, 2))
+            );
+            let state = reopened.get_log_state().await.expect("state");
+            assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(3));
+            assert_eq!(state.last_log_id.map(|l| l.index), Some(7));
+        });
+    }
+
+    #[test]
+    fn a_purged_log_is_rewritten_and_still_reads_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft.journal");
+        rt().block_on(async {
+            let mut log = RaftLogJournal::open(&path).expect("open");
+            for i in 1..=3_000 {
+                log.lock()
+                    .write(vec![LogOp::Entry(entry(2, i))])
+                    .expect("write");
+            }
+            let before = std::fs::metadata(&path).expect("meta").len();
+            log.purge(LogId::new(CommittedLeaderId::new(2, 1), 2_990))
+                .await
+                .expect("purge");
+            let after = std::fs::metadata(&path).expect("meta").len();
+            assert!(after * 10 < before, "rewritten: {before} -> {after} bytes");
+            drop(log);
+            let mut reopened = RaftLogJournal::open(&path).expect("reopen");
+            let state = reopened.get_log_state().await.expect("state");
+            assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(2_990));
+            assert_eq!(state.last_log_id.map(|l| l.index), Some(3_000));
+            assert_eq!(reopened.len(), 10);
+        });
+    }
+
+    #[test]
+    fn a_torn_tail_loses_only_the_unacknowledged_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft.journal");
+        rt().block_on(async {
+            let log = RaftLogJournal::open(&path).expect("open");
+            log.lock()
+                .write((1..=5).map(|i| LogOp::Entry(entry(1, i))).collect())
+                .expect("write");
+            drop(log);
+            // A crash in the middle of the sixth entry's write.
+            let mut bytes = std::fs::read(&path).expect("read");
+            let whole = bytes.len();
+            let head = bytes[..20].to_vec();
+            bytes.extend_from_slice(&head);
+            std::fs::write(&path, &bytes).expect("write");
+            let mut reopened = RaftLogJournal::open(&path).expect("reopen");
+            let state = reopened.get_log_state().await.expect("state");
+            assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
+            assert_eq!(
+                std::fs::metadata(&path).expect("meta").len() as usize,
+                whole
+            );
+        });
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft.journal");
+        // Valid frames of garbage payloads.
+        let (mut journal, _) = FileJournal::open("raft-log", &path).expect("open");
+        journal.append(b"not json");
+        journal.sync().expect("sync");
+        drop(journal);
+        assert!(RaftLogJournal::open(&path).is_err());
+    }
+}
