@@ -57,6 +57,15 @@ pub enum LogError {
     /// The caller's batch breaks a rule (empty, too large, bad id).
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// A truncation point that is not a batch boundary of the log (see
+    /// [`crate::truncate_closed_log`]).
+    #[error("cannot truncate at offset {offset}: {reason}")]
+    BadTruncation {
+        /// The offset asked for.
+        offset: u64,
+        /// Why it cannot be cut there.
+        reason: String,
+    },
     /// The configuration is not usable.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

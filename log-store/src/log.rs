@@ -37,10 +37,11 @@ use crate::error::{is_disk_full, LogError, Result};
 use crate::io::{select_backend, AppendIo, SegmentFile};
 use crate::message_id::{MessageId, MessageIdGenerator};
 use crate::mmap::SegmentMap;
+use crate::scan::scan_segment;
 use crate::scan::CorruptRegion;
 use crate::segment::{
-    index_paths, log_file_name, rebuild_indexes, rebuild_indexes_from, remove_if_exists, Segment,
-    SegmentIndexes,
+    checkpoint_paths, index_paths, log_file_name, rebuild_indexes, rebuild_indexes_from,
+    remove_if_exists, Segment, SegmentIndexes,
 };
 
 /// What [`Log::append`] assigned.
@@ -233,6 +234,118 @@ fn parse_segment_name(name: &str) -> Option<(u64, &str)> {
         return None;
     }
     Some((stem.parse().ok()?, extension))
+}
+
+/// What [`truncate_closed_log`] cut.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Truncation {
+    /// Whole segments deleted.
+    pub segments_removed: usize,
+    /// Bytes cut from the segment that now ends the log.
+    pub bytes_cut: u64,
+}
+
+/// Cuts the log in `dir` back to `offset`: every record at `offset` and
+/// after is gone, durably, and the next append gets `offset`. This is how a
+/// replica drops a tail its new leader does not have (Raft's truncation of
+/// uncommitted entries); nothing else may cut a log.
+///
+/// The log must be closed: the directory's lock is taken, so an open
+/// [`Log`] (whose readers may hold mappings of the files) makes this fail.
+/// `offset` must be the base offset of a batch, or the end of the log
+/// (nothing to cut); below the log's first segment it is refused. The
+/// segment that now ends the log loses its index files and checkpoints:
+/// the next open rebuilds them from its data, as for any active segment.
+/// Steps are ordered so that a crash part-way leaves a log that opens
+/// (segments are removed from the last one down, then the cut is made).
+pub fn truncate_closed_log(dir: &Path, offset: u64) -> Result<Truncation> {
+    let _lock = lock_exclusive(dir)?;
+    let mut bases = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| LogError::io("listing the log directory", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("listing the log directory", dir, e))?;
+        if let Some((base, "log")) = entry.file_name().to_str().and_then(parse_segment_name) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    let refuse = |reason: String| LogError::BadTruncation { offset, reason };
+    let Some(&first) = bases.first() else {
+        return match offset {
+            0 => Ok(Truncation::default()),
+            _ => Err(refuse("the log is empty".to_string())),
+        };
+    };
+    if offset < first {
+        return Err(refuse(format!("the log starts at {first}")));
+    }
+    // The segment holding `offset` (or the last one, if `offset` is its end).
+    let keep = bases.partition_point(|&base| base <= offset) - 1;
+    let holder = bases[keep];
+    let path = dir.join(log_file_name(holder));
+    let data = std::fs::read(&path).map_err(|e| LogError::io("reading a segment", &path, e))?;
+    let mut cut_at = None;
+    let mut end = holder;
+    let outcome = scan_segment(&data, holder, 0, holder, |position, header| {
+        if header.base_offset == offset {
+            cut_at = Some(position);
+        }
+        end = header.next_offset();
+    });
+    let cut_at = match cut_at {
+        Some(position) => position,
+        None if offset == end && keep == bases.len() - 1 => outcome.valid_end as u64,
+        None if offset == holder => 0,
+        None => {
+            return Err(refuse(format!(
+                "not the first offset of a batch of segment {holder} (it ends at {end})"
+            )))
+        }
+    };
+    let mut truncation = Truncation::default();
+    for &base in bases[keep + 1..].iter().rev() {
+        remove_segment_files(dir, base)?;
+        truncation.segments_removed += 1;
+    }
+    if cut_at == 0 && keep > 0 {
+        // The cut is the segment's start: the segment goes, and the one
+        // before ends the log.
+        remove_segment_files(dir, holder)?;
+        truncation.segments_removed += 1;
+        remove_index_files(dir, bases[keep - 1])?;
+    } else {
+        truncation.bytes_cut = (data.len() as u64).saturating_sub(cut_at);
+        remove_index_files(dir, holder)?;
+        let file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(|e| LogError::io("opening a segment to cut it", &path, e))?;
+        file.set_len(cut_at)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| LogError::io("cutting a segment", &path, e))?;
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io("syncing the log directory", dir, e))?;
+    Ok(truncation)
+}
+
+/// Removes a segment's data file, index files and checkpoints.
+fn remove_segment_files(dir: &Path, base: u64) -> Result<()> {
+    remove_index_files(dir, base)?;
+    remove_if_exists(&dir.join(log_file_name(base)))
+}
+
+/// Removes a segment's index files and checkpoints (rebuilt at open).
+fn remove_index_files(dir: &Path, base: u64) -> Result<()> {
+    for path in index_paths(dir, base)
+        .into_iter()
+        .chain(checkpoint_paths(dir, base))
+    {
+        remove_if_exists(&path)?;
+    }
+    Ok(())
 }
 
 impl Log {
@@ -451,7 +564,17 @@ impl Log {
     /// order) into one group commit. Readers see the batch only once durable
     /// (under `Always`).
     pub fn append_deferred(&self, batch: &BatchInput) -> Result<AppendInfo> {
-        self.shared.append(batch)
+        self.shared.append(batch, None)
+    }
+
+    /// [`Log::append_deferred`] with the broker timestamp given instead of
+    /// read from the log's clock: a replica appends what its leader
+    /// stamped, so that every replica holds the same records (offsets, ids
+    /// and timestamps). Every record should carry its id. A timestamp
+    /// below the last one appended is refused ([`LogError::InvalidBatch`]):
+    /// the replica has diverged from its leader.
+    pub fn append_deferred_at(&self, batch: &BatchInput, timestamp_ms: i64) -> Result<AppendInfo> {
+        self.shared.append(batch, Some(timestamp_ms))
     }
 
     /// Returns once the batch `info` describes meets the fsync policy.
@@ -721,7 +844,7 @@ impl Shared {
         }
     }
 
-    fn append(&self, batch: &BatchInput) -> Result<AppendInfo> {
+    fn append(&self, batch: &BatchInput, stamped: Option<i64>) -> Result<AppendInfo> {
         validate_input(batch).map_err(|e| LogError::InvalidBatch(e.into()))?;
         let batch_len = batch.encoded_len() as u64;
         if batch_len > u64::from(self.config.segment_bytes_max) {
@@ -734,7 +857,16 @@ impl Shared {
         if self.failed.get().is_some() {
             return Err(self.failed_error());
         }
-        let timestamp_ms = self.clock.now_ms().max(writer.last_timestamp_ms);
+        let timestamp_ms = match stamped {
+            None => self.clock.now_ms().max(writer.last_timestamp_ms),
+            Some(stamped) if stamped < writer.last_timestamp_ms => {
+                return Err(LogError::InvalidBatch(format!(
+                    "timestamp {stamped} is before the last one appended ({})",
+                    writer.last_timestamp_ms
+                )));
+            }
+            Some(stamped) => stamped,
+        };
         if let Some(record) = batch
             .records
             .iter()

@@ -1,0 +1,195 @@
+//! What replication needs from a log: a replica that appends its leader's
+//! records with the leader's timestamps holds the same records, and a
+//! closed log cut back to a batch boundary (Raft's truncation of an
+//! uncommitted tail) reads, looks up and appends as if the cut records had
+//! never been written.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{append, check_log, small_batch, Expected};
+use dmq_log_store::{
+    truncate_closed_log, BatchInput, FsyncPolicy, Log, LogConfig, LogError, ManualClock,
+    RecordInput,
+};
+use proptest::prelude::*;
+
+fn config(segment_bytes_max: u32) -> LogConfig {
+    LogConfig {
+        segment_bytes_max,
+        index_interval_bytes: 256,
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    }
+}
+
+/// The records `info` and `batch` describe, as a replica would be sent
+/// them: every record with its id.
+fn as_sent(batch: &BatchInput, ids: &[dmq_log_store::MessageId]) -> BatchInput {
+    BatchInput {
+        records: batch
+            .records
+            .iter()
+            .zip(ids)
+            .map(|(record, id)| RecordInput {
+                id: Some(*id),
+                ..record.clone()
+            })
+            .collect(),
+        ..batch.clone()
+    }
+}
+
+#[test]
+fn a_replica_appending_its_leaders_timestamps_holds_the_same_records() {
+    let leader_dir = common::scratch_dir();
+    let replica_dir = common::scratch_dir();
+    let leader = Log::open_with_clock(
+        leader_dir.path(),
+        config(16 * 1024),
+        Arc::new(ManualClock::new(1_000_000)),
+    )
+    .expect("leader");
+    // The replica's clock is an hour behind: it must not matter.
+    let replica = Log::open_with_clock(
+        replica_dir.path(),
+        config(16 * 1024),
+        Arc::new(ManualClock::new(1_000_000 - 3_600_000)),
+    )
+    .expect("replica");
+    let mut expected = Vec::new();
+    for tag in 0..40 {
+        let batch = small_batch(tag, 1 + (tag as usize % 7), 100);
+        let info = leader.append(&batch).expect("leader append");
+        let sent = as_sent(&batch, &info.ids);
+        let copy = replica
+            .append_deferred_at(&sent, info.timestamp_ms)
+            .expect("replica append");
+        replica.wait_durable(&copy).expect("durable");
+        assert_eq!(copy.base_offset, info.base_offset);
+        assert_eq!(copy.ids, info.ids);
+        expected.extend(Expected::from_append(&batch, &info));
+    }
+    check_log(&leader, &expected);
+    check_log(&replica, &expected);
+    // A timestamp going backwards means the replica diverged: refused.
+    let late = as_sent(
+        &small_batch(99, 1, 10),
+        &[dmq_log_store::MessageId::new(4, 7)],
+    );
+    assert!(matches!(
+        replica.append_deferred_at(&late, 5),
+        Err(LogError::InvalidBatch(_))
+    ));
+}
+
+#[test]
+fn truncating_an_open_log_is_refused_and_a_cut_inside_a_batch_too() {
+    let dir = common::scratch_dir();
+    let log = Log::open(dir.path(), config(16 * 1024)).expect("open");
+    append(&log, &small_batch(1, 5, 10));
+    append(&log, &small_batch(2, 5, 10));
+    assert!(
+        truncate_closed_log(dir.path(), 5).is_err(),
+        "the log is open"
+    );
+    drop(log);
+    assert!(matches!(
+        truncate_closed_log(dir.path(), 3),
+        Err(LogError::BadTruncation { offset: 3, .. })
+    ));
+    assert!(matches!(
+        truncate_closed_log(dir.path(), 11),
+        Err(LogError::BadTruncation { offset: 11, .. })
+    ));
+    // At the end: nothing to cut.
+    assert_eq!(
+        truncate_closed_log(dir.path(), 10)
+            .expect("end")
+            .segments_removed,
+        0
+    );
+    let log = Log::open(dir.path(), config(16 * 1024)).expect("reopen");
+    assert_eq!(log.end_offset(), 10);
+}
+
+fn run_truncation(
+    segment_bytes_max: u32,
+    batches: &[(usize, usize)],
+    cut_batch: usize,
+    reopen_before: bool,
+) {
+    let dir = common::scratch_dir();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let mut expected: Vec<Expected> = Vec::new();
+    let mut boundaries = Vec::new();
+    {
+        let open = || {
+            Log::open_with_clock(dir.path(), config(segment_bytes_max), clock.clone())
+                .expect("open")
+        };
+        let mut log = open();
+        for (i, &(count, value_len)) in batches.iter().enumerate() {
+            if reopen_before && i == batches.len() / 2 {
+                // A clean close in the middle writes checkpoints of the
+                // active segment's indexes: a cut must not reuse them.
+                drop(log);
+                log = open();
+            }
+            boundaries.push(log.end_offset());
+            clock.advance_ms(1);
+            expected.extend(append(&log, &small_batch(i as u64, count, value_len)));
+        }
+        boundaries.push(log.end_offset());
+    }
+    let cut = boundaries[cut_batch.min(boundaries.len() - 1)];
+    truncate_closed_log(dir.path(), cut).expect("truncate");
+    let kept: Vec<Expected> = expected
+        .iter()
+        .filter(|e| e.offset < cut)
+        .cloned()
+        .collect();
+    let log = Log::open_with_clock(dir.path(), config(segment_bytes_max), clock.clone())
+        .expect("reopen after the cut");
+    assert_eq!(log.recovery_report().corrupt_regions.len(), 0);
+    check_log(&log, &kept);
+    // Cut records are gone from every index.
+    for gone in expected.iter().filter(|e| e.offset >= cut) {
+        assert!(
+            log.find_by_id(&gone.id).expect("lookup").is_none(),
+            "id of {} still found",
+            gone.offset
+        );
+    }
+    for kept in &kept {
+        let found = log
+            .find_by_id(&kept.id)
+            .expect("lookup")
+            .expect("kept id found");
+        assert_eq!(found.offset, kept.offset);
+    }
+    // Appends go on from the cut.
+    clock.advance_ms(1);
+    let more = append(&log, &small_batch(1_000, 3, 50));
+    assert_eq!(more[0].offset, cut);
+    drop(log);
+    let log = Log::open_with_clock(dir.path(), config(segment_bytes_max), clock).expect("reopen");
+    let mut all = kept;
+    all.extend(more);
+    check_log(&log, &all);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_cut_log_holds_exactly_the_records_before_the_cut(
+        segment_bytes_max in prop_oneof![Just(4 * 1024u32), Just(8 * 1024u32), Just(64 * 1024u32)],
+        batches in proptest::collection::vec((1usize..8, 10usize..400), 1..30),
+        cut_batch in 0usize..32,
+        reopen_before in any::<bool>(),
+    ) {
+        run_truncation(segment_bytes_max, &batches, cut_batch, reopen_before);
+    }
+}
