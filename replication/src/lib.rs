@@ -13,9 +13,12 @@
 //!   JSON frames), the server side and the client side.
 //! - [`MetadataNode`]: one member of the metadata group: storage, state
 //!   machine, transport and the `openraft::Raft` that drives them.
+//! - [`partition`]: a partition's Raft group whose Raft log is the
+//!   partition's segment log (no second copy of a message), and
+//!   [`PartitionNode`], one replica of it.
 //!
-//! What is not here yet (see issue 12's notes): partitions as Raft groups
-//! over the segment log, replicated dispatcher state, and dmqd wiring.
+//! What is not here yet (see issue 12's notes): replicated dispatcher
+//! state, snapshots of partition data, and dmqd wiring.
 //!
 //! # Invariants
 //!
@@ -35,10 +38,14 @@ pub mod log_store;
 pub mod metadata;
 pub mod network;
 pub mod node;
+pub mod partition;
 
 pub use log_store::RaftLogJournal;
 pub use metadata::{MetaCommand, MetaResponse, MetadataStateMachine, TopicSpec};
-pub use node::{MetadataNode, NodeConfig, NodeError};
+pub use node::{MetadataNode, NodeConfig, NodeError, PartitionNode};
+pub use partition::{
+    AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,
+};
 
 /// A node's id in a cluster.
 pub type NodeId = u64;

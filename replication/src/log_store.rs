@@ -1,19 +1,23 @@
-//! The Raft log and vote of one group in one journal.
+//! A Raft group's rows, vote and committed id in one journal.
 //!
-//! Every change is an operation appended to a CRC-framed journal and
-//! fsynced before openraft is told it is done: an entry, a truncation of
-//! the uncommitted tail, a purge of the applied head, the vote and the
-//! committed log id. Opening replays the operations; a torn tail (a crash
-//! in the middle of a write) is cut by the journal, and whatever was cut
-//! was never reported durable. When dead operations outnumber live ones
-//! the journal is rewritten (atomically: a temporary file, fsync, rename).
+//! [`RowJournal`] keeps one row per Raft entry: the whole entry for the
+//! metadata group ([`RaftLogJournal`]), or where the entry's records are
+//! for a partition group ([`crate::partition`]). Every change is an
+//! operation appended to a CRC-framed journal and fsynced before openraft
+//! is told it is done: a row, a truncation of the uncommitted tail, a
+//! purge of the applied head, the vote and the committed log id. Opening
+//! replays the operations; a torn tail (a crash in the middle of a write)
+//! is cut by the journal, and whatever was cut was never reported
+//! durable. When dead operations outnumber live ones the journal is
+//! rewritten (atomically: a temporary file, fsync, rename).
 //!
-//! The entries are also kept in memory: this store is for the metadata
-//! group, whose log is small and purged after each snapshot. (Partition
-//! groups will keep their entries in the segment log, issue 12.)
+//! Rows are also kept in memory: the metadata group's log is small and
+//! purged after each snapshot; a partition's rows are small (its records
+//! are in the segment log), but not yet bounded (issue 12).
 //!
 //! The journal's fsync runs on the calling task's thread under a mutex:
-//! fine for metadata writes, not for a message path.
+//! fine for metadata writes and for this first partition step, to be
+//! moved off the runtime for the message path.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -24,105 +28,106 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dmq_dispatcher::storage::{FileJournal, Journal};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogId, LogState, RaftLogReader, StorageIOError, Vote};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::{MetaEntry, MetaTypes, NodeId, StorageError};
 
-/// One durable change to the log, as the journal stores it.
-#[derive(Debug, Serialize, Deserialize)]
-enum LogOp {
-    Vote(Vote<NodeId>),
-    Committed(Option<LogId<NodeId>>),
-    Entry(MetaEntry),
-    /// Entries at this index and after are gone (a conflicting tail).
-    Truncate(u64),
-    /// Entries up to this log id are gone (applied and in a snapshot).
-    Purge(LogId<NodeId>),
+/// What the journal keeps per Raft entry: the whole entry (the metadata
+/// group), or a reference to where its data lives (a partition group).
+pub(crate) trait Row:
+    Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static
+{
+    /// The entry's log id.
+    fn log_id(&self) -> LogId<NodeId>;
 }
 
+impl Row for MetaEntry {
+    fn log_id(&self) -> LogId<NodeId> {
+        self.log_id
+    }
+}
+
+/// One durable change to the log, as the journal stores it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(bound = "R: Row")]
+pub(crate) enum LogOp<R> {
+    Vote(Vote<NodeId>),
+    Committed(Option<LogId<NodeId>>),
+    Entry(R),
+    /// Entries at this index and after are gone (a conflicting tail).
+    Truncate(u64),
+    /// Entries up to this log id are gone (applied and in a snapshot); the
+    /// last of them is kept aside.
+    Purge(LogId<NodeId>, Option<R>),
+}
+
+/// A group's rows, vote and committed id, durable in one journal.
 #[derive(Debug)]
-struct JournalState {
+pub(crate) struct RowJournal<R> {
     journal: Box<dyn Journal>,
-    entries: BTreeMap<u64, MetaEntry>,
-    vote: Option<Vote<NodeId>>,
-    committed: Option<LogId<NodeId>>,
-    last_purged: Option<LogId<NodeId>>,
+    pub(crate) rows: BTreeMap<u64, R>,
+    pub(crate) vote: Option<Vote<NodeId>>,
+    pub(crate) committed: Option<LogId<NodeId>>,
+    pub(crate) last_purged: Option<LogId<NodeId>>,
+    /// The last row purged (a partition needs the log end it names).
+    pub(crate) last_purged_row: Option<R>,
     /// Operations in the journal since it was last rewritten.
     ops: usize,
 }
 
-/// A group's Raft log and vote, durable in one journal. Clones share the
-/// same log (openraft reads through a clone while it writes).
-#[derive(Debug, Clone)]
-pub struct RaftLogJournal {
-    state: Arc<Mutex<JournalState>>,
-}
-
 /// Rewrite the journal when it holds more than this many operations
-/// beyond twice the live entries.
+/// beyond twice the live rows.
 const REWRITE_SLACK: usize = 1_024;
 
-impl RaftLogJournal {
-    /// Opens (creating if needed) the log in the journal file at `path`.
-    pub fn open(path: &Path) -> Result<RaftLogJournal, Box<StorageError>> {
+impl<R: Row> RowJournal<R> {
+    /// Opens (creating if needed) the journal file at `path`.
+    pub(crate) fn open(path: &Path) -> Result<RowJournal<R>, Box<StorageError>> {
         let (journal, payloads) = FileJournal::open("raft-log", path)
             .map_err(|e| Box::new(StorageIOError::read_logs(&e).into()))?;
         Self::from_journal(Box::new(journal), payloads)
     }
 
-    /// Builds the log from a journal and the payloads it held when opened.
-    pub fn from_journal(
+    /// Builds the rows from a journal and the payloads it held when opened.
+    pub(crate) fn from_journal(
         journal: Box<dyn Journal>,
         payloads: Vec<Vec<u8>>,
-    ) -> Result<RaftLogJournal, Box<StorageError>> {
-        let mut state = JournalState {
+    ) -> Result<RowJournal<R>, Box<StorageError>> {
+        let mut state = RowJournal {
             journal,
-            entries: BTreeMap::new(),
+            rows: BTreeMap::new(),
             vote: None,
             committed: None,
             last_purged: None,
+            last_purged_row: None,
             ops: payloads.len(),
         };
         for payload in payloads {
-            let op: LogOp = serde_json::from_slice(&payload)
+            let op: LogOp<R> = serde_json::from_slice(&payload)
                 .map_err(|e| Box::new(StorageIOError::read_logs(&e).into()))?;
             state.apply(op);
         }
-        Ok(RaftLogJournal {
-            state: Arc::new(Mutex::new(state)),
-        })
+        Ok(state)
     }
 
-    fn lock(&self) -> MutexGuard<'_, JournalState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The number of entries held (after purges).
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    /// True if the log holds no entry.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl JournalState {
-    fn apply(&mut self, op: LogOp) {
+    fn apply(&mut self, op: LogOp<R>) {
         match op {
             LogOp::Vote(vote) => self.vote = Some(vote),
             LogOp::Committed(committed) => self.committed = committed,
-            LogOp::Entry(entry) => {
-                self.entries.insert(entry.log_id.index, entry);
+            LogOp::Entry(row) => {
+                self.rows.insert(row.log_id().index, row);
             }
             LogOp::Truncate(index) => {
-                self.entries.split_off(&index);
+                self.rows.split_off(&index);
             }
-            LogOp::Purge(log_id) => {
-                self.entries = self.entries.split_off(&(log_id.index + 1));
-                if self.last_purged.is_none_or(|last| last < log_id) {
+            LogOp::Purge(log_id, last) => {
+                let kept = self.rows.split_off(&(log_id.index + 1));
+                let purged = std::mem::replace(&mut self.rows, kept);
+                if self.last_purged.is_none_or(|l| l < log_id) {
                     self.last_purged = Some(log_id);
+                    if let Some(row) = purged.into_values().next_back().or(last) {
+                        self.last_purged_row = Some(row);
+                    }
                 }
             }
         }
@@ -130,7 +135,7 @@ impl JournalState {
 
     /// Appends `ops` to the journal and makes them durable, then applies
     /// them in memory.
-    fn write(&mut self, ops: Vec<LogOp>) -> Result<(), std::io::Error> {
+    pub(crate) fn write(&mut self, ops: Vec<LogOp<R>>) -> Result<(), std::io::Error> {
         for op in &ops {
             let payload = serde_json::to_vec(op).map_err(std::io::Error::other)?;
             self.journal.append(&payload);
@@ -143,27 +148,77 @@ impl JournalState {
         Ok(())
     }
 
-    /// Rewrites the journal with only the live state once dead operations
-    /// dominate it.
-    fn compact_if_worth_it(&mut self) -> Result<(), std::io::Error> {
-        if self.ops <= 2 * self.entries.len() + REWRITE_SLACK {
+    /// Purges rows up to `log_id`, durably, and rewrites the journal with
+    /// only the live state once dead operations dominate it.
+    pub(crate) fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), std::io::Error> {
+        let last = self
+            .rows
+            .range(..=log_id.index)
+            .next_back()
+            .map(|(_, r)| r.clone());
+        self.write(vec![LogOp::Purge(log_id, last)])?;
+        if self.ops <= 2 * self.rows.len() + REWRITE_SLACK {
             return Ok(());
         }
-        let mut ops = Vec::with_capacity(self.entries.len() + 3);
-        let mut push = |op: &LogOp| serde_json::to_vec(op).map(|payload| ops.push(payload));
+        let mut ops = Vec::with_capacity(self.rows.len() + 3);
+        let mut push = |op: &LogOp<R>| serde_json::to_vec(op).map(|payload| ops.push(payload));
         if let Some(vote) = self.vote {
             push(&LogOp::Vote(vote)).map_err(std::io::Error::other)?;
         }
         push(&LogOp::Committed(self.committed)).map_err(std::io::Error::other)?;
         if let Some(purged) = self.last_purged {
-            push(&LogOp::Purge(purged)).map_err(std::io::Error::other)?;
+            push(&LogOp::Purge(purged, self.last_purged_row.clone()))
+                .map_err(std::io::Error::other)?;
         }
-        for entry in self.entries.values() {
-            push(&LogOp::Entry(entry.clone())).map_err(std::io::Error::other)?;
+        for row in self.rows.values() {
+            push(&LogOp::Entry(row.clone())).map_err(std::io::Error::other)?;
         }
         self.journal.rewrite(&ops).map_err(std::io::Error::other)?;
         self.ops = ops.len();
         Ok(())
+    }
+
+    /// openraft's view of the log.
+    pub(crate) fn log_state<C>(&self) -> LogState<C>
+    where
+        C: openraft::RaftTypeConfig<NodeId = NodeId>,
+    {
+        let last = self.rows.values().next_back().map(Row::log_id);
+        LogState {
+            last_purged_log_id: self.last_purged,
+            last_log_id: last.or(self.last_purged),
+        }
+    }
+}
+
+/// The metadata group's Raft log: whole entries in a row journal.
+/// Clones share the same log (openraft reads through a clone while it
+/// writes).
+#[derive(Debug, Clone)]
+pub struct RaftLogJournal {
+    state: Arc<Mutex<RowJournal<MetaEntry>>>,
+}
+
+impl RaftLogJournal {
+    /// Opens (creating if needed) the log in the journal file at `path`.
+    pub fn open(path: &Path) -> Result<RaftLogJournal, Box<StorageError>> {
+        Ok(RaftLogJournal {
+            state: Arc::new(Mutex::new(RowJournal::open(path)?)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RowJournal<MetaEntry>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The number of entries held (after purges).
+    pub fn len(&self) -> usize {
+        self.lock().rows.len()
+    }
+
+    /// True if the log holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -174,7 +229,7 @@ impl RaftLogReader<MetaTypes> for RaftLogJournal {
     ) -> Result<Vec<MetaEntry>, StorageError> {
         Ok(self
             .lock()
-            .entries
+            .rows
             .range(range)
             .map(|(_, entry)| entry.clone())
             .collect())
@@ -185,12 +240,7 @@ impl RaftLogStorage<MetaTypes> for RaftLogJournal {
     type LogReader = RaftLogJournal;
 
     async fn get_log_state(&mut self) -> Result<LogState<MetaTypes>, StorageError> {
-        let state = self.lock();
-        let last = state.entries.values().next_back().map(|e| e.log_id);
-        Ok(LogState {
-            last_purged_log_id: state.last_purged,
-            last_log_id: last.or(state.last_purged),
-        })
+        Ok(self.lock().log_state())
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -229,7 +279,7 @@ impl RaftLogStorage<MetaTypes> for RaftLogJournal {
         I: IntoIterator<Item = MetaEntry> + Send,
         I::IntoIter: Send,
     {
-        let ops: Vec<LogOp> = entries.into_iter().map(LogOp::Entry).collect();
+        let ops: Vec<LogOp<MetaEntry>> = entries.into_iter().map(LogOp::Entry).collect();
         let written = self.lock().write(ops);
         match written {
             Ok(()) => {
@@ -251,10 +301,8 @@ impl RaftLogStorage<MetaTypes> for RaftLogJournal {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        let mut state = self.lock();
-        state
-            .write(vec![LogOp::Purge(log_id)])
-            .and_then(|()| state.compact_if_worth_it())
+        self.lock()
+            .purge(log_id)
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }

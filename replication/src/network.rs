@@ -21,26 +21,32 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Raft};
+use openraft::{BasicNode, Raft, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{MetaTypes, NodeId};
+use crate::NodeId;
 
 /// The longest frame read from a peer (a snapshot chunk or a batch of
 /// entries fits well within it).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 
+/// The groups this transport carries: nodes known by id and address.
+pub trait GroupTypes: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {}
+
+impl<C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>> GroupTypes for C {}
+
 /// A Raft RPC, as sent.
 #[derive(Debug, Serialize, Deserialize)]
-pub enum RaftRequest {
+#[serde(bound = "")]
+pub enum RaftRequest<C: GroupTypes> {
     /// Replicate entries (or a heartbeat).
-    AppendEntries(AppendEntriesRequest<MetaTypes>),
+    AppendEntries(AppendEntriesRequest<C>),
     /// Ask for a vote.
     Vote(VoteRequest<NodeId>),
     /// A chunk of a snapshot.
-    InstallSnapshot(InstallSnapshotRequest<MetaTypes>),
+    InstallSnapshot(InstallSnapshotRequest<C>),
 }
 
 /// The answer to a [`RaftRequest`].
@@ -85,7 +91,7 @@ async fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut TcpStream) -> io:
 
 /// Serves Raft RPCs from peers on `listener` until the task is dropped;
 /// dropping it also closes every connection it accepted.
-pub async fn serve(listener: TcpListener, raft: Raft<MetaTypes>) {
+pub async fn serve<C: GroupTypes>(listener: TcpListener, raft: Raft<C>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -104,14 +110,14 @@ pub async fn serve(listener: TcpListener, raft: Raft<MetaTypes>) {
     }
 }
 
-async fn serve_connection(
+async fn serve_connection<C: GroupTypes>(
     mut stream: TcpStream,
     peer: std::net::SocketAddr,
-    raft: Raft<MetaTypes>,
+    raft: Raft<C>,
 ) {
     let _ = stream.set_nodelay(true);
     loop {
-        let request: RaftRequest = match read_frame(&mut stream).await {
+        let request: RaftRequest<C> = match read_frame(&mut stream).await {
             Ok(request) => request,
             Err(error) => {
                 if error.kind() != io::ErrorKind::UnexpectedEof {
@@ -136,32 +142,45 @@ async fn serve_connection(
 }
 
 /// Opens [`TcpNetwork`]s to peers.
-#[derive(Debug, Clone)]
-pub struct TcpNetworkFactory {
+#[derive(Debug)]
+pub struct TcpNetworkFactory<C> {
     /// This node's id (named in timeout errors).
-    pub node_id: NodeId,
+    node_id: NodeId,
+    _group: std::marker::PhantomData<fn() -> C>,
 }
 
-impl RaftNetworkFactory<MetaTypes> for TcpNetworkFactory {
-    type Network = TcpNetwork;
+impl<C> TcpNetworkFactory<C> {
+    /// The factory of node `node_id`.
+    pub fn new(node_id: NodeId) -> Self {
+        TcpNetworkFactory {
+            node_id,
+            _group: std::marker::PhantomData,
+        }
+    }
+}
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpNetwork {
+impl<C: GroupTypes> RaftNetworkFactory<C> for TcpNetworkFactory<C> {
+    type Network = TcpNetwork<C>;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpNetwork<C> {
         TcpNetwork {
             node_id: self.node_id,
             target,
             addr: node.addr.clone(),
             stream: None,
+            _group: std::marker::PhantomData,
         }
     }
 }
 
 /// The connection to one peer.
 #[derive(Debug)]
-pub struct TcpNetwork {
+pub struct TcpNetwork<C> {
     node_id: NodeId,
     target: NodeId,
     addr: String,
     stream: Option<TcpStream>,
+    _group: std::marker::PhantomData<fn() -> C>,
 }
 
 /// Why a call failed before an answer came.
@@ -170,8 +189,12 @@ enum CallError {
     Timeout,
 }
 
-impl TcpNetwork {
-    async fn call(&mut self, request: &RaftRequest, ttl: Duration) -> Result<RaftReply, CallError> {
+impl<C: GroupTypes> TcpNetwork<C> {
+    async fn call(
+        &mut self,
+        request: &RaftRequest<C>,
+        ttl: Duration,
+    ) -> Result<RaftReply, CallError> {
         let exchange = async {
             if self.stream.is_none() {
                 let stream = TcpStream::connect(&self.addr).await?;
@@ -223,10 +246,10 @@ impl TcpNetwork {
     }
 }
 
-impl RaftNetwork<MetaTypes> for TcpNetwork {
+impl<C: GroupTypes> RaftNetwork<C> for TcpNetwork<C> {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<MetaTypes>,
+        rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let ttl = option.hard_ttl();
@@ -242,7 +265,7 @@ impl RaftNetwork<MetaTypes> for TcpNetwork {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<MetaTypes>,
+        rpc: InstallSnapshotRequest<C>,
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,

@@ -14,11 +14,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::network::{serve, TcpNetworkFactory};
+use dmq_log_store::{LogConfig, Record, RecordInput};
+
+use crate::network::{serve, GroupTypes, TcpNetworkFactory};
+use crate::partition::{
+    AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,
+};
 use crate::{
     MetaCommand, MetaResponse, MetaTypes, MetadataStateMachine, NodeId, RaftLogJournal,
     StorageError, TopicSpec,
@@ -89,6 +95,90 @@ pub enum NodeError {
     Stopped(String),
 }
 
+/// A Raft group started on a node: its handle, its RPC address and the
+/// task serving it.
+pub(crate) struct RunningGroup<C: GroupTypes> {
+    pub(crate) raft: Raft<C>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) server: JoinHandle<()>,
+}
+
+impl<C: GroupTypes> RunningGroup<C> {
+    /// Binds `config.listen` and starts Raft over `log` and `state`.
+    pub(crate) async fn start<LS, SM>(
+        config: &NodeConfig,
+        snapshot_policy: SnapshotPolicy,
+        log: LS,
+        state: SM,
+    ) -> Result<RunningGroup<C>, NodeError>
+    where
+        LS: RaftLogStorage<C>,
+        SM: RaftStateMachine<C>,
+    {
+        let raft_config = openraft::Config {
+            cluster_name: "dmq".to_string(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.election_timeout_ms.0,
+            election_timeout_max: config.election_timeout_ms.1,
+            snapshot_policy,
+            max_in_snapshot_log_to_keep: config.snapshot_after_logs / 10,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            TcpNetworkFactory::new(config.id),
+            log,
+            state,
+        )
+        .await
+        .map_err(|e| NodeError::Stopped(e.to_string()))?;
+        let server = tokio::spawn(serve(listener, raft.clone()));
+        Ok(RunningGroup { raft, addr, server })
+    }
+
+    /// Stops the RPC server and Raft (the storage stays on disk).
+    pub(crate) async fn shutdown(raft: Raft<C>, server: JoinHandle<()>) {
+        server.abort();
+        let _ = server.await;
+        if let Err(error) = raft.shutdown().await {
+            tracing::warn!(%error, "raft shutdown");
+        }
+    }
+}
+
+/// Forms a new cluster of `members` (id -> Raft address) with `raft`.
+pub(crate) async fn initialize<C: GroupTypes>(
+    raft: &Raft<C>,
+    members: BTreeMap<NodeId, String>,
+) -> Result<(), NodeError> {
+    let nodes: BTreeMap<NodeId, BasicNode> = members
+        .into_iter()
+        .map(|(id, addr)| (id, BasicNode { addr }))
+        .collect();
+    raft.initialize(nodes)
+        .await
+        .map_err(|e| NodeError::Initialize(e.to_string()))
+}
+
+/// A refused or failed `client_write`, as a [`NodeError`].
+fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> NodeError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => NodeError::NotLeader {
+            leader: forward.leader_id,
+            addr: forward.leader_node.map(|node| node.addr),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+            NodeError::Stopped(error.to_string())
+        }
+        RaftError::Fatal(fatal) => NodeError::Stopped(fatal.to_string()),
+    }
+}
+
 /// A running member of the metadata group.
 pub struct MetadataNode {
     id: NodeId,
@@ -114,35 +204,14 @@ impl MetadataNode {
         std::fs::create_dir_all(&config.data_dir)?;
         let log = RaftLogJournal::open(&config.data_dir.join("raft.journal"))?;
         let state = MetadataStateMachine::open(&config.data_dir.join("metadata.snapshot"))?;
-        let raft_config = openraft::Config {
-            cluster_name: "dmq-metadata".to_string(),
-            heartbeat_interval: config.heartbeat_ms,
-            election_timeout_min: config.election_timeout_ms.0,
-            election_timeout_max: config.election_timeout_ms.1,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_logs),
-            max_in_snapshot_log_to_keep: config.snapshot_after_logs / 10,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| NodeError::Config(e.to_string()))?;
-        let listener = TcpListener::bind(config.listen).await?;
-        let addr = listener.local_addr()?;
-        let raft = Raft::new(
-            config.id,
-            Arc::new(raft_config),
-            TcpNetworkFactory { node_id: config.id },
-            log,
-            state.clone(),
-        )
-        .await
-        .map_err(|e| NodeError::Stopped(e.to_string()))?;
-        let server = tokio::spawn(serve(listener, raft.clone()));
+        let policy = SnapshotPolicy::LogsSinceLast(config.snapshot_after_logs);
+        let running = RunningGroup::start(&config, policy, log, state.clone()).await?;
         Ok(MetadataNode {
             id: config.id,
-            addr,
-            raft,
+            addr: running.addr,
+            raft: running.raft,
             state,
-            server,
+            server: running.server,
         })
     }
 
@@ -164,14 +233,7 @@ impl MetadataNode {
     /// Forms a new cluster of `members` (id → Raft address). Call it on
     /// one node of a cluster that was never initialized.
     pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
-        let nodes: BTreeMap<NodeId, BasicNode> = members
-            .into_iter()
-            .map(|(id, addr)| (id, BasicNode { addr }))
-            .collect();
-        self.raft
-            .initialize(nodes)
-            .await
-            .map_err(|e| NodeError::Initialize(e.to_string()))
+        initialize(&self.raft, members).await
     }
 
     /// The leader this node knows of.
@@ -182,19 +244,11 @@ impl MetadataNode {
     /// Proposes `command`; answers once it is committed (fsynced on a
     /// quorum) and applied on this node.
     pub async fn submit(&self, command: MetaCommand) -> Result<MetaResponse, NodeError> {
-        match self.raft.client_write(command).await {
-            Ok(written) => Ok(written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(NodeError::NotLeader {
-                    leader: forward.leader_id,
-                    addr: forward.leader_node.map(|node| node.addr),
-                })
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
-                Err(NodeError::Stopped(error.to_string()))
-            }
-            Err(RaftError::Fatal(fatal)) => Err(NodeError::Stopped(fatal.to_string())),
-        }
+        self.raft
+            .client_write(command)
+            .await
+            .map(|written| written.data)
+            .map_err(write_error)
     }
 
     /// Creates a topic through the group.
@@ -244,10 +298,103 @@ impl MetadataNode {
 
     /// Stops Raft and the RPC server (the storage stays on disk).
     pub async fn shutdown(self) {
-        self.server.abort();
-        let _ = self.server.await;
-        if let Err(error) = self.raft.shutdown().await {
-            tracing::warn!(%error, "raft shutdown");
-        }
+        RunningGroup::shutdown(self.raft, self.server).await;
+    }
+}
+
+/// A running replica of one partition: its segment log is its Raft log
+/// (see [`crate::partition`]).
+pub struct PartitionNode {
+    id: NodeId,
+    addr: SocketAddr,
+    raft: Raft<PartitionTypes>,
+    log: PartitionRaftLog,
+    state: PartitionStateMachine,
+    server: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for PartitionNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionNode")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl PartitionNode {
+    /// Opens the replica's log under `config.data_dir` and starts Raft. A
+    /// replica that was a member before rejoins with its log and vote.
+    pub async fn start(
+        config: NodeConfig,
+        log_config: LogConfig,
+    ) -> Result<PartitionNode, NodeError> {
+        let log = PartitionRaftLog::open(&config.data_dir, log_config)?;
+        let state = PartitionStateMachine::new(log.clone());
+        let running =
+            RunningGroup::start(&config, SnapshotPolicy::Never, log.clone(), state.clone()).await?;
+        Ok(PartitionNode {
+            id: config.id,
+            addr: running.addr,
+            raft: running.raft,
+            log,
+            state,
+            server: running.server,
+        })
+    }
+
+    /// This replica's node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Its Raft RPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The openraft handle.
+    pub fn raft(&self) -> &Raft<PartitionTypes> {
+        &self.raft
+    }
+
+    /// Forms the group of `members` (id -> Raft address).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
+        initialize(&self.raft, members).await
+    }
+
+    /// The leader this replica knows of.
+    pub async fn leader(&self) -> Option<NodeId> {
+        self.raft.current_leader().await
+    }
+
+    /// Appends `records` as one batch through the group: answers once the
+    /// batch is fsynced on a quorum, with where it is.
+    pub async fn produce(&self, records: Vec<RecordInput>) -> Result<AppendedBatch, NodeError> {
+        self.raft
+            .client_write(ReplicatedBatch::propose(records))
+            .await
+            .map(|written| written.data)
+            .map_err(write_error)
+    }
+
+    /// Every record below this offset is committed (and applied here).
+    pub fn committed_end(&self) -> u64 {
+        self.state.committed_end()
+    }
+
+    /// The end of this replica's log, committed or not.
+    pub fn log_end(&self) -> u64 {
+        self.log.end_offset()
+    }
+
+    /// Records `[from, to)` of this replica's log.
+    pub fn records(&self, from: u64, to: u64) -> Result<Vec<Record>, NodeError> {
+        Ok(self.log.records(from, to)?)
+    }
+
+    /// Stops the RPC server and Raft (the log stays on disk).
+    pub async fn shutdown(self) {
+        RunningGroup::shutdown(self.raft, self.server).await;
     }
 }

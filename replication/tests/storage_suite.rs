@@ -26,3 +26,39 @@ impl StoreBuilder<MetaTypes, RaftLogJournal, MetadataStateMachine, tempfile::Tem
 fn openraft_storage_suite_passes() {
     Suite::test_all(JournalStoreBuilder).expect("openraft storage suite");
 }
+
+struct PartitionStoreBuilder;
+
+impl
+    StoreBuilder<
+        dmq_replication::PartitionTypes,
+        dmq_replication::PartitionRaftLog,
+        dmq_replication::PartitionStateMachine,
+        tempfile::TempDir,
+    > for PartitionStoreBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<
+        (
+            tempfile::TempDir,
+            dmq_replication::PartitionRaftLog,
+            dmq_replication::PartitionStateMachine,
+        ),
+        StorageError<u64>,
+    > {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dmq_replication::PartitionRaftLog::open(
+            dir.path(),
+            dmq_log_store::LogConfig::default(),
+        )
+        .map_err(|e| *e)?;
+        let state = dmq_replication::PartitionStateMachine::new(log.clone());
+        Ok((dir, log, state))
+    }
+}
+
+#[test]
+fn openraft_storage_suite_passes_over_a_partition_log() {
+    Suite::test_all(PartitionStoreBuilder).expect("openraft storage suite");
+}

@@ -1,0 +1,762 @@
+//! A partition's Raft group, whose Raft log is the partition's segment log.
+//!
+//! A normal Raft entry is one record batch. Its records are stored once,
+//! in the partition's [`Log`]; a small row journal
+//! ([`crate::log_store`]) keeps, per Raft entry, its log id and where its
+//! batch is (`base_offset`, `count`), or the entry itself for the rare
+//! blank and membership entries, plus the vote and the committed id. No
+//! message is written twice.
+//!
+//! # The life of a batch
+//!
+//! 1. The leader proposes a [`ReplicatedBatch`] without a base offset.
+//!    Its log assigns offsets, ids and the timestamp on append.
+//! 2. openraft reads entries back from the leader's storage to replicate
+//!    them: a batch read back carries its base offset, ids and timestamp.
+//!    A follower appends exactly those ([`Log::append_deferred_at`]) and
+//!    refuses a batch whose base offset is not its log's end (a diverged
+//!    replica is an error, never a silent second numbering).
+//! 3. Before openraft hears an append is done, the batch is fsynced and
+//!    then its row; a crash between the two leaves a batch with no row,
+//!    cut at the next open. A row therefore never names missing data.
+//! 4. Truncation (a tail the new leader does not have) writes the row
+//!    journal's truncation first, then cuts the closed log back
+//!    ([`dmq_log_store::truncate_closed_log`]) and reopens it.
+//! 5. Committed entries are applied by [`PartitionStateMachine`], which
+//!    moves the committed end: what a dispatcher may deliver from.
+//!
+//! # Not yet (issue 12)
+//!
+//! Snapshots hold the state machine only, so partition groups never take
+//! one ([`openraft::SnapshotPolicy::Never`]) and never purge: a follower
+//! catches up from entries, however far behind. Rows are one per batch in
+//! memory and in the journal; bounding them with retention, and sending a
+//! lagging follower segment files instead, are later steps.
+
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine;
+use bytes::Bytes;
+use dmq_log_store::{
+    truncate_closed_log, AppendInfo, BatchInput, Log, LogConfig, MessageId, RecordInput,
+};
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, LogState, Membership, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::log_store::{LogOp, Row, RowJournal};
+use crate::{NodeId, StorageError};
+
+openraft::declare_raft_types!(
+    /// A partition group's types: a normal entry is one record batch.
+    pub PartitionTypes:
+        D = ReplicatedBatch,
+        R = AppendedBatch,
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = openraft::Entry<PartitionTypes>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A log entry of a partition group.
+pub type PartitionEntry = Entry<PartitionTypes>;
+
+/// Bytes carried in a JSON frame as base64.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Payload(pub Bytes);
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(|bytes| Payload(Bytes::from(bytes)))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One record of a replicated batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedRecord {
+    /// The message id: set once the leader's log assigned it.
+    pub id: Option<String>,
+    /// The key.
+    pub key: Option<Payload>,
+    /// Application headers.
+    pub headers: Vec<(Payload, Payload)>,
+    /// The payload.
+    pub value: Payload,
+    /// Deliver no earlier than this (ms since the epoch).
+    pub deliver_at_ms: Option<i64>,
+    /// Never deliver after this (ms since the epoch).
+    pub expire_at_ms: Option<i64>,
+}
+
+/// A record batch as a Raft entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedBatch {
+    /// Where the batch starts in the partition log: `None` when proposed
+    /// (the leader's log assigns it), `Some` once appended and read back.
+    pub base_offset: Option<u64>,
+    /// The broker timestamp: `None` when proposed.
+    pub timestamp_ms: Option<i64>,
+    /// Idempotent producer id (0: none).
+    pub producer_id: u64,
+    /// The producer's sequence of the first record.
+    pub producer_seq: u64,
+    /// The records, at least one.
+    pub records: Vec<ReplicatedRecord>,
+}
+
+impl ReplicatedBatch {
+    /// A batch to propose, from records as a producer sends them.
+    pub fn propose(records: Vec<RecordInput>) -> ReplicatedBatch {
+        ReplicatedBatch {
+            base_offset: None,
+            timestamp_ms: None,
+            producer_id: 0,
+            producer_seq: 0,
+            records: records
+                .into_iter()
+                .map(|record| ReplicatedRecord {
+                    id: record.id.map(|id| id.to_string()),
+                    key: record.key.map(Payload),
+                    headers: record
+                        .headers
+                        .into_iter()
+                        .map(|(name, value)| (Payload(name), Payload(value)))
+                        .collect(),
+                    value: Payload(record.value),
+                    deliver_at_ms: record.deliver_at_ms,
+                    expire_at_ms: record.expire_at_ms,
+                })
+                .collect(),
+        }
+    }
+
+    fn to_input(&self) -> Result<BatchInput, String> {
+        let mut records = Vec::with_capacity(self.records.len());
+        for record in &self.records {
+            let id = match &record.id {
+                Some(text) => Some(
+                    text.parse::<MessageId>()
+                        .map_err(|e| format!("bad message id {text:?}: {e}"))?,
+                ),
+                None => None,
+            };
+            records.push(RecordInput {
+                id,
+                key: record.key.as_ref().map(|k| k.0.clone()),
+                headers: record
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.0.clone(), v.0.clone()))
+                    .collect(),
+                value: record.value.0.clone(),
+                deliver_at_ms: record.deliver_at_ms,
+                expire_at_ms: record.expire_at_ms,
+            });
+        }
+        Ok(BatchInput {
+            producer_id: self.producer_id,
+            producer_seq: self.producer_seq,
+            records,
+        })
+    }
+}
+
+/// What applying a committed batch answers: where its records are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedBatch {
+    /// Offset of the first record (for blank and membership entries: the
+    /// log end at that point, with `count` 0).
+    pub base_offset: u64,
+    /// Records in the batch.
+    pub count: u32,
+}
+
+/// What the row journal keeps of an entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum RowKind {
+    Records { base_offset: u64, count: u32 },
+    Blank,
+    Membership(Membership<NodeId, BasicNode>),
+}
+
+/// A Raft entry's row: its log id, where its data is, and the partition
+/// log's end once it is appended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct EntryRow {
+    log_id: LogId<NodeId>,
+    kind: RowKind,
+    end_offset: u64,
+}
+
+impl Row for EntryRow {
+    fn log_id(&self) -> LogId<NodeId> {
+        self.log_id
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    rows: RowJournal<EntryRow>,
+    /// `None` only while a truncation has it closed.
+    log: Option<Log>,
+    log_dir: PathBuf,
+    log_config: LogConfig,
+    /// The end of the log including appends not yet durable.
+    next_offset: u64,
+}
+
+fn io_error(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
+}
+
+impl Inner {
+    fn log(&self) -> Result<&Log, std::io::Error> {
+        self.log
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the partition log is closed"))
+    }
+
+    /// The log end the rows name (what a crash may have left beyond is
+    /// an append that was never acknowledged).
+    fn row_end(&self) -> Option<u64> {
+        self.rows
+            .rows
+            .values()
+            .next_back()
+            .or(self.rows.last_purged_row.as_ref())
+            .map(|row| row.end_offset)
+    }
+
+    /// Closes the log, cuts it back to `end`, and opens it again.
+    fn cut_log(&mut self, end: u64) -> Result<(), std::io::Error> {
+        drop(self.log.take());
+        truncate_closed_log(&self.log_dir, end).map_err(std::io::Error::other)?;
+        let log =
+            Log::open(&self.log_dir, self.log_config.clone()).map_err(std::io::Error::other)?;
+        self.next_offset = log.end_offset();
+        self.log = Some(log);
+        Ok(())
+    }
+
+    fn append(&mut self, entries: Vec<PartitionEntry>) -> Result<(), std::io::Error> {
+        let mut rows = Vec::with_capacity(entries.len());
+        let mut last: Option<AppendInfo> = None;
+        for entry in entries {
+            let kind = match entry.payload {
+                EntryPayload::Normal(batch) => {
+                    let input = batch.to_input().map_err(io_error)?;
+                    if let Some(base) = batch.base_offset {
+                        if base != self.next_offset {
+                            return Err(io_error(format!(
+                                "entry {} starts at offset {base}, the log ends at {}: diverged",
+                                entry.log_id, self.next_offset
+                            )));
+                        }
+                    }
+                    let log = self.log()?;
+                    let info = match batch.timestamp_ms {
+                        Some(timestamp) => log.append_deferred_at(&input, timestamp),
+                        None => log.append_deferred(&input),
+                    }
+                    .map_err(std::io::Error::other)?;
+                    self.next_offset = info.last_offset + 1;
+                    let kind = RowKind::Records {
+                        base_offset: info.base_offset,
+                        count: (info.last_offset + 1 - info.base_offset) as u32,
+                    };
+                    last = Some(info);
+                    kind
+                }
+                EntryPayload::Blank => RowKind::Blank,
+                EntryPayload::Membership(membership) => RowKind::Membership(membership),
+            };
+            rows.push(LogOp::Entry(EntryRow {
+                log_id: entry.log_id,
+                kind,
+                end_offset: self.next_offset,
+            }));
+        }
+        if let Some(info) = &last {
+            self.log()?
+                .wait_durable(info)
+                .map_err(std::io::Error::other)?;
+        }
+        self.rows.write(rows)
+    }
+
+    fn entry(&self, row: &EntryRow) -> Result<PartitionEntry, std::io::Error> {
+        let payload = match &row.kind {
+            RowKind::Blank => EntryPayload::Blank,
+            RowKind::Membership(membership) => EntryPayload::Membership(membership.clone()),
+            RowKind::Records { base_offset, count } => {
+                let batches = self
+                    .log()?
+                    .read(*base_offset, 1)
+                    .map_err(std::io::Error::other)?;
+                let batch = batches
+                    .into_iter()
+                    .find(|b| b.base_offset() == *base_offset)
+                    .ok_or_else(|| {
+                        io_error(format!(
+                            "entry {} names a batch at {base_offset} that is not in the log",
+                            row.log_id
+                        ))
+                    })?;
+                let header = batch.header();
+                let mut records = Vec::with_capacity(*count as usize);
+                let mut timestamp = None;
+                for record in batch.records() {
+                    let record = record.map_err(std::io::Error::other)?;
+                    timestamp = Some(record.timestamp_ms);
+                    records.push(ReplicatedRecord {
+                        id: Some(record.id.to_string()),
+                        key: record.key.map(Payload),
+                        headers: record
+                            .headers
+                            .into_iter()
+                            .map(|(n, v)| (Payload(n), Payload(v)))
+                            .collect(),
+                        value: Payload(record.value),
+                        deliver_at_ms: record.deliver_at_ms,
+                        expire_at_ms: record.expire_at_ms,
+                    });
+                }
+                EntryPayload::Normal(ReplicatedBatch {
+                    base_offset: Some(*base_offset),
+                    timestamp_ms: timestamp,
+                    producer_id: header.producer_id,
+                    producer_seq: header.producer_seq,
+                    records,
+                })
+            }
+        };
+        Ok(Entry {
+            log_id: row.log_id,
+            payload,
+        })
+    }
+}
+
+/// A partition group's Raft log: the partition's segment log plus its row
+/// journal, under `dir` (`log/` and `raft.journal`). Clones share it.
+#[derive(Debug, Clone)]
+pub struct PartitionRaftLog {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl PartitionRaftLog {
+    /// Opens (creating if needed) the partition's Raft log under `dir`. A
+    /// batch appended but never given its row (a crash in between) is cut.
+    pub fn open(
+        dir: &Path,
+        mut log_config: LogConfig,
+    ) -> Result<PartitionRaftLog, Box<StorageError>> {
+        let fail = |e: &dyn std::fmt::Display| -> Box<StorageError> {
+            Box::new(StorageIOError::read_logs(&io_error(e.to_string())).into())
+        };
+        // Raft acknowledges only what is on disk.
+        log_config.fsync = dmq_log_store::FsyncPolicy::Always;
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        let rows = RowJournal::open(&dir.join("raft.journal"))?;
+        let log_dir = dir.join("log");
+        let log = Log::open(&log_dir, log_config.clone()).map_err(|e| fail(&e))?;
+        let mut inner = Inner {
+            rows,
+            next_offset: log.end_offset(),
+            log: Some(log),
+            log_dir,
+            log_config,
+        };
+        let expected = inner.row_end().unwrap_or(0);
+        if inner.next_offset > expected {
+            tracing::warn!(
+                from = expected,
+                to = inner.next_offset,
+                "cutting partition records that never got their Raft row"
+            );
+            inner.cut_log(expected).map_err(|e| fail(&e))?;
+        } else if inner.next_offset < expected {
+            return Err(fail(&format!(
+                "the Raft rows name records up to {expected} but the log ends at {}",
+                inner.next_offset
+            )));
+        }
+        Ok(PartitionRaftLog {
+            inner: Arc::new(Mutex::new(inner)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The partition log's end (every record durable, committed or not).
+    pub fn end_offset(&self) -> u64 {
+        self.lock().next_offset
+    }
+
+    /// The records of `[from, to)`, read from the partition log.
+    pub fn records(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<dmq_log_store::Record>, std::io::Error> {
+        let inner = self.lock();
+        let log = inner.log()?;
+        let mut out = Vec::new();
+        let mut offset = from;
+        while offset < to {
+            let batches = log.read(offset, 1 << 20).map_err(std::io::Error::other)?;
+            if batches.is_empty() {
+                break;
+            }
+            for batch in batches {
+                for record in batch.records() {
+                    let record = record.map_err(std::io::Error::other)?;
+                    if record.offset >= offset && record.offset < to {
+                        offset = record.offset + 1;
+                        out.push(record);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn row(&self, index: u64) -> Option<EntryRow> {
+        self.lock().rows.rows.get(&index).cloned()
+    }
+}
+
+fn storage_io(e: std::io::Error) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl RaftLogReader<PartitionTypes> for PartitionRaftLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<PartitionEntry>, StorageError> {
+        let inner = self.lock();
+        let mut entries = Vec::new();
+        for row in inner.rows.rows.range(range).map(|(_, row)| row) {
+            entries.push(
+                inner
+                    .entry(row)
+                    .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?,
+            );
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
+    type LogReader = PartitionRaftLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<PartitionTypes>, StorageError> {
+        Ok(self.lock().rows.log_state())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.lock()
+            .rows
+            .write(vec![LogOp::Vote(*vote)])
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        Ok(self.lock().rows.vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
+        self.lock()
+            .rows
+            .write(vec![LogOp::Committed(committed)])
+            .map_err(storage_io)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
+        Ok(self.lock().rows.committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<PartitionTypes>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = PartitionEntry> + Send,
+        I::IntoIter: Send,
+    {
+        let written = self.lock().append(entries.into_iter().collect());
+        match written {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                let reported = StorageIOError::write_logs(&error).into();
+                callback.log_io_completed(Err(error));
+                Err(reported)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        let mut inner = self.lock();
+        inner
+            .rows
+            .write(vec![LogOp::Truncate(log_id.index)])
+            .map_err(storage_io)?;
+        let end = inner.row_end().unwrap_or(0);
+        if end < inner.next_offset {
+            inner.cut_log(end).map_err(storage_io)?;
+        }
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // The records stay: retention owns the partition log's data.
+        self.lock().rows.purge(log_id).map_err(storage_io)
+    }
+}
+
+/// The state a partition's state machine holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct PartitionState {
+    applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    /// Every record below is committed (fsynced on a quorum).
+    committed_end: u64,
+}
+
+/// A partition group's state machine: the committed end of the log.
+/// (Replicated dispatcher state is a later step of issue 12.)
+#[derive(Debug, Clone)]
+pub struct PartitionStateMachine {
+    log: PartitionRaftLog,
+    state: Arc<Mutex<PartitionState>>,
+    snapshot: Arc<Mutex<Option<KeptSnapshot>>>,
+}
+
+/// The latest snapshot: its meta and its bytes.
+type KeptSnapshot = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+
+impl PartitionStateMachine {
+    /// The state machine over `log` (which it reads to answer appends).
+    pub fn new(log: PartitionRaftLog) -> PartitionStateMachine {
+        PartitionStateMachine {
+            log,
+            state: Arc::default(),
+            snapshot: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PartitionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every record below this offset is committed and applied here.
+    pub fn committed_end(&self) -> u64 {
+        self.lock().committed_end
+    }
+}
+
+impl RaftSnapshotBuilder<PartitionTypes> for PartitionStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionTypes>, StorageError> {
+        let state = self.lock().clone();
+        let data = serde_json::to_vec(&state)
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
+        let meta = SnapshotMeta {
+            last_log_id: state.applied,
+            last_membership: state.membership.clone(),
+            snapshot_id: format!("{:?}", state.applied),
+        };
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
+    type SnapshotBuilder = PartitionStateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        let state = self.lock();
+        Ok((state.applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<AppendedBatch>, StorageError>
+    where
+        I: IntoIterator<Item = PartitionEntry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut responses = Vec::new();
+        for entry in entries {
+            let row = self.log.row(entry.log_id.index);
+            let mut state = self.lock();
+            state.applied = Some(entry.log_id);
+            if let EntryPayload::Membership(membership) = &entry.payload {
+                state.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+            }
+            let end = row.as_ref().map_or(state.committed_end, |r| r.end_offset);
+            state.committed_end = state.committed_end.max(end);
+            responses.push(match row.map(|r| r.kind) {
+                Some(RowKind::Records { base_offset, count }) => {
+                    AppendedBatch { base_offset, count }
+                }
+                _ => AppendedBatch {
+                    base_offset: end,
+                    count: 0,
+                },
+            });
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let state: PartitionState = serde_json::from_slice(&data).map_err(|e| {
+            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
+        })?;
+        *self.lock() = state;
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), data));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<PartitionTypes>>, StorageError> {
+        Ok(self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(meta, data)| Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(Cursor::new(data.clone())),
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn normal(index: u64, values: &[&str]) -> PartitionEntry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(ReplicatedBatch::propose(
+                values
+                    .iter()
+                    .map(|v| RecordInput::new(v.to_string()))
+                    .collect(),
+            )),
+        }
+    }
+
+    #[test]
+    fn a_batch_appended_without_its_row_is_cut_at_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+            log.lock()
+                .append(vec![normal(1, &["a", "b"]), normal(2, &["c"])])
+                .expect("append");
+            assert_eq!(log.end_offset(), 3);
+        }
+        // A crash after the batch reached the log, before its row did.
+        {
+            let raw = Log::open(dir.path().join("log"), LogConfig::default()).expect("raw");
+            raw.append(&BatchInput::new(vec![RecordInput::new("orphan")]))
+                .expect("append");
+            assert_eq!(raw.end_offset(), 4);
+        }
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        assert_eq!(log.end_offset(), 3);
+        let values: Vec<Bytes> = log
+            .records(0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|r| r.value)
+            .collect();
+        assert_eq!(
+            values,
+            vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("c")]
+        );
+        // The next entry continues at the cut.
+        log.lock().append(vec![normal(3, &["d"])]).expect("append");
+        assert_eq!(log.end_offset(), 4);
+    }
+
+    #[test]
+    fn a_replicated_batch_at_the_wrong_offset_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        log.lock().append(vec![normal(1, &["a"])]).expect("append");
+        let mut diverged = normal(2, &["b"]);
+        if let EntryPayload::Normal(batch) = &mut diverged.payload {
+            batch.base_offset = Some(7);
+            batch.timestamp_ms = Some(i64::MAX / 2);
+        }
+        let error = log.lock().append(vec![diverged]).expect_err("refused");
+        assert!(error.to_string().contains("diverged"), "{error}");
+        assert_eq!(log.end_offset(), 1);
+    }
+
+    #[test]
+    fn rows_that_name_missing_records_fail_the_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+            log.lock()
+                .append(vec![normal(1, &["a", "b"])])
+                .expect("append");
+        }
+        // The records vanish (a lost disk, a wrong directory).
+        std::fs::remove_dir_all(dir.path().join("log")).expect("remove");
+        assert!(PartitionRaftLog::open(dir.path(), LogConfig::default()).is_err());
+    }
+}

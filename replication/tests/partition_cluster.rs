@@ -1,0 +1,238 @@
+//! A partition replicated on three nodes in one process, its segment log
+//! as its Raft log: every replica holds the same records (offsets, ids,
+//! timestamps); the leader's loss loses no acknowledged batch; a former
+//! leader's uncommitted tail is cut when it rejoins.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dmq_log_store::{LogConfig, RecordInput};
+use dmq_replication::{NodeConfig, PartitionNode};
+
+fn log_config() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 64 * 1024,
+        ..LogConfig::default()
+    }
+}
+
+async fn start(id: u64, dir: &Path, listen: SocketAddr) -> PartitionNode {
+    PartitionNode::start(NodeConfig::new(id, dir.to_path_buf(), listen), log_config())
+        .await
+        .expect("start")
+}
+
+async fn start_group(dirs: &[tempfile::TempDir]) -> Vec<PartitionNode> {
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        nodes.push(
+            start(
+                i as u64 + 1,
+                dir.path(),
+                "127.0.0.1:0".parse().expect("addr"),
+            )
+            .await,
+        );
+    }
+    let members: BTreeMap<u64, String> = nodes
+        .iter()
+        .map(|node| (node.id(), node.addr().to_string()))
+        .collect();
+    nodes[0].initialize(members).await.expect("initialize");
+    nodes
+}
+
+async fn agreed_leader(nodes: &[&PartitionNode], within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut leaders = Vec::new();
+        for node in nodes {
+            leaders.push(node.leader().await);
+        }
+        if let Some(Some(leader)) = leaders.first() {
+            if nodes.iter().any(|n| n.id() == *leader)
+                && leaders.iter().all(|l| *l == Some(*leader))
+            {
+                return *leader;
+            }
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn by_id(nodes: &[PartitionNode], id: u64) -> &PartitionNode {
+    nodes.iter().find(|node| node.id() == id).expect("node")
+}
+
+fn batch(tag: &str, n: usize) -> Vec<RecordInput> {
+    (0..n)
+        .map(|i| RecordInput::new(format!("{tag}-{i}")).with_key(format!("k{i}")))
+        .collect()
+}
+
+/// Waits until every node applied up to `end`, then checks that all
+/// hold the same records below it.
+async fn converged(nodes: &[&PartitionNode], end: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while nodes.iter().any(|n| n.committed_end() < end) {
+        let ends: Vec<u64> = nodes.iter().map(|n| n.committed_end()).collect();
+        assert!(
+            Instant::now() < deadline,
+            "not applied everywhere: {ends:?} < {end}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reference = nodes[0].records(0, end).expect("read");
+    assert_eq!(reference.len() as u64, end);
+    for node in &nodes[1..] {
+        let records = node.records(0, end).expect("read");
+        assert_eq!(records.len(), reference.len(), "node {}", node.id());
+        for (a, b) in records.iter().zip(&reference) {
+            assert_eq!(
+                (a.offset, a.id, a.timestamp_ms, &a.key, &a.value),
+                (b.offset, b.id, b.timestamp_ms, &b.key, &b.value),
+                "node {} differs at {}",
+                node.id(),
+                b.offset
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_hold_the_same_records_and_the_leaders_loss_loses_nothing_acknowledged() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = start_group(&dirs).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let mut acknowledged = 0u64;
+    for i in 0..30 {
+        let appended = by_id(&nodes, leader)
+            .produce(batch(&format!("a{i}"), 1 + i % 4))
+            .await
+            .expect("produce");
+        assert_eq!(appended.base_offset, acknowledged, "offsets are dense");
+        acknowledged += u64::from(appended.count);
+    }
+    // A follower refuses to take a produce.
+    let follower = nodes.iter().find(|n| n.id() != leader).expect("follower");
+    assert!(follower.produce(batch("no", 1)).await.is_err());
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, acknowledged, Duration::from_secs(5)).await;
+
+    // The leader dies: the two others go on, with every acknowledged batch.
+    let index = nodes.iter().position(|n| n.id() == leader).expect("leader");
+    let gone = nodes.remove(index);
+    let (gone_id, gone_addr) = (gone.id(), gone.addr());
+    gone.shutdown().await;
+    let survivors: Vec<&PartitionNode> = nodes.iter().collect();
+    let new_leader = agreed_leader(&survivors, Duration::from_secs(10)).await;
+    for i in 0..10 {
+        let appended = by_id(&nodes, new_leader)
+            .produce(batch(&format!("b{i}"), 3))
+            .await
+            .expect("produce after failover");
+        assert_eq!(appended.base_offset, acknowledged);
+        acknowledged += u64::from(appended.count);
+    }
+    // It comes back and catches up.
+    nodes.push(start(gone_id, dirs[gone_id as usize - 1].path(), gone_addr).await);
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, acknowledged, Duration::from_secs(10)).await;
+    let values: Vec<String> = nodes[0]
+        .records(0, acknowledged)
+        .expect("read")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    assert!(values.contains(&"a0-0".to_string()) && values.contains(&"b9-2".to_string()));
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_leaders_uncommitted_tail_is_cut_when_it_rejoins() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = start_group(&dirs).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    for i in 0..5 {
+        by_id(&nodes, leader)
+            .produce(batch(&format!("c{i}"), 2))
+            .await
+            .expect("produce");
+    }
+    let committed = by_id(&nodes, leader).committed_end();
+    assert_eq!(committed, 10);
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, committed, Duration::from_secs(5)).await;
+
+    // Both followers go away: the leader appends a batch it cannot commit.
+    let addrs: BTreeMap<u64, SocketAddr> = nodes.iter().map(|n| (n.id(), n.addr())).collect();
+    let index = nodes.iter().position(|n| n.id() == leader).expect("leader");
+    let old_leader = nodes.remove(index);
+    for follower in nodes.drain(..) {
+        follower.shutdown().await;
+    }
+    let stranded = tokio::time::timeout(
+        Duration::from_millis(500),
+        old_leader.produce(batch("stranded", 3)),
+    )
+    .await;
+    assert!(
+        stranded.is_err(),
+        "a lone leader cannot commit: {stranded:?}"
+    );
+    assert_eq!(
+        old_leader.log_end(),
+        committed + 3,
+        "appended, not committed"
+    );
+    assert_eq!(old_leader.committed_end(), committed);
+    old_leader.shutdown().await;
+
+    // The followers come back without it and elect a new leader, whose
+    // batches take the offsets the stranded batch had.
+    for (&id, &addr) in &addrs {
+        if id != leader {
+            nodes.push(start(id, dirs[id as usize - 1].path(), addr).await);
+        }
+    }
+    let pair: Vec<&PartitionNode> = nodes.iter().collect();
+    let new_leader = agreed_leader(&pair, Duration::from_secs(10)).await;
+    assert_ne!(new_leader, leader);
+    let appended = by_id(&nodes, new_leader)
+        .produce(batch("winner", 5))
+        .await
+        .expect("produce");
+    assert_eq!(appended.base_offset, committed);
+    let end = committed + 5;
+
+    // The former leader rejoins: its stranded tail is cut, it takes the
+    // new leader's records, and no replica ever delivers the stranded one.
+    nodes.push(start(leader, dirs[leader as usize - 1].path(), addrs[&leader]).await);
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, end, Duration::from_secs(10)).await;
+    for node in &nodes {
+        assert_eq!(node.log_end(), end, "node {}", node.id());
+        let values: Vec<String> = node
+            .records(0, end)
+            .expect("read")
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+            .collect();
+        assert!(
+            !values.iter().any(|v| v.starts_with("stranded")),
+            "node {}: {values:?}",
+            node.id()
+        );
+        assert_eq!(values[10], "winner-0");
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
