@@ -1,6 +1,6 @@
 //! A Raft group's rows, vote and committed id in one journal.
 //!
-//! [`RowJournal`] keeps one row per Raft entry: the whole entry for the
+//! `RowJournal` keeps one row per Raft entry: the whole entry for the
 //! metadata group ([`RaftLogJournal`]), or where the entry's records are
 //! for a partition group ([`crate::partition`]). Every change is an
 //! operation appended to a CRC-framed journal and fsynced before openraft
