@@ -1,6 +1,7 @@
 //! Raft RPCs between nodes over TCP.
 //!
-//! A frame is a little-endian `u32` length and that many bytes of JSON: a
+//! A frame is a little-endian `u32` length and that many bytes of
+//! postcard (a compact binary serde encoding): a
 //! [`RaftRequest`] from the caller, a [`RaftReply`] back, one at a time on
 //! a connection. Each node serves its Raft RPC address with [`serve`]; a
 //! leader or candidate reaches its peers through [`TcpNetworkFactory`],
@@ -63,7 +64,7 @@ pub enum RaftReply {
 }
 
 async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Result<()> {
-    let body = serde_json::to_vec(value).map_err(io::Error::other)?;
+    let body = postcard::to_allocvec(value).map_err(io::Error::other)?;
     let length = u32::try_from(body.len())
         .ok()
         .filter(|&length| length as usize <= MAX_FRAME_BYTES)
@@ -86,7 +87,7 @@ async fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut TcpStream) -> io:
     }
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await?;
-    serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Serves Raft RPCs from peers on `listener` until the task is dropped;

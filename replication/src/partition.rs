@@ -68,31 +68,61 @@ openraft::declare_raft_types!(
 /// A log entry of a partition group.
 pub type PartitionEntry = Entry<PartitionTypes>;
 
-/// Bytes carried in a JSON frame as base64.
+/// Record bytes: raw in a binary encoding (the Raft RPC frames), base64
+/// in a human-readable one (JSON).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Payload(pub Bytes);
 
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+        } else {
+            serializer.serialize_bytes(&self.0)
+        }
+    }
+}
+
+struct PayloadVisitor;
+
+impl serde::de::Visitor<'_> for PayloadVisitor {
+    type Value = Payload;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bytes, or a base64 string")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Payload, E> {
+        Ok(Payload(Bytes::copy_from_slice(bytes)))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Payload, E> {
+        Ok(Payload(Bytes::from(bytes)))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Payload, E> {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(|bytes| Payload(Bytes::from(bytes)))
+            .map_err(E::custom)
     }
 }
 
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map(|bytes| Payload(Bytes::from(bytes)))
-            .map_err(serde::de::Error::custom)
+        if deserializer.is_human_readable() {
+            deserializer.deserialize_str(PayloadVisitor)
+        } else {
+            deserializer.deserialize_byte_buf(PayloadVisitor)
+        }
     }
 }
 
 /// One record of a replicated batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicatedRecord {
-    /// The message id: set once the leader's log assigned it.
-    pub id: Option<String>,
+    /// The message id's 16 bytes: set once the leader's log assigned it.
+    pub id: Option<[u8; 16]>,
     /// The key.
     pub key: Option<Payload>,
     /// Application headers.
@@ -132,7 +162,7 @@ impl ReplicatedBatch {
             records: records
                 .into_iter()
                 .map(|record| ReplicatedRecord {
-                    id: record.id.map(|id| id.to_string()),
+                    id: record.id.map(|id| id.0),
                     key: record.key.map(Payload),
                     headers: record
                         .headers
@@ -150,15 +180,8 @@ impl ReplicatedBatch {
     fn to_input(&self) -> Result<BatchInput, String> {
         let mut records = Vec::with_capacity(self.records.len());
         for record in &self.records {
-            let id = match &record.id {
-                Some(text) => Some(
-                    text.parse::<MessageId>()
-                        .map_err(|e| format!("bad message id {text:?}: {e}"))?,
-                ),
-                None => None,
-            };
             records.push(RecordInput {
-                id,
+                id: record.id.map(MessageId),
                 key: record.key.as_ref().map(|k| k.0.clone()),
                 headers: record
                     .headers
@@ -326,7 +349,7 @@ impl Inner {
                     let record = record.map_err(std::io::Error::other)?;
                     timestamp = Some(record.timestamp_ms);
                     records.push(ReplicatedRecord {
-                        id: Some(record.id.to_string()),
+                        id: Some(record.id.0),
                         key: record.key.map(Payload),
                         headers: record
                             .headers
@@ -489,6 +512,8 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
         Ok(self.lock().rows.vote)
     }
 
+    /// Durable before it returns, as for the metadata log (see
+    /// `RaftLogJournal::save_committed`).
     async fn save_committed(
         &mut self,
         committed: Option<LogId<NodeId>>,
