@@ -42,7 +42,7 @@ pub mod partition;
 
 pub use log_store::RaftLogJournal;
 pub use metadata::{MetaCommand, MetaResponse, MetadataStateMachine, TopicSpec};
-pub use node::{MetadataNode, NodeConfig, NodeError, PartitionNode};
+pub use node::{GroupNode, MetadataNode, NodeConfig, NodeError, PartitionNode};
 pub use partition::{
     AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,
 };

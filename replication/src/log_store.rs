@@ -191,6 +191,29 @@ impl<R: Row> RowJournal<R> {
     }
 }
 
+/// Tells openraft how an append ended (its callback fires either way) and
+/// returns the error it expects from the storage call.
+#[allow(clippy::result_large_err)] // openraft's storage calls return it by value
+pub(crate) fn report_append<C>(
+    written: Result<(), std::io::Error>,
+    callback: LogFlushed<C>,
+) -> Result<(), StorageError>
+where
+    C: openraft::RaftTypeConfig<NodeId = NodeId>,
+{
+    match written {
+        Ok(()) => {
+            callback.log_io_completed(Ok(()));
+            Ok(())
+        }
+        Err(error) => {
+            let reported = StorageIOError::write_logs(&error).into();
+            callback.log_io_completed(Err(error));
+            Err(reported)
+        }
+    }
+}
+
 /// The metadata group's Raft log: whole entries in a row journal.
 /// Clones share the same log (openraft reads through a clone while it
 /// writes).
@@ -288,17 +311,7 @@ impl RaftLogStorage<MetaTypes> for RaftLogJournal {
     {
         let ops: Vec<LogOp<MetaEntry>> = entries.into_iter().map(LogOp::Entry).collect();
         let written = self.lock().write(ops);
-        match written {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                let reported = StorageIOError::write_logs(&error).into();
-                callback.log_io_completed(Err(error));
-                Err(reported)
-            }
-        }
+        report_append(written, callback)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {

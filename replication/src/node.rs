@@ -1,12 +1,17 @@
-//! One member of the metadata group.
+//! One node's member of a Raft group.
 //!
-//! A [`MetadataNode`] owns its Raft log journal and state machine under
-//! its data directory (`raft.journal`, `metadata.snapshot`), serves Raft
-//! RPCs on its address and runs an `openraft::Raft` over them. Writes go
-//! through [`MetadataNode::submit`] on the leader: the answer comes once
-//! the entry is fsynced on a quorum and applied here. A follower answers
-//! [`NodeError::NotLeader`] with the leader it knows, for the caller to
-//! follow.
+//! A [`GroupNode`] owns its group's storage under a data directory, serves
+//! the group's Raft RPCs on its address and runs an `openraft::Raft` over
+//! them. Two kinds:
+//!
+//! - [`MetadataNode`]: the metadata group (`raft.journal`,
+//!   `metadata.snapshot`); writes go through [`MetadataNode::submit`].
+//! - [`PartitionNode`]: a partition's replica (`log/`, `raft.journal`);
+//!   batches go through [`PartitionNode::produce`].
+//!
+//! On the leader the answer comes once the entry is fsynced on a quorum
+//! and applied here. A follower answers [`NodeError::NotLeader`] with the
+//! leader it knows, for the caller to follow.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -95,26 +100,41 @@ pub enum NodeError {
     Stopped(String),
 }
 
-/// A Raft group started on a node: its handle, its RPC address and the
-/// task serving it.
-pub(crate) struct RunningGroup<C: GroupTypes> {
-    pub(crate) raft: Raft<C>,
-    pub(crate) addr: SocketAddr,
-    pub(crate) server: JoinHandle<()>,
+/// One node's member of a Raft group: its openraft handle, the task
+/// serving the group's RPCs on its address, and its state machine.
+/// [`MetadataNode`] and [`PartitionNode`] are the two kinds.
+pub struct GroupNode<C: GroupTypes, S> {
+    id: NodeId,
+    addr: SocketAddr,
+    raft: Raft<C>,
+    state: S,
+    server: JoinHandle<()>,
 }
 
-impl<C: GroupTypes> RunningGroup<C> {
+/// A running member of the metadata group.
+pub type MetadataNode = GroupNode<MetaTypes, MetadataStateMachine>;
+
+/// A running replica of one partition: its segment log is its Raft log
+/// (see [`crate::partition`]).
+pub type PartitionNode = GroupNode<PartitionTypes, PartitionStateMachine>;
+
+impl<C: GroupTypes, S> std::fmt::Debug for GroupNode<C, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupNode")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
     /// Binds `config.listen` and starts Raft over `log` and `state`.
-    pub(crate) async fn start<LS, SM>(
+    async fn start_group<LS: RaftLogStorage<C>>(
         config: &NodeConfig,
         snapshot_policy: SnapshotPolicy,
         log: LS,
-        state: SM,
-    ) -> Result<RunningGroup<C>, NodeError>
-    where
-        LS: RaftLogStorage<C>,
-        SM: RaftStateMachine<C>,
-    {
+        state: S,
+    ) -> Result<GroupNode<C, S>, NodeError> {
         let raft_config = openraft::Config {
             cluster_name: "dmq".to_string(),
             heartbeat_interval: config.heartbeat_ms,
@@ -133,36 +153,74 @@ impl<C: GroupTypes> RunningGroup<C> {
             Arc::new(raft_config),
             TcpNetworkFactory::new(config.id),
             log,
-            state,
+            state.clone(),
         )
         .await
         .map_err(|e| NodeError::Stopped(e.to_string()))?;
         let server = tokio::spawn(serve(listener, raft.clone()));
-        Ok(RunningGroup { raft, addr, server })
-    }
-
-    /// Stops the RPC server and Raft (the storage stays on disk).
-    pub(crate) async fn shutdown(raft: Raft<C>, server: JoinHandle<()>) {
-        server.abort();
-        let _ = server.await;
-        if let Err(error) = raft.shutdown().await {
-            tracing::warn!(%error, "raft shutdown");
-        }
+        Ok(GroupNode {
+            id: config.id,
+            addr,
+            raft,
+            state,
+            server,
+        })
     }
 }
 
-/// Forms a new cluster of `members` (id -> Raft address) with `raft`.
-pub(crate) async fn initialize<C: GroupTypes>(
-    raft: &Raft<C>,
-    members: BTreeMap<NodeId, String>,
-) -> Result<(), NodeError> {
-    let nodes: BTreeMap<NodeId, BasicNode> = members
-        .into_iter()
-        .map(|(id, addr)| (id, BasicNode { addr }))
-        .collect();
-    raft.initialize(nodes)
-        .await
-        .map_err(|e| NodeError::Initialize(e.to_string()))
+impl<C: GroupTypes, S> GroupNode<C, S> {
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The address this node serves the group's Raft RPCs on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The openraft handle (metrics, membership changes).
+    pub fn raft(&self) -> &Raft<C> {
+        &self.raft
+    }
+
+    /// Forms a new group of `members` (id -> Raft address). Call it on one
+    /// node of a group that was never initialized.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode { addr }))
+            .collect();
+        self.raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| NodeError::Initialize(e.to_string()))
+    }
+
+    /// The leader this node knows of.
+    pub async fn leader(&self) -> Option<NodeId> {
+        self.raft.current_leader().await
+    }
+
+    /// The voters of the current membership.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Stops the RPC server and Raft (the storage stays on disk).
+    pub async fn shutdown(self) {
+        self.server.abort();
+        let _ = self.server.await;
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "raft shutdown");
+        }
+    }
 }
 
 /// A refused or failed `client_write`, as a [`NodeError`].
@@ -179,24 +237,6 @@ fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) ->
     }
 }
 
-/// A running member of the metadata group.
-pub struct MetadataNode {
-    id: NodeId,
-    addr: SocketAddr,
-    raft: Raft<MetaTypes>,
-    state: MetadataStateMachine,
-    server: JoinHandle<()>,
-}
-
-impl std::fmt::Debug for MetadataNode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetadataNode")
-            .field("id", &self.id)
-            .field("addr", &self.addr)
-            .finish()
-    }
-}
-
 impl MetadataNode {
     /// Opens the node's storage, binds its RPC address and starts Raft.
     /// A node that was a member before rejoins with its log and vote.
@@ -205,40 +245,7 @@ impl MetadataNode {
         let log = RaftLogJournal::open(&config.data_dir.join("raft.journal"))?;
         let state = MetadataStateMachine::open(&config.data_dir.join("metadata.snapshot"))?;
         let policy = SnapshotPolicy::LogsSinceLast(config.snapshot_after_logs);
-        let running = RunningGroup::start(&config, policy, log, state.clone()).await?;
-        Ok(MetadataNode {
-            id: config.id,
-            addr: running.addr,
-            raft: running.raft,
-            state,
-            server: running.server,
-        })
-    }
-
-    /// This node's id.
-    pub fn id(&self) -> NodeId {
-        self.id
-    }
-
-    /// The address this node serves Raft RPCs on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The openraft handle (metrics, membership changes).
-    pub fn raft(&self) -> &Raft<MetaTypes> {
-        &self.raft
-    }
-
-    /// Forms a new cluster of `members` (id → Raft address). Call it on
-    /// one node of a cluster that was never initialized.
-    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
-        initialize(&self.raft, members).await
-    }
-
-    /// The leader this node knows of.
-    pub async fn leader(&self) -> Option<NodeId> {
-        self.raft.current_leader().await
+        Self::start_group(&config, policy, log, state).await
     }
 
     /// Proposes `command`; answers once it is committed (fsynced on a
@@ -284,42 +291,6 @@ impl MetadataNode {
     pub fn topics_applied_here(&self) -> BTreeMap<String, TopicSpec> {
         self.state.topics()
     }
-
-    /// The voters of the current membership.
-    pub fn voters(&self) -> BTreeSet<NodeId> {
-        self.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect()
-    }
-
-    /// Stops Raft and the RPC server (the storage stays on disk).
-    pub async fn shutdown(self) {
-        RunningGroup::shutdown(self.raft, self.server).await;
-    }
-}
-
-/// A running replica of one partition: its segment log is its Raft log
-/// (see [`crate::partition`]).
-pub struct PartitionNode {
-    id: NodeId,
-    addr: SocketAddr,
-    raft: Raft<PartitionTypes>,
-    log: PartitionRaftLog,
-    state: PartitionStateMachine,
-    server: JoinHandle<()>,
-}
-
-impl std::fmt::Debug for PartitionNode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartitionNode")
-            .field("id", &self.id)
-            .field("addr", &self.addr)
-            .finish()
-    }
 }
 
 impl PartitionNode {
@@ -331,41 +302,7 @@ impl PartitionNode {
     ) -> Result<PartitionNode, NodeError> {
         let log = PartitionRaftLog::open(&config.data_dir, log_config)?;
         let state = PartitionStateMachine::new(log.clone());
-        let running =
-            RunningGroup::start(&config, SnapshotPolicy::Never, log.clone(), state.clone()).await?;
-        Ok(PartitionNode {
-            id: config.id,
-            addr: running.addr,
-            raft: running.raft,
-            log,
-            state,
-            server: running.server,
-        })
-    }
-
-    /// This replica's node id.
-    pub fn id(&self) -> NodeId {
-        self.id
-    }
-
-    /// Its Raft RPC address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The openraft handle.
-    pub fn raft(&self) -> &Raft<PartitionTypes> {
-        &self.raft
-    }
-
-    /// Forms the group of `members` (id -> Raft address).
-    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
-        initialize(&self.raft, members).await
-    }
-
-    /// The leader this replica knows of.
-    pub async fn leader(&self) -> Option<NodeId> {
-        self.raft.current_leader().await
+        Self::start_group(&config, SnapshotPolicy::Never, log, state).await
     }
 
     /// Appends `records` as one batch through the group: answers once the
@@ -385,16 +322,11 @@ impl PartitionNode {
 
     /// The end of this replica's log, committed or not.
     pub fn log_end(&self) -> u64 {
-        self.log.end_offset()
+        self.state.log().end_offset()
     }
 
     /// Records `[from, to)` of this replica's log.
     pub fn records(&self, from: u64, to: u64) -> Result<Vec<Record>, NodeError> {
-        Ok(self.log.records(from, to)?)
-    }
-
-    /// Stops the RPC server and Raft (the log stays on disk).
-    pub async fn shutdown(self) {
-        RunningGroup::shutdown(self.raft, self.server).await;
+        Ok(self.state.log().records(from, to)?)
     }
 }

@@ -50,7 +50,7 @@ use openraft::{
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::log_store::{LogOp, Row, RowJournal};
+use crate::log_store::{report_append, LogOp, Row, RowJournal};
 use crate::{NodeId, StorageError};
 
 openraft::declare_raft_types!(
@@ -538,17 +538,7 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
         I::IntoIter: Send,
     {
         let written = self.lock().append(entries.into_iter().collect());
-        match written {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                let reported = StorageIOError::write_logs(&error).into();
-                callback.log_io_completed(Err(error));
-                Err(reported)
-            }
-        }
+        report_append(written, callback)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
@@ -603,6 +593,11 @@ impl PartitionStateMachine {
 
     fn lock(&self) -> MutexGuard<'_, PartitionState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The partition log it answers from.
+    pub fn log(&self) -> &PartitionRaftLog {
+        &self.log
     }
 
     /// Every record below this offset is committed and applied here.

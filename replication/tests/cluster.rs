@@ -3,12 +3,15 @@
 //! snapshot when the log it missed was purged) and a whole-cluster
 //! restart from disk.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use dmq_replication::{MetaResponse, MetadataNode, NodeConfig, NodeError, TopicSpec};
+
+use common::{agreed_leader, by_id, form_group};
 
 const SPEC: TopicSpec = TopicSpec {
     partitions: 4,
@@ -30,31 +33,8 @@ async fn start_cluster(dirs: &[tempfile::TempDir]) -> Vec<MetadataNode> {
             .expect("start");
         nodes.push(node);
     }
-    let members: BTreeMap<u64, String> = nodes
-        .iter()
-        .map(|node| (node.id(), node.addr().to_string()))
-        .collect();
-    nodes[0].initialize(members).await.expect("initialize");
+    form_group(&nodes).await;
     nodes
-}
-
-/// The node that all live nodes agree leads, within `within`.
-async fn agreed_leader(nodes: &[&MetadataNode], within: Duration) -> u64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut leaders = Vec::new();
-        for node in nodes {
-            leaders.push(node.leader().await);
-        }
-        if let Some(Some(leader)) = leaders.first() {
-            let known = nodes.iter().any(|node| node.id() == *leader);
-            if known && leaders.iter().all(|l| *l == Some(*leader)) {
-                return *leader;
-            }
-        }
-        assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn applied_everywhere(nodes: &[&MetadataNode], topics: &[&str], within: Duration) {
@@ -73,10 +53,6 @@ async fn applied_everywhere(nodes: &[&MetadataNode], topics: &[&str], within: Du
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn by_id(nodes: &[MetadataNode], id: u64) -> &MetadataNode {
-    nodes.iter().find(|node| node.id() == id).expect("node")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

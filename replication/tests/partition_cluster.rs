@@ -3,6 +3,8 @@
 //! timestamps); the leader's loss loses no acknowledged batch; a former
 //! leader's uncommitted tail is cut when it rejoins.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use dmq_log_store::{LogConfig, RecordInput};
 use dmq_replication::{NodeConfig, PartitionNode};
+
+use common::{agreed_leader, by_id, form_group};
 
 fn log_config() -> LogConfig {
     LogConfig {
@@ -36,35 +40,8 @@ async fn start_group(dirs: &[tempfile::TempDir]) -> Vec<PartitionNode> {
             .await,
         );
     }
-    let members: BTreeMap<u64, String> = nodes
-        .iter()
-        .map(|node| (node.id(), node.addr().to_string()))
-        .collect();
-    nodes[0].initialize(members).await.expect("initialize");
+    form_group(&nodes).await;
     nodes
-}
-
-async fn agreed_leader(nodes: &[&PartitionNode], within: Duration) -> u64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut leaders = Vec::new();
-        for node in nodes {
-            leaders.push(node.leader().await);
-        }
-        if let Some(Some(leader)) = leaders.first() {
-            if nodes.iter().any(|n| n.id() == *leader)
-                && leaders.iter().all(|l| *l == Some(*leader))
-            {
-                return *leader;
-            }
-        }
-        assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn by_id(nodes: &[PartitionNode], id: u64) -> &PartitionNode {
-    nodes.iter().find(|node| node.id() == id).expect("node")
 }
 
 fn batch(tag: &str, n: usize) -> Vec<RecordInput> {
