@@ -9,8 +9,8 @@
 //!   mean "fdatasync'd on a quorum".
 //! - [`MetadataStateMachine`]: the metadata group's state (topics and their
 //!   settings), its snapshots, and their file.
-//! - [`network`]: the Raft RPCs between nodes over TCP (length-prefixed
-//!   JSON frames), the server side and the client side.
+//! - [`network`]: the Raft RPCs between nodes over TCP: [`RaftRouter`],
+//!   one port per node serving every group it hosts, and the client side.
 //! - [`MetadataNode`]: one member of the metadata group: storage, state
 //!   machine, transport and the `openraft::Raft` that drives them.
 //! - [`partition`]: a partition's Raft group whose Raft log is the
@@ -42,7 +42,10 @@ pub mod partition;
 
 pub use log_store::RaftLogJournal;
 pub use metadata::{MetaCommand, MetaResponse, MetadataStateMachine, TopicSpec};
-pub use node::{GroupNode, MetadataNode, NodeConfig, NodeError, PartitionNode};
+pub use network::RaftRouter;
+pub use node::{
+    partition_group, GroupNode, MetadataNode, NodeConfig, NodeError, PartitionNode, METADATA_GROUP,
+};
 pub use partition::{
     AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,
 };

@@ -1,15 +1,21 @@
 //! Raft RPCs between nodes over TCP.
 //!
-//! A frame is a little-endian `u32` length and that many bytes of
-//! postcard (a compact binary serde encoding): a
-//! [`RaftRequest`] from the caller, a [`RaftReply`] back, one at a time on
-//! a connection. Each node serves its Raft RPC address with [`serve`]; a
-//! leader or candidate reaches its peers through [`TcpNetworkFactory`],
-//! one connection per peer, opened on first use and again after any error.
+//! Each node has one Raft port, a [`RaftRouter`], serving every group it
+//! hosts (the metadata group, its partitions' replicas). A request frame
+//! is a little-endian `u32` length, then the group's name (`u16` length
+//! and bytes), then a [`RaftRequest`] in postcard (a compact binary serde
+//! encoding). The reply frame is a status byte and, when the group is
+//! served, the [`RaftReply`]. One request at a time on a connection. A
+//! leader or candidate reaches the same group on its peers through
+//! [`TcpNetworkFactory`]: one connection per peer and group, opened on
+//! first use and again after any error.
 //!
-//! Hostile or broken input: a frame longer than [`MAX_FRAME_BYTES`] or
-//! that does not decode closes that connection (logged), nothing else; the
-//! caller sees an unreachable peer and openraft backs off and retries.
+//! Hostile or broken input: a frame longer than [`MAX_FRAME_BYTES`], a
+//! group name past the frame's end, or a request that does not decode
+//! closes that connection (logged), nothing else; a request for a group
+//! not served here is answered "unknown group" and the connection stays.
+//! Either way the caller sees an unreachable peer and openraft backs off
+//! and retries.
 
 use std::io;
 use std::time::Duration;
@@ -24,7 +30,9 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, Raft, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::NodeId;
@@ -63,36 +71,166 @@ pub enum RaftReply {
     ),
 }
 
-async fn write_frame<T: Serialize>(stream: &mut TcpStream, value: &T) -> io::Result<()> {
-    let body = postcard::to_allocvec(value).map_err(io::Error::other)?;
-    let length = u32::try_from(body.len())
+async fn write_frame(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let length = u32::try_from(len)
         .ok()
         .filter(|&length| length as usize <= MAX_FRAME_BYTES)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame too long"))?;
-    let mut frame = Vec::with_capacity(4 + body.len());
+    let mut frame = Vec::with_capacity(4 + len);
     frame.extend_from_slice(&length.to_le_bytes());
-    frame.extend_from_slice(&body);
+    for part in parts {
+        frame.extend_from_slice(part);
+    }
     stream.write_all(&frame).await
 }
 
-async fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut TcpStream) -> io::Result<T> {
+async fn read_frame(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut length = [0u8; 4];
     stream.read_exact(&mut length).await?;
     let length = u32::from_le_bytes(length) as usize;
     if length > MAX_FRAME_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {length} bytes over the limit of {MAX_FRAME_BYTES}"),
-        ));
+        return Err(invalid(format!(
+            "frame of {length} bytes over the limit of {MAX_FRAME_BYTES}"
+        )));
     }
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await?;
-    postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(body)
+}
+
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
+fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    postcard::to_allocvec(value).map_err(io::Error::other)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| invalid(e.to_string()))
+}
+
+/// A reply frame's first byte.
+const REPLY_OK: u8 = 0;
+/// The group named is not served here (not started yet, or stopped).
+const REPLY_UNKNOWN_GROUP: u8 = 1;
+
+/// One group's side of a node's Raft port: decodes a request of its
+/// type, runs it, encodes the reply.
+trait GroupHandler: Send + Sync {
+    fn handle<'a>(
+        &'a self,
+        body: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Vec<u8>>> + Send + 'a>>;
+}
+
+impl<C: GroupTypes> GroupHandler for Raft<C> {
+    fn handle<'a>(
+        &'a self,
+        body: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Vec<u8>>> + Send + 'a>> {
+        Box::pin(async move {
+            let reply = match decode::<RaftRequest<C>>(body)? {
+                RaftRequest::AppendEntries(rpc) => {
+                    RaftReply::AppendEntries(self.append_entries(rpc).await)
+                }
+                RaftRequest::Vote(rpc) => RaftReply::Vote(self.vote(rpc).await),
+                RaftRequest::InstallSnapshot(rpc) => {
+                    RaftReply::InstallSnapshot(self.install_snapshot(rpc).await)
+                }
+            };
+            encode(&reply)
+        })
+    }
+}
+
+type Groups = std::sync::RwLock<std::collections::HashMap<String, Arc<dyn GroupHandler>>>;
+
+/// A node's Raft port: one TCP address for every group the node hosts
+/// (the metadata group and its partitions' replicas). A request frame
+/// names its group (`u16` length, the name's bytes, then the request);
+/// a request for a group not served here is answered "unknown group"
+/// and the caller backs off as from an unreachable peer.
+///
+/// Clones share the port. Dropping the last clone does not stop it:
+/// [`RaftRouter::shutdown`] does, closing every connection.
+#[derive(Clone)]
+pub struct RaftRouter {
+    addr: std::net::SocketAddr,
+    groups: Arc<Groups>,
+    server: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for RaftRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftRouter")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl RaftRouter {
+    /// Binds `listen` and starts serving it.
+    pub async fn bind(listen: std::net::SocketAddr) -> io::Result<RaftRouter> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let groups: Arc<Groups> = Arc::default();
+        let server = tokio::spawn(serve(listener, Arc::clone(&groups)));
+        Ok(RaftRouter {
+            addr,
+            groups,
+            server: Arc::new(std::sync::Mutex::new(Some(server))),
+        })
+    }
+
+    /// The address peers reach this node's groups on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Serves `raft` as group `group` from now on.
+    pub(crate) fn register<C: GroupTypes>(&self, group: &str, raft: Raft<C>) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group.to_string(), Arc::new(raft));
+    }
+
+    /// Stops serving group `group`.
+    pub(crate) fn unregister(&self, group: &str) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(group);
+    }
+
+    /// Names of the groups served.
+    pub fn groups(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Stops the port and closes every connection it accepted.
+    pub async fn shutdown(&self) {
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(server) = server {
+            server.abort();
+            let _ = server.await;
+        }
+    }
 }
 
 /// Serves Raft RPCs from peers on `listener` until the task is dropped;
 /// dropping it also closes every connection it accepted.
-pub async fn serve<C: GroupTypes>(listener: TcpListener, raft: Raft<C>) {
+async fn serve(listener: TcpListener, groups: Arc<Groups>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -107,54 +245,69 @@ pub async fn serve<C: GroupTypes>(listener: TcpListener, raft: Raft<C>) {
                 continue;
             }
         };
-        connections.spawn(serve_connection(stream, peer, raft.clone()));
+        connections.spawn(serve_connection(stream, peer, Arc::clone(&groups)));
     }
 }
 
-async fn serve_connection<C: GroupTypes>(
-    mut stream: TcpStream,
-    peer: std::net::SocketAddr,
-    raft: Raft<C>,
-) {
+/// Splits a request frame into its group's name and the request.
+fn split_group(frame: &[u8]) -> io::Result<(&str, &[u8])> {
+    let (length, rest) = frame
+        .split_first_chunk::<2>()
+        .ok_or_else(|| invalid("frame shorter than its group name's length"))?;
+    let length = u16::from_le_bytes(*length) as usize;
+    if rest.len() < length {
+        return Err(invalid("group name past the end of the frame"));
+    }
+    let (name, body) = rest.split_at(length);
+    let name = std::str::from_utf8(name).map_err(|_| invalid("group name is not UTF-8"))?;
+    Ok((name, body))
+}
+
+async fn serve_connection(mut stream: TcpStream, peer: std::net::SocketAddr, groups: Arc<Groups>) {
     let _ = stream.set_nodelay(true);
     loop {
-        let request: RaftRequest<C> = match read_frame(&mut stream).await {
-            Ok(request) => request,
-            Err(error) => {
-                if error.kind() != io::ErrorKind::UnexpectedEof {
-                    tracing::warn!(%peer, %error, "bad Raft frame; connection closed");
+        let answered = async {
+            let frame = read_frame(&mut stream).await?;
+            let (group, body) = split_group(&frame)?;
+            let handler = groups
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(group)
+                .cloned();
+            match handler {
+                Some(handler) => {
+                    let reply = handler.handle(body).await?;
+                    write_frame(&mut stream, &[&[REPLY_OK], &reply]).await
                 }
-                return;
+                None => write_frame(&mut stream, &[&[REPLY_UNKNOWN_GROUP]]).await,
             }
-        };
-        let reply = match request {
-            RaftRequest::AppendEntries(rpc) => {
-                RaftReply::AppendEntries(raft.append_entries(rpc).await)
+        }
+        .await;
+        if let Err(error) = answered {
+            if error.kind() != io::ErrorKind::UnexpectedEof {
+                tracing::warn!(%peer, %error, "bad Raft frame; connection closed");
             }
-            RaftRequest::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
-            RaftRequest::InstallSnapshot(rpc) => {
-                RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
-            }
-        };
-        if write_frame(&mut stream, &reply).await.is_err() {
             return;
         }
     }
 }
 
-/// Opens [`TcpNetwork`]s to peers.
+/// Opens [`TcpNetwork`]s to the same group on peers.
 #[derive(Debug)]
 pub struct TcpNetworkFactory<C> {
     /// This node's id (named in timeout errors).
     node_id: NodeId,
+    /// The group's name on every node's Raft port.
+    group: String,
     _group: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<C> TcpNetworkFactory<C> {
-    /// The factory of node `node_id`.
-    pub fn new(node_id: NodeId) -> Self {
+    /// The factory of node `node_id` for group `group`.
+    pub fn new(node_id: NodeId, group: &str) -> Self {
         TcpNetworkFactory {
             node_id,
+            group: group.to_string(),
             _group: std::marker::PhantomData,
         }
     }
@@ -164,10 +317,14 @@ impl<C: GroupTypes> RaftNetworkFactory<C> for TcpNetworkFactory<C> {
     type Network = TcpNetwork<C>;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpNetwork<C> {
+        let mut prefix = Vec::with_capacity(2 + self.group.len());
+        prefix.extend_from_slice(&(self.group.len() as u16).to_le_bytes());
+        prefix.extend_from_slice(self.group.as_bytes());
         TcpNetwork {
             node_id: self.node_id,
             target,
             addr: node.addr.clone(),
+            group_prefix: prefix,
             stream: None,
             _group: std::marker::PhantomData,
         }
@@ -180,6 +337,8 @@ pub struct TcpNetwork<C> {
     node_id: NodeId,
     target: NodeId,
     addr: String,
+    /// The group's name, as each request frame starts.
+    group_prefix: Vec<u8>,
     stream: Option<TcpStream>,
     _group: std::marker::PhantomData<fn() -> C>,
 }
@@ -206,8 +365,17 @@ impl<C: GroupTypes> TcpNetwork<C> {
                 .stream
                 .as_mut()
                 .ok_or_else(|| io::Error::other("no connection"))?;
-            write_frame(stream, request).await?;
-            read_frame::<RaftReply>(stream).await
+            let body = encode(request)?;
+            write_frame(stream, &[&self.group_prefix, &body]).await?;
+            let reply = read_frame(stream).await?;
+            match reply.split_first() {
+                Some((&REPLY_OK, body)) => decode::<RaftReply>(body),
+                Some((&REPLY_UNKNOWN_GROUP, _)) => Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the peer does not serve this group",
+                )),
+                _ => Err(invalid("reply of an unknown kind")),
+            }
         };
         let outcome = tokio::time::timeout(ttl, exchange).await;
         match outcome {

@@ -21,12 +21,10 @@ use std::sync::Arc;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use dmq_log_store::{LogConfig, Record, RecordInput};
 
-use crate::network::{serve, GroupTypes, TcpNetworkFactory};
+use crate::network::{GroupTypes, RaftRouter, TcpNetworkFactory};
 use crate::partition::{
     AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,
 };
@@ -100,15 +98,26 @@ pub enum NodeError {
     Stopped(String),
 }
 
-/// One node's member of a Raft group: its openraft handle, the task
-/// serving the group's RPCs on its address, and its state machine.
-/// [`MetadataNode`] and [`PartitionNode`] are the two kinds.
+/// One node's member of a Raft group: its openraft handle, its state
+/// machine, and the node's Raft port that serves the group under its
+/// name. [`MetadataNode`] and [`PartitionNode`] are the two kinds.
 pub struct GroupNode<C: GroupTypes, S> {
     id: NodeId,
-    addr: SocketAddr,
+    group: String,
+    router: RaftRouter,
+    /// The port was bound for this group alone (`start`), not shared
+    /// (`start_on`): stopping the group stops the port.
+    owns_router: bool,
     raft: Raft<C>,
     state: S,
-    server: JoinHandle<()>,
+}
+
+/// The metadata group's name on a node's Raft port.
+pub const METADATA_GROUP: &str = "meta";
+
+/// A partition group's name on a node's Raft port.
+pub fn partition_group(topic: &str, partition: u32) -> String {
+    format!("p/{topic}/{partition}")
 }
 
 /// A running member of the metadata group.
@@ -122,18 +131,21 @@ impl<C: GroupTypes, S> std::fmt::Debug for GroupNode<C, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GroupNode")
             .field("id", &self.id)
-            .field("addr", &self.addr)
+            .field("group", &self.group)
+            .field("addr", &self.router.addr())
             .finish()
     }
 }
 
 impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
-    /// Binds `config.listen` and starts Raft over `log` and `state`.
+    /// Starts Raft over `log` and `state` as group `group`, served on
+    /// `router` (or on a port of its own bound to `config.listen`).
     async fn start_group<LS: RaftLogStorage<C>>(
         config: &NodeConfig,
+        router: Option<&RaftRouter>,
+        group: &str,
         snapshot_policy: SnapshotPolicy,
-        log: LS,
-        state: S,
+        (log, state): (LS, S),
     ) -> Result<GroupNode<C, S>, NodeError> {
         let raft_config = openraft::Config {
             cluster_name: "dmq".to_string(),
@@ -146,24 +158,35 @@ impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
         }
         .validate()
         .map_err(|e| NodeError::Config(e.to_string()))?;
-        let listener = TcpListener::bind(config.listen).await?;
-        let addr = listener.local_addr()?;
-        let raft = Raft::new(
+        let (router, owns_router) = match router {
+            Some(router) => (router.clone(), false),
+            None => (RaftRouter::bind(config.listen).await?, true),
+        };
+        let started = Raft::new(
             config.id,
             Arc::new(raft_config),
-            TcpNetworkFactory::new(config.id),
+            TcpNetworkFactory::new(config.id, group),
             log,
             state.clone(),
         )
-        .await
-        .map_err(|e| NodeError::Stopped(e.to_string()))?;
-        let server = tokio::spawn(serve(listener, raft.clone()));
+        .await;
+        let raft = match started {
+            Ok(raft) => raft,
+            Err(error) => {
+                if owns_router {
+                    router.shutdown().await;
+                }
+                return Err(NodeError::Stopped(error.to_string()));
+            }
+        };
+        router.register(group, raft.clone());
         Ok(GroupNode {
             id: config.id,
-            addr,
+            group: group.to_string(),
+            router,
+            owns_router,
             raft,
             state,
-            server,
         })
     }
 }
@@ -176,7 +199,12 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
 
     /// The address this node serves the group's Raft RPCs on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.router.addr()
+    }
+
+    /// The group's name on the node's Raft port.
+    pub fn group(&self) -> &str {
+        &self.group
     }
 
     /// The openraft handle (metrics, membership changes).
@@ -213,10 +241,13 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
             .collect()
     }
 
-    /// Stops the RPC server and Raft (the storage stays on disk).
+    /// Stops serving the group and stops Raft (the storage stays on
+    /// disk); a port of its own is closed too.
     pub async fn shutdown(self) {
-        self.server.abort();
-        let _ = self.server.await;
+        self.router.unregister(&self.group);
+        if self.owns_router {
+            self.router.shutdown().await;
+        }
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "raft shutdown");
         }
@@ -241,11 +272,27 @@ impl MetadataNode {
     /// Opens the node's storage, binds its RPC address and starts Raft.
     /// A node that was a member before rejoins with its log and vote.
     pub async fn start(config: NodeConfig) -> Result<MetadataNode, NodeError> {
+        Self::start_with(config, None).await
+    }
+
+    /// [`MetadataNode::start`] on the node's shared Raft port (`config.
+    /// listen` is not used).
+    pub async fn start_on(
+        router: &RaftRouter,
+        config: NodeConfig,
+    ) -> Result<MetadataNode, NodeError> {
+        Self::start_with(config, Some(router)).await
+    }
+
+    async fn start_with(
+        config: NodeConfig,
+        router: Option<&RaftRouter>,
+    ) -> Result<MetadataNode, NodeError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let log = RaftLogJournal::open(&config.data_dir.join("raft.journal"))?;
         let state = MetadataStateMachine::open(&config.data_dir.join("metadata.snapshot"))?;
         let policy = SnapshotPolicy::LogsSinceLast(config.snapshot_after_logs);
-        Self::start_group(&config, policy, log, state).await
+        Self::start_group(&config, router, METADATA_GROUP, policy, (log, state)).await
     }
 
     /// Proposes `command`; answers once it is committed (fsynced on a
@@ -300,9 +347,31 @@ impl PartitionNode {
         config: NodeConfig,
         log_config: LogConfig,
     ) -> Result<PartitionNode, NodeError> {
+        // A port of its own: the one group on it needs no particular name.
+        Self::start_with(config, None, "partition", log_config).await
+    }
+
+    /// [`PartitionNode::start`] on the node's shared Raft port as the
+    /// group `group` (see [`partition_group`]; `config.listen` is not
+    /// used).
+    pub async fn start_on(
+        router: &RaftRouter,
+        config: NodeConfig,
+        group: &str,
+        log_config: LogConfig,
+    ) -> Result<PartitionNode, NodeError> {
+        Self::start_with(config, Some(router), group, log_config).await
+    }
+
+    async fn start_with(
+        config: NodeConfig,
+        router: Option<&RaftRouter>,
+        group: &str,
+        log_config: LogConfig,
+    ) -> Result<PartitionNode, NodeError> {
         let log = PartitionRaftLog::open(&config.data_dir, log_config)?;
         let state = PartitionStateMachine::new(log.clone());
-        Self::start_group(&config, SnapshotPolicy::Never, log, state).await
+        Self::start_group(&config, router, group, SnapshotPolicy::Never, (log, state)).await
     }
 
     /// Appends `records` as one batch through the group: answers once the
