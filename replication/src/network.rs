@@ -24,6 +24,7 @@ use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::responder::OneshotResponder;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -41,10 +42,17 @@ use crate::NodeId;
 /// entries fits well within it).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 
-/// The groups this transport carries: nodes known by id and address.
-pub trait GroupTypes: RaftTypeConfig<NodeId = NodeId, Node = BasicNode> {}
+/// The groups this transport carries: nodes known by id and address,
+/// and writes answered through openraft's one-shot responder.
+pub trait GroupTypes:
+    RaftTypeConfig<NodeId = NodeId, Node = BasicNode, Responder = OneshotResponder<Self>>
+{
+}
 
-impl<C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>> GroupTypes for C {}
+impl<C> GroupTypes for C where
+    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode, Responder = OneshotResponder<C>>
+{
+}
 
 /// A Raft RPC, as sent.
 #[derive(Debug, Serialize, Deserialize)]

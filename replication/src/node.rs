@@ -230,6 +230,43 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         self.raft.current_leader().await
     }
 
+    /// Adds node `id` (Raft address `addr`) as a learner: it receives
+    /// every entry and applies it, but does not vote, so it counts for no
+    /// quorum (a standby, for instance in another data centre). Answers
+    /// once the learner has caught up with the log. Leader only.
+    pub async fn add_learner(&self, id: NodeId, addr: &str) -> Result<(), NodeError> {
+        let node = BasicNode {
+            addr: addr.to_string(),
+        };
+        self.raft
+            .add_learner(id, node, true)
+            .await
+            .map(|_| ())
+            .map_err(write_error)
+    }
+
+    /// Makes `voters` the group's voters (learners among them are
+    /// promoted; voters left out become learners), through a joint
+    /// configuration as Raft requires. Leader only.
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), NodeError> {
+        self.raft
+            .change_membership(voters, true)
+            .await
+            .map(|_| ())
+            .map_err(write_error)
+    }
+
+    /// The learners of the current membership.
+    pub fn learners(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .learner_ids()
+            .collect()
+    }
+
     /// The voters of the current membership.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.raft
