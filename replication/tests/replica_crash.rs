@@ -391,3 +391,74 @@ fn acknowledged_batches_survive_sigkill_of_replicas() {
         acknowledged.len()
     );
 }
+
+/// Failover as a producer sees it: the leader process is SIGKILLed and
+/// the time until a produce succeeds again, on whichever replica leads
+/// next, is measured. `DMQ_REPLICA_FAILOVER_KILLS` kills (3 in CI, where
+/// only correctness is checked: an acknowledged produce after every kill;
+/// the figures of a 50-kill run are in BENCHMARKS.md).
+#[test]
+fn produces_succeed_again_after_the_leader_is_killed() {
+    if std::env::var(CHILD_ID).is_ok() {
+        return;
+    }
+    let kills: usize = std::env::var("DMQ_REPLICA_FAILOVER_KILLS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(3);
+    let root = tempfile::tempdir().expect("dir");
+    let nodes: BTreeMap<u64, (PathBuf, SocketAddr)> = (1..=3)
+        .map(|id| (id, (root.path().join(format!("node{id}")), free_addr())))
+        .collect();
+    let peers: String = nodes
+        .iter()
+        .map(|(id, (_, addr))| format!("{id}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut replicas: BTreeMap<u64, Replica> = BTreeMap::new();
+    for (&id, (dir, addr)) in &nodes {
+        let init = (id == 1).then_some(peers.as_str());
+        replicas.insert(id, Replica::spawn(id, dir, *addr, init));
+    }
+    let mut took = Vec::with_capacity(kills);
+    for kill in 0..kills {
+        let leader = leader_of(&mut replicas, Duration::from_secs(20));
+        let reply = replicas
+            .get_mut(&leader)
+            .expect("leader")
+            .ask(&format!("produce k{kill} 1"), Duration::from_secs(10));
+        assert!(
+            reply.as_deref().is_some_and(|r| r.starts_with("ok ")),
+            "{reply:?}"
+        );
+        replicas.remove(&leader).expect("leader").kill();
+        let killed_at = Instant::now();
+        'retry: loop {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(30),
+                "no produce succeeded within 30 s of killing {leader}"
+            );
+            for replica in replicas.values_mut() {
+                let reply = replica.ask(&format!("produce f{kill} 1"), Duration::from_millis(250));
+                if reply.as_deref().is_some_and(|r| r.starts_with("ok ")) {
+                    break 'retry;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        took.push(killed_at.elapsed());
+        let (dir, addr) = &nodes[&leader];
+        replicas.insert(leader, Replica::spawn(leader, dir, *addr, None));
+    }
+    for replica in std::mem::take(&mut replicas).into_values() {
+        replica.kill();
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
+    eprintln!(
+        "failover over {kills} leader kills: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.50),
+        at(0.99),
+        took[took.len() - 1]
+    );
+}
