@@ -222,6 +222,28 @@ impl Rng {
     }
 }
 
+/// Where each replica lives: its directory and Raft address.
+type Places = BTreeMap<u64, (PathBuf, SocketAddr)>;
+
+/// Three replica processes under `root`, formed into a group by the
+/// first.
+fn spawn_group(root: &Path) -> (Places, BTreeMap<u64, Replica>) {
+    let nodes: Places = (1..=3)
+        .map(|id| (id, (root.join(format!("node{id}")), free_addr())))
+        .collect();
+    let peers: String = nodes
+        .iter()
+        .map(|(id, (_, addr))| format!("{id}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut replicas = BTreeMap::new();
+    for (&id, (dir, addr)) in &nodes {
+        let init = (id == 1).then_some(peers.as_str());
+        replicas.insert(id, Replica::spawn(id, dir, *addr, init));
+    }
+    (nodes, replicas)
+}
+
 fn leader_of(replicas: &mut BTreeMap<u64, Replica>, within: Duration) -> u64 {
     let deadline = Instant::now() + within;
     loop {
@@ -260,19 +282,7 @@ fn acknowledged_batches_survive_sigkill_of_replicas() {
     eprintln!("replica crash: {cycles} cycles, seed {seed} (DMQ_TEST_SEED)");
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let root = tempfile::tempdir().expect("dir");
-    let nodes: BTreeMap<u64, (PathBuf, SocketAddr)> = (1..=3)
-        .map(|id| (id, (root.path().join(format!("node{id}")), free_addr())))
-        .collect();
-    let peers: String = nodes
-        .iter()
-        .map(|(id, (_, addr))| format!("{id}={addr}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut replicas: BTreeMap<u64, Replica> = BTreeMap::new();
-    for (&id, (dir, addr)) in &nodes {
-        let init = (id == 1).then_some(peers.as_str());
-        replicas.insert(id, Replica::spawn(id, dir, *addr, init));
-    }
+    let (nodes, mut replicas) = spawn_group(root.path());
     // tag -> (base offset, count) of every acknowledged batch.
     let mut acknowledged: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut batch = 0u64;
@@ -407,19 +417,7 @@ fn produces_succeed_again_after_the_leader_is_killed() {
         .and_then(|c| c.parse().ok())
         .unwrap_or(3);
     let root = tempfile::tempdir().expect("dir");
-    let nodes: BTreeMap<u64, (PathBuf, SocketAddr)> = (1..=3)
-        .map(|id| (id, (root.path().join(format!("node{id}")), free_addr())))
-        .collect();
-    let peers: String = nodes
-        .iter()
-        .map(|(id, (_, addr))| format!("{id}={addr}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut replicas: BTreeMap<u64, Replica> = BTreeMap::new();
-    for (&id, (dir, addr)) in &nodes {
-        let init = (id == 1).then_some(peers.as_str());
-        replicas.insert(id, Replica::spawn(id, dir, *addr, init));
-    }
+    let (nodes, mut replicas) = spawn_group(root.path());
     let mut took = Vec::with_capacity(kills);
     for kill in 0..kills {
         let leader = leader_of(&mut replicas, Duration::from_secs(20));
