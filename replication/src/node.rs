@@ -36,11 +36,13 @@ use crate::{
 /// How to start a node.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// This node's id (unique in the cluster, not 0).
+    /// This node's id (unique in the cluster).
     pub id: NodeId,
     /// Where its Raft log and snapshot live.
     pub data_dir: PathBuf,
-    /// The address to serve Raft RPCs on (`127.0.0.1:0` picks a port).
+    /// The address a group started alone (`start`) serves Raft RPCs on
+    /// (`127.0.0.1:0` picks a port); a group started on a node's shared
+    /// [`RaftRouter`] (`start_on`) uses the router's.
     pub listen: SocketAddr,
     /// Leader heartbeat interval.
     pub heartbeat_ms: u64,
