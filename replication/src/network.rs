@@ -21,7 +21,8 @@ use std::io;
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Timeout, Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::responder::OneshotResponder;
@@ -64,6 +65,9 @@ pub enum RaftRequest<C: GroupTypes> {
     Vote(VoteRequest<NodeId>),
     /// A chunk of a snapshot.
     InstallSnapshot(InstallSnapshotRequest<C>),
+    /// A client write a follower forwards to the leader: the group's
+    /// application data (`C::D`) in postcard.
+    Forward(Vec<u8>),
 }
 
 /// The answer to a [`RaftRequest`].
@@ -77,6 +81,97 @@ pub enum RaftReply {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
+    /// To Forward: the group's response (`C::R`) in postcard once the
+    /// write is committed and applied on the leader, or why not.
+    Forwarded(Result<Vec<u8>, ForwardRefusal>),
+}
+
+/// Why a forwarded write was not applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardRefusal {
+    /// The node asked is not the leader (nothing was proposed); the leader
+    /// it knows of.
+    NotLeader {
+        /// The leader's id, if known.
+        leader: Option<NodeId>,
+        /// The leader's Raft address, if known.
+        addr: Option<String>,
+    },
+    /// The leader proposed it but could not answer (Raft stopped, or
+    /// leadership was lost before the commit): it may or may not be
+    /// committed.
+    Failed(String),
+}
+
+/// Why [`forward`] has no answer.
+#[derive(Debug)]
+pub(crate) enum ForwardError {
+    /// The leader refused or failed, as it said.
+    Refused(ForwardRefusal),
+    /// Nothing reached the leader (no connection): safe to try again.
+    NotSent(io::Error),
+    /// The request may have reached the leader but no answer came back:
+    /// the write may or may not be committed.
+    Lost(io::Error),
+}
+
+/// Sends `data`, a write of group `group`, to the node at `addr` (its
+/// leader, as far as the caller knows) and waits at most `ttl` for the
+/// answer. One connection per call: forwarding is the path of a client
+/// that reached a follower, not the hot path.
+pub(crate) async fn forward<C: GroupTypes>(
+    addr: &str,
+    group: &str,
+    data: &C::D,
+    ttl: Duration,
+) -> Result<C::R, ForwardError> {
+    let request = encode(&RaftRequest::<C>::Forward(
+        encode(data).map_err(ForwardError::NotSent)?,
+    ))
+    .map_err(ForwardError::NotSent)?;
+    let mut stream = match tokio::time::timeout(ttl, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(ForwardError::NotSent(error)),
+        Err(_) => {
+            return Err(ForwardError::NotSent(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connecting to the leader timed out",
+            )))
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let group_length = u16::try_from(group.len())
+        .map_err(|_| ForwardError::NotSent(invalid("group name too long")))?;
+    let exchange = async {
+        write_frame(
+            &mut stream,
+            &[&group_length.to_le_bytes(), group.as_bytes(), &request],
+        )
+        .await?;
+        let reply = read_frame(&mut stream).await?;
+        match reply.split_first() {
+            Some((&REPLY_OK, body)) => decode::<RaftReply>(body),
+            Some((&REPLY_UNKNOWN_GROUP, _)) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the leader does not serve this group",
+            )),
+            _ => Err(invalid("reply of an unknown kind")),
+        }
+    };
+    match tokio::time::timeout(ttl, exchange).await {
+        Ok(Ok(RaftReply::Forwarded(Ok(response)))) => decode(&response).map_err(ForwardError::Lost),
+        Ok(Ok(RaftReply::Forwarded(Err(refusal)))) => Err(ForwardError::Refused(refusal)),
+        // An unknown group proposes nothing.
+        Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound => {
+            Err(ForwardError::NotSent(error))
+        }
+        Ok(Ok(_)) => Err(ForwardError::Lost(invalid("reply of another kind"))),
+        Ok(Err(error)) => Err(ForwardError::Lost(error)),
+        Err(_) => Err(ForwardError::Lost(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the leader did not answer in time",
+        ))),
+    }
 }
 
 async fn write_frame(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
@@ -146,6 +241,19 @@ impl<C: GroupTypes> GroupHandler for Raft<C> {
                 RaftRequest::Vote(rpc) => RaftReply::Vote(self.vote(rpc).await),
                 RaftRequest::InstallSnapshot(rpc) => {
                     RaftReply::InstallSnapshot(self.install_snapshot(rpc).await)
+                }
+                RaftRequest::Forward(data) => {
+                    let data: C::D = decode(&data)?;
+                    RaftReply::Forwarded(match self.client_write(data).await {
+                        Ok(written) => Ok(encode(&written.data)?),
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
+                            Err(ForwardRefusal::NotLeader {
+                                leader: to.leader_id,
+                                addr: to.leader_node.map(|node| node.addr),
+                            })
+                        }
+                        Err(error) => Err(ForwardRefusal::Failed(error.to_string())),
+                    })
                 }
             };
             encode(&reply)

@@ -209,6 +209,9 @@ pub struct AppendedBatch {
     pub base_offset: u64,
     /// Records in the batch.
     pub count: u32,
+    /// The records' ids, in order, when the answering node's log assigned
+    /// them (the leader that took the proposal); empty otherwise.
+    pub ids: Vec<[u8; 16]>,
 }
 
 /// What the row journal keeps of an entry.
@@ -243,6 +246,10 @@ struct Inner {
     log_config: LogConfig,
     /// The end of the log including appends not yet durable.
     next_offset: u64,
+    /// Ids this log assigned to proposals it took as leader, by Raft log
+    /// index, until the entry is applied (and answered with them) or
+    /// truncated.
+    assigned_ids: std::collections::BTreeMap<u64, Vec<MessageId>>,
 }
 
 fn io_error(message: String) -> std::io::Error {
@@ -299,6 +306,10 @@ impl Inner {
                         None => log.append_deferred(&input),
                     }
                     .map_err(std::io::Error::other)?;
+                    if batch.base_offset.is_none() {
+                        self.assigned_ids
+                            .insert(entry.log_id.index, info.ids.clone());
+                    }
                     self.next_offset = info.last_offset + 1;
                     let kind = RowKind::Records {
                         base_offset: info.base_offset,
@@ -406,6 +417,7 @@ impl PartitionRaftLog {
             log: Some(log),
             log_dir,
             log_config,
+            assigned_ids: Default::default(),
         };
         let expected = inner.row_end().unwrap_or(0);
         if inner.next_offset > expected {
@@ -465,6 +477,19 @@ impl PartitionRaftLog {
 
     fn row(&self, index: u64) -> Option<EntryRow> {
         self.lock().rows.rows.get(&index).cloned()
+    }
+
+    /// Takes the ids this log assigned to the proposal at Raft index
+    /// `index` (none if it was appended as a follower).
+    fn take_assigned_ids(&self, index: u64) -> Vec<MessageId> {
+        self.lock().assigned_ids.remove(&index).unwrap_or_default()
+    }
+
+    /// Runs `read` on the partition log (a reader such as the
+    /// dispatcher's; it must stay below the committed end itself).
+    pub fn with_log<T>(&self, read: impl FnOnce(&Log) -> T) -> Result<T, std::io::Error> {
+        let inner = self.lock();
+        Ok(read(inner.log()?))
     }
 }
 
@@ -547,6 +572,7 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
             .rows
             .write(vec![LogOp::Truncate(log_id.index)])
             .map_err(storage_io)?;
+        inner.assigned_ids.retain(|&index, _| index < log_id.index);
         let end = inner.row_end().unwrap_or(0);
         if end < inner.next_offset {
             inner.cut_log(end).map_err(storage_io)?;
@@ -576,6 +602,21 @@ pub struct PartitionStateMachine {
     log: PartitionRaftLog,
     state: Arc<Mutex<PartitionState>>,
     snapshot: Arc<Mutex<Option<KeptSnapshot>>>,
+    /// Called after the committed end moves (a dispatcher to wake).
+    on_commit: Arc<CommitSlot>,
+}
+
+/// What [`PartitionStateMachine::on_commit`] calls.
+pub type CommitListener = Arc<dyn Fn() + Send + Sync>;
+
+/// The state machine's commit listener, if one is set.
+#[derive(Default)]
+struct CommitSlot(Mutex<Option<CommitListener>>);
+
+impl std::fmt::Debug for CommitSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitSlot")
+    }
 }
 
 /// The latest snapshot: its meta and its bytes.
@@ -588,7 +629,14 @@ impl PartitionStateMachine {
             log,
             state: Arc::default(),
             snapshot: Arc::default(),
+            on_commit: Arc::default(),
         }
+    }
+
+    /// Calls `listener` (on Raft's task: it must not block) each time
+    /// committed records are applied here.
+    pub fn on_commit(&self, listener: CommitListener) {
+        *self.on_commit.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
     }
 
     fn lock(&self) -> MutexGuard<'_, PartitionState> {
@@ -641,8 +689,10 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         I::IntoIter: Send,
     {
         let mut responses = Vec::new();
+        let mut records_applied = false;
         for entry in entries {
             let row = self.log.row(entry.log_id.index);
+            let ids = self.log.take_assigned_ids(entry.log_id.index);
             let mut state = self.lock();
             state.applied = Some(entry.log_id);
             if let EntryPayload::Membership(membership) = &entry.payload {
@@ -652,13 +702,30 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
             state.committed_end = state.committed_end.max(end);
             responses.push(match row.map(|r| r.kind) {
                 Some(RowKind::Records { base_offset, count }) => {
-                    AppendedBatch { base_offset, count }
+                    records_applied = true;
+                    AppendedBatch {
+                        base_offset,
+                        count,
+                        ids: ids.into_iter().map(|id| id.0).collect(),
+                    }
                 }
                 _ => AppendedBatch {
                     base_offset: end,
                     count: 0,
+                    ids: Vec::new(),
                 },
             });
+        }
+        if records_applied {
+            let listener = self
+                .on_commit
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(listener) = listener {
+                listener();
+            }
         }
         Ok(responses)
     }

@@ -213,3 +213,32 @@ async fn a_former_leaders_uncommitted_tail_is_cut_when_it_rejoins() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_a_follower_is_forwarded_and_answered_with_the_leaders_ids() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let nodes = start_group(&dirs).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let mut end = 0u64;
+    for node in &nodes {
+        let proposal =
+            dmq_replication::ReplicatedBatch::propose(batch(&format!("n{}", node.id()), 3));
+        let appended = node.write(proposal).await.expect("write through any node");
+        assert_eq!((appended.base_offset, appended.count), (end, 3));
+        // The answer names the ids the leader's log gave the records.
+        let stored: Vec<[u8; 16]> = by_id(&nodes, leader)
+            .records(end, end + 3)
+            .expect("read")
+            .iter()
+            .map(|r| r.id.0)
+            .collect();
+        assert_eq!(appended.ids, stored, "through node {}", node.id());
+        end += 3;
+    }
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, end, Duration::from_secs(5)).await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
