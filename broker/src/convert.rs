@@ -50,6 +50,7 @@ pub(crate) fn store_error(error: &StoreError) -> ErrorResponse {
             ErrorCode::DiskFull
         }
         StoreError::Log(LogError::InvalidBatch(_)) => ErrorCode::InvalidRequest,
+        StoreError::Unavailable(_) => ErrorCode::Unavailable,
         _ => ErrorCode::StorageError,
     };
     ErrorResponse::new(code, error.to_string())
@@ -85,6 +86,9 @@ pub(crate) fn http_status(code: ErrorCode) -> axum::http::StatusCode {
         ErrorCode::DiskFull => S::INSUFFICIENT_STORAGE,
         ErrorCode::Overloaded => S::TOO_MANY_REQUESTS,
         ErrorCode::ShuttingDown => S::SERVICE_UNAVAILABLE,
+        // No leader within the write timeout: the request timed out inside
+        // the cluster.
+        ErrorCode::Unavailable => S::GATEWAY_TIMEOUT,
         ErrorCode::Timeout => S::GATEWAY_TIMEOUT,
         ErrorCode::StorageError | ErrorCode::InternalError | ErrorCode::Unknown(_) => {
             S::INTERNAL_SERVER_ERROR

@@ -70,6 +70,10 @@ pub enum StoreError {
         /// Bytes free for this process.
         free: u64,
     },
+    /// A replicated partition took no write: no leader was reachable in
+    /// time, or the leader's answer was lost (then it may be stored).
+    #[error("the partition's replicas took no write: {0}")]
+    Unavailable(String),
 }
 
 /// One partition's log, as the dispatcher uses it.

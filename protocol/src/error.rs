@@ -125,6 +125,13 @@ error_codes! {
     /// A transactional producer fenced by a newer instance of its producer
     /// id (TXN_INIT); nothing was changed.
     ProducerFenced = 27,
+    /// A cluster topic's partition took no write: no leader was reachable
+    /// within the broker's write timeout (an election, or no quorum of its
+    /// replicas up), or the leader took the write but its answer was lost.
+    /// The message says which; in the second case the records may be
+    /// stored. Retry (an idempotent producer's retry is answered from its
+    /// window if the first try was stored).
+    Unavailable = 28,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -262,6 +269,7 @@ mod tests {
             (ErrorCode::TransactionConflict, 25),
             (ErrorCode::TransactionLimit, 26),
             (ErrorCode::ProducerFenced, 27),
+            (ErrorCode::Unavailable, 28),
         ];
         assert_eq!(pinned.len(), ErrorCode::ALL.len());
         for (code, number) in pinned {

@@ -70,6 +70,7 @@ _NAMES = {
     25: "TransactionConflict",
     26: "TransactionLimit",
     27: "ProducerFenced",
+    28: "Unavailable",
 }
 
 #: Codes after which the broker closes the connection (section 7, last column).
@@ -222,6 +223,10 @@ class ProducerFenced(BrokerError):
     """Code 27: a newer instance of this transactional producer registered."""
 
 
+class Unavailable(BrokerError):
+    """Code 28: a cluster topic's partition had no reachable leader; retry."""
+
+
 _CLASSES: dict[int, type[BrokerError]] = {
     1: MalformedFrame,
     2: FrameTooLarge,
@@ -250,6 +255,7 @@ _CLASSES: dict[int, type[BrokerError]] = {
     25: TransactionConflict,
     26: TransactionLimit,
     27: ProducerFenced,
+    28: Unavailable,
 }
 
 
