@@ -34,12 +34,14 @@
 
 use std::io::Cursor;
 
+pub mod cluster_storage;
 pub mod log_store;
 pub mod metadata;
 pub mod network;
 pub mod node;
 pub mod partition;
 
+pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
 pub use log_store::RaftLogJournal;
 pub use metadata::{MetaCommand, MetaResponse, MetadataStateMachine, TopicSpec};
 pub use network::RaftRouter;

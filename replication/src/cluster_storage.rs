@@ -1,0 +1,449 @@
+//! A node's storage for its dispatcher when it runs in a cluster: cluster
+//! topics' partitions are replicas of their Raft groups, everything else
+//! stays local.
+//!
+//! [`ClusterStorage`] implements the dispatcher's [`Storage`]: journals
+//! and topics that are not cluster topics (dead-letter and internal
+//! topics) go to the node's [`FileStorage`]; a cluster topic's partition
+//! (one whose directory [`ClusterStorage::mark_replicated`] made under
+//! `cluster/partitions/<topic>/`) is a [`ReplicatedPartitionLog`]: this
+//! node's replica of the partition's Raft group, started on the node's
+//! shared Raft port when first opened.
+//!
+//! # Invariants
+//!
+//! - The dispatcher reads a replicated partition only below its committed
+//!   end (fsynced on a quorum): it never delivers a record a new leader
+//!   could cut.
+//! - An append is a Raft write (forwarded to the leader if need be) and
+//!   returns once committed: `wait_durable` has nothing left to wait for.
+//! - Retention and deletion of replicated partitions are refused or
+//!   skipped until they are replicated operations (issue 12): a replica
+//!   never drops records its peers may still ask it for.
+//! - Every node forms a partition group it opens pristine, with every
+//!   node as a voter ([`form_group`]): all of them write the same first
+//!   entry, so whichever nodes are up elect a leader.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dmq_dispatcher::storage::OpenedJournal;
+use dmq_dispatcher::{
+    FileStorage, PartitionLog, ProducerBatch, RecoveryDamage, Storage, StoreError,
+};
+use dmq_log_store::{AppendInfo, BatchInput, Log, LogConfig, MessageId, Record};
+use tokio::runtime::Handle;
+
+use crate::node::{partition_group, NodeConfig, NodeError, PartitionNode};
+use crate::partition::{CommitListener, ReplicatedBatch};
+use crate::{NodeId, RaftRouter};
+
+/// Where and with whom a node runs its cluster partitions.
+#[derive(Debug, Clone)]
+pub struct ClusterMembers {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Every node's id and Raft address, this one included: the replicas
+    /// (voters) of every cluster partition.
+    pub members: BTreeMap<NodeId, String>,
+    /// Raft timings for the partition groups (`listen` and `data_dir` are
+    /// set per partition).
+    pub timings: NodeConfig,
+}
+
+/// The dispatcher's storage on a cluster node (see the module doc).
+pub struct ClusterStorage {
+    local: FileStorage,
+    /// `<data dir>/cluster/partitions`.
+    root: PathBuf,
+    members: ClusterMembers,
+    router: RaftRouter,
+    runtime: Handle,
+    log_config: LogConfig,
+    partitions: Mutex<HashMap<(String, u32), Arc<ReplicatedPartitionLog>>>,
+    /// Cluster topics known so far (a cache of their directories).
+    replicated: Mutex<std::collections::HashSet<String>>,
+    on_commit: Arc<Mutex<Option<CommitListener>>>,
+}
+
+impl std::fmt::Debug for ClusterStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterStorage")
+            .field("root", &self.root)
+            .field("node_id", &self.members.node_id)
+            .finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `future` to completion from synchronous code: from a plain
+/// thread (the dispatcher's, its writer's, a blocking task) directly,
+/// from a runtime worker by moving the worker's tasks away first.
+fn block_on<F: Future>(runtime: &Handle, future: F) -> F::Output {
+    match Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(|| runtime.block_on(future)),
+        Err(_) => runtime.block_on(future),
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+impl ClusterStorage {
+    /// Storage under `data_dir` (the node's `FileStorage` and
+    /// `cluster/partitions/`), starting partition replicas on `router`
+    /// and driving them on `runtime`.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        log_config: LogConfig,
+        members: ClusterMembers,
+        router: RaftRouter,
+        runtime: Handle,
+    ) -> Result<ClusterStorage, StoreError> {
+        let data_dir = data_dir.into();
+        let local = FileStorage::new(&data_dir, log_config.clone())?;
+        let root = data_dir.join("cluster").join("partitions");
+        std::fs::create_dir_all(&root).map_err(|source| StoreError::Journal {
+            name: root.display().to_string(),
+            source,
+        })?;
+        Ok(ClusterStorage {
+            local,
+            root,
+            members,
+            router,
+            runtime,
+            log_config: LogConfig {
+                // Each replica's log holds its own directory's lock: a
+                // truncation cuts a closed log only (see `partition`).
+                lock_directory: true,
+                ..log_config
+            },
+            partitions: Mutex::new(HashMap::new()),
+            replicated: Mutex::default(),
+            on_commit: Arc::default(),
+        })
+    }
+
+    /// Makes `topic` a cluster topic on this node: its partitions are
+    /// opened as replicas from now on, and after a restart. Idempotent.
+    pub fn mark_replicated(&self, topic: &str) -> Result<(), StoreError> {
+        if dmq_dispatcher::names::check_topic(topic).is_err() {
+            return Err(StoreError::InvalidName(topic.to_string()));
+        }
+        let dir = self.root.join(topic);
+        let io = |source| StoreError::Journal {
+            name: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        std::fs::File::open(&self.root)
+            .and_then(|parent| parent.sync_all())
+            .map_err(io)?;
+        lock(&self.replicated).insert(topic.to_string());
+        Ok(())
+    }
+
+    /// Whether `topic` is a cluster topic on this node.
+    pub fn is_replicated(&self, topic: &str) -> bool {
+        if lock(&self.replicated).contains(topic) {
+            return true;
+        }
+        let found =
+            dmq_dispatcher::names::check_topic(topic).is_ok() && self.root.join(topic).is_dir();
+        if found {
+            lock(&self.replicated).insert(topic.to_string());
+        }
+        found
+    }
+
+    /// Calls `listener` whenever committed records are applied on any of
+    /// this node's replicas (the engine's wake-up).
+    pub fn set_commit_listener(&self, listener: CommitListener) {
+        *lock(&self.on_commit) = Some(listener);
+    }
+
+    /// This node's open replica of `topic`'s partition `partition`.
+    pub fn replica(&self, topic: &str, partition: u32) -> Option<Arc<ReplicatedPartitionLog>> {
+        lock(&self.partitions)
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+
+    /// Every open replica, by topic and partition.
+    pub fn replicas(&self) -> Vec<((String, u32), Arc<ReplicatedPartitionLog>)> {
+        let mut all: Vec<_> = lock(&self.partitions)
+            .iter()
+            .map(|(key, log)| (key.clone(), Arc::clone(log)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    async fn start_replica(&self, topic: &str, partition: u32) -> Result<PartitionNode, NodeError> {
+        let mut config = self.members.timings.clone();
+        config.id = self.members.node_id;
+        config.listen = self.router.addr();
+        config.data_dir = self.root.join(topic).join(partition.to_string());
+        let group = partition_group(topic, partition);
+        let node =
+            PartitionNode::start_on(&self.router, config, &group, self.log_config.clone()).await?;
+        form_group(&node, &self.members.members).await?;
+        Ok(node)
+    }
+
+    /// Stops every replica (their data stays).
+    pub async fn shutdown(&self) {
+        let replicas: Vec<_> = lock(&self.partitions).drain().collect();
+        for (_, replica) in replicas {
+            replica.node.raft().shutdown().await.ok();
+        }
+    }
+}
+
+/// Forms group `node` belongs to if its replica is pristine (never part of
+/// a group), with `members` as voters. Every node may call it: openraft's
+/// first entry is the same membership at the same log id on each, so the
+/// nodes that call it simply elect a leader among themselves, and a node
+/// that already heard from a leader is left as it is.
+pub async fn form_group<C: crate::network::GroupTypes, S>(
+    node: &crate::node::GroupNode<C, S>,
+    members: &BTreeMap<NodeId, String>,
+) -> Result<(), NodeError> {
+    if node.is_initialized().await? {
+        return Ok(());
+    }
+    match node.initialize(members.clone()).await {
+        // Initialized meanwhile by a leader's first append: as wanted.
+        Err(NodeError::Initialize(why)) if node.is_initialized().await? => {
+            tracing::debug!(group = node.group(), %why, "already formed");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+impl Storage for ClusterStorage {
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionLog>, StoreError> {
+        if !self.is_replicated(topic) {
+            return self.local.partition(topic, partition);
+        }
+        if let Some(replica) = self.replica(topic, partition) {
+            return Ok(replica);
+        }
+        let node =
+            block_on(&self.runtime, self.start_replica(topic, partition)).map_err(unavailable)?;
+        let slot = Arc::clone(&self.on_commit);
+        node.on_commit(Arc::new(move || {
+            if let Some(listener) = lock(&slot).clone() {
+                listener();
+            }
+        }));
+        let replica = Arc::new(ReplicatedPartitionLog {
+            node: Arc::new(node),
+            runtime: self.runtime.clone(),
+        });
+        let mut partitions = lock(&self.partitions);
+        let replica = partitions
+            .entry((topic.to_string(), partition))
+            .or_insert(replica);
+        Ok(Arc::clone(replica) as Arc<dyn PartitionLog>)
+    }
+
+    fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError> {
+        self.local.open_journal(name)
+    }
+
+    fn remove_journal(&self, name: &str) -> Result<(), StoreError> {
+        self.local.remove_journal(name)
+    }
+
+    fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
+        if self.is_replicated(topic) {
+            return Err(unavailable(format!(
+                "deleting cluster topic {topic:?} is not replicated yet; it stays"
+            )));
+        }
+        self.local.remove_topic(topic)
+    }
+
+    fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.local.list_journals(prefix)
+    }
+
+    fn journal_tail_cuts(&self) -> Vec<(String, u64)> {
+        self.local.journal_tail_cuts()
+    }
+
+    fn check_room(&self, partitions: u32) -> Result<(), StoreError> {
+        self.local.check_room(partitions)
+    }
+}
+
+/// This node's replica of a cluster partition, as the dispatcher reads and
+/// writes it (see the module doc).
+pub struct ReplicatedPartitionLog {
+    node: Arc<PartitionNode>,
+    runtime: Handle,
+}
+
+impl std::fmt::Debug for ReplicatedPartitionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedPartitionLog")
+            .field("group", &self.node.group())
+            .finish()
+    }
+}
+
+impl ReplicatedPartitionLog {
+    /// The replica's Raft node (leader, metrics, membership).
+    pub fn node(&self) -> &PartitionNode {
+        &self.node
+    }
+
+    /// Appends `batch` through the partition's Raft group (here if this
+    /// node leads, else forwarded) and answers once it is committed, with
+    /// where its records are.
+    pub async fn write(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError> {
+        let mut proposal = ReplicatedBatch::propose(batch.records.clone());
+        proposal.producer_id = batch.producer_id;
+        proposal.producer_seq = batch.producer_seq;
+        let appended = self.node.write(proposal).await.map_err(unavailable)?;
+        let count = u64::from(appended.count);
+        if count == 0 || appended.ids.len() as u64 != count {
+            return Err(unavailable(format!(
+                "the leader answered {} records with {} ids for a batch of {}",
+                appended.count,
+                appended.ids.len(),
+                batch.records.len()
+            )));
+        }
+        let ids: Vec<MessageId> = appended.ids.into_iter().map(MessageId).collect();
+        Ok(AppendInfo {
+            base_offset: appended.base_offset,
+            last_offset: appended.base_offset + count - 1,
+            // An id's time prefix is its first append's broker time.
+            timestamp_ms: ids[0].timestamp_ms(),
+            ids,
+        })
+    }
+
+    fn committed_end(&self) -> u64 {
+        self.node.committed_end()
+    }
+
+    fn with_log<T>(
+        &self,
+        read: impl FnOnce(&Log) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.node.raft_log().with_log(read).map_err(unavailable)?
+    }
+
+    /// `records` without those at or past the committed end.
+    fn committed(&self, mut records: Vec<Record>) -> Vec<Record> {
+        let end = self.committed_end();
+        records.retain(|record| record.offset < end);
+        records
+    }
+}
+
+impl PartitionLog for ReplicatedPartitionLog {
+    fn append_batch_deferred(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError> {
+        block_on(&self.runtime, self.write(batch))
+    }
+
+    fn wait_durable(&self, _info: &AppendInfo) -> Result<(), StoreError> {
+        // `append_batch_deferred` returned once the batch was committed.
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn durable_on_append(&self) -> bool {
+        true
+    }
+
+    fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
+        if from >= self.committed_end() {
+            return Ok(Vec::new());
+        }
+        let records = self.with_log(|log| PartitionLog::read(log, from, max_records))?;
+        Ok(self.committed(records))
+    }
+
+    fn read_whole_batches(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError> {
+        if from >= self.committed_end() {
+            return Ok(Vec::new());
+        }
+        let records =
+            self.with_log(|log| PartitionLog::read_whole_batches(log, from, max_records))?;
+        Ok(self.committed(records))
+    }
+
+    fn start_offset(&self) -> u64 {
+        self.with_log(|log| Ok(PartitionLog::start_offset(log)))
+            .unwrap_or(0)
+    }
+
+    fn end_offset(&self) -> u64 {
+        let end = self.committed_end();
+        self.with_log(|log| Ok(PartitionLog::end_offset(log).min(end)))
+            .unwrap_or(0)
+    }
+
+    fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StoreError> {
+        let end = self.committed_end();
+        let found = self.with_log(|log| PartitionLog::offset_for_timestamp(log, timestamp_ms))?;
+        Ok(found.filter(|offset| *offset < end))
+    }
+
+    fn producer_batches(&self, from: u64) -> Result<Vec<ProducerBatch>, StoreError> {
+        let end = self.committed_end();
+        let mut batches = self.with_log(|log| PartitionLog::producer_batches(log, from))?;
+        batches.retain(|batch| batch.base_offset < end);
+        Ok(batches)
+    }
+
+    fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>, StoreError> {
+        let end = self.committed_end();
+        let found = self.with_log(|log| PartitionLog::find_by_id(log, id))?;
+        Ok(found.filter(|record| record.offset < end))
+    }
+
+    fn find_by_key_from(
+        &self,
+        key: &[u8],
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let records = self.with_log(|log| PartitionLog::find_by_key_from(log, key, from, limit))?;
+        Ok(self.committed(records))
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.with_log(|log| Ok(PartitionLog::size_bytes(log)))
+            .unwrap_or(0)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.with_log(|log| Ok(PartitionLog::disk_bytes(log)))
+            .unwrap_or(0)
+    }
+
+    fn recovery_damage(&self) -> RecoveryDamage {
+        self.with_log(|log| Ok(PartitionLog::recovery_damage(log)))
+            .unwrap_or_default()
+    }
+
+    // Retention (`apply_retention`, `delete_before`): the default, nothing
+    // deleted. A replica keeps every record until retention is a
+    // replicated operation whose cut also purges the Raft rows.
+}
