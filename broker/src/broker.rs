@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::auth::Credentials;
+use crate::cluster::Cluster;
 use crate::config::{BrokerConfig, ConfigError};
 use crate::engine::{Engine, StartError as EngineStartError};
 use crate::registry::{Registry, RegistryError};
@@ -37,6 +38,9 @@ pub enum StartError {
     /// The registry and the dispatcher could not be reconciled.
     #[error("reconciling the registry with the topics: {0}")]
     Reconcile(String),
+    /// The node's cluster side could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A listener could not be bound.
     #[error("listening on {address}: {source}")]
     Bind {
@@ -53,6 +57,8 @@ pub struct Broker {
     stop: Option<oneshot::Sender<()>>,
     protocol: Option<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
+    /// A cluster node's Raft side, stopped after the engine.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Broker {
@@ -64,10 +70,16 @@ impl Broker {
         crate::disk_reserve::prepare(&config.data_dir, config.disk_reserve_bytes).map_err(
             |source| StartError::Reconcile(format!("preparing the disk reserve: {source}")),
         )?;
+        let cluster = match &config.cluster {
+            Some(_) => Some(Cluster::start(&config).await?),
+            None => None,
+        };
         let engine_config = config.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::start(&engine_config))
-            .await
-            .map_err(|e| StartError::Reconcile(format!("the start task failed: {e}")))??;
+        let engine_cluster = cluster.clone();
+        let engine =
+            tokio::task::spawn_blocking(move || Engine::start_with(&engine_config, engine_cluster))
+                .await
+                .map_err(|e| StartError::Reconcile(format!("the start task failed: {e}")))??;
         let registry = Registry::open(&config.data_dir)?;
         let registry = Arc::new(RwLock::new(registry));
         crate::topics::reconcile(&engine, &registry, config.development_mode())
@@ -130,6 +142,14 @@ impl Broker {
             services.clone(),
             admin_stopped.clone(),
         ));
+        if let Some(cluster) = &cluster {
+            tokio::spawn(Arc::clone(cluster).follow_topics(
+                services.engine.clone(),
+                services.registry.clone(),
+                services.config.development_mode(),
+                admin_stopped.clone(),
+            ));
+        }
         let admin = tokio::spawn(crate::admin::serve(
             admin_listener,
             services.clone(),
@@ -143,6 +163,7 @@ impl Broker {
             stop: Some(stop),
             protocol: Some(protocol),
             admin: Some(admin),
+            cluster,
         })
     }
 
@@ -185,6 +206,11 @@ impl Broker {
                 admin.abort();
                 let _ = admin.await;
             }
+        }
+        // The engine has stopped (the protocol task stops it): nothing
+        // writes to a replica any more.
+        if let Some(cluster) = self.cluster.take() {
+            cluster.shutdown().await;
         }
     }
 }

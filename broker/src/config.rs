@@ -186,6 +186,94 @@ pub struct BrokerConfig {
     pub admin_header_timeout_ms: u64,
     /// A request's body must arrive within this after its head.
     pub admin_body_timeout_ms: u64,
+
+    /// Run as one node of a cluster (docs/replication.md); unset: a
+    /// single node, as always.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` section: this node and its peers. Every node of a
+/// cluster is given the same list of `[[cluster.peers]]`.
+///
+/// ```toml
+/// [cluster]
+/// node_id = 1
+/// raft_listen = "127.0.0.1:7090"
+/// [[cluster.peers]]
+/// id = 1
+/// raft = "127.0.0.1:7090"
+/// client = "127.0.0.1:7070"
+/// [[cluster.peers]]
+/// id = 2
+/// raft = "127.0.0.1:7091"
+/// client = "127.0.0.1:7071"
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id: one of the peers'.
+    pub node_id: u64,
+    /// Where this node serves Raft RPCs (its peer entry's `raft`, or an
+    /// address that reaches it, e.g. `0.0.0.0:7090`).
+    pub raft_listen: SocketAddr,
+    /// Every node of the cluster, this one included.
+    pub peers: Vec<ClusterPeer>,
+    /// Raft heartbeat interval.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time in this range
+    /// starts an election.
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: (u64, u64),
+}
+
+fn default_heartbeat_ms() -> u64 {
+    50
+}
+
+fn default_election_timeout_ms() -> (u64, u64) {
+    (200, 400)
+}
+
+/// One node of a cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterPeer {
+    /// Its id (unique, not 0).
+    pub id: u64,
+    /// Its Raft address, as the other nodes reach it.
+    pub raft: String,
+    /// Its binary-protocol address, as clients reach it.
+    pub client: String,
+}
+
+impl ClusterConfig {
+    /// Checks the node list: unique ids, this node among them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            if peer.id == 0 || !ids.insert(peer.id) {
+                return Err(ConfigError(format!(
+                    "cluster.peers: id {} is 0 or listed twice",
+                    peer.id
+                )));
+            }
+        }
+        if !ids.contains(&self.node_id) {
+            return Err(ConfigError(format!(
+                "cluster.node_id = {} is not one of cluster.peers",
+                self.node_id
+            )));
+        }
+        let (low, high) = self.election_timeout_ms;
+        if self.heartbeat_ms == 0 || low <= self.heartbeat_ms || high <= low {
+            return Err(ConfigError(
+                "cluster: need 0 < heartbeat_ms < election_timeout_ms.0 < election_timeout_ms.1"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Whether credentials are required.
@@ -244,6 +332,8 @@ impl Default for BrokerConfig {
             admin_max_connections_per_address: 32,
             admin_header_timeout_ms: 10_000,
             admin_body_timeout_ms: 30_000,
+
+            cluster: None,
         }
     }
 }
@@ -313,6 +403,9 @@ impl BrokerConfig {
             return Err(ConfigError(
                 "trace_retention_hours must be at least 1".to_string(),
             ));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         self.validate_admin_listener()
     }

@@ -45,12 +45,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dmq_dispatcher::{
-    Delivery, DispatchError, Dispatcher, FileStorage, MemberId, PartitionLog, Router, TopicConfig,
+    Delivery, DispatchError, Dispatcher, FileStorage, MemberId, PartitionLog, Router, Storage,
+    TopicConfig,
 };
 use dmq_log_store::{Clock, SystemClock};
 use dmq_protocol::{ProduceOk, ProducedRecord};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
+use crate::cluster::Cluster;
 use crate::config::BrokerConfig;
 use crate::dedup::{DedupKey, DedupWindow};
 use crate::telemetry::{Telemetry, TelemetryError};
@@ -257,6 +259,8 @@ pub struct Engine {
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     producers: ProducerWindow,
     telemetry: Telemetry,
+    /// The node's cluster side (`None`: a single node).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Dedup window of idempotent producers (bounded, see [`DedupWindow`]).
@@ -324,10 +328,23 @@ fn rebuild_producer_window(
 impl Engine {
     /// Opens the data directory and starts the dispatcher thread.
     pub fn start(config: &BrokerConfig) -> Result<Engine, StartError> {
+        Engine::start_with(config, None)
+    }
+
+    /// [`Engine::start`] of a cluster node: the dispatcher runs on the
+    /// cluster's storage (cluster topics' partitions are replicas), and
+    /// is woken when a replica commits records.
+    pub fn start_with(
+        config: &BrokerConfig,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Engine, StartError> {
         let log_config = config.log_config()?;
         dmq_log_store::resources::set_max_open_files(config.max_open_files);
         dmq_log_store::resources::set_max_mapped_segments(config.max_mapped_segments);
-        let storage = Arc::new(FileStorage::new(&config.data_dir, log_config)?);
+        let storage: Arc<dyn Storage> = match &cluster {
+            Some(cluster) => Arc::clone(cluster.storage()) as Arc<dyn Storage>,
+            None => Arc::new(FileStorage::new(&config.data_dir, log_config)?),
+        };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let telemetry = Telemetry::open(&config.data_dir, config.telemetry_config())?;
         let mut dispatcher = Dispatcher::open(
@@ -357,18 +374,32 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("dmq-dispatcher".into())
             .spawn(move || run(dispatcher, clock, receiver, thread_telemetry))?;
+        if let Some(cluster) = &cluster {
+            let wake_commands = Arc::downgrade(&commands);
+            cluster.storage().set_commit_listener(Arc::new(move || {
+                if let Some(commands) = wake_commands.upgrade() {
+                    let _ = commands.send(Command::Wake);
+                }
+            }));
+        }
         Ok(Engine {
             commands,
             partitions,
             producers: Arc::new(Mutex::new(producers)),
             thread: Arc::new(Mutex::new(Some(thread))),
             telemetry,
+            cluster,
         })
     }
 
     /// The trace, statistics and metrics.
     pub fn telemetry(&self) -> &Telemetry {
         &self.telemetry
+    }
+
+    /// The node's cluster side, if it runs in a cluster.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Runs `job` on the dispatcher thread and returns its result.

@@ -150,6 +150,48 @@ pub(crate) async fn admit(
         }
     }
     let (producer_id, producer_seq) = sequence.unwrap_or((0, 0));
+    if let Some(cluster) = engine.cluster() {
+        let storage = cluster.storage();
+        if storage.is_replicated(&topic) {
+            if !delayed.is_empty() {
+                return Err(ErrorResponse::new(
+                    ErrorCode::InvalidRequest,
+                    "delayed records on a cluster topic are not replicated yet \
+                     (docs/replication.md); nothing was stored",
+                ));
+            }
+            // A Raft write per partition, awaited here: one connection's
+            // batches are proposed in request order.
+            let mut appended: Appended = Vec::with_capacity(parts.len());
+            for (partition, indexes, part) in parts {
+                let replica = storage.replica(&topic, partition).ok_or_else(|| {
+                    ErrorResponse::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "partition {partition} of cluster topic {} is not open on this node",
+                            names::shown(&topic)
+                        ),
+                    )
+                })?;
+                let batch = dmq_log_store::BatchInput {
+                    producer_id,
+                    producer_seq,
+                    records: part,
+                };
+                let info = replica
+                    .write(&batch)
+                    .await
+                    .map_err(|error| convert::store_error(&error))?;
+                appended.push((partition, indexes, replica as Arc<dyn PartitionLog>, info));
+            }
+            let engine = engine.clone();
+            return Ok(Admitted::Pending(Pending(Box::pin(async move {
+                let answer = finish(&engine, &topic, total, appended, Vec::new(), &origin).await;
+                remember(&engine, topic, sequence, &answer);
+                answer
+            }))));
+        }
+    }
     // The writes themselves are short (the writer lock and a pwrite);
     // doing them in the caller's task keeps its appends in request order.
     let appended = blocking_in_place(|| {
@@ -166,15 +208,20 @@ pub(crate) async fn admit(
     let engine = engine.clone();
     Ok(Admitted::Pending(Pending(Box::pin(async move {
         let answer = finish(&engine, &topic, total, appended, delayed, &origin).await;
-        if let (Ok(answer), Some((producer, sequence))) = (&answer, sequence) {
-            engine
-                .producers()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert((topic, producer), sequence, answer.clone());
-        }
+        remember(&engine, topic, sequence, &answer);
         answer
     }))))
+}
+
+/// Puts an idempotent producer's answer in the dedup window.
+fn remember(engine: &Engine, topic: String, sequence: Option<(u64, u64)>, answer: &Answer) {
+    if let (Ok(answer), Some((producer, sequence))) = (answer, sequence) {
+        engine
+            .producers()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((topic, producer), sequence, answer.clone());
+    }
 }
 
 /// Routes, deduplicates, appends and waits: [`admit`] and

@@ -123,8 +123,26 @@ pub(crate) async fn reconcile(
 /// returns its configuration. A name that exists (whatever its settings)
 /// is `DispatchError::TopicExists`: every caller (CREATE_TOPIC, the admin
 /// API, the start-up reconciliation, which creates only missing topics)
-/// learns that the topic was there.
+/// learns that the topic was there. On a cluster node the topic is created
+/// in the cluster first (`crate::cluster`).
 pub(crate) async fn create_topic(
+    engine: &Engine,
+    name: &str,
+    partitions: u32,
+    ordered: bool,
+) -> Result<TopicConfig, EngineError> {
+    match engine.cluster() {
+        Some(cluster) => {
+            cluster
+                .create_topic(engine, name, partitions, ordered)
+                .await
+        }
+        None => create_local_topic(engine, name, partitions, ordered).await,
+    }
+}
+
+/// [`create_topic`] on this node's dispatcher only.
+pub(crate) async fn create_local_topic(
     engine: &Engine,
     name: &str,
     partitions: u32,

@@ -1,0 +1,262 @@
+//! A broker as one node of a cluster (`[cluster]` in the configuration;
+//! docs/replication.md).
+//!
+//! [`Cluster`] owns the node's Raft port, its member of the metadata group
+//! (the cluster's topics) and the [`ClusterStorage`] its dispatcher runs
+//! on (cluster topics' partitions as replicas of their Raft groups).
+//!
+//! - **Topics.** Creating a topic on any node is a write to the metadata
+//!   group (forwarded to its leader); every node then creates the topic
+//!   locally, marked replicated: the node that took the request before it
+//!   answers, the others when [`Cluster::follow_topics`] sees it applied.
+//! - **Produce** to a cluster topic is a Raft write of the partition's
+//!   group, forwarded to its leader if need be, answered once fsynced on a
+//!   quorum (`crate::produce`).
+//! - **Consume.** Every node's dispatcher delivers from its own replica,
+//!   below the committed end, with its own group state (not yet
+//!   replicated): a group consumes through one node.
+//!
+//! Invariant: single-node brokers never reach this module; a cluster
+//! node's local-only topics (dead-letter and internal ones) stay local.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmq_dispatcher::{DispatchError, StoreError, TopicConfig};
+use dmq_replication::cluster_storage::form_group;
+use dmq_replication::{
+    ClusterMembers, ClusterStorage, MetaCommand, MetaResponse, MetadataNode, NodeConfig, NodeError,
+    RaftRouter, TopicSpec,
+};
+
+use crate::config::{BrokerConfig, ClusterConfig};
+use crate::engine::{Engine, EngineError};
+use crate::registry::TopicStatus;
+use crate::services::SharedRegistry;
+
+/// Why the cluster side of a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The Raft port could not be bound.
+    #[error("binding the Raft port {address}: {source}")]
+    Bind {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The metadata group could not start.
+    #[error("the metadata group: {0}")]
+    Metadata(#[from] NodeError),
+    /// The storage could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// How often a node looks for topics the metadata group applied that it
+/// has not created yet.
+const FOLLOW_TOPICS_EVERY: Duration = Duration::from_millis(100);
+
+/// A node's cluster side (see the module doc).
+pub struct Cluster {
+    config: ClusterConfig,
+    router: RaftRouter,
+    metadata: MetadataNode,
+    storage: Arc<ClusterStorage>,
+}
+
+impl Cluster {
+    /// Binds the Raft port, starts the metadata group's member (forming
+    /// the group if this node's copy is pristine) and opens the storage.
+    pub async fn start(broker: &BrokerConfig) -> Result<Arc<Cluster>, ClusterError> {
+        let Some(config) = broker.cluster.clone() else {
+            return Err(crate::config::ConfigError("no [cluster] section".to_string()).into());
+        };
+        let router = RaftRouter::bind(config.raft_listen)
+            .await
+            .map_err(|source| ClusterError::Bind {
+                address: config.raft_listen,
+                source,
+            })?;
+        let mut timings = NodeConfig::new(
+            config.node_id,
+            broker.data_dir.join("cluster").join("meta"),
+            router.addr(),
+        );
+        timings.heartbeat_ms = config.heartbeat_ms;
+        timings.election_timeout_ms = config.election_timeout_ms;
+        let metadata = MetadataNode::start_on(&router, timings.clone()).await?;
+        let members: BTreeMap<u64, String> = config
+            .peers
+            .iter()
+            .map(|peer| (peer.id, peer.raft.clone()))
+            .collect();
+        form_group(&metadata, &members).await?;
+        let storage = ClusterStorage::new(
+            &broker.data_dir,
+            broker.log_config()?,
+            ClusterMembers {
+                node_id: config.node_id,
+                members,
+                timings,
+            },
+            router.clone(),
+            tokio::runtime::Handle::current(),
+        )?;
+        Ok(Arc::new(Cluster {
+            config,
+            router,
+            metadata,
+            storage: Arc::new(storage),
+        }))
+    }
+
+    /// The storage the node's dispatcher runs on.
+    pub fn storage(&self) -> &Arc<ClusterStorage> {
+        &self.storage
+    }
+
+    /// The node's member of the metadata group.
+    pub fn metadata(&self) -> &MetadataNode {
+        &self.metadata
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    /// The binary-protocol address of node `id`, as configured.
+    pub fn client_addr(&self, id: u64) -> Option<&str> {
+        self.config
+            .peers
+            .iter()
+            .find(|peer| peer.id == id)
+            .map(|peer| peer.client.as_str())
+    }
+
+    /// Creates `name` in the cluster (a metadata write, forwarded to the
+    /// metadata leader), then here. A name the cluster has is
+    /// `TopicExists`, whatever its settings.
+    pub async fn create_topic(
+        &self,
+        engine: &Engine,
+        name: &str,
+        partitions: u32,
+        ordered: bool,
+    ) -> Result<TopicConfig, EngineError> {
+        dmq_dispatcher::names::check_topic(name).map_err(DispatchError::InvalidName)?;
+        if partitions == 0 {
+            return Err(DispatchError::InvalidArgument(
+                "a topic needs at least 1 partition".to_string(),
+            )
+            .into());
+        }
+        let command = MetaCommand::CreateTopic {
+            name: name.to_string(),
+            spec: TopicSpec {
+                partitions,
+                ordered,
+            },
+        };
+        let response =
+            self.metadata.write(command).await.map_err(|error| {
+                DispatchError::Store(StoreError::Unavailable(error.to_string()))
+            })?;
+        match response {
+            MetaResponse::Applied => {}
+            MetaResponse::TopicExists => {
+                return Err(DispatchError::TopicExists(name.to_string()).into())
+            }
+            other => {
+                return Err(DispatchError::InvalidArgument(format!(
+                    "the cluster refused the topic: {other:?}"
+                ))
+                .into())
+            }
+        }
+        self.create_here(engine, name, partitions, ordered).await
+    }
+
+    /// Creates cluster topic `name` on this node (its partitions as
+    /// replicas); one that exists here is left as it is.
+    async fn create_here(
+        &self,
+        engine: &Engine,
+        name: &str,
+        partitions: u32,
+        ordered: bool,
+    ) -> Result<TopicConfig, EngineError> {
+        self.storage
+            .mark_replicated(name)
+            .map_err(DispatchError::Store)?;
+        match crate::topics::create_local_topic(engine, name, partitions, ordered).await {
+            Ok(config) => Ok(config),
+            Err(EngineError::Dispatch(DispatchError::TopicExists(_))) => Ok(TopicConfig {
+                partitions,
+                ordered,
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Until `stop` is set: creates here every topic the metadata group
+    /// applied that this node lacks, and registers it (approved in
+    /// development mode, pending otherwise, as a topic found at start).
+    pub async fn follow_topics(
+        self: Arc<Self>,
+        engine: Engine,
+        registry: SharedRegistry,
+        development: bool,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let status = if development {
+            TopicStatus::Approved
+        } else {
+            TopicStatus::Pending
+        };
+        loop {
+            for (name, spec) in self.metadata.topics_applied_here() {
+                if engine.topic(&name).is_some() {
+                    continue;
+                }
+                match self
+                    .create_here(&engine, &name, spec.partitions, spec.ordered)
+                    .await
+                {
+                    Ok(config) => {
+                        tracing::info!(topic = name, "cluster topic created on this node");
+                        let mut registry = registry.write().unwrap_or_else(|p| p.into_inner());
+                        if registry.get(&name).is_none() {
+                            let record = crate::topics::adopted_record(&name, &config, status);
+                            if let Err(error) = registry.insert(record) {
+                                tracing::error!(topic = name, %error, "registering a cluster topic");
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(topic = name, %error, "creating a cluster topic here; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_TOPICS_EVERY) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// Stops the replicas, the metadata member and the Raft port (the
+    /// data stays).
+    pub async fn shutdown(&self) {
+        self.storage.shutdown().await;
+        if let Err(error) = self.metadata.raft().shutdown().await {
+            tracing::warn!(%error, "stopping the metadata group");
+        }
+        self.router.shutdown().await;
+    }
+}

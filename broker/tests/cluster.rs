@@ -1,0 +1,199 @@
+//! A cluster of three real `dmqd` processes on 127.0.0.1 (issue 12,
+//! docs/replication.md): topics created on any node reach every node,
+//! produce through any node is acknowledged once fsynced on a quorum, and
+//! no acknowledged message depends on one node or its disk.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use dmq_client::{Client, ClientOptions, Message, MessageId};
+
+mod common;
+use common::{free_port, next, options};
+
+struct Node {
+    id: u64,
+    client: SocketAddr,
+    raft: SocketAddr,
+    dir: PathBuf,
+    process: Option<Child>,
+}
+
+impl Node {
+    fn config(&self, peers: &[Node]) -> String {
+        let mut text = format!(
+            "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
+             [cluster]\nnode_id = {}\nraft_listen = \"{}\"\n",
+            self.dir.join("data"),
+            self.client,
+            self.id,
+            self.raft
+        );
+        for peer in peers {
+            text.push_str(&format!(
+                "\n[[cluster.peers]]\nid = {}\nraft = \"{}\"\nclient = \"{}\"\n",
+                peer.id, peer.raft, peer.client
+            ));
+        }
+        text
+    }
+
+    fn start(&mut self, config: &str) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let path = self.dir.join("dmqd.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(self.dir.join("dmqd.log")).unwrap();
+        self.process = Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_dmqd"))
+                .args(["--config", path.to_str().unwrap()])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// SIGKILL: no shutdown, no final fsync.
+    fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().unwrap();
+            process.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
+    let nodes: Vec<Node> = (1..=3)
+        .map(|id| Node {
+            id,
+            client: free_port(),
+            raft: free_port(),
+            dir: root.join(format!("node{id}")),
+            process: None,
+        })
+        .collect();
+    let configs = nodes.iter().map(|node| node.config(&nodes)).collect();
+    (nodes, configs)
+}
+
+/// A client of `addr`, once the node listens.
+async fn connect(addr: SocketAddr) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Client::connect(addr.to_string(), ClientOptions::new("cluster-test"))
+                .await
+                .unwrap();
+        }
+        assert!(Instant::now() < deadline, "node {addr} did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until topic `topic` exists on the node `client` talks to.
+async fn wait_for_topic(client: &Client, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let topics = client.list_topics().await.unwrap();
+        if topics.iter().any(|t| t.name == topic) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Produces `count` messages through `client`, one send at a time, each
+/// acknowledged; returns their ids.
+async fn produce(client: &Client, tag: &str, count: usize) -> Vec<MessageId> {
+    let producer = client.producer();
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let receipt = producer
+            .send(Message::new("orders", format!("{tag} {i}")))
+            .await
+            .unwrap();
+        ids.push(receipt.id);
+    }
+    ids
+}
+
+/// Consumes (and acks) through `client` as a new group until `expected`
+/// ids arrived or 30 s passed; returns what arrived.
+async fn consume(client: &Client, group: &str, expected: usize) -> BTreeSet<MessageId> {
+    let mut subscription = client
+        .consumer()
+        .subscribe("orders", group, options("m"))
+        .await
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < expected && Instant::now() < deadline {
+        if let Some(message) = next(&mut subscription, Duration::from_secs(1)).await {
+            seen.insert(message.id);
+            message.ack().await.unwrap();
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = cluster(root.path());
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+
+    // A topic created through one node reaches every node.
+    let second = connect(nodes[1].client).await;
+    second.create_topic("orders", 2, false).await.unwrap();
+    let first = connect(nodes[0].client).await;
+    let third = connect(nodes[2].client).await;
+    for client in [&first, &second, &third] {
+        wait_for_topic(client, "orders").await;
+    }
+    // The same name again, through another node: refused.
+    assert!(third.create_topic("orders", 1, false).await.is_err());
+
+    // Acknowledged produces through every node (each forwarded to its
+    // partition's leader where needed).
+    let mut acknowledged: BTreeSet<MessageId> = BTreeSet::new();
+    for (client, tag) in [(&first, "a"), (&second, "b"), (&third, "c")] {
+        acknowledged.extend(produce(client, tag, 40).await);
+    }
+    assert_eq!(acknowledged.len(), 120);
+
+    // Node 1 dies and its disk with it.
+    drop(first);
+    nodes[0].kill();
+    std::fs::remove_dir_all(nodes[0].dir.join("data")).unwrap();
+
+    // The other two still take produces (a new leader where node 1 led)
+    // and hold every acknowledged message.
+    acknowledged.extend(produce(&third, "d", 40).await);
+    assert_eq!(acknowledged.len(), 160);
+    for (client, group) in [(&second, "billing"), (&third, "shipping")] {
+        let seen = consume(client, group, acknowledged.len()).await;
+        assert_eq!(seen, acknowledged, "group {group}");
+    }
+
+    // Node 1 comes back with an empty disk and catches up from its peers:
+    // the topic and every acknowledged message.
+    nodes[0].start(&configs[0]);
+    let first = connect(nodes[0].client).await;
+    wait_for_topic(&first, "orders").await;
+    let seen = consume(&first, "audit", acknowledged.len()).await;
+    assert_eq!(seen, acknowledged, "the rebuilt node");
+}
