@@ -167,6 +167,16 @@ async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
     // The same name again, through another node: refused.
     assert!(third.create_topic("orders", 1, false).await.is_err());
 
+    // What is not replicated yet is refused, not kept on one node.
+    let delayed = third
+        .producer()
+        .send(Message::new("orders", "later").delay(Duration::from_secs(60)))
+        .await;
+    assert!(
+        delayed.is_err(),
+        "a delayed record on a cluster topic: {delayed:?}"
+    );
+
     // Acknowledged produces through every node (each forwarded to its
     // partition's leader where needed).
     let mut acknowledged: BTreeSet<MessageId> = BTreeSet::new();
@@ -189,11 +199,47 @@ async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
         assert_eq!(seen, acknowledged, "group {group}");
     }
 
-    // Node 1 comes back with an empty disk and catches up from its peers:
-    // the topic and every acknowledged message.
-    nodes[0].start(&configs[0]);
+    // (A node whose disk was lost may not rejoin under its old id: with
+    // an empty log it would vote as if it held nothing, and the leaders
+    // refuse a follower whose log went back. Replacing it is a later
+    // step: docs/replication.md.)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = cluster(root.path());
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
     let first = connect(nodes[0].client).await;
-    wait_for_topic(&first, "orders").await;
-    let seen = consume(&first, "audit", acknowledged.len()).await;
-    assert_eq!(seen, acknowledged, "the rebuilt node");
+    first.create_topic("orders", 2, false).await.unwrap();
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 40).await.into_iter().collect();
+
+    // Node 2 is killed (SIGKILL) while the others take produces, then
+    // restarts on its disk and catches up.
+    nodes[1].kill();
+    acknowledged.extend(produce(&first, "b", 40).await);
+    nodes[1].start(&configs[1]);
+    let second = connect(nodes[1].client).await;
+    wait_for_topic(&second, "orders").await;
+    acknowledged.extend(produce(&second, "c", 40).await);
+    assert_eq!(acknowledged.len(), 120);
+    let seen = consume(&second, "after-restart", acknowledged.len()).await;
+    assert_eq!(seen, acknowledged, "the restarted node");
+
+    // The whole cluster stops (SIGKILL) and starts again: nothing
+    // acknowledged is lost.
+    drop((first, second));
+    for node in nodes.iter_mut() {
+        node.kill();
+    }
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+    let third = connect(nodes[2].client).await;
+    wait_for_topic(&third, "orders").await;
+    let seen = consume(&third, "after-cluster-restart", acknowledged.len()).await;
+    assert_eq!(seen, acknowledged, "after a whole-cluster restart");
 }

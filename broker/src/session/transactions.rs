@@ -91,6 +91,16 @@ impl Session {
                 format!("unknown topic {}", names::shown(&produce.topic)),
             ));
         };
+        if let Some(cluster) = self.shared.engine.cluster() {
+            if cluster.storage().is_replicated(&produce.topic) {
+                // Half messages and their outcome live in this node's
+                // journals: not replicated yet (docs/replication.md).
+                return Err(ErrorResponse::new(
+                    ErrorCode::InvalidRequest,
+                    "transactions on a cluster topic are not replicated yet; nothing was stored",
+                ));
+            }
+        }
         let routes = handle
             .router
             .route(
