@@ -26,8 +26,8 @@ use std::time::Duration;
 use dmq_dispatcher::{DispatchError, StoreError, TopicConfig};
 use dmq_replication::cluster_storage::form_group;
 use dmq_replication::{
-    ClusterMembers, ClusterStorage, MetaCommand, MetaResponse, MetadataNode, NodeConfig, NodeError,
-    RaftRouter, TopicSpec,
+    ClusterMembers, ClusterStorage, GroupStatus, MetaCommand, MetaResponse, MetadataNode,
+    NodeConfig, NodeError, RaftRouter, TopicSpec,
 };
 
 use crate::config::{BrokerConfig, ClusterConfig};
@@ -55,6 +55,108 @@ pub enum ClusterError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+}
+
+/// [`Cluster::status`]: `GET /api/cluster` and `dmq cluster status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    /// This node.
+    pub node_id: u64,
+    /// Every node, as configured.
+    pub peers: Vec<PeerStatus>,
+    /// This node's view of the metadata group.
+    pub metadata: GroupStatus,
+    /// This node's replicas, by topic and partition.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// A configured node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    /// Its id.
+    pub id: u64,
+    /// Its Raft address.
+    pub raft: String,
+    /// Its client address.
+    pub client: String,
+}
+
+/// One replica on this node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionStatus {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Records below this are committed (deliverable here).
+    pub committed_end: u64,
+    /// This replica's log end, committed or not.
+    pub log_end: u64,
+    /// Its Raft group, as this node sees it.
+    pub raft: GroupStatus,
+}
+
+impl ClusterStatus {
+    /// The status as OpenMetrics text (no `# EOF`): per group the leader
+    /// (0: none known) and term, per partition the committed end, and on
+    /// a leader each peer's lag in entries.
+    pub fn metrics(&self) -> String {
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        type Labels = Vec<(String, String)>;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("dmq_cluster");
+        let leader = Family::<Labels, Gauge>::default();
+        let term = Family::<Labels, Gauge>::default();
+        let committed = Family::<Labels, Gauge>::default();
+        let lag = Family::<Labels, Gauge>::default();
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let groups = std::iter::once(&self.metadata).chain(self.partitions.iter().map(|p| &p.raft));
+        for group in groups {
+            let labels = vec![("group".to_string(), group.group.clone())];
+            leader
+                .get_or_create(&labels)
+                .set(gauge(group.leader.unwrap_or(0)));
+            term.get_or_create(&labels).set(gauge(group.term));
+            let last = group.last_log_index.unwrap_or(0);
+            for (peer, matched) in group.matched.iter().flatten() {
+                let mut labels = labels.clone();
+                labels.push(("peer".to_string(), peer.to_string()));
+                lag.get_or_create(&labels)
+                    .set(gauge(last.saturating_sub(matched.unwrap_or(0))));
+            }
+        }
+        for partition in &self.partitions {
+            let labels = vec![
+                ("topic".to_string(), partition.topic.clone()),
+                ("partition".to_string(), partition.partition.to_string()),
+            ];
+            committed
+                .get_or_create(&labels)
+                .set(gauge(partition.committed_end));
+        }
+        registry.register(
+            "leader",
+            "The leader this node knows of, per Raft group (0: none)",
+            leader,
+        );
+        registry.register("term", "This node's Raft term, per group", term);
+        registry.register(
+            "committed_end_offset",
+            "Records below this offset are committed on a quorum, per partition",
+            committed,
+        );
+        registry.register(
+            "replication_lag_entries",
+            "On a group's leader: Raft entries a peer has yet to match",
+            lag,
+        );
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode_registry(&mut text, &registry)
+        {
+            tracing::error!(%error, "rendering the cluster metrics failed");
+        }
+        text
+    }
 }
 
 /// How often a node looks for topics the metadata group applied that it
@@ -247,6 +349,42 @@ impl Cluster {
                 _ = tokio::time::sleep(FOLLOW_TOPICS_EVERY) => {}
                 _ = stop.wait_for(|stop| *stop) => return,
             }
+        }
+    }
+
+    /// What this node knows of the cluster: its peers, the metadata group
+    /// and every replica it holds (leader, term, committed and log ends,
+    /// and on a leader each peer's lag).
+    pub fn status(&self) -> ClusterStatus {
+        let partitions = self
+            .storage
+            .replicas()
+            .into_iter()
+            .map(|((topic, partition), replica)| {
+                let node = replica.node();
+                PartitionStatus {
+                    topic,
+                    partition,
+                    committed_end: node.committed_end(),
+                    log_end: node.log_end(),
+                    raft: node.status(),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.config.node_id,
+            peers: self
+                .config
+                .peers
+                .iter()
+                .map(|peer| PeerStatus {
+                    id: peer.id,
+                    raft: peer.raft.clone(),
+                    client: peer.client.clone(),
+                })
+                .collect(),
+            metadata: self.metadata.status(),
+            partitions,
         }
     }
 

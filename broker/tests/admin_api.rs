@@ -372,6 +372,7 @@ async fn bad_input_gets_a_clear_4xx() {
                 "environment",
             ),
             ("GET", "/api/topics/nope".into(), None, 404, "unknown topic"),
+            ("GET", "/api/cluster".into(), None, 404, "single node"),
             ("GET", "/api/topics/nope/messages?key=a".into(), None, 404, "unknown topic"),
             (
                 "GET",

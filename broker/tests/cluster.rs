@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use dmq_client::{Client, ClientOptions, Message, MessageId};
 
 mod common;
-use common::{free_port, next, options};
+use common::{free_port, http, next, options, Api};
 
 struct Node {
     id: u64,
     client: SocketAddr,
+    admin: SocketAddr,
     raft: SocketAddr,
     dir: PathBuf,
     process: Option<Child>,
@@ -26,10 +27,11 @@ struct Node {
 impl Node {
     fn config(&self, peers: &[Node]) -> String {
         let mut text = format!(
-            "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
+            "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\n\
              [cluster]\nnode_id = {}\nraft_listen = \"{}\"\n",
             self.dir.join("data"),
             self.client,
+            self.admin,
             self.id,
             self.raft
         );
@@ -78,6 +80,7 @@ fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
         .map(|id| Node {
             id,
             client: free_port(),
+            admin: free_port(),
             raft: free_port(),
             dir: root.join(format!("node{id}")),
             process: None,
@@ -242,4 +245,49 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
     wait_for_topic(&third, "orders").await;
     let seen = consume(&third, "after-cluster-restart", acknowledged.len()).await;
     assert_eq!(seen, acknowledged, "after a whole-cluster restart");
+
+    // Every node reports the cluster: its replicas, their leaders and
+    // committed ends, in the admin API and in /metrics.
+    let api = Api::new(nodes[2].admin, None);
+    let status = http(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = api.ok("/api/cluster");
+            let led = status["partitions"]
+                .as_array()
+                .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["raft"]["leader"].is_u64()));
+            if led || Instant::now() > deadline {
+                let metrics = api.ok_metrics();
+                return (status, metrics);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+    let (status, metrics) = status;
+    assert_eq!(status["node_id"], 3);
+    assert_eq!(status["peers"].as_array().unwrap().len(), 3);
+    let committed: u64 = status["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert_eq!(p["topic"], "orders");
+            assert_eq!(p["raft"]["voters"].as_array().unwrap().len(), 3);
+            assert!(p["raft"]["leader"].is_u64(), "{p}");
+            p["committed_end"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(
+        committed, 120,
+        "every acknowledged record is committed here"
+    );
+    assert!(
+        metrics.contains("dmq_cluster_leader{group=\"p/orders/0\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dmq_cluster_committed_end_offset{"),
+        "{metrics}"
+    );
 }

@@ -23,6 +23,7 @@
 
 mod admin;
 mod bench;
+mod cluster;
 mod consume;
 mod dlq;
 mod group;
@@ -135,6 +136,9 @@ pub enum Command {
     /// List unsettled transactions and resolve them (admin API).
     #[command(subcommand)]
     Tx(tx::TxCommand),
+    /// A cluster node's view of its cluster (admin API).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Print the argon2id hash of a secret (--secret, or the first line of
     /// stdin) for dmqd's config: `[clients]` or `admin_tokens`.
     HashSecret,
@@ -170,6 +174,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Stats(args) => stats::run(cli, args),
         Command::Dlq(command) => dlq::run(cli, command),
         Command::Tx(command) => tx::run(cli, command),
+        Command::Cluster(command) => cluster::run(cli, command),
         Command::HashSecret => hash_secret::run(cli),
     }
 }

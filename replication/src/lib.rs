@@ -46,7 +46,8 @@ pub use log_store::RaftLogJournal;
 pub use metadata::{MetaCommand, MetaResponse, MetadataStateMachine, TopicSpec};
 pub use network::RaftRouter;
 pub use node::{
-    partition_group, GroupNode, MetadataNode, NodeConfig, NodeError, PartitionNode, METADATA_GROUP,
+    partition_group, GroupNode, GroupStatus, MetadataNode, NodeConfig, NodeError, PartitionNode,
+    METADATA_GROUP,
 };
 pub use partition::{
     AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,

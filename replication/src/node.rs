@@ -347,6 +347,28 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
             .map_err(write_error)
     }
 
+    /// What this member knows of its group now (from openraft's metrics).
+    pub fn status(&self) -> GroupStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        GroupStatus {
+            group: self.group.clone(),
+            node_id: self.id,
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            last_applied_index: metrics.last_applied.map(|id| id.index),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            matched: metrics.replication.map(|replication| {
+                replication
+                    .into_iter()
+                    .map(|(peer, matched)| (peer, matched.map(|id| id.index)))
+                    .collect()
+            }),
+        }
+    }
+
     /// The learners of the current membership.
     pub fn learners(&self) -> BTreeSet<NodeId> {
         self.raft
@@ -380,6 +402,31 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
             tracing::warn!(%error, "raft shutdown");
         }
     }
+}
+
+/// One member's view of its group ([`GroupNode::status`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupStatus {
+    /// The group's name.
+    pub group: String,
+    /// This member's node.
+    pub node_id: NodeId,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// Its current term.
+    pub term: u64,
+    /// Its last log entry's index.
+    pub last_log_index: Option<u64>,
+    /// The last entry it applied.
+    pub last_applied_index: Option<u64>,
+    /// The voters of its membership.
+    pub voters: BTreeSet<NodeId>,
+    /// The learners of its membership.
+    pub learners: BTreeSet<NodeId>,
+    /// On the leader only: each peer's last log index known to match the
+    /// leader's (`None`: nothing yet). The leader's last log index minus
+    /// this is the peer's lag, in entries.
+    pub matched: Option<BTreeMap<NodeId, Option<u64>>>,
 }
 
 /// A refused or failed `client_write`, as a [`NodeError`].

@@ -254,6 +254,7 @@ pub fn router(services: Services) -> Router {
     let protected = Router::new()
         .route("/api/info", get(observe::info))
         .route("/api/health", get(observe::health))
+        .route("/api/cluster", get(observe::cluster))
         .merge(topics::routes())
         .merge(messages::routes())
         .merge(transactions::routes())

@@ -26,6 +26,20 @@ pub(super) fn mode_name(services: &Services) -> &'static str {
     }
 }
 
+/// `GET /api/cluster`: this node's view of its cluster (404 on a single
+/// node).
+pub(super) async fn cluster(
+    State(services): State<Services>,
+) -> ApiResult<Json<crate::cluster::ClusterStatus>> {
+    match services.engine.cluster() {
+        Some(cluster) => Ok(Json(cluster.status())),
+        None => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "this broker runs as a single node (no [cluster] section)",
+        )),
+    }
+}
+
 pub(super) async fn info(State(services): State<Services>) -> ApiResult<Json<serde_json::Value>> {
     let pending_delays = services
         .engine
@@ -239,6 +253,9 @@ pub(super) async fn metrics(
     let mut text = services.engine.telemetry().render_metrics(&gauges);
     if let Some(Extension(connections)) = connections {
         insert_before_eof(&mut text, &admin_listener_metrics(&connections));
+    }
+    if let Some(cluster) = services.engine.cluster() {
+        insert_before_eof(&mut text, &cluster.status().metrics());
     }
     Ok((
         [(

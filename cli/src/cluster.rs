@@ -1,0 +1,119 @@
+//! `dmq cluster status`: a cluster node's view of its cluster (admin API
+//! `GET /api/cluster`): the metadata group, then one row per replica the
+//! node holds, with its leader, term, committed and log ends, and on a
+//! leader the largest lag of its peers.
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde_json::Value;
+
+use crate::admin::Admin;
+use crate::output::{cell, print_json, render_table, Format};
+use crate::Cli;
+
+/// Cluster commands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The node's view of the cluster: groups, leaders, terms, lag.
+    Status,
+}
+
+/// Runs a cluster command.
+pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
+    match command {
+        ClusterCommand::Status => {
+            let answer = Admin::new(cli).get("/api/cluster", &[])?;
+            match cli.format {
+                Format::Json => print_json(&answer),
+                Format::Table => print!("{}", render_status(&answer)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest lag (entries) of a leader's peers; `-` on a follower.
+fn max_lag(raft: &Value) -> String {
+    let Some(matched) = raft["matched"].as_object() else {
+        return "-".to_string();
+    };
+    let last = raft["last_log_index"].as_u64().unwrap_or(0);
+    matched
+        .values()
+        .map(|index| last.saturating_sub(index.as_u64().unwrap_or(0)))
+        .max()
+        .unwrap_or(0)
+        .to_string()
+}
+
+/// One row for the metadata group, one per replica.
+pub fn render_status(answer: &Value) -> String {
+    let row = |group: String, raft: &Value, committed: &Value, log_end: &Value| {
+        vec![
+            group,
+            cell(&raft["leader"]),
+            cell(&raft["term"]),
+            cell(committed),
+            cell(log_end),
+            max_lag(raft),
+        ]
+    };
+    let metadata = &answer["metadata"];
+    let mut rows = vec![row(
+        "metadata".to_string(),
+        metadata,
+        &metadata["last_applied_index"],
+        &metadata["last_log_index"],
+    )];
+    for partition in answer["partitions"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+    {
+        rows.push(row(
+            format!(
+                "{}/{}",
+                cell(&partition["topic"]),
+                cell(&partition["partition"])
+            ),
+            &partition["raft"],
+            &partition["committed_end"],
+            &partition["log_end"],
+        ));
+    }
+    format!(
+        "node {}\n{}",
+        cell(&answer["node_id"]),
+        render_table(
+            &["GROUP", "LEADER", "TERM", "COMMITTED", "LOG_END", "MAX_LAG"],
+            &rows
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_renders_one_row_per_group() {
+        let answer = serde_json::json!({
+            "node_id": 2,
+            "metadata": {"leader": 1, "term": 3, "last_log_index": 9,
+                         "last_applied_index": 9, "matched": null},
+            "partitions": [{
+                "topic": "orders", "partition": 0, "committed_end": 120, "log_end": 121,
+                "raft": {"leader": 2, "term": 4, "last_log_index": 50,
+                         "matched": {"1": 50, "3": 47}}
+            }]
+        });
+        let text = render_status(&answer);
+        assert!(text.starts_with("node 2\n"), "{text}");
+        assert!(text.contains("metadata"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("orders/0"))
+            .expect(&text);
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["orders/0", "2", "4", "120", "121", "3"]);
+    }
+}
