@@ -271,8 +271,7 @@ impl RaftLogStorage<MetaTypes> for RaftLogJournal {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.lock()
-            .write(vec![LogOp::Vote(*vote)])
+        blocking(|| self.lock().write(vec![LogOp::Vote(*vote)]))
             .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
@@ -291,8 +290,7 @@ impl RaftLogStorage<MetaTypes> for RaftLogJournal {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError> {
-        self.lock()
-            .write(vec![LogOp::Committed(committed)])
+        blocking(|| self.lock().write(vec![LogOp::Committed(committed)]))
             .map_err(|e| StorageIOError::write(&e).into())
     }
 
@@ -310,20 +308,29 @@ impl RaftLogStorage<MetaTypes> for RaftLogJournal {
         I::IntoIter: Send,
     {
         let ops: Vec<LogOp<MetaEntry>> = entries.into_iter().map(LogOp::Entry).collect();
-        let written = self.lock().write(ops);
+        let written = blocking(|| self.lock().write(ops));
         report_append(written, callback)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        self.lock()
-            .write(vec![LogOp::Truncate(log_id.index)])
+        blocking(|| self.lock().write(vec![LogOp::Truncate(log_id.index)]))
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        self.lock()
-            .purge(log_id)
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+        blocking(|| self.lock().purge(log_id)).map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+/// Runs a step that writes and fsyncs (a Raft storage call) on this task's
+/// thread, first telling a multi-threaded runtime to move its other tasks
+/// (heartbeats, RPCs, other groups) to another thread: an fdatasync must
+/// not hold up a worker of a 2-core machine. The step stays synchronous,
+/// so storage calls keep the order openraft made them in.
+pub(crate) fn blocking<T>(step: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(step),
+        _ => step(),
     }
 }
 

@@ -408,6 +408,45 @@ async fn serve_connection(mut stream: TcpStream, peer: std::net::SocketAddr, gro
     }
 }
 
+/// The entries one AppendEntries carries at most, in encoded bytes (at
+/// least one entry goes, whatever its size). openraft gives an
+/// AppendEntries one heartbeat interval to be answered; a follower far
+/// behind is sent its backlog in pieces that fit, instead of one frame
+/// that never does (and is sent again, forever).
+pub const APPEND_BYTES_MAX: usize = 1 << 20;
+
+/// `rpc` cut to its longest prefix of entries within `budget` encoded
+/// bytes (at least one entry), and the log id of the last entry kept if
+/// any were cut (`None`: the whole request goes). The leader's commit
+/// index sent is at most the last entry sent.
+fn bounded_append<C: GroupTypes>(
+    mut rpc: AppendEntriesRequest<C>,
+    budget: usize,
+) -> (AppendEntriesRequest<C>, Option<openraft::LogId<NodeId>>) {
+    use openraft::RaftLogId;
+    let mut used = 0usize;
+    let mut keep = 0usize;
+    for entry in &rpc.entries {
+        let size = postcard::experimental::serialized_size(entry).unwrap_or(usize::MAX);
+        if keep > 0 && used.saturating_add(size) > budget {
+            break;
+        }
+        used = used.saturating_add(size);
+        keep += 1;
+    }
+    if keep >= rpc.entries.len() {
+        return (rpc, None);
+    }
+    rpc.entries.truncate(keep);
+    let last = rpc.entries.last().map(|entry| *entry.get_log_id());
+    if let (Some(last), Some(commit)) = (last, rpc.leader_commit) {
+        if commit.index > last.index {
+            rpc.leader_commit = Some(last);
+        }
+    }
+    (rpc, last)
+}
+
 /// Opens [`TcpNetwork`]s to the same group on peers.
 #[derive(Debug)]
 pub struct TcpNetworkFactory<C> {
@@ -538,7 +577,14 @@ impl<C: GroupTypes> RaftNetwork<C> for TcpNetwork<C> {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let ttl = option.hard_ttl();
+        let (rpc, sent_up_to) = bounded_append(rpc, APPEND_BYTES_MAX);
         match self.call(&RaftRequest::AppendEntries(rpc), ttl).await {
+            // Only a prefix went: the peer holds up to its last entry.
+            Ok(RaftReply::AppendEntries(Ok(AppendEntriesResponse::Success)))
+                if sent_up_to.is_some() =>
+            {
+                Ok(AppendEntriesResponse::PartialSuccess(sent_up_to))
+            }
             Ok(RaftReply::AppendEntries(Ok(response))) => Ok(response),
             Ok(RaftReply::AppendEntries(Err(error))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
@@ -581,5 +627,60 @@ impl<C: GroupTypes> RaftNetwork<C> for TcpNetwork<C> {
             Ok(_) => Err(self.unexpected()),
             Err(error) => Err(self.failed(error, RPCTypes::Vote, ttl)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MetaCommand, MetaTypes, TopicSpec};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    fn entry(index: u64, name_bytes: usize) -> Entry<MetaTypes> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(MetaCommand::CreateTopic {
+                name: "x".repeat(name_bytes),
+                spec: TopicSpec {
+                    partitions: 1,
+                    ordered: false,
+                },
+            }),
+        }
+    }
+
+    fn request(entries: Vec<Entry<MetaTypes>>, commit: u64) -> AppendEntriesRequest<MetaTypes> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: Some(LogId::new(CommittedLeaderId::new(1, 1), commit)),
+            entries,
+        }
+    }
+
+    #[test]
+    fn a_backlog_goes_in_pieces_that_fit_the_budget() {
+        // Ten entries of about 1 KiB, a budget of about three.
+        let entries: Vec<_> = (1..=10).map(|i| entry(i, 1000)).collect();
+        let (cut, sent_up_to) = bounded_append(request(entries, 10), 3_100);
+        assert_eq!(cut.entries.len(), 3);
+        assert_eq!(sent_up_to.map(|id| id.index), Some(3));
+        assert_eq!(
+            cut.leader_commit.map(|id| id.index),
+            Some(3),
+            "no commit index past what was sent"
+        );
+    }
+
+    #[test]
+    fn one_entry_goes_whatever_its_size_and_a_small_request_is_whole() {
+        let (cut, sent_up_to) = bounded_append(request(vec![entry(1, 5000), entry(2, 10)], 2), 100);
+        assert_eq!(
+            (cut.entries.len(), sent_up_to.map(|id| id.index)),
+            (1, Some(1))
+        );
+        let (whole, sent_up_to) = bounded_append(request(vec![entry(1, 10)], 1), 100);
+        assert_eq!((whole.entries.len(), sent_up_to), (1, None));
+        assert_eq!(whole.leader_commit.map(|id| id.index), Some(1));
     }
 }

@@ -50,7 +50,7 @@ use openraft::{
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::log_store::{report_append, LogOp, Row, RowJournal};
+use crate::log_store::{blocking, report_append, LogOp, Row, RowJournal};
 use crate::{NodeId, StorageError};
 
 openraft::declare_raft_types!(
@@ -527,9 +527,7 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.lock()
-            .rows
-            .write(vec![LogOp::Vote(*vote)])
+        blocking(|| self.lock().rows.write(vec![LogOp::Vote(*vote)]))
             .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
@@ -543,10 +541,7 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError> {
-        self.lock()
-            .rows
-            .write(vec![LogOp::Committed(committed)])
-            .map_err(storage_io)
+        blocking(|| self.lock().rows.write(vec![LogOp::Committed(committed)])).map_err(storage_io)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
@@ -562,27 +557,28 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
         I: IntoIterator<Item = PartitionEntry> + Send,
         I::IntoIter: Send,
     {
-        let written = self.lock().append(entries.into_iter().collect());
+        let entries: Vec<PartitionEntry> = entries.into_iter().collect();
+        let written = blocking(|| self.lock().append(entries));
         report_append(written, callback)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        let mut inner = self.lock();
-        inner
-            .rows
-            .write(vec![LogOp::Truncate(log_id.index)])
-            .map_err(storage_io)?;
-        inner.assigned_ids.retain(|&index, _| index < log_id.index);
-        let end = inner.row_end().unwrap_or(0);
-        if end < inner.next_offset {
-            inner.cut_log(end).map_err(storage_io)?;
-        }
-        Ok(())
+        blocking(|| {
+            let mut inner = self.lock();
+            inner.rows.write(vec![LogOp::Truncate(log_id.index)])?;
+            inner.assigned_ids.retain(|&index, _| index < log_id.index);
+            let end = inner.row_end().unwrap_or(0);
+            if end < inner.next_offset {
+                inner.cut_log(end)?;
+            }
+            Ok(())
+        })
+        .map_err(storage_io)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         // The records stay: retention owns the partition log's data.
-        self.lock().rows.purge(log_id).map_err(storage_io)
+        blocking(|| self.lock().rows.purge(log_id)).map_err(storage_io)
     }
 }
 

@@ -242,3 +242,67 @@ async fn a_write_through_a_follower_is_forwarded_and_answered_with_the_leaders_i
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_far_behind_catches_up_in_pieces() {
+    // 100 batches of 700 KiB while a follower is down: its backlog (70 MB)
+    // is more than one Raft frame holds and far more than an
+    // AppendEntries may take within a heartbeat interval.
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let large = LogConfig {
+        segment_bytes_max: 4 << 20,
+        ..LogConfig::default()
+    };
+    let start_large = |id: u64, dir: &Path, listen: SocketAddr| {
+        PartitionNode::start(
+            NodeConfig::new(id, dir.to_path_buf(), listen),
+            large.clone(),
+        )
+    };
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        nodes.push(
+            start_large(i as u64 + 1, dir.path(), listen)
+                .await
+                .expect("start"),
+        );
+    }
+    form_group(&nodes).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let index = nodes
+        .iter()
+        .position(|n| n.id() != leader)
+        .expect("follower");
+    let behind = nodes.remove(index);
+    let (behind_id, behind_addr) = (behind.id(), behind.addr());
+    behind.shutdown().await;
+    let value = bytes::Bytes::from(vec![7u8; 700 * 1024]);
+    let mut end = 0u64;
+    for _ in 0..100 {
+        let appended = by_id(&nodes, leader)
+            .produce(vec![RecordInput::new(value.clone())])
+            .await
+            .expect("produce");
+        end = appended.base_offset + u64::from(appended.count);
+    }
+    nodes.push(
+        start_large(behind_id, dirs[behind_id as usize - 1].path(), behind_addr)
+            .await
+            .expect("restart"),
+    );
+    let back = nodes.last().expect("back");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while back.committed_end() < end {
+        assert!(
+            Instant::now() < deadline,
+            "the follower is stuck at {} of {end}",
+            back.committed_end()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
