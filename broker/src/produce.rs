@@ -160,9 +160,10 @@ pub(crate) async fn admit(
                      (docs/replication.md); nothing was stored",
                 ));
             }
-            // A Raft write per partition, awaited here: one connection's
-            // batches are proposed in request order.
-            let mut appended: Appended = Vec::with_capacity(parts.len());
+            // A Raft write per partition, proposed here (a leader appends
+            // one connection's batches in request order), answered in the
+            // pending part.
+            let mut proposed = Vec::with_capacity(parts.len());
             for (partition, indexes, part) in parts {
                 let replica = storage.replica(&topic, partition).ok_or_else(|| {
                     ErrorResponse::new(
@@ -178,14 +179,16 @@ pub(crate) async fn admit(
                     producer_seq,
                     records: part,
                 };
-                let info = replica
-                    .write(&batch)
-                    .await
-                    .map_err(|error| convert::store_error(&error))?;
-                appended.push((partition, indexes, replica as Arc<dyn PartitionLog>, info));
+                let answer = replica.propose(&batch).await;
+                proposed.push((partition, indexes, replica, answer));
             }
             let engine = engine.clone();
             return Ok(Admitted::Pending(Pending(Box::pin(async move {
+                let mut appended: Appended = Vec::with_capacity(proposed.len());
+                for (partition, indexes, replica, answer) in proposed {
+                    let info = answer.await.map_err(|error| convert::store_error(&error))?;
+                    appended.push((partition, indexes, replica as Arc<dyn PartitionLog>, info));
+                }
                 let answer = finish(&engine, &topic, total, appended, Vec::new(), &origin).await;
                 remember(&engine, topic, sequence, &answer);
                 answer

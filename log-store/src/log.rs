@@ -567,6 +567,14 @@ impl Log {
         self.shared.append(batch, None)
     }
 
+    /// Refuses ([`LogError::InvalidBatch`]) a batch an append would refuse
+    /// whatever the disk holds: no records, a field over its limit, larger
+    /// than a segment. Changes nothing: for a caller that must not start
+    /// what an append could not finish (a Raft proposal).
+    pub fn check_batch(&self, batch: &BatchInput) -> Result<()> {
+        self.shared.check(batch)
+    }
+
     /// [`Log::append_deferred`] with the broker timestamp given instead of
     /// read from the log's clock: a replica appends what its leader
     /// stamped, so that every replica holds the same records (offsets, ids
@@ -844,7 +852,9 @@ impl Shared {
         }
     }
 
-    fn append(&self, batch: &BatchInput, stamped: Option<i64>) -> Result<AppendInfo> {
+    /// Whether `batch` is one this log can take (the checks of an append
+    /// that depend on the batch alone, not on the disk).
+    fn check(&self, batch: &BatchInput) -> Result<()> {
         validate_input(batch).map_err(|e| LogError::InvalidBatch(e.into()))?;
         let batch_len = batch.encoded_len() as u64;
         if batch_len > u64::from(self.config.segment_bytes_max) {
@@ -853,6 +863,12 @@ impl Shared {
                 self.config.segment_bytes_max
             )));
         }
+        Ok(())
+    }
+
+    fn append(&self, batch: &BatchInput, stamped: Option<i64>) -> Result<AppendInfo> {
+        self.check(batch)?;
+        let batch_len = batch.encoded_len() as u64;
         let mut writer = lock(&self.writer);
         if self.failed.get().is_some() {
             return Err(self.failed_error());

@@ -311,27 +311,51 @@ impl ReplicatedPartitionLog {
     /// node leads, else forwarded) and answers once it is committed, with
     /// where its records are.
     pub async fn write(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError> {
+        self.propose(batch).await.await
+    }
+
+    /// [`ReplicatedPartitionLog::write`] in two steps: proposes the batch
+    /// now (a leader appends one caller's proposals in call order) and
+    /// returns the answer's future, so a connection may have many batches
+    /// in flight.
+    pub async fn propose(
+        &self,
+        batch: &BatchInput,
+    ) -> impl Future<Output = Result<AppendInfo, StoreError>> + Send + 'static {
+        // A batch the log would refuse must not become a Raft entry: a
+        // storage error stops the group's Raft on every replica.
+        let checked = self.with_log(|log| Ok(log.check_batch(batch)?));
         let mut proposal = ReplicatedBatch::propose(batch.records.clone());
         proposal.producer_id = batch.producer_id;
         proposal.producer_seq = batch.producer_seq;
-        let appended = self.node.write(proposal).await.map_err(unavailable)?;
-        let count = u64::from(appended.count);
-        if count == 0 || appended.ids.len() as u64 != count {
-            return Err(unavailable(format!(
-                "the leader answered {} records with {} ids for a batch of {}",
-                appended.count,
-                appended.ids.len(),
-                batch.records.len()
-            )));
+        let records = batch.records.len();
+        let answer = match checked {
+            Ok(()) => Some(self.node.propose(proposal).await),
+            Err(_) => None,
+        };
+        async move {
+            checked?;
+            let Some(answer) = answer else {
+                return Err(unavailable("no proposal"));
+            };
+            let appended = answer.await.map_err(unavailable)?;
+            let count = u64::from(appended.count);
+            if count == 0 || appended.ids.len() as u64 != count {
+                return Err(unavailable(format!(
+                    "the leader answered {} records with {} ids for a batch of {records}",
+                    appended.count,
+                    appended.ids.len(),
+                )));
+            }
+            let ids: Vec<MessageId> = appended.ids.into_iter().map(MessageId).collect();
+            Ok(AppendInfo {
+                base_offset: appended.base_offset,
+                last_offset: appended.base_offset + count - 1,
+                // An id's time prefix is its first append's broker time.
+                timestamp_ms: ids[0].timestamp_ms(),
+                ids,
+            })
         }
-        let ids: Vec<MessageId> = appended.ids.into_iter().map(MessageId).collect();
-        Ok(AppendInfo {
-            base_offset: appended.base_offset,
-            last_offset: appended.base_offset + count - 1,
-            // An id's time prefix is its first append's broker time.
-            timestamp_ms: ids[0].timestamp_ms(),
-            ids,
-        })
     }
 
     fn committed_end(&self) -> u64 {

@@ -258,53 +258,28 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
     where
         C::D: Clone,
     {
+        self.propose(data).await.await
+    }
+
+    /// [`GroupNode::write`] in two steps: proposes `data` now, in call
+    /// order with this node's other proposals (if it leads, openraft
+    /// appends them in that order), and returns the answer's future, so a
+    /// caller may have many writes in flight. Proposals that reach the
+    /// leader by forwarding are not ordered with each other.
+    pub async fn propose(
+        &self,
+        data: C::D,
+    ) -> impl std::future::Future<Output = Result<C::R, NodeError>> + Send + 'static
+    where
+        C::D: Clone,
+    {
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let written = tokio::time::timeout(left, self.raft.client_write(data.clone()))
-                .await
-                .map_err(|_| {
-                    // Proposed here, as leader, and not committed in time
-                    // (no quorum reachable): a later commit may still
-                    // take it.
-                    NodeError::Indeterminate(format!(
-                        "not committed within {} s (no quorum of replicas reachable?)",
-                        WRITE_TIMEOUT.as_secs()
-                    ))
-                })?;
-            let last = match written {
-                Ok(written) => return Ok(written.data),
-                Err(error) => match write_error(error) {
-                    NodeError::NotLeader {
-                        addr: Some(addr), ..
-                    } => {
-                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        match crate::network::forward::<C>(&addr, &self.group, &data, left).await {
-                            Ok(response) => return Ok(response),
-                            Err(ForwardError::Refused(ForwardRefusal::NotLeader {
-                                leader,
-                                addr,
-                            })) => NodeError::NotLeader { leader, addr },
-                            Err(ForwardError::Refused(ForwardRefusal::Failed(why))) => {
-                                return Err(NodeError::Indeterminate(why))
-                            }
-                            Err(ForwardError::Lost(error)) => {
-                                return Err(NodeError::Indeterminate(error.to_string()))
-                            }
-                            Err(ForwardError::NotSent(error)) => NodeError::NotLeader {
-                                leader: None,
-                                addr: Some(format!("{addr} (unreachable: {error})")),
-                            },
-                        }
-                    }
-                    NodeError::NotLeader { leader, addr } => NodeError::NotLeader { leader, addr },
-                    other => return Err(other),
-                },
-            };
-            if tokio::time::Instant::now() >= deadline {
-                return Err(last);
-            }
-            tokio::time::sleep(WRITE_RETRY_PAUSE).await;
+        let proposed = self.raft.client_write_ff(data.clone()).await;
+        let raft = self.raft.clone();
+        let group = self.group.clone();
+        async move {
+            let first = proposed.map_err(|fatal| NodeError::Stopped(fatal.to_string()))?;
+            write_until(raft, group, data, deadline, Some(first)).await
         }
     }
 
@@ -427,6 +402,75 @@ pub struct GroupStatus {
     /// leader's (`None`: nothing yet). The leader's last log index minus
     /// this is the peer's lag, in entries.
     pub matched: Option<BTreeMap<NodeId, Option<u64>>>,
+}
+
+/// The rest of [`GroupNode::propose`]: waits for `first` (a proposal
+/// already sent to this node's Raft), and while no leader takes the write
+/// (nothing proposed), tries again here or at the leader until
+/// `deadline`.
+async fn write_until<C: GroupTypes>(
+    raft: Raft<C>,
+    group: String,
+    data: C::D,
+    deadline: tokio::time::Instant,
+    mut first: Option<<C::Responder as openraft::raft::responder::Responder<C>>::Receiver>,
+) -> Result<C::R, NodeError>
+where
+    C::D: Clone,
+{
+    let not_committed = || {
+        // Proposed here, as leader, and not committed in time (no quorum
+        // reachable): a later commit may still take it.
+        NodeError::Indeterminate(format!(
+            "not committed within {} s (no quorum of replicas reachable?)",
+            WRITE_TIMEOUT.as_secs()
+        ))
+    };
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let written = match first.take() {
+            Some(receiver) => match tokio::time::timeout(left, receiver).await {
+                Err(_) => return Err(not_committed()),
+                Ok(Err(_)) => return Err(NodeError::Stopped("the Raft core stopped".to_string())),
+                Ok(Ok(answer)) => answer.map_err(RaftError::APIError),
+            },
+            None => tokio::time::timeout(left, raft.client_write(data.clone()))
+                .await
+                .map_err(|_| not_committed())?,
+        };
+        let last = match written {
+            Ok(written) => return Ok(written.data),
+            Err(error) => match write_error(error) {
+                NodeError::NotLeader {
+                    addr: Some(addr), ..
+                } => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match crate::network::forward::<C>(&addr, &group, &data, left).await {
+                        Ok(response) => return Ok(response),
+                        Err(ForwardError::Refused(ForwardRefusal::NotLeader { leader, addr })) => {
+                            NodeError::NotLeader { leader, addr }
+                        }
+                        Err(ForwardError::Refused(ForwardRefusal::Failed(why))) => {
+                            return Err(NodeError::Indeterminate(why))
+                        }
+                        Err(ForwardError::Lost(error)) => {
+                            return Err(NodeError::Indeterminate(error.to_string()))
+                        }
+                        Err(ForwardError::NotSent(error)) => NodeError::NotLeader {
+                            leader: None,
+                            addr: Some(format!("{addr} (unreachable: {error})")),
+                        },
+                    }
+                }
+                NodeError::NotLeader { leader, addr } => NodeError::NotLeader { leader, addr },
+                other => return Err(other),
+            },
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(WRITE_RETRY_PAUSE).await;
+    }
 }
 
 /// A refused or failed `client_write`, as a [`NodeError`].

@@ -17,6 +17,10 @@ struct Member {
 }
 
 async fn cluster() -> Vec<Member> {
+    cluster_with(LogConfig::default()).await
+}
+
+async fn cluster_with(log_config: LogConfig) -> Vec<Member> {
     let mut routers = Vec::new();
     for _ in 0..3 {
         routers.push(
@@ -36,7 +40,7 @@ async fn cluster() -> Vec<Member> {
         let id = i as u64 + 1;
         let storage = ClusterStorage::new(
             dir.path(),
-            LogConfig::default(),
+            log_config.clone(),
             ClusterMembers {
                 node_id: id,
                 members: members.clone(),
@@ -160,4 +164,40 @@ async fn other_topics_stay_local_and_a_cluster_topic_is_not_deleted_alone() {
     })
     .await
     .expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_log_would_refuse_is_refused_before_it_becomes_an_entry() {
+    let nodes = cluster_with(LogConfig {
+        segment_bytes_max: 64 * 1024,
+        ..LogConfig::default()
+    })
+    .await;
+    let mut replicas = Vec::new();
+    for node in &nodes {
+        node.storage.mark_replicated("t").expect("mark");
+        let storage = Arc::clone(&node.storage);
+        tokio::task::spawn_blocking(move || storage.partition("t", 0).expect("open"))
+            .await
+            .expect("join");
+        replicas.push(node.storage.replica("t", 0).expect("replica"));
+    }
+    let too_large = BatchInput::new(vec![RecordInput::new(vec![0u8; 100 * 1024])]);
+    let refused = replicas[0].write(&too_large).await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::Log(dmq_log_store::LogError::InvalidBatch(_)))
+        ),
+        "{refused:?}"
+    );
+    // The group was not stopped by it: it still takes writes.
+    let taken = replicas[1]
+        .write(&BatchInput::new(records(2)))
+        .await
+        .expect("the group still takes writes");
+    assert_eq!(taken.base_offset, 0);
+    for node in &nodes {
+        node.storage.shutdown().await;
+    }
 }
