@@ -45,6 +45,16 @@
 //!
 //! [clients]                   # client id = argon2id hash of its secret
 //! orders-service = "$argon2id$v=19$m=19456,t=2,p=1$..."
+//!
+//! [cluster]                   # optional: one node of a cluster (docs/replication.md)
+//! node_id = 1
+//! raft_listen = "127.0.0.1:7090"
+//! # heartbeat_ms = 50
+//! # election_timeout_ms = [200, 400]
+//! [[cluster.peers]]           # every node, this one included; same list on each
+//! id = 1
+//! raft = "127.0.0.1:7090"
+//! client = "127.0.0.1:7070"
 //! ```
 //!
 //! **Development mode** is on when neither `[clients]` nor `admin_tokens`
