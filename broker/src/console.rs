@@ -86,6 +86,7 @@ const ASSETS: &[Asset] = &[
     asset!("js/pages/dlq.js"),
     asset!("js/pages/trace.js"),
     asset!("js/pages/stats.js"),
+    asset!("js/pages/cluster.js"),
     asset!("vendor/uPlot.iife.min.js"),
     asset!("vendor/uPlot.min.css"),
     asset!("vendor/uPlot.LICENSE"),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dmq_client::{Client, ClientOptions, Message, MessageId};
 
 mod common;
-use common::{free_port, http, next, options, Api};
+use common::{env_count, free_port, http, next, options, Api};
 
 struct Node {
     id: u64,
@@ -290,4 +290,92 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
         metrics.contains("dmq_cluster_committed_end_offset{"),
         "{metrics}"
     );
+}
+
+/// The leader of partition 0 of `orders`, as node `via` reports it.
+async fn leader_of_partition(nodes: &[Node], via: usize) -> Option<u64> {
+    let api = Api::new(nodes[via].admin, None);
+    http(move || {
+        let (status, body) = api.get("/api/cluster");
+        if status != 200 {
+            return None;
+        }
+        body["partitions"]
+            .as_array()?
+            .iter()
+            .find(|p| p["topic"] == "orders" && p["partition"] == 0)?["raft"]["leader"]
+            .as_u64()
+    })
+    .await
+}
+
+/// Kills the leader of a one-partition topic (SIGKILL) again and again
+/// (`DMQ_CLUSTER_FAILOVER_KILLS`, 2 in CI) while a client of another node
+/// produces; prints the time from each kill until a produce succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produces_succeed_again_after_the_leader_is_killed() {
+    let kills = env_count("DMQ_CLUSTER_FAILOVER_KILLS", 2);
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = cluster(root.path());
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+    let setup = connect(nodes[0].client).await;
+    setup.create_topic("orders", 1, false).await.unwrap();
+    drop(setup);
+    let mut acknowledged: BTreeSet<MessageId> = BTreeSet::new();
+    let mut times = Vec::new();
+    for kill in 0..kills {
+        // Wait for a leader every node agrees on.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let leader = loop {
+            let mut views = Vec::new();
+            for via in 0..3 {
+                views.push(leader_of_partition(&nodes, via).await);
+            }
+            if let Some(Some(first)) = views.first() {
+                if views.iter().all(|v| *v == Some(*first)) {
+                    break *first;
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {views:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let survivor = nodes.iter().position(|n| n.id != leader).unwrap();
+        let client = connect(nodes[survivor].client).await;
+        acknowledged.extend(produce(&client, &format!("before {kill}"), 5).await);
+        let dead = leader as usize - 1;
+        nodes[dead].kill();
+        let killed_at = Instant::now();
+        let producer = client.producer();
+        loop {
+            let send = producer.send(Message::new("orders", format!("after {kill}")));
+            if let Ok(Ok(receipt)) = tokio::time::timeout(Duration::from_secs(15), send).await {
+                acknowledged.insert(receipt.id);
+                break;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(60),
+                "no produce after the kill"
+            );
+        }
+        times.push(killed_at.elapsed());
+        drop(client);
+        nodes[dead].start(&configs[dead]);
+        connect(nodes[dead].client).await;
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "failover through dmqd over {} kills: p50 {:?}, p99 {:?}, max {:?}",
+        times.len(),
+        at(0.5),
+        at(0.99),
+        times.last().unwrap()
+    );
+    // Nothing acknowledged was lost on the way.
+    let client = connect(nodes[0].client).await;
+    wait_for_topic(&client, "orders").await;
+    let seen = consume(&client, "check", acknowledged.len()).await;
+    assert_eq!(seen, acknowledged);
 }

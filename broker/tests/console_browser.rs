@@ -850,6 +850,11 @@ fn development_flow(tab: &Tab, problems: &Problems, running: &Running) -> anyhow
     )?;
     assert_clean(problems, "trace form")?;
 
+    // The cluster page of a single node says so.
+    click(tab, "#nav-cluster")?;
+    wait_text(tab, "[data-testid=\"cluster-single\"]", "single node")?;
+    expect_only(problems, "404", "the cluster page of a single node")?;
+
     // An API error is shown, not thrown: a topic that does not exist.
     go(tab, "#/topic/no.such.topic")?;
     wait_until(

@@ -276,7 +276,7 @@ mod tests {
             assert_eq!(code.as_u32(), number);
             assert_eq!(ErrorCode::from_u32(number), code);
         }
-        for number in [0, 28, 1000, u32::MAX] {
+        for number in [0, 29, 1000, u32::MAX] {
             assert_eq!(ErrorCode::from_u32(number), ErrorCode::Unknown(number));
             assert_eq!(ErrorCode::from_u32(number).as_u32(), number);
         }

@@ -14,6 +14,7 @@ import * as dlq from "./pages/dlq.js";
 import * as transactions from "./pages/transactions.js";
 import * as trace from "./pages/trace.js";
 import * as stats from "./pages/stats.js";
+import * as cluster from "./pages/cluster.js";
 
 const view = document.getElementById("view");
 const flash = document.getElementById("flash");
@@ -89,6 +90,7 @@ const routes = {
   transactions: transactions.render,
   trace: trace.render,
   stats: stats.render,
+  cluster: cluster.render,
 };
 
 function markNav(route) {
