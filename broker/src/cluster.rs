@@ -389,8 +389,12 @@ impl Cluster {
     }
 
     /// Stops the replicas, the metadata member and the Raft port (the
-    /// data stays).
+    /// data stays). The port first takes no new request and lets those in
+    /// progress finish (up to 5 s): a write another node forwarded here is
+    /// answered, not failed by a stopping Raft, and the forwarding node
+    /// retries new ones at the next leader.
     pub async fn shutdown(&self) {
+        self.router.close_and_drain(Duration::from_secs(5)).await;
         self.storage.shutdown().await;
         if let Err(error) = self.metadata.raft().shutdown().await {
             tracing::warn!(%error, "stopping the metadata group");

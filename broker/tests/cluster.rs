@@ -60,6 +60,17 @@ impl Node {
         );
     }
 
+    /// SIGTERM, and waits for the process to end (a clean stop).
+    fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            // The `kill` command: SIGTERM to this one process.
+            let _ = std::process::Command::new("kill")
+                .arg(process.id().to_string())
+                .status();
+            process.wait().unwrap();
+        }
+    }
+
     /// SIGKILL: no shutdown, no final fsync.
     fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
@@ -90,8 +101,9 @@ fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
     (nodes, configs)
 }
 
-/// A client of `addr`, once the node listens.
-async fn connect(addr: SocketAddr) -> Client {
+/// A client of `node`, once it listens (its log is shown if it never does).
+async fn connect(node: &Node) -> Client {
+    let addr = node.client;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -99,7 +111,10 @@ async fn connect(addr: SocketAddr) -> Client {
                 .await
                 .unwrap();
         }
-        assert!(Instant::now() < deadline, "node {addr} did not start");
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(node.dir.join("dmqd.log")).unwrap_or_default();
+            panic!("node {} at {addr} did not start; its log:\n{log}", node.id);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -160,10 +175,10 @@ async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
     }
 
     // A topic created through one node reaches every node.
-    let second = connect(nodes[1].client).await;
+    let second = connect(&nodes[1]).await;
     second.create_topic("orders", 2, false).await.unwrap();
-    let first = connect(nodes[0].client).await;
-    let third = connect(nodes[2].client).await;
+    let first = connect(&nodes[0]).await;
+    let third = connect(&nodes[2]).await;
     for client in [&first, &second, &third] {
         wait_for_topic(client, "orders").await;
     }
@@ -215,7 +230,7 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
     for (node, config) in nodes.iter_mut().zip(&configs) {
         node.start(config);
     }
-    let first = connect(nodes[0].client).await;
+    let first = connect(&nodes[0]).await;
     first.create_topic("orders", 2, false).await.unwrap();
     let mut acknowledged: BTreeSet<MessageId> =
         produce(&first, "a", 40).await.into_iter().collect();
@@ -225,7 +240,7 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
     nodes[1].kill();
     acknowledged.extend(produce(&first, "b", 40).await);
     nodes[1].start(&configs[1]);
-    let second = connect(nodes[1].client).await;
+    let second = connect(&nodes[1]).await;
     wait_for_topic(&second, "orders").await;
     acknowledged.extend(produce(&second, "c", 40).await);
     assert_eq!(acknowledged.len(), 120);
@@ -241,7 +256,7 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
     for (node, config) in nodes.iter_mut().zip(&configs) {
         node.start(config);
     }
-    let third = connect(nodes[2].client).await;
+    let third = connect(&nodes[2]).await;
     wait_for_topic(&third, "orders").await;
     let seen = consume(&third, "after-cluster-restart", acknowledged.len()).await;
     assert_eq!(seen, acknowledged, "after a whole-cluster restart");
@@ -320,7 +335,7 @@ async fn produces_succeed_again_after_the_leader_is_killed() {
     for (node, config) in nodes.iter_mut().zip(&configs) {
         node.start(config);
     }
-    let setup = connect(nodes[0].client).await;
+    let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 1, false).await.unwrap();
     drop(setup);
     let mut acknowledged: BTreeSet<MessageId> = BTreeSet::new();
@@ -342,7 +357,7 @@ async fn produces_succeed_again_after_the_leader_is_killed() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let survivor = nodes.iter().position(|n| n.id != leader).unwrap();
-        let client = connect(nodes[survivor].client).await;
+        let client = connect(&nodes[survivor]).await;
         acknowledged.extend(produce(&client, &format!("before {kill}"), 5).await);
         let dead = leader as usize - 1;
         nodes[dead].kill();
@@ -362,7 +377,7 @@ async fn produces_succeed_again_after_the_leader_is_killed() {
         times.push(killed_at.elapsed());
         drop(client);
         nodes[dead].start(&configs[dead]);
-        connect(nodes[dead].client).await;
+        connect(&nodes[dead]).await;
     }
     times.sort();
     let at = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
@@ -374,8 +389,55 @@ async fn produces_succeed_again_after_the_leader_is_killed() {
         times.last().unwrap()
     );
     // Nothing acknowledged was lost on the way.
-    let client = connect(nodes[0].client).await;
+    let client = connect(&nodes[0]).await;
     wait_for_topic(&client, "orders").await;
     let seen = consume(&client, "check", acknowledged.len()).await;
     assert_eq!(seen, acknowledged);
+}
+
+/// Every node is stopped (SIGTERM) and started again, one after the other,
+/// while a producer keeps sending through a node that is up: no produce
+/// fails, and every acknowledged message is there at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_fails_no_produce() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = cluster(root.path());
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+    let setup = connect(&nodes[0]).await;
+    setup.create_topic("orders", 2, false).await.unwrap();
+    drop(setup);
+    let mut acknowledged: BTreeSet<MessageId> = BTreeSet::new();
+    for restarted in 0..3 {
+        // The producer uses the next node, which stays up meanwhile.
+        let through = (restarted + 1) % 3;
+        let client = connect(&nodes[through]).await;
+        wait_for_topic(&client, "orders").await;
+        let producer = client.producer();
+        let sending = tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..200 {
+                let receipt = producer
+                    .send(Message::new("orders", format!("rolling {restarted} {i}")))
+                    .await
+                    .unwrap_or_else(|e| panic!("produce {i} during restart {restarted}: {e}"));
+                ids.push(receipt.id);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ids
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nodes[restarted].stop();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        nodes[restarted].start(&configs[restarted]);
+        connect(&nodes[restarted]).await;
+        acknowledged.extend(sending.await.unwrap());
+    }
+    assert_eq!(acknowledged.len(), 600);
+    for (i, group) in ["after-1", "after-2", "after-3"].iter().enumerate() {
+        let client = connect(&nodes[i]).await;
+        let seen = consume(&client, group, acknowledged.len()).await;
+        assert_eq!(seen, acknowledged, "through node {}", i + 1);
+    }
 }

@@ -276,6 +276,15 @@ pub struct RaftRouter {
     addr: std::net::SocketAddr,
     groups: Arc<Groups>,
     server: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Requests being handled, and whether new ones are still taken.
+    requests: Arc<Requests>,
+}
+
+/// The port's requests in progress, and its closing flag.
+#[derive(Default)]
+struct Requests {
+    closing: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for RaftRouter {
@@ -292,11 +301,13 @@ impl RaftRouter {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let groups: Arc<Groups> = Arc::default();
-        let server = tokio::spawn(serve(listener, Arc::clone(&groups)));
+        let requests: Arc<Requests> = Arc::default();
+        let server = tokio::spawn(serve(listener, Arc::clone(&groups), Arc::clone(&requests)));
         Ok(RaftRouter {
             addr,
             groups,
             server: Arc::new(std::sync::Mutex::new(Some(server))),
+            requests,
         })
     }
 
@@ -334,6 +345,22 @@ impl RaftRouter {
         names
     }
 
+    /// Takes no new request (each is answered "unknown group", which a
+    /// peer treats as unreachable and a forwarding node retries
+    /// elsewhere), then waits up to `within` for those in progress: a
+    /// node that stops lets the writes forwarded to it finish instead of
+    /// failing them with its Raft.
+    pub async fn close_and_drain(&self, within: Duration) {
+        use std::sync::atomic::Ordering;
+        self.requests.closing.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + within;
+        while self.requests.in_flight.load(Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops the port and closes every connection it accepted.
     pub async fn shutdown(&self) {
         let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -346,7 +373,7 @@ impl RaftRouter {
 
 /// Serves Raft RPCs from peers on `listener` until the task is dropped;
 /// dropping it also closes every connection it accepted.
-async fn serve(listener: TcpListener, groups: Arc<Groups>) {
+async fn serve(listener: TcpListener, groups: Arc<Groups>, requests: Arc<Requests>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -361,7 +388,12 @@ async fn serve(listener: TcpListener, groups: Arc<Groups>) {
                 continue;
             }
         };
-        connections.spawn(serve_connection(stream, peer, Arc::clone(&groups)));
+        connections.spawn(serve_connection(
+            stream,
+            peer,
+            Arc::clone(&groups),
+            Arc::clone(&requests),
+        ));
     }
 }
 
@@ -379,22 +411,35 @@ fn split_group(frame: &[u8]) -> io::Result<(&str, &[u8])> {
     Ok((name, body))
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: std::net::SocketAddr, groups: Arc<Groups>) {
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: std::net::SocketAddr,
+    groups: Arc<Groups>,
+    requests: Arc<Requests>,
+) {
+    use std::sync::atomic::Ordering;
     let _ = stream.set_nodelay(true);
     loop {
         let answered = async {
             let frame = read_frame(&mut stream).await?;
             let (group, body) = split_group(&frame)?;
-            let handler = groups
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(group)
-                .cloned();
-            match handler {
-                Some(handler) => {
-                    let reply = handler.handle(body).await?;
-                    write_frame(&mut stream, &[&[REPLY_OK], &reply]).await
-                }
+            requests.in_flight.fetch_add(1, Ordering::SeqCst);
+            let handler = if requests.closing.load(Ordering::SeqCst) {
+                None
+            } else {
+                groups
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(group)
+                    .cloned()
+            };
+            let handled = match handler {
+                Some(handler) => handler.handle(body).await.map(Some),
+                None => Ok(None),
+            };
+            requests.in_flight.fetch_sub(1, Ordering::SeqCst);
+            match handled? {
+                Some(reply) => write_frame(&mut stream, &[&[REPLY_OK], &reply]).await,
                 None => write_frame(&mut stream, &[&[REPLY_UNKNOWN_GROUP]]).await,
             }
         }
