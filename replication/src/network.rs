@@ -148,15 +148,7 @@ pub(crate) async fn forward<C: GroupTypes>(
             &[&group_length.to_le_bytes(), group.as_bytes(), &request],
         )
         .await?;
-        let reply = read_frame(&mut stream).await?;
-        match reply.split_first() {
-            Some((&REPLY_OK, body)) => decode::<RaftReply>(body),
-            Some((&REPLY_UNKNOWN_GROUP, _)) => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "the leader does not serve this group",
-            )),
-            _ => Err(invalid("reply of an unknown kind")),
-        }
+        decode_reply(&read_frame(&mut stream).await?)
     };
     match tokio::time::timeout(ttl, exchange).await {
         Ok(Ok(RaftReply::Forwarded(Ok(response)))) => decode(&response).map_err(ForwardError::Lost),
@@ -212,6 +204,19 @@ fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
     postcard::from_bytes(bytes).map_err(|e| invalid(e.to_string()))
+}
+
+/// A reply frame as its [`RaftReply`]; "unknown group" is an error of
+/// kind `NotFound` (nothing was done).
+fn decode_reply(reply: &[u8]) -> io::Result<RaftReply> {
+    match reply.split_first() {
+        Some((&REPLY_OK, body)) => decode::<RaftReply>(body),
+        Some((&REPLY_UNKNOWN_GROUP, _)) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the peer does not serve this group",
+        )),
+        _ => Err(invalid("reply of an unknown kind")),
+    }
 }
 
 /// A reply frame's first byte.
@@ -567,15 +572,7 @@ impl<C: GroupTypes> TcpNetwork<C> {
                 .ok_or_else(|| io::Error::other("no connection"))?;
             let body = encode(request)?;
             write_frame(stream, &[&self.group_prefix, &body]).await?;
-            let reply = read_frame(stream).await?;
-            match reply.split_first() {
-                Some((&REPLY_OK, body)) => decode::<RaftReply>(body),
-                Some((&REPLY_UNKNOWN_GROUP, _)) => Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the peer does not serve this group",
-                )),
-                _ => Err(invalid("reply of an unknown kind")),
-            }
+            decode_reply(&read_frame(stream).await?)
         };
         let outcome = tokio::time::timeout(ttl, exchange).await;
         match outcome {
