@@ -8,6 +8,10 @@
 //! on it ([`Routes::wait_fetch`]) whose members now have deliveries: a FETCH
 //! is woken by what woke the dispatcher, never by polling.
 //!
+//! On a cluster node ([`Engine::start_with`]) the dispatcher runs on the
+//! cluster's storage (cluster topics' partitions are Raft replicas) and is
+//! woken when a replica commits records.
+//!
 //! Produce does **not** go through that thread: the produce pipeline
 //! (`crate::produce`) appends to the partition logs through each topic's
 //! [`TopicHandle`] (router and logs shared with the dispatcher), so appends

@@ -14,6 +14,11 @@
 //! records are appended here; delayed ones (deliver-at in the future) go to
 //! the dispatcher's delay store.
 //!
+//! On a cluster node (`crate::cluster`), a cluster topic's parts are
+//! proposed to their partitions' Raft groups instead (in request order, at
+//! admission), and answered once committed on a quorum; delayed records
+//! are refused there until the delay store is replicated.
+//!
 //! Invariants:
 //! - nothing is answered before the fsync policy is met for every record of
 //!   the batch;

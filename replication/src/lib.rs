@@ -17,8 +17,12 @@
 //!   partition's segment log (no second copy of a message), and
 //!   [`PartitionNode`], one replica of it.
 //!
-//! What is not here yet (see issue 12's notes): replicated dispatcher
-//! state, snapshots of partition data, and dmqd wiring.
+//! - [`cluster_storage`]: the dispatcher's storage on a cluster node
+//!   (`dmqd` with a `[cluster]` section): cluster topics' partitions are
+//!   replicas, read below their committed end.
+//!
+//! What is not here yet (see issue 12's notes and docs/replication.md):
+//! replicated dispatcher state and snapshots of partition data.
 //!
 //! # Invariants
 //!
