@@ -101,6 +101,15 @@ fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
     (nodes, configs)
 }
 
+/// [`cluster`], every node started.
+fn started_cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
+    let (mut nodes, configs) = cluster(root);
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+    (nodes, configs)
+}
+
 /// A client of `node`, once it listens (its log is shown if it never does).
 async fn connect(node: &Node) -> Client {
     let addr = node.client;
@@ -169,10 +178,7 @@ async fn consume(client: &Client, group: &str, expected: usize) -> BTreeSet<Mess
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, configs) = cluster(root.path());
-    for (node, config) in nodes.iter_mut().zip(&configs) {
-        node.start(config);
-    }
+    let (mut nodes, _configs) = started_cluster(root.path());
 
     // A topic created through one node reaches every node.
     let second = connect(&nodes[1]).await;
@@ -226,10 +232,7 @@ async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, configs) = cluster(root.path());
-    for (node, config) in nodes.iter_mut().zip(&configs) {
-        node.start(config);
-    }
+    let (mut nodes, configs) = started_cluster(root.path());
     let first = connect(&nodes[0]).await;
     first.create_topic("orders", 2, false).await.unwrap();
     let mut acknowledged: BTreeSet<MessageId> =
@@ -331,10 +334,7 @@ async fn leader_of_partition(nodes: &[Node], via: usize) -> Option<u64> {
 async fn produces_succeed_again_after_the_leader_is_killed() {
     let kills = env_count("DMQ_CLUSTER_FAILOVER_KILLS", 2);
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, configs) = cluster(root.path());
-    for (node, config) in nodes.iter_mut().zip(&configs) {
-        node.start(config);
-    }
+    let (mut nodes, configs) = started_cluster(root.path());
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 1, false).await.unwrap();
     drop(setup);
@@ -401,10 +401,7 @@ async fn produces_succeed_again_after_the_leader_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_fails_no_produce() {
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, configs) = cluster(root.path());
-    for (node, config) in nodes.iter_mut().zip(&configs) {
-        node.start(config);
-    }
+    let (mut nodes, configs) = started_cluster(root.path());
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 2, false).await.unwrap();
     drop(setup);
