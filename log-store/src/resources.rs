@@ -17,8 +17,9 @@
 //!
 //! Invariants:
 //! - Each budget tracks at most its maximum entries. Eviction never blocks:
-//!   a segment in use when it is chosen stays mapped (and untracked until
-//!   its next use), so the maximum can be passed briefly under contention.
+//!   a segment being read when it is chosen stays mapped until that read
+//!   ends, and the read's end releases it (unless it was used again since),
+//!   so the maximum is passed only while such reads last.
 //! - An operation in flight keeps its own `Arc<File>` or mapping until it
 //!   ends, so nothing is closed or unmapped under a running write, fsync or
 //!   read.

@@ -507,13 +507,32 @@ struct Resident {
     /// while a sealed segment is unloaded).
     map: Mutex<SegmentMap>,
     indexes: RwLock<SegmentIndexes>,
+    /// Set when the budget evicted this segment while it was being read:
+    /// the last reader to let go (an [`IndexesGuard`] dropping) releases
+    /// it, so no segment stays mapped without being counted. Cleared when
+    /// the budget tracks the segment again.
+    evict_pending: AtomicBool,
 }
 
 impl Evict for Resident {
     fn evict(&self) {
-        // Never blocks: a segment being read keeps what it maps.
-        let Ok(mut indexes) = self.indexes.try_write() else {
-            return;
+        // Never blocks: a segment being read keeps what it maps, and its
+        // readers release it when they are done.
+        let mut indexes = match self.indexes.try_write() {
+            Ok(indexes) => indexes,
+            Err(_) => {
+                self.evict_pending.store(true, Ordering::SeqCst);
+                // A reader that let go before seeing the flag left the
+                // lock free: take it now. A reader still holding it sees
+                // the flag when it lets go.
+                match self.indexes.try_write() {
+                    Ok(indexes) => {
+                        self.evict_pending.store(false, Ordering::SeqCst);
+                        indexes
+                    }
+                    Err(_) => return,
+                }
+            }
         };
         if !indexes.resident {
             return;
@@ -528,6 +547,32 @@ impl Evict for Resident {
         }
         drop(indexes);
         *self.map.lock().unwrap_or_else(|p| p.into_inner()) = SegmentMap::empty();
+    }
+}
+
+/// A read of a segment's indexes. When it ends, it releases the segment
+/// if the budget chose to while it was being read.
+pub(crate) struct IndexesGuard<'a> {
+    guard: Option<RwLockReadGuard<'a, SegmentIndexes>>,
+    resident: &'a Resident,
+}
+
+impl std::ops::Deref for IndexesGuard<'_> {
+    type Target = SegmentIndexes;
+
+    fn deref(&self) -> &SegmentIndexes {
+        self.guard
+            .as_deref()
+            .expect("the guard is held until the IndexesGuard drops")
+    }
+}
+
+impl Drop for IndexesGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if self.resident.evict_pending.swap(false, Ordering::SeqCst) {
+            self.resident.evict();
+        }
     }
 }
 
@@ -578,6 +623,7 @@ impl Segment {
             resident: Arc::new(Resident {
                 map: Mutex::new(map),
                 indexes: RwLock::new(indexes),
+                evict_pending: AtomicBool::new(false),
             }),
         }
     }
@@ -634,9 +680,29 @@ impl Segment {
     /// (which may unmap the least recently used others).
     pub(crate) fn note_used(&self) {
         if self.is_sealed() {
+            self.resident.evict_pending.store(false, Ordering::SeqCst);
             let resident: Arc<dyn Evict> = self.resident.clone();
             mapped_segments_budget().touch(self.file.id, Arc::downgrade(&resident));
         }
+    }
+
+    /// Releases the segment as the budget does when it is among the least
+    /// recently used.
+    #[cfg(test)]
+    pub(crate) fn evict_as_budget(&self) {
+        self.resident.evict();
+    }
+
+    /// Whether the segment holds its indexes or its data mapped.
+    #[cfg(test)]
+    pub(crate) fn is_resident(&self) -> bool {
+        let indexes = self
+            .resident
+            .indexes
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let map = self.resident.map.lock().unwrap_or_else(|p| p.into_inner());
+        indexes.resident || map.len() > 0
     }
 
     /// Installs the mapping of the grown file. Only the writer calls it,
@@ -682,7 +748,7 @@ impl Segment {
 
     /// The segment's indexes, loaded (mapped and verified) again if the
     /// budget unloaded this sealed segment; the guard keeps them loaded.
-    pub(crate) fn indexes(&self) -> Result<RwLockReadGuard<'_, SegmentIndexes>> {
+    pub(crate) fn indexes(&self) -> Result<IndexesGuard<'_>> {
         loop {
             let indexes = self
                 .resident
@@ -691,7 +757,10 @@ impl Segment {
                 .unwrap_or_else(|p| p.into_inner());
             if indexes.resident {
                 self.note_used();
-                return Ok(indexes);
+                return Ok(IndexesGuard {
+                    guard: Some(indexes),
+                    resident: &self.resident,
+                });
             }
             drop(indexes);
             let mut indexes = self.indexes_mut();
