@@ -13,8 +13,11 @@
 //!   group, forwarded to its leader if need be, answered once fsynced on a
 //!   quorum (`crate::produce`).
 //! - **Consume.** Every node's dispatcher delivers from its own replica,
-//!   below the committed end, with its own group state (not yet
-//!   replicated): a group consumes through one node.
+//!   below the committed end. A group's acks on a cluster topic are
+//!   replicated through the metadata group (`dmq_replication::journals`):
+//!   every node's copy of the group merges them, and a node that takes
+//!   the group over starts from them. Delivery attempts, delays and dead
+//!   letters stay per node: a group consumes through one node at a time.
 //!
 //! Invariant: single-node brokers never reach this module; a cluster
 //! node's local-only topics (dead-letter and internal ones) stay local.
@@ -27,7 +30,7 @@ use dmq_dispatcher::{DispatchError, StoreError, TopicConfig};
 use dmq_replication::cluster_storage::form_group;
 use dmq_replication::{
     ClusterMembers, ClusterStorage, GroupStatus, MetaCommand, MetaResponse, MetadataNode,
-    NodeConfig, NodeError, RaftRouter, TopicSpec,
+    NodeConfig, NodeError, RaftRouter, ReplicatedJournals, TopicSpec,
 };
 
 use crate::config::{BrokerConfig, ClusterConfig};
@@ -167,8 +170,9 @@ const FOLLOW_TOPICS_EVERY: Duration = Duration::from_millis(100);
 pub struct Cluster {
     config: ClusterConfig,
     router: RaftRouter,
-    metadata: MetadataNode,
+    metadata: Arc<MetadataNode>,
     storage: Arc<ClusterStorage>,
+    journals: Arc<ReplicatedJournals>,
 }
 
 impl Cluster {
@@ -191,7 +195,7 @@ impl Cluster {
         );
         timings.heartbeat_ms = config.heartbeat_ms;
         timings.election_timeout_ms = config.election_timeout_ms;
-        let metadata = MetadataNode::start_on(&router, timings.clone()).await?;
+        let metadata = Arc::new(MetadataNode::start_on(&router, timings.clone()).await?);
         let members: BTreeMap<u64, String> = config
             .peers
             .iter()
@@ -209,11 +213,14 @@ impl Cluster {
             router.clone(),
             tokio::runtime::Handle::current(),
         )?;
+        let journals = ReplicatedJournals::start(Arc::clone(&metadata));
+        storage.replicate_journals(Arc::clone(&journals));
         Ok(Arc::new(Cluster {
             config,
             router,
             metadata,
             storage: Arc::new(storage),
+            journals,
         }))
     }
 
@@ -394,6 +401,11 @@ impl Cluster {
     /// answered, not failed by a stopping Raft, and the forwarding node
     /// retries new ones at the next leader.
     pub async fn shutdown(&self) {
+        // The dispatcher stopped and synced its acks: replicate them
+        // before the metadata group stops.
+        if !self.journals.drain(Duration::from_secs(2)).await {
+            tracing::warn!("stopping with consumer groups' acks not yet replicated");
+        }
         self.router.close_and_drain(Duration::from_secs(5)).await;
         self.storage.shutdown().await;
         if let Err(error) = self.metadata.raft().shutdown().await {

@@ -351,6 +351,15 @@ impl Engine {
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let telemetry = Telemetry::open(&config.data_dir, config.telemetry_config())?;
+        let (commands, receiver) = mpsc::channel();
+        let commands = Arc::new(commands);
+        if let Some(cluster) = &cluster {
+            // Before the dispatcher loads its groups: a journal change is
+            // either applied before a group reads its journal, or merged
+            // into the loaded group after (the jobs wait in the channel
+            // until the dispatcher thread runs).
+            merge_replicated_acks(cluster, &commands);
+        }
         let mut dispatcher = Dispatcher::open(
             storage,
             clock.clone(),
@@ -364,8 +373,6 @@ impl Engine {
         }
         let producers = rebuild_producer_window(&map, config)?;
         let partitions = Arc::new(RwLock::new(map));
-        let (commands, receiver) = mpsc::channel();
-        let commands = Arc::new(commands);
         let wake_commands = Arc::downgrade(&commands);
         // Fired delays are written on the `dmq-writer` thread; its outcomes
         // wake this one.
@@ -552,6 +559,46 @@ fn run(
     }
     telemetry.flush();
     tracing::info!("dispatcher stopped");
+}
+
+/// Merges the acks of every replicated journal change another node made
+/// into this node's copy of the group (cluster mode; see
+/// `dmq_replication::journals`). This node's own changes are not merged
+/// back: its groups already hold them (those committed before a restart
+/// are re-applied while the metadata group starts, before the
+/// dispatcher reads its journals), and merging them late could undo a
+/// seek back made since.
+fn merge_replicated_acks(cluster: &Cluster, commands: &Arc<mpsc::Sender<Command>>) {
+    let commands = Arc::downgrade(commands);
+    let node_id = cluster.node_id();
+    let listener: dmq_replication::JournalListener = Arc::new(move |origin, writes| {
+        let Some(commands) = commands.upgrade() else {
+            return;
+        };
+        if origin == node_id {
+            return;
+        }
+        for write in writes {
+            let payloads: Vec<Vec<u8>> = match &write.op {
+                dmq_replication::JournalOp::Append(payloads)
+                | dmq_replication::JournalOp::Rewrite(payloads) => {
+                    payloads.iter().map(|p| p.0.to_vec()).collect()
+                }
+                dmq_replication::JournalOp::Remove => continue,
+            };
+            let name = write.name.clone();
+            let job: Job = Box::new(move |dispatcher, _| {
+                if let Err(error) = dispatcher.merge_replicated_acks(&name, &payloads) {
+                    tracing::warn!(journal = %name, %error, "merging replicated acks");
+                }
+            });
+            let _ = commands.send(Command::Call(job));
+        }
+    });
+    cluster
+        .metadata()
+        .state_machine()
+        .set_journal_listener(listener);
 }
 
 /// Answers every waiting FETCH whose member has deliveries now. Runs after

@@ -438,3 +438,56 @@ async fn a_rolling_restart_fails_no_produce() {
         assert_eq!(seen, acknowledged, "through node {}", i + 1);
     }
 }
+
+/// A group's acks on a cluster topic are replicated: when the node it
+/// consumed through dies, the group carries on at another node from what
+/// it acked, whether that node loads the group then ("billing") or had it
+/// loaded all along and merged the acks as they came ("audit").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_carries_on_at_another_node_without_redelivering_what_it_acked() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 2, false).await.unwrap();
+    let second = connect(&nodes[1]).await;
+    let third = connect(&nodes[2]).await;
+    for client in [&first, &second, &third] {
+        wait_for_topic(client, "orders").await;
+    }
+    drop(
+        third
+            .consumer()
+            .subscribe("orders", "audit", options("m"))
+            .await
+            .unwrap(),
+    );
+    // The group's first journal entry is replicated before node 1 uses it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all: BTreeSet<MessageId> = produce(&second, "o", 100).await.into_iter().collect();
+
+    let mut acked_on_first = Vec::new();
+    for group in ["billing", "audit"] {
+        let acked = consume(&first, group, 60).await;
+        assert_eq!(acked.len(), 60, "group {group} on node 1");
+        acked_on_first.push(acked);
+    }
+    // The acks' sync interval (50 ms) and a metadata commit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(first);
+    nodes[0].kill();
+
+    for ((client, group), acked) in [(&second, "billing"), (&third, "audit")]
+        .into_iter()
+        .zip(&acked_on_first)
+    {
+        let rest = consume(client, group, all.len() - acked.len()).await;
+        let again: Vec<_> = rest.intersection(acked).collect();
+        assert!(
+            again.is_empty(),
+            "group {group}: {} messages acked on node 1 delivered again",
+            again.len()
+        );
+        let union: BTreeSet<MessageId> = rest.union(acked).copied().collect();
+        assert_eq!(union, all, "group {group}: every message, once");
+    }
+}

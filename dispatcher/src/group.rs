@@ -215,6 +215,72 @@ fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(array))
 }
 
+/// What one ack-journal payload adds, for merging acks made elsewhere
+/// (`Dispatcher::merge_replicated_acks`).
+#[derive(Debug)]
+pub(crate) enum AckMerge {
+    /// Everything below this offset is acked (a seek, merged as acks only).
+    Floor(u64),
+    /// A partition's whole bitmap (a snapshot).
+    Bitmap(AckBitmap),
+    /// These offsets are acked.
+    Offsets(Vec<u64>),
+}
+
+/// Decodes ack-journal payloads into what each adds, by partition, in
+/// order.
+pub(crate) fn decode_merges(
+    journal: &str,
+    payloads: &[Vec<u8>],
+) -> Result<Vec<(u32, AckMerge)>, AckJournalError> {
+    let corrupt = |reason: &str| AckJournalError {
+        journal: journal.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut merges = Vec::new();
+    for payload in payloads {
+        let Some((&tag, body)) = payload.split_first() else {
+            return Err(corrupt("empty payload"));
+        };
+        match tag {
+            TAG_SNAPSHOT => {
+                let partition = read_u32(body, 0).ok_or_else(|| corrupt("short snapshot"))?;
+                let bitmap = AckBitmap::decode(&body[4..])
+                    .map_err(|e| corrupt(&format!("snapshot: {e}")))?;
+                merges.push((partition, AckMerge::Bitmap(bitmap)));
+            }
+            TAG_ACKS => {
+                let count = read_u32(body, 0).ok_or_else(|| corrupt("short acks"))? as usize;
+                if body.len() != 4 + count * 12 {
+                    return Err(corrupt("acks length"));
+                }
+                let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+                for i in 0..count {
+                    let at = 4 + i * 12;
+                    let partition = read_u32(body, at).ok_or_else(|| corrupt("ack"))?;
+                    let offset = read_u64(body, at + 4).ok_or_else(|| corrupt("ack"))?;
+                    by_partition.entry(partition).or_default().push(offset);
+                }
+                merges.extend(
+                    by_partition
+                        .into_iter()
+                        .map(|(partition, offsets)| (partition, AckMerge::Offsets(offsets))),
+                );
+            }
+            TAG_SEEK => {
+                let partition = read_u32(body, 0).ok_or_else(|| corrupt("short seek"))?;
+                let floor = read_u64(body, 4).ok_or_else(|| corrupt("short seek"))?;
+                if body.len() != 12 {
+                    return Err(corrupt("seek length"));
+                }
+                merges.push((partition, AckMerge::Floor(floor)));
+            }
+            _ => return Err(corrupt("unknown payload tag")),
+        }
+    }
+    Ok(merges)
+}
+
 impl GroupState {
     /// Restores a state from its journal payloads; partitions the journal
     /// does not mention start at `initial_floor(partition)`. Returns the state

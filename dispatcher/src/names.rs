@@ -36,7 +36,7 @@ pub const DELAY_HEADER_PREFIX: &str = "dmq.delay.";
 /// may not set them.
 pub const TXN_HEADER_PREFIX: &str = "dmq.txn.";
 /// Prefix of a group's ack journal name.
-const GROUP_JOURNAL_PREFIX: &str = "group.";
+pub const GROUP_JOURNAL_PREFIX: &str = "group.";
 
 /// Why an attempt failed (the reason of a `Redelivered` event, and the
 /// `dmq.dlq.reason` header of a dead-letter copy): the ack deadline passed.

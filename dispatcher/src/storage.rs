@@ -118,6 +118,15 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
     fn durable_on_append(&self) -> bool {
         false
     }
+    /// True if a record a group may have seen can be gone after a restart
+    /// (a torn tail, a lazy fsync policy), its offset to be taken by a new
+    /// record: a group's acks at or above the end are then forgotten when
+    /// it loads. False for a replica that shows only committed records
+    /// (cluster mode), which Raft never cuts: its end may lag what the
+    /// group acked on another node, and those acks hold.
+    fn end_may_move_back(&self) -> bool {
+        true
+    }
     /// Records from `from` (inclusive), at most `max_records`, in order.
     /// Empty at the end of the log.
     fn read(&self, from: u64, max_records: usize) -> Result<Vec<Record>, StoreError>;

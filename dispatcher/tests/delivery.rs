@@ -980,3 +980,76 @@ fn a_rounds_events_carry_the_time_the_round_began() {
     assert_eq!(w.dispatcher.poll().unwrap().len(), 1);
     assert!(w.events.take().iter().all(|e| e.time_ms == next));
 }
+
+/// Cluster mode: acks another node's copy of a group made, merged here,
+/// are neither delivered again nor redelivered when in flight here, and
+/// merging them twice changes nothing.
+#[test]
+fn acks_merged_from_another_node_are_not_delivered_again() {
+    use dmq_dispatcher::Storage;
+    let journal = dmq_dispatcher::names::group_journal("orders", "billing", None);
+    let mut here = World::new();
+    let mut there = World::new();
+    for world in [&mut here, &mut there] {
+        topic(world, "orders", false);
+        world
+            .dispatcher
+            .subscribe("orders", "billing", config())
+            .unwrap();
+        world.produce("orders", &["0", "1", "2", "3", "4", "5"]);
+    }
+    // Here, a member has 0 and 1 in flight.
+    let member = here.dispatcher.join("orders", "billing", "m").unwrap();
+    assert_eq!(
+        World::values(&here.dispatcher.fetch(member, 2).unwrap()),
+        ["0", "1"]
+    );
+    // There, the group acks every message but 2, and syncs its journal.
+    let other = there.dispatcher.join("orders", "billing", "m").unwrap();
+    for delivery in there.dispatcher.fetch(other, 10).unwrap() {
+        if delivery.record.value != "2" {
+            there
+                .dispatcher
+                .ack(other, 0, delivery.record.offset)
+                .unwrap();
+        }
+    }
+    there.clock.advance_ms(100);
+    there.dispatcher.poll().unwrap();
+    let (_, payloads) = there.storage.open_journal(&journal).unwrap();
+
+    assert_eq!(
+        here.dispatcher
+            .merge_replicated_acks(&journal, &payloads)
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        here.dispatcher
+            .merge_replicated_acks(&journal, &payloads)
+            .unwrap(),
+        0,
+        "merging again changes nothing"
+    );
+    assert_eq!(
+        World::values(&here.dispatcher.fetch(member, 10).unwrap()),
+        ["2"]
+    );
+    // Past every ack deadline and the backoff: only 2 comes back, 0 and
+    // 1 were settled.
+    here.clock.advance_ms(1_000);
+    here.dispatcher.poll().unwrap();
+    here.clock.advance_ms(100);
+    assert_eq!(
+        World::values(&here.dispatcher.fetch(member, 10).unwrap()),
+        ["2"]
+    );
+    assert!(!here.dispatcher.ack(member, 0, 0).unwrap(), "already acked");
+    assert_eq!(
+        here.dispatcher
+            .merge_replicated_acks("group.orders.unknown", &payloads)
+            .unwrap(),
+        0,
+        "a group not loaded here is left to read the journal when it loads"
+    );
+}

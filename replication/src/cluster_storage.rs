@@ -36,6 +36,7 @@ use dmq_dispatcher::{
 use dmq_log_store::{AppendInfo, BatchInput, Log, LogConfig, MessageId, Record};
 use tokio::runtime::Handle;
 
+use crate::journals::ReplicatedJournals;
 use crate::node::{partition_group, NodeConfig, NodeError, PartitionNode};
 use crate::partition::{CommitListener, ReplicatedBatch};
 use crate::{NodeId, RaftRouter};
@@ -66,6 +67,7 @@ pub struct ClusterStorage {
     /// Cluster topics known so far (a cache of their directories).
     replicated: Mutex<std::collections::HashSet<String>>,
     on_commit: Arc<Mutex<Option<CommitListener>>>,
+    journals: Mutex<Option<Arc<ReplicatedJournals>>>,
 }
 
 impl std::fmt::Debug for ClusterStorage {
@@ -128,6 +130,7 @@ impl ClusterStorage {
             partitions: Mutex::new(HashMap::new()),
             replicated: Mutex::default(),
             on_commit: Arc::default(),
+            journals: Mutex::default(),
         })
     }
 
@@ -161,6 +164,23 @@ impl ClusterStorage {
             lock(&self.replicated).insert(topic.to_string());
         }
         found
+    }
+
+    /// Replicates the ack journals of consumer groups on cluster topics
+    /// through `journals` from now on (before the dispatcher opens).
+    pub fn replicate_journals(&self, journals: Arc<ReplicatedJournals>) {
+        *lock(&self.journals) = Some(journals);
+    }
+
+    /// The node's replicated journals if `name` is a group's ack journal
+    /// on a cluster topic (`group.<topic>.<group>[.<member>]`; a topic
+    /// name may hold dots, so every prefix is tried).
+    fn replicated_journals(&self, name: &str) -> Option<Arc<ReplicatedJournals>> {
+        let journals = lock(&self.journals).clone()?;
+        let rest = name.strip_prefix(dmq_dispatcher::names::GROUP_JOURNAL_PREFIX)?;
+        rest.match_indices('.')
+            .any(|(at, _)| self.is_replicated(&rest[..at]))
+            .then_some(journals)
     }
 
     /// Calls `listener` whenever committed records are applied on any of
@@ -257,11 +277,20 @@ impl Storage for ClusterStorage {
     }
 
     fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError> {
-        self.local.open_journal(name)
+        match self.replicated_journals(name) {
+            Some(journals) => Ok(journals.open(name)),
+            None => self.local.open_journal(name),
+        }
     }
 
     fn remove_journal(&self, name: &str) -> Result<(), StoreError> {
-        self.local.remove_journal(name)
+        match self.replicated_journals(name) {
+            Some(journals) => {
+                journals.remove(name);
+                Ok(())
+            }
+            None => self.local.remove_journal(name),
+        }
     }
 
     fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
@@ -274,7 +303,13 @@ impl Storage for ClusterStorage {
     }
 
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.local.list_journals(prefix)
+        let mut names = self.local.list_journals(prefix)?;
+        if let Some(journals) = lock(&self.journals).clone() {
+            names.extend(journals.names(prefix));
+            names.sort();
+            names.dedup();
+        }
+        Ok(names)
     }
 
     fn journal_tail_cuts(&self) -> Vec<(String, u64)> {
@@ -389,6 +424,10 @@ impl PartitionLog for ReplicatedPartitionLog {
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn end_may_move_back(&self) -> bool {
+        false
     }
 
     fn durable_on_append(&self) -> bool {

@@ -21,8 +21,12 @@
 //!   (`dmqd` with a `[cluster]` section): cluster topics' partitions are
 //!   replicas, read below their committed end.
 //!
+//! - [`journals`]: consumer groups' ack journals on cluster topics,
+//!   replicated through the metadata group.
+//!
 //! What is not here yet (see issue 12's notes and docs/replication.md):
-//! replicated dispatcher state and snapshots of partition data.
+//! the rest of the dispatcher's state (delivery attempts, delays, dead
+//! letters) and snapshots of partition data.
 //!
 //! # Invariants
 //!
@@ -39,6 +43,7 @@
 use std::io::Cursor;
 
 pub mod cluster_storage;
+pub mod journals;
 pub mod log_store;
 pub mod metadata;
 pub mod network;
@@ -46,8 +51,12 @@ pub mod node;
 pub mod partition;
 
 pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
+pub use journals::{ReplicatedJournal, ReplicatedJournals};
 pub use log_store::RaftLogJournal;
-pub use metadata::{MetaCommand, MetaResponse, MetadataStateMachine, TopicSpec};
+pub use metadata::{
+    JournalListener, JournalOp, JournalWrite, MetaCommand, MetaResponse, MetadataStateMachine,
+    TopicSpec,
+};
 pub use network::RaftRouter;
 pub use node::{
     partition_group, GroupNode, GroupStatus, MetadataNode, NodeConfig, NodeError, PartitionNode,

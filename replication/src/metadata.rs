@@ -1,7 +1,18 @@
-//! The metadata group's state machine: topics and their settings.
+//! The metadata group's state machine: topics and their settings, and the
+//! replicated journals of consumer groups on cluster topics.
 //!
 //! Commands are applied in log order and each gets an answer
 //! ([`MetaResponse`]); the same log gives the same state on every node.
+//!
+//! **Replicated journals.** A consumer group's ack journal on a cluster
+//! topic (`crate::journals`) is kept here, as the list of its payloads:
+//! [`JournalOp::Append`] adds payloads, [`JournalOp::Rewrite`] replaces
+//! them (the dispatcher's compaction), [`JournalOp::Remove`] drops the
+//! journal. Every node holds every journal, in memory and in snapshots,
+//! so a node that takes over a group reads what the others acked. After
+//! applying journal changes, the state machine tells its
+//! [`JournalListener`] (the node's dispatcher merges the acks into groups
+//! it has loaded).
 //! A snapshot is the whole state as JSON; the latest one is kept in a file
 //! (written to a temporary file, fsynced, renamed) so that a restarted
 //! node starts from it and openraft re-applies only the committed entries
@@ -21,6 +32,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::partition::Payload;
 use crate::{MetaEntry, MetaTypes, NodeId, StorageError};
 
 /// A topic as the cluster knows it.
@@ -48,7 +60,38 @@ pub enum MetaCommand {
         /// The topic's name.
         name: String,
     },
+    /// Changes replicated journals, in order.
+    Journals {
+        /// The node whose dispatcher wrote them.
+        origin: NodeId,
+        /// The changes.
+        writes: Vec<JournalWrite>,
+    },
 }
+
+/// A change to one replicated journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalWrite {
+    /// The journal's name (`group.<topic>.<group>[.<member>]`).
+    pub name: String,
+    /// What changes.
+    pub op: JournalOp,
+}
+
+/// What a [`JournalWrite`] does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JournalOp {
+    /// Adds payloads at the end (creating the journal).
+    Append(Vec<Payload>),
+    /// Replaces the journal's payloads (creating the journal).
+    Rewrite(Vec<Payload>),
+    /// Drops the journal.
+    Remove,
+}
+
+/// Told of journal changes: `(origin, writes)`, in log order, after they
+/// are applied.
+pub type JournalListener = Arc<dyn Fn(NodeId, &[JournalWrite]) + Send + Sync>;
 
 /// What applying one entry did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,11 +113,32 @@ struct MetaState {
     applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, openraft::BasicNode>,
     topics: BTreeMap<String, TopicSpec>,
+    /// Replicated journals by name: their payloads, oldest first.
+    #[serde(default)]
+    journals: BTreeMap<String, Vec<Payload>>,
 }
 
 impl MetaState {
     fn apply(&mut self, command: &MetaCommand) -> MetaResponse {
         match command {
+            MetaCommand::Journals { writes, .. } => {
+                for write in writes {
+                    match &write.op {
+                        JournalOp::Append(payloads) => self
+                            .journals
+                            .entry(write.name.clone())
+                            .or_default()
+                            .extend(payloads.iter().cloned()),
+                        JournalOp::Rewrite(payloads) => {
+                            self.journals.insert(write.name.clone(), payloads.clone());
+                        }
+                        JournalOp::Remove => {
+                            self.journals.remove(&write.name);
+                        }
+                    }
+                }
+                MetaResponse::Applied
+            }
             MetaCommand::CreateTopic { spec, .. } if spec.partitions == 0 => {
                 MetaResponse::InvalidPartitions
             }
@@ -110,9 +174,19 @@ struct Shared {
 
 /// The metadata state machine. Clones share the state (the snapshot
 /// builder and readers use clones).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MetadataStateMachine {
     shared: Arc<Mutex<Shared>>,
+    /// Told of every journal change applied.
+    listener: Arc<Mutex<Option<JournalListener>>>,
+}
+
+impl std::fmt::Debug for MetadataStateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadataStateMachine")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
 }
 
 fn snapshot_error(e: impl std::error::Error + 'static) -> StorageError {
@@ -146,7 +220,42 @@ impl MetadataStateMachine {
                 snapshot_path: snapshot_path.to_path_buf(),
                 snapshots_built: 0,
             })),
+            listener: Arc::default(),
         })
+    }
+
+    /// Tells `listener` of every journal change applied from now on,
+    /// whichever node wrote it (one written here may be applied again
+    /// after a restart, after the dispatcher loaded its group).
+    pub fn set_journal_listener(&self, listener: JournalListener) {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    }
+
+    /// A replicated journal's payloads, as applied on this node.
+    pub fn journal(&self, name: &str) -> Option<Vec<Vec<u8>>> {
+        self.lock()
+            .state
+            .journals
+            .get(name)
+            .map(|payloads| payloads.iter().map(|p| p.0.to_vec()).collect())
+    }
+
+    /// The bytes of a replicated journal's payloads (0: none).
+    pub fn journal_bytes(&self, name: &str) -> u64 {
+        self.lock().state.journals.get(name).map_or(0, |payloads| {
+            payloads.iter().map(|p| p.0.len() as u64 + 8).sum()
+        })
+    }
+
+    /// The names of the replicated journals that start with `prefix`.
+    pub fn journal_names(&self, prefix: &str) -> Vec<String> {
+        self.lock()
+            .state
+            .journals
+            .range(prefix.to_string()..)
+            .take_while(|(name, _)| name.starts_with(prefix))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -234,20 +343,41 @@ impl RaftStateMachine<MetaTypes> for MetadataStateMachine {
         I: IntoIterator<Item = MetaEntry> + Send,
         I::IntoIter: Send,
     {
-        let mut shared = self.lock();
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut told = Vec::new();
         let mut responses = Vec::new();
-        for entry in entries {
-            shared.state.applied = Some(entry.log_id);
-            let response = match &entry.payload {
-                EntryPayload::Blank => MetaResponse::Applied,
-                EntryPayload::Normal(command) => shared.state.apply(command),
-                EntryPayload::Membership(membership) => {
-                    shared.state.membership =
-                        StoredMembership::new(Some(entry.log_id), membership.clone());
-                    MetaResponse::Applied
-                }
-            };
-            responses.push(response);
+        {
+            let mut shared = self.lock();
+            for entry in entries {
+                shared.state.applied = Some(entry.log_id);
+                let response = match &entry.payload {
+                    EntryPayload::Blank => MetaResponse::Applied,
+                    EntryPayload::Normal(command) => {
+                        if let (Some(_), MetaCommand::Journals { origin, writes }) =
+                            (&listener, command)
+                        {
+                            told.push((*origin, writes.clone()));
+                        }
+                        shared.state.apply(command)
+                    }
+                    EntryPayload::Membership(membership) => {
+                        shared.state.membership =
+                            StoredMembership::new(Some(entry.log_id), membership.clone());
+                        MetaResponse::Applied
+                    }
+                };
+                responses.push(response);
+            }
+        }
+        // Outside the state's lock: the listener may read journals.
+        if let Some(listener) = listener {
+            for (origin, writes) in told {
+                listener(origin, &writes);
+            }
         }
         Ok(responses)
     }
@@ -269,14 +399,36 @@ impl RaftStateMachine<MetaTypes> for MetadataStateMachine {
         let state: MetaState = serde_json::from_slice(&data).map_err(|e| {
             StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
         })?;
-        let mut shared = self.lock();
-        shared
-            .keep(StoredSnapshot {
-                meta: meta.clone(),
-                data,
+        let writes: Vec<JournalWrite> = state
+            .journals
+            .iter()
+            .map(|(name, payloads)| JournalWrite {
+                name: name.clone(),
+                op: JournalOp::Rewrite(payloads.clone()),
             })
-            .map_err(snapshot_error)?;
-        shared.state = state;
+            .collect();
+        {
+            let mut shared = self.lock();
+            shared
+                .keep(StoredSnapshot {
+                    meta: meta.clone(),
+                    data,
+                })
+                .map_err(snapshot_error)?;
+            shared.state = state;
+        }
+        // A snapshot from the leader replaces every journal: the listener
+        // hears each as a rewrite from no node in particular (0).
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(listener) = listener {
+            if !writes.is_empty() {
+                listener(0, &writes);
+            }
+        }
         Ok(())
     }
 
@@ -286,5 +438,84 @@ impl RaftStateMachine<MetaTypes> for MetadataStateMachine {
             meta: stored.meta.clone(),
             snapshot: Box::new(Cursor::new(stored.data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use openraft::{CommittedLeaderId, Entry};
+
+    fn payload(bytes: &'static [u8]) -> Payload {
+        Payload(Bytes::from_static(bytes))
+    }
+
+    fn entry(index: u64, origin: NodeId, name: &str, op: JournalOp) -> MetaEntry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(MetaCommand::Journals {
+                origin,
+                writes: vec![JournalWrite {
+                    name: name.to_string(),
+                    op,
+                }],
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn journals_are_appended_rewritten_removed_and_carried_by_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("a.snapshot")).unwrap();
+        let told: Arc<Mutex<Vec<(NodeId, String)>>> = Arc::default();
+        let seen = Arc::clone(&told);
+        state.set_journal_listener(Arc::new(move |origin, writes| {
+            let mut seen = seen.lock().unwrap();
+            seen.extend(writes.iter().map(|w| (origin, w.name.clone())));
+        }));
+        let entries = vec![
+            entry(1, 1, "group.t.g", JournalOp::Append(vec![payload(b"1")])),
+            entry(2, 2, "group.t.g", JournalOp::Append(vec![payload(b"2")])),
+            entry(3, 1, "group.t.h", JournalOp::Rewrite(vec![payload(b"s")])),
+            entry(4, 1, "group.t.h", JournalOp::Append(vec![payload(b"3")])),
+            entry(5, 1, "group.u.g", JournalOp::Append(vec![payload(b"x")])),
+            entry(6, 3, "group.u.g", JournalOp::Remove),
+        ];
+        state.apply(entries).await.unwrap();
+        assert_eq!(state.journal("group.t.g").unwrap(), [b"1", b"2"]);
+        assert_eq!(state.journal("group.t.h").unwrap(), [b"s", b"3"]);
+        assert_eq!(state.journal("group.u.g"), None);
+        assert_eq!(state.journal_names("group.t."), ["group.t.g", "group.t.h"]);
+        assert_eq!(state.journal_bytes("group.t.g"), 18);
+        assert_eq!(told.lock().unwrap().len(), 6, "every change is told");
+        assert_eq!(told.lock().unwrap()[1], (2, "group.t.g".to_string()));
+
+        // A node that installs the snapshot has every journal, and hears
+        // each as a rewrite.
+        let snapshot = state.build_snapshot().await.unwrap();
+        let mut other = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
+        let rewrites: Arc<Mutex<Vec<JournalWrite>>> = Arc::default();
+        let heard = Arc::clone(&rewrites);
+        other.set_journal_listener(Arc::new(move |origin, writes| {
+            assert_eq!(origin, 0);
+            heard.lock().unwrap().extend(writes.iter().cloned());
+        }));
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.journal("group.t.h").unwrap(), [b"s", b"3"]);
+        assert_eq!(
+            rewrites.lock().unwrap()[0],
+            JournalWrite {
+                name: "group.t.g".to_string(),
+                op: JournalOp::Rewrite(vec![payload(b"1"), payload(b"2")]),
+            }
+        );
+        // And a restart from the snapshot file keeps them.
+        let reopened = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
+        assert_eq!(reopened.journal("group.t.g").unwrap(), [b"1", b"2"]);
     }
 }

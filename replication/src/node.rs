@@ -553,6 +553,12 @@ impl MetadataNode {
         }
     }
 
+    /// The node's copy of the metadata state (topics, replicated
+    /// journals), as applied here.
+    pub fn state_machine(&self) -> &MetadataStateMachine {
+        &self.state
+    }
+
     /// The topics applied on this node so far (may lag the leader).
     pub fn topics_applied_here(&self) -> BTreeMap<String, TopicSpec> {
         self.state.topics()

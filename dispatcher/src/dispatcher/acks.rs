@@ -29,29 +29,9 @@ impl Dispatcher {
         if offset >= part.cursor {
             return Err(DispatchError::NotDelivered { partition, offset });
         }
-        let pending = part.pending.remove(&offset);
-        part.ready.remove(&offset);
         part.acks.ack(offset);
         state.note_ack(partition, offset);
-        let mut released = None;
-        if let Some(pending) = &pending {
-            match pending.stage {
-                Stage::InFlight { timer, .. } | Stage::Waiting { timer } => {
-                    self.wheel.cancel(timer);
-                }
-                Stage::Ready | Stage::Held | Stage::DeadLettering => {}
-            }
-            if let Some(key) = &pending.key {
-                released = Some(key.clone());
-            }
-        }
-        if let Some(key) = released {
-            release_key(
-                &mut self.states[state_index].partitions[partition as usize],
-                &key,
-                offset,
-            );
-        }
+        let pending = self.settle_pending(state_index, partition, offset);
         let id = pending.map(|p| p.id).unwrap_or_default();
         self.emit_in_group(
             state_index,
@@ -62,6 +42,103 @@ impl Dispatcher {
             None,
         );
         Ok(true)
+    }
+
+    /// Forgets pending message `offset` of a partition whose bitmap has
+    /// just acked it: its timer is cancelled and the next message of its
+    /// key (ordered topics) released. Returns it, if it was pending.
+    fn settle_pending(
+        &mut self,
+        state_index: usize,
+        partition: u32,
+        offset: u64,
+    ) -> Option<Pending> {
+        let part = &mut self.states[state_index].partitions[partition as usize];
+        let pending = part.pending.remove(&offset);
+        part.ready.remove(&offset);
+        let pending = pending?;
+        match pending.stage {
+            Stage::InFlight { timer, .. } | Stage::Waiting { timer } => {
+                self.wheel.cancel(timer);
+            }
+            Stage::Ready | Stage::Held | Stage::DeadLettering => {}
+        }
+        if let Some(key) = &pending.key {
+            release_key(part, key, offset);
+        }
+        Some(pending)
+    }
+
+    /// Merges into this node's copy of a group the acks another node made
+    /// (cluster mode: `journal` is the group's replicated ack journal,
+    /// `payloads` what the other node wrote to it). Acks only add: an
+    /// acked message leaves the group's pending set and is not delivered
+    /// from here; nothing acked here is un-acked (a seek back on another
+    /// node is not merged). Not journaled again (every node has it), no
+    /// event (the node that took the ack recorded it). A group not loaded
+    /// here is left alone: it reads the journal when it loads. Returns the
+    /// offsets newly acked.
+    pub fn merge_replicated_acks(&mut self, journal: &str, payloads: &[Vec<u8>]) -> Result<u64> {
+        let Some(state_index) = self
+            .states
+            .iter()
+            .position(|state| !state.retired && state.key.journal_name() == journal)
+        else {
+            return Ok(0);
+        };
+        let merges = crate::group::decode_merges(journal, payloads)?;
+        let mut merged = 0;
+        for (partition, merge) in merges {
+            if partition as usize >= self.states[state_index].partitions.len() {
+                continue;
+            }
+            let floor = match &merge {
+                AckMerge::Floor(floor) => *floor,
+                AckMerge::Bitmap(bitmap) => bitmap.floor(),
+                AckMerge::Offsets(_) => 0,
+            };
+            merged += self.merge_acks_below(state_index, partition, floor);
+            let offsets: Vec<u64> = match merge {
+                AckMerge::Floor(_) => Vec::new(),
+                AckMerge::Bitmap(bitmap) => (bitmap.floor()..bitmap.end())
+                    .filter(|offset| bitmap.is_acked(*offset))
+                    .collect(),
+                AckMerge::Offsets(offsets) => offsets,
+            };
+            for offset in offsets {
+                let part = &mut self.states[state_index].partitions[partition as usize];
+                if offset.saturating_sub(part.acks.floor()) >= AckBitmap::SPAN_OFFSETS_MAX {
+                    // Too far ahead of this copy's floor to hold: left
+                    // unacked here (delivered again, never lost).
+                    continue;
+                }
+                if part.acks.ack(offset) {
+                    merged += 1;
+                    self.settle_pending(state_index, partition, offset);
+                }
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Acks everything below `floor` in one partition of a group (a merge).
+    fn merge_acks_below(&mut self, state_index: usize, partition: u32, floor: u64) -> u64 {
+        let part = &mut self.states[state_index].partitions[partition as usize];
+        if floor <= part.acks.floor() {
+            return 0;
+        }
+        let before = part.acks.floor() + part.acks.acked_above_floor();
+        let settled: Vec<u64> = part
+            .pending
+            .range(..floor)
+            .map(|(offset, _)| *offset)
+            .collect();
+        part.acks.ack_below(floor);
+        let after = part.acks.floor() + part.acks.acked_above_floor();
+        for offset in settled {
+            self.settle_pending(state_index, partition, offset);
+        }
+        after.saturating_sub(before)
     }
 
     /// Negatively acknowledges: the message is redelivered after `delay_ms`

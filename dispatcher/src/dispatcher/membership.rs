@@ -173,6 +173,9 @@ impl Dispatcher {
         // new record is skipped as "already acked".
         let mut clamped = false;
         for (partition, part) in state.partitions.iter_mut().enumerate() {
+            if !partitions[partition].end_may_move_back() {
+                continue;
+            }
             let end = partitions[partition].end_offset();
             let floor = part.acks.floor();
             if part.acks.forget_from(end) {

@@ -56,7 +56,7 @@ use crate::config::{DeliveryMode, DispatcherConfig, GroupConfig, StartPosition, 
 use crate::delay_store::{DelayConfig, DelayError, DelayStore, DueMessage, PendingSchedule};
 use crate::events::{Event, EventKind, EventSink};
 use crate::group::{
-    AckJournalError, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
+    AckJournalError, AckMerge, GroupState, MemberId, PartitionState, Pending, Stage, StateKey,
 };
 use crate::names::{self, NameError};
 use crate::routing::Router;

@@ -1,0 +1,295 @@
+//! Consumer groups' ack journals on cluster topics, replicated through the
+//! metadata group: what one node's dispatcher acked, every node knows.
+//!
+//! The dispatcher keeps a group's acks in a journal (`dmq_dispatcher::
+//! group`): it appends ack payloads, syncs them every
+//! `ack_sync_interval_ms`, and rewrites the journal as snapshots when it
+//! grows. On a cluster node, [`ReplicatedJournals::open`] gives it a
+//! [`ReplicatedJournal`] instead of a file: a sync hands the payloads
+//! appended since the last one to the node's journal writer, a rewrite
+//! hands over the new payloads; the writer proposes them, in order, as
+//! [`MetaCommand::Journals`] entries of the metadata group (forwarded to
+//! its leader), and every node applies them to its copy
+//! ([`crate::MetadataStateMachine::journal`]). A node that opens the
+//! journal later (a consumer of the group connects to it after its node
+//! was lost) reads every committed ack.
+//!
+//! # Invariants and what they cost
+//!
+//! - One writer task per node proposes one entry at a time, with
+//!   everything queued since the last one: the journal's changes are
+//!   applied in the order the dispatcher made them. A failed write is
+//!   retried (re-applying acks or a rewrite changes nothing), so a change
+//!   is never dropped while the node runs.
+//! - A sync does not wait for the commit: like the single node's ack
+//!   journal, whose acks are durable within `ack_sync_interval_ms`, what a
+//!   group acked in the last interval plus one metadata commit may be
+//!   delivered again after its node is lost (at least once, never lost).
+//! - A journal's size as the dispatcher sees it ([`Journal::size_bytes`])
+//!   is what this node wrote since the journal's last rewrite, so that its
+//!   compaction bounds what every node holds.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmq_dispatcher::storage::{Journal, OpenedJournal};
+use dmq_dispatcher::StoreError;
+use tokio::sync::mpsc;
+
+use crate::metadata::{JournalOp, JournalWrite, MetaCommand};
+use crate::node::MetadataNode;
+use crate::partition::Payload;
+use crate::{MetadataStateMachine, NodeId};
+
+/// How long the writer waits before it proposes a failed write again.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// A node's replicated journals and the task that writes them (see the
+/// module doc).
+#[derive(Debug)]
+pub struct ReplicatedJournals {
+    node_id: NodeId,
+    state: MetadataStateMachine,
+    queue: mpsc::UnboundedSender<JournalWrite>,
+    /// Writes queued and writes committed, for [`ReplicatedJournals::drain`].
+    queued: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl ReplicatedJournals {
+    /// Starts the node's journal writer, proposing through `node` (the
+    /// node's member of the metadata group) on the current runtime.
+    pub fn start(node: Arc<MetadataNode>) -> Arc<ReplicatedJournals> {
+        let (queue, receiver) = mpsc::unbounded_channel();
+        let written = Arc::new(AtomicU64::new(0));
+        let journals = Arc::new(ReplicatedJournals {
+            node_id: node.id(),
+            state: node.state_machine().clone(),
+            queue,
+            queued: Arc::new(AtomicU64::new(0)),
+            written: Arc::clone(&written),
+        });
+        tokio::spawn(write_journals(node, receiver, written));
+        journals
+    }
+
+    /// Opens `name`: its payloads as this node has applied them, and a
+    /// journal whose changes are replicated.
+    pub fn open(self: &Arc<Self>, name: &str) -> OpenedJournal {
+        let payloads = self.state.journal(name).unwrap_or_default();
+        let bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
+        let journal = ReplicatedJournal {
+            name: name.to_string(),
+            journals: Arc::clone(self),
+            appended: Vec::new(),
+            bytes,
+        };
+        (Box::new(journal), payloads)
+    }
+
+    /// Drops `name` on every node.
+    pub fn remove(&self, name: &str) {
+        self.send(JournalWrite {
+            name: name.to_string(),
+            op: JournalOp::Remove,
+        });
+    }
+
+    /// The replicated journals whose names start with `prefix`.
+    pub fn names(&self, prefix: &str) -> Vec<String> {
+        self.state.journal_names(prefix)
+    }
+
+    /// Waits until every change queued so far is committed, for at most
+    /// `timeout`; returns whether it was (a stopping node calls it before
+    /// its metadata group stops).
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let target = self.queued.load(Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.written.load(Ordering::SeqCst) < target {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// This node's id (the origin of what it writes).
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    fn send(&self, write: JournalWrite) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.queue.send(write).is_err() {
+            tracing::warn!("the journal writer stopped: a journal change is not replicated");
+        }
+    }
+}
+
+/// One replicated journal, as the dispatcher holds it.
+#[derive(Debug)]
+pub struct ReplicatedJournal {
+    name: String,
+    journals: Arc<ReplicatedJournals>,
+    /// Appended since the last sync.
+    appended: Vec<Payload>,
+    /// What this node wrote since the last rewrite (see the module doc).
+    bytes: u64,
+}
+
+impl Journal for ReplicatedJournal {
+    fn append(&mut self, payload: &[u8]) {
+        self.bytes += payload.len() as u64 + 8;
+        self.appended.push(Payload(Bytes::copy_from_slice(payload)));
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if !self.appended.is_empty() {
+            let payloads = std::mem::take(&mut self.appended);
+            self.journals.send(JournalWrite {
+                name: self.name.clone(),
+                op: JournalOp::Append(payloads),
+            });
+        }
+        Ok(())
+    }
+
+    fn rewrite(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.appended.clear();
+        self.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
+        self.journals.send(JournalWrite {
+            name: self.name.clone(),
+            op: JournalOp::Rewrite(
+                payloads
+                    .iter()
+                    .map(|p| Payload(Bytes::copy_from_slice(p)))
+                    .collect(),
+            ),
+        });
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Keeps only what still matters of `writes`, in order: a rewrite or a
+/// removal of a journal makes its earlier changes moot, and consecutive
+/// appends to one journal become one.
+fn coalesce(writes: Vec<JournalWrite>) -> Vec<JournalWrite> {
+    let mut kept: VecDeque<JournalWrite> = VecDeque::new();
+    for write in writes {
+        if matches!(write.op, JournalOp::Rewrite(_) | JournalOp::Remove) {
+            kept.retain(|earlier| earlier.name != write.name);
+        }
+        match (kept.back_mut(), write) {
+            (
+                Some(JournalWrite {
+                    name,
+                    op: JournalOp::Append(earlier),
+                }),
+                JournalWrite {
+                    name: next_name,
+                    op: JournalOp::Append(more),
+                },
+            ) if *name == next_name => earlier.extend(more),
+            (_, write) => kept.push_back(write),
+        }
+    }
+    kept.into()
+}
+
+/// The writer task: proposes what is queued, one entry at a time, until
+/// the queue closes.
+async fn write_journals(
+    node: Arc<MetadataNode>,
+    mut receiver: mpsc::UnboundedReceiver<JournalWrite>,
+    written: Arc<AtomicU64>,
+) {
+    let origin = node.id();
+    while let Some(first) = receiver.recv().await {
+        let mut writes = vec![first];
+        while let Ok(write) = receiver.try_recv() {
+            writes.push(write);
+        }
+        let mut count = writes.len() as u64;
+        let mut writes = coalesce(writes);
+        loop {
+            let command = MetaCommand::Journals {
+                origin,
+                writes: writes.clone(),
+            };
+            match node.write(command).await {
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "replicating consumer groups' acks; retrying");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    while let Ok(write) = receiver.try_recv() {
+                        writes.push(write);
+                        count += 1;
+                    }
+                    writes = coalesce(writes);
+                }
+            }
+        }
+        written.fetch_add(count, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(name: &str, bytes: &[u8]) -> JournalWrite {
+        JournalWrite {
+            name: name.to_string(),
+            op: JournalOp::Append(vec![Payload(Bytes::copy_from_slice(bytes))]),
+        }
+    }
+
+    #[test]
+    fn coalescing_keeps_order_and_drops_what_a_rewrite_replaces() {
+        let rewrite = JournalWrite {
+            name: "a".to_string(),
+            op: JournalOp::Rewrite(vec![Payload(Bytes::from_static(b"s"))]),
+        };
+        let writes = vec![
+            append("a", b"1"),
+            append("a", b"2"),
+            append("b", b"x"),
+            rewrite.clone(),
+            append("a", b"3"),
+            append("a", b"4"),
+        ];
+        let kept = coalesce(writes);
+        assert_eq!(
+            kept,
+            vec![
+                append("b", b"x"),
+                rewrite,
+                JournalWrite {
+                    name: "a".to_string(),
+                    op: JournalOp::Append(vec![
+                        Payload(Bytes::from_static(b"3")),
+                        Payload(Bytes::from_static(b"4"))
+                    ]),
+                },
+            ]
+        );
+        let removed = coalesce(vec![
+            append("a", b"1"),
+            JournalWrite {
+                name: "a".to_string(),
+                op: JournalOp::Remove,
+            },
+        ]);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].op, JournalOp::Remove);
+    }
+}
