@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use dmq_dispatcher::{DispatchError, StoreError, TopicConfig};
 use dmq_replication::cluster_storage::form_group;
+use dmq_replication::rejoin::{check_rejoin, note_held_data, NodeViews, RejoinError};
 use dmq_replication::{
     ClusterMembers, ClusterStorage, GroupStatus, MetaCommand, MetaResponse, MetadataNode,
     NodeConfig, NodeError, RaftRouter, ReplicatedJournals, TopicSpec,
@@ -55,6 +56,9 @@ pub enum ClusterError {
     /// The storage could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This node's disk lost data its peers know it held.
+    #[error(transparent)]
+    Rejoin(#[from] RejoinError),
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -188,19 +192,30 @@ impl Cluster {
                 address: config.raft_listen,
                 source,
             })?;
-        let mut timings = NodeConfig::new(
-            config.node_id,
-            broker.data_dir.join("cluster").join("meta"),
-            router.addr(),
-        );
+        let meta_dir = broker.data_dir.join("cluster").join("meta");
+        let mut timings = NodeConfig::new(config.node_id, meta_dir.clone(), router.addr());
         timings.heartbeat_ms = config.heartbeat_ms;
         timings.election_timeout_ms = config.election_timeout_ms;
-        let metadata = Arc::new(MetadataNode::start_on(&router, timings.clone()).await?);
         let members: BTreeMap<u64, String> = config
             .peers
             .iter()
             .map(|peer| (peer.id, peer.raft.clone()))
             .collect();
+        // A node with no metadata state asks its peers whether it held
+        // data before (a lost disk must not rejoin under its id).
+        let pristine =
+            std::fs::metadata(meta_dir.join("raft.journal")).map_or(true, |file| file.len() == 0);
+        let views = NodeViews::serve(&router, pristine);
+        if pristine {
+            if let Err(error) = check_rejoin(config.node_id, &members).await {
+                router.shutdown().await;
+                return Err(error.into());
+            }
+            views.starting();
+        }
+        let metadata = Arc::new(MetadataNode::start_on(&router, timings.clone()).await?);
+        views.running(metadata.state_machine().clone());
+        tokio::spawn(note_held_data(Arc::clone(&metadata)));
         form_group(&metadata, &members).await?;
         let storage = ClusterStorage::new(
             &broker.data_dir,

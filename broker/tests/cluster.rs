@@ -491,3 +491,47 @@ async fn a_group_carries_on_at_another_node_without_redelivering_what_it_acked()
         assert_eq!(union, all, "group {group}: every message, once");
     }
 }
+
+/// A node that never held data joins a running cluster and catches up;
+/// the same node, once it held data and lost its disk, refuses to rejoin
+/// under its id (it would vote as if it held nothing) and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_was_wiped_does_not_rejoin_under_its_id() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = cluster(root.path());
+    nodes[1].start(&configs[1]);
+    nodes[2].start(&configs[2]);
+    let second = connect(&nodes[1]).await;
+    second.create_topic("orders", 1, false).await.unwrap();
+    let early: BTreeSet<MessageId> = produce(&second, "early", 20).await.into_iter().collect();
+
+    // Node 1 starts late, with nothing: it joins and catches up.
+    nodes[0].start(&configs[0]);
+    let first = connect(&nodes[0]).await;
+    wait_for_topic(&first, "orders").await;
+    assert_eq!(consume(&first, "late", early.len()).await, early);
+    // A leader records that node 1 holds data.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Its disk is lost; started again under its id, it stops by itself.
+    drop(first);
+    nodes[0].kill();
+    std::fs::remove_dir_all(nodes[0].dir.join("data")).unwrap();
+    nodes[0].start(&configs[0]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let process = nodes[0].process.as_mut().unwrap();
+        if let Some(status) = process.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the wiped node kept running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    nodes[0].process = None;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(nodes[0].dir.join("dmqd.log")).unwrap();
+    assert!(log.contains("its disk was lost or wiped"), "{log}");
+
+    // The other two carry on.
+    assert_eq!(produce(&second, "after", 5).await.len(), 5);
+}

@@ -23,6 +23,8 @@
 //!
 //! - [`journals`]: consumer groups' ack journals on cluster topics,
 //!   replicated through the metadata group.
+//! - [`rejoin`]: a node whose disk came back empty does not rejoin under
+//!   its old id.
 //!
 //! What is not here yet (see issue 12's notes and docs/replication.md):
 //! the rest of the dispatcher's state (delivery attempts, delays, dead
@@ -49,6 +51,7 @@ pub mod metadata;
 pub mod network;
 pub mod node;
 pub mod partition;
+pub mod rejoin;
 
 pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
 pub use journals::{ReplicatedJournal, ReplicatedJournals};

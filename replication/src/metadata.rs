@@ -60,6 +60,13 @@ pub enum MetaCommand {
         /// The topic's name.
         name: String,
     },
+    /// Records that these nodes have held entries of the metadata group
+    /// (a leader saw them match its log): one of them whose disk comes
+    /// back empty must not rejoin under its id (`crate::rejoin`).
+    HeldData {
+        /// The nodes.
+        nodes: Vec<NodeId>,
+    },
     /// Changes replicated journals, in order.
     Journals {
         /// The node whose dispatcher wrote them.
@@ -116,11 +123,18 @@ struct MetaState {
     /// Replicated journals by name: their payloads, oldest first.
     #[serde(default)]
     journals: BTreeMap<String, Vec<Payload>>,
+    /// Nodes a leader saw hold entries of the group.
+    #[serde(default)]
+    held_data: std::collections::BTreeSet<NodeId>,
 }
 
 impl MetaState {
     fn apply(&mut self, command: &MetaCommand) -> MetaResponse {
         match command {
+            MetaCommand::HeldData { nodes } => {
+                self.held_data.extend(nodes.iter().copied());
+                MetaResponse::Applied
+            }
             MetaCommand::Journals { writes, .. } => {
                 for write in writes {
                     match &write.op {
@@ -229,6 +243,12 @@ impl MetadataStateMachine {
     /// after a restart, after the dispatcher loaded its group).
     pub fn set_journal_listener(&self, listener: JournalListener) {
         *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    }
+
+    /// Whether a leader saw node `node` hold entries of the group (as
+    /// applied on this node).
+    pub fn held_data(&self, node: NodeId) -> bool {
+        self.lock().state.held_data.contains(&node)
     }
 
     /// A replicated journal's payloads, as applied on this node.

@@ -166,6 +166,39 @@ pub(crate) async fn forward<C: GroupTypes>(
     }
 }
 
+/// Sends `body` to group `group` on the Raft port at `addr` on a
+/// connection of its own and returns the reply's body, within `ttl`; a
+/// group the port does not serve is an error of kind `NotFound`.
+pub(crate) async fn ask(
+    addr: &str,
+    group: &str,
+    body: &[u8],
+    ttl: Duration,
+) -> io::Result<Vec<u8>> {
+    let group_length = u16::try_from(group.len()).map_err(|_| invalid("group name too long"))?;
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        write_frame(
+            &mut stream,
+            &[&group_length.to_le_bytes(), group.as_bytes(), body],
+        )
+        .await?;
+        let reply = read_frame(&mut stream).await?;
+        match reply.split_first() {
+            Some((&REPLY_OK, body)) => Ok(body.to_vec()),
+            Some((&REPLY_UNKNOWN_GROUP, _)) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the peer does not serve this group",
+            )),
+            _ => Err(invalid("reply of an unknown kind")),
+        }
+    };
+    tokio::time::timeout(ttl, exchange)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))?
+}
+
 async fn write_frame(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let length = u32::try_from(len)
@@ -198,11 +231,11 @@ fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.into())
 }
 
-fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     postcard::to_allocvec(value).map_err(io::Error::other)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
     postcard::from_bytes(bytes).map_err(|e| invalid(e.to_string()))
 }
 
@@ -226,7 +259,7 @@ const REPLY_UNKNOWN_GROUP: u8 = 1;
 
 /// One group's side of a node's Raft port: decodes a request of its
 /// type, runs it, encodes the reply.
-trait GroupHandler: Send + Sync {
+pub(crate) trait GroupHandler: Send + Sync {
     fn handle<'a>(
         &'a self,
         body: &'a [u8],
@@ -327,6 +360,15 @@ impl RaftRouter {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(group.to_string(), Arc::new(raft));
+    }
+
+    /// Serves `handler` as group `group` from now on (a service of the
+    /// port that is not a Raft group, such as `crate::rejoin`'s).
+    pub(crate) fn register_handler(&self, group: &str, handler: Arc<dyn GroupHandler>) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group.to_string(), handler);
     }
 
     /// Stops serving group `group`.

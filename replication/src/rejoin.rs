@@ -1,0 +1,291 @@
+//! A node whose disk came back empty does not rejoin under its old id.
+//!
+//! Raft's safety rests on votes: a candidate is elected only by a quorum
+//! whose logs are no longer than its own. A node that once held entries
+//! and lost them (a dead disk, a wiped data directory) but rejoins under
+//! its id votes as if it never held them: with three nodes, an entry
+//! committed on two of them, one of which then lost its disk, is on one
+//! disk only, and the third node (which lacks it) can be elected with the
+//! wiped node's vote, and the entry is lost. openraft's leaders also stop
+//! when a follower's log goes back.
+//!
+//! So:
+//! - the metadata group's leader records every node it sees hold entries
+//!   (its log matched at index 1 or later), itself included, as a
+//!   [`MetaCommand::HeldData`] write ([`note_held_data`]); every node
+//!   applies it;
+//! - every node answers on its Raft port (the pseudo-group
+//!   [`NODE_GROUP`]) what it knows of a node ([`PeerView`]), even before
+//!   its own metadata group starts ([`NodeViews`]);
+//! - a node that starts with no metadata state asks its peers first
+//!   ([`check_rejoin`]): if any knows it held data, it refuses to start
+//!   ([`RejoinError::DataLost`]); it goes on once a peer with state says
+//!   it never did, or once a majority of the cluster (itself included) is
+//!   pristine (a new cluster forming), and waits otherwise.
+//!
+//! What it does not cover: a node wiped before any leader recorded it
+//! (within moments of its first entries), and a wiped node that starts
+//! while only pristine peers are up and they make a majority with it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metadata::MetaCommand;
+use crate::network::{ask, decode, encode, GroupHandler, RaftRouter};
+use crate::node::MetadataNode;
+use crate::{MetadataStateMachine, NodeId};
+
+/// The Raft port's pseudo-group that answers [`PeerView`] queries.
+pub const NODE_GROUP: &str = "node";
+
+/// What a node knows of another node's past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerView {
+    /// It has no metadata state either (it is new, or lost its disk too).
+    Pristine,
+    /// It has state but its metadata group is still starting: ask again.
+    Starting,
+    /// From its applied metadata: whether the node asked about held data.
+    Knows {
+        /// A leader saw it hold entries.
+        held_data: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum View {
+    Pristine,
+    Starting,
+    Running(MetadataStateMachine),
+}
+
+/// This node's answers to [`PeerView`] queries, by the stage it is in.
+#[derive(Debug)]
+pub struct NodeViews {
+    view: Mutex<View>,
+}
+
+impl NodeViews {
+    /// Answers on `router` from now on: [`PeerView::Pristine`] if this
+    /// node starts with no metadata state, [`PeerView::Starting`]
+    /// otherwise, until [`NodeViews::running`].
+    pub fn serve(router: &RaftRouter, pristine: bool) -> Arc<NodeViews> {
+        let views = Arc::new(NodeViews {
+            view: Mutex::new(if pristine {
+                View::Pristine
+            } else {
+                View::Starting
+            }),
+        });
+        router.register_handler(NODE_GROUP, Arc::clone(&views) as Arc<dyn GroupHandler>);
+        views
+    }
+
+    /// The node passed its check and is starting its metadata group.
+    pub fn starting(&self) {
+        *self.lock() = View::Starting;
+    }
+
+    /// The metadata group runs: answers come from its applied state.
+    pub fn running(&self, state: MetadataStateMachine) {
+        *self.lock() = View::Running(state);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn answer(&self, node: NodeId) -> PeerView {
+        match &*self.lock() {
+            View::Pristine => PeerView::Pristine,
+            View::Starting => PeerView::Starting,
+            View::Running(state) => PeerView::Knows {
+                held_data: state.held_data(node),
+            },
+        }
+    }
+}
+
+impl GroupHandler for NodeViews {
+    fn handle<'a>(
+        &'a self,
+        body: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<u8>>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let node: NodeId = decode(body)?;
+            encode(&self.answer(node))
+        })
+    }
+}
+
+/// Why a node may not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RejoinError {
+    /// Its peers know it held data that its disk no longer has.
+    #[error(
+        "node {node} starts with no cluster data, but node {told_by} knows it held data: \
+         its disk was lost or wiped. Rejoining under the same id could lose acknowledged \
+         messages (an empty node votes as if it held nothing). Restore its data directory, \
+         or replace it under a new node id (docs/replication.md)"
+    )]
+    DataLost {
+        /// This node.
+        node: NodeId,
+        /// The peer that knew.
+        told_by: NodeId,
+    },
+}
+
+/// How long one peer gets to answer, and the pause between rounds.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
+/// Run by node `node` when it starts with no metadata state, before it
+/// starts Raft: asks `peers` (id → Raft address, this node included)
+/// whether it held data. Returns once it may go on (see the module doc);
+/// waits while it cannot tell.
+pub async fn check_rejoin(
+    node: NodeId,
+    peers: &BTreeMap<NodeId, String>,
+) -> Result<(), RejoinError> {
+    let others: Vec<(NodeId, &String)> = peers
+        .iter()
+        .filter(|(id, _)| **id != node)
+        .map(|(id, addr)| (*id, addr))
+        .collect();
+    let cluster = others.len() + 1;
+    let question = match encode(&node) {
+        Ok(question) => question,
+        Err(error) => {
+            tracing::error!(%error, "encoding the rejoin question");
+            return Ok(());
+        }
+    };
+    let mut rounds = 0u64;
+    loop {
+        let mut pristine = 1;
+        for (peer, addr) in &others {
+            let answer = ask(addr, NODE_GROUP, &question, ASK_TIMEOUT)
+                .await
+                .and_then(|reply| decode::<PeerView>(&reply));
+            match answer {
+                Ok(PeerView::Knows { held_data: true }) => {
+                    return Err(RejoinError::DataLost {
+                        node,
+                        told_by: *peer,
+                    })
+                }
+                Ok(PeerView::Knows { held_data: false }) => return Ok(()),
+                Ok(PeerView::Pristine) => pristine += 1,
+                Ok(PeerView::Starting) | Err(_) => {}
+            }
+        }
+        if pristine * 2 > cluster {
+            return Ok(());
+        }
+        if rounds % 25 == 0 {
+            tracing::warn!(
+                node,
+                "this node has no cluster data: waiting for a peer to tell whether it held \
+                 data before (or for a majority of new nodes)"
+            );
+        }
+        rounds += 1;
+        tokio::time::sleep(ROUND_PAUSE).await;
+    }
+}
+
+/// Until the metadata group stops: whenever this node leads it and sees
+/// nodes (itself included) hold entries that the group has not recorded,
+/// records them.
+pub async fn note_held_data(metadata: Arc<MetadataNode>) {
+    let me = metadata.id();
+    let mut metrics = metadata.raft().metrics();
+    loop {
+        let holding: Vec<NodeId> = {
+            let now = metrics.borrow();
+            let mut holding = Vec::new();
+            if now.current_leader == Some(me) {
+                if now.last_log_index.unwrap_or(0) >= 1 {
+                    holding.push(me);
+                }
+                for (peer, matched) in now.replication.iter().flatten() {
+                    if matched.is_some_and(|id| id.index >= 1) {
+                        holding.push(*peer);
+                    }
+                }
+            }
+            holding
+        };
+        let state = metadata.state_machine();
+        let new: Vec<NodeId> = holding
+            .into_iter()
+            .filter(|node| !state.held_data(*node))
+            .collect();
+        if !new.is_empty() {
+            if let Err(error) = metadata.write(MetaCommand::HeldData { nodes: new }).await {
+                tracing::debug!(%error, "recording the nodes that hold data");
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    async fn router() -> RaftRouter {
+        RaftRouter::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pristine_node_goes_on_with_a_pristine_majority_or_a_peer_that_never_saw_it() {
+        let (one, two) = (router().await, router().await);
+        let peers: BTreeMap<NodeId, String> = [
+            (1, one.addr().to_string()),
+            (2, two.addr().to_string()),
+            (3, "127.0.0.1:1".to_string()),
+        ]
+        .into();
+        // Node 3 unreachable, node 2 pristine: with node 1, a majority.
+        let _two_views = NodeViews::serve(&two, true);
+        check_rejoin(1, &peers).await.unwrap();
+
+        // Node 2 runs and has node 1 on record as holding data: refused.
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("s")).unwrap();
+        state
+            .apply(vec![Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 2), 1),
+                payload: EntryPayload::Normal(MetaCommand::HeldData { nodes: vec![1] }),
+            }])
+            .await
+            .unwrap();
+        let views = NodeViews::serve(&two, false);
+        views.running(state);
+        let refused = check_rejoin(1, &peers).await.unwrap_err();
+        assert!(refused.to_string().contains("node 2 knows it held data"));
+        // Node 3, which it never saw hold data, goes on.
+        check_rejoin(3, &peers).await.unwrap();
+
+        // Node 2 still starting and node 3 unreachable: node 1 waits.
+        views.starting();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(600), check_rejoin(1, &peers)).await;
+        assert!(waited.is_err(), "went on without knowing: {waited:?}");
+        one.shutdown().await;
+        two.shutdown().await;
+    }
+}
