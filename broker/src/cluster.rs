@@ -191,7 +191,8 @@ impl Cluster {
             .map_err(|source| ClusterError::Bind {
                 address: config.raft_listen,
                 source,
-            })?;
+            })?
+            .with_source(config.raft_source_ip);
         let meta_dir = broker.data_dir.join("cluster").join("meta");
         let mut timings = NodeConfig::new(config.node_id, meta_dir.clone(), router.addr());
         timings.heartbeat_ms = config.heartbeat_ms;
@@ -207,7 +208,8 @@ impl Cluster {
             std::fs::metadata(meta_dir.join("raft.journal")).map_or(true, |file| file.len() == 0);
         let views = NodeViews::serve(&router, pristine);
         if pristine {
-            if let Err(error) = check_rejoin(config.node_id, &members).await {
+            if let Err(error) = check_rejoin(config.node_id, &members, config.raft_source_ip).await
+            {
                 router.shutdown().await;
                 return Err(error.into());
             }

@@ -49,6 +49,7 @@
 //! [cluster]                   # optional: one node of a cluster (docs/replication.md)
 //! node_id = 1
 //! raft_listen = "127.0.0.1:7090"
+//! # raft_source_ip = "10.0.0.1"  # where Raft connections leave from (default: the OS's choice)
 //! # heartbeat_ms = 50
 //! # election_timeout_ms = [200, 400]
 //! [[cluster.peers]]           # every node, this one included; same list on each
@@ -226,6 +227,11 @@ pub struct ClusterConfig {
     /// Where this node serves Raft RPCs (its peer entry's `raft`, or an
     /// address that reaches it, e.g. `0.0.0.0:7090`).
     pub raft_listen: SocketAddr,
+    /// The address this node's Raft connections to its peers leave from
+    /// (unset: the one the OS picks): on a host with several addresses,
+    /// the one the peers expect.
+    #[serde(default)]
+    pub raft_source_ip: Option<std::net::IpAddr>,
     /// Every node of the cluster, this one included.
     pub peers: Vec<ClusterPeer>,
     /// Raft heartbeat interval.

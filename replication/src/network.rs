@@ -121,6 +121,7 @@ pub(crate) enum ForwardError {
 /// that reached a follower, not the hot path.
 pub(crate) async fn forward<C: GroupTypes>(
     addr: &str,
+    source: Option<std::net::IpAddr>,
     group: &str,
     data: &C::D,
     ttl: Duration,
@@ -129,7 +130,7 @@ pub(crate) async fn forward<C: GroupTypes>(
         encode(data).map_err(ForwardError::NotSent)?,
     ))
     .map_err(ForwardError::NotSent)?;
-    let mut stream = match tokio::time::timeout(ttl, TcpStream::connect(addr)).await {
+    let mut stream = match tokio::time::timeout(ttl, connect(addr, source)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(ForwardError::NotSent(error)),
         Err(_) => {
@@ -171,13 +172,14 @@ pub(crate) async fn forward<C: GroupTypes>(
 /// group the port does not serve is an error of kind `NotFound`.
 pub(crate) async fn ask(
     addr: &str,
+    source: Option<std::net::IpAddr>,
     group: &str,
     body: &[u8],
     ttl: Duration,
 ) -> io::Result<Vec<u8>> {
     let group_length = u16::try_from(group.len()).map_err(|_| invalid("group name too long"))?;
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = connect(addr, source).await?;
         let _ = stream.set_nodelay(true);
         write_frame(
             &mut stream,
@@ -197,6 +199,32 @@ pub(crate) async fn ask(
     tokio::time::timeout(ttl, exchange)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))?
+}
+
+/// Connects to `addr` from `source` (none: the address the OS picks).
+pub(crate) async fn connect(addr: &str, source: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(source, 0))?;
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        )
+    }))
 }
 
 async fn write_frame(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
@@ -312,6 +340,9 @@ type Groups = std::sync::RwLock<std::collections::HashMap<String, Arc<dyn GroupH
 #[derive(Clone)]
 pub struct RaftRouter {
     addr: std::net::SocketAddr,
+    /// The address this node's Raft connections leave from (none: the OS
+    /// picks).
+    source: Option<std::net::IpAddr>,
     groups: Arc<Groups>,
     server: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// Requests being handled, and whether new ones are still taken.
@@ -343,6 +374,7 @@ impl RaftRouter {
         let server = tokio::spawn(serve(listener, Arc::clone(&groups), Arc::clone(&requests)));
         Ok(RaftRouter {
             addr,
+            source: None,
             groups,
             server: Arc::new(std::sync::Mutex::new(Some(server))),
             requests,
@@ -352,6 +384,21 @@ impl RaftRouter {
     /// The address peers reach this node's groups on.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.addr
+    }
+
+    /// Makes this node's Raft connections (replication, votes, forwarded
+    /// writes) leave from `source` (`[cluster] raft_source_ip`): on a host
+    /// with several addresses, the one its peers expect (and on one
+    /// machine, a loopback address per node, so a test can tell nodes
+    /// apart by where a connection comes from).
+    pub fn with_source(mut self, source: Option<std::net::IpAddr>) -> RaftRouter {
+        self.source = source;
+        self
+    }
+
+    /// The address this node's Raft connections leave from, if set.
+    pub fn source(&self) -> Option<std::net::IpAddr> {
+        self.source
     }
 
     /// Serves `raft` as group `group` from now on.
@@ -546,15 +593,19 @@ pub struct TcpNetworkFactory<C> {
     node_id: NodeId,
     /// The group's name on every node's Raft port.
     group: String,
+    /// The address connections leave from (none: the OS picks).
+    source: Option<std::net::IpAddr>,
     _group: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<C> TcpNetworkFactory<C> {
-    /// The factory of node `node_id` for group `group`.
-    pub fn new(node_id: NodeId, group: &str) -> Self {
+    /// The factory of node `node_id` for group `group`, connecting from
+    /// `source` (none: the address the OS picks).
+    pub fn new(node_id: NodeId, group: &str, source: Option<std::net::IpAddr>) -> Self {
         TcpNetworkFactory {
             node_id,
             group: group.to_string(),
+            source,
             _group: std::marker::PhantomData,
         }
     }
@@ -571,8 +622,10 @@ impl<C: GroupTypes> RaftNetworkFactory<C> for TcpNetworkFactory<C> {
             node_id: self.node_id,
             target,
             addr: node.addr.clone(),
+            source: self.source,
             group_prefix: prefix,
             stream: None,
+            exchange_open: false,
             _group: std::marker::PhantomData,
         }
     }
@@ -584,9 +637,12 @@ pub struct TcpNetwork<C> {
     node_id: NodeId,
     target: NodeId,
     addr: String,
+    source: Option<std::net::IpAddr>,
     /// The group's name, as each request frame starts.
     group_prefix: Vec<u8>,
     stream: Option<TcpStream>,
+    /// A request went out on `stream` and its answer was not read.
+    exchange_open: bool,
     _group: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -602,9 +658,18 @@ impl<C: GroupTypes> TcpNetwork<C> {
         request: &RaftRequest<C>,
         ttl: Duration,
     ) -> Result<RaftReply, CallError> {
+        // A call dropped midway (openraft wraps every RPC in a timeout of
+        // its own) left its request, or part of it, on the connection and
+        // its answer to come: a connection is used again only after an
+        // exchange that finished. Otherwise the next call would read the
+        // dropped one's answer as its own (a stale AppendEntries success
+        // made a leader count an entry its follower never had).
+        if self.exchange_open {
+            self.stream = None;
+        }
         let exchange = async {
             if self.stream.is_none() {
-                let stream = TcpStream::connect(&self.addr).await?;
+                let stream = connect(&self.addr, self.source).await?;
                 stream.set_nodelay(true)?;
                 self.stream = Some(stream);
             }
@@ -613,8 +678,11 @@ impl<C: GroupTypes> TcpNetwork<C> {
                 .as_mut()
                 .ok_or_else(|| io::Error::other("no connection"))?;
             let body = encode(request)?;
+            self.exchange_open = true;
             write_frame(stream, &[&self.group_prefix, &body]).await?;
-            decode_reply(&read_frame(stream).await?)
+            let reply = read_frame(stream).await?;
+            self.exchange_open = false;
+            decode_reply(&reply)
         };
         let outcome = tokio::time::timeout(ttl, exchange).await;
         match outcome {
@@ -715,6 +783,7 @@ impl<C: GroupTypes> RaftNetwork<C> for TcpNetwork<C> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::{MetaCommand, MetaTypes, TopicSpec};
@@ -740,6 +809,82 @@ mod tests {
             leader_commit: Some(LogId::new(CommittedLeaderId::new(1, 1), commit)),
             entries,
         }
+    }
+
+    /// A peer that answers each request on a connection with a vote of
+    /// term n (the n-th request), the first one late.
+    async fn numbering_peer() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut answered = 0u64;
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                while read_frame(&mut stream).await.is_ok() {
+                    answered += 1;
+                    if answered == 1 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    let reply = RaftReply::Vote(Ok(VoteResponse {
+                        vote: Vote::new(answered, 1),
+                        vote_granted: true,
+                        last_log_id: None,
+                    }));
+                    let body = encode(&reply).unwrap();
+                    if write_frame(&mut stream, &[&[REPLY_OK], &body])
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    /// openraft wraps every RPC in a timeout of its own: a call dropped
+    /// after its request went out must not leave its late answer to be
+    /// read as the next call's (a vote, or an AppendEntries success that
+    /// made a leader count an entry a follower never had).
+    #[tokio::test]
+    async fn a_call_dropped_midway_never_hands_its_answer_to_the_next() {
+        let addr = numbering_peer().await;
+        let mut factory = TcpNetworkFactory::<MetaTypes>::new(1, "meta", None);
+        let mut network = factory
+            .new_client(2, &BasicNode { addr: addr.clone() })
+            .await;
+        let request = VoteRequest::new(Vote::new(9, 1), None);
+        let option = RPCOption::new(Duration::from_secs(5));
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(50),
+            network.vote(request.clone(), option.clone()),
+        )
+        .await;
+        assert!(dropped.is_err(), "the first answer comes late");
+        let next = network.vote(request, option).await.unwrap();
+        assert_eq!(
+            next.vote,
+            Vote::new(2, 1),
+            "the second call got the first call's answer"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_leave_from_the_source_address_when_one_is_set() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let source: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        let (_stream, accepted) = tokio::join!(
+            async { connect(&addr, Some(source)).await.unwrap() },
+            async { listener.accept().await.unwrap() }
+        );
+        assert_eq!(accepted.1.ip(), source);
+        let (_stream, accepted) =
+            tokio::join!(async { connect(&addr, None).await.unwrap() }, async {
+                listener.accept().await.unwrap()
+            });
+        assert_eq!(accepted.1.ip().to_string(), "127.0.0.1");
     }
 
     #[test]

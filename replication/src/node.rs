@@ -184,7 +184,7 @@ impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
         let started = Raft::new(
             config.id,
             Arc::new(raft_config),
-            TcpNetworkFactory::new(config.id, group),
+            TcpNetworkFactory::new(config.id, group, router.source()),
             log,
             state.clone(),
         )
@@ -277,9 +277,10 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         let proposed = self.raft.client_write_ff(data.clone()).await;
         let raft = self.raft.clone();
         let group = self.group.clone();
+        let source = self.router.source();
         async move {
             let first = proposed.map_err(|fatal| NodeError::Stopped(fatal.to_string()))?;
-            write_until(raft, group, data, deadline, Some(first)).await
+            write_until(raft, group, source, data, deadline, Some(first)).await
         }
     }
 
@@ -411,6 +412,7 @@ pub struct GroupStatus {
 async fn write_until<C: GroupTypes>(
     raft: Raft<C>,
     group: String,
+    source: Option<std::net::IpAddr>,
     data: C::D,
     deadline: tokio::time::Instant,
     mut first: Option<<C::Responder as openraft::raft::responder::Responder<C>>::Receiver>,
@@ -445,7 +447,7 @@ where
                     addr: Some(addr), ..
                 } => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match crate::network::forward::<C>(&addr, &group, &data, left).await {
+                    match crate::network::forward::<C>(&addr, source, &group, &data, left).await {
                         Ok(response) => return Ok(response),
                         Err(ForwardError::Refused(ForwardRefusal::NotLeader { leader, addr })) => {
                             NodeError::NotLeader { leader, addr }

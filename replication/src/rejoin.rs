@@ -145,12 +145,14 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 const ROUND_PAUSE: Duration = Duration::from_millis(200);
 
 /// Run by node `node` when it starts with no metadata state, before it
-/// starts Raft: asks `peers` (id → Raft address, this node included)
+/// starts Raft: asks `peers` (id → Raft address, this node included;
+/// connecting from `source` if set)
 /// whether it held data. Returns once it may go on (see the module doc);
 /// waits while it cannot tell.
 pub async fn check_rejoin(
     node: NodeId,
     peers: &BTreeMap<NodeId, String>,
+    source: Option<std::net::IpAddr>,
 ) -> Result<(), RejoinError> {
     let others: Vec<(NodeId, &String)> = peers
         .iter()
@@ -169,7 +171,7 @@ pub async fn check_rejoin(
     loop {
         let mut pristine = 1;
         for (peer, addr) in &others {
-            let answer = ask(addr, NODE_GROUP, &question, ASK_TIMEOUT)
+            let answer = ask(addr, source, NODE_GROUP, &question, ASK_TIMEOUT)
                 .await
                 .and_then(|reply| decode::<PeerView>(&reply));
             match answer {
@@ -261,7 +263,7 @@ mod tests {
         .into();
         // Node 3 unreachable, node 2 pristine: with node 1, a majority.
         let _two_views = NodeViews::serve(&two, true);
-        check_rejoin(1, &peers).await.unwrap();
+        check_rejoin(1, &peers, None).await.unwrap();
 
         // Node 2 runs and has node 1 on record as holding data: refused.
         let dir = tempfile::tempdir().unwrap();
@@ -275,15 +277,15 @@ mod tests {
             .unwrap();
         let views = NodeViews::serve(&two, false);
         views.running(state);
-        let refused = check_rejoin(1, &peers).await.unwrap_err();
+        let refused = check_rejoin(1, &peers, None).await.unwrap_err();
         assert!(refused.to_string().contains("node 2 knows it held data"));
         // Node 3, which it never saw hold data, goes on.
-        check_rejoin(3, &peers).await.unwrap();
+        check_rejoin(3, &peers, None).await.unwrap();
 
         // Node 2 still starting and node 3 unreachable: node 1 waits.
         views.starting();
         let waited =
-            tokio::time::timeout(Duration::from_millis(600), check_rejoin(1, &peers)).await;
+            tokio::time::timeout(Duration::from_millis(600), check_rejoin(1, &peers, None)).await;
         assert!(waited.is_err(), "went on without knowing: {waited:?}");
         one.shutdown().await;
         two.shutdown().await;

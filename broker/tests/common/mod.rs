@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod cluster;
+
 use bytes::{Bytes, BytesMut};
 use dmq_broker::BrokerConfig;
 use dmq_protocol::{

@@ -1,0 +1,185 @@
+//! Three-node clusters of real `dmqd` processes on 127.0.0.1 for the
+//! cluster tests (`tests/cluster.rs`, `tests/cluster_faults.rs`).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use dmq_client::{Client, ClientOptions, Message, MessageId};
+
+use super::{free_port, next, options};
+
+pub struct Node {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    /// Where it serves Raft.
+    pub raft: SocketAddr,
+    /// Where its peers reach its Raft port (`raft`, or a proxy).
+    pub advertised_raft: SocketAddr,
+    /// Where its Raft connections leave from, if set.
+    pub source_ip: Option<IpAddr>,
+    pub dir: PathBuf,
+    pub process: Option<Child>,
+}
+
+impl Node {
+    pub fn config(&self, peers: &[Node]) -> String {
+        let mut text = format!(
+            "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\n\
+             [cluster]\nnode_id = {}\nraft_listen = \"{}\"\n",
+            self.dir.join("data"),
+            self.client,
+            self.admin,
+            self.id,
+            self.raft
+        );
+        if let Some(source) = self.source_ip {
+            text.push_str(&format!("raft_source_ip = \"{source}\"\n"));
+        }
+        for peer in peers {
+            text.push_str(&format!(
+                "\n[[cluster.peers]]\nid = {}\nraft = \"{}\"\nclient = \"{}\"\n",
+                peer.id, peer.advertised_raft, peer.client
+            ));
+        }
+        text
+    }
+
+    pub fn start(&mut self, config: &str) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let path = self.dir.join("dmqd.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(self.dir.join("dmqd.log")).unwrap();
+        self.process = Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_dmqd"))
+                .args(["--config", path.to_str().unwrap()])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// SIGTERM, and waits for the process to end (a clean stop).
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            // The `kill` command: SIGTERM to this one process.
+            let _ = std::process::Command::new("kill")
+                .arg(process.id().to_string())
+                .status();
+            process.wait().unwrap();
+        }
+    }
+
+    /// SIGKILL: no shutdown, no final fsync.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().unwrap();
+            process.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
+    let nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            let raft = free_port();
+            Node {
+                id,
+                client: free_port(),
+                admin: free_port(),
+                raft,
+                advertised_raft: raft,
+                source_ip: None,
+                dir: root.join(format!("node{id}")),
+                process: None,
+            }
+        })
+        .collect();
+    let configs = nodes.iter().map(|node| node.config(&nodes)).collect();
+    (nodes, configs)
+}
+
+/// [`cluster`], every node started.
+pub fn started_cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
+    let (mut nodes, configs) = cluster(root);
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+    (nodes, configs)
+}
+
+/// A client of `node`, once it listens (its log is shown if it never does).
+pub async fn connect(node: &Node) -> Client {
+    let addr = node.client;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Client::connect(addr.to_string(), ClientOptions::new("cluster-test"))
+                .await
+                .unwrap();
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(node.dir.join("dmqd.log")).unwrap_or_default();
+            panic!("node {} at {addr} did not start; its log:\n{log}", node.id);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until topic `topic` exists on the node `client` talks to.
+pub async fn wait_for_topic(client: &Client, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let topics = client.list_topics().await.unwrap();
+        if topics.iter().any(|t| t.name == topic) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Produces `count` messages through `client`, one send at a time, each
+/// acknowledged; returns their ids.
+pub async fn produce(client: &Client, tag: &str, count: usize) -> Vec<MessageId> {
+    let producer = client.producer();
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let receipt = producer
+            .send(Message::new("orders", format!("{tag} {i}")))
+            .await
+            .unwrap();
+        ids.push(receipt.id);
+    }
+    ids
+}
+
+/// Consumes (and acks) through `client` as a new group until `expected`
+/// ids arrived or 30 s passed; returns what arrived.
+pub async fn consume(client: &Client, group: &str, expected: usize) -> BTreeSet<MessageId> {
+    let mut subscription = client
+        .consumer()
+        .subscribe("orders", group, options("m"))
+        .await
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < expected && Instant::now() < deadline {
+        if let Some(message) = next(&mut subscription, Duration::from_secs(1)).await {
+            seen.insert(message.id);
+            message.ack().await.unwrap();
+        }
+    }
+    seen
+}
