@@ -308,6 +308,33 @@ impl Cluster {
         self.create_here(engine, name, partitions, ordered).await
     }
 
+    /// Makes `dead_letter` (a group's dead-letter topic) a cluster topic
+    /// if `topic` is one: the group's acks are replicated, so its dead
+    /// letters must be too (a copy on this node's disk alone would be
+    /// lost with it, acked and nowhere else). One partition, as the
+    /// dispatcher makes dead-letter topics; nothing to do if the cluster
+    /// has it already.
+    pub async fn ensure_dead_letter_topic(
+        &self,
+        engine: &Engine,
+        topic: &str,
+        dead_letter: &str,
+    ) -> Result<(), EngineError> {
+        if !self.storage.is_replicated(topic) || self.storage.is_replicated(dead_letter) {
+            return Ok(());
+        }
+        match self.create_topic(engine, dead_letter, 1, false).await {
+            Ok(_) => Ok(()),
+            // The cluster has it: made here too, as the dispatcher may
+            // need it before `follow_topics` comes by.
+            Err(EngineError::Dispatch(DispatchError::TopicExists(_))) => self
+                .create_here(engine, dead_letter, 1, false)
+                .await
+                .map(|_| ()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Creates cluster topic `name` on this node (its partitions as
     /// replicas); one that exists here is left as it is.
     async fn create_here(

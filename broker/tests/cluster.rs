@@ -11,7 +11,7 @@ use dmq_client::{Message, MessageId};
 
 mod common;
 use common::cluster::{cluster, connect, consume, produce, started_cluster, wait_for_topic, Node};
-use common::{env_count, http, options, Api};
+use common::{env_count, http, next, options, Api};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
@@ -372,4 +372,48 @@ async fn a_node_whose_disk_was_wiped_does_not_rejoin_under_its_id() {
 
     // The other two carry on.
     assert_eq!(produce(&second, "after", 5).await.len(), 5);
+}
+
+/// A group on a cluster topic dead-letters into a cluster topic: its acks
+/// are replicated, so a dead letter kept on one node's disk would be lost
+/// with that disk (acked, and nowhere else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_cluster_topic_survives_its_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 1, false).await.unwrap();
+    let second = connect(&nodes[1]).await;
+    wait_for_topic(&second, "orders").await;
+
+    let mut settings = options("m");
+    settings.settings.max_attempts = Some(1);
+    let mut subscription = first
+        .consumer()
+        .subscribe("orders", "billing", settings)
+        .await
+        .unwrap();
+    let sent = produce(&second, "poison", 1).await[0];
+    let message = next(&mut subscription, Duration::from_secs(30))
+        .await
+        .expect("delivered");
+    assert_eq!(message.id, sent);
+    message.nack(None).await.unwrap();
+    // The move and the group's ack are replicated.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(subscription);
+    drop(first);
+    nodes[0].kill();
+    std::fs::remove_dir_all(nodes[0].dir.join("data")).unwrap();
+
+    wait_for_topic(&second, "orders.billing.dlq").await;
+    let mut dead = second
+        .consumer()
+        .subscribe("orders.billing.dlq", "ops", options("m"))
+        .await
+        .unwrap();
+    let copy = next(&mut dead, Duration::from_secs(30))
+        .await
+        .expect("the dead letter is on the other nodes");
+    assert_eq!(&copy.value[..], b"poison 0");
 }

@@ -48,6 +48,15 @@ impl Session {
                 ));
             }
         }
+        // A group of a cluster topic dead-letters into a cluster topic:
+        // its acks are replicated, so a dead letter kept on this node's
+        // disk alone would be lost with it.
+        if let Some(cluster) = self.shared.engine.cluster() {
+            cluster
+                .ensure_dead_letter_topic(&self.shared.engine, &subscribe.topic, &dead_letter)
+                .await
+                .map_err(|error| convert::engine_error(&error))?;
+        }
         let max_credit = self.shared.config.max_credit;
         let credit = subscribe.credit.min(max_credit);
         let (sink, mut deliveries, queued) = DeliverySink::new(max_credit as usize + 16);
