@@ -16,11 +16,13 @@
 //!   below the committed end. A group's acks on a cluster topic are
 //!   replicated through the metadata group (`dmq_replication::journals`):
 //!   every node's copy of the group merges them, and a node that takes
-//!   the group over starts from them. Delivery attempts, delays and dead
-//!   letters stay per node: a group consumes through one node at a time.
+//!   the group over starts from them. Delivery attempts and delays stay
+//!   per node: a group consumes through one node at a time.
 //!
 //! Invariant: single-node brokers never reach this module; a cluster
-//! node's local-only topics (dead-letter and internal ones) stay local.
+//! node's local-only topics (internal ones) stay local; a cluster topic's
+//! groups dead-letter into cluster topics
+//! ([`Cluster::ensure_dead_letter_topic`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

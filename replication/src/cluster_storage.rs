@@ -2,9 +2,10 @@
 //! topics' partitions are replicas of their Raft groups, everything else
 //! stays local.
 //!
-//! [`ClusterStorage`] implements the dispatcher's [`Storage`]: journals
-//! and topics that are not cluster topics (dead-letter and internal
-//! topics) go to the node's [`FileStorage`]; a cluster topic's partition
+//! [`ClusterStorage`] implements the dispatcher's [`Storage`]: topics
+//! that are not cluster topics (internal ones, and dead-letter topics of
+//! local topics) and journals other than the replicated ones
+//! ([`crate::journals`]) go to the node's [`FileStorage`]; a cluster topic's partition
 //! (one whose directory [`ClusterStorage::mark_replicated`] made under
 //! `cluster/partitions/<topic>/`) is a [`ReplicatedPartitionLog`]: this
 //! node's replica of the partition's Raft group, started on the node's
