@@ -179,6 +179,16 @@ pub struct Cluster {
     metadata: Arc<MetadataNode>,
     storage: Arc<ClusterStorage>,
     journals: Arc<ReplicatedJournals>,
+    /// Produces to cluster topics through this node: seconds from the
+    /// proposal to the commit (fsynced on a quorum), per partition part.
+    commit_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// `dmq_cluster_commit_latency_seconds` buckets: 0.25 ms to 8 s.
+fn commit_latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 16),
+    )
 }
 
 impl Cluster {
@@ -240,12 +250,38 @@ impl Cluster {
             metadata,
             storage: Arc::new(storage),
             journals,
+            commit_latency: commit_latency_histogram(),
         }))
     }
 
     /// The storage the node's dispatcher runs on.
     pub fn storage(&self) -> &Arc<ClusterStorage> {
         &self.storage
+    }
+
+    /// Records how long a produce's part waited from its proposal to its
+    /// commit.
+    pub fn note_commit_latency(&self, waited: Duration) {
+        self.commit_latency.observe(waited.as_secs_f64());
+    }
+
+    /// The cluster's `/metrics` families (no `# EOF`): the status's, and
+    /// `dmq_cluster_commit_latency_seconds`.
+    pub fn metrics(&self) -> String {
+        let mut text = self.status().metrics();
+        let mut registry = prometheus_client::registry::Registry::with_prefix("dmq_cluster");
+        registry.register(
+            "commit_latency_seconds",
+            "Produces to cluster topics through this node: from the proposal to the commit \
+             (fsynced on a quorum), per partition",
+            self.commit_latency.clone(),
+        );
+        let mut latency = String::new();
+        match prometheus_client::encoding::text::encode_registry(&mut latency, &registry) {
+            Ok(()) => text.push_str(&latency),
+            Err(error) => tracing::error!(%error, "rendering the commit latency failed"),
+        }
+        text
     }
 
     /// The node's member of the metadata group.

@@ -184,14 +184,18 @@ pub(crate) async fn admit(
                     producer_seq,
                     records: part,
                 };
+                let proposed_at = std::time::Instant::now();
                 let answer = replica.propose(&batch).await;
-                proposed.push((partition, indexes, replica, answer));
+                proposed.push((partition, indexes, replica, proposed_at, answer));
             }
             let engine = engine.clone();
             return Ok(Admitted::Pending(Pending(Box::pin(async move {
                 let mut appended: Appended = Vec::with_capacity(proposed.len());
-                for (partition, indexes, replica, answer) in proposed {
+                for (partition, indexes, replica, proposed_at, answer) in proposed {
                     let info = answer.await.map_err(|error| convert::store_error(&error))?;
+                    if let Some(cluster) = engine.cluster() {
+                        cluster.note_commit_latency(proposed_at.elapsed());
+                    }
                     appended.push((partition, indexes, replica as Arc<dyn PartitionLog>, info));
                 }
                 let answer = finish(&engine, &topic, total, appended, Vec::new(), &origin).await;

@@ -148,6 +148,14 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
         metrics.contains("dmq_cluster_committed_end_offset{"),
         "{metrics}"
     );
+    // A produce through this node is timed from proposal to commit.
+    produce(&third, "metered", 1).await;
+    let api = Api::new(nodes[2].admin, None);
+    let metrics = http(move || api.ok_metrics()).await;
+    assert!(
+        metrics.contains("dmq_cluster_commit_latency_seconds_count 1"),
+        "{metrics}"
+    );
 }
 
 /// The leader of partition 0 of `orders`, as node `via` reports it.

@@ -255,7 +255,7 @@ pub(super) async fn metrics(
         insert_before_eof(&mut text, &admin_listener_metrics(&connections));
     }
     if let Some(cluster) = services.engine.cluster() {
-        insert_before_eof(&mut text, &cluster.status().metrics());
+        insert_before_eof(&mut text, &cluster.metrics());
     }
     Ok((
         [(
