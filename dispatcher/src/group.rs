@@ -215,11 +215,12 @@ fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(array))
 }
 
-/// What one ack-journal payload adds, for merging acks made elsewhere
-/// (`Dispatcher::merge_replicated_acks`).
+/// What one ack-journal payload says: replayed in order by
+/// [`GroupState::restore`], merged as acks only by
+/// `Dispatcher::merge_replicated_acks`.
 #[derive(Debug)]
 pub(crate) enum AckMerge {
-    /// Everything below this offset is acked (a seek, merged as acks only).
+    /// A seek: everything below this offset acked, nothing above.
     Floor(u64),
     /// A partition's whole bitmap (a snapshot).
     Bitmap(AckBitmap),
@@ -294,45 +295,23 @@ impl GroupState {
         now_ms: i64,
         mut initial_floor: impl FnMut(u32) -> u64,
     ) -> Result<(GroupState, bool), AckJournalError> {
-        let corrupt = |reason: &str| AckJournalError {
-            journal: key.journal_name(),
-            reason: reason.to_string(),
-        };
         let mut bitmaps: BTreeMap<u32, AckBitmap> = BTreeMap::new();
-        for payload in payloads {
-            let Some((&tag, body)) = payload.split_first() else {
-                return Err(corrupt("empty payload"));
-            };
-            match tag {
-                TAG_SNAPSHOT => {
-                    let partition = read_u32(body, 0).ok_or_else(|| corrupt("short snapshot"))?;
-                    let bitmap = AckBitmap::decode(&body[4..])
-                        .map_err(|e| corrupt(&format!("snapshot: {e}")))?;
+        for (partition, merge) in decode_merges(&key.journal_name(), payloads)? {
+            match merge {
+                AckMerge::Bitmap(bitmap) => {
                     bitmaps.insert(partition, bitmap);
                 }
-                TAG_ACKS => {
-                    let count = read_u32(body, 0).ok_or_else(|| corrupt("short acks"))? as usize;
-                    if body.len() != 4 + count * 12 {
-                        return Err(corrupt("acks length"));
-                    }
-                    for i in 0..count {
-                        let at = 4 + i * 12;
-                        let partition = read_u32(body, at).ok_or_else(|| corrupt("ack"))?;
-                        let offset = read_u64(body, at + 4).ok_or_else(|| corrupt("ack"))?;
-                        if let Some(bitmap) = bitmaps.get_mut(&partition) {
+                AckMerge::Offsets(offsets) => {
+                    if let Some(bitmap) = bitmaps.get_mut(&partition) {
+                        for offset in offsets {
                             bitmap.ack(offset);
                         }
                     }
                 }
-                TAG_SEEK => {
-                    let partition = read_u32(body, 0).ok_or_else(|| corrupt("short seek"))?;
-                    let floor = read_u64(body, 4).ok_or_else(|| corrupt("short seek"))?;
-                    if body.len() != 12 {
-                        return Err(corrupt("seek length"));
-                    }
+                // A seek: everything below acked, nothing above.
+                AckMerge::Floor(floor) => {
                     bitmaps.insert(partition, AckBitmap::new(floor));
                 }
-                _ => return Err(corrupt("unknown payload tag")),
             }
         }
         let mut new_partitions = false;
