@@ -227,6 +227,12 @@ async fn write_journals(
             };
             match node.write(command).await {
                 Ok(_) => break,
+                Err(crate::NodeError::Stopped(why)) => {
+                    // The metadata group stopped (the node is stopping, or
+                    // its storage failed): nothing can be written any more.
+                    tracing::warn!(%why, "the metadata group stopped: acks left unreplicated");
+                    return;
+                }
                 Err(error) => {
                     tracing::warn!(%error, "replicating consumer groups' acks; retrying");
                     tokio::time::sleep(RETRY_PAUSE).await;
