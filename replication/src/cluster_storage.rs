@@ -279,7 +279,15 @@ impl Storage for ClusterStorage {
 
     fn open_journal(&self, name: &str) -> Result<OpenedJournal, StoreError> {
         match self.replicated_journals(name) {
-            Some(journals) => Ok(journals.open(name)),
+            // A journal this node kept locally before its groups' journals
+            // were replicated seeds the cluster's copy.
+            Some(journals) => journals.open_or_seed(name, || {
+                let kept = self.local.list_journals(name)?.iter().any(|n| n == name);
+                if !kept {
+                    return Ok(Vec::new());
+                }
+                self.local.open_journal(name).map(|(_, payloads)| payloads)
+            }),
             None => self.local.open_journal(name),
         }
     }

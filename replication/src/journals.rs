@@ -79,15 +79,40 @@ impl ReplicatedJournals {
     /// Opens `name`: its payloads as this node has applied them, and a
     /// journal whose changes are replicated.
     pub fn open(self: &Arc<Self>, name: &str) -> OpenedJournal {
-        let payloads = self.state.journal(name).unwrap_or_default();
-        let bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
-        let journal = ReplicatedJournal {
+        match self.open_or_seed::<std::convert::Infallible>(name, || Ok(Vec::new())) {
+            Ok(opened) => opened,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`ReplicatedJournals::open`], except that a journal the cluster
+    /// does not have yet starts from `local()`'s payloads (what this node
+    /// kept on its own disk before its groups' journals were replicated),
+    /// replicated at once as a rewrite. A node upgraded from a version
+    /// that kept them locally does not deliver its groups' acked messages
+    /// again.
+    pub fn open_or_seed<E>(
+        self: &Arc<Self>,
+        name: &str,
+        local: impl FnOnce() -> Result<Vec<Vec<u8>>, E>,
+    ) -> Result<OpenedJournal, E> {
+        let mut payloads = self.state.journal(name).unwrap_or_default();
+        let mut journal = ReplicatedJournal {
             name: name.to_string(),
             journals: Arc::clone(self),
             appended: Vec::new(),
-            bytes,
+            bytes: 0,
         };
-        (Box::new(journal), payloads)
+        if self.state.journal(name).is_none() {
+            payloads = local()?;
+            if !payloads.is_empty() {
+                tracing::info!(journal = name, "replicating a journal kept on this node");
+                // Only fails if the writer stopped, which it reports.
+                let _ = journal.rewrite(&payloads);
+            }
+        }
+        journal.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
+        Ok((Box::new(journal), payloads))
     }
 
     /// Drops `name` on every node.

@@ -201,3 +201,60 @@ async fn a_batch_the_log_would_refuse_is_refused_before_it_becomes_an_entry() {
         node.storage.shutdown().await;
     }
 }
+
+/// A group's ack journal that a node kept on its own disk (before its
+/// groups' journals were replicated) seeds the cluster's copy when it is
+/// first opened: the node does not deliver its acked messages again, and
+/// the other nodes read the same journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_kept_locally_seeds_the_replicated_one() {
+    use dmq_replication::{MetadataNode, ReplicatedJournals};
+    let dir = tempfile::tempdir().expect("dir");
+    let name = "group.orders.billing";
+    {
+        let local = dmq_dispatcher::FileStorage::new(dir.path(), LogConfig::default())
+            .expect("local storage");
+        let (mut journal, _) = local.open_journal(name).expect("open");
+        journal.append(b"\x03kept");
+        journal.sync().expect("sync");
+    }
+    let router = RaftRouter::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let members: BTreeMap<u64, String> = [(1, router.addr().to_string())].into();
+    let config = NodeConfig::new(1, dir.path().join("meta"), router.addr());
+    let metadata = Arc::new(
+        MetadataNode::start_on(&router, config.clone())
+            .await
+            .expect("metadata"),
+    );
+    metadata.initialize(members.clone()).await.expect("form");
+    let storage = ClusterStorage::new(
+        dir.path(),
+        LogConfig::default(),
+        ClusterMembers {
+            node_id: 1,
+            members,
+            timings: config,
+        },
+        router.clone(),
+        tokio::runtime::Handle::current(),
+    )
+    .expect("storage");
+    let journals = ReplicatedJournals::start(Arc::clone(&metadata));
+    storage.replicate_journals(Arc::clone(&journals));
+    storage.mark_replicated("orders").expect("mark");
+
+    let (_, payloads) = storage.open_journal(name).expect("open");
+    assert_eq!(payloads, vec![b"\x03kept".to_vec()]);
+    assert!(journals.drain(Duration::from_secs(10)).await, "replicated");
+    assert_eq!(
+        metadata.state_machine().journal(name),
+        Some(vec![b"\x03kept".to_vec()])
+    );
+    // Opened again, it reads the cluster's copy (the same).
+    let (_, again) = storage.open_journal(name).expect("open again");
+    assert_eq!(again, payloads);
+    storage.shutdown().await;
+    router.shutdown().await;
+}
