@@ -96,21 +96,24 @@ impl ReplicatedJournals {
         name: &str,
         local: impl FnOnce() -> Result<Vec<Vec<u8>>, E>,
     ) -> Result<OpenedJournal, E> {
-        let mut payloads = self.state.journal(name).unwrap_or_default();
         let mut journal = ReplicatedJournal {
             name: name.to_string(),
             journals: Arc::clone(self),
             appended: Vec::new(),
             bytes: 0,
         };
-        if self.state.journal(name).is_none() {
-            payloads = local()?;
-            if !payloads.is_empty() {
-                tracing::info!(journal = name, "replicating a journal kept on this node");
-                // Only fails if the writer stopped, which it reports.
-                let _ = journal.rewrite(&payloads);
+        let payloads = match self.state.journal(name) {
+            Some(payloads) => payloads,
+            None => {
+                let kept = local()?;
+                if !kept.is_empty() {
+                    tracing::info!(journal = name, "replicating a journal kept on this node");
+                    // Only fails if the writer stopped, which it reports.
+                    let _ = journal.rewrite(&kept);
+                }
+                kept
             }
-        }
+        };
         journal.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
         Ok((Box::new(journal), payloads))
     }
