@@ -101,6 +101,9 @@ pub struct PartitionStatus {
     pub committed_end: u64,
     /// This replica's log end, committed or not.
     pub log_end: u64,
+    /// Raft entries this replica keeps rows for: bounded by purging
+    /// (`purge_after_entries`) while every member is up.
+    pub raft_rows: u64,
     /// Its Raft group, as this node sees it.
     pub raft: GroupStatus,
 }
@@ -117,6 +120,7 @@ impl ClusterStatus {
         let leader = Family::<Labels, Gauge>::default();
         let term = Family::<Labels, Gauge>::default();
         let committed = Family::<Labels, Gauge>::default();
+        let rows = Family::<Labels, Gauge>::default();
         let lag = Family::<Labels, Gauge>::default();
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         let groups = std::iter::once(&self.metadata).chain(self.partitions.iter().map(|p| &p.raft));
@@ -142,6 +146,7 @@ impl ClusterStatus {
             committed
                 .get_or_create(&labels)
                 .set(gauge(partition.committed_end));
+            rows.get_or_create(&labels).set(gauge(partition.raft_rows));
         }
         registry.register(
             "leader",
@@ -153,6 +158,12 @@ impl ClusterStatus {
             "committed_end_offset",
             "Records below this offset are committed on a quorum, per partition",
             committed,
+        );
+        registry.register(
+            "raft_rows",
+            "Raft entries a partition replica keeps rows for (purged below what every member \
+             holds)",
+            rows,
         );
         registry.register(
             "replication_lag_entries",
@@ -209,6 +220,7 @@ impl Cluster {
         let mut timings = NodeConfig::new(config.node_id, meta_dir.clone(), router.addr());
         timings.heartbeat_ms = config.heartbeat_ms;
         timings.election_timeout_ms = config.election_timeout_ms;
+        timings.purge_after_entries = config.purge_after_entries;
         let members: BTreeMap<u64, String> = config
             .peers
             .iter()
@@ -456,6 +468,7 @@ impl Cluster {
                     partition,
                     committed_end: node.committed_end(),
                     log_end: node.log_end(),
+                    raft_rows: node.raft_log().row_count() as u64,
                     raft: node.status(),
                 }
             })

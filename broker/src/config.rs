@@ -52,6 +52,7 @@
 //! # raft_source_ip = "10.0.0.1"  # where Raft connections leave from (default: the OS's choice)
 //! # heartbeat_ms = 50
 //! # election_timeout_ms = [200, 400]
+//! # purge_after_entries = 4096  # a partition's Raft rows are purged in steps of this many
 //! [[cluster.peers]]           # every node, this one included; same list on each
 //! id = 1
 //! raft = "127.0.0.1:7090"
@@ -241,6 +242,15 @@ pub struct ClusterConfig {
     /// starts an election.
     #[serde(default = "default_election_timeout_ms")]
     pub election_timeout_ms: (u64, u64),
+    /// A partition replica's Raft rows (one per batch; the records are in
+    /// its segment log) are purged in steps of this many entries, below
+    /// what every member holds (docs/replication.md); 0: never.
+    #[serde(default = "default_purge_after_entries")]
+    pub purge_after_entries: u64,
+}
+
+fn default_purge_after_entries() -> u64 {
+    4_096
 }
 
 fn default_heartbeat_ms() -> u64 {

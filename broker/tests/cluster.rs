@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use dmq_client::{Message, MessageId};
 
 mod common;
-use common::cluster::{cluster, connect, consume, produce, started_cluster, wait_for_topic, Node};
+use common::cluster::{
+    cluster, connect, consume, produce, started_cluster, wait_for_topic, Node, PURGE_AFTER_ENTRIES,
+};
 use common::{env_count, http, next, options, Api};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,9 +111,15 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let status = api.ok("/api/cluster");
+            // Every member is up: each replica's rows are purged down to
+            // a step or two of entries.
             let led = status["partitions"].as_array().is_some_and(|p| {
                 let orders: Vec<_> = p.iter().filter(|p| p["topic"] == "orders").collect();
-                orders.len() == 2 && orders.iter().all(|p| p["raft"]["leader"].is_u64())
+                orders.len() == 2
+                    && orders.iter().all(|p| {
+                        p["raft"]["leader"].is_u64()
+                            && p["raft_rows"].as_u64().unwrap() <= 3 * PURGE_AFTER_ENTRIES
+                    })
             });
             if led || Instant::now() > deadline {
                 let metrics = api.ok_metrics();
@@ -133,6 +141,10 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
         .map(|p| {
             assert_eq!(p["raft"]["voters"].as_array().unwrap().len(), 3);
             assert!(p["raft"]["leader"].is_u64(), "{p}");
+            assert!(
+                p["raft_rows"].as_u64().unwrap() <= 3 * PURGE_AFTER_ENTRIES,
+                "rows are purged: {p}"
+            );
             p["committed_end"].as_u64().unwrap()
         })
         .sum();
@@ -148,6 +160,7 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
         metrics.contains("dmq_cluster_committed_end_offset{"),
         "{metrics}"
     );
+    assert!(metrics.contains("dmq_cluster_raft_rows{"), "{metrics}");
     // A produce through this node is timed from proposal to commit.
     produce(&third, "metered", 1).await;
     let api = Api::new(nodes[2].admin, None);

@@ -39,7 +39,7 @@ use tokio::runtime::Handle;
 
 use crate::journals::ReplicatedJournals;
 use crate::node::{partition_group, NodeConfig, NodeError, PartitionNode};
-use crate::partition::{CommitListener, ReplicatedBatch};
+use crate::partition::{CommitListener, PartitionCommand, ReplicatedBatch};
 use crate::{NodeId, RaftRouter};
 
 /// Where and with whom a node runs its cluster partitions.
@@ -374,7 +374,7 @@ impl ReplicatedPartitionLog {
         proposal.producer_seq = batch.producer_seq;
         let records = batch.records.len();
         let answer = match checked {
-            Ok(()) => Some(self.node.propose(proposal).await),
+            Ok(()) => Some(self.node.propose(PartitionCommand::Batch(proposal)).await),
             Err(_) => None,
         };
         async move {

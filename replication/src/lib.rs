@@ -51,6 +51,7 @@ pub mod metadata;
 pub mod network;
 pub mod node;
 pub mod partition;
+mod purge;
 pub mod rejoin;
 
 pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
@@ -66,7 +67,8 @@ pub use node::{
     METADATA_GROUP,
 };
 pub use partition::{
-    AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,
+    AppendedBatch, PartitionCommand, PartitionRaftLog, PartitionStateMachine, PartitionTypes,
+    ReplicatedBatch,
 };
 
 /// A node's id in a cluster.

@@ -6,8 +6,9 @@
 //!
 //! - [`MetadataNode`]: the metadata group (`raft.journal`,
 //!   `metadata.snapshot`); writes go through [`MetadataNode::submit`].
-//! - [`PartitionNode`]: a partition's replica (`log/`, `raft.journal`);
-//!   batches go through [`PartitionNode::produce`].
+//! - [`PartitionNode`]: a partition's replica (`log/`, `raft.journal`,
+//!   `partition.snapshot`); batches go through [`PartitionNode::produce`];
+//!   its rows are purged by the `purge` module's task.
 //!
 //! On the leader the answer comes once the entry is fsynced on a quorum
 //! and applied here. A follower answers [`NodeError::NotLeader`] with the
@@ -26,8 +27,10 @@ use dmq_log_store::{LogConfig, Record, RecordInput};
 
 use crate::network::{ForwardError, ForwardRefusal, GroupTypes, RaftRouter, TcpNetworkFactory};
 use crate::partition::{
-    AppendedBatch, PartitionRaftLog, PartitionStateMachine, PartitionTypes, ReplicatedBatch,
+    AppendedBatch, PartitionCommand, PartitionRaftLog, PartitionStateMachine, PartitionTypes,
+    ReplicatedBatch,
 };
+use crate::purge::PurgeTask;
 use crate::{
     MetaCommand, MetaResponse, MetaTypes, MetadataStateMachine, NodeId, RaftLogJournal,
     StorageError, TopicSpec,
@@ -53,6 +56,9 @@ pub struct NodeConfig {
     /// the log is then purged up to a tenth of that behind it (a peer
     /// further behind is sent the snapshot).
     pub snapshot_after_logs: u64,
+    /// A partition group's rows are purged in steps of this many entries,
+    /// below what every member holds (the `purge` module); 0: never.
+    pub purge_after_entries: u64,
 }
 
 impl NodeConfig {
@@ -71,6 +77,7 @@ impl NodeConfig {
             heartbeat_ms: 50,
             election_timeout_ms: (200, 400),
             snapshot_after_logs: 1_000,
+            purge_after_entries: 4_096,
         }
     }
 }
@@ -120,6 +127,8 @@ pub struct GroupNode<C: GroupTypes, S> {
     owns_router: bool,
     raft: Raft<C>,
     state: S,
+    /// A partition replica's rows purge task (stopped with the node).
+    purge: Option<PurgeTask>,
 }
 
 /// How long [`GroupNode::write`] looks for a leader before it answers
@@ -171,8 +180,13 @@ impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.election_timeout_ms.0,
             election_timeout_max: config.election_timeout_ms.1,
+            // Without snapshots of its own openraft never purges; with them
+            // it keeps a tenth of the interval behind the last one.
+            max_in_snapshot_log_to_keep: match snapshot_policy {
+                SnapshotPolicy::Never => u64::MAX,
+                SnapshotPolicy::LogsSinceLast(_) => config.snapshot_after_logs / 10,
+            },
             snapshot_policy,
-            max_in_snapshot_log_to_keep: config.snapshot_after_logs / 10,
             ..Default::default()
         }
         .validate()
@@ -206,6 +220,7 @@ impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
             owns_router,
             raft,
             state,
+            purge: None,
         })
     }
 }
@@ -597,15 +612,25 @@ impl PartitionNode {
         log_config: LogConfig,
     ) -> Result<PartitionNode, NodeError> {
         let log = PartitionRaftLog::open(&config.data_dir, log_config)?;
-        let state = PartitionStateMachine::new(log.clone());
-        Self::start_group(&config, router, group, SnapshotPolicy::Never, (log, state)).await
+        let state =
+            PartitionStateMachine::open(log.clone(), &config.data_dir.join("partition.snapshot"))?;
+        // openraft never snapshots or purges a partition group by itself:
+        // its purge task does, below what every member holds.
+        let mut node =
+            Self::start_group(&config, router, group, SnapshotPolicy::Never, (log, state)).await?;
+        node.purge = PurgeTask::start(
+            node.raft.clone(),
+            node.state.clone(),
+            config.purge_after_entries,
+        );
+        Ok(node)
     }
 
     /// Appends `records` as one batch through the group: answers once the
     /// batch is fsynced on a quorum, with where it is.
     pub async fn produce(&self, records: Vec<RecordInput>) -> Result<AppendedBatch, NodeError> {
         self.raft
-            .client_write(ReplicatedBatch::propose(records))
+            .client_write(PartitionCommand::Batch(ReplicatedBatch::propose(records)))
             .await
             .map(|written| written.data)
             .map_err(write_error)

@@ -25,13 +25,21 @@
 //! 5. Committed entries are applied by [`PartitionStateMachine`], which
 //!    moves the committed end: what a dispatcher may deliver from.
 //!
+//! 6. Rows are purged only below what every member holds: the leader
+//!    proposes [`PartitionCommand::PurgeAllowed`] with the lowest index
+//!    every member has matched (and that is committed); once applied,
+//!    each replica snapshots its state machine (kept in a file) and
+//!    purges its rows up to there. No member ever needs a purged entry,
+//!    so no snapshot is ever sent to one.
+//!
 //! # Not yet (issue 12)
 //!
-//! Snapshots hold the state machine only, so partition groups never take
-//! one ([`openraft::SnapshotPolicy::Never`]) and never purge: a follower
-//! catches up from entries, however far behind. Rows are one per batch in
-//! memory and in the journal; bounding them with retention, and sending a
-//! lagging follower segment files instead, are later steps.
+//! Snapshots hold the state machine only, never records: a replica that
+//! lacks records below a snapshot (a new member added after a purge, a
+//! replica whose disk was lost) refuses it and stops its group, instead of
+//! serving a hole. Sending such a replica segment files is a later step.
+//! A member that stays down holds purging back (rows grow until it
+//! returns or is removed).
 
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -56,7 +64,7 @@ use crate::{NodeId, StorageError};
 openraft::declare_raft_types!(
     /// A partition group's types: a normal entry is one record batch.
     pub PartitionTypes:
-        D = ReplicatedBatch,
+        D = PartitionCommand,
         R = AppendedBatch,
         NodeId = NodeId,
         Node = BasicNode,
@@ -201,6 +209,21 @@ impl ReplicatedBatch {
     }
 }
 
+/// A partition group's command: what a normal Raft entry holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartitionCommand {
+    /// A record batch, stored in the partition log.
+    Batch(ReplicatedBatch),
+    /// Every member of the group held the entries up to index `upto` (and
+    /// they were committed) when the leader proposed this: each replica
+    /// may purge its rows up to there, since no member will ever need
+    /// them again (see the `purge` module).
+    PurgeAllowed {
+        /// The last Raft index that may be purged.
+        upto: u64,
+    },
+}
+
 /// What applying a committed batch answers: where its records are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppendedBatch {
@@ -220,6 +243,7 @@ enum RowKind {
     Records { base_offset: u64, count: u32 },
     Blank,
     Membership(Membership<NodeId, BasicNode>),
+    PurgeAllowed { upto: u64 },
 }
 
 /// A Raft entry's row: its log id, where its data is, and the partition
@@ -290,7 +314,10 @@ impl Inner {
         let mut last: Option<AppendInfo> = None;
         for entry in entries {
             let kind = match entry.payload {
-                EntryPayload::Normal(batch) => {
+                EntryPayload::Normal(PartitionCommand::PurgeAllowed { upto }) => {
+                    RowKind::PurgeAllowed { upto }
+                }
+                EntryPayload::Normal(PartitionCommand::Batch(batch)) => {
                     let input = batch.to_input().map_err(io_error)?;
                     if let Some(base) = batch.base_offset {
                         if base != self.next_offset {
@@ -339,6 +366,9 @@ impl Inner {
         let payload = match &row.kind {
             RowKind::Blank => EntryPayload::Blank,
             RowKind::Membership(membership) => EntryPayload::Membership(membership.clone()),
+            RowKind::PurgeAllowed { upto } => {
+                EntryPayload::Normal(PartitionCommand::PurgeAllowed { upto: *upto })
+            }
             RowKind::Records { base_offset, count } => {
                 let batches = self
                     .log()?
@@ -372,13 +402,13 @@ impl Inner {
                         expire_at_ms: record.expire_at_ms,
                     });
                 }
-                EntryPayload::Normal(ReplicatedBatch {
+                EntryPayload::Normal(PartitionCommand::Batch(ReplicatedBatch {
                     base_offset: Some(*base_offset),
                     timestamp_ms: timestamp,
                     producer_id: header.producer_id,
                     producer_seq: header.producer_seq,
                     records,
-                })
+                }))
             }
         };
         Ok(Entry {
@@ -473,6 +503,17 @@ impl PartitionRaftLog {
             }
         }
         Ok(out)
+    }
+
+    /// How many Raft entries this replica keeps rows for (purging bounds
+    /// it; the records stay in the partition log, which retention owns).
+    pub fn row_count(&self) -> usize {
+        self.lock().rows.rows.len()
+    }
+
+    /// The Raft index of the first row kept (none: no rows).
+    pub fn first_row_index(&self) -> Option<u64> {
+        self.lock().rows.rows.keys().next().copied()
     }
 
     fn row(&self, index: u64) -> Option<EntryRow> {
@@ -589,6 +630,10 @@ struct PartitionState {
     membership: StoredMembership<NodeId, BasicNode>,
     /// Every record below is committed (fsynced on a quorum).
     committed_end: u64,
+    /// Rows up to this Raft index may be purged (the last
+    /// [`PartitionCommand::PurgeAllowed`] applied; 0: none).
+    #[serde(default)]
+    purge_allowed: u64,
 }
 
 /// A partition group's state machine: the committed end of the log.
@@ -598,6 +643,8 @@ pub struct PartitionStateMachine {
     log: PartitionRaftLog,
     state: Arc<Mutex<PartitionState>>,
     snapshot: Arc<Mutex<Option<KeptSnapshot>>>,
+    /// Where the latest snapshot is kept (none: in memory only).
+    snapshot_path: Option<PathBuf>,
     /// Called after the committed end moves (a dispatcher to wake).
     on_commit: Arc<CommitSlot>,
 }
@@ -618,15 +665,106 @@ impl std::fmt::Debug for CommitSlot {
 /// The latest snapshot: its meta and its bytes.
 type KeptSnapshot = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
 
+/// A snapshot as its file holds it.
+#[derive(Serialize, Deserialize)]
+struct PersistedSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// Writes `bytes` to `path` through a fsynced temporary file and a
+/// rename, then fsyncs the directory: `path` holds the old bytes or the
+/// new ones, whatever the crash.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), std::io::Error> {
+    use std::io::Write;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl PartitionStateMachine {
-    /// The state machine over `log` (which it reads to answer appends).
+    /// The state machine over `log` (which it reads to answer appends),
+    /// with its snapshots in memory only: it starts from nothing, and
+    /// openraft applies every entry again (so its log must never be
+    /// purged).
     pub fn new(log: PartitionRaftLog) -> PartitionStateMachine {
         PartitionStateMachine {
             log,
             state: Arc::default(),
             snapshot: Arc::default(),
+            snapshot_path: None,
             on_commit: Arc::default(),
         }
+    }
+
+    /// The state machine over `log`, its snapshots kept in the file at
+    /// `path` (written to a temporary file, fsynced, renamed): it starts
+    /// from the last one, so a log purged up to it opens again.
+    pub fn open(
+        log: PartitionRaftLog,
+        path: &Path,
+    ) -> Result<PartitionStateMachine, Box<StorageError>> {
+        let mut machine = PartitionStateMachine::new(log);
+        machine.snapshot_path = Some(path.to_path_buf());
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(machine),
+            Err(e) => return Err(Box::new(StorageIOError::read_snapshot(None, &e).into())),
+        };
+        let kept: PersistedSnapshot = serde_json::from_slice(&bytes)
+            .map_err(|e| Box::new(StorageIOError::read_snapshot(None, &e).into()))?;
+        let state: PartitionState = serde_json::from_slice(&kept.data)
+            .map_err(|e| Box::new(StorageIOError::read_snapshot(None, &e).into()))?;
+        let end = machine.log.end_offset();
+        if end < state.committed_end {
+            return Err(Box::new(
+                StorageIOError::read_snapshot(
+                    Some(kept.meta.signature()),
+                    &io_error(format!(
+                        "the snapshot counts records up to {} committed but the log ends at {end}",
+                        state.committed_end
+                    )),
+                )
+                .into(),
+            ));
+        }
+        *machine.lock() = state;
+        *machine.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some((kept.meta, kept.data));
+        Ok(machine)
+    }
+
+    /// Keeps `meta` and `data` as the latest snapshot, in its file first.
+    fn keep_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: &[u8],
+    ) -> Result<(), Box<StorageError>> {
+        if let Some(path) = &self.snapshot_path {
+            let kept = PersistedSnapshot {
+                meta: meta.clone(),
+                data: data.to_vec(),
+            };
+            let fail = |e: &std::io::Error| -> Box<StorageError> {
+                Box::new(StorageIOError::write_snapshot(Some(meta.signature()), e).into())
+            };
+            let bytes = serde_json::to_vec(&kept).map_err(|e| fail(&std::io::Error::other(e)))?;
+            blocking(|| write_atomically(path, &bytes)).map_err(|e| fail(&e))?;
+        }
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((meta.clone(), data.to_vec()));
+        Ok(())
+    }
+
+    /// Rows up to this Raft index may be purged on this replica (0: none):
+    /// every member held them when the leader said so.
+    pub fn purge_allowed(&self) -> u64 {
+        self.lock().purge_allowed
     }
 
     /// Calls `listener` (on Raft's task: it must not block) each time
@@ -660,8 +798,7 @@ impl RaftSnapshotBuilder<PartitionTypes> for PartitionStateMachine {
             last_membership: state.membership.clone(),
             snapshot_id: format!("{:?}", state.applied),
         };
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((meta.clone(), data.clone()));
+        self.keep_snapshot(&meta, &data).map_err(|e| *e)?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -696,6 +833,9 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
             }
             let end = row.as_ref().map_or(state.committed_end, |r| r.end_offset);
             state.committed_end = state.committed_end.max(end);
+            if let Some(RowKind::PurgeAllowed { upto }) = row.as_ref().map(|r| &r.kind) {
+                state.purge_allowed = state.purge_allowed.max(*upto);
+            }
             responses.push(match row.map(|r| r.kind) {
                 Some(RowKind::Records { base_offset, count }) => {
                     records_applied = true;
@@ -743,8 +883,25 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         let state: PartitionState = serde_json::from_slice(&data).map_err(|e| {
             StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
         })?;
+        // A snapshot holds no records: a replica that lacks any below its
+        // committed end cannot take it (it would serve a hole). Members
+        // never need one (rows are purged only below what every member
+        // holds); a replica that does stops here, loudly, instead.
+        let end = self.log.end_offset();
+        if end < state.committed_end {
+            return Err(StorageIOError::read_snapshot(
+                Some(meta.signature()),
+                &io_error(format!(
+                    "a snapshot up to offset {} cannot be installed on a replica whose log \
+                     ends at {end}: the records are not in it (sending segment files is not \
+                     built yet)",
+                    state.committed_end
+                )),
+            )
+            .into());
+        }
+        self.keep_snapshot(meta, &data).map_err(|e| *e)?;
         *self.lock() = state;
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), data));
         Ok(())
     }
 
@@ -771,12 +928,12 @@ mod tests {
     fn normal(index: u64, values: &[&str]) -> PartitionEntry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(ReplicatedBatch::propose(
+            payload: EntryPayload::Normal(PartitionCommand::Batch(ReplicatedBatch::propose(
                 values
                     .iter()
                     .map(|v| RecordInput::new(v.to_string()))
                     .collect(),
-            )),
+            ))),
         }
     }
 
@@ -820,7 +977,7 @@ mod tests {
         let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
         log.lock().append(vec![normal(1, &["a"])]).expect("append");
         let mut diverged = normal(2, &["b"]);
-        if let EntryPayload::Normal(batch) = &mut diverged.payload {
+        if let EntryPayload::Normal(PartitionCommand::Batch(batch)) = &mut diverged.payload {
             batch.base_offset = Some(7);
             batch.timestamp_ms = Some(i64::MAX / 2);
         }
@@ -841,5 +998,57 @@ mod tests {
         // The records vanish (a lost disk, a wrong directory).
         std::fs::remove_dir_all(dir.path().join("log")).expect("remove");
         assert!(PartitionRaftLog::open(dir.path(), LogConfig::default()).is_err());
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_snapshot_is_kept_in_its_file_and_one_beyond_the_records_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("partition.snapshot");
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        log.lock()
+            .append(vec![normal(1, &["a", "b"]), normal(2, &["c"])])
+            .expect("append");
+        let mut machine = PartitionStateMachine::open(log.clone(), &path).expect("machine");
+        rt().block_on(async {
+            machine
+                .apply(vec![normal(1, &["a", "b"]), normal(2, &["c"])])
+                .await
+                .expect("apply");
+            machine.build_snapshot().await.expect("snapshot");
+        });
+        // Reopened, it starts where the snapshot was taken.
+        let mut reopened = PartitionStateMachine::open(log.clone(), &path).expect("reopen");
+        assert_eq!(reopened.committed_end(), 3);
+        let (applied, _) = rt().block_on(reopened.applied_state()).expect("state");
+        assert_eq!(applied.map(|a| a.index), Some(2));
+
+        // A snapshot counting records this replica does not have is refused,
+        // and the kept one stays.
+        let (meta, data) = reopened
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .expect("kept");
+        let mut ahead: PartitionState = serde_json::from_slice(&data).expect("state");
+        ahead.committed_end = 10;
+        let ahead = serde_json::to_vec(&ahead).expect("encode");
+        let refused = rt().block_on(reopened.install_snapshot(&meta, Box::new(Cursor::new(ahead))));
+        assert!(refused.is_err());
+        assert_eq!(reopened.committed_end(), 3);
+        drop(reopened);
+        assert_eq!(
+            PartitionStateMachine::open(log, &path)
+                .expect("reopen")
+                .committed_end(),
+            3
+        );
     }
 }

@@ -222,8 +222,9 @@ async fn a_write_through_a_follower_is_forwarded_and_answered_with_the_leaders_i
     let leader = agreed_leader(&all, Duration::from_secs(10)).await;
     let mut end = 0u64;
     for node in &nodes {
-        let proposal =
-            dmq_replication::ReplicatedBatch::propose(batch(&format!("n{}", node.id()), 3));
+        let proposal = dmq_replication::PartitionCommand::Batch(
+            dmq_replication::ReplicatedBatch::propose(batch(&format!("n{}", node.id()), 3)),
+        );
         let appended = node.write(proposal).await.expect("write through any node");
         assert_eq!((appended.base_offset, appended.count), (end, 3));
         // The answer names the ids the leader's log gave the records.
@@ -302,6 +303,124 @@ async fn a_follower_far_behind_catches_up_in_pieces() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+async fn start_purging(id: u64, dir: &Path, listen: SocketAddr, every: u64) -> PartitionNode {
+    let mut config = NodeConfig::new(id, dir.to_path_buf(), listen);
+    config.purge_after_entries = every;
+    PartitionNode::start(config, log_config())
+        .await
+        .expect("start")
+}
+
+/// Waits until `node` keeps at most `rows` rows, its first one past index 0.
+async fn purged_to(node: &PartitionNode, rows: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = node.raft_log();
+        if log.row_count() <= rows && log.first_row_index().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} keeps {} rows from index {:?}",
+            node.id(),
+            log.row_count(),
+            log.first_row_index()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_purged_below_what_every_member_holds() {
+    const EVERY: u64 = 20;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        nodes.push(start_purging(i as u64 + 1, dir.path(), listen, EVERY).await);
+    }
+    form_group(&nodes).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let mut end = 0u64;
+    for i in 0..150 {
+        let appended = by_id(&nodes, leader)
+            .produce(batch(&format!("a{i}"), 1))
+            .await
+            .expect("produce");
+        end = appended.base_offset + u64::from(appended.count);
+    }
+    // Every replica drops the rows every member holds; the records stay.
+    for node in &nodes {
+        purged_to(node, 2 * EVERY as usize, Duration::from_secs(15)).await;
+    }
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, end, Duration::from_secs(5)).await;
+
+    // A member that is down holds purging back: when it returns, the
+    // leader still has every entry after its last one, and it catches up
+    // from entries (a snapshot, which holds no records, would be refused).
+    let index = nodes
+        .iter()
+        .position(|n| n.id() != leader)
+        .expect("follower");
+    let gone = nodes.remove(index);
+    let (gone_id, gone_addr) = (gone.id(), gone.addr());
+    let gone_last = gone
+        .raft()
+        .metrics()
+        .borrow()
+        .last_log_index
+        .expect("has entries");
+    gone.shutdown().await;
+    for i in 0..150 {
+        let appended = by_id(&nodes, leader)
+            .produce(batch(&format!("b{i}"), 1))
+            .await
+            .expect("produce with one member down");
+        end = appended.base_offset + u64::from(appended.count);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in &nodes {
+        let first = node.raft_log().first_row_index().expect("rows");
+        assert!(
+            first <= gone_last + 1,
+            "node {} purged to {first}, past the absent member's {gone_last}",
+            node.id()
+        );
+    }
+    nodes.push(start_purging(gone_id, dirs[gone_id as usize - 1].path(), gone_addr, EVERY).await);
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, end, Duration::from_secs(15)).await;
+    for node in &nodes {
+        purged_to(node, 2 * EVERY as usize, Duration::from_secs(15)).await;
+    }
+
+    // Every replica restarts from its snapshot and purged rows, and the
+    // group goes on.
+    let mut addrs = Vec::new();
+    for node in nodes.drain(..) {
+        addrs.push((node.id(), node.addr()));
+        node.shutdown().await;
+    }
+    for (id, addr) in addrs {
+        nodes.push(start_purging(id, dirs[id as usize - 1].path(), addr, EVERY).await);
+    }
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let appended = by_id(&nodes, leader)
+        .produce(batch("after", 2))
+        .await
+        .expect("produce after restart");
+    assert_eq!(appended.base_offset, end);
+    end += 2;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, end, Duration::from_secs(10)).await;
     for node in nodes {
         node.shutdown().await;
     }

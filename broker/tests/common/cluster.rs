@@ -11,6 +11,10 @@ use dmq_client::{Client, ClientOptions, Message, MessageId};
 
 use super::{free_port, next, options};
 
+/// Every test cluster purges its partitions' Raft rows in small steps, so
+/// that kills, restarts and faults all meet purged logs.
+pub const PURGE_AFTER_ENTRIES: u64 = 16;
+
 pub struct Node {
     pub id: u64,
     pub client: SocketAddr,
@@ -29,7 +33,8 @@ impl Node {
     pub fn config(&self, peers: &[Node]) -> String {
         let mut text = format!(
             "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\n\
-             [cluster]\nnode_id = {}\nraft_listen = \"{}\"\n",
+             [cluster]\nnode_id = {}\nraft_listen = \"{}\"\n\
+             purge_after_entries = {PURGE_AFTER_ENTRIES}\n",
             self.dir.join("data"),
             self.client,
             self.admin,
