@@ -750,10 +750,26 @@ impl Log {
         max_bytes: Option<u64>,
         now_ms: i64,
     ) -> Result<DeletedSegments> {
+        self.apply_retention_limits_below(max_age_ms, max_bytes, now_ms, u64::MAX)
+    }
+
+    /// [`Log::apply_retention_limits`] that never deletes a segment holding
+    /// an offset at or above `below` (a replicated log deletes only what
+    /// its Raft group will never read again).
+    pub fn apply_retention_limits_below(
+        &self,
+        max_age_ms: Option<u64>,
+        max_bytes: Option<u64>,
+        now_ms: i64,
+        below: u64,
+    ) -> Result<DeletedSegments> {
         let mut excess = max_bytes.map_or(0, |max| self.size_bytes().saturating_sub(max));
         let age_cutoff_ms =
             max_age_ms.map(|age| now_ms.saturating_sub(i64::try_from(age).unwrap_or(i64::MAX)));
-        self.shared.delete_segments(|segment, _| {
+        self.shared.delete_segments(|segment, next_base| {
+            if next_base > below {
+                return false;
+            }
             let too_old = age_cutoff_ms.is_some_and(|cutoff| segment.max_timestamp_ms() < cutoff);
             if excess > 0 || too_old {
                 excess = excess.saturating_sub(segment.visible_len());
@@ -1615,6 +1631,23 @@ mod tests {
             .expect("none");
         assert_eq!(none.segments, 0);
         assert_eq!(log.apply_retention().expect("configured").segments, 0);
+        // A bound: nothing at or above offset 300 goes, however old or big.
+        let bounded = log
+            .apply_retention_limits_below(None, Some(1), 7_000, 300)
+            .expect("bounded");
+        assert!(bounded.segments > 0);
+        let kept = log.start_offset();
+        assert!(kept > 0 && kept <= 300, "{kept}");
+        assert!(
+            !log.read(299, 1).expect("read").is_empty(),
+            "offset 299 is still readable"
+        );
+        assert_eq!(
+            log.apply_retention_limits_below(Some(0), Some(1), 7_000, kept)
+                .expect("at the bound")
+                .segments,
+            0
+        );
         // Age: records are stamped 1_010..=7_000; keep the last second.
         let by_age = log
             .apply_retention_limits(Some(1_000), None, 7_000)

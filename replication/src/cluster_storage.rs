@@ -18,9 +18,11 @@
 //!   could cut.
 //! - An append is a Raft write (forwarded to the leader if need be) and
 //!   returns once committed: `wait_durable` has nothing left to wait for.
-//! - Retention and deletion of replicated partitions are refused or
-//!   skipped until they are replicated operations (issue 12): a replica
-//!   never drops records its peers may still ask it for.
+//! - Retention (and the unlinking of deleted messages' segments) on a
+//!   replica deletes only segments below the Raft rows it purged, which
+//!   every member holds: a replica never drops records its peers may
+//!   still ask it for. Each node applies its own registry's retention to
+//!   its replicas (retention is not yet a replicated setting).
 //! - Every node forms a partition group it opens pristine, with every
 //!   node as a voter ([`form_group`]): all of them write the same first
 //!   entry, so whichever nodes are up elect a leader.
@@ -515,7 +517,25 @@ impl PartitionLog for ReplicatedPartitionLog {
             .unwrap_or_default()
     }
 
-    // Retention (`apply_retention`, `delete_before`): the default, nothing
-    // deleted. A replica keeps every record until retention is a
-    // replicated operation whose cut also purges the Raft rows.
+    /// Retention on this replica, only below the Raft rows it purged
+    /// (every member holds those entries; Raft never reads them again).
+    fn apply_retention(
+        &self,
+        max_age_ms: Option<u64>,
+        max_bytes: Option<u64>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.node
+            .raft_log()
+            .apply_retention(max_age_ms, max_bytes, now_ms)
+            .map_err(unavailable)
+    }
+
+    /// Unlinks segments of deleted messages, only below the purged rows.
+    fn delete_before(&self, offset: u64) -> Result<u64, StoreError> {
+        self.node
+            .raft_log()
+            .delete_before(offset)
+            .map_err(unavailable)
+    }
 }

@@ -516,6 +516,56 @@ impl PartitionRaftLog {
         self.lock().rows.rows.keys().next().copied()
     }
 
+    /// Every record below this offset belongs to a purged entry: Raft
+    /// will never read it again on this replica, so retention may delete
+    /// it (0 while nothing is purged).
+    pub fn purged_end_offset(&self) -> u64 {
+        self.lock()
+            .rows
+            .last_purged_row
+            .as_ref()
+            .map_or(0, |row| row.end_offset)
+    }
+
+    /// Retention on this replica ([`Log::apply_retention_limits`]), never
+    /// past [`PartitionRaftLog::purged_end_offset`]: a segment an
+    /// unpurged entry names stays, whatever its age or size. Returns the
+    /// segments deleted.
+    pub fn apply_retention(
+        &self,
+        max_age_ms: Option<u64>,
+        max_bytes: Option<u64>,
+        now_ms: i64,
+    ) -> Result<u64, std::io::Error> {
+        let inner = self.lock();
+        let below = inner
+            .rows
+            .last_purged_row
+            .as_ref()
+            .map_or(0, |r| r.end_offset);
+        let deleted = inner
+            .log()?
+            .apply_retention_limits_below(max_age_ms, max_bytes, now_ms, below)
+            .map_err(std::io::Error::other)?;
+        Ok(deleted.segments as u64)
+    }
+
+    /// Deletes the sealed segments wholly below `offset` and below
+    /// [`PartitionRaftLog::purged_end_offset`]; returns how many.
+    pub fn delete_before(&self, offset: u64) -> Result<u64, std::io::Error> {
+        let inner = self.lock();
+        let below = inner
+            .rows
+            .last_purged_row
+            .as_ref()
+            .map_or(0, |r| r.end_offset);
+        let deleted = inner
+            .log()?
+            .delete_segments_before(offset.min(below))
+            .map_err(std::io::Error::other)?;
+        Ok(deleted.segments as u64)
+    }
+
     fn row(&self, index: u64) -> Option<EntryRow> {
         self.lock().rows.rows.get(&index).cloned()
     }
@@ -618,7 +668,8 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        // The records stay: retention owns the partition log's data.
+        // The records stay: retention owns the partition log's data (and
+        // deletes only below the purged rows: `apply_retention`).
         blocking(|| self.lock().rows.purge(log_id)).map_err(storage_io)
     }
 }

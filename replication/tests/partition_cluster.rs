@@ -53,6 +53,11 @@ fn batch(tag: &str, n: usize) -> Vec<RecordInput> {
 /// Waits until every node applied up to `end`, then checks that all
 /// hold the same records below it.
 async fn converged(nodes: &[&PartitionNode], end: u64, within: Duration) {
+    converged_from(nodes, 0, end, within).await
+}
+
+/// [`converged`] for the records from `from` (retention deleted the rest).
+async fn converged_from(nodes: &[&PartitionNode], from: u64, end: u64, within: Duration) {
     let deadline = Instant::now() + within;
     while nodes.iter().any(|n| n.committed_end() < end) {
         let ends: Vec<u64> = nodes.iter().map(|n| n.committed_end()).collect();
@@ -62,10 +67,10 @@ async fn converged(nodes: &[&PartitionNode], end: u64, within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let reference = nodes[0].records(0, end).expect("read");
-    assert_eq!(reference.len() as u64, end);
+    let reference = nodes[0].records(from, end).expect("read");
+    assert_eq!(reference.len() as u64, end - from);
     for node in &nodes[1..] {
-        let records = node.records(0, end).expect("read");
+        let records = node.records(from, end).expect("read");
         assert_eq!(records.len(), reference.len(), "node {}", node.id());
         for (a, b) in records.iter().zip(&reference) {
             assert_eq!(
@@ -421,6 +426,88 @@ async fn rows_are_purged_below_what_every_member_holds() {
     end += 2;
     let all: Vec<&PartitionNode> = nodes.iter().collect();
     converged(&all, end, Duration::from_secs(10)).await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+fn start_offset(node: &PartitionNode) -> u64 {
+    node.raft_log()
+        .with_log(|log| log.start_offset())
+        .expect("log")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_a_replica_deletes_only_below_its_purged_rows() {
+    const EVERY: u64 = 20;
+    let big = |tag: String| vec![RecordInput::new(format!("{tag}-{}", "x".repeat(2048)))];
+    let now = || dmq_log_store::Clock::now_ms(&dmq_log_store::SystemClock);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        nodes.push(start_purging(i as u64 + 1, dir.path(), listen, EVERY).await);
+    }
+    form_group(&nodes).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let mut end = 0u64;
+    for i in 0..150 {
+        let appended = by_id(&nodes, leader)
+            .produce(big(format!("a{i}")))
+            .await
+            .expect("produce");
+        end = appended.base_offset + u64::from(appended.count);
+    }
+    for node in &nodes {
+        purged_to(node, 2 * EVERY as usize, Duration::from_secs(15)).await;
+    }
+    // A size limit of one byte deletes every sealed segment, but only
+    // those below the purged rows.
+    for node in &nodes {
+        let purged_end = node.raft_log().purged_end_offset();
+        assert!(purged_end > 0);
+        let deleted = node
+            .raft_log()
+            .apply_retention(None, Some(1), now())
+            .expect("retention");
+        let start = start_offset(node);
+        assert!(deleted > 0, "node {}", node.id());
+        assert!(start > 0 && start <= purged_end, "{start} {purged_end}");
+    }
+
+    // A member that is down holds the purge back, and so retention: when
+    // it returns, the leader still has every record after its log's end.
+    let index = nodes
+        .iter()
+        .position(|n| n.id() != leader)
+        .expect("follower");
+    let gone = nodes.remove(index);
+    let (gone_id, gone_addr, gone_end) = (gone.id(), gone.addr(), gone.log_end());
+    gone.shutdown().await;
+    for i in 0..150 {
+        let appended = by_id(&nodes, leader)
+            .produce(big(format!("b{i}")))
+            .await
+            .expect("produce with one member down");
+        end = appended.base_offset + u64::from(appended.count);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in &nodes {
+        node.raft_log()
+            .apply_retention(None, Some(1), now())
+            .expect("retention");
+        let start = start_offset(node);
+        assert!(
+            start <= gone_end,
+            "node {} deleted up to {start}, past the absent member's end {gone_end}",
+            node.id()
+        );
+    }
+    nodes.push(start_purging(gone_id, dirs[gone_id as usize - 1].path(), gone_addr, EVERY).await);
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let from = all.iter().map(|n| start_offset(n)).max().expect("nodes");
+    converged_from(&all, from, end, Duration::from_secs(15)).await;
     for node in nodes {
         node.shutdown().await;
     }
