@@ -40,6 +40,10 @@ async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
         delayed.is_err(),
         "a delayed record on a cluster topic: {delayed:?}"
     );
+    // So is deleting it, before anything of it is touched on the node
+    // asked: it still takes produces below.
+    let deleted = third.delete_topic("orders").await;
+    assert!(deleted.is_err(), "deleting a cluster topic: {deleted:?}");
 
     // Acknowledged produces through every node (each forwarded to its
     // partition's leader where needed).

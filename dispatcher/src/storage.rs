@@ -458,6 +458,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// open keep reading what they had until dropped (the files are
     /// unlinked, not truncated); a later `partition` call starts empty.
     fn remove_topic(&self, topic: &str) -> Result<(), StoreError>;
+    /// Refuses, before anything of the topic is touched, a
+    /// [`Storage::remove_topic`] that would fail (a topic this storage
+    /// cannot delete alone).
+    fn check_removable(&self, _topic: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Names of the journals starting with `prefix`, sorted.
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Journals whose tail was cut as torn when they were opened, and how

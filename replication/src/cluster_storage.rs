@@ -305,12 +305,17 @@ impl Storage for ClusterStorage {
     }
 
     fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
+        self.check_removable(topic)?;
+        self.local.remove_topic(topic)
+    }
+
+    fn check_removable(&self, topic: &str) -> Result<(), StoreError> {
         if self.is_replicated(topic) {
             return Err(unavailable(format!(
                 "deleting cluster topic {topic:?} is not replicated yet; it stays"
             )));
         }
-        self.local.remove_topic(topic)
+        self.local.check_removable(topic)
     }
 
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {

@@ -141,6 +141,8 @@ impl Dispatcher {
         if !quarantined {
             self.topic(name)?;
         }
+        // Nothing is changed (no journal, no group) unless the files can go.
+        self.storage.check_removable(name)?;
         let entry = MetaEntry::TopicDeleted {
             name: name.to_string(),
         };
