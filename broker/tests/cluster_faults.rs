@@ -395,14 +395,30 @@ async fn read_all(
     group: &str,
     expected: &BTreeSet<MessageId>,
 ) -> Vec<(MessageId, u64, u64)> {
-    let mut subscription = client
-        .consumer()
-        .subscribe("orders", group, group_options())
-        .await
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // A new group's first SUBSCRIBE needs the metadata group (its
+    // dead-letter topic is made a cluster topic): right after the faults
+    // heal it may answer Unavailable while an election runs, which a
+    // client retries.
+    let mut subscription = loop {
+        match client
+            .consumer()
+            .subscribe("orders", group, group_options())
+            .await
+        {
+            Ok(subscription) => break subscription,
+            Err(dmq_client::ClientError::Broker {
+                code: dmq_protocol::ErrorCode::Unavailable,
+                message,
+            }) if Instant::now() < deadline => {
+                println!("subscribe {group}: unavailable ({message}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("subscribe {group}: {error}"),
+        }
+    };
     let mut seen = Vec::new();
     let mut missing = expected.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
     while !missing.is_empty() && Instant::now() < deadline {
         if let Some(message) = next(&mut subscription, Duration::from_secs(1)).await {
             let (key, seq) = parse(&message.value);
