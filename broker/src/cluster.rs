@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmq_dispatcher::{DispatchError, StoreError, TopicConfig};
+use dmq_dispatcher::{DispatchError, Storage, StoreError, TopicConfig};
 use dmq_replication::cluster_storage::form_group;
 use dmq_replication::rejoin::{check_rejoin, note_held_data, NodeViews, RejoinError};
 use dmq_replication::{
@@ -348,6 +348,13 @@ impl Cluster {
             MetaResponse::TopicExists => {
                 return Err(DispatchError::TopicExists(name.to_string()).into())
             }
+            MetaResponse::TopicBeingDeleted => {
+                return Err(DispatchError::InvalidArgument(format!(
+                    "topic {name:?} was deleted and a node has yet to remove it: its name is \
+                     free again once every node is up and has"
+                ))
+                .into())
+            }
             other => {
                 return Err(DispatchError::InvalidArgument(format!(
                     "the cluster refused the topic: {other:?}"
@@ -356,6 +363,94 @@ impl Cluster {
             }
         }
         self.create_here(engine, name, partitions, ordered).await
+    }
+
+    /// Deletes cluster topic `name`: in the metadata group first (its name
+    /// then stays taken until every node has removed it), then here. The
+    /// other nodes remove their replicas as they learn of it
+    /// ([`Cluster::follow_topics`]). A topic the cluster deleted already
+    /// but this node has yet to remove is removed here.
+    pub async fn delete_topic(
+        &self,
+        engine: &Engine,
+        registry: &SharedRegistry,
+        name: &str,
+    ) -> Result<(), EngineError> {
+        let command = MetaCommand::DeleteTopic {
+            name: name.to_string(),
+        };
+        let response =
+            self.metadata.write(command).await.map_err(|error| {
+                DispatchError::Store(StoreError::Unavailable(error.to_string()))
+            })?;
+        match response {
+            MetaResponse::Applied => {}
+            MetaResponse::UnknownTopic
+                if self
+                    .metadata
+                    .topics_being_deleted_here()
+                    .get(name)
+                    .is_some_and(|removed| !removed.contains(&self.config.node_id)) => {}
+            MetaResponse::UnknownTopic => {
+                return Err(DispatchError::UnknownTopic(name.to_string()).into())
+            }
+            other => {
+                return Err(DispatchError::InvalidArgument(format!(
+                    "the cluster refused the deletion: {other:?}"
+                ))
+                .into())
+            }
+        }
+        self.remove_here(engine, registry, name).await
+    }
+
+    /// Removes deleted cluster topic `name` from this node (the
+    /// dispatcher's topic and groups, the replicas and their files, the
+    /// registry entry), then tells the cluster so.
+    async fn remove_here(
+        &self,
+        engine: &Engine,
+        registry: &SharedRegistry,
+        name: &str,
+    ) -> Result<(), EngineError> {
+        match crate::topics::delete_local_topic(engine, name).await {
+            Ok(()) | Err(EngineError::Dispatch(DispatchError::UnknownTopic(_))) => {}
+            Err(error) => return Err(error),
+        }
+        // What the dispatcher no longer knew of (a crash in between) goes
+        // too.
+        let storage = Arc::clone(&self.storage);
+        let topic = name.to_string();
+        tokio::task::spawn_blocking(move || storage.remove_topic(&topic))
+            .await
+            .map_err(|error| DispatchError::Store(StoreError::Unavailable(error.to_string())))?
+            .map_err(DispatchError::Store)?;
+        if let Err(error) = registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+        {
+            tracing::error!(topic = name, %error, "unregistering a deleted cluster topic");
+        }
+        // The removal of its groups' replicated journals commits before
+        // the name can be freed: a late one would wipe the journal of a
+        // new group of the same name.
+        if !self.journals.drain(Duration::from_secs(10)).await {
+            return Err(DispatchError::Store(StoreError::Unavailable(
+                "the deleted topic's group journals were not removed in time".to_string(),
+            ))
+            .into());
+        }
+        let removed = MetaCommand::TopicRemoved {
+            name: name.to_string(),
+            node: self.config.node_id,
+        };
+        self.metadata
+            .write(removed)
+            .await
+            .map_err(|error| DispatchError::Store(StoreError::Unavailable(error.to_string())))?;
+        tracing::info!(topic = name, "cluster topic removed from this node");
+        Ok(())
     }
 
     /// Makes `dead_letter` (a group's dead-letter topic) a cluster topic
@@ -407,9 +502,10 @@ impl Cluster {
         }
     }
 
-    /// Until `stop` is set: creates here every topic the metadata group
-    /// applied that this node lacks, and registers it (approved in
-    /// development mode, pending otherwise, as a topic found at start).
+    /// Until `stop` is set: removes from here every topic the metadata
+    /// group deleted that this node still has, and creates here every
+    /// topic it applied that this node lacks, and registers it (approved
+    /// in development mode, pending otherwise, as a topic found at start).
     pub async fn follow_topics(
         self: Arc<Self>,
         engine: Engine,
@@ -423,6 +519,14 @@ impl Cluster {
             TopicStatus::Pending
         };
         loop {
+            for (name, removed) in self.metadata.topics_being_deleted_here() {
+                if removed.contains(&self.config.node_id) {
+                    continue;
+                }
+                if let Err(error) = self.remove_here(&engine, &registry, &name).await {
+                    tracing::warn!(topic = name, %error, "removing a deleted cluster topic here; retrying");
+                }
+            }
             for (name, spec) in self.metadata.topics_applied_here() {
                 if engine.topic(&name).is_some() {
                     continue;

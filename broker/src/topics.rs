@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use dmq_dispatcher::{Dispatcher, TopicConfig};
+use dmq_dispatcher::{DispatchError, Dispatcher, TopicConfig};
 
 use crate::engine::{Engine, EngineError};
 use crate::registry::{RegistryError, TopicRecord, TopicStatus};
@@ -139,6 +139,38 @@ pub(crate) async fn create_topic(
         }
         None => create_local_topic(engine, name, partitions, ordered).await,
     }
+}
+
+/// Deletes a topic from the dispatcher (its groups, its files) and from
+/// the engine's produce paths; the registry is the caller's. On a cluster
+/// node a cluster topic is deleted in the cluster first, and every node
+/// removes its own replicas (`crate::cluster`).
+pub(crate) async fn delete_topic(
+    engine: &Engine,
+    registry: &SharedRegistry,
+    name: &str,
+) -> Result<(), EngineError> {
+    match engine.cluster() {
+        Some(cluster) if cluster.storage().is_replicated(name) => {
+            cluster.delete_topic(engine, registry, name).await
+        }
+        _ => delete_local_topic(engine, name).await,
+    }
+}
+
+/// [`delete_topic`] on this node's dispatcher only.
+pub(crate) async fn delete_local_topic(engine: &Engine, name: &str) -> Result<(), EngineError> {
+    let topic = name.to_string();
+    engine
+        .call(move |dispatcher, routes| {
+            for member in dispatcher.delete_topic(&topic)? {
+                routes.remove(member);
+            }
+            Ok::<(), DispatchError>(())
+        })
+        .await??;
+    engine.unregister_topic(name);
+    Ok(())
 }
 
 /// [`create_topic`] on this node's dispatcher only.

@@ -40,10 +40,6 @@ async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
         delayed.is_err(),
         "a delayed record on a cluster topic: {delayed:?}"
     );
-    // So is deleting it, before anything of it is touched on the node
-    // asked: it still takes produces below.
-    let deleted = third.delete_topic("orders").await;
-    assert!(deleted.is_err(), "deleting a cluster topic: {deleted:?}");
 
     // Acknowledged produces through every node (each forwarded to its
     // partition's leader where needed).
@@ -445,4 +441,86 @@ async fn a_dead_letter_of_a_cluster_topic_survives_its_node() {
         .await
         .expect("the dead letter is on the other nodes");
     assert_eq!(&copy.value[..], b"poison 0");
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passed.
+async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_cluster_topic_leaves_every_node_and_its_name_comes_back_empty() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    let second = connect(&nodes[1]).await;
+    first.create_topic("orders", 2, false).await.unwrap();
+    for client in [&first, &second] {
+        wait_for_topic(client, "orders").await;
+    }
+    let old: BTreeSet<MessageId> = produce(&first, "old", 20).await.into_iter().collect();
+    assert_eq!(consume(&second, "billing", old.len()).await, old);
+    let replica_dir = |node: &Node| node.dir.join("data/cluster/partitions/orders");
+    for node in &nodes {
+        assert!(replica_dir(node).is_dir(), "node {}", node.id);
+    }
+
+    // Node 3 is down while the topic is deleted through node 2.
+    nodes[2].kill();
+    second.delete_topic("orders").await.unwrap();
+    // Gone from both nodes that are up: their replicas and files, and the
+    // topic itself.
+    for node in &nodes[..2] {
+        let dir = replica_dir(node);
+        eventually(
+            &format!("node {} keeps {}", node.id, dir.display()),
+            Duration::from_secs(10),
+            || !dir.exists(),
+        )
+        .await;
+    }
+    for client in [&first, &second] {
+        let topics = client.list_topics().await.unwrap();
+        assert!(topics.iter().all(|t| t.name != "orders"), "{topics:?}");
+        let sent = client
+            .producer()
+            .send(Message::new("orders", "after the deletion"))
+            .await;
+        assert!(sent.is_err(), "{sent:?}");
+    }
+    // While node 3 has not removed it, the name stays taken: a new topic
+    // of that name would meet its old replica.
+    let early = first.create_topic("orders", 1, false).await;
+    assert!(
+        early.is_err(),
+        "re-created while a node holds it: {early:?}"
+    );
+
+    // Node 3 comes back and removes it; the name is then free again.
+    nodes[2].start(&configs[2]);
+    let dir = replica_dir(&nodes[2]);
+    eventually(
+        "node 3 removes its replicas",
+        Duration::from_secs(30),
+        || !dir.exists(),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(error) = first.create_topic("orders", 1, false).await {
+        assert!(Instant::now() < deadline, "never free again: {error}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let third = connect(&nodes[2]).await;
+    for client in [&first, &second, &third] {
+        wait_for_topic(client, "orders").await;
+    }
+    // The new topic starts empty: a new group and the old group's name
+    // get only what was produced since.
+    let new: BTreeSet<MessageId> = produce(&third, "new", 10).await.into_iter().collect();
+    assert_eq!(consume(&first, "fresh", new.len()).await, new);
+    assert_eq!(consume(&second, "billing", new.len()).await, new);
 }

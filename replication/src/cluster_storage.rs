@@ -18,6 +18,10 @@
 //!   could cut.
 //! - An append is a Raft write (forwarded to the leader if need be) and
 //!   returns once committed: `wait_durable` has nothing left to wait for.
+//! - A cluster topic's replicas and files are removed only once the
+//!   metadata group deleted the topic (the broker does that first); every
+//!   node then removes its own and says so, and the name is free again
+//!   once all have.
 //! - Retention (and the unlinking of deleted messages' segments) on a
 //!   replica deletes only segments below the Raft rows it purged, which
 //!   every member holds: a replica never drops records its peers may
@@ -304,18 +308,63 @@ impl Storage for ClusterStorage {
         }
     }
 
-    fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
-        self.check_removable(topic)?;
-        self.local.remove_topic(topic)
+    /// Refuses to remove a cluster topic the metadata group still has: it
+    /// is deleted in the cluster first, never on one node alone.
+    fn check_removable(&self, topic: &str) -> Result<(), StoreError> {
+        let journals = lock(&self.journals).clone();
+        if let Some(journals) = journals {
+            if self.is_replicated(topic) && journals.metadata().topics().contains_key(topic) {
+                return Err(unavailable(format!(
+                    "cluster topic {topic:?} is deleted through the cluster first; it stays"
+                )));
+            }
+        }
+        Ok(())
     }
 
-    fn check_removable(&self, topic: &str) -> Result<(), StoreError> {
-        if self.is_replicated(topic) {
-            return Err(unavailable(format!(
-                "deleting cluster topic {topic:?} is not replicated yet; it stays"
-            )));
+    /// A cluster topic's replicas are stopped (their Raft groups leave
+    /// the node's port) and their files deleted. Only for a topic the
+    /// metadata group deleted: the broker deletes it there first.
+    fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
+        if !self.is_replicated(topic) {
+            return self.local.remove_topic(topic);
         }
-        self.local.check_removable(topic)
+        self.check_removable(topic)?;
+        let replicas: Vec<Arc<ReplicatedPartitionLog>> = {
+            let mut partitions = lock(&self.partitions);
+            let keys: Vec<(String, u32)> = partitions
+                .keys()
+                .filter(|(name, _)| name == topic)
+                .cloned()
+                .collect();
+            keys.iter()
+                .filter_map(|key| partitions.remove(key))
+                .collect()
+        };
+        for replica in replicas {
+            self.router.unregister(replica.node.group());
+            if let Err(error) = block_on(&self.runtime, replica.node.raft().shutdown()) {
+                tracing::warn!(topic, %error, "stopping a deleted topic's replica");
+            }
+        }
+        lock(&self.replicated).remove(topic);
+        let dir = self.root.join(topic);
+        match std::fs::remove_dir_all(&dir) {
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Journal {
+                    name: dir.display().to_string(),
+                    source,
+                })
+            }
+            _ => {}
+        }
+        std::fs::File::open(&self.root)
+            .and_then(|parent| parent.sync_all())
+            .map_err(|source| StoreError::Journal {
+                name: self.root.display().to_string(),
+                source,
+            })?;
+        self.local.remove_topic(topic)
     }
 
     fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {

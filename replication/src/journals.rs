@@ -60,6 +60,12 @@ pub struct ReplicatedJournals {
 }
 
 impl ReplicatedJournals {
+    /// The metadata state these journals are read from (as applied on
+    /// this node).
+    pub fn metadata(&self) -> &MetadataStateMachine {
+        &self.state
+    }
+
     /// Starts the node's journal writer, proposing through `node` (the
     /// node's member of the metadata group) on the current runtime.
     pub fn start(node: Arc<MetadataNode>) -> Arc<ReplicatedJournals> {

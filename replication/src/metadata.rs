@@ -55,10 +55,19 @@ pub enum MetaCommand {
         /// Its settings.
         spec: TopicSpec,
     },
-    /// Deletes a topic.
+    /// Deletes a topic. Its name stays taken until every node of the
+    /// cluster has said it removed the topic ([`MetaCommand::TopicRemoved`]).
     DeleteTopic {
         /// The topic's name.
         name: String,
+    },
+    /// Node `node` removed deleted topic `name` (its replicas and their
+    /// files): once every member of the group has, the name is free again.
+    TopicRemoved {
+        /// The topic's name.
+        name: String,
+        /// The node.
+        node: NodeId,
     },
     /// Records that these nodes have held entries of the metadata group
     /// (a leader saw them match its log): one of them whose disk comes
@@ -112,6 +121,9 @@ pub enum MetaResponse {
     InvalidPartitions,
     /// DeleteTopic of a name that does not exist: nothing changed.
     UnknownTopic,
+    /// CreateTopic of a name deleted that a node has yet to remove:
+    /// nothing changed.
+    TopicBeingDeleted,
 }
 
 /// The state a snapshot holds.
@@ -126,6 +138,10 @@ struct MetaState {
     /// Nodes a leader saw hold entries of the group.
     #[serde(default)]
     held_data: std::collections::BTreeSet<NodeId>,
+    /// Deleted topics whose name is still taken, with the nodes that have
+    /// removed them so far.
+    #[serde(default)]
+    deleting: BTreeMap<String, std::collections::BTreeSet<NodeId>>,
 }
 
 impl MetaState {
@@ -160,13 +176,34 @@ impl MetaState {
                 if self.topics.contains_key(name) {
                     return MetaResponse::TopicExists;
                 }
+                if self.deleting.contains_key(name) {
+                    return MetaResponse::TopicBeingDeleted;
+                }
                 self.topics.insert(name.clone(), *spec);
                 MetaResponse::Applied
             }
             MetaCommand::DeleteTopic { name } => match self.topics.remove(name) {
-                Some(_) => MetaResponse::Applied,
+                Some(_) => {
+                    self.deleting.insert(name.clone(), Default::default());
+                    MetaResponse::Applied
+                }
                 None => MetaResponse::UnknownTopic,
             },
+            MetaCommand::TopicRemoved { name, node } => {
+                let members: Vec<NodeId> = self
+                    .membership
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect();
+                if let Some(removed) = self.deleting.get_mut(name) {
+                    removed.insert(*node);
+                    if members.iter().all(|member| removed.contains(member)) {
+                        self.deleting.remove(name);
+                    }
+                }
+                MetaResponse::Applied
+            }
         }
     }
 }
@@ -285,6 +322,12 @@ impl MetadataStateMachine {
     /// The topics as applied on this node so far.
     pub fn topics(&self) -> BTreeMap<String, TopicSpec> {
         self.lock().state.topics.clone()
+    }
+
+    /// Deleted topics some node has yet to remove, with the nodes that
+    /// have removed them.
+    pub fn topics_being_deleted(&self) -> BTreeMap<String, std::collections::BTreeSet<NodeId>> {
+        self.lock().state.deleting.clone()
     }
 
     /// The log id of the last applied entry.
@@ -537,5 +580,85 @@ mod tests {
         // And a restart from the snapshot file keeps them.
         let reopened = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
         assert_eq!(reopened.journal("group.t.g").unwrap(), [b"1", b"2"]);
+    }
+
+    fn command(index: u64, command: MetaCommand) -> MetaEntry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_topics_name_is_free_once_every_member_removed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("a.snapshot")).unwrap();
+        let members =
+            openraft::Membership::new(vec![std::collections::BTreeSet::from([1, 2, 3])], None);
+        let create = || MetaCommand::CreateTopic {
+            name: "t".to_string(),
+            spec: TopicSpec {
+                partitions: 1,
+                ordered: false,
+            },
+        };
+        let removed = |node| MetaCommand::TopicRemoved {
+            name: "t".to_string(),
+            node,
+        };
+        let answers = state
+            .apply(vec![
+                Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+                    payload: EntryPayload::Membership(members),
+                },
+                command(2, create()),
+                command(
+                    3,
+                    MetaCommand::DeleteTopic {
+                        name: "t".to_string(),
+                    },
+                ),
+                command(4, create()),
+                command(5, removed(1)),
+                command(6, removed(2)),
+                command(7, removed(2)),
+                command(8, create()),
+            ])
+            .await
+            .unwrap();
+        use MetaResponse::*;
+        assert_eq!(
+            answers,
+            [
+                Applied,
+                Applied,
+                Applied,
+                TopicBeingDeleted,
+                Applied,
+                Applied,
+                Applied,
+                TopicBeingDeleted
+            ]
+        );
+        assert!(state.topics().is_empty());
+        assert_eq!(
+            state.topics_being_deleted()["t"],
+            std::collections::BTreeSet::from([1, 2])
+        );
+        // A restart (from a snapshot) remembers who removed it.
+        let snapshot = state.build_snapshot().await.unwrap();
+        let mut other = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        let answers = other
+            .apply(vec![command(9, removed(3)), command(10, create())])
+            .await
+            .unwrap();
+        assert_eq!(answers, [Applied, Applied]);
+        assert!(other.topics_being_deleted().is_empty());
+        assert!(other.topics().contains_key("t"));
     }
 }

@@ -580,6 +580,12 @@ impl MetadataNode {
     pub fn topics_applied_here(&self) -> BTreeMap<String, TopicSpec> {
         self.state.topics()
     }
+
+    /// Deleted topics some node has yet to remove, as applied on this node
+    /// (with the nodes that have removed them).
+    pub fn topics_being_deleted_here(&self) -> BTreeMap<String, BTreeSet<NodeId>> {
+        self.state.topics_being_deleted()
+    }
 }
 
 impl PartitionNode {

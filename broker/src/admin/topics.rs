@@ -447,17 +447,7 @@ async fn delete(
         )));
     }
     if exists {
-        let name = topic.clone();
-        services
-            .engine
-            .call(move |dispatcher, routes| {
-                for member in dispatcher.delete_topic(&name)? {
-                    routes.remove(member);
-                }
-                Ok::<(), dmq_dispatcher::DispatchError>(())
-            })
-            .await??;
-        services.engine.unregister_topic(&topic);
+        crate::topics::delete_topic(&services.engine, &services.registry, &topic).await?;
     }
     services
         .registry

@@ -218,15 +218,9 @@ impl Session {
             Request::DeleteTopic(delete) => {
                 self.development_only("deleting a topic")?;
                 let name = delete.name.clone();
-                self.run(move |dispatcher, routes| {
-                    let dropped = dispatcher.delete_topic(&delete.name)?;
-                    for member in dropped {
-                        routes.remove(member);
-                    }
-                    Ok(())
-                })
-                .await?;
-                self.shared.engine.unregister_topic(&name);
+                crate::topics::delete_topic(&self.shared.engine, &self.shared.registry, &name)
+                    .await
+                    .map_err(|error| convert::engine_error(&error))?;
                 self.shared
                     .registry
                     .write()
