@@ -310,14 +310,18 @@ impl Storage for ClusterStorage {
 
     /// Refuses to remove a cluster topic the metadata group still has: it
     /// is deleted in the cluster first, never on one node alone.
+    /// Without the metadata (no replicated journals set) none is removed.
     fn check_removable(&self, topic: &str) -> Result<(), StoreError> {
+        if !self.is_replicated(topic) {
+            return self.local.check_removable(topic);
+        }
         let journals = lock(&self.journals).clone();
-        if let Some(journals) = journals {
-            if self.is_replicated(topic) && journals.metadata().topics().contains_key(topic) {
-                return Err(unavailable(format!(
-                    "cluster topic {topic:?} is deleted through the cluster first; it stays"
-                )));
-            }
+        let still_in_cluster =
+            journals.is_none_or(|journals| journals.metadata().topics().contains_key(topic));
+        if still_in_cluster {
+            return Err(unavailable(format!(
+                "cluster topic {topic:?} is deleted through the cluster first; it stays"
+            )));
         }
         Ok(())
     }
