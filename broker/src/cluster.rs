@@ -413,6 +413,19 @@ impl Cluster {
         registry: &SharedRegistry,
         name: &str,
     ) -> Result<(), EngineError> {
+        // A deletion committed through another node (the metadata leader)
+        // is applied here a moment later; the storage removes nothing
+        // before.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.metadata.topics_applied_here().contains_key(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DispatchError::Store(StoreError::Unavailable(format!(
+                    "the deletion of {name:?} was not applied on this node in time"
+                )))
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         match crate::topics::delete_local_topic(engine, name).await {
             Ok(()) | Err(EngineError::Dispatch(DispatchError::UnknownTopic(_))) => {}
             Err(error) => return Err(error),
