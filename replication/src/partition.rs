@@ -155,8 +155,15 @@ pub struct ReplicatedBatch {
     pub producer_id: u64,
     /// The producer's sequence of the first record.
     pub producer_seq: u64,
-    /// The records, at least one.
+    /// The records, at least one, as proposed (empty when `stored` holds
+    /// them).
     pub records: Vec<ReplicatedRecord>,
+    /// The batch exactly as the leader's log stored it (header, CRC and
+    /// records), when read back to be sent to a follower: one buffer to
+    /// send instead of a structure per record. A follower verifies its
+    /// CRC and appends its records.
+    #[serde(default)]
+    pub stored: Option<Payload>,
 }
 
 impl ReplicatedBatch {
@@ -167,6 +174,7 @@ impl ReplicatedBatch {
             timestamp_ms: None,
             producer_id: 0,
             producer_seq: 0,
+            stored: None,
             records: records
                 .into_iter()
                 .map(|record| ReplicatedRecord {
@@ -186,6 +194,34 @@ impl ReplicatedBatch {
     }
 
     fn to_input(&self) -> Result<BatchInput, String> {
+        if let Some(stored) = &self.stored {
+            let batch = dmq_log_store::RecordBatch::decode(stored.0.clone())
+                .map_err(|e| format!("a replicated batch is damaged: {e}"))?;
+            let header = batch.header();
+            if Some(header.base_offset) != self.base_offset {
+                return Err(format!(
+                    "a replicated batch says offset {:?} but holds {}",
+                    self.base_offset, header.base_offset
+                ));
+            }
+            let mut records = Vec::with_capacity(header.record_count as usize);
+            for record in batch.records() {
+                let record = record.map_err(|e| e.to_string())?;
+                records.push(RecordInput {
+                    id: Some(record.id),
+                    key: record.key,
+                    headers: record.headers,
+                    value: record.value,
+                    deliver_at_ms: record.deliver_at_ms,
+                    expire_at_ms: record.expire_at_ms,
+                });
+            }
+            return Ok(BatchInput {
+                producer_id: header.producer_id,
+                producer_seq: header.producer_seq,
+                records,
+            });
+        }
         let mut records = Vec::with_capacity(self.records.len());
         for record in &self.records {
             records.push(RecordInput {
@@ -384,30 +420,20 @@ impl Inner {
                         ))
                     })?;
                 let header = batch.header();
-                let mut records = Vec::with_capacity(*count as usize);
-                let mut timestamp = None;
-                for record in batch.records() {
-                    let record = record.map_err(std::io::Error::other)?;
-                    timestamp = Some(record.timestamp_ms);
-                    records.push(ReplicatedRecord {
-                        id: Some(record.id.0),
-                        key: record.key.map(Payload),
-                        headers: record
-                            .headers
-                            .into_iter()
-                            .map(|(n, v)| (Payload(n), Payload(v)))
-                            .collect(),
-                        value: Payload(record.value),
-                        deliver_at_ms: record.deliver_at_ms,
-                        expire_at_ms: record.expire_at_ms,
-                    });
+                if header.record_count != *count {
+                    return Err(io_error(format!(
+                        "entry {} names {count} records at {base_offset}, the batch there holds {}",
+                        row.log_id, header.record_count
+                    )));
                 }
                 EntryPayload::Normal(PartitionCommand::Batch(ReplicatedBatch {
                     base_offset: Some(*base_offset),
-                    timestamp_ms: timestamp,
+                    // Every record of a batch carries its broker time.
+                    timestamp_ms: Some(header.max_timestamp_ms),
                     producer_id: header.producer_id,
                     producer_seq: header.producer_seq,
-                    records,
+                    records: Vec::new(),
+                    stored: Some(Payload(batch.as_bytes().clone())),
                 }))
             }
         };
