@@ -1128,4 +1128,50 @@ mod tests {
             3
         );
     }
+
+    #[test]
+    fn a_follower_appends_the_stored_batch_it_is_sent_and_refuses_a_damaged_one() {
+        let leader_dir = tempfile::tempdir().expect("dir");
+        let leader = PartitionRaftLog::open(leader_dir.path(), LogConfig::default()).expect("open");
+        leader
+            .lock()
+            .append(vec![normal(1, &["a", "b"])])
+            .expect("append");
+        let sent = {
+            let inner = leader.lock();
+            let row = inner.rows.rows.get(&1).expect("row").clone();
+            inner.entry(&row).expect("read back")
+        };
+        let EntryPayload::Normal(PartitionCommand::Batch(batch)) = &sent.payload else {
+            panic!("a batch");
+        };
+        assert!(batch.records.is_empty() && batch.stored.is_some());
+
+        // A flipped bit in the stored batch: refused, nothing appended.
+        let mut damaged = sent.clone();
+        if let EntryPayload::Normal(PartitionCommand::Batch(batch)) = &mut damaged.payload {
+            let mut bytes = batch.stored.as_ref().expect("stored").0.to_vec();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            batch.stored = Some(Payload(Bytes::from(bytes)));
+        }
+        let follower_dir = tempfile::tempdir().expect("dir");
+        let follower =
+            PartitionRaftLog::open(follower_dir.path(), LogConfig::default()).expect("open");
+        let error = follower.lock().append(vec![damaged]).expect_err("refused");
+        assert!(error.to_string().contains("damaged"), "{error}");
+        assert_eq!(follower.end_offset(), 0);
+
+        // The batch as sent: the same records, ids and timestamps.
+        follower.lock().append(vec![sent]).expect("append");
+        let ours = follower.records(0, 2).expect("read");
+        let theirs = leader.records(0, 2).expect("read");
+        assert_eq!(ours.len(), 2);
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(
+                (a.offset, a.id, a.timestamp_ms, &a.value),
+                (b.offset, b.id, b.timestamp_ms, &b.value)
+            );
+        }
+    }
 }
