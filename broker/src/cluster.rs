@@ -66,6 +66,12 @@ pub enum ClusterError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// A cluster operation that did not go through (no metadata leader in
+/// time, a task that failed): retryable, as the client sees it.
+fn unavailable(error: impl std::fmt::Display) -> DispatchError {
+    DispatchError::Store(StoreError::Unavailable(error.to_string()))
+}
+
 /// [`Cluster::status`]: `GET /api/cluster` and `dmq cluster status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterStatus {
@@ -339,10 +345,7 @@ impl Cluster {
                 ordered,
             },
         };
-        let response =
-            self.metadata.write(command).await.map_err(|error| {
-                DispatchError::Store(StoreError::Unavailable(error.to_string()))
-            })?;
+        let response = self.metadata.write(command).await.map_err(unavailable)?;
         match response {
             MetaResponse::Applied => {}
             MetaResponse::TopicExists => {
@@ -379,10 +382,7 @@ impl Cluster {
         let command = MetaCommand::DeleteTopic {
             name: name.to_string(),
         };
-        let response =
-            self.metadata.write(command).await.map_err(|error| {
-                DispatchError::Store(StoreError::Unavailable(error.to_string()))
-            })?;
+        let response = self.metadata.write(command).await.map_err(unavailable)?;
         match response {
             MetaResponse::Applied => {}
             MetaResponse::UnknownTopic
@@ -436,7 +436,7 @@ impl Cluster {
         let topic = name.to_string();
         tokio::task::spawn_blocking(move || storage.remove_topic(&topic))
             .await
-            .map_err(|error| DispatchError::Store(StoreError::Unavailable(error.to_string())))?
+            .map_err(unavailable)?
             .map_err(DispatchError::Store)?;
         if let Err(error) = registry
             .write()
@@ -458,10 +458,7 @@ impl Cluster {
             name: name.to_string(),
             node: self.config.node_id,
         };
-        self.metadata
-            .write(removed)
-            .await
-            .map_err(|error| DispatchError::Store(StoreError::Unavailable(error.to_string())))?;
+        self.metadata.write(removed).await.map_err(unavailable)?;
         tracing::info!(topic = name, "cluster topic removed from this node");
         Ok(())
     }

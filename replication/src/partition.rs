@@ -323,6 +323,15 @@ impl Inner {
             .ok_or_else(|| std::io::Error::other("the partition log is closed"))
     }
 
+    /// The log end the last purged row names: Raft never reads a record
+    /// below it again (0 while nothing is purged).
+    fn purged_end_offset(&self) -> u64 {
+        self.rows
+            .last_purged_row
+            .as_ref()
+            .map_or(0, |row| row.end_offset)
+    }
+
     /// The log end the rows name (what a crash may have left beyond is
     /// an append that was never acknowledged).
     fn row_end(&self) -> Option<u64> {
@@ -546,11 +555,7 @@ impl PartitionRaftLog {
     /// will never read it again on this replica, so retention may delete
     /// it (0 while nothing is purged).
     pub fn purged_end_offset(&self) -> u64 {
-        self.lock()
-            .rows
-            .last_purged_row
-            .as_ref()
-            .map_or(0, |row| row.end_offset)
+        self.lock().purged_end_offset()
     }
 
     /// Retention on this replica ([`Log::apply_retention_limits`]), never
@@ -564,11 +569,7 @@ impl PartitionRaftLog {
         now_ms: i64,
     ) -> Result<u64, std::io::Error> {
         let inner = self.lock();
-        let below = inner
-            .rows
-            .last_purged_row
-            .as_ref()
-            .map_or(0, |r| r.end_offset);
+        let below = inner.purged_end_offset();
         let deleted = inner
             .log()?
             .apply_retention_limits_below(max_age_ms, max_bytes, now_ms, below)
@@ -580,11 +581,7 @@ impl PartitionRaftLog {
     /// [`PartitionRaftLog::purged_end_offset`]; returns how many.
     pub fn delete_before(&self, offset: u64) -> Result<u64, std::io::Error> {
         let inner = self.lock();
-        let below = inner
-            .rows
-            .last_purged_row
-            .as_ref()
-            .map_or(0, |r| r.end_offset);
+        let below = inner.purged_end_offset();
         let deleted = inner
             .log()?
             .delete_segments_before(offset.min(below))

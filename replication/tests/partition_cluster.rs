@@ -321,6 +321,20 @@ async fn start_purging(id: u64, dir: &Path, listen: SocketAddr, every: u64) -> P
         .expect("start")
 }
 
+/// Three replicas in `dirs` purging every `every` entries, formed, and
+/// their leader.
+async fn start_purging_group(dirs: &[tempfile::TempDir], every: u64) -> (Vec<PartitionNode>, u64) {
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        nodes.push(start_purging(i as u64 + 1, dir.path(), listen, every).await);
+    }
+    form_group(&nodes).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    (nodes, leader)
+}
+
 /// Waits until `node` keeps at most `rows` rows, its first one past index 0.
 async fn purged_to(node: &PartitionNode, rows: usize, within: Duration) {
     let deadline = Instant::now() + within;
@@ -344,14 +358,7 @@ async fn purged_to(node: &PartitionNode, rows: usize, within: Duration) {
 async fn rows_are_purged_below_what_every_member_holds() {
     const EVERY: u64 = 20;
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
-    let mut nodes = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        let listen = "127.0.0.1:0".parse().expect("addr");
-        nodes.push(start_purging(i as u64 + 1, dir.path(), listen, EVERY).await);
-    }
-    form_group(&nodes).await;
-    let all: Vec<&PartitionNode> = nodes.iter().collect();
-    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let (mut nodes, leader) = start_purging_group(&dirs, EVERY).await;
     let mut end = 0u64;
     for i in 0..150 {
         let appended = by_id(&nodes, leader)
@@ -443,14 +450,7 @@ async fn retention_on_a_replica_deletes_only_below_its_purged_rows() {
     let big = |tag: String| vec![RecordInput::new(format!("{tag}-{}", "x".repeat(2048)))];
     let now = || dmq_log_store::Clock::now_ms(&dmq_log_store::SystemClock);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
-    let mut nodes = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        let listen = "127.0.0.1:0".parse().expect("addr");
-        nodes.push(start_purging(i as u64 + 1, dir.path(), listen, EVERY).await);
-    }
-    form_group(&nodes).await;
-    let all: Vec<&PartitionNode> = nodes.iter().collect();
-    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let (mut nodes, leader) = start_purging_group(&dirs, EVERY).await;
     let mut end = 0u64;
     for i in 0..150 {
         let appended = by_id(&nodes, leader)
