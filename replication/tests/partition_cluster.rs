@@ -335,6 +335,25 @@ async fn start_purging_group(dirs: &[tempfile::TempDir], every: u64) -> (Vec<Par
     (nodes, leader)
 }
 
+/// Produces `count` batches, `records(i)` each, one at a time through
+/// `leader`; returns the log end after the last.
+async fn produce_each(
+    nodes: &[PartitionNode],
+    leader: u64,
+    count: usize,
+    records: impl Fn(usize) -> Vec<RecordInput>,
+) -> u64 {
+    let mut end = 0;
+    for i in 0..count {
+        let appended = by_id(nodes, leader)
+            .produce(records(i))
+            .await
+            .expect("produce");
+        end = appended.base_offset + u64::from(appended.count);
+    }
+    end
+}
+
 /// Waits until `node` keeps at most `rows` rows, its first one past index 0.
 async fn purged_to(node: &PartitionNode, rows: usize, within: Duration) {
     let deadline = Instant::now() + within;
@@ -359,14 +378,7 @@ async fn rows_are_purged_below_what_every_member_holds() {
     const EVERY: u64 = 20;
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
     let (mut nodes, leader) = start_purging_group(&dirs, EVERY).await;
-    let mut end = 0u64;
-    for i in 0..150 {
-        let appended = by_id(&nodes, leader)
-            .produce(batch(&format!("a{i}"), 1))
-            .await
-            .expect("produce");
-        end = appended.base_offset + u64::from(appended.count);
-    }
+    let mut end = produce_each(&nodes, leader, 150, |i| batch(&format!("a{i}"), 1)).await;
     // Every replica drops the rows every member holds; the records stay.
     for node in &nodes {
         purged_to(node, 2 * EVERY as usize, Duration::from_secs(15)).await;
@@ -390,13 +402,7 @@ async fn rows_are_purged_below_what_every_member_holds() {
         .last_log_index
         .expect("has entries");
     gone.shutdown().await;
-    for i in 0..150 {
-        let appended = by_id(&nodes, leader)
-            .produce(batch(&format!("b{i}"), 1))
-            .await
-            .expect("produce with one member down");
-        end = appended.base_offset + u64::from(appended.count);
-    }
+    end = produce_each(&nodes, leader, 150, |i| batch(&format!("b{i}"), 1)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in &nodes {
         let first = node.raft_log().first_row_index().expect("rows");
@@ -451,14 +457,7 @@ async fn retention_on_a_replica_deletes_only_below_its_purged_rows() {
     let now = || dmq_log_store::Clock::now_ms(&dmq_log_store::SystemClock);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
     let (mut nodes, leader) = start_purging_group(&dirs, EVERY).await;
-    let mut end = 0u64;
-    for i in 0..150 {
-        let appended = by_id(&nodes, leader)
-            .produce(big(format!("a{i}")))
-            .await
-            .expect("produce");
-        end = appended.base_offset + u64::from(appended.count);
-    }
+    produce_each(&nodes, leader, 150, |i| big(format!("a{i}"))).await;
     for node in &nodes {
         purged_to(node, 2 * EVERY as usize, Duration::from_secs(15)).await;
     }
@@ -485,13 +484,7 @@ async fn retention_on_a_replica_deletes_only_below_its_purged_rows() {
     let gone = nodes.remove(index);
     let (gone_id, gone_addr, gone_end) = (gone.id(), gone.addr(), gone.log_end());
     gone.shutdown().await;
-    for i in 0..150 {
-        let appended = by_id(&nodes, leader)
-            .produce(big(format!("b{i}")))
-            .await
-            .expect("produce with one member down");
-        end = appended.base_offset + u64::from(appended.count);
-    }
+    let end = produce_each(&nodes, leader, 150, |i| big(format!("b{i}"))).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in &nodes {
         node.raft_log()
