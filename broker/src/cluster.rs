@@ -33,7 +33,7 @@ use dmq_replication::cluster_storage::form_group;
 use dmq_replication::rejoin::{check_rejoin, note_held_data, NodeViews, RejoinError};
 use dmq_replication::{
     ClusterMembers, ClusterStorage, GroupStatus, MetaCommand, MetaResponse, MetadataNode,
-    NodeConfig, NodeError, RaftRouter, ReplicatedJournals, TopicSpec,
+    NodeConfig, NodeError, RaftRouter, ReplicatedDelays, ReplicatedJournals, TopicSpec,
 };
 
 use crate::config::{BrokerConfig, ClusterConfig};
@@ -196,6 +196,7 @@ pub struct Cluster {
     metadata: Arc<MetadataNode>,
     storage: Arc<ClusterStorage>,
     journals: Arc<ReplicatedJournals>,
+    delays: Arc<ReplicatedDelays>,
     /// Produces to cluster topics through this node: seconds from the
     /// proposal to the commit (fsynced on a quorum), per partition part.
     commit_latency: prometheus_client::metrics::histogram::Histogram,
@@ -262,12 +263,20 @@ impl Cluster {
         )?;
         let journals = ReplicatedJournals::start(Arc::clone(&metadata));
         storage.replicate_journals(Arc::clone(&journals));
+        let storage = Arc::new(storage);
+        let delays = ReplicatedDelays::start(
+            Arc::clone(&storage),
+            Arc::clone(&metadata),
+            dmq_dispatcher::DelayConfig::default(),
+        )
+        .await?;
         Ok(Arc::new(Cluster {
             config,
             router,
             metadata,
-            storage: Arc::new(storage),
+            storage,
             journals,
+            delays,
             commit_latency: commit_latency_histogram(),
         }))
     }
@@ -275,6 +284,11 @@ impl Cluster {
     /// The storage the node's dispatcher runs on.
     pub fn storage(&self) -> &Arc<ClusterStorage> {
         &self.storage
+    }
+
+    /// Delayed messages of cluster topics.
+    pub fn delays(&self) -> &Arc<ReplicatedDelays> {
+        &self.delays
     }
 
     /// Records how long a produce's part waited from its proposal to its
@@ -614,6 +628,13 @@ impl Cluster {
         // before the metadata group stops.
         if !self.journals.drain(Duration::from_secs(2)).await {
             tracing::warn!("stopping with consumer groups' acks not yet replicated");
+        }
+        let delays = Arc::clone(&self.delays);
+        if tokio::task::spawn_blocking(move || delays.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("stopping the cluster delays failed");
         }
         self.router.close_and_drain(Duration::from_secs(5)).await;
         self.storage.shutdown().await;

@@ -16,8 +16,9 @@
 //!
 //! On a cluster node (`crate::cluster`), a cluster topic's parts are
 //! proposed to their partitions' Raft groups instead (in request order, at
-//! admission), and answered once committed on a quorum; delayed records
-//! are refused there until the delay store is replicated.
+//! admission), and answered once committed on a quorum; its delayed
+//! records are proposed to the cluster's timer group
+//! (`dmq_replication::delays`), answered the same way.
 //!
 //! Invariants:
 //! - nothing is answered before the fsync policy is met for every record of
@@ -158,13 +159,32 @@ pub(crate) async fn admit(
     if let Some(cluster) = engine.cluster() {
         let storage = cluster.storage();
         if storage.is_replicated(&topic) {
-            if !delayed.is_empty() {
-                return Err(ErrorResponse::new(
-                    ErrorCode::InvalidRequest,
-                    "delayed records on a cluster topic are not replicated yet \
-                     (docs/replication.md); nothing was stored",
-                ));
-            }
+            // The delayed records first: one that is refused fails the
+            // batch before anything is proposed.
+            let delayed = if delayed.is_empty() {
+                None
+            } else {
+                // (place in the answer, partition, due) per record.
+                let mut places = Vec::with_capacity(delayed.len());
+                let mut routed = Vec::with_capacity(delayed.len());
+                for (index, partition, record) in delayed {
+                    places.push((index, partition, record.deliver_at_ms.unwrap_or(now)));
+                    routed.push((partition, record));
+                }
+                let answer = cluster
+                    .delays()
+                    .propose(&topic, routed, now)
+                    .await
+                    .map_err(|error| match error {
+                        dmq_replication::delays::DelaysError::Invalid(why) => {
+                            ErrorResponse::new(ErrorCode::InvalidRequest, why)
+                        }
+                        dmq_replication::delays::DelaysError::Store(error) => {
+                            convert::store_error(&error)
+                        }
+                    })?;
+                Some((places, answer))
+            };
             // A Raft write per partition, proposed here (a leader appends
             // one connection's batches in request order), answered in the
             // pending part.
@@ -198,7 +218,29 @@ pub(crate) async fn admit(
                     }
                     appended.push((partition, indexes, replica as Arc<dyn PartitionLog>, info));
                 }
-                let answer = finish(&engine, &topic, total, appended, Vec::new(), &origin).await;
+                let mut scheduled = Vec::new();
+                if let Some((places, answer)) = delayed {
+                    let ids = answer.await.map_err(|error| convert::store_error(&error))?;
+                    scheduled = places
+                        .into_iter()
+                        .zip(ids)
+                        .map(|((index, partition, due), id)| Scheduled {
+                            index,
+                            partition,
+                            due_ms: Some(due),
+                            id,
+                        })
+                        .collect();
+                }
+                let answer = finish(
+                    &engine,
+                    &topic,
+                    total,
+                    appended,
+                    DelayedPart::Scheduled(scheduled),
+                    &origin,
+                )
+                .await;
                 remember(&engine, topic, sequence, &answer);
                 answer
             }))));
@@ -219,7 +261,15 @@ pub(crate) async fn admit(
     .map_err(|error| convert::store_error(&error))?;
     let engine = engine.clone();
     Ok(Admitted::Pending(Pending(Box::pin(async move {
-        let answer = finish(&engine, &topic, total, appended, delayed, &origin).await;
+        let answer = finish(
+            &engine,
+            &topic,
+            total,
+            appended,
+            DelayedPart::Local(delayed),
+            &origin,
+        )
+        .await;
         remember(&engine, topic, sequence, &answer);
         answer
     }))))
@@ -248,12 +298,28 @@ pub(crate) async fn produce(engine: &Engine, request: ProduceRequest) -> Answer 
 
 type Appended = Vec<(u32, Vec<usize>, Arc<dyn PartitionLog>, AppendInfo)>;
 
+/// A batch's delayed records: for the node's dispatcher to schedule
+/// (index in the batch, partition, record), or scheduled already (in a
+/// cluster's timer group).
+enum DelayedPart {
+    Local(Vec<(usize, u32, RecordInput)>),
+    Scheduled(Vec<Scheduled>),
+}
+
+/// A delayed record scheduled: its place in the answer.
+struct Scheduled {
+    index: usize,
+    partition: u32,
+    due_ms: Option<i64>,
+    id: MessageId,
+}
+
 async fn finish(
     engine: &Engine,
     topic: &str,
     total: usize,
     appended: Appended,
-    delayed: Vec<(usize, u32, RecordInput)>,
+    delayed: DelayedPart,
     origin: &Origin,
 ) -> Answer {
     let waits: Vec<_> = appended
@@ -300,55 +366,81 @@ async fn finish(
     if !appended.is_empty() {
         engine.wake();
     }
-    if !delayed.is_empty() {
-        let (indexes, routed): (Vec<usize>, Vec<(u32, RecordInput)>) = delayed
-            .into_iter()
-            .map(|(index, partition, record)| (index, (partition, record)))
-            .unzip();
-        let name = topic.to_string();
-        // The dispatcher appends to the timer log in call order and answers
-        // once the append is durable, waited for by its writer thread: the
-        // dispatcher's thread never waits for this fdatasync.
-        let (reply, scheduled) = tokio::sync::oneshot::channel();
-        engine
-            .call(move |dispatcher, _| {
-                dispatcher.schedule_delayed(
-                    &name,
-                    routed,
-                    Box::new(move |result| {
-                        let _ = reply.send(result);
-                    }),
-                )
-            })
-            .await
-            .map_err(|error| convert::engine_error(&error))?;
-        let scheduled = scheduled
-            .await
-            .map_err(|_| convert::engine_error(&crate::engine::EngineError::ShuttingDown))?
-            .map_err(|error| convert::dispatch_error(&error))?;
-        let mut by_partition: Vec<(u32, Vec<MessageId>)> = Vec::new();
-        for (index, produced) in indexes.into_iter().zip(scheduled) {
-            match by_partition
-                .iter_mut()
-                .find(|(p, _)| *p == produced.partition)
-            {
-                Some((_, ids)) => ids.push(produced.id),
-                None => by_partition.push((produced.partition, vec![produced.id])),
-            }
-            answer[index] = Some(ProducedRecord {
-                partition: produced.partition,
-                offset: produced.offset,
-                message_id: convert::message_id(produced.id),
-                deliver_at_ms: produced.delayed_until_ms,
-            });
+    let scheduled = match delayed {
+        DelayedPart::Local(delayed) => schedule_here(engine, topic, delayed).await?,
+        DelayedPart::Scheduled(scheduled) => scheduled,
+    };
+    let mut by_partition: Vec<(u32, Vec<MessageId>)> = Vec::new();
+    for Scheduled {
+        index,
+        partition,
+        due_ms,
+        id,
+    } in scheduled
+    {
+        match by_partition.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, ids)) => ids.push(id),
+            None => by_partition.push((partition, vec![id])),
         }
-        for (partition, ids) in by_partition {
-            trace(engine, topic, partition, None, ids, origin);
-        }
+        answer[index] = Some(ProducedRecord {
+            partition,
+            offset: None,
+            message_id: convert::message_id(id),
+            deliver_at_ms: due_ms,
+        });
+    }
+    for (partition, ids) in by_partition {
+        trace(engine, topic, partition, None, ids, origin);
     }
     Ok(ProduceOk {
         records: answer.into_iter().flatten().collect(),
     })
+}
+
+/// Schedules delayed records in the node's dispatcher's delay store.
+async fn schedule_here(
+    engine: &Engine,
+    topic: &str,
+    delayed: Vec<(usize, u32, RecordInput)>,
+) -> Result<Vec<Scheduled>, ErrorResponse> {
+    if delayed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (indexes, routed): (Vec<usize>, Vec<(u32, RecordInput)>) = delayed
+        .into_iter()
+        .map(|(index, partition, record)| (index, (partition, record)))
+        .unzip();
+    let name = topic.to_string();
+    // The dispatcher appends to the timer log in call order and answers
+    // once the append is durable, waited for by its writer thread: the
+    // dispatcher's thread never waits for this fdatasync.
+    let (reply, scheduled) = tokio::sync::oneshot::channel();
+    engine
+        .call(move |dispatcher, _| {
+            dispatcher.schedule_delayed(
+                &name,
+                routed,
+                Box::new(move |result| {
+                    let _ = reply.send(result);
+                }),
+            )
+        })
+        .await
+        .map_err(|error| convert::engine_error(&error))?;
+    let scheduled = scheduled
+        .await
+        .map_err(|_| convert::engine_error(&crate::engine::EngineError::ShuttingDown))?
+        .map_err(|error| convert::dispatch_error(&error))?;
+    Ok(indexes
+        .into_iter()
+        .zip(scheduled)
+        .map(|(index, produced)| Scheduled {
+            index,
+            partition: produced.partition,
+            due_ms: produced.delayed_until_ms,
+            id: produced.id,
+        })
+        .collect())
 }
 
 fn trace(

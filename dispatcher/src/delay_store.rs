@@ -134,6 +134,35 @@
 //! dispatch delivers it at once, and consumers can see when it was due), the
 //! key, value, other headers and `expire_at_ms` unchanged.
 //!
+//! # Followed timer logs
+//!
+//! A store opened with a [`DelayLayout`] whose `followed` is set does not
+//! write its timer log: others append to it (in a cluster, the timer log is
+//! a Raft group's replicated partition, and every node runs a store that
+//! follows it). Such a store
+//! - indexes records as [`DelayStore::follow`] finds them (from
+//!   `indexed_end` to the log's end, a replica's committed end); the
+//!   watermark never passes `indexed_end`, so a crash re-indexes what was
+//!   not flushed, as above;
+//! - learns that delays fired or were cancelled from **settle markers** in
+//!   the same log: a record with the header [`SETTLED_HEADER`] (empty
+//!   value) whose value is a `u8` kind (`1` fired, `2` cancelled) and per
+//!   delay its `u64` timer-log offset, `i64` due ms and 16-byte id
+//!   ([`settle_record`]). A marker settles its delays as `mark_fired` or
+//!   `cancel` would (tombstones, counts); one naming a delay already
+//!   settled, or never indexed, changes nothing. Due times are carried so
+//!   that stores with different bucket widths find the bucket;
+//! - refuses [`DelayStore::schedule`] and [`DelayStore::cancel`]: a
+//!   schedule is an append of [`timer_record`]s to the log, a cancel an
+//!   append of a marker for what [`DelayStore::locate`] found;
+//! - fires like any store ([`DelayStore::poll_due`],
+//!   [`DelayStore::mark_fired`]), but only where its owner decides (in a
+//!   cluster, the node leading the timer log's group, which appends the
+//!   fired marker before it calls `mark_fired`);
+//! - opens with [`DelayError::TimerBehind`] when the log ends below the
+//!   watermark: a replica that has not applied every committed record yet
+//!   (never a cut, which only a lazily fsynced local log can suffer).
+//!
 //! # Limitations
 //!
 //! - No retention of the timer log: [`crate::storage::PartitionLog`] has no
@@ -170,6 +199,84 @@ pub const CALLER_ID_HEADER: &str = "dmq.delay.caller-id";
 pub const BUCKET_PREFIX: &str = "delay.bucket.";
 /// Name of the meta journal.
 pub const META_JOURNAL: &str = "delay.meta";
+/// Header of a settle marker in a followed timer log (see "Followed timer
+/// logs"): its value says which delays fired or were cancelled.
+pub const SETTLED_HEADER: &str = "dmq.delay.settled";
+
+/// Where a store keeps its timer log and journals, and who writes the
+/// timer log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DelayLayout {
+    /// The timer log's topic (partition 0).
+    pub timer_topic: &'static str,
+    /// Prefix of the bucket journals.
+    pub bucket_prefix: &'static str,
+    /// The meta journal.
+    pub meta_journal: &'static str,
+    /// The timer log is written by others (a replicated log every node
+    /// follows, see "Followed timer logs"), not by
+    /// [`DelayStore::schedule`].
+    pub followed: bool,
+}
+
+impl DelayLayout {
+    /// A node's own store: [`TIMER_TOPIC`], [`BUCKET_PREFIX`],
+    /// [`META_JOURNAL`], written by [`DelayStore::schedule`].
+    pub const LOCAL: DelayLayout = DelayLayout {
+        timer_topic: TIMER_TOPIC,
+        bucket_prefix: BUCKET_PREFIX,
+        meta_journal: META_JOURNAL,
+        followed: false,
+    };
+}
+
+/// What a settle marker says of its delays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleKind {
+    /// Appended to their topics.
+    Fired,
+    /// Cancelled before they fired.
+    Cancelled,
+}
+
+/// One delay a settle marker names: its timer-log offset, due time and id,
+/// or its id alone ([`Settled::by_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Offset of its record in the timer log.
+    pub offset: u64,
+    /// When it is (was) due.
+    pub due_ms: i64,
+    /// Its id.
+    pub id: MessageId,
+}
+
+impl Settled {
+    /// Delay `id`, wherever it is: each store that applies the marker
+    /// looks it up ([`DelayStore::locate`]) when it gets there, so the
+    /// log's order decides whether it was still pending.
+    pub fn by_id(id: MessageId) -> Settled {
+        Settled {
+            offset: u64::MAX,
+            due_ms: i64::MIN,
+            id,
+        }
+    }
+
+    fn is_by_id(&self) -> bool {
+        self.offset == u64::MAX
+    }
+}
+
+/// What one [`DelayStore::follow`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowReport {
+    /// Timer-log records read.
+    pub records: usize,
+    /// Each cancel marker applied, by its offset: whether it settled a
+    /// pending delay.
+    pub cancels: Vec<(u64, bool)>,
+}
 
 const FORMAT_VERSION: u8 = 1;
 const KIND_SCHEDULE: u8 = 1;
@@ -185,6 +292,11 @@ const TOMBSTONE_ENTRY_LEN: usize = 8;
 const DESTINATION_HEADER_LEN: usize = 5;
 const META_LEN: usize = 18;
 const FLAG_FOREIGN_ID: u8 = 1;
+/// A settle marker's value: `u8` kind, then per delay `u64` offset, `i64`
+/// due ms, 16 bytes of id.
+const SETTLE_FIRED: u8 = 1;
+const SETTLE_CANCELLED: u8 = 2;
+const SETTLE_ENTRY_LEN: usize = 32;
 /// Entries per journal payload (keeps payloads a few hundred KiB at most).
 const ENTRIES_PER_PAYLOAD_MAX: usize = 8192;
 /// Due entries whose records are read in one sweep of the timer log (and
@@ -217,6 +329,18 @@ pub enum DelayError {
     /// The configuration is unusable.
     #[error("invalid delay configuration: {0}")]
     InvalidConfig(String),
+    /// A followed timer log ends below the store's watermark: its replica
+    /// has not applied every committed record yet (after a restart). Open
+    /// again later.
+    #[error(
+        "the followed timer log ends at {end}, below the watermark {watermark}: not caught up yet"
+    )]
+    TimerBehind {
+        /// The store's watermark.
+        watermark: u64,
+        /// The timer log's end.
+        end: u64,
+    },
 }
 
 /// Result of the delay store.
@@ -559,6 +683,7 @@ impl BucketContents {
 #[derive(Debug)]
 pub struct DelayStore {
     storage: Arc<dyn Storage>,
+    layout: DelayLayout,
     config: DelayConfig,
     timer: Arc<dyn PartitionLog>,
     meta: Box<dyn Journal>,
@@ -590,6 +715,8 @@ pub struct DelayStore {
     /// committed or aborted, by base offset (a count: offsets are unique,
     /// but a cut log could reuse one).
     uncommitted: BTreeMap<u64, u32>,
+    /// Followed timer logs: every record below is indexed (or applied).
+    indexed_end: u64,
 }
 
 /// Delayed messages appended to the timer log, not yet pending: see
@@ -618,8 +745,8 @@ impl PendingSchedule {
     }
 }
 
-fn bucket_name(start: i64) -> String {
-    format!("{BUCKET_PREFIX}{start:020}")
+fn bucket_name(prefix: &str, start: i64) -> String {
+    format!("{prefix}{start:020}")
 }
 
 fn corrupt(journal: &str, reason: impl Into<String>) -> DelayError {
@@ -823,21 +950,21 @@ fn encode_meta(watermark: u64, bucket_width_ms: u64) -> Vec<u8> {
     payload
 }
 
-fn decode_meta(payload: &[u8]) -> Result<(u64, u64)> {
+fn decode_meta(name: &str, payload: &[u8]) -> Result<(u64, u64)> {
     if payload.len() != META_LEN || payload[0] != FORMAT_VERSION || payload[1] != KIND_WATERMARK {
-        return Err(corrupt(META_JOURNAL, "bad watermark payload"));
+        return Err(corrupt(name, "bad watermark payload"));
     }
     let (Some(watermark), Some(width)) = (u64_at(payload, 2), u64_at(payload, 10)) else {
-        return Err(corrupt(META_JOURNAL, "short watermark payload"));
+        return Err(corrupt(name, "short watermark payload"));
     };
     if width == 0 || width > i64::MAX as u64 / 4 {
-        return Err(corrupt(META_JOURNAL, format!("bucket width {width}")));
+        return Err(corrupt(name, format!("bucket width {width}")));
     }
     Ok((watermark, width))
 }
 
 /// The destination named by a timer-log record, if its headers are valid.
-fn destination(record: &Record) -> Option<(String, u32)> {
+pub fn destination(record: &Record) -> Option<(String, u32)> {
     let mut topic = None;
     let mut partition = None;
     for (name, value) in &record.headers {
@@ -855,23 +982,134 @@ fn is_delay_header(name: &[u8]) -> bool {
     name == TOPIC_HEADER.as_bytes()
         || name == PARTITION_HEADER.as_bytes()
         || name == CALLER_ID_HEADER.as_bytes()
+        || name == SETTLED_HEADER.as_bytes()
+}
+
+/// The timer-log record of a delayed message for `topic`/`partition`: the
+/// caller's record with the delay headers added and `deliver_at_ms` set
+/// (`None` on input: `now_ms`). Refuses a bad topic name and records that
+/// carry a reserved header.
+pub fn timer_record(
+    topic: &str,
+    partition: u32,
+    mut record: RecordInput,
+    now_ms: i64,
+) -> Result<RecordInput> {
+    check_delayed(topic, &record)?;
+    record.deliver_at_ms = Some(record.deliver_at_ms.unwrap_or(now_ms));
+    record.headers.push((
+        Bytes::from_static(TOPIC_HEADER.as_bytes()),
+        Bytes::copy_from_slice(topic.as_bytes()),
+    ));
+    record.headers.push((
+        Bytes::from_static(PARTITION_HEADER.as_bytes()),
+        Bytes::copy_from_slice(&partition.to_le_bytes()),
+    ));
+    if record.id.is_some() {
+        record.headers.push((
+            Bytes::from_static(CALLER_ID_HEADER.as_bytes()),
+            Bytes::new(),
+        ));
+    }
+    Ok(record)
+}
+
+fn check_delayed(topic: &str, record: &RecordInput) -> Result<()> {
+    if topic.is_empty() || topic.len() > TOPIC_LEN_MAX {
+        return Err(DelayError::InvalidInput(format!("topic name {topic:?}")));
+    }
+    if record.headers.iter().any(|(name, _)| is_delay_header(name)) {
+        return Err(DelayError::InvalidInput(format!(
+            "headers {TOPIC_HEADER}, {PARTITION_HEADER}, {CALLER_ID_HEADER} and \
+             {SETTLED_HEADER} are reserved"
+        )));
+    }
+    Ok(())
+}
+
+/// The settle marker saying `settled` delays fired or were cancelled, to
+/// append to a followed timer log (see "Followed timer logs").
+pub fn settle_record(kind: SettleKind, settled: &[Settled]) -> RecordInput {
+    let mut value = Vec::with_capacity(1 + settled.len() * SETTLE_ENTRY_LEN);
+    value.push(match kind {
+        SettleKind::Fired => SETTLE_FIRED,
+        SettleKind::Cancelled => SETTLE_CANCELLED,
+    });
+    for entry in settled {
+        value.extend_from_slice(&entry.offset.to_le_bytes());
+        value.extend_from_slice(&entry.due_ms.to_le_bytes());
+        value.extend_from_slice(&entry.id.0);
+    }
+    RecordInput {
+        headers: vec![(Bytes::from_static(SETTLED_HEADER.as_bytes()), Bytes::new())],
+        ..RecordInput::new(value)
+    }
+}
+
+/// A settle marker's contents: `None` if `record` is not one, `Some(Err)`
+/// if it is one that does not decode.
+fn decode_settle(record: &Record) -> Option<Result<(SettleKind, Vec<Settled>), String>> {
+    if !record
+        .headers
+        .iter()
+        .any(|(name, _)| name.as_ref() == SETTLED_HEADER.as_bytes())
+    {
+        return None;
+    }
+    let value = record.value.as_ref();
+    let kind = match value.first() {
+        Some(&SETTLE_FIRED) => SettleKind::Fired,
+        Some(&SETTLE_CANCELLED) => SettleKind::Cancelled,
+        other => return Some(Err(format!("settle kind {other:?}"))),
+    };
+    let entries = &value[1..];
+    if entries.len() % SETTLE_ENTRY_LEN != 0 {
+        return Some(Err(format!("settle entries of {} bytes", entries.len())));
+    }
+    let settled = entries
+        .chunks_exact(SETTLE_ENTRY_LEN)
+        .map(|entry| {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&entry[16..32]);
+            Settled {
+                offset: u64_at(entry, 0).unwrap_or_default(),
+                due_ms: u64_at(entry, 8).unwrap_or_default() as i64,
+                id: MessageId(id),
+            }
+        })
+        .collect();
+    Some(Ok((kind, settled)))
 }
 
 impl DelayStore {
-    /// Opens the store, restoring every pending delay from `storage`.
+    /// Opens the store ([`DelayLayout::LOCAL`]), restoring every pending
+    /// delay from `storage`.
     pub fn open(
         storage: Arc<dyn Storage>,
+        config: DelayConfig,
+        now_ms: i64,
+    ) -> Result<(DelayStore, DelayRecovery)> {
+        DelayStore::open_at(storage, DelayLayout::LOCAL, config, now_ms)
+    }
+
+    /// Opens the store laid out as `layout`, restoring every pending delay
+    /// from `storage`. A followed timer log that ends below the watermark
+    /// is [`DelayError::TimerBehind`] (never a cut: a replicated log keeps
+    /// what it committed).
+    pub fn open_at(
+        storage: Arc<dyn Storage>,
+        layout: DelayLayout,
         config: DelayConfig,
         now_ms: i64,
     ) -> Result<(DelayStore, DelayRecovery)> {
         let started = Instant::now();
         config.validate()?;
         let mut config = config;
-        let timer = storage.partition(TIMER_TOPIC, 0)?;
-        let (meta, meta_payloads) = storage.open_journal(META_JOURNAL)?;
+        let timer = storage.partition(layout.timer_topic, 0)?;
+        let (meta, meta_payloads) = storage.open_journal(layout.meta_journal)?;
         let mut watermark = 0;
         if let Some(last) = meta_payloads.last() {
-            let (stored_watermark, width) = decode_meta(last)?;
+            let (stored_watermark, width) = decode_meta(layout.meta_journal, last)?;
             if width != config.bucket_width_ms {
                 tracing::warn!(
                     configured = config.bucket_width_ms,
@@ -882,8 +1120,13 @@ impl DelayStore {
             }
             watermark = stored_watermark;
         }
+        let end = timer.end_offset();
+        if layout.followed && watermark > end {
+            return Err(DelayError::TimerBehind { watermark, end });
+        }
         let mut store = DelayStore {
             storage,
+            layout,
             wheel: TimingWheel::new(config.tick_ms, now_ms),
             config,
             timer,
@@ -902,6 +1145,7 @@ impl DelayStore {
             next_seq: 0,
             fired_lost: 0,
             uncommitted: BTreeMap::new(),
+            indexed_end: end,
         };
         let mut recovery = DelayRecovery {
             watermark,
@@ -915,7 +1159,6 @@ impl DelayStore {
         //    synced without a watermark, so any bucket may hold some), and a
         //    watermark past the end moves down to it (durably, after the
         //    buckets).
-        let end = store.timer.end_offset();
         let timer_cut = watermark > end;
         if timer_cut {
             tracing::warn!(
@@ -926,15 +1169,29 @@ impl DelayStore {
             watermark = end;
         }
 
-        // 1. Re-index the timer log above the watermark.
+        // 1. Re-index the timer log above the watermark (a followed log's
+        //    settle markers are applied once the buckets are read, step 3).
         let mut reindexed: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
+        let mut settles = Vec::new();
         let mut offset = watermark.max(store.timer.start_offset());
         while offset < end {
             let records = store.timer.read(offset, READ_CHUNK_RECORDS)?;
             let Some(last) = records.last() else { break };
             offset = last.offset + 1;
             for record in &records {
-                let Some((topic, partition)) = destination(record) else {
+                match decode_settle(record) {
+                    Some(Ok(settle)) => {
+                        settles.push(settle);
+                        continue;
+                    }
+                    Some(Err(why)) => {
+                        tracing::error!(offset = record.offset, why, "undecodable settle marker");
+                        recovery.skipped_records += 1;
+                        continue;
+                    }
+                    None => {}
+                }
+                let Some(entry) = store.entry_of(record) else {
                     tracing::error!(
                         offset = record.offset,
                         "timer-log record without delay headers"
@@ -942,39 +1199,19 @@ impl DelayStore {
                     recovery.skipped_records += 1;
                     continue;
                 };
-                let dest = store.destinations.intern(&topic, partition);
-                let due_ms = record.deliver_at_ms.unwrap_or(record.timestamp_ms);
-                // Records written before the caller-id header: an id whose
-                // time is not the record's came from the caller (one that
-                // happens to share the millisecond is taken for the log's).
-                let marked = record
-                    .headers
-                    .iter()
-                    .any(|(name, _)| name.as_ref() == CALLER_ID_HEADER.as_bytes());
-                let flags = if marked || record.id.timestamp_ms() != record.timestamp_ms {
-                    FLAG_FOREIGN_ID
-                } else {
-                    0
-                };
                 reindexed
-                    .entry(store.bucket_start(due_ms))
+                    .entry(store.bucket_start(entry.due_ms))
                     .or_default()
-                    .push(Entry {
-                        due_ms,
-                        offset: record.offset,
-                        id: record.id,
-                        flags,
-                        dest: Some(dest),
-                    });
+                    .push(entry);
                 recovery.reindexed_records += 1;
             }
         }
 
         // 2. Read every bucket, in time order, merging the re-indexed tail.
         let mut starts: BTreeSet<i64> = reindexed.keys().copied().collect();
-        for name in store.storage.list_journals(BUCKET_PREFIX)? {
+        for name in store.storage.list_journals(store.layout.bucket_prefix)? {
             match name
-                .strip_prefix(BUCKET_PREFIX)
+                .strip_prefix(store.layout.bucket_prefix)
                 .and_then(|start| start.parse::<i64>().ok())
             {
                 Some(start) if start >= 0 => {
@@ -987,7 +1224,7 @@ impl DelayStore {
         let mut loading = true;
         store.horizon_ms = target;
         for start in starts {
-            let name = bucket_name(start);
+            let name = bucket_name(store.layout.bucket_prefix, start);
             let (mut journal, payloads) = store.storage.open_journal(&name)?;
             let mut contents = decode_bucket(&name, &payloads, &mut store.destinations)?;
             drop(payloads);
@@ -1065,6 +1302,11 @@ impl DelayStore {
                 .meta
                 .rewrite(&[encode_meta(watermark, store.config.bucket_width_ms)])?;
         }
+        // 3. Settle markers above the watermark (their tombstones may not
+        //    have been synced).
+        for (kind, settled) in settles {
+            store.apply_settle(kind, settled)?;
+        }
         recovery.buckets = store.buckets.len();
         recovery.pending = store.pending_total;
         if store.buffered_total >= store.config.buffered_entries_max {
@@ -1113,35 +1355,25 @@ impl DelayStore {
         if entries.is_empty() {
             return Err(DelayError::InvalidInput("nothing to schedule".into()));
         }
+        if self.layout.followed {
+            return Err(DelayError::InvalidInput(
+                "this store follows a timer log others write: schedule by appending to it".into(),
+            ));
+        }
         let mut records = Vec::with_capacity(entries.len());
+        // Every entry checked before any destination is interned.
+        for (topic, _, record) in &entries {
+            check_delayed(topic, record)?;
+        }
         let mut dues = Vec::with_capacity(entries.len());
-        for (topic, partition, mut record) in entries {
-            if topic.is_empty() || topic.len() > TOPIC_LEN_MAX {
-                return Err(DelayError::InvalidInput(format!("topic name {topic:?}")));
-            }
-            if record.headers.iter().any(|(name, _)| is_delay_header(name)) {
-                return Err(DelayError::InvalidInput(format!(
-                    "headers {TOPIC_HEADER}, {PARTITION_HEADER} and {CALLER_ID_HEADER} are reserved"
-                )));
-            }
-            let due_ms = record.deliver_at_ms.unwrap_or(now_ms);
-            record.deliver_at_ms = Some(due_ms);
+        for (topic, partition, record) in entries {
             let dest = self.destinations.intern(&topic, partition);
-            record.headers.push((
-                Bytes::from_static(TOPIC_HEADER.as_bytes()),
-                Bytes::from(topic),
+            let record = timer_record(&topic, partition, record, now_ms)?;
+            dues.push((
+                record.deliver_at_ms.unwrap_or(now_ms),
+                record.id.is_some(),
+                dest,
             ));
-            record.headers.push((
-                Bytes::from_static(PARTITION_HEADER.as_bytes()),
-                Bytes::copy_from_slice(&partition.to_le_bytes()),
-            ));
-            if record.id.is_some() {
-                record.headers.push((
-                    Bytes::from_static(CALLER_ID_HEADER.as_bytes()),
-                    Bytes::new(),
-                ));
-            }
-            dues.push((due_ms, record.id.is_some(), dest));
             records.push(record);
         }
         let info = self.timer.append_deferred(0, 0, records)?;
@@ -1365,10 +1597,26 @@ impl DelayStore {
     }
 
     /// Cancels a pending delay, durably. True if it was pending (not yet
-    /// polled); false if unknown, fired or already cancelled.
+    /// polled); false if unknown, fired or already cancelled. A followed
+    /// store cancels only through a settle marker in its timer log
+    /// ([`locate`](Self::locate), [`settle_record`]).
     pub fn cancel(&mut self, id: &MessageId) -> Result<bool> {
-        if self.inflight.contains_key(id) {
+        if self.layout.followed {
+            return Err(DelayError::InvalidInput(
+                "this store follows a timer log others write: cancel with a settle marker".into(),
+            ));
+        }
+        let Some(pending) = self.locate(id)? else {
             return Ok(false);
+        };
+        self.settle(SettleKind::Cancelled, pending, true)
+    }
+
+    /// Pending delay `id` (not yet polled): where it is in the timer log
+    /// and when it is due. `None` if unknown, polled, fired or cancelled.
+    pub fn locate(&mut self, id: &MessageId) -> Result<Option<Settled>> {
+        if self.inflight.contains_key(id) {
+            return Ok(None);
         }
         let located = match self.foreign.get(id) {
             Some(&(start, offset)) => Some((start, offset)),
@@ -1377,26 +1625,67 @@ impl DelayStore {
                 .map(|(due_ms, offset)| (self.bucket_start(due_ms), offset)),
         };
         let Some((start, offset)) = located else {
-            return Ok(false);
+            return Ok(None);
         };
-        if let BTreeEntry::Occupied(entry) = self.loaded.entry(offset) {
-            if entry.get().id != *id {
+        let found = |due_ms| Settled {
+            offset,
+            due_ms,
+            id: *id,
+        };
+        if let Some(slot) = self.loaded.get(&offset) {
+            return Ok((slot.id == *id).then(|| found(slot.due_ms)));
+        }
+        let Some(bucket) = self.buckets.get(&start) else {
+            return Ok(None);
+        };
+        if bucket.loaded {
+            // Every live entry of a loaded bucket is in `loaded`.
+            return Ok(None);
+        }
+        if let Some(entry) = bucket.buffered.iter().find(|e| e.offset == offset) {
+            return Ok(Some(found(entry.due_ms)));
+        }
+        let name = bucket_name(self.layout.bucket_prefix, start);
+        let (_, payloads) = self.storage.open_journal(&name)?;
+        let contents = decode_bucket(&name, &payloads, &mut self.destinations)?;
+        Ok(contents
+            .is_live(offset)
+            .then(|| {
+                contents
+                    .scheduled
+                    .get(&offset)
+                    .map(|entry| found(entry.due_ms))
+            })
+            .flatten())
+    }
+
+    /// Settles pending delay `entry` (fired or cancelled): it is pending
+    /// no more and its bucket gets a tombstone (synced if `durable`). True
+    /// if it was pending; false if unknown, polled or settled already.
+    fn settle(&mut self, kind: SettleKind, entry: Settled, durable: bool) -> Result<bool> {
+        let tombstone = match kind {
+            SettleKind::Fired => KIND_FIRED,
+            SettleKind::Cancelled => KIND_CANCEL,
+        };
+        if let BTreeEntry::Occupied(slot) = self.loaded.entry(entry.offset) {
+            if slot.get().id != entry.id {
                 return Ok(false);
             }
-            let slot = entry.remove();
+            let slot = slot.remove();
             // No timer, or one that already fired (the slot keeps its
-            // stale id): the entry waits in `ready`.
+            // stale id): the entry waits in `ready` (or `staged`).
             match slot.timer.and_then(|timer| self.wheel.cancel(timer)) {
                 Some(_) => {}
                 None => {
-                    self.cancelled_ready.insert(offset);
+                    self.cancelled_ready.insert(entry.offset);
                 }
             }
             let start = self.bucket_start(slot.due_ms);
-            self.forget_pending(start, id, slot.dest);
-            self.append_tombstones(start, KIND_CANCEL, &[offset], true)?;
+            self.forget_pending(start, &entry.id, slot.dest);
+            self.append_tombstones(start, tombstone, &[entry.offset], durable)?;
             return Ok(true);
         }
+        let start = self.bucket_start(entry.due_ms);
         let Some(bucket) = self.buckets.get_mut(&start) else {
             return Ok(false);
         };
@@ -1405,24 +1694,151 @@ impl DelayStore {
             return Ok(false);
         }
         // Live: Some(its destination).
-        let live = if let Some(position) = bucket.buffered.iter().position(|e| e.offset == offset) {
-            let entry = bucket.buffered.swap_remove(position);
+        let live = if let Some(position) = bucket
+            .buffered
+            .iter()
+            .position(|e| e.offset == entry.offset && e.id == entry.id)
+        {
+            let buffered = bucket.buffered.swap_remove(position);
             self.buffered_total = self.buffered_total.saturating_sub(1);
-            Some(entry.dest)
+            Some(buffered.dest)
         } else {
-            let name = bucket_name(start);
+            let name = bucket_name(self.layout.bucket_prefix, start);
             let (_, payloads) = self.storage.open_journal(&name)?;
             let contents = decode_bucket(&name, &payloads, &mut self.destinations)?;
             contents
-                .is_live(offset)
-                .then(|| contents.scheduled.get(&offset).and_then(|entry| entry.dest))
+                .scheduled
+                .get(&entry.offset)
+                .filter(|scheduled| scheduled.id == entry.id && contents.is_live(entry.offset))
+                .map(|scheduled| scheduled.dest)
         };
         let Some(dest) = live else {
             return Ok(false);
         };
-        self.forget_pending(start, id, dest);
-        self.append_tombstones(start, KIND_CANCEL, &[offset], true)?;
+        self.forget_pending(start, &entry.id, dest);
+        self.append_tombstones(start, tombstone, &[entry.offset], durable)?;
         Ok(true)
+    }
+
+    /// Followed timer logs: indexes the records appended since the last
+    /// call (up to the log's end, a replica's committed end) and applies
+    /// their settle markers, after loading the buckets that entered the
+    /// window. Returns how many records it read.
+    pub fn follow(&mut self, now_ms: i64) -> Result<FollowReport> {
+        self.load_window(now_ms)?;
+        let end = self.timer.end_offset();
+        let mut report = FollowReport::default();
+        while self.indexed_end < end {
+            let from = self.indexed_end.max(self.timer.start_offset());
+            let records = self.timer.read(from, READ_CHUNK_RECORDS)?;
+            let Some(next) = records.last().map(|last| last.offset + 1) else {
+                break;
+            };
+            let mut by_bucket: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
+            for record in records.iter().filter(|r| r.offset >= from) {
+                report.records += 1;
+                match decode_settle(record) {
+                    Some(Ok((kind, settled))) => {
+                        // What came before the marker first: it may name it.
+                        for (start, entries) in std::mem::take(&mut by_bucket) {
+                            self.add_entries(start, entries)?;
+                        }
+                        let any = self.apply_settle(kind, settled)?;
+                        if kind == SettleKind::Cancelled {
+                            report.cancels.push((record.offset, any));
+                        }
+                        continue;
+                    }
+                    Some(Err(why)) => {
+                        tracing::error!(offset = record.offset, why, "undecodable settle marker");
+                        continue;
+                    }
+                    None => {}
+                }
+                let Some(entry) = self.entry_of(record) else {
+                    tracing::error!(
+                        offset = record.offset,
+                        "timer-log record without delay headers"
+                    );
+                    continue;
+                };
+                by_bucket
+                    .entry(self.bucket_start(entry.due_ms))
+                    .or_default()
+                    .push(entry);
+            }
+            for (start, entries) in by_bucket {
+                self.add_entries(start, entries)?;
+            }
+            self.indexed_end = next;
+        }
+        if self.buffered_total >= self.config.buffered_entries_max {
+            self.flush()?;
+        }
+        Ok(report)
+    }
+
+    /// Applies one settle marker's entries; true if any was pending.
+    fn apply_settle(&mut self, kind: SettleKind, settled: Vec<Settled>) -> Result<bool> {
+        let mut any = false;
+        for entry in settled {
+            let entry = if entry.is_by_id() {
+                match self.locate(&entry.id)? {
+                    Some(found) => found,
+                    None => continue,
+                }
+            } else {
+                entry
+            };
+            any |= self.settle(kind, entry, false)?;
+        }
+        Ok(any)
+    }
+
+    /// The schedule entry of timer-log record `record`; `None` without
+    /// valid delay headers.
+    fn entry_of(&mut self, record: &Record) -> Option<Entry> {
+        let (topic, partition) = destination(record)?;
+        let dest = self.destinations.intern(&topic, partition);
+        let due_ms = record.deliver_at_ms.unwrap_or(record.timestamp_ms);
+        // Records written before the caller-id header: an id whose time is
+        // not the record's came from the caller (one that happens to share
+        // the millisecond is taken for the log's).
+        let marked = record
+            .headers
+            .iter()
+            .any(|(name, _)| name.as_ref() == CALLER_ID_HEADER.as_bytes());
+        let flags = if marked || record.id.timestamp_ms() != record.timestamp_ms {
+            FLAG_FOREIGN_ID
+        } else {
+            0
+        };
+        Some(Entry {
+            due_ms,
+            offset: record.offset,
+            id: record.id,
+            flags,
+            dest: Some(dest),
+        })
+    }
+
+    /// Followed timer logs: every record below is indexed or applied.
+    pub fn indexed_end(&self) -> u64 {
+        self.indexed_end
+    }
+
+    /// The polled delays `ids` (unknown ones skipped), as a fired settle
+    /// marker names them.
+    pub fn polled(&self, ids: &[MessageId]) -> Vec<Settled> {
+        ids.iter()
+            .filter_map(|id| {
+                self.inflight.get(id).map(|&(due_ms, offset)| Settled {
+                    offset,
+                    due_ms,
+                    id: *id,
+                })
+            })
+            .collect()
     }
 
     /// True if a delay scheduled with the caller's id `id` (a message
@@ -1599,15 +2015,20 @@ impl DelayStore {
     /// Adds freshly scheduled entries of one bucket.
     fn add_entries(&mut self, start: i64, entries: Vec<Entry>) -> Result<()> {
         if start < self.horizon_ms && !self.buckets.contains_key(&start) {
-            let (journal, payloads) = self.storage.open_journal(&bucket_name(start))?;
+            let (journal, payloads) = self
+                .storage
+                .open_journal(&bucket_name(self.layout.bucket_prefix, start))?;
             let mut bucket = Bucket::new(true);
             if !payloads.is_empty() {
                 // A journal left over (all dead); keep its tombstones.
-                let contents =
-                    decode_bucket(&bucket_name(start), &payloads, &mut self.destinations)?;
+                let contents = decode_bucket(
+                    &bucket_name(self.layout.bucket_prefix, start),
+                    &payloads,
+                    &mut self.destinations,
+                )?;
                 if contents.live().next().is_some() {
                     return Err(corrupt(
-                        &bucket_name(start),
+                        &bucket_name(self.layout.bucket_prefix, start),
                         "live entries in a bucket not loaded",
                     ));
                 }
@@ -1659,7 +2080,7 @@ impl DelayStore {
         offsets: &[u64],
         durable: bool,
     ) -> Result<()> {
-        let name = bucket_name(start);
+        let name = bucket_name(self.layout.bucket_prefix, start);
         let bucket = self
             .buckets
             .entry(start)
@@ -1713,7 +2134,7 @@ impl DelayStore {
     }
 
     fn load_bucket(&mut self, start: i64) -> Result<()> {
-        let name = bucket_name(start);
+        let name = bucket_name(self.layout.bucket_prefix, start);
         let (mut journal, payloads) = self.storage.open_journal(&name)?;
         let contents = decode_bucket(&name, &payloads, &mut self.destinations)?;
         drop(payloads);
@@ -1803,10 +2224,14 @@ impl DelayStore {
     fn flush(&mut self) -> Result<()> {
         // Not past a record whose schedule is not committed yet: its entry
         // is in no bucket, and only re-indexing would find it again.
-        let watermark = match self.uncommitted.keys().next() {
+        let mut watermark = match self.uncommitted.keys().next() {
             Some(&first) => self.timer.end_offset().min(first),
             None => self.timer.end_offset(),
         };
+        if self.layout.followed {
+            // Not past what `follow` has not indexed yet.
+            watermark = watermark.min(self.indexed_end);
+        }
         for (&start, bucket) in self.buckets.iter_mut() {
             if bucket.pending == 0 && bucket.inflight == 0 {
                 // Dead: removed below, after the watermark; no need to sync
@@ -1815,7 +2240,7 @@ impl DelayStore {
                 continue;
             }
             if !bucket.buffered.is_empty() {
-                let name = bucket_name(start);
+                let name = bucket_name(self.layout.bucket_prefix, start);
                 let mut opened = None;
                 let journal = match bucket.journal.as_mut() {
                     Some(journal) => journal,
@@ -1848,7 +2273,8 @@ impl DelayStore {
             .map(|(start, _)| *start)
             .collect();
         for start in dead {
-            self.storage.remove_journal(&bucket_name(start))?;
+            self.storage
+                .remove_journal(&bucket_name(self.layout.bucket_prefix, start))?;
             self.buckets.remove(&start);
         }
         if self.ready.is_empty() && self.staged.is_empty() {
@@ -2481,7 +2907,7 @@ mod tests {
                 payload[1] = (round % 5) as u8;
             }
             let _ = decode_bucket("fuzz", &[payload.clone()], &mut Destinations::default());
-            let _ = decode_meta(&payload);
+            let _ = decode_meta(META_JOURNAL, &payload);
         }
         let mut destinations = Destinations::default();
         let orders = destinations.intern("orders", 3);
@@ -2532,6 +2958,282 @@ mod tests {
                 "{what}"
             );
         }
-        assert_eq!(decode_meta(&encode_meta(5, 60_000)).unwrap(), (5, 60_000));
+        assert_eq!(
+            decode_meta(META_JOURNAL, &encode_meta(5, 60_000)).unwrap(),
+            (5, 60_000)
+        );
+    }
+
+    /// A store's journals on its own storage, its timer log shared with
+    /// others: the shape of a cluster, where every node follows one
+    /// replicated timer log.
+    #[derive(Debug)]
+    struct SharedTimer {
+        timer: Arc<dyn PartitionLog>,
+        journals: MemoryStorage,
+    }
+
+    impl Storage for SharedTimer {
+        fn partition(
+            &self,
+            topic: &str,
+            partition: u32,
+        ) -> Result<Arc<dyn PartitionLog>, StoreError> {
+            assert_eq!((topic, partition), (FOLLOWED.timer_topic, 0));
+            Ok(Arc::clone(&self.timer))
+        }
+        fn open_journal(&self, name: &str) -> Result<crate::storage::OpenedJournal, StoreError> {
+            self.journals.open_journal(name)
+        }
+        fn remove_journal(&self, name: &str) -> Result<(), StoreError> {
+            self.journals.remove_journal(name)
+        }
+        fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
+            self.journals.remove_topic(topic)
+        }
+        fn list_journals(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            self.journals.list_journals(prefix)
+        }
+    }
+
+    const FOLLOWED: DelayLayout = DelayLayout {
+        timer_topic: "__timer",
+        bucket_prefix: "f.bucket.",
+        meta_journal: "f.meta",
+        followed: true,
+    };
+
+    /// One shared timer log and a node's journals per store.
+    struct Followers {
+        clock: Arc<ManualClock>,
+        timer: Arc<dyn PartitionLog>,
+        journals: Vec<MemoryStorage>,
+    }
+
+    impl Followers {
+        fn new(nodes: usize, now_ms: i64) -> Followers {
+            let clock = Arc::new(ManualClock::new(now_ms));
+            let timer = MemoryStorage::new(clock.clone())
+                .partition(FOLLOWED.timer_topic, 0)
+                .unwrap();
+            let journals = (0..nodes)
+                .map(|_| MemoryStorage::new(clock.clone()))
+                .collect();
+            Followers {
+                clock,
+                timer,
+                journals,
+            }
+        }
+
+        fn open(&self, node: usize) -> Result<DelayStore> {
+            let storage = SharedTimer {
+                timer: Arc::clone(&self.timer),
+                journals: self.journals[node].clone(),
+            };
+            DelayStore::open_at(Arc::new(storage), FOLLOWED, config(), self.clock.now_ms())
+                .map(|(store, _)| store)
+        }
+
+        /// Schedules as a produce on any node does: appends timer records.
+        fn schedule(&self, dues: &[i64]) -> Vec<MessageId> {
+            let now = self.clock.now_ms();
+            let records = dues
+                .iter()
+                .map(|due| {
+                    timer_record("orders", 3, delayed(&format!("v{due}"), *due), now).unwrap()
+                })
+                .collect();
+            self.timer
+                .append(records)
+                .unwrap()
+                .into_iter()
+                .map(|(_, id)| id)
+                .collect()
+        }
+
+        fn settle(&self, kind: SettleKind, settled: &[Settled]) {
+            self.timer
+                .append(vec![settle_record(kind, settled)])
+                .unwrap();
+        }
+
+        /// What a leader does: polls what is due, "appends" it, writes the
+        /// fired marker, marks it fired. Returns the fired ids.
+        fn fire(&self, leader: &mut DelayStore) -> Vec<MessageId> {
+            leader.follow(self.clock.now_ms()).unwrap();
+            let due = leader.poll_due(self.clock.now_ms(), 1_000).unwrap();
+            let ids: Vec<MessageId> = due.iter().map(|m| m.id).collect();
+            if !ids.is_empty() {
+                self.settle(SettleKind::Fired, &leader.polled(&ids));
+                assert_eq!(leader.mark_fired(&ids).unwrap(), ids.len());
+            }
+            ids
+        }
+    }
+
+    #[test]
+    fn a_follower_indexes_what_others_append_and_settles_what_a_leader_fired() {
+        let cluster = Followers::new(2, 100_000);
+        let mut leader = cluster.open(0).unwrap();
+        let mut follower = cluster.open(1).unwrap();
+        let now = cluster.clock.now_ms();
+        let ids = cluster.schedule(&[now + 100, now + 200, now + 30_000]);
+        assert_eq!(leader.pending(), 0, "nothing before it follows");
+        for store in [&mut leader, &mut follower] {
+            assert_eq!(store.follow(now).unwrap().records, 3);
+            assert_eq!(store.pending(), 3);
+            assert_eq!(store.pending_in_topic("orders"), vec![(3, 3)]);
+            assert_eq!(store.next_due_ms(), Some(now + 100));
+            assert_eq!(
+                store.follow(now).unwrap().records,
+                0,
+                "each record is indexed once"
+            );
+        }
+        assert!(
+            cluster.fire(&mut leader).is_empty(),
+            "nothing fires before it is due"
+        );
+        cluster.clock.advance_ms(150);
+        assert_eq!(cluster.fire(&mut leader), vec![ids[0]]);
+        // The follower hears of it through the marker.
+        follower.follow(cluster.clock.now_ms()).unwrap();
+        assert_eq!(follower.pending(), 2);
+        assert_eq!(follower.pending_in_topic("orders"), vec![(3, 2)]);
+        // The leader reads its own marker back: nothing changes.
+        leader.follow(cluster.clock.now_ms()).unwrap();
+        assert_eq!(leader.pending(), 2);
+        // The leader is lost; the follower takes over and fires only what
+        // the old leader did not.
+        drop(leader);
+        cluster.clock.advance_ms(100);
+        assert_eq!(cluster.fire(&mut follower), vec![ids[1]]);
+        cluster.clock.advance_ms(30_000);
+        assert_eq!(cluster.fire(&mut follower), vec![ids[2]]);
+        assert_eq!(follower.pending(), 0);
+        // The first node comes back: every marker settles what its
+        // journals still held.
+        let mut back = cluster.open(0).unwrap();
+        back.follow(cluster.clock.now_ms()).unwrap();
+        assert_eq!(back.pending(), 0);
+        assert!(back
+            .poll_due(cluster.clock.now_ms(), 100)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_cancel_marker_settles_a_delay_on_every_store_and_it_never_fires() {
+        let cluster = Followers::new(2, 100_000);
+        let mut leader = cluster.open(0).unwrap();
+        let mut follower = cluster.open(1).unwrap();
+        let now = cluster.clock.now_ms();
+        // One near (loaded), one far past the window (on disk only).
+        let ids = cluster.schedule(&[now + 500, now + 3_600_000, now + 600]);
+        leader.follow(now).unwrap();
+        follower.follow(now).unwrap();
+        assert!(
+            follower.cancel(&ids[0]).is_err(),
+            "a followed store cancels by marker"
+        );
+        let near = follower.locate(&ids[0]).unwrap().unwrap();
+        let far = follower.locate(&ids[1]).unwrap().unwrap();
+        assert_eq!((near.due_ms, far.due_ms), (now + 500, now + 3_600_000));
+        cluster.settle(SettleKind::Cancelled, &[near, far]);
+        for store in [&mut leader, &mut follower] {
+            store.follow(now).unwrap();
+            assert_eq!(store.pending(), 1);
+            assert_eq!(store.locate(&ids[0]).unwrap(), None);
+            assert_eq!(store.locate(&ids[1]).unwrap(), None);
+        }
+        cluster.clock.advance_ms(3_700_000);
+        assert_eq!(cluster.fire(&mut leader), vec![ids[2]]);
+        // A marker applied twice (re-read after a restart) changes nothing.
+        cluster.settle(SettleKind::Cancelled, &[near]);
+        let report = follower.follow(cluster.clock.now_ms()).unwrap();
+        assert_eq!(report.cancels.len(), 1);
+        assert!(!report.cancels[0].1, "settled already");
+        assert_eq!(follower.pending(), 0);
+    }
+
+    #[test]
+    fn a_cancel_by_id_is_decided_by_the_logs_order() {
+        let cluster = Followers::new(2, 100_000);
+        let mut leader = cluster.open(0).unwrap();
+        let mut follower = cluster.open(1).unwrap();
+        let now = cluster.clock.now_ms();
+        // Appended but not followed yet by either store: a cancel by id
+        // after it in the log still finds it.
+        let ids = cluster.schedule(&[now + 100, now + 200]);
+        cluster.settle(SettleKind::Cancelled, &[Settled::by_id(ids[1])]);
+        for store in [&mut leader, &mut follower] {
+            let report = store.follow(now).unwrap();
+            assert_eq!(report.cancels, vec![(2, true)]);
+            assert_eq!(store.pending(), 1);
+        }
+        // A cancel by id of a delay that already fired settles nothing.
+        cluster.clock.advance_ms(100);
+        assert_eq!(cluster.fire(&mut leader), vec![ids[0]]);
+        cluster.settle(SettleKind::Cancelled, &[Settled::by_id(ids[0])]);
+        for store in [&mut leader, &mut follower] {
+            let report = store.follow(cluster.clock.now_ms()).unwrap();
+            assert_eq!(report.cancels, vec![(4, false)]);
+            assert_eq!(store.pending(), 0);
+        }
+        cluster.clock.advance_ms(1_000);
+        assert!(cluster.fire(&mut follower).is_empty());
+    }
+
+    #[test]
+    fn a_followed_store_reopens_without_losing_or_reviving_a_delay() {
+        let cluster = Followers::new(1, 100_000);
+        let now = cluster.clock.now_ms();
+        let mut store = cluster.open(0).unwrap();
+        let ids = cluster.schedule(&[now + 100, now + 200, now + 300]);
+        store.follow(now).unwrap();
+        cluster.clock.advance_ms(150);
+        assert_eq!(cluster.fire(&mut store), vec![ids[0]]);
+        store.checkpoint().unwrap();
+        // Fired after the checkpoint (its tombstone not synced), and
+        // appended after it without being followed: the watermark stays
+        // below both, so a reopen finds them again.
+        cluster.clock.advance_ms(100);
+        assert_eq!(cluster.fire(&mut store), vec![ids[1]]);
+        let later = cluster.schedule(&[now + 400]);
+        drop(store);
+        let mut store = cluster.open(0).unwrap();
+        assert_eq!(store.pending(), 2, "ids[2] and the later one");
+        assert_eq!(store.follow(cluster.clock.now_ms()).unwrap().records, 0);
+        cluster.clock.advance_ms(1_000);
+        assert_eq!(cluster.fire(&mut store), vec![ids[2], later[0]]);
+    }
+
+    #[test]
+    fn a_followed_store_waits_for_a_timer_log_behind_its_watermark() {
+        let cluster = Followers::new(1, 100_000);
+        let now = cluster.clock.now_ms();
+        let mut store = cluster.open(0).unwrap();
+        cluster.schedule(&[now + 100, now + 200]);
+        store.follow(now).unwrap();
+        store.checkpoint().unwrap();
+        drop(store);
+        // The same node's journals over a replica that has not applied
+        // those records yet.
+        let behind = Followers {
+            clock: cluster.clock.clone(),
+            timer: MemoryStorage::new(cluster.clock.clone())
+                .partition(FOLLOWED.timer_topic, 0)
+                .unwrap(),
+            journals: cluster.journals.clone(),
+        };
+        match behind.open(0) {
+            Err(DelayError::TimerBehind {
+                watermark: 2,
+                end: 0,
+            }) => {}
+            other => panic!("expected TimerBehind, got {other:?}"),
+        }
+        assert_eq!(cluster.open(0).unwrap().pending(), 2);
     }
 }

@@ -54,7 +54,10 @@ pub use ack_bitmap::AckBitmap;
 pub use config::{
     Backoff, DeliveryMode, DispatcherConfig, GroupConfig, StartPosition, TopicConfig,
 };
-pub use delay_store::{DelayConfig, DelayRecovery, DelayStore, DueMessage, PendingSchedule};
+pub use delay_store::{
+    DelayConfig, DelayLayout, DelayRecovery, DelayStore, DueMessage, FollowReport, PendingSchedule,
+    SettleKind, Settled,
+};
 pub use dispatcher::{
     DeadLetterTopic, Delivery, DispatchError, Dispatcher, GroupMessageState, PartitionStats,
     Produced, Quarantined, ScheduleReply, SeekPartition, SeekTarget, Tombstone, TransactionCounts,

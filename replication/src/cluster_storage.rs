@@ -213,6 +213,31 @@ impl ClusterStorage {
         all
     }
 
+    /// Starts (or returns) this node's replica of internal cluster log
+    /// `topic` (partition 0): a Raft group every node forms and hosts, as
+    /// for a cluster topic's partition, that the dispatcher never sees as
+    /// a topic (the timer log of cluster delays, [`crate::delays`]).
+    pub async fn internal_replica(
+        &self,
+        topic: &str,
+    ) -> Result<Arc<ReplicatedPartitionLog>, StoreError> {
+        if !dmq_dispatcher::names::is_internal(topic) {
+            return Err(StoreError::InvalidName(topic.to_string()));
+        }
+        if let Some(replica) = self.replica(topic, 0) {
+            return Ok(replica);
+        }
+        let node = self.start_replica(topic, 0).await.map_err(unavailable)?;
+        let replica = Arc::new(ReplicatedPartitionLog {
+            node: Arc::new(node),
+            runtime: self.runtime.clone(),
+        });
+        let mut partitions = lock(&self.partitions);
+        Ok(Arc::clone(
+            partitions.entry((topic.to_string(), 0)).or_insert(replica),
+        ))
+    }
+
     async fn start_replica(&self, topic: &str, partition: u32) -> Result<PartitionNode, NodeError> {
         let mut config = self.members.timings.clone();
         config.id = self.members.node_id;

@@ -23,12 +23,14 @@
 //!
 //! - [`journals`]: consumer groups' ack journals on cluster topics,
 //!   replicated through the metadata group.
+//! - [`delays`]: delayed messages of cluster topics: a replicated timer
+//!   log every node follows, fired by the node leading it.
 //! - [`rejoin`]: a node whose disk came back empty does not rejoin under
 //!   its old id.
 //!
 //! What is not here yet (see issue 12's notes and docs/replication.md):
-//! the rest of the dispatcher's state (delivery attempts, delays, dead
-//! letters) and snapshots of partition data.
+//! the rest of the dispatcher's state (delivery attempts, dead letters,
+//! tombstones) and snapshots of partition data.
 //!
 //! # Invariants
 //!
@@ -45,6 +47,7 @@
 use std::io::Cursor;
 
 pub mod cluster_storage;
+pub mod delays;
 pub mod journals;
 pub mod log_store;
 pub mod metadata;
@@ -55,6 +58,7 @@ mod purge;
 pub mod rejoin;
 
 pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
+pub use delays::ReplicatedDelays;
 pub use journals::{ReplicatedJournal, ReplicatedJournals};
 pub use log_store::RaftLogJournal;
 pub use metadata::{

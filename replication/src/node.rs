@@ -246,6 +246,12 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         &self.raft
     }
 
+    /// Whether this node leads the group, as its metrics say now (a
+    /// deposed leader may believe it a little longer: not a fence).
+    pub fn leads(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
     /// Forms a new group of `members` (id -> Raft address). Call it on one
     /// node of a group that was never initialized.
     pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NodeError> {

@@ -180,17 +180,24 @@ impl Session {
                 if !self.shared.development {
                     // Whoever may produce to the message's topic may cancel
                     // it; the topic comes from the message's trace.
+                    // A cluster delay produced through another node has
+                    // its trace there: its topic is in the timer log.
                     let telemetry = self.shared.engine.telemetry().clone();
-                    let topic = tokio::task::spawn_blocking(move || telemetry.trace(&id))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .and_then(|events| {
+                    let delays = self.shared.engine.cluster().map(|c| Arc::clone(c.delays()));
+                    let topic = tokio::task::spawn_blocking(move || {
+                        let traced = telemetry.trace(&id).ok().and_then(|events| {
                             events
                                 .into_iter()
                                 .find(|event| event.kind == "produced")
                                 .map(|event| event.topic)
                         });
+                        traced.or_else(|| {
+                            delays.and_then(|delays| delays.destination_of(&id).ok().flatten())
+                        })
+                    })
+                    .await
+                    .ok()
+                    .flatten();
                     match topic {
                         Some(topic) => {
                             self.authorize(&topic, Right::Produce).await?;
@@ -203,9 +210,16 @@ impl Session {
                         }
                     }
                 }
-                let cancelled = self
+                let mut cancelled = self
                     .run(move |dispatcher, _| dispatcher.cancel_delay(&id))
                     .await?;
+                if let (false, Some(cluster)) = (cancelled, self.shared.engine.cluster()) {
+                    cancelled = cluster
+                        .delays()
+                        .cancel(id)
+                        .await
+                        .map_err(|error| convert::store_error(&error))?;
+                }
                 Ok(Response::CancelDelayOk(wire::CancelDelayOk { cancelled }))
             }
             Request::DeleteMessages(delete) => {
