@@ -16,8 +16,11 @@
 //!   below the committed end. A group's acks on a cluster topic are
 //!   replicated through the metadata group (`dmq_replication::journals`):
 //!   every node's copy of the group merges them, and a node that takes
-//!   the group over starts from them. Delivery attempts and delays stay
-//!   per node: a group consumes through one node at a time.
+//!   the group over starts from them. Delivery attempts stay per node: a
+//!   group consumes through one node at a time.
+//! - **Delays** of cluster topics are records of the replicated timer log
+//!   every node follows; the node leading it fires them
+//!   (`dmq_replication::delays`, [`Cluster::delays`]).
 //!
 //! Invariant: single-node brokers never reach this module; a cluster
 //! node's local-only topics (internal ones) stay local; a cluster topic's

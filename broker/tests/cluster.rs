@@ -32,13 +32,13 @@ async fn no_acknowledged_message_depends_on_one_node_or_its_disk() {
     assert!(third.create_topic("orders", 1, false).await.is_err());
 
     // What is not replicated yet is refused, not kept on one node.
-    let delayed = third
-        .producer()
-        .send(Message::new("orders", "later").delay(Duration::from_secs(60)))
+    let transactional = third
+        .transaction("payments", "t-1")
+        .send(vec![Message::new("orders", "in a transaction")])
         .await;
     assert!(
-        delayed.is_err(),
-        "a delayed record on a cluster topic: {delayed:?}"
+        transactional.is_err(),
+        "a transactional record on a cluster topic: {transactional:?}"
     );
 
     // Acknowledged produces through every node (each forwarded to its

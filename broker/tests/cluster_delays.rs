@@ -375,6 +375,22 @@ async fn a_delayed_message_on_a_cluster_topic_fires_once_after_the_timer_leader_
         )
         .await;
 
+    // Every node counts the pending delays in the group's description
+    // (each from its own index of the timer log).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let description = client.describe_group("orders", "billing").await.unwrap();
+        let delayed: u64 = description.partitions.iter().map(|p| p.delayed).sum();
+        if delayed == 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "DESCRIBE_GROUP counts {delayed} pending delays, not 40"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The timer leader dies before anything is due.
     drop(clients);
     nodes[dead].kill();

@@ -14,7 +14,9 @@
 //! SIGCONT, cut off from both peers and healed, or its links slowed.
 //! Meanwhile one producer sends keyed messages to an ordered topic one at
 //! a time (moving to the next node when a send fails) and a consumer group
-//! acks everything it gets (moved off a node when it is faulted).
+//! acks everything it gets (moved off a node when it is faulted); another
+//! producer sends delayed messages (due 0.3 to 2.5 s later) to a second
+//! topic, so that delays are scheduled, and fire, while nodes fail.
 //!
 //! After healing, the checker asserts: every acknowledged produce is
 //! delivered to the running group and to a new group through every node;
@@ -22,7 +24,10 @@
 //! they were sent; stopped, the three replicas of each partition hold the
 //! same records at the same offsets; the running group is not given again a message it acked
 //! more than [`ACK_WINDOW`] before it left the node it acked through
-//! (what it gets again within that window is printed: at least once).
+//! (what it gets again within that window is printed: at least once);
+//! every acknowledged delayed message fires and is delivered, none stored
+//! in its topic before its due time (copies fired again by a new timer
+//! leader are printed: at least once).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -219,6 +224,109 @@ struct History {
     /// the consumer left the node it acked through (or before now, on
     /// the same node) the ack was made.
     redelivered_after_ack: Vec<Duration>,
+}
+
+/// The delayed messages the second producer had acknowledged: id and due
+/// time (ms since the epoch); sends that failed.
+#[derive(Default)]
+struct DelayedHistory {
+    acknowledged: Vec<(MessageId, i64)>,
+    failed_sends: u64,
+}
+
+/// Sends delayed messages to "reminders" one at a time until `stop`, each
+/// due 0.3 to 2.5 s after it is sent, through the next node after a
+/// failed send.
+async fn produce_delayed(
+    addrs: Vec<SocketAddr>,
+    history: Arc<Mutex<DelayedHistory>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut via = 0;
+    let mut seq = 0u64;
+    let mut client: Option<(Client, dmq_client::Producer)> = None;
+    while !*stop.borrow() {
+        if client.is_none() {
+            client = client_of(addrs[via]).await.map(|client| {
+                let producer = client.producer();
+                (client, producer)
+            });
+            if client.is_none() {
+                via = (via + 1) % addrs.len();
+                continue;
+            }
+        }
+        let Some((_, producer)) = &client else {
+            continue;
+        };
+        let due = dmq_client::time::system_time_to_ms(std::time::SystemTime::now())
+            + 300
+            + (seq * 7_919 % 2_200) as i64;
+        let message = Message::new("reminders", format!("r:{seq}"))
+            .deliver_at(dmq_client::time::ms_to_system_time(due));
+        match tokio::time::timeout(Duration::from_secs(15), producer.send(message)).await {
+            Ok(Ok(receipt)) => history.lock().unwrap().acknowledged.push((receipt.id, due)),
+            _ => {
+                history.lock().unwrap().failed_sends += 1;
+                client = None;
+                via = (via + 1) % addrs.len();
+            }
+        }
+        seq += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Consumes "reminders" as a new group through `client` until every id of
+/// `expected` came (or 60 s passed), acking each: (id, where and when it
+/// was stored in its topic) per delivery.
+async fn read_reminders(
+    client: &Client,
+    expected: &BTreeSet<MessageId>,
+) -> Vec<(MessageId, (u32, u64), std::time::SystemTime)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut subscription = loop {
+        match client
+            .consumer()
+            .subscribe("reminders", "final-reminders", group_options())
+            .await
+        {
+            Ok(subscription) => break subscription,
+            Err(dmq_client::ClientError::Broker {
+                code: dmq_protocol::ErrorCode::Unavailable,
+                message,
+            }) if Instant::now() < deadline => {
+                println!("subscribe final-reminders: unavailable ({message}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("subscribe final-reminders: {error}"),
+        }
+    };
+    let mut seen = Vec::new();
+    let mut missing = expected.clone();
+    // Past the last one, a little longer: copies fired twice show up.
+    let mut quiet_until = None;
+    while Instant::now() < deadline {
+        if missing.is_empty() {
+            let until = *quiet_until.get_or_insert(Instant::now() + Duration::from_secs(1));
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        if let Some(message) = next(&mut subscription, Duration::from_millis(300)).await {
+            missing.remove(&message.id);
+            seen.push((
+                message.id,
+                (message.partition, message.offset),
+                message.timestamp,
+            ));
+            message.ack().await.unwrap();
+        }
+    }
+    seen
 }
 
 /// Acks made this long before the consumer left their node are expected
@@ -487,8 +595,11 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     }
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 2, true).await.unwrap();
+    setup.create_topic("reminders", 2, false).await.unwrap();
     for node in &nodes {
-        wait_for_topic(&connect(node).await, "orders").await;
+        let client = connect(node).await;
+        wait_for_topic(&client, "orders").await;
+        wait_for_topic(&client, "reminders").await;
     }
     drop(setup);
 
@@ -498,6 +609,12 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (via_tx, via) = tokio::sync::watch::channel(1usize);
     let producer = tokio::spawn(produce(addrs.clone(), Arc::clone(&history), stop.clone()));
+    let delayed_history = Arc::new(Mutex::new(DelayedHistory::default()));
+    let delayed_producer = tokio::spawn(produce_delayed(
+        addrs.clone(),
+        Arc::clone(&delayed_history),
+        stop.clone(),
+    ));
     let consumer = tokio::spawn(consume(
         addrs.clone(),
         Arc::clone(&history),
@@ -562,6 +679,7 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_tx.send(true).unwrap();
     producer.await.unwrap();
+    delayed_producer.await.unwrap();
     let acknowledged: Vec<MessageId> = history.lock().unwrap().acknowledged.clone();
     let acked_ids: BTreeSet<MessageId> = acknowledged.iter().copied().collect();
     let acked_set: HashSet<MessageId> = acked_ids.iter().copied().collect();
@@ -653,6 +771,54 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
             );
         }
         assert_key_order(&format!("node {}", node.id), &deliveries, &acked_set);
+    }
+
+    // Every acknowledged delayed message fired, into its topic no earlier
+    // than its due time.
+    {
+        let (due, failed): (HashMap<MessageId, i64>, u64) = {
+            let delayed = delayed_history.lock().unwrap();
+            (
+                delayed.acknowledged.iter().copied().collect(),
+                delayed.failed_sends,
+            )
+        };
+        let expected: BTreeSet<MessageId> = due.keys().copied().collect();
+        assert!(
+            expected.len() > 20,
+            "too few delayed produces acknowledged: {}",
+            expected.len()
+        );
+        let client = connect(&nodes[0]).await;
+        let seen = read_reminders(&client, &expected).await;
+        let got: HashSet<MessageId> = seen.iter().map(|(id, ..)| *id).collect();
+        let stored: HashSet<(u32, u64)> = seen.iter().map(|(_, at, _)| *at).collect();
+        let lost: Vec<&MessageId> = expected.iter().filter(|id| !got.contains(id)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} acknowledged delayed messages never fired: {lost:?}",
+            lost.len()
+        );
+        let early: Vec<(MessageId, i64)> = seen
+            .iter()
+            .filter_map(|(id, _, stored)| {
+                let stored = dmq_client::time::system_time_to_ms(*stored);
+                let due = due.get(id)?;
+                (stored < *due).then_some((*id, due - stored))
+            })
+            .collect();
+        assert!(
+            early.is_empty(),
+            "delayed messages stored in their topic before their due time (id, ms early): \
+             {early:?}"
+        );
+        println!(
+            "delays: {} acknowledged ({failed} failed or unknown), all fired, none early; {} \
+             copies fired again by a new timer leader, {} deliveries again of one copy",
+            expected.len(),
+            stored.len() - got.len(),
+            seen.len() - stored.len()
+        );
     }
 
     // Stored in send order per key: within a partition, offsets grow with

@@ -490,6 +490,16 @@ impl Destinations {
     }
 
     /// (partition, pending delays) of every partition of `topic` with any.
+    /// (topic, partition, pending delays) of every destination with any.
+    fn pending_everywhere(&self) -> Vec<(Arc<str>, u32, u64)> {
+        self.names
+            .iter()
+            .zip(&self.pending)
+            .filter(|(_, &count)| count > 0)
+            .map(|((topic, partition), &count)| (Arc::clone(topic), *partition, count))
+            .collect()
+    }
+
     fn pending_in_topic(&self, topic: &str) -> Vec<(u32, u64)> {
         let mut counts: Vec<(u32, u64)> = self
             .index
@@ -1862,6 +1872,12 @@ impl DelayStore {
     /// version's bucket) is in [`pending`](Self::pending) only.
     pub fn pending_in_topic(&self, topic: &str) -> Vec<(u32, u64)> {
         self.destinations.pending_in_topic(topic)
+    }
+
+    /// [`pending_in_topic`](Self::pending_in_topic) of every topic at once:
+    /// (topic, partition, pending delays) per destination with any.
+    pub fn pending_everywhere(&self) -> Vec<(Arc<str>, u32, u64)> {
+        self.destinations.pending_everywhere()
     }
 
     /// Earliest pending due time, on disk included (may be early after far

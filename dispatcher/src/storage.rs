@@ -478,6 +478,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn check_room(&self, _partitions: u32) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Pending delayed messages of `topic` that the dispatcher's own delay
+    /// store does not hold (a cluster's replicated timer log), as
+    /// (partition, count) per partition with any.
+    fn delays_elsewhere(&self, _topic: &str) -> Vec<(u32, u64)> {
+        Vec::new()
+    }
 }
 
 fn check_name(name: &str) -> Result<(), StoreError> {

@@ -75,6 +75,8 @@ pub struct ClusterStorage {
     replicated: Mutex<std::collections::HashSet<String>>,
     on_commit: Arc<Mutex<Option<CommitListener>>>,
     journals: Mutex<Option<Arc<ReplicatedJournals>>>,
+    /// Pending cluster delays per topic ([`crate::delays`]).
+    pending_delays: Mutex<Option<Arc<crate::delays::PendingCounts>>>,
 }
 
 impl std::fmt::Debug for ClusterStorage {
@@ -138,6 +140,7 @@ impl ClusterStorage {
             replicated: Mutex::default(),
             on_commit: Arc::default(),
             journals: Mutex::default(),
+            pending_delays: Mutex::default(),
         })
     }
 
@@ -188,6 +191,12 @@ impl ClusterStorage {
         rest.match_indices('.')
             .any(|(at, _)| self.is_replicated(&rest[..at]))
             .then_some(journals)
+    }
+
+    /// Counts pending cluster delays from `counts` (kept by
+    /// [`crate::delays::ReplicatedDelays`]) in the dispatcher's statistics.
+    pub fn count_delays_from(&self, counts: Arc<crate::delays::PendingCounts>) {
+        *lock(&self.pending_delays) = Some(counts);
     }
 
     /// Calls `listener` whenever committed records are applied on any of
@@ -408,6 +417,13 @@ impl Storage for ClusterStorage {
 
     fn journal_tail_cuts(&self) -> Vec<(String, u64)> {
         self.local.journal_tail_cuts()
+    }
+
+    fn delays_elsewhere(&self, topic: &str) -> Vec<(u32, u64)> {
+        lock(&self.pending_delays)
+            .as_ref()
+            .map(|counts| counts.in_topic(topic))
+            .unwrap_or_default()
     }
 
     fn check_room(&self, partitions: u32) -> Result<(), StoreError> {

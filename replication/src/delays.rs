@@ -45,7 +45,7 @@
 //!   dropped and reopened from disk: what it polled and did not mark fired
 //!   is pending again, so nothing polled is forgotten.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -89,10 +89,54 @@ const FOLLOWER_POLL: Duration = Duration::from_millis(20);
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Pause before reopening a store that failed.
 const REOPEN_BACKOFF: Duration = Duration::from_millis(200);
+/// Pause before firing again after a failed step: a destination write
+/// whose answer was lost (its leader died) may yet be committed by the
+/// partition's next leader, and the search for fired delays must see it.
+const REFIRE_BACKOFF: Duration = Duration::from_secs(2);
 /// Cancel outcomes kept for callers that ask after the marker was followed.
 const OUTCOMES_KEPT: usize = 4096;
 /// How long a cancel waits for its marker to be followed here.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
+/// Destination records searched at most, per write, for delays another
+/// leader may have fired already.
+const FIRED_SCAN_MAX: usize = 65_536;
+
+/// Pending delays per topic, as this node's store last counted them
+/// (published after every change it follows or fires): what the
+/// dispatcher's statistics add for cluster topics.
+#[derive(Debug, Default)]
+pub struct PendingCounts {
+    by_topic: Mutex<CountsByTopic>,
+}
+
+/// topic -> (partition, pending delays) per partition with any.
+type CountsByTopic = HashMap<Arc<str>, Vec<(u32, u64)>>;
+
+impl PendingCounts {
+    /// (partition, pending delays) of every partition of `topic` with any.
+    pub fn in_topic(&self, topic: &str) -> Vec<(u32, u64)> {
+        self.by_topic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn publish(&self, store: Option<&DelayStore>) {
+        let mut by_topic = CountsByTopic::new();
+        for (topic, partition, count) in store
+            .map(DelayStore::pending_everywhere)
+            .unwrap_or_default()
+        {
+            by_topic.entry(topic).or_default().push((partition, count));
+        }
+        for counts in by_topic.values_mut() {
+            counts.sort_unstable();
+        }
+        *self.by_topic.lock().unwrap_or_else(|p| p.into_inner()) = by_topic;
+    }
+}
 
 /// Errors of cluster delays (all retryable as the client sees them,
 /// except a refused record).
@@ -141,6 +185,8 @@ impl ReplicatedDelays {
         let timer = storage.internal_replica(TIMER_TOPIC).await?;
         let (requests, received) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(PendingCounts::default());
+        storage.count_delays_from(Arc::clone(&counts));
         let follower = Follower {
             storage: Arc::new(TimerStorage {
                 timer: Arc::clone(&timer),
@@ -152,6 +198,10 @@ impl ReplicatedDelays {
             config,
             runtime: Handle::current(),
             store: None,
+            at_risk_until: i64::MAX,
+            led: false,
+            fire_after: Instant::now(),
+            counts,
             outcomes: VecDeque::new(),
             awaiting: HashMap::new(),
             stop: Arc::clone(&stop),
@@ -300,6 +350,18 @@ struct Follower {
     runtime: Handle,
     /// `None` until opened, and after a failure until reopened.
     store: Option<DelayStore>,
+    /// Published after every step that changed the store.
+    counts: Arc<PendingCounts>,
+    /// Delays due at or before this may have been fired already, by
+    /// another leader or by this node before its store was reopened (a
+    /// write whose answer was lost): their destinations are searched for
+    /// their ids before they are written. Set when the store opens and
+    /// when this node becomes the leader.
+    at_risk_until: i64,
+    /// Whether this node led the timer group at the last step.
+    led: bool,
+    /// No firing before this (see [`REFIRE_BACKOFF`]).
+    fire_after: Instant,
     /// Recent cancel markers followed here: (offset, settled a delay).
     outcomes: VecDeque<(u64, bool)>,
     /// Callers waiting for a cancel marker to be followed, by offset.
@@ -313,12 +375,21 @@ impl Follower {
         while !self.stop.load(Ordering::Acquire) {
             let now = SystemClock.now_ms();
             let leads = self.timer.node().leads();
-            if let Err(error) = self.step(now, leads) {
-                tracing::warn!(%error, "cluster delays: reopening the store");
-                self.store = None;
-                self.answer_unknown();
-                std::thread::sleep(REOPEN_BACKOFF);
-                continue;
+            if leads && !self.led {
+                self.at_risk_until = now;
+            }
+            self.led = leads;
+            match self.step(now, leads) {
+                Ok(true) => self.counts.publish(self.store.as_ref()),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cluster delays: reopening the store");
+                    self.store = None;
+                    self.fire_after = Instant::now() + REFIRE_BACKOFF;
+                    self.answer_unknown();
+                    std::thread::sleep(REOPEN_BACKOFF);
+                    continue;
+                }
             }
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 last_checkpoint = Instant::now();
@@ -350,8 +421,10 @@ impl Follower {
     }
 
     /// Opens the store if need be, follows the log, answers cancels, and
-    /// fires what is due if this node leads.
-    fn step(&mut self, now: i64, leads: bool) -> Result<(), String> {
+    /// fires what is due if this node leads. True if the store changed
+    /// (opened, followed records, fired).
+    fn step(&mut self, now: i64, leads: bool) -> Result<bool, String> {
+        let mut changed = false;
         if self.store.is_none() {
             match DelayStore::open_at(
                 Arc::clone(&self.storage) as Arc<dyn Storage>,
@@ -362,16 +435,21 @@ impl Follower {
                 Ok((store, recovery)) => {
                     tracing::info!(?recovery, "cluster delays opened");
                     self.store = Some(store);
+                    self.at_risk_until = now;
+                    changed = true;
                 }
                 // The replica has not applied what it committed yet.
-                Err(dmq_dispatcher::delay_store::DelayError::TimerBehind { .. }) => return Ok(()),
+                Err(dmq_dispatcher::delay_store::DelayError::TimerBehind { .. }) => {
+                    return Ok(false)
+                }
                 Err(error) => return Err(error.to_string()),
             }
         }
         let Some(store) = self.store.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         let report = store.follow(now).map_err(|e| e.to_string())?;
+        changed |= report.records > 0;
         for (offset, settled) in report.cancels {
             match self.awaiting.remove(&offset) {
                 Some(reply) => {
@@ -385,10 +463,10 @@ impl Follower {
                 }
             }
         }
-        if leads {
-            self.fire(now)?;
+        if leads && Instant::now() >= self.fire_after {
+            changed |= self.fire(now)?;
         }
-        Ok(())
+        Ok(changed)
     }
 
     fn take(&mut self, request: Request) {
@@ -428,20 +506,22 @@ impl Follower {
     }
 
     /// Fires up to [`FIRE_BATCH_MAX`] due delays: destination writes, then
-    /// the fired marker, then the store's marks.
-    fn fire(&mut self, now: i64) -> Result<(), String> {
+    /// the fired marker and the store's marks for those whose write
+    /// committed (and those whose topic is gone, dropped). True if any was
+    /// due. A write that failed fails the step, so the store is reopened
+    /// and its delays are pending again; only they fire again.
+    fn fire(&mut self, now: i64) -> Result<bool, String> {
         let Some(store) = self.store.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         let due = store
             .poll_due(now, FIRE_BATCH_MAX)
             .map_err(|e| e.to_string())?;
         if due.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
-        let ids: Vec<MessageId> = due.iter().map(|message| message.id).collect();
-        let settled = store.polled(&ids);
         let topics = self.metadata.topics_applied_here();
+        let mut dropped = Vec::new();
         let mut writes: BTreeMap<(String, u32), Vec<RecordInput>> = BTreeMap::new();
         for DueMessage {
             id,
@@ -456,44 +536,118 @@ impl Follower {
                 .is_some_and(|spec| partition < spec.partitions);
             if !exists {
                 tracing::warn!(topic, partition, %id, "delayed message for a deleted topic dropped");
+                dropped.push(id);
                 continue;
             }
             writes.entry((topic, partition)).or_default().push(record);
         }
+        // Those another leader may have written already: not again.
+        for ((topic, partition), records) in writes.iter_mut() {
+            let at_risk: HashSet<MessageId> = records
+                .iter()
+                .filter(|r| r.deliver_at_ms.unwrap_or(i64::MIN) <= self.at_risk_until)
+                .filter_map(|r| r.id)
+                .collect();
+            let since = records.iter().filter_map(|r| r.deliver_at_ms).min();
+            let (Some(since), Some(replica)) = (since, self.cluster.replica(topic, *partition))
+            else {
+                continue;
+            };
+            if at_risk.is_empty() {
+                continue;
+            }
+            let found = fired_already(&*replica, since, &at_risk).map_err(|e| e.to_string())?;
+            if !found.is_empty() {
+                tracing::info!(
+                    topic,
+                    partition,
+                    count = found.len(),
+                    "delays a previous leader fired: not written again"
+                );
+                records.retain(|r| r.id.is_none_or(|id| !found.contains(&id)));
+                dropped.extend(found);
+            }
+        }
+        writes.retain(|_, records| !records.is_empty());
         let cluster = Arc::clone(&self.cluster);
-        let timer = Arc::clone(&self.timer);
-        let written = self.runtime.block_on(async move {
+        let (mut done, failure) = self.runtime.block_on(async move {
             let mut answers = Vec::new();
+            let mut failure = None;
             for ((topic, partition), records) in writes {
                 let Some(replica) = cluster.replica(&topic, partition) else {
-                    return Err(format!(
+                    failure = Some(format!(
                         "partition {partition} of {topic} is not open on this node yet"
                     ));
+                    continue;
                 };
                 for records in chunks_by_bytes(records) {
+                    // Each fired record carries its id (`DueMessage`).
+                    let ids: Vec<MessageId> = records.iter().filter_map(|r| r.id).collect();
                     let batch = BatchInput {
                         producer_id: 0,
                         producer_seq: 0,
                         records,
                     };
-                    answers.push(replica.propose(&batch).await);
+                    answers.push((ids, replica.propose(&batch).await));
                 }
             }
-            for answer in answers {
-                answer.await.map_err(|e| e.to_string())?;
+            let mut done = Vec::new();
+            for (ids, answer) in answers {
+                match answer.await {
+                    Ok(_) => done.extend(ids),
+                    Err(error) => failure = Some(error.to_string()),
+                }
             }
+            (done, failure)
+        });
+        done.extend(dropped);
+        if !done.is_empty() {
             let marker = BatchInput {
                 producer_id: 0,
                 producer_seq: 0,
-                records: vec![settle_record(SettleKind::Fired, &settled)],
+                records: vec![settle_record(SettleKind::Fired, &store.polled(&done))],
             };
-            timer.write(&marker).await.map_err(|e| e.to_string())?;
-            Ok(())
-        });
-        written?;
-        store.mark_fired(&ids).map_err(|e| e.to_string())?;
-        Ok(())
+            let timer = Arc::clone(&self.timer);
+            self.runtime
+                .block_on(async move { timer.write(&marker).await })
+                .map_err(|e| format!("the fired marker: {e}"))?;
+            store.mark_fired(&done).map_err(|e| e.to_string())?;
+        }
+        match failure {
+            Some(error) => Err(format!("firing delays: {error}")),
+            None => Ok(true),
+        }
     }
+}
+
+/// Which of `wanted` are in `log` at or after the first record stamped
+/// `since_ms` (a fired delay is appended no earlier than its due time);
+/// searches at most [`FIRED_SCAN_MAX`] records.
+fn fired_already(
+    log: &dyn PartitionLog,
+    since_ms: i64,
+    wanted: &HashSet<MessageId>,
+) -> Result<HashSet<MessageId>, StoreError> {
+    let mut found = HashSet::new();
+    let Some(mut offset) = log.offset_for_timestamp(since_ms)? else {
+        return Ok(found);
+    };
+    let mut scanned = 0;
+    while scanned < FIRED_SCAN_MAX && found.len() < wanted.len() {
+        let records = log.read(offset, 4096)?;
+        let Some(last) = records.last() else {
+            break;
+        };
+        offset = last.offset + 1;
+        scanned += records.len();
+        found.extend(
+            records
+                .iter()
+                .map(|record| record.id)
+                .filter(|id| wanted.contains(id)),
+        );
+    }
+    Ok(found)
 }
 
 /// `records` split into writes of at most [`FIRE_WRITE_BYTES_MAX`] bytes
@@ -524,8 +678,32 @@ fn chunks_by_bytes(records: Vec<RecordInput>) -> Vec<Vec<RecordInput>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fired_delay_is_found_in_its_destination_from_its_due_time() {
+        use dmq_dispatcher::MemoryStorage;
+        use dmq_log_store::ManualClock;
+        let clock = Arc::new(ManualClock::new(10_000));
+        let log = MemoryStorage::new(clock.clone())
+            .partition("orders", 0)
+            .unwrap();
+        let fired = |n: u64| RecordInput {
+            id: Some(MessageId::new(9_000, n)),
+            ..RecordInput::new(format!("fired {n}"))
+        };
+        log.append(vec![RecordInput::new("before")]).unwrap();
+        clock.advance_ms(1_000);
+        log.append(vec![fired(1), RecordInput::new("other"), fired(2)])
+            .unwrap();
+        let wanted: HashSet<MessageId> = [1, 2, 3].map(|n| MessageId::new(9_000, n)).into();
+        let found = fired_already(&*log, 10_500, &wanted).unwrap();
+        assert_eq!(found, [1, 2].map(|n| MessageId::new(9_000, n)).into());
+        // Nothing stamped since: nothing found.
+        assert!(fired_already(&*log, 20_000, &wanted).unwrap().is_empty());
+    }
 
     #[test]
     fn writes_are_split_by_bytes_and_keep_every_record_in_order() {

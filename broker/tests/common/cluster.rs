@@ -57,12 +57,20 @@ impl Node {
         std::fs::create_dir_all(&self.dir).unwrap();
         let path = self.dir.join("dmqd.toml");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(self.dir.join("dmqd.log")).unwrap();
+        // Appended to across restarts, so a post-mortem sees every run;
+        // `DMQ_NODE_LOG` sets the nodes' filter (`warn` by default).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("dmqd.log"))
+            .unwrap();
+        let filter = std::env::var("DMQ_NODE_LOG").unwrap_or_else(|_| "warn".into());
         self.process = Some(
             std::process::Command::new(env!("CARGO_BIN_EXE_dmqd"))
                 .args(["--config", path.to_str().unwrap()])
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::null())
+                .env("RUST_LOG", filter)
+                // dmqd logs to stdout; a panic goes to stderr.
+                .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .unwrap(),

@@ -133,6 +133,7 @@ impl Dispatcher {
             .delays
             .pending_in_topic(topic)
             .into_iter()
+            .chain(self.storage.delays_elsewhere(topic))
             .chain(unfired)
             .chain(firing)
         {
