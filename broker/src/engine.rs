@@ -386,6 +386,7 @@ impl Engine {
             .name("dmq-dispatcher".into())
             .spawn(move || run(dispatcher, clock, receiver, thread_telemetry))?;
         if let Some(cluster) = &cluster {
+            cluster.delays().trace_to(telemetry.event_sink());
             let wake_commands = Arc::downgrade(&commands);
             cluster.storage().set_commit_listener(Arc::new(move || {
                 if let Some(commands) = wake_commands.upgrade() {

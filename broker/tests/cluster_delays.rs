@@ -428,6 +428,36 @@ async fn a_delayed_message_on_a_cluster_topic_fires_once_after_the_timer_leader_
         immediate_late.is_empty(),
         "records without a delay waited for the delayed ones: {immediate_late:?}"
     );
+
+    // The trace: scheduled on the node asked, fired on the node that
+    // fired it (each node keeps its own).
+    let id = *delayed_ids.iter().next().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut kinds = BTreeSet::new();
+        for (i, node) in nodes.iter().enumerate() {
+            if i == dead {
+                continue;
+            }
+            let api = Api::new(node.admin, None);
+            let path = format!("/api/trace/{id}");
+            let traced = http(move || api.try_call("GET", &path, None)).await;
+            if let Some((200, body)) = traced {
+                for event in body["events"].as_array().into_iter().flatten() {
+                    kinds.insert(event["kind"].as_str().unwrap_or_default().to_string());
+                }
+            }
+        }
+        let scheduled_seen = dead == 0 || kinds.contains("delay_scheduled");
+        if scheduled_seen && kinds.contains("delay_fired") && kinds.contains("acked") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the surviving nodes' traces of {id}: {kinds:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Delayed messages still pending when every node is killed (SIGKILL) and

@@ -55,8 +55,8 @@ use std::time::{Duration, Instant};
 use dmq_dispatcher::delay_store::{destination, settle_record, timer_record};
 use dmq_dispatcher::storage::OpenedJournal;
 use dmq_dispatcher::{
-    DelayConfig, DelayLayout, DelayStore, DueMessage, PartitionLog, SettleKind, Settled, Storage,
-    StoreError,
+    DelayConfig, DelayLayout, DelayStore, DueMessage, Event, EventKind, EventSink, PartitionLog,
+    SettleKind, Settled, Storage, StoreError,
 };
 use dmq_log_store::{BatchInput, Clock, MessageId, RecordInput, SystemClock};
 use tokio::runtime::Handle;
@@ -163,6 +163,7 @@ enum Request {
 /// A node's side of cluster delays (see the module doc).
 pub struct ReplicatedDelays {
     timer: Arc<ReplicatedPartitionLog>,
+    events: Arc<EventsSlot>,
     requests: Mutex<Sender<Request>>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -187,6 +188,7 @@ impl ReplicatedDelays {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(PendingCounts::default());
         storage.count_delays_from(Arc::clone(&counts));
+        let events: Arc<EventsSlot> = Arc::default();
         let follower = Follower {
             storage: Arc::new(TimerStorage {
                 timer: Arc::clone(&timer),
@@ -198,6 +200,7 @@ impl ReplicatedDelays {
             config,
             runtime: Handle::current(),
             store: None,
+            events: Arc::clone(&events),
             at_risk_until: i64::MAX,
             led: false,
             fire_after: Instant::now(),
@@ -214,10 +217,17 @@ impl ReplicatedDelays {
             })?;
         Ok(Arc::new(ReplicatedDelays {
             timer,
+            events,
             requests: Mutex::new(requests),
             stop,
             thread: Mutex::new(Some(thread)),
         }))
+    }
+
+    /// Sends trace events (`delay_scheduled` and `delay_cancelled` on the
+    /// node asked, `delay_fired` on the node that fired) to `sink`.
+    pub fn trace_to(&self, sink: Arc<dyn EventSink>) {
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }
 
     /// Proposes delayed records for `topic` (routed: partition and record)
@@ -233,9 +243,13 @@ impl ReplicatedDelays {
         impl Future<Output = Result<Vec<MessageId>, StoreError>> + Send + 'static,
         DelaysError,
     > {
+        let mut places = Vec::with_capacity(records.len());
         let records = records
             .into_iter()
-            .map(|(partition, record)| timer_record(topic, partition, record, now_ms))
+            .map(|(partition, record)| {
+                places.push((partition, record.deliver_at_ms.unwrap_or(now_ms)));
+                timer_record(topic, partition, record, now_ms)
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| DelaysError::Invalid(error.to_string()))?;
         let batch = BatchInput {
@@ -244,7 +258,24 @@ impl ReplicatedDelays {
             records,
         };
         let answer = self.timer.propose(&batch).await;
-        Ok(async move { Ok(answer.await?.ids) })
+        let events = Arc::clone(&self.events);
+        let topic: Arc<str> = Arc::from(topic);
+        Ok(async move {
+            let ids = answer.await?.ids;
+            for (id, (partition, due_ms)) in ids.iter().zip(places) {
+                emit(&events, || Event {
+                    time_ms: SystemClock.now_ms(),
+                    message_id: *id,
+                    topic: Arc::clone(&topic),
+                    partition: Some(partition),
+                    offset: None,
+                    group: None,
+                    kind: EventKind::DelayScheduled { due_ms },
+                    reason: None,
+                });
+            }
+            Ok(ids)
+        })
     }
 
     /// Cancels delay `id` if it is a cluster delay still pending: true if
@@ -271,6 +302,20 @@ impl ReplicatedDelays {
             return Err(StoreError::Unavailable("the delay thread stopped".into()));
         }
         match tokio::time::timeout(CANCEL_WAIT, answer).await {
+            Ok(Ok(Ok(true))) => {
+                let topic = self.destination_of(&id).ok().flatten().unwrap_or_default();
+                emit(&self.events, || Event {
+                    time_ms: SystemClock.now_ms(),
+                    message_id: id,
+                    topic: Arc::from(topic),
+                    partition: None,
+                    offset: None,
+                    group: None,
+                    kind: EventKind::DelayCancelled,
+                    reason: None,
+                });
+                Ok(true)
+            }
             Ok(Ok(outcome)) => outcome,
             _ => Err(StoreError::Unavailable(
                 "the cancel was written but not yet applied on this node: its outcome is unknown"
@@ -304,6 +349,16 @@ impl ReplicatedDelays {
                 tracing::error!("the cluster delay thread panicked");
             }
         }
+    }
+}
+
+/// Where trace events go, once the node's telemetry is up.
+type EventsSlot = Mutex<Option<Arc<dyn EventSink>>>;
+
+fn emit(slot: &EventsSlot, event: impl FnOnce() -> Event) {
+    let sink = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(sink) = sink.filter(|sink| sink.enabled()) {
+        sink.emit(event());
     }
 }
 
@@ -352,6 +407,7 @@ struct Follower {
     store: Option<DelayStore>,
     /// Published after every step that changed the store.
     counts: Arc<PendingCounts>,
+    events: Arc<EventsSlot>,
     /// Delays due at or before this may have been fired already, by
     /// another leader or by this node before its store was reopened (a
     /// write whose answer was lost): their destinations are searched for
@@ -569,6 +625,15 @@ impl Follower {
             }
         }
         writes.retain(|_, records| !records.is_empty());
+        let fired: Vec<(MessageId, Arc<str>, u32)> = writes
+            .iter()
+            .flat_map(|((topic, partition), records)| {
+                let topic: Arc<str> = Arc::from(topic.as_str());
+                records
+                    .iter()
+                    .filter_map(move |r| Some((r.id?, Arc::clone(&topic), *partition)))
+            })
+            .collect();
         let cluster = Arc::clone(&self.cluster);
         let (mut done, failure) = self.runtime.block_on(async move {
             let mut answers = Vec::new();
@@ -612,6 +677,22 @@ impl Follower {
                 .block_on(async move { timer.write(&marker).await })
                 .map_err(|e| format!("the fired marker: {e}"))?;
             store.mark_fired(&done).map_err(|e| e.to_string())?;
+            let written: HashSet<MessageId> = done.iter().copied().collect();
+            let time_ms = SystemClock.now_ms();
+            for (id, topic, partition) in fired {
+                if written.contains(&id) {
+                    emit(&self.events, || Event {
+                        time_ms,
+                        message_id: id,
+                        topic,
+                        partition: Some(partition),
+                        offset: None,
+                        group: None,
+                        kind: EventKind::DelayFired,
+                        reason: None,
+                    });
+                }
+            }
         }
         match failure {
             Some(error) => Err(format!("firing delays: {error}")),
