@@ -1782,6 +1782,14 @@ impl DelayStore {
             }
             self.indexed_end = next;
         }
+        // A store that does not poll (a follower) keeps no settled entry
+        // at the head of its ready queue: the leader settles in due order.
+        while let Some(&(_, _, offset, ..)) = self.ready.peek() {
+            if !self.cancelled_ready.remove(&offset) {
+                break;
+            }
+            self.ready.pop();
+        }
         if self.buffered_total >= self.config.buffered_entries_max {
             self.flush()?;
         }
@@ -3171,6 +3179,21 @@ mod tests {
         assert_eq!(report.cancels.len(), 1);
         assert!(!report.cancels[0].1, "settled already");
         assert_eq!(follower.pending(), 0);
+    }
+
+    #[test]
+    fn a_follower_drops_what_markers_settled_from_its_ready_queue() {
+        let cluster = Followers::new(2, 100_000);
+        let now = cluster.clock.now_ms();
+        let ids = cluster.schedule(&[now + 100, now + 200, now + 300]);
+        cluster.clock.advance_ms(1_000);
+        // Opened with all three overdue: they wait in its ready queue.
+        let mut follower = cluster.open(1).unwrap();
+        assert_eq!(follower.loaded_len(), 3);
+        let mut leader = cluster.open(0).unwrap();
+        assert_eq!(cluster.fire(&mut leader), ids);
+        follower.follow(cluster.clock.now_ms()).unwrap();
+        assert_eq!((follower.pending(), follower.loaded_len()), (0, 0));
     }
 
     #[test]
