@@ -165,10 +165,14 @@
 //!
 //! # Limitations
 //!
-//! - No retention of the timer log: [`crate::storage::PartitionLog`] has no
-//!   delete; segments whose delays all fired stay until the log's own
-//!   retention removes them. Re-indexing starts at the log's start offset if
-//!   the watermark is below it.
+//! - The timer log is reclaimed by [`DelayStore::reclaim`] (the broker
+//!   calls it every minute): sealed segments wholly below
+//!   [`DelayStore::reclaimable_below`] are deleted, the lowest of the
+//!   watermark, an uncommitted append, a loaded or polled entry and each
+//!   unloaded bucket's lowest entry (a lower bound, kept until the bucket
+//!   is removed: a far bucket with an old entry holds the log back until
+//!   it fires). Re-indexing starts at the log's start offset if the
+//!   watermark is below it.
 //! - Bucket journals are not compacted: a bucket is removed when all of its
 //!   entries are dead; a far bucket with many cancels keeps its tombstones.
 //! - `next_due_ms` may be early (never late) after far cancels.
@@ -647,6 +651,9 @@ struct Bucket {
     inflight: u64,
     /// Lower bound of the pending due times.
     min_due_ms: i64,
+    /// Lower bound of the pending entries' timer-log offsets (what
+    /// [`DelayStore::reclaimable_below`] keeps of an unloaded bucket).
+    min_offset: u64,
     loaded: bool,
     /// Open while loaded (or briefly while written).
     journal: Option<Box<dyn Journal>>,
@@ -662,6 +669,7 @@ impl Bucket {
             pending: 0,
             inflight: 0,
             min_due_ms: i64::MAX,
+            min_offset: u64::MAX,
             loaded,
             journal: None,
             unsynced: false,
@@ -727,6 +735,8 @@ pub struct DelayStore {
     uncommitted: BTreeMap<u64, u32>,
     /// Followed timer logs: every record below is indexed (or applied).
     indexed_end: u64,
+    /// The watermark on disk: a reopen re-indexes the timer log from it.
+    watermark: u64,
 }
 
 /// Delayed messages appended to the timer log, not yet pending: see
@@ -1156,6 +1166,7 @@ impl DelayStore {
             fired_lost: 0,
             uncommitted: BTreeMap::new(),
             indexed_end: end,
+            watermark,
         };
         let mut recovery = DelayRecovery {
             watermark,
@@ -1284,6 +1295,7 @@ impl DelayStore {
             for entry in &live {
                 bucket.pending += 1;
                 bucket.min_due_ms = bucket.min_due_ms.min(entry.due_ms);
+                bucket.min_offset = bucket.min_offset.min(entry.offset);
                 store.destinations.add(entry.dest);
                 if entry.flags & FLAG_FOREIGN_ID != 0 {
                     store.foreign.insert(entry.id, (start, entry.offset));
@@ -1840,6 +1852,46 @@ impl DelayStore {
         })
     }
 
+    /// The timer-log offset below which no record is needed any more:
+    /// every pending or polled delay's record is at or above it, and so is
+    /// everything a reopen re-indexes (the watermark) or an append not yet
+    /// committed wrote. Segments wholly below may be deleted.
+    pub fn reclaimable_below(&self) -> u64 {
+        let mut floor = self.watermark;
+        if self.layout.followed {
+            floor = floor.min(self.indexed_end);
+        }
+        if let Some(&first) = self.uncommitted.keys().next() {
+            floor = floor.min(first);
+        }
+        // Loaded entries (in the wheel, ready or staged) keep their slot
+        // until polled; polled ones are in `inflight` until marked.
+        if let Some((&first, _)) = self.loaded.first_key_value() {
+            floor = floor.min(first);
+        }
+        for &(_, offset) in self.inflight.values() {
+            floor = floor.min(offset);
+        }
+        // Every live entry of a loaded bucket is in `loaded`; an unloaded
+        // one's are bounded below by its `min_offset`.
+        for bucket in self.buckets.values() {
+            if !bucket.loaded && (bucket.pending > 0 || !bucket.buffered.is_empty()) {
+                floor = floor.min(bucket.min_offset);
+            }
+        }
+        floor
+    }
+
+    /// Deletes the timer log's sealed segments wholly below
+    /// [`reclaimable_below`](Self::reclaimable_below); returns how many.
+    pub fn reclaim(&self) -> Result<u64> {
+        let floor = self.reclaimable_below();
+        if floor <= self.timer.start_offset() {
+            return Ok(0);
+        }
+        Ok(self.timer.delete_before(floor)?)
+    }
+
     /// Followed timer logs: every record below is indexed or applied.
     pub fn indexed_end(&self) -> u64 {
         self.indexed_end
@@ -2069,6 +2121,7 @@ impl DelayStore {
         self.buffered_total += entries.len();
         for entry in &entries {
             bucket.min_due_ms = bucket.min_due_ms.min(entry.due_ms);
+            bucket.min_offset = bucket.min_offset.min(entry.offset);
             self.destinations.add(entry.dest);
         }
         for entry in &entries {
@@ -2288,6 +2341,7 @@ impl DelayStore {
         }
         self.meta
             .rewrite(&[encode_meta(watermark, self.config.bucket_width_ms)])?;
+        self.watermark = watermark;
         self.buffered_total = 0;
         // Every entry is now covered by the watermark: dead buckets can go.
         let dead: Vec<i64> = self

@@ -87,6 +87,9 @@ const LEADER_POLL: Duration = Duration::from_millis(5);
 const FOLLOWER_POLL: Duration = Duration::from_millis(20);
 /// How often lazy index writes are made durable.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How often the timer log's segments that no pending delay needs are
+/// deleted (below the replica's purged rows only).
+const RECLAIM_EVERY: Duration = Duration::from_secs(60);
 /// Pause before reopening a store that failed.
 const REOPEN_BACKOFF: Duration = Duration::from_millis(200);
 /// Pause before firing again after a failed step: a destination write
@@ -428,6 +431,7 @@ struct Follower {
 impl Follower {
     fn run(mut self, requests: Receiver<Request>) {
         let mut last_checkpoint = Instant::now();
+        let mut last_reclaim = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             let now = SystemClock.now_ms();
             let leads = self.timer.node().leads();
@@ -452,6 +456,18 @@ impl Follower {
                 if let Some(Err(error)) = self.store.as_mut().map(DelayStore::checkpoint) {
                     tracing::warn!(%error, "cluster delays: checkpoint failed; reopening");
                     self.store = None;
+                }
+            }
+            if last_reclaim.elapsed() >= RECLAIM_EVERY {
+                last_reclaim = Instant::now();
+                match self.store.as_ref().map(DelayStore::reclaim) {
+                    Some(Ok(segments @ 1..)) => {
+                        tracing::info!(segments, "cluster delays: fired segments deleted");
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "cluster delays: deleting fired segments failed");
+                    }
+                    _ => {}
                 }
             }
             let wait = match (&self.store, leads) {

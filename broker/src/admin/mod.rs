@@ -400,7 +400,8 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Applies each registered topic's `retention_hours` every minute, and
 /// unlinks segments whose messages are all deleted and passed by every
-/// group, until `stop` turns true.
+/// group, and the delay store's segments no pending delay needs, until
+/// `stop` turns true.
 pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -410,7 +411,13 @@ pub async fn enforce_retention(services: Services, mut stop: tokio::sync::watch:
         let reclaimed = services
             .engine
             .call(|dispatcher, _| {
-                let mut freed = 0;
+                let mut freed = match dispatcher.reclaim_delay_log() {
+                    Ok(n) => n,
+                    Err(error) => {
+                        tracing::warn!(%error, "deleting the delay store's fired segments failed");
+                        0
+                    }
+                };
                 for (topic, _) in dispatcher.topics() {
                     match dispatcher.reclaim_deleted(&topic) {
                         Ok(n) => freed += n,

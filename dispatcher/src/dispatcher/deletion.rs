@@ -79,6 +79,15 @@ impl Dispatcher {
         Ok(unlinked)
     }
 
+    /// Deletes the sealed segments of the delay store's timer log that no
+    /// pending delay needs any more ([`DelayStore::reclaim`]); returns how
+    /// many.
+    ///
+    /// [`DelayStore::reclaim`]: crate::DelayStore::reclaim
+    pub fn reclaim_delay_log(&mut self) -> Result<u64> {
+        Ok(self.delays.reclaim()?)
+    }
+
     /// How many stored records (from each partition's start offset to its
     /// end offset now) `tombstone` would cover that no earlier deletion of
     /// the topic covers: the dry run of a deletion. Exact (one caveat:
