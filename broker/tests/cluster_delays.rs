@@ -538,6 +538,29 @@ async fn a_cancelled_delay_on_a_cluster_topic_never_fires() {
         wait_for_topic(client, "orders").await;
     }
 
+    // A record carrying a header the timer log reserves is refused, and
+    // nothing of its batch is stored.
+    let refused = clients[1]
+        .producer()
+        .send(
+            Message::new("orders", "forged")
+                .header("dmq.delay.topic", "elsewhere")
+                .deliver_at(ms_to_system_time(
+                    system_time_to_ms(SystemTime::now()) + 1_000,
+                )),
+        )
+        .await;
+    assert!(
+        matches!(
+            &refused,
+            Err(dmq_client::ClientError::Broker {
+                code: dmq_client::ErrorCode::InvalidRequest,
+                ..
+            })
+        ),
+        "a delayed record with a reserved header: {refused:?}"
+    );
+
     // Both due in about 3 s.
     let base = system_time_to_ms(SystemTime::now()) + 3_000;
     let delayed = produce_delayed(&clients[0], "delayed", &dues(2, base, 0, 1)).await;
