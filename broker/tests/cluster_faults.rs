@@ -240,44 +240,29 @@ struct DelayedHistory {
 async fn produce_delayed(
     addrs: Vec<SocketAddr>,
     history: Arc<Mutex<DelayedHistory>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut via = 0;
-    let mut seq = 0u64;
-    let mut client: Option<(Client, dmq_client::Producer)> = None;
-    while !*stop.borrow() {
-        if client.is_none() {
-            client = client_of(addrs[via]).await.map(|client| {
-                let producer = client.producer();
-                (client, producer)
-            });
-            if client.is_none() {
-                via = (via + 1) % addrs.len();
-                continue;
+    send_one_at_a_time(
+        addrs,
+        stop,
+        Duration::from_millis(20),
+        |seq| {
+            let due = dmq_client::time::system_time_to_ms(std::time::SystemTime::now())
+                + 300
+                + (seq * 7_919 % 2_200) as i64;
+            let message = Message::new("reminders", format!("r:{seq}"))
+                .deliver_at(dmq_client::time::ms_to_system_time(due));
+            (message, due)
+        },
+        |due, receipt| {
+            let mut history = history.lock().unwrap();
+            match receipt {
+                Some(receipt) => history.acknowledged.push((receipt.id, due)),
+                None => history.failed_sends += 1,
             }
-        }
-        let Some((_, producer)) = &client else {
-            continue;
-        };
-        let due = dmq_client::time::system_time_to_ms(std::time::SystemTime::now())
-            + 300
-            + (seq * 7_919 % 2_200) as i64;
-        let message = Message::new("reminders", format!("r:{seq}"))
-            .deliver_at(dmq_client::time::ms_to_system_time(due));
-        match tokio::time::timeout(Duration::from_secs(15), producer.send(message)).await {
-            Ok(Ok(receipt)) => history.lock().unwrap().acknowledged.push((receipt.id, due)),
-            _ => {
-                history.lock().unwrap().failed_sends += 1;
-                client = None;
-                via = (via + 1) % addrs.len();
-            }
-        }
-        seq += 1;
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            _ = stop.changed() => {}
-        }
-    }
+        },
+    )
+    .await;
 }
 
 /// Consumes "reminders" as a new group through `client` until every id of
@@ -288,23 +273,8 @@ async fn read_reminders(
     expected: &BTreeSet<MessageId>,
 ) -> Vec<(MessageId, (u32, u64), std::time::SystemTime)> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut subscription = loop {
-        match client
-            .consumer()
-            .subscribe("reminders", "final-reminders", group_options())
-            .await
-        {
-            Ok(subscription) => break subscription,
-            Err(dmq_client::ClientError::Broker {
-                code: dmq_protocol::ErrorCode::Unavailable,
-                message,
-            }) if Instant::now() < deadline => {
-                println!("subscribe final-reminders: unavailable ({message}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(error) => panic!("subscribe final-reminders: {error}"),
-        }
-    };
+    let mut subscription =
+        subscribe_retrying(client, "reminders", "final-reminders", deadline).await;
     let mut seen = Vec::new();
     let mut missing = expected.clone();
     // Past the last one, a little longer: copies fired twice show up.
@@ -371,7 +341,42 @@ async fn client_of(addr: SocketAddr) -> Option<Client> {
 async fn produce(
     addrs: Vec<SocketAddr>,
     history: Arc<Mutex<History>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let pause = Duration::from_millis(5);
+    send_one_at_a_time(
+        addrs,
+        stop,
+        pause,
+        |seq| {
+            let key = seq % KEYS;
+            let message = Message::new("orders", format!("{key}:{seq}")).key(format!("k{key}"));
+            (message, (key, seq))
+        },
+        |sent_as, receipt| {
+            let mut history = history.lock().unwrap();
+            match receipt {
+                Some(receipt) => {
+                    history.acknowledged.push(receipt.id);
+                    history.sent_as.insert(receipt.id, sent_as);
+                }
+                None => history.failed_sends += 1,
+            }
+        },
+    )
+    .await;
+}
+
+/// Sends one message at a time until `stop`, `pause` apart, through the
+/// next node after a send that failed (or got no answer in 15 s):
+/// `message(seq)` makes each (with what `done` should know of it),
+/// `done(what, receipt)` records its outcome (`None`: failed or unknown).
+async fn send_one_at_a_time<T>(
+    addrs: Vec<SocketAddr>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    pause: Duration,
+    mut message: impl FnMut(u64) -> (Message, T),
+    mut done: impl FnMut(T, Option<dmq_client::SendReceipt>),
 ) {
     let mut via = 0;
     let mut seq = 0u64;
@@ -390,24 +395,18 @@ async fn produce(
         let Some((_, producer)) = &client else {
             continue;
         };
-        let key = seq % KEYS;
-        let message = Message::new("orders", format!("{key}:{seq}")).key(format!("k{key}"));
-        let send = producer.send(message);
-        match tokio::time::timeout(Duration::from_secs(15), send).await {
-            Ok(Ok(receipt)) => {
-                let mut history = history.lock().unwrap();
-                history.acknowledged.push(receipt.id);
-                history.sent_as.insert(receipt.id, (key, seq));
-            }
+        let (message, what) = message(seq);
+        match tokio::time::timeout(Duration::from_secs(15), producer.send(message)).await {
+            Ok(Ok(receipt)) => done(what, Some(receipt)),
             _ => {
-                history.lock().unwrap().failed_sends += 1;
+                done(what, None);
                 client = None;
                 via = (via + 1) % addrs.len();
             }
         }
         seq += 1;
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => {}
         }
     }
@@ -504,27 +503,7 @@ async fn read_all(
     expected: &BTreeSet<MessageId>,
 ) -> Vec<(MessageId, u64, u64)> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    // A new group's first SUBSCRIBE needs the metadata group (its
-    // dead-letter topic is made a cluster topic): right after the faults
-    // heal it may answer Unavailable while an election runs, which a
-    // client retries.
-    let mut subscription = loop {
-        match client
-            .consumer()
-            .subscribe("orders", group, group_options())
-            .await
-        {
-            Ok(subscription) => break subscription,
-            Err(dmq_client::ClientError::Broker {
-                code: dmq_protocol::ErrorCode::Unavailable,
-                message,
-            }) if Instant::now() < deadline => {
-                println!("subscribe {group}: unavailable ({message}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(error) => panic!("subscribe {group}: {error}"),
-        }
-    };
+    let mut subscription = subscribe_retrying(client, "orders", group, deadline).await;
     let mut seen = Vec::new();
     let mut missing = expected.clone();
     while !missing.is_empty() && Instant::now() < deadline {
@@ -536,6 +515,34 @@ async fn read_all(
         }
     }
     seen
+}
+
+/// Subscribes a new group, retrying `Unavailable` until `deadline`: its
+/// first SUBSCRIBE needs the metadata group (its dead-letter topic is made
+/// a cluster topic), which right after the faults heal may be electing.
+async fn subscribe_retrying(
+    client: &Client,
+    topic: &str,
+    group: &str,
+    deadline: Instant,
+) -> dmq_client::Subscription {
+    loop {
+        match client
+            .consumer()
+            .subscribe(topic, group, group_options())
+            .await
+        {
+            Ok(subscription) => return subscription,
+            Err(dmq_client::ClientError::Broker {
+                code: dmq_protocol::ErrorCode::Unavailable,
+                message,
+            }) if Instant::now() < deadline => {
+                println!("subscribe {group}: unavailable ({message}); retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("subscribe {group}: {error}"),
+        }
+    }
 }
 
 /// Per key, the acknowledged messages among `deliveries` (first

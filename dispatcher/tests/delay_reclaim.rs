@@ -16,21 +16,8 @@ use dmq_dispatcher::storage::FileStorage;
 use dmq_dispatcher::{DelayConfig, DelayStore, Storage};
 use dmq_log_store::{FsyncPolicy, LogConfig, MessageId, RecordInput};
 
-/// A tiny seeded generator (xorshift64*).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 fn storage(dir: &std::path::Path) -> Arc<dyn Storage> {
     let config = LogConfig {
@@ -63,7 +50,7 @@ fn reclaiming_the_timer_log_loses_and_revives_no_delay() {
 
 fn run(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = XorShift(0x5EED_0000_0000_0000 | seed);
+    let mut rng = Rng(0x5EED_0000_0000_0000 | seed);
     let mut now: i64 = 1_000_000;
     let mut pending: BTreeMap<MessageId, i64> = BTreeMap::new();
     let mut settled: HashSet<MessageId> = HashSet::new();

@@ -586,6 +586,20 @@ impl Follower {
         let Some(store) = self.store.as_mut() else {
             return Ok(false);
         };
+        if store.next_due_ms().is_none_or(|due| due > now) {
+            return Ok(false);
+        }
+        // A fence, short of a real one: a quorum confirms this node still
+        // leads (a node paused or cut off believes it leads until it hears
+        // otherwise, and its writes to partitions led elsewhere would
+        // commit). Nothing is polled unless it does.
+        let timer = Arc::clone(&self.timer);
+        let confirmed = self
+            .runtime
+            .block_on(async move { timer.node().raft().ensure_linearizable().await });
+        if confirmed.is_err() {
+            return Ok(false);
+        }
         let due = store
             .poll_due(now, FIRE_BATCH_MAX)
             .map_err(|e| e.to_string())?;
