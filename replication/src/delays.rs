@@ -205,7 +205,7 @@ impl ReplicatedDelays {
             store: None,
             events: Arc::clone(&events),
             at_risk_until: i64::MAX,
-            led: false,
+            led_term: None,
             fire_after: Instant::now(),
             counts,
             outcomes: VecDeque::new(),
@@ -415,10 +415,10 @@ struct Follower {
     /// another leader or by this node before its store was reopened (a
     /// write whose answer was lost): their destinations are searched for
     /// their ids before they are written. Set when the store opens and
-    /// when this node becomes the leader.
+    /// when this node starts a term as the leader.
     at_risk_until: i64,
-    /// Whether this node led the timer group at the last step.
-    led: bool,
+    /// The term in which this node led the timer group at the last step.
+    led_term: Option<u64>,
     /// No firing before this (see [`REFIRE_BACKOFF`]).
     fire_after: Instant,
     /// Recent cancel markers followed here: (offset, settled a delay).
@@ -434,11 +434,15 @@ impl Follower {
         let mut last_reclaim = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             let now = SystemClock.now_ms();
-            let leads = self.timer.node().leads();
-            if leads && !self.led {
+            // A new term of leadership (even one that follows this node's
+            // own deposition between two loops): another leader may have
+            // fired meanwhile.
+            let term = self.timer.node().leading_term();
+            if term.is_some() && term != self.led_term {
                 self.at_risk_until = now;
             }
-            self.led = leads;
+            self.led_term = term;
+            let leads = term.is_some();
             match self.step(now, leads) {
                 Ok(true) => self.counts.publish(self.store.as_ref()),
                 Ok(false) => {}

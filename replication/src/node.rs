@@ -246,10 +246,13 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         &self.raft
     }
 
-    /// Whether this node leads the group, as its metrics say now (a
-    /// deposed leader may believe it a little longer: not a fence).
-    pub fn leads(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+    /// The term in which this node leads the group, if it does, as its
+    /// metrics say now (a deposed leader may believe it a little longer:
+    /// not a fence).
+    pub fn leading_term(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.current_leader == Some(self.id)).then_some(metrics.current_term)
     }
 
     /// Forms a new group of `members` (id -> Raft address). Call it on one
