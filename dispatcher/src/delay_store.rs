@@ -272,6 +272,12 @@ impl Settled {
     }
 }
 
+/// A timer-log record, read: see [`DelayStore::read_timer_record`].
+enum TimerRecord {
+    Settle(SettleKind, Vec<Settled>),
+    Schedule(Entry),
+}
+
 /// What one [`DelayStore::follow`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FollowReport {
@@ -1200,31 +1206,17 @@ impl DelayStore {
             let Some(last) = records.last() else { break };
             offset = last.offset + 1;
             for record in &records {
-                match decode_settle(record) {
-                    Some(Ok(settle)) => {
-                        settles.push(settle);
-                        continue;
+                match store.read_timer_record(record) {
+                    Some(TimerRecord::Settle(kind, settled)) => settles.push((kind, settled)),
+                    Some(TimerRecord::Schedule(entry)) => {
+                        reindexed
+                            .entry(store.bucket_start(entry.due_ms))
+                            .or_default()
+                            .push(entry);
+                        recovery.reindexed_records += 1;
                     }
-                    Some(Err(why)) => {
-                        tracing::error!(offset = record.offset, why, "undecodable settle marker");
-                        recovery.skipped_records += 1;
-                        continue;
-                    }
-                    None => {}
+                    None => recovery.skipped_records += 1,
                 }
-                let Some(entry) = store.entry_of(record) else {
-                    tracing::error!(
-                        offset = record.offset,
-                        "timer-log record without delay headers"
-                    );
-                    recovery.skipped_records += 1;
-                    continue;
-                };
-                reindexed
-                    .entry(store.bucket_start(entry.due_ms))
-                    .or_default()
-                    .push(entry);
-                recovery.reindexed_records += 1;
             }
         }
 
@@ -1628,25 +1620,31 @@ impl DelayStore {
                 "this store follows a timer log others write: cancel with a settle marker".into(),
             ));
         }
-        let Some(pending) = self.locate(id)? else {
+        let Some((start, offset)) = self.position_of(id)? else {
             return Ok(false);
         };
-        self.settle(SettleKind::Cancelled, pending, true)
+        self.settle_at(start, SettleKind::Cancelled, offset, *id, true)
+    }
+
+    /// Where delay `id` would be if pending: its bucket and timer-log
+    /// offset (from the ids that came from callers, or the timer log).
+    /// `None` if it is unknown or polled.
+    fn position_of(&mut self, id: &MessageId) -> Result<Option<(i64, u64)>> {
+        if self.inflight.contains_key(id) {
+            return Ok(None);
+        }
+        Ok(match self.foreign.get(id) {
+            Some(&(start, offset)) => Some((start, offset)),
+            None => self
+                .find_in_timer_log(id)?
+                .map(|(due_ms, offset)| (self.bucket_start(due_ms), offset)),
+        })
     }
 
     /// Pending delay `id` (not yet polled): where it is in the timer log
     /// and when it is due. `None` if unknown, polled, fired or cancelled.
     pub fn locate(&mut self, id: &MessageId) -> Result<Option<Settled>> {
-        if self.inflight.contains_key(id) {
-            return Ok(None);
-        }
-        let located = match self.foreign.get(id) {
-            Some(&(start, offset)) => Some((start, offset)),
-            None => self
-                .find_in_timer_log(id)?
-                .map(|(due_ms, offset)| (self.bucket_start(due_ms), offset)),
-        };
-        let Some((start, offset)) = located else {
+        let Some((start, offset)) = self.position_of(id)? else {
             return Ok(None);
         };
         let found = |due_ms| Settled {
@@ -1685,12 +1683,26 @@ impl DelayStore {
     /// no more and its bucket gets a tombstone (synced if `durable`). True
     /// if it was pending; false if unknown, polled or settled already.
     fn settle(&mut self, kind: SettleKind, entry: Settled, durable: bool) -> Result<bool> {
+        let start = self.bucket_start(entry.due_ms);
+        self.settle_at(start, kind, entry.offset, entry.id, durable)
+    }
+
+    /// [`settle`](Self::settle) of the delay at timer-log `offset` with id
+    /// `id`, in bucket `start` unless loaded (one journal read at most).
+    fn settle_at(
+        &mut self,
+        start: i64,
+        kind: SettleKind,
+        offset: u64,
+        id: MessageId,
+        durable: bool,
+    ) -> Result<bool> {
         let tombstone = match kind {
             SettleKind::Fired => KIND_FIRED,
             SettleKind::Cancelled => KIND_CANCEL,
         };
-        if let BTreeEntry::Occupied(slot) = self.loaded.entry(entry.offset) {
-            if slot.get().id != entry.id {
+        if let BTreeEntry::Occupied(slot) = self.loaded.entry(offset) {
+            if slot.get().id != id {
                 return Ok(false);
             }
             let slot = slot.remove();
@@ -1699,15 +1711,14 @@ impl DelayStore {
             match slot.timer.and_then(|timer| self.wheel.cancel(timer)) {
                 Some(_) => {}
                 None => {
-                    self.cancelled_ready.insert(entry.offset);
+                    self.cancelled_ready.insert(offset);
                 }
             }
             let start = self.bucket_start(slot.due_ms);
-            self.forget_pending(start, &entry.id, slot.dest);
-            self.append_tombstones(start, tombstone, &[entry.offset], durable)?;
+            self.forget_pending(start, &id, slot.dest);
+            self.append_tombstones(start, tombstone, &[offset], durable)?;
             return Ok(true);
         }
-        let start = self.bucket_start(entry.due_ms);
         let Some(bucket) = self.buckets.get_mut(&start) else {
             return Ok(false);
         };
@@ -1719,7 +1730,7 @@ impl DelayStore {
         let live = if let Some(position) = bucket
             .buffered
             .iter()
-            .position(|e| e.offset == entry.offset && e.id == entry.id)
+            .position(|e| e.offset == offset && e.id == id)
         {
             let buffered = bucket.buffered.swap_remove(position);
             self.buffered_total = self.buffered_total.saturating_sub(1);
@@ -1730,15 +1741,15 @@ impl DelayStore {
             let contents = decode_bucket(&name, &payloads, &mut self.destinations)?;
             contents
                 .scheduled
-                .get(&entry.offset)
-                .filter(|scheduled| scheduled.id == entry.id && contents.is_live(entry.offset))
+                .get(&offset)
+                .filter(|scheduled| scheduled.id == id && contents.is_live(offset))
                 .map(|scheduled| scheduled.dest)
         };
         let Some(dest) = live else {
             return Ok(false);
         };
-        self.forget_pending(start, &entry.id, dest);
-        self.append_tombstones(start, tombstone, &[entry.offset], durable)?;
+        self.forget_pending(start, &id, dest);
+        self.append_tombstones(start, tombstone, &[offset], durable)?;
         Ok(true)
     }
 
@@ -1759,8 +1770,8 @@ impl DelayStore {
             let mut by_bucket: BTreeMap<i64, Vec<Entry>> = BTreeMap::new();
             for record in records.iter().filter(|r| r.offset >= from) {
                 report.records += 1;
-                match decode_settle(record) {
-                    Some(Ok((kind, settled))) => {
+                match self.read_timer_record(record) {
+                    Some(TimerRecord::Settle(kind, settled)) => {
                         // What came before the marker first: it may name it.
                         for (start, entries) in std::mem::take(&mut by_bucket) {
                             self.add_entries(start, entries)?;
@@ -1769,25 +1780,13 @@ impl DelayStore {
                         if kind == SettleKind::Cancelled {
                             report.cancels.push((record.offset, any));
                         }
-                        continue;
                     }
-                    Some(Err(why)) => {
-                        tracing::error!(offset = record.offset, why, "undecodable settle marker");
-                        continue;
-                    }
+                    Some(TimerRecord::Schedule(entry)) => by_bucket
+                        .entry(self.bucket_start(entry.due_ms))
+                        .or_default()
+                        .push(entry),
                     None => {}
                 }
-                let Some(entry) = self.entry_of(record) else {
-                    tracing::error!(
-                        offset = record.offset,
-                        "timer-log record without delay headers"
-                    );
-                    continue;
-                };
-                by_bucket
-                    .entry(self.bucket_start(entry.due_ms))
-                    .or_default()
-                    .push(entry);
             }
             for (start, entries) in by_bucket {
                 self.add_entries(start, entries)?;
@@ -1812,17 +1811,40 @@ impl DelayStore {
     fn apply_settle(&mut self, kind: SettleKind, settled: Vec<Settled>) -> Result<bool> {
         let mut any = false;
         for entry in settled {
-            let entry = if entry.is_by_id() {
-                match self.locate(&entry.id)? {
-                    Some(found) => found,
-                    None => continue,
+            any |= if entry.is_by_id() {
+                match self.position_of(&entry.id)? {
+                    Some((start, offset)) => {
+                        self.settle_at(start, kind, offset, entry.id, false)?
+                    }
+                    None => false,
                 }
             } else {
-                entry
+                self.settle(kind, entry, false)?
             };
-            any |= self.settle(kind, entry, false)?;
         }
         Ok(any)
+    }
+
+    /// What timer-log record `record` is: a settle marker or a delay's
+    /// schedule; `None` (logged) if it is neither (an undecodable marker,
+    /// a record without valid delay headers).
+    fn read_timer_record(&mut self, record: &Record) -> Option<TimerRecord> {
+        match decode_settle(record) {
+            Some(Ok((kind, settled))) => return Some(TimerRecord::Settle(kind, settled)),
+            Some(Err(why)) => {
+                tracing::error!(offset = record.offset, why, "undecodable settle marker");
+                return None;
+            }
+            None => {}
+        }
+        let entry = self.entry_of(record);
+        if entry.is_none() {
+            tracing::error!(
+                offset = record.offset,
+                "timer-log record without delay headers"
+            );
+        }
+        entry.map(TimerRecord::Schedule)
     }
 
     /// The schedule entry of timer-log record `record`; `None` without
