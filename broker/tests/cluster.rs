@@ -465,8 +465,15 @@ async fn a_deleted_cluster_topic_leaves_every_node_and_its_name_comes_back_empty
     let old: BTreeSet<MessageId> = produce(&first, "old", 20).await.into_iter().collect();
     assert_eq!(consume(&second, "billing", old.len()).await, old);
     let replica_dir = |node: &Node| node.dir.join("data/cluster/partitions/orders");
+    // Node 3 makes its replicas as its topic follower comes by (every
+    // 100 ms): waited for, not assumed.
     for node in &nodes {
-        assert!(replica_dir(node).is_dir(), "node {}", node.id);
+        eventually(
+            &format!("node {}'s replicas of orders", node.id),
+            Duration::from_secs(10),
+            || replica_dir(node).is_dir(),
+        )
+        .await;
     }
 
     // Node 3 is down while the topic is deleted through node 2.
