@@ -409,8 +409,23 @@ pub async fn http<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 
 /// A free 127.0.0.1 port (bound, then released).
 pub fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    // The kernel may hand a port just released back to the next bind: two
+    // tests of one binary (run in parallel) then gave one port to two
+    // nodes (a client of one reached the other's admin HTTP server). Each
+    // port is handed out once per process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    // Ports refused are held until one is found, so the kernel moves on.
+    let mut refused = Vec::new();
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+        refused.push(listener);
+    }
 }
 
 /// Starts the real `dmqd` binary on `data_dir`, the protocol on `addr` and
