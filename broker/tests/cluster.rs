@@ -171,6 +171,75 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
     );
 }
 
+/// Flips one byte in the middle of the data of every segment of `dir`
+/// (a partition replica's `log/`) and drops its checkpoints, as a bad
+/// sector and a crash would leave it.
+fn damage_segments(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.contains("ckpt") {
+            std::fs::remove_file(&path).unwrap();
+        } else if name.ends_with(".log") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            // Segments are allocated ahead: the data ends at the last
+            // byte that is not zero.
+            let end = bytes.iter().rposition(|&b| b != 0).unwrap_or(0);
+            if end > 0 {
+                bytes[end / 2] ^= 0x20;
+                std::fs::write(&path, &bytes).unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_segment_is_damaged_gets_its_records_back_from_its_peers() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 1, false).await.unwrap();
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 60).await.into_iter().collect();
+    let third = connect(&nodes[2]).await;
+    wait_for_topic(&third, "orders").await;
+    assert_eq!(consume(&third, "before", 60).await, acknowledged);
+
+    // Node 3 dies and a bit of its replica's segment flips on its disk.
+    drop(third);
+    nodes[2].kill();
+    damage_segments(&nodes[2].dir.join("data/cluster/partitions/orders/0/log"));
+
+    // Restarted, it cuts the damage, fetches the records from a peer
+    // before its replica votes or serves, and delivers every message
+    // with its id (it reads its own replica).
+    nodes[2].start(&configs[2]);
+    let third = connect(&nodes[2]).await;
+    wait_for_topic(&third, "orders").await;
+    assert_eq!(
+        consume(&third, "after-repair", 60).await,
+        acknowledged,
+        "node 3 after its repair"
+    );
+    let log = std::fs::read_to_string(nodes[2].dir.join("dmqd.log")).unwrap();
+    assert!(
+        log.contains("fetched again from a peer"),
+        "node 3's log tells of the repair:\n{log}"
+    );
+
+    // It is a voter again: with node 1 gone, nodes 2 and 3 take produces
+    // and node 3 holds all of them.
+    drop(first);
+    nodes[0].kill();
+    let second = connect(&nodes[1]).await;
+    acknowledged.extend(produce(&second, "b", 20).await);
+    assert_eq!(
+        consume(&third, "after-node-1", 80).await,
+        acknowledged,
+        "node 3 with node 1 down"
+    );
+}
+
 /// The leader of partition 0 of `orders`, as node `via` reports it.
 async fn leader_of_partition(nodes: &[Node], via: usize) -> Option<u64> {
     let api = Api::new(nodes[via].admin, None);

@@ -252,8 +252,10 @@ pub struct Truncation {
 ///
 /// The log must be closed: the directory's lock is taken, so an open
 /// [`Log`] (whose readers may hold mappings of the files) makes this fail.
-/// `offset` must be the base offset of a batch, or the end of the log
-/// (nothing to cut); below the log's first segment it is refused. The
+/// `offset` must be the base offset of a batch, the first offset a
+/// damaged batch made unreadable (a replica cuts its damage to fetch it
+/// again), or the end of the log (nothing to cut); below the log's first
+/// segment it is refused. The
 /// segment that now ends the log loses its index files and checkpoints:
 /// the next open rebuilds them from its data, as for any active segment.
 /// Steps are ordered so that a crash part-way leaves a log that opens
@@ -293,7 +295,13 @@ pub fn truncate_closed_log(dir: &Path, offset: u64) -> Result<Truncation> {
         }
         end = header.next_offset();
     });
-    let cut_at = match cut_at {
+    // Where damage starts that makes `offset` the first unreadable one.
+    let damaged_at = outcome
+        .corrupt
+        .iter()
+        .find(|region| region.first_lost_offset == offset)
+        .map(|region| region.position);
+    let cut_at = match cut_at.or(damaged_at) {
         Some(position) => position,
         None if offset == end && keep == bases.len() - 1 => outcome.valid_end as u64,
         None if offset == holder => 0,

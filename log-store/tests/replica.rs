@@ -114,6 +114,41 @@ fn truncating_an_open_log_is_refused_and_a_cut_inside_a_batch_too() {
     assert_eq!(log.end_offset(), 10);
 }
 
+#[test]
+fn a_closed_log_is_cut_where_damage_starts() {
+    let dir = common::scratch_dir();
+    let log = Log::open(dir.path(), config(16 * 1024)).expect("open");
+    append(&log, &small_batch(1, 5, 10));
+    append(&log, &small_batch(2, 5, 10));
+    append(&log, &small_batch(3, 5, 10));
+    let first_len = log.read(0, 1).expect("read")[0].as_bytes().len();
+    drop(log);
+    // One byte of the second batch flips; the checkpoint goes (a crash).
+    let segment = dir.path().join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let position = first_len + 40;
+    bytes[position] ^= 0x01;
+    std::fs::write(&segment, &bytes).expect("write");
+    for entry in std::fs::read_dir(dir.path()).expect("list") {
+        let path = entry.expect("entry").path();
+        if path.to_string_lossy().contains("ckpt") {
+            std::fs::remove_file(path).expect("remove");
+        }
+    }
+    let log = Log::open(dir.path(), config(16 * 1024)).expect("open damaged");
+    let region = log.recovery_report().corrupt_regions[0].clone();
+    assert_eq!(region.first_lost_offset, 5);
+    drop(log);
+    // Offset 5 starts no readable batch, but damage makes it the first
+    // lost offset: the cut is made there.
+    truncate_closed_log(dir.path(), 5).expect("cut at the damage");
+    let log = Log::open(dir.path(), config(16 * 1024)).expect("reopen");
+    assert_eq!(log.end_offset(), 5);
+    assert!(log.recovery_report().corrupt_regions.is_empty());
+    let info = log.append(&small_batch(4, 2, 10)).expect("append");
+    assert_eq!(info.base_offset, 5);
+}
+
 fn run_truncation(
     segment_bytes_max: u32,
     batches: &[(usize, usize)],

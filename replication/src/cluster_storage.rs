@@ -252,6 +252,13 @@ impl ClusterStorage {
         config.id = self.members.node_id;
         config.listen = self.router.addr();
         config.data_dir = self.root.join(topic).join(partition.to_string());
+        config.peers = self
+            .members
+            .members
+            .iter()
+            .filter(|(id, _)| **id != self.members.node_id)
+            .map(|(_, addr)| addr.clone())
+            .collect();
         let group = partition_group(topic, partition);
         let node =
             PartitionNode::start_on(&self.router, config, &group, self.log_config.clone()).await?;

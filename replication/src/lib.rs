@@ -27,6 +27,8 @@
 //!   log every node follows, fired by the node leading it.
 //! - [`rejoin`]: a node whose disk came back empty does not rejoin under
 //!   its old id.
+//! - [`repair`]: a replica whose partition log lost records (a batch
+//!   whose CRC fails) gets them back from a peer before it starts.
 //!
 //! What is not here yet (see issue 12's notes and docs/replication.md):
 //! the rest of the dispatcher's state (delivery attempts, dead letters,
@@ -56,6 +58,7 @@ pub mod node;
 pub mod partition;
 mod purge;
 pub mod rejoin;
+pub mod repair;
 
 pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
 pub use delays::ReplicatedDelays;

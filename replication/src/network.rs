@@ -418,12 +418,12 @@ impl RaftRouter {
             .insert(group.to_string(), handler);
     }
 
-    /// Stops serving group `group`.
+    /// Stops serving group `group` (and its record service,
+    /// `crate::repair`).
     pub(crate) fn unregister(&self, group: &str) {
-        self.groups
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(group);
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        groups.remove(group);
+        groups.remove(&crate::repair::records_service(group));
     }
 
     /// Names of the groups served.

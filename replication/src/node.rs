@@ -31,6 +31,7 @@ use crate::partition::{
     ReplicatedBatch,
 };
 use crate::purge::PurgeTask;
+use crate::repair::{fill_from_peers, RecordSource};
 use crate::{
     MetaCommand, MetaResponse, MetaTypes, MetadataStateMachine, NodeId, RaftLogJournal,
     StorageError, TopicSpec,
@@ -59,6 +60,12 @@ pub struct NodeConfig {
     /// A partition group's rows are purged in steps of this many entries,
     /// below what every member holds (the `purge` module); 0: never.
     pub purge_after_entries: u64,
+    /// The other members' Raft addresses: where a replica whose log lost
+    /// records fetches them before it starts (`crate::repair`).
+    pub peers: Vec<String>,
+    /// How long such a replica keeps asking without progress before it
+    /// gives up (and stays stopped).
+    pub repair_patience: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -78,6 +85,8 @@ impl NodeConfig {
             election_timeout_ms: (200, 400),
             snapshot_after_logs: 1_000,
             purge_after_entries: 4_096,
+            peers: Vec::new(),
+            repair_patience: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -109,6 +118,9 @@ pub enum NodeError {
     /// The Raft node stopped (a storage failure or a shutdown).
     #[error("raft stopped: {0}")]
     Stopped(String),
+    /// The replica lacks records and no peer sent them (`crate::repair`).
+    #[error(transparent)]
+    Repair(#[from] crate::repair::RepairError),
     /// A forwarded write reached the leader (or may have) but no answer
     /// came: it may or may not be committed.
     #[error("the write's outcome is unknown: {0}")]
@@ -627,12 +639,27 @@ impl PartitionNode {
         log_config: LogConfig,
     ) -> Result<PartitionNode, NodeError> {
         let log = PartitionRaftLog::open(&config.data_dir, log_config)?;
+        if let Some(missing) = log.missing() {
+            // Never vote or lead with a hole: the records come back first.
+            let source = router.and_then(RaftRouter::source);
+            let filled =
+                fill_from_peers(&log, group, &config.peers, source, config.repair_patience).await?;
+            tracing::warn!(
+                group,
+                from = missing.start,
+                to = missing.end,
+                records = filled.records,
+                batches = filled.batches,
+                "damaged or missing records fetched again from a peer"
+            );
+        }
         let state =
             PartitionStateMachine::open(log.clone(), &config.data_dir.join("partition.snapshot"))?;
         // openraft never snapshots or purges a partition group by itself:
         // its purge task does, below what every member holds.
         let mut node =
             Self::start_group(&config, router, group, SnapshotPolicy::Never, (log, state)).await?;
+        RecordSource::serve(&node.router, group, node.state.clone());
         node.purge = PurgeTask::start(
             node.raft.clone(),
             node.state.clone(),

@@ -32,6 +32,10 @@
 //!    purges its rows up to there. No member ever needs a purged entry,
 //!    so no snapshot is ever sent to one.
 //!
+//! 7. A batch whose CRC fails at open is cut with everything after it; a
+//!    log shorter than its rows takes no entry and its group does not
+//!    start until a peer's committed batches fill it ([`crate::repair`]).
+//!
 //! # Not yet (issue 12)
 //!
 //! Snapshots hold the state machine only, never records: a replica that
@@ -310,6 +314,21 @@ struct Inner {
     /// index, until the entry is applied (and answered with them) or
     /// truncated.
     assigned_ids: std::collections::BTreeMap<u64, Vec<MessageId>>,
+    /// While the log lacks records its rows name (found damaged or short
+    /// at open): the end the rows name, and each unpurged row's batch
+    /// (`base_offset` → `count`), which a batch filled in must match.
+    repair: Option<Repair>,
+}
+
+/// What a log found short at open still needs ([`PartitionRaftLog::missing`]).
+#[derive(Debug)]
+struct Repair {
+    /// The end the rows name.
+    to: u64,
+    /// Below it a record belongs to a purged entry: any batch boundaries.
+    purged_end: u64,
+    /// Each unpurged row's batch: `base_offset` → `count`.
+    batches: std::collections::BTreeMap<u64, u32>,
 }
 
 fn io_error(message: String) -> std::io::Error {
@@ -355,6 +374,13 @@ impl Inner {
     }
 
     fn append(&mut self, entries: Vec<PartitionEntry>) -> Result<(), std::io::Error> {
+        if let Some(repair) = &self.repair {
+            return Err(io_error(format!(
+                "the log lacks records [{}, {}) its rows name: it takes no entry until they \
+                 are fetched again",
+                self.next_offset, repair.to
+            )));
+        }
         let mut rows = Vec::with_capacity(entries.len());
         let mut last: Option<AppendInfo> = None;
         for entry in entries {
@@ -476,6 +502,14 @@ impl PartitionRaftLog {
         let rows = RowJournal::open(&dir.join("raft.journal"))?;
         let log_dir = dir.join("log");
         let log = Log::open(&log_dir, log_config.clone()).map_err(|e| fail(&e))?;
+        // A damaged batch (its CRC fails) and everything after it go: they
+        // are fetched again from a peer (`crate::repair`), never served.
+        let damaged_from = log
+            .recovery_report()
+            .corrupt_regions
+            .iter()
+            .map(|region| region.first_lost_offset)
+            .min();
         let mut inner = Inner {
             rows,
             next_offset: log.end_offset(),
@@ -483,7 +517,16 @@ impl PartitionRaftLog {
             log_dir,
             log_config,
             assigned_ids: Default::default(),
+            repair: None,
         };
+        if let Some(from) = damaged_from.filter(|&from| from < inner.next_offset) {
+            tracing::warn!(
+                from,
+                to = inner.next_offset,
+                "cutting damaged partition records: they are fetched again from a peer"
+            );
+            inner.cut_log(from).map_err(|e| fail(&e))?;
+        }
         let expected = inner.row_end().unwrap_or(0);
         if inner.next_offset > expected {
             tracing::warn!(
@@ -493,14 +536,133 @@ impl PartitionRaftLog {
             );
             inner.cut_log(expected).map_err(|e| fail(&e))?;
         } else if inner.next_offset < expected {
-            return Err(fail(&format!(
-                "the Raft rows name records up to {expected} but the log ends at {}",
-                inner.next_offset
-            )));
+            tracing::warn!(
+                from = inner.next_offset,
+                to = expected,
+                "the partition log lacks records its Raft rows name: they must be \
+                 fetched from a peer before this replica starts"
+            );
+            let batches = inner
+                .rows
+                .rows
+                .values()
+                .filter_map(|row| match row.kind {
+                    RowKind::Records { base_offset, count } => Some((base_offset, count)),
+                    _ => None,
+                })
+                .collect();
+            inner.repair = Some(Repair {
+                to: expected,
+                purged_end: inner.purged_end_offset(),
+                batches,
+            });
         }
         Ok(PartitionRaftLog {
             inner: Arc::new(Mutex::new(inner)),
         })
+    }
+
+    /// The records this replica's rows name but its log lacks (damaged
+    /// and cut at open, or lost): none once the log is whole. A replica
+    /// must not start its Raft group while some are missing (it would
+    /// vote and serve with a hole): [`crate::repair`] fills them in.
+    pub fn missing(&self) -> Option<std::ops::Range<u64>> {
+        let inner = self.lock();
+        inner
+            .repair
+            .as_ref()
+            .map(|repair| inner.next_offset..repair.to)
+    }
+
+    /// Appends `stored` (batches exactly as a peer's log holds them, in
+    /// order, from [`PartitionRaftLog::missing`]'s start) to fill the
+    /// missing records, and waits until they are durable. Each batch must
+    /// pass its CRC, start at the log's end, end within the missing
+    /// range, and (above the purged rows) be the batch a row names (same
+    /// base offset and count). Returns the log's new end.
+    pub fn fill_missing(&self, stored: Vec<Bytes>) -> Result<u64, std::io::Error> {
+        let mut inner = self.lock();
+        let Some(repair) = inner.repair.as_ref() else {
+            return Ok(inner.next_offset);
+        };
+        let (to, purged_end) = (repair.to, repair.purged_end);
+        let mut last = None;
+        for bytes in stored {
+            let batch = dmq_log_store::RecordBatch::decode(bytes)
+                .map_err(|e| io_error(format!("a peer's batch is damaged: {e}")))?;
+            let header = *batch.header();
+            let (base, count) = (header.base_offset, header.record_count);
+            if base != inner.next_offset || base + u64::from(count) > to {
+                return Err(io_error(format!(
+                    "a peer's batch holds [{base}, {}) but [{}, {to}) is missing",
+                    base + u64::from(count),
+                    inner.next_offset
+                )));
+            }
+            let named = inner
+                .repair
+                .as_ref()
+                .and_then(|repair| repair.batches.get(&base).copied());
+            if base >= purged_end && named != Some(count) {
+                return Err(io_error(format!(
+                    "a peer's batch at {base} holds {count} records; this replica's rows name \
+                     {named:?} there: the logs diverged"
+                )));
+            }
+            let input = ReplicatedBatch {
+                base_offset: Some(base),
+                timestamp_ms: Some(header.max_timestamp_ms),
+                producer_id: header.producer_id,
+                producer_seq: header.producer_seq,
+                records: Vec::new(),
+                stored: Some(Payload(batch.as_bytes().clone())),
+            }
+            .to_input()
+            .map_err(io_error)?;
+            let info = inner
+                .log()?
+                .append_deferred_at(&input, header.max_timestamp_ms)
+                .map_err(std::io::Error::other)?;
+            inner.next_offset = info.last_offset + 1;
+            last = Some(info);
+        }
+        if let Some(info) = &last {
+            inner
+                .log()?
+                .wait_durable(info)
+                .map_err(std::io::Error::other)?;
+        }
+        if inner.next_offset >= to {
+            inner.repair = None;
+        }
+        Ok(inner.next_offset)
+    }
+
+    /// This replica's committed records from `from` on, as its log stores
+    /// them, about `max_bytes` (at least one batch if any), never at or
+    /// past `committed_end`: what a peer missing them is sent
+    /// ([`crate::repair`]). Whole batches only.
+    pub fn committed_batches(
+        &self,
+        from: u64,
+        committed_end: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Bytes>, std::io::Error> {
+        let inner = self.lock();
+        let log = inner.log()?;
+        let mut out = Vec::new();
+        for batch in log.read(from, max_bytes).map_err(std::io::Error::other)? {
+            if batch.header().next_offset() > committed_end {
+                break;
+            }
+            out.push(batch.as_bytes().clone());
+        }
+        Ok(out)
+    }
+
+    /// The first offset this replica's log still stores.
+    pub fn start_offset(&self) -> Result<u64, std::io::Error> {
+        Ok(self.lock().log()?.start_offset())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -1060,18 +1222,192 @@ mod tests {
         assert_eq!(log.end_offset(), 1);
     }
 
-    #[test]
-    fn rows_that_name_missing_records_fail_the_open() {
-        let dir = tempfile::tempdir().expect("dir");
-        {
-            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
-            log.lock()
-                .append(vec![normal(1, &["a", "b"])])
+    /// A leader's log holding `batches`, one entry each (indices from 1),
+    /// and a follower that appended the same entries as it was sent them.
+    fn leader_and_follower(
+        batches: &[&[&str]],
+    ) -> (tempfile::TempDir, PartitionRaftLog, tempfile::TempDir) {
+        let leader_dir = tempfile::tempdir().expect("dir");
+        let leader = PartitionRaftLog::open(leader_dir.path(), LogConfig::default()).expect("open");
+        for (i, values) in batches.iter().enumerate() {
+            leader
+                .lock()
+                .append(vec![normal(i as u64 + 1, values)])
                 .expect("append");
         }
-        // The records vanish (a lost disk, a wrong directory).
+        let follower_dir = tempfile::tempdir().expect("dir");
+        let follower =
+            PartitionRaftLog::open(follower_dir.path(), LogConfig::default()).expect("open");
+        for i in 1..=batches.len() as u64 {
+            let sent = {
+                let inner = leader.lock();
+                let row = inner.rows.rows.get(&i).expect("row").clone();
+                inner.entry(&row).expect("read back")
+            };
+            follower.lock().append(vec![sent]).expect("append");
+        }
+        (leader_dir, leader, follower_dir)
+    }
+
+    /// Removes the active segment's checkpoints, as a crash leaves it (the
+    /// next open then scans every byte of it).
+    fn remove_checkpoints(dir: &Path) {
+        for entry in std::fs::read_dir(dir.join("log")).expect("list") {
+            let path = entry.expect("entry").path();
+            if path.to_string_lossy().contains("ckpt") {
+                std::fs::remove_file(path).expect("remove");
+            }
+        }
+    }
+
+    fn assert_same_records(ours: &PartitionRaftLog, theirs: &PartitionRaftLog, to: u64) {
+        let ours = ours.records(0, to).expect("read");
+        let theirs = theirs.records(0, to).expect("read");
+        assert_eq!(ours.len() as u64, to);
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(
+                (a.offset, a.id, a.timestamp_ms, &a.value),
+                (b.offset, b.id, b.timestamp_ms, &b.value)
+            );
+        }
+    }
+
+    #[test]
+    fn rows_that_name_missing_records_keep_the_log_closed_until_a_peer_fills_it() {
+        let (_leader_dir, leader, dir) = leader_and_follower(&[&["a", "b"], &["c"], &["d", "e"]]);
+        // The records vanish (a lost disk, a wrong directory): the rows
+        // name 5, the log has none.
         std::fs::remove_dir_all(dir.path().join("log")).expect("remove");
-        assert!(PartitionRaftLog::open(dir.path(), LogConfig::default()).is_err());
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        assert_eq!(log.missing(), Some(0..5));
+        // No entry is taken meanwhile.
+        let error = log
+            .lock()
+            .append(vec![normal(4, &["f"])])
+            .expect_err("refused");
+        assert!(error.to_string().contains("fetched again"), "{error}");
+        // A state machine that counts them committed does not open.
+        let snapshot = dir.path().join("partition.snapshot");
+        {
+            let machine = PartitionStateMachine::open(leader.clone(), &snapshot).expect("sm");
+            machine.lock().committed_end = 5;
+            let mut builder = machine.clone();
+            rt().block_on(builder.build_snapshot()).expect("snapshot");
+        }
+        assert!(PartitionStateMachine::open(log.clone(), &snapshot).is_err());
+
+        let batches = leader.committed_batches(0, 5, 1 << 20).expect("read");
+        assert_eq!(batches.len(), 3);
+        assert_eq!(log.fill_missing(batches).expect("fill"), 5);
+        assert_eq!(log.missing(), None);
+        assert_same_records(&log, &leader, 5);
+        PartitionStateMachine::open(log.clone(), &snapshot).expect("opens once whole");
+        drop(log);
+        let reopened = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        assert_eq!((reopened.missing(), reopened.end_offset()), (None, 5));
+    }
+
+    #[test]
+    fn a_damaged_batch_is_cut_at_open_and_only_the_batches_the_rows_name_fill_it() {
+        let (_leader_dir, leader, dir) =
+            leader_and_follower(&[&["a", "b"], &["c", "d"], &["e"], &["f", "g"]]);
+        let batches = leader.committed_batches(0, 7, 1 << 20).expect("read");
+        assert_eq!(batches.len(), 4);
+        // One bit of the second batch flips on the follower's disk.
+        {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let segment = std::fs::read_dir(dir.path().join("log"))
+                .expect("list")
+                .map(|e| e.expect("entry").path())
+                .find(|p| p.extension().is_some_and(|e| e == "log"))
+                .expect("segment");
+            let at = (batches[0].len() + batches[1].len() - 2) as u64;
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(segment)
+                .expect("open");
+            let mut byte = [0u8];
+            file.seek(SeekFrom::Start(at)).expect("seek");
+            file.read_exact(&mut byte).expect("read");
+            file.seek(SeekFrom::Start(at)).expect("seek");
+            file.write_all(&[byte[0] ^ 0x10]).expect("write");
+            file.sync_all().expect("sync");
+        }
+        remove_checkpoints(dir.path());
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        // Cut back to the damaged batch: nothing after it is trusted.
+        assert_eq!(log.missing(), Some(2..7));
+        assert_eq!(log.records(0, 7).expect("read").len(), 2);
+
+        // A batch that does not start at the log's end is refused.
+        let error = log.fill_missing(vec![batches[2].clone()]).expect_err("gap");
+        assert!(error.to_string().contains("missing"), "{error}");
+        // So is a damaged one.
+        let mut flipped = batches[1].to_vec();
+        flipped[batches[1].len() - 1] ^= 1;
+        let error = log
+            .fill_missing(vec![Bytes::from(flipped)])
+            .expect_err("damaged");
+        assert!(error.to_string().contains("damaged"), "{error}");
+        assert_eq!(log.missing(), Some(2..7));
+
+        // In pieces, from a peer's batches: whole again, the same records.
+        assert_eq!(log.fill_missing(vec![batches[1].clone()]).expect("fill"), 4);
+        assert_eq!(log.missing(), Some(4..7));
+        assert_eq!(log.fill_missing(batches[2..].to_vec()).expect("fill"), 7);
+        assert_eq!(log.missing(), None);
+        assert_same_records(&log, &leader, 7);
+    }
+
+    #[test]
+    fn a_replica_no_peer_can_fill_gives_up_naming_what_it_lacks() {
+        let (_leader_dir, _leader, dir) = leader_and_follower(&[&["a", "b"]]);
+        std::fs::remove_dir_all(dir.path().join("log")).expect("remove");
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        // One peer that is not there.
+        let nobody = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = nobody.local_addr().expect("addr").to_string();
+        drop(nobody);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let error = runtime
+            .block_on(crate::repair::fill_from_peers(
+                &log,
+                "p/orders/0",
+                &[peer],
+                None,
+                std::time::Duration::from_millis(300),
+            ))
+            .expect_err("no peer");
+        let message = error.to_string();
+        assert!(
+            message.contains("[0, 2)") && message.contains("p/orders/0"),
+            "{message}"
+        );
+        assert_eq!(log.missing(), Some(0..2));
+    }
+
+    #[test]
+    fn a_peer_batch_other_than_the_one_the_rows_name_is_refused_as_diverged() {
+        // Same offsets, another history: the follower's rows name a batch
+        // of two at offset 2, the peer holds three there.
+        let (_a, _follower_leader, dir) = leader_and_follower(&[&["a", "b"], &["c", "d"], &["e"]]);
+        let (_b, peer, _c) = leader_and_follower(&[&["a", "b"], &["x", "y", "z"]]);
+        std::fs::remove_dir_all(dir.path().join("log")).expect("remove");
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        let batches = peer.committed_batches(0, 5, 1 << 20).expect("read");
+        let error = log.fill_missing(batches.clone()).expect_err("diverged");
+        assert!(error.to_string().contains("diverged"), "{error}");
+        // The first batch went in; the second did not.
+        assert_eq!(log.missing(), Some(2..5));
+        // A peer's batches are read only below its committed end.
+        assert_eq!(
+            peer.committed_batches(0, 4, 1 << 20).expect("read").len(),
+            1
+        );
     }
 
     fn rt() -> tokio::runtime::Runtime {

@@ -63,8 +63,14 @@ async fn every_group_of_a_node_shares_one_port() {
     for node in &nodes {
         assert_eq!(
             node.router.groups(),
-            vec!["meta", "p/orders/0", "p/orders/1"],
-            "one port, three groups"
+            vec![
+                "meta",
+                "p/orders/0",
+                "p/orders/1",
+                "records/p/orders/0",
+                "records/p/orders/1"
+            ],
+            "one port: three groups, and each partition's record service"
         );
         assert_eq!(node.meta.addr(), node.router.addr());
     }
