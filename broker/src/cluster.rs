@@ -41,7 +41,7 @@ use dmq_replication::{
 
 use crate::config::{BrokerConfig, ClusterConfig};
 use crate::engine::{Engine, EngineError};
-use crate::registry::TopicStatus;
+use crate::registry::{TopicRecord, TopicStatus};
 use crate::services::SharedRegistry;
 
 /// Why the cluster side of a node could not start.
@@ -203,6 +203,9 @@ pub struct Cluster {
     /// Produces to cluster topics through this node: seconds from the
     /// proposal to the commit (fsynced on a quorum), per partition part.
     commit_latency: prometheus_client::metrics::histogram::Histogram,
+    /// The version of each replicated registry entry this node's registry
+    /// holds ([`Cluster::follow_topics`]).
+    registry_applied: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// `dmq_cluster_commit_latency_seconds` buckets: 0.25 ms to 8 s.
@@ -281,6 +284,7 @@ impl Cluster {
             journals,
             delays,
             commit_latency: commit_latency_histogram(),
+            registry_applied: Default::default(),
         }))
     }
 
@@ -529,6 +533,82 @@ impl Cluster {
         }
     }
 
+    /// Whether `topic` is a cluster topic (its partitions replicated).
+    pub fn is_cluster_topic(&self, topic: &str) -> bool {
+        self.storage.is_replicated(topic)
+    }
+
+    /// Sets cluster topic `record.name`'s registry entry for every node
+    /// (owner, approval, rights, retention): answered once committed in
+    /// the metadata group; each node then applies it to its registry
+    /// ([`Cluster::follow_topics`]). The last entry set wins whole.
+    pub async fn publish_registry(&self, record: &TopicRecord) -> Result<(), EngineError> {
+        let entry = serde_json::to_string(record)
+            .map_err(|e| DispatchError::InvalidArgument(e.to_string()))?;
+        match self
+            .metadata
+            .put_registry_entry(&record.name, entry)
+            .await
+            .map_err(unavailable)?
+        {
+            MetaResponse::Applied => {
+                // This node holds it already (its caller writes it here).
+                self.note_registry_applied(&record.name);
+                Ok(())
+            }
+            MetaResponse::UnknownTopic => {
+                Err(DispatchError::UnknownTopic(record.name.clone()).into())
+            }
+            other => Err(DispatchError::InvalidArgument(format!(
+                "the cluster refused the registry entry: {other:?}"
+            ))
+            .into()),
+        }
+    }
+
+    /// Marks the replicated entry of `topic` applied here as of now.
+    fn note_registry_applied(&self, topic: &str) {
+        if let Some(entry) = self.metadata.state_machine().registry_entries().get(topic) {
+            self.registry_applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(topic.to_string(), entry.version);
+        }
+    }
+
+    /// Writes into `registry` every replicated registry entry this node
+    /// has not applied yet, for the topics this node has.
+    fn apply_registry(&self, engine: &Engine, registry: &SharedRegistry) {
+        let entries = self.metadata.state_machine().registry_entries();
+        let mut applied = self
+            .registry_applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        applied.retain(|name, _| entries.contains_key(name));
+        for (name, entry) in entries {
+            if applied.get(&name) == Some(&entry.version) || engine.topic(&name).is_none() {
+                continue;
+            }
+            let record: TopicRecord = match serde_json::from_str(&entry.entry) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(topic = name, %error, "a replicated registry entry does not parse");
+                    applied.insert(name, entry.version);
+                    continue;
+                }
+            };
+            let mut registry = registry.write().unwrap_or_else(|p| p.into_inner());
+            if registry.get(&name) != Some(&record) {
+                if let Err(error) = registry.put(record) {
+                    tracing::warn!(topic = name, %error, "applying a replicated registry entry; retrying");
+                    continue;
+                }
+                tracing::info!(topic = name, "registry entry replicated here");
+            }
+            applied.insert(name, entry.version);
+        }
+    }
+
     /// Until `stop` is set: removes from here every topic the metadata
     /// group deleted that this node still has, and creates here every
     /// topic it applied that this node lacks, and registers it (approved
@@ -577,6 +657,7 @@ impl Cluster {
                     }
                 }
             }
+            self.apply_registry(&engine, &registry);
             tokio::select! {
                 _ = tokio::time::sleep(FOLLOW_TOPICS_EVERY) => {}
                 _ = stop.wait_for(|stop| *stop) => return,

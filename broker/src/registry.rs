@@ -359,19 +359,37 @@ impl Registry {
         name: &str,
         change: impl FnOnce(&mut TopicRecord),
     ) -> Result<TopicRecord, RegistryError> {
+        let after = self.preview_update(name, change)?;
+        self.put(after.clone())?;
+        Ok(after)
+    }
+
+    /// What [`Registry::update`] would make of a topic, changing nothing
+    /// (its name stays).
+    pub fn preview_update(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut TopicRecord),
+    ) -> Result<TopicRecord, RegistryError> {
         let record = self
             .topics
-            .get_mut(name)
+            .get(name)
             .ok_or_else(|| RegistryError::Unknown(name.to_string()))?;
         let mut after = record.clone();
         change(&mut after);
         after.name = record.name.clone();
-        self.journal(&RegistryChange::Put {
-            topic: Box::new(after.clone()),
-        })?;
-        self.topics.insert(name.to_string(), after.clone());
-        self.compact_if_due();
         Ok(after)
+    }
+
+    /// Registers `record` or replaces the topic's record, durably (a
+    /// cluster topic's record as the cluster replicated it).
+    pub fn put(&mut self, record: TopicRecord) -> Result<(), RegistryError> {
+        self.journal(&RegistryChange::Put {
+            topic: Box::new(record.clone()),
+        })?;
+        self.topics.insert(record.name.clone(), record);
+        self.compact_if_due();
+        Ok(())
     }
 
     /// Applies `action` to a topic's status, durably, if its status allows
@@ -380,6 +398,19 @@ impl Registry {
     /// and changes nothing.
     pub fn change_status(
         &mut self,
+        name: &str,
+        action: StatusAction,
+        now_ms: i64,
+    ) -> Result<TopicRecord, RegistryError> {
+        let after = self.preview_status(name, action, now_ms)?;
+        self.put(after.clone())?;
+        Ok(after)
+    }
+
+    /// What [`Registry::change_status`] would make of a topic, changing
+    /// nothing.
+    pub fn preview_status(
+        &self,
         name: &str,
         action: StatusAction,
         now_ms: i64,
@@ -396,7 +427,7 @@ impl Registry {
                 action,
             });
         };
-        self.update(name, |record| {
+        self.preview_update(name, |record| {
             record.status = next;
             record.updated_ms = now_ms;
         })

@@ -240,6 +240,161 @@ async fn a_replica_whose_segment_is_damaged_gets_its_records_back_from_its_peers
     );
 }
 
+/// Produces one message to `topic` as client `client` of `node`
+/// (production mode); the error's text if refused.
+async fn produce_as(node: &Node, client: &str, topic: &str) -> Result<MessageId, String> {
+    let options = dmq_client::ClientOptions::new(client).secret(format!("{client}-secret"));
+    let connection = dmq_client::Client::connect(node.client.to_string(), options)
+        .await
+        .map_err(|e| e.to_string())?;
+    connection
+        .producer()
+        .send(Message::new(topic, "paid"))
+        .await
+        .map(|receipt| receipt.id)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_topics_registry_entry_is_the_same_on_every_node() {
+    const TOKEN: &str = "admin-token";
+    let hash = |secret: &str| dmq_broker::auth::hash_secret(secret).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = cluster(root.path());
+    // Production mode: clients "shop" and "billing", an admin token.
+    let production = format!(
+        "admin_tokens = [\"{}\"]\n\n[clients]\nshop = \"{}\"\nbilling = \"{}\"\n\n[cluster]\n",
+        hash(TOKEN),
+        hash("shop-secret"),
+        hash("billing-secret")
+    );
+    let configs: Vec<String> = configs
+        .iter()
+        .map(|config| config.replacen("\n[cluster]\n", &production, 1))
+        .collect();
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+    let apis: Vec<Api> = nodes
+        .iter()
+        .map(|node| Api::new(node.admin, Some(TOKEN)))
+        .collect();
+    for node in &nodes {
+        connect_raw(node).await;
+    }
+    let topic = "prod.sales.orders";
+
+    // Registered through node 1: pending everywhere, with its record.
+    let api = apis[0].clone();
+    let (status, body) = http(move || {
+        api.call(
+            "POST",
+            "/api/topics",
+            Some(
+                r#"{"environment":"prod","department":"sales","name":"orders","owner":"ana",
+                    "description":"orders placed","partitions":2,"retention_hours":48,
+                    "producers":["shop"],"consumers":["billing"]}"#,
+            ),
+        )
+    })
+    .await;
+    assert_eq!(status, 201, "{body}");
+    for api in &apis {
+        let record = registry_entry(api, topic, |r| r["owner"] == "ana").await;
+        assert_eq!(record["status"], "pending");
+        assert_eq!(record["retention_hours"], 48);
+        assert_eq!(record["producers"], serde_json::json!(["shop"]));
+    }
+    // Pending: refused through every node.
+    assert!(produce_as(&nodes[2], "shop", topic).await.is_err());
+
+    // Approved through node 2: "shop" produces through node 3, and
+    // "billing" (not a producer) is refused there.
+    let api = apis[1].clone();
+    let (status, body) =
+        http(move || api.call("POST", &format!("/api/topics/{topic}/approve"), None)).await;
+    assert_eq!(status, 200, "{body}");
+    for api in &apis {
+        registry_entry(api, topic, |r| r["status"] == "approved").await;
+    }
+    produce_as(&nodes[2], "shop", topic).await.unwrap();
+    assert!(produce_as(&nodes[2], "billing", topic).await.is_err());
+
+    // Changed through node 3 (rights and retention): every node holds it,
+    // also after a restart of node 1.
+    let api = apis[2].clone();
+    let (status, body) = http(move || {
+        api.call(
+            "PATCH",
+            &format!("/api/topics/{topic}"),
+            Some(r#"{"retention_hours":12,"producers":["shop","billing"]}"#),
+        )
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    nodes[0].kill();
+    nodes[0].start(&configs[0]);
+    connect_raw(&nodes[0]).await;
+    for api in &apis {
+        let record = registry_entry(api, topic, |r| r["retention_hours"] == 12).await;
+        assert_eq!(record["producers"], serde_json::json!(["shop", "billing"]));
+        assert_eq!(record["status"], "approved");
+    }
+    produce_as(&nodes[0], "billing", topic).await.unwrap();
+
+    // Disabled through node 1: refused through every node; a second
+    // disable is refused (409) as on one node.
+    let api = apis[0].clone();
+    let (status, body) =
+        http(move || api.call("POST", &format!("/api/topics/{topic}/disable"), None)).await;
+    assert_eq!(status, 200, "{body}");
+    for api in &apis {
+        registry_entry(api, topic, |r| r["status"] == "disabled").await;
+    }
+    for node in &nodes {
+        assert!(produce_as(node, "shop", topic).await.is_err());
+    }
+    let api = apis[2].clone();
+    let (status, _) =
+        http(move || api.call("POST", &format!("/api/topics/{topic}/disable"), None)).await;
+    assert_eq!(status, 409);
+}
+
+/// Waits until `node` takes connections.
+async fn connect_raw(node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(node.client).await.is_err() {
+        assert!(Instant::now() < deadline, "node {} did not start", node.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Topic `topic`'s record as `api`'s node holds it, once `ready` holds
+/// of it (within 10 s).
+async fn registry_entry(
+    api: &Api,
+    topic: &str,
+    ready: impl Fn(&serde_json::Value) -> bool + Send + 'static,
+) -> serde_json::Value {
+    let api = api.clone();
+    let path = format!("/api/topics/{topic}");
+    http(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = api.get(&path);
+            if status == 200 && ready(&body["topic"]) {
+                return body["topic"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never got there: {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+}
+
 /// The leader of partition 0 of `orders`, as node `via` reports it.
 async fn leader_of_partition(nodes: &[Node], via: usize) -> Option<u64> {
     let api = Api::new(nodes[via].admin, None);

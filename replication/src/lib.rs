@@ -66,7 +66,7 @@ pub use journals::{ReplicatedJournal, ReplicatedJournals};
 pub use log_store::RaftLogJournal;
 pub use metadata::{
     JournalListener, JournalOp, JournalWrite, MetaCommand, MetaResponse, MetadataStateMachine,
-    TopicSpec,
+    RegistryEntry, TopicSpec,
 };
 pub use network::RaftRouter;
 pub use node::{

@@ -76,6 +76,16 @@ pub enum MetaCommand {
         /// The nodes.
         nodes: Vec<NodeId>,
     },
+    /// Sets a topic's registry entry: the broker's record of it (owner,
+    /// approval, client rights, retention) as JSON, which every node
+    /// applies to its own registry. Refused (`UnknownTopic`) for a topic
+    /// that does not exist; dropped when the topic is deleted.
+    RegistryPut {
+        /// The topic's name.
+        name: String,
+        /// The entry, as the broker serializes it.
+        entry: String,
+    },
     /// Changes replicated journals, in order.
     Journals {
         /// The node whose dispatcher wrote them.
@@ -142,6 +152,22 @@ struct MetaState {
     /// removed them so far.
     #[serde(default)]
     deleting: BTreeMap<String, std::collections::BTreeSet<NodeId>>,
+    /// Topics' registry entries, each with the version it was set at.
+    #[serde(default)]
+    registry: BTreeMap<String, RegistryEntry>,
+    /// Registry entries set so far: the next one's version.
+    #[serde(default)]
+    registry_version: u64,
+}
+
+/// A topic's registry entry as the metadata group holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEntry {
+    /// Counts the entries set across the group: a later set has a larger
+    /// one (every node applies them in the same order).
+    pub version: u64,
+    /// The entry, as the broker serialized it.
+    pub entry: String,
 }
 
 impl MetaState {
@@ -182,8 +208,23 @@ impl MetaState {
                 self.topics.insert(name.clone(), *spec);
                 MetaResponse::Applied
             }
+            MetaCommand::RegistryPut { name, entry } => {
+                if !self.topics.contains_key(name) {
+                    return MetaResponse::UnknownTopic;
+                }
+                self.registry_version += 1;
+                self.registry.insert(
+                    name.clone(),
+                    RegistryEntry {
+                        version: self.registry_version,
+                        entry: entry.clone(),
+                    },
+                );
+                MetaResponse::Applied
+            }
             MetaCommand::DeleteTopic { name } => match self.topics.remove(name) {
                 Some(_) => {
+                    self.registry.remove(name);
                     self.deleting.insert(name.clone(), Default::default());
                     MetaResponse::Applied
                 }
@@ -317,6 +358,11 @@ impl MetadataStateMachine {
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The topics' registry entries as applied on this node so far.
+    pub fn registry_entries(&self) -> BTreeMap<String, RegistryEntry> {
+        self.lock().state.registry.clone()
     }
 
     /// The topics as applied on this node so far.
@@ -587,6 +633,63 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(command),
         }
+    }
+
+    #[tokio::test]
+    async fn registry_entries_need_their_topic_carry_versions_and_go_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("a.snapshot")).unwrap();
+        let put = |name: &str, entry: &str| MetaCommand::RegistryPut {
+            name: name.to_string(),
+            entry: entry.to_string(),
+        };
+        let spec = TopicSpec {
+            partitions: 1,
+            ordered: false,
+        };
+        let answers = state
+            .apply(vec![
+                command(1, put("orders", "early")),
+                command(
+                    2,
+                    MetaCommand::CreateTopic {
+                        name: "orders".to_string(),
+                        spec,
+                    },
+                ),
+                command(3, put("orders", "pending")),
+                command(4, put("orders", "approved")),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(answers[0], MetaResponse::UnknownTopic);
+        let entries = state.registry_entries();
+        assert_eq!(
+            entries["orders"],
+            RegistryEntry {
+                version: 2,
+                entry: "approved".to_string()
+            }
+        );
+        // A snapshot carries them.
+        let snapshot = state.build_snapshot().await.unwrap();
+        let mut other = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.registry_entries(), entries);
+        // Deleting the topic drops its entry.
+        state
+            .apply(vec![command(
+                5,
+                MetaCommand::DeleteTopic {
+                    name: "orders".to_string(),
+                },
+            )])
+            .await
+            .unwrap();
+        assert!(state.registry_entries().is_empty());
     }
 
     #[tokio::test]

@@ -575,6 +575,21 @@ impl MetadataNode {
         .await
     }
 
+    /// Sets topic `name`'s registry entry (`entry`, the broker's record
+    /// as JSON) for every node, through the leader wherever it is:
+    /// answered once committed.
+    pub async fn put_registry_entry(
+        &self,
+        name: &str,
+        entry: String,
+    ) -> Result<MetaResponse, NodeError> {
+        self.write(MetaCommand::RegistryPut {
+            name: name.to_string(),
+            entry,
+        })
+        .await
+    }
+
     /// The topics, as of a read that no earlier committed write can be
     /// missing from (the leader confirms it still leads first).
     pub async fn topics(&self) -> Result<BTreeMap<String, TopicSpec>, NodeError> {

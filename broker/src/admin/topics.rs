@@ -189,6 +189,20 @@ async fn create(
             .remove(&name);
         return Err(ApiError::from(error));
     }
+    // On a cluster node every node learns the whole record (the others
+    // created the topic as pending, with no rights, until they do).
+    if let Some(cluster) = services.engine.cluster() {
+        if cluster.is_cluster_topic(&name) {
+            if let Err(error) = cluster.publish_registry(&record).await {
+                tracing::warn!(
+                    topic = name,
+                    %error,
+                    "the topic's record did not reach the cluster: the other nodes hold it \
+                     pending until the next change to it"
+                );
+            }
+        }
+    }
     tracing::info!(topic = name, status = ?record.status, "topic registered");
     Ok((StatusCode::CREATED, Json(record)))
 }
@@ -368,9 +382,9 @@ async fn update(
     )?;
     let record = services
         .registry
-        .write()
+        .read()
         .unwrap_or_else(|p| p.into_inner())
-        .update(&topic, |record| {
+        .preview_update(&topic, |record| {
             if let Some(owner) = change.owner {
                 record.owner = owner;
             }
@@ -400,17 +414,39 @@ async fn update(
             }
             record.updated_ms = now_ms();
         })?;
-    Ok(Json(record))
+    save(&services, record).await.map(Json)
+}
+
+/// Writes `record` into the registry. A cluster topic's record is
+/// replicated first (through the metadata group, answered once
+/// committed), so every node applies it; if that fails nothing changes.
+async fn save(services: &Services, record: TopicRecord) -> ApiResult<TopicRecord> {
+    if let Some(cluster) = services.engine.cluster() {
+        if cluster.is_cluster_topic(&record.name) {
+            cluster.publish_registry(&record).await?;
+        }
+    }
+    services
+        .registry
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .put(record.clone())?;
+    Ok(record)
 }
 
 /// Approve or disable: `404` for an unregistered topic, `409` when its
 /// status forbids the action (the table of [`TopicStatus::after`]).
-fn change_status(services: &Services, topic: &str, action: StatusAction) -> ApiResult<TopicRecord> {
+async fn change_status(
+    services: &Services,
+    topic: &str,
+    action: StatusAction,
+) -> ApiResult<TopicRecord> {
     let record = services
         .registry
-        .write()
+        .read()
         .unwrap_or_else(|p| p.into_inner())
-        .change_status(topic, action, now_ms())?;
+        .preview_status(topic, action, now_ms())?;
+    let record = save(services, record).await?;
     tracing::info!(topic, status = ?record.status, "topic status changed");
     Ok(record)
 }
@@ -419,14 +455,18 @@ async fn approve(
     State(services): State<Services>,
     Path(topic): Path<String>,
 ) -> ApiResult<Json<TopicRecord>> {
-    change_status(&services, &topic, StatusAction::Approve).map(Json)
+    change_status(&services, &topic, StatusAction::Approve)
+        .await
+        .map(Json)
 }
 
 async fn disable(
     State(services): State<Services>,
     Path(topic): Path<String>,
 ) -> ApiResult<Json<TopicRecord>> {
-    change_status(&services, &topic, StatusAction::Disable).map(Json)
+    change_status(&services, &topic, StatusAction::Disable)
+        .await
+        .map(Json)
 }
 
 async fn delete(
