@@ -47,8 +47,8 @@ pub use dmq_index::key_hash;
 pub use error::{LogError, Result};
 pub use fsync_stats::{fsync_histogram, FsyncHistogram};
 pub use log::{
-    allocate_file, available_bytes, lock_exclusive, truncate_closed_log, AppendInfo,
-    DeletedSegments, Log, ReadDamage, RecoveryReport, Truncation,
+    allocate_file, available_bytes, lock_exclusive, restart_empty_log_at, truncate_closed_log,
+    AppendInfo, DeletedSegments, Log, ReadDamage, RecoveryReport, Truncation,
 };
 pub use message_id::{MessageId, ParseMessageIdError};
 pub use scan::CorruptRegion;

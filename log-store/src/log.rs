@@ -339,6 +339,44 @@ pub fn truncate_closed_log(dir: &Path, offset: u64) -> Result<Truncation> {
     Ok(truncation)
 }
 
+/// Makes the closed, empty log in `dir` begin at `offset`: its segment
+/// files go and one empty segment based at `offset` takes their place. A
+/// replica that is sent a snapshot of a partition whose first records
+/// were deleted by retention starts its log where its peers' start.
+/// Refused if the log holds any record (checked by opening it), or is
+/// open.
+pub fn restart_empty_log_at(dir: &Path, config: &LogConfig, offset: u64) -> Result<()> {
+    {
+        let log = Log::open(dir, config.clone())?;
+        if log.end_offset() != log.start_offset() {
+            return Err(LogError::BadTruncation {
+                offset,
+                reason: format!(
+                    "the log holds records [{}, {}): only an empty log is restarted",
+                    log.start_offset(),
+                    log.end_offset()
+                ),
+            });
+        }
+    }
+    let _lock = lock_exclusive(dir)?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| LogError::io("listing the log directory", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("listing the log directory", dir, e))?;
+        if entry
+            .file_name()
+            .to_str()
+            .and_then(parse_segment_name)
+            .is_some()
+        {
+            remove_if_exists(&entry.path())?;
+        }
+    }
+    drop(create_segment(dir, config, offset)?);
+    sync_dir(dir)
+}
+
 /// Removes a segment's data file, index files and checkpoints.
 fn remove_segment_files(dir: &Path, base: u64) -> Result<()> {
     remove_index_files(dir, base)?;

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use common::{append, check_log, small_batch, Expected};
 use dmq_log_store::{
-    truncate_closed_log, BatchInput, FsyncPolicy, Log, LogConfig, LogError, ManualClock,
-    RecordInput,
+    restart_empty_log_at, truncate_closed_log, BatchInput, FsyncPolicy, Log, LogConfig, LogError,
+    ManualClock, RecordInput,
 };
 use proptest::prelude::*;
 
@@ -147,6 +147,24 @@ fn a_closed_log_is_cut_where_damage_starts() {
     assert!(log.recovery_report().corrupt_regions.is_empty());
     let info = log.append(&small_batch(4, 2, 10)).expect("append");
     assert_eq!(info.base_offset, 5);
+}
+
+#[test]
+fn an_empty_closed_log_restarts_at_a_later_offset_and_one_with_records_does_not() {
+    let dir = common::scratch_dir();
+    drop(Log::open(dir.path(), config(16 * 1024)).expect("open"));
+    restart_empty_log_at(dir.path(), &config(16 * 1024), 1_000).expect("restart");
+    let log = Log::open(dir.path(), config(16 * 1024)).expect("reopen");
+    assert_eq!((log.start_offset(), log.end_offset()), (1_000, 1_000));
+    let info = log.append(&small_batch(1, 3, 10)).expect("append");
+    assert_eq!(info.base_offset, 1_000);
+    drop(log);
+    assert!(matches!(
+        restart_empty_log_at(dir.path(), &config(16 * 1024), 5_000),
+        Err(LogError::BadTruncation { offset: 5_000, .. })
+    ));
+    let log = Log::open(dir.path(), config(16 * 1024)).expect("reopen");
+    assert_eq!((log.start_offset(), log.end_offset()), (1_000, 1_003));
 }
 
 fn run_truncation(

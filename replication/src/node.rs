@@ -668,8 +668,16 @@ impl PartitionNode {
                 "damaged or missing records fetched again from a peer"
             );
         }
-        let state =
-            PartitionStateMachine::open(log.clone(), &config.data_dir.join("partition.snapshot"))?;
+        let state = PartitionStateMachine::open(
+            log.clone(),
+            &config.data_dir.join(crate::partition::SNAPSHOT_FILE),
+        )?;
+        state.fetch_records_with(crate::partition::RecordFetch {
+            group: group.to_string(),
+            node_id: config.id,
+            source: router.and_then(RaftRouter::source),
+            patience: config.repair_patience,
+        });
         // openraft never snapshots or purges a partition group by itself:
         // its purge task does, below what every member holds.
         let mut node =

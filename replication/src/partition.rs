@@ -36,12 +36,12 @@
 //!    log shorter than its rows takes no entry and its group does not
 //!    start until a peer's committed batches fill it ([`crate::repair`]).
 //!
-//! # Not yet (issue 12)
+//! 8. Snapshots hold the state machine only, never records: a replica
+//!    sent one beyond its records (a learner added after a purge) fetches
+//!    them from the other members first ([`crate::repair`]); the kept
+//!    snapshot's committed end then stands for the rows it lacks, and no
+//!    record below it is ever cut.
 //!
-//! Snapshots hold the state machine only, never records: a replica that
-//! lacks records below a snapshot (a new member added after a purge, a
-//! replica whose disk was lost) refuses it and stops its group, instead of
-//! serving a hole. Sending such a replica segment files is a later step.
 //! A member that stays down holds purging back (rows grow until it
 //! returns or is removed).
 
@@ -315,10 +315,20 @@ struct Inner {
     /// truncated.
     assigned_ids: std::collections::BTreeMap<u64, Vec<MessageId>>,
     /// While the log lacks records its rows name (found damaged or short
-    /// at open): the end the rows name, and each unpurged row's batch
-    /// (`base_offset` → `count`), which a batch filled in must match.
+    /// at open) or a snapshot counts (installed from a peer): the end
+    /// wanted, and each unpurged row's batch (`base_offset` → `count`),
+    /// which a batch filled in must match.
     repair: Option<Repair>,
+    /// The committed end of the replica's latest snapshot (its file,
+    /// `partition.snapshot`): records below it are committed and never
+    /// cut, whatever the rows name (a snapshot installed from a peer
+    /// comes with records no row names).
+    snapshot_end: u64,
 }
+
+/// The file a partition replica keeps its state machine's snapshot in,
+/// beside its `log/` and `raft.journal`.
+pub const SNAPSHOT_FILE: &str = "partition.snapshot";
 
 /// What a log found short at open still needs ([`PartitionRaftLog::missing`]).
 #[derive(Debug)]
@@ -351,15 +361,17 @@ impl Inner {
             .map_or(0, |row| row.end_offset)
     }
 
-    /// The log end the rows name (what a crash may have left beyond is
-    /// an append that was never acknowledged).
-    fn row_end(&self) -> Option<u64> {
+    /// The log end the rows name, or the snapshot's committed end if
+    /// further (what a crash may have left beyond is an append that was
+    /// never acknowledged).
+    fn row_end(&self) -> u64 {
         self.rows
             .rows
             .values()
             .next_back()
             .or(self.rows.last_purged_row.as_ref())
-            .map(|row| row.end_offset)
+            .map_or(0, |row| row.end_offset)
+            .max(self.snapshot_end)
     }
 
     /// Closes the log, cuts it back to `end`, and opens it again.
@@ -501,6 +513,17 @@ impl PartitionRaftLog {
         std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         let rows = RowJournal::open(&dir.join("raft.journal"))?;
         let log_dir = dir.join("log");
+        let snapshot_end = match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+            Ok(bytes) => {
+                let kept: PersistedSnapshot =
+                    serde_json::from_slice(&bytes).map_err(|e| fail(&e))?;
+                let state: PartitionState =
+                    serde_json::from_slice(&kept.data).map_err(|e| fail(&e))?;
+                state.committed_end
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(fail(&e)),
+        };
         let log = Log::open(&log_dir, log_config.clone()).map_err(|e| fail(&e))?;
         // A damaged batch (its CRC fails) and everything after it go: they
         // are fetched again from a peer (`crate::repair`), never served.
@@ -518,6 +541,7 @@ impl PartitionRaftLog {
             log_config,
             assigned_ids: Default::default(),
             repair: None,
+            snapshot_end,
         };
         if let Some(from) = damaged_from.filter(|&from| from < inner.next_offset) {
             tracing::warn!(
@@ -527,7 +551,7 @@ impl PartitionRaftLog {
             );
             inner.cut_log(from).map_err(|e| fail(&e))?;
         }
-        let expected = inner.row_end().unwrap_or(0);
+        let expected = inner.row_end();
         if inner.next_offset > expected {
             tracing::warn!(
                 from = expected,
@@ -572,6 +596,52 @@ impl PartitionRaftLog {
             .repair
             .as_ref()
             .map(|repair| inner.next_offset..repair.to)
+    }
+
+    /// Wants every record below `to` (a snapshot's committed end, all of
+    /// them committed): until [`PartitionRaftLog::fill_missing`] brings
+    /// them, [`PartitionRaftLog::missing`] names them and no entry is
+    /// taken. Nothing to do if the log reaches `to`.
+    pub fn want_committed_until(&self, to: u64) {
+        let mut inner = self.lock();
+        if inner.next_offset < to {
+            let batches = inner.repair.take().map(|r| r.batches).unwrap_or_default();
+            inner.repair = Some(Repair {
+                to,
+                // Committed everywhere: any batch boundaries will do.
+                purged_end: to,
+                batches,
+            });
+        }
+    }
+
+    /// Makes this empty log begin at `offset` (its peers deleted the
+    /// records before it by retention). Refused if it holds a record.
+    pub fn restart_empty_at(&self, offset: u64) -> Result<(), std::io::Error> {
+        let mut inner = self.lock();
+        let log = inner.log()?;
+        if log.end_offset() != log.start_offset() {
+            return Err(io_error(format!(
+                "the log holds records [{}, {}): it cannot start again at {offset}",
+                log.start_offset(),
+                log.end_offset()
+            )));
+        }
+        drop(inner.log.take());
+        let restarted =
+            dmq_log_store::restart_empty_log_at(&inner.log_dir, &inner.log_config, offset);
+        let log =
+            Log::open(&inner.log_dir, inner.log_config.clone()).map_err(std::io::Error::other)?;
+        inner.next_offset = log.end_offset();
+        inner.log = Some(log);
+        restarted.map_err(std::io::Error::other)
+    }
+
+    /// Records below `end` are committed (a snapshot counting them was
+    /// kept): they are never cut.
+    fn keep_below(&self, end: u64) {
+        let mut inner = self.lock();
+        inner.snapshot_end = inner.snapshot_end.max(end);
     }
 
     /// Appends `stored` (batches exactly as a peer's log holds them, in
@@ -843,7 +913,7 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
             let mut inner = self.lock();
             inner.rows.write(vec![LogOp::Truncate(log_id.index)])?;
             inner.assigned_ids.retain(|&index, _| index < log_id.index);
-            let end = inner.row_end().unwrap_or(0);
+            let end = inner.row_end();
             if end < inner.next_offset {
                 inner.cut_log(end)?;
             }
@@ -883,6 +953,23 @@ pub struct PartitionStateMachine {
     snapshot_path: Option<PathBuf>,
     /// Called after the committed end moves (a dispatcher to wake).
     on_commit: Arc<CommitSlot>,
+    /// Where a snapshot's records are fetched from (none: a snapshot
+    /// beyond this replica's records is refused).
+    fetch: Arc<Mutex<Option<RecordFetch>>>,
+}
+
+/// How a replica sent a snapshot beyond its records fetches them
+/// ([`crate::repair`]): from the snapshot membership's other members.
+#[derive(Debug, Clone)]
+pub struct RecordFetch {
+    /// The group's name on the Raft ports.
+    pub group: String,
+    /// This replica's node (not asked).
+    pub node_id: NodeId,
+    /// Where its connections leave from, if set.
+    pub source: Option<std::net::IpAddr>,
+    /// How long to keep asking without progress.
+    pub patience: std::time::Duration,
 }
 
 /// What [`PartitionStateMachine::on_commit`] calls.
@@ -936,7 +1023,14 @@ impl PartitionStateMachine {
             snapshot: Arc::default(),
             snapshot_path: None,
             on_commit: Arc::default(),
+            fetch: Arc::default(),
         }
+    }
+
+    /// Lets this replica fetch the records of a snapshot it is sent but
+    /// lacks (a learner added after a purge), as `fetch` says.
+    pub fn fetch_records_with(&self, fetch: RecordFetch) {
+        *self.fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetch);
     }
 
     /// The state machine over `log`, its snapshots kept in the file at
@@ -991,6 +1085,9 @@ impl PartitionStateMachine {
             };
             let bytes = serde_json::to_vec(&kept).map_err(|e| fail(&std::io::Error::other(e)))?;
             blocking(|| write_atomically(path, &bytes)).map_err(|e| fail(&e))?;
+            if let Ok(state) = serde_json::from_slice::<PartitionState>(data) {
+                self.log.keep_below(state.committed_end);
+            }
         }
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((meta.clone(), data.to_vec()));
@@ -1120,21 +1217,51 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
             StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
         })?;
         // A snapshot holds no records: a replica that lacks any below its
-        // committed end cannot take it (it would serve a hole). Members
-        // never need one (rows are purged only below what every member
-        // holds); a replica that does stops here, loudly, instead.
+        // committed end (a learner added after a purge) fetches them from
+        // the other members first, exactly as they store them; it never
+        // takes a snapshot with a hole under it.
         let end = self.log.end_offset();
         if end < state.committed_end {
-            return Err(StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                &io_error(format!(
-                    "a snapshot up to offset {} cannot be installed on a replica whose log \
-                     ends at {end}: the records are not in it (sending segment files is not \
-                     built yet)",
-                    state.committed_end
-                )),
+            let refuse = |why: String| -> StorageError {
+                StorageIOError::read_snapshot(Some(meta.signature()), &io_error(why)).into()
+            };
+            let fetch = self
+                .fetch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .ok_or_else(|| {
+                    refuse(format!(
+                        "a snapshot up to offset {} cannot be installed on a replica whose log \
+                         ends at {end}: the records are not in it and it has no peer to fetch \
+                         them from",
+                        state.committed_end
+                    ))
+                })?;
+            let peers: Vec<String> = meta
+                .last_membership
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != fetch.node_id)
+                .map(|(_, node)| node.addr.clone())
+                .collect();
+            self.log.want_committed_until(state.committed_end);
+            let filled = crate::repair::fill_from_peers(
+                &self.log,
+                &fetch.group,
+                &peers,
+                fetch.source,
+                fetch.patience,
             )
-            .into());
+            .await
+            .map_err(|e| refuse(e.to_string()))?;
+            tracing::info!(
+                group = fetch.group,
+                from = end,
+                to = state.committed_end,
+                records = filled.records,
+                "a snapshot's records fetched from a peer"
+            );
         }
         self.keep_snapshot(meta, &data).map_err(|e| *e)?;
         *self.lock() = state;

@@ -206,6 +206,16 @@ pub async fn fill_from_peers(
                         Err(error) => why = format!("{peer}: {error}"),
                     }
                 }
+                Ok(RecordsReply::Batches { start, .. })
+                    if start > missing.start && log.start_offset().ok() == Some(missing.start) =>
+                {
+                    // The peer's first records went by retention: an empty
+                    // log starts where the peer's does.
+                    match crate::log_store::blocking(|| log.restart_empty_at(start)) {
+                        Ok(()) => progressed = true,
+                        Err(error) => why = format!("{peer}: {error}"),
+                    }
+                }
                 Ok(RecordsReply::Batches {
                     start,
                     committed_end,

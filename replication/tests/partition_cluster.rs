@@ -505,3 +505,74 @@ async fn retention_on_a_replica_deletes_only_below_its_purged_rows() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_added_after_purge_and_retention_fetches_the_records_of_its_snapshot() {
+    const EVERY: u64 = 20;
+    let big = |tag: String| vec![RecordInput::new(format!("{tag}-{}", "x".repeat(2048)))];
+    let now = || dmq_log_store::Clock::now_ms(&dmq_log_store::SystemClock);
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let (nodes, leader) = start_purging_group(&dirs[..3], EVERY).await;
+    produce_each(&nodes, leader, 150, |i| big(format!("a{i}"))).await;
+    // Every member purged its rows (so a new member can only be sent a
+    // snapshot) and deleted its first segments by retention.
+    for node in &nodes {
+        purged_to(node, 2 * EVERY as usize, Duration::from_secs(15)).await;
+        node.raft_log()
+            .apply_retention(None, Some(1), now())
+            .expect("retention");
+        assert!(start_offset(node) > 0, "node {}", node.id());
+    }
+
+    // Node 4 joins as a learner with nothing: the snapshot it is sent
+    // counts records it lacks, which it fetches from the members (its
+    // log starting where theirs do), and then it follows.
+    let listen = "127.0.0.1:0".parse().expect("addr");
+    let learner = start_purging(4, dirs[3].path(), listen, EVERY).await;
+    by_id(&nodes, leader)
+        .add_learner(4, &learner.addr().to_string())
+        .await
+        .expect("add the learner");
+    let end = produce_each(&nodes, leader, 10, |i| big(format!("b{i}"))).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while learner.committed_end() < end {
+        assert!(
+            Instant::now() < deadline,
+            "the learner applied {} of {end}",
+            learner.committed_end()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let from = start_offset(&learner);
+    assert!(from > 0, "the learner's log starts where a member's does");
+    let same = |node: &PartitionNode| {
+        let ours = learner.records(from, end).expect("read");
+        let theirs = node.records(from, end).expect("read");
+        assert_eq!(ours.len() as u64, end - from);
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(
+                (a.offset, a.id, a.timestamp_ms, &a.value),
+                (b.offset, b.id, b.timestamp_ms, &b.value)
+            );
+        }
+    };
+    same(by_id(&nodes, leader));
+
+    // Restarted, it keeps what it fetched (no row names those records:
+    // its snapshot's committed end does).
+    let (id, addr) = (learner.id(), learner.addr());
+    learner.shutdown().await;
+    let learner = start_purging(id, dirs[3].path(), addr, EVERY).await;
+    assert_eq!(start_offset(&learner), from);
+    assert!(learner.log_end() >= end);
+    let more = produce_each(&nodes, leader, 5, |i| big(format!("c{i}"))).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while learner.committed_end() < more {
+        assert!(Instant::now() < deadline, "the restarted learner is stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+    learner.shutdown().await;
+}
