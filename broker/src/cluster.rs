@@ -208,6 +208,33 @@ pub struct Cluster {
     registry_applied: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
+/// A node being replaced is made a voter of a group once its log is
+/// within this many entries of the leader's (it installed the snapshot and
+/// fetched its records; the rest follows in moments).
+const PROMOTE_WITHIN_ENTRIES: u64 = 64;
+
+/// One of the Raft groups this node hosts, of either kind.
+enum GroupHandle<'a> {
+    Metadata(&'a MetadataNode),
+    Partition(&'a dmq_replication::PartitionNode),
+}
+
+impl GroupHandle<'_> {
+    fn status(&self) -> dmq_replication::node::GroupStatus {
+        match self {
+            GroupHandle::Metadata(node) => node.status(),
+            GroupHandle::Partition(node) => node.status(),
+        }
+    }
+
+    async fn set_voters(&self, voters: std::collections::BTreeSet<u64>) -> Result<(), NodeError> {
+        match self {
+            GroupHandle::Metadata(node) => node.set_voters(voters).await,
+            GroupHandle::Partition(node) => node.set_voters(voters).await,
+        }
+    }
+}
+
 /// `dmq_cluster_commit_latency_seconds` buckets: 0.25 ms to 8 s.
 fn commit_latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
     prometheus_client::metrics::histogram::Histogram::new(
@@ -533,6 +560,153 @@ impl Cluster {
         }
     }
 
+    /// Starts the replacement of node `node`, whose disk was lost (it is
+    /// down): makes it a learner of every group (the metadata group, every
+    /// partition, the timer log), so that it votes nowhere, then records
+    /// in the metadata group that it may start again with nothing. Once
+    /// started, it fetches what it lacks and each group's leader makes it
+    /// a voter again when it has caught up ([`Cluster::follow_topics`]).
+    /// Returns the groups changed. Run again after a failure: every step
+    /// is idempotent.
+    pub async fn replace_node(&self, node: u64) -> Result<Vec<String>, EngineError> {
+        if node == self.config.node_id {
+            return Err(DispatchError::InvalidArgument(format!(
+                "node {node} is this node: run the replacement on a live peer while node {node} \
+                 is down"
+            ))
+            .into());
+        }
+        if !self.config.peers.iter().any(|peer| peer.id == node) {
+            return Err(DispatchError::InvalidArgument(format!(
+                "node {node} is not a peer of this cluster"
+            ))
+            .into());
+        }
+        let mut changed = Vec::new();
+        let metadata_voters = self.metadata.voters();
+        if metadata_voters.contains(&node) {
+            let mut voters = metadata_voters;
+            voters.remove(&node);
+            self.metadata
+                .set_voters(voters)
+                .await
+                .map_err(unavailable)?;
+            changed.push(self.metadata.group().to_string());
+        }
+        for (_, replica) in self.storage.replicas() {
+            let group = replica.node();
+            let mut voters = group.voters();
+            if voters.remove(&node) {
+                group.set_voters(voters).await.map_err(unavailable)?;
+                changed.push(group.group().to_string());
+            }
+        }
+        self.metadata
+            .write(MetaCommand::ReplaceNode { node })
+            .await
+            .map_err(unavailable)?;
+        tracing::warn!(
+            node,
+            groups = changed.len(),
+            "node being replaced: a learner everywhere"
+        );
+        Ok(changed)
+    }
+
+    /// For each group this node leads: makes every node being replaced
+    /// that has caught up (its matched index within a purge step of the
+    /// leader's last) a voter again. On the node being replaced: once it
+    /// is a voter of every group it hosts, records that its replacement
+    /// is over.
+    async fn promote_replaced(&self) {
+        let replacing = self.metadata.state_machine().nodes_replacing();
+        if replacing.is_empty() {
+            return;
+        }
+        let mut groups: Vec<(String, GroupHandle<'_>)> = vec![(
+            self.metadata.group().to_string(),
+            GroupHandle::Metadata(&self.metadata),
+        )];
+        let replicas = self.storage.replicas();
+        for (_, replica) in &replicas {
+            groups.push((
+                replica.node().group().to_string(),
+                GroupHandle::Partition(replica.node()),
+            ));
+        }
+        for (name, group) in &groups {
+            let status = group.status();
+            if status.leader != Some(self.config.node_id) {
+                continue;
+            }
+            for &node in &replacing {
+                if !status.learners.contains(&node) {
+                    continue;
+                }
+                let matched = status
+                    .matched
+                    .as_ref()
+                    .and_then(|matched| matched.get(&node).copied().flatten());
+                let last = status.last_log_index.unwrap_or(0);
+                if matched.is_none_or(|matched| matched + PROMOTE_WITHIN_ENTRIES < last) {
+                    continue;
+                }
+                let mut voters = status.voters.clone();
+                voters.insert(node);
+                match group.set_voters(voters).await {
+                    Ok(()) => tracing::info!(group = name, node, "replaced node is a voter again"),
+                    Err(error) => {
+                        tracing::warn!(group = name, node, %error, "making a replaced node a voter")
+                    }
+                }
+            }
+        }
+        // The metadata group's leader ends a replacement once the node is
+        // a voter of every group in its own view (a member that never lost
+        // its disk: the replaced node's own view starts as the membership
+        // it formed its empty replicas with). Only once this node hosts a
+        // replica of every cluster topic's partitions.
+        let me = self.config.node_id;
+        if self.metadata.leading_term().is_none() {
+            return;
+        }
+        let hosted: std::collections::BTreeSet<(String, u32)> =
+            replicas.iter().map(|(key, _)| key.clone()).collect();
+        let hosts_all = self
+            .metadata
+            .topics_applied_here()
+            .iter()
+            .all(|(name, spec)| (0..spec.partitions).all(|p| hosted.contains(&(name.clone(), p))));
+        for &node in &replacing {
+            let everywhere = groups.iter().all(|(_, group)| {
+                let status = group.status();
+                let voter = status.voters.contains(&node) && !status.learners.contains(&node);
+                // On the replaced node itself (leading the metadata group
+                // by now), a view it has from a leader: something applied,
+                // and a membership a leader changed unless the group never
+                // changed one.
+                voter
+                    && (node != me
+                        || (status.leader.is_some()
+                            && status.last_applied_index.unwrap_or(0) > 0
+                            && status.last_applied_index >= status.membership_index))
+            });
+            if !(hosts_all && everywhere) {
+                continue;
+            }
+            match self
+                .metadata
+                .write(MetaCommand::NodeReplaced { node })
+                .await
+            {
+                Ok(_) => tracing::warn!(node, "replacement over: a voter of every group"),
+                Err(error) => {
+                    tracing::warn!(node, %error, "recording the end of a replacement")
+                }
+            }
+        }
+    }
+
     /// Whether `topic` is a cluster topic (its partitions replicated).
     pub fn is_cluster_topic(&self, topic: &str) -> bool {
         self.storage.is_replicated(topic)
@@ -658,6 +832,7 @@ impl Cluster {
                 }
             }
             self.apply_registry(&engine, &registry);
+            self.promote_replaced().await;
             tokio::select! {
                 _ = tokio::time::sleep(FOLLOW_TOPICS_EVERY) => {}
                 _ = stop.wait_for(|stop| *stop) => return,

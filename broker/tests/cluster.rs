@@ -171,6 +171,96 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 2, false).await.unwrap();
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 60).await.into_iter().collect();
+
+    // Node 3 dies with its disk; the others go on (and purge their rows,
+    // so node 3 can only be sent snapshots).
+    nodes[2].kill();
+    std::fs::remove_dir_all(nodes[2].dir.join("data")).unwrap();
+    acknowledged.extend(produce(&first, "b", 60).await);
+
+    // Replaced through node 2: a learner of every group, then started
+    // empty under its id.
+    let api = Api::new(nodes[1].admin, None);
+    let (status, body) = http(move || api.call("POST", "/api/cluster/nodes/3/replace", None)).await;
+    assert_eq!(status, 200, "{body}");
+    let groups: Vec<&str> = body["learner_of"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g.as_str())
+        .collect();
+    assert!(
+        groups.contains(&"meta")
+            && groups.contains(&"p/orders/0")
+            && groups.contains(&"p/orders/1"),
+        "{body}"
+    );
+    nodes[2].start(&configs[2]);
+    let third = connect(&nodes[2]).await;
+    wait_for_topic(&third, "orders").await;
+
+    // Every group takes it back as a voter once it caught up.
+    let api = Api::new(nodes[0].admin, None);
+    let logs: Vec<std::path::PathBuf> = nodes.iter().map(|n| n.dir.join("dmqd.log")).collect();
+    http(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = api.ok("/api/cluster");
+            let voter = |raft: &serde_json::Value| {
+                raft["voters"]
+                    .as_array()
+                    .is_some_and(|voters| voters.iter().any(|v| v == 3))
+            };
+            let everywhere = voter(&status["metadata"])
+                && status["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| voter(&p["raft"]));
+            if everywhere {
+                return;
+            }
+            if Instant::now() > deadline {
+                let told: Vec<String> = logs
+                    .iter()
+                    .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+                    .collect();
+                panic!("node 3 is not a voter everywhere: {status}\nnode logs:\n{told:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await;
+
+    // It holds every record, and its vote counts: with node 1 gone, nodes
+    // 2 and 3 take produces, and node 3 delivers every message.
+    drop(first);
+    nodes[0].kill();
+    let second = connect(&nodes[1]).await;
+    acknowledged.extend(produce(&second, "c", 20).await);
+    assert_eq!(
+        consume(&third, "after-replacement", acknowledged.len()).await,
+        acknowledged,
+        "the replaced node"
+    );
+    // Its replacement is over: a second loss of its disk would be refused
+    // again, not silently rejoined.
+    let told = |node: &Node| std::fs::read_to_string(node.dir.join("dmqd.log")).unwrap();
+    assert!(
+        told(&nodes[0]).contains("replacement over")
+            || told(&nodes[1]).contains("replacement over"),
+        "the metadata leader ended the replacement"
+    );
+}
+
 /// Flips one byte in the middle of the data of every segment of `dir`
 /// (a partition replica's `log/`) and drops its checkpoints, as a bad
 /// sector and a crash would leave it.

@@ -1,7 +1,9 @@
 //! `dmq cluster status`: a cluster node's view of its cluster (admin API
 //! `GET /api/cluster`): the metadata group, then one row per replica the
 //! node holds, with its leader, term, committed and log ends, and on a
-//! leader the largest lag of its peers.
+//! leader the largest lag of its peers. `dmq cluster replace-node`: starts
+//! the replacement of a node whose disk was lost
+//! (`POST /api/cluster/nodes/{id}/replace`).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -16,6 +18,13 @@ use crate::Cli;
 pub enum ClusterCommand {
     /// The node's view of the cluster: groups, leaders, terms, lag.
     Status,
+    /// Starts replacing node ID, whose disk was lost (it must be down):
+    /// it becomes a learner of every group; then start it with an empty
+    /// data directory and it catches up and votes again.
+    ReplaceNode {
+        /// The node's id.
+        id: u64,
+    },
 }
 
 /// Runs a cluster command.
@@ -26,6 +35,20 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
             match cli.format {
                 Format::Json => print_json(&answer),
                 Format::Table => print!("{}", render_status(&answer)),
+            }
+        }
+        ClusterCommand::ReplaceNode { id } => {
+            let answer = Admin::new(cli).post(
+                &format!("/api/cluster/nodes/{id}/replace"),
+                &serde_json::json!({}),
+            )?;
+            match cli.format {
+                Format::Json => print_json(&answer),
+                Format::Table => println!(
+                    "node {id} is a learner of {} groups; {}",
+                    answer["learner_of"].as_array().map_or(0, Vec::len),
+                    answer["next"].as_str().unwrap_or_default()
+                ),
             }
         }
     }

@@ -76,6 +76,13 @@ pub enum MetaCommand {
         /// The nodes.
         nodes: Vec<NodeId>,
     },
+    /// Changes replicated journals, in order.
+    Journals {
+        /// The node whose dispatcher wrote them.
+        origin: NodeId,
+        /// The changes.
+        writes: Vec<JournalWrite>,
+    },
     /// Sets a topic's registry entry: the broker's record of it (owner,
     /// approval, client rights, retention) as JSON, which every node
     /// applies to its own registry. Refused (`UnknownTopic`) for a topic
@@ -86,12 +93,19 @@ pub enum MetaCommand {
         /// The entry, as the broker serializes it.
         entry: String,
     },
-    /// Changes replicated journals, in order.
-    Journals {
-        /// The node whose dispatcher wrote them.
-        origin: NodeId,
-        /// The changes.
-        writes: Vec<JournalWrite>,
+    /// Node `node` lost its disk and was made a learner of every group
+    /// (it votes nowhere): it may start again with nothing, under its id,
+    /// and is made a voter of each group once it caught up there
+    /// (`crate::rejoin`).
+    ReplaceNode {
+        /// The node.
+        node: NodeId,
+    },
+    /// Node `node` is a voter of every group again: its replacement is
+    /// over (a later loss of its disk needs a replacement of its own).
+    NodeReplaced {
+        /// The node.
+        node: NodeId,
     },
 }
 
@@ -158,6 +172,9 @@ struct MetaState {
     /// Registry entries set so far: the next one's version.
     #[serde(default)]
     registry_version: u64,
+    /// Nodes being replaced after losing their disk.
+    #[serde(default)]
+    replacing: std::collections::BTreeSet<NodeId>,
 }
 
 /// A topic's registry entry as the metadata group holds it.
@@ -206,6 +223,14 @@ impl MetaState {
                     return MetaResponse::TopicBeingDeleted;
                 }
                 self.topics.insert(name.clone(), *spec);
+                MetaResponse::Applied
+            }
+            MetaCommand::ReplaceNode { node } => {
+                self.replacing.insert(*node);
+                MetaResponse::Applied
+            }
+            MetaCommand::NodeReplaced { node } => {
+                self.replacing.remove(node);
                 MetaResponse::Applied
             }
             MetaCommand::RegistryPut { name, entry } => {
@@ -358,6 +383,17 @@ impl MetadataStateMachine {
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether node `node` is being replaced (it lost its disk and votes
+    /// nowhere until it caught up), as applied on this node.
+    pub fn replacing(&self, node: NodeId) -> bool {
+        self.lock().state.replacing.contains(&node)
+    }
+
+    /// The nodes being replaced, as applied on this node.
+    pub fn nodes_replacing(&self) -> std::collections::BTreeSet<NodeId> {
+        self.lock().state.replacing.clone()
     }
 
     /// The topics' registry entries as applied on this node so far.

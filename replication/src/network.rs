@@ -68,6 +68,10 @@ pub enum RaftRequest<C: GroupTypes> {
     /// A client write a follower forwards to the leader: the group's
     /// application data (`C::D`) in postcard.
     Forward(Vec<u8>),
+    /// Makes these nodes the group's voters (a voter left out stays as a
+    /// learner), asked of the leader: answered like [`RaftRequest::Forward`]
+    /// with an empty response once the change is committed.
+    ChangeVoters(std::collections::BTreeSet<NodeId>),
 }
 
 /// The answer to a [`RaftRequest`].
@@ -130,6 +134,35 @@ pub(crate) async fn forward<C: GroupTypes>(
         encode(data).map_err(ForwardError::NotSent)?,
     ))
     .map_err(ForwardError::NotSent)?;
+    let response = ask_leader(addr, source, group, &request, ttl).await?;
+    decode(&response).map_err(ForwardError::Lost)
+}
+
+/// Asks the node at `addr` (the group's leader, as far as the caller
+/// knows) to make `voters` the voters of group `group` (of types `C`),
+/// within `ttl`.
+pub(crate) async fn change_voters_at<C: GroupTypes>(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+    group: &str,
+    voters: std::collections::BTreeSet<NodeId>,
+    ttl: Duration,
+) -> Result<(), ForwardError> {
+    let request = encode(&RaftRequest::<C>::ChangeVoters(voters)).map_err(ForwardError::NotSent)?;
+    ask_leader(addr, source, group, &request, ttl)
+        .await
+        .map(|_| ())
+}
+
+/// Sends `request` (a [`RaftRequest`] the leader answers with
+/// [`RaftReply::Forwarded`]) and returns the answer's bytes.
+async fn ask_leader(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+    group: &str,
+    request: &[u8],
+    ttl: Duration,
+) -> Result<Vec<u8>, ForwardError> {
     let mut stream = match tokio::time::timeout(ttl, connect(addr, source)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(ForwardError::NotSent(error)),
@@ -146,13 +179,13 @@ pub(crate) async fn forward<C: GroupTypes>(
     let exchange = async {
         write_frame(
             &mut stream,
-            &[&group_length.to_le_bytes(), group.as_bytes(), &request],
+            &[&group_length.to_le_bytes(), group.as_bytes(), request],
         )
         .await?;
         decode_reply(&read_frame(&mut stream).await?)
     };
     match tokio::time::timeout(ttl, exchange).await {
-        Ok(Ok(RaftReply::Forwarded(Ok(response)))) => decode(&response).map_err(ForwardError::Lost),
+        Ok(Ok(RaftReply::Forwarded(Ok(response)))) => Ok(response),
         Ok(Ok(RaftReply::Forwarded(Err(refusal)))) => Err(ForwardError::Refused(refusal)),
         // An unknown group proposes nothing.
         Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound => {
@@ -312,6 +345,18 @@ impl<C: GroupTypes> GroupHandler for Raft<C> {
                     let data: C::D = decode(&data)?;
                     RaftReply::Forwarded(match self.client_write(data).await {
                         Ok(written) => Ok(encode(&written.data)?),
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
+                            Err(ForwardRefusal::NotLeader {
+                                leader: to.leader_id,
+                                addr: to.leader_node.map(|node| node.addr),
+                            })
+                        }
+                        Err(error) => Err(ForwardRefusal::Failed(error.to_string())),
+                    })
+                }
+                RaftRequest::ChangeVoters(voters) => {
+                    RaftReply::Forwarded(match self.change_membership(voters, true).await {
+                        Ok(_) => Ok(Vec::new()),
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
                             Err(ForwardRefusal::NotLeader {
                                 leader: to.leader_id,

@@ -359,6 +359,55 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
             .map_err(write_error)
     }
 
+    /// Makes `voters` the group's voters, from any member: at the leader
+    /// (forwarded over the Raft port if another node leads), retried while
+    /// no leader takes it, for up to [`WRITE_TIMEOUT`]. Nothing to do if
+    /// they are the voters already. A voter left out stays as a learner.
+    pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            if self.voters() == voters {
+                return Ok(());
+            }
+            let (leader, addr) = {
+                let metrics = self.raft.metrics().borrow().clone();
+                let leader = metrics.current_leader;
+                let addr = leader.and_then(|id| {
+                    metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&id)
+                        .map(|node| node.addr.clone())
+                });
+                (leader, addr)
+            };
+            let outcome = match (leader, addr) {
+                (Some(leader), _) if leader == self.id => self.change_voters(voters.clone()).await,
+                (Some(_), Some(addr)) => crate::network::change_voters_at::<C>(
+                    &addr,
+                    self.router.source(),
+                    &self.group,
+                    voters.clone(),
+                    WRITE_TIMEOUT.min(deadline - tokio::time::Instant::now()),
+                )
+                .await
+                .map_err(|error| NodeError::Stopped(format!("{error:?}"))),
+                _ => Err(NodeError::Stopped("no leader known".to_string())),
+            };
+            let last = match outcome {
+                Ok(()) => return Ok(()),
+                Err(error) => error.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::Stopped(format!(
+                    "group {}: the voters did not change: {last}",
+                    self.group
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// What this member knows of its group now (from openraft's metrics).
     pub fn status(&self) -> GroupStatus {
         let metrics = self.raft.metrics().borrow().clone();
@@ -372,6 +421,7 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
             last_applied_index: metrics.last_applied.map(|id| id.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
+            membership_index: metrics.membership_config.log_id().map(|id| id.index),
             matched: metrics.replication.map(|replication| {
                 replication
                     .into_iter()
@@ -435,6 +485,10 @@ pub struct GroupStatus {
     pub voters: BTreeSet<NodeId>,
     /// The learners of its membership.
     pub learners: BTreeSet<NodeId>,
+    /// The log index of the entry that set its membership (0: the one a
+    /// pristine member formed the group with; a leader's later change
+    /// has a higher one).
+    pub membership_index: Option<u64>,
     /// On the leader only: each peer's last log index known to match the
     /// leader's (`None`: nothing yet). The leader's last log index minus
     /// this is the peer's lag, in entries.

@@ -23,6 +23,10 @@
 //!   it never did, or once a majority of the cluster (itself included) is
 //!   pristine (a new cluster forming), and waits otherwise.
 //!
+//! - a node being replaced ([`MetaCommand::ReplaceNode`]: a learner of
+//!   every group, so its vote counts nowhere) is answered
+//!   [`PeerView::Replacing`] and may start with nothing.
+//!
 //! What it does not cover: a node wiped before any leader recorded it
 //! (within moments of its first entries), and a wiped node that starts
 //! while only pristine peers are up and they make a majority with it.
@@ -53,6 +57,9 @@ pub enum PeerView {
         /// A leader saw it hold entries.
         held_data: bool,
     },
+    /// From its applied metadata: the node asked about is being replaced
+    /// (a learner of every group): it may start with nothing.
+    Replacing,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +109,7 @@ impl NodeViews {
         match &*self.lock() {
             View::Pristine => PeerView::Pristine,
             View::Starting => PeerView::Starting,
+            View::Running(state) if state.replacing(node) => PeerView::Replacing,
             View::Running(state) => PeerView::Knows {
                 held_data: state.held_data(node),
             },
@@ -130,7 +138,8 @@ pub enum RejoinError {
         "node {node} starts with no cluster data, but node {told_by} knows it held data: \
          its disk was lost or wiped. Rejoining under the same id could lose acknowledged \
          messages (an empty node votes as if it held nothing). Restore its data directory, \
-         or replace it under a new node id (docs/replication.md)"
+         or replace it: `dmq cluster replace-node {node}` on a live node, then start it \
+         again (docs/replication.md)"
     )]
     DataLost {
         /// This node.
@@ -181,7 +190,7 @@ pub async fn check_rejoin(
                         told_by: *peer,
                     })
                 }
-                Ok(PeerView::Knows { held_data: false }) => return Ok(()),
+                Ok(PeerView::Knows { held_data: false }) | Ok(PeerView::Replacing) => return Ok(()),
                 Ok(PeerView::Pristine) => pristine += 1,
                 Ok(PeerView::Starting) | Err(_) => {}
             }

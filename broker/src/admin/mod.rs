@@ -255,6 +255,10 @@ pub fn router(services: Services) -> Router {
         .route("/api/info", get(observe::info))
         .route("/api/health", get(observe::health))
         .route("/api/cluster", get(observe::cluster))
+        .route(
+            "/api/cluster/nodes/{node}/replace",
+            axum::routing::post(observe::replace_node),
+        )
         .merge(topics::routes())
         .merge(messages::routes())
         .merge(transactions::routes())

@@ -40,6 +40,29 @@ pub(super) async fn cluster(
     }
 }
 
+/// `POST /api/cluster/nodes/{node}/replace`: starts the replacement of a
+/// node whose disk was lost (docs/replication.md).
+pub(super) async fn replace_node(
+    State(services): State<Services>,
+    axum::extract::Path(node): axum::extract::Path<u64>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Some(cluster) = services.engine.cluster() else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "this broker runs as a single node (no [cluster] section)",
+        ));
+    };
+    let groups = cluster.replace_node(node).await?;
+    Ok(Json(serde_json::json!({
+        "node": node,
+        "learner_of": groups,
+        "next": format!(
+            "start node {node} with an empty data directory: it fetches what it lacks and \
+             becomes a voter of each group again once caught up"
+        ),
+    })))
+}
+
 pub(super) async fn info(State(services): State<Services>) -> ApiResult<Json<serde_json::Value>> {
     let pending_delays = services
         .engine
