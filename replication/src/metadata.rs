@@ -664,6 +664,21 @@ mod tests {
         assert_eq!(reopened.journal("group.t.g").unwrap(), [b"1", b"2"]);
     }
 
+    /// A state machine (its snapshot file at `path`) that installed a
+    /// snapshot of `state`.
+    async fn copied_by_snapshot(
+        state: &mut MetadataStateMachine,
+        path: &Path,
+    ) -> MetadataStateMachine {
+        let snapshot = state.build_snapshot().await.unwrap();
+        let mut other = MetadataStateMachine::open(path).unwrap();
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        other
+    }
+
     fn command(index: u64, command: MetaCommand) -> MetaEntry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
@@ -708,12 +723,7 @@ mod tests {
             }
         );
         // A snapshot carries them.
-        let snapshot = state.build_snapshot().await.unwrap();
-        let mut other = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
-        other
-            .install_snapshot(&snapshot.meta, snapshot.snapshot)
-            .await
-            .unwrap();
+        let other = copied_by_snapshot(&mut state, &dir.path().join("b.snapshot")).await;
         assert_eq!(other.registry_entries(), entries);
         // Deleting the topic drops its entry.
         state
@@ -786,12 +796,7 @@ mod tests {
             std::collections::BTreeSet::from([1, 2])
         );
         // A restart (from a snapshot) remembers who removed it.
-        let snapshot = state.build_snapshot().await.unwrap();
-        let mut other = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
-        other
-            .install_snapshot(&snapshot.meta, snapshot.snapshot)
-            .await
-            .unwrap();
+        let mut other = copied_by_snapshot(&mut state, &dir.path().join("b.snapshot")).await;
         let answers = other
             .apply(vec![command(9, removed(3)), command(10, create())])
             .await
