@@ -598,6 +598,48 @@ impl PartitionRaftLog {
             .map(|repair| inner.next_offset..repair.to)
     }
 
+    /// Gives up the missing records from `from` (the log's end) on: the
+    /// rows that name them are cut, as Raft cuts an uncommitted tail.
+    /// Only for records fewer than a quorum of members can hold, which
+    /// were therefore never committed, so never acknowledged
+    /// ([`crate::repair`] decides). Refused for records known committed:
+    /// below the purged rows, the snapshot's end, or the committed entry.
+    pub fn drop_missing_from(&self, from: u64) -> Result<(), std::io::Error> {
+        let mut inner = self.lock();
+        let Some(repair) = inner.repair.as_ref() else {
+            return Ok(());
+        };
+        let purged_end = repair.purged_end;
+        let first = inner
+            .rows
+            .rows
+            .iter()
+            .find(|(_, row)| row.end_offset > from)
+            .map(|(index, _)| *index);
+        let committed = inner.rows.committed.map(|id| id.index);
+        let known_committed = from != inner.next_offset
+            || from < purged_end
+            || from < inner.snapshot_end
+            || first.is_none()
+            || committed >= first;
+        if known_committed {
+            return Err(io_error(format!(
+                "records from {from} are committed (or not where the log ends): they cannot \
+                 be given up"
+            )));
+        }
+        let index = first.unwrap_or_default();
+        inner.rows.write(vec![LogOp::Truncate(index)])?;
+        inner.assigned_ids.retain(|&i, _| i < index);
+        let row_end = inner.row_end();
+        if row_end <= inner.next_offset {
+            inner.repair = None;
+        } else if let Some(repair) = inner.repair.as_mut() {
+            repair.to = row_end;
+        }
+        Ok(())
+    }
+
     /// Wants every record below `to` (a snapshot's committed end, all of
     /// them committed): until [`PartitionRaftLog::fill_missing`] brings
     /// them, [`PartitionRaftLog::missing`] names them and no entry is
@@ -1479,6 +1521,10 @@ mod tests {
         assert!(error.to_string().contains("damaged"), "{error}");
         assert_eq!(log.missing(), Some(2..7));
 
+        // The rows name these records and this replica knows them
+        // committed (its snapshot counts them): never given up.
+        log.keep_below(7);
+        assert!(log.drop_missing_from(2).is_err());
         // In pieces, from a peer's batches: whole again, the same records.
         assert_eq!(log.fill_missing(vec![batches[1].clone()]).expect("fill"), 4);
         assert_eq!(log.missing(), Some(4..7));
@@ -1515,6 +1561,85 @@ mod tests {
             "{message}"
         );
         assert_eq!(log.missing(), Some(0..2));
+    }
+
+    #[test]
+    fn a_damaged_tail_no_quorum_ever_held_is_given_up_not_waited_for() {
+        // This replica acknowledged three entries; the third reached no
+        // peer (its leader died), and its bytes are damaged here.
+        let (_dir, ours_then, dir) = leader_and_follower(&[&["a"], &["b"], &["c"]]);
+        drop(ours_then);
+        {
+            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+            let batches = log.committed_batches(0, 3, 1 << 20).expect("read");
+            drop(log);
+            use std::io::{Seek, SeekFrom, Write};
+            let segment = std::fs::read_dir(dir.path().join("log"))
+                .expect("list")
+                .map(|e| e.expect("entry").path())
+                .find(|p| p.extension().is_some_and(|e| e == "log"))
+                .expect("segment");
+            let at = (batches[0].len() + batches[1].len() + batches[2].len() - 2) as u64;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(segment)
+                .expect("open");
+            file.seek(SeekFrom::Start(at)).expect("seek");
+            file.write_all(&[0xff, 0xff]).expect("write");
+        }
+        remove_checkpoints(dir.path());
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        assert_eq!(log.missing(), Some(2..3));
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // Two peers that hold (and committed) the first two entries only.
+        let mut keep = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            let (peer_dir, peer, _) = leader_and_follower(&[&["a"], &["b"]]);
+            let machine = PartitionStateMachine::new(peer);
+            machine.lock().committed_end = 2;
+            let router = runtime
+                .block_on(crate::network::RaftRouter::bind(
+                    "127.0.0.1:0".parse().expect("addr"),
+                ))
+                .expect("bind");
+            crate::repair::RecordSource::serve(&router, "p/orders/0", machine);
+            peers.push(router.addr().to_string());
+            keep.push((peer_dir, router));
+        }
+        // Until both answer, nothing is given up.
+        let alone = runtime.block_on(crate::repair::fill_from_peers(
+            &log,
+            "p/orders/0",
+            &[peers[0].clone(), "127.0.0.1:9".to_string()],
+            None,
+            std::time::Duration::from_millis(300),
+        ));
+        assert!(alone.is_err(), "{alone:?}");
+        assert_eq!(log.missing(), Some(2..3));
+        // Both answer, neither reaches offset 2: never committed, cut.
+        runtime
+            .block_on(crate::repair::fill_from_peers(
+                &log,
+                "p/orders/0",
+                &peers,
+                None,
+                std::time::Duration::from_secs(5),
+            ))
+            .expect("given up");
+        assert_eq!((log.missing(), log.end_offset()), (None, 2));
+        assert_eq!(log.lock().rows.rows.keys().copied().max(), Some(2));
+        drop(log);
+        let reopened = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        assert_eq!((reopened.missing(), reopened.end_offset()), (None, 2));
+        for (_, router) in keep {
+            runtime.block_on(router.shutdown());
+        }
     }
 
     #[test]

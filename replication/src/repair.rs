@@ -18,6 +18,11 @@
 //! record count). A peer sends only what it has committed, so no
 //! uncommitted tail of another history is ever taken.
 //!
+//! Damaged entries that, by every peer's answer, fewer than a quorum of
+//! members can hold (this replica's uncommitted tail) were never
+//! committed: the replica cuts their rows, as Raft cuts an uncommitted
+//! tail, instead of waiting for records no peer will send.
+//!
 //! What it does not cover: damage that the open does not see (a sealed
 //! segment whose index files pass their checks is not re-read at open;
 //! a read meets the damage later and reports it), and records that every
@@ -57,6 +62,9 @@ pub enum RecordsReply {
         start: u64,
         /// Every record below it is committed on the peer.
         committed_end: u64,
+        /// Its log's end, committed or not.
+        #[serde(default)]
+        log_end: u64,
         /// The batches, as its log stores them.
         batches: Vec<Payload>,
     },
@@ -83,6 +91,7 @@ impl RecordSource {
     fn answer(&self, request: RecordsRequest) -> RecordsReply {
         let log = self.machine.log();
         let committed_end = self.machine.committed_end();
+        let log_end = log.end_offset();
         let start = match log.start_offset() {
             Ok(start) => start,
             Err(error) => return RecordsReply::Failed(error.to_string()),
@@ -91,6 +100,7 @@ impl RecordSource {
             return RecordsReply::Batches {
                 start,
                 committed_end,
+                log_end,
                 batches: Vec::new(),
             };
         }
@@ -99,6 +109,7 @@ impl RecordSource {
             Ok(batches) => RecordsReply::Batches {
                 start,
                 committed_end,
+                log_end,
                 batches: batches.into_iter().map(Payload).collect(),
             },
             Err(error) => RecordsReply::Failed(error.to_string()),
@@ -180,6 +191,9 @@ pub async fn fill_from_peers(
     let mut why = String::from("no peer");
     while let Some(missing) = log.missing() {
         let mut progressed = false;
+        // Peers that answered this round, and those whose log reaches
+        // past the missing start (they may hold the entry there).
+        let (mut answered, mut may_hold) = (0, 0);
         for peer in peers {
             let Some(missing) = log.missing() else { break };
             let request = RecordsRequest {
@@ -192,6 +206,12 @@ pub async fn fill_from_peers(
                     .and_then(|reply| decode::<RecordsReply>(&reply)),
                 Err(error) => Err(error),
             };
+            if let Ok(RecordsReply::Batches { log_end, .. }) = &reply {
+                answered += 1;
+                if *log_end > missing.start {
+                    may_hold += 1;
+                }
+            }
             match reply {
                 Ok(RecordsReply::Batches { batches, .. }) if !batches.is_empty() => {
                     let count = batches.len() as u64;
@@ -233,6 +253,27 @@ pub async fn fill_from_peers(
         if progressed {
             last_progress = Instant::now();
             continue;
+        }
+        // Every peer answered and too few may hold what is missing: with
+        // this replica, fewer than a quorum of members ever had it, so it
+        // was never committed (nor acknowledged). This replica gives it up
+        // as Raft would cut an uncommitted tail, instead of waiting for
+        // records no peer will ever send.
+        let members = peers.len() + 1;
+        if !peers.is_empty() && answered == peers.len() && 1 + may_hold < members / 2 + 1 {
+            match crate::log_store::blocking(|| log.drop_missing_from(missing.start)) {
+                Ok(()) => {
+                    tracing::warn!(
+                        group,
+                        from = missing.start,
+                        to = missing.end,
+                        "damaged entries no quorum ever held were given up (never committed)"
+                    );
+                    last_progress = Instant::now();
+                    continue;
+                }
+                Err(error) => why = format!("giving up an uncommitted tail: {error}"),
+            }
         }
         if last_progress.elapsed() >= patience {
             return Err(RepairError::NoPeerHasThem {
