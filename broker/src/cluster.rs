@@ -21,6 +21,14 @@
 //! - **Delays** of cluster topics are records of the replicated timer log
 //!   every node follows; the node leading it fires them
 //!   (`dmq_replication::delays`, [`Cluster::delays`]).
+//! - **Registry.** A cluster topic's registry record (owner, approval,
+//!   rights, retention) is written through the metadata group
+//!   ([`Cluster::publish_registry`]) and applied by every node's follow
+//!   loop.
+//! - **Replacement** of a node whose disk was lost: it is made a learner of
+//!   every group ([`Cluster::replace_node`]), may then start empty, and
+//!   each group's leader makes it a voter again once it caught up (the
+//!   follow loop).
 //!
 //! Invariant: single-node brokers never reach this module; a cluster
 //! node's local-only topics (internal ones) stay local; a cluster topic's

@@ -11,7 +11,8 @@ use dmq_client::{Message, MessageId};
 
 mod common;
 use common::cluster::{
-    cluster, connect, consume, produce, started_cluster, wait_for_topic, Node, PURGE_AFTER_ENTRIES,
+    cluster, connect, consume, damage_active_segment, produce, started_cluster, wait_for_topic,
+    Node, PURGE_AFTER_ENTRIES,
 };
 use common::{env_count, http, next, options, Api};
 
@@ -261,28 +262,6 @@ async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
     );
 }
 
-/// Flips one byte in the middle of the data of every segment of `dir`
-/// (a partition replica's `log/`) and drops its checkpoints, as a bad
-/// sector and a crash would leave it.
-fn damage_segments(dir: &std::path::Path) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name.contains("ckpt") {
-            std::fs::remove_file(&path).unwrap();
-        } else if name.ends_with(".log") {
-            let mut bytes = std::fs::read(&path).unwrap();
-            // Segments are allocated ahead: the data ends at the last
-            // byte that is not zero.
-            let end = bytes.iter().rposition(|&b| b != 0).unwrap_or(0);
-            if end > 0 {
-                bytes[end / 2] ^= 0x20;
-                std::fs::write(&path, &bytes).unwrap();
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_segment_is_damaged_gets_its_records_back_from_its_peers() {
     let root = tempfile::tempdir().unwrap();
@@ -298,7 +277,10 @@ async fn a_replica_whose_segment_is_damaged_gets_its_records_back_from_its_peers
     // Node 3 dies and a bit of its replica's segment flips on its disk.
     drop(third);
     nodes[2].kill();
-    damage_segments(&nodes[2].dir.join("data/cluster/partitions/orders/0/log"));
+    assert!(damage_active_segment(
+        &nodes[2].dir.join("data/cluster/partitions/orders/0/log"),
+        0.5
+    ));
 
     // Restarted, it cuts the damage, fetches the records from a peer
     // before its replica votes or serves, and delivers every message

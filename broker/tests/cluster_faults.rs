@@ -40,7 +40,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod common;
-use common::cluster::{connect, wait_for_topic, Node};
+use common::cluster::{connect, damage_active_segment, wait_for_topic, Node};
 use common::{env_count, free_port, http, next, options, Api};
 
 /// The links between nodes, as the proxies apply them.
@@ -631,6 +631,13 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
 
     let mut rng = Rng(seed);
     let mut applied: BTreeMap<&str, u64> = BTreeMap::new();
+    // By hand, `DMQ_CLUSTER_DAMAGE=1` adds a fifth fault: SIGKILL, one
+    // byte of one replica's active segment flipped, restart (the replica
+    // cuts the damage and fetches the records from a peer).
+    let mut kinds = vec!["kill", "pause", "partition", "slow"];
+    if std::env::var_os("DMQ_CLUSTER_DAMAGE").is_some() {
+        kinds.push("damage");
+    }
     for episode in 0..episodes {
         let target = match (rng.below(2), metadata_leader(&nodes).await) {
             (0, Some(leader)) => leader as usize - 1,
@@ -641,12 +648,35 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
             via_tx.send((target + 1) % 3).unwrap();
         }
         let lasting = Duration::from_millis(300 + rng.below(1200));
-        let kind = ["kill", "pause", "partition", "slow"][rng.below(4) as usize];
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
         *applied.entry(kind).or_default() += 1;
         let id = nodes[target].id;
         match kind {
             "kill" => {
                 nodes[target].kill();
+                tokio::time::sleep(lasting).await;
+                nodes[target].start(&configs[target]);
+                connect(&nodes[target]).await;
+            }
+            "damage" => {
+                nodes[target].kill();
+                let partitions = nodes[target].dir.join("data/cluster/partitions");
+                let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(&partitions)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .flat_map(|topic| std::fs::read_dir(topic.path()).into_iter().flatten())
+                    .flatten()
+                    .map(|partition| partition.path().join("log"))
+                    .collect();
+                logs.sort();
+                if !logs.is_empty() {
+                    let log = &logs[rng.below(logs.len() as u64) as usize];
+                    let at = rng.below(1000) as f64 / 1000.0;
+                    if damage_active_segment(log, at) {
+                        println!("damaged {} at {at}", log.display());
+                    }
+                }
                 tokio::time::sleep(lasting).await;
                 nodes[target].start(&configs[target]);
                 connect(&nodes[target]).await;

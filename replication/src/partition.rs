@@ -596,6 +596,7 @@ impl PartitionRaftLog {
             .repair
             .as_ref()
             .map(|repair| inner.next_offset..repair.to)
+            .filter(|range| !range.is_empty())
     }
 
     /// Gives up the missing records from `from` (the log's end) on: the
@@ -700,6 +701,11 @@ impl PartitionRaftLog {
         let (to, purged_end) = (repair.to, repair.purged_end);
         let mut last = None;
         for bytes in stored {
+            // A peer may send more than is missing (its committed end
+            // moved on): what follows is not this log's to take here.
+            if inner.next_offset >= to {
+                break;
+            }
             let batch = dmq_log_store::RecordBatch::decode(bytes)
                 .map_err(|e| io_error(format!("a peer's batch is damaged: {e}")))?;
             let header = *batch.header();
@@ -1528,7 +1534,11 @@ mod tests {
         // In pieces, from a peer's batches: whole again, the same records.
         assert_eq!(log.fill_missing(vec![batches[1].clone()]).expect("fill"), 4);
         assert_eq!(log.missing(), Some(4..7));
-        assert_eq!(log.fill_missing(batches[2..].to_vec()).expect("fill"), 7);
+        // A peer that sends more than is missing (its committed end moved
+        // on): the rest is left for Raft.
+        let mut more = batches[2..].to_vec();
+        more.push(batches[0].clone());
+        assert_eq!(log.fill_missing(more).expect("fill"), 7);
         assert_eq!(log.missing(), None);
         assert_same_records(&log, &leader, 7);
     }

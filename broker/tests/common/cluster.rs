@@ -196,3 +196,38 @@ pub async fn consume(client: &Client, group: &str, expected: usize) -> BTreeSet<
     }
     seen
 }
+
+/// Flips one byte of the last (active) segment of a partition replica's
+/// `log_dir`, `at` of the way into its data (0.0 to 1.0), and drops its
+/// checkpoints, as a bad sector and a crash would leave it. Returns
+/// whether it found data to damage.
+pub fn damage_active_segment(log_dir: &Path, at: f64) -> bool {
+    let Ok(entries) = std::fs::read_dir(log_dir) else {
+        return false;
+    };
+    let mut segments = Vec::new();
+    for entry in entries {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.contains("ckpt") {
+            std::fs::remove_file(&path).unwrap();
+        } else if name.ends_with(".log") {
+            segments.push(path);
+        }
+    }
+    segments.sort();
+    let Some(active) = segments.last() else {
+        return false;
+    };
+    let mut bytes = std::fs::read(active).unwrap();
+    // Segments are allocated ahead: the data ends at the last byte that
+    // is not zero.
+    let end = bytes.iter().rposition(|&b| b != 0).unwrap_or(0);
+    if end == 0 {
+        return false;
+    }
+    let position = ((end as f64) * at.clamp(0.0, 1.0)) as usize;
+    bytes[position.min(end)] ^= 0x20;
+    std::fs::write(active, &bytes).unwrap();
+    true
+}
