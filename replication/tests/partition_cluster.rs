@@ -299,15 +299,7 @@ async fn a_follower_far_behind_catches_up_in_pieces() {
             .expect("restart"),
     );
     let back = nodes.last().expect("back");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while back.committed_end() < end {
-        assert!(
-            Instant::now() < deadline,
-            "the follower is stuck at {} of {end}",
-            back.committed_end()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    applied(back, end, Duration::from_secs(60)).await;
     for node in nodes {
         node.shutdown().await;
     }
@@ -444,6 +436,20 @@ async fn rows_are_purged_below_what_every_member_holds() {
     }
 }
 
+/// Waits until `node` applied every record below `end` (committed).
+async fn applied(node: &PartitionNode, end: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while node.committed_end() < end {
+        assert!(
+            Instant::now() < deadline,
+            "node {} applied {} of {end}",
+            node.id(),
+            node.committed_end()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn start_offset(node: &PartitionNode) -> u64 {
     node.raft_log()
         .with_log(|log| log.start_offset())
@@ -534,15 +540,7 @@ async fn a_learner_added_after_purge_and_retention_fetches_the_records_of_its_sn
         .await
         .expect("add the learner");
     let end = produce_each(&nodes, leader, 10, |i| big(format!("b{i}"))).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while learner.committed_end() < end {
-        assert!(
-            Instant::now() < deadline,
-            "the learner applied {} of {end}",
-            learner.committed_end()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    applied(&learner, end, Duration::from_secs(15)).await;
     let from = start_offset(&learner);
     assert!(from > 0, "the learner's log starts where a member's does");
     let same = |node: &PartitionNode| {
@@ -566,11 +564,7 @@ async fn a_learner_added_after_purge_and_retention_fetches_the_records_of_its_sn
     assert_eq!(start_offset(&learner), from);
     assert!(learner.log_end() >= end);
     let more = produce_each(&nodes, leader, 5, |i| big(format!("c{i}"))).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while learner.committed_end() < more {
-        assert!(Instant::now() < deadline, "the restarted learner is stuck");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    applied(&learner, more, Duration::from_secs(15)).await;
     for node in nodes {
         node.shutdown().await;
     }
