@@ -6,12 +6,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dmq_log_store::{LogConfig, RecordInput};
 use dmq_replication::{NodeConfig, PartitionNode};
 
-use common::{agreed_leader, by_id, form_group};
+use common::{agreed_leader, applied, by_id, form_group};
 
 async fn start(id: u64, dir: &Path, listen: SocketAddr) -> PartitionNode {
     PartitionNode::start(
@@ -24,19 +24,6 @@ async fn start(id: u64, dir: &Path, listen: SocketAddr) -> PartitionNode {
 
 fn any_addr() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
-}
-
-async fn applied(node: &PartitionNode, end: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    while node.committed_end() < end {
-        assert!(
-            Instant::now() < deadline,
-            "node {} applied {} < {end}",
-            node.id(),
-            node.committed_end()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

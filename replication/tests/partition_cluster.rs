@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dmq_log_store::{LogConfig, RecordInput};
 use dmq_replication::{NodeConfig, PartitionNode};
 
-use common::{agreed_leader, by_id, form_group};
+use common::{agreed_leader, applied, by_id, form_group};
 
 fn log_config() -> LogConfig {
     LogConfig {
@@ -433,20 +433,6 @@ async fn rows_are_purged_below_what_every_member_holds() {
     converged(&all, end, Duration::from_secs(10)).await;
     for node in nodes {
         node.shutdown().await;
-    }
-}
-
-/// Waits until `node` applied every record below `end` (committed).
-async fn applied(node: &PartitionNode, end: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    while node.committed_end() < end {
-        assert!(
-            Instant::now() < deadline,
-            "node {} applied {} of {end}",
-            node.id(),
-            node.committed_end()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

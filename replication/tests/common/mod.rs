@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use dmq_replication::network::GroupTypes;
-use dmq_replication::GroupNode;
+use dmq_replication::{GroupNode, PartitionNode};
 
 /// Forms a group of `nodes` (initialized from the first one).
 pub async fn form_group<C: GroupTypes, S>(nodes: &[GroupNode<C, S>]) {
@@ -39,4 +39,18 @@ pub async fn agreed_leader<C: GroupTypes, S>(nodes: &[&GroupNode<C, S>], within:
 /// The node with id `id`.
 pub fn by_id<C: GroupTypes, S>(nodes: &[GroupNode<C, S>], id: u64) -> &GroupNode<C, S> {
     nodes.iter().find(|node| node.id() == id).expect("node")
+}
+
+/// Waits until `node` applied every record below `end` (committed).
+pub async fn applied(node: &PartitionNode, end: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while node.committed_end() < end {
+        assert!(
+            Instant::now() < deadline,
+            "node {} applied {} of {end}",
+            node.id(),
+            node.committed_end()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
