@@ -211,9 +211,19 @@ pub struct Cluster {
     /// Produces to cluster topics through this node: seconds from the
     /// proposal to the commit (fsynced on a quorum), per partition part.
     commit_latency: prometheus_client::metrics::histogram::Histogram,
-    /// The version of each replicated registry entry this node's registry
-    /// holds ([`Cluster::follow_topics`]).
-    registry_applied: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Which replicated registry entries this node's registry holds
+    /// ([`Cluster::follow_topics`]).
+    registry_applied: std::sync::Mutex<RegistryFollowed>,
+}
+
+/// What [`Cluster::follow_topics`] applied of the replicated registry.
+#[derive(Debug, Default)]
+struct RegistryFollowed {
+    /// The version of each entry this node's registry holds.
+    entries: std::collections::HashMap<String, u64>,
+    /// The registry version a pass applied whole (nothing left for
+    /// later): until it moves, a pass has nothing to do.
+    whole_at: Option<u64>,
 }
 
 /// A node being replaced is made a voter of a group once its log is
@@ -754,6 +764,7 @@ impl Cluster {
             self.registry_applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .entries
                 .insert(topic.to_string(), entry.version);
         }
     }
@@ -761,14 +772,25 @@ impl Cluster {
     /// Writes into `registry` every replicated registry entry this node
     /// has not applied yet, for the topics this node has.
     fn apply_registry(&self, engine: &Engine, registry: &SharedRegistry) {
-        let entries = self.metadata.state_machine().registry_entries();
-        let mut applied = self
+        let mut followed = self
             .registry_applied
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // Every 100 ms: copy the entries only when there is news.
+        let version = self.metadata.state_machine().registry_version();
+        if followed.whole_at == Some(version) {
+            return;
+        }
+        let entries = self.metadata.state_machine().registry_entries();
+        let applied = &mut followed.entries;
         applied.retain(|name, _| entries.contains_key(name));
+        let mut whole = true;
         for (name, entry) in entries {
-            if applied.get(&name) == Some(&entry.version) || engine.topic(&name).is_none() {
+            if applied.get(&name) == Some(&entry.version) {
+                continue;
+            }
+            if engine.topic(&name).is_none() {
+                whole = false;
                 continue;
             }
             let record: TopicRecord = match serde_json::from_str(&entry.entry) {
@@ -783,12 +805,16 @@ impl Cluster {
             if registry.get(&name) != Some(&record) {
                 if let Err(error) = registry.put(record) {
                     tracing::warn!(topic = name, %error, "applying a replicated registry entry; retrying");
+                    whole = false;
                     continue;
                 }
                 tracing::info!(topic = name, "registry entry replicated here");
             }
             applied.insert(name, entry.version);
         }
+        // Entries may have been set after `version` was read: the next
+        // pass then sees a larger version.
+        followed.whole_at = whole.then_some(version);
     }
 
     /// Until `stop` is set: removes from here every topic the metadata

@@ -396,6 +396,13 @@ impl MetadataStateMachine {
         self.lock().state.replacing.clone()
     }
 
+    /// How many registry entries were set so far, as applied on this
+    /// node: unchanged, [`MetadataStateMachine::registry_entries`] holds
+    /// nothing new.
+    pub fn registry_version(&self) -> u64 {
+        self.lock().state.registry_version
+    }
+
     /// The topics' registry entries as applied on this node so far.
     pub fn registry_entries(&self) -> BTreeMap<String, RegistryEntry> {
         self.lock().state.registry.clone()
