@@ -25,8 +25,9 @@
 //!   rights, retention) is written through the metadata group
 //!   ([`Cluster::publish_registry`]) and applied by every node's follow
 //!   loop.
-//! - **Replacement** of a node whose disk was lost: it is made a learner of
-//!   every group ([`Cluster::replace_node`]), may then start empty, and
+//! - **Replacement** of a node whose disk was lost: every group forgets it
+//!   and takes it back as a learner ([`Cluster::replace_node`]); it may
+//!   then start empty, and
 //!   each group's leader makes it a voter again once it caught up (the
 //!   follow loop).
 //!
@@ -579,13 +580,15 @@ impl Cluster {
     }
 
     /// Starts the replacement of node `node`, whose disk was lost (it is
-    /// down): makes it a learner of every group (the metadata group, every
-    /// partition, the timer log), so that it votes nowhere, then records
-    /// in the metadata group that it may start again with nothing. Once
-    /// started, it fetches what it lacks and each group's leader makes it
-    /// a voter again when it has caught up ([`Cluster::follow_topics`]).
-    /// Returns the groups changed. Run again after a failure: every step
-    /// is idempotent.
+    /// down): every group it is a member of (the metadata group, every
+    /// partition, the timer log) forgets it and takes it back as a learner
+    /// whose replication progress starts over (`GroupNode::readmit`), so
+    /// that it votes nowhere and its empty log is not taken for a log gone
+    /// back; then records in the metadata group that it may start again
+    /// with nothing. Once started, it fetches what it lacks and each
+    /// group's leader makes it a voter again when it has caught up
+    /// ([`Cluster::follow_topics`]). Returns the groups changed. Run again
+    /// after a failure: every step may be taken twice.
     pub async fn replace_node(&self, node: u64) -> Result<Vec<String>, EngineError> {
         if node == self.config.node_id {
             return Err(DispatchError::InvalidArgument(format!(
@@ -594,28 +597,27 @@ impl Cluster {
             ))
             .into());
         }
-        if !self.config.peers.iter().any(|peer| peer.id == node) {
+        let Some(peer) = self.config.peers.iter().find(|peer| peer.id == node) else {
             return Err(DispatchError::InvalidArgument(format!(
                 "node {node} is not a peer of this cluster"
             ))
             .into());
-        }
+        };
+        // Every group it is a member of forgets it (its progress too: its
+        // log starts over empty) and takes it back as a learner.
         let mut changed = Vec::new();
-        let metadata_voters = self.metadata.voters();
-        if metadata_voters.contains(&node) {
-            let mut voters = metadata_voters;
-            voters.remove(&node);
-            self.metadata
-                .set_voters(voters)
+        let metadata = &self.metadata;
+        if metadata.voters().contains(&node) || metadata.learners().contains(&node) {
+            metadata
+                .readmit(node, &peer.raft)
                 .await
                 .map_err(unavailable)?;
-            changed.push(self.metadata.group().to_string());
+            changed.push(metadata.group().to_string());
         }
         for (_, replica) in self.storage.replicas() {
             let group = replica.node();
-            let mut voters = group.voters();
-            if voters.remove(&node) {
-                group.set_voters(voters).await.map_err(unavailable)?;
+            if group.voters().contains(&node) || group.learners().contains(&node) {
+                group.readmit(node, &peer.raft).await.map_err(unavailable)?;
                 changed.push(group.group().to_string());
             }
         }

@@ -72,6 +72,15 @@ pub enum RaftRequest<C: GroupTypes> {
     /// learner), asked of the leader: answered like [`RaftRequest::Forward`]
     /// with an empty response once the change is committed.
     ChangeVoters(std::collections::BTreeSet<NodeId>),
+    /// Forgets member `node` (voter or learner) and takes it back as a
+    /// learner at Raft address `addr`, asked of the leader: see
+    /// [`readmit`]. Answered like [`RaftRequest::ChangeVoters`].
+    Readmit {
+        /// The member whose disk was lost.
+        node: NodeId,
+        /// Its Raft address.
+        addr: String,
+    },
 }
 
 /// The answer to a [`RaftRequest`].
@@ -152,6 +161,71 @@ pub(crate) async fn change_voters_at<C: GroupTypes>(
     ask_leader(addr, source, group, &request, ttl)
         .await
         .map(|_| ())
+}
+
+/// Asks the node at `addr` (the group's leader, as far as the caller
+/// knows) to [`readmit`] member `node` (Raft address `node_addr`) to
+/// group `group`, within `ttl`.
+pub(crate) async fn readmit_at<C: GroupTypes>(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+    group: &str,
+    node: NodeId,
+    node_addr: &str,
+    ttl: Duration,
+) -> Result<(), ForwardError> {
+    let request = encode(&RaftRequest::<C>::Readmit {
+        node,
+        addr: node_addr.to_string(),
+    })
+    .map_err(ForwardError::NotSent)?;
+    ask_leader(addr, source, group, &request, ttl)
+        .await
+        .map(|_| ())
+}
+
+/// At the leader: removes member `node` from the group (a voter first
+/// leaves the voters through a joint configuration), then adds it back as
+/// a learner at `addr`.
+///
+/// For a member whose disk was lost. Kept as a learner, the leader would
+/// keep the replication progress it had before the loss and take the
+/// member's empty log for a follower log going back, which openraft
+/// refuses (it panics the leader's Raft core in builds with debug
+/// assertions and leaves the stream stuck otherwise). Removed and added
+/// again, its progress starts empty and the leader finds where its log
+/// ends. Taking it again after it was readmitted starts its progress over
+/// once more and loses nothing: a learner counts for no quorum.
+pub(crate) async fn readmit<C: GroupTypes>(
+    raft: &Raft<C>,
+    node: NodeId,
+    addr: &str,
+) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    let removal = if membership.voter_ids().any(|id| id == node) {
+        Some(openraft::ChangeMembers::RemoveVoters([node].into()))
+    } else if membership.learner_ids().any(|id| id == node) {
+        Some(openraft::ChangeMembers::RemoveNodes([node].into()))
+    } else {
+        None
+    };
+    if let Some(removal) = removal {
+        raft.change_membership(removal, false).await?;
+    }
+    raft.add_learner(
+        node,
+        BasicNode {
+            addr: addr.to_string(),
+        },
+        false,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Sends `request` (a [`RaftRequest`] the leader answers with
@@ -343,32 +417,35 @@ impl<C: GroupTypes> GroupHandler for Raft<C> {
                 }
                 RaftRequest::Forward(data) => {
                     let data: C::D = decode(&data)?;
-                    RaftReply::Forwarded(match self.client_write(data).await {
+                    let written = self.client_write(data).await;
+                    RaftReply::Forwarded(match written {
                         Ok(written) => Ok(encode(&written.data)?),
-                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                            Err(ForwardRefusal::NotLeader {
-                                leader: to.leader_id,
-                                addr: to.leader_node.map(|node| node.addr),
-                            })
-                        }
-                        Err(error) => Err(ForwardRefusal::Failed(error.to_string())),
+                        Err(error) => Err(refusal(error)),
                     })
                 }
                 RaftRequest::ChangeVoters(voters) => {
-                    RaftReply::Forwarded(match self.change_membership(voters, true).await {
-                        Ok(_) => Ok(Vec::new()),
-                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                            Err(ForwardRefusal::NotLeader {
-                                leader: to.leader_id,
-                                addr: to.leader_node.map(|node| node.addr),
-                            })
-                        }
-                        Err(error) => Err(ForwardRefusal::Failed(error.to_string())),
-                    })
+                    let changed = self.change_membership(voters, true).await;
+                    RaftReply::Forwarded(changed.map(|_| Vec::new()).map_err(refusal))
+                }
+                RaftRequest::Readmit { node, addr } => {
+                    let readmitted = readmit(self, node, &addr).await;
+                    RaftReply::Forwarded(readmitted.map(|_| Vec::new()).map_err(refusal))
                 }
             };
             encode(&reply)
         })
+    }
+}
+
+/// How the leader's refusal of a forwarded write or membership change
+/// is told to the node that forwarded it.
+fn refusal(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ForwardRefusal {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(to)) => ForwardRefusal::NotLeader {
+            leader: to.leader_id,
+            addr: to.leader_node.map(|node| node.addr),
+        },
+        error => ForwardRefusal::Failed(error.to_string()),
     }
 }
 

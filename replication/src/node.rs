@@ -364,11 +364,66 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
     /// no leader takes it, for up to [`WRITE_TIMEOUT`]. Nothing to do if
     /// they are the voters already. A voter left out stays as a learner.
     pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), NodeError> {
+        self.at_leader("the voters did not change", |leader| {
+            let voters = voters.clone();
+            async move {
+                if self.voters() == voters {
+                    return Ok(());
+                }
+                match leader {
+                    Leader::Here => self.change_voters(voters).await,
+                    Leader::At { addr, ttl } => crate::network::change_voters_at::<C>(
+                        &addr,
+                        self.router.source(),
+                        &self.group,
+                        voters,
+                        ttl,
+                    )
+                    .await
+                    .map_err(|error| NodeError::Stopped(format!("{error:?}"))),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Takes member `node`, whose disk was lost, back as a learner at Raft
+    /// address `addr` with its replication progress started over (see
+    /// `network::readmit`), from any member: at the leader (forwarded over
+    /// the Raft port if another node leads), retried while no leader takes
+    /// it, for up to [`WRITE_TIMEOUT`].
+    pub async fn readmit(&self, node: NodeId, addr: &str) -> Result<(), NodeError> {
+        self.at_leader("the member was not readmitted", |leader| async move {
+            match leader {
+                Leader::Here => crate::network::readmit(&self.raft, node, addr)
+                    .await
+                    .map_err(write_error),
+                Leader::At { addr: at, ttl } => crate::network::readmit_at::<C>(
+                    &at,
+                    self.router.source(),
+                    &self.group,
+                    node,
+                    addr,
+                    ttl,
+                )
+                .await
+                .map_err(|error| NodeError::Stopped(format!("{error:?}"))),
+            }
+        })
+        .await
+    }
+
+    /// Runs `change` against the leader this member knows of, again every
+    /// 100 ms while it fails, until it succeeds or [`WRITE_TIMEOUT`] passed
+    /// (then the last failure, after `what`). Only for changes that may be
+    /// made twice.
+    async fn at_leader<'a, F, Fut>(&'a self, what: &str, change: F) -> Result<(), NodeError>
+    where
+        F: Fn(Leader) -> Fut,
+        Fut: std::future::Future<Output = Result<(), NodeError>> + 'a,
+    {
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
         loop {
-            if self.voters() == voters {
-                return Ok(());
-            }
             let (leader, addr) = {
                 let metrics = self.raft.metrics().borrow().clone();
                 let leader = metrics.current_leader;
@@ -381,17 +436,10 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                 });
                 (leader, addr)
             };
+            let ttl = WRITE_TIMEOUT.min(deadline - tokio::time::Instant::now());
             let outcome = match (leader, addr) {
-                (Some(leader), _) if leader == self.id => self.change_voters(voters.clone()).await,
-                (Some(_), Some(addr)) => crate::network::change_voters_at::<C>(
-                    &addr,
-                    self.router.source(),
-                    &self.group,
-                    voters.clone(),
-                    WRITE_TIMEOUT.min(deadline - tokio::time::Instant::now()),
-                )
-                .await
-                .map_err(|error| NodeError::Stopped(format!("{error:?}"))),
+                (Some(leader), _) if leader == self.id => change(Leader::Here).await,
+                (Some(_), Some(addr)) => change(Leader::At { addr, ttl }).await,
                 _ => Err(NodeError::Stopped("no leader known".to_string())),
             };
             let last = match outcome {
@@ -400,7 +448,7 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
             };
             if tokio::time::Instant::now() >= deadline {
                 return Err(NodeError::Stopped(format!(
-                    "group {}: the voters did not change: {last}",
+                    "group {}: {what}: {last}",
                     self.group
                 )));
             }
@@ -566,6 +614,18 @@ where
 }
 
 /// A refused or failed `client_write`, as a [`NodeError`].
+/// Where [`GroupNode::at_leader`] found the group's leader.
+enum Leader {
+    /// This member leads.
+    Here,
+    /// Another member leads, at this Raft address; its answer is awaited
+    /// for at most `ttl`.
+    At {
+        addr: String,
+        ttl: std::time::Duration,
+    },
+}
+
 fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> NodeError {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => NodeError::NotLeader {

@@ -116,3 +116,89 @@ async fn a_learner_follows_without_voting_and_votes_once_promoted() {
         node.shutdown().await;
     }
 }
+
+/// A follower's disk is lost: readmitted (removed and added back as a
+/// learner), it starts empty under its id and address, is sent every
+/// entry again and votes once promoted. Made a learner without the
+/// removal, the leader kept how far its log had matched and took its empty
+/// log for a log going back: openraft refuses that, and the leader's Raft
+/// core panicked (CI, issue 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_disk_was_lost_is_readmitted_and_sent_every_entry_again() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        nodes.push(start(i as u64 + 1, dir.path(), any_addr()).await);
+    }
+    form_group(&nodes).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    for i in 0..5 {
+        by_id(&nodes, leader)
+            .produce(vec![RecordInput::new(format!("before-{i}"))])
+            .await
+            .expect("produce");
+    }
+    for node in &nodes {
+        applied(node, 5, Duration::from_secs(10)).await;
+    }
+
+    // A follower dies with its disk; the readmission is asked of the other
+    // follower (forwarded to the leader).
+    let lost_index = nodes
+        .iter()
+        .position(|n| n.id() != leader)
+        .expect("a follower");
+    let lost = nodes.remove(lost_index);
+    let (lost_id, lost_addr) = (lost.id(), lost.addr());
+    lost.shutdown().await;
+    let lost_dir = dirs[lost_id as usize - 1].path();
+    std::fs::remove_dir_all(lost_dir).expect("lose the disk");
+    std::fs::create_dir_all(lost_dir).expect("a new disk");
+    let other = nodes
+        .iter()
+        .find(|n| n.id() != leader)
+        .expect("the other follower");
+    other
+        .readmit(lost_id, &lost_addr.to_string())
+        .await
+        .expect("readmit");
+    let rest: BTreeSet<u64> = nodes.iter().map(|n| n.id()).collect();
+    assert_eq!(by_id(&nodes, leader).voters(), rest);
+    assert_eq!(by_id(&nodes, leader).learners(), BTreeSet::from([lost_id]));
+    by_id(&nodes, leader)
+        .produce(vec![RecordInput::new("while it is down")])
+        .await
+        .expect("produce without it");
+
+    // Started empty, it is sent every entry; the leader goes on.
+    let back = start(lost_id, lost_dir, lost_addr).await;
+    applied(&back, 6, Duration::from_secs(10)).await;
+    let values: Vec<String> = back
+        .records(0, 6)
+        .expect("read")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    assert_eq!(values[0], "before-0");
+    assert_eq!(values[5], "while it is down");
+    nodes.push(back);
+    let all = rest
+        .iter()
+        .copied()
+        .chain([lost_id])
+        .collect::<BTreeSet<u64>>();
+    by_id(&nodes, leader)
+        .change_voters(all.clone())
+        .await
+        .expect("promote it");
+    by_id(&nodes, leader)
+        .produce(vec![RecordInput::new("after")])
+        .await
+        .expect("the leader's Raft still runs");
+    applied(by_id(&nodes, lost_id), 7, Duration::from_secs(10)).await;
+    assert_eq!(by_id(&nodes, leader).voters(), all);
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
