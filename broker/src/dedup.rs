@@ -154,8 +154,36 @@ impl DedupWindow {
             .map(|entry| (entry.sequence, entry.response.expand()))
     }
 
-    /// Remembers `sequence` and its answer as `key`'s last.
+    /// Remembers `sequence` and its answer as `key`'s last, unless the
+    /// window holds a later sequence of `key` (a batch pipelined after it
+    /// that a replica applied first): a producer's last never goes back.
     pub fn insert(&mut self, key: DedupKey, sequence: u64, response: ProduceOk) {
+        if self
+            .entries
+            .get(&key)
+            .is_some_and(|e| e.sequence > sequence)
+        {
+            return;
+        }
+        self.store(key, sequence, response);
+    }
+
+    /// Remembers a committed batch that a cluster replica applied
+    /// (`sequence`, the answer of its part in one partition) unless the
+    /// window already holds `sequence` or a later one of `key`: the whole
+    /// answer this node gave stays, whichever came first.
+    pub fn learn(&mut self, key: DedupKey, sequence: u64, response: ProduceOk) {
+        if self
+            .entries
+            .get(&key)
+            .is_some_and(|e| e.sequence >= sequence)
+        {
+            return;
+        }
+        self.store(key, sequence, response);
+    }
+
+    fn store(&mut self, key: DedupKey, sequence: u64, response: ProduceOk) {
         let response = CompactAnswer::of(&response);
         let bytes = ENTRY_BYTES + key.0.len() + response.bytes();
         let stamp = self.next_stamp;
@@ -316,6 +344,31 @@ mod tests {
         }
         assert!(window.order_len() <= 2 * 3 + 64);
         assert_eq!(window.len(), 3);
+    }
+
+    #[test]
+    fn a_producers_last_never_goes_back_and_a_whole_answer_outranks_a_learned_part() {
+        let mut window = DedupWindow::new(10, usize::MAX);
+        let key: DedupKey = ("t".into(), 7);
+        // A replica applied sequence 6 (pipelined) before this node
+        // answered 5: the answer of 5 does not make 6 forgotten.
+        window.learn(key.clone(), 6, answer(1));
+        window.insert(key.clone(), 5, answer(2));
+        assert_eq!(window.get(&key).map(|e| e.0), Some(6));
+        // This node's whole answer of 7 (two partitions' parts) is kept
+        // when a replica applies one part of it after.
+        window.insert(key.clone(), 7, answer(3));
+        window.learn(key.clone(), 7, answer(1));
+        assert_eq!(window.get(&key).map(|e| e.1.records.len()), Some(3));
+        // A part applied first is replaced by the whole answer.
+        window.learn(key.clone(), 8, answer(1));
+        window.insert(key.clone(), 8, answer(3));
+        assert_eq!(window.get(&key).map(|e| e.1.records.len()), Some(3));
+        // Learned from a replica alone (the first try went through another
+        // node): the next retry finds it.
+        let other: DedupKey = ("t".into(), 8);
+        window.learn(other.clone(), 1, answer(4));
+        assert_eq!(window.get(&other), Some((1, answer(4))));
     }
 
     #[test]

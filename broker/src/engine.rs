@@ -329,6 +329,46 @@ fn rebuild_producer_window(
     Ok(bounded)
 }
 
+/// Feeds `window` with every idempotent producer's batch this node's
+/// cluster replicas apply (committed on a quorum), whichever node took it:
+/// a producer that retries a batch through another node (its connection
+/// lost, its node down) gets its original offsets and ids there instead of
+/// a second copy. A batch that spans partitions is learned one part at a
+/// time, and a part is not a whole answer: `produce::admit` answers a retry
+/// from the window only when the answer holds as many records as the
+/// retry.
+fn learn_committed_producer_batches(cluster: &Cluster, window: &ProducerWindow) {
+    let window = Arc::downgrade(window);
+    cluster
+        .storage()
+        .set_producer_batch_listener(Arc::new(move |topic, partition, batches| {
+            let Some(window) = window.upgrade() else {
+                return;
+            };
+            let mut window = window.lock().unwrap_or_else(|p| p.into_inner());
+            for batch in batches {
+                let answer = ProduceOk {
+                    records: batch
+                        .ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| ProducedRecord {
+                            partition,
+                            offset: Some(batch.base_offset + i as u64),
+                            message_id: dmq_protocol::MessageId(id.0),
+                            deliver_at_ms: None,
+                        })
+                        .collect(),
+                };
+                window.learn(
+                    (topic.to_string(), batch.producer_id),
+                    batch.producer_seq,
+                    answer,
+                );
+            }
+        }));
+}
+
 impl Engine {
     /// Opens the data directory and starts the dispatcher thread.
     pub fn start(config: &BrokerConfig) -> Result<Engine, StartError> {
@@ -371,7 +411,8 @@ impl Engine {
             let handle = TopicHandle::of(&dispatcher, &name)?;
             map.insert(name, handle);
         }
-        let producers = rebuild_producer_window(&map, config)?;
+        let producers: ProducerWindow =
+            Arc::new(Mutex::new(rebuild_producer_window(&map, config)?));
         let partitions = Arc::new(RwLock::new(map));
         let wake_commands = Arc::downgrade(&commands);
         // Fired delays are written on the `dmq-writer` thread; its outcomes
@@ -388,16 +429,17 @@ impl Engine {
         if let Some(cluster) = &cluster {
             cluster.delays().trace_to(telemetry.event_sink());
             let wake_commands = Arc::downgrade(&commands);
-            cluster.storage().set_commit_listener(Arc::new(move || {
+            cluster.storage().set_commit_listener(Arc::new(move |_| {
                 if let Some(commands) = wake_commands.upgrade() {
                     let _ = commands.send(Command::Wake);
                 }
             }));
+            learn_committed_producer_batches(cluster, &producers);
         }
         Ok(Engine {
             commands,
             partitions,
-            producers: Arc::new(Mutex::new(producers)),
+            producers,
             thread: Arc::new(Mutex::new(Some(thread))),
             telemetry,
             cluster,

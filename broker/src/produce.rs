@@ -125,7 +125,10 @@ pub(crate) async fn admit(
     if let Some((producer, sequence)) = sequence {
         let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
         if let Some((last, answer)) = window.get(&(topic.clone(), producer)) {
-            if sequence == last {
+            // A part of a batch that spans partitions, learned from one
+            // replica (`engine::learn_committed_producer_batches`), is not
+            // its answer: such a retry is stored again (at least once).
+            if sequence == last && answer.records.len() == records.len() {
                 return Ok(Admitted::Answered(answer));
             }
             if sequence < last {

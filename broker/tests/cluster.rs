@@ -827,3 +827,92 @@ async fn a_deleted_cluster_topic_leaves_every_node_and_its_name_comes_back_empty
     assert_eq!(consume(&first, "fresh", new.len()).await, new);
     assert_eq!(consume(&second, "billing", new.len()).await, new);
 }
+
+/// An idempotent producer's batch retried through another node (its
+/// connection lost, its node killed) is answered there with its original
+/// offsets and ids, and stored once: every node learns the committed
+/// batches of idempotent producers from its replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_through_another_node_is_answered_with_the_original() {
+    use common::Connection;
+    use dmq_protocol::{Produce, ProduceRecord, ProducerSequence, Request, Response};
+
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 2, false).await.unwrap();
+    for node in &nodes[1..] {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    let batch = |sequence: u64| {
+        Request::Produce(Produce {
+            topic: "orders".into(),
+            partition: None,
+            idempotence: Some(ProducerSequence {
+                producer_id: 77,
+                sequence,
+            }),
+            records: (0..3)
+                .map(|i| ProduceRecord {
+                    value: bytes::Bytes::from(format!("seq {sequence} record {i}")),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    };
+    let produced = |response: Response| match response {
+        Response::ProduceOk(ok) => ok,
+        other => panic!("{other:?}"),
+    };
+    // Waits until `node` serves the batch's last record (its replica
+    // applied the commit).
+    let applied = |node: &Node, ok: &dmq_protocol::ProduceOk| {
+        let api = Api::new(node.admin, None);
+        let last = ok.records.last().unwrap().message_id.to_string();
+        http(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while api.get(&format!("/api/messages/{last}")).0 != 200 {
+                assert!(Instant::now() < deadline, "never applied");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    // Through node 1, retried through node 2: the same answer.
+    let mut at_first = Connection::hello(nodes[0].client).await;
+    let original = produced(at_first.request(batch(1)).await);
+    assert_eq!(original.records.len(), 3);
+    applied(&nodes[1], &original).await;
+    let mut at_second = Connection::hello(nodes[1].client).await;
+    assert_eq!(produced(at_second.request(batch(1)).await), original);
+
+    // Node 1 killed right after it answered; retried through node 3.
+    let second = produced(at_first.request(batch(2)).await);
+    drop(at_first);
+    nodes[0].kill();
+    applied(&nodes[2], &second).await;
+    let mut at_third = Connection::hello(nodes[2].client).await;
+    assert_eq!(produced(at_third.request(batch(2)).await), second);
+    // The producer goes on through node 3; an older sequence is refused.
+    let third = produced(at_third.request(batch(3)).await);
+    assert!(third.records.iter().all(|r| !second.records.contains(r)));
+    applied(&nodes[1], &third).await;
+    let Response::Error(refused) = at_second.request(batch(1)).await else {
+        panic!("sequence 1 after 3 was taken");
+    };
+    assert_eq!(refused.code, dmq_protocol::ErrorCode::OutOfOrderSequence);
+
+    // Stored once: 9 records, all delivered, and no other.
+    let stored: BTreeSet<MessageId> = [&original, &second, &third]
+        .iter()
+        .flat_map(|ok| ok.records.iter().map(|r| MessageId(r.message_id.0)))
+        .collect();
+    assert_eq!(stored.len(), 9);
+    let consumer = connect(&nodes[1]).await;
+    assert_eq!(consume(&consumer, "once", 9).await, stored);
+    let api = Api::new(nodes[1].admin, None);
+    let listed =
+        http(move || api.ok("/api/topics/orders/messages?from_ms=0&to_ms=9999999999999&limit=100"))
+            .await;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 9, "{listed}");
+}

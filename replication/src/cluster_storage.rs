@@ -45,7 +45,11 @@ use tokio::runtime::Handle;
 
 use crate::journals::ReplicatedJournals;
 use crate::node::{partition_group, NodeConfig, NodeError, PartitionNode};
-use crate::partition::{CommitListener, PartitionCommand, ReplicatedBatch};
+use crate::partition::{CommitListener, CommittedProducerBatch, PartitionCommand, ReplicatedBatch};
+
+/// What [`ClusterStorage::set_producer_batch_listener`] calls: topic,
+/// partition, and the idempotent producers' batches a replica applied.
+pub type ProducerBatchListener = Arc<dyn Fn(&str, u32, &[CommittedProducerBatch]) + Send + Sync>;
 use crate::{NodeId, RaftRouter};
 
 /// Where and with whom a node runs its cluster partitions.
@@ -74,6 +78,7 @@ pub struct ClusterStorage {
     /// Cluster topics known so far (a cache of their directories).
     replicated: Mutex<std::collections::HashSet<String>>,
     on_commit: Arc<Mutex<Option<CommitListener>>>,
+    on_producer_batches: Arc<Mutex<Option<ProducerBatchListener>>>,
     journals: Mutex<Option<Arc<ReplicatedJournals>>>,
     /// Pending cluster delays per topic ([`crate::delays`]).
     pending_delays: Mutex<Option<Arc<crate::delays::PendingCounts>>>,
@@ -139,6 +144,7 @@ impl ClusterStorage {
             partitions: Mutex::new(HashMap::new()),
             replicated: Mutex::default(),
             on_commit: Arc::default(),
+            on_producer_batches: Arc::default(),
             journals: Mutex::default(),
             pending_delays: Mutex::default(),
         })
@@ -203,6 +209,13 @@ impl ClusterStorage {
     /// this node's replicas (the engine's wake-up).
     pub fn set_commit_listener(&self, listener: CommitListener) {
         *lock(&self.on_commit) = Some(listener);
+    }
+
+    /// Calls `listener` with the idempotent producers' batches each
+    /// replica of this node applies (with its topic and partition), on
+    /// Raft's task: it must not block.
+    pub fn set_producer_batch_listener(&self, listener: ProducerBatchListener) {
+        *lock(&self.on_producer_batches) = Some(listener);
     }
 
     /// This node's open replica of `topic`'s partition `partition`.
@@ -308,9 +321,16 @@ impl Storage for ClusterStorage {
         let node =
             block_on(&self.runtime, self.start_replica(topic, partition)).map_err(unavailable)?;
         let slot = Arc::clone(&self.on_commit);
-        node.on_commit(Arc::new(move || {
+        let producers = Arc::clone(&self.on_producer_batches);
+        let name = topic.to_string();
+        node.on_commit(Arc::new(move |batches| {
+            if !batches.is_empty() {
+                if let Some(listener) = lock(&producers).clone() {
+                    listener(&name, partition, batches);
+                }
+            }
             if let Some(listener) = lock(&slot).clone() {
-                listener();
+                listener(&[]);
             }
         }));
         let replica = Arc::new(ReplicatedPartitionLog {

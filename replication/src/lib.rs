@@ -74,8 +74,8 @@ pub use node::{
     METADATA_GROUP,
 };
 pub use partition::{
-    AppendedBatch, PartitionCommand, PartitionRaftLog, PartitionStateMachine, PartitionTypes,
-    ReplicatedBatch,
+    AppendedBatch, CommittedProducerBatch, PartitionCommand, PartitionRaftLog,
+    PartitionStateMachine, PartitionTypes, ReplicatedBatch,
 };
 
 /// A node's id in a cluster.

@@ -1020,8 +1020,63 @@ pub struct RecordFetch {
     pub patience: std::time::Duration,
 }
 
-/// What [`PartitionStateMachine::on_commit`] calls.
-pub type CommitListener = Arc<dyn Fn() + Send + Sync>;
+/// What [`PartitionStateMachine::on_commit`] calls, with the idempotent
+/// producers' batches among the records just applied (often none).
+pub type CommitListener = Arc<dyn Fn(&[CommittedProducerBatch]) + Send + Sync>;
+
+/// A committed batch of an idempotent producer, as every replica applies
+/// it: what a node needs to answer the producer's retry of it with its
+/// original offsets and ids, whichever node took the first try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedProducerBatch {
+    /// The producer's id (never 0).
+    pub producer_id: u64,
+    /// The producer's sequence of the batch.
+    pub producer_seq: u64,
+    /// The offset of its first record.
+    pub base_offset: u64,
+    /// Its records' ids, in order.
+    pub ids: Vec<MessageId>,
+}
+
+/// The idempotent producer's part of entry `payload`, applied at
+/// `base_offset` with `assigned` ids (those the leader gave its own
+/// proposal; empty elsewhere: then read from the stored batch).
+fn committed_producer_batch(
+    payload: &EntryPayload<PartitionTypes>,
+    base_offset: u64,
+    assigned: &[MessageId],
+) -> Option<CommittedProducerBatch> {
+    let EntryPayload::Normal(PartitionCommand::Batch(batch)) = payload else {
+        return None;
+    };
+    let (producer_id, producer_seq) = match &batch.stored {
+        Some(stored) => {
+            let header = dmq_log_store::batch::decode_header(&stored.0).ok()?;
+            (header.producer_id, header.producer_seq)
+        }
+        None => (batch.producer_id, batch.producer_seq),
+    };
+    if producer_id == 0 {
+        return None;
+    }
+    let ids = if assigned.is_empty() {
+        let input = batch.to_input().ok()?;
+        input
+            .records
+            .iter()
+            .map(|record| record.id)
+            .collect::<Option<Vec<MessageId>>>()?
+    } else {
+        assigned.to_vec()
+    };
+    Some(CommittedProducerBatch {
+        producer_id,
+        producer_seq,
+        base_offset,
+        ids,
+    })
+}
 
 /// The state machine's commit listener, if one is set.
 #[derive(Default)]
@@ -1149,7 +1204,8 @@ impl PartitionStateMachine {
     }
 
     /// Calls `listener` (on Raft's task: it must not block) each time
-    /// committed records are applied here.
+    /// committed records are applied here, with the idempotent producers'
+    /// batches among them.
     pub fn on_commit(&self, listener: CommitListener) {
         *self.on_commit.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
     }
@@ -1204,6 +1260,7 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
     {
         let mut responses = Vec::new();
         let mut records_applied = false;
+        let mut producer_batches = Vec::new();
         for entry in entries {
             let row = self.log.row(entry.log_id.index);
             let ids = self.log.take_assigned_ids(entry.log_id.index);
@@ -1220,6 +1277,11 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
             responses.push(match row.map(|r| r.kind) {
                 Some(RowKind::Records { base_offset, count }) => {
                     records_applied = true;
+                    producer_batches.extend(committed_producer_batch(
+                        &entry.payload,
+                        base_offset,
+                        &ids,
+                    ));
                     AppendedBatch {
                         base_offset,
                         count,
@@ -1241,7 +1303,7 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             if let Some(listener) = listener {
-                listener();
+                listener(&producer_batches);
             }
         }
         Ok(responses)
