@@ -152,9 +152,10 @@ async fn a_member_whose_disk_was_lost_is_readmitted_and_sent_every_entry_again()
     let lost = nodes.remove(lost_index);
     let (lost_id, lost_addr) = (lost.id(), lost.addr());
     lost.shutdown().await;
-    let lost_dir = dirs[lost_id as usize - 1].path();
-    std::fs::remove_dir_all(lost_dir).expect("lose the disk");
-    std::fs::create_dir_all(lost_dir).expect("a new disk");
+    // A new, empty directory stands for the new disk (deleting the old one
+    // could race a file its Raft's background tasks still write).
+    let new_disk = tempfile::tempdir().expect("dir");
+    let lost_dir = new_disk.path();
     let other = nodes
         .iter()
         .find(|n| n.id() != leader)
