@@ -56,7 +56,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(name = "dmq", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Broker address (host:port).
+    /// Broker address (host:port); a cluster's nodes may be listed
+    /// separated by commas (the next is tried when one does not answer).
     #[arg(
         long,
         global = true,

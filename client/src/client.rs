@@ -13,7 +13,7 @@ use dmq_protocol::{
 };
 use tokio::sync::watch;
 
-use crate::connection::{await_reply, connect, supervise, ConnState, Shared};
+use crate::connection::{await_reply, supervise, Brokers, ConnState, Shared};
 use crate::consumer::Consumer;
 use crate::error::{ClientError, Result};
 use crate::options::{ClientOptions, ProducerOptions};
@@ -42,7 +42,7 @@ impl Drop for ClientInner {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("addr", &self.inner.shared.addr)
+            .field("brokers", &self.inner.shared.addrs.all())
             .field("client_id", &self.inner.shared.options.client_id)
             .finish()
     }
@@ -64,12 +64,20 @@ macro_rules! expect {
 impl Client {
     /// Connects to `addr` (`host:port`) and exchanges HELLO. Fails if the
     /// first connection cannot be made; later drops are reconnected.
+    ///
+    /// `addr` may list several brokers separated by commas (a cluster's
+    /// nodes, any of which takes every request): the client connects to
+    /// the first that answers, and when its connection drops it tries
+    /// that one again, then the next in turn, so a node that dies does not
+    /// stop the client. An idempotent producer's batches in flight then
+    /// are retried through the next node, which answers a batch it already
+    /// committed with its original offsets (docs/replication.md).
     pub async fn connect(addr: impl Into<String>, options: ClientOptions) -> Result<Client> {
-        let addr = addr.into();
-        let session = connect(&addr, &options).await?;
+        let addrs = Brokers::parse(&addr.into())?;
+        let session = addrs.connect_any(&options).await?;
         let (state, _) = watch::channel(ConnState::Connected(Arc::clone(&session.conn)));
         let shared = Arc::new(Shared {
-            addr,
+            addrs,
             options,
             state,
             subscriptions: std::sync::Mutex::new(Vec::new()),

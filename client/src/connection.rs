@@ -238,7 +238,9 @@ pub(crate) enum ConnState {
 
 /// State shared by every handle of one client and its supervisor.
 pub(crate) struct Shared {
-    pub(crate) addr: String,
+    /// The brokers to connect to (one, or a cluster's nodes), tried in
+    /// turn from `current` until one answers.
+    pub(crate) addrs: Brokers,
     pub(crate) options: ClientOptions,
     pub(crate) state: watch::Sender<ConnState>,
     /// Open subscriptions, re-established after a reconnect.
@@ -248,6 +250,69 @@ pub(crate) struct Shared {
     /// Transactional producer instances (TXN_INIT): (group, producer id,
     /// epoch), resumed after a reconnect.
     pub(crate) txn_producers: Mutex<Vec<(String, String, u32)>>,
+}
+
+/// The brokers a client connects to: the nodes of a cluster, any of which
+/// takes every request, or one broker. A connection goes to the one that
+/// answered last; when it drops, that one is tried first again, then the
+/// next in turn.
+#[derive(Debug)]
+pub(crate) struct Brokers {
+    addrs: Vec<String>,
+    /// The index of the broker to try next.
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Brokers {
+    /// Parses `list`: `host:port`, or several separated by commas.
+    pub(crate) fn parse(list: &str) -> Result<Brokers> {
+        let addrs: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|addr| !addr.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if addrs.is_empty() {
+            return Err(ClientError::InvalidArgument(format!(
+                "no broker address in {list:?}"
+            )));
+        }
+        Ok(Brokers {
+            addrs,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Every address, in the order given.
+    pub(crate) fn all(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// Opens a session to the current broker; on failure the next one
+    /// becomes current.
+    pub(crate) async fn connect_next(&self, options: &ClientOptions) -> Result<Session> {
+        use std::sync::atomic::Ordering;
+        let index = self.current.load(Ordering::Acquire) % self.addrs.len();
+        let attempt = connect(&self.addrs[index], options).await;
+        if attempt.is_err() {
+            self.current
+                .store((index + 1) % self.addrs.len(), Ordering::Release);
+        }
+        attempt
+    }
+
+    /// Opens a session to the first broker that answers, each tried once
+    /// in turn; else the last failure.
+    pub(crate) async fn connect_any(&self, options: &ClientOptions) -> Result<Session> {
+        let mut last = None;
+        for _ in 0..self.addrs.len() {
+            match self.connect_next(options).await {
+                Ok(session) => return Ok(session),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Closed))
+    }
 }
 
 /// A producer group and where its TXN_CHECK pushes go.
@@ -574,7 +639,7 @@ pub(crate) async fn supervise(
             }
             wait_first = true;
             let attempt = tokio::select! {
-                result = connect(&shared.addr, &shared.options) => Some(result),
+                result = shared.addrs.connect_next(&shared.options) => Some(result),
                 _ = wait_shutdown(&mut shutdown) => None,
             };
             match attempt {
@@ -685,5 +750,57 @@ pub(crate) async fn await_reply(
         Ok(Ok(reply)) => reply,
         Ok(Err(_)) => Err(ClientError::ConnectionLost("connection closed".into())),
         Err(_) => Err(ClientError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_list_is_split_on_commas_and_an_empty_one_is_refused() {
+        let brokers =
+            Brokers::parse(" 10.0.0.1:7070, 10.0.0.2:7070 ,,10.0.0.3:7070").expect("test");
+        assert_eq!(
+            brokers.all(),
+            ["10.0.0.1:7070", "10.0.0.2:7070", "10.0.0.3:7070"]
+        );
+        assert_eq!(
+            Brokers::parse("127.0.0.1:7070").expect("test").all().len(),
+            1
+        );
+        for empty in ["", " , ,"] {
+            assert!(matches!(
+                Brokers::parse(empty),
+                Err(ClientError::InvalidArgument(_))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_does_not_answer_passes_the_turn_to_the_next() {
+        // Two ports nothing listens on: each failed attempt moves on, and
+        // connect_any tries each once from the current one (b, then a).
+        let closed = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("test");
+            listener.local_addr().expect("test").to_string()
+        };
+        let (a, b) = (closed(), closed());
+        let brokers = Brokers::parse(&format!("{a},{b}")).expect("test");
+        let options = ClientOptions::new("test");
+        assert!(brokers.connect_next(&options).await.is_err());
+        assert_eq!(
+            brokers.current.load(std::sync::atomic::Ordering::Acquire),
+            1
+        );
+        match brokers.connect_any(&options).await {
+            Err(ClientError::Connect { addr, .. }) => assert_eq!(addr, a),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("connected to a closed port"),
+        }
+        assert_eq!(
+            brokers.current.load(std::sync::atomic::Ordering::Acquire),
+            1
+        );
     }
 }

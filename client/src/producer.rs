@@ -581,6 +581,26 @@ struct Batcher {
     next_sequence: u64,
     /// Serialises retries so that re-sent batches keep their order.
     retry_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Batches failed and waiting to be sent again: a new batch waits
+    /// until there are none, so that it never overtakes them by more than
+    /// the broker's dedup window tells apart.
+    retrying: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// One batch counted in [`Batcher::retrying`] while it lives.
+struct Retrying(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Retrying {
+    fn start(count: &Arc<tokio::sync::watch::Sender<usize>>) -> Retrying {
+        count.send_modify(|n| *n += 1);
+        Retrying(Arc::clone(count))
+    }
+}
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 async fn batch_loop(client: Client, options: ProducerOptions, shared: Arc<ProducerShared>) {
@@ -599,6 +619,7 @@ async fn batch_loop(client: Client, options: ProducerOptions, shared: Arc<Produc
         producer_id: random_producer_id(),
         next_sequence: 0,
         retry_gate: Arc::new(tokio::sync::Mutex::new(())),
+        retrying: Arc::new(tokio::sync::watch::Sender::new(0)),
         shared: Arc::clone(&shared),
         client,
         options,
@@ -683,6 +704,11 @@ impl Batcher {
         let retry = idempotence.is_some().then(|| request.clone());
         let first = match shared.conn().await {
             Ok(conn) => {
+                if retry.is_some() {
+                    // After the reconnect: the batches that failed on the
+                    // old connection have counted themselves by now.
+                    let _ = self.retrying.subscribe().wait_for(|n| *n == 0).await;
+                }
                 conn.start_with_capacity(Request::Produce(request), None, size_hint)
                     .await
             }
@@ -691,12 +717,15 @@ impl Batcher {
         let max_retries = self.options.max_retries;
         let backoff = shared.options.reconnect_backoff_initial;
         let gate = Arc::clone(&self.retry_gate);
+        let retrying = Arc::clone(&self.retrying);
         tokio::spawn(async move {
             let mut result = match first {
                 Ok(receiver) => await_reply(receiver, timeout).await,
                 Err(error) => Err(error),
             };
             if let Some(request) = retry {
+                let _counted = (max_retries > 0 && result.as_ref().is_err_and(retryable))
+                    .then(|| Retrying::start(&retrying));
                 let mut attempt = 0;
                 while attempt < max_retries && result.as_ref().is_err_and(retryable) {
                     attempt += 1;
@@ -755,8 +784,16 @@ impl Drop for InFlight {
     }
 }
 
+/// Whether an idempotent producer sends a failed batch again. Besides a
+/// lost connection and the transient codes: `Unavailable`, which a cluster
+/// node answers when no leader took the write in time or its answer was
+/// lost (the batch may be stored: the retry is answered with it then).
 fn retryable(error: &ClientError) -> bool {
-    error.is_transient() || error.code() == Some(ErrorCode::OutOfOrderSequence)
+    error.is_transient()
+        || matches!(
+            error.code(),
+            Some(ErrorCode::OutOfOrderSequence | ErrorCode::Unavailable)
+        )
 }
 
 /// The per-record results of a PRODUCE of `count` records, or why it failed.
