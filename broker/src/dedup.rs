@@ -1,22 +1,37 @@
 //! The idempotent producers' dedup window: per (topic, producer id), the
-//! last sequence stored and the answer it got, so that a retried PRODUCE
-//! gets its original offsets instead of being stored twice. The key has no
-//! partition: a retried batch of unkeyed records may be routed to another
-//! partition (round robin), and must still be found.
+//! answers of its [`SEQUENCES_PER_PRODUCER`] latest stored sequences, so
+//! that a retried PRODUCE gets its original offsets instead of being stored
+//! twice. The key has no partition: a retried batch of unkeyed records may
+//! be routed to another partition (round robin), and must still be found.
+//!
+//! Several sequences, not only the last: a producer pipelines batches, and
+//! when its connection drops it retries those in flight through its next
+//! connection (on a cluster, maybe another node) while newer batches may
+//! already have gone out there. A retried sequence below the newest is
+//! answered if it was stored, and stored if it was not (a pipelined batch
+//! whose first try failed while later ones were stored), as long as the
+//! window can tell the two apart: it can for every sequence from the
+//! entry's `floor` up (0, raised past any sequence it had to drop to keep
+//! [`SEQUENCES_PER_PRODUCER`]); below the floor it refuses with
+//! `OutOfOrderSequence`.
 //!
 //! Answers are stored compactly ([`CompactAnswer`]): a run of records with
 //! consecutive offsets and ids in one partition (what one append of a batch
 //! gives) is one run (56 bytes), whatever its length.
 //!
-//! Invariants: the window holds at most `max_entries` producers and at most
-//! `max_bytes` of entries, each counted at its real size (its runs, its key
-//! and a fixed overhead for the map and order slots); past either bound the
-//! producer that was stored longest ago is forgotten first. A producer forgotten by the window (or by a restart
-//! beyond the rebuild range) that retries its last batch gets it stored
-//! again: at least once, never lost. Producer ids are random per client
-//! producer, so without a bound the window would grow with uptime.
+//! Invariants: every sequence of a producer that this window gave or
+//! learned since its entry was made, at or above the entry's floor, is
+//! among the entry's answers;
+//! the window holds at most `max_entries` producers and at most `max_bytes`
+//! of entries, each counted at its real size (its runs, its key and a fixed
+//! overhead for the maps and order slots); past either bound the producer
+//! that was stored longest ago is forgotten first. A producer forgotten by
+//! the window (or by a restart beyond the rebuild range) that retries a
+//! batch gets it stored again: at least once, never lost. Producer ids are
+//! random per client producer, so without a bound the window would grow
+//! with uptime.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use dmq_protocol::{MessageId, ProduceOk, ProducedRecord};
 
@@ -110,13 +125,39 @@ impl CompactAnswer {
     }
 }
 
+/// Sequences remembered per producer: twice the Rust client's default
+/// `max_in_flight_batches` (16), so that every batch a default producer
+/// may retry after a dropped connection is still told apart.
+pub const SEQUENCES_PER_PRODUCER: usize = 32;
+
+/// Bytes counted per remembered sequence besides its runs: its map slot.
+const ANSWER_BYTES: usize = std::mem::size_of::<u64>() + std::mem::size_of::<CompactAnswer>() + 16;
+
 #[derive(Debug)]
 struct Entry {
-    sequence: u64,
-    response: CompactAnswer,
+    /// The latest stored sequences and their answers, at most
+    /// [`SEQUENCES_PER_PRODUCER`].
+    answers: BTreeMap<u64, CompactAnswer>,
+    /// Every stored sequence at or above it is in `answers`.
+    floor: u64,
     /// Matches the entry's newest slot in `order`.
     stamp: u64,
     bytes: usize,
+}
+
+/// What the window knows of a producer's sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Stored: its original answer.
+    Stored(ProduceOk),
+    /// Not stored (as far as the window can tell): store it.
+    New,
+    /// Below what the window can tell apart (the producer's floor): it may
+    /// or may not have been stored.
+    TooOld {
+        /// The lowest sequence the window can tell apart.
+        floor: u64,
+    },
 }
 
 /// A bounded map of producers' last sequences (see the module doc).
@@ -147,58 +188,77 @@ impl DedupWindow {
         }
     }
 
-    /// The last sequence of `key` and its answer.
-    pub fn get(&self, key: &DedupKey) -> Option<(u64, ProduceOk)> {
-        self.entries
-            .get(key)
-            .map(|entry| (entry.sequence, entry.response.expand()))
+    /// Whether `sequence` of `key`, a batch of `records` records, was
+    /// stored. A stored answer of another size (a part of a batch split
+    /// over partitions, learned from one replica) is not its answer: such a
+    /// batch counts as new (stored again: at least once).
+    pub fn check(&self, key: &DedupKey, sequence: u64, records: usize) -> Seen {
+        let Some(entry) = self.entries.get(key) else {
+            return Seen::New;
+        };
+        if let Some(answer) = entry.answers.get(&sequence) {
+            let answer = answer.expand();
+            if answer.records.len() == records {
+                return Seen::Stored(answer);
+            }
+            return Seen::New;
+        }
+        if sequence < entry.floor {
+            return Seen::TooOld { floor: entry.floor };
+        }
+        Seen::New
     }
 
-    /// Remembers `sequence` and its answer as `key`'s last, unless the
-    /// window holds a later sequence of `key` (a batch pipelined after it
-    /// that a replica applied first): a producer's last never goes back.
+    /// The latest sequence of `key` and its answer.
+    pub fn latest(&self, key: &DedupKey) -> Option<(u64, ProduceOk)> {
+        let entry = self.entries.get(key)?;
+        let (sequence, answer) = entry.answers.last_key_value()?;
+        Some((*sequence, answer.expand()))
+    }
+
+    /// Remembers that `sequence` of `key` was stored with this answer
+    /// (the answer this node gave: it replaces a part learned before).
     pub fn insert(&mut self, key: DedupKey, sequence: u64, response: ProduceOk) {
-        if self
-            .entries
-            .get(&key)
-            .is_some_and(|e| e.sequence > sequence)
-        {
-            return;
-        }
-        self.store(key, sequence, response);
+        self.store(key, sequence, response, true);
     }
 
     /// Remembers a committed batch that a cluster replica applied
-    /// (`sequence`, the answer of its part in one partition) unless the
-    /// window already holds `sequence` or a later one of `key`: the whole
-    /// answer this node gave stays, whichever came first.
+    /// (`sequence`, the answer of its part in one partition), unless the
+    /// window holds `sequence` already: the whole answer this node gave
+    /// stays, whichever came first.
     pub fn learn(&mut self, key: DedupKey, sequence: u64, response: ProduceOk) {
-        if self
-            .entries
-            .get(&key)
-            .is_some_and(|e| e.sequence >= sequence)
-        {
-            return;
-        }
-        self.store(key, sequence, response);
+        self.store(key, sequence, response, false);
     }
 
-    fn store(&mut self, key: DedupKey, sequence: u64, response: ProduceOk) {
+    fn store(&mut self, key: DedupKey, sequence: u64, response: ProduceOk, replace: bool) {
         let response = CompactAnswer::of(&response);
-        let bytes = ENTRY_BYTES + key.0.len() + response.bytes();
         let stamp = self.next_stamp;
         self.next_stamp += 1;
-        self.order.push_back((key.clone(), stamp));
-        let entry = Entry {
-            sequence,
-            response,
+        let before = self.entries.get(&key).map_or(0, |entry| entry.bytes);
+        let entry = self.entries.entry(key.clone()).or_insert_with(|| Entry {
+            answers: BTreeMap::new(),
+            floor: 0,
             stamp,
-            bytes,
-        };
-        if let Some(old) = self.entries.insert(key, entry) {
-            self.bytes -= old.bytes;
+            bytes: ENTRY_BYTES + key.0.len(),
+        });
+        if entry.answers.contains_key(&sequence) && !replace {
+            return;
         }
-        self.bytes += bytes;
+        let added = ANSWER_BYTES + response.bytes();
+        if let Some(old) = entry.answers.insert(sequence, response) {
+            entry.bytes -= ANSWER_BYTES + old.bytes();
+        }
+        entry.bytes += added;
+        while entry.answers.len() > SEQUENCES_PER_PRODUCER {
+            if let Some((dropped, answer)) = entry.answers.pop_first() {
+                entry.bytes -= ANSWER_BYTES + answer.bytes();
+                entry.floor = entry.floor.max(dropped + 1);
+            }
+        }
+        entry.stamp = stamp;
+        let after = entry.bytes;
+        self.bytes = self.bytes + after - before;
+        self.order.push_back((key, stamp));
         while self.entries.len() > self.max_entries || self.bytes > self.max_bytes {
             let Some((oldest, stamp)) = self.order.pop_front() else {
                 break;
@@ -323,8 +383,8 @@ mod tests {
             assert!(window.order_len() <= 2 * 1_000 + 64);
         }
         assert_eq!(window.evicted(), 99_000);
-        assert!(window.get(&("t".into(), 98_999)).is_none());
-        assert_eq!(window.get(&("t".into(), 99_999)).map(|e| e.0), Some(1));
+        assert!(window.latest(&("t".into(), 98_999)).is_none());
+        assert_eq!(window.latest(&("t".into(), 99_999)).map(|e| e.0), Some(1));
     }
 
     #[test]
@@ -336,8 +396,8 @@ mod tests {
         // Producer 0 stores again: it is now the newest, 1 goes first.
         window.insert(("t".into(), 0), 2, answer(1));
         window.insert(("t".into(), 9), 1, answer(1));
-        assert!(window.get(&("t".into(), 1)).is_none());
-        assert_eq!(window.get(&("t".into(), 0)).map(|e| e.0), Some(2));
+        assert!(window.latest(&("t".into(), 1)).is_none());
+        assert_eq!(window.latest(&("t".into(), 0)).map(|e| e.0), Some(2));
         // Many re-stores of one producer leave few stale slots.
         for sequence in 3..10_000 {
             window.insert(("t".into(), 0), sequence, answer(1));
@@ -347,28 +407,58 @@ mod tests {
     }
 
     #[test]
-    fn a_producers_last_never_goes_back_and_a_whole_answer_outranks_a_learned_part() {
+    fn a_retry_below_the_latest_is_told_apart_down_to_the_floor() {
+        let mut window = DedupWindow::new(10, usize::MAX);
+        let key: DedupKey = ("t".into(), 7);
+        // Even sequences 0, 2, .., 80 stored: the latest 32 are kept (18 to
+        // 80), and the floor rises past the last one dropped (16).
+        for sequence in (0..=80).step_by(2) {
+            window.insert(key.clone(), sequence, answer(1));
+        }
+        assert_eq!(window.check(&key, 20, 1), Seen::Stored(answer(1)));
+        assert_eq!(window.check(&key, 19, 1), Seen::New, "never stored");
+        assert_eq!(window.check(&key, 81, 1), Seen::New);
+        assert_eq!(window.check(&key, 15, 1), Seen::TooOld { floor: 17 });
+        // Stored below the latest (a retry of a batch that never arrived):
+        // remembered, and the oldest kept goes.
+        window.insert(key.clone(), 19, answer(2));
+        assert_eq!(window.check(&key, 19, 2), Seen::Stored(answer(2)));
+        assert_eq!(window.check(&key, 18, 1), Seen::TooOld { floor: 19 });
+        // An answer of another size is no answer of this batch.
+        assert_eq!(window.check(&key, 20, 3), Seen::New);
+        // A producer the window never saw: new, and so is a sequence below
+        // its first one (a pipelined batch whose first try failed).
+        let other: DedupKey = ("t".into(), 8);
+        assert_eq!(window.check(&other, 5, 1), Seen::New);
+        window.insert(other.clone(), 5, answer(1));
+        assert_eq!(window.check(&other, 4, 1), Seen::New);
+    }
+
+    #[test]
+    fn a_whole_answer_outranks_a_learned_part() {
         let mut window = DedupWindow::new(10, usize::MAX);
         let key: DedupKey = ("t".into(), 7);
         // A replica applied sequence 6 (pipelined) before this node
-        // answered 5: the answer of 5 does not make 6 forgotten.
+        // answered 5: both are remembered.
         window.learn(key.clone(), 6, answer(1));
         window.insert(key.clone(), 5, answer(2));
-        assert_eq!(window.get(&key).map(|e| e.0), Some(6));
+        assert_eq!(window.check(&key, 5, 2), Seen::Stored(answer(2)));
+        assert_eq!(window.check(&key, 6, 1), Seen::Stored(answer(1)));
+        assert_eq!(window.latest(&key).map(|e| e.0), Some(6));
         // This node's whole answer of 7 (two partitions' parts) is kept
         // when a replica applies one part of it after.
         window.insert(key.clone(), 7, answer(3));
         window.learn(key.clone(), 7, answer(1));
-        assert_eq!(window.get(&key).map(|e| e.1.records.len()), Some(3));
+        assert_eq!(window.check(&key, 7, 3), Seen::Stored(answer(3)));
         // A part applied first is replaced by the whole answer.
         window.learn(key.clone(), 8, answer(1));
         window.insert(key.clone(), 8, answer(3));
-        assert_eq!(window.get(&key).map(|e| e.1.records.len()), Some(3));
+        assert_eq!(window.check(&key, 8, 3), Seen::Stored(answer(3)));
         // Learned from a replica alone (the first try went through another
-        // node): the next retry finds it.
+        // node): the retry finds it.
         let other: DedupKey = ("t".into(), 8);
         window.learn(other.clone(), 1, answer(4));
-        assert_eq!(window.get(&other), Some((1, answer(4))));
+        assert_eq!(window.check(&other, 1, 4), Seen::Stored(answer(4)));
     }
 
     #[test]

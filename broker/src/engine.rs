@@ -280,9 +280,10 @@ fn rebuild_producer_window(
     partitions: &PartitionMap,
     config: &BrokerConfig,
 ) -> Result<DedupWindow, StartError> {
-    // Per (topic, producer): its newest batch's sequence and answer parts
-    // (partition, answer), one per partition the batch was stored in.
-    let mut newest: HashMap<DedupKey, (u64, Vec<ProduceOk>)> = HashMap::new();
+    // Per (topic, producer), per sequence: its answer parts (partition,
+    // answer), one per partition the batch was stored in.
+    let mut found: HashMap<DedupKey, std::collections::BTreeMap<u64, Vec<ProduceOk>>> =
+        HashMap::new();
     for (topic, handle) in partitions {
         for (partition, log) in handle.logs.iter().enumerate() {
             let from = log.end_offset().saturating_sub(PRODUCER_WINDOW_OFFSETS);
@@ -300,15 +301,12 @@ fn rebuild_producer_window(
                         })
                         .collect(),
                 };
-                let entry = newest
+                found
                     .entry((topic.clone(), batch.producer_id))
-                    .or_insert((batch.producer_seq, Vec::new()));
-                if batch.producer_seq > entry.0 {
-                    *entry = (batch.producer_seq, Vec::new());
-                }
-                if batch.producer_seq == entry.0 {
-                    entry.1.push(response);
-                }
+                    .or_default()
+                    .entry(batch.producer_seq)
+                    .or_default()
+                    .push(response);
             }
         }
     }
@@ -316,15 +314,16 @@ fn rebuild_producer_window(
     // parts; the window cannot rebuild its whole answer in request order, so
     // it forgets it: a retry of such a batch after a restart is stored again
     // (at least once), never answered with a partial result.
-    let window = newest
-        .into_iter()
-        .filter_map(|(key, (sequence, mut parts))| {
-            (parts.len() == 1).then(|| (key, (sequence, parts.remove(0))))
-        });
     let mut bounded =
         DedupWindow::new(config.producer_window_max, config.producer_window_bytes_max);
-    for (key, (sequence, response)) in window {
-        bounded.insert(key, sequence, response);
+    // In order: the window keeps the latest and raises the floor past
+    // those it drops.
+    for (key, sequences) in found {
+        for (sequence, mut parts) in sequences {
+            if parts.len() == 1 {
+                bounded.insert(key.clone(), sequence, parts.remove(0));
+            }
+        }
     }
     Ok(bounded)
 }

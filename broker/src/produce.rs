@@ -39,6 +39,7 @@ use dmq_protocol::{ErrorCode, ErrorResponse, ProduceOk, ProducedRecord};
 use std::sync::Arc;
 
 use crate::convert;
+use crate::dedup::Seen;
 use crate::engine::Engine;
 use crate::telemetry::ProducedBatch;
 
@@ -50,6 +51,11 @@ pub(crate) struct ProduceRequest {
     pub(crate) records: Vec<RecordInput>,
     /// An idempotent producer's (producer id, sequence).
     pub(crate) sequence: Option<(u64, u64)>,
+    /// The first batch of this idempotent producer on its connection:
+    /// maybe a retry of a batch another node took. On a cluster topic the
+    /// node first catches up with every partition's commits
+    /// ([`catch_up`]), so that the dedup window knows that batch.
+    pub(crate) first_of_producer: bool,
     pub(crate) origin: Origin,
     /// The broker's frame limit, which bounds a record's size.
     pub(crate) max_frame_bytes: u32,
@@ -93,6 +99,7 @@ pub(crate) async fn admit(
         partition,
         records,
         sequence,
+        first_of_producer,
         origin,
         max_frame_bytes,
     } = request;
@@ -122,19 +129,25 @@ pub(crate) async fn admit(
                 format!("topic {}: {e}", names::shown(&topic)),
             )
         })?;
+    if first_of_producer && sequence.is_some() {
+        if let Some(cluster) = engine.cluster() {
+            if cluster.storage().is_replicated(&topic) {
+                catch_up(cluster, &topic, handle.router.partitions()).await?;
+            }
+        }
+    }
     if let Some((producer, sequence)) = sequence {
         let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((last, answer)) = window.get(&(topic.clone(), producer)) {
-            // A part of a batch that spans partitions, learned from one
-            // replica (`engine::learn_committed_producer_batches`), is not
-            // its answer: such a retry is stored again (at least once).
-            if sequence == last && answer.records.len() == records.len() {
-                return Ok(Admitted::Answered(answer));
-            }
-            if sequence < last {
+        match window.check(&(topic.clone(), producer), sequence, records.len()) {
+            Seen::Stored(answer) => return Ok(Admitted::Answered(answer)),
+            Seen::New => {}
+            Seen::TooOld { floor } => {
                 return Err(ErrorResponse::new(
                     ErrorCode::OutOfOrderSequence,
-                    format!("sequence {sequence} is older than the last one ({last})"),
+                    format!(
+                        "sequence {sequence} is older than the oldest this broker can tell apart \
+                         ({floor}): it may or may not be stored"
+                    ),
                 ));
             }
         }
@@ -276,6 +289,43 @@ pub(crate) async fn admit(
         remember(&engine, topic, sequence, &answer);
         answer
     }))))
+}
+
+/// Waits until this node applied everything committed in each partition of
+/// cluster topic `topic` (`GroupNode::catch_up`, all at once). Before the
+/// first batch of an idempotent producer on a connection: it may be a
+/// retry of a batch another node took (the producer's connection to it
+/// dropped, or it died), which this node's dedup window knows once its
+/// replicas applied it (`engine::learn_committed_producer_batches`). Once
+/// per producer and connection, since a later batch on the same connection
+/// is a retry only of batches this node took itself.
+async fn catch_up(
+    cluster: &crate::cluster::Cluster,
+    topic: &str,
+    partitions: u32,
+) -> Result<(), ErrorResponse> {
+    let mut waits = tokio::task::JoinSet::new();
+    for partition in 0..partitions {
+        if let Some(replica) = cluster.storage().replica(topic, partition) {
+            waits.spawn(async move { replica.node().catch_up().await });
+        }
+    }
+    while let Some(waited) = waits.join_next().await {
+        let failed = match waited {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        return Err(ErrorResponse::new(
+            ErrorCode::Unavailable,
+            format!(
+                "topic {}: this node could not catch up with its partitions' commits before \
+                 a producer's first batch here: {failed}; retry",
+                names::shown(topic)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Puts an idempotent producer's answer in the dedup window.

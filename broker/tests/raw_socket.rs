@@ -292,7 +292,25 @@ async fn a_retried_idempotent_batch_gets_its_original_offsets() {
         panic!("{next:?}")
     };
     assert_eq!(next.records[0].offset, Some(1));
-    let old = connection.request(produce(0)).await;
+    // A sequence below the latest that was never stored (a pipelined
+    // batch whose first try failed) is stored; retried, it is answered.
+    let late = connection.request(produce(0)).await;
+    let Response::ProduceOk(late_ok) = &late else {
+        panic!("{late:?}")
+    };
+    assert_eq!(late_ok.records[0].offset, Some(2));
+    assert_eq!(connection.request(produce(0)).await, late);
+    // The broker tells apart the latest 32 sequences of a producer; below
+    // them, it cannot say whether a batch was stored, and refuses it.
+    for sequence in 3..=40 {
+        connection.request(produce(sequence)).await;
+    }
+    let twenty = connection.request(produce(20)).await;
+    let Response::ProduceOk(twenty) = twenty else {
+        panic!("{twenty:?}")
+    };
+    assert_eq!(twenty.records[0].offset, Some(20), "its original offset");
+    let old = connection.request(produce(1)).await;
     assert_eq!(error_code(&old), Some(ErrorCode::OutOfOrderSequence));
     broker.stop().await;
 }

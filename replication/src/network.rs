@@ -21,8 +21,8 @@ use std::io;
 use std::time::Duration;
 
 use openraft::error::{
-    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
-    Timeout, Unreachable,
+    CheckIsLeaderError, ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError,
+    RemoteError, Timeout, Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::responder::OneshotResponder;
@@ -81,6 +81,11 @@ pub enum RaftRequest<C: GroupTypes> {
         /// Its Raft address.
         addr: String,
     },
+    /// The group's read index, asked of the leader: once it confirmed with
+    /// a quorum that it still leads, the index of the last entry it knows
+    /// committed (at least its own term's first), answered like
+    /// [`RaftRequest::Forward`] with the index (`Option<u64>`) in postcard.
+    ReadIndex,
 }
 
 /// The answer to a [`RaftRequest`].
@@ -182,6 +187,20 @@ pub(crate) async fn readmit_at<C: GroupTypes>(
     ask_leader(addr, source, group, &request, ttl)
         .await
         .map(|_| ())
+}
+
+/// Asks the node at `addr` (the group's leader, as far as the caller
+/// knows) for group `group`'s read index ([`RaftRequest::ReadIndex`]),
+/// within `ttl`.
+pub(crate) async fn read_index_at<C: GroupTypes>(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+    group: &str,
+    ttl: Duration,
+) -> Result<Option<u64>, ForwardError> {
+    let request = encode(&RaftRequest::<C>::ReadIndex).map_err(ForwardError::NotSent)?;
+    let response = ask_leader(addr, source, group, &request, ttl).await?;
+    decode(&response).map_err(ForwardError::Lost)
 }
 
 /// At the leader: removes member `node` from the group (a voter first
@@ -430,6 +449,18 @@ impl<C: GroupTypes> GroupHandler for Raft<C> {
                 RaftRequest::Readmit { node, addr } => {
                     let readmitted = readmit(self, node, &addr).await;
                     RaftReply::Forwarded(readmitted.map(|_| Vec::new()).map_err(refusal))
+                }
+                RaftRequest::ReadIndex => {
+                    RaftReply::Forwarded(match self.get_read_log_id().await {
+                        Ok((read, _applied)) => Ok(encode(&read.map(|id| id.index))?),
+                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(to))) => {
+                            Err(ForwardRefusal::NotLeader {
+                                leader: to.leader_id,
+                                addr: to.leader_node.map(|node| node.addr),
+                            })
+                        }
+                        Err(error) => Err(ForwardRefusal::Failed(error.to_string())),
+                    })
                 }
             };
             encode(&reply)

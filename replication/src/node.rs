@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 
@@ -413,14 +413,63 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         .await
     }
 
+    /// Waits until this member applied every entry its group had committed
+    /// when this was called: asks the leader for its read index (the
+    /// leader confirms with a quorum that it still leads; a new leader's
+    /// index covers its own term's first entry, so every entry a former
+    /// leader committed too), then waits for its own state machine to reach
+    /// it. Within [`WRITE_TIMEOUT`] in all.
+    pub async fn catch_up(&self) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let index = self
+            .at_leader("no read index", |leader| async move {
+                match leader {
+                    Leader::Here => match self.raft.get_read_log_id().await {
+                        Ok((read, _applied)) => Ok(read.map(|id| id.index)),
+                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(to))) => {
+                            Err(NodeError::NotLeader {
+                                leader: to.leader_id,
+                                addr: to.leader_node.map(|node| node.addr),
+                            })
+                        }
+                        Err(error) => Err(NodeError::Stopped(error.to_string())),
+                    },
+                    Leader::At { addr, ttl } => crate::network::read_index_at::<C>(
+                        &addr,
+                        self.router.source(),
+                        &self.group,
+                        ttl,
+                    )
+                    .await
+                    .map_err(|error| NodeError::Stopped(format!("{error:?}"))),
+                }
+            })
+            .await?;
+        let Some(index) = index else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "catch up")
+            .await
+            .map(|_| ())
+            .map_err(|error| {
+                NodeError::Stopped(format!(
+                    "group {}: entry {index} not applied here: {error}",
+                    self.group
+                ))
+            })
+    }
+
     /// Runs `change` against the leader this member knows of, again every
     /// 100 ms while it fails, until it succeeds or [`WRITE_TIMEOUT`] passed
     /// (then the last failure, after `what`). Only for changes that may be
     /// made twice.
-    async fn at_leader<'a, F, Fut>(&'a self, what: &str, change: F) -> Result<(), NodeError>
+    async fn at_leader<'a, T, F, Fut>(&'a self, what: &str, change: F) -> Result<T, NodeError>
     where
         F: Fn(Leader) -> Fut,
-        Fut: std::future::Future<Output = Result<(), NodeError>> + 'a,
+        Fut: std::future::Future<Output = Result<T, NodeError>> + 'a,
     {
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
         loop {
@@ -443,7 +492,7 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                 _ => Err(NodeError::Stopped("no leader known".to_string())),
             };
             let last = match outcome {
-                Ok(()) => return Ok(()),
+                Ok(value) => return Ok(value),
                 Err(error) => error.to_string(),
             };
             if tokio::time::Instant::now() >= deadline {

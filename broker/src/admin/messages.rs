@@ -680,6 +680,7 @@ async fn test_message(
             partition: None,
             records: vec![record],
             sequence: None,
+            first_of_producer: false,
             origin: crate::produce::Origin {
                 client_id: "admin".to_string(),
                 peer,
@@ -877,6 +878,7 @@ async fn resend(
                 partition: None,
                 records: inputs,
                 sequence: None,
+                first_of_producer: false,
                 origin: crate::produce::Origin {
                     client_id: "admin".to_string(),
                     peer,

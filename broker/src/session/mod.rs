@@ -122,6 +122,11 @@ struct Session {
     /// producer group → (producer id, epoch). Its transaction requests of
     /// those groups are refused once a newer instance registered.
     fences: std::collections::HashMap<String, (String, u32)>,
+    /// Idempotent producer ids seen on this connection: the first batch of
+    /// each may be a retry of one another connection (another node) took,
+    /// and on a cluster topic is admitted once this node caught up
+    /// (`crate::produce`).
+    producers: std::collections::HashSet<u64>,
 }
 
 /// Serves one connection until it closes, fails or the broker shuts down.
@@ -203,6 +208,7 @@ pub(crate) async fn serve(
         inflight,
         listener: None,
         fences: std::collections::HashMap::new(),
+        producers: std::collections::HashSet::new(),
     };
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     // Before HELLO a peer is unknown: its frames are small and its whole

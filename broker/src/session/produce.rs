@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Idempotent producers a connection remembers having seen (see
+/// `Session::producers`).
+const MAX_PRODUCERS_PER_CONNECTION: usize = 1024;
+
 impl Session {
     /// Appends in request order now; answers once durable, from a task.
     ///
@@ -46,11 +50,20 @@ impl Session {
                 }
             }
         }
+        let sequence = produce.idempotence.map(|s| (s.producer_id, s.sequence));
+        let first_of_producer = sequence.is_some_and(|(producer, _)| {
+            if self.producers.len() >= MAX_PRODUCERS_PER_CONNECTION {
+                // Forgetting them costs only a catch-up each.
+                self.producers.clear();
+            }
+            self.producers.insert(producer)
+        });
         let request = ProduceRequest {
             topic: produce.topic,
             partition: produce.partition,
             records,
-            sequence: produce.idempotence.map(|s| (s.producer_id, s.sequence)),
+            sequence,
+            first_of_producer,
             origin: Origin {
                 client_id: self.client_id.clone(),
                 peer: self.peer,

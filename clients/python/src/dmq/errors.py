@@ -193,7 +193,8 @@ class GroupConfigConflict(BrokerError):
 
 
 class OutOfOrderSequence(BrokerError):
-    """Code 21: an idempotent PRODUCE older than the producer's last batch."""
+    """Code 21: an idempotent PRODUCE older than the latest 32 batches the
+    broker remembers of its producer (it may or may not be stored)."""
 
 
 class Timeout(BrokerError):

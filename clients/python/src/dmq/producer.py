@@ -18,11 +18,11 @@ Idempotence (on by default): every batch carries the producer id (random,
 was lost or the answer timed out is sent again, same id and sequence, after
 the client reconnects; retries go one at a time in sequence order, and the
 broker answers a batch it already stored with its original offsets, so a
-retry never duplicates. The broker remembers only the last batch per topic
-and producer: a retried batch older than one stored later (pipelining)
-gets OutOfOrderSequence (21); it was stored before the connection was lost
-(the broker admits one connection's PRODUCEs in order) but its offsets are
-unknown, and its futures fail with that error.
+retry never duplicates. The broker remembers the latest 32 batches per
+topic and producer, so a retried batch older than ones stored later
+(pipelining) is answered too; one older than those gets
+OutOfOrderSequence (21): the broker cannot tell whether it was stored, and
+its futures fail with that error.
 """
 
 from __future__ import annotations
