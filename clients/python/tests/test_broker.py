@@ -27,6 +27,28 @@ async def drain(consumer: dmq.Consumer, count: int, timeout: float = 20.0) -> li
     return got
 
 
+def test_a_client_given_several_brokers_connects_to_one_that_answers(broker: Broker) -> None:
+    """A cluster's nodes listed: a node that does not answer (a port nobody
+    listens on) passes the turn to the next."""
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{unused.getsockname()[1]}"
+
+    async def main() -> None:
+        topic = unique("listed")
+        async with dmq.Client(f"{closed}, {broker.address}", client_id="py-test") as client:
+            assert f"{client.host}:{client.port}" == broker.address
+            await client.create_topic(topic, 1)
+            receipt = await client.producer().send(topic, "hello")
+            assert receipt.offset == 0
+
+    run(main())
+    with pytest.raises(ValueError):
+        dmq.Client(" , ")
+
+
 def test_produce_consume_ack(broker: Broker) -> None:
     async def main() -> None:
         topic = unique("orders")

@@ -35,10 +35,23 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _split_addresses(addresses: str) -> list[tuple[str, int]]:
+    """``HOST:PORT``, or several separated by commas (a cluster's nodes)."""
+    parts = [part.strip() for part in addresses.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"no broker address in {addresses!r}")
+    return [_split_address(part) for part in parts]
+
+
 class Client(AdminCalls):
     """A connection to one broker, shared by producers, consumers and the
     admin calls. Use ``async with Client(...) as client`` or
-    :meth:`connect` / :meth:`close`."""
+    :meth:`connect` / :meth:`close`.
+
+    ``address`` may list several brokers separated by commas (a cluster's
+    nodes, any of which takes every request): the client connects to the
+    first that answers and, when its connection drops, tries that one
+    again and then the next in turn."""
 
     def __init__(
         self,
@@ -53,7 +66,9 @@ class Client(AdminCalls):
         keepalive: Optional[float] = 60.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
-        self.host, self.port = _split_address(address)
+        self.addresses = _split_addresses(address)
+        #: The index in ``addresses`` of the broker tried next.
+        self._current = 0
         self.client_id = client_id
         self.secret = secret.encode() if isinstance(secret, str) else bytes(secret)
         self.request_timeout = request_timeout
@@ -74,6 +89,16 @@ class Client(AdminCalls):
         # Pushes that arrive in the same read as their SUBSCRIBED, before
         # the consumer has registered (bounded by the subscription's credit).
         self._early: dict[tuple[int, int], list[Delivery]] = {}
+
+    @property
+    def host(self) -> str:
+        """The host of the broker connected to (or tried next)."""
+        return self.addresses[self._current][0]
+
+    @property
+    def port(self) -> int:
+        """The port of the broker connected to (or tried next)."""
+        return self.addresses[self._current][1]
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -140,6 +165,8 @@ class Client(AdminCalls):
             except DmqError as error:
                 if isinstance(error, BrokerError) and not error.transient:
                     raise  # AuthenticationFailed and friends do not heal
+                # The next broker's turn.
+                self._current = (self._current + 1) % len(self.addresses)
                 self._backoff = min(max(self._backoff * 2, self.reconnect_backoff_initial), self.reconnect_backoff_max)
                 continue
             self.generation += 1

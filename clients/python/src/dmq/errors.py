@@ -225,7 +225,10 @@ class ProducerFenced(BrokerError):
 
 
 class Unavailable(BrokerError):
-    """Code 28: a cluster topic's partition had no reachable leader; retry."""
+    """Code 28: a cluster topic's partition had no reachable leader, or its
+    answer was lost; retry (an idempotent producer does)."""
+
+    transient = True
 
 
 _CLASSES: dict[int, type[BrokerError]] = {
