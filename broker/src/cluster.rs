@@ -38,6 +38,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use dmq_replication::scrub::ScrubConfig;
 use std::time::Duration;
 
 use dmq_dispatcher::{DispatchError, Storage, StoreError, TopicConfig};
@@ -280,6 +282,10 @@ impl Cluster {
         timings.heartbeat_ms = config.heartbeat_ms;
         timings.election_timeout_ms = config.election_timeout_ms;
         timings.purge_after_entries = config.purge_after_entries;
+        timings.scrub = (config.scrub_interval_s > 0).then(|| ScrubConfig {
+            interval: Duration::from_secs(config.scrub_interval_s),
+            bytes_per_second: config.scrub_bytes_per_second.max(1),
+        });
         let members: BTreeMap<u64, String> = config
             .peers
             .iter()

@@ -53,6 +53,8 @@
 //! # heartbeat_ms = 50
 //! # election_timeout_ms = [200, 400]
 //! # purge_after_entries = 4096  # a partition's Raft rows are purged in steps of this many
+//! # scrub_interval_s = 86400     # each replica re-reads its records this often (0: never)
+//! # scrub_bytes_per_second = 16777216
 //! [[cluster.peers]]           # every node, this one included; same list on each
 //! id = 1
 //! raft = "127.0.0.1:7090"
@@ -247,6 +249,23 @@ pub struct ClusterConfig {
     /// what every member holds (docs/replication.md); 0: never.
     #[serde(default = "default_purge_after_entries")]
     pub purge_after_entries: u64,
+    /// Each partition replica re-reads its records (checking every
+    /// batch's CRC) once per this many seconds, to find damage no open
+    /// re-reads; a damaged replica stops and is repaired from its peers at
+    /// the node's next start (docs/replication.md); 0: never.
+    #[serde(default = "default_scrub_interval_s")]
+    pub scrub_interval_s: u64,
+    /// How fast a replica re-reads, at most.
+    #[serde(default = "default_scrub_bytes_per_second")]
+    pub scrub_bytes_per_second: u64,
+}
+
+fn default_scrub_interval_s() -> u64 {
+    24 * 60 * 60
+}
+
+fn default_scrub_bytes_per_second() -> u64 {
+    16 << 20
 }
 
 fn default_purge_after_entries() -> u64 {

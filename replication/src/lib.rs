@@ -59,6 +59,7 @@ pub mod partition;
 mod purge;
 pub mod rejoin;
 pub mod repair;
+pub mod scrub;
 
 pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
 pub use delays::ReplicatedDelays;

@@ -32,6 +32,7 @@ use crate::partition::{
 };
 use crate::purge::PurgeTask;
 use crate::repair::{fill_from_peers, RecordSource};
+use crate::scrub::ScrubTask;
 use crate::{
     MetaCommand, MetaResponse, MetaTypes, MetadataStateMachine, NodeId, RaftLogJournal,
     StorageError, TopicSpec,
@@ -66,6 +67,9 @@ pub struct NodeConfig {
     /// How long such a replica keeps asking without progress before it
     /// gives up (and stays stopped).
     pub repair_patience: std::time::Duration,
+    /// How a partition replica re-reads its records to find damage
+    /// (`crate::scrub`); none: never.
+    pub scrub: Option<crate::scrub::ScrubConfig>,
 }
 
 impl NodeConfig {
@@ -87,6 +91,7 @@ impl NodeConfig {
             purge_after_entries: 4_096,
             peers: Vec::new(),
             repair_patience: std::time::Duration::from_secs(30),
+            scrub: Some(crate::scrub::ScrubConfig::default()),
         }
     }
 }
@@ -141,6 +146,8 @@ pub struct GroupNode<C: GroupTypes, S> {
     state: S,
     /// A partition replica's rows purge task (stopped with the node).
     purge: Option<PurgeTask>,
+    /// A partition replica's re-reading task (stopped with the node).
+    scrub: Option<ScrubTask>,
 }
 
 /// How long [`GroupNode::write`] looks for a leader before it answers
@@ -233,6 +240,7 @@ impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
             raft,
             state,
             purge: None,
+            scrub: None,
         })
     }
 }
@@ -850,6 +858,13 @@ impl PartitionNode {
             node.raft.clone(),
             node.state.clone(),
             config.purge_after_entries,
+        );
+        node.scrub = ScrubTask::start(
+            node.raft.clone(),
+            node.state.clone(),
+            config.data_dir.clone(),
+            group.to_string(),
+            config.scrub,
         );
         Ok(node)
     }

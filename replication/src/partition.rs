@@ -527,11 +527,15 @@ impl PartitionRaftLog {
         let log = Log::open(&log_dir, log_config.clone()).map_err(|e| fail(&e))?;
         // A damaged batch (its CRC fails) and everything after it go: they
         // are fetched again from a peer (`crate::repair`), never served.
+        // So does damage a re-read found while the replica ran
+        // (`crate::scrub`): its marker names where.
+        let marked = crate::scrub::marked_damage(dir).map_err(|e| fail(&e))?;
         let damaged_from = log
             .recovery_report()
             .corrupt_regions
             .iter()
             .map(|region| region.first_lost_offset)
+            .chain(marked)
             .min();
         let mut inner = Inner {
             rows,
@@ -550,6 +554,9 @@ impl PartitionRaftLog {
                 "cutting damaged partition records: they are fetched again from a peer"
             );
             inner.cut_log(from).map_err(|e| fail(&e))?;
+        }
+        if marked.is_some() {
+            crate::scrub::clear_marked_damage(dir).map_err(|e| fail(&e))?;
         }
         let expected = inner.row_end();
         if inner.next_offset > expected {
