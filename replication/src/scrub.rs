@@ -7,7 +7,8 @@
 //! consumer's, or a peer's that the replica, as leader, would send the
 //! damaged batch to. [`ScrubTask`] reads every record from the log's start
 //! to its committed end once per [`ScrubConfig::interval`], at most
-//! [`ScrubConfig::bytes_per_second`], checking each batch's CRC.
+//! [`ScrubConfig::bytes_per_second`], checking each batch's CRC; and every
+//! second it looks at whether a read met damage (`Log::read_damage`).
 //!
 //! A replica found damaged:
 //! 1. writes the offset of the first damaged batch to [`DAMAGE_MARKER`] in
@@ -33,6 +34,9 @@ use crate::partition::{PartitionStateMachine, PartitionTypes};
 /// The file in a replica's directory that names the offset its log is
 /// damaged from, until an open cuts it there.
 pub const DAMAGE_MARKER: &str = "damaged_from";
+
+/// How often a replica looks at whether a read met damage.
+const READ_DAMAGE_CHECK: Duration = Duration::from_secs(1);
 
 /// Bytes read at a time (then a pause that keeps the rate).
 const CHUNK_BYTES: usize = 256 * 1024;
@@ -172,6 +176,25 @@ impl Drop for ScrubTask {
     }
 }
 
+/// Damage a read met (a consumer's, a peer's fetch) since the last check:
+/// the first damaged batch at or after the lowest segment it was met in
+/// that the log still holds.
+fn damage_reads_met(state: &PartitionStateMachine) -> std::io::Result<Option<u64>> {
+    let log = state.log();
+    let start = log.start_offset()?;
+    let met = log.with_log(|log| {
+        log.read_damage()
+            .iter()
+            .map(|damage| damage.segment_base_offset)
+            .filter(|&segment| segment >= start)
+            .min()
+    })?;
+    match met {
+        Some(segment) => first_damaged(state, segment).map(Some),
+        None => Ok(None),
+    }
+}
+
 async fn run(
     raft: Raft<PartitionTypes>,
     state: PartitionStateMachine,
@@ -179,12 +202,23 @@ async fn run(
     group: String,
     config: ScrubConfig,
 ) {
+    let mut next_pass = tokio::time::Instant::now() + config.interval;
     loop {
-        tokio::time::sleep(config.interval).await;
+        tokio::time::sleep(READ_DAMAGE_CHECK.min(config.interval)).await;
         if raft.metrics().borrow().running_state.is_err() {
             return;
         }
-        let offset = match scrub_pass(&state, config.bytes_per_second).await {
+        let found = match damage_reads_met(&state) {
+            Ok(Some(offset)) => Ok(Some(offset)),
+            Ok(None) if tokio::time::Instant::now() >= next_pass => {
+                let pass = scrub_pass(&state, config.bytes_per_second).await;
+                next_pass = tokio::time::Instant::now() + config.interval;
+                pass
+            }
+            Ok(None) => Ok(None),
+            Err(error) => Err(error),
+        };
+        let offset = match found {
             Ok(None) => continue,
             Ok(Some(offset)) => offset,
             Err(error) => {

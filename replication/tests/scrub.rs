@@ -22,10 +22,16 @@ fn log_config() -> LogConfig {
     }
 }
 
-fn config(id: u64, dir: &Path, listen: SocketAddr, peers: Vec<String>) -> NodeConfig {
+fn config(
+    id: u64,
+    dir: &Path,
+    listen: SocketAddr,
+    peers: Vec<String>,
+    interval: Duration,
+) -> NodeConfig {
     let mut config = NodeConfig::new(id, dir.to_path_buf(), listen);
     config.scrub = Some(ScrubConfig {
-        interval: Duration::from_millis(100),
+        interval,
         bytes_per_second: 1 << 30,
     });
     config.peers = peers;
@@ -59,12 +65,23 @@ fn damage_oldest_segment(dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_damaged_while_it_runs_stops_and_is_repaired_from_its_peers_at_restart() {
+    // Re-read every 100 ms: the pass finds it.
+    damaged_while_running(Duration::from_millis(100), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_read_met_damage_stops_without_waiting_for_its_pass() {
+    // No pass within the test: a read through the replica meets it.
+    damaged_while_running(Duration::from_secs(3600), true).await;
+}
+
+async fn damaged_while_running(interval: Duration, read_it: bool) {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
     let mut nodes = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         let listen = "127.0.0.1:0".parse().expect("addr");
         let node = PartitionNode::start(
-            config(i as u64 + 1, dir.path(), listen, Vec::new()),
+            config(i as u64 + 1, dir.path(), listen, Vec::new(), interval),
             log_config(),
         )
         .await
@@ -97,6 +114,12 @@ async fn a_replica_damaged_while_it_runs_stops_and_is_repaired_from_its_peers_at
     let (id, addr) = (damaged.id(), damaged.addr());
     let dir = dirs[id as usize - 1].path();
     damage_oldest_segment(dir);
+    if read_it {
+        assert!(
+            damaged.records(0, 300).is_err(),
+            "the read meets the damage"
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !dir.join(DAMAGE_MARKER).exists() {
         assert!(Instant::now() < deadline, "the damage was never found");
@@ -125,7 +148,7 @@ async fn a_replica_damaged_while_it_runs_stops_and_is_repaired_from_its_peers_at
     // Restarted: cut at the marker, fetched again, whole.
     damaged.shutdown().await;
     let peers = nodes.iter().map(|n| n.addr().to_string()).collect();
-    let repaired = PartitionNode::start(config(id, dir, addr, peers), log_config())
+    let repaired = PartitionNode::start(config(id, dir, addr, peers, interval), log_config())
         .await
         .expect("restart");
     assert!(!dir.join(DAMAGE_MARKER).exists(), "the marker is cleared");
