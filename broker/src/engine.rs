@@ -262,6 +262,8 @@ pub struct Engine {
     partitions: Arc<RwLock<PartitionMap>>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     producers: ProducerWindow,
+    /// Idempotent batches admitted and not yet answered.
+    in_flight: Arc<crate::produce::InFlightSequences>,
     telemetry: Telemetry,
     /// The node's cluster side (`None`: a single node).
     cluster: Option<Arc<Cluster>>,
@@ -439,6 +441,7 @@ impl Engine {
             commands,
             partitions,
             producers,
+            in_flight: Arc::default(),
             thread: Arc::new(Mutex::new(Some(thread))),
             telemetry,
             cluster,
@@ -528,6 +531,12 @@ impl Engine {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
+    }
+
+    /// Idempotent batches admitted on this node and not yet answered
+    /// (`crate::produce`).
+    pub(crate) fn in_flight(&self) -> &Arc<crate::produce::InFlightSequences> {
+        &self.in_flight
     }
 
     /// The idempotent producers' dedup window.

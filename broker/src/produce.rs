@@ -136,20 +136,40 @@ pub(crate) async fn admit(
             }
         }
     }
+    let mut in_flight = None;
     if let Some((producer, sequence)) = sequence {
-        let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
-        match window.check(&(topic.clone(), producer), sequence, records.len()) {
-            Seen::Stored(answer) => return Ok(Admitted::Answered(answer)),
-            Seen::New => {}
-            Seen::TooOld { floor } => {
-                return Err(ErrorResponse::new(
-                    ErrorCode::OutOfOrderSequence,
-                    format!(
-                        "sequence {sequence} is older than the oldest this broker can tell apart \
-                         ({floor}): it may or may not be stored"
-                    ),
-                ));
-            }
+        let key = (topic.clone(), producer, sequence);
+        // The in-flight batches first, then the window: an original that
+        // completes meanwhile is in the window before it leaves them.
+        loop {
+            let mut original = {
+                let mut admitted = engine.in_flight().lock();
+                match admitted.get(&key) {
+                    Some(original) => original.clone(),
+                    None => {
+                        let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
+                        match window.check(&(topic.clone(), producer), sequence, records.len()) {
+                            Seen::Stored(answer) => return Ok(Admitted::Answered(answer)),
+                            Seen::New => {}
+                            Seen::TooOld { floor } => {
+                                return Err(ErrorResponse::new(
+                                    ErrorCode::OutOfOrderSequence,
+                                    format!(
+                                        "sequence {sequence} is older than the oldest this broker \
+                                         can tell apart ({floor}): it may or may not be stored"
+                                    ),
+                                ));
+                            }
+                        }
+                        in_flight =
+                            Some(InFlightGuard::admit(engine.in_flight(), &mut admitted, key));
+                        break;
+                    }
+                }
+            };
+            // A retry of a batch still waiting for durability here (its
+            // connection dropped): its answer, once it has one.
+            let _ = tokio::time::timeout(IN_FLIGHT_WAIT, original.changed()).await;
         }
     }
     let now = SystemClock.now_ms();
@@ -258,6 +278,7 @@ pub(crate) async fn admit(
                 )
                 .await;
                 remember(&engine, topic, sequence, &answer);
+                drop(in_flight);
                 answer
             }))));
         }
@@ -287,6 +308,7 @@ pub(crate) async fn admit(
         )
         .await;
         remember(&engine, topic, sequence, &answer);
+        drop(in_flight);
         answer
     }))))
 }
@@ -326,6 +348,59 @@ async fn catch_up(
         ));
     }
     Ok(())
+}
+
+/// How long a retry waits for the answer of its original, still in flight
+/// on this node, before it looks again.
+const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Idempotent batches admitted on this node and not yet answered, by
+/// (topic, producer id, sequence): a retry of one (its connection dropped
+/// while it waited for durability or its quorum) waits for its answer and
+/// is then answered from the dedup window, instead of being stored again.
+#[derive(Default)]
+pub(crate) struct InFlightSequences(
+    std::sync::Mutex<
+        std::collections::HashMap<(String, u64, u64), tokio::sync::watch::Receiver<()>>,
+    >,
+);
+
+type InFlightMap = std::collections::HashMap<(String, u64, u64), tokio::sync::watch::Receiver<()>>;
+
+impl InFlightSequences {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InFlightMap> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One admitted batch in [`InFlightSequences`]: dropped once its answer is
+/// in the window (or it failed), it leaves them and wakes its retries.
+struct InFlightGuard {
+    sequences: Arc<InFlightSequences>,
+    key: (String, u64, u64),
+    _answered: tokio::sync::watch::Sender<()>,
+}
+
+impl InFlightGuard {
+    fn admit(
+        sequences: &Arc<InFlightSequences>,
+        admitted: &mut InFlightMap,
+        key: (String, u64, u64),
+    ) -> InFlightGuard {
+        let (answered, waiting) = tokio::sync::watch::channel(());
+        admitted.insert(key.clone(), waiting);
+        InFlightGuard {
+            sequences: Arc::clone(sequences),
+            key,
+            _answered: answered,
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.sequences.lock().remove(&self.key);
+    }
 }
 
 /// Puts an idempotent producer's answer in the dedup window.

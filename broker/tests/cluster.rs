@@ -986,3 +986,64 @@ async fn a_client_given_every_node_carries_on_when_its_node_dies() {
         acknowledged.difference(&delivered).collect::<Vec<_>>()
     );
 }
+
+/// A retry of an idempotent batch that is still waiting for its quorum on
+/// the same node (its connection dropped meanwhile) waits for the
+/// original's answer instead of being proposed a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_batch_still_waiting_for_its_quorum_waits_for_its_answer() {
+    use common::Connection;
+    use dmq_protocol::{Produce, ProduceRecord, ProducerSequence, Request, Response};
+
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 1, false).await.unwrap();
+    for node in &nodes[1..] {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    let batch = |sequence: u64| {
+        Request::Produce(Produce {
+            topic: "orders".into(),
+            partition: None,
+            idempotence: Some(ProducerSequence {
+                producer_id: 99,
+                sequence,
+            }),
+            records: vec![ProduceRecord {
+                value: bytes::Bytes::from(format!("sequence {sequence}")),
+                ..Default::default()
+            }],
+        })
+    };
+    let stored = |response: Response| match response {
+        Response::ProduceOk(ok) => ok,
+        other => panic!("{other:?}"),
+    };
+    // The producer has used two connections to node 1 (so neither waits
+    // to catch up before its batches).
+    let mut original = Connection::hello(nodes[0].client).await;
+    let mut retry = Connection::hello(nodes[0].client).await;
+    stored(original.request(batch(0)).await);
+    stored(retry.request(batch(2)).await);
+    // No quorum: sequence 1 waits at node 1; its connection drops.
+    nodes[1].kill();
+    nodes[2].kill();
+    original.send(batch(1)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(original);
+    // Retried on the other connection, then a quorum again.
+    let answer = tokio::spawn(async move { retry.request(batch(1)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[1].start(&configs[1]);
+    let answered = stored(answer.await.unwrap());
+    assert_eq!(answered.records[0].offset, Some(2));
+    // Stored once.
+    let api = Api::new(nodes[0].admin, None);
+    let listed = http(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        api.ok("/api/topics/orders/messages?from_ms=0&to_ms=9999999999999&limit=100")
+    })
+    .await;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 3, "{listed}");
+}
