@@ -301,7 +301,7 @@ class Producer:
                     if attempt and isinstance(result, OutOfOrderSequence):
                         result = OutOfOrderSequence(
                             21,
-                            f"{result.message}: this batch was stored before the connection was lost, its offsets are unknown",
+                            f"{result.message}: the broker can no longer tell whether this retried batch was stored",
                         )
         except BaseException as error:  # noqa: BLE001 - reported through the batch's future
             result = error
