@@ -155,7 +155,11 @@ pub struct BrokerConfig {
     pub max_inflight_requests_per_connection: usize,
     /// Idempotent producers remembered by the dedup window.
     pub producer_window_max: usize,
-    /// Bytes of answers the dedup window keeps at most.
+    /// Bytes of answers the dedup window keeps at most. A producer's
+    /// entry holds its latest 32 answers (about 100 bytes each for a batch
+    /// stored in one partition, so about 3 KiB for a producer that sent 32
+    /// or more): the default 64 MiB holds about 20,000 such producers, and
+    /// the one that stored longest ago is forgotten first.
     pub producer_window_bytes_max: usize,
     /// Development mode listening on a non-loopback address: refused at
     /// start unless this is set (anyone who reaches the port could use the
