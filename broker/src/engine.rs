@@ -278,6 +278,23 @@ pub type ProducerWindow = Arc<Mutex<DedupWindow>>;
 /// restart gets its original offsets back if the batch is in this window.
 pub const PRODUCER_WINDOW_OFFSETS: u64 = 100_000;
 
+/// The PRODUCE answer of a batch stored in `partition` from `base_offset`
+/// with these ids, as the dedup window keeps it.
+fn stored_answer(partition: u32, base_offset: u64, ids: &[dmq_log_store::MessageId]) -> ProduceOk {
+    ProduceOk {
+        records: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ProducedRecord {
+                partition,
+                offset: Some(base_offset + i as u64),
+                message_id: dmq_protocol::MessageId(id.0),
+                deliver_at_ms: None,
+            })
+            .collect(),
+    }
+}
+
 fn rebuild_producer_window(
     partitions: &PartitionMap,
     config: &BrokerConfig,
@@ -290,19 +307,7 @@ fn rebuild_producer_window(
         for (partition, log) in handle.logs.iter().enumerate() {
             let from = log.end_offset().saturating_sub(PRODUCER_WINDOW_OFFSETS);
             for batch in log.producer_batches(from)? {
-                let response = ProduceOk {
-                    records: batch
-                        .ids
-                        .iter()
-                        .enumerate()
-                        .map(|(i, id)| ProducedRecord {
-                            partition: partition as u32,
-                            offset: Some(batch.base_offset + i as u64),
-                            message_id: dmq_protocol::MessageId(id.0),
-                            deliver_at_ms: None,
-                        })
-                        .collect(),
-                };
+                let response = stored_answer(partition as u32, batch.base_offset, &batch.ids);
                 found
                     .entry((topic.clone(), batch.producer_id))
                     .or_default()
@@ -348,19 +353,7 @@ fn learn_committed_producer_batches(cluster: &Cluster, window: &ProducerWindow) 
             };
             let mut window = window.lock().unwrap_or_else(|p| p.into_inner());
             for batch in batches {
-                let answer = ProduceOk {
-                    records: batch
-                        .ids
-                        .iter()
-                        .enumerate()
-                        .map(|(i, id)| ProducedRecord {
-                            partition,
-                            offset: Some(batch.base_offset + i as u64),
-                            message_id: dmq_protocol::MessageId(id.0),
-                            deliver_at_ms: None,
-                        })
-                        .collect(),
-                };
+                let answer = stored_answer(partition, batch.base_offset, &batch.ids);
                 window.learn(
                     (topic.to_string(), batch.producer_id),
                     batch.producer_seq,

@@ -828,6 +828,49 @@ async fn a_deleted_cluster_topic_leaves_every_node_and_its_name_comes_back_empty
     assert_eq!(consume(&second, "billing", new.len()).await, new);
 }
 
+/// A started three-node cluster with topic `orders` of `partitions`
+/// partitions known on every node.
+async fn cluster_with_orders(root: &std::path::Path, partitions: u32) -> (Vec<Node>, Vec<String>) {
+    let (nodes, configs) = started_cluster(root);
+    let first = connect(&nodes[0]).await;
+    first
+        .create_topic("orders", partitions, false)
+        .await
+        .unwrap();
+    for node in &nodes[1..] {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    (nodes, configs)
+}
+
+/// A PRODUCE to `orders` of idempotent producer `producer`: `values`,
+/// routed by the broker.
+fn idempotent_batch(producer: u64, sequence: u64, values: Vec<String>) -> dmq_protocol::Request {
+    dmq_protocol::Request::Produce(dmq_protocol::Produce {
+        topic: "orders".into(),
+        partition: None,
+        idempotence: Some(dmq_protocol::ProducerSequence {
+            producer_id: producer,
+            sequence,
+        }),
+        records: values
+            .into_iter()
+            .map(|value| dmq_protocol::ProduceRecord {
+                value: bytes::Bytes::from(value),
+                ..Default::default()
+            })
+            .collect(),
+    })
+}
+
+/// The PRODUCE_OK of `response`.
+fn produce_ok(response: dmq_protocol::Response) -> dmq_protocol::ProduceOk {
+    match response {
+        dmq_protocol::Response::ProduceOk(ok) => ok,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// An idempotent producer's batch retried through another node (its
 /// connection lost, its node killed) is answered there with its original
 /// offsets and ids, and stored once: every node learns the committed
@@ -835,35 +878,16 @@ async fn a_deleted_cluster_topic_leaves_every_node_and_its_name_comes_back_empty
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_retry_through_another_node_is_answered_with_the_original() {
     use common::Connection;
-    use dmq_protocol::{Produce, ProduceRecord, ProducerSequence, Request, Response};
 
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, _configs) = started_cluster(root.path());
-    let first = connect(&nodes[0]).await;
-    first.create_topic("orders", 2, false).await.unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    let (mut nodes, _configs) = cluster_with_orders(root.path(), 2).await;
     let batch = |sequence: u64| {
-        Request::Produce(Produce {
-            topic: "orders".into(),
-            partition: None,
-            idempotence: Some(ProducerSequence {
-                producer_id: 77,
-                sequence,
-            }),
-            records: (0..3)
-                .map(|i| ProduceRecord {
-                    value: bytes::Bytes::from(format!("seq {sequence} record {i}")),
-                    ..Default::default()
-                })
-                .collect(),
-        })
+        let values = (0..3)
+            .map(|i| format!("seq {sequence} record {i}"))
+            .collect();
+        idempotent_batch(77, sequence, values)
     };
-    let produced = |response: Response| match response {
-        Response::ProduceOk(ok) => ok,
-        other => panic!("{other:?}"),
-    };
+    let produced = produce_ok;
     // Waits until `node` serves the batch's last record (its replica
     // applied the commit).
     let applied = |node: &Node, ok: &dmq_protocol::ProduceOk| {
@@ -993,33 +1017,12 @@ async fn a_client_given_every_node_carries_on_when_its_node_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_of_a_batch_still_waiting_for_its_quorum_waits_for_its_answer() {
     use common::Connection;
-    use dmq_protocol::{Produce, ProduceRecord, ProducerSequence, Request, Response};
 
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, configs) = started_cluster(root.path());
-    let first = connect(&nodes[0]).await;
-    first.create_topic("orders", 1, false).await.unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
-    let batch = |sequence: u64| {
-        Request::Produce(Produce {
-            topic: "orders".into(),
-            partition: None,
-            idempotence: Some(ProducerSequence {
-                producer_id: 99,
-                sequence,
-            }),
-            records: vec![ProduceRecord {
-                value: bytes::Bytes::from(format!("sequence {sequence}")),
-                ..Default::default()
-            }],
-        })
-    };
-    let stored = |response: Response| match response {
-        Response::ProduceOk(ok) => ok,
-        other => panic!("{other:?}"),
-    };
+    let (mut nodes, configs) = cluster_with_orders(root.path(), 1).await;
+    let batch =
+        |sequence: u64| idempotent_batch(99, sequence, vec![format!("sequence {sequence}")]);
+    let stored = produce_ok;
     // The producer has used two connections to node 1 (so neither waits
     // to catch up before its batches).
     let mut original = Connection::hello(nodes[0].client).await;
