@@ -4,8 +4,11 @@
 //!
 //! size check (every record fits the frames that will carry it) → route
 //! (the topic's [`Router`](dmq_dispatcher::Router)) → dedup (the
-//! idempotent producers' window) → append in request order → wait for
-//! durability → trace, wake the dispatcher, answer.
+//! idempotent producers' window and their batches in flight: a retry of
+//! one waits for its answer; on a cluster topic a producer's first batch
+//! on a connection waits for this node to catch up, see [`catch_up`]) →
+//! append in request order → wait for durability → trace, wake the
+//! dispatcher, answer.
 //!
 //! [`admit`] does the steps that must follow request order (route, dedup,
 //! append) in the caller's task; the returned [`Pending`] does the rest, so
@@ -136,42 +139,15 @@ pub(crate) async fn admit(
             }
         }
     }
-    let mut in_flight = None;
-    if let Some((producer, sequence)) = sequence {
-        let key = (topic.clone(), producer, sequence);
-        // The in-flight batches first, then the window: an original that
-        // completes meanwhile is in the window before it leaves them.
-        loop {
-            let mut original = {
-                let mut admitted = engine.in_flight().lock();
-                match admitted.get(&key) {
-                    Some(original) => original.clone(),
-                    None => {
-                        let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
-                        match window.check(&(topic.clone(), producer), sequence, records.len()) {
-                            Seen::Stored(answer) => return Ok(Admitted::Answered(answer)),
-                            Seen::New => {}
-                            Seen::TooOld { floor } => {
-                                return Err(ErrorResponse::new(
-                                    ErrorCode::OutOfOrderSequence,
-                                    format!(
-                                        "sequence {sequence} is older than the oldest this broker \
-                                         can tell apart ({floor}): it may or may not be stored"
-                                    ),
-                                ));
-                            }
-                        }
-                        in_flight =
-                            Some(InFlightGuard::admit(engine.in_flight(), &mut admitted, key));
-                        break;
-                    }
-                }
-            };
-            // A retry of a batch still waiting for durability here (its
-            // connection dropped): its answer, once it has one.
-            let _ = tokio::time::timeout(IN_FLIGHT_WAIT, original.changed()).await;
+    let in_flight = match sequence {
+        Some((producer, sequence)) => {
+            match dedup(engine, &topic, producer, sequence, records.len()).await? {
+                Dedup::Stored(answer) => return Ok(Admitted::Answered(answer)),
+                Dedup::New(guard) => Some(guard),
+            }
         }
-    }
+        None => None,
+    };
     let now = SystemClock.now_ms();
     let total = records.len();
     // Immediate records split by partition, each part in request order;
@@ -348,6 +324,56 @@ async fn catch_up(
         ));
     }
     Ok(())
+}
+
+/// What the dedup step found of an idempotent batch.
+enum Dedup {
+    /// Stored before: its original answer.
+    Stored(ProduceOk),
+    /// New: admitted, and in flight until the guard drops.
+    New(InFlightGuard),
+}
+
+/// The dedup step of `sequence` of `producer` on `topic`, a batch of
+/// `records` records. The in-flight batches are looked at first, then the
+/// window: an original that completes meanwhile is in the window before it
+/// leaves them. A retry of a batch still in flight here (its connection
+/// dropped while it waited for durability) waits for its answer.
+async fn dedup(
+    engine: &Engine,
+    topic: &str,
+    producer: u64,
+    sequence: u64,
+    records: usize,
+) -> Result<Dedup, ErrorResponse> {
+    let key = (topic.to_string(), producer, sequence);
+    loop {
+        let mut original = {
+            let mut admitted = engine.in_flight().lock();
+            match admitted.get(&key) {
+                Some(original) => original.clone(),
+                None => {
+                    let window = engine.producers().lock().unwrap_or_else(|p| p.into_inner());
+                    return match window.check(&(topic.to_string(), producer), sequence, records) {
+                        Seen::Stored(answer) => Ok(Dedup::Stored(answer)),
+                        Seen::New => Ok(Dedup::New(InFlightGuard::admit(
+                            engine.in_flight(),
+                            &mut admitted,
+                            key,
+                        ))),
+                        Seen::TooOld { floor } => Err(ErrorResponse::new(
+                            ErrorCode::OutOfOrderSequence,
+                            format!(
+                                "sequence {sequence} is older than the oldest this broker can \
+                                 tell apart ({floor}): it may or may not be stored"
+                            ),
+                        )),
+                    };
+                }
+            }
+        };
+        let _ = tokio::time::timeout(IN_FLIGHT_WAIT, original.changed()).await;
+    }
 }
 
 /// How long a retry waits for the answer of its original, still in flight
