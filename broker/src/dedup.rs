@@ -209,8 +209,9 @@ impl DedupWindow {
         Seen::New
     }
 
-    /// The latest sequence of `key` and its answer.
-    pub fn latest(&self, key: &DedupKey) -> Option<(u64, ProduceOk)> {
+    /// The latest sequence of `key` and its answer, for tests.
+    #[cfg(test)]
+    fn latest(&self, key: &DedupKey) -> Option<(u64, ProduceOk)> {
         let entry = self.entries.get(key)?;
         let (sequence, answer) = entry.answers.last_key_value()?;
         Some((*sequence, answer.expand()))
