@@ -411,6 +411,9 @@ impl Storage for ClusterStorage {
             if let Err(error) = block_on(&self.runtime, replica.node.raft().shutdown()) {
                 tracing::warn!(topic, %error, "stopping a deleted topic's replica");
             }
+            // A snapshot openraft is still building must not write into
+            // the directory being deleted.
+            block_on(&self.runtime, replica.node.close_snapshots());
         }
         lock(&self.replicated).remove(topic);
         let dir = self.root.join(topic);

@@ -879,6 +879,23 @@ impl PartitionNode {
             .map_err(write_error)
     }
 
+    /// Stops the replica's group like [`GroupNode::shutdown`], then waits
+    /// until nothing writes into its directory any more (a snapshot build
+    /// openraft left running): before the directory is deleted or opened
+    /// again.
+    pub async fn shutdown_and_settle(self) {
+        let state = self.state.clone();
+        self.shutdown().await;
+        state.close_snapshots().await;
+    }
+
+    /// After its Raft stopped: waits for a snapshot openraft is still
+    /// building and makes later builds write nothing
+    /// ([`PartitionStateMachine::close_snapshots`]).
+    pub async fn close_snapshots(&self) {
+        self.state.close_snapshots().await;
+    }
+
     /// The replica's Raft log (the partition log and its rows).
     pub fn raft_log(&self) -> &PartitionRaftLog {
         self.state.log()

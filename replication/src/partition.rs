@@ -1011,6 +1011,9 @@ pub struct PartitionStateMachine {
     /// Where a snapshot's records are fetched from (none: a snapshot
     /// beyond this replica's records is refused).
     fetch: Arc<Mutex<Option<RecordFetch>>>,
+    /// Held while a snapshot is built and kept; true once the replica is
+    /// closed for snapshots ([`PartitionStateMachine::close_snapshots`]).
+    snapshots_closed: Arc<tokio::sync::Mutex<bool>>,
 }
 
 /// How a replica sent a snapshot beyond its records fetches them
@@ -1134,6 +1137,7 @@ impl PartitionStateMachine {
             snapshot_path: None,
             on_commit: Arc::default(),
             fetch: Arc::default(),
+            snapshots_closed: Arc::default(),
         }
     }
 
@@ -1204,6 +1208,15 @@ impl PartitionStateMachine {
         Ok(())
     }
 
+    /// Waits for a snapshot being built to be kept, and makes every later
+    /// build fail without writing: after its Raft stopped, so that nothing
+    /// writes into the replica's directory any more (openraft builds
+    /// snapshots in a task of its own, which its shutdown does not wait
+    /// for).
+    pub async fn close_snapshots(&self) {
+        *self.snapshots_closed.lock().await = true;
+    }
+
     /// Rows up to this Raft index may be purged on this replica (0: none):
     /// every member held them when the leader said so.
     pub fn purge_allowed(&self) -> u64 {
@@ -1234,6 +1247,17 @@ impl PartitionStateMachine {
 
 impl RaftSnapshotBuilder<PartitionTypes> for PartitionStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionTypes>, StorageError> {
+        // openraft builds in a task of its own that outlives its shutdown:
+        // a replica closed for snapshots writes none.
+        let closed = Arc::clone(&self.snapshots_closed);
+        let closed = closed.lock().await;
+        if *closed {
+            return Err(StorageIOError::write_snapshot(
+                None,
+                &io_error("the replica is closed for snapshots".to_string()),
+            )
+            .into());
+        }
         let state = self.lock().clone();
         let data = serde_json::to_vec(&state)
             .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
@@ -1746,6 +1770,23 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime")
+    }
+
+    #[test]
+    fn a_replica_closed_for_snapshots_writes_none() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("partition.snapshot");
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        log.lock().append(vec![normal(1, &["a"])]).expect("append");
+        let mut machine = PartitionStateMachine::open(log, &path).expect("machine");
+        rt().block_on(async {
+            machine.apply(vec![normal(1, &["a"])]).await.expect("apply");
+            // A build openraft left running after its shutdown.
+            let mut builder = machine.clone();
+            machine.close_snapshots().await;
+            assert!(builder.build_snapshot().await.is_err());
+        });
+        assert!(!path.exists(), "nothing written after the close");
     }
 
     #[test]
