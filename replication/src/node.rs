@@ -879,16 +879,6 @@ impl PartitionNode {
             .map_err(write_error)
     }
 
-    /// Stops the replica's group like [`GroupNode::shutdown`], then waits
-    /// until nothing writes into its directory any more (a snapshot build
-    /// openraft left running): before the directory is deleted or opened
-    /// again.
-    pub async fn shutdown_and_settle(self) {
-        let state = self.state.clone();
-        self.shutdown().await;
-        state.close_snapshots().await;
-    }
-
     /// After its Raft stopped: waits for a snapshot openraft is still
     /// building and makes later builds write nothing
     /// ([`PartitionStateMachine::close_snapshots`]).
