@@ -1569,6 +1569,33 @@ mod tests {
         assert!(log.read_record(0).expect("read").is_some(), "mapped again");
     }
 
+    /// A segment whose data was mapped again without its indexes (a read
+    /// that needed only the data) is unmapped when the budget evicts it:
+    /// an eviction that looked only at the indexes left the data mapped
+    /// and no longer counted (the footprint test saw one mapping too many).
+    #[test]
+    fn an_evicted_segment_holding_only_its_data_unmaps_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            segment_bytes_max: 4096,
+            ..LogConfig::default()
+        };
+        let log = Log::open(dir.path(), config).expect("open");
+        for i in 0..64 {
+            log.append(&one(&format!("{i:0>200}"))).expect("append");
+        }
+        let segments = log.segments();
+        let sealed = &segments[0];
+        assert!(sealed.is_sealed() && segments.len() > 2);
+        sealed.evict_as_budget();
+        assert!(!sealed.is_resident());
+        drop(sealed.map().expect("map the data again"));
+        assert!(sealed.is_resident(), "the data is mapped");
+        sealed.evict_as_budget();
+        assert!(!sealed.is_resident(), "the eviction unmapped the data");
+        assert!(log.read_record(0).expect("read").is_some(), "mapped again");
+    }
+
     #[test]
     fn a_failed_fsync_fails_the_log_until_reopened() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -534,18 +534,20 @@ impl Evict for Resident {
                 }
             }
         };
-        if !indexes.resident {
-            return;
-        }
-        let (dir, base_offset) = match &indexes.offset.path().parent() {
-            Some(dir) => (dir.to_path_buf(), indexes.offset.base_offset()),
-            None => return,
-        };
-        match SegmentIndexes::unloaded(&dir, base_offset, indexes.interval_bytes) {
-            Ok(unloaded) => *indexes = unloaded,
-            Err(_) => return,
+        if indexes.resident {
+            let (dir, base_offset) = match &indexes.offset.path().parent() {
+                Some(dir) => (dir.to_path_buf(), indexes.offset.base_offset()),
+                None => return,
+            };
+            match SegmentIndexes::unloaded(&dir, base_offset, indexes.interval_bytes) {
+                Ok(unloaded) => *indexes = unloaded,
+                Err(_) => return,
+            }
         }
         drop(indexes);
+        // The data may be mapped without the indexes (a read that needed
+        // only the data): it is released too, or it would stay mapped and
+        // no longer counted.
         *self.map.lock().unwrap_or_else(|p| p.into_inner()) = SegmentMap::empty();
     }
 }
