@@ -85,7 +85,8 @@ pub(crate) fn http_status(code: ErrorCode) -> axum::http::StatusCode {
         ErrorCode::TransactionLimit => S::UNPROCESSABLE_ENTITY,
         ErrorCode::DiskFull => S::INSUFFICIENT_STORAGE,
         ErrorCode::Overloaded => S::TOO_MANY_REQUESTS,
-        ErrorCode::ShuttingDown => S::SERVICE_UNAVAILABLE,
+        // Consumers are served elsewhere (the admin API never answers it).
+        ErrorCode::ShuttingDown | ErrorCode::WrongNode => S::SERVICE_UNAVAILABLE,
         // No leader within the write timeout: the request timed out inside
         // the cluster.
         ErrorCode::Unavailable => S::GATEWAY_TIMEOUT,

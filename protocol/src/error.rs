@@ -132,6 +132,14 @@ error_codes! {
     /// stored. Retry (an idempotent producer's retry is answered from its
     /// window if the first try was stored).
     Unavailable = 28,
+    /// SUBSCRIBE or FETCH of a cluster topic at a node that does not serve
+    /// consumers now: one node of a cluster delivers to every group of its
+    /// cluster topics at a time. The message is exactly the client address
+    /// (`host:port`) of the node that does, or empty while none is known
+    /// (an election): reconnect there (or retry a moment later). Sent with
+    /// correlation id 0, then the connection is closed, when a node stops
+    /// serving consumers while this connection is subscribed.
+    WrongNode = 29,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -270,13 +278,14 @@ mod tests {
             (ErrorCode::TransactionLimit, 26),
             (ErrorCode::ProducerFenced, 27),
             (ErrorCode::Unavailable, 28),
+            (ErrorCode::WrongNode, 29),
         ];
         assert_eq!(pinned.len(), ErrorCode::ALL.len());
         for (code, number) in pinned {
             assert_eq!(code.as_u32(), number);
             assert_eq!(ErrorCode::from_u32(number), code);
         }
-        for number in [0, 29, 1000, u32::MAX] {
+        for number in [0, 30, 1000, u32::MAX] {
             assert_eq!(ErrorCode::from_u32(number), ErrorCode::Unknown(number));
             assert_eq!(ErrorCode::from_u32(number).as_u32(), number);
         }
