@@ -16,8 +16,9 @@
 //!   below the committed end. A group's acks on a cluster topic are
 //!   replicated through the metadata group (`dmq_replication::journals`):
 //!   every node's copy of the group merges them, and a node that takes
-//!   the group over starts from them. Delivery attempts stay per node: a
-//!   group consumes through one node at a time.
+//!   the group over starts from them. Delivery attempts stay per node; one
+//!   node at a time serves every consumer of cluster topics, the
+//!   metadata leader under a lease (`crate::consumer_lease`).
 //! - **Delays** of cluster topics are records of the replicated timer log
 //!   every node follows; the node leading it fires them
 //!   (`dmq_replication::delays`, [`Cluster::delays`]).
@@ -51,6 +52,7 @@ use dmq_replication::{
 };
 
 use crate::config::{BrokerConfig, ClusterConfig};
+use crate::consumer_lease::{ConsumerHome, ConsumerLease};
 use crate::engine::{Engine, EngineError};
 use crate::registry::{TopicRecord, TopicStatus};
 use crate::services::SharedRegistry;
@@ -95,6 +97,9 @@ pub struct ClusterStatus {
     pub peers: Vec<PeerStatus>,
     /// This node's view of the metadata group.
     pub metadata: GroupStatus,
+    /// Whether this node serves the consumers of cluster topics now (it
+    /// holds the consumer lease).
+    pub serves_consumers: bool,
     /// This node's replicas, by topic and partition.
     pub partitions: Vec<PartitionStatus>,
 }
@@ -217,6 +222,9 @@ pub struct Cluster {
     /// Which replicated registry entries this node's registry holds
     /// ([`Cluster::follow_topics`]).
     registry_applied: std::sync::Mutex<RegistryFollowed>,
+    /// Whether this node serves the consumers of cluster topics
+    /// (`crate::consumer_lease`).
+    consumer_lease: ConsumerLease,
 }
 
 /// What [`Cluster::follow_topics`] applied of the replicated registry.
@@ -328,6 +336,7 @@ impl Cluster {
             dmq_dispatcher::DelayConfig::default(),
         )
         .await?;
+        let consumer_lease = ConsumerLease::new(config.election_timeout_ms);
         Ok(Arc::new(Cluster {
             config,
             router,
@@ -337,6 +346,7 @@ impl Cluster {
             delays,
             commit_latency: commit_latency_histogram(),
             registry_applied: Default::default(),
+            consumer_lease,
         }))
     }
 
@@ -361,6 +371,14 @@ impl Cluster {
     pub fn metrics(&self) -> String {
         let mut text = self.status().metrics();
         let mut registry = prometheus_client::registry::Registry::with_prefix("dmq_cluster");
+        let serves = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        serves.set(i64::from(self.serves_consumers()));
+        registry.register(
+            "serves_consumers",
+            "1 while this node serves the consumers of cluster topics (it holds the consumer \
+             lease), else 0",
+            serves,
+        );
         registry.register(
             "commit_latency_seconds",
             "Produces to cluster topics through this node: from the proposal to the commit \
@@ -383,6 +401,46 @@ impl Cluster {
     /// This node's id.
     pub fn node_id(&self) -> u64 {
         self.config.node_id
+    }
+
+    /// Keeps this node's consumer lease until `stop` (one round per
+    /// heartbeat).
+    pub async fn keep_consumer_lease(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.config.heartbeat_ms);
+        self.consumer_lease
+            .keep(Arc::clone(&self.metadata), every, stop)
+            .await;
+    }
+
+    /// Whether this node may hand deliveries of cluster topics to its
+    /// connections now (the fence, checked per batch).
+    pub fn serves_consumers(&self) -> bool {
+        self.consumer_lease.serving_now()
+    }
+
+    /// Changes to whether this node serves consumers.
+    pub fn watch_consumer_lease(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.consumer_lease.watch()
+    }
+
+    /// Where the consumers of cluster topics are served, as this node
+    /// knows it now.
+    pub fn consumer_home(&self) -> ConsumerHome {
+        self.consumer_lease
+            .home(&self.metadata, |id| self.client_addr(id).map(str::to_owned))
+    }
+
+    /// [`Cluster::consumer_home`], waiting up to `within` while it is not
+    /// known (an election, a new leader's takeover wait).
+    pub async fn wait_consumer_home(&self, within: Duration) -> ConsumerHome {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let home = self.consumer_home();
+            if home != ConsumerHome::Unknown || tokio::time::Instant::now() >= deadline {
+                return home;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The binary-protocol address of node `id`, as configured.
@@ -915,6 +973,7 @@ impl Cluster {
                 })
                 .collect(),
             metadata: self.metadata.status(),
+            serves_consumers: self.serves_consumers(),
             partitions,
         }
     }

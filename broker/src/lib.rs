@@ -21,6 +21,8 @@
 //! - [`disk_reserve`]: room kept for acks, deletions and metadata when the
 //!   disk is full.
 //! - [`config`]: [`BrokerConfig`], defaults, TOML, flags, development mode.
+//! - [`consumer_lease`]: which node of a cluster serves the consumers of
+//!   cluster topics (the metadata leader, under a lease).
 //! - [`connection_limits`]: per-listener and per-address connection caps,
 //!   refusals logged once per interval (both listeners).
 //! - [`auth`]: argon2id credentials, the failed-attempt rate limit.
@@ -41,6 +43,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection_limits;
 mod console;
+pub mod consumer_lease;
 mod convert;
 pub mod dedup;
 pub mod disk_reserve;

@@ -1050,3 +1050,171 @@ async fn a_retry_of_a_batch_still_waiting_for_its_quorum_waits_for_its_answer() 
     .await;
     assert_eq!(listed["messages"].as_array().unwrap().len(), 3, "{listed}");
 }
+
+/// The index in `nodes` of the metadata leader, once the node serves
+/// consumers (within 30 s), as every running node's `/api/cluster` says.
+async fn consumer_home(nodes: &[Node]) -> usize {
+    let apis: Vec<(usize, Api)> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, node)| node.process.is_some())
+        .map(|(i, node)| (i, Api::new(node.admin, None)))
+        .collect();
+    let ids: Vec<u64> = nodes.iter().map(|node| node.id).collect();
+    http(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for (_, api) in &apis {
+                if let Some((200, body)) = api.try_call("GET", "/api/cluster", None) {
+                    if let Some(leader) = body["metadata"]["leader"].as_u64() {
+                        if let Some(index) = ids.iter().position(|id| *id == leader) {
+                            if apis.iter().any(|(i, _)| *i == index) {
+                                return index;
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no metadata leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+}
+
+fn subscribe_request(group: &str, member: &str) -> dmq_protocol::Request {
+    dmq_protocol::Request::Subscribe(dmq_protocol::Subscribe {
+        topic: "orders".into(),
+        group: group.into(),
+        member_name: member.into(),
+        credit: 100,
+        ..Default::default()
+    })
+}
+
+/// One node serves every consumer of cluster topics at a time (the
+/// metadata leader, under a lease): a SUBSCRIBE at another node is
+/// answered `WrongNode` with the serving node's client address; a client
+/// given only that other node follows it there; and two members of one
+/// group that connected to different nodes share the messages, each
+/// delivered once. (Before, each node delivered from its own cursor: a
+/// group served through two nodes got every message twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_are_served_by_one_node_and_a_member_elsewhere_is_sent_there() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = cluster_with_orders(root.path(), 2).await;
+    let home = consumer_home(&nodes).await;
+    let other = (home + 1) % nodes.len();
+
+    let mut raw = common::Connection::hello(nodes[other].client).await;
+    match raw.request(subscribe_request("raw", "r")).await {
+        dmq_protocol::Response::Error(error) => {
+            assert_eq!(error.code, dmq_protocol::ErrorCode::WrongNode);
+            assert_eq!(error.message, nodes[home].client.to_string());
+        }
+        other => panic!("SUBSCRIBE at a node that does not serve consumers: {other:?}"),
+    }
+    let mut at_home = common::Connection::hello(nodes[home].client).await;
+    assert!(matches!(
+        at_home.request(subscribe_request("raw", "r")).await,
+        dmq_protocol::Response::Subscribed(_)
+    ));
+    drop(at_home);
+
+    let all: BTreeSet<MessageId> = produce(&connect(&nodes[other]).await, "o", 200)
+        .await
+        .into_iter()
+        .collect();
+    let clients = [connect(&nodes[home]).await, connect(&nodes[other]).await];
+    let mut members = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        members.push(
+            client
+                .consumer()
+                .subscribe("orders", "shared", options(&format!("m{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut deliveries: Vec<MessageId> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut quiet_since = None;
+    // Every message, and a second more for copies.
+    while Instant::now() < deadline {
+        let mut got = false;
+        for member in &mut members {
+            if let Some(message) = next(member, Duration::from_millis(100)).await {
+                deliveries.push(message.id);
+                message.ack().await.unwrap();
+                got = true;
+            }
+        }
+        let unique: BTreeSet<MessageId> = deliveries.iter().copied().collect();
+        if unique.len() == all.len() && !got {
+            let since = *quiet_since.get_or_insert(Instant::now());
+            if since.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        }
+    }
+    let unique: BTreeSet<MessageId> = deliveries.iter().copied().collect();
+    assert_eq!(unique, all, "every message");
+    assert_eq!(deliveries.len(), all.len(), "each delivered once");
+}
+
+/// When the node serving consumers dies, a consumer given every node
+/// moves to the next metadata leader and carries on; the messages its
+/// group acked before (and replicated) are not delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_follows_the_serving_node_when_it_dies() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = cluster_with_orders(root.path(), 2).await;
+    let home = consumer_home(&nodes).await;
+    let other = (home + 1) % nodes.len();
+    let all: BTreeSet<MessageId> = produce(&connect(&nodes[other]).await, "o", 100)
+        .await
+        .into_iter()
+        .collect();
+    // Given every node, the serving one last.
+    let list: Vec<String> = (1..=nodes.len())
+        .map(|step| nodes[(home + step) % nodes.len()].client.to_string())
+        .collect();
+    let client = dmq_client::Client::connect(
+        list.join(","),
+        dmq_client::ClientOptions::new("cluster-test"),
+    )
+    .await
+    .unwrap();
+    let mut subscription = client
+        .consumer()
+        .subscribe("orders", "follow", options("m"))
+        .await
+        .unwrap();
+    let mut acked = BTreeSet::new();
+    while acked.len() < 50 {
+        let message = next(&mut subscription, Duration::from_secs(10))
+            .await
+            .expect("a delivery from the serving node");
+        message.ack().await.unwrap();
+        acked.insert(message.id);
+    }
+    // The acks' sync interval (50 ms) and a metadata commit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nodes[home].kill();
+
+    let mut rest = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.len() + rest.len() < all.len() && Instant::now() < deadline {
+        if let Some(message) = next(&mut subscription, Duration::from_secs(1)).await {
+            assert!(
+                !acked.contains(&message.id),
+                "a message acked before the failover came again"
+            );
+            rest.insert(message.id);
+            let _ = message.ack().await;
+        }
+    }
+    let union: BTreeSet<MessageId> = acked.union(&rest).copied().collect();
+    assert_eq!(union, all, "every message, through the next serving node");
+    assert_ne!(consumer_home(&nodes).await, home);
+}

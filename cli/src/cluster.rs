@@ -103,8 +103,13 @@ pub fn render_status(answer: &Value) -> String {
             &partition["log_end"],
         ));
     }
+    let serves = if answer["serves_consumers"].as_bool() == Some(true) {
+        " (serves consumers)"
+    } else {
+        ""
+    };
     format!(
-        "node {}\n{}",
+        "node {}{serves}\n{}",
         cell(&answer["node_id"]),
         render_table(
             &["GROUP", "LEADER", "TERM", "COMMITTED", "LOG_END", "MAX_LAG"],
@@ -138,5 +143,8 @@ mod tests {
             .expect(&text);
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells, ["orders/0", "2", "4", "120", "121", "3"]);
+        let mut serving = answer.clone();
+        serving["serves_consumers"] = serde_json::json!(true);
+        assert!(render_status(&serving).starts_with("node 2 (serves consumers)\n"));
     }
 }

@@ -81,6 +81,7 @@ impl Client {
             options,
             state,
             subscriptions: std::sync::Mutex::new(Vec::new()),
+            subscribing: tokio::sync::Mutex::new(()),
             check_listeners: std::sync::Mutex::new(Vec::new()),
             txn_producers: std::sync::Mutex::new(Vec::new()),
         });

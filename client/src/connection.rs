@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use dmq_protocol::{
-    decode_frame_bytes, encode_frame, frame_len, Body, Delivery, Frame, Hello, HelloOk, Push,
-    Request, Response, WireError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    decode_frame_bytes, encode_frame, frame_len, Body, Delivery, ErrorCode, Frame, Hello, HelloOk,
+    Push, Request, Response, WireError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -88,6 +88,11 @@ pub(crate) struct Conn {
     next_correlation: AtomicU32,
     /// The broker's HELLO_OK.
     pub(crate) hello: HelloOk,
+    /// Set when the broker said consumers are served at another node
+    /// (`WrongNode`): the address to connect to next.
+    redirect: Mutex<Option<String>>,
+    /// Notified to end this connection (the supervisor reconnects).
+    reconnect: tokio::sync::Notify,
 }
 
 impl Conn {
@@ -174,8 +179,28 @@ impl Conn {
         lock(&self.routes).remove(&subscription_id);
     }
 
+    /// Ends this connection so that the supervisor reconnects, to `addr`
+    /// first if one is given: the broker answered `WrongNode` (consumers
+    /// of cluster topics are served at that node).
+    pub(crate) fn redirect_to(&self, addr: &str) {
+        if !addr.is_empty() {
+            *lock(&self.redirect) = Some(addr.to_owned());
+        }
+        self.reconnect.notify_one();
+    }
+
     /// Handles one decoded frame from the broker.
     fn dispatch(&self, frame: Frame) {
+        if frame.correlation_id == 0 {
+            if let Body::Response(Response::Error(error)) = &frame.body {
+                // The broker closes the connection after it: the next one
+                // goes where consumers are served.
+                if error.code == ErrorCode::WrongNode && !error.message.is_empty() {
+                    *lock(&self.redirect) = Some(error.message.clone());
+                }
+                return;
+            }
+        }
         match frame.body {
             Body::Response(response) => {
                 let Some(request) = lock(&self.pending).map.remove(&frame.correlation_id) else {
@@ -245,6 +270,10 @@ pub(crate) struct Shared {
     pub(crate) state: watch::Sender<ConnState>,
     /// Open subscriptions, re-established after a reconnect.
     pub(crate) subscriptions: Mutex<Vec<Weak<SubShared>>>,
+    /// Held while subscriptions are re-established on a new connection,
+    /// and by a new subscription from its SUBSCRIBE until it is in
+    /// `subscriptions`: each is subscribed once per connection.
+    pub(crate) subscribing: tokio::sync::Mutex<()>,
     /// Check-back listeners (TXN_LISTEN), re-established after a reconnect.
     pub(crate) check_listeners: Mutex<Vec<CheckListener>>,
     /// Transactional producer instances (TXN_INIT): (group, producer id,
@@ -261,6 +290,9 @@ pub(crate) struct Brokers {
     addrs: Vec<String>,
     /// The index of the broker to try next.
     current: std::sync::atomic::AtomicUsize,
+    /// A node a broker sent this client to (`WrongNode`), tried once
+    /// before the list.
+    redirect: Mutex<Option<String>>,
 }
 
 impl Brokers {
@@ -280,6 +312,7 @@ impl Brokers {
         Ok(Brokers {
             addrs,
             current: std::sync::atomic::AtomicUsize::new(0),
+            redirect: Mutex::new(None),
         })
     }
 
@@ -288,10 +321,26 @@ impl Brokers {
         &self.addrs
     }
 
-    /// Opens a session to the current broker; on failure the next one
-    /// becomes current.
+    /// Makes `addr` the broker to try next: the current one if it is in
+    /// the list, else tried once before it.
+    pub(crate) fn redirect(&self, addr: String) {
+        use std::sync::atomic::Ordering;
+        match self.addrs.iter().position(|known| *known == addr) {
+            Some(index) => self.current.store(index, Ordering::Release),
+            None => *lock(&self.redirect) = Some(addr),
+        }
+    }
+
+    /// Opens a session to the current broker (or the one a broker sent
+    /// this client to); on failure the next one becomes current.
     pub(crate) async fn connect_next(&self, options: &ClientOptions) -> Result<Session> {
         use std::sync::atomic::Ordering;
+        let redirect = lock(&self.redirect).take();
+        if let Some(addr) = redirect {
+            if let Ok(session) = connect(&addr, options).await {
+                return Ok(session);
+            }
+        }
         let index = self.current.load(Ordering::Acquire) % self.addrs.len();
         let attempt = connect(&self.addrs[index], options).await;
         if attempt.is_err() {
@@ -384,6 +433,9 @@ impl Session {
                 Ended::Lost(reason.unwrap_or_else(|e| format!("writer task failed: {e}")))
             }
             _ = wait_shutdown(shutdown) => Ended::Lost("client closed".to_owned()),
+            _ = self.conn.reconnect.notified() => {
+                Ended::Lost("consumers are served at another node".to_owned())
+            }
         };
         self.reader.abort();
         self.writer.abort();
@@ -465,6 +517,8 @@ pub(crate) async fn connect(addr: &str, options: &ClientOptions) -> Result<Sessi
         checks: Mutex::new(Vec::new()),
         next_correlation: AtomicU32::new(2),
         hello,
+        redirect: Mutex::new(None),
+        reconnect: tokio::sync::Notify::new(),
     });
     // Every frame the broker may send: it announced its maximum.
     let max_frame_bytes = options.max_frame_bytes.max(conn.hello.max_frame_bytes);
@@ -612,16 +666,27 @@ pub(crate) async fn supervise(
     let mut delay = initial;
     loop {
         let started = tokio::time::Instant::now();
+        let conn = Arc::clone(&session.conn);
         let ended = session.run(&mut shutdown).await;
         if *shutdown.borrow() {
             break;
         }
         shared.state.send_replace(ConnState::Connecting);
         if let Ended::Invalid(error) = ended {
+            // A SUBSCRIBE answered just before is in the list once the
+            // lock is free: it fails too.
+            let _subscribing = shared.subscribing.lock().await;
             fail_subscriptions(&shared, &ClientError::Protocol(error));
         }
+        // Sent to another node: go there at once.
+        let redirect = lock(&conn.redirect).take();
+        let redirected = redirect.is_some();
+        if let Some(addr) = redirect {
+            shared.addrs.redirect(addr);
+        }
+        drop(conn);
         // A connection that did not last is a failed attempt: wait first.
-        let mut wait_first = started.elapsed() < max;
+        let mut wait_first = started.elapsed() < max && !redirected;
         if !wait_first {
             delay = initial;
         }
@@ -652,7 +717,10 @@ pub(crate) async fn supervise(
                 Some(Err(_)) => {}
             }
         };
-        resubscribe(&shared, &session.conn).await;
+        {
+            let _subscribing = shared.subscribing.lock().await;
+            resubscribe(&shared, &session.conn).await;
+        }
         relisten(&shared, &session.conn).await;
         shared
             .state
@@ -686,6 +754,14 @@ async fn resubscribe(shared: &Shared, conn: &Arc<Conn>) {
         };
         match result {
             Ok(()) => {}
+            // Consumers are served at another node: go there.
+            Err(ClientError::Broker {
+                code: ErrorCode::WrongNode,
+                message,
+            }) => {
+                conn.redirect_to(&message);
+                return;
+            }
             // The connection dropped again: the next round retries.
             Err(error) if error.is_transient() => return,
             Err(error) => subscription.fail(error),

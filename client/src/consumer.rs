@@ -29,8 +29,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dmq_protocol::{
-    Ack, Credit, DeliveryMode, Fetch, GroupSettings, Header, MessageId, MessagePosition, Nack,
-    Request, Response, StartPosition, Subscribe, Unsubscribe,
+    Ack, Credit, DeliveryMode, ErrorCode, Fetch, GroupSettings, Header, MessageId, MessagePosition,
+    Nack, Request, Response, StartPosition, Subscribe, Unsubscribe,
 };
 use futures_core::Stream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -146,24 +146,69 @@ impl Consumer {
             failure: Mutex::new(None),
         });
         let client_shared = self.client.shared();
-        lock(&client_shared.subscriptions).push(Arc::downgrade(&shared));
-        let result = async {
-            let conn = client_shared.conn().await?;
-            let reply = conn
-                .start(
-                    Request::Subscribe(shared.request.clone()),
-                    Some(Arc::clone(&shared)),
-                )
-                .await?;
-            match await_reply(reply, client_shared.options.request_timeout).await? {
-                Response::Subscribed(subscribed) => Ok(subscribed.partitions),
-                other => Err(ClientError::UnexpectedResponse {
-                    expected: "SUBSCRIBED",
-                    got: other.opcode(),
-                }),
+        // A cluster node that does not serve consumers answers WrongNode
+        // with the one that does: the connection moves there and the
+        // SUBSCRIBE is sent again, within the request timeout.
+        let deadline = tokio::time::Instant::now() + client_shared.options.request_timeout;
+        let mut redirected = false;
+        let result = loop {
+            // The connection first: a reconnect holds the lock until the
+            // new connection is up.
+            let conn = client_shared.conn().await;
+            let subscribing = client_shared.subscribing.lock().await;
+            let attempt = async {
+                let conn = conn?;
+                let reply = conn
+                    .start(
+                        Request::Subscribe(shared.request.clone()),
+                        Some(Arc::clone(&shared)),
+                    )
+                    .await?;
+                match await_reply(reply, client_shared.options.request_timeout).await {
+                    Ok(Response::Subscribed(subscribed)) => Ok(subscribed.partitions),
+                    Ok(other) => Err(ClientError::UnexpectedResponse {
+                        expected: "SUBSCRIBED",
+                        got: other.opcode(),
+                    }),
+                    Err(ClientError::Broker {
+                        code: ErrorCode::WrongNode,
+                        message,
+                    }) => {
+                        conn.redirect_to(&message);
+                        Err(ClientError::Broker {
+                            code: ErrorCode::WrongNode,
+                            message,
+                        })
+                    }
+                    Err(error) => Err(error),
+                }
             }
-        }
-        .await;
+            .await;
+            match attempt {
+                Ok(partitions) => {
+                    // Before the lock is let go: a reconnect from now on
+                    // subscribes it again.
+                    lock(&client_shared.subscriptions).push(Arc::downgrade(&shared));
+                    break Ok(partitions);
+                }
+                Err(error) => {
+                    drop(subscribing);
+                    let wrong_node = matches!(
+                        error,
+                        ClientError::Broker {
+                            code: ErrorCode::WrongNode,
+                            ..
+                        }
+                    );
+                    redirected |= wrong_node;
+                    let retry = wrong_node || (redirected && error.is_transient());
+                    if !retry || tokio::time::Instant::now() >= deadline {
+                        break Err(error);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
         let partitions = match result {
             Ok(partitions) => partitions,
             Err(error) => {

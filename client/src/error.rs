@@ -103,7 +103,10 @@ impl ClientError {
             ClientError::Io(_) | ClientError::ConnectionLost(_) | ClientError::Timeout(_) => true,
             ClientError::Broker { code, .. } => matches!(
                 code,
-                ErrorCode::Overloaded | ErrorCode::ShuttingDown | ErrorCode::Timeout
+                ErrorCode::Overloaded
+                    | ErrorCode::ShuttingDown
+                    | ErrorCode::Timeout
+                    | ErrorCode::WrongNode
             ),
             _ => false,
         }

@@ -3,6 +3,7 @@
 //! ACK and NACK.
 
 use super::*;
+use crate::consumer_lease::ConsumerHome;
 
 impl Session {
     pub(super) async fn subscribe(
@@ -48,6 +49,8 @@ impl Session {
                 ));
             }
         }
+        // One node serves the consumers of cluster topics at a time.
+        let cluster_topic = self.consumer_home_check(&subscribe.topic).await?;
         // A group of a cluster topic dead-letters into a cluster topic:
         // its acks are replicated, so a dead letter kept on this node's
         // disk alone would be lost with it.
@@ -113,10 +116,29 @@ impl Session {
             Err(error) => return Err(convert::engine_error(&error)),
         };
         self.members.insert(member);
+        // A member of a cluster topic is delivered to only while this node
+        // serves consumers: a batch the dispatcher handed over after the
+        // lease ran out is withheld (its messages come back after their
+        // ack timeout) and the connection is closed with WrongNode.
+        let fence = match self.shared.engine.cluster().cloned() {
+            Some(cluster) if cluster_topic => {
+                self.cluster_members.insert(member);
+                self.watch_consumer_lease();
+                Some((cluster, Arc::clone(&self.consumers_moved)))
+            }
+            _ => None,
+        };
         let outbound = self.outbound.clone();
         tokio::spawn(async move {
             while let Some(batch) = deliveries.recv().await {
                 let count = batch.len();
+                if let Some((cluster, moved)) = &fence {
+                    if !cluster.serves_consumers() {
+                        queued.release(count);
+                        moved.notify_one();
+                        continue;
+                    }
+                }
                 let item = Outbound::Deliveries(batch, queued.clone());
                 if outbound.send(item).await.is_err() {
                     queued.release(count);
@@ -128,6 +150,62 @@ impl Session {
             subscription_id: member,
             partitions: (0..partitions).collect(),
         }))
+    }
+
+    /// For a cluster topic, `WrongNode` unless this node serves consumers
+    /// (waiting up to a second while that is unknown: an election, a new
+    /// leader's takeover wait). True if `topic` is a cluster topic.
+    pub(super) async fn consumer_home_check(&self, topic: &str) -> Result<bool, ErrorResponse> {
+        let Some(cluster) = self.shared.engine.cluster() else {
+            return Ok(false);
+        };
+        if !cluster.is_cluster_topic(topic) {
+            return Ok(false);
+        }
+        match cluster.wait_consumer_home(Duration::from_secs(1)).await {
+            ConsumerHome::Here => Ok(true),
+            ConsumerHome::At(addr) => Err(ErrorResponse::new(ErrorCode::WrongNode, addr)),
+            ConsumerHome::Unknown => Err(ErrorResponse::new(ErrorCode::WrongNode, "")),
+        }
+    }
+
+    /// The client address of the node serving consumers, or empty.
+    pub(super) fn consumer_home_addr(&self) -> String {
+        match self.shared.engine.cluster().map(|c| c.consumer_home()) {
+            Some(ConsumerHome::At(addr)) => addr,
+            _ => String::new(),
+        }
+    }
+
+    /// Starts (once per connection, again if it ended) the task that
+    /// wakes the connection when this node stops serving consumers.
+    fn watch_consumer_lease(&mut self) {
+        if self
+            .lease_watch
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+        {
+            return;
+        }
+        let Some(cluster) = self.shared.engine.cluster().cloned() else {
+            return;
+        };
+        let moved = Arc::clone(&self.consumers_moved);
+        self.lease_watch = Some(tokio::spawn(async move {
+            let mut serving = cluster.watch_consumer_lease();
+            loop {
+                // The watch follows the lease task's rounds; the clock
+                // check also sees a lease that ran out between them.
+                if !cluster.serves_consumers() {
+                    moved.notify_one();
+                    return;
+                }
+                tokio::select! {
+                    changed = serving.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }));
     }
 
     pub(super) fn owned(&self, member: MemberId) -> Result<(), ErrorResponse> {
@@ -147,6 +225,7 @@ impl Session {
     ) -> Result<Response, ErrorResponse> {
         self.owned(member)?;
         self.members.remove(&member);
+        self.cluster_members.remove(&member);
         self.run(move |dispatcher, routes| {
             routes.remove(member);
             dispatcher.leave(member)
@@ -173,6 +252,7 @@ impl Session {
         // Fetched now, or parked on the dispatcher thread until the member
         // has something (woken by whatever woke the dispatcher). Either way
         // the answer stops before max_frame_bytes (PROTOCOL.md §6.8).
+        self.fetch_fence(member)?;
         let now = self
             .run(move |dispatcher, routes| {
                 let deliveries =
@@ -206,7 +286,26 @@ impl Session {
                 }
             }
         };
+        // Withheld if the lease ran out meanwhile (they come back after
+        // their ack timeout).
+        self.fetch_fence(member)?;
         Ok(Response::Deliveries(wire::Deliveries { deliveries }))
+    }
+
+    /// `WrongNode` for a member of a cluster topic while this node does
+    /// not serve consumers.
+    fn fetch_fence(&self, member: MemberId) -> Result<(), ErrorResponse> {
+        match self.shared.engine.cluster() {
+            Some(cluster)
+                if self.cluster_members.contains(&member) && !cluster.serves_consumers() =>
+            {
+                Err(ErrorResponse::new(
+                    ErrorCode::WrongNode,
+                    self.consumer_home_addr(),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub(super) async fn ack(&mut self, ack: wire::Ack) -> Result<Response, ErrorResponse> {

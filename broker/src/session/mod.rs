@@ -127,6 +127,15 @@ struct Session {
     /// and on a cluster topic is admitted once this node caught up
     /// (`crate::produce`).
     producers: std::collections::HashSet<u64>,
+    /// Members subscribed to cluster topics: delivered to only while this
+    /// node serves consumers (`crate::consumer_lease`).
+    cluster_members: BTreeSet<MemberId>,
+    /// Notified when this node stops serving consumers while the
+    /// connection has cluster members: the connection is then closed with
+    /// `WrongNode`.
+    consumers_moved: Arc<tokio::sync::Notify>,
+    /// The task watching the consumer lease for this connection.
+    lease_watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Serves one connection until it closes, fails or the broker shuts down.
@@ -209,7 +218,11 @@ pub(crate) async fn serve(
         listener: None,
         fences: std::collections::HashMap::new(),
         producers: std::collections::HashSet::new(),
+        cluster_members: BTreeSet::new(),
+        consumers_moved: Arc::new(tokio::sync::Notify::new()),
+        lease_watch: None,
     };
+    let consumers_moved = Arc::clone(&session.consumers_moved);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     // Before HELLO a peer is unknown: its frames are small and its whole
     // handshake must fit one deadline that bytes do not extend.
@@ -278,6 +291,14 @@ pub(crate) async fn serve(
                 session.send(Frame::error(0, ErrorCode::ShuttingDown, "the broker is shutting down")).await;
                 break;
             }
+            _ = consumers_moved.notified() => {
+                if session.cluster_members.is_empty() {
+                    continue;
+                }
+                let home = session.consumer_home_addr();
+                session.send(Frame::error(0, ErrorCode::WrongNode, home)).await;
+                break;
+            }
         };
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => break,
@@ -324,6 +345,9 @@ impl Session {
 
     /// The members of this connection leave their groups.
     async fn close(&mut self) {
+        if let Some(watch) = self.lease_watch.take() {
+            watch.abort();
+        }
         let members: Vec<MemberId> = std::mem::take(&mut self.members).into_iter().collect();
         let listener = self.listener.take();
         if members.is_empty() && listener.is_none() {
