@@ -49,6 +49,50 @@ def test_a_client_given_several_brokers_connects_to_one_that_answers(broker: Bro
         dmq.Client(" , ")
 
 
+def test_a_consumer_sent_to_another_node_subscribes_there(broker: Broker) -> None:
+    """A cluster node that does not serve consumers answers SUBSCRIBE with
+    WrongNode and the serving node's address (here a fake node sending the
+    client to the real broker): the consumer moves its client's connection
+    there and subscribes."""
+    import struct
+
+    async def fake_node(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                size = struct.unpack("<I", await reader.readexactly(4))[0]
+                body = await reader.readexactly(size)
+                opcode, correlation_id = struct.unpack_from("<HI", body, 0)
+                if opcode == 0x0001:  # HELLO
+                    answer = struct.pack("<HIH", 1, 1 << 24, 2) + b"f1"
+                    writer.write(struct.pack("<IHIB", 7 + len(answer), 0x8001, correlation_id, 0) + answer)
+                else:  # SUBSCRIBE, or anything: served elsewhere
+                    address = broker.address.encode()
+                    answer = struct.pack("<IH", 29, len(address)) + address
+                    writer.write(struct.pack("<IHIB", 7 + len(answer), 0xBFFF, correlation_id, 0) + answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        topic = unique("moved")
+        server = await asyncio.start_server(fake_node, "127.0.0.1", 0)
+        fake = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            async with dmq.Client(broker.address, client_id="py-test") as setup:
+                await setup.create_topic(topic, 1)
+                await setup.producer().send(topic, "to the serving node")
+            async with dmq.Client(fake, client_id="py-test") as client:
+                async with client.consumer(topic, "moved") as consumer:
+                    (message,) = await drain(consumer, 1)
+                    assert message.value == b"to the serving node"
+                    assert f"{client.host}:{client.port}" == fake  # the list is unchanged
+                    assert client.connected
+
+    run(main())
+
+
 def test_produce_consume_ack(broker: Broker) -> None:
     async def main() -> None:
         topic = unique("orders")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from .admin import AdminCalls
 from .codec import DEFAULT_MAX_FRAME_BYTES, Body, Delivery, Opcode
 from .connection import Connection
-from .errors import BrokerError, ClientClosedError, ConnectionClosedError, DmqError, RequestTimeoutError
+from .errors import BrokerError, ClientClosedError, ConnectionClosedError, DmqError, RequestTimeoutError, WrongNode
 
 if TYPE_CHECKING:
     from .consumer import Consumer
@@ -69,6 +69,9 @@ class Client(AdminCalls):
         self.addresses = _split_addresses(address)
         #: The index in ``addresses`` of the broker tried next.
         self._current = 0
+        #: A node a broker sent this client to (WrongNode), tried once
+        #: before ``addresses``.
+        self._redirect: Optional[tuple[str, int]] = None
         self.client_id = client_id
         self.secret = secret.encode() if isinstance(secret, str) else bytes(secret)
         self.request_timeout = request_timeout
@@ -144,24 +147,50 @@ class Client(AdminCalls):
         except asyncio.TimeoutError:
             raise RequestTimeoutError(f"no connection to {self.host}:{self.port} within {self.request_timeout} s") from None
 
+    def redirect(self, address: str) -> None:
+        """Makes ``address`` (``host:port``) the broker the next connection
+        goes to: a cluster node answered WrongNode with it. Empty: nothing
+        (no node serves consumers yet)."""
+        if not address:
+            return
+        target = _split_address(address)
+        if target in self.addresses:
+            self._current = self.addresses.index(target)
+        else:
+            self._redirect = target
+
+    async def _open(self, host: str, port: int) -> Connection:
+        return await Connection.open(
+            host,
+            port,
+            client_id=self.client_id,
+            secret=self.secret,
+            connect_timeout=self.connect_timeout,
+            max_frame_bytes=self.max_frame_bytes,
+            keepalive=self.keepalive,
+            on_push=self._on_push,
+            on_lost=self._on_lost,
+        )
+
     async def _reconnect(self) -> Connection:
         while True:
             if self._closed:
                 raise ClientClosedError("client closed")
             if self._backoff:
                 await asyncio.sleep(self._backoff)
+            redirect, self._redirect = self._redirect, None
+            if redirect is not None:
+                try:
+                    conn = await self._open(*redirect)
+                except DmqError:
+                    pass  # back to the list
+                else:
+                    self.generation += 1
+                    self._conn = conn
+                    self._connected_at = time.monotonic()
+                    return conn
             try:
-                conn = await Connection.open(
-                    self.host,
-                    self.port,
-                    client_id=self.client_id,
-                    secret=self.secret,
-                    connect_timeout=self.connect_timeout,
-                    max_frame_bytes=self.max_frame_bytes,
-                    keepalive=self.keepalive,
-                    on_push=self._on_push,
-                    on_lost=self._on_lost,
-                )
+                conn = await self._open(self.host, self.port)
             except DmqError as error:
                 if isinstance(error, BrokerError) and not error.transient:
                     raise  # AuthenticationFailed and friends do not heal
@@ -177,9 +206,13 @@ class Client(AdminCalls):
     def _on_lost(self, conn: Connection, error: BaseException) -> None:
         if conn is not self._conn:
             return
-        # A connection that lived long enough resets the backoff.
+        # A connection that lived long enough resets the backoff; one
+        # sent to another node goes there at once.
         lived = time.monotonic() - self._connected_at
-        if lived >= self.reconnect_backoff_max:
+        if isinstance(error, WrongNode):
+            self.redirect(error.address)
+            self._backoff = 0.0
+        elif lived >= self.reconnect_backoff_max:
             self._backoff = 0.0
         else:
             self._backoff = min(max(self._backoff * 2, self.reconnect_backoff_initial), self.reconnect_backoff_max)

@@ -41,7 +41,7 @@ from .codec import (
     Subscribed,
     Unsubscribe,
 )
-from .errors import ClientClosedError, DmqError, ProtocolError, StaleDeliveryError
+from .errors import ClientClosedError, DmqError, ProtocolError, StaleDeliveryError, WrongNode
 
 _END = object()
 
@@ -190,12 +190,25 @@ class Consumer:
         return self
 
     async def _subscribe(self) -> None:
-        conn = await self._client.connection()
-        generation = self._client.generation
-        body = await conn.call(
-            Subscribe(self.topic, self.group, self.member, self.mode, self.start_position, self.credit, self.settings),
-            self._client.request_timeout,
-        )
+        # A cluster node that does not serve consumers answers WrongNode
+        # with the one that does: the connection moves there and the
+        # SUBSCRIBE is sent again, within the request timeout.
+        deadline = self._loop.time() + self._client.request_timeout
+        while True:
+            conn = await self._client.connection()
+            generation = self._client.generation
+            try:
+                body = await conn.call(
+                    Subscribe(self.topic, self.group, self.member, self.mode, self.start_position, self.credit, self.settings),
+                    self._client.request_timeout,
+                )
+            except WrongNode as error:
+                if self._loop.time() >= deadline:
+                    raise
+                conn.abort(error)  # the client reconnects where it says
+                await asyncio.sleep(0.05)
+                continue
+            break
         if not isinstance(body, Subscribed):
             raise ProtocolError(f"expected SUBSCRIBED, got {type(body).__name__}")
         self._subscription_id = body.subscription_id

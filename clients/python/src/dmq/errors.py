@@ -71,6 +71,7 @@ _NAMES = {
     26: "TransactionLimit",
     27: "ProducerFenced",
     28: "Unavailable",
+    29: "WrongNode",
 }
 
 #: Codes after which the broker closes the connection (section 7, last column).
@@ -231,6 +232,19 @@ class Unavailable(BrokerError):
     transient = True
 
 
+class WrongNode(BrokerError):
+    """Code 29: this cluster node does not serve consumers now; the message
+    is the client address (``host:port``) of the node that does, or empty
+    while none is known. A :class:`~dmq.client.Client` moves its connection
+    there by itself."""
+
+    transient = True
+
+    @property
+    def address(self) -> str:
+        return self.message
+
+
 _CLASSES: dict[int, type[BrokerError]] = {
     1: MalformedFrame,
     2: FrameTooLarge,
@@ -260,6 +274,7 @@ _CLASSES: dict[int, type[BrokerError]] = {
     26: TransactionLimit,
     27: ProducerFenced,
     28: Unavailable,
+    29: WrongNode,
 }
 
 
