@@ -1218,3 +1218,96 @@ async fn a_consumer_follows_the_serving_node_when_it_dies() {
     assert_eq!(union, all, "every message, through the next serving node");
     assert_ne!(consumer_home(&nodes).await, home);
 }
+
+fn signal(node: &Node, signal: &str) {
+    let process = node.process.as_ref().expect("running");
+    let status = std::process::Command::new("kill")
+        .args([signal, &process.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The node serving consumers is paused (SIGSTOP) past its lease; another
+/// node takes over and a second member of the group consumes 50 new
+/// messages there. When the paused node resumes, it delivers none of them
+/// to the member still connected to it (its lease ran out while it was
+/// stopped: it withholds before its lease task runs again, and sends the
+/// member to the new node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_serving_node_delivers_nothing_when_it_resumes() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = cluster_with_orders(root.path(), 1).await;
+    let home = consumer_home(&nodes).await;
+    let others: Vec<usize> = (0..nodes.len()).filter(|&i| i != home).collect();
+    let producer = dmq_client::Client::connect(
+        others
+            .iter()
+            .map(|&i| nodes[i].client.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        dmq_client::ClientOptions::new("cluster-test"),
+    )
+    .await
+    .unwrap();
+
+    let at_home = connect(&nodes[home]).await;
+    let mut first = at_home
+        .consumer()
+        .subscribe("orders", "paused", options("a"))
+        .await
+        .unwrap();
+    let before: BTreeSet<MessageId> = produce(&producer, "before", 20).await.into_iter().collect();
+    let mut got = BTreeSet::new();
+    while got.len() < before.len() {
+        let message = next(&mut first, Duration::from_secs(10))
+            .await
+            .expect("a delivery from the serving node");
+        message.ack().await.unwrap();
+        got.insert(message.id);
+    }
+    assert_eq!(got, before);
+    // The acks' sync interval (50 ms) and a metadata commit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    signal(&nodes[home], "-STOP");
+    let second_client = dmq_client::Client::connect(
+        others
+            .iter()
+            .map(|&i| nodes[i].client.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        dmq_client::ClientOptions::new("cluster-test"),
+    )
+    .await
+    .unwrap();
+    let mut second = second_client
+        .consumer()
+        .subscribe("orders", "paused", options("b"))
+        .await
+        .expect("a member served by the next metadata leader");
+    let during: BTreeSet<MessageId> = produce(&producer, "during", 50).await.into_iter().collect();
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < during.len() && Instant::now() < deadline {
+        if let Some(message) = next(&mut second, Duration::from_secs(1)).await {
+            message.ack().await.unwrap();
+            got.insert(message.id);
+        }
+    }
+    assert_eq!(
+        got, during,
+        "the new serving node delivers what came meanwhile"
+    );
+
+    signal(&nodes[home], "-CONT");
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        if let Some(message) = next(&mut first, Duration::from_millis(200)).await {
+            assert!(
+                !during.contains(&message.id) && !before.contains(&message.id),
+                "the resumed node delivered a message the group acked elsewhere"
+            );
+        }
+    }
+}

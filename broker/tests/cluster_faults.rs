@@ -563,19 +563,9 @@ fn assert_key_order(what: &str, deliveries: &[(MessageId, u64, u64)], acked: &Ha
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() {
-    let episodes = env_count("DMQ_CLUSTER_FAULTS", 50);
-    let seed = env_count("DMQ_TEST_SEED", 0x5eed_f00d).max(1);
-    println!("fault schedule: {episodes} episodes, DMQ_TEST_SEED={seed}");
-    let root = tempfile::tempdir().unwrap();
-    if std::env::var_os("DMQ_KEEP_DATA").is_some() {
-        println!("data kept in {}", root.path().display());
-    }
-    let root = KeptOnFailure(Some(root));
-    let network = Network::default();
-
-    // Nodes, their proxies, their configurations.
+/// Three nodes, each serving Raft behind a proxy of `network`, started;
+/// and their configurations.
+async fn proxied_cluster(root: &std::path::Path, network: &Network) -> (Vec<Node>, Vec<String>) {
     let mut nodes = Vec::new();
     for id in 1..=3u64 {
         let raft = std::net::TcpListener::bind((node_ip(id), 0))
@@ -592,7 +582,7 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
             raft,
             advertised_raft,
             source_ip: Some(node_ip(id)),
-            dir: root.path().join(format!("node{id}")),
+            dir: root.join(format!("node{id}")),
             process: None,
         });
     }
@@ -600,6 +590,131 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     for (node, config) in nodes.iter_mut().zip(&configs) {
         node.start(config);
     }
+    (nodes, configs)
+}
+
+/// The node serving consumers is cut off from its peers while a member
+/// connected to it holds 20 messages unacked (1 s ack timeout). Another
+/// node takes over and a second member gets and acks the 20 there. The
+/// cut-off node believes it still leads (no higher term reaches it), but
+/// its lease ran out: it never gives the 20 to the first member again
+/// (without the lease it redelivers them after their ack timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_node_cut_off_stops_delivering_within_its_lease() {
+    let root = tempfile::tempdir().unwrap();
+    let network = Network::default();
+    let (nodes, _configs) = proxied_cluster(root.path(), &network).await;
+    let setup = connect(&nodes[0]).await;
+    setup.create_topic("orders", 1, false).await.unwrap();
+    for node in &nodes {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    let home = loop {
+        if let Some(leader) = metadata_leader(&nodes).await {
+            break leader as usize - 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let others = (0..nodes.len())
+        .filter(|&i| i != home)
+        .map(|i| nodes[i].client.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut settings = options("m");
+    settings.settings.ack_timeout_ms = Some(1_000);
+    settings.settings.max_attempts = Some(1_000);
+
+    let at_home = Client::connect(nodes[home].client.to_string(), ClientOptions::new("cut"))
+        .await
+        .unwrap();
+    let mut first = subscribe_retrying_with(&at_home, "held", settings.clone()).await;
+    let sender = Client::connect(others.clone(), ClientOptions::new("cut"))
+        .await
+        .unwrap();
+    let mut sent = BTreeSet::new();
+    for i in 0..20 {
+        let receipt = sender
+            .producer()
+            .send(Message::new("orders", format!("0:{i}")))
+            .await
+            .unwrap();
+        sent.insert(receipt.id);
+    }
+    let mut held = Vec::new();
+    while held.len() < sent.len() {
+        let message = next(&mut first, Duration::from_secs(10))
+            .await
+            .expect("a delivery from the serving node");
+        held.push(message);
+    }
+
+    network.isolate(nodes[home].id, &[1, 2, 3]);
+    let elsewhere = Client::connect(others, ClientOptions::new("cut"))
+        .await
+        .unwrap();
+    let mut second = subscribe_retrying_with(&elsewhere, "held", settings).await;
+    let mut acked = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.len() < sent.len() && Instant::now() < deadline {
+        if let Some(message) = next(&mut second, Duration::from_secs(1)).await {
+            acked.insert(message.id);
+            message.ack().await.unwrap();
+        }
+    }
+    assert_eq!(
+        acked, sent,
+        "the next serving node delivers the held messages"
+    );
+
+    // Past the held messages' ack timeout, twice over.
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        if let Some(message) = next(&mut first, Duration::from_millis(200)).await {
+            panic!(
+                "the cut-off node delivered {} (attempt {}) after its lease ran out",
+                message.id, message.attempt
+            );
+        }
+    }
+    drop(held);
+    network.heal();
+}
+
+/// [`subscribe_retrying`] with the given options.
+async fn subscribe_retrying_with(
+    client: &Client,
+    group: &str,
+    options: dmq_client::SubscribeOptions,
+) -> dmq_client::Subscription {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client
+            .consumer()
+            .subscribe("orders", group, options.clone())
+            .await
+        {
+            Ok(subscription) => return subscription,
+            Err(error) if Instant::now() < deadline => {
+                println!("subscribe {group}: {error}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("subscribe {group}: {error}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() {
+    let episodes = env_count("DMQ_CLUSTER_FAULTS", 50);
+    let seed = env_count("DMQ_TEST_SEED", 0x5eed_f00d).max(1);
+    println!("fault schedule: {episodes} episodes, DMQ_TEST_SEED={seed}");
+    let root = tempfile::tempdir().unwrap();
+    if std::env::var_os("DMQ_KEEP_DATA").is_some() {
+        println!("data kept in {}", root.path().display());
+    }
+    let root = KeptOnFailure(Some(root));
+    let network = Network::default();
+    let (mut nodes, configs) = proxied_cluster(root.path(), &network).await;
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 2, true).await.unwrap();
     setup.create_topic("reminders", 2, false).await.unwrap();

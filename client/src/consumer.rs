@@ -174,7 +174,11 @@ impl Consumer {
                         code: ErrorCode::WrongNode,
                         message,
                     }) => {
-                        conn.redirect_to(&message);
+                        // Empty while no node serves (an election): the
+                        // same connection asks again.
+                        if !message.is_empty() {
+                            conn.redirect_to(&message);
+                        }
                         Err(ClientError::Broker {
                             code: ErrorCode::WrongNode,
                             message,
@@ -205,7 +209,12 @@ impl Consumer {
                     if !retry || tokio::time::Instant::now() >= deadline {
                         break Err(error);
                     }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(if wrong_node {
+                        50
+                    } else {
+                        200
+                    }))
+                    .await;
                 }
             }
         };

@@ -205,7 +205,9 @@ class Consumer:
             except WrongNode as error:
                 if self._loop.time() >= deadline:
                     raise
-                conn.abort(error)  # the client reconnects where it says
+                if error.address:
+                    conn.abort(error)  # the client reconnects where it says
+                # Else no node serves yet (an election): ask again.
                 await asyncio.sleep(0.05)
                 continue
             break
