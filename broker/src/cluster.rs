@@ -355,6 +355,11 @@ impl Cluster {
         &self.storage
     }
 
+    /// Consumer groups' replicated ack journals.
+    pub fn journals(&self) -> &Arc<ReplicatedJournals> {
+        &self.journals
+    }
+
     /// Delayed messages of cluster topics.
     pub fn delays(&self) -> &Arc<ReplicatedDelays> {
         &self.delays

@@ -607,19 +607,25 @@ fn run(
 
 /// Merges the acks of every replicated journal change another node made
 /// into this node's copy of the group (cluster mode; see
-/// `dmq_replication::journals`). This node's own changes are not merged
-/// back: its groups already hold them (those committed before a restart
-/// are re-applied while the metadata group starts, before the
-/// dispatcher reads its journals), and merging them late could undo a
-/// seek back made since.
+/// `dmq_replication::journals`). The changes this process made are not
+/// merged back: its groups already hold them, and merging them late could
+/// undo a seek back made since. Those an earlier run of this node made are
+/// merged: committed before the restart, they are re-applied while the
+/// metadata group starts, before the dispatcher reads its journals;
+/// committed after it (the node was killed with them in flight), its
+/// groups lack them.
 fn merge_replicated_acks(cluster: &Cluster, commands: &Arc<mpsc::Sender<Command>>) {
     let commands = Arc::downgrade(commands);
     let node_id = cluster.node_id();
+    let journals = Arc::clone(cluster.journals());
     let listener: dmq_replication::JournalListener = Arc::new(move |origin, writes| {
         let Some(commands) = commands.upgrade() else {
             return;
         };
-        if origin == node_id {
+        // What this process proposed its groups hold; what an earlier run
+        // of this node proposed and committed only after the restart
+        // (killed with a proposal in flight) they do not.
+        if origin == node_id && journals.take_own(writes) {
             return;
         }
         for write in writes {

@@ -20,6 +20,9 @@
 //! their request's correlation id (produces complete in any order, but are
 //! appended in request order). On disconnect the connection's members leave
 //! their groups, so their in-flight messages go to other members at once.
+//! On a cluster node, a connection subscribed to a cluster topic gets
+//! `WrongNode` (id 0) and is closed when the node stops serving consumers
+//! (`crate::consumer_lease`).
 //!
 //! # Rooms
 //! This module holds the transport (reader loop, writer task, framing
