@@ -16,9 +16,11 @@
 //!   below the committed end. A group's acks on a cluster topic are
 //!   replicated through the metadata group (`dmq_replication::journals`):
 //!   every node's copy of the group merges them, and a node that takes
-//!   the group over starts from them. Delivery attempts stay per node; one
-//!   node at a time serves every consumer of cluster topics, the
-//!   metadata leader under a lease (`crate::consumer_lease`).
+//!   the group over starts from them. Delivery attempts stay per node; with
+//!   `consumer_lease` on, one node at a time serves every consumer of
+//!   cluster topics, the metadata leader under a lease
+//!   (`crate::consumer_lease`); off (the default), every node serves its
+//!   own and a group consumes through one node at a time.
 //! - **Delays** of cluster topics are records of the replicated timer log
 //!   every node follows; the node leading it fires them
 //!   (`dmq_replication::delays`, [`Cluster::delays`]).
@@ -411,6 +413,9 @@ impl Cluster {
     /// Keeps this node's consumer lease until `stop` (one round per
     /// heartbeat).
     pub async fn keep_consumer_lease(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        if !self.config.consumer_lease {
+            return;
+        }
         let every = Duration::from_millis(self.config.heartbeat_ms);
         self.consumer_lease
             .keep(Arc::clone(&self.metadata), every, stop)
@@ -420,7 +425,13 @@ impl Cluster {
     /// Whether this node may hand deliveries of cluster topics to its
     /// connections now (the fence, checked per batch).
     pub fn serves_consumers(&self) -> bool {
-        self.consumer_lease.serving_now()
+        !self.config.consumer_lease || self.consumer_lease.serving_now()
+    }
+
+    /// Whether one node at a time serves consumers (`[cluster]
+    /// consumer_lease`); if not, every node serves its own.
+    pub fn consumer_lease_enabled(&self) -> bool {
+        self.config.consumer_lease
     }
 
     /// Changes to whether this node serves consumers.
@@ -431,6 +442,9 @@ impl Cluster {
     /// Where the consumers of cluster topics are served, as this node
     /// knows it now.
     pub fn consumer_home(&self) -> ConsumerHome {
+        if !self.config.consumer_lease {
+            return ConsumerHome::Here;
+        }
         self.consumer_lease
             .home(&self.metadata, |id| self.client_addr(id).map(str::to_owned))
     }

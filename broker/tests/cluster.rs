@@ -11,8 +11,8 @@ use dmq_client::{Message, MessageId};
 
 mod common;
 use common::cluster::{
-    cluster, connect, consume, damage_active_segment, produce, started_cluster, wait_for_topic,
-    Node, PURGE_AFTER_ENTRIES,
+    cluster, connect, consume, damage_active_segment, produce, started_cluster,
+    started_cluster_with, wait_for_topic, with_consumer_lease, Node, PURGE_AFTER_ENTRIES,
 };
 use common::{env_count, http, next, options, Api};
 
@@ -831,7 +831,22 @@ async fn a_deleted_cluster_topic_leaves_every_node_and_its_name_comes_back_empty
 /// A started three-node cluster with topic `orders` of `partitions`
 /// partitions known on every node.
 async fn cluster_with_orders(root: &std::path::Path, partitions: u32) -> (Vec<Node>, Vec<String>) {
-    let (nodes, configs) = started_cluster(root);
+    with_orders(started_cluster(root), partitions).await
+}
+
+/// [`cluster_with_orders`], one node at a time serving consumers
+/// (`consumer_lease = true`).
+async fn leased_cluster_with_orders(
+    root: &std::path::Path,
+    partitions: u32,
+) -> (Vec<Node>, Vec<String>) {
+    with_orders(started_cluster_with(root, with_consumer_lease), partitions).await
+}
+
+async fn with_orders(
+    (nodes, configs): (Vec<Node>, Vec<String>),
+    partitions: u32,
+) -> (Vec<Node>, Vec<String>) {
     let first = connect(&nodes[0]).await;
     first
         .create_topic("orders", partitions, false)
@@ -1102,7 +1117,7 @@ fn subscribe_request(group: &str, member: &str) -> dmq_protocol::Request {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_are_served_by_one_node_and_a_member_elsewhere_is_sent_there() {
     let root = tempfile::tempdir().unwrap();
-    let (nodes, _configs) = cluster_with_orders(root.path(), 2).await;
+    let (nodes, _configs) = leased_cluster_with_orders(root.path(), 2).await;
     let home = consumer_home(&nodes).await;
     let other = (home + 1) % nodes.len();
 
@@ -1168,7 +1183,7 @@ async fn consumers_are_served_by_one_node_and_a_member_elsewhere_is_sent_there()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_follows_the_serving_node_when_it_dies() {
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, _configs) = cluster_with_orders(root.path(), 2).await;
+    let (mut nodes, _configs) = leased_cluster_with_orders(root.path(), 2).await;
     let home = consumer_home(&nodes).await;
     let other = (home + 1) % nodes.len();
     let all: BTreeSet<MessageId> = produce(&connect(&nodes[other]).await, "o", 100)
@@ -1237,7 +1252,7 @@ fn signal(node: &Node, signal: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_serving_node_delivers_nothing_when_it_resumes() {
     let root = tempfile::tempdir().unwrap();
-    let (nodes, _configs) = cluster_with_orders(root.path(), 1).await;
+    let (nodes, _configs) = leased_cluster_with_orders(root.path(), 1).await;
     let home = consumer_home(&nodes).await;
     let others: Vec<usize> = (0..nodes.len()).filter(|&i| i != home).collect();
     let producer = dmq_client::Client::connect(

@@ -40,7 +40,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod common;
-use common::cluster::{connect, damage_active_segment, wait_for_topic, Node};
+use common::cluster::{connect, damage_active_segment, wait_for_topic, with_consumer_lease, Node};
 use common::{env_count, free_port, http, next, options, Api};
 
 /// The links between nodes, as the proxies apply them.
@@ -572,7 +572,11 @@ fn assert_key_order(what: &str, deliveries: &[(MessageId, u64, u64)], acked: &Ha
 
 /// Three nodes, each serving Raft behind a proxy of `network`, started;
 /// and their configurations.
-async fn proxied_cluster(root: &std::path::Path, network: &Network) -> (Vec<Node>, Vec<String>) {
+async fn proxied_cluster(
+    root: &std::path::Path,
+    network: &Network,
+    edit: fn(&str) -> String,
+) -> (Vec<Node>, Vec<String>) {
     let mut nodes = Vec::new();
     for id in 1..=3u64 {
         let raft = std::net::TcpListener::bind((node_ip(id), 0))
@@ -593,7 +597,10 @@ async fn proxied_cluster(root: &std::path::Path, network: &Network) -> (Vec<Node
             process: None,
         });
     }
-    let configs: Vec<String> = nodes.iter().map(|node| node.config(&nodes)).collect();
+    let configs: Vec<String> = nodes
+        .iter()
+        .map(|node| edit(&node.config(&nodes)))
+        .collect();
     for (node, config) in nodes.iter_mut().zip(&configs) {
         node.start(config);
     }
@@ -610,7 +617,7 @@ async fn proxied_cluster(root: &std::path::Path, network: &Network) -> (Vec<Node
 async fn a_serving_node_cut_off_stops_delivering_within_its_lease() {
     let root = tempfile::tempdir().unwrap();
     let network = Network::default();
-    let (nodes, _configs) = proxied_cluster(root.path(), &network).await;
+    let (nodes, _configs) = proxied_cluster(root.path(), &network, with_consumer_lease).await;
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 1, false).await.unwrap();
     for node in &nodes {
@@ -721,7 +728,8 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     }
     let root = KeptOnFailure(Some(root));
     let network = Network::default();
-    let (mut nodes, configs) = proxied_cluster(root.path(), &network).await;
+    let (mut nodes, configs) =
+        proxied_cluster(root.path(), &network, |config| config.to_string()).await;
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 2, true).await.unwrap();
     setup.create_topic("reminders", 2, false).await.unwrap();

@@ -159,7 +159,7 @@ impl Session {
         let Some(cluster) = self.shared.engine.cluster() else {
             return Ok(false);
         };
-        if !cluster.is_cluster_topic(topic) {
+        if !cluster.consumer_lease_enabled() || !cluster.is_cluster_topic(topic) {
             return Ok(false);
         }
         match cluster.wait_consumer_home(Duration::from_secs(1)).await {

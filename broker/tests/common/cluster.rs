@@ -123,6 +123,23 @@ pub fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
     (nodes, configs)
 }
 
+/// `config` with `[cluster] consumer_lease = true`: one node at a time
+/// serves consumers.
+pub fn with_consumer_lease(config: &str) -> String {
+    config.replacen("[cluster]\n", "[cluster]\nconsumer_lease = true\n", 1)
+}
+
+/// [`cluster`], every node started with `edit` applied to its
+/// configuration.
+pub fn started_cluster_with(root: &Path, edit: fn(&str) -> String) -> (Vec<Node>, Vec<String>) {
+    let (mut nodes, configs) = cluster(root);
+    let configs: Vec<String> = configs.iter().map(|config| edit(config)).collect();
+    for (node, config) in nodes.iter_mut().zip(&configs) {
+        node.start(config);
+    }
+    (nodes, configs)
+}
+
 /// [`cluster`], every node started.
 pub fn started_cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
     let (mut nodes, configs) = cluster(root);
