@@ -354,9 +354,8 @@ async fn a_delayed_message_on_a_cluster_topic_fires_once_after_the_timer_leader_
     let delayed_ids: BTreeSet<MessageId> = delayed.iter().map(|d| d.id).collect();
     assert_eq!(delayed_ids.len(), 40, "distinct ids");
 
-    // The node leading the timer group, as every node sees it. The group
-    // consumes through the node serving consumers (the metadata leader),
-    // which may be the same one.
+    // The node leading the timer group, as every node sees it; the group
+    // consumes through another.
     let leader = agreed_timer_leader(&nodes, &[0, 1, 2]).await;
     let dead = index_of(&nodes, leader);
     let survivor = (0..nodes.len()).find(|&i| i != dead).unwrap();
@@ -393,8 +392,9 @@ async fn a_delayed_message_on_a_cluster_topic_fires_once_after_the_timer_leader_
     }
 
     // The acks of the two replicated (their sync interval, 50 ms, and a
-    // metadata commit): should the timer leader serve consumers too, they
-    // are not delivered again from the next one.
+    // metadata commit), should the group move to another node (with
+    // `consumer_lease` on it would be served by the metadata leader,
+    // which may be the node killed below).
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The timer leader dies before anything is due.
     drop(clients);
