@@ -1191,15 +1191,10 @@ async fn a_consumer_follows_the_serving_node_when_it_dies() {
         .into_iter()
         .collect();
     // Given every node, the serving one last.
-    let list: Vec<String> = (1..=nodes.len())
-        .map(|step| nodes[(home + step) % nodes.len()].client.to_string())
+    let order: Vec<usize> = (1..=nodes.len())
+        .map(|step| (home + step) % nodes.len())
         .collect();
-    let client = dmq_client::Client::connect(
-        list.join(","),
-        dmq_client::ClientOptions::new("cluster-test"),
-    )
-    .await
-    .unwrap();
+    let client = client_of(&nodes, &order).await;
     let mut subscription = client
         .consumer()
         .subscribe("orders", "follow", options("m"))
@@ -1243,6 +1238,21 @@ fn signal(node: &Node, signal: &str) {
     assert!(status.success());
 }
 
+/// A client given the nodes at `indexes` (connected to the first that
+/// answers).
+async fn client_of(nodes: &[Node], indexes: &[usize]) -> dmq_client::Client {
+    let list: Vec<String> = indexes
+        .iter()
+        .map(|&i| nodes[i].client.to_string())
+        .collect();
+    dmq_client::Client::connect(
+        list.join(","),
+        dmq_client::ClientOptions::new("cluster-test"),
+    )
+    .await
+    .unwrap()
+}
+
 /// The node serving consumers is paused (SIGSTOP) past its lease; another
 /// node takes over and a second member of the group consumes 50 new
 /// messages there. When the paused node resumes, it delivers none of them
@@ -1255,16 +1265,7 @@ async fn a_paused_serving_node_delivers_nothing_when_it_resumes() {
     let (nodes, _configs) = leased_cluster_with_orders(root.path(), 1).await;
     let home = consumer_home(&nodes).await;
     let others: Vec<usize> = (0..nodes.len()).filter(|&i| i != home).collect();
-    let producer = dmq_client::Client::connect(
-        others
-            .iter()
-            .map(|&i| nodes[i].client.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-        dmq_client::ClientOptions::new("cluster-test"),
-    )
-    .await
-    .unwrap();
+    let producer = client_of(&nodes, &others).await;
 
     let at_home = connect(&nodes[home]).await;
     let mut first = at_home
@@ -1286,16 +1287,7 @@ async fn a_paused_serving_node_delivers_nothing_when_it_resumes() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     signal(&nodes[home], "-STOP");
-    let second_client = dmq_client::Client::connect(
-        others
-            .iter()
-            .map(|&i| nodes[i].client.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-        dmq_client::ClientOptions::new("cluster-test"),
-    )
-    .await
-    .unwrap();
+    let second_client = client_of(&nodes, &others).await;
     let mut second = second_client
         .consumer()
         .subscribe("orders", "paused", options("b"))

@@ -1543,20 +1543,27 @@ mod tests {
         BatchInput::new(vec![RecordInput::new(value.to_string())])
     }
 
+    /// A log of 4 KiB segments holding 64 records of 200 bytes: several
+    /// sealed segments.
+    fn log_of_small_segments(dir: &Path) -> Log {
+        let config = LogConfig {
+            segment_bytes_max: 4096,
+            ..LogConfig::default()
+        };
+        let log = Log::open(dir, config).expect("open");
+        for i in 0..64 {
+            log.append(&one(&format!("{i:0>200}"))).expect("append");
+        }
+        log
+    }
+
     /// A segment the budget evicts while it is being read stays mapped
     /// until the read ends, and is released then: it never stays mapped
     /// without being counted (a flaky footprint test found it did).
     #[test]
     fn a_segment_evicted_while_read_is_released_when_the_read_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = LogConfig {
-            segment_bytes_max: 4096,
-            ..LogConfig::default()
-        };
-        let log = Log::open(dir.path(), config).expect("open");
-        for i in 0..64 {
-            log.append(&one(&format!("{i:0>200}"))).expect("append");
-        }
+        let log = log_of_small_segments(dir.path());
         let segments = log.segments();
         let sealed = &segments[0];
         assert!(sealed.is_sealed() && segments.len() > 2);
@@ -1576,14 +1583,7 @@ mod tests {
     #[test]
     fn an_evicted_segment_holding_only_its_data_unmaps_it() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = LogConfig {
-            segment_bytes_max: 4096,
-            ..LogConfig::default()
-        };
-        let log = Log::open(dir.path(), config).expect("open");
-        for i in 0..64 {
-            log.append(&one(&format!("{i:0>200}"))).expect("append");
-        }
+        let log = log_of_small_segments(dir.path());
         let segments = log.segments();
         let sealed = &segments[0];
         assert!(sealed.is_sealed() && segments.len() > 2);
