@@ -1001,7 +1001,9 @@ impl Cluster {
     /// data stays). The port first takes no new request and lets those in
     /// progress finish (up to 5 s): a write another node forwarded here is
     /// answered, not failed by a stopping Raft, and the forwarding node
-    /// retries new ones at the next leader.
+    /// retries new ones at the next leader. Once the groups stopped, the
+    /// port still answers until no peer forwards here any more
+    /// ([`RaftRouter::linger_then_shutdown`]).
     pub async fn shutdown(&self) {
         // The dispatcher stopped and synced its acks: replicate them
         // before the metadata group stops.
@@ -1020,6 +1022,13 @@ impl Cluster {
         if let Err(error) = self.metadata.raft().shutdown().await {
             tracing::warn!(%error, "stopping the metadata group");
         }
-        self.router.shutdown().await;
+        // Peers still take this node for the leader of the groups it led
+        // until they elect another: they keep forwarding writes here,
+        // each answered "unknown group" and tried again. Once none came
+        // for an election timeout, they have a new leader: the port stops.
+        let quiet = Duration::from_millis(self.config.election_timeout_ms.1);
+        self.router
+            .linger_then_shutdown(quiet, Duration::from_secs(5))
+            .await;
     }
 }

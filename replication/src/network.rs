@@ -502,11 +502,24 @@ pub struct RaftRouter {
     requests: Arc<Requests>,
 }
 
-/// The port's requests in progress, and its closing flag.
+/// The port's requests in progress, its closing flag, and when it last
+/// accepted a connection.
 #[derive(Default)]
 struct Requests {
     closing: std::sync::atomic::AtomicBool,
     in_flight: std::sync::atomic::AtomicUsize,
+    last_accepted: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Requests {
+    fn accepted(&self) {
+        *self.last_accepted.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(tokio::time::Instant::now());
+    }
+
+    fn last_accepted(&self) -> Option<tokio::time::Instant> {
+        *self.last_accepted.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl std::fmt::Debug for RaftRouter {
@@ -608,6 +621,39 @@ impl RaftRouter {
         }
     }
 
+    /// Keeps the closed port answering every request "unknown group"
+    /// until no connection came for `quiet` (at most `within`), then stops
+    /// it ([`RaftRouter::shutdown`]). A node whose groups have stopped
+    /// calls it with `quiet` an election timeout: its peers take it for
+    /// the leader of the groups it led until they elect another, and each
+    /// write they forward meanwhile comes on a connection of its own. Once
+    /// none comes, they know the new leader. Stopping sooner would reset
+    /// the connection of a write forwarded after its request was sent,
+    /// and the forwarding node could not tell whether it was taken (its
+    /// outcome is unknown: a producer without idempotence gets an error);
+    /// answered "unknown group", it surely was not, and is tried again at
+    /// the next leader. Raft's own connections stay open through an
+    /// "unknown group" answer, so they do not count.
+    pub async fn linger_then_shutdown(&self, quiet: Duration, within: Duration) {
+        self.requests
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        let deadline = start + within;
+        loop {
+            let since = self
+                .requests
+                .last_accepted()
+                .map_or(start, |at| at.max(start));
+            let now = tokio::time::Instant::now();
+            if now >= deadline || now.duration_since(since) >= quiet {
+                break;
+            }
+            tokio::time::sleep((since + quiet).min(deadline) - now).await;
+        }
+        self.shutdown().await;
+    }
+
     /// Stops the port and closes every connection it accepted.
     pub async fn shutdown(&self) {
         let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -628,7 +674,10 @@ async fn serve(listener: TcpListener, groups: Arc<Groups>, requests: Arc<Request
             Some(_) = connections.join_next() => continue,
         };
         let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                requests.accepted();
+                accepted
+            }
             Err(error) => {
                 tracing::warn!(%error, "accepting a Raft connection failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -840,6 +889,9 @@ impl<C: GroupTypes> TcpNetwork<C> {
         let outcome = tokio::time::timeout(ttl, exchange).await;
         match outcome {
             Ok(Ok(reply)) => Ok(reply),
+            // The exchange finished: a group the peer does not serve
+            // (yet, or any more) leaves the connection usable.
+            Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound => Err(CallError::Io(error)),
             Ok(Err(error)) => {
                 self.stream = None;
                 Err(CallError::Io(error))
