@@ -1113,7 +1113,8 @@ fn subscribe_request(group: &str, member: &str) -> dmq_protocol::Request {
 /// given only that other node follows it there; and two members of one
 /// group that connected to different nodes share the messages, each
 /// delivered once. (Before, each node delivered from its own cursor: a
-/// group served through two nodes got every message twice.)
+/// group served through two nodes got every message twice.) A client's
+/// HELLO_OK names the node it is on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_are_served_by_one_node_and_a_member_elsewhere_is_sent_there() {
     let root = tempfile::tempdir().unwrap();
@@ -1175,6 +1176,10 @@ async fn consumers_are_served_by_one_node_and_a_member_elsewhere_is_sent_there()
     let unique: BTreeSet<MessageId> = deliveries.iter().copied().collect();
     assert_eq!(unique, all, "every message");
     assert_eq!(deliveries.len(), all.len(), "each delivered once");
+    // The member that asked the other node is now on the serving one, and
+    // its HELLO_OK says which node that is.
+    let on = clients[1].server_info().await.unwrap().broker_id;
+    assert_eq!(on, nodes[home].id.to_string());
 }
 
 /// When the node serving consumers dies, a consumer given every node

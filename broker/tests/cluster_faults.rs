@@ -220,10 +220,32 @@ struct History {
     acked_at: HashMap<MessageId, (usize, Instant)>,
     /// When the consumer last moved off each node.
     left_at: [Option<Instant>; 3],
+    /// The node the consumer's connection is on (with the consumer lease,
+    /// the serving node it was sent to, whichever node it asked).
+    on: Option<usize>,
+    /// The last ack through each node.
+    last_ack: [Option<Instant>; 3],
     /// Deliveries of a message the group had acked, by how long before
     /// the consumer left the node it acked through (or before now, on
     /// the same node) the ack was made.
     redelivered_after_ack: Vec<Duration>,
+}
+
+impl History {
+    /// The consumer left `node` at `at`, unless its leaving was seen
+    /// earlier (by the fault schedule) since its last ack there.
+    fn left(&mut self, node: usize, at: Instant) {
+        if self.left_at[node] <= self.last_ack[node] {
+            self.left_at[node] = Some(at);
+        }
+    }
+
+    /// An ack of `id` through `node`.
+    fn acked(&mut self, id: MessageId, node: usize) {
+        let now = Instant::now();
+        self.acked_at.insert(id, (node, now));
+        self.last_ack[node] = Some(now);
+    }
 }
 
 /// The delayed messages the second producer had acknowledged: id and due
@@ -416,6 +438,7 @@ async fn send_one_at_a_time<T>(
 /// schedule) until `stop`, acking every message.
 async fn consume(
     addrs: Vec<SocketAddr>,
+    ids: Vec<u64>,
     history: Arc<Mutex<History>>,
     mut via: tokio::sync::watch::Receiver<usize>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -436,18 +459,27 @@ async fn consume(
         };
         loop {
             if *stop.borrow() || via.has_changed().unwrap_or(true) {
-                history.lock().unwrap().left_at[node] = Some(Instant::now());
+                let mut history = history.lock().unwrap();
+                if let Some(on) = history.on.take() {
+                    history.left(on, Instant::now());
+                }
                 break;
             }
             let Some(message) = next(&mut subscription, Duration::from_millis(200)).await else {
                 continue;
             };
             let (key, seq) = parse(&message.value);
+            let on = serving_node(&client, &ids).await.unwrap_or(node);
             {
                 let mut history = history.lock().unwrap();
+                if let Some(left) = history.on.replace(on).filter(|&left| left != on) {
+                    // Sent to another node: noticed now, unless the fault
+                    // schedule saw it leave first.
+                    history.left(left, Instant::now());
+                }
                 if let Some(&(acked_on, at)) = history.acked_at.get(&message.id) {
                     let reference = match history.left_at[acked_on] {
-                        Some(left) if acked_on != node && left > at => left,
+                        Some(left) if acked_on != on && left > at => left,
                         _ => Instant::now(),
                     };
                     history.redelivered_after_ack.push(reference - at);
@@ -458,11 +490,7 @@ async fn consume(
             }
             let id = message.id;
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), message.ack()).await {
-                history
-                    .lock()
-                    .unwrap()
-                    .acked_at
-                    .insert(id, (node, Instant::now()));
+                history.lock().unwrap().acked(id, on);
             }
         }
     }
@@ -484,6 +512,17 @@ async fn metadata_leader(nodes: &[Node]) -> Option<u64> {
         }
     }
     None
+}
+
+/// The index (in `ids`) of the node `client` is connected to, as its
+/// HELLO_OK said.
+async fn serving_node(client: &Client, ids: &[u64]) -> Option<usize> {
+    let info = tokio::time::timeout(Duration::from_secs(1), client.server_info())
+        .await
+        .ok()?
+        .ok()?;
+    let id: u64 = info.broker_id.parse().ok()?;
+    ids.iter().position(|known| *known == id)
 }
 
 fn signal(node: &Node, signal: &str) {
@@ -728,8 +767,16 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     }
     let root = KeptOnFailure(Some(root));
     let network = Network::default();
-    let (mut nodes, configs) =
-        proxied_cluster(root.path(), &network, |config| config.to_string()).await;
+    // By hand, `DMQ_CLUSTER_LEASE=1` runs the schedule with the consumer
+    // lease on (one node serves every consumer).
+    let lease = std::env::var_os("DMQ_CLUSTER_LEASE").is_some();
+    println!("consumer lease: {}", if lease { "on" } else { "off" });
+    let edit: fn(&str) -> String = if lease {
+        with_consumer_lease
+    } else {
+        |config| config.to_string()
+    };
+    let (mut nodes, configs) = proxied_cluster(root.path(), &network, edit).await;
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 2, true).await.unwrap();
     setup.create_topic("reminders", 2, false).await.unwrap();
@@ -754,6 +801,7 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     ));
     let consumer = tokio::spawn(consume(
         addrs.clone(),
+        ids.clone(),
         Arc::clone(&history),
         via,
         stop.clone(),
@@ -773,13 +821,20 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
             (0, Some(leader)) => leader as usize - 1,
             _ => rng.below(3) as usize,
         };
-        // The consumer moves off the faulted node.
+        // The consumer moves off the faulted node (with the consumer
+        // lease, it is sent to the next serving node if it was there).
         if *via_tx.borrow() == target {
             via_tx.send((target + 1) % 3).unwrap();
         }
         let lasting = Duration::from_millis(300 + rng.below(1200));
         let kind = kinds[rng.below(kinds.len() as u64) as usize];
         *applied.entry(kind).or_default() += 1;
+        {
+            let mut history = history.lock().unwrap();
+            if history.on == Some(target) && kind != "slow" {
+                history.left(target, Instant::now());
+            }
+        }
         let id = nodes[target].id;
         match kind {
             "kill" => {

@@ -87,7 +87,12 @@ impl Session {
         let response = Response::HelloOk(wire::HelloOk {
             version,
             max_frame_bytes: config.max_frame_bytes,
-            broker_id: "dmqd".to_string(),
+            // A cluster node says which node it is (a client follows
+            // `WrongNode` redirects and may want to know where it is).
+            broker_id: config
+                .cluster
+                .as_ref()
+                .map_or_else(|| "dmqd".to_string(), |cluster| cluster.node_id.to_string()),
         });
         self.send(Frame::response(correlation_id, response)).await;
         true
