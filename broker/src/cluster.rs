@@ -225,8 +225,9 @@ pub struct Cluster {
     /// ([`Cluster::follow_topics`]).
     registry_applied: std::sync::Mutex<RegistryFollowed>,
     /// Whether this node serves the consumers of cluster topics
-    /// (`crate::consumer_lease`).
-    consumer_lease: ConsumerLease,
+    /// (`crate::consumer_lease`); none with `[cluster] consumer_lease`
+    /// off, when every node serves its own.
+    consumer_lease: Option<ConsumerLease>,
 }
 
 /// What [`Cluster::follow_topics`] applied of the replicated registry.
@@ -338,7 +339,9 @@ impl Cluster {
             dmq_dispatcher::DelayConfig::default(),
         )
         .await?;
-        let consumer_lease = ConsumerLease::new(config.election_timeout_ms);
+        let consumer_lease = config
+            .consumer_lease
+            .then(|| ConsumerLease::new(config.election_timeout_ms));
         Ok(Arc::new(Cluster {
             config,
             router,
@@ -413,40 +416,40 @@ impl Cluster {
     /// Keeps this node's consumer lease until `stop` (one round per
     /// heartbeat).
     pub async fn keep_consumer_lease(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
-        if !self.config.consumer_lease {
+        let Some(lease) = &self.consumer_lease else {
             return;
-        }
+        };
         let every = Duration::from_millis(self.config.heartbeat_ms);
-        self.consumer_lease
-            .keep(Arc::clone(&self.metadata), every, stop)
-            .await;
+        lease.keep(Arc::clone(&self.metadata), every, stop).await;
     }
 
     /// Whether this node may hand deliveries of cluster topics to its
     /// connections now (the fence, checked per batch).
     pub fn serves_consumers(&self) -> bool {
-        !self.config.consumer_lease || self.consumer_lease.serving_now()
+        self.consumer_lease
+            .as_ref()
+            .is_none_or(ConsumerLease::serving_now)
     }
 
     /// Whether one node at a time serves consumers (`[cluster]
     /// consumer_lease`); if not, every node serves its own.
     pub fn consumer_lease_enabled(&self) -> bool {
-        self.config.consumer_lease
+        self.consumer_lease.is_some()
     }
 
-    /// Changes to whether this node serves consumers.
-    pub fn watch_consumer_lease(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.consumer_lease.watch()
+    /// Changes to whether this node serves consumers (none without the
+    /// lease: every node serves its own, always).
+    pub fn watch_consumer_lease(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.consumer_lease.as_ref().map(ConsumerLease::watch)
     }
 
     /// Where the consumers of cluster topics are served, as this node
     /// knows it now.
     pub fn consumer_home(&self) -> ConsumerHome {
-        if !self.config.consumer_lease {
-            return ConsumerHome::Here;
+        match &self.consumer_lease {
+            None => ConsumerHome::Here,
+            Some(lease) => lease.home(&self.metadata, |id| self.client_addr(id).map(str::to_owned)),
         }
-        self.consumer_lease
-            .home(&self.metadata, |id| self.client_addr(id).map(str::to_owned))
     }
 
     /// [`Cluster::consumer_home`], waiting up to `within` while it is not

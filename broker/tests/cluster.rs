@@ -11,7 +11,7 @@ use dmq_client::{Message, MessageId};
 
 mod common;
 use common::cluster::{
-    cluster, connect, consume, damage_active_segment, produce, started_cluster,
+    cluster, connect, consume, damage_active_segment, metadata_leader, produce, started_cluster,
     started_cluster_with, wait_for_topic, with_consumer_lease, Node, PURGE_AFTER_ENTRIES,
 };
 use common::{env_count, http, next, options, Api};
@@ -1066,35 +1066,12 @@ async fn a_retry_of_a_batch_still_waiting_for_its_quorum_waits_for_its_answer() 
     assert_eq!(listed["messages"].as_array().unwrap().len(), 3, "{listed}");
 }
 
-/// The index in `nodes` of the metadata leader, once the node serves
-/// consumers (within 30 s), as every running node's `/api/cluster` says.
+/// The index in `nodes` of the node serving consumers (the metadata
+/// leader), within 30 s.
 async fn consumer_home(nodes: &[Node]) -> usize {
-    let apis: Vec<(usize, Api)> = nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, node)| node.process.is_some())
-        .map(|(i, node)| (i, Api::new(node.admin, None)))
-        .collect();
-    let ids: Vec<u64> = nodes.iter().map(|node| node.id).collect();
-    http(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            for (_, api) in &apis {
-                if let Some((200, body)) = api.try_call("GET", "/api/cluster", None) {
-                    if let Some(leader) = body["metadata"]["leader"].as_u64() {
-                        if let Some(index) = ids.iter().position(|id| *id == leader) {
-                            if apis.iter().any(|(i, _)| *i == index) {
-                                return index;
-                            }
-                        }
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "no metadata leader");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    })
-    .await
+    metadata_leader(nodes, Duration::from_secs(30))
+        .await
+        .expect("no metadata leader within 30 s")
 }
 
 fn subscribe_request(group: &str, member: &str) -> dmq_protocol::Request {

@@ -40,7 +40,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod common;
-use common::cluster::{connect, damage_active_segment, wait_for_topic, with_consumer_lease, Node};
+use common::cluster::{
+    connect, damage_active_segment, metadata_leader, wait_for_topic, with_consumer_lease, Node,
+};
 use common::{env_count, free_port, http, next, options, Api};
 
 /// The links between nodes, as the proxies apply them.
@@ -496,24 +498,6 @@ async fn consume(
     }
 }
 
-async fn metadata_leader(nodes: &[Node]) -> Option<u64> {
-    for node in nodes {
-        let api = Api::new(node.admin, None);
-        let leader = tokio::time::timeout(
-            Duration::from_millis(500),
-            http(move || match api.try_call("GET", "/api/cluster", None) {
-                Some((200, body)) => body["metadata"]["leader"].as_u64(),
-                _ => None,
-            }),
-        )
-        .await;
-        if let Ok(Some(leader)) = leader {
-            return Some(leader);
-        }
-    }
-    None
-}
-
 /// The index (in `ids`) of the node `client` is connected to, as its
 /// HELLO_OK said.
 async fn serving_node(client: &Client, ids: &[u64]) -> Option<usize> {
@@ -662,12 +646,9 @@ async fn a_serving_node_cut_off_stops_delivering_within_its_lease() {
     for node in &nodes {
         wait_for_topic(&connect(node).await, "orders").await;
     }
-    let home = loop {
-        if let Some(leader) = metadata_leader(&nodes).await {
-            break leader as usize - 1;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let home = metadata_leader(&nodes, Duration::from_secs(30))
+        .await
+        .expect("no metadata leader within 30 s");
     let others = (0..nodes.len())
         .filter(|&i| i != home)
         .map(|i| nodes[i].client.to_string())
@@ -817,8 +798,8 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
         kinds.push("damage");
     }
     for episode in 0..episodes {
-        let target = match (rng.below(2), metadata_leader(&nodes).await) {
-            (0, Some(leader)) => leader as usize - 1,
+        let target = match (rng.below(2), metadata_leader(&nodes, Duration::ZERO).await) {
+            (0, Some(leader)) => leader,
             _ => rng.below(3) as usize,
         };
         // The consumer moves off the faulted node (with the consumer

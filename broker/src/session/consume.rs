@@ -49,8 +49,9 @@ impl Session {
                 ));
             }
         }
-        // One node serves the consumers of cluster topics at a time.
-        let cluster_topic = self.consumer_home_check(&subscribe.topic).await?;
+        // One node serves the consumers of cluster topics at a time: a
+        // member here is delivered to only under this node's lease.
+        let leased = self.consumer_home_check(&subscribe.topic).await?;
         // A group of a cluster topic dead-letters into a cluster topic:
         // its acks are replicated, so a dead letter kept on this node's
         // disk alone would be lost with it.
@@ -121,7 +122,7 @@ impl Session {
         // lease ran out is withheld (its messages come back after their
         // ack timeout) and the connection is closed with WrongNode.
         let fence = match self.shared.engine.cluster().cloned() {
-            Some(cluster) if cluster_topic => {
+            Some(cluster) if leased => {
                 self.cluster_members.insert(member);
                 self.watch_consumer_lease();
                 Some((cluster, Arc::clone(&self.consumers_moved)))
@@ -152,9 +153,11 @@ impl Session {
         }))
     }
 
-    /// For a cluster topic, `WrongNode` unless this node serves consumers
-    /// (waiting up to a second while that is unknown: an election, a new
-    /// leader's takeover wait). True if `topic` is a cluster topic.
+    /// For a cluster topic under the consumer lease, `WrongNode` unless
+    /// this node serves consumers (waiting up to a second while that is
+    /// unknown: an election, a new leader's takeover wait). True if this
+    /// node serves `topic`'s consumers under its lease (false: the lease
+    /// is off, or not a cluster topic).
     pub(super) async fn consumer_home_check(&self, topic: &str) -> Result<bool, ErrorResponse> {
         let Some(cluster) = self.shared.engine.cluster() else {
             return Ok(false);
@@ -190,9 +193,11 @@ impl Session {
         let Some(cluster) = self.shared.engine.cluster().cloned() else {
             return;
         };
+        let Some(mut serving) = cluster.watch_consumer_lease() else {
+            return;
+        };
         let moved = Arc::clone(&self.consumers_moved);
         self.lease_watch = Some(tokio::spawn(async move {
-            let mut serving = cluster.watch_consumer_lease();
             loop {
                 // The watch follows the lease task's rounds; the clock
                 // check also sees a lease that ran out between them.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmq_client::{Client, ClientOptions, Message, MessageId};
 
-use super::{free_port, next, options};
+use super::{free_port, http, next, options, Api};
 
 /// Every test cluster purges its partitions' Raft rows in small steps, so
 /// that kills, restarts and faults all meet purged logs.
@@ -247,4 +247,35 @@ pub fn damage_active_segment(log_dir: &Path, at: f64) -> bool {
     bytes[position.min(end)] ^= 0x20;
     std::fs::write(active, &bytes).unwrap();
     true
+}
+
+/// The index of the metadata leader (with the consumer lease, the node
+/// serving consumers), as the first running node that answers names it
+/// (a paused node is given 500 ms), asking again until `within` passed
+/// (zero: one round).
+pub async fn metadata_leader(nodes: &[Node], within: Duration) -> Option<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        for node in nodes.iter().filter(|node| node.process.is_some()) {
+            let api = Api::new(node.admin, None);
+            let asked = tokio::time::timeout(
+                Duration::from_millis(500),
+                http(move || match api.try_call("GET", "/api/cluster", None) {
+                    Some((200, body)) => body["metadata"]["leader"].as_u64(),
+                    _ => None,
+                }),
+            )
+            .await;
+            if let Ok(Some(leader)) = asked {
+                let running = |node: &Node| node.id == leader && node.process.is_some();
+                if let Some(index) = nodes.iter().position(running) {
+                    return Some(index);
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
