@@ -618,29 +618,36 @@ fn merge_replicated_acks(cluster: &Cluster, commands: &Arc<mpsc::Sender<Command>
     let commands = Arc::downgrade(commands);
     let node_id = cluster.node_id();
     let journals = Arc::clone(cluster.journals());
-    let listener: dmq_replication::JournalListener = Arc::new(move |origin, writes| {
+    let listener: dmq_replication::JournalListener = Arc::new(move |origin, index, writes| {
         let Some(commands) = commands.upgrade() else {
             return;
         };
         // What this process proposed its groups hold; what an earlier run
         // of this node proposed and committed only after the restart
         // (killed with a proposal in flight) they do not.
-        if origin == node_id && journals.take_own(writes) {
-            return;
-        }
+        let own = origin == node_id && journals.take_own(writes);
         for write in writes {
             let payloads: Vec<Vec<u8>> = match &write.op {
+                _ if own => Vec::new(),
                 dmq_replication::JournalOp::Append(payloads)
-                | dmq_replication::JournalOp::Rewrite(payloads) => {
-                    payloads.iter().map(|p| p.0.to_vec()).collect()
-                }
+                | dmq_replication::JournalOp::Rewrite(payloads)
+                | dmq_replication::JournalOp::Compact {
+                    snapshot: payloads, ..
+                } => payloads.iter().map(|p| p.0.to_vec()).collect(),
                 dmq_replication::JournalOp::Remove => continue,
             };
             let name = write.name.clone();
+            let journals = Arc::clone(&journals);
+            // In the dispatcher's order: once merged (or, for this
+            // process's own, at once), the groups hold the journal up to
+            // this entry, which the next compaction's snapshot covers.
             let job: Job = Box::new(move |dispatcher, _| {
-                if let Err(error) = dispatcher.merge_replicated_acks(&name, &payloads) {
-                    tracing::warn!(journal = %name, %error, "merging replicated acks");
+                if !payloads.is_empty() {
+                    if let Err(error) = dispatcher.merge_replicated_acks(&name, &payloads) {
+                        tracing::warn!(journal = %name, %error, "merging replicated acks");
+                    }
                 }
+                journals.saw(&name, index);
             });
             let _ = commands.send(Command::Call(job));
         }

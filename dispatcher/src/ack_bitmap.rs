@@ -402,6 +402,44 @@ impl AckBitmap {
         self.skip_acked();
     }
 
+    /// Acks every offset `other` holds acked: below its floor, and each
+    /// acked above it, except those too far above this bitmap's floor to
+    /// hold ([`AckBitmap::SPAN_OFFSETS_MAX`]; left unacked, so delivered
+    /// again, never lost).
+    pub fn union(&mut self, other: &AckBitmap) {
+        self.ack_below(other.floor());
+        let Some(words) = other.words_above_floor() else {
+            return;
+        };
+        for offset in words {
+            if offset.saturating_sub(self.floor) < Self::SPAN_OFFSETS_MAX {
+                self.ack(offset);
+            }
+        }
+    }
+
+    /// The acked offsets above the floor, in order (none if there are
+    /// none).
+    fn words_above_floor(&self) -> Option<impl Iterator<Item = u64> + '_> {
+        if self.acked_above_floor == 0 {
+            return None;
+        }
+        let floor = self.floor;
+        let base = self.base;
+        Some(
+            self.words
+                .iter()
+                .enumerate()
+                .flat_map(move |(index, &word)| {
+                    let word_base = base + index as u64 * WORD_BITS;
+                    (0..WORD_BITS)
+                        .filter(move |bit| word & (1u64 << bit) != 0)
+                        .map(move |bit| word_base + bit)
+                })
+                .filter(move |offset| *offset >= floor),
+        )
+    }
+
     /// Heap bytes used (for bounds reporting).
     pub fn memory_bytes(&self) -> usize {
         self.words.capacity() * std::mem::size_of::<u64>()
@@ -711,6 +749,35 @@ impl Reader<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_union_holds_every_offset_either_bitmap_acked() {
+        let mut left = AckBitmap::new(10);
+        for offset in [12, 70, 200] {
+            left.ack(offset);
+        }
+        let mut right = AckBitmap::new(5);
+        for offset in [10, 11, 64, 70, 130, 5000] {
+            right.ack(offset);
+        }
+        let mut union = left.clone();
+        union.union(&right);
+        for offset in 0..6000 {
+            assert_eq!(
+                union.is_acked(offset),
+                left.is_acked(offset) || right.is_acked(offset),
+                "offset {offset}"
+            );
+        }
+        union.check_invariants();
+        // A bitmap whose floor is far above takes the other's floor too.
+        let mut high = AckBitmap::new(1_000);
+        high.union(&left);
+        assert_eq!(high.floor(), 1_000);
+        let mut low = AckBitmap::new(0);
+        low.union(&high);
+        assert_eq!(low.floor(), 1_000);
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;

@@ -298,9 +298,16 @@ impl GroupState {
         let mut bitmaps: BTreeMap<u32, AckBitmap> = BTreeMap::new();
         for (partition, merge) in decode_merges(&key.journal_name(), payloads)? {
             match merge {
-                AckMerge::Bitmap(bitmap) => {
-                    bitmaps.insert(partition, bitmap);
-                }
+                // A second snapshot of a partition: in a replicated
+                // journal, another node's, kept after a compaction that
+                // had not seen it (`dmq_replication::journals`). Both hold
+                // acks: neither undoes the other's.
+                AckMerge::Bitmap(bitmap) => match bitmaps.get_mut(&partition) {
+                    Some(held) => held.union(&bitmap),
+                    None => {
+                        bitmaps.insert(partition, bitmap);
+                    }
+                },
                 AckMerge::Offsets(offsets) => {
                     if let Some(bitmap) = bitmaps.get_mut(&partition) {
                         for offset in offsets {
@@ -533,6 +540,41 @@ mod tests {
                 "{offset}"
             );
         }
+    }
+
+    /// A replicated journal may hold a second snapshot of a partition
+    /// (another node's, kept after a compaction that had not seen it):
+    /// the restored group holds the acks of both. Replayed as a
+    /// replacement, the second undid the first's acks.
+    #[test]
+    fn a_second_snapshot_of_a_partition_adds_its_acks() {
+        let snapshot = |acked: &[u64]| {
+            let mut bitmap = AckBitmap::new(0);
+            for offset in acked {
+                bitmap.ack(*offset);
+            }
+            let mut payload = vec![TAG_SNAPSHOT];
+            payload.extend_from_slice(&0u32.to_le_bytes());
+            bitmap.encode(&mut payload);
+            payload
+        };
+        let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
+        let (journal, _) = storage.open_journal("j").unwrap();
+        let payloads = [snapshot(&[0, 1, 5, 9]), snapshot(&[0, 3, 7])];
+        let (restored, _) = GroupState::restore(
+            key(),
+            GroupConfig::default(),
+            1,
+            journal,
+            &payloads,
+            0,
+            |_| 0,
+        )
+        .unwrap();
+        let acked: Vec<u64> = (0..12)
+            .filter(|offset| restored.partitions[0].acks.is_acked(*offset))
+            .collect();
+        assert_eq!(acked, [0, 1, 3, 5, 7, 9]);
     }
 
     #[test]

@@ -25,6 +25,16 @@
 //!   journal, whose acks are durable within `ack_sync_interval_ms`, what a
 //!   group acked in the last interval plus one metadata commit may be
 //!   delivered again after its node is lost (at least once, never lost).
+//! - A compaction replaces only what its snapshot covers
+//!   ([`JournalOp::Compact`]): every change up to the last log index the
+//!   node's groups had taken ([`ReplicatedJournals::saw`], advanced in the
+//!   dispatcher's order as it merges, loads or writes them). Another
+//!   node's changes after it stay in the copy, after the snapshot, and a
+//!   group restored from the copy holds the acks of every snapshot in it
+//!   (a second one adds to the first). A compaction that replaced the
+//!   whole copy erased the acks of another node it had not merged yet (a
+//!   former serving node's compaction retried after a partition healed),
+//!   and a node that later loaded the group delivered them again.
 //! - A journal's size as the dispatcher sees it ([`Journal::size_bytes`])
 //!   is what this node wrote since the journal's last rewrite, so that its
 //!   compaction bounds what every node holds.
@@ -71,6 +81,10 @@ pub struct ReplicatedJournals {
     /// here, by [`fingerprint`] (a count: a retried proposal whose first
     /// answer was lost may be applied twice).
     own: Arc<OwnProposals>,
+    /// By journal: the last log index whose changes to it this node's
+    /// groups hold (merged, written here, or read when the group loaded):
+    /// what a compaction's snapshot covers ([`JournalOp::Compact`]).
+    seen: Mutex<HashMap<String, u64>>,
 }
 
 /// [`ReplicatedJournals::own`].
@@ -91,6 +105,11 @@ fn fingerprint(writes: &[JournalWrite]) -> u64 {
                 payloads.iter().for_each(|p| p.0.hash(&mut hasher));
             }
             JournalOp::Remove => 2u8.hash(&mut hasher),
+            JournalOp::Compact { snapshot, covers } => {
+                3u8.hash(&mut hasher);
+                covers.hash(&mut hasher);
+                snapshot.iter().for_each(|p| p.0.hash(&mut hasher));
+            }
         }
     }
     hasher.finish()
@@ -115,6 +134,7 @@ impl ReplicatedJournals {
             queued: Arc::new(AtomicU64::new(0)),
             written: Arc::clone(&written),
             own: Arc::default(),
+            seen: Mutex::default(),
         });
         tokio::spawn(write_journals(
             node,
@@ -145,6 +165,20 @@ impl ReplicatedJournals {
         }
     }
 
+    /// The node's groups now hold every change to journal `name` up to
+    /// log index `index` (called in the order the groups took them).
+    pub fn saw(&self, name: &str, index: u64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let at = seen.entry(name.to_string()).or_default();
+        *at = (*at).max(index);
+    }
+
+    /// [`ReplicatedJournals::saw`]'s last index for `name` (0: none).
+    fn seen(&self, name: &str) -> u64 {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(name).copied().unwrap_or(0)
+    }
+
     /// Opens `name`: its payloads as this node has applied them, and a
     /// journal whose changes are replicated.
     pub fn open(self: &Arc<Self>, name: &str) -> OpenedJournal {
@@ -171,7 +205,10 @@ impl ReplicatedJournals {
             appended: Vec::new(),
             bytes: 0,
         };
-        let payloads = match self.state.journal(name) {
+        let (held, applied) = self.state.journal_at(name);
+        // The group is loaded from every change applied so far.
+        self.saw(name, applied);
+        let payloads = match held {
             Some(payloads) => payloads,
             None => {
                 let kept = local()?;
@@ -189,6 +226,10 @@ impl ReplicatedJournals {
 
     /// Drops `name` on every node.
     pub fn remove(&self, name: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         self.send(JournalWrite {
             name: name.to_string(),
             op: JournalOp::Remove,
@@ -259,14 +300,17 @@ impl Journal for ReplicatedJournal {
     fn rewrite(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
         self.appended.clear();
         self.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
+        // What another node wrote that this node's groups have not taken
+        // yet stays in the replicated copy, after the snapshot.
         self.journals.send(JournalWrite {
             name: self.name.clone(),
-            op: JournalOp::Rewrite(
-                payloads
+            op: JournalOp::Compact {
+                snapshot: payloads
                     .iter()
                     .map(|p| Payload(Bytes::copy_from_slice(p)))
                     .collect(),
-            ),
+                covers: self.journals.seen(&self.name),
+            },
         });
         Ok(())
     }
@@ -282,7 +326,10 @@ impl Journal for ReplicatedJournal {
 fn coalesce(writes: Vec<JournalWrite>) -> Vec<JournalWrite> {
     let mut kept: VecDeque<JournalWrite> = VecDeque::new();
     for write in writes {
-        if matches!(write.op, JournalOp::Rewrite(_) | JournalOp::Remove) {
+        if matches!(
+            write.op,
+            JournalOp::Rewrite(_) | JournalOp::Compact { .. } | JournalOp::Remove
+        ) {
             kept.retain(|earlier| earlier.name != write.name);
         }
         match (kept.back_mut(), write) {
@@ -383,7 +430,10 @@ mod tests {
     fn coalescing_keeps_order_and_drops_what_a_rewrite_replaces() {
         let rewrite = JournalWrite {
             name: "a".to_string(),
-            op: JournalOp::Rewrite(vec![Payload(Bytes::from_static(b"s"))]),
+            op: JournalOp::Compact {
+                snapshot: vec![Payload(Bytes::from_static(b"s"))],
+                covers: 7,
+            },
         };
         let writes = vec![
             append("a", b"1"),

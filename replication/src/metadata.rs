@@ -5,10 +5,15 @@
 //! ([`MetaResponse`]); the same log gives the same state on every node.
 //!
 //! **Replicated journals.** A consumer group's ack journal on a cluster
-//! topic (`crate::journals`) is kept here, as the list of its payloads:
-//! [`JournalOp::Append`] adds payloads, [`JournalOp::Rewrite`] replaces
-//! them (the dispatcher's compaction), [`JournalOp::Remove`] drops the
-//! journal. Every node holds every journal, in memory and in snapshots,
+//! topic (`crate::journals`) is kept here, as the list of its payloads,
+//! each with the log index it was applied at: [`JournalOp::Append`] adds
+//! payloads, [`JournalOp::Compact`] replaces those its writer's snapshot
+//! covers (the dispatcher's compaction: every payload applied up to the
+//! index it names; later ones, which the writer had not seen, stay after
+//! the snapshot), [`JournalOp::Remove`] drops the journal. A compaction
+//! that replaced everything lost the acks another node made that the
+//! compacting node had not merged yet ([`JournalOp::Rewrite`], kept for
+//! entries written before). Every node holds every journal, in memory and in snapshots,
 //! so a node that takes over a group reads what the others acked. After
 //! applying journal changes, the state machine tells its
 //! [`JournalListener`] (the node's dispatcher merges the acks into groups
@@ -123,15 +128,26 @@ pub struct JournalWrite {
 pub enum JournalOp {
     /// Adds payloads at the end (creating the journal).
     Append(Vec<Payload>),
-    /// Replaces the journal's payloads (creating the journal).
+    /// Replaces the journal's payloads (creating the journal). Written by
+    /// earlier versions; [`JournalOp::Compact`] now.
     Rewrite(Vec<Payload>),
     /// Drops the journal.
     Remove,
+    /// Replaces the payloads applied at or before log index `covers` (the
+    /// last entry whose changes to this journal the writer's groups held
+    /// when it took `snapshot`) with `snapshot`; the later ones stay,
+    /// after it (creating the journal).
+    Compact {
+        /// The writer's snapshot of the journal.
+        snapshot: Vec<Payload>,
+        /// The last log index the snapshot covers.
+        covers: u64,
+    },
 }
 
-/// Told of journal changes: `(origin, writes)`, in log order, after they
-/// are applied.
-pub type JournalListener = Arc<dyn Fn(NodeId, &[JournalWrite]) + Send + Sync>;
+/// Told of journal changes: `(origin, index, writes)`, in log order,
+/// after they are applied at log index `index`.
+pub type JournalListener = Arc<dyn Fn(NodeId, u64, &[JournalWrite]) + Send + Sync>;
 
 /// What applying one entry did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +175,10 @@ struct MetaState {
     /// Replicated journals by name: their payloads, oldest first.
     #[serde(default)]
     journals: BTreeMap<String, Vec<Payload>>,
+    /// The log index each journal's payload was applied at, in the order
+    /// of `journals` (absent in snapshots taken before: taken as 0).
+    #[serde(default)]
+    journal_indexes: BTreeMap<String, Vec<u64>>,
     /// Nodes a leader saw hold entries of the group.
     #[serde(default)]
     held_data: std::collections::BTreeSet<NodeId>,
@@ -188,7 +208,49 @@ pub struct RegistryEntry {
 }
 
 impl MetaState {
-    fn apply(&mut self, command: &MetaCommand) -> MetaResponse {
+    /// Applies one journal change, at log index `index`.
+    fn apply_journal(&mut self, write: &JournalWrite, index: u64) {
+        let name = &write.name;
+        match &write.op {
+            JournalOp::Append(payloads) => {
+                self.journals
+                    .entry(name.clone())
+                    .or_default()
+                    .extend(payloads.iter().cloned());
+                let held = self.journals.get(name).map_or(0, Vec::len);
+                let indexes = self.journal_indexes.entry(name.clone()).or_default();
+                indexes.resize(held - payloads.len(), 0);
+                indexes.resize(held, index);
+            }
+            JournalOp::Rewrite(payloads) => {
+                self.journals.insert(name.clone(), payloads.clone());
+                self.journal_indexes
+                    .insert(name.clone(), vec![index; payloads.len()]);
+            }
+            JournalOp::Compact { snapshot, covers } => {
+                let held = self.journals.remove(name).unwrap_or_default();
+                let indexes = self.journal_indexes.remove(name).unwrap_or_default();
+                let mut payloads = snapshot.clone();
+                let mut at = vec![index; snapshot.len()];
+                for (i, payload) in held.into_iter().enumerate() {
+                    let applied = indexes.get(i).copied().unwrap_or(0);
+                    if applied > *covers {
+                        payloads.push(payload);
+                        at.push(applied);
+                    }
+                }
+                self.journals.insert(name.clone(), payloads);
+                self.journal_indexes.insert(name.clone(), at);
+            }
+            JournalOp::Remove => {
+                self.journals.remove(name);
+                self.journal_indexes.remove(name);
+            }
+        }
+    }
+
+    /// Applies `command`, the entry at log index `index`.
+    fn apply(&mut self, command: &MetaCommand, index: u64) -> MetaResponse {
         match command {
             MetaCommand::HeldData { nodes } => {
                 self.held_data.extend(nodes.iter().copied());
@@ -196,19 +258,7 @@ impl MetaState {
             }
             MetaCommand::Journals { writes, .. } => {
                 for write in writes {
-                    match &write.op {
-                        JournalOp::Append(payloads) => self
-                            .journals
-                            .entry(write.name.clone())
-                            .or_default()
-                            .extend(payloads.iter().cloned()),
-                        JournalOp::Rewrite(payloads) => {
-                            self.journals.insert(write.name.clone(), payloads.clone());
-                        }
-                        JournalOp::Remove => {
-                            self.journals.remove(&write.name);
-                        }
-                    }
+                    self.apply_journal(write, index);
                 }
                 MetaResponse::Applied
             }
@@ -363,6 +413,19 @@ impl MetadataStateMachine {
             .map(|payloads| payloads.iter().map(|p| p.0.to_vec()).collect())
     }
 
+    /// [`MetadataStateMachine::journal`], and the index of the last entry
+    /// applied on this node (the payloads hold every change to the
+    /// journal up to it), read together.
+    pub fn journal_at(&self, name: &str) -> (Option<Vec<Vec<u8>>>, u64) {
+        let shared = self.lock();
+        let payloads = shared
+            .state
+            .journals
+            .get(name)
+            .map(|payloads| payloads.iter().map(|p| p.0.to_vec()).collect());
+        (payloads, shared.state.applied.map_or(0, |id| id.index))
+    }
+
     /// The bytes of a replicated journal's payloads (0: none).
     pub fn journal_bytes(&self, name: &str) -> u64 {
         self.lock().state.journals.get(name).map_or(0, |payloads| {
@@ -512,9 +575,9 @@ impl RaftStateMachine<MetaTypes> for MetadataStateMachine {
                         if let (Some(_), MetaCommand::Journals { origin, writes }) =
                             (&listener, command)
                         {
-                            told.push((*origin, writes.clone()));
+                            told.push((*origin, entry.log_id.index, writes.clone()));
                         }
-                        shared.state.apply(command)
+                        shared.state.apply(command, entry.log_id.index)
                     }
                     EntryPayload::Membership(membership) => {
                         shared.state.membership =
@@ -527,8 +590,8 @@ impl RaftStateMachine<MetaTypes> for MetadataStateMachine {
         }
         // Outside the state's lock: the listener may read journals.
         if let Some(listener) = listener {
-            for (origin, writes) in told {
-                listener(origin, &writes);
+            for (origin, index, writes) in told {
+                listener(origin, index, &writes);
             }
         }
         Ok(responses)
@@ -578,7 +641,7 @@ impl RaftStateMachine<MetaTypes> for MetadataStateMachine {
             .clone();
         if let Some(listener) = listener {
             if !writes.is_empty() {
-                listener(0, &writes);
+                listener(0, meta.last_log_id.map_or(0, |id| id.index), &writes);
             }
         }
         Ok(())
@@ -623,7 +686,7 @@ mod tests {
         let mut state = MetadataStateMachine::open(&dir.path().join("a.snapshot")).unwrap();
         let told: Arc<Mutex<Vec<(NodeId, String)>>> = Arc::default();
         let seen = Arc::clone(&told);
-        state.set_journal_listener(Arc::new(move |origin, writes| {
+        state.set_journal_listener(Arc::new(move |origin, _index, writes| {
             let mut seen = seen.lock().unwrap();
             seen.extend(writes.iter().map(|w| (origin, w.name.clone())));
         }));
@@ -650,8 +713,9 @@ mod tests {
         let mut other = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
         let rewrites: Arc<Mutex<Vec<JournalWrite>>> = Arc::default();
         let heard = Arc::clone(&rewrites);
-        other.set_journal_listener(Arc::new(move |origin, writes| {
+        other.set_journal_listener(Arc::new(move |origin, index, writes| {
             assert_eq!(origin, 0);
+            assert_eq!(index, 6, "the snapshot's last entry");
             heard.lock().unwrap().extend(writes.iter().cloned());
         }));
         other
@@ -669,6 +733,59 @@ mod tests {
         // And a restart from the snapshot file keeps them.
         let reopened = MetadataStateMachine::open(&dir.path().join("b.snapshot")).unwrap();
         assert_eq!(reopened.journal("group.t.g").unwrap(), [b"1", b"2"]);
+    }
+
+    /// A compaction replaces what its writer's snapshot covers and keeps
+    /// what came after (another node's acks the writer had not merged),
+    /// also across a snapshot of the state machine. Replacing everything
+    /// (the old `Rewrite`) dropped those acks from the copy: a node that
+    /// loaded the group from it later delivered the messages again.
+    #[tokio::test]
+    async fn a_compaction_keeps_what_its_snapshot_did_not_cover() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("a.snapshot")).unwrap();
+        let compact = |snapshot: &'static [u8], covers: u64| JournalOp::Compact {
+            snapshot: vec![payload(snapshot)],
+            covers,
+        };
+        let entries = vec![
+            entry(1, 1, "group.t.g", JournalOp::Append(vec![payload(b"a1")])),
+            entry(2, 2, "group.t.g", JournalOp::Append(vec![payload(b"b2")])),
+            entry(3, 2, "group.t.g", JournalOp::Append(vec![payload(b"b3")])),
+            // Node 1 had merged node 2's first append, not its second.
+            entry(4, 1, "group.t.g", compact(b"s1", 2)),
+        ];
+        state.apply(entries).await.unwrap();
+        assert_eq!(state.journal("group.t.g").unwrap(), [&b"s1"[..], b"b3"]);
+        // Node 2 compacts having merged up to node 1's compaction, not
+        // its append after it.
+        state
+            .apply(vec![
+                entry(5, 1, "group.t.g", JournalOp::Append(vec![payload(b"a5")])),
+                entry(6, 2, "group.t.g", compact(b"s2", 4)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(state.journal("group.t.g").unwrap(), [&b"s2"[..], b"a5"]);
+        let (payloads, applied) = state.journal_at("group.t.g");
+        assert_eq!(payloads.unwrap().len(), 2);
+        assert_eq!(applied, 6);
+        // The indexes travel with a snapshot of the state machine.
+        let mut other = copied_by_snapshot(&mut state, &dir.path().join("b.snapshot")).await;
+        other
+            .apply(vec![entry(7, 1, "group.t.g", compact(b"s3", 6))])
+            .await
+            .unwrap();
+        assert_eq!(other.journal("group.t.g").unwrap(), [b"s3"]);
+        // The old rewrite still replaces everything.
+        other
+            .apply(vec![
+                entry(8, 2, "group.t.g", JournalOp::Append(vec![payload(b"b8")])),
+                entry(9, 1, "group.t.g", JournalOp::Rewrite(vec![payload(b"r")])),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(other.journal("group.t.g").unwrap(), [b"r"]);
     }
 
     /// A state machine (its snapshot file at `path`) that installed a
