@@ -450,6 +450,21 @@ mod tests {
         }
     }
 
+    /// A group of one partition, starting at 0, restored from `payloads`.
+    fn one_partition_group(journal: Box<dyn Journal>, payloads: &[Vec<u8>]) -> GroupState {
+        GroupState::restore(
+            key(),
+            GroupConfig::default(),
+            1,
+            journal,
+            payloads,
+            0,
+            |_| 0,
+        )
+        .unwrap()
+        .0
+    }
+
     #[test]
     fn acks_survive_a_restart_once_synced() {
         let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
@@ -499,16 +514,7 @@ mod tests {
     fn compaction_keeps_the_same_bitmaps() {
         let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
         let (journal, payloads) = storage.open_journal("j").unwrap();
-        let (mut group, _) = GroupState::restore(
-            key(),
-            GroupConfig::default(),
-            1,
-            journal,
-            &payloads,
-            0,
-            |_| 0,
-        )
-        .unwrap();
+        let mut group = one_partition_group(journal, &payloads);
         for offset in (0..10_000).filter(|o| o % 3 != 1) {
             group.partitions[0].acks.ack(offset);
             group.note_ack(0, offset);
@@ -523,16 +529,7 @@ mod tests {
             group.journal_bytes()
         );
         let (journal, payloads) = storage.open_journal("j").unwrap();
-        let (restored, _) = GroupState::restore(
-            key(),
-            GroupConfig::default(),
-            1,
-            journal,
-            &payloads,
-            0,
-            |_| 0,
-        )
-        .unwrap();
+        let restored = one_partition_group(journal, &payloads);
         for offset in 0..10_000 {
             assert_eq!(
                 restored.partitions[0].acks.is_acked(offset),
@@ -561,16 +558,7 @@ mod tests {
         let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
         let (journal, _) = storage.open_journal("j").unwrap();
         let payloads = [snapshot(&[0, 1, 5, 9]), snapshot(&[0, 3, 7])];
-        let (restored, _) = GroupState::restore(
-            key(),
-            GroupConfig::default(),
-            1,
-            journal,
-            &payloads,
-            0,
-            |_| 0,
-        )
-        .unwrap();
+        let restored = one_partition_group(journal, &payloads);
         let acked: Vec<u64> = (0..12)
             .filter(|offset| restored.partitions[0].acks.is_acked(*offset))
             .collect();
