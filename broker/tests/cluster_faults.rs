@@ -484,6 +484,23 @@ async fn consume(
                         Some(left) if acked_on != on && left > at => left,
                         _ => Instant::now(),
                     };
+                    if reference - at > ACK_WINDOW {
+                        // For a post-mortem (DMQ_KEEP_DATA=1 keeps the
+                        // nodes' data): which message, where, when.
+                        println!(
+                            "late: {} (partition {} offset {} attempt {}) acked through node \
+                             {} {:?} ago, delivered again through node {}; left that node \
+                             {:?} ago",
+                            message.id,
+                            message.partition,
+                            message.offset,
+                            message.attempt,
+                            ids[acked_on],
+                            at.elapsed(),
+                            ids[on],
+                            history.left_at[acked_on].map(|left| left.elapsed()),
+                        );
+                    }
                     history.redelivered_after_ack.push(reference - at);
                 }
                 history
@@ -790,6 +807,7 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
 
     let mut rng = Rng(seed);
     let mut applied: BTreeMap<&str, u64> = BTreeMap::new();
+    let begun = Instant::now();
     // By hand, `DMQ_CLUSTER_DAMAGE=1` adds a fifth fault: SIGKILL, one
     // byte of one replica's active segment flipped, restart (the replica
     // cuts the damage and fetches the records from a peer).
@@ -817,6 +835,10 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
             }
         }
         let id = nodes[target].id;
+        println!(
+            "episode {episode} at +{:.1} s: {kind} node {id} for {lasting:?}",
+            begun.elapsed().as_secs_f64()
+        );
         match kind {
             "kill" => {
                 nodes[target].kill();
