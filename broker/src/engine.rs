@@ -628,13 +628,13 @@ fn merge_replicated_acks(cluster: &Cluster, commands: &Arc<mpsc::Sender<Command>
         let own = origin == node_id && journals.take_own(writes);
         for write in writes {
             let payloads: Vec<Vec<u8>> = match &write.op {
+                dmq_replication::JournalOp::Remove => continue,
                 _ if own => Vec::new(),
                 dmq_replication::JournalOp::Append(payloads)
                 | dmq_replication::JournalOp::Rewrite(payloads)
                 | dmq_replication::JournalOp::Compact {
                     snapshot: payloads, ..
                 } => payloads.iter().map(|p| p.0.to_vec()).collect(),
-                dmq_replication::JournalOp::Remove => continue,
             };
             let name = write.name.clone();
             let journals = Arc::clone(&journals);

@@ -13,8 +13,9 @@
 //! the snapshot), [`JournalOp::Remove`] drops the journal. A compaction
 //! that replaced everything lost the acks another node made that the
 //! compacting node had not merged yet ([`JournalOp::Rewrite`], kept for
-//! entries written before). Every node holds every journal, in memory and in snapshots,
-//! so a node that takes over a group reads what the others acked. After
+//! entries written before). Every node holds every journal, in memory
+//! and in snapshots, so a node that takes over a group reads what the
+//! others acked. After
 //! applying journal changes, the state machine tells its
 //! [`JournalListener`] (the node's dispatcher merges the acks into groups
 //! it has loaded).
