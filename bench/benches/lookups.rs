@@ -3,7 +3,8 @@
 //! - `lookups/log/*`: on a log of `DMQ_BENCH_RECORDS` records (default
 //!   10 000 000; 64-byte values keyed `key-NNNNNNNNNN`, batches of 1000,
 //!   `FsyncPolicy::Never`, 1 GiB segments): `read_record` by offset,
-//!   `offset_for_timestamp`, `find_by_id`, `find_by_key` (limit 1), each at
+//!   `offset_for_timestamp`, `find_by_id`, `offset_of_id` (the id index
+//!   alone, no record read), `find_by_key` (limit 1), each at
 //!   pseudo-random targets spread over the whole log.
 //! - `lookups/index/*`: `dmq-index` alone on the sealed index files of one
 //!   1 GiB segment of such records: `OffsetIndex::lookup`,
@@ -76,6 +77,13 @@ fn log_lookups(c: &mut Criterion) {
             black_box(log.find_by_id(&ids[i].1).expect("find_by_id"))
         });
     });
+    group.bench_function("offset_of_id", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i = (i + 1) % ids.len();
+            black_box(log.offset_of_id(&ids[i].1).expect("offset_of_id"))
+        });
+    });
     group.bench_function("find_by_key", |b| {
         let mut i = 0usize;
         b.iter(|| {
@@ -89,6 +97,7 @@ fn log_lookups(c: &mut Criterion) {
     let (offset, id) = ids[ids.len() / 2];
     let found = log.find_by_id(&id).expect("find_by_id");
     assert_eq!(found.map(|r| r.offset), Some(offset));
+    assert_eq!(log.offset_of_id(&id).expect("offset_of_id"), Some(offset));
     let by_key = log.find_by_key(&keys[0], 1).expect("find_by_key");
     assert_eq!(by_key.first().map(|r| r.offset), Some(offsets[0]));
     drop(built);

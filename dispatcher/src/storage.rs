@@ -168,6 +168,14 @@ pub trait PartitionLog: Send + Sync + std::fmt::Debug {
         Ok(found)
     }
 
+    /// The offset of the oldest stored record with this message id:
+    /// whether the message is stored. The default reads the record
+    /// ([`find_by_id`](Self::find_by_id)); a log whose id index is exact
+    /// answers from the index and reads nothing.
+    fn offset_of_id(&self, id: &MessageId) -> Result<Option<u64>, StoreError> {
+        Ok(self.find_by_id(id)?.map(|record| record.offset))
+    }
+
     /// Stored records whose key is `key`, oldest first, at most `limit`.
     fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>, StoreError> {
         self.find_by_key_from(key, 0, limit)
@@ -344,6 +352,10 @@ impl PartitionLog for Log {
 
     fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>, StoreError> {
         Ok(Log::find_by_id(self, id)?)
+    }
+
+    fn offset_of_id(&self, id: &MessageId) -> Result<Option<u64>, StoreError> {
+        Ok(Log::offset_of_id(self, id)?)
     }
 
     fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>, StoreError> {

@@ -740,6 +740,20 @@ impl Log {
         Ok(None)
     }
 
+    /// The offset of the readable record with this id, from the id indexes
+    /// alone (no record is read, no batch checked): whether a message is
+    /// stored, at the cost of an index lookup per segment that may hold it.
+    pub fn offset_of_id(&self, id: &MessageId) -> Result<Option<u64>> {
+        let segments = self.segments();
+        let first = segments.partition_point(|s| s.max_timestamp_ms() < id.timestamp_ms());
+        for segment in &segments[first..] {
+            if let Some(offset) = segment.offset_of_id(id)? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
     /// Readable records with this key, oldest first, at most `limit`.
     pub fn find_by_key(&self, key: &[u8], limit: usize) -> Result<Vec<Record>> {
         self.find_by_key_from(key, 0, limit)

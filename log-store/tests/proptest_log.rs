@@ -122,10 +122,16 @@ fn check_everything(log: &Log, expected: &[Expected]) {
             .unwrap_or_else(|| panic!("id of {} not found", e.offset));
         // Ids are unique, so the first with this id is this one.
         e.check(&found);
+        assert_eq!(
+            log.offset_of_id(&e.id).expect("offset_of_id"),
+            Some(e.offset),
+            "the id index alone places the record"
+        );
     }
     let mut missing = MessageId::new(1, 0x0123_4567);
     missing.0[15] ^= 0xff;
     assert_eq!(log.find_by_id(&missing).expect("find_by_id"), None);
+    assert_eq!(log.offset_of_id(&missing).expect("offset_of_id"), None);
     for k in 0..=KEYS {
         let key = Bytes::from(format!("key-{k}"));
         let oracle: Vec<&Expected> = expected

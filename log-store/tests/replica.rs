@@ -214,6 +214,7 @@ fn run_truncation(
             "id of {} still found",
             gone.offset
         );
+        assert_eq!(log.offset_of_id(&gone.id).expect("lookup"), None);
     }
     for kept in &kept {
         let found = log
@@ -221,6 +222,10 @@ fn run_truncation(
             .expect("lookup")
             .expect("kept id found");
         assert_eq!(found.offset, kept.offset);
+        assert_eq!(
+            log.offset_of_id(&kept.id).expect("lookup"),
+            Some(kept.offset)
+        );
     }
     // Appends go on from the cut.
     clock.advance_ms(1);

@@ -621,6 +621,12 @@ impl PartitionLog for ReplicatedPartitionLog {
         Ok(found.filter(|record| record.offset < end))
     }
 
+    fn offset_of_id(&self, id: &MessageId) -> Result<Option<u64>, StoreError> {
+        let end = self.committed_end();
+        let found = self.with_log(|log| PartitionLog::offset_of_id(log, id))?;
+        Ok(found.filter(|offset| *offset < end))
+    }
+
     fn find_by_key_from(
         &self,
         key: &[u8],

@@ -797,7 +797,7 @@ impl Dispatcher {
                 if recheck {
                     let id = record.id.unwrap_or_default();
                     let present = state.partitions[partition as usize]
-                        .find_by_id(&id)?
+                        .offset_of_id(&id)?
                         .is_some()
                         || self.delays.holds_caller_id(&id);
                     if present {
