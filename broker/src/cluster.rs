@@ -17,10 +17,10 @@
 //!   replicated through the metadata group (`dmq_replication::journals`):
 //!   every node's copy of the group merges them, and a node that takes
 //!   the group over starts from them. Delivery attempts stay per node; with
-//!   `consumer_lease` on, one node at a time serves every consumer of
-//!   cluster topics, the metadata leader under a lease
-//!   (`crate::consumer_lease`); off (the default), every node serves its
-//!   own and a group consumes through one node at a time.
+//!   `consumer_lease` on (the default), one node at a time serves every
+//!   consumer of cluster topics, the metadata leader under a lease
+//!   (`crate::consumer_lease`); off, every node serves its own and a
+//!   group consumes through one node at a time.
 //! - **Delays** of cluster topics are records of the replicated timer log
 //!   every node follows; the node leading it fires them
 //!   (`dmq_replication::delays`, [`Cluster::delays`]).

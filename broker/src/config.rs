@@ -55,6 +55,7 @@
 //! # purge_after_entries = 4096  # a partition's Raft rows are purged in steps of this many
 //! # scrub_interval_s = 86400     # each replica re-reads its records this often (0: never)
 //! # scrub_bytes_per_second = 16777216
+//! # consumer_lease = true     # one node (the metadata leader) serves every consumer
 //! [[cluster.peers]]           # every node, this one included; same list on each
 //! id = 1
 //! raft = "127.0.0.1:7090"
@@ -264,12 +265,11 @@ pub struct ClusterConfig {
     pub scrub_bytes_per_second: u64,
     /// One node at a time serves every consumer of cluster topics: the
     /// metadata leader, under a lease; the others answer `WrongNode`
-    /// (docs/replication.md). Off by default: with it on, one of two
-    /// 300-episode fault campaigns still delivered an acked message again
-    /// 13 s after its ack (at most 2 s without); off, every node delivers
-    /// from its own cursor and a group must consume through one node at a
-    /// time.
-    #[serde(default)]
+    /// (docs/replication.md). On by default. Off, every node delivers
+    /// from its own replica with its own cursor, so a group must consume
+    /// through one node at a time (two nodes would each deliver the same
+    /// messages).
+    #[serde(default = "default_consumer_lease")]
     pub consumer_lease: bool,
 }
 
@@ -283,6 +283,10 @@ fn default_scrub_bytes_per_second() -> u64 {
 
 fn default_purge_after_entries() -> u64 {
     4_096
+}
+
+fn default_consumer_lease() -> bool {
+    true
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -594,6 +598,21 @@ mod tests {
         assert!(BrokerConfig::from_toml("max_frame_bytes = 65536").is_ok());
         let error = BrokerConfig::from_toml("max_frame_bytes = 65535").expect_err("too small");
         assert!(error.to_string().contains("65536"), "{error}");
+    }
+
+    #[test]
+    fn a_cluster_serves_consumers_from_one_node_unless_told() {
+        let section = "[cluster]\nnode_id = 1\nraft_listen = \"127.0.0.1:7090\"\n\
+                       [[cluster.peers]]\nid = 1\nraft = \"127.0.0.1:7090\"\n\
+                       client = \"127.0.0.1:7070\"\n";
+        let cluster = |text: &str| BrokerConfig::from_toml(text).expect("valid").cluster;
+        let default = cluster(section).expect("a cluster");
+        assert!(
+            default.consumer_lease,
+            "the consumer lease is on by default"
+        );
+        let off = section.replace("[cluster]\n", "[cluster]\nconsumer_lease = false\n");
+        assert!(!cluster(&off).expect("a cluster").consumer_lease);
     }
 
     #[test]

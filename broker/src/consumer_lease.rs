@@ -1,8 +1,7 @@
 //! Which node of a cluster delivers to the consumers of cluster topics:
-//! the metadata group's leader, while it holds the consumer lease. Only
-//! with `[cluster] consumer_lease = true` (off by default: a long fault
-//! campaign still shows late redeliveries with it on, docs/replication.md);
-//! off, every node serves its own consumers.
+//! the metadata group's leader, while it holds the consumer lease, with
+//! `[cluster] consumer_lease = true` (the default); off, every node serves
+//! its own consumers.
 //!
 //! Every node's dispatcher reads its own replica of each partition, and
 //! each would deliver from its own cursor: two nodes serving one group

@@ -772,9 +772,9 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     }
     let root = KeptOnFailure(Some(root));
     let network = Network::default();
-    // By hand, `DMQ_CLUSTER_LEASE=1` runs the schedule with the consumer
-    // lease on (one node serves every consumer).
-    let lease = std::env::var_os("DMQ_CLUSTER_LEASE").is_some();
+    // With the consumer lease on, as dmqd's default (one node serves every
+    // consumer); by hand, `DMQ_CLUSTER_LEASE=0` runs it with the lease off.
+    let lease = std::env::var("DMQ_CLUSTER_LEASE").map_or(true, |value| value != "0");
     println!("consumer lease: {}", if lease { "on" } else { "off" });
     let edit: fn(&str) -> String = if lease {
         with_consumer_lease

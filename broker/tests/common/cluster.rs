@@ -34,7 +34,7 @@ impl Node {
         let mut text = format!(
             "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\n\n\
              [cluster]\nnode_id = {}\nraft_listen = \"{}\"\n\
-             purge_after_entries = {PURGE_AFTER_ENTRIES}\n",
+             purge_after_entries = {PURGE_AFTER_ENTRIES}\nconsumer_lease = false\n",
             self.dir.join("data"),
             self.client,
             self.admin,
@@ -123,10 +123,14 @@ pub fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
     (nodes, configs)
 }
 
-/// `config` with `[cluster] consumer_lease = true`: one node at a time
-/// serves consumers.
+/// `config` with `[cluster] consumer_lease = true` (dmqd's default): one
+/// node at a time serves consumers. [`Node::config`] turns it off, so that
+/// the tests of storage, replication and failover can consume through the
+/// node they choose.
 pub fn with_consumer_lease(config: &str) -> String {
-    config.replacen("[cluster]\n", "[cluster]\nconsumer_lease = true\n", 1)
+    let lease = config.replacen("consumer_lease = false\n", "consumer_lease = true\n", 1);
+    assert_ne!(lease, config, "the configuration sets consumer_lease");
+    lease
 }
 
 /// [`cluster`], every node started with `edit` applied to its
