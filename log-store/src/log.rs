@@ -729,26 +729,29 @@ impl Log {
 
     /// The readable record with this message id.
     pub fn find_by_id(&self, id: &MessageId) -> Result<Option<Record>> {
-        let segments = self.segments();
-        // A record is stored no earlier than its id's time.
-        let first = segments.partition_point(|s| s.max_timestamp_ms() < id.timestamp_ms());
-        for segment in &segments[first..] {
-            if let Some(record) = segment.find_by_id(id)? {
-                return Ok(Some(record));
-            }
-        }
-        Ok(None)
+        self.first_in_segments_of_id(id, |segment| segment.find_by_id(id))
     }
 
     /// The offset of the readable record with this id, from the id indexes
     /// alone (no record is read, no batch checked): whether a message is
     /// stored, at the cost of an index lookup per segment that may hold it.
     pub fn offset_of_id(&self, id: &MessageId) -> Result<Option<u64>> {
+        self.first_in_segments_of_id(id, |segment| segment.offset_of_id(id))
+    }
+
+    /// The first answer of `lookup` over the segments that may hold `id`,
+    /// oldest first: a record is stored no earlier than its id's time, so
+    /// every segment whose newest record is older is skipped.
+    fn first_in_segments_of_id<T>(
+        &self,
+        id: &MessageId,
+        lookup: impl Fn(&Segment) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         let segments = self.segments();
         let first = segments.partition_point(|s| s.max_timestamp_ms() < id.timestamp_ms());
         for segment in &segments[first..] {
-            if let Some(offset) = segment.offset_of_id(id)? {
-                return Ok(Some(offset));
+            if let Some(found) = lookup(segment)? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
