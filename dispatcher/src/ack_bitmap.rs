@@ -408,36 +408,27 @@ impl AckBitmap {
     /// again, never lost).
     pub fn union(&mut self, other: &AckBitmap) {
         self.ack_below(other.floor());
-        let Some(words) = other.words_above_floor() else {
-            return;
-        };
-        for offset in words {
+        for offset in other.acked_offsets_above_floor() {
             if offset.saturating_sub(self.floor) < Self::SPAN_OFFSETS_MAX {
                 self.ack(offset);
             }
         }
     }
 
-    /// The acked offsets above the floor, in order (none if there are
-    /// none).
-    fn words_above_floor(&self) -> Option<impl Iterator<Item = u64> + '_> {
-        if self.acked_above_floor == 0 {
-            return None;
-        }
+    /// The acked offsets above the floor, in order.
+    fn acked_offsets_above_floor(&self) -> impl Iterator<Item = u64> + '_ {
         let floor = self.floor;
         let base = self.base;
-        Some(
-            self.words
-                .iter()
-                .enumerate()
-                .flat_map(move |(index, &word)| {
-                    let word_base = base + index as u64 * WORD_BITS;
-                    (0..WORD_BITS)
-                        .filter(move |bit| word & (1u64 << bit) != 0)
-                        .map(move |bit| word_base + bit)
-                })
-                .filter(move |offset| *offset >= floor),
-        )
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(move |(index, &word)| {
+                let word_base = base + index as u64 * WORD_BITS;
+                (0..WORD_BITS)
+                    .filter(move |bit| word & (1u64 << bit) != 0)
+                    .map(move |bit| word_base + bit)
+            })
+            .filter(move |offset| *offset >= floor)
     }
 
     /// Heap bytes used (for bounds reporting).

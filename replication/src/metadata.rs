@@ -407,11 +407,7 @@ impl MetadataStateMachine {
 
     /// A replicated journal's payloads, as applied on this node.
     pub fn journal(&self, name: &str) -> Option<Vec<Vec<u8>>> {
-        self.lock()
-            .state
-            .journals
-            .get(name)
-            .map(|payloads| payloads.iter().map(|p| p.0.to_vec()).collect())
+        self.journal_at(name).0
     }
 
     /// [`MetadataStateMachine::journal`], and the index of the last entry
