@@ -1,15 +1,18 @@
 """Transactions against a real dmqd: half messages delivered only after
 the commit, never after a rollback, and atomic consume-and-produce with
-transactional acks (PROTOCOL.md 6.27 to 6.36)."""
+transactional acks, check-back listeners and fencing (PROTOCOL.md 6.27
+to 6.36)."""
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import pytest
 from conftest import Broker, run, unique
 
 import dmq
 from dmq import GroupSettings
-from dmq.errors import TransactionConflict
+from dmq.errors import ProducerFenced, TransactionConflict
 
 
 async def values(consumer: dmq.Consumer, wait: float = 1.0) -> list[bytes]:
@@ -85,5 +88,94 @@ def test_consume_and_produce_in_one_transaction(broker: Broker) -> None:
                 assert await consumer.receive(1.0) is None
             async with client.consumer(shipments, "audit") as audit:
                 assert await values(audit) == sorted(f"ship {n}".encode() for n in range(5))
+
+    run(main())
+
+
+@pytest.fixture(scope="module")
+def checking_broker() -> Iterator[Broker]:
+    """A broker that checks a transaction back 300 ms after it began, at
+    most twice."""
+    config = "transaction_timeout_ms = 300\ntransaction_max_checks = 2\ntransaction_check_backoff_max_ms = 300\n"
+    b = Broker(config=config).start()
+    yield b
+    b.cleanup()
+
+
+def test_a_listener_answers_check_backs_also_after_a_reconnect(checking_broker: Broker) -> None:
+    """A producer began two transactions and went away. A member of its
+    producer group is asked how each ended: the first check is answered
+    commit (delivered); the connection then drops, the listener is resumed
+    on the new one, and the second transaction's check is answered
+    rollback (never delivered). A third transaction of another group
+    nobody listens for is never handed to this listener."""
+
+    async def main() -> None:
+        orders = unique("orders")
+        group = unique("shop")
+        async with dmq.Client(checking_broker.address, client_id="py-producer") as producer:
+            await producer.create_topic(orders, 1)
+            first = producer.transaction(group, "order-42")
+            await first.send(orders, "order 42 created")
+            other = producer.transaction(unique("other-shop"), "order-44")
+            await other.send(orders, "order 44 created")
+        async with dmq.Client(checking_broker.address, client_id="py-member") as member:
+            async with member.consumer(orders, "billing") as billing:
+                checks = await member.transaction_checks(group)
+                check = await checks.receive(10)
+                assert check is not None
+                assert (check.producer_group, check.transaction_id) == (group, "order-42")
+                assert check.handle == first.handle and check.checks == 1
+                await check.commit()
+                assert await values(billing) == [b"order 42 created"]
+
+                async with dmq.Client(checking_broker.address, client_id="py-producer") as producer:
+                    second = producer.transaction(group, "order-43")
+                    await second.send(orders, "order 43 created")
+                member.drop_connection()
+                await member.ping()  # reconnects, and listens again first
+                check = await checks.receive(10)
+                assert check is not None
+                assert check.transaction_id == "order-43" and check.handle == second.handle
+                await check.rollback()
+                assert await values(billing, 1.5) == []
+                # Only this group's checks came here.
+                checks.close()
+                assert await checks.receive(0.1) is None
+
+    run(main())
+
+
+def test_a_newer_instance_fences_a_zombie_also_after_reconnects(broker: Broker) -> None:
+    """init_transactions: the second instance of producer p1 fences the
+    first, whose commit and new transactions get ProducerFenced; the zombie
+    stays fenced after a reconnect, and the current instance resumes its
+    epoch after one and ends the zombie's transaction."""
+
+    async def main() -> None:
+        payments, group = unique("payments"), unique("pay")
+        async with dmq.Client(broker.address, client_id="py-zombie") as zombie, dmq.Client(
+            broker.address, client_id="py-current"
+        ) as current:
+            await zombie.create_topic(payments, 1)
+            assert await zombie.init_transactions(group, "p1") == 1
+            txn = zombie.transaction(group, "pay-7")
+            await txn.send(payments, "paid 7")
+            assert await current.init_transactions(group, "p1") == 2
+            with pytest.raises(ProducerFenced):
+                await txn.commit()
+            zombie.drop_connection()
+            late = zombie.transaction(group, "pay-8")
+            with pytest.raises(ProducerFenced):
+                await late.send(payments, "never")
+            current.drop_connection()
+            await current.ping()
+            async with current.consumer(payments, "billing") as billing:
+                # The current instance, on its new connection, decides.
+                resumed = current.transaction(group, "pay-7")
+                resumed.handle = txn.handle
+                await resumed.commit()
+                assert await values(billing) == [b"paid 7"]
+            assert await current.init_transactions(group, "p2") == 1
 
     run(main())

@@ -10,6 +10,7 @@ Standard library only. Modules, each owning one job:
 - :mod:`dmq.admin`: topics, groups, seek, deletion.
 - :mod:`dmq.producer`: :class:`Producer`, batching, pipelining, idempotence.
 - :mod:`dmq.consumer`: :class:`Consumer`, credit, FETCH, batched acks.
+- :mod:`dmq.transaction`: :class:`Transaction`, check-backs, fencing.
 - :mod:`dmq.sync`: :class:`SyncClient`, a blocking wrapper.
 
 Example::
@@ -44,7 +45,7 @@ from .errors import (
 )
 from .producer import Producer, Receipt, SendFuture
 from .sync import SyncClient
-from .transaction import Transaction
+from .transaction import Transaction, TransactionCheck, TransactionChecks
 
 __version__ = "0.1.0"
 
@@ -71,4 +72,6 @@ __all__ = [
     "SyncClient",
     "Tombstone",
     "Transaction",
+    "TransactionCheck",
+    "TransactionChecks",
 ]

@@ -5,9 +5,12 @@ backoff, keepalive), getting a live :class:`~dmq.connection.Connection`
 (reconnecting when the last one was lost: the delay starts at
 ``reconnect_backoff_initial`` and doubles up to ``reconnect_backoff_max``;
 refusals that cannot heal, such as AuthenticationFailed, are raised at
-once), routing DELIVER pushes to the consumer that owns the subscription,
-and the request/answer call that the admin calls, producer and consumer
-use. Admin calls come from :class:`~dmq.admin.AdminCalls`.
+once), routing DELIVER pushes to the consumer that owns the subscription and
+TXN_CHECK pushes to the check-back listeners of their producer group,
+resuming transactional producers (TXN_INIT with their epoch) and
+listeners (TXN_LISTEN) on a new connection before it serves any other
+request, and the request/answer call that the admin calls, producer and
+consumer use. Admin calls come from :class:`~dmq.admin.AdminCalls`.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .admin import AdminCalls
-from .codec import DEFAULT_MAX_FRAME_BYTES, Body, Delivery, Opcode
+from .codec import DEFAULT_MAX_FRAME_BYTES, Body, Delivery, Opcode, TxnCheck, TxnInit, TxnListen
 from .connection import Connection
-from .errors import BrokerError, ClientClosedError, ConnectionClosedError, DmqError, RequestTimeoutError, WrongNode
+from .errors import (
+    BrokerError,
+    ClientClosedError,
+    ConnectionClosedError,
+    DmqError,
+    ProducerFenced,
+    RequestTimeoutError,
+    WrongNode,
+)
 
 if TYPE_CHECKING:
     from .consumer import Consumer
     from .producer import Producer
-    from .transaction import Transaction
+    from .transaction import Transaction, TransactionChecks
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -92,6 +103,11 @@ class Client(AdminCalls):
         # Pushes that arrive in the same read as their SUBSCRIBED, before
         # the consumer has registered (bounded by the subscription's credit).
         self._early: dict[tuple[int, int], list[Delivery]] = {}
+        #: Transactional producer instances: (group, producer id) -> epoch.
+        self._txn_producers: dict[tuple[str, str], int] = {}
+        #: Check-back listeners by producer group; each check goes to the
+        #: first, which then moves to the back (round robin).
+        self._check_listeners: dict[str, list[TransactionChecks]] = {}
 
     @property
     def host(self) -> str:
@@ -172,6 +188,25 @@ class Client(AdminCalls):
             on_lost=self._on_lost,
         )
 
+    async def _open_and_resume(self, host: str, port: int) -> Connection:
+        """Opens a connection and, before anyone else may use it, resumes
+        every transactional producer instance (TXN_INIT with its epoch; a
+        fenced one stays fenced, as on the broker) and check-back listener
+        (TXN_LISTEN)."""
+        conn = await self._open(host, port)
+        try:
+            for (group, producer_id), epoch in list(self._txn_producers.items()):
+                try:
+                    await conn.call(TxnInit(group, producer_id, epoch), self.request_timeout)
+                except ProducerFenced:
+                    pass  # this instance's transactions are refused, as they were
+            for group in [g for g, listeners in self._check_listeners.items() if listeners]:
+                await conn.call(TxnListen(group), self.request_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     async def _reconnect(self) -> Connection:
         while True:
             if self._closed:
@@ -181,7 +216,7 @@ class Client(AdminCalls):
             redirect, self._redirect = self._redirect, None
             if redirect is not None:
                 try:
-                    conn = await self._open(*redirect)
+                    conn = await self._open_and_resume(*redirect)
                 except DmqError:
                     pass  # back to the list
                 else:
@@ -190,7 +225,7 @@ class Client(AdminCalls):
                     self._connected_at = time.monotonic()
                     return conn
             try:
-                conn = await self._open(self.host, self.port)
+                conn = await self._open_and_resume(self.host, self.port)
             except DmqError as error:
                 if isinstance(error, BrokerError) and not error.transient:
                     raise  # AuthenticationFailed and friends do not heal
@@ -223,7 +258,16 @@ class Client(AdminCalls):
         for listener in list(self._lost_listeners):
             listener(generation)
 
-    def _on_push(self, delivery: Delivery) -> None:
+    def _on_push(self, push: Union[Delivery, TxnCheck]) -> None:
+        if isinstance(push, TxnCheck):
+            listeners = self._check_listeners.get(push.producer_group)
+            if listeners:
+                # Unanswered otherwise: the broker asks again later.
+                listener = listeners.pop(0)
+                listeners.append(listener)
+                listener._push(push)
+            return
+        delivery = push
         key = (self.generation, delivery.subscription_id)
         handler = self._subscriptions.get(key)
         if handler is not None:
@@ -238,6 +282,14 @@ class Client(AdminCalls):
 
     def unregister_subscription(self, generation: int, subscription_id: int) -> None:
         self._subscriptions.pop((generation, subscription_id), None)
+
+    def _add_check_listener(self, checks: TransactionChecks) -> None:
+        self._check_listeners.setdefault(checks.producer_group, []).append(checks)
+
+    def _remove_check_listener(self, checks: TransactionChecks) -> None:
+        listeners = self._check_listeners.get(checks.producer_group, [])
+        if checks in listeners:
+            listeners.remove(checks)
 
     def add_lost_listener(self, listener: Callable[[int], None]) -> None:
         self._lost_listeners.append(listener)
@@ -272,6 +324,26 @@ class Client(AdminCalls):
 
         return Transaction(self, producer_group, transaction_id)
 
+    async def transaction_checks(self, producer_group: str) -> TransactionChecks:
+        """Answers the check-backs of ``producer_group`` (TXN_LISTEN; sent
+        again after a reconnect): a :class:`~dmq.transaction.TransactionChecks`
+        to iterate. With several listeners of one group, each check goes to
+        one of them."""
+        from .transaction import listen
+
+        return await listen(self, producer_group)
+
+    async def init_transactions(self, producer_group: str, producer_id: str) -> int:
+        """Registers this client as the current instance of the
+        transactional producer ``producer_id`` of ``producer_group``
+        (TXN_INIT) and returns its epoch: from now on an older instance's
+        transactions of the group are refused (ProducerFenced), and so are
+        this one's once a newer instance registers. The epoch is resumed
+        after a reconnect."""
+        from .transaction import init_transactions
+
+        return await init_transactions(self, producer_group, producer_id)
+
     def drop_connection(self) -> None:
         """Closes the current connection (tests; the next call reconnects)."""
         if self._conn is not None:
@@ -284,3 +356,6 @@ class Client(AdminCalls):
             self._connecting.cancel()
         if self._conn is not None:
             self._conn.close()
+        for listeners in list(self._check_listeners.values()):
+            for checks in list(listeners):
+                checks.close()

@@ -31,6 +31,7 @@ from .codec import (
     Hello,
     HelloOk,
     Opcode,
+    TxnCheck,
     decode_whole_frame,
     encode_frame,
     frame_header,
@@ -47,7 +48,8 @@ from .errors import (
 
 _U32_MAX = 0xFFFFFFFF
 
-PushHandler = Callable[[Delivery], None]
+#: Receives DELIVER and TXN_CHECK (6.32) pushes.
+PushHandler = Callable[[Union[Delivery, TxnCheck]], None]
 
 
 class Connection(asyncio.Protocol):
@@ -167,7 +169,7 @@ class Connection(asyncio.Protocol):
         frame = decode_whole_frame(data, size)
         opcode = frame.opcode
         if opcode.is_push:
-            if self._on_push is not None and isinstance(frame.body, Delivery):
+            if self._on_push is not None and isinstance(frame.body, (Delivery, TxnCheck)):
                 self._on_push(frame.body)
             return
         if opcode.is_request:

@@ -1,6 +1,9 @@
 """Transactions (PROTOCOL.md 6.27 to 6.36, docs/transactions.md):
 :class:`Transaction` stores messages as half messages, acks consumed
-messages as part of it, and commits or rolls back all of it at once.
+messages as part of it, and commits or rolls back all of it at once;
+:class:`TransactionChecks` answers the broker's check-backs of a producer
+group; :meth:`Client.init_transactions` fences older instances of a
+transactional producer.
 
 Owns one transaction's handle: the first request (a send or an ack) begins
 the transaction and the broker's answer gives the handle every later
@@ -15,13 +18,32 @@ Atomic consume-and-produce::
         await txn.ack(paid)        # counts only if the commit happens
         await txn.commit()
 
-Check-back listeners (TXN_LISTEN) are not part of this client yet: a
-transaction left open is checked back only through a Rust listener, the
-console or ``dmq tx resolve``.
+Check-back: a transaction neither committed nor rolled back within the
+broker's transaction timeout (the producer crashed between its database
+commit and ours) is asked about, on a connection listening for its
+producer group::
+
+    checks = await client.transaction_checks("order-service")
+    async for check in checks:
+        if orders_db.committed(check.transaction_id):
+            await check.commit()
+        elif orders_db.rolled_back(check.transaction_id):
+            await check.rollback()
+        # else: not known yet, the broker asks again later
+
+Fencing: ``epoch = await client.init_transactions("payments", "payer-1")``
+makes this client the current instance of producer ``payer-1``; an older
+instance's transactions of the group are refused with ProducerFenced from
+then on (a zombie that was replaced while its process still runs). After
+a reconnect the client resumes its epoch (TXN_INIT) and its listeners
+(TXN_LISTEN) before any other request goes on the new connection, so a
+fenced instance stays fenced and no check is missed for long.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .client import Client
@@ -29,12 +51,17 @@ from .codec import (
     TXN_COMMIT,
     TXN_ROLLBACK,
     DeliveryTime,
+    Empty,
     MessagePosition,
     Record,
     TxnAck,
     TxnAcked,
+    TxnCheck,
     TxnEnd,
     TxnEnded,
+    TxnInit,
+    TxnInitOk,
+    TxnListen,
     TxnProduce,
     TxnProduceOk,
 )
@@ -133,9 +160,112 @@ class Transaction:
     async def _end(self, outcome: int) -> None:
         if self.handle == 0:
             return  # nothing was stored
-        body = await self._client.request(TxnEnd(self.producer_group, self.transaction_id, self.handle, outcome))
-        if not isinstance(body, TxnEnded):
-            raise ProtocolError(f"expected TXN_ENDED, got {type(body).__name__}")
+        await _end(self._client, self.producer_group, self.transaction_id, self.handle, outcome)
 
     def __repr__(self) -> str:
         return f"Transaction({self.producer_group!r}, {self.transaction_id!r}, handle={self.handle})"
+
+
+async def _end(client: Client, producer_group: str, transaction_id: str, handle: int, outcome: int) -> None:
+    body = await client.request(TxnEnd(producer_group, transaction_id, handle, outcome))
+    if not isinstance(body, TxnEnded):
+        raise ProtocolError(f"expected TXN_ENDED, got {type(body).__name__}")
+
+
+@dataclass
+class TransactionCheck:
+    """The broker asks how a transaction left open ended (TXN_CHECK):
+    answer with :meth:`commit` or :meth:`rollback`, or not at all when the
+    answer is not known yet (the broker asks again later, with backoff,
+    until its checks run out and the transaction is left unresolved for an
+    operator)."""
+
+    producer_group: str
+    transaction_id: str
+    #: Names the transaction in the answer (a late answer never ends a
+    #: later transaction that reuses the id).
+    handle: int
+    #: When the transaction began, ms since the Unix epoch.
+    opened_ms: int
+    #: This is the transaction's check number ``checks`` (from 1).
+    checks: int
+    _client: Client = field(repr=False, compare=False)
+
+    async def commit(self) -> None:
+        """The transaction committed on the producer's side: commit it."""
+        await _end(self._client, self.producer_group, self.transaction_id, self.handle, TXN_COMMIT)
+
+    async def rollback(self) -> None:
+        """The transaction did not happen: roll it back."""
+        await _end(self._client, self.producer_group, self.transaction_id, self.handle, TXN_ROLLBACK)
+
+
+class TransactionChecks:
+    """The check-backs of one producer group on a client's connection
+    (create with :meth:`Client.transaction_checks`). Iterate with ``async
+    for`` or :meth:`receive`; :meth:`close` stops listening here (checks
+    then go to the group's other listeners, or count as unanswered)."""
+
+    def __init__(self, client: Client, producer_group: str) -> None:
+        self._client = client
+        self.producer_group = producer_group
+        self._queue: asyncio.Queue[Optional[TxnCheck]] = asyncio.Queue()
+        self._closed = False
+
+    def _push(self, check: TxnCheck) -> None:
+        if not self._closed:
+            self._queue.put_nowait(check)
+
+    async def receive(self, timeout: Optional[float] = None) -> Optional[TransactionCheck]:
+        """The next check-back; ``None`` after ``timeout`` seconds without
+        one, or once closed."""
+        if self._closed and self._queue.empty():
+            return None
+        try:
+            check = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        if check is None:
+            return None
+        return TransactionCheck(check.producer_group, check.transaction_id, check.handle, check.opened_ms, check.checks, self._client)
+
+    def __aiter__(self) -> TransactionChecks:
+        return self
+
+    async def __anext__(self) -> TransactionCheck:
+        check = await self.receive()
+        if check is None:
+            raise StopAsyncIteration
+        return check
+
+    def close(self) -> None:
+        """Stops listening on this client; a waiting :meth:`receive` gets
+        ``None``."""
+        if not self._closed:
+            self._closed = True
+            self._client._remove_check_listener(self)
+            self._queue.put_nowait(None)
+
+
+async def listen(client: Client, producer_group: str) -> TransactionChecks:
+    """:meth:`Client.transaction_checks`."""
+    checks = TransactionChecks(client, producer_group)
+    client._add_check_listener(checks)
+    try:
+        body = await client.request(TxnListen(producer_group))
+    except BaseException:
+        checks.close()
+        raise
+    if not isinstance(body, Empty):
+        checks.close()
+        raise ProtocolError(f"expected OK, got {type(body).__name__}")
+    return checks
+
+
+async def init_transactions(client: Client, producer_group: str, producer_id: str) -> int:
+    """:meth:`Client.init_transactions`."""
+    body = await client.request(TxnInit(producer_group, producer_id, 0))
+    if not isinstance(body, TxnInitOk):
+        raise ProtocolError(f"expected TXN_INIT_OK, got {type(body).__name__}")
+    client._txn_producers[(producer_group, producer_id)] = body.epoch
+    return body.epoch
