@@ -3,6 +3,12 @@
 //! `window` unacknowledged sends; the consumer subscribes (push, credit
 //! 5000) before the producers start and acks each message (the client
 //! batches acks into ACK frames; the last ack's confirmation is awaited).
+//!
+//! [`run_cluster`] starts three `dmqd` nodes with a `[cluster]` section
+//! (fsync `always`: a produce is answered once fsynced on two of the
+//! three); every client is given the three addresses and connects to the
+//! first (which forwards produces to each partition's leader; the consumer
+//! follows `WrongNode` to the node serving consumers).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,21 +49,105 @@ pub async fn run(dmqd: &str, fsync: &str, partitions: u32, workload: &Workload) 
         ])
     })?;
     server.wait_for_port(port).await?;
-    let ready = Instant::now();
-    let admin = loop {
-        match connect(&addr).await {
-            Ok(client) => break client,
-            Err(error) if ready.elapsed() > READY_TIMEOUT => return Err(error),
-            Err(_) => {
-                server.check_running()?;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let admin = connect_when_ready(&addr, std::slice::from_mut(&mut server)).await?;
     admin
         .create_topic(TOPIC, partitions.max(1), false)
         .await
         .context("creating the topic")?;
+    let outcome = drive(&addr, Start::Earliest, workload).await;
+    drop(server);
+    outcome
+}
+
+/// Three `dmqd` nodes of one cluster (see the module doc).
+pub async fn run_cluster(dmqd: &str, partitions: u32, workload: &Workload) -> Result<Outcome> {
+    // (client, admin, raft) ports per node.
+    let ports: Vec<(u16, u16, u16)> = (0..3)
+        .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
+        .collect::<Result<_>>()?;
+    let mut peers = String::new();
+    for (index, (client, _, raft)) in ports.iter().enumerate() {
+        peers.push_str(&format!(
+            "\n[[cluster.peers]]\nid = {}\nraft = \"127.0.0.1:{raft}\"\nclient = \"127.0.0.1:{client}\"\n",
+            index + 1
+        ));
+    }
+    let mut servers = Vec::new();
+    for (index, (client, admin, raft)) in ports.iter().enumerate() {
+        let peers = peers.clone();
+        servers.push(Server::start("dmqd", dmqd, |dir| {
+            let config = format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{client}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+                 fsync = \"always\"\n\n[cluster]\nnode_id = {}\nraft_listen = \"127.0.0.1:{raft}\"\n{peers}",
+                dir.join("data").display().to_string(),
+                index + 1
+            );
+            let path = dir.join("dmqd.toml");
+            std::fs::write(&path, config).context("writing dmqd.toml")?;
+            Ok(vec!["--config".into(), path.display().to_string()])
+        })?);
+    }
+    for (server, (client, _, _)) in servers.iter_mut().zip(&ports) {
+        server.wait_for_port(*client).await?;
+    }
+    let addrs = ports
+        .iter()
+        .map(|(client, _, _)| format!("127.0.0.1:{client}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let admin = connect_when_ready(&addrs, &mut servers).await?;
+    let started = Instant::now();
+    loop {
+        match admin.create_topic(TOPIC, partitions.max(1), false).await {
+            Ok(()) => break,
+            Err(error) if started.elapsed() > READY_TIMEOUT => {
+                return Err(error).context("creating the topic")
+            }
+            // The metadata group is still electing its leader.
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    // Until every partition's group has a leader a produce fails: one
+    // probe per partition, retried; the group then starts after them.
+    let probe = admin.producer();
+    for partition in 0..partitions.max(1) {
+        loop {
+            let message = Message::new(TOPIC, Bytes::from_static(b"probe")).partition(partition);
+            match probe.send(message).await {
+                Ok(_) => break,
+                Err(error) if started.elapsed() > READY_TIMEOUT * 2 => {
+                    return Err(error).context("a probe produce")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    let outcome = drive(&addrs, Start::Latest, workload).await;
+    drop(servers);
+    outcome
+}
+
+/// A client of `addr`, retried while the servers start.
+async fn connect_when_ready(addr: &str, servers: &mut [Server]) -> Result<Client> {
+    let ready = Instant::now();
+    loop {
+        match connect(addr).await {
+            Ok(client) => return Ok(client),
+            Err(error) if ready.elapsed() > READY_TIMEOUT => return Err(error),
+            Err(_) => {
+                for server in servers.iter_mut() {
+                    server.check_running()?;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The measurement proper: the consumer subscribes (from `start`), then
+/// the producers send.
+async fn drive(addr: &str, start: Start, workload: &Workload) -> Result<Outcome> {
+    let addr = addr.to_owned();
 
     let shared = Shared::new(workload.producers);
     let consumer_client = connect(&addr).await?;
@@ -68,7 +158,7 @@ pub async fn run(dmqd: &str, fsync: &str, partitions: u32, workload: &Workload) 
             "compare",
             SubscribeOptions {
                 member_name: "compare-consumer".into(),
-                start: Start::Earliest,
+                start,
                 credit_window: CREDIT,
                 ..SubscribeOptions::default()
             },
@@ -102,9 +192,7 @@ pub async fn run(dmqd: &str, fsync: &str, partitions: u32, workload: &Workload) 
             )
         })
         .collect();
-    let outcome = measure(&shared, consumer, producers).await;
-    drop(server);
-    outcome
+    measure(&shared, consumer, producers).await
 }
 
 async fn produce(

@@ -46,6 +46,12 @@ enum System {
     NatsAlways,
     /// Redis Streams, `appendonly yes`, `appendfsync always`.
     Redis,
+    /// Three `dmqd` nodes, fsync `always`: acked once fdatasynced on two of three.
+    DmqCluster,
+    /// Three `nats-server`s, an R3 stream, default sync (acked once two hold it, before fsync).
+    NatsR3Default,
+    /// Three `nats-server`s, an R3 stream, `sync_interval: always`.
+    NatsR3Always,
 }
 
 impl System {
@@ -56,6 +62,9 @@ impl System {
             System::NatsDefault => "NATS JetStream sync=default",
             System::NatsAlways => "NATS JetStream sync=always",
             System::Redis => "Redis Streams appendfsync=always",
+            System::DmqCluster => "DMQ 3 nodes fsync=always",
+            System::NatsR3Default => "NATS JetStream R3 sync=default",
+            System::NatsR3Always => "NATS JetStream R3 sync=always",
         }
     }
 
@@ -66,6 +75,9 @@ impl System {
             System::NatsDefault => "nats-default",
             System::NatsAlways => "nats-always",
             System::Redis => "redis",
+            System::DmqCluster => "dmq-cluster",
+            System::NatsR3Default => "nats-r3-default",
+            System::NatsR3Always => "nats-r3-always",
         }
     }
 
@@ -76,6 +88,9 @@ impl System {
             System::NatsDefault => "ack before fsync",
             System::NatsAlways => "fsync before ack",
             System::Redis => "fsync before reply",
+            System::DmqCluster => "quorum fdatasync",
+            System::NatsR3Default => "quorum, before fsync",
+            System::NatsR3Always => "quorum fsync",
         }
     }
 }
@@ -106,6 +121,11 @@ struct Args {
     /// Unacknowledged produces per producer, at most.
     #[arg(long, default_value_t = 20_000)]
     window: usize,
+    /// NATS producers publish `--batch` messages, then wait for all their
+    /// acks, as `nats bench js pub async` does (its default batch is 500),
+    /// instead of keeping `--window` in flight.
+    #[arg(long)]
+    lockstep: bool,
     /// DMQ topic partitions.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
@@ -221,9 +241,12 @@ async fn measure(system: System, args: &Args, workload: &Workload) -> Result<Out
         match system {
             System::DmqAlways => dmq::run(&args.dmqd, "always", args.partitions, workload).await,
             System::DmqNever => dmq::run(&args.dmqd, "never", args.partitions, workload).await,
-            System::NatsDefault => nats::run(&args.nats_server, false, workload).await,
-            System::NatsAlways => nats::run(&args.nats_server, true, workload).await,
+            System::NatsDefault => nats::run(&args.nats_server, false, 1, workload).await,
+            System::NatsAlways => nats::run(&args.nats_server, true, 1, workload).await,
             System::Redis => redis_streams::run(&args.redis_server, workload).await,
+            System::DmqCluster => dmq::run_cluster(&args.dmqd, args.partitions, workload).await,
+            System::NatsR3Default => nats::run(&args.nats_server, false, 3, workload).await,
+            System::NatsR3Always => nats::run(&args.nats_server, true, 3, workload).await,
         }
     };
     // Dropping the future on timeout drops the server guard: the server stops.
@@ -277,6 +300,8 @@ const RATIOS: &[(System, System)] = &[
     (System::DmqNever, System::NatsDefault),
     (System::DmqAlways, System::Redis),
     (System::DmqNever, System::Redis),
+    (System::DmqCluster, System::NatsR3Always),
+    (System::DmqCluster, System::NatsR3Default),
 ];
 
 fn ratio_name(dmq: System, other: System) -> String {
@@ -285,6 +310,8 @@ fn ratio_name(dmq: System, other: System) -> String {
         System::DmqNever => "never",
         System::NatsDefault => "default",
         System::Redis => "always",
+        System::DmqCluster | System::NatsR3Always => "3 nodes, always",
+        System::NatsR3Default => "3 nodes, default",
     };
     let family = match other {
         System::Redis => "Redis",
@@ -308,6 +335,7 @@ async fn main() -> Result<()> {
         size: args.size,
         batch: args.batch.max(1),
         window: args.window.max(1),
+        lockstep: args.lockstep,
     };
     let date = Command::new("date")
         .arg("-u")
@@ -416,6 +444,7 @@ async fn main() -> Result<()> {
                     "size": args.size,
                     "batch": args.batch,
                     "window": args.window,
+                    "lockstep": args.lockstep,
                     "runs": args.runs,
                     "systems": systems,
                     "ratios": ratio_json,

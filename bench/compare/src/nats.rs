@@ -1,9 +1,16 @@
 //! NATS JetStream through async-nats: a file-storage stream; each producer
 //! on its own connection publishes asynchronously with up to `window`
-//! publish acks outstanding; one durable pull consumer with explicit acks
-//! (`AckPolicy::Explicit`), pulling batches of `batch` messages, acks each
-//! message (`Message::ack`, a publish to the reply subject); the
-//! connection is flushed after the last ack.
+//! publish acks outstanding (or, with `--lockstep`, as `nats bench js pub
+//! async` does: `batch` publishes, then a wait for all their acks); one
+//! durable pull consumer with explicit acks (`AckPolicy::Explicit`),
+//! pulling batches of `batch` messages, acks each message (`Message::ack`,
+//! a publish to the reply subject); the connection is flushed after the
+//! last ack.
+//!
+//! `replicas` 1 is one `nats-server`; 3 is a three-server cluster (routes
+//! on 127.0.0.1) with an R3 stream and consumer, every client connected to
+//! the first server (which forwards to the stream's leader, wherever it
+//! is), as DMQ's clients are connected to its first node.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,6 +25,7 @@ use futures_util::FutureExt;
 use crate::server::{free_port, Server};
 use crate::workload::{
     histogram, measure, record_delivery, stamped, Outcome, Shared, Workload, DRAIN_TIMEOUT,
+    READY_TIMEOUT,
 };
 
 const STREAM: &str = "COMPARE";
@@ -31,43 +39,89 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
         .with_context(|| format!("connecting to nats-server at {url}"))
 }
 
-pub async fn run(nats_server: &str, sync_always: bool, workload: &Workload) -> Result<Outcome> {
-    let port = free_port()?;
-    let mut server = Server::start("nats-server", nats_server, |dir| {
-        let store = dir.join("jetstream");
-        let sync = if sync_always {
-            "  sync_interval: always\n"
+/// Starts `replicas` servers (1, or a cluster of 3) and waits for their
+/// client ports; returns them and the first one's URL.
+async fn start_servers(
+    nats_server: &str,
+    sync_always: bool,
+    replicas: usize,
+) -> Result<(Vec<Server>, String)> {
+    let ports: Vec<u16> = (0..replicas).map(|_| free_port()).collect::<Result<_>>()?;
+    let routes: Vec<u16> = (0..replicas).map(|_| free_port()).collect::<Result<_>>()?;
+    let mut servers = Vec::new();
+    for (index, port) in ports.iter().enumerate() {
+        let cluster = if replicas > 1 {
+            let others: Vec<String> = routes
+                .iter()
+                .enumerate()
+                .filter(|&(other, _)| other != index)
+                .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+                .collect();
+            format!(
+                "server_name: n{index}\ncluster {{\n  name: compare\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                routes[index],
+                others.join(", ")
+            )
         } else {
-            ""
+            String::new()
         };
-        let config = format!(
-            "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
-            store.display()
-        );
-        let path = dir.join("nats.conf");
-        std::fs::write(&path, config).context("writing nats.conf")?;
-        Ok(vec!["-c".into(), path.display().to_string()])
-    })?;
-    if let Err(error) = server.wait_for_port(port).await {
-        if sync_always && server.log_tail().contains("sync_interval") {
-            bail!(
-                "this nats-server does not support `sync_interval: always` (needs ≥ 2.10; \
-                 pass a newer one with --nats-server): {error:#}"
+        let mut server = Server::start("nats-server", nats_server, |dir| {
+            let store = dir.join("jetstream");
+            let sync = if sync_always {
+                "  sync_interval: always\n"
+            } else {
+                ""
+            };
+            let config = format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n{cluster}",
+                store.display()
             );
+            let path = dir.join("nats.conf");
+            std::fs::write(&path, config).context("writing nats.conf")?;
+            Ok(vec!["-c".into(), path.display().to_string()])
+        })?;
+        if let Err(error) = server.wait_for_port(*port).await {
+            if sync_always && server.log_tail().contains("sync_interval") {
+                bail!(
+                    "this nats-server does not support `sync_interval: always` (needs ≥ 2.10; \
+                     pass a newer one with --nats-server): {error:#}"
+                );
+            }
+            return Err(error);
         }
-        return Err(error);
+        servers.push(server);
     }
-    let url = format!("nats://127.0.0.1:{port}");
+    Ok((servers, format!("nats://127.0.0.1:{}", ports[0])))
+}
+
+pub async fn run(
+    nats_server: &str,
+    sync_always: bool,
+    replicas: usize,
+    workload: &Workload,
+) -> Result<Outcome> {
+    let (servers, url) = start_servers(nats_server, sync_always, replicas).await?;
     let admin = jetstream::new(connect(&url).await?);
-    let stream = admin
-        .create_stream(stream::Config {
-            name: STREAM.into(),
-            subjects: vec![SUBJECT.into()],
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .context("creating the stream")?;
+    // A cluster takes a moment to elect its JetStream meta leader.
+    let started = Instant::now();
+    let stream = loop {
+        let created = admin
+            .create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec![SUBJECT.into()],
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(stream) => break stream,
+            Err(error) if started.elapsed() > READY_TIMEOUT => {
+                return Err(error).context("creating the stream")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some("compare".into()),
@@ -120,23 +174,40 @@ pub async fn run(nats_server: &str, sync_always: bool, workload: &Workload) -> R
                 context,
                 template.clone(),
                 workload.share(index),
-                workload.window,
+                // `nats bench js pub async`: a batch, then all its acks.
+                if workload.lockstep {
+                    Window::Lockstep(workload.batch)
+                } else {
+                    Window::Sliding(workload.window)
+                },
                 Arc::clone(&shared),
             )
         })
         .collect();
     let outcome = measure(&shared, consumer, producers).await;
-    drop(server);
+    drop(servers);
     outcome
+}
+
+/// How many publishes a producer keeps unacknowledged.
+enum Window {
+    /// Up to this many at any time.
+    Sliding(usize),
+    /// This many, then a wait for all their acks.
+    Lockstep(usize),
 }
 
 async fn produce(
     context: jetstream::Context,
     template: Bytes,
     count: u64,
-    window: usize,
+    window: Window,
     shared: Arc<Shared>,
 ) -> Result<()> {
+    let (window, lockstep) = match window {
+        Window::Sliding(window) => (window, false),
+        Window::Lockstep(batch) => (batch, true),
+    };
     let mut in_flight = FuturesUnordered::new();
     let mut first_error: Option<String> = None;
     let mut record = |result: Result<(), String>| match result {
@@ -149,6 +220,11 @@ async fn produce(
         }
     };
     for sent in 0..count {
+        if lockstep && in_flight.len() >= window {
+            while let Some(result) = in_flight.next().await {
+                record(result);
+            }
+        }
         while in_flight.len() >= window {
             if let Some(result) = in_flight.next().await {
                 record(result);

@@ -28,6 +28,9 @@ pub struct Workload {
     pub size: usize,
     pub batch: usize,
     pub window: usize,
+    /// NATS producers publish `batch` messages, then wait for all their
+    /// acks (`nats bench js pub async`), instead of a sliding window.
+    pub lockstep: bool,
 }
 
 impl Workload {
