@@ -14,9 +14,17 @@
 //! Payloads, little-endian: `1 | u32 partition | AckBitmap encoding` (a
 //! snapshot), `2 | u32 count | count × (u32 partition, u64 offset)` (acks),
 //! `3 | u32 partition | u64 floor` (a seek: everything below acked, nothing
-//! above). Replaying them in order gives the bitmaps. Acks are synced at least
-//! every `ack_sync_interval_ms`; the journal is rewritten as snapshots when it
-//! grows past `ack_journal_compact_bytes`.
+//! above), `4 | u32 count | count × (u32 partition, u64 offset, u32
+//! failed)` (failed attempts: deliveries of an unacked message that ended
+//! without an ack, the highest count of a message wins; a seek of its
+//! partition clears them). Replaying them in order gives the bitmaps and the
+//! failed attempts, so that a restart (or, in a cluster, the node taking a
+//! group over) goes on counting attempts towards `max_attempts` instead of
+//! starting again at 1; an attempt in flight at the crash is not counted.
+//! Acks and failed attempts are synced at least every
+//! `ack_sync_interval_ms`; the journal is rewritten as snapshots (and the
+//! failed attempts of unacked messages) when it grows past
+//! `ack_journal_compact_bytes`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -59,6 +67,17 @@ pub(crate) struct Pending {
     pub(crate) stage: Stage,
 }
 
+impl Pending {
+    /// Deliveries of this message that ended without an ack (one in
+    /// flight has not ended).
+    pub(crate) fn failed_attempts(&self) -> u32 {
+        match self.stage {
+            Stage::InFlight { .. } | Stage::DeadLettering => self.attempt.saturating_sub(1),
+            Stage::Waiting { .. } | Stage::Ready | Stage::Held => self.attempt,
+        }
+    }
+}
+
 /// One partition's delivery state within a group.
 #[derive(Debug)]
 pub(crate) struct PartitionState {
@@ -73,6 +92,10 @@ pub(crate) struct PartitionState {
     pub(crate) held: HashMap<Bytes, VecDeque<u64>>,
     /// Records read past the cursor, not yet looked at (one read batch).
     pub(crate) lookahead: VecDeque<dmq_log_store::Record>,
+    /// Failed attempts of unacked offsets at or past the cursor, from the
+    /// journal: taken by each message's [`Pending`] when the cursor
+    /// reaches it.
+    pub(crate) failed_before: BTreeMap<u64, u32>,
 }
 
 impl PartitionState {
@@ -85,7 +108,23 @@ impl PartitionState {
             key_owner: HashMap::new(),
             held: HashMap::new(),
             lookahead: VecDeque::new(),
+            failed_before: BTreeMap::new(),
         }
+    }
+
+    /// The failed attempts the journal holds for `offset`, which the
+    /// cursor reaches now (earlier ones are dropped: passed, or deleted).
+    pub(crate) fn take_failed_before(&mut self, offset: u64) -> u32 {
+        while let Some(entry) = self.failed_before.first_entry() {
+            match (*entry.key()).cmp(&offset) {
+                std::cmp::Ordering::Less => {
+                    entry.remove();
+                }
+                std::cmp::Ordering::Equal => return entry.remove(),
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        0
     }
 
     /// Forgets everything unacked and restarts at `floor`.
@@ -97,6 +136,7 @@ impl PartitionState {
         self.key_owner.clear();
         self.held.clear();
         self.lookahead.clear();
+        self.failed_before.clear();
     }
 }
 
@@ -182,12 +222,27 @@ pub(crate) struct GroupState {
     pub(crate) rate: Option<RateLimiter>,
     journal: Box<dyn Journal>,
     pending_acks: Vec<(u32, u64)>,
+    /// Failed attempts to journal: (partition, offset, failed so far).
+    pending_failures: Vec<(u32, u64, u32)>,
     /// A seek or snapshot must be written before the next sync.
     journal_dirty: bool,
     pub(crate) last_sync_ms: i64,
     /// The group was deleted. The slot stays (timers may still name its
     /// index) but holds nothing and matches no lookup.
     pub(crate) retired: bool,
+}
+
+/// A failed-attempts payload (tag 4).
+fn encode_failures(failures: &[(u32, u64, u32)]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(5 + failures.len() * 16);
+    payload.push(TAG_FAILED);
+    payload.extend_from_slice(&(failures.len() as u32).to_le_bytes());
+    for (partition, offset, failed) in failures {
+        payload.extend_from_slice(&partition.to_le_bytes());
+        payload.extend_from_slice(&offset.to_le_bytes());
+        payload.extend_from_slice(&failed.to_le_bytes());
+    }
+    payload
 }
 
 /// Why a journal payload could not be replayed.
@@ -201,6 +256,7 @@ pub struct AckJournalError {
 const TAG_SNAPSHOT: u8 = 1;
 const TAG_ACKS: u8 = 2;
 const TAG_SEEK: u8 = 3;
+const TAG_FAILED: u8 = 4;
 
 fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
     bytes
@@ -226,6 +282,8 @@ pub(crate) enum AckMerge {
     Bitmap(AckBitmap),
     /// These offsets are acked.
     Offsets(Vec<u64>),
+    /// Failed attempts of these offsets, so far.
+    Failed(Vec<(u64, u32)>),
 }
 
 /// Decodes ack-journal payloads into what each adds, by partition, in
@@ -276,6 +334,32 @@ pub(crate) fn decode_merges(
                 }
                 merges.push((partition, AckMerge::Floor(floor)));
             }
+            TAG_FAILED => {
+                let count = read_u32(body, 0).ok_or_else(|| corrupt("short attempts"))? as usize;
+                if body.len() != 4 + count * 16 {
+                    return Err(corrupt("attempts length"));
+                }
+                let mut by_partition: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
+                for i in 0..count {
+                    let at = 4 + i * 16;
+                    let (Some(partition), Some(offset), Some(failed)) = (
+                        read_u32(body, at),
+                        read_u64(body, at + 4),
+                        read_u32(body, at + 12),
+                    ) else {
+                        return Err(corrupt("attempt"));
+                    };
+                    by_partition
+                        .entry(partition)
+                        .or_default()
+                        .push((offset, failed));
+                }
+                merges.extend(
+                    by_partition
+                        .into_iter()
+                        .map(|(partition, failed)| (partition, AckMerge::Failed(failed))),
+                );
+            }
             _ => return Err(corrupt("unknown payload tag")),
         }
     }
@@ -296,6 +380,7 @@ impl GroupState {
         mut initial_floor: impl FnMut(u32) -> u64,
     ) -> Result<(GroupState, bool), AckJournalError> {
         let mut bitmaps: BTreeMap<u32, AckBitmap> = BTreeMap::new();
+        let mut failures: BTreeMap<u32, BTreeMap<u64, u32>> = BTreeMap::new();
         for (partition, merge) in decode_merges(&key.journal_name(), payloads)? {
             match merge {
                 // A second snapshot of a partition: in a replicated
@@ -315,12 +400,24 @@ impl GroupState {
                         }
                     }
                 }
-                // A seek: everything below acked, nothing above.
+                // A seek: everything below acked, nothing above, and
+                // every message after it delivered afresh.
                 AckMerge::Floor(floor) => {
                     bitmaps.insert(partition, AckBitmap::new(floor));
+                    failures.remove(&partition);
+                }
+                AckMerge::Failed(failed) => {
+                    let known = failures.entry(partition).or_default();
+                    for (offset, count) in failed {
+                        let held = known.entry(offset).or_default();
+                        *held = (*held).max(count);
+                    }
                 }
             }
         }
+        // Never more than a retry short of the dead-letter topic (the
+        // last attempt's failure moves the message rather than noting it).
+        let most_failed = config.max_attempts.max(1) - 1;
         let mut new_partitions = false;
         let states = (0..partitions)
             .map(|partition| {
@@ -329,6 +426,13 @@ impl GroupState {
                     AckBitmap::new(initial_floor(partition))
                 });
                 let mut state = PartitionState::new(bitmap.floor());
+                state.failed_before = failures
+                    .remove(&partition)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|&(offset, failed)| failed > 0 && !bitmap.is_acked(offset))
+                    .map(|(offset, failed)| (offset, failed.min(most_failed)))
+                    .collect();
                 state.acks = bitmap;
                 state
             })
@@ -346,6 +450,7 @@ impl GroupState {
             rate,
             journal,
             pending_acks: Vec::new(),
+            pending_failures: Vec::new(),
             journal_dirty: new_partitions,
             last_sync_ms: now_ms,
             retired: false,
@@ -367,6 +472,7 @@ impl GroupState {
             .collect();
         self.partitions.clear();
         self.pending_acks.clear();
+        self.pending_failures.clear();
         self.journal_dirty = false;
         self.rate = None;
         self.retired = true;
@@ -378,15 +484,22 @@ impl GroupState {
         self.pending_acks.push((partition, offset));
     }
 
+    /// Records that a delivery of `offset` ended without an ack, its
+    /// `failed`-th such (durable at the next sync).
+    pub(crate) fn note_failed_attempt(&mut self, partition: u32, offset: u64, failed: u32) {
+        self.pending_failures.push((partition, offset, failed));
+    }
+
     /// Marks that the bitmaps changed in a way deltas cannot express.
     pub(crate) fn note_reset(&mut self) {
         self.journal_dirty = true;
         self.pending_acks.clear();
+        self.pending_failures.clear();
     }
 
     /// Whether there is anything to sync.
     pub(crate) fn needs_sync(&self) -> bool {
-        self.journal_dirty || !self.pending_acks.is_empty()
+        self.journal_dirty || !self.pending_acks.is_empty() || !self.pending_failures.is_empty()
     }
 
     /// Makes every noted ack durable; compacts the journal when it is large.
@@ -397,26 +510,37 @@ impl GroupState {
             self.journal.rewrite(&snapshots)?;
             self.journal_dirty = false;
             self.pending_acks.clear();
+            self.pending_failures.clear();
             return Ok(());
         }
-        if self.pending_acks.is_empty() {
+        if self.pending_acks.is_empty() && self.pending_failures.is_empty() {
             return Ok(());
         }
-        let mut payload = Vec::with_capacity(5 + self.pending_acks.len() * 12);
-        payload.push(TAG_ACKS);
-        payload.extend_from_slice(&(self.pending_acks.len() as u32).to_le_bytes());
-        for (partition, offset) in &self.pending_acks {
-            payload.extend_from_slice(&partition.to_le_bytes());
-            payload.extend_from_slice(&offset.to_le_bytes());
+        if !self.pending_acks.is_empty() {
+            let mut payload = Vec::with_capacity(5 + self.pending_acks.len() * 12);
+            payload.push(TAG_ACKS);
+            payload.extend_from_slice(&(self.pending_acks.len() as u32).to_le_bytes());
+            for (partition, offset) in &self.pending_acks {
+                payload.extend_from_slice(&partition.to_le_bytes());
+                payload.extend_from_slice(&offset.to_le_bytes());
+            }
+            self.journal.append(&payload);
         }
-        self.journal.append(&payload);
+        if !self.pending_failures.is_empty() {
+            self.journal
+                .append(&encode_failures(&self.pending_failures));
+        }
         self.journal.sync()?;
         self.pending_acks.clear();
+        self.pending_failures.clear();
         Ok(())
     }
 
+    /// One snapshot per partition, then the failed attempts of the
+    /// messages still unacked (pending, or not reached since a restart).
     fn snapshots(&self) -> Vec<Vec<u8>> {
-        self.partitions
+        let mut payloads: Vec<Vec<u8>> = self
+            .partitions
             .iter()
             .enumerate()
             .map(|(partition, state)| {
@@ -425,7 +549,28 @@ impl GroupState {
                 state.acks.encode(&mut payload);
                 payload
             })
-            .collect()
+            .collect();
+        let mut failures = Vec::new();
+        for (partition, state) in self.partitions.iter().enumerate() {
+            let pending = state
+                .pending
+                .iter()
+                .map(|(&offset, pending)| (offset, pending.failed_attempts()));
+            let unread = state
+                .failed_before
+                .iter()
+                .map(|(&offset, &failed)| (offset, failed));
+            failures.extend(
+                pending
+                    .chain(unread)
+                    .filter(|&(offset, failed)| failed > 0 && !state.acks.is_acked(offset))
+                    .map(|(offset, failed)| (partition as u32, offset, failed)),
+            );
+        }
+        if !failures.is_empty() {
+            payloads.push(encode_failures(&failures));
+        }
+        payloads
     }
 
     /// Bytes of the ack journal.
@@ -565,6 +710,59 @@ mod tests {
         assert_eq!(acked, [0, 1, 3, 5, 7, 9]);
     }
 
+    /// Failed attempts replay to the highest count per message, skip
+    /// acked messages, stop at `max_attempts - 1`, and a seek of the
+    /// partition clears the ones before it.
+    #[test]
+    fn failed_attempts_replay_to_the_highest_count_until_a_seek() {
+        let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
+        let (journal, _) = storage.open_journal("j").unwrap();
+        let config = GroupConfig {
+            max_attempts: 5,
+            ..GroupConfig::default()
+        };
+        let acks = |offsets: &[u64]| {
+            let mut payload = vec![TAG_ACKS];
+            payload.extend_from_slice(&(offsets.len() as u32).to_le_bytes());
+            for offset in offsets {
+                payload.extend_from_slice(&0u32.to_le_bytes());
+                payload.extend_from_slice(&offset.to_le_bytes());
+            }
+            payload
+        };
+        let seek = |floor: u64| {
+            let mut payload = vec![TAG_SEEK];
+            payload.extend_from_slice(&0u32.to_le_bytes());
+            payload.extend_from_slice(&floor.to_le_bytes());
+            payload
+        };
+        let restore = |payloads: &[Vec<u8>]| {
+            let (journal, _) = storage.open_journal("j").unwrap();
+            let (group, _) =
+                GroupState::restore(key(), config.clone(), 1, journal, payloads, 0, |_| 0).unwrap();
+            group.partitions[0].failed_before.clone()
+        };
+        drop(journal);
+        let mut start = vec![TAG_SNAPSHOT];
+        start.extend_from_slice(&0u32.to_le_bytes());
+        AckBitmap::new(0).encode(&mut start);
+        let payloads = vec![
+            start,
+            encode_failures(&[(0, 3, 2), (0, 4, 1), (0, 6, 9)]),
+            encode_failures(&[(0, 3, 1), (0, 4, 3)]),
+            acks(&[6]),
+            encode_failures(&[(0, 8, 9)]),
+        ];
+        assert_eq!(
+            restore(&payloads).into_iter().collect::<Vec<_>>(),
+            [(3, 2), (4, 3), (8, 4)]
+        );
+        let mut sought = payloads.clone();
+        sought.push(seek(2));
+        sought.push(encode_failures(&[(0, 5, 1)]));
+        assert_eq!(restore(&sought).into_iter().collect::<Vec<_>>(), [(5, 1)]);
+    }
+
     #[test]
     fn rate_limiter_allows_the_rate() {
         let mut limiter = RateLimiter::new(10, 0);
@@ -578,7 +776,14 @@ mod tests {
     #[test]
     fn corrupt_payloads_are_errors() {
         let storage = MemoryStorage::new(Arc::new(ManualClock::new(0)));
-        for bad in [vec![], vec![9], vec![2, 1, 0, 0, 0], vec![3, 0, 0]] {
+        for bad in [
+            vec![],
+            vec![9],
+            vec![2, 1, 0, 0, 0],
+            vec![3, 0, 0],
+            vec![4, 1, 0, 0, 0],
+            encode_failures(&[(0, 1, 1)])[..20].to_vec(),
+        ] {
             let (journal, _) = storage.open_journal("bad").unwrap();
             let result =
                 GroupState::restore(key(), GroupConfig::default(), 1, journal, &[bad], 0, |_| 0);

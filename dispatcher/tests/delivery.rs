@@ -14,11 +14,16 @@ struct World {
     clock: Arc<ManualClock>,
     storage: MemoryStorage,
     events: MemoryEventSink,
+    config: DispatcherConfig,
     dispatcher: Dispatcher,
 }
 
 impl World {
     fn new() -> World {
+        World::with_config(DispatcherConfig::default())
+    }
+
+    fn with_config(config: DispatcherConfig) -> World {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let storage = MemoryStorage::new(clock.clone());
         let events = MemoryEventSink::default();
@@ -26,13 +31,14 @@ impl World {
             Arc::new(storage.clone()),
             clock.clone(),
             Arc::new(events.clone()),
-            DispatcherConfig::default(),
+            config.clone(),
         )
         .unwrap();
         World {
             clock,
             storage,
             events,
+            config,
             dispatcher,
         }
     }
@@ -43,7 +49,7 @@ impl World {
             Arc::new(self.storage.clone()),
             self.clock.clone(),
             Arc::new(self.events.clone()),
-            DispatcherConfig::default(),
+            self.config.clone(),
         )
         .unwrap();
     }
@@ -549,6 +555,60 @@ fn seek_to_a_timestamp_replays_with_a_dry_run_first() {
     );
 }
 
+/// Failed attempts are in the ack journal: a poison message nacked twice
+/// before a restart is delivered as attempt 3 after it, and its third
+/// failure dead-letters it (it used to start again at attempt 1, so a
+/// broker that restarts, or a cluster whose serving node changes, more
+/// often than `max_attempts` failures never dead-lettered it). An attempt
+/// in flight at the restart is not counted; acked neighbours stay acked.
+#[test]
+fn failed_attempts_survive_a_restart_and_still_lead_to_the_dead_letter_topic() {
+    // Also with the journal rewritten (compacted) at every sync: the
+    // rewrite keeps the counts of the messages still unacked.
+    for compact_bytes in [DispatcherConfig::default().ack_journal_compact_bytes, 1] {
+        let mut w = World::with_config(DispatcherConfig {
+            ack_journal_compact_bytes: compact_bytes,
+            ..DispatcherConfig::default()
+        });
+        topic(&mut w, "t", false);
+        w.dispatcher.subscribe("t", "g", config()).unwrap();
+        let member = w.dispatcher.join("t", "g", "m").unwrap();
+        w.produce("t", &["poison", "fine", "slow"]);
+        for attempt in 1..=2 {
+            let got = w.dispatcher.fetch(member, 3).unwrap();
+            assert_eq!(got[0].attempt, attempt);
+            if attempt == 1 {
+                w.dispatcher.ack(member, 0, 1).unwrap();
+            }
+            w.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
+            w.clock.advance_ms(10);
+        }
+        // "slow" (offset 2) is in flight at its first attempt.
+        w.dispatcher.checkpoint().unwrap();
+        w.crash_and_reopen();
+        let member = w.dispatcher.join("t", "g", "m").unwrap();
+        let got = w.dispatcher.fetch(member, 10).unwrap();
+        let attempts: Vec<(u64, u32)> = got.iter().map(|d| (d.record.offset, d.attempt)).collect();
+        assert_eq!(attempts, vec![(0, 3), (2, 1)], "compact at {compact_bytes}");
+        w.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
+        w.dispatcher.nack(member, 0, 2, Some(10)).unwrap();
+        w.clock.advance_ms(10);
+        w.dispatcher.checkpoint().unwrap();
+        let dead = w
+            .storage
+            .memory_log("t.g.dlq", 0)
+            .expect("dead-letter topic");
+        use dmq_dispatcher::PartitionLog;
+        assert_eq!(dead.end_offset(), 1);
+        // "slow" failed once: its second attempt after another restart.
+        w.crash_and_reopen();
+        let member = w.dispatcher.join("t", "g", "m").unwrap();
+        let got = w.dispatcher.fetch(member, 10).unwrap();
+        let attempts: Vec<(u64, u32)> = got.iter().map(|d| (d.record.offset, d.attempt)).collect();
+        assert_eq!(attempts, vec![(2, 2)], "compact at {compact_bytes}");
+    }
+}
+
 #[test]
 fn acks_survive_a_restart_and_unacked_messages_come_back() {
     let mut w = World::new();
@@ -1052,4 +1112,57 @@ fn acks_merged_from_another_node_are_not_delivered_again() {
         0,
         "a group not loaded here is left to read the journal when it loads"
     );
+}
+
+/// Cluster mode: failed attempts another node's copy of a group counted,
+/// merged here before this node serves the group (a takeover), go on
+/// counting: the message is delivered here as the next attempt and its
+/// last failure dead-letters it.
+#[test]
+fn failed_attempts_merged_from_another_node_go_on_counting() {
+    use dmq_dispatcher::Storage;
+    let journal = dmq_dispatcher::names::group_journal("orders", "billing", None);
+    let mut here = World::new();
+    let mut there = World::new();
+    for world in [&mut here, &mut there] {
+        topic(world, "orders", false);
+        world
+            .dispatcher
+            .subscribe("orders", "billing", config())
+            .unwrap();
+        world.produce("orders", &["poison", "fine"]);
+    }
+    // There, "poison" fails twice and "fine" is acked.
+    let other = there.dispatcher.join("orders", "billing", "m").unwrap();
+    for attempt in 1..=2 {
+        let got = there.dispatcher.fetch(other, 2).unwrap();
+        assert_eq!(got[0].attempt, attempt);
+        if attempt == 1 {
+            there.dispatcher.ack(other, 0, 1).unwrap();
+        }
+        there.dispatcher.nack(other, 0, 0, Some(10)).unwrap();
+        there.clock.advance_ms(10);
+    }
+    there.clock.advance_ms(100);
+    there.dispatcher.poll().unwrap();
+    let (_, payloads) = there.storage.open_journal(&journal).unwrap();
+    assert_eq!(
+        here.dispatcher
+            .merge_replicated_acks(&journal, &payloads)
+            .unwrap(),
+        1
+    );
+    let member = here.dispatcher.join("orders", "billing", "m").unwrap();
+    let got = here.dispatcher.fetch(member, 10).unwrap();
+    let attempts: Vec<(u64, u32)> = got.iter().map(|d| (d.record.offset, d.attempt)).collect();
+    assert_eq!(attempts, vec![(0, 3)]);
+    here.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
+    here.clock.advance_ms(10);
+    here.dispatcher.checkpoint().unwrap();
+    let dead = here
+        .storage
+        .memory_log("orders.billing.dlq", 0)
+        .expect("dead-letter topic");
+    use dmq_dispatcher::PartitionLog;
+    assert_eq!(dead.end_offset(), 1);
 }

@@ -96,6 +96,10 @@ impl Dispatcher {
                 AckMerge::Floor(floor) => *floor,
                 AckMerge::Bitmap(bitmap) => bitmap.floor(),
                 AckMerge::Offsets(_) => 0,
+                AckMerge::Failed(failed) => {
+                    self.merge_failed_attempts(state_index, partition, failed);
+                    continue;
+                }
             };
             merged += self.merge_acks_below(state_index, partition, floor);
             let offsets: Vec<u64> = match merge {
@@ -104,6 +108,7 @@ impl Dispatcher {
                     .filter(|offset| bitmap.is_acked(*offset))
                     .collect(),
                 AckMerge::Offsets(offsets) => offsets,
+                AckMerge::Failed(_) => Vec::new(),
             };
             for offset in offsets {
                 let part = &mut self.states[state_index].partitions[partition as usize];
@@ -119,6 +124,33 @@ impl Dispatcher {
             }
         }
         Ok(merged)
+    }
+
+    /// Failed attempts another node counted (a merge): a message not
+    /// reached yet, or waiting here with no timer, counts at least as
+    /// many; one in flight or waiting for a timer here keeps its own count
+    /// (its timer names it).
+    fn merge_failed_attempts(&mut self, state_index: usize, partition: u32, failed: &[(u64, u32)]) {
+        let state = &mut self.states[state_index];
+        let most_failed = state.config.max_attempts.max(1) - 1;
+        let part = &mut state.partitions[partition as usize];
+        for &(offset, count) in failed {
+            let count = count.min(most_failed);
+            if part.acks.is_acked(offset) {
+                continue;
+            }
+            match part.pending.get_mut(&offset) {
+                Some(pending) if matches!(pending.stage, Stage::Ready | Stage::Held) => {
+                    pending.attempt = pending.attempt.max(count);
+                }
+                Some(_) => {}
+                None if offset >= part.cursor => {
+                    let held = part.failed_before.entry(offset).or_default();
+                    *held = (*held).max(count);
+                }
+                None => {}
+            }
+        }
     }
 
     /// Acks everything below `floor` in one partition of a group (a merge).
@@ -212,7 +244,7 @@ impl Dispatcher {
         }
         let delay = retry_in_ms.unwrap_or_else(|| backoff.delay_ms(pending.attempt));
         let next_attempt = pending.attempt + 1;
-        let id = pending.id;
+        let (id, failed) = (pending.id, pending.attempt);
         if delay == 0 {
             pending.stage = Stage::Ready;
             part.ready.insert(offset);
@@ -229,6 +261,8 @@ impl Dispatcher {
             );
             pending.stage = Stage::Waiting { timer };
         }
+        // Counted after a restart or a takeover too (the ack journal).
+        state.note_failed_attempt(partition, offset, failed);
         self.emit_in_group(
             state_index,
             partition,

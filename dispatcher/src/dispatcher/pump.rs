@@ -646,9 +646,13 @@ impl Dispatcher {
             let attempt = pending_attempt(&self.states[state_index], partition, offset) + 1;
             return Ok(Some((record, attempt)));
         }
-        // Then the cursor.
+        // Then the cursor (a message may have failed attempts from
+        // before a restart or a takeover).
         match self.advance_cursor(state_index, partition, &log, ordered, now)? {
-            Next::Deliver(record) => Ok(Some((record, 1))),
+            Next::Deliver(record) => {
+                let attempt = pending_attempt(&self.states[state_index], partition, record.offset);
+                Ok(Some((record, attempt + 1)))
+            }
             Next::Nothing => Ok(None),
         }
     }
@@ -717,6 +721,7 @@ impl Dispatcher {
             }
             let part = &mut state.partitions[partition as usize];
             part.cursor = offset + 1;
+            let failed = part.take_failed_before(offset);
             if part.acks.is_acked(offset) {
                 continue;
             }
@@ -728,7 +733,7 @@ impl Dispatcher {
                     Pending {
                         id: record.id,
                         key: None,
-                        attempt: 0,
+                        attempt: failed,
                         stage: Stage::Ready,
                     },
                 );
@@ -740,7 +745,7 @@ impl Dispatcher {
             let mut pending = Pending {
                 id: record.id,
                 key: key.clone(),
-                attempt: 0,
+                attempt: failed,
                 stage: Stage::Ready,
             };
             if let Some(key) = &key {
@@ -757,7 +762,7 @@ impl Dispatcher {
                     state: state_index as u32,
                     partition,
                     offset,
-                    attempt: 0,
+                    attempt: failed,
                     kind: TimerKind::Retry,
                 };
                 pending.stage = Stage::Waiting {
