@@ -1041,12 +1041,9 @@ fn a_rounds_events_carry_the_time_the_round_began() {
     assert!(w.events.take().iter().all(|e| e.time_ms == next));
 }
 
-/// Cluster mode: acks another node's copy of a group made, merged here,
-/// are neither delivered again nor redelivered when in flight here, and
-/// merging them twice changes nothing.
-#[test]
-fn acks_merged_from_another_node_are_not_delivered_again() {
-    use dmq_dispatcher::Storage;
+/// Two nodes' copies of topic "orders" (one partition, `values` stored)
+/// and its group "billing", and the group's journal name.
+fn two_copies(values: &[&str]) -> (World, World, String) {
     let journal = dmq_dispatcher::names::group_journal("orders", "billing", None);
     let mut here = World::new();
     let mut there = World::new();
@@ -1056,8 +1053,18 @@ fn acks_merged_from_another_node_are_not_delivered_again() {
             .dispatcher
             .subscribe("orders", "billing", config())
             .unwrap();
-        world.produce("orders", &["0", "1", "2", "3", "4", "5"]);
+        world.produce("orders", values);
     }
+    (here, there, journal)
+}
+
+/// Cluster mode: acks another node's copy of a group made, merged here,
+/// are neither delivered again nor redelivered when in flight here, and
+/// merging them twice changes nothing.
+#[test]
+fn acks_merged_from_another_node_are_not_delivered_again() {
+    use dmq_dispatcher::Storage;
+    let (mut here, mut there, journal) = two_copies(&["0", "1", "2", "3", "4", "5"]);
     // Here, a member has 0 and 1 in flight.
     let member = here.dispatcher.join("orders", "billing", "m").unwrap();
     assert_eq!(
@@ -1121,17 +1128,7 @@ fn acks_merged_from_another_node_are_not_delivered_again() {
 #[test]
 fn failed_attempts_merged_from_another_node_go_on_counting() {
     use dmq_dispatcher::Storage;
-    let journal = dmq_dispatcher::names::group_journal("orders", "billing", None);
-    let mut here = World::new();
-    let mut there = World::new();
-    for world in [&mut here, &mut there] {
-        topic(world, "orders", false);
-        world
-            .dispatcher
-            .subscribe("orders", "billing", config())
-            .unwrap();
-        world.produce("orders", &["poison", "fine"]);
-    }
+    let (mut here, mut there, journal) = two_copies(&["poison", "fine"]);
     // There, "poison" fails twice and "fine" is acked.
     let other = there.dispatcher.join("orders", "billing", "m").unwrap();
     for attempt in 1..=2 {
