@@ -360,6 +360,26 @@ impl Cluster {
         &self.storage
     }
 
+    /// Waits (at most 10 s) until a deletion of messages of `topic` just
+    /// made by this node's dispatcher is committed in the metadata group,
+    /// so that every node applies it (a cluster topic's deletions live in
+    /// its shared journal, `dmq_dispatcher::names::tombstone_journal`);
+    /// nothing to wait for on a local topic.
+    pub async fn deletion_replicated(&self, topic: &str) -> Result<(), DispatchError> {
+        if !self.storage.is_replicated(topic) {
+            return Ok(());
+        }
+        if self.journals.drain(Duration::from_secs(10)).await {
+            Ok(())
+        } else {
+            Err(DispatchError::Store(StoreError::Unavailable(
+                "the deletion is applied on this node and queued for the cluster, but was not \
+                 committed within 10 s; it is applied on the other nodes once it is"
+                    .to_string(),
+            )))
+        }
+    }
+
     /// Consumer groups' replicated ack journals.
     pub fn journals(&self) -> &Arc<ReplicatedJournals> {
         &self.journals

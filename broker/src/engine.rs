@@ -606,7 +606,8 @@ fn run(
 }
 
 /// Merges the acks of every replicated journal change another node made
-/// into this node's copy of the group (cluster mode; see
+/// into this node's copy of the group, and the deletions (tombstones) of
+/// a cluster topic into this node's copy of the topic (cluster mode; see
 /// `dmq_replication::journals`). The changes this process made are not
 /// merged back: its groups already hold them, and merging them late could
 /// undo a seek back made since. Those an earlier run of this node made are
@@ -643,7 +644,14 @@ fn merge_replicated_acks(cluster: &Cluster, commands: &Arc<mpsc::Sender<Command>
             // this entry, which the next compaction's snapshot covers.
             let job: Job = Box::new(move |dispatcher, _| {
                 if !payloads.is_empty() {
-                    if let Err(error) = dispatcher.merge_replicated_acks(&name, &payloads) {
+                    let tombstones = name.ends_with(&format!(
+                        ".{}",
+                        dmq_dispatcher::names::TOMBSTONE_JOURNAL_GROUP
+                    ));
+                    if tombstones {
+                        // A cluster topic's deletions made at another node.
+                        dispatcher.merge_replicated_tombstones(&name, &payloads);
+                    } else if let Err(error) = dispatcher.merge_replicated_acks(&name, &payloads) {
                         tracing::warn!(journal = %name, %error, "merging replicated acks");
                     }
                 }

@@ -296,8 +296,10 @@ pub(crate) async fn admit(
 /// dropped, or it died), which this node's dedup window knows once its
 /// replicas applied it (`engine::learn_committed_producer_batches`). Once
 /// per producer and connection, since a later batch on the same connection
-/// is a retry only of batches this node took itself.
-async fn catch_up(
+/// is a retry only of batches this node took itself. Also before a
+/// deletion of a cluster topic's messages: its bounds (each partition's
+/// end) are then the cluster's, not a lagging replica's.
+pub(crate) async fn catch_up(
     cluster: &crate::cluster::Cluster,
     topic: &str,
     partitions: u32,
@@ -317,8 +319,8 @@ async fn catch_up(
         return Err(ErrorResponse::new(
             ErrorCode::Unavailable,
             format!(
-                "topic {}: this node could not catch up with its partitions' commits before \
-                 a producer's first batch here: {failed}; retry",
+                "topic {}: this node could not catch up with its partitions' commits: \
+                 {failed}; retry",
                 names::shown(topic)
             ),
         ));

@@ -1300,3 +1300,99 @@ async fn a_paused_serving_node_delivers_nothing_when_it_resumes() {
         }
     }
 }
+
+/// Deleting messages of a cluster topic holds on every node: a deletion
+/// made through node 2 (one message by id, a range of offsets) is not
+/// delivered to a new group through node 1 or node 3, also after node 3
+/// is SIGKILLed and restarted, and a deletion made while node 3 is down
+/// reaches it when it returns. (Before, the tombstone was kept in the
+/// metadata journal of the node asked only: the others delivered the
+/// deleted messages.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_through_one_node_holds_on_every_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = cluster_with_orders(root.path(), 1).await;
+    let first = connect(&nodes[0]).await;
+    let ids = produce(&first, "d", 10).await;
+    let second = connect(&nodes[1]).await;
+    second
+        .delete_messages("orders", dmq_client::Tombstone::MessageId(ids[2]))
+        .await
+        .unwrap();
+    second
+        .delete_messages(
+            "orders",
+            dmq_client::Tombstone::OffsetRange {
+                partition: 0,
+                start: 5,
+                end: 7,
+            },
+        )
+        .await
+        .unwrap();
+    let kept: BTreeSet<MessageId> = ids
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| ![2, 5, 6].contains(n))
+        .map(|(_, id)| *id)
+        .collect();
+    // What a new group gets through a node: every kept message and, a
+    // moment later, nothing else.
+    async fn delivered(node: &Node, group: &str, kept: usize) -> BTreeSet<MessageId> {
+        let client = connect(node).await;
+        let mut seen = consume(&client, group, kept).await;
+        let mut subscription = client
+            .consumer()
+            .subscribe("orders", group, options("m2"))
+            .await
+            .unwrap();
+        while let Some(message) = next(&mut subscription, Duration::from_millis(700)).await {
+            seen.insert(message.id);
+        }
+        seen
+    }
+    assert_eq!(delivered(&nodes[0], "on-1", kept.len()).await, kept);
+    assert_eq!(delivered(&nodes[2], "on-3", kept.len()).await, kept);
+
+    nodes[2].kill();
+    nodes[2].start(&configs[2]);
+    // Made while node 3 is down (a message of the kept set), then node 3
+    // comes back and applies it.
+    nodes[1].kill();
+    nodes[1].start(&configs[1]);
+    let third = connect(&nodes[2]).await;
+    wait_for_topic(&third, "orders").await;
+    let deleted_late = ids[9];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let first = connect(&nodes[0]).await;
+        match first
+            .delete_messages("orders", dmq_client::Tombstone::MessageId(deleted_late))
+            .await
+        {
+            Ok(()) => break,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "{error}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let mut kept = kept;
+    kept.remove(&deleted_late);
+    for (index, group) in [(2, "after-restart-3"), (1, "after-restart-2")] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = delivered(&nodes[index], group, kept.len()).await;
+            if got == kept {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: {} delivered, {} expected",
+                index + 1,
+                got.len(),
+                kept.len()
+            );
+        }
+    }
+}

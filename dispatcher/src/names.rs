@@ -174,6 +174,17 @@ pub fn default_dead_letter_topic(topic: &str, group: &str) -> String {
     format!("{topic}.{group}.dlq")
 }
 
+/// The journal of a cluster topic's deletions (its tombstones), shared by
+/// every node: named like a group's journal, under a group name no client
+/// can take (`__` is reserved), so that it is replicated with the topic's
+/// groups and removed with the topic.
+pub fn tombstone_journal(topic: &str) -> String {
+    group_journal(topic, TOMBSTONE_JOURNAL_GROUP, None)
+}
+
+/// The reserved group name of [`tombstone_journal`].
+pub const TOMBSTONE_JOURNAL_GROUP: &str = "__tombstones";
+
 /// The ack journal of a group (`member`: a broadcast member's own).
 pub fn group_journal(topic: &str, group: &str, member: Option<&str>) -> String {
     match member {

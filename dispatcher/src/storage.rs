@@ -490,6 +490,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn check_room(&self, _partitions: u32) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Whether `topic`'s journals opened here are shared with other nodes
+    /// (a cluster topic): its deletions then go to its
+    /// [`tombstone journal`](crate::names::tombstone_journal), so that
+    /// every node applies them, not to this node's metadata journal.
+    fn shares_journals(&self, _topic: &str) -> bool {
+        false
+    }
+
     /// Pending delayed messages of `topic` that the dispatcher's own delay
     /// store does not hold (a cluster's replicated timer log), as
     /// (partition, count) per partition with any.

@@ -449,6 +449,10 @@ impl Storage for ClusterStorage {
         self.local.journal_tail_cuts()
     }
 
+    fn shares_journals(&self, topic: &str) -> bool {
+        self.is_replicated(topic) && lock(&self.journals).is_some()
+    }
+
     fn delays_elsewhere(&self, topic: &str) -> Vec<(u32, u64)> {
         lock(&self.pending_delays)
             .as_ref()

@@ -601,6 +601,11 @@ async fn delete(
         }
     }
     let dry_run = request.dry_run;
+    if let Some(cluster) = services.engine.cluster() {
+        if cluster.storage().is_replicated(&topic) {
+            crate::produce::catch_up(cluster, &topic, logs.len() as u32).await?;
+        }
+    }
     let tombstone = selector.tombstone();
     let name = topic.clone();
     // Counted against the same end offsets the tombstone is bounded by.
@@ -622,6 +627,10 @@ async fn delete(
             Ok::<(u64, u64), dmq_dispatcher::DispatchError>((matched, freed))
         })
         .await??;
+    if let (false, Some(cluster)) = (dry_run, services.engine.cluster()) {
+        // A cluster topic's deletion holds on every node before the answer.
+        cluster.deletion_replicated(&topic).await?;
+    }
     if !dry_run {
         tracing::info!(
             topic,
@@ -889,6 +898,7 @@ async fn resend(
         )
         .await?;
         let offsets: Vec<(u32, u64)> = chunk.iter().map(|(p, r)| (*p, r.offset)).collect();
+        let dead_letter_topic = dlq.clone();
         let dlq = dlq.clone();
         services
             .engine
@@ -908,6 +918,9 @@ async fn resend(
                 Ok::<(), dmq_dispatcher::DispatchError>(())
             })
             .await??;
+        if let Some(cluster) = services.engine.cluster() {
+            cluster.deletion_replicated(&dead_letter_topic).await?;
+        }
         resent += chunk.len() as u64;
     }
     Ok(Json(serde_json::json!({ "resent": resent })))

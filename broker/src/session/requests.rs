@@ -225,8 +225,28 @@ impl Session {
             Request::DeleteMessages(delete) => {
                 self.development_only("deleting messages")?;
                 let tombstone = convert::tombstone(delete.tombstone);
+                let topic = delete.topic.clone();
+                if let Some(cluster) = self.shared.engine.cluster() {
+                    let partitions = self
+                        .shared
+                        .engine
+                        .find_topic(&topic)
+                        .await
+                        .map(|handle| handle.router.partitions());
+                    if let (Some(partitions), true) =
+                        (partitions, cluster.storage().is_replicated(&topic))
+                    {
+                        crate::produce::catch_up(cluster, &topic, partitions).await?;
+                    }
+                }
                 self.run(move |dispatcher, _| dispatcher.delete(&delete.topic, tombstone))
                     .await?;
+                if let Some(cluster) = self.shared.engine.cluster() {
+                    cluster
+                        .deletion_replicated(&topic)
+                        .await
+                        .map_err(|error| convert::dispatch_error(&error))?;
+                }
                 Ok(Response::Ok)
             }
             Request::DeleteTopic(delete) => {

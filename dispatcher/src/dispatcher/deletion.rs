@@ -182,7 +182,68 @@ impl Dispatcher {
             tombstone,
             below,
         };
-        self.persist_meta(&entry)?;
+        let shared = self
+            .topics
+            .get_mut(topic)
+            .and_then(|state| state.shared_tombstones.as_mut());
+        match shared {
+            // A cluster topic: queued for every node (the caller waits for
+            // the cluster to commit it before answering).
+            Some(journal) => {
+                let payload = serde_json::to_vec(&entry)
+                    .map_err(|e| DispatchError::CorruptMetadata(e.to_string()))?;
+                journal.append(&payload);
+                journal.sync()?;
+            }
+            None => self.persist_meta(&entry)?,
+        }
         self.apply_meta(entry)
+    }
+
+    /// Applies the deletions of a cluster topic's shared journal
+    /// ([`names::tombstone_journal`]) that another node made (cluster
+    /// mode: the broker calls this with each change it learns of); a
+    /// payload that does not decode, or names another topic, is skipped
+    /// loudly. Returns how many were applied.
+    pub fn merge_replicated_tombstones(&mut self, journal: &str, payloads: &[Vec<u8>]) -> usize {
+        let Some(topic) = self
+            .topics
+            .keys()
+            .find(|topic| names::tombstone_journal(topic) == journal)
+            .cloned()
+        else {
+            return 0;
+        };
+        self.apply_shared_tombstones(&topic, payloads)
+    }
+
+    /// Applies the tombstone payloads of `topic`'s shared journal.
+    pub(super) fn apply_shared_tombstones(&mut self, topic: &str, payloads: &[Vec<u8>]) -> usize {
+        let mut applied = 0;
+        for payload in payloads {
+            match serde_json::from_slice::<MetaEntry>(payload) {
+                Ok(MetaEntry::Tombstone {
+                    topic: named,
+                    tombstone,
+                    below,
+                }) if named == topic => {
+                    let entry = MetaEntry::Tombstone {
+                        topic: named,
+                        tombstone,
+                        below,
+                    };
+                    if self.apply_meta(entry).is_ok() {
+                        applied += 1;
+                    }
+                }
+                other => tracing::error!(
+                    topic = %names::shown(topic),
+                    entry = ?other,
+                    "a shared deletions journal holds something that is not one of its \
+                     topic's deletions: skipped"
+                ),
+            }
+        }
+        applied
     }
 }

@@ -352,6 +352,10 @@ struct TopicState {
     partitions: Vec<Arc<dyn PartitionLog>>,
     tombstones: Tombstones,
     router: Arc<Router>,
+    /// A cluster topic's shared deletions journal
+    /// ([`names::tombstone_journal`]): its deletions go there, not to the
+    /// metadata journal, so that every node applies them.
+    shared_tombstones: Option<Box<dyn Journal>>,
 }
 
 #[derive(Debug)]
@@ -829,15 +833,7 @@ impl Dispatcher {
                 let partitions = (0..config.partitions)
                     .map(|p| self.storage.partition(&name, p))
                     .collect::<Result<Vec<_>, _>>()?;
-                self.topics.insert(
-                    name,
-                    TopicState {
-                        router: Arc::new(Router::new(config.partitions)),
-                        config,
-                        partitions,
-                        tombstones: Tombstones::default(),
-                    },
-                );
+                self.install_topic(name, config, partitions)?;
             }
             MetaEntry::Group {
                 topic,
@@ -913,6 +909,41 @@ impl Dispatcher {
     /// later one is refused ([`DispatchError::MetadataFailed`]): the failed
     /// entry could otherwise become durable with a later sync although its
     /// caller was told it failed.
+    /// Serves a topic whose partitions are open; a cluster topic's
+    /// deletions are read from its shared journal (and go there).
+    fn install_topic(
+        &mut self,
+        name: String,
+        config: TopicConfig,
+        partitions: Vec<Arc<dyn PartitionLog>>,
+    ) -> Result<()> {
+        let shared = if self.storage.shares_journals(&name) {
+            Some(
+                self.storage
+                    .open_journal(&names::tombstone_journal(&name))?,
+            )
+        } else {
+            None
+        };
+        self.topics.insert(
+            name.clone(),
+            TopicState {
+                router: Arc::new(Router::new(config.partitions)),
+                config,
+                partitions,
+                tombstones: Tombstones::default(),
+                shared_tombstones: None,
+            },
+        );
+        if let Some((journal, payloads)) = shared {
+            self.apply_shared_tombstones(&name, &payloads);
+            if let Some(state) = self.topics.get_mut(&name) {
+                state.shared_tombstones = Some(journal);
+            }
+        }
+        Ok(())
+    }
+
     fn persist_meta(&mut self, entry: &MetaEntry) -> Result<()> {
         if let Some(reason) = &self.meta_failed {
             return Err(DispatchError::MetadataFailed(reason.clone()));

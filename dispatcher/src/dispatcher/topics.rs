@@ -56,18 +56,7 @@ impl Dispatcher {
             Err(error) => Err(error.into()),
         };
         match created {
-            Ok(partitions) => {
-                self.topics.insert(
-                    name.to_string(),
-                    TopicState {
-                        router: Arc::new(Router::new(config.partitions)),
-                        config,
-                        partitions,
-                        tombstones: Tombstones::default(),
-                    },
-                );
-                Ok(())
-            }
+            Ok(partitions) => self.install_topic(name.to_string(), config, partitions),
             Err(error) => {
                 if let Err(cleanup) = self.storage.remove_topic(name) {
                     tracing::error!(topic = name, %cleanup, "removing a failed topic's files failed");
@@ -150,6 +139,11 @@ impl Dispatcher {
         self.apply_meta(entry)?;
         self.quarantined.retain(|(topic, _), _| topic != name);
         let members = self.retire_states(|key| *key.topic == *name)?;
+        // A cluster topic's deletions (none on a single node: no error).
+        match self.storage.remove_journal(&names::tombstone_journal(name)) {
+            Err(StoreError::InvalidName(_)) | Ok(()) => {}
+            Err(error) => return Err(error.into()),
+        }
         match self.storage.remove_topic(name) {
             Err(StoreError::InvalidName(_)) if quarantined => {}
             other => other?,
