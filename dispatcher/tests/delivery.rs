@@ -67,6 +67,21 @@ impl World {
             .collect()
     }
 
+    /// (offset, attempt) of what `member` fetches now (at most 10).
+    fn fetched_attempts(&mut self, member: dmq_dispatcher::MemberId) -> Vec<(u64, u32)> {
+        let got = self.dispatcher.fetch(member, 10).unwrap();
+        got.iter().map(|d| (d.record.offset, d.attempt)).collect()
+    }
+
+    /// Records in partition 0 of dead-letter topic `dlq`.
+    fn dead_letters(&self, dlq: &str) -> u64 {
+        use dmq_dispatcher::PartitionLog;
+        self.storage
+            .memory_log(dlq, 0)
+            .expect("dead-letter topic")
+            .end_offset()
+    }
+
     fn values(deliveries: &[dmq_dispatcher::Delivery]) -> Vec<String> {
         deliveries
             .iter()
@@ -587,25 +602,17 @@ fn failed_attempts_survive_a_restart_and_still_lead_to_the_dead_letter_topic() {
         w.dispatcher.checkpoint().unwrap();
         w.crash_and_reopen();
         let member = w.dispatcher.join("t", "g", "m").unwrap();
-        let got = w.dispatcher.fetch(member, 10).unwrap();
-        let attempts: Vec<(u64, u32)> = got.iter().map(|d| (d.record.offset, d.attempt)).collect();
-        assert_eq!(attempts, vec![(0, 3), (2, 1)], "compact at {compact_bytes}");
+        let compacting = format!("compact at {compact_bytes}");
+        assert_eq!(w.fetched_attempts(member), [(0, 3), (2, 1)], "{compacting}");
         w.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
         w.dispatcher.nack(member, 0, 2, Some(10)).unwrap();
         w.clock.advance_ms(10);
         w.dispatcher.checkpoint().unwrap();
-        let dead = w
-            .storage
-            .memory_log("t.g.dlq", 0)
-            .expect("dead-letter topic");
-        use dmq_dispatcher::PartitionLog;
-        assert_eq!(dead.end_offset(), 1);
+        assert_eq!(w.dead_letters("t.g.dlq"), 1);
         // "slow" failed once: its second attempt after another restart.
         w.crash_and_reopen();
         let member = w.dispatcher.join("t", "g", "m").unwrap();
-        let got = w.dispatcher.fetch(member, 10).unwrap();
-        let attempts: Vec<(u64, u32)> = got.iter().map(|d| (d.record.offset, d.attempt)).collect();
-        assert_eq!(attempts, vec![(2, 2)], "compact at {compact_bytes}");
+        assert_eq!(w.fetched_attempts(member), [(2, 2)], "{compacting}");
     }
 }
 
@@ -1150,16 +1157,9 @@ fn failed_attempts_merged_from_another_node_go_on_counting() {
         1
     );
     let member = here.dispatcher.join("orders", "billing", "m").unwrap();
-    let got = here.dispatcher.fetch(member, 10).unwrap();
-    let attempts: Vec<(u64, u32)> = got.iter().map(|d| (d.record.offset, d.attempt)).collect();
-    assert_eq!(attempts, vec![(0, 3)]);
+    assert_eq!(here.fetched_attempts(member), [(0, 3)]);
     here.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
     here.clock.advance_ms(10);
     here.dispatcher.checkpoint().unwrap();
-    let dead = here
-        .storage
-        .memory_log("orders.billing.dlq", 0)
-        .expect("dead-letter topic");
-    use dmq_dispatcher::PartitionLog;
-    assert_eq!(dead.end_offset(), 1);
+    assert_eq!(here.dead_letters("orders.billing.dlq"), 1);
 }
