@@ -73,6 +73,30 @@ impl World {
         got.iter().map(|d| (d.record.offset, d.attempt)).collect()
     }
 
+    /// Partition 0: `member` gets offset 0 twice (attempts 1 and 2) and
+    /// nacks it each time (retry in 10 ms, waited); it acks offset 1 the
+    /// first time; whatever else it got stays in flight.
+    fn fail_offset_0_twice_and_ack_offset_1(&mut self, member: dmq_dispatcher::MemberId) {
+        for attempt in 1..=2 {
+            let got = self.dispatcher.fetch(member, 3).unwrap();
+            assert_eq!((got[0].record.offset, got[0].attempt), (0, attempt));
+            if attempt == 1 {
+                self.dispatcher.ack(member, 0, 1).unwrap();
+            }
+            self.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
+            self.clock.advance_ms(10);
+        }
+    }
+
+    /// The payloads of `journal` once a poll past the ack-sync interval
+    /// wrote what the groups hold.
+    fn synced_journal(&mut self, journal: &str) -> Vec<Vec<u8>> {
+        use dmq_dispatcher::Storage;
+        self.clock.advance_ms(100);
+        self.dispatcher.poll().unwrap();
+        self.storage.open_journal(journal).unwrap().1
+    }
+
     /// Records in partition 0 of dead-letter topic `dlq`.
     fn dead_letters(&self, dlq: &str) -> u64 {
         use dmq_dispatcher::PartitionLog;
@@ -589,15 +613,7 @@ fn failed_attempts_survive_a_restart_and_still_lead_to_the_dead_letter_topic() {
         w.dispatcher.subscribe("t", "g", config()).unwrap();
         let member = w.dispatcher.join("t", "g", "m").unwrap();
         w.produce("t", &["poison", "fine", "slow"]);
-        for attempt in 1..=2 {
-            let got = w.dispatcher.fetch(member, 3).unwrap();
-            assert_eq!(got[0].attempt, attempt);
-            if attempt == 1 {
-                w.dispatcher.ack(member, 0, 1).unwrap();
-            }
-            w.dispatcher.nack(member, 0, 0, Some(10)).unwrap();
-            w.clock.advance_ms(10);
-        }
+        w.fail_offset_0_twice_and_ack_offset_1(member);
         // "slow" (offset 2) is in flight at its first attempt.
         w.dispatcher.checkpoint().unwrap();
         w.crash_and_reopen();
@@ -1070,7 +1086,6 @@ fn two_copies(values: &[&str]) -> (World, World, String) {
 /// merging them twice changes nothing.
 #[test]
 fn acks_merged_from_another_node_are_not_delivered_again() {
-    use dmq_dispatcher::Storage;
     let (mut here, mut there, journal) = two_copies(&["0", "1", "2", "3", "4", "5"]);
     // Here, a member has 0 and 1 in flight.
     let member = here.dispatcher.join("orders", "billing", "m").unwrap();
@@ -1088,9 +1103,7 @@ fn acks_merged_from_another_node_are_not_delivered_again() {
                 .unwrap();
         }
     }
-    there.clock.advance_ms(100);
-    there.dispatcher.poll().unwrap();
-    let (_, payloads) = there.storage.open_journal(&journal).unwrap();
+    let payloads = there.synced_journal(&journal);
 
     assert_eq!(
         here.dispatcher
@@ -1134,22 +1147,11 @@ fn acks_merged_from_another_node_are_not_delivered_again() {
 /// last failure dead-letters it.
 #[test]
 fn failed_attempts_merged_from_another_node_go_on_counting() {
-    use dmq_dispatcher::Storage;
     let (mut here, mut there, journal) = two_copies(&["poison", "fine"]);
     // There, "poison" fails twice and "fine" is acked.
     let other = there.dispatcher.join("orders", "billing", "m").unwrap();
-    for attempt in 1..=2 {
-        let got = there.dispatcher.fetch(other, 2).unwrap();
-        assert_eq!(got[0].attempt, attempt);
-        if attempt == 1 {
-            there.dispatcher.ack(other, 0, 1).unwrap();
-        }
-        there.dispatcher.nack(other, 0, 0, Some(10)).unwrap();
-        there.clock.advance_ms(10);
-    }
-    there.clock.advance_ms(100);
-    there.dispatcher.poll().unwrap();
-    let (_, payloads) = there.storage.open_journal(&journal).unwrap();
+    there.fail_offset_0_twice_and_ack_offset_1(other);
+    let payloads = there.synced_journal(&journal);
     assert_eq!(
         here.dispatcher
             .merge_replicated_acks(&journal, &payloads)
