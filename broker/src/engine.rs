@@ -644,11 +644,7 @@ fn merge_replicated_acks(cluster: &Cluster, commands: &Arc<mpsc::Sender<Command>
             // this entry, which the next compaction's snapshot covers.
             let job: Job = Box::new(move |dispatcher, _| {
                 if !payloads.is_empty() {
-                    let tombstones = name.ends_with(&format!(
-                        ".{}",
-                        dmq_dispatcher::names::TOMBSTONE_JOURNAL_GROUP
-                    ));
-                    if tombstones {
+                    if dmq_dispatcher::names::tombstone_journal_topic(&name).is_some() {
                         // A cluster topic's deletions made at another node.
                         dispatcher.merge_replicated_tombstones(&name, &payloads);
                     } else if let Err(error) = dispatcher.merge_replicated_acks(&name, &payloads) {

@@ -185,6 +185,14 @@ pub fn tombstone_journal(topic: &str) -> String {
 /// The reserved group name of [`tombstone_journal`].
 pub const TOMBSTONE_JOURNAL_GROUP: &str = "__tombstones";
 
+/// The topic whose [`tombstone_journal`] `journal` is, if it is one.
+pub fn tombstone_journal_topic(journal: &str) -> Option<&str> {
+    journal
+        .strip_prefix(GROUP_JOURNAL_PREFIX)?
+        .strip_suffix(TOMBSTONE_JOURNAL_GROUP)?
+        .strip_suffix('.')
+}
+
 /// The ack journal of a group (`member`: a broadcast member's own).
 pub fn group_journal(topic: &str, group: &str, member: Option<&str>) -> String {
     match member {
@@ -238,6 +246,22 @@ fn check_journal(journal: &str) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tombstone_journal_names_its_topic_and_no_group_journal_does() {
+        for topic in ["orders", "a.b", "x.__tombstones"] {
+            assert_eq!(
+                tombstone_journal_topic(&tombstone_journal(topic)),
+                Some(topic)
+            );
+        }
+        assert_eq!(
+            tombstone_journal_topic(&group_journal("orders", "billing", None)),
+            None
+        );
+        assert_eq!(tombstone_journal_topic("group.__tombstones"), None);
+        assert_eq!(tombstone_journal_topic("meta"), None);
+    }
 
     #[test]
     fn reserved_headers_are_refused_in_any_record() {

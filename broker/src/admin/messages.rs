@@ -602,9 +602,8 @@ async fn delete(
     }
     let dry_run = request.dry_run;
     if let Some(cluster) = services.engine.cluster() {
-        if cluster.storage().is_replicated(&topic) {
-            crate::produce::catch_up(cluster, &topic, logs.len() as u32).await?;
-        }
+        // Nothing to wait for on a local topic (no replica).
+        crate::produce::catch_up(cluster, &topic, logs.len() as u32).await?;
     }
     let tombstone = selector.tombstone();
     let name = topic.clone();
@@ -899,7 +898,6 @@ async fn resend(
         .await?;
         let offsets: Vec<(u32, u64)> = chunk.iter().map(|(p, r)| (*p, r.offset)).collect();
         let dead_letter_topic = dlq.clone();
-        let dlq = dlq.clone();
         services
             .engine
             .call(move |dispatcher, _| {
@@ -907,7 +905,7 @@ async fn resend(
                     // By offset, not by id: if the message fails again,
                     // its new dead letter (same id) must stay visible.
                     dispatcher.delete(
-                        &dlq,
+                        &dead_letter_topic,
                         Tombstone::OffsetRange {
                             partition,
                             start: offset,
@@ -919,7 +917,7 @@ async fn resend(
             })
             .await??;
         if let Some(cluster) = services.engine.cluster() {
-            cluster.deletion_replicated(&dead_letter_topic).await?;
+            cluster.deletion_replicated(&dlq).await?;
         }
         resent += chunk.len() as u64;
     }

@@ -227,16 +227,10 @@ impl Session {
                 let tombstone = convert::tombstone(delete.tombstone);
                 let topic = delete.topic.clone();
                 if let Some(cluster) = self.shared.engine.cluster() {
-                    let partitions = self
-                        .shared
-                        .engine
-                        .find_topic(&topic)
-                        .await
-                        .map(|handle| handle.router.partitions());
-                    if let (Some(partitions), true) =
-                        (partitions, cluster.storage().is_replicated(&topic))
-                    {
-                        crate::produce::catch_up(cluster, &topic, partitions).await?;
+                    // Nothing to wait for on a local topic (no replica).
+                    if let Some(handle) = self.shared.engine.find_topic(&topic).await {
+                        crate::produce::catch_up(cluster, &topic, handle.router.partitions())
+                            .await?;
                     }
                 }
                 self.run(move |dispatcher, _| dispatcher.delete(&delete.topic, tombstone))

@@ -206,15 +206,12 @@ impl Dispatcher {
     /// payload that does not decode, or names another topic, is skipped
     /// loudly. Returns how many were applied.
     pub fn merge_replicated_tombstones(&mut self, journal: &str, payloads: &[Vec<u8>]) -> usize {
-        let Some(topic) = self
-            .topics
-            .keys()
-            .find(|topic| names::tombstone_journal(topic) == journal)
-            .cloned()
-        else {
-            return 0;
-        };
-        self.apply_shared_tombstones(&topic, payloads)
+        match names::tombstone_journal_topic(journal) {
+            Some(topic) if self.topics.contains_key(topic) => {
+                self.apply_shared_tombstones(topic, payloads)
+            }
+            _ => 0,
+        }
     }
 
     /// Applies the tombstone payloads of `topic`'s shared journal.

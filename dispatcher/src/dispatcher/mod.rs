@@ -903,12 +903,6 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Makes `entry` durable: one CRC-framed payload, fsynced before this
-    /// returns. A crash before the fsync completes leaves the entry whole
-    /// or cut on replay (never half-applied). After a failed write every
-    /// later one is refused ([`DispatchError::MetadataFailed`]): the failed
-    /// entry could otherwise become durable with a later sync although its
-    /// caller was told it failed.
     /// Serves a topic whose partitions are open; a cluster topic's
     /// deletions are read from its shared journal (and go there).
     fn install_topic(
@@ -944,6 +938,12 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Makes `entry` durable: one CRC-framed payload, fsynced before this
+    /// returns. A crash before the fsync completes leaves the entry whole
+    /// or cut on replay (never half-applied). After a failed write every
+    /// later one is refused ([`DispatchError::MetadataFailed`]): the failed
+    /// entry could otherwise become durable with a later sync although its
+    /// caller was told it failed.
     fn persist_meta(&mut self, entry: &MetaEntry) -> Result<()> {
         if let Some(reason) = &self.meta_failed {
             return Err(DispatchError::MetadataFailed(reason.clone()));
