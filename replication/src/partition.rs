@@ -324,6 +324,84 @@ struct Inner {
     /// cut, whatever the rows name (a snapshot installed from a peer
     /// comes with records no row names).
     snapshot_end: u64,
+    /// Entries lately read back, for their next reader.
+    recent: RecentEntries,
+}
+
+/// Record entries lately read back from the log, by Raft log index, so
+/// that the next reader of one (a leader reads each entry once per
+/// follower, then once more to apply it) takes it without locating and
+/// CRC-checking its batch again: that re-check was a tenth of a
+/// three-node cluster's CPU (BENCHMARKS.md). An entry is kept only as
+/// read, verified, and matched on its whole log id, so a truncated and
+/// rewritten index is never served stale.
+///
+/// Entries are views of the log's mapping, not copies: they are bounded
+/// by the bytes they name, and dropped before anything shrinks or
+/// reopens the log (a view must not outlive its segment's length: the
+/// mapping contract of `dmq_log_store`'s `mmap` module) and when their
+/// rows are purged.
+#[derive(Debug, Default)]
+struct RecentEntries {
+    by_index: std::collections::BTreeMap<u64, PartitionEntry>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    /// Bytes of batches kept at most; the oldest index goes first.
+    const MAX_BYTES: usize = 16 << 20;
+
+    fn get(&self, log_id: &LogId<NodeId>) -> Option<PartitionEntry> {
+        self.by_index
+            .get(&log_id.index)
+            .filter(|entry| entry.log_id == *log_id)
+            .cloned()
+    }
+
+    fn batch_bytes(entry: &PartitionEntry) -> Option<usize> {
+        match &entry.payload {
+            EntryPayload::Normal(PartitionCommand::Batch(ReplicatedBatch {
+                stored: Some(stored),
+                ..
+            })) => Some(stored.0.len()),
+            _ => None,
+        }
+    }
+
+    /// Keeps a record entry just read (any other is cheap to build again).
+    fn keep(&mut self, entry: &PartitionEntry) {
+        let Some(bytes) = Self::batch_bytes(entry) else {
+            return;
+        };
+        if let Some(old) = self.by_index.insert(entry.log_id.index, entry.clone()) {
+            self.bytes -= Self::batch_bytes(&old).unwrap_or(0);
+        }
+        self.bytes += bytes;
+        while self.bytes > Self::MAX_BYTES {
+            let Some((_, oldest)) = self.by_index.pop_first() else {
+                break;
+            };
+            self.bytes -= Self::batch_bytes(&oldest).unwrap_or(0);
+        }
+    }
+
+    /// Drops the entries at or below `index` (purged rows).
+    fn forget_through(&mut self, index: u64) {
+        let kept = self.by_index.split_off(&index.saturating_add(1));
+        for entry in std::mem::replace(&mut self.by_index, kept).values() {
+            self.bytes -= Self::batch_bytes(entry).unwrap_or(0);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_index.clear();
+        self.bytes = 0;
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_index.len()
+    }
 }
 
 /// The file a partition replica keeps its state machine's snapshot in,
@@ -376,6 +454,7 @@ impl Inner {
 
     /// Closes the log, cuts it back to `end`, and opens it again.
     fn cut_log(&mut self, end: u64) -> Result<(), std::io::Error> {
+        self.recent.clear();
         drop(self.log.take());
         truncate_closed_log(&self.log_dir, end).map_err(std::io::Error::other)?;
         let log =
@@ -546,6 +625,7 @@ impl PartitionRaftLog {
             assigned_ids: Default::default(),
             repair: None,
             snapshot_end,
+            recent: RecentEntries::default(),
         };
         if let Some(from) = damaged_from.filter(|&from| from < inner.next_offset) {
             tracing::warn!(
@@ -677,6 +757,7 @@ impl PartitionRaftLog {
                 log.end_offset()
             )));
         }
+        inner.recent.clear();
         drop(inner.log.take());
         let restarted =
             dmq_log_store::restart_empty_log_at(&inner.log_dir, &inner.log_config, offset);
@@ -903,14 +984,19 @@ impl RaftLogReader<PartitionTypes> for PartitionRaftLog {
         &mut self,
         range: RB,
     ) -> Result<Vec<PartitionEntry>, StorageError> {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        let inner = &mut *inner;
         let mut entries = Vec::new();
         for row in inner.rows.rows.range(range).map(|(_, row)| row) {
-            entries.push(
-                inner
-                    .entry(row)
-                    .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?,
-            );
+            if let Some(entry) = inner.recent.get(&row.log_id) {
+                entries.push(entry);
+                continue;
+            }
+            let entry = inner
+                .entry(row)
+                .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
+            inner.recent.keep(&entry);
+            entries.push(entry);
         }
         Ok(entries)
     }
@@ -968,6 +1054,7 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
             let mut inner = self.lock();
             inner.rows.write(vec![LogOp::Truncate(log_id.index)])?;
             inner.assigned_ids.retain(|&index, _| index < log_id.index);
+            inner.recent.clear();
             let end = inner.row_end();
             if end < inner.next_offset {
                 inner.cut_log(end)?;
@@ -980,7 +1067,12 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         // The records stay: retention owns the partition log's data (and
         // deletes only below the purged rows: `apply_retention`).
-        blocking(|| self.lock().rows.purge(log_id)).map_err(storage_io)
+        blocking(|| {
+            let mut inner = self.lock();
+            inner.recent.forget_through(log_id.index);
+            inner.rows.purge(log_id)
+        })
+        .map_err(storage_io)
     }
 }
 
@@ -1473,6 +1565,85 @@ mod tests {
         // The next entry continues at the cut.
         log.lock().append(vec![normal(3, &["d"])]).expect("append");
         assert_eq!(log.end_offset(), 4);
+    }
+
+    /// The values of the records an entry read back carries.
+    fn values_of(entry: &PartitionEntry) -> Vec<Bytes> {
+        let EntryPayload::Normal(PartitionCommand::Batch(batch)) = &entry.payload else {
+            panic!("not a batch: {entry:?}");
+        };
+        batch
+            .to_input()
+            .expect("decode")
+            .records
+            .into_iter()
+            .map(|r| r.value)
+            .collect()
+    }
+
+    #[test]
+    fn entries_read_again_come_from_memory_until_truncated_or_purged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        log.lock()
+            .append(vec![
+                normal(1, &["a"]),
+                normal(2, &["b"]),
+                normal(3, &["c"]),
+            ])
+            .expect("append");
+        let runtime = rt();
+        let first = runtime
+            .block_on(log.try_get_log_entries(1..4))
+            .expect("read");
+        assert_eq!(log.lock().recent.len(), 3);
+        let again = runtime
+            .block_on(log.try_get_log_entries(1..4))
+            .expect("read");
+        assert_eq!(first, again);
+        // A new leader's entry replaces index 2: never the old batch again.
+        runtime
+            .block_on(log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 2)))
+            .expect("truncate");
+        assert_eq!(log.lock().recent.len(), 0);
+        let mut rewritten = normal(2, &["B"]);
+        rewritten.log_id = LogId::new(CommittedLeaderId::new(2, 2), 2);
+        log.lock().append(vec![rewritten]).expect("append");
+        let read = runtime
+            .block_on(log.try_get_log_entries(1..3))
+            .expect("read");
+        assert_eq!(read[1].log_id.leader_id.term, 2);
+        assert_eq!(values_of(&read[0]), vec![Bytes::from("a")]);
+        assert_eq!(values_of(&read[1]), vec![Bytes::from("B")]);
+        // Purged rows are forgotten.
+        runtime
+            .block_on(log.purge(LogId::new(CommittedLeaderId::new(1, 1), 1)))
+            .expect("purge");
+        assert_eq!(log.lock().recent.len(), 1);
+    }
+
+    #[test]
+    fn recent_entries_are_bounded_by_the_bytes_they_name() {
+        let mut recent = RecentEntries::default();
+        let big = Bytes::from(vec![7u8; RecentEntries::MAX_BYTES / 3 + 1]);
+        for index in 1..=4 {
+            let mut entry = normal(index, &[]);
+            if let EntryPayload::Normal(PartitionCommand::Batch(batch)) = &mut entry.payload {
+                batch.stored = Some(Payload(big.clone()));
+            }
+            recent.keep(&entry);
+        }
+        // Three would be over the bound: the two oldest went.
+        assert_eq!(recent.len(), 2);
+        assert!(recent.bytes <= RecentEntries::MAX_BYTES);
+        assert!(recent
+            .get(&LogId::new(CommittedLeaderId::new(1, 1), 2))
+            .is_none());
+        assert!(recent
+            .get(&LogId::new(CommittedLeaderId::new(1, 1), 4))
+            .is_some());
+        recent.forget_through(4);
+        assert_eq!((recent.len(), recent.bytes), (0, 0));
     }
 
     #[test]
