@@ -20,6 +20,7 @@
 use std::io;
 use std::time::Duration;
 
+use bytes::Bytes;
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError,
     RemoteError, Timeout, Unreachable,
@@ -49,11 +50,23 @@ pub const MAX_FRAME_BYTES: usize = 64 << 20;
 pub trait GroupTypes:
     RaftTypeConfig<NodeId = NodeId, Node = BasicNode, Responder = OneshotResponder<Self>>
 {
+    /// Whether the record bytes ([`Payload`]s) of a request this group is
+    /// sent may be views of the request's frame instead of copies. Only
+    /// for groups that keep no payload after the request is handled: a
+    /// view keeps its whole frame (up to 64 MiB) alive.
+    const PAYLOADS_VIEW_FRAMES: bool;
 }
 
-impl<C> GroupTypes for C where
-    C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode, Responder = OneshotResponder<C>>
-{
+/// A partition's entries are appended to its log (copied there) and
+/// dropped: its requests' record bytes are views of their frame.
+impl GroupTypes for crate::partition::PartitionTypes {
+    const PAYLOADS_VIEW_FRAMES: bool = true;
+}
+
+/// The metadata state keeps journal payloads for as long as their
+/// journal lives: they are copied out of their frame.
+impl GroupTypes for crate::MetaTypes {
+    const PAYLOADS_VIEW_FRAMES: bool = false;
 }
 
 /// A Raft RPC, as sent.
@@ -382,7 +395,7 @@ async fn write_frame(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> 
     stream.write_all(&frame).await
 }
 
-async fn read_frame(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+async fn read_frame(stream: &mut TcpStream) -> io::Result<Bytes> {
     let mut length = [0u8; 4];
     stream.read_exact(&mut length).await?;
     let length = u32::from_le_bytes(length) as usize;
@@ -393,7 +406,7 @@ async fn read_frame(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     }
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await?;
-    Ok(body)
+    Ok(Bytes::from(body))
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {
@@ -435,6 +448,17 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T
     postcard::from_bytes(bytes).map_err(|e| invalid(e.to_string()))
 }
 
+/// A request to a group of types `C`: its payloads viewing `bytes` if
+/// the group allows it ([`GroupTypes::PAYLOADS_VIEW_FRAMES`]), copied
+/// otherwise.
+fn decode_request<C: GroupTypes, T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> io::Result<T> {
+    if C::PAYLOADS_VIEW_FRAMES {
+        crate::partition::with_payloads_viewing(bytes, || decode(bytes))
+    } else {
+        decode(bytes)
+    }
+}
+
 /// A reply frame as its [`RaftReply`]; "unknown group" is an error of
 /// kind `NotFound` (nothing was done).
 fn decode_reply(reply: &[u8]) -> io::Result<RaftReply> {
@@ -458,17 +482,17 @@ const REPLY_UNKNOWN_GROUP: u8 = 1;
 pub(crate) trait GroupHandler: Send + Sync {
     fn handle<'a>(
         &'a self,
-        body: &'a [u8],
+        body: Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Vec<u8>>> + Send + 'a>>;
 }
 
 impl<C: GroupTypes> GroupHandler for Raft<C> {
     fn handle<'a>(
         &'a self,
-        body: &'a [u8],
+        body: Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Vec<u8>>> + Send + 'a>> {
         Box::pin(async move {
-            let reply = match decode::<RaftRequest<C>>(body)? {
+            let reply = match decode_request::<C, RaftRequest<C>>(&body)? {
                 RaftRequest::AppendEntries(rpc) => {
                     RaftReply::AppendEntries(self.append_entries(rpc).await)
                 }
@@ -477,7 +501,7 @@ impl<C: GroupTypes> GroupHandler for Raft<C> {
                     RaftReply::InstallSnapshot(self.install_snapshot(rpc).await)
                 }
                 RaftRequest::Forward(data) => {
-                    let data: C::D = decode(&data.0)?;
+                    let data: C::D = decode_request::<C, _>(&data.0)?;
                     let written = self.client_write(data).await;
                     RaftReply::Forwarded(match written {
                         Ok(written) => Ok(encode(&written.data)?),
@@ -761,6 +785,7 @@ async fn serve_connection(
         let answered = async {
             let frame = read_frame(&mut stream).await?;
             let (group, body) = split_group(&frame)?;
+            let body = frame.slice_ref(body);
             requests.in_flight.fetch_add(1, Ordering::SeqCst);
             let handler = if requests.closing.load(Ordering::SeqCst) {
                 None
@@ -1094,6 +1119,39 @@ mod tests {
         assert_eq!(bytes, postcard::to_allocvec(&request).unwrap());
         match decode::<RaftRequest<MetaTypes>>(&bytes).unwrap() {
             RaftRequest::Forward(Payload(back)) => assert_eq!(back, data),
+            _ => panic!("another request"),
+        }
+    }
+
+    #[test]
+    fn a_partition_requests_payloads_view_its_frame_and_a_metadata_requests_are_copies() {
+        fn forwarded<C: GroupTypes>(bytes: &Bytes) -> Bytes {
+            match decode_request::<C, RaftRequest<C>>(bytes).unwrap() {
+                RaftRequest::Forward(Payload(data)) => data,
+                _ => panic!("another request"),
+            }
+        }
+        let data = Bytes::from(vec![9u8; 4096]);
+        let frame = Bytes::from(
+            encode(&RaftRequest::<crate::partition::PartitionTypes>::Forward(Payload(
+                data.clone(),
+            )))
+            .unwrap(),
+        );
+        let within = |part: &Bytes| {
+            let start = frame.as_ptr() as usize;
+            (start..start + frame.len()).contains(&(part.as_ptr() as usize))
+        };
+        let viewed = forwarded::<crate::partition::PartitionTypes>(&frame);
+        assert_eq!(viewed, data);
+        assert!(within(&viewed), "a partition's payload is a view");
+        let copied = forwarded::<MetaTypes>(&frame);
+        assert_eq!(copied, data);
+        assert!(!within(&copied), "a metadata payload is a copy");
+        // Nothing is viewed once the decode is over.
+        let after: RaftRequest<crate::partition::PartitionTypes> = decode(&frame).unwrap();
+        match after {
+            RaftRequest::Forward(Payload(data)) => assert!(!within(&data)),
             _ => panic!("another request"),
         }
     }

@@ -120,11 +120,11 @@ impl NodeViews {
 impl GroupHandler for NodeViews {
     fn handle<'a>(
         &'a self,
-        body: &'a [u8],
+        body: bytes::Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<u8>>> + Send + 'a>>
     {
         Box::pin(async move {
-            let node: NodeId = decode(body)?;
+            let node: NodeId = decode(&body)?;
             encode(&self.answer(node))
         })
     }

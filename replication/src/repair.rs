@@ -120,11 +120,11 @@ impl RecordSource {
 impl GroupHandler for RecordSource {
     fn handle<'a>(
         &'a self,
-        body: &'a [u8],
+        body: bytes::Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<u8>>> + Send + 'a>>
     {
         Box::pin(async move {
-            let request: RecordsRequest = decode(body)?;
+            let request: RecordsRequest = decode(&body)?;
             let reply = crate::log_store::blocking(|| self.answer(request));
             encode(&reply)
         })
