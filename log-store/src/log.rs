@@ -29,7 +29,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::batch::{
-    decode_header, encode_batch, validate_input, BatchError, BatchInput, Record, RecordBatch,
+    decode_header, encode_batch, validate_input, BatchError, BatchHeader, BatchInput, Record,
+    RecordBatch,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::config::{FsyncPolicy, LogConfig};
@@ -631,6 +632,18 @@ impl Log {
         self.shared.append(batch, Some(timestamp_ms))
     }
 
+    /// Appends `batch`, a batch another replica of this log stored (its
+    /// leader's), byte for byte, and returns at once as
+    /// [`Log::append_deferred`] does. Its base offset must be this log's
+    /// end and its timestamp not before the last one appended
+    /// ([`LogError::InvalidBatch`] otherwise: the replica has diverged).
+    /// The batch was verified when decoded ([`RecordBatch::decode`]), so
+    /// its records are neither decoded into inputs nor encoded again nor
+    /// checksummed again: the replica holds the same bytes as its leader.
+    pub fn append_stored_deferred(&self, batch: &RecordBatch) -> Result<AppendInfo> {
+        self.shared.append_stored(batch)
+    }
+
     /// Returns once the batch `info` describes meets the fsync policy.
     pub fn wait_durable(&self, info: &AppendInfo) -> Result<()> {
         match self.shared.config.fsync {
@@ -954,13 +967,7 @@ impl Shared {
         }
         let timestamp_ms = match stamped {
             None => self.clock.now_ms().max(writer.last_timestamp_ms),
-            Some(stamped) if stamped < writer.last_timestamp_ms => {
-                return Err(LogError::InvalidBatch(format!(
-                    "timestamp {stamped} is before the last one appended ({})",
-                    writer.last_timestamp_ms
-                )));
-            }
-            Some(stamped) => stamped,
+            Some(stamped) => Self::check_stamp(&writer, stamped)?,
         };
         if let Some(record) = batch
             .records
@@ -972,6 +979,99 @@ impl Shared {
                 record.id
             )));
         }
+        self.make_room(&mut writer, batch_len, timestamp_ms)?;
+        let base_offset = writer.next_offset;
+        let Writer { ids, buffer, .. } = &mut *writer;
+        let record_ids: Vec<MessageId> = batch
+            .records
+            .iter()
+            .map(|r| r.id.unwrap_or_else(|| ids.next(timestamp_ms)))
+            .collect();
+        let mut bytes = std::mem::take(buffer);
+        bytes.clear();
+        encode_batch(&mut bytes, base_offset, timestamp_ms, batch, &record_ids);
+        let header = decode_header(&bytes).map_err(|e| LogError::InvalidBatch(e.to_string()))?;
+        let records = batch
+            .records
+            .iter()
+            .zip(&record_ids)
+            .enumerate()
+            .map(|(delta, (record, id))| (base_offset + delta as u64, *id, record.key.as_deref()));
+        self.write_batch(&mut writer, bytes, &header, records)?;
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: header.last_offset(),
+            timestamp_ms,
+            ids: record_ids,
+        })
+    }
+
+    /// Appends `batch`, verified, byte for byte: see
+    /// [`Log::append_stored_deferred`].
+    fn append_stored(&self, batch: &RecordBatch) -> Result<AppendInfo> {
+        let header = *batch.header();
+        let batch_len = u64::from(header.batch_len);
+        if batch_len > u64::from(self.config.segment_bytes_max) {
+            return Err(LogError::InvalidBatch(format!(
+                "batch of {batch_len} bytes is larger than a segment ({} bytes)",
+                self.config.segment_bytes_max
+            )));
+        }
+        let mut keyed = Vec::with_capacity(header.record_count as usize);
+        for record in batch.records() {
+            let record = record.map_err(|e| LogError::InvalidBatch(e.to_string()))?;
+            keyed.push((record.offset, record.id, record.key));
+        }
+        let mut writer = lock(&self.writer);
+        if self.failed.get().is_some() {
+            return Err(self.failed_error());
+        }
+        if header.base_offset != writer.next_offset {
+            return Err(LogError::InvalidBatch(format!(
+                "a stored batch starts at offset {}, the log ends at {}",
+                header.base_offset, writer.next_offset
+            )));
+        }
+        let timestamp_ms = Self::check_stamp(&writer, header.max_timestamp_ms)?;
+        if let Some((_, id, _)) = keyed
+            .iter()
+            .find(|(_, id, _)| id.timestamp_ms() > timestamp_ms)
+        {
+            return Err(LogError::InvalidBatch(format!(
+                "message id {id:?} is from the future"
+            )));
+        }
+        self.make_room(&mut writer, batch_len, timestamp_ms)?;
+        let mut bytes = std::mem::take(&mut writer.buffer);
+        bytes.clear();
+        bytes.extend_from_slice(batch.as_bytes());
+        let records = keyed
+            .iter()
+            .map(|(offset, id, key)| (*offset, *id, key.as_deref()));
+        self.write_batch(&mut writer, bytes, &header, records)?;
+        Ok(AppendInfo {
+            base_offset: header.base_offset,
+            last_offset: header.last_offset(),
+            timestamp_ms,
+            ids: keyed.into_iter().map(|(_, id, _)| id).collect(),
+        })
+    }
+
+    /// A timestamp given by the caller (a replica's leader): refused if
+    /// before the last one appended (the replica diverged).
+    fn check_stamp(writer: &Writer, stamped: i64) -> Result<i64> {
+        if stamped < writer.last_timestamp_ms {
+            return Err(LogError::InvalidBatch(format!(
+                "timestamp {stamped} is before the last one appended ({})",
+                writer.last_timestamp_ms
+            )));
+        }
+        Ok(stamped)
+    }
+
+    /// Rolls to a new segment if the batch does not fit the active one (or
+    /// it is too old), and grows the active file to hold the batch.
+    fn make_room(&self, writer: &mut Writer, batch_len: u64, timestamp_ms: i64) -> Result<()> {
         let too_old = match (
             self.config.segment_age_max,
             writer.segment_first_timestamp_ms,
@@ -989,30 +1089,34 @@ impl Shared {
             || writer.position + batch_len > segment_limit
             || too_old
         {
-            self.roll(&mut writer)?;
+            self.roll(writer)?;
         }
         if writer.position + batch_len > writer.active.capacity() {
             self.grow(&writer.active, writer.position + batch_len)?;
         }
+        Ok(())
+    }
 
+    /// Writes the encoded batch `bytes` (the writer's buffer, taken; handed
+    /// back once written) at the write position, indexes its `records`
+    /// (offset, id, key), and moves the writer past it; publishes it at
+    /// once unless the policy waits for an fsync.
+    fn write_batch<'k>(
+        &self,
+        writer: &mut Writer,
+        bytes: Vec<u8>,
+        header: &BatchHeader,
+        records: impl IntoIterator<Item = (u64, MessageId, Option<&'k [u8]>)>,
+    ) -> Result<()> {
+        let batch_len = u64::from(header.batch_len);
+        let timestamp_ms = header.max_timestamp_ms;
         let Writer {
             active,
             position,
             next_offset,
-            ids,
             buffer,
             ..
-        } = &mut *writer;
-        let base_offset = *next_offset;
-        let record_ids: Vec<MessageId> = batch
-            .records
-            .iter()
-            .map(|r| r.id.unwrap_or_else(|| ids.next(timestamp_ms)))
-            .collect();
-        let mut bytes = std::mem::take(buffer);
-        bytes.clear();
-        encode_batch(&mut bytes, base_offset, timestamp_ms, batch, &record_ids);
-        let header = decode_header(&bytes).map_err(|e| LogError::InvalidBatch(e.to_string()))?;
+        } = writer;
         match self.io.write_all_at(&active.file, *position, bytes) {
             Ok(returned) => *buffer = returned,
             Err(error) if is_disk_full(&error) => {
@@ -1023,16 +1127,9 @@ impl Shared {
             }
             Err(error) => return Err(self.fail(format!("write failed: {error}"))),
         }
-        let records = batch
-            .records
-            .iter()
-            .zip(&record_ids)
-            .enumerate()
-            .map(|(delta, (record, id))| (base_offset + delta as u64, *id, record.key.as_deref()));
-        let observed =
-            active
-                .indexes_mut()
-                .observe(active.base_offset, *position, &header, records);
+        let observed = active
+            .indexes_mut()
+            .observe(active.base_offset, *position, header, records);
         if let Err(error) = observed {
             return Err(self.fail(format!("index update failed: {error}")));
         }
@@ -1043,12 +1140,6 @@ impl Shared {
         writer
             .segment_first_timestamp_ms
             .get_or_insert(timestamp_ms);
-        let info = AppendInfo {
-            base_offset,
-            last_offset: header.last_offset(),
-            timestamp_ms,
-            ids: record_ids,
-        };
         match self.config.fsync {
             // The caller waits with `wait_durable`.
             FsyncPolicy::Always => {}
@@ -1058,7 +1149,7 @@ impl Shared {
                     .fetch_max(writer.next_offset, Ordering::AcqRel);
             }
         }
-        Ok(info)
+        Ok(())
     }
 
     /// Group commit: returns once everything below `end_offset` is durable.

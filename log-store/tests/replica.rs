@@ -85,6 +85,98 @@ fn a_replica_appending_its_leaders_timestamps_holds_the_same_records() {
 }
 
 #[test]
+fn a_replica_appending_its_leaders_stored_batches_holds_the_same_bytes() {
+    let leader_dir = common::scratch_dir();
+    let replica_dir = common::scratch_dir();
+    let leader = Log::open_with_clock(
+        leader_dir.path(),
+        config(16 * 1024),
+        Arc::new(ManualClock::new(1_000_000)),
+    )
+    .expect("leader");
+    // The replica's clock is an hour behind: it must not matter.
+    let replica = Log::open_with_clock(
+        replica_dir.path(),
+        config(16 * 1024),
+        Arc::new(ManualClock::new(1_000_000 - 3_600_000)),
+    )
+    .expect("replica");
+    let mut expected = Vec::new();
+    for tag in 0..40 {
+        let batch = small_batch(tag, 1 + (tag as usize % 7), 100);
+        let info = leader.append(&batch).expect("leader append");
+        let stored = leader.read(info.base_offset, 1).expect("read").remove(0);
+        let copy = replica
+            .append_stored_deferred(&stored)
+            .expect("replica append");
+        replica.wait_durable(&copy).expect("durable");
+        assert_eq!(
+            (copy.base_offset, copy.last_offset, copy.timestamp_ms),
+            (info.base_offset, info.last_offset, info.timestamp_ms)
+        );
+        assert_eq!(copy.ids, info.ids);
+        let held = replica.read(info.base_offset, 1).expect("read").remove(0);
+        assert_eq!(held.as_bytes(), stored.as_bytes(), "batch {tag}");
+        expected.extend(Expected::from_append(&batch, &info));
+    }
+    assert!(
+        replica.segment_count() > 1,
+        "the replica rolled its segments"
+    );
+    check_log(&leader, &expected);
+    check_log(&replica, &expected);
+    // Its indexes hold every record: by id, by key and by time.
+    for record in &expected {
+        let id = leader
+            .read_record(record.offset)
+            .expect("read")
+            .expect("present")
+            .id;
+        assert_eq!(
+            replica.offset_of_id(&id).expect("lookup"),
+            Some(record.offset)
+        );
+    }
+    assert_eq!(
+        replica.find_by_key(b"k3", 1000).expect("by key").len(),
+        leader.find_by_key(b"k3", 1000).expect("by key").len()
+    );
+    assert_eq!(
+        replica.offset_for_timestamp(0).expect("by time"),
+        leader.offset_for_timestamp(0).expect("by time")
+    );
+
+    // A batch that is not at the replica's end is refused, as is one
+    // stamped before the last: the replica has diverged.
+    let again = leader.read(0, 1).expect("read").remove(0);
+    assert!(matches!(
+        replica.append_stored_deferred(&again),
+        Err(LogError::InvalidBatch(_))
+    ));
+    let other_dir = common::scratch_dir();
+    let earlier = Log::open_with_clock(
+        other_dir.path(),
+        config(16 * 1024),
+        Arc::new(ManualClock::new(5)),
+    )
+    .expect("earlier");
+    for tag in 0..40 {
+        earlier
+            .append(&small_batch(tag, 1 + (tag as usize % 7), 100))
+            .expect("append");
+    }
+    let end = earlier.end_offset();
+    assert_eq!(end, replica.end_offset());
+    earlier.append(&small_batch(99, 1, 10)).expect("append");
+    let stale = earlier.read(end, 1).expect("read").remove(0);
+    assert!(matches!(
+        replica.append_stored_deferred(&stale),
+        Err(LogError::InvalidBatch(_))
+    ));
+    assert_eq!(replica.end_offset(), end);
+}
+
+#[test]
 fn truncating_an_open_log_is_refused_and_a_cut_inside_a_batch_too() {
     let dir = common::scratch_dir();
     let log = Log::open(dir.path(), config(16 * 1024)).expect("open");

@@ -1133,9 +1133,9 @@ mod tests {
         }
         let data = Bytes::from(vec![9u8; 4096]);
         let frame = Bytes::from(
-            encode(&RaftRequest::<crate::partition::PartitionTypes>::Forward(Payload(
-                data.clone(),
-            )))
+            encode(&RaftRequest::<crate::partition::PartitionTypes>::Forward(
+                Payload(data.clone()),
+            ))
             .unwrap(),
         );
         let within = |part: &Bytes| {

@@ -235,17 +235,35 @@ impl ReplicatedBatch {
         }
     }
 
+    /// The stored batch this carries, verified (CRC and every record) and
+    /// holding the base offset and timestamp it claims.
+    fn stored_batch(&self) -> Result<dmq_log_store::RecordBatch, String> {
+        let stored = self
+            .stored
+            .as_ref()
+            .ok_or_else(|| "a replicated batch carries no stored bytes".to_string())?;
+        let batch = dmq_log_store::RecordBatch::decode(stored.0.clone())
+            .map_err(|e| format!("a replicated batch is damaged: {e}"))?;
+        let header = batch.header();
+        if Some(header.base_offset) != self.base_offset {
+            return Err(format!(
+                "a replicated batch says offset {:?} but holds {}",
+                self.base_offset, header.base_offset
+            ));
+        }
+        if let Some(timestamp) = self.timestamp_ms.filter(|&t| t != header.max_timestamp_ms) {
+            return Err(format!(
+                "a replicated batch says time {timestamp} but holds {}",
+                header.max_timestamp_ms
+            ));
+        }
+        Ok(batch)
+    }
+
     fn to_input(&self) -> Result<BatchInput, String> {
-        if let Some(stored) = &self.stored {
-            let batch = dmq_log_store::RecordBatch::decode(stored.0.clone())
-                .map_err(|e| format!("a replicated batch is damaged: {e}"))?;
+        if self.stored.is_some() {
+            let batch = self.stored_batch()?;
             let header = batch.header();
-            if Some(header.base_offset) != self.base_offset {
-                return Err(format!(
-                    "a replicated batch says offset {:?} but holds {}",
-                    self.base_offset, header.base_offset
-                ));
-            }
             let mut records = Vec::with_capacity(header.record_count as usize);
             for record in batch.records() {
                 let record = record.map_err(|e| e.to_string())?;
@@ -518,7 +536,6 @@ impl Inner {
                     RowKind::PurgeAllowed { upto }
                 }
                 EntryPayload::Normal(PartitionCommand::Batch(batch)) => {
-                    let input = batch.to_input().map_err(io_error)?;
                     if let Some(base) = batch.base_offset {
                         if base != self.next_offset {
                             return Err(io_error(format!(
@@ -527,10 +544,21 @@ impl Inner {
                             )));
                         }
                     }
-                    let log = self.log()?;
-                    let info = match batch.timestamp_ms {
-                        Some(timestamp) => log.append_deferred_at(&input, timestamp),
-                        None => log.append_deferred(&input),
+                    let info = match (&batch.stored, batch.timestamp_ms) {
+                        // A batch as the leader stored it: the same bytes
+                        // here, checked once (by its decode).
+                        (Some(_), _) => {
+                            let stored = batch.stored_batch().map_err(io_error)?;
+                            self.log()?.append_stored_deferred(&stored)
+                        }
+                        (None, Some(timestamp)) => {
+                            let input = batch.to_input().map_err(io_error)?;
+                            self.log()?.append_deferred_at(&input, timestamp)
+                        }
+                        (None, None) => {
+                            let input = batch.to_input().map_err(io_error)?;
+                            self.log()?.append_deferred(&input)
+                        }
                     }
                     .map_err(std::io::Error::other)?;
                     if batch.base_offset.is_none() {
