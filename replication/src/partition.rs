@@ -12,8 +12,11 @@
 //! 1. The leader proposes a [`ReplicatedBatch`] without a base offset.
 //!    Its log assigns offsets, ids and the timestamp on append.
 //! 2. openraft reads entries back from the leader's storage to replicate
-//!    them: a batch read back carries its base offset, ids and timestamp.
-//!    A follower appends exactly those ([`Log::append_deferred_at`]) and
+//!    them: a batch read back carries its base offset, ids and timestamp,
+//!    as the bytes the leader stored (their CRC checked at the first read;
+//!    a later reader of the entry takes it from [`RecentEntries`]).
+//!    A follower appends exactly those bytes
+//!    ([`Log::append_stored_deferred`]) and
 //!    refuses a batch whose base offset is not its log's end (a diverged
 //!    replica is an error, never a silent second numbering).
 //! 3. Before openraft hears an append is done, the batch is fsynced and
@@ -881,19 +884,9 @@ impl PartitionRaftLog {
                      {named:?} there: the logs diverged"
                 )));
             }
-            let input = ReplicatedBatch {
-                base_offset: Some(base),
-                timestamp_ms: Some(header.max_timestamp_ms),
-                producer_id: header.producer_id,
-                producer_seq: header.producer_seq,
-                records: Vec::new(),
-                stored: Some(Payload(batch.as_bytes().clone())),
-            }
-            .to_input()
-            .map_err(io_error)?;
             let info = inner
                 .log()?
-                .append_deferred_at(&input, header.max_timestamp_ms)
+                .append_stored_deferred(&batch)
                 .map_err(std::io::Error::other)?;
             inner.next_offset = info.last_offset + 1;
             last = Some(info);
