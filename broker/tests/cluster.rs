@@ -1179,6 +1179,91 @@ async fn consumers_are_served_by_one_node_and_a_member_elsewhere_is_sent_there()
     assert_eq!(on, nodes[home].id.to_string());
 }
 
+/// A SEEK of a cluster topic's group is applied where the group is
+/// served: at a node that does not serve consumers it is answered
+/// `WrongNode` with the serving node's address (and the admin API's seek
+/// with 409), and a client connected there follows it. Before, that node
+/// moved its own copy of the group and answered as if done: a seek back
+/// never reached the node that delivers, so nothing came again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_through_a_node_that_does_not_serve_consumers_is_applied_where_they_are() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = leased_cluster_with_orders(root.path(), 2).await;
+    let home = consumer_home(&nodes).await;
+    let other = (home + 1) % nodes.len();
+    let all: BTreeSet<MessageId> = produce(&connect(&nodes[other]).await, "o", 20)
+        .await
+        .into_iter()
+        .collect();
+    let consumer = connect(&nodes[home]).await;
+    let mut subscription = consumer
+        .consumer()
+        .subscribe("orders", "replay", options("m"))
+        .await
+        .unwrap();
+    let mut first = BTreeSet::new();
+    while first.len() < all.len() {
+        let message = next(&mut subscription, Duration::from_secs(10))
+            .await
+            .expect("a delivery");
+        message.ack().await.unwrap();
+        first.insert(message.id);
+    }
+    assert_eq!(first, all);
+    // The acks' sync interval and a metadata commit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let seek = dmq_protocol::Request::Seek(dmq_protocol::Seek {
+        topic: "orders".into(),
+        group: "replay".into(),
+        partition: None,
+        target: dmq_protocol::StartPosition::Earliest,
+        dry_run: false,
+    });
+    let mut raw = common::Connection::hello(nodes[other].client).await;
+    match raw.request(seek).await {
+        dmq_protocol::Response::Error(error) => {
+            assert_eq!(error.code, dmq_protocol::ErrorCode::WrongNode);
+            assert_eq!(error.message, nodes[home].client.to_string());
+        }
+        other => panic!("SEEK at a node that does not serve consumers: {other:?}"),
+    }
+    let api = Api::new(nodes[other].admin, None);
+    let (status, body) = http(move || {
+        api.call(
+            "POST",
+            "/api/topics/orders/groups/replay/seek",
+            Some(r#"{"to": "earliest", "dry_run": false}"#),
+        )
+    })
+    .await;
+    assert_eq!(status, 409, "{body}");
+
+    // A client given only the other node is sent to the serving one.
+    let report = connect(&nodes[other])
+        .await
+        .seek(
+            "orders",
+            "replay",
+            None,
+            dmq_protocol::StartPosition::Earliest,
+            false,
+        )
+        .await
+        .unwrap();
+    let redelivered: u64 = report.partitions.iter().map(|p| p.redelivered).sum();
+    assert_eq!(redelivered, all.len() as u64);
+    let mut again = BTreeSet::new();
+    while again.len() < all.len() {
+        let message = next(&mut subscription, Duration::from_secs(10))
+            .await
+            .expect("every message again after the seek back");
+        message.ack().await.unwrap();
+        again.insert(message.id);
+    }
+    assert_eq!(again, all);
+}
+
 /// When the node serving consumers dies, a consumer given every node
 /// moves to the next metadata leader and carries on; the messages its
 /// group acked before (and replicated) are not delivered again.

@@ -147,6 +147,32 @@ impl Client {
         await_reply(receiver, timeout).await
     }
 
+    /// Sends `request`, one the node serving consumers of cluster topics
+    /// must take (a SEEK): a node that does not serve them answers
+    /// `WrongNode` with the one that does, and the connection moves there
+    /// and sends it again, within the request timeout (an empty address,
+    /// while no node serves, is asked again).
+    async fn request_where_consumers_are_served(&self, request: Request) -> Result<Response> {
+        let timeout = self.options().request_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let conn = self.inner.shared.conn().await?;
+            let receiver = conn.start(request.clone(), None).await?;
+            match await_reply(receiver, timeout).await {
+                Err(ClientError::Broker {
+                    code: dmq_protocol::ErrorCode::WrongNode,
+                    message,
+                }) if tokio::time::Instant::now() < deadline => {
+                    if !message.is_empty() {
+                        conn.redirect_to(&message);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Round trip time of a PING.
     pub async fn ping(&self) -> Result<Duration> {
         let started = Instant::now();
@@ -240,7 +266,9 @@ impl Client {
             target,
             dry_run,
         };
-        let response = self.request(request.into()).await?;
+        let response = self
+            .request_where_consumers_are_served(request.into())
+            .await?;
         expect!(response, SeekReport, "SEEK_REPORT")
     }
 

@@ -530,6 +530,33 @@ struct SeekPartition {
     skipped: u64,
 }
 
+/// A cluster topic's groups are sought at the node serving consumers
+/// (`crate::consumer_lease`): another node's copy of a group delivers
+/// nothing, and a seek back there would never reach the one that does.
+/// 409 elsewhere, naming that node's client address.
+async fn served_here(services: &Services, topic: &str) -> ApiResult<()> {
+    use crate::consumer_lease::ConsumerHome;
+    let Some(cluster) = services.engine.cluster() else {
+        return Ok(());
+    };
+    if !cluster.consumer_lease_enabled() || !cluster.is_cluster_topic(topic) {
+        return Ok(());
+    }
+    match cluster
+        .wait_consumer_home(std::time::Duration::from_secs(1))
+        .await
+    {
+        ConsumerHome::Here => Ok(()),
+        ConsumerHome::At(addr) => Err(ApiError::conflict(format!(
+            "this node does not serve the consumers of cluster topics: seek through the node \
+             that does (client address {addr})"
+        ))),
+        ConsumerHome::Unknown => Err(ApiError::conflict(
+            "no node serves the consumers of cluster topics right now (an election): try again",
+        )),
+    }
+}
+
 async fn seek(
     State(services): State<Services>,
     Path((topic, group)): Path<(String, String)>,
@@ -557,6 +584,7 @@ async fn seek(
     };
     let dry_run = seek.dry_run;
     let partition = seek.partition;
+    served_here(&services, &topic).await?;
     let report = services
         .engine
         .call(move |dispatcher, _| dispatcher.seek(&topic, &group, partition, target, dry_run))

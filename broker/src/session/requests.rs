@@ -154,6 +154,9 @@ impl Session {
             }
             Request::Seek(seek) => {
                 self.authorize(&seek.topic, Right::Consume).await?;
+                // A cluster topic's groups move where they are served:
+                // another node's copy is not the one that delivers.
+                self.consumer_home_check(&seek.topic).await?;
                 let target = convert::start_position(seek.target);
                 let dry_run = seek.dry_run;
                 let report = self

@@ -132,6 +132,25 @@ def test_consumers_at_every_node_of_a_cluster_are_served_by_the_one_that_serves(
             # One node served all three, whichever each client was given
             # (each node would serve its own with the lease off).
             assert len(served_by) == 1 and served_by <= {"1", "2", "3"}, served_by
+            # A seek goes where the group is served, through whichever
+            # node: group through-1 goes back to the start through each
+            # node in turn and gets all 30 again each time (a node that
+            # does not serve consumers answers WrongNode; the client
+            # follows).
+            for index in range(3):
+                async with dmq.Client(cluster.address(index), client_id="py-test") as client:
+                    report = await client.seek("orders", "through-1", dmq.Position.earliest(), dry_run=False)
+                    assert sum(p.redelivered for p in report.partitions) == 30, (index, report)
+                    async with client.consumer("orders", "through-1") as consumer:
+                        again: list[dmq.Message] = []
+                        deadline = time.monotonic() + 30
+                        while len(again) < 30:
+                            message = await consumer.receive(max(0.0, deadline - time.monotonic()))
+                            assert message is not None, f"seek through node {index + 1}: {len(again)} of 30 again"
+                            await message.ack()
+                            again.append(message)
+                        assert sorted(m.message_id for m in again) == expected
+                        assert await consumer.receive(0.5) is None
 
         run(main(), timeout=120)
     finally:

@@ -49,6 +49,9 @@ class AdminCalls:
     async def request(self, body: Body, opcode: Optional[Opcode] = None, timeout: Optional[float] = None) -> Any:
         raise NotImplementedError
 
+    async def request_where_consumers_are_served(self, body: Body) -> Any:
+        raise NotImplementedError
+
     async def ping(self) -> None:
         """PING → PONG."""
         await self.request(Empty(), Opcode.PING)
@@ -83,7 +86,11 @@ class AdminCalls:
 
     async def seek(self, topic: str, group: str, target: Position, *, partition: Optional[int] = None, dry_run: bool = True) -> SeekReport:
         """SEEK; a dry run by default (only reports), like ``dmq group seek``."""
-        result: SeekReport = _expect(await self.request(Seek(topic, group, partition, target, dry_run)), SeekReport)
+        # Applied where the group is served: on a cluster, at the node
+        # serving consumers (another node answers WrongNode with it).
+        result: SeekReport = _expect(
+            await self.request_where_consumers_are_served(Seek(topic, group, partition, target, dry_run)), SeekReport
+        )
         return result
 
     async def cancel_delay(self, message_id: bytes) -> bool:

@@ -304,6 +304,25 @@ class Client(AdminCalls):
         conn = await self.connection()
         return await conn.call(body, self.request_timeout if timeout is None else timeout, opcode)
 
+    async def request_where_consumers_are_served(self, body: Body) -> Any:
+        """:meth:`request` for a request the node serving consumers of
+        cluster topics must take (SEEK): a node that does not serve them
+        answers WrongNode with the one that does, and the connection moves
+        there and sends it again, within ``request_timeout`` (no address,
+        while no node serves, is asked again)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        while True:
+            conn = await self.connection()
+            try:
+                return await conn.call(body, self.request_timeout)
+            except WrongNode as error:
+                if loop.time() >= deadline:
+                    raise
+                if error.address:
+                    conn.abort(error)  # the client reconnects where it says
+                await asyncio.sleep(0.05)
+
     def producer(self, **options: Any) -> Producer:
         """A :class:`~dmq.producer.Producer` on this client."""
         from .producer import Producer
