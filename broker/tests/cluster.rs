@@ -1179,6 +1179,24 @@ async fn consumers_are_served_by_one_node_and_a_member_elsewhere_is_sent_there()
     assert_eq!(on, nodes[home].id.to_string());
 }
 
+/// Takes and acks `count` deliveries of `subscription`, each within
+/// 10 s (panics with `what` otherwise); their ids.
+async fn ack_each(
+    subscription: &mut dmq_client::Subscription,
+    count: usize,
+    what: &str,
+) -> BTreeSet<MessageId> {
+    let mut acked = BTreeSet::new();
+    while acked.len() < count {
+        let message = next(subscription, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("{what}: {} of {count}", acked.len()));
+        message.ack().await.unwrap();
+        acked.insert(message.id);
+    }
+    acked
+}
+
 /// A SEEK of a cluster topic's group is applied where the group is
 /// served: at a node that does not serve consumers it is answered
 /// `WrongNode` with the serving node's address (and the admin API's seek
@@ -1201,15 +1219,10 @@ async fn a_seek_through_a_node_that_does_not_serve_consumers_is_applied_where_th
         .subscribe("orders", "replay", options("m"))
         .await
         .unwrap();
-    let mut first = BTreeSet::new();
-    while first.len() < all.len() {
-        let message = next(&mut subscription, Duration::from_secs(10))
-            .await
-            .expect("a delivery");
-        message.ack().await.unwrap();
-        first.insert(message.id);
-    }
-    assert_eq!(first, all);
+    assert_eq!(
+        ack_each(&mut subscription, all.len(), "a delivery").await,
+        all
+    );
     // The acks' sync interval and a metadata commit.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -1253,14 +1266,12 @@ async fn a_seek_through_a_node_that_does_not_serve_consumers_is_applied_where_th
         .unwrap();
     let redelivered: u64 = report.partitions.iter().map(|p| p.redelivered).sum();
     assert_eq!(redelivered, all.len() as u64);
-    let mut again = BTreeSet::new();
-    while again.len() < all.len() {
-        let message = next(&mut subscription, Duration::from_secs(10))
-            .await
-            .expect("every message again after the seek back");
-        message.ack().await.unwrap();
-        again.insert(message.id);
-    }
+    let again = ack_each(
+        &mut subscription,
+        all.len(),
+        "every message again after the seek",
+    )
+    .await;
     assert_eq!(again, all);
 }
 
@@ -1287,14 +1298,7 @@ async fn a_consumer_follows_the_serving_node_when_it_dies() {
         .subscribe("orders", "follow", options("m"))
         .await
         .unwrap();
-    let mut acked = BTreeSet::new();
-    while acked.len() < 50 {
-        let message = next(&mut subscription, Duration::from_secs(10))
-            .await
-            .expect("a delivery from the serving node");
-        message.ack().await.unwrap();
-        acked.insert(message.id);
-    }
+    let acked = ack_each(&mut subscription, 50, "a delivery from the serving node").await;
     // The acks' sync interval (50 ms) and a metadata commit.
     tokio::time::sleep(Duration::from_secs(1)).await;
     nodes[home].kill();
@@ -1361,14 +1365,7 @@ async fn a_paused_serving_node_delivers_nothing_when_it_resumes() {
         .await
         .unwrap();
     let before: BTreeSet<MessageId> = produce(&producer, "before", 20).await.into_iter().collect();
-    let mut got = BTreeSet::new();
-    while got.len() < before.len() {
-        let message = next(&mut first, Duration::from_secs(10))
-            .await
-            .expect("a delivery from the serving node");
-        message.ack().await.unwrap();
-        got.insert(message.id);
-    }
+    let got = ack_each(&mut first, before.len(), "a delivery from the serving node").await;
     assert_eq!(got, before);
     // The acks' sync interval (50 ms) and a metadata commit.
     tokio::time::sleep(Duration::from_secs(1)).await;

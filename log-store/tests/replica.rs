@@ -41,23 +41,17 @@ fn as_sent(batch: &BatchInput, ids: &[dmq_log_store::MessageId]) -> BatchInput {
     }
 }
 
+/// A log of 16 KiB segments under `dir` whose clock reads `now_ms`.
+fn opened_at(dir: &std::path::Path, now_ms: i64) -> Log {
+    Log::open_with_clock(dir, config(16 * 1024), Arc::new(ManualClock::new(now_ms))).expect("open")
+}
+
 #[test]
 fn a_replica_appending_its_leaders_timestamps_holds_the_same_records() {
-    let leader_dir = common::scratch_dir();
-    let replica_dir = common::scratch_dir();
-    let leader = Log::open_with_clock(
-        leader_dir.path(),
-        config(16 * 1024),
-        Arc::new(ManualClock::new(1_000_000)),
-    )
-    .expect("leader");
+    let (leader_dir, replica_dir) = (common::scratch_dir(), common::scratch_dir());
+    let leader = opened_at(leader_dir.path(), 1_000_000);
     // The replica's clock is an hour behind: it must not matter.
-    let replica = Log::open_with_clock(
-        replica_dir.path(),
-        config(16 * 1024),
-        Arc::new(ManualClock::new(1_000_000 - 3_600_000)),
-    )
-    .expect("replica");
+    let replica = opened_at(replica_dir.path(), 1_000_000 - 3_600_000);
     let mut expected = Vec::new();
     for tag in 0..40 {
         let batch = small_batch(tag, 1 + (tag as usize % 7), 100);
@@ -86,21 +80,10 @@ fn a_replica_appending_its_leaders_timestamps_holds_the_same_records() {
 
 #[test]
 fn a_replica_appending_its_leaders_stored_batches_holds_the_same_bytes() {
-    let leader_dir = common::scratch_dir();
-    let replica_dir = common::scratch_dir();
-    let leader = Log::open_with_clock(
-        leader_dir.path(),
-        config(16 * 1024),
-        Arc::new(ManualClock::new(1_000_000)),
-    )
-    .expect("leader");
+    let (leader_dir, replica_dir) = (common::scratch_dir(), common::scratch_dir());
+    let leader = opened_at(leader_dir.path(), 1_000_000);
     // The replica's clock is an hour behind: it must not matter.
-    let replica = Log::open_with_clock(
-        replica_dir.path(),
-        config(16 * 1024),
-        Arc::new(ManualClock::new(1_000_000 - 3_600_000)),
-    )
-    .expect("replica");
+    let replica = opened_at(replica_dir.path(), 1_000_000 - 3_600_000);
     let mut expected = Vec::new();
     for tag in 0..40 {
         let batch = small_batch(tag, 1 + (tag as usize % 7), 100);
@@ -154,12 +137,7 @@ fn a_replica_appending_its_leaders_stored_batches_holds_the_same_bytes() {
         Err(LogError::InvalidBatch(_))
     ));
     let other_dir = common::scratch_dir();
-    let earlier = Log::open_with_clock(
-        other_dir.path(),
-        config(16 * 1024),
-        Arc::new(ManualClock::new(5)),
-    )
-    .expect("earlier");
+    let earlier = opened_at(other_dir.path(), 5);
     for tag in 0..40 {
         earlier
             .append(&small_batch(tag, 1 + (tag as usize % 7), 100))

@@ -80,6 +80,20 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+async def ack_each(consumer: dmq.Consumer, count: int, what: str) -> list[bytes]:
+    """Receives and acks ``count`` messages within 30 s, then checks that
+    nothing more comes for half a second; their sorted ids."""
+    got: list[dmq.Message] = []
+    deadline = time.monotonic() + 30
+    while len(got) < count:
+        message = await consumer.receive(max(0.0, deadline - time.monotonic()))
+        assert message is not None, f"{what}: only {len(got)} of {count} arrived"
+        await message.ack()
+        got.append(message)
+    assert await consumer.receive(0.5) is None, f"{what}: more than {count}"
+    return sorted(m.message_id for m in got)
+
+
 def test_consumers_at_every_node_of_a_cluster_are_served_by_the_one_that_serves() -> None:
     """A topic created through node 1, 30 messages produced through node 2;
     a group consumed through each of the three nodes gets all 30 once,
@@ -114,16 +128,8 @@ def test_consumers_at_every_node_of_a_cluster_are_served_by_the_one_that_serves(
             for index in range(3):
                 async with dmq.Client(cluster.address(index), client_id="py-test") as client:
                     async with client.consumer("orders", f"through-{index + 1}") as consumer:
-                        got: list[dmq.Message] = []
-                        deadline = time.monotonic() + 30
-                        while len(got) < 30:
-                            message = await consumer.receive(max(0.0, deadline - time.monotonic()))
-                            assert message is not None, f"node {index + 1}: only {len(got)} of 30 arrived"
-                            await message.ack()
-                            got.append(message)
-                        assert sorted(m.message_id for m in got) == expected
-                        # Nothing more: each message came once.
-                        assert await consumer.receive(0.5) is None
+                        # Each once: nothing more comes.
+                        assert await ack_each(consumer, 30, f"node {index + 1}") == expected
                         # The node the consumer ended up on names itself
                         # in HELLO_OK (a cluster node: its node id).
                         hello = (await client.connection()).hello
@@ -142,15 +148,8 @@ def test_consumers_at_every_node_of_a_cluster_are_served_by_the_one_that_serves(
                     report = await client.seek("orders", "through-1", dmq.Position.earliest(), dry_run=False)
                     assert sum(p.redelivered for p in report.partitions) == 30, (index, report)
                     async with client.consumer("orders", "through-1") as consumer:
-                        again: list[dmq.Message] = []
-                        deadline = time.monotonic() + 30
-                        while len(again) < 30:
-                            message = await consumer.receive(max(0.0, deadline - time.monotonic()))
-                            assert message is not None, f"seek through node {index + 1}: {len(again)} of 30 again"
-                            await message.ack()
-                            again.append(message)
-                        assert sorted(m.message_id for m in again) == expected
-                        assert await consumer.receive(0.5) is None
+                        again = await ack_each(consumer, 30, f"seek through node {index + 1}")
+                        assert again == expected
 
         run(main(), timeout=120)
     finally:
