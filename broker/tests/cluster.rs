@@ -1201,8 +1201,9 @@ async fn ack_each(
 /// served: at a node that does not serve consumers it is answered
 /// `WrongNode` with the serving node's address (and the admin API's seek
 /// with 409), and a client connected there follows it. Before, that node
-/// moved its own copy of the group and answered as if done: a seek back
-/// never reached the node that delivers, so nothing came again.
+/// answered from its own view of the group: `UnknownGroup` here, since no
+/// consumer of it had subscribed there (had one, it would have moved its
+/// own copy, which delivers nothing, and answered as if done).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seek_through_a_node_that_does_not_serve_consumers_is_applied_where_they_are() {
     let root = tempfile::tempdir().unwrap();

@@ -321,6 +321,18 @@ pub enum PartitionCommand {
         /// The last Raft index that may be purged.
         upto: u64,
     },
+    /// An idempotent producer's batch that the leader's log already held
+    /// when the producer proposed it again (a retry through another node
+    /// while the first was waiting for its quorum, or committed after the
+    /// retrying node last caught up): stored as a row only, naming the
+    /// first, and answered with the first's offsets and ids. Only a
+    /// leader's log makes one, from a [`PartitionCommand::Batch`].
+    Duplicate {
+        /// Where the first batch starts.
+        base_offset: u64,
+        /// Its records.
+        count: u32,
+    },
 }
 
 /// What applying a committed batch answers: where its records are.
@@ -339,10 +351,22 @@ pub struct AppendedBatch {
 /// What the row journal keeps of an entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum RowKind {
-    Records { base_offset: u64, count: u32 },
+    Records {
+        base_offset: u64,
+        count: u32,
+    },
     Blank,
     Membership(Membership<NodeId, BasicNode>),
-    PurgeAllowed { upto: u64 },
+    PurgeAllowed {
+        upto: u64,
+    },
+    /// An idempotent producer's retry of the batch at `base_offset`
+    /// (`count` records), which this log already held: no records of its
+    /// own ([`PartitionCommand::Duplicate`]).
+    Duplicate {
+        base_offset: u64,
+        count: u32,
+    },
 }
 
 /// A Raft entry's row: its log id, where its data is, and the partition
@@ -385,6 +409,86 @@ struct Inner {
     snapshot_end: u64,
     /// Entries lately read back, for their next reader.
     recent: RecentEntries,
+    /// Idempotent producers' batches lately appended, to find a retry.
+    producer_batches: ProducerBatches,
+}
+
+/// The idempotent producers' batches lately appended to a replica's log,
+/// by producer id and sequence, so that a leader appends a proposal it
+/// already holds as a [`RowKind::Duplicate`] naming the first, not as a
+/// second copy.
+///
+/// A node's dedup window answers a retry only with batches its replicas
+/// applied (and a retry's first batch on a connection waits for them to
+/// catch up with the leader's read index), so a retry through another
+/// node while the first was still waiting for its quorum at the leader,
+/// or committed just after the retrying node caught up, used to be stored
+/// twice. The leader's log is where every proposal of a partition meets:
+/// Kafka's partition leaders check producer sequences at append for the
+/// same reason. Every replica keeps one (a follower may lead next, with
+/// its predecessor's tail not yet applied). Bounded by [`Self::MAX`]
+/// batches, the oldest going first; one that fell out, or was appended
+/// before the replica opened, is left to the nodes' windows, which hold
+/// committed batches.
+#[derive(Debug, Default)]
+struct ProducerBatches {
+    by_sequence: std::collections::HashMap<(u64, u64), ProducerBatch>,
+    /// Raft index → (producer id, sequence), oldest first.
+    by_index: std::collections::BTreeMap<u64, (u64, u64)>,
+}
+
+/// Where an idempotent producer's batch is in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProducerBatch {
+    index: u64,
+    base_offset: u64,
+    count: u32,
+}
+
+impl ProducerBatches {
+    /// Batches kept at most (about 80 bytes each).
+    const MAX: usize = 4096;
+
+    fn note(&mut self, producer: (u64, u64), batch: ProducerBatch) {
+        if producer.0 == 0 {
+            return;
+        }
+        if let Some(old) = self.by_sequence.insert(producer, batch) {
+            self.by_index.remove(&old.index);
+        }
+        self.by_index.insert(batch.index, producer);
+        while self.by_index.len() > Self::MAX {
+            let Some((_, oldest)) = self.by_index.pop_first() else {
+                break;
+            };
+            self.by_sequence.remove(&oldest);
+        }
+    }
+
+    /// The batch of `count` records this producer appended as `sequence`.
+    fn find(&self, producer: (u64, u64), count: usize) -> Option<ProducerBatch> {
+        self.by_sequence
+            .get(&producer)
+            .filter(|batch| batch.count as usize == count)
+            .copied()
+    }
+
+    /// Forgets the batches of entries at `index` and after (truncated).
+    fn forget_from(&mut self, index: u64) {
+        for (_, producer) in self.by_index.split_off(&index) {
+            self.by_sequence.remove(&producer);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_sequence.clear();
+        self.by_index.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_index.len()
+    }
 }
 
 /// Record entries lately read back from the log, by Raft log index, so
@@ -514,6 +618,7 @@ impl Inner {
     /// Closes the log, cuts it back to `end`, and opens it again.
     fn cut_log(&mut self, end: u64) -> Result<(), std::io::Error> {
         self.recent.clear();
+        self.producer_batches.clear();
         drop(self.log.take());
         truncate_closed_log(&self.log_dir, end).map_err(std::io::Error::other)?;
         let log =
@@ -538,6 +643,20 @@ impl Inner {
                 EntryPayload::Normal(PartitionCommand::PurgeAllowed { upto }) => {
                     RowKind::PurgeAllowed { upto }
                 }
+                EntryPayload::Normal(PartitionCommand::Duplicate { base_offset, count }) => {
+                    // As the leader's log made it: the batch it names is
+                    // here too, below this log's end.
+                    if base_offset + u64::from(count) > self.next_offset {
+                        return Err(io_error(format!(
+                            "entry {} names a first batch [{base_offset}, {}) beyond the log's \
+                             end {}: diverged",
+                            entry.log_id,
+                            base_offset + u64::from(count),
+                            self.next_offset
+                        )));
+                    }
+                    RowKind::Duplicate { base_offset, count }
+                }
                 EntryPayload::Normal(PartitionCommand::Batch(batch)) => {
                     if let Some(base) = batch.base_offset {
                         if base != self.next_offset {
@@ -547,34 +666,51 @@ impl Inner {
                             )));
                         }
                     }
-                    let info = match (&batch.stored, batch.timestamp_ms) {
-                        // A batch as the leader stored it: the same bytes
-                        // here, checked once (by its decode).
-                        (Some(_), _) => {
-                            let stored = batch.stored_batch().map_err(io_error)?;
-                            self.log()?.append_stored_deferred(&stored)
+                    if let Some(kind) = self.duplicate(entry.log_id.index, &batch) {
+                        kind
+                    } else {
+                        let (info, producer) = match (&batch.stored, batch.timestamp_ms) {
+                            // A batch as the leader stored it: the same
+                            // bytes here, checked once (by its decode).
+                            (Some(_), _) => {
+                                let stored = batch.stored_batch().map_err(io_error)?;
+                                let header = stored.header();
+                                let producer = (header.producer_id, header.producer_seq);
+                                (self.log()?.append_stored_deferred(&stored), producer)
+                            }
+                            (None, Some(timestamp)) => {
+                                let input = batch.to_input().map_err(io_error)?;
+                                let producer = (input.producer_id, input.producer_seq);
+                                (self.log()?.append_deferred_at(&input, timestamp), producer)
+                            }
+                            (None, None) => {
+                                let input = batch.to_input().map_err(io_error)?;
+                                let producer = (input.producer_id, input.producer_seq);
+                                (self.log()?.append_deferred(&input), producer)
+                            }
+                        };
+                        let info = info.map_err(std::io::Error::other)?;
+                        if batch.base_offset.is_none() {
+                            self.assigned_ids
+                                .insert(entry.log_id.index, info.ids.clone());
                         }
-                        (None, Some(timestamp)) => {
-                            let input = batch.to_input().map_err(io_error)?;
-                            self.log()?.append_deferred_at(&input, timestamp)
-                        }
-                        (None, None) => {
-                            let input = batch.to_input().map_err(io_error)?;
-                            self.log()?.append_deferred(&input)
-                        }
+                        self.next_offset = info.last_offset + 1;
+                        let count = (info.last_offset + 1 - info.base_offset) as u32;
+                        self.producer_batches.note(
+                            producer,
+                            ProducerBatch {
+                                index: entry.log_id.index,
+                                base_offset: info.base_offset,
+                                count,
+                            },
+                        );
+                        let kind = RowKind::Records {
+                            base_offset: info.base_offset,
+                            count,
+                        };
+                        last = Some(info);
+                        kind
                     }
-                    .map_err(std::io::Error::other)?;
-                    if batch.base_offset.is_none() {
-                        self.assigned_ids
-                            .insert(entry.log_id.index, info.ids.clone());
-                    }
-                    self.next_offset = info.last_offset + 1;
-                    let kind = RowKind::Records {
-                        base_offset: info.base_offset,
-                        count: (info.last_offset + 1 - info.base_offset) as u32,
-                    };
-                    last = Some(info);
-                    kind
                 }
                 EntryPayload::Blank => RowKind::Blank,
                 EntryPayload::Membership(membership) => RowKind::Membership(membership),
@@ -593,8 +729,50 @@ impl Inner {
         self.rows.write(rows)
     }
 
+    /// A leader's proposal `batch` (entry `index`) of an idempotent
+    /// producer whose batch of that sequence and size this log already
+    /// holds: its row, naming the first, with the first's ids kept to
+    /// answer it. `None` (append it) for any other batch, and when the
+    /// first's ids cannot be read (then stored twice: at least once).
+    fn duplicate(&mut self, index: u64, batch: &ReplicatedBatch) -> Option<RowKind> {
+        if batch.base_offset.is_some() || batch.producer_id == 0 {
+            return None;
+        }
+        let first = self
+            .producer_batches
+            .find((batch.producer_id, batch.producer_seq), batch.records.len())?;
+        let ids = match self.assigned_ids.get(&first.index) {
+            Some(ids) => ids.clone(),
+            None => {
+                let stored = self.log().ok()?.read(first.base_offset, 1).ok()?;
+                let stored = stored
+                    .into_iter()
+                    .find(|b| b.base_offset() == first.base_offset)?;
+                stored
+                    .records()
+                    .map(|record| record.map(|r| r.id))
+                    .collect::<Result<Vec<MessageId>, _>>()
+                    .ok()?
+            }
+        };
+        if ids.len() != first.count as usize {
+            return None;
+        }
+        self.assigned_ids.insert(index, ids);
+        Some(RowKind::Duplicate {
+            base_offset: first.base_offset,
+            count: first.count,
+        })
+    }
+
     fn entry(&self, row: &EntryRow) -> Result<PartitionEntry, std::io::Error> {
         let payload = match &row.kind {
+            RowKind::Duplicate { base_offset, count } => {
+                EntryPayload::Normal(PartitionCommand::Duplicate {
+                    base_offset: *base_offset,
+                    count: *count,
+                })
+            }
             RowKind::Blank => EntryPayload::Blank,
             RowKind::Membership(membership) => EntryPayload::Membership(membership.clone()),
             RowKind::PurgeAllowed { upto } => {
@@ -695,6 +873,7 @@ impl PartitionRaftLog {
             repair: None,
             snapshot_end,
             recent: RecentEntries::default(),
+            producer_batches: ProducerBatches::default(),
         };
         if let Some(from) = damaged_from.filter(|&from| from < inner.next_offset) {
             tracing::warn!(
@@ -1113,6 +1292,7 @@ impl RaftLogStorage<PartitionTypes> for PartitionRaftLog {
             let mut inner = self.lock();
             inner.rows.write(vec![LogOp::Truncate(log_id.index)])?;
             inner.assigned_ids.retain(|&index, _| index < log_id.index);
+            inner.producer_batches.forget_from(log_id.index);
             inner.recent.clear();
             let end = inner.row_end();
             if end < inner.next_offset {
@@ -1470,6 +1650,12 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                         ids: ids.into_iter().map(|id| id.0).collect(),
                     }
                 }
+                // Answered as the first was: it was committed before.
+                Some(RowKind::Duplicate { base_offset, count }) => AppendedBatch {
+                    base_offset,
+                    count,
+                    ids: ids.into_iter().map(|id| id.0).collect(),
+                },
                 _ => AppendedBatch {
                     base_offset: end,
                     count: 0,
@@ -1703,6 +1889,143 @@ mod tests {
             .is_some());
         recent.forget_through(4);
         assert_eq!((recent.len(), recent.bytes), (0, 0));
+    }
+
+    /// [`normal`], of idempotent producer `producer` (id, sequence).
+    fn idempotent(index: u64, values: &[&str], producer: (u64, u64)) -> PartitionEntry {
+        let mut entry = normal(index, values);
+        if let EntryPayload::Normal(PartitionCommand::Batch(batch)) = &mut entry.payload {
+            (batch.producer_id, batch.producer_seq) = producer;
+        }
+        entry
+    }
+
+    fn row_kind(log: &PartitionRaftLog, index: u64) -> RowKind {
+        log.row(index).expect("row").kind
+    }
+
+    #[test]
+    fn a_batch_the_log_holds_proposed_again_is_a_row_naming_the_first() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+        log.lock()
+            .append(vec![idempotent(1, &["a", "b"], (9, 0)), normal(2, &["c"])])
+            .expect("append");
+        // The producer's retry while the first waits for its quorum: no
+        // records, answered with the first's ids.
+        log.lock()
+            .append(vec![idempotent(3, &["a", "b"], (9, 0))])
+            .expect("append");
+        assert_eq!(log.end_offset(), 3, "stored once");
+        assert!(matches!(
+            row_kind(&log, 3),
+            RowKind::Duplicate {
+                base_offset: 0,
+                count: 2
+            }
+        ));
+        let first = log.take_assigned_ids(1);
+        assert_eq!(first.len(), 2);
+        assert_eq!(log.take_assigned_ids(3), first);
+        // Once the first was applied (its ids taken): read from the log.
+        log.lock()
+            .append(vec![idempotent(4, &["a", "b"], (9, 0))])
+            .expect("append");
+        assert_eq!(log.take_assigned_ids(4), first);
+        // Another size, another producer, no producer: appended.
+        log.lock()
+            .append(vec![
+                idempotent(5, &["x"], (9, 0)),
+                idempotent(6, &["d", "e"], (8, 0)),
+                normal(7, &["a", "b"]),
+            ])
+            .expect("append");
+        assert_eq!(log.end_offset(), 8);
+
+        // A follower appends the entries as read back: the same rows, the
+        // same records.
+        let follower_dir = tempfile::tempdir().expect("dir");
+        let mut follower =
+            PartitionRaftLog::open(follower_dir.path(), LogConfig::default()).expect("open");
+        for index in 1..=7 {
+            let sent = {
+                let inner = log.lock();
+                let row = inner.rows.rows.get(&index).expect("row").clone();
+                inner.entry(&row).expect("read back")
+            };
+            follower.lock().append(vec![sent]).expect("append");
+        }
+        assert_eq!(follower.end_offset(), 8);
+        assert!(matches!(
+            row_kind(&follower, 4),
+            RowKind::Duplicate {
+                base_offset: 0,
+                count: 2
+            }
+        ));
+        assert_same_records(&follower, &log, 8);
+        // It knows the batches it was sent: leading next, it takes a retry
+        // of one as a row too, with the ids its leader gave.
+        follower
+            .lock()
+            .append(vec![idempotent(8, &["d", "e"], (8, 0))])
+            .expect("append");
+        assert_eq!(follower.end_offset(), 8);
+        let stored: Vec<MessageId> = log
+            .records(4, 6)
+            .expect("read")
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(follower.take_assigned_ids(8), stored);
+
+        // A truncated batch is no longer found: its retry is appended.
+        let runtime = rt();
+        runtime
+            .block_on(follower.truncate(LogId::new(CommittedLeaderId::new(1, 1), 6)))
+            .expect("truncate");
+        assert_eq!(follower.end_offset(), 4);
+        follower
+            .lock()
+            .append(vec![idempotent(6, &["d", "e"], (8, 0))])
+            .expect("append");
+        assert_eq!(follower.end_offset(), 6);
+        // A first batch beyond the log's end is refused as diverged.
+        let beyond = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 7),
+            payload: EntryPayload::Normal(PartitionCommand::Duplicate {
+                base_offset: 7,
+                count: 2,
+            }),
+        };
+        let error = follower.lock().append(vec![beyond]).expect_err("refused");
+        assert!(error.to_string().contains("diverged"), "{error}");
+    }
+
+    #[test]
+    fn producer_batches_are_bounded_oldest_first() {
+        let mut batches = ProducerBatches::default();
+        for index in 0..=ProducerBatches::MAX as u64 {
+            let batch = ProducerBatch {
+                index,
+                base_offset: index,
+                count: 1,
+            };
+            batches.note((1, index), batch);
+        }
+        assert_eq!(batches.len(), ProducerBatches::MAX);
+        assert_eq!(batches.find((1, 0), 1), None, "the oldest went");
+        assert!(batches.find((1, 1), 1).is_some());
+        // Not an idempotent producer: not kept.
+        batches.note(
+            (0, 5),
+            ProducerBatch {
+                index: 9999,
+                base_offset: 0,
+                count: 1,
+            },
+        );
+        assert_eq!(batches.len(), ProducerBatches::MAX);
     }
 
     #[test]

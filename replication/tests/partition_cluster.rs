@@ -249,6 +249,91 @@ async fn a_write_through_a_follower_is_forwarded_and_answered_with_the_leaders_i
     }
 }
 
+/// A proposal of idempotent producer 42's batch `sequence`.
+fn idempotent(tag: &str, sequence: u64) -> dmq_replication::PartitionCommand {
+    let mut proposal = dmq_replication::ReplicatedBatch::propose(batch(tag, 3));
+    proposal.producer_id = 42;
+    proposal.producer_seq = sequence;
+    dmq_replication::PartitionCommand::Batch(proposal)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_batch_proposed_again_at_its_leader_is_stored_once() {
+    // A producer's retry through another node reaches the partition's
+    // leader as a second proposal of the same batch: after the first was
+    // committed (the retrying node had not applied it yet), or while the
+    // first still waits for its quorum. Before the leader's log looked
+    // for it, each was stored twice.
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = start_group(&dirs).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let first = by_id(&nodes, leader)
+        .write(idempotent("first", 0))
+        .await
+        .expect("write");
+    let follower = nodes.iter().find(|n| n.id() != leader).expect("follower");
+    let again = follower
+        .write(idempotent("first", 0))
+        .await
+        .expect("write again through a follower");
+    assert_eq!(again, first, "answered with the first's offsets and ids");
+    assert_eq!(by_id(&nodes, leader).log_end(), 3, "stored once");
+
+    // Both followers go: the first try of batch 1 waits for its quorum,
+    // and so does its retry.
+    let addrs: BTreeMap<u64, SocketAddr> = nodes.iter().map(|n| (n.id(), n.addr())).collect();
+    let index = nodes.iter().position(|n| n.id() == leader).expect("leader");
+    let lone = nodes.remove(index);
+    for follower in nodes.drain(..) {
+        follower.shutdown().await;
+    }
+    let waiting = tokio::spawn(lone.propose(idempotent("second", 1)).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retry = tokio::spawn(lone.propose(idempotent("second", 1)).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished() && !retry.is_finished(),
+        "no quorum yet"
+    );
+    assert_eq!(lone.log_end(), 6, "the retry appended no records");
+    for (&id, &addr) in &addrs {
+        if id != leader {
+            nodes.push(start(id, dirs[id as usize - 1].path(), addr).await);
+        }
+    }
+    let waiting = waiting.await.expect("join").expect("committed");
+    let retry = retry.await.expect("join").expect("committed");
+    assert_eq!((waiting.base_offset, waiting.count), (3, 3));
+    assert_eq!(retry, waiting);
+    nodes.push(lone);
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, 6, Duration::from_secs(10)).await;
+    for node in &nodes {
+        assert_eq!(node.log_end(), 6, "node {}", node.id());
+    }
+    // Every replica reopens with the rows that name a first batch.
+    let ids: Vec<u64> = nodes.iter().map(|n| n.id()).collect();
+    for node in nodes.drain(..) {
+        node.shutdown().await;
+    }
+    for id in ids {
+        nodes.push(start(id, dirs[id as usize - 1].path(), addrs[&id]).await);
+    }
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    let third = by_id(&nodes, leader)
+        .write(idempotent("third", 2))
+        .await
+        .expect("write after a restart");
+    assert_eq!(third.base_offset, 6);
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    converged(&all, 9, Duration::from_secs(10)).await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_far_behind_catches_up_in_pieces() {
     // 100 batches of 700 KiB while a follower is down: its backlog (70 MB)
