@@ -143,7 +143,10 @@ impl Broker {
             admin_stopped.clone(),
         ));
         if let Some(cluster) = &cluster {
-            tokio::spawn(Arc::clone(cluster).keep_consumer_lease(admin_stopped.clone()));
+            tokio::spawn(
+                Arc::clone(cluster)
+                    .keep_consumer_lease(services.engine.clone(), admin_stopped.clone()),
+            );
             tokio::spawn(Arc::clone(cluster).follow_topics(
                 services.engine.clone(),
                 services.registry.clone(),

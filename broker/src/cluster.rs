@@ -434,13 +434,55 @@ impl Cluster {
     }
 
     /// Keeps this node's consumer lease until `stop` (one round per
-    /// heartbeat).
-    pub async fn keep_consumer_lease(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+    /// heartbeat). Before it serves in a term, `engine`'s dispatcher drops
+    /// its idle copies of cluster topics' groups (synced first, and this
+    /// node's journal writes committed), so that each is loaded again from
+    /// its replicated journal: a copy loaded when this node last served
+    /// merged only acks since, not the seeks of the node that served in
+    /// between (a replay it began would not go on here).
+    pub async fn keep_consumer_lease(
+        self: Arc<Self>,
+        engine: Engine,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let Some(lease) = &self.consumer_lease else {
             return;
         };
         let every = Duration::from_millis(self.config.heartbeat_ms);
-        lease.keep(Arc::clone(&self.metadata), every, stop).await;
+        let refresh = || {
+            let engine = engine.clone();
+            let storage = Arc::clone(&self.storage);
+            let journals = Arc::clone(&self.journals);
+            async move {
+                let unloaded = engine
+                    .call(move |dispatcher, _| {
+                        dispatcher.unload_idle_groups(|topic| storage.is_replicated(topic))
+                    })
+                    .await;
+                match unloaded {
+                    Ok(Ok(groups)) => {
+                        if groups > 0 {
+                            tracing::info!(
+                                groups,
+                                "taking over consumers: this node's idle copies of cluster \
+                                 topics' groups load again from their replicated journals"
+                            );
+                        }
+                        // Its own last syncs of them must be in the journals
+                        // a copy loads from.
+                        journals.drain(Duration::from_secs(2)).await
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "taking over consumers: refreshing groups failed");
+                        false
+                    }
+                    Err(_) => false,
+                }
+            }
+        };
+        lease
+            .keep(Arc::clone(&self.metadata), every, stop, refresh)
+            .await;
     }
 
     /// Whether this node may hand deliveries of cluster topics to its

@@ -24,7 +24,13 @@
 //!   while [`ConsumerLease::serving_now`] holds: it leads the metadata
 //!   group, has led it for `takeover`, and a quorum confirmed that within
 //!   the last `lease` (the monotonic clock: a process paused past its lease
-//!   finds it expired when it resumes, before its lease task runs again).
+//!   finds it expired when it resumes, before its lease task runs again),
+//!   and, once per term, after `takeover`, it refreshed its copies of the
+//!   groups (the `refresh` given to [`ConsumerLease::keep`]: the broker
+//!   drops its idle copies of cluster topics' groups, so that each loads
+//!   again from its replicated journal with what the node that served in
+//!   between did, seeks included; merging from the journal only adds
+//!   acks).
 //! - A deposed leader's last confirmation was asked for before the next
 //!   leader was elected (a member that voted for the next term answers no
 //!   heartbeat of the old one), so it stops serving at most `lease` after
@@ -68,6 +74,8 @@ struct LeaseState {
     leading: Option<(u64, Instant)>,
     /// Until when the last confirmation lets it serve.
     confirmed_until: Option<Instant>,
+    /// The term whose takeover refreshed this node's copies of the groups.
+    refreshed: Option<u64>,
 }
 
 impl ConsumerLease {
@@ -97,10 +105,9 @@ impl ConsumerLease {
 
     fn serving_at(&self, now: Instant) -> bool {
         let state = self.state();
-        state
-            .leading
-            .is_some_and(|(_, since)| now >= since + self.takeover)
-            && state.confirmed_until.is_some_and(|until| now < until)
+        state.leading.is_some_and(|(term, since)| {
+            now >= since + self.takeover && state.refreshed == Some(term)
+        }) && state.confirmed_until.is_some_and(|until| now < until)
     }
 
     /// Changes to whether this node serves (updated by [`Self::keep`] each
@@ -109,12 +116,15 @@ impl ConsumerLease {
         self.serving.subscribe()
     }
 
-    /// Renews the lease every `every` until `stop`.
-    pub async fn keep(
+    /// Renews the lease every `every` until `stop`. In each term this node
+    /// leads, once its takeover wait is over, `refresh` runs before it
+    /// serves (again next round until it answers true).
+    pub async fn keep<F: std::future::Future<Output = bool>>(
         &self,
         metadata: std::sync::Arc<MetadataNode>,
         every: Duration,
         mut stop: watch::Receiver<bool>,
+        refresh: impl Fn() -> F,
     ) {
         let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,15 +133,20 @@ impl ConsumerLease {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|stop| *stop) => break,
             }
-            self.renew(&metadata).await;
+            self.renew(&metadata, &refresh).await;
         }
         self.state().confirmed_until = None;
         self.serving.send_replace(false);
     }
 
     /// One round: notes whether this node leads (and since when), asks a
-    /// quorum to confirm it, and publishes whether it serves.
-    async fn renew(&self, metadata: &MetadataNode) {
+    /// quorum to confirm it, refreshes once per term after the takeover
+    /// wait, and publishes whether it serves.
+    async fn renew<F: std::future::Future<Output = bool>>(
+        &self,
+        metadata: &MetadataNode,
+        refresh: &impl Fn() -> F,
+    ) {
         let term = metadata.leading_term();
         {
             let mut state = self.state();
@@ -148,6 +163,25 @@ impl ConsumerLease {
             let mut state = self.state();
             if confirmed && state.leading.map(|(t, _)| t) == term {
                 state.confirmed_until = Some(asked + self.lease);
+            }
+        }
+        let due = {
+            let state = self.state();
+            match state.leading {
+                Some((term, since))
+                    if Instant::now() >= since + self.takeover && state.refreshed != Some(term) =>
+                {
+                    Some(term)
+                }
+                _ => None,
+            }
+        };
+        if let Some(term) = due {
+            if refresh().await {
+                let mut state = self.state();
+                if state.leading.map(|(t, _)| t) == Some(term) {
+                    state.refreshed = Some(term);
+                }
             }
         }
         let serving = self.serving_now();
@@ -192,6 +226,13 @@ mod tests {
         assert!(!lease.serving_at(at(100)), "within the takeover wait");
         assert!(!lease.serving_at(at(400)), "confirmed too long ago");
         lease.state().confirmed_until = Some(at(600));
+        assert!(
+            !lease.serving_at(at(400)),
+            "its copies of the groups not refreshed yet"
+        );
+        lease.state().refreshed = Some(2);
+        assert!(!lease.serving_at(at(400)), "refreshed in another term");
+        lease.state().refreshed = Some(3);
         assert!(lease.serving_at(at(400)));
         assert!(lease.serving_at(at(599)));
         assert!(

@@ -1499,3 +1499,91 @@ async fn a_deletion_through_one_node_holds_on_every_node() {
         }
     }
 }
+
+/// A node taking over consumers goes on with a replay that the node
+/// serving before it began. A node that served the group before (and
+/// loaded it again when restarted) holds a copy of it, and merging from
+/// the replicated journal only adds acks: before the takeover dropped idle
+/// copies, such a node held every message acked and the rest of the
+/// replay never came. Each round begins a replay at the serving node and
+/// kills it part way through; rounds go on until the next serving node is
+/// one that served before (at most three: then every node has).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_goes_on_with_the_replay_the_last_serving_node_began() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = leased_cluster_with_orders(root.path(), 1).await;
+    let mut home = consumer_home(&nodes).await;
+    let producer = client_of(&nodes, &[(home + 1) % nodes.len()]).await;
+    let all: BTreeSet<MessageId> = produce(&producer, "r", 20).await.into_iter().collect();
+    drop(producer);
+    let order: Vec<usize> = (0..nodes.len())
+        .map(|step| (home + step) % nodes.len())
+        .collect();
+    let client = client_of(&nodes, &order).await;
+    // One message at a time, each ack sent at once: none is held in the
+    // client when its node is killed.
+    let one_at_a_time = dmq_client::SubscribeOptions {
+        credit_window: 1,
+        ack_linger: Duration::ZERO,
+        ..options("m")
+    };
+    let mut subscription = client
+        .consumer()
+        .subscribe("orders", "replay", one_at_a_time)
+        .await
+        .unwrap();
+    assert_eq!(
+        ack_each(&mut subscription, all.len(), "a delivery").await,
+        all
+    );
+    let mut served = BTreeSet::from([home]);
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds <= 3, "every node has served within three rounds");
+        let report = client
+            .seek(
+                "orders",
+                "replay",
+                None,
+                dmq_protocol::StartPosition::Earliest,
+                false,
+            )
+            .await
+            .unwrap();
+        let redelivered: u64 = report.partitions.iter().map(|p| p.redelivered).sum();
+        assert_eq!(redelivered, all.len() as u64, "round {rounds}");
+        let replayed = ack_each(&mut subscription, 8, "the replay's first messages").await;
+        // The acks' sync interval and a metadata commit.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        nodes[home].kill();
+        let next_home = consumer_home(&nodes).await;
+
+        let mut rest = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while replayed.len() + rest.len() < all.len() && Instant::now() < deadline {
+            if let Some(message) = next(&mut subscription, Duration::from_secs(1)).await {
+                assert!(
+                    !replayed.contains(&message.id),
+                    "round {rounds}: a message of the replay acked before the takeover came again"
+                );
+                rest.insert(message.id);
+                let _ = message.ack().await;
+            }
+        }
+        assert_eq!(
+            replayed.union(&rest).copied().collect::<BTreeSet<_>>(),
+            all,
+            "round {rounds}: the rest of the replay, through node {} (served before: {})",
+            nodes[next_home].id,
+            served.contains(&next_home)
+        );
+        nodes[home].start(&configs[home]);
+        // The last acks in before the next round's seek.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !served.insert(next_home) {
+            break;
+        }
+        home = next_home;
+    }
+}

@@ -1165,3 +1165,59 @@ fn failed_attempts_merged_from_another_node_go_on_counting() {
     here.dispatcher.checkpoint().unwrap();
     assert_eq!(here.dead_letters("orders.billing.dlq"), 1);
 }
+
+/// Cluster mode: a node taking over a group it served before goes on with
+/// the replay the other node's seek began. Its copy merged only the other
+/// node's acks (merging never un-acks); dropped before the takeover
+/// (`unload_idle_groups`) and loaded again from the journal, it holds the
+/// seek and the acks after it.
+#[test]
+fn a_copy_unloaded_before_a_takeover_goes_on_with_the_other_nodes_replay() {
+    use dmq_dispatcher::Storage;
+    let (mut here, mut there, journal) = two_copies(&["0", "1", "2", "3", "4", "5"]);
+    // Here served first: every message acked, then the member left.
+    let member = here.dispatcher.join("orders", "billing", "m").unwrap();
+    for delivery in here.dispatcher.fetch(member, 10).unwrap() {
+        here.dispatcher
+            .ack(member, 0, delivery.record.offset)
+            .unwrap();
+    }
+    here.dispatcher.leave(member).unwrap();
+    let payloads = here.synced_journal(&journal);
+    there
+        .dispatcher
+        .merge_replicated_acks(&journal, &payloads)
+        .unwrap();
+    // There served next: a seek back to the start, and two of the replay
+    // acked before it was lost.
+    there
+        .dispatcher
+        .seek("orders", "billing", None, StartPosition::Earliest, false)
+        .unwrap();
+    let other = there.dispatcher.join("orders", "billing", "m").unwrap();
+    let replay = there.dispatcher.fetch(other, 2).unwrap();
+    assert_eq!(World::values(&replay), ["0", "1"]);
+    for delivery in &replay {
+        there
+            .dispatcher
+            .ack(other, 0, delivery.record.offset)
+            .unwrap();
+    }
+    let payloads = there.synced_journal(&journal);
+    // What the cluster's journal holds, here too; merged, it adds nothing.
+    let (mut replicated, _) = here.storage.open_journal(&journal).unwrap();
+    replicated.rewrite(&payloads).unwrap();
+    here.dispatcher
+        .merge_replicated_acks(&journal, &payloads)
+        .unwrap();
+    // Here takes over.
+    assert_eq!(here.dispatcher.unload_idle_groups(|_| true).unwrap(), 1);
+    let member = here.dispatcher.join("orders", "billing", "m").unwrap();
+    assert_eq!(
+        World::values(&here.dispatcher.fetch(member, 10).unwrap()),
+        ["2", "3", "4", "5"],
+        "the rest of the replay"
+    );
+    // A group with a member is not dropped.
+    assert_eq!(here.dispatcher.unload_idle_groups(|_| true).unwrap(), 0);
+}

@@ -95,6 +95,43 @@ impl Dispatcher {
         Ok(dropped)
     }
 
+    /// Drops this node's copies of the idle consumer groups (no member
+    /// joined, no dead-letter move in progress) of the topics `matches`
+    /// names, each synced first, so that each is loaded again from its ack
+    /// journal when next used. Returns how many were dropped.
+    ///
+    /// For a cluster node that takes over the consumers of cluster topics:
+    /// a copy it loaded when it last served them holds only what it merged
+    /// since from the node that served in between, which is acks (merging
+    /// only adds them), not what that node's seeks rewound; the replicated
+    /// journal holds both, so a copy loaded from it goes on with a replay
+    /// where the other node stopped.
+    pub fn unload_idle_groups(&mut self, matches: impl Fn(&str) -> bool) -> Result<usize> {
+        let now = self.now();
+        let compact_bytes = self.config.ack_journal_compact_bytes;
+        let mut dropped = 0;
+        for index in 0..self.states.len() {
+            let state = &mut self.states[index];
+            let busy = state.partitions.iter().any(|part| {
+                part.pending
+                    .values()
+                    .any(|pending| pending.stage == Stage::DeadLettering)
+            });
+            if state.retired || !state.members.is_empty() || busy || !matches(&state.key.topic) {
+                continue;
+            }
+            state.sync(now, compact_bytes)?;
+            let (timers, _) = state.retire();
+            let key = state.key.clone();
+            for timer in timers {
+                self.wheel.cancel(timer);
+            }
+            self.state_index.remove(&key);
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
     /// Groups subscribed to `topic`.
     pub fn groups(&self, topic: &str) -> Vec<(String, GroupConfig)> {
         self.group_configs
