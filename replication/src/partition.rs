@@ -729,6 +729,45 @@ impl Inner {
         self.rows.write(rows)
     }
 
+    /// At open: the idempotent batches of the rows past the committed
+    /// entry (at most [`ProducerBatches::MAX`]), which this replica may
+    /// lead with before they are applied. Their headers are read (and
+    /// their CRCs checked): usually none, a crash's uncommitted tail.
+    fn note_uncommitted_producer_batches(&mut self) {
+        if self.repair.is_some() {
+            return;
+        }
+        let committed = self.rows.committed.map_or(0, |id| id.index);
+        let tail: Vec<(u64, u64, u32)> = self
+            .rows
+            .rows
+            .range(committed.saturating_add(1)..)
+            .rev()
+            .filter_map(|(&index, row)| match row.kind {
+                RowKind::Records { base_offset, count } => Some((index, base_offset, count)),
+                _ => None,
+            })
+            .take(ProducerBatches::MAX)
+            .collect();
+        for (index, base_offset, count) in tail.into_iter().rev() {
+            let Some(producer) = self.log().ok().and_then(|log| {
+                let batches = log.read(base_offset, 1).ok()?;
+                let batch = batches.iter().find(|b| b.base_offset() == base_offset)?;
+                Some((batch.header().producer_id, batch.header().producer_seq))
+            }) else {
+                continue;
+            };
+            self.producer_batches.note(
+                producer,
+                ProducerBatch {
+                    index,
+                    base_offset,
+                    count,
+                },
+            );
+        }
+    }
+
     /// A leader's proposal `batch` (entry `index`) of an idempotent
     /// producer whose batch of that sequence and size this log already
     /// holds: its row, naming the first, with the first's ids kept to
@@ -916,6 +955,7 @@ impl PartitionRaftLog {
                 batches,
             });
         }
+        inner.note_uncommitted_producer_batches();
         Ok(PartitionRaftLog {
             inner: Arc::new(Mutex::new(inner)),
         })
@@ -967,6 +1007,7 @@ impl PartitionRaftLog {
         let index = first.unwrap_or_default();
         inner.rows.write(vec![LogOp::Truncate(index)])?;
         inner.assigned_ids.retain(|&i, _| i < index);
+        inner.producer_batches.forget_from(index);
         let row_end = inner.row_end();
         if row_end <= inner.next_offset {
             inner.repair = None;
@@ -1006,6 +1047,7 @@ impl PartitionRaftLog {
             )));
         }
         inner.recent.clear();
+        inner.producer_batches.clear();
         drop(inner.log.take());
         let restarted =
             dmq_log_store::restart_empty_log_at(&inner.log_dir, &inner.log_config, offset);
@@ -2000,6 +2042,24 @@ mod tests {
         };
         let error = follower.lock().append(vec![beyond]).expect_err("refused");
         assert!(error.to_string().contains("diverged"), "{error}");
+
+        // Reopened, the leader knows the batches of its rows past the
+        // committed entry (here none was committed): a retry of one is a
+        // row too.
+        drop(log);
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        assert_eq!(log.lock().producer_batches.len(), 2);
+        log.lock()
+            .append(vec![idempotent(8, &["d", "e"], (8, 0))])
+            .expect("append");
+        assert_eq!(log.end_offset(), 8);
+        assert!(matches!(
+            row_kind(&log, 8),
+            RowKind::Duplicate {
+                base_offset: 4,
+                count: 2
+            }
+        ));
     }
 
     #[test]
