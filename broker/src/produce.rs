@@ -224,11 +224,17 @@ pub(crate) async fn admit(
             return Ok(Admitted::Pending(Pending(Box::pin(async move {
                 let mut appended: Appended = Vec::with_capacity(proposed.len());
                 for (partition, indexes, replica, proposed_at, answer) in proposed {
-                    let info = answer.await.map_err(|error| convert::store_error(&error))?;
+                    let stored = answer.await.map_err(|error| convert::store_error(&error))?;
                     if let Some(cluster) = engine.cluster() {
                         cluster.note_commit_latency(proposed_at.elapsed());
                     }
-                    appended.push((partition, indexes, replica as Arc<dyn PartitionLog>, info));
+                    appended.push(AppendedPart {
+                        partition,
+                        indexes,
+                        log: replica as Arc<dyn PartitionLog>,
+                        info: stored.info,
+                        stored_before: stored.stored_before,
+                    });
                 }
                 let mut scheduled = Vec::new();
                 if let Some((places, answer)) = delayed {
@@ -267,7 +273,13 @@ pub(crate) async fn admit(
             .map(|(partition, indexes, part)| {
                 let log = Arc::clone(&handle.logs[partition as usize]);
                 log.append_deferred(producer_id, producer_seq, part)
-                    .map(|info| (partition, indexes, log, info))
+                    .map(|info| AppendedPart {
+                        partition,
+                        indexes,
+                        log,
+                        info,
+                        stored_before: false,
+                    })
             })
             .collect::<Result<Vec<_>, _>>()
     })
@@ -452,7 +464,20 @@ pub(crate) async fn produce(engine: &Engine, request: ProduceRequest) -> Answer 
     }
 }
 
-type Appended = Vec<(u32, Vec<usize>, Arc<dyn PartitionLog>, AppendInfo)>;
+type Appended = Vec<AppendedPart>;
+
+/// The part of a batch stored in one partition.
+struct AppendedPart {
+    partition: u32,
+    /// The part's records' places in the batch.
+    indexes: Vec<usize>,
+    log: Arc<dyn PartitionLog>,
+    info: AppendInfo,
+    /// Stored by an earlier try of the same idempotent batch (a cluster
+    /// partition's leader found it in its log): answered with it, but not
+    /// traced or counted as produced again.
+    stored_before: bool,
+}
 
 /// A batch's delayed records: for the node's dispatcher to schedule
 /// (index in the batch, partition, record), or scheduled already (in a
@@ -480,7 +505,7 @@ async fn finish(
 ) -> Answer {
     let waits: Vec<_> = appended
         .iter()
-        .map(|(_, _, log, info)| (Arc::clone(log), info.clone()))
+        .map(|part| (Arc::clone(&part.log), part.info.clone()))
         .collect();
     // No fsync to wait for (policy `Never` or `Interval`): no hop to the
     // blocking pool.
@@ -499,17 +524,26 @@ async fn finish(
     };
     durable.map_err(|error| convert::store_error(&error))?;
     let mut answer: Vec<Option<ProducedRecord>> = vec![None; total];
-    for (partition, indexes, _, info) in &appended {
+    for AppendedPart {
+        partition,
+        indexes,
+        info,
+        stored_before,
+        ..
+    } in &appended
+    {
         // Traced before the dispatcher hears of it: `stored` precedes
         // `delivered`.
-        trace(
-            engine,
-            topic,
-            *partition,
-            Some(info.base_offset),
-            info.ids.clone(),
-            origin,
-        );
+        if !stored_before {
+            trace(
+                engine,
+                topic,
+                *partition,
+                Some(info.base_offset),
+                info.ids.clone(),
+                origin,
+            );
+        }
         for (i, (index, id)) in indexes.iter().zip(&info.ids).enumerate() {
             answer[*index] = Some(ProducedRecord {
                 partition: *partition,

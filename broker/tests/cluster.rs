@@ -974,6 +974,60 @@ async fn an_idempotent_retry_through_another_node_is_answered_with_the_original(
     assert_eq!(listed["messages"].as_array().unwrap().len(), 9, "{listed}");
 }
 
+/// An idempotent batch whose keys spread it over partitions, retried
+/// through another node, is stored once and answered with the original.
+/// That node's window learns the batch one partition's part at a time (a
+/// part is not an answer), so it proposes each part again; each
+/// partition's leader finds its part in its log and answers with it.
+/// Before, the retry stored every record again; the answer's parts are
+/// neither traced nor counted as produced again at the node retried
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_batch_over_partitions_retried_through_another_node_is_stored_once() {
+    use common::Connection;
+
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = cluster_with_orders(root.path(), 2).await;
+    let batch = || {
+        let mut request = idempotent_batch(78, 1, (0..6).map(|i| format!("v{i}")).collect());
+        if let dmq_protocol::Request::Produce(produce) = &mut request {
+            for (i, record) in produce.records.iter_mut().enumerate() {
+                record.key = Some(bytes::Bytes::from(format!("key-{i}")));
+            }
+        }
+        request
+    };
+    let mut at_first = Connection::hello(nodes[0].client).await;
+    let original = produce_ok(at_first.request(batch()).await);
+    let partitions: BTreeSet<u32> = original.records.iter().map(|r| r.partition).collect();
+    assert_eq!(
+        partitions.len(),
+        2,
+        "the keys spread the batch: {original:?}"
+    );
+    let mut at_second = Connection::hello(nodes[1].client).await;
+    assert_eq!(produce_ok(at_second.request(batch()).await), original);
+
+    let api = Api::new(nodes[1].admin, None);
+    let listed =
+        http(move || api.ok("/api/topics/orders/messages?from_ms=0&to_ms=9999999999999&limit=100"))
+            .await;
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 6, "{listed}");
+    let api = Api::new(nodes[1].admin, None);
+    let metrics = http(move || api.get("/metrics")).await.1;
+    let produced_here: f64 = metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.starts_with("dmq_messages_produced_total{topic=\"orders\"}"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        produced_here, 0.0,
+        "the retry is not counted as produced again"
+    );
+}
+
 /// A client given every node's address carries on through another node
 /// when its node dies: each of an idempotent producer's sends succeeds,
 /// every acknowledged message is delivered, and none is stored twice.

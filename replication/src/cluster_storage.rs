@@ -480,6 +480,17 @@ impl std::fmt::Debug for ReplicatedPartitionLog {
     }
 }
 
+/// A batch [`ReplicatedPartitionLog::propose`] got committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatedAppend {
+    /// Where its records are.
+    pub info: AppendInfo,
+    /// An earlier proposal of the same idempotent batch stored them (a
+    /// producer's retry the partition's leader found in its log): the
+    /// answer is the first's, and nothing new was stored.
+    pub stored_before: bool,
+}
+
 impl ReplicatedPartitionLog {
     /// The replica's Raft node (leader, metrics, membership).
     pub fn node(&self) -> &PartitionNode {
@@ -490,7 +501,10 @@ impl ReplicatedPartitionLog {
     /// node leads, else forwarded) and answers once it is committed, with
     /// where its records are.
     pub async fn write(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError> {
-        self.propose(batch).await.await
+        self.propose(batch)
+            .await
+            .await
+            .map(|appended| appended.info)
     }
 
     /// [`ReplicatedPartitionLog::write`] in two steps: proposes the batch
@@ -500,7 +514,7 @@ impl ReplicatedPartitionLog {
     pub async fn propose(
         &self,
         batch: &BatchInput,
-    ) -> impl Future<Output = Result<AppendInfo, StoreError>> + Send + 'static {
+    ) -> impl Future<Output = Result<ReplicatedAppend, StoreError>> + Send + 'static {
         // A batch the log would refuse must not become a Raft entry: a
         // storage error stops the group's Raft on every replica.
         let checked = self.with_log(|log| Ok(log.check_batch(batch)?));
@@ -527,12 +541,15 @@ impl ReplicatedPartitionLog {
                 )));
             }
             let ids: Vec<MessageId> = appended.ids.into_iter().map(MessageId).collect();
-            Ok(AppendInfo {
-                base_offset: appended.base_offset,
-                last_offset: appended.base_offset + count - 1,
-                // An id's time prefix is its first append's broker time.
-                timestamp_ms: ids[0].timestamp_ms(),
-                ids,
+            Ok(ReplicatedAppend {
+                info: AppendInfo {
+                    base_offset: appended.base_offset,
+                    last_offset: appended.base_offset + count - 1,
+                    // An id's time prefix is its first append's broker time.
+                    timestamp_ms: ids[0].timestamp_ms(),
+                    ids,
+                },
+                stored_before: appended.stored_before,
             })
         }
     }

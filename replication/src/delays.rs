@@ -264,7 +264,7 @@ impl ReplicatedDelays {
         let events = Arc::clone(&self.events);
         let topic: Arc<str> = Arc::from(topic);
         Ok(async move {
-            let ids = answer.await?.ids;
+            let ids = answer.await?.info.ids;
             for (id, (partition, due_ms)) in ids.iter().zip(places) {
                 emit(&events, || Event {
                     time_ms: SystemClock.now_ms(),

@@ -61,7 +61,9 @@ pub mod rejoin;
 pub mod repair;
 pub mod scrub;
 
-pub use cluster_storage::{ClusterMembers, ClusterStorage, ReplicatedPartitionLog};
+pub use cluster_storage::{
+    ClusterMembers, ClusterStorage, ReplicatedAppend, ReplicatedPartitionLog,
+};
 pub use delays::ReplicatedDelays;
 pub use journals::{ReplicatedJournal, ReplicatedJournals};
 pub use log_store::RaftLogJournal;

@@ -346,6 +346,10 @@ pub struct AppendedBatch {
     /// The records' ids, in order, when the answering node's log assigned
     /// them (the leader that took the proposal); empty otherwise.
     pub ids: Vec<[u8; 16]>,
+    /// The batch was stored by an earlier proposal of it (an idempotent
+    /// producer's retry: [`PartitionCommand::Duplicate`]); this answer
+    /// names the first's records.
+    pub stored_before: bool,
 }
 
 /// What the row journal keeps of an entry.
@@ -1690,6 +1694,7 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                         base_offset,
                         count,
                         ids: ids.into_iter().map(|id| id.0).collect(),
+                        stored_before: false,
                     }
                 }
                 // Answered as the first was: it was committed before.
@@ -1697,11 +1702,13 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                     base_offset,
                     count,
                     ids: ids.into_iter().map(|id| id.0).collect(),
+                    stored_before: true,
                 },
                 _ => AppendedBatch {
                     base_offset: end,
                     count: 0,
                     ids: Vec::new(),
+                    stored_before: false,
                 },
             });
         }
