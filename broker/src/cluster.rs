@@ -434,12 +434,12 @@ impl Cluster {
     }
 
     /// Keeps this node's consumer lease until `stop` (one round per
-    /// heartbeat). Before it serves in a term, `engine`'s dispatcher drops
-    /// its idle copies of cluster topics' groups (synced first, and this
-    /// node's journal writes committed), so that each is loaded again from
-    /// its replicated journal: a copy loaded when this node last served
-    /// merged only acks since, not the seeks of the node that served in
-    /// between (a replay it began would not go on here).
+    /// heartbeat). Before it serves in a term, `engine`'s dispatcher loads
+    /// its idle copies of cluster topics' groups again from their
+    /// replicated journals (synced first, and this node's journal writes
+    /// committed): a copy loaded when this node last served merged only
+    /// acks since, not the seeks of the node that served in between (a
+    /// replay it began would not go on here).
     pub async fn keep_consumer_lease(
         self: Arc<Self>,
         engine: Engine,
@@ -454,30 +454,61 @@ impl Cluster {
             let storage = Arc::clone(&self.storage);
             let journals = Arc::clone(&self.journals);
             async move {
-                let unloaded = engine
-                    .call(move |dispatcher, _| {
-                        dispatcher.unload_idle_groups(|topic| storage.is_replicated(topic))
+                let cluster_topic = move |topic: &str| storage.is_replicated(topic);
+                let mut reloaded = 0;
+                let mut synced = engine
+                    .call({
+                        let cluster_topic = cluster_topic.clone();
+                        move |dispatcher, _| dispatcher.sync_idle_groups(cluster_topic)
                     })
                     .await;
-                match unloaded {
-                    Ok(Ok(groups)) => {
-                        if groups > 0 {
-                            tracing::info!(
-                                groups,
-                                "taking over consumers: this node's idle copies of cluster \
-                                 topics' groups load again from their replicated journals"
-                            );
+                // A copy loaded before this node's last syncs of it are in
+                // its journal would miss them: the writer drains first.
+                for _ in 0..5 {
+                    match synced {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "taking over consumers: syncing groups failed");
+                            return false;
                         }
-                        // Its own last syncs of them must be in the journals
-                        // a copy loads from.
-                        journals.drain(Duration::from_secs(2)).await
+                        Err(_) => return false,
                     }
-                    Ok(Err(error)) => {
-                        tracing::warn!(%error, "taking over consumers: refreshing groups failed");
-                        false
+                    if !journals.drain(Duration::from_secs(2)).await {
+                        return false;
                     }
-                    Err(_) => false,
+                    let pass = engine
+                        .call({
+                            let cluster_topic = cluster_topic.clone();
+                            move |dispatcher, _| {
+                                let loaded = dispatcher.reload_idle_groups(&cluster_topic)?;
+                                // Changes made meanwhile: synced, loaded next pass.
+                                let dirty = dispatcher.sync_idle_groups(&cluster_topic)?;
+                                Ok::<_, dmq_dispatcher::DispatchError>((loaded, dirty))
+                            }
+                        })
+                        .await;
+                    match pass {
+                        Ok(Ok((loaded, 0))) => {
+                            reloaded += loaded;
+                            if reloaded > 0 {
+                                tracing::info!(
+                                    groups = reloaded,
+                                    "taking over consumers: this node's idle copies of cluster \
+                                     topics' groups were loaded again from their replicated \
+                                     journals"
+                                );
+                            }
+                            return true;
+                        }
+                        Ok(Ok((loaded, dirty))) => {
+                            reloaded += loaded;
+                            synced = Ok(Ok(dirty));
+                        }
+                        Ok(Err(error)) => synced = Ok(Err(error)),
+                        Err(error) => synced = Err(error),
+                    }
                 }
+                false
             }
         };
         lease

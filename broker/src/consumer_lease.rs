@@ -27,10 +27,9 @@
 //!   finds it expired when it resumes, before its lease task runs again),
 //!   and, once per term, after `takeover`, it refreshed its copies of the
 //!   groups (the `refresh` given to [`ConsumerLease::keep`]: the broker
-//!   drops its idle copies of cluster topics' groups, so that each loads
-//!   again from its replicated journal with what the node that served in
-//!   between did, seeks included; merging from the journal only adds
-//!   acks).
+//!   loads its idle copies of cluster topics' groups again from their
+//!   replicated journals, with what the node that served in between did,
+//!   seeks included; merging from the journal only adds acks).
 //! - A deposed leader's last confirmation was asked for before the next
 //!   leader was elected (a member that voted for the next term answers no
 //!   heartbeat of the old one), so it stops serving at most `lease` after

@@ -1168,11 +1168,11 @@ fn failed_attempts_merged_from_another_node_go_on_counting() {
 
 /// Cluster mode: a node taking over a group it served before goes on with
 /// the replay the other node's seek began. Its copy merged only the other
-/// node's acks (merging never un-acks); dropped before the takeover
-/// (`unload_idle_groups`) and loaded again from the journal, it holds the
-/// seek and the acks after it.
+/// node's acks (merging never un-acks); loaded again from the journal
+/// before the takeover (`reload_idle_groups`), it holds the seek and the
+/// acks after it.
 #[test]
-fn a_copy_unloaded_before_a_takeover_goes_on_with_the_other_nodes_replay() {
+fn a_copy_loaded_again_before_a_takeover_goes_on_with_the_other_nodes_replay() {
     use dmq_dispatcher::Storage;
     let (mut here, mut there, journal) = two_copies(&["0", "1", "2", "3", "4", "5"]);
     // Here served first: every message acked, then the member left.
@@ -1210,14 +1210,22 @@ fn a_copy_unloaded_before_a_takeover_goes_on_with_the_other_nodes_replay() {
     here.dispatcher
         .merge_replicated_acks(&journal, &payloads)
         .unwrap();
-    // Here takes over.
-    assert_eq!(here.dispatcher.unload_idle_groups(|_| true).unwrap(), 1);
+    // Here takes over: its copy, synced, is loaded again from the journal.
+    assert_eq!(here.dispatcher.sync_idle_groups(|_| true).unwrap(), 0);
+    assert_eq!(here.dispatcher.reload_idle_groups(|_| false).unwrap(), 0);
+    assert_eq!(here.dispatcher.reload_idle_groups(|_| true).unwrap(), 1);
+    let stats = here.dispatcher.group_stats("orders", "billing").unwrap();
+    assert_eq!(
+        (stats.len(), stats[0].ack_floor),
+        (1, 2),
+        "described as loaded"
+    );
     let member = here.dispatcher.join("orders", "billing", "m").unwrap();
     assert_eq!(
         World::values(&here.dispatcher.fetch(member, 10).unwrap()),
         ["2", "3", "4", "5"],
         "the rest of the replay"
     );
-    // A group with a member is not dropped.
-    assert_eq!(here.dispatcher.unload_idle_groups(|_| true).unwrap(), 0);
+    // A group with a member is not loaded again.
+    assert_eq!(here.dispatcher.reload_idle_groups(|_| true).unwrap(), 0);
 }

@@ -95,10 +95,30 @@ impl Dispatcher {
         Ok(dropped)
     }
 
-    /// Drops this node's copies of the idle consumer groups (no member
+    /// Syncs this node's copies of the idle consumer groups (see
+    /// [`Dispatcher::reload_idle_groups`]) of the topics `matches` names
+    /// that have changes to sync; returns how many had.
+    pub fn sync_idle_groups(&mut self, matches: impl Fn(&str) -> bool) -> Result<usize> {
+        let now = self.now();
+        let compact_bytes = self.config.ack_journal_compact_bytes;
+        let mut synced = 0;
+        for index in self.idle_states(&matches) {
+            let state = &mut self.states[index];
+            if state.needs_sync() {
+                state.sync(now, compact_bytes)?;
+                synced += 1;
+            }
+        }
+        Ok(synced)
+    }
+
+    /// Loads this node's copies of the idle consumer groups (no member
     /// joined, no dead-letter move in progress) of the topics `matches`
-    /// names, each synced first, so that each is loaded again from its ack
-    /// journal when next used. Returns how many were dropped.
+    /// names again from their ack journals; returns how many. A copy with
+    /// changes not yet synced is left as it is: sync first
+    /// ([`Dispatcher::sync_idle_groups`]), and with a replicated journal
+    /// wait until what was synced is in it, since a copy loaded before
+    /// would miss it.
     ///
     /// For a cluster node that takes over the consumers of cluster topics:
     /// a copy it loaded when it last served them holds only what it merged
@@ -106,30 +126,42 @@ impl Dispatcher {
     /// only adds them), not what that node's seeks rewound; the replicated
     /// journal holds both, so a copy loaded from it goes on with a replay
     /// where the other node stopped.
-    pub fn unload_idle_groups(&mut self, matches: impl Fn(&str) -> bool) -> Result<usize> {
-        let now = self.now();
-        let compact_bytes = self.config.ack_journal_compact_bytes;
-        let mut dropped = 0;
-        for index in 0..self.states.len() {
+    pub fn reload_idle_groups(&mut self, matches: impl Fn(&str) -> bool) -> Result<usize> {
+        let mut reloaded = 0;
+        for index in self.idle_states(&matches) {
             let state = &mut self.states[index];
-            let busy = state.partitions.iter().any(|part| {
-                part.pending
-                    .values()
-                    .any(|pending| pending.stage == Stage::DeadLettering)
-            });
-            if state.retired || !state.members.is_empty() || busy || !matches(&state.key.topic) {
+            if state.needs_sync() {
                 continue;
             }
-            state.sync(now, compact_bytes)?;
             let (timers, _) = state.retire();
             let key = state.key.clone();
             for timer in timers {
                 self.wheel.cancel(timer);
             }
             self.state_index.remove(&key);
-            dropped += 1;
+            self.load_state(key)?;
+            reloaded += 1;
         }
-        Ok(dropped)
+        Ok(reloaded)
+    }
+
+    /// The loaded group states of the topics `matches` names with no
+    /// member and no dead-letter move in progress.
+    fn idle_states(&self, matches: &impl Fn(&str) -> bool) -> Vec<usize> {
+        (0..self.states.len())
+            .filter(|&index| {
+                let state = &self.states[index];
+                let dead_lettering = state.partitions.iter().any(|part| {
+                    part.pending
+                        .values()
+                        .any(|pending| pending.stage == Stage::DeadLettering)
+                });
+                !state.retired
+                    && state.members.is_empty()
+                    && !dead_lettering
+                    && matches(&state.key.topic)
+            })
+            .collect()
     }
 
     /// Groups subscribed to `topic`.
