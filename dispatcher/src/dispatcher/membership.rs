@@ -133,13 +133,14 @@ impl Dispatcher {
             if state.needs_sync() {
                 continue;
             }
-            let (timers, _) = state.retire();
             let key = state.key.clone();
+            let fresh = self.restore_state(&key, None)?;
+            // In the same slot: no member or timer names it by then.
+            let (timers, _) = self.states[index].retire();
             for timer in timers {
                 self.wheel.cancel(timer);
             }
-            self.state_index.remove(&key);
-            self.load_state(key)?;
+            self.states[index] = fresh;
             reloaded += 1;
         }
         Ok(reloaded)
@@ -204,6 +205,21 @@ impl Dispatcher {
         if let Some(&index) = self.state_index.get(&key) {
             return Ok(index);
         }
+        let state = self.restore_state(&key, missing)?;
+        let index = self.states.len();
+        self.states.push(state);
+        self.state_index.insert(key, index);
+        Ok(index)
+    }
+
+    /// A group's state as its journal holds it (see
+    /// [`Dispatcher::load_state_from`]), not yet among the loaded ones.
+    fn restore_state(
+        &mut self,
+        key: &StateKey,
+        missing: Option<StartPosition>,
+    ) -> Result<GroupState> {
+        let key = key.clone();
         let config = self.group_config(&key.topic, &key.group)?;
         let now = self.now();
         let topic = self.topic(&key.topic)?;
@@ -266,10 +282,7 @@ impl Dispatcher {
         if new || clamped {
             state.sync(now, self.config.ack_journal_compact_bytes)?;
         }
-        let index = self.states.len();
-        self.states.push(state);
-        self.state_index.insert(key, index);
-        Ok(index)
+        Ok(state)
     }
 
     /// A consumer joins a group; `member_name` identifies it across
