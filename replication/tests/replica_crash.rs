@@ -205,9 +205,25 @@ fn next_request() -> u64 {
 }
 
 /// A free port on 127.0.0.1 (bound once, released for the child).
+/// A free 127.0.0.1 port (bound, then released), each handed out once
+/// per process: the kernel may hand a port just released to the next
+/// bind, and this binary's tests run in parallel, so two replicas were
+/// once given one port (the second never started: "replica 3 did not
+/// start", in a 30-cycle run by hand).
 fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    // Ports refused are held until one is found, so the kernel moves on.
+    let mut refused = Vec::new();
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+        refused.push(listener);
+    }
 }
 
 /// xorshift64: the test's only randomness, seeded.
