@@ -821,7 +821,7 @@ async fn serve_connection(
 /// AppendEntries one heartbeat interval to be answered; a follower far
 /// behind is sent its backlog in pieces that fit, instead of one frame
 /// that never does (and is sent again, forever).
-pub const APPEND_BYTES_MAX: usize = 1 << 20;
+pub const APPEND_BYTES_MAX: usize = 2 << 20;
 
 /// `rpc` cut to its longest prefix of entries within `budget` encoded
 /// bytes (at least one entry), and the log id of the last entry kept if
