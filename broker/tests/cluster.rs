@@ -1251,6 +1251,46 @@ async fn ack_each(
     acked
 }
 
+/// Seeks group `replay` of `orders` back to its earliest record through
+/// `client`: how many messages it says will come again.
+async fn seek_replay_to_earliest(client: &dmq_client::Client) -> u64 {
+    let report = client
+        .seek(
+            "orders",
+            "replay",
+            None,
+            dmq_protocol::StartPosition::Earliest,
+            false,
+        )
+        .await
+        .unwrap();
+    report.partitions.iter().map(|p| p.redelivered).sum()
+}
+
+/// Acks what `subscription` gets until, with `acked` (what it acked before
+/// `event`), `total` messages came, or 30 s passed; none of `acked` may
+/// come again. Returns what came.
+async fn ack_the_rest(
+    subscription: &mut dmq_client::Subscription,
+    acked: &BTreeSet<MessageId>,
+    total: usize,
+    event: &str,
+) -> BTreeSet<MessageId> {
+    let mut rest = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.len() + rest.len() < total && Instant::now() < deadline {
+        if let Some(message) = next(subscription, Duration::from_secs(1)).await {
+            assert!(
+                !acked.contains(&message.id),
+                "a message acked before {event} came again"
+            );
+            rest.insert(message.id);
+            let _ = message.ack().await;
+        }
+    }
+    rest
+}
+
 /// A SEEK of a cluster topic's group is applied where the group is
 /// served: at a node that does not serve consumers it is answered
 /// `WrongNode` with the serving node's address (and the admin API's seek
@@ -1308,18 +1348,7 @@ async fn a_seek_through_a_node_that_does_not_serve_consumers_is_applied_where_th
     assert_eq!(status, 409, "{body}");
 
     // A client given only the other node is sent to the serving one.
-    let report = connect(&nodes[other])
-        .await
-        .seek(
-            "orders",
-            "replay",
-            None,
-            dmq_protocol::StartPosition::Earliest,
-            false,
-        )
-        .await
-        .unwrap();
-    let redelivered: u64 = report.partitions.iter().map(|p| p.redelivered).sum();
+    let redelivered = seek_replay_to_earliest(&connect(&nodes[other]).await).await;
     assert_eq!(redelivered, all.len() as u64);
     let again = ack_each(
         &mut subscription,
@@ -1358,18 +1387,7 @@ async fn a_consumer_follows_the_serving_node_when_it_dies() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     nodes[home].kill();
 
-    let mut rest = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.len() + rest.len() < all.len() && Instant::now() < deadline {
-        if let Some(message) = next(&mut subscription, Duration::from_secs(1)).await {
-            assert!(
-                !acked.contains(&message.id),
-                "a message acked before the failover came again"
-            );
-            rest.insert(message.id);
-            let _ = message.ack().await;
-        }
-    }
+    let rest = ack_the_rest(&mut subscription, &acked, all.len(), "the failover").await;
     let union: BTreeSet<MessageId> = acked.union(&rest).copied().collect();
     assert_eq!(union, all, "every message, through the next serving node");
     assert_ne!(consumer_home(&nodes).await, home);
@@ -1595,36 +1613,17 @@ async fn a_takeover_goes_on_with_the_replay_the_last_serving_node_began() {
     loop {
         rounds += 1;
         assert!(rounds <= 3, "every node has served within three rounds");
-        let report = client
-            .seek(
-                "orders",
-                "replay",
-                None,
-                dmq_protocol::StartPosition::Earliest,
-                false,
-            )
-            .await
-            .unwrap();
-        let redelivered: u64 = report.partitions.iter().map(|p| p.redelivered).sum();
-        assert_eq!(redelivered, all.len() as u64, "round {rounds}");
+        assert_eq!(
+            seek_replay_to_earliest(&client).await,
+            all.len() as u64,
+            "round {rounds}"
+        );
         let replayed = ack_each(&mut subscription, 8, "the replay's first messages").await;
         // The acks' sync interval and a metadata commit.
         tokio::time::sleep(Duration::from_secs(1)).await;
         nodes[home].kill();
         let next_home = consumer_home(&nodes).await;
-
-        let mut rest = BTreeSet::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while replayed.len() + rest.len() < all.len() && Instant::now() < deadline {
-            if let Some(message) = next(&mut subscription, Duration::from_secs(1)).await {
-                assert!(
-                    !replayed.contains(&message.id),
-                    "round {rounds}: a message of the replay acked before the takeover came again"
-                );
-                rest.insert(message.id);
-                let _ = message.ack().await;
-            }
-        }
+        let rest = ack_the_rest(&mut subscription, &replayed, all.len(), "the takeover").await;
         assert_eq!(
             replayed.union(&rest).copied().collect::<BTreeSet<_>>(),
             all,
