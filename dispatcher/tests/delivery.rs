@@ -1229,3 +1229,32 @@ fn a_copy_loaded_again_before_a_takeover_goes_on_with_the_other_nodes_replay() {
     // A group with a member is not loaded again.
     assert_eq!(here.dispatcher.reload_idle_groups(|_| true).unwrap(), 0);
 }
+
+/// A copy loaded again whose journal lacks a partition starts that
+/// partition at the log's start, as a group loaded at open does: its
+/// messages come again, none is skipped (its configured start, the log's
+/// end, would skip them).
+#[test]
+fn a_copy_loaded_again_from_a_journal_without_it_starts_at_the_log_start() {
+    use dmq_dispatcher::Storage;
+    let mut world = World::new();
+    topic(&mut world, "orders", false);
+    world.produce("orders", &["0", "1", "2"]);
+    let latest = GroupConfig {
+        start: StartPosition::Latest,
+        ..config()
+    };
+    world
+        .dispatcher
+        .subscribe("orders", "billing", latest)
+        .unwrap();
+    let journal = dmq_dispatcher::names::group_journal("orders", "billing", None);
+    let (mut emptied, _) = world.storage.open_journal(&journal).unwrap();
+    emptied.rewrite(&[]).unwrap();
+    assert_eq!(world.dispatcher.reload_idle_groups(|_| true).unwrap(), 1);
+    let member = world.dispatcher.join("orders", "billing", "m").unwrap();
+    assert_eq!(
+        World::values(&world.dispatcher.fetch(member, 10).unwrap()),
+        ["0", "1", "2"]
+    );
+}

@@ -134,7 +134,9 @@ impl Dispatcher {
                 continue;
             }
             let key = state.key.clone();
-            let fresh = self.restore_state(&key, None)?;
+            // As at open: the group exists, so a partition its journal
+            // lacks starts at the log's start (redelivery, never a skip).
+            let fresh = self.restore_state(&key, Some(StartPosition::Earliest))?;
             // In the same slot: no member or timer names it by then.
             let (timers, _) = self.states[index].retire();
             for timer in timers {
