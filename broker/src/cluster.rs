@@ -268,6 +268,68 @@ impl GroupHandle<'_> {
 }
 
 /// `dmq_cluster_commit_latency_seconds` buckets: 0.25 ms to 8 s.
+/// Before this node serves consumers in a new term: its idle copies of
+/// cluster topics' groups are synced, its journal writes committed, and
+/// the copies loaded again from their replicated journals (see
+/// [`Cluster::keep_consumer_lease`]). False if that could not be done
+/// (the lease tries again next round).
+async fn load_idle_groups_again(
+    engine: &Engine,
+    storage: &Arc<ClusterStorage>,
+    journals: &ReplicatedJournals,
+) -> bool {
+    let cluster_topic = {
+        let storage = Arc::clone(storage);
+        move |topic: &str| storage.is_replicated(topic)
+    };
+    let mut loaded = 0;
+    for _ in 0..5 {
+        let sync = cluster_topic.clone();
+        let synced = engine
+            .call(move |dispatcher, _| dispatcher.sync_idle_groups(sync))
+            .await;
+        if let Ok(Err(error)) = &synced {
+            tracing::warn!(%error, "taking over consumers: syncing groups failed");
+        }
+        // A copy loaded before what this node synced of it (now, or at its
+        // last periodic sync) is in its journal would miss it.
+        if !matches!(synced, Ok(Ok(_))) || !journals.drain(Duration::from_secs(2)).await {
+            return false;
+        }
+        let reload = cluster_topic.clone();
+        let pass = engine
+            .call(move |dispatcher, _| {
+                let loaded = dispatcher.reload_idle_groups(&reload)?;
+                // A copy changed meanwhile was left as it was: the next
+                // pass syncs it and loads it again.
+                let changed = dispatcher.sync_idle_groups(&reload)?;
+                Ok::<_, DispatchError>((loaded, changed))
+            })
+            .await;
+        match pass {
+            Ok(Ok((again, changed))) => {
+                loaded += again;
+                if changed == 0 {
+                    if loaded > 0 {
+                        tracing::info!(
+                            groups = loaded,
+                            "taking over consumers: this node's idle copies of cluster topics' \
+                             groups were loaded again from their replicated journals"
+                        );
+                    }
+                    return true;
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "taking over consumers: loading groups again failed");
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 fn commit_latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
     prometheus_client::metrics::histogram::Histogram::new(
         prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 16),
@@ -449,68 +511,7 @@ impl Cluster {
             return;
         };
         let every = Duration::from_millis(self.config.heartbeat_ms);
-        let refresh = || {
-            let engine = engine.clone();
-            let storage = Arc::clone(&self.storage);
-            let journals = Arc::clone(&self.journals);
-            async move {
-                let cluster_topic = move |topic: &str| storage.is_replicated(topic);
-                let mut reloaded = 0;
-                let mut synced = engine
-                    .call({
-                        let cluster_topic = cluster_topic.clone();
-                        move |dispatcher, _| dispatcher.sync_idle_groups(cluster_topic)
-                    })
-                    .await;
-                // A copy loaded before this node's last syncs of it are in
-                // its journal would miss them: the writer drains first.
-                for _ in 0..5 {
-                    match synced {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(error)) => {
-                            tracing::warn!(%error, "taking over consumers: syncing groups failed");
-                            return false;
-                        }
-                        Err(_) => return false,
-                    }
-                    if !journals.drain(Duration::from_secs(2)).await {
-                        return false;
-                    }
-                    let pass = engine
-                        .call({
-                            let cluster_topic = cluster_topic.clone();
-                            move |dispatcher, _| {
-                                let loaded = dispatcher.reload_idle_groups(&cluster_topic)?;
-                                // Changes made meanwhile: synced, loaded next pass.
-                                let dirty = dispatcher.sync_idle_groups(&cluster_topic)?;
-                                Ok::<_, dmq_dispatcher::DispatchError>((loaded, dirty))
-                            }
-                        })
-                        .await;
-                    match pass {
-                        Ok(Ok((loaded, 0))) => {
-                            reloaded += loaded;
-                            if reloaded > 0 {
-                                tracing::info!(
-                                    groups = reloaded,
-                                    "taking over consumers: this node's idle copies of cluster \
-                                     topics' groups were loaded again from their replicated \
-                                     journals"
-                                );
-                            }
-                            return true;
-                        }
-                        Ok(Ok((loaded, dirty))) => {
-                            reloaded += loaded;
-                            synced = Ok(Ok(dirty));
-                        }
-                        Ok(Err(error)) => synced = Ok(Err(error)),
-                        Err(error) => synced = Err(error),
-                    }
-                }
-                false
-            }
-        };
+        let refresh = || load_idle_groups_again(&engine, &self.storage, &self.journals);
         lease
             .keep(Arc::clone(&self.metadata), every, stop, refresh)
             .await;
