@@ -45,6 +45,12 @@
 //!    snapshot's committed end then stands for the rows it lacks, and no
 //!    record below it is ever cut.
 //!
+//! 9. A leader's proposal of an idempotent producer's batch its log
+//!    already holds (same producer id, sequence and size: a retry) is
+//!    appended as a row with no records naming the first batch
+//!    ([`PartitionCommand::Duplicate`]) and answered with the first's
+//!    offsets and ids ([`ProducerBatches`]).
+//!
 //! A member that stays down holds purging back (rows grow until it
 //! returns or is removed).
 
@@ -431,7 +437,8 @@ struct Inner {
 /// Kafka's partition leaders check producer sequences at append for the
 /// same reason. Every replica keeps one (a follower may lead next, with
 /// its predecessor's tail not yet applied). Bounded by [`Self::MAX`]
-/// batches, the oldest going first; one that fell out, or was appended
+/// batches, the oldest going first. At open it holds the batches of the
+/// rows past the committed entry; one that fell out, or was committed
 /// before the replica opened, is left to the nodes' windows, which hold
 /// committed batches.
 #[derive(Debug, Default)]
