@@ -91,7 +91,7 @@ pub enum RaftRequest<C: GroupTypes> {
     ChangeVoters(std::collections::BTreeSet<NodeId>),
     /// Forgets member `node` (voter or learner) and takes it back as a
     /// learner at Raft address `addr`, asked of the leader: see
-    /// [`readmit`]. Answered like [`RaftRequest::ChangeVoters`].
+    /// `readmit`. Answered like [`RaftRequest::ChangeVoters`].
     Readmit {
         /// The member whose disk was lost.
         node: NodeId,

@@ -14,7 +14,7 @@
 //! 2. openraft reads entries back from the leader's storage to replicate
 //!    them: a batch read back carries its base offset, ids and timestamp,
 //!    as the bytes the leader stored (their CRC checked at the first read;
-//!    a later reader of the entry takes it from [`RecentEntries`]).
+//!    a later reader of the entry takes it from `RecentEntries`).
 //!    A follower appends exactly those bytes
 //!    ([`Log::append_stored_deferred`]) and
 //!    refuses a batch whose base offset is not its log's end (a diverged
@@ -49,7 +49,7 @@
 //!    already holds (same producer id, sequence and size: a retry) is
 //!    appended as a row with no records naming the first batch
 //!    ([`PartitionCommand::Duplicate`]) and answered with the first's
-//!    offsets and ids ([`ProducerBatches`]).
+//!    offsets and ids (`ProducerBatches`).
 //!
 //! A member that stays down holds purging back (rows grow until it
 //! returns or is removed).
