@@ -23,6 +23,15 @@ use crate::engine::{Engine, StartError as EngineStartError};
 use crate::registry::{Registry, RegistryError};
 use crate::services::Services;
 
+/// Why [`Broker::run_until`] stopped the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The signal it was given completed.
+    Signal,
+    /// This cluster node was removed from its cluster.
+    RemovedFromCluster,
+}
+
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -186,10 +195,28 @@ impl Broker {
         &self.services
     }
 
-    /// Serves until `signal` completes, then shuts down.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) {
-        signal.await;
+    /// Serves until `signal` completes (or, on a cluster node, until the
+    /// node learns it was removed from the cluster), then shuts down.
+    /// Says which.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Stopped {
+        let removed = async {
+            match &self.cluster {
+                Some(cluster) => cluster.removed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopped = tokio::select! {
+            () = signal => Stopped::Signal,
+            () = removed => Stopped::RemovedFromCluster,
+        };
+        if stopped == Stopped::RemovedFromCluster {
+            tracing::error!(
+                "this node was removed from the cluster (dmq cluster remove-node): stopping; \
+                 delete its data directory and take it out of every node's [[cluster.peers]]"
+            );
+        }
         self.shutdown().await;
+        stopped
     }
 
     /// Stops accepting, drains sessions, makes every ack durable, stops.

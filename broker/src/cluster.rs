@@ -33,6 +33,11 @@
 //!   then start empty, and
 //!   each group's leader makes it a voter again once it caught up (the
 //!   follow loop).
+//! - **Removal** of a node for good ([`Cluster::remove_node`]): recorded
+//!   in the metadata group, then every group's leader takes it out of its
+//!   members (the follow loop goes on doing so for groups formed later);
+//!   the node stops once it learns of it ([`Cluster::removed`]) and its
+//!   peers refuse its start from then on.
 //!
 //! Invariant: single-node brokers never reach this module; a cluster
 //! node's local-only topics (internal ones) stay local; a cluster topic's
@@ -47,7 +52,9 @@ use std::time::Duration;
 
 use dmq_dispatcher::{DispatchError, Storage, StoreError, TopicConfig};
 use dmq_replication::cluster_storage::form_group;
-use dmq_replication::rejoin::{check_rejoin, note_held_data, NodeViews, RejoinError};
+use dmq_replication::rejoin::{
+    check_not_removed, check_rejoin, note_held_data, NodeViews, RejoinError,
+};
 use dmq_replication::{
     ClusterMembers, ClusterStorage, GroupStatus, MetaCommand, MetaResponse, MetadataNode,
     NodeConfig, NodeError, RaftRouter, ReplicatedDelays, ReplicatedJournals, TopicSpec,
@@ -115,6 +122,9 @@ pub struct PeerStatus {
     pub raft: String,
     /// Its client address.
     pub client: String,
+    /// It was removed from the cluster (`dmq cluster remove-node`): it is
+    /// no member of any group any more.
+    pub removed: bool,
 }
 
 /// One replica on this node.
@@ -246,23 +256,36 @@ struct RegistryFollowed {
 const PROMOTE_WITHIN_ENTRIES: u64 = 64;
 
 /// One of the Raft groups this node hosts, of either kind.
-enum GroupHandle<'a> {
-    Metadata(&'a MetadataNode),
-    Partition(&'a dmq_replication::PartitionNode),
+enum GroupHandle {
+    Metadata(Arc<MetadataNode>),
+    Partition(Arc<dmq_replication::ReplicatedPartitionLog>),
 }
 
-impl GroupHandle<'_> {
+impl GroupHandle {
     fn status(&self) -> dmq_replication::node::GroupStatus {
         match self {
             GroupHandle::Metadata(node) => node.status(),
-            GroupHandle::Partition(node) => node.status(),
+            GroupHandle::Partition(replica) => replica.node().status(),
         }
+    }
+
+    /// Whether `node` is a voter or learner, in this member's view.
+    fn is_member(&self, node: u64) -> bool {
+        let status = self.status();
+        status.voters.contains(&node) || status.learners.contains(&node)
     }
 
     async fn set_voters(&self, voters: std::collections::BTreeSet<u64>) -> Result<(), NodeError> {
         match self {
             GroupHandle::Metadata(node) => node.set_voters(voters).await,
-            GroupHandle::Partition(node) => node.set_voters(voters).await,
+            GroupHandle::Partition(replica) => replica.node().set_voters(voters).await,
+        }
+    }
+
+    async fn remove_member(&self, node: u64) -> Result<(), NodeError> {
+        match self {
+            GroupHandle::Metadata(group) => group.remove_member(node).await,
+            GroupHandle::Partition(replica) => replica.node().remove_member(node).await,
         }
     }
 }
@@ -376,6 +399,11 @@ impl Cluster {
                 return Err(error.into());
             }
             views.starting();
+        } else if let Err(error) =
+            check_not_removed(config.node_id, &members, config.raft_source_ip).await
+        {
+            router.shutdown().await;
+            return Err(error.into());
         }
         let metadata = Arc::new(MetadataNode::start_on(&router, timings.clone()).await?);
         views.running(metadata.state_machine().clone());
@@ -392,6 +420,7 @@ impl Cluster {
             router.clone(),
             tokio::runtime::Handle::current(),
         )?;
+        storage.exclude_removed_nodes(metadata.state_machine().clone());
         let journals = ReplicatedJournals::start(Arc::clone(&metadata));
         storage.replicate_journals(Arc::clone(&journals));
         let storage = Arc::new(storage);
@@ -612,6 +641,15 @@ impl Cluster {
                 .into())
             }
         }
+        // Formed here once applied here: the groups of a topic created
+        // after a node's removal leave that node out on every node
+        // (`ClusterStorage::exclude_removed_nodes`).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.metadata.topics_applied_here().contains_key(name)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.create_here(engine, name, partitions, ordered).await
     }
 
@@ -783,6 +821,12 @@ impl Cluster {
             ))
             .into());
         };
+        if self.metadata.state_machine().removed(node) {
+            return Err(DispatchError::InvalidArgument(format!(
+                "node {node} was removed from the cluster: it cannot be replaced"
+            ))
+            .into());
+        }
         // Every group it is a member of forgets it (its progress too: its
         // log starts over empty) and takes it back as a learner.
         let mut changed = Vec::new();
@@ -813,6 +857,115 @@ impl Cluster {
         Ok(changed)
     }
 
+    /// Removes node `node` from the cluster for good (it may be up or
+    /// down): records it in the metadata group first (so that the node
+    /// stops once it applies it, its peers refuse its start, and the
+    /// follow loop takes it out of groups formed later), then every group
+    /// it is a member of (the metadata group, every partition, the timer
+    /// log) takes it out of its members through its leader. Returns the
+    /// groups this node hosts, none of which lists it as a member any
+    /// more. Run again after a failure: every step may be taken twice. The node's data directory is then of no use: delete it, and
+    /// take it out of every node's `[[cluster.peers]]`.
+    pub async fn remove_node(&self, node: u64) -> Result<Vec<String>, EngineError> {
+        if node == self.config.node_id {
+            return Err(DispatchError::InvalidArgument(format!(
+                "node {node} is this node: run the removal on another node"
+            ))
+            .into());
+        }
+        if !self.config.peers.iter().any(|peer| peer.id == node) {
+            return Err(DispatchError::InvalidArgument(format!(
+                "node {node} is not a peer of this cluster"
+            ))
+            .into());
+        }
+        self.metadata
+            .write(MetaCommand::RemoveNode { node })
+            .await
+            .map_err(unavailable)?;
+        // The groups' leaders (this node's follow loop too) may take it
+        // out meanwhile: done is done, whoever did it.
+        let groups = self.groups();
+        for (_, group) in &groups {
+            if group.is_member(node) {
+                group.remove_member(node).await.map_err(unavailable)?;
+            }
+        }
+        // Committed at each leader; this node's view follows within moments.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Some((name, _)) = groups.iter().find(|(_, group)| group.is_member(node)) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unavailable(format!(
+                    "group {name} still lists node {node} as a member here: run the removal again"
+                ))
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(node, groups = groups.len(), "node removed from the cluster");
+        Ok(groups.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Every group this node is a member of: the metadata group, then
+    /// each replica's (the timer log's included).
+    fn groups(&self) -> Vec<(String, GroupHandle)> {
+        self.groups_of(&self.storage.replicas())
+    }
+
+    /// The metadata group, then the groups of `replicas`.
+    fn groups_of(
+        &self,
+        replicas: &[((String, u32), Arc<dmq_replication::ReplicatedPartitionLog>)],
+    ) -> Vec<(String, GroupHandle)> {
+        let mut groups = vec![(
+            self.metadata.group().to_string(),
+            GroupHandle::Metadata(Arc::clone(&self.metadata)),
+        )];
+        for (_, replica) in replicas {
+            groups.push((
+                replica.node().group().to_string(),
+                GroupHandle::Partition(Arc::clone(replica)),
+            ));
+        }
+        groups
+    }
+
+    /// For each group this node leads: takes every node removed from the
+    /// cluster out of its members (groups formed after the removal start
+    /// with every configured peer, as every node must form them alike).
+    async fn drop_removed_members(&self) {
+        let removed = self.metadata.state_machine().nodes_removed();
+        if removed.is_empty() {
+            return;
+        }
+        for (name, group) in self.groups() {
+            let status = group.status();
+            if status.leader != Some(self.config.node_id) {
+                continue;
+            }
+            for &node in &removed {
+                if !group.is_member(node) {
+                    continue;
+                }
+                match group.remove_member(node).await {
+                    Ok(()) => tracing::info!(group = name, node, "removed node taken out"),
+                    Err(error) => {
+                        tracing::warn!(group = name, node, %error, "taking a removed node out")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves once this node learns it was removed from the cluster
+    /// (polled every [`FOLLOW_TOPICS_EVERY`]): the broker then stops.
+    pub async fn removed(&self) {
+        let state = self.metadata.state_machine();
+        while !state.removed(self.config.node_id) {
+            tokio::time::sleep(FOLLOW_TOPICS_EVERY).await;
+        }
+    }
+
     /// For each group this node leads: makes every node being replaced
     /// that has caught up (its matched index within a purge step of the
     /// leader's last) a voter again. On the node being replaced: once it
@@ -823,17 +976,8 @@ impl Cluster {
         if replacing.is_empty() {
             return;
         }
-        let mut groups: Vec<(String, GroupHandle<'_>)> = vec![(
-            self.metadata.group().to_string(),
-            GroupHandle::Metadata(&self.metadata),
-        )];
         let replicas = self.storage.replicas();
-        for (_, replica) in &replicas {
-            groups.push((
-                replica.node().group().to_string(),
-                GroupHandle::Partition(replica.node()),
-            ));
-        }
+        let groups = self.groups_of(&replicas);
         for (name, group) in &groups {
             let status = group.status();
             if status.leader != Some(self.config.node_id) {
@@ -1049,6 +1193,7 @@ impl Cluster {
             }
             self.apply_registry(&engine, &registry);
             self.promote_replaced().await;
+            self.drop_removed_members().await;
             tokio::select! {
                 _ = tokio::time::sleep(FOLLOW_TOPICS_EVERY) => {}
                 _ = stop.wait_for(|stop| *stop) => return,
@@ -1076,6 +1221,7 @@ impl Cluster {
                 }
             })
             .collect();
+        let removed = self.metadata.state_machine().nodes_removed();
         ClusterStatus {
             node_id: self.config.node_id,
             peers: self
@@ -1086,6 +1232,7 @@ impl Cluster {
                     id: peer.id,
                     raft: peer.raft.clone(),
                     client: peer.client.clone(),
+                    removed: removed.contains(&peer.id),
                 })
                 .collect(),
             metadata: self.metadata.status(),

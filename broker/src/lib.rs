@@ -57,7 +57,7 @@ mod session;
 pub mod telemetry;
 pub mod topics;
 
-pub use broker::{Broker, StartError};
+pub use broker::{Broker, StartError, Stopped};
 pub use config::BrokerConfig;
 pub use engine::Engine;
 pub use services::Services;

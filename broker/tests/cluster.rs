@@ -282,6 +282,142 @@ async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
     );
 }
 
+/// The groups of `status` (a node's `GET /api/cluster`) whose voters or
+/// learners are not `voters` alone, by name.
+fn groups_not_of(status: &serde_json::Value, voters: &[u64]) -> Vec<String> {
+    let members = |raft: &serde_json::Value| -> (Vec<u64>, Vec<u64>) {
+        let ids = |field: &str| -> Vec<u64> {
+            let mut ids: Vec<u64> = raft[field]
+                .as_array()
+                .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
+                .unwrap_or_default();
+            ids.sort_unstable();
+            ids
+        };
+        (ids("voters"), ids("learners"))
+    };
+    let mut groups = vec![("meta".to_string(), &status["metadata"])];
+    for partition in status["partitions"].as_array().unwrap() {
+        groups.push((
+            format!("{}/{}", partition["topic"], partition["partition"]),
+            &partition["raft"],
+        ));
+    }
+    groups
+        .into_iter()
+        .filter(|(_, raft)| members(raft) != (voters.to_vec(), Vec::new()))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// `dmq cluster remove-node` of a running node: it stops by itself, every
+/// group (one created after the removal too) ends with the other two as
+/// its only members, they go on producing and delivering, and the removed
+/// node's next start is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removed_from_the_cluster_stops_and_may_not_start_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 2, false).await.unwrap();
+    for node in &nodes[1..] {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 60).await.into_iter().collect();
+
+    // Removed through node 2 while it runs (the groups node 2 does not
+    // host yet are left to their leaders' follow loops, as below).
+    let api = Api::new(nodes[1].admin, None);
+    let (status, body) = http(move || api.call("POST", "/api/cluster/nodes/3/remove", None)).await;
+    assert_eq!(status, 200, "{body}");
+    let groups: Vec<&str> = body["removed_from"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g.as_str())
+        .collect();
+    assert!(
+        groups.contains(&"meta")
+            && groups.contains(&"p/orders/0")
+            && groups.contains(&"p/orders/1"),
+        "{body}"
+    );
+    let exit = nodes[2].exited_within(Duration::from_secs(20));
+    let told = |node: &Node| std::fs::read_to_string(node.dir.join("dmqd.log")).unwrap();
+    assert!(
+        exit.is_some_and(|status| !status.success()),
+        "node 3 stops by itself, with an error: {exit:?}\n{}",
+        told(&nodes[2])
+    );
+    assert!(told(&nodes[2]).contains("removed from the cluster"));
+    let api = Api::new(nodes[1].admin, None);
+    let (status, body) = http(move || api.call("POST", "/api/cluster/nodes/3/replace", None)).await;
+    assert_eq!(status, 400, "a removed node is not replaced: {body}");
+
+    // A topic created now forms with every configured peer; its leader
+    // takes node 3 out too.
+    first.create_topic("later", 1, false).await.unwrap();
+    let second = connect(&nodes[1]).await;
+    wait_for_topic(&second, "later").await;
+    for node in &nodes[..2] {
+        let api = Api::new(node.admin, None);
+        http(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let status = api.ok("/api/cluster");
+                let left = groups_not_of(&status, &[1, 2]);
+                let peer_removed = status["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|peer| peer["id"] == 3 && peer["removed"] == true);
+                if left.is_empty()
+                    && peer_removed
+                    && status["partitions"].as_array().unwrap().len() >= 4
+                {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "groups still with node 3, or not yet here: {left:?} in {status}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .await;
+    }
+
+    // Nodes 1 and 2 go on: every acknowledged message is delivered.
+    acknowledged.extend(produce(&second, "b", 40).await);
+    // The topic formed after the removal takes produces from the two.
+    second
+        .producer()
+        .send(Message::new("later", "x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        consume(&first, "after-removal", acknowledged.len()).await,
+        acknowledged
+    );
+    drop(first);
+    drop(second);
+
+    // Its next start is refused: its peers know it was removed.
+    nodes[2].start(&configs[2]);
+    let exit = nodes[2].exited_within(Duration::from_secs(20));
+    assert!(
+        exit.is_some_and(|status| !status.success()),
+        "a removed node's start is refused: {exit:?}\n{}",
+        told(&nodes[2])
+    );
+    assert!(
+        told(&nodes[2]).contains("was removed from the cluster (`dmq cluster remove-node 3`)"),
+        "{}",
+        told(&nodes[2])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_segment_is_damaged_gets_its_records_back_from_its_peers() {
     let root = tempfile::tempdir().unwrap();

@@ -3,7 +3,9 @@
 //! node holds, with its leader, term, committed and log ends, and on a
 //! leader the largest lag of its peers. `dmq cluster replace-node`: starts
 //! the replacement of a node whose disk was lost
-//! (`POST /api/cluster/nodes/{id}/replace`).
+//! (`POST /api/cluster/nodes/{id}/replace`). `dmq cluster remove-node`:
+//! removes a node from the cluster for good
+//! (`POST /api/cluster/nodes/{id}/remove`).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -22,6 +24,13 @@ pub enum ClusterCommand {
     /// it becomes a learner of every group; then start it with an empty
     /// data directory and it catches up and votes again.
     ReplaceNode {
+        /// The node's id.
+        id: u64,
+    },
+    /// Removes node ID from the cluster for good (up or down): every
+    /// group takes it out of its members and it stops; then take it out
+    /// of every node's [[cluster.peers]] and delete its data directory.
+    RemoveNode {
         /// The node's id.
         id: u64,
     },
@@ -47,6 +56,20 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
                 Format::Table => println!(
                     "node {id} is a learner of {} groups; {}",
                     answer["learner_of"].as_array().map_or(0, Vec::len),
+                    answer["next"].as_str().unwrap_or_default()
+                ),
+            }
+        }
+        ClusterCommand::RemoveNode { id } => {
+            let answer = Admin::new(cli).post(
+                &format!("/api/cluster/nodes/{id}/remove"),
+                &serde_json::json!({}),
+            )?;
+            match cli.format {
+                Format::Json => print_json(&answer),
+                Format::Table => println!(
+                    "node {id} removed from {} groups; {}",
+                    answer["removed_from"].as_array().map_or(0, Vec::len),
                     answer["next"].as_str().unwrap_or_default()
                 ),
             }
@@ -108,8 +131,20 @@ pub fn render_status(answer: &Value) -> String {
     } else {
         ""
     };
+    let removed: Vec<String> = answer["peers"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .filter(|peer| peer["removed"].as_bool() == Some(true))
+        .map(|peer| cell(&peer["id"]))
+        .collect();
+    let removed = if removed.is_empty() {
+        String::new()
+    } else {
+        format!(" (removed: node {})", removed.join(", node "))
+    };
     format!(
-        "node {}{serves}\n{}",
+        "node {}{serves}{removed}\n{}",
         cell(&answer["node_id"]),
         render_table(
             &["GROUP", "LEADER", "TERM", "COMMITTED", "LOG_END", "MAX_LAG"],
@@ -146,5 +181,10 @@ mod tests {
         let mut serving = answer.clone();
         serving["serves_consumers"] = serde_json::json!(true);
         assert!(render_status(&serving).starts_with("node 2 (serves consumers)\n"));
+        let mut removed = answer.clone();
+        removed["peers"] = serde_json::json!([
+            {"id": 1, "removed": false}, {"id": 3, "removed": true}
+        ]);
+        assert!(render_status(&removed).starts_with("node 2 (removed: node 3)\n"));
     }
 }

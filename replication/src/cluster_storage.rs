@@ -29,7 +29,12 @@
 //!   its replicas (retention is not yet a replicated setting).
 //! - Every node forms a partition group it opens pristine, with every
 //!   node as a voter ([`form_group`]): all of them write the same first
-//!   entry, so whichever nodes are up elect a leader.
+//!   entry, so whichever nodes are up elect a leader. Every node means the
+//!   configured peers less the nodes removed from the cluster as applied
+//!   here ([`ClusterStorage::exclude_removed_nodes`]): a topic created
+//!   after a removal is applied after it on every node, so all of them
+//!   leave the removed node out, whether their peer lists still name it
+//!   or not.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -82,6 +87,9 @@ pub struct ClusterStorage {
     journals: Mutex<Option<Arc<ReplicatedJournals>>>,
     /// Pending cluster delays per topic ([`crate::delays`]).
     pending_delays: Mutex<Option<Arc<crate::delays::PendingCounts>>>,
+    /// The metadata state naming the nodes removed from the cluster, left
+    /// out of the groups formed here.
+    removed_nodes: Mutex<Option<crate::MetadataStateMachine>>,
 }
 
 impl std::fmt::Debug for ClusterStorage {
@@ -147,6 +155,7 @@ impl ClusterStorage {
             on_producer_batches: Arc::default(),
             journals: Mutex::default(),
             pending_delays: Mutex::default(),
+            removed_nodes: Mutex::default(),
         })
     }
 
@@ -265,9 +274,18 @@ impl ClusterStorage {
         config.id = self.members.node_id;
         config.listen = self.router.addr();
         config.data_dir = self.root.join(topic).join(partition.to_string());
-        config.peers = self
+        let removed = lock(&self.removed_nodes)
+            .as_ref()
+            .map(|state| state.nodes_removed())
+            .unwrap_or_default();
+        let members: BTreeMap<NodeId, String> = self
             .members
             .members
+            .iter()
+            .filter(|(id, _)| !removed.contains(id))
+            .map(|(id, addr)| (*id, addr.clone()))
+            .collect();
+        config.peers = members
             .iter()
             .filter(|(id, _)| **id != self.members.node_id)
             .map(|(_, addr)| addr.clone())
@@ -275,8 +293,14 @@ impl ClusterStorage {
         let group = partition_group(topic, partition);
         let node =
             PartitionNode::start_on(&self.router, config, &group, self.log_config.clone()).await?;
-        form_group(&node, &self.members.members).await?;
+        form_group(&node, &members).await?;
         Ok(node)
+    }
+
+    /// Leaves the nodes `state` names as removed from the cluster out of
+    /// the groups formed here from now on (see the module doc).
+    pub fn exclude_removed_nodes(&self, state: crate::MetadataStateMachine) {
+        *lock(&self.removed_nodes) = Some(state);
     }
 
     /// Stops every replica (their data stays).

@@ -113,6 +113,14 @@ pub enum MetaCommand {
         /// The node.
         node: NodeId,
     },
+    /// Node `node` leaves the cluster for good (`dmq cluster
+    /// remove-node`): every group's leader takes it out of its members,
+    /// the node stops once it applies this, and its peers tell it not to
+    /// start again (`crate::rejoin`). It counts for no topic's removal.
+    RemoveNode {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 /// A change to one replicated journal.
@@ -196,6 +204,9 @@ struct MetaState {
     /// Nodes being replaced after losing their disk.
     #[serde(default)]
     replacing: std::collections::BTreeSet<NodeId>,
+    /// Nodes removed from the cluster for good.
+    #[serde(default)]
+    removed: std::collections::BTreeSet<NodeId>,
 }
 
 /// A topic's registry entry as the metadata group holds it.
@@ -284,6 +295,18 @@ impl MetaState {
                 self.replacing.remove(node);
                 MetaResponse::Applied
             }
+            MetaCommand::RemoveNode { node } => {
+                self.removed.insert(*node);
+                self.replacing.remove(node);
+                // It removes no deleted topic's files any more: the names
+                // it held up are freed by the others alone.
+                let members = self.members();
+                self.deleting.retain(|_, removed| {
+                    removed.insert(*node);
+                    !members.iter().all(|member| removed.contains(member))
+                });
+                MetaResponse::Applied
+            }
             MetaCommand::RegistryPut { name, entry } => {
                 if !self.topics.contains_key(name) {
                     return MetaResponse::UnknownTopic;
@@ -307,12 +330,7 @@ impl MetaState {
                 None => MetaResponse::UnknownTopic,
             },
             MetaCommand::TopicRemoved { name, node } => {
-                let members: Vec<NodeId> = self
-                    .membership
-                    .membership()
-                    .nodes()
-                    .map(|(id, _)| *id)
-                    .collect();
+                let members = self.members();
                 if let Some(removed) = self.deleting.get_mut(name) {
                     removed.insert(*node);
                     if members.iter().all(|member| removed.contains(member)) {
@@ -322,6 +340,17 @@ impl MetaState {
                 MetaResponse::Applied
             }
         }
+    }
+
+    /// The group's members (voters and learners), less the nodes removed
+    /// from the cluster: those whose removal of a deleted topic counts.
+    fn members(&self) -> Vec<NodeId> {
+        self.membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.removed.contains(id))
+            .collect()
     }
 }
 
@@ -454,6 +483,17 @@ impl MetadataStateMachine {
     /// The nodes being replaced, as applied on this node.
     pub fn nodes_replacing(&self) -> std::collections::BTreeSet<NodeId> {
         self.lock().state.replacing.clone()
+    }
+
+    /// Whether node `node` was removed from the cluster, as applied on
+    /// this node.
+    pub fn removed(&self, node: NodeId) -> bool {
+        self.lock().state.removed.contains(&node)
+    }
+
+    /// The nodes removed from the cluster, as applied on this node.
+    pub fn nodes_removed(&self) -> std::collections::BTreeSet<NodeId> {
+        self.lock().state.removed.clone()
     }
 
     /// How many registry entries were set so far, as applied on this
@@ -925,5 +965,65 @@ mod tests {
         assert_eq!(answers, [Applied, Applied]);
         assert!(other.topics_being_deleted().is_empty());
         assert!(other.topics().contains_key("t"));
+    }
+    /// A removed node is remembered (across a snapshot), ends a
+    /// replacement of itself, and no deleted topic's name waits for it.
+    #[tokio::test]
+    async fn a_removed_node_is_remembered_and_frees_the_names_it_held_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("a.snapshot")).unwrap();
+        let members =
+            openraft::Membership::new(vec![std::collections::BTreeSet::from([1, 2, 3])], None);
+        let topic = |name: &str| MetaCommand::CreateTopic {
+            name: name.to_string(),
+            spec: TopicSpec {
+                partitions: 1,
+                ordered: false,
+            },
+        };
+        let delete = |name: &str| MetaCommand::DeleteTopic {
+            name: name.to_string(),
+        };
+        let removed = |name: &str, node| MetaCommand::TopicRemoved {
+            name: name.to_string(),
+            node,
+        };
+        state
+            .apply(vec![
+                Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+                    payload: EntryPayload::Membership(members),
+                },
+                command(2, topic("t")),
+                command(3, topic("u")),
+                command(4, delete("t")),
+                command(5, delete("u")),
+                command(6, removed("t", 1)),
+                command(7, removed("t", 2)),
+                command(8, removed("u", 1)),
+                command(9, MetaCommand::ReplaceNode { node: 3 }),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(state.topics_being_deleted().len(), 2, "node 3 holds both");
+        assert!(!state.removed(3));
+        state
+            .apply(vec![command(10, MetaCommand::RemoveNode { node: 3 })])
+            .await
+            .unwrap();
+        assert!(state.removed(3));
+        assert!(!state.replacing(3), "a removed node is replaced no more");
+        // `t` waited for node 3 only; `u` still waits for node 2.
+        assert_eq!(
+            state.topics_being_deleted().keys().collect::<Vec<_>>(),
+            ["u"]
+        );
+        let mut other = copied_by_snapshot(&mut state, &dir.path().join("b.snapshot")).await;
+        assert_eq!(other.nodes_removed(), std::collections::BTreeSet::from([3]));
+        other
+            .apply(vec![command(11, removed("u", 2))])
+            .await
+            .unwrap();
+        assert!(other.topics_being_deleted().is_empty());
     }
 }

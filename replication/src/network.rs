@@ -103,6 +103,13 @@ pub enum RaftRequest<C: GroupTypes> {
     /// committed (at least its own term's first), answered like
     /// [`RaftRequest::Forward`] with the index (`Option<u64>`) in postcard.
     ReadIndex,
+    /// Takes member `node` (voter or learner) out of the group for good,
+    /// asked of the leader: see `remove_member`. Answered like
+    /// [`RaftRequest::ChangeVoters`].
+    RemoveMember {
+        /// The member leaving.
+        node: NodeId,
+    },
 }
 
 /// The answer to a [`RaftRequest`].
@@ -262,6 +269,49 @@ pub(crate) async fn readmit<C: GroupTypes>(
     )
     .await
     .map(|_| ())
+}
+
+/// Asks the node at `addr` (the group's leader, as far as the caller
+/// knows) to [`remove_member`] `node` from group `group`, within `ttl`.
+pub(crate) async fn remove_member_at<C: GroupTypes>(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+    group: &str,
+    node: NodeId,
+    ttl: Duration,
+) -> Result<(), ForwardError> {
+    let request =
+        encode(&RaftRequest::<C>::RemoveMember { node }).map_err(ForwardError::NotSent)?;
+    ask_leader(addr, source, group, &request, ttl)
+        .await
+        .map(|_| ())
+}
+
+/// At the leader: takes member `node` out of the group for good. A voter
+/// first leaves the voters through a joint configuration (so the new
+/// voters commit the change by their own quorum too), then is dropped as
+/// a learner; a learner is dropped. Nothing to do for a node that is not
+/// a member, so it may be asked again after a failure.
+pub(crate) async fn remove_member<C: GroupTypes>(
+    raft: &Raft<C>,
+    node: NodeId,
+) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+    let membership = || {
+        raft.metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone()
+    };
+    if membership().voter_ids().any(|id| id == node) {
+        raft.change_membership(openraft::ChangeMembers::RemoveVoters([node].into()), false)
+            .await?;
+    }
+    if membership().learner_ids().any(|id| id == node) {
+        raft.change_membership(openraft::ChangeMembers::RemoveNodes([node].into()), false)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Sends `request` (a [`RaftRequest`] the leader answers with
@@ -515,6 +565,10 @@ impl<C: GroupTypes> GroupHandler for Raft<C> {
                 RaftRequest::Readmit { node, addr } => {
                     let readmitted = readmit(self, node, &addr).await;
                     RaftReply::Forwarded(readmitted.map(|_| Vec::new()).map_err(refusal))
+                }
+                RaftRequest::RemoveMember { node } => {
+                    let removed = remove_member(self, node).await;
+                    RaftReply::Forwarded(removed.map(|_| Vec::new()).map_err(refusal))
                 }
                 RaftRequest::ReadIndex => {
                     RaftReply::Forwarded(match self.get_read_log_id().await {

@@ -421,6 +421,34 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         .await
     }
 
+    /// Takes member `node` out of the group for good (see
+    /// `network::remove_member`), from any member: at the leader
+    /// (forwarded over the Raft port if another node leads), retried while
+    /// no leader takes it, for up to [`WRITE_TIMEOUT`]. Nothing to do if it
+    /// is no member.
+    pub async fn remove_member(&self, node: NodeId) -> Result<(), NodeError> {
+        self.at_leader("the member was not removed", |leader| async move {
+            if !self.voters().contains(&node) && !self.learners().contains(&node) {
+                return Ok(());
+            }
+            match leader {
+                Leader::Here => crate::network::remove_member(&self.raft, node)
+                    .await
+                    .map_err(write_error),
+                Leader::At { addr, ttl } => crate::network::remove_member_at::<C>(
+                    &addr,
+                    self.router.source(),
+                    &self.group,
+                    node,
+                    ttl,
+                )
+                .await
+                .map_err(|error| NodeError::Stopped(format!("{error:?}"))),
+            }
+        })
+        .await
+    }
+
     /// Waits until this member applied every entry its group had committed
     /// when this was called: asks the leader for its read index (the
     /// leader confirms with a quorum that it still leads; a new leader's

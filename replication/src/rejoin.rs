@@ -60,6 +60,9 @@ pub enum PeerView {
     /// From its applied metadata: the node asked about is being replaced
     /// (a learner of every group): it may start with nothing.
     Replacing,
+    /// From its applied metadata: the node asked about was removed from
+    /// the cluster (`MetaCommand::RemoveNode`): it must not start.
+    Removed,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +112,7 @@ impl NodeViews {
         match &*self.lock() {
             View::Pristine => PeerView::Pristine,
             View::Starting => PeerView::Starting,
+            View::Running(state) if state.removed(node) => PeerView::Removed,
             View::Running(state) if state.replacing(node) => PeerView::Replacing,
             View::Running(state) => PeerView::Knows {
                 held_data: state.held_data(node),
@@ -142,6 +146,18 @@ pub enum RejoinError {
          again (docs/replication.md)"
     )]
     DataLost {
+        /// This node.
+        node: NodeId,
+        /// The peer that knew.
+        told_by: NodeId,
+    },
+    /// It was removed from the cluster.
+    #[error(
+        "node {node} was removed from the cluster (`dmq cluster remove-node {node}`), as node \
+         {told_by} knows: it is no member of any group and must not start again. Take it \
+         out of every node's [[cluster.peers]] and delete its data directory"
+    )]
+    Removed {
         /// This node.
         node: NodeId,
         /// The peer that knew.
@@ -184,6 +200,12 @@ pub async fn check_rejoin(
                 .await
                 .and_then(|reply| decode::<PeerView>(&reply));
             match answer {
+                Ok(PeerView::Removed) => {
+                    return Err(RejoinError::Removed {
+                        node,
+                        told_by: *peer,
+                    })
+                }
                 Ok(PeerView::Knows { held_data: true }) => {
                     return Err(RejoinError::DataLost {
                         node,
@@ -208,6 +230,42 @@ pub async fn check_rejoin(
         rounds += 1;
         tokio::time::sleep(ROUND_PAUSE).await;
     }
+}
+
+/// Run by node `node` when it starts with metadata state, before it
+/// starts Raft: asks each of `peers` once (at most [`ASK_TIMEOUT`] each,
+/// all at once) whether it was removed from the cluster. A node that was
+/// down when it was removed never hears of it from its own log (no group
+/// sends it anything any more), so only its peers can tell it. Peers
+/// that do not answer are passed over: a node that starts while none of
+/// its peers is up is not stopped here.
+pub async fn check_not_removed(
+    node: NodeId,
+    peers: &BTreeMap<NodeId, String>,
+    source: Option<std::net::IpAddr>,
+) -> Result<(), RejoinError> {
+    let Ok(question) = encode(&node) else {
+        return Ok(());
+    };
+    let mut asks = tokio::task::JoinSet::new();
+    for (id, addr) in peers.iter().filter(|(id, _)| **id != node) {
+        let (id, addr, question) = (*id, addr.clone(), question.clone());
+        asks.spawn(async move {
+            let answer = ask(&addr, source, NODE_GROUP, &question, ASK_TIMEOUT)
+                .await
+                .and_then(|reply| decode::<PeerView>(&reply));
+            (id, answer)
+        });
+    }
+    while let Some(asked) = asks.join_next().await {
+        if let Ok((peer, Ok(PeerView::Removed))) = asked {
+            return Err(RejoinError::Removed {
+                node,
+                told_by: peer,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Until the metadata group stops: whenever this node leads it and sees

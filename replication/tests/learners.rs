@@ -203,3 +203,69 @@ async fn a_member_whose_disk_was_lost_is_readmitted_and_sent_every_entry_again()
         node.shutdown().await;
     }
 }
+
+/// `remove-node`'s step in each group: the leader itself is taken out,
+/// asked through a follower (forwarded); the other two elect a leader of
+/// their own and commit by their own quorum. A learner is taken out too,
+/// and asking again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_taken_out_leaves_the_group_even_as_its_leader() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        nodes.push(start(i as u64 + 1, dir.path(), any_addr()).await);
+    }
+    let learner = nodes.pop().expect("node 4");
+    form_group(&nodes).await;
+    let all: Vec<&PartitionNode> = nodes.iter().collect();
+    let leader = agreed_leader(&all, Duration::from_secs(10)).await;
+    by_id(&nodes, leader)
+        .add_learner(4, &learner.addr().to_string())
+        .await
+        .expect("add learner");
+    nodes.push(learner);
+    by_id(&nodes, leader)
+        .produce(vec![RecordInput::new("before")])
+        .await
+        .expect("produce");
+
+    let follower = nodes
+        .iter()
+        .find(|n| n.id() != leader && n.id() != 4)
+        .expect("a follower");
+    follower
+        .remove_member(leader)
+        .await
+        .expect("remove the leader");
+    let rest: BTreeSet<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let index = nodes.iter().position(|n| n.id() == leader).expect("leader");
+    let removed = nodes.remove(index);
+    let voters: Vec<&PartitionNode> = nodes.iter().filter(|n| rest.contains(&n.id())).collect();
+    let next = agreed_leader(&voters, Duration::from_secs(10)).await;
+    assert!(rest.contains(&next), "a remaining voter leads: {next}");
+    assert_eq!(by_id(&nodes, next).voters(), rest);
+    assert_eq!(by_id(&nodes, next).learners(), BTreeSet::from([4]));
+    // The removed node is of no quorum: stopped, the others commit.
+    removed.shutdown().await;
+    let appended = by_id(&nodes, next)
+        .produce(vec![RecordInput::new("after")])
+        .await
+        .expect("produce without the removed node");
+    assert_eq!(appended.base_offset, 1);
+
+    // A learner is taken out; asking again changes nothing.
+    by_id(&nodes, next)
+        .remove_member(4)
+        .await
+        .expect("remove learner");
+    by_id(&nodes, next).remove_member(4).await.expect("again");
+    by_id(&nodes, next)
+        .remove_member(leader)
+        .await
+        .expect("a node no longer a member");
+    assert!(by_id(&nodes, next).learners().is_empty());
+    assert_eq!(by_id(&nodes, next).voters(), rest);
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

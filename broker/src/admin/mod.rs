@@ -259,6 +259,10 @@ pub fn router(services: Services) -> Router {
             "/api/cluster/nodes/{node}/replace",
             axum::routing::post(observe::replace_node),
         )
+        .route(
+            "/api/cluster/nodes/{node}/remove",
+            axum::routing::post(observe::remove_node),
+        )
         .merge(topics::routes())
         .merge(messages::routes())
         .merge(transactions::routes())

@@ -63,6 +63,29 @@ pub(super) async fn replace_node(
     })))
 }
 
+/// `POST /api/cluster/nodes/{node}/remove`: removes a node from the
+/// cluster for good (docs/replication.md).
+pub(super) async fn remove_node(
+    State(services): State<Services>,
+    axum::extract::Path(node): axum::extract::Path<u64>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Some(cluster) = services.engine.cluster() else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "this broker runs as a single node (no [cluster] section)",
+        ));
+    };
+    let groups = cluster.remove_node(node).await?;
+    Ok(Json(serde_json::json!({
+        "node": node,
+        "removed_from": groups,
+        "next": format!(
+            "node {node} stops once it learns of its removal and may not start again: delete \
+             its data directory and take it out of every node's [[cluster.peers]]"
+        ),
+    })))
+}
+
 pub(super) async fn info(State(services): State<Services>) -> ApiResult<Json<serde_json::Value>> {
     let pending_delays = services
         .engine

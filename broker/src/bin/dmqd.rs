@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dmq_broker::{Broker, BrokerConfig};
+use dmq_broker::{Broker, BrokerConfig, Stopped};
 
 /// jemalloc returns freed memory to the system; glibc's per-thread arenas
 /// kept it (see broker/Cargo.toml).
@@ -136,8 +136,13 @@ fn main() -> anyhow::Result<()> {
             fsync,
             "dmqd ready"
         );
-        broker.run_until(shutdown_signal()).await;
-        Ok(())
+        match broker.run_until(shutdown_signal()).await {
+            Stopped::Signal => Ok(()),
+            Stopped::RemovedFromCluster => Err(anyhow::anyhow!(
+                "this node was removed from its cluster (dmq cluster remove-node): delete its \
+                 data directory and take it out of every node's [[cluster.peers]]"
+            )),
+        }
     })
 }
 

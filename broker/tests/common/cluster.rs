@@ -88,6 +88,23 @@ impl Node {
         }
     }
 
+    /// Waits up to `within` for the process to end by itself; its exit
+    /// status if it did (the process is then gone).
+    pub fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let process = self.process.as_mut()?;
+            if let Some(status) = process.try_wait().unwrap() {
+                self.process = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no shutdown, no final fsync.
     pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {

@@ -47,7 +47,8 @@ export async function render(root) {
       return;
     }
     const nodes = status.peers.map((peer) => [
-      String(peer.id) + (peer.id === status.node_id ? (status.serves_consumers ? " (this node, serves consumers)" : " (this node)") : ""),
+      String(peer.id) + (peer.id === status.node_id ? (status.serves_consumers ? " (this node, serves consumers)" : " (this node)") : "")
+        + (peer.removed ? " (removed)" : ""),
       peer.client,
       peer.raft,
     ]);
