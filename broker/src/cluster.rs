@@ -53,7 +53,7 @@ use std::time::Duration;
 use dmq_dispatcher::{DispatchError, Storage, StoreError, TopicConfig};
 use dmq_replication::cluster_storage::form_group;
 use dmq_replication::rejoin::{
-    check_not_removed, check_rejoin, note_held_data, NodeViews, RejoinError,
+    check_not_removed, check_rejoin, note_held_data, NodeViews, Rejoin, RejoinError,
 };
 use dmq_replication::{
     ClusterMembers, ClusterStorage, GroupStatus, MetaCommand, MetaResponse, MetadataNode,
@@ -89,6 +89,34 @@ pub enum ClusterError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The marker of a joining node could not be written.
+    #[error("writing {path}: {source}")]
+    Marker {
+        /// The marker's path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Creates the empty file `path` (and its directory) durably: the file
+/// and the directory entry are synced.
+fn write_durably(path: &std::path::Path) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("a marker needs a directory"))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::File::create(path)?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes `path` durably (the directory entry is synced).
+fn remove_durably(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::remove_file(path)?;
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// A cluster operation that did not go through (no metadata leader in
@@ -125,6 +153,9 @@ pub struct PeerStatus {
     /// It was removed from the cluster (`dmq cluster remove-node`): it is
     /// no member of any group any more.
     pub removed: bool,
+    /// It was added (`dmq cluster add-node`) and is not yet a voter of
+    /// every group.
+    pub joining: bool,
 }
 
 /// One replica on this node.
@@ -238,6 +269,10 @@ pub struct Cluster {
     /// (`crate::consumer_lease`); none with `[cluster] consumer_lease`
     /// off, when every node serves its own.
     consumer_lease: Option<ConsumerLease>,
+    /// `<data dir>/cluster/joining`: present while this node joins the
+    /// cluster (added with `dmq cluster add-node`, not yet a voter of
+    /// every group): it forms no group meanwhile, across restarts too.
+    joining_marker: std::path::PathBuf,
 }
 
 /// What [`Cluster::follow_topics`] applied of the replicated registry.
@@ -279,6 +314,13 @@ impl GroupHandle {
         match self {
             GroupHandle::Metadata(node) => node.set_voters(voters).await,
             GroupHandle::Partition(replica) => replica.node().set_voters(voters).await,
+        }
+    }
+
+    async fn readmit(&self, node: u64, addr: &str) -> Result<(), NodeError> {
+        match self {
+            GroupHandle::Metadata(group) => group.readmit(node, addr).await,
+            GroupHandle::Partition(replica) => replica.node().readmit(node, addr).await,
         }
     }
 
@@ -391,12 +433,26 @@ impl Cluster {
         // data before (a lost disk must not rejoin under its id).
         let pristine =
             std::fs::metadata(meta_dir.join("raft.journal")).map_or(true, |file| file.len() == 0);
+        let joining_marker = broker.data_dir.join("cluster").join("joining");
+        let mut joining = joining_marker.exists();
         let views = NodeViews::serve(&router, pristine);
         if pristine {
-            if let Err(error) = check_rejoin(config.node_id, &members, config.raft_source_ip).await
-            {
-                router.shutdown().await;
-                return Err(error.into());
+            match check_rejoin(config.node_id, &members, config.raft_source_ip).await {
+                Ok(Rejoin::Member) => {}
+                Ok(Rejoin::Joining) => {
+                    if let Err(source) = write_durably(&joining_marker) {
+                        router.shutdown().await;
+                        return Err(ClusterError::Marker {
+                            path: joining_marker,
+                            source,
+                        });
+                    }
+                    joining = true;
+                }
+                Err(error) => {
+                    router.shutdown().await;
+                    return Err(error.into());
+                }
             }
             views.starting();
         } else if let Err(error) =
@@ -408,7 +464,13 @@ impl Cluster {
         let metadata = Arc::new(MetadataNode::start_on(&router, timings.clone()).await?);
         views.running(metadata.state_machine().clone());
         tokio::spawn(note_held_data(Arc::clone(&metadata)));
-        form_group(&metadata, &members).await?;
+        if joining {
+            tracing::warn!(
+                "this node joins the cluster: it forms no group, each group's leader takes it in"
+            );
+        } else {
+            form_group(&metadata, &members).await?;
+        }
         let storage = ClusterStorage::new(
             &broker.data_dir,
             broker.log_config()?,
@@ -420,7 +482,8 @@ impl Cluster {
             router.clone(),
             tokio::runtime::Handle::current(),
         )?;
-        storage.exclude_removed_nodes(metadata.state_machine().clone());
+        storage.follow_metadata(metadata.state_machine().clone());
+        storage.set_forming(!joining);
         let journals = ReplicatedJournals::start(Arc::clone(&metadata));
         storage.replicate_journals(Arc::clone(&journals));
         let storage = Arc::new(storage);
@@ -443,6 +506,7 @@ impl Cluster {
             commit_latency: commit_latency_histogram(),
             registry_applied: Default::default(),
             consumer_lease,
+            joining_marker,
         }))
     }
 
@@ -571,7 +635,7 @@ impl Cluster {
     pub fn consumer_home(&self) -> ConsumerHome {
         match &self.consumer_lease {
             None => ConsumerHome::Here,
-            Some(lease) => lease.home(&self.metadata, |id| self.client_addr(id).map(str::to_owned)),
+            Some(lease) => lease.home(&self.metadata, |id| self.client_addr(id)),
         }
     }
 
@@ -588,13 +652,32 @@ impl Cluster {
         }
     }
 
-    /// The binary-protocol address of node `id`, as configured.
-    pub fn client_addr(&self, id: u64) -> Option<&str> {
-        self.config
-            .peers
-            .iter()
-            .find(|peer| peer.id == id)
-            .map(|peer| peer.client.as_str())
+    /// The binary-protocol address of node `id`: as configured, or as
+    /// given when it was added.
+    pub fn client_addr(&self, id: u64) -> Option<String> {
+        match self.config.peers.iter().find(|peer| peer.id == id) {
+            Some(peer) => Some(peer.client.clone()),
+            None => self
+                .metadata
+                .state_machine()
+                .nodes_added()
+                .remove(&id)
+                .map(|added| added.client),
+        }
+    }
+
+    /// The Raft address of node `id`: as configured, or as given when it
+    /// was added.
+    fn raft_addr(&self, id: u64) -> Option<String> {
+        match self.config.peers.iter().find(|peer| peer.id == id) {
+            Some(peer) => Some(peer.raft.clone()),
+            None => self
+                .metadata
+                .state_machine()
+                .nodes_added()
+                .remove(&id)
+                .map(|added| added.raft),
+        }
     }
 
     /// Creates `name` in the cluster (a metadata write, forwarded to the
@@ -815,7 +898,7 @@ impl Cluster {
             ))
             .into());
         }
-        let Some(peer) = self.config.peers.iter().find(|peer| peer.id == node) else {
+        let Some(raft_addr) = self.raft_addr(node) else {
             return Err(DispatchError::InvalidArgument(format!(
                 "node {node} is not a peer of this cluster"
             ))
@@ -833,7 +916,7 @@ impl Cluster {
         let metadata = &self.metadata;
         if metadata.voters().contains(&node) || metadata.learners().contains(&node) {
             metadata
-                .readmit(node, &peer.raft)
+                .readmit(node, &raft_addr)
                 .await
                 .map_err(unavailable)?;
             changed.push(metadata.group().to_string());
@@ -841,7 +924,7 @@ impl Cluster {
         for (_, replica) in self.storage.replicas() {
             let group = replica.node();
             if group.voters().contains(&node) || group.learners().contains(&node) {
-                group.readmit(node, &peer.raft).await.map_err(unavailable)?;
+                group.readmit(node, &raft_addr).await.map_err(unavailable)?;
                 changed.push(group.group().to_string());
             }
         }
@@ -873,7 +956,7 @@ impl Cluster {
             ))
             .into());
         }
-        if !self.config.peers.iter().any(|peer| peer.id == node) {
+        if self.raft_addr(node).is_none() {
             return Err(DispatchError::InvalidArgument(format!(
                 "node {node} is not a peer of this cluster"
             ))
@@ -904,6 +987,99 @@ impl Cluster {
         }
         tracing::warn!(node, groups = groups.len(), "node removed from the cluster");
         Ok(groups.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Adds node `node`, new to the cluster, at Raft address `raft` and
+    /// client address `client`: records it in the metadata group (its
+    /// peers then tell it, when it starts with nothing, to form no group
+    /// of its own), then every group this node hosts takes it as a learner
+    /// through its leader. Each group's leader makes it a voter once it
+    /// caught up, and takes it into groups this node did not host yet
+    /// ([`Cluster::follow_topics`]); once it votes everywhere the metadata
+    /// leader records that it joined. Returns the groups this node hosts.
+    /// Run again after a failure, with the same addresses.
+    pub async fn add_node(
+        &self,
+        node: u64,
+        raft: &str,
+        client: &str,
+    ) -> Result<Vec<String>, EngineError> {
+        let invalid = |why: String| EngineError::from(DispatchError::InvalidArgument(why));
+        for (name, addr) in [("raft", raft), ("client", client)] {
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port != 0) {
+                return Err(invalid(format!("{name} address {addr:?} is not host:port")));
+            }
+        }
+        let state = self.metadata.state_machine();
+        if state.removed(node) {
+            return Err(invalid(format!(
+                "node {node} was removed from the cluster: its id cannot join again"
+            )));
+        }
+        let added = state.nodes_added().remove(&node);
+        let again = added
+            .as_ref()
+            .is_some_and(|added| added.raft == raft && added.client == client);
+        if !again && state.is_member(node) != Some(false) {
+            return Err(invalid(format!(
+                "node {node} is a member of this cluster already (replace-node puts back one \
+                 whose disk was lost)"
+            )));
+        }
+        let command = MetaCommand::AddNode {
+            node,
+            raft: raft.to_string(),
+            client: client.to_string(),
+        };
+        match self.metadata.write(command).await.map_err(unavailable)? {
+            MetaResponse::Applied => {}
+            MetaResponse::NodeRemoved => {
+                return Err(invalid(format!(
+                    "node {node} was removed from the cluster: its id cannot join again"
+                )))
+            }
+            other => {
+                return Err(invalid(format!("the cluster refused the node: {other:?}")));
+            }
+        }
+        let groups = self.groups();
+        for (_, group) in &groups {
+            if !group.is_member(node) {
+                group.readmit(node, raft).await.map_err(unavailable)?;
+            }
+        }
+        tracing::warn!(
+            node,
+            raft,
+            client,
+            groups = groups.len(),
+            "node added: a learner of every group"
+        );
+        Ok(groups.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// On a node that joined the cluster: once the metadata group
+    /// recorded that it votes in every group, it forms groups as every
+    /// member does (its joining marker goes).
+    fn note_joined(&self) {
+        if !self.joining_marker.exists() {
+            return;
+        }
+        let me = self.config.node_id;
+        let state = self.metadata.state_machine();
+        if !state.nodes_added().contains_key(&me) || state.joining(me) {
+            return;
+        }
+        match remove_durably(&self.joining_marker) {
+            Ok(()) => {
+                self.storage.set_forming(true);
+                tracing::warn!("this node joined the cluster: a voter of every group");
+            }
+            Err(error) => tracing::warn!(%error, "removing the joining marker"),
+        }
     }
 
     /// Every group this node is a member of: the metadata group, then
@@ -966,14 +1142,20 @@ impl Cluster {
         }
     }
 
-    /// For each group this node leads: makes every node being replaced
-    /// that has caught up (its matched index within a purge step of the
-    /// leader's last) a voter again. On the node being replaced: once it
-    /// is a voter of every group it hosts, records that its replacement
-    /// is over.
-    async fn promote_replaced(&self) {
-        let replacing = self.metadata.state_machine().nodes_replacing();
-        if replacing.is_empty() {
+    /// For each group this node leads: takes in every node being replaced
+    /// or added. One the group lacks (a group formed while it was taken
+    /// in, whose voters its creation recorded without it; every group, for
+    /// an added node) is added as a learner; a learner that has caught up
+    /// (its matched index within a purge step of the leader's last) is
+    /// made a voter. On the metadata group's leader: once such a node is a
+    /// voter of every group it hosts, records that its replacement is over
+    /// or that it joined.
+    async fn take_in_members(&self) {
+        let state = self.metadata.state_machine();
+        let replacing = state.nodes_replacing();
+        let taking: std::collections::BTreeSet<u64> =
+            replacing.union(&state.nodes_joining()).copied().collect();
+        if taking.is_empty() {
             return;
         }
         let replicas = self.storage.replicas();
@@ -983,7 +1165,19 @@ impl Cluster {
             if status.leader != Some(self.config.node_id) {
                 continue;
             }
-            for &node in &replacing {
+            for &node in &taking {
+                if !status.voters.contains(&node) && !status.learners.contains(&node) {
+                    let Some(addr) = self.raft_addr(node) else {
+                        continue;
+                    };
+                    match group.readmit(node, &addr).await {
+                        Ok(()) => tracing::info!(group = name, node, "taken in as a learner"),
+                        Err(error) => {
+                            tracing::warn!(group = name, node, %error, "taking a node in")
+                        }
+                    }
+                    continue;
+                }
                 if !status.learners.contains(&node) {
                     continue;
                 }
@@ -998,9 +1192,9 @@ impl Cluster {
                 let mut voters = status.voters.clone();
                 voters.insert(node);
                 match group.set_voters(voters).await {
-                    Ok(()) => tracing::info!(group = name, node, "replaced node is a voter again"),
+                    Ok(()) => tracing::info!(group = name, node, "caught-up learner made a voter"),
                     Err(error) => {
-                        tracing::warn!(group = name, node, %error, "making a replaced node a voter")
+                        tracing::warn!(group = name, node, %error, "making a learner a voter")
                     }
                 }
             }
@@ -1021,7 +1215,7 @@ impl Cluster {
             .topics_applied_here()
             .iter()
             .all(|(name, spec)| (0..spec.partitions).all(|p| hosted.contains(&(name.clone(), p))));
-        for &node in &replacing {
+        for &node in &taking {
             let everywhere = groups.iter().all(|(_, group)| {
                 let status = group.status();
                 let voter = status.voters.contains(&node) && !status.learners.contains(&node);
@@ -1038,14 +1232,21 @@ impl Cluster {
             if !(hosts_all && everywhere) {
                 continue;
             }
-            match self
-                .metadata
-                .write(MetaCommand::NodeReplaced { node })
-                .await
-            {
-                Ok(_) => tracing::warn!(node, "replacement over: a voter of every group"),
+            let (over, told) = if replacing.contains(&node) {
+                (
+                    MetaCommand::NodeReplaced { node },
+                    "replacement over: a voter of every group",
+                )
+            } else {
+                (
+                    MetaCommand::NodeJoined { node },
+                    "node joined: a voter of every group",
+                )
+            };
+            match self.metadata.write(over).await {
+                Ok(_) => tracing::warn!(node, "{told}"),
                 Err(error) => {
-                    tracing::warn!(node, %error, "recording the end of a replacement")
+                    tracing::warn!(node, %error, "recording that a node was taken in")
                 }
             }
         }
@@ -1192,8 +1393,9 @@ impl Cluster {
                 }
             }
             self.apply_registry(&engine, &registry);
-            self.promote_replaced().await;
+            self.take_in_members().await;
             self.drop_removed_members().await;
+            self.note_joined();
             tokio::select! {
                 _ = tokio::time::sleep(FOLLOW_TOPICS_EVERY) => {}
                 _ = stop.wait_for(|stop| *stop) => return,
@@ -1221,18 +1423,27 @@ impl Cluster {
                 }
             })
             .collect();
-        let removed = self.metadata.state_machine().nodes_removed();
+        let state = self.metadata.state_machine();
+        let removed = state.nodes_removed();
+        let joining = state.nodes_joining();
+        let mut peers: BTreeMap<u64, (String, String)> = state
+            .nodes_added()
+            .into_iter()
+            .map(|(id, added)| (id, (added.raft, added.client)))
+            .collect();
+        for peer in &self.config.peers {
+            peers.insert(peer.id, (peer.raft.clone(), peer.client.clone()));
+        }
         ClusterStatus {
             node_id: self.config.node_id,
-            peers: self
-                .config
-                .peers
-                .iter()
-                .map(|peer| PeerStatus {
-                    id: peer.id,
-                    raft: peer.raft.clone(),
-                    client: peer.client.clone(),
-                    removed: removed.contains(&peer.id),
+            peers: peers
+                .into_iter()
+                .map(|(id, (raft, client))| PeerStatus {
+                    id,
+                    raft,
+                    client,
+                    removed: removed.contains(&id),
+                    joining: joining.contains(&id),
                 })
                 .collect(),
             metadata: self.metadata.status(),

@@ -11,8 +11,9 @@ use dmq_client::{Message, MessageId};
 
 mod common;
 use common::cluster::{
-    cluster, connect, consume, damage_active_segment, metadata_leader, produce, started_cluster,
-    started_cluster_with, wait_for_topic, with_consumer_lease, Node, PURGE_AFTER_ENTRIES,
+    cluster, connect, consume, damage_active_segment, metadata_leader, new_node, produce,
+    started_cluster, started_cluster_with, wait_for_topic, with_consumer_lease, Node,
+    PURGE_AFTER_ENTRIES,
 };
 use common::{env_count, http, next, options, Api};
 
@@ -415,6 +416,161 @@ async fn a_node_removed_from_the_cluster_stops_and_may_not_start_again() {
         told(&nodes[2]).contains("was removed from the cluster (`dmq cluster remove-node 3`)"),
         "{}",
         told(&nodes[2])
+    );
+}
+
+/// Waits up to 30 s for `node`'s view of the cluster to pass `check`;
+/// panics with the view and every node's log if it never does.
+async fn wait_for_view(
+    node: &Node,
+    nodes: &[Node],
+    what: &'static str,
+    check: fn(&serde_json::Value) -> bool,
+) {
+    let api = Api::new(node.admin, None);
+    let logs: Vec<std::path::PathBuf> = nodes.iter().map(|n| n.dir.join("dmqd.log")).collect();
+    http(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = api.ok("/api/cluster");
+            if check(&status) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let told: Vec<String> = logs
+                    .iter()
+                    .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+                    .collect();
+                panic!("{what}: {status}\nnode logs:\n{told:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await;
+}
+
+/// `dmq cluster add-node`: a fourth node, new to the cluster (its own
+/// configuration names the four, the others' name three). Started before
+/// it is added, its peers tell it it is no member and it exits (it would
+/// otherwise form groups of its own). Added, then started empty: it forms
+/// nothing, every group takes it in and makes it a voter, a topic created
+/// afterwards forms with the four, and its vote counts: with node 1 down,
+/// nodes 2, 3 and 4 (three of four) take produces, and node 4 delivers
+/// every acknowledged message from its own replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_to_the_cluster_catches_up_and_votes() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 2, false).await.unwrap();
+    for node in &nodes[1..] {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 60).await.into_iter().collect();
+
+    nodes.push(new_node(root.path(), 4));
+    let config = nodes[3].config(&nodes);
+    let told = |node: &Node| std::fs::read_to_string(node.dir.join("dmqd.log")).unwrap_or_default();
+    nodes[3].start(&config);
+    let exit = nodes[3].exited_within(Duration::from_secs(20));
+    assert!(
+        exit.is_some_and(|status| !status.success()),
+        "a node the cluster does not know is refused: {exit:?}\n{}",
+        told(&nodes[3])
+    );
+    assert!(
+        told(&nodes[3]).contains("is no member of the cluster"),
+        "{}",
+        told(&nodes[3])
+    );
+    let _ = std::fs::remove_dir_all(nodes[3].dir.join("data"));
+
+    // Added through node 2 (it is not running), then started.
+    let api = Api::new(nodes[1].admin, None);
+    let body = serde_json::json!({
+        "raft": nodes[3].raft.to_string(),
+        "client": nodes[3].client.to_string(),
+    })
+    .to_string();
+    let (status, answer) =
+        http(move || api.call("POST", "/api/cluster/nodes/4/add", Some(&body))).await;
+    assert_eq!(status, 200, "{answer}");
+    let groups: Vec<&str> = answer["learner_of"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g.as_str())
+        .collect();
+    assert!(
+        groups.contains(&"meta") && groups.contains(&"p/orders/0"),
+        "{answer}"
+    );
+    nodes[3].start(&config);
+    let fourth = connect(&nodes[3]).await;
+    wait_for_topic(&fourth, "orders").await;
+    wait_for_view(
+        &nodes[0],
+        &nodes,
+        "node 4 a voter of every group, joined",
+        |status| {
+            groups_not_of(status, &[1, 2, 3, 4]).is_empty()
+                && status["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|peer| peer["id"] == 4 && peer["joining"] == false)
+        },
+    )
+    .await;
+    // Node 4 hears of it a moment later, and forms groups from then on.
+    let heard = Instant::now();
+    while !told(&nodes[3]).contains("joined the cluster") {
+        assert!(
+            heard.elapsed() < Duration::from_secs(10),
+            "{}",
+            told(&nodes[3])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A topic created now forms with the four.
+    first.create_topic("later", 1, false).await.unwrap();
+    wait_for_topic(&fourth, "later").await;
+    wait_for_view(
+        &nodes[3],
+        &nodes,
+        "every group of node 4 with the four",
+        |status| {
+            groups_not_of(status, &[1, 2, 3, 4]).is_empty()
+                && status["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["topic"] == "later")
+        },
+    )
+    .await;
+
+    // Its vote counts, and it holds every record.
+    drop(first);
+    nodes[0].kill();
+    let killed = Instant::now();
+    let producer = fourth.producer();
+    loop {
+        match producer.send(Message::new("orders", "b first")).await {
+            Ok(receipt) => {
+                acknowledged.insert(receipt.id);
+                break;
+            }
+            Err(error) => assert!(killed.elapsed() < Duration::from_secs(30), "{error}"),
+        }
+    }
+    acknowledged.extend(produce(&fourth, "b", 20).await);
+    assert_eq!(
+        consume(&fourth, "after-join", acknowledged.len()).await,
+        acknowledged,
+        "node 4"
     );
 }
 

@@ -3,7 +3,9 @@
 //! node holds, with its leader, term, committed and log ends, and on a
 //! leader the largest lag of its peers. `dmq cluster replace-node`: starts
 //! the replacement of a node whose disk was lost
-//! (`POST /api/cluster/nodes/{id}/replace`). `dmq cluster remove-node`:
+//! (`POST /api/cluster/nodes/{id}/replace`). `dmq cluster add-node`: adds
+//! a node new to the cluster (`POST /api/cluster/nodes/{id}/add`).
+//! `dmq cluster remove-node`:
 //! removes a node from the cluster for good
 //! (`POST /api/cluster/nodes/{id}/remove`).
 
@@ -26,6 +28,20 @@ pub enum ClusterCommand {
     ReplaceNode {
         /// The node's id.
         id: u64,
+    },
+    /// Adds node ID, new to the cluster: every group takes it as a
+    /// learner; then start it with an empty data directory and every node
+    /// in its [[cluster.peers]], and it becomes a voter of each group once
+    /// caught up.
+    AddNode {
+        /// The node's id (not one the cluster has or removed).
+        id: u64,
+        /// Its Raft address (host:port), as its peers reach it.
+        #[arg(long)]
+        raft: String,
+        /// Its client address (host:port), as clients reach it.
+        #[arg(long)]
+        client: String,
     },
     /// Removes node ID from the cluster for good (up or down): every
     /// group takes it out of its members and it stops; then take it out
@@ -50,6 +66,20 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
             let answer = Admin::new(cli).post(
                 &format!("/api/cluster/nodes/{id}/replace"),
                 &serde_json::json!({}),
+            )?;
+            match cli.format {
+                Format::Json => print_json(&answer),
+                Format::Table => println!(
+                    "node {id} is a learner of {} groups; {}",
+                    answer["learner_of"].as_array().map_or(0, Vec::len),
+                    answer["next"].as_str().unwrap_or_default()
+                ),
+            }
+        }
+        ClusterCommand::AddNode { id, raft, client } => {
+            let answer = Admin::new(cli).post(
+                &format!("/api/cluster/nodes/{id}/add"),
+                &serde_json::json!({"raft": raft, "client": client}),
             )?;
             match cli.format {
                 Format::Json => print_json(&answer),
@@ -131,18 +161,21 @@ pub fn render_status(answer: &Value) -> String {
     } else {
         ""
     };
-    let removed: Vec<String> = answer["peers"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .filter(|peer| peer["removed"].as_bool() == Some(true))
-        .map(|peer| cell(&peer["id"]))
-        .collect();
-    let removed = if removed.is_empty() {
-        String::new()
-    } else {
-        format!(" (removed: node {})", removed.join(", node "))
+    let peers_that = |flag: &str| -> String {
+        let ids: Vec<String> = answer["peers"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter(|peer| peer[flag].as_bool() == Some(true))
+            .map(|peer| cell(&peer["id"]))
+            .collect();
+        if ids.is_empty() {
+            String::new()
+        } else {
+            format!(" ({flag}: node {})", ids.join(", node "))
+        }
     };
+    let removed = format!("{}{}", peers_that("joining"), peers_that("removed"));
     format!(
         "node {}{serves}{removed}\n{}",
         cell(&answer["node_id"]),
@@ -183,8 +216,9 @@ mod tests {
         assert!(render_status(&serving).starts_with("node 2 (serves consumers)\n"));
         let mut removed = answer.clone();
         removed["peers"] = serde_json::json!([
-            {"id": 1, "removed": false}, {"id": 3, "removed": true}
+            {"id": 1, "removed": false}, {"id": 3, "removed": true},
+            {"id": 4, "joining": true}
         ]);
-        assert!(render_status(&removed).starts_with("node 2 (removed: node 3)\n"));
+        assert!(render_status(&removed).starts_with("node 2 (joining: node 4) (removed: node 3)\n"));
     }
 }

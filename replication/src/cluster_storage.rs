@@ -29,12 +29,14 @@
 //!   its replicas (retention is not yet a replicated setting).
 //! - Every node forms a partition group it opens pristine, with every
 //!   node as a voter ([`form_group`]): all of them write the same first
-//!   entry, so whichever nodes are up elect a leader. Every node means the
-//!   configured peers less the nodes removed from the cluster as applied
-//!   here ([`ClusterStorage::exclude_removed_nodes`]): a topic created
-//!   after a removal is applied after it on every node, so all of them
-//!   leave the removed node out, whether their peer lists still name it
-//!   or not.
+//!   entry, so whichever nodes are up elect a leader. The voters are those
+//!   the topic's creation recorded (the metadata group's voters then, as
+//!   every node applied it at the same place in the log), less the nodes
+//!   removed from the cluster; for a topic created before they were
+//!   recorded, and for the timer log, the configured peers less the
+//!   removed ([`ClusterStorage::follow_metadata`]). A node that is no
+//!   such voter, or joins the cluster, forms nothing: the group's leader
+//!   takes it in.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -87,9 +89,11 @@ pub struct ClusterStorage {
     journals: Mutex<Option<Arc<ReplicatedJournals>>>,
     /// Pending cluster delays per topic ([`crate::delays`]).
     pending_delays: Mutex<Option<Arc<crate::delays::PendingCounts>>>,
-    /// The metadata state naming the nodes removed from the cluster, left
-    /// out of the groups formed here.
-    removed_nodes: Mutex<Option<crate::MetadataStateMachine>>,
+    /// The metadata state the groups formed here follow
+    /// ([`ClusterStorage::follow_metadata`]).
+    metadata_state: Mutex<Option<crate::MetadataStateMachine>>,
+    /// False while this node joins the cluster: it forms no group.
+    forming: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ClusterStorage {
@@ -155,7 +159,8 @@ impl ClusterStorage {
             on_producer_batches: Arc::default(),
             journals: Mutex::default(),
             pending_delays: Mutex::default(),
-            removed_nodes: Mutex::default(),
+            metadata_state: Mutex::default(),
+            forming: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -274,18 +279,29 @@ impl ClusterStorage {
         config.id = self.members.node_id;
         config.listen = self.router.addr();
         config.data_dir = self.root.join(topic).join(partition.to_string());
-        let removed = lock(&self.removed_nodes)
-            .as_ref()
-            .map(|state| state.nodes_removed())
-            .unwrap_or_default();
-        let members: BTreeMap<NodeId, String> = self
-            .members
-            .members
+        let state = lock(&self.metadata_state).clone();
+        // Every node's Raft address: configured, or recorded when it was
+        // added.
+        let mut addrs = self.members.members.clone();
+        let mut removed = std::collections::BTreeSet::new();
+        let mut voters: Option<std::collections::BTreeSet<NodeId>> = None;
+        if let Some(state) = &state {
+            for (id, added) in state.nodes_added() {
+                addrs.entry(id).or_insert(added.raft);
+            }
+            removed = state.nodes_removed();
+            // An empty set (no membership applied when it was created)
+            // forms nothing: the configured peers then.
+            voters = state.formed_with(topic).filter(|voters| !voters.is_empty());
+        }
+        addrs.retain(|id, _| !removed.contains(id));
+        let voters = voters.unwrap_or_else(|| self.members.members.keys().copied().collect());
+        let members: BTreeMap<NodeId, String> = voters
             .iter()
-            .filter(|(id, _)| !removed.contains(id))
-            .map(|(id, addr)| (*id, addr.clone()))
+            .filter(|id| !removed.contains(id))
+            .filter_map(|id| addrs.get(id).map(|addr| (*id, addr.clone())))
             .collect();
-        config.peers = members
+        config.peers = addrs
             .iter()
             .filter(|(id, _)| **id != self.members.node_id)
             .map(|(_, addr)| addr.clone())
@@ -293,14 +309,29 @@ impl ClusterStorage {
         let group = partition_group(topic, partition);
         let node =
             PartitionNode::start_on(&self.router, config, &group, self.log_config.clone()).await?;
-        form_group(&node, &members).await?;
+        // Formed only by its members, and not while this node joins the
+        // cluster: each group it is to hold then takes it in.
+        if self.forming.load(std::sync::atomic::Ordering::SeqCst)
+            && members.contains_key(&self.members.node_id)
+        {
+            form_group(&node, &members).await?;
+        }
         Ok(node)
     }
 
-    /// Leaves the nodes `state` names as removed from the cluster out of
-    /// the groups formed here from now on (see the module doc).
-    pub fn exclude_removed_nodes(&self, state: crate::MetadataStateMachine) {
-        *lock(&self.removed_nodes) = Some(state);
+    /// Forms groups from `state` from now on: each topic's with the voters
+    /// its creation recorded (`MetadataStateMachine::formed_with`), less
+    /// the nodes removed from the cluster, at the addresses configured or
+    /// recorded when a node was added (see the module doc).
+    pub fn follow_metadata(&self, state: crate::MetadataStateMachine) {
+        *lock(&self.metadata_state) = Some(state);
+    }
+
+    /// Whether this node forms the groups of replicas it starts pristine:
+    /// not while it joins the cluster (its groups' leaders take it in).
+    pub fn set_forming(&self, forming: bool) {
+        self.forming
+            .store(forming, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stops every replica (their data stays).

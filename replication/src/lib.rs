@@ -68,8 +68,8 @@ pub use delays::ReplicatedDelays;
 pub use journals::{ReplicatedJournal, ReplicatedJournals};
 pub use log_store::RaftLogJournal;
 pub use metadata::{
-    JournalListener, JournalOp, JournalWrite, MetaCommand, MetaResponse, MetadataStateMachine,
-    RegistryEntry, TopicSpec,
+    AddedNode, JournalListener, JournalOp, JournalWrite, MetaCommand, MetaResponse,
+    MetadataStateMachine, RegistryEntry, TopicSpec,
 };
 pub use network::RaftRouter;
 pub use node::{

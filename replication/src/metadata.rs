@@ -121,6 +121,33 @@ pub enum MetaCommand {
         /// The node.
         node: NodeId,
     },
+    /// Node `node`, new to the cluster, joins it (`dmq cluster
+    /// add-node`): every group's leader takes it as a learner at `raft`
+    /// and makes it a voter once it caught up; it forms no group of its
+    /// own meanwhile (`crate::rejoin`). Refused (`NodeRemoved`) for a
+    /// removed node.
+    AddNode {
+        /// The node.
+        node: NodeId,
+        /// Its Raft address.
+        raft: String,
+        /// Its binary-protocol address.
+        client: String,
+    },
+    /// Node `node`, added, is a voter of every group: it joined.
+    NodeJoined {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// The addresses of a node added to the cluster after it formed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedNode {
+    /// Its Raft address.
+    pub raft: String,
+    /// Its binary-protocol address.
+    pub client: String,
 }
 
 /// A change to one replicated journal.
@@ -173,6 +200,8 @@ pub enum MetaResponse {
     /// CreateTopic of a name deleted that a node has yet to remove:
     /// nothing changed.
     TopicBeingDeleted,
+    /// AddNode of a node removed from the cluster: nothing changed.
+    NodeRemoved,
 }
 
 /// The state a snapshot holds.
@@ -207,6 +236,17 @@ struct MetaState {
     /// Nodes removed from the cluster for good.
     #[serde(default)]
     removed: std::collections::BTreeSet<NodeId>,
+    /// Nodes added after the cluster formed, with their addresses.
+    #[serde(default)]
+    added: BTreeMap<NodeId, AddedNode>,
+    /// Added nodes not yet a voter of every group.
+    #[serde(default)]
+    joining: std::collections::BTreeSet<NodeId>,
+    /// The voters each topic's partition groups form with: the metadata
+    /// group's voters when its creation was applied (absent for topics
+    /// created before this was kept).
+    #[serde(default)]
+    formed_with: BTreeMap<String, std::collections::BTreeSet<NodeId>>,
 }
 
 /// A topic's registry entry as the metadata group holds it.
@@ -285,6 +325,13 @@ impl MetaState {
                     return MetaResponse::TopicBeingDeleted;
                 }
                 self.topics.insert(name.clone(), *spec);
+                let voters = self
+                    .membership
+                    .membership()
+                    .voter_ids()
+                    .filter(|id| !self.removed.contains(id))
+                    .collect();
+                self.formed_with.insert(name.clone(), voters);
                 MetaResponse::Applied
             }
             MetaCommand::ReplaceNode { node } => {
@@ -295,9 +342,28 @@ impl MetaState {
                 self.replacing.remove(node);
                 MetaResponse::Applied
             }
+            MetaCommand::AddNode { node, .. } if self.removed.contains(node) => {
+                MetaResponse::NodeRemoved
+            }
+            MetaCommand::AddNode { node, raft, client } => {
+                self.added.insert(
+                    *node,
+                    AddedNode {
+                        raft: raft.clone(),
+                        client: client.clone(),
+                    },
+                );
+                self.joining.insert(*node);
+                MetaResponse::Applied
+            }
+            MetaCommand::NodeJoined { node } => {
+                self.joining.remove(node);
+                MetaResponse::Applied
+            }
             MetaCommand::RemoveNode { node } => {
                 self.removed.insert(*node);
                 self.replacing.remove(node);
+                self.joining.remove(node);
                 // It removes no deleted topic's files any more: the names
                 // it held up are freed by the others alone.
                 let members = self.members();
@@ -324,6 +390,7 @@ impl MetaState {
             MetaCommand::DeleteTopic { name } => match self.topics.remove(name) {
                 Some(_) => {
                     self.registry.remove(name);
+                    self.formed_with.remove(name);
                     self.deleting.insert(name.clone(), Default::default());
                     MetaResponse::Applied
                 }
@@ -494,6 +561,44 @@ impl MetadataStateMachine {
     /// The nodes removed from the cluster, as applied on this node.
     pub fn nodes_removed(&self) -> std::collections::BTreeSet<NodeId> {
         self.lock().state.removed.clone()
+    }
+
+    /// The nodes added to the cluster after it formed, with their
+    /// addresses, as applied on this node.
+    pub fn nodes_added(&self) -> BTreeMap<NodeId, AddedNode> {
+        self.lock().state.added.clone()
+    }
+
+    /// Whether node `node` was added and is not yet a voter of every
+    /// group, as applied on this node.
+    pub fn joining(&self, node: NodeId) -> bool {
+        self.lock().state.joining.contains(&node)
+    }
+
+    /// The nodes added and not yet voters of every group, as applied on
+    /// this node.
+    pub fn nodes_joining(&self) -> std::collections::BTreeSet<NodeId> {
+        self.lock().state.joining.clone()
+    }
+
+    /// The voters topic `topic`'s partition groups form with, if its
+    /// creation was applied with them kept.
+    pub fn formed_with(&self, topic: &str) -> Option<std::collections::BTreeSet<NodeId>> {
+        self.lock().state.formed_with.get(topic).cloned()
+    }
+
+    /// Whether node `node` is a member (voter or learner) of the metadata
+    /// group, as applied on this node; `None` while no membership was
+    /// applied here.
+    pub fn is_member(&self, node: NodeId) -> Option<bool> {
+        let shared = self.lock();
+        let membership = shared.state.membership.membership();
+        let member = if membership.nodes().next().is_none() {
+            None
+        } else {
+            Some(membership.nodes().any(|(id, _)| *id == node))
+        };
+        member
     }
 
     /// How many registry entries were set so far, as applied on this
@@ -1025,5 +1130,76 @@ mod tests {
             .await
             .unwrap();
         assert!(other.topics_being_deleted().is_empty());
+    }
+
+    /// An added node is joining until it joined; a removed id cannot be
+    /// added; each topic records the voters its groups form with (the
+    /// membership's voters when its creation was applied, less removed
+    /// nodes), across a snapshot too.
+    #[tokio::test]
+    async fn added_nodes_join_and_topics_record_the_voters_they_form_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("a.snapshot")).unwrap();
+        let voters = |ids: &[NodeId]| -> std::collections::BTreeSet<NodeId> {
+            ids.iter().copied().collect()
+        };
+        let membership = |index, ids: &[NodeId]| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Membership(openraft::Membership::new(vec![voters(ids)], None)),
+        };
+        let topic = |name: &str| MetaCommand::CreateTopic {
+            name: name.to_string(),
+            spec: TopicSpec {
+                partitions: 1,
+                ordered: false,
+            },
+        };
+        let add = |node| MetaCommand::AddNode {
+            node,
+            raft: format!("127.0.0.1:{node}000"),
+            client: format!("127.0.0.1:{node}001"),
+        };
+        assert_eq!(state.is_member(4), None, "no membership applied yet");
+        let answers = state
+            .apply(vec![
+                membership(1, &[1, 2, 3]),
+                command(2, topic("t")),
+                command(3, add(4)),
+                command(4, topic("u")),
+                membership(5, &[1, 2, 3, 4]),
+                command(6, MetaCommand::NodeJoined { node: 4 }),
+                command(7, MetaCommand::RemoveNode { node: 3 }),
+                command(8, topic("v")),
+                command(9, add(3)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(answers[2], MetaResponse::Applied);
+        assert_eq!(answers[8], MetaResponse::NodeRemoved);
+        assert_eq!(state.formed_with("t"), Some(voters(&[1, 2, 3])));
+        assert_eq!(
+            state.formed_with("u"),
+            Some(voters(&[1, 2, 3])),
+            "4 joining"
+        );
+        assert_eq!(
+            state.formed_with("v"),
+            Some(voters(&[1, 2, 4])),
+            "3 removed"
+        );
+        assert!(!state.joining(4));
+        assert_eq!(state.is_member(4), Some(true));
+        assert_eq!(state.is_member(5), Some(false));
+        assert_eq!(state.nodes_added()[&4].client, "127.0.0.1:4001");
+        assert!(!state.nodes_added().contains_key(&3));
+        let mut other = copied_by_snapshot(&mut state, &dir.path().join("b.snapshot")).await;
+        assert_eq!(other.formed_with("v"), Some(voters(&[1, 2, 4])));
+        other.apply(vec![command(10, add(5))]).await.unwrap();
+        assert!(other.joining(5));
+        let delete = MetaCommand::DeleteTopic {
+            name: "t".to_string(),
+        };
+        other.apply(vec![command(11, delete)]).await.unwrap();
+        assert_eq!(other.formed_with("t"), None);
     }
 }

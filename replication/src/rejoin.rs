@@ -63,6 +63,25 @@ pub enum PeerView {
     /// From its applied metadata: the node asked about was removed from
     /// the cluster (`MetaCommand::RemoveNode`): it must not start.
     Removed,
+    /// From its applied metadata: the node asked about is being added
+    /// (`MetaCommand::AddNode`): it starts with nothing and forms no
+    /// group, each group's leader takes it as a learner.
+    Joining,
+    /// From its applied metadata: the node asked about is no member of
+    /// the cluster and is not being added: it must not start (it would
+    /// form groups of its own with its peer list).
+    NotMember,
+}
+
+/// How a node that starts with no metadata state goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejoin {
+    /// As a member of a new cluster, or of one that knows it held
+    /// nothing, or being replaced: it forms its groups as every member
+    /// does.
+    Member,
+    /// As a node being added: it forms no group, it is taken in.
+    Joining,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +133,8 @@ impl NodeViews {
             View::Starting => PeerView::Starting,
             View::Running(state) if state.removed(node) => PeerView::Removed,
             View::Running(state) if state.replacing(node) => PeerView::Replacing,
+            View::Running(state) if state.joining(node) => PeerView::Joining,
+            View::Running(state) if state.is_member(node) == Some(false) => PeerView::NotMember,
             View::Running(state) => PeerView::Knows {
                 held_data: state.held_data(node),
             },
@@ -151,6 +172,18 @@ pub enum RejoinError {
         /// The peer that knew.
         told_by: NodeId,
     },
+    /// It is no member of the cluster its peers run.
+    #[error(
+        "node {node} is no member of the cluster node {told_by} belongs to: add it first, \
+         `dmq cluster add-node {node} --raft <its raft address> --client <its client address>` \
+         on a live node, then start it (docs/replication.md)"
+    )]
+    NotMember {
+        /// This node.
+        node: NodeId,
+        /// The peer that knew.
+        told_by: NodeId,
+    },
     /// It was removed from the cluster.
     #[error(
         "node {node} was removed from the cluster (`dmq cluster remove-node {node}`), as node \
@@ -172,13 +205,13 @@ const ROUND_PAUSE: Duration = Duration::from_millis(200);
 /// Run by node `node` when it starts with no metadata state, before it
 /// starts Raft: asks `peers` (id → Raft address, this node included;
 /// connecting from `source` if set)
-/// whether it held data. Returns once it may go on (see the module doc);
-/// waits while it cannot tell.
+/// whether it held data. Returns once it may go on (see the module doc),
+/// saying how; waits while it cannot tell.
 pub async fn check_rejoin(
     node: NodeId,
     peers: &BTreeMap<NodeId, String>,
     source: Option<std::net::IpAddr>,
-) -> Result<(), RejoinError> {
+) -> Result<Rejoin, RejoinError> {
     let others: Vec<(NodeId, &String)> = peers
         .iter()
         .filter(|(id, _)| **id != node)
@@ -189,7 +222,7 @@ pub async fn check_rejoin(
         Ok(question) => question,
         Err(error) => {
             tracing::error!(%error, "encoding the rejoin question");
-            return Ok(());
+            return Ok(Rejoin::Member);
         }
     };
     let mut rounds = 0u64;
@@ -212,13 +245,22 @@ pub async fn check_rejoin(
                         told_by: *peer,
                     })
                 }
-                Ok(PeerView::Knows { held_data: false }) | Ok(PeerView::Replacing) => return Ok(()),
+                Ok(PeerView::NotMember) => {
+                    return Err(RejoinError::NotMember {
+                        node,
+                        told_by: *peer,
+                    })
+                }
+                Ok(PeerView::Knows { held_data: false }) | Ok(PeerView::Replacing) => {
+                    return Ok(Rejoin::Member)
+                }
+                Ok(PeerView::Joining) => return Ok(Rejoin::Joining),
                 Ok(PeerView::Pristine) => pristine += 1,
                 Ok(PeerView::Starting) | Err(_) => {}
             }
         }
         if pristine * 2 > cluster {
-            return Ok(());
+            return Ok(Rejoin::Member);
         }
         if rounds % 25 == 0 {
             tracing::warn!(
@@ -355,6 +397,71 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(600), check_rejoin(1, &peers, None)).await;
         assert!(waited.is_err(), "went on without knowing: {waited:?}");
         one.shutdown().await;
+        two.shutdown().await;
+    }
+
+    /// What a running peer answers of a node it does not have as a
+    /// member, of one being added, and of one removed.
+    #[tokio::test]
+    async fn a_running_peer_refuses_a_stranger_and_a_removed_node_and_takes_in_an_added_one() {
+        let two = router().await;
+        let peers: BTreeMap<NodeId, String> =
+            [(2, two.addr().to_string()), (4, "127.0.0.1:1".to_string())].into();
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = MetadataStateMachine::open(&dir.path().join("s")).unwrap();
+        let at = |index| LogId::new(CommittedLeaderId::new(1, 2), index);
+        state
+            .apply(vec![Entry {
+                log_id: at(1),
+                payload: EntryPayload::Membership(openraft::Membership::new(
+                    vec![[1, 2, 3].into()],
+                    None,
+                )),
+            }])
+            .await
+            .unwrap();
+        let views = NodeViews::serve(&two, false);
+        views.running(state.clone());
+        let refused = check_rejoin(4, &peers, None).await.unwrap_err();
+        assert!(matches!(
+            refused,
+            RejoinError::NotMember {
+                node: 4,
+                told_by: 2
+            }
+        ));
+        check_not_removed(4, &peers, None).await.unwrap();
+
+        let command = |index, command| Entry {
+            log_id: at(index),
+            payload: EntryPayload::Normal(command),
+        };
+        let add = MetaCommand::AddNode {
+            node: 4,
+            raft: "127.0.0.1:1".to_string(),
+            client: "127.0.0.1:2".to_string(),
+        };
+        state.apply(vec![command(2, add)]).await.unwrap();
+        assert_eq!(
+            check_rejoin(4, &peers, None).await.unwrap(),
+            Rejoin::Joining
+        );
+        assert_eq!(check_rejoin(3, &peers, None).await.unwrap(), Rejoin::Member);
+
+        state
+            .apply(vec![command(3, MetaCommand::RemoveNode { node: 4 })])
+            .await
+            .unwrap();
+        let refused = check_rejoin(4, &peers, None).await.unwrap_err();
+        assert!(matches!(
+            refused,
+            RejoinError::Removed {
+                node: 4,
+                told_by: 2
+            }
+        ));
+        let refused = check_not_removed(4, &peers, None).await.unwrap_err();
+        assert!(refused.to_string().contains("was removed from the cluster"));
         two.shutdown().await;
     }
 }

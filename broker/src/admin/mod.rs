@@ -260,6 +260,10 @@ pub fn router(services: Services) -> Router {
             axum::routing::post(observe::replace_node),
         )
         .route(
+            "/api/cluster/nodes/{node}/add",
+            axum::routing::post(observe::add_node),
+        )
+        .route(
             "/api/cluster/nodes/{node}/remove",
             axum::routing::post(observe::remove_node),
         )

@@ -63,6 +63,41 @@ pub(super) async fn replace_node(
     })))
 }
 
+/// The body of `POST /api/cluster/nodes/{node}/add`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct AddNode {
+    /// Its Raft address (host:port), as its peers reach it.
+    raft: String,
+    /// Its binary-protocol address (host:port), as clients reach it.
+    client: String,
+}
+
+/// `POST /api/cluster/nodes/{node}/add`: adds a node new to the cluster
+/// (docs/replication.md).
+pub(super) async fn add_node(
+    State(services): State<Services>,
+    axum::extract::Path(node): axum::extract::Path<u64>,
+    body: bytes::Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let body: AddNode = super::parse_json(&body)?;
+    let Some(cluster) = services.engine.cluster() else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "this broker runs as a single node (no [cluster] section)",
+        ));
+    };
+    let groups = cluster.add_node(node, &body.raft, &body.client).await?;
+    Ok(Json(serde_json::json!({
+        "node": node,
+        "learner_of": groups,
+        "next": format!(
+            "start node {node} with an empty data directory and every node in its \
+             [[cluster.peers]] (itself included): it fetches what the groups hold and becomes \
+             a voter of each once caught up"
+        ),
+    })))
+}
+
 /// `POST /api/cluster/nodes/{node}/remove`: removes a node from the
 /// cluster for good (docs/replication.md).
 pub(super) async fn remove_node(

@@ -120,22 +120,23 @@ impl Drop for Node {
     }
 }
 
+/// Node `id` under `root`, on ports of its own, not started.
+pub fn new_node(root: &Path, id: u64) -> Node {
+    let raft = free_port();
+    Node {
+        id,
+        client: free_port(),
+        admin: free_port(),
+        raft,
+        advertised_raft: raft,
+        source_ip: None,
+        dir: root.join(format!("node{id}")),
+        process: None,
+    }
+}
+
 pub fn cluster(root: &Path) -> (Vec<Node>, Vec<String>) {
-    let nodes: Vec<Node> = (1..=3)
-        .map(|id| {
-            let raft = free_port();
-            Node {
-                id,
-                client: free_port(),
-                admin: free_port(),
-                raft,
-                advertised_raft: raft,
-                source_ip: None,
-                dir: root.join(format!("node{id}")),
-                process: None,
-            }
-        })
-        .collect();
+    let nodes: Vec<Node> = (1..=3).map(|id| new_node(root, id)).collect();
     let configs = nodes.iter().map(|node| node.config(&nodes)).collect();
     (nodes, configs)
 }

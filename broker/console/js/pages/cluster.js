@@ -48,7 +48,7 @@ export async function render(root) {
     }
     const nodes = status.peers.map((peer) => [
       String(peer.id) + (peer.id === status.node_id ? (status.serves_consumers ? " (this node, serves consumers)" : " (this node)") : "")
-        + (peer.removed ? " (removed)" : ""),
+        + (peer.removed ? " (removed)" : "") + (peer.joining ? " (joining)" : ""),
       peer.client,
       peer.raft,
     ]);
