@@ -324,6 +324,13 @@ impl GroupHandle {
         }
     }
 
+    async fn transfer_leader(&self, to: u64) -> Result<(), NodeError> {
+        match self {
+            GroupHandle::Metadata(group) => group.transfer_leader(to).await,
+            GroupHandle::Partition(replica) => replica.node().transfer_leader(to).await,
+        }
+    }
+
     async fn remove_member(&self, node: u64) -> Result<(), NodeError> {
         match self {
             GroupHandle::Metadata(group) => group.remove_member(node).await,
@@ -1080,6 +1087,55 @@ impl Cluster {
             }
             Err(error) => tracing::warn!(%error, "removing the joining marker"),
         }
+    }
+
+    /// Hands group `group`'s leadership (`meta`, `p/<topic>/<partition>`,
+    /// as `GET /api/cluster` names them) to voter `to`: asked of its
+    /// leader, which holds the group's writes, waits for `to` to catch up
+    /// and lets it win an election (`dmq_replication::transfer`). Answers
+    /// once `to` leads.
+    pub async fn transfer_leader(&self, group: &str, to: u64) -> Result<(), EngineError> {
+        let Some((_, handle)) = self.groups().into_iter().find(|(name, _)| name == group) else {
+            return Err(DispatchError::InvalidArgument(format!(
+                "this node hosts no group {group:?} (see GET /api/cluster)"
+            ))
+            .into());
+        };
+        if !handle.status().voters.contains(&to) {
+            return Err(DispatchError::InvalidArgument(format!(
+                "node {to} is no voter of group {group}"
+            ))
+            .into());
+        }
+        handle.transfer_leader(to).await.map_err(unavailable)?;
+        tracing::info!(group, to, "leadership transferred");
+        Ok(())
+    }
+
+    /// Hands every group node `from` leads (in this node's view) to
+    /// another voter, the lowest id first, for maintenance of `from`
+    /// (stop it next: its groups elect nothing, their leaders are
+    /// elsewhere). Returns each group moved and its new leader; stops at
+    /// the first group that does not move.
+    pub async fn move_leaders_off(&self, from: u64) -> Result<Vec<(String, u64)>, EngineError> {
+        let mut moved = Vec::new();
+        for (name, group) in self.groups() {
+            let status = group.status();
+            if status.leader != Some(from) {
+                continue;
+            }
+            let Some(to) = status.voters.iter().copied().find(|id| *id != from) else {
+                continue;
+            };
+            group.transfer_leader(to).await.map_err(|error| {
+                unavailable(format!(
+                    "{name} did not move to node {to} ({error}); moved before it: {moved:?}"
+                ))
+            })?;
+            moved.push((name, to));
+        }
+        tracing::info!(from, groups = moved.len(), "leaderships moved off a node");
+        Ok(moved)
     }
 
     /// Every group this node is a member of: the metadata group, then

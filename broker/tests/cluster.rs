@@ -574,6 +574,135 @@ async fn a_node_added_to_the_cluster_catches_up_and_votes() {
     );
 }
 
+/// The leader of each group in a node's view of the cluster, by name
+/// (`meta`, `orders/0`).
+fn leaders(status: &serde_json::Value) -> Vec<(String, Option<u64>)> {
+    let mut leaders = vec![("meta".to_string(), status["metadata"]["leader"].as_u64())];
+    for partition in status["partitions"].as_array().unwrap() {
+        leaders.push((
+            format!(
+                "{}/{}",
+                partition["topic"].as_str().unwrap(),
+                partition["partition"]
+            ),
+            partition["raft"]["leader"].as_u64(),
+        ));
+    }
+    leaders
+}
+
+/// `dmq cluster transfer-leader`: a partition's leadership moves to the
+/// node named (asked through a node that does not lead it), produces go
+/// on; then every group node 1 leads moves off it, and node 1 stopped
+/// costs no produce an election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leadership_moves_to_the_node_named_and_off_a_node_before_its_stop() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 1, false).await.unwrap();
+    for node in &nodes[1..] {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 20).await.into_iter().collect();
+    wait_for_view(&nodes[1], &nodes, "orders/0 led", |status| {
+        leaders(status)
+            .iter()
+            .any(|(name, leader)| name == "orders/0" && leader.is_some())
+    })
+    .await;
+    let api = Api::new(nodes[1].admin, None);
+    let status = http(move || api.ok("/api/cluster")).await;
+    let leader = leaders(&status)
+        .into_iter()
+        .find(|(name, _)| name == "orders/0")
+        .and_then(|(_, leader)| leader)
+        .unwrap_or_else(|| panic!("a leader: {status}"));
+    let to = if leader == 3 { 2 } else { 3 };
+    let asked = nodes.iter().find(|n| n.id != leader && n.id != to).unwrap();
+    let api = Api::new(asked.admin, None);
+    let body = serde_json::json!({"group": "p/orders/0", "to": to}).to_string();
+    let (code, answer) =
+        http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body))).await;
+    assert_eq!(code, 200, "{answer}");
+    wait_for_view(
+        &nodes[0],
+        &nodes,
+        "orders/0 led by the node named",
+        move |status| {
+            leaders(status)
+                .iter()
+                .any(|(name, leader)| name == "orders/0" && leader.is_some())
+        },
+    )
+    .await;
+    let api = Api::new(nodes[0].admin, None);
+    let status = http(move || api.ok("/api/cluster")).await;
+    assert!(
+        leaders(&status).contains(&("orders/0".to_string(), Some(to))),
+        "{status}"
+    );
+    acknowledged.extend(produce(&first, "b", 20).await);
+
+    // To node 1 (asked through node 3), then everything node 1 leads
+    // moves off it (asked through node 2).
+    let api = Api::new(nodes[2].admin, None);
+    let body = serde_json::json!({"group": "p/orders/0", "to": 1}).to_string();
+    let (code, answer) =
+        http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body))).await;
+    assert_eq!(code, 200, "{answer}");
+    let api = Api::new(nodes[1].admin, None);
+    let body = serde_json::json!({"from": 1}).to_string();
+    let (code, answer) =
+        http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body))).await;
+    assert_eq!(code, 200, "{answer}");
+    let moved: Vec<&str> = answer["moved"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["group"].as_str())
+        .collect();
+    assert!(moved.contains(&"p/orders/0"), "{answer}");
+    let api = Api::new(nodes[1].admin, None);
+    let status = http(move || api.ok("/api/cluster")).await;
+    assert!(
+        leaders(&status)
+            .iter()
+            .all(|(_, leader)| *leader != Some(1)),
+        "node 1 still leads: {status}"
+    );
+    // Stopped now, node 1 leads nothing: a produce through node 2 goes
+    // through at once (no election to wait for).
+    drop(first);
+    nodes[0].stop();
+    let second = connect(&nodes[1]).await;
+    let producer = second.producer();
+    let sent = Instant::now();
+    let receipt = producer
+        .send(Message::new("orders", "after the stop"))
+        .await
+        .unwrap();
+    acknowledged.insert(receipt.id);
+    println!("first produce after node 1 stopped: {:?}", sent.elapsed());
+    acknowledged.extend(produce(&second, "c", 20).await);
+    assert_eq!(
+        consume(&second, "after-transfers", acknowledged.len()).await,
+        acknowledged
+    );
+    // Wrong requests are refused with a reason.
+    let api = Api::new(nodes[1].admin, None);
+    let (code, answer) = http(move || {
+        api.call(
+            "POST",
+            "/api/cluster/transfer-leader",
+            Some(r#"{"group": "p/orders/0", "to": 9}"#),
+        )
+    })
+    .await;
+    assert_eq!(code, 400, "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_segment_is_damaged_gets_its_records_back_from_its_peers() {
     let root = tempfile::tempdir().unwrap();

@@ -5,7 +5,9 @@
 //! the replacement of a node whose disk was lost
 //! (`POST /api/cluster/nodes/{id}/replace`). `dmq cluster add-node`: adds
 //! a node new to the cluster (`POST /api/cluster/nodes/{id}/add`).
-//! `dmq cluster remove-node`:
+//! `dmq cluster transfer-leader`: hands a group's leadership to a voter,
+//! or every group a node leads to others
+//! (`POST /api/cluster/transfer-leader`). `dmq cluster remove-node`:
 //! removes a node from the cluster for good
 //! (`POST /api/cluster/nodes/{id}/remove`).
 
@@ -42,6 +44,21 @@ pub enum ClusterCommand {
         /// Its client address (host:port), as clients reach it.
         #[arg(long)]
         client: String,
+    },
+    /// Hands GROUP's leadership (as `status` names it: meta,
+    /// topic/partition) to node TO; or, with --from ID alone, every group
+    /// node ID leads to another voter (before stopping it for
+    /// maintenance).
+    TransferLeader {
+        /// The group: `meta` or `<topic>/<partition>`.
+        #[arg(required_unless_present = "from", requires = "to")]
+        group: Option<String>,
+        /// The voter to lead it.
+        #[arg(conflicts_with = "from")]
+        to: Option<u64>,
+        /// Moves every group this node leads to another voter.
+        #[arg(long, conflicts_with = "group")]
+        from: Option<u64>,
     },
     /// Removes node ID from the cluster for good (up or down): every
     /// group takes it out of its members and it stops; then take it out
@@ -90,6 +107,32 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
                 ),
             }
         }
+        ClusterCommand::TransferLeader { group, to, from } => {
+            let body = match (group, to, from) {
+                (Some(group), Some(to), None) => {
+                    serde_json::json!({"group": raft_group(group), "to": to})
+                }
+                (None, None, Some(from)) => serde_json::json!({ "from": from }),
+                _ => anyhow::bail!("give GROUP and TO, or --from ID alone"),
+            };
+            let answer = Admin::new(cli).post("/api/cluster/transfer-leader", &body)?;
+            match cli.format {
+                Format::Json => print_json(&answer),
+                Format::Table => {
+                    let moved = answer["moved"].as_array().map_or(&[][..], Vec::as_slice);
+                    if moved.is_empty() {
+                        println!("no group moved");
+                    }
+                    for group in moved {
+                        println!(
+                            "{} is led by node {}",
+                            cell(&group["group"]),
+                            cell(&group["leader"])
+                        );
+                    }
+                }
+            }
+        }
         ClusterCommand::RemoveNode { id } => {
             let answer = Admin::new(cli).post(
                 &format!("/api/cluster/nodes/{id}/remove"),
@@ -106,6 +149,18 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A group as the Raft port names it: `meta` stays, `<topic>/<partition>`
+/// (as `status` shows it) becomes `p/<topic>/<partition>`.
+fn raft_group(group: &str) -> String {
+    if group == "meta" || group == "metadata" {
+        "meta".to_string()
+    } else if group.starts_with("p/") {
+        group.to_string()
+    } else {
+        format!("p/{group}")
+    }
 }
 
 /// The largest lag (entries) of a leader's peers; `-` on a follower.
@@ -189,6 +244,14 @@ pub fn render_status(answer: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_is_named_as_the_raft_port_names_it() {
+        assert_eq!(raft_group("metadata"), "meta");
+        assert_eq!(raft_group("meta"), "meta");
+        assert_eq!(raft_group("orders/0"), "p/orders/0");
+        assert_eq!(raft_group("p/orders/0"), "p/orders/0");
+    }
 
     #[test]
     fn a_status_renders_one_row_per_group() {

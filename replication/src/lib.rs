@@ -60,6 +60,7 @@ mod purge;
 pub mod rejoin;
 pub mod repair;
 pub mod scrub;
+pub mod transfer;
 
 pub use cluster_storage::{
     ClusterMembers, ClusterStorage, ReplicatedAppend, ReplicatedPartitionLog,

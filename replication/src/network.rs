@@ -110,6 +110,24 @@ pub enum RaftRequest<C: GroupTypes> {
         /// The member leaving.
         node: NodeId,
     },
+    /// Stop calling elections (still voting) for `for_ms`, then call them
+    /// again as usual; 0 calls them again now. Asked of a member by a
+    /// leader that hands over (`crate::transfer`); answered like
+    /// [`RaftRequest::ChangeVoters`].
+    HoldElections {
+        /// How long, in milliseconds.
+        for_ms: u64,
+    },
+    /// Call an election now. Asked of the member a leader hands over to;
+    /// answered like [`RaftRequest::ChangeVoters`] once called.
+    Elect,
+    /// Hand the leadership to voter `to`, asked of the leader
+    /// (`crate::transfer`); answered like [`RaftRequest::ChangeVoters`]
+    /// once `to` leads.
+    TransferLeader {
+        /// The voter to lead next.
+        to: NodeId,
+    },
 }
 
 /// The answer to a [`RaftRequest`].
@@ -314,9 +332,25 @@ pub(crate) async fn remove_member<C: GroupTypes>(
     Ok(())
 }
 
+/// Asks the node at `addr` (the group's leader, as far as the caller
+/// knows) to hand its leadership to `to`, within `ttl`.
+pub(crate) async fn transfer_leader_at<C: GroupTypes>(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+    group: &str,
+    to: NodeId,
+    ttl: Duration,
+) -> Result<(), ForwardError> {
+    let request =
+        encode(&RaftRequest::<C>::TransferLeader { to }).map_err(ForwardError::NotSent)?;
+    ask_leader(addr, source, group, &request, ttl)
+        .await
+        .map(|_| ())
+}
+
 /// Sends `request` (a [`RaftRequest`] the leader answers with
 /// [`RaftReply::Forwarded`]) and returns the answer's bytes.
-async fn ask_leader(
+pub(crate) async fn ask_leader(
     addr: &str,
     source: Option<std::net::IpAddr>,
     group: &str,
@@ -536,42 +570,84 @@ pub(crate) trait GroupHandler: Send + Sync {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Vec<u8>>> + Send + 'a>>;
 }
 
-impl<C: GroupTypes> GroupHandler for Raft<C> {
+/// A group as its node's Raft port serves it: its Raft, and the gate
+/// that holds its writes while its leader hands over.
+pub(crate) struct GroupService<C: GroupTypes> {
+    /// The group's Raft.
+    pub(crate) raft: Raft<C>,
+    /// Held while this node, leading, hands over (`crate::transfer`).
+    pub(crate) gate: Arc<crate::transfer::WriteGate>,
+    /// The group's name.
+    pub(crate) group: String,
+    /// Where this node's Raft connections leave from.
+    pub(crate) source: Option<std::net::IpAddr>,
+}
+
+impl<C: GroupTypes> GroupHandler for GroupService<C> {
     fn handle<'a>(
         &'a self,
         body: Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Vec<u8>>> + Send + 'a>> {
         Box::pin(async move {
+            let raft = &self.raft;
             let reply = match decode_request::<C, RaftRequest<C>>(&body)? {
                 RaftRequest::AppendEntries(rpc) => {
-                    RaftReply::AppendEntries(self.append_entries(rpc).await)
+                    RaftReply::AppendEntries(raft.append_entries(rpc).await)
                 }
-                RaftRequest::Vote(rpc) => RaftReply::Vote(self.vote(rpc).await),
+                RaftRequest::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
                 RaftRequest::InstallSnapshot(rpc) => {
-                    RaftReply::InstallSnapshot(self.install_snapshot(rpc).await)
+                    RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
                 }
                 RaftRequest::Forward(data) => {
                     let data: C::D = decode_request::<C, _>(&data.0)?;
-                    let written = self.client_write(data).await;
+                    self.gate.pass().await;
+                    let written = raft.client_write(data).await;
                     RaftReply::Forwarded(match written {
                         Ok(written) => Ok(encode(&written.data)?),
                         Err(error) => Err(refusal(error)),
                     })
                 }
                 RaftRequest::ChangeVoters(voters) => {
-                    let changed = self.change_membership(voters, true).await;
+                    let changed = raft.change_membership(voters, true).await;
                     RaftReply::Forwarded(changed.map(|_| Vec::new()).map_err(refusal))
                 }
                 RaftRequest::Readmit { node, addr } => {
-                    let readmitted = readmit(self, node, &addr).await;
+                    let readmitted = readmit(raft, node, &addr).await;
                     RaftReply::Forwarded(readmitted.map(|_| Vec::new()).map_err(refusal))
                 }
                 RaftRequest::RemoveMember { node } => {
-                    let removed = remove_member(self, node).await;
+                    let removed = remove_member(raft, node).await;
                     RaftReply::Forwarded(removed.map(|_| Vec::new()).map_err(refusal))
                 }
+                RaftRequest::HoldElections { for_ms } => {
+                    if for_ms == 0 {
+                        raft.runtime_config().elect(true);
+                    } else {
+                        crate::transfer::hold_elections(raft, Duration::from_millis(for_ms));
+                    }
+                    RaftReply::Forwarded(Ok(Vec::new()))
+                }
+                RaftRequest::Elect => RaftReply::Forwarded(
+                    raft.trigger()
+                        .elect()
+                        .await
+                        .map(|_| Vec::new())
+                        .map_err(|fatal| ForwardRefusal::Failed(fatal.to_string())),
+                ),
+                RaftRequest::TransferLeader { to } => {
+                    use crate::transfer::{transfer_leader, TransferError};
+                    let transferred =
+                        transfer_leader(raft, &self.gate, &self.group, self.source, to).await;
+                    RaftReply::Forwarded(match transferred {
+                        Ok(()) => Ok(Vec::new()),
+                        Err(TransferError::NotLeader { leader, addr }) => {
+                            Err(ForwardRefusal::NotLeader { leader, addr })
+                        }
+                        Err(error) => Err(ForwardRefusal::Failed(error.to_string())),
+                    })
+                }
                 RaftRequest::ReadIndex => {
-                    RaftReply::Forwarded(match self.get_read_log_id().await {
+                    RaftReply::Forwarded(match raft.get_read_log_id().await {
                         Ok((read, _applied)) => Ok(encode(&read.map(|id| id.index))?),
                         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(to))) => {
                             Err(ForwardRefusal::NotLeader {
@@ -687,12 +763,24 @@ impl RaftRouter {
         self.source
     }
 
-    /// Serves `raft` as group `group` from now on.
-    pub(crate) fn register<C: GroupTypes>(&self, group: &str, raft: Raft<C>) {
+    /// Serves `raft` as group `group` from now on, its forwarded writes
+    /// through `gate`.
+    pub(crate) fn register<C: GroupTypes>(
+        &self,
+        group: &str,
+        raft: Raft<C>,
+        gate: Arc<crate::transfer::WriteGate>,
+    ) {
+        let service = GroupService {
+            raft,
+            gate,
+            group: group.to_string(),
+            source: self.source,
+        };
         self.groups
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(group.to_string(), Arc::new(raft));
+            .insert(group.to_string(), Arc::new(service));
     }
 
     /// Serves `handler` as group `group` from now on (a service of the

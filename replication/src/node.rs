@@ -148,6 +148,9 @@ pub struct GroupNode<C: GroupTypes, S> {
     purge: Option<PurgeTask>,
     /// A partition replica's re-reading task (stopped with the node).
     scrub: Option<ScrubTask>,
+    /// Holds new writes while this node, leading, hands over
+    /// (`crate::transfer`).
+    gate: Arc<crate::transfer::WriteGate>,
 }
 
 /// How long [`GroupNode::write`] looks for a leader before it answers
@@ -231,13 +234,15 @@ impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
                 return Err(NodeError::Stopped(error.to_string()));
             }
         };
-        router.register(group, raft.clone());
+        let gate = Arc::new(crate::transfer::WriteGate::default());
+        router.register(group, raft.clone(), Arc::clone(&gate));
         Ok(GroupNode {
             id: config.id,
             group: group.to_string(),
             router,
             owns_router,
             raft,
+            gate,
             state,
             purge: None,
             scrub: None,
@@ -317,6 +322,7 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
     where
         C::D: Clone,
     {
+        self.gate.pass().await;
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
         let proposed = self.raft.client_write_ff(data.clone()).await;
         let raft = self.raft.clone();
@@ -440,6 +446,46 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                     self.router.source(),
                     &self.group,
                     node,
+                    ttl,
+                )
+                .await
+                .map_err(|error| NodeError::Stopped(format!("{error:?}"))),
+            }
+        })
+        .await
+    }
+
+    /// Hands the group's leadership to voter `to` (see `crate::transfer`),
+    /// from any member: asked of the leader (forwarded over the Raft port
+    /// if another node leads), retried while no leader takes it, for up to
+    /// [`WRITE_TIMEOUT`]. Answers once `to` leads, as the old leader sees
+    /// it; nothing to do if it leads already.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), NodeError> {
+        if !self.voters().contains(&to) {
+            return Err(NodeError::Stopped(format!(
+                "group {}: node {to} is no voter of the group",
+                self.group
+            )));
+        }
+        self.at_leader("the leadership did not move", |leader| async move {
+            if self.raft.metrics().borrow().current_leader == Some(to) {
+                return Ok(());
+            }
+            match leader {
+                Leader::Here => crate::transfer::transfer_leader(
+                    &self.raft,
+                    &self.gate,
+                    &self.group,
+                    self.router.source(),
+                    to,
+                )
+                .await
+                .map_err(|error| NodeError::Stopped(error.to_string())),
+                Leader::At { addr, ttl } => crate::network::transfer_leader_at::<C>(
+                    &addr,
+                    self.router.source(),
+                    &self.group,
+                    to,
                     ttl,
                 )
                 .await

@@ -260,6 +260,10 @@ pub fn router(services: Services) -> Router {
             axum::routing::post(observe::replace_node),
         )
         .route(
+            "/api/cluster/transfer-leader",
+            axum::routing::post(observe::transfer_leader),
+        )
+        .route(
             "/api/cluster/nodes/{node}/add",
             axum::routing::post(observe::add_node),
         )

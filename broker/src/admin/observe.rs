@@ -63,6 +63,61 @@ pub(super) async fn replace_node(
     })))
 }
 
+/// The body of `POST /api/cluster/transfer-leader`: `group` and `to`, or
+/// `from` alone.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TransferLeader {
+    /// The group (`meta`, `p/<topic>/<partition>`).
+    group: Option<String>,
+    /// The voter to lead it.
+    to: Option<u64>,
+    /// Every group this node leads moves to another voter.
+    from: Option<u64>,
+}
+
+/// `POST /api/cluster/transfer-leader`: hands one group's leadership to a
+/// voter, or every group one node leads to others (docs/replication.md).
+pub(super) async fn transfer_leader(
+    State(services): State<Services>,
+    body: bytes::Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Some(cluster) = services.engine.cluster() else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "this broker runs as a single node (no [cluster] section)",
+        ));
+    };
+    let request: TransferLeader = super::parse_json(&body)?;
+    match request {
+        TransferLeader {
+            group: Some(group),
+            to: Some(to),
+            from: None,
+        } => {
+            cluster.transfer_leader(&group, to).await?;
+            Ok(Json(
+                serde_json::json!({"moved": [{"group": group, "leader": to}]}),
+            ))
+        }
+        TransferLeader {
+            group: None,
+            to: None,
+            from: Some(from),
+        } => {
+            let moved = cluster.move_leaders_off(from).await?;
+            let moved: Vec<serde_json::Value> = moved
+                .into_iter()
+                .map(|(group, leader)| serde_json::json!({"group": group, "leader": leader}))
+                .collect();
+            Ok(Json(serde_json::json!({ "moved": moved })))
+        }
+        _ => Err(ApiError::bad_request(
+            "give \"group\" and \"to\" (one group), or \"from\" alone (every group it leads)",
+        )),
+    }
+}
+
 /// The body of `POST /api/cluster/nodes/{node}/add`.
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct AddNode {
