@@ -220,7 +220,12 @@ impl Broker {
     }
 
     /// Stops accepting, drains sessions, makes every ack durable, stops.
+    /// A cluster node first hands the groups it leads to its peers, so
+    /// they go on without waiting for an election.
     pub async fn shutdown(mut self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.hand_over_leaderships().await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

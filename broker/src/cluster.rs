@@ -238,6 +238,27 @@ impl ClusterStatus {
             "On a group's leader: Raft entries a peer has yet to match",
             lag,
         );
+        let peer_state = Family::<Labels, Gauge>::default();
+        for peer in &self.peers {
+            let state = if peer.removed {
+                "removed"
+            } else if peer.joining {
+                "joining"
+            } else {
+                "member"
+            };
+            let labels = vec![
+                ("peer".to_string(), peer.id.to_string()),
+                ("state".to_string(), state.to_string()),
+            ];
+            peer_state.get_or_create(&labels).set(1);
+        }
+        registry.register(
+            "peer",
+            "Each node of the cluster known here, 1 in its state: member, joining (added, not \
+             yet a voter of every group) or removed",
+            peer_state,
+        );
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode_registry(&mut text, &registry)
         {
@@ -289,6 +310,23 @@ struct RegistryFollowed {
 /// within this many entries of the leader's (it installed the snapshot and
 /// fetched its records; the rest follows in moments).
 const PROMOTE_WITHIN_ENTRIES: u64 = 64;
+
+/// How long one try to hand a group to one voter may take
+/// ([`Cluster::move_leaders_off`]): a transfer takes about a lease (half a
+/// second), one to a voter that is down fails within about 3 s.
+const TRANSFER_TRY_WITHIN: Duration = Duration::from_secs(4);
+
+/// How long a stopping node spends handing its leaderships over.
+const HAND_OVER_WITHIN: Duration = Duration::from_secs(6);
+
+/// What [`Cluster::move_leaders_off`] did.
+#[derive(Debug, Default)]
+pub struct LeadersMoved {
+    /// Groups moved, with their new leaders.
+    pub moved: Vec<(String, u64)>,
+    /// Groups not moved, with why.
+    pub not_moved: Vec<(String, String)>,
+}
 
 /// One of the Raft groups this node hosts, of either kind.
 enum GroupHandle {
@@ -1113,29 +1151,88 @@ impl Cluster {
     }
 
     /// Hands every group node `from` leads (in this node's view) to
-    /// another voter, the lowest id first, for maintenance of `from`
-    /// (stop it next: its groups elect nothing, their leaders are
-    /// elsewhere). Returns each group moved and its new leader; stops at
-    /// the first group that does not move.
-    pub async fn move_leaders_off(&self, from: u64) -> Result<Vec<(String, u64)>, EngineError> {
-        let mut moved = Vec::new();
+    /// another voter, all groups at once, each to the first voter that
+    /// takes it: on the leader's view, the most caught-up first (a voter
+    /// more than a purge step behind is not tried), otherwise the lowest
+    /// id first; each
+    /// try gets [`TRANSFER_TRY_WITHIN`]. For maintenance of `from`: stop
+    /// it next, and no produce waits for an election. Returns the groups
+    /// moved with their new leaders, and those that did not move with why.
+    pub async fn move_leaders_off(&self, from: u64) -> LeadersMoved {
+        let mut transfers = tokio::task::JoinSet::new();
         for (name, group) in self.groups() {
             let status = group.status();
             if status.leader != Some(from) {
                 continue;
             }
-            let Some(to) = status.voters.iter().copied().find(|id| *id != from) else {
-                continue;
+            let matched = |id: &u64| {
+                status
+                    .matched
+                    .as_ref()
+                    .and_then(|matched| matched.get(id).copied().flatten())
             };
-            group.transfer_leader(to).await.map_err(|error| {
-                unavailable(format!(
-                    "{name} did not move to node {to} ({error}); moved before it: {moved:?}"
-                ))
-            })?;
-            moved.push((name, to));
+            let mut candidates: Vec<u64> = status
+                .voters
+                .iter()
+                .copied()
+                .filter(|id| *id != from)
+                .collect();
+            // On the leader's view: only voters that follow closely (one
+            // that is down would fail after seconds).
+            if status.matched.is_some() {
+                let last = status.last_log_index.unwrap_or(0);
+                candidates.retain(|id| {
+                    matched(id).is_some_and(|matched| matched + PROMOTE_WITHIN_ENTRIES >= last)
+                });
+            }
+            candidates.sort_by_key(|id| (std::cmp::Reverse(matched(id)), *id));
+            transfers.spawn(async move {
+                let mut why = "no other voter".to_string();
+                for to in candidates {
+                    match tokio::time::timeout(TRANSFER_TRY_WITHIN, group.transfer_leader(to)).await
+                    {
+                        Ok(Ok(())) => return Ok((name, to)),
+                        Ok(Err(error)) => why = format!("to node {to}: {error}"),
+                        Err(_) => why = format!("to node {to}: no answer in time"),
+                    }
+                }
+                Err((name, why))
+            });
         }
-        tracing::info!(from, groups = moved.len(), "leaderships moved off a node");
-        Ok(moved)
+        let mut moved = LeadersMoved::default();
+        while let Some(done) = transfers.join_next().await {
+            match done {
+                Ok(Ok(group)) => moved.moved.push(group),
+                Ok(Err(group)) => moved.not_moved.push(group),
+                Err(error) => tracing::warn!(%error, "a leadership transfer task failed"),
+            }
+        }
+        moved.moved.sort();
+        moved.not_moved.sort();
+        tracing::info!(
+            from,
+            moved = moved.moved.len(),
+            not_moved = moved.not_moved.len(),
+            "leaderships moved off a node"
+        );
+        moved
+    }
+
+    /// Before this node stops: hands every group it leads to another
+    /// voter ([`Cluster::move_leaders_off`]), so that its peers need no
+    /// election to go on.
+    pub async fn hand_over_leaderships(&self) {
+        if self.metadata.state_machine().removed(self.config.node_id) {
+            return;
+        }
+        let handing = self.move_leaders_off(self.config.node_id);
+        let Ok(moved) = tokio::time::timeout(HAND_OVER_WITHIN, handing).await else {
+            tracing::warn!("stopping before every leadership was handed over");
+            return;
+        };
+        for (group, why) in &moved.not_moved {
+            tracing::warn!(group, why, "stopping while still leading this group");
+        }
     }
 
     /// Every group this node is a member of: the metadata group, then

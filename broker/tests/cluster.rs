@@ -163,6 +163,10 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
         "{metrics}"
     );
     assert!(metrics.contains("dmq_cluster_raft_rows{"), "{metrics}");
+    assert!(
+        metrics.contains("dmq_cluster_peer{peer=\"3\",state=\"member\"} 1"),
+        "{metrics}"
+    );
     // A produce through this node is timed from proposal to commit.
     produce(&third, "metered", 1).await;
     let api = Api::new(nodes[2].admin, None);
@@ -1014,14 +1018,22 @@ async fn a_rolling_restart_fails_no_produce() {
         let producer = client.producer();
         let sending = tokio::spawn(async move {
             let mut ids = Vec::new();
+            let mut slowest = Duration::ZERO;
             for i in 0..200 {
+                let sent = Instant::now();
                 let receipt = producer
                     .send(Message::new("orders", format!("rolling {restarted} {i}")))
                     .await
                     .unwrap_or_else(|e| panic!("produce {i} during restart {restarted}: {e}"));
+                slowest = slowest.max(sent.elapsed());
                 ids.push(receipt.id);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            // Printed, not asserted: how long the restart held a produce.
+            println!(
+                "restart of node {}: slowest produce {slowest:?}",
+                restarted + 1
+            );
             ids
         });
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -17,9 +17,10 @@
 //!    heartbeats: nothing renews the followers' leases.
 //! 4. Once the leases ran out, the target calls an election
 //!    (`RaftRequest::Elect`); it has the longest log, so it wins.
-//! 5. Whatever happened, the leader turns its heartbeats and elections
-//!    back on, tells the others to elect again and opens the gate; writes
-//!    held meanwhile go on, to the new leader if there is one.
+//! 5. Whatever happened (also when the caller drops the transfer
+//!    midway), the leader turns its heartbeats and elections back on,
+//!    tells the others to elect again and opens the gate; writes held
+//!    meanwhile go on, to the new leader if there is one.
 //!
 //! Invariants: no step can make two leaders (elections are Raft's own);
 //! a failed transfer leaves the group as it was, led by the old leader or
@@ -173,9 +174,16 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
             );
         }
     }
+    // Put back when this ends, however it ends (the caller may drop it).
+    let _restore = Restore {
+        raft: raft.clone(),
+        others: others.iter().map(|(_, addr)| addr.clone()).collect(),
+        group: group.to_string(),
+        source,
+    };
     raft.runtime_config().heartbeat(false);
     hold_elections(raft, hold);
-    let elected = async {
+    async {
         tokio::time::sleep(lease + Duration::from_millis(50)).await;
         ask(&RaftRequest::<C>::Elect, &target, source, group)
             .await
@@ -196,21 +204,38 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
             ))),
         }
     }
-    .await;
-    // Back as before, whatever happened: elections end their hold by
-    // themselves too.
-    raft.runtime_config().heartbeat(true);
-    raft.runtime_config().elect(true);
-    for (_, addr) in &others {
-        let _ = ask(
-            &RaftRequest::<C>::HoldElections { for_ms: 0 },
-            addr,
-            source,
-            group,
-        )
-        .await;
+    .await
+}
+
+/// Turns the leader's heartbeats and elections back on and tells the
+/// other members to elect again, when a transfer ends (also when it is
+/// dropped midway): the others' holds would end by themselves, the
+/// leader's heartbeats would not.
+struct Restore<C: GroupTypes> {
+    raft: Raft<C>,
+    others: Vec<String>,
+    group: String,
+    source: Option<std::net::IpAddr>,
+}
+
+impl<C: GroupTypes> Drop for Restore<C> {
+    fn drop(&mut self) {
+        self.raft.runtime_config().heartbeat(true);
+        self.raft.runtime_config().elect(true);
+        let (others, group, source) = (
+            std::mem::take(&mut self.others),
+            std::mem::take(&mut self.group),
+            self.source,
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for addr in &others {
+                    let request = RaftRequest::<C>::HoldElections { for_ms: 0 };
+                    let _ = ask(&request, addr, source, &group).await;
+                }
+            });
+        }
     }
-    elected
 }
 
 /// Waits until `to`'s log matches this leader's last entry.

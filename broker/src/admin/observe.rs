@@ -105,11 +105,22 @@ pub(super) async fn transfer_leader(
             to: None,
             from: Some(from),
         } => {
-            let moved = cluster.move_leaders_off(from).await?;
-            let moved: Vec<serde_json::Value> = moved
+            let done = cluster.move_leaders_off(from).await;
+            let moved: Vec<serde_json::Value> = done
+                .moved
                 .into_iter()
                 .map(|(group, leader)| serde_json::json!({"group": group, "leader": leader}))
                 .collect();
+            if !done.not_moved.is_empty() {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not moved: {:?}; moved: {}",
+                        done.not_moved,
+                        serde_json::Value::from(moved)
+                    ),
+                ));
+            }
             Ok(Json(serde_json::json!({ "moved": moved })))
         }
         _ => Err(ApiError::bad_request(
