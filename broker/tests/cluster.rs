@@ -315,7 +315,8 @@ fn groups_not_of(status: &serde_json::Value, voters: &[u64]) -> Vec<String> {
         .collect()
 }
 
-/// `dmq cluster remove-node` of a running node: it stops by itself, every
+/// `dmq cluster remove-node` of a running node that leads the metadata
+/// group and a partition: it stops by itself, every
 /// group (one created after the removal too) ends with the other two as
 /// its only members, they go on producing and delivering, and the removed
 /// node's next start is refused.
@@ -330,6 +331,16 @@ async fn a_node_removed_from_the_cluster_stops_and_may_not_start_again() {
     }
     let mut acknowledged: BTreeSet<MessageId> =
         produce(&first, "a", 60).await.into_iter().collect();
+
+    // Node 3 leads the metadata group and a partition: the removal
+    // commits through it, it stops, and the others elect without it.
+    for group in ["meta", "p/orders/0"] {
+        let api = Api::new(nodes[0].admin, None);
+        let body = serde_json::json!({"group": group, "to": 3}).to_string();
+        let (code, answer) =
+            http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body))).await;
+        assert_eq!(code, 200, "{answer}");
+    }
 
     // Removed through node 2 while it runs (the groups node 2 does not
     // host yet are left to their leaders' follow loops, as below).
