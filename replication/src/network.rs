@@ -620,11 +620,8 @@ impl<C: GroupTypes> GroupHandler for GroupService<C> {
                     RaftReply::Forwarded(removed.map(|_| Vec::new()).map_err(refusal))
                 }
                 RaftRequest::HoldElections { for_ms } => {
-                    if for_ms == 0 {
-                        raft.runtime_config().elect(true);
-                    } else {
-                        crate::transfer::hold_elections(raft, Duration::from_millis(for_ms));
-                    }
+                    let hold = Duration::from_millis(for_ms);
+                    crate::transfer::hold_elections(raft, &self.gate, hold);
                     RaftReply::Forwarded(Ok(Vec::new()))
                 }
                 RaftRequest::Elect => RaftReply::Forwarded(

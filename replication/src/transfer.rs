@@ -45,11 +45,16 @@ const CATCH_UP_WITHIN: Duration = Duration::from_secs(3);
 /// How long the target gets to win its election.
 const ELECTED_WITHIN: Duration = Duration::from_secs(3);
 
-/// Holds a group's new writes at its leader while it hands over.
+/// Holds a group's new writes at its leader while it hands over, and
+/// counts the election holds asked of this member (so that an earlier
+/// hold's end does not cut a later one short).
 #[derive(Debug, Default)]
 pub struct WriteGate {
     closed: AtomicBool,
     opened: Notify,
+    holds: std::sync::atomic::AtomicU64,
+    /// One transfer at a time per group.
+    transferring: tokio::sync::Mutex<()>,
 }
 
 impl WriteGate {
@@ -106,13 +111,21 @@ pub enum TransferError {
 }
 
 /// Makes a member stop calling elections for `hold` (it still votes), then
-/// call them again by itself.
-pub(crate) fn hold_elections<C: GroupTypes>(raft: &Raft<C>, hold: Duration) {
+/// call them again by itself, unless a later hold was asked meanwhile;
+/// a zero `hold` ends every hold now.
+pub(crate) fn hold_elections<C: GroupTypes>(raft: &Raft<C>, gate: &Arc<WriteGate>, hold: Duration) {
+    let this = gate.holds.fetch_add(1, Ordering::SeqCst) + 1;
+    if hold.is_zero() {
+        raft.runtime_config().elect(true);
+        return;
+    }
     raft.runtime_config().elect(false);
-    let raft = raft.clone();
+    let (raft, gate) = (raft.clone(), Arc::clone(gate));
     tokio::spawn(async move {
         tokio::time::sleep(hold).await;
-        raft.runtime_config().elect(true);
+        if gate.holds.load(Ordering::SeqCst) == this {
+            raft.runtime_config().elect(true);
+        }
     });
 }
 
@@ -152,6 +165,12 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
         return Err(TransferError::NotAVoter(to));
     };
     let lease = Duration::from_millis(raft.config().election_timeout_max);
+    let _one_at_a_time = gate.transferring.lock().await;
+    if raft.metrics().borrow().current_leader != Some(me) {
+        return Err(TransferError::Failed(
+            "the leadership moved while this transfer waited for another".to_string(),
+        ));
+    }
     let _held = gate.close();
     caught_up(raft, to).await?;
     // Nothing renews the followers' leases from now on, and no member but
@@ -177,12 +196,13 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
     // Put back when this ends, however it ends (the caller may drop it).
     let _restore = Restore {
         raft: raft.clone(),
+        gate: Arc::clone(gate),
         others: others.iter().map(|(_, addr)| addr.clone()).collect(),
         group: group.to_string(),
         source,
     };
     raft.runtime_config().heartbeat(false);
-    hold_elections(raft, hold);
+    hold_elections(raft, gate, hold);
     async {
         tokio::time::sleep(lease + Duration::from_millis(50)).await;
         ask(&RaftRequest::<C>::Elect, &target, source, group)
@@ -213,6 +233,7 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
 /// leader's heartbeats would not.
 struct Restore<C: GroupTypes> {
     raft: Raft<C>,
+    gate: Arc<WriteGate>,
     others: Vec<String>,
     group: String,
     source: Option<std::net::IpAddr>,
@@ -221,7 +242,7 @@ struct Restore<C: GroupTypes> {
 impl<C: GroupTypes> Drop for Restore<C> {
     fn drop(&mut self) {
         self.raft.runtime_config().heartbeat(true);
-        self.raft.runtime_config().elect(true);
+        hold_elections(&self.raft, &self.gate, Duration::ZERO);
         let (others, group, source) = (
             std::mem::take(&mut self.others),
             std::mem::take(&mut self.group),
@@ -273,4 +294,30 @@ async fn ask<C: GroupTypes>(
     ask_leader(addr, source, group, &request, Duration::from_secs(2))
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_waits_at_a_closed_gate_until_it_opens() {
+        let gate = Arc::new(WriteGate::default());
+        tokio::time::timeout(Duration::from_millis(50), gate.pass())
+            .await
+            .expect("an open gate lets writes by");
+        let closed = gate.close();
+        let waiting = tokio::spawn({
+            let gate = Arc::clone(&gate);
+            async move { gate.pass().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a write passed a closed gate");
+        drop(closed);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the write goes on once the gate opens")
+            .unwrap();
+    }
 }
