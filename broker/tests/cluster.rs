@@ -197,12 +197,7 @@ async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
     let api = Api::new(nodes[1].admin, None);
     let (status, body) = http(move || api.call("POST", "/api/cluster/nodes/3/replace", None)).await;
     assert_eq!(status, 200, "{body}");
-    let groups: Vec<&str> = body["learner_of"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|g| g.as_str())
-        .collect();
+    let groups = names(&body["learner_of"]);
     assert!(
         groups.contains(&"meta")
             && groups.contains(&"p/orders/0")
@@ -287,6 +282,15 @@ async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
     );
 }
 
+/// The strings of a JSON array (group names in an admin API answer).
+fn names(list: &serde_json::Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|name| name.as_str())
+        .collect()
+}
+
 /// The groups of `status` (a node's `GET /api/cluster`) whose voters or
 /// learners are not `voters` alone, by name.
 fn groups_not_of(status: &serde_json::Value, voters: &[u64]) -> Vec<String> {
@@ -347,12 +351,7 @@ async fn a_node_removed_from_the_cluster_stops_and_may_not_start_again() {
     let api = Api::new(nodes[1].admin, None);
     let (status, body) = http(move || api.call("POST", "/api/cluster/nodes/3/remove", None)).await;
     assert_eq!(status, 200, "{body}");
-    let groups: Vec<&str> = body["removed_from"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|g| g.as_str())
-        .collect();
+    let groups = names(&body["removed_from"]);
     assert!(
         groups.contains(&"meta")
             && groups.contains(&"p/orders/0")
@@ -511,12 +510,7 @@ async fn a_node_added_to_the_cluster_catches_up_and_votes() {
     let (status, answer) =
         http(move || api.call("POST", "/api/cluster/nodes/4/add", Some(&body))).await;
     assert_eq!(status, 200, "{answer}");
-    let groups: Vec<&str> = answer["learner_of"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|g| g.as_str())
-        .collect();
+    let groups = names(&answer["learner_of"]);
     assert!(
         groups.contains(&"meta") && groups.contains(&"p/orders/0"),
         "{answer}"

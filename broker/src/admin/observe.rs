@@ -31,13 +31,17 @@ pub(super) fn mode_name(services: &Services) -> &'static str {
 pub(super) async fn cluster(
     State(services): State<Services>,
 ) -> ApiResult<Json<crate::cluster::ClusterStatus>> {
-    match services.engine.cluster() {
-        Some(cluster) => Ok(Json(cluster.status())),
-        None => Err(ApiError::new(
+    Ok(Json(cluster_of(&services)?.status()))
+}
+
+/// The cluster side of this broker; `404` on a single node.
+fn cluster_of(services: &Services) -> ApiResult<&Arc<crate::cluster::Cluster>> {
+    services.engine.cluster().ok_or_else(|| {
+        ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "this broker runs as a single node (no [cluster] section)",
-        )),
-    }
+        )
+    })
 }
 
 /// `POST /api/cluster/nodes/{node}/replace`: starts the replacement of a
@@ -46,12 +50,7 @@ pub(super) async fn replace_node(
     State(services): State<Services>,
     axum::extract::Path(node): axum::extract::Path<u64>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let Some(cluster) = services.engine.cluster() else {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "this broker runs as a single node (no [cluster] section)",
-        ));
-    };
+    let cluster = cluster_of(&services)?;
     let groups = cluster.replace_node(node).await?;
     Ok(Json(serde_json::json!({
         "node": node,
@@ -82,12 +81,7 @@ pub(super) async fn transfer_leader(
     State(services): State<Services>,
     body: bytes::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let Some(cluster) = services.engine.cluster() else {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "this broker runs as a single node (no [cluster] section)",
-        ));
-    };
+    let cluster = cluster_of(&services)?;
     let request: TransferLeader = super::parse_json(&body)?;
     match request {
         TransferLeader {
@@ -146,12 +140,7 @@ pub(super) async fn add_node(
     body: bytes::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     let body: AddNode = super::parse_json(&body)?;
-    let Some(cluster) = services.engine.cluster() else {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "this broker runs as a single node (no [cluster] section)",
-        ));
-    };
+    let cluster = cluster_of(&services)?;
     let groups = cluster.add_node(node, &body.raft, &body.client).await?;
     Ok(Json(serde_json::json!({
         "node": node,
@@ -170,12 +159,7 @@ pub(super) async fn remove_node(
     State(services): State<Services>,
     axum::extract::Path(node): axum::extract::Path<u64>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let Some(cluster) = services.engine.cluster() else {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "this broker runs as a single node (no [cluster] section)",
-        ));
-    };
+    let cluster = cluster_of(&services)?;
     let groups = cluster.remove_node(node).await?;
     Ok(Json(serde_json::json!({
         "node": node,
