@@ -328,6 +328,36 @@ pub struct LeadersMoved {
     pub not_moved: Vec<(String, String)>,
 }
 
+/// Hands each group of `plan` to the first of its candidates that takes
+/// it, all groups at once, each try within [`TRANSFER_TRY_WITHIN`].
+async fn run_transfers(plan: Vec<(String, GroupHandle, Vec<u64>)>) -> LeadersMoved {
+    let mut transfers = tokio::task::JoinSet::new();
+    for (name, group, candidates) in plan {
+        transfers.spawn(async move {
+            let mut why = "no other voter".to_string();
+            for to in candidates {
+                match tokio::time::timeout(TRANSFER_TRY_WITHIN, group.transfer_leader(to)).await {
+                    Ok(Ok(())) => return Ok((name, to)),
+                    Ok(Err(error)) => why = format!("to node {to}: {error}"),
+                    Err(_) => why = format!("to node {to}: no answer in time"),
+                }
+            }
+            Err((name, why))
+        });
+    }
+    let mut moved = LeadersMoved::default();
+    while let Some(done) = transfers.join_next().await {
+        match done {
+            Ok(Ok(group)) => moved.moved.push(group),
+            Ok(Err(group)) => moved.not_moved.push(group),
+            Err(error) => tracing::warn!(%error, "a leadership transfer task failed"),
+        }
+    }
+    moved.moved.sort();
+    moved.not_moved.sort();
+    moved
+}
+
 /// One of the Raft groups this node hosts, of either kind.
 enum GroupHandle {
     Metadata(Arc<MetadataNode>),
@@ -1159,7 +1189,7 @@ impl Cluster {
     /// it next, and no produce waits for an election. Returns the groups
     /// moved with their new leaders, and those that did not move with why.
     pub async fn move_leaders_off(&self, from: u64) -> LeadersMoved {
-        let mut transfers = tokio::task::JoinSet::new();
+        let mut plan = Vec::new();
         for (name, group) in self.groups() {
             let status = group.status();
             if status.leader != Some(from) {
@@ -1186,34 +1216,64 @@ impl Cluster {
                 });
             }
             candidates.sort_by_key(|id| (std::cmp::Reverse(matched(id)), *id));
-            transfers.spawn(async move {
-                let mut why = "no other voter".to_string();
-                for to in candidates {
-                    match tokio::time::timeout(TRANSFER_TRY_WITHIN, group.transfer_leader(to)).await
-                    {
-                        Ok(Ok(())) => return Ok((name, to)),
-                        Ok(Err(error)) => why = format!("to node {to}: {error}"),
-                        Err(_) => why = format!("to node {to}: no answer in time"),
-                    }
-                }
-                Err((name, why))
-            });
+            plan.push((name, group, candidates));
         }
-        let mut moved = LeadersMoved::default();
-        while let Some(done) = transfers.join_next().await {
-            match done {
-                Ok(Ok(group)) => moved.moved.push(group),
-                Ok(Err(group)) => moved.not_moved.push(group),
-                Err(error) => tracing::warn!(%error, "a leadership transfer task failed"),
-            }
-        }
-        moved.moved.sort();
-        moved.not_moved.sort();
+        let moved = run_transfers(plan).await;
         tracing::info!(
             from,
             moved = moved.moved.len(),
             not_moved = moved.not_moved.len(),
             "leaderships moved off a node"
+        );
+        moved
+    }
+
+    /// Spreads the leaderships of the groups this node hosts over their
+    /// voters, in this node's view: one pass over the groups by name, each
+    /// moved from its leader to its voter that leads the fewest groups
+    /// when that one leads at least two fewer (so a pass ends with the
+    /// counts within about one of each other). After a rolling restart
+    /// every group is led by the nodes that stayed up longest.
+    pub async fn balance_leaders(&self) -> LeadersMoved {
+        let groups = self.groups();
+        let removed = self.metadata.state_machine().nodes_removed();
+        let mut led: BTreeMap<u64, usize> = BTreeMap::new();
+        let statuses: Vec<_> = groups.iter().map(|(_, group)| group.status()).collect();
+        for status in &statuses {
+            for voter in status.voters.iter().filter(|id| !removed.contains(id)) {
+                led.entry(*voter).or_insert(0);
+            }
+            if let Some(leader) = status.leader {
+                *led.entry(leader).or_insert(0) += 1;
+            }
+        }
+        let mut plan = Vec::new();
+        for ((name, group), status) in groups.into_iter().zip(statuses) {
+            let Some(leader) = status.leader else {
+                continue;
+            };
+            let least = status
+                .voters
+                .iter()
+                .copied()
+                .filter(|id| *id != leader && !removed.contains(id))
+                .min_by_key(|id| (led.get(id).copied().unwrap_or(0), *id));
+            let Some(to) = least else {
+                continue;
+            };
+            let (from_count, to_count) = (led[&leader], led[&to]);
+            if from_count < to_count + 2 {
+                continue;
+            }
+            led.insert(leader, from_count - 1);
+            led.insert(to, to_count + 1);
+            plan.push((name, group, vec![to]));
+        }
+        let moved = run_transfers(plan).await;
+        tracing::info!(
+            moved = moved.moved.len(),
+            not_moved = moved.not_moved.len(),
+            "leaderships balanced"
         );
         moved
     }

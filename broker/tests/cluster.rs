@@ -4,7 +4,7 @@
 //! no acknowledged message depends on one node or its disk.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use dmq_client::{Message, MessageId};
@@ -709,6 +709,78 @@ async fn a_leadership_moves_to_the_node_named_and_off_a_node_before_its_stop() {
     })
     .await;
     assert_eq!(code, 400, "{answer}");
+}
+
+/// How many groups each node leads in `status` (a node's view).
+fn led_by(status: &serde_json::Value) -> BTreeMap<u64, usize> {
+    let mut led = BTreeMap::new();
+    for (_, leader) in leaders(status) {
+        if let Some(leader) = leader {
+            *led.entry(leader).or_insert(0) += 1;
+        }
+    }
+    led
+}
+
+/// `transfer-leader --balance`: with every group led by node 1 (moved off
+/// nodes 2 and 3), a balance spreads the eight groups (metadata, timer
+/// log, six partitions) over the three nodes, within one of each other;
+/// produces and deliveries go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderships_gathered_on_one_node_are_spread_by_a_balance() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = started_cluster(root.path());
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 6, false).await.unwrap();
+    for node in &nodes[1..] {
+        wait_for_topic(&connect(node).await, "orders").await;
+    }
+    wait_for_view(&nodes[0], &nodes, "every group led", |status| {
+        let leaders = leaders(status);
+        leaders.len() == 8 && leaders.iter().all(|(_, leader)| leader.is_some())
+    })
+    .await;
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 30).await.into_iter().collect();
+    let post = |node: &Node, body: serde_json::Value| {
+        let api = Api::new(node.admin, None);
+        let body = body.to_string();
+        http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body)))
+    };
+    for from in [2, 3] {
+        let (code, answer) = post(&nodes[0], serde_json::json!({ "from": from })).await;
+        assert_eq!(code, 200, "{answer}");
+    }
+    wait_for_view(&nodes[0], &nodes, "node 1 leads all", |status| {
+        led_by(status).get(&1) == Some(&8)
+    })
+    .await;
+
+    let (code, answer) = post(&nodes[1], serde_json::json!({ "balance": true })).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer["moved"].as_array().unwrap().len() >= 4, "{answer}");
+    for node in [&nodes[0], &nodes[2]] {
+        wait_for_view(node, &nodes, "leaderships spread", |status| {
+            let led = led_by(status);
+            let counts: Vec<usize> = [1, 2, 3]
+                .iter()
+                .map(|id| led.get(id).copied().unwrap_or(0))
+                .collect();
+            counts.iter().sum::<usize>() == 8
+                && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1
+        })
+        .await;
+    }
+    // Balanced already: nothing moves.
+    let (code, answer) = post(&nodes[2], serde_json::json!({ "balance": true })).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["moved"], serde_json::json!([]), "{answer}");
+
+    acknowledged.extend(produce(&first, "b", 30).await);
+    assert_eq!(
+        consume(&first, "after-balance", acknowledged.len()).await,
+        acknowledged
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,17 +48,21 @@ pub enum ClusterCommand {
     /// Hands GROUP's leadership (as `status` names it: meta,
     /// topic/partition) to node TO; or, with --from ID alone, every group
     /// node ID leads to another voter (before stopping it for
-    /// maintenance).
+    /// maintenance); or, with --balance alone, spreads the leaderships.
     TransferLeader {
         /// The group: `meta` or `<topic>/<partition>`.
-        #[arg(required_unless_present = "from", requires = "to")]
+        #[arg(required_unless_present_any = ["from", "balance"], requires = "to")]
         group: Option<String>,
         /// The voter to lead it.
-        #[arg(conflicts_with = "from")]
+        #[arg(conflicts_with_all = ["from", "balance"])]
         to: Option<u64>,
         /// Moves every group this node leads to another voter.
-        #[arg(long, conflicts_with = "group")]
+        #[arg(long, conflicts_with_all = ["group", "balance"])]
         from: Option<u64>,
+        /// Spreads the leaderships over the voters (after a rolling
+        /// restart every group is led by the nodes that stayed up).
+        #[arg(long, conflicts_with = "group")]
+        balance: bool,
     },
     /// Removes node ID from the cluster for good (up or down): every
     /// group takes it out of its members and it stops; then take it out
@@ -107,13 +111,19 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
                 ),
             }
         }
-        ClusterCommand::TransferLeader { group, to, from } => {
-            let body = match (group, to, from) {
-                (Some(group), Some(to), None) => {
+        ClusterCommand::TransferLeader {
+            group,
+            to,
+            from,
+            balance,
+        } => {
+            let body = match (group, to, from, balance) {
+                (Some(group), Some(to), None, false) => {
                     serde_json::json!({"group": raft_group(group), "to": to})
                 }
-                (None, None, Some(from)) => serde_json::json!({ "from": from }),
-                _ => anyhow::bail!("give GROUP and TO, or --from ID alone"),
+                (None, None, Some(from), false) => serde_json::json!({ "from": from }),
+                (None, None, None, true) => serde_json::json!({ "balance": true }),
+                _ => anyhow::bail!("give GROUP and TO, --from ID alone, or --balance alone"),
             };
             let answer = Admin::new(cli).post("/api/cluster/transfer-leader", &body)?;
             match cli.format {

@@ -62,8 +62,8 @@ pub(super) async fn replace_node(
     })))
 }
 
-/// The body of `POST /api/cluster/transfer-leader`: `group` and `to`, or
-/// `from` alone.
+/// The body of `POST /api/cluster/transfer-leader`: `group` and `to`,
+/// `from` alone, or `balance` alone.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TransferLeader {
@@ -73,54 +73,68 @@ pub(super) struct TransferLeader {
     to: Option<u64>,
     /// Every group this node leads moves to another voter.
     from: Option<u64>,
+    /// The leaderships are spread over the voters.
+    #[serde(default)]
+    balance: bool,
 }
 
 /// `POST /api/cluster/transfer-leader`: hands one group's leadership to a
-/// voter, or every group one node leads to others (docs/replication.md).
+/// voter, every group one node leads to others, or spreads leaderships
+/// over the voters (docs/replication.md).
 pub(super) async fn transfer_leader(
     State(services): State<Services>,
     body: bytes::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     let cluster = cluster_of(&services)?;
     let request: TransferLeader = super::parse_json(&body)?;
-    match request {
+    let done = match request {
         TransferLeader {
             group: Some(group),
             to: Some(to),
             from: None,
+            balance: false,
         } => {
             cluster.transfer_leader(&group, to).await?;
-            Ok(Json(
-                serde_json::json!({"moved": [{"group": group, "leader": to}]}),
-            ))
+            crate::cluster::LeadersMoved {
+                moved: vec![(group, to)],
+                not_moved: Vec::new(),
+            }
         }
         TransferLeader {
             group: None,
             to: None,
             from: Some(from),
-        } => {
-            let done = cluster.move_leaders_off(from).await;
-            let moved: Vec<serde_json::Value> = done
-                .moved
-                .into_iter()
-                .map(|(group, leader)| serde_json::json!({"group": group, "leader": leader}))
-                .collect();
-            if !done.not_moved.is_empty() {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "not moved: {:?}; moved: {}",
-                        done.not_moved,
-                        serde_json::Value::from(moved)
-                    ),
-                ));
-            }
-            Ok(Json(serde_json::json!({ "moved": moved })))
+            balance: false,
+        } => cluster.move_leaders_off(from).await,
+        TransferLeader {
+            group: None,
+            to: None,
+            from: None,
+            balance: true,
+        } => cluster.balance_leaders().await,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give \"group\" and \"to\" (one group), \"from\" alone (every group it \
+                 leads) or \"balance\": true alone",
+            ))
         }
-        _ => Err(ApiError::bad_request(
-            "give \"group\" and \"to\" (one group), or \"from\" alone (every group it leads)",
-        )),
+    };
+    let moved: Vec<serde_json::Value> = done
+        .moved
+        .into_iter()
+        .map(|(group, leader)| serde_json::json!({"group": group, "leader": leader}))
+        .collect();
+    if !done.not_moved.is_empty() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not moved: {:?}; moved: {}",
+                done.not_moved,
+                serde_json::Value::from(moved)
+            ),
+        ));
     }
+    Ok(Json(serde_json::json!({ "moved": moved })))
 }
 
 /// The body of `POST /api/cluster/nodes/{node}/add`.
