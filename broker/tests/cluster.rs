@@ -783,6 +783,119 @@ async fn leaderships_gathered_on_one_node_are_spread_by_a_balance() {
     );
 }
 
+/// README's one command for a three-node cluster, `scripts/local-cluster.sh`,
+/// run as a newcomer would (with this build's `dmqd` and ports of its
+/// own): the three nodes form a cluster, one is SIGKILLed and the other
+/// two take produces and deliver every acknowledged message; SIGTERM to
+/// the script stops the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cluster_script_starts_three_nodes_that_survive_a_kill() {
+    use std::io::BufRead;
+    let root = tempfile::tempdir().unwrap();
+    // Below the kernel's ephemeral ports, which the other tests' ports
+    // come from; one range per test process.
+    let base = 21_000 + (std::process::id() % 300) * 30;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/local-cluster.sh");
+    let mut cluster = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(root.path().join("cluster"))
+        .env("DMQD", env!("CARGO_BIN_EXE_dmqd"))
+        .env("DMQ_CLUSTER_BASE_PORT", base.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // "node N: pid P, ..." for each node.
+    let mut pids = Vec::new();
+    let mut lines = std::io::BufReader::new(cluster.stdout.take().unwrap()).lines();
+    while pids.len() < 3 {
+        let line = lines.next().expect("the script printed its nodes").unwrap();
+        if let Some(pid) = line
+            .split("pid ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+        {
+            pids.push(pid.parse::<i32>().unwrap());
+        }
+    }
+    let addrs = (1..=3)
+        .map(|n| format!("127.0.0.1:{}", base + n))
+        .collect::<Vec<_>>()
+        .join(",");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        match dmq_client::Client::connect(addrs.clone(), dmq_client::ClientOptions::new("newcomer"))
+            .await
+        {
+            Ok(client) if client.create_topic("orders", 2, false).await.is_ok() => break client,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not take a topic"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let producer = client.producer();
+    let mut acknowledged = BTreeSet::new();
+    let send = |tag: String| {
+        let producer = producer.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match producer.send(Message::new("orders", tag.clone())).await {
+                    Ok(receipt) => return receipt.id,
+                    Err(error) => assert!(Instant::now() < deadline, "{error}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for i in 0..20 {
+        acknowledged.insert(send(format!("before {i}")).await);
+    }
+    // One node killed: the other two go on.
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status();
+    for i in 0..20 {
+        acknowledged.insert(send(format!("after {i}")).await);
+    }
+    let seen = consume(&client, "newcomer", acknowledged.len()).await;
+    assert_eq!(seen, acknowledged);
+    drop(producer);
+    drop(client);
+
+    let _ = std::process::Command::new("kill")
+        .arg(cluster.id().to_string())
+        .status();
+    let stopped = Instant::now();
+    loop {
+        if let Some(status) = cluster.try_wait().unwrap() {
+            println!(
+                "the script stopped the cluster in {:?} ({status})",
+                stopped.elapsed()
+            );
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "the script did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pid in &pids[1..] {
+        let alive = std::process::Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(!alive, "node pid {pid} still runs");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_segment_is_damaged_gets_its_records_back_from_its_peers() {
     let root = tempfile::tempdir().unwrap();
