@@ -827,6 +827,13 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     if std::env::var_os("DMQ_CLUSTER_DAMAGE").is_some() {
         kinds.push("damage");
     }
+    // By hand, `DMQ_CLUSTER_OPERATIONS=1` adds two operations: a random
+    // group's leadership moved to the node (`transfer-leader`, asked
+    // through a random node), and a clean stop (SIGTERM: the node hands
+    // its leaderships over first) and restart.
+    if std::env::var_os("DMQ_CLUSTER_OPERATIONS").is_some() {
+        kinds.extend(["transfer", "stop"]);
+    }
     for episode in 0..episodes {
         let target = match (rng.below(2), metadata_leader(&nodes, Duration::ZERO).await) {
             (0, Some(leader)) => leader,
@@ -877,6 +884,36 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
                         println!("damaged {} at {at}", log.display());
                     }
                 }
+                tokio::time::sleep(lasting).await;
+                nodes[target].start(&configs[target]);
+                connect(&nodes[target]).await;
+            }
+            "transfer" => {
+                let api = Api::new(nodes[rng.below(3) as usize].admin, None);
+                let pick = rng.below(1 << 16);
+                let moved = http(move || {
+                    let (code, status) = api.call("GET", "/api/cluster", None);
+                    if code != 200 {
+                        return format!("no status ({code})");
+                    }
+                    let mut groups = vec!["meta".to_string()];
+                    for partition in status["partitions"].as_array().into_iter().flatten() {
+                        if let Some(group) = partition["raft"]["group"].as_str() {
+                            groups.push(group.to_string());
+                        }
+                    }
+                    let group = &groups[pick as usize % groups.len()];
+                    let body = serde_json::json!({"group": group, "to": id}).to_string();
+                    let (code, answer) =
+                        api.call("POST", "/api/cluster/transfer-leader", Some(&body));
+                    format!("{group}: {code} {answer}")
+                })
+                .await;
+                println!("transfer to node {id}: {moved}");
+                tokio::time::sleep(lasting).await;
+            }
+            "stop" => {
+                nodes[target].stop();
                 tokio::time::sleep(lasting).await;
                 nodes[target].start(&configs[target]);
                 connect(&nodes[target]).await;
