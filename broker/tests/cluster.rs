@@ -209,35 +209,18 @@ async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
     wait_for_topic(&third, "orders").await;
 
     // Every group takes it back as a voter once it caught up.
-    let api = Api::new(nodes[0].admin, None);
-    let logs: Vec<std::path::PathBuf> = nodes.iter().map(|n| n.dir.join("dmqd.log")).collect();
-    http(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = api.ok("/api/cluster");
-            let voter = |raft: &serde_json::Value| {
-                raft["voters"]
-                    .as_array()
-                    .is_some_and(|voters| voters.iter().any(|v| v == 3))
-            };
-            let everywhere = voter(&status["metadata"])
-                && status["partitions"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|p| voter(&p["raft"]));
-            if everywhere {
-                return;
-            }
-            if Instant::now() > deadline {
-                let told: Vec<String> = logs
-                    .iter()
-                    .map(|log| std::fs::read_to_string(log).unwrap_or_default())
-                    .collect();
-                panic!("node 3 is not a voter everywhere: {status}\nnode logs:\n{told:#?}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    wait_for_view(&nodes[0], &nodes, "node 3 a voter everywhere", |status| {
+        let voter = |raft: &serde_json::Value| {
+            raft["voters"]
+                .as_array()
+                .is_some_and(|voters| voters.iter().any(|v| v == 3))
+        };
+        voter(&status["metadata"])
+            && status["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| voter(&p["raft"]))
     })
     .await;
 

@@ -83,34 +83,22 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
                 Format::Table => print!("{}", render_status(&answer)),
             }
         }
-        ClusterCommand::ReplaceNode { id } => {
-            let answer = Admin::new(cli).post(
-                &format!("/api/cluster/nodes/{id}/replace"),
-                &serde_json::json!({}),
-            )?;
-            match cli.format {
-                Format::Json => print_json(&answer),
-                Format::Table => println!(
-                    "node {id} is a learner of {} groups; {}",
-                    answer["learner_of"].as_array().map_or(0, Vec::len),
-                    answer["next"].as_str().unwrap_or_default()
-                ),
-            }
-        }
-        ClusterCommand::AddNode { id, raft, client } => {
-            let answer = Admin::new(cli).post(
-                &format!("/api/cluster/nodes/{id}/add"),
-                &serde_json::json!({"raft": raft, "client": client}),
-            )?;
-            match cli.format {
-                Format::Json => print_json(&answer),
-                Format::Table => println!(
-                    "node {id} is a learner of {} groups; {}",
-                    answer["learner_of"].as_array().map_or(0, Vec::len),
-                    answer["next"].as_str().unwrap_or_default()
-                ),
-            }
-        }
+        ClusterCommand::ReplaceNode { id } => node_change(
+            cli,
+            *id,
+            "replace",
+            &serde_json::json!({}),
+            "is a learner of",
+            "learner_of",
+        )?,
+        ClusterCommand::AddNode { id, raft, client } => node_change(
+            cli,
+            *id,
+            "add",
+            &serde_json::json!({"raft": raft, "client": client}),
+            "is a learner of",
+            "learner_of",
+        )?,
         ClusterCommand::TransferLeader {
             group,
             to,
@@ -143,20 +131,37 @@ pub fn run(cli: &Cli, command: &ClusterCommand) -> Result<()> {
                 }
             }
         }
-        ClusterCommand::RemoveNode { id } => {
-            let answer = Admin::new(cli).post(
-                &format!("/api/cluster/nodes/{id}/remove"),
-                &serde_json::json!({}),
-            )?;
-            match cli.format {
-                Format::Json => print_json(&answer),
-                Format::Table => println!(
-                    "node {id} removed from {} groups; {}",
-                    answer["removed_from"].as_array().map_or(0, Vec::len),
-                    answer["next"].as_str().unwrap_or_default()
-                ),
-            }
-        }
+        ClusterCommand::RemoveNode { id } => node_change(
+            cli,
+            *id,
+            "remove",
+            &serde_json::json!({}),
+            "removed from",
+            "removed_from",
+        )?,
+    }
+    Ok(())
+}
+
+/// `POST /api/cluster/nodes/{id}/{action}` with `body`, then says "node
+/// ID `did` N groups" (N the length of the answer's `groups` field) and
+/// what to do next.
+fn node_change(
+    cli: &Cli,
+    id: u64,
+    action: &str,
+    body: &Value,
+    did: &str,
+    groups: &str,
+) -> Result<()> {
+    let answer = Admin::new(cli).post(&format!("/api/cluster/nodes/{id}/{action}"), body)?;
+    match cli.format {
+        Format::Json => print_json(&answer),
+        Format::Table => println!(
+            "node {id} {did} {} groups; {}",
+            answer[groups].as_array().map_or(0, Vec::len),
+            answer["next"].as_str().unwrap_or_default()
+        ),
     }
     Ok(())
 }
