@@ -483,6 +483,17 @@ async fn a_node_added_to_the_cluster_catches_up_and_votes() {
     );
     let _ = std::fs::remove_dir_all(nodes[3].dir.join("data"));
 
+    // Refused with a reason: an address that is not host:port, an id the
+    // cluster has.
+    for (node, raft) in [(4, "nowhere".to_string()), (2, nodes[3].raft.to_string())] {
+        let api = Api::new(nodes[1].admin, None);
+        let body =
+            serde_json::json!({"raft": raft, "client": nodes[3].client.to_string()}).to_string();
+        let path = format!("/api/cluster/nodes/{node}/add");
+        let (status, answer) = http(move || api.call("POST", &path, Some(&body))).await;
+        assert_eq!(status, 400, "node {node} at {raft}: {answer}");
+    }
+
     // Added through node 2 (it is not running), then started.
     let api = Api::new(nodes[1].admin, None);
     let body = serde_json::json!({
