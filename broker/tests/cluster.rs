@@ -12,8 +12,8 @@ use dmq_client::{Message, MessageId};
 mod common;
 use common::cluster::{
     cluster, connect, consume, damage_active_segment, metadata_leader, new_node, produce,
-    started_cluster, started_cluster_with, wait_for_topic, with_consumer_lease, Node,
-    PURGE_AFTER_ENTRIES,
+    started_cluster, started_cluster_with, wait_for_topic, wait_for_topic_on, with_consumer_lease,
+    Node, PURGE_AFTER_ENTRIES,
 };
 use common::{env_count, http, next, options, Api};
 
@@ -313,9 +313,7 @@ async fn a_node_removed_from_the_cluster_stops_and_may_not_start_again() {
     let (mut nodes, configs) = started_cluster(root.path());
     let first = connect(&nodes[0]).await;
     first.create_topic("orders", 2, false).await.unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    wait_for_topic_on(&nodes[1..], "orders").await;
     let mut acknowledged: BTreeSet<MessageId> =
         produce(&first, "a", 60).await.into_iter().collect();
 
@@ -460,9 +458,7 @@ async fn a_node_added_to_the_cluster_catches_up_and_votes() {
     let (mut nodes, _configs) = started_cluster(root.path());
     let first = connect(&nodes[0]).await;
     first.create_topic("orders", 2, false).await.unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    wait_for_topic_on(&nodes[1..], "orders").await;
     let mut acknowledged: BTreeSet<MessageId> =
         produce(&first, "a", 60).await.into_iter().collect();
 
@@ -603,9 +599,7 @@ async fn a_leadership_moves_to_the_node_named_and_off_a_node_before_its_stop() {
     let (mut nodes, _configs) = started_cluster(root.path());
     let first = connect(&nodes[0]).await;
     first.create_topic("orders", 1, false).await.unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    wait_for_topic_on(&nodes[1..], "orders").await;
     let mut acknowledged: BTreeSet<MessageId> =
         produce(&first, "a", 20).await.into_iter().collect();
     wait_for_view(&nodes[1], &nodes, "orders/0 led", |status| {
@@ -726,9 +720,7 @@ async fn leaderships_gathered_on_one_node_are_spread_by_a_balance() {
     let (nodes, _configs) = started_cluster(root.path());
     let first = connect(&nodes[0]).await;
     first.create_topic("orders", 6, false).await.unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    wait_for_topic_on(&nodes[1..], "orders").await;
     wait_for_view(&nodes[0], &nodes, "every group led", |status| {
         let leaders = leaders(status);
         leaders.len() == 8 && leaders.iter().all(|(_, leader)| leader.is_some())
@@ -1488,9 +1480,7 @@ async fn with_orders(
         .create_topic("orders", partitions, false)
         .await
         .unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    wait_for_topic_on(&nodes[1..], "orders").await;
     (nodes, configs)
 }
 
@@ -1660,9 +1650,7 @@ async fn a_client_given_every_node_carries_on_when_its_node_dies() {
             .await
             .unwrap();
     client.create_topic("orders", 2, false).await.unwrap();
-    for node in &nodes[1..] {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    wait_for_topic_on(&nodes[1..], "orders").await;
     let producer = client.producer_with(dmq_client::ProducerOptions {
         idempotence: true,
         max_retries: 20,

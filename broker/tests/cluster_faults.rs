@@ -41,7 +41,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod common;
 use common::cluster::{
-    connect, damage_active_segment, metadata_leader, wait_for_topic, with_consumer_lease, Node,
+    connect, damage_active_segment, metadata_leader, wait_for_topic, wait_for_topic_on,
+    with_consumer_lease, Node,
 };
 use common::{env_count, free_port, http, next, options, Api};
 
@@ -672,9 +673,7 @@ async fn a_serving_node_cut_off_stops_delivering_within_its_lease() {
     let (nodes, _configs) = proxied_cluster(root.path(), &network, with_consumer_lease).await;
     let setup = connect(&nodes[0]).await;
     setup.create_topic("orders", 1, false).await.unwrap();
-    for node in &nodes {
-        wait_for_topic(&connect(node).await, "orders").await;
-    }
+    wait_for_topic_on(&nodes, "orders").await;
     let home = metadata_leader(&nodes, Duration::from_secs(30))
         .await
         .expect("no metadata leader within 30 s");

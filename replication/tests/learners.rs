@@ -5,22 +5,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use dmq_log_store::{LogConfig, RecordInput};
-use dmq_replication::{NodeConfig, PartitionNode};
+use dmq_log_store::RecordInput;
+use dmq_replication::PartitionNode;
 
-use common::{agreed_leader, applied, by_id, form_group};
-
-async fn start(id: u64, dir: &Path, listen: SocketAddr) -> PartitionNode {
-    PartitionNode::start(
-        NodeConfig::new(id, dir.to_path_buf(), listen),
-        LogConfig::default(),
-    )
-    .await
-    .expect("start")
-}
+use common::{agreed_leader, applied, by_id, form_group, start_replica};
 
 fn any_addr() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
@@ -31,7 +21,7 @@ async fn a_learner_follows_without_voting_and_votes_once_promoted() {
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
     let mut nodes = Vec::new();
     for (i, dir) in dirs.iter().take(3).enumerate() {
-        nodes.push(start(i as u64 + 1, dir.path(), any_addr()).await);
+        nodes.push(start_replica(i as u64 + 1, dir.path(), any_addr()).await);
     }
     form_group(&nodes).await;
     let all: Vec<&PartitionNode> = nodes.iter().collect();
@@ -44,7 +34,7 @@ async fn a_learner_follows_without_voting_and_votes_once_promoted() {
     }
 
     // Node 4 joins as a learner: it catches up, then follows.
-    let learner = start(4, dirs[3].path(), any_addr()).await;
+    let learner = start_replica(4, dirs[3].path(), any_addr()).await;
     by_id(&nodes, leader)
         .add_learner(4, &learner.addr().to_string())
         .await
@@ -88,7 +78,7 @@ async fn a_learner_follows_without_voting_and_votes_once_promoted() {
     // One voter back: a quorum again; then the learner replaces the other
     // voter.
     let (back_id, back_addr) = stopped[0];
-    let back = start(back_id, dirs[back_id as usize - 1].path(), back_addr).await;
+    let back = start_replica(back_id, dirs[back_id as usize - 1].path(), back_addr).await;
     let (gone_id, _) = stopped[1];
     let mut nodes = vec![leading, back, learner];
     let live: Vec<&PartitionNode> = nodes.iter().collect();
@@ -128,7 +118,7 @@ async fn a_member_whose_disk_was_lost_is_readmitted_and_sent_every_entry_again()
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
     let mut nodes = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
-        nodes.push(start(i as u64 + 1, dir.path(), any_addr()).await);
+        nodes.push(start_replica(i as u64 + 1, dir.path(), any_addr()).await);
     }
     form_group(&nodes).await;
     let all: Vec<&PartitionNode> = nodes.iter().collect();
@@ -173,7 +163,7 @@ async fn a_member_whose_disk_was_lost_is_readmitted_and_sent_every_entry_again()
         .expect("produce without it");
 
     // Started empty, it is sent every entry; the leader goes on.
-    let back = start(lost_id, lost_dir, lost_addr).await;
+    let back = start_replica(lost_id, lost_dir, lost_addr).await;
     applied(&back, 6, Duration::from_secs(10)).await;
     let values: Vec<String> = back
         .records(0, 6)
@@ -213,7 +203,7 @@ async fn a_member_taken_out_leaves_the_group_even_as_its_leader() {
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
     let mut nodes = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
-        nodes.push(start(i as u64 + 1, dir.path(), any_addr()).await);
+        nodes.push(start_replica(i as u64 + 1, dir.path(), any_addr()).await);
     }
     let learner = nodes.pop().expect("node 4");
     form_group(&nodes).await;

@@ -5,25 +5,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmq_log_store::{LogConfig, RecordInput};
-use dmq_replication::{NodeConfig, PartitionCommand, PartitionNode, ReplicatedBatch};
+use dmq_log_store::RecordInput;
+use dmq_replication::{PartitionCommand, PartitionNode, ReplicatedBatch};
 
-use common::{agreed_leader, applied, form_group};
-
-async fn start(id: u64, dir: &Path, listen: SocketAddr) -> PartitionNode {
-    PartitionNode::start(
-        NodeConfig::new(id, dir.to_path_buf(), listen),
-        LogConfig::default(),
-    )
-    .await
-    .expect("start")
-}
+use common::{agreed_leader, applied, form_group, start_replica};
 
 fn write(tag: String) -> PartitionCommand {
     PartitionCommand::Batch(ReplicatedBatch::propose(vec![RecordInput::new(tag)]))
@@ -35,7 +24,7 @@ async fn the_leadership_moves_to_the_voter_named_while_writes_go_on() {
     let mut nodes = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         nodes.push(
-            start(
+            start_replica(
                 i as u64 + 1,
                 dir.path(),
                 "127.0.0.1:0".parse().expect("addr"),

@@ -204,6 +204,13 @@ pub async fn wait_for_topic(client: &Client, topic: &str) {
 
 /// Produces `count` messages through `client`, one send at a time, each
 /// acknowledged; returns their ids.
+/// Waits until each of `nodes` has `topic` (a client of each asks).
+pub async fn wait_for_topic_on(nodes: &[Node], topic: &str) {
+    for node in nodes {
+        wait_for_topic(&connect(node).await, topic).await;
+    }
+}
+
 pub async fn produce(client: &Client, tag: &str, count: usize) -> Vec<MessageId> {
     let producer = client.producer();
     let mut ids = Vec::with_capacity(count);

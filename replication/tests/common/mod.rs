@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use dmq_replication::network::GroupTypes;
-use dmq_replication::{GroupNode, PartitionNode};
+use dmq_replication::{GroupNode, NodeConfig, PartitionNode};
 
 /// Forms a group of `nodes` (initialized from the first one).
 pub async fn form_group<C: GroupTypes, S>(nodes: &[GroupNode<C, S>]) {
@@ -53,4 +53,19 @@ pub async fn applied(node: &PartitionNode, end: u64, within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A partition replica `id` with its files in `dir`, serving Raft on
+/// `listen`, with the default log settings.
+pub async fn start_replica(
+    id: u64,
+    dir: &std::path::Path,
+    listen: std::net::SocketAddr,
+) -> PartitionNode {
+    PartitionNode::start(
+        NodeConfig::new(id, dir.to_path_buf(), listen),
+        dmq_log_store::LogConfig::default(),
+    )
+    .await
+    .expect("start")
 }
