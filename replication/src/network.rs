@@ -194,6 +194,22 @@ pub(crate) async fn forward<C: GroupTypes>(
     decode(&response).map_err(ForwardError::Lost)
 }
 
+/// Sends `request` (one the leader answers with an empty
+/// [`RaftReply::Forwarded`] once done) to the node at `addr` (the group's
+/// leader, as far as the caller knows) and waits at most `ttl`.
+pub(crate) async fn ask_leader_to<C: GroupTypes>(
+    addr: &str,
+    source: Option<std::net::IpAddr>,
+    group: &str,
+    request: &RaftRequest<C>,
+    ttl: Duration,
+) -> Result<(), ForwardError> {
+    let request = encode(request).map_err(ForwardError::NotSent)?;
+    ask_leader(addr, source, group, &request, ttl)
+        .await
+        .map(|_| ())
+}
+
 /// Asks the node at `addr` (the group's leader, as far as the caller
 /// knows) to make `voters` the voters of group `group` (of types `C`),
 /// within `ttl`.
@@ -204,10 +220,8 @@ pub(crate) async fn change_voters_at<C: GroupTypes>(
     voters: std::collections::BTreeSet<NodeId>,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
-    let request = encode(&RaftRequest::<C>::ChangeVoters(voters)).map_err(ForwardError::NotSent)?;
-    ask_leader(addr, source, group, &request, ttl)
-        .await
-        .map(|_| ())
+    let request = RaftRequest::<C>::ChangeVoters(voters);
+    ask_leader_to(addr, source, group, &request, ttl).await
 }
 
 /// Asks the node at `addr` (the group's leader, as far as the caller
@@ -221,14 +235,11 @@ pub(crate) async fn readmit_at<C: GroupTypes>(
     node_addr: &str,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
-    let request = encode(&RaftRequest::<C>::Readmit {
+    let request = RaftRequest::<C>::Readmit {
         node,
         addr: node_addr.to_string(),
-    })
-    .map_err(ForwardError::NotSent)?;
-    ask_leader(addr, source, group, &request, ttl)
-        .await
-        .map(|_| ())
+    };
+    ask_leader_to(addr, source, group, &request, ttl).await
 }
 
 /// Asks the node at `addr` (the group's leader, as far as the caller
@@ -298,11 +309,8 @@ pub(crate) async fn remove_member_at<C: GroupTypes>(
     node: NodeId,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
-    let request =
-        encode(&RaftRequest::<C>::RemoveMember { node }).map_err(ForwardError::NotSent)?;
-    ask_leader(addr, source, group, &request, ttl)
-        .await
-        .map(|_| ())
+    let request = RaftRequest::<C>::RemoveMember { node };
+    ask_leader_to(addr, source, group, &request, ttl).await
 }
 
 /// At the leader: takes member `node` out of the group for good. A voter
@@ -341,11 +349,8 @@ pub(crate) async fn transfer_leader_at<C: GroupTypes>(
     to: NodeId,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
-    let request =
-        encode(&RaftRequest::<C>::TransferLeader { to }).map_err(ForwardError::NotSent)?;
-    ask_leader(addr, source, group, &request, ttl)
-        .await
-        .map(|_| ())
+    let request = RaftRequest::<C>::TransferLeader { to };
+    ask_leader_to(addr, source, group, &request, ttl).await
 }
 
 /// Sends `request` (a [`RaftRequest`] the leader answers with

@@ -35,7 +35,7 @@ use std::time::Duration;
 use openraft::Raft;
 use tokio::sync::Notify;
 
-use crate::network::{ask_leader, encode, ForwardError, GroupTypes, RaftRequest};
+use crate::network::{ask_leader_to, ForwardError, GroupTypes, RaftRequest};
 use crate::NodeId;
 
 /// The longest a transfer holds a group's writes.
@@ -290,10 +290,7 @@ async fn ask<C: GroupTypes>(
     source: Option<std::net::IpAddr>,
     group: &str,
 ) -> Result<(), ForwardError> {
-    let request = encode(request).map_err(ForwardError::NotSent)?;
-    ask_leader(addr, source, group, &request, Duration::from_secs(2))
-        .await
-        .map(|_| ())
+    ask_leader_to(addr, source, group, request, Duration::from_secs(2)).await
 }
 
 #[cfg(test)]
