@@ -8,7 +8,9 @@
 //! served, the [`RaftReply`]. One request at a time on a connection. A
 //! leader or candidate reaches the same group on its peers through
 //! [`TcpNetworkFactory`]: one connection per peer and group, opened on
-//! first use and again after any error.
+//! first use and again after any error. Requests that are not Raft's own
+//! (a forwarded write, a read index, a membership change) go through the
+//! node's [`PeerConnections`], connections kept open between requests.
 //!
 //! Hostile or broken input: a frame longer than [`MAX_FRAME_BYTES`], a
 //! group name past the frame's end, or a request that does not decode
@@ -176,12 +178,11 @@ pub(crate) enum ForwardError {
 }
 
 /// Sends `data`, a write of group `group`, to the node at `addr` (its
-/// leader, as far as the caller knows) and waits at most `ttl` for the
-/// answer. One connection per call: forwarding is the path of a client
-/// that reached a follower, not the hot path.
+/// leader, as far as the caller knows) through `peers` and waits at most
+/// `ttl` for the answer.
 pub(crate) async fn forward<C: GroupTypes>(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     data: &C::D,
     ttl: Duration,
@@ -190,7 +191,7 @@ pub(crate) async fn forward<C: GroupTypes>(
         encode(data).map_err(ForwardError::NotSent)?.into(),
     )))
     .map_err(ForwardError::NotSent)?;
-    let response = ask_leader(addr, source, group, &request, ttl).await?;
+    let response = ask_leader(peers, addr, group, &request, ttl).await?;
     decode(&response).map_err(ForwardError::Lost)
 }
 
@@ -198,14 +199,14 @@ pub(crate) async fn forward<C: GroupTypes>(
 /// [`RaftReply::Forwarded`] once done) to the node at `addr` (the group's
 /// leader, as far as the caller knows) and waits at most `ttl`.
 pub(crate) async fn ask_leader_to<C: GroupTypes>(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     request: &RaftRequest<C>,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
     let request = encode(request).map_err(ForwardError::NotSent)?;
-    ask_leader(addr, source, group, &request, ttl)
+    ask_leader(peers, addr, group, &request, ttl)
         .await
         .map(|_| ())
 }
@@ -214,22 +215,22 @@ pub(crate) async fn ask_leader_to<C: GroupTypes>(
 /// knows) to make `voters` the voters of group `group` (of types `C`),
 /// within `ttl`.
 pub(crate) async fn change_voters_at<C: GroupTypes>(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     voters: std::collections::BTreeSet<NodeId>,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
     let request = RaftRequest::<C>::ChangeVoters(voters);
-    ask_leader_to(addr, source, group, &request, ttl).await
+    ask_leader_to(peers, addr, group, &request, ttl).await
 }
 
 /// Asks the node at `addr` (the group's leader, as far as the caller
 /// knows) to [`readmit`] member `node` (Raft address `node_addr`) to
 /// group `group`, within `ttl`.
 pub(crate) async fn readmit_at<C: GroupTypes>(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     node: NodeId,
     node_addr: &str,
@@ -239,20 +240,20 @@ pub(crate) async fn readmit_at<C: GroupTypes>(
         node,
         addr: node_addr.to_string(),
     };
-    ask_leader_to(addr, source, group, &request, ttl).await
+    ask_leader_to(peers, addr, group, &request, ttl).await
 }
 
 /// Asks the node at `addr` (the group's leader, as far as the caller
 /// knows) for group `group`'s read index ([`RaftRequest::ReadIndex`]),
 /// within `ttl`.
 pub(crate) async fn read_index_at<C: GroupTypes>(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     ttl: Duration,
 ) -> Result<Option<u64>, ForwardError> {
     let request = encode(&RaftRequest::<C>::ReadIndex).map_err(ForwardError::NotSent)?;
-    let response = ask_leader(addr, source, group, &request, ttl).await?;
+    let response = ask_leader(peers, addr, group, &request, ttl).await?;
     decode(&response).map_err(ForwardError::Lost)
 }
 
@@ -303,14 +304,14 @@ pub(crate) async fn readmit<C: GroupTypes>(
 /// Asks the node at `addr` (the group's leader, as far as the caller
 /// knows) to [`remove_member`] `node` from group `group`, within `ttl`.
 pub(crate) async fn remove_member_at<C: GroupTypes>(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     node: NodeId,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
     let request = RaftRequest::<C>::RemoveMember { node };
-    ask_leader_to(addr, source, group, &request, ttl).await
+    ask_leader_to(peers, addr, group, &request, ttl).await
 }
 
 /// At the leader: takes member `node` out of the group for good. A voter
@@ -343,38 +344,46 @@ pub(crate) async fn remove_member<C: GroupTypes>(
 /// Asks the node at `addr` (the group's leader, as far as the caller
 /// knows) to hand its leadership to `to`, within `ttl`.
 pub(crate) async fn transfer_leader_at<C: GroupTypes>(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     to: NodeId,
     ttl: Duration,
 ) -> Result<(), ForwardError> {
     let request = RaftRequest::<C>::TransferLeader { to };
-    ask_leader_to(addr, source, group, &request, ttl).await
+    ask_leader_to(peers, addr, group, &request, ttl).await
 }
 
 /// Sends `request` (a [`RaftRequest`] the leader answers with
-/// [`RaftReply::Forwarded`]) and returns the answer's bytes.
+/// [`RaftReply::Forwarded`]) on a connection of `peers` and returns the
+/// answer's bytes. The connection goes back to `peers` once its answer
+/// (or "unknown group") is read whole, and is dropped on any error or
+/// timeout, so a late answer is never read as the next request's.
 pub(crate) async fn ask_leader(
+    peers: &PeerConnections,
     addr: &str,
-    source: Option<std::net::IpAddr>,
     group: &str,
     request: &[u8],
     ttl: Duration,
 ) -> Result<Vec<u8>, ForwardError> {
-    let mut stream = match tokio::time::timeout(ttl, connect(addr, source)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(ForwardError::NotSent(error)),
-        Err(_) => {
-            return Err(ForwardError::NotSent(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connecting to the leader timed out",
-            )))
-        }
-    };
-    let _ = stream.set_nodelay(true);
     let group_length = u16::try_from(group.len())
         .map_err(|_| ForwardError::NotSent(invalid("group name too long")))?;
+    let mut stream = match peers.take(addr) {
+        Some(stream) => stream,
+        None => match tokio::time::timeout(ttl, connect(addr, peers.source)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                stream
+            }
+            Ok(Err(error)) => return Err(ForwardError::NotSent(error)),
+            Err(_) => {
+                return Err(ForwardError::NotSent(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connecting to the leader timed out",
+                )))
+            }
+        },
+    };
     let exchange = async {
         write_frame(
             &mut stream,
@@ -383,7 +392,13 @@ pub(crate) async fn ask_leader(
         .await?;
         decode_reply(&read_frame(&mut stream).await?)
     };
-    match tokio::time::timeout(ttl, exchange).await {
+    let answered = tokio::time::timeout(ttl, exchange).await;
+    let whole = matches!(&answered, Ok(Ok(RaftReply::Forwarded(_))))
+        || matches!(&answered, Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound);
+    if whole {
+        peers.give_back(addr, stream);
+    }
+    match answered {
         Ok(Ok(RaftReply::Forwarded(Ok(response)))) => Ok(response),
         Ok(Ok(RaftReply::Forwarded(Err(refusal)))) => Err(ForwardError::Refused(refusal)),
         // An unknown group proposes nothing.
@@ -397,6 +412,88 @@ pub(crate) async fn ask_leader(
             "the leader did not answer in time",
         ))),
     }
+}
+
+/// Idle connections kept per peer address, at most: as many as writes
+/// this node forwards to one leader at once, in a steady stream.
+const IDLE_CONNECTIONS_PER_PEER: usize = 64;
+
+/// How a node sends other nodes' Raft ports the requests that are not
+/// Raft's own (forwarded writes, read indexes, membership changes, the
+/// steps of a leadership transfer): from its source address, on
+/// connections kept open between requests, one request at a time on
+/// each. Clones share the connections.
+///
+/// A connection per request cost a connect, an accept and a task for
+/// every forwarded produce, and left a socket in TIME_WAIT for a minute
+/// after each: Linux reuses those on loopback only, so a follower
+/// forwarding more than about 470 writes a second to a leader on another
+/// host would run out of ephemeral ports (28,232 by default). A connection is taken back only
+/// after its whole answer was read, and is checked before it is reused:
+/// one the peer closed meanwhile (it stopped or restarted) is dropped
+/// and another opened, so a request is not sent on a connection known
+/// dead. One closed after the check is a lost answer, as when the peer
+/// dies during a request on a new connection.
+#[derive(Clone, Default)]
+pub(crate) struct PeerConnections {
+    /// Where connections leave from (none: the address the OS picks).
+    source: Option<std::net::IpAddr>,
+    /// Connections not in use, by the peer address they were opened to.
+    idle: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<TcpStream>>>>,
+}
+
+impl std::fmt::Debug for PeerConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConnections")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerConnections {
+    /// No connection yet; those opened leave from `source`.
+    pub(crate) fn new(source: Option<std::net::IpAddr>) -> PeerConnections {
+        PeerConnections {
+            source,
+            idle: Arc::default(),
+        }
+    }
+
+    /// An idle connection to `addr` still open, if there is one.
+    fn take(&self, addr: &str) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = idle.get_mut(addr)?;
+        while let Some(stream) = streams.pop() {
+            if still_open(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Keeps `stream`, its last answer read whole, for the next request
+    /// to `addr` (or closes it if enough are kept).
+    fn give_back(&self, addr: &str, stream: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let streams = idle.entry(addr.to_string()).or_default();
+        if streams.len() < IDLE_CONNECTIONS_PER_PEER {
+            streams.push(stream);
+        }
+    }
+
+    /// Idle connections kept to `addr`.
+    #[cfg(test)]
+    fn idle(&self, addr: &str) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.get(addr).map_or(0, Vec::len)
+    }
+}
+
+/// Whether an idle connection is still open: nothing to read yet. The
+/// peer's close (or reset) or bytes nobody asked for make it unusable.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Sends `body` to group `group` on the Raft port at `addr` on a
@@ -584,8 +681,8 @@ pub(crate) struct GroupService<C: GroupTypes> {
     pub(crate) gate: Arc<crate::transfer::WriteGate>,
     /// The group's name.
     pub(crate) group: String,
-    /// Where this node's Raft connections leave from.
-    pub(crate) source: Option<std::net::IpAddr>,
+    /// This node's connections for requests to its peers' ports.
+    pub(crate) peers: PeerConnections,
 }
 
 impl<C: GroupTypes> GroupHandler for GroupService<C> {
@@ -639,7 +736,7 @@ impl<C: GroupTypes> GroupHandler for GroupService<C> {
                 RaftRequest::TransferLeader { to } => {
                     use crate::transfer::{transfer_leader, TransferError};
                     let transferred =
-                        transfer_leader(raft, &self.gate, &self.group, self.source, to).await;
+                        transfer_leader(raft, &self.gate, &self.group, &self.peers, to).await;
                     RaftReply::Forwarded(match transferred {
                         Ok(()) => Ok(Vec::new()),
                         Err(TransferError::NotLeader { leader, addr }) => {
@@ -691,33 +788,43 @@ type Groups = std::sync::RwLock<std::collections::HashMap<String, Arc<dyn GroupH
 #[derive(Clone)]
 pub struct RaftRouter {
     addr: std::net::SocketAddr,
-    /// The address this node's Raft connections leave from (none: the OS
-    /// picks).
-    source: Option<std::net::IpAddr>,
+    /// This node's connections for requests to its peers' ports, from
+    /// the source address set (none: the OS picks).
+    peers: PeerConnections,
     groups: Arc<Groups>,
     server: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// Requests being handled, and whether new ones are still taken.
     requests: Arc<Requests>,
 }
 
-/// The port's requests in progress, its closing flag, and when it last
-/// accepted a connection.
+/// The port's requests in progress, its closing flag, and when a peer
+/// last came other than as Raft: a connection accepted, or, once
+/// closing, a request refused that was not Raft's own.
 #[derive(Default)]
 struct Requests {
     closing: std::sync::atomic::AtomicBool,
     in_flight: std::sync::atomic::AtomicUsize,
-    last_accepted: std::sync::Mutex<Option<tokio::time::Instant>>,
+    last_came: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Requests {
-    fn accepted(&self) {
-        *self.last_accepted.lock().unwrap_or_else(|p| p.into_inner()) =
+    fn came(&self) {
+        *self.last_came.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(tokio::time::Instant::now());
     }
 
-    fn last_accepted(&self) -> Option<tokio::time::Instant> {
-        *self.last_accepted.lock().unwrap_or_else(|p| p.into_inner())
+    fn last_came(&self) -> Option<tokio::time::Instant> {
+        *self.last_came.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether a request's body is one of Raft's own (AppendEntries, Vote,
+/// InstallSnapshot: postcard writes an enum's variant index first, as a
+/// varint, and these are [`RaftRequest`]'s first three). A leader keeps
+/// sending them to a member that stopped; they say nothing of whether
+/// its peers still take it for the leader.
+fn is_raft_traffic(body: &[u8]) -> bool {
+    matches!(body.first(), Some(0..=2))
 }
 
 impl std::fmt::Debug for RaftRouter {
@@ -738,7 +845,7 @@ impl RaftRouter {
         let server = tokio::spawn(serve(listener, Arc::clone(&groups), Arc::clone(&requests)));
         Ok(RaftRouter {
             addr,
-            source: None,
+            peers: PeerConnections::default(),
             groups,
             server: Arc::new(std::sync::Mutex::new(Some(server))),
             requests,
@@ -756,13 +863,18 @@ impl RaftRouter {
     /// machine, a loopback address per node, so a test can tell nodes
     /// apart by where a connection comes from).
     pub fn with_source(mut self, source: Option<std::net::IpAddr>) -> RaftRouter {
-        self.source = source;
+        self.peers = PeerConnections::new(source);
         self
     }
 
     /// The address this node's Raft connections leave from, if set.
     pub fn source(&self) -> Option<std::net::IpAddr> {
-        self.source
+        self.peers.source
+    }
+
+    /// This node's connections for requests to its peers' ports.
+    pub(crate) fn peers(&self) -> &PeerConnections {
+        &self.peers
     }
 
     /// Serves `raft` as group `group` from now on, its forwarded writes
@@ -777,7 +889,7 @@ impl RaftRouter {
             raft,
             gate,
             group: group.to_string(),
-            source: self.source,
+            peers: self.peers.clone(),
         };
         self.groups
             .write()
@@ -832,18 +944,18 @@ impl RaftRouter {
     }
 
     /// Keeps the closed port answering every request "unknown group"
-    /// until no connection came for `quiet` (at most `within`), then stops
-    /// it ([`RaftRouter::shutdown`]). A node whose groups have stopped
-    /// calls it with `quiet` an election timeout: its peers take it for
-    /// the leader of the groups it led until they elect another, and each
-    /// write they forward meanwhile comes on a connection of its own. Once
-    /// none comes, they know the new leader. Stopping sooner would reset
-    /// the connection of a write forwarded after its request was sent,
-    /// and the forwarding node could not tell whether it was taken (its
-    /// outcome is unknown: a producer without idempotence gets an error);
-    /// answered "unknown group", it surely was not, and is tried again at
-    /// the next leader. Raft's own connections stay open through an
-    /// "unknown group" answer, so they do not count.
+    /// until no peer came for `quiet` (at most `within`), then stops it
+    /// ([`RaftRouter::shutdown`]). A node whose groups have stopped calls
+    /// it with `quiet` an election timeout: its peers take it for the
+    /// leader of the groups it led until they elect another, and send it
+    /// the writes they forward meanwhile (each refused, on a connection
+    /// kept or a new one). Once none comes, they know the new leader.
+    /// Stopping sooner would reset the connection of a write forwarded
+    /// after its request was sent, and the forwarding node could not tell
+    /// whether it was taken (its outcome is unknown: a producer without
+    /// idempotence gets an error); answered "unknown group", it surely was
+    /// not, and is tried again at the next leader. Raft's own requests
+    /// (a leader's heartbeats to a member that stopped) do not count.
     pub async fn linger_then_shutdown(&self, quiet: Duration, within: Duration) {
         self.requests
             .closing
@@ -851,10 +963,7 @@ impl RaftRouter {
         let start = tokio::time::Instant::now();
         let deadline = start + within;
         loop {
-            let since = self
-                .requests
-                .last_accepted()
-                .map_or(start, |at| at.max(start));
+            let since = self.requests.last_came().map_or(start, |at| at.max(start));
             let now = tokio::time::Instant::now();
             if now >= deadline || now.duration_since(since) >= quiet {
                 break;
@@ -885,7 +994,7 @@ async fn serve(listener: TcpListener, groups: Arc<Groups>, requests: Arc<Request
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => {
-                requests.accepted();
+                requests.came();
                 accepted
             }
             Err(error) => {
@@ -942,7 +1051,12 @@ async fn serve_connection(
             };
             let handled = match handler {
                 Some(handler) => handler.handle(body).await.map(Some),
-                None => Ok(None),
+                None => {
+                    if !is_raft_traffic(&body) {
+                        requests.came();
+                    }
+                    Ok(None)
+                }
             };
             requests.in_flight.fetch_sub(1, Ordering::SeqCst);
             match handled? {
@@ -1336,6 +1450,211 @@ mod tests {
     /// after its request went out must not leave its late answer to be
     /// read as the next call's (a vote, or an AppendEntries success that
     /// made a leader count an entry a follower never had).
+    /// A peer that answers every request with `Forwarded(Ok(n))`, `n`
+    /// counting its requests from 1, the first answer after `first_delay`;
+    /// it closes a connection after each answer if `close_each`. Returns
+    /// its address and how many connections it accepted.
+    async fn forwarding_peer(
+        first_delay: Duration,
+        close_each: bool,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        let answered = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let answered = Arc::clone(&answered);
+                tokio::spawn(async move {
+                    while read_frame(&mut stream).await.is_ok() {
+                        let n = answered.fetch_add(1, Ordering::SeqCst) + 1;
+                        if n == 1 {
+                            tokio::time::sleep(first_delay).await;
+                        }
+                        let reply = RaftReply::Forwarded(Ok(encode(&n).unwrap()));
+                        let body = encode(&reply).unwrap();
+                        if write_frame(&mut stream, &[&[REPLY_OK], &body])
+                            .await
+                            .is_err()
+                            || close_each
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn read_index_request() -> Vec<u8> {
+        encode(&RaftRequest::<MetaTypes>::ReadIndex).unwrap()
+    }
+
+    async fn ask_number(
+        peers: &PeerConnections,
+        addr: &str,
+        ttl: Duration,
+    ) -> Result<u64, ForwardError> {
+        let answer = ask_leader(peers, addr, "meta", &read_index_request(), ttl).await?;
+        Ok(decode(&answer).unwrap())
+    }
+
+    #[tokio::test]
+    async fn requests_to_a_leader_share_one_connection() {
+        let (addr, accepted) = forwarding_peer(Duration::ZERO, false).await;
+        let peers = PeerConnections::new(None);
+        for n in 1..=5u64 {
+            let answer = ask_number(&peers, &addr, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(answer, n);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(peers.idle(&addr), 1);
+        // Requests at once take a connection each, and keep them all.
+        let ttl = Duration::from_secs(5);
+        let asked = tokio::join!(
+            ask_number(&peers, &addr, ttl),
+            ask_number(&peers, &addr, ttl),
+            ask_number(&peers, &addr, ttl),
+            ask_number(&peers, &addr, ttl),
+        );
+        assert!(asked.0.is_ok() && asked.1.is_ok() && asked.2.is_ok() && asked.3.is_ok());
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(peers.idle(&addr), 4);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_closed_is_not_used_again() {
+        let (addr, accepted) = forwarding_peer(Duration::ZERO, true).await;
+        let peers = PeerConnections::new(None);
+        for n in 1..=3u64 {
+            // The peer's close reaches this end before the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let answer = ask_number(&peers, &addr, Duration::from_secs(5)).await;
+            assert_eq!(
+                answer.unwrap(),
+                n,
+                "request {n} was sent on a closed connection"
+            );
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_request_not_answered_in_time_keeps_its_connection_from_the_next() {
+        let (addr, _) = forwarding_peer(Duration::from_millis(300), false).await;
+        let peers = PeerConnections::new(None);
+        let late = ask_number(&peers, &addr, Duration::from_millis(50)).await;
+        assert!(matches!(late, Err(ForwardError::Lost(_))), "{late:?}");
+        assert_eq!(peers.idle(&addr), 0);
+        let next = ask_number(&peers, &addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(next, 2, "the second request got the first one's answer");
+    }
+
+    #[test]
+    fn raft_traffic_is_told_from_other_requests_by_its_first_byte() {
+        let append = encode(&RaftRequest::<MetaTypes>::AppendEntries(request(
+            vec![entry(1, 3)],
+            1,
+        )))
+        .unwrap();
+        let vote = encode(&RaftRequest::<MetaTypes>::Vote(VoteRequest::new(
+            Vote::new(2, 1),
+            None,
+        )))
+        .unwrap();
+        assert!(is_raft_traffic(&append));
+        assert!(is_raft_traffic(&vote));
+        let others = [
+            RaftRequest::<MetaTypes>::Forward(Payload(Bytes::from_static(b"write"))),
+            RaftRequest::<MetaTypes>::ReadIndex,
+            RaftRequest::<MetaTypes>::Elect,
+            RaftRequest::<MetaTypes>::RemoveMember { node: 3 },
+            RaftRequest::<MetaTypes>::TransferLeader { to: 2 },
+            RaftRequest::<MetaTypes>::HoldElections { for_ms: 1 },
+        ];
+        for other in &others {
+            assert!(!is_raft_traffic(&encode(other).unwrap()));
+        }
+    }
+
+    /// A closed port lingers while writes forwarded to it keep coming on
+    /// a kept connection, and stops a quiet time after the last, however
+    /// many heartbeats it is still sent.
+    #[tokio::test]
+    async fn a_closed_port_lingers_while_forwarded_writes_come_on_a_kept_connection() {
+        let router = RaftRouter::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = router.addr().to_string();
+        let peers = PeerConnections::new(None);
+        // Opened before the port closes, as a forwarding node's would be.
+        let refused = ask_number(&peers, &addr, Duration::from_secs(5)).await;
+        assert!(
+            matches!(refused, Err(ForwardError::NotSent(_))),
+            "{refused:?}"
+        );
+        assert_eq!(peers.idle(&addr), 1);
+        let quiet = Duration::from_millis(300);
+        let forwarding_for = Duration::from_millis(900);
+        let started = tokio::time::Instant::now();
+        let stopping = {
+            let router = router.clone();
+            tokio::spawn(async move {
+                router
+                    .linger_then_shutdown(quiet, Duration::from_secs(10))
+                    .await;
+                started.elapsed()
+            })
+        };
+        let heartbeats = {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut stream = connect(&addr, None).await.unwrap();
+                let body = encode(&RaftRequest::<MetaTypes>::AppendEntries(request(
+                    Vec::new(),
+                    0,
+                )))
+                .unwrap();
+                loop {
+                    let sent =
+                        write_frame(&mut stream, &[&4u16.to_le_bytes(), b"meta", &body]).await;
+                    if sent.is_err() || read_frame(&mut stream).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        while started.elapsed() < forwarding_for {
+            let refused = ask_number(&peers, &addr, Duration::from_secs(5)).await;
+            assert!(
+                matches!(refused, Err(ForwardError::NotSent(_))),
+                "{refused:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            peers.idle(&addr),
+            1,
+            "the refusals came on the kept connection"
+        );
+        let lingered = stopping.await.unwrap();
+        assert!(
+            lingered >= forwarding_for && lingered < forwarding_for + Duration::from_secs(2),
+            "lingered {lingered:?}: it stopped while writes still came, or waited on heartbeats"
+        );
+        heartbeats.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_call_dropped_midway_never_hands_its_answer_to_the_next() {
         let addr = numbering_peer().await;

@@ -327,10 +327,10 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         let proposed = self.raft.client_write_ff(data.clone()).await;
         let raft = self.raft.clone();
         let group = self.group.clone();
-        let source = self.router.source();
+        let peers = self.router.peers().clone();
         async move {
             let first = proposed.map_err(|fatal| NodeError::Stopped(fatal.to_string()))?;
-            write_until(raft, group, source, data, deadline, Some(first)).await
+            write_until(raft, group, &peers, data, deadline, Some(first)).await
         }
     }
 
@@ -387,8 +387,8 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                 match leader {
                     Leader::Here => self.change_voters(voters).await,
                     Leader::At { addr, ttl } => crate::network::change_voters_at::<C>(
+                        self.router.peers(),
                         &addr,
-                        self.router.source(),
                         &self.group,
                         voters,
                         ttl,
@@ -413,8 +413,8 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                     .await
                     .map_err(write_error),
                 Leader::At { addr: at, ttl } => crate::network::readmit_at::<C>(
+                    self.router.peers(),
                     &at,
-                    self.router.source(),
                     &self.group,
                     node,
                     addr,
@@ -442,8 +442,8 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                     .await
                     .map_err(write_error),
                 Leader::At { addr, ttl } => crate::network::remove_member_at::<C>(
+                    self.router.peers(),
                     &addr,
-                    self.router.source(),
                     &self.group,
                     node,
                     ttl,
@@ -476,14 +476,14 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                     &self.raft,
                     &self.gate,
                     &self.group,
-                    self.router.source(),
+                    self.router.peers(),
                     to,
                 )
                 .await
                 .map_err(|error| NodeError::Stopped(error.to_string())),
                 Leader::At { addr, ttl } => crate::network::transfer_leader_at::<C>(
+                    self.router.peers(),
                     &addr,
-                    self.router.source(),
                     &self.group,
                     to,
                     ttl,
@@ -517,8 +517,8 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
                         Err(error) => Err(NodeError::Stopped(error.to_string())),
                     },
                     Leader::At { addr, ttl } => crate::network::read_index_at::<C>(
+                        self.router.peers(),
                         &addr,
-                        self.router.source(),
                         &self.group,
                         ttl,
                     )
@@ -681,7 +681,7 @@ pub struct GroupStatus {
 async fn write_until<C: GroupTypes>(
     raft: Raft<C>,
     group: String,
-    source: Option<std::net::IpAddr>,
+    peers: &crate::network::PeerConnections,
     data: C::D,
     deadline: tokio::time::Instant,
     mut first: Option<<C::Responder as openraft::raft::responder::Responder<C>>::Receiver>,
@@ -716,7 +716,7 @@ where
                     addr: Some(addr), ..
                 } => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match crate::network::forward::<C>(&addr, source, &group, &data, left).await {
+                    match crate::network::forward::<C>(peers, &addr, &group, &data, left).await {
                         Ok(response) => return Ok(response),
                         Err(ForwardError::Refused(ForwardRefusal::NotLeader { leader, addr })) => {
                             NodeError::NotLeader { leader, addr }

@@ -35,7 +35,7 @@ use std::time::Duration;
 use openraft::Raft;
 use tokio::sync::Notify;
 
-use crate::network::{ask_leader_to, ForwardError, GroupTypes, RaftRequest};
+use crate::network::{ask_leader_to, ForwardError, GroupTypes, PeerConnections, RaftRequest};
 use crate::NodeId;
 
 /// The longest a transfer holds a group's writes.
@@ -135,7 +135,7 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
     raft: &Raft<C>,
     gate: &Arc<WriteGate>,
     group: &str,
-    source: Option<std::net::IpAddr>,
+    peers: &PeerConnections,
     to: NodeId,
 ) -> Result<(), TransferError> {
     let me = raft.metrics().borrow().id;
@@ -184,7 +184,7 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
         .collect();
     for (id, addr) in &others {
         let request = RaftRequest::<C>::HoldElections { for_ms: hold_ms };
-        if let Err(error) = ask(&request, addr, source, group).await {
+        if let Err(error) = ask(&request, addr, peers, group).await {
             tracing::warn!(
                 group,
                 node = id,
@@ -199,13 +199,13 @@ pub(crate) async fn transfer_leader<C: GroupTypes>(
         gate: Arc::clone(gate),
         others: others.iter().map(|(_, addr)| addr.clone()).collect(),
         group: group.to_string(),
-        source,
+        peers: peers.clone(),
     };
     raft.runtime_config().heartbeat(false);
     hold_elections(raft, gate, hold);
     async {
         tokio::time::sleep(lease + Duration::from_millis(50)).await;
-        ask(&RaftRequest::<C>::Elect, &target, source, group)
+        ask(&RaftRequest::<C>::Elect, &target, peers, group)
             .await
             .map_err(|error| {
                 TransferError::Failed(format!("node {to} did not call an election: {error:?}"))
@@ -236,23 +236,23 @@ struct Restore<C: GroupTypes> {
     gate: Arc<WriteGate>,
     others: Vec<String>,
     group: String,
-    source: Option<std::net::IpAddr>,
+    peers: PeerConnections,
 }
 
 impl<C: GroupTypes> Drop for Restore<C> {
     fn drop(&mut self) {
         self.raft.runtime_config().heartbeat(true);
         hold_elections(&self.raft, &self.gate, Duration::ZERO);
-        let (others, group, source) = (
+        let (others, group, peers) = (
             std::mem::take(&mut self.others),
             std::mem::take(&mut self.group),
-            self.source,
+            self.peers.clone(),
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 for addr in &others {
                     let request = RaftRequest::<C>::HoldElections { for_ms: 0 };
-                    let _ = ask(&request, addr, source, &group).await;
+                    let _ = ask(&request, addr, &peers, &group).await;
                 }
             });
         }
@@ -287,10 +287,10 @@ async fn caught_up<C: GroupTypes>(raft: &Raft<C>, to: NodeId) -> Result<(), Tran
 async fn ask<C: GroupTypes>(
     request: &RaftRequest<C>,
     addr: &str,
-    source: Option<std::net::IpAddr>,
+    peers: &PeerConnections,
     group: &str,
 ) -> Result<(), ForwardError> {
-    ask_leader_to(addr, source, group, request, Duration::from_secs(2)).await
+    ask_leader_to(peers, addr, group, request, Duration::from_secs(2)).await
 }
 
 #[cfg(test)]
