@@ -5,7 +5,10 @@
 //! for a partition group ([`crate::partition`]). Every change is an
 //! operation appended to a CRC-framed journal and fsynced before openraft
 //! is told it is done: a row, a truncation of the uncommitted tail, a
-//! purge of the applied head, the vote and the committed log id. Opening
+//! purge of the applied head, the vote and the committed log id; except
+//! a partition's rows of record batches, which an open can rebuild from
+//! the batches (`RowJournal::write_unsynced`, `LogOp::RebuildTail`),
+//! and which the next synced operation makes durable. Opening
 //! replays the operations; a torn tail (a crash in the middle of a write)
 //! is cut by the journal, and whatever was cut was never reported
 //! durable. When dead operations outnumber live ones the journal is
@@ -27,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use dmq_dispatcher::storage::{FileJournal, Journal};
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{LogId, LogState, RaftLogReader, StorageIOError, Vote};
+use openraft::{CommittedLeaderId, LogId, LogState, RaftLogReader, StorageIOError, Vote};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +63,9 @@ pub(crate) enum LogOp<R> {
     /// Entries up to this log id are gone (applied and in a snapshot); the
     /// last of them is kept aside.
     Purge(LogId<NodeId>, Option<R>),
+    /// Whether rows lost in a crash may be rebuilt from what they name,
+    /// and the leader id they carry: see [`RowJournal::rebuild_tail`].
+    RebuildTail(Option<CommittedLeaderId<NodeId>>),
 }
 
 /// A group's rows, vote and committed id, durable in one journal.
@@ -72,13 +78,26 @@ pub(crate) struct RowJournal<R> {
     pub(crate) last_purged: Option<LogId<NodeId>>,
     /// The last row purged (a partition needs the log end it names).
     pub(crate) last_purged_row: Option<R>,
+    /// `Some(leader)`: rows appended without a sync
+    /// ([`RowJournal::write_unsynced`]) and lost in a crash may be rebuilt
+    /// from the partition log at open, each under this leader id, their
+    /// indexes following the last row kept (`crate::partition` upholds
+    /// it). `None`: records past the last row are cut at open. Changed
+    /// only by synced operations (set, or cleared by a truncation), so the
+    /// value in memory is always the durable one.
+    pub(crate) rebuild_tail: Option<CommittedLeaderId<NodeId>>,
     /// Operations in the journal since it was last rewritten.
     ops: usize,
+    /// Operations appended since the last sync.
+    unsynced: usize,
 }
 
 /// Rewrite the journal when it holds more than this many operations
 /// beyond twice the live rows.
 const REWRITE_SLACK: usize = 1_024;
+
+/// Rows [`RowJournal::write_unsynced`] lets wait for a sync, at most.
+const UNSYNCED_MAX: usize = 4_096;
 
 impl<R: Row> RowJournal<R> {
     /// Opens (creating if needed) the journal file at `path`.
@@ -100,7 +119,9 @@ impl<R: Row> RowJournal<R> {
             committed: None,
             last_purged: None,
             last_purged_row: None,
+            rebuild_tail: None,
             ops: payloads.len(),
+            unsynced: 0,
         };
         for payload in payloads {
             let op: LogOp<R> = serde_json::from_slice(&payload)
@@ -119,7 +140,9 @@ impl<R: Row> RowJournal<R> {
             }
             LogOp::Truncate(index) => {
                 self.rows.split_off(&index);
+                self.rebuild_tail = None;
             }
+            LogOp::RebuildTail(leader) => self.rebuild_tail = leader,
             LogOp::Purge(log_id, last) => {
                 let kept = self.rows.split_off(&(log_id.index + 1));
                 let purged = std::mem::replace(&mut self.rows, kept);
@@ -141,9 +164,32 @@ impl<R: Row> RowJournal<R> {
             self.journal.append(&payload);
         }
         self.journal.sync().map_err(std::io::Error::other)?;
+        self.unsynced = 0;
         self.ops += ops.len();
         for op in ops {
             self.apply(op);
+        }
+        Ok(())
+    }
+
+    /// Appends rows to the journal without a sync (the next synced write
+    /// makes them durable; every [`UNSYNCED_MAX`] a sync comes anyway)
+    /// and applies them in memory. Only for rows a crash may lose because
+    /// they can be rebuilt ([`RowJournal::rebuild_tail`]).
+    pub(crate) fn write_unsynced(&mut self, rows: Vec<R>) -> Result<(), std::io::Error> {
+        for row in &rows {
+            let payload =
+                serde_json::to_vec(&LogOp::Entry(row.clone())).map_err(std::io::Error::other)?;
+            self.journal.append(&payload);
+        }
+        self.unsynced += rows.len();
+        self.ops += rows.len();
+        for row in rows {
+            self.apply(LogOp::Entry(row));
+        }
+        if self.unsynced >= UNSYNCED_MAX {
+            self.journal.sync().map_err(std::io::Error::other)?;
+            self.unsynced = 0;
         }
         Ok(())
     }
@@ -172,6 +218,9 @@ impl<R: Row> RowJournal<R> {
         }
         for row in self.rows.values() {
             push(&LogOp::Entry(row.clone())).map_err(std::io::Error::other)?;
+        }
+        if self.rebuild_tail.is_some() {
+            push(&LogOp::RebuildTail(self.rebuild_tail)).map_err(std::io::Error::other)?;
         }
         self.journal.rewrite(&ops).map_err(std::io::Error::other)?;
         self.ops = ops.len();

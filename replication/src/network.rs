@@ -10,7 +10,7 @@
 //! [`TcpNetworkFactory`]: one connection per peer and group, opened on
 //! first use and again after any error. Requests that are not Raft's own
 //! (a forwarded write, a read index, a membership change) go through the
-//! node's [`PeerConnections`], connections kept open between requests.
+//! node's `PeerConnections`, connections kept open between requests.
 //!
 //! Hostile or broken input: a frame longer than [`MAX_FRAME_BYTES`], a
 //! group name past the frame's end, or a request that does not decode

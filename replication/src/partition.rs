@@ -19,9 +19,17 @@
 //!    ([`Log::append_stored_deferred`]) and
 //!    refuses a batch whose base offset is not its log's end (a diverged
 //!    replica is an error, never a silent second numbering).
-//! 3. Before openraft hears an append is done, the batch is fsynced and
-//!    then its row; a crash between the two leaves a batch with no row,
-//!    cut at the next open. A row therefore never names missing data.
+//! 3. Before openraft hears an append is done, the batch is fsynced; its
+//!    row is written after, and synced with the journal's next synced
+//!    write (`RowJournal::write_unsynced`). A row therefore never names
+//!    missing data. A crash may take rows of batches: the next open
+//!    rebuilds them from the batches past the last row kept, one entry
+//!    per batch, indexes following that row, under the leader id the
+//!    journal's `RebuildTail` names. Exact because a batch goes to the
+//!    log only once the journal durably names its leader id and every row
+//!    before it is kept or names a batch of its own (`ready_for_batch`).
+//!    A truncation clears the name: a batch left past the rows then (a
+//!    crash between the journal's truncation and the log's) is cut.
 //! 4. Truncation (a tail the new leader does not have) writes the row
 //!    journal's truncation first, then cuts the closed log back
 //!    ([`dmq_log_store::truncate_closed_log`]) and reopens it.
@@ -394,6 +402,13 @@ impl Row for EntryRow {
     }
 }
 
+impl EntryRow {
+    /// Whether the row names a batch of its own in the partition log.
+    fn names_records(&self) -> bool {
+        matches!(self.kind, RowKind::Records { .. })
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     rows: RowJournal<EntryRow>,
@@ -421,6 +436,10 @@ struct Inner {
     recent: RecentEntries,
     /// Idempotent producers' batches lately appended, to find a retry.
     producer_batches: ProducerBatches,
+    /// Tests: the next append stops (as a crash would) once its batches
+    /// are written, before its last rows are.
+    #[cfg(test)]
+    crash_before_rows: bool,
 }
 
 /// The idempotent producers' batches lately appended to a replica's log,
@@ -647,7 +666,7 @@ impl Inner {
                 self.next_offset, repair.to
             )));
         }
-        let mut rows = Vec::with_capacity(entries.len());
+        let mut rows: Vec<EntryRow> = Vec::with_capacity(entries.len());
         let mut last: Option<AppendInfo> = None;
         for entry in entries {
             let kind = match entry.payload {
@@ -680,6 +699,7 @@ impl Inner {
                     if let Some(kind) = self.duplicate(entry.log_id.index, &batch) {
                         kind
                     } else {
+                        self.ready_for_batch(entry.log_id.leader_id, &mut rows, &last)?;
                         let (info, producer) = match (&batch.stored, batch.timestamp_ms) {
                             // A batch as the leader stored it: the same
                             // bytes here, checked once (by its decode).
@@ -726,18 +746,121 @@ impl Inner {
                 EntryPayload::Blank => RowKind::Blank,
                 EntryPayload::Membership(membership) => RowKind::Membership(membership),
             };
-            rows.push(LogOp::Entry(EntryRow {
+            rows.push(EntryRow {
                 log_id: entry.log_id,
                 kind,
                 end_offset: self.next_offset,
-            }));
+            });
+        }
+        #[cfg(test)]
+        if self.crash_before_rows {
+            return Err(io_error("a crash (test)".to_string()));
         }
         if let Some(info) = &last {
             self.log()?
                 .wait_durable(info)
                 .map_err(std::io::Error::other)?;
         }
-        self.rows.write(rows)
+        if rows.iter().all(EntryRow::names_records) {
+            // Each under the leader id `rebuild_tail` names
+            // (`ready_for_batch`): a crash may lose them.
+            self.rows.write_unsynced(rows)
+        } else {
+            self.rows
+                .write(rows.into_iter().map(LogOp::Entry).collect())
+        }
+    }
+
+    /// Called before a batch of an entry of leader `leader` goes to the
+    /// log, `rows` being the rows of this append not yet in the journal
+    /// and `last` its last batch appended so far. Upholds what
+    /// `rebuild_lost_rows` relies on: every batch past the rows the
+    /// journal keeps was appended while `rebuild_tail` named its leader,
+    /// and every row before it is kept or names one of those batches.
+    /// Nothing to do while that holds already (the usual case: one more
+    /// batch of the same leader); otherwise the append's batches so far
+    /// are made durable, then its rows and the new leader id, with one
+    /// journal sync.
+    fn ready_for_batch(
+        &mut self,
+        leader: openraft::CommittedLeaderId<NodeId>,
+        rows: &mut Vec<EntryRow>,
+        last: &Option<AppendInfo>,
+    ) -> Result<(), std::io::Error> {
+        let same_leader = self.rows.rebuild_tail == Some(leader);
+        if same_leader && rows.iter().all(EntryRow::names_records) {
+            return Ok(());
+        }
+        if let Some(info) = last {
+            self.log()?
+                .wait_durable(info)
+                .map_err(std::io::Error::other)?;
+        }
+        let mut ops: Vec<LogOp<EntryRow>> = rows.drain(..).map(LogOp::Entry).collect();
+        if !same_leader {
+            ops.push(LogOp::RebuildTail(Some(leader)));
+        }
+        self.rows.write(ops)
+    }
+
+    /// At open: gives the batches past the last row kept the rows a crash
+    /// took from them ([`RowJournal::write_unsynced`] leaves a batch's row
+    /// unsynced once the batch is durable), if the journal says they can
+    /// be rebuilt (`rebuild_tail`): one entry per batch, the indexes
+    /// following the last row, under the leader id it names. They are
+    /// written durably; batches past a gap in them are left to be cut.
+    /// Returns how many rows came back.
+    fn rebuild_lost_rows(&mut self) -> Result<usize, std::io::Error> {
+        let Some(leader) = self.rows.rebuild_tail else {
+            return Ok(0);
+        };
+        let rows_end = self
+            .rows
+            .rows
+            .values()
+            .next_back()
+            .or(self.rows.last_purged_row.as_ref())
+            .map_or(0, |row| row.end_offset);
+        let last = self.rows.log_state::<PartitionTypes>().last_log_id;
+        let Some(last) = last.filter(|_| rows_end >= self.snapshot_end) else {
+            return Ok(0);
+        };
+        let mut rebuilt = Vec::new();
+        let mut offset = rows_end;
+        let log = self.log()?;
+        'scan: while offset < self.next_offset {
+            let batches = log.read(offset, 1 << 20).map_err(std::io::Error::other)?;
+            if batches.is_empty() {
+                break;
+            }
+            for batch in batches {
+                let header = batch.header();
+                if header.base_offset != offset {
+                    break 'scan;
+                }
+                rebuilt.push(EntryRow {
+                    log_id: LogId::new(leader, last.index + 1 + rebuilt.len() as u64),
+                    kind: RowKind::Records {
+                        base_offset: header.base_offset,
+                        count: header.record_count,
+                    },
+                    end_offset: header.next_offset(),
+                });
+                offset = header.next_offset();
+            }
+        }
+        let count = rebuilt.len();
+        if count > 0 {
+            tracing::info!(
+                count,
+                from = rows_end,
+                to = offset,
+                "rebuilt the Raft rows of partition records a crash left without them"
+            );
+            self.rows
+                .write(rebuilt.into_iter().map(LogOp::Entry).collect())?;
+        }
+        Ok(count)
     }
 
     /// At open: the idempotent batches of the rows past the committed
@@ -924,6 +1047,8 @@ impl PartitionRaftLog {
             snapshot_end,
             recent: RecentEntries::default(),
             producer_batches: ProducerBatches::default(),
+            #[cfg(test)]
+            crash_before_rows: false,
         };
         if let Some(from) = damaged_from.filter(|&from| from < inner.next_offset) {
             tracing::warn!(
@@ -936,6 +1061,7 @@ impl PartitionRaftLog {
         if marked.is_some() {
             crate::scrub::clear_marked_damage(dir).map_err(|e| fail(&e))?;
         }
+        inner.rebuild_lost_rows().map_err(|e| fail(&e))?;
         let expected = inner.row_end();
         if inner.next_offset > expected {
             tracing::warn!(
@@ -1838,13 +1964,23 @@ mod tests {
     fn a_batch_appended_without_its_row_is_cut_at_open() {
         let dir = tempfile::tempdir().expect("dir");
         {
-            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+            let mut log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
             log.lock()
-                .append(vec![normal(1, &["a", "b"]), normal(2, &["c"])])
+                .append(vec![
+                    normal(1, &["a", "b"]),
+                    normal(2, &["c"]),
+                    normal(3, &["x"]),
+                ])
                 .expect("append");
+            // A new leader's log has no entry 3: the tail is truncated, and
+            // until an entry comes no row may be rebuilt.
+            let leader = CommittedLeaderId::new(1, 1);
+            rt().block_on(log.truncate(LogId::new(leader, 3)))
+                .expect("truncate");
             assert_eq!(log.end_offset(), 3);
+            assert_eq!(log.lock().rows.rebuild_tail, None);
         }
-        // A crash after the batch reached the log, before its row did.
+        // A crash after a batch reached the log, before its row did.
         {
             let raw = Log::open(dir.path().join("log"), LogConfig::default()).expect("raw");
             raw.append(&BatchInput::new(vec![RecordInput::new("orphan")]))
@@ -1866,6 +2002,210 @@ mod tests {
         // The next entry continues at the cut.
         log.lock().append(vec![normal(3, &["d"])]).expect("append");
         assert_eq!(log.end_offset(), 4);
+    }
+
+    /// An entry of `term`'s leader (node 1) carrying `values`.
+    fn batch_of(term: u64, index: u64, values: &[&str]) -> PartitionEntry {
+        let mut entry = normal(index, values);
+        entry.log_id = LogId::new(CommittedLeaderId::new(term, 1), index);
+        entry
+    }
+
+    fn blank_of(term: u64, index: u64) -> PartitionEntry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    type RowsSeen = (Vec<(LogId<NodeId>, String, u64)>, u64);
+
+    /// Every row, as (log id, kind, log end), and the log's end.
+    fn rows_of(log: &PartitionRaftLog) -> RowsSeen {
+        let inner = log.lock();
+        let rows = inner
+            .rows
+            .rows
+            .values()
+            .map(|row| (row.log_id, format!("{:?}", row.kind), row.end_offset))
+            .collect();
+        (rows, inner.next_offset)
+    }
+
+    #[test]
+    fn rows_a_crash_took_are_rebuilt_from_their_batches() {
+        let dir = tempfile::tempdir().expect("dir");
+        let before = {
+            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("open");
+            let mut inner = log.lock();
+            inner.append(vec![blank_of(1, 1)]).expect("append");
+            inner
+                .append(vec![batch_of(1, 2, &["a", "b"]), batch_of(1, 3, &["c"])])
+                .expect("append");
+            // A row of no records among batches, then a new leader's.
+            inner
+                .append(vec![
+                    batch_of(1, 4, &["d"]),
+                    blank_of(2, 5),
+                    batch_of(2, 6, &["e", "f"]),
+                ])
+                .expect("append");
+            inner.append(vec![batch_of(2, 7, &["g"])]).expect("append");
+            drop(inner);
+            rows_of(&log)
+            // Dropped with rows unsynced: a crash.
+        };
+        assert_eq!(before.0.len(), 7);
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        assert_eq!(rows_of(&log), before);
+        assert_eq!(log.missing(), None);
+        let values: Vec<Bytes> = log
+            .records(0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|r| r.value)
+            .collect();
+        assert_eq!(values.len(), 7);
+        // Rebuilt rows are kept: another crash finds them.
+        log.lock()
+            .append(vec![batch_of(2, 8, &["h"])])
+            .expect("append");
+        let after = rows_of(&log);
+        drop(log);
+        let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+        assert_eq!(rows_of(&log), after);
+    }
+
+    /// One step of [`a_crash_after_any_appends_loses_no_row`]'s history.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Entries appended in one call: each a batch of this many records
+        /// (0: a blank), all of the current leader or the first of a new
+        /// one.
+        Append { sizes: Vec<u8>, new_leader: bool },
+        /// The tail from `back` entries before the end is truncated, and a
+        /// new leader follows.
+        Truncate { back: u8 },
+        /// The rows made durable (a committed id or a vote saved).
+        Sync,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (proptest::collection::vec(0u8..4, 1..5), proptest::bool::weighted(0.2))
+                .prop_map(|(sizes, new_leader)| Step::Append { sizes, new_leader }),
+            1 => (1u8..4).prop_map(|back| Step::Truncate { back }),
+            1 => Just(Step::Sync),
+        ]
+    }
+
+    /// Runs `steps` on a new log in `dir`; with `crash_in_last`, the last
+    /// append stops as a crash would once its batches are written. Returns
+    /// the rows after the last step that returned, and the log.
+    fn run_steps(dir: &Path, steps: &[Step], crash_in_last: bool) -> (RowsSeen, PartitionRaftLog) {
+        let mut log = PartitionRaftLog::open(dir, LogConfig::default()).expect("open");
+        let (mut term, mut next) = (1u64, 1u64);
+        // A group's first entry: no records.
+        log.lock()
+            .append(vec![blank_of(term, next)])
+            .expect("append");
+        next += 1;
+        let mut returned = rows_of(&log);
+        let last_append = steps
+            .iter()
+            .rposition(|step| matches!(step, Step::Append { .. }));
+        for (i, step) in steps.iter().cloned().enumerate() {
+            match step {
+                Step::Append { sizes, new_leader } => {
+                    if new_leader {
+                        term += 1;
+                    }
+                    let entries = sizes
+                        .iter()
+                        .map(|&size| {
+                            let index = next;
+                            next += 1;
+                            if size == 0 {
+                                blank_of(term, index)
+                            } else {
+                                let values: Vec<String> =
+                                    (0..size).map(|i| format!("{index}.{i}")).collect();
+                                let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                                batch_of(term, index, &values)
+                            }
+                        })
+                        .collect();
+                    if crash_in_last && Some(i) == last_append {
+                        log.lock().crash_before_rows = true;
+                        log.lock().append(entries).expect_err("crashed");
+                        return (returned, log);
+                    }
+                    log.lock().append(entries).expect("append");
+                }
+                Step::Truncate { back } => {
+                    let from = next.saturating_sub(u64::from(back)).max(2);
+                    if from < next {
+                        rt().block_on(
+                            log.truncate(LogId::new(CommittedLeaderId::new(term, 1), from)),
+                        )
+                        .expect("truncate");
+                        next = from;
+                        term += 1;
+                    }
+                }
+                Step::Sync => sync_rows(&log),
+            }
+            returned = rows_of(&log);
+        }
+        (returned, log)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever appends, truncations and syncs came before, a crash
+        /// after the last append returned loses no row and no record.
+        #[test]
+        fn a_crash_after_any_appends_loses_no_row(
+            steps in proptest::collection::vec(step(), 1..12)
+        ) {
+            let dir = tempfile::tempdir().expect("dir");
+            let (before, log) = run_steps(dir.path(), &steps, false);
+            drop(log);
+            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+            proptest::prop_assert_eq!(rows_of(&log), before);
+            proptest::prop_assert_eq!(log.missing(), None);
+        }
+
+        /// A crash in the middle of an append (its batches written, its
+        /// last rows not) keeps every row of the appends before it, and
+        /// rows of its own entries only as they are (log id, kind, log
+        /// end), as a twin log that ran the same steps without the crash
+        /// has them: never a batch under another entry's log id.
+        #[test]
+        fn a_crash_in_an_append_gives_no_batch_another_entrys_log_id(
+            steps in proptest::collection::vec(step(), 1..12)
+        ) {
+            let dir = tempfile::tempdir().expect("dir");
+            let twin_dir = tempfile::tempdir().expect("dir");
+            let (before, log) = run_steps(dir.path(), &steps, true);
+            drop(log);
+            // The twin stops where the crash did: after the last append.
+            let upto = steps
+                .iter()
+                .rposition(|step| matches!(step, Step::Append { .. }))
+                .map_or(steps.len(), |last| last + 1);
+            let (whole, _twin) = run_steps(twin_dir.path(), &steps[..upto], false);
+            let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
+            let (rows, end) = rows_of(&log);
+            proptest::prop_assert!(rows.len() >= before.0.len());
+            proptest::prop_assert_eq!(&rows[..before.0.len()], &before.0[..]);
+            proptest::prop_assert!(rows.len() <= whole.0.len());
+            proptest::prop_assert_eq!(&rows[..], &whole.0[..rows.len()]);
+            proptest::prop_assert_eq!(end, rows.last().map_or(0, |row| row.2));
+            proptest::prop_assert_eq!(log.missing(), None);
+        }
     }
 
     /// The values of the records an entry read back carries.
@@ -2141,7 +2481,16 @@ mod tests {
             };
             follower.lock().append(vec![sent]).expect("append");
         }
+        // Their rows made durable, as the next synced write (the
+        // committed id, the vote) does.
+        sync_rows(&leader);
+        sync_rows(&follower);
         (leader_dir, leader, follower_dir)
+    }
+
+    /// Makes every row appended so far durable.
+    fn sync_rows(log: &PartitionRaftLog) {
+        log.lock().rows.write(Vec::new()).expect("sync");
     }
 
     /// Removes the active segment's checkpoints, as a crash leaves it (the
