@@ -1989,19 +1989,22 @@ mod tests {
         }
         let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
         assert_eq!(log.end_offset(), 3);
-        let values: Vec<Bytes> = log
-            .records(0, 10)
-            .expect("read")
-            .into_iter()
-            .map(|r| r.value)
-            .collect();
         assert_eq!(
-            values,
+            values_stored(&log),
             vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("c")]
         );
         // The next entry continues at the cut.
         log.lock().append(vec![normal(3, &["d"])]).expect("append");
         assert_eq!(log.end_offset(), 4);
+    }
+
+    /// The values of the log's first ten records.
+    fn values_stored(log: &PartitionRaftLog) -> Vec<Bytes> {
+        log.records(0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|r| r.value)
+            .collect()
     }
 
     /// An entry of `term`'s leader (node 1) carrying `values`.
@@ -2059,13 +2062,7 @@ mod tests {
         let log = PartitionRaftLog::open(dir.path(), LogConfig::default()).expect("reopen");
         assert_eq!(rows_of(&log), before);
         assert_eq!(log.missing(), None);
-        let values: Vec<Bytes> = log
-            .records(0, 10)
-            .expect("read")
-            .into_iter()
-            .map(|r| r.value)
-            .collect();
-        assert_eq!(values.len(), 7);
+        assert_eq!(values_stored(&log).len(), 7);
         // Rebuilt rows are kept: another crash finds them.
         log.lock()
             .append(vec![batch_of(2, 8, &["h"])])
