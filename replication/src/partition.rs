@@ -808,8 +808,9 @@ impl Inner {
     /// unsynced once the batch is durable), if the journal says they can
     /// be rebuilt (`rebuild_tail`): one entry per batch, the indexes
     /// following the last row, under the leader id it names. They are
-    /// written durably; batches past a gap in them are left to be cut.
-    /// Returns how many rows came back.
+    /// written durably; batches past a gap in them, or past one that
+    /// cannot be read, are left to be cut. Returns how many rows came
+    /// back.
     fn rebuild_lost_rows(&mut self) -> Result<usize, std::io::Error> {
         let Some(leader) = self.rows.rebuild_tail else {
             return Ok(0);
@@ -829,10 +830,16 @@ impl Inner {
         let mut offset = rows_end;
         let log = self.log()?;
         'scan: while offset < self.next_offset {
-            let batches = log.read(offset, 1 << 20).map_err(std::io::Error::other)?;
-            if batches.is_empty() {
-                break;
-            }
+            // A batch that cannot be read ends the rows rebuilt: it and
+            // what follows are cut below, as a batch without a row was.
+            let batches = match log.read(offset, 1 << 20) {
+                Ok(batches) if !batches.is_empty() => batches,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(offset, %error, "a batch past the rows cannot be read");
+                    break;
+                }
+            };
             for batch in batches {
                 let header = batch.header();
                 if header.base_offset != offset {
