@@ -159,16 +159,9 @@ impl<R: Row> RowJournal<R> {
     /// Appends `ops` to the journal and makes them durable, then applies
     /// them in memory.
     pub(crate) fn write(&mut self, ops: Vec<LogOp<R>>) -> Result<(), std::io::Error> {
-        for op in &ops {
-            let payload = serde_json::to_vec(op).map_err(std::io::Error::other)?;
-            self.journal.append(&payload);
-        }
-        self.journal.sync().map_err(std::io::Error::other)?;
-        self.unsynced = 0;
-        self.ops += ops.len();
-        for op in ops {
-            self.apply(op);
-        }
+        self.append_ops(&ops)?;
+        self.sync()?;
+        self.apply_all(ops);
         Ok(())
     }
 
@@ -177,21 +170,39 @@ impl<R: Row> RowJournal<R> {
     /// and applies them in memory. Only for rows a crash may lose because
     /// they can be rebuilt ([`RowJournal::rebuild_tail`]).
     pub(crate) fn write_unsynced(&mut self, rows: Vec<R>) -> Result<(), std::io::Error> {
-        for row in &rows {
-            let payload =
-                serde_json::to_vec(&LogOp::Entry(row.clone())).map_err(std::io::Error::other)?;
-            self.journal.append(&payload);
-        }
-        self.unsynced += rows.len();
-        self.ops += rows.len();
-        for row in rows {
-            self.apply(LogOp::Entry(row));
-        }
+        let ops: Vec<LogOp<R>> = rows.into_iter().map(LogOp::Entry).collect();
+        self.append_ops(&ops)?;
+        self.unsynced += ops.len();
+        self.apply_all(ops);
         if self.unsynced >= UNSYNCED_MAX {
-            self.journal.sync().map_err(std::io::Error::other)?;
-            self.unsynced = 0;
+            self.sync()?;
         }
         Ok(())
+    }
+
+    /// Appends `ops` to the journal's pending bytes (durable at the next
+    /// sync).
+    fn append_ops(&mut self, ops: &[LogOp<R>]) -> Result<(), std::io::Error> {
+        for op in ops {
+            let payload = serde_json::to_vec(op).map_err(std::io::Error::other)?;
+            self.journal.append(&payload);
+        }
+        Ok(())
+    }
+
+    /// Makes every operation appended so far durable.
+    fn sync(&mut self) -> Result<(), std::io::Error> {
+        self.journal.sync().map_err(std::io::Error::other)?;
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Applies operations now in the journal to the state in memory.
+    fn apply_all(&mut self, ops: Vec<LogOp<R>>) {
+        self.ops += ops.len();
+        for op in ops {
+            self.apply(op);
+        }
     }
 
     /// Purges rows up to `log_id`, durably, and rewrites the journal with

@@ -392,26 +392,32 @@ pub(crate) async fn ask_leader(
         .await?;
         decode_reply(&read_frame(&mut stream).await?)
     };
-    let answered = tokio::time::timeout(ttl, exchange).await;
-    let whole = matches!(&answered, Ok(Ok(RaftReply::Forwarded(_))))
-        || matches!(&answered, Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound);
+    // Each outcome, and whether its answer was read whole (the connection
+    // then serves the next request).
+    let (outcome, whole) = match tokio::time::timeout(ttl, exchange).await {
+        Ok(Ok(RaftReply::Forwarded(Ok(response)))) => (Ok(response), true),
+        Ok(Ok(RaftReply::Forwarded(Err(refusal)))) => (Err(ForwardError::Refused(refusal)), true),
+        // An unknown group proposes nothing.
+        Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound => {
+            (Err(ForwardError::NotSent(error)), true)
+        }
+        Ok(Ok(_)) => (
+            Err(ForwardError::Lost(invalid("reply of another kind"))),
+            false,
+        ),
+        Ok(Err(error)) => (Err(ForwardError::Lost(error)), false),
+        Err(_) => (
+            Err(ForwardError::Lost(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the leader did not answer in time",
+            ))),
+            false,
+        ),
+    };
     if whole {
         peers.give_back(addr, stream);
     }
-    match answered {
-        Ok(Ok(RaftReply::Forwarded(Ok(response)))) => Ok(response),
-        Ok(Ok(RaftReply::Forwarded(Err(refusal)))) => Err(ForwardError::Refused(refusal)),
-        // An unknown group proposes nothing.
-        Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound => {
-            Err(ForwardError::NotSent(error))
-        }
-        Ok(Ok(_)) => Err(ForwardError::Lost(invalid("reply of another kind"))),
-        Ok(Err(error)) => Err(ForwardError::Lost(error)),
-        Err(_) => Err(ForwardError::Lost(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the leader did not answer in time",
-        ))),
-    }
+    outcome
 }
 
 /// Idle connections kept per peer address, at most: as many as writes
@@ -428,12 +434,14 @@ const IDLE_CONNECTIONS_PER_PEER: usize = 64;
 /// every forwarded produce, and left a socket in TIME_WAIT for a minute
 /// after each: Linux reuses those on loopback only, so a follower
 /// forwarding more than about 470 writes a second to a leader on another
-/// host would run out of ephemeral ports (28,232 by default). A connection is taken back only
-/// after its whole answer was read, and is checked before it is reused:
-/// one the peer closed meanwhile (it stopped or restarted) is dropped
-/// and another opened, so a request is not sent on a connection known
-/// dead. One closed after the check is a lost answer, as when the peer
-/// dies during a request on a new connection.
+/// host would run out of ephemeral ports (28,232 by default).
+///
+/// A connection is taken back only after its whole answer was read, and
+/// is checked before it is reused: one the peer closed meanwhile (it
+/// stopped or restarted) is dropped and another opened, so a request is
+/// not sent on a connection known dead. One closed after the check is a
+/// lost answer, as when the peer dies during a request on a new
+/// connection.
 #[derive(Clone, Default)]
 pub(crate) struct PeerConnections {
     /// Where connections leave from (none: the address the OS picks).

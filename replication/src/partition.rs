@@ -636,13 +636,28 @@ impl Inner {
     /// further (what a crash may have left beyond is an append that was
     /// never acknowledged).
     fn row_end(&self) -> u64 {
+        self.rows_end().max(self.snapshot_end)
+    }
+
+    /// The log end the last row (or the last purged one) names.
+    fn rows_end(&self) -> u64 {
         self.rows
             .rows
             .values()
             .next_back()
             .or(self.rows.last_purged_row.as_ref())
             .map_or(0, |row| row.end_offset)
-            .max(self.snapshot_end)
+    }
+
+    /// Waits until the append's last batch so far, if any, is durable.
+    fn wait_durable(&self, last: &Option<AppendInfo>) -> Result<(), std::io::Error> {
+        match last {
+            Some(info) => self
+                .log()?
+                .wait_durable(info)
+                .map_err(std::io::Error::other),
+            None => Ok(()),
+        }
     }
 
     /// Closes the log, cuts it back to `end`, and opens it again.
@@ -756,11 +771,7 @@ impl Inner {
         if self.crash_before_rows {
             return Err(io_error("a crash (test)".to_string()));
         }
-        if let Some(info) = &last {
-            self.log()?
-                .wait_durable(info)
-                .map_err(std::io::Error::other)?;
-        }
+        self.wait_durable(&last)?;
         if rows.iter().all(EntryRow::names_records) {
             // Each under the leader id `rebuild_tail` names
             // (`ready_for_batch`): a crash may lose them.
@@ -791,11 +802,7 @@ impl Inner {
         if same_leader && rows.iter().all(EntryRow::names_records) {
             return Ok(());
         }
-        if let Some(info) = last {
-            self.log()?
-                .wait_durable(info)
-                .map_err(std::io::Error::other)?;
-        }
+        self.wait_durable(last)?;
         let mut ops: Vec<LogOp<EntryRow>> = rows.drain(..).map(LogOp::Entry).collect();
         if !same_leader {
             ops.push(LogOp::RebuildTail(Some(leader)));
@@ -815,13 +822,7 @@ impl Inner {
         let Some(leader) = self.rows.rebuild_tail else {
             return Ok(0);
         };
-        let rows_end = self
-            .rows
-            .rows
-            .values()
-            .next_back()
-            .or(self.rows.last_purged_row.as_ref())
-            .map_or(0, |row| row.end_offset);
+        let rows_end = self.rows_end();
         let last = self.rows.log_state::<PartitionTypes>().last_log_id;
         let Some(last) = last.filter(|_| rows_end >= self.snapshot_end) else {
             return Ok(0);
