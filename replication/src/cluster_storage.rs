@@ -52,7 +52,8 @@ use tokio::runtime::Handle;
 
 use crate::journals::ReplicatedJournals;
 use crate::node::{partition_group, NodeConfig, NodeError, PartitionNode};
-use crate::partition::{CommitListener, CommittedProducerBatch, PartitionCommand, ReplicatedBatch};
+use crate::partition::{CommitListener, CommittedProducerBatch};
+use crate::proposals::ProposalQueue;
 
 /// What [`ClusterStorage::set_producer_batch_listener`] calls: topic,
 /// partition, and the idempotent producers' batches a replica applied.
@@ -264,10 +265,7 @@ impl ClusterStorage {
             return Ok(replica);
         }
         let node = self.start_replica(topic, 0).await.map_err(unavailable)?;
-        let replica = Arc::new(ReplicatedPartitionLog {
-            node: Arc::new(node),
-            runtime: self.runtime.clone(),
-        });
+        let replica = Arc::new(ReplicatedPartitionLog::new(node, &self.runtime));
         let mut partitions = lock(&self.partitions);
         Ok(Arc::clone(
             partitions.entry((topic.to_string(), 0)).or_insert(replica),
@@ -388,10 +386,7 @@ impl Storage for ClusterStorage {
                 listener(&[]);
             }
         }));
-        let replica = Arc::new(ReplicatedPartitionLog {
-            node: Arc::new(node),
-            runtime: self.runtime.clone(),
-        });
+        let replica = Arc::new(ReplicatedPartitionLog::new(node, &self.runtime));
         let mut partitions = lock(&self.partitions);
         let replica = partitions
             .entry((topic.to_string(), partition))
@@ -525,6 +520,9 @@ impl Storage for ClusterStorage {
 pub struct ReplicatedPartitionLog {
     node: Arc<PartitionNode>,
     runtime: Handle,
+    /// This node's produces to the partition, in order, merged when they
+    /// come faster than the group commits them.
+    proposals: ProposalQueue,
 }
 
 impl std::fmt::Debug for ReplicatedPartitionLog {
@@ -547,6 +545,15 @@ pub struct ReplicatedAppend {
 }
 
 impl ReplicatedPartitionLog {
+    fn new(node: PartitionNode, runtime: &Handle) -> ReplicatedPartitionLog {
+        let node = Arc::new(node);
+        ReplicatedPartitionLog {
+            proposals: ProposalQueue::start(&node, runtime),
+            node,
+            runtime: runtime.clone(),
+        }
+    }
+
     /// The replica's Raft node (leader, metrics, membership).
     pub fn node(&self) -> &PartitionNode {
         &self.node
@@ -562,51 +569,21 @@ impl ReplicatedPartitionLog {
             .map(|appended| appended.info)
     }
 
-    /// [`ReplicatedPartitionLog::write`] in two steps: proposes the batch
-    /// now (a leader appends one caller's proposals in call order) and
-    /// returns the answer's future, so a connection may have many batches
-    /// in flight.
+    /// [`ReplicatedPartitionLog::write`] in two steps: queues the batch
+    /// now behind this node's earlier proposals (a leader appends one
+    /// caller's proposals in call order; [`ProposalQueue`] may merge them
+    /// with others') and returns the answer's future, so a connection may
+    /// have many batches in flight.
     pub async fn propose(
         &self,
         batch: &BatchInput,
     ) -> impl Future<Output = Result<ReplicatedAppend, StoreError>> + Send + 'static {
         // A batch the log would refuse must not become a Raft entry: a
         // storage error stops the group's Raft on every replica.
-        let checked = self.with_log(|log| Ok(log.check_batch(batch)?));
-        let mut proposal = ReplicatedBatch::propose(batch.records.clone());
-        proposal.producer_id = batch.producer_id;
-        proposal.producer_seq = batch.producer_seq;
-        let records = batch.records.len();
-        let answer = match checked {
-            Ok(()) => Some(self.node.propose(PartitionCommand::Batch(proposal)).await),
-            Err(_) => None,
-        };
-        async move {
-            checked?;
-            let Some(answer) = answer else {
-                return Err(unavailable("no proposal"));
-            };
-            let appended = answer.await.map_err(unavailable)?;
-            let count = u64::from(appended.count);
-            if count == 0 || appended.ids.len() as u64 != count {
-                return Err(unavailable(format!(
-                    "the leader answered {} records with {} ids for a batch of {records}",
-                    appended.count,
-                    appended.ids.len(),
-                )));
-            }
-            let ids: Vec<MessageId> = appended.ids.into_iter().map(MessageId).collect();
-            Ok(ReplicatedAppend {
-                info: AppendInfo {
-                    base_offset: appended.base_offset,
-                    last_offset: appended.base_offset + count - 1,
-                    // An id's time prefix is its first append's broker time.
-                    timestamp_ms: ids[0].timestamp_ms(),
-                    ids,
-                },
-                stored_before: appended.stored_before,
-            })
-        }
+        let queued = self
+            .with_log(|log| Ok(log.check_batch(batch)?))
+            .map(|()| self.proposals.propose(batch.clone()));
+        async move { queued?.await }
     }
 
     fn committed_end(&self) -> u64 {

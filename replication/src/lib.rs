@@ -20,6 +20,8 @@
 //! - [`cluster_storage`]: the dispatcher's storage on a cluster node
 //!   (`dmqd` with a `[cluster]` section): cluster topics' partitions are
 //!   replicas, read below their committed end.
+//! - [`proposals`]: a replica's produces, merged into fewer Raft entries
+//!   when they come faster than its group commits them.
 //!
 //! - [`journals`]: consumer groups' ack journals on cluster topics,
 //!   replicated through the metadata group.
@@ -56,6 +58,7 @@ pub mod metadata;
 pub mod network;
 pub mod node;
 pub mod partition;
+pub mod proposals;
 mod purge;
 pub mod rejoin;
 pub mod repair;

@@ -258,3 +258,156 @@ async fn a_journal_kept_locally_seeds_the_replicated_one() {
     storage.shutdown().await;
     router.shutdown().await;
 }
+
+/// Writes that come faster than the group commits them are merged into
+/// fewer Raft entries (`ProposalQueue`); each writer is still answered
+/// with its own records, in the order it proposed them, and a merged
+/// batch the log would refuse (over its segment size) goes as its parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_entries_and_each_gets_its_own_records() {
+    let nodes = cluster_with(LogConfig {
+        segment_bytes_max: 64 * 1024,
+        ..LogConfig::default()
+    })
+    .await;
+    let mut replicas = Vec::new();
+    for node in &nodes {
+        node.storage.mark_replicated("t").expect("mark");
+        let storage = Arc::clone(&node.storage);
+        tokio::task::spawn_blocking(move || storage.partition("t", 0).expect("open"))
+            .await
+            .expect("join");
+        replicas.push(node.storage.replica("t", 0).expect("replica"));
+    }
+    replicas[0]
+        .write(&BatchInput::new(records(1)))
+        .await
+        .expect("a first write");
+    let leader_id = replicas[0].node().leader().await.expect("leader");
+    let leader = Arc::clone(&replicas[leader_id as usize - 1]);
+    let entries_before = leader.node().raft().metrics().borrow().last_log_index;
+
+    // Writers of small batches on two nodes (a follower's are forwarded),
+    // each proposing its batches one after another without waiting; and
+    // batches of 20 KiB, three of which the segment would not take.
+    let mut proposed = Vec::new();
+    for writer in 0..40u32 {
+        let replica = Arc::clone(&replicas[writer as usize % 2]);
+        let mut answers = Vec::new();
+        for batch in 0..5u32 {
+            let values: Vec<String> = (0..1 + (writer + batch) % 3)
+                .map(|i| format!("w{writer}-b{batch}-r{i}"))
+                .collect();
+            let input = BatchInput::new(values.iter().cloned().map(RecordInput::new).collect());
+            answers.push((values, replica.propose(&input).await));
+        }
+        proposed.push(answers);
+    }
+    let large: Vec<_> = {
+        let mut large = Vec::new();
+        for i in 0..6u8 {
+            let value = vec![i; 20 * 1024];
+            let input = BatchInput::new(vec![RecordInput::new(value.clone())]);
+            large.push((value, leader.propose(&input).await));
+        }
+        large
+    };
+    let mut written = 0u64;
+    let mut expected = Vec::new();
+    for answers in proposed {
+        let mut last_offset = None;
+        for (values, answer) in answers {
+            let appended = answer.await.expect("committed").info;
+            assert_eq!(appended.ids.len(), values.len());
+            assert_eq!(
+                appended.last_offset - appended.base_offset + 1,
+                values.len() as u64
+            );
+            assert!(
+                last_offset < Some(appended.base_offset),
+                "one writer's batches are stored in the order it proposed them"
+            );
+            last_offset = Some(appended.last_offset);
+            written += values.len() as u64;
+            for (i, value) in values.into_iter().enumerate() {
+                expected.push((
+                    appended.base_offset + i as u64,
+                    appended.ids[i],
+                    value.into_bytes(),
+                ));
+            }
+        }
+    }
+    for (value, answer) in large {
+        let appended = answer.await.expect("a large batch is taken").info;
+        written += 1;
+        expected.push((appended.base_offset, appended.ids[0], value));
+    }
+    let entries = leader.node().raft().metrics().borrow().last_log_index;
+    let entries = entries.unwrap_or(0) - entries_before.unwrap_or(0);
+    assert!(
+        entries < 200 + 6,
+        "206 writes took {entries} entries: none were merged"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas.iter().any(|r| r.end_offset() < 1 + written) {
+        assert!(Instant::now() < deadline, "not committed everywhere");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for replica in &replicas {
+        let read = replica.read(1, 10_000).expect("read");
+        assert_eq!(read.len() as u64, written);
+        for (offset, id, value) in &expected {
+            let record = &read[(*offset - 1) as usize];
+            assert_eq!((record.offset, &record.id), (*offset, id));
+            assert_eq!(&record.value[..], &value[..], "offset {offset}");
+        }
+    }
+    for node in &nodes {
+        node.storage.shutdown().await;
+    }
+}
+
+/// A follower's small proposals are forwarded one proposal at a time
+/// (merged while one is in flight): a writer's batches through a follower
+/// are stored in the order it proposed them. (Before, each was a forward
+/// of its own, and two in flight at once reached the leader in either
+/// order.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_through_a_follower_keeps_its_order() {
+    let nodes = cluster().await;
+    let mut replicas = Vec::new();
+    for node in &nodes {
+        node.storage.mark_replicated("t").expect("mark");
+        let storage = Arc::clone(&node.storage);
+        tokio::task::spawn_blocking(move || storage.partition("t", 0).expect("open"))
+            .await
+            .expect("join");
+        replicas.push(node.storage.replica("t", 0).expect("replica"));
+    }
+    replicas[0]
+        .write(&BatchInput::new(records(1)))
+        .await
+        .expect("a first write");
+    let leader_id = replicas[0].node().leader().await.expect("leader");
+    let follower = Arc::clone(&replicas[leader_id as usize % 3]);
+    assert!(follower.node().leading_term().is_none());
+    let mut answers = Vec::new();
+    for i in 0..200u32 {
+        let batch = BatchInput::new(vec![RecordInput::new(vec![i as u8; 1 + i as usize * 100])]);
+        answers.push(follower.propose(&batch).await);
+    }
+    let mut last_offset = 0;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let appended = answer.await.expect("committed").info;
+        assert!(
+            appended.base_offset > last_offset,
+            "batch {i} stored at {} after a later one (at {last_offset})",
+            appended.base_offset
+        );
+        last_offset = appended.base_offset;
+    }
+    for node in &nodes {
+        node.storage.shutdown().await;
+    }
+}
