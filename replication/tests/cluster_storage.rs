@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmq_dispatcher::{PartitionLog, Storage, StoreError};
 use dmq_log_store::{BatchInput, LogConfig, RecordInput};
+use dmq_replication::cluster_storage::ReplicatedPartitionLog;
 use dmq_replication::{ClusterMembers, ClusterStorage, NodeConfig, RaftRouter};
 
 struct Member {
@@ -58,17 +59,20 @@ async fn cluster_with(log_config: LogConfig) -> Vec<Member> {
     nodes
 }
 
-fn records(n: usize) -> Vec<RecordInput> {
-    (0..n).map(|i| RecordInput::new(format!("r{i}"))).collect()
+/// Three nodes whose segments hold 64 KiB.
+async fn cluster_of_small_segments() -> Vec<Member> {
+    cluster_with(LogConfig {
+        segment_bytes_max: 64 * 1024,
+        ..LogConfig::default()
+    })
+    .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_reads_only_below_the_committed_end() {
-    let nodes = cluster().await;
+/// Each node's replica of cluster topic `t`'s partition 0, opened.
+async fn replicas_of(nodes: &[Member]) -> Vec<Arc<ReplicatedPartitionLog>> {
     let mut replicas = Vec::new();
-    for node in &nodes {
+    for node in nodes {
         node.storage.mark_replicated("t").expect("mark");
-        assert!(node.storage.is_replicated("t"));
         let storage = Arc::clone(&node.storage);
         // `partition` blocks (it starts the replica): off the runtime.
         tokio::task::spawn_blocking(move || storage.partition("t", 0).expect("open"))
@@ -76,6 +80,28 @@ async fn a_replica_reads_only_below_the_committed_end() {
             .expect("join");
         replicas.push(node.storage.replica("t", 0).expect("replica"));
     }
+    replicas
+}
+
+/// Writes one record (at offset 0) and returns the id of the node that
+/// leads the partition.
+async fn leader_after_a_first_write(replicas: &[Arc<ReplicatedPartitionLog>]) -> u64 {
+    replicas[0]
+        .write(&BatchInput::new(records(1)))
+        .await
+        .expect("a first write");
+    replicas[0].node().leader().await.expect("leader")
+}
+
+fn records(n: usize) -> Vec<RecordInput> {
+    (0..n).map(|i| RecordInput::new(format!("r{i}"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reads_only_below_the_committed_end() {
+    let nodes = cluster().await;
+    let replicas = replicas_of(&nodes).await;
+    assert!(nodes.iter().all(|node| node.storage.is_replicated("t")));
     // Written through the dispatcher's interface (forwarded as needed).
     let writer = Arc::clone(&replicas[2]);
     let appended = tokio::task::spawn_blocking(move || writer.append(records(5)))
@@ -168,20 +194,8 @@ async fn other_topics_stay_local_and_a_cluster_topic_is_not_deleted_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_log_would_refuse_is_refused_before_it_becomes_an_entry() {
-    let nodes = cluster_with(LogConfig {
-        segment_bytes_max: 64 * 1024,
-        ..LogConfig::default()
-    })
-    .await;
-    let mut replicas = Vec::new();
-    for node in &nodes {
-        node.storage.mark_replicated("t").expect("mark");
-        let storage = Arc::clone(&node.storage);
-        tokio::task::spawn_blocking(move || storage.partition("t", 0).expect("open"))
-            .await
-            .expect("join");
-        replicas.push(node.storage.replica("t", 0).expect("replica"));
-    }
+    let nodes = cluster_of_small_segments().await;
+    let replicas = replicas_of(&nodes).await;
     let too_large = BatchInput::new(vec![RecordInput::new(vec![0u8; 100 * 1024])]);
     let refused = replicas[0].write(&too_large).await;
     assert!(
@@ -261,29 +275,14 @@ async fn a_journal_kept_locally_seeds_the_replicated_one() {
 
 /// Writes that come faster than the group commits them are merged into
 /// fewer Raft entries (`ProposalQueue`); each writer is still answered
-/// with its own records, in the order it proposed them, and a merged
-/// batch the log would refuse (over its segment size) goes as its parts.
+/// with its own records, in the order it proposed them, and no merged
+/// batch is longer than a segment (which takes two of the 20 KiB batches
+/// here, not three).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_share_entries_and_each_gets_its_own_records() {
-    let nodes = cluster_with(LogConfig {
-        segment_bytes_max: 64 * 1024,
-        ..LogConfig::default()
-    })
-    .await;
-    let mut replicas = Vec::new();
-    for node in &nodes {
-        node.storage.mark_replicated("t").expect("mark");
-        let storage = Arc::clone(&node.storage);
-        tokio::task::spawn_blocking(move || storage.partition("t", 0).expect("open"))
-            .await
-            .expect("join");
-        replicas.push(node.storage.replica("t", 0).expect("replica"));
-    }
-    replicas[0]
-        .write(&BatchInput::new(records(1)))
-        .await
-        .expect("a first write");
-    let leader_id = replicas[0].node().leader().await.expect("leader");
+    let nodes = cluster_of_small_segments().await;
+    let replicas = replicas_of(&nodes).await;
+    let leader_id = leader_after_a_first_write(&replicas).await;
     let leader = Arc::clone(&replicas[leader_id as usize - 1]);
     let entries_before = leader.node().raft().metrics().borrow().last_log_index;
 
@@ -376,20 +375,8 @@ async fn concurrent_writes_share_entries_and_each_gets_its_own_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_through_a_follower_keeps_its_order() {
     let nodes = cluster().await;
-    let mut replicas = Vec::new();
-    for node in &nodes {
-        node.storage.mark_replicated("t").expect("mark");
-        let storage = Arc::clone(&node.storage);
-        tokio::task::spawn_blocking(move || storage.partition("t", 0).expect("open"))
-            .await
-            .expect("join");
-        replicas.push(node.storage.replica("t", 0).expect("replica"));
-    }
-    replicas[0]
-        .write(&BatchInput::new(records(1)))
-        .await
-        .expect("a first write");
-    let leader_id = replicas[0].node().leader().await.expect("leader");
+    let replicas = replicas_of(&nodes).await;
+    let leader_id = leader_after_a_first_write(&replicas).await;
     let follower = Arc::clone(&replicas[leader_id as usize % 3]);
     assert!(follower.node().leading_term().is_none());
     let mut answers = Vec::new();
