@@ -158,10 +158,7 @@ async fn submit(node: Weak<PartitionNode>, mut queued: mpsc::UnboundedReceiver<W
             // What came while the slot was awaited joins the first.
             let mut bytes = parts[0].batch.encoded_len();
             let mut records = parts[0].batch.records.len();
-            while mergeable(&parts[0].batch) {
-                let Ok(more) = queued.try_recv() else {
-                    break;
-                };
+            while let Ok(more) = queued.try_recv() {
                 let fits = bytes + more.batch.encoded_len() <= bytes_max
                     && records + more.batch.records.len() <= MERGED_RECORDS_MAX;
                 if !mergeable(&more.batch) || !fits {
