@@ -170,10 +170,11 @@ async fn submit(node: Weak<PartitionNode>, mut queued: mpsc::UnboundedReceiver<W
                 parts.push(more);
             }
         }
-        if parts.len() > 1 && !merged_fits(&replica, &parts) {
+        let merged = Merged::of(parts);
+        if merged.counts.len() > 1 && !fits(&replica, &merged.batch) {
             // Not expected (the bound above): each alone passed the check,
             // each in a slot of its own.
-            for part in parts {
+            for part in merged.split() {
                 let slot = match slot.take() {
                     Some(slot) => slot,
                     None => match Arc::clone(&slots).acquire_owned().await {
@@ -181,24 +182,72 @@ async fn submit(node: Weak<PartitionNode>, mut queued: mpsc::UnboundedReceiver<W
                         Err(_) => return,
                     },
                 };
-                propose(&replica, vec![part], Some(slot)).await;
+                propose(&replica, part, Some(slot)).await;
             }
         } else {
-            propose(&replica, parts, slot).await;
+            propose(&replica, merged, slot).await;
         }
     }
 }
 
-/// Proposes `parts` as one batch and answers each of them once the
-/// proposal is committed (or failed), then frees `slot`.
+/// Batches proposed as one: their records in order, how many each had,
+/// and where each is answered.
+struct Merged {
+    batch: BatchInput,
+    counts: Vec<usize>,
+    answers: Vec<oneshot::Sender<Committed>>,
+}
+
+impl Merged {
+    /// `parts` as one batch (their records moved, in order). Only a batch
+    /// alone may be idempotent (`mergeable`): its producer id and
+    /// sequence are kept.
+    fn of(parts: Vec<Waiting>) -> Merged {
+        let mut merged = Merged {
+            batch: BatchInput::new(Vec::new()),
+            counts: Vec::with_capacity(parts.len()),
+            answers: Vec::with_capacity(parts.len()),
+        };
+        for Waiting { batch, answer } in parts {
+            merged.counts.push(batch.records.len());
+            merged.answers.push(answer);
+            merged.batch.records.extend(batch.records);
+            merged.batch.producer_id = batch.producer_id;
+            merged.batch.producer_seq = batch.producer_seq;
+        }
+        merged
+    }
+
+    /// Each part alone again.
+    fn split(self) -> Vec<Merged> {
+        let mut records = self.batch.records.into_iter();
+        self.counts
+            .into_iter()
+            .zip(self.answers)
+            .map(|(count, answer)| Merged {
+                batch: BatchInput::new(records.by_ref().take(count).collect()),
+                counts: vec![count],
+                answers: vec![answer],
+            })
+            .collect()
+    }
+}
+
+/// Proposes `merged` and answers each of its parts once the proposal is
+/// committed (or failed), then frees `slot`.
 async fn propose(
     replica: &PartitionNode,
-    parts: Vec<Waiting>,
+    merged: Merged,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
-    let (command, counts) = merge(parts.iter().map(|part| &part.batch));
-    let proposed = replica.propose(command).await;
-    let answers: Vec<_> = parts.into_iter().map(|part| part.answer).collect();
+    let Merged {
+        batch,
+        counts,
+        answers,
+    } = merged;
+    let mut proposal = ReplicatedBatch::propose(batch.records);
+    (proposal.producer_id, proposal.producer_seq) = (batch.producer_id, batch.producer_seq);
+    let proposed = replica.propose(PartitionCommand::Batch(proposal)).await;
     tokio::spawn(async move {
         let committed = proposed.await;
         drop(slot);
@@ -206,37 +255,13 @@ async fn propose(
     });
 }
 
-/// Whether the merged batch of `parts` passes the log's check (a batch
-/// the log refuses must never become a Raft entry).
-fn merged_fits(replica: &PartitionNode, parts: &[Waiting]) -> bool {
-    let merged = BatchInput {
-        producer_id: 0,
-        producer_seq: 0,
-        records: parts
-            .iter()
-            .flat_map(|part| part.batch.records.iter().cloned())
-            .collect(),
-    };
+/// Whether the log's check passes `batch` (a batch the log refuses must
+/// never become a Raft entry).
+fn fits(replica: &PartitionNode, batch: &BatchInput) -> bool {
     replica
         .raft_log()
-        .with_log(|log: &Log| log.check_batch(&merged).is_ok())
+        .with_log(|log: &Log| log.check_batch(batch).is_ok())
         .unwrap_or(false)
-}
-
-/// The proposal of `batches` as one batch, and each one's record count.
-fn merge<'a>(batches: impl Iterator<Item = &'a BatchInput>) -> (PartitionCommand, Vec<usize>) {
-    let mut counts = Vec::new();
-    let mut records = Vec::new();
-    let mut producer = (0, 0);
-    for batch in batches {
-        counts.push(batch.records.len());
-        records.extend(batch.records.iter().cloned());
-        producer = (batch.producer_id, batch.producer_seq);
-    }
-    let mut proposal = ReplicatedBatch::propose(records);
-    // Only a batch alone may be idempotent (`mergeable`).
-    (proposal.producer_id, proposal.producer_seq) = producer;
-    (PartitionCommand::Batch(proposal), counts)
 }
 
 /// Answers each part of a proposal of `counts` records each with its own
@@ -306,23 +331,38 @@ mod tests {
         }
     }
 
+    fn waiting(batch: BatchInput) -> Waiting {
+        Waiting {
+            batch,
+            answer: oneshot::channel().0,
+        }
+    }
+
+    fn values(batch: &BatchInput) -> Vec<&[u8]> {
+        batch.records.iter().map(|r| &r.value[..]).collect()
+    }
+
     #[test]
-    fn merged_batches_keep_their_order_and_an_idempotent_one_stays_alone() {
-        let batches = [batch(&["a", "b"], 0), batch(&["c"], 0)];
-        let (command, counts) = merge(batches.iter());
-        assert_eq!(counts, vec![2, 1]);
-        let PartitionCommand::Batch(proposal) = command else {
-            panic!("a batch proposal");
-        };
-        let values: Vec<&[u8]> = proposal.records.iter().map(|r| &r.value.0[..]).collect();
-        assert_eq!(values, vec![&b"a"[..], b"b", b"c"]);
-        assert_eq!(proposal.producer_id, 0);
+    fn merged_batches_keep_their_order_and_split_back_into_their_parts() {
+        let merged = Merged::of(vec![
+            waiting(batch(&["a", "b"], 0)),
+            waiting(batch(&["c"], 0)),
+        ]);
+        assert_eq!(merged.counts, vec![2, 1]);
+        assert_eq!(values(&merged.batch), vec![&b"a"[..], b"b", b"c"]);
+        assert_eq!(merged.batch.producer_id, 0);
+        let parts = merged.split();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(values(&parts[0].batch), vec![&b"a"[..], b"b"]);
+        assert_eq!(values(&parts[1].batch), vec![&b"c"[..]]);
+        assert_eq!((parts[1].counts.len(), parts[1].answers.len()), (1, 1));
+    }
+
+    #[test]
+    fn an_idempotent_batch_is_never_merged_and_keeps_its_producer() {
         assert!(!mergeable(&batch(&["x"], 5)));
-        let (command, _) = merge([batch(&["x"], 5)].iter());
-        let PartitionCommand::Batch(proposal) = command else {
-            panic!("a batch proposal");
-        };
-        assert_eq!((proposal.producer_id, proposal.producer_seq), (5, 7));
+        let alone = Merged::of(vec![waiting(batch(&["x"], 5))]);
+        assert_eq!((alone.batch.producer_id, alone.batch.producer_seq), (5, 7));
     }
 
     fn appended(base_offset: u64, count: u32) -> AppendedBatch {
