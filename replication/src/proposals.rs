@@ -159,9 +159,9 @@ async fn submit(node: Weak<PartitionNode>, mut queued: mpsc::UnboundedReceiver<W
             let mut bytes = parts[0].batch.encoded_len();
             let mut records = parts[0].batch.records.len();
             while let Ok(more) = queued.try_recv() {
-                let fits = bytes + more.batch.encoded_len() <= bytes_max
+                let room = bytes + more.batch.encoded_len() <= bytes_max
                     && records + more.batch.records.len() <= MERGED_RECORDS_MAX;
-                if !mergeable(&more.batch) || !fits {
+                if !mergeable(&more.batch) || !room {
                     next = Some(more);
                     break;
                 }
