@@ -120,7 +120,9 @@ fn block_on<F: Future>(runtime: &Handle, future: F) -> F::Output {
     }
 }
 
-fn unavailable(error: impl std::fmt::Display) -> StoreError {
+/// `error` as the dispatcher sees a replica that cannot take or answer a
+/// write now.
+pub(crate) fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 

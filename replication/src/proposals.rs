@@ -45,7 +45,7 @@ use dmq_log_store::{AppendInfo, BatchInput, Log, MessageId};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::cluster_storage::ReplicatedAppend;
+use crate::cluster_storage::{unavailable, ReplicatedAppend};
 use crate::node::{NodeError, PartitionNode};
 use crate::partition::{AppendedBatch, PartitionCommand, ReplicatedBatch};
 
@@ -107,10 +107,6 @@ impl ProposalQueue {
                 .unwrap_or_else(|_| Err(unavailable("the replica closed before its answer")))
         }
     }
-}
-
-fn unavailable(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(error.to_string())
 }
 
 /// Whether `batch` may share a proposal with others.
