@@ -287,7 +287,15 @@ impl SegmentIndexes {
         for entry in (0..offset.len()).filter_map(|i| offset.get(i)) {
             active.offset.push(entry.rel_offset, entry.position).ok()?;
         }
-        for entry in (0..time.len()).filter_map(|i| time.get(i)) {
+        // The checkpoint's last time entry may be its closing one (the max
+        // timestamp, added as at a seal), not spaced an interval from the
+        // one before. Kept, it would stay as an active entry, one more per
+        // clean restart, until the index (sized for the segment's bytes)
+        // was full and an append failed. It is left out: the entries kept
+        // are each an interval apart, and `max_timestamp_ms` and
+        // `last_rel_offset` above still come from it. Fewer time entries
+        // only mean a longer scan in a time lookup, never a wrong answer.
+        for entry in (0..time.len().saturating_sub(1)).filter_map(|i| time.get(i)) {
             active
                 .time
                 .push(entry.timestamp_ms, entry.rel_offset)

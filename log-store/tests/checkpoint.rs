@@ -163,3 +163,36 @@ fn log_len(bytes: &[u8]) -> usize {
     }
     position
 }
+
+/// Found by `proptest_log`: each clean close gave the checkpoint's time
+/// index a closing entry (the max timestamp, as a seal does), and the next
+/// open loaded it as an entry of the active index. An active segment
+/// closed and reopened often, with little appended each time, so gained
+/// one time entry per restart and its append failed once the index, sized
+/// for the segment's bytes, was full.
+#[test]
+fn many_restarts_with_little_appended_do_not_fill_the_active_time_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    // 16 KiB segments, an index entry every 4 KiB: 6 entries of room.
+    let config = LogConfig {
+        segment_bytes_max: 16 << 10,
+        index_interval_bytes: 4 << 10,
+        ..config()
+    };
+    let mut expected = Vec::new();
+    for _restart in 0..6 {
+        let log = Log::open_with_clock(dir.path(), config.clone(), clock.clone()).expect("open");
+        fill(&log, &clock, &mut expected, 1);
+        check_everything(&log, &expected);
+    }
+    let log = Log::open_with_clock(dir.path(), config, clock.clone()).expect("open");
+    let report = log.recovery_report().clone();
+    assert!(report.active_bytes_from_checkpoint > 0, "{report:?}");
+    // Batches past two index intervals, still in the first segment.
+    while log.size_bytes() < 12 << 10 {
+        fill(&log, &clock, &mut expected, 1);
+    }
+    assert_eq!(log.segment_count(), 1, "all of it fits one segment");
+    check_everything(&log, &expected);
+}
