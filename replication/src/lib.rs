@@ -52,6 +52,7 @@ use std::io::Cursor;
 
 pub mod cluster_storage;
 pub mod delays;
+pub mod forward_order;
 pub mod journals;
 pub mod log_store;
 pub mod metadata;

@@ -40,6 +40,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::forward_order::{ForwardOrder, ForwardPlace};
 use crate::partition::Payload;
 use crate::NodeId;
 
@@ -130,6 +131,20 @@ pub enum RaftRequest<C: GroupTypes> {
         /// The voter to lead next.
         to: NodeId,
     },
+    /// [`RaftRequest::Forward`] with its place in the sender's stream of
+    /// writes: the leader submits a stream's forwards in their order
+    /// (`crate::forward_order`). Answered like [`RaftRequest::Forward`].
+    /// (Last, so that the variants before keep their tags.)
+    ForwardInOrder {
+        /// The sending replica's stream.
+        stream: u64,
+        /// This write's number in it.
+        seq: u64,
+        /// Every smaller number below this is answered on the sender.
+        floor: u64,
+        /// As in [`RaftRequest::Forward`].
+        data: Payload,
+    },
 }
 
 /// The answer to a [`RaftRequest`].
@@ -178,18 +193,22 @@ pub(crate) enum ForwardError {
 }
 
 /// Sends `data`, a write of group `group`, to the node at `addr` (its
-/// leader, as far as the caller knows) through `peers` and waits at most
-/// `ttl` for the answer.
+/// leader, as far as the caller knows) through `peers`, at `place` in this
+/// node's stream of writes, and waits at most `ttl` for the answer.
 pub(crate) async fn forward<C: GroupTypes>(
     peers: &PeerConnections,
     addr: &str,
     group: &str,
     data: &C::D,
+    place: ForwardPlace,
     ttl: Duration,
 ) -> Result<C::R, ForwardError> {
-    let request = encode(&RaftRequest::<C>::Forward(Payload(
-        encode(data).map_err(ForwardError::NotSent)?.into(),
-    )))
+    let request = encode(&RaftRequest::<C>::ForwardInOrder {
+        stream: place.stream,
+        seq: place.seq,
+        floor: place.floor,
+        data: Payload(encode(data).map_err(ForwardError::NotSent)?.into()),
+    })
     .map_err(ForwardError::NotSent)?;
     let response = ask_leader(peers, addr, group, &request, ttl).await?;
     decode(&response).map_err(ForwardError::Lost)
@@ -691,6 +710,46 @@ pub(crate) struct GroupService<C: GroupTypes> {
     pub(crate) group: String,
     /// This node's connections for requests to its peers' ports.
     pub(crate) peers: PeerConnections,
+    /// The order of the streams of writes forwarded here.
+    pub(crate) order: ForwardOrder,
+}
+
+impl<C: GroupTypes> GroupService<C> {
+    /// Proposes a forwarded write once its place's turn came (`place`:
+    /// none for a forward that has no place, from an earlier build), and
+    /// answers once it is committed and applied.
+    async fn forwarded(
+        &self,
+        data: &Payload,
+        place: Option<ForwardPlace>,
+    ) -> io::Result<RaftReply> {
+        let data: C::D = decode_request::<C, _>(&data.0)?;
+        if let Some(place) = place {
+            if !self.order.wait_turn(place).await {
+                tracing::debug!(group = %self.group, ?place, "a forward went without an earlier one");
+            }
+        }
+        self.gate.pass().await;
+        let proposed = self.raft.client_write_ff(data).await;
+        if let Some(place) = place {
+            self.order.submitted(place);
+        }
+        let written = match proposed {
+            Ok(answer) => match answer.await {
+                Ok(written) => written.map_err(RaftError::APIError),
+                Err(_) => {
+                    return Ok(RaftReply::Forwarded(Err(ForwardRefusal::Failed(
+                        "the Raft core stopped".to_string(),
+                    ))))
+                }
+            },
+            Err(fatal) => Err(RaftError::Fatal(fatal)),
+        };
+        Ok(RaftReply::Forwarded(match written {
+            Ok(written) => Ok(encode(&written.data)?),
+            Err(error) => Err(refusal(error)),
+        }))
+    }
 }
 
 impl<C: GroupTypes> GroupHandler for GroupService<C> {
@@ -708,14 +767,15 @@ impl<C: GroupTypes> GroupHandler for GroupService<C> {
                 RaftRequest::InstallSnapshot(rpc) => {
                     RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
                 }
-                RaftRequest::Forward(data) => {
-                    let data: C::D = decode_request::<C, _>(&data.0)?;
-                    self.gate.pass().await;
-                    let written = raft.client_write(data).await;
-                    RaftReply::Forwarded(match written {
-                        Ok(written) => Ok(encode(&written.data)?),
-                        Err(error) => Err(refusal(error)),
-                    })
+                RaftRequest::Forward(data) => self.forwarded(&data, None).await?,
+                RaftRequest::ForwardInOrder {
+                    stream,
+                    seq,
+                    floor,
+                    data,
+                } => {
+                    let place = ForwardPlace { stream, seq, floor };
+                    self.forwarded(&data, Some(place)).await?
                 }
                 RaftRequest::ChangeVoters(voters) => {
                     let changed = raft.change_membership(voters, true).await;
@@ -898,6 +958,7 @@ impl RaftRouter {
             gate,
             group: group.to_string(),
             peers: self.peers.clone(),
+            order: ForwardOrder::default(),
         };
         self.groups
             .write()

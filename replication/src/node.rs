@@ -25,6 +25,7 @@ use openraft::{BasicNode, Raft, SnapshotPolicy};
 
 use dmq_log_store::{LogConfig, Record, RecordInput};
 
+use crate::forward_order::{ForwardStream, ForwardTicket};
 use crate::network::{ForwardError, ForwardRefusal, GroupTypes, RaftRouter, TcpNetworkFactory};
 use crate::partition::{
     AppendedBatch, PartitionCommand, PartitionRaftLog, PartitionStateMachine, PartitionTypes,
@@ -151,6 +152,9 @@ pub struct GroupNode<C: GroupTypes, S> {
     /// Holds new writes while this node, leading, hands over
     /// (`crate::transfer`).
     gate: Arc<crate::transfer::WriteGate>,
+    /// Numbers this node's writes, in the order they are proposed, so
+    /// that the leader takes the ones forwarded to it in that order.
+    forwards: Arc<ForwardStream>,
 }
 
 /// How long [`GroupNode::write`] looks for a leader before it answers
@@ -243,6 +247,7 @@ impl<C: GroupTypes, S: RaftStateMachine<C> + Clone> GroupNode<C, S> {
             owns_router,
             raft,
             gate,
+            forwards: ForwardStream::new(),
             state,
             purge: None,
             scrub: None,
@@ -312,9 +317,10 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
 
     /// [`GroupNode::write`] in two steps: proposes `data` now, in call
     /// order with this node's other proposals (if it leads, openraft
-    /// appends them in that order), and returns the answer's future, so a
-    /// caller may have many writes in flight. Proposals that reach the
-    /// leader by forwarding are not ordered with each other.
+    /// appends them in that order; if another node leads, it takes the
+    /// ones forwarded to it in that order: `crate::forward_order`), and
+    /// returns the answer's future, so a caller may have many writes in
+    /// flight.
     pub async fn propose(
         &self,
         data: C::D,
@@ -324,13 +330,14 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
     {
         self.gate.pass().await;
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let ticket = self.forwards.issue();
         let proposed = self.raft.client_write_ff(data.clone()).await;
         let raft = self.raft.clone();
         let group = self.group.clone();
         let peers = self.router.peers().clone();
         async move {
             let first = proposed.map_err(|fatal| NodeError::Stopped(fatal.to_string()))?;
-            write_until(raft, group, &peers, data, deadline, Some(first)).await
+            write_until(raft, group, &peers, data, &ticket, deadline, Some(first)).await
         }
     }
 
@@ -677,12 +684,14 @@ pub struct GroupStatus {
 /// The rest of [`GroupNode::propose`]: waits for `first` (a proposal
 /// already sent to this node's Raft), and while no leader takes the write
 /// (nothing proposed), tries again here or at the leader until
-/// `deadline`.
+/// `deadline`. A forward goes with `ticket`'s place in this node's
+/// writes.
 async fn write_until<C: GroupTypes>(
     raft: Raft<C>,
     group: String,
     peers: &crate::network::PeerConnections,
     data: C::D,
+    ticket: &ForwardTicket,
     deadline: tokio::time::Instant,
     mut first: Option<<C::Responder as openraft::raft::responder::Responder<C>>::Receiver>,
 ) -> Result<C::R, NodeError>
@@ -716,7 +725,16 @@ where
                     addr: Some(addr), ..
                 } => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match crate::network::forward::<C>(peers, &addr, &group, &data, left).await {
+                    match crate::network::forward::<C>(
+                        peers,
+                        &addr,
+                        &group,
+                        &data,
+                        ticket.place(),
+                        left,
+                    )
+                    .await
+                    {
                         Ok(response) => return Ok(response),
                         Err(ForwardError::Refused(ForwardRefusal::NotLeader { leader, addr })) => {
                             NodeError::NotLeader { leader, addr }

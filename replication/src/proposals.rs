@@ -20,11 +20,10 @@
 //! - One task submits the proposals, in the order
 //!   [`ProposalQueue::propose`] was called; a merged batch holds its parts'
 //!   records in that order. On the leader, Raft appends them in that
-//!   order. On another node, small batches are forwarded one proposal at
-//!   a time, so they keep their order too; large and idempotent ones are
-//!   each forwarded at once, as a request of its own, and two of those in
-//!   flight may reach the leader in either order (docs/replication.md,
-//!   "Not yet").
+//!   order. On another node they are forwarded (small ones one merged
+//!   proposal at a time, large and idempotent ones at once, several in
+//!   flight), and the leader takes the forwards in the order they were
+//!   proposed here (`crate::forward_order`).
 //! - An idempotent batch (producer id not 0) is proposed alone: its
 //!   producer id and sequence name one stored batch, which a retry is
 //!   found by ([`crate::partition::PartitionCommand::Duplicate`]).
@@ -117,10 +116,9 @@ fn mergeable(batch: &BatchInput) -> bool {
 /// The task of a [`ProposalQueue`]: takes the batches waiting, in order,
 /// as few proposals as the limits allow. A small mergeable batch waits for
 /// one of [`IN_FLIGHT`] slots (and what comes meanwhile joins it); an
-/// idempotent or large batch gains nothing by waiting and goes at once.
-/// (On a node that does not lead, those are forwarded as before, each a
-/// request of its own: two in flight at once may reach the leader in
-/// either order. docs/replication.md, "Not yet".)
+/// idempotent or large batch gains nothing by waiting and goes at once
+/// (forwarded by a node that does not lead, it is still taken in order:
+/// `crate::forward_order`).
 async fn submit(node: Weak<PartitionNode>, mut queued: mpsc::UnboundedReceiver<Waiting>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut next: Option<Waiting> = None;

@@ -398,3 +398,43 @@ async fn a_writer_through_a_follower_keeps_its_order() {
         node.storage.shutdown().await;
     }
 }
+
+/// The same for batches that are never merged, and so were each a forward
+/// of their own: large ones (64 KiB and more) and idempotent ones. The
+/// leader takes a follower's forwards in the order the follower proposed
+/// them. (Before, two in flight at once reached the leader in either
+/// order.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_idempotent_batches_through_a_follower_keep_their_order() {
+    let nodes = cluster().await;
+    let replicas = replicas_of(&nodes).await;
+    let leader_id = leader_after_a_first_write(&replicas).await;
+    let follower = Arc::clone(&replicas[leader_id as usize % 3]);
+    assert!(follower.node().leading_term().is_none());
+    let mut answers = Vec::new();
+    for i in 0..120u32 {
+        let batch = if i % 2 == 0 {
+            BatchInput::new(vec![RecordInput::new(vec![i as u8; 70 << 10])])
+        } else {
+            BatchInput {
+                producer_id: 0xFEED,
+                producer_seq: u64::from(i),
+                ..BatchInput::new(vec![RecordInput::new(vec![i as u8; 100])])
+            }
+        };
+        answers.push(follower.propose(&batch).await);
+    }
+    let mut last_offset = 0;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let appended = answer.await.expect("committed").info;
+        assert!(
+            appended.base_offset > last_offset,
+            "batch {i} stored at {} after a later one (at {last_offset})",
+            appended.base_offset
+        );
+        last_offset = appended.base_offset;
+    }
+    for node in &nodes {
+        node.storage.shutdown().await;
+    }
+}

@@ -1,0 +1,341 @@
+//! The order of the writes a node forwards to its group's leader.
+//!
+//! A node that does not lead forwards each write it is given to the
+//! leader, as a request of its own, over one of several pooled
+//! connections: two forwards in flight at once may reach the leader in
+//! either order. A producer with several batches in flight through a
+//! follower would then find them stored out of order.
+//!
+//! Each node's group replica numbers its writes in the order they are
+//! proposed ([`ForwardStream`]: one stream per replica, a random id per
+//! process); a forward carries its stream, its number and the stream's
+//! *floor*, the smallest number still unanswered on the sending node. The
+//! leader ([`ForwardOrder`]) submits a stream's forwards in their
+//! numbers' order: a forward waits until every smaller number at or
+//! above the floor has been submitted here.
+//!
+//! # Invariants
+//!
+//! - While one node leads, the forwards of one stream that reach it are
+//!   submitted to Raft (whose log keeps the submission order) in the
+//!   order of their numbers, except that a forward waits at most
+//!   [`ORDER_WAIT`] for a smaller number that never comes (a write
+//!   abandoned before it was forwarded, whose number the floor had not
+//!   yet passed when the later one was sent): it then goes, late numbers
+//!   after it go at once, and the order of those two is lost.
+//! - Waiting never blocks another stream, nor any other request.
+//! - Across a change of leader the order holds for the forwards the new
+//!   leader receives, from the floor each carries: a write the old leader
+//!   refused and the sender retries keeps its number.
+//! - The leader keeps a small state per stream, forgotten after
+//!   [`STREAM_IDLE`] without a forward once more than
+//!   [`STREAMS_KEPT`] streams are known.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+/// The longest a forward waits at the leader for one of its stream's
+/// smaller numbers. A number that never comes is rare (a write abandoned
+/// between being numbered and being forwarded), and the forwards of a
+/// stream with a steady leader arrive within milliseconds of each other.
+pub const ORDER_WAIT: Duration = Duration::from_secs(1);
+
+/// How many streams a leader keeps before it forgets the idle ones.
+pub const STREAMS_KEPT: usize = 1024;
+
+/// How long a stream is kept without a forward once more than
+/// [`STREAMS_KEPT`] are known.
+pub const STREAM_IDLE: Duration = Duration::from_secs(60);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A replica's numbering of its writes, as a sender of forwards.
+#[derive(Debug)]
+pub struct ForwardStream {
+    id: u64,
+    numbers: Mutex<Numbers>,
+}
+
+#[derive(Debug, Default)]
+struct Numbers {
+    next: u64,
+    unanswered: BTreeSet<u64>,
+}
+
+/// One write's number in its [`ForwardStream`]; unanswered until dropped.
+#[derive(Debug)]
+pub struct ForwardTicket {
+    stream: Arc<ForwardStream>,
+    seq: u64,
+}
+
+/// Where a forward stands in its stream, as the leader is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardPlace {
+    /// The sending replica's stream.
+    pub stream: u64,
+    /// This write's number.
+    pub seq: u64,
+    /// Every number below this one is answered on the sender: the leader
+    /// waits for none of them.
+    pub floor: u64,
+}
+
+impl ForwardStream {
+    /// A stream with a random id (another per process and replica).
+    pub fn new() -> Arc<ForwardStream> {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos()),
+        );
+        Arc::new(ForwardStream {
+            id: hasher.finish(),
+            numbers: Mutex::default(),
+        })
+    }
+
+    /// The next number, unanswered until the ticket is dropped.
+    pub fn issue(self: &Arc<Self>) -> ForwardTicket {
+        let mut numbers = lock(&self.numbers);
+        let seq = numbers.next;
+        numbers.next += 1;
+        numbers.unanswered.insert(seq);
+        ForwardTicket {
+            stream: Arc::clone(self),
+            seq,
+        }
+    }
+
+    /// The smallest number not yet answered (the next one if none).
+    fn floor(&self) -> u64 {
+        let numbers = lock(&self.numbers);
+        numbers.unanswered.first().copied().unwrap_or(numbers.next)
+    }
+}
+
+impl ForwardTicket {
+    /// The place to send with this write's forward (the floor as of now).
+    pub fn place(&self) -> ForwardPlace {
+        ForwardPlace {
+            stream: self.stream.id,
+            seq: self.seq,
+            floor: self.stream.floor(),
+        }
+    }
+}
+
+impl Drop for ForwardTicket {
+    fn drop(&mut self) {
+        lock(&self.stream.numbers).unanswered.remove(&self.seq);
+    }
+}
+
+/// A leader's view of the streams forwarding to it (see the module docs).
+#[derive(Debug, Default)]
+pub struct ForwardOrder {
+    streams: Mutex<HashMap<u64, Turn>>,
+}
+
+#[derive(Debug)]
+struct Turn {
+    /// The smallest number not yet submitted (nor passed by a floor).
+    next: watch::Sender<u64>,
+    used: Instant,
+}
+
+impl ForwardOrder {
+    /// Waits until `place` is its stream's turn: every smaller number at
+    /// or above its floor was submitted, or [`ORDER_WAIT`] passed.
+    /// Returns whether the turn came (false: it waited in vain).
+    pub async fn wait_turn(&self, place: ForwardPlace) -> bool {
+        let mut next = {
+            let mut streams = lock(&self.streams);
+            let now = Instant::now();
+            if streams.len() > STREAMS_KEPT {
+                streams.retain(|_, turn| now.duration_since(turn.used) < STREAM_IDLE);
+            }
+            let turn = streams.entry(place.stream).or_insert_with(|| Turn {
+                next: watch::channel(place.floor).0,
+                used: now,
+            });
+            turn.used = now;
+            turn.next.send_if_modified(|next| raise(next, place.floor));
+            turn.next.subscribe()
+        };
+        tokio::time::timeout(ORDER_WAIT, next.wait_for(|&next| next >= place.seq))
+            .await
+            .is_ok_and(|waited| waited.is_ok())
+    }
+
+    /// `place`'s write was submitted: the stream's next number may go.
+    pub fn submitted(&self, place: ForwardPlace) {
+        if let Some(turn) = lock(&self.streams).get(&place.stream) {
+            turn.next
+                .send_if_modified(|next| raise(next, place.seq.saturating_add(1)));
+        }
+    }
+}
+
+/// Raises `next` to `to` if below; whether it changed.
+fn raise(next: &mut u64, to: u64) -> bool {
+    if *next < to {
+        *next = to;
+        true
+    } else {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_numbers_in_order_and_its_floor_is_the_oldest_unanswered() {
+        let stream = ForwardStream::new();
+        let first = stream.issue();
+        let second = stream.issue();
+        let third = stream.issue();
+        assert_eq!((first.seq, second.seq, third.seq), (0, 1, 2));
+        assert_eq!(third.place().floor, 0);
+        drop(second);
+        assert_eq!(third.place().floor, 0, "the first is still unanswered");
+        drop(first);
+        assert_eq!(third.place().floor, 2);
+        drop(third);
+        assert_eq!(stream.floor(), 3, "none unanswered: the next number");
+        assert_ne!(ForwardStream::new().id, stream.id, "each stream its own id");
+    }
+
+    fn place(seq: u64, floor: u64) -> ForwardPlace {
+        ForwardPlace {
+            stream: 7,
+            seq,
+            floor,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_number_waits_for_the_earlier_ones_to_be_submitted() {
+        let order = Arc::new(ForwardOrder::default());
+        // 2 arrives first, sent while 0 and 1 were unanswered.
+        let later = tokio::spawn({
+            let order = Arc::clone(&order);
+            async move {
+                let turn = order.wait_turn(place(2, 0)).await;
+                (turn, tokio::time::Instant::now())
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!later.is_finished());
+        let start = tokio::time::Instant::now();
+        assert!(order.wait_turn(place(0, 0)).await, "0 waits for nothing");
+        tokio::time::advance(Duration::from_millis(5)).await;
+        order.submitted(place(0, 0));
+        assert!(order.wait_turn(place(1, 0)).await);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        order.submitted(place(1, 0));
+        let (turn, at) = later.await.unwrap();
+        assert!(turn);
+        assert_eq!(
+            at - start,
+            Duration::from_millis(10),
+            "it went once 1 was in"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_floor_past_a_missing_number_lets_the_waiting_one_go() {
+        let order = Arc::new(ForwardOrder::default());
+        assert!(order.wait_turn(place(0, 0)).await);
+        order.submitted(place(0, 0));
+        // 1 was abandoned on the sender before it was forwarded; 2 was
+        // sent while 1 was still unanswered there.
+        let waiting = tokio::spawn({
+            let order = Arc::clone(&order);
+            async move {
+                let turn = order.wait_turn(place(2, 1)).await;
+                order.submitted(place(2, 1));
+                turn
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // 3, sent after 1 was dropped, carries a floor past it; it waits
+        // for 2 in turn.
+        let start = tokio::time::Instant::now();
+        assert!(order.wait_turn(place(3, 2)).await);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert!(
+            waiting.await.unwrap(),
+            "the floor, not the timeout, let 2 go"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_number_that_never_comes_holds_the_next_for_order_wait_only() {
+        let order = ForwardOrder::default();
+        assert!(order.wait_turn(place(0, 0)).await);
+        order.submitted(place(0, 0));
+        let start = tokio::time::Instant::now();
+        assert!(!order.wait_turn(place(2, 1)).await, "1 never came");
+        assert_eq!(start.elapsed(), ORDER_WAIT);
+        order.submitted(place(2, 1));
+        // 1, very late, goes at once: it can no longer be first.
+        assert!(order.wait_turn(place(1, 1)).await);
+        assert_eq!(start.elapsed(), ORDER_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_starts_each_stream_at_its_floor() {
+        let order = ForwardOrder::default();
+        // The stream's first forward here: 5 and 6 are unanswered on the
+        // sender, 6 arrives first and waits for 5.
+        let early = order.wait_turn(place(6, 5));
+        tokio::pin!(early);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), &mut early)
+                .await
+                .is_err(),
+            "6 waits for 5"
+        );
+        assert!(order.wait_turn(place(5, 5)).await);
+        order.submitted(place(5, 5));
+        assert!(early.await);
+    }
+
+    #[test]
+    fn idle_streams_are_forgotten_once_many_are_known() {
+        let order = ForwardOrder::default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        for stream in 0..=STREAMS_KEPT as u64 {
+            let place = ForwardPlace {
+                stream,
+                seq: 0,
+                floor: 0,
+            };
+            assert!(runtime.block_on(order.wait_turn(place)));
+        }
+        for turn in lock(&order.streams).values_mut() {
+            turn.used -= STREAM_IDLE;
+        }
+        let fresh = ForwardPlace {
+            stream: u64::MAX,
+            seq: 0,
+            floor: 0,
+        };
+        assert!(runtime.block_on(order.wait_turn(fresh)));
+        assert_eq!(lock(&order.streams).len(), 1, "only the fresh one kept");
+    }
+}
