@@ -243,7 +243,7 @@ mod tests {
         assert!(order.wait_turn(place(1, 0)).await);
         tokio::time::advance(Duration::from_millis(5)).await;
         order.submitted(place(1, 0));
-        let (turn, at) = later.await.unwrap();
+        let (turn, at) = later.await.expect("the later forward's task");
         assert!(turn);
         assert_eq!(
             at - start,
@@ -275,7 +275,7 @@ mod tests {
         assert!(order.wait_turn(place(3, 2)).await);
         assert_eq!(start.elapsed(), Duration::ZERO);
         assert!(
-            waiting.await.unwrap(),
+            waiting.await.expect("the waiting forward's task"),
             "the floor, not the timeout, let 2 go"
         );
     }
@@ -318,7 +318,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
-            .unwrap();
+            .expect("a runtime");
         for stream in 0..=STREAMS_KEPT as u64 {
             let place = ForwardPlace {
                 stream,
