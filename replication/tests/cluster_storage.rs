@@ -399,6 +399,58 @@ async fn a_writer_through_a_follower_keeps_its_order() {
     }
 }
 
+/// A follower's pipelined large batches keep their order while the
+/// leadership moves to the third node: forwards the old leader refuses
+/// are retried at the new one with their numbers, which it takes in
+/// order from the floor each carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_keeps_its_order_while_the_leadership_moves() {
+    let nodes = cluster().await;
+    let replicas = replicas_of(&nodes).await;
+    let leader_id = leader_after_a_first_write(&replicas).await;
+    let follower = Arc::clone(&replicas[leader_id as usize % 3]);
+    let third = Arc::clone(&replicas[(leader_id as usize + 1) % 3]);
+    let old_leader = Arc::clone(&replicas[leader_id as usize - 1]);
+    let third_id = third.node().id();
+    assert!(follower.node().leading_term().is_none());
+    assert!(third.node().leading_term().is_none());
+    let mut answers = Vec::new();
+    let mut transfer = None;
+    for i in 0..150u32 {
+        if i == 30 {
+            let old_leader = Arc::clone(&old_leader);
+            transfer = Some(tokio::spawn(async move {
+                old_leader.node().transfer_leader(third_id).await
+            }));
+        }
+        let batch = BatchInput::new(vec![RecordInput::new(vec![i as u8; 70 << 10])]);
+        answers.push(follower.propose(&batch).await);
+        if i % 10 == 9 {
+            // A producer's pace: the transfer lands among batches in flight.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    transfer
+        .expect("started")
+        .await
+        .expect("join")
+        .expect("the leadership moved");
+    let mut last_offset = 0;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let appended = answer.await.expect("committed").info;
+        assert!(
+            appended.base_offset > last_offset,
+            "batch {i} stored at {} after a later one (at {last_offset})",
+            appended.base_offset
+        );
+        last_offset = appended.base_offset;
+    }
+    assert_eq!(third.node().leader().await, Some(third_id));
+    for node in &nodes {
+        node.storage.shutdown().await;
+    }
+}
+
 /// The same for batches that are never merged, and so were each a forward
 /// of their own: large ones (64 KiB and more) and idempotent ones. The
 /// leader takes a follower's forwards in the order the follower proposed
