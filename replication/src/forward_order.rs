@@ -18,11 +18,13 @@
 //!
 //! - While one node leads, the forwards of one stream that reach it are
 //!   submitted to Raft (whose log keeps the submission order) in the
-//!   order of their numbers, except that a forward waits at most
-//!   [`ORDER_WAIT`] for a smaller number that never comes (a write
-//!   abandoned before it was forwarded, whose number the floor had not
-//!   yet passed when the later one was sent): it then goes, late numbers
-//!   after it go at once, and the order of those two is lost.
+//!   order of their numbers. A smaller number that is here already is
+//!   waited for until it is submitted (a handover may hold it at the
+//!   write gate for seconds); while one is missing, a forward waits at
+//!   most [`ORDER_WAIT`] from its arrival (for a write abandoned before
+//!   it was forwarded, whose number the floor had not yet passed when the
+//!   later one was sent): it then goes, late numbers after it go at once,
+//!   and the order of those two is lost.
 //! - Waiting never blocks another stream, nor any other request.
 //! - Across a change of leader the order holds for the forwards the new
 //!   leader receives, from the floor each carries: a write the old leader
@@ -146,52 +148,134 @@ pub struct ForwardOrder {
 
 #[derive(Debug)]
 struct Turn {
-    /// The smallest number not yet submitted (nor passed by a floor).
-    next: watch::Sender<u64>,
+    state: watch::Sender<StreamState>,
     used: Instant,
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    /// The smallest number not yet submitted (nor passed by a floor).
+    next: u64,
+    /// Numbers here and not yet submitted (or given up).
+    arrived: BTreeSet<u64>,
+}
+
+impl StreamState {
+    /// Whether every number from `next` up to `seq` is here.
+    fn all_before_arrived(&self, seq: u64) -> bool {
+        seq <= self.next || self.arrived.range(self.next..seq).count() as u64 == seq - self.next
+    }
+}
+
+/// A forward at the leader, from its arrival until it is submitted or
+/// dropped (then a later number no longer waits for it without bound).
+#[derive(Debug)]
+pub struct Arrival<'a> {
+    order: &'a ForwardOrder,
+    place: ForwardPlace,
+    in_turn: bool,
+    submitted: bool,
 }
 
 impl ForwardOrder {
     /// Waits until `place` is its stream's turn: every smaller number at
-    /// or above its floor was submitted, or [`ORDER_WAIT`] passed.
-    /// Returns whether the turn came (false: it waited in vain).
-    pub async fn wait_turn(&self, place: ForwardPlace) -> bool {
-        let mut next = {
+    /// or above its floor was submitted. A number that is here already is
+    /// waited for as long as it takes (it is being submitted: a handover
+    /// may hold it at the gate for seconds); while one is missing, at most
+    /// [`ORDER_WAIT`] in all.
+    pub async fn wait_turn(&self, place: ForwardPlace) -> Arrival<'_> {
+        let mut state = {
             let mut streams = lock(&self.streams);
             let now = Instant::now();
             if streams.len() > STREAMS_KEPT {
                 streams.retain(|_, turn| now.duration_since(turn.used) < STREAM_IDLE);
             }
             let turn = streams.entry(place.stream).or_insert_with(|| Turn {
-                next: watch::channel(place.floor).0,
+                state: watch::channel(StreamState {
+                    next: place.floor,
+                    arrived: BTreeSet::new(),
+                })
+                .0,
                 used: now,
             });
             turn.used = now;
-            turn.next.send_if_modified(|next| raise(next, place.floor));
-            turn.next.subscribe()
+            turn.state.send_modify(|state| {
+                raise(&mut state.next, place.floor);
+                state.arrived.insert(place.seq);
+            });
+            turn.state.subscribe()
         };
-        tokio::time::timeout(ORDER_WAIT, next.wait_for(|&next| next >= place.seq))
-            .await
-            .is_ok_and(|waited| waited.is_ok())
+        let mut arrival = Arrival {
+            order: self,
+            place,
+            in_turn: false,
+            submitted: false,
+        };
+        let deadline = tokio::time::Instant::now() + ORDER_WAIT;
+        loop {
+            let (in_turn, all_before_arrived) = {
+                let state = state.borrow_and_update();
+                (state.next >= place.seq, state.all_before_arrived(place.seq))
+            };
+            if in_turn {
+                arrival.in_turn = true;
+                return arrival;
+            }
+            let changed = if all_before_arrived {
+                state.changed().await
+            } else {
+                match tokio::time::timeout_at(deadline, state.changed()).await {
+                    Ok(changed) => changed,
+                    Err(_) => return arrival,
+                }
+            };
+            if changed.is_err() {
+                // The stream was forgotten: nothing to wait for.
+                return arrival;
+            }
+        }
     }
 
-    /// `place`'s write was submitted: the stream's next number may go.
-    pub fn submitted(&self, place: ForwardPlace) {
+    /// Raises `place`'s stream's next number to `to`, and forgets
+    /// `place`'s arrival.
+    fn leave(&self, place: ForwardPlace, to: u64) {
         if let Some(turn) = lock(&self.streams).get(&place.stream) {
-            turn.next
-                .send_if_modified(|next| raise(next, place.seq.saturating_add(1)));
+            turn.state.send_modify(|state| {
+                state.arrived.remove(&place.seq);
+                raise(&mut state.next, to);
+            });
         }
     }
 }
 
-/// Raises `next` to `to` if below; whether it changed.
-fn raise(next: &mut u64, to: u64) -> bool {
-    if *next < to {
-        *next = to;
-        true
-    } else {
-        false
+impl Arrival<'_> {
+    /// Whether its turn came (false: it waited [`ORDER_WAIT`] in vain for
+    /// a number that never came).
+    pub fn in_turn(&self) -> bool {
+        self.in_turn
     }
+
+    /// The write was submitted: the stream's next number may go.
+    pub fn submitted(mut self) {
+        self.order
+            .leave(self.place, self.place.seq.saturating_add(1));
+        self.submitted = true;
+    }
+}
+
+impl Drop for Arrival<'_> {
+    /// Dropped unsubmitted (its handler stopped): later numbers wait for
+    /// it no longer than for a missing one.
+    fn drop(&mut self) {
+        if !self.submitted {
+            self.order.leave(self.place, 0);
+        }
+    }
+}
+
+/// Raises `next` to `to` if below.
+fn raise(next: &mut u64, to: u64) {
+    *next = (*next).max(to);
 }
 
 #[cfg(test)]
@@ -223,6 +307,14 @@ mod tests {
         }
     }
 
+    /// Waits for `place`'s turn, submits it at once; whether it was in turn.
+    async fn submit(order: &ForwardOrder, place: ForwardPlace) -> bool {
+        let arrival = order.wait_turn(place).await;
+        let in_turn = arrival.in_turn();
+        arrival.submitted();
+        in_turn
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_later_number_waits_for_the_earlier_ones_to_be_submitted() {
         let order = Arc::new(ForwardOrder::default());
@@ -230,21 +322,23 @@ mod tests {
         let later = tokio::spawn({
             let order = Arc::clone(&order);
             async move {
-                let turn = order.wait_turn(place(2, 0)).await;
-                (turn, tokio::time::Instant::now())
+                let in_turn = submit(&order, place(2, 0)).await;
+                (in_turn, tokio::time::Instant::now())
             }
         });
         tokio::task::yield_now().await;
         assert!(!later.is_finished());
         let start = tokio::time::Instant::now();
-        assert!(order.wait_turn(place(0, 0)).await, "0 waits for nothing");
+        let first = order.wait_turn(place(0, 0)).await;
+        assert!(first.in_turn(), "0 waits for nothing");
         tokio::time::advance(Duration::from_millis(5)).await;
-        order.submitted(place(0, 0));
-        assert!(order.wait_turn(place(1, 0)).await);
+        first.submitted();
+        let second = order.wait_turn(place(1, 0)).await;
+        assert!(second.in_turn());
         tokio::time::advance(Duration::from_millis(5)).await;
-        order.submitted(place(1, 0));
-        let (turn, at) = later.await.expect("the later forward's task");
-        assert!(turn);
+        second.submitted();
+        let (in_turn, at) = later.await.expect("the later forward's task");
+        assert!(in_turn);
         assert_eq!(
             at - start,
             Duration::from_millis(10),
@@ -253,26 +347,62 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_number_here_is_waited_for_beyond_order_wait() {
+        let order = Arc::new(ForwardOrder::default());
+        // 0 is here but held (a handover's gate) for three seconds.
+        let held = order.wait_turn(place(0, 0)).await;
+        assert!(held.in_turn());
+        let later = tokio::spawn({
+            let order = Arc::clone(&order);
+            async move {
+                let in_turn = submit(&order, place(1, 0)).await;
+                (in_turn, tokio::time::Instant::now())
+            }
+        });
+        let start = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!later.is_finished(), "1 still waits for 0");
+        held.submitted();
+        let (in_turn, at) = later.await.expect("the later forward's task");
+        assert!(in_turn);
+        assert_eq!(at - start, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_number_dropped_unsubmitted_holds_the_next_for_order_wait_only() {
+        let order = Arc::new(ForwardOrder::default());
+        let held = order.wait_turn(place(0, 0)).await;
+        let later = tokio::spawn({
+            let order = Arc::clone(&order);
+            async move {
+                let in_turn = submit(&order, place(1, 0)).await;
+                (in_turn, tokio::time::Instant::now())
+            }
+        });
+        let start = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+        let (in_turn, at) = later.await.expect("the later forward's task");
+        assert!(!in_turn, "0 never was submitted");
+        assert_eq!(at - start, ORDER_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_floor_past_a_missing_number_lets_the_waiting_one_go() {
         let order = Arc::new(ForwardOrder::default());
-        assert!(order.wait_turn(place(0, 0)).await);
-        order.submitted(place(0, 0));
+        assert!(submit(&order, place(0, 0)).await);
         // 1 was abandoned on the sender before it was forwarded; 2 was
         // sent while 1 was still unanswered there.
         let waiting = tokio::spawn({
             let order = Arc::clone(&order);
-            async move {
-                let turn = order.wait_turn(place(2, 1)).await;
-                order.submitted(place(2, 1));
-                turn
-            }
+            async move { submit(&order, place(2, 1)).await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         // 3, sent after 1 was dropped, carries a floor past it; it waits
         // for 2 in turn.
         let start = tokio::time::Instant::now();
-        assert!(order.wait_turn(place(3, 2)).await);
+        assert!(submit(&order, place(3, 2)).await);
         assert_eq!(start.elapsed(), Duration::ZERO);
         assert!(
             waiting.await.expect("the waiting forward's task"),
@@ -283,14 +413,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_number_that_never_comes_holds_the_next_for_order_wait_only() {
         let order = ForwardOrder::default();
-        assert!(order.wait_turn(place(0, 0)).await);
-        order.submitted(place(0, 0));
+        assert!(submit(&order, place(0, 0)).await);
         let start = tokio::time::Instant::now();
-        assert!(!order.wait_turn(place(2, 1)).await, "1 never came");
+        assert!(!submit(&order, place(2, 1)).await, "1 never came");
         assert_eq!(start.elapsed(), ORDER_WAIT);
-        order.submitted(place(2, 1));
         // 1, very late, goes at once: it can no longer be first.
-        assert!(order.wait_turn(place(1, 1)).await);
+        assert!(submit(&order, place(1, 1)).await);
         assert_eq!(start.elapsed(), ORDER_WAIT);
     }
 
@@ -299,7 +427,7 @@ mod tests {
         let order = ForwardOrder::default();
         // The stream's first forward here: 5 and 6 are unanswered on the
         // sender, 6 arrives first and waits for 5.
-        let early = order.wait_turn(place(6, 5));
+        let early = submit(&order, place(6, 5));
         tokio::pin!(early);
         assert!(
             tokio::time::timeout(Duration::from_millis(1), &mut early)
@@ -307,8 +435,7 @@ mod tests {
                 .is_err(),
             "6 waits for 5"
         );
-        assert!(order.wait_turn(place(5, 5)).await);
-        order.submitted(place(5, 5));
+        assert!(submit(&order, place(5, 5)).await);
         assert!(early.await);
     }
 
@@ -325,7 +452,7 @@ mod tests {
                 seq: 0,
                 floor: 0,
             };
-            assert!(runtime.block_on(order.wait_turn(place)));
+            assert!(runtime.block_on(submit(&order, place)));
         }
         for turn in lock(&order.streams).values_mut() {
             turn.used -= STREAM_IDLE;
@@ -335,7 +462,7 @@ mod tests {
             seq: 0,
             floor: 0,
         };
-        assert!(runtime.block_on(order.wait_turn(fresh)));
+        assert!(runtime.block_on(submit(&order, fresh)));
         assert_eq!(lock(&order.streams).len(), 1, "only the fresh one kept");
     }
 }

@@ -724,15 +724,18 @@ impl<C: GroupTypes> GroupService<C> {
         place: Option<ForwardPlace>,
     ) -> io::Result<RaftReply> {
         let data: C::D = decode_request::<C, _>(&data.0)?;
+        let mut arrival = None;
         if let Some(place) = place {
-            if !self.order.wait_turn(place).await {
+            let arrived = self.order.wait_turn(place).await;
+            if !arrived.in_turn() {
                 tracing::debug!(group = %self.group, ?place, "a forward went without an earlier one");
             }
+            arrival = Some(arrived);
         }
         self.gate.pass().await;
         let proposed = self.raft.client_write_ff(data).await;
-        if let Some(place) = place {
-            self.order.submitted(place);
+        if let Some(arrival) = arrival {
+            arrival.submitted();
         }
         let written = match proposed {
             Ok(answer) => match answer.await {
