@@ -315,17 +315,24 @@ mod tests {
         in_turn
     }
 
+    /// [`submit`] in a task of its own, which answers whether it was in
+    /// turn and when it was submitted.
+    fn spawn_submit(
+        order: &Arc<ForwardOrder>,
+        place: ForwardPlace,
+    ) -> tokio::task::JoinHandle<(bool, tokio::time::Instant)> {
+        let order = Arc::clone(order);
+        tokio::spawn(async move {
+            let in_turn = submit(&order, place).await;
+            (in_turn, tokio::time::Instant::now())
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_later_number_waits_for_the_earlier_ones_to_be_submitted() {
         let order = Arc::new(ForwardOrder::default());
         // 2 arrives first, sent while 0 and 1 were unanswered.
-        let later = tokio::spawn({
-            let order = Arc::clone(&order);
-            async move {
-                let in_turn = submit(&order, place(2, 0)).await;
-                (in_turn, tokio::time::Instant::now())
-            }
-        });
+        let later = spawn_submit(&order, place(2, 0));
         tokio::task::yield_now().await;
         assert!(!later.is_finished());
         let start = tokio::time::Instant::now();
@@ -352,13 +359,7 @@ mod tests {
         // 0 is here but held (a handover's gate) for three seconds.
         let held = order.wait_turn(place(0, 0)).await;
         assert!(held.in_turn());
-        let later = tokio::spawn({
-            let order = Arc::clone(&order);
-            async move {
-                let in_turn = submit(&order, place(1, 0)).await;
-                (in_turn, tokio::time::Instant::now())
-            }
-        });
+        let later = spawn_submit(&order, place(1, 0));
         let start = tokio::time::Instant::now();
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(!later.is_finished(), "1 still waits for 0");
@@ -372,13 +373,7 @@ mod tests {
     async fn a_number_dropped_unsubmitted_holds_the_next_for_order_wait_only() {
         let order = Arc::new(ForwardOrder::default());
         let held = order.wait_turn(place(0, 0)).await;
-        let later = tokio::spawn({
-            let order = Arc::clone(&order);
-            async move {
-                let in_turn = submit(&order, place(1, 0)).await;
-                (in_turn, tokio::time::Instant::now())
-            }
-        });
+        let later = spawn_submit(&order, place(1, 0));
         let start = tokio::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmq_dispatcher::{PartitionLog, Storage, StoreError};
 use dmq_log_store::{BatchInput, LogConfig, RecordInput};
-use dmq_replication::cluster_storage::ReplicatedPartitionLog;
+use dmq_replication::cluster_storage::{ReplicatedAppend, ReplicatedPartitionLog};
 use dmq_replication::{ClusterMembers, ClusterStorage, NodeConfig, RaftRouter};
 
 struct Member {
@@ -91,6 +91,23 @@ async fn leader_after_a_first_write(replicas: &[Arc<ReplicatedPartitionLog>]) ->
         .await
         .expect("a first write");
     replicas[0].node().leader().await.expect("leader")
+}
+
+/// Awaits each answer, in the order proposed: every batch committed, and
+/// each stored after the one proposed before it.
+async fn assert_stored_in_order(
+    answers: Vec<impl std::future::Future<Output = Result<ReplicatedAppend, StoreError>>>,
+) {
+    let mut last_offset = 0;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let appended = answer.await.expect("committed").info;
+        assert!(
+            appended.base_offset > last_offset,
+            "batch {i} stored at {} after a later one (at {last_offset})",
+            appended.base_offset
+        );
+        last_offset = appended.base_offset;
+    }
 }
 
 fn records(n: usize) -> Vec<RecordInput> {
@@ -384,16 +401,7 @@ async fn a_writer_through_a_follower_keeps_its_order() {
         let batch = BatchInput::new(vec![RecordInput::new(vec![i as u8; 1 + i as usize * 100])]);
         answers.push(follower.propose(&batch).await);
     }
-    let mut last_offset = 0;
-    for (i, answer) in answers.into_iter().enumerate() {
-        let appended = answer.await.expect("committed").info;
-        assert!(
-            appended.base_offset > last_offset,
-            "batch {i} stored at {} after a later one (at {last_offset})",
-            appended.base_offset
-        );
-        last_offset = appended.base_offset;
-    }
+    assert_stored_in_order(answers).await;
     for node in &nodes {
         node.storage.shutdown().await;
     }
@@ -435,16 +443,7 @@ async fn a_follower_keeps_its_order_while_the_leadership_moves() {
         .await
         .expect("join")
         .expect("the leadership moved");
-    let mut last_offset = 0;
-    for (i, answer) in answers.into_iter().enumerate() {
-        let appended = answer.await.expect("committed").info;
-        assert!(
-            appended.base_offset > last_offset,
-            "batch {i} stored at {} after a later one (at {last_offset})",
-            appended.base_offset
-        );
-        last_offset = appended.base_offset;
-    }
+    assert_stored_in_order(answers).await;
     assert_eq!(third.node().leader().await, Some(third_id));
     for node in &nodes {
         node.storage.shutdown().await;
@@ -476,16 +475,7 @@ async fn large_and_idempotent_batches_through_a_follower_keep_their_order() {
         };
         answers.push(follower.propose(&batch).await);
     }
-    let mut last_offset = 0;
-    for (i, answer) in answers.into_iter().enumerate() {
-        let appended = answer.await.expect("committed").info;
-        assert!(
-            appended.base_offset > last_offset,
-            "batch {i} stored at {} after a later one (at {last_offset})",
-            appended.base_offset
-        );
-        last_offset = appended.base_offset;
-    }
+    assert_stored_in_order(answers).await;
     for node in &nodes {
         node.storage.shutdown().await;
     }
