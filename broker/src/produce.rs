@@ -186,7 +186,6 @@ pub(crate) async fn admit(
                 let answer = cluster
                     .delays()
                     .propose(&topic, routed, now)
-                    .await
                     .map_err(|error| match error {
                         dmq_replication::delays::DelaysError::Invalid(why) => {
                             ErrorResponse::new(ErrorCode::InvalidRequest, why)
@@ -217,7 +216,7 @@ pub(crate) async fn admit(
                     records: part,
                 };
                 let proposed_at = std::time::Instant::now();
-                let answer = replica.propose(&batch).await;
+                let answer = replica.propose(&batch);
                 proposed.push((partition, indexes, replica, proposed_at, answer));
             }
             let engine = engine.clone();

@@ -565,18 +565,15 @@ impl ReplicatedPartitionLog {
     /// node leads, else forwarded) and answers once it is committed, with
     /// where its records are.
     pub async fn write(&self, batch: &BatchInput) -> Result<AppendInfo, StoreError> {
-        self.propose(batch)
-            .await
-            .await
-            .map(|appended| appended.info)
+        self.propose(batch).await.map(|appended| appended.info)
     }
 
     /// [`ReplicatedPartitionLog::write`] in two steps: queues the batch
-    /// now behind this node's earlier proposals (a leader appends one
-    /// caller's proposals in call order; [`ProposalQueue`] may merge them
-    /// with others') and returns the answer's future, so a connection may
-    /// have many batches in flight.
-    pub async fn propose(
+    /// now, at the call, behind this node's earlier proposals (a leader
+    /// appends one caller's proposals in call order; [`ProposalQueue`] may
+    /// merge them with others') and returns the answer's future, so a
+    /// connection may have many batches in flight.
+    pub fn propose(
         &self,
         batch: &BatchInput,
     ) -> impl Future<Output = Result<ReplicatedAppend, StoreError>> + Send + 'static {

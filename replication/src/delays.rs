@@ -237,7 +237,7 @@ impl ReplicatedDelays {
     /// to the timer group now, so that one caller's schedules keep their
     /// order; the returned future answers their ids, in order, once
     /// committed.
-    pub async fn propose(
+    pub fn propose(
         &self,
         topic: &str,
         records: Vec<(u32, RecordInput)>,
@@ -260,7 +260,7 @@ impl ReplicatedDelays {
             producer_seq: 0,
             records,
         };
-        let answer = self.timer.propose(&batch).await;
+        let answer = self.timer.propose(&batch);
         let events = Arc::clone(&self.events);
         let topic: Arc<str> = Arc::from(topic);
         Ok(async move {
@@ -687,7 +687,7 @@ impl Follower {
                         producer_seq: 0,
                         records,
                     };
-                    answers.push((ids, replica.propose(&batch).await));
+                    answers.push((ids, replica.propose(&batch)));
                 }
             }
             let mut done = Vec::new();

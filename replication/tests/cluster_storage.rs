@@ -315,7 +315,7 @@ async fn concurrent_writes_share_entries_and_each_gets_its_own_records() {
                 .map(|i| format!("w{writer}-b{batch}-r{i}"))
                 .collect();
             let input = BatchInput::new(values.iter().cloned().map(RecordInput::new).collect());
-            answers.push((values, replica.propose(&input).await));
+            answers.push((values, replica.propose(&input)));
         }
         proposed.push(answers);
     }
@@ -324,7 +324,7 @@ async fn concurrent_writes_share_entries_and_each_gets_its_own_records() {
         for i in 0..6u8 {
             let value = vec![i; 20 * 1024];
             let input = BatchInput::new(vec![RecordInput::new(value.clone())]);
-            large.push((value, leader.propose(&input).await));
+            large.push((value, leader.propose(&input)));
         }
         large
     };
@@ -399,7 +399,7 @@ async fn a_writer_through_a_follower_keeps_its_order() {
     let mut answers = Vec::new();
     for i in 0..200u32 {
         let batch = BatchInput::new(vec![RecordInput::new(vec![i as u8; 1 + i as usize * 100])]);
-        answers.push(follower.propose(&batch).await);
+        answers.push(follower.propose(&batch));
     }
     assert_stored_in_order(answers).await;
     for node in &nodes {
@@ -432,7 +432,7 @@ async fn a_follower_keeps_its_order_while_the_leadership_moves() {
             }));
         }
         let batch = BatchInput::new(vec![RecordInput::new(vec![i as u8; 70 << 10])]);
-        answers.push(follower.propose(&batch).await);
+        answers.push(follower.propose(&batch));
         if i % 10 == 9 {
             // A producer's pace: the transfer lands among batches in flight.
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -473,7 +473,7 @@ async fn large_and_idempotent_batches_through_a_follower_keep_their_order() {
                 ..BatchInput::new(vec![RecordInput::new(vec![i as u8; 100])])
             }
         };
-        answers.push(follower.propose(&batch).await);
+        answers.push(follower.propose(&batch));
     }
     assert_stored_in_order(answers).await;
     for node in &nodes {
