@@ -343,8 +343,10 @@ impl Api {
     }
 
     /// (status, JSON body or Null) of a call with an optional raw body.
+    /// Panics naming the call and the transport's error if no answer came.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
-        self.try_call(method, path, body).unwrap()
+        self.call_or_error(method, path, body)
+            .unwrap_or_else(|error| panic!("{method} {path}: no answer: {error}"))
     }
 
     /// Like [`call`](Self::call); `None` if the broker could not be reached
@@ -355,6 +357,17 @@ impl Api {
         path: &str,
         body: Option<&str>,
     ) -> Option<(u16, serde_json::Value)> {
+        self.call_or_error(method, path, body).ok()
+    }
+
+    /// Like [`call`](Self::call), with the transport's error if no answer
+    /// came.
+    fn call_or_error(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, serde_json::Value), ureq::Error> {
         let url = format!("{}{path}", self.base);
         let mut request = ureq::http::Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
@@ -369,11 +382,11 @@ impl Api {
             ),
             None => self.agent.run(request.body(()).unwrap()),
         };
-        let mut response = response.ok()?;
+        let mut response = response?;
         let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().ok()?;
+        let text = response.body_mut().read_to_string()?;
         let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        Some((status, json))
+        Ok((status, json))
     }
 
     pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
