@@ -27,8 +27,9 @@
 //!   and the order of those two is lost.
 //! - Waiting never blocks another stream, nor any other request.
 //! - Across a change of leader the order holds for the forwards the new
-//!   leader receives, from the floor each carries: a write the old leader
-//!   refused and the sender retries keeps its number.
+//!   leader receives, from the floor each carries, as long as each
+//!   arrives within [`ORDER_WAIT`] of the later ones: a write the old
+//!   leader refused and the sender retries keeps its number.
 //! - The leader keeps a small state per stream, forgotten after
 //!   [`STREAM_IDLE`] without a forward once more than
 //!   [`STREAMS_KEPT`] streams are known.
@@ -40,8 +41,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// The longest a forward waits at the leader for one of its stream's
-/// smaller numbers. A number that never comes is rare (a write abandoned
+/// The longest a forward waits at the leader for a smaller number of its
+/// stream that has not arrived (one that has is waited for until it is
+/// submitted). A number that never comes is rare (a write abandoned
 /// between being numbered and being forwarded), and the forwards of a
 /// stream with a steady leader arrive within milliseconds of each other.
 pub const ORDER_WAIT: Duration = Duration::from_secs(1);
