@@ -93,6 +93,29 @@ async fn leader_after_a_first_write(replicas: &[Arc<ReplicatedPartitionLog>]) ->
     replicas[0].node().leader().await.expect("leader")
 }
 
+/// The replicas, the leader's id after a first write, and a replica of a
+/// node that does not lead (every write it is given is forwarded).
+async fn a_follower(
+    nodes: &[Member],
+) -> (
+    Vec<Arc<ReplicatedPartitionLog>>,
+    u64,
+    Arc<ReplicatedPartitionLog>,
+) {
+    let replicas = replicas_of(nodes).await;
+    let leader_id = leader_after_a_first_write(&replicas).await;
+    let follower = Arc::clone(&replicas[leader_id as usize % 3]);
+    assert!(follower.node().leading_term().is_none());
+    (replicas, leader_id, follower)
+}
+
+/// Stops every node's storage.
+async fn shut_down(nodes: &[Member]) {
+    for node in nodes {
+        node.storage.shutdown().await;
+    }
+}
+
 /// Awaits each answer, in the order proposed: every batch committed, and
 /// each stored after the one proposed before it.
 async fn assert_stored_in_order(
@@ -228,9 +251,7 @@ async fn a_batch_the_log_would_refuse_is_refused_before_it_becomes_an_entry() {
         .await
         .expect("the group still takes writes");
     assert_eq!(taken.base_offset, 0);
-    for node in &nodes {
-        node.storage.shutdown().await;
-    }
+    shut_down(&nodes).await;
 }
 
 /// A group's ack journal that a node kept on its own disk (before its
@@ -379,9 +400,7 @@ async fn concurrent_writes_share_entries_and_each_gets_its_own_records() {
             assert_eq!(&record.value[..], &value[..], "offset {offset}");
         }
     }
-    for node in &nodes {
-        node.storage.shutdown().await;
-    }
+    shut_down(&nodes).await;
 }
 
 /// A follower's small proposals are forwarded one proposal at a time
@@ -392,19 +411,14 @@ async fn concurrent_writes_share_entries_and_each_gets_its_own_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_through_a_follower_keeps_its_order() {
     let nodes = cluster().await;
-    let replicas = replicas_of(&nodes).await;
-    let leader_id = leader_after_a_first_write(&replicas).await;
-    let follower = Arc::clone(&replicas[leader_id as usize % 3]);
-    assert!(follower.node().leading_term().is_none());
+    let (_, _, follower) = a_follower(&nodes).await;
     let mut answers = Vec::new();
     for i in 0..200u32 {
         let batch = BatchInput::new(vec![RecordInput::new(vec![i as u8; 1 + i as usize * 100])]);
         answers.push(follower.propose(&batch));
     }
     assert_stored_in_order(answers).await;
-    for node in &nodes {
-        node.storage.shutdown().await;
-    }
+    shut_down(&nodes).await;
 }
 
 /// A follower's pipelined large batches keep their order while the
@@ -414,13 +428,10 @@ async fn a_writer_through_a_follower_keeps_its_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_keeps_its_order_while_the_leadership_moves() {
     let nodes = cluster().await;
-    let replicas = replicas_of(&nodes).await;
-    let leader_id = leader_after_a_first_write(&replicas).await;
-    let follower = Arc::clone(&replicas[leader_id as usize % 3]);
+    let (replicas, leader_id, follower) = a_follower(&nodes).await;
     let third = Arc::clone(&replicas[(leader_id as usize + 1) % 3]);
     let old_leader = Arc::clone(&replicas[leader_id as usize - 1]);
     let third_id = third.node().id();
-    assert!(follower.node().leading_term().is_none());
     assert!(third.node().leading_term().is_none());
     let mut answers = Vec::new();
     let mut transfer = None;
@@ -445,9 +456,7 @@ async fn a_follower_keeps_its_order_while_the_leadership_moves() {
         .expect("the leadership moved");
     assert_stored_in_order(answers).await;
     assert_eq!(third.node().leader().await, Some(third_id));
-    for node in &nodes {
-        node.storage.shutdown().await;
-    }
+    shut_down(&nodes).await;
 }
 
 /// The same for batches that are never merged, and so were each a forward
@@ -458,10 +467,7 @@ async fn a_follower_keeps_its_order_while_the_leadership_moves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_and_idempotent_batches_through_a_follower_keep_their_order() {
     let nodes = cluster().await;
-    let replicas = replicas_of(&nodes).await;
-    let leader_id = leader_after_a_first_write(&replicas).await;
-    let follower = Arc::clone(&replicas[leader_id as usize % 3]);
-    assert!(follower.node().leading_term().is_none());
+    let (_, _, follower) = a_follower(&nodes).await;
     let mut answers = Vec::new();
     for i in 0..120u32 {
         let batch = if i % 2 == 0 {
@@ -476,7 +482,5 @@ async fn large_and_idempotent_batches_through_a_follower_keep_their_order() {
         answers.push(follower.propose(&batch));
     }
     assert_stored_in_order(answers).await;
-    for node in &nodes {
-        node.storage.shutdown().await;
-    }
+    shut_down(&nodes).await;
 }
