@@ -36,10 +36,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+use crate::cluster_storage::lock;
 
 /// The longest a forward waits at the leader for a smaller number of its
 /// stream that has not arrived (one that has is waited for until it is
@@ -54,10 +56,6 @@ pub const STREAMS_KEPT: usize = 1024;
 /// How long a stream is kept without a forward once more than
 /// [`STREAMS_KEPT`] are known.
 pub const STREAM_IDLE: Duration = Duration::from_secs(60);
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A replica's numbering of its writes, as a sender of forwards.
 #[derive(Debug)]
