@@ -1060,6 +1060,20 @@ impl Wire for TxnProduce {
     }
 }
 
+impl Wire for TxnProduceSeq {
+    const MIN_BYTES: usize = TxnProduce::MIN_BYTES + 4;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        self.produce.put(w)?;
+        w.u32(self.sequence);
+        Ok(())
+    }
+    fn get<'a>(cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, produce) = TxnProduce::get(cx, input)?;
+        let (input, sequence) = get_u32(input, "sequence")?;
+        Ok((input, TxnProduceSeq { produce, sequence }))
+    }
+}
+
 impl Wire for TxnEnd {
     const MIN_BYTES: usize = 2 + 2 + 8 + 1;
     fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -1587,6 +1601,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Request::TxnListen(b) => b.put(w),
             Request::TxnInit(b) => b.put(w),
             Request::TxnAck(b) => b.put(w),
+            Request::TxnProduceSeq(b) => b.put(w),
             Request::DeleteMessages(b) => b.put(w),
             Request::Subscribe(b) => b.put(w),
             Request::Unsubscribe(b) => b.put(w),
@@ -1647,6 +1662,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::TxnListen => get_into(cx, input, |b| Q(Request::TxnListen(b))),
         Opcode::TxnInit => get_into(cx, input, |b| Q(Request::TxnInit(b))),
         Opcode::TxnAck => get_into(cx, input, |b| Q(Request::TxnAck(b))),
+        Opcode::TxnProduceSeq => get_into(cx, input, |b| Q(Request::TxnProduceSeq(b))),
         Opcode::DeleteMessages => get_into(cx, input, |b| Q(Request::DeleteMessages(b))),
         Opcode::Subscribe => get_into(cx, input, |b| Q(Request::Subscribe(b))),
         Opcode::Unsubscribe => get_into(cx, input, |b| Q(Request::Unsubscribe(b))),
@@ -1724,6 +1740,7 @@ mod tests {
         assert_eq!(min_size::<Subscribed>(), Subscribed::MIN_BYTES);
         assert_eq!(min_size::<HelloOk>(), HelloOk::MIN_BYTES);
         assert_eq!(min_size::<TxnAck>(), TxnAck::MIN_BYTES);
+        assert_eq!(min_size::<TxnProduceSeq>(), TxnProduceSeq::MIN_BYTES);
         assert_eq!(min_size::<TxnAcked>(), TxnAcked::MIN_BYTES);
     }
 

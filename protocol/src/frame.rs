@@ -72,6 +72,9 @@ opcodes! {
     TxnInit = 0x0016 => "TXN_INIT",
     /// Ack consumed messages inside a transaction (applied at its commit).
     TxnAck = 0x0017 => "TXN_ACK",
+    /// Store half records of a transaction, numbered so that a retry is
+    /// answered instead of stored again.
+    TxnProduceSeq = 0x0018 => "TXN_PRODUCE_SEQ",
     /// Request: join a consumer group.
     Subscribe = 0x0020 => "SUBSCRIBE",
     /// Request: leave a consumer group.
@@ -276,6 +279,8 @@ pub enum Request {
     TxnInit(TxnInit),
     /// TXN_ACK → TXN_ACKED.
     TxnAck(TxnAck),
+    /// TXN_PRODUCE_SEQ → TXN_PRODUCE_OK.
+    TxnProduceSeq(TxnProduceSeq),
     /// SUBSCRIBE → SUBSCRIBED.
     Subscribe(Subscribe),
     /// UNSUBSCRIBE → OK.
@@ -306,7 +311,7 @@ pub enum Request {
     DeleteGroup(DeleteGroup),
 }
 
-from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, TxnInit, TxnAck, Subscribe, Unsubscribe,
+from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, TxnInit, TxnAck, TxnProduceSeq, Subscribe, Unsubscribe,
     Credit, Fetch, Ack, Nack, Seek, CreateTopic, DeleteTopic, DescribeTopic, ListGroups,
     DescribeGroup, DeleteGroup);
 
@@ -324,6 +329,7 @@ impl Request {
             Request::TxnListen(_) => Opcode::TxnListen,
             Request::TxnInit(_) => Opcode::TxnInit,
             Request::TxnAck(_) => Opcode::TxnAck,
+            Request::TxnProduceSeq(_) => Opcode::TxnProduceSeq,
             Request::Subscribe(_) => Opcode::Subscribe,
             Request::Unsubscribe(_) => Opcode::Unsubscribe,
             Request::Credit(_) => Opcode::Credit,
@@ -530,6 +536,18 @@ pub struct TxnProduce {
     pub partition: Option<u32>,
     /// The records, in order.
     pub records: Vec<ProduceRecord>,
+}
+
+/// TXN_PRODUCE_SEQ: a TXN_PRODUCE numbered within its transaction, so that
+/// one retried after a lost answer gets the original answer instead of
+/// storing its records again.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TxnProduceSeq {
+    /// The request, as TXN_PRODUCE (its fields come first on the wire).
+    pub produce: TxnProduce,
+    /// Its number within the transaction: 0 for the one that begins it,
+    /// one more for each later TXN_PRODUCE or TXN_PRODUCE_SEQ of it.
+    pub sequence: u32,
 }
 
 /// TXN_END: commit or roll back a transaction.

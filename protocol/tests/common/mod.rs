@@ -275,6 +275,27 @@ pub fn produced_record() -> impl Strategy<Value = ProducedRecord> {
         )
 }
 
+pub fn txn_produce() -> impl Strategy<Value = TxnProduce> {
+    (
+        short_string(),
+        short_string(),
+        any::<u64>(),
+        short_string(),
+        option::of(any::<u32>()),
+        vec(produce_record(), 0..4),
+    )
+        .prop_map(
+            |(producer_group, transaction_id, handle, topic, partition, records)| TxnProduce {
+                producer_group,
+                transaction_id,
+                handle,
+                topic,
+                partition,
+                records,
+            },
+        )
+}
+
 /// One strategy per request opcode.
 pub fn requests() -> Vec<(Opcode, BoxedStrategy<Request>)> {
     vec![
@@ -283,26 +304,14 @@ pub fn requests() -> Vec<(Opcode, BoxedStrategy<Request>)> {
         (Opcode::Produce, produce().boxed()),
         (
             Opcode::TxnProduce,
-            (
-                short_string(),
-                short_string(),
-                any::<u64>(),
-                short_string(),
-                option::of(any::<u32>()),
-                vec(produce_record(), 0..4),
-            )
-                .prop_map(
-                    |(producer_group, transaction_id, handle, topic, partition, records)| {
-                        Request::TxnProduce(TxnProduce {
-                            producer_group,
-                            transaction_id,
-                            handle,
-                            topic,
-                            partition,
-                            records,
-                        })
-                    },
-                )
+            txn_produce().prop_map(Request::TxnProduce).boxed(),
+        ),
+        (
+            Opcode::TxnProduceSeq,
+            (txn_produce(), any::<u32>())
+                .prop_map(|(produce, sequence)| {
+                    Request::TxnProduceSeq(TxnProduceSeq { produce, sequence })
+                })
                 .boxed(),
         ),
         (
@@ -1005,5 +1014,28 @@ pub fn sample_frames() -> Vec<(&'static str, Frame)> {
             ),
         ),
         ("txn_acked", Frame::response(9, TxnAcked { handle: 42 })),
+        (
+            "txn_produce_seq",
+            Frame::request(
+                10,
+                TxnProduceSeq {
+                    produce: TxnProduce {
+                        producer_group: "shop".into(),
+                        transaction_id: "o17".into(),
+                        handle: 42,
+                        topic: "audit".into(),
+                        partition: None,
+                        records: vec![ProduceRecord {
+                            key: None,
+                            headers: vec![],
+                            value: Bytes::from_static(b"o17 paid"),
+                            delivery_time: DeliveryTime::Immediate,
+                            ttl_ms: None,
+                        }],
+                    },
+                    sequence: 1,
+                },
+            ),
+        ),
     ]
 }
