@@ -33,6 +33,7 @@ pub(crate) fn dispatch_error(error: &DispatchError) -> ErrorResponse {
             dispatcher::TxnError::Unknown(_) => ErrorCode::UnknownTransaction,
             dispatcher::TxnError::Conflict { .. } => ErrorCode::TransactionConflict,
             dispatcher::TxnError::Limit { .. } => ErrorCode::TransactionLimit,
+            dispatcher::TxnError::OutOfSequence { .. } => ErrorCode::OutOfOrderSequence,
             dispatcher::TxnError::Fenced { .. } => ErrorCode::ProducerFenced,
             dispatcher::TxnError::InvalidName(_) => ErrorCode::InvalidRequest,
             dispatcher::TxnError::Store(store) => return store_error(store),

@@ -12,6 +12,12 @@
 //! - no record is stored twice (the topic holds exactly the distinct
 //!   records delivered).
 //!
+//! Every produce is numbered (TXN_PRODUCE_SEQ), and one whose answer the
+//! kill took is sent again in a later cycle (a lost begin too, with
+//! handle 0) before anything else happens to its transaction: so a
+//! committed transaction delivers exactly the records its answers named,
+//! none twice (without the numbers the retry stored its records again).
+//!
 //! A second test kills the broker while a worker moves payments from one
 //! topic to another exactly once (TXN_ACK, TXN_PRODUCE and a commit per
 //! payment): every payment ends with exactly one shipment.
@@ -24,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dmq_protocol::{
     Body, ErrorCode, MessageId, ProduceRecord, Push, Request, Response, TxnEnd, TxnOutcome,
-    TxnProduce,
+    TxnProduce, TxnProduceSeq,
 };
 
 mod common;
@@ -52,6 +58,10 @@ struct Txn {
     /// Its end is no longer asked for (the broker forgot it after a
     /// restart: it ended one way or the other).
     forgotten: bool,
+    /// The number of its next produce.
+    sequence: u32,
+    /// A produce whose answer a kill took: sent again first.
+    pending: Option<Request>,
 }
 
 struct Rng(u64);
@@ -78,19 +88,29 @@ async fn ask(connection: &mut Connection, request: Request) -> Option<Response> 
     }
 }
 
-fn produce(txn: usize, id: &str, handle: u64, first: usize, count: usize) -> Request {
-    Request::TxnProduce(TxnProduce {
-        producer_group: GROUP.into(),
-        transaction_id: id.into(),
-        handle,
-        topic: TOPIC.into(),
-        partition: None,
-        records: (first..first + count)
-            .map(|k| ProduceRecord {
-                value: Bytes::from(format!("{txn}/{k}")),
-                ..Default::default()
-            })
-            .collect(),
+fn produce(
+    txn: usize,
+    id: &str,
+    handle: u64,
+    sequence: u32,
+    first: usize,
+    count: usize,
+) -> Request {
+    Request::TxnProduceSeq(TxnProduceSeq {
+        produce: TxnProduce {
+            producer_group: GROUP.into(),
+            transaction_id: id.into(),
+            handle,
+            topic: TOPIC.into(),
+            partition: None,
+            records: (first..first + count)
+                .map(|k| ProduceRecord {
+                    value: Bytes::from(format!("{txn}/{k}")),
+                    ..Default::default()
+                })
+                .collect(),
+        },
+        sequence,
     })
 }
 
@@ -141,11 +161,39 @@ fn end(id: &str, handle: u64, outcome: TxnOutcome) -> Request {
 }
 
 /// One cycle's client: works on transactions until the broker dies.
-async fn run_cycle(addr: SocketAddr, txns: &mut Vec<Txn>, rng: &mut Rng, cycle: u64) {
+async fn run_cycle(
+    addr: SocketAddr,
+    txns: &mut Vec<Txn>,
+    rng: &mut Rng,
+    cycle: u64,
+    retries: &mut usize,
+) {
     let mut connection = Connection::hello_when_up(addr).await;
     let mut counter = 0usize;
     loop {
         counter += 1;
+        // A produce a kill left unanswered goes first, again.
+        if let Some(i) = txns.iter().position(|t| t.pending.is_some()) {
+            *retries += 1;
+            let request = txns[i].pending.clone().unwrap();
+            match ask(&mut connection, request).await {
+                Some(Response::TxnProduceOk(ok)) => {
+                    let txn = &mut txns[i];
+                    assert!(txn.handle == 0 || txn.handle == ok.handle, "{}", txn.id);
+                    txn.handle = ok.handle;
+                    txn.state = State::Open;
+                    txn.records.extend(ok.records.iter().map(|r| r.message_id));
+                    txn.sequence += 1;
+                    txn.pending = None;
+                }
+                Some(Response::Error(e)) if e.code == ErrorCode::TransactionLimit => {
+                    txns[i].pending = None;
+                }
+                Some(other) => panic!("retry into {}: {other:?}", txns[i].id),
+                None => return,
+            }
+            continue;
+        }
         let unfinished: Vec<usize> = (0..txns.len())
             .filter(|&i| {
                 matches!(txns[i].state, State::Open | State::Unsure)
@@ -158,24 +206,31 @@ async fn run_cycle(addr: SocketAddr, txns: &mut Vec<Txn>, rng: &mut Rng, cycle: 
             let index = txns.len();
             let id = format!("c{cycle}-{counter}");
             let count = 1 + rng.below(4) as usize;
+            let request = produce(index, &id, 0, 0, 0, count);
             txns.push(Txn {
                 id: id.clone(),
                 handle: 0,
                 state: State::Unsure,
                 records: Vec::new(),
                 forgotten: false,
+                sequence: 0,
+                pending: None,
             });
-            match ask(&mut connection, produce(index, &id, 0, 0, count)).await {
+            match ask(&mut connection, request.clone()).await {
                 Some(Response::TxnProduceOk(ok)) => {
                     let txn = &mut txns[index];
                     txn.handle = ok.handle;
                     txn.state = State::Open;
                     txn.records = ok.records.iter().map(|r| r.message_id).collect();
+                    txn.sequence = 1;
                 }
                 Some(other) => panic!("begin: {other:?}"),
-                // Unknown whether stored; no handle to end it with: it
-                // stays unsure (all or none).
-                None => return,
+                // Unknown whether stored: sent again in the next cycle
+                // (until then it has no handle and stays unsure).
+                None => {
+                    txns[index].pending = Some(request);
+                    return;
+                }
             }
             continue;
         }
@@ -184,16 +239,21 @@ async fn run_cycle(addr: SocketAddr, txns: &mut Vec<Txn>, rng: &mut Rng, cycle: 
         if roll < 55 && state == State::Open {
             let first = txns[i].records.len() + 100 * (counter % 100);
             let count = 1 + rng.below(3) as usize;
-            match ask(&mut connection, produce(i, &id, handle, first, count)).await {
+            let request = produce(i, &id, handle, txns[i].sequence, first, count);
+            match ask(&mut connection, request.clone()).await {
                 Some(Response::TxnProduceOk(ok)) => {
                     assert_eq!(ok.handle, handle);
                     txns[i]
                         .records
                         .extend(ok.records.iter().map(|r| r.message_id));
+                    txns[i].sequence += 1;
                 }
                 Some(Response::Error(e)) if e.code == ErrorCode::TransactionLimit => {}
                 Some(other) => panic!("produce into {id}: {other:?}"),
-                None => return,
+                None => {
+                    txns[i].pending = Some(request);
+                    return;
+                }
             }
             continue;
         }
@@ -234,6 +294,7 @@ async fn transactions_stay_atomic_across_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut txns: Vec<Txn> = Vec::new();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut retries = 0;
     for cycle in 0..cycles {
         let addr = free_port();
         let mut child = spawn_dmqd(dir.path(), addr, None);
@@ -258,7 +319,7 @@ async fn transactions_stay_atomic_across_sigkill() {
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
         });
-        run_cycle(addr, &mut txns, &mut rng, cycle).await;
+        run_cycle(addr, &mut txns, &mut rng, cycle, &mut retries).await;
         killer.await.unwrap();
     }
 
@@ -268,11 +329,16 @@ async fn transactions_stay_atomic_across_sigkill() {
     let mut consumer = Connection::hello_when_up(addr).await;
     let mut delivered: HashSet<MessageId> = HashSet::new();
     let mut delivered_txns: HashMap<usize, usize> = HashMap::new();
+    let mut delivered_ids: HashMap<usize, Vec<MessageId>> = HashMap::new();
     for delivery in read_everything(&mut consumer, TOPIC, "final").await {
         if delivered.insert(delivery.message_id) {
             let value = String::from_utf8(delivery.value.to_vec()).unwrap();
             let txn: usize = value.split('/').next().unwrap().parse().unwrap();
             *delivered_txns.entry(txn).or_default() += 1;
+            delivered_ids
+                .entry(txn)
+                .or_default()
+                .push(delivery.message_id);
         }
     }
     let Response::TopicDescription(topic) = consumer
@@ -305,6 +371,18 @@ async fn transactions_stay_atomic_across_sigkill() {
             .map(|id| delivered.contains(id))
             .collect();
         let any = delivered_txns.contains_key(&index);
+        // Records delivered that no answer named: a produce stored twice
+        // (or one whose retry never came: only the last cycle's).
+        let unnamed = delivered_ids.get(&index).map_or(0, |ids| {
+            ids.iter().filter(|id| !txn.records.contains(id)).count()
+        });
+        assert!(
+            unnamed == 0 || txn.pending.is_some(),
+            "{:?} {} ({}): {unnamed} records delivered that no answer named",
+            txn.state,
+            txn.id,
+            txn.handle
+        );
         match txn.state {
             State::Committed => assert!(
                 known.iter().all(|&d| d),
@@ -337,8 +415,10 @@ async fn transactions_stay_atomic_across_sigkill() {
         "too few commits to mean anything: {counts:?}"
     );
     eprintln!(
-        "{cycles} kills: transactions by final state {counts:?}, {} records delivered",
-        delivered.len()
+        "{cycles} kills: transactions by final state {counts:?}, {} records delivered, \
+         {} produces sent again after a kill",
+        delivered.len(),
+        retries
     );
 }
 

@@ -61,4 +61,4 @@ pub use dmq_protocol::{
 pub use error::{ClientError, Result};
 pub use options::{ClientOptions, ProducerOptions};
 pub use producer::{Message, Producer, SendReceipt};
-pub use transaction::{Transaction, TransactionCheck, TransactionChecks};
+pub use transaction::{Transaction, TransactionCheck, TransactionChecks, TRANSACTION_RETRIES};

@@ -42,11 +42,19 @@
 //! the first answer) names it in every later request, so a late COMMIT
 //! never reaches a later transaction that reuses the id. Sends of one
 //! transaction go one request at a time, in order.
+//!
+//! Each send is numbered within its transaction (TXN_PRODUCE_SEQ), so a
+//! send whose answer was lost (the connection dropped, the request timed
+//! out) is sent again, up to [`TRANSACTION_RETRIES`] times: the broker
+//! answers a number it has with the first answer and stores nothing
+//! twice. COMMIT and ROLLBACK are retried the same way (a repeated end
+//! gets the first answer).
 
 use std::time::SystemTime;
 
 use dmq_protocol::{
     MessagePosition, Request, Response, TxnAck, TxnEnd, TxnListen, TxnOutcome, TxnProduce,
+    TxnProduceSeq,
 };
 use tokio::sync::mpsc;
 
@@ -63,6 +71,30 @@ pub struct Transaction {
     transaction_id: String,
     /// 0 until the first send is answered.
     handle: u64,
+    /// The number of the next send (TXN_PRODUCE_SEQ).
+    sequence: u32,
+}
+
+/// How many times a transaction's send, commit or rollback is sent again
+/// after a transient failure (a lost connection, a timeout, a broker
+/// that is overloaded or stopping), with the client's reconnect backoff
+/// growing between attempts.
+pub const TRANSACTION_RETRIES: u32 = 5;
+
+/// Sends `request`, again on a transient failure: only for requests the
+/// broker answers the same when they arrive twice.
+async fn request_retrying(client: &Client, request: Request) -> Result<Response> {
+    let backoff = client.options().reconnect_backoff_initial;
+    let mut attempt = 0;
+    loop {
+        match client.request(request.clone()).await {
+            Err(error) if error.is_transient() && attempt < TRANSACTION_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(backoff * attempt).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 impl Client {
@@ -78,6 +110,7 @@ impl Client {
             producer_group: producer_group.into(),
             transaction_id: transaction_id.into(),
             handle: 0,
+            sequence: 0,
         }
     }
 }
@@ -100,15 +133,19 @@ impl Transaction {
                     records.push(next.into_parts().2);
                 }
             }
-            let request = TxnProduce {
-                producer_group: self.producer_group.clone(),
-                transaction_id: self.transaction_id.clone(),
-                handle: self.handle,
-                topic,
-                partition,
-                records,
+            let request = TxnProduceSeq {
+                produce: TxnProduce {
+                    producer_group: self.producer_group.clone(),
+                    transaction_id: self.transaction_id.clone(),
+                    handle: self.handle,
+                    topic,
+                    partition,
+                    records,
+                },
+                sequence: self.sequence,
             };
-            let response = self.client.request(Request::TxnProduce(request)).await?;
+            let response =
+                request_retrying(&self.client, Request::TxnProduceSeq(request)).await?;
             let ok = match response {
                 Response::TxnProduceOk(ok) => ok,
                 other => {
@@ -119,6 +156,7 @@ impl Transaction {
                 }
             };
             self.handle = ok.handle;
+            self.sequence += 1;
             receipts.extend(ok.records.iter().map(crate::producer::receipt));
         }
         Ok(receipts)
@@ -217,7 +255,7 @@ async fn end(
         handle,
         outcome,
     };
-    match client.request(Request::TxnEnd(request)).await? {
+    match request_retrying(client, Request::TxnEnd(request)).await? {
         Response::TxnEnded(_) => Ok(()),
         other => Err(ClientError::UnexpectedResponse {
             expected: "TXN_ENDED",

@@ -19,7 +19,9 @@
 //!     (`u32` LE) and `dmq.txn.times` (`u8`: bit 0, the deliver-at time was
 //!     given as a delay; bit 1, the expire-at time as a TTL: both are moved
 //!     by the time between the produce and the commit, so that a delay
-//!     starts at the commit);
+//!     starts at the commit); the first record of each TXN_PRODUCE also
+//!     `dmq.txn.step`: its sequence number within the transaction, its
+//!     record count and its digest (three `u32` LE; see *Sequences*);
 //!   - an *ack record* (TXN_ACK): `dmq.txn.group`, `dmq.txn.id`,
 //!     `dmq.txn.handle`, `dmq.txn.topic` (the consumed topic),
 //!     `dmq.txn.ack-group` (the consumer group, UTF-8) and, for a member of
@@ -46,6 +48,19 @@
 //! Every record of the transaction carries it, and COMMIT and ROLLBACK must
 //! name it: a late or repeated COMMIT of an earlier transaction with the same
 //! producer group and id never applies to a later one.
+//!
+//! # Sequences
+//!
+//! Each TXN_PRODUCE of a transaction is a *step*, numbered from 0 in the
+//! order they were appended, with the CRC-32 of its topic and records
+//! (keys, headers, values; not partitions, which unkeyed records get
+//! round robin, nor resolved times). A TXN_PRODUCE_SEQ names its number:
+//! one the transaction has is a retry, answered from the step (the same
+//! ids, read back from the half log) when the digest matches, and refused
+//! as a conflict when it does not; the next number is stored; a larger
+//! one is refused (a step between them was not stored). A transaction
+//! replayed from records written without step headers (by an older
+//! broker) has unknown steps: a numbered produce into it is refused.
 //!
 //! # Crash argument
 //!
@@ -134,6 +149,9 @@ pub const RELOCATED_HEADER: &str = "dmq.txn.relocated";
 pub const STORED_HEADER: &str = "dmq.txn.stored";
 /// An outcome record's outcome, `u8`: 1 commit, 2 rollback.
 pub const OUTCOME_HEADER: &str = "dmq.txn.outcome";
+/// On the first half record of each TXN_PRODUCE: its sequence number, its
+/// record count and its digest, three `u32` LE (see *Sequences*).
+pub const STEP_HEADER: &str = "dmq.txn.step";
 /// The meta journal.
 pub const META_JOURNAL: &str = "txn.meta";
 /// The check-back counts journal.
@@ -190,6 +208,16 @@ pub enum TxnError {
     /// The meta journal holds a payload that does not decode.
     #[error("corrupt transaction metadata: {0}")]
     Corrupt(String),
+    /// A numbered produce (TXN_PRODUCE_SEQ) whose number is past the
+    /// transaction's next one, or into a transaction whose steps are not
+    /// numbered: nothing was stored.
+    #[error("transaction {key}: {reason}")]
+    OutOfSequence {
+        /// `group/id`.
+        key: String,
+        /// Which number was expected.
+        reason: String,
+    },
     /// A transactional producer whose epoch is older than its producer
     /// id's current one: another instance registered since (TXN_INIT).
     #[error(
@@ -365,6 +393,12 @@ pub struct Transaction {
     /// Messages it acks for their consumer groups (TXN_ACK), one entry
     /// per request, applied at its commit.
     pub acks: Vec<TxnAcks>,
+    /// Its TXN_PRODUCEs, by sequence number (see *Sequences*).
+    pub steps: Vec<ProduceStep>,
+    /// False when it was replayed from half records written without step
+    /// headers: `steps` is then incomplete and numbered produces are
+    /// refused.
+    pub steps_known: bool,
     /// Bytes of its records (keys, headers, values) and acks.
     pub bytes: u64,
     /// Half and ack appends not yet durable.
@@ -394,6 +428,47 @@ struct CachedRecord {
     stored_ms: i64,
 }
 
+/// One TXN_PRODUCE of a transaction (see *Sequences* in the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceStep {
+    /// Index of its first record in [`Transaction::records`].
+    pub first: u32,
+    /// How many records it stored.
+    pub count: u32,
+    /// [`step_digest`] of its topic and records.
+    pub digest: u32,
+    /// Whether its append is durable yet.
+    pub state: StepState,
+}
+
+/// Where a [`ProduceStep`]'s append stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepState {
+    /// Appended, its durability wait not over.
+    Writing,
+    /// Durable: answered.
+    Durable,
+    /// Its durability wait failed (the transaction can only roll back).
+    Failed,
+}
+
+/// What a numbered produce is (see
+/// [`TransactionLog::check_sequence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceCheck {
+    /// Not stored yet: store it.
+    New,
+    /// A retry of step `sequence` of the transaction `handle`.
+    Retry {
+        /// The transaction.
+        handle: u64,
+        /// The step's number.
+        sequence: u32,
+        /// The step.
+        step: ProduceStep,
+    },
+}
+
 /// What a transaction keeps of one of its records (the record itself
 /// stays in the half log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,6 +492,8 @@ impl Transaction {
             records: Vec::new(),
             destinations: Vec::new(),
             acks: Vec::new(),
+            steps: Vec::new(),
+            steps_known: true,
             bytes: 0,
             writing: 0,
             failed: false,
@@ -443,6 +520,36 @@ impl Transaction {
             destination: destination as u32,
         });
         destination as u32
+    }
+
+    /// Takes the step header (sequence, count, digest) of its replayed
+    /// record number `index`, if it has one: a record without one must be
+    /// covered by the last step, and steps must come in number order, or
+    /// the steps are unknown from here on.
+    fn replay_step(&mut self, index: u32, step: Option<(u32, u32, u32)>) {
+        if !self.steps_known {
+            return;
+        }
+        match step {
+            Some((sequence, count, digest)) if sequence as usize == self.steps.len() => {
+                self.steps.push(ProduceStep {
+                    first: index,
+                    count,
+                    digest,
+                    state: StepState::Durable,
+                });
+            }
+            Some(_) => self.steps_known = false,
+            None => {
+                let covered = self
+                    .steps
+                    .last()
+                    .is_some_and(|s| index < s.first.saturating_add(s.count));
+                if !covered {
+                    self.steps_known = false;
+                }
+            }
+        }
     }
 
     /// The (topic, partition) of a record.
@@ -669,8 +776,11 @@ impl TransactionLog {
         match parsed.kind {
             Kind::Half { topic, partition } => {
                 let bytes = record_bytes(&record);
+                let step = find(&record, STEP_HEADER).and_then(|v| decode_step(v));
                 let txn = self.replayed(&parsed.key, parsed.handle, opened_ms);
+                let index = txn.records.len() as u32;
                 txn.add(record.offset, record.id, &topic, partition);
+                txn.replay_step(index, step);
                 txn.bytes += bytes;
             }
             Kind::Acks(acks) => {
@@ -755,8 +865,32 @@ impl TransactionLog {
         records: Vec<HalfInput>,
         now_ms: i64,
     ) -> Result<(u64, AppendInfo)> {
+        let digest = step_digest(&records);
+        self.append_produce(key, handle, records, digest, now_ms)
+            .map(|(handle, info, _)| (handle, info))
+    }
+
+    /// [`append_half`](Self::append_half) of one TXN_PRODUCE whose
+    /// [`step_digest`] is `digest`; also returns the step's sequence number
+    /// (`None` in a transaction whose steps are not known).
+    pub fn append_produce(
+        &mut self,
+        key: &TxnKey,
+        handle: u64,
+        records: Vec<HalfInput>,
+        digest: u32,
+        now_ms: i64,
+    ) -> Result<(u64, AppendInfo, Option<u32>)> {
         let bytes: u64 = records.iter().map(|h| input_bytes(&h.record)).sum();
         let handle = self.admit(key, handle, records.len(), bytes, now_ms)?;
+        let (sequence, first) = match self.txns.get(&handle) {
+            Some(txn) => (
+                txn.steps_known.then_some(txn.steps.len() as u32),
+                txn.records.len() as u32,
+            ),
+            None => (Some(0), 0),
+        };
+        let count = records.len() as u32;
         let destinations: Vec<(String, u32)> = records
             .iter()
             .map(|h| (h.topic.clone(), h.partition))
@@ -772,10 +906,15 @@ impl TransactionLog {
                     .map(|h| (owned_copy(&h.record), h.relative))
                     .collect()
             });
-        let inputs: Vec<RecordInput> = records
+        let mut inputs: Vec<RecordInput> = records
             .into_iter()
             .map(|half| encode_half(key, handle, half))
             .collect();
+        if let (Some(sequence), Some(input)) = (sequence, inputs.first_mut()) {
+            input
+                .headers
+                .push(header(STEP_HEADER, encode_step(sequence, count, digest)));
+        }
         let info = self.append(inputs)?;
         let txn = self.txns.entry(handle).or_insert_with(|| {
             let mut txn = Transaction::new(key.clone(), handle, info.timestamp_ms);
@@ -811,10 +950,134 @@ impl TransactionLog {
                 txn.cache_bytes = 0;
             }
         }
+        if sequence.is_some() {
+            txn.steps.push(ProduceStep {
+                first,
+                count,
+                digest,
+                state: StepState::Writing,
+            });
+        }
         txn.bytes += bytes;
         txn.writing += 1;
         self.by_key.insert(key.clone(), handle);
-        Ok((handle, info))
+        Ok((handle, info, sequence))
+    }
+
+    /// What the TXN_PRODUCE_SEQ numbered `sequence`, of the transaction
+    /// `key` (`handle` as in [`append_half`](Self::append_half)), whose
+    /// records have the [`step_digest`] `digest`, is: a retry of a step of
+    /// the transaction, or new. Refused: a number past the next one
+    /// (`OutOfSequence`), a number already used by other records
+    /// (`Conflict`), a retry of a step whose append failed, a begin
+    /// (`handle` 0) with a number other than 0. A request this calls new
+    /// may still be refused by the append (a second begin of an open id
+    /// with other records, a handle that names no open transaction).
+    pub fn check_sequence(
+        &self,
+        key: &TxnKey,
+        handle: u64,
+        sequence: u32,
+        digest: u32,
+    ) -> Result<SequenceCheck> {
+        let out_of_sequence = |reason: String| TxnError::OutOfSequence {
+            key: key.to_string(),
+            reason,
+        };
+        let txn = if handle == 0 {
+            if sequence != 0 {
+                return Err(out_of_sequence(format!(
+                    "a transaction begins with sequence 0, not {sequence}"
+                )));
+            }
+            // A retried begin whose answer (the handle) was lost finds its
+            // transaction by id; other records under an open id are the
+            // append's conflict.
+            match self.by_key.get(key).and_then(|h| self.txns.get(h)) {
+                Some(txn) if txn.steps.first().is_some_and(|s| s.digest == digest) => txn,
+                _ => return Ok(SequenceCheck::New),
+            }
+        } else {
+            match self.txns.get(&handle) {
+                Some(txn) if txn.key == *key => txn,
+                _ => return Ok(SequenceCheck::New),
+            }
+        };
+        if !txn.steps_known {
+            return Err(out_of_sequence(
+                "its records were stored by a broker that did not number them: \
+                 roll it back"
+                    .into(),
+            ));
+        }
+        let next = txn.steps.len() as u32;
+        if sequence > next {
+            return Err(out_of_sequence(format!(
+                "sequence {sequence} is past the next one, {next}: an earlier produce was not stored"
+            )));
+        }
+        if sequence == next {
+            return Ok(SequenceCheck::New);
+        }
+        let step = txn.steps[sequence as usize];
+        if step.digest != digest {
+            return Err(conflict(
+                key,
+                &format!("sequence {sequence} stored other records"),
+            ));
+        }
+        if step.state == StepState::Failed {
+            return Err(conflict(
+                key,
+                &format!("the produce numbered {sequence} failed: roll it back"),
+            ));
+        }
+        Ok(SequenceCheck::Retry {
+            handle: txn.handle,
+            sequence,
+            step,
+        })
+    }
+
+    /// The records a durable step stored, read back from the half log:
+    /// (id, partition, deliver-at) of each, in order.
+    pub fn step_records(
+        &self,
+        handle: u64,
+        step: &ProduceStep,
+    ) -> Result<Vec<(MessageId, u32, Option<i64>)>> {
+        let Some(txn) = self.txns.get(&handle) else {
+            return Err(TxnError::Unknown(format!("handle {handle}")));
+        };
+        let range = step.first as usize..(step.first + step.count) as usize;
+        let Some(refs) = txn.records.get(range) else {
+            return Err(TxnError::Corrupt(format!(
+                "transaction {}: step of records {}..{} past its {} records",
+                txn.key,
+                step.first,
+                step.first + step.count,
+                txn.records.len()
+            )));
+        };
+        let mut out = Vec::with_capacity(refs.len());
+        let mut missing = None;
+        self.for_each_half(refs, |half, record| match record {
+            Some(record) => {
+                out.push((half.id, txn.destination(half).1, record.deliver_at_ms));
+                true
+            }
+            None => {
+                missing = Some(half.offset);
+                false
+            }
+        })?;
+        match missing {
+            Some(offset) => Err(TxnError::Corrupt(format!(
+                "transaction {}: half record {offset} is missing from the half log",
+                txn.key
+            ))),
+            None => Ok(out),
+        }
     }
 
     /// Appends an ack record to the transaction `key` (`handle` as in
@@ -933,12 +1196,20 @@ impl TransactionLog {
         }
     }
 
-    /// A half append of `handle` is durable (`ok`) or failed.
-    pub fn half_written(&mut self, handle: u64, ok: bool) {
+    /// A half append of `handle` (the produce numbered `step`, or an ack
+    /// record) is durable (`ok`) or failed.
+    pub fn half_written(&mut self, handle: u64, step: Option<u32>, ok: bool) {
         if let Some(txn) = self.txns.get_mut(&handle) {
             txn.writing = txn.writing.saturating_sub(1);
             if !ok {
                 txn.failed = true;
+            }
+            if let Some(step) = step.and_then(|s| txn.steps.get_mut(s as usize)) {
+                step.state = if ok {
+                    StepState::Durable
+                } else {
+                    StepState::Failed
+                };
             }
         }
     }
@@ -1454,6 +1725,53 @@ fn encode_half(key: &TxnKey, handle: u64, half: HalfInput) -> RecordInput {
     record
 }
 
+/// The digest a [`ProduceStep`] keeps of a TXN_PRODUCE: CRC-32 of each
+/// record's topic, key, headers and value, each length-prefixed (not its
+/// partition, which an unkeyed record gets round robin, nor its resolved
+/// times, which a delay given as a duration makes differ on a retry).
+pub fn step_digest(records: &[HalfInput]) -> u32 {
+    fn field(hasher: &mut crc32fast::Hasher, bytes: &[u8]) {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    for half in records {
+        field(&mut hasher, half.topic.as_bytes());
+        match &half.record.key {
+            Some(key) => {
+                hasher.update(&[1]);
+                field(&mut hasher, key);
+            }
+            None => hasher.update(&[0]),
+        }
+        hasher.update(&(half.record.headers.len() as u64).to_le_bytes());
+        for (name, value) in &half.record.headers {
+            field(&mut hasher, name);
+            field(&mut hasher, value);
+        }
+        field(&mut hasher, &half.record.value);
+    }
+    hasher.finalize()
+}
+
+fn encode_step(sequence: u32, count: u32, digest: u32) -> Bytes {
+    let mut bytes = Vec::with_capacity(12);
+    bytes.extend_from_slice(&sequence.to_le_bytes());
+    bytes.extend_from_slice(&count.to_le_bytes());
+    bytes.extend_from_slice(&digest.to_le_bytes());
+    Bytes::from(bytes)
+}
+
+fn decode_step(bytes: &[u8]) -> Option<(u32, u32, u32)> {
+    let word = |i: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(
+            bytes.get(i * 4..i * 4 + 4)?.try_into().ok()?,
+        ))
+    };
+    (bytes.len() == 12).then_some(())?;
+    Some((word(0)?, word(1)?, word(2)?))
+}
+
 fn encode_outcome(key: &TxnKey, handle: u64, outcome: TxnOutcome) -> RecordInput {
     let mut record = RecordInput::default();
     record.headers.extend(key_headers(key, handle));
@@ -1730,6 +2048,99 @@ mod tests {
         Arc::new(MemoryStorage::new(Arc::new(ManualClock::new(1_000))))
     }
 
+    /// The answer a retry of a durable step gets: its records' ids.
+    fn retried_ids(
+        store: &TransactionLog,
+        key: &TxnKey,
+        handle: u64,
+        records: &[HalfInput],
+        sequence: u32,
+    ) -> Vec<MessageId> {
+        match store
+            .check_sequence(key, handle, sequence, step_digest(records))
+            .unwrap()
+        {
+            SequenceCheck::Retry {
+                handle: h, step, ..
+            } => {
+                assert!(handle == 0 || h == handle, "{h} is not {handle}");
+                store
+                    .step_records(h, &step)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(id, _, _)| id)
+                    .collect()
+            }
+            other => panic!("sequence {sequence} is {other:?}, not a retry"),
+        }
+    }
+
+    #[test]
+    fn numbered_steps_are_recognised_across_a_reopen() {
+        let storage = storage();
+        let mut store = open(&storage);
+        let first = vec![half("t", "1"), half("u", "2")];
+        let second = vec![half("t", "3")];
+        let (a, info, step) = store
+            .append_produce(&key("a"), 0, first.clone(), step_digest(&first), 1_000)
+            .unwrap();
+        assert_eq!(step, Some(0));
+        store.half_written(a, step, true);
+        let first_ids = info.ids.clone();
+        // A plain produce takes the next number too.
+        let (_, info) = store
+            .append_half(&key("a"), a, second.clone(), 1_000)
+            .unwrap();
+        store.half_written(a, Some(1), true);
+        let second_ids = info.ids.clone();
+        for store in [store, open(&storage)] {
+            assert_eq!(retried_ids(&store, &key("a"), a, &first, 0), first_ids);
+            assert_eq!(retried_ids(&store, &key("a"), a, &second, 1), second_ids);
+            // A retried begin (its handle lost) finds the transaction.
+            assert_eq!(retried_ids(&store, &key("a"), 0, &first, 0), first_ids);
+            assert_eq!(
+                store.check_sequence(&key("a"), a, 2, 7).unwrap(),
+                SequenceCheck::New
+            );
+            assert!(matches!(
+                store.check_sequence(&key("a"), a, 3, 7),
+                Err(TxnError::OutOfSequence { .. })
+            ));
+            assert!(matches!(
+                store.check_sequence(&key("a"), a, 1, step_digest(&first)),
+                Err(TxnError::Conflict { .. })
+            ));
+            assert!(matches!(
+                store.check_sequence(&key("a"), 0, 1, step_digest(&first)),
+                Err(TxnError::OutOfSequence { .. })
+            ));
+            // Another transaction's begin with other records under an open
+            // id is new here (the append refuses it).
+            assert_eq!(
+                store
+                    .check_sequence(&key("a"), 0, 0, step_digest(&second))
+                    .unwrap(),
+                SequenceCheck::New
+            );
+        }
+    }
+
+    #[test]
+    fn a_transaction_stored_without_numbers_refuses_numbered_produces() {
+        let storage = storage();
+        let mut store = open(&storage);
+        // As an older broker wrote it: no step header.
+        let record = encode_half(&key("old"), 1, half("t", "1"));
+        store.append(vec![record]).unwrap();
+        let store = open(&storage);
+        assert_eq!(store.handle_of(&key("old")), Some(1));
+        assert!(!store.get(1).unwrap().steps_known);
+        assert!(matches!(
+            store.check_sequence(&key("old"), 1, 1, 0),
+            Err(TxnError::OutOfSequence { .. })
+        ));
+    }
+
     #[test]
     fn a_transaction_survives_reopening_in_its_stage() {
         let storage = storage();
@@ -1737,7 +2148,7 @@ mod tests {
         let (a, _) = store
             .append_half(&key("a"), 0, vec![half("t", "1"), half("u", "2")], 1_000)
             .unwrap();
-        store.half_written(a, true);
+        store.half_written(a, None, true);
         let (b, _) = store
             .append_half(&key("b"), 0, vec![half("t", "3")], 1_000)
             .unwrap();
@@ -1927,11 +2338,11 @@ mod tests {
         let (open_handle, _) = store
             .append_half(&key("open"), 0, vec![half("t", "a")], now)
             .unwrap();
-        store.half_written(open_handle, true);
+        store.half_written(open_handle, None, true);
         let (ended, _) = store
             .append_half(&key("ended"), 0, vec![half("t", "b")], now)
             .unwrap();
-        store.half_written(ended, true);
+        store.half_written(ended, None, true);
         for n in 1..=2_000 {
             store.note_check(open_handle, n % 7 + 1);
         }
@@ -1973,7 +2384,7 @@ mod tests {
         let (handle, info) = store
             .append_half(&stuck, 0, vec![half("t", "a"), delayed], 1_000)
             .unwrap();
-        store.half_written(handle, true);
+        store.half_written(handle, None, true);
         let ids = info.ids.clone();
         let acks = TxnAcks {
             target: AckTarget {
@@ -1986,13 +2397,13 @@ mod tests {
         store
             .append_acks(&stuck, handle, acks.clone(), 1_000)
             .unwrap();
-        store.half_written(handle, true);
+        store.half_written(handle, None, true);
         // Twenty other transactions come and settle.
         for n in 0..20 {
             let (other, _) = store
                 .append_half(&key(&format!("o{n}")), 0, vec![half("t", "x")], 2_000)
                 .unwrap();
-            store.half_written(other, true);
+            store.half_written(other, None, true);
             store.append_outcome(other, TxnOutcome::Commit).unwrap();
             store.outcome_written(other, TxnOutcome::Commit, true);
             store.settle(other, TxnOutcome::Commit);
@@ -2008,7 +2419,7 @@ mod tests {
         store
             .append_half(&stuck, handle, vec![half("u", "b")], 3_000)
             .unwrap();
-        store.half_written(handle, true);
+        store.half_written(handle, None, true);
         drop(store);
         let mut store = reopen();
         let txn = store.get(handle).unwrap();
@@ -2038,7 +2449,7 @@ mod tests {
             let (other, _) = store
                 .append_half(&key(&format!("p{n}")), 0, vec![half("t", "x")], 4_000)
                 .unwrap();
-            store.half_written(other, true);
+            store.half_written(other, None, true);
             store.append_outcome(other, TxnOutcome::Rollback).unwrap();
             store.outcome_written(other, TxnOutcome::Rollback, true);
         }

@@ -1,6 +1,7 @@
 //! Fired delays written by the background writer: a slow durable write of
 //! one partition does not stop the dispatcher, and nothing is lost or
-//! reordered on the way.
+//! reordered on the way. Also a numbered transactional produce retried
+//! while its first try is still being written.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,9 +10,10 @@ use std::time::Duration;
 
 use dmq_dispatcher::delay_store::TIMER_TOPIC;
 use dmq_dispatcher::storage::{OpenedJournal, Storage};
+use dmq_dispatcher::transactions::TXN_TOPIC;
 use dmq_dispatcher::{
-    Delivery, Dispatcher, DispatcherConfig, EventKind, GroupConfig, MemoryEventSink, MemoryStorage,
-    PartitionLog, StoreError, TopicConfig,
+    Delivery, DispatchError, Dispatcher, DispatcherConfig, EventKind, GroupConfig, MemoryEventSink,
+    MemoryStorage, PartitionLog, StoreError, TopicConfig, TxnKey, TxnProduced,
 };
 use dmq_log_store::{AppendInfo, BatchInput, Clock, ManualClock, Record, RecordInput};
 
@@ -96,7 +98,7 @@ impl PartitionLog for GatedLog {
     }
 }
 
-/// Memory storage whose topic `slow` and timer log are gated.
+/// Memory storage whose topic `slow`, timer log and half log are gated.
 #[derive(Debug)]
 struct GatedStorage {
     inner: MemoryStorage,
@@ -107,7 +109,7 @@ struct GatedStorage {
 impl Storage for GatedStorage {
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<dyn PartitionLog>, StoreError> {
         let inner = self.inner.partition(topic, partition)?;
-        if topic != "slow" && topic != TIMER_TOPIC {
+        if topic != "slow" && topic != TIMER_TOPIC && topic != TXN_TOPIC {
             return Ok(inner);
         }
         let mut logs = self.logs.lock().unwrap();
@@ -471,4 +473,60 @@ fn a_delayed_produce_is_answered_once_durable_without_stopping_the_dispatcher() 
     let records = log.read(0, 10).unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].id, produced[0].id);
+}
+
+#[test]
+fn a_numbered_produce_retried_while_its_first_try_is_written_gets_its_answer() {
+    let mut w = World::new();
+    let key = TxnKey::new("shop", "order-17").unwrap();
+    let records = || vec![(0, RecordInput::new("created"), 0)];
+    type Answer = mpsc::Receiver<Result<TxnProduced, DispatchError>>;
+    let produce = |d: &mut Dispatcher, handle: u64| -> Answer {
+        let (reply, answer) = mpsc::channel();
+        d.txn_produce(
+            key.clone(),
+            handle,
+            Some(0),
+            "fast",
+            records(),
+            Box::new(move |result| {
+                let _ = reply.send(result);
+            }),
+        );
+        answer
+    };
+    w.gate.set(false);
+    let first = produce(&mut w.dispatcher, 0);
+    w.gate.wait_for_a_writer();
+    // The begin's answer is lost: the producer retries it (handle 0,
+    // number 0) while the first try still waits for its durability.
+    let retry = produce(&mut w.dispatcher, 0);
+    w.dispatcher.poll().unwrap();
+    assert!(first.try_recv().is_err(), "answered before durable");
+    assert!(
+        retry.try_recv().is_err(),
+        "the retry answered before durable"
+    );
+    w.gate.set(true);
+    let mut answers = Vec::new();
+    for answer in [&first, &retry] {
+        let got = loop {
+            w.dispatcher.poll().unwrap();
+            match answer.try_recv() {
+                Ok(got) => break got.unwrap(),
+                Err(_) => {
+                    let _ = w.woken.recv_timeout(Duration::from_millis(100));
+                }
+            }
+        };
+        answers.push(got);
+    }
+    assert_eq!(answers[0], answers[1], "the retry got the first answer");
+    // Once durable, a retry is answered at once, from the half log.
+    let handle = answers[0].handle;
+    let late = produce(&mut w.dispatcher, handle);
+    assert_eq!(late.try_recv().unwrap().unwrap(), answers[0]);
+    let listed = w.dispatcher.transactions();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].records, 1, "stored once: {listed:?}");
 }

@@ -133,7 +133,7 @@ impl World {
             .collect();
         let answered = common::answered(|reply| {
             self.dispatcher
-                .txn_produce(key.clone(), handle, topic, records, reply)
+                .txn_produce(key.clone(), handle, None, topic, records, reply)
         });
         answered.expect("the inline writer answers at once")
     }
@@ -342,7 +342,7 @@ fn reserved_headers_and_unknown_topics_store_nothing() {
     record.headers.push(("dmq.txn.group".into(), "g".into()));
     let answered = common::answered(|reply| {
         w.dispatcher
-            .txn_produce(k.clone(), 0, "orders", vec![(0, record, 0)], reply)
+            .txn_produce(k.clone(), 0, None, "orders", vec![(0, record, 0)], reply)
     });
     assert!(matches!(
         answered,
@@ -392,7 +392,7 @@ fn a_commit_durable_before_a_crash_is_moved_at_reopen() {
             .collect();
         let (handle, info) = store.append_half(&k, 0, halves, w.clock.now_ms()).unwrap();
         ids = info.ids.clone();
-        store.half_written(handle, true);
+        store.half_written(handle, None, true);
         store.append_outcome(handle, TxnOutcome::Commit).unwrap();
         store.outcome_written(handle, TxnOutcome::Commit, true);
         // One of the three made it to its topic before the crash.
@@ -438,6 +438,7 @@ fn a_delayed_record_starts_its_delay_at_the_commit() {
         w.dispatcher.txn_produce(
             k.clone(),
             0,
+            None,
             "orders",
             vec![(0, record, dmq_dispatcher::transactions::RELATIVE_DELIVER_AT)],
             reply,
@@ -519,6 +520,7 @@ fn transactions_left_open_are_checked_back_until_unresolved() {
             d.txn_produce(
                 key(id),
                 0,
+                None,
                 "orders",
                 vec![(0, RecordInput::new(id.to_string()), 0)],
                 reply,

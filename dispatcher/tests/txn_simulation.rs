@@ -32,6 +32,15 @@
 //!    when one of its messages was acked plainly since; after a crash
 //!    open transactions are listed with their acks.
 //!
+//! 9. numbered produces (TXN_PRODUCE_SEQ; half of the produces, the
+//!    others plain, both taking a number): a retry of a produce of an open
+//!    transaction, also after crashes and relocations and also a retried
+//!    begin (handle 0), is answered with the first answer's handle and
+//!    ids and stores nothing (the listing's record count does not move);
+//!    a number past the next one is refused (OutOfSequence), and a used
+//!    one with other records is a conflict; a retry into an ended
+//!    transaction is answered the same or refused, never stored.
+//!
 //! `DMQ_TXN_SIM_SEEDS=N` (default 1000), `DMQ_TXN_SIM_SEED=n` (one seed);
 //! `DMQ_TXN_SIM_SHOW=1` prints the steps of a seed that passes.
 #![allow(clippy::unwrap_used)]
@@ -71,6 +80,8 @@ struct Txn {
     records: Vec<(String, MessageId)>,
     /// (group, id) of every message its TXN_ACKs acked (answered Ok).
     acks: Vec<(String, MessageId)>,
+    /// Each produce answered Ok, by its number: (topic, values, ids).
+    steps: Vec<(String, Vec<String>, Vec<MessageId>)>,
     /// The crash count when it ended: a settled transaction's outcome is
     /// remembered (for repeated ends) until a restart.
     ended_at: Option<u64>,
@@ -198,24 +209,37 @@ impl Sim {
         );
     }
 
+    /// `count` new values.
+    fn values(&mut self, count: usize) -> Vec<String> {
+        (0..count)
+            .map(|_| {
+                self.next_id += 1;
+                format!("r{}", self.next_id)
+            })
+            .collect()
+    }
+
+    /// A TXN_PRODUCE of `values` to random partitions of `topic`,
+    /// numbered `sequence` (TXN_PRODUCE_SEQ) or not.
     fn produce(
         &mut self,
         key: &TxnKey,
         handle: u64,
+        sequence: Option<u32>,
         topic: &str,
-        count: usize,
+        values: &[String],
     ) -> Result<(u64, Vec<MessageId>), DispatchError> {
         let partitions = TOPICS.iter().find(|t| t.0 == topic).unwrap().1;
-        let records = (0..count)
-            .map(|_| {
-                self.next_id += 1;
+        let records = values
+            .iter()
+            .map(|value| {
                 let partition = self.rng.below(u64::from(partitions)) as u32;
-                (partition, RecordInput::new(format!("r{}", self.next_id)), 0)
+                (partition, RecordInput::new(value.clone()), 0)
             })
             .collect();
         let answered = common::answered(|reply| {
             self.d()
-                .txn_produce(key.clone(), handle, topic, records, reply)
+                .txn_produce(key.clone(), handle, sequence, topic, records, reply)
         });
         let result = answered;
         let result = result.unwrap_or_else(|| self.fail("txn_produce did not answer".into()));
@@ -244,16 +268,23 @@ impl Sim {
                 let i = *self.rng.pick(&open).unwrap();
                 let topic = self.rng.pick(&["a", "b"]).unwrap().to_string();
                 let count = self.rng.range(1, 3) as usize;
+                let values = self.values(count);
                 let (key, handle) = (self.txns[i].key.clone(), self.txns[i].handle);
-                match self.produce(&key, handle, &topic, count) {
+                let sequence = self
+                    .rng
+                    .chance(50)
+                    .then_some(self.txns[i].steps.len() as u32);
+                match self.produce(&key, handle, sequence, &topic, &values) {
                     Ok((h, ids)) => {
                         if h != handle {
                             self.fail(format!("produce into {handle} answered handle {h}"));
                         }
-                        self.log.push(format!("produce {key} {handle} -> {ids:?}"));
+                        self.log
+                            .push(format!("produce {key} {handle} #{sequence:?} -> {ids:?}"));
                         self.txns[i]
                             .records
-                            .extend(ids.into_iter().map(|id| (topic.clone(), id)));
+                            .extend(ids.iter().map(|id| (topic.clone(), *id)));
+                        self.txns[i].steps.push((topic, values, ids));
                     }
                     // Past the timeout: refused whole.
                     Err(DispatchError::Transaction(TxnError::Limit { .. })) => {
@@ -287,7 +318,8 @@ impl Sim {
                 };
                 self.repeat_end(i, outcome);
             }
-            58..=67 => {
+            58..=62 if !self.txns.is_empty() => self.retry(),
+            63..=67 => {
                 let topic = *self.rng.pick(&["a", "b"]).unwrap();
                 let _ = self
                     .d()
@@ -328,11 +360,13 @@ impl Sim {
         let key = TxnKey::new("producers", id).unwrap();
         let topic = self.rng.pick(&["a", "b"]).unwrap().to_string();
         let count = self.rng.range(1, 3) as usize;
+        let values = self.values(count);
         let open_with_key = self
             .txns
             .iter()
             .any(|t| t.key == key && matches!(t.state, State::Open | State::Unsure));
-        match self.produce(&key, 0, &topic, count) {
+        let sequence = self.rng.chance(50).then_some(0);
+        match self.produce(&key, 0, sequence, &topic, &values) {
             Ok((handle, ids)) => {
                 if self
                     .txns
@@ -348,8 +382,9 @@ impl Sim {
                     key,
                     handle,
                     state: State::Open,
-                    records: ids.into_iter().map(|id| (topic.clone(), id)).collect(),
+                    records: ids.iter().map(|id| (topic.clone(), *id)).collect(),
                     acks: Vec::new(),
+                    steps: vec![(topic, values, ids)],
                     ended_at: None,
                 });
             }
@@ -360,6 +395,98 @@ impl Sim {
                 self.log.push(format!("begin {key} -> disk full"));
             }
             Err(error) => self.fail(format!("begin {key}: {error}")),
+        }
+    }
+
+    /// Sends a produce of a transaction again with its number (a retry
+    /// after a lost answer), or probes the numbering: a number past the
+    /// next one, or a used one with other records.
+    fn retry(&mut self) {
+        // Mostly an open transaction's (its producer retrying), sometimes
+        // an ended one's (a late duplicate).
+        let open: Vec<usize> = (0..self.txns.len())
+            .filter(|&i| self.txns[i].state == State::Open)
+            .collect();
+        let i = match self.rng.pick(&open) {
+            Some(&i) if self.rng.chance(70) => i,
+            _ => self.rng.below(self.txns.len() as u64) as usize,
+        };
+        let (key, handle, state) = (
+            self.txns[i].key.clone(),
+            self.txns[i].handle,
+            self.txns[i].state,
+        );
+        let steps = self.txns[i].steps.len() as u32;
+        let probe = self.rng.below(10);
+        if state == State::Open && probe < 2 {
+            // A gap, or other records under a used number: refused whole.
+            let topic = self.rng.pick(&["a", "b"]).unwrap().to_string();
+            let values = self.values(1);
+            let (sequence, gap) = if probe == 0 || steps == 0 {
+                (steps + 1, true)
+            } else {
+                (self.rng.below(u64::from(steps)) as u32, false)
+            };
+            let result = self.produce(&key, handle, Some(sequence), &topic, &values);
+            self.log.push(format!(
+                "probe {key} {handle} #{sequence} (of {steps}) -> {result:?}"
+            ));
+            match (gap, &result) {
+                (true, Err(DispatchError::Transaction(TxnError::OutOfSequence { .. })))
+                | (false, Err(DispatchError::Transaction(TxnError::Conflict { .. }))) => {}
+                _ => self.fail(format!("numbering probe answered {result:?}")),
+            }
+            self.check_listed(i);
+            return;
+        }
+        let Some(sequence) = (steps > 0).then(|| self.rng.below(u64::from(steps)) as u32) else {
+            return;
+        };
+        let (topic, values, ids) = self.txns[i].steps[sequence as usize].clone();
+        // A begin's answer (the handle) may be what was lost.
+        let given = if sequence == 0 && state == State::Open && self.rng.chance(50) {
+            0
+        } else {
+            handle
+        };
+        let result = self.produce(&key, given, Some(sequence), &topic, &values);
+        self.log.push(format!(
+            "retry {key} {given} #{sequence} ({state:?}) -> {result:?}"
+        ));
+        match (state, result) {
+            (_, Ok((h, got))) if h == handle && got == ids => {}
+            (State::Open, other) => {
+                self.fail(format!("a retry into an open transaction: {other:?}"))
+            }
+            (_, Ok(other)) => self.fail(format!("a retry into an ended one answered {other:?}")),
+            (_, Err(error)) if is_store(&error) => {}
+            (
+                _,
+                Err(DispatchError::Transaction(TxnError::Conflict { .. } | TxnError::Unknown(_))),
+            ) => {}
+            (_, Err(error)) => self.fail(format!("a retry into an ended one: {error}")),
+        }
+        self.check_listed(i);
+    }
+
+    /// An open transaction is listed with as many records as the model
+    /// holds (a retry stored nothing).
+    fn check_listed(&mut self, i: usize) {
+        if self.txns[i].state != State::Open {
+            return;
+        }
+        let handle = self.txns[i].handle;
+        let listed = self
+            .d()
+            .transactions()
+            .into_iter()
+            .find(|t| t.handle == handle)
+            .map(|t| t.records);
+        if listed != Some(self.txns[i].records.len()) {
+            self.fail(format!(
+                "open {handle} listed with {listed:?} records, the model has {}",
+                self.txns[i].records.len()
+            ));
         }
     }
 

@@ -413,7 +413,10 @@ impl Session {
             }
             Request::TxnListen(listen) => self.txn_listen(listen).await,
             Request::TxnInit(init) => self.txn_init(init).await,
-            request @ (Request::TxnProduce(_) | Request::TxnEnd(_) | Request::TxnAck(_)) => {
+            request @ (Request::TxnProduce(_)
+            | Request::TxnProduceSeq(_)
+            | Request::TxnEnd(_)
+            | Request::TxnAck(_)) => {
                 self.transaction(correlation_id, request).await;
                 return true;
             }

@@ -1,4 +1,4 @@
-//! TXN_PRODUCE, TXN_ACK and TXN_END: decoding, rights, routing and replying; the
+//! TXN_PRODUCE (and TXN_PRODUCE_SEQ), TXN_ACK and TXN_END: decoding, rights, routing and replying; the
 //! transaction itself is the dispatcher's (`dmq_dispatcher::transactions`).
 //!
 //! Each request is queued for the dispatcher in request order without
@@ -23,7 +23,11 @@ impl Session {
             return;
         };
         let started = match request {
-            Request::TxnProduce(produce) => self.start_txn_produce(produce).await,
+            Request::TxnProduce(produce) => self.start_txn_produce(produce, None).await,
+            Request::TxnProduceSeq(numbered) => {
+                self.start_txn_produce(numbered.produce, Some(numbered.sequence))
+                    .await
+            }
             Request::TxnEnd(end) => self.start_txn_end(end).await,
             Request::TxnAck(ack) => self.start_txn_ack(ack),
             _ => return,
@@ -48,9 +52,13 @@ impl Session {
         }
     }
 
+    /// A TXN_PRODUCE, numbered `sequence` within its transaction for a
+    /// TXN_PRODUCE_SEQ (a retry of a number the transaction has is answered
+    /// with the first answer, by the dispatcher).
     async fn start_txn_produce(
         &mut self,
         produce: wire::TxnProduce,
+        sequence: Option<u32>,
     ) -> Result<Answer, ErrorResponse> {
         // Rights first: a client without them learns nothing of the topic.
         let default_ttl_ms = match self.authorize(&produce.topic, Right::Produce).await? {
@@ -124,6 +132,7 @@ impl Session {
             dispatcher.txn_produce(
                 key,
                 txn_handle,
+                sequence,
                 &topic,
                 routed,
                 answer_with(reply, |produced: dmq_dispatcher::TxnProduced| {

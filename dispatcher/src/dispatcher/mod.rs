@@ -79,7 +79,7 @@ mod seek;
 mod topics;
 mod transactions;
 
-use transactions::{CommitMove, Ending, HalfWrite, Moving};
+use transactions::{CommitMove, Ending, HalfWrite, Moving, RetryWaiters};
 pub use transactions::{
     TransactionCounts, TransactionInfo, TransactionTopics, TxnEndReply, TxnProduceReply,
     TxnProduced,
@@ -485,6 +485,9 @@ pub struct Dispatcher {
     txns: TransactionLog,
     /// COMMITs and ROLLBACKs asked for and not yet durable, by handle.
     endings: HashMap<u64, Ending>,
+    /// Retries of numbered produces (TXN_PRODUCE_SEQ) whose first try is
+    /// still being written, by (handle, sequence): answered with it.
+    txn_retries: HashMap<(u64, u32), RetryWaiters>,
     /// Committed transactions whose records are with the writer.
     moving: HashMap<u64, Moving>,
     /// Committed transactions whose move failed: moved again later.
@@ -642,6 +645,7 @@ impl Dispatcher {
             next_write_ticket: 0,
             txns,
             endings: HashMap::new(),
+            txn_retries: HashMap::new(),
             moving: HashMap::new(),
             unmoved: VecDeque::new(),
             to_move: Vec::new(),

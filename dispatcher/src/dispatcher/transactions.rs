@@ -23,7 +23,8 @@
 
 use super::*;
 use crate::transactions::{
-    AckTarget, CommittedRecord, HalfInput, TxnAcks, TxnError, TxnKey, TxnOutcome, TxnStage,
+    step_digest, AckTarget, CommittedRecord, HalfInput, ProduceStep, SequenceCheck, StepState,
+    TxnAcks, TxnError, TxnKey, TxnOutcome, TxnStage,
 };
 use crate::txn_checks::{CheckDecision, TxnCheck};
 
@@ -114,9 +115,22 @@ impl std::fmt::Debug for Ending {
     }
 }
 
+/// Retries of one numbered produce, waiting for its first try's answer.
+#[derive(Default)]
+pub(super) struct RetryWaiters(Vec<TxnProduceReply>);
+
+impl std::fmt::Debug for RetryWaiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RetryWaiters({})", self.0.len())
+    }
+}
+
 /// A half append waiting for durability.
 pub(super) struct HalfWrite {
     handle: u64,
+    /// The produce's sequence number in its transaction (`None` for an
+    /// ack record, or where steps are not known).
+    step: Option<u32>,
     records: Vec<Produced>,
     reply: TxnProduceReply,
 }
@@ -169,10 +183,14 @@ impl Dispatcher {
     /// half-log append happens here, in call order; the writer waits for
     /// its durability, and `reply` gets the answer on a later poll.
     /// `records` holds (partition, record, relative-time flags).
+    /// `sequence` (TXN_PRODUCE_SEQ) numbers the produce within its
+    /// transaction: a number it has already is a retry, answered with the
+    /// first try's answer (once that is durable) and stored nothing.
     pub fn txn_produce(
         &mut self,
         key: TxnKey,
         handle: u64,
+        sequence: Option<u32>,
         topic: &str,
         records: Vec<(u32, RecordInput, u8)>,
         reply: TxnProduceReply,
@@ -202,12 +220,31 @@ impl Dispatcher {
                 relative,
             })
             .collect();
+        let digest = step_digest(&halves);
+        if let Some(sequence) = sequence {
+            match self.txns.check_sequence(&key, handle, sequence, digest) {
+                Ok(SequenceCheck::New) => {}
+                Ok(SequenceCheck::Retry {
+                    handle,
+                    sequence,
+                    step,
+                }) => {
+                    self.answer_retry(handle, sequence, step, reply);
+                    return;
+                }
+                Err(error) => {
+                    reply(Err(error.into()));
+                    return;
+                }
+            }
+        }
         let placed: Vec<(u32, Option<i64>)> = halves
             .iter()
             .map(|h| (h.partition, h.record.deliver_at_ms))
             .collect();
         let begins = handle == 0;
-        let (handle, info) = match self.txns.append_half(&key, handle, halves, now) {
+        let (handle, info, step) = match self.txns.append_produce(&key, handle, halves, digest, now)
+        {
             Ok(appended) => appended,
             Err(error) => {
                 reply(Err(error.into()));
@@ -224,7 +261,45 @@ impl Dispatcher {
                 delayed_until_ms: due.filter(|&due| due > now),
             })
             .collect();
-        self.wait_half(info, handle, begins, produced, reply);
+        self.wait_half(info, handle, step, begins, produced, reply);
+    }
+
+    /// Answers a retry of the produce numbered `sequence` of `handle`: at
+    /// once from the half log if it is durable, else with its first try's
+    /// answer when that comes.
+    fn answer_retry(
+        &mut self,
+        handle: u64,
+        sequence: u32,
+        step: ProduceStep,
+        reply: TxnProduceReply,
+    ) {
+        if step.state == StepState::Writing {
+            self.txn_retries
+                .entry((handle, sequence))
+                .or_default()
+                .0
+                .push(reply);
+            return;
+        }
+        let now = self.now();
+        let answer = self
+            .txns
+            .step_records(handle, &step)
+            .map(|records| TxnProduced {
+                handle,
+                records: records
+                    .into_iter()
+                    .map(|(id, partition, due)| Produced {
+                        partition,
+                        offset: None,
+                        id,
+                        delayed_until_ms: due.filter(|&due| due > now),
+                    })
+                    .collect(),
+            })
+            .map_err(DispatchError::from);
+        reply(answer);
     }
 
     /// Hands a half-log append (half or ack records) of `handle` to the
@@ -234,6 +309,7 @@ impl Dispatcher {
         &mut self,
         info: AppendInfo,
         handle: u64,
+        step: Option<u32>,
         begins: bool,
         records: Vec<Produced>,
         reply: TxnProduceReply,
@@ -247,6 +323,7 @@ impl Dispatcher {
             info,
             InFlightWrite::Half(HalfWrite {
                 handle,
+                step,
                 records,
                 reply,
             }),
@@ -305,7 +382,7 @@ impl Dispatcher {
         for claim in claimed {
             self.claims.insert(claim, handle);
         }
-        self.wait_half(info, handle, begins, Vec::new(), reply);
+        self.wait_half(info, handle, None, begins, Vec::new(), reply);
     }
 
     /// The acks a TXN_ACK adds (`None`: none, the transaction has them
@@ -664,11 +741,16 @@ impl Dispatcher {
     ) {
         let HalfWrite {
             handle,
+            step,
             records,
             reply,
         } = write;
         let ok = result.is_ok();
-        self.txns.half_written(handle, ok);
+        self.txns.half_written(handle, step, ok);
+        let retries = step
+            .and_then(|step| self.txn_retries.remove(&(handle, step)))
+            .map(|waiters| waiters.0)
+            .unwrap_or_default();
         match result {
             Ok(_) => {
                 let topic = self
@@ -690,9 +772,24 @@ impl Dispatcher {
                         );
                     }
                 }
-                reply(Ok(TxnProduced { handle, records }));
+                let produced = TxnProduced { handle, records };
+                for retry in retries {
+                    retry(Ok(produced.clone()));
+                }
+                reply(Ok(produced));
             }
-            Err((error, _)) => reply(Err(write_error(error))),
+            Err((error, _)) => {
+                for retry in retries {
+                    retry(Err(DispatchError::Transaction(TxnError::Conflict {
+                        key: self
+                            .txns
+                            .get(handle)
+                            .map_or_else(|| format!("handle {handle}"), |t| t.key.to_string()),
+                        reason: format!("the produce this retries failed ({error}): roll it back"),
+                    })));
+                }
+                reply(Err(write_error(error)));
+            }
         }
         // A COMMIT or ROLLBACK that came while this append was being
         // written goes on once none is.
