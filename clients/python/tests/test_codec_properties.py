@@ -18,6 +18,8 @@ from dmq.codec import (
     MessagePosition,
     Produce,
     Record,
+    TxnProduce,
+    TxnProduceSeq,
     decode_frame,
     encode_frame,
 )
@@ -66,7 +68,12 @@ deliveries = st.builds(
     st.one_of(st.none(), I64),
 )
 acks = st.builds(Ack, U64, st.lists(st.builds(MessagePosition, U32, U64), max_size=8))
-bodies = st.one_of(produces, deliveries, acks)
+txn_produce_seqs = st.builds(
+    TxnProduceSeq,
+    st.builds(TxnProduce, NAME, NAME, U64, NAME, st.one_of(st.none(), U32), st.lists(records, max_size=3)),
+    U32,
+)
+bodies = st.one_of(produces, deliveries, acks, txn_produce_seqs)
 
 
 @settings(max_examples=300, deadline=None)

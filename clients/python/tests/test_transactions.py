@@ -1,18 +1,19 @@
 """Transactions against a real dmqd: half messages delivered only after
-the commit, never after a rollback, and atomic consume-and-produce with
-transactional acks, check-back listeners and fencing (PROTOCOL.md 6.27
-to 6.36)."""
+the commit, never after a rollback, numbered sends stored once when
+retried, and atomic consume-and-produce with transactional acks,
+check-back listeners and fencing (PROTOCOL.md 6.27 to 6.37)."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 from conftest import Broker, run, unique
 
 import dmq
 from dmq import GroupSettings
-from dmq.errors import ProducerFenced, TransactionConflict
+from dmq.codec import Body, Opcode, Record, TxnProduce, TxnProduceOk, TxnProduceSeq
+from dmq.errors import ConnectionClosedError, OutOfOrderSequence, ProducerFenced, TransactionConflict
 
 
 async def values(consumer: dmq.Consumer, wait: float = 1.0) -> list[bytes]:
@@ -88,6 +89,59 @@ def test_consume_and_produce_in_one_transaction(broker: Broker) -> None:
                 assert await consumer.receive(1.0) is None
             async with client.consumer(shipments, "audit") as audit:
                 assert await values(audit) == sorted(f"ship {n}".encode() for n in range(5))
+
+    run(main())
+
+
+def test_a_send_whose_answer_was_lost_is_sent_again_and_stored_once(broker: Broker) -> None:
+    """Each send is a TXN_PRODUCE_SEQ. The answers of the first two (the
+    begin, then one more) are lost after the broker stored them: the client
+    sends each again with its number and gets the first answer (the same
+    handle and message id). A number used for other records is
+    TransactionConflict, one past the next OutOfOrderSequence; the commit
+    delivers each message once."""
+
+    async def main() -> None:
+        orders, group, txn_id = unique("orders"), unique("shop"), unique("o")
+        async with dmq.Client(broker.address, client_id="py-txn", reconnect_backoff_initial=0.01) as client:
+            await client.create_topic(orders, 1)
+            real = client.request
+            # The first answer to each number, lost.
+            answered: dict[int, TxnProduceOk] = {}
+
+            async def losing(body: Body, opcode: Optional[Opcode] = None, timeout: Optional[float] = None) -> Any:
+                answer = await real(body, opcode, timeout)
+                if isinstance(body, TxnProduceSeq) and body.sequence not in answered:
+                    answered[body.sequence] = answer
+                    client.drop_connection()
+                    raise ConnectionClosedError("the answer was lost (test)")
+                return answer
+
+            client.request = losing  # type: ignore[method-assign]
+            txn = client.transaction(group, txn_id)
+            created = await txn.send(orders, "created")
+            paid = await txn.send(orders, "paid")
+            client.request = real  # type: ignore[method-assign]
+            assert sorted(answered) == [0, 1] and txn.sequence == 2
+            assert [a.handle for a in answered.values()] == [txn.handle, txn.handle]
+            assert [created.message_id, paid.message_id] == [answered[n].records[0].message_id for n in (0, 1)]
+
+            def numbered(sequence: int, value: bytes, handle: Optional[int] = None) -> TxnProduceSeq:
+                handle = txn.handle if handle is None else handle
+                return TxnProduceSeq(TxnProduce(group, txn_id, handle, orders, None, [Record(value)]), sequence)
+
+            again = await client.request(numbered(0, b"created", handle=0))  # a retried begin
+            assert isinstance(again, TxnProduceOk) and again.handle == txn.handle
+            assert again.records[0].message_id == created.message_id
+            with pytest.raises(TransactionConflict):
+                await client.request(numbered(1, b"other"))
+            with pytest.raises(OutOfOrderSequence):
+                await client.request(numbered(3, b"later"))
+            with pytest.raises(OutOfOrderSequence):
+                await client.request(numbered(1, b"begin", handle=0))
+            async with client.consumer(orders, "billing") as billing:
+                await txn.commit()
+                assert await values(billing) == [b"created", b"paid"]
 
     run(main())
 

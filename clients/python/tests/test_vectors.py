@@ -8,7 +8,7 @@ import json
 
 from conftest import REPO
 
-from dmq.codec import Hello, HelloOk, Produce, decode_frame, encode_frame
+from dmq.codec import Hello, HelloOk, Opcode, Produce, TxnProduceSeq, decode_frame, encode_frame
 
 VECTORS = json.loads((REPO / "protocol" / "tests" / "vectors.json").read_text())["examples"]
 
@@ -36,3 +36,11 @@ def test_examples_mean_what_the_spec_says() -> None:
     produce = decode_frame(bytes.fromhex(VECTORS["produce"]))
     assert produce is not None and isinstance(produce[0].body, Produce)
     assert produce[0].body.topic == "orders"
+    numbered = decode_frame(bytes.fromhex(VECTORS["txn_produce_seq"]))
+    assert numbered is not None and numbered[0].opcode == Opcode.TXN_PRODUCE_SEQ
+    assert numbered[0].correlation_id == 10
+    body = numbered[0].body
+    assert isinstance(body, TxnProduceSeq) and body.sequence == 1
+    assert (body.produce.producer_group, body.produce.transaction_id, body.produce.handle) == ("shop", "o17", 42)
+    assert body.produce.topic == "audit" and body.produce.partition is None
+    assert [bytes(r.value) for r in body.produce.records] == [b"o17 paid"]

@@ -58,6 +58,7 @@ class Opcode(enum.IntEnum):
     TXN_LISTEN = 0x0015
     TXN_INIT = 0x0016
     TXN_ACK = 0x0017
+    TXN_PRODUCE_SEQ = 0x0018
     SUBSCRIBE = 0x0020
     UNSUBSCRIBE = 0x0021
     CREDIT = 0x0022
@@ -676,6 +677,28 @@ class TxnProduce(Body):
         topic = r.string()
         partition = r.opt_u32()
         return cls(group, txn, handle, topic, partition, [Record.decode(r) for _ in range(r.count(11))])
+
+
+@dataclass
+class TxnProduceSeq(Body):
+    """6.37: a TXN_PRODUCE numbered within its transaction (``sequence`` 0
+    for the one that begins it, one more for each later produce of it), so
+    that one retried after a lost answer gets the first answer instead of
+    storing its records again. Answered by TXN_PRODUCE_OK."""
+
+    OPCODE = Opcode.TXN_PRODUCE_SEQ
+    #: The request, as TXN_PRODUCE (its fields come first on the wire).
+    produce: TxnProduce
+    sequence: int
+
+    def encode(self, out: bytearray) -> None:
+        self.produce.encode(out)
+        out += _U32.pack(self.sequence)
+
+    @classmethod
+    def decode(cls, r: Reader) -> TxnProduceSeq:
+        produce = TxnProduce.decode(r)
+        return cls(produce, r.u32())
 
 
 #: TXN_END / TXN_ENDED outcomes.
@@ -1369,6 +1392,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.TXN_LISTEN: TxnListen.decode,
     Opcode.TXN_INIT: TxnInit.decode,
     Opcode.TXN_ACK: TxnAck.decode,
+    Opcode.TXN_PRODUCE_SEQ: TxnProduceSeq.decode,
     Opcode.DELETE_MESSAGES: DeleteMessages.decode,
     Opcode.SUBSCRIBE: Subscribe.decode,
     Opcode.UNSUBSCRIBE: Unsubscribe.decode,

@@ -195,7 +195,9 @@ class GroupConfigConflict(BrokerError):
 
 class OutOfOrderSequence(BrokerError):
     """Code 21: an idempotent PRODUCE older than the latest 32 batches the
-    broker remembers of its producer (it may or may not be stored)."""
+    broker remembers of its producer (it may or may not be stored); or a
+    TXN_PRODUCE_SEQ whose number is past its transaction's next one (an
+    earlier send was not stored; nothing was)."""
 
 
 class Timeout(BrokerError):

@@ -10,6 +10,15 @@ the transaction and the broker's answer gives the handle every later
 request names, so a late commit never reaches a later transaction that
 reuses the id. Requests of one transaction go one at a time, in order.
 
+Each send is numbered within its transaction (TXN_PRODUCE_SEQ, PROTOCOL.md
+6.37), so a send whose answer was lost (the connection dropped, the
+request timed out) is sent again, up to :data:`TRANSACTION_RETRIES`
+times: the broker answers a number it has with the first answer and
+stores nothing twice. A send that still fails with a transient error may
+be called again with the same arguments (it keeps its number). Commit
+and rollback are retried the same way (a repeated end gets the first
+answer).
+
 Atomic consume-and-produce::
 
     async for paid in payments:
@@ -44,12 +53,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .client import Client
 from .codec import (
     TXN_COMMIT,
     TXN_ROLLBACK,
+    Body,
     DeliveryTime,
     Empty,
     MessagePosition,
@@ -64,10 +74,31 @@ from .codec import (
     TxnListen,
     TxnProduce,
     TxnProduceOk,
+    TxnProduceSeq,
 )
 from .consumer import Consumer, Message
 from .errors import DmqError, ProtocolError, StaleDeliveryError
 from .producer import HeadersArg, Receipt, Seconds, When, _delivery_time, _headers, _ms, _to_bytes
+
+#: How many times a transaction's send, commit or rollback is sent again
+#: after a transient failure (a lost connection, a timeout, a broker that
+#: is overloaded or stopping), waiting ``reconnect_backoff_initial`` times
+#: the attempt's number before each.
+TRANSACTION_RETRIES = 5
+
+
+async def _request_retrying(client: Client, body: Body) -> Any:
+    """:meth:`Client.request`, again on a transient failure: only for
+    requests the broker answers the same when they arrive twice."""
+    attempt = 0
+    while True:
+        try:
+            return await client.request(body)
+        except DmqError as error:
+            if not error.transient or attempt >= TRANSACTION_RETRIES:
+                raise
+        attempt += 1
+        await asyncio.sleep(client.reconnect_backoff_initial * attempt)
 
 
 class Transaction:
@@ -80,6 +111,9 @@ class Transaction:
         self.transaction_id = transaction_id
         #: 0 until the broker answered the first request.
         self.handle = 0
+        #: The number of the next send (TXN_PRODUCE_SEQ): one more for
+        #: each send answered.
+        self.sequence = 0
 
     async def send(
         self,
@@ -93,10 +127,12 @@ class Transaction:
         deliver_at: Optional[When] = None,
         ttl: Optional[Seconds] = None,
     ) -> Receipt:
-        """Stores one half message (TXN_PRODUCE), durable when this
+        """Stores one half message (TXN_PRODUCE_SEQ), durable when this
         returns; delivered to every group of ``topic`` only after the
         commit. A ``delay`` and a ``ttl`` start at the commit. The receipt
-        has the message id and no offset."""
+        has the message id and no offset. Sent again after a transient
+        failure (stored once); if that still fails, calling it again with
+        the same arguments is safe."""
         when = DeliveryTime(*_delivery_time(delay, deliver_at))
         record = Record(
             _to_bytes(value),
@@ -105,12 +141,12 @@ class Transaction:
             when,
             None if ttl is None else _ms(ttl),
         )
-        body = await self._client.request(
-            TxnProduce(self.producer_group, self.transaction_id, self.handle, topic, partition, [record])
-        )
+        produce = TxnProduce(self.producer_group, self.transaction_id, self.handle, topic, partition, [record])
+        body = await _request_retrying(self._client, TxnProduceSeq(produce, self.sequence))
         if not isinstance(body, TxnProduceOk) or len(body.records) != 1:
             raise ProtocolError(f"expected TXN_PRODUCE_OK with one record, got {body!r}")
         self.handle = body.handle
+        self.sequence += 1
         produced = body.records[0]
         return Receipt(produced.partition, produced.offset, produced.message_id, produced.deliver_at_ms)
 
@@ -149,8 +185,8 @@ class Transaction:
 
     async def commit(self) -> None:
         """Commits: once this returns every message sent is delivered to
-        every group of its topic, and every ack made counts. Retrying after
-        a lost answer is safe."""
+        every group of its topic, and every ack made counts. Sent again
+        after a transient failure; retrying after a lost answer is safe."""
         await self._end(TXN_COMMIT)
 
     async def rollback(self) -> None:
@@ -163,11 +199,11 @@ class Transaction:
         await _end(self._client, self.producer_group, self.transaction_id, self.handle, outcome)
 
     def __repr__(self) -> str:
-        return f"Transaction({self.producer_group!r}, {self.transaction_id!r}, handle={self.handle})"
+        return f"Transaction({self.producer_group!r}, {self.transaction_id!r}, handle={self.handle}, sequence={self.sequence})"
 
 
 async def _end(client: Client, producer_group: str, transaction_id: str, handle: int, outcome: int) -> None:
-    body = await client.request(TxnEnd(producer_group, transaction_id, handle, outcome))
+    body = await _request_retrying(client, TxnEnd(producer_group, transaction_id, handle, outcome))
     if not isinstance(body, TxnEnded):
         raise ProtocolError(f"expected TXN_ENDED, got {type(body).__name__}")
 
