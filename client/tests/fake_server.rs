@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use dmq_client::protocol::{
     decode_frame, encode_frame, Body, Delivery, Frame, HelloOk, MessageId, ProduceOk,
     ProducedRecord, Request, Response, Subscribed, TopicDescription, TopicSummary, Topics,
-    DEFAULT_MAX_FRAME_BYTES,
+    TxnEnded, TxnOutcome, TxnProduceOk, DEFAULT_MAX_FRAME_BYTES,
 };
 use dmq_client::{
     Client, ClientError, ClientOptions, ErrorCode, Message, ProducerOptions, SubscribeOptions,
@@ -662,4 +662,78 @@ async fn a_record_over_the_brokers_maximum_fails_alone_before_sending() {
     conn.reply(frame.correlation_id, ProduceOk { records })
         .await;
     at_limit.await.expect("stored");
+}
+
+/// A transaction's send whose connection drops before the answer is sent
+/// again, on the next connection, with the same number and handle (the
+/// broker answers a number it has with the first answer); the next send
+/// takes the next number and the answer's handle, and a commit whose
+/// connection drops is sent again too.
+#[tokio::test]
+async fn a_transaction_send_whose_answer_is_lost_is_sent_again_with_its_number() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let sender = client.clone();
+    let work = tokio::spawn(async move {
+        let mut txn = sender.transaction("shop", "order-17");
+        let first = txn.send(vec![Message::new("orders", "created")]).await?;
+        let second = txn.send(vec![Message::new("orders", "paid")]).await?;
+        txn.commit().await?;
+        Ok::<_, ClientError>((first, second, txn.handle()))
+    });
+    let numbered = |frame: &Frame| match request(frame) {
+        Request::TxnProduceSeq(numbered) => (
+            numbered.produce.handle,
+            numbered.sequence,
+            numbered.produce.records.len(),
+        ),
+        other => panic!("expected TXN_PRODUCE_SEQ, got {other:?}"),
+    };
+    let answer = |value: u8| TxnProduceOk {
+        handle: 42,
+        records: vec![ProducedRecord {
+            partition: 0,
+            offset: None,
+            message_id: MessageId([value; 16]),
+            deliver_at_ms: None,
+        }],
+    };
+    // The begin is taken, then the connection drops: no answer.
+    let frame = conn.recv().await;
+    assert_eq!(numbered(&frame), (0, 0, 1));
+    drop(conn);
+    let mut conn = server.accept().await;
+    let frame = conn.recv().await;
+    assert_eq!(numbered(&frame), (0, 0, 1), "the same begin, again");
+    conn.reply(frame.correlation_id, answer(1)).await;
+    let frame = conn.recv().await;
+    assert_eq!(numbered(&frame), (42, 1, 1), "the next number, the handle");
+    conn.reply(frame.correlation_id, answer(2)).await;
+    let frame = conn.recv().await;
+    assert!(matches!(request(&frame), Request::TxnEnd(end) if end.handle == 42));
+    drop(conn);
+    let mut conn = server.accept().await;
+    let frame = conn.recv().await;
+    assert!(
+        matches!(request(&frame), Request::TxnEnd(end) if end.handle == 42 && end.outcome == TxnOutcome::Commit),
+        "the commit, again: {frame:?}"
+    );
+    conn.reply(
+        frame.correlation_id,
+        TxnEnded {
+            outcome: TxnOutcome::Commit,
+        },
+    )
+    .await;
+    let (first, second, handle) = tokio::time::timeout(WAIT, work)
+        .await
+        .expect("in time")
+        .expect("join")
+        .expect("the transaction went through");
+    assert_eq!(handle, 42);
+    assert_eq!(first[0].id, MessageId([1; 16]));
+    assert_eq!(second[0].id, MessageId([2; 16]));
 }
