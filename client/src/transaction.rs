@@ -144,8 +144,7 @@ impl Transaction {
                 },
                 sequence: self.sequence,
             };
-            let response =
-                request_retrying(&self.client, Request::TxnProduceSeq(request)).await?;
+            let response = request_retrying(&self.client, Request::TxnProduceSeq(request)).await?;
             let ok = match response {
                 Response::TxnProduceOk(ok) => ok,
                 other => {
