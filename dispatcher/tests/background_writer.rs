@@ -22,6 +22,8 @@ use dmq_log_store::{AppendInfo, BatchInput, Clock, ManualClock, Record, RecordIn
 struct Gate {
     open: Mutex<bool>,
     changed: Condvar,
+    /// Durable waits that pass fail (a disk that lost the writes).
+    failing: AtomicBool,
     /// Writes waiting at the gate now.
     waiting: AtomicU64,
 }
@@ -68,6 +70,12 @@ impl PartitionLog for GatedLog {
 
     fn wait_durable(&self, info: &AppendInfo) -> Result<(), StoreError> {
         self.gate.pass();
+        if self.gate.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Journal {
+                name: "gated".into(),
+                source: std::io::Error::other("the simulated disk failed the sync"),
+            });
+        }
         self.inner.wait_durable(info)?;
         let end = info.base_offset + info.ids.len() as u64;
         self.durable_end.fetch_max(end, Ordering::SeqCst);
@@ -529,4 +537,73 @@ fn a_numbered_produce_retried_while_its_first_try_is_written_gets_its_answer() {
     let listed = w.dispatcher.transactions();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].records, 1, "stored once: {listed:?}");
+}
+
+#[test]
+fn a_retry_waiting_for_a_first_try_that_fails_is_refused_and_stores_nothing() {
+    let mut w = World::new();
+    let key = TxnKey::new("shop", "order-18").unwrap();
+    type Answer = mpsc::Receiver<Result<TxnProduced, DispatchError>>;
+    let produce = |d: &mut Dispatcher, handle: u64| -> Answer {
+        let (reply, answer) = mpsc::channel();
+        d.txn_produce(
+            key.clone(),
+            handle,
+            Some(0),
+            "fast",
+            vec![(0, RecordInput::new("created"), 0)],
+            Box::new(move |result| {
+                let _ = reply.send(result);
+            }),
+        );
+        answer
+    };
+    w.gate.set(false);
+    let first = produce(&mut w.dispatcher, 0);
+    w.gate.wait_for_a_writer();
+    let retry = produce(&mut w.dispatcher, 0);
+    w.gate.failing.store(true, Ordering::SeqCst);
+    w.gate.set(true);
+    let mut answers = Vec::new();
+    for answer in [&first, &retry] {
+        let got = loop {
+            w.dispatcher.poll().unwrap();
+            match answer.try_recv() {
+                Ok(got) => break got,
+                Err(_) => {
+                    let _ = w.woken.recv_timeout(Duration::from_millis(100));
+                }
+            }
+        };
+        answers.push(got);
+    }
+    assert!(
+        answers[0].is_err(),
+        "the first try failed: {:?}",
+        answers[0]
+    );
+    assert!(
+        matches!(
+            answers[1],
+            Err(DispatchError::Transaction(
+                dmq_dispatcher::TxnError::Conflict { .. }
+            ))
+        ),
+        "the waiting retry is refused: {:?}",
+        answers[1]
+    );
+    // A later retry of the failed produce is refused too: the
+    // transaction can only roll back.
+    w.gate.failing.store(false, Ordering::SeqCst);
+    let handle = w.dispatcher.transactions()[0].handle;
+    let late = produce(&mut w.dispatcher, handle);
+    assert!(
+        matches!(
+            late.try_recv().unwrap(),
+            Err(DispatchError::Transaction(
+                dmq_dispatcher::TxnError::Conflict { .. }
+            ))
+        ),
+        "a late retry of a failed produce"
+    );
 }
