@@ -483,32 +483,57 @@ fn a_delayed_produce_is_answered_once_durable_without_stopping_the_dispatcher() 
     assert_eq!(records[0].id, produced[0].id);
 }
 
+type TxnAnswer = mpsc::Receiver<Result<TxnProduced, DispatchError>>;
+
+/// A TXN_PRODUCE_SEQ numbered 0 of one record into `key` (`handle` 0: the
+/// begin); its answer arrives on the returned channel.
+fn numbered_begin(w: &mut World, key: &TxnKey, handle: u64) -> TxnAnswer {
+    let (reply, answer) = mpsc::channel();
+    w.dispatcher.txn_produce(
+        key.clone(),
+        handle,
+        Some(0),
+        "fast",
+        vec![(0, RecordInput::new("created"), 0)],
+        Box::new(move |result| {
+            let _ = reply.send(result);
+        }),
+    );
+    answer
+}
+
+/// Polls until `answer` comes.
+fn answer_of(w: &mut World, answer: &TxnAnswer) -> Result<TxnProduced, DispatchError> {
+    loop {
+        w.dispatcher.poll().unwrap();
+        match answer.try_recv() {
+            Ok(got) => return got,
+            Err(_) => {
+                let _ = w.woken.recv_timeout(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn is_conflict(result: &Result<TxnProduced, DispatchError>) -> bool {
+    matches!(
+        result,
+        Err(DispatchError::Transaction(
+            dmq_dispatcher::TxnError::Conflict { .. }
+        ))
+    )
+}
+
 #[test]
 fn a_numbered_produce_retried_while_its_first_try_is_written_gets_its_answer() {
     let mut w = World::new();
     let key = TxnKey::new("shop", "order-17").unwrap();
-    let records = || vec![(0, RecordInput::new("created"), 0)];
-    type Answer = mpsc::Receiver<Result<TxnProduced, DispatchError>>;
-    let produce = |d: &mut Dispatcher, handle: u64| -> Answer {
-        let (reply, answer) = mpsc::channel();
-        d.txn_produce(
-            key.clone(),
-            handle,
-            Some(0),
-            "fast",
-            records(),
-            Box::new(move |result| {
-                let _ = reply.send(result);
-            }),
-        );
-        answer
-    };
     w.gate.set(false);
-    let first = produce(&mut w.dispatcher, 0);
+    let first = numbered_begin(&mut w, &key, 0);
     w.gate.wait_for_a_writer();
     // The begin's answer is lost: the producer retries it (handle 0,
     // number 0) while the first try still waits for its durability.
-    let retry = produce(&mut w.dispatcher, 0);
+    let retry = numbered_begin(&mut w, &key, 0);
     w.dispatcher.poll().unwrap();
     assert!(first.try_recv().is_err(), "answered before durable");
     assert!(
@@ -516,24 +541,12 @@ fn a_numbered_produce_retried_while_its_first_try_is_written_gets_its_answer() {
         "the retry answered before durable"
     );
     w.gate.set(true);
-    let mut answers = Vec::new();
-    for answer in [&first, &retry] {
-        let got = loop {
-            w.dispatcher.poll().unwrap();
-            match answer.try_recv() {
-                Ok(got) => break got.unwrap(),
-                Err(_) => {
-                    let _ = w.woken.recv_timeout(Duration::from_millis(100));
-                }
-            }
-        };
-        answers.push(got);
-    }
-    assert_eq!(answers[0], answers[1], "the retry got the first answer");
+    let first = answer_of(&mut w, &first).unwrap();
+    let retried = answer_of(&mut w, &retry).unwrap();
+    assert_eq!(first, retried, "the retry got the first answer");
     // Once durable, a retry is answered at once, from the half log.
-    let handle = answers[0].handle;
-    let late = produce(&mut w.dispatcher, handle);
-    assert_eq!(late.try_recv().unwrap().unwrap(), answers[0]);
+    let late = numbered_begin(&mut w, &key, first.handle);
+    assert_eq!(late.try_recv().unwrap().unwrap(), first);
     let listed = w.dispatcher.transactions();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].records, 1, "stored once: {listed:?}");
@@ -543,67 +556,27 @@ fn a_numbered_produce_retried_while_its_first_try_is_written_gets_its_answer() {
 fn a_retry_waiting_for_a_first_try_that_fails_is_refused_and_stores_nothing() {
     let mut w = World::new();
     let key = TxnKey::new("shop", "order-18").unwrap();
-    type Answer = mpsc::Receiver<Result<TxnProduced, DispatchError>>;
-    let produce = |d: &mut Dispatcher, handle: u64| -> Answer {
-        let (reply, answer) = mpsc::channel();
-        d.txn_produce(
-            key.clone(),
-            handle,
-            Some(0),
-            "fast",
-            vec![(0, RecordInput::new("created"), 0)],
-            Box::new(move |result| {
-                let _ = reply.send(result);
-            }),
-        );
-        answer
-    };
     w.gate.set(false);
-    let first = produce(&mut w.dispatcher, 0);
+    let first = numbered_begin(&mut w, &key, 0);
     w.gate.wait_for_a_writer();
-    let retry = produce(&mut w.dispatcher, 0);
+    let retry = numbered_begin(&mut w, &key, 0);
     w.gate.failing.store(true, Ordering::SeqCst);
     w.gate.set(true);
-    let mut answers = Vec::new();
-    for answer in [&first, &retry] {
-        let got = loop {
-            w.dispatcher.poll().unwrap();
-            match answer.try_recv() {
-                Ok(got) => break got,
-                Err(_) => {
-                    let _ = w.woken.recv_timeout(Duration::from_millis(100));
-                }
-            }
-        };
-        answers.push(got);
-    }
+    let first = answer_of(&mut w, &first);
+    let retried = answer_of(&mut w, &retry);
+    assert!(first.is_err(), "the first try failed: {first:?}");
     assert!(
-        answers[0].is_err(),
-        "the first try failed: {:?}",
-        answers[0]
-    );
-    assert!(
-        matches!(
-            answers[1],
-            Err(DispatchError::Transaction(
-                dmq_dispatcher::TxnError::Conflict { .. }
-            ))
-        ),
-        "the waiting retry is refused: {:?}",
-        answers[1]
+        is_conflict(&retried),
+        "the waiting retry is refused: {retried:?}"
     );
     // A later retry of the failed produce is refused too: the
     // transaction can only roll back.
     w.gate.failing.store(false, Ordering::SeqCst);
     let handle = w.dispatcher.transactions()[0].handle;
-    let late = produce(&mut w.dispatcher, handle);
+    let late = numbered_begin(&mut w, &key, handle);
+    let late = late.try_recv().unwrap();
     assert!(
-        matches!(
-            late.try_recv().unwrap(),
-            Err(DispatchError::Transaction(
-                dmq_dispatcher::TxnError::Conflict { .. }
-            ))
-        ),
-        "a late retry of a failed produce"
+        is_conflict(&late),
+        "a late retry of a failed produce: {late:?}"
     );
 }
