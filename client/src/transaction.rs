@@ -116,9 +116,13 @@ impl Client {
 }
 
 impl Transaction {
-    /// Stores `messages` in the transaction (one TXN_PRODUCE per topic and
-    /// partition choice, in order) and returns a receipt per message, in
-    /// order: their ids, and no offset (they are in no topic yet).
+    /// Stores `messages` in the transaction (one TXN_PRODUCE_SEQ per topic
+    /// and partition choice, in order) and returns a receipt per message,
+    /// in order: their ids, and no offset (they are in no topic yet). A
+    /// request that fails transiently is sent again with its number (see
+    /// the module doc). An error after that leaves the requests before the
+    /// failing one stored: roll the transaction back (or, for a call that
+    /// sent one request, call it again with the same messages).
     pub async fn send(&mut self, messages: Vec<Message>) -> Result<Vec<SendReceipt>> {
         let mut receipts = Vec::with_capacity(messages.len());
         let mut pending = messages.into_iter().peekable();
