@@ -596,17 +596,38 @@ impl Cluster {
     /// its shared journal, `dmq_dispatcher::names::tombstone_journal`);
     /// nothing to wait for on a local topic.
     pub async fn deletion_replicated(&self, topic: &str) -> Result<(), DispatchError> {
+        self.journal_change_replicated(topic, "deletion").await
+    }
+
+    /// Waits (at most 10 s) until a seek of a group of `topic` just made
+    /// by this node's dispatcher (a rewrite of the group's replicated ack
+    /// journal) is committed in the metadata group: a node that takes over
+    /// consumers then goes on from it. Answered before, a seek could be
+    /// lost with its node, and the replay it began never came. Nothing to
+    /// wait for on a local topic.
+    pub async fn seek_replicated(&self, topic: &str) -> Result<(), DispatchError> {
+        self.journal_change_replicated(topic, "seek").await
+    }
+
+    /// Waits until every journal change this node queued so far (among
+    /// them the `what` of `topic` just made) is committed, if `topic` is a
+    /// cluster topic.
+    async fn journal_change_replicated(
+        &self,
+        topic: &str,
+        what: &str,
+    ) -> Result<(), DispatchError> {
         if !self.storage.is_replicated(topic) {
             return Ok(());
         }
         if self.journals.drain(Duration::from_secs(10)).await {
             Ok(())
         } else {
-            Err(DispatchError::Store(StoreError::Unavailable(
-                "the deletion is applied on this node and queued for the cluster, but was not \
-                 committed within 10 s; it is applied on the other nodes once it is"
-                    .to_string(),
-            )))
+            Err(DispatchError::Store(StoreError::Unavailable(format!(
+                "the {what} is applied on this node and queued for the cluster, but was not \
+                 committed within 10 s; it is applied on the other nodes once it is (should \
+                 this node fail first, it may be lost: send it again)"
+            ))))
         }
     }
 

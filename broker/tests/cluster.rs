@@ -2176,6 +2176,51 @@ async fn a_deletion_through_one_node_holds_on_every_node() {
     }
 }
 
+/// A SEEK of a cluster topic's group is answered once the seek is
+/// committed in the metadata group, so the serving node killed right
+/// after the answer leaves it to the next serving node, which delivers the
+/// whole replay. Before, the answer came when the seek was made at the
+/// serving node and handed to its journal writer: killed at once, the
+/// next serving node could know nothing of it, hold every message acked,
+/// and deliver none of the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_answered_is_not_lost_with_its_serving_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = leased_cluster_with_orders(root.path(), 1).await;
+    let home = consumer_home(&nodes).await;
+    let producer = client_of(&nodes, &[(home + 1) % nodes.len()]).await;
+    let all: BTreeSet<MessageId> = produce(&producer, "r", 20).await.into_iter().collect();
+    drop(producer);
+    let order: Vec<usize> = (0..nodes.len())
+        .map(|step| (home + step) % nodes.len())
+        .collect();
+    let client = client_of(&nodes, &order).await;
+    let one_at_a_time = dmq_client::SubscribeOptions {
+        credit_window: 1,
+        ack_linger: Duration::ZERO,
+        ..options("m")
+    };
+    let mut subscription = client
+        .consumer()
+        .subscribe("orders", "replay", one_at_a_time)
+        .await
+        .unwrap();
+    assert_eq!(
+        ack_each(&mut subscription, all.len(), "a delivery").await,
+        all
+    );
+    // The acks' sync interval and a metadata commit: acks the next node
+    // lacked would bring their messages again, replay or not.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(seek_replay_to_earliest(&client).await, all.len() as u64);
+    nodes[home].kill();
+    let replayed = ack_the_rest(&mut subscription, &BTreeSet::new(), all.len(), "the kill").await;
+    assert_eq!(
+        replayed, all,
+        "the whole replay, through the next serving node"
+    );
+}
+
 /// A node taking over consumers goes on with a replay that the node
 /// serving before it began. A node that served the group before (and
 /// loaded it again when restarted) holds a copy of it, and merging from

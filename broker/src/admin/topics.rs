@@ -585,10 +585,14 @@ async fn seek(
     let dry_run = seek.dry_run;
     let partition = seek.partition;
     served_here(&services, &topic).await?;
+    let seeked = topic.clone();
     let report = services
         .engine
         .call(move |dispatcher, _| dispatcher.seek(&topic, &group, partition, target, dry_run))
         .await??;
+    if let (Some(cluster), false) = (services.engine.cluster(), dry_run) {
+        cluster.seek_replicated(&seeked).await?;
+    }
     let partitions: Vec<SeekPartition> = report
         .into_iter()
         .map(|p| SeekPartition {

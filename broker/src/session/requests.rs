@@ -159,11 +159,18 @@ impl Session {
                 self.consumer_home_check(&seek.topic).await?;
                 let target = convert::start_position(seek.target);
                 let dry_run = seek.dry_run;
+                let topic = seek.topic.clone();
                 let report = self
                     .run(move |dispatcher, _| {
                         dispatcher.seek(&seek.topic, &seek.group, seek.partition, target, dry_run)
                     })
                     .await?;
+                if let (Some(cluster), false) = (self.shared.engine.cluster(), dry_run) {
+                    cluster
+                        .seek_replicated(&topic)
+                        .await
+                        .map_err(|error| convert::dispatch_error(&error))?;
+                }
                 Ok(Response::SeekReport(wire::SeekReport {
                     dry_run,
                     partitions: report
