@@ -226,6 +226,9 @@ pub(crate) struct GroupState {
     pending_failures: Vec<(u32, u64, u32)>,
     /// A seek or snapshot must be written before the next sync.
     journal_dirty: bool,
+    /// That write is a seek's: it replaces the whole journal
+    /// ([`Journal::replace`]).
+    journal_replace: bool,
     pub(crate) last_sync_ms: i64,
     /// The group was deleted. The slot stays (timers may still name its
     /// index) but holds nothing and matches no lookup.
@@ -452,6 +455,7 @@ impl GroupState {
             pending_acks: Vec::new(),
             pending_failures: Vec::new(),
             journal_dirty: new_partitions,
+            journal_replace: false,
             last_sync_ms: now_ms,
             retired: false,
         };
@@ -474,6 +478,7 @@ impl GroupState {
         self.pending_acks.clear();
         self.pending_failures.clear();
         self.journal_dirty = false;
+        self.journal_replace = false;
         self.rate = None;
         self.retired = true;
         (timers, std::mem::take(&mut self.members))
@@ -497,6 +502,14 @@ impl GroupState {
         self.pending_failures.clear();
     }
 
+    /// Notes a seek: as [`note_reset`](Self::note_reset), and the next
+    /// sync replaces the whole journal ([`Journal::replace`]), so that no
+    /// ack made before the seek is applied after it.
+    pub(crate) fn note_seek(&mut self) {
+        self.note_reset();
+        self.journal_replace = true;
+    }
+
     /// Whether there is anything to sync.
     pub(crate) fn needs_sync(&self) -> bool {
         self.journal_dirty || !self.pending_acks.is_empty() || !self.pending_failures.is_empty()
@@ -507,8 +520,13 @@ impl GroupState {
         self.last_sync_ms = now_ms;
         if self.journal_dirty || self.journal.size_bytes() > compact_bytes {
             let snapshots = self.snapshots();
-            self.journal.rewrite(&snapshots)?;
+            if self.journal_replace {
+                self.journal.replace(&snapshots)?;
+            } else {
+                self.journal.rewrite(&snapshots)?;
+            }
             self.journal_dirty = false;
+            self.journal_replace = false;
             self.pending_acks.clear();
             self.pending_failures.clear();
             return Ok(());

@@ -450,6 +450,14 @@ pub trait Journal: Send + std::fmt::Debug {
     /// Atomically replaces the whole journal with `payloads` (compaction),
     /// durably. Pending appends are dropped.
     fn rewrite(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError>;
+    /// Replaces the whole journal with `payloads` like
+    /// [`Journal::rewrite`], and also drops what other writers of a shared
+    /// journal added that this one has not taken in yet (a seek: nothing
+    /// before it counts any more). The same as `rewrite` for a journal
+    /// with one writer.
+    fn replace(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.rewrite(payloads)
+    }
     /// Bytes of durable and pending payloads (framing included).
     fn size_bytes(&self) -> u64;
 }

@@ -315,6 +315,24 @@ impl Journal for ReplicatedJournal {
         Ok(())
     }
 
+    /// A seek's snapshot replaces everything before it, also this node's
+    /// own payloads not yet taken in (a `Compact` would keep those after
+    /// the snapshot, and a replay would come back acked).
+    fn replace(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.appended.clear();
+        self.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
+        self.journals.send(JournalWrite {
+            name: self.name.clone(),
+            op: JournalOp::Rewrite(
+                payloads
+                    .iter()
+                    .map(|p| Payload(Bytes::copy_from_slice(p)))
+                    .collect(),
+            ),
+        });
+        Ok(())
+    }
+
     fn size_bytes(&self) -> u64 {
         self.bytes
     }

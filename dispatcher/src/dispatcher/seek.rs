@@ -86,7 +86,7 @@ impl Dispatcher {
                     self.wheel.cancel(timer);
                 }
                 self.states[state_index].partitions[p].reset(new_floor);
-                self.states[state_index].note_reset();
+                self.states[state_index].note_seek();
             }
             if !dry_run {
                 self.states[state_index].sync(now, self.config.ack_journal_compact_bytes)?;
