@@ -2176,25 +2176,26 @@ async fn a_deletion_through_one_node_holds_on_every_node() {
     }
 }
 
-/// A SEEK of a cluster topic's group is answered once the seek is
-/// committed in the metadata group, so the serving node killed right
-/// after the answer leaves it to the next serving node, which delivers the
-/// whole replay. Before, the answer came when the seek was made at the
-/// serving node and handed to its journal writer: killed at once, the
-/// next serving node could know nothing of it, hold every message acked,
-/// and deliver none of the replay.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_seek_answered_is_not_lost_with_its_serving_node() {
-    let root = tempfile::tempdir().unwrap();
-    let (mut nodes, _configs) = leased_cluster_with_orders(root.path(), 1).await;
-    let home = consumer_home(&nodes).await;
-    let producer = client_of(&nodes, &[(home + 1) % nodes.len()]).await;
+/// 20 messages produced through a node that does not serve consumers
+/// (`home` does), then all consumed and acked, one at a time, by group
+/// `replay` through a client given every node from `home` on: the client,
+/// its subscription (one message at a time, each ack sent at once, so
+/// none is held in the client when its node is killed) and the ids.
+async fn replay_group_all_acked(
+    nodes: &[Node],
+    home: usize,
+) -> (
+    dmq_client::Client,
+    dmq_client::Subscription,
+    BTreeSet<MessageId>,
+) {
+    let producer = client_of(nodes, &[(home + 1) % nodes.len()]).await;
     let all: BTreeSet<MessageId> = produce(&producer, "r", 20).await.into_iter().collect();
     drop(producer);
     let order: Vec<usize> = (0..nodes.len())
         .map(|step| (home + step) % nodes.len())
         .collect();
-    let client = client_of(&nodes, &order).await;
+    let client = client_of(nodes, &order).await;
     let one_at_a_time = dmq_client::SubscribeOptions {
         credit_window: 1,
         ack_linger: Duration::ZERO,
@@ -2209,6 +2210,22 @@ async fn a_seek_answered_is_not_lost_with_its_serving_node() {
         ack_each(&mut subscription, all.len(), "a delivery").await,
         all
     );
+    (client, subscription, all)
+}
+
+/// A SEEK of a cluster topic's group is answered once the seek is
+/// committed in the metadata group, so the serving node killed right
+/// after the answer leaves it to the next serving node, which delivers the
+/// whole replay. Before, the answer came when the seek was made at the
+/// serving node and handed to its journal writer: killed at once, the
+/// next serving node could know nothing of it, hold every message acked,
+/// and deliver none of the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_answered_is_not_lost_with_its_serving_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, _configs) = leased_cluster_with_orders(root.path(), 1).await;
+    let home = consumer_home(&nodes).await;
+    let (client, mut subscription, all) = replay_group_all_acked(&nodes, home).await;
     // The acks' sync interval and a metadata commit: acks the next node
     // lacked would bring their messages again, replay or not.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -2234,29 +2251,7 @@ async fn a_takeover_goes_on_with_the_replay_the_last_serving_node_began() {
     let root = tempfile::tempdir().unwrap();
     let (mut nodes, configs) = leased_cluster_with_orders(root.path(), 1).await;
     let mut home = consumer_home(&nodes).await;
-    let producer = client_of(&nodes, &[(home + 1) % nodes.len()]).await;
-    let all: BTreeSet<MessageId> = produce(&producer, "r", 20).await.into_iter().collect();
-    drop(producer);
-    let order: Vec<usize> = (0..nodes.len())
-        .map(|step| (home + step) % nodes.len())
-        .collect();
-    let client = client_of(&nodes, &order).await;
-    // One message at a time, each ack sent at once: none is held in the
-    // client when its node is killed.
-    let one_at_a_time = dmq_client::SubscribeOptions {
-        credit_window: 1,
-        ack_linger: Duration::ZERO,
-        ..options("m")
-    };
-    let mut subscription = client
-        .consumer()
-        .subscribe("orders", "replay", one_at_a_time)
-        .await
-        .unwrap();
-    assert_eq!(
-        ack_each(&mut subscription, all.len(), "a delivery").await,
-        all
-    );
+    let (client, mut subscription, all) = replay_group_all_acked(&nodes, home).await;
     let mut served = BTreeSet::from([home]);
     let mut rounds = 0;
     loop {
