@@ -298,20 +298,10 @@ impl Journal for ReplicatedJournal {
     }
 
     fn rewrite(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
-        self.appended.clear();
-        self.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
         // What another node wrote that this node's groups have not taken
         // yet stays in the replicated copy, after the snapshot.
-        self.journals.send(JournalWrite {
-            name: self.name.clone(),
-            op: JournalOp::Compact {
-                snapshot: payloads
-                    .iter()
-                    .map(|p| Payload(Bytes::copy_from_slice(p)))
-                    .collect(),
-                covers: self.journals.seen(&self.name),
-            },
-        });
+        let covers = self.journals.seen(&self.name);
+        self.send_snapshot(payloads, |snapshot| JournalOp::Compact { snapshot, covers });
         Ok(())
     }
 
@@ -319,22 +309,29 @@ impl Journal for ReplicatedJournal {
     /// own payloads not yet taken in (a `Compact` would keep those after
     /// the snapshot, and a replay would come back acked).
     fn replace(&mut self, payloads: &[Vec<u8>]) -> Result<(), StoreError> {
-        self.appended.clear();
-        self.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
-        self.journals.send(JournalWrite {
-            name: self.name.clone(),
-            op: JournalOp::Rewrite(
-                payloads
-                    .iter()
-                    .map(|p| Payload(Bytes::copy_from_slice(p)))
-                    .collect(),
-            ),
-        });
+        self.send_snapshot(payloads, JournalOp::Rewrite);
         Ok(())
     }
 
     fn size_bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+impl ReplicatedJournal {
+    /// Drops what was appended and sends `payloads` as the journal's new
+    /// content, in the op `op` makes of them.
+    fn send_snapshot(&mut self, payloads: &[Vec<u8>], op: impl FnOnce(Vec<Payload>) -> JournalOp) {
+        self.appended.clear();
+        self.bytes = payloads.iter().map(|p| p.len() as u64 + 8).sum();
+        let snapshot = payloads
+            .iter()
+            .map(|p| Payload(Bytes::copy_from_slice(p)))
+            .collect();
+        self.journals.send(JournalWrite {
+            name: self.name.clone(),
+            op: op(snapshot),
+        });
     }
 }
 
