@@ -923,6 +923,7 @@ macro_rules! name_body {
 
 name_body!(DeleteTopic, name);
 name_body!(DescribeTopic, name);
+name_body!(PartitionLeaders, topic);
 name_body!(ListGroups, topic);
 
 /// Bodies that are a topic and a group.
@@ -1469,6 +1470,39 @@ impl Wire for TopicDescription {
     }
 }
 
+impl Wire for PartitionLeader {
+    const MIN_BYTES: usize = 14;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.u32(self.partition);
+        w.u64(self.node_id);
+        w.str("address", &self.address)
+    }
+    fn get<'a>(_: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, partition) = get_u32(input, "partition")?;
+        let (input, node_id) = get_u64(input, "node_id")?;
+        let (input, address) = get_str(input, "address")?;
+        Ok((
+            input,
+            PartitionLeader {
+                partition,
+                node_id,
+                address,
+            },
+        ))
+    }
+}
+
+impl Wire for Leaders {
+    const MIN_BYTES: usize = 4;
+    fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.list("partitions", &self.partitions)
+    }
+    fn get<'a>(cx: &Cx<'_>, input: &'a [u8]) -> PResult<'a, Self> {
+        let (input, partitions) = get_list(cx, input, "partitions")?;
+        Ok((input, Leaders { partitions }))
+    }
+}
+
 impl Wire for GroupSummary {
     const MIN_BYTES: usize = 3 + GroupSettings::MIN_BYTES;
     fn put(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -1613,6 +1647,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Request::CreateTopic(b) => b.put(w),
             Request::DeleteTopic(b) => b.put(w),
             Request::DescribeTopic(b) => b.put(w),
+            Request::PartitionLeaders(b) => b.put(w),
             Request::ListGroups(b) => b.put(w),
             Request::DescribeGroup(b) => b.put(w),
             Request::DeleteGroup(b) => b.put(w),
@@ -1631,6 +1666,7 @@ pub(crate) fn put_body(body: &Body, w: &mut Writer<'_>) -> Result<(), EncodeErro
             Response::SeekReport(b) => b.put(w),
             Response::Topics(b) => b.put(w),
             Response::TopicDescription(b) => b.put(w),
+            Response::Leaders(b) => b.put(w),
             Response::Groups(b) => b.put(w),
             Response::GroupDescription(b) => b.put(w),
             Response::Error(b) => b.put(w),
@@ -1675,6 +1711,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::DeleteTopic => get_into(cx, input, |b| Q(Request::DeleteTopic(b))),
         Opcode::ListTopics => Ok((input, Q(Request::ListTopics))),
         Opcode::DescribeTopic => get_into(cx, input, |b| Q(Request::DescribeTopic(b))),
+        Opcode::PartitionLeaders => get_into(cx, input, |b| Q(Request::PartitionLeaders(b))),
         Opcode::ListGroups => get_into(cx, input, |b| Q(Request::ListGroups(b))),
         Opcode::DescribeGroup => get_into(cx, input, |b| Q(Request::DescribeGroup(b))),
         Opcode::DeleteGroup => get_into(cx, input, |b| Q(Request::DeleteGroup(b))),
@@ -1692,6 +1729,7 @@ pub(crate) fn get_body<'a>(cx: &Cx<'_>, opcode: Opcode, input: &'a [u8]) -> PRes
         Opcode::SeekReport => get_into(cx, input, |b| R(Response::SeekReport(b))),
         Opcode::Topics => get_into(cx, input, |b| R(Response::Topics(b))),
         Opcode::TopicDescription => get_into(cx, input, |b| R(Response::TopicDescription(b))),
+        Opcode::Leaders => get_into(cx, input, |b| R(Response::Leaders(b))),
         Opcode::Groups => get_into(cx, input, |b| R(Response::Groups(b))),
         Opcode::GroupDescription => get_into(cx, input, |b| R(Response::GroupDescription(b))),
         Opcode::Error => get_into(cx, input, |b| R(Response::Error(b))),
@@ -1735,6 +1773,8 @@ mod tests {
         assert_eq!(min_size::<Nack>(), Nack::MIN_BYTES);
         assert_eq!(min_size::<Seek>(), Seek::MIN_BYTES);
         assert_eq!(min_size::<TopicDescription>(), TopicDescription::MIN_BYTES);
+        assert_eq!(min_size::<PartitionLeader>(), PartitionLeader::MIN_BYTES);
+        assert_eq!(min_size::<Leaders>(), Leaders::MIN_BYTES);
         assert_eq!(min_size::<GroupDescription>(), GroupDescription::MIN_BYTES);
         assert_eq!(min_size::<SeekReport>(), SeekReport::MIN_BYTES);
         assert_eq!(min_size::<Subscribed>(), Subscribed::MIN_BYTES);

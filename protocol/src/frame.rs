@@ -97,6 +97,8 @@ opcodes! {
     ListTopics = 0x0032 => "LIST_TOPICS",
     /// Request: describe a topic.
     DescribeTopic = 0x0033 => "DESCRIBE_TOPIC",
+    /// Request: which node leads each partition of a topic.
+    PartitionLeaders = 0x0034 => "PARTITION_LEADERS",
     /// Request: list a topic's groups.
     ListGroups = 0x0040 => "LIST_GROUPS",
     /// Request: describe a group.
@@ -131,6 +133,8 @@ opcodes! {
     Topics = 0x8032 => "TOPICS",
     /// Response to DESCRIBE_TOPIC.
     TopicDescription = 0x8033 => "TOPIC_DESCRIPTION",
+    /// Response to PARTITION_LEADERS.
+    Leaders = 0x8034 => "LEADERS",
     /// Response to LIST_GROUPS.
     Groups = 0x8040 => "GROUPS",
     /// Response to DESCRIBE_GROUP.
@@ -303,6 +307,8 @@ pub enum Request {
     ListTopics,
     /// DESCRIBE_TOPIC → TOPIC_DESCRIPTION.
     DescribeTopic(DescribeTopic),
+    /// PARTITION_LEADERS → LEADERS.
+    PartitionLeaders(PartitionLeaders),
     /// LIST_GROUPS → GROUPS.
     ListGroups(ListGroups),
     /// DESCRIBE_GROUP → GROUP_DESCRIPTION.
@@ -312,7 +318,7 @@ pub enum Request {
 }
 
 from_structs!(Request: Hello, Produce, CancelDelay, DeleteMessages, TxnProduce, TxnEnd, TxnListen, TxnInit, TxnAck, TxnProduceSeq, Subscribe, Unsubscribe,
-    Credit, Fetch, Ack, Nack, Seek, CreateTopic, DeleteTopic, DescribeTopic, ListGroups,
+    Credit, Fetch, Ack, Nack, Seek, CreateTopic, DeleteTopic, DescribeTopic, PartitionLeaders, ListGroups,
     DescribeGroup, DeleteGroup);
 
 impl Request {
@@ -341,6 +347,7 @@ impl Request {
             Request::DeleteTopic(_) => Opcode::DeleteTopic,
             Request::ListTopics => Opcode::ListTopics,
             Request::DescribeTopic(_) => Opcode::DescribeTopic,
+            Request::PartitionLeaders(_) => Opcode::PartitionLeaders,
             Request::ListGroups(_) => Opcode::ListGroups,
             Request::DescribeGroup(_) => Opcode::DescribeGroup,
             Request::DeleteGroup(_) => Opcode::DeleteGroup,
@@ -379,6 +386,8 @@ pub enum Response {
     Topics(Topics),
     /// One topic.
     TopicDescription(TopicDescription),
+    /// Who leads each partition of a topic.
+    Leaders(Leaders),
     /// Group list.
     Groups(Groups),
     /// One group.
@@ -388,7 +397,7 @@ pub enum Response {
 }
 
 from_structs!(Response: HelloOk, ProduceOk, CancelDelayOk, TxnProduceOk, TxnEnded, TxnInitOk, TxnAcked, Subscribed, Deliveries, SeekReport,
-    Topics, TopicDescription, Groups, GroupDescription);
+    Topics, TopicDescription, Leaders, Groups, GroupDescription);
 
 impl From<ErrorResponse> for Response {
     fn from(error: ErrorResponse) -> Self {
@@ -414,6 +423,7 @@ impl Response {
             Response::SeekReport(_) => Opcode::SeekReport,
             Response::Topics(_) => Opcode::Topics,
             Response::TopicDescription(_) => Opcode::TopicDescription,
+            Response::Leaders(_) => Opcode::Leaders,
             Response::Groups(_) => Opcode::Groups,
             Response::GroupDescription(_) => Opcode::GroupDescription,
             Response::Error(_) => Opcode::Error,
@@ -751,6 +761,33 @@ pub struct DeleteTopic {
 pub struct DescribeTopic {
     /// Name.
     pub name: String,
+}
+
+/// PARTITION_LEADERS: where to send each partition's produces.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartitionLeaders {
+    /// Topic.
+    pub topic: String,
+}
+
+/// LEADERS: one entry per partition of the topic, in partition order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Leaders {
+    /// One per partition, partition 0 first.
+    pub partitions: Vec<PartitionLeader>,
+}
+
+/// One partition in LEADERS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartitionLeader {
+    /// Partition.
+    pub partition: u32,
+    /// The cluster node leading the partition's writes; 0 when there is
+    /// none (a single broker, a topic kept on one node, an election).
+    pub node_id: u64,
+    /// That node's client address (`host:port`); empty: send to the node
+    /// asked (it stores the partition, or forwards to its leader).
+    pub address: String,
 }
 
 /// LIST_GROUPS of one topic.

@@ -21,6 +21,8 @@
 //! - [`limits`]: the maximum record size ([`max_record_bytes`]), how a
 //!   record is measured ([`record_wire_size`]) and the refusal of a
 //!   PRODUCE over it ([`check_record_sizes`]).
+//! - [`partitioning`]: [`key_partition`], the partition of a keyed record,
+//!   for clients that route produces to partition leaders.
 //! - [`version`]: [`PROTOCOL_VERSION`] and [`negotiate_version`].
 //! - [`fuzzing`]: the fuzz target's entry point.
 //!
@@ -45,6 +47,7 @@ pub mod error;
 pub mod frame;
 pub mod fuzzing;
 pub mod limits;
+pub mod partitioning;
 pub mod types;
 pub mod version;
 
@@ -59,6 +62,7 @@ pub use limits::{
     check_record_sizes, delivery_wire_size, max_record_bytes, produce_record_size,
     record_wire_size, RecordTooLarge, RECORD_HEADROOM_BYTES,
 };
+pub use partitioning::{key_hash, key_partition};
 pub use types::*;
 pub use version::{
     negotiate_between, negotiate_version, DEFAULT_MAX_FRAME_BYTES, MIN_PROTOCOL_VERSION,

@@ -15,7 +15,10 @@ from dmq.codec import (
     DeliveryTime,
     Frame,
     Header,
+    Leaders,
     MessagePosition,
+    PartitionLeader,
+    PartitionLeaders,
     Produce,
     Record,
     TxnProduce,
@@ -73,7 +76,9 @@ txn_produce_seqs = st.builds(
     st.builds(TxnProduce, NAME, NAME, U64, NAME, st.one_of(st.none(), U32), st.lists(records, max_size=3)),
     U32,
 )
-bodies = st.one_of(produces, deliveries, acks, txn_produce_seqs)
+partition_leaders = st.builds(PartitionLeaders, NAME)
+leaders = st.builds(Leaders, st.lists(st.builds(PartitionLeader, U32, U64, st.text(max_size=40)), max_size=6))
+bodies = st.one_of(produces, deliveries, acks, txn_produce_seqs, partition_leaders, leaders)
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,7 +8,18 @@ import json
 
 from conftest import REPO
 
-from dmq.codec import Hello, HelloOk, Opcode, Produce, TxnProduceSeq, decode_frame, encode_frame
+from dmq.codec import (
+    Hello,
+    HelloOk,
+    Leaders,
+    Opcode,
+    PartitionLeader,
+    PartitionLeaders,
+    Produce,
+    TxnProduceSeq,
+    decode_frame,
+    encode_frame,
+)
 
 VECTORS = json.loads((REPO / "protocol" / "tests" / "vectors.json").read_text())["examples"]
 
@@ -44,3 +55,13 @@ def test_examples_mean_what_the_spec_says() -> None:
     assert (body.produce.producer_group, body.produce.transaction_id, body.produce.handle) == ("shop", "o17", 42)
     assert body.produce.topic == "audit" and body.produce.partition is None
     assert [bytes(r.value) for r in body.produce.records] == [b"o17 paid"]
+    asked = decode_frame(bytes.fromhex(VECTORS["partition_leaders"]))
+    assert asked is not None and asked[0].opcode == Opcode.PARTITION_LEADERS
+    assert asked[0].correlation_id == 11 and asked[0].body == PartitionLeaders("orders")
+    leaders = decode_frame(bytes.fromhex(VECTORS["leaders"]))
+    assert leaders is not None and leaders[0].opcode == Opcode.LEADERS
+    assert leaders[0].correlation_id == 11 and isinstance(leaders[0].body, Leaders)
+    assert leaders[0].body.partitions == [
+        PartitionLeader(0, 2, "10.0.0.2:6380"),
+        PartitionLeader(1, 0, ""),
+    ]

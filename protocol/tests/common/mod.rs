@@ -461,6 +461,12 @@ pub fn requests() -> Vec<(Opcode, BoxedStrategy<Request>)> {
                 .boxed(),
         ),
         (
+            Opcode::PartitionLeaders,
+            short_string()
+                .prop_map(|topic| Request::PartitionLeaders(PartitionLeaders { topic }))
+                .boxed(),
+        ),
+        (
             Opcode::ListGroups,
             short_string()
                 .prop_map(|topic| Request::ListGroups(ListGroups { topic }))
@@ -639,6 +645,21 @@ pub fn responses() -> Vec<(Opcode, BoxedStrategy<Response>)> {
                     })
                 })
                 .boxed(),
+        ),
+        (
+            Opcode::Leaders,
+            vec(
+                (any::<u32>(), any::<u64>(), short_string()).prop_map(
+                    |(partition, node_id, address)| PartitionLeader {
+                        partition,
+                        node_id,
+                        address,
+                    },
+                ),
+                0..4,
+            )
+            .prop_map(|partitions| Response::Leaders(Leaders { partitions }))
+            .boxed(),
         ),
         (
             Opcode::Groups,
@@ -1014,6 +1035,35 @@ pub fn sample_frames() -> Vec<(&'static str, Frame)> {
             ),
         ),
         ("txn_acked", Frame::response(9, TxnAcked { handle: 42 })),
+        (
+            "partition_leaders",
+            Frame::request(
+                11,
+                PartitionLeaders {
+                    topic: "orders".into(),
+                },
+            ),
+        ),
+        (
+            "leaders",
+            Frame::response(
+                11,
+                Leaders {
+                    partitions: vec![
+                        PartitionLeader {
+                            partition: 0,
+                            node_id: 2,
+                            address: "10.0.0.2:6380".into(),
+                        },
+                        PartitionLeader {
+                            partition: 1,
+                            node_id: 0,
+                            address: String::new(),
+                        },
+                    ],
+                },
+            ),
+        ),
         (
             "txn_produce_seq",
             Frame::request(

@@ -1,5 +1,6 @@
 """Admin calls over the binary protocol: topics, groups, seek, deletion,
-delayed-message cancellation, ping (PROTOCOL.md 6.3, 6.4, 6.11 to 6.15).
+delayed-message cancellation, partition leaders, ping (PROTOCOL.md 6.3,
+6.4, 6.11 to 6.15, 6.38).
 
 Owns: :class:`AdminCalls`, a mixin of :class:`~dmq.client.Client`; each
 call is one request and its answer, and raises the broker's ERROR as a
@@ -24,8 +25,11 @@ from .codec import (
     GroupDescription,
     Groups,
     GroupSummary,
+    Leaders,
     ListGroups,
     Opcode,
+    PartitionLeader,
+    PartitionLeaders,
     Position,
     Seek,
     SeekReport,
@@ -73,6 +77,13 @@ class AdminCalls:
     async def describe_topic(self, name: str) -> TopicDescription:
         result: TopicDescription = _expect(await self.request(DescribeTopic(name)), TopicDescription)
         return result
+
+    async def partition_leaders(self, topic: str) -> list[PartitionLeader]:
+        """PARTITION_LEADERS → LEADERS: which node leads each partition of
+        ``topic``, partition 0 first. A hint (it goes stale when leadership
+        moves); ``node_id`` 0 / an empty ``address`` means "send to the node
+        asked". The client does not route by it."""
+        return list(_expect(await self.request(PartitionLeaders(topic)), Leaders).partitions)
 
     async def list_groups(self, topic: str) -> list[GroupSummary]:
         return list(_expect(await self.request(ListGroups(topic)), Groups).groups)

@@ -70,6 +70,7 @@ class Opcode(enum.IntEnum):
     DELETE_TOPIC = 0x0031
     LIST_TOPICS = 0x0032
     DESCRIBE_TOPIC = 0x0033
+    PARTITION_LEADERS = 0x0034
     LIST_GROUPS = 0x0040
     DESCRIBE_GROUP = 0x0041
     DELETE_GROUP = 0x0042
@@ -87,6 +88,7 @@ class Opcode(enum.IntEnum):
     SEEK_REPORT = 0x8026
     TOPICS = 0x8032
     TOPIC_DESCRIPTION = 0x8033
+    LEADERS = 0x8034
     GROUPS = 0x8040
     GROUP_DESCRIPTION = 0x8041
     ERROR = 0xBFFF
@@ -1050,6 +1052,21 @@ class DescribeTopic(_Name):
 
 
 @dataclass
+class PartitionLeaders(Body):
+    """6.38: which node leads each partition of ``topic``. Answered by LEADERS."""
+
+    OPCODE = Opcode.PARTITION_LEADERS
+    topic: str
+
+    def encode(self, out: bytearray) -> None:
+        _w_string(out, self.topic)
+
+    @classmethod
+    def decode(cls, r: Reader) -> PartitionLeaders:
+        return cls(r.string())
+
+
+@dataclass
 class ListGroups(Body):
     OPCODE = Opcode.LIST_GROUPS
     topic: str
@@ -1301,6 +1318,36 @@ class TopicDescription(Body):
 
 
 @dataclass
+class PartitionLeader:
+    """One partition in LEADERS."""
+
+    partition: int
+    node_id: int
+    """The cluster node leading the partition's writes; 0 if none is known
+    (an election), on a single broker, and for a topic kept on one node."""
+    address: str
+    """That node's client address (``host:port``); empty: send to the node asked."""
+
+
+@dataclass
+class Leaders(Body):
+    """6.39: one entry per partition of the topic, partition 0 first."""
+
+    OPCODE = Opcode.LEADERS
+    partitions: list[PartitionLeader]
+
+    def encode(self, out: bytearray) -> None:
+        out += _U32.pack(len(self.partitions))
+        for p in self.partitions:
+            out += struct.pack("<IQ", p.partition, p.node_id)
+            _w_string(out, p.address)
+
+    @classmethod
+    def decode(cls, r: Reader) -> Leaders:
+        return cls([PartitionLeader(r.u32(), r.u64(), r.string()) for _ in range(r.count(14))])
+
+
+@dataclass
 class GroupSummary:
     name: str
     mode: DeliveryMode
@@ -1405,6 +1452,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.DELETE_TOPIC: DeleteTopic.decode,
     Opcode.LIST_TOPICS: Empty.decode,
     Opcode.DESCRIBE_TOPIC: DescribeTopic.decode,
+    Opcode.PARTITION_LEADERS: PartitionLeaders.decode,
     Opcode.LIST_GROUPS: ListGroups.decode,
     Opcode.DESCRIBE_GROUP: DescribeGroup.decode,
     Opcode.DELETE_GROUP: DeleteGroup.decode,
@@ -1422,6 +1470,7 @@ BODY_DECODERS: dict[Opcode, Callable[[Reader], Body]] = {
     Opcode.SEEK_REPORT: SeekReport.decode,
     Opcode.TOPICS: Topics.decode,
     Opcode.TOPIC_DESCRIPTION: TopicDescription.decode,
+    Opcode.LEADERS: Leaders.decode,
     Opcode.GROUPS: Groups.decode,
     Opcode.GROUP_DESCRIPTION: GroupDescription.decode,
     Opcode.ERROR: Error.decode,

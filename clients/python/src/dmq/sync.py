@@ -16,7 +16,7 @@ import threading
 from typing import Any, Coroutine, Iterator, Optional, TypeVar
 
 from .client import Client
-from .codec import GroupDescription, Position, SeekReport, TopicDescription, TopicSummary
+from .codec import GroupDescription, PartitionLeader, Position, SeekReport, TopicDescription, TopicSummary
 from .consumer import Consumer, Message
 from .producer import Producer, Receipt
 
@@ -58,6 +58,9 @@ class SyncClient:
 
     def describe_topic(self, name: str) -> TopicDescription:
         return self._run(self._client.describe_topic(name))
+
+    def partition_leaders(self, topic: str) -> list[PartitionLeader]:
+        return self._run(self._client.partition_leaders(topic))
 
     def describe_group(self, topic: str, group: str) -> GroupDescription:
         return self._run(self._client.describe_group(topic, group))
