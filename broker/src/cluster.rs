@@ -172,6 +172,10 @@ pub struct PartitionStatus {
     /// Raft entries this replica keeps rows for: bounded by purging
     /// (`purge_after_entries`) while every member is up.
     pub raft_rows: u64,
+    /// Produces through this node forwarded to the partition's leader
+    /// (tries, since the replica opened): what clients routing to leaders
+    /// (PARTITION_LEADERS) avoid.
+    pub forwarded_writes: u64,
     /// Its Raft group, as this node sees it.
     pub raft: GroupStatus,
 }
@@ -190,6 +194,7 @@ impl ClusterStatus {
         let committed = Family::<Labels, Gauge>::default();
         let rows = Family::<Labels, Gauge>::default();
         let lag = Family::<Labels, Gauge>::default();
+        let forwarded = Family::<Labels, prometheus_client::metrics::counter::Counter>::default();
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         let groups = std::iter::once(&self.metadata).chain(self.partitions.iter().map(|p| &p.raft));
         for group in groups {
@@ -215,7 +220,16 @@ impl ClusterStatus {
                 .get_or_create(&labels)
                 .set(gauge(partition.committed_end));
             rows.get_or_create(&labels).set(gauge(partition.raft_rows));
+            forwarded
+                .get_or_create(&labels)
+                .inc_by(partition.forwarded_writes);
         }
+        registry.register(
+            "forwarded_writes",
+            "Produces through this node sent on to the partition's leader, per partition (a \
+             client that routes to leaders sends none)",
+            forwarded,
+        );
         registry.register(
             "leader",
             "The leader this node knows of, per Raft group (0: none)",
@@ -746,6 +760,27 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Who leads each partition of cluster topic `topic`, as this node
+    /// knows it now: `(node id, client address)`, `(0, "")` where none is
+    /// known. `None` if this node has no replica of the topic's
+    /// partition 0 (not a cluster topic).
+    pub fn partition_leaders(&self, topic: &str, partitions: u32) -> Option<Vec<(u64, String)>> {
+        self.storage.replica(topic, 0)?;
+        Some(
+            (0..partitions)
+                .map(|partition| {
+                    let leader = self
+                        .storage
+                        .replica(topic, partition)
+                        .and_then(|replica| replica.node().known_leader());
+                    leader
+                        .and_then(|id| Some((id, self.client_addr(id)?)))
+                        .unwrap_or_default()
+                })
+                .collect(),
+        )
     }
 
     /// The binary-protocol address of node `id`: as configured, or as
@@ -1653,6 +1688,7 @@ impl Cluster {
                     committed_end: node.committed_end(),
                     log_end: node.log_end(),
                     raft_rows: node.raft_log().row_count() as u64,
+                    forwarded_writes: node.forwarded_writes(),
                     raft: node.status(),
                 }
             })

@@ -62,6 +62,9 @@ pub const STREAM_IDLE: Duration = Duration::from_secs(60);
 pub struct ForwardStream {
     id: u64,
     numbers: Mutex<Numbers>,
+    /// Writes sent on to another node's Raft port (this node did not
+    /// lead): what a client routing to leaders saves.
+    forwarded: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -101,6 +104,7 @@ impl ForwardStream {
         Arc::new(ForwardStream {
             id: hasher.finish(),
             numbers: Mutex::default(),
+            forwarded: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -116,6 +120,11 @@ impl ForwardStream {
         }
     }
 
+    /// How many writes of this stream were forwarded to another node.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The smallest number not yet answered (the next one if none).
     fn floor(&self) -> u64 {
         let numbers = lock(&self.numbers);
@@ -124,6 +133,13 @@ impl ForwardStream {
 }
 
 impl ForwardTicket {
+    /// Counts this write as forwarded (once per try sent to a leader).
+    pub fn note_forwarded(&self) {
+        self.stream
+            .forwarded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The place to send with this write's forward (the floor as of now).
     pub fn place(&self) -> ForwardPlace {
         ForwardPlace {

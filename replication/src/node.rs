@@ -285,6 +285,18 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
         (metrics.current_leader == Some(self.id)).then_some(metrics.current_term)
     }
 
+    /// The leader this node knows of now, from its metrics (no wait, so
+    /// a hint: it may have moved).
+    pub fn known_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// How many of this node's writes were forwarded to another node's
+    /// Raft port because this node did not lead (each try counted).
+    pub fn forwarded_writes(&self) -> u64 {
+        self.forwards.forwarded()
+    }
+
     /// Forms a new group of `members` (id -> Raft address). Call it on one
     /// node of a group that was never initialized.
     pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
@@ -725,6 +737,7 @@ where
                     addr: Some(addr), ..
                 } => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    ticket.note_forwarded();
                     match crate::network::forward::<C>(
                         peers,
                         &addr,

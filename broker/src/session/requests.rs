@@ -99,6 +99,37 @@ impl Session {
                     groups: groups.into_iter().map(|(name, _)| name).collect(),
                 }))
             }
+            Request::PartitionLeaders(ask) => {
+                if self.authorize(&ask.topic, Right::Consume).await.is_err() {
+                    self.authorize(&ask.topic, Right::Produce).await?;
+                }
+                let found = self.shared.engine.find_topic(&ask.topic).await;
+                let config = found.map(|topic| topic.config).ok_or_else(|| {
+                    ErrorResponse::new(
+                        ErrorCode::UnknownTopic,
+                        format!("unknown topic {:?}", ask.topic),
+                    )
+                })?;
+                let leaders =
+                    self.shared.engine.cluster().and_then(|cluster| {
+                        cluster.partition_leaders(&ask.topic, config.partitions)
+                    });
+                Ok(Response::Leaders(wire::Leaders {
+                    partitions: (0..config.partitions)
+                        .map(|partition| {
+                            let (node_id, address) = leaders
+                                .as_ref()
+                                .and_then(|leaders| leaders.get(partition as usize).cloned())
+                                .unwrap_or_default();
+                            wire::PartitionLeader {
+                                partition,
+                                node_id,
+                                address,
+                            }
+                        })
+                        .collect(),
+                }))
+            }
             Request::ListGroups(list) => {
                 self.authorize(&list.topic, Right::Consume).await?;
                 let topic = list.topic.clone();
