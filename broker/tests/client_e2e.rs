@@ -410,3 +410,39 @@ async fn acks_made_before_leaving_are_not_redelivered() {
     }
     broker.stop().await;
 }
+
+/// A single broker answers PARTITION_LEADERS with one entry per partition
+/// and no address (send everything here), refuses an unknown topic, and
+/// puts a keyed record where `dmq_protocol::key_partition` says, the rule
+/// a client routing to a cluster's leaders relies on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_broker_names_no_leader_and_routes_keys_by_the_published_rule() {
+    let broker = Broker::start(|_| {}).await;
+    let client = client(&broker).await;
+    client.create_topic("orders", 5, false).await.unwrap();
+    let leaders = client.partition_leaders("orders").await.unwrap();
+    let expected: Vec<_> = (0..5)
+        .map(|partition| dmq_client::PartitionLeader {
+            partition,
+            node_id: 0,
+            address: String::new(),
+        })
+        .collect();
+    assert_eq!(leaders, expected);
+    let unknown = client.partition_leaders("nope").await.unwrap_err();
+    assert_eq!(unknown.code(), Some(dmq_client::ErrorCode::UnknownTopic));
+    let producer = client.producer();
+    for i in 0..200 {
+        let key = format!("customer-{i}");
+        let receipt = producer
+            .send(Message::new("orders", "x").key(key.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            receipt.partition,
+            dmq_client::protocol::key_partition(key.as_bytes(), 5),
+            "{key}"
+        );
+    }
+    broker.stop().await;
+}

@@ -167,8 +167,16 @@ async fn a_node_restarted_on_its_disk_catches_up_and_serves_every_message() {
         metrics.contains("dmq_cluster_peer{peer=\"3\",state=\"member\"} 1"),
         "{metrics}"
     );
-    // A produce through this node is timed from proposal to commit.
-    produce(&third, "metered", 1).await;
+    // A produce through this node is timed from proposal to commit (sent
+    // to this node whoever leads: not routed to the leader).
+    third
+        .producer_with(dmq_client::ProducerOptions {
+            route_to_leaders: false,
+            ..Default::default()
+        })
+        .send(Message::new("orders", "metered"))
+        .await
+        .unwrap();
     let api = Api::new(nodes[2].admin, None);
     let metrics = http(move || api.ok_metrics()).await;
     assert!(
@@ -2283,4 +2291,165 @@ async fn a_takeover_goes_on_with_the_replay_the_last_serving_node_began() {
         }
         home = next_home;
     }
+}
+
+/// Moves the leadership of `orders` partition `partition` to node `to`,
+/// asked through `via`, and waits until `via` sees it there.
+async fn move_partition_leader(via: &Node, partition: u32, to: u64) {
+    let api = Api::new(via.admin, None);
+    let group = format!("p/orders/{partition}");
+    http(move || {
+        let body = serde_json::json!({"group": group, "to": to}).to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, answer) = api.call("POST", "/api/cluster/transfer-leader", Some(&body));
+            let status = api.ok("/api/cluster");
+            let name = format!("orders/{partition}");
+            if code == 200 && leaders(&status).contains(&(name, Some(to))) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{group} to {to}: {answer}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await;
+}
+
+/// Produces of `orders` that any node forwarded to a partition's leader.
+async fn forwarded_writes(nodes: &[Node]) -> u64 {
+    let mut total = 0;
+    for node in nodes {
+        let api = Api::new(node.admin, None);
+        let status = http(move || api.ok("/api/cluster")).await;
+        total += status["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["topic"] == "orders")
+            .map(|p| p["forwarded_writes"].as_u64().unwrap())
+            .sum::<u64>();
+    }
+    total
+}
+
+/// PARTITION_LEADERS names each partition's leader and its client address;
+/// a producer connected to one node sends each partition's batches to that
+/// leader, so no node forwards them (with `route_to_leaders` off, the node
+/// forwards the partitions it does not lead), and keyed records land where
+/// the broker's rule puts them. When a leadership moves while a producer
+/// sends, each key's records are still stored in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_sends_each_partition_to_its_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = cluster_with_orders(root.path(), 3).await;
+    for (partition, node) in nodes.iter().enumerate() {
+        move_partition_leader(&nodes[0], partition as u32, node.id).await;
+    }
+    let client = connect(&nodes[0]).await;
+    let leaders = client.partition_leaders("orders").await.unwrap();
+    assert_eq!(leaders.len(), 3, "{leaders:?}");
+    for (leader, node) in leaders.iter().zip(&nodes) {
+        assert_eq!(leader.node_id, node.id, "{leaders:?}");
+        assert_eq!(leader.address, node.client.to_string(), "{leaders:?}");
+    }
+
+    // Routing off: node 1 forwards what nodes 2 and 3 lead.
+    let before = forwarded_writes(&nodes).await;
+    let unrouted = client.producer_with(dmq_client::ProducerOptions {
+        route_to_leaders: false,
+        ..Default::default()
+    });
+    for i in 0..30 {
+        let key = format!("k{i}");
+        let message = Message::new("orders", format!("u{i}")).key(key.clone());
+        let receipt = unrouted.send(message).await.unwrap();
+        // The broker put it where the client's rule would.
+        assert_eq!(
+            receipt.partition,
+            dmq_protocol::key_partition(key.as_bytes(), 3),
+            "{key}"
+        );
+    }
+    assert!(forwarded_writes(&nodes).await > before, "nothing forwarded");
+
+    // Routing on: after the first batch (sent before the leaders are
+    // known), nothing is forwarded, and keys land by the same rule.
+    let producer = client.producer();
+    producer
+        .send(Message::new("orders", "first").key("k0"))
+        .await
+        .unwrap();
+    let before = forwarded_writes(&nodes).await;
+    for i in 0..60 {
+        let key = format!("k{i}");
+        let receipt = producer
+            .send(Message::new("orders", format!("r{i}")).key(key.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            receipt.partition,
+            dmq_protocol::key_partition(key.as_bytes(), 3),
+            "{key}"
+        );
+    }
+    for i in 0..30 {
+        producer
+            .send(Message::new("orders", format!("n{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(forwarded_writes(&nodes).await, before, "forwarded");
+
+    // Leaderships move while keyed sends are in flight: each key's
+    // records are stored in the order sent (offsets rise).
+    let sender = tokio::spawn({
+        let producer = producer.clone();
+        async move {
+            let mut sends = Vec::new();
+            // About 4 s: past the producer's next ask for leaders.
+            for i in 0..2000u32 {
+                let key = format!("o{}", i % 7);
+                sends.push((
+                    key.clone(),
+                    producer.send(Message::new("orders", "x").key(key)),
+                ));
+                if i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let mut stored = Vec::new();
+            for (key, send) in sends {
+                stored.push((key, send.await.unwrap()));
+            }
+            stored
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    move_partition_leader(&nodes[2], 0, nodes[1].id).await;
+    move_partition_leader(&nodes[2], 1, nodes[2].id).await;
+    let stored = sender.await.unwrap();
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for (key, receipt) in stored {
+        let offset = receipt.offset.unwrap();
+        if let Some(previous) = last.insert(key.clone(), offset) {
+            assert!(offset > previous, "{key}: {offset} after {previous}");
+        }
+    }
+    // The producer asks again (after a failure or every few seconds) and
+    // then sends to the new leaders: nothing forwarded once it has.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    producer
+        .send(Message::new("orders", "refresh").key("k1"))
+        .await
+        .unwrap();
+    let before = forwarded_writes(&nodes).await;
+    for i in 0..30 {
+        let message = Message::new("orders", format!("after{i}")).key(format!("k{i}"));
+        producer.send(message).await.unwrap();
+    }
+    assert_eq!(
+        forwarded_writes(&nodes).await,
+        before,
+        "forwarded after the move"
+    );
 }

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use dmq_protocol::{
     CancelDelay, CreateTopic, DeleteGroup, DeleteMessages, DeleteTopic, DescribeGroup,
-    DescribeTopic, GroupDescription, GroupSummary, HelloOk, ListGroups, MessageId, Request,
-    Response, Seek, SeekReport, StartPosition, Tombstone, TopicDescription, TopicSummary,
+    DescribeTopic, GroupDescription, GroupSummary, HelloOk, ListGroups, MessageId, PartitionLeader,
+    PartitionLeaders, Request, Response, Seek, SeekReport, StartPosition, Tombstone,
+    TopicDescription, TopicSummary,
 };
 use tokio::sync::watch;
 
@@ -219,6 +220,18 @@ impl Client {
         };
         let response = self.request(request.into()).await?;
         expect!(response, TopicDescription, "TOPIC_DESCRIPTION")
+    }
+
+    /// Who leads each partition of `topic` (PARTITION_LEADERS, PROTOCOL.md
+    /// §6.38), one entry per partition: on a cluster, the node a
+    /// partition's produces are best sent to; an empty address (a single
+    /// broker, no leader known) means the node asked.
+    pub async fn partition_leaders(&self, topic: &str) -> Result<Vec<PartitionLeader>> {
+        let request = PartitionLeaders {
+            topic: topic.to_owned(),
+        };
+        let response = self.request(request.into()).await?;
+        Ok(expect!(response, Leaders, "LEADERS")?.partitions)
     }
 
     /// A topic's consumer groups.

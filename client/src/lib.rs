@@ -30,6 +30,8 @@
 //!   linger and size, pipelining, idempotence.
 //! - [`consumer`]: [`Consumer`], [`Subscription`] (a `Stream`),
 //!   [`ReceivedMessage`] with `ack`/`nack`; credit flow control, batched acks.
+//! - `routing` (private): on a cluster, which node a producer's batch goes
+//!   to (its partition's leader) and the order kept when that changes.
 //! - [`transaction`]: [`Transaction`], half messages committed or rolled
 //!   back together.
 //! - [`options`]: [`ClientOptions`], [`ProducerOptions`].
@@ -47,6 +49,7 @@ pub mod consumer;
 pub mod error;
 pub mod options;
 pub mod producer;
+mod routing;
 pub mod time;
 pub mod transaction;
 
@@ -55,8 +58,8 @@ pub use consumer::{Consumer, ReceivedMessage, Start, SubscribeOptions, Subscript
 pub use dmq_protocol as protocol;
 pub use dmq_protocol::{
     Backoff, DeliveryMode, ErrorCode, GroupDescription, GroupPartition, GroupSettings,
-    GroupSummary, Header, MessageId, PartitionInfo, SeekPartition, SeekReport, StartPosition,
-    Tombstone, TopicDescription, TopicSummary,
+    GroupSummary, Header, MessageId, PartitionInfo, PartitionLeader, SeekPartition, SeekReport,
+    StartPosition, Tombstone, TopicDescription, TopicSummary,
 };
 pub use error::{ClientError, Result};
 pub use options::{ClientOptions, ProducerOptions};

@@ -98,6 +98,11 @@ pub struct ProducerOptions {
     pub idempotence: bool,
     /// Retries of one batch after a transient failure (idempotence only).
     pub max_retries: u32,
+    /// On a cluster, send each partition's batches to the node that leads
+    /// it (asked with PARTITION_LEADERS), over a connection of the
+    /// producer's own, instead of through the client's node, which would
+    /// forward them. No effect on a single broker.
+    pub route_to_leaders: bool,
 }
 
 impl Default for ProducerOptions {
@@ -110,6 +115,7 @@ impl Default for ProducerOptions {
             max_pending_messages: 100_000,
             idempotence: false,
             max_retries: 5,
+            route_to_leaders: true,
         }
     }
 }

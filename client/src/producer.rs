@@ -11,12 +11,16 @@
 //! client's connection (pipelining); `max_pending_messages` bounds the
 //! messages accepted but not yet acknowledged, beyond which `send` waits.
 //!
+//! On a cluster, batches go to their partitions' leaders (`crate::routing`):
+//! a keyed message joins its partition's batch once the topic's partition
+//! count is known, and an unkeyed batch takes a partition round robin.
+//!
 //! With idempotence, each batch carries the producer id and a sequence
 //! number; a batch that failed on a lost connection is retried with the
 //! same sequence after the reconnect, and the broker answers a batch it
 //! already stored with the original offsets.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
@@ -37,6 +41,7 @@ use crate::client::Client;
 use crate::connection::{await_reply, lock, ConnState};
 use crate::error::{ClientError, Result};
 use crate::options::ProducerOptions;
+use crate::routing::{self, Counted, InFlightCount, Routing};
 use crate::time::{duration_to_ms, ms_to_system_time, system_time_to_ms};
 
 /// Bytes a record costs in a PRODUCE body beyond its key, value and
@@ -213,6 +218,11 @@ struct BatchState {
     /// No more sends: send what is open, then stop.
     closed: bool,
     max_batch_bytes: usize,
+    /// On a cluster, the partition count of each topic whose leaders are
+    /// known: a keyed message goes into its partition's batch (the
+    /// broker's rule), so that the batch can go to that partition's
+    /// leader. Empty on a single broker.
+    partitions_of: HashMap<String, u32>,
 }
 
 impl Producer {
@@ -236,6 +246,7 @@ impl Producer {
                 ready: VecDeque::new(),
                 timer_armed: false,
                 closed: false,
+                partitions_of: HashMap::new(),
                 max_batch_bytes: options.max_batch_bytes.min(frame_limit).max(1),
             }),
             wake: Notify::new(),
@@ -354,9 +365,14 @@ impl BatchState {
     ) -> (Arc<Outcome>, usize) {
         let Message {
             topic,
-            partition,
+            mut partition,
             record,
         } = message;
+        if partition.is_none() && !self.partitions_of.is_empty() {
+            if let (Some(key), Some(&count)) = (&record.key, self.partitions_of.get(&topic)) {
+                partition = Some(dmq_protocol::key_partition(key, count));
+            }
+        }
         let position = self
             .open
             .iter()
@@ -584,27 +600,18 @@ struct Batcher {
     /// Batches failed and waiting to be sent again: a new batch waits
     /// until there are none, so that it never overtakes them by more than
     /// the broker's dedup window tells apart.
-    retrying: Arc<tokio::sync::watch::Sender<usize>>,
-}
-
-/// One batch counted in [`Batcher::retrying`] while it lives.
-struct Retrying(Arc<tokio::sync::watch::Sender<usize>>);
-
-impl Retrying {
-    fn start(count: &Arc<tokio::sync::watch::Sender<usize>>) -> Retrying {
-        count.send_modify(|n| *n += 1);
-        Retrying(Arc::clone(count))
-    }
-}
-
-impl Drop for Retrying {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
-    }
+    retrying: InFlightCount,
+    /// On a cluster (and with `route_to_leaders`): where each batch goes.
+    routing: Option<Routing>,
 }
 
 async fn batch_loop(client: Client, options: ProducerOptions, shared: Arc<ProducerShared>) {
+    let mut routing = None;
     if let Ok(conn) = client.shared().conn().await {
+        // A cluster node gives its node id; a single broker `dmqd`.
+        if options.route_to_leaders && conn.hello.broker_id.parse::<u64>().is_ok() {
+            routing = Some(Routing::new(client.clone()));
+        }
         let frame_limit =
             (conn.hello.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM_BYTES);
         shared.max_record_bytes.store(
@@ -619,7 +626,8 @@ async fn batch_loop(client: Client, options: ProducerOptions, shared: Arc<Produc
         producer_id: random_producer_id(),
         next_sequence: 0,
         retry_gate: Arc::new(tokio::sync::Mutex::new(())),
-        retrying: Arc::new(tokio::sync::watch::Sender::new(0)),
+        retrying: routing::new_count(),
+        routing,
         shared: Arc::clone(&shared),
         client,
         options,
@@ -683,6 +691,24 @@ impl Batcher {
             return;
         };
         let (topic, partition) = key;
+        let (link, partition, order, stale) = match &mut self.routing {
+            Some(routing) => {
+                let route = routing.route(&topic, partition, &batch.records).await;
+                if let Some(count) = routing.partitions(&topic) {
+                    let mut state = lock(&self.shared.state);
+                    if state.partitions_of.get(&topic) != Some(&count) {
+                        state.partitions_of.insert(topic.clone(), count);
+                    }
+                }
+                (
+                    route.link,
+                    route.partition,
+                    Some(route.order),
+                    Some(routing.stale_flag()),
+                )
+            }
+            None => (None, partition, None, None),
+        };
         let in_flight = InFlight::start(Arc::clone(&self.shared));
         let idempotence = self.options.idempotence.then(|| {
             let sequence = self.next_sequence;
@@ -702,7 +728,11 @@ impl Batcher {
         let timeout = shared.options.request_timeout;
         let size_hint = batch.bytes + FRAME_HEADROOM_BYTES;
         let retry = idempotence.is_some().then(|| request.clone());
-        let first = match shared.conn().await {
+        // The first try goes to the partition's leader if routed; retries
+        // go through the client's own node (which fails over to the next
+        // address, and forwards).
+        let first_via = link.as_ref().map_or(&shared, |link| link.shared());
+        let first = match first_via.conn().await {
             Ok(conn) => {
                 if retry.is_some() {
                     // After the reconnect: the batches that failed on the
@@ -723,9 +753,13 @@ impl Batcher {
                 Ok(receiver) => await_reply(receiver, timeout).await,
                 Err(error) => Err(error),
             };
+            drop(link);
+            if let Some(stale) = stale.filter(|_| result.is_err()) {
+                stale.store(true, Ordering::Release);
+            }
             if let Some(request) = retry {
                 let _counted = (max_retries > 0 && result.as_ref().is_err_and(retryable))
-                    .then(|| Retrying::start(&retrying));
+                    .then(|| Counted::start(&retrying));
                 let mut attempt = 0;
                 while attempt < max_retries && result.as_ref().is_err_and(retryable) {
                     attempt += 1;
@@ -745,6 +779,7 @@ impl Batcher {
             }
             drop(permit);
             drop(in_flight);
+            drop(order);
             // Room first: a caller that saw its send complete finds the
             // room it freed (and its next send is queued at once).
             permits.permits.add_permits(count);

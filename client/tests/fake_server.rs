@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use dmq_client::protocol::{
-    decode_frame, encode_frame, Body, Delivery, Frame, HelloOk, MessageId, ProduceOk,
-    ProducedRecord, Request, Response, Subscribed, TopicDescription, TopicSummary, Topics,
-    TxnEnded, TxnOutcome, TxnProduceOk, DEFAULT_MAX_FRAME_BYTES,
+    decode_frame, encode_frame, Body, Delivery, Frame, HelloOk, Leaders, MessageId,
+    PartitionLeader, ProduceOk, ProducedRecord, Request, Response, Subscribed, TopicDescription,
+    TopicSummary, Topics, TxnEnded, TxnOutcome, TxnProduceOk, DEFAULT_MAX_FRAME_BYTES,
 };
 use dmq_client::{
     Client, ClientError, ClientOptions, ErrorCode, Message, ProducerOptions, SubscribeOptions,
@@ -53,12 +53,22 @@ impl FakeServer {
 
     /// A server whose HELLO_OK announces `max_frame_bytes`.
     async fn announcing(max_frame_bytes: u32) -> FakeServer {
+        FakeServer::started(max_frame_bytes, "fake").await
+    }
+
+    /// A server that says it is cluster node `id` (HELLO_OK's broker id).
+    async fn node(id: u64) -> FakeServer {
+        FakeServer::started(DEFAULT_MAX_FRAME_BYTES, &id.to_string()).await
+    }
+
+    async fn started(max_frame_bytes: u32, broker_id: &str) -> FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (sender, connections) = mpsc::channel(16);
+        let broker_id = broker_id.to_string();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                if let Some(conn) = FakeConn::handshake(stream, max_frame_bytes).await {
+                if let Some(conn) = FakeConn::handshake(stream, max_frame_bytes, &broker_id).await {
                     if sender.send(conn).await.is_err() {
                         return;
                     }
@@ -86,7 +96,11 @@ impl FakeServer {
 }
 
 impl FakeConn {
-    async fn handshake(stream: TcpStream, max_frame_bytes: u32) -> Option<FakeConn> {
+    async fn handshake(
+        stream: TcpStream,
+        max_frame_bytes: u32,
+        broker_id: &str,
+    ) -> Option<FakeConn> {
         let (mut reader, mut writer) = stream.into_split();
         let mut buf = BytesMut::new();
         let hello = read_frame(&mut reader, &mut buf).await?;
@@ -94,7 +108,7 @@ impl FakeConn {
         let ok = HelloOk {
             version: 1,
             max_frame_bytes,
-            broker_id: "fake".into(),
+            broker_id: broker_id.into(),
         };
         let mut out = BytesMut::new();
         encode_frame(&Frame::response(hello.correlation_id, ok), &mut out).ok()?;
@@ -736,4 +750,97 @@ async fn a_transaction_send_whose_answer_is_lost_is_sent_again_with_its_number()
     assert_eq!(handle, 42);
     assert_eq!(first[0].id, MessageId([1; 16]));
     assert_eq!(second[0].id, MessageId([2; 16]));
+}
+
+/// The next request, answering PARTITION_LEADERS (with `leaders`, node
+/// id and address per partition) on the way.
+async fn recv_answering_leaders(conn: &mut FakeConn, leaders: &[(u64, String)]) -> Frame {
+    loop {
+        let frame = conn.recv().await;
+        if let Request::PartitionLeaders(_) = request(&frame) {
+            let partitions = leaders
+                .iter()
+                .enumerate()
+                .map(|(partition, (node_id, address))| PartitionLeader {
+                    partition: partition as u32,
+                    node_id: *node_id,
+                    address: address.clone(),
+                })
+                .collect();
+            conn.reply(frame.correlation_id, Leaders { partitions })
+                .await;
+            continue;
+        }
+        return frame;
+    }
+}
+
+fn stored(produce: &Request, offset: u64) -> ProduceOk {
+    let Request::Produce(produce) = produce else {
+        panic!("expected PRODUCE, got {produce:?}");
+    };
+    ProduceOk {
+        records: produce
+            .records
+            .iter()
+            .map(|_| ProducedRecord {
+                partition: produce.partition.expect("routed to a partition"),
+                offset: Some(offset),
+                message_id: MessageId([offset as u8; 16]),
+                deliver_at_ms: None,
+            })
+            .collect(),
+    }
+}
+
+/// On a cluster (HELLO_OK names node 1), a producer asks PARTITION_LEADERS
+/// and sends a partition its own node leads on its connection. When the
+/// leadership moves to node 2, the next batch goes to node 2 over a
+/// connection of its own, but only once the batch in flight at node 1 is
+/// answered: it must not overtake it.
+#[tokio::test]
+async fn a_batch_routed_to_a_new_leader_waits_for_the_batch_in_flight_at_the_old() {
+    let mut first = FakeServer::node(1).await;
+    let mut second = FakeServer::node(2).await;
+    let client = Client::connect(first.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = first.accept().await;
+    let producer = client.producer();
+    let one = producer.send(Message::new("t", "one").partition(0));
+    let at_first = [(1, first.addr())];
+    let produce = recv_answering_leaders(&mut conn, &at_first).await;
+    let Request::Produce(batch) = request(&produce) else {
+        panic!("expected PRODUCE");
+    };
+    assert_eq!(batch.partition, Some(0));
+    // Leaders are asked again after 3 s: node 2 leads by then.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    // Placed by its key now that the topic's partitions are known.
+    let two = producer.send(Message::new("t", "two").key("k"));
+    let at_second = [(2, second.addr())];
+    let asked = recv_answering_leaders(&mut conn, &at_second);
+    // Nothing else comes to node 1; node 2 gets a connection but no
+    // PRODUCE while the first batch is unanswered.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), asked)
+            .await
+            .is_err(),
+        "a request other than PARTITION_LEADERS at node 1"
+    );
+    let mut link = second.accept().await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), link.recv())
+            .await
+            .is_err(),
+        "the second batch overtook the first"
+    );
+    conn.reply(produce.correlation_id, stored(request(&produce), 7))
+        .await;
+    assert_eq!(one.await.expect("first stored").offset, Some(7));
+    let produce = link.recv().await;
+    link.reply(produce.correlation_id, stored(request(&produce), 8))
+        .await;
+    let receipt = two.await.expect("second stored");
+    assert_eq!((receipt.partition, receipt.offset), (0, Some(8)));
 }

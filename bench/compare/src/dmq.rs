@@ -7,8 +7,10 @@
 //! [`run_cluster`] starts three `dmqd` nodes with a `[cluster]` section
 //! (fsync `always`: a produce is answered once fsynced on two of the
 //! three); every client is given the three addresses and connects to the
-//! first (which forwards produces to each partition's leader; the consumer
-//! follows `WrongNode` to the node serving consumers).
+//! first; each producer sends every partition's batches to its leader
+//! (`route_to_leaders`), or with `route` off through that first node,
+//! which forwards them. The consumer follows `WrongNode` to the node
+//! serving consumers. The partitions' leaders are printed before the run.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,13 +56,18 @@ pub async fn run(dmqd: &str, fsync: &str, partitions: u32, workload: &Workload) 
         .create_topic(TOPIC, partitions.max(1), false)
         .await
         .context("creating the topic")?;
-    let outcome = drive(&addr, Start::Earliest, workload).await;
+    let outcome = drive(&addr, Start::Earliest, true, workload).await;
     drop(server);
     outcome
 }
 
 /// Three `dmqd` nodes of one cluster (see the module doc).
-pub async fn run_cluster(dmqd: &str, partitions: u32, workload: &Workload) -> Result<Outcome> {
+pub async fn run_cluster(
+    dmqd: &str,
+    partitions: u32,
+    route: bool,
+    workload: &Workload,
+) -> Result<Outcome> {
     // (client, admin, raft) ports per node.
     let ports: Vec<(u16, u16, u16)> = (0..3)
         .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
@@ -122,7 +129,11 @@ pub async fn run_cluster(dmqd: &str, partitions: u32, workload: &Workload) -> Re
             }
         }
     }
-    let outcome = drive(&addrs, Start::Latest, workload).await;
+    if let Ok(leaders) = admin.partition_leaders(TOPIC).await {
+        let ids: Vec<u64> = leaders.iter().map(|leader| leader.node_id).collect();
+        eprintln!("partition leaders (node ids, by partition): {ids:?}");
+    }
+    let outcome = drive(&addrs, Start::Latest, route, workload).await;
     drop(servers);
     outcome
 }
@@ -146,7 +157,7 @@ async fn connect_when_ready(addr: &str, servers: &mut [Server]) -> Result<Client
 
 /// The measurement proper: the consumer subscribes (from `start`), then
 /// the producers send.
-async fn drive(addr: &str, start: Start, workload: &Workload) -> Result<Outcome> {
+async fn drive(addr: &str, start: Start, route: bool, workload: &Workload) -> Result<Outcome> {
     let addr = addr.to_owned();
 
     let shared = Shared::new(workload.producers);
@@ -181,6 +192,7 @@ async fn drive(addr: &str, start: Start, workload: &Workload) -> Result<Outcome>
                 linger: Duration::from_millis(1),
                 max_batch_messages: workload.batch,
                 max_pending_messages: workload.window,
+                route_to_leaders: route,
                 ..ProducerOptions::default()
             });
             produce(

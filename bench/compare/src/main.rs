@@ -48,6 +48,10 @@ enum System {
     Redis,
     /// Three `dmqd` nodes, fsync `always`: acked once fdatasynced on two of three.
     DmqCluster,
+    /// As `dmq-cluster`, but the producers send every batch through the
+    /// node they connected to (`route_to_leaders` off), which forwards it
+    /// to its partition's leader: the A of routing's A/B.
+    DmqClusterForwarded,
     /// Three `nats-server`s, an R3 stream, default sync (acked once two hold it, before fsync).
     NatsR3Default,
     /// Three `nats-server`s, an R3 stream, `sync_interval: always`.
@@ -63,6 +67,7 @@ impl System {
             System::NatsAlways => "NATS JetStream sync=always",
             System::Redis => "Redis Streams appendfsync=always",
             System::DmqCluster => "DMQ 3 nodes fsync=always",
+            System::DmqClusterForwarded => "DMQ 3 nodes fsync=always, forwarded",
             System::NatsR3Default => "NATS JetStream R3 sync=default",
             System::NatsR3Always => "NATS JetStream R3 sync=always",
         }
@@ -76,6 +81,7 @@ impl System {
             System::NatsAlways => "nats-always",
             System::Redis => "redis",
             System::DmqCluster => "dmq-cluster",
+            System::DmqClusterForwarded => "dmq-cluster-forwarded",
             System::NatsR3Default => "nats-r3-default",
             System::NatsR3Always => "nats-r3-always",
         }
@@ -88,7 +94,7 @@ impl System {
             System::NatsDefault => "ack before fsync",
             System::NatsAlways => "fsync before ack",
             System::Redis => "fsync before reply",
-            System::DmqCluster => "quorum fdatasync",
+            System::DmqCluster | System::DmqClusterForwarded => "quorum fdatasync",
             System::NatsR3Default => "quorum, before fsync",
             System::NatsR3Always => "quorum fsync",
         }
@@ -244,7 +250,12 @@ async fn measure(system: System, args: &Args, workload: &Workload) -> Result<Out
             System::NatsDefault => nats::run(&args.nats_server, false, 1, workload).await,
             System::NatsAlways => nats::run(&args.nats_server, true, 1, workload).await,
             System::Redis => redis_streams::run(&args.redis_server, workload).await,
-            System::DmqCluster => dmq::run_cluster(&args.dmqd, args.partitions, workload).await,
+            System::DmqCluster => {
+                dmq::run_cluster(&args.dmqd, args.partitions, true, workload).await
+            }
+            System::DmqClusterForwarded => {
+                dmq::run_cluster(&args.dmqd, args.partitions, false, workload).await
+            }
             System::NatsR3Default => nats::run(&args.nats_server, false, 3, workload).await,
             System::NatsR3Always => nats::run(&args.nats_server, true, 3, workload).await,
         }
@@ -310,7 +321,9 @@ fn ratio_name(dmq: System, other: System) -> String {
         System::DmqNever => "never",
         System::NatsDefault => "default",
         System::Redis => "always",
-        System::DmqCluster | System::NatsR3Always => "3 nodes, always",
+        System::DmqCluster | System::DmqClusterForwarded | System::NatsR3Always => {
+            "3 nodes, always"
+        }
         System::NatsR3Default => "3 nodes, default",
     };
     let family = match other {
