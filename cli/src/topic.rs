@@ -1,4 +1,4 @@
-//! `dmq topic create|list|describe|delete`.
+//! `dmq topic create|list|describe|leaders|delete`.
 //!
 //! `create` of a name that exists fails (the broker answers TopicExists,
 //! PROTOCOL.md §6.12) unless `--if-not-exists` is given: then a topic of
@@ -35,6 +35,12 @@ pub enum TopicCommand {
     List,
     /// Show a topic's partitions (offsets) and groups.
     Describe {
+        /// Topic name.
+        name: String,
+    },
+    /// Show which cluster node leads each partition (where a producer
+    /// sends that partition's batches); on a single broker, none.
+    Leaders {
         /// Topic name.
         name: String,
     },
@@ -189,6 +195,38 @@ pub async fn run(cli: &Cli, command: &TopicCommand) -> Result<()> {
                     } else {
                         println!("groups: {}", topic.groups.join(", "));
                     }
+                }
+            }
+        }
+        TopicCommand::Leaders { name } => {
+            let leaders = client.partition_leaders(name).await?;
+            match cli.format {
+                Format::Json => print_json(&json!(leaders
+                    .iter()
+                    .map(|leader| json!({
+                        "partition": leader.partition,
+                        "node_id": (leader.node_id != 0).then_some(leader.node_id),
+                        "address": (!leader.address.is_empty()).then_some(&leader.address),
+                    }))
+                    .collect::<Vec<_>>())),
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = leaders
+                        .iter()
+                        .map(|leader| {
+                            vec![
+                                leader.partition.to_string(),
+                                match leader.node_id {
+                                    0 => "-".to_string(),
+                                    id => id.to_string(),
+                                },
+                                match leader.address.as_str() {
+                                    "" => "(the node asked)".to_string(),
+                                    address => address.to_string(),
+                                },
+                            ]
+                        })
+                        .collect();
+                    print_table(&["PARTITION", "LEADER", "ADDRESS"], &rows);
                 }
             }
         }

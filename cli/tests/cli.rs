@@ -27,6 +27,7 @@ fn help_of_every_command() {
         &["topic", "create"],
         &["topic", "list"],
         &["topic", "describe"],
+        &["topic", "leaders"],
         &["topic", "delete"],
         &["produce"],
         &["consume"],

@@ -20,6 +20,17 @@ fn topics_produce_consume_groups_and_seek() {
     let topics = json(&broker.stdout(&["--format", "json", "topic", "list"]));
     assert_eq!(topics[0]["name"], "orders");
     assert_eq!(topics[0]["partitions"], 2);
+    // A single broker names no leader: everything goes to it.
+    let leaders = json(&broker.stdout(&["--format", "json", "topic", "leaders", "orders"]));
+    assert_eq!(
+        leaders,
+        serde_json::json!([
+            {"partition": 0, "node_id": null, "address": null},
+            {"partition": 1, "node_id": null, "address": null},
+        ])
+    );
+    let table = broker.stdout(&["topic", "leaders", "orders"]);
+    assert!(table.contains("(the node asked)"), "{table}");
 
     // Produce from arguments: one line per acknowledged message, in order.
     let produced = broker.stdout(&["produce", "orders", "--partition", "0", "one", "two"]);
