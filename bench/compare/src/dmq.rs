@@ -62,10 +62,20 @@ pub async fn run(dmqd: &str, fsync: &str, partitions: u32, workload: &Workload) 
 }
 
 /// Three `dmqd` nodes of one cluster (see the module doc).
+/// Where a cluster's producers send their batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// To each partition's leader (`route_to_leaders`).
+    ToLeaders,
+    /// Through the node each client connected to, which forwards.
+    Forwarded,
+}
+
 pub async fn run_cluster(
     dmqd: &str,
     partitions: u32,
-    route: bool,
+    routing: Routing,
+    balance: bool,
     workload: &Workload,
 ) -> Result<Outcome> {
     // (client, admin, raft) ports per node.
@@ -129,13 +139,42 @@ pub async fn run_cluster(
             }
         }
     }
+    if balance {
+        let (_, admin_port, _) = ports[0];
+        balance_leaders(admin_port).await?;
+    }
     if let Ok(leaders) = admin.partition_leaders(TOPIC).await {
         let ids: Vec<u64> = leaders.iter().map(|leader| leader.node_id).collect();
         eprintln!("partition leaders (node ids, by partition): {ids:?}");
     }
+    let route = routing == Routing::ToLeaders;
     let outcome = drive(&addrs, Start::Latest, route, workload).await;
     drop(servers);
     outcome
+}
+
+/// `POST /api/cluster/transfer-leader {"balance": true}` to the node whose
+/// admin API listens on `port` (development mode: no token), then a second
+/// for the new leaders to settle.
+async fn balance_leaders(port: u16) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"balance": true}"#;
+    let request = format!(
+        "POST /api/cluster/transfer-leader HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("connecting to the admin API")?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    if !answer.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("balancing the leaderships: {answer}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
 }
 
 /// A client of `addr`, retried while the servers start.

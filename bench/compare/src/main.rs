@@ -135,6 +135,11 @@ struct Args {
     /// DMQ topic partitions.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// DMQ clusters: spread the leaderships over the three nodes before the
+    /// run (`transfer-leader --balance`), instead of leaving them where the
+    /// elections put them.
+    #[arg(long)]
+    balance_leaders: bool,
     /// Systems to measure, in this order.
     #[arg(
         long,
@@ -251,10 +256,14 @@ async fn measure(system: System, args: &Args, workload: &Workload) -> Result<Out
             System::NatsAlways => nats::run(&args.nats_server, true, 1, workload).await,
             System::Redis => redis_streams::run(&args.redis_server, workload).await,
             System::DmqCluster => {
-                dmq::run_cluster(&args.dmqd, args.partitions, true, workload).await
+                let route = dmq::Routing::ToLeaders;
+                dmq::run_cluster(&args.dmqd, args.partitions, route, args.balance_leaders, workload)
+                    .await
             }
             System::DmqClusterForwarded => {
-                dmq::run_cluster(&args.dmqd, args.partitions, false, workload).await
+                let route = dmq::Routing::Forwarded;
+                dmq::run_cluster(&args.dmqd, args.partitions, route, args.balance_leaders, workload)
+                    .await
             }
             System::NatsR3Default => nats::run(&args.nats_server, false, 3, workload).await,
             System::NatsR3Always => nats::run(&args.nats_server, true, 3, workload).await,
