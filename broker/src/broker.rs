@@ -156,6 +156,7 @@ impl Broker {
                 Arc::clone(cluster)
                     .keep_consumer_lease(services.engine.clone(), admin_stopped.clone()),
             );
+            tokio::spawn(Arc::clone(cluster).balance_leaders_periodically(admin_stopped.clone()));
             tokio::spawn(Arc::clone(cluster).follow_topics(
                 services.engine.clone(),
                 services.registry.clone(),

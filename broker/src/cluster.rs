@@ -297,6 +297,9 @@ pub struct Cluster {
     /// Produces to cluster topics through this node: seconds from the
     /// proposal to the commit (fsynced on a quorum), per partition part.
     commit_latency: prometheus_client::metrics::histogram::Histogram,
+    /// Leaderships this node moved by itself, as the metadata leader
+    /// ([`Cluster::balance_leaders_periodically`]).
+    balanced_by_itself: prometheus_client::metrics::counter::Counter,
     /// Which replicated registry entries this node's registry holds
     /// ([`Cluster::follow_topics`]).
     registry_applied: std::sync::Mutex<RegistryFollowed>,
@@ -593,6 +596,7 @@ impl Cluster {
             journals,
             delays,
             commit_latency: commit_latency_histogram(),
+            balanced_by_itself: Default::default(),
             registry_applied: Default::default(),
             consumer_lease,
             joining_marker,
@@ -679,6 +683,12 @@ impl Cluster {
             "Produces to cluster topics through this node: from the proposal to the commit \
              (fsynced on a quorum), per partition",
             self.commit_latency.clone(),
+        );
+        registry.register(
+            "leaderships_balanced",
+            "Leaderships this node moved by itself, as the metadata leader, to spread them \
+             (`leader_balance_interval_s`)",
+            self.balanced_by_itself.clone(),
         );
         let mut latency = String::new();
         match prometheus_client::encoding::text::encode_registry(&mut latency, &registry) {
@@ -1291,8 +1301,58 @@ impl Cluster {
     /// counts within about one of each other). After a rolling restart
     /// every group is led by the nodes that stayed up longest.
     pub async fn balance_leaders(&self) -> LeadersMoved {
+        self.spread_leaders(true).await
+    }
+
+    /// [`Cluster::balance_leaders`] every `leader_balance_interval_s`
+    /// until `stop`, by the metadata group's leader only (one balancer in
+    /// the cluster), leaving the metadata group's own leadership (and so
+    /// the consumers it serves) where it is.
+    pub async fn balance_leaders_periodically(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let every = Duration::from_secs(self.config.leader_balance_interval_s);
+        if every.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            if self.metadata.leading_term().is_none() {
+                continue;
+            }
+            let moved = self.spread_leaders(false).await;
+            self.balanced_by_itself.inc_by(moved.moved.len() as u64);
+            if !moved.moved.is_empty() || !moved.not_moved.is_empty() {
+                tracing::info!(
+                    moved = moved.moved.len(),
+                    not_moved = moved.not_moved.len(),
+                    "leaderships balanced automatically"
+                );
+            }
+        }
+    }
+
+    /// The balance pass of [`Cluster::balance_leaders`]; the metadata
+    /// group is counted but moved only with `metadata`. On the metadata
+    /// leader, a node that does not follow the metadata group closely
+    /// (down, cut off) is given nothing.
+    async fn spread_leaders(&self, metadata: bool) -> LeadersMoved {
         let groups = self.groups();
         let removed = self.metadata.state_machine().nodes_removed();
+        let meta = self.metadata.status();
+        let following = |id: &u64| {
+            let Some(matched) = &meta.matched else {
+                return true; // not the leader's view: no judgement
+            };
+            *id == self.config.node_id
+                || matched.get(id).copied().flatten().is_some_and(|matched| {
+                    matched + PROMOTE_WITHIN_ENTRIES >= meta.last_log_index.unwrap_or(0)
+                })
+        };
         let mut led: BTreeMap<u64, usize> = BTreeMap::new();
         let statuses: Vec<_> = groups.iter().map(|(_, group)| group.status()).collect();
         for status in &statuses {
@@ -1308,11 +1368,14 @@ impl Cluster {
             let Some(leader) = status.leader else {
                 continue;
             };
+            if !metadata && matches!(group, GroupHandle::Metadata(_)) {
+                continue;
+            }
             let least = status
                 .voters
                 .iter()
                 .copied()
-                .filter(|id| *id != leader && !removed.contains(id))
+                .filter(|id| *id != leader && !removed.contains(id) && following(id))
                 .min_by_key(|id| (led.get(id).copied().unwrap_or(0), *id));
             let Some(to) = least else {
                 continue;

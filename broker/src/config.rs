@@ -56,6 +56,7 @@
 //! # scrub_interval_s = 86400     # each replica re-reads its records this often (0: never)
 //! # scrub_bytes_per_second = 16777216
 //! # consumer_lease = true     # one node (the metadata leader) serves every consumer
+//! # leader_balance_interval_s = 300  # the metadata leader spreads partition leaderships this often (0: never)
 //! [[cluster.peers]]           # every node, this one included; same list on each
 //! id = 1
 //! raft = "127.0.0.1:7090"
@@ -271,6 +272,18 @@ pub struct ClusterConfig {
     /// messages).
     #[serde(default = "default_consumer_lease")]
     pub consumer_lease: bool,
+    /// The metadata group's leader spreads the partitions' leaderships
+    /// over the nodes this often, when one node leads at least two more
+    /// groups than another ([`crate::cluster::Cluster::balance_leaders`],
+    /// the metadata group itself left where it is, so consumers are not
+    /// moved); 0: never (by hand only). Elections often put every
+    /// partition on the node that started first.
+    #[serde(default = "default_leader_balance_interval_s")]
+    pub leader_balance_interval_s: u64,
+}
+
+fn default_leader_balance_interval_s() -> u64 {
+    300
 }
 
 fn default_scrub_interval_s() -> u64 {
@@ -613,6 +626,15 @@ mod tests {
         );
         let off = section.replace("[cluster]\n", "[cluster]\nconsumer_lease = false\n");
         assert!(!cluster(&off).expect("a cluster").consumer_lease);
+        // The metadata leader balances leaderships every 5 minutes unless told.
+        assert_eq!(default.leader_balance_interval_s, 300);
+        let never = section.replace("[cluster]\n", "[cluster]\nleader_balance_interval_s = 0\n");
+        assert_eq!(
+            cluster(&never)
+                .expect("a cluster")
+                .leader_balance_interval_s,
+            0
+        );
     }
 
     #[test]

@@ -2453,3 +2453,78 @@ async fn a_producer_sends_each_partition_to_its_leader() {
         "forwarded after the move"
     );
 }
+
+/// `[cluster] leader_balance_interval_s`: with every group moved onto
+/// node 1 (the metadata leader then), the metadata leader spreads the
+/// partitions' leaderships by itself within a few intervals, leaving the
+/// metadata group (and so the consumers it serves) on node 1, and counts
+/// its moves in `/metrics`; produces and deliveries go on. With the
+/// interval at 0 nothing spreads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderships_gathered_on_one_node_are_spread_by_the_metadata_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = started_cluster_with(root.path(), |config| {
+        let every_second = config.replacen(
+            "consumer_lease = false\n",
+            "consumer_lease = false\nleader_balance_interval_s = 1\n",
+            1,
+        );
+        assert_ne!(
+            every_second, config,
+            "the configuration sets consumer_lease"
+        );
+        every_second
+    });
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 6, false).await.unwrap();
+    wait_for_topic_on(&nodes[1..], "orders").await;
+    wait_for_view(&nodes[0], &nodes, "every group led", |status| {
+        let leaders = leaders(status);
+        leaders.len() == 8 && leaders.iter().all(|(_, leader)| leader.is_some())
+    })
+    .await;
+    let mut acknowledged: BTreeSet<MessageId> =
+        produce(&first, "a", 30).await.into_iter().collect();
+    for from in [2, 3] {
+        let api = Api::new(nodes[0].admin, None);
+        let body = serde_json::json!({ "from": from }).to_string();
+        let (code, answer) =
+            http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body))).await;
+        assert_eq!(code, 200, "{answer}");
+    }
+    for node in &nodes {
+        wait_for_view(
+            node,
+            &nodes,
+            "leaderships spread, metadata on node 1",
+            |status| {
+                let led = led_by(status);
+                let counts: Vec<usize> = [1, 2, 3]
+                    .iter()
+                    .map(|id| led.get(id).copied().unwrap_or(0))
+                    .collect();
+                counts.iter().sum::<usize>() == 8
+                    && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1
+                    && status["metadata"]["leader"] == 1
+            },
+        )
+        .await;
+    }
+    // Moved by a metadata leader (node 1, or one it followed during the
+    // gathering), not by hand.
+    let mut balanced = 0;
+    for node in &nodes {
+        let api = Api::new(node.admin, None);
+        let metrics = http(move || api.ok_metrics()).await;
+        balanced += metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("dmq_cluster_leaderships_balanced_total "))
+            .map_or(0, |count| count.parse::<u64>().unwrap());
+    }
+    assert!(balanced >= 2, "moved by the balancer: {balanced}");
+    acknowledged.extend(produce(&first, "b", 30).await);
+    assert_eq!(
+        consume(&first, "after-auto-balance", acknowledged.len()).await,
+        acknowledged
+    );
+}
