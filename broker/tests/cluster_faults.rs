@@ -780,10 +780,13 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     // consumer); by hand, `DMQ_CLUSTER_LEASE=0` runs it with the lease off.
     let lease = std::env::var("DMQ_CLUSTER_LEASE").map_or(true, |value| value != "0");
     println!("consumer lease: {}", if lease { "on" } else { "off" });
+    // By hand, `DMQ_CLUSTER_BALANCE_S=<s>` has the metadata leader move
+    // leaderships by itself that often (`leader_balance_interval_s`), so
+    // that transfers meet the faults.
     let edit: fn(&str) -> String = if lease {
-        with_consumer_lease
+        |config| with_balance_from_env(&with_consumer_lease(config))
     } else {
-        |config| config.to_string()
+        with_balance_from_env
     };
     let (mut nodes, configs) = proxied_cluster(root.path(), &network, edit).await;
     let setup = connect(&nodes[0]).await;
@@ -1251,5 +1254,23 @@ fn compare_kept_replicas() {
                 }
             }
         }
+    }
+}
+
+/// `config` with `leader_balance_interval_s` from `DMQ_CLUSTER_BALANCE_S`,
+/// if set (the default, 300 s, never comes in a campaign otherwise).
+fn with_balance_from_env(config: &str) -> String {
+    match std::env::var("DMQ_CLUSTER_BALANCE_S") {
+        Ok(seconds) => {
+            let seconds: u64 = seconds.parse().expect("DMQ_CLUSTER_BALANCE_S in seconds");
+            let edited = config.replacen(
+                "consumer_lease = ",
+                &format!("leader_balance_interval_s = {seconds}\nconsumer_lease = "),
+                1,
+            );
+            assert_ne!(edited, config, "the configuration sets consumer_lease");
+            edited
+        }
+        Err(_) => config.to_string(),
     }
 }

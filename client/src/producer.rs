@@ -691,6 +691,9 @@ impl Batcher {
             return;
         };
         let (topic, partition) = key;
+        // In flight from here: a batch opened while this one waits for its
+        // route lingers as it would behind a request on the wire.
+        let in_flight = InFlight::start(Arc::clone(&self.shared));
         let (link, partition, order, stale) = match &mut self.routing {
             Some(routing) => {
                 let route = routing.route(&topic, partition, &batch.records).await;
@@ -698,6 +701,17 @@ impl Batcher {
                     let mut state = lock(&self.shared.state);
                     if state.partitions_of.get(&topic) != Some(&count) {
                         state.partitions_of.insert(topic.clone(), count);
+                        // Keyed messages joined the topic's unplaced batch
+                        // until now, and join their partition's from now
+                        // on: the unplaced one goes out first, so that a
+                        // key's later message cannot leave before it.
+                        let unplaced = state.open.iter().position(|((open, partition), _)| {
+                            *open == topic && partition.is_none()
+                        });
+                        if let Some(index) = unplaced {
+                            let batch = state.open.remove(index);
+                            state.ready.push_back(batch);
+                        }
                     }
                 }
                 (
@@ -709,7 +723,6 @@ impl Batcher {
             }
             None => (None, partition, None, None),
         };
-        let in_flight = InFlight::start(Arc::clone(&self.shared));
         let idempotence = self.options.idempotence.then(|| {
             let sequence = self.next_sequence;
             self.next_sequence += 1;

@@ -90,7 +90,8 @@ pub(crate) struct Route {
 
 /// The leaders of one topic, as last answered.
 struct TopicRoutes {
-    asked: Instant,
+    /// When the leaders were last asked; `None`: ask before the next batch.
+    asked: Option<Instant>,
     /// One per partition; empty: the broker gave none (not a cluster
     /// topic's answer, or the ask failed): every batch through the
     /// producer's own node.
@@ -151,13 +152,14 @@ impl Routing {
     ) -> Route {
         if self.stale.swap(false, Ordering::AcqRel) {
             for routes in self.topics.values_mut() {
-                routes.asked = Instant::now() - ROUTES_MAX_AGE;
+                routes.asked = None;
             }
         }
         let fresh = self
             .topics
             .get(topic)
-            .is_some_and(|routes| routes.asked.elapsed() < ROUTES_MAX_AGE);
+            .and_then(|routes| routes.asked)
+            .is_some_and(|asked| asked.elapsed() < ROUTES_MAX_AGE);
         if !fresh {
             let leaders =
                 match tokio::time::timeout(ASK_TIMEOUT, self.client.partition_leaders(topic)).await
@@ -169,13 +171,13 @@ impl Routing {
                 .topics
                 .entry(topic.to_string())
                 .or_insert_with(|| TopicRoutes {
-                    asked: Instant::now(),
+                    asked: None,
                     leaders: Vec::new(),
                     next_unkeyed: 0,
                     unrouted: new_count(),
                     partitions: HashMap::new(),
                 });
-            routes.asked = Instant::now();
+            routes.asked = Some(Instant::now());
             routes.leaders = leaders;
         }
         let Some(routes) = self.topics.get_mut(topic) else {

@@ -844,3 +844,82 @@ async fn a_batch_routed_to_a_new_leader_waits_for_the_batch_in_flight_at_the_old
     let receipt = two.await.expect("second stored");
     assert_eq!((receipt.partition, receipt.offset), (0, Some(8)));
 }
+
+/// A keyed message that joined a topic's unplaced batch (sent before the
+/// producer knew the topic's partitions) leaves before a later message of
+/// the same key that joined its partition's batch once they were known.
+#[tokio::test]
+async fn a_key_placed_once_leaders_are_known_does_not_overtake_its_unplaced_batch() {
+    let mut server = FakeServer::node(1).await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let producer = client.producer_with(ProducerOptions {
+        linger: Duration::from_secs(10),
+        max_batch_messages: 2,
+        max_in_flight_batches: 1,
+        ..ProducerOptions::default()
+    });
+    let value = |produce: &Request| match produce {
+        Request::Produce(produce) => produce
+            .records
+            .iter()
+            .map(|record| String::from_utf8(record.value.to_vec()).unwrap())
+            .collect::<Vec<_>>(),
+        other => panic!("expected PRODUCE, got {other:?}"),
+    };
+    let a = producer.send(Message::new("t", "a").key("k"));
+    // The first batch asks where to go; meanwhile "b" joins an unplaced
+    // batch too.
+    let ask = conn.recv().await;
+    assert!(matches!(request(&ask), Request::PartitionLeaders(_)));
+    let b = producer.send(Message::new("t", "b").key("k"));
+    let partitions = vec![PartitionLeader {
+        partition: 0,
+        node_id: 1,
+        address: server.addr(),
+    }];
+    conn.reply(ask.correlation_id, Leaders { partitions }).await;
+    let first = conn.recv().await;
+    assert_eq!(value(request(&first)), ["a"]);
+    // Placed now: "c" and "d" fill their partition's batch at once.
+    let c = producer.send(Message::new("t", "c").key("k"));
+    let d = producer.send(Message::new("t", "d").key("k"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut offset = 0;
+    let mut answer = |frame: &Frame| {
+        let Request::Produce(produce) = request(frame) else {
+            panic!("expected PRODUCE");
+        };
+        let records = produce
+            .records
+            .iter()
+            .map(|_| {
+                offset += 1;
+                ProducedRecord {
+                    partition: 0,
+                    offset: Some(offset),
+                    message_id: MessageId([offset as u8; 16]),
+                    deliver_at_ms: None,
+                }
+            })
+            .collect();
+        (frame.correlation_id, ProduceOk { records })
+    };
+    let (id, ok) = answer(&first);
+    conn.reply(id, ok).await;
+    let second = conn.recv().await;
+    assert_eq!(value(request(&second)), ["b"], "the later key overtook");
+    let (id, ok) = answer(&second);
+    conn.reply(id, ok).await;
+    let third = conn.recv().await;
+    assert_eq!(value(request(&third)), ["c", "d"]);
+    let (id, ok) = answer(&third);
+    conn.reply(id, ok).await;
+    let offsets: Vec<_> = [a.await, b.await, c.await, d.await]
+        .into_iter()
+        .map(|receipt| receipt.expect("stored").offset.unwrap())
+        .collect();
+    assert_eq!(offsets, [1, 2, 3, 4]);
+}
