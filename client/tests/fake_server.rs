@@ -865,7 +865,7 @@ async fn a_key_placed_once_leaders_are_known_does_not_overtake_its_unplaced_batc
         Request::Produce(produce) => produce
             .records
             .iter()
-            .map(|record| String::from_utf8(record.value.to_vec()).unwrap())
+            .map(|record| String::from_utf8(record.value.to_vec()).expect("utf-8"))
             .collect::<Vec<_>>(),
         other => panic!("expected PRODUCE, got {other:?}"),
     };
@@ -919,7 +919,7 @@ async fn a_key_placed_once_leaders_are_known_does_not_overtake_its_unplaced_batc
     conn.reply(id, ok).await;
     let offsets: Vec<_> = [a.await, b.await, c.await, d.await]
         .into_iter()
-        .map(|receipt| receipt.expect("stored").offset.unwrap())
+        .map(|receipt| receipt.expect("stored").offset.expect("an offset"))
         .collect();
     assert_eq!(offsets, [1, 2, 3, 4]);
 }
