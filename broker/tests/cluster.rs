@@ -726,47 +726,20 @@ fn led_by(status: &serde_json::Value) -> BTreeMap<u64, usize> {
 async fn leaderships_gathered_on_one_node_are_spread_by_a_balance() {
     let root = tempfile::tempdir().unwrap();
     let (nodes, _configs) = started_cluster(root.path());
-    let first = connect(&nodes[0]).await;
-    first.create_topic("orders", 6, false).await.unwrap();
-    wait_for_topic_on(&nodes[1..], "orders").await;
-    wait_for_view(&nodes[0], &nodes, "every group led", |status| {
-        let leaders = leaders(status);
-        leaders.len() == 8 && leaders.iter().all(|(_, leader)| leader.is_some())
-    })
-    .await;
-    let mut acknowledged: BTreeSet<MessageId> =
-        produce(&first, "a", 30).await.into_iter().collect();
-    let post = |node: &Node, body: serde_json::Value| {
-        let api = Api::new(node.admin, None);
-        let body = body.to_string();
-        http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body)))
-    };
-    for from in [2, 3] {
-        let (code, answer) = post(&nodes[0], serde_json::json!({ "from": from })).await;
-        assert_eq!(code, 200, "{answer}");
-    }
+    let (first, mut acknowledged) = gathered_on_node_1(&nodes).await;
     wait_for_view(&nodes[0], &nodes, "node 1 leads all", |status| {
         led_by(status).get(&1) == Some(&8)
     })
     .await;
 
-    let (code, answer) = post(&nodes[1], serde_json::json!({ "balance": true })).await;
+    let (code, answer) = post_transfer(&nodes[1], serde_json::json!({ "balance": true })).await;
     assert_eq!(code, 200, "{answer}");
     assert!(answer["moved"].as_array().unwrap().len() >= 4, "{answer}");
     for node in [&nodes[0], &nodes[2]] {
-        wait_for_view(node, &nodes, "leaderships spread", |status| {
-            let led = led_by(status);
-            let counts: Vec<usize> = [1, 2, 3]
-                .iter()
-                .map(|id| led.get(id).copied().unwrap_or(0))
-                .collect();
-            counts.iter().sum::<usize>() == 8
-                && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1
-        })
-        .await;
+        wait_for_view(node, &nodes, "leaderships spread", spread_within_one).await;
     }
     // Balanced already: nothing moves.
-    let (code, answer) = post(&nodes[2], serde_json::json!({ "balance": true })).await;
+    let (code, answer) = post_transfer(&nodes[2], serde_json::json!({ "balance": true })).await;
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["moved"], serde_json::json!([]), "{answer}");
 
@@ -775,6 +748,46 @@ async fn leaderships_gathered_on_one_node_are_spread_by_a_balance() {
         consume(&first, "after-balance", acknowledged.len()).await,
         acknowledged
     );
+}
+
+/// `POST /api/cluster/transfer-leader` with `body` to `node`.
+async fn post_transfer(node: &Node, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let api = Api::new(node.admin, None);
+    let body = body.to_string();
+    http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body))).await
+}
+
+/// A six-partition `orders` with every group led, 30 messages produced
+/// through node 1, then every group nodes 2 and 3 lead moved off them
+/// (to node 1, as their views go). Returns node 1's client and the
+/// messages acknowledged.
+async fn gathered_on_node_1(nodes: &[Node]) -> (dmq_client::Client, BTreeSet<MessageId>) {
+    let first = connect(&nodes[0]).await;
+    first.create_topic("orders", 6, false).await.unwrap();
+    wait_for_topic_on(&nodes[1..], "orders").await;
+    wait_for_view(&nodes[0], nodes, "every group led", |status| {
+        let leaders = leaders(status);
+        leaders.len() == 8 && leaders.iter().all(|(_, leader)| leader.is_some())
+    })
+    .await;
+    let acknowledged = produce(&first, "a", 30).await.into_iter().collect();
+    for from in [2, 3] {
+        let (code, answer) = post_transfer(&nodes[0], serde_json::json!({ "from": from })).await;
+        assert_eq!(code, 200, "{answer}");
+    }
+    (first, acknowledged)
+}
+
+/// The eight groups of [`gathered_on_node_1`]'s cluster are led within
+/// one of each other by the three nodes, in `status` (a node's view).
+fn spread_within_one(status: &serde_json::Value) -> bool {
+    let led = led_by(status);
+    let counts: Vec<usize> = [1, 2, 3]
+        .iter()
+        .map(|id| led.get(id).copied().unwrap_or(0))
+        .collect();
+    counts.iter().sum::<usize>() == 8
+        && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1
 }
 
 /// README's one command for a three-node cluster, `scripts/local-cluster.sh`,
@@ -2475,39 +2488,11 @@ async fn leaderships_gathered_on_one_node_are_spread_by_the_metadata_leader() {
         );
         every_second
     });
-    let first = connect(&nodes[0]).await;
-    first.create_topic("orders", 6, false).await.unwrap();
-    wait_for_topic_on(&nodes[1..], "orders").await;
-    wait_for_view(&nodes[0], &nodes, "every group led", |status| {
-        let leaders = leaders(status);
-        leaders.len() == 8 && leaders.iter().all(|(_, leader)| leader.is_some())
-    })
-    .await;
-    let mut acknowledged: BTreeSet<MessageId> =
-        produce(&first, "a", 30).await.into_iter().collect();
-    for from in [2, 3] {
-        let api = Api::new(nodes[0].admin, None);
-        let body = serde_json::json!({ "from": from }).to_string();
-        let (code, answer) =
-            http(move || api.call("POST", "/api/cluster/transfer-leader", Some(&body))).await;
-        assert_eq!(code, 200, "{answer}");
-    }
+    let (first, mut acknowledged) = gathered_on_node_1(&nodes).await;
     for node in &nodes {
-        wait_for_view(
-            node,
-            &nodes,
-            "leaderships spread, metadata on node 1",
-            |status| {
-                let led = led_by(status);
-                let counts: Vec<usize> = [1, 2, 3]
-                    .iter()
-                    .map(|id| led.get(id).copied().unwrap_or(0))
-                    .collect();
-                counts.iter().sum::<usize>() == 8
-                    && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1
-                    && status["metadata"]["leader"] == 1
-            },
-        )
+        wait_for_view(node, &nodes, "spread, metadata on node 1", |status| {
+            spread_within_one(status) && status["metadata"]["leader"] == 1
+        })
         .await;
     }
     // Moved by a metadata leader (node 1, or one it followed during the
