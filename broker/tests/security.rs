@@ -221,6 +221,9 @@ async fn protocol_requests_need_credentials_and_rights() {
         subscribe(TOPIC),
         produce("prod.pay.unregistered"),
         Request::DescribeTopic(dmq_protocol::DescribeTopic { name: TOPIC.into() }),
+        Request::PartitionLeaders(dmq_protocol::PartitionLeaders {
+            topic: TOPIC.into(),
+        }),
         Request::ListGroups(dmq_protocol::ListGroups {
             topic: TOPIC.into(),
         }),

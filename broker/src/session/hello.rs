@@ -152,6 +152,16 @@ impl Session {
         }
     }
 
+    /// Checks that the client may consume from or produce to `topic`
+    /// (either will do): what describing a topic needs. The refusal is
+    /// the produce right's.
+    pub(super) async fn authorize_either(&self, topic: &str) -> Result<(), ErrorResponse> {
+        if self.authorize(topic, Right::Consume).await.is_err() {
+            self.authorize(topic, Right::Produce).await?;
+        }
+        Ok(())
+    }
+
     /// Refuses `what` outside development mode: it is done through the
     /// admin API there.
     pub(super) fn development_only(&self, what: &str) -> Result<(), ErrorResponse> {

@@ -64,13 +64,7 @@ impl Session {
                 }))
             }
             Request::DescribeTopic(describe) => {
-                if self
-                    .authorize(&describe.name, Right::Consume)
-                    .await
-                    .is_err()
-                {
-                    self.authorize(&describe.name, Right::Produce).await?;
-                }
+                self.authorize_either(&describe.name).await?;
                 let found = self.shared.engine.find_topic(&describe.name).await;
                 let crate::engine::TopicHandle { config, logs, .. } = found.ok_or_else(|| {
                     ErrorResponse::new(
@@ -100,9 +94,7 @@ impl Session {
                 }))
             }
             Request::PartitionLeaders(ask) => {
-                if self.authorize(&ask.topic, Right::Consume).await.is_err() {
-                    self.authorize(&ask.topic, Right::Produce).await?;
-                }
+                self.authorize_either(&ask.topic).await?;
                 let found = self.shared.engine.find_topic(&ask.topic).await;
                 let config = found.map(|topic| topic.config).ok_or_else(|| {
                     ErrorResponse::new(
