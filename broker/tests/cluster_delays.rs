@@ -51,7 +51,12 @@ struct Seen {
 /// queued at once; returns them once every one is acknowledged, checking
 /// that PRODUCE_OK says they wait (no offset) and when they are due.
 async fn produce_delayed(client: &Client, tag: &str, dues: &[i64]) -> Vec<Delayed> {
-    let producer = client.producer();
+    // Through `client`'s node, whoever leads the partitions: the trace
+    // checks look for `delay_scheduled` on the node asked.
+    let producer = client.producer_with(dmq_client::ProducerOptions {
+        route_to_leaders: false,
+        ..Default::default()
+    });
     let sends: Vec<_> = dues
         .iter()
         .enumerate()
