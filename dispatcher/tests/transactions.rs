@@ -650,6 +650,54 @@ fn a_transactional_ack_takes_effect_with_the_commit_only() {
         .any(|e| e.offset == Some(offset) && matches!(e.kind, EventKind::Acked)));
 }
 
+/// A TXN_ACK whose answer was lost is sent again (the client does, after a
+/// reconnect): the repeat is answered as the first was and claims nothing
+/// twice, also when it was the transaction's begin (handle 0). A begin
+/// that differs from the open transaction's is still a second one.
+#[test]
+fn a_transactional_ack_sent_again_is_answered_as_the_first() {
+    let mut w = World::new();
+    let first = w.consumed("order 32 paid");
+    let second = w.consumed("order 33 paid");
+    let k = key("pipeline-3");
+    let handle = w.txn_ack(&k, 0, "log", &[(0, first)]).unwrap();
+    // The begin again (its answer lost): the same transaction.
+    assert_eq!(w.txn_ack(&k, 0, "log", &[(0, first)]).unwrap(), handle);
+    assert_eq!(w.dispatcher.transactions().len(), 1);
+    // A begin of other messages, or of another group's, is not a repeat.
+    assert!(matches!(
+        w.txn_ack(&k, 0, "log", &[(0, first), (0, second)]),
+        Err(DispatchError::Transaction(TxnError::Conflict { .. }))
+    ));
+    // A later ack, twice: one claim.
+    assert_eq!(
+        w.txn_ack(&k, handle, "log", &[(0, second)]).unwrap(),
+        handle
+    );
+    assert_eq!(
+        w.txn_ack(&k, handle, "log", &[(0, second)]).unwrap(),
+        handle
+    );
+    assert_eq!(w.dispatcher.transactions()[0].acks, 2);
+    // Once it holds more than its begin, a begin is refused again.
+    assert!(matches!(
+        w.txn_ack(&k, 0, "log", &[(0, first)]),
+        Err(DispatchError::Transaction(TxnError::Conflict { .. }))
+    ));
+    w.produce(&k, handle, "orders", &["ship 32 and 33"])
+        .unwrap();
+    w.end(&k, handle, TxnOutcome::Commit).unwrap();
+    assert_eq!(
+        w.deliver(),
+        pairs(&[
+            ("billing", "ship 32 and 33"),
+            ("shipping", "ship 32 and 33")
+        ])
+    );
+    w.clock.advance_ms(120_000);
+    assert!(w.deliver_unacked().is_empty(), "both acked at the commit");
+}
+
 /// A message is acked by one open transaction at most, and a commit whose
 /// ack was overtaken by a plain ack is refused: so a committed
 /// transaction's output matches exactly one consumption.

@@ -342,6 +342,15 @@ impl Dispatcher {
     /// message stays in flight as before (its ack timeout still runs).
     /// `reply` gets the handle (and no records) once the ack record is
     /// durable.
+    ///
+    /// Sent again after a lost answer, it is answered as the first time
+    /// and stores nothing twice: messages this transaction acks already
+    /// are skipped, and a begin (`handle` 0) naming exactly the acks of the
+    /// open transaction of `key`, which holds nothing else, gets that
+    /// transaction's handle ([`retried_ack_begin`](Self::retried_ack_begin)).
+    /// Like the first answer, a repeated one may come before the ack
+    /// record is durable; the COMMIT, written after it in the half log,
+    /// is answered only once both are.
     pub fn txn_ack(
         &mut self,
         key: TxnKey,
@@ -350,6 +359,13 @@ impl Dispatcher {
         positions: Vec<(u32, u64)>,
         reply: TxnProduceReply,
     ) {
+        if let Some(open) = self.retried_ack_begin(&key, handle, member, &positions) {
+            reply(Ok(TxnProduced {
+                handle: open,
+                records: Vec::new(),
+            }));
+            return;
+        }
         let acks = match self.check_txn_acks(&key, handle, member, positions) {
             Ok(Some(acks)) => acks,
             Ok(None) => {
@@ -383,6 +399,39 @@ impl Dispatcher {
             self.claims.insert(claim, handle);
         }
         self.wait_half(info, handle, None, begins, Vec::new(), reply);
+    }
+
+    /// The handle of the open transaction of `key` if this TXN_ACK is its
+    /// begin sent again: `handle` 0, and the transaction holds one ack
+    /// entry, of exactly `positions` in `member`'s delivery state, and no
+    /// record. Any other begin of an open `key` is a second transaction
+    /// and stays refused (TransactionConflict).
+    fn retried_ack_begin(
+        &self,
+        key: &TxnKey,
+        handle: u64,
+        member: MemberId,
+        positions: &[(u32, u64)],
+    ) -> Option<u64> {
+        if handle != 0 {
+            return None;
+        }
+        let open = self.txns.handle_of(key)?;
+        let txn = self.txns.get(open)?;
+        let [acks] = txn.acks.as_slice() else {
+            return None;
+        };
+        if txn.stage != TxnStage::Open || txn.failed || !txn.records.is_empty() {
+            return None;
+        }
+        let state = &self.states[self.member_state(member).ok()?].key;
+        let mut asked = positions.to_vec();
+        asked.sort_unstable();
+        asked.dedup();
+        let same_state = acks.target.topic == state.topic
+            && acks.target.group == state.group
+            && acks.target.member == state.member;
+        (same_state && acks.positions == asked).then_some(open)
     }
 
     /// The acks a TXN_ACK adds (`None`: none, the transaction has them
