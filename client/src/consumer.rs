@@ -527,10 +527,11 @@ impl std::fmt::Debug for Settle {
 }
 
 impl ReceivedMessage {
-    /// The subscription id (on the live connection) and position to ack
-    /// this message with in a transaction (TXN_ACK), if it is not settled
-    /// yet and its subscription was not re-made since it was delivered.
-    pub(crate) fn transaction_position(&self) -> Result<(u64, MessagePosition)> {
+    /// The subscription (whose id on the live connection a TXN_ACK names)
+    /// and position to ack this message with in a transaction, if it is
+    /// not settled yet and its subscription was not re-made since it was
+    /// delivered.
+    pub(crate) fn transaction_position(&self) -> Result<(Arc<SubShared>, MessagePosition)> {
         if self.settle.handled.load(Ordering::Acquire) {
             return Err(ClientError::InvalidArgument(
                 "message already acked or nacked".into(),
@@ -544,7 +545,7 @@ impl ReceivedMessage {
             partition: self.partition,
             offset: self.offset,
         };
-        Ok((route.server_id, position))
+        Ok((Arc::clone(&self.settle.route), position))
     }
 
     /// Acked in a transaction: settled here (its push credit given back).

@@ -48,8 +48,10 @@
 //! out) is sent again, up to [`TRANSACTION_RETRIES`] times: the broker
 //! answers a number it has with the first answer and stores nothing
 //! twice. COMMIT and ROLLBACK are retried the same way (a repeated end
-//! gets the first answer).
+//! gets the first answer), and so is TXN_ACK (the broker skips messages
+//! the transaction acks already; see [`Transaction::ack`]).
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use dmq_protocol::{
@@ -59,7 +61,8 @@ use dmq_protocol::{
 use tokio::sync::mpsc;
 
 use crate::client::Client;
-use crate::consumer::ReceivedMessage;
+use crate::connection::await_reply;
+use crate::consumer::{ReceivedMessage, SubShared};
 use crate::error::{ClientError, Result};
 use crate::producer::{Message, SendReceipt};
 
@@ -175,27 +178,26 @@ impl Transaction {
     /// acked already, gets a conflict (`TransactionConflict`): roll back.
     /// Once this returns, the messages are settled here (their credit is
     /// given back); do not ack them again.
+    ///
+    /// A TXN_ACK whose answer is lost (the connection dropped, the request
+    /// timed out) is sent again, up to [`TRANSACTION_RETRIES`] times, under
+    /// the subscription's id on the new connection: the broker skips
+    /// messages the transaction acks already, and answers a repeated begin
+    /// with the transaction it began.
     pub async fn ack(&mut self, messages: &[&ReceivedMessage]) -> Result<()> {
-        let mut by_subscription: Vec<(u64, Vec<MessagePosition>)> = Vec::new();
+        let mut by_subscription: Vec<(Arc<SubShared>, Vec<MessagePosition>)> = Vec::new();
         for message in messages {
-            let (subscription_id, position) = message.transaction_position()?;
+            let (subscription, position) = message.transaction_position()?;
             match by_subscription
                 .iter_mut()
-                .find(|(id, _)| *id == subscription_id)
+                .find(|(known, _)| Arc::ptr_eq(known, &subscription))
             {
                 Some((_, positions)) => positions.push(position),
-                None => by_subscription.push((subscription_id, vec![position])),
+                None => by_subscription.push((subscription, vec![position])),
             }
         }
-        for (subscription_id, positions) in by_subscription {
-            let request = TxnAck {
-                producer_group: self.producer_group.clone(),
-                transaction_id: self.transaction_id.clone(),
-                handle: self.handle,
-                subscription_id,
-                messages: positions,
-            };
-            match self.client.request(Request::TxnAck(request)).await? {
+        for (subscription, positions) in by_subscription {
+            match self.txn_ack_retrying(&subscription, positions).await? {
                 Response::TxnAcked(acked) => self.handle = acked.handle,
                 other => {
                     return Err(ClientError::UnexpectedResponse {
@@ -209,6 +211,48 @@ impl Transaction {
             message.settled_in_transaction();
         }
         Ok(())
+    }
+
+    /// One TXN_ACK of `messages` received by `subscription`, sent again
+    /// after a transient failure. Each try names the subscription's id on
+    /// the connection it goes over: a reconnect re-subscribes before it
+    /// hands the new connection out.
+    async fn txn_ack_retrying(
+        &self,
+        subscription: &SubShared,
+        messages: Vec<MessagePosition>,
+    ) -> Result<Response> {
+        let shared = self.client.shared();
+        let (backoff, timeout) = (
+            shared.options.reconnect_backoff_initial,
+            shared.options.request_timeout,
+        );
+        let mut attempt = 0;
+        loop {
+            let result = match shared.conn().await {
+                Ok(conn) => {
+                    let request = TxnAck {
+                        producer_group: self.producer_group.clone(),
+                        transaction_id: self.transaction_id.clone(),
+                        handle: self.handle,
+                        subscription_id: subscription.server_id(),
+                        messages: messages.clone(),
+                    };
+                    match conn.start(Request::TxnAck(request), None).await {
+                        Ok(receiver) => await_reply(receiver, timeout).await,
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            };
+            match result {
+                Err(error) if error.is_transient() && attempt < TRANSACTION_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff * attempt).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// The handle the broker gave this transaction (0 before the first

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use dmq_client::protocol::{
     decode_frame, encode_frame, Body, Delivery, Frame, HelloOk, Leaders, MessageId,
     PartitionLeader, ProduceOk, ProducedRecord, Request, Response, Subscribed, TopicDescription,
-    TopicSummary, Topics, TxnEnded, TxnOutcome, TxnProduceOk, DEFAULT_MAX_FRAME_BYTES,
+    TopicSummary, Topics, TxnAcked, TxnEnded, TxnOutcome, TxnProduceOk, DEFAULT_MAX_FRAME_BYTES,
 };
 use dmq_client::{
     Client, ClientError, ClientOptions, ErrorCode, Message, ProducerOptions, SubscribeOptions,
@@ -750,6 +750,82 @@ async fn a_transaction_send_whose_answer_is_lost_is_sent_again_with_its_number()
     assert_eq!(handle, 42);
     assert_eq!(first[0].id, MessageId([1; 16]));
     assert_eq!(second[0].id, MessageId([2; 16]));
+}
+
+#[tokio::test]
+async fn a_transactional_ack_whose_answer_is_lost_is_sent_again_under_the_new_subscription() {
+    let mut server = FakeServer::start().await;
+    let client = Client::connect(server.addr(), options())
+        .await
+        .expect("connect");
+    let mut conn = server.accept().await;
+    let mut subscription = subscribed(&client, &mut conn).await;
+    conn.send(Frame::push(delivery(1, 7))).await;
+    let message = tokio::time::timeout(WAIT, subscription.recv())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("message");
+    let acker = client.clone();
+    let work = tokio::spawn(async move {
+        let mut txn = acker.transaction("shipping", "ship-7");
+        txn.ack(&[&message]).await?;
+        txn.commit().await?;
+        Ok::<_, ClientError>(txn.handle())
+    });
+    let acked = |frame: &Frame| match request(frame) {
+        Request::TxnAck(ack) => (
+            ack.handle,
+            ack.subscription_id,
+            ack.messages
+                .iter()
+                .map(|m| (m.partition, m.offset))
+                .collect::<Vec<_>>(),
+        ),
+        other => panic!("expected TXN_ACK, got {other:?}"),
+    };
+    // The begin is taken, then the connection drops: no answer.
+    let frame = conn.recv_skipping_credit().await;
+    assert_eq!(acked(&frame), (0, 1, vec![(0, 7)]));
+    drop(conn);
+    // The client re-subscribes (a new id), then sends the ack again
+    // under that id.
+    let mut conn = server.accept().await;
+    let frame = conn.recv().await;
+    assert!(
+        matches!(request(&frame), Request::Subscribe(_)),
+        "{frame:?}"
+    );
+    conn.reply(
+        frame.correlation_id,
+        Subscribed {
+            subscription_id: 9,
+            partitions: vec![0],
+        },
+    )
+    .await;
+    let frame = conn.recv_skipping_credit().await;
+    assert_eq!(acked(&frame), (0, 9, vec![(0, 7)]), "the same begin, again");
+    conn.reply(frame.correlation_id, TxnAcked { handle: 42 })
+        .await;
+    let frame = conn.recv_skipping_credit().await;
+    assert!(
+        matches!(request(&frame), Request::TxnEnd(end) if end.handle == 42),
+        "{frame:?}"
+    );
+    conn.reply(
+        frame.correlation_id,
+        TxnEnded {
+            outcome: TxnOutcome::Commit,
+        },
+    )
+    .await;
+    let handle = tokio::time::timeout(WAIT, work)
+        .await
+        .expect("in time")
+        .expect("join")
+        .expect("the transaction went through");
+    assert_eq!(handle, 42);
 }
 
 /// The next request, answering PARTITION_LEADERS (with `leaders`, node
