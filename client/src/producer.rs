@@ -697,7 +697,7 @@ impl Batcher {
         let (link, partition, order, stale) = match &mut self.routing {
             Some(routing) => {
                 let route = routing.route(&topic, partition, &batch.records).await;
-                if let Some(count) = routing.partitions(&topic) {
+                if let Some(count) = route.partitions_learned {
                     let mut state = lock(&self.shared.state);
                     if state.partitions_of.get(&topic) != Some(&count) {
                         state.partitions_of.insert(topic.clone(), count);

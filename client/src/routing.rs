@@ -86,6 +86,10 @@ pub(crate) struct Route {
     pub partition: Option<u32>,
     /// Counts the batch in flight on its route until dropped.
     pub order: Counted,
+    /// The topic's partition count, when this route's ask of the leaders
+    /// learned it (the first answer, or one with another count): keyed
+    /// records are placed by it from now on.
+    pub partitions_learned: Option<u32>,
 }
 
 /// The leaders of one topic, as last answered.
@@ -104,17 +108,33 @@ struct TopicRoutes {
     partitions: HashMap<u32, (String, InFlightCount)>,
 }
 
+impl TopicRoutes {
+    fn new() -> TopicRoutes {
+        TopicRoutes {
+            asked: None,
+            leaders: Vec::new(),
+            next_unkeyed: 0,
+            unrouted: new_count(),
+            partitions: HashMap::new(),
+        }
+    }
+}
+
 enum Link {
     Open(Client),
     /// Could not be opened; not tried again before this.
     Failed(Instant),
 }
 
+/// The producer's connections to other nodes, by client address.
+#[derive(Default)]
+struct Links(HashMap<String, Link>);
+
 /// A producer's routes and links (see the module docs).
 pub(crate) struct Routing {
     client: Client,
     topics: HashMap<String, TopicRoutes>,
-    links: HashMap<String, Link>,
+    links: Links,
     /// Set by a routed batch that failed: ask every topic's leaders again.
     stale: Arc<AtomicBool>,
 }
@@ -124,7 +144,7 @@ impl Routing {
         Routing {
             client,
             topics: HashMap::new(),
-            links: HashMap::new(),
+            links: Links::default(),
             stale: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -132,13 +152,6 @@ impl Routing {
     /// The flag a failed routed batch sets.
     pub(crate) fn stale_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.stale)
-    }
-
-    /// The partition count of `topic` if known (for placing keyed
-    /// records into per-partition batches).
-    pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
-        let routes = self.topics.get(topic)?;
-        (!routes.leaders.is_empty()).then_some(routes.leaders.len() as u32)
     }
 
     /// Chooses the route of one batch of `topic` whose partition is
@@ -155,34 +168,26 @@ impl Routing {
                 routes.asked = None;
             }
         }
-        let fresh = self
+        let routes = self
             .topics
-            .get(topic)
-            .and_then(|routes| routes.asked)
+            .entry(topic.to_string())
+            .or_insert_with(TopicRoutes::new);
+        let fresh = routes
+            .asked
             .is_some_and(|asked| asked.elapsed() < ROUTES_MAX_AGE);
+        let mut partitions_learned = None;
         if !fresh {
-            let leaders =
-                match tokio::time::timeout(ASK_TIMEOUT, self.client.partition_leaders(topic)).await
-                {
-                    Ok(Ok(leaders)) => leaders,
-                    _ => Vec::new(),
-                };
-            let routes = self
-                .topics
-                .entry(topic.to_string())
-                .or_insert_with(|| TopicRoutes {
-                    asked: None,
-                    leaders: Vec::new(),
-                    next_unkeyed: 0,
-                    unrouted: new_count(),
-                    partitions: HashMap::new(),
-                });
-            routes.asked = Some(Instant::now());
+            let asking = self.client.partition_leaders(topic);
+            let leaders = match tokio::time::timeout(ASK_TIMEOUT, asking).await {
+                Ok(Ok(leaders)) => leaders,
+                _ => Vec::new(),
+            };
+            if !leaders.is_empty() && leaders.len() != routes.leaders.len() {
+                partitions_learned = Some(leaders.len() as u32);
+            }
             routes.leaders = leaders;
+            routes.asked = Some(Instant::now());
         }
-        let Some(routes) = self.topics.get_mut(topic) else {
-            unreachable!("inserted above");
-        };
         let count = routes.leaders.len() as u32;
         let partition = match partition {
             Some(partition) => Some(partition),
@@ -206,16 +211,12 @@ impl Routing {
         let link = if address.is_empty() {
             None
         } else {
-            self.link(&address).await
+            self.links.open(&self.client, &self.stale, &address).await
         };
         let via = if link.is_some() {
             address
         } else {
             String::new()
-        };
-        // Routes borrowed again: `link` needed `self`.
-        let Some(routes) = self.topics.get_mut(topic) else {
-            unreachable!("inserted above");
         };
         let order = match partition {
             None => {
@@ -247,33 +248,37 @@ impl Routing {
             link,
             partition,
             order,
+            partitions_learned,
         }
     }
+}
 
-    /// A connected link to `address`, if one is or can be opened now.
-    async fn link(&mut self, address: &str) -> Option<Client> {
-        match self.links.get(address) {
+impl Links {
+    /// A connected link to `address`, if one is or can be opened now (with
+    /// `client`'s options); one reconnecting sets `stale`.
+    async fn open(&mut self, client: &Client, stale: &AtomicBool, address: &str) -> Option<Client> {
+        match self.0.get(address) {
             Some(Link::Open(client)) => {
                 if matches!(&*client.shared().state.borrow(), ConnState::Connected(_)) {
                     return Some(client.clone());
                 }
                 // Reconnecting (the node may be down): through our own
                 // node meanwhile, and ask who leads now.
-                self.stale.store(true, Ordering::Release);
+                stale.store(true, Ordering::Release);
                 return None;
             }
             Some(Link::Failed(until)) if Instant::now() < *until => return None,
             _ => {}
         }
-        let options = self.client.options().clone();
+        let options = client.options().clone();
         match tokio::time::timeout(ASK_TIMEOUT, Client::connect(address, options)).await {
             Ok(Ok(client)) => {
-                self.links
+                self.0
                     .insert(address.to_string(), Link::Open(client.clone()));
                 Some(client)
             }
             _ => {
-                self.links.insert(
+                self.0.insert(
                     address.to_string(),
                     Link::Failed(Instant::now() + LINK_RETRY_AFTER),
                 );
