@@ -1550,7 +1550,10 @@ impl Cluster {
         for &node in &taking {
             let everywhere = groups.iter().all(|(_, group)| {
                 let status = group.status();
-                let voter = status.voters.contains(&node) && !status.learners.contains(&node);
+                // Settled, not only listed: a voter of a joint membership,
+                // or of one the leader has not committed, would leave the
+                // group without a quorum if an old voter were lost now.
+                let voter = status.settled_voter(node);
                 // On the replaced node itself (leading the metadata group
                 // by now), a view it has from a leader: something applied,
                 // and a membership a leader changed unless the group never

@@ -619,6 +619,7 @@ impl<C: GroupTypes, S> GroupNode<C, S> {
             last_applied_index: metrics.last_applied.map(|id| id.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
+            joint: membership.get_joint_config().len() > 1,
             membership_index: metrics.membership_config.log_id().map(|id| id.index),
             matched: metrics.replication.map(|replication| {
                 replication
@@ -679,10 +680,14 @@ pub struct GroupStatus {
     pub last_log_index: Option<u64>,
     /// The last entry it applied.
     pub last_applied_index: Option<u64>,
-    /// The voters of its membership.
+    /// The voters of its membership (of both configurations while
+    /// `joint`).
     pub voters: BTreeSet<NodeId>,
     /// The learners of its membership.
     pub learners: BTreeSet<NodeId>,
+    /// The membership is a joint one: a change of voters is half done,
+    /// and a quorum of the old voters is needed as well as one of the new.
+    pub joint: bool,
     /// The log index of the entry that set its membership (0: the one a
     /// pristine member formed the group with; a leader's later change
     /// has a higher one).
@@ -691,6 +696,22 @@ pub struct GroupStatus {
     /// leader's (`None`: nothing yet). The leader's last log index minus
     /// this is the peer's lag, in entries.
     pub matched: Option<BTreeMap<NodeId, Option<u64>>>,
+}
+
+impl GroupStatus {
+    /// Whether `node` votes in a settled membership as this member sees
+    /// it: a voter, of a membership that is not joint and that this member
+    /// applied (so it is committed). Only then does the group survive the
+    /// loss of any minority of those voters: while a change from voters
+    /// {1, 2} to {1, 2, 3} is joint, or its last step is on the leader
+    /// alone, losing node 1 leaves nodes 2 and 3 without a quorum of the
+    /// old voters, and the group without a leader until node 1 is back.
+    pub fn settled_voter(&self, node: NodeId) -> bool {
+        self.voters.contains(&node)
+            && !self.learners.contains(&node)
+            && !self.joint
+            && self.last_applied_index >= self.membership_index
+    }
 }
 
 /// The rest of [`GroupNode::propose`]: waits for `first` (a proposal
@@ -1015,5 +1036,39 @@ impl PartitionNode {
     /// Records `[from, to)` of this replica's log.
     pub fn records(&self, from: u64, to: u64) -> Result<Vec<Record>, NodeError> {
         Ok(self.state.log().records(from, to)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(voters: &[NodeId], joint: bool, applied: u64, membership: u64) -> GroupStatus {
+        GroupStatus {
+            group: "p/orders/0".into(),
+            node_id: 1,
+            leader: Some(1),
+            term: 3,
+            last_log_index: Some(applied.max(membership)),
+            last_applied_index: Some(applied),
+            voters: voters.iter().copied().collect(),
+            learners: BTreeSet::new(),
+            joint,
+            membership_index: Some(membership),
+            matched: None,
+        }
+    }
+
+    #[test]
+    fn a_voter_is_settled_only_in_a_committed_membership_that_is_not_joint() {
+        // {1, 2} to {1, 2, 3}: node 3 is listed from the joint step on.
+        assert!(!status(&[1, 2, 3], true, 70, 65).settled_voter(3));
+        // The last step appended, not applied (not known committed).
+        assert!(!status(&[1, 2, 3], false, 65, 66).settled_voter(3));
+        assert!(status(&[1, 2, 3], false, 66, 66).settled_voter(3));
+        assert!(!status(&[1, 2], false, 66, 66).settled_voter(3));
+        let mut learner = status(&[1, 2], false, 66, 66);
+        learner.learners.insert(3);
+        assert!(!learner.settled_voter(3));
     }
 }
