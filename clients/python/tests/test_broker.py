@@ -13,6 +13,7 @@ from conftest import Broker, run, unique
 
 import dmq
 from dmq import BrokerError, ErrorCode, GroupSettings, Position
+from dmq.codec import key_partition
 
 
 async def drain(consumer: dmq.Consumer, count: int, timeout: float = 20.0) -> list[dmq.Message]:
@@ -281,6 +282,24 @@ def test_production_mode_refuses_a_wrong_secret_and_admits_the_right_one() -> No
         run(main())
     finally:
         production.cleanup()
+
+
+def test_the_broker_puts_a_key_where_key_partition_says(broker: Broker) -> None:
+    """The rule a routing producer places keys by (dmq.codec.key_partition)
+    is the broker's: 200 keyed records sent without a partition land on
+    the partition it computes."""
+
+    async def main() -> None:
+        topic = unique("keys")
+        async with dmq.Client(broker.address) as client:
+            await client.create_topic(topic, 7)
+            producer = client.producer()
+            keys = [f"customer-{i}" for i in range(200)]
+            futures = [producer.send(topic, b"x", key=key) for key in keys]
+            for key, future in zip(keys, futures):
+                assert (await future).partition == key_partition(key.encode(), 7), key
+
+    run(main())
 
 
 def test_pipelined_idempotent_batches_are_all_stored_in_order(broker: Broker) -> None:

@@ -2,22 +2,28 @@
 127.0.0.1, with dmqd's default ``consumer_lease = true``: one node (the
 metadata leader) serves every consumer of the cluster's topics, and a
 consumer whose client connected to another node is sent there
-(WrongNode) and follows by itself."""
+(WrongNode) and follows by itself. A producer sends each partition's
+batches to that partition's leader, so no node forwards them."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any, Optional
 
 from conftest import dmqd_path, free_port, run
 
 import dmq
 from dmq import BrokerError
+from dmq.codec import key_partition
 
 
 class Cluster:
@@ -68,6 +74,45 @@ class Cluster:
                     time.sleep(0.05)
         return self
 
+    def api(self, index: int, method: str, path: str, body: Optional[dict[str, Any]] = None) -> tuple[int, Any]:
+        """One call of node ``index``'s admin API (blocking): the status
+        and the JSON answer."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.nodes[index]['admin']}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+
+    def move_partition_leader(self, topic: str, partition: int, to: int) -> None:
+        """Hands the leadership of ``topic``'s ``partition`` to node ``to``
+        (``POST /api/cluster/transfer-leader`` through node 1) and waits
+        until node 1 sees it there."""
+        deadline = time.monotonic() + 30
+        while True:
+            code, answer = self.api(0, "POST", "/api/cluster/transfer-leader", {"group": f"p/{topic}/{partition}", "to": to})
+            _, status = self.api(0, "GET", "/api/cluster")
+            leaders = {(p["topic"], p["partition"]): p["raft"]["leader"] for p in status["partitions"]}
+            if code == 200 and leaders.get((topic, partition)) == to:
+                return
+            assert time.monotonic() < deadline, f"{topic}/{partition} to node {to}: {answer}"
+            time.sleep(0.2)
+
+    def forwarded_writes(self, topic: str) -> int:
+        """Produces of ``topic`` that any node forwarded to a partition's
+        leader (``forwarded_writes`` in ``GET /api/cluster``)."""
+        total = 0
+        for index in range(3):
+            code, status = self.api(index, "GET", "/api/cluster")
+            assert code == 200, status
+            total += sum(p["forwarded_writes"] for p in status["partitions"] if p["topic"] == topic)
+        return total
+
     def cleanup(self) -> None:
         for process in self.processes:
             process.terminate()
@@ -78,6 +123,28 @@ class Cluster:
                 process.kill()
                 process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def create_everywhere(cluster: Cluster, topic: str, partitions: int) -> None:
+    """Creates ``topic`` through node 1 once the cluster has formed, and
+    waits until every node knows it."""
+    async with dmq.Client(cluster.address(0), client_id="py-test") as setup:
+        # The cluster forms (elections) within moments of the start.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await setup.create_topic(topic, partitions)
+                break
+            except BrokerError:
+                assert time.monotonic() < deadline, "no topic within 30 s"
+                await asyncio.sleep(0.2)
+    # Every node learns the topic from the metadata group.
+    for index in range(3):
+        async with dmq.Client(cluster.address(index), client_id="py-test") as client:
+            deadline = time.monotonic() + 30
+            while topic not in [t.name for t in await client.list_topics()]:
+                assert time.monotonic() < deadline, f"node {index + 1} never knew the topic"
+                await asyncio.sleep(0.1)
 
 
 async def ack_each(consumer: dmq.Consumer, count: int, what: str) -> list[bytes]:
@@ -103,23 +170,7 @@ def test_consumers_at_every_node_of_a_cluster_are_served_by_the_one_that_serves(
     try:
 
         async def main() -> None:
-            async with dmq.Client(cluster.address(0), client_id="py-test") as setup:
-                # The cluster forms (elections) within moments of the start.
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        await setup.create_topic("orders", 2)
-                        break
-                    except BrokerError:
-                        assert time.monotonic() < deadline, "no topic within 30 s"
-                        await asyncio.sleep(0.2)
-            # Every node learns the topic from the metadata group.
-            for index in range(3):
-                async with dmq.Client(cluster.address(index), client_id="py-test") as client:
-                    deadline = time.monotonic() + 30
-                    while "orders" not in [t.name for t in await client.list_topics()]:
-                        assert time.monotonic() < deadline, f"node {index + 1} never knew the topic"
-                        await asyncio.sleep(0.1)
+            await create_everywhere(cluster, "orders", 2)
             async with dmq.Client(cluster.address(1), client_id="py-test") as client:
                 producer = client.producer()
                 sent = [await producer.send("orders", f"order {i}") for i in range(30)]
@@ -152,5 +203,68 @@ def test_consumers_at_every_node_of_a_cluster_are_served_by_the_one_that_serves(
                         assert again == expected
 
         run(main(), timeout=120)
+    finally:
+        cluster.cleanup()
+
+
+def test_a_producer_sends_each_partition_to_its_leader() -> None:
+    """As broker/tests/cluster.rs's test of that name: each of three
+    partitions' leadership moved to a different node, PARTITION_LEADERS
+    through node 1 names each leader and its address; a producer with
+    ``route_to_leaders=False`` sends through node 1, which forwards what
+    the others lead (and the broker puts keys where key_partition says);
+    with it on (the default), keyed, unkeyed and pipelined sends after the
+    first batch (sent before the leaders are known) are forwarded by no
+    node, keys land by the same rule, and a group gets every message."""
+    cluster = Cluster().start()
+    try:
+
+        async def main() -> None:
+            await create_everywhere(cluster, "routed", 3)
+            for partition in range(3):
+                await asyncio.to_thread(cluster.move_partition_leader, "routed", partition, partition + 1)
+            sent: list[dmq.Receipt] = []
+            async with dmq.Client(cluster.address(0), client_id="py-test") as client:
+                leaders = await client.partition_leaders("routed")
+                assert [(p.partition, p.node_id, p.address) for p in leaders] == [
+                    (i, i + 1, cluster.address(i)) for i in range(3)
+                ], leaders
+
+                # Routing off: node 1 forwards what nodes 2 and 3 lead.
+                before = await asyncio.to_thread(cluster.forwarded_writes, "routed")
+                async with client.producer(route_to_leaders=False) as unrouted:
+                    for i in range(30):
+                        key = f"k{i}"
+                        receipt = await unrouted.send("routed", f"u{i}", key=key)
+                        assert receipt.partition == key_partition(key.encode(), 3), key
+                        sent.append(receipt)
+                assert await asyncio.to_thread(cluster.forwarded_writes, "routed") > before, "nothing forwarded"
+
+                # Routing on: after the first batch, nothing is forwarded.
+                async with client.producer() as producer:
+                    sent.append(await producer.send("routed", "first", key="k0"))
+                    before = await asyncio.to_thread(cluster.forwarded_writes, "routed")
+                    for i in range(60):
+                        key = f"k{i}"
+                        receipt = await producer.send("routed", f"r{i}", key=key)
+                        assert receipt.partition == key_partition(key.encode(), 3), key
+                        sent.append(receipt)
+                    for i in range(30):
+                        sent.append(await producer.send("routed", f"n{i}"))
+                    # Many batches in flight at once, on three connections.
+                    futures = [producer.send("routed", f"p{i}", key=f"k{i % 11}") for i in range(600)]
+                    for i, future in enumerate(futures):
+                        receipt = await future
+                        assert receipt.partition == key_partition(f"k{i % 11}".encode(), 3)
+                        sent.append(receipt)
+                    assert {r.partition for r in sent} == {0, 1, 2}
+                assert await asyncio.to_thread(cluster.forwarded_writes, "routed") == before, "forwarded"
+            expected = sorted(r.message_id for r in sent)
+            assert len(set(expected)) == 721
+            async with dmq.Client(cluster.address(0), client_id="py-test") as client:
+                async with client.consumer("routed", "everything") as consumer:
+                    assert await ack_each(consumer, len(expected), "routed") == expected
+
+        run(main(), timeout=180)
     finally:
         cluster.cleanup()

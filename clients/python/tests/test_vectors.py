@@ -19,6 +19,8 @@ from dmq.codec import (
     TxnProduceSeq,
     decode_frame,
     encode_frame,
+    key_hash,
+    key_partition,
 )
 
 VECTORS = json.loads((REPO / "protocol" / "tests" / "vectors.json").read_text())["examples"]
@@ -65,3 +67,15 @@ def test_examples_mean_what_the_spec_says() -> None:
         PartitionLeader(0, 2, "10.0.0.2:6380"),
         PartitionLeader(1, 0, ""),
     ]
+
+
+def test_the_partition_of_a_key_is_fnv1a_64_modulo_the_partitions() -> None:
+    """PROTOCOL.md 6.38, with the published FNV-1a 64 test values that
+    dmq_protocol::key_hash's tests check too; test_broker.py ties it to
+    where the broker puts keys."""
+    assert key_hash(b"") == 0xCBF29CE484222325
+    assert key_hash(b"a") == 0xAF63DC4C8601EC8C
+    assert key_hash(b"foobar") == 0x85944171F73967E8
+    assert key_partition(b"a", 1) == 0
+    assert key_partition(b"a", 0) == 0
+    assert key_partition(b"a", 7) == 0xAF63DC4C8601EC8C % 7

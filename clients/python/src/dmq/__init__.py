@@ -9,6 +9,8 @@ Standard library only. Modules, each owning one job:
 - :mod:`dmq.client`: :class:`Client`, reconnect with backoff.
 - :mod:`dmq.admin`: topics, groups, seek, deletion.
 - :mod:`dmq.producer`: :class:`Producer`, batching, pipelining, idempotence.
+- :mod:`dmq.routing`: a producer's batches to their partitions' leaders
+  on a cluster (PARTITION_LEADERS), one connection per other node.
 - :mod:`dmq.consumer`: :class:`Consumer`, credit, FETCH, batched acks.
 - :mod:`dmq.transaction`: :class:`Transaction`, check-backs, fencing.
 - :mod:`dmq.sync`: :class:`SyncClient`, a blocking wrapper.

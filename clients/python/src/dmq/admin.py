@@ -82,7 +82,7 @@ class AdminCalls:
         """PARTITION_LEADERS → LEADERS: which node leads each partition of
         ``topic``, partition 0 first. A hint (it goes stale when leadership
         moves); ``node_id`` 0 / an empty ``address`` means "send to the node
-        asked". The client does not route by it."""
+        asked". The producer routes its batches by it (:mod:`dmq.routing`)."""
         return list(_expect(await self.request(PartitionLeaders(topic)), Leaders).partitions)
 
     async def list_groups(self, topic: str) -> list[GroupSummary]:

@@ -108,6 +108,9 @@ class Client(AdminCalls):
         #: Check-back listeners by producer group; each check goes to the
         #: first, which then moves to the back (round robin).
         self._check_listeners: dict[str, list[TransactionChecks]] = {}
+        #: Clients that producers opened to other nodes of this client's
+        #: cluster (:mod:`dmq.routing`), closed with this one.
+        self._links: set[Client] = set()
 
     @property
     def host(self) -> str:
@@ -140,6 +143,16 @@ class Client(AdminCalls):
         """The largest record the broker accepts (HELLO_OK's limit − 1024)."""
         limit = self._conn.hello.max_frame_bytes if self._conn and self._conn.hello else DEFAULT_MAX_FRAME_BYTES
         return max(limit - 1024, 0)
+
+    @property
+    def node_id(self) -> Optional[int]:
+        """The node id HELLO_OK named as ``broker_id`` if the broker
+        connected to is a cluster node; None for a single broker (it says
+        ``dmqd``) or while not connected."""
+        hello = self._conn.hello if self._conn is not None and not self._conn.closed else None
+        if hello is None or not (hello.broker_id.isascii() and hello.broker_id.isdigit()):
+            return None
+        return int(hello.broker_id)
 
     @property
     def frame_limit(self) -> int:
@@ -369,7 +382,8 @@ class Client(AdminCalls):
             self._conn.abort(ConnectionClosedError("connection dropped by the client"))
 
     async def close(self) -> None:
-        """Closes the connection; pending requests fail."""
+        """Closes the connection, and the connections its producers opened
+        to other nodes; pending requests fail."""
         self._closed = True
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
@@ -378,3 +392,6 @@ class Client(AdminCalls):
         for listeners in list(self._check_listeners.values()):
             for checks in list(listeners):
                 checks.close()
+        links, self._links = self._links, set()
+        for link in links:
+            await link.close()

@@ -11,6 +11,9 @@ maximum frame size all raise :class:`~dmq.errors.ProtocolError`.
 
 The producer's hot path does not build :class:`Record` objects: it uses
 :func:`encode_record` and :func:`produce_frame` on pre-encoded records.
+:func:`key_partition` is the broker's partition of a keyed record (6.38),
+part of the wire contract so that a producer routing a key to its
+partition's leader puts it where the broker would.
 """
 
 from __future__ import annotations
@@ -1345,6 +1348,27 @@ class Leaders(Body):
     @classmethod
     def decode(cls, r: Reader) -> Leaders:
         return cls([PartitionLeader(r.u32(), r.u64(), r.string()) for _ in range(r.count(14))])
+
+
+_FNV_OFFSET_BASIS = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_U64_MASK = 0xFFFFFFFFFFFFFFFF
+
+
+def key_hash(key: bytes) -> int:
+    """64-bit FNV-1a over ``key`` (6.38, "The partition of a key"; the
+    broker's key hash bit for bit)."""
+    h = _FNV_OFFSET_BASIS
+    for byte in key:
+        h = ((h ^ byte) * _FNV_PRIME) & _U64_MASK
+    return h
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition, of a topic of ``partitions`` (0 is taken as 1), that
+    the broker gives a record with ``key`` and no explicit partition
+    (``dmq_protocol::key_partition``)."""
+    return key_hash(key) % max(partitions, 1)
 
 
 @dataclass

@@ -23,6 +23,18 @@ topic and producer, so a retried batch older than ones stored later
 (pipelining) is answered too; one older than those gets
 OutOfOrderSequence (21): the broker cannot tell whether it was stored, and
 its futures fail with that error.
+
+On a cluster (HELLO_OK's ``broker_id`` is a node id) and with
+``route_to_leaders`` (the default), each batch's first try goes to its
+partition's leader (:mod:`dmq.routing`): a keyed record joins its
+partition's batch (:func:`~dmq.codec.key_partition`, the broker's rule)
+once the topic's partition count is known, and an unkeyed batch takes a
+partition round robin, as the broker would give it. Batches are routed one
+at a time in the order they were closed, before the FIFO lock; a batch
+whose partition's route moved waits until the batches in flight on the
+old route are answered. A batch whose first try failed is retried through
+the client's own node (which forwards it) and makes the producer ask the
+leaders again. On a single broker nothing changes.
 """
 
 from __future__ import annotations
@@ -34,7 +46,8 @@ import struct
 from typing import Any, Generator, NamedTuple, Optional, Union
 
 from .client import Client
-from .codec import Header, decode_produce_ok, encode_record, produce_frame, record_size, set_correlation_id
+from .codec import Header, decode_produce_ok, encode_record, key_partition, produce_frame, record_size, set_correlation_id
+from .connection import Connection
 from .errors import (
     ClientClosedError,
     DmqError,
@@ -43,6 +56,7 @@ from .errors import (
     RecordTooLarge,
     RequestTimeoutError,
 )
+from .routing import Route, Routing
 
 _U32 = struct.Struct("<I").pack
 _FRAME_HEADROOM_BYTES = 4096
@@ -141,7 +155,7 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 class _Batch:
-    __slots__ = ("topic", "partition", "records", "size", "future", "timer")
+    __slots__ = ("topic", "partition", "records", "size", "future", "timer", "keyed")
 
     def __init__(self, topic: str, partition: Optional[int], future: asyncio.Future[list[Any]]) -> None:
         self.topic = topic
@@ -150,6 +164,9 @@ class _Batch:
         self.size = 0
         self.future = future
         self.timer: Optional[asyncio.Handle] = None
+        #: Holds a keyed record (a batch without a partition then goes to
+        #: the client's own node when routed).
+        self.keyed = False
 
 
 class Producer:
@@ -166,6 +183,7 @@ class Producer:
         idempotent: bool = True,
         max_retries: int = 5,
         producer_id: Optional[int] = None,
+        route_to_leaders: bool = True,
     ) -> None:
         self._client = client
         self._loop = asyncio.get_running_loop()
@@ -187,6 +205,18 @@ class Producer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self.route_to_leaders = route_to_leaders
+        #: On a cluster: the routes and links (created at the first batch,
+        #: once HELLO_OK said whether the broker is a cluster node).
+        self._routing: Optional[Routing] = None
+        #: False once the broker turned out to be a single broker.
+        self._may_route = route_to_leaders
+        #: Batches are routed one at a time, in the order they were closed.
+        self._route_order = asyncio.Lock()
+        #: On a cluster, the partition count of each topic whose leaders are
+        #: known: a keyed record goes into its partition's batch. Empty on a
+        #: single broker.
+        self._partitions_of: dict[str, int] = {}
 
     async def __aenter__(self) -> Producer:
         return self
@@ -232,6 +262,10 @@ class Producer:
                 self._too_large(size)
             tag, when = _delivery_time(delay, deliver_at)
             record = encode_record(value, key_bytes, header_list, tag, when, None if ttl is None else _ms(ttl))
+            if key_bytes is not None and partition is None and self._partitions_of:
+                count = self._partitions_of.get(topic)
+                if count:
+                    partition = key_partition(key_bytes, count)
         batch_key = (topic, partition)
         batch = self._open.get(batch_key)
         size = len(record)
@@ -250,6 +284,8 @@ class Producer:
         index = len(batch.records)
         batch.records.append(record)
         batch.size += size
+        if key is not None:
+            batch.keyed = True
         self._pending += 1
         self._idle.clear()
         if index + 1 >= self.max_batch_messages or batch.size >= self.max_batch_bytes:
@@ -281,18 +317,29 @@ class Producer:
         if self.idempotent:
             sequence = (self.producer_id, self._next_sequence)
             self._next_sequence += 1
-        frame = produce_frame(0, batch.topic, batch.partition, sequence, batch.records, batch.size)
-        count = len(batch.records)
-        batch.records = []
-        task = self._loop.create_task(self._run(batch, frame, count))
+        task = self._loop.create_task(self._run(batch, sequence))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: _Batch, frame: bytearray, count: int) -> None:
+    async def _run(self, batch: _Batch, sequence: Optional[tuple[int, int]]) -> None:
         attempt = 0
+        count = len(batch.records)
+        route: Optional[Route] = None
         result: Union[list[Any], BaseException]
         try:
-            result = await self._attempt(frame, count)
+            partition = batch.partition
+            if self.route_to_leaders:
+                route = await self._route(batch)
+                if route is not None:
+                    partition = route.partition
+            frame = produce_frame(0, batch.topic, partition, sequence, batch.records, batch.size)
+            batch.records = []
+            # The first try goes to the partition's leader if routed; retries
+            # go through the client's own node (which fails over between
+            # its addresses, and forwards).
+            result = await self._attempt(frame, count, None if route is None else route.conn)
+            if route is not None and isinstance(result, BaseException) and self._routing is not None:
+                self._routing.stale = True
             while isinstance(result, DmqError) and result.transient and self.idempotent and attempt < self.max_retries and not self._closed_hard():
                 attempt += 1
                 async with self._retry_gate:
@@ -305,6 +352,8 @@ class Producer:
                         )
         except BaseException as error:  # noqa: BLE001 - reported through the batch's future
             result = error
+        if route is not None:
+            route.order.done()
         if isinstance(result, BaseException):
             batch.future.set_exception(result)
         else:
@@ -323,15 +372,52 @@ class Producer:
     def _closed_hard(self) -> bool:
         return self._client._closed
 
-    async def _attempt(self, frame: bytearray, count: int) -> Union[list[Any], BaseException]:
-        """One try: the decoded results, or the error (not raised)."""
+    async def _route(self, batch: _Batch) -> Optional[Route]:
+        """Where the batch's first try goes on a cluster (:mod:`dmq.routing`),
+        after the batches closed before it were routed; None: through the
+        client's own node, as on a single broker."""
+        # Every batch takes the lock when routing is asked for, also once
+        # the broker turned out to be a single broker (then it is free at
+        # once): a batch that skipped it could overtake one still queued.
+        async with self._route_order:
+            routing = self._routing
+            if routing is None:
+                if not self._may_route:
+                    return None
+                try:
+                    await self._client.connection()
+                except DmqError:
+                    return None  # the try fails the usual way; decided later
+                if self._client.node_id is None:
+                    self._may_route = False  # a single broker ("dmqd")
+                    return None
+                routing = self._routing = Routing(self._client)
+            route = await routing.route(batch.topic, batch.partition, batch.keyed)
+            self._learn_partitions(batch.topic, routing.partitions(batch.topic))
+            return route
+
+    def _learn_partitions(self, topic: str, count: Optional[int]) -> None:
+        if count is None or self._partitions_of.get(topic) == count:
+            return
+        self._partitions_of[topic] = count
+        # Keyed records joined the topic's unplaced batch until now and
+        # join their partition's from now on: the unplaced one goes out
+        # first, so that a key's later record cannot leave before it.
+        unplaced = self._open.get((topic, None))
+        if unplaced is not None:
+            self._close(unplaced)
+
+    async def _attempt(self, frame: bytearray, count: int, link: Optional[Connection] = None) -> Union[list[Any], BaseException]:
+        """One try, on ``link`` (a connection to the partition's leader) or
+        the client's own connection: the decoded results, or the error (not
+        raised)."""
         try:
             # Frames go out in the order their sequences were given (FIFO
             # lock): a sender woken late from drain() must not be overtaken
             # by a later batch, or the broker refuses the earlier one as
             # OutOfOrderSequence.
             async with self._send_order:
-                conn = await self._client.connection()
+                conn = link if link is not None else await self._client.connection()
                 correlation_id = conn.next_correlation_id()
                 set_correlation_id(frame, correlation_id)
                 await conn.drain()
@@ -376,9 +462,12 @@ class Producer:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
 
     async def close(self) -> None:
-        """Flushes, then refuses further sends."""
+        """Flushes, then refuses further sends and closes the connections
+        opened to partition leaders."""
         await self.flush()
         self._closed = True
+        if self._routing is not None:
+            await self._routing.close()
 
     # Convenience -------------------------------------------------------------------
 
