@@ -17,7 +17,7 @@ times: the broker answers a number it has with the first answer and
 stores nothing twice. A send that still fails with a transient error may
 be called again with the same arguments (it keeps its number). Commit
 and rollback are retried the same way (a repeated end gets the first
-answer).
+answer), and so is a transactional ack (:meth:`Transaction.ack`).
 
 Atomic consume-and-produce::
 
@@ -158,7 +158,14 @@ class Transaction:
         received on its current connection, and not be settled yet. A
         message another open transaction acks, or one acked already, raises
         TransactionConflict (25): roll back. Once this returns the messages
-        are settled (do not ack them again)."""
+        are settled (do not ack them again).
+
+        A TXN_ACK whose answer was lost (the connection dropped, the request
+        timed out) is sent again, up to :data:`TRANSACTION_RETRIES` times,
+        under the consumer's subscription on the new connection (it
+        subscribes again first): the broker skips messages the transaction
+        acks already and answers a repeated begin with the transaction it
+        began (PROTOCOL.md 6.35)."""
         by_consumer: dict[int, tuple[Consumer, list[Message]]] = {}
         for message in messages:
             consumer = message._consumer
@@ -170,18 +177,36 @@ class Transaction:
                 raise StaleDeliveryError("the message was received on a connection since lost; the broker redelivers it")
             by_consumer.setdefault(id(consumer), (consumer, []))[1].append(message)
         for consumer, batch in by_consumer.values():
-            subscription_id = consumer._subscription_id
-            if subscription_id is None:
-                raise DmqError("the consumer is closed")
             positions = [MessagePosition(m.partition, m.offset) for m in batch]
-            body = await self._client.request(
-                TxnAck(self.producer_group, self.transaction_id, self.handle, subscription_id, positions)
-            )
+            body = await self._ack_retrying(consumer, positions)
             if not isinstance(body, TxnAcked):
                 raise ProtocolError(f"expected TXN_ACKED, got {type(body).__name__}")
             self.handle = body.handle
             for message in batch:
                 consumer._settled_in_transaction(message)
+
+    async def _ack_retrying(self, consumer: Consumer, positions: list[MessagePosition]) -> Any:
+        """One TXN_ACK of ``positions`` received by ``consumer``, sent again
+        after a transient failure, each time under the consumer's
+        subscription id on the live connection."""
+        attempt = 0
+        while True:
+            subscription_id = consumer._subscription_id
+            if subscription_id is None:
+                raise DmqError("the consumer is closed")
+            try:
+                return await self._client.request(
+                    TxnAck(self.producer_group, self.transaction_id, self.handle, subscription_id, positions)
+                )
+            except DmqError as error:
+                if not error.transient or attempt >= TRANSACTION_RETRIES:
+                    raise
+            attempt += 1
+            await asyncio.sleep(self._client.reconnect_backoff_initial * attempt)
+            # A lost connection took the subscription with it: subscribe
+            # again (its messages of the old connection are dropped; the
+            # broker delivers them again) before naming it.
+            await consumer._ensure_subscribed()
 
     async def commit(self) -> None:
         """Commits: once this returns every message sent is delivered to
