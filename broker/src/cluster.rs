@@ -156,6 +156,11 @@ pub struct PeerStatus {
     /// It was added (`dmq cluster add-node`) and is not yet a voter of
     /// every group.
     pub joining: bool,
+    /// It is being replaced (`dmq cluster replace-node`, its disk lost)
+    /// and is not yet a voter of every group, in a settled membership:
+    /// until then some groups have only the other voters, and the loss of
+    /// one more node can stop them.
+    pub replacing: bool,
 }
 
 /// One replica on this node.
@@ -258,6 +263,8 @@ impl ClusterStatus {
                 "removed"
             } else if peer.joining {
                 "joining"
+            } else if peer.replacing {
+                "replacing"
             } else {
                 "member"
             };
@@ -270,7 +277,8 @@ impl ClusterStatus {
         registry.register(
             "peer",
             "Each node of the cluster known here, 1 in its state: member, joining (added, not \
-             yet a voter of every group) or removed",
+             yet a voter of every group), replacing (its disk lost, not yet a voter of every \
+             group again) or removed",
             peer_state,
         );
         let mut text = String::new();
@@ -1762,6 +1770,7 @@ impl Cluster {
         let state = self.metadata.state_machine();
         let removed = state.nodes_removed();
         let joining = state.nodes_joining();
+        let replacing = state.nodes_replacing();
         let mut peers: BTreeMap<u64, (String, String)> = state
             .nodes_added()
             .into_iter()
@@ -1780,6 +1789,7 @@ impl Cluster {
                     client,
                     removed: removed.contains(&id),
                     joining: joining.contains(&id),
+                    replacing: replacing.contains(&id),
                 })
                 .collect(),
             metadata: self.metadata.status(),

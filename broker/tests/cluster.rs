@@ -212,6 +212,14 @@ async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
             && groups.contains(&"p/orders/1"),
         "{body}"
     );
+    fn replacing(status: &serde_json::Value) -> bool {
+        status["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|peer| peer["id"] == 3 && peer["replacing"] == true)
+    }
+    wait_for_view(&nodes[1], &nodes, "node 3 shown being replaced", replacing).await;
     nodes[2].start(&configs[2]);
     let third = connect(&nodes[2]).await;
     wait_for_topic(&third, "orders").await;
@@ -231,6 +239,10 @@ async fn a_node_whose_disk_was_lost_is_replaced_under_its_id_and_votes_again() {
                 .unwrap()
                 .iter()
                 .all(|p| voter(&p["raft"]))
+    })
+    .await;
+    wait_for_view(&nodes[0], &nodes, "node 3's replacement over", |status| {
+        !replacing(status)
     })
     .await;
 

@@ -245,7 +245,12 @@ pub fn render_status(answer: &Value) -> String {
             format!(" ({flag}: node {})", ids.join(", node "))
         }
     };
-    let removed = format!("{}{}", peers_that("joining"), peers_that("removed"));
+    let removed = format!(
+        "{}{}{}",
+        peers_that("joining"),
+        peers_that("replacing"),
+        peers_that("removed")
+    );
     format!(
         "node {}{serves}{removed}\n{}",
         cell(&answer["node_id"]),
@@ -295,8 +300,9 @@ mod tests {
         let mut removed = answer.clone();
         removed["peers"] = serde_json::json!([
             {"id": 1, "removed": false}, {"id": 3, "removed": true},
-            {"id": 4, "joining": true}
+            {"id": 4, "joining": true}, {"id": 5, "replacing": true}
         ]);
-        assert!(render_status(&removed).starts_with("node 2 (joining: node 4) (removed: node 3)\n"));
+        assert!(render_status(&removed)
+            .starts_with("node 2 (joining: node 4) (replacing: node 5) (removed: node 3)\n"));
     }
 }
