@@ -829,12 +829,16 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
     if std::env::var_os("DMQ_CLUSTER_DAMAGE").is_some() {
         kinds.push("damage");
     }
-    // By hand, `DMQ_CLUSTER_OPERATIONS=1` adds two operations: a random
+    // By hand, `DMQ_CLUSTER_OPERATIONS=1` adds three operations: a random
     // group's leadership moved to the node (`transfer-leader`, asked
-    // through a random node), and a clean stop (SIGTERM: the node hands
-    // its leaderships over first) and restart.
+    // through a random node), a clean stop (SIGTERM: the node hands its
+    // leaderships over first) and restart, and a lost disk: SIGKILL, the
+    // data directory deleted, `replace` through another node, the node
+    // started empty, and the next episode only once no node is shown
+    // `replacing` (until then some groups have two voters: a second loss
+    // would stop them, as Raft must).
     if std::env::var_os("DMQ_CLUSTER_OPERATIONS").is_some() {
-        kinds.extend(["transfer", "stop"]);
+        kinds.extend(["transfer", "stop", "replace"]);
     }
     for episode in 0..episodes {
         let target = match (rng.below(2), metadata_leader(&nodes, Duration::ZERO).await) {
@@ -913,6 +917,47 @@ async fn acknowledged_messages_survive_kills_pauses_partitions_and_slow_links() 
                 .await;
                 println!("transfer to node {id}: {moved}");
                 tokio::time::sleep(lasting).await;
+            }
+            "replace" => {
+                nodes[target].kill();
+                std::fs::remove_dir_all(nodes[target].dir.join("data")).unwrap();
+                let through = (target + 1 + rng.below(2) as usize) % 3;
+                let api = Api::new(nodes[through].admin, None);
+                let replaced = Instant::now();
+                loop {
+                    let asked = api.clone();
+                    let path = format!("/api/cluster/nodes/{id}/replace");
+                    let (code, answer) = http(move || asked.call("POST", &path, None)).await;
+                    if code == 200 {
+                        break;
+                    }
+                    assert!(
+                        replaced.elapsed() < Duration::from_secs(60),
+                        "replace node {id}: {code} {answer}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                tokio::time::sleep(lasting).await;
+                nodes[target].start(&configs[target]);
+                connect(&nodes[target]).await;
+                loop {
+                    let asked = api.clone();
+                    let (code, status) =
+                        http(move || asked.call("GET", "/api/cluster", None)).await;
+                    let over = code == 200
+                        && status["peers"]
+                            .as_array()
+                            .is_some_and(|peers| peers.iter().all(|p| p["replacing"] == false));
+                    if over {
+                        break;
+                    }
+                    assert!(
+                        replaced.elapsed() < Duration::from_secs(120),
+                        "node {id}'s replacement not over: {status}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                println!("node {id} replaced in {:?}", replaced.elapsed());
             }
             "stop" => {
                 nodes[target].stop();
