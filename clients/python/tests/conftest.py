@@ -1,6 +1,9 @@
 """Test harness: starts a real ``dmqd`` on free 127.0.0.1 ports with a
 temporary data directory, and stops it at the end.
 
+Fake servers (``read_request``, ``start_fake``) read what a client sends
+and answer as a test scripts it.
+
 The binary is ``$DMQ_DMQD``, else ``$CARGO_TARGET_DIR/debug/dmqd``, else
 ``<repo>/target/debug/dmqd``. Without one the broker tests fail (they
 never skip): build it with ``cargo build -p dmq-broker --bin dmqd``.
@@ -12,13 +15,16 @@ import asyncio
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Coroutine, Iterator, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Iterator, Optional, TypeVar
 
 import pytest
+
+from dmq.codec import Frame, decode_frame
 
 REPO = Path(__file__).resolve().parents[3]
 T = TypeVar("T")
@@ -132,3 +138,22 @@ def unique(prefix: str) -> str:
     global _counter
     _counter += 1
     return f"{prefix}-{os.getpid()}-{_counter}"
+
+
+async def read_request(reader: asyncio.StreamReader) -> Frame:
+    """The next frame a client sent to a fake server (raises
+    IncompleteReadError once it hung up)."""
+    header = await reader.readexactly(4)
+    data = header + await reader.readexactly(struct.unpack("<I", header)[0])
+    decoded = decode_frame(data)
+    assert decoded is not None
+    return decoded[0]
+
+
+async def start_fake(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.Server, str]:
+    """A fake server on a free 127.0.0.1 port calling ``handle`` per
+    connection, and its address."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"

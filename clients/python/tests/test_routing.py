@@ -8,11 +8,10 @@ retried through the own node. On a single broker nothing is asked."""
 from __future__ import annotations
 
 import asyncio
-import struct
 from typing import Optional
 
 import pytest
-from conftest import run
+from conftest import read_request, run, start_fake
 
 import dmq
 import dmq.routing
@@ -26,7 +25,6 @@ from dmq.codec import (
     Produce,
     Produced,
     ProduceOk,
-    decode_frame,
     encode_frame,
     key_partition,
 )
@@ -61,19 +59,14 @@ class FakeNode:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> asyncio.Server:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        server, self.address = await start_fake(self._handle)
         return server
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             while True:
-                header = await reader.readexactly(4)
-                data = header + await reader.readexactly(struct.unpack("<I", header)[0])
-                decoded = decode_frame(data)
-                assert decoded is not None
-                frame = decoded[0]
+                frame = await read_request(reader)
                 cid = frame.correlation_id
                 if frame.opcode == Opcode.HELLO:
                     writer.write(encode_frame(Frame(Opcode.HELLO_OK, cid, HelloOk(1, 1 << 24, self.broker_id))))

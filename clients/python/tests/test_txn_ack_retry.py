@@ -7,9 +7,8 @@ then commits with the handle it was answered."""
 from __future__ import annotations
 
 import asyncio
-import struct
 
-from conftest import run
+from conftest import read_request, run, start_fake
 
 import dmq
 from dmq.codec import (
@@ -24,7 +23,6 @@ from dmq.codec import (
     TxnAcked,
     TxnEnd,
     TxnEnded,
-    decode_frame,
     encode_frame,
 )
 
@@ -42,19 +40,14 @@ class FakeBroker:
         self.address = ""
 
     async def start(self) -> asyncio.Server:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        server, self.address = await start_fake(self._handle)
         return server
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             while True:
-                header = await reader.readexactly(4)
-                data = header + await reader.readexactly(struct.unpack("<I", header)[0])
-                decoded = decode_frame(data)
-                assert decoded is not None
-                frame = decoded[0]
+                frame = await read_request(reader)
                 cid = frame.correlation_id
                 if frame.opcode == Opcode.HELLO:
                     writer.write(encode_frame(Frame(Opcode.HELLO_OK, cid, HelloOk(1, 1 << 24, "dmqd"))))
