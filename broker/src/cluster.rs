@@ -1595,6 +1595,26 @@ impl Cluster {
         }
     }
 
+    /// Whether the metadata group holds cluster topic `topic` (not being
+    /// deleted), as this node knows it once caught up with the group (a
+    /// read index at its leader; false if that fails or takes over
+    /// `TOPIC_ARRIVAL_WAIT`): a topic created
+    /// through another node and not yet applied here is known.
+    pub async fn topic_known_to_the_cluster(&self, topic: &str) -> bool {
+        let known = |metadata: &dmq_replication::MetadataNode| {
+            metadata.topics_applied_here().contains_key(topic)
+                && !metadata.topics_being_deleted_here().contains_key(topic)
+        };
+        if known(&self.metadata) {
+            return true;
+        }
+        // Bounded: an unknown topic during an election is answered as
+        // unknown in seconds, not after a whole write timeout.
+        let caught_up =
+            tokio::time::timeout(crate::engine::TOPIC_ARRIVAL_WAIT, self.metadata.catch_up()).await;
+        matches!(caught_up, Ok(Ok(()))) && known(&self.metadata)
+    }
+
     /// Whether `topic` is a cluster topic (its partitions replicated).
     pub fn is_cluster_topic(&self, topic: &str) -> bool {
         self.storage.is_replicated(topic)

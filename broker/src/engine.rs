@@ -278,6 +278,11 @@ pub type ProducerWindow = Arc<Mutex<DedupWindow>>;
 /// restart gets its original offsets back if the batch is in this window.
 pub const PRODUCER_WINDOW_OFFSETS: u64 = 100_000;
 
+/// How long [`Engine::find_topic`] waits for a cluster topic the metadata
+/// group holds to be opened on this node (its follow loop opens new
+/// topics every 100 ms).
+pub const TOPIC_ARRIVAL_WAIT: Duration = Duration::from_secs(3);
+
 /// The PRODUCE answer of a batch stored in `partition` from `base_offset`
 /// with these ids, as the dedup window keeps it.
 fn stored_answer(partition: u32, base_offset: u64, ids: &[dmq_log_store::MessageId]) -> ProduceOk {
@@ -496,8 +501,42 @@ impl Engine {
     /// Like [`topic`](Self::topic), but a topic the dispatcher created by
     /// itself (a dead-letter topic, on its first dead letter) and the
     /// engine has not seen yet is looked up on the dispatcher thread and
-    /// remembered. `None` only if the topic does not exist.
+    /// remembered. `None` only if the topic does not exist. On a cluster,
+    /// a topic this node does not have open yet is asked of the metadata
+    /// group (a read index: [`Cluster::topic_known_to_the_cluster`]); if
+    /// the cluster has it, this waits up to [`TOPIC_ARRIVAL_WAIT`] for
+    /// this node to open it.
     pub async fn find_topic(&self, name: &str) -> Option<TopicHandle> {
+        if let Some(found) = self.find_topic_here(name).await {
+            return Some(found);
+        }
+        // On a cluster, a topic created through another node is answered
+        // there once the metadata group committed it, and this node creates
+        // its replicas a moment later: a client told "created" must not be
+        // told "unknown" by the next node it asks.
+        let cluster = self.cluster()?;
+        if !cluster.topic_known_to_the_cluster(name).await {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + TOPIC_ARRIVAL_WAIT;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(found) = self.find_topic_here(name).await {
+                return Some(found);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    topic = name,
+                    "a cluster topic the metadata group holds is not open here yet"
+                );
+                return None;
+            }
+        }
+    }
+
+    /// [`Engine::find_topic`] without asking the cluster: the topics this
+    /// node has open.
+    async fn find_topic_here(&self, name: &str) -> Option<TopicHandle> {
         if let Some(found) = self.topic(name) {
             return Some(found);
         }

@@ -2564,3 +2564,41 @@ async fn leaderships_gathered_on_one_node_are_spread_by_the_metadata_leader() {
         acknowledged
     );
 }
+
+/// A topic created through one node is known to every other node for the
+/// requests that follow its answer: a produce through a second node and a
+/// subscription through a third, sent at once, are not refused as
+/// UnknownTopic while those nodes have yet to apply the creation (they
+/// catch up with the metadata group and wait for the topic to open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_through_one_node_is_known_at_once_through_the_others() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _configs) = started_cluster_with(root.path(), with_consumer_lease);
+    let clients = [
+        connect(&nodes[0]).await,
+        connect(&nodes[1]).await,
+        connect(&nodes[2]).await,
+    ];
+    for round in 0..10 {
+        let topic = format!("fresh-{round}");
+        let (creator, producer, consumer) = (round % 3, (round + 1) % 3, (round + 2) % 3);
+        clients[creator]
+            .create_topic(&topic, 2, false)
+            .await
+            .unwrap();
+        let receipt = clients[producer]
+            .producer()
+            .send(Message::new(topic.as_str(), format!("m{round}")))
+            .await
+            .unwrap_or_else(|error| panic!("{topic} through node {}: {error}", producer + 1));
+        let mut subscription = clients[consumer]
+            .consumer()
+            .subscribe(&topic, "g", options("m"))
+            .await
+            .unwrap_or_else(|error| panic!("{topic} through node {}: {error}", consumer + 1));
+        let message = next(&mut subscription, Duration::from_secs(10))
+            .await
+            .expect("the message");
+        assert_eq!(message.id, receipt.id);
+    }
+}

@@ -10,6 +10,9 @@ impl Session {
         &mut self,
         subscribe: wire::Subscribe,
     ) -> Result<Response, ErrorResponse> {
+        // A cluster topic created through another node a moment ago is
+        // waited for here (`Engine::find_topic`), not refused as unknown.
+        let _ = self.shared.engine.find_topic(&subscribe.topic).await;
         let mut config = convert::group_config(&subscribe);
         if let Access::Granted {
             max_attempts,
