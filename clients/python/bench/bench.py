@@ -21,8 +21,8 @@ import time
 import dmq
 
 
-async def produce(client: dmq.Client, topic: str, count: int, payload: bytes, window: int) -> float:
-    producer = client.producer()
+async def produce(client: dmq.Client, topic: str, count: int, payload: bytes, window: int, route: bool = True) -> float:
+    producer = client.producer(route_to_leaders=route)
     futures = []
     start = time.perf_counter()
     send = producer.send
@@ -38,7 +38,9 @@ async def produce(client: dmq.Client, topic: str, count: int, payload: bytes, wi
     return elapsed
 
 
-async def end_to_end(client: dmq.Client, consumer_client: dmq.Client, topic: str, count: int, payload: bytes, window: int) -> float:
+async def end_to_end(
+    client: dmq.Client, consumer_client: dmq.Client, topic: str, count: int, payload: bytes, window: int, route: bool = True
+) -> float:
     consumer = await consumer_client.consumer(topic, "bench", start=dmq.Position.earliest(), credit=2000).start()
     received = 0
     done = asyncio.get_running_loop().create_future()
@@ -55,7 +57,7 @@ async def end_to_end(client: dmq.Client, consumer_client: dmq.Client, topic: str
 
     start = time.perf_counter()
     task = asyncio.ensure_future(consume())
-    await produce(client, topic, count, payload, window)
+    await produce(client, topic, count, payload, window, route)
     await done
     elapsed = time.perf_counter() - start
     await task
@@ -71,6 +73,11 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--window", type=int, default=50_000, help="unacked messages at most")
     parser.add_argument("--mode", choices=["produce", "e2e", "both"], default="both")
+    parser.add_argument(
+        "--no-route",
+        action="store_true",
+        help="on a cluster, send every batch through the client's node (it forwards) instead of to each partition's leader",
+    )
     args = parser.parse_args()
     payload = b"x" * args.size
     stamp = int(time.time())
@@ -79,16 +86,17 @@ async def main() -> None:
         if args.mode in ("produce", "both"):
             topic = f"bench-py-produce-{stamp}"
             await client.create_topic(topic, args.partitions)
-            elapsed = await produce(client, topic, args.count, payload, args.window)
+            elapsed = await produce(client, topic, args.count, payload, args.window, not args.no_route)
             result["produce_msgs_per_s"] = round(args.count / elapsed)
             result["produce_mib_per_s"] = round(args.count * args.size / elapsed / 2**20, 1)
         if args.mode in ("e2e", "both"):
             topic = f"bench-py-e2e-{stamp}"
             await client.create_topic(topic, args.partitions)
             async with dmq.Client(args.addr, client_id="bench-consumer") as consumer_client:
-                elapsed = await end_to_end(client, consumer_client, topic, args.count, payload, args.window)
+                elapsed = await end_to_end(client, consumer_client, topic, args.count, payload, args.window, not args.no_route)
             result["e2e_msgs_per_s"] = round(args.count / elapsed)
-    print(json.dumps({"count": args.count, "size": args.size, "partitions": args.partitions, **result}))
+    routed = {"route_to_leaders": not args.no_route}
+    print(json.dumps({"count": args.count, "size": args.size, "partitions": args.partitions, **routed, **result}))
 
 
 if __name__ == "__main__":
