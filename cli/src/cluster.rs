@@ -195,6 +195,13 @@ fn max_lag(raft: &Value) -> String {
 /// One row for the metadata group, one per replica.
 pub fn render_status(answer: &Value) -> String {
     let row = |group: String, raft: &Value, committed: &Value, log_end: &Value| {
+        // A change of voters half done: a quorum of the old voters is
+        // still needed, so the group is more fragile than it looks.
+        let group = if raft["joint"].as_bool() == Some(true) {
+            format!("{group} (joint)")
+        } else {
+            group
+        };
         vec![
             group,
             cell(&raft["leader"]),
@@ -294,6 +301,13 @@ mod tests {
             .expect(&text);
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells, ["orders/0", "2", "4", "120", "121", "3"]);
+        let mut changing = answer.clone();
+        changing["partitions"][0]["raft"]["joint"] = serde_json::json!(true);
+        let text = render_status(&changing);
+        assert!(
+            text.lines().any(|l| l.starts_with("orders/0 (joint)")),
+            "{text}"
+        );
         let mut serving = answer.clone();
         serving["serves_consumers"] = serde_json::json!(true);
         assert!(render_status(&serving).starts_with("node 2 (serves consumers)\n"));
