@@ -87,10 +87,21 @@ pub const TRANSACTION_RETRIES: u32 = 5;
 /// Sends `request`, again on a transient failure: only for requests the
 /// broker answers the same when they arrive twice.
 async fn request_retrying(client: &Client, request: Request) -> Result<Response> {
+    retrying(client, || client.request(request.clone())).await
+}
+
+/// Runs `try_once` again after each transient failure, up to
+/// [`TRANSACTION_RETRIES`] times, with the client's reconnect backoff
+/// growing between tries.
+async fn retrying<F, Fut>(client: &Client, mut try_once: F) -> Result<Response>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Response>>,
+{
     let backoff = client.options().reconnect_backoff_initial;
     let mut attempt = 0;
     loop {
-        match client.request(request.clone()).await {
+        match try_once().await {
             Err(error) if error.is_transient() && attempt < TRANSACTION_RETRIES => {
                 attempt += 1;
                 tokio::time::sleep(backoff * attempt).await;
@@ -214,45 +225,34 @@ impl Transaction {
     }
 
     /// One TXN_ACK of `messages` received by `subscription`, sent again
-    /// after a transient failure. Each try names the subscription's id on
-    /// the connection it goes over: a reconnect re-subscribes before it
-    /// hands the new connection out.
+    /// after a transient failure ([`retrying`]).
     async fn txn_ack_retrying(
         &self,
         subscription: &SubShared,
         messages: Vec<MessagePosition>,
     ) -> Result<Response> {
+        retrying(&self.client, || self.txn_ack_once(subscription, &messages)).await
+    }
+
+    /// One try of a TXN_ACK, naming the subscription's id on the
+    /// connection it goes over: a reconnect re-subscribes before it hands
+    /// the new connection out.
+    async fn txn_ack_once(
+        &self,
+        subscription: &SubShared,
+        messages: &[MessagePosition],
+    ) -> Result<Response> {
         let shared = self.client.shared();
-        let (backoff, timeout) = (
-            shared.options.reconnect_backoff_initial,
-            shared.options.request_timeout,
-        );
-        let mut attempt = 0;
-        loop {
-            let result = match shared.conn().await {
-                Ok(conn) => {
-                    let request = TxnAck {
-                        producer_group: self.producer_group.clone(),
-                        transaction_id: self.transaction_id.clone(),
-                        handle: self.handle,
-                        subscription_id: subscription.server_id(),
-                        messages: messages.clone(),
-                    };
-                    match conn.start(Request::TxnAck(request), None).await {
-                        Ok(receiver) => await_reply(receiver, timeout).await,
-                        Err(error) => Err(error),
-                    }
-                }
-                Err(error) => Err(error),
-            };
-            match result {
-                Err(error) if error.is_transient() && attempt < TRANSACTION_RETRIES => {
-                    attempt += 1;
-                    tokio::time::sleep(backoff * attempt).await;
-                }
-                result => return result,
-            }
-        }
+        let conn = shared.conn().await?;
+        let request = TxnAck {
+            producer_group: self.producer_group.clone(),
+            transaction_id: self.transaction_id.clone(),
+            handle: self.handle,
+            subscription_id: subscription.server_id(),
+            messages: messages.to_vec(),
+        };
+        let receiver = conn.start(Request::TxnAck(request), None).await?;
+        await_reply(receiver, shared.options.request_timeout).await
     }
 
     /// The handle the broker gave this transaction (0 before the first

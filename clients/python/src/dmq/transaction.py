@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from .client import Client
 from .codec import (
@@ -90,15 +90,28 @@ TRANSACTION_RETRIES = 5
 async def _request_retrying(client: Client, body: Body) -> Any:
     """:meth:`Client.request`, again on a transient failure: only for
     requests the broker answers the same when they arrive twice."""
+    return await _retrying(client, lambda: client.request(body))
+
+
+async def _retrying(
+    client: Client,
+    try_once: Callable[[], Awaitable[Any]],
+    before_retry: Optional[Callable[[], Awaitable[None]]] = None,
+) -> Any:
+    """``try_once()``, again after each transient failure, up to
+    :data:`TRANSACTION_RETRIES` times, waiting ``reconnect_backoff_initial``
+    times the attempt's number (then ``before_retry()``) before each."""
     attempt = 0
     while True:
         try:
-            return await client.request(body)
+            return await try_once()
         except DmqError as error:
             if not error.transient or attempt >= TRANSACTION_RETRIES:
                 raise
         attempt += 1
         await asyncio.sleep(client.reconnect_backoff_initial * attempt)
+        if before_retry is not None:
+            await before_retry()
 
 
 class Transaction:
@@ -188,25 +201,20 @@ class Transaction:
     async def _ack_retrying(self, consumer: Consumer, positions: list[MessagePosition]) -> Any:
         """One TXN_ACK of ``positions`` received by ``consumer``, sent again
         after a transient failure, each time under the consumer's
-        subscription id on the live connection."""
-        attempt = 0
-        while True:
+        subscription id on the live connection. A lost connection took the
+        subscription with it: the consumer subscribes again before each
+        retry (its messages of the old connection are dropped; the broker
+        delivers them again)."""
+
+        async def ack_once() -> Any:
             subscription_id = consumer._subscription_id
             if subscription_id is None:
                 raise DmqError("the consumer is closed")
-            try:
-                return await self._client.request(
-                    TxnAck(self.producer_group, self.transaction_id, self.handle, subscription_id, positions)
-                )
-            except DmqError as error:
-                if not error.transient or attempt >= TRANSACTION_RETRIES:
-                    raise
-            attempt += 1
-            await asyncio.sleep(self._client.reconnect_backoff_initial * attempt)
-            # A lost connection took the subscription with it: subscribe
-            # again (its messages of the old connection are dropped; the
-            # broker delivers them again) before naming it.
-            await consumer._ensure_subscribed()
+            return await self._client.request(
+                TxnAck(self.producer_group, self.transaction_id, self.handle, subscription_id, positions)
+            )
+
+        return await _retrying(self._client, ack_once, consumer._ensure_subscribed)
 
     async def commit(self) -> None:
         """Commits: once this returns every message sent is delivered to
